@@ -1,0 +1,140 @@
+"""Shared fixtures: real data from ../shared/data and tiny models built locally.
+
+Nothing here downloads anything. Reference models are random `transformers.BitNetForCausalLM`
+instances saved to disk together with a byte-level BPE tokenizer trained on TinyShakespeare.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# transformers' BitNet quantisation helpers are torch.compile'd; compiling them on CPU costs ~26 s.
+os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("BITNET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+# The quantization block that makes transformers ternarise a bf16/fp32 BitNet checkpoint on the fly.
+ONLINE_QUANT = {
+    "quant_method": "bitnet",
+    "linear_class": "autobitlinear",
+    "quantization_mode": "online",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (set BITNET_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare(shared_data) -> Path:
+    return shared_data / "corpus" / "tinyshakespeare.txt"
+
+
+def train_test_tokenizer(corpus: Path, out_dir: Path, vocab_size: int = 389) -> Path:
+    """A byte-level BPE on the first 300 kB of `corpus`, saved as out_dir/tokenizer.json.
+
+    The default size is deliberately not a multiple of 8 so that kernels see ragged vocab tails.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = corpus.read_text(encoding="utf-8")[:300_000]
+    tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
+                    "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256})
+    )
+    return out_dir / "tokenizer.json"
+
+
+@pytest.fixture(scope="session")
+def test_tokenizer_dir(tmp_path_factory, shakespeare) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_test_tokenizer(shakespeare, out)
+    return out
+
+
+def make_hf_checkpoint(
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    *,
+    vocab_size: int = 389,
+    hidden_size: int = 96,
+    intermediate_size: int = 200,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = True,
+    torch_dtype: str = "float32",
+    quantized: bool = True,
+    initializer_range: float = 0.05,
+    seed: int = 0,
+) -> Path:
+    """Save a randomly initialised transformers BitNetForCausalLM to `out_dir` (HF layout).
+
+    With `quantized` the config carries the online `quantization_config` block, so transformers
+    ternarises on load exactly as it does for microsoft/bitnet-b1.58-2B-4T-bf16.
+    """
+    import torch
+    from transformers import BitNetConfig, BitNetForCausalLM
+
+    torch.manual_seed(seed)
+    config = BitNetConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    model = BitNetForCausalLM(config).to(getattr(torch, torch_dtype))
+    model.save_pretrained(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    if quantized:
+        cfg["quantization_config"] = dict(ONLINE_QUANT)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out_dir
+
+
+def load_hf_reference(ckpt_dir: Path):
+    """transformers' own BitNetForCausalLM from `ckpt_dir`, fp32, eval mode: the reference forward."""
+    import torch
+    from transformers import BitNetForCausalLM
+
+    model = BitNetForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_checkpoint(tmp_path_factory, test_tokenizer_dir) -> Path:
+    """A tiny random HF BitNet checkpoint (fp32, online-quantised config, tied embeddings)."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), test_tokenizer_dir)
