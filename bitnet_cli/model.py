@@ -1,0 +1,443 @@
+"""BitNet b1.58 in PyTorch, numerically the same as transformers' ``BitNetForCausalLM``.
+
+A Llama-style decoder (GQA attention with RoPE, RMSNorm pre-norms, no biases) with BitNet's
+two extra norms (``attn_sub_norm`` before ``o_proj``, ``ffn_sub_norm`` before ``down_proj``), a
+squared-ReLU gated FFN, and BitLinear layers in place of every attention/FFN projection:
+
+* weights: absmean ternarisation per tensor in fp32,
+  ``s = 1 / max(mean|W|, 1e-5)``, ``W~ = clamp(round(W * s), -1, 1) / s``;
+* activations: per-token absmax int8,
+  ``s = 127 / max(max|x|, 1e-5)``, ``x~ = clamp(round(x * s), -128, 127) / s``;
+* a straight-through estimator in the backward (the gradient passes as if unquantised).
+
+Embeddings and ``lm_head`` stay in full precision. Config fields and tensor names are
+transformers' own, so ``config.json`` + ``model.safetensors`` load in transformers and back.
+transformers only ternarises when ``config.json`` carries the online ``quantization_config``
+block (:data:`ONLINE_QUANT`); we write it for ``quant="bitnet"`` and read it the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitnet_cli.errors import BitnetError
+
+# The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
+ONLINE_QUANT = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class BitNetConfig:
+    """The HF ``config.json`` of model_type ``bitnet`` (same field names), plus ``quant``.
+
+    ``quant`` is ours: ``"bitnet"`` ternarises the projections (b1.58), ``"none"`` keeps them in
+    full precision (the float baseline of the papers). It is stored in ``config.json`` only
+    through the presence (bitnet) or absence (none) of the ``quantization_config`` block.
+    """
+
+    vocab_size: int = 128256
+    hidden_size: int = 2560
+    intermediate_size: int = 6912
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 20
+    num_key_value_heads: int = 5
+    head_dim: int | None = None
+    hidden_act: str = "relu2"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 128000
+    eos_token_id: int | list[int] | None = 128001
+    quant: str = "bitnet"
+    # Fields of the source config.json we do not interpret, written back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.quant not in ("bitnet", "none"):
+            raise BitnetError(f"model quant must be 'bitnet' or 'none', got {self.quant!r}")
+        if self.hidden_act != "relu2":
+            raise BitnetError(f"hidden_act {self.hidden_act!r} is not supported (BitNet b1.58 uses relu2)")
+        if self.attention_bias:
+            raise BitnetError("attention_bias=true is not supported: BitNet b1.58 has no biases")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise BitnetError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise BitnetError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "BitNetConfig":
+        """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
+        if d.get("model_type") not in ("bitnet", None):
+            raise BitnetError(f"config.json has model_type {d.get('model_type')!r}, expected 'bitnet'")
+        d = dict(d)
+        qc = d.pop("quantization_config", None)
+        quant = "none"
+        if qc is not None:
+            if qc.get("quant_method") != "bitnet":
+                raise BitnetError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
+            if qc.get("quantization_mode", "offline") != "online":
+                raise BitnetError(
+                    "this checkpoint stores pre-packed (offline) ternary weights; the torch model reads "
+                    "full-precision checkpoints (quantization_mode 'online' or none). Use `bitnet pack` for it."
+                )
+            quant = "bitnet"
+        rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise BitnetError(f"rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
+        theta = rope.get("rope_theta", d.pop("rope_theta", 500000.0))
+        d.pop("rope_theta", None)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta"}
+        known = {k: d.pop(k) for k in list(d) if k in names}
+        if known.get("num_key_value_heads") is None:
+            known["num_key_value_heads"] = known.get("num_attention_heads", cls.num_attention_heads)
+        if known.get("attention_dropout") is None:
+            known["attention_dropout"] = 0.0
+        for k in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache"):
+            d.pop(k, None)
+        return cls(**known, rope_theta=float(theta), quant=quant, extra=d)
+
+    def to_hf_dict(self, dtype: str = "float32") -> dict:
+        """The ``config.json`` transformers reads; ``quantization_config`` only for ``quant='bitnet'``."""
+        d: dict[str, Any] = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet"}
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "quant", "rope_theta") or (f.name == "head_dim" and self.head_dim is None):
+                continue
+            d[f.name] = getattr(self, f.name)
+        # Both spellings: transformers >= 5 reads rope_parameters, older readers (and llama.cpp) rope_theta.
+        d["rope_theta"] = self.rope_theta
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["dtype"] = dtype
+        d["use_cache"] = True
+        d.update(self.extra)
+        if self.quant == "bitnet":
+            d["quantization_config"] = dict(ONLINE_QUANT)
+        return d
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+
+def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternarisation with transformers' exact fp32 arithmetic.
+
+    Returns ``(trits, gamma)``: int8 trits in {-1, 0, 1} and the fp32 scalar
+    ``gamma = max(mean|W|, 1e-5)``; the dequantised weight is ``trits * gamma``
+    (transformers computes ``trits / (1 / gamma)``, equal up to one rounding).
+    """
+    w = weight.detach().float()
+    gamma = w.abs().mean().clamp(min=1e-5)
+    trits = (w * (1.0 / gamma)).round().clamp(-1, 1).to(torch.int8)
+    return trits, gamma
+
+
+def _quant_weight(w: torch.Tensor) -> torch.Tensor:
+    dtype = w.dtype
+    w = w.float()
+    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    return ((w * scale).round().clamp(-1, 1) / scale).to(dtype)
+
+
+def _quant_activation(x: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    scale = 127.0 / x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    return ((x * scale).round().clamp(-128, 127) / scale).to(dtype)
+
+
+class _WeightQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w):
+        return _quant_weight(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class _ActQuantSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return _quant_activation(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class BitLinear(nn.Linear):
+    """``nn.Linear`` (no bias) whose forward sees ternary weights and int8 activations.
+
+    The parameter stays the full-precision latent weight that the optimiser updates; the
+    quantisation happens in every forward, with straight-through gradients.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_ActQuantSTE.apply(x), _WeightQuantSTE.apply(self.weight))
+
+
+def _linear(config: BitNetConfig, n_in: int, n_out: int) -> nn.Linear:
+    return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+    freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.dim_per_head
+        h = config.hidden_size
+        self.q_proj = _linear(config, h, self.n_heads * self.head_dim)
+        self.k_proj = _linear(config, h, self.n_kv * self.head_dim)
+        self.v_proj = _linear(config, h, self.n_kv * self.head_dim)
+        self.o_proj = _linear(config, self.n_heads * self.head_dim, h)
+        # transformers sizes this norm by hidden_size (equal to heads * head_dim in every BitNet shape).
+        self.attn_sub_norm = RMSNorm(self.n_heads * self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if self.n_kv != self.n_heads:
+            rep = self.n_heads // self.n_kv
+            k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
+            v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(self.attn_sub_norm(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = _linear(config, h, f)
+        self.up_proj = _linear(config, h, f)
+        self.down_proj = _linear(config, f, h)
+        self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class BitNetModel(nn.Module):
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BitNetForCausalLM(nn.Module):
+    """The causal LM: ``model(input_ids[B, T]) -> logits[B, T, V]`` (float, the weights' dtype)."""
+
+    def __init__(self, config: BitNetConfig):
+        super().__init__()
+        self.config = config
+        self.model = BitNetModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """transformers' init: N(0, initializer_range) for linears and embeddings, ones for norms."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        T = input_ids.shape[1]
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(T, self.config.dim_per_head, self.config.rope_theta, x.device, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    # ------------------------------------------------------------------ sizes
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
+        if exclude_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    # ------------------------------------------------------------------ HF checkpoints
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under transformers' names; a tied ``lm_head.weight`` is left out, as HF does."""
+        sd = {k: v for k, v in self.state_dict().items()}
+        if self.config.tie_word_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def save_pretrained(self, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (weights cast to ``dtype``, default their own)."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = self.hf_state_dict()
+        tensors = {k: (v.to(dtype) if dtype else v).detach().contiguous().cpu() for k, v in sd.items()}
+        dtype_name = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+        cfg = self.config.to_hf_dict(dtype=dtype_name)
+        (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls, ckpt_dir: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+        quant: str | None = None,
+    ) -> "BitNetForCausalLM":
+        """Load a checkpoint directory (HF layout: config.json + model.safetensors, or sharded).
+
+        Ternarised iff ``config.json`` has the online ``quantization_config`` block, unless
+        ``quant`` overrides it. Parameters are cast to ``dtype`` (default fp32).
+        """
+        ckpt = Path(ckpt_dir)
+        cfg_path = ckpt / "config.json"
+        if not cfg_path.is_file():
+            raise BitnetError(f"{ckpt}: no config.json (expected a checkpoint directory in HF layout)")
+        try:
+            cfg_dict = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise BitnetError(f"{cfg_path}: not valid JSON ({e})") from None
+        config = BitNetConfig.from_hf_dict(cfg_dict)
+        if quant is not None:
+            config = dataclasses.replace(config, quant=quant)
+        with torch.device("meta"):
+            model = cls(config)
+        state = _read_safetensors(ckpt)
+        expected = model.hf_state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing == ["lm_head.weight"] and "model.embed_tokens.weight" in state:
+            raise BitnetError(f"{ckpt}: lm_head.weight is missing and tie_word_embeddings is false")
+        if missing:
+            raise BitnetError(f"{ckpt}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
+        if unexpected:
+            raise BitnetError(f"{ckpt}: unexpected tensors (not a BitNet checkpoint?): {', '.join(unexpected[:5])}")
+        for name, ref in expected.items():
+            if tuple(state[name].shape) != tuple(ref.shape):
+                raise BitnetError(
+                    f"{ckpt}: tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(ref.shape)}"
+                )
+        model = model.to_empty(device=device)
+        state = {k: v.to(dtype) for k, v in state.items() if k in expected}
+        model.load_state_dict(state, strict=False, assign=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.to(dtype).eval()
+
+
+def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (ckpt / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise BitnetError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = ckpt / name
+        if not path.is_file():
+            raise BitnetError(f"{path}: shard named in the index is missing")
+        try:
+            state.update(load_file(str(path)))
+        except (SafetensorError, OSError) as e:
+            raise BitnetError(f"{path}: cannot read safetensors ({e})") from None
+    return state
+
+
+def flops_per_token(config: BitNetConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting.
+
+    6 x (matmul parameters: projections and lm_head, not the embedding lookup) plus
+    12 x layers x heads x head_dim x seq_len for the attention scores and values.
+    """
+    h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    d = config.dim_per_head
+    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_layer = attn + 3 * h * f
+    n_matmul = L * per_layer + h * config.vocab_size
+    return 6 * n_matmul + 12 * L * config.num_attention_heads * d * seq_len

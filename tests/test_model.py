@@ -1,0 +1,135 @@
+"""Our torch BitNet b1.58 against transformers' BitNetForCausalLM, both ways round."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import load_hf_reference, make_hf_checkpoint
+from safetensors.torch import load_file, save_file
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token, ternarize
+
+
+def _ids(vocab: int, shape=(2, 48), seed=1) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("quantized,tied", [(True, True), (True, False), (False, False)])
+def test_logits_match_transformers(tmp_path, test_tokenizer_dir, quantized, tied):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, quantized=quantized, tie_word_embeddings=tied,
+                              num_key_value_heads=2, seed=3)
+    ref = load_hf_reference(ckpt)
+    ours = BitNetForCausalLM.from_pretrained(ckpt)
+    assert ours.config.quant == ("bitnet" if quantized else "none")
+    ids = _ids(389)
+    with torch.no_grad():
+        expected = ref(ids).logits
+        got = ours(ids)
+    assert got.shape == (2, 48, 389) and got.dtype == torch.float32
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("quant", ["bitnet", "none"])
+def test_our_checkpoint_loads_in_transformers(tmp_path, quant):
+    config = BitNetConfig(vocab_size=300, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, quant=quant,
+                          rope_theta=10000.0)
+    torch.manual_seed(0)
+    ours = BitNetForCausalLM(config).eval()
+    ours.save_pretrained(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert ("quantization_config" in cfg) == (quant == "bitnet")
+    assert "lm_head.weight" not in load_file(str(tmp_path / "ck" / "model.safetensors"))
+    ref = load_hf_reference(tmp_path / "ck")
+    ids = _ids(300, (1, 64))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    # ...and back: the round trip is exact.
+    again = BitNetForCausalLM.from_pretrained(tmp_path / "ck")
+    assert again.config.rope_theta == 10000.0 and again.config.quant == quant
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+
+
+def test_ternarize_is_transformers_arithmetic():
+    from transformers.integrations.bitnet import WeightQuant
+
+    w = torch.randn(37, 53, generator=torch.Generator().manual_seed(0)) * 0.02
+    trits, gamma = ternarize(w)
+    assert trits.dtype == torch.int8 and set(trits.unique().tolist()) <= {-1, 0, 1}
+    assert gamma.dtype == torch.float32 and gamma.item() == pytest.approx(w.abs().mean().item())
+    deq = WeightQuant.forward(None, w)
+    assert torch.equal(trits.float(), (deq * (1.0 / gamma)).round())
+    assert torch.allclose(trits.float() * gamma, deq, rtol=1e-6, atol=0)
+    # An all-zero tensor is clamped, not divided by zero.
+    t0, g0 = ternarize(torch.zeros(4, 4))
+    assert g0.item() == pytest.approx(1e-5) and not t0.any()
+
+
+def test_straight_through_gradients_reach_latent_weights():
+    config = BitNetConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = BitNetForCausalLM(config)
+    ids = _ids(50, (2, 16))
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), ids[:, 1:].reshape(-1))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_sharded_and_bf16_checkpoints(tmp_path, test_tokenizer_dir):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, tie_word_embeddings=False, seed=5)
+    full = BitNetForCausalLM.from_pretrained(ckpt)
+    sd = load_file(str(ckpt / "model.safetensors"))
+    names = sorted(sd)
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_bytes((ckpt / "config.json").read_bytes())
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        fname = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({k: sd[k] for k in part}, str(shard / fname))
+        weight_map.update({k: fname for k in part})
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ids = _ids(389, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(BitNetForCausalLM.from_pretrained(shard)(ids), full(ids))
+    bf16 = BitNetForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert bf16(ids).dtype == torch.bfloat16
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path, test_tokenizer_dir):
+    with pytest.raises(BitnetError, match="no config.json"):
+        BitNetForCausalLM.from_pretrained(tmp_path)
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["hidden_size"] = 128
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BitnetError, match="model.embed_tokens.weight has shape"):
+        BitNetForCausalLM.from_pretrained(ckpt)
+    cfg["hidden_size"] = 96
+    cfg["quantization_config"]["quantization_mode"] = "offline"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BitnetError, match="offline"):
+        BitNetForCausalLM.from_pretrained(ckpt)
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    del cfg["quantization_config"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(BitnetError, match="cannot read safetensors"):
+        BitNetForCausalLM.from_pretrained(ckpt)
+
+
+def test_flops_per_token_counts_the_matmuls():
+    c = BitNetConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4)
+    model = BitNetForCausalLM(c)
+    n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert flops_per_token(c, seq_len=10) == 6 * n_matmul + 12 * 2 * 64 * 10
