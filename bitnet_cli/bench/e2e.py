@@ -1,0 +1,128 @@
+"""End-to-end speed of the engine: load time, prompt processing (ppN) and generation (tgN).
+
+Each thread count runs in a fresh worker process (`python -m bitnet_cli.bench.e2e`) so that
+its peak RSS is the engine's alone, not the benchmark's, and so that a crash in the engine
+becomes an error message rather than the end of the benchmark. The worker reports one JSON
+object per line on stdout.
+
+The tests follow llama-bench: ppN evaluates an N-token prompt from an empty cache in one call;
+tgN decodes N tokens one at a time from an empty cache. Token ids are random (speed does not
+depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bitnet_cli.bench.stats import summarize
+from bitnet_cli.errors import BitnetError
+
+PROMPTS = (128, 512)
+GENERATE = 128
+
+
+def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit) -> dict:
+    """Runs inside the worker: load the engine `repeat` times and time every test each time."""
+    import numpy as np
+
+    from bitnet_cli.engine import Engine
+
+    ctx = max(prompts + [generate])
+    rng = np.random.default_rng(0)
+    loads, rates = [], {f"pp{n}": [] for n in prompts} | {f"tg{generate}": []}
+    for r in range(repeat):
+        t0 = time.perf_counter()
+        engine = Engine.load(path, threads=threads, ctx_size=ctx)
+        loads.append(time.perf_counter() - t0)
+        ids = rng.integers(0, engine.vocab_size, size=ctx).tolist()
+        engine.forward(ids[:8], n_past=0, all_logits=False)  # warm-up: touch code paths and weights
+        for n in prompts:
+            emit({"event": "progress", "what": f"pp{n}", "repeat": r})
+            t0 = time.perf_counter()
+            engine.forward(ids[:n], n_past=0, all_logits=False)
+            rates[f"pp{n}"].append(n / (time.perf_counter() - t0))
+        emit({"event": "progress", "what": f"tg{generate}", "repeat": r})
+        t0 = time.perf_counter()
+        for pos in range(generate):
+            engine.forward(ids[pos : pos + 1], n_past=pos, all_logits=False)
+        rates[f"tg{generate}"].append(generate / (time.perf_counter() - t0))
+        del engine
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+    return {
+        "threads": threads,
+        "load_s": summarize(loads),
+        "tokens_per_s": {name: summarize(v) for name, v in rates.items()},
+        "peak_rss_bytes": peak_kib * 1024,
+    }
+
+
+def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=GENERATE,
+        progress=None) -> list[dict]:
+    """End-to-end figures for `path` at each thread count (one worker process each).
+
+    `progress(description)` is called as the worker moves from test to test.
+    """
+    rows = []
+    for th in threads:
+        cmd = [sys.executable, "-m", "bitnet_cli.bench.e2e", str(path), "--threads", str(th),
+               "--repeat", str(repeat), "--prompts", ",".join(map(str, prompts)), "--generate", str(generate)]
+        if progress:
+            progress(f"e2e {th}t: loading")
+        result, error = None, None
+        with tempfile.TemporaryFile("w+") as stderr_file:  # a file, so a chatty worker never blocks
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr_file, text=True,
+                                    env=os.environ | {"PYTHONUNBUFFERED": "1"})
+            for line in proc.stdout:
+                msg = json.loads(line)
+                if msg["event"] == "progress" and progress:
+                    progress(f"e2e {th}t: {msg['what']} (run {msg['repeat'] + 1}/{repeat})")
+                elif msg["event"] == "result":
+                    result = msg["result"]
+                elif msg["event"] == "error":
+                    error = msg["message"]
+            code = proc.wait()
+            stderr_file.seek(0)
+            stderr = stderr_file.read()
+        if error:
+            raise BitnetError(error)
+        if code != 0 or result is None:
+            tail = stderr.strip().splitlines()[-1:] or ["no output"]
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise BitnetError(f"end-to-end benchmark of {path} with {th} threads failed ({how}): {tail[0]}")
+        result["file_bytes"] = path.stat().st_size
+        rows.append(result)
+    return rows
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bitnet_cli.bench.e2e")
+    parser.add_argument("path")
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--prompts", default=",".join(map(str, PROMPTS)))
+    parser.add_argument("--generate", type=int, default=GENERATE)
+    args = parser.parse_args(argv)
+
+    def emit(msg: dict) -> None:
+        print(json.dumps(msg), flush=True)
+
+    try:
+        prompts = [int(p) for p in args.prompts.split(",") if p]
+        emit({"event": "result",
+              "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit)})
+    except BitnetError as e:
+        emit({"event": "error", "message": str(e)})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

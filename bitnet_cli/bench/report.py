@@ -1,0 +1,95 @@
+"""Rich tables for a `bitnet bench` result dict (the same dict `--json` prints)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from bitnet_cli.bench import anchors
+
+
+def _stat(s: dict, fmt: str = "{:.1f}") -> str:
+    """'median (min-max)' when there was more than one run."""
+    text = fmt.format(s["median"])
+    if s.get("n", 1) > 1:
+        text += f" [dim]({fmt.format(s['min'])}-{fmt.format(s['max'])})[/]"
+    return text
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+def print_report(results: dict, console: Console) -> None:
+    m, model = results["machine"], results["model"]
+    per_token = model["bytes_per_token"]
+    console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings) on {m['cpu']}, "
+                  f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
+                  f"median of {results['settings']['repeat']} run(s), (min-max) in grey")
+    console.print(f"bytes streamed per decoded token: {_mb(per_token['total'])} = ternary {_mb(per_token['ternary'])}"
+                  f" + head {_mb(per_token['head'])} + norms {_mb(per_token['norms'])}")
+    if "roofline" in results:
+        _roofline(results, console)
+    if "kernels" in results:
+        _kernels(results["kernels"], console)
+    if "e2e" in results:
+        _e2e(results, console)
+    if results["summary"].get("anchors"):
+        _anchors(results["summary"]["anchors"], results["settings"], console)
+
+
+def _roofline(results: dict, console: Console) -> None:
+    decode = {d["threads"]: d for d in results["summary"]["decode_vs_roofline"]}
+    table = Table(title="Decode roofline: memory-read bandwidth / bytes per token")
+    for col in ("threads", "bandwidth GB/s", "decode ceiling tok/s", "measured tg tok/s", "% of ceiling"):
+        table.add_column(col, justify="right")
+    for row in results["roofline"]:
+        d = decode.get(row["threads"], {})
+        table.add_row(str(row["threads"]), _stat(row["bandwidth_gbps"]),
+                      _stat(row["decode_ceiling_tps"] | {"n": row["bandwidth_gbps"]["n"]}),
+                      f"{d['tg_tps']:.1f}" if d else "-",
+                      f"{d['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in d else "-")
+    console.print(table)
+
+
+def _kernels(rows: list[dict], console: Console) -> None:
+    table = Table(title="Kernels per weight shape (weights streamed from DRAM, rotated past the LLC)")
+    for col in ("shape N x K", "used by", "tokens", "threads", "kernel", "time us", "weight GB/s", "GOPS", "% of bw"):
+        table.add_column(col, justify="right" if col not in ("used by", "kernel") else "left")
+    for r in rows:
+        table.add_row(f"{r['n']} x {r['k']}", ",".join(p.removesuffix("_proj") for p in r["projections"]),
+                      str(r["tokens"]), str(r["threads"]), f"{r['impl']} ({r['backend']})",
+                      _stat({k: v * 1e6 if k != "n" else v for k, v in r["seconds"].items()}, "{:.0f}"),
+                      _stat(r["gbps"]), _stat(r["gops"]),
+                      f"{r['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in r else "")
+    console.print(table)
+
+
+def _e2e(results: dict, console: Console) -> None:
+    rows = results["e2e"]
+    table = Table(title=f"End to end ({_mb(results['model'].get('file_bytes', 0))} file), tokens/s")
+    names = list(rows[0]["tokens_per_s"]) if rows else []
+    for col in ["threads", "load s", *names, "peak RSS"]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["threads"]), _stat(r["load_s"], "{:.2f}"),
+                      *(_stat(r["tokens_per_s"][n]) for n in names), _mb(r["peak_rss_bytes"]))
+    console.print(table)
+
+
+def _anchors(comparison: dict, settings: dict, console: Console) -> None:
+    tg = f"tg{settings['generate']}"
+    table = Table(title=f"Against other runtimes on this shape (theirs: {comparison['date']}, {comparison['source']})")
+    for col in ("runtime / weights (head)", "threads", "their pp128", "ours", "x", "their tg64", f"our {tg}", "x"):
+        table.add_column(col, justify="left" if col.startswith("runtime") else "right")
+    for r in comparison["rows"]:
+        ratio = lambda key: f"[{'green' if r[key] >= 1 else 'red'}]{r[key]:.2f}x[/]" if key in r else "-"
+        table.add_row(f"{r['runtime']} {r['weights']} ({r['head'] or '-'})", str(r["threads"]),
+                      f"{r['anchor_pp128']:.1f}" if "anchor_pp128" in r else "-",
+                      f"{r['ours_pp128']:.1f}" if "ours_pp128" in r else "-", ratio("pp128_ratio"),
+                      f"{r['anchor_tg64']:.1f}" if "anchor_tg64" in r else "-",
+                      f"{r[f'ours_{tg}']:.1f}" if f"ours_{tg}" in r else "-", ratio("tg_ratio"))
+    console.print(table)
+    lo, hi = anchors.BANDWIDTH_GBPS.get(2, (0, 0))
+    console.print(f"[dim]their machine's read bandwidth: {anchors.BANDWIDTH_GBPS[1][0]:.0f}-{anchors.BANDWIDTH_GBPS[1][1]:.0f} GB/s "
+                  f"at 1 thread, {lo:.0f}-{hi:.0f} GB/s at 2: compare only on similar hardware[/]")

@@ -1,0 +1,133 @@
+"""One `bitnet bench` run: the chosen sections over a thread sweep, as one JSON-ready dict.
+
+Sections: `roofline` (memory bandwidth and the decode ceiling), `kernels` (micro-benchmarks
+per weight shape) and `e2e` (load, ppN, tgN on the packed file). The summary ties them
+together: decode speed as a percent of the ceiling, GEMV bandwidth as a percent of the
+measured bandwidth, and, on the 2B4T shape, our figures next to other runtimes'.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import numpy as np
+
+from bitnet_cli import __version__
+from bitnet_cli.bench import anchors, e2e, micro, roofline
+from bitnet_cli.bench.shapes import bytes_per_token
+from bitnet_cli.bench.target import Target, describe
+from bitnet_cli.errors import BitnetError
+
+SCHEMA = "bitnet-cli/bench/1"
+SECTIONS = ("roofline", "kernels", "e2e")
+
+
+def parse_int_list(text: str, what: str, minimum: int = 1) -> list[int]:
+    """'1,2,4' -> [1, 2, 4], with a message naming `what` for anything that is not an int >= minimum."""
+    values = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise BitnetError(f"{what}: {part!r} is not a whole number (expected a list like 1,2,4)") from None
+        if value < minimum:
+            raise BitnetError(f"{what}: {value} is out of range (must be at least {minimum})")
+        if value not in values:
+            values.append(value)
+    return values
+
+
+def parse_sections(text: str) -> list[str]:
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown or not chosen:
+        raise BitnetError(f"--what: unknown section {', '.join(unknown) or repr(text)}; choose from {','.join(SECTIONS)}")
+    return [s for s in SECTIONS if s in chosen]
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        from bitnet_cli.bench import kernels_api
+
+        isas = kernels_api.available_isas()
+    except BitnetError:
+        isas = []
+    return {
+        "cpu": cpu, "logical_cpus": os.cpu_count(), "isas": isas, "platform": platform.platform(),
+        "python": platform.python_version(), "numpy": np.__version__, "bitnet_cli": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(target: Target, threads: list[int], repeat: int, sections: list[str],
+        prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None) -> dict:
+    if repeat < 1:
+        raise BitnetError(f"--repeat must be at least 1, got {repeat}")
+    per_token = bytes_per_token(target.config, target.embeddings)
+    results = {
+        "schema": SCHEMA,
+        "machine": machine(),
+        "model": describe(target) | {"bytes_per_token": per_token},
+        "settings": {"threads": threads, "repeat": repeat, "sections": sections,
+                     "prompts": list(prompts), "generate": generate, "tokens": list(tokens)},
+    }
+    if "roofline" in sections:
+        results["roofline"] = roofline.run(per_token, threads, repeat, progress=progress)
+    if "kernels" in sections:
+        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress)
+    if "e2e" in sections:
+        path = target.ensure_file(progress)
+        results["model"]["file_bytes"] = path.stat().st_size
+        results["e2e"] = e2e.run(path, threads, repeat, prompts, generate, progress=progress)
+    results["summary"] = summarize(results, target.shape)
+    return results
+
+
+def summarize(results: dict, shape: str | None) -> dict:
+    """Cross-section figures: percent of the roofline, and comparisons with the anchors."""
+    bandwidth = {r["threads"]: r for r in results.get("roofline", [])}
+    for row in results.get("kernels", []):
+        if row["tokens"] == 1 and row["threads"] in bandwidth:
+            bw = bandwidth[row["threads"]]["bandwidth_gbps"]["median"]
+            row["pct_of_bandwidth"] = 100.0 * row["gbps"]["median"] / bw
+    decode = []
+    for row in results.get("e2e", []):
+        tg_name = f"tg{results['settings']['generate']}"
+        entry = {"threads": row["threads"], "tg_tps": row["tokens_per_s"][tg_name]["median"]}
+        if row["threads"] in bandwidth:
+            ceiling = bandwidth[row["threads"]]["decode_ceiling_tps"]["median"]
+            entry |= {"ceiling_tps": ceiling, "pct_of_ceiling": roofline.percent_of_ceiling(entry["tg_tps"], ceiling)}
+        decode.append(entry)
+    summary = {"decode_vs_roofline": decode, "anchors": None}
+    if anchors.anchors_for(shape) and results.get("e2e"):
+        summary["anchors"] = compare_with_anchors(results["e2e"], results["settings"])
+    return summary
+
+
+def compare_with_anchors(e2e_rows: list[dict], settings: dict) -> dict:
+    """Our pp128 and tg figures divided by each anchor's, at the thread counts both have."""
+    tg_name = f"tg{settings['generate']}"
+    rows = []
+    for anchor in anchors.ANCHORS:
+        for row in e2e_rows:
+            th, ours = row["threads"], row["tokens_per_s"]
+            entry = {"runtime": anchor["runtime"], "weights": anchor["weights"], "head": anchor["head"],
+                     "threads": th}
+            if th in anchor["pp128"] and "pp128" in ours:
+                entry |= {"anchor_pp128": anchor["pp128"][th], "ours_pp128": ours["pp128"]["median"],
+                          "pp128_ratio": ours["pp128"]["median"] / anchor["pp128"][th]}
+            if th in anchor["tg64"]:
+                entry |= {"anchor_tg64": anchor["tg64"][th], f"ours_{tg_name}": ours[tg_name]["median"],
+                          "tg_ratio": ours[tg_name]["median"] / anchor["tg64"][th]}
+            if len(entry) > 4:
+                rows.append(entry)
+    return {"source": anchors.SOURCE, "date": anchors.DATE, "rows": rows}

@@ -1,0 +1,83 @@
+"""What is being benchmarked: a packed file the user gave, or a synthetic model of a named shape.
+
+Synthetic files are written once with random ternary weights and cached, keyed by shape,
+embedding type and packed-format version, so repeated runs never rewrite a 1.2 GB file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitnet_cli.errors import BitnetError
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bitnet-cli" / "synthetic"
+
+
+@dataclass
+class Target:
+    name: str            # shape name, or the file name
+    shape: str | None    # the named shape (None for a user's file)
+    config: dict         # HF config dict
+    embeddings: str      # "f16" or "int8"
+    path: Path | None    # the packed file; for a synthetic shape, where it is (or will be) cached
+
+    def ensure_file(self, progress=None) -> Path:
+        """The packed file, writing the synthetic one first if it is not cached yet."""
+        if self.path.exists():
+            return self.path
+        from bitnet_cli.pack.synthetic import write_random_model
+
+        if progress:
+            progress(f"writing synthetic {self.shape} model to {self.path} (once; cached)")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.path
+
+
+def from_file(path: Path) -> Target:
+    from bitnet_cli.pack import PackedModel
+
+    if not path.is_file():
+        raise BitnetError(f"model file not found: {path}")
+    with PackedModel.open(path) as pm:
+        config = dict(pm.config)
+        embeddings = pm.metadata.get("embeddings", "f16")
+    return Target(name=path.name, shape=None, config=config, embeddings=embeddings, path=path)
+
+
+def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = None) -> Target:
+    from bitnet_cli.pack import synthetic
+    from bitnet_cli.pack.format import FORMAT_VERSION
+
+    if shape not in synthetic.SHAPES:
+        raise BitnetError(f"unknown shape {shape!r}; choose from {', '.join(synthetic.SHAPES)}")
+    if embeddings not in ("f16", "int8"):
+        raise BitnetError(f"--embeddings must be f16 or int8, not {embeddings!r}")
+    config = synthetic.shape_config(shape)
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}.bin"
+    return Target(name=shape, shape=shape, config=config, embeddings=embeddings, path=path)
+
+
+def describe(target: Target) -> dict:
+    """The model part of the results (JSON-ready)."""
+    c = target.config
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "vocab_size", "tie_word_embeddings")
+    return {
+        "name": target.name,
+        "shape": target.shape,
+        "path": str(target.path) if target.path else None,
+        "embeddings": target.embeddings,
+        "config": {k: c.get(k) for k in keys},
+    }
