@@ -32,12 +32,14 @@ class Target:
             return self.path
         from bitnet_cli.pack.synthetic import write_random_model
 
-        if progress:
-            progress(f"writing synthetic {self.shape} model to {self.path} (once; cached)")
+        def tensor_done(done: int, total: int, name: str) -> None:
+            if progress:
+                progress(f"writing synthetic {self.shape} model (once, cached): tensor {done}/{total}")
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0)
+            write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0, progress=tensor_done)
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)

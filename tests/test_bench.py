@@ -1,0 +1,156 @@
+"""`bitnet bench`: byte accounting, kernel adapter exactness, sections, JSON schema, bad input.
+
+Timings are checked only for being positive and self-consistent, never against a speed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli.bench import anchors, kernels_api, micro, roofline, suite
+from bitnet_cli.bench.shapes import bytes_per_token, padded_k, ternary_bytes, weight_shapes
+from bitnet_cli.bench.stats import scale, summarize, time_call
+from bitnet_cli.cli import app
+from bitnet_cli.errors import BitnetError
+
+CONFIG_2B4T = dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
+                   num_key_value_heads=5, vocab_size=128256, tie_word_embeddings=True)
+TINY = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=389, tie_word_embeddings=True)
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def small_buffers(monkeypatch):
+    """Keep the cache-busting buffers small: tests check plumbing, not DRAM speed."""
+    monkeypatch.setattr(micro, "COLD_BYTES", 1 << 20)
+    monkeypatch.setattr(roofline, "BUFFER_BYTES", 8 << 20)
+
+
+def unpack_codes(w: np.ndarray, k: int) -> np.ndarray:
+    """Independent decoding of i2_k128 (docs/FORMAT.md) into trits [n, k]."""
+    n, kp = w.shape[0], w.shape[1] * 4
+    blocks = w.reshape(n, kp // 128, 1, 32)
+    codes = (blocks >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    return codes.reshape(n, kp)[:, :k].astype(np.int32) - 1
+
+
+# ---- byte accounting -------------------------------------------------------------------------
+
+def test_2b4t_bytes_per_token_match_the_issue():
+    shapes = weight_shapes(CONFIG_2B4T)
+    assert sorted((s["n"], s["k"]) for s in shapes) == [(640, 2560), (2560, 2560), (2560, 6912), (6912, 2560)]
+    assert sum(s["per_token"] for s in shapes) == 7 * 30  # seven projections in each of 30 layers
+    params = sum(s["n"] * s["k"] * s["per_token"] for s in shapes)
+    assert params == pytest.approx(2.084e9, rel=1e-3)
+    f16, int8 = bytes_per_token(CONFIG_2B4T, "f16"), bytes_per_token(CONFIG_2B4T, "int8")
+    assert f16["ternary"] == pytest.approx(521e6, rel=1e-3)   # 2 bits per weight
+    assert f16["head"] == 128256 * 2560 * 2                    # 657 MB
+    assert int8["head"] == 128256 * (2560 + 4)                 # 328 MB + one f32 scale per row
+    for b in (f16, int8):
+        assert b["total"] == b["ternary"] + b["head"] + b["embedding_row"] + b["norms"]
+
+
+def test_ragged_shapes_pad_k_to_128():
+    assert padded_k(200) == 256 and ternary_bytes(3, 200) == 3 * 64
+    shapes = {(s["n"], s["k"]): s["projections"] for s in weight_shapes(TINY)}
+    assert shapes[(96, 200)] == ["down_proj"] and shapes[(48, 96)] == ["k_proj", "v_proj"]
+
+
+def test_random_ternary_has_only_valid_codes():
+    w = micro.random_ternary(7, 200, np.random.default_rng(0))
+    assert w.shape == (7, 64) and w.dtype == np.uint8
+    trits = unpack_codes(w, 256)
+    assert set(np.unique(trits)) == {-1, 0, 1}
+
+
+def test_stats_summaries():
+    s = summarize([3.0, 1.0, 2.0])
+    assert s == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
+    r = scale(s, 6.0)
+    assert r["min"] == 2.0 and r["median"] == 3.0 and r["max"] == 6.0
+    calls = []
+    t = time_call(lambda: calls.append(1), repeat=3, min_time=0.001)
+    assert t["n"] == 3 and 0 < t["min"] <= t["median"] <= t["max"] and len(calls) > 3
+    with pytest.raises(ValueError):
+        summarize([])
+
+
+# ---- the kernels as bench calls them -------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ternary_matmul_is_exact(threads):
+    rng = np.random.default_rng(1)
+    n, k, m = 70, 300, 5
+    w = micro.random_ternary(n, k, rng)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    acc = kernels_api.TernaryMatmul(n, k, m, threads)(w, x)
+    s = np.float32(127) / np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-5))
+    xq = np.clip(np.round(x * s), -128, 127).astype(np.int32)
+    np.testing.assert_array_equal(acc, xq @ unpack_codes(w, k).T)
+
+
+def test_stream_read_sums_the_buffer():
+    buf = np.arange(1 << 16, dtype=np.uint64)
+    assert kernels_api.StreamRead(buf.view(np.uint8), 2)() == int(buf.sum())
+
+
+def test_kernel_input_errors():
+    with pytest.raises(BitnetError, match="at least 1"):
+        kernels_api.pool(0)
+    with pytest.raises(BitnetError, match="unknown ISA"):
+        kernels_api.isa("sse9")
+    op = kernels_api.TernaryMatmul(8, 128, 1, 1)
+    with pytest.raises(ValueError, match="weight"):
+        op(np.zeros((8, 31), np.uint8), np.zeros((1, 128), np.float32))
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+def test_kernel_section_is_consistent(small_buffers):
+    rows = micro.run(TINY, threads=[1, 2], repeat=2, tokens=(1, 8))
+    assert len(rows) == len(weight_shapes(TINY)) * 2 * 2 * len(micro.IMPLS)
+    for r in rows:
+        assert 0 < r["seconds"]["min"] <= r["seconds"]["median"] <= r["seconds"]["max"]
+        assert r["gbps"]["median"] == pytest.approx(r["weight_bytes"] / 1e9 / r["seconds"]["median"])
+        assert r["gops"]["median"] == pytest.approx(2 * r["n"] * r["k"] * r["tokens"] / 1e9 / r["seconds"]["median"])
+        expected = ternary_bytes(r["n"], r["k"]) if r["impl"] == "ternary" else r["n"] * r["k"] * 4
+        assert r["weight_bytes"] == expected
+
+
+def test_roofline_section_is_consistent(small_buffers):
+    per_token = bytes_per_token(TINY)
+    rows = roofline.run(per_token, threads=[1, 2], repeat=2)
+    for r in rows:
+        bw = r["bandwidth_gbps"]
+        assert 0 < bw["min"] <= bw["median"] <= bw["max"]
+        assert r["decode_ceiling_tps"]["median"] == pytest.approx(bw["median"] * 1e9 / per_token["total"])
+
+
+# ---- command-line input handling -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0"], "--threads: 0 is out of range"),
+    (["--threads", "-2"], "--threads: -2 is out of range"),
+    (["--threads", "1,two"], "'two' is not a whole number"),
+    (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--what", "kernels,speed"], "unknown section speed"),
+    (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
+    (["--shape", "7b"], "unknown shape '7b'"),
+    (["--model", "no/such/file.bin"], "model file not found: no/such/file.bin"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    result = runner.invoke(app, ["bench", *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_parse_int_list_dedupes_in_order():
+    assert suite.parse_int_list("2, 1,2,4", "--threads") == [2, 1, 4]
+    assert suite.parse_sections("e2e,roofline") == ["roofline", "e2e"]
