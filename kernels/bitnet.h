@@ -1,0 +1,91 @@
+/* bitnet-cli inference kernels: ternary x int8 matrix products and the BitNet b1.58 decoder.
+ *
+ * Everything here is plain C99 + pthreads. The same declarations (minus the preprocessor lines)
+ * are handed to cffi by kernels/build_cffi.py, so keep this header free of macros in prototypes.
+ *
+ * Ternary weights use the `i2_k128` layout of docs/FORMAT.md: a row of K inputs is padded to
+ * Kp = ceil(K/128)*128 and stored as Kp/128 blocks of 32 bytes; in a block, byte j holds the 2-bit
+ * codes q = T + 1 of inputs j, 32+j, 64+j, 96+j in bits 1:0, 3:2, 5:4, 7:6. So
+ * `(byte >> 2*i) & 3` over the 32 bytes gives 32 consecutive inputs, one AVX2 register's worth.
+ *
+ * Every integer kernel returns acc = sum_k T_k * x_k exactly (int32), whatever the ISA.
+ */
+#ifndef BITNET_H
+#define BITNET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Instruction-set paths. A path is usable when bn_isa_available() says so on this CPU. */
+enum {
+    BN_ISA_SCALAR = 0,
+    BN_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C: vpmaddubsw on u8 codes x s8 activations */
+    BN_ISA_AVX512 = 2,     /* AVX-512 BW/VL, no VNNI: vpmaddubsw on 512-bit vectors */
+    BN_ISA_AVX512VNNI = 3, /* AVX-512 VNNI: vpdpbusd */
+    BN_ISA_NEON = 4,       /* ARMv8 NEON: widening multiplies */
+    BN_ISA_NEONDOT = 5,    /* ARMv8.2 dotprod: sdot on codes (0..2 fit s8) x s8 activations */
+    BN_ISA_COUNT = 6
+};
+
+int bn_isa_available(int isa);
+int bn_isa_best(void);
+
+/* ---- persistent thread pool ------------------------------------------------------------ */
+typedef struct bn_pool bn_pool;
+bn_pool *bn_pool_new(int n_threads);
+void bn_pool_free(bn_pool *pool);
+int bn_pool_size(const bn_pool *pool);
+
+/* ---- kernels (the building blocks, exposed for tests and `bitnet bench`) ------------------ */
+
+/* Per-row absmax int8 quantisation, exactly as transformers' ActQuant in fp32:
+ * s = 127 / max(max|x|, 1e-5); q = clamp(round_half_even(x * s), -128, 127).
+ * x is [m][k]; xq is [m][kp] with columns k..kp-1 zeroed; scale[m] = s; xsum[m] = sum of q. */
+void bn_quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
+
+/* acc[t][r] = sum_k T[r][k] * xq[t][k] for r < n rows of w (i2_k128, kp inputs) and t < m tokens.
+ * xsum[t] must be the row sums of xq (from bn_quantize_rows). Work is split by rows over the pool
+ * (pool may be NULL: the calling thread does it all). Returns 0, or -1 for an unavailable isa. */
+int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const int8_t *xq,
+               const int32_t *xsum, int m, int32_t *acc);
+
+/* Sum of every 64-bit word of buf (nbytes, a multiple of 64), read by all pool threads:
+ * the streaming memory-read bandwidth probe of `bitnet bench`. */
+uint64_t bn_stream_read(bn_pool *pool, const void *buf, size_t nbytes);
+
+/* ---- the model ------------------------------------------------------------------------- */
+enum { BN_EMB_F16 = 0, BN_EMB_I8 = 1 };
+
+typedef struct {
+    const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm; /* F32 */
+    const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* i2_k128 */
+    float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
+} bn_layer_desc;
+
+typedef struct {
+    int n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, ctx;
+    float rms_eps;
+    int emb_type;              /* BN_EMB_F16 or BN_EMB_I8 */
+    const void *embed;         /* [vocab][hidden] */
+    const float *embed_scale;  /* [vocab] for BN_EMB_I8 */
+    int head_type;             /* the output head; equal to embed/emb_type when tied */
+    const void *head;
+    const float *head_scale;
+    const float *final_norm;
+    const float *rope_cos;     /* [ctx][head_dim/2], from the caller for torch-identical RoPE */
+    const float *rope_sin;
+    const bn_layer_desc *layers;
+} bn_model_desc;
+
+typedef struct bn_model bn_model;
+
+/* Returns NULL and a message in err on failure. The descriptor's arrays must outlive the model. */
+bn_model *bn_model_new(const bn_model_desc *desc, int n_threads, int isa, char *err, int err_len);
+void bn_model_free(bn_model *model);
+
+/* Runs tokens[0..n) at positions n_past.. (the KV cache beyond n_past is overwritten), in
+ * prefill chunks. logits is [n][vocab] when all_logits, else [1][vocab] for the last token.
+ * Returns 0, or -1 on bad arguments (n_past + n > ctx, token id out of range). */
+int bn_forward(bn_model *model, const int32_t *tokens, int n, int n_past, float *logits, int all_logits);
+
+#endif

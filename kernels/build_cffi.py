@@ -1,0 +1,45 @@
+"""cffi (API, out-of-line mode) build of the C kernels into ``bitnet_cli._kernels``.
+
+setup.py names this file in ``cffi_modules``, so ``pip install .`` / ``pip install -e .`` compiles
+it. The interface is kernels/bitnet.h itself, minus preprocessor lines, so the header is the one
+place the C API is written down. Flags: -O3 and no -march: every SIMD variant is compiled with
+target attributes and picked at run time (see ternary.c), so the module runs on any CPU of its
+architecture.
+"""
+
+import os
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+SOURCES = ["ternary.c", "head.c", "pool.c", "model.c"]
+
+
+def _cdef() -> str:
+    lines = (HERE / "bitnet.h").read_text().splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+
+
+def _rel(path: Path) -> str:
+    # setuptools wants source paths relative to the project root (the build's working directory)
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # different drive (Windows)
+        return str(path)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(_cdef())
+ffibuilder.set_source(
+    "bitnet_cli._kernels",
+    '#include "bitnet.h"',
+    sources=[_rel(HERE / s) for s in SOURCES],
+    include_dirs=[_rel(HERE)],
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-math-errno"],
+    extra_link_args=["-pthread"],
+    libraries=["m"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

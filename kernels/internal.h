@@ -1,0 +1,74 @@
+/* Declarations shared by the kernel sources; not part of the cffi interface. */
+#ifndef BITNET_INTERNAL_H
+#define BITNET_INTERNAL_H
+
+#include "bitnet.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BN_X86 1
+#endif
+#if defined(__aarch64__)
+#define BN_ARM64 1
+#endif
+
+/* One ternary matrix product: rows of w against m quantised tokens. The kernel writes either
+ * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
+typedef struct {
+    const uint8_t *w;
+    int kp;
+    const int8_t *xq;
+    const int32_t *xsum;
+    int m;
+    int32_t *acc;
+    int acc_stride;
+    float *y;
+    int y_stride;
+    const float *xscale;
+    float gamma;
+} bn_i2_job;
+
+typedef void (*bn_i2_rows_fn)(const bn_i2_job *job, int r0, int r1);
+
+/* The row kernel for an isa, or NULL when this build/CPU lacks it. */
+bn_i2_rows_fn bn_i2_kernel(int isa);
+
+static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx) {
+    /* codes are T+1, so sum q*x = sum T*x + sum x */
+    int32_t acc = sum_qx - j->xsum[t];
+    if (j->acc)
+        j->acc[(size_t)t * j->acc_stride + r] = acc;
+    else
+        j->y[(size_t)t * j->y_stride + r] = (float)acc / j->xscale[t] * j->gamma;
+}
+
+/* Float dot products of the output head / embedding rows (f16 or int8-per-row) with m hidden
+ * vectors: y[t][r] = dot(row r, h[t]) for r in [r0, r1). */
+typedef struct {
+    int type; /* BN_EMB_F16 / BN_EMB_I8 */
+    const void *w;
+    const float *wscale;
+    int k;
+    const float *h;
+    int m;
+    float *y;
+    int y_stride;
+} bn_head_job;
+
+typedef void (*bn_head_rows_fn)(const bn_head_job *job, int r0, int r1);
+bn_head_rows_fn bn_head_kernel(int isa);
+
+float bn_f16_to_f32(uint16_t h);
+
+/* Run fn(ctx, ith, nth) on every pool thread (ith 0 is the caller) and wait for all of them. */
+typedef void (*bn_task_fn)(void *ctx, int ith, int nth);
+void bn_pool_run(bn_pool *pool, bn_task_fn fn, void *ctx);
+
+/* Thread ith's share [*r0, *r1) of n rows, boundaries rounded to multiples of align. */
+static inline void bn_split(int n, int ith, int nth, int align, int *r0, int *r1) {
+    int chunks = (n + align - 1) / align;
+    int c0 = (int)((long long)chunks * ith / nth), c1 = (int)((long long)chunks * (ith + 1) / nth);
+    *r0 = c0 * align < n ? c0 * align : n;
+    *r1 = c1 * align < n ? c1 * align : n;
+}
+
+#endif

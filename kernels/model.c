@@ -1,0 +1,307 @@
+/* The BitNet b1.58 decoder (transformers' BitNetForCausalLM) on the kernels of ternary.c/head.c.
+ *
+ * Per layer, for a chunk of M tokens (M = 1 when decoding):
+ *   h = rmsnorm(x) -> int8 -> q,k,v (one parallel section) -> RoPE -> KV cache
+ *   attention over the cache (parallel over token x head) -> attn_sub_norm -> int8 -> o_proj; x += .
+ *   h = rmsnorm(x) -> int8 -> gate,up (one section) -> relu(gate)^2 * up -> ffn_sub_norm -> int8
+ *   -> down; x += .
+ * then the final norm and the output head for the tokens whose logits are wanted.
+ * Float steps follow torch's fp32 arithmetic (same formulas, same operation order where it
+ * changes the result), so the int8 activations match transformers' ActQuant.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define CHUNK 64 /* prompt tokens per prefill pass: weights are streamed once per chunk */
+
+struct bn_model {
+    bn_model_desc d;
+    bn_layer_desc *layers;
+    bn_pool *pool;
+    bn_i2_rows_fn i2;
+    bn_head_rows_fn head;
+    int q_dim, kv_dim, kp_h, kp_f;
+    float attn_scale;
+    float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
+    /* chunk scratch */
+    float *x, *h, *q, *k, *v, *att, *gate, *up, *tmp;
+    int8_t *xq;
+    float *xscale;
+    int32_t *xsum;
+    float *scores; /* [thread][ctx] */
+};
+
+static void *zalloc(size_t n) { return calloc(1, n ? n : 1); }
+
+bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err, int err_len) {
+#define FAIL(...)                                   \
+    do {                                            \
+        if (err) snprintf(err, err_len, __VA_ARGS__); \
+        bn_model_free(m);                           \
+        return NULL;                                \
+    } while (0)
+    bn_model *m = zalloc(sizeof *m);
+    if (!m) FAIL("out of memory");
+    m->d = *d;
+    if (d->n_layers < 1 || d->hidden < 1 || d->ffn < 1 || d->n_heads < 1 || d->n_kv_heads < 1 ||
+        d->head_dim < 2 || d->head_dim % 2 || d->vocab < 1 || d->ctx < 1)
+        FAIL("invalid model dimensions");
+    if (d->n_heads % d->n_kv_heads) FAIL("num_attention_heads %d is not a multiple of num_key_value_heads %d",
+                                         d->n_heads, d->n_kv_heads);
+    if (d->n_heads * d->head_dim != d->hidden)
+        FAIL("num_attention_heads * head_dim (%d) must equal hidden_size (%d)", d->n_heads * d->head_dim, d->hidden);
+    m->i2 = bn_i2_kernel(isa);
+    m->head = bn_head_kernel(isa);
+    if (!m->i2 || !m->head) FAIL("instruction set %d is not available on this CPU", isa);
+    m->pool = bn_pool_new(n_threads);
+    if (!m->pool) FAIL("cannot start %d threads", n_threads);
+    m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
+    if (!m->layers) FAIL("out of memory");
+    memcpy(m->layers, d->layers, sizeof(bn_layer_desc) * d->n_layers);
+    m->d.layers = m->layers;
+
+    m->q_dim = d->n_heads * d->head_dim;
+    m->kv_dim = d->n_kv_heads * d->head_dim;
+    m->kp_h = (d->hidden + 127) / 128 * 128;
+    m->kp_f = (d->ffn + 127) / 128 * 128;
+    m->attn_scale = (float)(1.0 / sqrt((double)d->head_dim));
+    /* calloc'd: pages are only committed as positions are written */
+    size_t cache = (size_t)d->n_layers * m->kv_dim * d->ctx;
+    m->kcache = zalloc(cache * sizeof(float));
+    m->vcache = zalloc(cache * sizeof(float));
+    size_t wide = (size_t)CHUNK * (d->ffn > d->hidden ? d->ffn : d->hidden);
+    m->x = zalloc(sizeof(float) * CHUNK * d->hidden);
+    m->h = zalloc(sizeof(float) * wide);
+    m->q = zalloc(sizeof(float) * CHUNK * m->q_dim);
+    m->k = zalloc(sizeof(float) * CHUNK * m->kv_dim);
+    m->v = zalloc(sizeof(float) * CHUNK * m->kv_dim);
+    m->att = zalloc(sizeof(float) * CHUNK * m->q_dim);
+    m->gate = zalloc(sizeof(float) * wide);
+    m->up = zalloc(sizeof(float) * wide);
+    m->tmp = zalloc(sizeof(float) * CHUNK * d->hidden);
+    m->xq = zalloc((size_t)CHUNK * (m->kp_f > m->kp_h ? m->kp_f : m->kp_h));
+    m->xscale = zalloc(sizeof(float) * CHUNK);
+    m->xsum = zalloc(sizeof(int32_t) * CHUNK);
+    m->scores = zalloc(sizeof(float) * (size_t)n_threads * d->ctx);
+    if (!m->kcache || !m->vcache || !m->x || !m->h || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
+        !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores)
+        FAIL("out of memory for a context of %d tokens", d->ctx);
+    return m;
+#undef FAIL
+}
+
+void bn_model_free(bn_model *m) {
+    if (!m) return;
+    bn_pool_free(m->pool);
+    void *bufs[] = {m->layers, m->kcache, m->vcache, m->x, m->h, m->q, m->k, m->v, m->att, m->gate, m->up,
+                    m->tmp, m->xq, m->xscale, m->xsum, m->scores};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
+    free(m);
+}
+
+/* ---- float steps ----------------------------------------------------------------------- */
+
+/* torch: x * rsqrt(mean(x^2) + eps) * weight, in fp32 */
+static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+    double ss = 0.0;
+    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
+static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
+    int half = hd / 2;
+    for (int h = 0; h < n_heads; h++, v += hd)
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+}
+
+/* ---- parallel sections ----------------------------------------------------------------- */
+
+/* Up to three ternary matrices sharing one quantised input, their rows concatenated and split
+ * across threads as one range (q,k,v or gate,up in a single section). */
+typedef struct {
+    bn_i2_rows_fn fn;
+    bn_i2_job jobs[3];
+    int rows[3];
+    int count;
+} matmul_task;
+
+static void matmul_worker(void *ctx, int ith, int nth) {
+    const matmul_task *mt = ctx;
+    int total = 0;
+    for (int i = 0; i < mt->count; i++) total += mt->rows[i];
+    int r0, r1;
+    bn_split(total, ith, nth, 4, &r0, &r1);
+    int base = 0;
+    for (int i = 0; i < mt->count; base += mt->rows[i], i++) {
+        int a = r0 > base ? r0 - base : 0, b = r1 - base < mt->rows[i] ? r1 - base : mt->rows[i];
+        if (a < b) mt->fn(&mt->jobs[i], a, b);
+    }
+}
+
+static bn_i2_job i2_job(bn_model *m, const uint8_t *w, float gamma, int kp, int M, float *y, int y_stride) {
+    return (bn_i2_job){.w = w, .kp = kp, .xq = m->xq, .xsum = m->xsum, .m = M, .y = y, .y_stride = y_stride,
+                       .xscale = m->xscale, .gamma = gamma};
+}
+
+typedef struct {
+    bn_model *m;
+    int layer, M, p0;
+} attn_task;
+
+static void attn_worker(void *ctx, int ith, int nth) {
+    const attn_task *a = ctx;
+    bn_model *m = a->m;
+    const int hd = m->d.head_dim, group = m->d.n_heads / m->d.n_kv_heads, ctx_len = m->d.ctx;
+    float *sc = m->scores + (size_t)ith * ctx_len;
+    int i0, i1;
+    bn_split(a->M * m->d.n_heads, ith, nth, 1, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group, n_keys = a->p0 + t + 1;
+        const float *q = m->q + (size_t)t * m->q_dim + h * hd;
+        size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd;
+        const float *kc = m->kcache + base, *vc = m->vcache + base;
+        float mx = -INFINITY;
+        for (int j = 0; j < n_keys; j++) {
+            float s = 0.0f;
+            for (int e = 0; e < hd; e++) s += q[e] * kc[(size_t)j * hd + e];
+            sc[j] = s * m->attn_scale;
+            mx = fmaxf(mx, sc[j]);
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < n_keys; j++) {
+            sc[j] = expf(sc[j] - mx);
+            sum += sc[j];
+        }
+        float *out = m->att + (size_t)t * m->q_dim + h * hd;
+        memset(out, 0, sizeof(float) * hd);
+        for (int j = 0; j < n_keys; j++) {
+            float p = sc[j] / sum;
+            for (int e = 0; e < hd; e++) out[e] += p * vc[(size_t)j * hd + e];
+        }
+    }
+}
+
+typedef struct {
+    bn_head_rows_fn fn;
+    bn_head_job job;
+    int rows;
+} head_task;
+
+static void head_worker(void *ctx, int ith, int nth) {
+    const head_task *ht = ctx;
+    int r0, r1;
+    bn_split(ht->rows, ith, nth, 16, &r0, &r1);
+    if (r0 < r1) ht->fn(&ht->job, r0, r1);
+}
+
+/* ---- the forward pass ------------------------------------------------------------------ */
+
+static void embed(const bn_model *m, int token, float *out) {
+    const int H = m->d.hidden;
+    if (m->d.emb_type == BN_EMB_F16) {
+        const uint16_t *row = (const uint16_t *)m->d.embed + (size_t)token * H;
+        for (int i = 0; i < H; i++) out[i] = bn_f16_to_f32(row[i]);
+    } else {
+        const int8_t *row = (const int8_t *)m->d.embed + (size_t)token * H;
+        float s = m->d.embed_scale[token];
+        for (int i = 0; i < H; i++) out[i] = (float)row[i] * s;
+    }
+}
+
+/* rows [M][n] (stride n) -> int8 rows of m->xq (stride kp), scales and sums */
+static void quantize(bn_model *m, const float *x, int M, int n, int kp) {
+    bn_quantize_rows(x, M, n, kp, m->xq, m->xscale, m->xsum);
+}
+
+static void layer_forward(bn_model *m, int l, int M, int p0) {
+    const bn_layer_desc *L = &m->layers[l];
+    const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
+    const float eps = m->d.rms_eps;
+
+    for (int t = 0; t < M; t++) rmsnorm(m->x + (size_t)t * H, L->attn_norm, H, eps, m->h + (size_t)t * H);
+    quantize(m, m->h, M, H, m->kp_h);
+    matmul_task qkv = {m->i2,
+                       {i2_job(m, L->wq, L->gq, m->kp_h, M, m->q, m->q_dim),
+                        i2_job(m, L->wk, L->gk, m->kp_h, M, m->k, m->kv_dim),
+                        i2_job(m, L->wv, L->gv, m->kp_h, M, m->v, m->kv_dim)},
+                       {m->q_dim, m->kv_dim, m->kv_dim},
+                       3};
+    bn_pool_run(m->pool, matmul_worker, &qkv);
+
+    for (int t = 0; t < M; t++) {
+        int pos = p0 + t;
+        const float *cs = m->d.rope_cos + (size_t)pos * half, *sn = m->d.rope_sin + (size_t)pos * half;
+        rope(m->q + (size_t)t * m->q_dim, m->d.n_heads, hd, cs, sn);
+        rope(m->k + (size_t)t * m->kv_dim, m->d.n_kv_heads, hd, cs, sn);
+        for (int h = 0; h < m->d.n_kv_heads; h++) {
+            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + pos) * hd;
+            memcpy(m->kcache + off, m->k + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
+            memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
+        }
+    }
+    attn_task at = {m, l, M, p0};
+    bn_pool_run(m->pool, attn_worker, &at);
+
+    for (int t = 0; t < M; t++)
+        rmsnorm(m->att + (size_t)t * m->q_dim, L->attn_sub_norm, H, eps, m->h + (size_t)t * H);
+    quantize(m, m->h, M, H, m->kp_h);
+    matmul_task o = {m->i2, {i2_job(m, L->wo, L->go, m->kp_h, M, m->tmp, H)}, {H}, 1};
+    bn_pool_run(m->pool, matmul_worker, &o);
+    for (size_t i = 0; i < (size_t)M * H; i++) m->x[i] += m->tmp[i];
+
+    for (int t = 0; t < M; t++) rmsnorm(m->x + (size_t)t * H, L->post_norm, H, eps, m->h + (size_t)t * H);
+    quantize(m, m->h, M, H, m->kp_h);
+    matmul_task gu = {m->i2,
+                      {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
+                      {F, F},
+                      2};
+    bn_pool_run(m->pool, matmul_worker, &gu);
+    for (size_t i = 0; i < (size_t)M * F; i++) {
+        float g = m->gate[i] > 0.0f ? m->gate[i] : 0.0f;
+        m->gate[i] = g * g * m->up[i];
+    }
+    for (int t = 0; t < M; t++)
+        rmsnorm(m->gate + (size_t)t * F, L->ffn_sub_norm, F, eps, m->h + (size_t)t * F);
+    quantize(m, m->h, M, F, m->kp_f);
+    matmul_task down = {m->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
+    bn_pool_run(m->pool, matmul_worker, &down);
+    for (size_t i = 0; i < (size_t)M * H; i++) m->x[i] += m->tmp[i];
+}
+
+/* final norm + head for chunk tokens [t0, M) into logits rows */
+static void output(bn_model *m, int t0, int M, float *logits) {
+    const int H = m->d.hidden;
+    for (int t = t0; t < M; t++)
+        rmsnorm(m->x + (size_t)t * H, m->d.final_norm, H, m->d.rms_eps, m->h + (size_t)(t - t0) * H);
+    head_task ht = {m->head,
+                    {.type = m->d.head_type, .w = m->d.head, .wscale = m->d.head_scale, .k = H, .h = m->h,
+                     .m = M - t0, .y = logits, .y_stride = m->d.vocab},
+                    m->d.vocab};
+    bn_pool_run(m->pool, head_worker, &ht);
+}
+
+int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {
+    if (!m || n < 1 || n_past < 0 || n_past > m->d.ctx - n) return -1;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->d.vocab) return -1;
+    for (int c0 = 0; c0 < n; c0 += CHUNK) {
+        int M = n - c0 < CHUNK ? n - c0 : CHUNK;
+        for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * m->d.hidden);
+        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, M, n_past + c0);
+        if (all_logits)
+            output(m, 0, M, logits + (size_t)c0 * m->d.vocab);
+        else if (c0 + M == n)
+            output(m, M - 1, M, logits);
+    }
+    return 0;
+}

@@ -1,0 +1,350 @@
+/* Ternary x int8 matrix kernels over the i2_k128 layout, one per ISA, plus runtime dispatch.
+ *
+ * Each SIMD kernel computes exactly what i2_rows_scalar computes: sum_k q_k * x_k in int32 with
+ * q = T + 1 in {0, 1, 2}, minus sum_k x_k. Codes are unsigned and activations signed, which is
+ * the operand order of x86's u8 x s8 multiply-adds (vpmaddubsw, vpdpbusd); ARM's sdot takes the
+ * codes as s8 since 0..2 fit. Every variant is compiled in every x86 (or ARM) build through
+ * target attributes and chosen at run time, so the distributed build needs no -march flags.
+ *
+ * Overflow bounds: a vpmaddubsw lane adds two products |q*x| <= 2*128, so <= 512; four of them
+ * per block sum to <= 2048, far inside int16, and are widened to int32 once per block.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+#if BN_X86
+#include <immintrin.h>
+#endif
+#if BN_ARM64
+#include <arm_neon.h>
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+#define BLOCK 128       /* inputs per block */
+#define BLOCK_BYTES 32  /* bytes per block */
+
+/* ---- activation quantisation ----------------------------------------------------------- */
+
+void bn_quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
+    for (int t = 0; t < m; t++) {
+        const float *xr = x + (size_t)t * k;
+        int8_t *qr = xq + (size_t)t * kp;
+        float amax = 0.0f;
+        for (int i = 0; i < k; i++) amax = fmaxf(amax, fabsf(xr[i]));
+        /* fp32 arithmetic in torch's order: s = 127 / clamp(amax), q = round(x * s) */
+        float s = 127.0f / fmaxf(amax, 1e-5f);
+        int32_t sum = 0;
+        for (int i = 0; i < k; i++) {
+            float q = nearbyintf(xr[i] * s); /* round half to even, like torch.round */
+            q = fminf(fmaxf(q, -128.0f), 127.0f);
+            qr[i] = (int8_t)q;
+            sum += qr[i];
+        }
+        memset(qr + k, 0, (size_t)(kp - k));
+        scale[t] = s;
+        xsum[t] = sum;
+    }
+}
+
+/* ---- scalar reference ------------------------------------------------------------------ */
+
+static void i2_rows_scalar(const bn_i2_job *j, int r0, int r1) {
+    const int nb = j->kp / BLOCK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+        for (int t = 0; t < j->m; t++) {
+            const int8_t *x = j->xq + (size_t)t * j->kp;
+            int32_t sum = 0;
+            for (int b = 0; b < nb; b++)
+                for (int i = 0; i < 4; i++)
+                    for (int jj = 0; jj < BLOCK_BYTES; jj++)
+                        sum += ((wr[b * BLOCK_BYTES + jj] >> (2 * i)) & 3) * x[b * BLOCK + 32 * i + jj];
+            bn_i2_store(j, t, r, sum);
+        }
+    }
+}
+
+/* ---- x86: AVX2 ------------------------------------------------------------------------- */
+#if BN_X86
+
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+AVX2_TARGET static inline int32_t hsum_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* One row against TN tokens: the four code vectors of a block are unpacked once and reused. */
+AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const bn_i2_job *j, int r, int t0,
+                                                                        const int TN) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const int nb = j->kp / BLOCK;
+    const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+    const int8_t *x = j->xq + (size_t)t0 * j->kp;
+    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                      _mm256_setzero_si256()};
+    for (int b = 0; b < nb; b++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
+        __m256i c0 = _mm256_and_si256(w, mask);
+        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
+        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+        for (int t = 0; t < TN; t++) {
+            const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
+            __m256i s = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xb));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32))));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
+            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s, ones));
+        }
+    }
+    for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, hsum_avx2(acc[t]));
+}
+
+AVX2_TARGET static void i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++) {
+        int t = 0;
+        for (; t + 4 <= j->m; t += 4) i2_row_avx2(j, r, t, 4);
+        switch (j->m - t) {
+        case 3: i2_row_avx2(j, r, t, 3); break;
+        case 2: i2_row_avx2(j, r, t, 2); break;
+        case 1: i2_row_avx2(j, r, t, 1); break;
+        }
+    }
+}
+
+/* ---- x86: AVX-512 ---------------------------------------------------------------------- */
+/* A block's 32 bytes are broadcast to both halves of a zmm; per-word shifts of 0/2 (then 4/6)
+ * give the codes of 64 consecutive inputs, matching one contiguous 64-byte activation load. */
+
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define AVX512VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+#define I2_ROW_AVX512(NAME, TARGET, DOT)                                                                 \
+    TARGET static inline __attribute__((always_inline)) void NAME(const bn_i2_job *j, int r, int t0,  \
+                                                                  const int TN) {                     \
+        const __m512i mask = _mm512_set1_epi8(3);                                                     \
+        const __m512i sh01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);    \
+        const __m512i sh23 = _mm512_add_epi16(sh01, _mm512_set1_epi16(4));                            \
+        const int nb = j->kp / BLOCK;                                                                  \
+        const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);                                            \
+        const int8_t *x = j->xq + (size_t)t0 * j->kp;                                                  \
+        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),     \
+                          _mm512_setzero_si512()};                                                    \
+        for (int b = 0; b < nb; b++) {                                                                 \
+            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES))); \
+            __m512i c01 = _mm512_and_si512(_mm512_srlv_epi16(w, sh01), mask);                         \
+            __m512i c23 = _mm512_and_si512(_mm512_srlv_epi16(w, sh23), mask);                         \
+            for (int t = 0; t < TN; t++) {                                                             \
+                const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;                                  \
+                acc[t] = DOT(acc[t], c01, _mm512_loadu_si512(xb));                                     \
+                acc[t] = DOT(acc[t], c23, _mm512_loadu_si512(xb + 64));                                \
+            }                                                                                          \
+        }                                                                                              \
+        for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, _mm512_reduce_add_epi32(acc[t]));      \
+    }
+
+AVX512_TARGET static inline __m512i dot_maddubs512(__m512i acc, __m512i c, __m512i x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(c, x), _mm512_set1_epi16(1)));
+}
+AVX512VNNI_TARGET static inline __m512i dot_vnni512(__m512i acc, __m512i c, __m512i x) {
+    return _mm512_dpbusd_epi32(acc, c, x);
+}
+
+I2_ROW_AVX512(i2_row_avx512, AVX512_TARGET, dot_maddubs512)
+I2_ROW_AVX512(i2_row_avx512vnni, AVX512VNNI_TARGET, dot_vnni512)
+
+#define I2_ROWS_TOKENS(NAME, TARGET, ROW)                                 \
+    TARGET static void NAME(const bn_i2_job *j, int r0, int r1) {          \
+        for (int r = r0; r < r1; r++) {                                    \
+            int t = 0;                                                     \
+            for (; t + 4 <= j->m; t += 4) ROW(j, r, t, 4);                 \
+            switch (j->m - t) {                                            \
+            case 3: ROW(j, r, t, 3); break;                                \
+            case 2: ROW(j, r, t, 2); break;                                \
+            case 1: ROW(j, r, t, 1); break;                                \
+            }                                                              \
+        }                                                                  \
+    }
+
+I2_ROWS_TOKENS(i2_rows_avx512, AVX512_TARGET, i2_row_avx512)
+I2_ROWS_TOKENS(i2_rows_avx512vnni, AVX512VNNI_TARGET, i2_row_avx512vnni)
+
+#endif /* BN_X86 */
+
+/* ---- ARM: NEON and dotprod ------------------------------------------------------------- */
+#if BN_ARM64
+
+/* A block is two 16-byte halves: codes of inputs 32i+0..15 and 32i+16..31. */
+static inline __attribute__((always_inline)) void neon_codes(const uint8_t *p, int8x16_t c[8]) {
+    const uint8x16_t mask = vdupq_n_u8(3);
+    uint8x16_t lo = vld1q_u8(p), hi = vld1q_u8(p + 16);
+    c[0] = vreinterpretq_s8_u8(vandq_u8(lo, mask));
+    c[1] = vreinterpretq_s8_u8(vandq_u8(hi, mask));
+    c[2] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 2), mask));
+    c[3] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 2), mask));
+    c[4] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(lo, 4), mask));
+    c[5] = vreinterpretq_s8_u8(vandq_u8(vshrq_n_u8(hi, 4), mask));
+    c[6] = vreinterpretq_s8_u8(vshrq_n_u8(lo, 6));
+    c[7] = vreinterpretq_s8_u8(vshrq_n_u8(hi, 6));
+}
+
+static void i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
+    const int nb = j->kp / BLOCK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+        for (int t = 0; t < j->m; t++) {
+            const int8_t *x = j->xq + (size_t)t * j->kp;
+            int32x4_t acc = vdupq_n_s32(0);
+            for (int b = 0; b < nb; b++) {
+                int8x16_t c[8];
+                neon_codes(wr + b * BLOCK_BYTES, c);
+                const int8_t *xb = x + b * BLOCK;
+                for (int i = 0; i < 8; i++) { /* c[i] pairs with inputs 16*i .. 16*i+15 of the block */
+                    int8x16_t xv = vld1q_s8(xb + 16 * i);
+                    int16x8_t p = vmull_s8(vget_low_s8(c[i]), vget_low_s8(xv));
+                    p = vmlal_high_s8(p, c[i], xv);
+                    acc = vpadalq_s16(acc, p);
+                }
+            }
+            bn_i2_store(j, t, r, vaddvq_s32(acc));
+        }
+    }
+}
+
+#pragma GCC push_options
+#pragma GCC target("+dotprod")
+static void i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
+    const int nb = j->kp / BLOCK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+        for (int t = 0; t < j->m; t++) {
+            const int8_t *x = j->xq + (size_t)t * j->kp;
+            int32x4_t acc0 = vdupq_n_s32(0), acc1 = vdupq_n_s32(0);
+            for (int b = 0; b < nb; b++) {
+                int8x16_t c[8];
+                neon_codes(wr + b * BLOCK_BYTES, c);
+                const int8_t *xb = x + b * BLOCK;
+                for (int i = 0; i < 8; i += 2) {
+                    acc0 = vdotq_s32(acc0, c[i], vld1q_s8(xb + 16 * i));
+                    acc1 = vdotq_s32(acc1, c[i + 1], vld1q_s8(xb + 16 * i + 16));
+                }
+            }
+            bn_i2_store(j, t, r, vaddvq_s32(vaddq_s32(acc0, acc1)));
+        }
+    }
+}
+#pragma GCC pop_options
+
+#endif /* BN_ARM64 */
+
+/* ---- dispatch -------------------------------------------------------------------------- */
+
+int bn_isa_available(int isa) {
+    switch (isa) {
+    case BN_ISA_SCALAR: return 1;
+#if BN_X86
+    case BN_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case BN_ISA_AVX512:
+        __builtin_cpu_init();
+        return bn_isa_available(BN_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case BN_ISA_AVX512VNNI:
+        __builtin_cpu_init();
+        return bn_isa_available(BN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+#endif
+#if BN_ARM64
+    case BN_ISA_NEON: return 1;
+    case BN_ISA_NEONDOT: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+    default: return 0;
+    }
+}
+
+int bn_isa_best(void) {
+    static const int order[] = {BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (bn_isa_available(order[i])) return order[i];
+    return BN_ISA_SCALAR;
+}
+
+bn_i2_rows_fn bn_i2_kernel(int isa) {
+    if (!bn_isa_available(isa)) return NULL;
+    switch (isa) {
+#if BN_X86
+    case BN_ISA_AVX2: return i2_rows_avx2;
+    case BN_ISA_AVX512: return i2_rows_avx512;
+    case BN_ISA_AVX512VNNI: return i2_rows_avx512vnni;
+#endif
+#if BN_ARM64
+    case BN_ISA_NEON: return i2_rows_neon;
+    case BN_ISA_NEONDOT: return i2_rows_neondot;
+#endif
+    default: return i2_rows_scalar;
+    }
+}
+
+typedef struct {
+    bn_i2_rows_fn fn;
+    const bn_i2_job *job;
+    int n;
+} gemm_task;
+
+static void gemm_worker(void *ctx, int ith, int nth) {
+    const gemm_task *g = ctx;
+    int r0, r1;
+    bn_split(g->n, ith, nth, 4, &r0, &r1);
+    if (r0 < r1) g->fn(g->job, r0, r1);
+}
+
+int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const int8_t *xq, const int32_t *xsum,
+               int m, int32_t *acc) {
+    bn_i2_rows_fn fn = bn_i2_kernel(isa);
+    if (!fn || kp % BLOCK != 0 || n < 0 || m < 0) return -1;
+    bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = acc, .acc_stride = n};
+    gemm_task g = {fn, &job, n};
+    if (pool)
+        bn_pool_run(pool, gemm_worker, &g);
+    else
+        gemm_worker(&g, 0, 1);
+    return 0;
+}
+
+/* ---- memory-read bandwidth probe ------------------------------------------------------- */
+
+typedef struct {
+    const uint64_t *p;
+    size_t words;
+    uint64_t partial[256];
+} stream_task;
+
+static void stream_worker(void *ctx, int ith, int nth) {
+    stream_task *s = ctx;
+    size_t lines = s->words / 8, l0 = lines * ith / nth, l1 = lines * (ith + 1) / nth;
+    /* eight independent sums so the loads, not an add chain, set the pace */
+    uint64_t a[8] = {0};
+    for (size_t l = l0; l < l1; l++)
+        for (int i = 0; i < 8; i++) a[i] += s->p[l * 8 + i];
+    s->partial[ith % 256] += a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+}
+
+uint64_t bn_stream_read(bn_pool *pool, const void *buf, size_t nbytes) {
+    stream_task s = {.p = buf, .words = nbytes / 8};
+    memset(s.partial, 0, sizeof s.partial);
+    if (pool)
+        bn_pool_run(pool, stream_worker, &s);
+    else
+        stream_worker(&s, 0, 1);
+    uint64_t total = 0;
+    for (int i = 0; i < 256; i++) total += s.partial[i];
+    return total;
+}

@@ -1,0 +1,112 @@
+"""The C kernels: every SIMD path against the scalar reference and numpy, bit for bit."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bitnet_cli import kernels
+from bitnet_cli.pack.ternary import pack_i2_k128
+
+REPO = Path(__file__).resolve().parents[1]
+ISAS = kernels.available_isas()
+SHAPES = [(1, 1, 1), (1, 7, 100), (3, 5, 128), (4, 33, 129), (5, 64, 255), (8, 13, 384), (9, 40, 1000),
+          (2, 31, 2560), (64, 6, 200)]  # (tokens m, rows n, inputs k): ragged rows, tokens and k tails
+
+
+def numpy_quantize(x):
+    s = np.float32(127) / np.maximum(np.abs(x).max(axis=1, keepdims=True), np.float32(1e-5))
+    return np.clip(np.round(x * s), -128, 127).astype(np.int8), s[:, 0]
+
+
+def test_scalar_is_always_available():
+    assert "scalar" in ISAS
+    assert kernels.best_isa() in ISAS
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_quantize_matches_torch_arithmetic(m, n, k):
+    rng = np.random.default_rng(k)
+    x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 10)).astype(np.float32)
+    x[0, : min(k, 4)] = [0.5, -0.5, 1.5, 2.5][: min(k, 4)]  # halfway cases after scaling are rare; still try
+    xq, scale, xsum = kernels.quantize(x)
+    want, want_scale = numpy_quantize(x)
+    assert xq.shape == (m, -(-k // 128) * 128)
+    np.testing.assert_array_equal(xq[:, :k], want)
+    assert not xq[:, k:].any()
+    np.testing.assert_array_equal(scale, want_scale)
+    np.testing.assert_array_equal(xsum, want.sum(axis=1, dtype=np.int32))
+
+
+def test_quantize_all_zero_row_uses_the_clamp():
+    xq, scale, xsum = kernels.quantize(np.zeros((1, 5), np.float32))
+    assert scale[0] == np.float32(127) / np.float32(1e-5) and not xq.any() and xsum[0] == 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_gemm_exact_on_every_isa(isa, m, n, k):
+    rng = np.random.default_rng(1000 * m + n + k)
+    trits = rng.integers(-1, 2, size=(n, k), dtype=np.int8)
+    w = pack_i2_k128(trits)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[-1, 0] = 100.0  # one outlier: most of that token's activations quantise to small values
+    xq, _, xsum = kernels.quantize(x)
+    want = xq[:, :k].astype(np.int64) @ trits.T.astype(np.int64)
+    got = kernels.gemm(w, xq, xsum, isa=isa)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, kernels.gemm(w, xq, xsum, isa="scalar"))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_extremes_do_not_overflow(isa):
+    """All-(-128) activations against all-(+1) and all-(-1) rows: the largest sums the kernels see."""
+    k = 6912
+    trits = np.stack([np.ones(k, np.int8), -np.ones(k, np.int8), np.zeros(k, np.int8)])
+    xq = np.full((2, k), -128, np.int8)
+    xq[1] = 127
+    acc = kernels.gemm(pack_i2_k128(trits), xq, xq.sum(axis=1, dtype=np.int32), isa=isa)
+    np.testing.assert_array_equal(acc, [[-128 * k, 128 * k, 0], [127 * k, -127 * k, 0]])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_gemm_thread_pool_splits_rows_exactly(threads):
+    rng = np.random.default_rng(threads)
+    trits = rng.integers(-1, 2, size=(37, 300), dtype=np.int8)
+    xq, _, xsum = kernels.quantize(rng.standard_normal((5, 300)).astype(np.float32))
+    with kernels.ThreadPool(threads) as pool:
+        for _ in range(3):  # the pool is reused across calls
+            got = kernels.gemm(pack_i2_k128(trits), xq, xsum, pool=pool)
+            np.testing.assert_array_equal(got, xq[:, :300].astype(np.int64) @ trits.T)
+
+
+def test_stream_read_reads_everything():
+    buf = np.arange(1 << 16, dtype=np.uint64)
+    with kernels.ThreadPool(2) as pool:
+        assert kernels.stream_read(buf, pool) == int(buf.sum())
+    assert kernels.stream_read(buf) == int(buf.sum())
+
+
+def test_isa_env_var_is_validated(monkeypatch):
+    monkeypatch.setenv("BITNET_ISA", "mmx")
+    with pytest.raises(kernels.BitnetError, match="unknown instruction set 'mmx'"):
+        kernels.resolve_isa()
+    monkeypatch.setenv("BITNET_ISA", "scalar")
+    assert kernels.resolve_isa() == 0
+
+
+@pytest.mark.skipif(not shutil.which("make") or not shutil.which("gcc"), reason="needs make and gcc")
+def test_sanitizer_build_of_the_c_tests(tmp_path):
+    """kernels/test_kernels.c (all ISAs vs scalar, thread pool, a tiny decoder) under ASan + UBSan."""
+    probe = subprocess.run(["gcc", "-fsanitize=address,undefined", "-x", "c", "-", "-o", str(tmp_path / "p")],
+                           input="int main(void){return 0;}", capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip(f"the compiler cannot build sanitized binaries: {probe.stderr[-200:]}")
+    r = subprocess.run(["make", "-C", str(REPO / "kernels"), "sanitize", f"BUILD={tmp_path}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "all kernel tests passed" in r.stdout
