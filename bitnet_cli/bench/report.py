@@ -53,15 +53,23 @@ def _roofline(results: dict, console: Console) -> None:
 
 
 def _kernels(rows: list[dict], console: Console) -> None:
-    table = Table(title="Kernels per weight shape (weights streamed from DRAM, rotated past the LLC)")
-    for col in ("shape N x K", "used by", "tokens", "threads", "kernel", "time us", "weight GB/s", "GOPS", "% of bw"):
-        table.add_column(col, justify="right" if col not in ("used by", "kernel") else "left")
+    """One line per shape x tokens x threads: ours, then the dense f32 BLAS comparison (medians)."""
+    table = Table(title="Kernels per weight shape, medians (weights streamed from DRAM; min-max in --json)")
+    for col in ("N x K", "used by", "tok", "thr", "ternary us", "GB/s", "GOPS", "% bw", "f32 us", "GB/s", "vs f32"):
+        table.add_column(col, justify="left" if col == "used by" else "right")
+    groups: dict[tuple, dict] = {}
     for r in rows:
-        table.add_row(f"{r['n']} x {r['k']}", ",".join(p.removesuffix("_proj") for p in r["projections"]),
-                      str(r["tokens"]), str(r["threads"]), f"{r['impl']} ({r['backend']})",
-                      _stat({k: v * 1e6 if k != "n" else v for k, v in r["seconds"].items()}, "{:.0f}"),
-                      _stat(r["gbps"]), _stat(r["gops"]),
-                      f"{r['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in r else "")
+        groups.setdefault((r["n"], r["k"], r["tokens"], r["threads"]), {})[r["impl"]] = r
+    for (n, k, tokens, threads), impls in groups.items():
+        ours, dense = impls.get("ternary"), impls.get("f32")
+        used = ",".join(p.removesuffix("_proj") for p in (ours or dense)["projections"])
+        cells = [f"{n}x{k}", used, str(tokens), str(threads)]
+        cells += ([f"{ours['seconds']['median'] * 1e6:,.0f}", f"{ours['gbps']['median']:.1f}",
+                   f"{ours['gops']['median']:.0f}",
+                   f"{ours['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in ours else ""] if ours else ["-"] * 4)
+        cells += ([f"{dense['seconds']['median'] * 1e6:,.0f}", f"{dense['gbps']['median']:.1f}"] if dense else ["-"] * 2)
+        cells.append(f"{dense['seconds']['median'] / ours['seconds']['median']:.1f}x" if ours and dense else "-")
+        table.add_row(*cells)
     console.print(table)
 
 
