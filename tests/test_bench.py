@@ -154,3 +154,116 @@ def test_bad_input_is_one_clear_line(args, message):
 def test_parse_int_list_dedupes_in_order():
     assert suite.parse_int_list("2, 1,2,4", "--threads") == [2, 1, 4]
     assert suite.parse_sections("e2e,roofline") == ["roofline", "e2e"]
+
+
+# ---- the whole command on a tiny synthetic model -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from bitnet_cli.bench import target
+
+    t = target.from_shape("tiny", "f16", tmp_path_factory.mktemp("synthetic"))
+    return t.ensure_file()
+
+
+def _positive_numbers(obj, path="results"):
+    """Every number anywhere in the results is finite and > 0 (times, rates, sizes, counts)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(v, bool):
+                _positive_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            _positive_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, (int, float)):
+        assert np.isfinite(obj) and obj > 0, f"{path} = {obj}"
+
+
+def _check_stat(s):
+    assert set(s) == {"median", "min", "max", "n"} and s["min"] <= s["median"] <= s["max"]
+
+
+def test_json_output_schema_and_consistency(tiny_model, small_buffers, tmp_path):
+    plot = tmp_path / "bench.png"
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--threads", "1,2", "--repeat", "2",
+                                 "--prompts", "8,32", "--generate", "8", "--tokens", "1,4", "--json",
+                                 "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["schema"] == suite.SCHEMA
+    assert set(res) == {"schema", "machine", "model", "settings", "roofline", "kernels", "e2e", "summary"}
+    assert res["settings"]["threads"] == [1, 2] and res["settings"]["repeat"] == 2
+    assert res["model"]["file_bytes"] == tiny_model.stat().st_size
+    per_token = res["model"]["bytes_per_token"]
+    # the tied f16 head is read in full each token: vocab x hidden x 2 bytes
+    assert per_token["head"] == 512 * 128 * 2
+    _positive_numbers({k: v for k, v in res.items() if k not in ("machine", "settings")})
+
+    assert [r["threads"] for r in res["e2e"]] == [1, 2]
+    for r in res["e2e"]:
+        assert set(r["tokens_per_s"]) == {"pp8", "pp32", "tg8"}
+        for s in [r["load_s"], *r["tokens_per_s"].values()]:
+            _check_stat(s)
+            assert s["n"] == 2
+        assert r["peak_rss_bytes"] > 0
+    for r in res["roofline"]:
+        _check_stat(r["bandwidth_gbps"])
+        assert r["bytes_per_token"] == per_token["total"]
+    decode = res["summary"]["decode_vs_roofline"]
+    for d, e, roof in zip(decode, res["e2e"], res["roofline"]):
+        assert d["tg_tps"] == e["tokens_per_s"]["tg8"]["median"]
+        assert d["pct_of_ceiling"] == pytest.approx(100 * d["tg_tps"] / roof["decode_ceiling_tps"]["median"])
+    assert res["summary"]["anchors"] is None  # anchors belong to the 2b4t shape only
+    gemv = [r for r in res["kernels"] if r["tokens"] == 1]
+    assert gemv and all("pct_of_bandwidth" in r for r in gemv)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temp files left behind
+
+
+def test_table_output_and_sections(tiny_model):
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "e2e", "--threads", "1",
+                                 "--repeat", "1", "--prompts", "16", "--generate", "4"])
+    assert result.exit_code == 0, result.output
+    assert "End to end" in result.output and "pp16" in result.output and "tg4" in result.output
+    assert "Kernels" not in result.output and "roofline" not in result.output
+
+
+def test_anchor_comparison_for_the_2b4t_shape(tiny_model):
+    rows = suite.e2e.run(tiny_model, [1, 2], repeat=1, prompts=(128,), generate=4)
+    results = {"settings": {"generate": 4}, "e2e": rows}
+    summary = suite.summarize(results, "2b4t")
+    comparison = summary["anchors"]
+    assert comparison["date"] == anchors.DATE and comparison["rows"]
+    for r in comparison["rows"]:
+        ours = next(e for e in rows if e["threads"] == r["threads"])["tokens_per_s"]
+        if "pp128_ratio" in r:
+            assert r["pp128_ratio"] == pytest.approx(ours["pp128"]["median"] / r["anchor_pp128"])
+        assert r["tg_ratio"] == pytest.approx(ours["tg4"]["median"] / r["anchor_tg64"])
+    tq2 = [r for r in comparison["rows"] if r["weights"].startswith("TQ2_0") and r["head"] == "Q6_K"]
+    assert [(r["threads"], r["anchor_tg64"]) for r in tq2] == [(1, 14.0), (2, 22.7)]
+    assert suite.summarize(results, "700m")["anchors"] is None
+
+
+def test_synthetic_models_are_cached(tmp_path, monkeypatch):
+    from bitnet_cli.bench import target
+    from bitnet_cli.pack import synthetic
+
+    t = target.from_shape("tiny", "int8", tmp_path)
+    assert t.path == tmp_path / "tiny-int8-v1.bin" and not t.path.exists()
+    path = t.ensure_file()
+    stamp = path.stat().st_mtime_ns
+
+    def must_not_write(*args, **kwargs):
+        raise AssertionError("a cached synthetic model was written again")
+
+    monkeypatch.setattr(synthetic, "write_random_model", must_not_write)
+    assert target.from_shape("tiny", "int8", tmp_path).ensure_file() == path
+    assert path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-int8-v1.bin"]
+
+
+def test_engine_failure_is_a_clear_error(tmp_path):
+    bad = tmp_path / "garbage.bin"
+    bad.write_bytes(b"\x00" * 1000)
+    with pytest.raises(BitnetError, match="garbage.bin"):
+        suite.e2e.run(bad, [1], repeat=1, prompts=(8,), generate=2)

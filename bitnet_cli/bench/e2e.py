@@ -29,6 +29,23 @@ PROMPTS = (128, 512)
 GENERATE = 128
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    /proc's VmHWM belongs to the address space, which exec replaces; ru_maxrss is inherited
+    from the parent across fork+exec, so a worker would report the benchmark's own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit) -> dict:
     """Runs inside the worker: load the engine `repeat` times and time every test each time."""
     import numpy as np
@@ -54,13 +71,12 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
         for pos in range(generate):
             engine.forward(ids[pos : pos + 1], n_past=pos, all_logits=False)
         rates[f"tg{generate}"].append(generate / (time.perf_counter() - t0))
-        del engine
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux reports KiB
+        engine.close()
     return {
         "threads": threads,
         "load_s": summarize(loads),
         "tokens_per_s": {name: summarize(v) for name, v in rates.items()},
-        "peak_rss_bytes": peak_kib * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from bitnet_cli.bench import anchors
+from bitnet_cli.bench.report import mb
 from bitnet_cli.errors import BitnetError
 
 
@@ -34,7 +35,7 @@ def plot(results: dict, out: Path) -> Path:
     if roof:
         xs = [r["threads"] for r in roof]
         ceiling.plot(xs, [r["decode_ceiling_tps"]["median"] for r in roof], marker="s", color="k",
-                     label=f"roofline: bandwidth / {results['model']['bytes_per_token']['total'] / 1e6:.0f} MB")
+                     label=f"roofline: bandwidth / {mb(results['model']['bytes_per_token']['total'])} per token")
     decode = results["summary"]["decode_vs_roofline"]
     if decode:
         ceiling.plot([d["threads"] for d in decode], [d["tg_tps"] for d in decode], marker="o",
@@ -46,7 +47,9 @@ def plot(results: dict, out: Path) -> Path:
                          label=f"{a['runtime']} {a['weights'].split()[0]} ({a['head']}) tg64, {anchors.DATE}")
     ceiling.set(title="Decode: achieved vs roofline", xlabel="threads", ylabel="tokens/s")
     ceiling.legend(fontsize=7)
+    threads = results["settings"]["threads"]
     for ax in (scaling, ceiling):
+        ax.set_xticks(threads)
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
     fig.suptitle(f"bitnet bench: {results['model']['name']} on {results['machine']['cpu']}", fontsize=10)

@@ -16,8 +16,11 @@ def _stat(s: dict, fmt: str = "{:.1f}") -> str:
     return text
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:,.0f} MB"
+def mb(n: int) -> str:
+    """Bytes in MB, or kB/GB where MB would read 0 or need more than four digits."""
+    if n < 1e6:
+        return f"{n / 1e3:,.0f} kB"
+    return f"{n / 1e6:,.0f} MB" if n < 1e10 else f"{n / 1e9:,.1f} GB"
 
 
 def print_report(results: dict, console: Console) -> None:
@@ -26,8 +29,8 @@ def print_report(results: dict, console: Console) -> None:
     console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings) on {m['cpu']}, "
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
                   f"median of {results['settings']['repeat']} run(s), (min-max) in grey")
-    console.print(f"bytes streamed per decoded token: {_mb(per_token['total'])} = ternary {_mb(per_token['ternary'])}"
-                  f" + head {_mb(per_token['head'])} + norms {_mb(per_token['norms'])}")
+    console.print(f"bytes streamed per decoded token: {mb(per_token['total'])} = ternary {mb(per_token['ternary'])}"
+                  f" + head {mb(per_token['head'])} + norms {mb(per_token['norms'])}")
     if "roofline" in results:
         _roofline(results, console)
     if "kernels" in results:
@@ -46,7 +49,7 @@ def _roofline(results: dict, console: Console) -> None:
     for row in results["roofline"]:
         d = decode.get(row["threads"], {})
         table.add_row(str(row["threads"]), _stat(row["bandwidth_gbps"]),
-                      _stat(row["decode_ceiling_tps"] | {"n": row["bandwidth_gbps"]["n"]}),
+                      f"{row['decode_ceiling_tps']['median']:.1f}",
                       f"{d['tg_tps']:.1f}" if d else "-",
                       f"{d['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in d else "-")
     console.print(table)
@@ -75,13 +78,13 @@ def _kernels(rows: list[dict], console: Console) -> None:
 
 def _e2e(results: dict, console: Console) -> None:
     rows = results["e2e"]
-    table = Table(title=f"End to end ({_mb(results['model'].get('file_bytes', 0))} file), tokens/s")
+    table = Table(title=f"End to end ({mb(results['model'].get('file_bytes', 0))} file), tokens/s")
     names = list(rows[0]["tokens_per_s"]) if rows else []
     for col in ["threads", "load s", *names, "peak RSS"]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["threads"]), _stat(r["load_s"], "{:.2f}"),
-                      *(_stat(r["tokens_per_s"][n]) for n in names), _mb(r["peak_rss_bytes"]))
+                      *(_stat(r["tokens_per_s"][n]) for n in names), mb(r["peak_rss_bytes"]))
     console.print(table)
 
 
