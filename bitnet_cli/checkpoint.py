@@ -1,0 +1,334 @@
+"""Reading checkpoints: HF-layout directories (ours, HF bf16/fp32, HF packed), shards, hub ids.
+
+Tensors are read lazily, one at a time, with plain file reads (no mmap) so that packing a
+multi-GB checkpoint keeps a small resident set: page-cache pages of a read() are not ours.
+Every safetensors header is validated before use, since a checkpoint is untrusted input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bitnet_cli.errors import BitnetError
+
+# safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; widened to float32 by `bf16_to_f32`
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors implementation
+
+KINDS = ("auto", "own", "hf", "hf-packed", "hub")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: `begin`/`end` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], dict[str, str]]:
+    """Parse and validate a safetensors header: (data start offset, tensors, metadata).
+
+    Checks everything a hostile file could get wrong: header length, JSON shape, dtypes,
+    shapes, byte counts, offsets inside the file, overlapping tensors, truncation.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise BitnetError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise BitnetError(
+                    f"{path}: not a safetensors file or truncated (header length {n}, file size {size})"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise BitnetError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BitnetError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise BitnetError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    data_len = size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise BitnetError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict):
+            raise BitnetError(f"{where}: corrupt header entry")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise BitnetError(f"{where}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise BitnetError(f"{where}: bad shape {shape!r}")
+        if not (
+            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise BitnetError(f"{where}: bad data_offsets {offsets!r}")
+        expected = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+        if offsets[1] - offsets[0] != expected:
+            raise BitnetError(
+                f"{where}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} shape {shape} needs {expected}"
+            )
+        if offsets[1] > data_len:
+            raise BitnetError(
+                f"{where}: data ends at byte {data_start + offsets[1]} but the file has {size} bytes (truncated?)"
+            )
+        tensors[name] = TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+    spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.begin)
+    for a, b in zip(spans, spans[1:]):
+        if b.begin < a.end:
+            raise BitnetError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
+    return data_start, tensors, metadata
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 raw bits (uint16) -> float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass
+class Checkpoint:
+    """An HF-layout checkpoint directory: config, tokenizer and lazily read tensors."""
+
+    path: Path
+    config: dict
+    kind: str  # "own", "hf" (float weights) or "hf-packed" (uint8 trits + weight_scale)
+    tensors: dict[str, tuple[Path, TensorEntry]]
+    tokenizer_json: str
+    tokenizer_config: dict = field(default_factory=dict)
+    source: str = ""
+
+    def entry(self, name: str) -> TensorEntry:
+        if name not in self.tensors:
+            raise BitnetError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        return self.tensors[name][1]
+
+    def file_of(self, name: str) -> Path:
+        return self.tensors[name][0]
+
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor (or a range of its leading dimension) as a fresh array.
+
+        Floats come back as float32 (bf16/f16 widened exactly); integers keep their dtype.
+        """
+        e = self.entry(name)
+        path = self.file_of(name)
+        dtype = SAFETENSORS_DTYPES[e.dtype]
+        shape = e.shape
+        begin, count = e.begin, int(np.prod(shape, dtype=np.int64))
+        if rows is not None:
+            start, stop, _ = rows.indices(shape[0] if shape else 1)
+            row_elems = int(np.prod(shape[1:], dtype=np.int64))
+            begin += start * row_elems * dtype.itemsize
+            count = (stop - start) * row_elems
+            shape = (stop - start, *shape[1:])
+        out = np.empty(count, dtype=dtype)
+        try:
+            with open(path, "rb") as f:
+                f.seek(begin)
+                got = f.readinto(memoryview(out).cast("B"))
+        except OSError as err:
+            raise BitnetError(f"{path}: tensor {name!r}: cannot read: {err.strerror or err}") from None
+        if got != out.nbytes:
+            raise BitnetError(f"{path}: tensor {name!r}: file is truncated")
+        out = out.reshape(shape)
+        if e.dtype == "BF16":
+            return bf16_to_f32(out)
+        if e.dtype in FLOAT_DTYPES:
+            return out.astype(np.float32, copy=False)
+        return out
+
+
+# ------------------------------------------------------------------ locating the checkpoint
+
+
+def _hub_cache_dir() -> str | None:
+    """The HF hub cache, read from the environment at call time (tests set it per test)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def resolve_hub_id(repo_id: str) -> Path:
+    """Download (or find in the local cache) the files a pack needs from a hub repository."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise BitnetError(
+            f"{repo_id!r} looks like a hub id but huggingface-hub is not installed (pip install 'bitnet-cli[hub]')"
+        ) from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=_hub_cache_dir(),
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja"],
+            )
+        )
+    except LocalEntryNotFoundError:
+        why = "HF_HUB_OFFLINE is set and it is" if offline else "it is"
+        raise BitnetError(f"hub model {repo_id!r}: {why} not in the local cache ({_hub_cache_dir() or 'default HF cache'})") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise BitnetError(f"hub model {repo_id!r}: {e}") from None
+
+
+def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
+    """The local directory holding config.json, and a description of where it came from."""
+    text = str(src)
+    path = Path(text).expanduser()
+    if kind == "hub" or (not path.exists() and HUB_ID.match(text) and not text.startswith((".", "/", "~"))):
+        return resolve_hub_id(text), f"hub:{text}"
+    if not path.exists():
+        raise BitnetError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise BitnetError(f"{path}: expected a checkpoint directory (config.json + *.safetensors)")
+        path = path.parent
+    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
+        path = path / "final"  # a training run directory: its final checkpoint
+    return path.resolve(), str(path.resolve())
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BitnetError(f"{path}: missing ({what})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BitnetError(f"{path}: cannot parse {what}: {e}") from None
+
+
+def _tensor_files(ckpt: Path) -> list[Path]:
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index, "the shard index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise BitnetError(f"{index}: no weight_map")
+        files = []
+        for shard in dict.fromkeys(weight_map.values()):
+            p = (ckpt / str(shard)).resolve()
+            if ckpt not in p.parents:
+                raise BitnetError(f"{index}: shard {shard!r} points outside the checkpoint directory")
+            if not p.is_file():
+                raise BitnetError(f"{p}: shard listed in {index.name} is missing")
+            files.append(p)
+        return files
+    single = ckpt / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(ckpt.glob("*.bin")) or any(ckpt.glob("*.pt")):
+        raise BitnetError(f"{ckpt}: only safetensors checkpoints are supported (found .bin/.pt weights)")
+    raise BitnetError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
+
+
+def _is_own_checkpoint(ckpt: Path) -> bool:
+    """`bitnet train` writes its trainer state next to the HF files."""
+    return any(p.name.startswith(("trainer_state", "training_state", "train_state")) for p in ckpt.iterdir())
+
+
+def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, TensorEntry]]) -> str:
+    quant = config.get("quantization_config") or {}
+    offline = quant.get("quant_method") == "bitnet" and quant.get("quantization_mode", "offline") == "offline"
+    probe = tensors.get("model.layers.0.self_attn.q_proj.weight")
+    if offline or (probe is not None and probe[1].dtype == "U8"):
+        return "hf-packed"
+    return "own" if _is_own_checkpoint(ckpt) else "hf"
+
+
+def _tokenizer_config(ckpt: Path) -> dict:
+    """bos/eos tokens and the chat template, from tokenizer_config.json (and chat_template.jinja)."""
+    out: dict = {}
+    path = ckpt / "tokenizer_config.json"
+    raw = _read_json(path, "tokenizer config") if path.is_file() else {}
+    for key in ("bos_token", "eos_token", "chat_template"):
+        value = raw.get(key)
+        if isinstance(value, dict):  # AddedToken serialisation
+            value = value.get("content")
+        if isinstance(value, str):
+            out[key] = value
+    jinja = ckpt / "chat_template.jinja"
+    if "chat_template" not in out and jinja.is_file():
+        out["chat_template"] = jinja.read_text(encoding="utf-8")
+    return out
+
+
+def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
+    """Locate and index a checkpoint (directory, .safetensors file, or hub id); read no weights yet."""
+    if kind not in KINDS:
+        raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
+    ckpt, source = _checkpoint_dir(src, kind)
+    config = _read_json(ckpt / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise BitnetError(f"{ckpt / 'config.json'}: not a JSON object")
+    if config.get("model_type") != "bitnet":
+        raise BitnetError(
+            f"{ckpt / 'config.json'}: unsupported architecture model_type={config.get('model_type')!r} "
+            f"(architectures={config.get('architectures')}); only BitNet b1.58 (model_type 'bitnet') can be packed"
+        )
+    tensors: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in _tensor_files(ckpt):
+        _, entries, _ = read_safetensors_header(file)
+        for name, entry in entries.items():
+            tensors[name] = (file, entry)
+    tokenizer = ckpt / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise BitnetError(f"{tokenizer}: missing (the packed file embeds the tokenizer)")
+    detected = _detect_kind(ckpt, config, tensors)
+    if kind in ("own", "hf") and detected == "hf-packed":
+        raise BitnetError(f"{ckpt}: --from {kind} given but this checkpoint holds packed (uint8) ternary weights")
+    if kind == "hf-packed" and detected != "hf-packed":
+        raise BitnetError(f"{ckpt}: --from hf-packed given but the weights are not packed (no offline bitnet quantization_config)")
+    return Checkpoint(
+        path=ckpt,
+        config=config,
+        kind=kind if kind in ("own", "hf") else detected,
+        tensors=tensors,
+        tokenizer_json=tokenizer.read_text(encoding="utf-8"),
+        tokenizer_config=_tokenizer_config(ckpt),
+        source=source,
+    )

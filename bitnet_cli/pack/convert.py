@@ -1,0 +1,230 @@
+"""`bitnet pack`: checkpoint -> packed file, streamed one tensor at a time.
+
+The header is computed from the config before any weight is read; then each tensor is read,
+checked, converted and written, so the resident set stays near the size of the largest
+BitLinear weight (or one chunk of the embedding), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.format import (
+    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
+    normalized_config, tensor_specs,
+)
+from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
+
+EMBEDDING_CHUNK_ROWS = 8192
+F16_MAX = 65504.0
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, current name)
+
+
+@dataclass
+class PackSummary:
+    source: str
+    source_kind: str
+    output: str
+    format: str
+    embeddings: str
+    parameters: int
+    ternary_parameters: int
+    ternary_bits_per_weight: float  # ternary payload bits / ternary weights (includes K padding)
+    bits_per_weight: float  # whole file bits / all parameters
+    file_bytes: int
+    bf16_bytes: int
+    compression_ratio: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_finite(ckpt: Checkpoint, name: str, w: np.ndarray) -> None:
+    if not np.isfinite(w).all():
+        bad = np.argwhere(~np.isfinite(w))[0]
+        raise BitnetError(
+            f"{ckpt.file_of(name)}: tensor {name!r} has a non-finite value ({w[tuple(bad)]}) at index {bad.tolist()}"
+        )
+
+
+def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
+    got = ckpt.entry(name).shape
+    if tuple(got) != tuple(shape):
+        raise BitnetError(
+            f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}"
+        )
+
+
+def _linear_class(ckpt: Checkpoint) -> str:
+    quant = ckpt.config.get("quantization_config") or {}
+    cls = quant.get("linear_class", "bitlinear")
+    if cls not in ("bitlinear", "autobitlinear"):
+        raise BitnetError(f"{ckpt.path / 'config.json'}: unknown quantization_config.linear_class {cls!r}")
+    return cls
+
+
+def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
+    """(trits int8 [N, K], gamma float32) of one BitLinear weight, from any supported source kind."""
+    n, k = shape
+    if ckpt.kind != "hf-packed":
+        _check_shape(ckpt, name, shape)
+        w = ckpt.read(name)
+        if w.dtype != np.float32:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {ckpt.entry(name).dtype}, expected floats")
+        _check_finite(ckpt, name, w)
+        return ternarize(w)
+
+    # HF offline-quantised: uint8 [ceil(N/4), K] (or already-unpacked ternary floats) + weight_scale
+    entry = ckpt.entry(name)
+    where = f"{ckpt.file_of(name)}: tensor {name!r}"
+    if entry.dtype == "U8":
+        _check_shape(ckpt, name, (-(-n // 4), k))
+        try:
+            trits = unpack_hf_packed(ckpt.read(name), n)
+        except ValueError as e:
+            raise BitnetError(f"{where}: {e}") from None
+    else:
+        _check_shape(ckpt, name, shape)
+        w = ckpt.read(name)
+        if not np.isin(w, (-1.0, 0.0, 1.0)).all():
+            bad = np.argwhere(~np.isin(w, (-1.0, 0.0, 1.0)))[0]
+            raise BitnetError(f"{where}: non-ternary value {w[tuple(bad)]} at index {bad.tolist()} in a packed checkpoint")
+        trits = w.astype(np.int8)
+    scale_name = name + "_scale"
+    if scale_name not in ckpt.tensors:
+        raise BitnetError(f"{ckpt.path}: tensor {scale_name!r} is missing (packed checkpoints carry a weight_scale per layer)")
+    scale = ckpt.read(scale_name).reshape(-1)
+    if scale.size != 1 or scale.dtype != np.float32:
+        raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be one float, got shape {list(ckpt.entry(scale_name).shape)}")
+    _check_finite(ckpt, scale_name, scale)
+    if scale[0] <= 0:
+        raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
+    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
+    gamma = scale[0] if _linear_class(ckpt) == "autobitlinear" else np.float32(1.0) / scale[0]
+    return trits, np.float32(gamma)
+
+
+def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
+    """Stream an embedding matrix in row chunks, converting each chunk to f16 or int8 + row scale."""
+    _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
+    if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
+        raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
+    scales = []
+    for start in range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS):
+        rows = ckpt.read(name, slice(start, start + EMBEDDING_CHUNK_ROWS))
+        _check_finite(ckpt, name, rows)
+        last = start + EMBEDDING_CHUNK_ROWS >= dims.vocab_size
+        if embeddings == "f16":
+            if np.abs(rows).max(initial=0) > F16_MAX:
+                raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
+            writer.write(name, rows.astype(np.float16), final=last)
+        else:
+            absmax = np.abs(rows).max(axis=1)
+            scale = (absmax / np.float32(127)).astype(np.float32)
+            inv = np.divide(np.float32(127), absmax, out=np.zeros_like(absmax), where=absmax > 0)
+            q = np.clip(np.round(rows * inv[:, None]), -127, 127).astype(np.int8)
+            writer.write(name, q, final=last)
+            scales.append(scale)
+    if embeddings == "int8":
+        writer.write(name + "_scale", np.concatenate(scales))
+
+
+def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_config: dict,
+                  embeddings: str, source: str) -> dict[str, str]:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(normalized_config(config, dims)),
+        "tokenizer": tokenizer_json,
+        "tokenizer_config": json.dumps(tokenizer_config),
+        "layout": LAYOUT,
+        "embeddings": embeddings,
+        "source": source,
+        "converter": CONVERTER,
+    }
+
+
+def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, kind: str,
+              embeddings: str, seconds: float, fmt: str = "native") -> PackSummary:
+    ternary = sum(n * k for n, k in (dims.projection_shape(p) for p in PROJECTIONS)) * dims.num_layers
+    ternary_bytes = sum(s.nbytes for s in specs if s.dtype == "U8")
+    embed = dims.vocab_size * dims.hidden_size * (1 if dims.tie_word_embeddings else 2)
+    norms = dims.num_layers * (3 * dims.hidden_size + dims.intermediate_size) + dims.hidden_size
+    params = ternary + embed + norms
+    size = out.stat().st_size
+    return PackSummary(
+        source=source, source_kind=kind, output=str(out), format=fmt, embeddings=embeddings,
+        parameters=params, ternary_parameters=ternary,
+        ternary_bits_per_weight=round(ternary_bytes * 8 / ternary, 6),
+        bits_per_weight=round(size * 8 / params, 6),
+        file_bytes=size, bf16_bytes=params * 2, compression_ratio=round(params * 2 / size, 4),
+        seconds=round(seconds, 3),
+    )
+
+
+def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind: str = "auto",
+                    to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None) -> PackSummary:
+    """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
+
+    `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
+    native file next to `out`).
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    if embeddings not in EMBEDDING_TYPES:
+        raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    if to not in ("native", "gguf"):
+        raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
+    if out.exists() and not force:
+        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+    ckpt = open_checkpoint(src, kind)
+    dims = ModelDims.from_config(ckpt.config, str(ckpt.path / "config.json"))
+    if to == "gguf":
+        from bitnet_cli.pack.gguf import export_gguf
+
+        native = out.with_name(f".{out.name}.native.tmp")
+        try:
+            _pack(ckpt, dims, native, embeddings, True, progress)
+            export_gguf(native, out, gguf_type, force=force)
+        finally:
+            native.unlink(missing_ok=True)
+        specs = tensor_specs(dims, embeddings)
+        return summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0, "gguf-" + gguf_type)
+    specs = _pack(ckpt, dims, out, embeddings, force, progress)
+    return summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
+
+
+def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,
+          progress: Progress | None) -> list[TensorSpec]:
+    specs = tensor_specs(dims, embeddings)
+    meta = pack_metadata(ckpt.config, dims, ckpt.tokenizer_json, ckpt.tokenizer_config, embeddings,
+                         f"{ckpt.kind}:{ckpt.source}")
+    steps = [s for s in specs if not s.name.endswith("_scale")]
+    with PackedWriter(out, specs, meta, force=force) as writer:
+        for done, spec in enumerate(steps, 1):
+            name = spec.name
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                _write_embedding(writer, ckpt, name, dims, embeddings)
+            elif spec.dtype == "U8":
+                proj = name.split(".", 3)[3].rsplit(".", 1)[0]
+                trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(proj))
+                writer.write(name, pack_i2_k128(trits))
+                writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
+            else:  # RMSNorm weights
+                _check_shape(ckpt, name, spec.shape)
+                w = ckpt.read(name)
+                _check_finite(ckpt, name, w)
+                writer.write(name, w.astype(np.float32))
+            if progress:
+                progress(done, len(steps), name)
+        writer.finish()
+    return specs

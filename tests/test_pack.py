@@ -1,0 +1,337 @@
+"""The packed file: ternary layouts, writer/reader, and the numpy reference against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
+from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed, unpack_i2_k128
+from conftest import load_hf_reference, make_hf_checkpoint
+
+ODD_SHAPES = [(1, 1), (3, 127), (5, 128), (7, 129), (4, 300), (9, 517)]
+
+
+def f16_exact_embeddings(ckpt_dir, seed=0):
+    """Round the checkpoint's embeddings (and untied head) to f16-representable values, in place.
+
+    The packed file stores them in f16; with f16-exact sources the packed model and transformers
+    see the same numbers, so their logits can be compared tightly. The norm weights (all 1 at
+    init) get random values too: with bf16 embeddings and unit norms, x * 127 / max|x| lands
+    exactly on .5 often, and an ulp of summation-order difference then flips the rounding.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = ckpt_dir / "model.safetensors"
+    tensors = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = t.to(torch.float16).to(t.dtype)
+        elif "norm" in name:
+            tensors[name] = (1 + 0.1 * torch.randn(t.shape, generator=gen)).to(t.dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+    return ckpt_dir
+
+
+def hf_logits(ckpt_dir, ids):
+    import torch
+
+    model = load_hf_reference(ckpt_dir)
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(ids))[None]).logits[0].float().numpy()
+
+
+# ------------------------------------------------------------------ ternary arithmetic and layouts
+
+
+def torch_weight_quant(w: np.ndarray):
+    """transformers' WeightQuant, step by step in torch fp32: (trits, dequantised weight)."""
+    import torch
+
+    t = torch.from_numpy(w)
+    scale = 1.0 / t.abs().mean().clamp_(min=1e-5)
+    trits = (t * scale).round().clamp(-1, 1)
+    return trits.to(torch.int8).numpy(), (trits / scale).numpy()
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES + [(64, 96), (200, 96)])
+def test_ternarize_matches_transformers_weight_quant(shape):
+    rng = np.random.default_rng(sum(shape))
+    w = (rng.standard_normal(shape) * 0.05).astype(np.float32)
+    trits, gamma = ternarize(w)
+    want_trits, want_deq = torch_weight_quant(w)
+    assert trits.dtype == np.int8 and gamma.dtype == np.float32
+    np.testing.assert_array_equal(trits, want_trits)
+    # gamma: our mean is the correctly rounded one, torch's fp32 reduction may be 1 ulp off
+    np.testing.assert_allclose(trits.astype(np.float32) * gamma, want_deq, rtol=2.5e-7, atol=0)
+
+
+def test_ternarize_all_zero_uses_the_clamp():
+    trits, gamma = ternarize(np.zeros((4, 8), np.float32))
+    assert not trits.any() and gamma == np.float32(1) / (np.float32(1) / np.float32(1e-5))
+
+
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_i2_k128_roundtrip_pads_never_truncates(shape):
+    rng = np.random.default_rng(shape[1])
+    trits = rng.integers(-1, 2, size=shape, dtype=np.int8)
+    packed = pack_i2_k128(trits)
+    kp = -(-shape[1] // 128) * 128
+    assert packed.dtype == np.uint8 and packed.shape == (shape[0], kp // 4)
+    np.testing.assert_array_equal(unpack_i2_k128(packed, shape[1]), trits)
+    padding = unpack_i2_k128(packed, kp)[:, shape[1]:]
+    assert (padding == 0).all()  # padding codes are 1 (T = 0)
+
+
+def test_i2_k128_bit_positions_follow_the_spec():
+    """Byte j of block b holds k = 128b + 32i + j in bits 2i..2i+1, as code T + 1."""
+    trits = np.zeros((1, 256), np.int8)
+    trits[0, 128 + 64 + 5] = 1  # block 1, i = 2, j = 5 -> code 2 in bits 5:4 of byte 32 + 5
+    trits[0, 31] = -1  # block 0, i = 0, j = 31 -> code 0 in bits 1:0 of byte 31
+    packed = pack_i2_k128(trits)[0]
+    assert packed[37] == (1 | 1 << 2 | 2 << 4 | 1 << 6)
+    assert packed[31] == (0 | 1 << 2 | 1 << 4 | 1 << 6)
+    assert packed[0] == 0b01010101
+
+
+@pytest.mark.parametrize("n", [8, 12, 10, 5])
+def test_hf_packed_unpack_matches_transformers_pack_weights(n):
+    import torch
+    from transformers.integrations.bitnet import pack_weights
+
+    trits = np.random.default_rng(n).integers(-1, 2, size=(n, 7), dtype=np.int8)
+    packed = pack_weights(torch.from_numpy(trits.astype(np.float32)).clone()).numpy()
+    np.testing.assert_array_equal(unpack_hf_packed(packed, n), trits)
+
+
+def test_hf_packed_rejects_code_3():
+    with pytest.raises(ValueError, match="not a ternary value"):
+        unpack_hf_packed(np.full((2, 3), 0xFF, np.uint8), 8)
+
+
+# ------------------------------------------------------------------ writer and reader
+
+
+@pytest.fixture(scope="module")
+def tiny_packed(hf_tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "tiny.bin"
+    summary = pack_checkpoint(hf_tiny_checkpoint, out)
+    return out, summary
+
+
+def test_pack_reader_zero_copy_aligned_views(tiny_packed, hf_tiny_checkpoint):
+    out, summary = tiny_packed
+    with PackedModel.open(out) as pm:
+        assert pm.config["hidden_size"] == 96 and pm.config["model_type"] == "bitnet"
+        assert pm.layout == "i2_k128" and pm.embeddings == "f16"
+        assert pm.tokenizer_json == (hf_tiny_checkpoint / "tokenizer.json").read_text()
+        assert pm.tokenizer_config["eos_token"] == "<|end_of_text|>"
+        assert pm.metadata["converter"].startswith("bitnet-cli ")
+        assert not any(n.startswith("__pad__") for n in pm.names)
+        for name in pm.names:
+            view = pm.tensor(name)
+            assert view.ctypes.data % 64 == 0, name
+            assert not view.flags.writeable and not view.flags.owndata
+        q = pm.tensor("model.layers.1.self_attn.q_proj.weight")
+        assert q.dtype == np.uint8 and q.shape == (96, 128 // 4)  # K = 96 padded to 128
+        assert pm.tensor("model.embed_tokens.weight").dtype == np.float16
+        assert pm.tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == np.float32
+        assert pm.verify() == []
+    assert summary.ternary_parameters == 2 * 96 * (96 + 48 + 48 + 96 + 3 * 200)
+    assert summary.file_bytes == out.stat().st_size
+    assert summary.compression_ratio > 1
+
+
+def test_packed_trits_equal_ternarised_source_bit_for_bit(tiny_packed, hf_tiny_checkpoint):
+    from safetensors.numpy import load_file
+
+    source = load_file(hf_tiny_checkpoint / "model.safetensors")
+    with PackedModel.open(tiny_packed[0]) as pm:
+        for i in range(2):
+            for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"):
+                name = f"model.layers.{i}.{proj}.weight"
+                trits, gamma = pm.ternary(name)
+                want_trits, want_deq = torch_weight_quant(source[name])
+                np.testing.assert_array_equal(trits, want_trits)
+                np.testing.assert_allclose(trits * gamma, want_deq, rtol=2.5e-7, atol=0)
+
+
+def test_pack_refuses_to_overwrite_without_force(tiny_packed, hf_tiny_checkpoint):
+    out, _ = tiny_packed
+    before = out.read_bytes()
+    with pytest.raises(BitnetError, match="already exists"):
+        pack_checkpoint(hf_tiny_checkpoint, out)
+    assert out.read_bytes() == before
+    pack_checkpoint(hf_tiny_checkpoint, out, force=True)
+    assert out.read_bytes() == before  # deterministic output
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp files left behind
+
+
+def test_failed_pack_leaves_no_file(hf_tiny_checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in hf_tiny_checkpoint.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 4] = np.nan
+    save_file(tensors, broken / "model.safetensors")
+    out = tmp_path / "out" / "m.bin"
+    out.parent.mkdir()
+    with pytest.raises(BitnetError, match=r"model\.safetensors.*'model\.layers\.1\.mlp\.up_proj\.weight'.*non-finite"):
+        pack_checkpoint(broken, out)
+    assert list(out.parent.iterdir()) == []
+
+
+def _rewrite_header(src, dst, edit):
+    """Copy a packed file with its JSON header changed by `edit(header_dict)` (data untouched)."""
+    raw = src.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    assert len(new) <= n, "the edit must not grow the header"
+    new += b" " * (n - len(new))
+    dst.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+    return dst
+
+
+def test_reader_rejects_hostile_files(tiny_packed, tmp_path):
+    good = tiny_packed[0]
+    raw = good.read_bytes()
+    cases = {
+        "truncated": (raw[: len(raw) - 1000], r"truncated"),
+        "tiny": (raw[:5], r"not a safetensors file"),
+        "huge header length": ((10**15).to_bytes(8, "little") + raw[8:], r"header length"),
+        "garbage header": (raw[:8] + b"\xff" * 64 + raw[72:], r"corrupt safetensors header"),
+    }
+    for label, (data, pattern) in cases.items():
+        path = tmp_path / f"{label}.bin"
+        path.write_bytes(data)
+        with pytest.raises(BitnetError, match=pattern) as e:
+            PackedModel.open(path)
+        assert str(path) in str(e.value), label
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+
+    def overlap(h):
+        h[q]["data_offsets"] = h["model.embed_tokens.weight"]["data_offsets"][:]
+        h[q]["shape"] = [h["model.embed_tokens.weight"]["data_offsets"][1] // 32, 32]
+
+    def wrong_shape(h):
+        h[q]["shape"] = [h[q]["shape"][0] // 2, h[q]["shape"][1] * 2]
+
+    def wrong_dtype(h):
+        h["model.norm.weight"]["dtype"] = "I32"
+
+    def misaligned(h):
+        b, e = h[q]["data_offsets"]
+        h[q]["data_offsets"] = [b + 1, e + 1]
+
+    def newer(h):
+        h["__metadata__"]["format_version"] = "99"
+
+    def other_file(h):
+        del h["__metadata__"]["format"]
+
+    for edit, pattern in [(overlap, "overlap"), (wrong_shape, f"{q}.*config needs"),
+                          (wrong_dtype, "model.norm.weight.*config needs"), (misaligned, "overlap|aligned"),
+                          (newer, "format version"), (other_file, "not a bitnet-cli packed model")]:
+        path = _rewrite_header(good, tmp_path / f"{edit.__name__}.bin", edit)
+        with pytest.raises(BitnetError, match=pattern):
+            PackedModel.open(path)
+
+
+def test_verify_detects_a_flipped_byte(tiny_packed, tmp_path):
+    raw = bytearray(tiny_packed[0].read_bytes())
+    with PackedModel.open(tiny_packed[0]) as pm:
+        offset = pm.entries["model.layers.1.mlp.gate_proj.weight"].begin
+    raw[offset + 3] ^= 0x10
+    bad = tmp_path / "flipped.bin"
+    bad.write_bytes(bytes(raw))
+    with PackedModel.open(bad) as pm:
+        assert pm.verify() == ["model.layers.1.mlp.gate_proj.weight"]
+
+
+# ------------------------------------------------------------------ the reference forward
+
+
+@pytest.mark.parametrize(
+    "dims",
+    [
+        dict(),  # the default tiny shape, tied embeddings
+        dict(hidden_size=80, intermediate_size=136, num_attention_heads=5, num_key_value_heads=1,
+             tie_word_embeddings=False, vocab_size=389, seed=3),  # ragged K, one KV head, untied head
+    ],
+    ids=["tied", "odd-untied"],
+)
+def test_reference_forward_matches_transformers(dims, test_tokenizer_dir, tmp_path):
+    ckpt = f16_exact_embeddings(make_hf_checkpoint(tmp_path / "ckpt", test_tokenizer_dir, **dims))
+    out = tmp_path / "m.bin"
+    pack_checkpoint(ckpt, out)
+    ids = np.random.default_rng(0).integers(0, 389, size=32)
+    want = hf_logits(ckpt, ids)
+    with PackedModel.open(out) as pm:
+        got = reference.forward(pm, ids)
+    assert got.dtype == np.float32 and got.shape == (32, 389)
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()
+
+
+def test_reference_bf16_checkpoint_within_1e3(test_tokenizer_dir, tmp_path):
+    ckpt = f16_exact_embeddings(make_hf_checkpoint(tmp_path / "bf16", test_tokenizer_dir, torch_dtype="bfloat16"))
+    pack_checkpoint(ckpt, tmp_path / "m.bin")
+    ids = np.arange(24) * 13 % 389
+    with PackedModel.open(tmp_path / "m.bin") as pm:
+        got = reference.forward(pm, ids)
+    assert np.abs(got - hf_logits(ckpt, ids)).max() <= 1e-3
+
+
+def test_reference_incremental_cache_equals_full_sequence(tiny_packed):
+    ids = np.arange(30) * 11 % 389
+    with PackedModel.open(tiny_packed[0]) as pm:
+        full = reference.forward(pm, ids)
+        cache = reference.KVCache()
+        parts = [reference.forward(pm, ids[:17], cache)] + [reference.forward(pm, ids[i : i + 1], cache) for i in range(17, 30)]
+    assert cache.n_past == 30
+    np.testing.assert_allclose(np.concatenate(parts), full, atol=1e-5)
+
+
+def test_int8_embeddings_per_row_scale(hf_tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file
+
+    out = tmp_path / "int8.bin"
+    pack_checkpoint(hf_tiny_checkpoint, out, embeddings="int8")
+    emb = load_file(hf_tiny_checkpoint / "model.safetensors")["model.embed_tokens.weight"]
+    with PackedModel.open(out) as pm, PackedModel.open(pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin").output) as ref:
+        assert pm.tensor("model.embed_tokens.weight").dtype == np.int8
+        scale = pm.tensor("model.embed_tokens.weight_scale")
+        assert scale.shape == (389,)
+        deq = pm.embedding()
+        assert (np.abs(deq - emb) <= scale[:, None] / 2 + 1e-7).all()
+        ids = np.arange(16) * 5
+        a, b = reference.forward(pm, ids), reference.forward(ref, ids)
+        assert np.abs(a - b).max() < 0.1 * np.abs(b).max()  # same model, coarser embedding
+        assert pm.file_size < ref.file_size
+
+
+def test_synthetic_tiny_model_is_valid(tmp_path):
+    from tokenizers import Tokenizer
+
+    from bitnet_cli.pack.synthetic import write_random_model
+
+    path = write_random_model(tmp_path / "tiny.bin", "tiny", seed=1)
+    with PackedModel.open(path) as pm:
+        assert pm.verify() == []
+        assert Tokenizer.from_str(pm.tokenizer_json).get_vocab_size() == pm.dims.vocab_size == 512
+        logits = reference.forward(pm, [0, 5, 300, 511])
+        assert np.isfinite(logits).all() and logits.std() > 0
+    again = write_random_model(tmp_path / "again.bin", "tiny", seed=1)
+    assert again.read_bytes() == path.read_bytes()
+    with PackedModel.open(write_random_model(tmp_path / "i8.bin", "tiny", embeddings="int8")) as pm:
+        assert np.isfinite(reference.forward(pm, [1, 2, 3])).all()
