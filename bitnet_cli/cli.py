@@ -61,10 +61,330 @@ def main(
 # ---------------------------------------------------------------- train (issue 2)
 
 
+@app.command("train")
+def train_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/tiny.yaml (every key: see the recipes/ files)."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Run directory [default: the recipe's out_dir, else runs/<name>]."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the resolved recipe, parameter count and FLOPs/token, then exit."
+    ),
+    json_out: bool = typer.Option(False, "--json", help="Print the result (or the dry run) as JSON on stdout."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+):
+    """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
+
+    The final checkpoint (HF layout, ready for [bold]bitnet pack[/] and [bold]bitnet eval[/]) lands in
+    RUN_DIR/final; metrics.jsonl and loss.png beside it. Runs under torchrun for several GPUs:
+    [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
+    """
+    import json
+
+    with user_errors():
+        from bitnet_cli.train.recipe import load_recipe
+
+        r = load_recipe(recipe, set_)
+        if dry_run:
+            from bitnet_cli.train import describe
+
+            d = describe(r)
+            if json_out:
+                console.print_json(json.dumps({"recipe": r.model_dump(mode="json"), **d}))
+                return
+            console.print(r.dump_yaml(), highlight=False, markup=False)
+            quant = "ternary (b1.58)" if r.model.quant == "bitnet" else "full precision"
+            console.print(
+                f"[bold]model[/]   {d['parameters']:,} parameters ({d['parameters_non_embedding']:,} without the "
+                f"embedding), {quant}\n"
+                f"[bold]compute[/] {d['flops_per_token'] / 1e9:.3g} GFLOP per training token, "
+                f"{d['flops_per_token'] * d['total_tokens']:.3g} FLOP in all\n"
+                f"[bold]budget[/]  {d['steps']:,} steps x {d['tokens_per_step']:,} tokens per process "
+                f"= {d['total_tokens']:,} tokens"
+            )
+            return
+        from bitnet_cli.train import train
+
+        res = train(r, out_dir=out, resume=resume, progress=progress and not json_out, console=err_console)
+        if json_out:
+            console.print_json(json.dumps(res.to_json()))
+            return
+        console.print(
+            f"[bold green]done[/] {res.steps} steps in {res.seconds:.0f} s ({res.tokens_per_second:,.0f} tok/s"
+            + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n"
+            f"  val loss {res.val_loss:.4f} nats/token (unigram entropy of the corpus {res.unigram_entropy:.4f})\n"
+            f"  checkpoint {res.checkpoint}\n  metrics    {res.out_dir / 'metrics.jsonl'}, {res.out_dir / 'loss.png'}"
+        )
+
+
 # ---------------------------------------------------------------- pack / info (issue 3)
+
+from enum import Enum  # noqa: E402  (kept inside this section: the sections are edited independently)
+
+
+class EmbeddingType(str, Enum):
+    f16 = "f16"
+    int8 = "int8"
+
+
+class PackTarget(str, Enum):
+    native = "native"
+    gguf = "gguf"
+
+
+class GGUFType(str, Enum):
+    tq2_0 = "tq2_0"
+    tq1_0 = "tq1_0"
+
+
+class SourceKind(str, Enum):
+    auto = "auto"
+    own = "own"
+    hf = "hf"
+    hf_packed = "hf-packed"
+    hub = "hub"
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def _tensor_progress(description: str, enabled: bool):
+    """A rich progress bar over tensors on stderr (stdout stays clean for --json)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("[dim]{task.fields[name]}"), console=err_console, transient=True, disable=not enabled,
+    )
+    task = progress.add_task(description, total=None, name="")
+
+    def update(done: int, total: int, name: str) -> None:
+        progress.update(task, completed=done, total=total, name=name)
+
+    return progress, update
+
+
+@app.command()
+def pack(
+    src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, or a hub id like microsoft/bitnet-b1.58-2B-4T."),
+    out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
+    embeddings: EmbeddingType = typer.Option(EmbeddingType.f16, "--embeddings", help="Storage of the embedding and output head: f16, or int8 with one fp32 scale per row (smaller, slightly lossy)."),
+    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for llama.cpp / bitnet.cpp."),
+    gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: tq2_0 (2.06 bits/weight, faster) or tq1_0 (1.69 bits/weight)."),
+    source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
+    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+):
+    """Pack a BitNet b1.58 checkpoint into one ternary file (2 bits per weight), ready to run.
+
+    Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
+
+    Example: [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/]
+    """
+    import json as _json
+
+    from rich.table import Table
+
+    with user_errors():
+        from bitnet_cli.pack import pack_checkpoint
+
+        progress, update = _tensor_progress("packing", enabled=not json_output)
+        with progress:
+            summary = pack_checkpoint(
+                src, out, embeddings=embeddings.value, force=force, kind=source_kind.value,
+                to=to.value, gguf_type=gguf_type.value, progress=update,
+            )
+    if json_output:
+        console.print_json(_json.dumps(summary.to_dict()))
+        return
+    table = Table(title=f"packed {summary.output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("source", f"{summary.source} ({summary.source_kind})")
+    table.add_row("format", f"{summary.format}, embeddings {summary.embeddings}")
+    table.add_row("parameters", f"{summary.parameters:,} ({summary.ternary_parameters:,} ternary)")
+    table.add_row("bits per weight", f"{summary.ternary_bits_per_weight:.4f} ternary, {summary.bits_per_weight:.4f} whole file")
+    table.add_row("file size", f"{_human_bytes(summary.file_bytes)} vs {_human_bytes(summary.bf16_bytes)} in bf16")
+    table.add_row("compression", f"{summary.compression_ratio:.2f}x")
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    console.print(table)
+
+
+def _tensor_groups(pm) -> list[dict]:
+    """Tensors grouped by role (layer index replaced by {i}), for a compact `info` table."""
+    import re
+
+    groups: dict[str, dict] = {}
+    for name in pm.names:
+        e = pm.entries[name]
+        key = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", name)
+        g = groups.setdefault(key, {"name": key, "dtype": e.dtype, "shape": list(e.shape), "count": 0, "bytes": 0})
+        g["count"] += 1
+        g["bytes"] += e.nbytes
+    return list(groups.values())
+
+
+@app.command()
+def info(
+    file: Path = typer.Argument(..., help="A packed model file written by `bitnet pack`."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute every tensor's crc32 and compare with the stored checksums (exit 1 on mismatch)."),
+    json_output: bool = typer.Option(False, "--json", help="Print everything (config, metadata, every tensor) as JSON."),
+):
+    """Show what a packed model file holds: config, tokenizer, layout, tensors, sizes, checksums."""
+    import json as _json
+
+    from rich.table import Table
+
+    with user_errors():
+        from bitnet_cli.pack import PackedModel
+
+        with PackedModel.open(file) as pm:
+            bad = None
+            if verify:
+                progress, update = _tensor_progress("verifying", enabled=not json_output)
+                with progress:
+                    bad = pm.verify(progress=update)
+            d = pm.dims
+            report = {
+                "file": str(file), "file_bytes": pm.file_size,
+                "format_version": pm.metadata["format_version"], "layout": pm.layout,
+                "embeddings": pm.embeddings, "source": pm.metadata.get("source", ""),
+                "converter": pm.metadata.get("converter", ""), "config": pm.config,
+                "tokenizer_config": pm.tokenizer_config,
+                "tensors": [
+                    {"name": n, "dtype": pm.entries[n].dtype, "shape": list(pm.entries[n].shape),
+                     "offset": pm.entries[n].begin, "bytes": pm.entries[n].nbytes, "crc32": pm.checksums.get(n)}
+                    for n in pm.names
+                ],
+            }
+            if bad is not None:
+                report["verified"] = not bad
+                report["checksum_mismatches"] = bad
+            groups = _tensor_groups(pm)
+        if json_output:
+            console.print_json(_json.dumps(report))
+        else:
+            head = Table(title=str(file), show_header=False, title_justify="left")
+            head.add_column(style="bold")
+            head.add_column()
+            head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
+                         f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
+                         f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
+            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}, RMSNorm eps {d.rms_norm_eps:g}")
+            head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
+                         f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
+            head.add_row("source", f"{report['source']} ({report['converter']})")
+            head.add_row("size", _human_bytes(report["file_bytes"]))
+            console.print(head)
+            table = Table(title="tensors", title_justify="left")
+            for col in ("name", "dtype", "shape", "count", "bytes"):
+                table.add_column(col, justify="right" if col in ("count", "bytes") else "left",
+                                 overflow="fold", no_wrap=col != "name")
+            for g in groups:
+                table.add_row(g["name"], g["dtype"], str(g["shape"]), str(g["count"]), _human_bytes(g["bytes"]))
+            console.print(table)
+            if bad is not None and not bad:
+                console.print(f"[green]checksums OK[/] ({len(pm.names)} tensors)")
+        if bad:
+            raise BitnetError(f"{file}: checksum mismatch in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+                              + (" ..." if len(bad) > 5 else ""))
 
 
 # ---------------------------------------------------------------- run (issue 4)
+
+
+@app.command()
+def run(
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
+    top_k: int = typer.Option(40, help="Sample among the k likeliest tokens; 0 for no limit."),
+    top_p: float = typer.Option(0.95, help="Sample from the smallest set of tokens with this total probability."),
+    repeat_penalty: float = typer.Option(1.0, help="> 1 discourages the last 64 tokens (1.0: off)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", "-c", help="Context length in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is an error."
+    ),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: the text and timings."),
+    chat: bool = typer.Option(
+        False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns)."
+    ),
+):
+    """Generate text from a packed model on the CPU, streaming tokens as they come.
+
+    Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
+    """
+    import json
+
+    with user_errors():
+        from bitnet_cli.engine import Engine
+
+        if prompt is None and not chat:
+            raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
+        engine = Engine.load(model, threads=threads, ctx_size=ctx_size)
+        options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+        if chat:
+            _chat(engine, prompt, options)
+            return
+        gen = engine.generate(prompt, **options)
+        if json_output:
+            text = "".join(gen)
+            print(json.dumps({"prompt": prompt, "text": text, **gen.stats.to_dict()}, ensure_ascii=False))
+            return
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        _print_run_stats(gen.stats)
+
+
+def _print_run_stats(s) -> None:
+    err_console.print(
+        f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.1f} tok/s | "
+        f"first token {s.time_to_first_token_s * 1000:.0f} ms | generated {s.generated_tokens} tokens, "
+        f"{s.generation_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/]",
+        highlight=False,
+    )
+
+
+def _chat(engine, first_message: Optional[str], options: dict) -> None:
+    from bitnet_cli.engine import render_chat
+
+    messages: list[dict] = []
+    err_console.print("[dim]chat: an empty line or Ctrl-D ends the conversation[/]")
+    pending = first_message
+    while True:
+        if pending is None:
+            try:
+                pending = console.input("[bold green]you>[/] ")
+            except EOFError:
+                break
+        if not pending.strip():
+            break
+        messages.append({"role": "user", "content": pending})
+        pending = None
+        gen = engine.generate(render_chat(engine, messages), **options)
+        console.print("[bold blue]model>[/] ", end="")
+        for piece in gen:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": gen.text.strip()})
+        _print_run_stats(gen.stats)
 
 
 # ---------------------------------------------------------------- eval (issue 5)

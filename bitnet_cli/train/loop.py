@@ -1,0 +1,396 @@
+"""The training loop: ``train(recipe, out_dir) -> TrainResult``.
+
+One function a Python user (or ``bitnet quickstart``) calls; the CLI only parses options.
+AdamW on fp32 master weights, optional bf16 autocast, gradient accumulation and clipping,
+periodic evaluation and atomic checkpoints, exact resume, DDP/FSDP under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token
+from bitnet_cli.train import checkpoint as ckpt_io
+from bitnet_cli.train import distributed as D
+from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, load_tokenizer, prepare_tokenizer,
+                                   resolve_files, tokenize_to_memmap, tokenizer_config)
+from bitnet_cli.train.recipe import Recipe
+from bitnet_cli.train.schedule import lr_at, weight_decay_at
+
+# Dense bf16 tensor-core peaks (FLOP/s) for the MFU figure; BITNET_PEAK_FLOPS overrides.
+_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path          # the final checkpoint directory (HF layout)
+    out_dir: Path
+    steps: int
+    tokens: int               # training tokens processed in this run's optimiser steps (all steps)
+    train_loss: float         # mean loss over the last logging window
+    val_loss: float
+    unigram_entropy: float    # nats/token of the train split's token frequencies
+    parameters: int
+    seconds: float
+    tokens_per_second: float
+    mfu: float | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["checkpoint"], d["out_dir"] = str(self.checkpoint), str(self.out_dir)
+        return d
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+
+
+def total_steps(recipe: Recipe, world: int = 1) -> int:
+    t = recipe.train
+    if t.steps is not None:
+        return t.steps
+    per_step = t.batch_size * t.grad_accum * world * t.seq_len
+    return max(1, math.ceil(t.tokens / per_step))
+
+
+def model_config(recipe: Recipe, tokenizer_vocab: int | None) -> BitNetConfig:
+    """The BitNetConfig a recipe describes (vocab from the tokenizer unless the recipe fixes it)."""
+    dims = recipe.model.resolved()
+    vocab = dims.pop("vocab_size", None) or tokenizer_vocab
+    if vocab is None:
+        raise BitnetError("model.vocab_size is unknown: set it, or give a tokenizer")
+    if tokenizer_vocab is not None and vocab < tokenizer_vocab:
+        raise BitnetError(f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
+    r = recipe.model.round_vocab_to
+    vocab = -(-vocab // r) * r
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if dims.get(k) is None]
+    if missing:
+        raise BitnetError(f"model: give a preset or {', '.join('model.' + k for k in missing)}")
+    dims.setdefault("num_key_value_heads", dims["num_attention_heads"])
+    if dims.get("max_position_embeddings") is None:
+        dims["max_position_embeddings"] = recipe.train.seq_len
+    if recipe.train.seq_len > dims["max_position_embeddings"]:
+        raise BitnetError(f"train.seq_len {recipe.train.seq_len} exceeds model.max_position_embeddings "
+                          f"{dims['max_position_embeddings']}")
+    return BitNetConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, **dims)
+
+
+def describe(recipe: Recipe) -> dict:
+    """What --dry-run prints: the resolved shape, parameter count and FLOPs per token. No data is read."""
+    vocab = None
+    if recipe.model.vocab_size is None:
+        if recipe.data.tokenizer.path:
+            vocab = load_tokenizer(recipe.data.tokenizer.path, recipe.base_dir).get_vocab_size()
+        else:
+            vocab = recipe.data.tokenizer.vocab_size
+    config = model_config(recipe, vocab)
+    with torch.device("meta"):
+        model = BitNetForCausalLM(config)
+    steps = total_steps(recipe)
+    t = recipe.train
+    tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
+    return {
+        "config": config.to_hf_dict(),
+        "parameters": model.num_parameters(),
+        "parameters_non_embedding": model.num_parameters(exclude_embeddings=True),
+        "flops_per_token": flops_per_token(config, t.seq_len),
+        "steps": steps,
+        "tokens_per_step": tokens_per_step,
+        "total_tokens": steps * tokens_per_step,
+    }
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BitnetError("train.device is cuda but torch sees no CUDA device (use device: cpu or auto)")
+    return torch.device(name)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if os.environ.get("BITNET_PEAK_FLOPS"):
+        return float(os.environ["BITNET_PEAK_FLOPS"])
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16.items() if k in name), None)
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on the projection matrices only (not norms, not the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    o = recipe.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+def plot_losses(metrics_path: Path, out_png: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    for line in metrics_path.read_text().splitlines():
+        m = json.loads(line)
+        if "loss" in m:
+            train.append((m["step"], m["loss"]))
+        if "val_loss" in m:
+            val.append((m["step"], m["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(recipe: Recipe, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          console=None) -> TrainResult:
+    """Train ``recipe`` into ``out_dir`` (default runs/<name>) and return where the result is.
+
+    With ``resume`` the run continues from the newest step checkpoint in ``out_dir`` and ends
+    with exactly the weights an uninterrupted run would have.
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    device = pick_device(recipe.train.device)
+    info = D.init(device.type)
+    try:
+        return _train(recipe, Path(out_dir or recipe.out_dir or Path("runs") / recipe.name), resume, progress,
+                      console, device, info)
+    finally:
+        D.shutdown(info)
+
+
+def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: D.DistInfo) -> TrainResult:
+    t, o = recipe.train, recipe.optim
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    say = console.print if info.is_main else (lambda *a, **k: None)
+
+    # -- where we are: fresh, or resuming
+    resume_from = None
+    if resume:
+        final = out_dir / "final"
+        resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
+    if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
+        raise BitnetError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_io.remove_stale_temporaries(out_dir)
+    D.barrier(info)
+
+    # -- data (rank 0 tokenises and caches; the others then read the cache)
+    files = resolve_files(recipe.data, recipe.base_dir)
+    digest = corpus_hash(files)
+    tok_src = None
+    for turn in ("main", "others"):
+        if (turn == "main") == info.is_main:
+            if resume_from is not None:
+                tok, tok_src = load_tokenizer(resume_from / "tokenizer.json"), resume_from
+            else:
+                tok, tok_src = prepare_tokenizer(recipe.data, files, recipe.base_dir, digest)
+            bin_path = tokenize_to_memmap(files, tok, cache_root(recipe.data), digest)
+        D.barrier(info)
+    data = TokenData.open(bin_path, recipe.data.val_fraction, t.seq_len, recipe.seed)
+    tok_cfg = tokenizer_config(tok, tok_src)
+
+    # -- model and optimiser
+    config = model_config(recipe, tok.get_vocab_size())
+    steps = total_steps(recipe, info.world)
+    torch.manual_seed(recipe.seed)
+    model = BitNetForCausalLM(config)
+    if resume_from is not None:
+        loaded = BitNetForCausalLM.from_pretrained(resume_from)
+        model.load_state_dict(loaded.state_dict())
+        del loaded
+    model = model.to(device).train()
+    n_params = model.num_parameters()
+    fpt = flops_per_token(config, t.seq_len)
+    model = D.wrap(model, t.distributed, info, device)
+    opt = make_optimizer(model, recipe, device)
+    start_step, prior_seconds = 0, 0.0
+    if resume_from is not None:
+        state = ckpt_io.load_trainer_state(resume_from)
+        D.load_optim_state(model, opt, state["optimizer"], info)
+        torch.set_rng_state(state["rng_cpu"])
+        start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
+        say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
+    fwd = torch.compile(model) if t.compile else model
+
+    metrics_path = out_dir / "metrics.jsonl"
+    if info.is_main:
+        _truncate_metrics(metrics_path, start_step)
+        (out_dir / "recipe.yaml").write_text(recipe.dump_yaml())
+    recipe_yaml = recipe.dump_yaml()
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    tokens_per_step = t.batch_size * t.grad_accum * info.world * t.seq_len
+    peak = peak_flops(device) if t.precision == "bf16" else None
+    unigram = data.unigram_entropy() if info.is_main else float("nan")
+
+    def evaluate() -> float:
+        fwd.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        with torch.no_grad(), autocast:
+            for x, y in data.val_batches(t.eval_batches, t.batch_size, info.rank, info.world):
+                x, y = x.to(device), y.to(device)
+                logits = fwd(x)
+                total[0] += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                                            reduction="sum").double()
+                total[1] += y.numel()
+        D.all_reduce_sum(total, info)
+        fwd.train()
+        return (total[0] / total[1]).item()
+
+    def save(target: Path, step: int, seconds: float):
+        model_state = D.full_model_state(model, info)
+        optim_state = D.full_optim_state(model, opt, info)
+        if info.is_main:
+            trainer_state = {"step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
+                             "seconds": seconds, "world_size": info.world}
+            ckpt_io.save_checkpoint(target, model_state, config, tok, tok_cfg, trainer_state, recipe_yaml)
+        D.barrier(info)
+
+    progress = _progress(show_progress and info.is_main, console)
+    task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+    window_loss, window_n, window_tokens = 0.0, 0, 0
+    last_loss, val_loss = float("nan"), float("nan")
+    t_start = time.perf_counter()
+    t_window = t_start
+    tps = 0.0
+    with progress:
+        for step in range(start_step, steps):
+            lr, wd = lr_at(o, step, steps), weight_decay_at(o, step, steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.param_groups[0]["weight_decay"] = wd  # group 0 holds the matrices (make_optimizer)
+            step_loss = torch.zeros((), device=device)
+            for micro in range(t.grad_accum):
+                x, y = data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = micro == t.grad_accum - 1
+                ctx = fwd.no_sync() if (info.enabled and not sync and hasattr(fwd, "no_sync")) else _null()
+                with ctx, autocast:
+                    logits = fwd(x)
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                (loss / t.grad_accum).backward()
+                step_loss += loss.detach() / t.grad_accum
+            if o.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+            done = step + 1
+            window_tokens += tokens_per_step
+            if done % t.log_every == 0 or done == steps:
+                loss_t = D.all_reduce_sum(step_loss.float().clone(), info) / info.world
+                window_loss += loss_t.item()
+                window_n += 1
+                now = time.perf_counter()
+                tps = window_tokens / max(now - t_window, 1e-9)
+                t_window, window_tokens = now, 0
+                last_loss = loss_t.item()
+                if not math.isfinite(last_loss):
+                    raise BitnetError(f"the loss became {last_loss} at step {done}: lower optim.lr or "
+                                      "use precision fp32")
+                row = {"step": done, "loss": round(last_loss, 5), "lr": lr, "weight_decay": wd,
+                       "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
+                       "elapsed_s": round(prior_seconds + now - t_start, 2)}
+                if peak:
+                    row["mfu"] = round(fpt * tps / (peak * info.world), 4)
+                _append_metrics(metrics_path, row, info)
+                progress.update(task, loss=last_loss, lr=lr, tps=tps)
+            progress.update(task, completed=done)
+            if done % t.eval_every == 0 or done == steps:
+                val_loss = evaluate()
+                _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
+                progress.console.print(f"step {done}: train loss {last_loss:.4f}  val loss {val_loss:.4f}") \
+                    if info.is_main else None
+            if done % t.checkpoint_every == 0 and done != steps:
+                save(ckpt_io.step_dir(out_dir, done), done, prior_seconds + time.perf_counter() - t_start)
+                if info.is_main:
+                    ckpt_io.prune(out_dir, t.keep_last)
+
+    if start_step >= steps:
+        val_loss = evaluate()
+    seconds = time.perf_counter() - t_start
+    final = out_dir / "final"
+    if start_step < steps or not final.exists():
+        save(final, steps, prior_seconds + seconds)
+    if info.is_main:
+        if metrics_path.is_file():
+            plot_losses(metrics_path, out_dir / "loss.png")
+    run_tokens = (steps - start_step) * tokens_per_step
+    avg_tps = run_tokens / seconds if seconds > 0 and run_tokens else tps
+    return TrainResult(
+        checkpoint=final, out_dir=out_dir, steps=steps, tokens=steps * tokens_per_step,
+        train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=n_params,
+        seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
+        mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
+    )
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _append_metrics(path: Path, row: dict, info: D.DistInfo):
+    if info.is_main:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int):
+    """On resume, drop lines logged after the checkpoint we restart from (they will be redone)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _progress(enabled: bool, console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("lr {task.fields[lr]:.2e}"),
+        TextColumn("{task.fields[tps]:,.0f} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=not enabled, transient=False,
+    )

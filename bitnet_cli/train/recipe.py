@@ -1,0 +1,249 @@
+"""The training recipe: a YAML file validated against a documented schema.
+
+Every field below has a description; ``bitnet train RECIPE --dry-run`` prints the resolved
+recipe. Errors name the key and its line in the YAML file (or the ``--set`` that gave it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bitnet_cli.errors import BitnetError
+
+BUNDLED_CORPUS = "bundled:tinyshakespeare"
+
+# Model shapes by name. The paper shapes are BitNet b1.58's (Ma et al., 2024) with the LLaMA
+# tokenizer's 32000 tokens; 2b4t is microsoft/bitnet-b1.58-2B-4T (LLaMA 3 tokenizer).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=12),
+    "700m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=24,
+                 num_key_value_heads=24, vocab_size=32000),
+    "1.3b": dict(hidden_size=2048, intermediate_size=5460, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "2b4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
+                 num_key_value_heads=5, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    preset: Optional[Literal["tiny", "small", "700m", "1.3b", "3b", "2b4t"]] = Field(
+        None, description="A named shape (see PRESETS); any dimension given below overrides it.")
+    vocab_size: Optional[int] = Field(
+        None, gt=0, description="Vocabulary size; default: the tokenizer's (rounded up to a multiple of 64 "
+                                "only if round_vocab_to is set).")
+    round_vocab_to: int = Field(1, ge=1, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
+                                                     "for tensor-core friendly shapes).")
+    hidden_size: Optional[int] = Field(None, gt=0, description="Model width.")
+    intermediate_size: Optional[int] = Field(None, gt=0, description="FFN width.")
+    num_hidden_layers: Optional[int] = Field(None, gt=0, description="Decoder layers.")
+    num_attention_heads: Optional[int] = Field(None, gt=0, description="Query heads.")
+    num_key_value_heads: Optional[int] = Field(None, gt=0, description="Key/value heads (GQA); default: "
+                                                                       "num_attention_heads.")
+    max_position_embeddings: Optional[int] = Field(None, gt=0, description="Longest context; default: "
+                                                                           "train.seq_len.")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of linears and embeddings.")
+    tie_word_embeddings: bool = Field(True, description="Share the input embedding with lm_head.")
+    quant: Literal["bitnet", "none"] = Field(
+        "bitnet", description="bitnet: ternary weights + int8 activations (b1.58); none: the same "
+                              "architecture in full precision (the baseline).")
+
+    def resolved(self) -> dict[str, Any]:
+        """Preset merged with the explicit fields (explicit wins)."""
+        out = dict(PRESETS.get(self.preset or "", {}))
+        for k, v in self.model_dump(exclude={"preset", "round_vocab_to"}).items():
+            if v is not None:
+                out[k] = v
+        return out
+
+
+class TokenizerSpec(_Strict):
+    path: Optional[str] = Field(None, description="An existing tokenizer.json, or a directory holding one "
+                                                  "(an HF model dir). If unset, a byte-level BPE is trained.")
+    vocab_size: int = Field(1024, ge=300, description="Size of the byte-level BPE to train (256 bytes + merges "
+                                                      "+ 2 special tokens).")
+    train_chars: int = Field(5_000_000, gt=0, description="Train the BPE on at most this many characters "
+                                                          "from the start of the corpus.")
+
+
+class DataSpec(_Strict):
+    files: list[str] = Field([BUNDLED_CORPUS], min_length=1, description=(
+        "Text files or globs (.txt, or .jsonl/.jsonl.gz with a 'text' field per line), relative to the "
+        "recipe file. 'bundled:tinyshakespeare' is the corpus shipped with bitnet-cli."))
+    val_fraction: float = Field(0.05, gt=0, lt=0.5, description="The last fraction of the token stream held "
+                                                                "out for validation.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer to train or load.")
+    cache_dir: Optional[str] = Field(None, description="Where token memmaps are cached (by content hash); "
+                                                       "default $BITNET_CACHE or ~/.cache/bitnet-cli.")
+
+
+class OptimSpec(_Strict):
+    lr: float = Field(1.5e-3, gt=0, description="Peak learning rate (stage one of two_stage).")
+    lr_stage2: Optional[float] = Field(None, gt=0, description="two_stage: peak learning rate of stage two "
+                                                               "(default 2/3 of lr).")
+    schedule: Literal["two_stage", "cosine", "constant"] = Field(
+        "two_stage", description="two_stage (BitNet b1.58): linear warm-up, then linear decay to "
+        "min_lr_ratio whose peak drops from lr to lr_stage2 at stage_split of the run, and weight decay "
+        "turns off in stage two; cosine: warm-up then cosine to min_lr_ratio * lr; constant: warm-up then flat.")
+    stage_split: float = Field(0.5, gt=0, lt=1, description="two_stage: fraction of the steps in stage one.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (stage one; matrices only, not "
+                                                       "norms or embeddings).")
+    weight_decay_stage2: float = Field(0.0, ge=0, description="two_stage: weight decay in stage two.")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="Clip the global gradient norm to this; null: off.")
+
+
+class TrainSpec(_Strict):
+    batch_size: int = Field(16, gt=0, description="Sequences per micro-batch, per process.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimiser step.")
+    seq_len: int = Field(256, gt=1, description="Tokens per training sequence.")
+    steps: Optional[int] = Field(None, gt=0, description="Optimiser steps; exactly one of steps and tokens.")
+    tokens: Optional[float] = Field(None, gt=0, description="Token budget: steps = tokens / (global batch x "
+                                                            "seq_len), rounded up.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (fp32 master "
+                                                                   "weights and optimiser state).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
+    compile: bool = Field(False, description="torch.compile the model (fuses the quantisation; GPU).")
+    threads: Optional[int] = Field(None, gt=0, description="CPU threads for torch (default: torch's).")
+    eval_every: int = Field(100, gt=0, description="Evaluate on the validation split every N steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
+    log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
+    checkpoint_every: int = Field(500, gt=0, description="Save a resumable checkpoint every N steps.")
+    keep_last: int = Field(2, gt=0, description="Keep this many step checkpoints (the final one is kept apart).")
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
+                                                                   "or FSDP (fully_shard) for large shapes.")
+
+    @model_validator(mode="after")
+    def _steps_or_tokens(self):
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError("give exactly one of train.steps and train.tokens")
+        return self
+
+
+class Recipe(_Strict):
+    name: str = Field("run", description="Run name; the default output directory is runs/<name>.")
+    out_dir: Optional[str] = Field(None, description="Output directory (checkpoints, metrics.jsonl, loss.png); "
+                                                     "default runs/<name>, relative to the working directory.")
+    seed: int = Field(1337, description="Seeds the init and the batch order (batches depend only on seed and step).")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model shape.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Corpus, split and tokenizer.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="AdamW and the schedule.")
+    train: TrainSpec = Field(description="Batch, length, budget, precision, device, evaluation, checkpoints.")
+    # Directory the recipe's relative paths are resolved against (not a YAML key).
+    base_dir: Path = Field(Path("."), exclude=True, description="internal")
+
+    def dump_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _line_map(text: str) -> dict[tuple[str, ...], int]:
+    """(key path) -> 1-based line of that key in the YAML text."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node, path):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                lines[path + (str(i),)] = v.start_mark.line + 1
+                walk(v, path + (str(i),))
+
+    try:
+        walk(yaml.compose(text), ())
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _apply_override(data: dict, override: str) -> tuple[str, ...]:
+    if "=" not in override:
+        raise BitnetError(f"--set {override!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
+    key, raw = override.split("=", 1)
+    path = tuple(p for p in key.strip().split("."))
+    if not all(path):
+        raise BitnetError(f"--set {override!r}: empty key component")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for p in path[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise BitnetError(f"--set {key}: {p} is not a section")
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    return path
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                data: dict | None = None) -> Recipe:
+    """Read and validate a recipe (a YAML file, or a dict), with ``a.b=value`` overrides applied.
+
+    Raises BitnetError naming the key and its line for an unknown key or a wrong type.
+    """
+    where = "recipe"
+    lines: dict[tuple[str, ...], int] = {}
+    base_dir = Path(".")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise BitnetError(f"{p}: recipe file not found")
+        text = p.read_text(encoding="utf-8")
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" line {mark.line + 1}" if mark else ""
+            raise BitnetError(f"{p}:{at} invalid YAML ({getattr(e, 'problem', e)})") from None
+        lines = _line_map(text)
+        where = str(p)
+        base_dir = p.resolve().parent
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise BitnetError(f"{where}: the top level must be a mapping of sections")
+    data = dict(data)
+    from_set: dict[tuple[str, ...], str] = {}
+    for ov in overrides:
+        from_set[_apply_override(data, ov)] = ov
+    try:
+        recipe = Recipe.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = tuple(str(x) for x in err["loc"])
+            key = ".".join(loc) or "(top level)"
+            origin = next((f"--set {from_set[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in from_set),
+                          None)
+            if origin is None:
+                line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
+                origin = f"{where}:{line}" if line else where
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "missing":
+                msg = "required key is missing"
+            msgs.append(f"{origin}: {key}: {msg}")
+        raise BitnetError("invalid recipe\n  " + "\n  ".join(msgs)) from None
+    return recipe

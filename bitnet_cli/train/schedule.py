@@ -1,0 +1,41 @@
+"""Learning-rate and weight-decay schedules, pure functions of the step.
+
+two_stage is BitNet b1.58's recipe: because ternary weights change only when a latent weight
+crosses a threshold, training starts with a high learning rate and then, at the midpoint,
+drops it and switches weight decay off so the model can settle.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bitnet_cli.train.recipe import OptimSpec
+
+
+def lr_at(opt: OptimSpec, step: int, total: int) -> float:
+    """Learning rate for optimiser step ``step`` (0-based) of ``total``."""
+    if step < opt.warmup_steps:
+        return opt.lr * (step + 1) / opt.warmup_steps
+    if opt.schedule == "constant":
+        return opt.lr
+    span = max(total - opt.warmup_steps, 1)
+    progress = min((step - opt.warmup_steps) / span, 1.0)
+    if opt.schedule == "cosine":
+        return opt.lr * (opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    # two_stage: one linear decay envelope 1 -> min_lr_ratio, scaled by the peak of the current stage.
+    envelope = 1.0 - (1.0 - opt.min_lr_ratio) * progress
+    return _stage2_peak(opt) * envelope if in_stage_two(opt, step, total) else opt.lr * envelope
+
+
+def weight_decay_at(opt: OptimSpec, step: int, total: int) -> float:
+    if opt.schedule == "two_stage" and in_stage_two(opt, step, total):
+        return opt.weight_decay_stage2
+    return opt.weight_decay
+
+
+def in_stage_two(opt: OptimSpec, step: int, total: int) -> bool:
+    return step >= int(total * opt.stage_split)
+
+
+def _stage2_peak(opt: OptimSpec) -> float:
+    return opt.lr_stage2 if opt.lr_stage2 is not None else opt.lr * 2 / 3
