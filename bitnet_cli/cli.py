@@ -390,6 +390,76 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
 # ---------------------------------------------------------------- eval (issue 5)
 
 
+@app.command("eval")
+def eval_cmd(
+    model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, e.g. arc_easy,arc_challenge,hellaswag,mmlu (groups like mmlu expand to their subtasks)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas (DIR/arc_easy/test.jsonl, DIR/hellaswag/validation.jsonl, DIR/mmlu/test.jsonl, ...) instead of the HuggingFace hub."),
+    log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results JSON to stdout instead of a table."),
+):
+    """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
+
+    The task definitions (prompts, choices, metrics) are lm-eval's own, so the numbers mean what the field's numbers mean. A packed file is evaluated by the C engine; a checkpoint directory by our torch model, so a model can be compared before and after packing.
+
+    Example: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/]
+    """
+    import json as _json
+    import logging
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars would fight the rich one
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    with user_errors():
+        if output is not None and output.is_dir():
+            raise BitnetError(f"--output {output}: is a directory (give a file name)")
+        if limit is not None and limit >= 1:
+            limit = int(limit)
+        from bitnet_cli.eval.runner import evaluate, result_rows, write_results
+
+        bar = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=err_console, transient=True,
+        )
+        job = bar.add_task("loading", total=None)
+
+        def progress(advance: int, total: int, what: str) -> None:
+            bar.update(job, description=what, total=total, advance=advance)
+            if advance == 0:
+                bar.reset(job, total=total, description=what)
+
+        with bar:
+            results = evaluate(
+                model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
+                data_dir=data_dir, log_samples=log_samples, progress=progress,
+            )
+        if output is not None:
+            write_results(results, output)
+    if json_output:
+        from lm_eval.utils import handle_non_serializable
+
+        console.print_json(_json.dumps(results, default=handle_non_serializable))
+        return
+    table = Table(title=f"{model} ({results['config']['model_args']['backend']})", title_justify="left")
+    for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"}), ("stderr", {"justify": "right"})):
+        table.add_column(col, **kw)
+    for task, metric, value, stderr in result_rows(results):
+        table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"± {stderr:.4f}")
+    console.print(table)
+    if output is not None:
+        console.print(f"results written to [bold]{output}[/]")
+
+
+
 # ---------------------------------------------------------------- bench (issue 6)
 
 
