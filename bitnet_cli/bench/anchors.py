@@ -25,7 +25,7 @@ ANCHORS = [
      "pp128": {1: 46.0, 2: 84.3}, "tg64": {1: 16.1, 2: 27.6}},
     {"runtime": "llama.cpp", "weights": "Q4_0 (dense 4-bit, for scale)", "head": None, "file_mb": 1447,
      "pp128": {1: 19.4, 2: 38.6}, "tg64": {1: 8.4, 2: 14.8}},
-    {"runtime": "transformers", "weights": "BitNetForCausalLM bf16", "head": "bf16", "file_mb": None,
+    {"runtime": "transformers", "weights": "bf16 BitNetForCausalLM", "head": None, "file_mb": None,
      "pp128": {}, "tg64": {2: 3.0}},
 ]
 

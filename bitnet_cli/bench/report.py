@@ -88,19 +88,25 @@ def _e2e(results: dict, console: Console) -> None:
     console.print(table)
 
 
+def anchor_label(row: dict) -> str:
+    """'llama.cpp TQ2_0/Q6_K': runtime, weight type and output-head type."""
+    return f"{row['runtime']} {row['weights'].split()[0]}" + (f"/{row['head']}" if row["head"] else "")
+
+
 def _anchors(comparison: dict, settings: dict, console: Console) -> None:
     tg = f"tg{settings['generate']}"
-    table = Table(title=f"Against other runtimes on this shape (theirs: {comparison['date']}, {comparison['source']})")
-    for col in ("runtime / weights (head)", "threads", "their pp128", "ours", "x", "their tg64", f"our {tg}", "x"):
-        table.add_column(col, justify="left" if col.startswith("runtime") else "right")
+    table = Table(title="Against other runtimes on this shape (x = ours / theirs)",
+                  caption=f"theirs: {comparison['source']}, {comparison['date']}")
+    table.add_column("runtime weights/head", min_width=max(len(anchor_label(r)) for r in comparison["rows"]))
+    for col in ("thr", "pp128\ntheirs", "pp128\nours", "x", "tg64\ntheirs", f"{tg}\nours", "x"):
+        table.add_column(col, justify="right")
     for r in comparison["rows"]:
-        ratio = lambda key: f"[{'green' if r[key] >= 1 else 'red'}]{r[key]:.2f}x[/]" if key in r else "-"
-        table.add_row(f"{r['runtime']} {r['weights']} ({r['head'] or '-'})", str(r["threads"]),
-                      f"{r['anchor_pp128']:.1f}" if "anchor_pp128" in r else "-",
-                      f"{r['ours_pp128']:.1f}" if "ours_pp128" in r else "-", ratio("pp128_ratio"),
-                      f"{r['anchor_tg64']:.1f}" if "anchor_tg64" in r else "-",
-                      f"{r[f'ours_{tg}']:.1f}" if f"ours_{tg}" in r else "-", ratio("tg_ratio"))
+        ratio = lambda key: f"[{'green' if r[key] >= 1 else 'red'}]{r[key]:.2f}[/]" if key in r else "-"
+        value = lambda key: f"{r[key]:.1f}" if key in r else "-"
+        table.add_row(anchor_label(r), str(r["threads"]),
+                      value("anchor_pp128"), value("ours_pp128"), ratio("pp128_ratio"),
+                      value("anchor_tg64"), value(f"ours_{tg}"), ratio("tg_ratio"))
     console.print(table)
-    lo, hi = anchors.BANDWIDTH_GBPS.get(2, (0, 0))
-    console.print(f"[dim]their machine's read bandwidth: {anchors.BANDWIDTH_GBPS[1][0]:.0f}-{anchors.BANDWIDTH_GBPS[1][1]:.0f} GB/s "
-                  f"at 1 thread, {lo:.0f}-{hi:.0f} GB/s at 2: compare only on similar hardware[/]")
+    (lo1, hi1), (lo2, hi2) = anchors.BANDWIDTH_GBPS[1], anchors.BANDWIDTH_GBPS[2]
+    console.print(f"[dim]their machine's read bandwidth: {lo1:.0f}-{hi1:.0f} GB/s at 1 thread, "
+                  f"{lo2:.0f}-{hi2:.0f} GB/s at 2: compare only on similar hardware[/]")
