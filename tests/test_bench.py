@@ -6,6 +6,7 @@ Timings are checked only for being positive and self-consistent, never against a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ TINY = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=389, tie_word_embeddings=True)
 
 runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -183,13 +185,22 @@ def _check_stat(s):
     assert set(s) == {"median", "min", "max", "n"} and s["min"] <= s["median"] <= s["max"]
 
 
-def test_json_output_schema_and_consistency(tiny_model, small_buffers, tmp_path):
-    plot = tmp_path / "bench.png"
-    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--threads", "1,2", "--repeat", "2",
-                                 "--prompts", "8,32", "--generate", "8", "--tokens", "1,4", "--json",
-                                 "--plot", str(plot)])
+@pytest.fixture(scope="module")
+def tiny_results(tiny_model, tmp_path_factory):
+    """`bitnet bench --json --plot` on the tiny model, every section, two thread counts."""
+    out = tmp_path_factory.mktemp("bench_out")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(micro, "COLD_BYTES", 1 << 20)
+        mp.setattr(roofline, "BUFFER_BYTES", 8 << 20)
+        result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--threads", "1,2", "--repeat", "2",
+                                     "--prompts", "8,32", "--generate", "8", "--tokens", "1,4", "--json",
+                                     "--plot", str(out / "bench.png")])
     assert result.exit_code == 0, result.output
-    res = json.loads(result.stdout)
+    return json.loads(result.stdout), out
+
+
+def test_json_output_schema_and_consistency(tiny_results, tiny_model):
+    res, out = tiny_results
     assert res["schema"] == suite.SCHEMA
     assert set(res) == {"schema", "machine", "model", "settings", "roofline", "kernels", "e2e", "summary"}
     assert res["settings"]["threads"] == [1, 2] and res["settings"]["repeat"] == 2
@@ -216,8 +227,22 @@ def test_json_output_schema_and_consistency(tiny_model, small_buffers, tmp_path)
     assert res["summary"]["anchors"] is None  # anchors belong to the 2b4t shape only
     gemv = [r for r in res["kernels"] if r["tokens"] == 1]
     assert gemv and all("pct_of_bandwidth" in r for r in gemv)
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]  # no temp files left behind
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in out.iterdir()] == ["bench.png"]  # no temp files left behind
+
+
+def test_benchmarks_markdown_states_machine_command_and_numbers(tiny_results):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    res, _ = tiny_results
+    text = module.markdown(res, "python benchmarks/run.py --shape tiny", "bench.png")
+    assert "`python benchmarks/run.py --shape tiny`" in text and res["machine"]["cpu"] in text
+    tg = res["e2e"][1]["tokens_per_s"]["tg8"]
+    assert f"{tg['median']:.1f} ({tg['min']:.1f}-{tg['max']:.1f})" in text
+    assert "## Decode roofline" in text and "## Kernels per weight shape" in text and "bench.png" in text
 
 
 def test_table_output_and_sections(tiny_model):
