@@ -87,7 +87,7 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None) -> BitNetConfig:
 def describe(recipe: Recipe) -> dict:
     """What --dry-run prints: the resolved shape, parameter count and FLOPs per token. No data is read."""
     vocab = None
-    if recipe.model.vocab_size is None:
+    if recipe.model.resolved().get("vocab_size") is None:
         if recipe.data.tokenizer.path:
             vocab = load_tokenizer(recipe.data.tokenizer.path, recipe.base_dir).get_vocab_size()
         else:

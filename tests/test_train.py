@@ -1,0 +1,227 @@
+"""`bitnet train`: recipes, schedules, data, the loop, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import REPO, load_hf_reference
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from bitnet_cli.cli import app
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.train import describe, load_recipe, train
+from bitnet_cli.train.data import TokenData, prepare_tokenizer, resolve_files, tokenize_to_memmap
+from bitnet_cli.train.recipe import OptimSpec
+from bitnet_cli.train.schedule import lr_at, weight_decay_at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def token_cache(tmp_path_factory):
+    """One tokenizer/memmap cache for the module, never the user's ~/.cache."""
+    old = os.environ.get("BITNET_CACHE")
+    os.environ["BITNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["BITNET_CACHE"])
+    if old is None:
+        os.environ.pop("BITNET_CACHE")
+    else:
+        os.environ["BITNET_CACHE"] = old
+
+
+def micro_recipe(**train_overrides) -> dict:
+    """A model small enough that a CPU step takes milliseconds."""
+    train = dict(batch_size=4, seq_len=32, steps=12, device="cpu", threads=1, eval_every=6, eval_batches=2,
+                 log_every=2, checkpoint_every=4, keep_last=2)
+    train.update(train_overrides)
+    return {
+        "name": "micro",
+        "seed": 7,
+        "model": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2),
+        "data": {"tokenizer": {"vocab_size": 320, "train_chars": 200_000}},
+        "optim": dict(lr=3e-3, warmup_steps=2),
+        "train": train,
+    }
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_recipe_errors_name_key_and_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel:\n  hidden_size: wide\n  colour: red\ntrain:\n  steps: 5\n")
+    with pytest.raises(BitnetError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert f"{p}:3: model.hidden_size" in msg and "integer" in msg
+    assert f"{p}:4: model.colour: unknown key" in msg
+    with pytest.raises(BitnetError, match=r"--set optim\.nope=1: optim\.nope: unknown key"):
+        load_recipe(write_recipe(tmp_path / "ok.yaml", micro_recipe()), ["optim.nope=1"])
+    with pytest.raises(BitnetError, match="exactly one of train.steps and train.tokens"):
+        load_recipe(None, data={"train": {"steps": 3, "tokens": 1000}})
+    with pytest.raises(BitnetError, match="expected KEY=VALUE"):
+        load_recipe(None, ["optim.lr"], data=micro_recipe())
+    r = load_recipe(None, ["optim.lr=1e-3", "model.quant=none", "train.betas_typo=1"][:2], data=micro_recipe())
+    assert r.optim.lr == 1e-3 and r.model.quant == "none"
+
+
+def test_cli_reports_bad_recipe_without_traceback(tmp_path):
+    p = write_recipe(tmp_path / "r.yaml", {**micro_recipe(), "optimiser": {}})
+    res = CliRunner().invoke(app, ["train", str(p)])
+    assert res.exit_code == 1
+    assert "optimiser: unknown key" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("name,low,high", [
+    ("tiny", 0.5e6, 2e6), ("small", 80e6, 130e6), ("bitnet-b1.58-700m", 0.6e9, 0.85e9),
+    ("bitnet-b1.58-1.3b", 1.1e9, 1.5e9), ("bitnet-b1.58-3b", 2.8e9, 3.6e9), ("bitnet-b1.58-2b4t", 2.2e9, 2.6e9),
+])
+def test_every_recipe_passes_dry_run(name, low, high):
+    path = REPO / "recipes" / f"{name}.yaml"
+    res = CliRunner().invoke(app, ["train", str(path), "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert low <= d["parameters"] <= high
+    assert d["flops_per_token"] > 6 * d["parameters_non_embedding"]
+    assert d["recipe"]["model"]["quant"] == "bitnet"
+
+
+def test_every_recipe_file_is_tested():
+    tested = {"tiny", "small", "bitnet-b1.58-700m", "bitnet-b1.58-1.3b", "bitnet-b1.58-3b", "bitnet-b1.58-2b4t"}
+    assert {p.stem for p in (REPO / "recipes").glob("*.yaml")} == tested
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_two_stage_schedule_drops_lr_and_weight_decay_at_the_midpoint():
+    o = OptimSpec(lr=1.5e-3, lr_stage2=1e-3, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.1)
+    total = 100
+    lrs = [lr_at(o, s, total) for s in range(total)]
+    assert lrs[0] == pytest.approx(1.5e-4) and lrs[9] == pytest.approx(1.5e-3)
+    assert all(a >= b for a, b in zip(lrs[9:49], lrs[10:50]))  # decays through stage one
+    assert lrs[50] < lrs[49] * 0.7  # the drop
+    assert lrs[-1] == pytest.approx(1e-3 * (1 - 0.9 * 89 / 90))
+    assert weight_decay_at(o, 49, total) == 0.1 and weight_decay_at(o, 50, total) == 0.0
+    c = OptimSpec(lr=1e-3, schedule="cosine", warmup_steps=0, min_lr_ratio=0.1)
+    assert lr_at(c, 0, 100) == pytest.approx(1e-3) and lr_at(c, 100, 100) == pytest.approx(1e-4)
+    assert weight_decay_at(c, 90, 100) == c.weight_decay
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_memmap_is_cached_and_batches_are_deterministic(tmp_path, token_cache):
+    r = load_recipe(None, data=micro_recipe())
+    files = resolve_files(r.data, r.base_dir)
+    assert files[0].name == "tinyshakespeare.txt"
+    tok, _ = prepare_tokenizer(r.data, files, r.base_dir, "digest-a")
+    assert tok.get_vocab_size() == 320
+    t0 = time.perf_counter()
+    path = tokenize_to_memmap(files, tok, token_cache, "digest-a")
+    assert tokenize_to_memmap(files, tok, token_cache, "digest-a") == path  # cache hit
+    data = TokenData.open(path, 0.05, 32, seed=7)
+    assert data.tokens.dtype == np.uint16 and data.n_val > 0
+    text = files[0].read_text()[:2000]
+    assert tok.decode(list(map(int, data.tokens[:600])))[:200] == text[:200]
+    x1, y1 = data.train_batch(5, 0, 0, 1, 4, 1)
+    x2, _ = data.train_batch(5, 0, 0, 1, 4, 1)
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+    assert not torch.equal(x1, data.train_batch(6, 0, 0, 1, 4, 1)[0])
+    # Two ranks with half the batch see exactly the one-process batch between them.
+    full, _ = data.train_batch(3, 0, 0, 1, 8, 1)
+    halves = [data.train_batch(3, 0, rank, 2, 4, 1)[0] for rank in (0, 1)]
+    assert torch.equal(torch.cat(halves), full)
+    assert 4.0 < data.unigram_entropy() < np.log(320)
+    del t0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def test_train_end_to_end_checkpoint_loads_in_transformers(tmp_path):
+    r = load_recipe(None, ["train.steps=16", "train.eval_every=8"], data=micro_recipe())
+    res = train(r, out_dir=tmp_path / "run", progress=False)
+    assert res.checkpoint == tmp_path / "run" / "final"
+    names = {p.name for p in res.checkpoint.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "trainer_state.pt"} <= names
+    assert json.loads((res.checkpoint / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in rows if "loss" in m]
+    assert [m["step"] for m in rows if "val_loss" in m] == [8, 16]
+    assert losses[-1] < losses[0] and np.isfinite(res.val_loss)
+    # keep_last: only the newest two step checkpoints survive (steps 8 and 12; 16 is final)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_0000008", "step_0000012"]
+
+    from bitnet_cli.model import BitNetForCausalLM
+
+    ours = BitNetForCausalLM.from_pretrained(res.checkpoint)
+    ref = load_hf_reference(res.checkpoint)
+    ids = torch.randint(0, 320, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ref(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(res.checkpoint)
+    assert hf_tok.eos_token == "<|end_of_text|>"
+    # A second run into the same directory is refused without --resume.
+    with pytest.raises(BitnetError, match="--resume"):
+        train(r, out_dir=tmp_path / "run", progress=False)
+
+
+def test_quant_none_trains_the_float_baseline(tmp_path):
+    r = load_recipe(None, ["model.quant=none", "train.steps=4"], data=micro_recipe())
+    res = train(r, out_dir=tmp_path / "fp", progress=False)
+    assert "quantization_config" not in json.loads((res.checkpoint / "config.json").read_text())
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "bitnet_cli.cli", "train", *args, "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", micro_recipe(steps=30, checkpoint_every=5, eval_every=10))
+    ref = _cli([str(recipe), "--out", str(tmp_path / "ref")])
+    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
+
+    victim = _cli([str(recipe), "--out", str(tmp_path / "cut")])
+    target = tmp_path / "cut" / "checkpoints" / "step_0000015" / "trainer_state.pt"
+    deadline = time.time() + 600
+    while not target.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "cut" / "final").exists()
+
+    resumed = _cli([str(recipe), "--out", str(tmp_path / "cut"), "--resume"])
+    out = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # no step logged twice after the resume
