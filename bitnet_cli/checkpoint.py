@@ -267,8 +267,8 @@ def _tensor_files(ckpt: Path) -> list[Path]:
 
 
 def _is_own_checkpoint(ckpt: Path) -> bool:
-    """`bitnet train` writes its trainer state next to the HF files."""
-    return any(p.name.startswith(("trainer_state", "training_state", "train_state")) for p in ckpt.iterdir())
+    """`bitnet train` writes its recipe (and trainer state) next to the HF files."""
+    return (ckpt / "recipe.yaml").is_file() or (ckpt / "trainer_state.pt").is_file()
 
 
 def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, TensorEntry]]) -> str:

@@ -187,6 +187,11 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
     if out.exists() and not force:
         raise BitnetError(f"{out}: already exists (use --force to overwrite)")
     ckpt = open_checkpoint(src, kind)
+    if ckpt.kind == "own" and not ckpt.config.get("quantization_config"):
+        raise BitnetError(
+            f"{ckpt.path / 'config.json'}: this model was trained without ternary quantisation (quant: none); "
+            "packing would ternarise weights it never learned to work with"
+        )
     dims = ModelDims.from_config(ckpt.config, str(ckpt.path / "config.json"))
     if to == "gguf":
         from bitnet_cli.pack.gguf import export_gguf
