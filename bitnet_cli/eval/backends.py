@@ -1,0 +1,188 @@
+"""The two ways `bitnet eval` runs a model: the C engine (packed file) or torch (checkpoint dir).
+
+Both answer the same two questions the lm-eval adapter asks:
+
+* ``continuation_logits(groups)``: for each group ``(context, [continuation, ...])`` the logits
+  that predict every continuation token, ``[len(continuation), V]`` float32 each;
+* ``greedy(tokens, max_new_tokens, stop)``: greedy decoding until ``stop(generated)`` says so.
+
+plus the tokenizer and the special tokens. Scoring (log-softmax, greedy check) lives in the
+adapter, so the two backends cannot disagree on what a log-likelihood is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from bitnet_cli.errors import BitnetError
+
+Group = tuple[list[int], list[list[int]]]
+
+
+class Backend(Protocol):
+    tokenizer: object  # tokenizers.Tokenizer
+    bos_token_id: int | None
+    eos_token_id: int
+    max_length: int
+    name: str
+
+    def continuation_logits(self, groups: Sequence[Group]) -> list[list[np.ndarray]]: ...
+
+    def greedy(self, tokens: list[int], max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]: ...
+
+    def sort_key(self, context: Sequence[int]): ...
+
+
+def open_backend(path: str | Path, *, threads: int | None = None, ctx_size: int | None = None) -> Backend:
+    """A packed ``.bin`` file runs on the C engine; a checkpoint directory runs on torch."""
+    p = Path(path)
+    if p.is_dir():
+        return TorchBackend(p, threads=threads, max_length=ctx_size)
+    if p.is_file():
+        return EngineBackend(p, threads=threads, ctx_size=ctx_size)
+    raise BitnetError(f"{p}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
+
+
+class EngineBackend:
+    """The packed model on the C engine, with a KV cache reused across requests.
+
+    Requests are visited in token order (``sort_key``), so neighbours share long prefixes
+    (the few-shot preamble, the question) and only the new suffix is run through the model.
+    """
+
+    name = "engine"
+
+    def __init__(self, path: Path, *, threads: int | None, ctx_size: int | None):
+        from bitnet_cli.engine import Engine
+
+        self.engine = Engine.load(path, threads=threads, ctx_size=ctx_size)
+        self.tokenizer = self.engine.tokenizer
+        self.bos_token_id = self.engine.bos_token_id
+        self.eos_token_id = self.engine.eos_token_id
+        self.max_length = int(self.engine.ctx_size)
+        self._cached: list[int] = []  # the tokens whose keys/values sit in the engine's cache
+
+    def sort_key(self, context: Sequence[int]):
+        return tuple(context)
+
+    def _forward(self, tokens: list[int], n_past: int, all_logits: bool) -> np.ndarray:
+        logits = np.atleast_2d(self.engine.forward(tokens, n_past=n_past, all_logits=all_logits))
+        self._cached = self._cached[:n_past] + list(tokens)
+        return logits
+
+    def _extend_to(self, tokens: list[int]) -> np.ndarray:
+        """Logits after the last of `tokens`, running only what the cache does not hold yet."""
+        shared = 0
+        limit = min(len(self._cached), len(tokens) - 1)  # always run >= 1 token to get its logits
+        while shared < limit and self._cached[shared] == tokens[shared]:
+            shared += 1
+        return self._forward(tokens[shared:], shared, all_logits=False)[-1]
+
+    def continuation_logits(self, groups: Sequence[Group]) -> list[list[np.ndarray]]:
+        out = []
+        for context, continuations in groups:
+            first = self._extend_to(context)  # predicts every continuation's first token
+            per_cont = []
+            for cont in continuations:
+                if len(cont) == 1:
+                    per_cont.append(first[None, :].astype(np.float32, copy=False))
+                    continue
+                rest = self._forward(cont[:-1], len(context), all_logits=True)
+                per_cont.append(np.vstack([first[None, :], rest]).astype(np.float32, copy=False))
+            out.append(per_cont)
+        return out
+
+    def greedy(self, tokens: list[int], max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
+        logits = self._extend_to(tokens)
+        generated: list[int] = []
+        while len(generated) < max_new_tokens and len(tokens) + len(generated) < self.max_length:
+            generated.append(int(np.argmax(logits)))
+            if stop(generated):
+                break
+            logits = self._forward(generated[-1:], len(tokens) + len(generated) - 1, all_logits=False)[-1]
+        return generated
+
+
+class TorchBackend:
+    """A checkpoint directory (HF layout) on our torch ``BitNetForCausalLM``, batched and padded."""
+
+    name = "torch"
+
+    def __init__(self, ckpt_dir: Path, *, threads: int | None, max_length: int | None):
+        import torch
+        from tokenizers import Tokenizer
+
+        from bitnet_cli.model import BitNetForCausalLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        tok_path = ckpt_dir / "tokenizer.json"
+        if not tok_path.is_file():
+            raise BitnetError(f"{tok_path}: missing (a checkpoint needs its tokenizer to be evaluated)")
+        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.model = BitNetForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+        config = self.model.config
+        self.bos_token_id, self.eos_token_id = _special_ids(ckpt_dir, self.tokenizer, config)
+        self.max_length = int(max_length or config.max_position_embeddings)
+        self.vocab_size = config.vocab_size
+
+    def sort_key(self, context: Sequence[int]):
+        return -len(context)  # longest first: padding stays small, memory peaks early
+
+    def _logits(self, rows: list[list[int]]) -> np.ndarray:
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # right padding: causal attention never looks at it
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        with torch.inference_mode():
+            return self.model(ids).float().numpy()
+
+    def continuation_logits(self, groups: Sequence[Group]) -> list[list[np.ndarray]]:
+        rows = [context + cont[:-1] for context, conts in groups for cont in conts]
+        logits = self._logits(rows)
+        out, i = [], 0
+        for context, conts in groups:
+            per_cont = []
+            for cont in conts:
+                start = len(context) - 1
+                per_cont.append(logits[i, start : start + len(cont), : self.vocab_size])
+                i += 1
+            out.append(per_cont)
+        return out
+
+    def greedy(self, tokens: list[int], max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
+        generated: list[int] = []  # no KV cache in the training model: each step reruns the prefix
+        while len(generated) < max_new_tokens and len(tokens) + len(generated) < self.max_length:
+            logits = self._logits([tokens + generated])[0, -1, : self.vocab_size]
+            generated.append(int(np.argmax(logits)))
+            if stop(generated):
+                break
+        return generated
+
+
+def _special_ids(ckpt_dir: Path, tokenizer, config) -> tuple[int | None, int]:
+    """BOS/EOS as transformers' tokenizer sees them (tokenizer_config.json), else from config.json."""
+
+    def token_id(entry) -> int | None:
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        return tokenizer.token_to_id(entry) if isinstance(entry, str) else None
+
+    bos = eos = None
+    tok_cfg = ckpt_dir / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        cfg = json.loads(tok_cfg.read_text())
+        bos, eos = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
+    if bos is None:
+        bos = config.bos_token_id
+    if eos is None:
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    if eos is None:
+        raise BitnetError(f"{ckpt_dir}: no eos token in tokenizer_config.json or config.json")
+    return bos, int(eos)

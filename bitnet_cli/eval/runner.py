@@ -1,0 +1,103 @@
+"""``evaluate(model, tasks)``: lm-eval on a packed file or a checkpoint, the library side of `bitnet eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bitnet_cli.errors import BitnetError
+
+DATA_ENV = "BITNET_EVAL_DATA"
+
+
+def evaluate(
+    model: str | Path,
+    tasks: list[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    threads: int | None = None,
+    data_dir: str | Path | None = None,
+    log_samples: bool = False,
+    progress=None,
+    lm=None,
+) -> dict[str, Any]:
+    """Run lm-eval's ``tasks`` on ``model`` (packed ``.bin`` or checkpoint directory).
+
+    ``data_dir`` (default: ``$BITNET_EVAL_DATA``) makes the tasks read local JSONL files instead
+    of the hub (see :mod:`bitnet_cli.eval.tasks`). ``lm`` passes an already-built adapter.
+    Returns lm-eval's results dict (``results``, ``configs``, ``n-shot``, ... and ``samples``
+    when ``log_samples``).
+    """
+    import lm_eval
+
+    from bitnet_cli.eval.adapter import BitNetLM
+    from bitnet_cli.eval.tasks import check_task_names, task_manager
+
+    if not tasks:
+        raise BitnetError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise BitnetError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+    if limit is not None and limit <= 0:
+        raise BitnetError(f"--limit {limit}: must be positive")
+    data_dir = data_dir or os.environ.get(DATA_ENV) or None
+    tm = task_manager(data_dir, num_fewshot)
+    check_task_names(tm, tasks)
+    if lm is None:
+        lm = BitNetLM(pretrained=str(model), threads=threads, batch_size=batch_size, progress=progress)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=log_samples,
+        task_manager=tm,
+    )
+    results["config"]["model"] = "bitnet"
+    results["config"]["model_args"] = {"pretrained": str(model), "backend": lm.backend.name}
+    if data_dir is not None:
+        results["config"]["data_dir"] = str(data_dir)
+    return results
+
+
+def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) for every task and group, in lm-eval's order."""
+    rows = []
+    for section in ("results", "groups"):
+        for task, metrics in results.get(section, {}).items():
+            if section == "results" and task in results.get("groups", {}):
+                continue  # a group's aggregate is listed once, from "groups"
+            for key, value in metrics.items():
+                metric, comma, filt = key.partition(",")  # "acc,none": metric, then lm-eval's filter
+                if not comma or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                    continue
+                stderr = metrics.get(f"{metric}_stderr,{filt}")
+                stderr = stderr if isinstance(stderr, (int, float)) and not math.isnan(stderr) else None
+                rows.append((metrics.get("alias", task).strip(" -"), metric, float(value), stderr))
+    return rows
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> Path:
+    """Write the results JSON atomically: a temp file in the same directory, then rename."""
+    from lm_eval.utils import handle_non_serializable
+
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise BitnetError(f"--output {out}: directory {out.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a results file is an ordinary file
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
