@@ -141,3 +141,32 @@ def test_hub_id_from_a_prefilled_offline_cache(float_ckpt, tmp_path, monkeypatch
         assert a.checksums == b.checksums
     with pytest.raises(BitnetError, match="'acme/missing'.*HF_HUB_OFFLINE.*not in the local cache"):
         pack_checkpoint("acme/missing", tmp_path / "missing.bin")
+
+
+def test_own_training_run_packs_and_matches_our_torch_model(tmp_path):
+    import torch
+
+    from bitnet_cli.model import BitNetForCausalLM
+    from bitnet_cli.train import load_recipe, train
+    from test_train import micro_recipe
+
+    recipe = load_recipe(None, ["train.steps=4"], data=micro_recipe())
+    run = tmp_path / "run"
+    train(recipe, out_dir=run, progress=False)
+    summary = pack_checkpoint(run, tmp_path / "own.bin")  # the run directory: its final/ checkpoint
+    assert summary.source_kind == "own" and summary.source.endswith("final")
+
+    model = BitNetForCausalLM.from_pretrained(run / "final").float().eval()
+    with torch.no_grad():  # the packed file holds f16 embeddings: give the torch model the same numbers
+        emb = model.model.embed_tokens.weight
+        emb.copy_(emb.half().float())
+        ids = np.random.default_rng(1).integers(0, 320, size=20)
+        want = model(torch.tensor(ids)[None])[0].float().numpy()
+    with PackedModel.open(tmp_path / "own.bin") as pm:
+        assert pm.tokenizer_json == (run / "final" / "tokenizer.json").read_text()
+        assert np.abs(reference.forward(pm, ids) - want).max() <= 1e-4
+
+    plain = load_recipe(None, ["train.steps=2", "model.quant=none"], data=micro_recipe())
+    train(plain, out_dir=tmp_path / "plain", progress=False)
+    with pytest.raises(BitnetError, match="trained without ternary quantisation"):
+        pack_checkpoint(tmp_path / "plain", tmp_path / "plain.bin")
