@@ -1,0 +1,439 @@
+"""The inference engine: a packed model file, memory-mapped, run by the C decoder (kernels/).
+
+    from bitnet_cli.engine import Engine
+    eng = Engine.load("model.bin", threads=None, ctx_size=None)  # threads: physical cores
+    logits = eng.forward(ids)                     # float32 [len(ids), vocab]; fills the KV cache
+    more = eng.forward(cont, n_past=len(ids))     # continue from the cached positions
+    gen = eng.generate("Once upon a time", max_tokens=64, seed=1)
+    for piece in gen: print(piece, end="")        # text as it is produced
+    gen.stats                                      # load / first-token time, tokens per second
+
+Weights are never copied: the C model holds pointers into the file's memory map, so the
+Engine keeps the map alive until close(). One KV cache per Engine; forward(tokens, n_past)
+drops cached positions >= n_past, so a shared context can be computed once and several
+continuations scored from it. The kernels' ISA follows $BITNET_ISA (see bitnet_cli.kernels).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from bitnet_cli import kernels
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.sampling import SamplingParams, sample
+
+DEFAULT_CTX = 4096
+PROJ_FIELDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+               "mlp.gate_proj": "g", "mlp.up_proj": "u", "mlp.down_proj": "d"}
+NORM_FIELDS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_norm",
+               "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
+
+
+def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
+
+    The fp32 angles are those of torch; cos/sin are taken in float64 and rounded once, which is
+    what torch's (<= 1 ulp) fp32 cos/sin approximate.
+    """
+    f32 = np.float32
+    exponent = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
+    inv_freq = f32(1.0) / np.power(np.float64(f32(theta)), exponent.astype(np.float64)).astype(f32)
+    angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
+    a = angles.astype(np.float64)
+    return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
+
+
+@dataclass
+class GenerationStats:
+    load_s: float = 0.0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose KV was already cached
+    prompt_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    generated_tokens: int = 0
+    generation_s: float = 0.0
+    stop_reason: str = ""  # "eos", "stop", "max_tokens" or "context"
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        run = self.prompt_tokens - self.reused_tokens
+        return run / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        # the first token comes from the prompt pass; the rest each cost one decode step
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.generation_s if self.generation_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), prompt_tokens_per_s=round(self.prompt_tokens_per_s, 2),
+                    generation_tokens_per_s=round(self.generation_tokens_per_s, 2))
+
+
+class Generation:
+    """An iterator of text pieces; once iteration ends, `stats` is complete, `text` holds all of the
+    text and `token_ids` the generated ids (an end-of-sequence token is not included)."""
+
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats, token_ids: list[int]):
+        self._pieces = pieces
+        self.stats = stats
+        self.text = ""
+        self.token_ids = token_ids
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._pieces)
+        self.text += piece
+        return piece
+
+
+class Engine:
+    def __init__(self, pm, threads: int, ctx_size: int, isa: int):
+        from tokenizers import Tokenizer
+
+        t0 = time.perf_counter()
+        ffi, lib = kernels.lib()
+        self._ffi, self._lib = ffi, lib
+        self.pm = pm
+        self.config = pm.config
+        d = self.dims = pm.dims
+        self.vocab_size = d.vocab_size
+        self.ctx_size = ctx_size
+        self.threads = threads
+        self.isa = next(name for name, i in kernels.ISAS.items() if i == isa)
+        try:
+            self.tokenizer = Tokenizer.from_str(pm.tokenizer_json)
+        except Exception as e:  # tokenizers raises its own Exception type
+            raise BitnetError(f"{pm.path}: the stored tokenizer cannot be loaded: {e}") from None
+        self.tokenizer_config = pm.tokenizer_config
+        self.bos_token_id = self._special_id("bos")
+        self.eos_token_id = self._special_id("eos")
+        self.stop_token_ids = self._stop_ids()
+
+        keep = self._keep = []  # cdata buffers that must outlive the C model
+
+        def ptr(array: np.ndarray, ctype: str):
+            buf = ffi.from_buffer(ctype + "[]", array)
+            keep.append((array, buf))
+            return buf
+
+        layers = ffi.new("bn_layer_desc[]", d.num_layers)
+        keep.append(layers)
+        for i in range(d.num_layers):
+            p = f"model.layers.{i}."
+            for norm, fieldname in NORM_FIELDS.items():
+                setattr(layers[i], fieldname, ptr(pm.tensor(f"{p}{norm}.weight"), "float"))
+            for proj, short in PROJ_FIELDS.items():
+                setattr(layers[i], "w" + short, ptr(pm.tensor(f"{p}{proj}.weight"), "uint8_t"))
+                setattr(layers[i], "g" + short, float(pm.tensor(f"{p}{proj}.weight_scale")[0]))
+        desc = ffi.new("bn_model_desc *")
+        keep.append(desc)
+        desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
+        desc.n_heads, desc.n_kv_heads, desc.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
+        desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
+        emb_type = lib.BN_EMB_I8 if pm.embeddings == "int8" else lib.BN_EMB_F16
+        emb_ctype = "int8_t" if pm.embeddings == "int8" else "uint16_t"
+        head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
+        desc.emb_type = desc.head_type = emb_type
+        desc.embed = ptr(pm.tensor("model.embed_tokens.weight"), emb_ctype)
+        desc.head = ptr(pm.tensor(head_name), emb_ctype)
+        if emb_type == lib.BN_EMB_I8:
+            desc.embed_scale = ptr(pm.tensor("model.embed_tokens.weight_scale"), "float")
+            desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
+        desc.final_norm = ptr(pm.tensor("model.norm.weight"), "float")
+        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
+        desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
+        desc.layers = layers
+
+        err = ffi.new("char[256]")
+        model = lib.bn_model_new(desc, threads, isa, err, 256)
+        if model == ffi.NULL:
+            raise BitnetError(f"{pm.path}: {ffi.string(err).decode()}")
+        self._model = model
+        self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
+        self.load_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None) -> "Engine":
+        """Open a packed model (`bitnet pack` output). threads: default physical cores; ctx_size:
+        default min(max_position_embeddings, 4096); isa: default $BITNET_ISA or the best available."""
+        from bitnet_cli.pack import PackedModel
+
+        t0 = time.perf_counter()
+        isa_id = kernels.resolve_isa(isa)
+        pm = PackedModel.open(path)
+        d = pm.dims
+        size = Path(path).stat().st_size
+        end = max(e.begin + e.nbytes for e in pm.entries.values())
+        if end > size:
+            raise BitnetError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
+        smallest = min(min(d.projection_shape(p)[0] for p in PROJ_FIELDS), d.vocab_size)
+        if threads is None:
+            threads = min(kernels.physical_cores(), smallest)
+        if type(threads) is not int or threads < 1:
+            raise BitnetError(f"--threads must be a positive integer, got {threads!r}")
+        limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
+        if threads > limit:
+            raise BitnetError(f"--threads {threads} is more than this model can use (at most {limit}: "
+                              f"its smallest weight matrix has {smallest} rows)")
+        max_ctx = d.max_position_embeddings
+        if ctx_size is None:
+            ctx_size = min(max_ctx, DEFAULT_CTX)
+        if type(ctx_size) is not int or not 1 <= ctx_size <= max_ctx:
+            raise BitnetError(f"--ctx-size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
+                              f"got {ctx_size!r}")
+        engine = cls(pm, threads, ctx_size, isa_id)
+        engine.load_s = time.perf_counter() - t0
+        return engine
+
+    def _special_id(self, kind: str) -> int | None:
+        token = self.tokenizer_config.get(f"{kind}_token")
+        if isinstance(token, dict):  # AddedToken serialised
+            token = token.get("content")
+        if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
+            return self.tokenizer.token_to_id(token)
+        value = self.config.get(f"{kind}_token_id")
+        if isinstance(value, list):
+            value = value[0] if value else None
+        return value if isinstance(value, int) and 0 <= value < self.vocab_size else None
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.eos_token_id} if self.eos_token_id is not None else set()
+        value = self.config.get("eos_token_id")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and 0 <= v < self.vocab_size:
+                ids.add(v)
+        return ids
+
+    def close(self):
+        if getattr(self, "_model", None) is not None:
+            self._lib.bn_model_free(self._model)
+            self._model = None
+            self._keep.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    # ------------------------------------------------------------------ tokens
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`, starting with BOS (once) when the model has one and add_bos."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, tokens: Sequence[int], n_past: int = 0, all_logits: bool = True) -> np.ndarray:
+        """Logits float32 [len(tokens), V] (or [1, V] for the last token) for tokens at positions
+        n_past.. ; cached positions >= n_past are replaced. n_past may not exceed the cached count."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
+        if ids.size == 0:
+            raise BitnetError("forward: no tokens given")
+        if not 0 <= n_past <= len(self._cached):
+            raise BitnetError(f"forward: n_past={n_past} but only {len(self._cached)} positions are cached")
+        if n_past + ids.size > self.ctx_size:
+            raise BitnetError(f"{n_past + ids.size} tokens do not fit the context of {self.ctx_size} "
+                              "(raise --ctx-size, up to the model's max_position_embeddings)")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise BitnetError(f"forward: token id out of range [0, {self.vocab_size})")
+        out = np.empty((ids.size if all_logits else 1, self.vocab_size), dtype=np.float32)
+        ffi = self._ffi
+        del self._cached[n_past:]
+        rc = self._lib.bn_forward(self._model, ffi.from_buffer("int32_t[]", ids), ids.size, n_past,
+                                  ffi.from_buffer("float[]", out), int(all_logits))
+        if rc != 0:
+            raise BitnetError("forward: the C engine refused its arguments")
+        self._cached.extend(int(i) for i in ids)
+        return out
+
+    def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
+        """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""
+        reuse = 0
+        for a, b in zip(self._cached, ids[:-1]):  # at least the last token is always run
+            if a != b:
+                break
+            reuse += 1
+        return self.forward(ids[reuse:], n_past=reuse, all_logits=False)[0], reuse
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
+                 top_k: int = 40, top_p: float = 0.95, repeat_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> Generation:
+        """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
+
+        Stops at an end-of-sequence token, at any of the `stop` strings (not included in the
+        text), after max_tokens, or when the context is full. temperature 0 is greedy.
+        """
+        params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
+        if type(max_tokens) is not int or max_tokens < 0:
+            raise BitnetError(f"--max-tokens must be >= 0, got {max_tokens!r}")
+        if isinstance(prompt_or_ids, str):
+            if not prompt_or_ids.strip():
+                raise BitnetError("the prompt is empty")
+            ids = self.encode(prompt_or_ids)
+        else:
+            ids = [int(i) for i in prompt_or_ids]
+        if not ids:
+            raise BitnetError("the prompt is empty")
+        if len(ids) >= self.ctx_size:
+            raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}; shorten it "
+                              "or raise --ctx-size (up to the model's max_position_embeddings)")
+        stops = [s for s in stop if s]
+        stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
+        rng = np.random.default_rng(seed)
+        out_ids: list[int] = []
+        return Generation(self._stream(ids, max_tokens, params, rng, stops, stats, out_ids), stats, out_ids)
+
+    def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids) -> Iterator[str]:
+        t0 = time.perf_counter()
+        if max_tokens == 0:
+            stats.stop_reason = "max_tokens"
+            return
+        logits, stats.reused_tokens = self._prefill(ids)
+        history = list(ids)
+        detok = _Detokenizer(self.tokenizer)
+        held = ""  # decoded text not yet emitted: it could be the start of a stop string
+        t_first = None
+        while True:
+            token = sample(logits, params, rng, history)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.prompt_s = stats.time_to_first_token_s = t_first - t0
+            if token in self.stop_token_ids:
+                stats.stop_reason = "eos"
+                break
+            history.append(token)
+            out_ids.append(token)
+            stats.generated_tokens += 1
+            held += detok.push(token)
+            if stops:
+                cut = min((held.find(s) for s in stops if s in held), default=-1)
+                if cut >= 0:
+                    if held[:cut]:
+                        yield held[:cut]
+                    held = ""
+                    stats.stop_reason = "stop"
+                    break
+                keep = _stop_prefix_len(held, stops)
+                if len(held) > keep:
+                    yield held[: len(held) - keep]
+                    held = held[len(held) - keep:]
+            elif held:
+                yield held
+                held = ""
+            if stats.generated_tokens >= max_tokens:
+                stats.stop_reason = "max_tokens"
+                break
+            if len(history) >= self.ctx_size:
+                stats.stop_reason = "context"
+                break
+            logits = self.forward([token], n_past=len(history) - 1, all_logits=False)[0]
+        held += detok.flush()
+        if held and stats.stop_reason != "stop":
+            yield held
+        stats.generation_s = time.perf_counter() - (t_first or t0)
+
+
+class _Detokenizer:
+    """Incremental decoding: emits text only once it no longer ends in a partial UTF-8 sequence."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] decode to text already emitted (kept for context)
+        self.read = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that begins some stop string (held back, not yet shown)."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+# --------------------------------------------------------------------- chat
+
+
+FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
+
+
+def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation ending in a user turn, ready for the assistant's reply.
+
+    Uses the tokenizer config's `chat_template` (Jinja, as transformers does) when the file has
+    one and jinja2 is installed; otherwise the plain fallback: "User: ...\\nAssistant: ..." turns.
+    """
+    template = engine.tokenizer_config.get("chat_template")
+    if isinstance(template, str) and template:
+        try:
+            import jinja2
+
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+            bos = engine.tokenizer.id_to_token(engine.bos_token_id) if engine.bos_token_id is not None else ""
+            eos = engine.tokenizer.id_to_token(engine.eos_token_id) if engine.eos_token_id is not None else ""
+            text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                    bos_token=bos, eos_token=eos)
+            ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+            return ids if bos else engine.encode(text)
+        except ImportError:
+            pass
+        except Exception as e:  # a template error is the file's fault, not the user's
+            raise BitnetError(f"{engine.pm.path}: chat_template cannot be rendered: {e}") from None
+    turns = []
+    for m in messages:
+        if m["role"] == "user":
+            turns.append(FALLBACK_CHAT.format(content=m["content"]))
+        elif m["role"] == "assistant":
+            turns[-1] += " " + m["content"]
+    return engine.encode("\n".join(turns))
+
+
+def config_summary(engine: Engine) -> dict:
+    d = engine.dims
+    return {"layers": d.num_layers, "hidden": d.hidden_size, "vocab": d.vocab_size, "ctx": engine.ctx_size,
+            "threads": engine.threads, "isa": engine.isa, "embeddings": engine.pm.embeddings}
+
+
+__all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]

@@ -1,0 +1,62 @@
+"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling, with a repeat penalty.
+
+All randomness comes from the `numpy.random.Generator` passed in, so a seed fixes the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from bitnet_cli.errors import BitnetError
+
+REPEAT_WINDOW = 64  # the penalty looks at this many most recent tokens (prompt included)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # <= 0: greedy (argmax)
+    top_k: int = 40           # <= 0: no limit
+    top_p: float = 0.95       # 1.0: no limit
+    repeat_penalty: float = 1.0  # 1.0: off; > 1 discourages recent tokens
+
+    def check(self) -> "SamplingParams":
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise BitnetError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BitnetError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise BitnetError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+        return self
+
+
+def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
+    """CTRL-style penalty (as in transformers and llama.cpp): divide positive logits, multiply negative."""
+    if penalty == 1.0 or not len(recent):
+        return logits
+    logits = logits.copy()
+    ids = np.unique(np.asarray(recent[-REPEAT_WINDOW:], dtype=np.int64))
+    seen = logits[ids]
+    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return logits
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
+    """One token id from a [V] float32 logits vector."""
+    logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
+    if params.temperature <= 0:
+        return int(np.argmax(logits))  # first maximum, like torch.argmax
+    z = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < z.size:
+        candidates = np.argpartition(-z, params.top_k - 1)[: params.top_k]
+    else:
+        candidates = np.arange(z.size)
+    candidates = candidates[np.argsort(-z[candidates], kind="stable")]
+    p = np.exp(z[candidates] - z[candidates[0]])
+    p /= p.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), params.top_p)) + 1  # smallest set with mass >= top_p
+        candidates, p = candidates[:keep], p[:keep] / p[:keep].sum()
+    return int(candidates[rng.choice(p.size, p=p)])

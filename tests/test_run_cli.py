@@ -1,0 +1,103 @@
+"""`bitnet run` end to end: streaming, --json, seeds, chat, and clean errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_hf_checkpoint
+from typer.testing import CliRunner
+
+from bitnet_cli import kernels
+from bitnet_cli.cli import app
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack import pack_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, test_tokenizer_dir):
+    tmp = tmp_path_factory.mktemp("run_cli")
+    ckpt = make_hf_checkpoint(tmp / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1)
+    pack_checkpoint(ckpt, tmp / "model.bin")
+    return tmp / "model.bin"
+
+
+def run(*args, input=None):
+    return runner.invoke(app, ["run", *map(str, args)], input=input)
+
+
+def test_run_streams_text_and_is_reproducible_with_a_seed(packed):
+    a = run(packed, "-p", "ROMEO:", "-n", "24", "--seed", "3", "-t", "1")
+    assert a.exit_code == 0, a.output
+    b = run(packed, "-p", "ROMEO:", "-n", "24", "--seed", "3", "-t", "2")
+    assert a.stdout == b.stdout and len(a.stdout.strip()) > 0
+    assert "tok/s" in a.stderr and "generated" in a.stderr
+
+
+def test_run_json_reports_text_and_timings(packed):
+    r = run(packed, "-p", "ROMEO:", "-n", "10", "--temperature", "0", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for key in ("text", "load_s", "time_to_first_token_s", "prompt_tokens_per_s", "generation_tokens_per_s"):
+        assert key in out
+    assert out["generated_tokens"] <= 10 and out["prompt_tokens"] > 1
+    again = json.loads(run(packed, "-p", "ROMEO:", "-n", "10", "--temperature", "0", "--json").stdout)
+    assert again["text"] == out["text"]  # greedy is deterministic
+
+
+def test_chat_answers_and_ends_on_an_empty_line(packed):
+    r = run(packed, "--chat", "-n", "8", "--seed", "1", input="Hello there\nAnd again\n\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("model>") == 2
+    assert r.stderr.count("generated") == 2
+
+
+def test_the_module_is_importable_without_torch(packed):
+    code = ("import sys; from bitnet_cli.cli import app; "
+            f"app(['run', {str(packed)!r}, '-p', 'hi', '-n', '3'], standalone_mode=False); "
+            "assert 'torch' not in sys.modules, 'bitnet run imported torch'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-p", ""], "prompt is empty"),
+    (["-p", "hi", "--threads", "0"], "--threads"),
+    (["-p", "hi", "--threads", "100000"], "more than this model can use"),
+    (["-p", "ROMEO: " * 100, "--ctx-size", "32"], "context holds 32"),
+    (["-p", "hi", "--ctx-size", "0"], "--ctx-size"),
+    (["-p", "hi", "--top-p", "0"], "--top-p"),
+    (["-p", "hi", "--temperature", "-1"], "--temperature"),
+    ([], "give a prompt"),
+])
+def test_bad_options_fail_cleanly(packed, args, message):
+    r = run(packed, *args)
+    assert r.exit_code != 0
+    assert message in r.stderr.replace("\n", " ")
+    assert "Traceback" not in r.output
+
+
+def test_bad_files_fail_cleanly(packed, tmp_path):
+    not_model = tmp_path / "notes.txt"
+    not_model.write_text("hello, this is not a model\n" * 10)
+    half = tmp_path / "half.bin"
+    half.write_bytes(packed.read_bytes()[: packed.stat().st_size * 9 // 10])
+    header_only = tmp_path / "tiny.bin"
+    header_only.write_bytes(packed.read_bytes()[:100])
+    for path in (not_model, half, header_only, tmp_path / "missing.bin", tmp_path):
+        r = run(path, "-p", "hi")
+        assert r.exit_code != 0, path
+        assert str(path.name) in r.stderr.replace("\n", "") and "Traceback" not in r.output, r.output
+
+
+def test_missing_compiled_module_says_how_to_build(monkeypatch):
+    import bitnet_cli
+
+    monkeypatch.setitem(sys.modules, "bitnet_cli._kernels", None)  # makes the import fail
+    monkeypatch.delattr(bitnet_cli, "_kernels", raising=False)
+    with pytest.raises(BitnetError, match="pip install"):
+        kernels.lib()
