@@ -142,6 +142,12 @@ def test_pack_reader_zero_copy_aligned_views(tiny_packed, hf_tiny_checkpoint):
         assert pm.tensor("model.embed_tokens.weight").dtype == np.float16
         assert pm.tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == np.float32
         assert pm.verify() == []
+    from safetensors.numpy import load_file  # the container is plain safetensors: any reader can load it
+
+    loaded = load_file(out)
+    with PackedModel.open(out) as pm:
+        for name in pm.names:
+            np.testing.assert_array_equal(loaded[name], pm.tensor(name))
     assert summary.ternary_parameters == 2 * 96 * (96 + 48 + 48 + 96 + 3 * 200)
     assert summary.file_bytes == out.stat().st_size
     assert summary.compression_ratio > 1

@@ -44,6 +44,8 @@ def test_gguf_export_reads_back_equal_to_ours(gguf_ready, tmp_path, gguf_type, e
     assert int(fields["bitnet.attention.head_count_kv"].parts[-1][0]) == 2
     assert len(fields["tokenizer.ggml.tokens"].data) == 389
 
+    with pytest.raises(BitnetError, match="is a GGUF file"):
+        PackedModel.open(out)
     pack_checkpoint(gguf_ready, tmp_path / "ref.bin", embeddings=embeddings)
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     with PackedModel.open(tmp_path / "ref.bin") as pm:

@@ -309,6 +309,9 @@ class PackedModel:
         path = Path(path)
         if not path.is_file():
             raise BitnetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                raise BitnetError(f"{path}: is a GGUF file; this command reads bitnet-cli packed files (`bitnet pack`)")
         _, entries, metadata = read_safetensors_header(path)
         if metadata.get("format") != FORMAT:
             raise BitnetError(f"{path}: not a bitnet-cli packed model (make one with `bitnet pack`)")
