@@ -220,7 +220,7 @@ static void i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
 }
 
 #pragma GCC push_options
-#pragma GCC target("+dotprod")
+#pragma GCC target("arch=armv8.2-a+dotprod")
 static void i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
     const int nb = j->kp / BLOCK;
     for (int r = r0; r < r1; r++) {
