@@ -100,10 +100,23 @@ def synthetic_tokenizer(vocab_size: int, merges_vocab: int = 1024) -> str:
     return out
 
 
-def _random_trits_packed(rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-    if k % BLOCK == 0:
-        return _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=(n, k // 4), dtype=np.uint8)]
-    return pack_i2_k128(rng.integers(-1, 2, size=(n, k), dtype=np.int8))  # K padding must hold code 1
+class _TritSource:
+    """Random packed trits: each matrix is a window at a random offset into one random pool.
+
+    Drawing fresh random bytes for 2 billion weights costs ~10 s; a window into a pool larger
+    than any matrix gives every matrix distinct-looking uniform trits at memory-copy speed.
+    """
+
+    def __init__(self, rng: np.random.Generator, largest: int):
+        self.rng = rng
+        self.pool = _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=2 * largest, dtype=np.uint8)]
+
+    def packed(self, n: int, k: int) -> np.ndarray:
+        if k % BLOCK:  # K padding must hold code 1 (T = 0): pack real trits
+            return pack_i2_k128(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
+        size = n * k // 4
+        start = int(self.rng.integers(0, len(self.pool) - size + 1))
+        return self.pool[start : start + size].reshape(n, k // 4)
 
 
 def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16", seed: int = 0,
@@ -115,6 +128,7 @@ def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16"
     dims = ModelDims.from_config(config, f"shape {shape!r}")
     rng = np.random.default_rng(seed)
     specs = tensor_specs(dims, embeddings)
+    trits = _TritSource(rng, max(s.nbytes for s in specs if s.dtype == "U8"))
     meta = pack_metadata(config, dims, synthetic_tokenizer(dims.vocab_size), {"bos_token": BOS, "eos_token": EOS},
                          embeddings, f"synthetic:{shape if isinstance(shape, str) else 'custom'}:seed={seed}")
     with PackedWriter(Path(path), specs, meta, force=force) as writer:
@@ -134,7 +148,7 @@ def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16"
                 writer.write(name, np.full(dims.vocab_size, 0.05 / 127, dtype=np.float32))
             elif spec.dtype == "U8":
                 n, k = dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])
-                writer.write(name, _random_trits_packed(rng, n, k))
+                writer.write(name, trits.packed(n, k))
             elif name.endswith("weight_scale"):
                 k = dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])[1]
                 writer.write(name, np.array([rng.uniform(0.8, 1.2) / np.sqrt(k)], dtype=np.float32))
