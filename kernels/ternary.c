@@ -108,17 +108,30 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const 
     for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, hsum_avx2(acc[t]));
 }
 
-AVX2_TARGET static void i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
-    for (int r = r0; r < r1; r++) {
-        int t = 0;
-        for (; t + 4 <= j->m; t += 4) i2_row_avx2(j, r, t, 4);
-        switch (j->m - t) {
-        case 3: i2_row_avx2(j, r, t, 3); break;
-        case 2: i2_row_avx2(j, r, t, 2); break;
-        case 1: i2_row_avx2(j, r, t, 1); break;
-        }
-    }
+/* Rows are taken in tiles of about 16 KB of weights; each tile meets every group of four tokens
+ * while it sits in L1, so the activations stream from L2 once per tile, not once per row. */
+static inline int row_tile(const bn_i2_job *j) {
+    int rows = 16384 / (j->kp / 4);
+    return j->m == 1 ? 1 << 30 : rows < 1 ? 1 : rows;
 }
+
+#define I2_ROWS_TOKENS(NAME, TARGET, ROW)                                         \
+    TARGET static void NAME(const bn_i2_job *j, int r0, int r1) {                  \
+        const int tile = row_tile(j);                                              \
+        for (int ta = r0; ta < r1; ta += tile) {                                   \
+            int tb = r1 - ta < tile ? r1 : ta + tile;                              \
+            int t = 0;                                                             \
+            for (; t + 4 <= j->m; t += 4)                                          \
+                for (int r = ta; r < tb; r++) ROW(j, r, t, 4);                     \
+            for (int r = ta; r < tb; r++) switch (j->m - t) {                      \
+                case 3: ROW(j, r, t, 3); break;                                    \
+                case 2: ROW(j, r, t, 2); break;                                    \
+                case 1: ROW(j, r, t, 1); break;                                    \
+                }                                                                  \
+        }                                                                          \
+    }
+
+I2_ROWS_TOKENS(i2_rows_avx2, AVX2_TARGET, i2_row_avx2)
 
 /* ---- x86: AVX-512 ---------------------------------------------------------------------- */
 /* A block's 32 bytes are broadcast to both halves of a zmm; per-word shifts of 0/2 (then 4/6)
@@ -160,19 +173,6 @@ AVX512VNNI_TARGET static inline __m512i dot_vnni512(__m512i acc, __m512i c, __m5
 
 I2_ROW_AVX512(i2_row_avx512, AVX512_TARGET, dot_maddubs512)
 I2_ROW_AVX512(i2_row_avx512vnni, AVX512VNNI_TARGET, dot_vnni512)
-
-#define I2_ROWS_TOKENS(NAME, TARGET, ROW)                                 \
-    TARGET static void NAME(const bn_i2_job *j, int r0, int r1) {          \
-        for (int r = r0; r < r1; r++) {                                    \
-            int t = 0;                                                     \
-            for (; t + 4 <= j->m; t += 4) ROW(j, r, t, 4);                 \
-            switch (j->m - t) {                                            \
-            case 3: ROW(j, r, t, 3); break;                                \
-            case 2: ROW(j, r, t, 2); break;                                \
-            case 1: ROW(j, r, t, 1); break;                                \
-            }                                                              \
-        }                                                                  \
-    }
 
 I2_ROWS_TOKENS(i2_rows_avx512, AVX512_TARGET, i2_row_avx512)
 I2_ROWS_TOKENS(i2_rows_avx512vnni, AVX512VNNI_TARGET, i2_row_avx512vnni)

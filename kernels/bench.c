@@ -1,0 +1,114 @@
+/* Standalone timing of the engine on a random model held in memory (no Python, no file):
+ *   build/bench [threads] [isa] [shape: 2b4t|small]   ->  decode tok/s, pp128 tok/s, GB/s.
+ * `bitnet bench` is the user-facing tool; this is for machines without the Python stack. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static void *filled(size_t n, unsigned seed) {
+    uint8_t *p = malloc(n);
+    for (size_t i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = (uint8_t)(seed >> 16);
+    }
+    return p;
+}
+
+static uint8_t *ternary(int n, int k, unsigned seed) {
+    size_t bytes = (size_t)n * ((k + 127) / 128 * 32);
+    uint8_t *w = filled(bytes, seed);
+    for (size_t i = 0; i < bytes; i++) /* codes 0..2 only */
+        for (int f = 0; f < 4; f++)
+            if (((w[i] >> 2 * f) & 3) == 3) w[i] &= (uint8_t)~(1 << 2 * f);
+    return w;
+}
+
+static float *ones(int n) {
+    float *v = malloc(sizeof(float) * n);
+    for (int i = 0; i < n; i++) v[i] = 1.0f;
+    return v;
+}
+
+/* the ternary kernel alone on the FFN shape, weights far larger than the caches */
+static void bench_kernel(int threads, int isa) {
+    const int n = 6912, k = 2560, copies = 16;
+    uint8_t *w[16];
+    for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c);
+    bn_pool *pool = bn_pool_new(threads);
+    for (int m = 1; m <= 64; m *= 64) {
+        int8_t *xq = filled((size_t)m * k, 5);
+        int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
+        double best = 1e9;
+        for (int rep = 0; rep < 3; rep++) {
+            double t0 = now();
+            for (int c = 0; c < copies; c++) bn_gemm_i2(pool, isa, w[c], n, k, xq, xsum, m, acc);
+            double dt = (now() - t0) / copies;
+            if (dt < best) best = dt;
+        }
+        printf("kernel %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f GOPS\n", n, k, m, best * 1e3,
+               (double)n * k / 4 / best / 1e9, 2.0 * n * k * m / best / 1e9);
+        free(xq), free(xsum), free(acc);
+    }
+    bn_pool_free(pool);
+    for (int c = 0; c < copies; c++) free(w[c]);
+}
+
+int main(int argc, char **argv) {
+    int threads = argc > 1 ? atoi(argv[1]) : 1;
+    int isa = argc > 2 ? atoi(argv[2]) : bn_isa_best();
+    if (argc > 3 && !strcmp(argv[3], "kernel")) {
+        bench_kernel(threads, isa);
+        return 0;
+    }
+    int big = !(argc > 3 && !strcmp(argv[3], "small"));
+    int L = big ? 30 : 4, H = 2560, F = 6912, NH = 20, NKV = 5, HD = 128, V = 128256, CTX = 512;
+    bn_layer_desc *layers = calloc(L, sizeof *layers);
+    for (int l = 0; l < L; l++)
+        layers[l] = (bn_layer_desc){ones(H), ones(H), ones(H), ones(F), ternary(H, H, l * 7 + 1),
+                                    ternary(NKV * HD, H, l * 7 + 2), ternary(NKV * HD, H, l * 7 + 3),
+                                    ternary(H, H, l * 7 + 4), ternary(F, H, l * 7 + 5), ternary(F, H, l * 7 + 6),
+                                    ternary(H, F, l * 7 + 7), 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f};
+    uint16_t *emb = malloc(sizeof(uint16_t) * (size_t)V * H);
+    for (size_t i = 0; i < (size_t)V * H; i++) emb[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
+    float *cs = ones(CTX * HD / 2), *sn = calloc(CTX * HD / 2, sizeof(float));
+    bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL, ones(H),
+                       cs, sn, layers};
+    char err[128];
+    bn_model *m = bn_model_new(&d, threads, isa, err, sizeof err);
+    if (!m) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    float *logits = malloc(sizeof(float) * V);
+    int32_t tokens[128];
+    for (int i = 0; i < 128; i++) tokens[i] = (i * 7919) % V;
+    double bytes = (double)L * ((double)(H + 2 * NKV * HD + H + 2 * F) * H / 4 + (double)H * F / 4) + (double)V * H * 2;
+
+    bn_forward(m, tokens, 8, 0, logits, 0); /* warm up */
+    double t0 = now();
+    bn_forward(m, tokens, 128, 0, logits, 0);
+    double pp = 128 / (now() - t0);
+    double best = 1e9, total = 0;
+    int n = 32;
+    for (int i = 0; i < n; i++) {
+        double t1 = now();
+        bn_forward(m, tokens + (i % 128), 1, 128 + i, logits, 0);
+        double dt = now() - t1;
+        total += dt;
+        if (dt < best) best = dt;
+    }
+    printf("threads %d isa %d layers %d: pp128 %.1f tok/s | decode %.2f tok/s mean, %.2f best | %.1f GB/s streamed "
+           "(%.0f MB/token)\n",
+           threads, isa, L, pp, n / total, 1 / best, bytes / (total / n) / 1e9, bytes / 1e6);
+    bn_model_free(m);
+    return 0;
+}
