@@ -71,7 +71,9 @@ def timed(cmd: list[str]) -> dict:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr).group(1)
     seconds = sum(float(p) * 60**i for i, p in enumerate(reversed(wall.split(":"))))
-    return {"wall_s": round(seconds, 1), "peak_rss_mb": round(rss_kb / 1024, 1), "stdout": proc.stdout}
+    cpu = sum(float(re.search(rf"{kind} time \(seconds\): ([\d.]+)", proc.stderr).group(1)) for kind in ("User", "System"))
+    return {"wall_s": round(seconds, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(rss_kb / 1024, 1),
+            "stdout": proc.stdout}
 
 
 def main() -> None:

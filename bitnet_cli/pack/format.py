@@ -194,6 +194,7 @@ class PackedWriter:
             self.layout.append((spec, cursor))
             cursor += spec.nbytes
         self.data_bytes = cursor
+        self._order = [(s, o) for s, o in self.layout if not s.name.startswith(PAD_PREFIX)]
         self.header = self._header()
         self.data_start = len(self.header)
         self._next = 0
@@ -242,16 +243,15 @@ class PackedWriter:
             self._next += 1
 
     def _expect(self, name: str) -> tuple[TensorSpec, int]:
-        real = [(s, o) for s, o in self.layout if not s.name.startswith(PAD_PREFIX)]
-        if self._next >= len(real) or real[self._next][0].name != name:
-            expected = real[self._next][0].name if self._next < len(real) else "nothing more"
+        order = self._order
+        if self._next >= len(order) or order[self._next][0].name != name:
+            expected = order[self._next][0].name if self._next < len(order) else "nothing more"
             raise BitnetError(f"{self.out}: tensors written out of order: got {name!r}, expected {expected!r}")
-        return real[self._next]
+        return order[self._next]
 
     def finish(self) -> Path:
-        real = [s for s, _ in self.layout if not s.name.startswith(PAD_PREFIX)]
-        if self._next != len(real):
-            raise BitnetError(f"{self.out}: only {self._next} of {len(real)} tensors were written")
+        if self._next != len(self._order):
+            raise BitnetError(f"{self.out}: only {self._next} of {len(self._order)} tensors were written")
         self.f.seek(0)
         header = self._header()
         assert len(header) == self.data_start, "checksums changed the header length"
@@ -380,7 +380,7 @@ class PackedModel:
     def verify(self, progress=None) -> list[str]:
         """Recompute every tensor's crc32; return the names whose checksum does not match."""
         bad = []
-        names = [n for n in self.names]
+        names = self.names
         for i, name in enumerate(names):
             want = self.checksums.get(name)
             got = f"{zlib.crc32(self.tensor(name)):08x}"
