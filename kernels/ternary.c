@@ -7,7 +7,7 @@
  * target attributes and chosen at run time, so the distributed build needs no -march flags.
  *
  * Overflow bounds: a vpmaddubsw lane adds two products |q*x| <= 2*128, so <= 512; four of them
- * per block sum to <= 2048, far inside int16, and are widened to int32 once per block.
+ * per block sum to <= 2048, and eight blocks to <= 16384, inside int16; then they widen to int32.
  */
 #include <math.h>
 #include <string.h>
@@ -81,7 +81,8 @@ AVX2_TARGET static inline int32_t hsum_avx2(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-/* One row against TN tokens: the four code vectors of a block are unpacked once and reused. */
+/* One row against TN tokens: the four code vectors of a block are unpacked once and reused.
+ * Block sums (|s| <= 2048) add up in int16 for 8 blocks (<= 16384), then widen to int32. */
 AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const bn_i2_job *j, int r, int t0,
                                                                         const int TN) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
@@ -90,20 +91,26 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const 
     const int8_t *x = j->xq + (size_t)t0 * j->kp;
     __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                       _mm256_setzero_si256()};
-    for (int b = 0; b < nb; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
-        __m256i c0 = _mm256_and_si256(w, mask);
-        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
-        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
-        for (int t = 0; t < TN; t++) {
-            const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
-            __m256i s = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xb));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32))));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
-            acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s, ones));
+    for (int b0 = 0; b0 < nb; b0 += 8) {
+        const int b1 = b0 + 8 < nb ? b0 + 8 : nb;
+        __m256i acc16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                            _mm256_setzero_si256()};
+        for (int b = b0; b < b1; b++) {
+            __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
+            __m256i c0 = _mm256_and_si256(w, mask);
+            __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
+            __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+            __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+            for (int t = 0; t < TN; t++) {
+                const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
+                __m256i s = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xb));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32))));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
+                s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
+                acc16[t] = _mm256_add_epi16(acc16[t], s);
+            }
         }
+        for (int t = 0; t < TN; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(acc16[t], ones));
     }
     for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, hsum_avx2(acc[t]));
 }
