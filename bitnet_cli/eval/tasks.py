@@ -8,7 +8,9 @@ from changes. A task whose ``dataset_path`` is one of the hub datasets below rea
     allenai/ai2_arc ARC-Challenge  -> arc_challenge/{train,validation,test}.jsonl
     Rowan/hellaswag                -> hellaswag/{train,validation}.jsonl
     cais/mmlu, hails/mmlu_no_train -> mmlu/{dev,validation,test}.jsonl  (one file, rows filtered by `subject`)
-    EleutherAI/wikitext_document_level wikitext-2-raw-v1 -> wikitext-2-raw/{valid,test}.txt (raw text)
+    EleutherAI/wikitext_document_level wikitext-2-raw-v1 -> wikitext-2-raw/{valid,test}.txt
+        (the raw WikiText files, split into articles at top-level headings; looked for in DATA_DIR,
+        then in DATA_DIR/../corpus, where shared/data keeps them)
 
 Every task the harness builds passes through ``LocalDataFactory._load_full_config``, so groups
 (``mmlu`` = 57 subject tasks) and variants (``mmlu_continuation``, ...) are covered alike.
@@ -138,13 +140,16 @@ class LocalDataFactory(TaskFactory):
         eval_split = cfg.get("test_split") or cfg.get("validation_split")
         shots = self.num_fewshot if self.num_fewshot is not None else cfg.get("num_fewshot") or 0
         fewshot_split = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+        where = self.data_dir / folder
+        if raw_text and not where.is_dir():  # shared/data keeps raw text in corpus/, beside eval/
+            where = self.data_dir.parent / "corpus" / folder
         files = {}
         for key in SPLIT_KEYS:
             split = cfg.get(key)
             if split is None:
                 continue
             name = WIKITEXT_FILES.get(split, f"{split}.txt") if raw_text else f"{split}.jsonl"
-            path = self.data_dir / folder / name
+            path = where / name
             if path.is_file():
                 files[split] = path
             elif split == eval_split or (shots > 0 and split == fewshot_split):
@@ -155,7 +160,7 @@ class LocalDataFactory(TaskFactory):
         cfg["dataset_kwargs"] = None
         if callable(cfg.get("process_docs")):
             cfg["process_docs"] = ProcessOnce(cfg["process_docs"])
-        cfg["metadata"] = {**cfg.get("metadata", {}), "local_data": str(self.data_dir / folder)}
+        cfg["metadata"] = {**cfg.get("metadata", {}), "local_data": str(where)}
         return cfg
 
     @staticmethod
