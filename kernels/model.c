@@ -218,18 +218,49 @@ static void embed(const bn_model *m, int token, float *out) {
     }
 }
 
-/* rows [M][n] (stride n) -> int8 rows of m->xq (stride kp), scales and sums */
-static void quantize(bn_model *m, const float *x, int M, int n, int kp) {
-    bn_quantize_rows(x, M, n, kp, m->xq, m->xscale, m->xsum);
+/* The float glue between two matrix products, per token: optionally x += add (a residual) or
+ * x = relu(x)^2 * up (the gated FFN), then h = rmsnorm(x) * w, then h -> int8 rows of m->xq.
+ * For a prefill chunk the tokens are split over the pool; a decode step runs it inline. */
+typedef struct {
+    bn_model *m;
+    int M, n, kp;
+    float *x;
+    const float *add, *up, *w;
+} glue_task;
+
+static void glue_worker(void *ctx, int ith, int nth) {
+    const glue_task *g = ctx;
+    bn_model *m = g->m;
+    int t0, t1;
+    bn_split(g->M, ith, nth, 1, &t0, &t1);
+    for (int t = t0; t < t1; t++) {
+        float *x = g->x + (size_t)t * g->n, *h = m->h + (size_t)t * g->n;
+        if (g->add)
+            for (int i = 0; i < g->n; i++) x[i] += g->add[(size_t)t * g->n + i];
+        if (g->up)
+            for (int i = 0; i < g->n; i++) {
+                float v = x[i] > 0.0f ? x[i] : 0.0f;
+                x[i] = v * v * g->up[(size_t)t * g->n + i];
+            }
+        rmsnorm(x, g->w, g->n, m->d.rms_eps, h);
+        bn_quantize_rows(h, 1, g->n, g->kp, m->xq + (size_t)t * g->kp, m->xscale + t, m->xsum + t);
+    }
+}
+
+static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
+    glue_task g = {m, M, n, kp, x, add, up, w};
+    if (M == 1)
+        glue_worker(&g, 0, 1);
+    else
+        bn_pool_run(m->pool, glue_worker, &g);
 }
 
 static void layer_forward(bn_model *m, int l, int M, int p0) {
     const bn_layer_desc *L = &m->layers[l];
     const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
-    const float eps = m->d.rms_eps;
 
-    for (int t = 0; t < M; t++) rmsnorm(m->x + (size_t)t * H, L->attn_norm, H, eps, m->h + (size_t)t * H);
-    quantize(m, m->h, M, H, m->kp_h);
+    /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
+    glue(m, M, m->x, l > 0 ? m->tmp : NULL, NULL, L->attn_norm, H, m->kp_h);
     matmul_task qkv = {m->i2,
                        {i2_job(m, L->wq, L->gq, m->kp_h, M, m->q, m->q_dim),
                         i2_job(m, L->wk, L->gk, m->kp_h, M, m->k, m->kv_dim),
@@ -252,30 +283,20 @@ static void layer_forward(bn_model *m, int l, int M, int p0) {
     attn_task at = {m, l, M, p0};
     bn_pool_run(m->pool, attn_worker, &at);
 
-    for (int t = 0; t < M; t++)
-        rmsnorm(m->att + (size_t)t * m->q_dim, L->attn_sub_norm, H, eps, m->h + (size_t)t * H);
-    quantize(m, m->h, M, H, m->kp_h);
+    glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
     matmul_task o = {m->i2, {i2_job(m, L->wo, L->go, m->kp_h, M, m->tmp, H)}, {H}, 1};
     bn_pool_run(m->pool, matmul_worker, &o);
-    for (size_t i = 0; i < (size_t)M * H; i++) m->x[i] += m->tmp[i];
 
-    for (int t = 0; t < M; t++) rmsnorm(m->x + (size_t)t * H, L->post_norm, H, eps, m->h + (size_t)t * H);
-    quantize(m, m->h, M, H, m->kp_h);
+    glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);
     matmul_task gu = {m->i2,
                       {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
                       {F, F},
                       2};
     bn_pool_run(m->pool, matmul_worker, &gu);
-    for (size_t i = 0; i < (size_t)M * F; i++) {
-        float g = m->gate[i] > 0.0f ? m->gate[i] : 0.0f;
-        m->gate[i] = g * g * m->up[i];
-    }
-    for (int t = 0; t < M; t++)
-        rmsnorm(m->gate + (size_t)t * F, L->ffn_sub_norm, F, eps, m->h + (size_t)t * F);
-    quantize(m, m->h, M, F, m->kp_f);
+
+    glue(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, F, m->kp_f);
     matmul_task down = {m->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
     bn_pool_run(m->pool, matmul_worker, &down);
-    for (size_t i = 0; i < (size_t)M * H; i++) m->x[i] += m->tmp[i];
 }
 
 /* final norm + head for chunk tokens [t0, M) into logits rows */
@@ -298,6 +319,7 @@ int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *log
         int M = n - c0 < CHUNK ? n - c0 : CHUNK;
         for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * m->d.hidden);
         for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, M, n_past + c0);
+        for (size_t i = 0; i < (size_t)M * m->d.hidden; i++) m->x[i] += m->tmp[i]; /* the last FFN output */
         if (all_logits)
             output(m, 0, M, logits + (size_t)c0 * m->d.vocab);
         else if (c0 + M == n)
