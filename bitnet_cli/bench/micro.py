@@ -9,6 +9,7 @@ last-level cache many times over, so a GEMV streams its weights from DRAM the wa
 from __future__ import annotations
 
 import contextlib
+import itertools
 from typing import Callable, Iterator
 
 import numpy as np
@@ -40,23 +41,12 @@ def _rotating(one: np.ndarray) -> list[np.ndarray]:
     return list(block)
 
 
-def _cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
-    """One call of the result calls the next of `fns`, round robin."""
-    state = {"i": 0}
-
-    def call():
-        i = state["i"]
-        state["i"] = (i + 1) % len(fns)
-        return fns[i]()
-
-    return call
-
-
 def _ternary(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int, str]:
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     weights = _rotating(random_ternary(n, k, rng))
     op = kernels_api.TernaryMatmul(n, k, tokens, threads)
-    return _cycle([lambda w=w: op(w, x) for w in weights]), ternary_bytes(n, k), op.isa
+    rotation = itertools.cycle(weights)
+    return lambda: op(next(rotation), x), ternary_bytes(n, k), op.isa
 
 
 @contextlib.contextmanager
@@ -75,7 +65,8 @@ def _f32(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int,
     x = rng.standard_normal((k, tokens), dtype=np.float32)
     weights = _rotating(rng.standard_normal((n, k), dtype=np.float32))
     out = np.empty((n, tokens), dtype=np.float32)
-    return _cycle([lambda w=w: np.matmul(w, x, out=out) for w in weights]), n * k * 4, "numpy"
+    rotation = itertools.cycle(weights)
+    return lambda: np.matmul(next(rotation), x, out=out), n * k * 4, "numpy"
 
 
 _FACTORIES = {"ternary": _ternary, "f32": _f32}
@@ -84,10 +75,10 @@ _FACTORIES = {"ternary": _ternary, "f32": _f32}
 def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0) -> dict:
     """Time one kernel on one weight shape: seconds per call, weight GB/s and GOPS (summaries)."""
     rng = np.random.default_rng(seed)
-    with _blas_threads(threads) if impl == "f32" else contextlib.nullcontext("") as blas:
+    # numpy's BLAS has its own thread pool: cap it at the same thread count as ours
+    with _blas_threads(threads) if impl == "f32" else contextlib.nullcontext(None) as blas:
         call, weight_bytes, backend = _FACTORIES[impl](n, k, tokens, threads, rng)
         seconds = time_call(call, repeat)
-    del call
     return {
         "impl": impl, "backend": blas or backend, "n": n, "k": k, "tokens": tokens, "threads": threads,
         "weight_bytes": weight_bytes, "seconds": seconds,

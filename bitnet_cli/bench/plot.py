@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from bitnet_cli.bench import anchors
-from bitnet_cli.bench.report import mb
+from bitnet_cli.bench.report import anchor_label, mb
 from bitnet_cli.errors import BitnetError
 
 
@@ -44,9 +44,9 @@ def plot(results: dict, out: Path) -> Path:
         if a["tg64"] and a["runtime"] != "transformers":
             ths = sorted(a["tg64"])
             ceiling.plot(ths, [a["tg64"][t] for t in ths], ls="--", marker=".", alpha=0.7,
-                         label=f"{a['runtime']} {a['weights'].split()[0]} ({a['head']}) tg64, {anchors.DATE}")
+                         label=f"{anchor_label(a)} tg64 ({anchors.DATE}, their machine)")
     ceiling.set(title="Decode: achieved vs roofline", xlabel="threads", ylabel="tokens/s")
-    ceiling.legend(fontsize=7)
+    ceiling.legend(fontsize=6.5, loc="upper left", framealpha=0.8)
     threads = results["settings"]["threads"]
     for ax in (scaling, ceiling):
         ax.set_xticks(threads)

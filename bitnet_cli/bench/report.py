@@ -28,7 +28,8 @@ def print_report(results: dict, console: Console) -> None:
     per_token = model["bytes_per_token"]
     console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings) on {m['cpu']}, "
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
-                  f"median of {results['settings']['repeat']} run(s), (min-max) in grey")
+                  f"load average {m.get('load_average')}; median of {results['settings']['repeat']} run(s), "
+                  "(min-max) in grey")
     console.print(f"bytes streamed per decoded token: {mb(per_token['total'])} = ternary {mb(per_token['ternary'])}"
                   f" + head {mb(per_token['head'])} + norms {mb(per_token['norms'])}")
     if "roofline" in results:
@@ -55,18 +56,25 @@ def _roofline(results: dict, console: Console) -> None:
     console.print(table)
 
 
+def paired_kernels(rows: list[dict]) -> list[dict]:
+    """Kernel rows grouped by shape x tokens x threads: {"n", "k", "tokens", "threads", "used_by", impl: row}."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["n"], r["k"], r["tokens"], r["threads"])
+        group = groups.setdefault(key, dict(zip(("n", "k", "tokens", "threads"), key),
+                                            used_by=",".join(p.removesuffix("_proj") for p in r["projections"])))
+        group[r["impl"]] = r
+    return list(groups.values())
+
+
 def _kernels(rows: list[dict], console: Console) -> None:
     """One line per shape x tokens x threads: ours, then the dense f32 BLAS comparison (medians)."""
     table = Table(title="Kernels per weight shape, medians (weights streamed from DRAM; min-max in --json)")
     for col in ("N x K", "used by", "tok", "thr", "ternary us", "GB/s", "GOPS", "% bw", "f32 us", "GB/s", "vs f32"):
         table.add_column(col, justify="left" if col == "used by" else "right")
-    groups: dict[tuple, dict] = {}
-    for r in rows:
-        groups.setdefault((r["n"], r["k"], r["tokens"], r["threads"]), {})[r["impl"]] = r
-    for (n, k, tokens, threads), impls in groups.items():
-        ours, dense = impls.get("ternary"), impls.get("f32")
-        used = ",".join(p.removesuffix("_proj") for p in (ours or dense)["projections"])
-        cells = [f"{n}x{k}", used, str(tokens), str(threads)]
+    for g in paired_kernels(rows):
+        ours, dense = g.get("ternary"), g.get("f32")
+        cells = [f"{g['n']}x{g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"])]
         cells += ([f"{ours['seconds']['median'] * 1e6:,.0f}", f"{ours['gbps']['median']:.1f}",
                    f"{ours['gops']['median']:.0f}",
                    f"{ours['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in ours else ""] if ours else ["-"] * 4)

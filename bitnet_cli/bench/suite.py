@@ -63,6 +63,8 @@ def machine() -> dict:
         isas = []
     return {
         "cpu": cpu, "logical_cpus": os.cpu_count(), "isas": isas, "platform": platform.platform(),
+        # other work on the machine skews every figure: record how busy it was
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(), "numpy": np.__version__, "bitnet_cli": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
