@@ -18,7 +18,8 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-#define SPIN_ROUNDS 200000
+#define SPIN_ROUNDS 200000 /* a worker's wait for the next section before it sleeps (a few ms) */
+#define JOIN_SPINS 10000   /* the caller's wait for the workers before it yields its core */
 #define MAX_THREADS 256
 
 typedef struct {
@@ -110,9 +111,9 @@ void bn_pool_run(bn_pool *pool, bn_task_fn fn, void *ctx) {
     fn(ctx, 0, pool->n);
     int spins = 0;
     while (atomic_load_explicit(&pool->pending, memory_order_acquire) > 0) {
-        if (++spins < SPIN_ROUNDS)
+        if (++spins < JOIN_SPINS)
             CPU_RELAX();
         else
-            sched_yield();
+            sched_yield(); /* a worker may be waiting for this core (more threads than free cores) */
     }
 }
