@@ -472,7 +472,7 @@ def bench(
         "2b4t, 700m, 1.3b, 3b or 8b \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16 or int8."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and all CPUs]."),
+        None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
     what: str = typer.Option("roofline,kernels,e2e", help="Sections to run, comma-separated: "
                              "roofline (memory bandwidth, decode ceiling), kernels (per weight shape), "
@@ -484,6 +484,9 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: thread scaling, and decode vs the roofline."),
     cache_dir: Optional[Path] = typer.Option(
         None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
+    isa: Optional[str] = typer.Option(
+        None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, neon, neondot) for kernels and e2e "
+        "\\[default: $BITNET_ISA, else the best this CPU has]."),
 ):
     """Measure kernels, memory bandwidth (the decode roofline) and end-to-end speed.
 
@@ -495,11 +498,17 @@ def bench(
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from bitnet_cli.bench import report, suite, target as targets
+    from bitnet_cli.kernels import physical_cores
 
     with user_errors():
         if model is not None and shape is not None:
             raise BitnetError("give either --model or --shape, not both")
-        thread_list = suite.parse_int_list(threads or f"1,{os.cpu_count() or 1}", "--threads")
+        if isa is not None:
+            from bitnet_cli import kernels
+
+            kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path
+            os.environ["BITNET_ISA"] = isa  # read by the kernels here and by the e2e worker processes
+        thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
         sections = suite.parse_sections(what)
         if repeat < 1:
             raise BitnetError(f"--repeat must be at least 1, got {repeat}")

@@ -145,6 +145,7 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--model", "no/such/file.bin"], "model file not found: no/such/file.bin"),
+    (["--isa", "sse9"], "unknown instruction set 'sse9'"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = runner.invoke(app, ["bench", *args])
@@ -292,3 +293,12 @@ def test_engine_failure_is_a_clear_error(tmp_path):
     bad.write_bytes(b"\x00" * 1000)
     with pytest.raises(BitnetError, match="garbage.bin"):
         suite.e2e.run(bad, [1], repeat=1, prompts=(8,), generate=2)
+
+
+def test_forced_isa_reaches_the_kernels(tiny_model, small_buffers, monkeypatch):
+    monkeypatch.setenv("BITNET_ISA", "avx2")  # restored after the test; the command overrides it
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "kernels", "--isa", "scalar",
+                                 "--threads", "1", "--tokens", "1", "--repeat", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["kernels"]
+    assert {r["backend"] for r in rows if r["impl"] == "ternary"} == {"scalar"}

@@ -69,7 +69,9 @@ def paired_kernels(rows: list[dict]) -> list[dict]:
 
 def _kernels(rows: list[dict], console: Console) -> None:
     """One line per shape x tokens x threads: ours, then the dense f32 BLAS comparison (medians)."""
-    table = Table(title="Kernels per weight shape, medians (weights streamed from DRAM; min-max in --json)")
+    isas = sorted({r["backend"] for r in rows if r["impl"] == "ternary"})
+    table = Table(title=f"Kernels per weight shape (ternary: {', '.join(isas)}; f32: numpy BLAS), medians; "
+                        "weights streamed from DRAM; min-max in --json")
     for col in ("N x K", "used by", "tok", "thr", "ternary us", "GB/s", "GOPS", "% bw", "f32 us", "GB/s", "vs f32"):
         table.add_column(col, justify="left" if col == "used by" else "right")
     for g in paired_kernels(rows):
