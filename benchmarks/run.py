@@ -64,6 +64,13 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
             ["threads", "load s", *names, "peak RSS MB"],
             [[str(r["threads"]), _stat(r["load_s"], "{:.2f}"), *(_stat(r["tokens_per_s"][n]) for n in names),
               f"{r['peak_rss_bytes'] / 1e6:,.0f}"] for r in results["e2e"]])]
+    if results["summary"].get("time_per_token"):
+        parts += ["## Where a token's time goes (estimate)", "Ternary products as timed in the kernel section "
+                  "(each shape x its uses per token); the rest is the output head, attention, norms and overhead.",
+                  _table(["threads", "test", "ms per token", "ternary ms", "share", "rest ms"],
+                         [[str(r["threads"]), r["test"], f"{r['total_ms']:.1f}", f"{r['ternary_ms']:.1f}",
+                           f"{r['ternary_pct']:.0f}%", f"{r['total_ms'] - r['ternary_ms']:.1f}"]
+                          for r in results["summary"]["time_per_token"]])]
     if results["summary"].get("anchors"):
         a = results["summary"]["anchors"]
         tg = f"ours_tg{s['generate']}"

@@ -226,6 +226,13 @@ def test_json_output_schema_and_consistency(tiny_results, tiny_model):
         assert d["tg_tps"] == e["tokens_per_s"]["tg8"]["median"]
         assert d["pct_of_ceiling"] == pytest.approx(100 * d["tg_tps"] / roof["decode_ceiling_tps"]["median"])
     assert res["summary"]["anchors"] is None  # anchors belong to the 2b4t shape only
+    split = {(r["threads"], r["test"]): r for r in res["summary"]["time_per_token"]}
+    assert set(split) == {(t, name) for t in (1, 2) for name in ("tg8",)}  # pp8/pp32 have no 8/32-token kernels
+    for e in res["e2e"]:
+        r = split[(e["threads"], "tg8")]
+        assert r["total_ms"] == pytest.approx(1e3 / e["tokens_per_s"]["tg8"]["median"])
+        gemvs = [k for k in res["kernels"] if k["impl"] == "ternary" and k["tokens"] == 1 and k["threads"] == e["threads"]]
+        assert r["ternary_ms"] == pytest.approx(1e3 * sum(k["seconds"]["median"] * k["per_token"] for k in gemvs))
     gemv = [r for r in res["kernels"] if r["tokens"] == 1]
     assert gemv and all("pct_of_bandwidth" in r for r in gemv)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

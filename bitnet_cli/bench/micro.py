@@ -100,5 +100,6 @@ def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPL
                         progress(f"{impl} {shape['n']}x{shape['k']} T={t} {th}t")
                     row = bench_shape(impl, shape["n"], shape["k"], t, th, repeat)
                     row["projections"] = shape["projections"]
+                    row["per_token"] = shape["per_token"]
                     results.append(row)
     return results

@@ -38,6 +38,8 @@ def print_report(results: dict, console: Console) -> None:
         _kernels(results["kernels"], console)
     if "e2e" in results:
         _e2e(results, console)
+    if results["summary"].get("time_per_token"):
+        _time_per_token(results["summary"]["time_per_token"], console)
     if results["summary"].get("anchors"):
         _anchors(results["summary"]["anchors"], results["settings"], console)
 
@@ -95,6 +97,16 @@ def _e2e(results: dict, console: Console) -> None:
     for r in rows:
         table.add_row(str(r["threads"]), _stat(r["load_s"], "{:.2f}"),
                       *(_stat(r["tokens_per_s"][n]) for n in names), mb(r["peak_rss_bytes"]))
+    console.print(table)
+
+
+def _time_per_token(rows: list[dict], console: Console) -> None:
+    table = Table(title="Where a token's time goes (estimate): ternary products timed in the kernel section vs the rest")
+    for col in ("threads", "test", "ms per token", "ternary ms", "share", "rest ms (head, attention, ...)"):
+        table.add_column(col, justify="left" if col == "test" else "right")
+    for r in rows:
+        table.add_row(str(r["threads"]), r["test"], f"{r['total_ms']:.3g}", f"{r['ternary_ms']:.3g}",
+                      f"{r['ternary_pct']:.0f}%", f"{r['total_ms'] - r['ternary_ms']:.3g}")
     console.print(table)
 
 

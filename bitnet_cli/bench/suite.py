@@ -109,10 +109,33 @@ def summarize(results: dict, shape: str | None) -> dict:
             ceiling = bandwidth[row["threads"]]["decode_ceiling_tps"]["median"]
             entry |= {"ceiling_tps": ceiling, "pct_of_ceiling": roofline.percent_of_ceiling(entry["tg_tps"], ceiling)}
         decode.append(entry)
-    summary = {"decode_vs_roofline": decode, "anchors": None}
+    summary = {"decode_vs_roofline": decode, "time_per_token": time_per_token(results), "anchors": None}
     if anchors.anchors_for(shape) and results.get("e2e"):
         summary["anchors"] = compare_with_anchors(results["e2e"], results["settings"])
     return summary
+
+
+def time_per_token(results: dict) -> list[dict]:
+    """How much of each e2e token's time the ternary products account for, by the micro-benchmarks.
+
+    For tgN: the GEMV times of every shape times its uses per token; for ppN (N among the kernel
+    token counts): the GEMM times at N tokens, divided by N. The rest is the output head,
+    attention, norms and overhead.
+    """
+    kernels = [r for r in results.get("kernels", []) if r["impl"] == "ternary"]
+    rows = []
+    for e in results.get("e2e", []):
+        th = e["threads"]
+        for name, rate in e["tokens_per_s"].items():
+            tokens = 1 if name.startswith("tg") else int(name[2:])
+            used = [r for r in kernels if r["threads"] == th and r["tokens"] == tokens]
+            if not used:
+                continue
+            ternary = sum(r["seconds"]["median"] * r["per_token"] for r in used) / tokens
+            total = 1.0 / rate["median"]
+            rows.append({"threads": th, "test": name, "total_ms": 1e3 * total, "ternary_ms": 1e3 * ternary,
+                         "ternary_pct": 100.0 * ternary / total})
+    return rows
 
 
 def compare_with_anchors(e2e_rows: list[dict], settings: dict) -> dict:
