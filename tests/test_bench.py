@@ -309,3 +309,14 @@ def test_forced_isa_reaches_the_kernels(tiny_model, small_buffers, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["kernels"]
     assert {r["backend"] for r in rows if r["impl"] == "ternary"} == {"scalar"}
+
+
+def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = runner.invoke(app, ["bench", "--shape", "tiny", "--what", "e2e", "--cache-dir", str(blocker / "cache")])
+    assert result.exit_code != 0 and "cannot create the synthetic model cache" in result.output
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "e2e", "--threads", "1",
+                                 "--repeat", "1", "--prompts", "4", "--generate", "2",
+                                 "--plot", str(tmp_path / "missing" / "bench.png")])
+    assert result.exit_code != 0 and "does not exist" in result.output and "Traceback" not in result.output

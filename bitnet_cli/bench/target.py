@@ -24,7 +24,7 @@ class Target:
     shape: str | None    # the named shape (None for a user's file)
     config: dict         # HF config dict
     embeddings: str      # "f16" or "int8"
-    path: Path | None    # the packed file; for a synthetic shape, where it is (or will be) cached
+    path: Path           # the packed file; for a synthetic shape, where it is (or will be) cached
 
     def ensure_file(self, progress=None) -> Path:
         """The packed file, writing the synthetic one first if it is not cached yet."""
@@ -36,7 +36,10 @@ class Target:
             if progress:
                 progress(f"writing synthetic {self.shape} model (once, cached): tensor {done}/{total}")
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BitnetError(f"cannot create the synthetic model cache {self.path.parent}: {e.strerror}") from None
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0, progress=tensor_done)
@@ -79,7 +82,7 @@ def describe(target: Target) -> dict:
     return {
         "name": target.name,
         "shape": target.shape,
-        "path": str(target.path) if target.path else None,
+        "path": str(target.path),
         "embeddings": target.embeddings,
         "config": {k: c.get(k) for k in keys},
     }
