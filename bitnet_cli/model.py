@@ -170,38 +170,28 @@ def _quant_activation(x: torch.Tensor) -> torch.Tensor:
     return ((x * scale).round().clamp(-128, 127) / scale).to(dtype)
 
 
-class _WeightQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w):
-        return _quant_weight(w)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _ActQuantSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return _quant_activation(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 class BitLinear(nn.Linear):
     """``nn.Linear`` (no bias) whose forward sees ternary weights and int8 activations.
 
     The parameter stays the full-precision latent weight that the optimiser updates; the
-    quantisation happens in every forward, with straight-through gradients.
+    quantisation happens in every forward. With gradients on, the straight-through estimator
+    is written as ``v + (q(v) - v).detach()`` (value of the quantised tensor, gradient of the
+    identity): torch.compile fuses it, whereas a custom autograd.Function lost its gradient
+    under torch.compile in torch 2.11. Without gradients the quantised tensors are used as they
+    are, bit for bit transformers' arithmetic.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_ActQuantSTE.apply(x), _WeightQuantSTE.apply(self.weight))
+        w = self.weight
+        if torch.is_grad_enabled():
+            x = x + (_quant_activation(x) - x).detach()
+            w = w + (_quant_weight(w) - w).detach()
+        else:
+            x, w = _quant_activation(x), _quant_weight(w)
+        return F.linear(x, w)
 
 
 def _linear(config: BitNetConfig, n_in: int, n_out: int) -> nn.Linear:

@@ -133,3 +133,21 @@ def test_flops_per_token_counts_the_matmuls():
     model = BitNetForCausalLM(c)
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert flops_per_token(c, seq_len=10) == 6 * n_matmul + 12 * 2 * 64 * 10
+
+
+def test_bitlinear_straight_through_values_and_gradients():
+    from bitnet_cli.model import BitLinear, _quant_activation, _quant_weight
+
+    torch.manual_seed(0)
+    lin = BitLinear(24, 8)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    y = lin(x)
+    with torch.no_grad():
+        exact = lin(x)
+    assert torch.allclose(y, exact, rtol=0, atol=1e-6)  # the STE form computes the same values
+    g = torch.randn_like(y)
+    y.backward(g)
+    # straight-through: the gradients of F.linear(q(x), q(W)) as if q were the identity
+    xq, wq = _quant_activation(x.detach()), _quant_weight(lin.weight.detach())
+    assert torch.allclose(x.grad, g @ wq, atol=1e-6)
+    assert torch.allclose(lin.weight.grad, g.reshape(-1, 8).T @ xq.reshape(-1, 24), atol=1e-5)
