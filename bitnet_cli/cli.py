@@ -510,6 +510,10 @@ def bench(
             os.environ["BITNET_ISA"] = isa  # read by the kernels here and by the e2e worker processes
         thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
         sections = suite.parse_sections(what)
+        if plot is not None:
+            from bitnet_cli.bench.plot import check_destination
+
+            check_destination(plot)
         if repeat < 1:
             raise BitnetError(f"--repeat must be at least 1, got {repeat}")
         if generate < 1:

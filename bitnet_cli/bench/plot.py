@@ -10,6 +10,14 @@ from bitnet_cli.bench.report import anchor_label, mb
 from bitnet_cli.errors import BitnetError
 
 
+def check_destination(out: Path) -> Path:
+    """Fail before a long benchmark, not after it, when the plot could not be written."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise BitnetError(f"--plot: directory {out.parent} does not exist")
+    return out
+
+
 def plot(results: dict, out: Path) -> Path:
     """Write the figure to `out` (via a temp file in the same directory, then rename)."""
     import matplotlib
@@ -55,9 +63,7 @@ def plot(results: dict, out: Path) -> Path:
     fig.suptitle(f"bitnet bench: {results['model']['name']} on {results['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
 
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise BitnetError(f"--plot: directory {out.parent} does not exist")
+    out = check_destination(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     try:
         fig.savefig(tmp, dpi=110)
