@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from bitnet_cli.bench import anchors
-from bitnet_cli.bench.report import anchor_label, mb
+from bitnet_cli.bench.report import anchor_label, fmt_bytes
 from bitnet_cli.errors import BitnetError
 
 
@@ -43,7 +43,7 @@ def plot(results: dict, out: Path) -> Path:
     if roof:
         xs = [r["threads"] for r in roof]
         ceiling.plot(xs, [r["decode_ceiling_tps"]["median"] for r in roof], marker="s", color="k",
-                     label=f"roofline: bandwidth / {mb(results['model']['bytes_per_token']['total'])} per token")
+                     label=f"roofline: bandwidth / {fmt_bytes(results['model']['bytes_per_token']['total'])} per token")
     decode = results["summary"]["decode_vs_roofline"]
     if decode:
         ceiling.plot([d["threads"] for d in decode], [d["tg_tps"] for d in decode], marker="o",

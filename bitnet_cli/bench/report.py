@@ -16,7 +16,7 @@ def _stat(s: dict, fmt: str = "{:.1f}") -> str:
     return text
 
 
-def mb(n: int) -> str:
+def fmt_bytes(n: int) -> str:
     """Bytes in MB, or kB/GB where MB would read 0 or need more than four digits."""
     if n < 1e6:
         return f"{n / 1e3:,.0f} kB"
@@ -30,8 +30,8 @@ def print_report(results: dict, console: Console) -> None:
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
                   f"load average {m.get('load_average')}; median of {results['settings']['repeat']} run(s), "
                   "(min-max) in grey")
-    console.print(f"bytes streamed per decoded token: {mb(per_token['total'])} = ternary {mb(per_token['ternary'])}"
-                  f" + head {mb(per_token['head'])} + norms {mb(per_token['norms'])}")
+    console.print(f"bytes streamed per decoded token: {fmt_bytes(per_token['total'])} = ternary {fmt_bytes(per_token['ternary'])}"
+                  f" + head {fmt_bytes(per_token['head'])} + norms {fmt_bytes(per_token['norms'])}")
     if "roofline" in results:
         _roofline(results, console)
     if "kernels" in results:
@@ -44,17 +44,22 @@ def print_report(results: dict, console: Console) -> None:
         _anchors(results["summary"]["anchors"], results["settings"], console)
 
 
+def _pct(value: float, goal: float = 85.0) -> str:
+    """A percent of the roofline, green once it reaches the project's goal (issue 6: 85%)."""
+    return f"[{'green' if value >= goal else 'yellow'}]{value:.0f}%[/]"
+
+
 def _roofline(results: dict, console: Console) -> None:
     decode = {d["threads"]: d for d in results["summary"]["decode_vs_roofline"]}
     table = Table(title="Decode roofline: memory-read bandwidth / bytes per token")
-    for col in ("threads", "bandwidth GB/s", "decode ceiling tok/s", "measured tg tok/s", "% of ceiling"):
+    for col in ("threads", "bandwidth GB/s", "decode ceiling tok/s", "measured tg tok/s", "% of ceiling (goal 85%)"):
         table.add_column(col, justify="right")
     for row in results["roofline"]:
         d = decode.get(row["threads"], {})
         table.add_row(str(row["threads"]), _stat(row["bandwidth_gbps"]),
                       f"{row['decode_ceiling_tps']['median']:.1f}",
                       f"{d['tg_tps']:.1f}" if d else "-",
-                      f"{d['pct_of_ceiling']:.0f}%" if "pct_of_ceiling" in d else "-")
+                      _pct(d["pct_of_ceiling"]) if "pct_of_ceiling" in d else "-")
     console.print(table)
 
 
@@ -90,13 +95,13 @@ def _kernels(rows: list[dict], console: Console) -> None:
 
 def _e2e(results: dict, console: Console) -> None:
     rows = results["e2e"]
-    table = Table(title=f"End to end ({mb(results['model'].get('file_bytes', 0))} file), tokens/s")
+    table = Table(title=f"End to end ({fmt_bytes(results['model'].get('file_bytes', 0))} file), tokens/s")
     names = list(rows[0]["tokens_per_s"]) if rows else []
     for col in ["threads", "load s", *names, "peak RSS"]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["threads"]), _stat(r["load_s"], "{:.2f}"),
-                      *(_stat(r["tokens_per_s"][n]) for n in names), mb(r["peak_rss_bytes"]))
+                      *(_stat(r["tokens_per_s"][n]) for n in names), fmt_bytes(r["peak_rss_bytes"]))
     console.print(table)
 
 
