@@ -155,6 +155,14 @@ def tokenizer_config(tok, src_dir: Path | None = None) -> dict:
     return cfg
 
 
+def bos_id(tok) -> int | None:
+    for name in (BOS, "<s>", "<|startoftext|>"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
 def eos_id(tok) -> int | None:
     for name in (EOS, "</s>", "<|endoftext|>", "<|eot_id|>"):
         i = tok.token_to_id(name)

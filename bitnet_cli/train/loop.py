@@ -21,8 +21,8 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
-from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, load_tokenizer, prepare_tokenizer,
-                                   resolve_files, tokenize_to_memmap, tokenizer_config)
+from bitnet_cli.train.data import (TokenData, bos_id, cache_root, corpus_hash, eos_id, load_tokenizer,
+                                   prepare_tokenizer, resolve_files, tokenize_to_memmap, tokenizer_config)
 from bitnet_cli.train.recipe import Recipe
 from bitnet_cli.train.schedule import lr_at, weight_decay_at
 
@@ -61,7 +61,8 @@ def total_steps(recipe: Recipe, world: int = 1) -> int:
     return max(1, math.ceil(t.tokens / per_step))
 
 
-def model_config(recipe: Recipe, tokenizer_vocab: int | None) -> BitNetConfig:
+def model_config(recipe: Recipe, tokenizer_vocab: int | None, bos_token_id: int | None = None,
+                 eos_token_id: int | None = None) -> BitNetConfig:
     """The BitNetConfig a recipe describes (vocab from the tokenizer unless the recipe fixes it)."""
     dims = recipe.model.resolved()
     vocab = dims.pop("vocab_size", None) or tokenizer_vocab
@@ -81,7 +82,7 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None) -> BitNetConfig:
     if recipe.train.seq_len > dims["max_position_embeddings"]:
         raise BitnetError(f"train.seq_len {recipe.train.seq_len} exceeds model.max_position_embeddings "
                           f"{dims['max_position_embeddings']}")
-    return BitNetConfig(vocab_size=vocab, bos_token_id=0, eos_token_id=1, **dims)
+    return BitNetConfig(vocab_size=vocab, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **dims)
 
 
 def describe(recipe: Recipe) -> dict:
@@ -137,8 +138,12 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device)
                              fused=device.type == "cuda")
 
 
-def plot_losses(metrics_path: Path, out_png: Path):
-    import matplotlib
+def plot_losses(metrics_path: Path, out_png: Path) -> bool:
+    """Draw train/val loss to ``out_png``; False (and no file) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,6 +169,7 @@ def plot_losses(metrics_path: Path, out_png: Path):
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, out_png)
+    return True
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -226,7 +232,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     tok_cfg = tokenizer_config(tok, tok_src)
 
     # -- model and optimiser
-    config = model_config(recipe, tok.get_vocab_size())
+    config = model_config(recipe, tok.get_vocab_size(), bos_id(tok), eos_id(tok))
     steps = total_steps(recipe, info.world)
     torch.manual_seed(recipe.seed)
     model = BitNetForCausalLM(config)
@@ -349,8 +355,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     if start_step < steps or not final.exists():
         save(final, steps, prior_seconds + seconds)
     if info.is_main:
-        if metrics_path.is_file():
-            plot_losses(metrics_path, out_dir / "loss.png")
+        if metrics_path.is_file() and not plot_losses(metrics_path, out_dir / "loss.png"):
+            say("[yellow]matplotlib is not installed: no loss.png (pip install 'bitnet-cli[train]')[/]")
     run_tokens = (steps - start_step) * tokens_per_step
     avg_tps = run_tokens / seconds if seconds > 0 and run_tokens else tps
     return TrainResult(

@@ -198,6 +198,26 @@ def _apply_override(data: dict, override: str) -> tuple[str, ...]:
     return path
 
 
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file path, or the name of a recipe shipped with bitnet-cli (``tiny``, ``small``, ...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    from importlib import resources
+
+    bundled = Path(str(resources.files("bitnet_cli") / "recipes" / f"{p.name}.yaml"))
+    if p.suffix == "" and len(p.parts) == 1 and bundled.is_file():
+        return bundled
+    raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
+
+
+def bundled_recipes() -> list[str]:
+    from importlib import resources
+
+    root = Path(str(resources.files("bitnet_cli") / "recipes"))
+    return sorted(f.stem for f in root.glob("*.yaml")) if root.is_dir() else []
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 data: dict | None = None) -> Recipe:
     """Read and validate a recipe (a YAML file, or a dict), with ``a.b=value`` overrides applied.
@@ -208,9 +228,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     lines: dict[tuple[str, ...], int] = {}
     base_dir = Path(".")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise BitnetError(f"{p}: recipe file not found")
+        p = find_recipe(path)
         text = p.read_text(encoding="utf-8")
         try:
             data = yaml.safe_load(text)
