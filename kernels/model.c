@@ -107,10 +107,25 @@ void bn_model_free(bn_model *m) {
 
 /* torch: x * rsqrt(mean(x^2) + eps) * weight, in fp32 */
 static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double ss = 0.0;
-    for (int i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    double lane[4] = {0}; /* independent sums: no add-latency chain */
+    int i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; l++) lane[l] += (double)x[i + l] * x[i + l];
+    double ss = (lane[0] + lane[1]) + (lane[2] + lane[3]);
+    for (; i < n; i++) ss += (double)x[i] * x[i];
     float r = 1.0f / sqrtf((float)(ss / n) + eps);
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* dot product with eight independent partial sums, so it vectorises without -ffast-math */
+static inline float dot(const float *a, const float *b, int n) {
+    float lane[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
 }
 
 /* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
@@ -172,10 +187,8 @@ static void attn_worker(void *ctx, int ith, int nth) {
         const float *kc = m->kcache + base, *vc = m->vcache + base;
         float mx = -INFINITY;
         for (int j = 0; j < n_keys; j++) {
-            float s = 0.0f;
-            for (int e = 0; e < hd; e++) s += q[e] * kc[(size_t)j * hd + e];
-            sc[j] = s * m->attn_scale;
-            mx = fmaxf(mx, sc[j]);
+            sc[j] = dot(q, kc + (size_t)j * hd, hd) * m->attn_scale;
+            mx = sc[j] > mx ? sc[j] : mx;
         }
         float sum = 0.0f;
         for (int j = 0; j < n_keys; j++) {
