@@ -66,10 +66,13 @@ def evaluate(
 
 
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
-    """(task, metric, value, stderr) for every task and group, in lm-eval's order."""
+    """(task, metric, value, stderr): group aggregates (e.g. mmlu) first, then every task."""
     rows = []
-    for section in ("results", "groups"):
-        for task, metrics in results.get(section, {}).items():
+    for section in ("groups", "results"):
+        entries = list(results.get(section, {}).items())
+        if section == "groups":
+            entries.reverse()  # lm-eval lists a group after its subgroups; the overall score goes first
+        for task, metrics in entries:
             if section == "results" and task in results.get("groups", {}):
                 continue  # a group's aggregate is listed once, from "groups"
             for key, value in metrics.items():
