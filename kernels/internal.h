@@ -59,11 +59,16 @@ bn_head_rows_fn bn_head_kernel(int isa);
 
 float bn_f16_to_f32(uint16_t h);
 
-/* Run fn(ctx, ith, nth) on every pool thread (ith 0 is the caller) and wait for all of them. */
-typedef void (*bn_task_fn)(void *ctx, int ith, int nth);
-void bn_pool_run(bn_pool *pool, bn_task_fn fn, void *ctx);
+/* Run fn(ctx, chunk, n_chunks, ith) for every chunk in [0, n_chunks), on whichever pool threads
+ * claim them (ith: the running thread, 0 is the caller, for per-thread scratch); returns when all
+ * are done. pool may be NULL (the caller runs every chunk). */
+typedef void (*bn_task_fn)(void *ctx, int chunk, int n_chunks, int ith);
+void bn_pool_run(bn_pool *pool, bn_task_fn fn, void *ctx, int n_chunks);
 
-/* Thread ith's share [*r0, *r1) of n rows, boundaries rounded to multiples of align. */
+/* How many chunks to cut `items` into: a few per thread, each at least min_items. */
+int bn_pool_chunks(const bn_pool *pool, int items, int min_items);
+
+/* Chunk ith's share [*r0, *r1) of n rows, boundaries rounded to multiples of align. */
 static inline void bn_split(int n, int ith, int nth, int align, int *r0, int *r1) {
     int chunks = (n + align - 1) / align;
     int c0 = (int)((long long)chunks * ith / nth), c1 = (int)((long long)chunks * (ith + 1) / nth);

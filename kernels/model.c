@@ -150,17 +150,28 @@ typedef struct {
     int count;
 } matmul_task;
 
-static void matmul_worker(void *ctx, int ith, int nth) {
-    const matmul_task *mt = ctx;
+static int matmul_rows(const matmul_task *mt) {
     int total = 0;
     for (int i = 0; i < mt->count; i++) total += mt->rows[i];
+    return total;
+}
+
+static void matmul_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
+    const matmul_task *mt = ctx;
     int r0, r1;
-    bn_split(total, ith, nth, 4, &r0, &r1);
+    bn_split(matmul_rows(mt), chunk, n_chunks, 4, &r0, &r1);
     int base = 0;
     for (int i = 0; i < mt->count; base += mt->rows[i], i++) {
         int a = r0 > base ? r0 - base : 0, b = r1 - base < mt->rows[i] ? r1 - base : mt->rows[i];
         if (a < b) mt->fn(&mt->jobs[i], a, b);
     }
+}
+
+static void run_matmul(bn_model *m, matmul_task *mt) {
+    /* decode: >= 64 rows per chunk to keep each stream long; prefill chunks carry M tokens each */
+    int min_rows = mt->jobs[0].m == 1 ? 64 : 16;
+    bn_pool_run(m->pool, matmul_worker, mt, bn_pool_chunks(m->pool, matmul_rows(mt), min_rows));
 }
 
 static bn_i2_job i2_job(bn_model *m, const uint8_t *w, float gamma, int kp, int M, float *y, int y_stride) {
@@ -173,13 +184,13 @@ typedef struct {
     int layer, M, p0;
 } attn_task;
 
-static void attn_worker(void *ctx, int ith, int nth) {
+static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     const attn_task *a = ctx;
     bn_model *m = a->m;
     const int hd = m->d.head_dim, group = m->d.n_heads / m->d.n_kv_heads, ctx_len = m->d.ctx;
     float *sc = m->scores + (size_t)ith * ctx_len;
     int i0, i1;
-    bn_split(a->M * m->d.n_heads, ith, nth, 1, &i0, &i1);
+    bn_split(a->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
         int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group, n_keys = a->p0 + t + 1;
         const float *q = m->q + (size_t)t * m->q_dim + h * hd;
@@ -210,10 +221,11 @@ typedef struct {
     int rows;
 } head_task;
 
-static void head_worker(void *ctx, int ith, int nth) {
+static void head_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
     const head_task *ht = ctx;
     int r0, r1;
-    bn_split(ht->rows, ith, nth, 16, &r0, &r1);
+    bn_split(ht->rows, chunk, n_chunks, 16, &r0, &r1);
     if (r0 < r1) ht->fn(&ht->job, r0, r1);
 }
 
@@ -241,11 +253,12 @@ typedef struct {
     const float *add, *up, *w;
 } glue_task;
 
-static void glue_worker(void *ctx, int ith, int nth) {
+static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
     const glue_task *g = ctx;
     bn_model *m = g->m;
     int t0, t1;
-    bn_split(g->M, ith, nth, 1, &t0, &t1);
+    bn_split(g->M, chunk, n_chunks, 1, &t0, &t1);
     for (int t = t0; t < t1; t++) {
         float *x = g->x + (size_t)t * g->n, *h = m->h + (size_t)t * g->n;
         if (g->add)
@@ -263,9 +276,9 @@ static void glue_worker(void *ctx, int ith, int nth) {
 static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
     glue_task g = {m, M, n, kp, x, add, up, w};
     if (M == 1)
-        glue_worker(&g, 0, 1);
+        glue_worker(&g, 0, 1, 0);
     else
-        bn_pool_run(m->pool, glue_worker, &g);
+        bn_pool_run(m->pool, glue_worker, &g, bn_pool_chunks(m->pool, M, 1));
 }
 
 static void layer_forward(bn_model *m, int l, int M, int p0) {
@@ -280,7 +293,7 @@ static void layer_forward(bn_model *m, int l, int M, int p0) {
                         i2_job(m, L->wv, L->gv, m->kp_h, M, m->v, m->kv_dim)},
                        {m->q_dim, m->kv_dim, m->kv_dim},
                        3};
-    bn_pool_run(m->pool, matmul_worker, &qkv);
+    run_matmul(m, &qkv);
 
     for (int t = 0; t < M; t++) {
         int pos = p0 + t;
@@ -294,22 +307,22 @@ static void layer_forward(bn_model *m, int l, int M, int p0) {
         }
     }
     attn_task at = {m, l, M, p0};
-    bn_pool_run(m->pool, attn_worker, &at);
+    bn_pool_run(m->pool, attn_worker, &at, bn_pool_chunks(m->pool, M * m->d.n_heads, 1));
 
     glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
     matmul_task o = {m->i2, {i2_job(m, L->wo, L->go, m->kp_h, M, m->tmp, H)}, {H}, 1};
-    bn_pool_run(m->pool, matmul_worker, &o);
+    run_matmul(m, &o);
 
     glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);
     matmul_task gu = {m->i2,
                       {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
                       {F, F},
                       2};
-    bn_pool_run(m->pool, matmul_worker, &gu);
+    run_matmul(m, &gu);
 
     glue(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, F, m->kp_f);
     matmul_task down = {m->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
-    bn_pool_run(m->pool, matmul_worker, &down);
+    run_matmul(m, &down);
 }
 
 /* final norm + head for chunk tokens [t0, M) into logits rows */
@@ -321,7 +334,7 @@ static void output(bn_model *m, int t0, int M, float *logits) {
                     {.type = m->d.head_type, .w = m->d.head, .wscale = m->d.head_scale, .k = H, .h = m->h,
                      .m = M - t0, .y = logits, .y_stride = m->d.vocab},
                     m->d.vocab};
-    bn_pool_run(m->pool, head_worker, &ht);
+    bn_pool_run(m->pool, head_worker, &ht, bn_pool_chunks(m->pool, m->d.vocab, 256));
 }
 
 int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {

@@ -317,10 +317,11 @@ typedef struct {
     int n;
 } gemm_task;
 
-static void gemm_worker(void *ctx, int ith, int nth) {
+static void gemm_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
     const gemm_task *g = ctx;
     int r0, r1;
-    bn_split(g->n, ith, nth, 4, &r0, &r1);
+    bn_split(g->n, chunk, n_chunks, 4, &r0, &r1);
     if (r0 < r1) g->fn(g->job, r0, r1);
 }
 
@@ -330,10 +331,7 @@ int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const in
     if (!fn || kp % BLOCK != 0 || n < 0 || m < 0) return -1;
     bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = acc, .acc_stride = n};
     gemm_task g = {fn, &job, n};
-    if (pool)
-        bn_pool_run(pool, gemm_worker, &g);
-    else
-        gemm_worker(&g, 0, 1);
+    bn_pool_run(pool, gemm_worker, &g, bn_pool_chunks(pool, n, m == 1 ? 64 : 16));
     return 0;
 }
 
@@ -345,23 +343,22 @@ typedef struct {
     uint64_t partial[256];
 } stream_task;
 
-static void stream_worker(void *ctx, int ith, int nth) {
+static void stream_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
     stream_task *s = ctx;
-    size_t lines = s->words / 8, l0 = lines * ith / nth, l1 = lines * (ith + 1) / nth;
+    size_t lines = s->words / 8, l0 = lines * chunk / n_chunks, l1 = lines * (chunk + 1) / n_chunks;
     /* eight independent sums so the loads, not an add chain, set the pace */
     uint64_t a[8] = {0};
     for (size_t l = l0; l < l1; l++)
         for (int i = 0; i < 8; i++) a[i] += s->p[l * 8 + i];
-    s->partial[ith % 256] += a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
+    s->partial[chunk] = a[0] + a[1] + a[2] + a[3] + a[4] + a[5] + a[6] + a[7];
 }
 
 uint64_t bn_stream_read(bn_pool *pool, const void *buf, size_t nbytes) {
     stream_task s = {.p = buf, .words = nbytes / 8};
     memset(s.partial, 0, sizeof s.partial);
-    if (pool)
-        bn_pool_run(pool, stream_worker, &s);
-    else
-        stream_worker(&s, 0, 1);
+    /* one chunk per thread: each streams one contiguous range, like a plain parallel read */
+    bn_pool_run(pool, stream_worker, &s, bn_pool_size(pool));
     uint64_t total = 0;
     for (int i = 0; i < 256; i++) total += s.partial[i];
     return total;
