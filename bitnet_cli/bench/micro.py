@@ -2,9 +2,8 @@
 
 Each shape runs through our ternary kernel (activation quantisation included, as in a BitLinear)
 and, for comparison, a dense f32 matmul through numpy's BLAS. Weights are rotated over enough
-copies to exceed the
-last-level cache many times over, so a GEMV streams its weights from DRAM the way decode does
-(timing one L3-resident copy in a loop would report cache bandwidth, not memory bandwidth).
+copies to exceed the last-level cache many times over, so a GEMV streams its weights from DRAM
+the way decode does (timing one L3-resident copy in a loop would report cache bandwidth).
 """
 
 from __future__ import annotations
