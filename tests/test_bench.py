@@ -321,3 +321,14 @@ def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):
                                  "--plot", str(tmp_path / "missing" / "bench.png")])
     message = " ".join(result.output.split())  # rich wraps long lines
     assert result.exit_code != 0 and "missing does not exist" in message and "Traceback" not in message
+
+
+def test_bench_never_imports_torch(tiny_model):
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from bitnet_cli.cli import app; "
+            f"r = CliRunner().invoke(app, ['bench', '--model', {str(tiny_model)!r}, '--threads', '1', '--repeat', '1', "
+            "'--what', 'kernels,e2e', '--tokens', '1', '--prompts', '4', '--generate', '2', '--json']); "
+            "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
