@@ -514,19 +514,15 @@ def bench(
             from bitnet_cli.bench.plot import check_destination
 
             check_destination(plot)
-        if repeat < 1:
-            raise BitnetError(f"--repeat must be at least 1, got {repeat}")
-        if generate < 1:
-            raise BitnetError(f"--generate must be at least 1, got {generate}")
+        prompt_list = suite.parse_int_list(prompts, "--prompts")
+        token_list = suite.parse_int_list(tokens, "--tokens")
         chosen = (targets.from_file(model) if model is not None
                   else targets.from_shape(shape or "2b4t", embeddings, cache_dir))
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err_console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
-            results = suite.run(chosen, thread_list, repeat, sections,
-                                prompts=suite.parse_int_list(prompts, "--prompts"), generate=generate,
-                                tokens=suite.parse_int_list(tokens, "--tokens"),
-                                progress=lambda text: bar.update(task, description=text))
+            results = suite.run(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
+                                tokens=token_list, progress=lambda text: bar.update(task, description=text))
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 

@@ -141,6 +141,8 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--threads", "-2"], "--threads: -2 is out of range"),
     (["--threads", "1,two"], "'two' is not a whole number"),
     (["--repeat", "0"], "--repeat must be at least 1"),
+    (["--generate", "0"], "--generate must be at least 1"),
+    (["--prompts", "128,0"], "--prompts: 0 is out of range"),
     (["--what", "kernels,speed"], "unknown section speed"),
     (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
     (["--shape", "7b"], "unknown shape '7b'"),

@@ -74,6 +74,8 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None) -> dict:
     if repeat < 1:
         raise BitnetError(f"--repeat must be at least 1, got {repeat}")
+    if generate < 1:
+        raise BitnetError(f"--generate must be at least 1, got {generate}")
     per_token = bytes_per_token(target.config, target.embeddings)
     results = {
         "schema": SCHEMA,
