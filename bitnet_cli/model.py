@@ -146,14 +146,15 @@ class BitNetConfig:
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternarisation with transformers' exact fp32 arithmetic.
 
-    Returns ``(trits, gamma)``: int8 trits in {-1, 0, 1} and the fp32 scalar
-    ``gamma = max(mean|W|, 1e-5)``; the dequantised weight is ``trits * gamma``
-    (transformers computes ``trits / (1 / gamma)``, equal up to one rounding).
+    transformers: ``s = 1 / max(mean|W|, 1e-5)``, ``T = clamp(round(W * s), -1, 1)``, ``W~ = T / s``.
+    Returns ``(trits, gamma)``: int8 trits in {-1, 0, 1} and the fp32 scalar ``gamma = 1 / s``,
+    so that ``trits * gamma`` is bit for bit transformers' ``T / s`` (the numpy twin in
+    ``bitnet_cli.pack.ternary`` computes the same).
     """
     w = weight.detach().float()
-    gamma = w.abs().mean().clamp(min=1e-5)
-    trits = (w * (1.0 / gamma)).round().clamp(-1, 1).to(torch.int8)
-    return trits, gamma
+    s = 1.0 / w.abs().mean().clamp(min=1e-5)
+    trits = (w * s).round().clamp(-1, 1).to(torch.int8)
+    return trits, 1.0 / s
 
 
 def _quant_weight(w: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,10 @@ def test_two_processes_match_one_at_the_same_global_batch(tmp_path, monkeypatch,
     monkeypatch.setenv("BITNET_CACHE", str(cache))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(micro_recipe(steps=6, log_every=1, eval_every=6, checkpoint_every=3)))
-    one, w1 = _run(recipe, tmp_path / "one", 1, "train.batch_size=8")
-    two, w2 = _run(recipe, tmp_path / "two", 2, "train.batch_size=4", f"train.distributed={strategy}")
+    # Global batch 8 both ways, accumulated over 2 micro-batches (DDP skips the all-reduce on the first).
+    one, w1 = _run(recipe, tmp_path / "one", 1, "train.batch_size=4", "train.grad_accum=2")
+    two, w2 = _run(recipe, tmp_path / "two", 2, "train.batch_size=2", "train.grad_accum=2",
+                   f"train.distributed={strategy}")
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-4, abs=1e-4)
     assert one[-1] < one[0]

@@ -306,7 +306,9 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                 x, y = data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = micro == t.grad_accum - 1
-                ctx = fwd.no_sync() if (info.enabled and not sync and hasattr(fwd, "no_sync")) else _null()
+                # DDP: all-reduce gradients only on the last micro-batch (model is the DDP module; a
+                # compiled wrapper around it has no no_sync). FSDP syncs every micro-batch.
+                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
                 with ctx, autocast:
                     logits = fwd(x)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
