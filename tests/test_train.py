@@ -247,3 +247,16 @@ def test_jsonl_globs_and_bad_data_files(tmp_path, token_cache):
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     with pytest.raises(BitnetError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         tokenize_to_memmap([tmp_path / "bad.jsonl"], tok, token_cache, "digest-bad")
+
+
+def test_a_kill_between_the_two_renames_keeps_the_old_checkpoint(tmp_path):
+    from bitnet_cli.train import checkpoint as ckpt_io
+
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    os.rename(final, tmp_path / ".old-final-4242")  # the state a SIGKILL inside save_checkpoint leaves
+    (tmp_path / ".tmp-final-4242").mkdir()
+    ckpt_io.remove_stale_temporaries(tmp_path)
+    assert (final / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -90,12 +90,20 @@ def prune(out_dir: Path, keep_last: int):
 
 
 def remove_stale_temporaries(out_dir: Path):
-    """Half-written directories left by a killed run."""
+    """Clean up after a run killed mid-save: drop half-written ``.tmp-*`` directories, and put
+    back a replaced checkpoint (``.old-<name>-<pid>``) whose successor never got renamed in."""
     for root in (out_dir, out_dir / "checkpoints"):
-        if root.is_dir():
-            for d in root.iterdir():
-                if d.name.startswith((".tmp-", ".old-")):
+        if not root.is_dir():
+            continue
+        for d in sorted(root.iterdir()):
+            if d.name.startswith(".tmp-"):
+                shutil.rmtree(d, ignore_errors=True)
+            elif d.name.startswith(".old-"):
+                original = root / d.name[len(".old-"):].rsplit("-", 1)[0]
+                if original.exists():
                     shutil.rmtree(d, ignore_errors=True)
+                else:
+                    os.rename(d, original)
 
 
 def load_trainer_state(ckpt: Path) -> dict:

@@ -205,16 +205,18 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     say = console.print if info.is_main else (lambda *a, **k: None)
 
     # -- where we are: fresh, or resuming
-    resume_from = None
-    if resume:
-        final = out_dir / "final"
-        resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
     if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
         raise BitnetError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt_io.remove_stale_temporaries(out_dir)
     D.barrier(info)
+    resume_from = None
+    if resume:
+        final = out_dir / "final"
+        resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
+        if resume_from is None:
+            say(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
 
     # -- data (rank 0 tokenises and caches; the others then read the cache)
     files = resolve_files(recipe.data, recipe.base_dir)
