@@ -283,10 +283,12 @@ class TokenData:
         return self._windows(offsets[first : first + batch_size])
 
     def val_batches(self, n_batches: int, batch_size: int, rank: int, world: int):
-        """The same evenly spaced validation windows every time; ranks take turns."""
-        count = n_batches * batch_size
+        """The same evenly spaced validation windows every time, split evenly over the ranks (each
+        rank runs the same number of forwards, which FSDP's collectives need)."""
+        per_rank = max(1, n_batches // world)
+        count = per_rank * world * batch_size
         offsets = np.linspace(self.n_train, len(self.tokens) - self.seq_len - 1, count).astype(np.int64)
-        for b in range(rank, n_batches, world):
+        for b in range(rank * per_rank, (rank + 1) * per_rank):
             yield self._windows(offsets[b * batch_size : (b + 1) * batch_size])
 
     def unigram_entropy(self) -> float:

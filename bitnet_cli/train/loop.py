@@ -240,7 +240,11 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     model = BitNetForCausalLM(config)
     if resume_from is not None:
         loaded = BitNetForCausalLM.from_pretrained(resume_from)
-        model.load_state_dict(loaded.state_dict())
+        try:
+            model.load_state_dict(loaded.state_dict())
+        except RuntimeError:
+            raise BitnetError(f"{resume_from}: the checkpoint's model shape differs from the recipe's; resume "
+                              "with the recipe the run started with") from None
         del loaded
     model = model.to(device).train()
     n_params = model.num_parameters()
@@ -292,7 +296,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
 
     progress = _progress(show_progress and info.is_main, console)
     task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
-    window_loss, window_n, window_tokens = 0.0, 0, 0
+    window_tokens = 0
     last_loss, val_loss = float("nan"), float("nan")
     t_start = time.perf_counter()
     t_window = t_start
@@ -325,8 +329,6 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
             window_tokens += tokens_per_step
             if done % t.log_every == 0 or done == steps:
                 loss_t = D.all_reduce_sum(step_loss.float().clone(), info) / info.world
-                window_loss += loss_t.item()
-                window_n += 1
                 now = time.perf_counter()
                 tps = window_tokens / max(now - t_window, 1e-9)
                 t_window, window_tokens = now, 0
