@@ -84,6 +84,7 @@ def train_cmd(
     [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
     import json
+    import os
 
     with user_errors():
         from bitnet_cli.train.recipe import load_recipe
@@ -110,6 +111,8 @@ def train_cmd(
         from bitnet_cli.train import train
 
         res = train(r, out_dir=out, resume=resume, progress=progress and not json_out, console=err_console)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return
         if json_out:
             console.print_json(json.dumps(res.to_json()))
             return

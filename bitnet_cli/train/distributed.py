@@ -39,7 +39,9 @@ def init(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            dist.init_process_group(backend="nccl", device_id=torch.device("cuda", info.local_rank))
+        else:
+            dist.init_process_group(backend="gloo")
     return info
 
 
