@@ -63,12 +63,15 @@ def main(
 
 @app.command("train")
 def train_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/tiny.yaml (every key: see the recipes/ files)."),
+    recipe: Path = typer.Argument(
+        ..., help="Recipe YAML (e.g. recipes/tiny.yaml), or a bundled recipe's name: tiny, small, "
+                  "bitnet-b1.58-700m, bitnet-b1.58-1.3b, bitnet-b1.58-3b, bitnet-b1.58-2b4t."
+    ),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)."
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Run directory [default: the recipe's out_dir, else runs/<name>]."
+        None, "--out", "-o", help="Run directory (default: the recipe's out_dir, else runs/<name>)."
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
     dry_run: bool = typer.Option(
@@ -79,9 +82,10 @@ def train_cmd(
 ):
     """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
 
-    The final checkpoint (HF layout, ready for [bold]bitnet pack[/] and [bold]bitnet eval[/]) lands in
-    RUN_DIR/final; metrics.jsonl and loss.png beside it. Runs under torchrun for several GPUs:
-    [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
+    The final checkpoint (HF layout, for [bold]bitnet pack[/] and [bold]bitnet eval[/]) is RUN_DIR/final;
+    metrics.jsonl and loss.png are in RUN_DIR.
+
+    Several GPUs: [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
     import json
     import os
