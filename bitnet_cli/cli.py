@@ -82,8 +82,7 @@ def train_cmd(
 ):
     """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
 
-    The final checkpoint (HF layout, for [bold]bitnet pack[/] and [bold]bitnet eval[/]) is RUN_DIR/final;
-    metrics.jsonl and loss.png are in RUN_DIR.
+    Writes RUN_DIR/final (an HF-layout checkpoint for [bold]bitnet pack[/] and [bold]bitnet eval[/]), metrics.jsonl, loss.png.
 
     Several GPUs: [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
