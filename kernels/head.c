@@ -61,23 +61,25 @@ AVX2_TARGET static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2_TARGET static inline __m256 load8(const bn_head_job *j, int r, int k) {
-    if (j->type == BN_EMB_F16)
+AVX2_TARGET static inline __attribute__((always_inline)) __m256 load8(const bn_head_job *j, int r, int k,
+                                                                       const int I8) {
+    if (!I8)
         return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->w + (size_t)r * j->k + k)));
     __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)j->w + (size_t)r * j->k + k));
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
 }
 
-/* RT rows x TT tokens, RT*TT independent accumulators */
+/* RT rows x TT tokens, RT*TT independent accumulators; I8 picks the row type at compile time */
 AVX2_TARGET static inline __attribute__((always_inline)) void head_tile_avx2(const bn_head_job *j, int r, int t,
-                                                                           const int RT, const int TT) {
+                                                                           const int RT, const int TT,
+                                                                           const int I8) {
     __m256 acc[4][4];
     for (int a = 0; a < RT; a++)
         for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_ps();
     const int k8 = j->k & ~7;
     for (int k = 0; k < k8; k += 8) {
         __m256 w[4];
-        for (int a = 0; a < RT; a++) w[a] = load8(j, r + a, k);
+        for (int a = 0; a < RT; a++) w[a] = load8(j, r + a, k, I8);
         for (int b = 0; b < TT; b++) {
             __m256 h = _mm256_loadu_ps(j->h + (size_t)(t + b) * j->k + k);
             for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(w[a], h, acc[a][b]);
@@ -92,18 +94,26 @@ AVX2_TARGET static inline __attribute__((always_inline)) void head_tile_avx2(con
         }
 }
 
-AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
+AVX2_TARGET static inline __attribute__((always_inline)) void head_rows_avx2_typed(const bn_head_job *j, int r0,
+                                                                                 int r1, const int I8) {
     int t = 0;
     for (; t + 4 <= j->m; t += 4) {
         int r = r0;
-        for (; r + 2 <= r1; r += 2) head_tile_avx2(j, r, t, 2, 4);
-        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 4);
+        for (; r + 2 <= r1; r += 2) head_tile_avx2(j, r, t, 2, 4, I8);
+        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 4, I8);
     }
     for (; t < j->m; t++) {
         int r = r0;
-        for (; r + 4 <= r1; r += 4) head_tile_avx2(j, r, t, 4, 1);
-        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 1);
+        for (; r + 4 <= r1; r += 4) head_tile_avx2(j, r, t, 4, 1, I8);
+        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 1, I8);
     }
+}
+
+AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
+    if (j->type == BN_EMB_I8)
+        head_rows_avx2_typed(j, r0, r1, 1);
+    else
+        head_rows_avx2_typed(j, r0, r1, 0);
 }
 #endif
 
