@@ -79,6 +79,7 @@ class ThreadPool:
     MAX_THREADS = 256
 
     def __init__(self, n: int):
+        self.ptr = None  # close() runs from __del__ even when __init__ raises
         if not 1 <= n <= self.MAX_THREADS:
             raise BitnetError(f"threads must be between 1 and {self.MAX_THREADS}, got {n}")
         ffi, L = lib()
@@ -86,6 +87,7 @@ class ThreadPool:
         self._lib = L
         self.ptr = L.bn_pool_new(n)
         if self.ptr == ffi.NULL:
+            self.ptr = None
             raise BitnetError(f"cannot start {n} threads")
 
     def close(self):
