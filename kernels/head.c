@@ -1,7 +1,9 @@
-/* Float row-dot kernels for the output head (and embedding rows): f16 rows, or int8 rows with one
- * scale per row, against fp32 hidden vectors. On the 2B4T shape the head is 128256 x 2560, more
- * than half of the bytes streamed per decoded token, so the SIMD versions keep several rows in
- * flight (independent FMA chains) and convert each weight vector once for up to four tokens. */
+/* Row-dot kernels of the output head: f16 rows against fp32 hidden vectors, or int8 rows (one
+ * scale per row) against the hidden vectors quantised to int8 per token, an exact integer dot.
+ * On the 2B4T shape the head is 128256 x 2560, more than half of the bytes streamed per decoded
+ * token, so the SIMD versions keep several rows in flight, prefetch ahead of the loads, and load
+ * each weight vector once for up to four tokens. The int8 path is integer so that it stays
+ * memory-bound: converting int8 to float costs more instructions than the bytes take to arrive. */
 #include "internal.h"
 
 #if BN_X86
@@ -34,25 +36,33 @@ float bn_f16_to_f32(uint16_t h) {
     return v.f;
 }
 
-static inline float row_value(const bn_head_job *j, int r, int k) {
-    if (j->type == BN_EMB_F16) return bn_f16_to_f32(((const uint16_t *)j->w)[(size_t)r * j->k + k]);
-    return (float)((const int8_t *)j->w)[(size_t)r * j->k + k];
+/* int8 rows: the exact integer dot, rescaled by one float expression shared by every ISA */
+static inline float i8_logit(const bn_head_job *j, int t, int r, int32_t acc) {
+    return (float)acc / j->hscale[t] * j->wscale[r];
 }
-
-static inline float row_scale(const bn_head_job *j, int r) { return j->type == BN_EMB_I8 ? j->wscale[r] : 1.0f; }
 
 static void head_rows_scalar(const bn_head_job *j, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < j->m; t++) {
-            const float *h = j->h + (size_t)t * j->k;
-            float s = 0.0f;
-            for (int k = 0; k < j->k; k++) s += row_value(j, r, k) * h[k];
-            j->y[(size_t)t * j->y_stride + r] = s * row_scale(j, r);
+            float *y = j->y + (size_t)t * j->y_stride + r;
+            if (j->type == BN_EMB_F16) {
+                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+                const float *h = j->h + (size_t)t * j->k;
+                float s = 0.0f;
+                for (int k = 0; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+                *y = s;
+            } else {
+                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+                int32_t acc = 0;
+                for (int k = 0; k < j->k; k++) acc += w[k] * h[k];
+                *y = i8_logit(j, t, r, acc);
+            }
         }
 }
 
 #if BN_X86
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define PREFETCH_BYTES 1024 /* how far ahead of the loads a row is prefetched */
 
 AVX2_TARGET static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -61,84 +71,173 @@ AVX2_TARGET static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-AVX2_TARGET static inline __attribute__((always_inline)) __m256 load8(const bn_head_job *j, int r, int k,
-                                                                       const int I8) {
-    if (!I8)
-        return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)j->w + (size_t)r * j->k + k)));
-    __m128i q = _mm_loadl_epi64((const __m128i *)((const int8_t *)j->w + (size_t)r * j->k + k));
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+AVX2_TARGET static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
 }
 
-/* RT rows x TT tokens, RT*TT independent accumulators; I8 picks the row type at compile time */
-AVX2_TARGET static inline __attribute__((always_inline)) void head_tile_avx2(const bn_head_job *j, int r, int t,
-                                                                           const int RT, const int TT,
-                                                                           const int I8) {
+/* f16 rows: RT rows x TT tokens, RT*TT independent FMA chains; each weight vector is converted
+ * once for TT tokens */
+AVX2_TARGET static inline __attribute__((always_inline)) void f16_tile_avx2(const bn_head_job *j, int r, int t,
+                                                                          const int RT, const int TT) {
+    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
     __m256 acc[4][4];
     for (int a = 0; a < RT; a++)
         for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_ps();
     const int k8 = j->k & ~7;
     for (int k = 0; k < k8; k += 8) {
-        __m256 w[4];
-        for (int a = 0; a < RT; a++) w[a] = load8(j, r + a, k, I8);
+        __m256 wv[4];
+        for (int a = 0; a < RT; a++) {
+            if (!(k & 31)) _mm_prefetch((const char *)(w + (size_t)a * j->k + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + (size_t)a * j->k + k)));
+        }
         for (int b = 0; b < TT; b++) {
             __m256 h = _mm256_loadu_ps(j->h + (size_t)(t + b) * j->k + k);
-            for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(w[a], h, acc[a][b]);
+            for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(wv[a], h, acc[a][b]);
         }
     }
     for (int a = 0; a < RT; a++)
         for (int b = 0; b < TT; b++) {
             const float *h = j->h + (size_t)(t + b) * j->k;
             float s = hsum_ps(acc[a][b]);
-            for (int k = k8; k < j->k; k++) s += row_value(j, r + a, k) * h[k];
-            j->y[(size_t)(t + b) * j->y_stride + r + a] = s * row_scale(j, r + a);
+            for (int k = k8; k < j->k; k++) s += bn_f16_to_f32(w[(size_t)a * j->k + k]) * h[k];
+            j->y[(size_t)(t + b) * j->y_stride + r + a] = s;
         }
 }
 
-AVX2_TARGET static inline __attribute__((always_inline)) void head_rows_avx2_typed(const bn_head_job *j, int r0,
-                                                                                 int r1, const int I8) {
-    int t = 0;
-    for (; t + 4 <= j->m; t += 4) {
-        int r = r0;
-        for (; r + 2 <= r1; r += 2) head_tile_avx2(j, r, t, 2, 4, I8);
-        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 4, I8);
+/* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
+ * moved onto it (vpsignb), so |w| * (sign(w) h) = w h; a pair sum is at most 2 * 128 * 127,
+ * inside int16, and widens to int32 at once (vpmaddwd by ones). */
+AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const bn_head_job *j, int r, int t,
+                                                                         const int RT, const int TT) {
+    const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4][4];
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_si256();
+    const int k32 = j->k & ~31;
+    for (int k = 0; k < k32; k += 32) {
+        __m256i wv[4], wabs[4];
+        for (int a = 0; a < RT; a++) {
+            _mm_prefetch((const char *)(w + (size_t)a * j->k + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            wv[a] = _mm256_loadu_si256((const __m256i *)(w + (size_t)a * j->k + k));
+            wabs[a] = _mm256_abs_epi8(wv[a]);
+        }
+        for (int b = 0; b < TT; b++) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(j->hq + (size_t)(t + b) * j->k + k));
+            for (int a = 0; a < RT; a++) {
+                __m256i p = _mm256_maddubs_epi16(wabs[a], _mm256_sign_epi8(h, wv[a]));
+                acc[a][b] = _mm256_add_epi32(acc[a][b], _mm256_madd_epi16(p, ones));
+            }
+        }
     }
-    for (; t < j->m; t++) {
-        int r = r0;
-        for (; r + 4 <= r1; r += 4) head_tile_avx2(j, r, t, 4, 1, I8);
-        for (; r < r1; r++) head_tile_avx2(j, r, t, 1, 1, I8);
-    }
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++) {
+            const int8_t *h = j->hq + (size_t)(t + b) * j->k, *wr = w + (size_t)a * j->k;
+            int32_t s = hsum_epi32(acc[a][b]);
+            for (int k = k32; k < j->k; k++) s += wr[k] * h[k];
+            j->y[(size_t)(t + b) * j->y_stride + r + a] = i8_logit(j, t + b, r + a, s);
+        }
 }
+
+/* One row against one token, the decode case: rows go one after another, so the head streams as
+ * one sequential read (measured faster than several rows in flight, which split it into strided
+ * streams); four accumulators over k hide the FMA latency. */
+AVX2_TARGET static inline float f16_row_avx2(const bn_head_job *j, int r, int t) {
+    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+    const float *h = j->h + (size_t)t * j->k;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const int k32 = j->k & ~31;
+    int k = 0;
+    for (; k < k32; k += 32) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u))),
+                                     _mm256_loadu_ps(h + k + 8 * u), acc[u]);
+    }
+    for (; k + 8 <= j->k; k += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(h + k),
+                                 acc[0]);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+    return s;
+}
+
+AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t) {
+    const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    const int k32 = j->k & ~31;
+    int k = 0;
+    for (; k < k32; k += 32) {
+        if (!(k & 63)) _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv),
+                                         _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(h + k)), wv));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    }
+    int32_t s = hsum_epi32(acc);
+    for (; k < j->k; k++) s += w[k] * h[k];
+    return s;
+}
+
+/* up to four tokens at a time in tiles of two rows; the remaining tokens one row at a time */
+#define HEAD_ROWS_AVX2(NAME, TILE, ROW, STORE)                          \
+    AVX2_TARGET static void NAME(const bn_head_job *j, int r0, int r1) { \
+        int t = 0;                                                       \
+        for (; t + 4 <= j->m; t += 4) {                                  \
+            int r = r0;                                                  \
+            for (; r + 2 <= r1; r += 2) TILE(j, r, t, 2, 4);             \
+            for (; r < r1; r++) TILE(j, r, t, 1, 4);                     \
+        }                                                                \
+        for (; t < j->m; t++)                                            \
+            for (int r = r0; r < r1; r++)                                \
+                j->y[(size_t)t * j->y_stride + r] = STORE(ROW(j, r, t)); \
+    }
+
+#define AS_IS(v) (v)
+#define I8_LOGIT(v) i8_logit(j, t, r, v)
+HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, f16_row_avx2, AS_IS)
+HEAD_ROWS_AVX2(head_rows_i8_avx2, i8_tile_avx2, i8_row_avx2, I8_LOGIT)
 
 AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
     if (j->type == BN_EMB_I8)
-        head_rows_avx2_typed(j, r0, r1, 1);
+        head_rows_i8_avx2(j, r0, r1);
     else
-        head_rows_avx2_typed(j, r0, r1, 0);
+        head_rows_f16_avx2(j, r0, r1);
 }
 #endif
 
 #if BN_ARM64
-static inline float32x4_t load4(const bn_head_job *j, int r, int k) {
-    if (j->type == BN_EMB_F16)
-        return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)j->w + (size_t)r * j->k + k)));
-    const int8_t *p = (const int8_t *)j->w + (size_t)r * j->k + k;
-    int8x8_t q = vcreate_s8((uint64_t)(uint8_t)p[0] | (uint64_t)(uint8_t)p[1] << 8 | (uint64_t)(uint8_t)p[2] << 16 |
-                            (uint64_t)(uint8_t)p[3] << 24);
-    return vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(q))));
-}
-
 static void head_rows_neon(const bn_head_job *j, int r0, int r1) {
-    const int k4 = j->k & ~3;
-    for (int t = 0; t < j->m; t++) {
-        const float *h = j->h + (size_t)t * j->k;
+    for (int t = 0; t < j->m; t++)
         for (int r = r0; r < r1; r++) {
-            float32x4_t acc = vdupq_n_f32(0.0f);
-            for (int k = 0; k < k4; k += 4) acc = vfmaq_f32(acc, load4(j, r, k), vld1q_f32(h + k));
-            float s = vaddvq_f32(acc);
-            for (int k = k4; k < j->k; k++) s += row_value(j, r, k) * h[k];
-            j->y[(size_t)t * j->y_stride + r] = s * row_scale(j, r);
+            float *y = j->y + (size_t)t * j->y_stride + r;
+            if (j->type == BN_EMB_F16) {
+                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+                const float *h = j->h + (size_t)t * j->k;
+                const int k4 = j->k & ~3;
+                float32x4_t acc = vdupq_n_f32(0.0f);
+                for (int k = 0; k < k4; k += 4)
+                    acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k))), vld1q_f32(h + k));
+                float s = vaddvq_f32(acc);
+                for (int k = k4; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+                *y = s;
+            } else {
+                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+                const int k16 = j->k & ~15;
+                int32x4_t acc = vdupq_n_s32(0);
+                for (int k = 0; k < k16; k += 16) {
+                    int8x16_t wv = vld1q_s8(w + k), hv = vld1q_s8(h + k);
+                    acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(hv)), wv, hv));
+                }
+                int32_t s = vaddvq_s32(acc);
+                for (int k = k16; k < j->k; k++) s += w[k] * h[k];
+                *y = i8_logit(j, t, r, s);
+            }
         }
-    }
 }
 #endif
 

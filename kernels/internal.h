@@ -41,14 +41,18 @@ static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx)
         j->y[(size_t)t * j->y_stride + r] = (float)acc / j->xscale[t] * j->gamma;
 }
 
-/* Float dot products of the output head / embedding rows (f16 or int8-per-row) with m hidden
- * vectors: y[t][r] = dot(row r, h[t]) for r in [r0, r1). */
+/* The output head: y[t][r] = dot(row r, h[t]) for r in [r0, r1) and m hidden vectors.
+ * f16 rows: a float dot with h. int8 rows (one scale per row): an exact integer dot with h
+ * quantised per token like a BitLinear input (hq, hscale from bn_quantize_rows with kp = k),
+ * then y = acc / hscale[t] * wscale[r]. */
 typedef struct {
     int type; /* BN_EMB_F16 / BN_EMB_I8 */
     const void *w;
     const float *wscale;
     int k;
-    const float *h;
+    const float *h;      /* [m][k], f16 rows */
+    const int8_t *hq;    /* [m][k], int8 rows */
+    const float *hscale; /* [m], int8 rows */
     int m;
     float *y;
     int y_stride;

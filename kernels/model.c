@@ -330,9 +330,11 @@ static void output(bn_model *m, int t0, int M, float *logits) {
     const int H = m->d.hidden;
     for (int t = t0; t < M; t++)
         rmsnorm(m->x + (size_t)t * H, m->d.final_norm, H, m->d.rms_eps, m->h + (size_t)(t - t0) * H);
+    if (m->d.head_type == BN_EMB_I8) /* an int8 head takes int8 hidden vectors (m->xq is free now) */
+        bn_quantize_rows(m->h, M - t0, H, H, m->xq, m->xscale, m->xsum);
     head_task ht = {m->head,
                     {.type = m->d.head_type, .w = m->d.head, .wscale = m->d.head_scale, .k = H, .h = m->h,
-                     .m = M - t0, .y = logits, .y_stride = m->d.vocab},
+                     .hq = m->xq, .hscale = m->xscale, .m = M - t0, .y = logits, .y_stride = m->d.vocab},
                     m->d.vocab};
     bn_pool_run(m->pool, head_worker, &ht, bn_pool_chunks(m->pool, m->d.vocab, 256));
 }

@@ -40,7 +40,8 @@ static uint8_t *random_weights(int n, int k, int kp) {
 
 static void test_gemm_shapes(void) {
     static const int shapes[][3] = {{1, 1, 1},   {1, 7, 100},  {3, 5, 128},  {4, 33, 129}, {5, 64, 255},
-                                    {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200}};
+                                    {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200},
+                                    {1, 9, 2560},  {1, 5, 6912}};
     bn_pool *pool = bn_pool_new(3);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], kp = (k + 127) / 128 * 128;
@@ -65,6 +66,31 @@ static void test_gemm_shapes(void) {
     bn_pool_free(pool);
 }
 
+/* The int16 bounds of the kernels at their extremes: every code 2 (or 0) against activations all
+ * -128 (or 127), over rows long enough for many 8-block runs. */
+static void test_gemm_extremes(void) {
+    const int n = 3, kp = 2560;
+    uint8_t *w = malloc((size_t)n * kp / 4);
+    int8_t *xq = malloc((size_t)2 * kp);
+    int32_t xsum[2], ref[2 * 3], got[2 * 3];
+    for (int codes = 0; codes < 2; codes++)
+        for (int xv = 0; xv < 2; xv++) {
+            memset(w, codes ? 0xaa : 0x00, (size_t)n * kp / 4); /* all codes 2, or all 0 */
+            memset(xq, xv ? 127 : -128, (size_t)2 * kp);
+            xsum[0] = xsum[1] = (xv ? 127 : -128) * kp;
+            for (int m = 1; m <= 2; m++) {
+                bn_gemm_i2(NULL, BN_ISA_SCALAR, w, n, kp, xq, xsum, m, ref);
+                for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                    if (!bn_isa_available(isa)) continue;
+                    bn_gemm_i2(NULL, isa, w, n, kp, xq, xsum, m, got);
+                    CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "isa %d extreme codes %d x %d m=%d", isa, codes,
+                          xv, m);
+                }
+            }
+        }
+    free(w), free(xq);
+}
+
 static void test_stream_read(void) {
     size_t words = 1 << 15;
     uint64_t *buf = malloc(words * 8), want = 0;
@@ -79,6 +105,46 @@ static float *random_floats(size_t n, float scale, float offset) {
     float *v = malloc(sizeof(float) * n);
     for (size_t i = 0; i < n; i++) v[i] = offset + scale * rndf();
     return v;
+}
+
+/* The output head on ragged shapes and 1..5 tokens: int8 rows are an exact integer dot, so every
+ * ISA matches the scalar path bit for bit (and the integer sum computed here); f16 rows agree up
+ * to float summation order. */
+static void test_head(void) {
+    static const int shapes[][3] = {{1, 1, 1}, {3, 9, 31}, {5, 37, 100}, {4, 64, 2560}, {2, 7, 33}};
+    for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+        int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
+        uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
+        int8_t *w8 = malloc((size_t)n * k), *hq = malloc((size_t)m * k);
+        for (int i = 0; i < n * k; i++) {
+            w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
+            w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
+        }
+        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[5];
+        int32_t hsum[5];
+        bn_quantize_rows(h, m, k, k, hq, hscale, hsum);
+        float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
+        for (int type = 0; type < 2; type++) {
+            bn_head_job j = {.type = type, .w = type ? (const void *)w8 : w16, .wscale = wscale, .k = k, .h = h,
+                             .hq = hq, .hscale = hscale, .m = m, .y = ref, .y_stride = n};
+            bn_head_kernel(BN_ISA_SCALAR)(&j, 0, n);
+            for (int t = 0; type == BN_EMB_I8 && t < m; t++)
+                for (int r = 0; r < n; r++) {
+                    int32_t acc = 0;
+                    for (int i = 0; i < k; i++) acc += w8[(size_t)r * k + i] * hq[(size_t)t * k + i];
+                    CHECK(ref[t * n + r] == (float)acc / hscale[t] * wscale[r], "int8 head scalar at k=%d", k);
+                }
+            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                j.y = got;
+                bn_head_kernel(isa)(&j, 0, n);
+                for (int i = 0; i < m * n; i++)
+                    CHECK(type == BN_EMB_I8 ? got[i] == ref[i] : fabsf(got[i] - ref[i]) < 1e-4f * (1 + fabsf(ref[i])),
+                          "head type %d isa %d differs from scalar at m=%d n=%d k=%d", type, isa, m, n, k);
+            }
+        }
+        free(w16), free(w8), free(hq), free(wscale), free(h), free(ref), free(got);
+    }
 }
 
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
@@ -150,7 +216,9 @@ int main(void) {
         if (bn_isa_available(isa)) printf(" %d", isa);
     printf("\n");
     test_gemm_shapes();
+    test_gemm_extremes();
     test_stream_read();
+    test_head();
     test_decoder();
     if (failures) {
         printf("%d kernel test failures\n", failures);
