@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -29,6 +30,19 @@ _CHUNK_CHARS = 1 << 20  # tokenise ~1 MB of text at a time
 def cache_root(spec: DataSpec) -> Path:
     root = spec.cache_dir or os.environ.get("BITNET_CACHE") or Path.home() / ".cache" / "bitnet-cli"
     return Path(root).expanduser()
+
+
+def cache_subdir(root: Path, name: str) -> Path:
+    """``root/name``, created; an unusable cache is named with the settings that choose it."""
+    path = root / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise BitnetError(f"token cache {root}: cannot write {path} ({e.strerror or e}); set data.cache_dir "
+                          "or $BITNET_CACHE to a writable directory") from None
+    return path
 
 
 def bundled_corpus() -> Path:
@@ -181,11 +195,10 @@ def prepare_tokenizer(spec: DataSpec, files: list[Path], base_dir: Path, corpus_
         src = src if src.is_absolute() else base_dir / src
         return tok, (src if src.is_dir() else src.parent)
     key = hashlib.sha256(f"{corpus_digest}:{spec.tokenizer.vocab_size}:{spec.tokenizer.train_chars}".encode())
-    path = cache_root(spec) / "tokenizers" / f"{key.hexdigest()[:24]}.json"
+    path = cache_subdir(cache_root(spec), "tokenizers") / f"{key.hexdigest()[:24]}.json"
     if path.is_file():
         return Tokenizer.from_file(str(path)), None
     tok = train_bpe(files, spec.tokenizer.vocab_size, spec.tokenizer.train_chars)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tok.save(str(tmp))
     os.replace(tmp, path)
@@ -202,10 +215,9 @@ def tokenize_to_memmap(files: list[Path], tok, cache_dir: Path, corpus_digest: s
     temporary name and renamed, so an interrupted run never leaves a truncated cache entry.
     """
     key = hashlib.sha256(f"{corpus_digest}:{tok.to_str()}".encode()).hexdigest()[:24]
-    out = cache_dir / "tokens" / f"{key}.bin"
+    out = cache_subdir(cache_dir, "tokens") / f"{key}.bin"
     if out.is_file() and out.with_suffix(".json").is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.uint32
     eos = eos_id(tok)
     tmp = out.with_suffix(f".tmp{os.getpid()}")

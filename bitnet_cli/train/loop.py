@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -186,12 +187,38 @@ def train(recipe: Recipe, out_dir: str | Path | None = None, resume: bool = Fals
 
     console = console or Console(stderr=True)
     device = pick_device(recipe.train.device)
+    out_dir = Path(out_dir or recipe.out_dir or Path("runs") / recipe.name)
     info = D.init(device.type)
     try:
-        return _train(recipe, Path(out_dir or recipe.out_dir or Path("runs") / recipe.name), resume, progress,
-                      console, device, info)
+        return _train(recipe, out_dir, resume, progress, console, device, info)
+    except KeyboardInterrupt:
+        saved = ckpt_io.step_checkpoints(out_dir)
+        raise TrainInterrupted(out_dir, saved[-1][0] if saved else 0) from None
     finally:
         D.shutdown(info)
+
+
+class TrainInterrupted(BitnetError):
+    """Ctrl-C during training: the step checkpoints already written stay, and --resume continues."""
+
+    exit_code = 130
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.out_dir, self.resume_step = out_dir, resume_step
+        where = f"step {resume_step}" if resume_step else "the start (no checkpoint was saved yet)"
+        super().__init__(f"interrupted: the same command with --resume continues {out_dir} from {where}")
+
+
+def _prepare_run_dir(out_dir: Path) -> None:
+    """Create the run directory and prove it is writable, before any data or model work."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except FileExistsError:
+        raise BitnetError(f"{out_dir}: is a file, not a run directory (choose another --out)") from None
+    except OSError as e:
+        raise BitnetError(f"{out_dir}: cannot write the run directory ({e.strerror or e})") from None
 
 
 def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: D.DistInfo) -> TrainResult:
@@ -208,7 +235,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
         raise BitnetError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(out_dir)
         ckpt_io.remove_stale_temporaries(out_dir)
     D.barrier(info)
     resume_from = None
@@ -347,8 +374,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
             if done % t.eval_every == 0 or done == steps:
                 val_loss = evaluate()
                 _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
-                progress.console.print(f"step {done}: train loss {last_loss:.4f}  val loss {val_loss:.4f}") \
-                    if info.is_main else None
+                trained = f"train loss {last_loss:.4f}  " if math.isfinite(last_loss) else ""
+                progress.console.print(f"step {done}: {trained}val loss {val_loss:.4f}") if info.is_main else None
             if done % t.checkpoint_every == 0 and done != steps:
                 save(ckpt_io.step_dir(out_dir, done), done, prior_seconds + time.perf_counter() - t_start)
                 if info.is_main:

@@ -203,6 +203,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
     from importlib import resources
 
     bundled = Path(str(resources.files("bitnet_cli") / "recipes" / f"{p.name}.yaml"))
@@ -229,7 +231,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     base_dir = Path(".")
     if path is not None:
         p = find_recipe(path)
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise BitnetError(f"{p}: not a YAML text file (not UTF-8: {e.reason} at byte {e.start})") from None
+        except OSError as e:
+            raise BitnetError(f"{p}: cannot read ({e.strerror or e})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
