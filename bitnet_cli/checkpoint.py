@@ -299,6 +299,20 @@ def _tokenizer_config(ckpt: Path) -> dict:
     return out
 
 
+def read_tokenizer_json(path: Path) -> str:
+    """The text of a tokenizer.json, checked to load in `tokenizers` (so a broken one fails here, not at run time)."""
+    from tokenizers import Tokenizer
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        Tokenizer.from_str(text)
+    except (OSError, UnicodeDecodeError) as e:
+        raise BitnetError(f"{path}: cannot read the tokenizer ({e})") from None
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise BitnetError(f"{path}: not a valid tokenizer.json ({e})") from None
+    return text
+
+
 def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     """Locate and index a checkpoint (directory, .safetensors file, or hub id); read no weights yet."""
     if kind not in KINDS:
@@ -320,6 +334,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     tokenizer = ckpt / "tokenizer.json"
     if not tokenizer.is_file():
         raise BitnetError(f"{tokenizer}: missing (the packed file embeds the tokenizer)")
+    tokenizer_json = read_tokenizer_json(tokenizer)
     detected = _detect_kind(ckpt, config, tensors)
     if kind in ("own", "hf") and detected == "hf-packed":
         raise BitnetError(f"{ckpt}: --from {kind} given but this checkpoint holds packed (uint8) ternary weights")
@@ -330,7 +345,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         config=config,
         kind=kind if kind in ("own", "hf") else detected,
         tensors=tensors,
-        tokenizer_json=tokenizer.read_text(encoding="utf-8"),
+        tokenizer_json=tokenizer_json,
         tokenizer_config=_tokenizer_config(ckpt),
         source=source,
     )

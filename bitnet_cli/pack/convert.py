@@ -19,7 +19,7 @@ from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
     CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
-    normalized_config, tensor_specs,
+    check_output_path, normalized_config, tensor_specs,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 
@@ -184,8 +184,7 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
         raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
     if to not in ("native", "gguf"):
         raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
-    if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+    check_output_path(out, force)
     ckpt = open_checkpoint(src, kind)
     if ckpt.kind == "own" and not ckpt.config.get("quantization_config"):
         raise BitnetError(
@@ -194,8 +193,9 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
         )
     dims = ModelDims.from_config(ckpt.config, str(ckpt.path / "config.json"))
     if to == "gguf":
-        from bitnet_cli.pack.gguf import export_gguf
+        from bitnet_cli.pack.gguf import check_gguf_shapes, export_gguf
 
+        check_gguf_shapes(dims, gguf_type, str(ckpt.path / "config.json"))
         native = out.with_name(f".{out.name}.native.tmp")
         try:
             _pack(ckpt, dims, native, embeddings, True, progress)

@@ -166,6 +166,23 @@ def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
 # ------------------------------------------------------------------------------ writer
 
 
+def check_output_path(out: Path, force: bool = False) -> None:
+    """Fail before any work if `out` cannot become a new file (or, with `force`, replace one)."""
+    if not out.name or out.name in (".", ".."):
+        raise BitnetError(f"{str(out)!r}: give an output file name")
+    if out.is_dir():
+        raise BitnetError(f"{out}: is a directory (give a file name)")
+    if out.exists() and not force:
+        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+    parent = out.parent
+    if not parent.exists():
+        raise BitnetError(f"{parent}: output directory does not exist")
+    if not parent.is_dir():
+        raise BitnetError(f"{parent}: is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BitnetError(f"{parent}: output directory is not writable")
+
+
 class PackedWriter:
     """Writes a packed file tensor by tensor, in the order of `specs`, to a temp file; `finish` renames.
 
@@ -175,12 +192,7 @@ class PackedWriter:
 
     def __init__(self, out: Path, specs: list[TensorSpec], metadata: dict[str, str], force: bool = False):
         self.out = Path(out)
-        if self.out.exists() and not force:
-            raise BitnetError(f"{self.out}: already exists (use --force to overwrite)")
-        if self.out.is_dir():
-            raise BitnetError(f"{self.out}: is a directory")
-        if not self.out.parent.is_dir():
-            raise BitnetError(f"{self.out.parent}: output directory does not exist")
+        check_output_path(self.out, force)
         self.specs = specs
         self.metadata = dict(metadata)
         self.checksums = {s.name: "00000000" for s in specs}
@@ -308,7 +320,8 @@ class PackedModel:
     def open(cls, path: str | os.PathLike) -> "PackedModel":
         path = Path(path)
         if not path.is_file():
-            raise BitnetError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+            raise BitnetError(f"{path}: no such file" if not path.exists() else
+                              f"{path}: is a directory, not a packed model file (make one with `bitnet pack`)")
         with open(path, "rb") as f:
             if f.read(4) == b"GGUF":
                 raise BitnetError(f"{path}: is a GGUF file; this command reads bitnet-cli packed files (`bitnet pack`)")

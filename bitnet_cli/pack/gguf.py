@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, PackedModel
+from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
@@ -104,6 +104,18 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
 
+def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str) -> None:
+    """The shapes llama.cpp's bitnet graph and its ternary block types accept (checked before any packing)."""
+    if not d.tie_word_embeddings:
+        raise BitnetError(f"{where}: llama.cpp's bitnet architecture needs tied embeddings; this model has an untied lm_head")
+    for proj in PROJECTIONS:
+        k = d.projection_shape(proj)[1]
+        if k % QK_K:
+            raise BitnetError(f"{where}: {proj} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {QK_K}")
+    if d.hidden_size % 32:
+        raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of 32 for GGUF embeddings")
+
+
 def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False) -> Path:
     """Write a GGUF file from a packed file (temp file + rename); return its path."""
     import gguf
@@ -116,14 +128,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     with PackedModel.open(packed_path) as pm:
         d = pm.dims
-        if not d.tie_word_embeddings:
-            raise BitnetError(f"{packed_path}: llama.cpp's bitnet architecture needs tied embeddings; this model has an untied lm_head")
-        for proj in PROJECTIONS:
-            k = d.projection_shape(proj)[1]
-            if k % QK_K:
-                raise BitnetError(f"{packed_path}: {proj} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {QK_K}")
-        if d.hidden_size % 32:
-            raise BitnetError(f"{packed_path}: hidden_size {d.hidden_size} must be a multiple of 32 for GGUF embeddings")
+        check_gguf_shapes(d, gguf_type, str(packed_path))
         tok = _tokenizer_metadata(pm)
 
         # (gguf name, logical shape, function producing the bytes, raw ggml type or None for plain f16/f32)
