@@ -120,10 +120,12 @@ class TorchBackend:
 
         if threads:
             torch.set_num_threads(threads)
+        from bitnet_cli.checkpoint import read_tokenizer_json
+
         tok_path = ckpt_dir / "tokenizer.json"
         if not tok_path.is_file():
             raise BitnetError(f"{tok_path}: missing (a checkpoint needs its tokenizer to be evaluated)")
-        self.tokenizer = Tokenizer.from_file(str(tok_path))
+        self.tokenizer = Tokenizer.from_str(read_tokenizer_json(tok_path))
         self.model = BitNetForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
         config = self.model.config
         self.bos_token_id, self.eos_token_id = _special_ids(ckpt_dir, self.tokenizer, config)
@@ -177,7 +179,12 @@ def _special_ids(ckpt_dir: Path, tokenizer, config) -> tuple[int | None, int]:
     bos = eos = None
     tok_cfg = ckpt_dir / "tokenizer_config.json"
     if tok_cfg.is_file():
-        cfg = json.loads(tok_cfg.read_text())
+        try:
+            cfg = json.loads(tok_cfg.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BitnetError(f"{tok_cfg}: cannot parse ({e})") from None
+        if not isinstance(cfg, dict):
+            raise BitnetError(f"{tok_cfg}: not a JSON object")
         bos, eos = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
     if bos is None:
         bos = config.bos_token_id

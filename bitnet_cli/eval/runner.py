@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -44,25 +45,62 @@ def evaluate(
     if num_fewshot is not None and num_fewshot < 0:
         raise BitnetError(f"--num-fewshot {num_fewshot}: must be 0 or more")
     if limit is not None and limit <= 0:
-        raise BitnetError(f"--limit {limit}: must be positive")
+        raise BitnetError(f"--limit {limit:g}: must be positive")
+    if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
+        raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:
         lm = BitNetLM(pretrained=str(model), threads=threads, batch_size=batch_size, progress=progress)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        num_fewshot=num_fewshot,
-        limit=limit,
-        log_samples=log_samples,
-        task_manager=tm,
-    )
+    with _quiet_git_describe():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            log_samples=log_samples,
+            task_manager=tm,
+        )
     results["config"]["model"] = "bitnet"
     results["config"]["model_args"] = {"pretrained": str(model), "backend": lm.backend.name}
     if data_dir is not None:
         results["config"]["data_dir"] = str(data_dir)
     return results
+
+
+@contextlib.contextmanager
+def _quiet_git_describe():
+    """lm-eval records the working directory's git commit by running ``git describe`` with stderr
+    left open, so outside a git checkout every run printed "fatal: not a git repository". For the
+    duration of the run, its evaluator gets the same lookup with git's stderr discarded."""
+    import subprocess
+
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_commit_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+            return done.stdout.strip()
+        except (subprocess.CalledProcessError, OSError):
+            return get_commit_from_path(os.getcwd())
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_commit_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
+def check_output(path: str | Path) -> Path:
+    """A results file path that can be written (checked before the evaluation, which takes minutes)."""
+    from bitnet_cli.pack.format import check_output_path
+
+    out = Path(path)
+    check_output_path(out, force=True)
+    return out
 
 
 def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | None]]:
@@ -89,9 +127,7 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     """Write the results JSON atomically: a temp file in the same directory, then rename."""
     from lm_eval.utils import handle_non_serializable
 
-    out = Path(path)
-    if not out.parent.is_dir():
-        raise BitnetError(f"--output {out}: directory {out.parent} does not exist")
+    out = check_output(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

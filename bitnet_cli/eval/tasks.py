@@ -176,21 +176,36 @@ def _indexed_task_manager() -> TaskManager:
 
 def task_manager(data_dir: str | Path | None = None, num_fewshot: int | None = None) -> TaskManager:
     """lm-eval's TaskManager; with ``data_dir`` its hub datasets come from local files."""
+    if data_dir is not None and not Path(data_dir).is_dir():  # before the index is built (seconds)
+        raise BitnetError(f"--data-dir {data_dir}: no such directory")
     tm = copy.copy(_indexed_task_manager())
     if data_dir is not None:
         data_dir = Path(data_dir)
-        if not data_dir.is_dir():
-            raise BitnetError(f"--data-dir {data_dir}: no such directory")
         # lm-eval 0.4.13 builds every task through this factory (TaskManager has no public hook).
         tm._factory = LocalDataFactory(data_dir, num_fewshot, meta=tm.metadata)
     return tm
+
+
+def check_task_file(path: Path) -> None:
+    """A task given as a YAML path must be an lm-eval task or group config."""
+    from lm_eval.tasks._index import TaskIndex
+
+    try:
+        entry = TaskIndex.entry_from_path(path)
+    except Exception as e:  # yaml errors, lm-eval's "Unknown config shape" ValueError, bad !function tags
+        raise BitnetError(f"{path}: not an lm-eval task YAML ({e})") from None
+    if entry is None:
+        raise BitnetError(f"{path}: not an lm-eval task YAML (it names no task or group)")
 
 
 def check_task_names(tm: TaskManager, names: list[str]) -> None:
     """Unknown task names fail early, with lm-eval's closest names as suggestions."""
     known = set(tm.all_tasks)
     for name in names:
-        if name in known or Path(name).is_file():
+        if name in known:
+            continue
+        if Path(name).is_file():
+            check_task_file(Path(name))
             continue
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
         hint = f"; did you mean: {', '.join(close)}?" if close else " (see `lm-eval ls tasks`)"
