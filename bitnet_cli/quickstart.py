@@ -56,14 +56,34 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     from bitnet_cli.eval.runner import evaluate, result_rows
     from bitnet_cli.pack import pack_checkpoint
     from bitnet_cli.train import load_recipe, train
+    from bitnet_cli.train.checkpoint import step_checkpoints
+    from bitnet_cli.train.loop import TrainInterrupted
 
     console = console or Console(stderr=True)
     out = Path(out_dir)
     result = QuickstartResult(out)
+    if out.exists() and not out.is_dir():
+        raise BitnetError(f"{out}: is a file, not a directory (choose another --out)")
+    recipe = load_recipe(bundled_recipe("tiny"), overrides)
+    # Everything the eval stage needs is checked now, not after minutes of training.
+    data = Path(data_dir) if data_dir else default_eval_data()
+    if data is not None:
+        if not eval_tasks:
+            raise BitnetError("no eval tasks given (e.g. --tasks arc_easy)")
+        from bitnet_cli.eval.tasks import check_task_names, task_manager
+
+        check_task_names(task_manager(data), list(eval_tasks))
 
     console.rule("[bold]1/4 train[/] recipes/tiny.yaml on the bundled TinyShakespeare")
-    recipe = load_recipe(bundled_recipe("tiny"), overrides)
-    trained = train(recipe, out / "train", console=console)
+    run_dir = out / "train"
+    again = bool(step_checkpoints(run_dir)) or (run_dir / "final" / "trainer_state.pt").is_file()
+    if again:
+        console.print(f"{run_dir} holds an earlier quickstart run: continuing it")
+    try:
+        trained = train(recipe, run_dir, resume=again, console=console)
+    except TrainInterrupted as e:
+        raise BitnetError(f"interrupted: the same `bitnet quickstart` command continues {run_dir} from step "
+                          f"{e.resume_step}", exit_code=130) from None
     result.train = trained.to_json()
 
     console.rule("[bold]2/4 pack[/] the final checkpoint into one ternary file")
@@ -81,7 +101,6 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     console.print()
     result.generation = {"prompt": PROMPT, "text": gen.text, **gen.stats.to_dict()}
 
-    data = Path(data_dir) if data_dir else default_eval_data()
     if data is None:
         console.print("[yellow]4/4 eval skipped:[/] no local eval data (set BITNET_EVAL_DATA or --data-dir)")
         return result
