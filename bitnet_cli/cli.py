@@ -73,7 +73,9 @@ def train_cmd(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Run directory (default: the recipe's out_dir, else runs/<name>)."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in the run directory from its newest checkpoint (after Ctrl-C or a crash)."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe, parameter count and FLOPs/token, then exit."
     ),
@@ -83,6 +85,8 @@ def train_cmd(
     """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
 
     Writes RUN_DIR/final (an HF-layout checkpoint for [bold]bitnet pack[/] and [bold]bitnet eval[/]), metrics.jsonl, loss.png.
+
+    Example: [bold]bitnet train tiny --set train.steps=300 --out runs/tiny[/]
 
     Several GPUs: [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
@@ -194,7 +198,8 @@ def pack(
 
     Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
 
-    Example: [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/]
+    Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
+    [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/]
     """
     import json as _json
 
@@ -245,7 +250,10 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Recompute every tensor's crc32 and compare with the stored checksums (exit 1 on mismatch)."),
     json_output: bool = typer.Option(False, "--json", help="Print everything (config, metadata, every tensor) as JSON."),
 ):
-    """Show what a packed model file holds: config, tokenizer, layout, tensors, sizes, checksums."""
+    """Show what a packed model file holds: config, tokenizer, layout, tensors, sizes, checksums.
+
+    Example: [bold]bitnet info tiny.bin --verify[/]
+    """
     import json as _json
 
     from rich.table import Table
@@ -426,11 +434,12 @@ def eval_cmd(
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     with user_errors():
-        if output is not None and output.is_dir():
-            raise BitnetError(f"--output {output}: is a directory (give a file name)")
+        from bitnet_cli.eval.runner import check_output, evaluate, result_rows, write_results
+
+        if output is not None:
+            check_output(output)  # now, not after minutes of evaluation
         if limit is not None and limit >= 1:
             limit = int(limit)
-        from bitnet_cli.eval.runner import evaluate, result_rows, write_results
 
         bar = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -546,10 +555,10 @@ def bench(
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results."),
-    set_: list[str] = typer.Option([], "--set", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads for generation and eval (default: physical cores)."),
-    tasks: str = typer.Option("arc_easy", "--tasks", help="lm-eval tasks to score the packed model on."),
+    tasks: str = typer.Option("arc_easy", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
     limit: int = typer.Option(200, "--limit", min=1, help="Examples per eval task."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (default: $BITNET_EVAL_DATA or ../shared/data/eval)."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
