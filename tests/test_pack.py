@@ -265,6 +265,18 @@ def test_verify_detects_a_flipped_byte(tiny_packed, tmp_path):
         assert pm.verify() == ["model.layers.1.mlp.gate_proj.weight"]
 
 
+def test_verify_detects_damage_to_the_embedded_tokenizer(tiny_packed, tmp_path):
+    raw = bytearray(tiny_packed[0].read_bytes())
+    at = raw.index(b"<|end_of_text|>")  # inside the tokenizer text: the header still parses
+    raw[at + 2] = ord("X")
+    bad = tmp_path / "tokenizer_flipped.bin"
+    bad.write_bytes(bytes(raw))
+    with PackedModel.open(bad) as pm:
+        assert pm.verify() == ["__metadata__"]
+    with PackedModel.open(tiny_packed[0]) as pm:
+        assert pm.verify() == []
+
+
 # ------------------------------------------------------------------ the reference forward
 
 

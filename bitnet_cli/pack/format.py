@@ -183,6 +183,13 @@ def check_output_path(out: Path, force: bool = False) -> None:
         raise BitnetError(f"{parent}: output directory is not writable")
 
 
+def metadata_checksum(metadata: dict[str, str]) -> str:
+    """crc32 of every metadata value but the checksums themselves (config, tokenizer, ...), so that
+    `verify` also catches damage to the embedded text, which the header parser cannot see."""
+    covered = {k: v for k, v in metadata.items() if k not in ("checksums", "metadata_checksum")}
+    return f"{zlib.crc32(json.dumps(covered, sort_keys=True).encode()):08x}"
+
+
 class PackedWriter:
     """Writes a packed file tensor by tensor, in the order of `specs`, to a temp file; `finish` renames.
 
@@ -194,7 +201,7 @@ class PackedWriter:
         self.out = Path(out)
         check_output_path(self.out, force)
         self.specs = specs
-        self.metadata = dict(metadata)
+        self.metadata = dict(metadata, metadata_checksum=metadata_checksum(metadata))
         self.checksums = {s.name: "00000000" for s in specs}
         self.layout: list[tuple[TensorSpec, int]] = []  # (spec, offset relative to data start)
         cursor, pads = 0, 0
@@ -391,8 +398,9 @@ class PackedModel:
         return self.path.stat().st_size
 
     def verify(self, progress=None) -> list[str]:
-        """Recompute every tensor's crc32; return the names whose checksum does not match."""
-        bad = []
+        """Recompute every tensor's crc32 and the metadata's; return what does not match
+        (tensor names, and ``__metadata__`` for the config/tokenizer text)."""
+        bad = [] if self.metadata.get("metadata_checksum") == metadata_checksum(self.metadata) else ["__metadata__"]
         names = self.names
         for i, name in enumerate(names):
             want = self.checksums.get(name)
