@@ -159,6 +159,9 @@ I2_ROWS_TOKENS(i2_rows_avx2_tokens, AVX2_TARGET, i2_row_avx2)
  * back exactly at the end). Bounds over 8 blocks: the plain accumulator |sum| <= 8 * 2 * 2 *
  * (2 * 128) = 8192; the times-4 one lies in [-8 * 2 * 2 * 8 * 128, 8 * 2 * 2 * 8 * 127] =
  * [-32768, 32512], inside int16 (and every vpmaddubsw pair sum within +-2048, unsaturated). */
+/* software prefetch a page ahead: the hardware prefetchers stop at 4 KB page boundaries, and mmapped
+ * weights sit in 4 KB pages (measured ~10% faster from DRAM here) */
+#define GEMV_PREFETCH 4096
 AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
     const __m256i mask = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12);
     const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
@@ -170,6 +173,7 @@ AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
         __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0,2 and 4 * codes 1,3 */
         for (int b = b0; b < b1; b++) {
             const int8_t *xb = j->xq + b * BLOCK;
+            if (!(b & 1)) _mm_prefetch((const char *)(wr + b * BLOCK_BYTES) + GEMV_PREFETCH, _MM_HINT_T0);
             __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES)), w4 = _mm256_srli_epi16(w, 4);
             lo = _mm256_add_epi16(
                 lo, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask), _mm256_loadu_si256((const __m256i *)xb)),
