@@ -61,7 +61,6 @@ static void head_rows_scalar(const bn_head_job *j, int r0, int r1) {
 }
 
 #if BN_X86
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define PREFETCH_BYTES 1024 /* how far ahead of the loads a row is prefetched */
 
 AVX2_TARGET static inline float hsum_ps(__m256 v) {
@@ -69,13 +68,6 @@ AVX2_TARGET static inline float hsum_ps(__m256 v) {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
-}
-
-AVX2_TARGET static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
 }
 
 /* f16 rows: RT rows x TT tokens, RT*TT independent FMA chains; each weight vector is converted
@@ -136,7 +128,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const
     for (int a = 0; a < RT; a++)
         for (int b = 0; b < TT; b++) {
             const int8_t *h = j->hq + (size_t)(t + b) * j->k, *wr = w + (size_t)a * j->k;
-            int32_t s = hsum_epi32(acc[a][b]);
+            int32_t s = bn_hsum_epi32_avx2(acc[a][b]);
             for (int k = k32; k < j->k; k++) s += wr[k] * h[k];
             j->y[(size_t)(t + b) * j->y_stride + r + a] = i8_logit(j, t + b, r + a, s);
         }
@@ -178,7 +170,7 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
                                          _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(h + k)), wv));
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
     }
-    int32_t s = hsum_epi32(acc);
+    int32_t s = bn_hsum_epi32_avx2(acc);
     for (; k < j->k; k++) s += w[k] * h[k];
     return s;
 }

@@ -11,6 +11,21 @@
 #define BN_ARM64 1
 #endif
 
+#if BN_X86
+#include <immintrin.h>
+
+/* The x86 SIMD kernels are compiled for their ISA function by function (no -march), so one build
+ * runs everywhere and dispatch picks the path at run time. */
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+
+AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
 /* One ternary matrix product: rows of w against m quantised tokens. The kernel writes either
  * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
 typedef struct {

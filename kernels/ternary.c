@@ -83,15 +83,6 @@ static void i2_rows_scalar(const bn_i2_job *j, int r0, int r1) {
 /* ---- x86: AVX2 ------------------------------------------------------------------------- */
 #if BN_X86
 
-#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-
-AVX2_TARGET static inline int32_t hsum_avx2(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
-
 /* One row against TN tokens: the four code vectors of a block are unpacked once and reused.
  * Block sums (|s| <= 2048) add up in int16 for 8 blocks (<= 16384), then widen to int32. */
 AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const bn_i2_job *j, int r, int t0,
@@ -123,7 +114,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const 
         }
         for (int t = 0; t < TN; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(acc16[t], ones));
     }
-    for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, hsum_avx2(acc[t]));
+    for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(acc[t]));
 }
 
 /* Rows are taken in tiles of about 16 KB of weights; each tile meets every group of four tokens
@@ -187,7 +178,7 @@ AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
         }
         acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, fours), _mm256_madd_epi16(hi, ones)));
     }
-    return hsum_avx2(acc) / 4;
+    return bn_hsum_epi32_avx2(acc) / 4;
 }
 
 AVX2_TARGET static void i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
