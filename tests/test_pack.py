@@ -352,16 +352,16 @@ def test_q4_rows_round_trip_within_half_a_step(hidden):
     assert scale.dtype == np.float32 and scale[4] == 0
     back = decode([blocks, scale], hidden, "q4")
     assert back.shape == rows.shape and (back[4] == 0).all()
-    # every value is within half a step of its half-block (step = scale * sub), plus float slack
-    padded = np.zeros((40, q4_padded(hidden)), np.float32)
-    padded[:, :hidden] = rows
+    # every value is within half a step of its half-block (step = scale * sub), plus float slack,
+    # unless the packer chose a step that clips it to -8 or 7
     sub = blocks.reshape(40, -1, Q4_BLOCK_BYTES)[:, :, :2].reshape(40, -1).astype(np.float32)
     step = np.repeat(sub * scale[:, None], 32, axis=1)[:, :hidden]
-    assert (np.abs(back - rows) <= step / 2 + 1e-6 * np.abs(rows).max()).all()
-    assert back[5, 7] == np.float32(-8 * sub[5, 0] * scale[5]) and sub.max() == 255
-    # 4.25 bits per weight: about 11% relative error on Gaussian rows, far from int8 but far from useless
+    clipped = (rows < -8.5 * step) | (rows > 7.5 * step)
+    assert ((np.abs(back - rows) <= step / 2 + 1e-6 * np.abs(rows).max()) | clipped).all()
+    assert clipped.mean() < 0.01 and back[5, 7] == np.float32(-8 * sub[5, 0] * scale[5])
+    # 4.25 bits per weight: about 9% relative error on Gaussian rows, far from int8 but far from useless
     err = np.linalg.norm(back - rows, axis=1) / np.maximum(np.linalg.norm(rows, axis=1), 1e-9)
-    assert np.median(err) < 0.15
+    assert np.median(err) < 0.12
 
 
 def test_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path):
