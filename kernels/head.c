@@ -377,7 +377,7 @@ int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float 
     float *hscale = NULL;
     int32_t *hsum = NULL;
     if (type != BN_EMB_F16) {
-        hq = malloc((size_t)m * kq);
+        if (posix_memalign((void **)&hq, 64, (size_t)m * kq)) hq = NULL; /* aligned: see zalloc in model.c */
         hscale = malloc(sizeof(float) * m);
         hsum = malloc(sizeof(int32_t) * m);
         if (!hq || !hscale || !hsum) {

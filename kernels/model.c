@@ -12,6 +12,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "internal.h"
@@ -35,7 +36,21 @@ struct bn_model {
     float *scores; /* [thread][ctx] */
 };
 
-static void *zalloc(size_t n) { return calloc(1, n ? n : 1); }
+/* Zeroed memory starting on a cache line. glibc serves large callocs 16 bytes into a page, which
+ * splits every other 32-byte load of the kernels across two cache lines: measured here, the
+ * prefill GEMM ran 20-60% slower on such activations. calloc underneath keeps big buffers (the
+ * KV cache) committed page by page as they are written. */
+static void *zalloc(size_t n) {
+    char *raw = calloc(1, n + 64 + sizeof(void *));
+    if (!raw) return NULL;
+    char *p = (char *)(((uintptr_t)raw + sizeof(void *) + 63) & ~(uintptr_t)63);
+    ((void **)p)[-1] = raw;
+    return p;
+}
+
+static void zfree(void *p) {
+    if (p) free(((void **)p)[-1]);
+}
 
 bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err, int err_len) {
 #define FAIL(...)                                   \
@@ -105,8 +120,8 @@ void bn_model_free(bn_model *m) {
     bn_pool_free(m->pool);
     void *bufs[] = {m->layers, m->kcache, m->vcache, m->x, m->h, m->q, m->k, m->v, m->att, m->gate, m->up,
                     m->tmp, m->xq, m->xscale, m->xsum, m->scores};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
-    free(m);
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) zfree(bufs[i]);
+    zfree(m);
 }
 
 /* ---- float steps ----------------------------------------------------------------------- */

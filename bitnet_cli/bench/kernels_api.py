@@ -27,6 +27,14 @@ def available_isas() -> list[str]:
     return kernels.available_isas()
 
 
+def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """Zeros starting on a cache line, as the engine's buffers do (kernels/model.c: zalloc)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    offset = -raw.ctypes.data % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 class TernaryMatmul:
     """Quantise `tokens` activation rows and multiply them by one i2_k128 weight [n, k]."""
 
@@ -36,7 +44,7 @@ class TernaryMatmul:
         self.pool = pool(threads)
         self.isa_id = kernels.resolve_isa(isa)
         self.isa = next(name for name, i in kernels.ISAS.items() if i == self.isa_id)
-        self.xq = np.zeros((tokens, self.kp), dtype=np.int8)
+        self.xq = aligned_zeros((tokens, self.kp), np.int8)
         self.scale = np.zeros(tokens, dtype=np.float32)
         self.xsum = np.zeros(tokens, dtype=np.int32)
         self.acc = np.zeros((tokens, n), dtype=np.int32)
