@@ -77,3 +77,16 @@ def test_gguf_refuses_untied_head(test_tokenizer_dir, tmp_path):
     pack_checkpoint(ckpt, tmp_path / "m.bin")
     with pytest.raises(BitnetError, match="untied lm_head"):
         export_gguf(tmp_path / "m.bin", tmp_path / "m.gguf")
+
+
+def test_cli_gguf_export_says_llama_cpp_computes_silu(gguf_ready, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pack", str(gguf_ready), str(tmp_path / "m.gguf"), "--to", "gguf"])
+    assert result.exit_code == 0, result.output
+    assert "gates the FFN with SiLU" in " ".join(result.output.split())  # rich may wrap the line
+    native = runner.invoke(app, ["pack", str(gguf_ready), str(tmp_path / "m.bin")])
+    assert native.exit_code == 0 and "SiLU" not in native.output
