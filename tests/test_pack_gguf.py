@@ -47,6 +47,7 @@ def test_gguf_export_reads_back_equal_to_ours(gguf_ready, tmp_path, gguf_type, e
     with pytest.raises(BitnetError, match="is a GGUF file"):
         PackedModel.open(out)
     pack_checkpoint(gguf_ready, tmp_path / "ref.bin", embeddings=embeddings)
+    assert out.stat().st_mode == (tmp_path / "ref.bin").stat().st_mode  # an ordinary file, not mkstemp's 0600
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     with PackedModel.open(tmp_path / "ref.bin") as pm:
         assert len(tensors) == len(pm.names) - (1 if embeddings == "int8" else 0)

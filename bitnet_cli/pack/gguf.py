@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
+from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel, publish
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
@@ -203,7 +203,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
             for _, _, make, _ in plan:  # then the data, one tensor at a time
                 w.write_tensor_data(np.ascontiguousarray(make()))
             w.close()
-            os.replace(tmp, out)
+            publish(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
