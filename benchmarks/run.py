@@ -90,12 +90,13 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
                   "streams them from DRAM. GB/s counts weight bytes; GOPS counts 2 x N x K x tokens; "
                   "% of bw is the decode GEMV's weight GB/s over the measured read bandwidth.", _table(
             ["N x K", "used by", "tokens", "threads", "ternary us", "ternary GB/s", "ternary GOPS", "% of bw",
-             "f32 BLAS us", "f32 GB/s", "ternary vs f32"],
+             "int8 us", "int8 GB/s", "ternary vs int8", "f32 BLAS us", "f32 GB/s", "ternary vs f32"],
             [[f"{g['n']} x {g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"]),
               f"{g['ternary']['seconds']['median'] * 1e6:,.0f}", *cells(g["ternary"], ("gbps", "gops")),
               f"{g['ternary']['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in g["ternary"] else "",
-              f"{g['f32']['seconds']['median'] * 1e6:,.0f}", *cells(g["f32"], ("gbps",)),
-              f"{g['f32']['seconds']['median'] / g['ternary']['seconds']['median']:.1f}x"]
+              *(cell for impl in ("int8", "f32") for cell in (
+                  f"{g[impl]['seconds']['median'] * 1e6:,.0f}", *cells(g[impl], ("gbps",)),
+                  f"{g[impl]['seconds']['median'] / g['ternary']['seconds']['median']:.1f}x"))]
              for g in paired_kernels(results["kernels"])])]
     if plot_name:
         parts.append(f"![thread scaling and decode vs the roofline]({plot_name})")

@@ -57,6 +57,31 @@ class TernaryMatmul:
         return self.acc
 
 
+class DenseInt8Matmul:
+    """The dense int8 reference: int8 weights [n, k] with one fp32 scale per row against the same
+    per-token int8 activations, an exact integer dot like ours (the engine's int8 output head)."""
+
+    def __init__(self, n: int, k: int, tokens: int, threads: int, isa: str | None = None):
+        self.ffi, self.lib = kernels.lib()
+        self.n, self.k, self.m = n, k, tokens
+        self.pool = pool(threads)
+        self.isa_id = kernels.resolve_isa(isa)
+        self.wscale = np.ones(n, dtype=np.float32)
+        self.y = np.zeros((tokens, n), dtype=np.float32)
+        self._wscale, self._y = self.ffi.from_buffer("float[]", self.wscale), self.ffi.from_buffer("float[]", self.y)
+
+    def __call__(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """y[t][r] = sum_k w[r][k] * quantised x[t][k] / x_scale[t]; w is int8 [n, k], x float32 [tokens, k]."""
+        if w.shape != (self.n, self.k) or w.dtype != np.int8 or not w.flags.c_contiguous:
+            raise ValueError(f"weight must be contiguous int8 {(self.n, self.k)}, got {w.dtype} {w.shape}")
+        if x.shape != (self.m, self.k) or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"activations must be contiguous float32 {(self.m, self.k)}, got {x.dtype} {x.shape}")
+        buf = self.ffi.from_buffer
+        self.lib.bn_head_logits(self.pool.ptr, self.isa_id, self.lib.BN_EMB_I8, buf("int8_t[]", w), self._wscale,
+                                self.n, self.k, buf("float[]", x), self.m, self._y)
+        return self.y
+
+
 class StreamRead:
     """One call reads all of `buf` once with the pool's threads (the bandwidth probe)."""
 
