@@ -7,6 +7,7 @@ from our own GGUF export of it (`bitnet pack --to gguf`, TQ2_0), head for head:
   ours f16 head   vs  TQ2_0 + f16 head   (export of the f16 file)
   ours int8 head  vs  TQ2_0 + Q8_0 head  (export of the int8 file: the same int8 values)
   ours int8 head  vs  TQ2_0 + Q6_K head  (llama-quantize of the f16 export: their usual small head)
+  ours q4 head    vs  TQ2_0 + Q4_K head  (llama-quantize of the f16 export: the nearest size, 4.5 bits)
 Each round runs, per thread count and pair, one llama-bench (`-p 128 -n 64 -r 1`) then one of our
 e2e workers (pp128, tg64), so drift in the machine's load hits both sides alike; the memory-read
 bandwidth is measured before every pair too. Figures are medians over the rounds (min-max beside).
@@ -41,7 +42,9 @@ PAIRS = (
     ("f16 head", "f16", "f16", "f16"),
     ("int8 head vs Q8_0", "int8", "int8", "q8_0"),
     ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
+    ("q4 head vs Q4_K", "q4", "f16", "q4_k"),
 )
+QUANTIZED_HEADS = ("q6_k", "q4_k")  # made by llama-quantize from the f16 export
 
 
 def gguf_tensor_types(path: Path) -> dict:
@@ -68,15 +71,15 @@ def their_file(source: Path, head: str, quantize: str | None) -> Path:
     if not exported.exists():
         print(f"  exporting {exported.name}", file=sys.stderr, flush=True)
         export_gguf(source, exported, "tq2_0")
-    if head != "q6_k":
+    if head not in QUANTIZED_HEADS:
         return exported
-    out = source.with_suffix(".tq2_0-q6_k.gguf")
+    out = source.with_suffix(f".tq2_0-{head}.gguf")
     if not out.exists():
         if not quantize:
-            raise BitnetError(f"{out} is not made yet: the Q6_K-head pair needs --llama-quantize PATH once")
+            raise BitnetError(f"{out} is not made yet: the {head.upper()}-head pair needs --llama-quantize PATH once")
         print(f"  llama-quantize {out.name}", file=sys.stderr, flush=True)
         tmp = out.with_name(f".{out.name}.tmp")
-        cmd = [quantize, "--allow-requantize", "--token-embedding-type", "q6_k", str(exported), str(tmp), "TQ2_0"]
+        cmd = [quantize, "--allow-requantize", "--token-embedding-type", head, str(exported), str(tmp), "TQ2_0"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
@@ -214,7 +217,7 @@ def markdown(results: dict, command: str, note: str | None) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-bench", required=True, help="path to llama.cpp's llama-bench")
-    parser.add_argument("--llama-quantize", help="path to llama-quantize (for the Q6_K-head file)")
+    parser.add_argument("--llama-quantize", help="path to llama-quantize (makes the Q6_K- and Q4_K-head files once)")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=HERE)
