@@ -229,6 +229,10 @@ def pack(
     table.add_row("compression", f"{summary.compression_ratio:.2f}x")
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
+    if to == PackTarget.gguf:
+        from bitnet_cli.pack.gguf import LLAMA_CPP_CAVEAT
+
+        console.print(f"[yellow]note:[/] {LLAMA_CPP_CAVEAT}")
 
 
 def _tensor_groups(pm) -> list[dict]:

@@ -47,6 +47,7 @@ def test_gguf_export_reads_back_equal_to_ours(gguf_ready, tmp_path, gguf_type, e
     with pytest.raises(BitnetError, match="is a GGUF file"):
         PackedModel.open(out)
     pack_checkpoint(gguf_ready, tmp_path / "ref.bin", embeddings=embeddings)
+    assert out.stat().st_mode == (tmp_path / "ref.bin").stat().st_mode  # an ordinary file, not mkstemp's 0600
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     with PackedModel.open(tmp_path / "ref.bin") as pm:
         assert len(tensors) == len(pm.names) - (1 if embeddings == "int8" else 0)
@@ -77,3 +78,16 @@ def test_gguf_refuses_untied_head(test_tokenizer_dir, tmp_path):
     pack_checkpoint(ckpt, tmp_path / "m.bin")
     with pytest.raises(BitnetError, match="untied lm_head"):
         export_gguf(tmp_path / "m.bin", tmp_path / "m.gguf")
+
+
+def test_cli_gguf_export_says_llama_cpp_computes_silu(gguf_ready, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["pack", str(gguf_ready), str(tmp_path / "m.gguf"), "--to", "gguf"])
+    assert result.exit_code == 0, result.output
+    assert "gates the FFN with SiLU" in " ".join(result.output.split())  # rich may wrap the line
+    native = runner.invoke(app, ["pack", str(gguf_ready), str(tmp_path / "m.bin")])
+    assert native.exit_code == 0 and "SiLU" not in native.output

@@ -188,6 +188,18 @@ def metadata_checksum(metadata: dict[str, str]) -> str:
     return f"{zlib.crc32(json.dumps(covered, sort_keys=True).encode()):08x}"
 
 
+def publish(tmp, out: Path) -> Path:
+    """Rename a finished temporary file onto `out`, with the permissions an ordinary new file gets.
+
+    mkstemp creates 0600; a model file is an ordinary file (0666 less the umask).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, out)
+    return out
+
+
 class PackedWriter:
     """Writes a packed file tensor by tensor, in the order of `specs`, to a temp file; `finish` renames.
 
@@ -277,11 +289,7 @@ class PackedWriter:
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is an ordinary file
-        os.replace(self.tmp, self.out)
-        return self.out
+        return publish(self.tmp, self.out)
 
     def abort(self) -> None:
         if not self.f.closed:

@@ -10,6 +10,10 @@ Mapping from our packed file:
   block's d, i.e. the same int8 values and an f16-rounded scale.
 - llama.cpp's `bitnet` architecture ties the output head to the embedding and uses
   rotate-half (NEOX) RoPE, as HF does, so q/k need no permutation; untied heads are refused.
+- llama.cpp's `bitnet` graph gates the FFN with SiLU (the 1bitLLM models), not BitNet b1.58's
+  squared ReLU, and has no switch for it: llama.cpp loads and runs our files at full speed, but
+  computes silu(gate) * up (checked with llama.cpp 0c1e570: its logits follow our numpy reference
+  with that one line swapped, up to int8 rounding, and leave the relu2 model's at once).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
+from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel, publish
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
+# printed by `bitnet pack --to gguf` (see the module docstring)
+LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
+                    "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
 
 _NAMES = {
     "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -199,7 +206,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
             for _, _, make, _ in plan:  # then the data, one tensor at a time
                 w.write_tensor_data(np.ascontiguousarray(make()))
             w.close()
-            os.replace(tmp, out)
+            publish(tmp, out)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -1,0 +1,246 @@
+"""Race llama.cpp and bitnet-cli side by side on this machine, in one run, on the same 2B4T-shaped model.
+
+    python benchmarks/compare_llamacpp.py --llama-bench PATH [--llama-quantize PATH] [--threads 1,2] [--repeat 3]
+
+Both sides run the synthetic 2B4T shape (the file `bitnet bench --shape 2b4t` uses), llama.cpp
+from our own GGUF export of it (`bitnet pack --to gguf`, TQ2_0), head for head:
+  ours f16 head   vs  TQ2_0 + f16 head   (export of the f16 file)
+  ours int8 head  vs  TQ2_0 + Q8_0 head  (export of the int8 file: the same int8 values)
+  ours int8 head  vs  TQ2_0 + Q6_K head  (llama-quantize of the f16 export: their usual small head)
+  ours q4 head    vs  TQ2_0 + Q4_K head  (llama-quantize of the f16 export: the nearest size, 4.5 bits)
+Each round runs, per thread count and pair, one llama-bench (`-p 128 -n 64 -r 1`) then one of our
+e2e workers (pp128, tg64), so drift in the machine's load hits both sides alike; the memory-read
+bandwidth is measured before every pair too. Figures are medians over the rounds (min-max beside).
+Writes COMPARE.md and compare.json next to this script (or --out). Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from bitnet_cli.bench import e2e, roofline, suite, target
+from bitnet_cli.bench.shapes import bytes_per_token
+from bitnet_cli.bench.stats import summarize
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.gguf import export_gguf
+from run import _stat, _table  # the sibling script's markdown helpers
+
+HERE = Path(__file__).resolve().parent
+SHAPE = "2b4t"
+PROMPT, GENERATE = 128, 64
+BANDWIDTH_REPEAT = 3
+BUSY_LOAD = 0.5  # a load average above this on an otherwise idle machine means someone else is working
+
+# (pair name, our embeddings, the embeddings of the packed file their GGUF is exported from, their head)
+PAIRS = (
+    ("f16 head", "f16", "f16", "f16"),
+    ("int8 head vs Q8_0", "int8", "int8", "q8_0"),
+    ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
+    ("q4 head vs Q4_K", "q4", "f16", "q4_k"),
+)
+QUANTIZED_HEADS = ("q6_k", "q4_k")  # made by llama-quantize from the f16 export
+
+
+def gguf_tensor_types(path: Path) -> dict:
+    """{ggml type name: tensor count} and the token embedding's (= the tied head's) type."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    head = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
+    return {"counts": counts, "head": head, "tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors)}
+
+
+def packed_file(embeddings: str) -> Path:
+    """Our cached synthetic 2B4T file (written once)."""
+    return target.from_shape(SHAPE, embeddings).ensure_file(
+        progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
+
+
+def their_file(source: Path, head: str, quantize: str | None) -> Path:
+    """The GGUF for llama.cpp, exported from our file (and quantized) once, cached beside it."""
+    exported = source.with_suffix(".tq2_0.gguf")
+    if not exported.exists():
+        print(f"  exporting {exported.name}", file=sys.stderr, flush=True)
+        export_gguf(source, exported, "tq2_0")
+    if head not in QUANTIZED_HEADS:
+        return exported
+    out = source.with_suffix(f".tq2_0-{head}.gguf")
+    if not out.exists():
+        if not quantize:
+            raise BitnetError(f"{out} is not made yet: the {head.upper()}-head pair needs --llama-quantize PATH once")
+        print(f"  llama-quantize {out.name}", file=sys.stderr, flush=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        cmd = [quantize, "--allow-requantize", "--token-embedding-type", head, str(exported), str(tmp), "TQ2_0"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
+        os.replace(tmp, out)
+    return out
+
+
+def check_types(path: Path, head: str) -> dict:
+    """What the file really holds: the expected head type and TQ2_0 for every ternary weight."""
+    types = gguf_tensor_types(path)
+    if types["head"].lower() != head:
+        raise BitnetError(f"{path}: token_embd.weight is {types['head']}, expected {head.upper()}")
+    unexpected = set(types["counts"]) - {"TQ2_0", "F32", types["head"]}
+    if unexpected:
+        raise BitnetError(f"{path}: unexpected tensor types {sorted(unexpected)} (expected TQ2_0, F32, {types['head']})")
+    return types
+
+
+def llama_bench_once(llama_bench: str, path: Path, threads: int) -> dict:
+    """One llama-bench repetition of pp128 and tg64: tokens/s per test, plus its build description."""
+    cmd = [llama_bench, "-m", str(path), "-p", str(PROMPT), "-n", str(GENERATE), "-r", "1", "-t", str(threads),
+           "-o", "json"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
+    try:
+        rows = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise BitnetError(f"{llama_bench}: output is not llama-bench's JSON (is it llama-bench?)") from None
+    rates = {}
+    for row in rows:
+        name = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
+        rates[name] = float(row["avg_ts"])
+    build = {k: rows[0].get(k) for k in ("build_commit", "build_number", "cpu_info", "backends")}
+    return {"rates": rates, "build": build}
+
+
+def ours_once(path: Path, threads: int) -> dict:
+    row = e2e.run(path, [threads], 1, prompts=(PROMPT,), generate=GENERATE)[0]
+    return {name: s["median"] for name, s in row["tokens_per_s"].items()}
+
+
+def measure(args, threads: list[int]) -> dict:
+    files = {}
+    for name, emb, source, head in PAIRS:
+        theirs = their_file(packed_file(source), head, args.llama_quantize)
+        files[name] = {"ours": packed_file(emb), "theirs": theirs, "their_types": check_types(theirs, head)}
+
+    results = {"machine": suite.machine(), "settings": {"threads": threads, "rounds": args.repeat,
+                                                        "prompt": PROMPT, "generate": GENERATE}}
+    samples: dict = {}
+    bandwidth: dict = {th: [] for th in threads}
+    build = None
+    for r in range(args.repeat):
+        for th in threads:
+            for name, *_ in PAIRS:
+                print(f"  round {r + 1}/{args.repeat}, {th} thread(s), {name}", file=sys.stderr, flush=True)
+                bandwidth[th].append(roofline.measure_bandwidth(th, BANDWIDTH_REPEAT)["median"])
+                f = files[name]
+                theirs = llama_bench_once(args.llama_bench, f["theirs"], th)
+                build = theirs["build"]
+                ours = ours_once(f["ours"], th)
+                for side, rates in (("theirs", theirs["rates"]), ("ours", ours)):
+                    for test, rate in rates.items():
+                        samples.setdefault((name, th, side, test), []).append(rate)
+    results["machine"]["load_average_end"] = round(os.getloadavg()[0], 2)
+    results["llama_cpp"] = build
+    results["bandwidth_gbps"] = {str(th): summarize(v) for th, v in bandwidth.items()}
+
+    rows = []
+    for name, emb, *_ in PAIRS:
+        f = files[name]
+        our_bytes = bytes_per_token(target.from_shape(SHAPE, emb).config, emb)["total"]
+        their_bytes = f["their_types"]["tensor_bytes"]  # the tied head is read in full: every tensor once
+        for th in threads:
+            bw = results["bandwidth_gbps"][str(th)]["median"]
+            ceiling = {"ours": 1e9 * bw / our_bytes, "theirs": 1e9 * bw / their_bytes}
+            row = {"pair": name, "threads": th, "ours_file": str(f["ours"]), "theirs_file": str(f["theirs"]),
+                   "ours_bytes": f["ours"].stat().st_size, "theirs_bytes": f["theirs"].stat().st_size,
+                   "their_types": f["their_types"], "ours_bytes_per_token": our_bytes,
+                   "theirs_bytes_per_token": their_bytes}
+            for test in (f"pp{PROMPT}", f"tg{GENERATE}"):
+                for side in ("ours", "theirs"):
+                    row[f"{side}_{test}"] = summarize(samples[(name, th, side, test)])
+                row[f"{test}_ratio"] = row[f"ours_{test}"]["median"] / row[f"theirs_{test}"]["median"]
+            for side in ("ours", "theirs"):
+                row[f"{side}_pct_of_ceiling"] = 100.0 * row[f"{side}_tg{GENERATE}"]["median"] / ceiling[side]
+            rows.append(row)
+    results["rows"] = rows
+    return results
+
+
+def markdown(results: dict, command: str, note: str | None) -> str:
+    m, s, llama = results["machine"], results["settings"], results["llama_cpp"]
+    pp, tg = f"pp{s['prompt']}", f"tg{s['generate']}"
+    busy = max(m["load_average"], m["load_average_end"])
+    parts = [
+        "# bitnet-cli vs llama.cpp, side by side",
+        f"Generated by `{command}` on {m['date']}: {s['rounds']} interleaved rounds (one llama-bench "
+        f"`-p {s['prompt']} -n {s['generate']} -r 1` then one bitnet-cli e2e worker, per pair and thread count); "
+        "tokens/s as the median over rounds (min-max in brackets); x = ours / theirs.",
+        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}; bitnet-cli {m['bitnet_cli']}; "
+        f"load average {m['load_average']} at start, {m['load_average_end']} at the end\n"
+        f"- llama.cpp: build {llama['build_commit']} ({llama['build_number']}), backends {llama['backends']}, "
+        f"CPU {llama['cpu_info']}\n"
+        "- Model: synthetic 2B4T shape (random trits; speed does not depend on the values), "
+        "llama.cpp running our GGUF export (TQ2_0, d = 1, gamma as a separate F32 scale tensor)",
+    ]
+    if busy > BUSY_LOAD:
+        parts.append(f"> **Busy machine** (load average up to {busy}): other work shared the cores and the memory "
+                     "bandwidth, so these are trial figures, not results.")
+    if note:
+        parts.append(f"> {note}")
+    parts += ["## Files", _table(
+        ["pair", "our file MB", "their file MB", "their tensor types", "bytes/token ours MB", "theirs MB"],
+        [[r["pair"], f"{r['ours_bytes'] / 1e6:,.0f}", f"{r['theirs_bytes'] / 1e6:,.0f}",
+          ", ".join(f"{k} x{v}" for k, v in sorted(r["their_types"]["counts"].items())),
+          f"{r['ours_bytes_per_token'] / 1e6:,.0f}", f"{r['theirs_bytes_per_token'] / 1e6:,.0f}"]
+         for r in results["rows"] if r["threads"] == s["threads"][0]])]
+    parts += ["## Read bandwidth (measured before every pair)", _table(
+        ["threads", "GB/s"], [[th, _stat(bw)] for th, bw in results["bandwidth_gbps"].items()])]
+    parts += ["## Speed (tokens/s)", "% of ceiling: tg over (read bandwidth / bytes each side streams per token).",
+              _table(["pair", "threads", f"ours {pp}", f"theirs {pp}", "x", f"ours {tg}", f"theirs {tg}", "x",
+                      "ours % of ceiling", "theirs % of ceiling"],
+                     [[r["pair"], str(r["threads"]), _stat(r[f"ours_{pp}"]), _stat(r[f"theirs_{pp}"]),
+                       f"{r[f'{pp}_ratio']:.2f}x", _stat(r[f"ours_{tg}"]), _stat(r[f"theirs_{tg}"]),
+                       f"{r[f'{tg}_ratio']:.2f}x", f"{r['ours_pct_of_ceiling']:.0f}%",
+                       f"{r['theirs_pct_of_ceiling']:.0f}%"] for r in results["rows"]])]
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--llama-bench", required=True, help="path to llama.cpp's llama-bench")
+    parser.add_argument("--llama-quantize", help="path to llama-quantize (makes the Q6_K- and Q4_K-head files once)")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--note", help="a remark printed under the header, e.g. how busy the machine was")
+    args = parser.parse_args(argv)
+    threads = suite.parse_int_list(args.threads, "--threads")
+    if not args.out.is_dir():
+        raise BitnetError(f"--out {args.out}: not a directory")
+    if args.repeat < 1:
+        raise BitnetError(f"--repeat must be at least 1, got {args.repeat}")
+    for tool in (args.llama_bench, args.llama_quantize):
+        if tool and not os.access(tool, os.X_OK):
+            raise BitnetError(f"{tool}: not an executable file")
+    results = measure(args, threads)
+    command = shlex.join(["python", "benchmarks/compare_llamacpp.py", *argv])
+    (args.out / "compare.json").write_text(json.dumps(results, indent=2))
+    (args.out / "COMPARE.md").write_text(markdown(results, command, args.note))
+    print(f"wrote {args.out / 'COMPARE.md'} and compare.json")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BitnetError as e:
+        sys.exit(f"error: {e}")
