@@ -33,6 +33,7 @@ struct bn_model {
     float *xscale;
     int32_t *xsum;
     float *scores; /* [thread][ctx] */
+    int *keys;     /* [thread][ctx]: the cache slots a token attends to */
 };
 
 static void *zalloc(size_t n) { return calloc(1, n ? n : 1); }
@@ -87,8 +88,9 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
     m->scores = zalloc(sizeof(float) * (size_t)n_threads * d->ctx);
+    m->keys = zalloc(sizeof(int) * (size_t)n_threads * d->ctx);
     if (!m->kcache || !m->vcache || !m->x || !m->h || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
-        !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores)
+        !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores || !m->keys)
         FAIL("out of memory for a context of %d tokens", d->ctx);
     return m;
 #undef FAIL
@@ -98,7 +100,7 @@ void bn_model_free(bn_model *m) {
     if (!m) return;
     bn_pool_free(m->pool);
     void *bufs[] = {m->layers, m->kcache, m->vcache, m->x, m->h, m->q, m->k, m->v, m->att, m->gate, m->up,
-                    m->tmp, m->xq, m->xscale, m->xsum, m->scores};
+                    m->tmp, m->xq, m->xscale, m->xsum, m->scores, m->keys};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) free(bufs[i]);
     free(m);
 }
@@ -179,9 +181,33 @@ static bn_i2_job i2_job(bn_model *m, const uint8_t *w, float gamma, int kp, int 
                        .xscale = m->xscale, .gamma = gamma};
 }
 
+/* Which cache slots a chunk's tokens sit in and see. Token t of the chunk is written to slot
+ * slot0 + t at RoPE position pos[t] (slot0 + t when pos is NULL). It attends to every slot up to
+ * its own, except that with branches, a slot s >= n_past is seen only when branch[s - n_past]
+ * equals the token's own branch: independent continuations of one shared context. */
+typedef struct {
+    int M, slot0, n_past;
+    const int32_t *pos;
+    const int32_t *branch;
+} chunk_view;
+
+static int visible_keys(const chunk_view *c, int t, int *keys) {
+    const int last = c->slot0 + t;
+    int n = 0;
+    if (!c->branch) {
+        for (int s = 0; s <= last; s++) keys[n++] = s;
+        return n;
+    }
+    for (int s = 0; s < c->n_past; s++) keys[n++] = s;
+    for (int s = c->n_past; s <= last; s++)
+        if (c->branch[s - c->n_past] == c->branch[last - c->n_past]) keys[n++] = s;
+    return n;
+}
+
 typedef struct {
     bn_model *m;
-    int layer, M, p0;
+    int layer;
+    const chunk_view *c;
 } attn_task;
 
 static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
@@ -189,16 +215,18 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     bn_model *m = a->m;
     const int hd = m->d.head_dim, group = m->d.n_heads / m->d.n_kv_heads, ctx_len = m->d.ctx;
     float *sc = m->scores + (size_t)ith * ctx_len;
-    int i0, i1;
-    bn_split(a->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
+    int *keys = m->keys + (size_t)ith * ctx_len;
+    int i0, i1, t_keys = -1, n_keys = 0;
+    bn_split(a->c->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group, n_keys = a->p0 + t + 1;
+        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group;
+        if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
         const float *q = m->q + (size_t)t * m->q_dim + h * hd;
         size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd;
         const float *kc = m->kcache + base, *vc = m->vcache + base;
         float mx = -INFINITY;
         for (int j = 0; j < n_keys; j++) {
-            sc[j] = dot(q, kc + (size_t)j * hd, hd) * m->attn_scale;
+            sc[j] = dot(q, kc + (size_t)keys[j] * hd, hd) * m->attn_scale;
             mx = sc[j] > mx ? sc[j] : mx;
         }
         float sum = 0.0f;
@@ -210,7 +238,7 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
         memset(out, 0, sizeof(float) * hd);
         for (int j = 0; j < n_keys; j++) {
             float p = sc[j] / sum;
-            for (int e = 0; e < hd; e++) out[e] += p * vc[(size_t)j * hd + e];
+            for (int e = 0; e < hd; e++) out[e] += p * vc[(size_t)keys[j] * hd + e];
         }
     }
 }
@@ -281,8 +309,9 @@ static void glue(bn_model *m, int M, float *x, const float *add, const float *up
         bn_pool_run(m->pool, glue_worker, &g, bn_pool_chunks(m->pool, M, 1));
 }
 
-static void layer_forward(bn_model *m, int l, int M, int p0) {
+static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const bn_layer_desc *L = &m->layers[l];
+    const int M = c->M;
     const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
 
     /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
@@ -296,17 +325,17 @@ static void layer_forward(bn_model *m, int l, int M, int p0) {
     run_matmul(m, &qkv);
 
     for (int t = 0; t < M; t++) {
-        int pos = p0 + t;
+        int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = c->slot0 + t;
         const float *cs = m->d.rope_cos + (size_t)pos * half, *sn = m->d.rope_sin + (size_t)pos * half;
         rope(m->q + (size_t)t * m->q_dim, m->d.n_heads, hd, cs, sn);
         rope(m->k + (size_t)t * m->kv_dim, m->d.n_kv_heads, hd, cs, sn);
         for (int h = 0; h < m->d.n_kv_heads; h++) {
-            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + pos) * hd;
+            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + slot) * hd;
             memcpy(m->kcache + off, m->k + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
             memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
         }
     }
-    attn_task at = {m, l, M, p0};
+    attn_task at = {m, l, c};
     bn_pool_run(m->pool, attn_worker, &at, bn_pool_chunks(m->pool, M * m->d.n_heads, 1));
 
     glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
@@ -339,19 +368,46 @@ static void output(bn_model *m, int t0, int M, float *logits) {
     bn_pool_run(m->pool, head_worker, &ht, bn_pool_chunks(m->pool, m->d.vocab, 256));
 }
 
-int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {
-    if (!m || n < 1 || n_past < 0 || n_past > m->d.ctx - n) return -1;
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->d.vocab) return -1;
+/* tokens [0, n) into cache slots n_past.., in prefill chunks; pos and branch (either may be
+ * NULL) as in chunk_view, indexed from token 0 */
+static void forward_tokens(bn_model *m, const int32_t *tokens, int n, int n_past, const int32_t *pos,
+                           const int32_t *branch, float *logits, int all_logits) {
     for (int c0 = 0; c0 < n; c0 += CHUNK) {
         int M = n - c0 < CHUNK ? n - c0 : CHUNK;
+        chunk_view c = {M, n_past + c0, n_past, pos ? pos + c0 : NULL, branch};
         for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * m->d.hidden);
-        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, M, n_past + c0);
+        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, &c);
         for (size_t i = 0; i < (size_t)M * m->d.hidden; i++) m->x[i] += m->tmp[i]; /* the last FFN output */
         if (all_logits)
             output(m, 0, M, logits + (size_t)c0 * m->d.vocab);
         else if (c0 + M == n)
             output(m, M - 1, M, logits);
     }
+}
+
+static int valid_tokens(const bn_model *m, const int32_t *tokens, int n, int n_past) {
+    if (!m || n < 1 || n_past < 0 || n_past > m->d.ctx - n) return 0;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->d.vocab) return 0;
+    return 1;
+}
+
+int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {
+    if (!valid_tokens(m, tokens, n, n_past)) return -1;
+    forward_tokens(m, tokens, n, n_past, NULL, NULL, logits, all_logits);
+    return 0;
+}
+
+int bn_forward_branches(bn_model *m, const int32_t *tokens, int n, int n_past, const int32_t *branch,
+                        float *logits) {
+    if (!valid_tokens(m, tokens, n, n_past)) return -1;
+    int32_t *pos = malloc(sizeof(int32_t) * n);
+    if (!pos) return -1;
+    for (int i = 0; i < n; i++) { /* n_past + the count of earlier tokens of the same branch */
+        pos[i] = n_past;
+        for (int j = 0; j < i; j++) pos[i] += branch[j] == branch[i];
+    }
+    forward_tokens(m, tokens, n, n_past, pos, branch, logits, 1);
+    free(pos);
     return 0;
 }
