@@ -107,11 +107,11 @@ static float *random_floats(size_t n, float scale, float offset) {
     return v;
 }
 
-/* The output head on ragged shapes and 1..5 tokens: int8 rows are an exact integer dot, so every
- * ISA matches the scalar path bit for bit (and the integer sum computed here); f16 rows agree up
- * to float summation order. */
+/* The output head on ragged shapes and 1..11 tokens (the last shape spans several blocks of rows,
+ * the last one ragged): int8 rows are an exact integer dot, so every ISA matches the scalar path
+ * bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
-    static const int shapes[][3] = {{1, 1, 1}, {3, 9, 31}, {5, 37, 100}, {4, 64, 2560}, {2, 7, 33}};
+    static const int shapes[][3] = {{1, 1, 1}, {3, 9, 31}, {5, 37, 100}, {4, 64, 2560}, {2, 7, 33}, {11, 301, 700}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
@@ -120,8 +120,8 @@ static void test_head(void) {
             w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
             w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
         }
-        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[5];
-        int32_t hsum[5];
+        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[11];
+        int32_t hsum[11];
         bn_quantize_rows(h, m, k, k, hq, hscale, hsum);
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
         for (int type = 0; type < 2; type++) {
