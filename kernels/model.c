@@ -24,6 +24,7 @@ struct bn_model {
     bn_pool *pool;
     bn_i2_rows_fn i2;
     bn_head_rows_fn head;
+    bn_attn_fn attend;
     int q_dim, kv_dim, kp_h, kp_f;
     float attn_scale;
     float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
@@ -57,7 +58,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
         FAIL("num_attention_heads * head_dim (%d) must equal hidden_size (%d)", d->n_heads * d->head_dim, d->hidden);
     m->i2 = bn_i2_kernel(isa);
     m->head = bn_head_kernel(isa);
-    if (!m->i2 || !m->head) FAIL("instruction set %d is not available on this CPU", isa);
+    m->attend = bn_attn_kernel(isa);
+    if (!m->i2 || !m->head || !m->attend) FAIL("instruction set %d is not available on this CPU", isa);
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -119,7 +121,22 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
-/* dot product with eight independent partial sums, so it vectorises without -ffast-math */
+/* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
+static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
+    int half = hd / 2;
+    for (int h = 0; h < n_heads; h++, v += hd)
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+}
+
+/* ---- attention kernels ------------------------------------------------------------------ */
+
+/* The order of every float operation is fixed by the scalar code: a dot product sums lane l of
+ * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
+ * products are rounded before they are added (no FMA); values are summed over keys in order. */
 static inline float dot(const float *a, const float *b, int n) {
     float lane[8] = {0};
     int i = 0;
@@ -130,15 +147,87 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
-static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
-    int half = hd / 2;
-    for (int h = 0; h < n_heads; h++, v += hd)
-        for (int i = 0; i < half; i++) {
-            float a = v[i], b = v[i + half];
-            v[i] = a * cs[i] - b * sn[i];
-            v[i + half] = b * cs[i] + a * sn[i];
+/* sc[0..n) -> softmax weights; scalar on every ISA (expf) */
+static void softmax(float *sc, int n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int j = 0; j < n; j++) {
+        sc[j] = expf(sc[j] - mx);
+        sum += sc[j];
+    }
+    for (int j = 0; j < n; j++) sc[j] /= sum;
+}
+
+static void attend_scalar(const bn_attn_job *a) {
+    const int hd = a->hd;
+    for (int j = 0; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    softmax(a->sc, a->n);
+    memset(a->out, 0, sizeof(float) * hd);
+    for (int j = 0; j < a->n; j++)
+        for (int e = 0; e < hd; e++) a->out[e] += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
+}
+
+#if BN_X86
+/* AVX2 without FMA: fused multiply-adds would round differently from the scalar path */
+#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
+
+/* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
+AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
+    v = _mm256_hadd_ps(v, v);
+    v = _mm256_hadd_ps(v, v);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+/* four keys at a time: four independent add chains */
+AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
+    const int hd = a->hd, h8 = hd & ~7;
+    int j = 0;
+    for (; j + 4 <= a->n; j += 4) {
+        const float *k[4];
+        __m256 s[4];
+        for (int u = 0; u < 4; u++) k[u] = a->kc + (size_t)a->keys[j + u] * hd, s[u] = _mm256_setzero_ps();
+        for (int i = 0; i < h8; i += 8) {
+            __m256 q = _mm256_loadu_ps(a->q + i);
+            for (int u = 0; u < 4; u++) s[u] = _mm256_add_ps(s[u], _mm256_mul_ps(q, _mm256_loadu_ps(k[u] + i)));
         }
+        for (int u = 0; u < 4; u++) {
+            float d = lane_tree(s[u]);
+            for (int i = h8; i < hd; i++) d += a->q[i] * k[u][i];
+            a->sc[j + u] = d * a->scale;
+        }
+    }
+    for (; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    softmax(a->sc, a->n);
+    int e = 0;
+    for (; e + 32 <= hd; e += 32) { /* four output vectors per pass over the values */
+        __m256 o[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int j = 0; j < a->n; j++) {
+            const float *v = a->vc + (size_t)a->keys[j] * hd + e;
+            __m256 p = _mm256_set1_ps(a->sc[j]);
+            for (int u = 0; u < 4; u++) o[u] = _mm256_add_ps(o[u], _mm256_mul_ps(p, _mm256_loadu_ps(v + 8 * u)));
+        }
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(a->out + e + 8 * u, o[u]);
+    }
+    for (; e + 8 <= hd; e += 8) {
+        __m256 o = _mm256_setzero_ps();
+        for (int j = 0; j < a->n; j++)
+            o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(a->sc[j]), _mm256_loadu_ps(a->vc + (size_t)a->keys[j] * hd + e)));
+        _mm256_storeu_ps(a->out + e, o);
+    }
+    for (; e < hd; e++) {
+        float o = 0.0f;
+        for (int j = 0; j < a->n; j++) o += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
+        a->out[e] = o;
+    }
+}
+#endif
+
+bn_attn_fn bn_attn_kernel(int isa) {
+    if (!bn_isa_available(isa)) return NULL;
+#if BN_X86
+    if (isa == BN_ISA_AVX2 || isa == BN_ISA_AVX512 || isa == BN_ISA_AVX512VNNI) return attend_avx2;
+#endif
+    return attend_scalar;
 }
 
 /* ---- parallel sections ----------------------------------------------------------------- */
@@ -223,23 +312,9 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
         const float *q = m->q + (size_t)t * m->q_dim + h * hd;
         size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd;
-        const float *kc = m->kcache + base, *vc = m->vcache + base;
-        float mx = -INFINITY;
-        for (int j = 0; j < n_keys; j++) {
-            sc[j] = dot(q, kc + (size_t)keys[j] * hd, hd) * m->attn_scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < n_keys; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
-        }
-        float *out = m->att + (size_t)t * m->q_dim + h * hd;
-        memset(out, 0, sizeof(float) * hd);
-        for (int j = 0; j < n_keys; j++) {
-            float p = sc[j] / sum;
-            for (int e = 0; e < hd; e++) out[e] += p * vc[(size_t)keys[j] * hd + e];
-        }
+        bn_attn_job job = {q, m->kcache + base, m->vcache + base, keys, n_keys, hd, m->attn_scale, sc,
+                           m->att + (size_t)t * m->q_dim + h * hd};
+        m->attend(&job);
     }
 }
 

@@ -147,6 +147,31 @@ static void test_head(void) {
     }
 }
 
+/* One query against a ragged head size and a sparse list of cache rows: every ISA gives the
+ * scalar result bit for bit (the float operations run in one fixed order). */
+static void test_attention(void) {
+    static const int head_dims[] = {2, 7, 18, 64, 100, 128};
+    enum { ROWS = 37 };
+    for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
+        int hd = head_dims[s], keys[ROWS], n = 0;
+        for (int r = 0; r < ROWS; r++)
+            if (r < 5 || rnd() % 3) keys[n++] = r; /* a shared prefix, then a sparse branch */
+        float *q = random_floats(hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
+              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[ROWS], ref[128], got[128];
+        for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
+            bn_attn_job j = {q, kc, vc, keys, len, hd, 0.125f, sc, ref};
+            bn_attn_kernel(BN_ISA_SCALAR)(&j);
+            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                j.out = got;
+                bn_attn_kernel(isa)(&j);
+                CHECK(!memcmp(got, ref, sizeof(float) * hd), "attention isa %d differs at hd=%d keys=%d", isa, hd, len);
+            }
+        }
+        free(q), free(kc), free(vc);
+    }
+}
+
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
  * kernels are exact, so logits agree across ISAs up to the head's float summation order. */
 static void test_decoder(void) {
@@ -219,6 +244,7 @@ int main(void) {
     test_gemm_extremes();
     test_stream_read();
     test_head();
+    test_attention();
     test_decoder();
     if (failures) {
         printf("%d kernel test failures\n", failures);
