@@ -1,7 +1,8 @@
 """Reproduce the published figures: `python benchmarks/run.py` (from the repository root).
 
 Runs `bitnet bench` on the synthetic 2B4T shape with 1 and 2 threads (or --threads), all
-sections, 5 repeats, then writes next to this script:
+sections, 5 repeats, with the f16 head; then end to end again with each other head type of
+--heads (int8, q4) in the same run, then writes next to this script:
   results.json  the full result dict (`bitnet bench --json` schema)
   bench.png     thread scaling and decode vs the roofline (`--plot`)
   RESULTS.md    the machine, the command and the numbers, as tables
@@ -16,7 +17,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from bitnet_cli.bench import suite, target
+from bitnet_cli.bench import e2e, suite, target
+from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.plot import plot
 from bitnet_cli.bench.report import anchor_label, paired_kernels
 from bitnet_cli.errors import BitnetError
@@ -82,6 +84,21 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
               f"{r['pp128_ratio']:.2f}x" if "pp128_ratio" in r else "-",
               *(f"{r[k]:.1f}" if k in r else "-" for k in ("anchor_tg64", tg)),
               f"{r['tg_ratio']:.2f}x" if "tg_ratio" in r else "-"] for r in a["rows"]])]
+    if results.get("heads"):
+        bandwidth = {r["threads"]: r["bandwidth_gbps"]["median"] for r in results.get("roofline", [])}
+        rows = []
+        for h in results["heads"]:
+            for r in h["e2e"]:
+                tg = r["tokens_per_s"][f"tg{s['generate']}"]["median"]
+                ceiling = bandwidth.get(r["threads"], 0) * 1e9 / h["bytes_per_token"]["total"]
+                rows.append([h["embeddings"], str(r["threads"]), f"{h['file_bytes'] / 1e6:,.0f}",
+                             f"{h['bytes_per_token']['total'] / 1e6:,.0f}", _stat(r["tokens_per_s"]["pp128"]),
+                             _stat(r["tokens_per_s"][f"tg{s['generate']}"]),
+                             f"{100 * tg / ceiling:.0f}%" if ceiling else "-"])
+        parts += ["## Output head formats (end to end, same run)", "The same random weights with each "
+                  "embedding / output-head type (`--embeddings`); % of ceiling uses the read bandwidth measured "
+                  "above. Perplexity cost of each type: benchmarks/head_formats.json.", _table(
+            ["head", "threads", "file MB", "MB per token", "pp128", f"tg{s['generate']}", "% of ceiling"], rows)]
     if "kernels" in results:
         def cells(row, keys):
             return [_stat(row[k]) if row else "-" for k in keys]
@@ -90,12 +107,13 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
                   "streams them from DRAM. GB/s counts weight bytes; GOPS counts 2 x N x K x tokens; "
                   "% of bw is the decode GEMV's weight GB/s over the measured read bandwidth.", _table(
             ["N x K", "used by", "tokens", "threads", "ternary us", "ternary GB/s", "ternary GOPS", "% of bw",
-             "f32 BLAS us", "f32 GB/s", "ternary vs f32"],
+             "int8 us", "int8 GB/s", "ternary vs int8", "f32 BLAS us", "f32 GB/s", "ternary vs f32"],
             [[f"{g['n']} x {g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"]),
               f"{g['ternary']['seconds']['median'] * 1e6:,.0f}", *cells(g["ternary"], ("gbps", "gops")),
               f"{g['ternary']['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in g["ternary"] else "",
-              f"{g['f32']['seconds']['median'] * 1e6:,.0f}", *cells(g["f32"], ("gbps",)),
-              f"{g['f32']['seconds']['median'] / g['ternary']['seconds']['median']:.1f}x"]
+              *(cell for impl in ("int8", "f32") for cell in (
+                  f"{g[impl]['seconds']['median'] * 1e6:,.0f}", *cells(g[impl], ("gbps",)),
+                  f"{g[impl]['seconds']['median'] / g['ternary']['seconds']['median']:.1f}x"))]
              for g in paired_kernels(results["kernels"])])]
     if plot_name:
         parts.append(f"![thread scaling and decode vs the roofline]({plot_name})")
@@ -108,11 +126,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--shape", default="2b4t")
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--heads", default="f16,int8,q4", help="output-head types to time end to end; "
+                        "the first one also gets every other section")
     parser.add_argument("--note", help="a remark printed under the header, e.g. how busy the machine was")
     args = parser.parse_args(argv)
     threads = suite.parse_int_list(args.threads, "--threads")
-    results = suite.run(target.from_shape(args.shape), threads, args.repeat, list(suite.SECTIONS),
-                        progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
+    heads = args.heads.split(",")
+
+    def progress(text):
+        print(f"  {text}", file=sys.stderr, flush=True)
+
+    main_target = target.from_shape(args.shape, embeddings=heads[0])
+    results = suite.run(main_target, threads, args.repeat, list(suite.SECTIONS), progress=progress)
+    results["heads"] = []
+    for head in heads:
+        t = target.from_shape(args.shape, embeddings=head)
+        path = t.ensure_file(progress)
+        rows = results["e2e"] if head == heads[0] else e2e.run(path, threads, args.repeat, [128], e2e.GENERATE,
+                                                                 progress=progress)
+        results["heads"].append({"embeddings": head, "file_bytes": path.stat().st_size,
+                                 "bytes_per_token": bytes_per_token(t.config, head), "e2e": rows})
     command = shlex.join(["python", "benchmarks/run.py", *argv])
     out = args.out
     (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -139,6 +139,7 @@ from enum import Enum  # noqa: E402  (kept inside this section: the sections are
 class EmbeddingType(str, Enum):
     f16 = "f16"
     int8 = "int8"
+    q4 = "q4"
 
 
 class PackTarget(str, Enum):
@@ -187,7 +188,7 @@ def _tensor_progress(description: str, enabled: bool):
 def pack(
     src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, or a hub id like microsoft/bitnet-b1.58-2B-4T."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
-    embeddings: EmbeddingType = typer.Option(EmbeddingType.f16, "--embeddings", help="Storage of the embedding and output head: f16, or int8 with one fp32 scale per row (smaller, slightly lossy)."),
+    embeddings: EmbeddingType = typer.Option(EmbeddingType.f16, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost)."),
     to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for llama.cpp / bitnet.cpp."),
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: tq2_0 (2.06 bits/weight, faster) or tq1_0 (1.69 bits/weight)."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id)."),
@@ -485,7 +486,7 @@ def bench(
     shape: Optional[str] = typer.Option(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         "2b4t, 700m, 1.3b, 3b or 8b \\[default: 2b4t]. Written once to the cache dir."),
-    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16 or int8."),
+    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),

@@ -138,13 +138,13 @@ class Engine:
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
         desc.n_heads, desc.n_kv_heads, desc.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
-        emb_type = lib.BN_EMB_I8 if pm.embeddings == "int8" else lib.BN_EMB_F16
-        emb_ctype = "int8_t" if pm.embeddings == "int8" else "uint16_t"
+        emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
+                               "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
         head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
         desc.emb_type = desc.head_type = emb_type
         desc.embed = ptr(pm.tensor("model.embed_tokens.weight"), emb_ctype)
         desc.head = ptr(pm.tensor(head_name), emb_ctype)
-        if emb_type == lib.BN_EMB_I8:
+        if emb_type != lib.BN_EMB_F16:
             desc.embed_scale = ptr(pm.tensor("model.embed_tokens.weight_scale"), "float")
             desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
         desc.final_norm = ptr(pm.tensor("model.norm.weight"), "float")

@@ -53,8 +53,31 @@ int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const in
  * the streaming memory-read bandwidth probe of `bitnet bench`. */
 uint64_t bn_stream_read(bn_pool *pool, const void *buf, size_t nbytes);
 
+/* ---- embedding / output-head rows ------------------------------------------------------ */
+enum {
+    BN_EMB_F16 = 0, /* f16 rows; the head is a float dot with the final hidden state */
+    BN_EMB_I8 = 1,  /* int8 rows, one fp32 scale per row */
+    BN_EMB_Q4 = 2   /* 4-bit rows in bn_q4_block, one fp32 scale per row: 4.25 bits per weight */
+};
+
+/* A q4 row of k inputs is padded to kp = ceil(k/64)*64 and stored as kp/64 of these blocks.
+ * nib[j] holds the 4-bit codes u = q + 8 of inputs j (bits 3:0) and 32+j (bits 7:4); sub[0] and
+ * sub[1] scale inputs 0..31 and 32..63. Weight = row_scale * sub * q, with q in [-8, 7].
+ * The int8 and q4 heads dot these rows with the final hidden state quantised per token to int8
+ * (like a BitLinear input), exactly in int32 (for q4: sum over halves of sub * sum q*x, which
+ * fits int32 for kp <= 8192), then rescale once: logit = acc / x_scale * row_scale. */
+typedef struct {
+    uint8_t sub[2];
+    uint8_t nib[32];
+} bn_q4_block;
+
+/* y[t][r] = logit of row r of w for hidden vector h[t] (float [m][k]), the model's output head
+ * as a standalone product (for `bitnet bench`); wscale is the per-row scale of int8/q4 rows.
+ * Returns 0, or -1 for an unavailable isa / bad type / out of memory. */
+int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float *wscale, int n, int k,
+                   const float *h, int m, float *y);
+
 /* ---- the model ------------------------------------------------------------------------- */
-enum { BN_EMB_F16 = 0, BN_EMB_I8 = 1 };
 
 typedef struct {
     const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm; /* F32 */
@@ -65,9 +88,9 @@ typedef struct {
 typedef struct {
     int n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, ctx;
     float rms_eps;
-    int emb_type;              /* BN_EMB_F16 or BN_EMB_I8 */
-    const void *embed;         /* [vocab][hidden] */
-    const float *embed_scale;  /* [vocab] for BN_EMB_I8 */
+    int emb_type;              /* BN_EMB_F16, BN_EMB_I8 or BN_EMB_Q4 */
+    const void *embed;         /* [vocab] rows of hidden inputs */
+    const float *embed_scale;  /* [vocab] for BN_EMB_I8 / BN_EMB_Q4 */
     int head_type;             /* the output head; equal to embed/emb_type when tied */
     const void *head;
     const float *head_scale;

@@ -1,10 +1,14 @@
-/* Row-dot kernels of the output head: f16 rows against fp32 hidden vectors, or int8 rows (one
- * scale per row) against the hidden vectors quantised to int8 per token, an exact integer dot.
- * On the 2B4T shape the head is 128256 x 2560, more than half of the bytes streamed per decoded
- * token, so the SIMD versions keep several rows in flight, prefetch ahead of the loads, and load
- * each weight vector once for several tokens; with many tokens (prefill, scoring) a block of rows
- * stays in cache while all of them pass. The int8 path is integer so that it stays
- * memory-bound: converting int8 to float costs more instructions than the bytes take to arrive. */
+/* Row-dot kernels of the output head: f16 rows against fp32 hidden vectors, or int8 / q4 rows
+ * (one scale per row; q4 adds a small integer scale per 32 inputs) against the hidden vectors
+ * quantised to int8 per token, an exact integer dot. On the 2B4T shape the head is 128256 x 2560,
+ * more than half of the bytes streamed per decoded token at f16, so the SIMD versions prefetch
+ * ahead of the loads and load each weight vector once for several tokens; with many tokens
+ * (prefill, scoring) a block of rows stays in cache while all of them pass. The integer paths
+ * stay integer so that they stay memory-bound: converting weights to float costs more
+ * instructions than their bytes take to arrive. */
+#include <stdlib.h>
+#include <string.h>
+
 #include "internal.h"
 
 #if BN_X86
@@ -42,11 +46,26 @@ static inline float i8_logit(const bn_head_job *j, int t, int r, int32_t acc) {
     return (float)acc / j->hscale[t] * j->wscale[r];
 }
 
+/* sum over a q4 row of sub * q * x, the reference every SIMD path must equal */
+static int32_t q4_dot_scalar(const bn_q4_block *b, const int8_t *x, int k) {
+    int32_t acc = 0;
+    for (int i = 0; i < k / 64; i++, b++, x += 64)
+        for (int half = 0; half < 2; half++) {
+            int32_t s = 0;
+            for (int j = 0; j < 32; j++) s += (((b->nib[j] >> 4 * half) & 15) - 8) * x[32 * half + j];
+            acc += b->sub[half] * s;
+        }
+    return acc;
+}
+
 static void head_rows_scalar(const bn_head_job *j, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < j->m; t++) {
             float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_F16) {
+            if (j->type == BN_EMB_Q4) {
+                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
+                *y = i8_logit(j, t, r, q4_dot_scalar(w, j->hq + (size_t)t * j->k, j->k));
+            } else if (j->type == BN_EMB_F16) {
                 const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
                 const float *h = j->h + (size_t)t * j->k;
                 float s = 0.0f;
@@ -201,8 +220,65 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
 HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, 4, 2, f16_row_avx2, AS_IS, 2 * j->k)
 HEAD_ROWS_AVX2(head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
 
+/* q4 rows: the codes u = q + 8 are unsigned, so vpmaddubsw takes them as they are (u x pair
+ * sums up to 2 * 15 * 127, inside int16) and the offset comes off as vpmaddubsw(8, x); the
+ * difference is sum q*x per pair, which vpmaddwd scales by the half-block's sub and widens. */
+AVX2_TARGET static inline __attribute__((always_inline)) void q4_tile_avx2(const bn_head_job *j, int r, int t,
+                                                                         const int RT, const int TT) {
+    const int nb = j->k / 64;
+    const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * nb;
+    const __m256i nibble = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8), low_byte = _mm256_set1_epi16(0xff);
+    __m256i acc[2][4];
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_si256();
+    for (int i = 0; i < nb; i++) {
+        __m256i u0[2], u1[2], s0[2], s1[2];
+        for (int a = 0; a < RT; a++) {
+            const bn_q4_block *blk = w + (size_t)a * nb + i;
+            _mm_prefetch((const char *)blk + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256i raw = _mm256_loadu_si256((const __m256i *)blk->nib);
+            uint16_t subs;
+            memcpy(&subs, blk->sub, 2);
+            __m256i sv = _mm256_set1_epi16((short)subs);
+            u0[a] = _mm256_and_si256(raw, nibble);
+            u1[a] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibble);
+            s0[a] = _mm256_and_si256(sv, low_byte);
+            s1[a] = _mm256_srli_epi16(sv, 8);
+        }
+        for (int b = 0; b < TT; b++) {
+            const int8_t *x = j->hq + (size_t)(t + b) * j->k + 64 * i;
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+            __m256i off0 = _mm256_maddubs_epi16(eight, x0), off1 = _mm256_maddubs_epi16(eight, x1);
+            for (int a = 0; a < RT; a++) {
+                __m256i p0 = _mm256_sub_epi16(_mm256_maddubs_epi16(u0[a], x0), off0);
+                __m256i p1 = _mm256_sub_epi16(_mm256_maddubs_epi16(u1[a], x1), off1);
+                acc[a][b] = _mm256_add_epi32(acc[a][b], _mm256_add_epi32(_mm256_madd_epi16(p0, s0[a]),
+                                                                         _mm256_madd_epi16(p1, s1[a])));
+            }
+        }
+    }
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++)
+            j->y[(size_t)(t + b) * j->y_stride + r + a] = i8_logit(j, t + b, r + a, bn_hsum_epi32_avx2(acc[a][b]));
+}
+
+/* tiles of two rows x four tokens; for the remaining tokens one row after another (a single
+ * sequential stream, as in the decode case of the other types) */
+AVX2_TARGET static void head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
+    int t = 0;
+    for (; t + 4 <= j->m; t += 4) {
+        int r = r0;
+        for (; r + 2 <= r1; r += 2) q4_tile_avx2(j, r, t, 2, 4);
+        for (; r < r1; r++) q4_tile_avx2(j, r, t, 1, 4);
+    }
+    for (; t < j->m; t++)
+        for (int r = r0; r < r1; r++) q4_tile_avx2(j, r, t, 1, 1);
+}
+
 AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
-    if (j->type == BN_EMB_I8)
+    if (j->type == BN_EMB_Q4)
+        head_rows_q4_avx2(j, r0, r1);
+    else if (j->type == BN_EMB_I8)
         head_rows_i8_avx2(j, r0, r1);
     else
         head_rows_f16_avx2(j, r0, r1);
@@ -210,11 +286,35 @@ AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
 #endif
 
 #if BN_ARM64
+/* q4 rows on NEON: codes minus 8 are signed bytes, and widening multiplies give the half-block
+ * sums (pairs of products up to 2 * 8 * 128 fit int16), scaled by sub in int32 */
+static int32_t q4_dot_neon(const bn_q4_block *b, const int8_t *x, int k) {
+    const uint8x16_t nibble = vdupq_n_u8(15);
+    const int8x16_t eight = vdupq_n_s8(8);
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int i = 0; i < k / 64; i++, b++, x += 64) {
+        uint8x16_t raw[2] = {vld1q_u8(b->nib), vld1q_u8(b->nib + 16)};
+        for (int half = 0; half < 2; half++) {
+            int16x8_t p = vdupq_n_s16(0);
+            for (int c = 0; c < 2; c++) {
+                uint8x16_t u = half ? vshrq_n_u8(raw[c], 4) : vandq_u8(raw[c], nibble);
+                int8x16_t q = vsubq_s8(vreinterpretq_s8_u8(u), eight), xv = vld1q_s8(x + 32 * half + 16 * c);
+                p = vaddq_s16(p, vmlal_high_s8(vmull_s8(vget_low_s8(q), vget_low_s8(xv)), q, xv));
+            }
+            acc = vmlaq_n_s32(acc, vpaddlq_s16(p), b->sub[half]);
+        }
+    }
+    return vaddvq_s32(acc);
+}
+
 static void head_rows_neon(const bn_head_job *j, int r0, int r1) {
     for (int t = 0; t < j->m; t++)
         for (int r = r0; r < r1; r++) {
             float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_F16) {
+            if (j->type == BN_EMB_Q4) {
+                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
+                *y = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
+            } else if (j->type == BN_EMB_F16) {
                 const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
                 const float *h = j->h + (size_t)t * j->k;
                 const int k4 = j->k & ~3;
@@ -254,4 +354,48 @@ bn_head_rows_fn bn_head_kernel(int isa) {
 #endif
     default: return head_rows_scalar;
     }
+}
+
+typedef struct {
+    bn_head_rows_fn fn;
+    const bn_head_job *job;
+    int rows;
+} head_task;
+
+static void head_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    (void)ith;
+    const head_task *ht = ctx;
+    int r0, r1;
+    bn_split(ht->rows, chunk, n_chunks, 16, &r0, &r1);
+    if (r0 < r1) ht->fn(ht->job, r0, r1);
+}
+
+void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int rows) {
+    head_task ht = {fn, job, rows};
+    bn_pool_run(pool, head_worker, &ht, bn_pool_chunks(pool, rows, 256));
+}
+
+int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float *wscale, int n, int k,
+                   const float *h, int m, float *y) {
+    bn_head_rows_fn fn = bn_head_kernel(isa);
+    if (!fn || (type != BN_EMB_F16 && type != BN_EMB_I8 && type != BN_EMB_Q4) || n < 1 || k < 1 || m < 1) return -1;
+    const int kq = bn_head_k(type, k);
+    int8_t *hq = NULL;
+    float *hscale = NULL;
+    int32_t *hsum = NULL;
+    if (type != BN_EMB_F16) {
+        if (posix_memalign((void **)&hq, 64, (size_t)m * kq)) hq = NULL; /* aligned: see zalloc in model.c */
+        hscale = malloc(sizeof(float) * m);
+        hsum = malloc(sizeof(int32_t) * m);
+        if (!hq || !hscale || !hsum) {
+            free(hq), free(hscale), free(hsum);
+            return -1;
+        }
+        bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
+    }
+    bn_head_job job = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
+                       .m = m, .y = y, .y_stride = n};
+    bn_head_run(pool, fn, &job, n);
+    free(hq), free(hscale), free(hsum);
+    return 0;
 }

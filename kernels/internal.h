@@ -57,24 +57,30 @@ static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx)
 }
 
 /* The output head: y[t][r] = dot(row r, h[t]) for r in [r0, r1) and m hidden vectors.
- * f16 rows: a float dot with h. int8 rows (one scale per row): an exact integer dot with h
- * quantised per token like a BitLinear input (hq, hscale from bn_quantize_rows with kp = k),
- * then y = acc / hscale[t] * wscale[r]. */
+ * f16 rows: a float dot with h. int8 and q4 rows (bitnet.h): an exact integer dot with h quantised
+ * per token like a BitLinear input (hq, hscale from bn_quantize_rows with kp = k), then
+ * y = acc / hscale[t] * wscale[r]. */
 typedef struct {
-    int type; /* BN_EMB_F16 / BN_EMB_I8 */
+    int type; /* BN_EMB_F16 / BN_EMB_I8 / BN_EMB_Q4 */
     const void *w;
     const float *wscale;
-    int k;
+    int k;               /* inputs per row; for q4 the padded count, bn_head_k() */
     const float *h;      /* [m][k], f16 rows */
-    const int8_t *hq;    /* [m][k], int8 rows */
-    const float *hscale; /* [m], int8 rows */
+    const int8_t *hq;    /* [m][k], int8 and q4 rows */
+    const float *hscale; /* [m], int8 and q4 rows */
     int m;
     float *y;
     int y_stride;
 } bn_head_job;
 
+/* The row length the head kernels see: q4 rows are padded to whole 64-input blocks. */
+static inline int bn_head_k(int type, int hidden) { return type == BN_EMB_Q4 ? (hidden + 63) / 64 * 64 : hidden; }
+
 typedef void (*bn_head_rows_fn)(const bn_head_job *job, int r0, int r1);
 bn_head_rows_fn bn_head_kernel(int isa);
+
+/* All `rows` rows of a head job, split over the pool. */
+void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int rows);
 
 float bn_f16_to_f32(uint16_t h);
 

@@ -107,43 +107,75 @@ static float *random_floats(size_t n, float scale, float offset) {
     return v;
 }
 
+static bn_q4_block *random_q4_rows(int n, int k) {
+    int nb = bn_head_k(BN_EMB_Q4, k) / 64;
+    bn_q4_block *w = malloc(sizeof(bn_q4_block) * n * nb);
+    for (int i = 0; i < n * nb; i++) {
+        w[i].sub[0] = (uint8_t)(i % 7 == 0 ? 255 : rnd() % 256);
+        w[i].sub[1] = (uint8_t)(rnd() % 256);
+        for (int b = 0; b < 32; b++) w[i].nib[b] = (uint8_t)rnd();
+    }
+    return w;
+}
+
+/* sum of sub * q * x over a q4 row, straight from the layout's definition in bitnet.h */
+static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int kq) {
+    int32_t acc = 0;
+    for (int i = 0; i < kq; i++) {
+        const bn_q4_block *b = row + i / 64;
+        int half = i % 64 / 32, u = (b->nib[i % 32] >> (4 * half)) & 15;
+        acc += b->sub[half] * (u - 8) * x[i];
+    }
+    return acc;
+}
+
 /* The output head on ragged shapes and 1..11 tokens (the last shape spans several blocks of rows,
- * the last one ragged): int8 rows are an exact integer dot, so every ISA matches the scalar path
- * bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
+ * the last one ragged): int8 and q4 rows are an exact integer dot, so every ISA matches the scalar
+ * path bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
-    static const int shapes[][3] = {{1, 1, 1}, {3, 9, 31}, {5, 37, 100}, {4, 64, 2560}, {2, 7, 33}, {11, 301, 700}};
+    static const int shapes[][3] = {{1, 1, 1},   {3, 9, 31},   {5, 37, 100},
+                                    {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
-        int8_t *w8 = malloc((size_t)n * k), *hq = malloc((size_t)m * k);
+        int8_t *w8 = malloc((size_t)n * k);
+        bn_q4_block *w4 = random_q4_rows(n, k);
         for (int i = 0; i < n * k; i++) {
             w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
             w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
         }
         float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[11];
-        int32_t hsum[11];
-        bn_quantize_rows(h, m, k, k, hq, hscale, hsum);
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
-        for (int type = 0; type < 2; type++) {
-            bn_head_job j = {.type = type, .w = type ? (const void *)w8 : w16, .wscale = wscale, .k = k, .h = h,
-                             .hq = hq, .hscale = hscale, .m = m, .y = ref, .y_stride = n};
+        for (int type = 0; type < 3; type++) {
+            const void *w = type == BN_EMB_Q4 ? (const void *)w4 : type == BN_EMB_I8 ? (const void *)w8 : w16;
+            int kq = bn_head_k(type, k);
+            int8_t *hq = malloc((size_t)m * kq);
+            int32_t hsum[11];
+            bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
+            bn_head_job j = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
+                             .m = m, .y = ref, .y_stride = n};
             bn_head_kernel(BN_ISA_SCALAR)(&j, 0, n);
-            for (int t = 0; type == BN_EMB_I8 && t < m; t++)
+            for (int t = 0; type != BN_EMB_F16 && t < m; t++)
                 for (int r = 0; r < n; r++) {
                     int32_t acc = 0;
-                    for (int i = 0; i < k; i++) acc += w8[(size_t)r * k + i] * hq[(size_t)t * k + i];
-                    CHECK(ref[t * n + r] == (float)acc / hscale[t] * wscale[r], "int8 head scalar at k=%d", k);
+                    if (type == BN_EMB_Q4)
+                        acc = q4_dot_by_definition(w4 + (size_t)r * (kq / 64), hq + (size_t)t * kq, kq);
+                    else
+                        for (int i = 0; i < k; i++) acc += w8[(size_t)r * k + i] * hq[(size_t)t * k + i];
+                    CHECK(ref[t * n + r] == (float)acc / hscale[t] * wscale[r], "head type %d scalar at k=%d", type,
+                          k);
                 }
-            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
-                j.y = got;
-                bn_head_kernel(isa)(&j, 0, n);
+                /* through the public entry point too, which quantises h itself */
+                CHECK(bn_head_logits(NULL, isa, type, w, wscale, n, k, h, m, got) == 0, "bn_head_logits refused");
                 for (int i = 0; i < m * n; i++)
-                    CHECK(type == BN_EMB_I8 ? got[i] == ref[i] : fabsf(got[i] - ref[i]) < 1e-4f * (1 + fabsf(ref[i])),
+                    CHECK(type != BN_EMB_F16 ? got[i] == ref[i] : fabsf(got[i] - ref[i]) < 1e-4f * (1 + fabsf(ref[i])),
                           "head type %d isa %d differs from scalar at m=%d n=%d k=%d", type, isa, m, n, k);
             }
+            free(hq);
         }
-        free(w16), free(w8), free(hq), free(wscale), free(h), free(ref), free(got);
+        free(w16), free(w8), free(w4), free(wscale), free(h), free(ref), free(got);
     }
 }
 
@@ -170,6 +202,27 @@ static void test_attention(void) {
         }
         free(q), free(kc), free(vc);
     }
+}
+
+/* q4 at its int32 bound: every code 0 (q = -8) and sub 255 against x = +-127 over 8192 inputs */
+static void test_head_q4_extremes(void) {
+    const int n = 2, k = 8192, nb = k / 64;
+    bn_q4_block *w = malloc(sizeof(bn_q4_block) * n * nb);
+    memset(w, 0, sizeof(bn_q4_block) * n * nb);
+    for (int i = 0; i < n * nb; i++) w[i].sub[0] = w[i].sub[1] = 255;
+    float *h = malloc(sizeof(float) * k), wscale[2] = {1.0f, 1.0f}, ref[2], got[2];
+    for (int sign = -1; sign <= 1; sign += 2) {
+        for (int i = 0; i < k; i++) h[i] = (float)sign;
+        bn_head_logits(NULL, BN_ISA_SCALAR, BN_EMB_Q4, w, wscale, n, k, h, 1, ref);
+        /* acc = 255 * -8 * (127 sign) * 8192, over x_scale = 127 */
+        CHECK(ref[0] == (float)(255.0 * -8 * 127 * sign * 8192) / 127.0f, "q4 scalar at the int32 bound: %g", ref[0]);
+        for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+            if (!bn_isa_available(isa)) continue;
+            bn_head_logits(NULL, isa, BN_EMB_Q4, w, wscale, n, k, h, 1, got);
+            CHECK(got[0] == ref[0] && got[1] == ref[1], "q4 isa %d at the int32 bound", isa);
+        }
+    }
+    free(w), free(h);
 }
 
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
@@ -245,6 +298,7 @@ int main(void) {
     test_stream_read();
     test_head();
     test_attention();
+    test_head_q4_extremes();
     test_decoder();
     if (failures) {
         printf("%d kernel test failures\n", failures);

@@ -121,8 +121,20 @@ def test_kernel_section_is_consistent(small_buffers):
         assert 0 < r["seconds"]["min"] <= r["seconds"]["median"] <= r["seconds"]["max"]
         assert r["gbps"]["median"] == pytest.approx(r["weight_bytes"] / 1e9 / r["seconds"]["median"])
         assert r["gops"]["median"] == pytest.approx(2 * r["n"] * r["k"] * r["tokens"] / 1e9 / r["seconds"]["median"])
-        expected = ternary_bytes(r["n"], r["k"]) if r["impl"] == "ternary" else r["n"] * r["k"] * 4
+        expected = {"ternary": ternary_bytes(r["n"], r["k"]), "int8": r["n"] * r["k"] + 4 * r["n"],
+                    "f32": r["n"] * r["k"] * 4}[r["impl"]]
         assert r["weight_bytes"] == expected
+
+
+def test_dense_int8_reference_is_exact():
+    rng = np.random.default_rng(3)
+    n, k, tokens = 37, 300, 5
+    w = rng.integers(-127, 128, size=(n, k), dtype=np.int8)
+    x = rng.standard_normal((tokens, k), dtype=np.float32)
+    got = kernels_api.DenseInt8Matmul(n, k, tokens, threads=2)(w, x)
+    s = np.float32(127) / np.abs(x).max(axis=1)
+    xq = np.round(x * s[:, None]).astype(np.int64)
+    np.testing.assert_array_equal(got, (xq @ w.T.astype(np.int64)).astype(np.float32) / s[:, None])
 
 
 def test_roofline_section_is_consistent(small_buffers):

@@ -11,6 +11,7 @@ from bitnet_cli import kernels
 from bitnet_cli.engine import Engine, rope_tables
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
+from bitnet_cli.pack.embeddings import decode
 
 # f16 checkpoints: the packed f16 embedding is then bit-identical to what transformers reads.
 # initializer_range 0.1 makes logits peaky enough that greedy choices have clear margins.
@@ -162,26 +163,32 @@ def test_every_isa_and_thread_count_agree(tiny, isa):
         np.testing.assert_allclose(got, want, atol=1e-5)  # only the head's float summation order differs
 
 
-def test_int8_embeddings_match_numpy_reference(tmp_path, test_tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("embeddings", ["int8", "q4"])
+def test_integer_head_matches_numpy_reference(tmp_path, test_tokenizer_dir, monkeypatch, embeddings):
     ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1,
                               tie_word_embeddings=False)
-    pack_checkpoint(ckpt, tmp_path / "m.bin", embeddings="int8")
+    pack_checkpoint(ckpt, tmp_path / "m.bin", embeddings=embeddings)
     ids = random_ids(16, seed=6)
     with Engine.load(tmp_path / "m.bin", threads=2) as eng, PackedModel.open(tmp_path / "m.bin") as pm:
         got = eng.forward(ids)
         float_head = reference.forward(pm, ids)
-        # An int8 head takes the final hidden state quantised per token (absmax int8, like a
-        # BitLinear input) and dots it exactly with the int8 rows. The reference's hidden state,
-        # read out through an identity head, gives what those logits must be.
-        w8, w_scale = pm.tensor("lm_head.weight"), pm.tensor("lm_head.weight_scale")
-        vocab, hidden = w8.shape
+        # An integer head takes the final hidden state quantised per token (absmax int8, like a
+        # BitLinear input) and dots it exactly with the integer rows (int8 values, or q4's
+        # sub * q). The reference's hidden state, read out through an identity head, gives what
+        # those logits must be.
+        values, w_scale = pm.tensor("lm_head.weight"), pm.tensor("lm_head.weight_scale")
+        vocab, hidden = pm.dims.vocab_size, pm.dims.hidden_size
+        w_int = decode([values, np.ones(vocab, np.float32)], hidden, embeddings).astype(np.int64)
         embedding = pm.embedding
         monkeypatch.setattr(pm, "embedding", lambda name="model.embed_tokens.weight", rows=slice(None): (
             np.eye(vocab, hidden, dtype=np.float32)[rows] if name == "lm_head.weight" else embedding(name, rows)))
         hq, s = reference.quantize_activations(reference.forward(pm, ids)[:, :hidden])
-    acc = hq.astype(np.int64) @ w8.T.astype(np.int64)
-    np.testing.assert_allclose(got, acc.astype(np.float32) / s * w_scale, atol=1e-4)
-    # and the int8 hidden state moves the logits by about 1/254 of the hidden state's range
+    want = (hq.astype(np.int64) @ w_int.T).astype(np.float32) / s * w_scale
+    # Tokens agree to the float rescale, except where a hidden value of the reference lies within
+    # float noise of an int8 rounding boundary (the note at the top of this file): allow one token.
+    exact = np.isclose(got, want, rtol=1e-6, atol=1e-6).all(axis=1)
+    assert exact.sum() >= len(ids) - 1, f"tokens {np.flatnonzero(~exact)} differ"
+    # and the quantised head moves the logits by a few percent of their range at most
     assert np.abs(got - float_head).max() < 0.05 * np.abs(float_head).max()
 
 

@@ -338,6 +338,44 @@ def test_int8_embeddings_per_row_scale(hf_tiny_checkpoint, tmp_path):
         assert pm.file_size < ref.file_size
 
 
+@pytest.mark.parametrize("hidden", [64, 100, 2560])
+def test_q4_rows_round_trip_within_half_a_step(hidden):
+    from bitnet_cli.pack.embeddings import Q4_BLOCK_BYTES, decode, encode, q4_padded
+
+    rng = np.random.default_rng(hidden)
+    rows = rng.standard_normal((40, hidden)).astype(np.float32) * 0.02
+    rows[3, 5] = 1.5  # an outlier: its half-block gets sub 255, the others much finer steps
+    rows[4, :] = 0.0  # an all-zero row: scale 0, decodes to zeros
+    rows[5, 7] = -0.9  # a negative extreme lands on code 0 (q = -8)
+    blocks, scale = encode(rows, "q4")
+    assert blocks.dtype == np.uint8 and blocks.shape == (40, q4_padded(hidden) // 64 * Q4_BLOCK_BYTES)
+    assert scale.dtype == np.float32 and scale[4] == 0
+    back = decode([blocks, scale], hidden, "q4")
+    assert back.shape == rows.shape and (back[4] == 0).all()
+    # every value is within half a step of its half-block (step = scale * sub), plus float slack,
+    # unless the packer chose a step that clips it to -8 or 7
+    sub = blocks.reshape(40, -1, Q4_BLOCK_BYTES)[:, :, :2].reshape(40, -1).astype(np.float32)
+    step = np.repeat(sub * scale[:, None], 32, axis=1)[:, :hidden]
+    clipped = (rows < -8.5 * step) | (rows > 7.5 * step)
+    assert ((np.abs(back - rows) <= step / 2 + 1e-6 * np.abs(rows).max()) | clipped).all()
+    assert clipped.mean() < 0.01 and back[5, 7] == np.float32(-8 * sub[5, 0] * scale[5])
+    # 4.25 bits per weight: about 9% relative error on Gaussian rows, far from int8 but far from useless
+    err = np.linalg.norm(back - rows, axis=1) / np.maximum(np.linalg.norm(rows, axis=1), 1e-9)
+    assert np.median(err) < 0.12
+
+
+def test_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path):
+    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q4.bin", embeddings="q4")
+    with PackedModel.open(summary.output) as pm, PackedModel.open(pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin").output) as ref:
+        assert pm.embeddings == "q4" and pm.verify() == []
+        a, b = pm.embedding(), ref.embedding()
+        assert np.linalg.norm(a - b) < 0.15 * np.linalg.norm(b)
+        ids = np.arange(16) * 5
+        logits, want = reference.forward(pm, ids), reference.forward(ref, ids)
+        assert np.abs(logits - want).max() < 0.2 * np.abs(want).max()
+        assert pm.file_size < ref.file_size
+
+
 def test_synthetic_tiny_model_is_valid(tmp_path):
     from tokenizers import Tokenizer
 

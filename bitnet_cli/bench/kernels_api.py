@@ -27,6 +27,14 @@ def available_isas() -> list[str]:
     return kernels.available_isas()
 
 
+def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """Zeros starting on a cache line, as the engine's buffers do (kernels/model.c: zalloc)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(nbytes + align, dtype=np.uint8)
+    offset = -raw.ctypes.data % align
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
 class TernaryMatmul:
     """Quantise `tokens` activation rows and multiply them by one i2_k128 weight [n, k]."""
 
@@ -36,7 +44,7 @@ class TernaryMatmul:
         self.pool = pool(threads)
         self.isa_id = kernels.resolve_isa(isa)
         self.isa = next(name for name, i in kernels.ISAS.items() if i == self.isa_id)
-        self.xq = np.zeros((tokens, self.kp), dtype=np.int8)
+        self.xq = aligned_zeros((tokens, self.kp), np.int8)
         self.scale = np.zeros(tokens, dtype=np.float32)
         self.xsum = np.zeros(tokens, dtype=np.int32)
         self.acc = np.zeros((tokens, n), dtype=np.int32)
@@ -55,6 +63,31 @@ class TernaryMatmul:
         self.lib.bn_gemm_i2(self.pool.ptr, self.isa_id, buf("uint8_t[]", w), self.n, self.kp,
                             self._xq, self._xsum, self.m, self._acc)
         return self.acc
+
+
+class DenseInt8Matmul:
+    """The dense int8 reference: int8 weights [n, k] with one fp32 scale per row against the same
+    per-token int8 activations, an exact integer dot like ours (the engine's int8 output head)."""
+
+    def __init__(self, n: int, k: int, tokens: int, threads: int, isa: str | None = None):
+        self.ffi, self.lib = kernels.lib()
+        self.n, self.k, self.m = n, k, tokens
+        self.pool = pool(threads)
+        self.isa_id = kernels.resolve_isa(isa)
+        self.wscale = np.ones(n, dtype=np.float32)
+        self.y = np.zeros((tokens, n), dtype=np.float32)
+        self._wscale, self._y = self.ffi.from_buffer("float[]", self.wscale), self.ffi.from_buffer("float[]", self.y)
+
+    def __call__(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """y[t][r] = sum_k w[r][k] * quantised x[t][k] / x_scale[t]; w is int8 [n, k], x float32 [tokens, k]."""
+        if w.shape != (self.n, self.k) or w.dtype != np.int8 or not w.flags.c_contiguous:
+            raise ValueError(f"weight must be contiguous int8 {(self.n, self.k)}, got {w.dtype} {w.shape}")
+        if x.shape != (self.m, self.k) or x.dtype != np.float32 or not x.flags.c_contiguous:
+            raise ValueError(f"activations must be contiguous float32 {(self.m, self.k)}, got {x.dtype} {x.shape}")
+        buf = self.ffi.from_buffer
+        self.lib.bn_head_logits(self.pool.ptr, self.isa_id, self.lib.BN_EMB_I8, buf("int8_t[]", w), self._wscale,
+                                self.n, self.k, buf("float[]", x), self.m, self._y)
+        return self.y
 
 
 class StreamRead:

@@ -1,7 +1,8 @@
 """Kernel micro-benchmarks: every distinct weight shape of a model, decode (1 token) and prefill.
 
 Each shape runs through our ternary kernel (activation quantisation included, as in a BitLinear)
-and, for comparison, a dense f32 matmul through numpy's BLAS. Weights are rotated over enough
+and, for comparison, a dense int8 kernel on the same int8 activations (our int8 output head's
+code) and a dense f32 matmul through numpy's BLAS. Weights are rotated over enough
 copies to exceed the last-level cache many times over, so a GEMV streams its weights from DRAM
 the way decode does (timing one L3-resident copy in a loop would report cache bandwidth).
 """
@@ -21,7 +22,7 @@ from bitnet_cli.bench.stats import scale, time_call
 COLD_BYTES = 256 << 20  # weights rotated per benchmark: 8x a 32 MiB L3
 MAX_COPIES = 4096
 TOKENS = (1, 8, 32, 128)
-IMPLS = ("ternary", "f32")
+IMPLS = ("ternary", "int8", "f32")
 
 
 def random_ternary(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -49,6 +50,14 @@ def _ternary(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, 
     return lambda: op(next(rotation), x), ternary_bytes(n, k), op.isa
 
 
+def _int8(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int, str]:
+    x = rng.standard_normal((tokens, k), dtype=np.float32)
+    weights = _rotating(rng.integers(-127, 128, size=(n, k), dtype=np.int8))
+    op = kernels_api.DenseInt8Matmul(n, k, tokens, threads)
+    rotation = itertools.cycle(weights)
+    return lambda: op(next(rotation), x), n * k + 4 * n, "int8"
+
+
 @contextlib.contextmanager
 def _blas_threads(threads: int) -> Iterator[str]:
     """Limit numpy's BLAS to `threads` threads when threadpoolctl is installed."""
@@ -69,7 +78,7 @@ def _f32(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int,
     return lambda: np.matmul(next(rotation), x, out=out), n * k * 4, "numpy"
 
 
-_FACTORIES = {"ternary": _ternary, "f32": _f32}
+_FACTORIES = {"ternary": _ternary, "int8": _int8, "f32": _f32}
 
 
 def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0) -> dict:

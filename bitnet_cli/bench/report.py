@@ -75,20 +75,23 @@ def paired_kernels(rows: list[dict]) -> list[dict]:
 
 
 def _kernels(rows: list[dict], console: Console) -> None:
-    """One line per shape x tokens x threads: ours, then the dense f32 BLAS comparison (medians)."""
+    """One line per shape x tokens x threads: ours, then the dense int8 and f32 BLAS comparisons (medians)."""
     isas = sorted({r["backend"] for r in rows if r["impl"] == "ternary"})
-    table = Table(title=f"Kernels per weight shape (ternary: {', '.join(isas)}; f32: numpy BLAS), medians; "
-                        "weights streamed from DRAM; min-max in --json")
-    for col in ("N x K", "used by", "tok", "thr", "ternary us", "GB/s", "GOPS", "% bw", "f32 us", "GB/s", "vs f32"):
+    table = Table(title=f"Kernels per weight shape (ternary: {', '.join(isas)}; int8: dense int8 rows; f32: numpy "
+                        "BLAS), medians; weights streamed from DRAM; min-max in --json")
+    for col in ("N x K", "used by", "tok", "thr", "ternary us", "GB/s", "GOPS", "% bw", "int8 us", "vs int8",
+                "f32 us", "vs f32"):
         table.add_column(col, justify="left" if col == "used by" else "right")
     for g in paired_kernels(rows):
-        ours, dense = g.get("ternary"), g.get("f32")
+        ours = g.get("ternary")
         cells = [f"{g['n']}x{g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"])]
         cells += ([f"{ours['seconds']['median'] * 1e6:,.0f}", f"{ours['gbps']['median']:.1f}",
                    f"{ours['gops']['median']:.0f}",
                    f"{ours['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in ours else ""] if ours else ["-"] * 4)
-        cells += ([f"{dense['seconds']['median'] * 1e6:,.0f}", f"{dense['gbps']['median']:.1f}"] if dense else ["-"] * 2)
-        cells.append(f"{dense['seconds']['median'] / ours['seconds']['median']:.1f}x" if ours and dense else "-")
+        for impl in ("int8", "f32"):
+            dense = g.get(impl)
+            cells.append(f"{dense['seconds']['median'] * 1e6:,.0f}" if dense else "-")
+            cells.append(f"{dense['seconds']['median'] / ours['seconds']['median']:.1f}x" if ours and dense else "-")
         table.add_row(*cells)
     console.print(table)
 

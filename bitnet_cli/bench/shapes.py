@@ -6,6 +6,9 @@ metadata), so the kernel micro-benchmarks and the roofline need no model file.
 
 from __future__ import annotations
 
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.pack.embeddings import row_bytes as embedding_row_bytes
+
 BLOCK_K = 128  # i2_k128: K is padded to a multiple of 128, 4 weights per byte (docs/FORMAT.md)
 
 # (projection name, rows N, inputs K) as functions of the config, per decoder layer.
@@ -56,12 +59,12 @@ def bytes_per_token(config: dict, embeddings: str = "f16") -> dict:
     lm_head, read in full), the embedding row of the input token, and the fp32 norm weights.
     The KV cache is left out: at the short contexts of tg128 it is small next to the weights.
     """
-    if embeddings not in ("f16", "int8"):
-        raise ValueError(f"embeddings must be 'f16' or 'int8', not {embeddings!r}")
+    if embeddings not in EMBEDDING_TYPES:
+        raise ValueError(f"embeddings must be one of {EMBEDDING_TYPES}, not {embeddings!r}")
     hidden, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
     ternary = sum(ternary_bytes(s["n"], s["k"]) * s["per_token"] for s in weight_shapes(config))
     ternary += 4 * len(_PROJECTIONS) * layers
-    row_bytes = hidden * 2 if embeddings == "f16" else hidden + 4  # int8 rows carry an f32 scale
+    row_bytes = embedding_row_bytes(hidden, embeddings)
     head = vocab * row_bytes
     norms = 4 * (layers * (3 * hidden + config["intermediate_size"]) + hidden)
     total = ternary + head + row_bytes + norms

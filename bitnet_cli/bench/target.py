@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 
 
 def default_cache_dir() -> Path:
@@ -23,7 +24,7 @@ class Target:
     name: str            # shape name, or the file name
     shape: str | None    # the named shape (None for a user's file)
     config: dict         # HF config dict
-    embeddings: str      # "f16" or "int8"
+    embeddings: str      # "f16", "int8" or "q4"
     path: Path           # the packed file; for a synthetic shape, where it is (or will be) cached
 
     def ensure_file(self, progress=None) -> Path:
@@ -66,8 +67,8 @@ def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = Non
 
     if shape not in synthetic.SHAPES:
         raise BitnetError(f"unknown shape {shape!r}; choose from {', '.join(synthetic.SHAPES)}")
-    if embeddings not in ("f16", "int8"):
-        raise BitnetError(f"--embeddings must be f16 or int8, not {embeddings!r}")
+    if embeddings not in EMBEDDING_TYPES:
+        raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, not {embeddings!r}")
     config = synthetic.shape_config(shape)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}.bin"

@@ -19,7 +19,7 @@ from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
     CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
-    check_output_path, normalized_config, tensor_specs,
+    check_output_path, normalized_config, tensor_specs, write_embedding_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 
@@ -114,28 +114,19 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
-    """Stream an embedding matrix in row chunks, converting each chunk to f16 or int8 + row scale."""
+    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type."""
     _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
     if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
         raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
-    scales = []
-    for start in range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS):
-        rows = ckpt.read(name, slice(start, start + EMBEDDING_CHUNK_ROWS))
-        _check_finite(ckpt, name, rows)
-        last = start + EMBEDDING_CHUNK_ROWS >= dims.vocab_size
-        if embeddings == "f16":
-            if np.abs(rows).max(initial=0) > F16_MAX:
+    def chunks():
+        for start in range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS):
+            rows = ckpt.read(name, slice(start, start + EMBEDDING_CHUNK_ROWS))
+            _check_finite(ckpt, name, rows)
+            if embeddings == "f16" and np.abs(rows).max(initial=0) > F16_MAX:
                 raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
-            writer.write(name, rows.astype(np.float16), final=last)
-        else:
-            absmax = np.abs(rows).max(axis=1)
-            scale = (absmax / np.float32(127)).astype(np.float32)
-            inv = np.divide(np.float32(127), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-            q = np.clip(np.round(rows * inv[:, None]), -127, 127).astype(np.int8)
-            writer.write(name, q, final=last)
-            scales.append(scale)
-    if embeddings == "int8":
-        writer.write(name + "_scale", np.concatenate(scales))
+            yield rows
+
+    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
 
 
 def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_config: dict,
@@ -195,7 +186,7 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
     if to == "gguf":
         from bitnet_cli.pack.gguf import check_gguf_shapes, export_gguf
 
-        check_gguf_shapes(dims, gguf_type, str(ckpt.path / "config.json"))
+        check_gguf_shapes(dims, gguf_type, str(ckpt.path / "config.json"), embeddings)
         native = out.with_name(f".{out.name}.native.tmp")
         try:
             _pack(ckpt, dims, native, embeddings, True, progress)

@@ -19,13 +19,13 @@ import numpy as np
 from bitnet_cli import __version__
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
 FORMAT_VERSION = "1"
 LAYOUT = "i2_k128"
 ALIGN = 64
-EMBEDDING_TYPES = ("f16", "int8")
 PAD_PREFIX = "__pad__."
 CONVERTER = f"bitnet-cli {__version__}"
 
@@ -138,10 +138,8 @@ class TensorSpec:
 
 
 def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorSpec]:
-    shape = (dims.vocab_size, dims.hidden_size)
-    if embeddings == "f16":
-        return [TensorSpec(name, "F16", shape)]
-    return [TensorSpec(name, "I8", shape), TensorSpec(name + "_scale", "F32", (dims.vocab_size,))]
+    return [TensorSpec(name + suffix, dtype, shape)
+            for suffix, dtype, shape in stored_shapes(dims.vocab_size, dims.hidden_size, embeddings)]
 
 
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
@@ -298,6 +296,22 @@ class PackedWriter:
             self.abort()
 
 
+def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
+    """Encode float row chunks (covering all `vocab` rows in order) and write the stored tensors:
+    the values chunk by chunk, then the per-row scales, which follow them in the file."""
+    suffixes = [suffix for suffix, _, _ in stored_shapes(0, 0, embeddings)]
+    tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
+    done = 0
+    for rows in chunks:
+        values, *rest = encode(rows, embeddings)
+        done += len(rows)
+        writer.write(name, values, final=done >= vocab)
+        for parts, part in zip(tails, rest):
+            parts.append(part)
+    for suffix, parts in zip(suffixes[1:], tails):
+        writer.write(name + suffix, np.concatenate(parts))
+
+
 # ------------------------------------------------------------------------------ reader
 
 
@@ -388,10 +402,8 @@ class PackedModel:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""
         if name == "lm_head.weight" and self.dims.tie_word_embeddings:
             name = "model.embed_tokens.weight"
-        w = self.tensor(name)[rows]
-        if self.embeddings == "int8":
-            return w.astype(np.float32) * self.tensor(name + "_scale")[rows, None]
-        return w.astype(np.float32)
+        stored = [self.tensor(name + suffix)[rows] for suffix, _, _ in stored_shapes(0, 0, self.embeddings)]
+        return decode(stored, self.dims.hidden_size, self.embeddings)
 
     @property
     def file_size(self) -> int:

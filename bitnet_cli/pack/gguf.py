@@ -104,8 +104,11 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
 
-def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str) -> None:
-    """The shapes llama.cpp's bitnet graph and its ternary block types accept (checked before any packing)."""
+def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str) -> None:
+    """The shapes and types llama.cpp's bitnet graph and its ternary block types accept (checked before any packing)."""
+    if embeddings not in ("f16", "int8"):
+        raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}; pack with "
+                          "--embeddings f16 (llama-quantize --token-embedding-type can then shrink the head)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: llama.cpp's bitnet architecture needs tied embeddings; this model has an untied lm_head")
     for proj in PROJECTIONS:
@@ -128,7 +131,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     with PackedModel.open(packed_path) as pm:
         d = pm.dims
-        check_gguf_shapes(d, gguf_type, str(packed_path))
+        check_gguf_shapes(d, gguf_type, str(packed_path), pm.embeddings)
         tok = _tokenizer_metadata(pm)
 
         # (gguf name, logical shape, function producing the bytes, raw ggml type or None for plain f16/f32)

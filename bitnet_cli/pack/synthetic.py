@@ -15,7 +15,7 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.pack.format import EMBEDDING_TYPES, ModelDims, PackedWriter, tensor_specs
+from bitnet_cli.pack.format import EMBEDDING_TYPES, ModelDims, PackedWriter, tensor_specs, write_embedding_rows
 from bitnet_cli.pack.ternary import BLOCK, pack_i2_k128
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
@@ -128,7 +128,7 @@ def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16"
     dims = ModelDims.from_config(config, f"shape {shape!r}")
     rng = np.random.default_rng(seed)
     specs = tensor_specs(dims, embeddings)
-    trits = _TritSource(rng, max(s.nbytes for s in specs if s.dtype == "U8"))
+    trits = _TritSource(rng, max(s.nbytes for s in specs if s.dtype == "U8" and ".layers." in s.name))
     meta = pack_metadata(config, dims, synthetic_tokenizer(dims.vocab_size), {"bos_token": BOS, "eos_token": EOS},
                          embeddings, f"synthetic:{shape if isinstance(shape, str) else 'custom'}:seed={seed}")
     with PackedWriter(Path(path), specs, meta, force=force) as writer:
@@ -136,16 +136,11 @@ def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16"
             name = spec.name
             if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
                 chunk = 8192
-                for start in range(0, dims.vocab_size, chunk):
-                    rows = min(chunk, dims.vocab_size - start)
-                    e = rng.standard_normal((rows, dims.hidden_size), dtype=np.float32) * np.float32(0.02)
-                    last = start + chunk >= dims.vocab_size
-                    if embeddings == "f16":
-                        writer.write(name, e.astype(np.float16), final=last)
-                    else:
-                        writer.write(name, rng.integers(-127, 128, size=e.shape, dtype=np.int8), final=last)
-            elif name.endswith("_scale") and spec.shape == (dims.vocab_size,):
-                writer.write(name, np.full(dims.vocab_size, 0.05 / 127, dtype=np.float32))
+                rows = (rng.standard_normal((min(chunk, dims.vocab_size - start), dims.hidden_size), dtype=np.float32)
+                        * np.float32(0.02) for start in range(0, dims.vocab_size, chunk))
+                write_embedding_rows(writer, name, rows, dims.vocab_size, embeddings)
+            elif name in ("model.embed_tokens.weight_scale", "lm_head.weight_scale"):
+                pass  # written with its embedding
             elif spec.dtype == "U8":
                 n, k = dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])
                 writer.write(name, trits.packed(n, k))

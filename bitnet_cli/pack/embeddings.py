@@ -1,0 +1,111 @@
+"""Storage types of the embedding and output-head rows (docs/FORMAT.md, kernels/bitnet.h).
+
+The tied embedding is also the output head, which every decoded token streams in full: on the
+2B4T shape it is 657 MB in f16, more than the 521 MB of ternary weights. So its storage type
+is the biggest lever on decode speed, and each type trades bytes for accuracy:
+
+- f16:  the values rounded to float16 (16 bits per weight).
+- int8: q = round(w * 127 / max|row|), one fp32 scale max|row| / 127 per row (8 bits + a scale).
+- q4:   4.25 bits per weight. A row is padded to whole 64-input blocks (bitnet.h's
+        bn_q4_block: two 8-bit sub-scales, then 32 bytes of nibbles); every 32 inputs get a step
+        d * sub with one fp32 d per row, and q = round(w / (d * sub)) in [-8, 7] is stored as
+        q + 8. Because sub is an integer, the head's dot stays exact in int32 (bitnet.h).
+
+`encode` turns float rows into the stored arrays; `decode` is its inverse up to rounding and
+is what the numpy reference forward and the C engine's embedding lookup both compute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMBEDDING_TYPES = ("f16", "int8", "q4")
+Q4_BLOCK_INPUTS = 64
+Q4_BLOCK_BYTES = 34  # sizeof(bn_q4_block): sub[2] + nib[32]
+F32 = np.float32
+
+
+def q4_padded(hidden: int) -> int:
+    return -(-hidden // Q4_BLOCK_INPUTS) * Q4_BLOCK_INPUTS
+
+
+def stored_shapes(vocab: int, hidden: int, embeddings: str) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name suffix, safetensors dtype, shape) of the tensors one embedding matrix is stored as."""
+    if embeddings == "f16":
+        return [("", "F16", (vocab, hidden))]
+    if embeddings == "int8":
+        return [("", "I8", (vocab, hidden)), ("_scale", "F32", (vocab,))]
+    return [("", "U8", (vocab, q4_padded(hidden) // Q4_BLOCK_INPUTS * Q4_BLOCK_BYTES)), ("_scale", "F32", (vocab,))]
+
+
+def row_bytes(hidden: int, embeddings: str) -> int:
+    """Bytes one row of the head streams per decoded token (values and scales)."""
+    itemsize = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}
+    return sum(int(np.prod(shape[1:], dtype=np.int64)) * itemsize[dtype]
+               for _, dtype, shape in stored_shapes(1, hidden, embeddings))
+
+
+def encode(rows: np.ndarray, embeddings: str) -> list[np.ndarray]:
+    """float rows [R, hidden] -> the stored arrays, in stored_shapes order."""
+    rows = np.asarray(rows, dtype=F32)
+    if embeddings == "f16":
+        return [rows.astype(np.float16)]
+    if embeddings == "int8":
+        absmax = np.abs(rows).max(axis=1)
+        inv = np.divide(F32(127), absmax, out=np.zeros_like(absmax), where=absmax > 0)
+        return [np.clip(np.round(rows * inv[:, None]), -127, 127).astype(np.int8), (absmax / F32(127)).astype(F32)]
+    return _encode_q4(rows)
+
+
+def decode(stored: list[np.ndarray], hidden: int, embeddings: str) -> np.ndarray:
+    """The stored arrays of some rows -> float32 rows [R, hidden]."""
+    if embeddings == "f16":
+        return stored[0].astype(F32)
+    if embeddings == "int8":
+        return stored[0].astype(F32) * stored[1][:, None]
+    blocks, scale = stored
+    r = blocks.shape[0]
+    b = blocks.reshape(r, -1, Q4_BLOCK_BYTES)
+    sub, nib = b[:, :, :2].astype(np.int32), b[:, :, 2:]
+    q = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32) - 8  # [R, blocks, 64]
+    stepped = q * np.repeat(sub, 32, axis=2)  # sub * q: integers, as the C lookup computes them
+    return stepped.reshape(r, -1)[:, :hidden].astype(F32) * scale[:, None]
+
+
+def _encode_q4(rows: np.ndarray, slice_rows: int = 2048) -> list[np.ndarray]:
+    parts = [_encode_q4_rows(rows[i : i + slice_rows]) for i in range(0, max(len(rows), 1), slice_rows)]
+    return [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
+
+
+def _q4_codes(halves: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """q = clamp(round(w / step), -8, 7) per half-block (0 where the step is 0)."""
+    q = np.divide(halves, step[:, :, None], out=np.zeros_like(halves), where=step[:, :, None] > 0)
+    return np.clip(np.round(q), -8, 7)
+
+
+def _encode_q4_rows(rows: np.ndarray) -> list[np.ndarray]:
+    r, hidden = rows.shape
+    w = np.zeros((r, q4_padded(hidden)), dtype=F32)
+    w[:, :hidden] = rows
+    halves = w.reshape(r, -1, 32)  # [R, half-blocks, 32]
+    # the smallest step that fits a half-block into [-8, 7] (its most negative value may use -8)
+    fit = np.maximum(halves.max(axis=2) / F32(7), -halves.min(axis=2) / F32(8)).clip(min=0).astype(F32)
+    d = (fit.max(axis=1) / F32(255)).astype(F32)  # the row scale: the largest step is sub = 255
+    ratio = np.divide(fit, d[:, None], out=np.zeros_like(fit), where=d[:, None] > 0)
+    # sub = ceil(fit / d) clips nothing; a step 5-20% smaller, clipping the extreme value or two,
+    # often has a smaller squared error: keep the best of a few candidates per half-block
+    best_sub, best_err = None, None
+    for shrink in (1.0, 0.95, 0.9, 0.85, 0.8):
+        sub = np.clip(np.ceil(ratio * F32(shrink)), 1, 255) * (ratio > 0)
+        step = (sub * d[:, None]).astype(F32)
+        err = np.square(halves - _q4_codes(halves, step) * step[:, :, None]).sum(axis=2)
+        if best_sub is None:
+            best_sub, best_err = sub, err
+        else:
+            better = err < best_err
+            best_sub, best_err = np.where(better, sub, best_sub), np.where(better, err, best_err)
+    q = _q4_codes(halves, (best_sub * d[:, None]).astype(F32)).astype(np.int32)
+    codes = (q + 8).astype(np.uint8).reshape(r, -1, 2, 32)  # [R, blocks, half, 32]
+    nib = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
+    blocks = np.concatenate([best_sub.astype(np.uint8).reshape(r, -1, 2), nib], axis=2)
+    return [np.ascontiguousarray(blocks.reshape(r, -1)), d]
