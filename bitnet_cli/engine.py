@@ -11,7 +11,7 @@
 Weights are never copied: the C model holds pointers into the file's memory map, so the
 Engine keeps the map alive until close(). One KV cache per Engine; forward(tokens, n_past)
 drops cached positions >= n_past, so a shared context can be computed once and several
-continuations scored from it. The kernels' ISA follows $BITNET_ISA (see bitnet_cli.kernels).
+continuations scored from it; forward_branches(n_past, [cont, ...]) scores them all in one pass. The kernels' ISA follows $BITNET_ISA (see bitnet_cli.kernels).
 """
 
 from __future__ import annotations
@@ -243,21 +243,26 @@ class Engine:
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, tokens: Sequence[int], n_past: int = 0, all_logits: bool = True) -> np.ndarray:
-        """Logits float32 [len(tokens), V] (or [1, V] for the last token) for tokens at positions
-        n_past.. ; cached positions >= n_past are replaced. n_past may not exceed the cached count."""
+    def _checked_ids(self, what: str, tokens, n_past: int) -> np.ndarray:
+        """tokens as int32, once they are known to fit after n_past cached positions."""
         if self._model is None:
             raise BitnetError("the engine is closed")
         ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
         if ids.size == 0:
-            raise BitnetError("forward: no tokens given")
+            raise BitnetError(f"{what}: no tokens given")
         if not 0 <= n_past <= len(self._cached):
-            raise BitnetError(f"forward: n_past={n_past} but only {len(self._cached)} positions are cached")
+            raise BitnetError(f"{what}: n_past={n_past} but only {len(self._cached)} positions are cached")
         if n_past + ids.size > self.ctx_size:
             raise BitnetError(f"{n_past + ids.size} tokens do not fit the context of {self.ctx_size} "
                               "(raise --ctx-size, up to the model's max_position_embeddings)")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise BitnetError(f"forward: token id out of range [0, {self.vocab_size})")
+            raise BitnetError(f"{what}: token id out of range [0, {self.vocab_size})")
+        return ids
+
+    def forward(self, tokens: Sequence[int], n_past: int = 0, all_logits: bool = True) -> np.ndarray:
+        """Logits float32 [len(tokens), V] (or [1, V] for the last token) for tokens at positions
+        n_past.. ; cached positions >= n_past are replaced. n_past may not exceed the cached count."""
+        ids = self._checked_ids("forward", tokens, n_past)
         out = np.empty((ids.size if all_logits else 1, self.vocab_size), dtype=np.float32)
         ffi = self._ffi
         del self._cached[n_past:]
@@ -267,6 +272,25 @@ class Engine:
             raise BitnetError("forward: the C engine refused its arguments")
         self._cached.extend(int(i) for i in ids)
         return out
+
+    def forward_branches(self, n_past: int, branches: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Logits [len(b), V] for each branch b, every one continuing the first n_past cached
+        tokens (as forward(b, n_past) would), all run in one pass: the weights are streamed once
+        for all of them. Together the branches need n_past + their total length <= ctx_size.
+        Afterwards only the first n_past positions stay cached."""
+        lengths = [len(b) for b in branches]
+        if not lengths or min(lengths) == 0:
+            raise BitnetError("forward_branches: every branch needs at least one token")
+        ids = self._checked_ids("forward_branches", [t for b in branches for t in b], n_past)
+        owner = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
+        out = np.empty((ids.size, self.vocab_size), dtype=np.float32)
+        ffi = self._ffi
+        del self._cached[n_past:]
+        rc = self._lib.bn_forward_branches(self._model, ffi.from_buffer("int32_t[]", ids), ids.size, n_past,
+                                           ffi.from_buffer("int32_t[]", owner), ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise BitnetError("forward_branches: the C engine refused its arguments")
+        return np.split(out, np.cumsum(lengths)[:-1])
 
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""

@@ -111,4 +111,12 @@ void bn_model_free(bn_model *model);
  * Returns 0, or -1 on bad arguments (n_past + n > ctx, token id out of range). */
 int bn_forward(bn_model *model, const int32_t *tokens, int n, int n_past, float *logits, int all_logits);
 
+/* Several continuations of the cached context [0, n_past) in one pass, e.g. the endings of a
+ * multiple-choice question: token i belongs to branch[i], is written to cache slot n_past + i,
+ * sits at position n_past + (its index within its branch) and attends to the context plus the
+ * earlier tokens of its own branch. logits is [n][vocab]. Afterwards the cache beyond n_past
+ * holds no one sequence: continue from n_past or less. Returns 0, or -1 as bn_forward. */
+int bn_forward_branches(bn_model *model, const int32_t *tokens, int n, int n_past, const int32_t *branch,
+                        float *logits);
+
 #endif

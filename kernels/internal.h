@@ -84,6 +84,20 @@ void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int 
 
 float bn_f16_to_f32(uint16_t h);
 
+/* Attention of one query head over the cache rows keys[0..n) of its KV head (rows of hd floats):
+ * out = softmax(scale * q.k) . v, with sc[n] as scratch. Float arithmetic in one fixed order, so
+ * the SIMD versions give the scalar result bit for bit. */
+typedef struct {
+    const float *q, *kc, *vc;
+    const int *keys;
+    int n, hd;
+    float scale;
+    float *sc, *out;
+} bn_attn_job;
+
+typedef void (*bn_attn_fn)(const bn_attn_job *job);
+bn_attn_fn bn_attn_kernel(int isa);
+
 /* Run fn(ctx, chunk, n_chunks, ith) for every chunk in [0, n_chunks), on whichever pool threads
  * claim them (ith: the running thread, 0 is the caller, for per-thread scratch); returns when all
  * are done. pool may be NULL (the caller runs every chunk). */

@@ -25,6 +25,7 @@ struct bn_model {
     bn_pool *pool;
     bn_i2_rows_fn i2;
     bn_head_rows_fn head;
+    bn_attn_fn attend;
     int q_dim, kv_dim, kp_h, kp_f;
     float attn_scale;
     float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
@@ -34,6 +35,7 @@ struct bn_model {
     float *xscale;
     int32_t *xsum;
     float *scores; /* [thread][ctx] */
+    int *keys;     /* [thread][ctx]: the cache slots a token attends to */
 };
 
 /* Zeroed memory starting on a cache line. glibc serves large callocs 16 bytes into a page, which
@@ -77,7 +79,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
         FAIL("a q4 head needs hidden_size <= 8192 (its int32 sums), got %d", d->hidden);
     m->i2 = bn_i2_kernel(isa);
     m->head = bn_head_kernel(isa);
-    if (!m->i2 || !m->head) FAIL("instruction set %d is not available on this CPU", isa);
+    m->attend = bn_attn_kernel(isa);
+    if (!m->i2 || !m->head || !m->attend) FAIL("instruction set %d is not available on this CPU", isa);
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -108,8 +111,9 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
     m->scores = zalloc(sizeof(float) * (size_t)n_threads * d->ctx);
+    m->keys = zalloc(sizeof(int) * (size_t)n_threads * d->ctx);
     if (!m->kcache || !m->vcache || !m->x || !m->h || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
-        !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores)
+        !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores || !m->keys)
         FAIL("out of memory for a context of %d tokens", d->ctx);
     return m;
 #undef FAIL
@@ -119,7 +123,7 @@ void bn_model_free(bn_model *m) {
     if (!m) return;
     bn_pool_free(m->pool);
     void *bufs[] = {m->layers, m->kcache, m->vcache, m->x, m->h, m->q, m->k, m->v, m->att, m->gate, m->up,
-                    m->tmp, m->xq, m->xscale, m->xsum, m->scores};
+                    m->tmp, m->xq, m->xscale, m->xsum, m->scores, m->keys};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) zfree(bufs[i]);
     zfree(m);
 }
@@ -138,7 +142,22 @@ static void rmsnorm(const float *x, const float *w, int n, float eps, float *out
     for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
-/* dot product with eight independent partial sums, so it vectorises without -ffast-math */
+/* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
+static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
+    int half = hd / 2;
+    for (int h = 0; h < n_heads; h++, v += hd)
+        for (int i = 0; i < half; i++) {
+            float a = v[i], b = v[i + half];
+            v[i] = a * cs[i] - b * sn[i];
+            v[i + half] = b * cs[i] + a * sn[i];
+        }
+}
+
+/* ---- attention kernels ------------------------------------------------------------------ */
+
+/* The order of every float operation is fixed by the scalar code: a dot product sums lane l of
+ * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
+ * products are rounded before they are added (no FMA); values are summed over keys in order. */
 static inline float dot(const float *a, const float *b, int n) {
     float lane[8] = {0};
     int i = 0;
@@ -149,15 +168,87 @@ static inline float dot(const float *a, const float *b, int n) {
     return s;
 }
 
-/* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
-static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
-    int half = hd / 2;
-    for (int h = 0; h < n_heads; h++, v += hd)
-        for (int i = 0; i < half; i++) {
-            float a = v[i], b = v[i + half];
-            v[i] = a * cs[i] - b * sn[i];
-            v[i + half] = b * cs[i] + a * sn[i];
+/* sc[0..n) -> softmax weights; scalar on every ISA (expf) */
+static void softmax(float *sc, int n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int j = 0; j < n; j++) {
+        sc[j] = expf(sc[j] - mx);
+        sum += sc[j];
+    }
+    for (int j = 0; j < n; j++) sc[j] /= sum;
+}
+
+static void attend_scalar(const bn_attn_job *a) {
+    const int hd = a->hd;
+    for (int j = 0; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    softmax(a->sc, a->n);
+    memset(a->out, 0, sizeof(float) * hd);
+    for (int j = 0; j < a->n; j++)
+        for (int e = 0; e < hd; e++) a->out[e] += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
+}
+
+#if BN_X86
+/* AVX2 without FMA: fused multiply-adds would round differently from the scalar path */
+#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
+
+/* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
+AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
+    v = _mm256_hadd_ps(v, v);
+    v = _mm256_hadd_ps(v, v);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+/* four keys at a time: four independent add chains */
+AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
+    const int hd = a->hd, h8 = hd & ~7;
+    int j = 0;
+    for (; j + 4 <= a->n; j += 4) {
+        const float *k[4];
+        __m256 s[4];
+        for (int u = 0; u < 4; u++) k[u] = a->kc + (size_t)a->keys[j + u] * hd, s[u] = _mm256_setzero_ps();
+        for (int i = 0; i < h8; i += 8) {
+            __m256 q = _mm256_loadu_ps(a->q + i);
+            for (int u = 0; u < 4; u++) s[u] = _mm256_add_ps(s[u], _mm256_mul_ps(q, _mm256_loadu_ps(k[u] + i)));
         }
+        for (int u = 0; u < 4; u++) {
+            float d = lane_tree(s[u]);
+            for (int i = h8; i < hd; i++) d += a->q[i] * k[u][i];
+            a->sc[j + u] = d * a->scale;
+        }
+    }
+    for (; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    softmax(a->sc, a->n);
+    int e = 0;
+    for (; e + 32 <= hd; e += 32) { /* four output vectors per pass over the values */
+        __m256 o[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int j = 0; j < a->n; j++) {
+            const float *v = a->vc + (size_t)a->keys[j] * hd + e;
+            __m256 p = _mm256_set1_ps(a->sc[j]);
+            for (int u = 0; u < 4; u++) o[u] = _mm256_add_ps(o[u], _mm256_mul_ps(p, _mm256_loadu_ps(v + 8 * u)));
+        }
+        for (int u = 0; u < 4; u++) _mm256_storeu_ps(a->out + e + 8 * u, o[u]);
+    }
+    for (; e + 8 <= hd; e += 8) {
+        __m256 o = _mm256_setzero_ps();
+        for (int j = 0; j < a->n; j++)
+            o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(a->sc[j]), _mm256_loadu_ps(a->vc + (size_t)a->keys[j] * hd + e)));
+        _mm256_storeu_ps(a->out + e, o);
+    }
+    for (; e < hd; e++) {
+        float o = 0.0f;
+        for (int j = 0; j < a->n; j++) o += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
+        a->out[e] = o;
+    }
+}
+#endif
+
+bn_attn_fn bn_attn_kernel(int isa) {
+    if (!bn_isa_available(isa)) return NULL;
+#if BN_X86
+    if (isa == BN_ISA_AVX2 || isa == BN_ISA_AVX512 || isa == BN_ISA_AVX512VNNI) return attend_avx2;
+#endif
+    return attend_scalar;
 }
 
 /* ---- parallel sections ----------------------------------------------------------------- */
@@ -200,9 +291,33 @@ static bn_i2_job i2_job(bn_model *m, const uint8_t *w, float gamma, int kp, int 
                        .xscale = m->xscale, .gamma = gamma};
 }
 
+/* Which cache slots a chunk's tokens sit in and see. Token t of the chunk is written to slot
+ * slot0 + t at RoPE position pos[t] (slot0 + t when pos is NULL). It attends to every slot up to
+ * its own, except that with branches, a slot s >= n_past is seen only when branch[s - n_past]
+ * equals the token's own branch: independent continuations of one shared context. */
+typedef struct {
+    int M, slot0, n_past;
+    const int32_t *pos;
+    const int32_t *branch;
+} chunk_view;
+
+static int visible_keys(const chunk_view *c, int t, int *keys) {
+    const int last = c->slot0 + t;
+    int n = 0;
+    if (!c->branch) {
+        for (int s = 0; s <= last; s++) keys[n++] = s;
+        return n;
+    }
+    for (int s = 0; s < c->n_past; s++) keys[n++] = s;
+    for (int s = c->n_past; s <= last; s++)
+        if (c->branch[s - c->n_past] == c->branch[last - c->n_past]) keys[n++] = s;
+    return n;
+}
+
 typedef struct {
     bn_model *m;
-    int layer, M, p0;
+    int layer;
+    const chunk_view *c;
 } attn_task;
 
 static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
@@ -210,29 +325,17 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     bn_model *m = a->m;
     const int hd = m->d.head_dim, group = m->d.n_heads / m->d.n_kv_heads, ctx_len = m->d.ctx;
     float *sc = m->scores + (size_t)ith * ctx_len;
-    int i0, i1;
-    bn_split(a->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
+    int *keys = m->keys + (size_t)ith * ctx_len;
+    int i0, i1, t_keys = -1, n_keys = 0;
+    bn_split(a->c->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group, n_keys = a->p0 + t + 1;
+        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group;
+        if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
         const float *q = m->q + (size_t)t * m->q_dim + h * hd;
         size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd;
-        const float *kc = m->kcache + base, *vc = m->vcache + base;
-        float mx = -INFINITY;
-        for (int j = 0; j < n_keys; j++) {
-            sc[j] = dot(q, kc + (size_t)j * hd, hd) * m->attn_scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < n_keys; j++) {
-            sc[j] = expf(sc[j] - mx);
-            sum += sc[j];
-        }
-        float *out = m->att + (size_t)t * m->q_dim + h * hd;
-        memset(out, 0, sizeof(float) * hd);
-        for (int j = 0; j < n_keys; j++) {
-            float p = sc[j] / sum;
-            for (int e = 0; e < hd; e++) out[e] += p * vc[(size_t)j * hd + e];
-        }
+        bn_attn_job job = {q, m->kcache + base, m->vcache + base, keys, n_keys, hd, m->attn_scale, sc,
+                           m->att + (size_t)t * m->q_dim + h * hd};
+        m->attend(&job);
     }
 }
 
@@ -296,8 +399,9 @@ static void glue(bn_model *m, int M, float *x, const float *add, const float *up
         bn_pool_run(m->pool, glue_worker, &g, bn_pool_chunks(m->pool, M, 1));
 }
 
-static void layer_forward(bn_model *m, int l, int M, int p0) {
+static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const bn_layer_desc *L = &m->layers[l];
+    const int M = c->M;
     const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
 
     /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
@@ -311,17 +415,17 @@ static void layer_forward(bn_model *m, int l, int M, int p0) {
     run_matmul(m, &qkv);
 
     for (int t = 0; t < M; t++) {
-        int pos = p0 + t;
+        int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = c->slot0 + t;
         const float *cs = m->d.rope_cos + (size_t)pos * half, *sn = m->d.rope_sin + (size_t)pos * half;
         rope(m->q + (size_t)t * m->q_dim, m->d.n_heads, hd, cs, sn);
         rope(m->k + (size_t)t * m->kv_dim, m->d.n_kv_heads, hd, cs, sn);
         for (int h = 0; h < m->d.n_kv_heads; h++) {
-            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + pos) * hd;
+            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + slot) * hd;
             memcpy(m->kcache + off, m->k + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
             memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
         }
     }
-    attn_task at = {m, l, M, p0};
+    attn_task at = {m, l, c};
     bn_pool_run(m->pool, attn_worker, &at, bn_pool_chunks(m->pool, M * m->d.n_heads, 1));
 
     glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
@@ -352,19 +456,46 @@ static void output(bn_model *m, int t0, int M, float *logits) {
     bn_head_run(m->pool, m->head, &job, m->d.vocab);
 }
 
-int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {
-    if (!m || n < 1 || n_past < 0 || n_past > m->d.ctx - n) return -1;
-    for (int i = 0; i < n; i++)
-        if (tokens[i] < 0 || tokens[i] >= m->d.vocab) return -1;
+/* tokens [0, n) into cache slots n_past.., in prefill chunks; pos and branch (either may be
+ * NULL) as in chunk_view, indexed from token 0 */
+static void forward_tokens(bn_model *m, const int32_t *tokens, int n, int n_past, const int32_t *pos,
+                           const int32_t *branch, float *logits, int all_logits) {
     for (int c0 = 0; c0 < n; c0 += CHUNK) {
         int M = n - c0 < CHUNK ? n - c0 : CHUNK;
+        chunk_view c = {M, n_past + c0, n_past, pos ? pos + c0 : NULL, branch};
         for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * m->d.hidden);
-        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, M, n_past + c0);
+        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, &c);
         for (size_t i = 0; i < (size_t)M * m->d.hidden; i++) m->x[i] += m->tmp[i]; /* the last FFN output */
         if (all_logits)
             output(m, 0, M, logits + (size_t)c0 * m->d.vocab);
         else if (c0 + M == n)
             output(m, M - 1, M, logits);
     }
+}
+
+static int valid_tokens(const bn_model *m, const int32_t *tokens, int n, int n_past) {
+    if (!m || n < 1 || n_past < 0 || n_past > m->d.ctx - n) return 0;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] < 0 || tokens[i] >= m->d.vocab) return 0;
+    return 1;
+}
+
+int bn_forward(bn_model *m, const int32_t *tokens, int n, int n_past, float *logits, int all_logits) {
+    if (!valid_tokens(m, tokens, n, n_past)) return -1;
+    forward_tokens(m, tokens, n, n_past, NULL, NULL, logits, all_logits);
+    return 0;
+}
+
+int bn_forward_branches(bn_model *m, const int32_t *tokens, int n, int n_past, const int32_t *branch,
+                        float *logits) {
+    if (!valid_tokens(m, tokens, n, n_past)) return -1;
+    int32_t *pos = malloc(sizeof(int32_t) * n);
+    if (!pos) return -1;
+    for (int i = 0; i < n; i++) { /* n_past + the count of earlier tokens of the same branch */
+        pos[i] = n_past;
+        for (int j = 0; j < i; j++) pos[i] += branch[j] == branch[i];
+    }
+    forward_tokens(m, tokens, n, n_past, pos, branch, logits, 1);
+    free(pos);
     return 0;
 }

@@ -129,11 +129,12 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
     return acc;
 }
 
-/* The output head on ragged shapes and 1..5 tokens: int8 and q4 rows are an exact integer dot,
- * so every ISA matches the scalar path bit for bit (and the integer sum computed here); f16 rows
- * agree up to float summation order. */
+/* The output head on ragged shapes and 1..11 tokens (the last shape spans several blocks of rows,
+ * the last one ragged): int8 and q4 rows are an exact integer dot, so every ISA matches the scalar
+ * path bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
-    static const int shapes[][3] = {{1, 1, 1}, {3, 9, 31}, {5, 37, 100}, {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}};
+    static const int shapes[][3] = {{1, 1, 1},   {3, 9, 31},   {5, 37, 100},
+                                    {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
@@ -143,13 +144,13 @@ static void test_head(void) {
             w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
             w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
         }
-        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[5];
+        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[11];
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
         for (int type = 0; type < 3; type++) {
             const void *w = type == BN_EMB_Q4 ? (const void *)w4 : type == BN_EMB_I8 ? (const void *)w8 : w16;
             int kq = bn_head_k(type, k);
             int8_t *hq = malloc((size_t)m * kq);
-            int32_t hsum[5];
+            int32_t hsum[11];
             bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
             bn_head_job j = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                              .m = m, .y = ref, .y_stride = n};
@@ -175,6 +176,31 @@ static void test_head(void) {
             free(hq);
         }
         free(w16), free(w8), free(w4), free(wscale), free(h), free(ref), free(got);
+    }
+}
+
+/* One query against a ragged head size and a sparse list of cache rows: every ISA gives the
+ * scalar result bit for bit (the float operations run in one fixed order). */
+static void test_attention(void) {
+    static const int head_dims[] = {2, 7, 18, 64, 100, 128};
+    enum { ROWS = 37 };
+    for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
+        int hd = head_dims[s], keys[ROWS], n = 0;
+        for (int r = 0; r < ROWS; r++)
+            if (r < 5 || rnd() % 3) keys[n++] = r; /* a shared prefix, then a sparse branch */
+        float *q = random_floats(hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
+              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[ROWS], ref[128], got[128];
+        for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
+            bn_attn_job j = {q, kc, vc, keys, len, hd, 0.125f, sc, ref};
+            bn_attn_kernel(BN_ISA_SCALAR)(&j);
+            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                j.out = got;
+                bn_attn_kernel(isa)(&j);
+                CHECK(!memcmp(got, ref, sizeof(float) * hd), "attention isa %d differs at hd=%d keys=%d", isa, hd, len);
+            }
+        }
+        free(q), free(kc), free(vc);
     }
 }
 
@@ -271,6 +297,7 @@ int main(void) {
     test_gemm_extremes();
     test_stream_read();
     test_head();
+    test_attention();
     test_head_q4_extremes();
     test_decoder();
     if (failures) {

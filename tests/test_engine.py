@@ -110,6 +110,38 @@ def test_kv_cache_continuation_and_rewind(tiny):
     np.testing.assert_allclose(np.stack(step), full[:10], atol=1e-5)
 
 
+def test_branches_in_one_pass_match_separate_continuations(tiny):
+    _, packed = tiny
+    context = random_ids(30, seed=6)
+    # different lengths, a single token, and together more than one prefill chunk of 64
+    branches = [random_ids(n, seed=7 + n) for n in (12, 1, 40, 25)]
+    with Engine.load(packed, threads=2) as eng:
+        eng.forward(context)
+        want = [eng.forward(b, n_past=len(context)) for b in branches]
+        got = eng.forward_branches(len(context), branches)
+        assert eng._cached == context  # the branches' keys/values are no one sequence
+        again = eng.forward(branches[0], n_past=len(context))  # the context's cache is intact
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    np.testing.assert_allclose(again, want[0], atol=1e-5)
+
+
+def test_branches_bad_arguments_are_clear_errors(tiny):
+    _, packed = tiny
+    with Engine.load(packed, threads=1, ctx_size=32) as eng:
+        eng.forward(random_ids(10))
+        with pytest.raises(BitnetError, match="positions are cached"):
+            eng.forward_branches(11, [[1, 2]])
+        with pytest.raises(BitnetError, match="do not fit the context of 32"):
+            eng.forward_branches(10, [random_ids(12), random_ids(11)])
+        with pytest.raises(BitnetError, match="at least one token"):
+            eng.forward_branches(10, [[1], []])
+        with pytest.raises(BitnetError, match="out of range"):
+            eng.forward_branches(10, [[1], [10**6]])
+        assert eng.forward_branches(10, [random_ids(11), random_ids(11)])[1].shape == (11, eng.vocab_size)
+
+
 def test_long_prompt_runs_in_several_prefill_chunks(tiny):
     _, packed = tiny
     ids = random_ids(150, seed=4)  # > 2 chunks of 64

@@ -110,6 +110,19 @@ def test_packed_matches_checkpoint(eval_model, eval_data):
              tasks, _engine_tolerance)
 
 
+def test_engine_scores_continuations_that_only_fit_the_context_one_by_one(eval_model):
+    from bitnet_cli.eval.backends import EngineBackend
+
+    context, conts = [5, 6, 7, 8, 9, 10], [[11, 12, 13], [14], [15, 16, 17, 18, 19], [20, 21]]
+    small = EngineBackend(eval_model[1], threads=1, ctx_size=10)  # room for 4 more tokens at a time
+    got = small.continuation_logits([(context, conts)])[0]
+    eng = small.engine
+    first = eng.forward(context)[-1:]
+    for cont, logits in zip(conts, got):
+        want = np.vstack([first, eng.forward(cont[:-1], n_past=len(context))]) if len(cont) > 1 else first
+        np.testing.assert_allclose(logits, want, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_correctness_bar_200_examples(eval_model, hf_lm, eval_data):
     """The issue's bar: >= 200 examples each of ARC-Easy, HellaSwag and three MMLU subjects."""

