@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import publish
 
 DATA_ENV = "BITNET_EVAL_DATA"
 
@@ -132,10 +133,7 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a results file is an ordinary file
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -19,6 +19,7 @@ import numpy as np
 from bitnet_cli import __version__
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import publish
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
@@ -186,18 +187,6 @@ def metadata_checksum(metadata: dict[str, str]) -> str:
     `verify` also catches damage to the embedded text, which the header parser cannot see."""
     covered = {k: v for k, v in metadata.items() if k not in ("checksums", "metadata_checksum")}
     return f"{zlib.crc32(json.dumps(covered, sort_keys=True).encode()):08x}"
-
-
-def publish(tmp, out: Path) -> Path:
-    """Rename a finished temporary file onto `out`, with the permissions an ordinary new file gets.
-
-    mkstemp creates 0600; a model file is an ordinary file (0666 less the umask).
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
-    return out
 
 
 class PackedWriter:

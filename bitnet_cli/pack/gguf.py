@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel, publish
+from bitnet_cli.files import publish
+from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
