@@ -64,11 +64,16 @@ static void bench_kernel(int threads, int isa) {
     for (int c = 0; c < copies; c++) free(w[c]);
 }
 
+/* bytes of one output-head row of `hidden` inputs, values and per-row scale, per BN_EMB_* type */
+static double head_row_bytes(int type, int hidden) {
+    const double bytes[] = {2.0 * hidden, hidden + 4.0, (hidden + 63) / 64 * sizeof(bn_q4_block) + 4.0};
+    return bytes[type];
+}
+
 /* the output head alone on the 2B4T shape (128256 x 2560), one decoded token, per row type */
 static void bench_head(int threads, int isa) {
     const int V = 128256, H = 2560;
     const char *names[] = {"f16", "i8", "q4"};
-    const double row_bytes[] = {2.0 * H, H + 4.0, H / 64 * sizeof(bn_q4_block) + 4.0};
     uint16_t *w16 = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) w16[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
     void *rows[] = {w16, filled((size_t)V * H, 9), filled((size_t)V * (H / 64) * sizeof(bn_q4_block), 10)};
@@ -88,7 +93,7 @@ static void bench_head(int threads, int isa) {
                     t[a] = t[b], t[b] = s;
                 }
         printf("head %s %dx%d: %.2f ms median, %.1f GB/s\n", names[type], V, H, t[7] * 1e3,
-               V * row_bytes[type] / t[7] / 1e9);
+               V * head_row_bytes(type, H) / t[7] / 1e9);
     }
     bn_pool_free(pool);
     for (int type = 0; type < 3; type++) free(rows[type]);
@@ -124,8 +129,7 @@ int main(int argc, char **argv) {
     uint16_t *emb = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) emb[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
     float *cs = ones(CTX * HD / 2), *sn = calloc(CTX * HD / 2, sizeof(float));
-    const double head_row_bytes[] = {2.0 * H, H + 4.0, H / 64 * sizeof(bn_q4_block) + 4.0};
-    void *head_rows = head_type == BN_EMB_F16 ? (void *)emb : filled((size_t)V * head_row_bytes[head_type], 11);
+    void *head_rows = head_type == BN_EMB_F16 ? (void *)emb : filled((size_t)(V * head_row_bytes(head_type, H)), 11);
     float *head_scale = ones(V);
     for (int i = 0; i < V; i++) head_scale[i] = 1e-3f;
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, head_type, head_rows,
@@ -139,7 +143,7 @@ int main(int argc, char **argv) {
     float *logits = malloc(sizeof(float) * V);
     int32_t tokens[128];
     for (int i = 0; i < 128; i++) tokens[i] = (i * 7919) % V;
-    double bytes = (double)L * ((double)(H + 2 * NKV * HD + H + 2 * F) * H / 4 + (double)H * F / 4) + V * head_row_bytes[head_type];
+    double bytes = (double)L * ((double)(H + 2 * NKV * HD + H + 2 * F) * H / 4 + (double)H * F / 4) + V * head_row_bytes(head_type, H);
 
     bn_forward(m, tokens, 8, 0, logits, 0); /* warm up */
     double pp_s[3];

@@ -38,6 +38,11 @@ def stored_shapes(vocab: int, hidden: int, embeddings: str) -> list[tuple[str, s
     return [("", "U8", (vocab, q4_padded(hidden) // Q4_BLOCK_INPUTS * Q4_BLOCK_BYTES)), ("_scale", "F32", (vocab,))]
 
 
+def stored_suffixes(embeddings: str) -> list[str]:
+    """Name suffixes of the tensors one embedding is stored as ("" for the values, then scales)."""
+    return [suffix for suffix, _, _ in stored_shapes(0, 0, embeddings)]
+
+
 def row_bytes(hidden: int, embeddings: str) -> int:
     """Bytes one row of the head streams per decoded token (values and scales)."""
     itemsize = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}

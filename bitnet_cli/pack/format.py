@@ -20,7 +20,7 @@ from bitnet_cli import __version__
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import publish
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes, stored_suffixes
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
@@ -296,7 +296,7 @@ class PackedWriter:
 def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
     """Encode float row chunks (covering all `vocab` rows in order) and write the stored tensors:
     the values chunk by chunk, then the per-row scales, which follow them in the file."""
-    suffixes = [suffix for suffix, _, _ in stored_shapes(0, 0, embeddings)]
+    suffixes = stored_suffixes(embeddings)
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
     for rows in chunks:
@@ -399,7 +399,7 @@ class PackedModel:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""
         if name == "lm_head.weight" and self.dims.tie_word_embeddings:
             name = "model.embed_tokens.weight"
-        stored = [self.tensor(name + suffix)[rows] for suffix, _, _ in stored_shapes(0, 0, self.embeddings)]
+        stored = [self.tensor(name + suffix)[rows] for suffix in stored_suffixes(self.embeddings)]
         return decode(stored, self.dims.hidden_size, self.embeddings)
 
     @property
