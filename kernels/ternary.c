@@ -150,31 +150,43 @@ I2_ROWS_TOKENS(i2_rows_avx2_tokens, AVX2_TARGET, i2_row_avx2)
  * back exactly at the end). Bounds over 8 blocks: the plain accumulator |sum| <= 8 * 2 * 2 *
  * (2 * 128) = 8192; the times-4 one lies in [-8 * 2 * 2 * 8 * 128, 8 * 2 * 2 * 8 * 127] =
  * [-32768, 32512], inside int16 (and every vpmaddubsw pair sum within +-2048, unsaturated). */
-/* software prefetch a page ahead: the hardware prefetchers stop at 4 KB page boundaries, and mmapped
- * weights sit in 4 KB pages (measured ~10% faster from DRAM here) */
+AVX2_TARGET static inline __attribute__((always_inline)) void gemv_block_avx2(const uint8_t *wb, const int8_t *xb,
+                                                                            __m256i *lo, __m256i *hi) {
+    const __m256i mask = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12);
+    __m256i w = _mm256_loadu_si256((const __m256i *)wb), w4 = _mm256_srli_epi16(w, 4);
+    *lo = _mm256_add_epi16(*lo, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask),
+                                                                      _mm256_loadu_si256((const __m256i *)xb)),
+                                                 _mm256_maddubs_epi16(_mm256_and_si256(w4, mask),
+                                                                      _mm256_loadu_si256((const __m256i *)(xb + 64)))));
+    *hi = _mm256_add_epi16(*hi, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask4),
+                                                                      _mm256_loadu_si256((const __m256i *)(xb + 32))),
+                                                 _mm256_maddubs_epi16(_mm256_and_si256(w4, mask4),
+                                                                      _mm256_loadu_si256((const __m256i *)(xb + 96)))));
+}
+
+/* Blocks go in pairs with one prefetch per 64-byte line: a branch and a prefetch per block made
+ * the loop long enough to bound it by instruction issue (measured +10% from L2 in pairs). The
+ * prefetch runs a page ahead: the hardware prefetchers stop at 4 KB page boundaries, and mmapped
+ * weights sit in 4 KB pages (measured ~10% faster from DRAM here). */
 #define GEMV_PREFETCH 4096
 AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
-    const __m256i mask = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12);
     const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
     const int nb = j->kp / BLOCK;
-    const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+    const uint8_t *w = j->w + (size_t)r * (j->kp / 4);
+    const int8_t *x = j->xq;
     __m256i acc = _mm256_setzero_si256();
     for (int b0 = 0; b0 < nb; b0 += 8) {
-        const int b1 = b0 + 8 < nb ? b0 + 8 : nb;
+        const int n = nb - b0 < 8 ? nb - b0 : 8;
         __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0,2 and 4 * codes 1,3 */
-        for (int b = b0; b < b1; b++) {
-            const int8_t *xb = j->xq + b * BLOCK;
-            if (!(b & 1)) _mm_prefetch((const char *)(wr + b * BLOCK_BYTES) + GEMV_PREFETCH, _MM_HINT_T0);
-            __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES)), w4 = _mm256_srli_epi16(w, 4);
-            lo = _mm256_add_epi16(
-                lo, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask), _mm256_loadu_si256((const __m256i *)xb)),
-                                     _mm256_maddubs_epi16(_mm256_and_si256(w4, mask),
-                                                          _mm256_loadu_si256((const __m256i *)(xb + 64)))));
-            hi = _mm256_add_epi16(
-                hi, _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(w, mask4),
-                                                          _mm256_loadu_si256((const __m256i *)(xb + 32))),
-                                     _mm256_maddubs_epi16(_mm256_and_si256(w4, mask4),
-                                                          _mm256_loadu_si256((const __m256i *)(xb + 96)))));
+        int b = 0;
+        for (; b + 2 <= n; b += 2, w += 2 * BLOCK_BYTES, x += 2 * BLOCK) {
+            _mm_prefetch((const char *)w + GEMV_PREFETCH, _MM_HINT_T0);
+            gemv_block_avx2(w, x, &lo, &hi);
+            gemv_block_avx2(w + BLOCK_BYTES, x + BLOCK, &lo, &hi);
+        }
+        if (b < n) {
+            gemv_block_avx2(w, x, &lo, &hi);
+            w += BLOCK_BYTES, x += BLOCK;
         }
         acc = _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(lo, fours), _mm256_madd_epi16(hi, ones)));
     }
