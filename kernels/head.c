@@ -177,18 +177,26 @@ AVX2_TARGET static inline float f16_row_avx2(const bn_head_job *j, int r, int t)
     return s;
 }
 
+AVX2_TARGET static inline __m256i i8_dot32_avx2(const int8_t *w, const int8_t *h) {
+    __m256i wv = _mm256_loadu_si256((const __m256i *)w);
+    return _mm256_madd_epi16(
+        _mm256_maddubs_epi16(_mm256_abs_epi8(wv), _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)h), wv)),
+        _mm256_set1_epi16(1));
+}
+
+/* 64 bytes a step, one prefetch per line (a branch to prefetch every other step cost issue slots) */
 AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t) {
     const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i acc = _mm256_setzero_si256();
-    const int k32 = j->k & ~31;
+    const int k64 = j->k & ~63;
     int k = 0;
-    for (; k < k32; k += 32) {
-        if (!(k & 63)) _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
-        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-        __m256i p = _mm256_maddubs_epi16(_mm256_abs_epi8(wv),
-                                         _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(h + k)), wv));
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+    for (; k < k64; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(i8_dot32_avx2(w + k, h + k), i8_dot32_avx2(w + k + 32, h + k + 32)));
+    }
+    if (k + 32 <= j->k) {
+        acc = _mm256_add_epi32(acc, i8_dot32_avx2(w + k, h + k));
+        k += 32;
     }
     int32_t s = bn_hsum_epi32_avx2(acc);
     for (; k < j->k; k++) s += w[k] * h[k];

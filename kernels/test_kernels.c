@@ -134,7 +134,7 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
  * path bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
     static const int shapes[][3] = {{1, 1, 1},   {3, 9, 31},   {5, 37, 100},
-                                    {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}};
+                                    {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}, {1, 5, 100}, {1, 4, 40}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
