@@ -26,6 +26,7 @@ struct bn_model {
     bn_i2_rows_fn i2;
     bn_head_rows_fn head;
     bn_attn_fn attend;
+    bn_glue_fn glue;
     int q_dim, kv_dim, kp_h, kp_f;
     float attn_scale;
     float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
@@ -80,7 +81,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->i2 = bn_i2_kernel(isa);
     m->head = bn_head_kernel(isa);
     m->attend = bn_attn_kernel(isa);
-    if (!m->i2 || !m->head || !m->attend) FAIL("instruction set %d is not available on this CPU", isa);
+    m->glue = bn_glue_kernel(isa);
+    if (!m->i2 || !m->head || !m->attend || !m->glue) FAIL("instruction set %d is not available on this CPU", isa);
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -130,18 +132,6 @@ void bn_model_free(bn_model *m) {
 
 /* ---- float steps ----------------------------------------------------------------------- */
 
-/* torch: x * rsqrt(mean(x^2) + eps) * weight, in fp32 */
-static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double lane[4] = {0}; /* independent sums: no add-latency chain */
-    int i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int l = 0; l < 4; l++) lane[l] += (double)x[i + l] * x[i + l];
-    double ss = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-    for (; i < n; i++) ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
-}
-
 /* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
 static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
     int half = hd / 2;
@@ -189,9 +179,6 @@ static void attend_scalar(const bn_attn_job *a) {
 }
 
 #if BN_X86
-/* AVX2 without FMA: fused multiply-adds would round differently from the scalar path */
-#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
-
 /* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
 AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     v = _mm256_hadd_ps(v, v);
@@ -361,38 +348,27 @@ static void embed(const bn_model *m, int token, float *out) {
     }
 }
 
-/* The float glue between two matrix products, per token: optionally x += add (a residual) or
- * x = relu(x)^2 * up (the gated FFN), then h = rmsnorm(x) * w, then h -> int8 rows of m->xq.
+/* The float glue between two matrix products (bn_glue_job) into m->h and the int8 rows of m->xq.
  * For a prefill chunk the tokens are split over the pool; a decode step runs it inline. */
 typedef struct {
-    bn_model *m;
-    int M, n, kp;
-    float *x;
-    const float *add, *up, *w;
+    bn_glue_fn fn;
+    bn_glue_job job;
+    int M;
 } glue_task;
 
 static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
     (void)ith;
     const glue_task *g = ctx;
-    bn_model *m = g->m;
     int t0, t1;
     bn_split(g->M, chunk, n_chunks, 1, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        float *x = g->x + (size_t)t * g->n, *h = m->h + (size_t)t * g->n;
-        if (g->add)
-            for (int i = 0; i < g->n; i++) x[i] += g->add[(size_t)t * g->n + i];
-        if (g->up)
-            for (int i = 0; i < g->n; i++) {
-                float v = x[i] > 0.0f ? x[i] : 0.0f;
-                x[i] = v * v * g->up[(size_t)t * g->n + i];
-            }
-        rmsnorm(x, g->w, g->n, m->d.rms_eps, h);
-        bn_quantize_rows(h, 1, g->n, g->kp, m->xq + (size_t)t * g->kp, m->xscale + t, m->xsum + t);
-    }
+    g->fn(&g->job, t0, t1);
 }
 
 static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
-    glue_task g = {m, M, n, kp, x, add, up, w};
+    glue_task g = {m->glue,
+                   {.n = n, .kp = kp, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up, .h = m->h,
+                    .xq = m->xq, .xscale = m->xscale, .xsum = m->xsum},
+                   M};
     if (M == 1)
         glue_worker(&g, 0, 1, 0);
     else
@@ -447,10 +423,10 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
 /* final norm + head for chunk tokens [t0, M) into logits rows */
 static void output(bn_model *m, int t0, int M, float *logits) {
     const int H = m->d.hidden, type = m->d.head_type, k = bn_head_k(type, H);
-    for (int t = t0; t < M; t++)
-        rmsnorm(m->x + (size_t)t * H, m->d.final_norm, H, m->d.rms_eps, m->h + (size_t)(t - t0) * H);
-    if (type != BN_EMB_F16) /* integer heads take int8 hidden vectors (m->xq is free now) */
-        bn_quantize_rows(m->h, M - t0, H, k, m->xq, m->xscale, m->xsum);
+    /* integer heads take int8 hidden vectors of k inputs (m->xq is free now) */
+    bn_glue_job norm = {.n = H, .kp = k, .eps = m->d.rms_eps, .w = m->d.final_norm, .x = m->x + (size_t)t0 * H,
+                        .h = m->h, .xq = type != BN_EMB_F16 ? m->xq : NULL, .xscale = m->xscale, .xsum = m->xsum};
+    m->glue(&norm, 0, M - t0);
     bn_head_job job = {.type = type, .w = m->d.head, .wscale = m->d.head_scale, .k = k, .h = m->h, .hq = m->xq,
                        .hscale = m->xscale, .m = M - t0, .y = logits, .y_stride = m->d.vocab};
     bn_head_run(m->pool, m->head, &job, m->d.vocab);
