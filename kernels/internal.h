@@ -109,13 +109,14 @@ void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int 
 
 float bn_f16_to_f32(uint16_t h);
 
-/* Attention of one query head over the cache rows keys[0..n) of its KV head (rows of hd floats):
- * out = softmax(scale * q.k) . v, with sc[n] as scratch. Float arithmetic in one fixed order, so
- * the SIMD versions give the scalar result bit for bit. */
+/* Attention of `heads` query heads sharing one KV head, over its cache rows keys[0..n) (rows of
+ * hd floats): out[h] = softmax(scale * q[h].k) . v for q and out [heads][hd], with sc[heads][n]
+ * as scratch. Each cache row is read once for all the heads. Float arithmetic in one fixed order
+ * per head, whatever `heads` is, so the SIMD versions give the scalar result bit for bit. */
 typedef struct {
     const float *q, *kc, *vc;
     const int *keys;
-    int n, hd;
+    int n, hd, heads;
     float scale;
     float *sc, *out;
 } bn_attn_job;

@@ -179,25 +179,33 @@ static void test_head(void) {
     }
 }
 
-/* One query against a ragged head size and a sparse list of cache rows: every ISA gives the
- * scalar result bit for bit (the float operations run in one fixed order). */
+/* Groups of 1..6 query heads against ragged head sizes and a sparse list of cache rows: every
+ * ISA's grouped kernel gives, bit for bit, what the scalar kernel gives for each head alone (the
+ * float operations of a head run in one fixed order). */
 static void test_attention(void) {
     static const int head_dims[] = {2, 7, 18, 64, 100, 128};
-    enum { ROWS = 37 };
+    enum { ROWS = 37, MAX_HEADS = 6 };
     for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
         int hd = head_dims[s], keys[ROWS], n = 0;
         for (int r = 0; r < ROWS; r++)
             if (r < 5 || rnd() % 3) keys[n++] = r; /* a shared prefix, then a sparse branch */
-        float *q = random_floats(hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
-              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[ROWS], ref[128], got[128];
+        float *q = random_floats((size_t)MAX_HEADS * hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
+              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[MAX_HEADS * ROWS], ref[MAX_HEADS * 128],
+              got[MAX_HEADS * 128];
         for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
-            bn_attn_job j = {q, kc, vc, keys, len, hd, 0.125f, sc, ref};
-            bn_attn_kernel(BN_ISA_SCALAR)(&j);
-            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+            for (int h = 0; h < MAX_HEADS; h++) {
+                bn_attn_job one = {q + h * hd, kc, vc, keys, len, hd, 1, 0.125f, sc, ref + h * hd};
+                bn_attn_kernel(BN_ISA_SCALAR)(&one);
+            }
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
-                j.out = got;
-                bn_attn_kernel(isa)(&j);
-                CHECK(!memcmp(got, ref, sizeof(float) * hd), "attention isa %d differs at hd=%d keys=%d", isa, hd, len);
+                for (int heads = 1; heads <= MAX_HEADS; heads++) {
+                    memset(got, 0x55, sizeof got);
+                    bn_attn_job j = {q, kc, vc, keys, len, hd, heads, 0.125f, sc, got};
+                    bn_attn_kernel(isa)(&j);
+                    CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
+                          "attention isa %d differs at hd=%d keys=%d heads=%d", isa, hd, len, heads);
+                }
             }
         }
         free(q), free(kc), free(vc);
