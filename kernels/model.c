@@ -196,16 +196,22 @@ AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
-/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH): one pass over the values with NH x NV
- * accumulators, each value vector loaded once for the NH heads. */
+/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
+ * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
+ * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
-                                                                              const int NH, const int NV) {
+                                                                              int j0, int j1, const int NH,
+                                                                              const int NV) {
     const int hd = a->hd, n = a->n;
     __m256 o[4][2];
     for (int h = 0; h < NH; h++)
-        for (int u = 0; u < NV; u++) o[h][u] = _mm256_setzero_ps();
-    for (int j = 0; j < n; j++) {
+        for (int u = 0; u < NV; u++)
+            o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
+    for (int j = j0; j < j1; j++) {
         const float *v = a->vc + (size_t)a->keys[j] * hd + e;
+        if (e == 0 && j + (j1 - j0) < n)
+            for (int b = 0; b < hd; b += 16)
+                _mm_prefetch((const char *)(a->vc + (size_t)a->keys[j + (j1 - j0)] * hd + b), _MM_HINT_T0);
         __m256 vv[2];
         for (int u = 0; u < NV; u++) vv[u] = _mm256_loadu_ps(v + 8 * u);
         for (int h = 0; h < NH; h++) {
@@ -217,18 +223,23 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
         for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
 }
 
+/* The values go by blocks of keys whose rows fit in L1 (16 KB), every output column passing over
+ * a block before the next: the rows are fetched once, not once per 16 columns. */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
                                                                                    const int NH) {
-    const int hd = a->hd, n = a->n;
-    int e = 0;
-    for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, NH, 2);
-    for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, NH, 1);
-    for (; e < hd; e++)
-        for (int h = h0; h < h0 + NH; h++) {
-            float o = 0.0f;
-            for (int j = 0; j < n; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
-            a->out[(size_t)h * hd + e] = o;
-        }
+    const int hd = a->hd, n = a->n, block = hd < 512 ? 4096 / hd : 8;
+    for (int j0 = 0; j0 < n; j0 += block) {
+        const int j1 = j0 + block < n ? j0 + block : n;
+        int e = 0;
+        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2);
+        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1);
+        for (; e < hd; e++)
+            for (int h = h0; h < h0 + NH; h++) {
+                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
+                a->out[(size_t)h * hd + e] = o;
+            }
+    }
 }
 
 /* Scores four keys at a time: the four K rows stay in L1 while every head's query passes over

@@ -184,7 +184,7 @@ static void test_head(void) {
  * float operations of a head run in one fixed order). */
 static void test_attention(void) {
     static const int head_dims[] = {2, 7, 18, 64, 100, 128};
-    enum { ROWS = 37, MAX_HEADS = 6 };
+    enum { ROWS = 101, MAX_HEADS = 6 };
     for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
         int hd = head_dims[s], keys[ROWS], n = 0;
         for (int r = 0; r < ROWS; r++)
