@@ -36,18 +36,24 @@ BODY float round_even(float v) {
     return (v + magic) - magic;
 }
 
-/* transformers' ActQuant in fp32: s = 127 / max(max|x|, 1e-5), q = clamp(round(x * s)) */
-BODY void quantize_row(const float *x, int k, int kp, int8_t *q, float *scale, int32_t *xsum) {
-    int32_t amax_bits = 0; /* max |x|, exact in any order (a NaN wins) */
+/* Element i of the row being quantised: x itself, or the normed w[i] * (x[i] * r) recomputed
+ * where it is needed (the same float operations, so the same value as when it is stored). */
+BODY float row_value(const float *x, const float *w, float r, int i) { return w ? w[i] * (x[i] * r) : x[i]; }
+
+/* transformers' ActQuant in fp32 on the row v[i] = row_value(x, w, r, i):
+ * s = 127 / max(max|v|, 1e-5), q = clamp(round(v * s)) */
+BODY void quantize_row(const float *x, const float *w, float r, int k, int kp, int8_t *q, float *scale,
+                       int32_t *xsum) {
+    int32_t amax_bits = 0; /* max |v|, exact in any order (a NaN wins) */
     for (int i = 0; i < k; i++) {
-        int32_t a = float_bits(x[i]) & 0x7fffffff;
+        int32_t a = float_bits(row_value(x, w, r, i)) & 0x7fffffff;
         amax_bits = a > amax_bits ? a : amax_bits;
     }
     float amax = bits_float(amax_bits);
     float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
     int32_t sum = 0;
     for (int i = 0; i < k; i++) {
-        float v = round_even(x[i] * s); /* like torch.round; |x * s| <= 127 */
+        float v = round_even(row_value(x, w, r, i) * s); /* like torch.round; |v * s| <= 127 */
         int32_t qi = (int32_t)(v < -128.0f ? -128.0f : v > 127.0f ? 127.0f : v);
         q[i] = (int8_t)qi;
         sum += qi;
@@ -58,12 +64,14 @@ BODY void quantize_row(const float *x, int k, int kp, int8_t *q, float *scale, i
 }
 
 BODY void quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
-    for (int t = 0; t < m; t++) quantize_row(x + (size_t)t * k, k, kp, xq + (size_t)t * kp, scale + t, xsum + t);
+    for (int t = 0; t < m; t++)
+        quantize_row(x + (size_t)t * k, NULL, 0.0f, k, kp, xq + (size_t)t * kp, scale + t, xsum + t);
 }
 
-/* torch: x * rsqrt(mean(x^2) + eps) * weight in fp32; the sum of squares is taken in double over
- * 16 lanes, folded in halves (lane l += lane l + w for w = 8, 4, 2, 1), then the tail */
-BODY void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
+/* torch's RMSNorm factor in fp32, 1 / sqrt(mean(x^2) + eps). The sum of squares is taken in
+ * double over 16 lanes, folded in halves (lane l += lane l + w for w = 8, 4, 2, 1), then the
+ * tail is added. */
+BODY float inv_rms(const float *x, int n, float eps) {
     double lane[16] = {0};
     int i = 0;
     for (; i + 16 <= n; i += 16)
@@ -72,28 +80,29 @@ BODY void rmsnorm(const float *x, const float *w, int n, float eps, float *out) 
         for (int l = 0; l < width; l++) lane[l] += lane[l + width];
     double ss = lane[0];
     for (; i < n; i++) ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+    return 1.0f / sqrtf((float)(ss / n) + eps);
 }
 
+/* The normed row h = w * (x * r) goes to h, or is quantised straight from x (computed twice,
+ * for the absmax and the rounding, and never stored: the write and reread cost more). */
 BODY void glue_rows(const bn_glue_job *j, int t0, int t1) {
     const int n = j->n;
     for (int t = t0; t < t1; t++) {
-        float *x = j->x + (size_t)t * n, *h = j->h + (size_t)t * n;
-        if (j->add) {
-            const float *a = j->add + (size_t)t * n;
-            for (int i = 0; i < n; i++) x[i] += a[i];
-        }
-        if (j->up) {
-            const float *u = j->up + (size_t)t * n;
+        float *x = j->x + (size_t)t * n;
+        const size_t off = (size_t)t * n;
+        if (j->add)
+            for (int i = 0; i < n; i++) x[i] += j->add[off + i];
+        if (j->up)
             for (int i = 0; i < n; i++) {
                 int32_t b = float_bits(x[i]); /* relu: a set sign bit makes the word negative -> +0 */
                 float v = bits_float(b > 0 ? b : 0);
-                x[i] = v * v * u[i];
+                x[i] = v * v * j->up[off + i];
             }
-        }
-        rmsnorm(x, j->w, n, j->eps, h);
-        if (j->xq) quantize_row(h, n, j->kp, j->xq + (size_t)t * j->kp, j->xscale + t, j->xsum + t);
+        float r = inv_rms(x, n, j->eps);
+        if (j->xq)
+            quantize_row(x, j->w, r, n, j->kp, j->xq + (size_t)t * j->kp, j->xscale + t, j->xsum + t);
+        else
+            for (int i = 0; i < n; i++) j->h[off + i] = row_value(x, j->w, r, i);
     }
 }
 

@@ -28,9 +28,10 @@ AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
 }
 #endif
 
-/* The float steps between two matrix products (glue.c), for tokens [t0, t1) of m rows of n:
+/* The float steps between two matrix products (glue.c), for tokens [t0, t1) of rows of n:
  * x += add (a residual) when add is set; x = relu(x)^2 * up (the gated FFN) when up is set;
- * h = rmsnorm(x) * w; then, when xq is set, h -> int8 rows of kp as bn_quantize_rows does. */
+ * then h = rmsnorm(x) * w, which goes either to int8 rows of kp in xq (as bn_quantize_rows
+ * would quantise it) when xq is set, or else to the float rows of h. */
 typedef struct {
     int n, kp;
     float eps;

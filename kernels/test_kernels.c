@@ -213,8 +213,9 @@ static void test_attention(void) {
 }
 
 /* The float glue (residual add, relu^2 gate, RMSNorm, int8 quantisation) on row lengths around
- * the lane counts: every ISA's copy gives the scalar bits; and the scalar copy follows the
- * definitions (quantisation exactly, RMSNorm to float rounding). */
+ * the lane counts: every ISA's copy gives the scalar bits; quantising inside the glue gives what
+ * quantising its float output gives; and the scalar copy follows the definitions (quantisation
+ * exactly, RMSNorm to float rounding). */
 static void test_glue(void) {
     static const int lengths[] = {1, 7, 8, 15, 16, 17, 33, 100, 255, 2560};
     enum { M = 3 };
@@ -224,30 +225,33 @@ static void test_glue(void) {
               *up = random_floats((size_t)M * n, 1.0f, 0.0f), *w = random_floats(n, 0.2f, 1.0f);
         x0[0] = -0.0f, x0[n - 1] = 0.0f; /* signed zeros through relu and the absmax */
         if (n > 5) x0[5] = -x0[5] * 40.0f; /* a large value at some rows' absmax */
-        float *x[2], *h[2], scale[2][M];
-        int8_t *xq[2];
-        int32_t xsum[2][M];
+        float *x[2], *h[2], scale[2][M], qscale[M];
+        int8_t *xq[2], *hq = malloc((size_t)M * kp);
+        int32_t xsum[2][M], qsum[M];
         for (int variant = 0; variant < 3; variant++) { /* plain, residual add, gate */
             for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
                 int c = isa != 0;
                 x[c] = malloc(sizeof(float) * M * n), h[c] = malloc(sizeof(float) * M * n), xq[c] = malloc((size_t)M * kp);
-                memcpy(x[c], x0, sizeof(float) * M * n);
                 memset(xq[c], 0x55, (size_t)M * kp);
                 bn_glue_job j = {.n = n, .kp = kp, .eps = 1e-5f, .w = w, .x = x[c], .add = variant == 1 ? add : NULL,
-                                 .up = variant == 2 ? up : NULL, .h = h[c], .xq = xq[c], .xscale = scale[c],
-                                 .xsum = xsum[c]};
-                bn_glue_kernel(isa)(&j, 0, M);
+                                 .up = variant == 2 ? up : NULL, .h = h[c], .xscale = scale[c], .xsum = xsum[c]};
+                memcpy(x[c], x0, sizeof(float) * M * n);
+                bn_glue_kernel(isa)(&j, 0, M); /* float rows into h */
+                memcpy(x[c], x0, sizeof(float) * M * n);
+                j.xq = xq[c];
+                bn_glue_kernel(isa)(&j, 0, M); /* int8 rows into xq */
+                bn_quantize_kernel(isa)(h[c], M, n, kp, hq, qscale, qsum);
+                CHECK(!memcmp(hq, xq[c], (size_t)M * kp) && !memcmp(qscale, scale[c], sizeof qscale) &&
+                          !memcmp(qsum, xsum[c], sizeof qsum),
+                      "glue isa %d quantises other than its float rows at n=%d variant %d", isa, n, variant);
                 if (c) {
                     CHECK(!memcmp(x[0], x[1], sizeof(float) * M * n) && !memcmp(h[0], h[1], sizeof(float) * M * n) &&
                               !memcmp(xq[0], xq[1], (size_t)M * kp) && !memcmp(scale[0], scale[1], sizeof scale[0]) &&
                               !memcmp(xsum[0], xsum[1], sizeof xsum[0]),
                           "glue isa %d differs from scalar at n=%d variant %d", isa, n, variant);
-                    /* the public entry point and the per-isa quantisers agree too */
-                    bn_quantize_kernel(isa)(h[0], M, n, kp, xq[1], scale[1], xsum[1]);
-                    CHECK(!memcmp(xq[0], xq[1], (size_t)M * kp), "quantize isa %d differs at n=%d", isa, n);
-                    bn_quantize_rows(h[0], M, n, kp, xq[1], scale[1], xsum[1]);
-                    CHECK(!memcmp(xq[0], xq[1], (size_t)M * kp), "bn_quantize_rows differs at n=%d", n);
+                    bn_quantize_rows(h[0], M, n, kp, hq, qscale, qsum); /* the public entry point */
+                    CHECK(!memcmp(xq[0], hq, (size_t)M * kp), "bn_quantize_rows differs at n=%d", n);
                     free(x[1]), free(h[1]), free(xq[1]);
                 }
             }
@@ -277,7 +281,7 @@ static void test_glue(void) {
             }
             free(x[0]), free(h[0]), free(xq[0]);
         }
-        free(x0), free(add), free(up), free(w);
+        free(x0), free(add), free(up), free(w), free(hq);
     }
 }
 
