@@ -242,33 +242,47 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_
     }
 }
 
-/* Scores four keys at a time: the four K rows stay in L1 while every head's query passes over
- * them, with four independent add chains per head. */
-AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
+/* Scores of keys j, j + 1 for heads [h0, h0 + NH): NH x 2 independent add chains, each K vector
+ * loaded once for the NH heads. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
+                                                                              const int NH) {
     const int hd = a->hd, h8 = hd & ~7, n = a->n;
-    int j = 0;
-    for (; j + 4 <= n; j += 4) {
-        const float *k[4];
-        for (int u = 0; u < 4; u++) k[u] = a->kc + (size_t)a->keys[j + u] * hd;
-        for (int h = 0; h < a->heads; h++) {
-            const float *q = a->q + (size_t)h * hd;
-            __m256 s[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            for (int i = 0; i < h8; i += 8) {
-                __m256 qv = _mm256_loadu_ps(q + i);
-                for (int u = 0; u < 4; u++) s[u] = _mm256_add_ps(s[u], _mm256_mul_ps(qv, _mm256_loadu_ps(k[u] + i)));
-            }
-            for (int u = 0; u < 4; u++) {
-                float d = lane_tree(s[u]);
-                for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
-                a->sc[(size_t)h * n + j + u] = d * a->scale;
-            }
+    const float *k[2] = {a->kc + (size_t)a->keys[j] * hd, a->kc + (size_t)a->keys[j + 1] * hd};
+    __m256 s[4][2];
+    for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
+    for (int i = 0; i < h8; i += 8) {
+        __m256 k0 = _mm256_loadu_ps(k[0] + i), k1 = _mm256_loadu_ps(k[1] + i);
+        for (int h = 0; h < NH; h++) {
+            __m256 qv = _mm256_loadu_ps(a->q + (size_t)(h0 + h) * hd + i);
+            s[h][0] = _mm256_add_ps(s[h][0], _mm256_mul_ps(qv, k0));
+            s[h][1] = _mm256_add_ps(s[h][1], _mm256_mul_ps(qv, k1));
         }
     }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 2; u++) {
+            const float *q = a->q + (size_t)(h0 + h) * hd;
+            float d = lane_tree(s[h][u]);
+            for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
+            a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
+        }
+}
+
+/* Up to four heads at a time (the register tiles above), for the scores and the values */
+AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
+    const int hd = a->hd, n = a->n;
+    int j = 0;
+    for (; j + 2 <= n; j += 2)
+        for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+            case 1: scores_avx2(a, j, h0, 1); break;
+            case 2: scores_avx2(a, j, h0, 2); break;
+            case 3: scores_avx2(a, j, h0, 3); break;
+            default: scores_avx2(a, j, h0, 4); break;
+            }
     for (; j < n; j++)
         for (int h = 0; h < a->heads; h++)
             a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
     for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
-    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) { /* four heads per pass at most */
+    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
         case 1: head_values_avx2(a, h0, 1); break;
         case 2: head_values_avx2(a, h0, 2); break;
         case 3: head_values_avx2(a, h0, 3); break;
