@@ -4,7 +4,8 @@ setup.py names this file in ``cffi_modules``, so ``pip install .`` / ``pip insta
 it. The interface is kernels/bitnet.h itself, minus preprocessor lines, so the header is the one
 place the C API is written down. Flags: -O3 and no -march: every SIMD variant is compiled with
 target attributes and picked at run time (see ternary.c), so the module runs on any CPU of its
-architecture.
+architecture; -ffp-contract=off: no multiply-add is fused unless the code says so, so plain C float
+code rounds alike in every copy and on every architecture (glue.c).
 """
 
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["ternary.c", "head.c", "pool.c", "model.c"]
+SOURCES = ["ternary.c", "glue.c", "head.c", "pool.c", "model.c"]
 
 
 def _cdef() -> str:
@@ -36,7 +37,7 @@ ffibuilder.set_source(
     '#include "bitnet.h"',
     sources=[_rel(HERE / s) for s in SOURCES],
     include_dirs=[_rel(HERE)],
-    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-math-errno"],
+    extra_compile_args=["-O3", "-std=gnu11", "-pthread", "-fno-math-errno", "-ffp-contract=off"],
     extra_link_args=["-pthread"],
     libraries=["m"],
 )

@@ -17,6 +17,8 @@
 /* The x86 SIMD kernels are compiled for their ISA function by function (no -march), so one build
  * runs everywhere and dispatch picks the path at run time. */
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+/* for float code that must round like the scalar path: no fused multiply-adds */
+#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
 
 AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -25,6 +27,30 @@ AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 #endif
+
+/* The float steps between two matrix products (glue.c), for tokens [t0, t1) of rows of n:
+ * x += add (a residual) when add is set; x = relu(x)^2 * up (the gated FFN) when up is set;
+ * then h = rmsnorm(x) * w, which goes either to int8 rows of kp in xq (as bn_quantize_rows
+ * would quantise it) when xq is set, or else to the float rows of h. */
+typedef struct {
+    int n, kp;
+    float eps;
+    const float *w;
+    float *x;
+    const float *add, *up;
+    float *h;
+    int8_t *xq;
+    float *xscale;
+    int32_t *xsum;
+} bn_glue_job;
+
+typedef void (*bn_glue_fn)(const bn_glue_job *job, int t0, int t1);
+typedef void (*bn_quantize_fn)(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
+
+/* The glue / bn_quantize_rows for an isa, or NULL when this CPU lacks it. Every isa gives the
+ * same bits (one source, compiled per ISA with a fixed float order). */
+bn_glue_fn bn_glue_kernel(int isa);
+bn_quantize_fn bn_quantize_kernel(int isa);
 
 /* One ternary matrix product: rows of w against m quantised tokens. The kernel writes either
  * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
@@ -84,13 +110,14 @@ void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int 
 
 float bn_f16_to_f32(uint16_t h);
 
-/* Attention of one query head over the cache rows keys[0..n) of its KV head (rows of hd floats):
- * out = softmax(scale * q.k) . v, with sc[n] as scratch. Float arithmetic in one fixed order, so
- * the SIMD versions give the scalar result bit for bit. */
+/* Attention of `heads` query heads sharing one KV head, over its cache rows keys[0..n) (rows of
+ * hd floats): out[h] = softmax(scale * q[h].k) . v for q and out [heads][hd], with sc[heads][n]
+ * as scratch. Each cache row is read once for all the heads. Float arithmetic in one fixed order
+ * per head, whatever `heads` is, so the SIMD versions give the scalar result bit for bit. */
 typedef struct {
     const float *q, *kc, *vc;
     const int *keys;
-    int n, hd;
+    int n, hd, heads;
     float scale;
     float *sc, *out;
 } bn_attn_job;

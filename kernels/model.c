@@ -2,7 +2,7 @@
  *
  * Per layer, for a chunk of M tokens (M = 1 when decoding):
  *   h = rmsnorm(x) -> int8 -> q,k,v (one parallel section) -> RoPE -> KV cache
- *   attention over the cache (parallel over token x head) -> attn_sub_norm -> int8 -> o_proj; x += .
+ *   attention over the cache (parallel over token x KV head) -> attn_sub_norm -> int8 -> o_proj; x += .
  *   h = rmsnorm(x) -> int8 -> gate,up (one section) -> relu(gate)^2 * up -> ffn_sub_norm -> int8
  *   -> down; x += .
  * then the final norm and the output head for the tokens whose logits are wanted.
@@ -26,6 +26,7 @@ struct bn_model {
     bn_i2_rows_fn i2;
     bn_head_rows_fn head;
     bn_attn_fn attend;
+    bn_glue_fn glue;
     int q_dim, kv_dim, kp_h, kp_f;
     float attn_scale;
     float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
@@ -34,7 +35,7 @@ struct bn_model {
     int8_t *xq;
     float *xscale;
     int32_t *xsum;
-    float *scores; /* [thread][ctx] */
+    float *scores; /* [thread][group][ctx]: a group is the query heads of one KV head */
     int *keys;     /* [thread][ctx]: the cache slots a token attends to */
 };
 
@@ -80,7 +81,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->i2 = bn_i2_kernel(isa);
     m->head = bn_head_kernel(isa);
     m->attend = bn_attn_kernel(isa);
-    if (!m->i2 || !m->head || !m->attend) FAIL("instruction set %d is not available on this CPU", isa);
+    m->glue = bn_glue_kernel(isa);
+    if (!m->i2 || !m->head || !m->attend || !m->glue) FAIL("instruction set %d is not available on this CPU", isa);
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -110,7 +112,7 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->xq = zalloc((size_t)CHUNK * (m->kp_f > m->kp_h ? m->kp_f : m->kp_h));
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
-    m->scores = zalloc(sizeof(float) * (size_t)n_threads * d->ctx);
+    m->scores = zalloc(sizeof(float) * (size_t)n_threads * (d->n_heads / d->n_kv_heads) * d->ctx);
     m->keys = zalloc(sizeof(int) * (size_t)n_threads * d->ctx);
     if (!m->kcache || !m->vcache || !m->x || !m->h || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
         !m->tmp || !m->xq || !m->xscale || !m->xsum || !m->scores || !m->keys)
@@ -129,18 +131,6 @@ void bn_model_free(bn_model *m) {
 }
 
 /* ---- float steps ----------------------------------------------------------------------- */
-
-/* torch: x * rsqrt(mean(x^2) + eps) * weight, in fp32 */
-static void rmsnorm(const float *x, const float *w, int n, float eps, float *out) {
-    double lane[4] = {0}; /* independent sums: no add-latency chain */
-    int i = 0;
-    for (; i + 4 <= n; i += 4)
-        for (int l = 0; l < 4; l++) lane[l] += (double)x[i + l] * x[i + l];
-    double ss = (lane[0] + lane[1]) + (lane[2] + lane[3]);
-    for (; i < n; i++) ss += (double)x[i] * x[i];
-    float r = 1.0f / sqrtf((float)(ss / n) + eps);
-    for (int i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
-}
 
 /* HF rotate_half convention: pairs (i, i + d/2) rotate by angle pos * inv_freq[i]. */
 static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn) {
@@ -179,19 +169,26 @@ static void softmax(float *sc, int n) {
     for (int j = 0; j < n; j++) sc[j] /= sum;
 }
 
+/* Key-major: each K row is dotted with every head's query, each V row added into every head's
+ * output, so a row is read once per group; per head the operations run in the order above. */
 static void attend_scalar(const bn_attn_job *a) {
-    const int hd = a->hd;
-    for (int j = 0; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
-    softmax(a->sc, a->n);
-    memset(a->out, 0, sizeof(float) * hd);
-    for (int j = 0; j < a->n; j++)
-        for (int e = 0; e < hd; e++) a->out[e] += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
+    const int hd = a->hd, n = a->n;
+    for (int j = 0; j < n; j++) {
+        const float *k = a->kc + (size_t)a->keys[j] * hd;
+        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
+    }
+    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
+    memset(a->out, 0, sizeof(float) * hd * a->heads);
+    for (int j = 0; j < n; j++) {
+        const float *v = a->vc + (size_t)a->keys[j] * hd;
+        for (int h = 0; h < a->heads; h++) {
+            float p = a->sc[(size_t)h * n + j], *o = a->out + (size_t)h * hd;
+            for (int e = 0; e < hd; e++) o[e] += p * v[e];
+        }
+    }
 }
 
 #if BN_X86
-/* AVX2 without FMA: fused multiply-adds would round differently from the scalar path */
-#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
-
 /* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
 AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     v = _mm256_hadd_ps(v, v);
@@ -199,47 +196,98 @@ AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
-/* four keys at a time: four independent add chains */
+/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
+ * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
+ * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
+                                                                              int j0, int j1, const int NH,
+                                                                              const int NV) {
+    const int hd = a->hd, n = a->n;
+    __m256 o[4][2];
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++)
+            o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
+    for (int j = j0; j < j1; j++) {
+        const float *v = a->vc + (size_t)a->keys[j] * hd + e;
+        if (e == 0 && j + (j1 - j0) < n)
+            for (int b = 0; b < hd; b += 16)
+                _mm_prefetch((const char *)(a->vc + (size_t)a->keys[j + (j1 - j0)] * hd + b), _MM_HINT_T0);
+        __m256 vv[2];
+        for (int u = 0; u < NV; u++) vv[u] = _mm256_loadu_ps(v + 8 * u);
+        for (int h = 0; h < NH; h++) {
+            __m256 p = _mm256_broadcast_ss(a->sc + (size_t)(h0 + h) * n + j);
+            for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(p, vv[u]));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
+}
+
+/* The values go by blocks of keys whose rows fit in L1 (16 KB), every output column passing over
+ * a block before the next: the rows are fetched once, not once per 16 columns. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
+                                                                                   const int NH) {
+    const int hd = a->hd, n = a->n, block = hd < 512 ? 4096 / hd : 8;
+    for (int j0 = 0; j0 < n; j0 += block) {
+        const int j1 = j0 + block < n ? j0 + block : n;
+        int e = 0;
+        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2);
+        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1);
+        for (; e < hd; e++)
+            for (int h = h0; h < h0 + NH; h++) {
+                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
+                a->out[(size_t)h * hd + e] = o;
+            }
+    }
+}
+
+/* Scores of keys j, j + 1 for heads [h0, h0 + NH): NH x 2 independent add chains, each K vector
+ * loaded once for the NH heads. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
+                                                                              const int NH) {
+    const int hd = a->hd, h8 = hd & ~7, n = a->n;
+    const float *k[2] = {a->kc + (size_t)a->keys[j] * hd, a->kc + (size_t)a->keys[j + 1] * hd};
+    __m256 s[4][2];
+    for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
+    for (int i = 0; i < h8; i += 8) {
+        __m256 k0 = _mm256_loadu_ps(k[0] + i), k1 = _mm256_loadu_ps(k[1] + i);
+        for (int h = 0; h < NH; h++) {
+            __m256 qv = _mm256_loadu_ps(a->q + (size_t)(h0 + h) * hd + i);
+            s[h][0] = _mm256_add_ps(s[h][0], _mm256_mul_ps(qv, k0));
+            s[h][1] = _mm256_add_ps(s[h][1], _mm256_mul_ps(qv, k1));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 2; u++) {
+            const float *q = a->q + (size_t)(h0 + h) * hd;
+            float d = lane_tree(s[h][u]);
+            for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
+            a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
+        }
+}
+
+/* Up to four heads at a time (the register tiles above), for the scores and the values */
 AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
-    const int hd = a->hd, h8 = hd & ~7;
+    const int hd = a->hd, n = a->n;
     int j = 0;
-    for (; j + 4 <= a->n; j += 4) {
-        const float *k[4];
-        __m256 s[4];
-        for (int u = 0; u < 4; u++) k[u] = a->kc + (size_t)a->keys[j + u] * hd, s[u] = _mm256_setzero_ps();
-        for (int i = 0; i < h8; i += 8) {
-            __m256 q = _mm256_loadu_ps(a->q + i);
-            for (int u = 0; u < 4; u++) s[u] = _mm256_add_ps(s[u], _mm256_mul_ps(q, _mm256_loadu_ps(k[u] + i)));
+    for (; j + 2 <= n; j += 2)
+        for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+            case 1: scores_avx2(a, j, h0, 1); break;
+            case 2: scores_avx2(a, j, h0, 2); break;
+            case 3: scores_avx2(a, j, h0, 3); break;
+            default: scores_avx2(a, j, h0, 4); break;
+            }
+    for (; j < n; j++)
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
+    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+        case 1: head_values_avx2(a, h0, 1); break;
+        case 2: head_values_avx2(a, h0, 2); break;
+        case 3: head_values_avx2(a, h0, 3); break;
+        default: head_values_avx2(a, h0, 4); break;
         }
-        for (int u = 0; u < 4; u++) {
-            float d = lane_tree(s[u]);
-            for (int i = h8; i < hd; i++) d += a->q[i] * k[u][i];
-            a->sc[j + u] = d * a->scale;
-        }
-    }
-    for (; j < a->n; j++) a->sc[j] = dot(a->q, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
-    softmax(a->sc, a->n);
-    int e = 0;
-    for (; e + 32 <= hd; e += 32) { /* four output vectors per pass over the values */
-        __m256 o[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int j = 0; j < a->n; j++) {
-            const float *v = a->vc + (size_t)a->keys[j] * hd + e;
-            __m256 p = _mm256_set1_ps(a->sc[j]);
-            for (int u = 0; u < 4; u++) o[u] = _mm256_add_ps(o[u], _mm256_mul_ps(p, _mm256_loadu_ps(v + 8 * u)));
-        }
-        for (int u = 0; u < 4; u++) _mm256_storeu_ps(a->out + e + 8 * u, o[u]);
-    }
-    for (; e + 8 <= hd; e += 8) {
-        __m256 o = _mm256_setzero_ps();
-        for (int j = 0; j < a->n; j++)
-            o = _mm256_add_ps(o, _mm256_mul_ps(_mm256_set1_ps(a->sc[j]), _mm256_loadu_ps(a->vc + (size_t)a->keys[j] * hd + e)));
-        _mm256_storeu_ps(a->out + e, o);
-    }
-    for (; e < hd; e++) {
-        float o = 0.0f;
-        for (int j = 0; j < a->n; j++) o += a->sc[j] * a->vc[(size_t)a->keys[j] * hd + e];
-        a->out[e] = o;
-    }
 }
 #endif
 
@@ -314,9 +362,10 @@ static int visible_keys(const chunk_view *c, int t, int *keys) {
     return n;
 }
 
+/* Jobs of `heads` query heads (all of a KV head's group, or an equal slice of it) for one token */
 typedef struct {
     bn_model *m;
-    int layer;
+    int layer, heads;
     const chunk_view *c;
 } attn_task;
 
@@ -324,19 +373,30 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     const attn_task *a = ctx;
     bn_model *m = a->m;
     const int hd = m->d.head_dim, group = m->d.n_heads / m->d.n_kv_heads, ctx_len = m->d.ctx;
-    float *sc = m->scores + (size_t)ith * ctx_len;
+    const int jobs_per_token = m->d.n_heads / a->heads;
+    float *sc = m->scores + (size_t)ith * group * ctx_len;
     int *keys = m->keys + (size_t)ith * ctx_len;
     int i0, i1, t_keys = -1, n_keys = 0;
-    bn_split(a->c->M * m->d.n_heads, chunk, n_chunks, 1, &i0, &i1);
+    bn_split(a->c->M * jobs_per_token, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / m->d.n_heads, h = i % m->d.n_heads, kvh = h / group;
+        int t = i / jobs_per_token, h = i % jobs_per_token * a->heads, kvh = h / group;
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
-        const float *q = m->q + (size_t)t * m->q_dim + h * hd;
-        size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd;
-        bn_attn_job job = {q, m->kcache + base, m->vcache + base, keys, n_keys, hd, m->attn_scale, sc,
-                           m->att + (size_t)t * m->q_dim + h * hd};
+        size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd, row = (size_t)t * m->q_dim + h * hd;
+        bn_attn_job job = {m->q + row, m->kcache + base, m->vcache + base, keys, n_keys, hd, a->heads, m->attn_scale,
+                           sc, m->att + row};
         m->attend(&job);
     }
+}
+
+/* One job per (token, KV head) reads each cache row once for the group. Only when that leaves
+ * threads idle (a decode step on more threads than KV heads) are groups halved, each slice
+ * reading the rows again: with 5 KV heads on 2 threads, the uneven 3:2 share of whole groups
+ * measured faster than 10 half groups (less cache traffic). */
+static void attention(bn_model *m, int l, const chunk_view *c) {
+    int heads = m->d.n_heads / m->d.n_kv_heads;
+    while (heads % 2 == 0 && c->M * (m->d.n_heads / heads) < bn_pool_size(m->pool)) heads /= 2;
+    attn_task at = {m, l, heads, c};
+    bn_pool_run(m->pool, attn_worker, &at, bn_pool_chunks(m->pool, c->M * (m->d.n_heads / heads), 1));
 }
 
 /* ---- the forward pass ------------------------------------------------------------------ */
@@ -361,38 +421,27 @@ static void embed(const bn_model *m, int token, float *out) {
     }
 }
 
-/* The float glue between two matrix products, per token: optionally x += add (a residual) or
- * x = relu(x)^2 * up (the gated FFN), then h = rmsnorm(x) * w, then h -> int8 rows of m->xq.
+/* The float glue between two matrix products (bn_glue_job) into m->h and the int8 rows of m->xq.
  * For a prefill chunk the tokens are split over the pool; a decode step runs it inline. */
 typedef struct {
-    bn_model *m;
-    int M, n, kp;
-    float *x;
-    const float *add, *up, *w;
+    bn_glue_fn fn;
+    bn_glue_job job;
+    int M;
 } glue_task;
 
 static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
     (void)ith;
     const glue_task *g = ctx;
-    bn_model *m = g->m;
     int t0, t1;
     bn_split(g->M, chunk, n_chunks, 1, &t0, &t1);
-    for (int t = t0; t < t1; t++) {
-        float *x = g->x + (size_t)t * g->n, *h = m->h + (size_t)t * g->n;
-        if (g->add)
-            for (int i = 0; i < g->n; i++) x[i] += g->add[(size_t)t * g->n + i];
-        if (g->up)
-            for (int i = 0; i < g->n; i++) {
-                float v = x[i] > 0.0f ? x[i] : 0.0f;
-                x[i] = v * v * g->up[(size_t)t * g->n + i];
-            }
-        rmsnorm(x, g->w, g->n, m->d.rms_eps, h);
-        bn_quantize_rows(h, 1, g->n, g->kp, m->xq + (size_t)t * g->kp, m->xscale + t, m->xsum + t);
-    }
+    g->fn(&g->job, t0, t1);
 }
 
 static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
-    glue_task g = {m, M, n, kp, x, add, up, w};
+    glue_task g = {m->glue,
+                   {.n = n, .kp = kp, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up, .h = m->h,
+                    .xq = m->xq, .xscale = m->xscale, .xsum = m->xsum},
+                   M};
     if (M == 1)
         glue_worker(&g, 0, 1, 0);
     else
@@ -425,8 +474,7 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
             memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
         }
     }
-    attn_task at = {m, l, c};
-    bn_pool_run(m->pool, attn_worker, &at, bn_pool_chunks(m->pool, M * m->d.n_heads, 1));
+    attention(m, l, c);
 
     glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
     matmul_task o = {m->i2, {i2_job(m, L->wo, L->go, m->kp_h, M, m->tmp, H)}, {H}, 1};
@@ -447,10 +495,10 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
 /* final norm + head for chunk tokens [t0, M) into logits rows */
 static void output(bn_model *m, int t0, int M, float *logits) {
     const int H = m->d.hidden, type = m->d.head_type, k = bn_head_k(type, H);
-    for (int t = t0; t < M; t++)
-        rmsnorm(m->x + (size_t)t * H, m->d.final_norm, H, m->d.rms_eps, m->h + (size_t)(t - t0) * H);
-    if (type != BN_EMB_F16) /* integer heads take int8 hidden vectors (m->xq is free now) */
-        bn_quantize_rows(m->h, M - t0, H, k, m->xq, m->xscale, m->xsum);
+    /* integer heads take int8 hidden vectors of k inputs (m->xq is free now) */
+    bn_glue_job norm = {.n = H, .kp = k, .eps = m->d.rms_eps, .w = m->d.final_norm, .x = m->x + (size_t)t0 * H,
+                        .h = m->h, .xq = type != BN_EMB_F16 ? m->xq : NULL, .xscale = m->xscale, .xsum = m->xsum};
+    m->glue(&norm, 0, M - t0);
     bn_head_job job = {.type = type, .w = m->d.head, .wscale = m->d.head_scale, .k = k, .h = m->h, .hq = m->xq,
                        .hscale = m->xscale, .m = M - t0, .y = logits, .y_stride = m->d.vocab};
     bn_head_run(m->pool, m->head, &job, m->d.vocab);

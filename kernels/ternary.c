@@ -9,7 +9,6 @@
  * Overflow bounds: a vpmaddubsw lane adds two products |q*x| <= 2*128, so <= 512; four of them
  * per block sum to <= 2048, and eight blocks to <= 16384, inside int16; then they widen to int32.
  */
-#include <math.h>
 #include <string.h>
 
 #include "internal.h"
@@ -27,40 +26,6 @@
 
 #define BLOCK 128       /* inputs per block */
 #define BLOCK_BYTES 32  /* bytes per block */
-
-/* ---- activation quantisation ----------------------------------------------------------- */
-
-/* round half to even for |v| < 2^22 in plain float arithmetic (adding 1.5 * 2^23 leaves no
- * fraction bits), so the loop vectorises without SSE4.1 or a libm call per element */
-static inline float round_even(float v) {
-    const float magic = 12582912.0f;
-    return (v + magic) - magic;
-}
-
-void bn_quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
-    for (int t = 0; t < m; t++) {
-        const float *xr = x + (size_t)t * k;
-        int8_t *qr = xq + (size_t)t * kp;
-        /* comparisons rather than fmaxf/fminf (libm calls on baseline x86-64) so the loops vectorise */
-        float amax = 0.0f;
-        for (int i = 0; i < k; i++) {
-            float a = fabsf(xr[i]);
-            amax = a > amax ? a : amax;
-        }
-        /* fp32 arithmetic in torch's order: s = 127 / clamp(amax), q = round(x * s) */
-        float s = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
-        int32_t sum = 0;
-        for (int i = 0; i < k; i++) {
-            float q = round_even(xr[i] * s); /* like torch.round; |x * s| <= 127 */
-            q = q < -128.0f ? -128.0f : q > 127.0f ? 127.0f : q;
-            qr[i] = (int8_t)q;
-            sum += qr[i];
-        }
-        memset(qr + k, 0, (size_t)(kp - k));
-        scale[t] = s;
-        xsum[t] = sum;
-    }
-}
 
 /* ---- scalar reference ------------------------------------------------------------------ */
 

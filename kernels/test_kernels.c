@@ -179,28 +179,109 @@ static void test_head(void) {
     }
 }
 
-/* One query against a ragged head size and a sparse list of cache rows: every ISA gives the
- * scalar result bit for bit (the float operations run in one fixed order). */
+/* Groups of 1..6 query heads against ragged head sizes and a sparse list of cache rows: every
+ * ISA's grouped kernel gives, bit for bit, what the scalar kernel gives for each head alone (the
+ * float operations of a head run in one fixed order). */
 static void test_attention(void) {
     static const int head_dims[] = {2, 7, 18, 64, 100, 128};
-    enum { ROWS = 37 };
+    enum { ROWS = 101, MAX_HEADS = 6 };
     for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
         int hd = head_dims[s], keys[ROWS], n = 0;
         for (int r = 0; r < ROWS; r++)
             if (r < 5 || rnd() % 3) keys[n++] = r; /* a shared prefix, then a sparse branch */
-        float *q = random_floats(hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
-              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[ROWS], ref[128], got[128];
+        float *q = random_floats((size_t)MAX_HEADS * hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
+              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[MAX_HEADS * ROWS], ref[MAX_HEADS * 128],
+              got[MAX_HEADS * 128];
         for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
-            bn_attn_job j = {q, kc, vc, keys, len, hd, 0.125f, sc, ref};
-            bn_attn_kernel(BN_ISA_SCALAR)(&j);
-            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+            for (int h = 0; h < MAX_HEADS; h++) {
+                bn_attn_job one = {q + h * hd, kc, vc, keys, len, hd, 1, 0.125f, sc, ref + h * hd};
+                bn_attn_kernel(BN_ISA_SCALAR)(&one);
+            }
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
-                j.out = got;
-                bn_attn_kernel(isa)(&j);
-                CHECK(!memcmp(got, ref, sizeof(float) * hd), "attention isa %d differs at hd=%d keys=%d", isa, hd, len);
+                for (int heads = 1; heads <= MAX_HEADS; heads++) {
+                    memset(got, 0x55, sizeof got);
+                    bn_attn_job j = {q, kc, vc, keys, len, hd, heads, 0.125f, sc, got};
+                    bn_attn_kernel(isa)(&j);
+                    CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
+                          "attention isa %d differs at hd=%d keys=%d heads=%d", isa, hd, len, heads);
+                }
             }
         }
         free(q), free(kc), free(vc);
+    }
+}
+
+/* The float glue (residual add, relu^2 gate, RMSNorm, int8 quantisation) on row lengths around
+ * the lane counts: every ISA's copy gives the scalar bits; quantising inside the glue gives what
+ * quantising its float output gives; and the scalar copy follows the definitions (quantisation
+ * exactly, RMSNorm to float rounding). */
+static void test_glue(void) {
+    static const int lengths[] = {1, 7, 8, 15, 16, 17, 33, 100, 255, 2560};
+    enum { M = 3 };
+    for (size_t s = 0; s < sizeof lengths / sizeof lengths[0]; s++) {
+        int n = lengths[s], kp = (n + 127) / 128 * 128;
+        float *x0 = random_floats((size_t)M * n, 3.0f, 0.0f), *add = random_floats((size_t)M * n, 1.0f, 0.0f),
+              *up = random_floats((size_t)M * n, 1.0f, 0.0f), *w = random_floats(n, 0.2f, 1.0f);
+        x0[0] = -0.0f, x0[n - 1] = 0.0f; /* signed zeros through relu and the absmax */
+        if (n > 5) x0[5] = -x0[5] * 40.0f; /* a large value at some rows' absmax */
+        float *x[2], *h[2], scale[2][M], qscale[M];
+        int8_t *xq[2], *hq = malloc((size_t)M * kp);
+        int32_t xsum[2][M], qsum[M];
+        for (int variant = 0; variant < 3; variant++) { /* plain, residual add, gate */
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                int c = isa != 0;
+                x[c] = malloc(sizeof(float) * M * n), h[c] = malloc(sizeof(float) * M * n), xq[c] = malloc((size_t)M * kp);
+                memset(xq[c], 0x55, (size_t)M * kp);
+                bn_glue_job j = {.n = n, .kp = kp, .eps = 1e-5f, .w = w, .x = x[c], .add = variant == 1 ? add : NULL,
+                                 .up = variant == 2 ? up : NULL, .h = h[c], .xscale = scale[c], .xsum = xsum[c]};
+                memcpy(x[c], x0, sizeof(float) * M * n);
+                bn_glue_kernel(isa)(&j, 0, M); /* float rows into h */
+                memcpy(x[c], x0, sizeof(float) * M * n);
+                j.xq = xq[c];
+                bn_glue_kernel(isa)(&j, 0, M); /* int8 rows into xq */
+                bn_quantize_kernel(isa)(h[c], M, n, kp, hq, qscale, qsum);
+                CHECK(!memcmp(hq, xq[c], (size_t)M * kp) && !memcmp(qscale, scale[c], sizeof qscale) &&
+                          !memcmp(qsum, xsum[c], sizeof qsum),
+                      "glue isa %d quantises other than its float rows at n=%d variant %d", isa, n, variant);
+                if (c) {
+                    CHECK(!memcmp(x[0], x[1], sizeof(float) * M * n) && !memcmp(h[0], h[1], sizeof(float) * M * n) &&
+                              !memcmp(xq[0], xq[1], (size_t)M * kp) && !memcmp(scale[0], scale[1], sizeof scale[0]) &&
+                              !memcmp(xsum[0], xsum[1], sizeof xsum[0]),
+                          "glue isa %d differs from scalar at n=%d variant %d", isa, n, variant);
+                    bn_quantize_rows(h[0], M, n, kp, hq, qscale, qsum); /* the public entry point */
+                    CHECK(!memcmp(xq[0], hq, (size_t)M * kp), "bn_quantize_rows differs at n=%d", n);
+                    free(x[1]), free(h[1]), free(xq[1]);
+                }
+            }
+            for (int t = 0; t < M; t++) {
+                const float *xr = x[0] + (size_t)t * n, *hr = h[0] + (size_t)t * n, *x0r = x0 + (size_t)t * n;
+                double ss = 0;
+                float amax = 0;
+                int32_t sum = 0;
+                for (int i = 0; i < n; i++) {
+                    float v = x0r[i] + (variant == 1 ? add[(size_t)t * n + i] : 0.0f);
+                    if (variant == 2) v = (x0r[i] > 0 ? x0r[i] * x0r[i] : 0.0f) * up[(size_t)t * n + i];
+                    CHECK(xr[i] == v, "glue residual/gate at n=%d variant %d", n, variant);
+                    ss += (double)v * v;
+                    amax = fabsf(hr[i]) > amax ? fabsf(hr[i]) : amax;
+                }
+                float r = (float)(1.0 / sqrt(ss / n + 1e-5));
+                for (int i = 0; i < n; i++)
+                    CHECK(fabsf(hr[i] - w[i] * xr[i] * r) <= 1e-6f * (1 + fabsf(hr[i])), "rmsnorm at n=%d", n);
+                float sc = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
+                for (int i = 0; i < kp; i++) {
+                    float q = i < n ? nearbyintf(hr[i] * sc) : 0.0f;
+                    q = q < -128 ? -128 : q > 127 ? 127 : q;
+                    CHECK(xq[0][(size_t)t * kp + i] == (int8_t)q, "quantize at n=%d i=%d", n, i);
+                    sum += (int32_t)q;
+                }
+                CHECK(scale[0][t] == sc && xsum[0][t] == sum, "quantize scale/sum at n=%d", n);
+            }
+            free(x[0]), free(h[0]), free(xq[0]);
+        }
+        free(x0), free(add), free(up), free(w), free(hq);
     }
 }
 
@@ -298,6 +379,7 @@ int main(void) {
     test_stream_read();
     test_head();
     test_attention();
+    test_glue();
     test_head_q4_extremes();
     test_decoder();
     if (failures) {
