@@ -8,14 +8,19 @@
     for piece in gen: print(piece, end="")        # text as it is produced
     gen.stats                                      # load / first-token time, tokens per second
 
-Weights are never copied: the C model holds pointers into the file's memory map, so the
-Engine keeps the map alive until close(). One KV cache per Engine; forward(tokens, n_past)
+The weights streamed for every token (the ternary matrices and the output head) are read once into
+anonymous memory backed by 2 MB transparent huge pages where Linux offers them (decode measured
+~8% faster at 2 threads: a 4 KB page costs a TLB miss every 4 KB of a sequential read); without
+huge pages, or with $BITNET_HUGEPAGES=0, the C model points into the file's memory map instead.
+Either way the Engine keeps that memory alive until close(). One KV cache per Engine; forward(tokens, n_past)
 drops cached positions >= n_past, so a shared context can be computed once and several
 continuations scored from it; forward_branches(n_past, [cont, ...]) scores them all in one pass. The kernels' ISA follows $BITNET_ISA (see bitnet_cli.kernels).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +51,43 @@ def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.n
     angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
     a = angles.astype(np.float64)
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
+
+
+def huge_pages_available() -> bool:
+    """Whether Linux backs madvise(MADV_HUGEPAGE) memory with transparent huge pages here."""
+    if os.environ.get("BITNET_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[always]" in mode or "[madvise]" in mode
+
+
+def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
+    """Tensors `names` of a packed file read (not mapped) into one anonymous huge-page region:
+    the region, and a view per tensor. Reading through the file keeps the file's pages out of
+    this process, so resident memory holds the weights once."""
+    offsets, total = {}, 0
+    for name in dict.fromkeys(names):
+        offsets[name] = total
+        total += -(-pm.entries[name].nbytes // 64) * 64  # keep every tensor 64-byte aligned
+    region = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    region.madvise(mmap.MADV_HUGEPAGE)
+    views, memory = {}, memoryview(region)
+    try:
+        with open(pm.path, "rb") as f:
+            for name, at in offsets.items():
+                e = pm.entries[name]
+                f.seek(e.begin)
+                if f.readinto(memory[at:at + e.nbytes]) != e.nbytes:
+                    raise BitnetError(f"{pm.path}: file is truncated inside tensor {name!r}")
+                views[name] = pm.tensor_view(name, region, at)
+    except OSError as e:
+        raise BitnetError(f"{pm.path}: cannot read: {e.strerror}") from None
+    finally:
+        memory.release()
+    return region, views
 
 
 @dataclass
@@ -118,6 +160,17 @@ class Engine:
         self.stop_token_ids = self._stop_ids()
 
         keep = self._keep = []  # cdata buffers that must outlive the C model
+        head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
+        streamed = [f"model.layers.{i}.{proj}.weight" for i in range(d.num_layers) for proj in PROJ_FIELDS]
+        self.huge_pages = huge_pages_available()
+        if self.huge_pages:
+            region, views = read_into_huge_pages(pm, streamed + [head_name])
+            keep.append(region)
+        else:
+            views = {}
+
+        def tensor(name: str) -> np.ndarray:
+            return views[name] if name in views else pm.tensor(name)
 
         def ptr(array: np.ndarray, ctype: str):
             buf = ffi.from_buffer(ctype + "[]", array)
@@ -131,7 +184,7 @@ class Engine:
             for norm, fieldname in NORM_FIELDS.items():
                 setattr(layers[i], fieldname, ptr(pm.tensor(f"{p}{norm}.weight"), "float"))
             for proj, short in PROJ_FIELDS.items():
-                setattr(layers[i], "w" + short, ptr(pm.tensor(f"{p}{proj}.weight"), "uint8_t"))
+                setattr(layers[i], "w" + short, ptr(tensor(f"{p}{proj}.weight"), "uint8_t"))
                 setattr(layers[i], "g" + short, float(pm.tensor(f"{p}{proj}.weight_scale")[0]))
         desc = ffi.new("bn_model_desc *")
         keep.append(desc)
@@ -140,10 +193,9 @@ class Engine:
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
         emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
                                "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
-        head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
         desc.emb_type = desc.head_type = emb_type
-        desc.embed = ptr(pm.tensor("model.embed_tokens.weight"), emb_ctype)
-        desc.head = ptr(pm.tensor(head_name), emb_ctype)
+        desc.embed = ptr(tensor("model.embed_tokens.weight"), emb_ctype)
+        desc.head = ptr(tensor(head_name), emb_ctype)
         if emb_type != lib.BN_EMB_F16:
             desc.embed_scale = ptr(pm.tensor("model.embed_tokens.weight_scale"), "float")
             desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")

@@ -55,10 +55,12 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
     ctx = max(prompts + [generate])
     rng = np.random.default_rng(0)
     loads, rates = [], {f"pp{n}": [] for n in prompts} | {f"tg{generate}": []}
+    huge_pages = False
     for r in range(repeat):
         t0 = time.perf_counter()
         engine = Engine.load(path, threads=threads, ctx_size=ctx)
         loads.append(time.perf_counter() - t0)
+        huge_pages = engine.huge_pages
         ids = rng.integers(0, engine.vocab_size, size=ctx).tolist()
         engine.forward(ids[:8], n_past=0, all_logits=False)  # warm-up: touch code paths and weights
         for n in prompts:
@@ -77,6 +79,7 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
         "load_s": summarize(loads),
         "tokens_per_s": {name: summarize(v) for name, v in rates.items()},
         "peak_rss_bytes": peak_rss_bytes(),
+        "huge_pages": huge_pages,  # weights read into transparent huge pages (see bitnet_cli.engine)
     }
 
 

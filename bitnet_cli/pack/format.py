@@ -384,9 +384,14 @@ class PackedModel:
         e = self.entries.get(name)
         if e is None or name.startswith(PAD_PREFIX):
             raise BitnetError(f"{self.path}: no tensor {name!r}")
+        return self.tensor_view(name, self._mm, e.begin)
+
+    def tensor_view(self, name: str, buffer, offset: int) -> np.ndarray:
+        """Tensor `name` (its dtype and shape) viewed in `buffer` at byte `offset`: the memory map,
+        or a copy of the tensor's bytes made elsewhere."""
+        e = self.entries[name]
         dtype = SAFETENSORS_DTYPES[e.dtype]
-        count = e.nbytes // dtype.itemsize
-        return np.frombuffer(self._mm, dtype=dtype, count=count, offset=e.begin).reshape(e.shape)
+        return np.frombuffer(buffer, dtype=dtype, count=e.nbytes // dtype.itemsize, offset=offset).reshape(e.shape)
 
     def ternary(self, name: str) -> tuple[np.ndarray, np.float32]:
         """(trits int8 [N, K], gamma) of a BitLinear weight, e.g. 'model.layers.0.mlp.up_proj.weight'."""
