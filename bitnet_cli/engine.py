@@ -20,7 +20,6 @@ continuations scored from it; forward_branches(n_past, [cont, ...]) scores them 
 from __future__ import annotations
 
 import mmap
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,17 +52,6 @@ def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.n
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
 
 
-def huge_pages_available() -> bool:
-    """Whether Linux backs madvise(MADV_HUGEPAGE) memory with transparent huge pages here."""
-    if os.environ.get("BITNET_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
-    try:
-        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-    return "[always]" in mode or "[madvise]" in mode
-
-
 def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
     """Tensors `names` of a packed file read (not mapped) into one anonymous huge-page region:
     the region, and a view per tensor. Reading through the file keeps the file's pages out of
@@ -72,8 +60,7 @@ def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.
     for name in dict.fromkeys(names):
         offsets[name] = total
         total += -(-pm.entries[name].nbytes // 64) * 64  # keep every tensor 64-byte aligned
-    region = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    region.madvise(mmap.MADV_HUGEPAGE)
+    region = kernels.huge_page_region(total)
     views, memory = {}, memoryview(region)
     try:
         with open(pm.path, "rb") as f:
@@ -162,7 +149,7 @@ class Engine:
         keep = self._keep = []  # cdata buffers that must outlive the C model
         head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
         streamed = [f"model.layers.{i}.{proj}.weight" for i in range(d.num_layers) for proj in PROJ_FIELDS]
-        self.huge_pages = huge_pages_available()
+        self.huge_pages = kernels.huge_pages_available()
         if self.huge_pages:
             region, views = read_into_huge_pages(pm, streamed + [head_name])
             keep.append(region)

@@ -8,7 +8,7 @@ import torch
 from conftest import load_hf_reference, make_hf_checkpoint
 
 from bitnet_cli import kernels
-from bitnet_cli.engine import Engine, huge_pages_available, rope_tables
+from bitnet_cli.engine import Engine, rope_tables
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
 from bitnet_cli.pack.embeddings import decode
@@ -172,7 +172,7 @@ def test_weights_in_huge_pages_give_the_same_logits(tiny, monkeypatch):
         mapped = eng.forward(ids)
     monkeypatch.setenv("BITNET_HUGEPAGES", "1")
     with Engine.load(packed, threads=2) as eng:
-        assert eng.huge_pages == huge_pages_available()
+        assert eng.huge_pages == kernels.huge_pages_available()
         copied = eng.forward(ids)
     np.testing.assert_array_equal(copied, mapped)
 

@@ -3,13 +3,14 @@
 Decode reads every weight once per token, so its ceiling is the machine's memory-read
 bandwidth divided by the bytes streamed per token. The bandwidth is measured here, by our C
 streaming-read kernel on the engine's own thread pool, over a buffer far larger than the
-last-level cache.
+last-level cache, in huge pages where the engine's weights are (bitnet_cli.kernels.huge_page_region).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from bitnet_cli import kernels
 from bitnet_cli.bench import kernels_api
 from bitnet_cli.bench.stats import scale, time_call
 
@@ -18,9 +19,13 @@ BUFFER_BYTES = 1 << 30  # 1 GiB: 32x a 32 MiB L3
 
 def measure_bandwidth(threads: int, repeat: int, nbytes: int = BUFFER_BYTES) -> dict:
     """Memory-read bandwidth in GB/s (summary over `repeat` passes over an `nbytes` buffer)."""
-    buf = np.ones(nbytes, dtype=np.uint8)  # written once, so every page is really mapped
+    region = kernels.huge_page_region(nbytes)
+    buf = np.frombuffer(region, dtype=np.uint8, count=nbytes)
+    buf[:] = 1  # written once, so every page is really mapped
     reader = kernels_api.StreamRead(buf, threads)
     seconds = time_call(reader, repeat, min_time=0.0)
+    del reader, buf
+    region.close()
     return scale(seconds, nbytes / 1e9)
 
 
