@@ -62,7 +62,9 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
         loads.append(time.perf_counter() - t0)
         huge_pages = engine.huge_pages
         ids = rng.integers(0, engine.vocab_size, size=ctx).tolist()
-        engine.forward(ids[:8], n_past=0, all_logits=False)  # warm-up: touch code paths and weights
+        # warm-up, as llama-bench does: one full prompt pass brings the weights, the KV cache and
+        # the clock up to speed (the first passes after a load measured up to 20% slower)
+        engine.forward(ids[:min(prompts)], n_past=0, all_logits=False)
         for n in prompts:
             emit({"event": "progress", "what": f"pp{n}", "repeat": r})
             t0 = time.perf_counter()
