@@ -1,4 +1,4 @@
-"""The inference engine: a packed model file, memory-mapped, run by the C decoder (kernels/).
+"""The inference engine: a packed model file run by the C decoder (kernels/).
 
     from bitnet_cli.engine import Engine
     eng = Engine.load("model.bin", threads=None, ctx_size=None)  # threads: physical cores

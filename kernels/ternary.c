@@ -131,8 +131,9 @@ AVX2_TARGET static inline __attribute__((always_inline)) void gemv_block_avx2(co
 
 /* Blocks go in pairs with one prefetch per 64-byte line: a branch and a prefetch per block made
  * the loop long enough to bound it by instruction issue (measured +10% from L2 in pairs). The
- * prefetch runs a page ahead: the hardware prefetchers stop at 4 KB page boundaries, and mmapped
- * weights sit in 4 KB pages (measured ~10% faster from DRAM here). */
+ * prefetch runs a page ahead: the hardware prefetchers stop at 4 KB page boundaries, which is
+ * where memory-mapped weights (BITNET_HUGEPAGES=0) end their pages (measured ~10% faster from DRAM
+ * here in 4 KB pages, and no slower in huge pages). */
 #define GEMV_PREFETCH 4096
 AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
     const __m256i ones = _mm256_set1_epi16(1), fours = _mm256_set1_epi16(4);
