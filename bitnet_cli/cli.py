@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.errors import BitnetError
@@ -30,17 +31,38 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def print_error(message: str) -> None:
+    """One ``error: ...`` line on stderr.
+
+    soft_wrap: rich would otherwise break the line at the console width (80 columns when stderr is
+    not a terminal), splitting paths and words; a terminal wraps long lines by itself. The message
+    is escaped so that text like ``bitnet-cli[train]`` is not taken for markup.
+    """
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def user_errors():
-    """Turn expected failures into one red line and a non-zero exit, never a traceback."""
+def user_errors(extra: str | None = None):
+    """Turn expected failures into one red line and a non-zero exit, never a traceback.
+
+    ``extra``: the pip extra the command needs (e.g. "train"); a module missing from it is
+    reported as the one line that says what to install.
+    """
     try:
         yield
     except BitnetError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        print_error(str(e))
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except ModuleNotFoundError as e:
+        if extra is None or not e.name or e.name.split(".")[0] == "bitnet_cli":
+            raise  # a broken install of our own package is a bug to report, not a missing extra
+        kind = "extras" if "," in extra else "extra"
+        print_error(f"this command needs the {extra} {kind} (no module named {e.name.split('.')[0]!r}): "
+                    f"pip install 'bitnet-cli[{extra}]'")
+        raise typer.Exit(1)
 
 
 def _version_callback(value: bool):
@@ -93,7 +115,7 @@ def train_cmd(
     import json
     import os
 
-    with user_errors():
+    with user_errors("train"):
         from bitnet_cli.train.recipe import load_recipe
 
         r = load_recipe(recipe, set_)
@@ -417,7 +439,8 @@ def eval_cmd(
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas (DIR/arc_easy/test.jsonl, DIR/hellaswag/validation.jsonl, DIR/mmlu/test.jsonl, ...) instead of the HuggingFace hub."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
     json_output: bool = typer.Option(False, "--json", help="Print the results JSON to stdout instead of a table."),
@@ -438,11 +461,11 @@ def eval_cmd(
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars would fight the rich one
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    with user_errors():
+    with user_errors("eval"):
         from bitnet_cli.eval.runner import check_output, evaluate, result_rows, write_results
 
         if output is not None:
-            check_output(output)  # now, not after minutes of evaluation
+            check_output(output, force=force, inputs=(model, data_dir))  # now, not after minutes of evaluation
         if limit is not None and limit >= 1:
             limit = int(limit)
 
@@ -463,7 +486,7 @@ def eval_cmd(
                 data_dir=data_dir, log_samples=log_samples, progress=progress,
             )
         if output is not None:
-            write_results(results, output)
+            write_results(results, output, force=force, inputs=(model, data_dir))
     if json_output:
         from lm_eval.utils import handle_non_serializable
 
@@ -575,7 +598,7 @@ def quickstart(
     """
     import json
 
-    with user_errors():
+    with user_errors("train,eval"):
         from bitnet_cli.quickstart import quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())

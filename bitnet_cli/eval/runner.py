@@ -50,6 +50,11 @@ def evaluate(
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
+    if data_dir is None and not all(Path(t).is_file() for t in tasks):
+        why = hub_unreachable()
+        if why:  # lm-eval would retry the hub for half a minute, then print a long traceback
+            raise BitnetError(f"{why}, so the task data cannot be downloaded: give --data-dir DIR "
+                              f"(or set {DATA_ENV}) with local task files, e.g. ../shared/data/eval")
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:
@@ -68,6 +73,35 @@ def evaluate(
     if data_dir is not None:
         results["config"]["data_dir"] = str(data_dir)
     return results
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot serve task data now, or None when it can be tried.
+
+    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no connection to the endpoint within
+    ``timeout``) with an empty datasets cache: lm-eval could only fail, slowly.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    cache = Path(os.environ.get("HF_DATASETS_CACHE")
+                 or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "datasets")
+    if cache.is_dir() and any(cache.iterdir()):
+        return None  # datasets may answer from its cache, online or not
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_true(name):
+            return f"{name} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return f"the Hugging Face hub ({host}) cannot be reached"
+    return None
 
 
 @contextlib.contextmanager
@@ -95,12 +129,24 @@ def _quiet_git_describe():
         evaluator.get_git_commit_hash = original
 
 
-def check_output(path: str | Path) -> Path:
-    """A results file path that can be written (checked before the evaluation, which takes minutes)."""
+def check_output(path: str | Path, *, force: bool = False, inputs=()) -> Path:
+    """A results file path that can be written (checked before the evaluation, which takes minutes).
+
+    An existing file is replaced only with ``force``, and never when it is one of ``inputs`` (the
+    model file, or a file inside the model's checkpoint directory or the data directory).
+    """
     from bitnet_cli.pack.format import check_output_path
 
     out = Path(path)
-    check_output_path(out, force=True)
+    if out.exists():
+        for given in inputs:
+            if given is None or not Path(given).exists():
+                continue
+            source = Path(given).resolve()
+            target = out.resolve()
+            if target == source or (source.is_dir() and target.is_relative_to(source)):
+                raise BitnetError(f"--output {out}: is an input of this evaluation ({given}); choose another file")
+    check_output_path(out, force=force)
     return out
 
 
@@ -124,11 +170,11 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | 
     return rows
 
 
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
+def write_results(results: dict[str, Any], path: str | Path, *, force: bool = False, inputs=()) -> Path:
     """Write the results JSON atomically: a temp file in the same directory, then rename."""
     from lm_eval.utils import handle_non_serializable
 
-    out = check_output(path)
+    out = check_output(path, force=force, inputs=inputs)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -1,0 +1,104 @@
+"""A new user's first hour (issue 12): nothing is lost, and every failure is one line naming its fix.
+
+Everything here fails (or succeeds) before any long work starts, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli import cli
+from bitnet_cli.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def test_error_message_is_not_wrapped_at_a_narrow_width(tmp_path, monkeypatch):
+    """rich would break the line at the console width; a long path must come out whole."""
+    monkeypatch.setattr(cli.err_console, "width", 40)
+    missing = tmp_path / ("a-rather-long-directory-name-" * 4) / "no-such-model.bin"
+    result = runner.invoke(app, ["info", str(missing)])
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert str(missing) in line and "no such file" in line
+
+
+def test_markup_like_text_in_an_error_is_printed_as_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.err_console, "width", 40)
+    missing = tmp_path / "[bold]model[train].bin"
+    result = runner.invoke(app, ["info", str(missing)])
+    assert result.exit_code == 1 and str(missing) in _one_error_line(result.output)
+
+
+@pytest.mark.parametrize("args, module, extra", [
+    (["train", "tiny"], "torch", "train"),
+    (["eval", "model.bin", "--tasks", "arc_easy"], "lm_eval", "eval"),
+    (["quickstart", "--out", "OUT"], "torch", "train,eval"),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, args, module, extra):
+    """As after `pip install -e .` (no extras): the module is made unimportable in a fresh interpreter."""
+    args = [a.replace("OUT", str(tmp_path / "qs")) for a in args]
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from bitnet_cli.cli import app\napp({args!r})")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, from any working directory
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    line = _one_error_line(done.stderr)
+    assert f"pip install 'bitnet-cli[{extra}]'" in line and module in line
+    assert "Traceback" not in done.stderr
+
+
+def _eval_args(model, output, *extra):
+    return ["eval", str(model), "--tasks", "arc_easy", "-o", str(output), *extra]
+
+
+def test_eval_output_is_never_an_input_and_needs_force(tmp_path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"precious model bytes")
+    result = runner.invoke(app, _eval_args(model, model))
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    result = runner.invoke(app, _eval_args(model, model, "--force"))  # not even with --force
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    assert model.read_bytes() == b"precious model bytes"
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    result = runner.invoke(app, _eval_args(ckpt, ckpt / "config.json", "--force"))
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    assert (ckpt / "config.json").read_text() == "{}"
+
+    old = tmp_path / "results.json"
+    old.write_text("earlier results")
+    result = runner.invoke(app, _eval_args(model, old))
+    assert result.exit_code == 1 and "--force" in _one_error_line(result.output)
+    assert old.read_text() == "earlier results"
+
+
+def test_eval_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITNET_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))  # nothing cached to fall back on
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"x")
+    start = time.monotonic()
+    result = runner.invoke(app, ["eval", str(model), "--tasks", "arc_easy"])
+    assert time.monotonic() - start < 20  # lm-eval alone retried the hub for 30 s
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert "HF_HUB_OFFLINE" in line and "--data-dir" in line and "BITNET_EVAL_DATA" in line
