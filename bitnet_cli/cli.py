@@ -361,8 +361,10 @@ def run(
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object: the text and timings."),
     chat: bool = typer.Option(
-        False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns)."
+        False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns). When the context fills, the oldest turns are dropped (the system prompt stays)."
     ),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system prompt, kept for the whole conversation."),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the generated text, as llama.cpp does."),
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
@@ -379,13 +381,15 @@ def run(
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repeat_penalty=repeat_penalty, seed=seed, stop=stop)
         if chat:
-            _chat(engine, prompt, options)
+            _chat(engine, prompt, system, options)
             return
         gen = engine.generate(prompt, **options)
         if json_output:
             text = "".join(gen)
             print(json.dumps({"prompt": prompt, "text": text, **gen.stats.to_dict()}, ensure_ascii=False))
             return
+        if echo:
+            console.print(prompt, end="", style="bold", highlight=False, markup=False, soft_wrap=True)
         for piece in gen:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -394,18 +398,26 @@ def run(
 
 
 def _print_run_stats(s) -> None:
+    reused = f" ({s.reused_tokens} reused from the cache)" if s.reused_tokens else ""
     err_console.print(
-        f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.1f} tok/s | "
+        f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens{reused}, {s.prompt_tokens_per_s:.1f} tok/s | "
         f"first token {s.time_to_first_token_s * 1000:.0f} ms | generated {s.generated_tokens} tokens, "
         f"{s.generation_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
-def _chat(engine, first_message: Optional[str], options: dict) -> None:
-    from bitnet_cli.engine import render_chat
+def _chat(engine, first_message: Optional[str], system: Optional[str], options: dict) -> None:
+    """A conversation that outlives the context: the oldest turns go first, the system prompt stays.
 
-    messages: list[dict] = []
+    Each turn's prompt begins with the previous one's tokens (unless turns were just dropped), so
+    the engine runs only the new tokens: its KV cache holds the rest.
+    """
+    from bitnet_cli.engine import fit_chat
+
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    reply_room = min(options["max_tokens"], engine.ctx_size // 2)
+    dropped = 0
     err_console.print("[dim]chat: an empty line or Ctrl-D ends the conversation[/]")
     pending = first_message
     while True:
@@ -413,12 +425,21 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
             try:
                 pending = console.input("[bold green]you>[/] ")
             except EOFError:
+                console.print()  # the prompt line was left open
                 break
         if not pending.strip():
             break
         messages.append({"role": "user", "content": pending})
         pending = None
-        gen = engine.generate(render_chat(engine, messages), **options)
+        ids, drop = fit_chat(engine, messages, reply_room)
+        if drop:
+            keep = [m for m in messages if m["role"] == "system"]
+            messages = keep + [m for m in messages if m["role"] != "system"][drop:]
+            dropped += drop
+            err_console.print(f"[dim](context of {engine.ctx_size} tokens full: the {drop} oldest message(s) "
+                              f"dropped, {dropped} in all{', the system prompt kept' if system else ''})[/]",
+                              highlight=False, soft_wrap=True)
+        gen = engine.generate(ids, **options)
         console.print("[bold blue]model>[/] ", end="")
         for piece in gen:
             sys.stdout.write(piece)
@@ -487,6 +508,7 @@ def eval_cmd(
             )
         if output is not None:
             write_results(results, output, force=force, inputs=(model, data_dir))
+    _refused_note(results)
     if json_output:
         from lm_eval.utils import handle_non_serializable
 
@@ -499,7 +521,17 @@ def eval_cmd(
         table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"± {stderr:.4f}")
     console.print(table)
     if output is not None:
-        console.print(f"results written to [bold]{output}[/]")
+        console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
+
+
+def _refused_note(results: dict) -> None:
+    refused = results["config"].get("refused_requests") or {}
+    if refused.get("count"):
+        err_console.print(
+            f"[yellow]note:[/] {refused['count']} request(s) scored as impossible (log-likelihood -inf): their "
+            f"continuation alone, up to {refused['longest_continuation']} tokens, is longer than the context window "
+            f"of {refused['context_window']}; longer contexts are cut from the left, as lm-eval's hf backend does",
+            soft_wrap=True, highlight=False)
 
 
 

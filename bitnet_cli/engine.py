@@ -486,11 +486,34 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
             raise BitnetError(f"{engine.pm.path}: chat_template cannot be rendered: {e}") from None
     turns = []
     for m in messages:
-        if m["role"] == "user":
+        if m["role"] == "system":
+            turns.append(m["content"])
+        elif m["role"] == "user":
             turns.append(FALLBACK_CHAT.format(content=m["content"]))
         elif m["role"] == "assistant":
             turns[-1] += " " + m["content"]
     return engine.encode("\n".join(turns))
+
+
+def fit_chat(engine: Engine, messages: list[dict], reply_room: int) -> tuple[list[int], int]:
+    """The conversation's token ids with room for ``reply_room`` reply tokens, and how many of its
+    oldest messages were dropped to make that room.
+
+    System messages always stay; the newest turns that fit stay with them, starting at a user turn.
+    Only the newest user message not fitting by itself is an error.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    for start in range(len(turns)):
+        if turns[start]["role"] != "user":
+            continue
+        ids = render_chat(engine, system + turns[start:])
+        if len(ids) + reply_room <= engine.ctx_size:
+            return ids, start
+    needed = len(render_chat(engine, system + turns[-1:]))
+    raise BitnetError(f"the newest message needs {needed} tokens with the system prompt, and the context holds "
+                      f"{engine.ctx_size} with room for a {reply_room}-token reply; shorten it, lower max_tokens "
+                      "or raise ctx_size (up to the model's max_position_embeddings)")
 
 
 def config_summary(engine: Engine) -> dict:
@@ -499,4 +522,4 @@ def config_summary(engine: Engine) -> dict:
             "threads": engine.threads, "isa": engine.isa, "embeddings": engine.pm.embeddings}
 
 
-__all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]
+__all__ = ["Engine", "Generation", "GenerationStats", "fit_chat", "render_chat", "rope_tables"]

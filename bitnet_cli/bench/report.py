@@ -38,6 +38,10 @@ def print_report(results: dict, console: Console) -> None:
         _kernels(results["kernels"], console)
     if "e2e" in results:
         _e2e(results, console)
+        if results["settings"].get("clipped"):
+            console.print(f"[yellow]note:[/] e2e lengths cut to the model's context window "
+                          f"({results['model']['config'].get('max_position_embeddings')} positions): "
+                          f"{', '.join(results['settings']['clipped'])}", soft_wrap=True)
     if results["summary"].get("time_per_token"):
         _time_per_token(results["summary"]["time_per_token"], console)
     if results["summary"].get("anchors"):
@@ -113,9 +117,14 @@ def _time_per_token(rows: list[dict], console: Console) -> None:
     for col in ("threads", "test", "ms per token", "ternary ms", "share", "rest ms (head, attention, ...)"):
         table.add_column(col, justify="left" if col == "test" else "right")
     for r in rows:
-        table.add_row(str(r["threads"]), r["test"], f"{r['total_ms']:.3g}", f"{r['ternary_ms']:.3g}",
-                      f"{r['ternary_pct']:.0f}%", f"{r['total_ms'] - r['ternary_ms']:.3g}")
+        share = f"{r['ternary_pct']:.0f}%" if "ternary_pct" in r else "n/a *"
+        rest = f"{r['rest_ms']:.3g}" if "rest_ms" in r else "n/a *"
+        table.add_row(str(r["threads"]), r["test"], f"{r['total_ms']:.3g}", f"{r['ternary_ms']:.3g}", share, rest)
     console.print(table)
+    if any("ternary_pct" not in r for r in rows):
+        console.print("[dim]* n/a: the kernels alone, timed with their weights streamed from DRAM, took longer than "
+                      "the whole token in the engine (a model that stays in cache, or noise between the runs), so "
+                      "the split cannot be estimated[/]", soft_wrap=True)
 
 
 def anchor_label(row: dict) -> str:

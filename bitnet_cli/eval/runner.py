@@ -70,6 +70,9 @@ def evaluate(
         )
     results["config"]["model"] = "bitnet"
     results["config"]["model_args"] = {"pretrained": str(model), "backend": lm.backend.name}
+    # requests whose continuation alone exceeds the context window, scored -inf (see BitNetLM._fit)
+    results["config"]["refused_requests"] = {"count": lm.refused, "longest_continuation": lm.longest_refused,
+                                             "context_window": lm.max_length}
     if data_dir is not None:
         results["config"]["data_dir"] = str(data_dir)
     return results

@@ -147,7 +147,9 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
 def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, kind: str,
               embeddings: str, seconds: float, fmt: str = "native") -> PackSummary:
     ternary = sum(n * k for n, k in (dims.projection_shape(p) for p in PROJECTIONS)) * dims.num_layers
-    ternary_bytes = sum(s.nbytes for s in specs if s.dtype == "U8")
+    # the packed projections only: a q4 embedding is stored as U8 too, but it is not ternary
+    ternary_names = tuple(f".{proj}.weight" for proj in PROJECTIONS)
+    ternary_bytes = sum(s.nbytes for s in specs if s.name.endswith(ternary_names))
     embed = dims.vocab_size * dims.hidden_size * (1 if dims.tie_word_embeddings else 2)
     norms = dims.num_layers * (3 * dims.hidden_size + dims.intermediate_size) + dims.hidden_size
     params = ternary + embed + norms

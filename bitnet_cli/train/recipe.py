@@ -208,7 +208,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
     from importlib import resources
 
     bundled = Path(str(resources.files("bitnet_cli") / "recipes" / f"{p.name}.yaml"))
-    if p.suffix == "" and len(p.parts) == 1 and bundled.is_file():
+    if len(p.parts) == 1 and bundled.is_file():  # names like bitnet-b1.58-700m have a dot: no suffix test
         return bundled
     raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
 
