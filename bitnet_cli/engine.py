@@ -193,6 +193,7 @@ class Engine:
             raise BitnetError(f"{pm.path}: {ffi.string(err).decode()}")
         self._model = model
         self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
+        self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
         self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ loading
@@ -326,6 +327,59 @@ class Engine:
         if rc != 0:
             raise BitnetError("forward_branches: the C engine refused its arguments")
         return np.split(out, np.cumsum(lengths)[:-1])
+
+    # ------------------------------------------------------------------ several sequences
+
+    @property
+    def kv_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's KV cache at the full context (fp32 keys and values, every layer);
+        committed as positions are written. An extra sequence costs this and nothing else."""
+        d = self.dims
+        return 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ctx_size * 4
+
+    def set_sequences(self, n: int) -> None:
+        """Room for n independent sequences (forward_batch), each with its own KV cache of
+        ctx_size positions; every cached position is dropped. forward() uses sequence 0."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        if type(n) is not int or n < 1:
+            raise BitnetError(f"--parallel must be a positive integer, got {n!r}")
+        if self._lib.bn_model_set_seqs(self._model, n) != 0:
+            raise BitnetError(f"out of memory for {n} KV caches of {self.ctx_size} positions "
+                              f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower --parallel or --ctx-size")
+        self.n_sequences = n
+        self._cached = []
+
+    def forward_batch(self, tokens: Sequence[int], seqs: Sequence[int], positions: Sequence[int],
+                      want: Sequence[bool]) -> np.ndarray:
+        """One pass over tokens of several sequences (see set_sequences): token i belongs to
+        sequence seqs[i] at position positions[i] and sees that sequence's positions up to its own;
+        a sequence's tokens come in order at consecutive positions, the earlier ones cached. Returns
+        float32 logits [sum(want), V], one row per wanted token, each exactly what forward() gives
+        that token when its sequence runs alone."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        ffi = self._ffi
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        seq = np.ascontiguousarray(seqs, dtype=np.int32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        flags = np.ascontiguousarray(want, dtype=np.int8)
+        if not ids.size or not ids.size == seq.size == pos.size == flags.size:
+            raise BitnetError("forward_batch: tokens, seqs, positions and want need one entry per token")
+        out = np.empty((int(np.count_nonzero(flags)), self.vocab_size), dtype=np.float32)
+        if 0 in seq:
+            self._cached = []  # sequence 0 is forward()'s: its record no longer holds
+        rc = self._lib.bn_forward_batch(self._model, ffi.from_buffer("int32_t[]", ids), ids.size,
+                                        ffi.from_buffer("int32_t[]", seq), ffi.from_buffer("int32_t[]", pos),
+                                        ffi.from_buffer("int8_t[]", flags), ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise BitnetError("forward_batch: a token, sequence or position is out of range or out of order")
+        return out
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of sequence src's KV cache copied into sequence dst's."""
+        if self._model is None or self._lib.bn_copy_prefix(self._model, src, dst, n) != 0:
+            raise BitnetError(f"copy_prefix: bad arguments ({src}, {dst}, {n})")
 
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""
