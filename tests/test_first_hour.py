@@ -5,6 +5,7 @@ Everything here fails (or succeeds) before any long work starts, so the file run
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,22 @@ def test_eval_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
     assert result.exit_code == 1
     line = _one_error_line(result.output)
     assert "HF_HUB_OFFLINE" in line and "--data-dir" in line and "BITNET_EVAL_DATA" in line
+
+
+def test_a_bundled_recipe_name_with_a_dot_is_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing named like it here: the bundled recipe is meant
+    result = runner.invoke(app, ["train", "bitnet-b1.58-700m", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parameters"] > 0.5e9
+    result = runner.invoke(app, ["train", "bitnet-b1.58-70m"])
+    assert result.exit_code == 1 and "bitnet-b1.58-700m" in _one_error_line(result.output)  # the names are listed
+
+
+def test_q4_embeddings_do_not_change_the_ternary_bits_per_weight(hf_tiny_checkpoint, tmp_path):
+    from bitnet_cli.pack import pack_checkpoint
+
+    f16 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin")
+    q4 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q4.bin", embeddings="q4")
+    assert q4.ternary_bits_per_weight == f16.ternary_bits_per_weight
+    assert 2.0 <= f16.ternary_bits_per_weight < 2.7  # 2 bits, plus the K padding to 128 of this small model
+    assert q4.file_bytes < f16.file_bytes
