@@ -545,7 +545,6 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
     return engine.encode("\n".join(turns))
 
 
-<<<<<<< HEAD
 def fit_chat(engine: Engine, messages: list[dict], reply_room: int) -> tuple[list[int], int]:
     """The conversation's token ids with room for ``reply_room`` reply tokens, and how many of its
     oldest messages were dropped to make that room.
@@ -567,13 +566,4 @@ def fit_chat(engine: Engine, messages: list[dict], reply_room: int) -> tuple[lis
                       "or raise ctx_size (up to the model's max_position_embeddings)")
 
 
-def config_summary(engine: Engine) -> dict:
-    d = engine.dims
-    return {"layers": d.num_layers, "hidden": d.hidden_size, "vocab": d.vocab_size, "ctx": engine.ctx_size,
-            "threads": engine.threads, "isa": engine.isa, "embeddings": engine.pm.embeddings}
-
-
 __all__ = ["Engine", "Generation", "GenerationStats", "fit_chat", "render_chat", "rope_tables"]
-=======
-__all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]
->>>>>>> main
