@@ -66,6 +66,19 @@ def user_errors(extra: str | None = None):
         raise typer.Exit(1)
 
 
+def print_json(obj) -> None:
+    """The one JSON convention of every --json: one object on stdout, nothing else there."""
+    import json
+
+    def fallback(value):  # paths, numpy scalars, sets and the odd object lm-eval keeps in its results
+        if isinstance(value, (set, frozenset, tuple)):
+            return list(value)
+        return value.item() if hasattr(value, "item") else str(value)
+
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=fallback) + "\n")
+    sys.stdout.flush()
+
+
 def _version_callback(value: bool):
     if value:
         console.print(f"bitnet-cli {__version__}")
@@ -113,7 +126,6 @@ def train_cmd(
 
     Several GPUs: [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
-    import json
     import os
 
     with user_errors("train"):
@@ -125,7 +137,7 @@ def train_cmd(
 
             d = describe(r)
             if json_out:
-                console.print_json(json.dumps({"recipe": r.model_dump(mode="json"), **d}))
+                print_json({"recipe": r.model_dump(mode="json"), **d})
                 return
             console.print(r.dump_yaml(), highlight=False, markup=False)
             quant = "ternary (b1.58)" if r.model.quant == "bitnet" else "full precision"
@@ -144,11 +156,16 @@ def train_cmd(
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             return
         if json_out:
-            console.print_json(json.dumps(res.to_json()))
+            print_json(res.to_json())
             return
+        if res.start_step >= res.steps:
+            did = f"[bold green]done[/] already: the run in {escape(str(res.out_dir))} had finished its {res.steps} steps\n"
+        else:
+            resumed = f" (resumed at step {res.start_step}, {res.steps} in all)" if res.start_step else ""
+            did = (f"[bold green]done[/] {res.steps - res.start_step} steps{resumed} in {res.seconds:.0f} s "
+                   f"({res.tokens_per_second:,.0f} tok/s" + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n")
         console.print(
-            f"[bold green]done[/] {res.steps} steps in {res.seconds:.0f} s ({res.tokens_per_second:,.0f} tok/s"
-            + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n"
+            did +
             f"  val loss {res.val_loss:.4f} nats/token (unigram entropy of the corpus {res.unigram_entropy:.4f})\n"
             f"  checkpoint {res.checkpoint}\n  metrics    {res.out_dir / 'metrics.jsonl'}, {res.out_dir / 'loss.png'}"
         )
@@ -184,11 +201,12 @@ class SourceKind(str, Enum):
 
 
 def _human_bytes(n: float) -> str:
+    """Three significant digits: '263 MB', '2.89 MB', '120 B' (narrow enough for 80-column tables)."""
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        if round(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 99.95 else f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n:.2f} GB"
+    return f"{n:.3g} GB"
 
 
 def _tensor_progress(description: str, enabled: bool):
@@ -212,7 +230,7 @@ def pack(
     src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, or a hub id like microsoft/bitnet-b1.58-2B-4T."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
     embeddings: EmbeddingType = typer.Option(EmbeddingType.f16, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost)."),
-    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for llama.cpp / bitnet.cpp."),
+    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for llama.cpp / bitnet.cpp, which needs every ternary matrix's input width (hidden and FFN size) to be a multiple of 256, its block size (the quickstart's model is)."),
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: tq2_0 (2.06 bits/weight, faster) or tq1_0 (1.69 bits/weight)."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
@@ -225,7 +243,6 @@ def pack(
     Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
     [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/]
     """
-    import json as _json
 
     from rich.table import Table
 
@@ -239,7 +256,7 @@ def pack(
                 to=to.value, gguf_type=gguf_type.value, progress=update,
             )
     if json_output:
-        console.print_json(_json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
         return
     table = Table(title=f"packed {summary.output}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -258,18 +275,33 @@ def pack(
         console.print(f"[yellow]note:[/] {LLAMA_CPP_CAVEAT}")
 
 
-def _tensor_groups(pm) -> list[dict]:
+def _tensor_groups(tensors: list[dict]) -> list[dict]:
     """Tensors grouped by role (layer index replaced by {i}), for a compact `info` table."""
     import re
 
     groups: dict[str, dict] = {}
-    for name in pm.names:
-        e = pm.entries[name]
-        key = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", name)
-        g = groups.setdefault(key, {"name": key, "dtype": e.dtype, "shape": list(e.shape), "count": 0, "bytes": 0})
+    for t in tensors:
+        key = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", t["name"])
+        g = groups.setdefault(key, {"name": key, "dtype": t["dtype"], "shape": t["shape"], "count": 0, "bytes": 0})
         g["count"] += 1
-        g["bytes"] += e.nbytes
+        g["bytes"] += t["bytes"]
     return list(groups.values())
+
+
+def _tensor_table(tensors: list[dict]):
+    """The grouped tensors; no vertical rules, so a 2B4T model's names and shapes fit 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="tensors ({i}: every layer)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("name", "dtype", "shape", "n", "bytes"):
+        table.add_column(col, justify="right" if col in ("n", "bytes") else "left", overflow="fold",
+                         no_wrap=col != "name")
+    for g in _tensor_groups(tensors):
+        shape = "x".join(map(str, g["shape"]))
+        table.add_row(g["name"], g["dtype"], shape, str(g["count"]), _human_bytes(g["bytes"]))
+    return table
 
 
 @app.command()
@@ -282,8 +314,6 @@ def info(
 
     Example: [bold]bitnet info tiny.bin --verify[/]
     """
-    import json as _json
-
     from rich.table import Table
 
     with user_errors():
@@ -296,47 +326,31 @@ def info(
                 with progress:
                     bad = pm.verify(progress=update)
             d = pm.dims
-            report = {
-                "file": str(file), "file_bytes": pm.file_size,
-                "format_version": pm.metadata["format_version"], "layout": pm.layout,
-                "embeddings": pm.embeddings, "source": pm.metadata.get("source", ""),
-                "converter": pm.metadata.get("converter", ""), "config": pm.config,
-                "tokenizer_config": pm.tokenizer_config,
-                "tensors": [
-                    {"name": n, "dtype": pm.entries[n].dtype, "shape": list(pm.entries[n].shape),
-                     "offset": pm.entries[n].begin, "bytes": pm.entries[n].nbytes, "crc32": pm.checksums.get(n)}
-                    for n in pm.names
-                ],
-            }
+            report = pm.describe()
             if bad is not None:
                 report["verified"] = not bad
                 report["checksum_mismatches"] = bad
-            groups = _tensor_groups(pm)
         if json_output:
-            console.print_json(_json.dumps(report))
+            print_json(report)
         else:
-            head = Table(title=str(file), show_header=False, title_justify="left")
+            tok = report["tokenizer_config"]
+            head = Table(title=escape(str(file)), show_header=False, title_justify="left")
             head.add_column(style="bold")
             head.add_column()
-            head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {report['layout']}, "
+                                   f"embeddings {report['embeddings']}")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
             head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}, RMSNorm eps {d.rms_norm_eps:g}")
-            head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
-                         f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
-            head.add_row("source", f"{report['source']} ({report['converter']})")
+            head.add_row("tokenizer", f"embedded ({report['tokenizer_bytes']:,} bytes), bos {tok.get('bos_token')!r}, "
+                         f"eos {tok.get('eos_token')!r}, chat template {'yes' if tok.get('chat_template') else 'no'}")
+            head.add_row("source", escape(f"{report['source']} ({report['converter']})"))
             head.add_row("size", _human_bytes(report["file_bytes"]))
             console.print(head)
-            table = Table(title="tensors", title_justify="left")
-            for col in ("name", "dtype", "shape", "count", "bytes"):
-                table.add_column(col, justify="right" if col in ("count", "bytes") else "left",
-                                 overflow="fold", no_wrap=col != "name")
-            for g in groups:
-                table.add_row(g["name"], g["dtype"], str(g["shape"]), str(g["count"]), _human_bytes(g["bytes"]))
-            console.print(table)
+            console.print(_tensor_table(report["tensors"]))
             if bad is not None and not bad:
-                console.print(f"[green]checksums OK[/] ({len(pm.names)} tensors)")
+                console.print(f"[green]checksums OK[/] ({len(report['tensors'])} tensors)")
         if bad:
             raise BitnetError(f"{file}: checksum mismatch in {len(bad)} tensor(s): {', '.join(bad[:5])}"
                               + (" ..." if len(bad) > 5 else ""))
@@ -371,7 +385,6 @@ def run(
 
     Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
     """
-    import json
 
     with user_errors():
         from bitnet_cli.engine import Engine
@@ -387,7 +400,7 @@ def run(
         gen = engine.generate(prompt, **options)
         if json_output:
             text = "".join(gen)
-            print(json.dumps({"prompt": prompt, "text": text, **gen.stats.to_dict()}, ensure_ascii=False))
+            print_json({"prompt": prompt, "text": text, **gen.stats.to_dict()})
             return
         if echo:
             console.print(prompt, end="", style="bold", highlight=False, markup=False, soft_wrap=True)
@@ -456,14 +469,14 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
-    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, e.g. arc_easy,arc_challenge,hellaswag,mmlu (groups like mmlu expand to their subtasks)."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas (DIR/arc_easy/test.jsonl, DIR/hellaswag/validation.jsonl, DIR/mmlu/test.jsonl, ...) instead of the HuggingFace hub."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
     json_output: bool = typer.Option(False, "--json", help="Print the results JSON to stdout instead of a table."),
 ):
@@ -473,17 +486,14 @@ def eval_cmd(
 
     Example: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/]
     """
-    import json as _json
-    import logging
-    import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars would fight the rich one
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     with user_errors("eval"):
+        from bitnet_cli.eval.runner import quiet_lm_eval
+
+        quiet_lm_eval()  # before lm-eval is imported: its own bars would fight the rich one
         from bitnet_cli.eval.runner import check_output, evaluate, result_rows, write_results
 
         if output is not None:
@@ -491,17 +501,7 @@ def eval_cmd(
         if limit is not None and limit >= 1:
             limit = int(limit)
 
-        bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err_console, transient=True,
-        )
-        job = bar.add_task("loading", total=None)
-
-        def progress(advance: int, total: int, what: str) -> None:
-            bar.update(job, description=what, total=total, advance=advance)
-            if advance == 0:
-                bar.reset(job, total=total, description=what)
-
+        bar, progress = _eval_bar()
         with bar:
             results = evaluate(
                 model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
@@ -511,9 +511,7 @@ def eval_cmd(
             write_results(results, output, force=force, inputs=(model, data_dir))
     _refused_note(results)
     if json_output:
-        from lm_eval.utils import handle_non_serializable
-
-        console.print_json(_json.dumps(results, default=handle_non_serializable))
+        print_json(results)
         return
     table = Table(title=f"{model} ({results['config']['model_args']['backend']})", title_justify="left")
     for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"}), ("stderr", {"justify": "right"})):
@@ -523,6 +521,24 @@ def eval_cmd(
     console.print(table)
     if output is not None:
         console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
+
+
+def _eval_bar():
+    """A rich bar on stderr and the evaluate(progress=...) callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    )
+    job = bar.add_task("loading", total=None)
+
+    def progress(advance: int, total: int, what: str) -> None:
+        bar.update(job, description=what, total=total, advance=advance)
+        if advance == 0:
+            bar.reset(job, total=total, description=what)
+
+    return bar, progress
 
 
 def _refused_note(results: dict) -> None:
@@ -568,8 +584,6 @@ def bench(
 
     Example: [bold]bitnet bench --threads 1,2 --repeat 5 --plot bench.png[/]
     """
-    import json
-    import os
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -582,8 +596,7 @@ def bench(
         if isa is not None:
             from bitnet_cli import kernels
 
-            kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path
-            os.environ["BITNET_ISA"] = isa  # read by the kernels here and by the e2e worker processes
+            kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path, before any work
         thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
         sections = suite.parse_sections(what)
         if plot is not None:
@@ -598,13 +611,13 @@ def bench(
                       console=err_console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
             results = suite.run(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
-                                tokens=token_list, progress=lambda text: bar.update(task, description=text))
+                                tokens=token_list, progress=lambda text: bar.update(task, description=text), isa=isa)
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 
             write_plot(results, plot)
         if json_out:
-            print(json.dumps(results, indent=2))
+            print_json(results)
         else:
             report.print_report(results, console)
             if plot is not None:
@@ -619,39 +632,60 @@ def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads for generation and eval (default: physical cores)."),
-    tasks: str = typer.Option("arc_easy", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
+    tasks: str = typer.Option("arc_easy,tinyshakespeare_heldout", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
     limit: int = typer.Option(200, "--limit", min=1, help="Examples per eval task."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (default: $BITNET_EVAL_DATA or ../shared/data/eval)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
 ):
     """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare,
     [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
-    A few minutes on a 2-core laptop. Example: [cyan]bitnet quickstart --out runs/qs[/]
+    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
+    and OUT/eval.json.
+
+    Example: [bold]bitnet quickstart --out runs/qs[/]
     """
-    import json
 
     with user_errors("train,eval"):
-        from bitnet_cli.quickstart import quickstart as run_quickstart
+        from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
         result = run_quickstart(out, overrides=tuple(set_), threads=threads, eval_tasks=task_list,
-                                eval_limit=limit, data_dir=data_dir, console=err_console)
+                                eval_limit=limit, data_dir=data_dir, console=err_console, eval_bar=_eval_bar)
     summary = result.to_json()
     if json_out:
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
         return
     from rich.table import Table
 
-    table = Table(title="bitnet quickstart", show_header=False)
+    table = Table(title="bitnet quickstart", show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     t, p, g = summary["train"], summary["pack"], summary["generation"]
-    table.add_row("val loss / unigram entropy", f"{t['val_loss']:.3f} / {t['unigram_entropy']:.3f} nats")
-    table.add_row("training", f"{t['steps']} steps, {t['tokens_per_second']:,.0f} tok/s, {t['seconds']:.0f} s")
-    table.add_row("packed file", f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)")
+    table.add_row("val loss", f"{t['val_loss']:.3f} nats/token (unigram entropy {t['unigram_entropy']:.3f})")
+    if t["start_step"] >= t["steps"]:
+        table.add_row("training", f"reused the finished run of {t['steps']} steps")
+    else:
+        resumed = f", resumed at {t['start_step']}" if t["start_step"] else ""
+        table.add_row("training", f"{t['steps'] - t['start_step']} steps{resumed}, {t['tokens_per_second']:,.0f} tok/s, "
+                                  f"{t['seconds']:.0f} s")
     table.add_row("generation", f"{g['generation_tokens_per_s']:.1f} tok/s")
-    for key, value in summary["eval"].items():
-        table.add_row(key, f"{value:.4f}")
+    run_dir = Path(t["out_dir"])
+    table.add_row("checkpoint", t["checkpoint"])
+    table.add_row("loss curve", str(run_dir / "loss.png"))
+    table.add_row("model", f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)")
+    table.add_row("eval results", summary["eval_file"])
     console.print(table)
+    scores = Table(title="eval", title_justify="left")
+    for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"})):
+        scores.add_column(col, **kw)
+    for key, value in summary["eval"].items():
+        task, _, metric = key.partition("/")
+        scores.add_row(task, metric, f"{value:.4f}")
+    console.print(scores)
+    console.print("[bold]next[/]")
+    for what, command in next_steps(result):
+        console.print(f"  {what:<10} {escape(command)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

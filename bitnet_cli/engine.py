@@ -121,6 +121,14 @@ class Generation:
 
 
 class Engine:
+    """A packed model on the C engine (no torch): open it with :meth:`load`.
+
+    :meth:`generate` streams text (sampling, stop strings, stats); :meth:`forward` returns logits and
+    keeps a KV cache of ``ctx_size`` positions, which :meth:`generate` reuses for a shared prefix;
+    :meth:`encode`/:meth:`decode` use the tokenizer embedded in the file. :meth:`close` (or ``with``)
+    releases the weights.
+    """
+
     def __init__(self, pm, threads: int, ctx_size: int, isa: int):
         from tokenizers import Tokenizer
 

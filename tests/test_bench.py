@@ -360,16 +360,20 @@ def test_bench_never_imports_torch(tiny_model):
 
 
 def test_e2e_lengths_are_cut_to_the_model_context_and_said(tiny_model, tmp_path):
-    """A small model (512 positions here) with the default pp512-style lengths: cut, and a note says so."""
+    """Lengths beyond the model's context (as pp512 is for a 128-position model): cut, and a note says so."""
+    from bitnet_cli.pack import PackedModel
+
+    with PackedModel.open(tiny_model) as pm:
+        ctx = pm.dims.max_position_embeddings
     args = ["bench", "--model", str(tiny_model), "--what", "e2e", "--threads", "1", "--repeat", "1",
-            "--prompts", "8,1024", "--generate", "600"]
+            "--prompts", f"8,{2 * ctx}", "--generate", str(ctx + 1)]
     result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
-    assert set(res["e2e"][0]["tokens_per_s"]) == {"pp8", "pp512", "tg512"}
-    assert res["settings"]["clipped"] == ["pp1024 -> pp512", "tg600 -> tg512"]
+    assert set(res["e2e"][0]["tokens_per_s"]) == {"pp8", f"pp{ctx}", f"tg{ctx}"}
+    assert res["settings"]["clipped"] == [f"pp{2 * ctx} -> pp{ctx}", f"tg{ctx + 1} -> tg{ctx}"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 0 and "pp1024 -> pp512" in result.output
+    assert result.exit_code == 0 and f"pp{2 * ctx} -> pp{ctx}" in result.output
 
 
 def test_bench_model_directory(tiny_model, tmp_path):

@@ -128,3 +128,63 @@ def test_q4_embeddings_do_not_change_the_ternary_bits_per_weight(hf_tiny_checkpo
     assert q4.ternary_bits_per_weight == f16.ternary_bits_per_weight
     assert 2.0 <= f16.ternary_bits_per_weight < 2.7  # 2 bits, plus the K padding to 128 of this small model
     assert q4.file_bytes < f16.file_bytes
+
+
+@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart"])
+def test_help_is_readable_at_80_columns(command, monkeypatch):
+    """Nothing in --help is cut to `hellas…` or runs past 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERMINAL_WIDTH", "80")
+    out = runner.invoke(app, [command, "--help"]).output
+    assert "Usage" in out
+    assert [line for line in out.splitlines() if "…" in line or len(line) > 80] == []
+
+
+def test_info_table_of_a_2b4t_sized_model_fits_80_columns():
+    """The longest tensor names and widest shapes there are, grouped by layer, without folding."""
+    from rich.console import Console
+
+    from bitnet_cli.arch import PRESETS, ModelDims
+    from bitnet_cli.pack.format import tensor_specs
+
+    dims = ModelDims.from_config(PRESETS["2b4t"].fields)
+    tensors = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes}
+               for s in tensor_specs(dims, "f16")]
+    console = Console(width=80, record=True)
+    console.print(cli._tensor_table(tensors))
+    text = console.export_text()
+    assert "model.layers.{i}.self_attn.attn_sub_norm.weight" in text and "128256x2560" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_top_level_api_is_lazy_and_documented():
+    code = ("import sys, bitnet_cli\n"
+            "from bitnet_cli import Engine, PackedModel, pack_checkpoint, BitnetError\n"
+            "assert 'torch' not in sys.modules and 'bitnet_cli.eval.runner' not in sys.modules\n"
+            "from bitnet_cli import evaluate, train, load_recipe, quickstart\n"
+            "for name in bitnet_cli.__all__[1:]:\n"
+            "    assert getattr(bitnet_cli, name).__doc__, name\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bench_kernel_table_of_2b4t_shapes_fits_80_columns():
+    from rich.console import Console
+
+    from bitnet_cli.arch import PRESETS
+    from bitnet_cli.bench import report
+    from bitnet_cli.bench.shapes import weight_shapes
+
+    stat = {"median": 0.0123456, "min": 0.01, "max": 0.02, "n": 3}
+    rows = []
+    for shape in weight_shapes(PRESETS["2b4t"].fields):
+        for impl, backend in (("ternary", "avx512vnni"), ("int8", "int8"), ("f32", "BLAS (default threads)")):
+            rows.append({"impl": impl, "backend": backend, "n": shape["n"], "k": shape["k"], "tokens": 128,
+                         "threads": 16, "projections": shape["projections"], "seconds": stat,
+                         "gbps": {"median": 123.4}, "gops": {"median": 9999.0}, "pct_of_bandwidth": 100.0})
+    console = Console(width=80, record=True)
+    report._kernels(rows, console)
+    text = console.export_text()
+    assert "6912x2560" in text and "gate,up" in text and "12,346 (1.0x)" in text
+    assert all(len(line) <= 80 for line in text.splitlines())

@@ -86,7 +86,8 @@ def fit_to_context(prompts: list[int], generate: int, context: int) -> tuple[lis
 
 
 def run(target: Target, threads: list[int], repeat: int, sections: list[str],
-        prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None) -> dict:
+        prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None) -> dict:
+    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the best)."""
     if repeat < 1:
         raise BitnetError(f"--repeat must be at least 1, got {repeat}")
     if generate < 1:
@@ -105,11 +106,11 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
     if "roofline" in sections:
         results["roofline"] = roofline.run(per_token, threads, repeat, progress=progress)
     if "kernels" in sections:
-        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress)
+        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress, isa=isa)
     if "e2e" in sections:
         path = target.ensure_file(progress)
         results["model"]["file_bytes"] = path.stat().st_size
-        results["e2e"] = e2e.run(path, threads, repeat, prompts, generate, progress=progress)
+        results["e2e"] = e2e.run(path, threads, repeat, prompts, generate, progress=progress, isa=isa)
     results["summary"] = summarize(results, target.shape)
     return results
 

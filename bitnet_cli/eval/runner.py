@@ -39,7 +39,7 @@ def evaluate(
     import lm_eval
 
     from bitnet_cli.eval.adapter import BitNetLM
-    from bitnet_cli.eval.tasks import check_task_names, task_manager
+    from bitnet_cli.eval.tasks import bundled_task_names, check_task_names, task_manager
 
     if not tasks:
         raise BitnetError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
@@ -50,7 +50,8 @@ def evaluate(
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
-    if data_dir is None and not all(Path(t).is_file() for t in tasks):
+    from_hub = [t for t in tasks if not Path(t).is_file() and t not in bundled_task_names()]
+    if data_dir is None and from_hub:
         why = hub_unreachable()
         if why:  # lm-eval would retry the hub for half a minute, then print a long traceback
             raise BitnetError(f"{why}, so the task data cannot be downloaded: give --data-dir DIR "
@@ -76,6 +77,18 @@ def evaluate(
     if data_dir is not None:
         results["config"]["data_dir"] = str(data_dir)
     return results
+
+
+def quiet_lm_eval() -> None:
+    """No progress bars or log lines of lm-eval's own: the CLI draws one rich bar and prints the table.
+
+    (tqdm reads TQDM_DISABLE when it is first imported: call this before importing torch or lm-eval.)
+    """
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _env_true(name: str) -> bool:

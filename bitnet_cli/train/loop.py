@@ -41,9 +41,10 @@ class TrainResult:
     val_loss: float
     unigram_entropy: float    # nats/token of the train split's token frequencies
     parameters: int
-    seconds: float
+    seconds: float            # this call's training time (a resumed run: since the resume)
     tokens_per_second: float
     mfu: float | None = None
+    start_step: int = 0       # steps done before this call (resumed runs); == steps: nothing left to train
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -319,7 +320,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
             ckpt_io.save_checkpoint(target, model_state, config, tok, tok_cfg, trainer_state, recipe_yaml)
         D.barrier(info)
 
-    progress = _progress(show_progress and info.is_main, console)
+    progress = _progress(show_progress and info.is_main and start_step < steps, console)  # none: finished run
     task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
     window_tokens = 0
     last_loss, val_loss = float("nan"), float("nan")
@@ -394,7 +395,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
         checkpoint=final, out_dir=out_dir, steps=steps, tokens=steps * tokens_per_step,
         train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=n_params,
         seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
-        mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
+        mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None, start_step=start_step,
     )
 
 
