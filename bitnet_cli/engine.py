@@ -30,6 +30,7 @@ import numpy as np
 from bitnet_cli import kernels
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
 
 DEFAULT_CTX = 4096
@@ -174,12 +175,11 @@ class Engine:
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
         desc.n_heads, desc.n_kv_heads, desc.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
-        emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
-                               "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
-        desc.emb_type = desc.head_type = emb_type
-        desc.embed = ptr(tensor(EMBED), emb_ctype)
-        desc.head = ptr(tensor(head_name), emb_ctype)
-        if emb_type != lib.BN_EMB_F16:
+        kind = embedding_type(pm.embeddings)
+        desc.emb_type = desc.head_type = getattr(lib, kind.c_enum)
+        desc.embed = ptr(tensor(EMBED), kind.c_values)
+        desc.head = ptr(tensor(head_name), kind.c_values)
+        if "_scale" in kind.suffixes:
             desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
             desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
         desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")

@@ -25,7 +25,6 @@ import numpy as np
 from bitnet_cli.errors import BitnetError
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5}
-BLOCK = 128
 BUILD_HINT = (
     "the compiled kernels (bitnet_cli._kernels) are missing: build them from the bitnet-cli source tree "
     "with `pip install .` (or `pip install -e . --no-build-isolation --no-deps`); this needs a C compiler"
@@ -39,6 +38,16 @@ def lib():
     except ImportError as e:
         raise BitnetError(f"{BUILD_HINT} ({e})") from None
     return _kernels.ffi, _kernels.lib
+
+
+# The layout constants, as kernels/bitnet.h defines them (the one definition, read through cffi):
+# inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block.
+_ffi, _lib = lib()
+BLOCK_K: int = _lib.BN_BLOCK_K
+BLOCK_BYTES: int = _lib.BN_BLOCK_BYTES
+Q4_BLOCK_K: int = _lib.BN_Q4_BLOCK_K
+Q4_BLOCK_BYTES: int = _ffi.sizeof("bn_q4_block")
+del _ffi, _lib
 
 
 def available_isas() -> list[str]:
@@ -111,18 +120,18 @@ def _pool_ptr(pool: ThreadPool | None):
     return pool.ptr if pool is not None else ffi.NULL
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray, isa: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """float32 [m, k] -> (int8 [m, kp] zero-padded to a multiple of 128, scale float32 [m], sum int32 [m])."""
     ffi, L = lib()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
     m, k = x.shape
-    kp = -(-k // BLOCK) * BLOCK
+    kp = -(-k // BLOCK_K) * BLOCK_K
     xq = np.empty((m, kp), dtype=np.int8)
     scale = np.empty(m, dtype=np.float32)
     xsum = np.empty(m, dtype=np.int32)
-    L.bn_quantize_rows(ffi.from_buffer("float[]", x), m, k, kp, ffi.from_buffer("int8_t[]", xq),
+    L.bn_quantize_rows(resolve_isa(isa), ffi.from_buffer("float[]", x), m, k, kp, ffi.from_buffer("int8_t[]", xq),
                        ffi.from_buffer("float[]", scale), ffi.from_buffer("int32_t[]", xsum))
     return xq, scale, xsum
 
@@ -133,7 +142,7 @@ def gemm(w: np.ndarray, xq: np.ndarray, xsum: np.ndarray, isa: str | None = None
     ffi, L = lib()
     n, kq = w.shape
     m, kp = xq.shape
-    if kp != 4 * kq or kp % BLOCK or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
+    if kp != 4 * kq or kp % BLOCK_K or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
         raise BitnetError(f"gemm: shapes/dtypes do not match: w {w.dtype}{w.shape}, xq {xq.dtype}{xq.shape}")
     w, xq = np.ascontiguousarray(w), np.ascontiguousarray(xq)
     xsum = np.ascontiguousarray(xsum, dtype=np.int32)

@@ -19,9 +19,10 @@ from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
-    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
+    CONVERTER, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
     tensor_specs, write_embedding_rows,
 )
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 
 EMBEDDING_CHUNK_ROWS = 8192
@@ -169,8 +170,7 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    embedding_type(embeddings, "--embeddings")
     if to not in ("native", "gguf"):
         raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
     check_output_path(out, force)

@@ -16,8 +16,10 @@ import numpy as np
 from bitnet_cli.arch import EMBED, LM_HEAD, SYNTHETIC_DEFAULTS, ModelDims, bitnet_config, preset_fields, split_layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.pack.format import EMBEDDING_TYPES, PackedWriter, tensor_specs, write_embedding_rows
-from bitnet_cli.pack.ternary import BLOCK, pack_i2_k128
+from bitnet_cli.pack.embeddings import embedding_type
+from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
+from bitnet_cli.kernels import BLOCK_K
+from bitnet_cli.pack.ternary import pack_i2_k128
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
@@ -82,7 +84,7 @@ class _TritSource:
         self.pool = _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=2 * largest, dtype=np.uint8)]
 
     def packed(self, n: int, k: int) -> np.ndarray:
-        if k % BLOCK:  # K padding must hold code 1 (T = 0): pack real trits
+        if k % BLOCK_K:  # K padding must hold code 1 (T = 0): pack real trits
             return pack_i2_k128(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
         size = n * k // 4
         start = int(self.rng.integers(0, len(self.pool) - size + 1))
@@ -92,8 +94,7 @@ class _TritSource:
 def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16", seed: int = 0,
                        force: bool = True, progress=None) -> Path:
     """Write a packed file of `shape` with random weights; return its path."""
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    embedding_type(embeddings)
     config = shape_config(shape)
     dims = ModelDims.from_config(config, f"shape {shape!r}")
     rng = np.random.default_rng(seed)
