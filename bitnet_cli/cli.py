@@ -453,10 +453,10 @@ def eval_cmd(
         )
         job = bar.add_task("loading", total=None)
 
-        def progress(advance: int, total: int, what: str) -> None:
-            bar.update(job, description=what, total=total, advance=advance)
-            if advance == 0:
+        def progress(done: int, total: int, what: str) -> None:
+            if done == 0:
                 bar.reset(job, total=total, description=what)
+            bar.update(job, description=what, total=total, completed=done)
 
         with bar:
             results = evaluate(

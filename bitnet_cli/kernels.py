@@ -83,7 +83,24 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-class ThreadPool:
+class CResource:
+    """An object owning C memory: close() frees it (idempotent); a context manager, and closed when
+    garbage-collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class ThreadPool(CResource):
     """A persistent pool of `n` threads (the caller is thread 0); close() or use as a context manager."""
 
     MAX_THREADS = 256
@@ -104,15 +121,6 @@ class ThreadPool:
         if self.ptr is not None:
             self._lib.bn_pool_free(self.ptr)
             self.ptr = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def _pool_ptr(pool: ThreadPool | None):

@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import publish
-from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
 from bitnet_cli.pack.format import PackedModel
+from bitnet_cli.tokens import special_id
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
@@ -84,12 +85,10 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     # llama3-style tokenizers split with a regex before the byte-level step; plain byte-level is gpt-2's
     pre = "llama-bpe" if '"Split"' in json.dumps(spec.get("pre_tokenizer")) else "gpt-2"
-    special = {}
-    for key in ("bos", "eos"):
-        token = pm.tokenizer_config.get(f"{key}_token")
-        special[key] = vocab.get(token) if token in vocab else pm.config.get(f"{key}_token_id")
-        if isinstance(special[key], list):
-            special[key] = special[key][0]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(pm.tokenizer_json)
+    special = {key: special_id(key, tokenizer, pm.tokenizer_config, pm.config, size) for key in ("bos", "eos")}
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
 
