@@ -29,7 +29,8 @@ from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
 from bitnet_cli.pack.format import ModelDims, tensor_specs
-from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY, gguf_name
+from bitnet_cli.arch import EMBED, LM_HEAD, gguf_name
+from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ class GGUFCheckpoint:
     # ------------------------------------------------------------------ the Checkpoint interface
 
     def gguf_tensor(self, hf_name: str) -> TensorInfo:
-        if hf_name == "lm_head.weight":
-            return self.gf.tensor("token_embd.weight" if self.dims.tie_word_embeddings else "output.weight")
+        if hf_name == LM_HEAD and self.dims.tie_word_embeddings:
+            hf_name = EMBED
         return self.gf.tensor(gguf_name(hf_name))
 
     def where(self, hf_name: str) -> str:

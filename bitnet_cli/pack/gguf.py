@@ -32,7 +32,8 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
+from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
+from bitnet_cli.pack.format import PackedModel
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -47,26 +48,6 @@ HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 _ARCH = {"i2_s": ("bitnet-b1.58", 40), "tq2_0": ("bitnet", 37), "tq1_0": ("bitnet", 36)}
 # llama.cpp token types
 _NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
-
-_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    """HF tensor name -> llama.cpp GGUF tensor name (e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_NAMES[module]}.{'scale' if kind == 'weight_scale' else 'weight'}"
-
 
 def _tokenizer_metadata(pm: PackedModel) -> dict:
     """tokens, token types, merges, pre-tokenizer and special ids for llama.cpp's `gpt2` (byte-level BPE) vocab."""
@@ -122,10 +103,10 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
     block = 128 if gguf_type == "i2_s" else QK_K
-    for proj in PROJECTIONS:
-        k = d.projection_shape(proj)[1]
+    for proj in d.projections():
+        k = proj.shape(d)[1]
         if k % block:
-            raise BitnetError(f"{where}: {proj} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {block}")
+            raise BitnetError(f"{where}: {proj.name} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {block}")
     need = QK_K if head == "q6_k" else 32
     if d.hidden_size % need:
         raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of {need} for this GGUF head")
@@ -133,7 +114,7 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
 
 def _head(pm: PackedModel, head: str | None):
     """(ggml type id, bytes-producing function) of the token embedding / tied head."""
-    embed = "model.embed_tokens.weight"
+    embed = EMBED
     d = pm.dims
     if head is None and pm.embeddings == "f16":
         return TYPE_IDS["F16"], lambda: pm.tensor(embed)
@@ -199,21 +180,21 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
 
         type_id, make = _head(pm, head)
         nbytes = quants.tensor_nbytes(type_id, (d.hidden_size, d.vocab_size))
-        w.add_tensor("token_embd.weight", (d.vocab_size, d.hidden_size), type_id, nbytes, make)
+        w.add_tensor(gguf_name(EMBED), (d.vocab_size, d.hidden_size), type_id, nbytes, make)
         f32 = TYPE_IDS["F32"]
         for i in range(d.num_layers):
-            for norm in LAYER_NORMS:
-                name = f"model.layers.{i}.{norm}.weight"
-                size = d.norm_size(norm)
+            for norm in d.layer_norms():
+                name = layer_tensor(i, norm.name)
+                size = norm.size(d)
                 w.add_tensor(gguf_name(name), (size,), f32, 4 * size, lambda name=name: pm.tensor(name))
-            for proj in PROJECTIONS:
-                name = f"model.layers.{i}.{proj}.weight"
-                n, k = d.projection_shape(proj)
+            for proj in d.projections():
+                name = layer_tensor(i, proj.name)
+                n, k = proj.shape(d)
                 type_id, nbytes, make = _ternary(pm, name, gguf_type, n, k)
                 w.add_tensor(gguf_name(name), (n, k), type_id, nbytes, make)
                 if gguf_type != "i2_s":  # I2_S carries gamma itself
                     w.add_tensor(gguf_name(name + "_scale"), (1,), f32, 4, lambda name=name: pm.tensor(name + "_scale"))
-        w.add_tensor("output_norm.weight", (d.hidden_size,), f32, 4 * d.hidden_size,
-                     lambda: pm.tensor("model.norm.weight"))
+        w.add_tensor(gguf_name(FINAL_NORM), (d.hidden_size,), f32, 4 * d.hidden_size,
+                     lambda: pm.tensor(FINAL_NORM))
         w.write(out, progress)
     return out
