@@ -7,7 +7,7 @@ shapes follow OpenAI's API reference; streams are server-sent events `data: {jso
 `data: [DONE]`. Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (a 500 only for a bug, and then without internals).
 
-Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `top_k` and
+Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `top_k`, `ignore_eos` and
 `repeat_penalty` are extensions. Greedy (temperature 0) output and seeded samples are those of
 `bitnet run` with the same settings, whatever else the server is doing.
 """
@@ -68,6 +68,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)                 # extension: 0 is no limit
     repeat_penalty: float = Field(1.0, gt=0)    # extension, as `bitnet run --repeat-penalty`
+    ignore_eos: bool = False                    # extension (as vLLM, llama.cpp): for benchmarks
     frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
     presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
     stop: Union[str, list[str], None] = Field(None)
@@ -216,10 +217,12 @@ class Server:
                 index = p * req.n + c
 
                 def sink(event, index=index):
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: no one is listening
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
 
                 seed = None if req.seed is None else req.seed + c
-                jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs))
+                jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs,
+                                req.ignore_eos))
         try:
             self.scheduler.submit(jobs)
         except QueueFull as e:
@@ -456,9 +459,7 @@ class _Completion(_Reply):
             lp = self.logprobs(i, [], True)
             return {**self.head(), "choices": [{"index": i, "text": self.prompt_texts[i], "logprobs": lp,
                                                 "finish_reason": None}]}
-        if isinstance(event, TokenEvent):
-            if not event.text and self.req.logprobs is None:
-                return None
+        if isinstance(event, TokenEvent):  # one chunk per token, its text possibly "" (held back)
             lp = self.logprobs(i, [event] if event.token is not None else [], False)
             return {**self.head(), "choices": [{"index": i, "text": event.text, "logprobs": lp,
                                                 "finish_reason": None}]}
@@ -489,8 +490,6 @@ class _Chat(_Reply):
 
     def chunk(self, i: int, event) -> dict | None:
         if isinstance(event, TokenEvent):
-            if not event.text and not self.req.logprobs:
-                return None
             lp = self.logprobs([event] if event.token is not None else [])
             return {**self.head(), "choices": [{"index": i, "delta": {"content": event.text}, "logprobs": lp,
                                                 "finish_reason": None}]}

@@ -77,6 +77,7 @@ class Job:
     stops: list[str] = field(default_factory=list)
     logprobs: int | None = None   # alternatives per generated token (None: no log-probabilities)
     prompt_logprobs: bool = False  # also for the prompt's tokens (echo with logprobs)
+    ignore_eos: bool = False       # generate through end-of-sequence tokens (for benchmarks)
     cancelled: bool = False        # set from any thread: the sequence leaves at the next step
 
 
@@ -280,7 +281,7 @@ class Scheduler:
         if job.logprobs is not None:
             full = _log_softmax(row)
             lp, top = float(full[token]), self._top(full, job.logprobs)
-        if token in self.engine.stop_token_ids:
+        if token in self.engine.stop_token_ids and not job.ignore_eos:
             if job.logprobs is not None:  # listed (no text): scoring clients count on one entry per token
                 job.sink(TokenEvent("", token, lp, top))
             self._finish(slot, DoneEvent("stop", len(job.prompt), slot.generated, slot.reused))
