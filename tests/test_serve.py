@@ -121,6 +121,18 @@ def test_sixteen_concurrent_greedy_requests_equal_their_sequential_outputs(serve
     assert server.health()["busy"] == 0
 
 
+def test_a_shared_prefix_is_computed_once(server, engine):
+    """A second request that extends the first one's prompt (a chat history) prefills only the rest."""
+    model = server.info["model"]
+    first = PROMPTS[5]
+    server.client.completions.create(model=model, prompt=first, max_tokens=4, temperature=0)
+    longer = first + "\nFirst Citizen:\nYou are all resolved rather to die than to famish?"
+    r = server.client.completions.create(model=model, prompt=longer, max_tokens=12, temperature=0)
+    shared = len(engine.encode(first)) - 2  # the last token of `first` may merge with what follows
+    assert r.usage.prompt_tokens_details.cached_tokens >= shared
+    assert r.choices[0].text == alone(engine, longer, max_tokens=12, temperature=0)[0]
+
+
 def test_streaming_gives_the_same_text_and_usage(server, engine):
     model = server.info["model"]
     prompt = PROMPTS[2]

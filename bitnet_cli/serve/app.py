@@ -356,6 +356,7 @@ class _Reply:
         self.created = int(time.time())
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose keys/values came from the prefix cache
         self.n = len(jobs)
         self.text = [""] * self.n
         self.finish: list[str | None] = [None] * self.n
@@ -367,7 +368,8 @@ class _Reply:
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def take(self, index: int, event) -> None:
         if isinstance(event, TokenEvent):
@@ -379,6 +381,7 @@ class _Reply:
         elif isinstance(event, DoneEvent):
             self.finish[index] = event.finish_reason
             self.completion_tokens += event.completion_tokens
+            self.cached_tokens += event.reused_tokens
 
     async def whole(self, request: Request, queue: asyncio.Queue):
         try:
@@ -434,13 +437,14 @@ class _Completion(_Reply):
             tokens += [piece(t) for t in self.prompts[index]]
             lps += pl.logprobs if pl else [None] * len(self.prompts[index])
             tops += pl.top if pl else [None] * len(self.prompts[index])
+        ids = (list(self.prompts[index]) if with_prompt else []) + [e.token for e in events]
         tokens += [piece(e.token) for e in events]
         lps += [e.logprob for e in events]
         tops += [e.top for e in events]
-        offsets = []
-        for t in tokens:
+        offsets = []  # where each token's text starts in the choice's text (special tokens have none)
+        for t in ids:
             offsets.append(offset)
-            offset += len(t)
+            offset += len(self.server.engine.decode([t]))
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
     def choice(self, i: int) -> dict:
@@ -460,7 +464,8 @@ class _Completion(_Reply):
             return {**self.head(), "choices": [{"index": i, "text": self.prompt_texts[i], "logprobs": lp,
                                                 "finish_reason": None}]}
         if isinstance(event, TokenEvent):  # one chunk per token, its text possibly "" (held back)
-            lp = self.logprobs(i, [event] if event.token is not None else [], False)
+            start = (len(self.prompt_texts[i]) if self.req.echo else 0) + len(self.text[i]) - len(event.text)
+            lp = self.logprobs(i, [event] if event.token is not None else [], False, start)
             return {**self.head(), "choices": [{"index": i, "text": event.text, "logprobs": lp,
                                                 "finish_reason": None}]}
         if isinstance(event, DoneEvent):
