@@ -420,6 +420,49 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
         _print_run_stats(gen.stats)
 
 
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the start-up facts (URL, memory per slot) as one JSON line."),
+):
+    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
+    together (continuous batching: the weights are read once per step for all of them).
+
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM)
+    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli[serve]'.
+
+    Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
+    [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
+    or any OpenAI client with base_url="http://localhost:8000/v1".
+    """
+    import json
+
+    with user_errors():
+        from bitnet_cli.serve.server import serve as run_server
+
+        def ready(info: dict) -> None:
+            if json_output:
+                print(json.dumps(info), flush=True)
+                return
+            err_console.print(
+                f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
+                f"{info['ctx_size']} tokens, KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
+                f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}",
+                highlight=False, soft_wrap=True)
+
+        run_server(model, host=host, port=port, threads=threads, parallel=parallel, ctx_size=ctx_size,
+                   max_queue=max_queue, model_id=name, ready=ready)
+
+
 # ---------------------------------------------------------------- eval (issue 5)
 
 
