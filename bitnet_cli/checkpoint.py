@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.tokens import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -292,10 +293,8 @@ def tokenizer_config(ckpt: Path) -> dict:
     if not isinstance(raw, dict):
         raise BitnetError(f"{path}: not a JSON object")
     for key in ("bos_token", "eos_token", "chat_template"):
-        value = raw.get(key)
-        if isinstance(value, dict):  # AddedToken serialisation
-            value = value.get("content")
-        if isinstance(value, str):
+        value = token_text(raw.get(key))  # a string, or an AddedToken's serialisation
+        if value is not None:
             out[key] = value
     jinja = ckpt / "chat_template.jinja"
     if "chat_template" not in out and jinja.is_file():

@@ -137,10 +137,10 @@ def train_cmd(
 from enum import Enum  # noqa: E402  (kept inside this section: the sections are edited independently)
 
 
-class EmbeddingType(str, Enum):
-    f16 = "f16"
-    int8 = "int8"
-    q4 = "q4"
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES  # noqa: E402
+
+# --embeddings choices: the head types' traits table (adding a type adds the choice)
+EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
 
 
 class PackTarget(str, Enum):

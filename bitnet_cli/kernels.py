@@ -40,14 +40,18 @@ def lib():
     return _kernels.ffi, _kernels.lib
 
 
-# The layout constants, as kernels/bitnet.h defines them (the one definition, read through cffi):
-# inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block.
-_ffi, _lib = lib()
-BLOCK_K: int = _lib.BN_BLOCK_K
-BLOCK_BYTES: int = _lib.BN_BLOCK_BYTES
-Q4_BLOCK_K: int = _lib.BN_Q4_BLOCK_K
-Q4_BLOCK_BYTES: int = _ffi.sizeof("bn_q4_block")
-del _ffi, _lib
+# The layout constants as kernels/bitnet.h defines them (the one definition), read through cffi on
+# first use (`kernels.BLOCK_K`), so importing this module needs no compiled module yet:
+# inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block (bn_q4_block).
+_LAYOUT = {"BLOCK_K": lambda ffi, L: L.BN_BLOCK_K, "BLOCK_BYTES": lambda ffi, L: L.BN_BLOCK_BYTES,
+           "Q4_BLOCK_K": lambda ffi, L: L.BN_Q4_BLOCK_K, "Q4_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q4_block")}
+
+
+def __getattr__(name: str) -> int:
+    if name not in _LAYOUT:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = _LAYOUT[name](*lib())
+    return value
 
 
 def available_isas() -> list[str]:

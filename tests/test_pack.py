@@ -340,7 +340,8 @@ def test_int8_embeddings_per_row_scale(hf_tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("hidden", [64, 100, 2560])
 def test_q4_rows_round_trip_within_half_a_step(hidden):
-    from bitnet_cli.pack.embeddings import Q4_BLOCK_BYTES, decode, encode, q4_padded
+    from bitnet_cli.kernels import Q4_BLOCK_BYTES
+    from bitnet_cli.pack.embeddings import decode, encode, q4_padded
 
     rng = np.random.default_rng(hidden)
     rows = rng.standard_normal((40, hidden)).astype(np.float32) * 0.02

@@ -26,8 +26,7 @@ from typing import Callable
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.kernels import Q4_BLOCK_BYTES  # sizeof(bn_q4_block), kernels/bitnet.h
-from bitnet_cli.kernels import Q4_BLOCK_K as Q4_BLOCK_INPUTS
+from bitnet_cli import kernels  # kernels.Q4_BLOCK_K, kernels.Q4_BLOCK_BYTES: bitnet.h's bn_q4_block
 F32 = np.float32
 DTYPE_BYTES = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}  # safetensors dtypes used by the stored tensors
 
@@ -65,7 +64,7 @@ def _prod(shape) -> int:
 
 
 def q4_padded(hidden: int) -> int:
-    return -(-hidden // Q4_BLOCK_INPUTS) * Q4_BLOCK_INPUTS
+    return -(-hidden // kernels.Q4_BLOCK_K) * kernels.Q4_BLOCK_K
 
 
 def _encode_int8(rows: np.ndarray) -> list[np.ndarray]:
@@ -77,7 +76,7 @@ def _encode_int8(rows: np.ndarray) -> list[np.ndarray]:
 def _decode_q4(stored: list[np.ndarray], hidden: int) -> np.ndarray:
     blocks, scale = stored
     r = blocks.shape[0]
-    b = blocks.reshape(r, -1, Q4_BLOCK_BYTES)
+    b = blocks.reshape(r, -1, kernels.Q4_BLOCK_BYTES)
     sub, nib = b[:, :, :2].astype(np.int32), b[:, :, 2:]
     q = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32) - 8  # [R, blocks, 64]
     stepped = q * np.repeat(sub, 32, axis=2)  # sub * q: integers, as the C lookup computes them
@@ -133,8 +132,9 @@ EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
                   _encode_int8,
                   lambda stored, hidden: stored[0].astype(F32) * stored[1][:, None]),
     EmbeddingType("q4", "BN_EMB_Q4", "uint8_t",
-                  lambda vocab, hidden: [("", "U8", (vocab, q4_padded(hidden) // Q4_BLOCK_INPUTS * Q4_BLOCK_BYTES)),
-                                         ("_scale", "F32", (vocab,))],
+                  lambda vocab, hidden: [
+                      ("", "U8", (vocab, q4_padded(hidden) // kernels.Q4_BLOCK_K * kernels.Q4_BLOCK_BYTES)),
+                      ("_scale", "F32", (vocab,))],
                   lambda rows: _encode_q4(rows),
                   _decode_q4),
 )}

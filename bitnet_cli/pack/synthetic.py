@@ -19,7 +19,7 @@ from bitnet_cli.pack.convert import pack_metadata
 from bitnet_cli.tokens import BOS, EOS, pieces, train_bpe
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
-from bitnet_cli.kernels import BLOCK_K
+from bitnet_cli import kernels
 from bitnet_cli.pack.ternary import pack_i2_k128
 
 
@@ -76,7 +76,7 @@ class _TritSource:
         self.pool = _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=2 * largest, dtype=np.uint8)]
 
     def packed(self, n: int, k: int) -> np.ndarray:
-        if k % BLOCK_K:  # K padding must hold code 1 (T = 0): pack real trits
+        if k % kernels.BLOCK_K:  # K padding must hold code 1 (T = 0): pack real trits
             return pack_i2_k128(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
         size = n * k // 4
         start = int(self.rng.integers(0, len(self.pool) - size + 1))
