@@ -224,3 +224,26 @@ def test_sigkill_then_resume_is_exact_with_warmup_and_distillation(tmp_path, flo
     rows = lambda run: [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     strip = lambda m: {k: v for k, v in m.items() if k not in ("tokens_per_s", "elapsed_s")}  # noqa: E731
     assert [strip(m) for m in rows("ref")] == [strip(m) for m in rows("cut")]
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_conversion_under_torchrun_matches_one_process(tmp_path, float_run, strategy):
+    from test_train_dist import _run
+
+    data = convert_recipe(float_run, steps=6, log_every=1, eval_every=6, checkpoint_every=3)
+    data["quant"] = {"warmup_steps": 4}
+    data["distill"] = {"alpha": 0.5, "temperature": 2.0}
+    recipe = write_recipe(tmp_path / "r.yaml", data)
+    one, w1 = _run(recipe, tmp_path / "one", 1, "train.batch_size=4", "train.grad_accum=2")
+    two, w2 = _run(recipe, tmp_path / "two", 2, "train.batch_size=2", "train.grad_accum=2",
+                   f"train.distributed={strategy}")
+    assert len(one) == len(two) == 6
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-4)
+    kd = [json.loads(x).get("distill_loss") for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert kd[0] == 0.0 and max(k for k in kd if k is not None) > 0
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-4), k
