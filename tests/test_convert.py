@@ -247,3 +247,23 @@ def test_conversion_under_torchrun_matches_one_process(tmp_path, float_run, stra
     assert kd[0] == 0.0 and max(k for k in kd if k is not None) > 0
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=1e-3, atol=1e-4), k
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+def test_convert_small_recipe_dry_run(float_run):
+    from conftest import REPO
+
+    res = CliRunner().invoke(app, ["train", str(REPO / "recipes" / "convert-small.yaml"), "--dry-run", "--json",
+                                   "--set", f"model.init_from={float_run}", "--set", "train.seq_len=32"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    src = json.loads((float_run / "final" / "config.json").read_text())
+    assert d["config"]["hidden_size"] == src["hidden_size"] and d["config"]["quantization_config"]
+    assert d["recipe"]["quant"]["warmup_steps"] > 0 and d["recipe"]["distill"]["alpha"] > 0
+    assert d["init_from"] == d["teacher"] == str((float_run / "final").resolve())
+    # the recipe's real setting: 1024-token windows, which this tiny source cannot take
+    res = CliRunner().invoke(app, ["train", str(REPO / "recipes" / "convert-small.yaml"), "--dry-run",
+                                   "--set", f"model.init_from={float_run}"])
+    assert res.exit_code == 1 and "max_position_embeddings" in " ".join(res.output.split())
