@@ -185,11 +185,10 @@ def score(ckpt: Path, data, pages, args, device, quant: str | None = None) -> di
     tok = load_tokenizer(ckpt / "tokenizer.json")
     prefix = bos_id(tok) if bos_id(tok) is not None else eos_id(tok)
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
-        out = {"val_loss": round(val_loss(model, data, args.val_windows, 8, device), 4),
-               "wikitext2_word_ppl": round(wikitext_word_perplexity(
-                   model, tok, prefix, model.config.max_position_embeddings, pages, device), 2)}
-    del model
-    return out
+        if pages is None:
+            return {"val_loss": round(val_loss(model, data, args.val_windows, 8, device), 4)}
+        return {"wikitext2_word_ppl": round(wikitext_word_perplexity(
+            model, tok, prefix, model.config.max_position_embeddings, pages, device), 2)}
 
 
 def engine_val_loss(packed: Path, data, windows: int) -> float:
@@ -206,6 +205,37 @@ def engine_val_loss(packed: Path, data, windows: int) -> float:
             total += float((logz - logits[np.arange(len(logits)), y[0].numpy()]).sum())
             n += y.numel()
     return total / n
+
+
+def ptq_on_engine(ptq: Path, root: Path, args, corpus: Path, data, device) -> dict:
+    """(2) packed and run on the C engine, against torch on the same few windows."""
+    import torch
+
+    from bitnet_cli.model import BitNetForCausalLM
+    from bitnet_cli.pack.convert import pack_checkpoint
+
+    out = {}
+    try:
+        pack_checkpoint(ptq, root / "ptq.bin", force=True)
+        ref = BitNetForCausalLM.from_pretrained(ptq, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out["torch_val_loss_engine_windows"] = round(val_loss(ref, data, args.engine_windows, 1, device), 4)
+        # in a child process: a fault in the engine must not take the other figures with it
+        child = subprocess.run([sys.executable, __file__, "--engine-check", str(root / "ptq.bin"), "--corpus",
+                                str(corpus), "--wikitext", str(args.wikitext), "--out", str(root),
+                                "--engine-windows", str(args.engine_windows), "--base", args.base,
+                                *sum((["--set", x] for x in args.sets), []),
+                                *sum((["--set-base", x] for x in args.sets_base), [])],
+                               capture_output=True, text=True, timeout=600, cwd=REPO)
+        if child.returncode != 0:
+            raise RuntimeError(f"exit {child.returncode}: {child.stderr[-500:]}")
+        out["engine_val_loss"] = json.loads(child.stdout.strip().splitlines()[-1])["engine_val_loss"]
+        print(f"  (2) packed, C engine, {args.engine_windows} windows: val loss {out['engine_val_loss']} "
+              f"(torch {out['torch_val_loss_engine_windows']})", flush=True)
+    except Exception as e:  # noqa: BLE001 - the torch figures stand without the engine's
+        out["engine_error"] = f"{type(e).__name__}: {e}"
+        print(f"  (2) packed: {out['engine_error']}", flush=True)
+    return out
 
 
 def curves(run: Path) -> tuple[list, list]:
@@ -274,6 +304,8 @@ def main() -> None:
     ap.add_argument("--set-base", dest="sets_base", action="append", default=[], help="override for (1) and (6)")
     ap.add_argument("--set-ft", dest="sets_ft", action="append", default=[], help="override for (3), (4) and (5)")
     ap.add_argument("--check-wikitext", action="store_true", help="also run `bitnet eval --tasks wikitext` on (1)")
+    ap.add_argument("--runs", default="float,scratch,ft_plain,ft_warmup,ft_distill",
+                    help="which trainings to run (a subset re-runs part of the experiment; the others are skipped)")
     ap.add_argument("--engine-check", type=Path, help=argparse.SUPPRESS)  # the child process of (2)'s engine run
     args = ap.parse_args()
 
@@ -309,17 +341,22 @@ def main() -> None:
     ft_tokens = args.float_tokens * args.ft_fraction
     full = [f"train.tokens={args.float_tokens}", "train.steps=null", *args.sets_base]
     ft = [f"train.tokens={ft_tokens}", "train.steps=null", f"model.init_from={root / 'float'}", *args.sets_ft]
-    timing = {}
-    print("phase 1: (1) float and (6) from scratch", flush=True)
-    timing.update(run_all({"float": train_cmd(base, root / "float", [*common, *full, "model.quant=none"]),
-                           "scratch": train_cmd(base, root / "scratch", [*common, *full, "model.quant=bitnet"])},
-                          root, args.parallel))
-    print("phase 2: (3), (4), (5) from (1)", flush=True)
-    timing.update(run_all({
+    wanted = set(args.runs.split(","))
+    jobs = {
+        "float": train_cmd(base, root / "float", [*common, *full, "model.quant=none"]),
+        "scratch": train_cmd(base, root / "scratch", [*common, *full, "model.quant=bitnet"]),
         "ft_plain": train_cmd(conv, root / "ft_plain", [*common, *ft, "quant.warmup_steps=0", "distill.alpha=0"]),
         "ft_warmup": train_cmd(conv, root / "ft_warmup", [*common, *ft, "distill.alpha=0"]),
         "ft_distill": train_cmd(conv, root / "ft_distill", [*common, *ft]),
-    }, root, args.parallel))
+    }
+    timing = {}
+    # At most two small-model trainings share the GPU: three of them (fp32 logits of a 32k vocabulary,
+    # a teacher beside one) outgrow an H200's 140 GB.
+    for phase in (("float", "scratch"), ("ft_plain", "ft_warmup"), ("ft_distill",)):
+        todo = {k: jobs[k] for k in phase if k in wanted}
+        if todo:
+            print(f"training {', '.join(todo)}", flush=True)
+            timing.update(run_all(todo, root, args.parallel))
 
     print("scoring", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -327,37 +364,19 @@ def main() -> None:
     if args.wikitext_pages:
         pages = pages[: args.wikitext_pages]
     runs = {1: root / "float", 3: root / "ft_plain", 4: root / "ft_warmup", 5: root / "ft_distill", 6: root / "scratch"}
-    results: dict[str, dict] = {}
-    for s, run in runs.items():
-        results[str(s)] = score(run / "final", data, pages, args, device)
-        print(f"  ({s}) {results[str(s)]}", flush=True)
-    ptq = ptq_checkpoint(root / "float" / "final", root / "ptq")
-    results["2"] = score(ptq, data, pages, args, device)
-    print(f"  (2) {results['2']}", flush=True)
-    try:  # (2) packed and run on the C engine, against torch on the same few windows
-        import torch as _t
-
-        from bitnet_cli.model import BitNetForCausalLM
-        from bitnet_cli.pack.convert import pack_checkpoint
-
-        pack_checkpoint(ptq, root / "ptq.bin", force=True)
-        ref = BitNetForCausalLM.from_pretrained(ptq, device=device)
-        with _t.autocast(device.type, dtype=_t.bfloat16, enabled=device.type == "cuda"):
-            results["2"]["torch_val_loss_engine_windows"] = round(val_loss(ref, data, args.engine_windows, 1, device), 4)
-        # in a child process: a fault in the engine must not take the figures above with it
-        child = subprocess.run([sys.executable, __file__, "--engine-check", str(root / "ptq.bin"), "--corpus",
-                                str(corpus), "--wikitext", str(args.wikitext), "--out", str(root),
-                                "--engine-windows", str(args.engine_windows), *sum((["--set", x] for x in args.sets), []),
-                                *sum((["--set-base", x] for x in args.sets_base), [])],
-                               capture_output=True, text=True, timeout=600, cwd=REPO)
-        if child.returncode != 0:
-            raise RuntimeError(f"exit {child.returncode}: {child.stderr[-500:]}")
-        results["2"]["engine_val_loss"] = json.loads(child.stdout.strip().splitlines()[-1])["engine_val_loss"]
-        print(f"  (2) packed, C engine, {args.engine_windows} windows: val loss {results['2']['engine_val_loss']} "
-              f"(torch {results['2']['torch_val_loss_engine_windows']})", flush=True)
-    except Exception as e:  # noqa: BLE001 - the torch figures stand without the engine's
-        results["2"]["engine_error"] = f"{type(e).__name__}: {e}"
-        print(f"  (2) packed: {results['2']['engine_error']}", flush=True)
+    ckpts = {str(s): run / "final" for s, run in runs.items() if (run / "final" / "config.json").is_file()}
+    ckpts["2"] = ptq = ptq_checkpoint(root / "float" / "final", root / "ptq")
+    results: dict[str, dict] = {s: {} for s in ckpts}
+    save = lambda: (root / "results.json").write_text(json.dumps({"settings": SETTINGS, "results": results}, indent=2))  # noqa: E731
+    # validation loss of every model first (cheap), then WikiText-2: a time limit still leaves the first
+    for what in ("val", "wikitext"):
+        for s in sorted(ckpts, key=lambda k: (k != "5", k != "2", k)):
+            results[s].update(score(ckpts[s], data, pages if what == "wikitext" else None, args, device))
+            print(f"  ({s}) {results[s]}", flush=True)
+            save()
+    if args.engine_windows:
+        results["2"].update(ptq_on_engine(ptq, root, args, corpus, data, device))
+        save()
 
     r_ft = load_recipe(conv, [*common, *ft])
     r_full = load_recipe(base, [*common, *full])
@@ -374,12 +393,13 @@ def main() -> None:
         from bitnet_cli.eval.runner import evaluate
 
         got = evaluate(root / "float" / "final", ["wikitext"], limit=args.wikitext_pages or None,
-                       data_dir=args.wikitext.parent.parent / "eval")
+                       data_dir=args.wikitext.parent.parent.parent / "eval")
         meta["bitnet_eval_wikitext_word_ppl_float"] = got["results"]["wikitext"]["word_perplexity,none"]
         print(f"  bitnet eval --tasks wikitext on (1): {meta['bitnet_eval_wikitext_word_ppl_float']}", flush=True)
     out = {"settings": SETTINGS, "results": results, "meta": meta}
     (root / "results.json").write_text(json.dumps(out, indent=2))
-    plot(root, results, tokens_per_step, {3: runs[3], 4: runs[4], 5: runs[5]}, runs[6])
+    if all(str(k) in ckpts for k in runs):
+        plot(root, results, tokens_per_step, {3: runs[3], 4: runs[4], 5: runs[5]}, runs[6])
     print(json.dumps(out, indent=2))
 
 
