@@ -133,13 +133,13 @@ def _pool_ptr(pool: ThreadPool | None):
 
 
 def quantize(x: np.ndarray, isa: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [m, k] -> (int8 [m, kp] zero-padded to a multiple of 128, scale float32 [m], sum int32 [m])."""
+    """float32 [m, k] -> (int8 [m, kp] zero-padded to a multiple of BN_BLOCK_K (128), scale float32 [m], sum int32 [m])."""
     ffi, L = lib()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
     m, k = x.shape
-    kp = -(-k // BLOCK_K) * BLOCK_K
+    kp = -(-k // L.BN_BLOCK_K) * L.BN_BLOCK_K
     xq = np.empty((m, kp), dtype=np.int8)
     scale = np.empty(m, dtype=np.float32)
     xsum = np.empty(m, dtype=np.int32)
@@ -154,7 +154,7 @@ def gemm(w: np.ndarray, xq: np.ndarray, xsum: np.ndarray, isa: str | None = None
     ffi, L = lib()
     n, kq = w.shape
     m, kp = xq.shape
-    if kp != 4 * kq or kp % BLOCK_K or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
+    if kp != 4 * kq or kp % L.BN_BLOCK_K or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
         raise BitnetError(f"gemm: shapes/dtypes do not match: w {w.dtype}{w.shape}, xq {xq.dtype}{xq.shape}")
     w, xq = np.ascontiguousarray(w), np.ascontiguousarray(xq)
     xsum = np.ascontiguousarray(xsum, dtype=np.int32)
