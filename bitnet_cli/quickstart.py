@@ -55,7 +55,7 @@ def default_eval_data() -> Path | None:
 def bundled_eval_data() -> Path:
     """The evaluation data shipped with bitnet-cli: the first 400 ARC-Easy test questions
     (CC BY-SA 4.0, see bitnet_cli/data/README.md), in the layout of --data-dir."""
-    return Path(str(resources.files("bitnet_cli") / "data" / "eval"))
+    return bundled("data", "eval")
 
 
 DEFAULT_TASKS = ("arc_easy", "tinyshakespeare_heldout")

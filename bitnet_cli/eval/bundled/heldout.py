@@ -8,7 +8,8 @@ each document is scored with lm-eval's rolling windows as WikiText's pages are.
 from __future__ import annotations
 
 import re
-from importlib import resources
+
+from bitnet_cli.files import bundled
 
 # 4.5% of the corpus's 1,115,394 characters: inside the last 5% of its tokens, which recipes hold
 # out for validation (data.val_fraction 0.05; tokens per character vary little across the text).
@@ -17,7 +18,7 @@ DOC_CHARS = 2_000
 
 
 def heldout_text() -> str:
-    text = (resources.files("bitnet_cli") / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    text = bundled("data", "tinyshakespeare.txt").read_text(encoding="utf-8")
     tail = text[-HELDOUT_CHARS:]
     return tail[tail.index("\n") + 1:]  # from the start of a line
 
