@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +20,8 @@ from rich.markup import escape
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.sampling import SamplingParams
 
 app = typer.Typer(
     name="bitnet",
@@ -30,6 +33,21 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------- options every command spells alike
+# One definition each, so that an option means the same in every command: -t is always --threads
+# (bench sweeps a list of them), --json always prints one JSON object on stdout and nothing else.
+
+SAMPLING = SamplingParams()  # the defaults `bitnet run` shows are the library's
+
+
+def threads_option(what: str = "") -> Optional[int]:
+    return typer.Option(None, "--threads", "-t", help=f"CPU threads{what} (default: the physical cores).")
+
+
+def json_option(what: str) -> bool:
+    return typer.Option(False, "--json", help=f"Print one JSON object on stdout, nothing else there: {what}.")
 
 
 def print_error(message: str) -> None:
@@ -94,7 +112,7 @@ def main(
     """Train, pack, run, evaluate and benchmark BitNet b1.58 ternary LLMs."""
 
 
-# ---------------------------------------------------------------- train (issue 2)
+# ---------------------------------------------------------------- train
 
 
 @app.command("train")
@@ -115,7 +133,7 @@ def train_cmd(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe, parameter count and FLOPs/token, then exit."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result (or the dry run) as JSON on stdout."),
+    json_out: bool = json_option("the result, or the dry run"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
@@ -171,12 +189,7 @@ def train_cmd(
         )
 
 
-# ---------------------------------------------------------------- pack / info (issue 3)
-
-from enum import Enum  # noqa: E402  (kept inside this section: the sections are edited independently)
-
-
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES  # noqa: E402
+# ---------------------------------------------------------------- pack / info
 
 # --embeddings choices: the head types' traits table (adding a type adds the choice)
 EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
@@ -242,7 +255,7 @@ def pack(
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
-    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+    json_output: bool = json_option("the summary (no progress bar)"),
 ):
     """Pack a BitNet b1.58 checkpoint into one ternary file (2 bits per weight), ready to run.
 
@@ -321,7 +334,7 @@ def _tensor_table(tensors: list[dict]):
 def info(
     file: Path = typer.Argument(..., help="A packed model file written by `bitnet pack`."),
     verify: bool = typer.Option(False, "--verify", help="Recompute every tensor's crc32 and compare with the stored checksums (exit 1 on mismatch)."),
-    json_output: bool = typer.Option(False, "--json", help="Print everything (config, metadata, every tensor) as JSON."),
+    json_output: bool = json_option("everything: config, metadata, every tensor"),
 ):
     """Show what a packed model file holds: config, tokenizer, layout, tensors, sizes, checksums.
 
@@ -369,7 +382,7 @@ def info(
                               + (" ..." if len(bad) > 5 else ""))
 
 
-# ---------------------------------------------------------------- run (issue 4)
+# ---------------------------------------------------------------- run
 
 
 @app.command()
@@ -377,17 +390,17 @@ def run(
     model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
-    top_k: int = typer.Option(40, help="Sample among the k likeliest tokens; 0 for no limit."),
-    top_p: float = typer.Option(0.95, help="Sample from the smallest set of tokens with this total probability."),
-    repeat_penalty: float = typer.Option(1.0, help="> 1 discourages the last 64 tokens (1.0: off)."),
+    temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
+    top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
+    top_p: float = typer.Option(SAMPLING.top_p, help="Sample from the smallest set of tokens with this total probability."),
+    repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    threads: Optional[int] = threads_option(),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c", help="Context length in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is an error."
     ),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: the text and timings."),
+    json_output: bool = json_option("the prompt, the text and the timings"),
     chat: bool = typer.Option(
         False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns). When the context fills, the oldest turns are dropped (the system prompt stays)."
     ),
@@ -481,14 +494,14 @@ def serve(
     model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    threads: Optional[int] = threads_option(),
     parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
     ),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
-    json_output: bool = typer.Option(False, "--json", help="Print the start-up facts (URL, memory per slot) as one JSON line."),
+    json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
 ):
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
     together (continuous batching: the weights are read once per step for all of them).
@@ -500,14 +513,13 @@ def serve(
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
     or any OpenAI client with base_url="http://localhost:8000/v1".
     """
-    import json
 
     with user_errors():
         from bitnet_cli.serve.server import serve as run_server
 
         def ready(info: dict) -> None:
             if json_output:
-                print(json.dumps(info), flush=True)
+                print_json(info)
                 return
             err_console.print(
                 f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
@@ -519,22 +531,22 @@ def serve(
                    max_queue=max_queue, model_id=name, ready=ready)
 
 
-# ---------------------------------------------------------------- eval (issue 5)
+# ---------------------------------------------------------------- eval
 
 
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
-    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-T", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data. Required."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
+    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="INTEGER", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
-    json_output: bool = typer.Option(False, "--json", help="Print the results JSON to stdout instead of a table."),
+    json_output: bool = json_option("lm-eval's results, instead of the table"),
 ):
     """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
 
@@ -545,8 +557,9 @@ def eval_cmd(
 
     from rich.table import Table
 
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
     with user_errors("eval"):
+        tasks, threads = _tasks_and_threads(tasks, threads)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
         from bitnet_cli.eval.runner import quiet_lm_eval
 
         quiet_lm_eval()  # before lm-eval is imported: its own bars would fight the rich one
@@ -579,6 +592,20 @@ def eval_cmd(
         console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
 
 
+def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[str, Optional[int]]:
+    """eval's -t was --tasks before it meant --threads as in every command: a -t that is not a
+    number, with no --tasks, is still read as the tasks (with a note), so old scripts keep working."""
+    if threads is not None and not threads.strip().isdigit() and tasks is None:
+        err_console.print("[yellow]note:[/] `bitnet eval -t TASKS` is deprecated: -t is --threads in every command; "
+                          "write --tasks (or -T)", soft_wrap=True, highlight=False)
+        return threads, None
+    if tasks is None:
+        raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout")
+    if threads is not None and not threads.strip().isdigit():
+        raise BitnetError(f"--threads {threads}: not a whole number")
+    return tasks, None if threads is None else int(threads)
+
+
 def _eval_bar():
     """A rich bar on stderr and the evaluate(progress=...) callback that drives it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -608,7 +635,7 @@ def _refused_note(results: dict) -> None:
 
 
 
-# ---------------------------------------------------------------- bench (issue 6)
+# ---------------------------------------------------------------- bench
 
 
 @app.command()
@@ -620,7 +647,7 @@ def bench(
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and the physical cores]."),
+        None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
     what: str = typer.Option("roofline,kernels,e2e", help="Sections to run, comma-separated: "
                              "roofline (memory bandwidth, decode ceiling), kernels (per weight shape), "
@@ -628,7 +655,7 @@ def bench(
     prompts: str = typer.Option("128,512", help="e2e prompt lengths: ppN evaluates N tokens in one call."),
     generate: int = typer.Option(128, help="e2e generation length: tgN decodes N tokens one by one."),
     tokens: str = typer.Option("1,8,32,128", help="Kernel token counts: 1 is the decode GEMV, more is prefill GEMM."),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (no tables)."),
+    json_out: bool = json_option("the results, instead of the tables"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: thread scaling, and decode vs the roofline."),
     cache_dir: Optional[Path] = typer.Option(
         None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
@@ -687,11 +714,11 @@ def bench(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads for generation and eval (default: physical cores)."),
+    threads: Optional[int] = threads_option(" for generation and eval"),
     tasks: str = typer.Option("arc_easy,tinyshakespeare_heldout", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
     limit: int = typer.Option(200, "--limit", min=1, help="Examples per eval task."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
+    json_out: bool = json_option("the summary of every stage, at the end"),
 ):
     """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare,
     [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.

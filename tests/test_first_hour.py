@@ -188,3 +188,55 @@ def test_bench_kernel_table_of_2b4t_shapes_fits_80_columns():
     text = console.export_text()
     assert "6912x2560" in text and "gate,up" in text and "12,346 (1.0x)" in text
     assert all(len(line) <= 80 for line in text.splitlines())
+
+
+# ---------------------------------------------------------------- one dialect (issue 11)
+
+
+def _options(command: str) -> dict[str, tuple[str, ...]]:
+    import typer.main
+
+    click_cmd = typer.main.get_command(app).commands[command]
+    return {p.name: tuple(p.opts) for p in click_cmd.params}
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "bench", "quickstart", "serve"])
+def test_minus_t_is_threads_in_every_command(command):
+    opts = _options(command)
+    assert set(opts["threads"]) == {"--threads", "-t"}
+    assert all("-t" not in spelled for name, spelled in opts.items() if name != "threads")
+
+
+def test_every_json_flag_says_the_same_thing():
+    import typer.main
+
+    helps = set()
+    for name, click_cmd in typer.main.get_command(app).commands.items():
+        for p in click_cmd.params:
+            if "--json" in p.opts:
+                helps.add(p.help.split(":")[0])
+    assert helps == {"Print one JSON object on stdout, nothing else there"}
+
+
+def test_run_sampling_defaults_are_the_library_s():
+    from bitnet_cli.sampling import SamplingParams
+
+    opts = {p.name: p.default for p in __import__("typer.main").main.get_command(app).commands["run"].params}
+    d = SamplingParams()
+    assert (opts["temperature"], opts["top_k"], opts["top_p"], opts["repeat_penalty"]) == (
+        d.temperature, d.top_k, d.top_p, d.repeat_penalty)
+
+
+def test_eval_old_minus_t_for_tasks_still_works_with_a_note(tmp_path, monkeypatch):
+    """`eval MODEL -t arc_easy` (the old spelling): read as the tasks, with a deprecation note; the
+    command then goes on (here to the offline error, which names what it would have scored)."""
+    monkeypatch.delenv("BITNET_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"x")
+    result = runner.invoke(app, ["eval", str(model), "-t", "arc_easy"])
+    assert result.exit_code == 1 and "deprecated" in result.output and "--tasks" in result.output
+    assert "--data-dir" in result.output  # it got as far as the tasks' data
+    result = runner.invoke(app, ["eval", str(model), "-t", "2"])
+    assert result.exit_code == 1 and "give the tasks" in _one_error_line(result.output)
