@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.sampling import SamplingParams
 
@@ -70,7 +70,7 @@ def user_errors(extra: str | None = None):
     try:
         yield
     except BitnetError as e:
-        print_error(str(e))
+        print_error(as_flags(e))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")

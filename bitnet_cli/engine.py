@@ -244,17 +244,17 @@ class Engine(kernels.CResource):
         if threads is None:
             threads = min(kernels.physical_cores(), smallest)
         if type(threads) is not int or threads < 1:
-            raise BitnetError(f"--threads must be a positive integer, got {threads!r}")
+            raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
         limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
         if threads > limit:
-            raise BitnetError(f"--threads {threads} is more than this model can use (at most {limit}: "
-                              f"its smallest weight matrix has {smallest} rows)")
+            raise BitnetError(f"threads {threads} is more than this model can use (at most {limit}: "
+                              f"its smallest weight matrix has {smallest} rows)", param="threads")
         max_ctx = d.max_position_embeddings
         if ctx_size is None:
             ctx_size = min(max_ctx, DEFAULT_CTX)
         if type(ctx_size) is not int or not 1 <= ctx_size <= max_ctx:
-            raise BitnetError(f"--ctx-size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
-                              f"got {ctx_size!r}")
+            raise BitnetError(f"ctx_size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
+                              f"got {ctx_size!r}", param="ctx_size")
         engine = cls(pm, threads, ctx_size, isa_id)
         engine.load_s = time.perf_counter() - t0
         return engine
@@ -412,7 +412,7 @@ class Engine(kernels.CResource):
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         if type(max_tokens) is not int or max_tokens < 0:
-            raise BitnetError(f"--max-tokens must be >= 0, got {max_tokens!r}")
+            raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")

@@ -240,3 +240,14 @@ def test_eval_old_minus_t_for_tasks_still_works_with_a_note(tmp_path, monkeypatc
     assert "--data-dir" in result.output  # it got as far as the tasks' data
     result = runner.invoke(app, ["eval", str(model), "-t", "2"])
     assert result.exit_code == 1 and "give the tasks" in _one_error_line(result.output)
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_options():
+    from bitnet_cli.errors import BitnetError, as_flags
+    from bitnet_cli.sampling import SamplingParams
+
+    with pytest.raises(BitnetError) as e:
+        SamplingParams(top_p=0).check()
+    assert str(e.value).startswith("top_p must be in (0, 1]") and "--" not in str(e.value)
+    assert as_flags(e.value).startswith("--top-p must be in (0, 1]")
+    assert as_flags(BitnetError("a message about nothing in particular")) == "a message about nothing in particular"

@@ -89,9 +89,9 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None) -> dict:
     """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the best)."""
     if repeat < 1:
-        raise BitnetError(f"--repeat must be at least 1, got {repeat}")
+        raise BitnetError(f"repeat must be at least 1, got {repeat}", param="repeat")
     if generate < 1:
-        raise BitnetError(f"--generate must be at least 1, got {generate}")
+        raise BitnetError(f"generate must be at least 1, got {generate}", param="generate")
     per_token = bytes_per_token(target.config, target.embeddings)
     prompts, generate, clipped = fit_to_context(list(prompts), generate, context_length(target))
     results = {

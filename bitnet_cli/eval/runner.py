@@ -42,11 +42,11 @@ def evaluate(
     from bitnet_cli.eval.tasks import bundled_task_names, check_task_names, task_manager
 
     if not tasks:
-        raise BitnetError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
+        raise BitnetError("no tasks given (e.g. arc_easy,hellaswag)", param="tasks")
     if num_fewshot is not None and num_fewshot < 0:
-        raise BitnetError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+        raise BitnetError(f"num_fewshot {num_fewshot}: must be 0 or more", param="num_fewshot")
     if limit is not None and limit <= 0:
-        raise BitnetError(f"--limit {limit:g}: must be positive")
+        raise BitnetError(f"limit {limit:g}: must be positive", param="limit")
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
@@ -161,7 +161,8 @@ def check_output(path: str | Path, *, force: bool = False, inputs=()) -> Path:
             source = Path(given).resolve()
             target = out.resolve()
             if target == source or (source.is_dir() and target.is_relative_to(source)):
-                raise BitnetError(f"--output {out}: is an input of this evaluation ({given}); choose another file")
+                raise BitnetError(f"output {out}: is an input of this evaluation ({given}); choose another file",
+                                  param="output")
     check_output_path(out, force=force)
     return out
 

@@ -188,7 +188,7 @@ def _indexed_task_manager() -> TaskManager:
 def task_manager(data_dir: str | Path | None = None, num_fewshot: int | None = None) -> TaskManager:
     """lm-eval's TaskManager; with ``data_dir`` its hub datasets come from local files."""
     if data_dir is not None and not Path(data_dir).is_dir():  # before the index is built (seconds)
-        raise BitnetError(f"--data-dir {data_dir}: no such directory")
+        raise BitnetError(f"data_dir {data_dir}: no such directory", param="data_dir")
     tm = copy.copy(_indexed_task_manager())
     if data_dir is not None:
         data_dir = Path(data_dir)
