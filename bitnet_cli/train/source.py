@@ -94,21 +94,37 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
 
 
 def student_config(src: Source, quant: str, insert_subln: bool) -> BitNetConfig:
-    """The config of the converted model: the source's shape, RoPE and vocabulary, our quantisation."""
-    where = f"{src.path / 'config.json'}"
-    if src.model_type == "bitnet":
-        if insert_subln:
+    """The config of the converted model: the source's shape, RoPE and vocabulary, our quantisation.
+
+    ``insert_subln`` turns the source into the BitNet b1.58 family (sub-norms before o_proj and
+    down_proj) keeping its activation, RoPE and head: transformers' BitNet reads ``hidden_act``.
+    """
+    d = dict(src.config)
+    d.pop("quantization_config", None)
+    if insert_subln:
+        if src.model_type == "bitnet":
             raise BitnetError(f"model.insert_subln: {src.where} is a BitNet model and has its sub-norms already")
-        try:
-            cfg = BitNetConfig.from_hf_dict(src.config)
-        except BitnetError as e:
-            raise BitnetError(f"{where}: {e}") from None
-        return dataclasses.replace(cfg, quant=quant)
-    raise BitnetError(f"{where}: model_type {src.model_type!r} is not supported")  # open_source refused it
+        # the source family's own defaults, made explicit before the model_type changes
+        d.setdefault("hidden_act", "silu")
+        d.setdefault("tie_word_embeddings", False)
+        d["model_type"], d["architectures"] = "bitnet", ["BitNetForCausalLM"]
+    try:
+        cfg = BitNetConfig.from_hf_dict(d)
+    except BitnetError as e:
+        raise BitnetError(f"{src.path / 'config.json'}: {e}") from None
+    return dataclasses.replace(cfg, quant=quant)
 
 
-def load_weights(src: Source, model: BitNetForCausalLM) -> None:
-    """Copy the source's tensors into ``model`` by name, checking that nothing is missing or left over."""
+def _inserted(name: str) -> bool:
+    """A tensor ``insert_subln`` adds (initialised to ones), which the source does not have."""
+    return name.endswith(("self_attn.attn_sub_norm.weight", "mlp.ffn_sub_norm.weight"))
+
+
+def load_weights(src: Source, model: BitNetForCausalLM, insert_subln: bool = False) -> None:
+    """Copy the source's tensors into ``model`` by name, checking that nothing is missing or left over.
+
+    With ``insert_subln`` the sub-norms the source lacks are set to ones (the identity scale).
+    """
     expected = model.hf_state_dict()
     names = [n for n in src.tensors if not n.endswith(_DERIVED)]
     leftover = sorted(set(names) - set(expected))
@@ -122,10 +138,14 @@ def load_weights(src: Source, model: BitNetForCausalLM) -> None:
         raise BitnetError(f"{src.where}: tensors the converted model has no place for (they would be dropped): "
                           f"{', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
     missing = sorted(set(expected) - set(names))
+    inserted = [n for n in missing if insert_subln and _inserted(n)]
+    missing = [n for n in missing if n not in inserted]
     if missing:
         raise BitnetError(f"{src.where}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    state = {}
+    state = {name: torch.ones(expected[name].shape) for name in inserted}
     for name, ref in expected.items():
+        if name in state:
+            continue
         shape = tuple(src.tensors[name][1].shape)
         if shape != tuple(ref.shape):
             raise BitnetError(f"{src.where}: tensor {name} has shape {shape}, its config implies {tuple(ref.shape)}")
