@@ -355,3 +355,11 @@ def test_converted_llama_trains_packs_and_runs(tmp_path, test_tokenizer_dir, ins
         got = eng.forward(ids)
     with PackedModel.open(tmp_path / "m.bin") as pm:
         assert abs(got - reference.forward(pm, ids)).max() < 1e-3
+
+
+def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_dir):
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "Qwen3ForCausalLM", head_dim=16)
+    r = load_recipe(None, data=convert_recipe(src))
+    with pytest.raises(BitnetError, match="qwen3 model, which cannot be converted yet: Qwen3's per-head q_norm/k_norm"):
+        train(r, out_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()

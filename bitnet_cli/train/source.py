@@ -26,6 +26,12 @@ from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 # model_type -> what it is, as the refusal message and the docs list it.
 ACCEPTED = {
     "bitnet": "BitNet b1.58 (BitNetForCausalLM) with float weights, e.g. one of our `quant: none` runs",
+    "llama": "Llama (LlamaForCausalLM: Llama 2/3 with default or llama3 RoPE, and Llama-architecture models)",
+}
+# Architectures we know and refuse, with what stands in the way (named in the refusal).
+REFUSED = {
+    "qwen3": "Qwen3's per-head q_norm/k_norm (RMSNorm on queries and keys before RoPE) are not in the packed "
+             "format or the C engine",
 }
 # Tensors some checkpoints carry that are derived, not learned (recomputed from the config).
 _DERIVED = ("rotary_emb.inv_freq",)
@@ -76,6 +82,9 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
     if not isinstance(config, dict):
         raise BitnetError(f"{what}: {path / 'config.json'} is not a JSON object")
     mt = config.get("model_type")
+    if mt in REFUSED:
+        raise BitnetError(f"{what}: {path / 'config.json'} is a {mt} model, which cannot be converted yet: "
+                          f"{REFUSED[mt]}")
     if mt not in ACCEPTED:
         accepted = "; ".join(f"{k}: {v}" for k, v in ACCEPTED.items())
         raise BitnetError(f"{what}: {path / 'config.json'} has model_type {mt!r} "
