@@ -26,7 +26,6 @@ from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 # model_type -> what it is, as the refusal message and the docs list it.
 ACCEPTED = {
     "bitnet": "BitNet b1.58 (BitNetForCausalLM) with float weights, e.g. one of our `quant: none` runs",
-    "llama": "Llama (LlamaForCausalLM: Llama 2/3 with default or llama3 RoPE, and Llama-architecture models)",
 }
 # Architectures we know and refuse, with what stands in the way (named in the refusal).
 REFUSED = {
