@@ -402,9 +402,10 @@ class Engine(kernels.CResource):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> Generation:
+    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128,
+                 temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
+                 top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
+                 seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
         Stops at an end-of-sequence token, at any of the `stop` strings (not included in the
