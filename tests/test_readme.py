@@ -3,7 +3,7 @@ after a (shortened) `bitnet quickstart`: the README's examples stay true.
 
 A line fails the test if it exits non-zero, unless the README says on that line that it fails
 ("# fails: ..."). Lines that cannot run here are listed in SKIP with the reason; `bitnet train`
-lines train 20 steps instead of the recipe's hundreds (the same recipe, the same code path).
+lines train 8 steps instead of the recipe's hundreds (the same recipe, the same code path).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ SKIP = {
     "--shape 2b4t": "writes a 1.2 GB synthetic model and takes minutes",
     "benchmarks/": "regenerates the published figures (long; llama.cpp binaries)",
 }
-SHORT_TRAINING = ["--set", "train.steps=20", "--set", "train.eval_every=10", "--set", "train.checkpoint_every=10"]
+SHORT_TRAINING = ["--set", "train.steps=8", "--set", "train.eval_every=4", "--set", "train.checkpoint_every=4",
+                  "--set", "train.eval_batches=2"]
 
 
 def readme_blocks() -> list[tuple[str, list[str]]]:
