@@ -200,12 +200,18 @@ class Engine:
 
     @classmethod
     def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None) -> "Engine":
-        """Open a packed model (`bitnet pack` output). threads: default physical cores; ctx_size:
+        """Open a packed model (`bitnet pack` output) or a GGUF (imported once, then cached). threads: default physical cores; ctx_size:
         default min(max_position_embeddings, 4096); isa: default $BITNET_ISA or the best available."""
         from bitnet_cli.pack import PackedModel
 
+        from bitnet_cli.gguf.reader import is_gguf
+
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
+        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.gguf.cache)
+            from bitnet_cli.gguf.cache import packed_path
+
+            path = packed_path(Path(path))
         pm = PackedModel.open(path)
         d = pm.dims
         size = Path(path).stat().st_size

@@ -7,6 +7,11 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """Where bitnet-cli caches files it can remake (synthetic models, imported GGUF): $XDG_CACHE_HOME/bitnet-cli."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bitnet-cli"
+
+
 def publish(tmp, out: Path) -> Path:
     """Rename a finished temporary file onto `out`, with the permissions an ordinary new file gets.
 

@@ -251,3 +251,22 @@ def test_corrupt_i2s_code_names_the_tensor(ckpt, tmp_path):
     (tmp_path / "bad.gguf").write_bytes(bytes(data))
     with pytest.raises(BitnetError, match=r"bad.gguf: tensor 'blk.1.ffn_up.weight': 2-bit code 3"):
         pack_checkpoint(tmp_path / "bad.gguf", tmp_path / "x.bin")
+
+
+def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, monkeypatch):
+    from bitnet_cli.engine import Engine
+
+    monkeypatch.setenv("BITNET_GGUF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
+    def greedy(path):
+        with Engine.load(path, threads=1) as e:
+            gen = e.generate("Hello there", max_tokens=32, temperature=0)
+            "".join(gen)
+            return gen.token_ids
+
+    want = greedy(reference["f16"])
+    assert len(want) == 32
+    for _ in range(2):  # the second load finds the cached import
+        assert greedy(out) == want
+    assert len(list((tmp_path / "cache").iterdir())) == 1

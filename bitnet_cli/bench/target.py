@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import cache_root
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bitnet-cli" / "synthetic"
+    return cache_root() / "synthetic"
 
 
 @dataclass
