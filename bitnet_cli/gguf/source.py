@@ -69,7 +69,7 @@ def _norm_meta(gf: GGUFFile, arch: str) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": num("attention.head_count_kv", default=heads),
         "head_dim": head_dim,
-        "rms_norm_eps": num("attention.layer_norm_rms_eps", float, 1e-5),
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon", float, 1e-5),
         "rope_theta": num("rope.freq_base", float, 10000.0),
         "max_position_embeddings": num("context_length", default=2048),
     }
