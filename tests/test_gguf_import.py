@@ -270,3 +270,26 @@ def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, mo
     for _ in range(2):  # the second load finds the cached import
         assert greedy(out) == want
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+@pytest.mark.parametrize("gguf_type", ["i2_s", "tq2_0"])
+def test_every_exported_metadata_key_is_one_llama_cpp_reads(ckpt, tmp_path, gguf_type):
+    gguf = pytest.importorskip("gguf")
+    from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
+
+    known = []
+
+    def walk(cls):
+        for value in vars(cls).values():
+            if isinstance(value, str) and "." in value:
+                known.append(value)
+            elif isinstance(value, type):
+                walk(value)
+
+    walk(gguf.Keys)
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type=gguf_type)
+    with GGUFFile.open(out) as gf:
+        arch = gf.metadata["general.architecture"]
+        known = {k.replace("{arch}", arch) for k in known} | {HIDDEN_ACT_KEY}
+        assert set(gf.metadata) <= known, set(gf.metadata) - known
