@@ -1,6 +1,6 @@
 """Import a 2B4T-sized I2_S GGUF with `bitnet pack` and report wall time and peak RSS (issue: < 1.5 GB, < 60 s).
 
-    python benchmarks/gguf_import.py [--workdir /tmp] [--bitnet-cpp /tmp/anchors/bitnet.cpp] [--keep]
+    python benchmarks/gguf_import.py [--workdir /tmp] [--bitnet-cpp /tmp/anchors/bitnet.cpp] [--anchors DIR] [--keep]
 
 The GGUF is made the way the official one was: ../shared/anchors/gguf_b158.py writes an F16
 `bitnet-b1.58` file of the 2B4T shape (random trits x 0.03, a synthetic 128,256-token
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ANCHORS = REPO.parent / "shared" / "anchors"
 
 
 def timed(cmd: list) -> dict:
@@ -35,9 +34,9 @@ def timed(cmd: list) -> dict:
     return {"seconds": round(wall, 1), "peak_rss_mb": round(rss / 1024, 1)}
 
 
-def gguf_files(work: Path, bcpp: Path) -> dict[str, Path]:
+def gguf_files(work: Path, bcpp: Path, anchors: Path) -> dict[str, Path]:
     quantize = bcpp / "build" / "bin" / "llama-quantize"
-    script = ANCHORS / "gguf_b158.py"
+    script = anchors / "gguf_b158.py"
     if quantize.is_file() and script.is_file():
         f16 = work / "f16.gguf"
         subprocess.run([sys.executable, script, f16], check=True)
@@ -63,12 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--bitnet-cpp", type=Path, default=Path("/tmp/anchors/bitnet.cpp"))
+    ap.add_argument("--anchors", type=Path, default=REPO.parent / "shared" / "anchors", help="holds gguf_b158.py")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gguf_import.", dir=args.workdir))
     results = []
     try:
-        for label, gguf in gguf_files(work, args.bitnet_cpp).items():
+        for label, gguf in gguf_files(work, args.bitnet_cpp, args.anchors).items():
             out = work / "imported.bin"
             r = timed([sys.executable, "-m", "bitnet_cli.cli", "pack", gguf, out, "--force", "--json"])
             results.append({"gguf": label, "gguf_mb": round(gguf.stat().st_size / 1e6, 1),
