@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitnet_cli.arch import ModelDims
+from bitnet_cli.checkpoint import read_json, tensor_files
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
@@ -165,19 +165,46 @@ class BitLinear(nn.Linear):
     identity): torch.compile fuses it, whereas a custom autograd.Function lost its gradient
     under torch.compile in torch 2.11. Without gradients the quantised tensors are used as they
     are, bit for bit transformers' arithmetic.
+
+    Quantisation warm-up (converting a float model): while ``warming`` is set, weights and
+    activations are ``v + lam * (q(v) - v).detach()``, the Hugging Face 1.58-bit fine-tuning
+    recipe, with ``lam`` a 0-d buffer set in place every step (:func:`set_quant_lambda`), so a
+    compiled model sees a changing tensor rather than a new constant to recompile for. ``lam = 0``
+    is exactly the float layer, and once warm-up ends ``warming`` is cleared and the layer is
+    exactly the plain BitLinear above.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("lam", torch.ones(()), persistent=False)
+        self.warming = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if torch.is_grad_enabled():
+        if self.warming:
+            lam = self.lam.to(x.dtype)
+            x = x + lam * (_quant_activation(x) - x).detach()
+            w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
+        elif torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
         else:
             x, w = _quant_activation(x), _quant_weight(w)
         return F.linear(x, w)
+
+
+def set_quant_lambda(model: nn.Module, lam: float) -> None:
+    """Set the quantisation strength of every BitLinear: 0 (float) to 1 (fully ternary).
+
+    Below 1 the layers blend (``warming``); at 1 they return to the exact BitNet forward.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quantisation lambda must be in [0, 1], got {lam}")
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.warming = lam < 1.0
+            with torch.no_grad():
+                m.lam.fill_(lam)
 
 
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
@@ -341,10 +368,9 @@ class BitNetForCausalLM(nn.Module):
         cfg_path = ckpt / "config.json"
         if not cfg_path.is_file():
             raise BitnetError(f"{ckpt}: no config.json (expected a checkpoint directory in HF layout)")
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BitnetError(f"{cfg_path}: not valid JSON ({e})") from None
+        cfg_dict = read_json(cfg_path, "model config")
+        if not isinstance(cfg_dict, dict):
+            raise BitnetError(f"{cfg_path}: not a JSON object")
         config = BitNetConfig.from_hf_dict(cfg_dict, str(cfg_path))
         if quant is not None:
             config = dataclasses.replace(config, quant=quant)
@@ -366,6 +392,7 @@ class BitNetForCausalLM(nn.Module):
                     f"{ckpt}: tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(ref.shape)}"
                 )
         model = model.to_empty(device=device)
+        set_quant_lambda(model, 1.0)  # to_empty left the non-persistent lambda buffers uninitialised
         state = {k: v.to(dtype) for k, v in state.items() if k in expected}
         model.load_state_dict(state, strict=False, assign=False)
         if config.tie_word_embeddings:
@@ -374,21 +401,12 @@ class BitNetForCausalLM(nn.Module):
 
 
 def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (the files bitnet_cli.checkpoint finds and checks)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (ckpt / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise BitnetError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = ckpt / name
-        if not path.is_file():
-            raise BitnetError(f"{path}: shard named in the index is missing")
+    for path in tensor_files(ckpt):
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:

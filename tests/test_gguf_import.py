@@ -256,7 +256,7 @@ def test_corrupt_i2s_code_names_the_tensor(ckpt, tmp_path):
 def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, monkeypatch):
     from bitnet_cli.engine import Engine
 
-    monkeypatch.setenv("BITNET_GGUF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "m.gguf"
     pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
     def greedy(path):
@@ -269,7 +269,7 @@ def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, mo
     assert len(want) == 32
     for _ in range(2):  # the second load finds the cached import
         assert greedy(out) == want
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
 
 
 @pytest.mark.parametrize("gguf_type", ["i2_s", "tq2_0"])

@@ -2,14 +2,13 @@
 `bitnet pack model.gguf out.bin` into a cached packed file, which the engine then memory-maps.
 
 The cache entry is keyed by the GGUF's resolved path, size and modification time, so an edited
-or replaced file is imported again; entries live in $XDG_CACHE_HOME/bitnet-cli/gguf (or
-$BITNET_GGUF_CACHE) and can be deleted at any time.
+or replaced file is imported again; entries live in `files.cache_root()`/gguf ($BITNET_CACHE, else
+$XDG_CACHE_HOME/bitnet-cli, else ~/.cache/bitnet-cli) and can be deleted at any time.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from bitnet_cli.files import cache_root
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("BITNET_GGUF_CACHE") or cache_root() / "gguf")
+    return cache_root() / "gguf"
 
 
 def packed_path(gguf: Path, quiet: bool = False) -> Path:
@@ -39,7 +38,7 @@ def packed_path(gguf: Path, quiet: bool = False) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BitnetError(f"{out.parent}: cannot create the GGUF import cache ({e.strerror or e}); "
-                          "set BITNET_GGUF_CACHE to a writable directory") from None
+                          "set BITNET_CACHE to a writable directory") from None
     if not quiet:
         print(f"importing {gguf} into {out} (once; `bitnet pack {gguf.name} out.bin` does the same)", file=sys.stderr)
     summary = pack_checkpoint(gguf, out, force=True)
