@@ -9,7 +9,7 @@ then for each prompt generates N tokens greedily in both: `bitnet run --temperat
 bitnet.cpp's `llama-cli --temp 0 --top-k 1 -ignore-eos`. Both quantise activations to int8 per
 token and accumulate exactly in integers, so on a well-trained model the texts agree; differences
 can only come from float rounding (RMSNorm, attention, softmax) when two logits are within it.
-Prints JSON: per prompt both texts, the number of leading tokens that agree, and whether all agree.
+Prints JSON: per prompt both texts, whether the texts (and their tokenisations) agree, and whether all do.
 bitnet.cpp: build it from ../shared/anchors (README there); its older llama-cli echoes the prompt.
 """
 
@@ -67,10 +67,9 @@ def main() -> None:
             text = ours(packed, prompt, args.n)
             other = theirs(cli, gguf, prompt, args.n)
             ids = tok.encode(text, add_special_tokens=False).ids  # both texts in the same tokenisation
-            other_ids = tok.encode(other, add_special_tokens=False).ids
-            agree = next((i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b), min(len(ids), len(other_ids)))
+            other_ids = tok.encode(other[:len(text)], add_special_tokens=False).ids  # llama-cli ends with newlines
             rows.append({"prompt": prompt, "bitnet_run": text, "llama_cli": other, "tokens": args.n,
-                         "leading_tokens_equal": agree, "same_text": text == other[:len(text)] and len(other) >= len(text)})
+                         "same_tokens": ids == other_ids, "same_text": text == other[:len(text)] and len(other) >= len(text)})
     print(json.dumps({"checkpoint": str(args.checkpoint), "all_same": all(r["same_text"] for r in rows),
                       "results": rows}, indent=2, ensure_ascii=False))
 

@@ -40,9 +40,9 @@ def hf_packed(tmp_path_factory):
 
 
 def transformers_ternary(ckpt: Path) -> dict:
-    """name -> (trits, gamma) exactly as transformers' BitNet (and bitnet.cpp's preprocess) compute them, in torch:
-    s = 1 / clamp(mean|W|, 1e-5), T = clamp(round(W s), -1, 1), gamma = 1 / s. torch's fp32 mean can differ from
-    the correctly rounded one our packer uses by one ulp, so gamma is checked against torch's own arithmetic."""
+    """name -> (trits, gamma) as transformers' BitNet (and bitnet.cpp's preprocess) compute them, in torch:
+    s = 1 / clamp(mean|W|, 1e-5), T = clamp(round(W s), -1, 1), gamma = 1 / s. torch's fp32 mean depends on
+    its thread count in the last bit, so gammas are compared to one ulp here, and bit for bit with the file."""
     import torch
     from safetensors.torch import load_file
 
@@ -51,6 +51,18 @@ def transformers_ternary(ckpt: Path) -> dict:
         if w.ndim == 2 and "embed_tokens" not in name:
             s = 1 / w.float().abs().mean().clamp(min=1e-5)
             out[name] = ((w * s).round().clamp(-1, 1).to(torch.int8).numpy(), (1 / s).numpy())
+    return out
+
+
+def stored_scales(path: Path) -> dict:
+    """GGUF tensor name -> the ternary scale as the file stores it: I2_S's trailing float32, or max|w| of floats."""
+    out = {}
+    with GGUFFile.open(path) as gf:
+        for t in gf.tensors.values():
+            if t.type_name == "I2_S":
+                out[t.name] = gf.raw(t.name, t.count // 4, 4).view("<f4")[0]
+            elif t.type_name == "F32" and len(t.dims) == 2 and t.name != "token_embd.weight":
+                out[t.name] = np.abs(gf.raw(t.name).view("<f4")).max()
     return out
 
 
@@ -77,15 +89,19 @@ def greedy(path, n=32):
         return out
 
 
-def compare(ours, ref, exact_embedding: bool):
+def compare(ours, ref, source: Path, exact_embedding: bool):
+    from bitnet_cli.arch import gguf_name
+
     ref, ternary = ref
+    stored = stored_scales(source)
     with PackedModel.open(ours) as a, PackedModel.open(ref) as b:
         assert a.dims == b.dims and a.names == b.names
         for name in a.names:
             if name in ternary:
                 trits, gamma = a.ternary(name)
                 np.testing.assert_array_equal(trits, ternary[name][0], err_msg=name)
-                assert gamma == ternary[name][1], name  # bit for bit: the scale bitnet.cpp stored is transformers'
+                assert gamma == stored[gguf_name(name)], name  # the scale bitnet.cpp stored, kept bit for bit
+                assert abs(gamma - ternary[name][1]) <= np.spacing(gamma), name  # which is transformers'
             elif name.endswith("_scale") and name[: -len("_scale")] in ternary:
                 continue
             elif "embed_tokens" not in name or exact_embedding:
@@ -102,7 +118,7 @@ def test_lossless_fixtures_import_identical_to_the_hf_checkpoint(hf_packed, tmp_
     src = gguf_path(fixture, tmp_path)
     summary = pack_checkpoint(src, tmp_path / "m.bin")
     assert summary.embeddings == "f16"
-    compare(tmp_path / "m.bin", hf_packed[model], exact_embedding=True)
+    compare(tmp_path / "m.bin", hf_packed[model], src, exact_embedding=True)
     assert greedy(tmp_path / "m.bin") == greedy(hf_packed[model][0])
     with GGUFFile.open(src) as gf:
         assert gf.metadata["general.architecture"] == "bitnet-25"
@@ -114,7 +130,7 @@ def test_quantised_head_fixtures_keep_trits_and_dequantise_the_head_exactly(hf_p
     summary = pack_checkpoint(DATA / fixture, tmp_path / "m.bin")
     assert summary.embeddings == "f16"
     assert any(f"'token_embd.weight' ({kind}, dequantised exactly) stored as --embeddings f16" in n for n in summary.notes)
-    compare(tmp_path / "m.bin", hf_packed[model], exact_embedding=False)
+    compare(tmp_path / "m.bin", hf_packed[model], DATA / fixture, exact_embedding=False)
     with GGUFFile.open(DATA / fixture) as gf, PackedModel.open(tmp_path / "m.bin") as pm, \
             PackedModel.open(hf_packed[model][0]) as ref:
         t = gf.tensor("token_embd.weight")
