@@ -420,6 +420,19 @@ def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def count_parameters(config: BitNetConfig, exclude_embeddings: bool = False) -> int:
+    """BitNetForCausalLM(config).num_parameters(), from the shape alone (no model is built).
+
+    Per layer: the seven projections and four RMSNorms (input, post-attention, attn_sub_norm over
+    the concatenated heads, ffn_sub_norm); then the final norm, and an untied head.
+    """
+    h, f, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    q, kv = config.num_attention_heads * config.dim_per_head, config.num_key_value_heads * config.dim_per_head
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * f + (2 * h + q + f)
+    n = V * h + L * per_layer + h + (0 if config.tie_word_embeddings else V * h)
+    return n - V * h if exclude_embeddings else n
+
+
 def flops_per_token(config: BitNetConfig, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting.
 

@@ -7,9 +7,9 @@ engine can memory-map it and hand pointers to SIMD kernels with no copy and no u
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ import numpy as np
 from bitnet_cli import __version__
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes, stored_suffixes
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
@@ -33,6 +33,19 @@ CONVERTER = f"bitnet-cli {__version__}"
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+
+
+# The largest dimensions the packer and the C engine accept (int32 arithmetic in the kernels,
+# and far beyond any published model). The training recipe's schema uses the same bounds.
+DIM_LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "max_position_embeddings": 1 << 24,
+}
 
 
 @dataclass(frozen=True)
@@ -53,50 +66,57 @@ class ModelDims:
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config") -> "ModelDims":
-        def positive_int(key, default=None, limit=1 << 24):
-            value = config.get(key, default)
+        def positive_int(key, default=None):
+            value, limit = config.get(key, default), DIM_LIMITS[key]
             if type(value) is not int or not 0 < value <= limit:
-                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {value!r}")
+                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {_short(value)}")
             return value
 
-        heads = positive_int("num_attention_heads", limit=4096)
+        heads = positive_int("num_attention_heads")
         kv_heads = config.get("num_key_value_heads") or heads
-        hidden = positive_int("hidden_size", limit=1 << 17)
+        hidden = positive_int("hidden_size")
         head_dim = config.get("head_dim") or (hidden // heads)
         if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
-            raise BitnetError(f"{where}: num_key_value_heads={kv_heads!r} must divide num_attention_heads={heads}")
+            raise BitnetError(f"{where}: num_key_value_heads={_short(kv_heads)} must divide num_attention_heads={heads}")
         if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim * heads != hidden:
             raise BitnetError(
-                f"{where}: head_dim={head_dim!r} x num_attention_heads={heads} must equal hidden_size={hidden} "
+                f"{where}: head_dim={_short(head_dim)} x num_attention_heads={heads} must equal hidden_size={hidden} "
                 "(attn_sub_norm normalises the concatenated heads) and be even (RoPE)"
             )
         act = config.get("hidden_act", "relu2")
         if act != "relu2":
-            raise BitnetError(f"{where}: hidden_act={act!r} is not supported (BitNet b1.58 uses relu2)")
+            raise BitnetError(f"{where}: hidden_act={_short(act)} is not supported (BitNet b1.58 uses relu2)")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise BitnetError(f"{where}: attention/MLP biases are not supported")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BitnetError(f"{where}: RoPE scaling {rope!r} is not supported (only default RoPE)")
+            raise BitnetError(f"{where}: RoPE scaling {_short(rope)} is not supported (only default RoPE)")
         theta = rope.get("rope_theta", config.get("rope_theta", 500000.0))
         eps = config.get("rms_norm_eps", 1e-5)
-        if not isinstance(theta, (int, float)) or theta <= 0 or not isinstance(eps, (int, float)) or eps <= 0:
-            raise BitnetError(f"{where}: bad rope_theta={theta!r} or rms_norm_eps={eps!r}")
+        for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
+            # bool is an int, NaN and inf are floats: none of them is a usable constant here
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise BitnetError(f"{where}: {key} must be a positive finite number, got {_short(value)}")
         quant = config.get("quantization_config") or {}
+        if not isinstance(quant, dict):
+            raise BitnetError(f"{where}: quantization_config must be a JSON object, got {_short(quant)}")
         if quant.get("use_rms_norm"):
             raise BitnetError(f"{where}: quantization_config.use_rms_norm=true is not supported")
+        tie = config.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise BitnetError(f"{where}: tie_word_embeddings must be true or false, got {_short(tie)}")
         return cls(
             vocab_size=positive_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=positive_int("intermediate_size", limit=1 << 20),
-            num_layers=positive_int("num_hidden_layers", limit=4096),
+            intermediate_size=positive_int("intermediate_size"),
+            num_layers=positive_int("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
             rope_theta=float(theta),
             max_position_embeddings=positive_int("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tie,
         )
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
@@ -109,6 +129,15 @@ class ModelDims:
 
     def norm_size(self, norm: str) -> int:
         return self.intermediate_size if norm == "mlp.ffn_sub_norm" else self.hidden_size
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr of a value from an untrusted file, cut short (a 5,000-digit number stays readable)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long for repr
+        text = f"<int of {value.bit_length()} bits>" if isinstance(value, int) else "<unprintable>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def normalized_config(config: dict, dims: ModelDims) -> dict:
@@ -218,9 +247,9 @@ class PackedWriter:
         self._next = 0
         self._crc = 0
         self._written = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
+        self._temp = TempFile(self.out)
+        self.tmp = self._temp.path
+        self.f = os.fdopen(os.dup(self._temp.fd), "wb")  # the dup shares the temp file's lock
         self.f.write(self.header)
 
     def _header(self) -> bytes:
@@ -275,15 +304,13 @@ class PackedWriter:
         assert len(header) == self.data_start, "checksums changed the header length"
         self.f.write(header)
         self.f.truncate(self.total_bytes)  # pads are holes: zero bytes on every filesystem
-        self.f.flush()
-        os.fsync(self.f.fileno())
         self.f.close()
-        return publish(self.tmp, self.out)
+        return self._temp.publish()
 
     def abort(self) -> None:
         if not self.f.closed:
             self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._temp.discard()
 
     def __enter__(self):
         return self

@@ -19,14 +19,12 @@ Mapping from our packed file:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
@@ -165,8 +163,8 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
                 plan.append((gguf_name(name + "_scale"), None, lambda name=name: pm.tensor(name + "_scale"), None))
         plan.append(("output_norm.weight", None, lambda: pm.tensor("model.norm.weight"), None))
 
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if out.parent.is_dir() else None)
-        os.close(fd)
+        temp = TempFile(out)
+        tmp = temp.path
         try:
             w = gguf.GGUFWriter(tmp, arch="bitnet")
             w.add_name(str(pm.config.get("_name_or_path") or Path(out).stem))
@@ -207,8 +205,8 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
             for _, _, make, _ in plan:  # then the data, one tensor at a time
                 w.write_tensor_data(np.ascontiguousarray(make()))
             w.close()
-            publish(tmp, out)
+            temp.publish()
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            temp.discard()
             raise
     return out

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token
+from bitnet_cli.pack.format import DIM_LIMITS
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, count_parameters, flops_per_token
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
 from bitnet_cli.train.data import (TokenData, bos_id, cache_root, corpus_hash, eos_id, load_tokenizer,
@@ -73,6 +74,9 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None, bos_token_id: int 
         raise BitnetError(f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
     r = recipe.model.round_vocab_to
     vocab = -(-vocab // r) * r
+    if vocab > DIM_LIMITS["vocab_size"]:
+        raise BitnetError(f"model.vocab_size {vocab} (rounded up to a multiple of {r}) is more than "
+                          f"{DIM_LIMITS['vocab_size']}, the most the packer and engine accept")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
                if dims.get(k) is None]
     if missing:
@@ -95,15 +99,13 @@ def describe(recipe: Recipe) -> dict:
         else:
             vocab = recipe.data.tokenizer.vocab_size
     config = model_config(recipe, vocab)
-    with torch.device("meta"):
-        model = BitNetForCausalLM(config)
     steps = total_steps(recipe)
     t = recipe.train
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
     return {
         "config": config.to_hf_dict(),
-        "parameters": model.num_parameters(),
-        "parameters_non_embedding": model.num_parameters(exclude_embeddings=True),
+        "parameters": count_parameters(config),
+        "parameters_non_embedding": count_parameters(config, exclude_embeddings=True),
         "flops_per_token": flops_per_token(config, t.seq_len),
         "steps": steps,
         "tokens_per_step": tokens_per_step,
