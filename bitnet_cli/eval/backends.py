@@ -12,7 +12,6 @@ adapter, so the two backends cannot disagree on what a log-likelihood is.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -123,8 +122,8 @@ class TorchBackend:
 
     def __init__(self, ckpt_dir: Path, *, threads: int | None, max_length: int | None):
         import torch
-        from tokenizers import Tokenizer
 
+        from bitnet_cli import tokenizer
         from bitnet_cli.model import BitNetForCausalLM
 
         if threads:
@@ -134,7 +133,7 @@ class TorchBackend:
         tok_path = ckpt_dir / "tokenizer.json"
         if not tok_path.is_file():
             raise BitnetError(f"{tok_path}: missing (a checkpoint needs its tokenizer to be evaluated)")
-        self.tokenizer = Tokenizer.from_str(read_tokenizer_json(tok_path))
+        self.tokenizer = tokenizer.load(read_tokenizer_json(tok_path), str(tok_path))
         self.model = BitNetForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
         config = self.model.config
         self.bos_token_id, self.eos_token_id = _special_ids(ckpt_dir, self.tokenizer, config)
@@ -188,12 +187,9 @@ def _special_ids(ckpt_dir: Path, tokenizer, config) -> tuple[int | None, int]:
     bos = eos = None
     tok_cfg = ckpt_dir / "tokenizer_config.json"
     if tok_cfg.is_file():
-        try:
-            cfg = json.loads(tok_cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BitnetError(f"{tok_cfg}: cannot parse ({e})") from None
-        if not isinstance(cfg, dict):
-            raise BitnetError(f"{tok_cfg}: not a JSON object")
+        from bitnet_cli import safejson
+
+        cfg = safejson.read(tok_cfg, "tokenizer config", dict)
         bos, eos = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
     if bos is None:
         bos = config.bos_token_id

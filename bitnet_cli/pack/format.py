@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli import __version__
+from bitnet_cli import __version__, safejson
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
@@ -69,7 +69,7 @@ class ModelDims:
         def positive_int(key, default=None):
             value, limit = config.get(key, default), DIM_LIMITS[key]
             if type(value) is not int or not 0 < value <= limit:
-                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {_short(value)}")
+                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {safejson.short(value)}")
             return value
 
         heads = positive_int("num_attention_heads")
@@ -77,34 +77,34 @@ class ModelDims:
         hidden = positive_int("hidden_size")
         head_dim = config.get("head_dim") or (hidden // heads)
         if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
-            raise BitnetError(f"{where}: num_key_value_heads={_short(kv_heads)} must divide num_attention_heads={heads}")
+            raise BitnetError(f"{where}: num_key_value_heads={safejson.short(kv_heads)} must divide num_attention_heads={heads}")
         if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim * heads != hidden:
             raise BitnetError(
-                f"{where}: head_dim={_short(head_dim)} x num_attention_heads={heads} must equal hidden_size={hidden} "
+                f"{where}: head_dim={safejson.short(head_dim)} x num_attention_heads={heads} must equal hidden_size={hidden} "
                 "(attn_sub_norm normalises the concatenated heads) and be even (RoPE)"
             )
         act = config.get("hidden_act", "relu2")
         if act != "relu2":
-            raise BitnetError(f"{where}: hidden_act={_short(act)} is not supported (BitNet b1.58 uses relu2)")
+            raise BitnetError(f"{where}: hidden_act={safejson.short(act)} is not supported (BitNet b1.58 uses relu2)")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise BitnetError(f"{where}: attention/MLP biases are not supported")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BitnetError(f"{where}: RoPE scaling {_short(rope)} is not supported (only default RoPE)")
+            raise BitnetError(f"{where}: RoPE scaling {safejson.short(rope)} is not supported (only default RoPE)")
         theta = rope.get("rope_theta", config.get("rope_theta", 500000.0))
         eps = config.get("rms_norm_eps", 1e-5)
         for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
             # bool is an int, NaN and inf are floats: none of them is a usable constant here
             if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-                raise BitnetError(f"{where}: {key} must be a positive finite number, got {_short(value)}")
+                raise BitnetError(f"{where}: {key} must be a positive finite number, got {safejson.short(value)}")
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
-            raise BitnetError(f"{where}: quantization_config must be a JSON object, got {_short(quant)}")
+            raise BitnetError(f"{where}: quantization_config must be a JSON object, got {safejson.short(quant)}")
         if quant.get("use_rms_norm"):
             raise BitnetError(f"{where}: quantization_config.use_rms_norm=true is not supported")
         tie = config.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
-            raise BitnetError(f"{where}: tie_word_embeddings must be true or false, got {_short(tie)}")
+            raise BitnetError(f"{where}: tie_word_embeddings must be true or false, got {safejson.short(tie)}")
         return cls(
             vocab_size=positive_int("vocab_size"),
             hidden_size=hidden,
@@ -131,13 +131,7 @@ class ModelDims:
         return self.intermediate_size if norm == "mlp.ffn_sub_norm" else self.hidden_size
 
 
-def _short(value, limit: int = 60) -> str:
-    """repr of a value from an untrusted file, cut short (a 5,000-digit number stays readable)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long for repr
-        text = f"<int of {value.bit_length()} bits>" if isinstance(value, int) else "<unprintable>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 
 def normalized_config(config: dict, dims: ModelDims) -> dict:
@@ -356,6 +350,11 @@ class PackedModel:
         self.dims = ModelDims.from_config(self.config, f"{where}: config")
         self.tokenizer_json: str = metadata["tokenizer"]
         self.tokenizer_config = _json_value(metadata, "tokenizer_config", where, dict)
+        for key in ("bos_token", "eos_token", "chat_template"):
+            value = self.tokenizer_config.get(key)
+            if value is not None and not (isinstance(value, str) and safejson.is_utf8(value)):
+                raise BitnetError(f"{where}: tokenizer_config {key} must be a string of valid Unicode, "
+                                  f"got {safejson.short(value)}")
         self.layout = metadata["layout"]
         self.embeddings = metadata["embeddings"]
         self.checksums = _json_value(metadata, "checksums", where, dict)
@@ -468,10 +467,4 @@ class PackedModel:
 
 
 def _json_value(metadata: dict, key: str, where: str, kind: type):
-    try:
-        value = json.loads(metadata.get(key, "{}"))
-    except json.JSONDecodeError as e:
-        raise BitnetError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise BitnetError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}")
-    return value
+    return safejson.loads(metadata.get(key, "{}"), where, f"metadata {key!r}", kind)
