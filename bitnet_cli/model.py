@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet_cli.arch import ModelDims
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
@@ -72,29 +73,15 @@ class BitNetConfig:
     def __post_init__(self):
         if self.quant not in ("bitnet", "none"):
             raise BitnetError(f"model quant must be 'bitnet' or 'none', got {self.quant!r}")
-        if self.hidden_act != "relu2":
-            raise BitnetError(f"hidden_act {self.hidden_act!r} is not supported (BitNet b1.58 uses relu2)")
-        if self.attention_bias:
-            raise BitnetError("attention_bias=true is not supported: BitNet b1.58 has no biases")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise BitnetError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise BitnetError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        # The shape, checked by the one parser every stage uses; the modules below build from it.
+        self.arch = ModelDims.from_config(self.to_hf_dict(), "model config")
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "BitNetConfig":
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "BitNetConfig":
         """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
         if d.get("model_type") not in ("bitnet", None):
-            raise BitnetError(f"config.json has model_type {d.get('model_type')!r}, expected 'bitnet'")
+            raise BitnetError(f"{where}: model_type is {d.get('model_type')!r}, expected 'bitnet'")
+        ModelDims.from_config(d, where)  # the fields dropped below (RoPE scaling, ...) are checked first
         d = dict(d)
         qc = d.pop("quantization_config", None)
         quant = "none"
@@ -108,8 +95,6 @@ class BitNetConfig:
                 )
             quant = "bitnet"
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise BitnetError(f"rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
         theta = rope.get("rope_theta", d.pop("rope_theta", 500000.0))
         d.pop("rope_theta", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta"}
@@ -195,7 +180,9 @@ class BitLinear(nn.Linear):
         return F.linear(x, w)
 
 
-def _linear(config: BitNetConfig, n_in: int, n_out: int) -> nn.Linear:
+def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
+    """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
+    n_out, n_in = config.arch.projection_shape(proj)
     return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
 
 
@@ -232,14 +219,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
-        self.head_dim = config.dim_per_head
-        h = config.hidden_size
-        self.q_proj = _linear(config, h, self.n_heads * self.head_dim)
-        self.k_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.v_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.o_proj = _linear(config, self.n_heads * self.head_dim, h)
-        # transformers sizes this norm by hidden_size (equal to heads * head_dim in every BitNet shape).
-        self.attn_sub_norm = RMSNorm(self.n_heads * self.head_dim, config.rms_norm_eps)
+        self.head_dim = config.arch.head_dim
+        self.q_proj = _linear(config, "self_attn.q_proj")
+        self.k_proj = _linear(config, "self_attn.k_proj")
+        self.v_proj = _linear(config, "self_attn.v_proj")
+        self.o_proj = _linear(config, "self_attn.o_proj")
+        self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -260,11 +245,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: BitNetConfig):
         super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, h, f)
-        self.up_proj = _linear(config, h, f)
-        self.down_proj = _linear(config, f, h)
-        self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
+        self.gate_proj = _linear(config, "mlp.gate_proj")
+        self.up_proj = _linear(config, "mlp.up_proj")
+        self.down_proj = _linear(config, "mlp.down_proj")
+        self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
@@ -315,18 +299,10 @@ class BitNetForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(T, self.config.dim_per_head, self.config.rope_theta, x.device, x.dtype)
+        cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
-
-    # ------------------------------------------------------------------ sizes
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
 
     # ------------------------------------------------------------------ HF checkpoints
 
@@ -369,7 +345,7 @@ class BitNetForCausalLM(nn.Module):
             cfg_dict = json.loads(cfg_path.read_text())
         except json.JSONDecodeError as e:
             raise BitnetError(f"{cfg_path}: not valid JSON ({e})") from None
-        config = BitNetConfig.from_hf_dict(cfg_dict)
+        config = BitNetConfig.from_hf_dict(cfg_dict, str(cfg_path))
         if quant is not None:
             config = dataclasses.replace(config, quant=quant)
         with torch.device("meta"):
@@ -418,30 +394,3 @@ def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise BitnetError(f"{path}: cannot read safetensors ({e})") from None
     return state
-
-
-def count_parameters(config: BitNetConfig, exclude_embeddings: bool = False) -> int:
-    """BitNetForCausalLM(config).num_parameters(), from the shape alone (no model is built).
-
-    Per layer: the seven projections and four RMSNorms (input, post-attention, attn_sub_norm over
-    the concatenated heads, ffn_sub_norm); then the final norm, and an untied head.
-    """
-    h, f, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    q, kv = config.num_attention_heads * config.dim_per_head, config.num_key_value_heads * config.dim_per_head
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * f + (2 * h + q + f)
-    n = V * h + L * per_layer + h + (0 if config.tie_word_embeddings else V * h)
-    return n - V * h if exclude_embeddings else n
-
-
-def flops_per_token(config: BitNetConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting.
-
-    6 x (matmul parameters: projections and lm_head, not the embedding lookup) plus
-    12 x layers x heads x head_dim x seq_len for the attention scores and values.
-    """
-    h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    d = config.dim_per_head
-    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer = attn + 3 * h * f
-    n_matmul = L * per_layer + h * config.vocab_size
-    return 6 * n_matmul + 12 * L * config.num_attention_heads * d * seq_len

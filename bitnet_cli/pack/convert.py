@@ -15,11 +15,12 @@ from typing import Callable
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
-    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
-    check_output_path, normalized_config, tensor_specs, write_embedding_rows,
+    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
+    tensor_specs, write_embedding_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 
@@ -134,7 +135,7 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(normalized_config(config, dims)),
+        "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
         "layout": LAYOUT,
@@ -146,11 +147,8 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
 
 def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, kind: str,
               embeddings: str, seconds: float, fmt: str = "native") -> PackSummary:
-    ternary = sum(n * k for n, k in (dims.projection_shape(p) for p in PROJECTIONS)) * dims.num_layers
+    ternary, params = dims.ternary_parameters(), dims.parameters()
     ternary_bytes = sum(s.nbytes for s in specs if s.dtype == "U8")
-    embed = dims.vocab_size * dims.hidden_size * (1 if dims.tie_word_embeddings else 2)
-    norms = dims.num_layers * (3 * dims.hidden_size + dims.intermediate_size) + dims.hidden_size
-    params = ternary + embed + norms
     size = out.stat().st_size
     return PackSummary(
         source=source, source_kind=kind, output=str(out), format=fmt, embeddings=embeddings,
@@ -208,11 +206,10 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
     with PackedWriter(out, specs, meta, force=force) as writer:
         for done, spec in enumerate(steps, 1):
             name = spec.name
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in (EMBED, LM_HEAD):
                 _write_embedding(writer, ckpt, name, dims, embeddings)
             elif spec.dtype == "U8":
-                proj = name.split(".", 3)[3].rsplit(".", 1)[0]
-                trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(proj))
+                trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
                 writer.write(name, pack_i2_k128(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
             else:  # RMSNorm weights
