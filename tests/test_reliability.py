@@ -612,3 +612,10 @@ def test_hub_cache_still_refuses_traversal(hf_tiny_checkpoint, tmp_path):
     idx["weight_map"] = {k: v.replace(blob, "model-00001-of-00002.safetensors") for k, v in idx["weight_map"].items()}
     (snap / "model.safetensors.index.json").write_text(json.dumps(idx))
     one_error(cli("pack", snap, tmp_path / "b.bin"), "points outside the checkpoint directory")
+
+
+def test_recipe_with_a_control_character_is_one_error(tmp_path):
+    """Found by the fuzzer: the YAML reader refuses U+007F while constructing the loader."""
+    path = tmp_path / "r.yaml"
+    path.write_bytes(b'name: "a\x7f"\ntrain: {steps: 1}\n')
+    one_error(cli("train", path, "--dry-run"), "invalid YAML (character U+007F at position 8 is not allowed)")

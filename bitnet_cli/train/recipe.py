@@ -197,7 +197,11 @@ def parse_yaml(text: str, where: str):
     """
     if len(text) > MAX_RECIPE_BYTES:
         raise BitnetError(f"{where}: {len(text):,} characters; at most {MAX_RECIPE_BYTES:,}")
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # the reader checks the characters here
+    except yaml.reader.ReaderError as e:
+        raise BitnetError(f"{where}: invalid YAML (character U+{e.character:04X} at position {e.position} is not "
+                          "allowed)") from None
     try:
         node = loader.get_single_node()
         value = loader.construct_document(node) if node is not None else None
