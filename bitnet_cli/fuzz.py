@@ -424,6 +424,12 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
          out: Path | None = None, sanitize: bool = False, progress=None, work: Path | None = None) -> Report:
     """Run cases until `minutes` or `cases` is reached (cases are spread over `formats` in turn)."""
     base_vm, base_rss = _prepare_parent()
+    if sanitize:  # make sure the cases really drive the sanitized kernels
+        from bitnet_cli import kernels
+
+        maps = Path("/proc/self/maps").read_text()
+        if "libasan" not in maps or not kernels._ALT or os.environ.get("BITNET_KERNELS", "") not in maps:
+            raise SystemExit("fuzz --sanitize: libasan or the sanitized kernels module is not loaded")
     rng = random.Random(seed)
     report = Report()
     own_work = work is None
