@@ -5,7 +5,7 @@
     python -m bitnet_cli.fuzz --minutes 30 --sanitize       # the engine under ASan/UBSan kernels
 
 Small valid files are built first (a packed model, a safetensors checkpoint, a sharded one with
-its index, config and tokenizer JSON, a recipe; no download, no torch). Each case mutates one of
+its index, config and tokenizer JSON, a recipe, a GGUF export; no download, no torch). Each case mutates one of
 them (bytes, or a value inside its JSON/YAML) and runs the command that reads it (`bitnet run`,
 `info --verify`, `pack`, `train --dry-run`) in a forked child with resource limits. The oracle:
 exit 0, or exit 1 with exactly one stderr line starting ``error:``; never a traceback, a signal,
@@ -38,7 +38,7 @@ import time
 import traceback
 from pathlib import Path
 
-FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe")
+FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe", "gguf")
 TIMEOUT_S = 10.0  # CPU seconds a case may use (CPU, not wall time: the machine may be busy)
 WALL_TIMEOUT_S = 60.0  # and wall seconds, for a case that hangs without using the CPU
 MEMORY_BYTES = 1 << 30
@@ -82,26 +82,30 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     from bitnet_cli.pack.synthetic import BOS, EOS, synthetic_tokenizer
 
     vocab = 300
-    config = bitnet_config(dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                tie_word_embeddings=True, rope_theta=10000.0, bos_token_id=0,
-                                eos_token_id=1))
-    config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
-                                     "quantization_mode": "online"}
-    dims = ModelDims.from_config(config)
-    rng = np.random.default_rng(0)
-    tensors = {EMBED: rng.normal(0, 0.05, (vocab, 64)).astype(np.float32),
-               FINAL_NORM: np.ones(64, np.float32)}
-    for i in range(dims.num_layers):
-        for p in dims.projections():
-            tensors[layer_tensor(i, p.name)] = rng.normal(0, 0.05, p.shape(dims)).astype(np.float32)
-        for n in dims.layer_norms():
-            tensors[layer_tensor(i, n.name)] = np.ones(n.size(dims), np.float32)
     tok_json = synthetic_tokenizer(vocab, merges_vocab=290)
     tok_config = {"bos_token": BOS, "eos_token": EOS, "chat_template":
                   "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"}
 
-    def checkpoint(d: Path, shards: int) -> Path:
+    def model(hidden: int, ffn: int, layers: int) -> tuple[dict, dict]:
+        config = bitnet_config(dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=128, tie_word_embeddings=True, rope_theta=10000.0,
+                                    bos_token_id=0, eos_token_id=1))
+        config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                         "quantization_mode": "online"}
+        dims = ModelDims.from_config(config)
+        rng = np.random.default_rng(0)
+        tensors = {EMBED: rng.normal(0, 0.05, (vocab, hidden)).astype(np.float32),
+                   FINAL_NORM: np.ones(hidden, np.float32)}
+        for i in range(dims.num_layers):
+            for p in dims.projections():
+                tensors[layer_tensor(i, p.name)] = rng.normal(0, 0.05, p.shape(dims)).astype(np.float32)
+            for n in dims.layer_norms():
+                tensors[layer_tensor(i, n.name)] = np.ones(n.size(dims), np.float32)
+        return config, tensors
+
+    def checkpoint(d: Path, shards: int, shape=(64, 96, 2)) -> Path:
+        config, tensors = model(*shape)
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(config, indent=1))
         (d / "tokenizer.json").write_text(tok_json)
@@ -124,6 +128,11 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     packed_dir = work / "packed"
     packed_dir.mkdir()
     pack_checkpoint(single, packed_dir / "model.bin")
+    gguf_dir = work / "gguf"
+    gguf_dir.mkdir()
+    # llama.cpp's ternary blocks need inputs in multiples of 256: a wider, one-layer model
+    pack_checkpoint(checkpoint(work / "ckpt256", 1, (256, 512, 1)), gguf_dir / "model.gguf", to="gguf",
+                    gguf_type="i2_s")
     recipe_dir = work / "recipe"
     recipe_dir.mkdir()
     (recipe_dir / "recipe.yaml").write_text(
@@ -141,6 +150,7 @@ def build_seeds(work: Path) -> dict[str, Seed]:
         "index": Seed("index", sharded / "model.safetensors.index.json", sharded, [pack]),
         "config": Seed("config", single / "config.json", single, [pack]),
         "tokenizer": Seed("tokenizer", single / "tokenizer.json", single, [pack]),
+        "gguf": Seed("gguf", gguf_dir / "model.gguf", gguf_dir, [["pack", "{file}", "{dir}/out.bin", "--force", "--json"]]),
         "recipe": Seed("recipe", recipe_dir / "recipe.yaml", recipe_dir, [["train", "{file}", "--dry-run", "--json"]]),
     }
 
@@ -284,11 +294,21 @@ def mutate_yaml(data: bytes, rng: random.Random) -> bytes:
     return "\n".join(lines).encode("utf-8", "surrogateescape")
 
 
+def mutate_gguf(data: bytes, rng: random.Random) -> bytes:
+    """Bytes, biased to the header (counts, key/value metadata, tensor infos) where the parser works."""
+    if rng.random() < 0.7:
+        head = min(len(data), 4096)
+        return mutate_bytes(data[:head], rng) + data[head:]
+    return mutate_bytes(data, rng)
+
+
 def mutate(seed: Seed, data: bytes, rng: random.Random) -> bytes:
     if seed.format in ("packed", "safetensors"):
         return mutate_safetensors(data, rng, packed=seed.format == "packed")
     if seed.format == "recipe":
         return mutate_yaml(data, rng)
+    if seed.format == "gguf":
+        return mutate_gguf(data, rng)
     return mutate_json(data, rng)
 
 
