@@ -18,6 +18,7 @@ import numpy as np
 
 from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.tokens import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -237,9 +238,9 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
     return path.resolve(), str(path.resolve())
 
 
-def _read_json(path: Path, what: str, kind: type = dict):
+def read_json(path: Path, what: str, kind: type = dict):
+    """A checkpoint's JSON file (bounded, of type `kind`); errors name the file and `what` it holds."""
     return safejson.read(path, what, kind)
-
 
 
 def _shard_path(ckpt: Path, index: Path, shard) -> Path:
@@ -272,10 +273,11 @@ def _shard_path(ckpt: Path, index: Path, shard) -> Path:
     return target
 
 
-def _tensor_files(ckpt: Path) -> list[Path]:
+def tensor_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: its shards in index order, or model.safetensors."""
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "the shard index").get("weight_map")
+        weight_map = read_json(index, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BitnetError(f"{index}: no weight_map")
         files: dict[Path, None] = {}
@@ -306,16 +308,14 @@ def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, Tensor
     return "own" if _is_own_checkpoint(ckpt) else "hf"
 
 
-def _tokenizer_config(ckpt: Path) -> dict:
+def tokenizer_config(ckpt: Path) -> dict:
     """bos/eos tokens and the chat template, from tokenizer_config.json (and chat_template.jinja)."""
     out: dict = {}
     path = ckpt / "tokenizer_config.json"
-    raw = _read_json(path, "tokenizer config") if path.is_file() else {}
+    raw = read_json(path, "tokenizer config") if path.is_file() else {}
     for key in ("bos_token", "eos_token", "chat_template"):
-        value = raw.get(key)
-        if isinstance(value, dict):  # AddedToken serialisation
-            value = value.get("content")
-        if isinstance(value, str):
+        value = token_text(raw.get(key))  # a string, or an AddedToken's serialisation
+        if value is not None:
             out[key] = value
     jinja = ckpt / "chat_template.jinja"
     if "chat_template" not in out and jinja.is_file():
@@ -328,8 +328,6 @@ def _tokenizer_config(ckpt: Path) -> dict:
             raise BitnetError(f"{path if key != 'chat_template' or path.is_file() else jinja}: {key} is not valid "
                               "Unicode text (a lone surrogate)")
     return out
-
-
 
 
 def read_tokenizer_json(path: Path) -> str:
@@ -350,7 +348,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     if kind not in KINDS:
         raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
     ckpt, source = _checkpoint_dir(src, kind)
-    config = _read_json(ckpt / "config.json", "model config")
+    config = read_json(ckpt / "config.json", "model config")
     if config.get("model_type") != "bitnet":
         raise BitnetError(
             f"{ckpt / 'config.json'}: unsupported architecture model_type={safejson.short(config.get('model_type'))} "
@@ -358,7 +356,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
             "can be packed"
         )
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
-    for file in _tensor_files(ckpt):
+    for file in tensor_files(ckpt):
         _, entries, _ = read_safetensors_header(file)
         for name, entry in entries.items():
             tensors[name] = (file, entry)
@@ -377,6 +375,6 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         kind=kind if kind in ("own", "hf") else detected,
         tensors=tensors,
         tokenizer_json=tokenizer_json,
-        tokenizer_config=_tokenizer_config(ckpt),
+        tokenizer_config=tokenizer_config(ckpt),
         source=source,
     )

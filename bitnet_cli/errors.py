@@ -3,6 +3,7 @@ notes that are not errors."""
 
 import logging
 import sys
+from typing import Callable, NoReturn
 
 
 class BitnetError(Exception):
@@ -39,3 +40,13 @@ if not log.handlers:
 def warn(message: str) -> None:
     """A note or warning for the user on stderr, not an error (the logger 'bitnet_cli', WARNING)."""
     log.warning(message)
+
+
+def run_script(main: Callable[[list[str]], int | None]) -> NoReturn:
+    """Exit with `main(sys.argv[1:])`'s status; a BitnetError becomes one `error: ...` line on
+    stderr and its exit code, as in the CLI (for the scripts in benchmarks/)."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except BitnetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

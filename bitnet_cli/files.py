@@ -1,5 +1,9 @@
-"""Writing output files safely: a finished temporary file is renamed over the target in one step,
-so a crash or a bad input never leaves a half-written file where a good one was expected.
+"""Where bitnet-cli's files are, and writing output files safely.
+
+`bundled` finds files shipped in the package (recipes, the corpus); `cache_root` is the one
+cache directory (token memmaps, trained tokenizers, synthetic models); `TempFile` / `publish`
+rename a finished temporary file over the target in one step, so a crash or a bad input never
+leaves a half-written file where a good one was expected.
 
 A temporary file is named ``.NAME.XXXXXXXX.tmp`` (NAME: the target's name; XXXXXXXX: mkstemp's
 eight random characters) in the target's directory, and its writer holds an exclusive ``flock`` on
@@ -16,9 +20,24 @@ import os
 import re
 import stat
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 from bitnet_cli.errors import warn
+
+
+def bundled(*parts: str) -> Path:
+    """A file shipped inside the bitnet_cli package, e.g. bundled("recipes", "tiny.yaml")."""
+    return Path(str(resources.files("bitnet_cli").joinpath(*parts)))
+
+
+def cache_root() -> Path:
+    """Where bitnet-cli keeps what it can rebuild: $BITNET_CACHE, else $XDG_CACHE_HOME/bitnet-cli,
+    else ~/.cache/bitnet-cli."""
+    if os.environ.get("BITNET_CACHE"):
+        return Path(os.environ["BITNET_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "bitnet-cli"
+
 
 _RANDOM = "[a-z0-9_]{8}"  # tempfile's name alphabet, 8 characters
 
