@@ -92,7 +92,7 @@ class ModelSpec(_Strict):
 
 
 class QuantSpec(_Strict):
-    warmup_steps: int = Field(0, ge=0, description=(
+    warmup_steps: int = Field(0, ge=0, le=BIG, description=(
         "Quantisation warm-up (converting a float model): over the first N steps weights and activations are "
         "v + lambda * (q(v) - v), lambda rising from 0 (float) to 1 (ternary) by warmup_schedule; 0: ternary "
         "from the first step. lambda is logged in metrics.jsonl and drawn in loss.png."))
