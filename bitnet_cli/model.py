@@ -180,13 +180,20 @@ class BitLinear(nn.Linear):
     identity): torch.compile fuses it, whereas a custom autograd.Function lost its gradient
     under torch.compile in torch 2.11. Without gradients the quantised tensors are used as they
     are, bit for bit transformers' arithmetic.
+
+    ``int8`` is set by ``bitnet_cli.train.int8_linear.enable`` (``train.int8_matmul``): with
+    gradients on, the same integers are then multiplied on int8 tensor cores instead.
     """
+
+    int8 = None
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if self.int8 is not None and torch.is_grad_enabled():
+            return self.int8.forward(self, x)
         if torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
