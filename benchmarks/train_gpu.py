@@ -38,7 +38,6 @@ BUNDLED = ["data.files=[bundled:tinyshakespeare]", "data.tokenizer.vocab_size=81
 
 
 def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5) -> dict:
-    from bitnet_cli.model import flops_per_token
     from bitnet_cli.train import load_recipe, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
@@ -55,7 +54,8 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
 
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 2]
     tps = statistics.median(windows)
-    fpt = flops_per_token(model_config(recipe, recipe.data.tokenizer.vocab_size), recipe.train.seq_len)
+    config = model_config(recipe, recipe.data.tokenizer.vocab_size)
+    fpt = config.arch.training_flops_per_token(recipe.train.seq_len)
     peak = peak_flops(pick_device(recipe.train.device))
     t = recipe.train
     return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,

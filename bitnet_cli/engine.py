@@ -28,14 +28,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from bitnet_cli import kernels
+from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
+from bitnet_cli.tokens import special_id
 
 DEFAULT_CTX = 4096
-PROJ_FIELDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-               "mlp.gate_proj": "g", "mlp.up_proj": "u", "mlp.down_proj": "d"}
-NORM_FIELDS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_norm",
-               "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
 
 
 def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +49,17 @@ def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.n
     angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
     a = angles.astype(np.float64)
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists: how much of a cached sequence
+    a new one can reuse (Engine.cached_prefix, the server's slots)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
@@ -123,81 +133,88 @@ class Generation:
         return piece
 
 
-class Engine:
+class Engine(kernels.CResource):
     def __init__(self, pm, threads: int, ctx_size: int, isa: int):
-        from tokenizers import Tokenizer
-
         t0 = time.perf_counter()
-        ffi, lib = kernels.lib()
-        self._ffi, self._lib = ffi, lib
+        self._ffi, self._lib = kernels.lib()
         self.pm = pm
         self.config = pm.config
-        d = self.dims = pm.dims
-        self.vocab_size = d.vocab_size
+        self.dims = pm.dims
+        self.vocab_size = pm.dims.vocab_size
         self.ctx_size = ctx_size
         self.threads = threads
         self.isa = next(name for name, i in kernels.ISAS.items() if i == isa)
+        self._init_tokens(pm)
+        self._keep: list = []  # cdata buffers that must outlive the C model
+        desc = self._describe(pm, ctx_size)
+        err = self._ffi.new("char[256]")
+        model = self._lib.bn_model_new(desc, threads, isa, err, 256)
+        if model == self._ffi.NULL:
+            raise BitnetError(f"{pm.path}: {self._ffi.string(err).decode()}")
+        self._model = model
+        self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
+        self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
+        self.load_s = time.perf_counter() - t0
+
+    def _init_tokens(self, pm) -> None:
+        """The stored tokenizer, its config, and the special ids the engine acts on."""
+        from tokenizers import Tokenizer
+
         try:
             self.tokenizer = Tokenizer.from_str(pm.tokenizer_json)
         except Exception as e:  # tokenizers raises its own Exception type
             raise BitnetError(f"{pm.path}: the stored tokenizer cannot be loaded: {e}") from None
         self.tokenizer_config = pm.tokenizer_config
-        self.bos_token_id = self._special_id("bos")
-        self.eos_token_id = self._special_id("eos")
+        self.bos_token_id = special_id("bos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
+        self.eos_token_id = special_id("eos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
         self.stop_token_ids = self._stop_ids()
 
-        keep = self._keep = []  # cdata buffers that must outlive the C model
-        head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
-        streamed = [f"model.layers.{i}.{proj}.weight" for i in range(d.num_layers) for proj in PROJ_FIELDS]
+    def _pointer(self, array: np.ndarray, ctype: str):
+        """A C pointer to `array`, both kept alive as long as the engine."""
+        buf = self._ffi.from_buffer(ctype + "[]", array)
+        self._keep.append((array, buf))
+        return buf
+
+    def _describe(self, pm, ctx_size: int):
+        """The C model's descriptor: pointers to every tensor, named by bitnet_cli.arch's tables.
+        The tensors streamed per token (projections, head) are read into huge pages when Linux
+        offers them; the rest (and, without huge pages, everything) stays in the file's map."""
+        d, ffi, ptr = pm.dims, self._ffi, self._pointer
+        streamed = [layer_tensor(i, proj.name) for i in range(d.num_layers) for proj in d.projections()]
         self.huge_pages = kernels.huge_pages_available()
+        views: dict[str, np.ndarray] = {}
         if self.huge_pages:
-            region, views = read_into_huge_pages(pm, streamed + [head_name])
-            keep.append(region)
-        else:
-            views = {}
+            region, views = read_into_huge_pages(pm, streamed + [d.head_name])
+            self._keep.append(region)
 
         def tensor(name: str) -> np.ndarray:
             return views[name] if name in views else pm.tensor(name)
 
-        def ptr(array: np.ndarray, ctype: str):
-            buf = ffi.from_buffer(ctype + "[]", array)
-            keep.append((array, buf))
-            return buf
-
         layers = ffi.new("bn_layer_desc[]", d.num_layers)
-        keep.append(layers)
+        self._keep.append(layers)
         for i in range(d.num_layers):
-            p = f"model.layers.{i}."
-            for norm, fieldname in NORM_FIELDS.items():
-                setattr(layers[i], fieldname, ptr(pm.tensor(f"{p}{norm}.weight"), "float"))
-            for proj, short in PROJ_FIELDS.items():
-                setattr(layers[i], "w" + short, ptr(tensor(f"{p}{proj}.weight"), "uint8_t"))
-                setattr(layers[i], "g" + short, float(pm.tensor(f"{p}{proj}.weight_scale")[0]))
+            for norm in d.layer_norms():
+                setattr(layers[i], norm.c_field, ptr(pm.tensor(layer_tensor(i, norm.name)), "float"))
+            for proj in d.projections():
+                setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
+                setattr(layers[i], "g" + proj.c_field, float(pm.tensor(layer_tensor(i, proj.name, "weight_scale"))[0]))
         desc = ffi.new("bn_model_desc *")
-        keep.append(desc)
+        self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
         desc.n_heads, desc.n_kv_heads, desc.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
-        emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
-                               "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
-        desc.emb_type = desc.head_type = emb_type
-        desc.embed = ptr(tensor("model.embed_tokens.weight"), emb_ctype)
-        desc.head = ptr(tensor(head_name), emb_ctype)
-        if emb_type != lib.BN_EMB_F16:
-            desc.embed_scale = ptr(pm.tensor("model.embed_tokens.weight_scale"), "float")
-            desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
-        desc.final_norm = ptr(pm.tensor("model.norm.weight"), "float")
+        kind = embedding_type(pm.embeddings)
+        desc.emb_type = desc.head_type = getattr(self._lib, kind.c_enum)
+        desc.embed = ptr(tensor(EMBED), kind.c_values)
+        desc.head = ptr(tensor(d.head_name), kind.c_values)
+        if "_scale" in kind.suffixes:
+            desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
+            desc.head_scale = ptr(pm.tensor(d.head_name + "_scale"), "float")
+        desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
-
-        err = ffi.new("char[256]")
-        model = lib.bn_model_new(desc, threads, isa, err, 256)
-        if model == ffi.NULL:
-            raise BitnetError(f"{pm.path}: {ffi.string(err).decode()}")
-        self._model = model
-        self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
-        self.load_s = time.perf_counter() - t0
+        return desc
 
     # ------------------------------------------------------------------ loading
 
@@ -215,7 +232,7 @@ class Engine:
         end = max(e.begin + e.nbytes for e in pm.entries.values())
         if end > size:
             raise BitnetError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
-        smallest = min(min(d.projection_shape(p)[0] for p in PROJ_FIELDS), d.vocab_size)
+        smallest = min(min(p.shape(d)[0] for p in d.projections()), d.vocab_size)
         if threads is None:
             threads = min(kernels.physical_cores(), smallest)
         if type(threads) is not int or threads < 1:
@@ -234,17 +251,6 @@ class Engine:
         engine.load_s = time.perf_counter() - t0
         return engine
 
-    def _special_id(self, kind: str) -> int | None:
-        token = self.tokenizer_config.get(f"{kind}_token")
-        if isinstance(token, dict):  # AddedToken serialised
-            token = token.get("content")
-        if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
-            return self.tokenizer.token_to_id(token)
-        value = self.config.get(f"{kind}_token_id")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        return value if isinstance(value, int) and 0 <= value < self.vocab_size else None
-
     def _stop_ids(self) -> set[int]:
         ids = {self.eos_token_id} if self.eos_token_id is not None else set()
         value = self.config.get("eos_token_id")
@@ -258,15 +264,6 @@ class Engine:
             self._lib.bn_model_free(self._model)
             self._model = None
             self._keep.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
     # ------------------------------------------------------------------ tokens
 
@@ -331,13 +328,68 @@ class Engine:
             raise BitnetError("forward_branches: the C engine refused its arguments")
         return np.split(out, np.cumsum(lengths)[:-1])
 
+    # ------------------------------------------------------------------ several sequences
+
+    @property
+    def kv_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's KV cache at the full context (fp32 keys and values, every layer);
+        committed as positions are written. An extra sequence costs this and nothing else."""
+        d = self.dims
+        return 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ctx_size * 4
+
+    def set_sequences(self, n: int) -> None:
+        """Room for n independent sequences (forward_batch), each with its own KV cache of
+        ctx_size positions; every cached position is dropped. forward() uses sequence 0."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        if type(n) is not int or n < 1:
+            raise BitnetError(f"--parallel must be a positive integer, got {n!r}")
+        if self._lib.bn_model_set_seqs(self._model, n) != 0:
+            raise BitnetError(f"out of memory for {n} KV caches of {self.ctx_size} positions "
+                              f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower --parallel or --ctx-size")
+        self.n_sequences = n
+        self._cached = []
+
+    def forward_batch(self, tokens: Sequence[int], seqs: Sequence[int], positions: Sequence[int],
+                      want: Sequence[bool]) -> np.ndarray:
+        """One pass over tokens of several sequences (see set_sequences): token i belongs to
+        sequence seqs[i] at position positions[i] and sees that sequence's positions up to its own;
+        a sequence's tokens come in order at consecutive positions, the earlier ones cached. Returns
+        float32 logits [sum(want), V], one row per wanted token, each exactly what forward() gives
+        that token when its sequence runs alone."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        ffi = self._ffi
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        seq = np.ascontiguousarray(seqs, dtype=np.int32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        flags = np.ascontiguousarray(want, dtype=np.int8)
+        if not ids.size or not ids.size == seq.size == pos.size == flags.size:
+            raise BitnetError("forward_batch: tokens, seqs, positions and want need one entry per token")
+        out = np.empty((int(np.count_nonzero(flags)), self.vocab_size), dtype=np.float32)
+        if 0 in seq:
+            self._cached = []  # sequence 0 is forward()'s: its record no longer holds
+        rc = self._lib.bn_forward_batch(self._model, ffi.from_buffer("int32_t[]", ids), ids.size,
+                                        ffi.from_buffer("int32_t[]", seq), ffi.from_buffer("int32_t[]", pos),
+                                        ffi.from_buffer("int8_t[]", flags), ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise BitnetError("forward_batch: a token, sequence or position is out of range or out of order")
+        return out
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of sequence src's KV cache copied into sequence dst's."""
+        if self._model is None or self._lib.bn_copy_prefix(self._model, src, dst, n) != 0:
+            raise BitnetError(f"copy_prefix: bad arguments ({src}, {dst}, {n})")
+
+    def cached_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids the KV cache already holds, leaving at least the last
+        token to run (its logits are what a caller wants): forward(ids[n:], n_past=n) then
+        gives what forward(ids) would."""
+        return common_prefix(self._cached, ids[:-1])
+
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""
-        reuse = 0
-        for a, b in zip(self._cached, ids[:-1]):  # at least the last token is always run
-            if a != b:
-                break
-            reuse += 1
+        reuse = self.cached_prefix(ids)
         return self.forward(ids[reuse:], n_past=reuse, all_logits=False)[0], reuse
 
     # ------------------------------------------------------------------ generation
@@ -377,8 +429,7 @@ class Engine:
             return
         logits, stats.reused_tokens = self._prefill(ids)
         history = list(ids)
-        detok = _Detokenizer(self.tokenizer)
-        held = ""  # decoded text not yet emitted: it could be the start of a stop string
+        text = TextStream(self.tokenizer, stops)
         t_first = None
         while True:
             token = sample(logits, params, rng, history)
@@ -391,22 +442,12 @@ class Engine:
             history.append(token)
             out_ids.append(token)
             stats.generated_tokens += 1
-            held += detok.push(token)
-            if stops:
-                cut = min((held.find(s) for s in stops if s in held), default=-1)
-                if cut >= 0:
-                    if held[:cut]:
-                        yield held[:cut]
-                    held = ""
-                    stats.stop_reason = "stop"
-                    break
-                keep = _stop_prefix_len(held, stops)
-                if len(held) > keep:
-                    yield held[: len(held) - keep]
-                    held = held[len(held) - keep:]
-            elif held:
-                yield held
-                held = ""
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                stats.stop_reason = "stop"
+                break
             if stats.generated_tokens >= max_tokens:
                 stats.stop_reason = "max_tokens"
                 break
@@ -414,10 +455,41 @@ class Engine:
                 stats.stop_reason = "context"
                 break
             logits = self.forward([token], n_past=len(history) - 1, all_logits=False)[0]
-        held += detok.flush()
-        if held and stats.stop_reason != "stop":
-            yield held
+        piece = text.flush()
+        if piece:
+            yield piece
         stats.generation_s = time.perf_counter() - (t_first or t0)
+
+
+class TextStream:
+    """Generated tokens to text pieces: a piece is shown once it is whole UTF-8 and cannot be the
+    start of a stop string; at a stop string the text ends before it (`stopped` is set)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self._detok = _Detokenizer(tokenizer)
+        self._stops = [s for s in stops if s]
+        self._held = ""  # decoded text not yet shown: it could be the start of a stop string
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        held = self._held + self._detok.push(token)
+        if not self._stops:
+            self._held = ""
+            return held
+        cut = min((held.find(s) for s in self._stops if s in held), default=-1)
+        if cut >= 0:
+            self._held, self.stopped = "", True
+            return held[:cut]
+        keep = _stop_prefix_len(held, self._stops)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+    def flush(self) -> str:
+        """The text still held back, once generation has ended (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        held, self._held = self._held + self._detok.flush(), ""
+        return held
 
 
 class _Detokenizer:
@@ -493,10 +565,4 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
     return engine.encode("\n".join(turns))
 
 
-def config_summary(engine: Engine) -> dict:
-    d = engine.dims
-    return {"layers": d.num_layers, "hidden": d.hidden_size, "vocab": d.vocab_size, "ctx": engine.ctx_size,
-            "threads": engine.threads, "isa": engine.isa, "embeddings": engine.pm.embeddings}
-
-
-__all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]
+__all__ = ["Engine", "Generation", "GenerationStats", "TextStream", "render_chat", "rope_tables"]

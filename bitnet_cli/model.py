@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet_cli.arch import ModelDims
+from bitnet_cli.checkpoint import read_json, tensor_files
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
@@ -72,29 +73,15 @@ class BitNetConfig:
     def __post_init__(self):
         if self.quant not in ("bitnet", "none"):
             raise BitnetError(f"model quant must be 'bitnet' or 'none', got {self.quant!r}")
-        if self.hidden_act != "relu2":
-            raise BitnetError(f"hidden_act {self.hidden_act!r} is not supported (BitNet b1.58 uses relu2)")
-        if self.attention_bias:
-            raise BitnetError("attention_bias=true is not supported: BitNet b1.58 has no biases")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise BitnetError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise BitnetError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
+        # The shape, checked by the one parser every stage uses; the modules below build from it.
+        self.arch = ModelDims.from_config(self.to_hf_dict(), "model config")
 
     @classmethod
-    def from_hf_dict(cls, d: dict) -> "BitNetConfig":
+    def from_hf_dict(cls, d: dict, where: str = "config.json") -> "BitNetConfig":
         """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
         if d.get("model_type") not in ("bitnet", None):
-            raise BitnetError(f"config.json has model_type {d.get('model_type')!r}, expected 'bitnet'")
+            raise BitnetError(f"{where}: model_type is {d.get('model_type')!r}, expected 'bitnet'")
+        ModelDims.from_config(d, where)  # the fields dropped below (RoPE scaling, ...) are checked first
         d = dict(d)
         qc = d.pop("quantization_config", None)
         quant = "none"
@@ -108,8 +95,6 @@ class BitNetConfig:
                 )
             quant = "bitnet"
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
-        if rope.get("rope_type", "default") not in ("default", None):
-            raise BitnetError(f"rope_type {rope.get('rope_type')!r} is not supported (only default RoPE)")
         theta = rope.get("rope_theta", d.pop("rope_theta", 500000.0))
         d.pop("rope_theta", None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta"}
@@ -181,20 +166,33 @@ class BitLinear(nn.Linear):
     under torch.compile in torch 2.11. Without gradients the quantised tensors are used as they
     are, bit for bit transformers' arithmetic.
 
+    Quantisation warm-up (converting a float model): while ``warming`` is set, weights and
+    activations are ``v + lam * (q(v) - v).detach()``, the Hugging Face 1.58-bit fine-tuning
+    recipe, with ``lam`` a 0-d buffer set in place every step (:func:`set_quant_lambda`), so a
+    compiled model sees a changing tensor rather than a new constant to recompile for. ``lam = 0``
+    is exactly the float layer, and once warm-up ends ``warming`` is cleared and the layer is
+    exactly the plain BitLinear above.
+
     ``int8`` is set by ``bitnet_cli.train.int8_linear.enable`` (``train.int8_matmul``): with
-    gradients on, the same integers are then multiplied on int8 tensor cores instead.
+    gradients on (and no warm-up), the same integers are then multiplied on int8 tensor cores.
     """
 
     int8 = None
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("lam", torch.ones(()), persistent=False)
+        self.warming = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.int8 is not None and torch.is_grad_enabled():
+        if self.warming:
+            lam = self.lam.to(x.dtype)
+            x = x + lam * (_quant_activation(x) - x).detach()
+            w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
+        elif self.int8 is not None and torch.is_grad_enabled():
             return self.int8.forward(self, x)
-        if torch.is_grad_enabled():
+        elif torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
         else:
@@ -202,7 +200,23 @@ class BitLinear(nn.Linear):
         return F.linear(x, w)
 
 
-def _linear(config: BitNetConfig, n_in: int, n_out: int) -> nn.Linear:
+def set_quant_lambda(model: nn.Module, lam: float) -> None:
+    """Set the quantisation strength of every BitLinear: 0 (float) to 1 (fully ternary).
+
+    Below 1 the layers blend (``warming``); at 1 they return to the exact BitNet forward.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quantisation lambda must be in [0, 1], got {lam}")
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.warming = lam < 1.0
+            with torch.no_grad():
+                m.lam.fill_(lam)
+
+
+def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
+    """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
+    n_out, n_in = config.arch.projection_shape(proj)
     return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
 
 
@@ -239,14 +253,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
-        self.head_dim = config.dim_per_head
-        h = config.hidden_size
-        self.q_proj = _linear(config, h, self.n_heads * self.head_dim)
-        self.k_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.v_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.o_proj = _linear(config, self.n_heads * self.head_dim, h)
-        # transformers sizes this norm by hidden_size (equal to heads * head_dim in every BitNet shape).
-        self.attn_sub_norm = RMSNorm(self.n_heads * self.head_dim, config.rms_norm_eps)
+        self.head_dim = config.arch.head_dim
+        self.q_proj = _linear(config, "self_attn.q_proj")
+        self.k_proj = _linear(config, "self_attn.k_proj")
+        self.v_proj = _linear(config, "self_attn.v_proj")
+        self.o_proj = _linear(config, "self_attn.o_proj")
+        self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -267,11 +279,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: BitNetConfig):
         super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, h, f)
-        self.up_proj = _linear(config, h, f)
-        self.down_proj = _linear(config, f, h)
-        self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
+        self.gate_proj = _linear(config, "mlp.gate_proj")
+        self.up_proj = _linear(config, "mlp.up_proj")
+        self.down_proj = _linear(config, "mlp.down_proj")
+        self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
@@ -322,18 +333,10 @@ class BitNetForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(T, self.config.dim_per_head, self.config.rope_theta, x.device, x.dtype)
+        cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
-
-    # ------------------------------------------------------------------ sizes
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
 
     # ------------------------------------------------------------------ HF checkpoints
 
@@ -372,11 +375,10 @@ class BitNetForCausalLM(nn.Module):
         cfg_path = ckpt / "config.json"
         if not cfg_path.is_file():
             raise BitnetError(f"{ckpt}: no config.json (expected a checkpoint directory in HF layout)")
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BitnetError(f"{cfg_path}: not valid JSON ({e})") from None
-        config = BitNetConfig.from_hf_dict(cfg_dict)
+        cfg_dict = read_json(cfg_path, "model config")
+        if not isinstance(cfg_dict, dict):
+            raise BitnetError(f"{cfg_path}: not a JSON object")
+        config = BitNetConfig.from_hf_dict(cfg_dict, str(cfg_path))
         if quant is not None:
             config = dataclasses.replace(config, quant=quant)
         with torch.device("meta"):
@@ -397,6 +399,7 @@ class BitNetForCausalLM(nn.Module):
                     f"{ckpt}: tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(ref.shape)}"
                 )
         model = model.to_empty(device=device)
+        set_quant_lambda(model, 1.0)  # to_empty left the non-persistent lambda buffers uninitialised
         state = {k: v.to(dtype) for k, v in state.items() if k in expected}
         model.load_state_dict(state, strict=False, assign=False)
         if config.tie_word_embeddings:
@@ -405,37 +408,14 @@ class BitNetForCausalLM(nn.Module):
 
 
 def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (the files bitnet_cli.checkpoint finds and checks)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (ckpt / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise BitnetError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = ckpt / name
-        if not path.is_file():
-            raise BitnetError(f"{path}: shard named in the index is missing")
+    for path in tensor_files(ckpt):
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:
             raise BitnetError(f"{path}: cannot read safetensors ({e})") from None
     return state
-
-
-def flops_per_token(config: BitNetConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting.
-
-    6 x (matmul parameters: projections and lm_head, not the embedding lookup) plus
-    12 x layers x heads x head_dim x seq_len for the attention scores and values.
-    """
-    h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    d = config.dim_per_head
-    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer = attn + 3 * h * f
-    n_matmul = L * per_layer + h * config.vocab_size
-    return 6 * n_matmul + 12 * L * config.num_attention_heads * d * seq_len

@@ -58,26 +58,74 @@ static int32_t q4_dot_scalar(const bn_q4_block *b, const int8_t *x, int k) {
     return acc;
 }
 
-static void head_rows_scalar(const bn_head_job *j, int r0, int r1) {
+/* ---- the scalar references, one per row type ------------------------------------------- */
+
+void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < j->m; t++) {
-            float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_Q4) {
-                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
-                *y = i8_logit(j, t, r, q4_dot_scalar(w, j->hq + (size_t)t * j->k, j->k));
-            } else if (j->type == BN_EMB_F16) {
-                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-                const float *h = j->h + (size_t)t * j->k;
-                float s = 0.0f;
-                for (int k = 0; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-                *y = s;
-            } else {
-                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-                int32_t acc = 0;
-                for (int k = 0; k < j->k; k++) acc += w[k] * h[k];
-                *y = i8_logit(j, t, r, acc);
-            }
+            const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+            const float *h = j->h + (size_t)t * j->k;
+            float s = 0.0f;
+            for (int k = 0; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+            j->y[(size_t)t * j->y_stride + r] = s;
         }
+}
+
+void bn_head_rows_i8_scalar(const bn_head_job *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++) {
+            const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+            int32_t acc = 0;
+            for (int k = 0; k < j->k; k++) acc += w[k] * h[k];
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, acc);
+        }
+}
+
+void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++) {
+            const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / BN_Q4_BLOCK_K);
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, q4_dot_scalar(w, j->hq + (size_t)t * j->k, j->k));
+        }
+}
+
+/* ---- rows as floats (the embedding lookup), one per row type ----------------------------- */
+
+static void f16_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    (void)scale;
+    const uint16_t *w = (const uint16_t *)rows + (size_t)row * hidden;
+    for (int i = 0; i < hidden; i++) out[i] = bn_f16_to_f32(w[i]);
+}
+
+static void i8_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    const int8_t *w = (const int8_t *)rows + (size_t)row * hidden;
+    for (int i = 0; i < hidden; i++) out[i] = (float)w[i] * scale[row];
+}
+
+static void q4_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    const int nb = (hidden + BN_Q4_BLOCK_K - 1) / BN_Q4_BLOCK_K;
+    const bn_q4_block *w = (const bn_q4_block *)rows + (size_t)row * nb;
+    for (int i = 0; i < hidden; i++) {
+        const bn_q4_block *b = w + i / BN_Q4_BLOCK_K;
+        int half = i % BN_Q4_BLOCK_K / 32, q = ((b->nib[i % 32] >> 4 * half) & 15) - 8;
+        out[i] = (float)(b->sub[half] * q) * scale[row]; /* sub * q first: an integer, as numpy's decode */
+    }
+}
+
+/* The row types. A new type is one entry here, its row kernels in dispatch.c's table, and its
+ * Python traits (bitnet_cli/pack/embeddings.py). */
+static const bn_head_traits TRAITS[BN_EMB_COUNT] = {
+    [BN_EMB_F16] = {"f16", 1, 0, 0, f16_row_to_f32},
+    [BN_EMB_I8] = {"int8", 1, 0, 1, i8_row_to_f32},
+    /* kp * 255 * 8 * 128 < 2^31 for kp <= 8192 (bitnet.h) */
+    [BN_EMB_Q4] = {"q4", BN_Q4_BLOCK_K, 8192, 1, q4_row_to_f32},
+};
+
+const bn_head_traits *bn_head_type(int type) { return type >= 0 && type < BN_EMB_COUNT ? &TRAITS[type] : NULL; }
+
+int bn_head_k(int type, int hidden) {
+    const int block = TRAITS[type].block;
+    return (hidden + block - 1) / block * block;
 }
 
 #if BN_X86
@@ -90,33 +138,44 @@ AVX2_TARGET static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* f16 rows: RT rows x TT tokens, RT*TT independent FMA chains; each weight vector is converted
- * once for TT tokens */
+/* The end of an f16 row dot, shared by the row and the tile so that both round alike: the 8-wide
+ * remainder into acc[0], ((acc0 + acc1) + (acc2 + acc3)) across lanes, then the scalar tail. */
+AVX2_TARGET static inline float f16_finish(__m256 acc[4], const uint16_t *w, const float *h, int k, int K) {
+    for (; k + 8 <= K; k += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(h + k),
+                                 acc[0]);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; k < K; k++) s += bn_f16_to_f32(w[k]) * h[k];
+    return s;
+}
+
+/* f16 rows: RT rows x TT tokens, each weight vector converted once for the TT tokens. Every
+ * (row, token) is summed exactly as f16_row_avx2 sums it (four accumulators over k by 32), so a
+ * token's logits do not depend on how many tokens share the call: a batched decode step gives
+ * each sequence the logits it gets alone. */
 AVX2_TARGET static inline __attribute__((always_inline)) void f16_tile_avx2(const bn_head_job *j, int r, int t,
                                                                           const int RT, const int TT) {
     const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-    __m256 acc[4][4];
+    __m256 acc[1][2][4];
     for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_ps();
-    const int k8 = j->k & ~7;
-    for (int k = 0; k < k8; k += 8) {
-        __m256 wv[4];
+        for (int b = 0; b < TT; b++)
+            for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_setzero_ps();
+    const int k32 = j->k & ~31;
+    for (int k = 0; k < k32; k += 32)
         for (int a = 0; a < RT; a++) {
-            if (!(k & 31)) _mm_prefetch((const char *)(w + (size_t)a * j->k + k) + PREFETCH_BYTES, _MM_HINT_T0);
-            wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + (size_t)a * j->k + k)));
+            const uint16_t *wr = w + (size_t)a * j->k + k;
+            _mm_prefetch((const char *)wr + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256 wv[4];
+            for (int u = 0; u < 4; u++) wv[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + 8 * u)));
+            for (int b = 0; b < TT; b++) {
+                const float *h = j->h + (size_t)(t + b) * j->k + k;
+                for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(h + 8 * u), acc[a][b][u]);
+            }
         }
-        for (int b = 0; b < TT; b++) {
-            __m256 h = _mm256_loadu_ps(j->h + (size_t)(t + b) * j->k + k);
-            for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(wv[a], h, acc[a][b]);
-        }
-    }
     for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++) {
-            const float *h = j->h + (size_t)(t + b) * j->k;
-            float s = hsum_ps(acc[a][b]);
-            for (int k = k8; k < j->k; k++) s += bn_f16_to_f32(w[(size_t)a * j->k + k]) * h[k];
-            j->y[(size_t)(t + b) * j->y_stride + r + a] = s;
-        }
+        for (int b = 0; b < TT; b++)
+            j->y[(size_t)(t + b) * j->y_stride + r + a] =
+                f16_finish(acc[a][b], w + (size_t)a * j->k, j->h + (size_t)(t + b) * j->k, k32, j->k);
 }
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
@@ -162,19 +221,13 @@ AVX2_TARGET static inline float f16_row_avx2(const bn_head_job *j, int r, int t)
     const float *h = j->h + (size_t)t * j->k;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const int k32 = j->k & ~31;
-    int k = 0;
-    for (; k < k32; k += 32) {
+    for (int k = 0; k < k32; k += 32) {
         _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
         for (int u = 0; u < 4; u++)
             acc[u] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u))),
                                      _mm256_loadu_ps(h + k + 8 * u), acc[u]);
     }
-    for (; k + 8 <= j->k; k += 8)
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(h + k),
-                                 acc[0]);
-    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-    return s;
+    return f16_finish(acc, w, h, k32, j->k);
 }
 
 AVX2_TARGET static inline __m256i i8_dot32_avx2(const int8_t *w, const int8_t *h) {
@@ -208,7 +261,7 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
  * The remaining tokens go one row at a time. */
 #define HEAD_BLOCK_BYTES (128 * 1024)
 #define HEAD_ROWS_AVX2(NAME, TILE, RT, TT, ROW, STORE, ROW_BYTES)                                     \
-    AVX2_TARGET static void NAME(const bn_head_job *j, int r0, int r1) {                               \
+    AVX2_TARGET void NAME(const bn_head_job *j, int r0, int r1) {                                         \
         const int mt = j->m / (TT) * (TT), block = HEAD_BLOCK_BYTES / (ROW_BYTES) / (RT) * (RT) + (RT); \
         for (int b0 = r0; b0 < r1; b0 += block) {                                                     \
             const int b1 = r1 - b0 < block ? r1 : b0 + block;                                          \
@@ -224,9 +277,10 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
 
 #define AS_IS(v) (v)
 #define I8_LOGIT(v) i8_logit(j, t, r, v)
-/* measured best on Zen 3: f16 rows pay a conversion per row, int8 rows one vpsignb per token */
-HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, 4, 2, f16_row_avx2, AS_IS, 2 * j->k)
-HEAD_ROWS_AVX2(head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
+/* int8 rows: measured best on Zen 3 (one vpsignb per token). f16: 1 row x 2 tokens of four
+ * accumulators each (8 registers, 4 for the converted weights: larger tiles spill). */
+HEAD_ROWS_AVX2(bn_head_rows_f16_avx2, f16_tile_avx2, 1, 2, f16_row_avx2, AS_IS, 2 * j->k)
+HEAD_ROWS_AVX2(bn_head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
 
 /* q4 rows: the codes u = q + 8 are unsigned, so vpmaddubsw takes them as they are (u x pair
  * sums up to 2 * 15 * 127, inside int16) and the offset comes off as vpmaddubsw(8, x); the
@@ -272,7 +326,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void q4_tile_avx2(const
 
 /* tiles of two rows x four tokens; for the remaining tokens one row after another (a single
  * sequential stream, as in the decode case of the other types) */
-AVX2_TARGET static void head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
+AVX2_TARGET void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
     int t = 0;
     for (; t + 4 <= j->m; t += 4) {
         int r = r0;
@@ -281,15 +335,6 @@ AVX2_TARGET static void head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) 
     }
     for (; t < j->m; t++)
         for (int r = r0; r < r1; r++) q4_tile_avx2(j, r, t, 1, 1);
-}
-
-AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
-    if (j->type == BN_EMB_Q4)
-        head_rows_q4_avx2(j, r0, r1);
-    else if (j->type == BN_EMB_I8)
-        head_rows_i8_avx2(j, r0, r1);
-    else
-        head_rows_f16_avx2(j, r0, r1);
 }
 #endif
 
@@ -315,54 +360,45 @@ static int32_t q4_dot_neon(const bn_q4_block *b, const int8_t *x, int k) {
     return vaddvq_s32(acc);
 }
 
-static void head_rows_neon(const bn_head_job *j, int r0, int r1) {
+void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1) {
     for (int t = 0; t < j->m; t++)
         for (int r = r0; r < r1; r++) {
-            float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_Q4) {
-                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
-                *y = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
-            } else if (j->type == BN_EMB_F16) {
-                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-                const float *h = j->h + (size_t)t * j->k;
-                const int k4 = j->k & ~3;
-                float32x4_t acc = vdupq_n_f32(0.0f);
-                for (int k = 0; k < k4; k += 4)
-                    acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k))), vld1q_f32(h + k));
-                float s = vaddvq_f32(acc);
-                for (int k = k4; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-                *y = s;
-            } else {
-                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-                const int k16 = j->k & ~15;
-                int32x4_t acc = vdupq_n_s32(0);
-                for (int k = 0; k < k16; k += 16) {
-                    int8x16_t wv = vld1q_s8(w + k), hv = vld1q_s8(h + k);
-                    acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(hv)), wv, hv));
-                }
-                int32_t s = vaddvq_s32(acc);
-                for (int k = k16; k < j->k; k++) s += w[k] * h[k];
-                *y = i8_logit(j, t, r, s);
+            const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / BN_Q4_BLOCK_K);
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
+        }
+}
+
+void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1) {
+    for (int t = 0; t < j->m; t++)
+        for (int r = r0; r < r1; r++) {
+            const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+            const float *h = j->h + (size_t)t * j->k;
+            const int k4 = j->k & ~3;
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (int k = 0; k < k4; k += 4)
+                acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k))), vld1q_f32(h + k));
+            float s = vaddvq_f32(acc);
+            for (int k = k4; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+            j->y[(size_t)t * j->y_stride + r] = s;
+        }
+}
+
+void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1) {
+    for (int t = 0; t < j->m; t++)
+        for (int r = r0; r < r1; r++) {
+            const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+            const int k16 = j->k & ~15;
+            int32x4_t acc = vdupq_n_s32(0);
+            for (int k = 0; k < k16; k += 16) {
+                int8x16_t wv = vld1q_s8(w + k), hv = vld1q_s8(h + k);
+                acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(hv)), wv, hv));
             }
+            int32_t s = vaddvq_s32(acc);
+            for (int k = k16; k < j->k; k++) s += w[k] * h[k];
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, s);
         }
 }
 #endif
-
-bn_head_rows_fn bn_head_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-    switch (isa) {
-#if BN_X86
-    case BN_ISA_AVX2:
-    case BN_ISA_AVX512:
-    case BN_ISA_AVX512VNNI: return head_rows_avx2; /* memory-bound: AVX2 already saturates it */
-#endif
-#if BN_ARM64
-    case BN_ISA_NEON:
-    case BN_ISA_NEONDOT: return head_rows_neon;
-#endif
-    default: return head_rows_scalar;
-    }
-}
 
 typedef struct {
     bn_head_rows_fn fn;
@@ -385,13 +421,14 @@ void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int 
 
 int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float *wscale, int n, int k,
                    const float *h, int m, float *y) {
-    bn_head_rows_fn fn = bn_head_kernel(isa);
-    if (!fn || (type != BN_EMB_F16 && type != BN_EMB_I8 && type != BN_EMB_Q4) || n < 1 || k < 1 || m < 1) return -1;
+    const bn_kernels *kern = bn_kernels_for(isa);
+    const bn_head_traits *traits = bn_head_type(type);
+    if (!kern || !traits || n < 1 || k < 1 || m < 1) return -1;
     const int kq = bn_head_k(type, k);
     int8_t *hq = NULL;
     float *hscale = NULL;
     int32_t *hsum = NULL;
-    if (type != BN_EMB_F16) {
+    if (traits->quantized) {
         if (posix_memalign((void **)&hq, 64, (size_t)m * kq)) hq = NULL; /* aligned: see zalloc in model.c */
         hscale = malloc(sizeof(float) * m);
         hsum = malloc(sizeof(int32_t) * m);
@@ -399,11 +436,11 @@ int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float 
             free(hq), free(hscale), free(hsum);
             return -1;
         }
-        bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
+        kern->quantize(h, m, k, kq, hq, hscale, hsum);
     }
-    bn_head_job job = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
+    bn_head_job job = {.w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                        .m = m, .y = y, .y_stride = n};
-    bn_head_run(pool, fn, &job, n);
+    bn_head_run(pool, kern->head[type], &job, n);
     free(hq), free(hscale), free(hsum);
     return 0;
 }

@@ -12,35 +12,20 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bitnet_cli.arch import PRESETS
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import bundled
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
-
-# Model shapes by name. The paper shapes are BitNet b1.58's (Ma et al., 2024) with the LLaMA
-# tokenizer's 32000 tokens; 2b4t is microsoft/bitnet-b1.58-2B-4T (LLaMA 3 tokenizer).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=12),
-    "700m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=24,
-                 num_key_value_heads=24, vocab_size=32000),
-    "1.3b": dict(hidden_size=2048, intermediate_size=5460, num_hidden_layers=24, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000),
-    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "2b4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
-                 num_key_value_heads=5, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-}
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(_Strict):
-    preset: Optional[Literal["tiny", "small", "700m", "1.3b", "3b", "2b4t"]] = Field(
-        None, description="A named shape (see PRESETS); any dimension given below overrides it.")
+    preset: Optional[Literal[tuple(PRESETS)]] = Field(  # type: ignore[valid-type]
+        None, description=f"A named shape ({', '.join(PRESETS)}: bitnet_cli.arch.PRESETS, shared with "
+                          "`bitnet bench --shape`); any field given below overrides it.")
     vocab_size: Optional[int] = Field(
         None, gt=0, description="Vocabulary size; default: the tokenizer's (rounded up to a multiple of 64 "
                                 "only if round_vocab_to is set).")
@@ -54,21 +39,69 @@ class ModelSpec(_Strict):
                                                                        "num_attention_heads.")
     max_position_embeddings: Optional[int] = Field(None, gt=0, description="Longest context; default: "
                                                                            "train.seq_len.")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rope_theta: Optional[float] = Field(None, gt=0, description="RoPE base frequency; default: the preset's, "
+                                                                "else 10000.")
     rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of linears and embeddings.")
-    tie_word_embeddings: bool = Field(True, description="Share the input embedding with lm_head.")
+    tie_word_embeddings: Optional[bool] = Field(None, description="Share the input embedding with lm_head; "
+                                                                  "default: the preset's, else true.")
     quant: Literal["bitnet", "none"] = Field(
         "bitnet", description="bitnet: ternary weights + int8 activations (b1.58); none: the same "
                               "architecture in full precision (the baseline).")
+    init_from: Optional[str] = Field(
+        None, description="Start from a trained full-precision model instead of a random init (conversion "
+        "to ternary): a checkpoint directory (a Hugging Face Llama, Qwen2, Qwen3 or BitNet model, sharded or "
+        "not, or one of our runs: its directory or its final/), or a Hugging Face hub id. Shape, RoPE, "
+        "vocabulary and tokenizer come from it, so no shape key may be set; see docs/CONVERT.md for what is "
+        "accepted.")
+    insert_subln: bool = Field(
+        False, description="With init_from: add BitNet b1.58's two sub-norms (before o_proj and down_proj), "
+        "weights initialised to ones, as BitDistill does; the result is a BitNet b1.58 model. Without it the "
+        "source family is kept and only its projections become ternary.")
 
     def resolved(self) -> dict[str, Any]:
-        """Preset merged with the explicit fields (explicit wins)."""
-        out = dict(PRESETS.get(self.preset or "", {}))
-        for k, v in self.model_dump(exclude={"preset", "round_vocab_to"}).items():
+        """Defaults, then the preset's fields, then the explicit fields (explicit wins)."""
+        out = {"rope_theta": 10000.0, "tie_word_embeddings": True}
+        if self.preset:
+            out.update(PRESETS[self.preset].fields)
+        for k, v in self.model_dump(exclude={"preset", "round_vocab_to", "init_from", "insert_subln"}).items():
             if v is not None:
                 out[k] = v
         return out
+
+    @model_validator(mode="after")
+    def _init_from_owns_the_shape(self):
+        if self.init_from is None:
+            if self.insert_subln:
+                raise ValueError("insert_subln needs init_from (a from-scratch BitNet model has its sub-norms)")
+            return self
+        given = [k for k in ("preset", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                             "rope_theta", "tie_word_embeddings")
+                 if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"with init_from the shape comes from the checkpoint; remove {', '.join(given)}")
+        return self
+
+
+class QuantSpec(_Strict):
+    warmup_steps: int = Field(0, ge=0, description=(
+        "Quantisation warm-up (converting a float model): over the first N steps weights and activations are "
+        "v + lambda * (q(v) - v), lambda rising from 0 (float) to 1 (ternary) by warmup_schedule; 0: ternary "
+        "from the first step. lambda is logged in metrics.jsonl and drawn in loss.png."))
+    warmup_schedule: Literal["linear", "sigmoid", "exponential"] = Field("linear", description=(
+        "lambda at p = step / warmup_steps: linear p; sigmoid (1/(1+e^(-k(p-1/2))) rescaled to run from 0 to 1); "
+        "exponential (e^(kp) - 1) / (e^k - 1). The Hugging Face 1.58-bit write-up compared these three."))
+    warmup_k: float = Field(8.0, gt=0, le=100, description="Steepness k of the sigmoid and exponential schedules.")
+
+
+class DistillSpec(_Strict):
+    alpha: float = Field(0.0, ge=0, le=1, description=(
+        "Knowledge distillation from a float teacher: loss = (1 - alpha) * cross-entropy + alpha * T^2 * "
+        "KL(teacher || student) on the logits at temperature T. 0: off."))
+    teacher: Optional[str] = Field(None, description="The teacher checkpoint (same forms as model.init_from); "
+                                                     "default: model.init_from.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature T of the distillation KL.")
 
 
 class TokenizerSpec(_Strict):
@@ -88,7 +121,8 @@ class DataSpec(_Strict):
                                                                 "out for validation.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer to train or load.")
     cache_dir: Optional[str] = Field(None, description="Where token memmaps are cached (by content hash); "
-                                                       "default $BITNET_CACHE or ~/.cache/bitnet-cli.")
+                                                       "default bitnet_cli.files.cache_root(): $BITNET_CACHE, else "
+                                                       "$XDG_CACHE_HOME/bitnet-cli or ~/.cache/bitnet-cli.")
 
 
 class OptimSpec(_Strict):
@@ -160,9 +194,21 @@ class Recipe(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model shape.")
     data: DataSpec = Field(default_factory=DataSpec, description="Corpus, split and tokenizer.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="AdamW and the schedule.")
+    quant: QuantSpec = Field(default_factory=QuantSpec, description="Quantisation warm-up (float-to-ternary).")
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation from a float teacher.")
     train: TrainSpec = Field(description="Batch, length, budget, precision, device, evaluation, checkpoints.")
     # Directory the recipe's relative paths are resolved against (not a YAML key).
     base_dir: Path = Field(Path("."), exclude=True, description="internal")
+
+    @model_validator(mode="after")
+    def _conversion_needs_a_source(self):
+        if self.distill.alpha > 0 and self.distill.teacher is None and self.model.init_from is None:
+            raise ValueError("distill.alpha > 0 needs distill.teacher or model.init_from (the default teacher)")
+        if self.model.init_from is not None and self.data.tokenizer.path is not None:
+            raise ValueError("with model.init_from the tokenizer is the source's; remove data.tokenizer.path")
+        if self.quant.warmup_steps and self.model.quant != "bitnet":
+            raise ValueError("quant.warmup_steps needs model.quant: bitnet (there is nothing to warm up)")
+        return self
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -220,18 +266,14 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return p
     if p.is_dir():
         raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
-    from importlib import resources
-
-    bundled = Path(str(resources.files("bitnet_cli") / "recipes" / f"{p.name}.yaml"))
-    if p.suffix == "" and len(p.parts) == 1 and bundled.is_file():
-        return bundled
+    shipped = bundled("recipes", f"{p.name}.yaml")
+    if p.suffix == "" and len(p.parts) == 1 and shipped.is_file():
+        return shipped
     raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
 
 
 def bundled_recipes() -> list[str]:
-    from importlib import resources
-
-    root = Path(str(resources.files("bitnet_cli") / "recipes"))
+    root = bundled("recipes")
     return sorted(f.stem for f in root.glob("*.yaml")) if root.is_dir() else []
 
 
