@@ -42,6 +42,11 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
+        if type(e).__name__ != "PanicException":
+            raise
+        err_console.print(f"[bold red]error:[/] a library failed on this input: {e}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _version_callback(value: bool):
@@ -407,6 +412,8 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
                 pending = console.input("[bold green]you>[/] ")
             except EOFError:
                 break
+            except UnicodeDecodeError as e:
+                raise BitnetError(f"the message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
         if not pending.strip():
             break
         messages.append({"role": "user", "content": pending})
@@ -439,7 +446,7 @@ def serve(
     together (continuous batching: the weights are read once per step for all of them).
 
     Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM)
-    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli[serve]'.
+    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
     Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
