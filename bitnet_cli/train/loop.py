@@ -370,8 +370,8 @@ class _Run:
         torch.manual_seed(recipe.seed)
         model = BitNetForCausalLM(config)
         if src is not None and resume_from is None:
-            load_weights(src, model)
-            say(f"initialised from {src.where}")
+            load_weights(src, model, recipe.model.insert_subln)
+            say(f"initialised from {src.where}" + (" (sub-norms inserted)" if recipe.model.insert_subln else ""))
         if resume_from is not None:
             loaded = BitNetForCausalLM.from_pretrained(resume_from)
             try:
