@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import micro_recipe, run_killed_and_resumed, write_recipe
+from test_train import micro_recipe, run_killed_and_resumed, token_cache, write_recipe  # noqa: F401 (token_cache: autouse)
 from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
@@ -20,17 +19,6 @@ from bitnet_cli.train import load_recipe, train
 from bitnet_cli.train.distill import distill_loss
 from bitnet_cli.train.recipe import QuantSpec
 from bitnet_cli.train.schedule import quant_lambda_at
-
-
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    old = os.environ.get("BITNET_CACHE")
-    os.environ["BITNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("BITNET_CACHE")
-    else:
-        os.environ["BITNET_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
