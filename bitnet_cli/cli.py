@@ -82,6 +82,12 @@ def user_errors(extra: str | None = None):
         print_error(f"this command needs the {extra} {kind} (no module named {e.name.split('.')[0]!r}): "
                     f"pip install 'bitnet-cli[{extra}]'")
         raise typer.Exit(1)
+    except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
+        if type(e).__name__ != "PanicException":
+            raise
+        print_error(f"a library failed on this input: {e}")
+        raise typer.Exit(1)
+
 
 
 def print_json(obj) -> None:
@@ -387,7 +393,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -409,7 +415,8 @@ def run(
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
-    Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
+    Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
+    [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
 
     with user_errors():
@@ -467,6 +474,8 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
             except EOFError:
                 console.print()  # the prompt line was left open
                 break
+            except UnicodeDecodeError as e:
+                raise BitnetError(f"the message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
         if not pending.strip():
             break
         messages.append({"role": "user", "content": pending})
