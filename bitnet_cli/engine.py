@@ -325,7 +325,7 @@ class Engine(kernels.CResource):
         if need > have:
             raise BitnetError(f"ctx_size {ctx_size} needs {need / 2**30:.1f} GiB (the model, and a KV cache and "
                               f"RoPE tables for {ctx_size} tokens) but this process may use "
-                              f"{have / 2**30:.1f} GiB; choose a smaller ctx_size", param="ctx_size")
+                              f"{have / 2**30:.1f} GiB; choose a smaller context", param="ctx_size")
         engine = cls(pm, threads, ctx_size, isa_id)
         engine.load_s = time.perf_counter() - t0
         return engine
