@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
+from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
     CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
@@ -64,14 +64,6 @@ def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def _linear_class(ckpt: Checkpoint) -> str:
-    quant = ckpt.config.get("quantization_config") or {}
-    cls = quant.get("linear_class", "bitlinear")
-    if cls not in ("bitlinear", "autobitlinear"):
-        raise BitnetError(f"{ckpt.path / 'config.json'}: unknown quantization_config.linear_class {cls!r}")
-    return cls
-
-
 def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
     """(trits int8 [N, K], gamma float32) of one BitLinear weight, from any supported source kind."""
     n, k = shape
@@ -109,7 +101,8 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
     if scale[0] <= 0:
         raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
     # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
-    gamma = scale[0] if _linear_class(ckpt) == "autobitlinear" else np.float32(1.0) / scale[0]
+    _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
+    gamma = scale[0] if op == "multiply" else np.float32(1.0) / scale[0]
     return trits, np.float32(gamma)
 
 
