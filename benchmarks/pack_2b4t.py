@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims
+from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, layer_tensor
 from bitnet_cli.pack.synthetic import BOS, EOS, shape_config, synthetic_tokenizer
 
 
@@ -32,11 +32,11 @@ def write_bf16_checkpoint(out: Path, shape: str = "2b4t", seed: int = 0) -> Path
                                      "quantization_mode": "online"}
     config["torch_dtype"] = "bfloat16"
     d = ModelDims.from_config(config)
-    tensors = [("model.embed_tokens.weight", (d.vocab_size, d.hidden_size))]
+    tensors = [(EMBED, (d.vocab_size, d.hidden_size))]
     for i in range(d.num_layers):
-        tensors += [(f"model.layers.{i}.{n}.weight", (d.norm_size(n),)) for n in LAYER_NORMS]
-        tensors += [(f"model.layers.{i}.{p}.weight", d.projection_shape(p)) for p in PROJECTIONS]
-    tensors.append(("model.norm.weight", (d.hidden_size,)))
+        tensors += [(layer_tensor(i, n.name), (n.size(d),)) for n in d.layer_norms()]
+        tensors += [(layer_tensor(i, p.name), p.shape(d)) for p in d.projections()]
+    tensors.append((FINAL_NORM, (d.hidden_size,)))
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shp in tensors:
         nbytes = int(np.prod(shp)) * 2

@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(quant: str, compile_: bool, steps: int, extra: list[str]) -> dict:
-    from bitnet_cli.model import flops_per_token
     from bitnet_cli.train import load_recipe, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
@@ -37,7 +36,7 @@ def run(quant: str, compile_: bool, steps: int, extra: list[str]) -> dict:
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 2]
     tps = statistics.median(windows)
-    fpt = flops_per_token(model_config(recipe, None), recipe.train.seq_len)
+    fpt = model_config(recipe, None).arch.training_flops_per_token(recipe.train.seq_len)
     peak = peak_flops(pick_device(recipe.train.device))
     return {"quant": quant, "compile": compile_, "tokens_per_s": round(tps), "step_s": round(
         recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len / tps, 4),

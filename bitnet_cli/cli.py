@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from bitnet_cli import __version__
+from bitnet_cli.arch import PRESETS
 from bitnet_cli.errors import BitnetError
 
 app = typer.Typer(
@@ -489,7 +490,7 @@ def bench(
         None, "--model", "-m", help="Packed model file to benchmark (default: a synthetic --shape)."),
     shape: Optional[str] = typer.Option(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
-        "2b4t, 700m, 1.3b, 3b or 8b \\[default: 2b4t]. Written once to the cache dir."),
+        f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and the physical cores]."),

@@ -27,27 +27,23 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bitnet_cli import kernels
+from bitnet_cli import kernels, rope
+from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams, sample
 
 DEFAULT_CTX = 4096
-PROJ_FIELDS = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-               "mlp.gate_proj": "g", "mlp.up_proj": "u", "mlp.down_proj": "d"}
-NORM_FIELDS = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_norm",
-               "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm"}
 
 
-def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
+def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, with any llama3
+    scaling, then pos * inv_freq: bitnet_cli.rope).
 
     The fp32 angles are those of torch; cos/sin are taken in float64 and rounded once, which is
     what torch's (<= 1 ulp) fp32 cos/sin approximate.
     """
     f32 = np.float32
-    exponent = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
-    inv_freq = f32(1.0) / np.power(np.float64(f32(theta)), exponent.astype(np.float64)).astype(f32)
-    angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
+    angles = np.arange(ctx, dtype=f32)[:, None] * rope.inv_freq(head_dim, theta, scaling)[None, :]
     a = angles.astype(np.float64)
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
 
@@ -147,8 +143,8 @@ class Engine:
         self.stop_token_ids = self._stop_ids()
 
         keep = self._keep = []  # cdata buffers that must outlive the C model
-        head_name = "model.embed_tokens.weight" if d.tie_word_embeddings else "lm_head.weight"
-        streamed = [f"model.layers.{i}.{proj}.weight" for i in range(d.num_layers) for proj in PROJ_FIELDS]
+        head_name = d.head_name
+        streamed = [layer_tensor(i, proj.name) for i in range(d.num_layers) for proj in d.projections()]
         self.huge_pages = kernels.huge_pages_available()
         if self.huge_pages:
             region, views = read_into_huge_pages(pm, streamed + [head_name])
@@ -167,12 +163,11 @@ class Engine:
         layers = ffi.new("bn_layer_desc[]", d.num_layers)
         keep.append(layers)
         for i in range(d.num_layers):
-            p = f"model.layers.{i}."
-            for norm, fieldname in NORM_FIELDS.items():
-                setattr(layers[i], fieldname, ptr(pm.tensor(f"{p}{norm}.weight"), "float"))
-            for proj, short in PROJ_FIELDS.items():
-                setattr(layers[i], "w" + short, ptr(tensor(f"{p}{proj}.weight"), "uint8_t"))
-                setattr(layers[i], "g" + short, float(pm.tensor(f"{p}{proj}.weight_scale")[0]))
+            for norm in d.layer_norms():
+                setattr(layers[i], norm.c_field, ptr(pm.tensor(layer_tensor(i, norm.name)), "float"))
+            for proj in d.projections():
+                setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
+                setattr(layers[i], "g" + proj.c_field, float(pm.tensor(layer_tensor(i, proj.name, "weight_scale"))[0]))
         desc = ffi.new("bn_model_desc *")
         keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
@@ -181,13 +176,14 @@ class Engine:
         emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
                                "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
         desc.emb_type = desc.head_type = emb_type
-        desc.embed = ptr(tensor("model.embed_tokens.weight"), emb_ctype)
+        desc.embed = ptr(tensor(EMBED), emb_ctype)
         desc.head = ptr(tensor(head_name), emb_ctype)
         if emb_type != lib.BN_EMB_F16:
-            desc.embed_scale = ptr(pm.tensor("model.embed_tokens.weight_scale"), "float")
+            desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
             desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
-        desc.final_norm = ptr(pm.tensor("model.norm.weight"), "float")
-        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
+        desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
+        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
+        desc.ffn_act = {"relu2": lib.BN_ACT_RELU2, "silu": lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
 
@@ -197,6 +193,7 @@ class Engine:
             raise BitnetError(f"{pm.path}: {ffi.string(err).decode()}")
         self._model = model
         self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
+        self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
         self.load_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ loading
@@ -215,7 +212,7 @@ class Engine:
         end = max(e.begin + e.nbytes for e in pm.entries.values())
         if end > size:
             raise BitnetError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
-        smallest = min(min(d.projection_shape(p)[0] for p in PROJ_FIELDS), d.vocab_size)
+        smallest = min(min(p.shape(d)[0] for p in d.projections()), d.vocab_size)
         if threads is None:
             threads = min(kernels.physical_cores(), smallest)
         if type(threads) is not int or threads < 1:
@@ -330,6 +327,59 @@ class Engine:
         if rc != 0:
             raise BitnetError("forward_branches: the C engine refused its arguments")
         return np.split(out, np.cumsum(lengths)[:-1])
+
+    # ------------------------------------------------------------------ several sequences
+
+    @property
+    def kv_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's KV cache at the full context (fp32 keys and values, every layer);
+        committed as positions are written. An extra sequence costs this and nothing else."""
+        d = self.dims
+        return 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ctx_size * 4
+
+    def set_sequences(self, n: int) -> None:
+        """Room for n independent sequences (forward_batch), each with its own KV cache of
+        ctx_size positions; every cached position is dropped. forward() uses sequence 0."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        if type(n) is not int or n < 1:
+            raise BitnetError(f"--parallel must be a positive integer, got {n!r}")
+        if self._lib.bn_model_set_seqs(self._model, n) != 0:
+            raise BitnetError(f"out of memory for {n} KV caches of {self.ctx_size} positions "
+                              f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower --parallel or --ctx-size")
+        self.n_sequences = n
+        self._cached = []
+
+    def forward_batch(self, tokens: Sequence[int], seqs: Sequence[int], positions: Sequence[int],
+                      want: Sequence[bool]) -> np.ndarray:
+        """One pass over tokens of several sequences (see set_sequences): token i belongs to
+        sequence seqs[i] at position positions[i] and sees that sequence's positions up to its own;
+        a sequence's tokens come in order at consecutive positions, the earlier ones cached. Returns
+        float32 logits [sum(want), V], one row per wanted token, each exactly what forward() gives
+        that token when its sequence runs alone."""
+        if self._model is None:
+            raise BitnetError("the engine is closed")
+        ffi = self._ffi
+        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        seq = np.ascontiguousarray(seqs, dtype=np.int32)
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        flags = np.ascontiguousarray(want, dtype=np.int8)
+        if not ids.size or not ids.size == seq.size == pos.size == flags.size:
+            raise BitnetError("forward_batch: tokens, seqs, positions and want need one entry per token")
+        out = np.empty((int(np.count_nonzero(flags)), self.vocab_size), dtype=np.float32)
+        if 0 in seq:
+            self._cached = []  # sequence 0 is forward()'s: its record no longer holds
+        rc = self._lib.bn_forward_batch(self._model, ffi.from_buffer("int32_t[]", ids), ids.size,
+                                        ffi.from_buffer("int32_t[]", seq), ffi.from_buffer("int32_t[]", pos),
+                                        ffi.from_buffer("int8_t[]", flags), ffi.from_buffer("float[]", out))
+        if rc != 0:
+            raise BitnetError("forward_batch: a token, sequence or position is out of range or out of order")
+        return out
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of sequence src's KV cache copied into sequence dst's."""
+        if self._model is None or self._lib.bn_copy_prefix(self._model, src, dst, n) != 0:
+            raise BitnetError(f"copy_prefix: bad arguments ({src}, {dst}, {n})")
 
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""
@@ -491,12 +541,6 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
         elif m["role"] == "assistant":
             turns[-1] += " " + m["content"]
     return engine.encode("\n".join(turns))
-
-
-def config_summary(engine: Engine) -> dict:
-    d = engine.dims
-    return {"layers": d.num_layers, "hidden": d.hidden_size, "vocab": d.vocab_size, "ctx": engine.ctx_size,
-            "threads": engine.threads, "isa": engine.isa, "embeddings": engine.pm.embeddings}
 
 
 __all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]

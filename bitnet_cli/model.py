@@ -1,11 +1,10 @@
 """BitNet b1.58 in PyTorch, numerically the same as transformers' ``BitNetForCausalLM``, and the
-Llama-architecture 1.58-bit family (``LlamaForCausalLM`` with the bitnet quantization_config:
-Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E).
+Llama-architecture 1.58-bit family (transformers' ``LlamaForCausalLM`` with the bitnet
+quantization_config: Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E).
 
-Two families (``config.family``), one switch in the FFN and the two sub-norms:
-
-* ``bitnet`` (model_type ``bitnet``): squared-ReLU gate, ``attn_sub_norm`` and ``ffn_sub_norm``;
-* ``llama`` (model_type ``llama``): SiLU gate, no sub-norms, optionally Llama 3 RoPE scaling.
+The family (``config.family``, from model_type; see bitnet_cli.arch.FAMILIES) switches two
+things: whether the layers have BitNet's sub-norms, and the default FFN activation (``relu2`` for
+``bitnet``, ``silu`` for ``llama``); RoPE may carry Llama 3 scaling (bitnet_cli.rope).
 
 A Llama-style decoder (GQA attention with RoPE, RMSNorm pre-norms, no biases) with BitNet's
 two extra norms (``attn_sub_norm`` before ``o_proj``, ``ffn_sub_norm`` before ``down_proj``), a
@@ -21,9 +20,10 @@ Embeddings and ``lm_head`` stay in full precision. Config fields and tensor name
 transformers' own, so ``config.json`` + ``model.safetensors`` load in transformers and back.
 transformers only ternarises when ``config.json`` carries the online ``quantization_config``
 block (:data:`ONLINE_QUANT`); we write it for ``quant="bitnet"`` and read it the same way.
-Offline-quantised checkpoints (uint8-packed trits + ``weight_scale``, or ternary floats +
-``weight_scale``) load too, for evaluation: their BitLinears hold the trits and apply the scale
-as transformers does (``linear_class: autobitlinear`` multiplies by it, ``bitlinear`` divides).
+Offline-quantised checkpoints (uint8-packed trits or ternary floats, plus ``weight_scale``) load
+too, for evaluation and fine-tuning: their BitLinears hold the trits and apply the scale as
+transformers does (``linear_class: autobitlinear`` multiplies by it, ``bitlinear`` divides;
+:func:`bitnet_cli.checkpoint.bitnet_convention`).
 """
 
 from __future__ import annotations
@@ -39,18 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE, ModelDims
 from bitnet_cli.checkpoint import bitnet_convention
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
 ONLINE_QUANT = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
-
-# family -> (HF model_type, architectures entry, FFN activation, sub-norms present)
-FAMILIES = {
-    "bitnet": ("bitnet", "BitNetForCausalLM", "relu2", True),
-    "llama": ("llama", "LlamaForCausalLM", "silu", False),
-}
-FAMILY_OF_MODEL_TYPE = {v[0]: k for k, v in FAMILIES.items()}
 
 
 # ----------------------------------------------------------------------------- config
@@ -72,7 +66,7 @@ class BitNetConfig:
     num_attention_heads: int = 20
     num_key_value_heads: int = 5
     head_dim: int | None = None
-    hidden_act: str = "relu2"
+    hidden_act: str | None = None  # None: the family's (relu2 for bitnet, silu for llama)
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
@@ -84,7 +78,7 @@ class BitNetConfig:
     bos_token_id: int | None = 128000
     eos_token_id: int | list[int] | None = 128001
     quant: str = "bitnet"
-    family: str = "bitnet"
+    family: str = "bitnet"  # a bitnet_cli.arch.FAMILIES key; config.json's model_type
     # None (default RoPE) or {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
     rope_scaling: dict | None = None
     # Fields of the source config.json we do not interpret, written back unchanged.
@@ -95,67 +89,27 @@ class BitNetConfig:
             raise BitnetError(f"model quant must be 'bitnet' or 'none', got {self.quant!r}")
         if self.family not in FAMILIES:
             raise BitnetError(f"model family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
-        if self.hidden_act != self.activation:
-            raise BitnetError(f"hidden_act {self.hidden_act!r} is not supported by the {self.family} family "
-                              f"(it uses {self.activation})")
-        if self.attention_bias:
-            raise BitnetError("attention_bias=true is not supported: BitNet b1.58 has no biases")
-        if self.rope_scaling is not None:
-            from bitnet_cli.rope import rope_scaling_from_config
-
-            self.rope_scaling = rope_scaling_from_config({"rope_parameters": self.rope_scaling}, "model")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
-            raise BitnetError(
-                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
-            )
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise BitnetError(
-                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-
-    @property
-    def dim_per_head(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def activation(self) -> str:
-        """The FFN gate's activation: relu2 (BitNet b1.58) or silu (the Llama family)."""
-        return FAMILIES[self.family][2]
-
-    @property
-    def sub_norms(self) -> bool:
-        """Whether the layers have attn_sub_norm / ffn_sub_norm (BitNet b1.58 only)."""
-        return FAMILIES[self.family][3]
+        if self.hidden_act is None:
+            self.hidden_act = FAMILIES[self.family].default_act
+        # The shape and family, checked by the one parser every stage uses; the modules build from it.
+        self.arch = ModelDims.from_config(self.to_hf_dict(), "model config")
+        self.rope_scaling = self.arch.rope_scaling
 
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config.json") -> "BitNetConfig":
         """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``).
 
-        model_type ``bitnet`` or ``llama`` picks the family. An offline-quantised checkpoint reads
-        as ``quant="bitnet"``; :func:`bitnet_convention` tells how its weights are stored.
+        model_type ``bitnet`` or ``llama`` picks the family. Any bitnet quantization_config (online
+        or offline, :func:`bitnet_convention`) reads as ``quant="bitnet"``; none as ``"none"``.
         """
-        from bitnet_cli.rope import rope_scaling_from_config
-
-        model_type = d.get("model_type", "bitnet")
-        if model_type not in FAMILY_OF_MODEL_TYPE:
-            raise BitnetError(f"{where}: model_type {model_type!r} is not supported "
-                              f"(one of {', '.join(FAMILY_OF_MODEL_TYPE)})")
-        family = FAMILY_OF_MODEL_TYPE[model_type]
-        if d.get("mlp_bias"):
-            raise BitnetError(f"{where}: mlp_bias=true is not supported (1.58-bit models have no biases)")
+        dims = ModelDims.from_config(d, where)  # the fields dropped below (RoPE scaling, ...) are checked first
         d = dict(d)
         quant = "none" if bitnet_convention(d.pop("quantization_config", None), where) is None else "bitnet"
-        scaling = rope_scaling_from_config(d, where)
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
         d.pop("rope_scaling", None)
         theta = rope.get("rope_theta", d.pop("rope_theta", 500000.0))
         d.pop("rope_theta", None)
-        if family == "llama":
-            # transformers' LlamaConfig defaults, where the BitNet ones differ
-            d.setdefault("hidden_act", "silu")
-            d.setdefault("tie_word_embeddings", False)
-        # onebitllms' marker and a tensor-parallel hint of Llama configs (1: the plain forward)
+        # onebitllms' marker, and Llama's tensor-parallel hint and bias flag (checked false above)
         for k in ("is_bitnet_config", "pretraining_tp", "mlp_bias"):
             d.pop(k, None)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta", "family", "rope_scaling"}
@@ -166,12 +120,14 @@ class BitNetConfig:
             known["attention_dropout"] = 0.0
         for k in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache"):
             d.pop(k, None)
-        return cls(**known, rope_theta=float(theta), quant=quant, family=family, rope_scaling=scaling, extra=d)
+        known["hidden_act"] = dims.hidden_act
+        return cls(**known, rope_theta=float(theta), quant=quant, family=dims.family, rope_scaling=dims.rope_scaling,
+                   extra=d)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict:
         """The ``config.json`` transformers reads; ``quantization_config`` only for ``quant='bitnet'``."""
-        model_type, arch, _, _ = FAMILIES[self.family]
-        d: dict[str, Any] = {"architectures": [arch], "model_type": model_type}
+        fam = FAMILIES[self.family]
+        d: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
         for f in dataclasses.fields(self):
             if f.name in ("extra", "quant", "rope_theta", "family", "rope_scaling") or (
                     f.name == "head_dim" and self.head_dim is None):
@@ -179,10 +135,7 @@ class BitNetConfig:
             d[f.name] = getattr(self, f.name)
         # Both spellings: transformers >= 5 reads rope_parameters, older readers (and llama.cpp) rope_theta.
         d["rope_theta"] = self.rope_theta
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            d["rope_parameters"] = dict(self.rope_scaling, rope_theta=self.rope_theta)
-            d["rope_scaling"] = dict(self.rope_scaling)
+        d["rope_parameters"] = dict(self.rope_scaling or {"rope_type": "default"}, rope_theta=self.rope_theta)
         d["dtype"] = dtype
         d["use_cache"] = True
         d.update(self.extra)
@@ -238,8 +191,9 @@ class BitLinear(nn.Linear):
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
 
     def load_offline(self, trits: torch.Tensor, weight_scale: torch.Tensor, op: str) -> None:
-        """Hold an offline-quantised weight as stored: trits (as floats) and transformers' weight_scale,
-        which AutoBitLinear multiplies the output by (op "multiply") and BitLinear divides it by."""
+        """Hold an offline-quantised weight as stored: trits (as floats, frozen) and transformers'
+        weight_scale, which AutoBitLinear multiplies the output by (op "multiply") and BitLinear
+        divides it by ("divide"), each in transformers' own arithmetic."""
         self.weight = nn.Parameter(trits.to(self.weight.dtype), requires_grad=False)
         self.register_buffer("weight_scale", weight_scale.reshape(1).float())
         self.scale_op = op
@@ -261,7 +215,9 @@ class BitLinear(nn.Linear):
         return F.linear(x, w)
 
 
-def _linear(config: BitNetConfig, n_in: int, n_out: int) -> nn.Linear:
+def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
+    """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
+    n_out, n_in = config.arch.projection_shape(proj)
     return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
 
 
@@ -283,7 +239,7 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype,
                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    from bitnet_cli.rope import inv_freq as rope_inv_freq
+    from bitnet_cli.rope import inv_freq as rope_inv_freq  # transformers' fp32 inv_freq, bit for bit
 
     inv_freq = torch.from_numpy(rope_inv_freq(dim, theta, scaling)).to(device)
     freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
@@ -301,15 +257,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
-        self.head_dim = config.dim_per_head
-        h = config.hidden_size
-        self.q_proj = _linear(config, h, self.n_heads * self.head_dim)
-        self.k_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.v_proj = _linear(config, h, self.n_kv * self.head_dim)
-        self.o_proj = _linear(config, self.n_heads * self.head_dim, h)
-        # transformers sizes this norm by hidden_size (equal to heads * head_dim in every BitNet shape).
-        if config.sub_norms:
-            self.attn_sub_norm = RMSNorm(self.n_heads * self.head_dim, config.rms_norm_eps)
+        self.head_dim = config.arch.head_dim
+        self.q_proj = _linear(config, "self_attn.q_proj")
+        self.k_proj = _linear(config, "self_attn.k_proj")
+        self.v_proj = _linear(config, "self_attn.v_proj")
+        self.o_proj = _linear(config, "self_attn.o_proj")
+        if config.arch.sub_norms:
+            self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -330,13 +284,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: BitNetConfig):
         super().__init__()
-        h, f = config.hidden_size, config.intermediate_size
-        self.gate_proj = _linear(config, h, f)
-        self.up_proj = _linear(config, h, f)
-        self.down_proj = _linear(config, f, h)
-        self.silu = config.activation == "silu"
-        if config.sub_norms:
-            self.ffn_sub_norm = RMSNorm(f, config.rms_norm_eps)
+        self.gate_proj = _linear(config, "mlp.gate_proj")
+        self.up_proj = _linear(config, "mlp.up_proj")
+        self.down_proj = _linear(config, "mlp.down_proj")
+        self.silu = config.arch.hidden_act == "silu"  # else relu2
+        if config.arch.sub_norms:
+            self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate_proj(x)
@@ -389,19 +342,11 @@ class BitNetForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(T, self.config.dim_per_head, self.config.rope_theta, x.device, x.dtype,
-                                self.config.rope_scaling)
+        cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype,
+                                self.config.arch.rope_scaling)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
-
-    # ------------------------------------------------------------------ sizes
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())  # a tied lm_head is counted once
-        if exclude_embeddings:
-            n -= self.model.embed_tokens.weight.numel()
-        return n
 
     # ------------------------------------------------------------------ HF checkpoints
 
@@ -433,8 +378,9 @@ class BitNetForCausalLM(nn.Module):
     ) -> "BitNetForCausalLM":
         """Load a checkpoint directory (HF layout: config.json + model.safetensors, or sharded).
 
-        Ternarised iff ``config.json`` has the online ``quantization_config`` block, unless
-        ``quant`` overrides it. Parameters are cast to ``dtype`` (default fp32).
+        Ternarised iff ``config.json`` has a bitnet ``quantization_config`` block, unless
+        ``quant`` overrides it. Parameters are cast to ``dtype`` (default fp32). An offline-quantised
+        checkpoint keeps its trits and weight_scale as stored (frozen; see BitLinear.load_offline).
         """
         ckpt = Path(ckpt_dir)
         cfg_path = ckpt / "config.json"
@@ -483,7 +429,7 @@ class BitNetForCausalLM(nn.Module):
 def _offline_weights(ckpt: Path, model: BitNetForCausalLM, state: dict[str, torch.Tensor]) -> dict:
     """Take an offline-quantised checkpoint's BitLinear tensors out of `state`: module name ->
     (trits as float [N, K], weight_scale). A weight is transformers' uint8 packing (4 output rows
-    a byte) or ternary floats; its weight_scale must be there."""
+    a byte, bitnet_cli.pack.ternary.unpack_hf_packed) or ternary floats; its weight_scale must be there."""
     from bitnet_cli.pack.ternary import unpack_hf_packed
 
     out = {}
@@ -534,17 +480,3 @@ def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as e:
             raise BitnetError(f"{path}: cannot read safetensors ({e})") from None
     return state
-
-
-def flops_per_token(config: BitNetConfig, seq_len: int) -> int:
-    """Training FLOPs per token (forward + backward = 3x forward), PaLM-style accounting.
-
-    6 x (matmul parameters: projections and lm_head, not the embedding lookup) plus
-    12 x layers x heads x head_dim x seq_len for the attention scores and values.
-    """
-    h, f, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    d = config.dim_per_head
-    attn = h * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    per_layer = attn + 3 * h * f
-    n_matmul = L * per_layer + h * config.vocab_size
-    return 6 * n_matmul + 12 * L * config.num_attention_heads * d * seq_len

@@ -1,8 +1,9 @@
 """RoPE inverse frequencies, as transformers computes them in fp32 (no torch: the engine uses this).
 
-Two kinds exist in the checkpoints we read: the default ``1 / theta^(2i/d)`` (BitNet b1.58, the
-1bitLLM and Falcon3 models) and Llama 3's (Llama3-8B-1.58), which divides the low frequencies
-by ``factor`` and blends the middle band (transformers' ``_compute_llama3_parameters``).
+Two kinds exist in the checkpoints we read (bitnet_cli.arch.rope_scaling_from_config parses
+them): the default ``1 / theta^(2i/d)`` and Llama 3.1's scaling (``rope_type: llama3``), which
+divides the low frequencies by ``factor`` and blends the middle band (transformers'
+``_compute_llama3_parameters``).
 """
 
 from __future__ import annotations
@@ -10,35 +11,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from bitnet_cli.errors import BitnetError
-
-LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def rope_scaling_from_config(config: dict, where: str = "config") -> dict | None:
-    """The RoPE scaling of an HF config: None (default RoPE) or ``{"rope_type": "llama3", <LLAMA3_KEYS>}``.
-
-    Reads transformers 5's ``rope_parameters`` or 4.x's ``rope_scaling`` (``type`` or ``rope_type``).
-    Any other scaling, or a llama3 block missing one of its keys, is refused by name.
-    """
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise BitnetError(f"{where}: rope_parameters/rope_scaling must be a JSON object, got {rope!r}")
-    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if kind == "default":
-        return None
-    if kind != "llama3":
-        raise BitnetError(f"{where}: RoPE scaling rope_type={kind!r} is not supported (default or llama3)")
-    out: dict = {"rope_type": "llama3"}
-    for key in LLAMA3_KEYS:
-        value = rope.get(key)
-        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
-            raise BitnetError(f"{where}: llama3 RoPE scaling needs a positive number for {key!r}, got {value!r}")
-        out[key] = int(value) if key == "original_max_position_embeddings" else float(value)
-    if out["low_freq_factor"] == out["high_freq_factor"]:
-        raise BitnetError(f"{where}: llama3 RoPE scaling has low_freq_factor == high_freq_factor")
-    return out
 
 
 def inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:

@@ -129,4 +129,27 @@ int bn_forward(bn_model *model, const int32_t *tokens, int n, int n_past, float 
 int bn_forward_branches(bn_model *model, const int32_t *tokens, int n, int n_past, const int32_t *branch,
                         float *logits);
 
+/* ---- several sequences at once (continuous batching) ------------------------------------
+ * A model holds one KV cache per sequence: 1 after bn_model_new (the one bn_forward and
+ * bn_forward_branches use, sequence 0). Each cache costs 2 * n_layers * n_kv_heads * head_dim * ctx
+ * floats, committed only as positions are written. */
+
+/* Caches for n_seq sequences (0 .. n_seq-1); every cached position is dropped. Returns 0, or -1
+ * when out of memory (the old caches are kept then). */
+int bn_model_set_seqs(bn_model *model, int n_seq);
+
+/* Copies positions [0, n) of sequence src's cache into sequence dst's: a shared prefix (a system
+ * prompt, a chat history) is then computed once. Returns 0, or -1 on bad arguments. */
+int bn_copy_prefix(bn_model *model, int src, int dst, int n);
+
+/* One pass for tokens of several sequences: token i belongs to sequence seq[i], sits at position
+ * pos[i] (its cache slot) and attends to positions 0..pos[i] of its own sequence, which must be
+ * cached already or come earlier in this call (a sequence's tokens in order at consecutive
+ * positions). Every matrix is streamed once per 64 tokens for all sequences together; each
+ * token's results are those bn_forward gives it alone (every step is per token, in the same float
+ * order). logits gets one [vocab] row per token with want[i] != 0, in order.
+ * Returns 0, or -1 on bad arguments (sequence, position or token id out of range, or out of order). */
+int bn_forward_batch(bn_model *model, const int32_t *tokens, int n, const int32_t *seq, const int32_t *pos,
+                     const int8_t *want, float *logits);
+
 #endif

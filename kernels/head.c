@@ -90,33 +90,44 @@ AVX2_TARGET static inline float hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* f16 rows: RT rows x TT tokens, RT*TT independent FMA chains; each weight vector is converted
- * once for TT tokens */
+/* The end of an f16 row dot, shared by the row and the tile so that both round alike: the 8-wide
+ * remainder into acc[0], ((acc0 + acc1) + (acc2 + acc3)) across lanes, then the scalar tail. */
+AVX2_TARGET static inline float f16_finish(__m256 acc[4], const uint16_t *w, const float *h, int k, int K) {
+    for (; k + 8 <= K; k += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(h + k),
+                                 acc[0]);
+    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; k < K; k++) s += bn_f16_to_f32(w[k]) * h[k];
+    return s;
+}
+
+/* f16 rows: RT rows x TT tokens, each weight vector converted once for the TT tokens. Every
+ * (row, token) is summed exactly as f16_row_avx2 sums it (four accumulators over k by 32), so a
+ * token's logits do not depend on how many tokens share the call: a batched decode step gives
+ * each sequence the logits it gets alone. */
 AVX2_TARGET static inline __attribute__((always_inline)) void f16_tile_avx2(const bn_head_job *j, int r, int t,
                                                                           const int RT, const int TT) {
     const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-    __m256 acc[4][4];
+    __m256 acc[1][2][4];
     for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_ps();
-    const int k8 = j->k & ~7;
-    for (int k = 0; k < k8; k += 8) {
-        __m256 wv[4];
+        for (int b = 0; b < TT; b++)
+            for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_setzero_ps();
+    const int k32 = j->k & ~31;
+    for (int k = 0; k < k32; k += 32)
         for (int a = 0; a < RT; a++) {
-            if (!(k & 31)) _mm_prefetch((const char *)(w + (size_t)a * j->k + k) + PREFETCH_BYTES, _MM_HINT_T0);
-            wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + (size_t)a * j->k + k)));
+            const uint16_t *wr = w + (size_t)a * j->k + k;
+            _mm_prefetch((const char *)wr + PREFETCH_BYTES, _MM_HINT_T0);
+            __m256 wv[4];
+            for (int u = 0; u < 4; u++) wv[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + 8 * u)));
+            for (int b = 0; b < TT; b++) {
+                const float *h = j->h + (size_t)(t + b) * j->k + k;
+                for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(h + 8 * u), acc[a][b][u]);
+            }
         }
-        for (int b = 0; b < TT; b++) {
-            __m256 h = _mm256_loadu_ps(j->h + (size_t)(t + b) * j->k + k);
-            for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(wv[a], h, acc[a][b]);
-        }
-    }
     for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++) {
-            const float *h = j->h + (size_t)(t + b) * j->k;
-            float s = hsum_ps(acc[a][b]);
-            for (int k = k8; k < j->k; k++) s += bn_f16_to_f32(w[(size_t)a * j->k + k]) * h[k];
-            j->y[(size_t)(t + b) * j->y_stride + r + a] = s;
-        }
+        for (int b = 0; b < TT; b++)
+            j->y[(size_t)(t + b) * j->y_stride + r + a] =
+                f16_finish(acc[a][b], w + (size_t)a * j->k, j->h + (size_t)(t + b) * j->k, k32, j->k);
 }
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
@@ -162,19 +173,13 @@ AVX2_TARGET static inline float f16_row_avx2(const bn_head_job *j, int r, int t)
     const float *h = j->h + (size_t)t * j->k;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const int k32 = j->k & ~31;
-    int k = 0;
-    for (; k < k32; k += 32) {
+    for (int k = 0; k < k32; k += 32) {
         _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
         for (int u = 0; u < 4; u++)
             acc[u] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u))),
                                      _mm256_loadu_ps(h + k + 8 * u), acc[u]);
     }
-    for (; k + 8 <= j->k; k += 8)
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k))), _mm256_loadu_ps(h + k),
-                                 acc[0]);
-    float s = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-    for (; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-    return s;
+    return f16_finish(acc, w, h, k32, j->k);
 }
 
 AVX2_TARGET static inline __m256i i8_dot32_avx2(const int8_t *w, const int8_t *h) {
@@ -224,8 +229,9 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
 
 #define AS_IS(v) (v)
 #define I8_LOGIT(v) i8_logit(j, t, r, v)
-/* measured best on Zen 3: f16 rows pay a conversion per row, int8 rows one vpsignb per token */
-HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, 4, 2, f16_row_avx2, AS_IS, 2 * j->k)
+/* int8 rows: measured best on Zen 3 (one vpsignb per token). f16: 1 row x 2 tokens of four
+ * accumulators each (8 registers, 4 for the converted weights: larger tiles spill). */
+HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, 1, 2, f16_row_avx2, AS_IS, 2 * j->k)
 HEAD_ROWS_AVX2(head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
 
 /* q4 rows: the codes u = q + 8 are unsigned, so vpmaddubsw takes them as they are (u x pair

@@ -31,7 +31,8 @@ struct bn_model {
     bn_glue_fn glue;
     int q_dim, kv_dim, kp_h, kp_f, kp_q;
     float attn_scale;
-    float *kcache, *vcache; /* [layer][kv_head][ctx][head_dim] */
+    int n_seq;              /* independent sequences, each with its own cache (bn_model_set_seqs) */
+    float *kcache, *vcache; /* [seq][layer][kv_head][ctx][head_dim] */
     /* chunk scratch */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *tmp;
     int8_t *xq;
@@ -99,6 +100,7 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->attn_scale = (float)(1.0 / sqrt((double)d->head_dim));
     /* calloc'd: pages are only committed as positions are written */
     size_t cache = (size_t)d->n_layers * m->kv_dim * d->ctx;
+    m->n_seq = 1;
     m->kcache = zalloc(cache * sizeof(float));
     m->vcache = zalloc(cache * sizeof(float));
     int widest = d->ffn > d->hidden ? d->ffn : d->hidden;
@@ -347,15 +349,25 @@ static bn_i2_job i2_job(bn_model *m, const uint8_t *w, float gamma, int kp, int 
 /* Which cache slots a chunk's tokens sit in and see. Token t of the chunk is written to slot
  * slot0 + t at RoPE position pos[t] (slot0 + t when pos is NULL). It attends to every slot up to
  * its own, except that with branches, a slot s >= n_past is seen only when branch[s - n_past]
- * equals the token's own branch: independent continuations of one shared context. */
+ * equals the token's own branch: independent continuations of one shared context.
+ * With seq set (a batch of sequences, bn_forward_batch), token t belongs to sequence seq[t]: it is
+ * written to slot pos[t] of that sequence's cache and sees its slots up to pos[t]. */
 typedef struct {
     int M, slot0, n_past;
     const int32_t *pos;
     const int32_t *branch;
+    const int32_t *seq;
 } chunk_view;
 
+static int cache_slot(const chunk_view *c, int t) { return c->seq ? c->pos[t] : c->slot0 + t; }
+
+/* offset of token t's sequence cache in m->kcache / m->vcache */
+static size_t seq_base(const bn_model *m, const chunk_view *c, int t) {
+    return c->seq ? (size_t)c->seq[t] * m->d.n_layers * m->kv_dim * m->d.ctx : 0;
+}
+
 static int visible_keys(const chunk_view *c, int t, int *keys) {
-    const int last = c->slot0 + t;
+    const int last = cache_slot(c, t);
     int n = 0;
     if (!c->branch) {
         for (int s = 0; s <= last; s++) keys[n++] = s;
@@ -386,7 +398,8 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     for (int i = i0; i < i1; i++) {
         int t = i / jobs_per_token, h = i % jobs_per_token * a->heads, kvh = h / group;
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
-        size_t base = ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd, row = (size_t)t * m->q_dim + h * hd;
+        size_t base = seq_base(m, a->c, t) + ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd,
+               row = (size_t)t * m->q_dim + h * hd;
         bn_attn_job job = {m->q + row, m->kcache + base, m->vcache + base, keys, n_keys, hd, a->heads, m->attn_scale,
                            sc, m->att + row};
         m->attend(&job);
@@ -470,12 +483,12 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     run_matmul(m, &qkv);
 
     for (int t = 0; t < M; t++) {
-        int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = c->slot0 + t;
+        int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = cache_slot(c, t);
         const float *cs = m->d.rope_cos + (size_t)pos * half, *sn = m->d.rope_sin + (size_t)pos * half;
         rope(m->q + (size_t)t * m->q_dim, m->d.n_heads, hd, cs, sn);
         rope(m->k + (size_t)t * m->kv_dim, m->d.n_kv_heads, hd, cs, sn);
         for (int h = 0; h < m->d.n_kv_heads; h++) {
-            size_t off = (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + slot) * hd;
+            size_t off = seq_base(m, c, t) + (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + slot) * hd;
             memcpy(m->kcache + off, m->k + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
             memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
         }
@@ -516,7 +529,7 @@ static void forward_tokens(bn_model *m, const int32_t *tokens, int n, int n_past
                            const int32_t *branch, float *logits, int all_logits) {
     for (int c0 = 0; c0 < n; c0 += CHUNK) {
         int M = n - c0 < CHUNK ? n - c0 : CHUNK;
-        chunk_view c = {M, n_past + c0, n_past, pos ? pos + c0 : NULL, branch};
+        chunk_view c = {M, n_past + c0, n_past, pos ? pos + c0 : NULL, branch, NULL};
         for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * m->d.hidden);
         for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, &c);
         for (size_t i = 0; i < (size_t)M * m->d.hidden; i++) m->x[i] += m->tmp[i]; /* the last FFN output */
@@ -551,5 +564,72 @@ int bn_forward_branches(bn_model *m, const int32_t *tokens, int n, int n_past, c
     }
     forward_tokens(m, tokens, n, n_past, pos, branch, logits, 1);
     free(pos);
+    return 0;
+}
+
+/* ---- several sequences at once (continuous batching) ---------------------------------- */
+
+int bn_model_set_seqs(bn_model *m, int n_seq) {
+    if (!m || n_seq < 1) return -1;
+    size_t cache = (size_t)n_seq * m->d.n_layers * m->kv_dim * m->d.ctx;
+    float *k = zalloc(cache * sizeof(float)), *v = zalloc(cache * sizeof(float));
+    if (!k || !v) {
+        zfree(k), zfree(v);
+        return -1;
+    }
+    zfree(m->kcache), zfree(m->vcache);
+    m->kcache = k, m->vcache = v, m->n_seq = n_seq;
+    return 0;
+}
+
+int bn_copy_prefix(bn_model *m, int src, int dst, int n) {
+    if (!m || src < 0 || dst < 0 || src >= m->n_seq || dst >= m->n_seq || n < 0 || n > m->d.ctx) return -1;
+    if (src == dst || n == 0) return 0;
+    const size_t rows = (size_t)m->d.n_layers * m->d.n_kv_heads, per_seq = rows * m->d.ctx * m->d.head_dim;
+    for (size_t r = 0; r < rows; r++) {
+        size_t from = src * per_seq + r * m->d.ctx * m->d.head_dim, to = dst * per_seq + r * m->d.ctx * m->d.head_dim;
+        memcpy(m->kcache + to, m->kcache + from, sizeof(float) * n * m->d.head_dim);
+        memcpy(m->vcache + to, m->vcache + from, sizeof(float) * n * m->d.head_dim);
+    }
+    return 0;
+}
+
+/* Token i of sequence seq[i] at position pos[i]; a sequence's tokens must come in order at
+ * consecutive positions, so that every token's earlier positions are cached before it attends. */
+static int valid_batch(const bn_model *m, const int32_t *tokens, int n, const int32_t *seq, const int32_t *pos) {
+    if (!m || n < 1) return 0;
+    int *next = malloc(sizeof(int) * m->n_seq), ok = next != NULL;
+    for (int s = 0; ok && s < m->n_seq; s++) next[s] = -1;
+    for (int i = 0; ok && i < n; i++) {
+        ok = tokens[i] >= 0 && tokens[i] < m->d.vocab && seq[i] >= 0 && seq[i] < m->n_seq && pos[i] >= 0 &&
+             pos[i] < m->d.ctx && (next[seq[i]] < 0 || next[seq[i]] == pos[i]);
+        if (ok) next[seq[i]] = pos[i] + 1;
+    }
+    free(next);
+    return ok;
+}
+
+int bn_forward_batch(bn_model *m, const int32_t *tokens, int n, const int32_t *seq, const int32_t *pos,
+                     const int8_t *want, float *logits) {
+    if (!valid_batch(m, tokens, n, seq, pos)) return -1;
+    const int H = m->d.hidden;
+    for (int c0 = 0; c0 < n; c0 += CHUNK) {
+        int M = n - c0 < CHUNK ? n - c0 : CHUNK, rows = 0;
+        chunk_view c = {M, 0, 0, pos + c0, NULL, seq + c0};
+        for (int t = 0; t < M; t++) embed(m, tokens[c0 + t], m->x + (size_t)t * H);
+        for (int l = 0; l < m->d.n_layers; l++) layer_forward(m, l, &c);
+        for (size_t i = 0; i < (size_t)M * H; i++) m->x[i] += m->tmp[i];
+        /* the wanted tokens' hidden states moved together (the chunk is done with the rest), then
+         * one head pass for all of them: the head streams once per step, not once per sequence */
+        for (int t = 0; t < M; t++)
+            if (want[c0 + t]) {
+                if (rows != t) memcpy(m->x + (size_t)rows * H, m->x + (size_t)t * H, sizeof(float) * H);
+                rows++;
+            }
+        if (rows) {
+            output(m, 0, rows, logits);
+            logits += (size_t)rows * m->d.vocab;
+        }
+    }
     return 0;
 }

@@ -296,7 +296,7 @@ def test_synthetic_models_are_cached(tmp_path, monkeypatch):
     from bitnet_cli.pack import synthetic
 
     t = target.from_shape("tiny", "int8", tmp_path)
-    assert t.path == tmp_path / "tiny-int8-v1.bin" and not t.path.exists()
+    assert t.path.parent == tmp_path and t.path.name.startswith("tiny-int8-v1-") and not t.path.exists()
     path = t.ensure_file()
     stamp = path.stat().st_mtime_ns
 
@@ -306,7 +306,18 @@ def test_synthetic_models_are_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(synthetic, "write_random_model", must_not_write)
     assert target.from_shape("tiny", "int8", tmp_path).ensure_file() == path
     assert path.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-int8-v1.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_synthetic_cache_name_follows_the_config(tmp_path, monkeypatch):
+    """A preset whose numbers change gets a new cache file, never a stale model of the old shape."""
+    from bitnet_cli import arch
+    from bitnet_cli.bench import target
+
+    before = target.from_shape("tiny", "f16", tmp_path).path
+    changed = arch.Preset("test", dict(arch.PRESETS["tiny"].fields, num_hidden_layers=1))
+    monkeypatch.setitem(arch.PRESETS, "tiny", changed)
+    assert target.from_shape("tiny", "f16", tmp_path).path != before
 
 
 def test_engine_failure_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ from conftest import load_hf_reference, make_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token, ternarize
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, ternarize
 
 
 def _ids(vocab: int, shape=(2, 48), seed=1) -> torch.Tensor:
@@ -138,12 +138,19 @@ def test_bad_checkpoints_name_the_problem(tmp_path, test_tokenizer_dir):
         BitNetForCausalLM.from_pretrained(ckpt)
 
 
-def test_flops_per_token_counts_the_matmuls():
+@pytest.mark.parametrize("tied", [True, False])
+def test_arch_counts_match_the_torch_modules(tied):
+    """bitnet_cli.arch counts parameters and FLOPs from the description; the torch model is built
+    from the same tables, so its real tensors must add up to the same numbers."""
     c = BitNetConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=4)
+                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     model = BitNetForCausalLM(c)
     n_matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert flops_per_token(c, seq_len=10) == 6 * n_matmul + 12 * 2 * 64 * 10
+    assert c.arch.training_flops_per_token(seq_len=10) == 6 * n_matmul + 12 * 2 * 64 * 10
+    assert c.arch.parameters() == sum(p.numel() for p in model.parameters())
+    assert c.arch.parameters(exclude_embeddings=True) == c.arch.parameters() - 1000 * 64
+    assert c.arch.ternary_parameters() == sum(m.weight.numel() for m in model.modules()
+                                              if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
 
 
 def test_bitlinear_straight_through_values_and_gradients():

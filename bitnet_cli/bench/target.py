@@ -6,6 +6,8 @@ embedding type and packed-format version, so repeated runs never rewrite a 1.2 G
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,16 +64,17 @@ def from_file(path: Path) -> Target:
 
 
 def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = None) -> Target:
+    """A synthetic model of a preset (bitnet_cli.arch.PRESETS). The cache file's name carries a
+    digest of the config, so a preset whose numbers change is written anew, never read stale."""
     from bitnet_cli.pack import synthetic
     from bitnet_cli.pack.format import FORMAT_VERSION
 
-    if shape not in synthetic.SHAPES:
-        raise BitnetError(f"unknown shape {shape!r}; choose from {', '.join(synthetic.SHAPES)}")
     if embeddings not in EMBEDDING_TYPES:
         raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, not {embeddings!r}")
     config = synthetic.shape_config(shape)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}.bin"
+    path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}-{digest}.bin"
     return Target(name=shape, shape=shape, config=config, embeddings=embeddings, path=path)
 
 

@@ -4,7 +4,8 @@
 `pack_checkpoint(src, out)` writes one; `reference.forward` is the numpy oracle forward pass.
 """
 
+from bitnet_cli.arch import ModelDims
 from bitnet_cli.pack.convert import PackSummary, pack_checkpoint
-from bitnet_cli.pack.format import ModelDims, PackedModel
+from bitnet_cli.pack.format import PackedModel
 
 __all__ = ["ModelDims", "PackSummary", "PackedModel", "pack_checkpoint"]

@@ -15,11 +15,12 @@ from typing import Callable
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import (
-    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PROJECTIONS, ModelDims, PackedWriter, TensorSpec,
-    check_output_path, normalized_config, tensor_specs, write_embedding_rows,
+    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
+    tensor_specs, write_embedding_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 
@@ -127,7 +128,7 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": json.dumps(normalized_config(config, dims)),
+        "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
         "layout": LAYOUT,
@@ -139,11 +140,8 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
 
 def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, kind: str,
               embeddings: str, seconds: float, fmt: str = "native") -> PackSummary:
-    ternary = sum(n * k for n, k in (dims.projection_shape(p) for p in PROJECTIONS)) * dims.num_layers
+    ternary, params = dims.ternary_parameters(), dims.parameters()
     ternary_bytes = sum(s.nbytes for s in specs if s.dtype == "U8")
-    embed = dims.vocab_size * dims.hidden_size * (1 if dims.tie_word_embeddings else 2)
-    norms = dims.num_layers * (3 * dims.hidden_size + dims.intermediate_size) + dims.hidden_size
-    params = ternary + embed + norms
     size = out.stat().st_size
     return PackSummary(
         source=source, source_kind=kind, output=str(out), format=fmt, embeddings=embeddings,
@@ -176,6 +174,7 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
             "packing would ternarise weights it never learned to work with"
         )
     dims = ModelDims.from_config(ckpt.config, str(ckpt.path / "config.json"))
+    _check_family_tensors(ckpt, dims)
     if to == "gguf":
         from bitnet_cli.pack.gguf import check_gguf_shapes, export_gguf
 
@@ -192,6 +191,18 @@ def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind
     return summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
 
 
+def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
+    """Refuse a checkpoint holding layer norms its family does not have (e.g. BitNet's sub-norms
+    under model_type llama): packing would silently drop them and compute another function."""
+    if dims.sub_norms:
+        return
+    model_type = ckpt.config.get("model_type")
+    for name in ckpt.tensors:
+        if name.startswith(LAYER_PREFIX) and split_layer_tensor(name)[1] in SUB_NORMS:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a BitNet sub-norm, but "
+                              f"model_type {model_type!r} has no sub-norms (is config.json the right one?)")
+
+
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,
           progress: Progress | None) -> list[TensorSpec]:
     specs = tensor_specs(dims, embeddings)
@@ -201,11 +212,10 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
     with PackedWriter(out, specs, meta, force=force) as writer:
         for done, spec in enumerate(steps, 1):
             name = spec.name
-            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in (EMBED, LM_HEAD):
                 _write_embedding(writer, ckpt, name, dims, embeddings)
             elif spec.dtype == "U8":
-                proj = name.split(".", 3)[3].rsplit(".", 1)[0]
-                trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(proj))
+                trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
                 writer.write(name, pack_i2_k128(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
             else:  # RMSNorm weights

@@ -1,4 +1,4 @@
-"""The packed model file (docs/FORMAT.md): model dimensions, the streaming writer, the mmap reader.
+"""The packed model file (docs/FORMAT.md): its tensor list, the streaming writer, the mmap reader.
 
 The file is a safetensors container whose tensors all start on 64-byte file offsets, so the
 engine can memory-map it and hand pointers to SIMD kernels with no copy and no unpacking.
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli import __version__
+from bitnet_cli.arch import EMBED, FINAL_NORM, LM_HEAD, ModelDims, layer_tensor, split_layer_tensor
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import publish
@@ -24,108 +25,14 @@ from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_s
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
-FORMAT_VERSION = "1"
+# 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
+# tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
 CONVERTER = f"bitnet-cli {__version__}"
-
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The numbers a BitNet b1.58 forward pass needs, read (and checked) from an HF config."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: dict, where: str = "config") -> "ModelDims":
-        def positive_int(key, default=None, limit=1 << 24):
-            value = config.get(key, default)
-            if type(value) is not int or not 0 < value <= limit:
-                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {value!r}")
-            return value
-
-        heads = positive_int("num_attention_heads", limit=4096)
-        kv_heads = config.get("num_key_value_heads") or heads
-        hidden = positive_int("hidden_size", limit=1 << 17)
-        head_dim = config.get("head_dim") or (hidden // heads)
-        if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
-            raise BitnetError(f"{where}: num_key_value_heads={kv_heads!r} must divide num_attention_heads={heads}")
-        if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim * heads != hidden:
-            raise BitnetError(
-                f"{where}: head_dim={head_dim!r} x num_attention_heads={heads} must equal hidden_size={hidden} "
-                "(attn_sub_norm normalises the concatenated heads) and be even (RoPE)"
-            )
-        act = config.get("hidden_act", "relu2")
-        if act != "relu2":
-            raise BitnetError(f"{where}: hidden_act={act!r} is not supported (BitNet b1.58 uses relu2)")
-        if config.get("attention_bias") or config.get("mlp_bias"):
-            raise BitnetError(f"{where}: attention/MLP biases are not supported")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BitnetError(f"{where}: RoPE scaling {rope!r} is not supported (only default RoPE)")
-        theta = rope.get("rope_theta", config.get("rope_theta", 500000.0))
-        eps = config.get("rms_norm_eps", 1e-5)
-        if not isinstance(theta, (int, float)) or theta <= 0 or not isinstance(eps, (int, float)) or eps <= 0:
-            raise BitnetError(f"{where}: bad rope_theta={theta!r} or rms_norm_eps={eps!r}")
-        quant = config.get("quantization_config") or {}
-        if quant.get("use_rms_norm"):
-            raise BitnetError(f"{where}: quantization_config.use_rms_norm=true is not supported")
-        return cls(
-            vocab_size=positive_int("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=positive_int("intermediate_size", limit=1 << 20),
-            num_layers=positive_int("num_hidden_layers", limit=4096),
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            rms_norm_eps=float(eps),
-            rope_theta=float(theta),
-            max_position_embeddings=positive_int("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-
-    def projection_shape(self, proj: str) -> tuple[int, int]:
-        """(N outputs, K inputs) of a BitLinear layer, by its short name (e.g. 'self_attn.k_proj')."""
-        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        return {
-            "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i),
-        }[proj]
-
-    def norm_size(self, norm: str) -> int:
-        return self.intermediate_size if norm == "mlp.ffn_sub_norm" else self.hidden_size
-
-
-def normalized_config(config: dict, dims: ModelDims) -> dict:
-    """The HF config stored in the file: the source's, with the fields engines need made explicit.
-
-    The source's `quantization_config` is dropped: it describes the source's storage, and the
-    packed file's storage is described by the `layout` metadata key.
-    """
-    out = {k: v for k, v in config.items() if k != "quantization_config"}
-    out.update(
-        model_type="bitnet", head_dim=dims.head_dim, num_key_value_heads=dims.num_kv_heads,
-        rope_theta=dims.rope_theta, rms_norm_eps=dims.rms_norm_eps,
-        max_position_embeddings=dims.max_position_embeddings, tie_word_embeddings=dims.tie_word_embeddings,
-        hidden_act="relu2",
-    )
-    return out
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -147,18 +54,17 @@ def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
     if embeddings not in EMBEDDING_TYPES:
         raise BitnetError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
-    specs = embedding_specs("model.embed_tokens.weight", dims, embeddings)
+    specs = embedding_specs(EMBED, dims, embeddings)
     for i in range(dims.num_layers):
-        prefix = f"model.layers.{i}."
-        for norm in LAYER_NORMS:
-            specs.append(TensorSpec(f"{prefix}{norm}.weight", "F32", (dims.norm_size(norm),)))
-        for proj in PROJECTIONS:
-            n, k = dims.projection_shape(proj)
-            specs.append(TensorSpec(f"{prefix}{proj}.weight", "U8", (n, padded_k(k) // 4)))
-            specs.append(TensorSpec(f"{prefix}{proj}.weight_scale", "F32", (1,)))
-    specs.append(TensorSpec("model.norm.weight", "F32", (dims.hidden_size,)))
+        for norm in dims.layer_norms():
+            specs.append(TensorSpec(layer_tensor(i, norm.name), "F32", (norm.size(dims),)))
+        for proj in dims.projections():
+            n, k = proj.shape(dims)
+            specs.append(TensorSpec(layer_tensor(i, proj.name), "U8", (n, padded_k(k) // 4)))
+            specs.append(TensorSpec(layer_tensor(i, proj.name, "weight_scale"), "F32", (1,)))
+    specs.append(TensorSpec(FINAL_NORM, "F32", (dims.hidden_size,)))
     if not dims.tie_word_embeddings:
-        specs += embedding_specs("lm_head.weight", dims, embeddings)
+        specs += embedding_specs(LM_HEAD, dims, embeddings)
     return specs
 
 
@@ -346,10 +252,10 @@ class PackedModel:
         _, entries, metadata = read_safetensors_header(path)
         if metadata.get("format") != FORMAT:
             raise BitnetError(f"{path}: not a bitnet-cli packed model (make one with `bitnet pack`)")
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_VERSIONS:
             raise BitnetError(
                 f"{path}: packed format version {metadata.get('format_version')!r}; this bitnet-cli reads "
-                f"version {FORMAT_VERSION} (re-pack the model)"
+                f"versions {', '.join(READABLE_VERSIONS)} (re-pack the model)"
             )
         for key in ("config", "tokenizer", "layout", "embeddings", "checksums"):
             if key not in metadata:
@@ -359,6 +265,10 @@ class PackedModel:
         if metadata["embeddings"] not in EMBEDDING_TYPES:
             raise BitnetError(f"{path}: unknown embeddings type {metadata['embeddings']!r}")
         pm = cls(path, metadata, entries, None)
+        d = pm.dims
+        if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
+            raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
+                              f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
             e = entries.get(spec.name)
             if e is None:
@@ -395,15 +305,14 @@ class PackedModel:
 
     def ternary(self, name: str) -> tuple[np.ndarray, np.float32]:
         """(trits int8 [N, K], gamma) of a BitLinear weight, e.g. 'model.layers.0.mlp.up_proj.weight'."""
-        proj = name.split(".", 3)[3].rsplit(".", 1)[0]
-        _, k = self.dims.projection_shape(proj)
+        _, k = self.dims.projection_shape(split_layer_tensor(name)[1])
         gamma = self.tensor(name + "_scale")[0]
         return unpack_i2_k128(self.tensor(name), k), np.float32(gamma)
 
-    def embedding(self, name: str = "model.embed_tokens.weight", rows=slice(None)) -> np.ndarray:
+    def embedding(self, name: str = EMBED, rows=slice(None)) -> np.ndarray:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""
-        if name == "lm_head.weight" and self.dims.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
+        if name == LM_HEAD:
+            name = self.dims.head_name
         stored = [self.tensor(name + suffix)[rows] for suffix in stored_suffixes(self.embeddings)]
         return decode(stored, self.dims.hidden_size, self.embeddings)
 

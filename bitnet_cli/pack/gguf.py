@@ -27,33 +27,14 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import publish
-from bitnet_cli.pack.format import LAYER_NORMS, PROJECTIONS, ModelDims, PackedModel
+from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
+from bitnet_cli.pack.format import PackedModel
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 QK_K = 256
 # printed by `bitnet pack --to gguf` (see the module docstring)
 LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
                     "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
-
-_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
-def gguf_name(hf_name: str) -> str:
-    """HF tensor name -> llama.cpp GGUF tensor name (e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_NAMES[module]}.{'scale' if kind == 'weight_scale' else 'weight'}"
-
 
 def _tq2_0_bytes(packed: np.ndarray) -> np.ndarray:
     """Our i2_k128 rows [N, K/4] -> TQ2_0 rows: per 256 inputs, 64 code bytes then f16 d = 1."""
@@ -117,12 +98,15 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str)
     if embeddings not in ("f16", "int8"):
         raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}; pack with "
                           "--embeddings f16 (llama-quantize --token-embedding-type can then shrink the head)")
+    if d.family != "bitnet":
+        raise BitnetError(f"{where}: GGUF export writes llama.cpp's bitnet architecture (sub-norms, per-tensor "
+                          f"scales); a {d.family}-family model has neither (run it with `bitnet run`)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: llama.cpp's bitnet architecture needs tied embeddings; this model has an untied lm_head")
-    for proj in PROJECTIONS:
-        k = d.projection_shape(proj)[1]
+    for proj in d.projections():
+        k = proj.shape(d)[1]
         if k % QK_K:
-            raise BitnetError(f"{where}: {proj} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {QK_K}")
+            raise BitnetError(f"{where}: {proj.name} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {QK_K}")
     if d.hidden_size % 32:
         raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of 32 for GGUF embeddings")
 
@@ -144,26 +128,25 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False)
 
         # (gguf name, logical shape, function producing the bytes, raw ggml type or None for plain f16/f32)
         plan = []
-        embed = "model.embed_tokens.weight"
         if pm.embeddings == "f16":
-            plan.append(("token_embd.weight", None, lambda: pm.tensor(embed), None))
+            plan.append((gguf_name(EMBED), None, lambda: pm.tensor(EMBED), None))
         else:
-            plan.append(("token_embd.weight", (d.vocab_size, d.hidden_size),
-                         lambda: _q8_0_bytes(pm.tensor(embed), pm.tensor(embed + "_scale")),
+            plan.append((gguf_name(EMBED), (d.vocab_size, d.hidden_size),
+                         lambda: _q8_0_bytes(pm.tensor(EMBED), pm.tensor(EMBED + "_scale")),
                          gguf.GGMLQuantizationType.Q8_0))
         for i in range(d.num_layers):
-            for norm in LAYER_NORMS:
-                name = f"model.layers.{i}.{norm}.weight"
+            for norm in d.layer_norms():
+                name = layer_tensor(i, norm.name)
                 plan.append((gguf_name(name), None, lambda name=name: pm.tensor(name), None))
-            for proj in PROJECTIONS:
-                name = f"model.layers.{i}.{proj}.weight"
+            for proj in d.projections():
+                name = layer_tensor(i, proj.name)
                 if gguf_type == "tq2_0":
                     make = lambda name=name: _tq2_0_bytes(pm.tensor(name))  # noqa: E731
                 else:
                     make = lambda name=name: _tq1_0_bytes(pm.ternary(name)[0])  # noqa: E731
-                plan.append((gguf_name(name), d.projection_shape(proj), make, qtype))
+                plan.append((gguf_name(name), proj.shape(d), make, qtype))
                 plan.append((gguf_name(name + "_scale"), None, lambda name=name: pm.tensor(name + "_scale"), None))
-        plan.append(("output_norm.weight", None, lambda: pm.tensor("model.norm.weight"), None))
+        plan.append((gguf_name(FINAL_NORM), None, lambda: pm.tensor(FINAL_NORM), None))
 
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if out.parent.is_dir() else None)
         os.close(fd)

@@ -13,35 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, LM_HEAD, SYNTHETIC_DEFAULTS, ModelDims, bitnet_config, preset_fields, split_layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.pack.format import EMBEDDING_TYPES, ModelDims, PackedWriter, tensor_specs, write_embedding_rows
+from bitnet_cli.pack.format import EMBEDDING_TYPES, PackedWriter, tensor_specs, write_embedding_rows
 from bitnet_cli.pack.ternary import BLOCK, pack_i2_k128
 
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
-
-# Published BitNet b1.58 shapes (HF config fields). 700m/1.3b/3b: the 1bitLLM reproductions;
-# 2b4t: microsoft/bitnet-b1.58-2B-4T; 8b: Llama3-8B-1.58. "tiny" is for tests.
-SHAPES: dict[str, dict] = {
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=320, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                 max_position_embeddings=512, rope_theta=10000.0),
-    "700m": dict(vocab_size=32002, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
-                 num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False,
-                 max_position_embeddings=2048, rope_theta=10000.0),
-    "1.3b": dict(vocab_size=32002, hidden_size=2048, intermediate_size=5460, num_hidden_layers=24,
-                 num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-                 max_position_embeddings=2048, rope_theta=10000.0),
-    "2b4t": dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
-                 num_attention_heads=20, num_key_value_heads=5, tie_word_embeddings=True,
-                 max_position_embeddings=4096, rope_theta=500000.0),
-    "3b": dict(vocab_size=32002, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
-               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False,
-               max_position_embeddings=2048, rope_theta=10000.0),
-    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-               max_position_embeddings=8192, rope_theta=500000.0),
-}
 
 # All 81 bytes whose four 2-bit codes are valid trit codes (0, 1, 2): uniform random trits, fast.
 _VALID_BYTES = np.array(
@@ -51,18 +29,10 @@ _VALID_BYTES = np.array(
 
 
 def shape_config(shape: str | dict) -> dict:
-    """The HF config.json of a named shape (or of an explicit dict of config fields)."""
-    if isinstance(shape, str):
-        if shape not in SHAPES:
-            raise BitnetError(f"unknown model shape {shape!r}; choose one of {', '.join(SHAPES)}")
-        fields = SHAPES[shape]
-    else:
-        fields = dict(shape)
-    return {
-        "architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "hidden_act": "relu2",
-        "rms_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1, "attention_bias": False,
-        **fields,
-    }
+    """The HF config.json of a synthetic model: a named preset (bitnet_cli.arch.PRESETS, with
+    SYNTHETIC_DEFAULTS for what a toy preset leaves open), or an explicit dict of config fields."""
+    fields = {**SYNTHETIC_DEFAULTS, **preset_fields(shape)} if isinstance(shape, str) else dict(shape)
+    return bitnet_config({"bos_token_id": 0, "eos_token_id": 1, **fields})  # BOS, EOS of synthetic_tokenizer
 
 
 def _bundled_corpus() -> str:
@@ -134,18 +104,18 @@ def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16"
     with PackedWriter(Path(path), specs, meta, force=force) as writer:
         for done, spec in enumerate(specs, 1):
             name = spec.name
-            if name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            if name in (EMBED, LM_HEAD):
                 chunk = 8192
                 rows = (rng.standard_normal((min(chunk, dims.vocab_size - start), dims.hidden_size), dtype=np.float32)
                         * np.float32(0.02) for start in range(0, dims.vocab_size, chunk))
                 write_embedding_rows(writer, name, rows, dims.vocab_size, embeddings)
-            elif name in ("model.embed_tokens.weight_scale", "lm_head.weight_scale"):
+            elif name in (EMBED + "_scale", LM_HEAD + "_scale"):
                 pass  # written with its embedding
             elif spec.dtype == "U8":
-                n, k = dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])
+                n, k = dims.projection_shape(split_layer_tensor(name)[1])
                 writer.write(name, trits.packed(n, k))
             elif name.endswith("weight_scale"):
-                k = dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])[1]
+                k = dims.projection_shape(split_layer_tensor(name)[1])[1]
                 writer.write(name, np.array([rng.uniform(0.8, 1.2) / np.sqrt(k)], dtype=np.float32))
             else:  # RMSNorm weights
                 writer.write(name, (1 + 0.05 * rng.standard_normal(spec.shape)).astype(np.float32))

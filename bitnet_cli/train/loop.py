@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, flops_per_token
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
 from bitnet_cli.train.data import (TokenData, bos_id, cache_root, corpus_hash, eos_id, load_tokenizer,
@@ -95,16 +95,14 @@ def describe(recipe: Recipe) -> dict:
         else:
             vocab = recipe.data.tokenizer.vocab_size
     config = model_config(recipe, vocab)
-    with torch.device("meta"):
-        model = BitNetForCausalLM(config)
     steps = total_steps(recipe)
     t = recipe.train
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
     return {
         "config": config.to_hf_dict(),
-        "parameters": model.num_parameters(),
-        "parameters_non_embedding": model.num_parameters(exclude_embeddings=True),
-        "flops_per_token": flops_per_token(config, t.seq_len),
+        "parameters": config.arch.parameters(),
+        "parameters_non_embedding": config.arch.parameters(exclude_embeddings=True),
+        "flops_per_token": config.arch.training_flops_per_token(t.seq_len),
         "steps": steps,
         "tokens_per_step": tokens_per_step,
         "total_tokens": steps * tokens_per_step,
@@ -274,8 +272,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                               "with the recipe the run started with") from None
         del loaded
     model = model.to(device).train()
-    n_params = model.num_parameters()
-    fpt = flops_per_token(config, t.seq_len)
+    n_params = config.arch.parameters()
+    fpt = config.arch.training_flops_per_token(t.seq_len)
     model = D.wrap(model, t.distributed, info, device)
     opt = make_optimizer(model, recipe, device)
     start_step, prior_seconds = 0, 0.0

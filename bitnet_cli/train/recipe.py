@@ -12,35 +12,19 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bitnet_cli.arch import PRESETS
 from bitnet_cli.errors import BitnetError
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
-
-# Model shapes by name. The paper shapes are BitNet b1.58's (Ma et al., 2024) with the LLaMA
-# tokenizer's 32000 tokens; 2b4t is microsoft/bitnet-b1.58-2B-4T (LLaMA 3 tokenizer).
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                  num_key_value_heads=12),
-    "700m": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=24,
-                 num_key_value_heads=24, vocab_size=32000),
-    "1.3b": dict(hidden_size=2048, intermediate_size=5460, num_hidden_layers=24, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000),
-    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "2b4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
-                 num_key_value_heads=5, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-}
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(_Strict):
-    preset: Optional[Literal["tiny", "small", "700m", "1.3b", "3b", "2b4t"]] = Field(
-        None, description="A named shape (see PRESETS); any dimension given below overrides it.")
+    preset: Optional[Literal[tuple(PRESETS)]] = Field(  # type: ignore[valid-type]
+        None, description=f"A named shape ({', '.join(PRESETS)}: bitnet_cli.arch.PRESETS, shared with "
+                          "`bitnet bench --shape`); any field given below overrides it.")
     vocab_size: Optional[int] = Field(
         None, gt=0, description="Vocabulary size; default: the tokenizer's (rounded up to a multiple of 64 "
                                 "only if round_vocab_to is set).")
@@ -54,17 +38,21 @@ class ModelSpec(_Strict):
                                                                        "num_attention_heads.")
     max_position_embeddings: Optional[int] = Field(None, gt=0, description="Longest context; default: "
                                                                            "train.seq_len.")
-    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency.")
+    rope_theta: Optional[float] = Field(None, gt=0, description="RoPE base frequency; default: the preset's, "
+                                                                "else 10000.")
     rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of linears and embeddings.")
-    tie_word_embeddings: bool = Field(True, description="Share the input embedding with lm_head.")
+    tie_word_embeddings: Optional[bool] = Field(None, description="Share the input embedding with lm_head; "
+                                                                  "default: the preset's, else true.")
     quant: Literal["bitnet", "none"] = Field(
         "bitnet", description="bitnet: ternary weights + int8 activations (b1.58); none: the same "
                               "architecture in full precision (the baseline).")
 
     def resolved(self) -> dict[str, Any]:
-        """Preset merged with the explicit fields (explicit wins)."""
-        out = dict(PRESETS.get(self.preset or "", {}))
+        """Defaults, then the preset's fields, then the explicit fields (explicit wins)."""
+        out = {"rope_theta": 10000.0, "tie_word_embeddings": True}
+        if self.preset:
+            out.update(PRESETS[self.preset].fields)
         for k, v in self.model_dump(exclude={"preset", "round_vocab_to"}).items():
             if v is not None:
                 out[k] = v

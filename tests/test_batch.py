@@ -1,0 +1,117 @@
+"""Batched decoding (bn_forward_batch): several sequences in one pass give each of them, bit for
+bit, the logits it gets alone through the single-sequence path that `bitnet run` takes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_hf_checkpoint
+
+from bitnet_cli import kernels
+from bitnet_cli.engine import Engine
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack import pack_checkpoint
+
+SHAPES = {
+    # head rows of 96 (whole 32-blocks): the f16 head's SIMD body only
+    "tiny": dict(),
+    # hidden 100: the 8-wide and scalar tails of the f16 head; one KV head; untied head
+    "odd": dict(hidden_size=100, num_attention_heads=5, num_key_value_heads=1, intermediate_size=150,
+                tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(scope="module", params=[(s, e) for s in sorted(SHAPES) for e in ("f16", "int8")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def packed(request, tmp_path_factory, test_tokenizer_dir):
+    shape, embeddings = request.param
+    tmp = tmp_path_factory.mktemp(f"batch_{shape}")
+    ckpt = make_hf_checkpoint(tmp / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1,
+                              **SHAPES[shape])
+    pack_checkpoint(ckpt, tmp / "model.bin", embeddings=embeddings)
+    return tmp / "model.bin"
+
+
+def random_ids(n, seed):
+    return [int(i) for i in np.random.default_rng(seed).integers(2, 389, n)]
+
+
+def alone(eng, ids):
+    """Logits of every position as `bitnet run` computes them: the prompt's first token, then one
+    token per call (the decode path: a single-token pass and the single-row head)."""
+    rows = [eng.forward(ids[:1])[0]]
+    for i in range(1, len(ids)):
+        rows.append(eng.forward([ids[i]], n_past=i, all_logits=False)[0])
+    return np.stack(rows)
+
+
+def f16_head(w, h, isa):
+    ffi, lib = kernels.lib()
+    y = np.empty((len(h), len(w)), np.float32)
+    w16 = np.ascontiguousarray(w).view(np.uint16)
+    rc = lib.bn_head_logits(ffi.NULL, kernels.ISAS[isa], lib.BN_EMB_F16, ffi.from_buffer("uint16_t[]", w16),
+                            ffi.NULL, len(w), w.shape[1], ffi.from_buffer("float[]", h), len(h),
+                            ffi.from_buffer("float[]", y))
+    assert rc == 0
+    return y
+
+
+def test_the_f16_head_gives_a_token_the_same_logits_whatever_the_token_count():
+    """The f16 head's tiles (several tokens) sum each row as the single-token row does."""
+    rng = np.random.default_rng(0)
+    for k in (96, 100, 256 + 13):
+        w = rng.standard_normal((37, k)).astype(np.float16)
+        h = rng.standard_normal((7, k)).astype(np.float32)
+        for isa in kernels.available_isas():
+            one = np.concatenate([f16_head(w, h[i:i + 1], isa) for i in range(len(h))])
+            np.testing.assert_array_equal(f16_head(w, h, isa), one)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_gives_every_sequence_its_logits_alone(packed, threads):
+    lengths = [5, 70, 12]  # 70 crosses a prefill chunk of 64
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
+    with Engine.load(packed, threads=threads) as eng:
+        want = [alone(eng, ids) for ids in seqs]
+        eng.set_sequences(4)
+        got = [[] for _ in seqs]
+        done = [0] * len(seqs)
+        # prompts in pieces of different sizes, mixed with other sequences' single tokens
+        schedule = [{0: 3, 2: 10}, {0: 1, 1: 40, 2: 1}, {1: 30, 0: 1}, {2: 1, 0: 1}]
+        while any(d < len(s) for d, s in zip(done, seqs)):
+            step = schedule.pop(0) if schedule else {i: 1 for i in range(len(seqs))}
+            tokens, seq, pos = [], [], []
+            for i, n in step.items():
+                n = min(n, len(seqs[i]) - done[i])
+                tokens += seqs[i][done[i]:done[i] + n]
+                seq += [i] * n
+                pos += list(range(done[i], done[i] + n))
+                done[i] += n
+            rows = eng.forward_batch(tokens, seq, pos, [True] * len(tokens))
+            for s, r in zip(seq, rows):
+                got[s].append(r)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.stack(g), w)
+
+        # a fourth sequence starts from a copy of the second one's first 30 positions
+        eng.copy_prefix(1, 3, 30)
+        tail = random_ids(6, seed=9)
+        rows = eng.forward_batch(tail, [3] * 6, list(range(30, 36)), [False] * 5 + [True])
+        np.testing.assert_array_equal(rows[0], alone(eng, seqs[1][:30] + tail)[-1])
+
+
+def test_batch_arguments_are_checked(packed):
+    with Engine.load(packed, threads=1) as eng:
+        eng.set_sequences(2)
+        assert eng.kv_bytes_per_sequence == 2 * eng.dims.num_layers * eng.dims.num_kv_heads * eng.dims.head_dim \
+            * eng.ctx_size * 4
+        for tokens, seq, pos in [([1, 2], [0, 0], [0, 2]),   # a gap in one sequence's positions
+                                 ([1], [2], [0]),            # no such sequence
+                                 ([1], [0], [eng.ctx_size]),  # past the context
+                                 ([10**6], [0], [0])]:       # no such token
+            with pytest.raises(BitnetError, match="out of range or out of order"):
+                eng.forward_batch(tokens, seq, pos, [True] * len(tokens))
+        with pytest.raises(BitnetError, match="copy_prefix"):
+            eng.copy_prefix(0, 5, 1)
+        with pytest.raises(BitnetError, match="--parallel"):
+            eng.set_sequences(0)
