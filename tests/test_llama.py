@@ -19,8 +19,8 @@ def _ids(vocab: int, shape=(2, 80), seed=1) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("convention", sorted(LLAMA_CONVENTIONS))
-@pytest.mark.parametrize("llama3", [False, True])
+@pytest.mark.parametrize("convention,llama3", [(c, True) for c in sorted(LLAMA_CONVENTIONS)]
+                         + [("online", False), ("bitlinear-default", False)])
 def test_torch_logits_match_transformers(tmp_path, convention, llama3):
     """max |ours - transformers| <= 1e-4 in fp32, untied head, GQA, with and without llama3 RoPE
     (positions past original_max_position_embeddings=64, where its scaling matters)."""
@@ -288,3 +288,61 @@ def test_hub_id_of_a_llama_checkpoint_from_the_offline_cache(tmp_path, test_toke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     summary = pack_checkpoint("acme/tiny-llama-1.58", tmp_path / "hub.bin")
     assert summary.source_kind == "hf-packed" and summary.source.startswith("hub:")
+
+
+# ---------------------------------------------------------------------------- training the family
+
+
+def test_train_llama_family_runs_in_transformers_and_on_the_engine(tmp_path):
+    """`model.family: llama` trains a LlamaForCausalLM-shaped 1.58-bit model (untied head, llama3
+    RoPE inherited from no preset: default) whose checkpoint transformers runs as its own Llama, and
+    which packs and runs on the C engine."""
+    from test_train import micro_recipe
+
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import pack_checkpoint
+    from bitnet_cli.train import load_recipe, train
+
+    recipe = load_recipe(None, ["train.steps=3", "model.family=llama", "model.tie_word_embeddings=false"],
+                         data=micro_recipe())
+    train(recipe, out_dir=tmp_path / "run", progress=False)
+    final = tmp_path / "run" / "final"
+    cfg = json.loads((final / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["hidden_act"] == "silu" and cfg["architectures"] == ["LlamaForCausalLM"]
+    ours = BitNetForCausalLM.from_pretrained(final)
+    assert not any("sub_norm" in n for n, _ in ours.named_parameters())
+    ids = _ids(ours.config.vocab_size, (1, 30))
+    with torch.no_grad():
+        assert (load_hf_llama_reference(final)(ids).logits - ours(ids)).abs().max().item() <= 1e-4
+    pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
+        assert eng.dims.family == "llama"
+        text = "".join(eng.generate("The", max_tokens=8, temperature=0))
+    assert isinstance(text, str)
+
+
+# ---------------------------------------------------------------------------- bitnet eval, both backends
+
+
+def test_eval_llama_on_both_backends_matches_lm_eval_hf(tmp_path, test_tokenizer_dir, shared_data):
+    """`bitnet eval`'s adapter on a Llama-family checkpoint (torch backend) agrees with lm-eval's own
+    hf backend (transformers' LlamaForCausalLM + bitnet quantizer), and on the packed file (engine)
+    with the checkpoint."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+    from test_eval import _bitnet_lm, _compare, _engine_tolerance, _run, _within_1e3
+
+    from bitnet_cli.pack import pack_checkpoint
+
+    ckpt = make_llama_checkpoint(tmp_path / "ck", test_tokenizer_dir, convention="bitlinear-default",
+                                 max_position_embeddings=512, seed=11)
+    pack_checkpoint(ckpt, tmp_path / "m.bin")
+    tasks, data = ["arc_easy"], shared_data / "eval"
+    torch_side = _bitnet_lm(ckpt, batch_size=16)
+    assert torch_side.backend.name != "engine"
+    ours = _run(torch_side, tasks, 12, data)
+    _compare(ours, _run(HFLM(pretrained=str(ckpt), dtype="float32", device="cpu", batch_size=16), tasks, 12, data),
+             tasks, _within_1e3)
+    engine = _bitnet_lm(tmp_path / "m.bin")
+    assert engine.backend.name == "engine"
+    _compare(_run(engine, tasks, 12, data), ours, tasks, _engine_tolerance)
