@@ -324,6 +324,7 @@ def test_train_llama_family_runs_in_transformers_and_on_the_engine(tmp_path):
 # ---------------------------------------------------------------------------- bitnet eval, both backends
 
 
+@pytest.mark.slow  # lm-eval's hf backend and ours, twice: ~30 s on an idle 2-core machine
 def test_eval_llama_on_both_backends_matches_lm_eval_hf(tmp_path, test_tokenizer_dir, shared_data):
     """`bitnet eval`'s adapter on a Llama-family checkpoint (torch backend) agrees with lm-eval's own
     hf backend (transformers' LlamaForCausalLM + bitnet quantizer), and on the packed file (engine)
