@@ -149,8 +149,14 @@ class PackTarget(str, Enum):
 
 
 class GGUFType(str, Enum):
+    i2_s = "i2_s"
     tq2_0 = "tq2_0"
     tq1_0 = "tq1_0"
+
+
+class GGUFHead(str, Enum):
+    f16 = "f16"
+    q6_k = "q6_k"
 
 
 class SourceKind(str, Enum):
@@ -159,6 +165,7 @@ class SourceKind(str, Enum):
     hf = "hf"
     hf_packed = "hf-packed"
     hub = "hub"
+    gguf = "gguf"
 
 
 def _human_bytes(n: float) -> str:
@@ -187,12 +194,13 @@ def _tensor_progress(description: str, enabled: bool):
 
 @app.command()
 def pack(
-    src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, or a hub id like microsoft/bitnet-b1.58-2B-4T."),
+    src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, a hub id like microsoft/bitnet-b1.58-2B-4T, or a GGUF file (bitnet.cpp's I2_S or F16/F32, llama.cpp's TQ1_0/TQ2_0)."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
-    embeddings: EmbeddingType = typer.Option(EmbeddingType.f16, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost)."),
-    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for llama.cpp / bitnet.cpp."),
-    gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: tq2_0 (2.06 bits/weight, faster) or tq1_0 (1.69 bits/weight)."),
-    source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id)."),
+    embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (int8 for our Q8_0 export, else f16), with a note on what was lost."),
+    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for bitnet.cpp (--gguf-type i2_s) or llama.cpp (tq2_0, tq1_0)."),
+    gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: i2_s (bitnet.cpp's `bitnet-b1.58`, the official 2B4T layout, 2 bits/weight); tq2_0 (llama.cpp's `bitnet`, 2.06 bits/weight) or tq1_0 (1.69 bits/weight); llama.cpp computes a SiLU FFN for the last two."),
+    gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
+    source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ):
@@ -201,7 +209,9 @@ def pack(
     Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
 
     Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
-    [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/]
+    [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/],
+    [bold]bitnet pack ggml-model-i2_s.gguf 2b4t.bin[/] (import bitnet.cpp's GGUF),
+    [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
     import json as _json
 
@@ -213,8 +223,9 @@ def pack(
         progress, update = _tensor_progress("packing", enabled=not json_output)
         with progress:
             summary = pack_checkpoint(
-                src, out, embeddings=embeddings.value, force=force, kind=source_kind.value,
+                src, out, embeddings=embeddings.value if embeddings else None, force=force, kind=source_kind.value,
                 to=to.value, gguf_type=gguf_type.value, progress=update,
+                gguf_head=gguf_head.value if gguf_head else None,
             )
     if json_output:
         console.print_json(_json.dumps(summary.to_dict()))
@@ -230,7 +241,9 @@ def pack(
     table.add_row("compression", f"{summary.compression_ratio:.2f}x")
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
-    if to == PackTarget.gguf:
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if to == PackTarget.gguf and gguf_type != GGUFType.i2_s:
         from bitnet_cli.pack.gguf import LLAMA_CPP_CAVEAT
 
         console.print(f"[yellow]note:[/] {LLAMA_CPP_CAVEAT}")
@@ -408,6 +421,49 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": gen.text.strip()})
         _print_run_stats(gen.stats)
+
+
+@app.command()
+def serve(
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
+    ),
+    max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the start-up facts (URL, memory per slot) as one JSON line."),
+):
+    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
+    together (continuous batching: the weights are read once per step for all of them).
+
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM)
+    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli[serve]'.
+
+    Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
+    [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
+    or any OpenAI client with base_url="http://localhost:8000/v1".
+    """
+    import json
+
+    with user_errors():
+        from bitnet_cli.serve.server import serve as run_server
+
+        def ready(info: dict) -> None:
+            if json_output:
+                print(json.dumps(info), flush=True)
+                return
+            err_console.print(
+                f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
+                f"{info['ctx_size']} tokens, KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
+                f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}",
+                highlight=False, soft_wrap=True)
+
+        run_server(model, host=host, port=port, threads=threads, parallel=parallel, ctx_size=ctx_size,
+                   max_queue=max_queue, model_id=name, ready=ready)
 
 
 # ---------------------------------------------------------------- eval (issue 5)

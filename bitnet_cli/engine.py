@@ -427,8 +427,7 @@ class Engine:
             return
         logits, stats.reused_tokens = self._prefill(ids)
         history = list(ids)
-        detok = _Detokenizer(self.tokenizer)
-        held = ""  # decoded text not yet emitted: it could be the start of a stop string
+        text = TextStream(self.tokenizer, stops)
         t_first = None
         while True:
             token = sample(logits, params, rng, history)
@@ -441,22 +440,12 @@ class Engine:
             history.append(token)
             out_ids.append(token)
             stats.generated_tokens += 1
-            held += detok.push(token)
-            if stops:
-                cut = min((held.find(s) for s in stops if s in held), default=-1)
-                if cut >= 0:
-                    if held[:cut]:
-                        yield held[:cut]
-                    held = ""
-                    stats.stop_reason = "stop"
-                    break
-                keep = _stop_prefix_len(held, stops)
-                if len(held) > keep:
-                    yield held[: len(held) - keep]
-                    held = held[len(held) - keep:]
-            elif held:
-                yield held
-                held = ""
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
+                stats.stop_reason = "stop"
+                break
             if stats.generated_tokens >= max_tokens:
                 stats.stop_reason = "max_tokens"
                 break
@@ -464,10 +453,41 @@ class Engine:
                 stats.stop_reason = "context"
                 break
             logits = self.forward([token], n_past=len(history) - 1, all_logits=False)[0]
-        held += detok.flush()
-        if held and stats.stop_reason != "stop":
-            yield held
+        piece = text.flush()
+        if piece:
+            yield piece
         stats.generation_s = time.perf_counter() - (t_first or t0)
+
+
+class TextStream:
+    """Generated tokens to text pieces: a piece is shown once it is whole UTF-8 and cannot be the
+    start of a stop string; at a stop string the text ends before it (`stopped` is set)."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self._detok = _Detokenizer(tokenizer)
+        self._stops = [s for s in stops if s]
+        self._held = ""  # decoded text not yet shown: it could be the start of a stop string
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        held = self._held + self._detok.push(token)
+        if not self._stops:
+            self._held = ""
+            return held
+        cut = min((held.find(s) for s in self._stops if s in held), default=-1)
+        if cut >= 0:
+            self._held, self.stopped = "", True
+            return held[:cut]
+        keep = _stop_prefix_len(held, self._stops)
+        self._held = held[len(held) - keep:]
+        return held[:len(held) - keep]
+
+    def flush(self) -> str:
+        """The text still held back, once generation has ended (nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        held, self._held = self._held + self._detok.flush(), ""
+        return held
 
 
 class _Detokenizer:
@@ -543,4 +563,4 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
     return engine.encode("\n".join(turns))
 
 
-__all__ = ["Engine", "Generation", "GenerationStats", "render_chat", "rope_tables"]
+__all__ = ["Engine", "Generation", "GenerationStats", "TextStream", "render_chat", "rope_tables"]

@@ -115,3 +115,62 @@ def test_batch_arguments_are_checked(packed):
             eng.copy_prefix(0, 5, 1)
         with pytest.raises(BitnetError, match="--parallel"):
             eng.set_sequences(0)
+
+
+def run_jobs(scheduler, specs):
+    """Submit Jobs from (prompt, max_tokens, extra kwargs) specs; wait; [(tokens, DoneEvent)]."""
+    import threading
+
+    from bitnet_cli.sampling import SamplingParams
+    from bitnet_cli.serve.scheduler import DoneEvent, Job, TokenEvent
+
+    out = [([], None) for _ in specs]
+    done = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(ev):
+            if isinstance(ev, TokenEvent) and ev.token is not None:
+                out[i][0].append(ev.token)
+            elif isinstance(ev, DoneEvent):
+                out[i] = (out[i][0], ev)
+                done.release()
+        return sink
+
+    jobs = [Job(p, n, SamplingParams(0.0, 0, 1.0), None, sink_for(i), **kw) for i, (p, n, kw) in enumerate(specs)]
+    scheduler.submit(jobs)
+    return jobs, out, done
+
+
+def test_the_scheduler_reuses_a_prefix_from_a_free_or_a_busy_slot(tmp_path, test_tokenizer_dir):
+    from bitnet_cli.serve.scheduler import Scheduler
+
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1,
+                              max_position_embeddings=512)
+    pack_checkpoint(ckpt, tmp_path / "m.bin")
+    base, more = random_ids(40, seed=1), random_ids(10, seed=2)
+    with Engine.load(tmp_path / "m.bin", threads=1) as ref:
+        want = {}
+        for name, ids, n in [("base", base, 5), ("more", base + more, 6), ("long", base, 300)]:
+            gen = ref.generate(ids, max_tokens=n, temperature=0)
+            "".join(gen)
+            want[name] = list(gen.token_ids)
+    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
+        s = Scheduler(eng, 2, 4)
+        try:
+            # the same slot, free again: its cached prompt serves the longer one
+            _, out, done = run_jobs(s, [(base, 5, {})])
+            done.acquire(timeout=60)
+            _, out2, done2 = run_jobs(s, [(base + more, 6, {})])
+            done2.acquire(timeout=60)
+            assert out[0][0] == want["base"] and out2[0][0] == want["more"]
+            assert out2[0][1].reused_tokens == 40
+            # a busy slot's prefix is copied into a free one while it keeps generating
+            _, busy, busy_done = run_jobs(s, [(base, 300, {"ignore_eos": True})])
+            _, out3, done3 = run_jobs(s, [(base + more, 6, {})])
+            done3.acquire(timeout=60)
+            busy_done.acquire(timeout=120)
+            # 39 or 40: the busy sequence may not have run its last prompt token yet
+            assert out3[0][1].reused_tokens >= 39 and out3[0][0] == want["more"]
+            assert busy[0][0][:len(want["long"])] == want["long"]
+        finally:
+            s.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,7 @@ class PackSummary:
     bf16_bytes: int
     compression_ratio: float
     seconds: float
+    notes: list[str] = field(default_factory=list)  # what an import changed or inferred (GGUF sources)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,6 +69,8 @@ def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
 def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
     """(trits int8 [N, K], gamma float32) of one BitLinear weight, from any supported source kind."""
     n, k = shape
+    if ckpt.kind == "gguf":
+        return ckpt.ternary(name, shape)
     if ckpt.kind != "hf-packed":
         _check_shape(ckpt, name, shape)
         w = ckpt.read(name)
@@ -120,7 +123,32 @@ def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: Mo
                 raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
             yield rows
 
-    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
+    loss = _EmbeddingLoss() if ckpt.kind == "gguf" else None
+    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
+    if loss is not None:
+        t = ckpt.gguf_tensor(name)
+        ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, dequantised exactly) stored as "
+                          f"--embeddings {embeddings}: {loss.describe()}")
+
+
+class _EmbeddingLoss:
+    """Counts the values an embedding storage type changes (it sees each chunk's floats and stored arrays)."""
+
+    def __init__(self):
+        self.changed, self.total, self.max_abs = 0, 0, 0.0
+
+    def __call__(self, rows: np.ndarray, stored: list[np.ndarray], embeddings: str) -> None:
+        from bitnet_cli.pack.embeddings import decode
+
+        diff = np.abs(decode(stored, rows.shape[1], embeddings) - rows)
+        self.changed += int(np.count_nonzero(diff))
+        self.total += diff.size
+        self.max_abs = max(self.max_abs, float(diff.max(initial=0)))
+
+    def describe(self) -> str:
+        if not self.changed:
+            return "lossless"
+        return f"{self.changed:,} of {self.total:,} values rounded (largest change {self.max_abs:.3g})"
 
 
 def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_config: dict,
@@ -153,42 +181,72 @@ def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, 
     )
 
 
-def pack_checkpoint(src, out, embeddings: str = "f16", force: bool = False, kind: str = "auto",
-                    to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None) -> PackSummary:
+def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False, kind: str = "auto",
+                    to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None,
+                    gguf_head: str | None = None) -> PackSummary:
     """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
 
     `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
-    native file next to `out`).
+    native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.gguf.source).
+    `embeddings` None: f16, or for a GGUF source the storage type that loses nothing (else f16).
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if embeddings not in EMBEDDING_TYPES:
+    if embeddings is not None and embeddings not in EMBEDDING_TYPES:
         raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
     if to not in ("native", "gguf"):
         raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
     check_output_path(out, force)
-    ckpt = open_checkpoint(src, kind)
+    ckpt = open_source(src, kind)
+    try:
+        return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0)
+    finally:
+        if ckpt.kind == "gguf":
+            ckpt.close()
+
+
+def open_source(src, kind: str = "auto"):
+    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or --from gguf, a GGUFCheckpoint."""
+    from bitnet_cli.gguf.reader import is_gguf
+
+    if kind == "gguf" or (kind == "auto" and Path(str(src)).is_file() and is_gguf(src)):
+        from bitnet_cli.gguf.source import open_gguf
+
+        return open_gguf(src)
+    return open_checkpoint(src, kind)
+
+
+def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, gguf_type: str,
+                 gguf_head: str | None, progress: Progress | None, t0: float) -> PackSummary:
+    if embeddings is None:
+        embeddings = ckpt.embedding_type("model.embed_tokens.weight") if ckpt.kind == "gguf" else "f16"
     if ckpt.kind == "own" and not ckpt.config.get("quantization_config"):
         raise BitnetError(
             f"{ckpt.path / 'config.json'}: this model was trained without ternary quantisation (quant: none); "
             "packing would ternarise weights it never learned to work with"
         )
-    dims = ModelDims.from_config(ckpt.config, str(ckpt.path / "config.json"))
-    _check_family_tensors(ckpt, dims)
+    where = str(ckpt.path) if ckpt.kind == "gguf" else str(ckpt.path / "config.json")
+    dims = ModelDims.from_config(ckpt.config, where)
+    if ckpt.kind != "gguf":  # a GGUF source's tensors are checked against its own architecture on import
+        _check_family_tensors(ckpt, dims)
     if to == "gguf":
         from bitnet_cli.pack.gguf import check_gguf_shapes, export_gguf
 
-        check_gguf_shapes(dims, gguf_type, str(ckpt.path / "config.json"), embeddings)
+        check_gguf_shapes(dims, gguf_type, where, embeddings, gguf_head)
         native = out.with_name(f".{out.name}.native.tmp")
         try:
             _pack(ckpt, dims, native, embeddings, True, progress)
-            export_gguf(native, out, gguf_type, force=force)
+            export_gguf(native, out, gguf_type, force=force, head=gguf_head)
         finally:
             native.unlink(missing_ok=True)
         specs = tensor_specs(dims, embeddings)
-        return summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0, "gguf-" + gguf_type)
-    specs = _pack(ckpt, dims, out, embeddings, force, progress)
-    return summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
+        summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0,
+                            "gguf-" + gguf_type)
+    else:
+        specs = _pack(ckpt, dims, out, embeddings, force, progress)
+        summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
+    summary.notes = list(getattr(ckpt, "notes", []))
+    return summary
 
 
 def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:

@@ -199,14 +199,17 @@ class PackedWriter:
             self.abort()
 
 
-def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
+def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str, check=None) -> None:
     """Encode float row chunks (covering all `vocab` rows in order) and write the stored tensors:
-    the values chunk by chunk, then the per-row scales, which follow them in the file."""
+    the values chunk by chunk, then the per-row scales, which follow them in the file.
+    `check(rows, stored, embeddings)`, if given, sees every chunk (to measure what the encoding lost)."""
     suffixes = stored_suffixes(embeddings)
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
     for rows in chunks:
         values, *rest = encode(rows, embeddings)
+        if check is not None:
+            check(rows, [values, *rest], embeddings)
         done += len(rows)
         writer.write(name, values, final=done >= vocab)
         for parts, part in zip(tails, rest):

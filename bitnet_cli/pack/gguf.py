@@ -1,66 +1,57 @@
-"""GGUF export for llama.cpp / bitnet.cpp users: architecture `bitnet`, TQ2_0 or TQ1_0 ternary tensors.
+"""GGUF export: `bitnet pack SRC out.gguf --to gguf --gguf-type i2_s|tq2_0|tq1_0`.
 
-Mapping from our packed file:
-- each BitLinear weight becomes a TQ2_0 / TQ1_0 tensor holding the trits with block scale
-  d = 1, plus a `<name>.scale` F32 [1] tensor holding gamma, which llama.cpp's `bitnet`
-  graph multiplies into the matmul output: the fp32 scale survives unrounded.
-  TQ2_0's 2-bit codes are our `i2_k128` bytes verbatim (256-element blocks = two of our
-  128-element blocks), so that path is a byte copy.
-- embeddings: F16 as stored; int8 (per-row scale) becomes Q8_0 with the row scale as every
-  block's d, i.e. the same int8 values and an f16-rounded scale.
-- llama.cpp's `bitnet` architecture ties the output head to the embedding and uses
-  rotate-half (NEOX) RoPE, as HF does, so q/k need no permutation; untied heads are refused.
-- llama.cpp's `bitnet` graph gates the FFN with SiLU (the 1bitLLM models), not BitNet b1.58's
-  squared ReLU, and has no switch for it: llama.cpp loads and runs our files at full speed, but
-  computes silu(gate) * up (checked with llama.cpp 0c1e570: its logits follow our numpy reference
-  with that one line swapped, up to int8 rounding, and leave the relu2 model's at once).
+- `i2_s`: bitnet.cpp's architecture `bitnet-b1.58` (the official 2B4T GGUF's graph: squared
+  ReLU, both sub-norms, rotate-half RoPE, tied head). Each BitLinear weight is one I2_S tensor:
+  our `i2_k128` bytes with each byte's four 2-bit fields reversed (bitnet.cpp's x86 layout,
+  bitnet_cli.gguf.quants), then gamma as the trailing float32, unrounded.
+- `tq2_0` / `tq1_0`: llama.cpp's architecture `bitnet`, each BitLinear weight a TQ2_0 / TQ1_0
+  tensor holding the trits with block scale d = 1, plus a `<name>.scale` F32 [1] tensor holding
+  gamma, which llama.cpp's `bitnet` graph multiplies into the matmul output: the fp32 scale
+  survives unrounded. TQ2_0's code bytes are our `i2_k128` bytes verbatim (a 256-value block is
+  two of our 128-value blocks). llama.cpp's `bitnet` graph gates the FFN with SiLU (the 1bitLLM
+  models), not BitNet b1.58's squared ReLU, and has no switch for it: llama.cpp loads and runs
+  these files at full speed but computes silu(gate) * up (checked with llama.cpp 0c1e570: its
+  logits follow our numpy reference with that one line swapped, up to int8 rounding). We mark
+  the file with `bitnet-cli.hidden_act = relu2` so that our importer reads it back as what it is.
+
+The head (= the tied embedding): by default F16 from f16 embeddings and Q8_0 carrying our int8
+values with the row scale (f16-rounded) as each block's d; `--gguf-head f16|q6_k` re-encodes the
+embedding as F16 or Q6_K (6.56 bits per weight, llama-quantize's usual head type).
+Tokenizer (byte-level BPE, `gpt2` with pre `llama-bpe` or `gpt-2`) and chat template go into the
+metadata. No q/k permutation: both graphs use rotate-half RoPE, as HF does.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.gguf import quants
+from bitnet_cli.gguf import writer as gw
+from bitnet_cli.gguf.quants import TYPE_IDS
 from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
 from bitnet_cli.pack.format import PackedModel
 
-GGUF_TYPES = ("tq2_0", "tq1_0")
+GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
+HEAD_TYPES = ("f16", "q6_k")
 QK_K = 256
-# printed by `bitnet pack --to gguf` (see the module docstring)
+# printed by `bitnet pack --to gguf` for the llama.cpp types (see the module docstring)
 LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
                     "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
-
-def _tq2_0_bytes(packed: np.ndarray) -> np.ndarray:
-    """Our i2_k128 rows [N, K/4] -> TQ2_0 rows: per 256 inputs, 64 code bytes then f16 d = 1."""
-    n, kq = packed.shape
-    blocks = packed.reshape(n, kq // 64, 64)
-    d = np.broadcast_to(np.float16(1.0).reshape(1).view(np.uint8), (n, kq // 64, 2))
-    return np.concatenate([blocks, d], axis=2).reshape(n, -1)
-
-
-def _tq1_0_bytes(trits: np.ndarray) -> np.ndarray:
-    import gguf
-
-    out = gguf.quants.quantize(trits.astype(np.float32), gguf.GGMLQuantizationType.TQ1_0)
-    return out  # d = max|trit| per block: 1, or 0 for an all-zero block (which dequantises to 0 anyway)
-
-
-def _q8_0_bytes(q: np.ndarray, row_scale: np.ndarray) -> np.ndarray:
-    """int8 rows [V, H] with one scale per row -> Q8_0 rows (blocks of 32: f16 d, 32 int8)."""
-    v, h = q.shape
-    d = np.broadcast_to(row_scale.astype(np.float16).view(np.uint8).reshape(v, 1, 2), (v, h // 32, 2))
-    return np.concatenate([d, q.view(np.uint8).reshape(v, h // 32, 32)], axis=2).reshape(v, -1)
-
+# Written into our `bitnet` export: llama.cpp's `bitnet` graph is the 1bitLLM model (SiLU-gated FFN), so the
+# importer reads a `bitnet` file as BitNet b1.58 (squared ReLU) only when this key says so.
+HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
+# (architecture, llama_ftype) per export type; bitnet.cpp numbers MOSTLY_I2_S 40
+_ARCH = {"i2_s": ("bitnet-b1.58", 40), "tq2_0": ("bitnet", 37), "tq1_0": ("bitnet", 36)}
+# llama.cpp token types
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 def _tokenizer_metadata(pm: PackedModel) -> dict:
     """tokens, token types, merges, pre-tokenizer and special ids for llama.cpp's `gpt2` (byte-level BPE) vocab."""
-    import gguf
+    from bitnet_cli.gguf.tokenizer import LLAMA3_SPLIT
 
     spec = json.loads(pm.tokenizer_json)
     model = spec.get("model") or {}
@@ -74,16 +65,23 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     if max(vocab.values(), default=-1) >= size:
         raise BitnetError(f"{pm.path}: the tokenizer has ids beyond the model's vocab_size {size}")
     tokens = [f"[PAD{i}]" for i in range(size)]
-    types = [gguf.TokenType.UNUSED] * size
+    types = [_UNUSED] * size
     for token, i in vocab.items():
         tokens[i] = token
         if token in added:
-            types[i] = gguf.TokenType.CONTROL if added[token].get("special") else gguf.TokenType.USER_DEFINED
+            types[i] = _CONTROL if added[token].get("special") else _USER_DEFINED
         else:
-            types[i] = gguf.TokenType.NORMAL
+            types[i] = _NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    # llama3-style tokenizers split with a regex before the byte-level step; plain byte-level is gpt-2's
-    pre = "llama-bpe" if '"Split"' in json.dumps(spec.get("pre_tokenizer")) else "gpt-2"
+    # Llama-3-style tokenizers split with a regex before the byte-level step; plain byte-level is GPT-2's
+    pre_tok = json.dumps(spec.get("pre_tokenizer"))
+    if '"Split"' not in pre_tok:
+        pre = "gpt-2"
+    elif json.dumps(LLAMA3_SPLIT) in pre_tok:
+        pre = "llama-bpe"
+    else:
+        raise BitnetError(f"{pm.path}: the tokenizer splits with a regex llama.cpp does not know by name "
+                          "(GGUF export knows GPT-2's and Llama 3's)")
     special = {}
     for key in ("bos", "eos"):
         token = pm.tokenizer_config.get(f"{key}_token")
@@ -93,105 +91,113 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
 
-def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str) -> None:
-    """The shapes and types llama.cpp's bitnet graph and its ternary block types accept (checked before any packing)."""
-    if embeddings not in ("f16", "int8"):
-        raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}; pack with "
-                          "--embeddings f16 (llama-quantize --token-embedding-type can then shrink the head)")
-    if d.family != "bitnet":
-        raise BitnetError(f"{where}: GGUF export writes llama.cpp's bitnet architecture (sub-norms, per-tensor "
-                          f"scales); a {d.family}-family model has neither (run it with `bitnet run`)")
-    if not d.tie_word_embeddings:
-        raise BitnetError(f"{where}: llama.cpp's bitnet architecture needs tied embeddings; this model has an untied lm_head")
-    for proj in d.projections():
-        k = proj.shape(d)[1]
-        if k % QK_K:
-            raise BitnetError(f"{where}: {proj.name} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {QK_K}")
-    if d.hidden_size % 32:
-        raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of 32 for GGUF embeddings")
-
-
-def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False) -> Path:
-    """Write a GGUF file from a packed file (temp file + rename); return its path."""
-    import gguf
-
-    out = Path(out)
+def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str, head: str | None = None) -> None:
+    """The shapes and types the target graph and its ternary block types accept (checked before any packing)."""
     if gguf_type not in GGUF_TYPES:
         raise BitnetError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+    if head is not None and head not in HEAD_TYPES:
+        raise BitnetError(f"--gguf-head must be one of {', '.join(HEAD_TYPES)}, got {head!r}")
+    if head is None and embeddings not in ("f16", "int8"):
+        raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}, unless "
+                          "--gguf-head f16|q6_k re-encodes them")
+    if d.family != "bitnet":
+        raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
+                          f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
+    if not d.tie_word_embeddings:
+        raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
+    block = 128 if gguf_type == "i2_s" else QK_K
+    for proj in d.projections():
+        k = proj.shape(d)[1]
+        if k % block:
+            raise BitnetError(f"{where}: {proj.name} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {block}")
+    need = QK_K if head == "q6_k" else 32
+    if d.hidden_size % need:
+        raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of {need} for this GGUF head")
+
+
+def _head(pm: PackedModel, head: str | None):
+    """(ggml type id, bytes-producing function) of the token embedding / tied head."""
+    embed = EMBED
+    d = pm.dims
+    if head is None and pm.embeddings == "f16":
+        return TYPE_IDS["F16"], lambda: pm.tensor(embed)
+    if head is None:
+        return TYPE_IDS["Q8_0"], lambda: quants.q8_0_pack(pm.tensor(embed), pm.tensor(embed + "_scale"))
+    if head == "f16":
+        return TYPE_IDS["F16"], lambda: np.concatenate(
+            [pm.embedding(rows=slice(i, i + 4096)).astype(np.float16) for i in range(0, d.vocab_size, 4096)])
+    return TYPE_IDS["Q6_K"], lambda: np.concatenate(
+        [quants.quantize_q6_k(pm.embedding(rows=slice(i, i + 4096))) for i in range(0, d.vocab_size, 4096)])
+
+
+def _ternary(pm: PackedModel, name: str, gguf_type: str, n: int, k: int):
+    """(type id, nbytes, make) of one BitLinear weight."""
+    if gguf_type == "i2_s":
+        def make():
+            codes = quants.i2s_from_i2_k128(pm.tensor(name)).reshape(-1)
+            return np.concatenate([codes, quants.i2s_tail(pm.tensor(name + "_scale")[0])])
+        return TYPE_IDS["I2_S"], n * k // 4 + quants.I2S_TAIL, make
+    ones = np.ones((n, k // QK_K), np.float32)
+    if gguf_type == "tq2_0":
+        return TYPE_IDS["TQ2_0"], n * k // QK_K * 66, lambda: quants.tq2_0_pack(pm.tensor(name), ones)
+    return TYPE_IDS["TQ1_0"], n * k // QK_K * 54, lambda: quants.tq1_0_pack(
+        (pm.ternary(name)[0] + 1).astype(np.uint8), ones)
+
+
+def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False, head: str | None = None,
+                progress=None) -> Path:
+    """Write a GGUF file from a packed file (temp file + rename); return its path."""
+    out = Path(out)
     if out.exists() and not force:
         raise BitnetError(f"{out}: already exists (use --force to overwrite)")
-    qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
+    arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
         d = pm.dims
-        check_gguf_shapes(d, gguf_type, str(packed_path), pm.embeddings)
+        check_gguf_shapes(d, gguf_type, str(packed_path), pm.embeddings, head)
         tok = _tokenizer_metadata(pm)
+        w = gw.GGUFWriter(arch)
+        w.add("general.name", str(pm.config.get("_name_or_path") or out.stem), gw.STRING)
+        w.add("general.file_type", ftype, gw.U32)
+        w.add("general.quantization_version", 2, gw.U32)
+        for key, value in (("vocab_size", d.vocab_size), ("context_length", d.max_position_embeddings),
+                           ("embedding_length", d.hidden_size), ("feed_forward_length", d.intermediate_size),
+                           ("block_count", d.num_layers), ("attention.head_count", d.num_heads),
+                           ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
+            w.add(f"{arch}.{key}", value, gw.U32)
+        w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
+        w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
+        if arch == "bitnet":
+            w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
+        w.add("tokenizer.ggml.model", "gpt2", gw.STRING)
+        w.add("tokenizer.ggml.pre", tok["pre"], gw.STRING)
+        w.add("tokenizer.ggml.tokens", tok["tokens"], gw.ARRAY, gw.STRING)
+        w.add("tokenizer.ggml.token_type", tok["types"], gw.ARRAY, gw.I32)
+        w.add("tokenizer.ggml.merges", tok["merges"], gw.ARRAY, gw.STRING)
+        if tok["bos"] is not None:
+            w.add("tokenizer.ggml.bos_token_id", int(tok["bos"]), gw.U32)
+            w.add("tokenizer.ggml.add_bos_token", True, gw.BOOL)
+        if tok["eos"] is not None:
+            w.add("tokenizer.ggml.eos_token_id", int(tok["eos"]), gw.U32)
+        if pm.tokenizer_config.get("chat_template"):
+            w.add("tokenizer.chat_template", pm.tokenizer_config["chat_template"], gw.STRING)
 
-        # (gguf name, logical shape, function producing the bytes, raw ggml type or None for plain f16/f32)
-        plan = []
-        if pm.embeddings == "f16":
-            plan.append((gguf_name(EMBED), None, lambda: pm.tensor(EMBED), None))
-        else:
-            plan.append((gguf_name(EMBED), (d.vocab_size, d.hidden_size),
-                         lambda: _q8_0_bytes(pm.tensor(EMBED), pm.tensor(EMBED + "_scale")),
-                         gguf.GGMLQuantizationType.Q8_0))
+        type_id, make = _head(pm, head)
+        nbytes = quants.tensor_nbytes(type_id, (d.hidden_size, d.vocab_size))
+        w.add_tensor(gguf_name(EMBED), (d.vocab_size, d.hidden_size), type_id, nbytes, make)
+        f32 = TYPE_IDS["F32"]
         for i in range(d.num_layers):
             for norm in d.layer_norms():
                 name = layer_tensor(i, norm.name)
-                plan.append((gguf_name(name), None, lambda name=name: pm.tensor(name), None))
+                size = norm.size(d)
+                w.add_tensor(gguf_name(name), (size,), f32, 4 * size, lambda name=name: pm.tensor(name))
             for proj in d.projections():
                 name = layer_tensor(i, proj.name)
-                if gguf_type == "tq2_0":
-                    make = lambda name=name: _tq2_0_bytes(pm.tensor(name))  # noqa: E731
-                else:
-                    make = lambda name=name: _tq1_0_bytes(pm.ternary(name)[0])  # noqa: E731
-                plan.append((gguf_name(name), proj.shape(d), make, qtype))
-                plan.append((gguf_name(name + "_scale"), None, lambda name=name: pm.tensor(name + "_scale"), None))
-        plan.append((gguf_name(FINAL_NORM), None, lambda: pm.tensor(FINAL_NORM), None))
-
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if out.parent.is_dir() else None)
-        os.close(fd)
-        try:
-            w = gguf.GGUFWriter(tmp, arch="bitnet")
-            w.add_name(str(pm.config.get("_name_or_path") or Path(out).stem))
-            w.add_vocab_size(d.vocab_size)
-            w.add_context_length(d.max_position_embeddings)
-            w.add_embedding_length(d.hidden_size)
-            w.add_feed_forward_length(d.intermediate_size)
-            w.add_block_count(d.num_layers)
-            w.add_head_count(d.num_heads)
-            w.add_head_count_kv(d.num_kv_heads)
-            w.add_rope_dimension_count(d.head_dim)
-            w.add_rope_freq_base(d.rope_theta)
-            w.add_layer_norm_rms_eps(d.rms_norm_eps)
-            w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if gguf_type == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
-            w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(tok["pre"])
-            w.add_token_list(tok["tokens"])
-            w.add_token_types(tok["types"])
-            w.add_token_merges(tok["merges"])
-            if tok["bos"] is not None:
-                w.add_bos_token_id(int(tok["bos"]))
-                w.add_add_bos_token(True)
-            if tok["eos"] is not None:
-                w.add_eos_token_id(int(tok["eos"]))
-            if pm.tokenizer_config.get("chat_template"):
-                w.add_chat_template(pm.tokenizer_config["chat_template"])
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            for name, shape, make, raw in plan:  # tensor infos first: names, shapes, sizes
-                if raw is None:
-                    view = make()  # a zero-copy view of the packed file
-                    w.add_tensor_info(name, view.shape, view.dtype, view.nbytes)
-                else:
-                    nbytes = int(np.prod(gguf.quants.quant_shape_to_byte_shape(shape, raw)))
-                    w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=raw)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            for _, _, make, _ in plan:  # then the data, one tensor at a time
-                w.write_tensor_data(np.ascontiguousarray(make()))
-            w.close()
-            publish(tmp, out)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                n, k = proj.shape(d)
+                type_id, nbytes, make = _ternary(pm, name, gguf_type, n, k)
+                w.add_tensor(gguf_name(name), (n, k), type_id, nbytes, make)
+                if gguf_type != "i2_s":  # I2_S carries gamma itself
+                    w.add_tensor(gguf_name(name + "_scale"), (1,), f32, 4, lambda name=name: pm.tensor(name + "_scale"))
+        w.add_tensor(gguf_name(FINAL_NORM), (d.hidden_size,), f32, 4 * d.hidden_size,
+                     lambda: pm.tensor(FINAL_NORM))
+        w.write(out, progress)
     return out

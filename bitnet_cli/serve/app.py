@@ -1,0 +1,507 @@
+"""The OpenAI-compatible HTTP layer of `bitnet serve` (Starlette on uvicorn).
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, and
+vLLM's GET /tokenizer_info, POST /tokenize, POST /detokenize (which lm-evaluation-harness's
+`local-completions` model detects and then tokenises through). Request fields and response
+shapes follow OpenAI's API reference; streams are server-sent events `data: {json}` ending with
+`data: [DONE]`. Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
+4xx status (a 500 only for a bug, and then without internals).
+
+Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `top_k`, `ignore_eos` and
+`repeat_penalty` are extensions. Greedy (temperature 0) output and seeded samples are those of
+`bitnet run` with the same settings, whatever else the server is doing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from bitnet_cli.engine import Engine, render_chat
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.sampling import SamplingParams
+from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, PromptLogprobs, QueueFull, Scheduler, TokenEvent
+
+MAX_BODY = 8 << 20  # bytes of one request body; larger ones get 413 before they are read in full
+MAX_N = 16          # choices per prompt (`n`)
+MAX_LOGPROBS = 20   # alternatives per token (`logprobs`, `top_logprobs`)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        return JSONResponse(status_code=self.status, headers=headers, content={
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+# ---------------------------------------------------------------------- request schemas
+
+class _Strict(BaseModel):
+    # strict: "16" is not a number and 1 is not a bool; unknown fields are ignored, as OpenAI does
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: Optional[str] = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)                 # extension: 0 is no limit
+    repeat_penalty: float = Field(1.0, gt=0)    # extension, as `bitnet run --repeat-penalty`
+    ignore_eos: bool = False                    # extension (as vLLM, llama.cpp): for benchmarks
+    frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
+    presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
+    stop: Union[str, list[str], None] = Field(None)
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 16:
+            raise ApiError(400, "at most 16 stop strings", "stop")
+        return stops
+
+    def params(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repeat_penalty)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    max_tokens: Optional[int] = Field(16, ge=0)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=0)
+    max_completion_tokens: Optional[int] = Field(None, ge=0)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Strict):
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------------- the application
+
+class Server:
+    """The routes over one Engine and its Scheduler; `app` is the ASGI application."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str):
+        self.engine, self.scheduler, self.model_id = engine, scheduler, model_id
+        self.created = int(time.time())
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            await run_in_threadpool(scheduler.close)
+
+        self.app = Starlette(
+            routes=[
+                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/health", self.health, methods=["GET"]),
+                Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
+                Route("/tokenize", self.tokenize, methods=["POST"]),
+                Route("/detokenize", self.detokenize, methods=["POST"]),
+            ],
+            exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
+            lifespan=lifespan,
+        )
+
+    # -------------------------------------------------------------- errors and parsing
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type_=kind).response()
+
+    async def _internal_error(self, request: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}", type_="server_error").response()
+
+    async def _body(self, request: Request, schema: type[BaseModel]):
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > MAX_BODY:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
+            chunks.append(chunk)
+        try:
+            data = json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            errors = e.errors()
+            param = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
+            # a field of several accepted types fails once per type: say them all
+            why = "; or ".join(dict.fromkeys(
+                f"{'.'.join(str(p) for p in err['loc'][1:]) + ': ' if len(err['loc']) > 1 else ''}{err['msg']}"
+                for err in errors if (str(err["loc"][0]) if err["loc"] else None) == param))
+            raise ApiError(400, f"{param}: {why}" if param else why, param) from None
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_id:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}",
+                           "model", "model_not_found", "not_found_error")
+
+    def _check_ids(self, ids: list[int]) -> None:
+        if not ids:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        if min(ids) < 0 or max(ids) >= self.engine.vocab_size:
+            raise ApiError(400, f"a prompt token id is outside [0, {self.engine.vocab_size})", "prompt")
+        if len(ids) >= self.engine.ctx_size:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds {self.engine.ctx_size} "
+                           "(the server's --ctx-size); shorten it", "prompt", "context_length_exceeded")
+
+    def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
+        """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        try:
+            params = req.params().check()
+        except BitnetError as e:
+            raise ApiError(400, str(e)) from None
+        stops = req.stops()
+        jobs = []
+        for p, ids in enumerate(prompts):
+            for c in range(req.n):
+                index = p * req.n + c
+
+                def sink(event, index=index):
+                    with contextlib.suppress(RuntimeError):  # the loop is gone: no one is listening
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+                seed = None if req.seed is None else req.seed + c
+                jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs,
+                                req.ignore_eos))
+        try:
+            self.scheduler.submit(jobs)
+        except QueueFull as e:
+            raise ApiError(503, str(e), code="server_overloaded", type_="server_error") from None
+        return jobs, queue
+
+    async def _events(self, request: Request, jobs: list[Job], queue: asyncio.Queue):
+        """(index, event) until every job is done; stops (and frees the slots) when the client goes."""
+        left = len(jobs)
+        while left:
+            try:
+                index, event = await asyncio.wait_for(queue.get(), 0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return
+                continue
+            if isinstance(event, (DoneEvent, ErrorEvent)):
+                left -= 1
+            yield index, event
+
+    # -------------------------------------------------------------- endpoints
+
+    async def health(self, request: Request) -> JSONResponse:
+        s = self.scheduler
+        return JSONResponse({"status": "ok", "model": self.model_id, "slots": s.parallel, "busy": s.busy,
+                             "queued": s.queued, "max_queue": s.max_queue,
+                             "generated_tokens": s.generated_tokens})
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "bitnet-cli",
+                "context_length": self.engine.ctx_size}
+
+    async def models(self, request: Request) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request) -> JSONResponse:
+        try:
+            self._check_model(request.path_params["model"])
+        except ApiError as e:
+            return e.response()
+        return JSONResponse(self._model_card())
+
+    async def tokenizer_info(self, request: Request) -> JSONResponse:
+        tok, eng = self.engine.tokenizer, self.engine
+        name = lambda i: tok.id_to_token(i) if i is not None else None  # noqa: E731
+        return JSONResponse({"bos_token": name(eng.bos_token_id), "eos_token": name(eng.eos_token_id),
+                             "pad_token": None, "chat_template": eng.tokenizer_config.get("chat_template"),
+                             "model_max_length": eng.ctx_size})
+
+    async def tokenize(self, request: Request) -> JSONResponse:
+        try:
+            req = await self._body(request, TokenizeRequest)
+        except ApiError as e:
+            return e.response()
+        ids = await run_in_threadpool(self.engine.encode, req.prompt, req.add_special_tokens)
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.ctx_size})
+
+    async def detokenize(self, request: Request) -> JSONResponse:
+        try:
+            req = await self._body(request, DetokenizeRequest)
+            if req.tokens and (min(req.tokens) < 0 or max(req.tokens) >= self.engine.vocab_size):
+                raise ApiError(400, f"a token id is outside [0, {self.engine.vocab_size})", "tokens")
+        except ApiError as e:
+            return e.response()
+        return JSONResponse({"prompt": self.engine.decode(req.tokens)})
+
+    async def completions(self, request: Request):
+        try:
+            req = await self._body(request, CompletionRequest)
+            self._check_model(req.model)
+            prompts = req.prompt if isinstance(req.prompt, list) and req.prompt and not isinstance(
+                req.prompt[0], int) else [req.prompt]
+            if not prompts:
+                raise ApiError(400, "the prompt is empty", "prompt")
+            ids = await run_in_threadpool(
+                lambda: [self.engine.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+            for i in ids:
+                self._check_ids(i)
+            echo_logprobs = req.echo and req.logprobs is not None
+            jobs, queue = self._submit(ids, req, req.max_tokens if req.max_tokens is not None else
+                                       self.engine.ctx_size, req.logprobs, echo_logprobs)
+        except ApiError as e:
+            return e.response()
+        texts = [p if isinstance(p, str) else self.engine.decode(p) for p in prompts]
+        reply = _Completion(self, req, ids, texts, jobs)
+        if req.stream:
+            return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
+        return await reply.whole(request, queue)
+
+    async def chat_completions(self, request: Request):
+        try:
+            req = await self._body(request, ChatRequest)
+            self._check_model(req.model)
+            if not any(m.role == "user" for m in req.messages):
+                raise ApiError(400, "messages need at least one user message", "messages")
+            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                        for m in req.messages]
+            while messages and messages[0]["role"] != "user" and not self.engine.tokenizer_config.get(
+                    "chat_template"):
+                messages.pop(0)  # the plain User:/Assistant: fallback has no system turn
+            try:
+                ids = await run_in_threadpool(render_chat, self.engine, messages)
+            except BitnetError as e:
+                raise ApiError(400, str(e), "messages") from None
+            limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            self._check_ids(ids)
+            top = (req.top_logprobs or 0) if req.logprobs else None
+            jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False)
+        except ApiError as e:
+            return e.response()
+        reply = _Chat(self, req, [ids], jobs)
+        if req.stream:
+            return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
+        return await reply.whole(request, queue)
+
+
+# ---------------------------------------------------------------------- replies
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _Reply:
+    """What one request returns, built from its jobs' events (shared by completions and chat)."""
+
+    object_whole = object_chunk = ""
+
+    def __init__(self, server: Server, req, prompts: list[list[int]], jobs: list[Job]):
+        self.server, self.req, self.jobs = server, req, jobs
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens whose keys/values came from the prefix cache
+        self.n = len(jobs)
+        self.text = [""] * self.n
+        self.finish: list[str | None] = [None] * self.n
+        self.tokens: list[list[TokenEvent]] = [[] for _ in jobs]
+        self.prompt_lp: list[PromptLogprobs | None] = [None] * self.n
+
+    def head(self) -> dict:
+        return {"id": self.id, "object": self.object_chunk, "created": self.created, "model": self.server.model_id}
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
+
+    def take(self, index: int, event) -> None:
+        if isinstance(event, TokenEvent):
+            self.text[index] += event.text
+            if event.token is not None:
+                self.tokens[index].append(event)
+        elif isinstance(event, PromptLogprobs):
+            self.prompt_lp[index] = event
+        elif isinstance(event, DoneEvent):
+            self.finish[index] = event.finish_reason
+            self.completion_tokens += event.completion_tokens
+            self.cached_tokens += event.reused_tokens
+
+    async def whole(self, request: Request, queue: asyncio.Queue):
+        try:
+            async for index, event in self.server._events(request, self.jobs, queue):
+                if isinstance(event, ErrorEvent):
+                    return ApiError(503, event.message, type_="server_error").response()
+                self.take(index, event)
+        finally:
+            self.server.scheduler.cancel(self.jobs)  # a no-op for jobs that ended
+        if any(f is None for f in self.finish):  # the client went away
+            return JSONResponse({}, status_code=499)
+        return JSONResponse({"id": self.id, "object": self.object_whole, "created": self.created,
+                             "model": self.server.model_id, "choices": [self.choice(i) for i in range(self.n)],
+                             "usage": self.usage()})
+
+    async def stream(self, request: Request, queue: asyncio.Queue):
+        try:
+            for i in range(self.n):
+                first = self.first_chunk(i)
+                if first is not None:
+                    yield _sse(first)
+            async for index, event in self.server._events(request, self.jobs, queue):
+                if isinstance(event, ErrorEvent):
+                    yield _sse({"error": {"message": event.message, "type": "server_error", "param": None,
+                                          "code": None}})
+                    return
+                self.take(index, event)
+                chunk = self.chunk(index, event)
+                if chunk is not None:
+                    yield _sse(chunk)
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield _sse({**self.head(), "choices": [], "usage": self.usage()})
+            yield "data: [DONE]\n\n"
+        finally:
+            self.server.scheduler.cancel(self.jobs)
+
+
+class _Completion(_Reply):
+    prefix, object_whole, object_chunk = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, server, req: CompletionRequest, prompts, texts: list[str], jobs):
+        super().__init__(server, req, prompts, jobs)
+        self.prompts = [p for p in prompts for _ in range(req.n)]
+        self.prompt_texts = [t for t in texts for _ in range(req.n)]
+
+    def logprobs(self, index: int, events: list[TokenEvent], with_prompt: bool, offset: int = 0) -> dict | None:
+        if self.req.logprobs is None:
+            return None
+        piece = self.server.scheduler.piece
+        tokens, lps, tops = [], [], []
+        if with_prompt:
+            pl = self.prompt_lp[index]
+            tokens += [piece(t) for t in self.prompts[index]]
+            lps += pl.logprobs if pl else [None] * len(self.prompts[index])
+            tops += pl.top if pl else [None] * len(self.prompts[index])
+        ids = (list(self.prompts[index]) if with_prompt else []) + [e.token for e in events]
+        tokens += [piece(e.token) for e in events]
+        lps += [e.logprob for e in events]
+        tops += [e.top for e in events]
+        offsets = []  # where each token's text starts in the choice's text (special tokens have none)
+        for t in ids:
+            offsets.append(offset)
+            offset += len(self.server.engine.decode([t]))
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def choice(self, i: int) -> dict:
+        echo = self.prompt_texts[i] if self.req.echo else ""
+        return {"index": i, "text": echo + self.text[i], "finish_reason": self.finish[i],
+                "logprobs": self.logprobs(i, self.tokens[i], self.req.echo)}
+
+    def first_chunk(self, i: int) -> dict | None:
+        if not self.req.echo or self.req.logprobs is not None:
+            return None  # with logprobs the echoed prompt goes out once its log-probabilities are known
+        return {**self.head(), "choices": [{"index": i, "text": self.prompt_texts[i], "logprobs": None,
+                                            "finish_reason": None}]}
+
+    def chunk(self, i: int, event) -> dict | None:
+        if isinstance(event, PromptLogprobs):
+            lp = self.logprobs(i, [], True)
+            return {**self.head(), "choices": [{"index": i, "text": self.prompt_texts[i], "logprobs": lp,
+                                                "finish_reason": None}]}
+        if isinstance(event, TokenEvent):  # one chunk per token, its text possibly "" (held back)
+            start = (len(self.prompt_texts[i]) if self.req.echo else 0) + len(self.text[i]) - len(event.text)
+            lp = self.logprobs(i, [event] if event.token is not None else [], False, start)
+            return {**self.head(), "choices": [{"index": i, "text": event.text, "logprobs": lp,
+                                                "finish_reason": None}]}
+        if isinstance(event, DoneEvent):
+            return {**self.head(), "choices": [{"index": i, "text": "", "logprobs": None,
+                                                "finish_reason": event.finish_reason}]}
+        return None
+
+
+class _Chat(_Reply):
+    prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def logprobs(self, events: list[TokenEvent]) -> dict | None:
+        if not self.req.logprobs:
+            return None
+        piece = self.server.scheduler.piece
+        return {"content": [{"token": piece(e.token), "logprob": e.logprob,
+                             "top_logprobs": [{"token": t, "logprob": v} for t, v in (e.top or {}).items()]}
+                            for e in events]}
+
+    def choice(self, i: int) -> dict:
+        return {"index": i, "message": {"role": "assistant", "content": self.text[i]},
+                "finish_reason": self.finish[i], "logprobs": self.logprobs(self.tokens[i])}
+
+    def first_chunk(self, i: int) -> dict:
+        return {**self.head(), "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                            "logprobs": None, "finish_reason": None}]}
+
+    def chunk(self, i: int, event) -> dict | None:
+        if isinstance(event, TokenEvent):
+            lp = self.logprobs([event] if event.token is not None else [])
+            return {**self.head(), "choices": [{"index": i, "delta": {"content": event.text}, "logprobs": lp,
+                                                "finish_reason": None}]}
+        if isinstance(event, DoneEvent):
+            return {**self.head(), "choices": [{"index": i, "delta": {}, "logprobs": None,
+                                                "finish_reason": event.finish_reason}]}
+        return None
+
+
+__all__ = ["ApiError", "Server"]

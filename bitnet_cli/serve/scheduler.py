@@ -1,0 +1,329 @@
+"""Continuous batching: many requests decoded together on one Engine, in a thread of their own.
+
+Each sequence (one choice of one prompt) owns one of the engine's KV caches, a *slot*, while it
+runs. Every step is one `Engine.forward_batch` call: the next token of every decoding sequence,
+plus up to a chunk of prompt tokens of sequences still being prefilled, so the ternary matrices
+are streamed once per step for all of them and running streams keep flowing while a long prompt
+comes in. A sequence joins at the next step after it arrives and leaves as soon as it ends or is
+cancelled. Its tokens are chosen exactly as `Engine.generate` chooses them (same sampler, same
+seeded generator, same stop rules), and the C engine gives every token of a batch the logits it
+gets alone, so batching never changes what a request receives.
+
+A slot keeps the tokens whose keys and values it holds after its sequence ends. A new sequence
+takes the free slot that shares the longest prefix with its prompt, or has that prefix copied in
+from any slot (busy or not), and prefills only the rest: a system prompt or a chat history is
+computed once.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from bitnet_cli.engine import Engine, TextStream
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.sampling import SamplingParams, sample
+
+STEP_TOKENS = 64  # tokens per step at most (the C engine's prefill chunk): weights streamed once
+MIN_PREFILL = 8   # prompt tokens per step even when decoding sequences fill the chunk
+
+
+class QueueFull(Exception):
+    """More sequences are waiting for a slot than --max-queue allows."""
+
+
+@dataclass
+class TokenEvent:
+    text: str            # the text this token completes (may be "": held back, or mid-character)
+    token: int | None    # None: text held back until the sequence ended, no token of its own
+    logprob: float | None = None
+    top: dict[str, float] | None = None
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt token: its log-probability given the tokens before it (None for the first), and
+    the `top` likeliest alternatives there."""
+    logprobs: list[float | None]
+    top: list[dict[str, float] | None]
+
+
+@dataclass
+class DoneEvent:
+    finish_reason: str   # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int   # prompt tokens whose keys/values came from the prefix cache
+
+
+@dataclass
+class ErrorEvent:
+    message: str
+
+
+@dataclass
+class Job:
+    """One sequence to generate. `sink` receives its events, from the scheduler thread."""
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    seed: int | None
+    sink: Callable[[object], None]
+    stops: list[str] = field(default_factory=list)
+    logprobs: int | None = None   # alternatives per generated token (None: no log-probabilities)
+    prompt_logprobs: bool = False  # also for the prompt's tokens (echo with logprobs)
+    ignore_eos: bool = False       # generate through end-of-sequence tokens (for benchmarks)
+    cancelled: bool = False        # set from any thread: the sequence leaves at the next step
+
+
+class _Slot:
+    def __init__(self, index: int):
+        self.index = index
+        self.cached: list[int] = []  # tokens whose keys/values fill positions 0..len-1
+        self.job: Job | None = None
+        self.last_used = 0
+
+    def start(self, job: Job, reuse: int, tokenizer, rng):
+        self.job, self.cached = job, self.cached[:reuse]
+        self.todo = job.prompt[reuse:]      # prompt tokens still to run
+        self.reused = reuse
+        self.history = list(job.prompt)     # prompt + generated, for the repeat penalty
+        self.text = TextStream(tokenizer, job.stops)
+        self.rng = rng
+        self.generated = 0
+        self.next_token: int | None = None  # sampled, to be run at the next step
+        self.prompt_lp: list[float | None] = [None]
+        self.prompt_top: list[dict | None] = [None]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+class Scheduler:
+    """Runs Jobs on `engine` with up to `parallel` sequences at once, `max_queue` more waiting."""
+
+    def __init__(self, engine: Engine, parallel: int, max_queue: int):
+        if type(parallel) is not int or parallel < 1:
+            raise BitnetError(f"--parallel must be a positive integer, got {parallel!r}")
+        if type(max_queue) is not int or max_queue < 0:
+            raise BitnetError(f"--max-queue must be >= 0, got {max_queue!r}")
+        engine.set_sequences(parallel)
+        self.engine, self.parallel, self.max_queue = engine, parallel, max_queue
+        self.slots = [_Slot(i) for i in range(parallel)]
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._steps = 0
+        self.generated_tokens = 0  # since start, every sequence together (/health)
+        self._piece_cache: dict[int, str] = {}
+        self._thread = threading.Thread(target=self._run, name="bitnet-batch", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ from any thread
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (all or none): QueueFull when more would wait than max_queue."""
+        with self._wake:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            free = sum(s.job is None for s in self.slots)
+            if len(self._pending) + len(jobs) - free > self.max_queue:
+                raise QueueFull(f"all {self.parallel} slots are busy and {len(self._pending)} requests are "
+                                f"waiting (--max-queue {self.max_queue}); try again later")
+            self._pending.extend(jobs)
+            self._wake.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        with self._wake:
+            for job in jobs:
+                job.cancelled = True
+            self._wake.notify()
+
+    @property
+    def busy(self) -> int:
+        return sum(s.job is not None for s in self.slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        """Stop the thread; sequences still running or waiting end with an ErrorEvent."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join()
+
+    # ------------------------------------------------------------------ the scheduler thread
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closing and not self._pending and all(s.job is None for s in self.slots):
+                    self._wake.wait()
+                if self._closing:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - never let one bad step kill the server
+                for slot in self.slots:
+                    if slot.job is not None:
+                        self._finish(slot, ErrorEvent(f"the engine failed: {e}"), cached_ok=False)
+        for slot in self.slots:
+            if slot.job is not None:
+                self._finish(slot, ErrorEvent("the server is shutting down"))
+        while self._pending:
+            self._pending.popleft().sink(ErrorEvent("the server is shutting down"))
+
+    def _drop_cancelled(self) -> None:
+        self._pending = collections.deque(j for j in self._pending if not j.cancelled)
+        for slot in self.slots:
+            if slot.job is not None and slot.job.cancelled:
+                slot.job = None
+
+    def _admit(self) -> None:
+        while self._pending and any(s.job is None for s in self.slots):
+            job = self._pending.popleft()
+            if job.max_tokens == 0 and not job.prompt_logprobs:
+                job.sink(DoneEvent("length", len(job.prompt), 0, 0))
+                continue
+            # at least the last prompt token runs (its logits choose the first new token); with
+            # prompt log-probabilities every prompt token does
+            limit = 0 if job.prompt_logprobs else len(job.prompt) - 1
+            best, best_len = None, 0
+            for slot in self.slots:
+                n = min(_common_prefix(slot.cached, job.prompt), limit)
+                if n > best_len or (n == best_len and best is not None and best.job is not None and slot.job is None):
+                    best, best_len = slot, n
+            if best is not None and best.job is None:
+                chosen = best
+            else:
+                chosen = min((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
+                if best_len:
+                    self.engine.copy_prefix(best.index, chosen.index, best_len)
+                    chosen.cached = job.prompt[:best_len]
+                else:
+                    chosen.cached = []
+            rng = np.random.default_rng(job.seed)
+            chosen.start(job, best_len, self.engine.tokenizer, rng)
+
+    def _step(self) -> None:
+        tokens, seqs, pos, want = [], [], [], []
+        # per wanted row, its slot and what it is for: "score" the next prompt token, choose the
+        # "first" generated token (after the last prompt token), or the "next" one
+        rows: list[tuple[_Slot, str]] = []
+
+        def feed(slot: _Slot, token: int, kind: str | None) -> None:
+            tokens.append(token), seqs.append(slot.index), pos.append(len(slot.cached))
+            want.append(kind is not None)
+            if kind is not None:
+                rows.append((slot, kind))
+            slot.cached.append(token)
+
+        active = [s for s in self.slots if s.job is not None]
+        for slot in active:
+            if not slot.todo and slot.next_token is not None:
+                feed(slot, slot.next_token, "next")
+                slot.next_token = None
+        budget = max(STEP_TOKENS - len(tokens), MIN_PREFILL)
+        for slot in active:  # prompts in slot order, a chunk at a time
+            if budget <= 0 or not slot.todo:
+                continue
+            take = slot.todo[:budget]
+            del slot.todo[:len(take)]
+            budget -= len(take)
+            for i, t in enumerate(take):
+                last = not slot.todo and i == len(take) - 1
+                feed(slot, t, "first" if last else "score" if slot.job.prompt_logprobs else None)
+        if not tokens:
+            return
+        logits = self.engine.forward_batch(tokens, seqs, pos, want)
+        self._steps += 1
+        for (slot, kind), row in zip(rows, logits):
+            slot.last_used = self._steps
+            job = slot.job
+            if kind == "score":  # the row after prompt token i scores prompt token i + 1
+                lp = _log_softmax(row)
+                slot.prompt_lp.append(float(lp[job.prompt[len(slot.prompt_lp)]]))
+                slot.prompt_top.append(self._top(lp, job.logprobs or 0))
+                continue
+            if kind == "first" and job.prompt_logprobs:
+                job.sink(PromptLogprobs(slot.prompt_lp, slot.prompt_top))
+                if job.max_tokens == 0:
+                    self._finish(slot, DoneEvent("length", len(job.prompt), 0, slot.reused))
+                    continue
+            self._choose(slot, row)
+
+    def _choose(self, slot: _Slot, row: np.ndarray) -> None:
+        """The next token of slot's sequence from its logits row, as Engine.generate picks it."""
+        job = slot.job
+        token = sample(row, job.params, slot.rng, slot.history)
+        lp = top = None
+        if job.logprobs is not None:
+            full = _log_softmax(row)
+            lp, top = float(full[token]), self._top(full, job.logprobs)
+        if token in self.engine.stop_token_ids and not job.ignore_eos:
+            if job.logprobs is not None:  # listed (no text): scoring clients count on one entry per token
+                job.sink(TokenEvent("", token, lp, top))
+            self._finish(slot, DoneEvent("stop", len(job.prompt), slot.generated, slot.reused))
+            return
+        slot.history.append(token)
+        slot.generated += 1
+        self.generated_tokens += 1
+        piece = slot.text.push(token)
+        job.sink(TokenEvent(piece, token, lp, top))
+        if slot.text.stopped:
+            self._finish(slot, DoneEvent("stop", len(job.prompt), slot.generated, slot.reused))
+        elif slot.generated >= job.max_tokens or len(slot.history) >= self.engine.ctx_size:
+            self._finish(slot, DoneEvent("length", len(job.prompt), slot.generated, slot.reused))
+        else:
+            slot.next_token = token
+
+    def _finish(self, slot: _Slot, event, cached_ok: bool = True) -> None:
+        job, slot.job = slot.job, None
+        if not cached_ok:
+            slot.cached = []
+        if isinstance(event, DoneEvent):
+            rest = slot.text.flush()
+            if rest:
+                job.sink(TokenEvent(rest, None))
+        job.sink(event)
+
+    def piece(self, token: int) -> str:
+        """A token's own text (for log-probability listings)."""
+        text = self._piece_cache.get(token)
+        if text is None:
+            text = self._piece_cache[token] = self.engine.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def _top(self, lp: np.ndarray, k: int) -> dict[str, float] | None:
+        if k <= 0:
+            return None
+        ids = np.argpartition(-lp, k - 1)[:k] if k < lp.size else np.arange(lp.size)
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        out: dict[str, float] = {}
+        for i in ids:
+            out.setdefault(self.piece(int(i)), float(lp[i]))
+        return out
+
+
+__all__ = ["DoneEvent", "ErrorEvent", "Job", "PromptLogprobs", "QueueFull", "Scheduler", "TokenEvent"]

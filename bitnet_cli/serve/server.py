@@ -1,0 +1,77 @@
+"""Starting and stopping `bitnet serve`: the engine, the batch scheduler and uvicorn on one socket."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Callable
+
+from bitnet_cli.errors import BitnetError
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, bound here so that a taken port is one clear error (port 0: any free one)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BitnetError(f"--host {host!r}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise BitnetError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, parallel: int = 4,
+          ctx_size: int | None = None, max_queue: int = 64, model_id: str | None = None,
+          ready: Callable[[dict], None] = lambda info: None) -> None:
+    """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
+
+    ready(info) is called once the socket listens, with the URL and the engine's figures.
+    """
+    try:
+        import uvicorn
+        from starlette.applications import Starlette  # noqa: F401
+    except ImportError:
+        raise BitnetError("bitnet serve needs the serve extra: pip install 'bitnet-cli[serve]'") from None
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.serve.app import Server
+    from bitnet_cli.serve.scheduler import Scheduler
+
+    if type(port) is not int or not 0 <= port <= 65535:
+        raise BitnetError(f"--port must be between 0 and 65535, got {port!r}")
+    if type(parallel) is not int or parallel < 1:
+        raise BitnetError(f"--parallel must be a positive integer, got {parallel!r}")
+    if type(max_queue) is not int or max_queue < 0:
+        raise BitnetError(f"--max-queue must be >= 0, got {max_queue!r}")
+    engine = Engine.load(model, threads=threads, ctx_size=ctx_size)
+    sock = _listen(host, port)
+    scheduler = Scheduler(engine, parallel, max_queue)
+    name = model_id or Path(model).stem
+    class Uvicorn(uvicorn.Server):
+        """uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal (exit code
+        130/143); a server asked to stop that stopped cleanly exits 0, so the signal is dropped."""
+
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    server = Uvicorn(uvicorn.Config(Server(engine, scheduler, name).app, log_level="warning", access_log=False,
+                                     lifespan="on", timeout_graceful_shutdown=None))
+    bound = sock.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
+           "ctx_size": engine.ctx_size, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
+           "max_queue": max_queue, "isa": engine.isa})
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        scheduler.close()
+        engine.close()

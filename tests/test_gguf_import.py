@@ -1,0 +1,253 @@
+"""GGUF in and out: our exports read back exactly; the reader refuses hostile files with one clear error."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.gguf import quants
+from bitnet_cli.gguf.reader import GGUFFile
+from bitnet_cli.pack import PackedModel, pack_checkpoint
+from conftest import make_hf_checkpoint
+
+GGUF_DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+TEXTS = ["Hello world, 12345 thee!\n\nKING: what?  ok", "  leading spaces\tand tabs", "ünïcödé 😀 <|end_of_text|>"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, test_tokenizer_dir):
+    root = tmp_path_factory.mktemp("gguf_io")
+    return make_hf_checkpoint(root / "ckpt", test_tokenizer_dir, **GGUF_DIMS)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory):
+    """Our native packs of the checkpoint, by embedding type."""
+    root = tmp_path_factory.mktemp("gguf_ref")
+    return {e: pack_checkpoint(ckpt, root / f"{e}.bin", embeddings=e).output for e in ("f16", "int8")}
+
+
+def assert_same_model(a_path, b_path, skip=()):
+    from tokenizers import Tokenizer
+
+    with PackedModel.open(a_path) as a, PackedModel.open(b_path) as b:
+        assert a.names == b.names and a.dims == b.dims
+        for name in a.names:
+            if name not in skip:
+                np.testing.assert_array_equal(a.tensor(name), b.tensor(name), err_msg=name)
+        ta, tb = Tokenizer.from_str(a.tokenizer_json), Tokenizer.from_str(b.tokenizer_json)
+        for text in TEXTS:
+            assert ta.encode(text, add_special_tokens=False).ids == tb.encode(text, add_special_tokens=False).ids
+        assert a.tokenizer_config == b.tokenizer_config
+
+
+@pytest.mark.parametrize("gguf_type", ["tq2_0", "tq1_0", "i2_s"])
+def test_round_trip_of_our_export_is_exact(ckpt, reference, tmp_path, gguf_type):
+    gguf_file = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, gguf_file, to="gguf", gguf_type=gguf_type)
+    summary = pack_checkpoint(gguf_file, tmp_path / "back.bin")
+    assert summary.source_kind == "gguf" and summary.embeddings == "f16"
+    assert any("stored as --embeddings f16: lossless" in n for n in summary.notes), summary.notes
+    assert_same_model(reference["f16"], tmp_path / "back.bin")
+
+
+def test_int8_round_trip_keeps_values_and_f16_rounds_the_row_scale(ckpt, reference, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", embeddings="int8", to="gguf")
+    summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    assert summary.embeddings == "int8"  # Q8_0 with one d per row: int8 is the lossless choice
+    name = "model.embed_tokens.weight_scale"
+    assert_same_model(reference["int8"], tmp_path / "back.bin", skip={name})
+    with PackedModel.open(reference["int8"]) as a, PackedModel.open(tmp_path / "back.bin") as b:
+        np.testing.assert_array_equal(b.tensor(name), a.tensor(name).astype(np.float16).astype(np.float32))
+
+
+def test_i2s_export_bytes_are_bitnet_cpp_layout_and_read_back_identical(ckpt, reference, tmp_path):
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
+    with GGUFFile.open(out) as gf, PackedModel.open(reference["f16"]) as pm:
+        assert gf.metadata["general.architecture"] == "bitnet-b1.58"
+        assert gf.metadata["bitnet-b1.58.block_count"] == 2
+        for i in range(2):
+            for proj, gname in (("self_attn.q_proj", "attn_q"), ("mlp.down_proj", "ffn_down")):
+                name = f"model.layers.{i}.{proj}.weight"
+                t = gf.tensor(f"blk.{i}.{gname}.weight")
+                trits, gamma = pm.ternary(name)
+                assert t.type_name == "I2_S" and t.shape == trits.shape
+                raw = gf.raw(t.name)
+                # the layout, from first principles: value 32*g + j of each 128-block in byte j, bits 7-2g:6-2g
+                codes = (trits + 1).astype(np.uint8).reshape(-1, 4, 32)
+                want = codes[:, 0] << 6 | codes[:, 1] << 4 | codes[:, 2] << 2 | codes[:, 3]
+                np.testing.assert_array_equal(raw[: trits.size // 4], want.reshape(-1))
+                assert raw[trits.size // 4: trits.size // 4 + 4].view("<f4")[0] == gamma  # unrounded fp32
+                assert not raw[trits.size // 4 + 4:].any() and len(raw) == trits.size // 4 + 32
+
+
+def test_pip_gguf_parses_our_i2s_export(ckpt, tmp_path):
+    """pip `gguf` (0.19) has no ggml type 36 (I2_S is bitnet.cpp's own), so its reader cannot build tensor
+    objects for it; everything else it parses: header, metadata and the tensor infos, which must match ours."""
+    gguf = pytest.importorskip("gguf")
+
+    class InfoReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            self.infos = {bytes(f.parts[1]).decode(): (f.parts[3].tolist(), int(f.parts[4][0]), int(f.parts[5][0]))
+                          for f in fields}
+            self.data_start = start_offs
+            self.tensors = []
+
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s", gguf_head="q6_k")
+    reader = InfoReader(out)
+    fields = reader.fields
+    assert bytes(fields["general.architecture"].parts[-1]).decode() == "bitnet-b1.58"
+    assert len(fields["tokenizer.ggml.tokens"].data) == 389
+    with GGUFFile.open(out) as gf:
+        assert set(reader.infos) == set(gf.tensors)
+        for name, (dims, type_id, offset) in reader.infos.items():
+            t = gf.tensors[name]
+            assert (tuple(dims), type_id, reader.data_start + offset) == (t.dims, t.type_id, t.offset)
+        head = gf.tensor("token_embd.weight")
+        assert head.type_name == "Q6_K"
+        np.testing.assert_array_equal(  # pip gguf dequantises our Q6_K head the way we read it
+            gguf.quants.dequantize(np.array(gf.raw(head.name)).reshape(head.shape[0], -1), gguf.GGMLQuantizationType.Q6_K),
+            quants.dequantize("Q6_K", gf.raw(head.name), head.dims[0]))
+
+
+def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
+    summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    note = " ".join(summary.notes)
+    assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as --embeddings f16:" in note
+    assert "values rounded (largest change" in note
+    with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
+        exact = quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256)
+        np.testing.assert_array_equal(pm.embedding(), exact.astype(np.float16).astype(np.float32))
+
+
+# ------------------------------------------------------------------------------ dequantisers vs pip gguf
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_0", "Q6_K", "TQ1_0", "TQ2_0", "BF16"])
+def test_dequantisers_match_ggml_arithmetic(type_name):
+    gguf = pytest.importorskip("gguf")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    kind = gguf.GGMLQuantizationType[type_name]
+    if type_name == "Q6_K":
+        raw = quants.quantize_q6_k(x)  # pip gguf has no Q6_K quantiser; ours is checked by its error below
+        assert np.sqrt(np.mean((quants.dequantize("Q6_K", raw, 512) - x) ** 2)) < 0.03
+    else:
+        raw = gguf.quants.quantize(np.clip(np.round(x), -1, 1) if type_name.startswith("TQ") else x, kind)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    ours = quants.dequantize(type_name, raw, 512)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(raw.reshape(4, -1), kind).reshape(4, 512))
+
+
+def test_type_sizes_match_pip_gguf():
+    gguf = pytest.importorskip("gguf")
+    for type_id, t in quants.GGML_TYPES.items():
+        if t.name != "I2_S":
+            assert gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(type_id)] == (t.block, t.size), t.name
+
+
+def test_tq1_0_packer_matches_pip_gguf():
+    gguf = pytest.importorskip("gguf")
+    trits = np.random.default_rng(1).integers(-1, 2, (6, 512)).astype(np.float32)
+    ref = gguf.quants.quantize(trits, gguf.GGMLQuantizationType.TQ1_0)
+    np.testing.assert_array_equal(quants.tq1_0_pack((trits + 1).astype(np.uint8), np.ones((6, 2))), ref)
+
+
+# ------------------------------------------------------------------------------ hostile files
+
+
+def _kv_string(key, value):
+    k, v = key.encode(), value.encode()
+    return struct.pack("<Q", len(k)) + k + struct.pack("<I", 8) + struct.pack("<Q", len(v)) + v
+
+
+def _file(tmp_path, body: bytes, n_tensors=0, n_kv=1, version=3):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + body)
+    return path
+
+
+def _tensor_info(name, dims, type_id, offset):
+    n = name.encode()
+    return (struct.pack("<Q", len(n)) + n + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
+            + struct.pack("<IQ", type_id, offset))
+
+
+ARCH = _kv_string("general.architecture", "bitnet-b1.58")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: _file(p, ARCH, version=7), "GGUF version 7 is not supported"),
+    (lambda p: _file(p, ARCH, version=3 << 24), "big-endian"),
+    (lambda p: _file(p, ARCH[:20]), "truncated or corrupt GGUF"),
+    (lambda p: _file(p, ARCH, n_kv=1 << 60), "claims 1152921504606846976 metadata entries"),
+    (lambda p: _file(p, ARCH, n_tensors=1 << 40), "claims 1099511627776 tensors"),
+    (lambda p: _file(p, struct.pack("<Q", 1 << 62) + b"key" * 10), "metadata entry 0 claims a length"),
+    (lambda p: _file(p, ARCH[:-20] + struct.pack("<Q", 1 << 40)), "'general.architecture' claims a length of 1099511627776"),
+    (lambda p: _file(p, ARCH[:-20] + struct.pack("<Q", 1000) + b"x" * 64), "'general.architecture' needs 1000 bytes"),
+    (lambda p: _file(p, struct.pack("<Q", 1) + b"k" + struct.pack("<I", 99) + b"\0" * 32), "'k' has unknown value type 99"),
+    (lambda p: _file(p, struct.pack("<Q", 1) + b"a" + struct.pack("<IIQ", 9, 6, 1 << 61) + b"\0" * 64),
+     "'a' claims 2305843009213693952 elements"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [4, 1 << 62], 0, 0) + b"\0" * 64, n_tensors=1),
+     "tensor 't': impossible dimension"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [1 << 20, 1 << 20, 1 << 20], 0, 0) + b"\0" * 64, n_tensors=1),
+     "tensor 't': impossible dimension|more than the file can store"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [4], 77, 0) + b"\0" * 64, n_tensors=1), "tensor 't': unknown ggml type id 77"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [16], 0, 1 << 20) + b"\0" * 64, n_tensors=1),
+     "tensor 't': data ends at byte"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [16], 0, 3) + b"\0" * 128, n_tensors=1), "not a multiple of the alignment"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [5], 8, 0) + b"\0" * 128, n_tensors=1),
+     "tensor 't': Q8_0 needs rows of a multiple of 32"),
+    (lambda p: _file(p, ARCH + _tensor_info("t", [8], 0, 0) + _tensor_info("t", [8], 0, 32) + b"\0" * 128, n_tensors=2),
+     "tensor 't': appears twice"),
+    (lambda p: _file(p, ARCH + _tensor_info("a", [16], 0, 0) + _tensor_info("b", [16], 0, 32) + b"\0" * 160, n_tensors=2),
+     "tensors 'a' and 'b' overlap"),
+])
+def test_hostile_headers_get_one_clear_error(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(BitnetError, match=message) as e:
+        GGUFFile.open(path).close()
+    assert str(path) in str(e.value)
+
+
+def test_truncated_export_and_unsupported_architectures(ckpt, tmp_path):
+    good = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, good, to="gguf", gguf_type="i2_s")
+    data = good.read_bytes()
+    for cut in (3, 30, len(data) // 3, len(data) - 10):
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(BitnetError, match=str(bad)):
+            pack_checkpoint(bad, tmp_path / f"cut{cut}.bin")
+        assert not (tmp_path / f"cut{cut}.bin").exists()
+    llama = tmp_path / "llama.gguf"
+    llama.write_bytes(data.replace(b"bitnet-b1.58", b"qwen2\0\0\0\0\0\0\0", 1))  # same length, other architecture
+    with pytest.raises(BitnetError, match=r"'general.architecture' = 'qwen2\\x00.*supported: bitnet-b1.58, bitnet-25, bitnet"):
+        pack_checkpoint(llama, tmp_path / "x.bin")
+
+
+def test_foreign_bitnet_architecture_is_refused_without_our_relu2_mark(ckpt, tmp_path):
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="tq2_0")
+    data = out.read_bytes().replace(b"bitnet-cli.hidden_act", b"someone-else.hidden_a")
+    (tmp_path / "foreign.gguf").write_bytes(data)
+    with pytest.raises(BitnetError, match="squared-ReLU FFN.*'bitnet-cli.hidden_act' = None"):
+        pack_checkpoint(tmp_path / "foreign.gguf", tmp_path / "x.bin")
+
+
+def test_corrupt_i2s_code_names_the_tensor(ckpt, tmp_path):
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
+    with GGUFFile.open(out) as gf:
+        offset = gf.tensor("blk.1.ffn_up.weight").offset
+    data = bytearray(out.read_bytes())
+    data[offset + 5] = 0xFF  # four codes 3: not ternary
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(BitnetError, match=r"bad.gguf: tensor 'blk.1.ffn_up.weight': 2-bit code 3"):
+        pack_checkpoint(tmp_path / "bad.gguf", tmp_path / "x.bin")

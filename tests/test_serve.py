@@ -1,0 +1,327 @@
+"""`bitnet serve` against the official `openai` client (and httpx for what a client must not send),
+on 127.0.0.1 with small local models: every answer is checked against the in-process Engine, the
+path `bitnet run` takes, and scoring through lm-eval's own `local-completions` against `bitnet eval`."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO, make_hf_checkpoint
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+
+from bitnet_cli.engine import Engine, render_chat  # noqa: E402
+from bitnet_cli.pack import pack_checkpoint  # noqa: E402
+
+
+class Served:
+    """A `bitnet serve` subprocess on a free loopback port."""
+
+    def __init__(self, model, *args):
+        cmd = [sys.executable, "-m", "bitnet_cli.cli", "serve", str(model), "--port", "0", "--json", *args]
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bitnet serve did not start: {self.proc.stderr.read()}")
+        self.info = json.loads(line)
+        self.url = self.info["url"]
+        self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=60)
+        self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
+
+    def health(self) -> dict:
+        return self.http.get("/health").json()
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code (the server drains first)."""
+        self.http.close()
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory, test_tokenizer_dir):
+    """A small fp16 model (its f16 embeddings pack losslessly) with a 512-token context."""
+    root = tmp_path_factory.mktemp("serve_model")
+    ckpt = make_hf_checkpoint(root / "ckpt", test_tokenizer_dir, max_position_embeddings=512, torch_dtype="float16",
+                              initializer_range=0.1)
+    pack_checkpoint(ckpt, root / "model.bin")
+    return root / "model.bin"
+
+
+@pytest.fixture(scope="module")
+def server(packed):
+    s = Served(packed, "--threads", "2", "--parallel", "16")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def engine(packed):
+    with Engine.load(packed, threads=1) as eng:
+        yield eng
+
+
+def alone(engine, prompt, **kw) -> tuple[str, object]:
+    gen = engine.generate(prompt, **kw)
+    return "".join(gen), gen
+
+
+PROMPTS = ["ROMEO:", "To be, or not to be", "KING HENRY:\nMy lord, the", "a", "What say you? " * 9,
+           "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak."]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def test_greedy_completions_equal_bitnet_run_with_usage(server, engine):
+    model = server.info["model"]
+    assert [m.id for m in server.client.models.list().data] == [model]
+    for prompt in PROMPTS[:3]:
+        r = server.client.completions.create(model=model, prompt=prompt, max_tokens=20, temperature=0)
+        text, gen = alone(engine, prompt, max_tokens=20, temperature=0)
+        assert r.choices[0].text == text
+        assert r.usage.prompt_tokens == len(engine.encode(prompt))
+        assert r.usage.completion_tokens == gen.stats.generated_tokens
+        assert r.choices[0].finish_reason == ("length" if gen.stats.stop_reason == "max_tokens" else "stop")
+    # token ids are taken as given (no BOS added)
+    ids = engine.encode("ROMEO:", add_bos=False)
+    r = server.client.completions.create(model=model, prompt=ids, max_tokens=8, temperature=0)
+    assert r.choices[0].text == alone(engine, ids, max_tokens=8, temperature=0)[0]
+
+
+def test_sixteen_concurrent_greedy_requests_equal_their_sequential_outputs(server, engine):
+    """Different prompt and output lengths, some sharing prefixes (the prefix cache), all at once."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) * 7, 8 + 5 * i) for i in range(16)]
+    want = [alone(engine, p, max_tokens=n, temperature=0)[0] for p, n in jobs]
+
+    def ask(job):
+        p, n = job
+        return server.client.completions.create(model=server.info["model"], prompt=p, max_tokens=n,
+                                                temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(ask, jobs))
+    assert got == want
+    assert server.health()["busy"] == 0
+
+
+def test_a_shared_prefix_is_computed_once(server, engine):
+    """A second request that extends the first one's prompt (a chat history) prefills only the rest."""
+    model = server.info["model"]
+    first = PROMPTS[5]
+    server.client.completions.create(model=model, prompt=first, max_tokens=4, temperature=0)
+    longer = first + "\nFirst Citizen:\nYou are all resolved rather to die than to famish?"
+    r = server.client.completions.create(model=model, prompt=longer, max_tokens=12, temperature=0)
+    shared = len(engine.encode(first)) - 2  # the last token of `first` may merge with what follows
+    assert r.usage.prompt_tokens_details.cached_tokens >= shared
+    assert r.choices[0].text == alone(engine, longer, max_tokens=12, temperature=0)[0]
+
+
+def test_streaming_gives_the_same_text_and_usage(server, engine):
+    model = server.info["model"]
+    prompt = PROMPTS[2]
+    stream = server.client.completions.create(model=model, prompt=prompt, max_tokens=30, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text, gen = alone(engine, prompt, max_tokens=30, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("length", "stop")
+    assert chunks[-1].usage.completion_tokens == gen.stats.generated_tokens
+
+
+def test_chat_through_the_template_streamed_and_whole(server, engine):
+    model = server.info["model"]
+    messages = [{"role": "user", "content": "Who art thou?"}, {"role": "assistant", "content": "A friend."},
+                {"role": "user", "content": "Speak again."}]
+    want, _ = alone(engine, render_chat(engine, messages), max_tokens=16, temperature=0)
+    r = server.client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(render_chat(engine, messages))
+    chunks = list(server.client.chat.completions.create(model=model, messages=messages, max_tokens=16,
+                                                        temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+
+
+def test_stop_strings_cut_the_text(server, engine):
+    model = server.info["model"]
+    full, _ = alone(engine, PROMPTS[1], max_tokens=30, temperature=0)
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip())
+    r = server.client.completions.create(model=model, prompt=PROMPTS[1], max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == full[:full.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_a_seed_reproduces_bitnet_run_and_n_gives_independent_choices(server, engine):
+    model = server.info["model"]
+    kw = dict(model=model, prompt="ROMEO:", max_tokens=20, temperature=1.0, top_p=1.0, seed=5)
+    a = server.client.completions.create(**kw).choices[0].text
+    assert a == server.client.completions.create(**kw).choices[0].text
+    assert a == alone(engine, "ROMEO:", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=5)[0]
+    two = server.client.completions.create(**{**kw, "n": 2}).choices
+    assert [c.index for c in two] == [0, 1] and two[0].text == a
+    assert two[1].text == alone(engine, "ROMEO:", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=6)[0]
+
+
+def test_echo_with_logprobs_scores_the_prompt(server, engine):
+    ids = engine.encode("KING HENRY:\nMy lord", add_bos=False)
+    r = server.client.completions.create(model=server.info["model"], prompt=ids, max_tokens=1, temperature=0,
+                                         logprobs=3, echo=True)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    logits = engine.forward(ids).astype(np.float64)
+    logsm = logits - logits.max(1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(1, keepdims=True))
+    want = [logsm[i - 1, ids[i]] for i in range(1, len(ids))] + [logsm[-1].max()]  # greedy: the best
+    np.testing.assert_allclose(lp.token_logprobs[1:], want, rtol=0, atol=1e-9)
+    assert all(len(t) <= 3 and max(t.values()) >= v - 1e-12 for t, v in zip(lp.top_logprobs[1:], want))
+    assert r.choices[0].text.startswith(engine.decode(ids))
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
+    http, model = server.http, server.info["model"]
+    cases = [
+        (b"{not json", 400, None),
+        (b"[1, 2]", 400, None),
+        (json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+        (json.dumps({"prompt": "x", "max_tokens": -1}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "top_p": 0}).encode(), 400, "top_p"),
+        (json.dumps({"prompt": [], "max_tokens": 1}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": [10**6]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x" * (1 << 20)}).encode(), 400, "prompt"),  # 1 MB: past the context
+        (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+    ]
+    for body, status, param in cases:
+        r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == status, (body[:40], r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/v1/completions", json={"prompt": "x" * (1 << 20)})
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages")
+    assert http.get("/v1/nothing").status_code == 404 and http.get("/v1/completions").status_code == 405
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model=model, prompt="x", max_tokens=-5)
+    assert server.client.completions.create(model=model, prompt="x", max_tokens=2).choices  # still serving
+
+
+# ---------------------------------------------------------------- slots, queue, shutdown
+
+
+@pytest.fixture(scope="module")
+def long_model(tmp_path_factory, test_tokenizer_dir):
+    """The same small shape with a 4096-token context: a long generation outlasts the test's steps."""
+    root = tmp_path_factory.mktemp("serve_long")
+    ckpt = make_hf_checkpoint(root / "ckpt", test_tokenizer_dir, max_position_embeddings=4096,
+                              torch_dtype="float16", initializer_range=0.02)
+    pack_checkpoint(ckpt, root / "model.bin")
+    return root / "model.bin"
+
+
+def wait_until(check, timeout=20.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_disconnect_frees_the_slot_full_queue_is_503_and_sigterm_drains(long_model):
+    s = Served(long_model, "--threads", "1", "--parallel", "1", "--max-queue", "0")
+    try:
+        model = s.info["model"]
+        long = dict(model=model, prompt="ROMEO:", max_tokens=4000, temperature=0)
+        # a client that goes away mid-stream frees its slot long before its 4000 tokens
+        stream = s.client.completions.create(**long, stream=True)
+        next(iter(stream))
+        assert s.health()["busy"] == 1
+        # the only slot is taken and no one may wait: 503, in OpenAI's shape
+        r = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+        with pytest.raises(openai.InternalServerError):
+            s.client.completions.create(model=model, prompt="x", max_tokens=1)
+        stream.close()
+        assert wait_until(lambda: s.health()["busy"] == 0)
+        assert s.health()["generated_tokens"] < 3000
+        assert s.client.completions.create(model=model, prompt="x", max_tokens=2).choices
+        # SIGTERM while a request is in flight: it completes, then the server exits 0
+        stream = s.client.completions.create(**{**long, "max_tokens": 300}, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        s.proc.send_signal(signal.SIGTERM)
+        rest = list(chunks)
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        if s.proc.poll() is None:
+            s.proc.kill()
+
+
+def test_bad_options_fail_cleanly(packed):
+    for args, message in [(["--parallel", "0"], "--parallel"), (["--threads", "0"], "--threads"),
+                          (["--ctx-size", "100000"], "--ctx-size"), (["--max-queue", "-1"], "--max-queue")]:
+        r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    busy = Served(packed, "--threads", "1", "--parallel", "1")
+    try:
+        port = busy.info["url"].rsplit(":", 1)[1].split("/")[0]
+        r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", port],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        assert busy.stop() == 0
+
+
+# ---------------------------------------------------------------- lm-eval through the server
+
+
+def test_lm_eval_local_completions_scores_like_bitnet_eval(server, packed, shared_data):
+    """lm-eval's own OpenAI-API model, tokenising through the server's /tokenize, on 50 ARC-Easy
+    questions: the same log-likelihoods and accuracy as the in-process adapter (`bitnet eval`)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from bitnet_cli.eval.adapter import BitNetLM
+    from bitnet_cli.eval.tasks import task_manager
+
+    def run(model, model_args):
+        return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["arc_easy"], limit=50,
+                                       log_samples=True, task_manager=task_manager(shared_data / "eval"))
+
+    args = {"base_url": server.url + "/completions", "model": server.info["model"], "num_concurrent": 8,
+            "max_retries": 1, "max_length": 512}
+    served = run("local-completions", args)
+    local = lm_eval.simple_evaluate(model=BitNetLM(pretrained=str(packed), threads=1), tasks=["arc_easy"],
+                                    limit=50, log_samples=True, task_manager=task_manager(shared_data / "eval"))
+    for metric in ("acc,none", "acc_norm,none"):
+        assert served["results"]["arc_easy"][metric] == local["results"]["arc_easy"][metric]
+    a = [r[0] for s in served["samples"]["arc_easy"] for r in s["filtered_resps"]]
+    b = [r[0] for s in local["samples"]["arc_easy"] for r in s["filtered_resps"]]
+    assert len(a) == len(b) >= 150
+    np.testing.assert_allclose(a, b, atol=1e-4)
