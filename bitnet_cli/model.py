@@ -184,10 +184,18 @@ class BitLinear(nn.Linear):
     identity): torch.compile fuses it, whereas a custom autograd.Function lost its gradient
     under torch.compile in torch 2.11. Without gradients the quantised tensors are used as they
     are, bit for bit transformers' arithmetic.
+
+    Quantisation warm-up (converting a float model): while ``warming`` is set, weights and
+    activations are ``v + lam * (q(v) - v).detach()``, the Hugging Face 1.58-bit fine-tuning
+    recipe, with ``lam`` a 0-d buffer set in place every step (:func:`set_quant_lambda`), so a
+    compiled model sees a changing tensor rather than a new constant to recompile for. ``lam = 0``
+    is exactly the float layer, and once warm-up ends ``warming`` is cleared and the layer is
+    exactly the plain BitLinear above.
     """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+<<<<<<< HEAD
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
 
     def load_offline(self, trits: torch.Tensor, weight_scale: torch.Tensor, op: str) -> None:
@@ -208,11 +216,37 @@ class BitLinear(nn.Linear):
             xq = (xf * xs).round().clamp(-128, 127).to(x.dtype)
             return (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
         if torch.is_grad_enabled():
+=======
+        self.register_buffer("lam", torch.ones(()), persistent=False)
+        self.warming = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.warming:
+            lam = self.lam.to(x.dtype)
+            x = x + lam * (_quant_activation(x) - x).detach()
+            w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
+        elif torch.is_grad_enabled():
+>>>>>>> main
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
         else:
             x, w = _quant_activation(x), _quant_weight(w)
         return F.linear(x, w)
+
+
+def set_quant_lambda(model: nn.Module, lam: float) -> None:
+    """Set the quantisation strength of every BitLinear: 0 (float) to 1 (fully ternary).
+
+    Below 1 the layers blend (``warming``); at 1 they return to the exact BitNet forward.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"quantisation lambda must be in [0, 1], got {lam}")
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.warming = lam < 1.0
+            with torch.no_grad():
+                m.lam.fill_(lam)
 
 
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
@@ -416,6 +450,7 @@ class BitNetForCausalLM(nn.Module):
                     f"{ckpt}: tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(ref.shape)}"
                 )
         model = model.to_empty(device=device)
+        set_quant_lambda(model, 1.0)  # to_empty left the non-persistent lambda buffers uninitialised
         state = {k: v.to(dtype) for k, v in state.items() if k in expected}
         model.load_state_dict(state, strict=False, assign=False)
         if config.tie_word_embeddings:

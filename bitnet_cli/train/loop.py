@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
 from bitnet_cli.train.data import (TokenData, bos_id, cache_root, corpus_hash, eos_id, load_tokenizer,
                                    prepare_tokenizer, resolve_files, tokenize_to_memmap, tokenizer_config)
+from bitnet_cli.train.distill import distill_loss
 from bitnet_cli.train.recipe import Recipe
-from bitnet_cli.train.schedule import lr_at, weight_decay_at
+from bitnet_cli.train.schedule import lr_at, quant_lambda_at, weight_decay_at
+from bitnet_cli.train.source import Source, float_model, load_weights, open_source, student_config
 
 # Dense bf16 tensor-core peaks (FLOP/s) for the MFU figure; BITNET_PEAK_FLOPS overrides.
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -88,17 +90,21 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None, bos_token_id: int 
 
 def describe(recipe: Recipe) -> dict:
     """What --dry-run prints: the resolved shape, parameter count and FLOPs per token. No data is read."""
-    vocab = None
-    if recipe.model.resolved().get("vocab_size") is None:
-        if recipe.data.tokenizer.path:
-            vocab = load_tokenizer(recipe.data.tokenizer.path, recipe.base_dir).get_vocab_size()
-        else:
-            vocab = recipe.data.tokenizer.vocab_size
-    config = model_config(recipe, vocab)
+    src, teacher = sources(recipe)
+    if src is not None:
+        config = converted_config(recipe, src, load_tokenizer(src.path).get_vocab_size())
+    else:
+        vocab = None
+        if recipe.model.resolved().get("vocab_size") is None:
+            if recipe.data.tokenizer.path:
+                vocab = load_tokenizer(recipe.data.tokenizer.path, recipe.base_dir).get_vocab_size()
+            else:
+                vocab = recipe.data.tokenizer.vocab_size
+        config = model_config(recipe, vocab)
     steps = total_steps(recipe)
     t = recipe.train
     tokens_per_step = t.batch_size * t.grad_accum * t.seq_len
-    return {
+    out = {
         "config": config.to_hf_dict(),
         "parameters": config.arch.parameters(),
         "parameters_non_embedding": config.arch.parameters(exclude_embeddings=True),
@@ -107,6 +113,42 @@ def describe(recipe: Recipe) -> dict:
         "tokens_per_step": tokens_per_step,
         "total_tokens": steps * tokens_per_step,
     }
+    if src is not None:
+        out["init_from"] = src.where
+    if teacher is not None:
+        out["teacher"] = teacher.where
+    return out
+
+
+def sources(recipe: Recipe) -> tuple[Source | None, Source | None]:
+    """(init checkpoint, distillation teacher), opened and checked; only configs and headers are read."""
+    src = open_source(recipe.model.init_from, recipe.base_dir) if recipe.model.init_from else None
+    if src is not None and not (src.path / "tokenizer.json").is_file():
+        raise BitnetError(f"model.init_from: {src.path} has no tokenizer.json (the converted model keeps the "
+                          "source's tokenizer)")
+    teacher = None
+    if recipe.distill.alpha > 0:
+        teacher = src if recipe.distill.teacher is None else open_source(recipe.distill.teacher, recipe.base_dir,
+                                                                         "distill.teacher")
+        if src is not None and teacher is not src:
+            student_vocab = student_config(src, "none", False).vocab_size
+            teacher_vocab = student_config(teacher, "none", False).vocab_size
+            if teacher_vocab != student_vocab:
+                raise BitnetError(f"distill.teacher: its vocabulary has {teacher_vocab} tokens, the model's "
+                                  f"{student_vocab}; distillation compares logits token by token")
+    return src, teacher
+
+
+def converted_config(recipe: Recipe, src: Source, tokenizer_vocab: int) -> BitNetConfig:
+    """The shape of a converted model: the source's, checked against the tokenizer and seq_len."""
+    config = student_config(src, recipe.model.quant, recipe.model.insert_subln)
+    if tokenizer_vocab > config.vocab_size:
+        raise BitnetError(f"{src.path}: tokenizer.json has {tokenizer_vocab} tokens but the model only "
+                          f"{config.vocab_size} embeddings")
+    if recipe.train.seq_len > config.max_position_embeddings:
+        raise BitnetError(f"train.seq_len {recipe.train.seq_len} exceeds the source's max_position_embeddings "
+                          f"{config.max_position_embeddings}")
+    return config
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,13 +189,15 @@ def plot_losses(metrics_path: Path, out_png: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, val = [], []
+    train, val, lam = [], [], []
     for line in metrics_path.read_text().splitlines():
         m = json.loads(line)
         if "loss" in m:
             train.append((m["step"], m["loss"]))
         if "val_loss" in m:
             val.append((m["step"], m["val_loss"]))
+        if "quant_lambda" in m:
+            lam.append((m["step"], m["quant_lambda"]))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train")
@@ -162,7 +206,14 @@ def plot_losses(metrics_path: Path, out_png: Path) -> bool:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if lam:  # quantisation warm-up: lambda on its own axis
+        ax2 = ax.twinx()
+        handles += ax2.plot(*zip(*lam), "--", color="tab:green", label="quant lambda")
+        labels.append("quant lambda")
+        ax2.set_ylabel("quantisation lambda")
+        ax2.set_ylim(-0.02, 1.05)
+    ax.legend(handles, labels)
     fig.tight_layout()
     tmp = out_png.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -228,6 +279,15 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     say = console.print if info.is_main else (lambda *a, **k: None)
+    # An unsupported source or setting is refused before any work.
+    src, teacher_src = sources(recipe)
+    if src is not None:
+        student_config(src, recipe.model.quant, recipe.model.insert_subln)
+    steps = total_steps(recipe, info.world)
+    q = recipe.quant
+    if q.warmup_steps > steps:
+        raise BitnetError(f"quant.warmup_steps {q.warmup_steps} exceeds the run's {steps} steps: the model would "
+                          "never be fully ternary")
 
     # -- where we are: fresh, or resuming
     if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
@@ -251,6 +311,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
         if (turn == "main") == info.is_main:
             if resume_from is not None:
                 tok, tok_src = load_tokenizer(resume_from / "tokenizer.json"), resume_from
+            elif src is not None:
+                tok, tok_src = load_tokenizer(src.path / "tokenizer.json"), src.path
             else:
                 tok, tok_src = prepare_tokenizer(recipe.data, files, recipe.base_dir, digest)
             bin_path = tokenize_to_memmap(files, tok, cache_root(recipe.data), digest)
@@ -259,10 +321,15 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     tok_cfg = tokenizer_config(tok, tok_src)
 
     # -- model and optimiser
-    config = model_config(recipe, tok.get_vocab_size(), bos_id(tok), eos_id(tok))
-    steps = total_steps(recipe, info.world)
+    if src is not None:
+        config = converted_config(recipe, src, tok.get_vocab_size())
+    else:
+        config = model_config(recipe, tok.get_vocab_size(), bos_id(tok), eos_id(tok))
     torch.manual_seed(recipe.seed)
     model = BitNetForCausalLM(config)
+    if src is not None and resume_from is None:
+        load_weights(src, model)
+        say(f"initialised from {src.where}")
     if resume_from is not None:
         loaded = BitNetForCausalLM.from_pretrained(resume_from)
         try:
@@ -284,6 +351,26 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
         start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
         say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
     fwd = torch.compile(model) if t.compile else model
+    base = D.unwrap(model)
+
+    def quant_lambda(step: int) -> float:
+        """Set (during warm-up) and return the quantisation strength the model has at ``step``."""
+        lam = quant_lambda_at(q, step)
+        if q.warmup_steps:
+            set_quant_lambda(base, lam)
+        return lam
+
+    teacher, dist = None, recipe.distill
+    if teacher_src is not None:
+        # bf16 on GPU (as the teacher was trained to be used); fp32 on CPU, where bf16 matmuls are slow.
+        teacher = float_model(teacher_src, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if teacher.config.vocab_size != config.vocab_size:
+            raise BitnetError(f"distill.teacher: its vocabulary has {teacher.config.vocab_size} tokens, the "
+                              f"model's {config.vocab_size}; distillation compares logits token by token")
+        if info.enabled and t.distributed == "fsdp":
+            teacher = D.wrap(teacher, "fsdp", info, device)  # sharded like the student; never wrapped in DDP
+        say(f"distilling from {teacher_src.where} (alpha {dist.alpha}, temperature {dist.temperature})")
+    tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
 
     metrics_path = out_dir / "metrics.jsonl"
     if info.is_main:
@@ -332,7 +419,9 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
             for g in opt.param_groups:
                 g["lr"] = lr
             opt.param_groups[0]["weight_decay"] = wd  # group 0 holds the matrices (make_optimizer)
+            lam = quant_lambda(step)
             step_loss = torch.zeros((), device=device)
+            step_parts = torch.zeros(2, device=device)  # cross-entropy, distillation (when distilling)
             for micro in range(t.grad_accum):
                 x, y = data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -343,6 +432,12 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                 with ctx, autocast:
                     logits = fwd(x)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                    if tfwd is not None:
+                        with torch.no_grad():
+                            teacher_logits = tfwd(x)
+                        kd = distill_loss(logits, teacher_logits, dist.temperature)
+                        step_parts += torch.stack([loss.detach(), kd.detach()]) / t.grad_accum
+                        loss = (1 - dist.alpha) * loss + dist.alpha * kd
                 (loss / t.grad_accum).backward()
                 step_loss += loss.detach() / t.grad_accum
             if o.grad_clip is not None:
@@ -366,10 +461,16 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                        "elapsed_s": round(prior_seconds + now - t_start, 2)}
                 if peak:
                     row["mfu"] = round(fpt * tps / (peak * info.world), 4)
+                if q.warmup_steps:
+                    row["quant_lambda"] = round(lam, 6)
+                if tfwd is not None:
+                    parts = (D.all_reduce_sum(step_parts.float().clone(), info) / info.world).tolist()
+                    row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
                 _append_metrics(metrics_path, row, info)
                 progress.update(task, loss=last_loss, lr=lr, tps=tps)
             progress.update(task, completed=done)
             if done % t.eval_every == 0 or done == steps:
+                quant_lambda(done)  # the model as the next step trains it (fully ternary at the end)
                 val_loss = evaluate()
                 _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
                 trained = f"train loss {last_loss:.4f}  " if math.isfinite(last_loss) else ""
@@ -380,6 +481,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                     ckpt_io.prune(out_dir, t.keep_last)
 
     if start_step >= steps:
+        quant_lambda(steps)
         val_loss = evaluate()
     seconds = time.perf_counter() - t_start
     final = out_dir / "final"

@@ -55,6 +55,16 @@ class ModelSpec(_Strict):
     quant: Literal["bitnet", "none"] = Field(
         "bitnet", description="bitnet: ternary weights + int8 activations (b1.58); none: the same "
                               "architecture in full precision (the baseline).")
+    init_from: Optional[str] = Field(
+        None, description="Start from a trained full-precision model instead of a random init (conversion "
+        "to ternary): a checkpoint directory (a Hugging Face Llama, Qwen2, Qwen3 or BitNet model, sharded or "
+        "not, or one of our runs: its directory or its final/), or a Hugging Face hub id. Shape, RoPE, "
+        "vocabulary and tokenizer come from it, so no shape key may be set; see docs/CONVERT.md for what is "
+        "accepted.")
+    insert_subln: bool = Field(
+        False, description="With init_from: add BitNet b1.58's two sub-norms (before o_proj and down_proj), "
+        "weights initialised to ones, as BitDistill does; the result is a BitNet b1.58 model. Without it the "
+        "source family is kept and only its projections become ternary.")
 
     def resolved(self) -> dict[str, Any]:
         """Defaults, then the preset's fields, then the explicit fields (explicit wins)."""
@@ -63,10 +73,44 @@ class ModelSpec(_Strict):
             fields = dict(PRESETS[self.preset].fields)
             out["family"] = FAMILY_BY_MODEL_TYPE[fields.pop("model_type", "bitnet")]
             out.update(fields)
-        for k, v in self.model_dump(exclude={"preset", "round_vocab_to"}).items():
+        for k, v in self.model_dump(exclude={"preset", "round_vocab_to", "init_from", "insert_subln"}).items():
             if v is not None:
                 out[k] = v
         return out
+
+    @model_validator(mode="after")
+    def _init_from_owns_the_shape(self):
+        if self.init_from is None:
+            if self.insert_subln:
+                raise ValueError("insert_subln needs init_from (a from-scratch BitNet model has its sub-norms)")
+            return self
+        given = [k for k in ("preset", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                             "rope_theta", "tie_word_embeddings")
+                 if getattr(self, k) is not None]
+        if given:
+            raise ValueError(f"with init_from the shape comes from the checkpoint; remove {', '.join(given)}")
+        return self
+
+
+class QuantSpec(_Strict):
+    warmup_steps: int = Field(0, ge=0, description=(
+        "Quantisation warm-up (converting a float model): over the first N steps weights and activations are "
+        "v + lambda * (q(v) - v), lambda rising from 0 (float) to 1 (ternary) by warmup_schedule; 0: ternary "
+        "from the first step. lambda is logged in metrics.jsonl and drawn in loss.png."))
+    warmup_schedule: Literal["linear", "sigmoid", "exponential"] = Field("linear", description=(
+        "lambda at p = step / warmup_steps: linear p; sigmoid (1/(1+e^(-k(p-1/2))) rescaled to run from 0 to 1); "
+        "exponential (e^(kp) - 1) / (e^k - 1). The Hugging Face 1.58-bit write-up compared these three."))
+    warmup_k: float = Field(8.0, gt=0, le=100, description="Steepness k of the sigmoid and exponential schedules.")
+
+
+class DistillSpec(_Strict):
+    alpha: float = Field(0.0, ge=0, le=1, description=(
+        "Knowledge distillation from a float teacher: loss = (1 - alpha) * cross-entropy + alpha * T^2 * "
+        "KL(teacher || student) on the logits at temperature T. 0: off."))
+    teacher: Optional[str] = Field(None, description="The teacher checkpoint (same forms as model.init_from); "
+                                                     "default: model.init_from.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Softmax temperature T of the distillation KL.")
 
 
 class TokenizerSpec(_Strict):
@@ -143,9 +187,21 @@ class Recipe(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model shape.")
     data: DataSpec = Field(default_factory=DataSpec, description="Corpus, split and tokenizer.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="AdamW and the schedule.")
+    quant: QuantSpec = Field(default_factory=QuantSpec, description="Quantisation warm-up (float-to-ternary).")
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="Distillation from a float teacher.")
     train: TrainSpec = Field(description="Batch, length, budget, precision, device, evaluation, checkpoints.")
     # Directory the recipe's relative paths are resolved against (not a YAML key).
     base_dir: Path = Field(Path("."), exclude=True, description="internal")
+
+    @model_validator(mode="after")
+    def _conversion_needs_a_source(self):
+        if self.distill.alpha > 0 and self.distill.teacher is None and self.model.init_from is None:
+            raise ValueError("distill.alpha > 0 needs distill.teacher or model.init_from (the default teacher)")
+        if self.model.init_from is not None and self.data.tokenizer.path is not None:
+            raise ValueError("with model.init_from the tokenizer is the source's; remove data.tokenizer.path")
+        if self.quant.warmup_steps and self.model.quant != "bitnet":
+            raise ValueError("quant.warmup_steps needs model.quant: bitnet (there is nothing to warm up)")
+        return self
 
     def dump_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

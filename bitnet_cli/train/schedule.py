@@ -39,3 +39,24 @@ def in_stage_two(opt: OptimSpec, step: int, total: int) -> bool:
 
 def _stage2_peak(opt: OptimSpec) -> float:
     return opt.lr_stage2 if opt.lr_stage2 is not None else opt.lr * 2 / 3
+
+
+def quant_lambda_at(spec, step: int) -> float:
+    """Quantisation strength for optimiser step ``step`` (0-based): 0 float, 1 fully ternary.
+
+    ``p = step / warmup_steps`` (so step 0 runs the float model) and, from ``warmup_steps`` on,
+    exactly 1. linear: ``p``; exponential: ``(e^(kp) - 1) / (e^k - 1)``; sigmoid:
+    ``1 / (1 + e^(-k(p - 1/2)))`` rescaled so that it runs from 0 at p = 0 to 1 at p = 1.
+    """
+    n = spec.warmup_steps
+    if step >= n:
+        return 1.0
+    p = step / n
+    k = spec.warmup_k
+    if spec.warmup_schedule == "linear":
+        return p
+    if spec.warmup_schedule == "exponential":
+        return math.expm1(k * p) / math.expm1(k)
+    sig = lambda z: 1.0 / (1.0 + math.exp(-k * (z - 0.5)))  # noqa: E731
+    lo, hi = sig(0.0), sig(1.0)
+    return (sig(p) - lo) / (hi - lo)
