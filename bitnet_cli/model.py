@@ -195,8 +195,9 @@ class BitLinear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
-<<<<<<< HEAD
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
+        self.register_buffer("lam", torch.ones(()), persistent=False)
+        self.warming = False
 
     def load_offline(self, trits: torch.Tensor, weight_scale: torch.Tensor, op: str) -> None:
         """Hold an offline-quantised weight as stored: trits (as floats, frozen) and transformers'
@@ -215,19 +216,11 @@ class BitLinear(nn.Linear):
             xs = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
             xq = (xf * xs).round().clamp(-128, 127).to(x.dtype)
             return (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
-        if torch.is_grad_enabled():
-=======
-        self.register_buffer("lam", torch.ones(()), persistent=False)
-        self.warming = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
         if self.warming:
             lam = self.lam.to(x.dtype)
             x = x + lam * (_quant_activation(x) - x).detach()
             w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
         elif torch.is_grad_enabled():
->>>>>>> main
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
         else:
