@@ -28,7 +28,7 @@ from pathlib import Path
 from bitnet_cli.bench import e2e, roofline, suite, target
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.stats import summarize
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, run_script
 from bitnet_cli.pack.gguf import export_gguf
 from run import _stat, _table  # the sibling script's markdown helpers
 
@@ -268,7 +268,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BitnetError as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, layer_tensor
-from bitnet_cli.pack.synthetic import BOS, EOS, shape_config, synthetic_tokenizer
+from bitnet_cli.pack.synthetic import shape_config, synthetic_tokenizer
+from bitnet_cli.tokens import BOS, EOS
 
 
 def write_bf16_checkpoint(out: Path, shape: str = "2b4t", seed: int = 0) -> Path:

@@ -21,7 +21,7 @@ from bitnet_cli.bench import e2e, suite, target
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.plot import plot
 from bitnet_cli.bench.report import anchor_label, paired_kernels
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import run_script
 
 HERE = Path(__file__).resolve().parent
 
@@ -156,7 +156,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BitnetError as e:
-        sys.exit(f"error: {e}")
+    run_script(main)

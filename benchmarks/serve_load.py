@@ -38,7 +38,7 @@ import httpx
 import numpy as np
 
 from bitnet_cli.bench import target
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, run_script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -280,8 +280,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BitnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

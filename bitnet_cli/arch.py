@@ -331,11 +331,6 @@ def gguf_name(hf_name: str) -> str:
 # ------------------------------------------------------------------------------ presets
 
 
-_LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False,
-                  max_position_embeddings=8192, rope_theta=500000.0)
-
-
 @dataclass(frozen=True)
 class Preset:
     """A named model shape: HF config fields, and where the numbers come from."""
@@ -344,43 +339,38 @@ class Preset:
     fields: dict
 
 
+# The columns of the preset rows below; None leaves a field to the user of the preset.
+_PRESET_COLUMNS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                   "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
+
+
+def _preset(source: str, *values, **family_fields) -> Preset:
+    """A preset from a row of _PRESET_COLUMNS (None: left open), plus any family fields (model_type, ...)."""
+    return Preset(source, {k: v for k, v in zip(_PRESET_COLUMNS, values, strict=True) if v is not None}
+                  | family_fields)
+
+
+_LLAMA3_8B = (128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0)
+_LLAMA = dict(model_type="llama", hidden_act="silu")
+
+
 PRESETS: dict[str, Preset] = {
     # Toy shapes for tests and CPU runs. No vocab_size: training takes the tokenizer's, a
     # synthetic model SYNTHETIC_DEFAULTS'.
-    "tiny": Preset("toy", dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4,
-                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                               rope_theta=10000.0)),
-    "small": Preset("toy (GPT-2 small's width and depth)",
-                    dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                         num_key_value_heads=12, tie_word_embeddings=True, rope_theta=10000.0)),
+    "tiny": _preset("toy", None, 128, 352, 4, 4, 2, True, None, 10000.0),
+    "small": _preset("toy (GPT-2 small's width and depth)", None, 768, 2048, 12, 12, 12, True, None, 10000.0),
     # The BitNet b1.58 paper's sizes (Ma et al., 2024) as released by its reproduction
     # 1bitLLM/bitnet_b1_58-{large,xl,3B} (config.json: LLaMA tokenizer + 2 added tokens).
-    "700m": Preset("1bitLLM/bitnet_b1_58-large",
-                   dict(vocab_size=32002, hidden_size=1536, intermediate_size=4096, num_hidden_layers=24,
-                        num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=True,
-                        max_position_embeddings=2048, rope_theta=10000.0)),
-    "1.3b": Preset("1bitLLM/bitnet_b1_58-xl",
-                   dict(vocab_size=32002, hidden_size=2048, intermediate_size=5460, num_hidden_layers=24,
-                        num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True,
-                        max_position_embeddings=2048, rope_theta=10000.0)),
-    "3b": Preset("1bitLLM/bitnet_b1_58-3B",
-                 dict(vocab_size=32002, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26,
-                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=True,
-                      max_position_embeddings=2048, rope_theta=10000.0)),
-    "2b4t": Preset("microsoft/bitnet-b1.58-2B-4T",
-                   dict(vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
-                        num_attention_heads=20, num_key_value_heads=5, tie_word_embeddings=True,
-                        max_position_embeddings=4096, rope_theta=500000.0)),
-    "8b": Preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens's shape, as BitNet b1.58", dict(_LLAMA3_8B)),
-    # The Llama-architecture 1.58-bit models themselves (config.json of the checkpoints): SiLU
-    # gate, no sub-norms, untied head.
-    "llama3-8b-1.58": Preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens",
-                             dict(_LLAMA3_8B, model_type="llama", hidden_act="silu", rms_norm_eps=1e-5)),
-    "falcon3-1b-1.58": Preset("tiiuae/Falcon3-1B-Instruct-1.58bit",
-                              dict(vocab_size=131072, hidden_size=2048, intermediate_size=8192, num_hidden_layers=18,
-                                   num_attention_heads=8, num_key_value_heads=4, head_dim=256,
-                                   tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=1000042.0,
-                                   model_type="llama", hidden_act="silu", rms_norm_eps=1e-6)),
+    "700m": _preset("1bitLLM/bitnet_b1_58-large", 32002, 1536, 4096, 24, 16, 16, True, 2048, 10000.0),
+    "1.3b": _preset("1bitLLM/bitnet_b1_58-xl", 32002, 2048, 5460, 24, 32, 32, True, 2048, 10000.0),
+    "3b": _preset("1bitLLM/bitnet_b1_58-3B", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0),
+    "2b4t": _preset("microsoft/bitnet-b1.58-2B-4T", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0),
+    "8b": _preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens's shape, as BitNet b1.58", *_LLAMA3_8B),
+    # The Llama-architecture 1.58-bit models themselves (their config.json): SiLU gate, no
+    # sub-norms, untied head; Falcon3's heads are 256 wide.
+    "llama3-8b-1.58": _preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens", *_LLAMA3_8B, **_LLAMA, rms_norm_eps=1e-5),
+    "falcon3-1b-1.58": _preset("tiiuae/Falcon3-1B-Instruct-1.58bit", 131072, 2048, 8192, 18, 8, 4, False, 8192,
+                               1000042.0, **_LLAMA, head_dim=256, rms_norm_eps=1e-6),
 }
 # What a synthetic (random-weight) model of a preset takes for the fields a toy preset leaves open.
 SYNTHETIC_DEFAULTS = dict(vocab_size=512, max_position_embeddings=2048)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.tokens import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -267,7 +268,8 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
     return path.resolve(), str(path.resolve())
 
 
-def _read_json(path: Path, what: str):
+def read_json(path: Path, what: str):
+    """A checkpoint's JSON file; errors name the file and `what` it holds."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -276,10 +278,11 @@ def _read_json(path: Path, what: str):
         raise BitnetError(f"{path}: cannot parse {what}: {e}") from None
 
 
-def _tensor_files(ckpt: Path) -> list[Path]:
+def tensor_files(ckpt: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory: its shards in index order, or model.safetensors."""
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = _read_json(index, "the shard index").get("weight_map")
+        weight_map = read_json(index, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BitnetError(f"{index}: no weight_map")
         files = []
@@ -318,16 +321,16 @@ def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, Tensor
     return "own" if _is_own_checkpoint(ckpt) else "hf"
 
 
-def _tokenizer_config(ckpt: Path) -> dict:
+def tokenizer_config(ckpt: Path) -> dict:
     """bos/eos tokens and the chat template, from tokenizer_config.json (and chat_template.jinja)."""
     out: dict = {}
     path = ckpt / "tokenizer_config.json"
-    raw = _read_json(path, "tokenizer config") if path.is_file() else {}
+    raw = read_json(path, "tokenizer config") if path.is_file() else {}
+    if not isinstance(raw, dict):
+        raise BitnetError(f"{path}: not a JSON object")
     for key in ("bos_token", "eos_token", "chat_template"):
-        value = raw.get(key)
-        if isinstance(value, dict):  # AddedToken serialisation
-            value = value.get("content")
-        if isinstance(value, str):
+        value = token_text(raw.get(key))  # a string, or an AddedToken's serialisation
+        if value is not None:
             out[key] = value
     jinja = ckpt / "chat_template.jinja"
     if "chat_template" not in out and jinja.is_file():
@@ -354,7 +357,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     if kind not in KINDS:
         raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
     ckpt, source = _checkpoint_dir(src, kind)
-    config = _read_json(ckpt / "config.json", "model config")
+    config = read_json(ckpt / "config.json", "model config")
     if not isinstance(config, dict):
         raise BitnetError(f"{ckpt / 'config.json'}: not a JSON object")
     if config.get("model_type") not in ("bitnet", "llama"):
@@ -364,7 +367,7 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
             "Llama-architecture models (model_type 'llama' with a bitnet quantization_config) can be packed"
         )
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
-    for file in _tensor_files(ckpt):
+    for file in tensor_files(ckpt):
         _, entries, _ = read_safetensors_header(file)
         for name, entry in entries.items():
             tensors[name] = (file, entry)
@@ -383,6 +386,6 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         kind=kind if kind in ("own", "hf") else detected,
         tensors=tensors,
         tokenizer_json=tokenizer_json,
-        tokenizer_config=_tokenizer_config(ckpt),
+        tokenizer_config=tokenizer_config(ckpt),
         source=source,
     )

@@ -137,10 +137,10 @@ def train_cmd(
 from enum import Enum  # noqa: E402  (kept inside this section: the sections are edited independently)
 
 
-class EmbeddingType(str, Enum):
-    f16 = "f16"
-    int8 = "int8"
-    q4 = "q4"
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES  # noqa: E402
+
+# --embeddings choices: the head types' traits table (adding a type adds the choice)
+EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
 
 
 class PackTarget(str, Enum):
@@ -512,10 +512,10 @@ def eval_cmd(
         )
         job = bar.add_task("loading", total=None)
 
-        def progress(advance: int, total: int, what: str) -> None:
-            bar.update(job, description=what, total=total, advance=advance)
-            if advance == 0:
+        def progress(done: int, total: int, what: str) -> None:
+            if done == 0:
                 bar.reset(job, total=total, description=what)
+            bar.update(job, description=what, total=total, completed=done)
 
         with bar:
             results = evaluate(

@@ -30,7 +30,9 @@ import numpy as np
 from bitnet_cli import kernels, rope
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
+from bitnet_cli.tokens import special_id
 
 DEFAULT_CTX = 4096
 
@@ -46,6 +48,17 @@ def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = No
     angles = np.arange(ctx, dtype=f32)[:, None] * rope.inv_freq(head_dim, theta, scaling)[None, :]
     a = angles.astype(np.float64)
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the longest common prefix of two token lists: how much of a cached sequence
+    a new one can reuse (Engine.cached_prefix, the server's slots)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.ndarray]]:
@@ -119,49 +132,65 @@ class Generation:
         return piece
 
 
-class Engine:
+class Engine(kernels.CResource):
     def __init__(self, pm, threads: int, ctx_size: int, isa: int):
-        from tokenizers import Tokenizer
-
         t0 = time.perf_counter()
-        ffi, lib = kernels.lib()
-        self._ffi, self._lib = ffi, lib
+        self._ffi, self._lib = kernels.lib()
         self.pm = pm
         self.config = pm.config
-        d = self.dims = pm.dims
-        self.vocab_size = d.vocab_size
+        self.dims = pm.dims
+        self.vocab_size = pm.dims.vocab_size
         self.ctx_size = ctx_size
         self.threads = threads
         self.isa = next(name for name, i in kernels.ISAS.items() if i == isa)
+        self._init_tokens(pm)
+        self._keep: list = []  # cdata buffers that must outlive the C model
+        desc = self._describe(pm, ctx_size)
+        err = self._ffi.new("char[256]")
+        model = self._lib.bn_model_new(desc, threads, isa, err, 256)
+        if model == self._ffi.NULL:
+            raise BitnetError(f"{pm.path}: {self._ffi.string(err).decode()}")
+        self._model = model
+        self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
+        self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
+        self.load_s = time.perf_counter() - t0
+
+    def _init_tokens(self, pm) -> None:
+        """The stored tokenizer, its config, and the special ids the engine acts on."""
+        from tokenizers import Tokenizer
+
         try:
             self.tokenizer = Tokenizer.from_str(pm.tokenizer_json)
         except Exception as e:  # tokenizers raises its own Exception type
             raise BitnetError(f"{pm.path}: the stored tokenizer cannot be loaded: {e}") from None
         self.tokenizer_config = pm.tokenizer_config
-        self.bos_token_id = self._special_id("bos")
-        self.eos_token_id = self._special_id("eos")
+        self.bos_token_id = special_id("bos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
+        self.eos_token_id = special_id("eos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
         self.stop_token_ids = self._stop_ids()
 
-        keep = self._keep = []  # cdata buffers that must outlive the C model
-        head_name = d.head_name
+    def _pointer(self, array: np.ndarray, ctype: str):
+        """A C pointer to `array`, both kept alive as long as the engine."""
+        buf = self._ffi.from_buffer(ctype + "[]", array)
+        self._keep.append((array, buf))
+        return buf
+
+    def _describe(self, pm, ctx_size: int):
+        """The C model's descriptor: pointers to every tensor, named by bitnet_cli.arch's tables.
+        The tensors streamed per token (projections, head) are read into huge pages when Linux
+        offers them; the rest (and, without huge pages, everything) stays in the file's map."""
+        d, ffi, ptr = pm.dims, self._ffi, self._pointer
         streamed = [layer_tensor(i, proj.name) for i in range(d.num_layers) for proj in d.projections()]
         self.huge_pages = kernels.huge_pages_available()
+        views: dict[str, np.ndarray] = {}
         if self.huge_pages:
-            region, views = read_into_huge_pages(pm, streamed + [head_name])
-            keep.append(region)
-        else:
-            views = {}
+            region, views = read_into_huge_pages(pm, streamed + [d.head_name])
+            self._keep.append(region)
 
         def tensor(name: str) -> np.ndarray:
             return views[name] if name in views else pm.tensor(name)
 
-        def ptr(array: np.ndarray, ctype: str):
-            buf = ffi.from_buffer(ctype + "[]", array)
-            keep.append((array, buf))
-            return buf
-
         layers = ffi.new("bn_layer_desc[]", d.num_layers)
-        keep.append(layers)
+        self._keep.append(layers)
         for i in range(d.num_layers):
             for norm in d.layer_norms():
                 setattr(layers[i], norm.c_field, ptr(pm.tensor(layer_tensor(i, norm.name)), "float"))
@@ -169,32 +198,23 @@ class Engine:
                 setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
                 setattr(layers[i], "g" + proj.c_field, float(pm.tensor(layer_tensor(i, proj.name, "weight_scale"))[0]))
         desc = ffi.new("bn_model_desc *")
-        keep.append(desc)
+        self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
         desc.n_heads, desc.n_kv_heads, desc.head_dim = d.num_heads, d.num_kv_heads, d.head_dim
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
-        emb_type, emb_ctype = {"f16": (lib.BN_EMB_F16, "uint16_t"), "int8": (lib.BN_EMB_I8, "int8_t"),
-                               "q4": (lib.BN_EMB_Q4, "uint8_t")}[pm.embeddings]
-        desc.emb_type = desc.head_type = emb_type
-        desc.embed = ptr(tensor(EMBED), emb_ctype)
-        desc.head = ptr(tensor(head_name), emb_ctype)
-        if emb_type != lib.BN_EMB_F16:
+        kind = embedding_type(pm.embeddings)
+        desc.emb_type = desc.head_type = getattr(self._lib, kind.c_enum)
+        desc.embed = ptr(tensor(EMBED), kind.c_values)
+        desc.head = ptr(tensor(d.head_name), kind.c_values)
+        if "_scale" in kind.suffixes:
             desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
-            desc.head_scale = ptr(pm.tensor(head_name + "_scale"), "float")
+            desc.head_scale = ptr(pm.tensor(d.head_name + "_scale"), "float")
         desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
         desc.ffn_act = {"relu2": lib.BN_ACT_RELU2, "silu": lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
-
-        err = ffi.new("char[256]")
-        model = lib.bn_model_new(desc, threads, isa, err, 256)
-        if model == ffi.NULL:
-            raise BitnetError(f"{pm.path}: {ffi.string(err).decode()}")
-        self._model = model
-        self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
-        self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
-        self.load_s = time.perf_counter() - t0
+        return desc
 
     # ------------------------------------------------------------------ loading
 
@@ -231,17 +251,6 @@ class Engine:
         engine.load_s = time.perf_counter() - t0
         return engine
 
-    def _special_id(self, kind: str) -> int | None:
-        token = self.tokenizer_config.get(f"{kind}_token")
-        if isinstance(token, dict):  # AddedToken serialised
-            token = token.get("content")
-        if isinstance(token, str) and self.tokenizer.token_to_id(token) is not None:
-            return self.tokenizer.token_to_id(token)
-        value = self.config.get(f"{kind}_token_id")
-        if isinstance(value, list):
-            value = value[0] if value else None
-        return value if isinstance(value, int) and 0 <= value < self.vocab_size else None
-
     def _stop_ids(self) -> set[int]:
         ids = {self.eos_token_id} if self.eos_token_id is not None else set()
         value = self.config.get("eos_token_id")
@@ -255,15 +264,6 @@ class Engine:
             self._lib.bn_model_free(self._model)
             self._model = None
             self._keep.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
     # ------------------------------------------------------------------ tokens
 
@@ -381,13 +381,15 @@ class Engine:
         if self._model is None or self._lib.bn_copy_prefix(self._model, src, dst, n) != 0:
             raise BitnetError(f"copy_prefix: bad arguments ({src}, {dst}, {n})")
 
+    def cached_prefix(self, ids: Sequence[int]) -> int:
+        """How many leading tokens of ids the KV cache already holds, leaving at least the last
+        token to run (its logits are what a caller wants): forward(ids[n:], n_past=n) then
+        gives what forward(ids) would."""
+        return common_prefix(self._cached, ids[:-1])
+
     def _prefill(self, ids: list[int]) -> tuple[np.ndarray, int]:
         """Last-token logits for ids, reusing the longest cached prefix; returns (logits, reused)."""
-        reuse = 0
-        for a, b in zip(self._cached, ids[:-1]):  # at least the last token is always run
-            if a != b:
-                break
-            reuse += 1
+        reuse = self.cached_prefix(ids)
         return self.forward(ids[reuse:], n_past=reuse, all_logits=False)[0], reuse
 
     # ------------------------------------------------------------------ generation

@@ -25,7 +25,6 @@ import numpy as np
 from bitnet_cli.errors import BitnetError
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5}
-BLOCK = 128
 BUILD_HINT = (
     "the compiled kernels (bitnet_cli._kernels) are missing: build them from the bitnet-cli source tree "
     "with `pip install .` (or `pip install -e . --no-build-isolation --no-deps`); this needs a C compiler"
@@ -39,6 +38,20 @@ def lib():
     except ImportError as e:
         raise BitnetError(f"{BUILD_HINT} ({e})") from None
     return _kernels.ffi, _kernels.lib
+
+
+# The layout constants as kernels/bitnet.h defines them (the one definition), read through cffi on
+# first use (`kernels.BLOCK_K`), so importing this module needs no compiled module yet:
+# inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block (bn_q4_block).
+_LAYOUT = {"BLOCK_K": lambda ffi, L: L.BN_BLOCK_K, "BLOCK_BYTES": lambda ffi, L: L.BN_BLOCK_BYTES,
+           "Q4_BLOCK_K": lambda ffi, L: L.BN_Q4_BLOCK_K, "Q4_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q4_block")}
+
+
+def __getattr__(name: str) -> int:
+    if name not in _LAYOUT:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = globals()[name] = _LAYOUT[name](*lib())
+    return value
 
 
 def available_isas() -> list[str]:
@@ -74,7 +87,24 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-class ThreadPool:
+class CResource:
+    """An object owning C memory: close() frees it (idempotent); a context manager, and closed when
+    garbage-collected."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+class ThreadPool(CResource):
     """A persistent pool of `n` threads (the caller is thread 0); close() or use as a context manager."""
 
     MAX_THREADS = 256
@@ -96,33 +126,24 @@ class ThreadPool:
             self._lib.bn_pool_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
 
 def _pool_ptr(pool: ThreadPool | None):
     ffi, _ = lib()
     return pool.ptr if pool is not None else ffi.NULL
 
 
-def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float32 [m, k] -> (int8 [m, kp] zero-padded to a multiple of 128, scale float32 [m], sum int32 [m])."""
+def quantize(x: np.ndarray, isa: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float32 [m, k] -> (int8 [m, kp] zero-padded to a multiple of BN_BLOCK_K (128), scale float32 [m], sum int32 [m])."""
     ffi, L = lib()
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
     m, k = x.shape
-    kp = -(-k // BLOCK) * BLOCK
+    kp = -(-k // L.BN_BLOCK_K) * L.BN_BLOCK_K
     xq = np.empty((m, kp), dtype=np.int8)
     scale = np.empty(m, dtype=np.float32)
     xsum = np.empty(m, dtype=np.int32)
-    L.bn_quantize_rows(ffi.from_buffer("float[]", x), m, k, kp, ffi.from_buffer("int8_t[]", xq),
+    L.bn_quantize_rows(resolve_isa(isa), ffi.from_buffer("float[]", x), m, k, kp, ffi.from_buffer("int8_t[]", xq),
                        ffi.from_buffer("float[]", scale), ffi.from_buffer("int32_t[]", xsum))
     return xq, scale, xsum
 
@@ -133,7 +154,7 @@ def gemm(w: np.ndarray, xq: np.ndarray, xsum: np.ndarray, isa: str | None = None
     ffi, L = lib()
     n, kq = w.shape
     m, kp = xq.shape
-    if kp != 4 * kq or kp % BLOCK or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
+    if kp != 4 * kq or kp % L.BN_BLOCK_K or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
         raise BitnetError(f"gemm: shapes/dtypes do not match: w {w.dtype}{w.shape}, xq {xq.dtype}{xq.shape}")
     w, xq = np.ascontiguousarray(w), np.ascontiguousarray(xq)
     xsum = np.ascontiguousarray(xsum, dtype=np.int32)

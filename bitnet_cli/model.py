@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE, ModelDims
-from bitnet_cli.checkpoint import bitnet_convention
+from bitnet_cli.arch import FAMILIES, ModelDims
+from bitnet_cli.checkpoint import bitnet_convention, read_json, tensor_files
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
@@ -413,10 +412,9 @@ class BitNetForCausalLM(nn.Module):
         cfg_path = ckpt / "config.json"
         if not cfg_path.is_file():
             raise BitnetError(f"{ckpt}: no config.json (expected a checkpoint directory in HF layout)")
-        try:
-            cfg_dict = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise BitnetError(f"{cfg_path}: not valid JSON ({e})") from None
+        cfg_dict = read_json(cfg_path, "model config")
+        if not isinstance(cfg_dict, dict):
+            raise BitnetError(f"{cfg_path}: not a JSON object")
         config = BitNetConfig.from_hf_dict(cfg_dict, str(cfg_path))
         convention = bitnet_convention(cfg_dict.get("quantization_config"), str(cfg_path))
         offline = convention is not None and convention[0] == "offline"
@@ -488,21 +486,12 @@ def _offline_weights(ckpt: Path, model: BitNetForCausalLM, state: dict[str, torc
 
 
 def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (the files bitnet_cli.checkpoint finds and checks)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    index = ckpt / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (ckpt / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise BitnetError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
     state: dict[str, torch.Tensor] = {}
-    for name in files:
-        path = ckpt / name
-        if not path.is_file():
-            raise BitnetError(f"{path}: shard named in the index is missing")
+    for path in tensor_files(ckpt):
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError) as e:

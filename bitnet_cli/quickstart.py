@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import bundled
 
 PROMPT = "ROMEO:\nBut soft, what light"
 
@@ -32,7 +32,7 @@ class QuickstartResult:
 
 
 def bundled_recipe(name: str = "tiny") -> Path:
-    path = Path(str(resources.files("bitnet_cli") / "recipes" / f"{name}.yaml"))
+    path = bundled("recipes", f"{name}.yaml")
     if not path.is_file():
         raise BitnetError(f"bundled recipe {name!r} not found at {path}; reinstall bitnet-cli")
     return path

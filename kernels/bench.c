@@ -26,7 +26,7 @@ static void *filled(size_t n, unsigned seed) {
 }
 
 static uint8_t *ternary(int n, int k, unsigned seed) {
-    size_t bytes = (size_t)n * ((k + 127) / 128 * 32);
+    size_t bytes = (size_t)n * ((k + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_BYTES);
     uint8_t *w = filled(bytes, seed);
     for (size_t i = 0; i < bytes; i++) /* codes 0..2 only */
         for (int f = 0; f < 4; f++)
@@ -66,7 +66,8 @@ static void bench_kernel(int threads, int isa) {
 
 /* bytes of one output-head row of `hidden` inputs, values and per-row scale, per BN_EMB_* type */
 static double head_row_bytes(int type, int hidden) {
-    const double bytes[] = {2.0 * hidden, hidden + 4.0, (hidden + 63) / 64 * sizeof(bn_q4_block) + 4.0};
+    const double bytes[] = {2.0 * hidden, hidden + 4.0,
+                            (hidden + BN_Q4_BLOCK_K - 1) / BN_Q4_BLOCK_K * sizeof(bn_q4_block) + 4.0};
     return bytes[type];
 }
 

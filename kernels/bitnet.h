@@ -16,7 +16,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Instruction-set paths. A path is usable when bn_isa_available() says so on this CPU. */
+/* Layout constants, one definition for C and (through cffi) Python: an i2_k128 block holds
+ * BN_BLOCK_K inputs in BN_BLOCK_BYTES bytes (four 2-bit codes a byte); a q4 block (bn_q4_block)
+ * BN_Q4_BLOCK_K inputs. */
+enum { BN_BLOCK_K = 128, BN_BLOCK_BYTES = 32, BN_Q4_BLOCK_K = 64 };
+_Static_assert(BN_BLOCK_BYTES * 4 == BN_BLOCK_K, "i2_k128 stores four 2-bit codes per byte");
+
+/* Instruction-set paths. A path is usable when bn_isa_available() says so on this CPU;
+ * kernels/dispatch.c says which kernel each one runs. */
 enum {
     BN_ISA_SCALAR = 0,
     BN_ISA_AVX2 = 1,       /* AVX2 + FMA + F16C: vpmaddubsw on u8 codes x s8 activations */
@@ -40,8 +47,9 @@ int bn_pool_size(const bn_pool *pool);
 
 /* Per-row absmax int8 quantisation, exactly as transformers' ActQuant in fp32:
  * s = 127 / max(max|x|, 1e-5); q = clamp(round_half_even(x * s), -128, 127).
- * x is [m][k]; xq is [m][kp] with columns k..kp-1 zeroed; scale[m] = s; xsum[m] = sum of q. */
-void bn_quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
+ * x is [m][k]; xq is [m][kp] with columns k..kp-1 zeroed; scale[m] = s; xsum[m] = sum of q.
+ * Every isa gives the same bits. Returns 0, or -1 for an unavailable isa. */
+int bn_quantize_rows(int isa, const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 
 /* acc[t][r] = sum_k T[r][k] * xq[t][k] for r < n rows of w (i2_k128, kp inputs) and t < m tokens.
  * xsum[t] must be the row sums of xq (from bn_quantize_rows). Work is split by rows over the pool
@@ -54,10 +62,13 @@ int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const in
 uint64_t bn_stream_read(bn_pool *pool, const void *buf, size_t nbytes);
 
 /* ---- embedding / output-head rows ------------------------------------------------------ */
+/* Storage types of embedding and head rows; each has one entry in head.c's traits table (and
+ * bitnet_cli/pack/embeddings.py's EMBEDDING_TYPES on the Python side). */
 enum {
     BN_EMB_F16 = 0, /* f16 rows; the head is a float dot with the final hidden state */
     BN_EMB_I8 = 1,  /* int8 rows, one fp32 scale per row */
-    BN_EMB_Q4 = 2   /* 4-bit rows in bn_q4_block, one fp32 scale per row: 4.25 bits per weight */
+    BN_EMB_Q4 = 2,  /* 4-bit rows in bn_q4_block, one fp32 scale per row: 4.25 bits per weight */
+    BN_EMB_COUNT = 3
 };
 
 /* A q4 row of k inputs is padded to kp = ceil(k/64)*64 and stored as kp/64 of these blocks.
@@ -70,6 +81,7 @@ typedef struct {
     uint8_t sub[2];
     uint8_t nib[32];
 } bn_q4_block;
+_Static_assert(sizeof(bn_q4_block) == 2 + BN_Q4_BLOCK_K / 2, "bn_q4_block: two sub-scales, then 64 nibbles");
 
 /* y[t][r] = logit of row r of w for hidden vector h[t] (float [m][k]), the model's output head
  * as a standalone product (for `bitnet bench`); wscale is the per-row scale of int8/q4 rows.

@@ -1,9 +1,9 @@
 """cffi (API, out-of-line mode) build of the C kernels into ``bitnet_cli._kernels``.
 
 setup.py names this file in ``cffi_modules``, so ``pip install .`` / ``pip install -e .`` compiles
-it. The interface is kernels/bitnet.h itself, minus preprocessor lines, so the header is the one
-place the C API is written down. Flags: -O3 and no -march: every SIMD variant is compiled with
-target attributes and picked at run time (see ternary.c), so the module runs on any CPU of its
+it. The interface is kernels/bitnet.h itself, minus preprocessor lines and _Static_asserts, so the
+header is the one place the C API (and the layout constants Python reads) is written down. Flags: -O3 and no -march: every SIMD variant is compiled with
+target attributes and picked at run time (see dispatch.c), so the module runs on any CPU of its
 architecture; -ffp-contract=off: no multiply-add is fused unless the code says so, so plain C float
 code rounds alike in every copy and on every architecture (glue.c).
 """
@@ -14,12 +14,12 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["ternary.c", "glue.c", "head.c", "pool.c", "model.c"]
+SOURCES = ["dispatch.c", "ternary.c", "glue.c", "head.c", "attention.c", "pool.c", "model.c"]
 
 
 def _cdef() -> str:
     lines = (HERE / "bitnet.h").read_text().splitlines()
-    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("#", "_Static_assert")))
 
 
 def _rel(path: Path) -> str:

@@ -137,35 +137,22 @@ BODY void glue_rows(const bn_glue_job *j, int t0, int t1) {
 
 /* ---- the copies ----------------------------------------------------------------------------- */
 
-static void quantize_rows_base(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
+void bn_quantize_rows_scalar(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
     quantize_rows(x, m, k, kp, xq, scale, xsum);
 }
-static void glue_rows_base(const bn_glue_job *j, int t0, int t1) { glue_rows(j, t0, t1); }
+void bn_glue_rows_scalar(const bn_glue_job *j, int t0, int t1) { glue_rows(j, t0, t1); }
 
 #if BN_X86
-AVX2_NOFMA_TARGET static void quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale,
-                                                 int32_t *xsum) {
+AVX2_NOFMA_TARGET void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale,
+                                             int32_t *xsum) {
     quantize_rows(x, m, k, kp, xq, scale, xsum);
 }
-AVX2_NOFMA_TARGET static void glue_rows_avx2(const bn_glue_job *j, int t0, int t1) { glue_rows(j, t0, t1); }
+AVX2_NOFMA_TARGET void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1) { glue_rows(j, t0, t1); }
 #endif
 
-bn_glue_fn bn_glue_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-#if BN_X86
-    if (isa != BN_ISA_SCALAR) return glue_rows_avx2; /* every x86 SIMD path includes AVX2 */
-#endif
-    return glue_rows_base;
-}
-
-bn_quantize_fn bn_quantize_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-#if BN_X86
-    if (isa != BN_ISA_SCALAR) return quantize_rows_avx2;
-#endif
-    return quantize_rows_base;
-}
-
-void bn_quantize_rows(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
-    bn_quantize_kernel(bn_isa_best())(x, m, k, kp, xq, scale, xsum);
+int bn_quantize_rows(int isa, const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum) {
+    const bn_kernels *kern = bn_kernels_for(isa);
+    if (!kern) return -1;
+    kern->quantize(x, m, k, kp, xq, scale, xsum);
+    return 0;
 }

@@ -58,26 +58,74 @@ static int32_t q4_dot_scalar(const bn_q4_block *b, const int8_t *x, int k) {
     return acc;
 }
 
-static void head_rows_scalar(const bn_head_job *j, int r0, int r1) {
+/* ---- the scalar references, one per row type ------------------------------------------- */
+
+void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1) {
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < j->m; t++) {
-            float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_Q4) {
-                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
-                *y = i8_logit(j, t, r, q4_dot_scalar(w, j->hq + (size_t)t * j->k, j->k));
-            } else if (j->type == BN_EMB_F16) {
-                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-                const float *h = j->h + (size_t)t * j->k;
-                float s = 0.0f;
-                for (int k = 0; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-                *y = s;
-            } else {
-                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-                int32_t acc = 0;
-                for (int k = 0; k < j->k; k++) acc += w[k] * h[k];
-                *y = i8_logit(j, t, r, acc);
-            }
+            const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+            const float *h = j->h + (size_t)t * j->k;
+            float s = 0.0f;
+            for (int k = 0; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+            j->y[(size_t)t * j->y_stride + r] = s;
         }
+}
+
+void bn_head_rows_i8_scalar(const bn_head_job *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++) {
+            const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+            int32_t acc = 0;
+            for (int k = 0; k < j->k; k++) acc += w[k] * h[k];
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, acc);
+        }
+}
+
+void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++) {
+            const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / BN_Q4_BLOCK_K);
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, q4_dot_scalar(w, j->hq + (size_t)t * j->k, j->k));
+        }
+}
+
+/* ---- rows as floats (the embedding lookup), one per row type ----------------------------- */
+
+static void f16_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    (void)scale;
+    const uint16_t *w = (const uint16_t *)rows + (size_t)row * hidden;
+    for (int i = 0; i < hidden; i++) out[i] = bn_f16_to_f32(w[i]);
+}
+
+static void i8_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    const int8_t *w = (const int8_t *)rows + (size_t)row * hidden;
+    for (int i = 0; i < hidden; i++) out[i] = (float)w[i] * scale[row];
+}
+
+static void q4_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    const int nb = (hidden + BN_Q4_BLOCK_K - 1) / BN_Q4_BLOCK_K;
+    const bn_q4_block *w = (const bn_q4_block *)rows + (size_t)row * nb;
+    for (int i = 0; i < hidden; i++) {
+        const bn_q4_block *b = w + i / BN_Q4_BLOCK_K;
+        int half = i % BN_Q4_BLOCK_K / 32, q = ((b->nib[i % 32] >> 4 * half) & 15) - 8;
+        out[i] = (float)(b->sub[half] * q) * scale[row]; /* sub * q first: an integer, as numpy's decode */
+    }
+}
+
+/* The row types. A new type is one entry here, its row kernels in dispatch.c's table, and its
+ * Python traits (bitnet_cli/pack/embeddings.py). */
+static const bn_head_traits TRAITS[BN_EMB_COUNT] = {
+    [BN_EMB_F16] = {"f16", 1, 0, 0, f16_row_to_f32},
+    [BN_EMB_I8] = {"int8", 1, 0, 1, i8_row_to_f32},
+    /* kp * 255 * 8 * 128 < 2^31 for kp <= 8192 (bitnet.h) */
+    [BN_EMB_Q4] = {"q4", BN_Q4_BLOCK_K, 8192, 1, q4_row_to_f32},
+};
+
+const bn_head_traits *bn_head_type(int type) { return type >= 0 && type < BN_EMB_COUNT ? &TRAITS[type] : NULL; }
+
+int bn_head_k(int type, int hidden) {
+    const int block = TRAITS[type].block;
+    return (hidden + block - 1) / block * block;
 }
 
 #if BN_X86
@@ -213,7 +261,7 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
  * The remaining tokens go one row at a time. */
 #define HEAD_BLOCK_BYTES (128 * 1024)
 #define HEAD_ROWS_AVX2(NAME, TILE, RT, TT, ROW, STORE, ROW_BYTES)                                     \
-    AVX2_TARGET static void NAME(const bn_head_job *j, int r0, int r1) {                               \
+    AVX2_TARGET void NAME(const bn_head_job *j, int r0, int r1) {                                         \
         const int mt = j->m / (TT) * (TT), block = HEAD_BLOCK_BYTES / (ROW_BYTES) / (RT) * (RT) + (RT); \
         for (int b0 = r0; b0 < r1; b0 += block) {                                                     \
             const int b1 = r1 - b0 < block ? r1 : b0 + block;                                          \
@@ -231,8 +279,8 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
 #define I8_LOGIT(v) i8_logit(j, t, r, v)
 /* int8 rows: measured best on Zen 3 (one vpsignb per token). f16: 1 row x 2 tokens of four
  * accumulators each (8 registers, 4 for the converted weights: larger tiles spill). */
-HEAD_ROWS_AVX2(head_rows_f16_avx2, f16_tile_avx2, 1, 2, f16_row_avx2, AS_IS, 2 * j->k)
-HEAD_ROWS_AVX2(head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
+HEAD_ROWS_AVX2(bn_head_rows_f16_avx2, f16_tile_avx2, 1, 2, f16_row_avx2, AS_IS, 2 * j->k)
+HEAD_ROWS_AVX2(bn_head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
 
 /* q4 rows: the codes u = q + 8 are unsigned, so vpmaddubsw takes them as they are (u x pair
  * sums up to 2 * 15 * 127, inside int16) and the offset comes off as vpmaddubsw(8, x); the
@@ -278,7 +326,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void q4_tile_avx2(const
 
 /* tiles of two rows x four tokens; for the remaining tokens one row after another (a single
  * sequential stream, as in the decode case of the other types) */
-AVX2_TARGET static void head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
+AVX2_TARGET void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
     int t = 0;
     for (; t + 4 <= j->m; t += 4) {
         int r = r0;
@@ -287,15 +335,6 @@ AVX2_TARGET static void head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) 
     }
     for (; t < j->m; t++)
         for (int r = r0; r < r1; r++) q4_tile_avx2(j, r, t, 1, 1);
-}
-
-AVX2_TARGET static void head_rows_avx2(const bn_head_job *j, int r0, int r1) {
-    if (j->type == BN_EMB_Q4)
-        head_rows_q4_avx2(j, r0, r1);
-    else if (j->type == BN_EMB_I8)
-        head_rows_i8_avx2(j, r0, r1);
-    else
-        head_rows_f16_avx2(j, r0, r1);
 }
 #endif
 
@@ -321,54 +360,45 @@ static int32_t q4_dot_neon(const bn_q4_block *b, const int8_t *x, int k) {
     return vaddvq_s32(acc);
 }
 
-static void head_rows_neon(const bn_head_job *j, int r0, int r1) {
+void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1) {
     for (int t = 0; t < j->m; t++)
         for (int r = r0; r < r1; r++) {
-            float *y = j->y + (size_t)t * j->y_stride + r;
-            if (j->type == BN_EMB_Q4) {
-                const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / 64);
-                *y = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
-            } else if (j->type == BN_EMB_F16) {
-                const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-                const float *h = j->h + (size_t)t * j->k;
-                const int k4 = j->k & ~3;
-                float32x4_t acc = vdupq_n_f32(0.0f);
-                for (int k = 0; k < k4; k += 4)
-                    acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k))), vld1q_f32(h + k));
-                float s = vaddvq_f32(acc);
-                for (int k = k4; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
-                *y = s;
-            } else {
-                const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-                const int k16 = j->k & ~15;
-                int32x4_t acc = vdupq_n_s32(0);
-                for (int k = 0; k < k16; k += 16) {
-                    int8x16_t wv = vld1q_s8(w + k), hv = vld1q_s8(h + k);
-                    acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(hv)), wv, hv));
-                }
-                int32_t s = vaddvq_s32(acc);
-                for (int k = k16; k < j->k; k++) s += w[k] * h[k];
-                *y = i8_logit(j, t, r, s);
+            const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / BN_Q4_BLOCK_K);
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
+        }
+}
+
+void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1) {
+    for (int t = 0; t < j->m; t++)
+        for (int r = r0; r < r1; r++) {
+            const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+            const float *h = j->h + (size_t)t * j->k;
+            const int k4 = j->k & ~3;
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (int k = 0; k < k4; k += 4)
+                acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + k))), vld1q_f32(h + k));
+            float s = vaddvq_f32(acc);
+            for (int k = k4; k < j->k; k++) s += bn_f16_to_f32(w[k]) * h[k];
+            j->y[(size_t)t * j->y_stride + r] = s;
+        }
+}
+
+void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1) {
+    for (int t = 0; t < j->m; t++)
+        for (int r = r0; r < r1; r++) {
+            const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
+            const int k16 = j->k & ~15;
+            int32x4_t acc = vdupq_n_s32(0);
+            for (int k = 0; k < k16; k += 16) {
+                int8x16_t wv = vld1q_s8(w + k), hv = vld1q_s8(h + k);
+                acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(wv), vget_low_s8(hv)), wv, hv));
             }
+            int32_t s = vaddvq_s32(acc);
+            for (int k = k16; k < j->k; k++) s += w[k] * h[k];
+            j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, s);
         }
 }
 #endif
-
-bn_head_rows_fn bn_head_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-    switch (isa) {
-#if BN_X86
-    case BN_ISA_AVX2:
-    case BN_ISA_AVX512:
-    case BN_ISA_AVX512VNNI: return head_rows_avx2; /* memory-bound: AVX2 already saturates it */
-#endif
-#if BN_ARM64
-    case BN_ISA_NEON:
-    case BN_ISA_NEONDOT: return head_rows_neon;
-#endif
-    default: return head_rows_scalar;
-    }
-}
 
 typedef struct {
     bn_head_rows_fn fn;
@@ -391,13 +421,14 @@ void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int 
 
 int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float *wscale, int n, int k,
                    const float *h, int m, float *y) {
-    bn_head_rows_fn fn = bn_head_kernel(isa);
-    if (!fn || (type != BN_EMB_F16 && type != BN_EMB_I8 && type != BN_EMB_Q4) || n < 1 || k < 1 || m < 1) return -1;
+    const bn_kernels *kern = bn_kernels_for(isa);
+    const bn_head_traits *traits = bn_head_type(type);
+    if (!kern || !traits || n < 1 || k < 1 || m < 1) return -1;
     const int kq = bn_head_k(type, k);
     int8_t *hq = NULL;
     float *hscale = NULL;
     int32_t *hsum = NULL;
-    if (type != BN_EMB_F16) {
+    if (traits->quantized) {
         if (posix_memalign((void **)&hq, 64, (size_t)m * kq)) hq = NULL; /* aligned: see zalloc in model.c */
         hscale = malloc(sizeof(float) * m);
         hsum = malloc(sizeof(int32_t) * m);
@@ -405,11 +436,11 @@ int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float 
             free(hq), free(hscale), free(hsum);
             return -1;
         }
-        bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
+        kern->quantize(h, m, k, kq, hq, hscale, hsum);
     }
-    bn_head_job job = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
+    bn_head_job job = {.w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                        .m = m, .y = y, .y_stride = n};
-    bn_head_run(pool, fn, &job, n);
+    bn_head_run(pool, kern->head[type], &job, n);
     free(hq), free(hscale), free(hsum);
     return 0;
 }

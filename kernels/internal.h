@@ -49,11 +49,6 @@ typedef struct {
 typedef void (*bn_glue_fn)(const bn_glue_job *job, int t0, int t1);
 typedef void (*bn_quantize_fn)(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 
-/* The glue / bn_quantize_rows for an isa, or NULL when this CPU lacks it. Every isa gives the
- * same bits (one source, compiled per ISA with a fixed float order). */
-bn_glue_fn bn_glue_kernel(int isa);
-bn_quantize_fn bn_quantize_kernel(int isa);
-
 /* One ternary matrix product: rows of w against m quantised tokens. The kernel writes either
  * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
 typedef struct {
@@ -72,9 +67,6 @@ typedef struct {
 
 typedef void (*bn_i2_rows_fn)(const bn_i2_job *job, int r0, int r1);
 
-/* The row kernel for an isa, or NULL when this build/CPU lacks it. */
-bn_i2_rows_fn bn_i2_kernel(int isa);
-
 static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx) {
     /* codes are T+1, so sum q*x = sum T*x + sum x */
     int32_t acc = sum_qx - j->xsum[t];
@@ -84,12 +76,12 @@ static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx)
         j->y[(size_t)t * j->y_stride + r] = (float)acc / j->xscale[t] * j->gamma;
 }
 
-/* The output head: y[t][r] = dot(row r, h[t]) for r in [r0, r1) and m hidden vectors.
+/* The output head: y[t][r] = dot(row r, h[t]) for r in [r0, r1) and m hidden vectors, by a row
+ * kernel of the rows' type (bn_kernels.head[type]).
  * f16 rows: a float dot with h. int8 and q4 rows (bitnet.h): an exact integer dot with h quantised
  * per token like a BitLinear input (hq, hscale from bn_quantize_rows with kp = k), then
  * y = acc / hscale[t] * wscale[r]. */
 typedef struct {
-    int type; /* BN_EMB_F16 / BN_EMB_I8 / BN_EMB_Q4 */
     const void *w;
     const float *wscale;
     int k;               /* inputs per row; for q4 the padded count, bn_head_k() */
@@ -101,11 +93,25 @@ typedef struct {
     int y_stride;
 } bn_head_job;
 
-/* The row length the head kernels see: q4 rows are padded to whole 64-input blocks. */
-static inline int bn_head_k(int type, int hidden) { return type == BN_EMB_Q4 ? (hidden + 63) / 64 * 64 : hidden; }
-
 typedef void (*bn_head_rows_fn)(const bn_head_job *job, int r0, int r1);
-bn_head_rows_fn bn_head_kernel(int isa);
+
+/* What the engine needs to know of a row storage type (BN_EMB_*), one entry per type in head.c;
+ * its row kernels per ISA are in dispatch.c's table. */
+typedef struct {
+    const char *name;
+    int block;     /* inputs per storage block: rows are padded to a multiple (bn_head_k) */
+    int max_k;     /* the longest padded row whose integer sums fit int32; 0: no limit */
+    int quantized; /* the head dots rows with the hidden state quantised to int8 (hq), not floats */
+    /* out[0..hidden) = row `row` of rows (with its scale, for scaled types) as floats: the
+     * embedding lookup, equal to bitnet_cli.pack.embeddings' decode */
+    void (*row_to_f32)(const void *rows, const float *scale, int row, int hidden, float *out);
+} bn_head_traits;
+
+/* The traits of a type, or NULL for an unknown one. */
+const bn_head_traits *bn_head_type(int type);
+
+/* The row length the head kernels see: rows padded to whole storage blocks (q4: 64 inputs). */
+int bn_head_k(int type, int hidden);
 
 /* All `rows` rows of a head job, split over the pool. */
 void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int rows);
@@ -125,7 +131,48 @@ typedef struct {
 } bn_attn_job;
 
 typedef void (*bn_attn_fn)(const bn_attn_job *job);
-bn_attn_fn bn_attn_kernel(int isa);
+
+/* ---- dispatch (dispatch.c) ------------------------------------------------------------ */
+
+/* The kernels one ISA runs. */
+typedef struct {
+    bn_i2_rows_fn i2;
+    bn_quantize_fn quantize;
+    bn_glue_fn glue;
+    bn_attn_fn attend;
+    bn_head_rows_fn head[BN_EMB_COUNT]; /* by row type, BN_EMB_* */
+} bn_kernels;
+
+/* The kernels of an isa, or NULL when this build/CPU lacks it. */
+const bn_kernels *bn_kernels_for(int isa);
+
+/* Every kernel, per ISA, as dispatch.c gathers them (each SIMD one equals its scalar reference
+ * bit for bit: kernels/test_kernels.c). */
+void bn_i2_rows_scalar(const bn_i2_job *j, int r0, int r1);
+void bn_quantize_rows_scalar(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
+void bn_glue_rows_scalar(const bn_glue_job *j, int t0, int t1);
+void bn_attend_scalar(const bn_attn_job *a);
+void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_i8_scalar(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1);
+#if BN_X86
+void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1);
+void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1);
+void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
+void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
+void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1);
+void bn_attend_avx2(const bn_attn_job *a);
+void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1);
+#endif
+#if BN_ARM64
+void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);
+void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1);
+void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1);
+#endif
 
 /* Run fn(ctx, chunk, n_chunks, ith) for every chunk in [0, n_chunks), on whichever pool threads
  * claim them (ith: the running thread, 0 is the caller, for per-thread scratch); returns when all

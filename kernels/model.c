@@ -1,5 +1,6 @@
-/* The BitNet b1.58 decoder (transformers' BitNetForCausalLM) on the kernels of ternary.c/head.c,
- * and the Llama-architecture 1.58-bit family (LlamaForCausalLM with BitLinear projections).
+/* The BitNet b1.58 decoder (transformers' BitNetForCausalLM) on the kernels of ternary.c, glue.c,
+ * attention.c and head.c, as dispatch.c picks them for the model's ISA; and the Llama-architecture
+ * 1.58-bit family (LlamaForCausalLM with BitLinear projections).
  *
  * Per layer, for a chunk of M tokens (M = 1 when decoding):
  *   h = rmsnorm(x) -> int8 -> q,k,v (one parallel section) -> RoPE -> KV cache
@@ -25,10 +26,8 @@ struct bn_model {
     bn_model_desc d;
     bn_layer_desc *layers;
     bn_pool *pool;
-    bn_i2_rows_fn i2;
-    bn_head_rows_fn head;
-    bn_attn_fn attend;
-    bn_glue_fn glue;
+    const bn_kernels *kern; /* this model's ISA's kernels (dispatch.c) */
+    const bn_head_traits *emb_type, *head_type;
     int q_dim, kv_dim, kp_h, kp_f, kp_q;
     float attn_scale;
     int n_seq;              /* independent sequences, each with its own cache (bn_model_set_seqs) */
@@ -74,17 +73,15 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     if (d->n_heads % d->n_kv_heads) FAIL("num_attention_heads %d is not a multiple of num_key_value_heads %d",
                                          d->n_heads, d->n_kv_heads);
     if (d->ffn_act != BN_ACT_RELU2 && d->ffn_act != BN_ACT_SILU) FAIL("unknown FFN activation %d", d->ffn_act);
-    for (int i = 0; i < 2; i++) {
-        int type = i ? d->head_type : d->emb_type;
-        if (type != BN_EMB_F16 && type != BN_EMB_I8 && type != BN_EMB_Q4) FAIL("unknown embedding type %d", type);
-    }
-    if (d->head_type == BN_EMB_Q4 && bn_head_k(BN_EMB_Q4, d->hidden) > 8192)
-        FAIL("a q4 head needs hidden_size <= 8192 (its int32 sums), got %d", d->hidden);
-    m->i2 = bn_i2_kernel(isa);
-    m->head = bn_head_kernel(isa);
-    m->attend = bn_attn_kernel(isa);
-    m->glue = bn_glue_kernel(isa);
-    if (!m->i2 || !m->head || !m->attend || !m->glue) FAIL("instruction set %d is not available on this CPU", isa);
+    m->emb_type = bn_head_type(d->emb_type);
+    m->head_type = bn_head_type(d->head_type);
+    if (!m->emb_type) FAIL("unknown embedding type %d", d->emb_type);
+    if (!m->head_type) FAIL("unknown embedding type %d", d->head_type);
+    if (m->head_type->max_k && bn_head_k(d->head_type, d->hidden) > m->head_type->max_k)
+        FAIL("a %s head needs hidden_size <= %d (its int32 sums), got %d", m->head_type->name, m->head_type->max_k,
+             d->hidden);
+    m->kern = bn_kernels_for(isa);
+    if (!m->kern) FAIL("instruction set %d is not available on this CPU", isa);
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -94,9 +91,9 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
 
     m->q_dim = d->n_heads * d->head_dim;
     m->kv_dim = d->n_kv_heads * d->head_dim;
-    m->kp_h = (d->hidden + 127) / 128 * 128;
-    m->kp_f = (d->ffn + 127) / 128 * 128;
-    m->kp_q = (m->q_dim + 127) / 128 * 128; /* o_proj's inputs: heads * head_dim, not always hidden */
+    m->kp_h = (d->hidden + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K;
+    m->kp_f = (d->ffn + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K;
+    m->kp_q = (m->q_dim + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K; /* o_proj's inputs: heads * head_dim */
     m->attn_scale = (float)(1.0 / sqrt((double)d->head_dim));
     /* calloc'd: pages are only committed as positions are written */
     size_t cache = (size_t)d->n_layers * m->kv_dim * d->ctx;
@@ -148,162 +145,6 @@ static void rope(float *v, int n_heads, int hd, const float *cs, const float *sn
             v[i] = a * cs[i] - b * sn[i];
             v[i + half] = b * cs[i] + a * sn[i];
         }
-}
-
-/* ---- attention kernels ------------------------------------------------------------------ */
-
-/* The order of every float operation is fixed by the scalar code: a dot product sums lane l of
- * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
- * products are rounded before they are added (no FMA); values are summed over keys in order. */
-static inline float dot(const float *a, const float *b, int n) {
-    float lane[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
-    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* sc[0..n) -> softmax weights; scalar on every ISA (expf) */
-static void softmax(float *sc, int n) {
-    float mx = -INFINITY, sum = 0.0f;
-    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    for (int j = 0; j < n; j++) {
-        sc[j] = expf(sc[j] - mx);
-        sum += sc[j];
-    }
-    for (int j = 0; j < n; j++) sc[j] /= sum;
-}
-
-/* Key-major: each K row is dotted with every head's query, each V row added into every head's
- * output, so a row is read once per group; per head the operations run in the order above. */
-static void attend_scalar(const bn_attn_job *a) {
-    const int hd = a->hd, n = a->n;
-    for (int j = 0; j < n; j++) {
-        const float *k = a->kc + (size_t)a->keys[j] * hd;
-        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
-    }
-    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
-    memset(a->out, 0, sizeof(float) * hd * a->heads);
-    for (int j = 0; j < n; j++) {
-        const float *v = a->vc + (size_t)a->keys[j] * hd;
-        for (int h = 0; h < a->heads; h++) {
-            float p = a->sc[(size_t)h * n + j], *o = a->out + (size_t)h * hd;
-            for (int e = 0; e < hd; e++) o[e] += p * v[e];
-        }
-    }
-}
-
-#if BN_X86
-/* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
-AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
-    v = _mm256_hadd_ps(v, v);
-    v = _mm256_hadd_ps(v, v);
-    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
-}
-
-/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
- * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
- * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
-AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
-                                                                              int j0, int j1, const int NH,
-                                                                              const int NV) {
-    const int hd = a->hd, n = a->n;
-    __m256 o[4][2];
-    for (int h = 0; h < NH; h++)
-        for (int u = 0; u < NV; u++)
-            o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
-    for (int j = j0; j < j1; j++) {
-        const float *v = a->vc + (size_t)a->keys[j] * hd + e;
-        if (e == 0 && j + (j1 - j0) < n)
-            for (int b = 0; b < hd; b += 16)
-                _mm_prefetch((const char *)(a->vc + (size_t)a->keys[j + (j1 - j0)] * hd + b), _MM_HINT_T0);
-        __m256 vv[2];
-        for (int u = 0; u < NV; u++) vv[u] = _mm256_loadu_ps(v + 8 * u);
-        for (int h = 0; h < NH; h++) {
-            __m256 p = _mm256_broadcast_ss(a->sc + (size_t)(h0 + h) * n + j);
-            for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(p, vv[u]));
-        }
-    }
-    for (int h = 0; h < NH; h++)
-        for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
-}
-
-/* The values go by blocks of keys whose rows fit in L1 (16 KB), every output column passing over
- * a block before the next: the rows are fetched once, not once per 16 columns. */
-AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
-                                                                                   const int NH) {
-    const int hd = a->hd, n = a->n, block = hd < 512 ? 4096 / hd : 8;
-    for (int j0 = 0; j0 < n; j0 += block) {
-        const int j1 = j0 + block < n ? j0 + block : n;
-        int e = 0;
-        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2);
-        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1);
-        for (; e < hd; e++)
-            for (int h = h0; h < h0 + NH; h++) {
-                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
-                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
-                a->out[(size_t)h * hd + e] = o;
-            }
-    }
-}
-
-/* Scores of keys j, j + 1 for heads [h0, h0 + NH): NH x 2 independent add chains, each K vector
- * loaded once for the NH heads. */
-AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
-                                                                              const int NH) {
-    const int hd = a->hd, h8 = hd & ~7, n = a->n;
-    const float *k[2] = {a->kc + (size_t)a->keys[j] * hd, a->kc + (size_t)a->keys[j + 1] * hd};
-    __m256 s[4][2];
-    for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
-    for (int i = 0; i < h8; i += 8) {
-        __m256 k0 = _mm256_loadu_ps(k[0] + i), k1 = _mm256_loadu_ps(k[1] + i);
-        for (int h = 0; h < NH; h++) {
-            __m256 qv = _mm256_loadu_ps(a->q + (size_t)(h0 + h) * hd + i);
-            s[h][0] = _mm256_add_ps(s[h][0], _mm256_mul_ps(qv, k0));
-            s[h][1] = _mm256_add_ps(s[h][1], _mm256_mul_ps(qv, k1));
-        }
-    }
-    for (int h = 0; h < NH; h++)
-        for (int u = 0; u < 2; u++) {
-            const float *q = a->q + (size_t)(h0 + h) * hd;
-            float d = lane_tree(s[h][u]);
-            for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
-            a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
-        }
-}
-
-/* Up to four heads at a time (the register tiles above), for the scores and the values */
-AVX2_NOFMA_TARGET static void attend_avx2(const bn_attn_job *a) {
-    const int hd = a->hd, n = a->n;
-    int j = 0;
-    for (; j + 2 <= n; j += 2)
-        for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
-            case 1: scores_avx2(a, j, h0, 1); break;
-            case 2: scores_avx2(a, j, h0, 2); break;
-            case 3: scores_avx2(a, j, h0, 3); break;
-            default: scores_avx2(a, j, h0, 4); break;
-            }
-    for (; j < n; j++)
-        for (int h = 0; h < a->heads; h++)
-            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
-    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
-    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
-        case 1: head_values_avx2(a, h0, 1); break;
-        case 2: head_values_avx2(a, h0, 2); break;
-        case 3: head_values_avx2(a, h0, 3); break;
-        default: head_values_avx2(a, h0, 4); break;
-        }
-}
-#endif
-
-bn_attn_fn bn_attn_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-#if BN_X86
-    if (isa == BN_ISA_AVX2 || isa == BN_ISA_AVX512 || isa == BN_ISA_AVX512VNNI) return attend_avx2;
-#endif
-    return attend_scalar;
 }
 
 /* ---- parallel sections ----------------------------------------------------------------- */
@@ -402,7 +243,7 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
                row = (size_t)t * m->q_dim + h * hd;
         bn_attn_job job = {m->q + row, m->kcache + base, m->vcache + base, keys, n_keys, hd, a->heads, m->attn_scale,
                            sc, m->att + row};
-        m->attend(&job);
+        m->kern->attend(&job);
     }
 }
 
@@ -419,24 +260,9 @@ static void attention(bn_model *m, int l, const chunk_view *c) {
 
 /* ---- the forward pass ------------------------------------------------------------------ */
 
+/* the input embedding of a token: its row as floats, by the row type's traits (head.c) */
 static void embed(const bn_model *m, int token, float *out) {
-    const int H = m->d.hidden;
-    if (m->d.emb_type == BN_EMB_F16) {
-        const uint16_t *row = (const uint16_t *)m->d.embed + (size_t)token * H;
-        for (int i = 0; i < H; i++) out[i] = bn_f16_to_f32(row[i]);
-    } else if (m->d.emb_type == BN_EMB_I8) {
-        const int8_t *row = (const int8_t *)m->d.embed + (size_t)token * H;
-        float s = m->d.embed_scale[token];
-        for (int i = 0; i < H; i++) out[i] = (float)row[i] * s;
-    } else {
-        const bn_q4_block *row = (const bn_q4_block *)m->d.embed + (size_t)token * (bn_head_k(BN_EMB_Q4, H) / 64);
-        float s = m->d.embed_scale[token];
-        for (int i = 0; i < H; i++) {
-            const bn_q4_block *b = row + i / 64;
-            int half = i % 64 / 32, q = ((b->nib[i % 32] >> 4 * half) & 15) - 8;
-            out[i] = (float)(b->sub[half] * q) * s;
-        }
-    }
+    m->emb_type->row_to_f32(m->d.embed, m->d.embed_scale, token, m->d.hidden, out);
 }
 
 /* The float glue between two matrix products (bn_glue_job) into m->h and the int8 rows of m->xq.
@@ -456,7 +282,7 @@ static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
 }
 
 static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
-    glue_task g = {m->glue,
+    glue_task g = {m->kern->glue,
                    {.n = n, .kp = kp, .act = m->d.ffn_act, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up,
                     .h = m->h,
                     .xq = m->xq, .xscale = m->xscale, .xsum = m->xsum},
@@ -474,7 +300,7 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
 
     /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
     glue(m, M, m->x, l > 0 ? m->tmp : NULL, NULL, L->attn_norm, H, m->kp_h);
-    matmul_task qkv = {m->i2,
+    matmul_task qkv = {m->kern->i2,
                        {i2_job(m, L->wq, L->gq, m->kp_h, M, m->q, m->q_dim),
                         i2_job(m, L->wk, L->gk, m->kp_h, M, m->k, m->kv_dim),
                         i2_job(m, L->wv, L->gv, m->kp_h, M, m->v, m->kv_dim)},
@@ -496,18 +322,18 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     attention(m, l, c);
 
     glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, m->q_dim, m->kp_q);
-    matmul_task o = {m->i2, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
+    matmul_task o = {m->kern->i2, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &o);
 
     glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);
-    matmul_task gu = {m->i2,
+    matmul_task gu = {m->kern->i2,
                       {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
                       {F, F},
                       2};
     run_matmul(m, &gu);
 
     glue(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, F, m->kp_f);
-    matmul_task down = {m->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
+    matmul_task down = {m->kern->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &down);
 }
 
@@ -516,11 +342,11 @@ static void output(bn_model *m, int t0, int M, float *logits) {
     const int H = m->d.hidden, type = m->d.head_type, k = bn_head_k(type, H);
     /* integer heads take int8 hidden vectors of k inputs (m->xq is free now) */
     bn_glue_job norm = {.n = H, .kp = k, .eps = m->d.rms_eps, .w = m->d.final_norm, .x = m->x + (size_t)t0 * H,
-                        .h = m->h, .xq = type != BN_EMB_F16 ? m->xq : NULL, .xscale = m->xscale, .xsum = m->xsum};
-    m->glue(&norm, 0, M - t0);
-    bn_head_job job = {.type = type, .w = m->d.head, .wscale = m->d.head_scale, .k = k, .h = m->h, .hq = m->xq,
+                        .h = m->h, .xq = m->head_type->quantized ? m->xq : NULL, .xscale = m->xscale, .xsum = m->xsum};
+    m->kern->glue(&norm, 0, M - t0);
+    bn_head_job job = {.w = m->d.head, .wscale = m->d.head_scale, .k = k, .h = m->h, .hq = m->xq,
                        .hscale = m->xscale, .m = M - t0, .y = logits, .y_stride = m->d.vocab};
-    bn_head_run(m->pool, m->head, &job, m->d.vocab);
+    bn_head_run(m->pool, m->kern->head[type], &job, m->d.vocab);
 }
 
 /* tokens [0, n) into cache slots n_past.., in prefill chunks; pos and branch (either may be

@@ -1,10 +1,9 @@
-/* Ternary x int8 matrix kernels over the i2_k128 layout, one per ISA, plus runtime dispatch.
+/* Ternary x int8 matrix kernels over the i2_k128 layout, one per ISA (dispatch.c picks one).
  *
- * Each SIMD kernel computes exactly what i2_rows_scalar computes: sum_k q_k * x_k in int32 with
+ * Each SIMD kernel computes exactly what bn_i2_rows_scalar computes: sum_k q_k * x_k in int32 with
  * q = T + 1 in {0, 1, 2}, minus sum_k x_k. Codes are unsigned and activations signed, which is
  * the operand order of x86's u8 x s8 multiply-adds (vpmaddubsw, vpdpbusd); ARM's sdot takes the
- * codes as s8 since 0..2 fit. Every variant is compiled in every x86 (or ARM) build through
- * target attributes and chosen at run time, so the distributed build needs no -march flags.
+ * codes as s8 since 0..2 fit.
  *
  * Overflow bounds: a vpmaddubsw lane adds two products |q*x| <= 2*128, so <= 512; four of them
  * per block sum to <= 2048, and eight blocks to <= 16384, inside int16; then they widen to int32.
@@ -18,18 +17,14 @@
 #endif
 #if BN_ARM64
 #include <arm_neon.h>
-#include <sys/auxv.h>
-#ifndef HWCAP_ASIMDDP
-#define HWCAP_ASIMDDP (1 << 20)
-#endif
 #endif
 
-#define BLOCK 128       /* inputs per block */
-#define BLOCK_BYTES 32  /* bytes per block */
+#define BLOCK BN_BLOCK_K
+#define BLOCK_BYTES BN_BLOCK_BYTES
 
 /* ---- scalar reference ------------------------------------------------------------------ */
 
-static void i2_rows_scalar(const bn_i2_job *j, int r0, int r1) {
+void bn_i2_rows_scalar(const bn_i2_job *j, int r0, int r1) {
     const int nb = j->kp / BLOCK;
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
@@ -159,7 +154,7 @@ AVX2_TARGET static inline int32_t i2_gemv_row_avx2(const bn_i2_job *j, int r) {
     return bn_hsum_epi32_avx2(acc) / 4;
 }
 
-AVX2_TARGET static void i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
+AVX2_TARGET void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
     if (j->m != 1) {
         i2_rows_avx2_tokens(j, r0, r1);
         return;
@@ -214,11 +209,11 @@ I2_ROWS_TOKENS(i2_rows_avx512vnni_tokens, AVX512VNNI_TARGET, i2_row_avx512vnni)
 /* Decode on AVX-512 machines takes the AVX2 GEMV: it streams the weights faster (on a Xeon with
  * AVX-512 VNNI, 2 threads, the FFN shape: 13.0 GB/s against 10.7 for the AVX-512 GEMV and 10.4
  * for VNNI), since decode is bound by the read, not the multiply-adds. Prefill keeps 512 bits. */
-static void i2_rows_avx512(const bn_i2_job *j, int r0, int r1) {
-    (j->m == 1 ? i2_rows_avx2 : i2_rows_avx512_tokens)(j, r0, r1);
+void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1) {
+    (j->m == 1 ? bn_i2_rows_avx2 : i2_rows_avx512_tokens)(j, r0, r1);
 }
-static void i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1) {
-    (j->m == 1 ? i2_rows_avx2 : i2_rows_avx512vnni_tokens)(j, r0, r1);
+void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1) {
+    (j->m == 1 ? bn_i2_rows_avx2 : i2_rows_avx512vnni_tokens)(j, r0, r1);
 }
 
 #endif /* BN_X86 */
@@ -240,7 +235,7 @@ static inline __attribute__((always_inline)) void neon_codes(const uint8_t *p, i
     c[7] = vreinterpretq_s8_u8(vshrq_n_u8(hi, 6));
 }
 
-static void i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
+void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
     const int nb = j->kp / BLOCK;
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
@@ -265,7 +260,7 @@ static void i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
 
 #pragma GCC push_options
 #pragma GCC target("arch=armv8.2-a+dotprod")
-static void i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
+void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
     const int nb = j->kp / BLOCK;
     for (int r = r0; r < r1; r++) {
         const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
@@ -289,54 +284,6 @@ static void i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
 
 #endif /* BN_ARM64 */
 
-/* ---- dispatch -------------------------------------------------------------------------- */
-
-int bn_isa_available(int isa) {
-    switch (isa) {
-    case BN_ISA_SCALAR: return 1;
-#if BN_X86
-    case BN_ISA_AVX2:
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    case BN_ISA_AVX512:
-        __builtin_cpu_init();
-        return bn_isa_available(BN_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
-               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-    case BN_ISA_AVX512VNNI:
-        __builtin_cpu_init();
-        return bn_isa_available(BN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
-#endif
-#if BN_ARM64
-    case BN_ISA_NEON: return 1;
-    case BN_ISA_NEONDOT: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
-#endif
-    default: return 0;
-    }
-}
-
-int bn_isa_best(void) {
-    static const int order[] = {BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
-    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
-        if (bn_isa_available(order[i])) return order[i];
-    return BN_ISA_SCALAR;
-}
-
-bn_i2_rows_fn bn_i2_kernel(int isa) {
-    if (!bn_isa_available(isa)) return NULL;
-    switch (isa) {
-#if BN_X86
-    case BN_ISA_AVX2: return i2_rows_avx2;
-    case BN_ISA_AVX512: return i2_rows_avx512;
-    case BN_ISA_AVX512VNNI: return i2_rows_avx512vnni;
-#endif
-#if BN_ARM64
-    case BN_ISA_NEON: return i2_rows_neon;
-    case BN_ISA_NEONDOT: return i2_rows_neondot;
-#endif
-    default: return i2_rows_scalar;
-    }
-}
-
 typedef struct {
     bn_i2_rows_fn fn;
     const bn_i2_job *job;
@@ -353,7 +300,8 @@ static void gemm_worker(void *ctx, int chunk, int n_chunks, int ith) {
 
 int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const int8_t *xq, const int32_t *xsum,
                int m, int32_t *acc) {
-    bn_i2_rows_fn fn = bn_i2_kernel(isa);
+    const bn_kernels *kern = bn_kernels_for(isa);
+    bn_i2_rows_fn fn = kern ? kern->i2 : NULL;
     if (!fn || kp % BLOCK != 0 || n < 0 || m < 0) return -1;
     bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = acc, .acc_stride = n};
     gemm_task g = {fn, &job, n};

@@ -51,7 +51,7 @@ static void test_gemm_shapes(void) {
         int8_t *xq = malloc((size_t)m * kp);
         float *scale = malloc(sizeof(float) * m);
         int32_t *xsum = malloc(sizeof(int32_t) * m);
-        bn_quantize_rows(x, m, k, kp, xq, scale, xsum);
+        bn_quantize_rows(BN_ISA_SCALAR, x, m, k, kp, xq, scale, xsum);
         int32_t *ref = malloc(sizeof(int32_t) * m * n), *got = malloc(sizeof(int32_t) * m * n);
         bn_gemm_i2(NULL, BN_ISA_SCALAR, w, n, kp, xq, xsum, m, ref);
         for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
@@ -146,15 +146,15 @@ static void test_head(void) {
         }
         float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[11];
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
-        for (int type = 0; type < 3; type++) {
+        for (int type = 0; type < BN_EMB_COUNT; type++) {
             const void *w = type == BN_EMB_Q4 ? (const void *)w4 : type == BN_EMB_I8 ? (const void *)w8 : w16;
             int kq = bn_head_k(type, k);
             int8_t *hq = malloc((size_t)m * kq);
             int32_t hsum[11];
-            bn_quantize_rows(h, m, k, kq, hq, hscale, hsum);
-            bn_head_job j = {.type = type, .w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
+            bn_quantize_rows(BN_ISA_SCALAR, h, m, k, kq, hq, hscale, hsum);
+            bn_head_job j = {.w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                              .m = m, .y = ref, .y_stride = n};
-            bn_head_kernel(BN_ISA_SCALAR)(&j, 0, n);
+            bn_kernels_for(BN_ISA_SCALAR)->head[type](&j, 0, n);
             for (int t = 0; type != BN_EMB_F16 && t < m; t++)
                 for (int r = 0; r < n; r++) {
                     int32_t acc = 0;
@@ -195,14 +195,14 @@ static void test_attention(void) {
         for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
             for (int h = 0; h < MAX_HEADS; h++) {
                 bn_attn_job one = {q + h * hd, kc, vc, keys, len, hd, 1, 0.125f, sc, ref + h * hd};
-                bn_attn_kernel(BN_ISA_SCALAR)(&one);
+                bn_kernels_for(BN_ISA_SCALAR)->attend(&one);
             }
             for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
                 for (int heads = 1; heads <= MAX_HEADS; heads++) {
                     memset(got, 0x55, sizeof got);
                     bn_attn_job j = {q, kc, vc, keys, len, hd, heads, 0.125f, sc, got};
-                    bn_attn_kernel(isa)(&j);
+                    bn_kernels_for(isa)->attend(&j);
                     CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
                           "attention isa %d differs at hd=%d keys=%d heads=%d", isa, hd, len, heads);
                 }
@@ -240,11 +240,11 @@ static void test_glue(void) {
                                  .w = normed ? w : NULL, .x = x[c], .add = variant == 1 ? add : NULL,
                                  .up = gated ? up : NULL, .h = h[c], .xscale = scale[c], .xsum = xsum[c]};
                 memcpy(x[c], x0, sizeof(float) * M * n);
-                bn_glue_kernel(isa)(&j, 0, M); /* float rows into h */
+                bn_kernels_for(isa)->glue(&j, 0, M); /* float rows into h */
                 memcpy(x[c], x0, sizeof(float) * M * n);
                 j.xq = xq[c];
-                bn_glue_kernel(isa)(&j, 0, M); /* int8 rows into xq */
-                bn_quantize_kernel(isa)(h[c], M, n, kp, hq, qscale, qsum);
+                bn_kernels_for(isa)->glue(&j, 0, M); /* int8 rows into xq */
+                bn_kernels_for(isa)->quantize(h[c], M, n, kp, hq, qscale, qsum);
                 CHECK(!memcmp(hq, xq[c], (size_t)M * kp) && !memcmp(qscale, scale[c], sizeof qscale) &&
                           !memcmp(qsum, xsum[c], sizeof qsum),
                       "glue isa %d quantises other than its float rows at n=%d variant %d", isa, n, variant);
@@ -253,7 +253,7 @@ static void test_glue(void) {
                               !memcmp(xq[0], xq[1], (size_t)M * kp) && !memcmp(scale[0], scale[1], sizeof scale[0]) &&
                               !memcmp(xsum[0], xsum[1], sizeof xsum[0]),
                           "glue isa %d differs from scalar at n=%d variant %d", isa, n, variant);
-                    bn_quantize_rows(h[0], M, n, kp, hq, qscale, qsum); /* the public entry point */
+                    bn_quantize_rows(isa, h[0], M, n, kp, hq, qscale, qsum); /* the public entry point */
                     CHECK(!memcmp(xq[0], hq, (size_t)M * kp), "bn_quantize_rows differs at n=%d", n);
                     free(x[1]), free(h[1]), free(xq[1]);
                 }
@@ -308,7 +308,7 @@ static void test_glue_silu_range(void) {
         if (!bn_isa_available(isa)) continue;
         memcpy(x, x0, sizeof(float) * N);
         bn_glue_job j = {.n = N, .kp = N, .act = BN_ACT_SILU, .x = x, .up = up, .h = h};
-        bn_glue_kernel(isa)(&j, 0, 1);
+        bn_kernels_for(isa)->glue(&j, 0, 1);
         if (isa == 0) {
             memcpy(ref, x, sizeof(float) * N);
             for (int i = 0; i < N - 2; i++) { /* the infinities apart: inf - inf */
@@ -414,11 +414,38 @@ static void test_decoder(int llama) {
     }
 }
 
+/* The dispatch table: every available ISA has every kernel; an ISA without its own version of a
+ * kernel runs its fallback's (AVX-512 runs AVX2's head); unavailable ISAs and unknown types get
+ * NULL / -1, and the public quantiser honours its isa argument. */
+static void test_dispatch(void) {
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+        const bn_kernels *k = bn_kernels_for(isa);
+        CHECK(!k == !bn_isa_available(isa), "isa %d: table and availability disagree", isa);
+        if (!k) {
+            float x = 1.0f, s;
+            int8_t q[BN_BLOCK_K];
+            int32_t sum;
+            CHECK(bn_quantize_rows(isa, &x, 1, 1, BN_BLOCK_K, q, &s, &sum) == -1, "isa %d: quantised anyway", isa);
+            continue;
+        }
+        CHECK(k->i2 && k->quantize && k->glue && k->attend, "isa %d: empty slot", isa);
+        for (int t = 0; t < BN_EMB_COUNT; t++) CHECK(k->head[t] && bn_head_type(t), "isa %d type %d: no head", isa, t);
+    }
+#if BN_X86
+    if (bn_isa_available(BN_ISA_AVX512))
+        CHECK(bn_kernels_for(BN_ISA_AVX512)->head[BN_EMB_F16] == bn_kernels_for(BN_ISA_AVX2)->head[BN_EMB_F16],
+              "AVX-512 should run the AVX2 head");
+#endif
+    CHECK(!bn_kernels_for(-1) && !bn_kernels_for(BN_ISA_COUNT) && !bn_head_type(BN_EMB_COUNT) && !bn_head_type(-1),
+          "out-of-range ids must give NULL");
+}
+
 int main(void) {
     printf("isas:");
     for (int isa = 0; isa < BN_ISA_COUNT; isa++)
         if (bn_isa_available(isa)) printf(" %d", isa);
     printf("\n");
+    test_dispatch();
     test_gemm_shapes();
     test_gemm_extremes();
     test_stream_read();

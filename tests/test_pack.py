@@ -340,7 +340,8 @@ def test_int8_embeddings_per_row_scale(hf_tiny_checkpoint, tmp_path):
 
 @pytest.mark.parametrize("hidden", [64, 100, 2560])
 def test_q4_rows_round_trip_within_half_a_step(hidden):
-    from bitnet_cli.pack.embeddings import Q4_BLOCK_BYTES, decode, encode, q4_padded
+    from bitnet_cli.kernels import Q4_BLOCK_BYTES
+    from bitnet_cli.pack.embeddings import decode, encode, q4_padded
 
     rng = np.random.default_rng(hidden)
     rows = rng.standard_normal((40, hidden)).astype(np.float32) * 0.02
@@ -391,3 +392,22 @@ def test_synthetic_tiny_model_is_valid(tmp_path):
     assert again.read_bytes() == path.read_bytes()
     with PackedModel.open(write_random_model(tmp_path / "i8.bin", "tiny", embeddings="int8")) as pm:
         assert np.isfinite(reference.forward(pm, [1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("name", ["f16", "int8", "q4"])
+def test_embedding_traits_agree_with_what_they_store(name):
+    """Each entry of the traits table: encode gives exactly the tensors `stored` declares, decode
+    inverts it, row_bytes counts them, and the C enum it names exists in the compiled kernels."""
+    from bitnet_cli import kernels
+    from bitnet_cli.checkpoint import SAFETENSORS_DTYPES
+    from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+
+    kind = EMBEDDING_TYPES[name]
+    rows = np.random.default_rng(0).standard_normal((5, 100)).astype(np.float32) * 0.02
+    arrays = kind.encode(rows)
+    declared = kind.stored(5, 100)
+    assert [(a.dtype, a.shape) for a in arrays] == [(SAFETENSORS_DTYPES[d], s) for _, d, s in declared]
+    assert kind.row_bytes(100) == sum(a.nbytes for a in arrays) // 5
+    assert np.abs(kind.decode(arrays, 100) - rows).max() < 0.01
+    _, lib = kernels.lib()
+    assert isinstance(getattr(lib, kind.c_enum), int)

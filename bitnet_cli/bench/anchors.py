@@ -1,8 +1,8 @@
 """Other runtimes' speeds on the 2B4T shape: the figures `bitnet bench` prints beside ours.
 
 Measured by the project on 2026-11-22 with `llama-bench -p 128 -n 64 -r 3` on a 2-core AMD EPYC
-Zen 3 (AVX2) machine, idle, random ternary weights in the 2B4T shape (see the project's
-ANCHORS.md / issue 6). They are only comparable with runs on the same kind of machine.
+Zen 3 (AVX2) machine, idle, random ternary weights in the 2B4T shape; these rows are the record of
+that measurement. They are only comparable with runs on the same kind of machine.
 """
 
 from __future__ import annotations

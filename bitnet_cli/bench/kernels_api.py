@@ -59,7 +59,7 @@ class TernaryMatmul:
         if x.shape != (self.m, self.k) or x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"activations must be contiguous float32 {(self.m, self.k)}, got {x.dtype} {x.shape}")
         buf = self.ffi.from_buffer
-        self.lib.bn_quantize_rows(buf("float[]", x), self.m, self.k, self.kp, self._xq, self._scale, self._xsum)
+        self.lib.bn_quantize_rows(self.isa_id, buf("float[]", x), self.m, self.k, self.kp, self._xq, self._scale, self._xsum)
         self.lib.bn_gemm_i2(self.pool.ptr, self.isa_id, buf("uint8_t[]", w), self.n, self.kp,
                             self._xq, self._xsum, self.m, self._acc)
         return self.acc

@@ -7,9 +7,7 @@ metadata) through bitnet_cli.arch, so the kernel micro-benchmarks and the roofli
 from __future__ import annotations
 
 from bitnet_cli.arch import ModelDims
-from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
-from bitnet_cli.pack.embeddings import row_bytes as embedding_row_bytes
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.ternary import padded_k
 
 
@@ -40,12 +38,11 @@ def bytes_per_token(config: dict, embeddings: str = "f16") -> dict:
     lm_head, read in full), the embedding row of the input token, and the fp32 norm weights.
     The KV cache is left out: at the short contexts of tg128 it is small next to the weights.
     """
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, not {embeddings!r}")
+    kind = embedding_type(embeddings)
     d = ModelDims.from_config(config)
     ternary = sum(ternary_bytes(s["n"], s["k"]) * s["per_token"] for s in weight_shapes(config))
     ternary += 4 * len(d.projections()) * d.num_layers
-    row_bytes = embedding_row_bytes(d.hidden_size, embeddings)
+    row_bytes = kind.row_bytes(d.hidden_size)
     head = d.vocab_size * row_bytes
     norms = 4 * d.norm_parameters()
     total = ternary + head + row_bytes + norms

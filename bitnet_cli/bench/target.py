@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.files import cache_root
+from bitnet_cli.pack.embeddings import embedding_type
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bitnet-cli" / "synthetic"
+    return cache_root() / "synthetic"
 
 
 @dataclass
@@ -69,8 +69,7 @@ def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = Non
     from bitnet_cli.pack import synthetic
     from bitnet_cli.pack.format import FORMAT_VERSION
 
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, not {embeddings!r}")
+    embedding_type(embeddings, "--embeddings")
     config = synthetic.shape_config(shape)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

@@ -25,9 +25,8 @@ from tqdm import tqdm
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.eval.backends import Backend, open_backend
+from bitnet_cli.progress import Progress  # the CLI draws a rich bar with it; lm-eval's CLI gets tqdm
 
-# progress(done_now, total, what): the CLI draws a rich bar with it; lm-eval's CLI gets tqdm.
-Progress = Callable[[int, int, str], None]
 
 
 def score_continuation(logits: np.ndarray, continuation: list[int]) -> tuple[float, bool]:
@@ -215,7 +214,14 @@ class BitNetLM(TemplateLM):
     def _reporter(self, total: int, what: str, disable_tqdm: bool) -> Callable[[int | None], None]:
         """report(n) after n more requests are done; report(None) at the end."""
         if self.progress is not None:
-            self.progress(0, total, what)
-            return lambda n: n and self.progress(n, total, what)
+            progress, done = self.progress, [0]
+            progress(0, total, what)
+
+            def report(n: int | None) -> None:
+                if n:
+                    done[0] += n
+                    progress(done[0], total, what)
+
+            return report
         bar = tqdm(total=total, desc=f"bitnet {what}", disable=disable_tqdm)
         return lambda n: bar.update(n) if n is not None else bar.close()

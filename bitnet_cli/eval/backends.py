@@ -12,13 +12,13 @@ adapter, so the two backends cannot disagree on what a log-likelihood is.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.tokens import special_id
 
 Group = tuple[list[int], list[list[int]]]
 
@@ -64,23 +64,14 @@ class EngineBackend:
         self.bos_token_id = self.engine.bos_token_id
         self.eos_token_id = self.engine.eos_token_id
         self.max_length = int(self.engine.ctx_size)
-        self._cached: list[int] = []  # the tokens whose keys/values sit in the engine's cache
 
     def sort_key(self, context: Sequence[int]):
         return tuple(context)
 
-    def _forward(self, tokens: list[int], n_past: int, all_logits: bool) -> np.ndarray:
-        logits = np.atleast_2d(self.engine.forward(tokens, n_past=n_past, all_logits=all_logits))
-        self._cached = self._cached[:n_past] + list(tokens)
-        return logits
-
     def _extend_to(self, tokens: list[int]) -> np.ndarray:
-        """Logits after the last of `tokens`, running only what the cache does not hold yet."""
-        shared = 0
-        limit = min(len(self._cached), len(tokens) - 1)  # always run >= 1 token to get its logits
-        while shared < limit and self._cached[shared] == tokens[shared]:
-            shared += 1
-        return self._forward(tokens[shared:], shared, all_logits=False)[-1]
+        """Logits after the last of `tokens`, running only what the engine's cache does not hold yet."""
+        shared = self.engine.cached_prefix(tokens)
+        return self.engine.forward(tokens[shared:], n_past=shared, all_logits=False)[-1]
 
     def continuation_logits(self, groups: Sequence[Group]) -> list[list[np.ndarray]]:
         out = []
@@ -89,7 +80,6 @@ class EngineBackend:
             longer = [cont[:-1] for cont in continuations if len(cont) > 1]
             rests = iter([logits for part in _packs(longer, self.max_length - len(context))
                           for logits in self.engine.forward_branches(len(context), part)])
-            del self._cached[len(context):]
             out.append([np.vstack([first, next(rests)]) if len(cont) > 1 else first for cont in continuations])
         return out
 
@@ -100,7 +90,7 @@ class EngineBackend:
             generated.append(int(np.argmax(logits)))
             if stop(generated):
                 break
-            logits = self._forward(generated[-1:], len(tokens) + len(generated) - 1, all_logits=False)[-1]
+            logits = self.engine.forward(generated[-1:], n_past=len(tokens) + len(generated) - 1, all_logits=False)[-1]
         return generated
 
 
@@ -179,26 +169,10 @@ class TorchBackend:
 
 def _special_ids(ckpt_dir: Path, tokenizer, config) -> tuple[int | None, int]:
     """BOS/EOS as transformers' tokenizer sees them (tokenizer_config.json), else from config.json."""
+    from bitnet_cli.checkpoint import tokenizer_config
 
-    def token_id(entry) -> int | None:
-        if isinstance(entry, dict):
-            entry = entry.get("content")
-        return tokenizer.token_to_id(entry) if isinstance(entry, str) else None
-
-    bos = eos = None
-    tok_cfg = ckpt_dir / "tokenizer_config.json"
-    if tok_cfg.is_file():
-        try:
-            cfg = json.loads(tok_cfg.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BitnetError(f"{tok_cfg}: cannot parse ({e})") from None
-        if not isinstance(cfg, dict):
-            raise BitnetError(f"{tok_cfg}: not a JSON object")
-        bos, eos = token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
-    if bos is None:
-        bos = config.bos_token_id
-    if eos is None:
-        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    cfg, hf = tokenizer_config(ckpt_dir), config.to_hf_dict()
+    bos, eos = (special_id(kind, tokenizer, cfg, hf) for kind in ("bos", "eos"))
     if eos is None:
         raise BitnetError(f"{ckpt_dir}: no eos token in tokenizer_config.json or config.json")
     return bos, int(eos)

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, gguf_name, split_layer_tensor
 from bitnet_cli.checkpoint import TensorEntry
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
-from bitnet_cli.pack.format import ModelDims, tensor_specs
-from bitnet_cli.arch import EMBED, LM_HEAD, gguf_name
+from bitnet_cli.pack.format import tensor_specs
 from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
 
 
@@ -265,7 +265,7 @@ def _open(gf: GGUFFile) -> GGUFCheckpoint:
         if name.endswith("_scale"):
             continue
         t = ckpt.gguf_tensor(name)
-        want = spec_.shape if spec_.dtype != "U8" else dims.projection_shape(name.split(".", 3)[3].rsplit(".", 1)[0])
+        want = spec_.shape if spec_.dtype != "U8" else dims.projection_shape(split_layer_tensor(name)[1])
         if tuple(t.shape) != tuple(want):
             raise BitnetError(f"{gf.path}: tensor {t.name!r} has shape {list(t.shape)} but the metadata implies {list(want)}")
     return ckpt

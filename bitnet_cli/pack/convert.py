@@ -11,22 +11,22 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
-    CONVERTER, EMBEDDING_TYPES, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
+    CONVERTER, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
     tensor_specs, write_embedding_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
+from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
 
 EMBEDDING_CHUNK_ROWS = 8192
 F16_MAX = 65504.0
-Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, current name)
 
 
 @dataclass
@@ -192,8 +192,8 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if embeddings is not None and embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"--embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    if embeddings is not None:
+        embedding_type(embeddings, "--embeddings")
     if to not in ("native", "gguf"):
         raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
     check_output_path(out, force)

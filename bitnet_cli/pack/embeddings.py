@@ -11,66 +11,72 @@ is the biggest lever on decode speed, and each type trades bytes for accuracy:
         d * sub with one fp32 d per row, and q = round(w / (d * sub)) in [-8, 7] is stored as
         q + 8. Because sub is an integer, the head's dot stays exact in int32 (bitnet.h).
 
-`encode` turns float rows into the stored arrays; `decode` is its inverse up to rounding and
-is what the numpy reference forward and the C engine's embedding lookup both compute.
+Each type is one entry of :data:`EMBEDDING_TYPES` (its traits: the C enum it maps to, the
+tensors it is stored as, encode/decode); the C side has the matching entry in kernels/head.c's
+traits table. `encode` turns float rows into the stored arrays; `decode` is its inverse up to
+rounding and is what the numpy reference forward and the C engine's embedding lookup both compute.
+Adding a type: one `EmbeddingType` here, one `bn_head_traits` entry (and its row kernels) in C.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 
-EMBEDDING_TYPES = ("f16", "int8", "q4")
-Q4_BLOCK_INPUTS = 64
-Q4_BLOCK_BYTES = 34  # sizeof(bn_q4_block): sub[2] + nib[32]
+from bitnet_cli.errors import BitnetError
+from bitnet_cli import kernels  # kernels.Q4_BLOCK_K, kernels.Q4_BLOCK_BYTES: bitnet.h's bn_q4_block
 F32 = np.float32
+DTYPE_BYTES = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}  # safetensors dtypes used by the stored tensors
+
+
+@dataclass(frozen=True)
+class EmbeddingType:
+    """The traits of one storage type of embedding / output-head rows."""
+
+    name: str  # as in the packed file's `embeddings` metadata and --embeddings
+    c_enum: str  # its BN_EMB_* constant in kernels/bitnet.h
+    c_values: str  # cffi element type of the values tensor, for the C model's pointer
+    # (name suffix, safetensors dtype, shape) of each stored tensor for (vocab, hidden): values first
+    stored: Callable[[int, int], list[tuple[str, str, tuple[int, ...]]]]
+    encode: Callable[[np.ndarray], list[np.ndarray]]  # float32 rows [R, hidden] -> the stored arrays
+    decode: Callable[[list[np.ndarray], int], np.ndarray]  # stored arrays of R rows, hidden -> float32 [R, hidden]
+
+    @property
+    def suffixes(self) -> list[str]:
+        """Name suffixes of the stored tensors ("" for the values, then scales)."""
+        return [suffix for suffix, _, _ in self.stored(0, 0)]
+
+    def row_bytes(self, hidden: int) -> int:
+        """Bytes one row streams (values and scales): what the head reads per row per decoded token."""
+        return sum(_prod(shape[1:]) * DTYPE_BYTES[dtype] for _, dtype, shape in self.stored(1, hidden))
+
+    def bits_per_weight(self, hidden: int) -> float:
+        return 8 * self.row_bytes(hidden) / hidden
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def q4_padded(hidden: int) -> int:
-    return -(-hidden // Q4_BLOCK_INPUTS) * Q4_BLOCK_INPUTS
+    return -(-hidden // kernels.Q4_BLOCK_K) * kernels.Q4_BLOCK_K
 
 
-def stored_shapes(vocab: int, hidden: int, embeddings: str) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name suffix, safetensors dtype, shape) of the tensors one embedding matrix is stored as."""
-    if embeddings == "f16":
-        return [("", "F16", (vocab, hidden))]
-    if embeddings == "int8":
-        return [("", "I8", (vocab, hidden)), ("_scale", "F32", (vocab,))]
-    return [("", "U8", (vocab, q4_padded(hidden) // Q4_BLOCK_INPUTS * Q4_BLOCK_BYTES)), ("_scale", "F32", (vocab,))]
+def _encode_int8(rows: np.ndarray) -> list[np.ndarray]:
+    absmax = np.abs(rows).max(axis=1)
+    inv = np.divide(F32(127), absmax, out=np.zeros_like(absmax), where=absmax > 0)
+    return [np.clip(np.round(rows * inv[:, None]), -127, 127).astype(np.int8), (absmax / F32(127)).astype(F32)]
 
 
-def stored_suffixes(embeddings: str) -> list[str]:
-    """Name suffixes of the tensors one embedding is stored as ("" for the values, then scales)."""
-    return [suffix for suffix, _, _ in stored_shapes(0, 0, embeddings)]
-
-
-def row_bytes(hidden: int, embeddings: str) -> int:
-    """Bytes one row of the head streams per decoded token (values and scales)."""
-    itemsize = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}
-    return sum(int(np.prod(shape[1:], dtype=np.int64)) * itemsize[dtype]
-               for _, dtype, shape in stored_shapes(1, hidden, embeddings))
-
-
-def encode(rows: np.ndarray, embeddings: str) -> list[np.ndarray]:
-    """float rows [R, hidden] -> the stored arrays, in stored_shapes order."""
-    rows = np.asarray(rows, dtype=F32)
-    if embeddings == "f16":
-        return [rows.astype(np.float16)]
-    if embeddings == "int8":
-        absmax = np.abs(rows).max(axis=1)
-        inv = np.divide(F32(127), absmax, out=np.zeros_like(absmax), where=absmax > 0)
-        return [np.clip(np.round(rows * inv[:, None]), -127, 127).astype(np.int8), (absmax / F32(127)).astype(F32)]
-    return _encode_q4(rows)
-
-
-def decode(stored: list[np.ndarray], hidden: int, embeddings: str) -> np.ndarray:
-    """The stored arrays of some rows -> float32 rows [R, hidden]."""
-    if embeddings == "f16":
-        return stored[0].astype(F32)
-    if embeddings == "int8":
-        return stored[0].astype(F32) * stored[1][:, None]
+def _decode_q4(stored: list[np.ndarray], hidden: int) -> np.ndarray:
     blocks, scale = stored
     r = blocks.shape[0]
-    b = blocks.reshape(r, -1, Q4_BLOCK_BYTES)
+    b = blocks.reshape(r, -1, kernels.Q4_BLOCK_BYTES)
     sub, nib = b[:, :, :2].astype(np.int32), b[:, :, 2:]
     q = np.concatenate([nib & 15, nib >> 4], axis=2).astype(np.int32) - 8  # [R, blocks, 64]
     stepped = q * np.repeat(sub, 32, axis=2)  # sub * q: integers, as the C lookup computes them
@@ -114,3 +120,38 @@ def _encode_q4_rows(rows: np.ndarray) -> list[np.ndarray]:
     nib = codes[:, :, 0, :] | (codes[:, :, 1, :] << 4)
     blocks = np.concatenate([best_sub.astype(np.uint8).reshape(r, -1, 2), nib], axis=2)
     return [np.ascontiguousarray(blocks.reshape(r, -1)), d]
+
+
+EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
+    EmbeddingType("f16", "BN_EMB_F16", "uint16_t",
+                  lambda vocab, hidden: [("", "F16", (vocab, hidden))],
+                  lambda rows: [rows.astype(np.float16)],
+                  lambda stored, hidden: stored[0].astype(F32)),
+    EmbeddingType("int8", "BN_EMB_I8", "int8_t",
+                  lambda vocab, hidden: [("", "I8", (vocab, hidden)), ("_scale", "F32", (vocab,))],
+                  _encode_int8,
+                  lambda stored, hidden: stored[0].astype(F32) * stored[1][:, None]),
+    EmbeddingType("q4", "BN_EMB_Q4", "uint8_t",
+                  lambda vocab, hidden: [
+                      ("", "U8", (vocab, q4_padded(hidden) // kernels.Q4_BLOCK_K * kernels.Q4_BLOCK_BYTES)),
+                      ("_scale", "F32", (vocab,))],
+                  lambda rows: _encode_q4(rows),
+                  _decode_q4),
+)}
+
+
+def embedding_type(name: str, what: str = "embeddings") -> EmbeddingType:
+    """The traits of storage type `name`; a BitnetError naming `what` and the choices if unknown."""
+    if name not in EMBEDDING_TYPES:
+        raise BitnetError(f"{what} must be one of {', '.join(EMBEDDING_TYPES)}, got {name!r}")
+    return EMBEDDING_TYPES[name]
+
+
+def encode(rows: np.ndarray, embeddings: str) -> list[np.ndarray]:
+    """float rows [R, hidden] -> the stored arrays of type `embeddings`, in its stored order."""
+    return embedding_type(embeddings).encode(np.asarray(rows, dtype=F32))
+
+
+def decode(stored: list[np.ndarray], hidden: int, embeddings: str) -> np.ndarray:
+    """The stored arrays of some rows -> float32 rows [R, hidden]."""
+    return embedding_type(embeddings).decode(stored, hidden)

@@ -21,7 +21,7 @@ from bitnet_cli.arch import EMBED, FINAL_NORM, LM_HEAD, ModelDims, layer_tensor,
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import publish
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, decode, encode, stored_shapes, stored_suffixes
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
@@ -47,13 +47,11 @@ class TensorSpec:
 
 def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     return [TensorSpec(name + suffix, dtype, shape)
-            for suffix, dtype, shape in stored_shapes(dims.vocab_size, dims.hidden_size, embeddings)]
+            for suffix, dtype, shape in embedding_type(embeddings).stored(dims.vocab_size, dims.hidden_size)]
 
 
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
     specs = embedding_specs(EMBED, dims, embeddings)
     for i in range(dims.num_layers):
         for norm in dims.layer_norms():
@@ -203,11 +201,12 @@ def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, 
     """Encode float row chunks (covering all `vocab` rows in order) and write the stored tensors:
     the values chunk by chunk, then the per-row scales, which follow them in the file.
     `check(rows, stored, embeddings)`, if given, sees every chunk (to measure what the encoding lost)."""
-    suffixes = stored_suffixes(embeddings)
+    kind = embedding_type(embeddings)
+    suffixes = kind.suffixes
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
     for rows in chunks:
-        values, *rest = encode(rows, embeddings)
+        values, *rest = kind.encode(np.asarray(rows, dtype=np.float32))
         if check is not None:
             check(rows, [values, *rest], embeddings)
         done += len(rows)
@@ -316,8 +315,8 @@ class PackedModel:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""
         if name == LM_HEAD:
             name = self.dims.head_name
-        stored = [self.tensor(name + suffix)[rows] for suffix in stored_suffixes(self.embeddings)]
-        return decode(stored, self.dims.hidden_size, self.embeddings)
+        kind = embedding_type(self.embeddings)
+        return kind.decode([self.tensor(name + suffix)[rows] for suffix in kind.suffixes], self.dims.hidden_size)
 
     @property
     def file_size(self) -> int:

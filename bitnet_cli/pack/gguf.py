@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
-from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, gguf_name, layer_tensor
 from bitnet_cli.pack.format import PackedModel
+from bitnet_cli.tokens import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -82,12 +83,10 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     else:
         raise BitnetError(f"{pm.path}: the tokenizer splits with a regex llama.cpp does not know by name "
                           "(GGUF export knows GPT-2's and Llama 3's)")
-    special = {}
-    for key in ("bos", "eos"):
-        token = pm.tokenizer_config.get(f"{key}_token")
-        special[key] = vocab.get(token) if token in vocab else pm.config.get(f"{key}_token_id")
-        if isinstance(special[key], list):
-            special[key] = special[key][0]
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(pm.tokenizer_json)
+    special = {key: special_id(key, tokenizer, pm.tokenizer_config, pm.config, size) for key in ("bos", "eos")}
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
 
@@ -152,52 +151,60 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
         raise BitnetError(f"{out}: already exists (use --force to overwrite)")
     arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
-        d = pm.dims
-        check_gguf_shapes(d, gguf_type, str(packed_path), pm.embeddings, head)
-        tok = _tokenizer_metadata(pm)
+        check_gguf_shapes(pm.dims, gguf_type, str(packed_path), pm.embeddings, head)
         w = gw.GGUFWriter(arch)
-        w.add("general.name", str(pm.config.get("_name_or_path") or out.stem), gw.STRING)
-        w.add("general.file_type", ftype, gw.U32)
-        w.add("general.quantization_version", 2, gw.U32)
-        for key, value in (("vocab_size", d.vocab_size), ("context_length", d.max_position_embeddings),
-                           ("embedding_length", d.hidden_size), ("feed_forward_length", d.intermediate_size),
-                           ("block_count", d.num_layers), ("attention.head_count", d.num_heads),
-                           ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
-            w.add(f"{arch}.{key}", value, gw.U32)
-        w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
-        w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
-        if arch == "bitnet":
-            w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
-        w.add("tokenizer.ggml.model", "gpt2", gw.STRING)
-        w.add("tokenizer.ggml.pre", tok["pre"], gw.STRING)
-        w.add("tokenizer.ggml.tokens", tok["tokens"], gw.ARRAY, gw.STRING)
-        w.add("tokenizer.ggml.token_type", tok["types"], gw.ARRAY, gw.I32)
-        w.add("tokenizer.ggml.merges", tok["merges"], gw.ARRAY, gw.STRING)
-        if tok["bos"] is not None:
-            w.add("tokenizer.ggml.bos_token_id", int(tok["bos"]), gw.U32)
-            w.add("tokenizer.ggml.add_bos_token", True, gw.BOOL)
-        if tok["eos"] is not None:
-            w.add("tokenizer.ggml.eos_token_id", int(tok["eos"]), gw.U32)
-        if pm.tokenizer_config.get("chat_template"):
-            w.add("tokenizer.chat_template", pm.tokenizer_config["chat_template"], gw.STRING)
-
-        type_id, make = _head(pm, head)
-        nbytes = quants.tensor_nbytes(type_id, (d.hidden_size, d.vocab_size))
-        w.add_tensor(gguf_name(EMBED), (d.vocab_size, d.hidden_size), type_id, nbytes, make)
-        f32 = TYPE_IDS["F32"]
-        for i in range(d.num_layers):
-            for norm in d.layer_norms():
-                name = layer_tensor(i, norm.name)
-                size = norm.size(d)
-                w.add_tensor(gguf_name(name), (size,), f32, 4 * size, lambda name=name: pm.tensor(name))
-            for proj in d.projections():
-                name = layer_tensor(i, proj.name)
-                n, k = proj.shape(d)
-                type_id, nbytes, make = _ternary(pm, name, gguf_type, n, k)
-                w.add_tensor(gguf_name(name), (n, k), type_id, nbytes, make)
-                if gguf_type != "i2_s":  # I2_S carries gamma itself
-                    w.add_tensor(gguf_name(name + "_scale"), (1,), f32, 4, lambda name=name: pm.tensor(name + "_scale"))
-        w.add_tensor(gguf_name(FINAL_NORM), (d.hidden_size,), f32, 4 * d.hidden_size,
-                     lambda: pm.tensor(FINAL_NORM))
+        _add_metadata(w, pm, arch, ftype, out.stem)
+        _add_tensors(w, pm, gguf_type, head)
         w.write(out, progress)
     return out
+
+
+def _add_metadata(w: "gw.GGUFWriter", pm: PackedModel, arch: str, ftype: int, name: str) -> None:
+    """The model's hyper-parameters and tokenizer under llama.cpp's key names."""
+    d, tok = pm.dims, _tokenizer_metadata(pm)
+    w.add("general.name", str(pm.config.get("_name_or_path") or name), gw.STRING)
+    w.add("general.file_type", ftype, gw.U32)
+    w.add("general.quantization_version", 2, gw.U32)
+    for key, value in (("vocab_size", d.vocab_size), ("context_length", d.max_position_embeddings),
+                       ("embedding_length", d.hidden_size), ("feed_forward_length", d.intermediate_size),
+                       ("block_count", d.num_layers), ("attention.head_count", d.num_heads),
+                       ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
+        w.add(f"{arch}.{key}", value, gw.U32)
+    w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
+    w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
+    if arch == "bitnet":
+        w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
+    w.add("tokenizer.ggml.model", "gpt2", gw.STRING)
+    w.add("tokenizer.ggml.pre", tok["pre"], gw.STRING)
+    w.add("tokenizer.ggml.tokens", tok["tokens"], gw.ARRAY, gw.STRING)
+    w.add("tokenizer.ggml.token_type", tok["types"], gw.ARRAY, gw.I32)
+    w.add("tokenizer.ggml.merges", tok["merges"], gw.ARRAY, gw.STRING)
+    if tok["bos"] is not None:
+        w.add("tokenizer.ggml.bos_token_id", int(tok["bos"]), gw.U32)
+        w.add("tokenizer.ggml.add_bos_token", True, gw.BOOL)
+    if tok["eos"] is not None:
+        w.add("tokenizer.ggml.eos_token_id", int(tok["eos"]), gw.U32)
+    if pm.tokenizer_config.get("chat_template"):
+        w.add("tokenizer.chat_template", pm.tokenizer_config["chat_template"], gw.STRING)
+
+
+def _add_tensors(w: "gw.GGUFWriter", pm: PackedModel, gguf_type: str, head: str | None) -> None:
+    """Every tensor, in bitnet_cli.arch's table order and names, each produced when it is written."""
+    d = pm.dims
+    type_id, make = _head(pm, head)
+    nbytes = quants.tensor_nbytes(type_id, (d.hidden_size, d.vocab_size))
+    w.add_tensor(gguf_name(EMBED), (d.vocab_size, d.hidden_size), type_id, nbytes, make)
+    f32 = TYPE_IDS["F32"]
+    for i in range(d.num_layers):
+        for norm in d.layer_norms():
+            name = layer_tensor(i, norm.name)
+            size = norm.size(d)
+            w.add_tensor(gguf_name(name), (size,), f32, 4 * size, lambda name=name: pm.tensor(name))
+        for proj in d.projections():
+            name = layer_tensor(i, proj.name)
+            n, k = proj.shape(d)
+            type_id, nbytes, make = _ternary(pm, name, gguf_type, n, k)
+            w.add_tensor(gguf_name(name), (n, k), type_id, nbytes, make)
+            if gguf_type != "i2_s":  # I2_S carries gamma itself
+                w.add_tensor(gguf_name(name + "_scale"), (1,), f32, 4, lambda name=name: pm.tensor(name + "_scale"))
+    w.add_tensor(gguf_name(FINAL_NORM), (d.hidden_size,), f32, 4 * d.hidden_size, lambda: pm.tensor(FINAL_NORM))

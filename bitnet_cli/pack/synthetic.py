@@ -8,18 +8,20 @@ byte-level BPE tokenizer whose vocabulary is padded to the shape's vocab size.
 from __future__ import annotations
 
 import json
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from bitnet_cli.arch import EMBED, LM_HEAD, SYNTHETIC_DEFAULTS, ModelDims, bitnet_config, preset_fields, split_layer_tensor
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import bundled
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.pack.format import EMBEDDING_TYPES, PackedWriter, tensor_specs, write_embedding_rows
-from bitnet_cli.pack.ternary import BLOCK, pack_i2_k128
+from bitnet_cli.tokens import BOS, EOS, pieces, train_bpe
+from bitnet_cli.pack.embeddings import embedding_type
+from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
+from bitnet_cli import kernels
+from bitnet_cli.pack.ternary import pack_i2_k128
 
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 
 # All 81 bytes whose four 2-bit codes are valid trit codes (0, 1, 2): uniform random trits, fast.
 _VALID_BYTES = np.array(
@@ -37,8 +39,8 @@ def shape_config(shape: str | dict) -> dict:
 
 def _bundled_corpus() -> str:
     try:
-        return (resources.files("bitnet_cli") / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    except (FileNotFoundError, OSError):
+        return bundled("data", "tinyshakespeare.txt").read_text(encoding="utf-8")
+    except OSError:
         return ""
 
 
@@ -47,19 +49,11 @@ def synthetic_tokenizer(vocab_size: int, merges_vocab: int = 1024) -> str:
 
     The padding entries `<|reserved_i|>` are valid ids that plain text never produces.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
     if vocab_size < 258:
         raise BitnetError(f"synthetic tokenizer needs vocab_size >= 258 (256 bytes + 2 specials), got {vocab_size}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, merges_vocab), special_tokens=[BOS, EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    text = _bundled_corpus()[:300_000]
-    tok.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    tok = train_bpe(pieces(_bundled_corpus()[:300_000]), min(vocab_size, merges_vocab))
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
     for i in range(len(vocab), vocab_size):
@@ -82,7 +76,7 @@ class _TritSource:
         self.pool = _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=2 * largest, dtype=np.uint8)]
 
     def packed(self, n: int, k: int) -> np.ndarray:
-        if k % BLOCK:  # K padding must hold code 1 (T = 0): pack real trits
+        if k % kernels.BLOCK_K:  # K padding must hold code 1 (T = 0): pack real trits
             return pack_i2_k128(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
         size = n * k // 4
         start = int(self.rng.integers(0, len(self.pool) - size + 1))
@@ -92,8 +86,7 @@ class _TritSource:
 def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16", seed: int = 0,
                        force: bool = True, progress=None) -> Path:
     """Write a packed file of `shape` with random weights; return its path."""
-    if embeddings not in EMBEDDING_TYPES:
-        raise BitnetError(f"embeddings must be one of {', '.join(EMBEDDING_TYPES)}, got {embeddings!r}")
+    embedding_type(embeddings)
     config = shape_config(shape)
     dims = ModelDims.from_config(config, f"shape {shape!r}")
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 128  # inputs per i2_k128 block: 32 bytes, four 2-bit codes per byte
+from bitnet_cli import kernels  # kernels.BLOCK_K: inputs per i2_k128 block (32 bytes, four 2-bit codes a byte)
 
 
 def ternarize(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
@@ -29,7 +29,7 @@ def ternarize(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
 
 
 def padded_k(k: int) -> int:
-    return -(-k // BLOCK) * BLOCK
+    return -(-k // kernels.BLOCK_K) * kernels.BLOCK_K
 
 
 def pack_i2_k128(trits: np.ndarray) -> np.ndarray:
@@ -41,7 +41,7 @@ def pack_i2_k128(trits: np.ndarray) -> np.ndarray:
     kp = padded_k(k)
     codes = np.ones((n, kp), dtype=np.uint8)
     codes[:, :k] = trits + 1
-    c = codes.reshape(n, kp // BLOCK, 4, 32)
+    c = codes.reshape(n, kp // kernels.BLOCK_K, 4, 32)
     packed = c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)
     return packed.reshape(n, kp // 4)
 

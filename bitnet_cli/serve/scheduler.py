@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from bitnet_cli.engine import Engine, TextStream
+from bitnet_cli.engine import Engine, TextStream, common_prefix
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams, sample
 
@@ -99,15 +99,6 @@ class _Slot:
         self.next_token: int | None = None  # sampled, to be run at the next step
         self.prompt_lp: list[float | None] = [None]
         self.prompt_top: list[dict | None] = [None]
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -211,7 +202,7 @@ class Scheduler:
             limit = 0 if job.prompt_logprobs else len(job.prompt) - 1
             best, best_len = None, 0
             for slot in self.slots:
-                n = min(_common_prefix(slot.cached, job.prompt), limit)
+                n = min(common_prefix(slot.cached, job.prompt), limit)
                 if n > best_len or (n == best_len and best is not None and best.job is not None and slot.job is None):
                     best, best_len = slot, n
             if best is not None and best.job is None:

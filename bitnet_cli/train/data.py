@@ -14,22 +14,22 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import bundled
+from bitnet_cli.files import cache_root as shared_cache_root
+from bitnet_cli.tokens import BOS, EOS, special_id
+from bitnet_cli.tokens import train_bpe as train_bpe_on
 from bitnet_cli.train.recipe import BUNDLED_CORPUS, DataSpec
-
-BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 _CHUNK_CHARS = 1 << 20  # tokenise ~1 MB of text at a time
 
 
 def cache_root(spec: DataSpec) -> Path:
-    root = spec.cache_dir or os.environ.get("BITNET_CACHE") or Path.home() / ".cache" / "bitnet-cli"
-    return Path(root).expanduser()
+    return Path(spec.cache_dir).expanduser() if spec.cache_dir else shared_cache_root()
 
 
 def cache_subdir(root: Path, name: str) -> Path:
@@ -46,7 +46,7 @@ def cache_subdir(root: Path, name: str) -> Path:
 
 
 def bundled_corpus() -> Path:
-    return Path(str(resources.files("bitnet_cli") / "data" / "tinyshakespeare.txt"))
+    return bundled("data", "tinyshakespeare.txt")
 
 
 def resolve_files(spec: DataSpec, base_dir: Path) -> list[Path]:
@@ -116,14 +116,7 @@ def corpus_hash(files: list[Path]) -> str:
 
 
 def train_bpe(files: list[Path], vocab_size: int, max_chars: int):
-    """A byte-level BPE (GPT-2 style pre-tokenisation) with <|begin_of_text|> and <|end_of_text|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    """A byte-level BPE (bitnet_cli.tokens.train_bpe) on at most `max_chars` of the corpus files."""
 
     def texts():
         left = max_chars
@@ -136,8 +129,7 @@ def train_bpe(files: list[Path], vocab_size: int, max_chars: int):
                 for i in range(0, len(piece), 10_000):
                     yield piece[i : i + 10_000]
 
-    tok.train_from_iterator(texts(), trainer)
-    return tok
+    return train_bpe_on(texts(), vocab_size)
 
 
 def load_tokenizer(path: str | Path, base_dir: Path = Path(".")):
@@ -167,22 +159,6 @@ def tokenizer_config(tok, src_dir: Path | None = None) -> dict:
     if EOS in vocab:
         cfg["eos_token"] = EOS
     return cfg
-
-
-def bos_id(tok) -> int | None:
-    for name in (BOS, "<s>", "<|startoftext|>"):
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
-
-
-def eos_id(tok) -> int | None:
-    for name in (EOS, "</s>", "<|endoftext|>", "<|eot_id|>"):
-        i = tok.token_to_id(name)
-        if i is not None:
-            return i
-    return None
 
 
 def prepare_tokenizer(spec: DataSpec, files: list[Path], base_dir: Path, corpus_digest: str):
@@ -219,7 +195,7 @@ def tokenize_to_memmap(files: list[Path], tok, cache_dir: Path, corpus_digest: s
     if out.is_file() and out.with_suffix(".json").is_file():
         return out
     dtype = np.uint16 if tok.get_vocab_size() <= 65535 else np.uint32
-    eos = eos_id(tok)
+    eos = special_id("eos", tok, {}, {}, guess=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     n = 0
     total = sum(p.stat().st_size for p in files)

@@ -7,6 +7,7 @@ periodic evaluation and atomic checkpoints, exact resume, DDP/FSDP under torchru
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,7 +23,8 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
-from bitnet_cli.train.data import (TokenData, bos_id, cache_root, corpus_hash, eos_id, load_tokenizer,
+from bitnet_cli.tokens import special_id
+from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, load_tokenizer,
                                    prepare_tokenizer, resolve_files, tokenize_to_memmap, tokenizer_config)
 from bitnet_cli.train.distill import distill_loss
 from bitnet_cli.train.recipe import Recipe
@@ -324,7 +326,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     if src is not None:
         config = converted_config(recipe, src, tok.get_vocab_size())
     else:
-        config = model_config(recipe, tok.get_vocab_size(), bos_id(tok), eos_id(tok))
+        bos, eos = (special_id(kind, tok, tok_cfg, {}, guess=True) for kind in ("bos", "eos"))
+        config = model_config(recipe, tok.get_vocab_size(), bos, eos)
     torch.manual_seed(recipe.seed)
     model = BitNetForCausalLM(config)
     if src is not None and resume_from is None:
@@ -428,7 +431,7 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                 sync = micro == t.grad_accum - 1
                 # DDP: all-reduce gradients only on the last micro-batch (model is the DDP module; a
                 # compiled wrapper around it has no no_sync). FSDP syncs every micro-batch.
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _null()
+                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
                 with ctx, autocast:
                     logits = fwd(x)
                     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -498,14 +501,6 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
         seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
         mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
     )
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _append_metrics(path: Path, row: dict, info: D.DistInfo):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bitnet_cli.arch import ACTIVATIONS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import bundled
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
 
@@ -130,7 +131,8 @@ class DataSpec(_Strict):
                                                                 "out for validation.")
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Tokenizer to train or load.")
     cache_dir: Optional[str] = Field(None, description="Where token memmaps are cached (by content hash); "
-                                                       "default $BITNET_CACHE or ~/.cache/bitnet-cli.")
+                                                       "default bitnet_cli.files.cache_root(): $BITNET_CACHE, else "
+                                                       "$XDG_CACHE_HOME/bitnet-cli or ~/.cache/bitnet-cli.")
 
 
 class OptimSpec(_Strict):
@@ -259,18 +261,14 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return p
     if p.is_dir():
         raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
-    from importlib import resources
-
-    bundled = Path(str(resources.files("bitnet_cli") / "recipes" / f"{p.name}.yaml"))
-    if p.suffix == "" and len(p.parts) == 1 and bundled.is_file():
-        return bundled
+    shipped = bundled("recipes", f"{p.name}.yaml")
+    if p.suffix == "" and len(p.parts) == 1 and shipped.is_file():
+        return shipped
     raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
 
 
 def bundled_recipes() -> list[str]:
-    from importlib import resources
-
-    root = Path(str(resources.files("bitnet_cli") / "recipes"))
+    root = bundled("recipes")
     return sorted(f.stem for f in root.glob("*.yaml")) if root.is_dir() else []
 
 

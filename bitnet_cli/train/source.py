@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitnet_cli.checkpoint import TensorEntry, _checkpoint_dir, _read_json, _tensor_files, read_safetensors_header
+from bitnet_cli.checkpoint import TensorEntry, _checkpoint_dir, read_json, read_safetensors_header, tensor_files
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 
@@ -72,7 +72,7 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
     path, where = _checkpoint_dir(resolve(spec, base_dir), "auto")
     if not (path / "config.json").is_file():
         raise BitnetError(f"{what}: {path} has no config.json (expected a checkpoint directory in HF layout)")
-    config = _read_json(path / "config.json", "model config")
+    config = read_json(path / "config.json", "model config")
     if not isinstance(config, dict):
         raise BitnetError(f"{what}: {path / 'config.json'} is not a JSON object")
     mt = config.get("model_type")
@@ -86,7 +86,7 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
         raise BitnetError(f"{what}: {path} stores quantised weights ({qc.get('quant_method')} "
                           f"{qc.get('quantization_mode', 'offline')}); conversion needs full-precision weights")
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
-    for file in _tensor_files(path):
+    for file in tensor_files(path):
         _, entries, _ = read_safetensors_header(file)
         for name, entry in entries.items():
             tensors[name] = (file, entry)
@@ -99,11 +99,7 @@ def student_config(src: Source, quant: str, insert_subln: bool) -> BitNetConfig:
     if src.model_type == "bitnet":
         if insert_subln:
             raise BitnetError(f"model.insert_subln: {src.where} is a BitNet model and has its sub-norms already")
-        try:
-            cfg = BitNetConfig.from_hf_dict(src.config)
-        except BitnetError as e:
-            raise BitnetError(f"{where}: {e}") from None
-        return dataclasses.replace(cfg, quant=quant)
+        return dataclasses.replace(BitNetConfig.from_hf_dict(src.config, where), quant=quant)
     raise BitnetError(f"{where}: model_type {src.model_type!r} is not supported")  # open_source refused it
 
 

@@ -1,0 +1,154 @@
+/* Attention of a group of query heads over their KV head's cache rows (bn_attn_job,
+ * internal.h): the scalar reference and the AVX2 version, equal bit for bit; dispatch.c picks
+ * one, model.c splits the work over threads.
+ *
+ * The order of every float operation is fixed by the scalar code: a dot product sums lane l of
+ * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
+ * products are rounded before they are added (no FMA); values are summed over keys in order. */
+#include <math.h>
+#include <string.h>
+
+#include "internal.h"
+
+static inline float dot(const float *a, const float *b, int n) {
+    float lane[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* sc[0..n) -> softmax weights; scalar on every ISA (expf) */
+static void softmax(float *sc, int n) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (int j = 0; j < n; j++) {
+        sc[j] = expf(sc[j] - mx);
+        sum += sc[j];
+    }
+    for (int j = 0; j < n; j++) sc[j] /= sum;
+}
+
+/* Key-major: each K row is dotted with every head's query, each V row added into every head's
+ * output, so a row is read once per group; per head the operations run in the order above. */
+void bn_attend_scalar(const bn_attn_job *a) {
+    const int hd = a->hd, n = a->n;
+    for (int j = 0; j < n; j++) {
+        const float *k = a->kc + (size_t)a->keys[j] * hd;
+        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
+    }
+    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
+    memset(a->out, 0, sizeof(float) * hd * a->heads);
+    for (int j = 0; j < n; j++) {
+        const float *v = a->vc + (size_t)a->keys[j] * hd;
+        for (int h = 0; h < a->heads; h++) {
+            float p = a->sc[(size_t)h * n + j], *o = a->out + (size_t)h * hd;
+            for (int e = 0; e < hd; e++) o[e] += p * v[e];
+        }
+    }
+}
+
+#if BN_X86
+/* the scalar lane tree: hadd twice gives (0+1)+(2+3) in the low half, (4+5)+(6+7) in the high */
+AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
+    v = _mm256_hadd_ps(v, v);
+    v = _mm256_hadd_ps(v, v);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
+ * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
+ * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
+                                                                              int j0, int j1, const int NH,
+                                                                              const int NV) {
+    const int hd = a->hd, n = a->n;
+    __m256 o[4][2];
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++)
+            o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
+    for (int j = j0; j < j1; j++) {
+        const float *v = a->vc + (size_t)a->keys[j] * hd + e;
+        if (e == 0 && j + (j1 - j0) < n)
+            for (int b = 0; b < hd; b += 16)
+                _mm_prefetch((const char *)(a->vc + (size_t)a->keys[j + (j1 - j0)] * hd + b), _MM_HINT_T0);
+        __m256 vv[2];
+        for (int u = 0; u < NV; u++) vv[u] = _mm256_loadu_ps(v + 8 * u);
+        for (int h = 0; h < NH; h++) {
+            __m256 p = _mm256_broadcast_ss(a->sc + (size_t)(h0 + h) * n + j);
+            for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(p, vv[u]));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
+}
+
+/* The values go by blocks of keys whose rows fit in L1 (16 KB), every output column passing over
+ * a block before the next: the rows are fetched once, not once per 16 columns. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
+                                                                                   const int NH) {
+    const int hd = a->hd, n = a->n, block = hd < 512 ? 4096 / hd : 8;
+    for (int j0 = 0; j0 < n; j0 += block) {
+        const int j1 = j0 + block < n ? j0 + block : n;
+        int e = 0;
+        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2);
+        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1);
+        for (; e < hd; e++)
+            for (int h = h0; h < h0 + NH; h++) {
+                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
+                a->out[(size_t)h * hd + e] = o;
+            }
+    }
+}
+
+/* Scores of keys j, j + 1 for heads [h0, h0 + NH): NH x 2 independent add chains, each K vector
+ * loaded once for the NH heads. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
+                                                                              const int NH) {
+    const int hd = a->hd, h8 = hd & ~7, n = a->n;
+    const float *k[2] = {a->kc + (size_t)a->keys[j] * hd, a->kc + (size_t)a->keys[j + 1] * hd};
+    __m256 s[4][2];
+    for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
+    for (int i = 0; i < h8; i += 8) {
+        __m256 k0 = _mm256_loadu_ps(k[0] + i), k1 = _mm256_loadu_ps(k[1] + i);
+        for (int h = 0; h < NH; h++) {
+            __m256 qv = _mm256_loadu_ps(a->q + (size_t)(h0 + h) * hd + i);
+            s[h][0] = _mm256_add_ps(s[h][0], _mm256_mul_ps(qv, k0));
+            s[h][1] = _mm256_add_ps(s[h][1], _mm256_mul_ps(qv, k1));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < 2; u++) {
+            const float *q = a->q + (size_t)(h0 + h) * hd;
+            float d = lane_tree(s[h][u]);
+            for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
+            a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
+        }
+}
+
+/* Up to four heads at a time (the register tiles above), for the scores and the values */
+AVX2_NOFMA_TARGET void bn_attend_avx2(const bn_attn_job *a) {
+    const int hd = a->hd, n = a->n;
+    int j = 0;
+    for (; j + 2 <= n; j += 2)
+        for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+            case 1: scores_avx2(a, j, h0, 1); break;
+            case 2: scores_avx2(a, j, h0, 2); break;
+            case 3: scores_avx2(a, j, h0, 3); break;
+            default: scores_avx2(a, j, h0, 4); break;
+            }
+    for (; j < n; j++)
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
+    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+        case 1: head_values_avx2(a, h0, 1); break;
+        case 2: head_values_avx2(a, h0, 2); break;
+        case 3: head_values_avx2(a, h0, 3); break;
+        default: head_values_avx2(a, h0, 4); break;
+        }
+}
+#endif

@@ -1,0 +1,98 @@
+/* Which kernel runs on which instruction set: CPU feature detection and one dispatch table.
+ *
+ * Every x86 (or ARM) build compiles every SIMD variant through target attributes, so the
+ * distributed build needs no -march flags; the path is chosen here at run time. An ISA lists
+ * only the kernels it has its own version of; every other slot is inherited from its fallback
+ * ISA (FALLBACK below), which is how e.g. AVX-512 runs the AVX2 head, glue and attention.
+ */
+#include <pthread.h>
+
+#include "internal.h"
+
+#if BN_ARM64
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+
+int bn_isa_available(int isa) {
+    switch (isa) {
+    case BN_ISA_SCALAR: return 1;
+#if BN_X86
+    case BN_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case BN_ISA_AVX512:
+        __builtin_cpu_init();
+        return bn_isa_available(BN_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    case BN_ISA_AVX512VNNI:
+        __builtin_cpu_init();
+        return bn_isa_available(BN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+#endif
+#if BN_ARM64
+    case BN_ISA_NEON: return 1;
+    case BN_ISA_NEONDOT: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#endif
+    default: return 0;
+    }
+}
+
+int bn_isa_best(void) {
+    static const int order[] = {BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (bn_isa_available(order[i])) return order[i];
+    return BN_ISA_SCALAR;
+}
+
+/* The ISA whose kernels fill the slots an ISA leaves empty; each one is a subset of its own
+ * instructions, so its kernels run wherever the ISA does. The scalar entry is complete. */
+static const int FALLBACK[BN_ISA_COUNT] = {
+    [BN_ISA_SCALAR] = BN_ISA_SCALAR, [BN_ISA_AVX2] = BN_ISA_SCALAR, [BN_ISA_AVX512] = BN_ISA_AVX2,
+    [BN_ISA_AVX512VNNI] = BN_ISA_AVX512, [BN_ISA_NEON] = BN_ISA_SCALAR, [BN_ISA_NEONDOT] = BN_ISA_NEON,
+};
+
+static const bn_kernels OWN[BN_ISA_COUNT] = {
+    [BN_ISA_SCALAR] = {bn_i2_rows_scalar, bn_quantize_rows_scalar, bn_glue_rows_scalar, bn_attend_scalar,
+                       {[BN_EMB_F16] = bn_head_rows_f16_scalar, [BN_EMB_I8] = bn_head_rows_i8_scalar,
+                        [BN_EMB_Q4] = bn_head_rows_q4_scalar}},
+#if BN_X86
+    [BN_ISA_AVX2] = {bn_i2_rows_avx2, bn_quantize_rows_avx2, bn_glue_rows_avx2, bn_attend_avx2,
+                     {[BN_EMB_F16] = bn_head_rows_f16_avx2, [BN_EMB_I8] = bn_head_rows_i8_avx2,
+                      [BN_EMB_Q4] = bn_head_rows_q4_avx2}},
+    /* the head, glue and attention are memory-bound or small: the AVX2 versions already saturate them */
+    [BN_ISA_AVX512] = {.i2 = bn_i2_rows_avx512},
+    [BN_ISA_AVX512VNNI] = {.i2 = bn_i2_rows_avx512vnni},
+#endif
+#if BN_ARM64
+    [BN_ISA_NEON] = {.i2 = bn_i2_rows_neon,
+                     .head = {[BN_EMB_F16] = bn_head_rows_f16_neon, [BN_EMB_I8] = bn_head_rows_i8_neon,
+                              [BN_EMB_Q4] = bn_head_rows_q4_neon}},
+    [BN_ISA_NEONDOT] = {.i2 = bn_i2_rows_neondot},
+#endif
+};
+
+static bn_kernels resolved[BN_ISA_COUNT];
+static pthread_once_t resolved_once = PTHREAD_ONCE_INIT;
+
+/* Each ISA's row of the table with every empty slot taken from its fallback chain. */
+static void resolve(void) {
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+        bn_kernels k = OWN[isa];
+#define INHERIT(slot) for (int f = isa; !k.slot; f = FALLBACK[f]) k.slot = OWN[f].slot;
+        INHERIT(i2)
+        INHERIT(quantize)
+        INHERIT(glue)
+        INHERIT(attend)
+        for (int t = 0; t < BN_EMB_COUNT; t++) INHERIT(head[t])
+#undef INHERIT
+        resolved[isa] = k;
+    }
+}
+
+const bn_kernels *bn_kernels_for(int isa) {
+    if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_available(isa)) return NULL;
+    pthread_once(&resolved_once, resolve);
+    return &resolved[isa];
+}
