@@ -211,7 +211,7 @@ class Engine(kernels.CResource):
             desc.head_scale = ptr(pm.tensor(d.head_name + "_scale"), "float")
         desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
-        desc.ffn_act = {"relu2": lib.BN_ACT_RELU2, "silu": lib.BN_ACT_SILU}[d.hidden_act]
+        desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         return desc
