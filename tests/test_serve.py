@@ -157,6 +157,11 @@ def test_chat_through_the_template_streamed_and_whole(server, engine):
                                                         temperature=0, stream=True))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    r = server.client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0,
+                                              logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and all(len(c.top_logprobs) <= 2 for c in content)
+    assert all(c.logprob == max(t.logprob for t in c.top_logprobs) for c in content)  # greedy: the best
 
 
 def test_stop_strings_cut_the_text(server, engine):
@@ -269,6 +274,11 @@ def test_disconnect_frees_the_slot_full_queue_is_503_and_sigterm_drains(long_mod
         stream.close()
         assert wait_until(lambda: s.health()["busy"] == 0)
         assert s.health()["generated_tokens"] < 3000
+        # so does one that gives up waiting for a whole (not streamed) answer
+        with pytest.raises(httpx.ReadTimeout):
+            s.http.post("/v1/completions", json={**long, "ignore_eos": True}, timeout=0.5)
+        assert wait_until(lambda: s.health()["busy"] == 0)
+        assert s.health()["generated_tokens"] < 6000
         assert s.client.completions.create(model=model, prompt="x", max_tokens=2).choices
         # SIGTERM while a request is in flight: it completes, then the server exits 0
         stream = s.client.completions.create(**{**long, "max_tokens": 300}, stream=True)
@@ -297,6 +307,24 @@ def test_bad_options_fail_cleanly(packed):
         assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
     finally:
         assert busy.stop() == 0
+
+
+def test_serving_never_imports_torch(packed):
+    code = f"""
+import sys
+from starlette.testclient import TestClient
+from bitnet_cli.engine import Engine
+from bitnet_cli.serve.app import Server
+from bitnet_cli.serve.scheduler import Scheduler
+eng = Engine.load({str(packed)!r}, threads=1)
+with TestClient(Server(eng, Scheduler(eng, 2, 2), "m").app) as c:
+    assert c.post("/v1/completions", json={{"prompt": "hi", "max_tokens": 3}}).status_code == 200
+    chat = {{"messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 3, "stream": True}}
+    assert c.post("/v1/chat/completions", json=chat).status_code == 200
+assert "torch" not in sys.modules, "serving imported torch"
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- lm-eval through the server

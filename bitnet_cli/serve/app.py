@@ -249,7 +249,8 @@ class Server:
         s = self.scheduler
         return JSONResponse({"status": "ok", "model": self.model_id, "slots": s.parallel, "busy": s.busy,
                              "queued": s.queued, "max_queue": s.max_queue,
-                             "generated_tokens": s.generated_tokens})
+                             "generated_tokens": s.generated_tokens,
+                             "kv_bytes_per_slot": self.engine.kv_bytes_per_sequence})
 
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "bitnet-cli",

@@ -88,8 +88,9 @@ class _Slot:
         self.job: Job | None = None
         self.last_used = 0
 
-    def start(self, job: Job, reuse: int, tokenizer, rng):
+    def start(self, job: Job, reuse: int, tokenizer, rng, order: int):
         self.job, self.cached = job, self.cached[:reuse]
+        self.order = order                  # admission count: prompts are prefilled first come first
         self.todo = job.prompt[reuse:]      # prompt tokens still to run
         self.reused = reuse
         self.history = list(job.prompt)     # prompt + generated, for the repeat penalty
@@ -122,6 +123,7 @@ class Scheduler:
         self._wake = threading.Condition()
         self._closing = False
         self._steps = 0
+        self._admitted = 0
         self.generated_tokens = 0  # since start, every sequence together (/health)
         self._piece_cache: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="bitnet-batch", daemon=True)
@@ -214,8 +216,8 @@ class Scheduler:
                     chosen.cached = job.prompt[:best_len]
                 else:
                     chosen.cached = []
-            rng = np.random.default_rng(job.seed)
-            chosen.start(job, best_len, self.engine.tokenizer, rng)
+            self._admitted += 1
+            chosen.start(job, best_len, self.engine.tokenizer, np.random.default_rng(job.seed), self._admitted)
 
     def _step(self) -> None:
         tokens, seqs, pos, want = [], [], [], []
@@ -236,7 +238,7 @@ class Scheduler:
                 feed(slot, slot.next_token, "next")
                 slot.next_token = None
         budget = max(STEP_TOKENS - len(tokens), MIN_PREFILL)
-        for slot in active:  # prompts in slot order, a chunk at a time
+        for slot in sorted(active, key=lambda s: s.order):  # prompts first come first, a chunk a step
             if budget <= 0 or not slot.todo:
                 continue
             take = slot.todo[:budget]
