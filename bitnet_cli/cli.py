@@ -310,10 +310,13 @@ def info(
             head.add_column(style="bold")
             head.add_column()
             head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
-            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}, RMSNorm eps {d.rms_norm_eps:g}")
+            rope_scaling = f" ({d.rope_scaling['rope_type']} scaling x{d.rope_scaling['factor']:g})" if d.rope_scaling else ""
+            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}{rope_scaling}, "
+                                    f"RMSNorm eps {d.rms_norm_eps:g}")
             head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
                          f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
             head.add_row("source", f"{report['source']} ({report['converter']})")

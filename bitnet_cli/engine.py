@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bitnet_cli import kernels
+from bitnet_cli import kernels, rope
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
@@ -37,16 +37,15 @@ from bitnet_cli.tokens import special_id
 DEFAULT_CTX = 4096
 
 
-def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
+def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, with any llama3
+    scaling, then pos * inv_freq: bitnet_cli.rope).
 
     The fp32 angles are those of torch; cos/sin are taken in float64 and rounded once, which is
     what torch's (<= 1 ulp) fp32 cos/sin approximate.
     """
     f32 = np.float32
-    exponent = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
-    inv_freq = f32(1.0) / np.power(np.float64(f32(theta)), exponent.astype(np.float64)).astype(f32)
-    angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
+    angles = np.arange(ctx, dtype=f32)[:, None] * rope.inv_freq(head_dim, theta, scaling)[None, :]
     a = angles.astype(np.float64)
     return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
 
@@ -211,7 +210,8 @@ class Engine(kernels.CResource):
             desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
             desc.head_scale = ptr(pm.tensor(d.head_name + "_scale"), "float")
         desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
-        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
+        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
+        desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         return desc
