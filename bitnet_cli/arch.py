@@ -40,6 +40,7 @@ class Family:
     architecture: str  # config.json's architectures entry (transformers' class)
     default_act: str  # hidden_act when the config leaves it out (transformers' config default)
     sub_norms: bool  # attn_sub_norm before o_proj and ffn_sub_norm before down_proj
+    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2); not in the packed format
 
 
 FAMILIES: dict[str, Family] = {
@@ -48,6 +49,9 @@ FAMILIES: dict[str, Family] = {
     # Llama-architecture 1.58-bit models (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E):
     # LlamaForCausalLM with BitLinear projections: SiLU gate, no sub-norms, optional llama3 RoPE
     "llama": Family("llama", "LlamaForCausalLM", "silu", False),
+    # Qwen2 / Qwen2.5 made ternary by `bitnet train` (model.init_from): Llama with float q/k/v
+    # biases. It trains and evaluates in torch; `bitnet pack` refuses it (no biases in the format).
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "silu", False, qkv_bias=True),
 }
 FAMILY_BY_MODEL_TYPE = {f.model_type: name for name, f in FAMILIES.items()}
 ACTIVATIONS = ("relu2", "silu")  # the FFN gate act(gate) * up; both run on every backend
@@ -104,6 +108,11 @@ class ModelDims:
     def sub_norms(self) -> bool:
         """Whether the layers have attn_sub_norm and ffn_sub_norm (BitNet b1.58's extra norms)."""
         return FAMILIES[self.family].sub_norms
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj carry (float) biases (Qwen2)."""
+        return FAMILIES[self.family].qkv_bias
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config") -> "ModelDims":
@@ -174,6 +183,8 @@ class ModelDims:
             raise BitnetError(f"{where}: hidden_act={act!r} is not supported (one of {', '.join(ACTIVATIONS)})")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise BitnetError(f"{where}: attention/MLP biases are not supported")
+        if config.get("use_sliding_window") or any(t != "full_attention" for t in config.get("layer_types") or []):
+            raise BitnetError(f"{where}: sliding-window attention layers are not supported")
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
             raise BitnetError(f"{where}: quantization_config must be a JSON object")
@@ -245,9 +256,12 @@ class ModelDims:
         """The input embedding, plus the head when it is untied."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
+    def bias_parameters(self) -> int:
+        return self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+
     def parameters(self, exclude_embeddings: bool = False) -> int:
         """All parameters (a tied head counted once); without the input embedding if asked."""
-        n = self.ternary_parameters() + self.norm_parameters() + self.embedding_parameters()
+        n = self.ternary_parameters() + self.norm_parameters() + self.embedding_parameters() + self.bias_parameters()
         return n - self.vocab_size * self.hidden_size if exclude_embeddings else n
 
     def training_flops_per_token(self, seq_len: int) -> int:

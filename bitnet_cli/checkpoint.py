@@ -360,6 +360,15 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     config = read_json(ckpt / "config.json", "model config")
     if not isinstance(config, dict):
         raise BitnetError(f"{ckpt / 'config.json'}: not a JSON object")
+    from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE
+
+    family = FAMILIES.get(FAMILY_BY_MODEL_TYPE.get(config.get("model_type"), ""))
+    if family is not None and family.qkv_bias:
+        raise BitnetError(
+            f"{ckpt / 'config.json'}: {family.architecture} has biases on q_proj/k_proj/v_proj, which the packed "
+            "format and the C engine do not support yet; evaluate the checkpoint directory itself (`bitnet eval` "
+            "runs it on torch, and transformers loads it)"
+        )
     if config.get("model_type") not in ("bitnet", "llama"):
         raise BitnetError(
             f"{ckpt / 'config.json'}: unsupported architecture model_type={config.get('model_type')!r} "

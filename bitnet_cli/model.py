@@ -192,8 +192,8 @@ class BitLinear(nn.Linear):
     exactly the plain BitLinear above.
     """
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)  # a bias (Qwen2's q/k/v) stays float
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
         self.register_buffer("lam", torch.ones(()), persistent=False)
         self.warming = False
@@ -224,7 +224,7 @@ class BitLinear(nn.Linear):
             w = w + (_quant_weight(w) - w).detach()
         else:
             x, w = _quant_activation(x), _quant_weight(w)
-        return F.linear(x, w)
+        return F.linear(x, w, self.bias)
 
 
 def set_quant_lambda(model: nn.Module, lam: float) -> None:
@@ -244,7 +244,11 @@ def set_quant_lambda(model: nn.Module, lam: float) -> None:
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
     """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
     n_out, n_in = config.arch.projection_shape(proj)
-    return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
+    bias = config.arch.qkv_bias and proj in _QKV
+    return BitLinear(n_in, n_out, bias) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=bias)
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -362,6 +366,8 @@ class BitNetForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 

@@ -31,7 +31,8 @@ class ModelSpec(_Strict):
                                 "only if round_vocab_to is set).")
     round_vocab_to: int = Field(1, ge=1, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
                                                      "for tensor-core friendly shapes).")
-    family: Optional[Literal[tuple(FAMILIES)]] = Field(  # type: ignore[valid-type]
+    # qwen2 (q/k/v biases, not packable) is only reached through init_from
+    family: Optional[Literal[tuple(k for k, f in FAMILIES.items() if not f.qkv_bias)]] = Field(  # type: ignore[valid-type]
         None, description="bitnet: BitNet b1.58 (sub-norms, relu2 gate); llama: the Llama-architecture 1.58-bit "
                           "models (no sub-norms, SiLU gate, checkpoints of model_type llama); default: the "
                           "preset's, else bitnet.")
@@ -87,7 +88,7 @@ class ModelSpec(_Strict):
             return self
         given = [k for k in ("preset", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                             "rope_theta", "tie_word_embeddings")
+                             "rope_theta", "tie_word_embeddings", "family", "hidden_act", "head_dim")
                  if getattr(self, k) is not None]
         if given:
             raise ValueError(f"with init_from the shape comes from the checkpoint; remove {', '.join(given)}")
