@@ -272,7 +272,7 @@ def test_convert_small_recipe_dry_run(float_run):
 # ----------------------------------------------------------------------------- Hugging Face sources
 
 
-def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, **kw) -> Path:
+def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, sharded: bool = False, **kw) -> Path:
     """A random transformers float model (LlamaForCausalLM, Qwen2ForCausalLM, ...) with our test tokenizer."""
     import transformers
 
@@ -286,7 +286,8 @@ def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, **kw) -> Path:
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0, 0.5)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": "40KB"} if sharded else {}))
+    assert (out / "model.safetensors.index.json").is_file() == sharded
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tokenizer_dir / name).read_bytes())
     return out
@@ -309,6 +310,7 @@ def _student_logits_at_lambda_zero(src_dir: Path, ids: torch.Tensor, insert_subl
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     ("Qwen2ForCausalLM", {}),
+    ("LlamaForCausalLM", {"sharded": True}),
 ])
 def test_init_from_transformers_models_reproduces_their_logits(tmp_path, test_tokenizer_dir, cls, kw):
     import transformers
