@@ -238,50 +238,59 @@ def ptq_on_engine(ptq: Path, root: Path, args, corpus: Path, data, device) -> di
     return out
 
 
-def curves(run: Path) -> tuple[list, list]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    lam = [(r["step"], r["quant_lambda"]) for r in rows if "quant_lambda" in r]
-    return val, lam
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot(root: Path, results: dict, tokens_per_step: int, ft_runs: dict[int, Path], scratch: Path) -> None:
+def plot(runs: dict[str, list[dict]], out_png: Path, ptq_val: float | None = None) -> None:
+    """Validation loss against training tokens for every run, and the lambda schedules.
+
+    ``runs``: metrics.jsonl rows by run name (float, scratch, ft_plain, ft_warmup, ft_distill).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {3: "tab:red", 4: "tab:orange", 5: "tab:green"}
-    for s, run in ft_runs.items():
-        val, lam = curves(run)
-        ax.plot([st * tokens_per_step / 1e6 for st, _ in val], [v for _, v in val], "o-", color=colors[s],
-                label=f"({s}) {SETTINGS[s].strip(' +')}" if s == 3 else f"({s}) {SETTINGS[s].strip()}")
-        if lam:
-            ax2.plot([st * tokens_per_step / 1e6 for st, _ in lam], [v for _, v in lam], color=colors[s],
-                     label=f"({s}) lambda")
-    val, _ = curves(scratch)
-    ax.plot([st * tokens_per_step / 1e6 for st, _ in val], [v for _, v in val], "s--", color="tab:purple",
-            label="(6) from scratch")
-    ax.axhline(results["1"]["val_loss"], color="tab:blue", ls=":", label="(1) float model")
-    ax.set_xlabel("training tokens (millions): fine-tuning for (3)-(5), all for (6)")
+    def val(rows):
+        return [(r["tokens"] / 1e6, r["val_loss"]) for r in _with_tokens(rows) if "val_loss" in r]
+
+    style = {"ft_plain": ("tab:red", "(3) fine-tuned, no warm-up"),
+             "ft_warmup": ("tab:orange", "(4) + quantisation warm-up"),
+             "ft_distill": ("tab:green", "(5) + warm-up + distillation")}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    for name, (color, label) in style.items():
+        if name in runs:
+            ax.plot(*zip(*val(runs[name])), "o-", ms=3, color=color, label=label)
+            lam = [(r["tokens"] / 1e6, r["quant_lambda"]) for r in runs[name] if "quant_lambda" in r]
+            ax2.plot(*zip(*(lam or [(r["tokens"] / 1e6, 1.0) for r in runs[name] if "loss" in r])), color=color,
+                     label=label)
+    if "scratch" in runs:
+        ax.plot(*zip(*val(runs["scratch"])), "s--", ms=3, color="tab:purple", label="(6) BitNet from scratch")
+    if "float" in runs:
+        ax.plot(*zip(*val(runs["float"])), "^:", ms=3, color="tab:blue", label="(1) float model (its training)")
+    if ptq_val is not None:
+        ax.axhline(ptq_val, color="black", ls="-.", label=f"(2) post-training ternarisation {ptq_val:.2f}")
+    ax.set_xlabel("training tokens (millions): fine-tuning only for (3)-(5)")
     ax.set_ylabel("validation loss (nats/token)")
-    ptq = results["2"]["val_loss"]
-    ax.set_title(f"(2) post-training ternarisation: val loss {ptq:.2f} (off the chart)" if ptq > 8 else
-                 "validation loss")
-    top = max(v for _, v in val[1:]) if len(val) > 1 else None
-    if top:
-        ax.set_ylim(results["1"]["val_loss"] - 0.2, top + 0.3)
+    ax.set_ylim(4.8, 6.0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax2.set_xlabel("fine-tuning tokens (millions)")
     ax2.set_ylabel("quantisation lambda")
-    ax2.set_title("warm-up schedule")
+    ax2.set_ylim(-0.03, 1.05)
     ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(root / "convert_fp.png", dpi=110)
+    fig.savefig(out_png, dpi=110)
     plt.close(fig)
+
+
+def _with_tokens(rows: list[dict]) -> list[dict]:
+    """val_loss rows carry only the step: give them the tokens of the training row of that step."""
+    tokens = {r["step"]: r["tokens"] for r in rows if "tokens" in r}
+    per_step = next((r["tokens"] // r["step"] for r in rows if "tokens" in r), 0)
+    return [{**r, "tokens": tokens.get(r["step"], r["step"] * per_step)} for r in rows]
 
 
 # ----------------------------------------------------------------------------- main
@@ -289,8 +298,8 @@ def plot(root: Path, results: dict, tokens_per_step: int, ft_runs: dict[int, Pat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--corpus", type=Path, required=True)
-    ap.add_argument("--wikitext", type=Path, required=True, help="wikitext-2-raw/test.txt")
+    ap.add_argument("--corpus", type=Path, help="the training corpus (required unless --plot-from)")
+    ap.add_argument("--wikitext", type=Path, help="wikitext-2-raw/test.txt (required unless --plot-from)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--base", default="small", help="recipe of (1) and (6): small (GPU) or tiny (a CPU check)")
     ap.add_argument("--convert", default="convert-small", help="recipe of (5)")
@@ -306,13 +315,21 @@ def main() -> None:
     ap.add_argument("--check-wikitext", action="store_true", help="also run `bitnet eval --tasks wikitext` on (1)")
     ap.add_argument("--runs", default="float,scratch,ft_plain,ft_warmup,ft_distill",
                     help="which trainings to run (a subset re-runs part of the experiment; the others are skipped)")
+    ap.add_argument("--plot-from", type=Path, help="only redraw convert_fp.png from a saved metrics file "
+                                                   "(benchmarks/convert_fp.json) into --out")
     ap.add_argument("--engine-check", type=Path, help=argparse.SUPPRESS)  # the child process of (2)'s engine run
     args = ap.parse_args()
 
-    import torch
-
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
+    if args.plot_from:
+        plot(json.loads(args.plot_from.read_text())["runs"], root / "convert_fp.png")
+        return
+    if args.corpus is None or args.wikitext is None:
+        ap.error("--corpus and --wikitext are required")
+
+    import torch
+
     corpus = args.corpus.resolve()
     common = [f"data.files=[{corpus}]", *args.sets]
     base = REPO / "recipes" / f"{args.base}.yaml"
@@ -398,8 +415,9 @@ def main() -> None:
         print(f"  bitnet eval --tasks wikitext on (1): {meta['bitnet_eval_wikitext_word_ppl_float']}", flush=True)
     out = {"settings": SETTINGS, "results": results, "meta": meta}
     (root / "results.json").write_text(json.dumps(out, indent=2))
-    if all(str(k) in ckpts for k in runs):
-        plot(root, results, tokens_per_step, {3: runs[3], 4: runs[4], 5: runs[5]}, runs[6])
+    names = {1: "float", 3: "ft_plain", 4: "ft_warmup", 5: "ft_distill", 6: "scratch"}
+    plot({names[k]: read_metrics(run) for k, run in runs.items() if (run / "metrics.jsonl").is_file()},
+         root / "convert_fp.png", results.get("2", {}).get("val_loss"))
     print(json.dumps(out, indent=2))
 
 

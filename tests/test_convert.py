@@ -267,3 +267,34 @@ def test_convert_small_recipe_dry_run(float_run):
     res = CliRunner().invoke(app, ["train", str(REPO / "recipes" / "convert-small.yaml"), "--dry-run",
                                    "--set", f"model.init_from={float_run}"])
     assert res.exit_code == 1 and "max_position_embeddings" in " ".join(res.output.split())
+
+
+# ----------------------------------------------------------------------------- Hugging Face sources
+
+
+def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, **kw) -> Path:
+    """A random transformers float model (LlamaForCausalLM, Qwen2ForCausalLM, ...) with our test tokenizer."""
+    import transformers
+
+    config = getattr(transformers, cls.replace("ForCausalLM", "Config"))(**{
+        "vocab_size": 400, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1, **kw})
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config).float().eval()
+    with torch.no_grad():  # transformers zero-initialises biases; make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out
+
+
+def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_dir):
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "Qwen3ForCausalLM", head_dim=16)
+    r = load_recipe(None, data=convert_recipe(src))
+    with pytest.raises(BitnetError, match="qwen3 model, which cannot be converted yet: Qwen3's per-head q_norm/k_norm"):
+        train(r, out_dir=tmp_path / "never", progress=False)
+    assert not (tmp_path / "never").exists()

@@ -331,8 +331,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     torch.manual_seed(recipe.seed)
     model = BitNetForCausalLM(config)
     if src is not None and resume_from is None:
-        load_weights(src, model)
-        say(f"initialised from {src.where}")
+        load_weights(src, model, recipe.model.insert_subln)
+        say(f"initialised from {src.where}" + (" (sub-norms inserted)" if recipe.model.insert_subln else ""))
     if resume_from is not None:
         loaded = BitNetForCausalLM.from_pretrained(resume_from)
         try:

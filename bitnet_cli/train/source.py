@@ -27,6 +27,11 @@ from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 ACCEPTED = {
     "bitnet": "BitNet b1.58 (BitNetForCausalLM) with float weights, e.g. one of our `quant: none` runs",
 }
+# Architectures we know and refuse, with what stands in the way (named in the refusal).
+REFUSED = {
+    "qwen3": "Qwen3's per-head q_norm/k_norm (RMSNorm on queries and keys before RoPE) are not in the packed "
+             "format or the C engine",
+}
 # Tensors some checkpoints carry that are derived, not learned (recomputed from the config).
 _DERIVED = ("rotary_emb.inv_freq",)
 
@@ -76,6 +81,9 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
     if not isinstance(config, dict):
         raise BitnetError(f"{what}: {path / 'config.json'} is not a JSON object")
     mt = config.get("model_type")
+    if mt in REFUSED:
+        raise BitnetError(f"{what}: {path / 'config.json'} is a {mt} model, which cannot be converted yet: "
+                          f"{REFUSED[mt]}")
     if mt not in ACCEPTED:
         accepted = "; ".join(f"{k}: {v}" for k, v in ACCEPTED.items())
         raise BitnetError(f"{what}: {path / 'config.json'} has model_type {mt!r} "
@@ -94,17 +102,33 @@ def open_source(spec: str, base_dir: Path = Path("."), what: str = "model.init_f
 
 
 def student_config(src: Source, quant: str, insert_subln: bool) -> BitNetConfig:
-    """The config of the converted model: the source's shape, RoPE and vocabulary, our quantisation."""
-    where = f"{src.path / 'config.json'}"
-    if src.model_type == "bitnet":
-        if insert_subln:
+    """The config of the converted model: the source's shape, RoPE and vocabulary, our quantisation.
+
+    ``insert_subln`` turns the source into the BitNet b1.58 family (sub-norms before o_proj and
+    down_proj) keeping its activation, RoPE and head: transformers' BitNet reads ``hidden_act``.
+    """
+    d = dict(src.config)
+    d.pop("quantization_config", None)
+    if insert_subln:
+        if src.model_type == "bitnet":
             raise BitnetError(f"model.insert_subln: {src.where} is a BitNet model and has its sub-norms already")
-        return dataclasses.replace(BitNetConfig.from_hf_dict(src.config, where), quant=quant)
-    raise BitnetError(f"{where}: model_type {src.model_type!r} is not supported")  # open_source refused it
+        # the source family's own defaults, made explicit before the model_type changes
+        d.setdefault("hidden_act", "silu")
+        d.setdefault("tie_word_embeddings", False)
+        d["model_type"], d["architectures"] = "bitnet", ["BitNetForCausalLM"]
+    return dataclasses.replace(BitNetConfig.from_hf_dict(d, str(src.path / "config.json")), quant=quant)
 
 
-def load_weights(src: Source, model: BitNetForCausalLM) -> None:
-    """Copy the source's tensors into ``model`` by name, checking that nothing is missing or left over."""
+def _inserted(name: str) -> bool:
+    """A tensor ``insert_subln`` adds (initialised to ones), which the source does not have."""
+    return name.endswith(("self_attn.attn_sub_norm.weight", "mlp.ffn_sub_norm.weight"))
+
+
+def load_weights(src: Source, model: BitNetForCausalLM, insert_subln: bool = False) -> None:
+    """Copy the source's tensors into ``model`` by name, checking that nothing is missing or left over.
+
+    With ``insert_subln`` the sub-norms the source lacks are set to ones (the identity scale).
+    """
     expected = model.hf_state_dict()
     names = [n for n in src.tensors if not n.endswith(_DERIVED)]
     leftover = sorted(set(names) - set(expected))
@@ -118,10 +142,14 @@ def load_weights(src: Source, model: BitNetForCausalLM) -> None:
         raise BitnetError(f"{src.where}: tensors the converted model has no place for (they would be dropped): "
                           f"{', '.join(leftover[:5])}{' ...' if len(leftover) > 5 else ''}")
     missing = sorted(set(expected) - set(names))
+    inserted = [n for n in missing if insert_subln and _inserted(n)]
+    missing = [n for n in missing if n not in inserted]
     if missing:
         raise BitnetError(f"{src.where}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    state = {}
+    state = {name: torch.ones(expected[name].shape) for name in inserted}
     for name, ref in expected.items():
+        if name in state:
+            continue
         shape = tuple(src.tensors[name][1].shape)
         if shape != tuple(ref.shape):
             raise BitnetError(f"{src.where}: tensor {name} has shape {shape}, its config implies {tuple(ref.shape)}")
