@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bitnet_cli.arch import ACTIVATIONS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
@@ -171,8 +171,23 @@ class TrainSpec(_Strict):
     log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
     checkpoint_every: int = Field(500, gt=0, description="Save a resumable checkpoint every N steps.")
     keep_last: int = Field(2, gt=0, description="Keep this many step checkpoints (the final one is kept apart).")
+    int8_matmul: Literal["auto", "on", "off"] = Field(
+        "auto", description="BitLinear products on int8 tensor cores (Triton kernels; ternary weights x int8 "
+        "activations, scales in the epilogue). on: use them (CUDA GPU of compute capability 8.0+ with triton; "
+        "on a CPU, the kernels' pure-torch emulation: for testing, slower); off: the plain fake-quantised "
+        "products; auto: off for now (on an H200 the int8 path measured slower than the plain one at the "
+        "small recipe's shapes). Only for model.quant bitnet.")
+    int8_grad_input: bool = Field(True, description="With int8_matmul: the input gradient through the "
+                                                    "ternary weight in int8 too (output gradient quantised "
+                                                    "per token); false: in the compute dtype.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
                                                                    "or FSDP (fully_shard) for large shapes.")
+
+    @field_validator("int8_matmul", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _steps_or_tokens(self):
