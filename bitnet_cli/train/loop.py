@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.arch import DIM_LIMITS
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
@@ -78,6 +79,9 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None, bos_token_id: int 
         raise BitnetError(f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
     r = recipe.model.round_vocab_to
     vocab = -(-vocab // r) * r
+    if vocab > DIM_LIMITS["vocab_size"]:
+        raise BitnetError(f"model.vocab_size {vocab} (rounded up to a multiple of {r}) is more than "
+                          f"{DIM_LIMITS['vocab_size']}, the most the packer and engine accept")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
                if dims.get(k) is None]
     if missing:
