@@ -347,3 +347,33 @@ def test_eval_llama_on_both_backends_matches_lm_eval_hf(tmp_path, test_tokenizer
     engine = _bitnet_lm(tmp_path / "m.bin")
     assert engine.backend.name == "engine"
     _compare(_run(engine, tasks, 12, data), ours, tasks, _engine_tolerance)
+
+
+# ---------------------------------------------------------------------------- bench shapes
+
+
+def test_bench_shapes_of_the_family_have_the_real_dimensions(tmp_path):
+    """`bitnet bench --shape llama3-8b-1.58 | falcon3-1b-1.58`: the checkpoints' config numbers, as the
+    Llama family (no sub-norm bytes, an untied head streamed per token); a tiny synthetic model of
+    the family runs on the engine."""
+    from bitnet_cli.arch import ModelDims
+    from bitnet_cli.bench import target
+    from bitnet_cli.bench.shapes import bytes_per_token
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack.synthetic import write_random_model
+
+    l8 = ModelDims.from_config(target.from_shape("llama3-8b-1.58", "f16", tmp_path).config)
+    assert (l8.family, l8.hidden_act, l8.sub_norms, l8.tie_word_embeddings) == ("llama", "silu", False, False)
+    assert (l8.hidden_size, l8.intermediate_size, l8.num_layers, l8.num_heads, l8.num_kv_heads, l8.vocab_size) == (
+        4096, 14336, 32, 32, 8, 128256)
+    f1 = ModelDims.from_config(target.from_shape("falcon3-1b-1.58", "f16", tmp_path).config)
+    assert (f1.hidden_size, f1.intermediate_size, f1.num_layers, f1.num_heads, f1.num_kv_heads, f1.head_dim,
+            f1.vocab_size, f1.rope_theta, f1.rms_norm_eps) == (2048, 8192, 18, 8, 4, 256, 131072, 1000042.0, 1e-6)
+    per_token = bytes_per_token(target.from_shape("llama3-8b-1.58", "f16", tmp_path).config)
+    assert per_token["norms"] == 4 * (32 * 2 * 4096 + 4096) and per_token["head"] == 128256 * 4096 * 2
+
+    tiny = dict(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=96, tie_word_embeddings=False, model_type="llama", hidden_act="silu")
+    path = write_random_model(tmp_path / "tiny-llama.bin", shape=tiny, embeddings="q4")
+    with Engine.load(path, threads=2) as eng:
+        assert eng.dims.family == "llama" and np.isfinite(eng.forward([1, 2, 3])).all()

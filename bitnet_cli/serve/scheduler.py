@@ -181,6 +181,9 @@ class Scheduler:
                 for slot in self.slots:
                     if slot.job is not None:
                         self._finish(slot, ErrorEvent(f"the engine failed: {e}"), cached_ok=False)
+            # let the event loop send this step's tokens now: on a small model the next steps
+            # would otherwise hold the GIL for its whole switch interval and tokens leave in bursts
+            time.sleep(0)
         for slot in self.slots:
             if slot.job is not None:
                 self._finish(slot, ErrorEvent("the server is shutting down"))
