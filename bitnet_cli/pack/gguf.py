@@ -33,6 +33,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
+from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.format import PackedModel
 from bitnet_cli.tokens import special_id
 
@@ -42,9 +43,6 @@ QK_K = 256
 # printed by `bitnet pack --to gguf` for the llama.cpp types (see the module docstring)
 LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
                     "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
-# Written into our `bitnet` export: llama.cpp's `bitnet` graph is the 1bitLLM model (SiLU-gated FFN), so the
-# importer reads a `bitnet` file as BitNet b1.58 (squared ReLU) only when this key says so.
-HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 # (architecture, llama_ftype) per export type; bitnet.cpp numbers MOSTLY_I2_S 40
 _ARCH = {"i2_s": ("bitnet-b1.58", 40), "tq2_0": ("bitnet", 37), "tq1_0": ("bitnet", 36)}
 # llama.cpp token types

@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, gguf_name, split_layer_tensor
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, gguf_name
 from bitnet_cli.checkpoint import TensorEntry
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
-from bitnet_cli.pack.format import tensor_specs
-from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
+from bitnet_cli.pack.ternary import ternarize
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,9 @@ class Architecture:
     notes: dict = field(default_factory=dict)
 
 
+# Written into our `bitnet` export (pack/gguf.py): llama.cpp's `bitnet` graph is the 1bitLLM model
+# (SiLU-gated FFN), so a `bitnet` file is read as BitNet b1.58 (squared ReLU) only when this key says so.
+HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 ARCHITECTURES = {
     "bitnet-b1.58": Architecture("bitnet.cpp (BitNet b1.58 2B4T)"),
     "bitnet-25": Architecture("bitnet.cpp's convert-ms-to-gguf-bitnet.py (BitNet b1.58 2B4T)"),
@@ -94,11 +96,9 @@ class GGUFCheckpoint:
         self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config
         self.notes = notes
         self.tensors = {}  # HF name -> (path, entry), the shapes `pack` checks against
-        for spec in tensor_specs(dims, "f16"):
-            if spec.name.endswith("_scale"):
-                continue
-            g = self.gguf_tensor(spec.name)
-            self.tensors[spec.name] = (gf.path, TensorEntry(spec.name, "F32", g.shape, g.offset, g.offset + g.nbytes))
+        for name, _, _ in dims.hf_tensors():
+            g = self.gguf_tensor(name)
+            self.tensors[name] = (gf.path, TensorEntry(name, "F32", g.shape, g.offset, g.offset + g.nbytes))
 
     # ------------------------------------------------------------------ the Checkpoint interface
 
@@ -177,8 +177,6 @@ class GGUFCheckpoint:
 
     def _from_floats(self, w: np.ndarray, where: str, kind: str) -> tuple[np.ndarray, np.float32]:
         """Float weights: ternary times one scale keeps that scale; anything else gets the absmean rule."""
-        from bitnet_cli.pack.ternary import ternarize
-
         if not np.isfinite(w).all():
             bad = np.argwhere(~np.isfinite(w))[0]
             raise BitnetError(f"{where}: non-finite value {w[tuple(bad)]} at index {bad.tolist()}")
@@ -260,12 +258,8 @@ def _open(gf: GGUFFile) -> GGUFCheckpoint:
                   _name_or_path=gf.get("general.name", str, "") or gf.path.stem)
     dims = ModelDims.from_config(config, f"{gf.path}: metadata")
     ckpt = GGUFCheckpoint(gf, arch, config, dims, tokenizer_json, tokenizer_config, notes)
-    for spec_ in tensor_specs(dims, "f16"):  # every tensor present, with the shape the metadata implies
-        name = spec_.name
-        if name.endswith("_scale"):
-            continue
+    for name, want, _ in dims.hf_tensors():  # every tensor present, with the shape the metadata implies
         t = ckpt.gguf_tensor(name)
-        want = spec_.shape if spec_.dtype != "U8" else dims.projection_shape(split_layer_tensor(name)[1])
         if tuple(t.shape) != tuple(want):
             raise BitnetError(f"{gf.path}: tensor {t.name!r} has shape {list(t.shape)} but the metadata implies {list(want)}")
     return ckpt
