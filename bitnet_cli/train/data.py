@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled
+from bitnet_cli.files import bundled_corpus
 from bitnet_cli.files import cache_root as shared_cache_root
 from bitnet_cli.tokens import BOS, EOS, special_id
 from bitnet_cli.tokens import train_bpe as train_bpe_on
@@ -43,10 +43,6 @@ def cache_subdir(root: Path, name: str) -> Path:
         raise BitnetError(f"token cache {root}: cannot write {path} ({e.strerror or e}); set data.cache_dir "
                           "or $BITNET_CACHE to a writable directory") from None
     return path
-
-
-def bundled_corpus() -> Path:
-    return bundled("data", "tinyshakespeare.txt")
 
 
 def resolve_files(spec: DataSpec, base_dir: Path) -> list[Path]:
