@@ -33,7 +33,7 @@ from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
 
