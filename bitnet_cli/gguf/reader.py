@@ -272,6 +272,17 @@ class GGUFFile:
             raise BitnetError(f"{self.path}: tensor {name!r}: byte range {start}+{length} outside its {t.nbytes} bytes")
         return np.frombuffer(self._mm, dtype=np.uint8, count=length, offset=t.offset + start)
 
+    def release(self, name: str) -> None:
+        """Drop tensor `name`'s pages from this process's resident set (they stay in the page cache), so
+        that streaming through a 1.2 GB file one tensor at a time keeps the RSS near one tensor."""
+        t = self.tensor(name)
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        end = -(-(t.offset + t.nbytes) // page) * page
+        self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+
     def close(self) -> None:
         if self._mm is not None:
             try:
