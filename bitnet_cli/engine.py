@@ -273,8 +273,8 @@ class Engine(kernels.CResource):
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
-        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.gguf.cache)
-            from bitnet_cli.gguf.cache import packed_path
+        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
+            from bitnet_cli.pack.gguf_cache import packed_path
 
             path = packed_path(Path(path))
         pm = PackedModel.open(path)
