@@ -34,7 +34,7 @@ from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.rope import inv_freq as rope_inv_freq
 from bitnet_cli.sampling import SamplingParams, sample
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
 
@@ -275,8 +275,8 @@ class Engine(kernels.CResource):
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
-        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.gguf.cache)
-            from bitnet_cli.gguf.cache import packed_path
+        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
+            from bitnet_cli.pack.gguf_cache import packed_path
 
             path = packed_path(Path(path))
         pm = PackedModel.open(path)
