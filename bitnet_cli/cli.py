@@ -42,6 +42,11 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
+        if type(e).__name__ != "PanicException":
+            raise
+        err_console.print(f"[bold red]error:[/] a library failed on this input: {e}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _version_callback(value: bool):
@@ -204,13 +209,14 @@ def pack(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ):
-    """Pack a BitNet b1.58 checkpoint into one ternary file (2 bits per weight), ready to run.
+    """Pack a BitNet b1.58 checkpoint, or a 1.58-bit Llama-architecture one (Llama3-8B-1.58, Falcon3 1.58bit, Falcon-E), into one ternary file (2 bits per weight), ready to run.
 
-    Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
+    Weights are ternarised with the absmean rule (exactly as transformers does), or taken as stored from an offline-quantised checkpoint (weight_scale divided or multiplied, as its quantization_config says), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
 
     Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
     [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/],
     [bold]bitnet pack ggml-model-i2_s.gguf 2b4t.bin[/] (import bitnet.cpp's GGUF),
+    [bold]bitnet pack HF1BitLLM/Llama3-8B-1.58-100B-tokens llama3-8b.bin[/] (uint8 trits, weight_scale divided),
     [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
     import json as _json
@@ -310,10 +316,13 @@ def info(
             head.add_column(style="bold")
             head.add_column()
             head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
-            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}, RMSNorm eps {d.rms_norm_eps:g}")
+            rope_scaling = f" ({d.rope_scaling['rope_type']} scaling x{d.rope_scaling['factor']:g})" if d.rope_scaling else ""
+            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}{rope_scaling}, "
+                                    f"RMSNorm eps {d.rms_norm_eps:g}")
             head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
                          f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
             head.add_row("source", f"{report['source']} ({report['converter']})")
@@ -338,7 +347,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -358,7 +367,8 @@ def run(
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
-    Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
+    Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
+    [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
     import json
 
@@ -406,6 +416,8 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
                 pending = console.input("[bold green]you>[/] ")
             except EOFError:
                 break
+            except UnicodeDecodeError as e:
+                raise BitnetError(f"the message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
         if not pending.strip():
             break
         messages.append({"role": "user", "content": pending})

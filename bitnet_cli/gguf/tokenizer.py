@@ -10,8 +10,8 @@
   earlier), with byte fallback through the `<0xXX>` pieces, the way transformers converts a
   SentencePiece model.
 
-Control and user-defined tokens become added tokens (special for control), so they encode as
-single ids and never split. No post-processor: the engine adds BOS itself (`Engine.encode`).
+Control and user-defined tokens, and the bos/eos/unk/padding tokens whatever their recorded type,
+become added tokens (special but user-defined ones), so they encode as single ids and never split. No post-processor: the engine adds BOS itself (`Engine.encode`).
 The result is checked to load in `tokenizers`.
 """
 
@@ -79,7 +79,7 @@ def _spm_merges(tokens: list[str], scores, types) -> list[list[str]]:
 
 def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
     """(tokenizer.json text, tokenizer_config, a note on what was inferred) from GGUF metadata `meta`."""
-    from tokenizers import Tokenizer
+    from bitnet_cli.tokenizer import load as load_tokenizer
 
     def key(name):
         return f"{where}: metadata key 'tokenizer.ggml.{name}'"
@@ -106,6 +106,9 @@ def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
             if type(value) is not int or not 0 <= value < len(tokens):
                 raise BitnetError(f"{key(name + '_token_id')} = {value!r} is not a token id")
             special[name] = value
+    for i in special.values():  # bitnet.cpp's converter types its specials NORMAL when they are in the BPE vocab
+        if types[i] == NORMAL:
+            types[i] = CONTROL
     note = ""
     vocab = {t: i for i, t in enumerate(tokens)}
     if model == "gpt2":
@@ -158,9 +161,9 @@ def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
         raise BitnetError(f"{key('model')} = {model!r} is not supported (supported: gpt2, llama)")
     text = json.dumps(spec, ensure_ascii=False)
     try:
-        Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises a bare Exception for what it cannot load
-        raise BitnetError(f"{where}: the tokenizer rebuilt from the GGUF metadata does not load ({e})") from None
+        load_tokenizer(text, where)  # loads and runs it once; Rust panics included
+    except BitnetError as e:
+        raise BitnetError(f"the tokenizer rebuilt from the GGUF metadata does not load: {e}") from None
     config = {}
     for name, field in (("bos", "bos_token"), ("eos", "eos_token")):
         if name in special:

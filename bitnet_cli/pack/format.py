@@ -9,23 +9,25 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli import __version__
-from bitnet_cli.arch import EMBED, FINAL_NORM, LM_HEAD, ModelDims, layer_tensor, split_layer_tensor
+from bitnet_cli import __version__, safejson
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
-FORMAT_VERSION = "1"
+# 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
+# tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
@@ -49,17 +51,16 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
 
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
-    specs = embedding_specs(EMBED, dims, embeddings)
-    for i in range(dims.num_layers):
-        for norm in dims.layer_norms():
-            specs.append(TensorSpec(layer_tensor(i, norm.name), "F32", (norm.size(dims),)))
-        for proj in dims.projections():
-            n, k = proj.shape(dims)
-            specs.append(TensorSpec(layer_tensor(i, proj.name), "U8", (n, padded_k(k) // 4)))
-            specs.append(TensorSpec(layer_tensor(i, proj.name, "weight_scale"), "F32", (1,)))
-    specs.append(TensorSpec(FINAL_NORM, "F32", (dims.hidden_size,)))
-    if not dims.tie_word_embeddings:
-        specs += embedding_specs(LM_HEAD, dims, embeddings)
+    specs = []
+    for name, shape, kind in dims.hf_tensors():
+        if kind == "embedding":
+            specs += embedding_specs(name, dims, embeddings)
+        elif kind == "projection":  # packed trits, then gamma
+            n, k = shape
+            specs.append(TensorSpec(name, "U8", (n, padded_k(k) // 4)))
+            specs.append(TensorSpec(name + "_scale", "F32", (1,)))
+        else:
+            specs.append(TensorSpec(name, "F32", shape))
     return specs
 
 
@@ -119,9 +120,9 @@ class PackedWriter:
         self._next = 0
         self._crc = 0
         self._written = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
+        self._temp = TempFile(self.out)
+        self.tmp = self._temp.path
+        self.f = os.fdopen(os.dup(self._temp.fd), "wb")  # the dup shares the temp file's lock
         self.f.write(self.header)
 
     def _header(self) -> bytes:
@@ -176,15 +177,13 @@ class PackedWriter:
         assert len(header) == self.data_start, "checksums changed the header length"
         self.f.write(header)
         self.f.truncate(self.total_bytes)  # pads are holes: zero bytes on every filesystem
-        self.f.flush()
-        os.fsync(self.f.fileno())
         self.f.close()
-        return publish(self.tmp, self.out)
+        return self._temp.publish()
 
     def abort(self) -> None:
         if not self.f.closed:
             self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._temp.discard()
 
     def __enter__(self):
         return self
@@ -234,6 +233,11 @@ class PackedModel:
         self.dims = ModelDims.from_config(self.config, f"{where}: config")
         self.tokenizer_json: str = metadata["tokenizer"]
         self.tokenizer_config = _json_value(metadata, "tokenizer_config", where, dict)
+        for key in ("bos_token", "eos_token", "chat_template"):
+            value = self.tokenizer_config.get(key)
+            if value is not None and not (isinstance(value, str) and safejson.is_utf8(value)):
+                raise BitnetError(f"{where}: tokenizer_config {key} must be a string of valid Unicode, "
+                                  f"got {safejson.short(value)}")
         self.layout = metadata["layout"]
         self.embeddings = metadata["embeddings"]
         self.checksums = _json_value(metadata, "checksums", where, dict)
@@ -251,10 +255,10 @@ class PackedModel:
         _, entries, metadata = read_safetensors_header(path)
         if metadata.get("format") != FORMAT:
             raise BitnetError(f"{path}: not a bitnet-cli packed model (make one with `bitnet pack`)")
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_VERSIONS:
             raise BitnetError(
                 f"{path}: packed format version {metadata.get('format_version')!r}; this bitnet-cli reads "
-                f"version {FORMAT_VERSION} (re-pack the model)"
+                f"versions {', '.join(READABLE_VERSIONS)} (re-pack the model)"
             )
         for key in ("config", "tokenizer", "layout", "embeddings", "checksums"):
             if key not in metadata:
@@ -264,6 +268,10 @@ class PackedModel:
         if metadata["embeddings"] not in EMBEDDING_TYPES:
             raise BitnetError(f"{path}: unknown embeddings type {metadata['embeddings']!r}")
         pm = cls(path, metadata, entries, None)
+        d = pm.dims
+        if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
+            raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
+                              f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
             e = entries.get(spec.name)
             if e is None:
@@ -345,10 +353,4 @@ class PackedModel:
 
 
 def _json_value(metadata: dict, key: str, where: str, kind: type):
-    try:
-        value = json.loads(metadata.get(key, "{}"))
-    except json.JSONDecodeError as e:
-        raise BitnetError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise BitnetError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}")
-    return value
+    return safejson.loads(metadata.get(key, "{}"), where, f"metadata {key!r}", kind)

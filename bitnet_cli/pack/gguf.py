@@ -33,8 +33,9 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
+from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.format import PackedModel
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -42,9 +43,6 @@ QK_K = 256
 # printed by `bitnet pack --to gguf` for the llama.cpp types (see the module docstring)
 LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
                     "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
-# Written into our `bitnet` export: llama.cpp's `bitnet` graph is the 1bitLLM model (SiLU-gated FFN), so the
-# importer reads a `bitnet` file as BitNet b1.58 (squared ReLU) only when this key says so.
-HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 # (architecture, llama_ftype) per export type; bitnet.cpp numbers MOSTLY_I2_S 40
 _ARCH = {"i2_s": ("bitnet-b1.58", 40), "tq2_0": ("bitnet", 37), "tq1_0": ("bitnet", 36)}
 # llama.cpp token types
@@ -83,9 +81,9 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     else:
         raise BitnetError(f"{pm.path}: the tokenizer splits with a regex llama.cpp does not know by name "
                           "(GGUF export knows GPT-2's and Llama 3's)")
-    from tokenizers import Tokenizer
+    from bitnet_cli.tokenizer import load
 
-    tokenizer = Tokenizer.from_str(pm.tokenizer_json)
+    tokenizer = load(pm.tokenizer_json, f"{pm.path}: the stored tokenizer")
     special = {key: special_id(key, tokenizer, pm.tokenizer_config, pm.config, size) for key in ("bos", "eos")}
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 
@@ -99,6 +97,9 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
     if head is None and embeddings not in ("f16", "int8"):
         raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}, unless "
                           "--gguf-head f16|q6_k re-encodes them")
+    if d.family != "bitnet":
+        raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
+                          f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
     block = 128 if gguf_type == "i2_s" else QK_K
@@ -168,7 +169,7 @@ def _add_metadata(w: "gw.GGUFWriter", pm: PackedModel, arch: str, ftype: int, na
                        ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
         w.add(f"{arch}.{key}", value, gw.U32)
     w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
-    w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", d.rms_norm_eps, gw.F32)
     if arch == "bitnet":
         w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
     w.add("tokenizer.ggml.model", "gpt2", gw.STRING)
