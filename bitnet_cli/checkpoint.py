@@ -18,7 +18,7 @@ import numpy as np
 
 from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.tokens import token_text
+from bitnet_cli.tokenizer import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -191,7 +191,7 @@ def bitnet_convention(qc: dict | None, where: str) -> tuple[str, str] | None:
     ``bitlinear`` (divide) and ``quantization_mode`` to ``offline``, which is how
     HF1BitLLM/Llama3-8B-1.58 and onebitllms' ``quantize_to_1bit`` write it (``quant_method`` only).
     What cannot be determined is refused, naming the key."""
-    if qc is None:
+    if not qc and isinstance(qc, (dict, list, type(None))):  # absent, null or empty: full precision
         return None
     if not isinstance(qc, dict):
         raise BitnetError(f"{where}: quantization_config must be a JSON object, got {safejson.short(qc)}")

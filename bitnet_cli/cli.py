@@ -209,13 +209,14 @@ def pack(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ):
-    """Pack a BitNet b1.58 checkpoint into one ternary file (2 bits per weight), ready to run.
+    """Pack a BitNet b1.58 checkpoint, or a 1.58-bit Llama-architecture one (Llama3-8B-1.58, Falcon3 1.58bit, Falcon-E), into one ternary file (2 bits per weight), ready to run.
 
-    Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
+    Weights are ternarised with the absmean rule (exactly as transformers does), or taken as stored from an offline-quantised checkpoint (weight_scale divided or multiplied, as its quantization_config says), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
 
     Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
     [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/],
     [bold]bitnet pack ggml-model-i2_s.gguf 2b4t.bin[/] (import bitnet.cpp's GGUF),
+    [bold]bitnet pack HF1BitLLM/Llama3-8B-1.58-100B-tokens llama3-8b.bin[/] (uint8 trits, weight_scale divided),
     [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
     import json as _json
@@ -346,7 +347,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -366,7 +367,8 @@ def run(
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
-    Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
+    Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
+    [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
     import json
 

@@ -35,7 +35,7 @@ from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
 from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.format import PackedModel
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -169,7 +169,7 @@ def _add_metadata(w: "gw.GGUFWriter", pm: PackedModel, arch: str, ftype: int, na
                        ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
         w.add(f"{arch}.{key}", value, gw.U32)
     w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
-    w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", d.rms_norm_eps, gw.F32)
     if arch == "bitnet":
         w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
     w.add("tokenizer.ggml.model", "gpt2", gw.STRING)
