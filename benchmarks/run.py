@@ -24,6 +24,7 @@ from bitnet_cli.bench.report import anchor_label, paired_kernels
 from bitnet_cli.errors import run_script
 
 HERE = Path(__file__).resolve().parent
+GPU_SECTION = "\n## GPU training"
 
 
 def _stat(s: dict, fmt: str = "{:.1f}") -> str:
@@ -150,7 +151,11 @@ def main(argv: list[str]) -> int:
     out = args.out
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot(results, out / "bench.png")
-    (out / "RESULTS.md").write_text(markdown(results, command.strip(), "bench.png", args.note))
+    # The GPU training section is measured on another machine (benchmarks/train_gpu.py and
+    # int8_kernels.py) and kept as it stands when the CPU figures are regenerated.
+    previous = (out / "RESULTS.md").read_text() if (out / "RESULTS.md").is_file() else ""
+    kept = previous[previous.index(GPU_SECTION):] if GPU_SECTION in previous else ""
+    (out / "RESULTS.md").write_text(markdown(results, command.strip(), "bench.png", args.note) + kept)
     print(f"wrote {out / 'RESULTS.md'}, results.json, bench.png")
     return 0
 

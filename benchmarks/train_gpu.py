@@ -1,11 +1,20 @@
-"""Training throughput of recipes/small.yaml on one GPU: tokens/s, MFU, quantisation overhead.
+"""Training throughput on one GPU: tokens/s, step time, MFU, and the int8 BitLinear against bf16.
 
-    python benchmarks/train_gpu.py [--steps 40] [--out results.json]
+    python benchmarks/train_gpu.py [--steps 40] [--modes eager,compile] [--variants int8,bitnet,none]
+    python benchmarks/train_gpu.py --recipe recipes/bitnet-b1.58-700m.yaml --variants int8,none \\
+        --modes compile --set train.grad_accum=1 --steps 20
+    python benchmarks/train_gpu.py --curve 300 --set train.grad_accum=1   # loss curves, int8 vs plain
 
-Runs the real trainer (``bitnet_cli.train.train``) for BitNet b1.58 and for the same model with
-``quant: none``, eager and torch.compile'd, and reports the median tokens/s of the logged
-windows after warm-up (compilation excluded), MFU against the GPU's dense bf16 peak, and the
-share of the BitNet step time that the quantisation costs: 1 - t(none) / t(bitnet).
+Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
+``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products), ``bitnet``
+(the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
+and ``none`` (the same architecture in full precision, ``quant: none``). It reports the median
+tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
+the GPU's dense bf16 peak, and each variant's step time over ``none``'s.
+
+``--curve N`` trains ``int8`` and ``bitnet`` for N steps from the same seed and batches and
+reports how far apart their loss curves are (the GPU check that the fast path trains like the
+plain one).
 """
 
 from __future__ import annotations
@@ -13,68 +22,102 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's bitnet_cli, not an installed one
+VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on"],
+            "bitnet": ["model.quant=bitnet", "train.int8_matmul=off"],
+            "none": ["model.quant=none", "train.int8_matmul=off"]}
+# The paper recipes read data/*.txt; the benchmark measures speed, so any corpus will do.
+BUNDLED = ["data.files=[bundled:tinyshakespeare]", "data.tokenizer.vocab_size=8192", "data.val_fraction=0.05"]
 
 
-def run(quant: str, compile_: bool, steps: int, extra: list[str]) -> dict:
+def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5) -> dict:
     from bitnet_cli.train import load_recipe, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
-    overrides = [f"model.quant={quant}", f"train.compile={str(compile_).lower()}", f"train.steps={steps}",
-                 "train.tokens=null", "train.log_every=5", "train.eval_every=100000",
+    overrides = [*BUNDLED, *VARIANTS[variant], f"train.compile={str(compile_).lower()}", f"train.steps={steps}",
+                 "train.tokens=null", f"train.log_every={log_every}", "train.eval_every=100000",
                  "train.checkpoint_every=100000", "train.eval_batches=2", *extra]
-    recipe = load_recipe(REPO / "recipes" / "small.yaml", overrides)
+    recipe = load_recipe(recipe_path, overrides)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         res = train(recipe, out_dir=Path(d) / "run", progress=False)
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+    import torch
+
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 2]
     tps = statistics.median(windows)
-    fpt = model_config(recipe, None).arch.training_flops_per_token(recipe.train.seq_len)
+    config = model_config(recipe, recipe.data.tokenizer.vocab_size)
+    fpt = config.arch.training_flops_per_token(recipe.train.seq_len)
     peak = peak_flops(pick_device(recipe.train.device))
-    return {"quant": quant, "compile": compile_, "tokens_per_s": round(tps), "step_s": round(
-        recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len / tps, 4),
+    t = recipe.train
+    return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,
+            "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
+            "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,
-            "parameters": res.parameters, "final_loss": res.train_loss, "wall_s": round(wall, 1)}
+            "parameters": res.parameters, "final_loss": res.train_loss, "wall_s": round(wall, 1),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+            "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r]}
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default=str(REPO / "recipes" / "small.yaml"))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--out", default="train_gpu.json")
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     ap.add_argument("--modes", default="eager,compile")
+    ap.add_argument("--variants", default="int8,bitnet,none")
+    ap.add_argument("--curve", type=int, default=0, help="train int8 and bitnet N steps and compare the losses")
     args = ap.parse_args()
     import torch
 
+    recipe = Path(args.recipe)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    if args.curve:
+        a, b = (run(recipe, v, True, args.curve, args.set, log_every=10) for v in ("int8", "bitnet"))
+        la, lb = dict(map(tuple, a["losses"])), dict(map(tuple, b["losses"]))
+        diffs = [abs(la[s] - lb[s]) for s in sorted(la) if s in lb]
+        late = [abs(la[s] - lb[s]) for s in sorted(la) if s in lb and s > args.curve // 2]
+        out = {"gpu": gpu, "recipe": recipe.name, "steps": args.curve, "overrides": args.set,
+               "int8": a["losses"], "bitnet": b["losses"], "final_int8": a["final_loss"],
+               "final_bitnet": b["final_loss"], "max_abs_diff": max(diffs),
+               "mean_abs_diff_second_half": statistics.mean(late)}
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        print(f"\n{gpu}  {recipe.name}  {args.curve} steps  {' '.join(args.set)}")
+        for (s, x), (_, y) in zip(a["losses"], b["losses"]):
+            print(f"step {s:5d}  int8 {x:.4f}  bitnet {y:.4f}  diff {x - y:+.4f}")
+        print(f"final loss int8 {a['final_loss']:.4f}  bitnet {b['final_loss']:.4f}  "
+              f"max |diff| {max(diffs):.4f}  mean |diff| (2nd half) {statistics.mean(late):.4f}")
+        return
+
     results = []
     for compile_ in [m == "compile" for m in args.modes.split(",")]:
-        for quant in ("bitnet", "none"):
+        for variant in args.variants.split(","):
             try:
-                r = run(quant, compile_, args.steps, args.set)
+                r = run(recipe, variant, compile_, args.steps, args.set)
             except Exception:
                 traceback.print_exc()
-                r = {"quant": quant, "compile": compile_, "error": traceback.format_exc(limit=3)}
-            print(json.dumps(r), flush=True)
+                r = {"variant": variant, "compile": compile_, "error": traceback.format_exc(limit=3)}
+            print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
             results.append(r)
-    by = {(r["quant"], r["compile"]): r for r in results if "error" not in r}
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{gpu}  recipes/small.yaml  steps={args.steps}")
-    print(f"{'mode':8} {'quant':7} {'tok/s':>10} {'step s':>8} {'MFU':>6}")
-    for (q, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        print(f"{'compile' if c else 'eager':8} {q:7} {r['tokens_per_s']:>10,} {r['step_s']:>8.3f} "
-              f"{(r['mfu'] or 0):>6.1%}")
-    for c in (False, True):
-        if ("bitnet", c) in by and ("none", c) in by:
-            overhead = 1 - by[("none", c)]["step_s"] / by[("bitnet", c)]["step_s"]
-            print(f"quantisation overhead ({'compile' if c else 'eager'}): {overhead:.1%} of the BitNet step")
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    by = {(r["variant"], r["compile"]): r for r in results if "error" not in r}
+    print(f"\n{gpu}  {recipe.name}  steps={args.steps}  {' '.join(args.set)}")
+    print(f"{'mode':8} {'variant':7} {'batch':>6} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'vs none':>8}")
+    for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = by.get(("none", c))
+        ratio = f"{r['step_s'] / base['step_s']:.3f}x" if base else "-"
+        print(f"{'compile' if c else 'eager':8} {v:7} {r['batch_size']:>3}x{r['grad_accum']:<2} "
+              f"{r['tokens_per_s']:>10,} {r['step_s']:>8.3f} {(r['mfu'] or 0):>6.1%} {ratio:>8}")
+    Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set,
+                                          "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,15 +20,30 @@ back in :meth:`ModelDims.hf_config`, and let :meth:`ModelDims.projections` /
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.safejson import short
 
 EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 LM_HEAD = "lm_head.weight"
 LAYER_PREFIX = "model.layers."
+
+
+# The largest dimensions the packer and the C engine accept (int32 arithmetic in the kernels,
+# and far beyond any published model). The training recipe's schema uses the same bounds.
+DIM_LIMITS = {
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "max_position_embeddings": 1 << 24,
+}
 
 
 @dataclass(frozen=True)
@@ -53,42 +68,48 @@ class ModelDims:
         if not isinstance(config, dict):
             raise BitnetError(f"{where}: the config must be a JSON object")
 
-        def positive_int(key, default=None, limit=1 << 24):
-            value = config.get(key, default)
+        def positive_int(key, default=None):
+            value, limit = config.get(key, default), DIM_LIMITS[key]
             if type(value) is not int or not 0 < value <= limit:
-                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {value!r}")
+                raise BitnetError(f"{where}: {key} must be a positive integer <= {limit}, got {short(value)}")
             return value
 
-        heads = positive_int("num_attention_heads", limit=4096)
+        heads = positive_int("num_attention_heads")
         kv_heads = config.get("num_key_value_heads") or heads
-        hidden = positive_int("hidden_size", limit=1 << 17)
+        hidden = positive_int("hidden_size")
         head_dim = config.get("head_dim") or (hidden // heads)
         if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
-            raise BitnetError(f"{where}: num_key_value_heads={kv_heads!r} must divide num_attention_heads={heads}")
+            raise BitnetError(f"{where}: num_key_value_heads={short(kv_heads)} must divide num_attention_heads={heads}")
         if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim * heads != hidden:
             raise BitnetError(
-                f"{where}: head_dim={head_dim!r} x num_attention_heads={heads} must equal hidden_size={hidden} "
+                f"{where}: head_dim={short(head_dim)} x num_attention_heads={heads} must equal hidden_size={hidden} "
                 "(attn_sub_norm normalises the concatenated heads) and be even (RoPE)"
             )
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(rope, dict):
-            raise BitnetError(f"{where}: rope_parameters must be a JSON object, got {rope!r}")
+            raise BitnetError(f"{where}: RoPE scaling {short(rope)} is not supported (rope_parameters must be a "
+                              "JSON object)")
         theta = rope.get("rope_theta", config.get("rope_theta", 500000.0))
         eps = config.get("rms_norm_eps", 1e-5)
-        if type(theta) not in (int, float) or theta <= 0 or type(eps) not in (int, float) or eps <= 0:
-            raise BitnetError(f"{where}: bad rope_theta={theta!r} or rms_norm_eps={eps!r}")
+        for key, value in (("rope_theta", theta), ("rms_norm_eps", eps)):
+            # bool is an int, NaN and inf are floats: none of them is a usable constant here
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise BitnetError(f"{where}: {key} must be a positive finite number, got {short(value)}")
+        tie = config.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise BitnetError(f"{where}: tie_word_embeddings must be true or false, got {short(tie)}")
         return cls(
             vocab_size=positive_int("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=positive_int("intermediate_size", limit=1 << 20),
-            num_layers=positive_int("num_hidden_layers", limit=4096),
+            intermediate_size=positive_int("intermediate_size"),
+            num_layers=positive_int("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(eps),
             rope_theta=float(theta),
             max_position_embeddings=positive_int("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tie,
             **cls._family(config, rope, where),
         )
 
@@ -102,14 +123,14 @@ class ModelDims:
         """
         act = config.get("hidden_act", "relu2")
         if act != "relu2":
-            raise BitnetError(f"{where}: hidden_act={act!r} is not supported (BitNet b1.58 uses relu2)")
+            raise BitnetError(f"{where}: hidden_act={short(act)} is not supported (BitNet b1.58 uses relu2)")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise BitnetError(f"{where}: attention/MLP biases are not supported")
         if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BitnetError(f"{where}: RoPE scaling {rope!r} is not supported (only default RoPE)")
+            raise BitnetError(f"{where}: RoPE scaling {short(rope)} is not supported (only default RoPE)")
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
-            raise BitnetError(f"{where}: quantization_config must be a JSON object")
+            raise BitnetError(f"{where}: quantization_config must be a JSON object, got {short(quant)}")
         if quant.get("use_rms_norm"):
             raise BitnetError(f"{where}: quantization_config.use_rms_norm=true is not supported")
         return {}

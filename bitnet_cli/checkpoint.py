@@ -7,7 +7,7 @@ Every safetensors header is validated before use, since a checkpoint is untruste
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 import struct
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tokens import token_text
 
@@ -37,6 +38,7 @@ SAFETENSORS_DTYPES = {
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER_BYTES = 100_000_000  # the limit of the reference safetensors implementation
+MAX_RANK = 8
 
 KINDS = ("auto", "own", "hf", "hf-packed", "hub")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -77,12 +79,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
             raw = f.read(n)
     except OSError as e:
         raise BitnetError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BitnetError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise BitnetError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header = safejson.loads(raw, str(path), "safetensors header", dict)
     data_start = 8 + n
     data_len = size - data_start
     metadata = header.pop("__metadata__", None) or {}
@@ -96,19 +93,23 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
         if not isinstance(info, dict):
             raise BitnetError(f"{where}: corrupt header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
-            raise BitnetError(f"{where}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise BitnetError(f"{where}: bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise BitnetError(f"{where}: unsupported dtype {safejson.short(dtype)}")
+        if not (isinstance(shape, list) and len(shape) <= MAX_RANK
+                and all(type(d) is int and 0 <= d <= size for d in shape)):
+            raise BitnetError(f"{where}: bad shape {safejson.short(shape)}")
         if not (
             isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1]
         ):
-            raise BitnetError(f"{where}: bad data_offsets {offsets!r}")
-        expected = int(np.prod(shape, dtype=np.int64)) * SAFETENSORS_DTYPES[dtype].itemsize
+            raise BitnetError(f"{where}: bad data_offsets {safejson.short(offsets)}")
+        # Python integers: a shape of 2^64 cannot overflow the product (each dimension is at most
+        # the file size, and a non-empty tensor's bytes must fit in the file, checked below).
+        expected = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != expected:
             raise BitnetError(
-                f"{where}: {offsets[1] - offsets[0]} bytes stored but dtype {dtype} shape {shape} needs {expected}"
+                f"{where}: {safejson.short(offsets[1] - offsets[0])} bytes stored but dtype {dtype} shape "
+                f"{safejson.short(shape)} needs {safejson.short(expected)}"
             )
         if offsets[1] > data_len:
             raise BitnetError(
@@ -237,14 +238,39 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
     return path.resolve(), str(path.resolve())
 
 
-def read_json(path: Path, what: str):
-    """A checkpoint's JSON file; errors name the file and `what` it holds."""
+def read_json(path: Path, what: str, kind: type = dict):
+    """A checkpoint's JSON file (bounded, of type `kind`); errors name the file and `what` it holds."""
+    return safejson.read(path, what, kind)
+
+
+def _shard_path(ckpt: Path, index: Path, shard) -> Path:
+    """The file a weight_map entry names, refused unless its name lies inside `ckpt`.
+
+    The name itself may not leave the directory (no absolute path, no '..', no NUL). The file may be
+    a symlink, as in the Hugging Face hub cache (snapshots/<rev>/NAME -> ../../blobs/<hash>); its
+    target must then lie in `ckpt` or in that cache's blobs directory.
+    """
+    where = f"{index}: shard {safejson.short(shard)}"
+    if not isinstance(shard, str):
+        raise BitnetError(f"{where}: weight_map values must be file names (strings)")
+    parts = shard.split("/")
+    if (not shard or shard.startswith("/") or "\0" in shard or "\\" in shard or ".." in parts
+            or any(len(p.encode("utf-8", "surrogatepass")) > 255 for p in parts) or len(shard) > 4096):
+        raise BitnetError(f"{where} points outside the checkpoint directory or is not a file name")
+    link = ckpt / shard
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BitnetError(f"{path}: missing ({what})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BitnetError(f"{path}: cannot parse {what}: {e}") from None
+        target = link.resolve()
+        exists = target.is_file()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long for the filesystem
+        raise BitnetError(f"{where}: cannot open ({getattr(e, 'strerror', None) or e})") from None
+    allowed = [ckpt]
+    if ckpt.parent.name == "snapshots":  # the hub cache: models--ORG--NAME/{snapshots/REV, blobs}
+        allowed.append(ckpt.parent.parent / "blobs")
+    if not any(root in target.parents for root in allowed):
+        raise BitnetError(f"{where} points outside the checkpoint directory")
+    if not exists:
+        raise BitnetError(f"{link}: shard listed in {index.name} is missing")
+    return target
 
 
 def tensor_files(ckpt: Path) -> list[Path]:
@@ -254,15 +280,10 @@ def tensor_files(ckpt: Path) -> list[Path]:
         weight_map = read_json(index, "the shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise BitnetError(f"{index}: no weight_map")
-        files = []
-        for shard in dict.fromkeys(weight_map.values()):
-            p = (ckpt / str(shard)).resolve()
-            if ckpt not in p.parents:
-                raise BitnetError(f"{index}: shard {shard!r} points outside the checkpoint directory")
-            if not p.is_file():
-                raise BitnetError(f"{p}: shard listed in {index.name} is missing")
-            files.append(p)
-        return files
+        files: dict[Path, None] = {}
+        for shard in weight_map.values():
+            files.setdefault(_shard_path(ckpt, index, shard))
+        return list(files)
     single = ckpt / "model.safetensors"
     if single.is_file():
         return [single]
@@ -278,6 +299,8 @@ def _is_own_checkpoint(ckpt: Path) -> bool:
 
 def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, TensorEntry]]) -> str:
     quant = config.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise BitnetError(f"{ckpt / 'config.json'}: quantization_config must be a JSON object, got {safejson.short(quant)}")
     offline = quant.get("quant_method") == "bitnet" and quant.get("quantization_mode", "offline") == "offline"
     probe = tensors.get("model.layers.0.self_attn.q_proj.weight")
     if offline or (probe is not None and probe[1].dtype == "U8"):
@@ -290,29 +313,33 @@ def tokenizer_config(ckpt: Path) -> dict:
     out: dict = {}
     path = ckpt / "tokenizer_config.json"
     raw = read_json(path, "tokenizer config") if path.is_file() else {}
-    if not isinstance(raw, dict):
-        raise BitnetError(f"{path}: not a JSON object")
     for key in ("bos_token", "eos_token", "chat_template"):
         value = token_text(raw.get(key))  # a string, or an AddedToken's serialisation
         if value is not None:
             out[key] = value
     jinja = ckpt / "chat_template.jinja"
     if "chat_template" not in out and jinja.is_file():
-        out["chat_template"] = jinja.read_text(encoding="utf-8")
+        try:
+            out["chat_template"] = jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise BitnetError(f"{jinja}: cannot read the chat template ({e})") from None
+    for key, value in out.items():  # the packed file stores these as UTF-8 JSON
+        if not safejson.is_utf8(value):
+            raise BitnetError(f"{path if key != 'chat_template' or path.is_file() else jinja}: {key} is not valid "
+                              "Unicode text (a lone surrogate)")
     return out
 
 
 def read_tokenizer_json(path: Path) -> str:
-    """The text of a tokenizer.json, checked to load in `tokenizers` (so a broken one fails here, not at run time)."""
-    from tokenizers import Tokenizer
+    """The text of a tokenizer.json, checked to load and run in `tokenizers` (so a broken one fails
+    here, not at run time)."""
+    from bitnet_cli import tokenizer
 
     try:
         text = path.read_text(encoding="utf-8")
-        Tokenizer.from_str(text)
     except (OSError, UnicodeDecodeError) as e:
         raise BitnetError(f"{path}: cannot read the tokenizer ({e})") from None
-    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
-        raise BitnetError(f"{path}: not a valid tokenizer.json ({e})") from None
+    tokenizer.load(text, str(path))
     return text
 
 
@@ -322,12 +349,11 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
     ckpt, source = _checkpoint_dir(src, kind)
     config = read_json(ckpt / "config.json", "model config")
-    if not isinstance(config, dict):
-        raise BitnetError(f"{ckpt / 'config.json'}: not a JSON object")
     if config.get("model_type") != "bitnet":
         raise BitnetError(
-            f"{ckpt / 'config.json'}: unsupported architecture model_type={config.get('model_type')!r} "
-            f"(architectures={config.get('architectures')}); only BitNet b1.58 (model_type 'bitnet') can be packed"
+            f"{ckpt / 'config.json'}: unsupported architecture model_type={safejson.short(config.get('model_type'))} "
+            f"(architectures={safejson.short(config.get('architectures'))}); only BitNet b1.58 (model_type 'bitnet') "
+            "can be packed"
         )
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
     for file in tensor_files(ckpt):

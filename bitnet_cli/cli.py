@@ -42,6 +42,11 @@ def user_errors():
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
+        if type(e).__name__ != "PanicException":
+            raise
+        err_console.print(f"[bold red]error:[/] a library failed on this input: {e}", highlight=False)
+        raise typer.Exit(1)
 
 
 def _version_callback(value: bool):
@@ -406,6 +411,8 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
                 pending = console.input("[bold green]you>[/] ")
             except EOFError:
                 break
+            except UnicodeDecodeError as e:
+                raise BitnetError(f"the message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
         if not pending.strip():
             break
         messages.append({"role": "user", "content": pending})

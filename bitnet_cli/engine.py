@@ -20,6 +20,7 @@ continuations scored from it; forward_branches(n_past, [cont, ...]) scores them 
 from __future__ import annotations
 
 import mmap
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +28,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bitnet_cli import kernels
+from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
 from bitnet_cli.tokens import special_id
@@ -38,17 +39,51 @@ DEFAULT_CTX = 4096
 
 
 def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
+    """cos/sin float32 [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
 
     The fp32 angles are those of torch; cos/sin are taken in float64 and rounded once, which is
-    what torch's (<= 1 ulp) fp32 cos/sin approximate.
+    what torch's (<= 1 ulp) fp32 cos/sin approximate. Rows are computed in blocks so that the
+    float64 temporaries stay small whatever the context (only the float32 tables grow with it).
     """
     f32 = np.float32
     exponent = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
     inv_freq = f32(1.0) / np.power(np.float64(f32(theta)), exponent.astype(np.float64)).astype(f32)
-    angles = np.arange(ctx, dtype=f32)[:, None] * inv_freq[None, :]
-    a = angles.astype(np.float64)
-    return np.ascontiguousarray(np.cos(a).astype(f32)), np.ascontiguousarray(np.sin(a).astype(f32))
+    cos = np.empty((ctx, head_dim // 2), dtype=f32)
+    sin = np.empty_like(cos)
+    block = max(1, (1 << 20) // max(1, head_dim // 2))
+    for start in range(0, ctx, block):
+        stop = min(ctx, start + block)
+        angles = (np.arange(start, stop, dtype=f32)[:, None] * inv_freq[None, :]).astype(np.float64)
+        cos[start:stop] = np.cos(angles)
+        sin[start:stop] = np.sin(angles)
+    return cos, sin
+
+
+def context_bytes(dims, ctx: int, threads: int) -> int:
+    """Memory a context of `ctx` tokens takes once it is full: the KV cache (float32 keys and values
+    of every layer), the RoPE tables and the attention scratch (kernels/model.c, bn_model_new)."""
+    kv = 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * ctx * 4
+    rope = ctx * dims.head_dim * 4
+    scratch = threads * ctx * 4 * (dims.num_heads // dims.num_kv_heads + 1)
+    return kv + rope + scratch
+
+
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or less under an address-space/data rlimit."""
+    try:
+        limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        limit = 1 << 62
+    try:
+        import resource
+
+        for which in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+            soft = resource.getrlimit(which)[0]
+            if soft != resource.RLIM_INFINITY:
+                limit = min(limit, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return limit
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -158,12 +193,7 @@ class Engine(kernels.CResource):
 
     def _init_tokens(self, pm) -> None:
         """The stored tokenizer, its config, and the special ids the engine acts on."""
-        from tokenizers import Tokenizer
-
-        try:
-            self.tokenizer = Tokenizer.from_str(pm.tokenizer_json)
-        except Exception as e:  # tokenizers raises its own Exception type
-            raise BitnetError(f"{pm.path}: the stored tokenizer cannot be loaded: {e}") from None
+        self.tokenizer = tokenizer.load(pm.tokenizer_json, f"{pm.path}: the stored tokenizer")
         self.tokenizer_config = pm.tokenizer_config
         self.bos_token_id = special_id("bos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
         self.eos_token_id = special_id("eos", self.tokenizer, self.tokenizer_config, self.config, self.vocab_size)
@@ -190,14 +220,23 @@ class Engine(kernels.CResource):
         def tensor(name: str) -> np.ndarray:
             return views[name] if name in views else pm.tensor(name)
 
+        def finite(name: str) -> np.ndarray:
+            """A float32 tensor checked for NaN/inf: the norms and scales are small, and one bad
+            value in them turns every logit into NaN."""
+            t = pm.tensor(name)
+            if not np.isfinite(t).all():
+                raise BitnetError(f"{pm.path}: tensor {name!r} holds NaN or infinite values (a damaged file? "
+                                  "`bitnet info --verify` checks every tensor)")
+            return t
+
         layers = ffi.new("bn_layer_desc[]", d.num_layers)
         self._keep.append(layers)
         for i in range(d.num_layers):
             for norm in d.layer_norms():
-                setattr(layers[i], norm.c_field, ptr(pm.tensor(layer_tensor(i, norm.name)), "float"))
+                setattr(layers[i], norm.c_field, ptr(finite(layer_tensor(i, norm.name)), "float"))
             for proj in d.projections():
                 setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
-                setattr(layers[i], "g" + proj.c_field, float(pm.tensor(layer_tensor(i, proj.name, "weight_scale"))[0]))
+                setattr(layers[i], "g" + proj.c_field, float(finite(layer_tensor(i, proj.name, "weight_scale"))[0]))
         desc = ffi.new("bn_model_desc *")
         self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
@@ -208,9 +247,9 @@ class Engine(kernels.CResource):
         desc.embed = ptr(tensor(EMBED), kind.c_values)
         desc.head = ptr(tensor(d.head_name), kind.c_values)
         if "_scale" in kind.suffixes:
-            desc.embed_scale = ptr(pm.tensor(EMBED + "_scale"), "float")
-            desc.head_scale = ptr(pm.tensor(d.head_name + "_scale"), "float")
-        desc.final_norm = ptr(pm.tensor(FINAL_NORM), "float")
+            desc.embed_scale = ptr(finite(EMBED + "_scale"), "float")
+            desc.head_scale = ptr(finite(d.head_name + "_scale"), "float")
+        desc.final_norm = ptr(finite(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
@@ -219,10 +258,16 @@ class Engine(kernels.CResource):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None) -> "Engine":
+    def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None,
+             verify: bool = False) -> "Engine":
         """Open a packed model (`bitnet pack` output). threads: default physical cores; ctx_size:
-        default min(max_position_embeddings, 4096); isa: default $BITNET_ISA or the best available."""
+        default min(max_position_embeddings, 4096); isa: default $BITNET_ISA or the best available.
+
+        The metadata checksum (config, tokenizer) is always checked, and the norms and scales must
+        be finite; verify=True also recomputes every tensor's crc32 (reads the whole file, as
+        `bitnet info --verify` does)."""
         from bitnet_cli.pack import PackedModel
+        from bitnet_cli.pack.format import metadata_checksum
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
@@ -232,21 +277,41 @@ class Engine(kernels.CResource):
         end = max(e.begin + e.nbytes for e in pm.entries.values())
         if end > size:
             raise BitnetError(f"{path}: file is truncated ({size} bytes, the header describes {end})")
+        if pm.metadata.get("metadata_checksum") != metadata_checksum(pm.metadata):
+            raise BitnetError(f"{path}: the metadata (config, tokenizer) does not match its checksum: the file "
+                              "is damaged (re-pack it)")
+        if verify:
+            bad = pm.verify()
+            if bad:
+                raise BitnetError(f"{path}: {len(bad)} tensor(s) do not match their checksums, e.g. {bad[0]!r}: "
+                                  "the file is damaged (re-pack it)")
         smallest = min(min(p.shape(d)[0] for p in d.projections()), d.vocab_size)
+        cores = kernels.physical_cores()
         if threads is None:
-            threads = min(kernels.physical_cores(), smallest)
+            threads = min(cores, smallest)
         if type(threads) is not int or threads < 1:
             raise BitnetError(f"--threads must be a positive integer, got {threads!r}")
         limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
         if threads > limit:
-            raise BitnetError(f"--threads {threads} is more than this model can use (at most {limit}: "
-                              f"its smallest weight matrix has {smallest} rows)")
+            why = (f"its smallest weight matrix has {smallest} rows" if smallest < kernels.ThreadPool.MAX_THREADS
+                   else "the thread pool's limit")
+            raise BitnetError(f"--threads {threads} is more than this model can use (at most {limit}: {why}); "
+                              f"this machine has {cores} physical core(s), the default")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads > cpus:
+            warn(f"warning: --threads {threads} is more than the {cpus} CPU(s) this process may run on "
+                 f"({cores} physical core(s)); threads will wait for each other (the default is {min(cores, smallest)})")
         max_ctx = d.max_position_embeddings
         if ctx_size is None:
             ctx_size = min(max_ctx, DEFAULT_CTX)
         if type(ctx_size) is not int or not 1 <= ctx_size <= max_ctx:
             raise BitnetError(f"--ctx-size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
                               f"got {ctx_size!r}")
+        need, have = context_bytes(d, ctx_size, threads) + size, memory_limit()
+        if need > have:
+            raise BitnetError(f"--ctx-size {ctx_size} needs {need / 2**30:.1f} GiB (the model, and a KV cache and "
+                              f"RoPE tables for {ctx_size} tokens) but this process may use "
+                              f"{have / 2**30:.1f} GiB; choose a smaller --ctx-size")
         engine = cls(pm, threads, ctx_size, isa_id)
         engine.load_s = time.perf_counter() - t0
         return engine
@@ -255,7 +320,7 @@ class Engine(kernels.CResource):
         ids = {self.eos_token_id} if self.eos_token_id is not None else set()
         value = self.config.get("eos_token_id")
         for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, int) and 0 <= v < self.vocab_size:
+            if type(v) is int and 0 <= v < self.vocab_size:
                 ids.add(v)
         return ids
 
@@ -283,16 +348,13 @@ class Engine(kernels.CResource):
         """tokens as int32, once they are known to fit after n_past cached positions."""
         if self._model is None:
             raise BitnetError("the engine is closed")
-        ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(-1)
-        if ids.size == 0:
-            raise BitnetError(f"{what}: no tokens given")
-        if not 0 <= n_past <= len(self._cached):
-            raise BitnetError(f"{what}: n_past={n_past} but only {len(self._cached)} positions are cached")
+        ids = token_ids(tokens, self.vocab_size, what)
+        if not _is_int(n_past) or not 0 <= n_past <= len(self._cached):
+            raise BitnetError(f"{what}: n_past={n_past!r} but only {len(self._cached)} positions are cached "
+                              f"(give an integer from 0 to {len(self._cached)})")
         if n_past + ids.size > self.ctx_size:
             raise BitnetError(f"{n_past + ids.size} tokens do not fit the context of {self.ctx_size} "
                               "(raise --ctx-size, up to the model's max_position_embeddings)")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise BitnetError(f"{what}: token id out of range [0, {self.vocab_size})")
         return ids
 
     def forward(self, tokens: Sequence[int], n_past: int = 0, all_logits: bool = True) -> np.ndarray:
@@ -307,6 +369,7 @@ class Engine(kernels.CResource):
         if rc != 0:
             raise BitnetError("forward: the C engine refused its arguments")
         self._cached.extend(int(i) for i in ids)
+        _check_logits(out, self.pm.path)
         return out
 
     def forward_branches(self, n_past: int, branches: Sequence[Sequence[int]]) -> list[np.ndarray]:
@@ -314,10 +377,12 @@ class Engine(kernels.CResource):
         tokens (as forward(b, n_past) would), all run in one pass: the weights are streamed once
         for all of them. Together the branches need n_past + their total length <= ctx_size.
         Afterwards only the first n_past positions stay cached."""
-        lengths = [len(b) for b in branches]
-        if not lengths or min(lengths) == 0:
+        branches = list(branches)
+        if not branches or any(hasattr(b, "__len__") and len(b) == 0 for b in branches):
             raise BitnetError("forward_branches: every branch needs at least one token")
-        ids = self._checked_ids("forward_branches", [t for b in branches for t in b], n_past)
+        parts = [token_ids(b, self.vocab_size, "forward_branches") for b in branches]
+        lengths = [p.size for p in parts]
+        ids = self._checked_ids("forward_branches", np.concatenate(parts), n_past)
         owner = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
         out = np.empty((ids.size, self.vocab_size), dtype=np.float32)
         ffi = self._ffi
@@ -326,6 +391,7 @@ class Engine(kernels.CResource):
                                            ffi.from_buffer("int32_t[]", owner), ffi.from_buffer("float[]", out))
         if rc != 0:
             raise BitnetError("forward_branches: the C engine refused its arguments")
+        _check_logits(out, self.pm.path)
         return np.split(out, np.cumsum(lengths)[:-1])
 
     # ------------------------------------------------------------------ several sequences
@@ -360,7 +426,7 @@ class Engine(kernels.CResource):
         if self._model is None:
             raise BitnetError("the engine is closed")
         ffi = self._ffi
-        ids = np.ascontiguousarray(tokens, dtype=np.int32)
+        ids = token_ids(tokens, self.vocab_size, "forward_batch")
         seq = np.ascontiguousarray(seqs, dtype=np.int32)
         pos = np.ascontiguousarray(positions, dtype=np.int32)
         flags = np.ascontiguousarray(want, dtype=np.int8)
@@ -374,6 +440,7 @@ class Engine(kernels.CResource):
                                         ffi.from_buffer("int8_t[]", flags), ffi.from_buffer("float[]", out))
         if rc != 0:
             raise BitnetError("forward_batch: a token, sequence or position is out of range or out of order")
+        _check_logits(out, self.pm.path)
         return out
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
@@ -405,12 +472,14 @@ class Engine(kernels.CResource):
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"--max-tokens must be >= 0, got {max_tokens!r}")
+        if seed is not None and (not _is_int(seed) or seed < 0):
+            raise BitnetError(f"--seed must be a non-negative integer, got {seed!r}")
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")
             ids = self.encode(prompt_or_ids)
         else:
-            ids = [int(i) for i in prompt_or_ids]
+            ids = token_ids(prompt_or_ids, self.vocab_size, "the prompt").tolist()
         if not ids:
             raise BitnetError("the prompt is empty")
         if len(ids) >= self.ctx_size:
@@ -461,6 +530,41 @@ class Engine(kernels.CResource):
         stats.generation_s = time.perf_counter() - (t_first or t0)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def token_ids(tokens, vocab_size: int, what: str = "forward") -> np.ndarray:
+    """A 1-D sequence of token ids (ints or an integer array) as a fresh int32 array, each in
+    [0, vocab_size). Floats, strings, None, nested or ragged lists and 2-D arrays are refused:
+    silently truncating 1.7 or flattening a batch would compute the wrong thing."""
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise BitnetError(f"{what}: token ids must be a 1-D integer array, got {tokens.ndim}-D {tokens.dtype}")
+        values = tokens
+    else:
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__iter__"):
+            raise BitnetError(f"{what}: token ids must be a list of integers, got {type(tokens).__name__}")
+        values = list(tokens)
+        for t in values:
+            if not _is_int(t):
+                raise BitnetError(f"{what}: token ids must be integers, got {safejson.short(t)} "
+                                  f"({type(t).__name__})")
+    if len(values) == 0:
+        raise BitnetError(f"{what}: no tokens given")
+    lo, hi = (int(min(values)), int(max(values))) if not isinstance(values, np.ndarray) else (
+        int(values.min()), int(values.max()))
+    if lo < 0 or hi >= vocab_size:
+        raise BitnetError(f"{what}: token id {lo if lo < 0 else hi} out of range [0, {vocab_size})")
+    return np.array(values, dtype=np.int32)
+
+
+def _check_logits(out: np.ndarray, path) -> None:
+    """NaN/inf logits mean damaged weights (the norms and scales are checked at load; the ternary and
+    embedding bytes only by `bitnet info --verify`): an error, not garbage text."""
+    if not np.isfinite(out).all():
+        raise BitnetError(f"{path}: the model produced NaN or infinite logits: its weights are damaged "
+                          "(check with `bitnet info --verify`, then re-pack)")
 class TextStream:
     """Generated tokens to text pieces: a piece is shown once it is whole UTF-8 and cannot be the
     start of a stop string; at a stop string the text ends before it (`stopped` is set)."""
@@ -543,19 +647,21 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
     template = engine.tokenizer_config.get("chat_template")
     if isinstance(template, str) and template:
         try:
-            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+            # sandboxed, as transformers renders chat templates: the template comes from the file
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             bos = engine.tokenizer.id_to_token(engine.bos_token_id) if engine.bos_token_id is not None else ""
             eos = engine.tokenizer.id_to_token(engine.eos_token_id) if engine.eos_token_id is not None else ""
             text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                                     bos_token=bos, eos_token=eos)
-            ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
-            return ids if bos else engine.encode(text)
         except ImportError:
             pass
         except Exception as e:  # a template error is the file's fault, not the user's
             raise BitnetError(f"{engine.pm.path}: chat_template cannot be rendered: {e}") from None
+        else:
+            ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+            return ids if bos else engine.encode(text)
     turns = []
     for m in messages:
         if m["role"] == "user":

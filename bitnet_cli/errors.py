@@ -1,5 +1,7 @@
-"""The one exception type the CLI turns into a clean message and a non-zero exit."""
+"""The one exception type the CLI turns into a clean message and a non-zero exit, and `warn` for
+notes that are not errors."""
 
+import logging
 import sys
 from typing import Callable, NoReturn
 
@@ -17,6 +19,27 @@ class BitnetError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes to whatever sys.stderr is when a record is emitted (CliRunner and pytest swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a closed stream must not turn a note into a crash
+            self.handleError(record)
+
+
+log = logging.getLogger("bitnet_cli")
+if not log.handlers:
+    log.addHandler(_CurrentStderr())
+    log.propagate = False  # one copy on stderr; remove the handler to route notes elsewhere
+
+
+def warn(message: str) -> None:
+    """A note or warning for the user on stderr, not an error (the logger 'bitnet_cli', WARNING)."""
+    log.warning(message)
 
 
 def run_script(main: Callable[[list[str]], int | None]) -> NoReturn:

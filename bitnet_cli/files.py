@@ -1,15 +1,29 @@
 """Where bitnet-cli's files are, and writing output files safely.
 
 `bundled` finds files shipped in the package (recipes, the corpus); `cache_root` is the one
-cache directory (token memmaps, trained tokenizers, synthetic models); `publish` renames a
-finished temporary file over the target in one step, so a crash or a bad input never leaves a
-half-written file where a good one was expected."""
+cache directory (token memmaps, trained tokenizers, synthetic models); `TempFile` / `publish`
+rename a finished temporary file over the target in one step, so a crash or a bad input never
+leaves a half-written file where a good one was expected.
+
+A temporary file is named ``.NAME.XXXXXXXX.tmp`` (NAME: the target's name; XXXXXXXX: mkstemp's
+eight random characters) in the target's directory, and its writer holds an exclusive ``flock`` on
+it until it is renamed or removed. A process killed mid-write (SIGKILL, power loss) leaves its
+temporary file behind but not its lock, since the kernel drops a dead process's locks; the next
+write to the same target removes such files and says so. Files that do not match the pattern
+exactly, are not ours, are symlinks, or are locked (a writer is alive) are never touched.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import stat
+import tempfile
 from importlib import resources
 from pathlib import Path
+
+from bitnet_cli.errors import warn
 
 
 def bundled(*parts: str) -> Path:
@@ -25,13 +39,133 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "bitnet-cli"
 
 
-def publish(tmp, out: Path) -> Path:
+_RANDOM = "[a-z0-9_]{8}"  # tempfile's name alphabet, 8 characters
+
+
+def _stale_pattern(out: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(out.name)}\.{_RANDOM}\.tmp")
+
+
+def remove_stale_temps(out: Path) -> list[tuple[Path, int]]:
+    """Remove our temporary files for `out` left by writers that died; returns (path, bytes) of each.
+
+    A file is removed only if its name matches ``.NAME.XXXXXXXX.tmp`` exactly, it is a regular file
+    owned by this user, and no process holds its lock (every live writer does).
+    """
+    out = Path(out)
+    pattern = _stale_pattern(out)
+    removed = []
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return removed
+    for name in names:
+        if not pattern.fullmatch(name):
+            continue
+        path = out.parent / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone, a symlink, or unreadable: not ours to judge
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            # Still the same file under that name (not replaced between open and lock)?
+            try:
+                if os.lstat(path).st_ino != st.st_ino:
+                    continue
+                os.unlink(path)
+            except OSError:
+                continue
+            removed.append((path, st.st_size))
+        finally:
+            os.close(fd)
+    for path, size in removed:
+        warn(f"note: removed {path.name} ({size / 1e6:.1f} MB), a temporary file left by an "
+                    f"interrupted write of {out.name}")
+    return removed
+
+
+class TempFile:
+    """The temporary file a write to `out` goes to: created next to `out` (after removing stale
+    ones), locked while this object is open; `publish()` moves it onto `out`, `discard()` removes it.
+
+    ``fd`` is the locked descriptor; writers may open `path` again or ``os.dup(fd)`` (a dup shares
+    the lock). Data is fsynced through ``fd`` at publish, which covers writes made through any
+    descriptor of the same file once they are flushed from user-space buffers.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        remove_stale_temps(self.out)
+        while True:
+            fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a cleaner may have removed it between mkstemp and flock: then make another
+                if os.lstat(name).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self.fd: int | None = fd
+        self.path = Path(name)
+
+    def publish(self) -> Path:
+        """fsync, give the file ordinary permissions, rename it onto `out`, fsync the directory."""
+        try:
+            publish(self.path, self.out, fd=self.fd)
+        finally:
+            self._close()
+        return self.out
+
+    def discard(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock, after the rename or the unlink
+            self.fd = None
+
+
+def publish(tmp, out: Path, fd: int | None = None) -> Path:
     """Rename a finished temporary file onto `out`, with the permissions an ordinary new file gets.
 
-    mkstemp creates 0600; a model or results file is an ordinary file (0666 less the umask).
+    The file's data is fsynced before the rename and the directory after it, so that after a power
+    loss `out` is the old file or the complete new one, never an empty or partial file under the
+    final name. mkstemp creates 0600; a model or results file is an ordinary file (0666 less the umask).
     """
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)
-    return out
+    own = fd is None
+    if own:
+        fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.fchmod(fd, 0o666 & ~umask)
+        os.replace(tmp, out)
+    finally:
+        if own:
+            os.close(fd)
+    fsync_directory(Path(out).parent)
+    return Path(out)
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself has happened
+    finally:
+        os.close(dfd)

@@ -32,7 +32,23 @@ BUILD_HINT = (
 
 
 def lib():
-    """(ffi, lib) of the compiled module, or a BitnetError that says how to build it."""
+    """(ffi, lib) of the compiled module, or a BitnetError that says how to build it.
+
+    $BITNET_KERNELS names another build of the module to load instead (the ASan/UBSan build that
+    `python -m bitnet_cli.fuzz --sanitize` makes)."""
+    global _ALT
+    alt = os.environ.get("BITNET_KERNELS")
+    if alt:
+        if _ALT is None:
+            import importlib.util
+
+            try:
+                spec = importlib.util.spec_from_file_location("_kernels", alt)
+                _ALT = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_ALT)
+            except (ImportError, OSError, AttributeError) as e:
+                raise BitnetError(f"$BITNET_KERNELS={alt}: cannot load ({e})") from None
+        return _ALT.ffi, _ALT.lib
     try:
         from bitnet_cli import _kernels
     except ImportError as e:
@@ -40,6 +56,7 @@ def lib():
     return _kernels.ffi, _kernels.lib
 
 
+_ALT = None  # the module $BITNET_KERNELS names, once loaded
 # The layout constants as kernels/bitnet.h defines them (the one definition), read through cffi on
 # first use (`kernels.BLOCK_K`), so importing this module needs no compiled module yet:
 # inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block (bn_q4_block).

@@ -172,7 +172,12 @@ class BitLinear(nn.Linear):
     compiled model sees a changing tensor rather than a new constant to recompile for. ``lam = 0``
     is exactly the float layer, and once warm-up ends ``warming`` is cleared and the layer is
     exactly the plain BitLinear above.
+
+    ``int8`` is set by ``bitnet_cli.train.int8_linear.enable`` (``train.int8_matmul``): with
+    gradients on (and no warm-up), the same integers are then multiplied on int8 tensor cores.
     """
+
+    int8 = None
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -185,6 +190,8 @@ class BitLinear(nn.Linear):
             lam = self.lam.to(x.dtype)
             x = x + lam * (_quant_activation(x) - x).detach()
             w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
+        elif self.int8 is not None and torch.is_grad_enabled():
+            return self.int8.forward(self, x)
         elif torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()

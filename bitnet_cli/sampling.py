@@ -33,28 +33,42 @@ class SamplingParams:
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
-    """CTRL-style penalty (as in transformers and llama.cpp): divide positive logits, multiply negative."""
+    """CTRL-style penalty (as in transformers and llama.cpp): divide positive logits, multiply negative.
+
+    Computed in float64 and clipped to float32's finite range, so that an extreme penalty (1e-320
+    or 1e300) gives huge but finite logits, never inf (whose differences would be NaN).
+    """
     if penalty == 1.0 or not len(recent):
         return logits
     logits = logits.copy()
     ids = np.unique(np.asarray(recent[-REPEAT_WINDOW:], dtype=np.int64))
-    seen = logits[ids]
-    logits[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    seen = logits[ids].astype(np.float64)
+    with np.errstate(over="ignore", under="ignore", divide="ignore"):
+        penalised = np.where(seen > 0, seen / penalty, seen * penalty)
+    big = float(np.finfo(np.float32).max)
+    logits[ids] = np.clip(penalised, -big, big)
     return logits
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
-    """One token id from a [V] float32 logits vector."""
+    """One token id from a [V] float32 logits vector (finite: the engine refuses NaN logits)."""
+    if not np.isfinite(logits).all():
+        raise BitnetError("sampling: the logits hold NaN or infinite values")
     logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
     if params.temperature <= 0:
         return int(np.argmax(logits))  # first maximum, like torch.argmax
-    z = logits.astype(np.float64) / params.temperature
+    z = logits.astype(np.float64)
+    # Shift first, then scale: every value is <= 0 before dividing, so a tiny temperature (1e-320)
+    # sends the others to -inf (probability 0) and keeps the maximum at 0, never inf - inf = NaN.
+    with np.errstate(over="ignore", under="ignore"):
+        z = (z - z.max()) / params.temperature
     if 0 < params.top_k < z.size:
         candidates = np.argpartition(-z, params.top_k - 1)[: params.top_k]
     else:
         candidates = np.arange(z.size)
     candidates = candidates[np.argsort(-z[candidates], kind="stable")]
-    p = np.exp(z[candidates] - z[candidates[0]])
+    with np.errstate(under="ignore"):
+        p = np.exp(z[candidates] - z[candidates[0]])
     p /= p.sum()
     if params.top_p < 1.0:
         keep = int(np.searchsorted(np.cumsum(p), params.top_p)) + 1  # smallest set with mass >= top_p

@@ -32,7 +32,7 @@ def special_id(kind: str, tokenizer, tokenizer_config: dict, config: dict, vocab
     value = config.get(f"{kind}_token_id")
     if isinstance(value, list):
         value = value[0] if value else None
-    if isinstance(value, int) and value >= 0 and (vocab_size is None or value < vocab_size):
+    if type(value) is int and value >= 0 and (vocab_size is None or value < vocab_size):  # not a bool
         return value
     if guess:
         return next((tokenizer.token_to_id(n) for n in KNOWN_NAMES[kind] if tokenizer.token_to_id(n) is not None),

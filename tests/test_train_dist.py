@@ -30,16 +30,20 @@ def _run(recipe: Path, out: Path, nproc: int, *sets: str):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("int8", ["off", "on"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one_at_the_same_global_batch(tmp_path, monkeypatch, strategy):
+def test_two_processes_match_one_at_the_same_global_batch(tmp_path, monkeypatch, strategy, int8):
+    """int8 on (the int8 BitLinear's CPU emulation): DDP with the per-step ternary cache, FSDP
+    with the ternary weight derived in each forward from the gathered one."""
     cache = tmp_path / "cache"
     monkeypatch.setenv("BITNET_CACHE", str(cache))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(micro_recipe(steps=6, log_every=1, eval_every=6, checkpoint_every=3)))
     # Global batch 8 both ways, accumulated over 2 micro-batches (DDP skips the all-reduce on the first).
-    one, w1 = _run(recipe, tmp_path / "one", 1, "train.batch_size=4", "train.grad_accum=2")
+    one, w1 = _run(recipe, tmp_path / "one", 1, "train.batch_size=4", "train.grad_accum=2",
+                   f"train.int8_matmul={int8}")
     two, w2 = _run(recipe, tmp_path / "two", 2, "train.batch_size=2", "train.grad_accum=2",
-                   f"train.distributed={strategy}")
+                   f"train.distributed={strategy}", f"train.int8_matmul={int8}")
     assert len(one) == len(two) == 6
     assert one == pytest.approx(two, rel=1e-4, abs=1e-4)
     assert one[-1] < one[0]

@@ -113,8 +113,8 @@ class TorchBackend:
 
     def __init__(self, ckpt_dir: Path, *, threads: int | None, max_length: int | None):
         import torch
-        from tokenizers import Tokenizer
 
+        from bitnet_cli import tokenizer
         from bitnet_cli.model import BitNetForCausalLM
 
         if threads:
@@ -124,7 +124,7 @@ class TorchBackend:
         tok_path = ckpt_dir / "tokenizer.json"
         if not tok_path.is_file():
             raise BitnetError(f"{tok_path}: missing (a checkpoint needs its tokenizer to be evaluated)")
-        self.tokenizer = Tokenizer.from_str(read_tokenizer_json(tok_path))
+        self.tokenizer = tokenizer.load(read_tokenizer_json(tok_path), str(tok_path))
         self.model = BitNetForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
         config = self.model.config
         self.bos_token_id, self.eos_token_id = _special_ids(ckpt_dir, self.tokenizer, config)

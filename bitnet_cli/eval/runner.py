@@ -6,12 +6,11 @@ import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 
 DATA_ENV = "BITNET_EVAL_DATA"
 
@@ -129,12 +128,12 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
     from lm_eval.utils import handle_non_serializable
 
     out = check_output(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    temp = TempFile(out)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(os.dup(temp.fd), "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-        publish(tmp, out)
+        temp.publish()
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        temp.discard()
         raise
     return out

@@ -79,7 +79,7 @@ def _spm_merges(tokens: list[str], scores, types) -> list[list[str]]:
 
 def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
     """(tokenizer.json text, tokenizer_config, a note on what was inferred) from GGUF metadata `meta`."""
-    from tokenizers import Tokenizer
+    from bitnet_cli.tokenizer import load as load_tokenizer
 
     def key(name):
         return f"{where}: metadata key 'tokenizer.ggml.{name}'"
@@ -158,9 +158,9 @@ def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
         raise BitnetError(f"{key('model')} = {model!r} is not supported (supported: gpt2, llama)")
     text = json.dumps(spec, ensure_ascii=False)
     try:
-        Tokenizer.from_str(text)
-    except Exception as e:  # tokenizers raises a bare Exception for what it cannot load
-        raise BitnetError(f"{where}: the tokenizer rebuilt from the GGUF metadata does not load ({e})") from None
+        load_tokenizer(text, where)  # loads and runs it once; Rust panics included
+    except BitnetError as e:
+        raise BitnetError(f"the tokenizer rebuilt from the GGUF metadata does not load: {e}") from None
     config = {}
     for name, field in (("bos", "bos_token"), ("eos", "eos_token")):
         if name in special:

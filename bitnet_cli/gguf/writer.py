@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 
 ALIGNMENT = 32
 # GGUF value types
@@ -65,9 +64,9 @@ class GGUFWriter:
             offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
         head = b"GGUF" + struct.pack("<IQQ", 3, len(self._tensors), len(self._kv)) + b"".join(self._kv) + b"".join(infos)
         head += b"\0" * (-len(head) % ALIGNMENT)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        temp = TempFile(out)  # locked while written; a killed writer's leftover is removed next time
         try:
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(os.dup(temp.fd), "wb") as f:
                 f.write(head)
                 for i, (name, _, _, nbytes, make) in enumerate(self._tensors):
                     data = np.ascontiguousarray(make()).view(np.uint8).reshape(-1)
@@ -77,9 +76,7 @@ class GGUFWriter:
                     f.write(b"\0" * (-nbytes % ALIGNMENT))
                     if progress:
                         progress(i + 1, len(self._tensors), name)
-                f.flush()
-                os.fsync(f.fileno())
-            return publish(tmp, out)
+            return temp.publish()
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            temp.discard()
             raise

@@ -9,18 +9,17 @@ from __future__ import annotations
 import json
 import mmap
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli import __version__
+from bitnet_cli import __version__, safejson
 from bitnet_cli.arch import EMBED, FINAL_NORM, LM_HEAD, ModelDims, layer_tensor, split_layer_tensor
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import publish
+from bitnet_cli.files import TempFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
@@ -119,9 +118,9 @@ class PackedWriter:
         self._next = 0
         self._crc = 0
         self._written = 0
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
-        self.tmp = Path(tmp)
-        self.f = os.fdopen(fd, "wb")
+        self._temp = TempFile(self.out)
+        self.tmp = self._temp.path
+        self.f = os.fdopen(os.dup(self._temp.fd), "wb")  # the dup shares the temp file's lock
         self.f.write(self.header)
 
     def _header(self) -> bytes:
@@ -176,15 +175,13 @@ class PackedWriter:
         assert len(header) == self.data_start, "checksums changed the header length"
         self.f.write(header)
         self.f.truncate(self.total_bytes)  # pads are holes: zero bytes on every filesystem
-        self.f.flush()
-        os.fsync(self.f.fileno())
         self.f.close()
-        return publish(self.tmp, self.out)
+        return self._temp.publish()
 
     def abort(self) -> None:
         if not self.f.closed:
             self.f.close()
-        self.tmp.unlink(missing_ok=True)
+        self._temp.discard()
 
     def __enter__(self):
         return self
@@ -234,6 +231,11 @@ class PackedModel:
         self.dims = ModelDims.from_config(self.config, f"{where}: config")
         self.tokenizer_json: str = metadata["tokenizer"]
         self.tokenizer_config = _json_value(metadata, "tokenizer_config", where, dict)
+        for key in ("bos_token", "eos_token", "chat_template"):
+            value = self.tokenizer_config.get(key)
+            if value is not None and not (isinstance(value, str) and safejson.is_utf8(value)):
+                raise BitnetError(f"{where}: tokenizer_config {key} must be a string of valid Unicode, "
+                                  f"got {safejson.short(value)}")
         self.layout = metadata["layout"]
         self.embeddings = metadata["embeddings"]
         self.checksums = _json_value(metadata, "checksums", where, dict)
@@ -345,10 +347,4 @@ class PackedModel:
 
 
 def _json_value(metadata: dict, key: str, where: str, kind: type):
-    try:
-        value = json.loads(metadata.get(key, "{}"))
-    except json.JSONDecodeError as e:
-        raise BitnetError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
-    if not isinstance(value, kind):
-        raise BitnetError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}")
-    return value
+    return safejson.loads(metadata.get(key, "{}"), where, f"metadata {key!r}", kind)

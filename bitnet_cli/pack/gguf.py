@@ -83,9 +83,9 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
     else:
         raise BitnetError(f"{pm.path}: the tokenizer splits with a regex llama.cpp does not know by name "
                           "(GGUF export knows GPT-2's and Llama 3's)")
-    from tokenizers import Tokenizer
+    from bitnet_cli.tokenizer import load
 
-    tokenizer = Tokenizer.from_str(pm.tokenizer_json)
+    tokenizer = load(pm.tokenizer_json, f"{pm.path}: the stored tokenizer")
     special = {key: special_id(key, tokenizer, pm.tokenizer_config, pm.config, size) for key in ("bos", "eos")}
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre, **special}
 

@@ -73,7 +73,9 @@ def wrap(model: nn.Module, strategy: str, info: DistInfo, device: torch.device) 
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # No buffer broadcast: the only buffers are int8_linear's cached ternary weights, which every rank
+    # derives itself from identical parameters once per step.
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

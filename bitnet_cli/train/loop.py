@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.arch import DIM_LIMITS
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
 from bitnet_cli.tokens import special_id
+from bitnet_cli.train import int8_linear
 from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, load_tokenizer,
                                    prepare_tokenizer, resolve_files, tokenize_to_memmap, tokenizer_config)
 from bitnet_cli.train.distill import distill_loss
@@ -77,6 +79,9 @@ def model_config(recipe: Recipe, tokenizer_vocab: int | None, bos_token_id: int 
         raise BitnetError(f"model.vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens")
     r = recipe.model.round_vocab_to
     vocab = -(-vocab // r) * r
+    if vocab > DIM_LIMITS["vocab_size"]:
+        raise BitnetError(f"model.vocab_size {vocab} (rounded up to a multiple of {r}) is more than "
+                          f"{DIM_LIMITS['vocab_size']}, the most the packer and engine accept")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
                if dims.get(k) is None]
     if missing:
@@ -344,6 +349,14 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     model = model.to(device).train()
     n_params = config.arch.parameters()
     fpt = config.arch.training_flops_per_token(t.seq_len)
+    # int8 products: the ternary weights are cached once per step, except under FSDP, where the full
+    # weight exists only inside each forward (there each forward ternarises its gathered weight).
+    int8 = int8_linear.resolve(t.int8_matmul, device, config.quant)
+    int8_cache = not (info.enabled and t.distributed == "fsdp")
+    if int8:
+        n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache)
+        how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
+        say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
     model = D.wrap(model, t.distributed, info, device)
     opt = make_optimizer(model, recipe, device)
     start_step, prior_seconds = 0, 0.0
@@ -425,6 +438,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
             lam = quant_lambda(step)
             step_loss = torch.zeros((), device=device)
             step_parts = torch.zeros(2, device=device)  # cross-entropy, distillation (when distilling)
+            if int8 and int8_cache:
+                int8_linear.refresh(model)
             for micro in range(t.grad_accum):
                 x, y = data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -10,16 +10,23 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bitnet_cli.arch import PRESETS
+from bitnet_cli.arch import DIM_LIMITS, PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import bundled
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Bounds of the sizes below: the model's are what the packer and the C engine accept (DIM_LIMITS),
+# so that a recipe that validates also packs and runs; the rest keep every product of them
+# (tokens per step, total tokens) far inside int64.
+_L = DIM_LIMITS
+BIG = 1 << 40
 
 
 class ModelSpec(_Strict):
@@ -27,17 +34,17 @@ class ModelSpec(_Strict):
         None, description=f"A named shape ({', '.join(PRESETS)}: bitnet_cli.arch.PRESETS, shared with "
                           "`bitnet bench --shape`); any field given below overrides it.")
     vocab_size: Optional[int] = Field(
-        None, gt=0, description="Vocabulary size; default: the tokenizer's (rounded up to a multiple of 64 "
+        None, gt=0, le=_L["vocab_size"], description="Vocabulary size; default: the tokenizer's (rounded up to a multiple of 64 "
                                 "only if round_vocab_to is set).")
-    round_vocab_to: int = Field(1, ge=1, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
+    round_vocab_to: int = Field(1, ge=1, le=1 << 16, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
                                                      "for tensor-core friendly shapes).")
-    hidden_size: Optional[int] = Field(None, gt=0, description="Model width.")
-    intermediate_size: Optional[int] = Field(None, gt=0, description="FFN width.")
-    num_hidden_layers: Optional[int] = Field(None, gt=0, description="Decoder layers.")
-    num_attention_heads: Optional[int] = Field(None, gt=0, description="Query heads.")
-    num_key_value_heads: Optional[int] = Field(None, gt=0, description="Key/value heads (GQA); default: "
+    hidden_size: Optional[int] = Field(None, gt=0, le=_L["hidden_size"], description="Model width.")
+    intermediate_size: Optional[int] = Field(None, gt=0, le=_L["intermediate_size"], description="FFN width.")
+    num_hidden_layers: Optional[int] = Field(None, gt=0, le=_L["num_hidden_layers"], description="Decoder layers.")
+    num_attention_heads: Optional[int] = Field(None, gt=0, le=_L["num_attention_heads"], description="Query heads.")
+    num_key_value_heads: Optional[int] = Field(None, gt=0, le=_L["num_key_value_heads"], description="Key/value heads (GQA); default: "
                                                                        "num_attention_heads.")
-    max_position_embeddings: Optional[int] = Field(None, gt=0, description="Longest context; default: "
+    max_position_embeddings: Optional[int] = Field(None, gt=0, le=_L["max_position_embeddings"], description="Longest context; default: "
                                                                            "train.seq_len.")
     rope_theta: Optional[float] = Field(None, gt=0, description="RoPE base frequency; default: the preset's, "
                                                                 "else 10000.")
@@ -85,7 +92,7 @@ class ModelSpec(_Strict):
 
 
 class QuantSpec(_Strict):
-    warmup_steps: int = Field(0, ge=0, description=(
+    warmup_steps: int = Field(0, ge=0, le=BIG, description=(
         "Quantisation warm-up (converting a float model): over the first N steps weights and activations are "
         "v + lambda * (q(v) - v), lambda rising from 0 (float) to 1 (ternary) by warmup_schedule; 0: ternary "
         "from the first step. lambda is logged in metrics.jsonl and drawn in loss.png."))
@@ -107,9 +114,9 @@ class DistillSpec(_Strict):
 class TokenizerSpec(_Strict):
     path: Optional[str] = Field(None, description="An existing tokenizer.json, or a directory holding one "
                                                   "(an HF model dir). If unset, a byte-level BPE is trained.")
-    vocab_size: int = Field(1024, ge=300, description="Size of the byte-level BPE to train (256 bytes + merges "
+    vocab_size: int = Field(1024, ge=300, le=_L["vocab_size"], description="Size of the byte-level BPE to train (256 bytes + merges "
                                                       "+ 2 special tokens).")
-    train_chars: int = Field(5_000_000, gt=0, description="Train the BPE on at most this many characters "
+    train_chars: int = Field(5_000_000, gt=0, le=BIG, description="Train the BPE on at most this many characters "
                                                           "from the start of the corpus.")
 
 
@@ -134,7 +141,7 @@ class OptimSpec(_Strict):
         "min_lr_ratio whose peak drops from lr to lr_stage2 at stage_split of the run, and weight decay "
         "turns off in stage two; cosine: warm-up then cosine to min_lr_ratio * lr; constant: warm-up then flat.")
     stage_split: float = Field(0.5, gt=0, lt=1, description="two_stage: fraction of the steps in stage one.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps.")
+    warmup_steps: int = Field(100, ge=0, le=BIG, description="Linear warm-up steps.")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of the peak.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
@@ -145,24 +152,39 @@ class OptimSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    batch_size: int = Field(16, gt=0, description="Sequences per micro-batch, per process.")
-    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimiser step.")
-    seq_len: int = Field(256, gt=1, description="Tokens per training sequence.")
-    steps: Optional[int] = Field(None, gt=0, description="Optimiser steps; exactly one of steps and tokens.")
-    tokens: Optional[float] = Field(None, gt=0, description="Token budget: steps = tokens / (global batch x "
+    batch_size: int = Field(16, gt=0, le=1 << 20, description="Sequences per micro-batch, per process.")
+    grad_accum: int = Field(1, gt=0, le=1 << 20, description="Micro-batches accumulated per optimiser step.")
+    seq_len: int = Field(256, gt=1, le=_L["max_position_embeddings"], description="Tokens per training sequence.")
+    steps: Optional[int] = Field(None, gt=0, le=BIG, description="Optimiser steps; exactly one of steps and tokens.")
+    tokens: Optional[float] = Field(None, gt=0, le=1e18, description="Token budget: steps = tokens / (global batch x "
                                                             "seq_len), rounded up.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast (fp32 master "
                                                                    "weights and optimiser state).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available, else cpu.")
     compile: bool = Field(False, description="torch.compile the model (fuses the quantisation; GPU).")
-    threads: Optional[int] = Field(None, gt=0, description="CPU threads for torch (default: torch's).")
-    eval_every: int = Field(100, gt=0, description="Evaluate on the validation split every N steps (and at the end).")
-    eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
-    log_every: int = Field(10, gt=0, description="Write a metrics.jsonl line every N steps.")
-    checkpoint_every: int = Field(500, gt=0, description="Save a resumable checkpoint every N steps.")
-    keep_last: int = Field(2, gt=0, description="Keep this many step checkpoints (the final one is kept apart).")
+    threads: Optional[int] = Field(None, gt=0, le=4096, description="CPU threads for torch (default: torch's).")
+    eval_every: int = Field(100, gt=0, le=BIG, description="Evaluate on the validation split every N steps (and at the end).")
+    eval_batches: int = Field(8, gt=0, le=1 << 20, description="Validation micro-batches per evaluation.")
+    log_every: int = Field(10, gt=0, le=BIG, description="Write a metrics.jsonl line every N steps.")
+    checkpoint_every: int = Field(500, gt=0, le=BIG, description="Save a resumable checkpoint every N steps.")
+    keep_last: int = Field(2, gt=0, le=1 << 20, description="Keep this many step checkpoints (the final one is kept apart).")
+    int8_matmul: Literal["auto", "on", "off"] = Field(
+        "auto", description="BitLinear products on int8 tensor cores (Triton kernels; ternary weights x int8 "
+        "activations, scales in the epilogue). on: use them (CUDA GPU of compute capability 8.0+ with triton; "
+        "on a CPU, the kernels' pure-torch emulation: for testing, slower); off: the plain fake-quantised "
+        "products; auto: off for now (on an H200 the int8 path measured slower than the plain one at the "
+        "small recipe's shapes). Only for model.quant bitnet.")
+    int8_grad_input: bool = Field(True, description="With int8_matmul: the input gradient through the "
+                                                    "ternary weight in int8 too (output gradient quantised "
+                                                    "per token); false: in the compute dtype.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
                                                                    "or FSDP (fully_shard) for large shapes.")
+
+    @field_validator("int8_matmul", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, v):
+        # YAML 1.1 reads a bare on/off as a boolean.
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _steps_or_tokens(self):
@@ -175,7 +197,7 @@ class Recipe(_Strict):
     name: str = Field("run", description="Run name; the default output directory is runs/<name>.")
     out_dir: Optional[str] = Field(None, description="Output directory (checkpoints, metrics.jsonl, loss.png); "
                                                      "default runs/<name>, relative to the working directory.")
-    seed: int = Field(1337, description="Seeds the init and the batch order (batches depend only on seed and step).")
+    seed: int = Field(1337, ge=0, lt=1 << 63, description="Seeds the init and the batch order (batches depend only on seed and step).")
     model: ModelSpec = Field(default_factory=ModelSpec, description="The model shape.")
     data: DataSpec = Field(default_factory=DataSpec, description="Corpus, split and tokenizer.")
     optim: OptimSpec = Field(default_factory=OptimSpec, description="AdamW and the schedule.")
@@ -202,26 +224,81 @@ class Recipe(_Strict):
 # ----------------------------------------------------------------------------- loading
 
 
-def _line_map(text: str) -> dict[tuple[str, ...], int]:
-    """(key path) -> 1-based line of that key in the YAML text."""
-    lines: dict[tuple[str, ...], int] = {}
+MAX_RECIPE_BYTES = 1_000_000  # a recipe is a page of settings; this bounds the parser's work
+MAX_YAML_DEPTH = 32  # the schema nests 3 deep; far below Python's recursion limit
+MAX_YAML_NODES = 100_000
 
-    def walk(node, path):
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases and bounds nesting depth and node count.
+
+    Aliases (``*name``) are what billion-laughs documents and self-referencing anchors are made
+    of; a recipe has no use for them. The depth bound turns 1,000-deep nesting into a clear error
+    instead of a RecursionError in the recursive composer.
+    """
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{event.anchor}) are not allowed in a "
+                                              "recipe; write the value out", event.start_mark)
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_YAML_NODES:,} values",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str, where: str):
+    """(value, line map) of a YAML document, bounded (see _BoundedLoader); BitnetError names the line.
+
+    The line map takes (key path) -> 1-based line of that key; it walks the composed node tree
+    once, which has no shared nodes since aliases are refused.
+    """
+    if len(text) > MAX_RECIPE_BYTES:
+        raise BitnetError(f"{where}: {len(text):,} characters; at most {MAX_RECIPE_BYTES:,}")
+    try:
+        loader = _BoundedLoader(text)  # the reader checks the characters here
+    except yaml.reader.ReaderError as e:
+        raise BitnetError(f"{where}: invalid YAML (character U+{e.character:04X} at position {e.position} is not "
+                          "allowed)") from None
+    try:
+        node = loader.get_single_node()
+        value = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise BitnetError(f"{where}:{at} invalid YAML ({getattr(e, 'problem', None) or e})") from None
+    except (ValueError, OverflowError, RecursionError) as e:  # e.g. a timestamp or number that does not fit
+        raise BitnetError(f"{where}: invalid YAML value ({e})") from None
+    finally:
+        loader.dispose()
+    lines: dict[tuple[str, ...], int] = {}
+    stack = [(node, ())] if node is not None else []
+    while stack:
+        n, path = stack.pop()
+        if isinstance(n, yaml.MappingNode):
+            for k, v in n.value:
                 p = path + (str(k.value),)
                 lines[p] = k.start_mark.line + 1
-                walk(v, p)
-        elif isinstance(node, yaml.SequenceNode):
-            for i, v in enumerate(node.value):
+                stack.append((v, p))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
                 lines[path + (str(i),)] = v.start_mark.line + 1
-                walk(v, path + (str(i),))
-
-    try:
-        walk(yaml.compose(text), ())
-    except yaml.YAMLError:
-        pass
-    return lines
+                stack.append((v, path + (str(i),)))
+    return value, lines
 
 
 def _apply_override(data: dict, override: str) -> tuple[str, ...]:
@@ -232,9 +309,9 @@ def _apply_override(data: dict, override: str) -> tuple[str, ...]:
     if not all(path):
         raise BitnetError(f"--set {override!r}: empty key component")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"--set {key}")[0] if raw.strip() else None
+    except BitnetError:
+        value = raw  # not YAML: the text itself (the schema then says what it should be)
     node = data
     for p in path[:-1]:
         if not isinstance(node.get(p, {}), dict):
@@ -274,18 +351,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = find_recipe(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            with open(p, "rb") as f:
+                raw = f.read(MAX_RECIPE_BYTES + 1)
+            if len(raw) > MAX_RECIPE_BYTES:
+                raise BitnetError(f"{p}: more than {MAX_RECIPE_BYTES:,} bytes; a recipe is a page of settings")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BitnetError(f"{p}: not a YAML text file (not UTF-8: {e.reason} at byte {e.start})") from None
         except OSError as e:
             raise BitnetError(f"{p}: cannot read ({e.strerror or e})") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            at = f" line {mark.line + 1}" if mark else ""
-            raise BitnetError(f"{p}:{at} invalid YAML ({getattr(e, 'problem', e)})") from None
-        lines = _line_map(text)
+        data, lines = parse_yaml(text, str(p))
         where = str(p)
         base_dir = p.resolve().parent
     if data is None:

@@ -1,0 +1,133 @@
+"""The int8 BitLinear kernels on a GPU: exactness against the reference, then speed against bf16.
+
+    python benchmarks/int8_kernels.py [--out int8_kernels.json]
+
+1. ``bitnet::int8_mm`` (Triton) against ``int8_mm_reference`` (pure torch, on the CPU) on fresh
+   random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs: bit for bit.
+2. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
+   against the same code on the CPU (the emulation): relative errors.
+3. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
+   (tokens per micro-batch x K -> N, forward and grad_input): bf16 ``F.linear``, the Triton int8
+   kernel with its epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
+   quantisation that feeds the int8 product. TFLOP/s count 2 x M x N x K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bitnet_cli
+from bitnet_cli.train import int8_linear as L  # noqa: E402
+
+SHAPES = {  # name: (tokens per micro-batch, [(K, N) of each projection]); grad_input is (N, K)
+    "small": (32 * 1024, [(768, 768), (768, 2048), (2048, 768)]),
+    "700m": (16 * 2048, [(1536, 1536), (1536, 4096), (4096, 1536)]),
+    "1.3b": (8 * 2048, [(2048, 2048), (2048, 5460), (5460, 2048)]),
+}
+
+
+def check_exact() -> list[dict]:
+    out = []
+    for M, N, K in [(300, 200, 333), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460), (64, 64, 64)]:
+        a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
+        b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
+        rm = torch.rand(M) * 0.02 + 1e-4
+        mul = torch.tensor(0.031)
+        for dt in (torch.bfloat16, torch.float32):
+            ref = L.int8_mm_reference(a, b, rm, mul, dt)
+            got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), mul.cuda(), dt).cpu()
+            exact = torch.equal(got, ref)
+            out.append({"M": M, "N": N, "K": K, "dtype": str(dt), "bit_exact": exact,
+                        "max_abs": (got.float() - ref.float()).abs().max().item(),
+                        "nan": bool(got.isnan().any())})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def check_autograd() -> list[dict]:
+    out = []
+    torch.manual_seed(0)
+    for int8_grad in (True, False):
+        w = torch.randn(512, 384) * 0.02
+        x = torch.randn(4, 100, 384)
+        g = torch.randn(4, 100, 512)
+        res = {}
+        for dev in ("cpu", "cuda"):
+            wd = w.to(dev).clone().requires_grad_()
+            xd = x.to(dev).clone().requires_grad_()
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                y = L.int8_bitlinear(xd, wd, int8_grad=int8_grad)
+            y.backward(g.to(dev).to(y.dtype))
+            res[dev] = (y.float().cpu(), xd.grad.cpu(), wd.grad.cpu())
+
+        def rel(i):
+            a, b = res["cuda"][i], res["cpu"][i]
+            return ((a - b).norm() / b.norm()).item()
+
+        out.append({"int8_grad": int8_grad, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
+                    "fwd_bit_exact": torch.equal(res["cuda"][0], res["cpu"][0])})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def bench() -> list[dict]:
+    from triton.testing import do_bench
+
+    quant = torch.compile(L.quantize_rows)
+    rows = []
+    for name, (M, kns) in SHAPES.items():
+        for K0, N0 in kns:
+            for kind, (K, N) in (("fwd", (K0, N0)), ("grad_in", (N0, K0))):
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                q, s = L.quantize_rows(x)
+                t, s_w = L.ternary_weight(w)
+                inv_s, inv_w = 1.0 / s, 1.0 / s_w
+                flop = 2 * M * N * K
+                ms = {
+                    "bf16": do_bench(lambda: F.linear(x, w), return_mode="median"),
+                    "triton_int8": do_bench(lambda: L.int8_mm(q, t, inv_s, inv_w, torch.bfloat16),
+                                            return_mode="median"),
+                    "int_mm": do_bench(lambda: torch._int_mm(q, t.t()), return_mode="median"),
+                    "quant_x": do_bench(lambda: quant(x), return_mode="median"),
+                }
+                from bitnet_cli.train import int8_triton
+
+                best = int8_triton._int8_mm_kernel.best_config
+                r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, "tile": str(best),
+                     **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
+                     **{f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "quant_x"}}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    print(f"\n{'model':6} {'kind':8} {'M x K -> N':>20} {'bf16':>7} {'tri-i8':>7} {'_int_mm':>7} "
+          f"{'quant ms':>8} {'i8+q vs bf16':>12}")
+    for r in rows:
+        ratio = (r["triton_int8_ms"] + r["quant_x_ms"]) / r["bf16_ms"]
+        print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<5}->{r['N']:<5} {r['bf16_tflops']:>7.0f} "
+              f"{r['triton_int8_tflops']:>7.0f} {r['int_mm_tflops']:>7.0f} {r['quant_x_ms']:>8.3f} {ratio:>11.2f}x")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="int8_kernels.json")
+    args = ap.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__)
+    exact = check_exact()
+    grads = check_autograd()
+    rows = bench()
+    ok = all(r["bit_exact"] for r in exact)
+    print(f"\nkernel bit-exact against the reference: {ok}")
+    with open(args.out, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "exact": exact, "autograd": grads, "bench": rows}, f,
+                  indent=1)
+
+
+if __name__ == "__main__":
+    main()
