@@ -120,19 +120,6 @@ def wikitext_detokenizer(page: str) -> str:
     return s.replace(" N ", " 1 ").replace(" 's", "'s")
 
 
-def wikitext_pages(text: str) -> list[str]:
-    """Articles of the raw file, as bitnet_cli.eval.tasks.wikitext_pages splits them."""
-    pages, current = [], []
-    for line in text.split("\n"):
-        if re.fullmatch(r" = [^=].* = ", line) and current:
-            pages.append("\n".join(current))
-            current = []
-        current.append(line)
-    if any(x.strip() for x in current):
-        pages.append("\n".join(current))
-    return [p for p in pages if p.strip()]
-
-
 def wikitext_word_perplexity(model, tok, prefix_id: int, max_len: int, pages: list[str], device) -> float:
     """lm-eval's word_perplexity: exp(-sum of rolling log-likelihoods / words of the raw articles).
 
@@ -178,12 +165,14 @@ def score(ckpt: Path, data, pages, args, device, quant: str | None = None) -> di
     import torch
 
     from bitnet_cli.model import BitNetForCausalLM
-    from bitnet_cli.train.data import bos_id, eos_id, load_tokenizer
+    from bitnet_cli.tokenizer import special_id
+    from bitnet_cli.train.data import load_tokenizer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = BitNetForCausalLM.from_pretrained(ckpt, dtype=torch.float32, device=device, quant=quant)
     tok = load_tokenizer(ckpt / "tokenizer.json")
-    prefix = bos_id(tok) if bos_id(tok) is not None else eos_id(tok)
+    bos, eos = (special_id(kind, tok, {}, {}, guess=True) for kind in ("bos", "eos"))
+    prefix = bos if bos is not None else eos
     with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
         if pages is None:
             return {"val_loss": round(val_loss(model, data, args.val_windows, 8, device), 4)}
@@ -339,6 +328,7 @@ def main() -> None:
     from bitnet_cli.train import load_recipe
     from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, prepare_tokenizer, resolve_files,
                                        tokenize_to_memmap)
+    from bitnet_cli.eval.tasks import wikitext_pages
     from bitnet_cli.train.loop import total_steps
 
     t0 = time.perf_counter()

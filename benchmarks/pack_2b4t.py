@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, FINAL_NORM, ModelDims, layer_tensor
+from bitnet_cli.arch import ModelDims
 from bitnet_cli.pack.synthetic import shape_config, synthetic_tokenizer
-from bitnet_cli.tokens import BOS, EOS
+from bitnet_cli.tokenizer import BOS, EOS
 
 
 def write_bf16_checkpoint(out: Path, shape: str = "2b4t", seed: int = 0) -> Path:
@@ -33,11 +33,7 @@ def write_bf16_checkpoint(out: Path, shape: str = "2b4t", seed: int = 0) -> Path
                                      "quantization_mode": "online"}
     config["torch_dtype"] = "bfloat16"
     d = ModelDims.from_config(config)
-    tensors = [(EMBED, (d.vocab_size, d.hidden_size))]
-    for i in range(d.num_layers):
-        tensors += [(layer_tensor(i, n.name), (n.size(d),)) for n in d.layer_norms()]
-        tensors += [(layer_tensor(i, p.name), p.shape(d)) for p in d.projections()]
-    tensors.append((FINAL_NORM, (d.hidden_size,)))
+    tensors = [(name, shape) for name, shape, _ in d.hf_tensors()]
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, shp in tensors:
         nbytes = int(np.prod(shp)) * 2

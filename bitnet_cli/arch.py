@@ -180,6 +180,18 @@ class ModelDims:
         """The tensor the output head reads: the embedding when tied."""
         return EMBED if self.tie_word_embeddings else LM_HEAD
 
+    def hf_tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
+        """Every tensor of the model in HF layout, in file order: (name, float shape, kind), kind
+        being "embedding" (the input embedding, and the head when untied), "norm" or "projection"."""
+        out = [(EMBED, (self.vocab_size, self.hidden_size), "embedding")]
+        for i in range(self.num_layers):
+            out += [(layer_tensor(i, n.name), (n.size(self),), "norm") for n in self.layer_norms()]
+            out += [(layer_tensor(i, p.name), p.shape(self), "projection") for p in self.projections()]
+        out.append((FINAL_NORM, (self.hidden_size,), "norm"))
+        if not self.tie_word_embeddings:
+            out.append((LM_HEAD, (self.vocab_size, self.hidden_size), "embedding"))
+        return out
+
     # ------------------------------------------------------------------ counting
 
     def ternary_parameters(self) -> int:

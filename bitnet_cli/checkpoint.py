@@ -18,7 +18,7 @@ import numpy as np
 
 from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.tokens import token_text
+from bitnet_cli.tokenizer import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {

@@ -343,7 +343,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -363,7 +363,8 @@ def run(
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
-    Example: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/]
+    Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
+    [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
     import json
 

@@ -33,7 +33,7 @@ from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.sampling import SamplingParams, sample
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
 
@@ -260,17 +260,23 @@ class Engine(kernels.CResource):
     @classmethod
     def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None,
              verify: bool = False) -> "Engine":
-        """Open a packed model (`bitnet pack` output). threads: default physical cores; ctx_size:
-        default min(max_position_embeddings, 4096); isa: default $BITNET_ISA or the best available.
+        """Open a packed model (`bitnet pack` output), or a GGUF (imported once into a cached packed file).
+        threads: default physical cores; ctx_size: default min(max_position_embeddings, 4096); isa: default
+        $BITNET_ISA or the best available.
 
         The metadata checksum (config, tokenizer) is always checked, and the norms and scales must
         be finite; verify=True also recomputes every tensor's crc32 (reads the whole file, as
         `bitnet info --verify` does)."""
+        from bitnet_cli.gguf.reader import is_gguf
         from bitnet_cli.pack import PackedModel
         from bitnet_cli.pack.format import metadata_checksum
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
+        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
+            from bitnet_cli.pack.gguf_cache import packed_path
+
+            path = packed_path(Path(path))
         pm = PackedModel.open(path)
         d = pm.dims
         size = Path(path).stat().st_size

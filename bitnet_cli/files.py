@@ -31,6 +31,11 @@ def bundled(*parts: str) -> Path:
     return Path(str(resources.files("bitnet_cli").joinpath(*parts)))
 
 
+def bundled_corpus() -> Path:
+    """The corpus shipped with bitnet-cli (TinyShakespeare; `bundled:tinyshakespeare` in recipes)."""
+    return bundled("data", "tinyshakespeare.txt")
+
+
 def cache_root() -> Path:
     """Where bitnet-cli keeps what it can rebuild: $BITNET_CACHE, else $XDG_CACHE_HOME/bitnet-cli,
     else ~/.cache/bitnet-cli."""

@@ -423,12 +423,13 @@ class Report:
         return dataclasses.asdict(self)
 
 
-def _prepare_parent() -> tuple[int, int]:
+def _prepare_parent(formats=FORMATS) -> tuple[int, int]:
     """Import what the cases run (once, before forking); the parent's (address-space size, resident size)."""
-    import bitnet_cli.cli  # noqa: F401
-    import bitnet_cli.engine  # noqa: F401
-    import bitnet_cli.pack  # noqa: F401
-    import bitnet_cli.train  # noqa: F401  (torch: the recipe cases' dry run)
+    import importlib
+
+    for module in ["bitnet_cli.cli", "bitnet_cli.engine", "bitnet_cli.pack"] + (
+            ["bitnet_cli.train"] if "recipe" in formats else []):  # torch: the recipe cases' dry run
+        importlib.import_module(module)
     from bitnet_cli import kernels
 
     kernels.lib()
@@ -443,7 +444,7 @@ def _prepare_parent() -> tuple[int, int]:
 def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORMATS, seed: int = 0,
          out: Path | None = None, sanitize: bool = False, progress=None, work: Path | None = None) -> Report:
     """Run cases until `minutes` or `cases` is reached (cases are spread over `formats` in turn)."""
-    base_vm, base_rss = _prepare_parent()
+    base_vm, base_rss = _prepare_parent(formats)
     if sanitize:  # make sure the cases really drive the sanitized kernels
         from bitnet_cli import kernels
 

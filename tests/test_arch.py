@@ -71,7 +71,7 @@ def test_every_table_row_names_one_tensor_everywhere():
 
 
 def test_special_ids_follow_the_tokenizer_config_then_config_json():
-    from bitnet_cli.tokens import BOS, EOS, special_id, train_bpe
+    from bitnet_cli.tokenizer import BOS, EOS, special_id, train_bpe
 
     tok = train_bpe(["hello world, hello there"] * 20, 300)
     assert tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1

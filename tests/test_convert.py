@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import _cli, micro_recipe, write_recipe
+from test_train import micro_recipe, run_killed_and_resumed, token_cache, write_recipe  # noqa: F401 (token_cache: autouse)
 from typer.testing import CliRunner
 
 from bitnet_cli.cli import app
@@ -22,17 +19,6 @@ from bitnet_cli.train import load_recipe, train
 from bitnet_cli.train.distill import distill_loss
 from bitnet_cli.train.recipe import QuantSpec
 from bitnet_cli.train.schedule import quant_lambda_at
-
-
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    old = os.environ.get("BITNET_CACHE")
-    os.environ["BITNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("BITNET_CACHE")
-    else:
-        os.environ["BITNET_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -203,20 +189,7 @@ def test_sigkill_then_resume_is_exact_with_warmup_and_distillation(tmp_path, flo
     data["quant"] = {"warmup_steps": 16, "warmup_schedule": "sigmoid"}
     data["distill"] = {"alpha": 0.7, "temperature": 2.0}
     recipe = write_recipe(tmp_path / "r.yaml", data)
-    ref = _cli([str(recipe), "--out", str(tmp_path / "ref")])
-    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
-
-    victim = _cli([str(recipe), "--out", str(tmp_path / "cut")])
-    target = tmp_path / "cut" / "checkpoints" / "step_0000008" / "trainer_state.pt"
-    deadline = time.time() + 600
-    while not target.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    resumed = _cli([str(recipe), "--out", str(tmp_path / "cut"), "--resume"])
-    out = resumed.communicate(timeout=600)[0].decode()
-    assert resumed.returncode == 0, out
+    run_killed_and_resumed(recipe, tmp_path, 8)
     a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     for k in a:

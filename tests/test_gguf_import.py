@@ -251,3 +251,45 @@ def test_corrupt_i2s_code_names_the_tensor(ckpt, tmp_path):
     (tmp_path / "bad.gguf").write_bytes(bytes(data))
     with pytest.raises(BitnetError, match=r"bad.gguf: tensor 'blk.1.ffn_up.weight': 2-bit code 3"):
         pack_checkpoint(tmp_path / "bad.gguf", tmp_path / "x.bin")
+
+
+def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, monkeypatch):
+    from bitnet_cli.engine import Engine
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
+    def greedy(path):
+        with Engine.load(path, threads=1) as e:
+            gen = e.generate("Hello there", max_tokens=32, temperature=0)
+            "".join(gen)
+            return gen.token_ids
+
+    want = greedy(reference["f16"])
+    assert len(want) == 32
+    for _ in range(2):  # the second load finds the cached import
+        assert greedy(out) == want
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+
+
+@pytest.mark.parametrize("gguf_type", ["i2_s", "tq2_0"])
+def test_every_exported_metadata_key_is_one_llama_cpp_reads(ckpt, tmp_path, gguf_type):
+    gguf = pytest.importorskip("gguf")
+    from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
+
+    known = []
+
+    def walk(cls):
+        for value in vars(cls).values():
+            if isinstance(value, str) and "." in value:
+                known.append(value)
+            elif isinstance(value, type):
+                walk(value)
+
+    walk(gguf.Keys)
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type=gguf_type)
+    with GGUFFile.open(out) as gf:
+        arch = gf.metadata["general.architecture"]
+        known = {k.replace("{arch}", arch) for k in known} | {HIDDEN_ACT_KEY}
+        assert set(gf.metadata) <= known, set(gf.metadata) - known

@@ -9,28 +9,16 @@ wiring) is the same code the GPU runs.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import micro_recipe
+from test_train import micro_recipe, token_cache  # noqa: F401 (token_cache: autouse)
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitLinear, BitNetConfig, BitNetForCausalLM, _quant_activation, _quant_weight
 from bitnet_cli.train import int8_linear as L
 from bitnet_cli.train import load_recipe, train
-
-
-@pytest.fixture(scope="module", autouse=True)
-def token_cache(tmp_path_factory):
-    old = os.environ.get("BITNET_CACHE")
-    os.environ["BITNET_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("BITNET_CACHE")
-    else:
-        os.environ["BITNET_CACHE"] = old
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -197,13 +197,13 @@ def _cli(args: list[str], **kw) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
-def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", micro_recipe(steps=30, checkpoint_every=5, eval_every=10))
+def run_killed_and_resumed(recipe: Path, tmp_path: Path, kill_at_step: int) -> str:
+    """Train `recipe` into tmp_path/ref uninterrupted, and into tmp_path/cut with a SIGKILL once the
+    checkpoint of `kill_at_step` exists, then --resume; the resumed run's output."""
     ref = _cli([str(recipe), "--out", str(tmp_path / "ref")])
     assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()
-
     victim = _cli([str(recipe), "--out", str(tmp_path / "cut")])
-    target = tmp_path / "cut" / "checkpoints" / "step_0000015" / "trainer_state.pt"
+    target = tmp_path / "cut" / "checkpoints" / f"step_{kill_at_step:07d}" / "trainer_state.pt"
     deadline = time.time() + 600
     while not target.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -211,11 +211,15 @@ def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "cut" / "final").exists()
-
     resumed = _cli([str(recipe), "--out", str(tmp_path / "cut"), "--resume"])
     out = resumed.communicate(timeout=600)[0].decode()
     assert resumed.returncode == 0, out
-    assert "resuming" in out
+    return out
+
+
+def test_sigkill_then_resume_gives_bit_identical_weights(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", micro_recipe(steps=30, checkpoint_every=5, eval_every=10))
+    assert "resuming" in run_killed_and_resumed(recipe, tmp_path, 15)
     a = load_file(str(tmp_path / "ref" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()

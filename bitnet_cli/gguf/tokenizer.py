@@ -10,8 +10,8 @@
   earlier), with byte fallback through the `<0xXX>` pieces, the way transformers converts a
   SentencePiece model.
 
-Control and user-defined tokens become added tokens (special for control), so they encode as
-single ids and never split. No post-processor: the engine adds BOS itself (`Engine.encode`).
+Control and user-defined tokens, and the bos/eos/unk/padding tokens whatever their recorded type,
+become added tokens (special but user-defined ones), so they encode as single ids and never split. No post-processor: the engine adds BOS itself (`Engine.encode`).
 The result is checked to load in `tokenizers`.
 """
 
@@ -106,6 +106,9 @@ def rebuild(meta: dict, where: str, vocab_size: int) -> tuple[str, dict, str]:
             if type(value) is not int or not 0 <= value < len(tokens):
                 raise BitnetError(f"{key(name + '_token_id')} = {value!r} is not a token id")
             special[name] = value
+    for i in special.values():  # bitnet.cpp's converter types its specials NORMAL when they are in the BPE vocab
+        if types[i] == NORMAL:
+            types[i] = CONTROL
     note = ""
     vocab = {t: i for i, t in enumerate(tokens)}
     if model == "gpt2":

@@ -194,7 +194,7 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
 
     `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
-    native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.gguf.source).
+    native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.pack.gguf_source).
     `embeddings` None: f16, or for a GGUF source the storage type that loses nothing (else f16).
     """
     t0 = time.perf_counter()
@@ -217,7 +217,7 @@ def open_source(src, kind: str = "auto"):
     from bitnet_cli.gguf.reader import is_gguf
 
     if kind == "gguf" or (kind == "auto" and Path(str(src)).is_file() and is_gguf(src)):
-        from bitnet_cli.gguf.source import open_gguf
+        from bitnet_cli.pack.gguf_source import open_gguf
 
         return open_gguf(src)
     return open_checkpoint(src, kind)

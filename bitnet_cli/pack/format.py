@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli import __version__, safejson
-from bitnet_cli.arch import EMBED, FINAL_NORM, LM_HEAD, ModelDims, layer_tensor, split_layer_tensor
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
@@ -48,17 +48,16 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
 
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
-    specs = embedding_specs(EMBED, dims, embeddings)
-    for i in range(dims.num_layers):
-        for norm in dims.layer_norms():
-            specs.append(TensorSpec(layer_tensor(i, norm.name), "F32", (norm.size(dims),)))
-        for proj in dims.projections():
-            n, k = proj.shape(dims)
-            specs.append(TensorSpec(layer_tensor(i, proj.name), "U8", (n, padded_k(k) // 4)))
-            specs.append(TensorSpec(layer_tensor(i, proj.name, "weight_scale"), "F32", (1,)))
-    specs.append(TensorSpec(FINAL_NORM, "F32", (dims.hidden_size,)))
-    if not dims.tie_word_embeddings:
-        specs += embedding_specs(LM_HEAD, dims, embeddings)
+    specs = []
+    for name, shape, kind in dims.hf_tensors():
+        if kind == "embedding":
+            specs += embedding_specs(name, dims, embeddings)
+        elif kind == "projection":  # packed trits, then gamma
+            n, k = shape
+            specs.append(TensorSpec(name, "U8", (n, padded_k(k) // 4)))
+            specs.append(TensorSpec(name + "_scale", "F32", (1,)))
+        else:
+            specs.append(TensorSpec(name, "F32", shape))
     return specs
 
 

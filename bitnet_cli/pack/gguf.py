@@ -33,8 +33,9 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
+from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.format import PackedModel
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -42,9 +43,6 @@ QK_K = 256
 # printed by `bitnet pack --to gguf` for the llama.cpp types (see the module docstring)
 LLAMA_CPP_CAVEAT = ("llama.cpp's `bitnet` architecture gates the FFN with SiLU where BitNet b1.58 uses squared ReLU: "
                     "llama.cpp runs this file at full speed, but its outputs are not this model's (bitnet run's are)")
-# Written into our `bitnet` export: llama.cpp's `bitnet` graph is the 1bitLLM model (SiLU-gated FFN), so the
-# importer reads a `bitnet` file as BitNet b1.58 (squared ReLU) only when this key says so.
-HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 # (architecture, llama_ftype) per export type; bitnet.cpp numbers MOSTLY_I2_S 40
 _ARCH = {"i2_s": ("bitnet-b1.58", 40), "tq2_0": ("bitnet", 37), "tq1_0": ("bitnet", 36)}
 # llama.cpp token types
@@ -168,7 +166,7 @@ def _add_metadata(w: "gw.GGUFWriter", pm: PackedModel, arch: str, ftype: int, na
                        ("attention.head_count_kv", d.num_kv_heads), ("rope.dimension_count", d.head_dim)):
         w.add(f"{arch}.{key}", value, gw.U32)
     w.add(f"{arch}.rope.freq_base", d.rope_theta, gw.F32)
-    w.add(f"{arch}.attention.layer_norm_rms_eps", d.rms_norm_eps, gw.F32)
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", d.rms_norm_eps, gw.F32)
     if arch == "bitnet":
         w.add(HIDDEN_ACT_KEY, "relu2", gw.STRING)
     w.add("tokenizer.ggml.model", "gpt2", gw.STRING)

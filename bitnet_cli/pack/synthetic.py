@@ -14,9 +14,9 @@ import numpy as np
 
 from bitnet_cli.arch import EMBED, LM_HEAD, SYNTHETIC_DEFAULTS, ModelDims, bitnet_config, preset_fields, split_layer_tensor
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled
+from bitnet_cli.files import bundled_corpus
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.tokens import BOS, EOS, pieces, train_bpe
+from bitnet_cli.tokenizer import BOS, EOS, pieces, train_bpe
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
 from bitnet_cli import kernels
@@ -39,7 +39,7 @@ def shape_config(shape: str | dict) -> dict:
 
 def _bundled_corpus() -> str:
     try:
-        return bundled("data", "tinyshakespeare.txt").read_text(encoding="utf-8")
+        return bundled_corpus().read_text(encoding="utf-8")
     except OSError:
         return ""
 

@@ -20,10 +20,10 @@ from typing import Iterator
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled
+from bitnet_cli.files import bundled_corpus
 from bitnet_cli.files import cache_root as shared_cache_root
-from bitnet_cli.tokens import BOS, EOS, special_id
-from bitnet_cli.tokens import train_bpe as train_bpe_on
+from bitnet_cli.tokenizer import BOS, EOS, special_id
+from bitnet_cli.tokenizer import train_bpe as train_bpe_on
 from bitnet_cli.train.recipe import BUNDLED_CORPUS, DataSpec
 _CHUNK_CHARS = 1 << 20  # tokenise ~1 MB of text at a time
 
@@ -43,10 +43,6 @@ def cache_subdir(root: Path, name: str) -> Path:
         raise BitnetError(f"token cache {root}: cannot write {path} ({e.strerror or e}); set data.cache_dir "
                           "or $BITNET_CACHE to a writable directory") from None
     return path
-
-
-def bundled_corpus() -> Path:
-    return bundled("data", "tinyshakespeare.txt")
 
 
 def resolve_files(spec: DataSpec, base_dir: Path) -> list[Path]:
@@ -116,7 +112,7 @@ def corpus_hash(files: list[Path]) -> str:
 
 
 def train_bpe(files: list[Path], vocab_size: int, max_chars: int):
-    """A byte-level BPE (bitnet_cli.tokens.train_bpe) on at most `max_chars` of the corpus files."""
+    """A byte-level BPE (bitnet_cli.tokenizer.train_bpe) on at most `max_chars` of the corpus files."""
 
     def texts():
         left = max_chars

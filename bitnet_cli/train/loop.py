@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitnet_cli.errors import BitnetError
 from bitnet_cli.arch import DIM_LIMITS
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
+from bitnet_cli.tokenizer import special_id
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
-from bitnet_cli.tokens import special_id
 from bitnet_cli.train import int8_linear
 from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, load_tokenizer,
                                    prepare_tokenizer, resolve_files, tokenize_to_memmap, tokenizer_config)
@@ -278,39 +278,54 @@ def _prepare_run_dir(out_dir: Path) -> None:
 
 
 def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: D.DistInfo) -> TrainResult:
-    t, o = recipe.train, recipe.optim
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    """The run, stage by stage: checks, run directory, data, model, then the step loop."""
+    t = recipe.train
+    device = _configure_torch(t, device, info)
     say = console.print if info.is_main else (lambda *a, **k: None)
     # An unsupported source or setting is refused before any work.
     src, teacher_src = sources(recipe)
     if src is not None:
         student_config(src, recipe.model.quant, recipe.model.insert_subln)
     steps = total_steps(recipe, info.world)
-    q = recipe.quant
-    if q.warmup_steps > steps:
-        raise BitnetError(f"quant.warmup_steps {q.warmup_steps} exceeds the run's {steps} steps: the model would "
-                          "never be fully ternary")
+    if recipe.quant.warmup_steps > steps:
+        raise BitnetError(f"quant.warmup_steps {recipe.quant.warmup_steps} exceeds the run's {steps} steps: the "
+                          "model would never be fully ternary")
+    resume_from = _resume_point(out_dir, resume, info, say)
+    data, tok, tok_cfg = _prepare_data(recipe, src, resume_from, info)
+    run = _Run.build(recipe, out_dir, device, info, say, data, tok, tok_cfg, src, teacher_src, resume_from)
+    return run.loop(steps, _progress(show_progress and info.is_main, console), say)
 
-    # -- where we are: fresh, or resuming
+
+def _configure_torch(t, device: torch.device, info: D.DistInfo) -> torch.device:
+    """Threads, this rank's GPU and TF32 matmuls; the device the run uses."""
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def _resume_point(out_dir: Path, resume: bool, info: D.DistInfo, say) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run), once the run directory is ready."""
     if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
         raise BitnetError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if info.is_main:
         _prepare_run_dir(out_dir)
         ckpt_io.remove_stale_temporaries(out_dir)
     D.barrier(info)
-    resume_from = None
-    if resume:
-        final = out_dir / "final"
-        resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
-        if resume_from is None:
-            say(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    if not resume:
+        return None
+    final = out_dir / "final"
+    resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
+    if resume_from is None:
+        say(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+    return resume_from
 
-    # -- data (rank 0 tokenises and caches; the others then read the cache)
+
+def _prepare_data(recipe: Recipe, src: Source | None, resume_from: Path | None, info: D.DistInfo):
+    """(token data, tokenizer, tokenizer config): rank 0 tokenises and caches, the others then read the cache."""
     files = resolve_files(recipe.data, recipe.base_dir)
     digest = corpus_hash(files)
     tok_src = None
@@ -324,198 +339,243 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
                 tok, tok_src = prepare_tokenizer(recipe.data, files, recipe.base_dir, digest)
             bin_path = tokenize_to_memmap(files, tok, cache_root(recipe.data), digest)
         D.barrier(info)
-    data = TokenData.open(bin_path, recipe.data.val_fraction, t.seq_len, recipe.seed)
-    tok_cfg = tokenizer_config(tok, tok_src)
+    data = TokenData.open(bin_path, recipe.data.val_fraction, recipe.train.seq_len, recipe.seed)
+    return data, tok, tokenizer_config(tok, tok_src)
 
-    # -- model and optimiser
-    if src is not None:
-        config = converted_config(recipe, src, tok.get_vocab_size())
-    else:
-        bos, eos = (special_id(kind, tok, tok_cfg, {}, guess=True) for kind in ("bos", "eos"))
-        config = model_config(recipe, tok.get_vocab_size(), bos, eos)
-    torch.manual_seed(recipe.seed)
-    model = BitNetForCausalLM(config)
-    if src is not None and resume_from is None:
-        load_weights(src, model, recipe.model.insert_subln)
-        say(f"initialised from {src.where}" + (" (sub-norms inserted)" if recipe.model.insert_subln else ""))
-    if resume_from is not None:
-        loaded = BitNetForCausalLM.from_pretrained(resume_from)
-        try:
-            model.load_state_dict(loaded.state_dict())
-        except RuntimeError:
-            raise BitnetError(f"{resume_from}: the checkpoint's model shape differs from the recipe's; resume "
-                              "with the recipe the run started with") from None
-        del loaded
-    model = model.to(device).train()
-    n_params = config.arch.parameters()
-    fpt = config.arch.training_flops_per_token(t.seq_len)
-    # int8 products: the ternary weights are cached once per step, except under FSDP, where the full
-    # weight exists only inside each forward (there each forward ternarises its gathered weight).
-    int8 = int8_linear.resolve(t.int8_matmul, device, config.quant)
-    int8_cache = not (info.enabled and t.distributed == "fsdp")
-    if int8:
-        n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache)
-        how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
-        say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
-    model = D.wrap(model, t.distributed, info, device)
-    opt = make_optimizer(model, recipe, device)
-    start_step, prior_seconds = 0, 0.0
-    if resume_from is not None:
-        state = ckpt_io.load_trainer_state(resume_from)
-        D.load_optim_state(model, opt, state["optimizer"], info)
-        torch.set_rng_state(state["rng_cpu"])
-        start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
-        say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
-    fwd = torch.compile(model) if t.compile else model
-    base = D.unwrap(model)
 
-    def quant_lambda(step: int) -> float:
+@dataclass
+class _Run:
+    """A run's model, optimiser, data and teacher, and what one step, an evaluation and a save do."""
+
+    recipe: Recipe
+    out_dir: Path
+    device: torch.device
+    info: D.DistInfo
+    data: TokenData
+    tok: object
+    tok_cfg: dict
+    config: BitNetConfig
+    model: torch.nn.Module  # as wrapped for DDP/FSDP
+    fwd: torch.nn.Module  # the model as called (compiled or not)
+    tfwd: torch.nn.Module | None  # the distillation teacher as called
+    opt: torch.optim.Optimizer
+    start_step: int
+    prior_seconds: float
+    int8_refresh: bool  # int8 matmuls with ternary weights cached per step: refresh them before each step
+
+    @classmethod
+    def build(cls, recipe, out_dir, device, info, say, data, tok, tok_cfg, src, teacher_src, resume_from) -> "_Run":
+        """The model (converted, resumed or new), its optimiser and the teacher. The order of the
+        steps is the order of the random numbers they draw: a resumed run draws as the original did."""
+        t = recipe.train
+        if src is not None:
+            config = converted_config(recipe, src, tok.get_vocab_size())
+        else:
+            bos, eos = (special_id(kind, tok, tok_cfg, {}, guess=True) for kind in ("bos", "eos"))
+            config = model_config(recipe, tok.get_vocab_size(), bos, eos)
+        torch.manual_seed(recipe.seed)
+        model = BitNetForCausalLM(config)
+        if src is not None and resume_from is None:
+            load_weights(src, model, recipe.model.insert_subln)
+            say(f"initialised from {src.where}" + (" (sub-norms inserted)" if recipe.model.insert_subln else ""))
+        if resume_from is not None:
+            loaded = BitNetForCausalLM.from_pretrained(resume_from)
+            try:
+                model.load_state_dict(loaded.state_dict())
+            except RuntimeError:
+                raise BitnetError(f"{resume_from}: the checkpoint's model shape differs from the recipe's; resume "
+                                  "with the recipe the run started with") from None
+            del loaded
+        model = model.to(device).train()
+        # int8 products: the ternary weights are cached once per step, except under FSDP, where the full
+        # weight exists only inside each forward (there each forward ternarises its gathered weight).
+        int8 = int8_linear.resolve(t.int8_matmul, device, config.quant)
+        int8_cache = not (info.enabled and t.distributed == "fsdp")
+        if int8:
+            n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache)
+            how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
+            say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
+        model = D.wrap(model, t.distributed, info, device)
+        opt = make_optimizer(model, recipe, device)
+        start_step, prior_seconds = 0, 0.0
+        if resume_from is not None:
+            state = ckpt_io.load_trainer_state(resume_from)
+            D.load_optim_state(model, opt, state["optimizer"], info)
+            torch.set_rng_state(state["rng_cpu"])
+            start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
+            say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
+        fwd = torch.compile(model) if t.compile else model
+        teacher = _teacher(recipe, teacher_src, config, device, info, say)
+        tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
+        return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, opt,
+                   start_step, prior_seconds, bool(int8 and int8_cache))
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe.train.precision == "bf16")
+
+    def quant_lambda(self, step: int) -> float:
         """Set (during warm-up) and return the quantisation strength the model has at ``step``."""
+        q = self.recipe.quant
         lam = quant_lambda_at(q, step)
         if q.warmup_steps:
-            set_quant_lambda(base, lam)
+            set_quant_lambda(D.unwrap(self.model), lam)
         return lam
 
-    teacher, dist = None, recipe.distill
-    if teacher_src is not None:
-        # bf16 on GPU (as the teacher was trained to be used); fp32 on CPU, where bf16 matmuls are slow.
-        teacher = float_model(teacher_src, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if teacher.config.vocab_size != config.vocab_size:
-            raise BitnetError(f"distill.teacher: its vocabulary has {teacher.config.vocab_size} tokens, the "
-                              f"model's {config.vocab_size}; distillation compares logits token by token")
-        if info.enabled and t.distributed == "fsdp":
-            teacher = D.wrap(teacher, "fsdp", info, device)  # sharded like the student; never wrapped in DDP
-        say(f"distilling from {teacher_src.where} (alpha {dist.alpha}, temperature {dist.temperature})")
-    tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
+    def train_step(self, step: int, steps: int) -> dict:
+        """One optimiser step (all micro-batches); its lr, weight decay, lambda and loss tensors."""
+        t, o, info, device, dist = self.recipe.train, self.recipe.optim, self.info, self.device, self.recipe.distill
+        lr, wd = lr_at(o, step, steps), weight_decay_at(o, step, steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.param_groups[0]["weight_decay"] = wd  # group 0 holds the matrices (make_optimizer)
+        lam = self.quant_lambda(step)
+        step_loss = torch.zeros((), device=device)
+        step_parts = torch.zeros(2, device=device)  # cross-entropy, distillation (when distilling)
+        if self.int8_refresh:
+            int8_linear.refresh(self.model)
+        for micro in range(t.grad_accum):
+            x, y = self.data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = micro == t.grad_accum - 1
+            # DDP: all-reduce gradients only on the last micro-batch (model is the DDP module; a
+            # compiled wrapper around it has no no_sync). FSDP syncs every micro-batch.
+            ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            with ctx, self.autocast:
+                logits = self.fwd(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                if self.tfwd is not None:
+                    with torch.no_grad():
+                        teacher_logits = self.tfwd(x)
+                    kd = distill_loss(logits, teacher_logits, dist.temperature)
+                    step_parts += torch.stack([loss.detach(), kd.detach()]) / t.grad_accum
+                    loss = (1 - dist.alpha) * loss + dist.alpha * kd
+            (loss / t.grad_accum).backward()
+            step_loss += loss.detach() / t.grad_accum
+        if o.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return {"lr": lr, "wd": wd, "lam": lam, "loss": step_loss, "parts": step_parts}
 
-    metrics_path = out_dir / "metrics.jsonl"
-    if info.is_main:
-        _truncate_metrics(metrics_path, start_step)
-        (out_dir / "recipe.yaml").write_text(recipe.dump_yaml())
-    recipe_yaml = recipe.dump_yaml()
-
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    tokens_per_step = t.batch_size * t.grad_accum * info.world * t.seq_len
-    peak = peak_flops(device) if t.precision == "bf16" else None
-    unigram = data.unigram_entropy() if info.is_main else float("nan")
-
-    def evaluate() -> float:
-        fwd.eval()
+    def evaluate(self) -> float:
+        """Mean validation cross-entropy over train.eval_batches micro-batches, all ranks together."""
+        t, info, device = self.recipe.train, self.info, self.device
+        self.fwd.eval()
         total = torch.zeros(2, dtype=torch.float64, device=device)
-        with torch.no_grad(), autocast:
-            for x, y in data.val_batches(t.eval_batches, t.batch_size, info.rank, info.world):
+        with torch.no_grad(), self.autocast:
+            for x, y in self.data.val_batches(t.eval_batches, t.batch_size, info.rank, info.world):
                 x, y = x.to(device), y.to(device)
-                logits = fwd(x)
+                logits = self.fwd(x)
                 total[0] += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                             reduction="sum").double()
                 total[1] += y.numel()
         D.all_reduce_sum(total, info)
-        fwd.train()
+        self.fwd.train()
         return (total[0] / total[1]).item()
 
-    def save(target: Path, step: int, seconds: float):
-        model_state = D.full_model_state(model, info)
-        optim_state = D.full_optim_state(model, opt, info)
+    def save(self, target: Path, step: int, seconds: float) -> None:
+        info = self.info
+        model_state = D.full_model_state(self.model, info)
+        optim_state = D.full_optim_state(self.model, self.opt, info)
         if info.is_main:
             trainer_state = {"step": step, "optimizer": optim_state, "rng_cpu": torch.get_rng_state(),
                              "seconds": seconds, "world_size": info.world}
-            ckpt_io.save_checkpoint(target, model_state, config, tok, tok_cfg, trainer_state, recipe_yaml)
+            ckpt_io.save_checkpoint(target, model_state, self.config, self.tok, self.tok_cfg, trainer_state,
+                                    self.recipe.dump_yaml())
         D.barrier(info)
 
-    progress = _progress(show_progress and info.is_main, console)
-    task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
-    window_tokens = 0
-    last_loss, val_loss = float("nan"), float("nan")
-    t_start = time.perf_counter()
-    t_window = t_start
-    tps = 0.0
-    with progress:
-        for step in range(start_step, steps):
-            lr, wd = lr_at(o, step, steps), weight_decay_at(o, step, steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.param_groups[0]["weight_decay"] = wd  # group 0 holds the matrices (make_optimizer)
-            lam = quant_lambda(step)
-            step_loss = torch.zeros((), device=device)
-            step_parts = torch.zeros(2, device=device)  # cross-entropy, distillation (when distilling)
-            if int8 and int8_cache:
-                int8_linear.refresh(model)
-            for micro in range(t.grad_accum):
-                x, y = data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = micro == t.grad_accum - 1
-                # DDP: all-reduce gradients only on the last micro-batch (model is the DDP module; a
-                # compiled wrapper around it has no no_sync). FSDP syncs every micro-batch.
-                ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
-                with ctx, autocast:
-                    logits = fwd(x)
-                    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                    if tfwd is not None:
-                        with torch.no_grad():
-                            teacher_logits = tfwd(x)
-                        kd = distill_loss(logits, teacher_logits, dist.temperature)
-                        step_parts += torch.stack([loss.detach(), kd.detach()]) / t.grad_accum
-                        loss = (1 - dist.alpha) * loss + dist.alpha * kd
-                (loss / t.grad_accum).backward()
-                step_loss += loss.detach() / t.grad_accum
-            if o.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    def loop(self, steps: int, progress, say) -> TrainResult:
+        """Steps start_step..steps with logging, evaluation and checkpoints; then the final save."""
+        recipe, t, info, out_dir = self.recipe, self.recipe.train, self.info, self.out_dir
+        start_step, prior_seconds = self.start_step, self.prior_seconds
+        metrics_path = out_dir / "metrics.jsonl"
+        if info.is_main:
+            _truncate_metrics(metrics_path, start_step)
+            (out_dir / "recipe.yaml").write_text(recipe.dump_yaml())
+        tokens_per_step = t.batch_size * t.grad_accum * info.world * t.seq_len
+        peak = peak_flops(self.device) if t.precision == "bf16" else None
+        fpt = self.config.arch.training_flops_per_token(t.seq_len)
+        unigram = self.data.unigram_entropy() if info.is_main else float("nan")
+        task = progress.add_task("train", total=steps, completed=start_step, loss=float("nan"), lr=0.0, tps=0.0)
+        window_tokens = 0
+        last_loss, val_loss = float("nan"), float("nan")
+        t_start = time.perf_counter()
+        t_window = t_start
+        tps = 0.0
+        with progress:
+            for step in range(start_step, steps):
+                s = self.train_step(step, steps)
+                done = step + 1
+                window_tokens += tokens_per_step
+                if done % t.log_every == 0 or done == steps:
+                    loss_t = D.all_reduce_sum(s["loss"].float().clone(), info) / info.world
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - t_window, 1e-9)
+                    t_window, window_tokens = now, 0
+                    last_loss = loss_t.item()
+                    if not math.isfinite(last_loss):
+                        raise BitnetError(f"the loss became {last_loss} at step {done}: lower optim.lr or "
+                                          "use precision fp32")
+                    row = {"step": done, "loss": round(last_loss, 5), "lr": s["lr"], "weight_decay": s["wd"],
+                           "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
+                           "elapsed_s": round(prior_seconds + now - t_start, 2)}
+                    if peak:
+                        row["mfu"] = round(fpt * tps / (peak * info.world), 4)
+                    if recipe.quant.warmup_steps:
+                        row["quant_lambda"] = round(s["lam"], 6)
+                    if self.tfwd is not None:
+                        parts = (D.all_reduce_sum(s["parts"].float().clone(), info) / info.world).tolist()
+                        row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
+                    _append_metrics(metrics_path, row, info)
+                    progress.update(task, loss=last_loss, lr=s["lr"], tps=tps)
+                progress.update(task, completed=done)
+                if done % t.eval_every == 0 or done == steps:
+                    self.quant_lambda(done)  # the model as the next step trains it (fully ternary at the end)
+                    val_loss = self.evaluate()
+                    _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
+                    trained = f"train loss {last_loss:.4f}  " if math.isfinite(last_loss) else ""
+                    progress.console.print(f"step {done}: {trained}val loss {val_loss:.4f}") if info.is_main else None
+                if done % t.checkpoint_every == 0 and done != steps:
+                    self.save(ckpt_io.step_dir(out_dir, done), done, prior_seconds + time.perf_counter() - t_start)
+                    if info.is_main:
+                        ckpt_io.prune(out_dir, t.keep_last)
 
-            done = step + 1
-            window_tokens += tokens_per_step
-            if done % t.log_every == 0 or done == steps:
-                loss_t = D.all_reduce_sum(step_loss.float().clone(), info) / info.world
-                now = time.perf_counter()
-                tps = window_tokens / max(now - t_window, 1e-9)
-                t_window, window_tokens = now, 0
-                last_loss = loss_t.item()
-                if not math.isfinite(last_loss):
-                    raise BitnetError(f"the loss became {last_loss} at step {done}: lower optim.lr or "
-                                      "use precision fp32")
-                row = {"step": done, "loss": round(last_loss, 5), "lr": lr, "weight_decay": wd,
-                       "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
-                       "elapsed_s": round(prior_seconds + now - t_start, 2)}
-                if peak:
-                    row["mfu"] = round(fpt * tps / (peak * info.world), 4)
-                if q.warmup_steps:
-                    row["quant_lambda"] = round(lam, 6)
-                if tfwd is not None:
-                    parts = (D.all_reduce_sum(step_parts.float().clone(), info) / info.world).tolist()
-                    row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
-                _append_metrics(metrics_path, row, info)
-                progress.update(task, loss=last_loss, lr=lr, tps=tps)
-            progress.update(task, completed=done)
-            if done % t.eval_every == 0 or done == steps:
-                quant_lambda(done)  # the model as the next step trains it (fully ternary at the end)
-                val_loss = evaluate()
-                _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
-                trained = f"train loss {last_loss:.4f}  " if math.isfinite(last_loss) else ""
-                progress.console.print(f"step {done}: {trained}val loss {val_loss:.4f}") if info.is_main else None
-            if done % t.checkpoint_every == 0 and done != steps:
-                save(ckpt_io.step_dir(out_dir, done), done, prior_seconds + time.perf_counter() - t_start)
-                if info.is_main:
-                    ckpt_io.prune(out_dir, t.keep_last)
+        if start_step >= steps:
+            self.quant_lambda(steps)
+            val_loss = self.evaluate()
+        seconds = time.perf_counter() - t_start
+        final = out_dir / "final"
+        if start_step < steps or not final.exists():
+            self.save(final, steps, prior_seconds + seconds)
+        if info.is_main:
+            if metrics_path.is_file() and not plot_losses(metrics_path, out_dir / "loss.png"):
+                say("[yellow]matplotlib is not installed: no loss.png (pip install 'bitnet-cli[train]')[/]")
+        run_tokens = (steps - start_step) * tokens_per_step
+        avg_tps = run_tokens / seconds if seconds > 0 and run_tokens else tps
+        return TrainResult(
+            checkpoint=final, out_dir=out_dir, steps=steps, tokens=steps * tokens_per_step,
+            train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=self.config.arch.parameters(),
+            seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
+            mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
+        )
 
-    if start_step >= steps:
-        quant_lambda(steps)
-        val_loss = evaluate()
-    seconds = time.perf_counter() - t_start
-    final = out_dir / "final"
-    if start_step < steps or not final.exists():
-        save(final, steps, prior_seconds + seconds)
-    if info.is_main:
-        if metrics_path.is_file() and not plot_losses(metrics_path, out_dir / "loss.png"):
-            say("[yellow]matplotlib is not installed: no loss.png (pip install 'bitnet-cli[train]')[/]")
-    run_tokens = (steps - start_step) * tokens_per_step
-    avg_tps = run_tokens / seconds if seconds > 0 and run_tokens else tps
-    return TrainResult(
-        checkpoint=final, out_dir=out_dir, steps=steps, tokens=steps * tokens_per_step,
-        train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=n_params,
-        seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
-        mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
-    )
+
+def _teacher(recipe: Recipe, teacher_src: Source | None, config: BitNetConfig, device: torch.device,
+             info: D.DistInfo, say) -> torch.nn.Module | None:
+    """The distillation teacher in eval mode, or None."""
+    if teacher_src is None:
+        return None
+    t, dist = recipe.train, recipe.distill
+    # bf16 on GPU (as the teacher was trained to be used); fp32 on CPU, where bf16 matmuls are slow.
+    teacher = float_model(teacher_src, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if teacher.config.vocab_size != config.vocab_size:
+        raise BitnetError(f"distill.teacher: its vocabulary has {teacher.config.vocab_size} tokens, the "
+                          f"model's {config.vocab_size}; distillation compares logits token by token")
+    if info.enabled and t.distributed == "fsdp":
+        teacher = D.wrap(teacher, "fsdp", info, device)  # sharded like the student; never wrapped in DDP
+    say(f"distilling from {teacher_src.where} (alpha {dist.alpha}, temperature {dist.temperature})")
+    return teacher
 
 
 def _append_metrics(path: Path, row: dict, info: D.DistInfo):

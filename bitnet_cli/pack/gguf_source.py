@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, gguf_name, split_layer_tensor
+from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, gguf_name
 from bitnet_cli.checkpoint import TensorEntry
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
-from bitnet_cli.pack.format import tensor_specs
-from bitnet_cli.pack.gguf import HIDDEN_ACT_KEY
+from bitnet_cli.pack.ternary import ternarize
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,9 @@ class Architecture:
     notes: dict = field(default_factory=dict)
 
 
+# Written into our `bitnet` export (pack/gguf.py): llama.cpp's `bitnet` graph is the 1bitLLM model
+# (SiLU-gated FFN), so a `bitnet` file is read as BitNet b1.58 (squared ReLU) only when this key says so.
+HIDDEN_ACT_KEY = "bitnet-cli.hidden_act"
 ARCHITECTURES = {
     "bitnet-b1.58": Architecture("bitnet.cpp (BitNet b1.58 2B4T)"),
     "bitnet-25": Architecture("bitnet.cpp's convert-ms-to-gguf-bitnet.py (BitNet b1.58 2B4T)"),
@@ -69,7 +71,7 @@ def _norm_meta(gf: GGUFFile, arch: str) -> dict:
         "num_attention_heads": heads,
         "num_key_value_heads": num("attention.head_count_kv", default=heads),
         "head_dim": head_dim,
-        "rms_norm_eps": num("attention.layer_norm_rms_eps", float, 1e-5),
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon", float, 1e-5),
         "rope_theta": num("rope.freq_base", float, 10000.0),
         "max_position_embeddings": num("context_length", default=2048),
     }
@@ -94,11 +96,9 @@ class GGUFCheckpoint:
         self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config
         self.notes = notes
         self.tensors = {}  # HF name -> (path, entry), the shapes `pack` checks against
-        for spec in tensor_specs(dims, "f16"):
-            if spec.name.endswith("_scale"):
-                continue
-            g = self.gguf_tensor(spec.name)
-            self.tensors[spec.name] = (gf.path, TensorEntry(spec.name, "F32", g.shape, g.offset, g.offset + g.nbytes))
+        for name, _, _ in dims.hf_tensors():
+            g = self.gguf_tensor(name)
+            self.tensors[name] = (gf.path, TensorEntry(name, "F32", g.shape, g.offset, g.offset + g.nbytes))
 
     # ------------------------------------------------------------------ the Checkpoint interface
 
@@ -127,11 +127,18 @@ class GGUFCheckpoint:
             raise BitnetError(f"{self.where(name)} has type {t.type_name}; supported here: "
                               f"{', '.join(quants.DEQUANTISABLE)}")
         raw = self.gf.raw(t.name, start * rb, (stop - start) * rb)
-        out = quants.dequantize(t.type_name, raw, k)
+        out = quants.dequantize(t.type_name, raw, k)  # a copy: the mapped pages can go
+        self.gf.release(t.name, start * rb, (stop - start) * rb)
         return out.reshape((stop - start, k) if len(t.dims) > 1 else (k,))
 
     def ternary(self, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
         """(trits int8 [N, K], gamma) of a BitLinear weight, keeping the scale the file stores."""
+        try:
+            return self._ternary(name, shape)
+        finally:
+            self.gf.release(self.gguf_tensor(name).name)
+
+    def _ternary(self, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
         t = self.gguf_tensor(name)
         where = self.where(name)
         n, k = shape
@@ -171,14 +178,13 @@ class GGUFCheckpoint:
     def _trits(self, codes: np.ndarray, where: str) -> np.ndarray:
         if (codes == 3).any():
             row, col = np.argwhere(codes == 3)[0]
-            raise BitnetError(f"{where}: 2-bit code 3 (not a ternary value) at row {row}, column {col}: corrupt or "
-                              "not in bitnet.cpp's x86 I2_S layout")
+            raise BitnetError(f"{where}: 2-bit code 3 (not a ternary value) at row {row}, column {col}: corrupt, not "
+                              "in bitnet.cpp's x86 I2_S layout, or made by `llama-quantize ... I2_S N` with N > 1 "
+                              "threads, which writes each chunk of rows at four times its offset (quantise with 1)")
         return codes.astype(np.int8) - 1
 
     def _from_floats(self, w: np.ndarray, where: str, kind: str) -> tuple[np.ndarray, np.float32]:
         """Float weights: ternary times one scale keeps that scale; anything else gets the absmean rule."""
-        from bitnet_cli.pack.ternary import ternarize
-
         if not np.isfinite(w).all():
             bad = np.argwhere(~np.isfinite(w))[0]
             raise BitnetError(f"{where}: non-finite value {w[tuple(bad)]} at index {bad.tolist()}")
@@ -198,12 +204,19 @@ class GGUFCheckpoint:
         t = self.gguf_tensor(name)
         if t.type_name == "Q8_0":
             k = t.dims[0]
-            blocks = self.gf.raw(t.name).reshape(-1, k // 32, 34)
-            d = blocks[:, :, :2].copy().view(np.uint16)[..., 0]
-            q = blocks[:, :, 2:].view(np.int8)
-            peak = np.abs(q.astype(np.int16)).max(axis=(1, 2))
-            # our int8 rows are q * (max|row| / 127): exact when every block of a row shares d and reaches +-127
-            if ((d == d[:, :1]).all(axis=1) & ((peak == 127) | (peak == 0))).all():
+            rows = t.count // k
+            blocks = self.gf.raw(t.name).reshape(rows, k // 32, 34)
+            exact = True
+            for start in range(0, rows, 8192):  # in row chunks: the check must not cost a copy of the matrix
+                chunk = blocks[start:start + 8192]
+                d = chunk[:, :, :2].copy().view(np.uint16)[..., 0]
+                peak = np.abs(chunk[:, :, 2:].view(np.int8).astype(np.int16)).max(axis=(1, 2))
+                # our int8 rows are q * (max|row| / 127): exact when every block of a row shares d and reaches 127
+                if not ((d == d[:, :1]).all(axis=1) & ((peak == 127) | (peak == 0))).all():
+                    exact = False
+                    break
+            self.gf.release(t.name)
+            if exact:
                 return "int8"
         return "f16"
 
@@ -260,12 +273,8 @@ def _open(gf: GGUFFile) -> GGUFCheckpoint:
                   _name_or_path=gf.get("general.name", str, "") or gf.path.stem)
     dims = ModelDims.from_config(config, f"{gf.path}: metadata")
     ckpt = GGUFCheckpoint(gf, arch, config, dims, tokenizer_json, tokenizer_config, notes)
-    for spec_ in tensor_specs(dims, "f16"):  # every tensor present, with the shape the metadata implies
-        name = spec_.name
-        if name.endswith("_scale"):
-            continue
+    for name, want, _ in dims.hf_tensors():  # every tensor present, with the shape the metadata implies
         t = ckpt.gguf_tensor(name)
-        want = spec_.shape if spec_.dtype != "U8" else dims.projection_shape(split_layer_tensor(name)[1])
         if tuple(t.shape) != tuple(want):
             raise BitnetError(f"{gf.path}: tensor {t.name!r} has shape {list(t.shape)} but the metadata implies {list(want)}")
     return ckpt

@@ -1,0 +1,48 @@
+"""`bitnet run model.gguf` (and eval, bench, serve): a GGUF is imported once by the same path as
+`bitnet pack model.gguf out.bin` into a cached packed file, which the engine then memory-maps.
+
+The cache entry is keyed by the GGUF's resolved path, size and modification time, so an edited
+or replaced file is imported again; entries live in `files.cache_root()`/gguf ($BITNET_CACHE, else
+$XDG_CACHE_HOME/bitnet-cli, else ~/.cache/bitnet-cli) and can be deleted at any time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import cache_root
+
+
+def cache_dir() -> Path:
+    return cache_root() / "gguf"
+
+
+def packed_path(gguf: Path, quiet: bool = False) -> Path:
+    """The packed file imported from `gguf`, importing it now if the cache has no current one."""
+    from bitnet_cli.pack import PackedModel, pack_checkpoint
+
+    gguf = Path(gguf)
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / f"{gguf.stem}-{key}.bin"
+    if out.is_file():
+        try:
+            PackedModel.open(out).close()
+            return out
+        except BitnetError:
+            pass  # a damaged entry: import again
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BitnetError(f"{out.parent}: cannot create the GGUF import cache ({e.strerror or e}); "
+                          "set BITNET_CACHE to a writable directory") from None
+    if not quiet:
+        print(f"importing {gguf} into {out} (once; `bitnet pack {gguf.name} out.bin` does the same)", file=sys.stderr)
+    summary = pack_checkpoint(gguf, out, force=True)
+    if not quiet:
+        for note in summary.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return out
