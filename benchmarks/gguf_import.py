@@ -43,7 +43,8 @@ def gguf_files(work: Path, bcpp: Path, anchors: Path) -> dict[str, Path]:
         out = {}
         for head, extra in (("f16", []), ("q6_k", ["--token-embedding-type", "q6_k"])):
             out[f"bitnet.cpp I2_S, {head} head"] = work / f"i2s-{head}.gguf"
-            subprocess.run([quantize, *extra, f16, out[f"bitnet.cpp I2_S, {head} head"], "I2_S", "2"], check=True,
+            # one thread: with more, bitnet.cpp's llama-quantize writes I2_S chunks at 4x their offsets (a broken file)
+            subprocess.run([quantize, *extra, f16, out[f"bitnet.cpp I2_S, {head} head"], "I2_S", "1"], check=True,
                            capture_output=True)
         f16.unlink()
         return out

@@ -272,16 +272,17 @@ class GGUFFile:
             raise BitnetError(f"{self.path}: tensor {name!r}: byte range {start}+{length} outside its {t.nbytes} bytes")
         return np.frombuffer(self._mm, dtype=np.uint8, count=length, offset=t.offset + start)
 
-    def release(self, name: str) -> None:
-        """Drop tensor `name`'s pages from this process's resident set (they stay in the page cache), so
-        that streaming through a 1.2 GB file one tensor at a time keeps the RSS near one tensor."""
+    def release(self, name: str, start: int = 0, length: int | None = None) -> None:
+        """Drop tensor `name`'s pages (or a byte range of them) from this process's resident set; they stay in
+        the page cache. Streaming through a 1.2 GB file this way keeps the RSS near one tensor or chunk."""
         t = self.tensor(name)
         if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
+        length = t.nbytes - start if length is None else length
         page = mmap.PAGESIZE
-        start = t.offset // page * page
-        end = -(-(t.offset + t.nbytes) // page) * page
-        self._mm.madvise(mmap.MADV_DONTNEED, start, min(end, len(self._mm)) - start)
+        begin = (t.offset + start) // page * page  # whole pages only: a shared edge page is dropped too, and
+        end = -(-(t.offset + start + length) // page) * page  # simply read again from the page cache if needed
+        self._mm.madvise(mmap.MADV_DONTNEED, begin, min(end, len(self._mm)) - begin)
 
     def close(self) -> None:
         if self._mm is not None:

@@ -128,8 +128,7 @@ class GGUFCheckpoint:
                               f"{', '.join(quants.DEQUANTISABLE)}")
         raw = self.gf.raw(t.name, start * rb, (stop - start) * rb)
         out = quants.dequantize(t.type_name, raw, k)  # a copy: the mapped pages can go
-        if stop == n:
-            self.gf.release(t.name)
+        self.gf.release(t.name, start * rb, (stop - start) * rb)
         return out.reshape((stop - start, k) if len(t.dims) > 1 else (k,))
 
     def ternary(self, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
@@ -179,8 +178,9 @@ class GGUFCheckpoint:
     def _trits(self, codes: np.ndarray, where: str) -> np.ndarray:
         if (codes == 3).any():
             row, col = np.argwhere(codes == 3)[0]
-            raise BitnetError(f"{where}: 2-bit code 3 (not a ternary value) at row {row}, column {col}: corrupt or "
-                              "not in bitnet.cpp's x86 I2_S layout")
+            raise BitnetError(f"{where}: 2-bit code 3 (not a ternary value) at row {row}, column {col}: corrupt, not "
+                              "in bitnet.cpp's x86 I2_S layout, or made by `llama-quantize ... I2_S N` with N > 1 "
+                              "threads, which writes each chunk of rows at four times its offset (quantise with 1)")
         return codes.astype(np.int8) - 1
 
     def _from_floats(self, w: np.ndarray, where: str, kind: str) -> tuple[np.ndarray, np.float32]:
