@@ -165,7 +165,7 @@ def score(ckpt: Path, data, pages, args, device, quant: str | None = None) -> di
     import torch
 
     from bitnet_cli.model import BitNetForCausalLM
-    from bitnet_cli.tokens import special_id
+    from bitnet_cli.tokenizer import special_id
     from bitnet_cli.train.data import load_tokenizer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

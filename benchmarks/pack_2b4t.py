@@ -23,7 +23,7 @@ import numpy as np
 
 from bitnet_cli.arch import ModelDims
 from bitnet_cli.pack.synthetic import shape_config, synthetic_tokenizer
-from bitnet_cli.tokens import BOS, EOS
+from bitnet_cli.tokenizer import BOS, EOS
 
 
 def write_bf16_checkpoint(out: Path, shape: str = "2b4t", seed: int = 0) -> Path:

@@ -15,7 +15,8 @@ tokens (`ignore_eos`), so both servers do the same work. Levels run in increasin
 server in turn, after a warm-up request. Figures:
   tok/s          generated tokens of all streams / the level's wall time
   TTFT p50/p99   request sent -> first token's chunk
-  ITL p50/p99    gaps between consecutive token chunks of one stream
+  ITL p50/p99    gaps between consecutive token chunks of one stream (a server that sends several
+                 tokens in one chunk shows fewer, longer gaps)
   RSS            the server's resident memory after the level (weights + KV caches in use)
 Writes serve_load.json and SERVE_LOAD.md into --out (default: beside this script). Run it on an
 idle machine: the figures are the machine's, not the code's, when anything else is running.
@@ -119,12 +120,13 @@ def start_llama(binary: str, gguf: Path, args) -> ServerProcess:
     return s
 
 
-def their_gguf(packed: Path) -> Path:
-    """Our TQ2_0 GGUF export of the packed file, made once beside it."""
+def their_gguf(packed: Path, fresh: bool = False) -> Path:
+    """Our TQ2_0 GGUF export of the packed file, made once beside it (again with fresh)."""
     from bitnet_cli.pack.gguf import export_gguf
 
     out = packed.with_suffix(".tq2_0.gguf")
-    if not out.exists():
+    if fresh or not out.exists():
+        out.unlink(missing_ok=True)
         print(f"  exporting {out.name}", file=sys.stderr, flush=True)
         export_gguf(packed, out, "tq2_0")
     return out
@@ -133,9 +135,10 @@ def their_gguf(packed: Path) -> Path:
 def one_request(client: httpx.Client, url: str, prompt: list[int], generate: int, model: str) -> dict:
     """One streaming completion: send time, and the arrival time of every token chunk."""
     body = {"model": model, "prompt": prompt, "max_tokens": generate, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     arrivals: list[float] = []
+    tokens = None  # the server's own count (usage), when it sends one
     with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise BitnetError(f"{url}: HTTP {r.status_code}: {r.read()[:300]!r}")
@@ -145,10 +148,12 @@ def one_request(client: httpx.Client, url: str, prompt: list[int], generate: int
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise BitnetError(f"{url}: {chunk['error']}")
+            if chunk.get("usage"):
+                tokens = chunk["usage"].get("completion_tokens", tokens)
             choice = (chunk.get("choices") or [{}])[0]
-            if choice.get("finish_reason") is None and "text" in choice:
+            if choice.get("text") or (choice.get("finish_reason") is None and "text" in choice):
                 arrivals.append(time.perf_counter())
-    return {"sent": t0, "arrivals": arrivals}
+    return {"sent": t0, "arrivals": arrivals, "tokens": len(arrivals) if tokens is None else tokens}
 
 
 def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -> dict:
@@ -175,7 +180,7 @@ def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -
     if errors:
         raise errors[0]
     reqs = [r for rs in results for r in rs]
-    tokens = sum(len(r["arrivals"]) for r in reqs)
+    tokens = sum(r["tokens"] for r in reqs)
     ttft = np.array([r["arrivals"][0] - r["sent"] for r in reqs if r["arrivals"]])
     itl = np.concatenate([np.diff(r["arrivals"]) for r in reqs if len(r["arrivals"]) > 1] or [np.zeros(0)])
 
@@ -185,7 +190,7 @@ def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -
     return {"streams": streams, "requests": len(reqs), "generated_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
-            "short_requests": sum(len(r["arrivals"]) != args.generate for r in reqs)}
+            "short_requests": sum(r["tokens"] != args.generate for r in reqs)}
 
 
 def bench_server(server: ServerProcess, model: str, args, vocab: int) -> list[dict]:
@@ -237,6 +242,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--requests", type=int, default=2, help="requests per stream, one after another")
     p.add_argument("--ctx-size", type=int, default=1024, help="context per slot")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run side by side")
+    p.add_argument("--fresh-gguf", action="store_true", help="export the GGUF for llama-server again")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args(argv)
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -258,7 +264,7 @@ def main(argv: list[str]) -> int:
     finally:
         ours.stop()
     if args.llama_server:
-        theirs = start_llama(args.llama_server, their_gguf(packed), args)
+        theirs = start_llama(args.llama_server, their_gguf(packed, args.fresh_gguf), args)
         try:
             results["servers"]["llama-server"] = bench_server(theirs, "any", args, vocab)
         finally:

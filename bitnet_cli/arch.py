@@ -47,8 +47,61 @@ DIM_LIMITS = {
 
 
 @dataclass(frozen=True)
+class Family:
+    """A model family: the HF model_type that selects it and what its layers look like."""
+
+    model_type: str
+    architecture: str  # config.json's architectures entry (transformers' class)
+    default_act: str  # hidden_act when the config leaves it out (transformers' config default)
+    sub_norms: bool  # attn_sub_norm before o_proj and ffn_sub_norm before down_proj
+    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2); not in the packed format
+
+
+FAMILIES: dict[str, Family] = {
+    # BitNet b1.58 (microsoft/bitnet-b1.58-2B-4T, 1bitLLM): relu2 gate, both sub-norms
+    "bitnet": Family("bitnet", "BitNetForCausalLM", "relu2", True),
+    # Llama-architecture 1.58-bit models (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E):
+    # LlamaForCausalLM with BitLinear projections: SiLU gate, no sub-norms, optional llama3 RoPE
+    "llama": Family("llama", "LlamaForCausalLM", "silu", False),
+    # Qwen2 / Qwen2.5 made ternary by `bitnet train` (model.init_from): Llama with float q/k/v
+    # biases. It trains and evaluates in torch; `bitnet pack` refuses it (no biases in the format).
+    "qwen2": Family("qwen2", "Qwen2ForCausalLM", "silu", False, qkv_bias=True),
+}
+FAMILY_BY_MODEL_TYPE = {f.model_type: name for name, f in FAMILIES.items()}
+ACTIVATIONS = ("relu2", "silu")  # the FFN gate act(gate) * up; both run on every backend
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_scaling_from_config(config: dict, where: str = "config") -> dict | None:
+    """The RoPE scaling of an HF config: None (default RoPE) or ``{"rope_type": "llama3", <LLAMA3_ROPE_KEYS>}``.
+
+    Reads transformers 5's ``rope_parameters`` or 4.x's ``rope_scaling`` (``type`` or ``rope_type``).
+    Any other scaling, or a llama3 block missing one of its keys, is refused by name.
+    """
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise BitnetError(f"{where}: rope_parameters must be a JSON object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise BitnetError(f"{where}: RoPE scaling rope_type={kind!r} is not supported (default or llama3)")
+    out: dict = {"rope_type": "llama3"}
+    for key in LLAMA3_ROPE_KEYS:
+        value = rope.get(key)
+        if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+            raise BitnetError(f"{where}: llama3 RoPE scaling needs a positive number for {key!r}, got {value!r}")
+        out[key] = int(value) if key == "original_max_position_embeddings" else float(value)
+    if out["low_freq_factor"] == out["high_freq_factor"]:
+        raise BitnetError(f"{where}: llama3 RoPE scaling has low_freq_factor == high_freq_factor")
+    return out
+
+
+@dataclass(frozen=True)
 class ModelDims:
-    """The numbers a BitNet b1.58 forward pass needs, read (and checked) from an HF config."""
+    """The numbers a forward pass needs, read (and checked) from an HF config: the shape, and the
+    family fields (FFN activation, sub-norms, RoPE scaling) that tell BitNet b1.58 and the
+    Llama-architecture 1.58-bit models apart."""
 
     vocab_size: int
     hidden_size: int
@@ -61,6 +114,19 @@ class ModelDims:
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
+    family: str = "bitnet"  # a FAMILIES key
+    hidden_act: str = "relu2"  # the FFN gate's activation, one of ACTIVATIONS
+    rope_scaling: dict | None = None  # None, or rope_scaling_from_config's llama3 block
+
+    @property
+    def sub_norms(self) -> bool:
+        """Whether the layers have attn_sub_norm and ffn_sub_norm (BitNet b1.58's extra norms)."""
+        return FAMILIES[self.family].sub_norms
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether q_proj, k_proj and v_proj carry (float) biases (Qwen2)."""
+        return FAMILIES[self.family].qkv_bias
 
     @classmethod
     def from_config(cls, config: dict, where: str = "config") -> "ModelDims":
@@ -78,12 +144,15 @@ class ModelDims:
         kv_heads = config.get("num_key_value_heads") or heads
         hidden = positive_int("hidden_size")
         head_dim = config.get("head_dim") or (hidden // heads)
+        family = ModelDims._family_name(config, where)
         if type(kv_heads) is not int or kv_heads <= 0 or heads % kv_heads:
             raise BitnetError(f"{where}: num_key_value_heads={short(kv_heads)} must divide num_attention_heads={heads}")
-        if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim * heads != hidden:
+        if type(head_dim) is not int or head_dim <= 0 or head_dim % 2 or head_dim > 4096:
+            raise BitnetError(f"{where}: head_dim={short(head_dim)} must be a positive even integer <= 4096 (RoPE)")
+        if FAMILIES[family].sub_norms and head_dim * heads != hidden:
             raise BitnetError(
                 f"{where}: head_dim={short(head_dim)} x num_attention_heads={heads} must equal hidden_size={hidden} "
-                "(attn_sub_norm normalises the concatenated heads) and be even (RoPE)"
+                "(transformers sizes attn_sub_norm, over the concatenated heads, by hidden_size)"
             )
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         if not isinstance(rope, dict):
@@ -110,44 +179,58 @@ class ModelDims:
             rope_theta=float(theta),
             max_position_embeddings=positive_int("max_position_embeddings", 2048),
             tie_word_embeddings=tie,
-            **cls._family(config, rope, where),
+            **cls._family(config, family, where),
         )
 
     @staticmethod
-    def _family(config: dict, rope: dict, where: str) -> dict:
-        """The family-specific fields (FFN activation, sub-norms, RoPE scaling, ...), checked.
+    def _family_name(config: dict, where: str) -> str:
+        model_type = config.get("model_type", "bitnet")
+        if model_type not in FAMILY_BY_MODEL_TYPE:
+            raise BitnetError(f"{where}: model_type={model_type!r} is not supported "
+                              f"(one of {', '.join(FAMILY_BY_MODEL_TYPE)})")
+        return FAMILY_BY_MODEL_TYPE[model_type]
+
+    @staticmethod
+    def _family(config: dict, family: str, where: str) -> dict:
+        """The family fields (FFN activation, RoPE scaling; sub-norms follow from the family), checked.
 
         The one place that knows which config keys select a family; it returns the keyword
-        arguments of the family's fields. Only BitNet b1.58 is implemented (relu2 FFN, both
-        sub-norms, plain RoPE, no biases), so it has no fields yet and only refuses the rest.
+        arguments of the family's fields. transformers' BitNet and Llama classes both read
+        hidden_act, so either family may gate with relu2 or silu; the default is the family's.
         """
-        act = config.get("hidden_act", "relu2")
-        if act != "relu2":
-            raise BitnetError(f"{where}: hidden_act={short(act)} is not supported (BitNet b1.58 uses relu2)")
+        act = config.get("hidden_act", FAMILIES[family].default_act)
+        if act not in ACTIVATIONS:
+            raise BitnetError(f"{where}: hidden_act={short(act)} is not supported (one of {', '.join(ACTIVATIONS)})")
         if config.get("attention_bias") or config.get("mlp_bias"):
             raise BitnetError(f"{where}: attention/MLP biases are not supported")
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BitnetError(f"{where}: RoPE scaling {short(rope)} is not supported (only default RoPE)")
+        if config.get("use_sliding_window") or any(t != "full_attention" for t in config.get("layer_types") or []):
+            raise BitnetError(f"{where}: sliding-window attention layers are not supported")
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
             raise BitnetError(f"{where}: quantization_config must be a JSON object, got {short(quant)}")
         if quant.get("use_rms_norm"):
-            raise BitnetError(f"{where}: quantization_config.use_rms_norm=true is not supported")
-        return {}
+            raise BitnetError(f"{where}: quantization_config.use_rms_norm=true (an RMSNorm inside every "
+                              "BitLinear) is not supported")
+        return {"family": family, "hidden_act": act, "rope_scaling": rope_scaling_from_config(config, where)}
 
     def hf_config(self, source: dict) -> dict:
         """The HF config a packed file stores: `source` with every field engines need made explicit.
 
         The source's `quantization_config` is dropped: it describes the source's storage, and the
-        packed file's storage is described by its own `layout` metadata key.
+        packed file's storage is described by its own `layout` metadata key. The RoPE block is
+        written in both spellings (transformers 5's rope_parameters, 4.x's rope_theta/rope_scaling).
         """
-        out = {k: v for k, v in source.items() if k != "quantization_config"}
+        out = {k: v for k, v in source.items() if k not in ("quantization_config", "rope_parameters", "rope_scaling")}
+        fam = FAMILIES[self.family]
         out.update(
-            model_type="bitnet", head_dim=self.head_dim, num_key_value_heads=self.num_kv_heads,
-            rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
+            model_type=fam.model_type, architectures=[fam.architecture], head_dim=self.head_dim,
+            num_key_value_heads=self.num_kv_heads, rope_theta=self.rope_theta, rms_norm_eps=self.rms_norm_eps,
             max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
-            hidden_act="relu2",
+            hidden_act=self.hidden_act,
+            rope_parameters=dict(self.rope_scaling or {"rope_type": "default"}, rope_theta=self.rope_theta),
         )
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dict(self.rope_scaling)
         return out
 
     # ------------------------------------------------------------------ the tables, for this model
@@ -157,8 +240,8 @@ class ModelDims:
         return PROJECTIONS
 
     def layer_norms(self) -> tuple["LayerNorm", ...]:
-        """The RMSNorm weights of one decoder layer (a family without sub-norms filters them out)."""
-        return LAYER_NORMS
+        """The RMSNorm weights of one decoder layer: without the sub-norms in a family that has none."""
+        return LAYER_NORMS if self.sub_norms else tuple(n for n in LAYER_NORMS if n.name not in SUB_NORMS)
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
         """(N outputs, K inputs) of a BitLinear layer, by its short name (e.g. 'self_attn.k_proj')."""
@@ -205,9 +288,12 @@ class ModelDims:
         """The input embedding, plus the head when it is untied."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
+    def bias_parameters(self) -> int:
+        return self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+
     def parameters(self, exclude_embeddings: bool = False) -> int:
         """All parameters (a tied head counted once); without the input embedding if asked."""
-        n = self.ternary_parameters() + self.norm_parameters() + self.embedding_parameters()
+        n = self.ternary_parameters() + self.norm_parameters() + self.embedding_parameters() + self.bias_parameters()
         return n - self.vocab_size * self.hidden_size if exclude_embeddings else n
 
     def training_flops_per_token(self, seq_len: int) -> int:
@@ -253,9 +339,11 @@ LAYER_NORMS: tuple[LayerNorm, ...] = (
     LayerNorm("input_layernorm", "attn_norm", "attn_norm", lambda d: d.hidden_size),
     LayerNorm("post_attention_layernorm", "post_norm", "ffn_norm", lambda d: d.hidden_size),
     # transformers sizes attn_sub_norm by hidden_size; from_config requires heads x head_dim == hidden
+    # in the families that have it
     LayerNorm("self_attn.attn_sub_norm", "attn_sub_norm", "attn_sub_norm", lambda d: d.q_dim),
     LayerNorm("mlp.ffn_sub_norm", "ffn_sub_norm", "ffn_sub_norm", lambda d: d.intermediate_size),
 )
+SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
 PROJECTION_BY_NAME = {p.name: p for p in PROJECTIONS}
 NORM_BY_NAME = {n.name: n for n in LAYER_NORMS}
 # Tensors outside the decoder layers, by HF name -> GGUF name.
@@ -302,8 +390,14 @@ _PRESET_COLUMNS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden
                    "num_key_value_heads", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
 
 
-def _preset(source: str, *values) -> Preset:
-    return Preset(source, {k: v for k, v in zip(_PRESET_COLUMNS, values, strict=True) if v is not None})
+def _preset(source: str, *values, **family_fields) -> Preset:
+    """A preset from a row of _PRESET_COLUMNS (None: left open), plus any family fields (model_type, ...)."""
+    return Preset(source, {k: v for k, v in zip(_PRESET_COLUMNS, values, strict=True) if v is not None}
+                  | family_fields)
+
+
+_LLAMA3_8B = (128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0)
+_LLAMA = dict(model_type="llama", hidden_act="silu")
 
 
 PRESETS: dict[str, Preset] = {
@@ -317,7 +411,12 @@ PRESETS: dict[str, Preset] = {
     "1.3b": _preset("1bitLLM/bitnet_b1_58-xl", 32002, 2048, 5460, 24, 32, 32, True, 2048, 10000.0),
     "3b": _preset("1bitLLM/bitnet_b1_58-3B", 32002, 3200, 8640, 26, 32, 32, True, 2048, 10000.0),
     "2b4t": _preset("microsoft/bitnet-b1.58-2B-4T", 128256, 2560, 6912, 30, 20, 5, True, 4096, 500000.0),
-    "8b": _preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens", 128256, 4096, 14336, 32, 32, 8, False, 8192, 500000.0),
+    "8b": _preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens's shape, as BitNet b1.58", *_LLAMA3_8B),
+    # The Llama-architecture 1.58-bit models themselves (their config.json): SiLU gate, no
+    # sub-norms, untied head; Falcon3's heads are 256 wide.
+    "llama3-8b-1.58": _preset("HF1BitLLM/Llama3-8B-1.58-100B-tokens", *_LLAMA3_8B, **_LLAMA, rms_norm_eps=1e-5),
+    "falcon3-1b-1.58": _preset("tiiuae/Falcon3-1B-Instruct-1.58bit", 131072, 2048, 8192, 18, 8, 4, False, 8192,
+                               1000042.0, **_LLAMA, head_dim=256, rms_norm_eps=1e-6),
 }
 # What a synthetic (random-weight) model of a preset takes for the fields a toy preset leaves open.
 SYNTHETIC_DEFAULTS = dict(vocab_size=512, max_position_embeddings=2048)
@@ -331,9 +430,11 @@ def preset_fields(name: str) -> dict:
 
 
 def bitnet_config(fields: dict) -> dict:
-    """A complete HF config.json dict of model_type bitnet from shape fields (a preset's, or any)."""
+    """A complete HF config.json dict from shape fields (a preset's, or any): model_type bitnet
+    unless the fields name another family's, with that family's architecture and activation."""
+    family = FAMILIES[ModelDims._family_name(fields, "shape")]
     return {
-        "architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "hidden_act": "relu2",
+        "architectures": [family.architecture], "model_type": family.model_type, "hidden_act": family.default_act,
         "rms_norm_eps": 1e-5, "attention_bias": False,
         **fields,
     }

@@ -18,7 +18,7 @@ import numpy as np
 
 from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.tokens import token_text
+from bitnet_cli.tokenizer import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
 SAFETENSORS_DTYPES = {
@@ -183,6 +183,40 @@ class Checkpoint:
         return out
 
 
+def bitnet_convention(qc: dict | None, where: str) -> tuple[str, str] | None:
+    """How a checkpoint stores its BitLinears, from its ``quantization_config``:
+    None (full precision), ``("online", "multiply")`` (latent weights ternarised on the fly), or
+    ``("offline", "multiply" | "divide")`` (trits + weight_scale that the output is multiplied /
+    divided by). Follows transformers' BitNetQuantConfig: ``linear_class`` defaults to
+    ``bitlinear`` (divide) and ``quantization_mode`` to ``offline``, which is how
+    HF1BitLLM/Llama3-8B-1.58 and onebitllms' ``quantize_to_1bit`` write it (``quant_method`` only).
+    What cannot be determined is refused, naming the key."""
+    if not qc and isinstance(qc, (dict, list, type(None))):  # absent, null or empty: full precision
+        return None
+    if not isinstance(qc, dict):
+        raise BitnetError(f"{where}: quantization_config must be a JSON object, got {safejson.short(qc)}")
+    if "quant_method" not in qc:
+        raise BitnetError(f"{where}: quantization_config has no 'quant_method' key: cannot tell how the weights are stored")
+    if qc["quant_method"] != "bitnet":
+        raise BitnetError(f"{where}: unsupported quantization_config quant_method {safejson.short(qc['quant_method'])} "
+                          "(only 'bitnet')")
+    if qc.get("use_rms_norm"):
+        raise BitnetError(f"{where}: quantization_config.use_rms_norm=true (an RMSNorm inside every BitLinear) "
+                          "is not supported")
+    cls = qc.get("linear_class", "bitlinear")
+    mode = qc.get("quantization_mode", "offline")
+    if cls not in ("bitlinear", "autobitlinear"):
+        raise BitnetError(f"{where}: unknown quantization_config.linear_class {safejson.short(cls)} "
+                          "(bitlinear or autobitlinear)")
+    if mode not in ("online", "offline"):
+        raise BitnetError(f"{where}: unknown quantization_config.quantization_mode {safejson.short(mode)} "
+                          "(online or offline)")
+    if mode == "online" and cls != "autobitlinear":
+        raise BitnetError(f"{where}: quantization_mode 'online' needs linear_class 'autobitlinear' "
+                          "(transformers' BitLinear only reads packed weights)")
+    return mode, "multiply" if cls == "autobitlinear" else "divide"
+
+
 # ------------------------------------------------------------------ locating the checkpoint
 
 
@@ -298,13 +332,16 @@ def _is_own_checkpoint(ckpt: Path) -> bool:
 
 
 def _detect_kind(ckpt: Path, config: dict, tensors: dict[str, tuple[Path, TensorEntry]]) -> str:
-    quant = config.get("quantization_config") or {}
-    if not isinstance(quant, dict):
-        raise BitnetError(f"{ckpt / 'config.json'}: quantization_config must be a JSON object, got {safejson.short(quant)}")
-    offline = quant.get("quant_method") == "bitnet" and quant.get("quantization_mode", "offline") == "offline"
+    convention = bitnet_convention(config.get("quantization_config"), str(ckpt / "config.json"))
     probe = tensors.get("model.layers.0.self_attn.q_proj.weight")
-    if offline or (probe is not None and probe[1].dtype == "U8"):
+    if probe is not None and probe[1].dtype == "U8" and convention is None:
+        raise BitnetError(f"{ckpt / 'config.json'}: the weights are packed (uint8) but there is no "
+                          "'quantization_config' key to say how weight_scale applies")
+    if convention is not None and convention[0] == "offline":
         return "hf-packed"
+    if config.get("model_type") == "llama" and convention is None:
+        raise BitnetError(f"{ckpt / 'config.json'}: a Llama checkpoint without a 'quantization_config' key holds "
+                          "full-precision weights, not a 1.58-bit model; make it ternary with `bitnet train` first")
     return "own" if _is_own_checkpoint(ckpt) else "hf"
 
 
@@ -349,11 +386,20 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
     ckpt, source = _checkpoint_dir(src, kind)
     config = read_json(ckpt / "config.json", "model config")
-    if config.get("model_type") != "bitnet":
+    from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE
+
+    family = FAMILIES.get(FAMILY_BY_MODEL_TYPE.get(config.get("model_type"), ""))
+    if family is not None and family.qkv_bias:
+        raise BitnetError(
+            f"{ckpt / 'config.json'}: {family.architecture} has biases on q_proj/k_proj/v_proj, which the packed "
+            "format and the C engine do not support yet; evaluate the checkpoint directory itself (`bitnet eval` "
+            "runs it on torch, and transformers loads it)"
+        )
+    if config.get("model_type") not in ("bitnet", "llama"):
         raise BitnetError(
             f"{ckpt / 'config.json'}: unsupported architecture model_type={safejson.short(config.get('model_type'))} "
-            f"(architectures={safejson.short(config.get('architectures'))}); only BitNet b1.58 (model_type 'bitnet') "
-            "can be packed"
+            f"(architectures={safejson.short(config.get('architectures'))}); BitNet b1.58 (model_type 'bitnet') and "
+            "1.58-bit Llama-architecture models (model_type 'llama' with a bitnet quantization_config) can be packed"
         )
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
     for file in tensor_files(ckpt):

@@ -209,13 +209,14 @@ def pack(
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
 ):
-    """Pack a BitNet b1.58 checkpoint into one ternary file (2 bits per weight), ready to run.
+    """Pack a BitNet b1.58 checkpoint, or a 1.58-bit Llama-architecture one (Llama3-8B-1.58, Falcon3 1.58bit, Falcon-E), into one ternary file (2 bits per weight), ready to run.
 
-    Weights are ternarised with the absmean rule (exactly as transformers does), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
+    Weights are ternarised with the absmean rule (exactly as transformers does), or taken as stored from an offline-quantised checkpoint (weight_scale divided or multiplied, as its quantization_config says), packed in the layout the C kernels read directly, and written with per-tensor checksums. The output is written to a temporary file and renamed when complete.
 
     Examples: [bold]bitnet pack runs/tiny tiny.bin[/] (a training run's final checkpoint),
     [bold]bitnet pack microsoft/bitnet-b1.58-2B-4T-bf16 2b4t.bin[/],
     [bold]bitnet pack ggml-model-i2_s.gguf 2b4t.bin[/] (import bitnet.cpp's GGUF),
+    [bold]bitnet pack HF1BitLLM/Llama3-8B-1.58-100B-tokens llama3-8b.bin[/] (uint8 trits, weight_scale divided),
     [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
     import json as _json
@@ -315,10 +316,13 @@ def info(
             head.add_column(style="bold")
             head.add_column()
             head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
-            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}, RMSNorm eps {d.rms_norm_eps:g}")
+            rope_scaling = f" ({d.rope_scaling['rope_type']} scaling x{d.rope_scaling['factor']:g})" if d.rope_scaling else ""
+            head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}{rope_scaling}, "
+                                    f"RMSNorm eps {d.rms_norm_eps:g}")
             head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
                          f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
             head.add_row("source", f"{report['source']} ({report['converter']})")

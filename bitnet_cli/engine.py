@@ -32,22 +32,23 @@ from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
+from bitnet_cli.rope import inv_freq as rope_inv_freq
 from bitnet_cli.sampling import SamplingParams, sample
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
 
 
-def rope_tables(ctx: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin float32 [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, then pos * inv_freq).
+def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin float32 [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, with any
+    llama3 scaling: bitnet_cli.rope; then pos * inv_freq).
 
     The fp32 angles are those of torch; cos/sin are taken in float64 and rounded once, which is
     what torch's (<= 1 ulp) fp32 cos/sin approximate. Rows are computed in blocks so that the
     float64 temporaries stay small whatever the context (only the float32 tables grow with it).
     """
     f32 = np.float32
-    exponent = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
-    inv_freq = f32(1.0) / np.power(np.float64(f32(theta)), exponent.astype(np.float64)).astype(f32)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     cos = np.empty((ctx, head_dim // 2), dtype=f32)
     sin = np.empty_like(cos)
     block = max(1, (1 << 20) // max(1, head_dim // 2))
@@ -250,7 +251,8 @@ class Engine(kernels.CResource):
             desc.embed_scale = ptr(finite(EMBED + "_scale"), "float")
             desc.head_scale = ptr(finite(d.head_name + "_scale"), "float")
         desc.final_norm = ptr(finite(FINAL_NORM), "float")
-        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta)
+        cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
+        desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         return desc
@@ -273,8 +275,8 @@ class Engine(kernels.CResource):
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
-        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.gguf.cache)
-            from bitnet_cli.gguf.cache import packed_path
+        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
+            from bitnet_cli.pack.gguf_cache import packed_path
 
             path = packed_path(Path(path))
         pm = PackedModel.open(path)

@@ -1,4 +1,10 @@
-"""BitNet b1.58 in PyTorch, numerically the same as transformers' ``BitNetForCausalLM``.
+"""BitNet b1.58 in PyTorch, numerically the same as transformers' ``BitNetForCausalLM``, and the
+Llama-architecture 1.58-bit family (transformers' ``LlamaForCausalLM`` with the bitnet
+quantization_config: Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E).
+
+The family (``config.family``, from model_type; see bitnet_cli.arch.FAMILIES) switches two
+things: whether the layers have BitNet's sub-norms, and the default FFN activation (``relu2`` for
+``bitnet``, ``silu`` for ``llama``); RoPE may carry Llama 3 scaling (bitnet_cli.rope).
 
 A Llama-style decoder (GQA attention with RoPE, RMSNorm pre-norms, no biases) with BitNet's
 two extra norms (``attn_sub_norm`` before ``o_proj``, ``ffn_sub_norm`` before ``down_proj``), a
@@ -14,6 +20,10 @@ Embeddings and ``lm_head`` stay in full precision. Config fields and tensor name
 transformers' own, so ``config.json`` + ``model.safetensors`` load in transformers and back.
 transformers only ternarises when ``config.json`` carries the online ``quantization_config``
 block (:data:`ONLINE_QUANT`); we write it for ``quant="bitnet"`` and read it the same way.
+Offline-quantised checkpoints (uint8-packed trits or ternary floats, plus ``weight_scale``) load
+too, for evaluation and fine-tuning: their BitLinears hold the trits and apply the scale as
+transformers does (``linear_class: autobitlinear`` multiplies by it, ``bitlinear`` divides;
+:func:`bitnet_cli.checkpoint.bitnet_convention`).
 """
 
 from __future__ import annotations
@@ -28,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.arch import ModelDims
-from bitnet_cli.checkpoint import read_json, tensor_files
+from bitnet_cli.arch import FAMILIES, ModelDims
+from bitnet_cli.checkpoint import bitnet_convention, read_json, tensor_files
 from bitnet_cli.errors import BitnetError
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
@@ -55,7 +65,7 @@ class BitNetConfig:
     num_attention_heads: int = 20
     num_key_value_heads: int = 5
     head_dim: int | None = None
-    hidden_act: str = "relu2"
+    hidden_act: str | None = None  # None: the family's (relu2 for bitnet, silu for llama)
     max_position_embeddings: int = 2048
     initializer_range: float = 0.02
     rms_norm_eps: float = 1e-5
@@ -67,37 +77,41 @@ class BitNetConfig:
     bos_token_id: int | None = 128000
     eos_token_id: int | list[int] | None = 128001
     quant: str = "bitnet"
+    family: str = "bitnet"  # a bitnet_cli.arch.FAMILIES key; config.json's model_type
+    # None (default RoPE) or {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
+    rope_scaling: dict | None = None
     # Fields of the source config.json we do not interpret, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.quant not in ("bitnet", "none"):
             raise BitnetError(f"model quant must be 'bitnet' or 'none', got {self.quant!r}")
-        # The shape, checked by the one parser every stage uses; the modules below build from it.
+        if self.family not in FAMILIES:
+            raise BitnetError(f"model family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.hidden_act is None:
+            self.hidden_act = FAMILIES[self.family].default_act
+        # The shape and family, checked by the one parser every stage uses; the modules build from it.
         self.arch = ModelDims.from_config(self.to_hf_dict(), "model config")
+        self.rope_scaling = self.arch.rope_scaling
 
     @classmethod
     def from_hf_dict(cls, d: dict, where: str = "config.json") -> "BitNetConfig":
-        """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``)."""
-        if d.get("model_type") not in ("bitnet", None):
-            raise BitnetError(f"{where}: model_type is {d.get('model_type')!r}, expected 'bitnet'")
-        ModelDims.from_config(d, where)  # the fields dropped below (RoPE scaling, ...) are checked first
+        """Read an HF ``config.json`` dict (transformers 4.x ``rope_theta`` or 5.x ``rope_parameters``).
+
+        model_type ``bitnet`` or ``llama`` picks the family. Any bitnet quantization_config (online
+        or offline, :func:`bitnet_convention`) reads as ``quant="bitnet"``; none as ``"none"``.
+        """
+        dims = ModelDims.from_config(d, where)  # the fields dropped below (RoPE scaling, ...) are checked first
         d = dict(d)
-        qc = d.pop("quantization_config", None)
-        quant = "none"
-        if qc is not None:
-            if qc.get("quant_method") != "bitnet":
-                raise BitnetError(f"unsupported quantization_config quant_method {qc.get('quant_method')!r}")
-            if qc.get("quantization_mode", "offline") != "online":
-                raise BitnetError(
-                    "this checkpoint stores pre-packed (offline) ternary weights; the torch model reads "
-                    "full-precision checkpoints (quantization_mode 'online' or none). Use `bitnet pack` for it."
-                )
-            quant = "bitnet"
+        quant = "none" if bitnet_convention(d.pop("quantization_config", None), where) is None else "bitnet"
         rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+        d.pop("rope_scaling", None)
         theta = rope.get("rope_theta", d.pop("rope_theta", 500000.0))
         d.pop("rope_theta", None)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta"}
+        # onebitllms' marker, and Llama's tensor-parallel hint and bias flag (checked false above)
+        for k in ("is_bitnet_config", "pretraining_tp", "mlp_bias"):
+            d.pop(k, None)
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta", "family", "rope_scaling"}
         known = {k: d.pop(k) for k in list(d) if k in names}
         if known.get("num_key_value_heads") is None:
             known["num_key_value_heads"] = known.get("num_attention_heads", cls.num_attention_heads)
@@ -105,18 +119,22 @@ class BitNetConfig:
             known["attention_dropout"] = 0.0
         for k in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache"):
             d.pop(k, None)
-        return cls(**known, rope_theta=float(theta), quant=quant, extra=d)
+        known["hidden_act"] = dims.hidden_act
+        return cls(**known, rope_theta=float(theta), quant=quant, family=dims.family, rope_scaling=dims.rope_scaling,
+                   extra=d)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict:
         """The ``config.json`` transformers reads; ``quantization_config`` only for ``quant='bitnet'``."""
-        d: dict[str, Any] = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet"}
+        fam = FAMILIES[self.family]
+        d: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "quant", "rope_theta") or (f.name == "head_dim" and self.head_dim is None):
+            if f.name in ("extra", "quant", "rope_theta", "family", "rope_scaling") or (
+                    f.name == "head_dim" and self.head_dim is None):
                 continue
             d[f.name] = getattr(self, f.name)
         # Both spellings: transformers >= 5 reads rope_parameters, older readers (and llama.cpp) rope_theta.
         d["rope_theta"] = self.rope_theta
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["rope_parameters"] = dict(self.rope_scaling or {"rope_type": "default"}, rope_theta=self.rope_theta)
         d["dtype"] = dtype
         d["use_cache"] = True
         d.update(self.extra)
@@ -179,25 +197,42 @@ class BitLinear(nn.Linear):
 
     int8 = None
 
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False)
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__(in_features, out_features, bias=bias)  # a bias (Qwen2's q/k/v) stays float
+        self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
         self.register_buffer("lam", torch.ones(()), persistent=False)
         self.warming = False
 
+    def load_offline(self, trits: torch.Tensor, weight_scale: torch.Tensor, op: str) -> None:
+        """Hold an offline-quantised weight as stored: trits (as floats, frozen) and transformers'
+        weight_scale, which AutoBitLinear multiplies the output by (op "multiply") and BitLinear
+        divides it by ("divide"), each in transformers' own arithmetic."""
+        self.weight = nn.Parameter(trits.to(self.weight.dtype), requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale.reshape(1).float())
+        self.scale_op = op
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
+        if self.scale_op == "multiply":  # AutoBitLinear offline: ActQuant, then * weight_scale
+            return F.linear(_quant_activation(x), w) * self.weight_scale
+        if self.scale_op == "divide":  # BitLinear: integer activations, then / (weight_scale * input scale)
+            xf = x.float()
+            xs = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+            xq = (xf * xs).round().clamp(-128, 127).to(x.dtype)
+            return (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
         if self.warming:
             lam = self.lam.to(x.dtype)
             x = x + lam * (_quant_activation(x) - x).detach()
             w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
         elif self.int8 is not None and torch.is_grad_enabled():
-            return self.int8.forward(self, x)
+            y = self.int8.forward(self, x)
+            return y if self.bias is None else y + self.bias
         elif torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
         else:
             x, w = _quant_activation(x), _quant_weight(w)
-        return F.linear(x, w)
+        return F.linear(x, w, self.bias)
 
 
 def set_quant_lambda(model: nn.Module, lam: float) -> None:
@@ -217,7 +252,11 @@ def set_quant_lambda(model: nn.Module, lam: float) -> None:
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
     """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
     n_out, n_in = config.arch.projection_shape(proj)
-    return BitLinear(n_in, n_out) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=False)
+    bias = config.arch.qkv_bias and proj in _QKV
+    return BitLinear(n_in, n_out, bias) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=bias)
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -236,8 +275,11 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    from bitnet_cli.rope import inv_freq as rope_inv_freq  # transformers' fp32 inv_freq, bit for bit
+
+    inv_freq = torch.from_numpy(rope_inv_freq(dim, theta, scaling)).to(device)
     freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -258,7 +300,8 @@ class Attention(nn.Module):
         self.k_proj = _linear(config, "self_attn.k_proj")
         self.v_proj = _linear(config, "self_attn.v_proj")
         self.o_proj = _linear(config, "self_attn.o_proj")
-        self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
+        if config.arch.sub_norms:
+            self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -273,7 +316,7 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(self.attn_sub_norm(y))
+        return self.o_proj(self.attn_sub_norm(y) if hasattr(self, "attn_sub_norm") else y)
 
 
 class MLP(nn.Module):
@@ -282,10 +325,14 @@ class MLP(nn.Module):
         self.gate_proj = _linear(config, "mlp.gate_proj")
         self.up_proj = _linear(config, "mlp.up_proj")
         self.down_proj = _linear(config, "mlp.down_proj")
-        self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
+        self.silu = config.arch.hidden_act == "silu"  # else relu2
+        if config.arch.sub_norms:
+            self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ffn_sub_norm(F.relu(self.gate_proj(x)).square() * self.up_proj(x)))
+        g = self.gate_proj(x)
+        y = (F.silu(g) if self.silu else F.relu(g).square()) * self.up_proj(x)
+        return self.down_proj(self.ffn_sub_norm(y) if hasattr(self, "ffn_sub_norm") else y)
 
 
 class DecoderLayer(nn.Module):
@@ -327,13 +374,16 @@ class BitNetForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype)
+        cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype,
+                                self.config.arch.rope_scaling)
         for layer in self.model.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.model.norm(x))
@@ -368,8 +418,9 @@ class BitNetForCausalLM(nn.Module):
     ) -> "BitNetForCausalLM":
         """Load a checkpoint directory (HF layout: config.json + model.safetensors, or sharded).
 
-        Ternarised iff ``config.json`` has the online ``quantization_config`` block, unless
-        ``quant`` overrides it. Parameters are cast to ``dtype`` (default fp32).
+        Ternarised iff ``config.json`` has a bitnet ``quantization_config`` block, unless
+        ``quant`` overrides it. Parameters are cast to ``dtype`` (default fp32). An offline-quantised
+        checkpoint keeps its trits and weight_scale as stored (frozen; see BitLinear.load_offline).
         """
         ckpt = Path(ckpt_dir)
         cfg_path = ckpt / "config.json"
@@ -379,12 +430,17 @@ class BitNetForCausalLM(nn.Module):
         if not isinstance(cfg_dict, dict):
             raise BitnetError(f"{cfg_path}: not a JSON object")
         config = BitNetConfig.from_hf_dict(cfg_dict, str(cfg_path))
+        convention = bitnet_convention(cfg_dict.get("quantization_config"), str(cfg_path))
+        offline = convention is not None and convention[0] == "offline"
         if quant is not None:
+            if offline and quant != "bitnet":
+                raise BitnetError(f"{ckpt}: this checkpoint stores ternary weights; it cannot be run with quant={quant!r}")
             config = dataclasses.replace(config, quant=quant)
         with torch.device("meta"):
             model = cls(config)
         state = _read_safetensors(ckpt)
-        expected = model.hf_state_dict()
+        stored = _offline_weights(ckpt, model, state) if offline else {}
+        expected = {k: v for k, v in model.hf_state_dict().items() if k.removesuffix(".weight") not in stored}
         missing = sorted(set(expected) - set(state))
         if missing == ["lm_head.weight"] and "model.embed_tokens.weight" in state:
             raise BitnetError(f"{ckpt}: lm_head.weight is missing and tie_word_embeddings is false")
@@ -404,7 +460,43 @@ class BitNetForCausalLM(nn.Module):
         model.load_state_dict(state, strict=False, assign=False)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        return model.to(dtype).eval()
+        model = model.to(dtype).eval()
+        for name, (trits, scale) in stored.items():
+            model.get_submodule(name).load_offline(trits.to(device), scale.to(device), convention[1])
+        return model
+
+
+def _offline_weights(ckpt: Path, model: BitNetForCausalLM, state: dict[str, torch.Tensor]) -> dict:
+    """Take an offline-quantised checkpoint's BitLinear tensors out of `state`: module name ->
+    (trits as float [N, K], weight_scale). A weight is transformers' uint8 packing (4 output rows
+    a byte, bitnet_cli.pack.ternary.unpack_hf_packed) or ternary floats; its weight_scale must be there."""
+    from bitnet_cli.pack.ternary import unpack_hf_packed
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BitLinear):
+            continue
+        wname, sname = name + ".weight", name + ".weight_scale"
+        if wname not in state:
+            continue  # reported with the other missing tensors
+        if sname not in state:
+            raise BitnetError(f"{ckpt}: tensor {sname} is missing (an offline-quantised checkpoint has one per BitLinear)")
+        w, scale = state.pop(wname), state.pop(sname).float()
+        n, k = module.out_features, module.in_features
+        if w.dtype == torch.uint8 and tuple(w.shape) == (-(-n // 4), k):
+            try:
+                trits = torch.from_numpy(unpack_hf_packed(w.numpy(), n)).float()
+            except ValueError as e:
+                raise BitnetError(f"{ckpt}: tensor {wname}: {e}") from None
+        elif w.is_floating_point() and tuple(w.shape) == (n, k) and bool(torch.isin(w, torch.tensor([-1.0, 0.0, 1.0])).all()):
+            trits = w.float()
+        else:
+            raise BitnetError(f"{ckpt}: tensor {wname} ({w.dtype}, {tuple(w.shape)}) is neither uint8-packed "
+                              f"[{-(-n // 4)}, {k}] nor ternary floats [{n}, {k}]")
+        if scale.numel() != 1 or not bool(torch.isfinite(scale).all()) or float(scale) <= 0:
+            raise BitnetError(f"{ckpt}: tensor {sname} must be one positive number")
+        out[name] = (trits, scale)
+    return out
 
 
 def _read_safetensors(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,10 @@ through. `load` builds the tokenizer and runs it once on a probe text, with the 
 stderr captured, so that a bad tokenizer is refused with one message when the file is opened; every
 later call turns a failure into BitnetError as well. Text that cannot be encoded as UTF-8 (a
 non-UTF-8 command-line argument arrives as lone surrogates) is refused before the library sees it.
+
+The tokenizer facts every stage shares live here too: our special tokens, `special_id` (the one
+answer to "which id is BOS / EOS" for the engine, eval, training and GGUF export) and `train_bpe`
+(the one byte-level BPE trainer for training, synthetic models and the benchmarks).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.safejson import is_utf8
@@ -118,3 +122,55 @@ def load(json_text: str, where: str) -> SafeTokenizer:
                 raise
             raise BitnetError(f"{where}: not a valid tokenizer.json ({_reason(e)})") from None
     return SafeTokenizer(tok, where)
+
+
+# ------------------------------------------------------------------ special tokens, BPE training
+
+BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # the special tokens of every BPE we train (LLaMA 3's names)
+# Names a tokenizer without a tokenizer_config.json may use for them, ours first.
+KNOWN_NAMES = {"bos": (BOS, "<s>", "<|startoftext|>"), "eos": (EOS, "</s>", "<|endoftext|>", "<|eot_id|>")}
+
+
+def token_text(entry) -> str | None:
+    """A tokenizer_config.json token entry as text: a string, or an AddedToken's serialisation."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) else None
+
+
+def special_id(kind: str, tokenizer, tokenizer_config: dict, config: dict, vocab_size: int | None = None,
+               guess: bool = False) -> int | None:
+    """The id of special token `kind` ("bos" or "eos") as transformers sees it: tokenizer_config's
+    `<kind>_token` when the tokenizer knows it, else config.json's `<kind>_token_id` (the first of
+    a list) when it is a valid id, else (with `guess`) the first of KNOWN_NAMES the tokenizer has."""
+    name = token_text(tokenizer_config.get(f"{kind}_token"))
+    if name is not None and tokenizer.token_to_id(name) is not None:
+        return tokenizer.token_to_id(name)
+    value = config.get(f"{kind}_token_id")
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if type(value) is int and value >= 0 and (vocab_size is None or value < vocab_size):  # not a bool
+        return value
+    if guess:
+        return next((tokenizer.token_to_id(n) for n in KNOWN_NAMES[kind] if tokenizer.token_to_id(n) is not None),
+                    None)
+    return None
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: tuple[str, ...] = (BOS, EOS)):
+    """A byte-level BPE (GPT-2 style pre-tokenisation, no prefix space) trained on `texts`, with
+    `special_tokens` first in the vocabulary. Feed it pieces of ~10k characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def pieces(text: str, size: int = 10_000) -> Iterable[str]:
+    """`text` in pieces of `size` characters, the unit train_bpe reads."""
+    return (text[i : i + size] for i in range(0, len(text), size))

@@ -134,7 +134,7 @@ int main(int argc, char **argv) {
     float *head_scale = ones(V);
     for (int i = 0; i < V; i++) head_scale[i] = 1e-3f;
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, head_type, head_rows,
-                       head_scale, ones(H), cs, sn, layers};
+                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2};
     char err[128];
     bn_model *m = bn_model_new(&d, threads, isa, err, sizeof err);
     if (!m) {

@@ -91,8 +91,16 @@ int bn_head_logits(bn_pool *pool, int isa, int type, const void *w, const float 
 
 /* ---- the model ------------------------------------------------------------------------- */
 
+/* The FFN gate: act(gate) * up. BitNet b1.58 squares a ReLU; the Llama family uses SiLU. */
+enum {
+    BN_ACT_RELU2 = 0, /* relu(x)^2 */
+    BN_ACT_SILU = 1   /* x / (1 + exp(-x)) */
+};
+
 typedef struct {
-    const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm; /* F32 */
+    /* F32; attn_sub_norm and ffn_sub_norm are NULL in models without them (the Llama family):
+     * the attention output / gated FFN activation then goes to int8 as it is */
+    const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;
     const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* i2_k128 */
     float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
 } bn_layer_desc;
@@ -107,9 +115,11 @@ typedef struct {
     const void *head;
     const float *head_scale;
     const float *final_norm;
-    const float *rope_cos;     /* [ctx][head_dim/2], from the caller for torch-identical RoPE */
+    const float *rope_cos;     /* [ctx][head_dim/2], from the caller for torch-identical RoPE
+                                * (the caller applies any frequency scaling, e.g. Llama 3's) */
     const float *rope_sin;
     const bn_layer_desc *layers;
+    int ffn_act;               /* BN_ACT_RELU2 (0, BitNet b1.58) or BN_ACT_SILU */
 } bn_model_desc;
 
 typedef struct bn_model bn_model;

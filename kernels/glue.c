@@ -1,12 +1,14 @@
-/* The float steps between the matrix products: the residual add, the relu^2 gate, RMSNorm and
- * the per-token int8 quantisation of activations.
+/* The float steps between the matrix products: the residual add, the relu^2 or SiLU gate,
+ * RMSNorm and the per-token int8 quantisation of activations.
  *
  * Each loop is written once in plain C and compiled twice: for the baseline ISA, and on x86 as
  * an AVX2 clone picked at run time (the bodies are always_inline, so each wrapper below gets its
  * own vectorised copy). Both copies give the same bits: the only float sum, RMSNorm's sum of
  * squares, runs over a fixed set of lanes combined in a fixed tree; the clone's target has no
  * FMA and the build passes -ffp-contract=off, so every product is rounded before it is added;
- * everything else is elementwise or an exact max / integer sum.
+ * everything else is elementwise or an exact max / integer sum. SiLU's exponential is our own
+ * polynomial in the same plain float operations (a libm call would neither vectorise nor be
+ * guaranteed to match a vector libm bit for bit).
  */
 #include <math.h>
 #include <string.h>
@@ -35,6 +37,31 @@ BODY float round_even(float v) {
     const float magic = 12582912.0f;
     return (v + magic) - magic;
 }
+
+/* e^x to about 2 ulp for x in [-87.3, 88] (clamped there, a NaN to one of the ends): Cody-Waite
+ * reduction x = n ln2 + r with |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n
+ * assembled in the exponent bits. Only +, *, a float-to-int conversion of an integral value
+ * and integer operations, so the baseline and AVX2 copies round identically. The clamp works
+ * on the bits (magnitude vs the limit of the sign's side), as a float select would not vectorise. */
+BODY float exp_poly(float x) {
+    int32_t b = float_bits(x), sign = b & (int32_t)0x80000000, mag = b & 0x7fffffff;
+    int32_t limit = sign ? float_bits(87.3f) : float_bits(88.0f);
+    x = bits_float((mag < limit ? mag : limit) | sign);
+    float n = round_even(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f; /* ln2 split in two: the high part is exact in n * hi */
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    return p * bits_float(((int32_t)n + 127) << 23); /* n in [-126, 127]: a normal power of two */
+}
+
+/* torch's F.silu in fp32, x / (1 + exp(-x)), with exp_poly for the exponential */
+BODY float silu(float x) { return x / (1.0f + exp_poly(-x)); }
 
 /* Element i of the row being quantised: x itself, or the normed w[i] * (x[i] * r) recomputed
  * where it is needed (the same float operations, so the same value as when it is stored). */
@@ -92,13 +119,15 @@ BODY void glue_rows(const bn_glue_job *j, int t0, int t1) {
         const size_t off = (size_t)t * n;
         if (j->add)
             for (int i = 0; i < n; i++) x[i] += j->add[off + i];
-        if (j->up)
+        if (j->up && j->act == BN_ACT_SILU)
+            for (int i = 0; i < n; i++) x[i] = silu(x[i]) * j->up[off + i];
+        else if (j->up)
             for (int i = 0; i < n; i++) {
                 int32_t b = float_bits(x[i]); /* relu: a set sign bit makes the word negative -> +0 */
                 float v = bits_float(b > 0 ? b : 0);
                 x[i] = v * v * j->up[off + i];
             }
-        float r = inv_rms(x, n, j->eps);
+        float r = j->w ? inv_rms(x, n, j->eps) : 1.0f; /* no norm weights: no norm (row_value) */
         if (j->xq)
             quantize_row(x, j->w, r, n, j->kp, j->xq + (size_t)t * j->kp, j->xscale + t, j->xsum + t);
         else

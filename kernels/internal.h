@@ -29,11 +29,13 @@ AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
 #endif
 
 /* The float steps between two matrix products (glue.c), for tokens [t0, t1) of rows of n:
- * x += add (a residual) when add is set; x = relu(x)^2 * up (the gated FFN) when up is set;
- * then h = rmsnorm(x) * w, which goes either to int8 rows of kp in xq (as bn_quantize_rows
- * would quantise it) when xq is set, or else to the float rows of h. */
+ * x += add (a residual) when add is set; x = act(x) * up (the gated FFN, act = BN_ACT_RELU2:
+ * relu(x)^2 or BN_ACT_SILU: x / (1 + exp(-x))) when up is set; then h = rmsnorm(x) * w, or
+ * h = x when w is NULL (no norm), which goes either to int8 rows of kp in xq (as
+ * bn_quantize_rows would quantise it) when xq is set, or else to the float rows of h. */
 typedef struct {
     int n, kp;
+    int act;
     float eps;
     const float *w;
     float *x;

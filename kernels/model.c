@@ -1,11 +1,13 @@
 /* The BitNet b1.58 decoder (transformers' BitNetForCausalLM) on the kernels of ternary.c, glue.c,
- * attention.c and head.c, as dispatch.c picks them for the model's ISA.
+ * attention.c and head.c, as dispatch.c picks them for the model's ISA; and the Llama-architecture
+ * 1.58-bit family (LlamaForCausalLM with BitLinear projections).
  *
  * Per layer, for a chunk of M tokens (M = 1 when decoding):
  *   h = rmsnorm(x) -> int8 -> q,k,v (one parallel section) -> RoPE -> KV cache
  *   attention over the cache (parallel over token x KV head) -> attn_sub_norm -> int8 -> o_proj; x += .
  *   h = rmsnorm(x) -> int8 -> gate,up (one section) -> relu(gate)^2 * up -> ffn_sub_norm -> int8
  *   -> down; x += .
+ * The Llama family gates with silu(gate) * up and has no sub-norms (their steps quantise as is).
  * then the final norm and the output head for the tokens whose logits are wanted.
  * Float steps follow torch's fp32 arithmetic (same formulas, same operation order where it
  * changes the result), so the int8 activations match transformers' ActQuant.
@@ -26,7 +28,7 @@ struct bn_model {
     bn_pool *pool;
     const bn_kernels *kern; /* this model's ISA's kernels (dispatch.c) */
     const bn_head_traits *emb_type, *head_type;
-    int q_dim, kv_dim, kp_h, kp_f;
+    int q_dim, kv_dim, kp_h, kp_f, kp_q;
     float attn_scale;
     int n_seq;              /* independent sequences, each with its own cache (bn_model_set_seqs) */
     float *kcache, *vcache; /* [seq][layer][kv_head][ctx][head_dim] */
@@ -70,8 +72,7 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
         FAIL("invalid model dimensions");
     if (d->n_heads % d->n_kv_heads) FAIL("num_attention_heads %d is not a multiple of num_key_value_heads %d",
                                          d->n_heads, d->n_kv_heads);
-    if (d->n_heads * d->head_dim != d->hidden)
-        FAIL("num_attention_heads * head_dim (%d) must equal hidden_size (%d)", d->n_heads * d->head_dim, d->hidden);
+    if (d->ffn_act != BN_ACT_RELU2 && d->ffn_act != BN_ACT_SILU) FAIL("unknown FFN activation %d", d->ffn_act);
     m->emb_type = bn_head_type(d->emb_type);
     m->head_type = bn_head_type(d->head_type);
     if (!m->emb_type) FAIL("unknown embedding type %d", d->emb_type);
@@ -92,13 +93,16 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->kv_dim = d->n_kv_heads * d->head_dim;
     m->kp_h = (d->hidden + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K;
     m->kp_f = (d->ffn + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K;
+    m->kp_q = (m->q_dim + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K; /* o_proj's inputs: heads * head_dim */
     m->attn_scale = (float)(1.0 / sqrt((double)d->head_dim));
     /* calloc'd: pages are only committed as positions are written */
     size_t cache = (size_t)d->n_layers * m->kv_dim * d->ctx;
     m->n_seq = 1;
     m->kcache = zalloc(cache * sizeof(float));
     m->vcache = zalloc(cache * sizeof(float));
-    size_t wide = (size_t)CHUNK * (d->ffn > d->hidden ? d->ffn : d->hidden);
+    int widest = d->ffn > d->hidden ? d->ffn : d->hidden;
+    widest = widest > m->q_dim ? widest : m->q_dim;
+    size_t wide = (size_t)CHUNK * widest;
     m->x = zalloc(sizeof(float) * CHUNK * d->hidden);
     m->h = zalloc(sizeof(float) * wide);
     m->q = zalloc(sizeof(float) * CHUNK * m->q_dim);
@@ -108,7 +112,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->gate = zalloc(sizeof(float) * wide);
     m->up = zalloc(sizeof(float) * wide);
     m->tmp = zalloc(sizeof(float) * CHUNK * d->hidden);
-    m->xq = zalloc((size_t)CHUNK * (m->kp_f > m->kp_h ? m->kp_f : m->kp_h));
+    int kp_max = m->kp_f > m->kp_h ? m->kp_f : m->kp_h;
+    m->xq = zalloc((size_t)CHUNK * (kp_max > m->kp_q ? kp_max : m->kp_q));
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
     m->scores = zalloc(sizeof(float) * (size_t)n_threads * (d->n_heads / d->n_kv_heads) * d->ctx);
@@ -278,7 +283,8 @@ static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
 
 static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
     glue_task g = {m->kern->glue,
-                   {.n = n, .kp = kp, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up, .h = m->h,
+                   {.n = n, .kp = kp, .act = m->d.ffn_act, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up,
+                    .h = m->h,
                     .xq = m->xq, .xscale = m->xscale, .xsum = m->xsum},
                    M};
     if (M == 1)
@@ -315,8 +321,8 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     }
     attention(m, l, c);
 
-    glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, H, m->kp_h);
-    matmul_task o = {m->kern->i2, {i2_job(m, L->wo, L->go, m->kp_h, M, m->tmp, H)}, {H}, 1};
+    glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, m->q_dim, m->kp_q);
+    matmul_task o = {m->kern->i2, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &o);
 
     glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);

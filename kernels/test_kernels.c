@@ -212,10 +212,10 @@ static void test_attention(void) {
     }
 }
 
-/* The float glue (residual add, relu^2 gate, RMSNorm, int8 quantisation) on row lengths around
- * the lane counts: every ISA's copy gives the scalar bits; quantising inside the glue gives what
- * quantising its float output gives; and the scalar copy follows the definitions (quantisation
- * exactly, RMSNorm to float rounding). */
+/* The float glue (residual add, relu^2 or SiLU gate, RMSNorm or none, int8 quantisation) on row
+ * lengths around the lane counts: every ISA's copy gives the scalar bits; quantising inside the
+ * glue gives what quantising its float output gives; and the scalar copy follows the definitions
+ * (quantisation exactly, RMSNorm to float rounding, SiLU to a few ulp of libm's expf). */
 static void test_glue(void) {
     static const int lengths[] = {1, 7, 8, 15, 16, 17, 33, 100, 255, 2560};
     enum { M = 3 };
@@ -228,14 +228,17 @@ static void test_glue(void) {
         float *x[2], *h[2], scale[2][M], qscale[M];
         int8_t *xq[2], *hq = malloc((size_t)M * kp);
         int32_t xsum[2][M], qsum[M];
-        for (int variant = 0; variant < 3; variant++) { /* plain, residual add, gate */
+        /* plain, residual add, relu^2 gate, SiLU gate, SiLU gate without a norm */
+        for (int variant = 0; variant < 5; variant++) {
+            const int gated = variant >= 2, silu = variant >= 3, normed = variant != 4;
             for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
                 int c = isa != 0;
                 x[c] = malloc(sizeof(float) * M * n), h[c] = malloc(sizeof(float) * M * n), xq[c] = malloc((size_t)M * kp);
                 memset(xq[c], 0x55, (size_t)M * kp);
-                bn_glue_job j = {.n = n, .kp = kp, .eps = 1e-5f, .w = w, .x = x[c], .add = variant == 1 ? add : NULL,
-                                 .up = variant == 2 ? up : NULL, .h = h[c], .xscale = scale[c], .xsum = xsum[c]};
+                bn_glue_job j = {.n = n, .kp = kp, .act = silu ? BN_ACT_SILU : BN_ACT_RELU2, .eps = 1e-5f,
+                                 .w = normed ? w : NULL, .x = x[c], .add = variant == 1 ? add : NULL,
+                                 .up = gated ? up : NULL, .h = h[c], .xscale = scale[c], .xsum = xsum[c]};
                 memcpy(x[c], x0, sizeof(float) * M * n);
                 bn_kernels_for(isa)->glue(&j, 0, M); /* float rows into h */
                 memcpy(x[c], x0, sizeof(float) * M * n);
@@ -263,13 +266,20 @@ static void test_glue(void) {
                 for (int i = 0; i < n; i++) {
                     float v = x0r[i] + (variant == 1 ? add[(size_t)t * n + i] : 0.0f);
                     if (variant == 2) v = (x0r[i] > 0 ? x0r[i] * x0r[i] : 0.0f) * up[(size_t)t * n + i];
+                    if (silu) {
+                        v = x0r[i] / (1.0f + expf(-x0r[i])) * up[(size_t)t * n + i];
+                        CHECK(fabsf(xr[i] - v) <= 4e-7f * fabsf(v) + 1e-30f, "glue SiLU gate at n=%d i=%d: %g vs %g", n,
+                              i, xr[i], v);
+                        v = xr[i];
+                    }
                     CHECK(xr[i] == v, "glue residual/gate at n=%d variant %d", n, variant);
                     ss += (double)v * v;
                     amax = fabsf(hr[i]) > amax ? fabsf(hr[i]) : amax;
                 }
                 float r = (float)(1.0 / sqrt(ss / n + 1e-5));
                 for (int i = 0; i < n; i++)
-                    CHECK(fabsf(hr[i] - w[i] * xr[i] * r) <= 1e-6f * (1 + fabsf(hr[i])), "rmsnorm at n=%d", n);
+                    CHECK(normed ? fabsf(hr[i] - w[i] * xr[i] * r) <= 1e-6f * (1 + fabsf(hr[i])) : hr[i] == xr[i],
+                          "rmsnorm at n=%d variant %d", n, variant);
                 float sc = 127.0f / (amax > 1e-5f ? amax : 1e-5f);
                 for (int i = 0; i < kp; i++) {
                     float q = i < n ? nearbyintf(hr[i] * sc) : 0.0f;
@@ -283,6 +293,37 @@ static void test_glue(void) {
         }
         free(x0), free(add), free(up), free(w), free(hq);
     }
+}
+
+/* SiLU over its whole range (exp_poly's clamps, signed zeros, infinities) on every ISA: the
+ * scalar bits everywhere, within a few ulp of libm where the result is a normal float. */
+static void test_glue_silu_range(void) {
+    enum { N = 4007 };
+    float *x0 = malloc(sizeof(float) * N), *up = malloc(sizeof(float) * N), *ref = malloc(sizeof(float) * N),
+          *x = malloc(sizeof(float) * N), *h = malloc(sizeof(float) * N);
+    for (int i = 0; i < N - 4; i++) x0[i] = -100.0f + 200.0f * i / (N - 5), up[i] = 1.0f;
+    x0[N - 4] = -0.0f, x0[N - 3] = 0.0f, x0[N - 2] = INFINITY, x0[N - 1] = -INFINITY;
+    for (int i = N - 4; i < N; i++) up[i] = 1.0f;
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+        if (!bn_isa_available(isa)) continue;
+        memcpy(x, x0, sizeof(float) * N);
+        bn_glue_job j = {.n = N, .kp = N, .act = BN_ACT_SILU, .x = x, .up = up, .h = h};
+        bn_kernels_for(isa)->glue(&j, 0, 1);
+        if (isa == 0) {
+            memcpy(ref, x, sizeof(float) * N);
+            for (int i = 0; i < N - 2; i++) { /* the infinities apart: inf - inf */
+                float want = x0[i] / (1.0f + expf(-x0[i]));
+                if (fabsf(want) > 1e-30f)
+                    CHECK(fabsf(x[i] - want) <= 3e-7f * fabsf(want), "SiLU(%g) = %g, libm %g", x0[i], x[i], want);
+                else
+                    CHECK(fabsf(x[i]) < 1e-30f, "SiLU(%g) = %g, libm %g", x0[i], x[i], want);
+            }
+            CHECK(x[N - 2] == INFINITY, "SiLU(inf) = %g", x[N - 2]);
+        } else {
+            CHECK(!memcmp(x, ref, sizeof(float) * N), "SiLU isa %d differs from scalar", isa);
+        }
+    }
+    free(x0), free(up), free(ref), free(x), free(h);
 }
 
 /* q4 at its int32 bound: every code 0 (q = -8) and sub 255 against x = +-127 over 8192 inputs */
@@ -307,10 +348,12 @@ static void test_head_q4_extremes(void) {
 }
 
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
- * kernels are exact, so logits agree across ISAs up to the head's float summation order. */
-static void test_decoder(void) {
-    enum { L = 2, H = 72, F = 136, NH = 4, NKV = 1, HD = 18, V = 61, CTX = 40 };
-    int kph = 128, kpf = 256;
+ * kernels are exact, so logits agree across ISAs up to the head's float summation order. As BitNet
+ * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72). */
+static void test_decoder(int llama) {
+    enum { L = 2, H = 72, F = 136, NH = 4, NKV = 1, V = 61, CTX = 40 };
+    const int HD = llama ? 24 : 18, QD = NH * HD;
+    int kph = 128, kpf = 256, kpq = (QD + 127) / 128 * 128;
     uint16_t *emb = malloc(sizeof(uint16_t) * V * H);
     for (int i = 0; i < V * H; i++) emb[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
     float *cs = malloc(sizeof(float) * CTX * HD / 2), *sn = malloc(sizeof(float) * CTX * HD / 2);
@@ -321,14 +364,15 @@ static void test_decoder(void) {
         }
     bn_layer_desc layers[L];
     for (int l = 0; l < L; l++)
-        layers[l] = (bn_layer_desc){random_floats(H, 0.2f, 1), random_floats(H, 0.2f, 1), random_floats(H, 0.2f, 1),
-                                    random_floats(F, 0.2f, 1), random_weights(H, H, kph), random_weights(NKV * HD, H, kph),
-                                    random_weights(NKV * HD, H, kph), random_weights(H, H, kph),
+        layers[l] = (bn_layer_desc){random_floats(H, 0.2f, 1), random_floats(H, 0.2f, 1),
+                                    llama ? NULL : random_floats(QD, 0.2f, 1), llama ? NULL : random_floats(F, 0.2f, 1),
+                                    random_weights(QD, H, kph), random_weights(NKV * HD, H, kph),
+                                    random_weights(NKV * HD, H, kph), random_weights(H, QD, kpq),
                                     random_weights(F, H, kph), random_weights(F, H, kph), random_weights(H, F, kpf),
                                     0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f};
     float *final_norm = random_floats(H, 0.2f, 1);
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL,
-                       final_norm, cs, sn, layers};
+                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2};
     int32_t tokens[CTX];
     for (int i = 0; i < CTX; i++) tokens[i] = (int32_t)(rnd() % V);
     float *ref = NULL;
@@ -353,7 +397,8 @@ static void test_decoder(void) {
                 ref = all;
             } else {
                 for (int i = 0; i < CTX * V; i++)
-                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ", isa);
+                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d)", isa,
+                          llama);
                 free(all);
             }
             free(last);
@@ -408,7 +453,9 @@ int main(void) {
     test_attention();
     test_glue();
     test_head_q4_extremes();
-    test_decoder();
+    test_glue_silu_range();
+    test_decoder(0);
+    test_decoder(1);
     if (failures) {
         printf("%d kernel test failures\n", failures);
         return 1;

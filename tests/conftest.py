@@ -138,3 +138,93 @@ def load_hf_reference(ckpt_dir: Path):
 def hf_tiny_checkpoint(tmp_path_factory, test_tokenizer_dir) -> Path:
     """A tiny random HF BitNet checkpoint (fp32, online-quantised config, tied embeddings)."""
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), test_tokenizer_dir)
+
+
+# The quantization_config blocks of the Llama-architecture 1.58-bit checkpoints, by convention:
+# how the BitLinear weights are stored and what the output does with weight_scale (transformers'
+# BitNetQuantConfig defaults linear_class to bitlinear and quantization_mode to offline).
+LLAMA_CONVENTIONS = {
+    # latent bf16/fp32 weights, ternarised on the fly (Falcon-E's prequantized revision, our training)
+    "online": dict(ONLINE_QUANT),
+    # HF1BitLLM/Llama3-8B-1.58 and onebitllms' quantize_to_1bit: only quant_method; uint8, divide
+    "bitlinear-default": {"quant_method": "bitnet", "modules_to_not_convert": None},
+    "bitlinear": {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline"},
+    # AutoBitLinear offline: uint8 (or ternary floats), multiply
+    "autobitlinear-offline": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"},
+    "autobitlinear-offline-floats": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                     "quantization_mode": "offline"},
+}
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def make_llama_checkpoint(
+    out_dir: Path,
+    tokenizer_dir: Path | None = None,
+    *,
+    convention: str = "online",
+    rope_scaling: dict | None = None,
+    vocab_size: int = 389,
+    hidden_size: int = 96,
+    intermediate_size: int = 200,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int | None = None,
+    max_position_embeddings: int = 256,
+    tie_word_embeddings: bool = False,
+    initializer_range: float = 0.05,
+    seed: int = 0,
+    f16_embeddings: bool = True,
+) -> Path:
+    """Save a random transformers LlamaForCausalLM with the bitnet quantization_config of `convention`
+    (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
+    trits with weight_scale = gamma (autobitlinear: multiplied) or 1/gamma (bitlinear: divided).
+    With `f16_embeddings` the embedding and head values are f16-representable (exact when packed)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations.bitnet import pack_weights
+
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else dict(rope_scaling, rope_theta=10000.0)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads, head_dim=head_dim, max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range, bos_token_id=0, eos_token_id=1,
+        rope_parameters=rope, hidden_act="silu",
+    )
+    model = LlamaForCausalLM(config).float()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))  # norms that are not all ones
+            elif f16_embeddings and ("embed_tokens" in name or "lm_head" in name):
+                p.copy_(p.half().float())
+    model.save_pretrained(out_dir)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    cfg["quantization_config"] = dict(LLAMA_CONVENTIONS[convention])
+    if convention != "online":
+        state = load_file(str(out_dir / "model.safetensors"))
+        for name in [n for n in state if n.endswith("_proj.weight")]:
+            w = state[name]
+            s = 1.0 / w.abs().mean().clamp(min=1e-5)
+            trits = (w * s).round().clamp(-1, 1)
+            state[name] = trits if convention.endswith("floats") else pack_weights(trits.clone().to(torch.int8))
+            scale = s if convention.startswith("bitlinear") else 1.0 / s
+            state[name.replace(".weight", ".weight_scale")] = scale.reshape(1).float()
+        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer_dir is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
+    return out_dir
+
+
+def load_hf_llama_reference(ckpt_dir: Path):
+    """transformers' own LlamaForCausalLM (its bitnet quantizer applying the config's convention), fp32."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).eval()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from bitnet_cli import arch
-from bitnet_cli.arch import PRESETS, ModelDims, bitnet_config, gguf_name, layer_tensor, split_layer_tensor
+from bitnet_cli.arch import (
+    FAMILY_BY_MODEL_TYPE, PRESETS, ModelDims, bitnet_config, gguf_name, layer_tensor, split_layer_tensor,
+)
 from bitnet_cli.errors import BitnetError
 
 CONFIG_2B4T = bitnet_config(PRESETS["2b4t"].fields)
@@ -27,7 +29,9 @@ def test_train_and_bench_read_the_same_presets():
     for name in PRESETS:
         trained = ModelSpec(preset=name).resolved()
         benched = shape_config(name)
-        assert all(trained[k] == benched[k] for k in PRESETS[name].fields), name
+        assert all(trained[k] == benched[k] for k in PRESETS[name].fields if k != "model_type"), name
+        # a family's preset names its model_type; a recipe calls it model.family
+        assert FAMILY_BY_MODEL_TYPE[benched["model_type"]] == trained["family"], name
     assert shape_config("700m")["num_attention_heads"] == ModelSpec(preset="700m").resolved()["num_attention_heads"]
 
 
@@ -53,8 +57,10 @@ def test_the_torch_config_is_checked_by_the_same_parser():
     with pytest.raises(BitnetError, match="num_key_value_heads=3 must divide num_attention_heads=4"):
         BitNetConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                      num_attention_heads=4, num_key_value_heads=3)
-    with pytest.raises(BitnetError, match="config.json: RoPE scaling"):
+    with pytest.raises(BitnetError, match="config.json: llama3 RoPE scaling needs a positive number for 'factor'"):
         BitNetConfig.from_hf_dict({**CONFIG_2B4T, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1.0}})
+    with pytest.raises(BitnetError, match="config.json: RoPE scaling rope_type='yarn' is not supported"):
+        BitNetConfig.from_hf_dict({**CONFIG_2B4T, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
 
 
 def test_every_table_row_names_one_tensor_everywhere():
@@ -71,7 +77,7 @@ def test_every_table_row_names_one_tensor_everywhere():
 
 
 def test_special_ids_follow_the_tokenizer_config_then_config_json():
-    from bitnet_cli.tokens import BOS, EOS, special_id, train_bpe
+    from bitnet_cli.tokenizer import BOS, EOS, special_id, train_bpe
 
     tok = train_bpe(["hello world, hello there"] * 20, 300)
     assert tok.token_to_id(BOS) == 0 and tok.token_to_id(EOS) == 1

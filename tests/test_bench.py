@@ -294,9 +294,10 @@ def test_anchor_comparison_for_the_2b4t_shape(tiny_model):
 def test_synthetic_models_are_cached(tmp_path, monkeypatch):
     from bitnet_cli.bench import target
     from bitnet_cli.pack import synthetic
+    from bitnet_cli.pack.format import FORMAT_VERSION
 
     t = target.from_shape("tiny", "int8", tmp_path)
-    assert t.path.parent == tmp_path and t.path.name.startswith("tiny-int8-v1-") and not t.path.exists()
+    assert t.path.parent == tmp_path and t.path.name.startswith(f"tiny-int8-v{FORMAT_VERSION}-") and not t.path.exists()
     path = t.ensure_file()
     stamp = path.stat().st_mtime_ns
 

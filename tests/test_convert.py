@@ -245,7 +245,7 @@ def test_convert_small_recipe_dry_run(float_run):
 # ----------------------------------------------------------------------------- Hugging Face sources
 
 
-def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, **kw) -> Path:
+def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, sharded: bool = False, **kw) -> Path:
     """A random transformers float model (LlamaForCausalLM, Qwen2ForCausalLM, ...) with our test tokenizer."""
     import transformers
 
@@ -259,10 +259,77 @@ def hf_float_source(out: Path, tokenizer_dir: Path, cls: str, **kw) -> Path:
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0, 0.5)
-    model.save_pretrained(out)
+    model.save_pretrained(out, **({"max_shard_size": "40KB"} if sharded else {}))
+    assert (out / "model.safetensors.index.json").is_file() == sharded
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (out / name).write_bytes((tokenizer_dir / name).read_bytes())
     return out
+
+
+def _student_logits_at_lambda_zero(src_dir: Path, ids: torch.Tensor, insert_subln: bool = False):
+    from bitnet_cli.train.source import load_weights, open_source, student_config
+
+    src = open_source(str(src_dir))
+    student = BitNetForCausalLM(student_config(src, "bitnet", insert_subln=insert_subln))
+    load_weights(src, student, insert_subln)
+    set_quant_lambda(student, 0.0)
+    with torch.no_grad():
+        return student, student(ids)
+
+
+@pytest.mark.parametrize("cls,kw", [
+    ("LlamaForCausalLM", {}),
+    ("LlamaForCausalLM", {"tie_word_embeddings": True, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("Qwen2ForCausalLM", {}),
+    ("LlamaForCausalLM", {"sharded": True}),
+])
+def test_init_from_transformers_models_reproduces_their_logits(tmp_path, test_tokenizer_dir, cls, kw):
+    import transformers
+
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, cls, **kw)
+    teacher = getattr(transformers, cls).from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(0, 400, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = teacher(ids).logits
+    student, got = _student_logits_at_lambda_zero(src, ids)
+    assert (got - want).abs().max().item() < 1e-5
+    assert student.config.quant == "bitnet" and student.config.vocab_size == 400
+
+
+def test_insert_subln_adds_unit_sub_norms_to_a_llama_source(tmp_path, test_tokenizer_dir):
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "LlamaForCausalLM")
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(0))
+    student, _ = _student_logits_at_lambda_zero(src, ids, insert_subln=True)
+    cfg = student.config.to_hf_dict()
+    assert cfg["model_type"] == "bitnet" and cfg["hidden_act"] == "silu"
+    layer = student.model.layers[0]
+    assert torch.equal(layer.self_attn.attn_sub_norm.weight, torch.ones(64))
+    assert torch.equal(layer.mlp.ffn_sub_norm.weight, torch.ones(160))
+
+
+@pytest.mark.parametrize("insert_subln", [False, True])
+def test_converted_llama_trains_packs_and_runs(tmp_path, test_tokenizer_dir, insert_subln):
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import reference
+    from bitnet_cli.pack.convert import pack_checkpoint
+    from bitnet_cli.pack.format import PackedModel
+
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "LlamaForCausalLM")
+    data = convert_recipe(src, steps=4, log_every=1, eval_every=4, checkpoint_every=4)
+    data["model"]["insert_subln"] = insert_subln
+    data["quant"] = {"warmup_steps": 2}
+    data["distill"] = {"alpha": 0.5}
+    res = train(load_recipe(None, data=data), out_dir=tmp_path / "run", progress=False)
+    cfg = json.loads((res.checkpoint / "config.json").read_text())
+    assert cfg["model_type"] == ("bitnet" if insert_subln else "llama") and cfg["hidden_act"] == "silu"
+    pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    ids = [0, 5, 9, 33, 2, 17]
+    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
+        got = eng.forward(ids)
+    with PackedModel.open(tmp_path / "m.bin") as pm:
+        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
 
 
 def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_dir):
@@ -271,3 +338,36 @@ def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_di
     with pytest.raises(BitnetError, match="qwen3 model, which cannot be converted yet: Qwen3's per-head q_norm/k_norm"):
         train(r, out_dir=tmp_path / "never", progress=False)
     assert not (tmp_path / "never").exists()
+
+
+def test_converted_qwen2_trains_and_evaluates_but_pack_names_its_biases(tmp_path, test_tokenizer_dir):
+    from bitnet_cli.pack.convert import pack_checkpoint
+
+    src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "Qwen2ForCausalLM")
+    data = convert_recipe(src, steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+    data["quant"] = {"warmup_steps": 2}
+    data["distill"] = {"alpha": 0.5}
+    res = train(load_recipe(None, data=data), out_dir=tmp_path / "run", progress=False)
+    cfg = json.loads((res.checkpoint / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["quantization_config"]["quant_method"] == "bitnet"
+    ours = BitNetForCausalLM.from_pretrained(res.checkpoint)  # resumable and evaluable: the biases round-trip
+    assert ours.model.layers[0].self_attn.q_proj.bias is not None
+    with pytest.raises(BitnetError, match="biases on q_proj/k_proj/v_proj, which the packed format"):
+        pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    with pytest.raises(BitnetError, match="q/k/v biases, which BitNet b1.58 does not have"):
+        train(load_recipe(None, ["model.insert_subln=true"], data=convert_recipe(src)), out_dir=tmp_path / "x",
+              progress=False)
+
+
+def test_convert_qwen_recipe_dry_run_with_a_local_tiny_qwen2(tmp_path, test_tokenizer_dir):
+    from conftest import REPO
+
+    src = hf_float_source(tmp_path / "qwen", test_tokenizer_dir, "Qwen2ForCausalLM", tie_word_embeddings=True,
+                          max_position_embeddings=4096)
+    res = CliRunner().invoke(app, ["train", str(REPO / "recipes" / "convert-qwen2.5-0.5b.yaml"), "--dry-run", "--json",
+                                   "--set", f"model.init_from={src}"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["config"]["model_type"] == "qwen2" and d["config"]["tie_word_embeddings"] is True
+    assert d["init_from"] == d["teacher"] == str(src.resolve())
+    assert d["recipe"]["quant"]["warmup_steps"] == 1000 and d["recipe"]["distill"]["alpha"] > 0

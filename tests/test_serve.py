@@ -353,3 +353,18 @@ def test_lm_eval_local_completions_scores_like_bitnet_eval(server, packed, share
     b = [r[0] for s in local["samples"]["arc_easy"] for r in s["filtered_resps"]]
     assert len(a) == len(b) >= 150
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
+    """benchmarks/serve_load.py on the small model: every level's streams get all their tokens."""
+    r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--model", str(packed), "--threads", "1",
+                        "--prompt", "8", "--generate", "5", "--streams", "1,3", "--requests", "2", "--ctx-size", "64",
+                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "serve_load.json").read_text())
+    rows = res["servers"]["bitnet serve"]
+    assert [row["streams"] for row in rows] == [1, 3]
+    assert [row["generated_tokens"] for row in rows] == [10, 30] and all(row["short_requests"] == 0 for row in rows)
+    assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
+    assert "| bitnet serve | 3 |" in (tmp_path / "SERVE_LOAD.md").read_text()

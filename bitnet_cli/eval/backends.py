@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 Group = tuple[list[int], list[list[int]]]
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
-from bitnet_cli.checkpoint import Checkpoint, open_checkpoint
+from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
+from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
@@ -66,14 +66,6 @@ def _check_shape(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def _linear_class(ckpt: Checkpoint) -> str:
-    quant = ckpt.config.get("quantization_config") or {}
-    cls = quant.get("linear_class", "bitlinear")
-    if cls not in ("bitlinear", "autobitlinear"):
-        raise BitnetError(f"{ckpt.path / 'config.json'}: unknown quantization_config.linear_class {cls!r}")
-    return cls
-
-
 def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
     """(trits int8 [N, K], gamma float32) of one BitLinear weight, from any supported source kind."""
     n, k = shape
@@ -113,7 +105,8 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
     if scale[0] <= 0:
         raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
     # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
-    gamma = scale[0] if _linear_class(ckpt) == "autobitlinear" else np.float32(1.0) / scale[0]
+    _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
+    gamma = scale[0] if op == "multiply" else np.float32(1.0) / scale[0]
     return trits, np.float32(gamma)
 
 
@@ -234,6 +227,8 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
         )
     where = str(ckpt.path) if ckpt.kind == "gguf" else str(ckpt.path / "config.json")
     dims = ModelDims.from_config(ckpt.config, where)
+    if ckpt.kind != "gguf":  # a GGUF source's tensors are checked against its own architecture on import
+        _check_family_tensors(ckpt, dims)
     if to == "gguf":
         from bitnet_cli.pack.gguf import check_gguf_shapes, export_gguf
 
@@ -252,6 +247,18 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
         summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
     summary.notes = list(getattr(ckpt, "notes", []))
     return summary
+
+
+def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
+    """Refuse a checkpoint holding layer norms its family does not have (e.g. BitNet's sub-norms
+    under model_type llama): packing would silently drop them and compute another function."""
+    if dims.sub_norms:
+        return
+    model_type = ckpt.config.get("model_type")
+    for name in ckpt.tensors:
+        if name.startswith(LAYER_PREFIX) and split_layer_tensor(name)[1] in SUB_NORMS:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a BitNet sub-norm, but "
+                              f"model_type {model_type!r} has no sub-norms (is config.json the right one?)")
 
 
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,

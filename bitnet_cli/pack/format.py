@@ -24,7 +24,10 @@ from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
 from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 
 FORMAT = "bitnet-cli"
-FORMAT_VERSION = "1"
+# 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
+# tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
@@ -252,10 +255,10 @@ class PackedModel:
         _, entries, metadata = read_safetensors_header(path)
         if metadata.get("format") != FORMAT:
             raise BitnetError(f"{path}: not a bitnet-cli packed model (make one with `bitnet pack`)")
-        if metadata.get("format_version") != FORMAT_VERSION:
+        if metadata.get("format_version") not in READABLE_VERSIONS:
             raise BitnetError(
                 f"{path}: packed format version {metadata.get('format_version')!r}; this bitnet-cli reads "
-                f"version {FORMAT_VERSION} (re-pack the model)"
+                f"versions {', '.join(READABLE_VERSIONS)} (re-pack the model)"
             )
         for key in ("config", "tokenizer", "layout", "embeddings", "checksums"):
             if key not in metadata:
@@ -265,6 +268,10 @@ class PackedModel:
         if metadata["embeddings"] not in EMBEDDING_TYPES:
             raise BitnetError(f"{path}: unknown embeddings type {metadata['embeddings']!r}")
         pm = cls(path, metadata, entries, None)
+        d = pm.dims
+        if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
+            raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
+                              f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
             e = entries.get(spec.name)
             if e is None:

@@ -35,7 +35,7 @@ from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
 from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.format import PackedModel
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
 HEAD_TYPES = ("f16", "q6_k")
@@ -97,6 +97,9 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
     if head is None and embeddings not in ("f16", "int8"):
         raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}, unless "
                           "--gguf-head f16|q6_k re-encodes them")
+    if d.family != "bitnet":
+        raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
+                          f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
     block = 128 if gguf_type == "i2_s" else QK_K

@@ -1,6 +1,7 @@
 """The numpy reference forward pass over a packed file: the oracle the C engine is tested against.
 
-It follows transformers' `BitNetForCausalLM` op for op in float32, except that each BitLinear
+It follows transformers' `BitNetForCausalLM` (or `LlamaForCausalLM`, for the llama family: SiLU
+gate, no sub-norms, llama3 RoPE) op for op in float32, except that each BitLinear
 is computed the way the engine computes it: per-token absmax int8 activations, an exact
 integer dot product with the trits, then one rescale `acc / s * gamma` per output.
 Simple and slow on purpose (weights are unpacked on every call).
@@ -14,6 +15,7 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import PackedModel
+from bitnet_cli.rope import inv_freq
 
 F32 = np.float32
 HEAD_CHUNK_ROWS = 16384
@@ -38,9 +40,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (weight * (x * (F32(1) / np.sqrt(var + F32(eps))))).astype(F32)
 
 
-def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = F32(1) / (F32(theta) ** (np.arange(0, head_dim, 2, dtype=F32) / F32(head_dim)))
-    freqs = positions.astype(F32)[:, None] * inv_freq[None, :]
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float,
+                scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    freqs = positions.astype(F32)[:, None] * inv_freq(head_dim, theta, scaling)[None, :]
     emb = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(emb).astype(F32), np.sin(emb).astype(F32)
 
@@ -79,7 +81,7 @@ def forward(pm: PackedModel, token_ids, cache: KVCache | None = None) -> np.ndar
     n_past = cache.n_past if cache is not None else 0
     t = ids.size
     positions = np.arange(n_past, n_past + t)
-    cos, sin = rope_tables(positions, d.head_dim, d.rope_theta)
+    cos, sin = rope_tables(positions, d.head_dim, d.rope_theta, d.rope_scaling)
     group = d.num_heads // d.num_kv_heads
     causal = np.triu(np.full((t, n_past + t), -np.inf, dtype=F32), k=n_past + 1)
     eps = d.rms_norm_eps
@@ -113,13 +115,20 @@ def forward(pm: PackedModel, token_ids, cache: KVCache | None = None) -> np.ndar
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         probs = scores / scores.sum(axis=-1, keepdims=True)
         attn = (probs @ vh).transpose(1, 0, 2).reshape(t, d.num_heads * d.head_dim)
-        attn = norm(attn, p + "self_attn.attn_sub_norm.weight")
+        if d.sub_norms:
+            attn = norm(attn, p + "self_attn.attn_sub_norm.weight")
         x = x + linear(attn, i, "self_attn.o_proj")
 
         h = norm(x, p + "post_attention_layernorm.weight")
-        gate = np.maximum(linear(h, i, "mlp.gate_proj"), 0)
-        m = gate * gate * linear(h, i, "mlp.up_proj")
-        m = norm(m, p + "mlp.ffn_sub_norm.weight")
+        gate = linear(h, i, "mlp.gate_proj")
+        if d.hidden_act == "silu":
+            with np.errstate(over="ignore"):  # exp(-gate) = inf: silu -> -0, as in torch
+                gate = (gate / (F32(1) + np.exp(-gate))).astype(F32)
+        else:
+            gate = np.maximum(gate, 0) * np.maximum(gate, 0)
+        m = gate * linear(h, i, "mlp.up_proj")
+        if d.sub_norms:
+            m = norm(m, p + "mlp.ffn_sub_norm.weight")
         x = x + linear(m, i, "mlp.down_proj")
 
     x = norm(x, "model.norm.weight")

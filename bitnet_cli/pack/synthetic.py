@@ -16,7 +16,7 @@ from bitnet_cli.arch import EMBED, LM_HEAD, SYNTHETIC_DEFAULTS, ModelDims, bitne
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import bundled_corpus
 from bitnet_cli.pack.convert import pack_metadata
-from bitnet_cli.tokens import BOS, EOS, pieces, train_bpe
+from bitnet_cli.tokenizer import BOS, EOS, pieces, train_bpe
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
 from bitnet_cli import kernels

@@ -286,11 +286,13 @@ class Scheduler:
         slot.generated += 1
         self.generated_tokens += 1
         piece = slot.text.push(token)
+        reason = "stop" if slot.text.stopped else "length" if (
+            slot.generated >= job.max_tokens or len(slot.history) >= self.engine.ctx_size) else None
+        if reason == "length":
+            piece += slot.text.flush()  # the last token carries all the text: one event per token
         job.sink(TokenEvent(piece, token, lp, top))
-        if slot.text.stopped:
-            self._finish(slot, DoneEvent("stop", len(job.prompt), slot.generated, slot.reused))
-        elif slot.generated >= job.max_tokens or len(slot.history) >= self.engine.ctx_size:
-            self._finish(slot, DoneEvent("length", len(job.prompt), slot.generated, slot.reused))
+        if reason:
+            self._finish(slot, DoneEvent(reason, len(job.prompt), slot.generated, slot.reused))
         else:
             slot.next_token = token
 
@@ -299,7 +301,7 @@ class Scheduler:
         if not cached_ok:
             slot.cached = []
         if isinstance(event, DoneEvent):
-            rest = slot.text.flush()
+            rest = slot.text.flush()  # text held back when an end-of-sequence token ended it
             if rest:
                 job.sink(TokenEvent(rest, None))
         job.sink(event)

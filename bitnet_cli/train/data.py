@@ -22,8 +22,8 @@ import numpy as np
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import bundled_corpus
 from bitnet_cli.files import cache_root as shared_cache_root
-from bitnet_cli.tokens import BOS, EOS, special_id
-from bitnet_cli.tokens import train_bpe as train_bpe_on
+from bitnet_cli.tokenizer import BOS, EOS, special_id
+from bitnet_cli.tokenizer import train_bpe as train_bpe_on
 from bitnet_cli.train.recipe import BUNDLED_CORPUS, DataSpec
 _CHUNK_CHARS = 1 << 20  # tokenise ~1 MB of text at a time
 
@@ -112,7 +112,7 @@ def corpus_hash(files: list[Path]) -> str:
 
 
 def train_bpe(files: list[Path], vocab_size: int, max_chars: int):
-    """A byte-level BPE (bitnet_cli.tokens.train_bpe) on at most `max_chars` of the corpus files."""
+    """A byte-level BPE (bitnet_cli.tokenizer.train_bpe) on at most `max_chars` of the corpus files."""
 
     def texts():
         left = max_chars

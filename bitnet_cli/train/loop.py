@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bitnet_cli.arch import DIM_LIMITS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
-from bitnet_cli.tokens import special_id
+from bitnet_cli.tokenizer import special_id
 from bitnet_cli.train import checkpoint as ckpt_io
 from bitnet_cli.train import distributed as D
 from bitnet_cli.train import int8_linear

@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bitnet_cli.arch import DIM_LIMITS, PRESETS
+from bitnet_cli.arch import ACTIVATIONS, DIM_LIMITS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import bundled
 
@@ -38,6 +38,15 @@ class ModelSpec(_Strict):
                                 "only if round_vocab_to is set).")
     round_vocab_to: int = Field(1, ge=1, le=1 << 16, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
                                                      "for tensor-core friendly shapes).")
+    # qwen2 (q/k/v biases, not packable) is only reached through init_from
+    family: Optional[Literal[tuple(k for k, f in FAMILIES.items() if not f.qkv_bias)]] = Field(  # type: ignore[valid-type]
+        None, description="bitnet: BitNet b1.58 (sub-norms, relu2 gate); llama: the Llama-architecture 1.58-bit "
+                          "models (no sub-norms, SiLU gate, checkpoints of model_type llama); default: the "
+                          "preset's, else bitnet.")
+    hidden_act: Optional[Literal[ACTIVATIONS]] = Field(  # type: ignore[valid-type]
+        None, description="The FFN gate's activation (relu2 or silu); default: the family's.")
+    head_dim: Optional[int] = Field(None, gt=0, le=4096, description="Per-head width; default: hidden_size / "
+                                                                     "num_attention_heads (free in the llama family).")
     hidden_size: Optional[int] = Field(None, gt=0, le=_L["hidden_size"], description="Model width.")
     intermediate_size: Optional[int] = Field(None, gt=0, le=_L["intermediate_size"], description="FFN width.")
     num_hidden_layers: Optional[int] = Field(None, gt=0, le=_L["num_hidden_layers"], description="Decoder layers.")
@@ -48,7 +57,7 @@ class ModelSpec(_Strict):
                                                                            "train.seq_len.")
     rope_theta: Optional[float] = Field(None, gt=0, description="RoPE base frequency; default: the preset's, "
                                                                 "else 10000.")
-    rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    rms_norm_eps: Optional[float] = Field(None, gt=0, description="RMSNorm epsilon; default: the preset's, else 1e-5.")
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal init of linears and embeddings.")
     tie_word_embeddings: Optional[bool] = Field(None, description="Share the input embedding with lm_head; "
                                                                   "default: the preset's, else true.")
@@ -68,9 +77,11 @@ class ModelSpec(_Strict):
 
     def resolved(self) -> dict[str, Any]:
         """Defaults, then the preset's fields, then the explicit fields (explicit wins)."""
-        out = {"rope_theta": 10000.0, "tie_word_embeddings": True}
+        out = {"rope_theta": 10000.0, "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
         if self.preset:
-            out.update(PRESETS[self.preset].fields)
+            fields = dict(PRESETS[self.preset].fields)
+            out["family"] = FAMILY_BY_MODEL_TYPE[fields.pop("model_type", "bitnet")]
+            out.update(fields)
         for k, v in self.model_dump(exclude={"preset", "round_vocab_to", "init_from", "insert_subln"}).items():
             if v is not None:
                 out[k] = v
@@ -84,7 +95,7 @@ class ModelSpec(_Strict):
             return self
         given = [k for k in ("preset", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                              "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                             "rope_theta", "tie_word_embeddings")
+                             "rope_theta", "tie_word_embeddings", "family", "hidden_act", "head_dim")
                  if getattr(self, k) is not None]
         if given:
             raise ValueError(f"with init_from the shape comes from the checkpoint; remove {', '.join(given)}")

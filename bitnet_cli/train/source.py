@@ -20,12 +20,16 @@ import numpy as np
 import torch
 
 from bitnet_cli.checkpoint import TensorEntry, _checkpoint_dir, read_json, read_safetensors_header, tensor_files
+from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 
 # model_type -> what it is, as the refusal message and the docs list it.
 ACCEPTED = {
     "bitnet": "BitNet b1.58 (BitNetForCausalLM) with float weights, e.g. one of our `quant: none` runs",
+    "llama": "Llama (LlamaForCausalLM: Llama 2/3 with default or llama3 RoPE, and Llama-architecture models)",
+    "qwen2": "Qwen2 / Qwen2.5 (Qwen2ForCausalLM; q/k/v biases kept in float: trains and evaluates in torch, "
+             "not packed yet)",
 }
 # Architectures we know and refuse, with what stands in the way (named in the refusal).
 REFUSED = {
@@ -112,6 +116,9 @@ def student_config(src: Source, quant: str, insert_subln: bool) -> BitNetConfig:
     if insert_subln:
         if src.model_type == "bitnet":
             raise BitnetError(f"model.insert_subln: {src.where} is a BitNet model and has its sub-norms already")
+        if FAMILIES[FAMILY_BY_MODEL_TYPE[src.model_type]].qkv_bias:
+            raise BitnetError(f"model.insert_subln: {src.where} is a {src.model_type} model with q/k/v biases, "
+                              "which BitNet b1.58 does not have; convert it without insert_subln")
         # the source family's own defaults, made explicit before the model_type changes
         d.setdefault("hidden_act", "silu")
         d.setdefault("tie_word_embeddings", False)
