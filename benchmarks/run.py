@@ -72,7 +72,8 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
                   "(each shape x its uses per token); the rest is the output head, attention, norms and overhead.",
                   _table(["threads", "test", "ms per token", "ternary ms", "share", "rest ms"],
                          [[str(r["threads"]), r["test"], f"{r['total_ms']:.1f}", f"{r['ternary_ms']:.1f}",
-                           f"{r['ternary_pct']:.0f}%", f"{r['total_ms'] - r['ternary_ms']:.1f}"]
+                           f"{r['ternary_pct']:.0f}%" if "ternary_pct" in r else "n/a",
+                           f"{r['rest_ms']:.1f}" if "rest_ms" in r else "n/a"]
                           for r in results["summary"]["time_per_token"]])]
     if results["summary"].get("anchors"):
         a = results["summary"]["anchors"]

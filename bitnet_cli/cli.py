@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.sampling import SamplingParams
 
 app = typer.Typer(
     name="bitnet",
@@ -31,22 +35,72 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+# ---------------------------------------------------------------- options every command spells alike
+# One definition each, so that an option means the same in every command: -t is always --threads
+# (bench sweeps a list of them), --json always prints one JSON object on stdout and nothing else.
+
+SAMPLING = SamplingParams()  # the defaults `bitnet run` shows are the library's
+
+
+def threads_option(what: str = "") -> Optional[int]:
+    return typer.Option(None, "--threads", "-t", help=f"CPU threads{what} (default: the physical cores).")
+
+
+def json_option(what: str) -> bool:
+    return typer.Option(False, "--json", help=f"Print one JSON object on stdout, nothing else there: {what}.")
+
+
+def print_error(message: str) -> None:
+    """One ``error: ...`` line on stderr.
+
+    soft_wrap: rich would otherwise break the line at the console width (80 columns when stderr is
+    not a terminal), splitting paths and words; a terminal wraps long lines by itself. The message
+    is escaped so that text like ``bitnet-cli[train]`` is not taken for markup.
+    """
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
-def user_errors():
-    """Turn expected failures into one red line and a non-zero exit, never a traceback."""
+def user_errors(extra: str | None = None):
+    """Turn expected failures into one red line and a non-zero exit, never a traceback.
+
+    ``extra``: the pip extra the command needs (e.g. "train"); a module missing from it is
+    reported as the one line that says what to install.
+    """
     try:
         yield
     except BitnetError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+        print_error(as_flags(e))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         raise typer.Exit(130)
+    except ModuleNotFoundError as e:
+        if extra is None or not e.name or e.name.split(".")[0] == "bitnet_cli":
+            raise  # a broken install of our own package is a bug to report, not a missing extra
+        kind = "extras" if "," in extra else "extra"
+        print_error(f"this command needs the {extra} {kind} (no module named {e.name.split('.')[0]!r}): "
+                    f"pip install 'bitnet-cli[{extra}]'")
+        raise typer.Exit(1)
     except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
         if type(e).__name__ != "PanicException":
             raise
-        err_console.print(f"[bold red]error:[/] a library failed on this input: {e}", highlight=False)
+        print_error(f"a library failed on this input: {e}")
         raise typer.Exit(1)
+
+
+
+def print_json(obj) -> None:
+    """The one JSON convention of every --json: one object on stdout, nothing else there."""
+    import json
+
+    def fallback(value):  # paths, numpy scalars, sets and the odd object lm-eval keeps in its results
+        if isinstance(value, (set, frozenset, tuple)):
+            return list(value)
+        return value.item() if hasattr(value, "item") else str(value)
+
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=fallback) + "\n")
+    sys.stdout.flush()
 
 
 def _version_callback(value: bool):
@@ -64,7 +118,7 @@ def main(
     """Train, pack, run, evaluate and benchmark BitNet b1.58 ternary LLMs."""
 
 
-# ---------------------------------------------------------------- train (issue 2)
+# ---------------------------------------------------------------- train
 
 
 @app.command("train")
@@ -85,7 +139,7 @@ def train_cmd(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the resolved recipe, parameter count and FLOPs/token, then exit."
     ),
-    json_out: bool = typer.Option(False, "--json", help="Print the result (or the dry run) as JSON on stdout."),
+    json_out: bool = json_option("the result, or the dry run"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ):
     """Train a BitNet b1.58 model (or its float baseline) from a YAML recipe.
@@ -96,10 +150,9 @@ def train_cmd(
 
     Several GPUs: [dim]torchrun --nproc_per_node 8 --no-python bitnet train recipe.yaml[/]
     """
-    import json
     import os
 
-    with user_errors():
+    with user_errors("train"):
         from bitnet_cli.train.recipe import load_recipe
 
         r = load_recipe(recipe, set_)
@@ -108,7 +161,7 @@ def train_cmd(
 
             d = describe(r)
             if json_out:
-                console.print_json(json.dumps({"recipe": r.model_dump(mode="json"), **d}))
+                print_json({"recipe": r.model_dump(mode="json"), **d})
                 return
             console.print(r.dump_yaml(), highlight=False, markup=False)
             quant = "ternary (b1.58)" if r.model.quant == "bitnet" else "full precision"
@@ -127,22 +180,22 @@ def train_cmd(
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             return
         if json_out:
-            console.print_json(json.dumps(res.to_json()))
+            print_json(res.to_json())
             return
+        if res.start_step >= res.steps:
+            did = f"[bold green]done[/] already: the run in {escape(str(res.out_dir))} had finished its {res.steps} steps\n"
+        else:
+            resumed = f" (resumed at step {res.start_step}, {res.steps} in all)" if res.start_step else ""
+            did = (f"[bold green]done[/] {res.steps - res.start_step} steps{resumed} in {res.seconds:.0f} s "
+                   f"({res.tokens_per_second:,.0f} tok/s" + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n")
         console.print(
-            f"[bold green]done[/] {res.steps} steps in {res.seconds:.0f} s ({res.tokens_per_second:,.0f} tok/s"
-            + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n"
+            did +
             f"  val loss {res.val_loss:.4f} nats/token (unigram entropy of the corpus {res.unigram_entropy:.4f})\n"
             f"  checkpoint {res.checkpoint}\n  metrics    {res.out_dir / 'metrics.jsonl'}, {res.out_dir / 'loss.png'}"
         )
 
 
-# ---------------------------------------------------------------- pack / info (issue 3)
-
-from enum import Enum  # noqa: E402  (kept inside this section: the sections are edited independently)
-
-
-from bitnet_cli.pack.embeddings import EMBEDDING_TYPES  # noqa: E402
+# ---------------------------------------------------------------- pack / info
 
 # --embeddings choices: the head types' traits table (adding a type adds the choice)
 EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
@@ -174,11 +227,12 @@ class SourceKind(str, Enum):
 
 
 def _human_bytes(n: float) -> str:
+    """Three significant digits: '263 MB', '2.89 MB', '120 B' (narrow enough for 80-column tables)."""
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        if round(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" or n >= 99.95 else f"{n:.3g} {unit}"
         n /= 1000
-    return f"{n:.2f} GB"
+    return f"{n:.3g} GB"
 
 
 def _tensor_progress(description: str, enabled: bool):
@@ -202,12 +256,12 @@ def pack(
     src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, a hub id like microsoft/bitnet-b1.58-2B-4T, or a GGUF file (bitnet.cpp's I2_S or F16/F32, llama.cpp's TQ1_0/TQ2_0)."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
     embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (int8 for our Q8_0 export, else f16), with a note on what was lost."),
-    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for bitnet.cpp (--gguf-type i2_s) or llama.cpp (tq2_0, tq1_0)."),
+    to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for bitnet.cpp (--gguf-type i2_s) or llama.cpp (tq2_0, tq1_0), which need every ternary matrix's input width (hidden and FFN size) to be a multiple of their block, 256 (the quickstart's model is)."),
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: i2_s (bitnet.cpp's `bitnet-b1.58`, the official 2B4T layout, 2 bits/weight); tq2_0 (llama.cpp's `bitnet`, 2.06 bits/weight) or tq1_0 (1.69 bits/weight); llama.cpp computes a SiLU FFN for the last two."),
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
-    json_output: bool = typer.Option(False, "--json", help="Print the summary as JSON (no progress bar)."),
+    json_output: bool = json_option("the summary (no progress bar)"),
 ):
     """Pack a BitNet b1.58 checkpoint, or a 1.58-bit Llama-architecture one (Llama3-8B-1.58, Falcon3 1.58bit, Falcon-E), into one ternary file (2 bits per weight), ready to run.
 
@@ -219,7 +273,6 @@ def pack(
     [bold]bitnet pack HF1BitLLM/Llama3-8B-1.58-100B-tokens llama3-8b.bin[/] (uint8 trits, weight_scale divided),
     [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
-    import json as _json
 
     from rich.table import Table
 
@@ -234,7 +287,7 @@ def pack(
                 gguf_head=gguf_head.value if gguf_head else None,
             )
     if json_output:
-        console.print_json(_json.dumps(summary.to_dict()))
+        print_json(summary.to_dict())
         return
     table = Table(title=f"packed {summary.output}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -255,32 +308,45 @@ def pack(
         console.print(f"[yellow]note:[/] {LLAMA_CPP_CAVEAT}")
 
 
-def _tensor_groups(pm) -> list[dict]:
+def _tensor_groups(tensors: list[dict]) -> list[dict]:
     """Tensors grouped by role (layer index replaced by {i}), for a compact `info` table."""
     import re
 
     groups: dict[str, dict] = {}
-    for name in pm.names:
-        e = pm.entries[name]
-        key = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", name)
-        g = groups.setdefault(key, {"name": key, "dtype": e.dtype, "shape": list(e.shape), "count": 0, "bytes": 0})
+    for t in tensors:
+        key = re.sub(r"\.layers\.\d+\.", ".layers.{i}.", t["name"])
+        g = groups.setdefault(key, {"name": key, "dtype": t["dtype"], "shape": t["shape"], "count": 0, "bytes": 0})
         g["count"] += 1
-        g["bytes"] += e.nbytes
+        g["bytes"] += t["bytes"]
     return list(groups.values())
+
+
+def _tensor_table(tensors: list[dict]):
+    """The grouped tensors; no vertical rules, so a 2B4T model's names and shapes fit 80 columns."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title="tensors ({i}: every layer)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for col in ("name", "dtype", "shape", "n", "bytes"):
+        table.add_column(col, justify="right" if col in ("n", "bytes") else "left", overflow="fold",
+                         no_wrap=col != "name")
+    for g in _tensor_groups(tensors):
+        shape = "x".join(map(str, g["shape"]))
+        table.add_row(g["name"], g["dtype"], shape, str(g["count"]), _human_bytes(g["bytes"]))
+    return table
 
 
 @app.command()
 def info(
     file: Path = typer.Argument(..., help="A packed model file written by `bitnet pack`."),
     verify: bool = typer.Option(False, "--verify", help="Recompute every tensor's crc32 and compare with the stored checksums (exit 1 on mismatch)."),
-    json_output: bool = typer.Option(False, "--json", help="Print everything (config, metadata, every tensor) as JSON."),
+    json_output: bool = json_option("everything: config, metadata, every tensor"),
 ):
     """Show what a packed model file holds: config, tokenizer, layout, tensors, sizes, checksums.
 
     Example: [bold]bitnet info tiny.bin --verify[/]
     """
-    import json as _json
-
     from rich.table import Table
 
     with user_errors():
@@ -293,29 +359,19 @@ def info(
                 with progress:
                     bad = pm.verify(progress=update)
             d = pm.dims
-            report = {
-                "file": str(file), "file_bytes": pm.file_size,
-                "format_version": pm.metadata["format_version"], "layout": pm.layout,
-                "embeddings": pm.embeddings, "source": pm.metadata.get("source", ""),
-                "converter": pm.metadata.get("converter", ""), "config": pm.config,
-                "tokenizer_config": pm.tokenizer_config,
-                "tensors": [
-                    {"name": n, "dtype": pm.entries[n].dtype, "shape": list(pm.entries[n].shape),
-                     "offset": pm.entries[n].begin, "bytes": pm.entries[n].nbytes, "crc32": pm.checksums.get(n)}
-                    for n in pm.names
-                ],
-            }
+            report = pm.describe()
             if bad is not None:
                 report["verified"] = not bad
                 report["checksum_mismatches"] = bad
-            groups = _tensor_groups(pm)
         if json_output:
-            console.print_json(_json.dumps(report))
+            print_json(report)
         else:
-            head = Table(title=str(file), show_header=False, title_justify="left")
+            tok = report["tokenizer_config"]
+            head = Table(title=escape(str(file)), show_header=False, title_justify="left")
             head.add_column(style="bold")
             head.add_column()
-            head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {pm.layout}, embeddings {pm.embeddings}")
+            head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {report['layout']}, "
+                                   f"embeddings {report['embeddings']}")
             head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
@@ -323,26 +379,20 @@ def info(
             rope_scaling = f" ({d.rope_scaling['rope_type']} scaling x{d.rope_scaling['factor']:g})" if d.rope_scaling else ""
             head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}{rope_scaling}, "
                                     f"RMSNorm eps {d.rms_norm_eps:g}")
-            head.add_row("tokenizer", f"embedded ({len(pm.tokenizer_json):,} bytes), bos {pm.tokenizer_config.get('bos_token')!r}, "
-                         f"eos {pm.tokenizer_config.get('eos_token')!r}, chat template {'yes' if pm.tokenizer_config.get('chat_template') else 'no'}")
-            head.add_row("source", f"{report['source']} ({report['converter']})")
+            head.add_row("tokenizer", f"embedded ({report['tokenizer_bytes']:,} bytes), bos {tok.get('bos_token')!r}, "
+                         f"eos {tok.get('eos_token')!r}, chat template {'yes' if tok.get('chat_template') else 'no'}")
+            head.add_row("source", escape(f"{report['source']} ({report['converter']})"))
             head.add_row("size", _human_bytes(report["file_bytes"]))
             console.print(head)
-            table = Table(title="tensors", title_justify="left")
-            for col in ("name", "dtype", "shape", "count", "bytes"):
-                table.add_column(col, justify="right" if col in ("count", "bytes") else "left",
-                                 overflow="fold", no_wrap=col != "name")
-            for g in groups:
-                table.add_row(g["name"], g["dtype"], str(g["shape"]), str(g["count"]), _human_bytes(g["bytes"]))
-            console.print(table)
+            console.print(_tensor_table(report["tensors"]))
             if bad is not None and not bad:
-                console.print(f"[green]checksums OK[/] ({len(pm.names)} tensors)")
+                console.print(f"[green]checksums OK[/] ({len(report['tensors'])} tensors)")
         if bad:
             raise BitnetError(f"{file}: checksum mismatch in {len(bad)} tensor(s): {', '.join(bad[:5])}"
                               + (" ..." if len(bad) > 5 else ""))
 
 
-# ---------------------------------------------------------------- run (issue 4)
+# ---------------------------------------------------------------- run
 
 
 @app.command()
@@ -350,27 +400,28 @@ def run(
     model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
-    top_k: int = typer.Option(40, help="Sample among the k likeliest tokens; 0 for no limit."),
-    top_p: float = typer.Option(0.95, help="Sample from the smallest set of tokens with this total probability."),
-    repeat_penalty: float = typer.Option(1.0, help="> 1 discourages the last 64 tokens (1.0: off)."),
+    temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
+    top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
+    top_p: float = typer.Option(SAMPLING.top_p, help="Sample from the smallest set of tokens with this total probability."),
+    repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    threads: Optional[int] = threads_option(),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c", help="Context length in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is an error."
     ),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
-    json_output: bool = typer.Option(False, "--json", help="Print one JSON object: the text and timings."),
+    json_output: bool = json_option("the prompt, the text and the timings"),
     chat: bool = typer.Option(
-        False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns)."
+        False, "--chat", help="Interactive conversation using the model's chat template (fallback: 'User:/Assistant:' turns). When the context fills, the oldest turns are dropped (the system prompt stays)."
     ),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system prompt, kept for the whole conversation."),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the generated text, as llama.cpp does."),
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
     Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
     [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
-    import json
 
     with user_errors():
         from bitnet_cli.engine import Engine
@@ -381,13 +432,15 @@ def run(
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repeat_penalty=repeat_penalty, seed=seed, stop=stop)
         if chat:
-            _chat(engine, prompt, options)
+            _chat(engine, prompt, system, options)
             return
         gen = engine.generate(prompt, **options)
         if json_output:
             text = "".join(gen)
-            print(json.dumps({"prompt": prompt, "text": text, **gen.stats.to_dict()}, ensure_ascii=False))
+            print_json({"prompt": prompt, "text": text, **gen.stats.to_dict()})
             return
+        if echo:
+            console.print(prompt, end="", style="bold", highlight=False, markup=False, soft_wrap=True)
         for piece in gen:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -396,18 +449,26 @@ def run(
 
 
 def _print_run_stats(s) -> None:
+    reused = f" ({s.reused_tokens} reused from the cache)" if s.reused_tokens else ""
     err_console.print(
-        f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.1f} tok/s | "
+        f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens{reused}, {s.prompt_tokens_per_s:.1f} tok/s | "
         f"first token {s.time_to_first_token_s * 1000:.0f} ms | generated {s.generated_tokens} tokens, "
         f"{s.generation_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/]",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 
-def _chat(engine, first_message: Optional[str], options: dict) -> None:
-    from bitnet_cli.engine import render_chat
+def _chat(engine, first_message: Optional[str], system: Optional[str], options: dict) -> None:
+    """A conversation that outlives the context: the oldest turns go first, the system prompt stays.
 
-    messages: list[dict] = []
+    Each turn's prompt begins with the previous one's tokens (unless turns were just dropped), so
+    the engine runs only the new tokens: its KV cache holds the rest.
+    """
+    from bitnet_cli.engine import fit_chat
+
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    reply_room = min(options["max_tokens"], engine.ctx_size // 2)
+    dropped = 0
     err_console.print("[dim]chat: an empty line or Ctrl-D ends the conversation[/]")
     pending = first_message
     while True:
@@ -415,6 +476,7 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
             try:
                 pending = console.input("[bold green]you>[/] ")
             except EOFError:
+                console.print()  # the prompt line was left open
                 break
             except UnicodeDecodeError as e:
                 raise BitnetError(f"the message is not valid UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
@@ -422,7 +484,15 @@ def _chat(engine, first_message: Optional[str], options: dict) -> None:
             break
         messages.append({"role": "user", "content": pending})
         pending = None
-        gen = engine.generate(render_chat(engine, messages), **options)
+        ids, drop = fit_chat(engine, messages, reply_room)
+        if drop:
+            keep = [m for m in messages if m["role"] == "system"]
+            messages = keep + [m for m in messages if m["role"] != "system"][drop:]
+            dropped += drop
+            err_console.print(f"[dim](context of {engine.ctx_size} tokens full: the {drop} oldest message(s) "
+                              f"dropped, {dropped} in all{', the system prompt kept' if system else ''})[/]",
+                              highlight=False, soft_wrap=True)
+        gen = engine.generate(ids, **options)
         console.print("[bold blue]model>[/] ", end="")
         for piece in gen:
             sys.stdout.write(piece)
@@ -437,14 +507,14 @@ def serve(
     model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", help="CPU threads (default: the physical cores)."),
+    threads: Optional[int] = threads_option(),
     parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
     ctx_size: Optional[int] = typer.Option(
         None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
     ),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
-    json_output: bool = typer.Option(False, "--json", help="Print the start-up facts (URL, memory per slot) as one JSON line."),
+    json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
 ):
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
     together (continuous batching: the weights are read once per step for all of them).
@@ -456,14 +526,13 @@ def serve(
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
     or any OpenAI client with base_url="http://localhost:8000/v1".
     """
-    import json
 
     with user_errors():
         from bitnet_cli.serve.server import serve as run_server
 
         def ready(info: dict) -> None:
             if json_output:
-                print(json.dumps(info), flush=True)
+                print_json(info)
                 return
             err_console.print(
                 f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
@@ -475,21 +544,22 @@ def serve(
                    max_queue=max_queue, model_id=name, ready=ready)
 
 
-# ---------------------------------------------------------------- eval (issue 5)
+# ---------------------------------------------------------------- eval
 
 
 @app.command("eval")
 def eval_cmd(
     model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
-    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated lm-eval task names, e.g. arc_easy,arc_challenge,hellaswag,mmlu (groups like mmlu expand to their subtasks)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", "-T", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data. Required."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: physical cores)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas (DIR/arc_easy/test.jsonl, DIR/hellaswag/validation.jsonl, DIR/mmlu/test.jsonl, ...) instead of the HuggingFace hub."),
+    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="INTEGER", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
-    json_output: bool = typer.Option(False, "--json", help="Print the results JSON to stdout instead of a table."),
+    json_output: bool = json_option("lm-eval's results, instead of the table"),
 ):
     """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
 
@@ -497,46 +567,33 @@ def eval_cmd(
 
     Example: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/]
     """
-    import json as _json
-    import logging
-    import os
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's own bars would fight the rich one
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    with user_errors():
+    with user_errors("eval"):
+        tasks, threads = _tasks_and_threads(tasks, threads)
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        from bitnet_cli.eval.runner import quiet_lm_eval
+
+        quiet_lm_eval()  # before lm-eval is imported: its own bars would fight the rich one
         from bitnet_cli.eval.runner import check_output, evaluate, result_rows, write_results
 
         if output is not None:
-            check_output(output)  # now, not after minutes of evaluation
+            check_output(output, force=force, inputs=(model, data_dir))  # now, not after minutes of evaluation
         if limit is not None and limit >= 1:
             limit = int(limit)
 
-        bar = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=err_console, transient=True,
-        )
-        job = bar.add_task("loading", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            if done == 0:
-                bar.reset(job, total=total, description=what)
-            bar.update(job, description=what, total=total, completed=done)
-
+        bar, progress = _eval_bar()
         with bar:
             results = evaluate(
                 model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
                 data_dir=data_dir, log_samples=log_samples, progress=progress,
             )
         if output is not None:
-            write_results(results, output)
+            write_results(results, output, force=force, inputs=(model, data_dir))
+    _refused_note(results)
     if json_output:
-        from lm_eval.utils import handle_non_serializable
-
-        console.print_json(_json.dumps(results, default=handle_non_serializable))
+        print_json(results)
         return
     table = Table(title=f"{model} ({results['config']['model_args']['backend']})", title_justify="left")
     for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"}), ("stderr", {"justify": "right"})):
@@ -545,11 +602,53 @@ def eval_cmd(
         table.add_row(task, metric, f"{value:.4f}", "" if stderr is None else f"± {stderr:.4f}")
     console.print(table)
     if output is not None:
-        console.print(f"results written to [bold]{output}[/]")
+        console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
+
+
+def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[str, Optional[int]]:
+    """eval's -t was --tasks before it meant --threads as in every command: a -t that is not a
+    number, with no --tasks, is still read as the tasks (with a note), so old scripts keep working."""
+    if threads is not None and not threads.strip().isdigit() and tasks is None:
+        err_console.print("[yellow]note:[/] `bitnet eval -t TASKS` is deprecated: -t is --threads in every command; "
+                          "write --tasks (or -T)", soft_wrap=True, highlight=False)
+        return threads, None
+    if tasks is None:
+        raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout")
+    if threads is not None and not threads.strip().isdigit():
+        raise BitnetError(f"--threads {threads}: not a whole number")
+    return tasks, None if threads is None else int(threads)
+
+
+def _eval_bar():
+    """A rich bar on stderr and the evaluate(progress=...) callback that drives it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    )
+    job = bar.add_task("loading", total=None)
+
+    def progress(done: int, total: int, what: str) -> None:
+        if done == 0:
+            bar.reset(job, total=total, description=what)
+        bar.update(job, description=what, total=total, completed=done)
+
+    return bar, progress
+
+
+def _refused_note(results: dict) -> None:
+    refused = results["config"].get("refused_requests") or {}
+    if refused.get("count"):
+        err_console.print(
+            f"[yellow]note:[/] {refused['count']} request(s) scored as impossible (log-likelihood -inf): their "
+            f"continuation alone, up to {refused['longest_continuation']} tokens, is longer than the context window "
+            f"of {refused['context_window']}; longer contexts are cut from the left, as lm-eval's hf backend does",
+            soft_wrap=True, highlight=False)
 
 
 
-# ---------------------------------------------------------------- bench (issue 6)
+# ---------------------------------------------------------------- bench
 
 
 @app.command()
@@ -561,7 +660,7 @@ def bench(
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
     threads: Optional[str] = typer.Option(
-        None, "--threads", "-t", help="Thread counts to sweep, e.g. 1,2,4,8 \\[default: 1 and the physical cores]."),
+        None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
     what: str = typer.Option("roofline,kernels,e2e", help="Sections to run, comma-separated: "
                              "roofline (memory bandwidth, decode ceiling), kernels (per weight shape), "
@@ -569,7 +668,7 @@ def bench(
     prompts: str = typer.Option("128,512", help="e2e prompt lengths: ppN evaluates N tokens in one call."),
     generate: int = typer.Option(128, help="e2e generation length: tgN decodes N tokens one by one."),
     tokens: str = typer.Option("1,8,32,128", help="Kernel token counts: 1 is the decode GEMV, more is prefill GEMM."),
-    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON on stdout (no tables)."),
+    json_out: bool = json_option("the results, instead of the tables"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: thread scaling, and decode vs the roofline."),
     cache_dir: Optional[Path] = typer.Option(
         None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
@@ -581,8 +680,6 @@ def bench(
 
     Example: [bold]bitnet bench --threads 1,2 --repeat 5 --plot bench.png[/]
     """
-    import json
-    import os
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -595,8 +692,7 @@ def bench(
         if isa is not None:
             from bitnet_cli import kernels
 
-            kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path
-            os.environ["BITNET_ISA"] = isa  # read by the kernels here and by the e2e worker processes
+            kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path, before any work
         thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
         sections = suite.parse_sections(what)
         if plot is not None:
@@ -611,13 +707,13 @@ def bench(
                       console=err_console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
             results = suite.run(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
-                                tokens=token_list, progress=lambda text: bar.update(task, description=text))
+                                tokens=token_list, progress=lambda text: bar.update(task, description=text), isa=isa)
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 
             write_plot(results, plot)
         if json_out:
-            print(json.dumps(results, indent=2))
+            print_json(results)
         else:
             report.print_report(results, console)
             if plot is not None:
@@ -631,40 +727,61 @@ def bench(
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
-    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads for generation and eval (default: physical cores)."),
-    tasks: str = typer.Option("arc_easy", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
+    threads: Optional[int] = threads_option(" for generation and eval"),
+    tasks: str = typer.Option("arc_easy,tinyshakespeare_heldout", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
     limit: int = typer.Option(200, "--limit", min=1, help="Examples per eval task."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data (default: $BITNET_EVAL_DATA or ../shared/data/eval)."),
-    json_out: bool = typer.Option(False, "--json", help="Print a JSON summary on stdout at the end."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
+    json_out: bool = json_option("the summary of every stage, at the end"),
 ):
     """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare,
     [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
-    A few minutes on a 2-core laptop. Example: [cyan]bitnet quickstart --out runs/qs[/]
-    """
-    import json
+    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
+    and OUT/eval.json.
 
-    with user_errors():
-        from bitnet_cli.quickstart import quickstart as run_quickstart
+    Example: [bold]bitnet quickstart --out runs/qs[/]
+    """
+
+    with user_errors("train,eval"):
+        from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
         result = run_quickstart(out, overrides=tuple(set_), threads=threads, eval_tasks=task_list,
-                                eval_limit=limit, data_dir=data_dir, console=err_console)
+                                eval_limit=limit, data_dir=data_dir, console=err_console, eval_bar=_eval_bar)
     summary = result.to_json()
     if json_out:
-        print(json.dumps(summary, indent=2))
+        print_json(summary)
         return
     from rich.table import Table
 
-    table = Table(title="bitnet quickstart", show_header=False)
+    table = Table(title="bitnet quickstart", show_header=False, title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     t, p, g = summary["train"], summary["pack"], summary["generation"]
-    table.add_row("val loss / unigram entropy", f"{t['val_loss']:.3f} / {t['unigram_entropy']:.3f} nats")
-    table.add_row("training", f"{t['steps']} steps, {t['tokens_per_second']:,.0f} tok/s, {t['seconds']:.0f} s")
-    table.add_row("packed file", f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)")
+    table.add_row("val loss", f"{t['val_loss']:.3f} nats/token (unigram entropy {t['unigram_entropy']:.3f})")
+    if t["start_step"] >= t["steps"]:
+        table.add_row("training", f"reused the finished run of {t['steps']} steps")
+    else:
+        resumed = f", resumed at {t['start_step']}" if t["start_step"] else ""
+        table.add_row("training", f"{t['steps'] - t['start_step']} steps{resumed}, {t['tokens_per_second']:,.0f} tok/s, "
+                                  f"{t['seconds']:.0f} s")
     table.add_row("generation", f"{g['generation_tokens_per_s']:.1f} tok/s")
-    for key, value in summary["eval"].items():
-        table.add_row(key, f"{value:.4f}")
+    run_dir = Path(t["out_dir"])
+    table.add_row("checkpoint", t["checkpoint"])
+    table.add_row("loss curve", str(run_dir / "loss.png"))
+    table.add_row("model", f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)")
+    table.add_row("eval results", summary["eval_file"])
     console.print(table)
+    scores = Table(title="eval", title_justify="left")
+    for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"})):
+        scores.add_column(col, **kw)
+    for key, value in summary["eval"].items():
+        task, _, metric = key.partition("/")
+        scores.add_row(task, metric, f"{value:.4f}")
+    console.print(scores)
+    console.print("[bold]next[/]")
+    for what, command in next_steps(result):
+        console.print(f"  {what:<10} {escape(command)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -170,6 +170,14 @@ class Generation:
 
 
 class Engine(kernels.CResource):
+    """A packed model on the C engine (no torch): open it with :meth:`load`.
+
+    :meth:`generate` streams text (sampling, stop strings, stats); :meth:`forward` returns logits and
+    keeps a KV cache of ``ctx_size`` positions, which :meth:`generate` reuses for a shared prefix;
+    :meth:`encode`/:meth:`decode` use the tokenizer embedded in the file. :meth:`close` (or ``with``)
+    releases the weights.
+    """
+
     def __init__(self, pm, threads: int, ctx_size: int, isa: int):
         t0 = time.perf_counter()
         self._ffi, self._lib = kernels.lib()
@@ -298,13 +306,13 @@ class Engine(kernels.CResource):
         if threads is None:
             threads = min(cores, smallest)
         if type(threads) is not int or threads < 1:
-            raise BitnetError(f"--threads must be a positive integer, got {threads!r}")
+            raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
         limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
         if threads > limit:
             why = (f"its smallest weight matrix has {smallest} rows" if smallest < kernels.ThreadPool.MAX_THREADS
                    else "the thread pool's limit")
-            raise BitnetError(f"--threads {threads} is more than this model can use (at most {limit}: {why}); "
-                              f"this machine has {cores} physical core(s), the default")
+            raise BitnetError(f"threads {threads} is more than this model can use (at most {limit}: {why}); "
+                              f"this machine has {cores} physical core(s), the default", param="threads")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if threads > cpus:
             warn(f"warning: --threads {threads} is more than the {cpus} CPU(s) this process may run on "
@@ -313,13 +321,13 @@ class Engine(kernels.CResource):
         if ctx_size is None:
             ctx_size = min(max_ctx, DEFAULT_CTX)
         if type(ctx_size) is not int or not 1 <= ctx_size <= max_ctx:
-            raise BitnetError(f"--ctx-size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
-                              f"got {ctx_size!r}")
+            raise BitnetError(f"ctx_size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
+                              f"got {ctx_size!r}", param="ctx_size")
         need, have = context_bytes(d, ctx_size, threads) + size, memory_limit()
         if need > have:
-            raise BitnetError(f"--ctx-size {ctx_size} needs {need / 2**30:.1f} GiB (the model, and a KV cache and "
+            raise BitnetError(f"ctx_size {ctx_size} needs {need / 2**30:.1f} GiB (the model, and a KV cache and "
                               f"RoPE tables for {ctx_size} tokens) but this process may use "
-                              f"{have / 2**30:.1f} GiB; choose a smaller --ctx-size")
+                              f"{have / 2**30:.1f} GiB; choose a smaller context", param="ctx_size")
         engine = cls(pm, threads, ctx_size, isa_id)
         engine.load_s = time.perf_counter() - t0
         return engine
@@ -469,9 +477,10 @@ class Engine(kernels.CResource):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> Generation:
+    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128,
+                 temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
+                 top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
+                 seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
         Stops at an end-of-sequence token, at any of the `stop` strings (not included in the
@@ -479,9 +488,9 @@ class Engine(kernels.CResource):
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         if type(max_tokens) is not int or max_tokens < 0:
-            raise BitnetError(f"--max-tokens must be >= 0, got {max_tokens!r}")
+            raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
-            raise BitnetError(f"--seed must be a non-negative integer, got {seed!r}")
+            raise BitnetError(f"seed must be a non-negative integer, got {seed!r}", param="seed")
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")
@@ -672,11 +681,34 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
             return ids if bos else engine.encode(text)
     turns = []
     for m in messages:
-        if m["role"] == "user":
+        if m["role"] == "system":
+            turns.append(m["content"])
+        elif m["role"] == "user":
             turns.append(FALLBACK_CHAT.format(content=m["content"]))
         elif m["role"] == "assistant":
             turns[-1] += " " + m["content"]
     return engine.encode("\n".join(turns))
 
 
-__all__ = ["Engine", "Generation", "GenerationStats", "TextStream", "render_chat", "rope_tables"]
+def fit_chat(engine: Engine, messages: list[dict], reply_room: int) -> tuple[list[int], int]:
+    """The conversation's token ids with room for ``reply_room`` reply tokens, and how many of its
+    oldest messages were dropped to make that room.
+
+    System messages always stay; the newest turns that fit stay with them, starting at a user turn.
+    Only the newest user message not fitting by itself is an error.
+    """
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    for start in range(len(turns)):
+        if turns[start]["role"] != "user":
+            continue
+        ids = render_chat(engine, system + turns[start:])
+        if len(ids) + reply_room <= engine.ctx_size:
+            return ids, start
+    needed = len(render_chat(engine, system + turns[-1:]))
+    raise BitnetError(f"the newest message needs {needed} tokens with the system prompt, and the context holds "
+                      f"{engine.ctx_size} with room for a {reply_room}-token reply; shorten it, lower max_tokens "
+                      "or raise ctx_size (up to the model's max_position_embeddings)")
+
+
+__all__ = ["Engine", "Generation", "GenerationStats", "TextStream", "fit_chat", "render_chat", "rope_tables"]

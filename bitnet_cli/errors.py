@@ -14,11 +14,26 @@ class BitnetError(Exception):
     """
 
     exit_code = 1
+    param: str | None = None
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, param: str | None = None):
+        """``param``: the function parameter at fault, named in the message as the caller wrote it
+        (``top_p must be in (0, 1]``); the CLI shows its option instead (``--top-p``, see `flag`)."""
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        self.param = param
+
+
+def flag(param: str) -> str:
+    """The command-line option of a library parameter: Typer's rule, top_p -> --top-p."""
+    return "--" + param.replace("_", "-")
+
+
+def as_flags(error: BitnetError) -> str:
+    """The message of `error` with its parameter spelled as the command-line option."""
+    message = str(error)
+    return message.replace(error.param, flag(error.param), 1) if error.param else message
 
 
 class _CurrentStderr(logging.Handler):

@@ -24,11 +24,11 @@ class SamplingParams:
 
     def check(self) -> "SamplingParams":
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise BitnetError(f"--temperature must be >= 0, got {self.temperature}")
+            raise BitnetError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise BitnetError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise BitnetError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
-            raise BitnetError(f"--repeat-penalty must be > 0, got {self.repeat_penalty}")
+            raise BitnetError(f"repeat_penalty must be > 0, got {self.repeat_penalty}", param="repeat_penalty")
         return self
 
 

@@ -140,6 +140,20 @@ def hf_tiny_checkpoint(tmp_path_factory, test_tokenizer_dir) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), test_tokenizer_dir)
 
 
+@pytest.fixture(autouse=True)
+def _console_width_80(monkeypatch):
+    """The CLI's consoles at rich's width for a non-terminal (80), whatever COLUMNS says.
+
+    rich reads COLUMNS once, when the console is made; tests that read tables must not depend on
+    the terminal they happen to run in. Error lines are never wrapped at any width
+    (test_first_hour.py checks that at 40 columns).
+    """
+    from bitnet_cli import cli
+
+    monkeypatch.setattr(cli.console, "width", 80)
+    monkeypatch.setattr(cli.err_console, "width", 80)
+
+
 # The quantization_config blocks of the Llama-architecture 1.58-bit checkpoints, by convention:
 # how the BitLinear weights are stored and what the output does with weight_scale (transformers'
 # BitNetQuantConfig defaults linear_class to bitlinear and quantization_mode to offline).

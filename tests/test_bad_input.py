@@ -80,7 +80,7 @@ CASES = [
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/a_file/r.json"], "a_file: is a file"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "0"], "--limit 0: must be positive"),
-    (["eval", "{packed}", "--tasks", " , "], "no tasks given"),
+    (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
     # quickstart: bad eval settings fail before the training stage
     (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file"),

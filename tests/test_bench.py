@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from bitnet_cli.bench import anchors, kernels_api, micro, roofline, suite
+from bitnet_cli.bench import anchors, kernels_api, micro, report, roofline, suite
 from bitnet_cli.bench.shapes import bytes_per_token, padded_k, ternary_bytes, weight_shapes
 from bitnet_cli.bench.stats import scale, summarize, time_call
 from bitnet_cli.cli import app
@@ -158,7 +158,7 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--what", "kernels,speed"], "unknown section speed"),
     (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
     (["--shape", "7b"], "unknown shape '7b'"),
-    (["--model", "no/such/file.bin"], "model file not found: no/such/file.bin"),
+    (["--model", "no/such/file.bin"], "no/such/file.bin: no such file"),
     (["--isa", "sse9"], "unknown instruction set 'sse9'"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
@@ -358,3 +358,48 @@ def test_bench_never_imports_torch(tiny_model):
             "'--what', 'kernels,e2e', '--tokens', '1', '--prompts', '4', '--generate', '2', '--json']); "
             "assert r.exit_code == 0, r.output; assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_e2e_lengths_are_cut_to_the_model_context_and_said(tiny_model, tmp_path):
+    """Lengths beyond the model's context (as pp512 is for a 128-position model): cut, and a note says so."""
+    from bitnet_cli.pack import PackedModel
+
+    with PackedModel.open(tiny_model) as pm:
+        ctx = pm.dims.max_position_embeddings
+    args = ["bench", "--model", str(tiny_model), "--what", "e2e", "--threads", "1", "--repeat", "1",
+            "--prompts", f"8,{2 * ctx}", "--generate", str(ctx + 1)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert set(res["e2e"][0]["tokens_per_s"]) == {"pp8", f"pp{ctx}", f"tg{ctx}"}
+    assert res["settings"]["clipped"] == [f"pp{2 * ctx} -> pp{ctx}", f"tg{ctx + 1} -> tg{ctx}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and f"pp{2 * ctx} -> pp{ctx}" in result.output
+
+
+def test_bench_model_directory(tiny_model, tmp_path):
+    """`--model runs/quickstart` finds the model.bin in it; a directory without one is explained."""
+    (tmp_path / "model.bin").symlink_to(tiny_model)
+    result = runner.invoke(app, ["bench", "--model", str(tmp_path), "--what", "e2e", "--threads", "1",
+                                 "--repeat", "1", "--prompts", "8", "--generate", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"]["path"] == str(tmp_path / "model.bin")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["bench", "--model", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "is a directory" in result.output and "bitnet pack" in result.output
+
+
+def test_time_breakdown_is_never_over_100_percent():
+    e2e = [{"threads": 1, "tokens_per_s": {"tg8": {"median": 100.0}}}]  # 10 ms per token
+    kernels = [{"impl": "ternary", "threads": 1, "tokens": 1, "per_token": 4, "seconds": {"median": s}}
+               for s in (1e-3, 3e-3)]  # 16 ms of kernels: more than the whole token
+    rows = suite.time_per_token({"e2e": e2e, "kernels": kernels})
+    assert rows[0]["ternary_ms"] == pytest.approx(16) and "ternary_pct" not in rows[0] and "rest_ms" not in rows[0]
+    kernels[1]["seconds"]["median"] = 1e-4  # 4.4 ms
+    row = suite.time_per_token({"e2e": e2e, "kernels": kernels})[0]
+    assert row["ternary_pct"] == pytest.approx(44) and row["rest_ms"] == pytest.approx(5.6)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    report._time_per_token(rows, console)
+    assert "n/a" in console.export_text() and "160%" not in console.export_text()

@@ -155,6 +155,23 @@ def test_rolling_loglikelihood_matches_hf(eval_model, shakespeare):
     np.testing.assert_allclose(packed, expected, rtol=0.01)
 
 
+def test_long_contexts_are_cut_from_the_left_like_hf_and_long_continuations_refused(eval_model, shakespeare):
+    """max_length 32: a context far longer than the window is cut from the left exactly as lm-eval's hf
+    backend cuts it; a continuation alone longer than the window is refused for itself only."""
+    from lm_eval.models.huggingface import HFLM
+
+    text = shakespeare.read_text(encoding="utf-8")
+    fits = [(text[:600], " the king"), (text[1000:1400], " and"), ("ROMEO:", " O")]
+    ref = HFLM(pretrained=str(eval_model[0]), dtype="float32", device="cpu", batch_size=4, max_length=32)
+    expected = ref.loglikelihood(_instances("loglikelihood", fits))
+    too_long = ("Speak:", text[2000:2400])  # ~100+ tokens of continuation
+    for path, tol in ((eval_model[0], 1e-3), (eval_model[1], 0.05)):
+        lm = _bitnet_lm(path, max_length=32)
+        got = lm.loglikelihood(_instances("loglikelihood", [fits[0], too_long, *fits[1:]]))
+        assert got[1] == (float("-inf"), False) and lm.refused == 1 and lm.longest_refused > 32
+        np.testing.assert_allclose([g[0] for g in got[:1] + got[2:]], [e[0] for e in expected], rtol=tol, atol=tol)
+
+
 def test_generate_until_matches_hf_greedy(eval_model, hf_lm):
     prompts = [("First Citizen:\nBefore we proceed", {"until": ["\n"], "max_gen_toks": 24, "do_sample": False}),
                ("ROMEO:", {"until": ["e"], "max_gen_toks": 16})]

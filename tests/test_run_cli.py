@@ -34,8 +34,15 @@ def test_run_streams_text_and_is_reproducible_with_a_seed(packed):
     a = run(packed, "-p", "ROMEO:", "-n", "24", "--seed", "3", "-t", "1")
     assert a.exit_code == 0, a.output
     b = run(packed, "-p", "ROMEO:", "-n", "24", "--seed", "3", "-t", "2")
-    assert a.stdout == b.stdout and len(a.stdout.strip()) > 0
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout.strip()) > len("ROMEO:")
     assert "tok/s" in a.stderr and "generated" in a.stderr
+
+
+def test_run_echoes_the_prompt_unless_told_not_to(packed):
+    a = run(packed, "-p", "ROMEO:", "-n", "12", "--seed", "3")
+    b = run(packed, "-p", "ROMEO:", "-n", "12", "--seed", "3", "--no-echo")
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    assert a.stdout == "ROMEO:" + b.stdout and not b.stdout.startswith("ROMEO:")
 
 
 def test_run_json_reports_text_and_timings(packed):
@@ -54,6 +61,41 @@ def test_chat_answers_and_ends_on_an_empty_line(packed):
     assert r.exit_code == 0, r.output
     assert r.stdout.count("model>") == 2
     assert r.stderr.count("generated") == 2
+
+
+def test_chat_outlives_its_context_keeps_the_system_prompt_and_reuses_the_cache(packed):
+    """A 64-token context and eight turns: the oldest turns go, the conversation goes on."""
+    turns = "".join(f"Tell me about the {w} of Verona, good friend\n" for w in
+                    ("walls", "gates", "houses", "streets", "people", "rivers", "bells", "towers"))
+    r = run(packed, "--chat", "-n", "6", "--seed", "1", "--ctx-size", "64", "--system", "Be brief.", input=turns)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.count("model>") == 8 and "error" not in r.output
+    assert "oldest message(s) dropped" in r.stderr and "system prompt kept" in r.stderr
+    assert "reused from the cache" in r.stderr  # the turn after a turn that dropped nothing
+
+
+def test_fit_chat_keeps_the_system_prompt_and_the_newest_turns(packed):
+    from bitnet_cli.engine import Engine, fit_chat, render_chat
+
+    engine = Engine.load(packed, threads=1, ctx_size=128)
+    system = {"role": "system", "content": "You are brief."}
+    turns = []
+    for i in range(10):
+        turns += [{"role": "user", "content": f"question number {i} about Verona"},
+                  {"role": "assistant", "content": f"answer {i}"}]
+    messages = [system, *turns[:-1]]  # ends with the newest question
+    ids, dropped = fit_chat(engine, messages, reply_room=8)
+    assert 0 < dropped < len(turns) - 3 and len(ids) + 8 <= 128  # more than the newest question stays
+    assert ids == render_chat(engine, [system, *turns[dropped:-1]])
+    assert len(render_chat(engine, [system, *turns[dropped - 2:-1]])) + 8 > 128  # one more turn would not fit
+    with pytest.raises(BitnetError, match="newest message"):
+        fit_chat(engine, [system, {"role": "user", "content": "Verona " * 200}], reply_room=8)
+
+
+def test_chat_prints_a_newline_after_ctrl_d(packed):
+    r = run(packed, "--chat", "-n", "4", "--seed", "1", input="Hello\n")  # then end of input, as Ctrl-D
+    assert r.exit_code == 0, r.output
+    assert r.stdout.endswith("you> \n")
 
 
 def test_the_module_is_importable_without_torch(packed):

@@ -46,7 +46,8 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
-def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit) -> dict:
+def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit,
+             isa: str | None = None) -> dict:
     """Runs inside the worker: load the engine `repeat` times and time every test each time."""
     import numpy as np
 
@@ -58,7 +59,7 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
     huge_pages = False
     for r in range(repeat):
         t0 = time.perf_counter()
-        engine = Engine.load(path, threads=threads, ctx_size=ctx)
+        engine = Engine.load(path, threads=threads, ctx_size=ctx, isa=isa)
         loads.append(time.perf_counter() - t0)
         huge_pages = engine.huge_pages
         ids = rng.integers(0, engine.vocab_size, size=ctx).tolist()
@@ -86,8 +87,9 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
 
 
 def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=GENERATE,
-        progress=None) -> list[dict]:
-    """End-to-end figures for `path` at each thread count (one worker process each).
+        progress=None, isa: str | None = None) -> list[dict]:
+    """End-to-end figures for `path` at each thread count (one worker process each), on the
+    kernels of ``isa`` (default: $BITNET_ISA, else the best this CPU has).
 
     `progress(description)` is called as the worker moves from test to test.
     """
@@ -95,6 +97,8 @@ def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=G
     for th in threads:
         cmd = [sys.executable, "-m", "bitnet_cli.bench.e2e", str(path), "--threads", str(th),
                "--repeat", str(repeat), "--prompts", ",".join(map(str, prompts)), "--generate", str(generate)]
+        if isa:
+            cmd += ["--isa", isa]
         if progress:
             progress(f"e2e {th}t: loading")
         result, error = None, None
@@ -130,6 +134,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--prompts", default=",".join(map(str, PROMPTS)))
     parser.add_argument("--generate", type=int, default=GENERATE)
+    parser.add_argument("--isa", default=None)
     args = parser.parse_args(argv)
 
     def emit(msg: dict) -> None:
@@ -138,7 +143,7 @@ def _worker(argv: list[str]) -> int:
     try:
         prompts = [int(p) for p in args.prompts.split(",") if p]
         emit({"event": "result",
-              "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit)})
+              "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit, args.isa)})
     except BitnetError as e:
         emit({"event": "error", "message": str(e)})
         return 1

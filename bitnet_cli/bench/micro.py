@@ -42,18 +42,18 @@ def _rotating(one: np.ndarray) -> list[np.ndarray]:
     return list(block)
 
 
-def _ternary(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int, str]:
+def _ternary(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     weights = _rotating(random_ternary(n, k, rng))
-    op = kernels_api.TernaryMatmul(n, k, tokens, threads)
+    op = kernels_api.TernaryMatmul(n, k, tokens, threads, isa)
     rotation = itertools.cycle(weights)
     return lambda: op(next(rotation), x), ternary_bytes(n, k), op.isa
 
 
-def _int8(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int, str]:
+def _int8(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     weights = _rotating(rng.integers(-127, 128, size=(n, k), dtype=np.int8))
-    op = kernels_api.DenseInt8Matmul(n, k, tokens, threads)
+    op = kernels_api.DenseInt8Matmul(n, k, tokens, threads, isa)
     rotation = itertools.cycle(weights)
     return lambda: op(next(rotation), x), n * k + 4 * n, "int8"
 
@@ -70,7 +70,7 @@ def _blas_threads(threads: int) -> Iterator[str]:
         yield "BLAS"
 
 
-def _f32(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int, str]:
+def _f32(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
     x = rng.standard_normal((k, tokens), dtype=np.float32)
     weights = _rotating(rng.standard_normal((n, k), dtype=np.float32))
     out = np.empty((n, tokens), dtype=np.float32)
@@ -81,12 +81,15 @@ def _f32(n: int, k: int, tokens: int, threads: int, rng) -> tuple[Callable, int,
 _FACTORIES = {"ternary": _ternary, "int8": _int8, "f32": _f32}
 
 
-def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0) -> dict:
-    """Time one kernel on one weight shape: seconds per call, weight GB/s and GOPS (summaries)."""
+def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0,
+                isa: str | None = None) -> dict:
+    """Time one kernel on one weight shape: seconds per call, weight GB/s and GOPS (summaries).
+
+    ``isa``: our kernels' instruction set (default: $BITNET_ISA, else the best); BLAS picks its own."""
     rng = np.random.default_rng(seed)
     # numpy's BLAS has its own thread pool: cap it at the same thread count as ours
     with _blas_threads(threads) if impl == "f32" else contextlib.nullcontext(None) as blas:
-        call, weight_bytes, backend = _FACTORIES[impl](n, k, tokens, threads, rng)
+        call, weight_bytes, backend = _FACTORIES[impl](n, k, tokens, threads, rng, isa)
         seconds = time_call(call, repeat)
     return {
         "impl": impl, "backend": blas or backend, "n": n, "k": k, "tokens": tokens, "threads": threads,
@@ -95,7 +98,8 @@ def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: in
     }
 
 
-def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPLS, progress=None) -> list[dict]:
+def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPLS, progress=None,
+        isa: str | None = None) -> list[dict]:
     """Benchmark every distinct weight shape of `config` x tokens x threads x implementation.
 
     `progress(description)` is called before each measurement (for a progress bar).
@@ -107,7 +111,7 @@ def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPL
                 for impl in impls:
                     if progress:
                         progress(f"{impl} {shape['n']}x{shape['k']} T={t} {th}t")
-                    row = bench_shape(impl, shape["n"], shape["k"], t, th, repeat)
+                    row = bench_shape(impl, shape["n"], shape["k"], t, th, repeat, isa=isa)
                     row["projections"] = shape["projections"]
                     row["per_token"] = shape["per_token"]
                     results.append(row)

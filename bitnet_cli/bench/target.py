@@ -55,8 +55,13 @@ class Target:
 def from_file(path: Path) -> Target:
     from bitnet_cli.pack import PackedModel
 
+    if path.is_dir():
+        if not (path / "model.bin").is_file():  # e.g. runs/quickstart, which holds its packed model.bin
+            raise BitnetError(f"{path}: is a directory, not a packed model file (pack a checkpoint first: "
+                              f"bitnet pack {path} model.bin)")
+        path = path / "model.bin"
     if not path.is_file():
-        raise BitnetError(f"model file not found: {path}")
+        raise BitnetError(f"{path}: no such file (expected a packed model file made by bitnet pack)")
     with PackedModel.open(path) as pm:
         config = dict(pm.config)
         embeddings = pm.metadata.get("embeddings", "f16")
@@ -75,6 +80,11 @@ def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = Non
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}-{digest}.bin"
     return Target(name=shape, shape=shape, config=config, embeddings=embeddings, path=path)
+
+
+def context_length(target: Target) -> int:
+    """The longest sequence the target's model can run (its max_position_embeddings)."""
+    return int(target.config.get("max_position_embeddings") or 0) or 2**31 - 1
 
 
 def describe(target: Target) -> dict:

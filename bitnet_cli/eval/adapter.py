@@ -74,6 +74,9 @@ class BitNetLM(TemplateLM):
             raise BitnetError(f"batch_size={batch_size}: must be at least 1")
         self.progress = progress
         self.pretrained = str(pretrained)
+        # requests whose continuation alone is longer than the context window (scored -inf)
+        self.refused = 0
+        self.longest_refused = 0
 
     # ------------------------------------------------------------------ lm-eval's vocabulary
 
@@ -112,14 +115,14 @@ class BitNetLM(TemplateLM):
 
     # ------------------------------------------------------------------ scoring
 
-    def _fit(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
-        """HFLM's window rule: keep the last max_length + 1 tokens; the model sees all but the last."""
+    def _fit(self, context: list[int], continuation: list[int]) -> list[int] | None:
+        """HFLM's window rule: keep the last max_length + 1 tokens (the context truncated from the
+        left); the model sees all but the last. None for a continuation that alone is longer than the
+        window: HFLM would score a slice of it, we refuse that request (see ``refused``)."""
         if len(continuation) > self.max_length:
-            raise BitnetError(
-                f"a continuation of {len(continuation)} tokens does not fit the context window ({self.max_length})"
-            )
+            return None
         keep = self.max_length + 1 - len(continuation)
-        return context[-keep:], continuation
+        return context[-keep:]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         # TemplateLM tokenises under a tqdm bar of its own; with a progress callback, ours is enough
@@ -127,13 +130,19 @@ class BitNetLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
         for i, (_, context, continuation) in enumerate(requests):
-            context, continuation = self._fit(list(context), list(continuation))
-            groups.setdefault(tuple(context), []).append((i, continuation))
+            fitted = self._fit(list(context), list(continuation))
+            if fitted is None:  # scored as impossible: never the chosen answer, counted in the summary
+                results[i] = (float("-inf"), False)
+                self.refused += 1
+                self.longest_refused = max(self.longest_refused, len(continuation))
+                continue
+            groups.setdefault(tuple(fitted), []).append((i, list(continuation)))
         order = sorted(groups.items(), key=lambda kv: self.backend.sort_key(kv[0]))
 
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
         report = self._reporter(len(requests), "loglikelihood", disable_tqdm)
+        report(len(requests) - sum(len(items) for items in groups.values()))
         for batch in self._batches(order):
             logits = self.backend.continuation_logits([(list(ctx), [c for _, c in items]) for ctx, items in batch])
             for (_, items), group_logits in zip(batch, logits):

@@ -38,17 +38,23 @@ def evaluate(
     import lm_eval
 
     from bitnet_cli.eval.adapter import BitNetLM
-    from bitnet_cli.eval.tasks import check_task_names, task_manager
+    from bitnet_cli.eval.tasks import bundled_task_names, check_task_names, task_manager
 
     if not tasks:
-        raise BitnetError("no tasks given (e.g. --tasks arc_easy,hellaswag)")
+        raise BitnetError("no tasks given (e.g. arc_easy,hellaswag)", param="tasks")
     if num_fewshot is not None and num_fewshot < 0:
-        raise BitnetError(f"--num-fewshot {num_fewshot}: must be 0 or more")
+        raise BitnetError(f"num_fewshot {num_fewshot}: must be 0 or more", param="num_fewshot")
     if limit is not None and limit <= 0:
-        raise BitnetError(f"--limit {limit:g}: must be positive")
+        raise BitnetError(f"limit {limit:g}: must be positive", param="limit")
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
+    from_hub = [t for t in tasks if not Path(t).is_file() and t not in bundled_task_names()]
+    if data_dir is None and from_hub:
+        why = hub_unreachable()
+        if why:  # lm-eval would retry the hub for half a minute, then print a long traceback
+            raise BitnetError(f"{why}, so the task data cannot be downloaded: give --data-dir DIR "
+                              f"(or set {DATA_ENV}) with local task files, e.g. ../shared/data/eval")
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:
@@ -64,9 +70,53 @@ def evaluate(
         )
     results["config"]["model"] = "bitnet"
     results["config"]["model_args"] = {"pretrained": str(model), "backend": lm.backend.name}
+    # requests whose continuation alone exceeds the context window, scored -inf (see BitNetLM._fit)
+    results["config"]["refused_requests"] = {"count": lm.refused, "longest_continuation": lm.longest_refused,
+                                             "context_window": lm.max_length}
     if data_dir is not None:
         results["config"]["data_dir"] = str(data_dir)
     return results
+
+
+def quiet_lm_eval() -> None:
+    """No progress bars or log lines of lm-eval's own: the CLI draws one rich bar and prints the table.
+
+    (tqdm reads TQDM_DISABLE when it is first imported: call this before importing torch or lm-eval.)
+    """
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot serve task data now, or None when it can be tried.
+
+    Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, or no connection to the endpoint within
+    ``timeout``) with an empty datasets cache: lm-eval could only fail, slowly.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    cache = Path(os.environ.get("HF_DATASETS_CACHE")
+                 or Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface") / "datasets")
+    if cache.is_dir() and any(cache.iterdir()):
+        return None  # datasets may answer from its cache, online or not
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if _env_true(name):
+            return f"{name} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return f"the Hugging Face hub ({host}) cannot be reached"
+    return None
 
 
 @contextlib.contextmanager
@@ -94,12 +144,25 @@ def _quiet_git_describe():
         evaluator.get_git_commit_hash = original
 
 
-def check_output(path: str | Path) -> Path:
-    """A results file path that can be written (checked before the evaluation, which takes minutes)."""
+def check_output(path: str | Path, *, force: bool = False, inputs=()) -> Path:
+    """A results file path that can be written (checked before the evaluation, which takes minutes).
+
+    An existing file is replaced only with ``force``, and never when it is one of ``inputs`` (the
+    model file, or a file inside the model's checkpoint directory or the data directory).
+    """
     from bitnet_cli.pack.format import check_output_path
 
     out = Path(path)
-    check_output_path(out, force=True)
+    if out.exists():
+        for given in inputs:
+            if given is None or not Path(given).exists():
+                continue
+            source = Path(given).resolve()
+            target = out.resolve()
+            if target == source or (source.is_dir() and target.is_relative_to(source)):
+                raise BitnetError(f"output {out}: is an input of this evaluation ({given}); choose another file",
+                                  param="output")
+    check_output_path(out, force=force)
     return out
 
 
@@ -123,11 +186,11 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | 
     return rows
 
 
-def write_results(results: dict[str, Any], path: str | Path) -> Path:
+def write_results(results: dict[str, Any], path: str | Path, *, force: bool = False, inputs=()) -> Path:
     """Write the results JSON atomically: a temp file in the same directory, then rename."""
     from lm_eval.utils import handle_non_serializable
 
-    out = check_output(path)
+    out = check_output(path, force=force, inputs=inputs)
     temp = TempFile(out)
     try:
         with os.fdopen(os.dup(temp.fd), "w", encoding="utf-8") as f:

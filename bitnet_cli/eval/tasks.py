@@ -12,6 +12,8 @@ from changes. A task whose ``dataset_path`` is one of the hub datasets below rea
         (the raw WikiText files, split into articles at top-level headings; looked for in DATA_DIR,
         then in DATA_DIR/../corpus, where shared/data keeps them)
 
+Tasks in ``bundled/`` (``tinyshakespeare_heldout``) carry their own data and are always known.
+
 Every task the harness builds passes through ``LocalDataFactory._load_full_config``, so groups
 (``mmlu`` = 57 subject tasks) and variants (``mmlu_continuation``, ...) are covered alike.
 """
@@ -169,15 +171,24 @@ class LocalDataFactory(TaskFactory):
         return name if folder == "mmlu" and name not in (None, "all") else None
 
 
+# Tasks shipped with bitnet-cli, data included (no hub, no --data-dir): one YAML each, named as its task.
+BUNDLED_TASKS_DIR = Path(__file__).with_name("bundled")
+
+
+def bundled_task_names() -> list[str]:
+    return sorted(p.stem for p in BUNDLED_TASKS_DIR.glob("*.yaml"))
+
+
 @functools.lru_cache(maxsize=1)
 def _indexed_task_manager() -> TaskManager:
-    return TaskManager()  # indexes ~14k task YAML files: seconds, so once per process
+    # indexes ~14k task YAML files: seconds, so once per process
+    return TaskManager(include_path=str(BUNDLED_TASKS_DIR))
 
 
 def task_manager(data_dir: str | Path | None = None, num_fewshot: int | None = None) -> TaskManager:
     """lm-eval's TaskManager; with ``data_dir`` its hub datasets come from local files."""
     if data_dir is not None and not Path(data_dir).is_dir():  # before the index is built (seconds)
-        raise BitnetError(f"--data-dir {data_dir}: no such directory")
+        raise BitnetError(f"data_dir {data_dir}: no such directory", param="data_dir")
     tm = copy.copy(_indexed_task_manager())
     if data_dir is not None:
         data_dir = Path(data_dir)

@@ -169,7 +169,9 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
 def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, kind: str,
               embeddings: str, seconds: float, fmt: str = "native") -> PackSummary:
     ternary, params = dims.ternary_parameters(), dims.parameters()
-    ternary_bytes = sum(s.nbytes for s in specs if s.dtype == "U8")
+    # the packed projections only: a q4 embedding is stored as U8 too, but it is not ternary
+    ternary_names = tuple(f".{proj.name}.weight" for proj in dims.projections())
+    ternary_bytes = sum(s.nbytes for s in specs if s.name.endswith(ternary_names))
     size = out.stat().st_size
     return PackSummary(
         source=source, source_kind=kind, output=str(out), format=fmt, embeddings=embeddings,

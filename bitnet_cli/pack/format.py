@@ -323,6 +323,22 @@ class PackedModel:
     def file_size(self) -> int:
         return self.path.stat().st_size
 
+    def describe(self) -> dict:
+        """What the file holds, JSON-ready (``bitnet info --json``): file, format, metadata, config,
+        tokenizer config and every tensor with its offset, size and stored crc32."""
+        return {
+            "file": str(self.path), "file_bytes": self.file_size,
+            "format_version": self.metadata["format_version"], "layout": self.layout,
+            "embeddings": self.embeddings, "source": self.metadata.get("source", ""),
+            "converter": self.metadata.get("converter", ""), "config": self.config,
+            "tokenizer_config": self.tokenizer_config, "tokenizer_bytes": len(self.tokenizer_json),
+            "tensors": [
+                {"name": n, "dtype": self.entries[n].dtype, "shape": list(self.entries[n].shape),
+                 "offset": self.entries[n].begin, "bytes": self.entries[n].nbytes, "crc32": self.checksums.get(n)}
+                for n in self.names
+            ],
+        }
+
     def verify(self, progress=None) -> list[str]:
         """Recompute every tensor's crc32 and the metadata's; return what does not match
         (tensor names, and ``__metadata__`` for the config/tokenizer text)."""

@@ -47,9 +47,10 @@ class TrainResult:
     val_loss: float
     unigram_entropy: float    # nats/token of the train split's token frequencies
     parameters: int
-    seconds: float
+    seconds: float            # this call's training time (a resumed run: since the resume)
     tokens_per_second: float
     mfu: float | None = None
+    start_step: int = 0       # steps done before this call (resumed runs); == steps: nothing left to train
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -293,7 +294,8 @@ def _train(recipe, out_dir: Path, resume, show_progress, console, device, info: 
     resume_from = _resume_point(out_dir, resume, info, say)
     data, tok, tok_cfg = _prepare_data(recipe, src, resume_from, info)
     run = _Run.build(recipe, out_dir, device, info, say, data, tok, tok_cfg, src, teacher_src, resume_from)
-    return run.loop(steps, _progress(show_progress and info.is_main, console), say)
+    finished = run.start_step >= steps  # a finished run: no bar (it would show loss nan, 0 tok/s)
+    return run.loop(steps, _progress(show_progress and info.is_main and not finished, console), say)
 
 
 def _configure_torch(t, device: torch.device, info: D.DistInfo) -> torch.device:
@@ -557,7 +559,7 @@ class _Run:
             checkpoint=final, out_dir=out_dir, steps=steps, tokens=steps * tokens_per_step,
             train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=self.config.arch.parameters(),
             seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
-            mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None,
+            mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None, start_step=start_step,
         )
 
 

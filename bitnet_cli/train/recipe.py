@@ -340,7 +340,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
     if p.is_dir():
         raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
     shipped = bundled("recipes", f"{p.name}.yaml")
-    if p.suffix == "" and len(p.parts) == 1 and shipped.is_file():
+    if len(p.parts) == 1 and shipped.is_file():  # names like bitnet-b1.58-700m have a dot: no suffix test
         return shipped
     raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
 

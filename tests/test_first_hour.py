@@ -1,0 +1,253 @@
+"""A new user's first hour (issue 12): nothing is lost, and every failure is one line naming its fix.
+
+Everything here fails (or succeeds) before any long work starts, so the file runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bitnet_cli import cli
+from bitnet_cli.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    return lines[0]
+
+
+def test_error_message_is_not_wrapped_at_a_narrow_width(tmp_path, monkeypatch):
+    """rich would break the line at the console width; a long path must come out whole."""
+    monkeypatch.setattr(cli.err_console, "width", 40)
+    missing = tmp_path / ("a-rather-long-directory-name-" * 4) / "no-such-model.bin"
+    result = runner.invoke(app, ["info", str(missing)])
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert str(missing) in line and "no such file" in line
+
+
+def test_markup_like_text_in_an_error_is_printed_as_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.err_console, "width", 40)
+    missing = tmp_path / "[bold]model[train].bin"
+    result = runner.invoke(app, ["info", str(missing)])
+    assert result.exit_code == 1 and str(missing) in _one_error_line(result.output)
+
+
+@pytest.mark.parametrize("args, module, extra", [
+    (["train", "tiny"], "torch", "train"),
+    (["eval", "model.bin", "--tasks", "arc_easy"], "lm_eval", "eval"),
+    (["quickstart", "--out", "OUT"], "torch", "train,eval"),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, args, module, extra):
+    """As after `pip install -e .` (no extras): the module is made unimportable in a fresh interpreter."""
+    args = [a.replace("OUT", str(tmp_path / "qs")) for a in args]
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            f"from bitnet_cli.cli import app\napp({args!r})")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's package, from any working directory
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=120)
+    assert done.returncode == 1, done.stderr
+    line = _one_error_line(done.stderr)
+    assert f"pip install 'bitnet-cli[{extra}]'" in line and module in line
+    assert "Traceback" not in done.stderr
+
+
+def _eval_args(model, output, *extra):
+    return ["eval", str(model), "--tasks", "arc_easy", "-o", str(output), *extra]
+
+
+def test_eval_output_is_never_an_input_and_needs_force(tmp_path):
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"precious model bytes")
+    result = runner.invoke(app, _eval_args(model, model))
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    result = runner.invoke(app, _eval_args(model, model, "--force"))  # not even with --force
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    assert model.read_bytes() == b"precious model bytes"
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    result = runner.invoke(app, _eval_args(ckpt, ckpt / "config.json", "--force"))
+    assert result.exit_code == 1 and "input" in _one_error_line(result.output)
+    assert (ckpt / "config.json").read_text() == "{}"
+
+    old = tmp_path / "results.json"
+    old.write_text("earlier results")
+    result = runner.invoke(app, _eval_args(model, old))
+    assert result.exit_code == 1 and "--force" in _one_error_line(result.output)
+    assert old.read_text() == "earlier results"
+
+
+def test_eval_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("BITNET_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))  # nothing cached to fall back on
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"x")
+    import socket
+
+    from bitnet_cli.eval import tasks
+
+    def never(*args, **kwargs):
+        raise AssertionError("offline: nothing may be tried (lm-eval alone retried the hub for 30 s)")
+
+    monkeypatch.setattr(socket, "create_connection", never)
+    monkeypatch.setattr(tasks, "task_manager", never)  # lm-eval's task index: the hub comes next
+    result = runner.invoke(app, ["eval", str(model), "--tasks", "arc_easy"])
+    assert result.exit_code == 1
+    line = _one_error_line(result.output)
+    assert "HF_HUB_OFFLINE" in line and "--data-dir" in line and "BITNET_EVAL_DATA" in line
+
+
+def test_a_bundled_recipe_name_with_a_dot_is_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing named like it here: the bundled recipe is meant
+    result = runner.invoke(app, ["train", "bitnet-b1.58-700m", "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["parameters"] > 0.5e9
+    result = runner.invoke(app, ["train", "bitnet-b1.58-70m"])
+    assert result.exit_code == 1 and "bitnet-b1.58-700m" in _one_error_line(result.output)  # the names are listed
+
+
+def test_q4_embeddings_do_not_change_the_ternary_bits_per_weight(hf_tiny_checkpoint, tmp_path):
+    from bitnet_cli.pack import pack_checkpoint
+
+    f16 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin")
+    q4 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q4.bin", embeddings="q4")
+    assert q4.ternary_bits_per_weight == f16.ternary_bits_per_weight
+    assert 2.0 <= f16.ternary_bits_per_weight < 2.7  # 2 bits, plus the K padding to 128 of this small model
+    assert q4.file_bytes < f16.file_bytes
+
+
+@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart"])
+def test_help_is_readable_at_80_columns(command, monkeypatch):
+    """Nothing in --help is cut to `hellas…` or runs past 80 columns."""
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERMINAL_WIDTH", "80")
+    out = runner.invoke(app, [command, "--help"]).output
+    assert "Usage" in out
+    assert [line for line in out.splitlines() if "…" in line or len(line) > 80] == []
+
+
+def test_info_table_of_a_2b4t_sized_model_fits_80_columns():
+    """The longest tensor names and widest shapes there are, grouped by layer, without folding."""
+    from rich.console import Console
+
+    from bitnet_cli.arch import PRESETS, ModelDims
+    from bitnet_cli.pack.format import tensor_specs
+
+    dims = ModelDims.from_config(PRESETS["2b4t"].fields)
+    tensors = [{"name": s.name, "dtype": s.dtype, "shape": list(s.shape), "bytes": s.nbytes}
+               for s in tensor_specs(dims, "f16")]
+    console = Console(width=80, record=True)
+    console.print(cli._tensor_table(tensors))
+    text = console.export_text()
+    assert "model.layers.{i}.self_attn.attn_sub_norm.weight" in text and "128256x2560" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+
+
+def test_top_level_api_is_lazy_and_documented():
+    code = ("import sys, bitnet_cli\n"
+            "from bitnet_cli import Engine, PackedModel, pack_checkpoint, BitnetError\n"
+            "assert 'torch' not in sys.modules and 'bitnet_cli.eval.runner' not in sys.modules\n"
+            "from bitnet_cli import evaluate, train, load_recipe, quickstart\n"
+            "for name in bitnet_cli.__all__[1:]:\n"
+            "    assert getattr(bitnet_cli, name).__doc__, name\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_bench_kernel_table_of_2b4t_shapes_fits_80_columns():
+    from rich.console import Console
+
+    from bitnet_cli.arch import PRESETS
+    from bitnet_cli.bench import report
+    from bitnet_cli.bench.shapes import weight_shapes
+
+    stat = {"median": 0.0123456, "min": 0.01, "max": 0.02, "n": 3}
+    rows = []
+    for shape in weight_shapes(PRESETS["2b4t"].fields):
+        for impl, backend in (("ternary", "avx512vnni"), ("int8", "int8"), ("f32", "BLAS (default threads)")):
+            rows.append({"impl": impl, "backend": backend, "n": shape["n"], "k": shape["k"], "tokens": 128,
+                         "threads": 16, "projections": shape["projections"], "seconds": stat,
+                         "gbps": {"median": 123.4}, "gops": {"median": 9999.0}, "pct_of_bandwidth": 100.0})
+    console = Console(width=80, record=True)
+    report._kernels(rows, console)
+    text = console.export_text()
+    assert "6912x2560" in text and "gate,up" in text and "12,346 (1.0x)" in text
+    assert all(len(line) <= 80 for line in text.splitlines())
+
+
+# ---------------------------------------------------------------- one dialect (issue 11)
+
+
+def _options(command: str) -> dict[str, tuple[str, ...]]:
+    import typer.main
+
+    click_cmd = typer.main.get_command(app).commands[command]
+    return {p.name: tuple(p.opts) for p in click_cmd.params}
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "bench", "quickstart", "serve"])
+def test_minus_t_is_threads_in_every_command(command):
+    opts = _options(command)
+    assert set(opts["threads"]) == {"--threads", "-t"}
+    assert all("-t" not in spelled for name, spelled in opts.items() if name != "threads")
+
+
+def test_every_json_flag_says_the_same_thing():
+    import typer.main
+
+    helps = set()
+    for name, click_cmd in typer.main.get_command(app).commands.items():
+        for p in click_cmd.params:
+            if "--json" in p.opts:
+                helps.add(p.help.split(":")[0])
+    assert helps == {"Print one JSON object on stdout, nothing else there"}
+
+
+def test_run_sampling_defaults_are_the_library_s():
+    from bitnet_cli.sampling import SamplingParams
+
+    opts = {p.name: p.default for p in __import__("typer.main").main.get_command(app).commands["run"].params}
+    d = SamplingParams()
+    assert (opts["temperature"], opts["top_k"], opts["top_p"], opts["repeat_penalty"]) == (
+        d.temperature, d.top_k, d.top_p, d.repeat_penalty)
+
+
+def test_eval_old_minus_t_for_tasks_still_works_with_a_note(tmp_path, monkeypatch):
+    """`eval MODEL -t arc_easy` (the old spelling): read as the tasks, with a deprecation note; the
+    command then goes on (here to the offline error, which names what it would have scored)."""
+    monkeypatch.delenv("BITNET_EVAL_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-cache"))
+    model = tmp_path / "model.bin"
+    model.write_bytes(b"x")
+    result = runner.invoke(app, ["eval", str(model), "-t", "arc_easy"])
+    assert result.exit_code == 1 and "deprecated" in result.output and "--tasks" in result.output
+    assert "--data-dir" in result.output  # it got as far as the tasks' data
+    result = runner.invoke(app, ["eval", str(model), "-t", "2"])
+    assert result.exit_code == 1 and "give the tasks" in _one_error_line(result.output)
+
+
+def test_library_errors_name_parameters_and_the_cli_shows_options():
+    from bitnet_cli.errors import BitnetError, as_flags
+    from bitnet_cli.sampling import SamplingParams
+
+    with pytest.raises(BitnetError) as e:
+        SamplingParams(top_p=0).check()
+    assert str(e.value).startswith("top_p must be in (0, 1]") and "--" not in str(e.value)
+    assert as_flags(e.value).startswith("--top-p must be in (0, 1]")
+    assert as_flags(BitnetError("a message about nothing in particular")) == "a message about nothing in particular"
