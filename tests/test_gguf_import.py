@@ -293,3 +293,24 @@ def test_every_exported_metadata_key_is_one_llama_cpp_reads(ckpt, tmp_path, gguf
         arch = gf.metadata["general.architecture"]
         known = {k.replace("{arch}", arch) for k in known} | {HIDDEN_ACT_KEY}
         assert set(gf.metadata) <= known, set(gf.metadata) - known
+
+
+def test_cli_import_prints_the_notes_and_one_error_line_for_a_bad_file(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    runner = CliRunner()
+    gguf_file = tmp_path / "m.gguf"
+    assert runner.invoke(app, ["pack", str(ckpt), str(gguf_file), "--to", "gguf", "--gguf-type", "i2_s",
+                               "--gguf-head", "q6_k"]).exit_code == 0
+    result = runner.invoke(app, ["pack", str(gguf_file), str(tmp_path / "m.bin")])
+    assert result.exit_code == 0, result.output
+    assert "(Q6_K, dequantised exactly) stored as --embeddings f16" in " ".join(result.output.split())
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(gguf_file.read_bytes()[:5000])
+    result = runner.invoke(app, ["pack", str(bad), str(tmp_path / "x.bin")])
+    text = " ".join(result.output.split())  # rich wraps at 80 columns
+    assert result.exit_code == 1 and "Traceback" not in text
+    assert text.startswith("error:") and "bad.gguf" in text and text.count("error:") == 1
+    assert not (tmp_path / "x.bin").exists()
