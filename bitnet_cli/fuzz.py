@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import os
@@ -326,6 +327,8 @@ def run_case(argv: list[str], cwd: Path, sanitize: bool, base_vm: int, base_rss:
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 1
+        # a crash is judged by the signal; pytest's faulthandler would print the child's stack into the run's log
+        faulthandler.disable()
         try:
             os.chdir(cwd)
             os.environ.update(COLUMNS="1000", TQDM_DISABLE="1")  # one message, one line (rich wraps at 80)
