@@ -388,7 +388,8 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     config = read_json(ckpt / "config.json", "model config")
     from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE
 
-    family = FAMILIES.get(FAMILY_BY_MODEL_TYPE.get(config.get("model_type"), ""))
+    model_type = config.get("model_type")
+    family = FAMILIES.get(FAMILY_BY_MODEL_TYPE.get(model_type, "")) if isinstance(model_type, str) else None
     if family is not None and family.qkv_bias:
         raise BitnetError(
             f"{ckpt / 'config.json'}: {family.architecture} has biases on q_proj/k_proj/v_proj, which the packed "

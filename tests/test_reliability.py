@@ -513,6 +513,7 @@ CHECKPOINT_JUNK = {
     "config tie string": (lambda c: set_config(c, tie_word_embeddings="yes"), "tie_word_embeddings must be true or false"),
     "config heads string": (lambda c: set_config(c, num_attention_heads="4"), "num_attention_heads must be a positive integer"),
     "config eps nan": (lambda c: set_config(c, rms_norm_eps=float("nan")), "rms_norm_eps must be a positive finite number"),
+    "config model_type object": (lambda c: set_config(c, model_type={"a": 1}), "unsupported architecture model_type="),
     "config rope list": (lambda c: set_config(c, rope_parameters=[1]), "RoPE scaling [1] is not supported"),
     "index list": (lambda c: write(c / "model.safetensors.index.json", "[]"), "shard index (must be a JSON object"),
     "weight_map value list": (lambda c: index(c, {"a": ["model.safetensors"]}), "weight_map values must be file names"),
