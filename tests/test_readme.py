@@ -27,6 +27,7 @@ SKIP = {
     "torchrun": "needs several GPUs",
     "convert-small": "needs a trained float model (runs/small-float: a GPU-sized training run)",
     "bitnet-b1.58-2B-4T": "a 2B-parameter checkpoint from the hub, not in the repository",
+    "HF1BitLLM/": "an 8B-parameter checkpoint from the hub",
     "ggml-model-i2_s.gguf": "bitnet.cpp's 2B4T GGUF, not in the repository (tests/test_gguf*.py import GGUFs)",
     "bitnet serve": "starts a server that runs until stopped (tests/test_serve*.py cover it)",
     "curl ": "talks to the server above",
