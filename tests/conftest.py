@@ -118,6 +118,11 @@ def make_hf_checkpoint(
     cfg = json.loads((out_dir / "config.json").read_text())
     if quantized:
         cfg["quantization_config"] = dict(ONLINE_QUANT)
+    return _finish_checkpoint(out_dir, cfg, tokenizer_dir)
+
+
+def _finish_checkpoint(out_dir: Path, cfg: dict, tokenizer_dir: Path | None) -> Path:
+    """Write the (edited) config.json and copy the tokenizer files beside the weights."""
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer_dir is not None:
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -229,11 +234,7 @@ def make_llama_checkpoint(
             scale = s if convention.startswith("bitlinear") else 1.0 / s
             state[name.replace(".weight", ".weight_scale")] = scale.reshape(1).float()
         save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
-    if tokenizer_dir is not None:
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
-    return out_dir
+    return _finish_checkpoint(out_dir, cfg, tokenizer_dir)
 
 
 def load_hf_llama_reference(ckpt_dir: Path):
