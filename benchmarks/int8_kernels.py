@@ -1,13 +1,15 @@
 """The int8 BitLinear kernels on a GPU: exactness against the reference, then speed against bf16.
 
-    python benchmarks/int8_kernels.py [--out int8_kernels.json]
+    python benchmarks/int8_kernels.py [--out int8_kernels.json] [--models small,700m,1.3b]
 
 1. ``bitnet::int8_mm`` (Triton) against ``int8_mm_reference`` (pure torch, on the CPU) on fresh
-   random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs: bit for bit.
+   random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs, with and
+   without the per-column scale: bit for bit.
 2. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
-   against the same code on the CPU (the emulation): relative errors.
+   against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
 3. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
-   (tokens per micro-batch x K -> N, forward and grad_input): bf16 ``F.linear``, the Triton int8
+   (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
+   the trainer runs them): bf16 ``F.linear``, the Triton int8
    kernel with its epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
    quantisation that feeds the int8 product. TFLOP/s count 2 x M x N x K.
 """
@@ -25,10 +27,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bitnet_cli
 from bitnet_cli.train import int8_linear as L  # noqa: E402
 
-SHAPES = {  # name: (tokens per micro-batch, [(K, N) of each projection]); grad_input is (N, K)
-    "small": (32 * 1024, [(768, 768), (768, 2048), (2048, 768)]),
-    "700m": (16 * 2048, [(1536, 1536), (1536, 4096), (4096, 1536)]),
-    "1.3b": (8 * 2048, [(2048, 2048), (2048, 5460), (5460, 2048)]),
+SHAPES = {  # name: (tokens per micro-batch, [(K, N) of qkv, o, gate-up, down]); grad_input is (N, K)
+    "small": (32 * 1024, [(768, 2304), (768, 768), (768, 4096), (2048, 768)]),
+    "700m": (16 * 2048, [(1536, 4608), (1536, 1536), (1536, 8192), (4096, 1536)]),
+    "1.3b": (8 * 2048, [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)]),
 }
 
 
@@ -38,12 +40,12 @@ def check_exact() -> list[dict]:
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
         b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
         rm = torch.rand(M) * 0.02 + 1e-4
-        mul = torch.tensor(0.031)
-        for dt in (torch.bfloat16, torch.float32):
-            ref = L.int8_mm_reference(a, b, rm, mul, dt)
-            got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), mul.cuda(), dt).cpu()
+        cm = torch.rand(N) * 0.05 + 1e-3
+        for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
+            ref = L.int8_mm_reference(a, b, rm, col, dt)
+            got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), None if col is None else col.cuda(), dt).cpu()
             exact = torch.equal(got, ref)
-            out.append({"M": M, "N": N, "K": K, "dtype": str(dt), "bit_exact": exact,
+            out.append({"M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None, "bit_exact": exact,
                         "max_abs": (got.float() - ref.float()).abs().max().item(),
                         "nan": bool(got.isnan().any())})
             print(json.dumps(out[-1]), flush=True)
@@ -53,46 +55,47 @@ def check_exact() -> list[dict]:
 def check_autograd() -> list[dict]:
     out = []
     torch.manual_seed(0)
-    for int8_grad in (True, False):
-        w = torch.randn(512, 384) * 0.02
+    for int8_grad, rows in ((True, [512]), (False, [512]), (True, [384, 128, 128])):
+        ws = [torch.randn(n, 384) * 0.02 * (i + 1) for i, n in enumerate(rows)]
         x = torch.randn(4, 100, 384)
-        g = torch.randn(4, 100, 512)
+        g = torch.randn(4, 100, sum(rows))
         res = {}
         for dev in ("cpu", "cuda"):
-            wd = w.to(dev).clone().requires_grad_()
+            wd = [w.to(dev).clone().requires_grad_() for w in ws]
             xd = x.to(dev).clone().requires_grad_()
             with torch.autocast(dev, dtype=torch.bfloat16):
-                y = L.int8_bitlinear(xd, wd, int8_grad=int8_grad)
+                y = L.int8_linear(xd, wd, int8_grad=int8_grad)
             y.backward(g.to(dev).to(y.dtype))
-            res[dev] = (y.float().cpu(), xd.grad.cpu(), wd.grad.cpu())
+            res[dev] = (y.float().cpu(), xd.grad.cpu(), torch.cat([w.grad for w in wd]).cpu())
 
         def rel(i):
             a, b = res["cuda"][i], res["cpu"][i]
             return ((a - b).norm() / b.norm()).item()
 
-        out.append({"int8_grad": int8_grad, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
+        out.append({"int8_grad": int8_grad, "stacked": rows, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
                     "fwd_bit_exact": torch.equal(res["cuda"][0], res["cpu"][0])})
         print(json.dumps(out[-1]), flush=True)
     return out
 
 
-def bench() -> list[dict]:
+def bench(models: list[str]) -> list[dict]:
     from triton.testing import do_bench
 
     quant = torch.compile(L.quantize_rows)
     rows = []
-    for name, (M, kns) in SHAPES.items():
+    for name in models:
+        M, kns = SHAPES[name]
         for K0, N0 in kns:
             for kind, (K, N) in (("fwd", (K0, N0)), ("grad_in", (N0, K0))):
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
                 q, s = L.quantize_rows(x)
-                t, s_w = L.ternary_weight(w)
-                inv_s, inv_w = 1.0 / s, 1.0 / s_w
+                t, _, col_scale = L.stacked_ternary([w])
+                inv_s = 1.0 / s
                 flop = 2 * M * N * K
                 ms = {
                     "bf16": do_bench(lambda: F.linear(x, w), return_mode="median"),
-                    "triton_int8": do_bench(lambda: L.int8_mm(q, t, inv_s, inv_w, torch.bfloat16),
+                    "triton_int8": do_bench(lambda: L.int8_mm(q, t, inv_s, col_scale, torch.bfloat16),
                                             return_mode="median"),
                     "int_mm": do_bench(lambda: torch._int_mm(q, t.t()), return_mode="median"),
                     "quant_x": do_bench(lambda: quant(x), return_mode="median"),
@@ -117,11 +120,12 @@ def bench() -> list[dict]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
+    ap.add_argument("--models", default=",".join(SHAPES), help="the shapes to time (SHAPES' names)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     exact = check_exact()
     grads = check_autograd()
-    rows = bench()
+    rows = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone
     ok = all(r["bit_exact"] for r in exact)
     print(f"\nkernel bit-exact against the reference: {ok}")
     with open(args.out, "w") as f:

@@ -2,9 +2,11 @@
 
     python benchmarks/profile_step.py [--preset small] [--batch 32] [--seq 1024] [--variants int8,bitnet,none]
 
-Builds the model of a preset (random init, random tokens), compiles it, runs forward + backward
-micro-steps under bf16 autocast (the ternary-weight refresh once per step, as the trainer does)
-and prints the mean step time and the top kernels of a torch.profiler trace for each variant.
+Builds the model of a preset (random init, random tokens, the benchmarks' 8192-token vocabulary),
+compiles it, runs forward + backward micro-steps under bf16 autocast (the ternary-weight refresh
+once per step, as the trainer does) and prints, for each variant, the mean micro-step time, the
+GPU time per micro-step by kind of kernel (the int8 products, cuBLAS products, attention, the
+Triton kernels inductor generates, the rest) and the top kernels of a torch.profiler trace.
 """
 
 from __future__ import annotations
@@ -23,17 +25,31 @@ from bitnet_cli.train import int8_linear  # noqa: E402
 from bitnet_cli.train.recipe import PRESETS  # noqa: E402
 
 
+def kernel_kind(name: str) -> str:
+    """A profiler event's kind of kernel, by its name."""
+    n = name.lower()
+    if n.startswith("triton_"):  # inductor's names list the ops it fused (int8_mm's neighbours too)
+        return "inductor kernels"
+    if n.startswith("_int8_mm_kernel"):
+        return "int8 products"
+    if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")):
+        return "cuBLAS products"
+    return "other"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--variants", default="int8,bitnet,none")
+    ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--top", type=int, default=22)
     args = ap.parse_args()
-    dims = dict(PRESETS[args.preset])
-    dims.setdefault("vocab_size", 32000)
-    dims.pop("tie_word_embeddings", None)
+    dims = dict(PRESETS[args.preset].fields)
+    dims["vocab_size"] = args.vocab
     for v in args.variants.split(","):
         torch.manual_seed(0)
         cfg = BitNetConfig(**dims, quant="none" if v == "none" else "bitnet", max_position_embeddings=args.seq,
@@ -73,6 +89,13 @@ def main():
             torch.cuda.synchronize()
         tok = args.batch * args.seq
         print(f"\n=== {args.preset} {v}: {dt * 1e3:.1f} ms per micro-step ({tok / dt:,.0f} tok/s), warm-up {warm:.0f} s")
+        kinds: dict[str, float] = {}
+        for e in prof.key_averages():
+            us = e.device_time_total / 3  # three profiled micro-steps
+            if us > 0:
+                kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us
+        print("GPU ms per micro-step: " + ", ".join(f"{k} {us / 1e3:.2f}" for k, us in
+                                                   sorted(kinds.items(), key=lambda kv: -kv[1])))
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70))
         del model, fwd
         torch.cuda.empty_cache()

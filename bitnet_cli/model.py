@@ -195,10 +195,9 @@ class BitLinear(nn.Linear):
     gradients on (and no warm-up), the same integers are then multiplied on int8 tensor cores.
     """
 
-    int8 = None
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)  # a bias (Qwen2's q/k/v) stays float
+        self.int8 = None  # an int8_linear.Int8Product once enabled (a submodule: it holds the cached trits)
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
         self.register_buffer("lam", torch.ones(()), persistent=False)
         self.warming = False
@@ -225,8 +224,7 @@ class BitLinear(nn.Linear):
             x = x + lam * (_quant_activation(x) - x).detach()
             w = w + self.lam.to(w.dtype) * (_quant_weight(w) - w).detach()
         elif self.int8 is not None and torch.is_grad_enabled():
-            y = self.int8.forward(self, x)
-            return y if self.bias is None else y + self.bias
+            return self.int8(x, self)[0]
         elif torch.is_grad_enabled():
             x = x + (_quant_activation(x) - x).detach()
             w = w + (_quant_weight(w) - w).detach()
@@ -257,6 +255,16 @@ def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+
+
+def _project_shared(owner: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """``[proj(x) for proj in owner.shared_input]``: the projections that read one input, as one
+    stacked int8 product where ``bitnet_cli.train.int8_linear.enable`` gave ``owner`` one (training
+    with ``train.int8_matmul``; not during quantisation warm-up), else one by one."""
+    projs = [getattr(owner, name) for name in owner.shared_input]
+    if owner.int8_fused is not None and torch.is_grad_enabled() and not projs[0].warming:
+        return owner.int8_fused(x, *projs)
+    return [p(x) for p in projs]
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -291,8 +299,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    shared_input = ("q_proj", "k_proj", "v_proj")  # projections of one input (_project_shared)
+
     def __init__(self, config: BitNetConfig):
         super().__init__()
+        self.int8_fused = None
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
         self.head_dim = config.arch.head_dim
@@ -305,9 +316,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = _project_shared(self, x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if self.n_kv != self.n_heads:
@@ -320,8 +332,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    shared_input = ("gate_proj", "up_proj")  # projections of one input (_project_shared)
+
     def __init__(self, config: BitNetConfig):
         super().__init__()
+        self.int8_fused = None
         self.gate_proj = _linear(config, "mlp.gate_proj")
         self.up_proj = _linear(config, "mlp.up_proj")
         self.down_proj = _linear(config, "mlp.down_proj")
@@ -330,8 +345,8 @@ class MLP(nn.Module):
             self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.gate_proj(x)
-        y = (F.silu(g) if self.silu else F.relu(g).square()) * self.up_proj(x)
+        g, u = _project_shared(self, x)
+        y = (F.silu(g) if self.silu else F.relu(g).square()) * u
         return self.down_proj(self.ffn_sub_norm(y) if hasattr(self, "ffn_sub_norm") else y)
 
 

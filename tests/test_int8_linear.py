@@ -42,11 +42,12 @@ def test_reference_product_is_the_exact_integer_product_then_two_scalings():
     g = torch.Generator().manual_seed(2)
     a = torch.randint(-128, 128, (50, 333), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (70, 333), dtype=torch.int8, generator=g)
-    row_mul, mul = torch.rand(50, generator=g), torch.tensor(0.03)
+    row_mul, col_mul = torch.rand(50, generator=g), torch.rand(70, generator=g)
     exact = a.double() @ b.double().t()
-    got = L.int8_mm(a, b, row_mul, mul, torch.float32)
-    assert torch.equal(got, (exact.float() * row_mul[:, None] * mul))
-    assert L.int8_mm(a, b, row_mul, mul, torch.bfloat16).dtype == torch.bfloat16
+    got = L.int8_mm(a, b, row_mul, col_mul, torch.float32)
+    assert torch.equal(got, (exact.float() * row_mul[:, None] * col_mul[None, :]))
+    assert torch.equal(L.int8_mm(a, b, row_mul, None, torch.float32), exact.float() * row_mul[:, None])
+    assert L.int8_mm(a, b, row_mul, col_mul, torch.bfloat16).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("int8_grad", [False, True])
@@ -105,9 +106,49 @@ def test_the_ternary_cache_is_refreshed_per_step_and_stays_out_of_checkpoints():
     with pytest.raises(BitnetError, match="stale"):
         model(ids)
     L.refresh(model)
-    q = model.model.layers[0].self_attn.q_proj
-    t, s = L.ternary_weight(q.weight)
-    assert torch.equal(q.trits, t) and torch.equal(q.trits_t, t.t()) and torch.equal(q.s_w, s)
+    # q/k/v share one stacked product on their owner (rows in that order), o_proj has its own.
+    attn = model.model.layers[0].self_attn
+    fused, rows = attn.int8_fused, 0
+    for p in (attn.q_proj, attn.k_proj, attn.v_proj):
+        t, s = L.ternary_weight(p.weight)
+        n = p.out_features
+        assert torch.equal(fused.trits[rows:rows + n], t) and torch.equal(fused.trits_t[:, rows:rows + n], t.t())
+        assert torch.equal(fused.col_scale[rows:rows + n], (1.0 / s).expand(n))
+        rows += n
+    assert rows == fused.trits.shape[0]
+    t, s = L.ternary_weight(attn.o_proj.weight)
+    assert torch.equal(attn.o_proj.int8.trits, t) and torch.equal(attn.o_proj.int8.col_scale, (1.0 / s).expand(len(t)))
+
+
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_a_stacked_product_equals_its_projections_one_by_one(int8_grad):
+    """q/k/v (different sizes and scales, one with a bias) as one product against each alone:
+    the forward bit for bit; the input gradient too in bf16, and to the int8 rounding (the
+    per-token scale of the stacked output gradient differs from each part's) with int8_grad."""
+    torch.manual_seed(3)
+    projs = [BitLinear(48, 64), BitLinear(48, 32, bias=True), BitLinear(48, 32)]
+    for p, scale in zip(projs, (0.02, 0.5, 3.0)):
+        torch.nn.init.normal_(p.weight, std=scale)
+    alone = [BitLinear(48, p.out_features, bias=p.bias is not None) for p in projs]
+    for a, p in zip(alone, projs):
+        a.load_state_dict(p.state_dict())
+        L.enable(a, int8_grad, cache=True)
+        L.refresh(a)
+    stacked = L.Int8Product(projs, int8_grad, cache=True)
+    stacked.refresh(*projs)
+    x1 = torch.randn(2, 9, 48, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1 = [a(x1) for a in alone]
+    y2 = stacked(x2, *projs)
+    for a, b in zip(y1, y2):
+        assert torch.equal(a, b)
+    gs = [torch.randn_like(y) for y in y1]
+    torch.autograd.backward(y1, gs)
+    torch.autograd.backward(y2, gs)
+    for a, p in zip(alone, projs):
+        assert rel(p.weight.grad, a.weight.grad) < 1e-6
+    assert torch.equal(projs[1].bias.grad, alone[1].bias.grad)
+    assert rel(x2.grad, x1.grad) < (1e-2 if int8_grad else 1e-6)
 
 
 def test_int8_matmul_setting(tmp_path):

@@ -7,8 +7,9 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
 * forward: ``y = (Xq @ T^T) * (1 / s_x[token]) * (1 / s_w)``, Xq the per-token absmax int8
   activations (the plain path's ``round(x * s_x)``), T the ternary weight (``round(W * s_w)``),
   accumulated exactly in int32; both scales are applied in the kernel's epilogue.
-* grad_input: ``dX = (Gq @ T) * (1 / s_g[token]) * (1 / s_w)`` with the output gradient G
-  quantised per token to int8 the same way (round to nearest, absmax scale). This is the
+* grad_input: ``dX = (Gq @ T) * (1 / s_g[token])`` with ``Gq = round(G / s_w * s_g)``, the output
+  gradient (times the weight's scale) quantised per token to int8 the same way (round to
+  nearest, absmax scale). This is the
   "SwitchBack" choice (Wortsman et al., 2023: int8 forward and input gradient, 16-bit weight
   gradient): the per-row scale follows each token's gradient magnitude, so a row's error is at
   most 1/254 of its own largest entry, and the straight-through estimator already treats this
@@ -21,6 +22,15 @@ The activations are saved for the backward as int8 plus one scale per token (hal
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
+
+Projections that read the same input (q/k/v, gate/up: a module's ``shared_input`` in
+bitnet_cli.model) run as one product over their stacked ternary weights (:class:`Int8Product`):
+the input is quantised and saved once, the forward product is 2304 or 4096 columns wide instead
+of 768 or 2048 (small), grad_input sums over K = 2304 or 4096 in one product instead of three or
+two short ones, and the weight gradient is one product. Each projection keeps its own ``s_w``:
+the forward applies it per output column in the epilogue, and grad_input, where the columns are
+the reduction, folds it into the output gradient before the per-token rounding
+(``round(G_n / s_w(n) * s_g)``). A single projection is the same with one member.
 
 The quantisations are written in torch so that torch.compile fuses them with their neighbours
 (the RMSNorm before a projection, the elementwise backward before a gradient); the products are
@@ -58,80 +68,99 @@ def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wf * s).round().clamp(-1, 1).to(torch.int8), s
 
 
+def stacked_ternary(weights: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ternary weights of projections of one input, stacked by rows: ``(T [N, K], T^T [K, N]
+    contiguous, col_scale [N])``, ``col_scale`` each row's ``1 / s_w`` (fp32; ``T * col_scale`` is
+    bit for bit the plain path's W~ = T / s_w, T being -1, 0 or 1)."""
+    parts = [ternary_weight(w) for w in weights]
+    trits = torch.cat([t for t, _ in parts]) if len(parts) > 1 else parts[0][0]
+    col_scale = torch.cat([(1.0 / s).expand(t.shape[0]) for t, s in parts])
+    return trits, trits.t().contiguous(), col_scale
+
+
 # ----------------------------------------------------------------------------- the product
 
 
-def int8_mm_reference(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, mul: torch.Tensor,
+def int8_mm_reference(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
                       out_dtype: torch.dtype) -> torch.Tensor:
-    """What the kernel computes: ``(a @ b^T)`` exactly in int32, ``* row_mul[:, None] * mul`` in fp32.
+    """What the kernel computes: ``(a @ b^T)`` exactly in int32, ``* row_mul[:, None] (* col_mul[None, :])`` in fp32.
 
     ``a`` is int8 [M, K], ``b`` int8 [N, K] (both K-contiguous, as the int8 tensor cores want),
-    ``row_mul`` fp32 [M], ``mul`` a fp32 scalar tensor; the result is rounded once to ``out_dtype``.
+    ``row_mul`` fp32 [M], ``col_mul`` fp32 [N] or None; the result is rounded once to ``out_dtype``.
     """
-    acc = torch.mm(a.to(torch.int32), b.to(torch.int32).t())
-    return (acc.float() * row_mul[:, None] * mul).to(out_dtype)
+    c = torch.mm(a.to(torch.int32), b.to(torch.int32).t()).float() * row_mul[:, None]
+    if col_mul is not None:
+        c = c * col_mul[None, :]
+    return c.to(out_dtype)
 
 
 @torch.library.custom_op("bitnet::int8_mm", mutates_args=())
-def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, mul: torch.Tensor,
+def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
             out_dtype: torch.dtype) -> torch.Tensor:
     if a.is_cuda:
         from bitnet_cli.train import int8_triton
 
-        return int8_triton.int8_mm(a, b, row_mul, mul, out_dtype)
-    return int8_mm_reference(a, b, row_mul, mul, out_dtype)
+        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype)
+    return int8_mm_reference(a, b, row_mul, col_mul, out_dtype)
 
 
 @int8_mm.register_fake
-def _(a, b, row_mul, mul, out_dtype):
+def _(a, b, row_mul, col_mul, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
-class _Int8BitLinear(torch.autograd.Function):
-    """Inputs: x [M, K] (any float dtype), the latent weight (for its gradient only), T [N, K],
-    T^T [K, N] made contiguous (the K-major operand of grad_input), s_w; ``dtype`` is the compute
-    dtype (the autocast dtype, else x's) and ``int8_grad`` picks grad_input's arithmetic."""
+class _Int8Linear(torch.autograd.Function):
+    """Inputs: x [M, K] (any float dtype); T [N, K], T^T [K, N] made contiguous (the K-major operand
+    of grad_input) and col_scale [N]: the ternary weights of one or more projections of x stacked
+    by rows (:func:`stacked_ternary`); ``dtype`` the compute dtype (the autocast dtype, else x's);
+    ``int8_grad`` grad_input's arithmetic; then the projections' latent weights, in T's row order
+    (for their gradients only). Returns y [M, N], the projections' outputs side by side."""
 
     @staticmethod
-    def forward(ctx, x, weight, trits, trits_t, s_w, dtype, int8_grad):
+    def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
-        inv_w = 1.0 / s_w
-        y = int8_mm(q, trits, 1.0 / s_x, inv_w, dtype)
-        ctx.save_for_backward(q, s_x, trits, trits_t, s_w)
-        ctx.dtype, ctx.int8_grad, ctx.x_dtype, ctx.w_dtype = dtype, int8_grad, x.dtype, weight.dtype
+        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        ctx.save_for_backward(q, s_x, trits, trits_t, col_scale)
+        ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
+        ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
         return y
 
     @staticmethod
     def backward(ctx, g):
-        q, s_x, trits, trits_t, s_w = ctx.saved_tensors
+        q, s_x, trits, trits_t, col_scale = ctx.saved_tensors
         g = g.to(ctx.dtype)
-        grad_x = grad_w = None
+        grad_x = None
+        grads_w = [None] * len(ctx.rows)
         if ctx.needs_input_grad[0]:
             if ctx.int8_grad:
-                gq, s_g = quantize_rows(g)
-                grad_x = int8_mm(gq, trits_t, 1.0 / s_g, 1.0 / s_w, ctx.x_dtype)
+                # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
+                # product's reduction, where one scale per projection cannot be applied afterwards.
+                gq, s_g = quantize_rows(g.float() * col_scale)
+                grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
             else:
-                grad_x = (g @ (trits.float() / s_w).to(ctx.dtype)).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
+                grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if any(ctx.needs_input_grad[6:]):
             x_deq = (q.float() / s_x[:, None]).to(ctx.dtype)
-            grad_w = (g.t() @ x_deq).to(ctx.w_dtype)
-        return grad_x, grad_w, None, None, None, None, None
+            grad_w = g.t() @ x_deq
+            grads_w = [gw.to(dt) for gw, dt in zip(grad_w.split(ctx.rows), ctx.w_dtypes)]
+        return (grad_x, None, None, None, None, None, *grads_w)
 
 
-def int8_bitlinear(x: torch.Tensor, weight: torch.Tensor, trits: torch.Tensor | None = None,
-                   trits_t: torch.Tensor | None = None, s_w: torch.Tensor | None = None,
-                   int8_grad: bool = True) -> torch.Tensor:
-    """``BitLinear(x)`` on int8 products; the ternary weight is derived here unless given."""
+def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
+                trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
+                int8_grad: bool = True) -> torch.Tensor:
+    """``cat([BitLinear_w(x) for w in weights], -1)`` on int8 products (no biases); the stacked
+    ternary weight (:func:`stacked_ternary`) is derived here unless given."""
     if trits is None:
-        trits, s_w = ternary_weight(weight)
-        trits_t = trits.t().contiguous()
+        trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
-    y = _Int8BitLinear.apply(x.reshape(-1, x.shape[-1]), weight, trits, trits_t, s_w, dtype, int8_grad)
+    y = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -169,42 +198,78 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     return True
 
 
+class Int8Product(nn.Module):
+    """The int8 product of one or more BitLinears that read the same input, set by :func:`enable`
+    on the module that owns them: ``product(x, *projs) -> [proj(x) for proj in projs]`` in one
+    :func:`int8_linear`. With ``cache`` it keeps the stacked ternary weight as (non-persistent)
+    buffers filled by :meth:`refresh` once per step; without it (FSDP, where the full weights
+    exist only inside the forward) each forward derives it from the weights it is given."""
+
+    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool):
+        super().__init__()
+        self.int8_grad, self.cache = int8_grad, cache
+        self.rows = [p.out_features for p in projs]
+        if cache:
+            n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
+            self.register_buffer("trits", torch.zeros((n, k), dtype=torch.int8, device=dev), persistent=False)
+            self.register_buffer("trits_t", torch.zeros((k, n), dtype=torch.int8, device=dev), persistent=False)
+            self.register_buffer("col_scale", torch.ones(n, dtype=torch.float32, device=dev), persistent=False)
+            self.versions = [-1] * len(projs)
+
+    def forward(self, x: torch.Tensor, *projs: nn.Module) -> list[torch.Tensor]:
+        weights = [p.weight for p in projs]
+        if not self.cache:
+            y = int8_linear(x, weights, int8_grad=self.int8_grad)
+        else:
+            if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
+                raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
+                                  "after each optimiser step")
+            y = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad)
+        outs = y.split(self.rows, dim=-1) if len(projs) > 1 else [y]
+        return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
+
+    @torch.no_grad()
+    def refresh(self, *projs: nn.Module) -> None:
+        """Re-derive the cached ternary weights from the projections' latent ones."""
+        for buf, value in zip((self.trits, self.trits_t, self.col_scale),
+                              stacked_ternary([p.weight for p in projs])):
+            buf.copy_(value)
+        self.versions = [p.weight._version for p in projs]
+
+
+def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
+    """(owner, its BitLinears that read one input) for each module declaring ``shared_input``
+    whose projections are all plain trainable BitLinears (not offline-quantised ones)."""
+    from bitnet_cli.model import BitLinear
+
+    groups = []
+    for m in model.modules():
+        projs = [getattr(m, n) for n in getattr(m, "shared_input", ())]
+        if projs and all(isinstance(p, BitLinear) and p.scale_op is None for p in projs):
+            groups.append((m, projs))
+    return groups
+
+
 def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
     """Switch every BitLinear of ``model`` to int8 products; returns how many.
 
-    ``cache``: keep T, T^T and s_w as (non-persistent) buffers filled by :func:`refresh` once per
-    step; without it (FSDP) each forward derives them from the gathered weight.
+    Projections of one input (a module's ``shared_input``) get one stacked product on their owner
+    (``owner.int8_fused``); every other BitLinear its own (``BitLinear.int8``). ``cache``: keep the
+    ternary weights as buffers filled by :func:`refresh` once per step.
     """
     from bitnet_cli.model import BitLinear
 
+    fused = set()
+    for owner, projs in _shared_input_groups(model):
+        owner.int8_fused = Int8Product(projs, int8_grad, cache)
+        fused.update(map(id, projs))
     n = 0
-    for m in model.modules():
+    for m in list(model.modules()):
         if isinstance(m, BitLinear):
-            m.int8 = Int8Config(int8_grad, cache)
-            if cache:
-                w = m.weight
-                m.register_buffer("trits", torch.zeros(w.shape, dtype=torch.int8, device=w.device), persistent=False)
-                m.register_buffer("trits_t", torch.zeros(w.shape[::-1], dtype=torch.int8, device=w.device),
-                                  persistent=False)
-                m.register_buffer("s_w", torch.ones((), dtype=torch.float32, device=w.device), persistent=False)
-                m.trits_version = -1
+            # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
+            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused)
             n += 1
     return n
-
-
-class Int8Config:
-    """Set on a BitLinear by :func:`enable`; BitLinear.forward hands its gradient-mode calls here."""
-
-    def __init__(self, int8_grad: bool, cache: bool):
-        self.int8_grad, self.cache = int8_grad, cache
-
-    def forward(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self.cache:
-            return int8_bitlinear(x, m.weight, int8_grad=self.int8_grad)
-        if not torch.compiler.is_compiling() and m.trits_version != m.weight._version:
-            raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
-                              "after each optimiser step")
-        return int8_bitlinear(x, m.weight, m.trits, m.trits_t, m.s_w, self.int8_grad)
 
 
 @torch.no_grad()
@@ -212,14 +277,13 @@ def refresh(model: nn.Module) -> None:
     """Re-derive the cached ternary weights from the latent ones: once per optimiser step."""
     from bitnet_cli.model import BitLinear
 
+    for owner, projs in _shared_input_groups(model):
+        if getattr(owner, "int8_fused", None) is not None and owner.int8_fused.cache:
+            owner.int8_fused.refresh(*projs)
     for m in model.modules():
         if isinstance(m, BitLinear) and getattr(m, "int8", None) is not None and m.int8.cache:
-            t, s = ternary_weight(m.weight)
-            m.trits.copy_(t)
-            m.trits_t.copy_(t.t())
-            m.s_w.copy_(s)
-            m.trits_version = m.weight._version
+            m.int8.refresh(m)
 
 
-__all__ = ["available", "enable", "int8_bitlinear", "int8_mm", "int8_mm_reference", "quantize_rows",
-           "refresh", "resolve", "ternary_weight"]
+__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "quantize_rows",
+           "refresh", "resolve", "stacked_ternary", "ternary_weight"]

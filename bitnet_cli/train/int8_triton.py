@@ -1,10 +1,11 @@
 """The Triton kernel behind ``bitnet::int8_mm`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
-Hopper, mma on Ampere), then ``* row_mul[m] * mul`` in fp32 and one rounding to the output dtype
-in the epilogue: the dequantisation costs no pass over memory. Both operands are K-contiguous,
-the layout 8-bit tensor-core operands need. The tile shape is autotuned per (M, N, K).
-int8_mm_reference in int8_linear.py is the same function in plain torch, tested against this.
+Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
+output dtype in the epilogue: the dequantisation costs no pass over memory. Both operands are
+K-contiguous, the layout 8-bit tensor-core operands need. The tile shape is autotuned per
+(M, N, K). int8_mm_reference in int8_linear.py is the same function in plain torch, tested
+against this.
 """
 
 from __future__ import annotations
@@ -13,21 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles for int8 on H100/H200 (and A100): 128-byte K steps, 3-4 stages of shared memory.
+# Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-4096: 6-32 steps of
+# 128), where the pipeline's fill and the epilogue weigh most, so deeper pipelines and wide tiles
+# (fewer tiles, each reading A once per 256 columns) are offered beside the square ones.
 _CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 64, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
 ]
 
 
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, mul_ptr, M, N, K,
-                    stride_am, stride_bn, stride_cm,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
+def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
+                    stride_am, stride_bn, stride_cm, HAS_COL_MUL: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
@@ -48,33 +54,41 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, mul_ptr, M, N, K,
     a_ptrs = a_ptr + ra[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rb[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k in range(0, tl.cdiv(K, BK)):
-        left = K - k * BK
-        a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+    for k0 in range(0, K, BK):
+        if EVEN_K:  # no mask: the loads stay plain 16-byte copies
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            left = K - k0
+            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
+            b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
 
     row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
-    mul = tl.load(mul_ptr)
-    c = acc.to(tl.float32) * row_mul[:, None] * mul
+    c = acc.to(tl.float32) * row_mul[:, None]
+    if HAS_COL_MUL:
+        col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
+        c = c * col_mul[None, :]
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, mul: torch.Tensor,
+def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
             out_dtype: torch.dtype) -> torch.Tensor:
     M, K = a.shape
     N = b.shape[0]
     assert b.shape[1] == K and a.dtype == b.dtype == torch.int8
     a, b = a.contiguous(), b.contiguous()
     row_mul = row_mul.float().contiguous()
-    mul = mul.float().reshape(1)
+    col_mul = None if col_mul is None else col_mul.float().contiguous()
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    _int8_mm_kernel[grid](a, b, c, row_mul, mul, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    _int8_mm_kernel[grid](a, b, c, row_mul, row_mul if col_mul is None else col_mul, M, N, K,
+                          a.stride(0), b.stride(0), c.stride(0), HAS_COL_MUL=col_mul is not None)
     return c
+
