@@ -20,12 +20,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from bitnet_cli.bench import e2e, roofline, suite, target
+from bitnet_cli.bench import roofline, suite, target
+from bitnet_cli.bench.anchors import GENERATE, PROMPT, cpu_busy_fraction, llama_bench_once, ours_once, write_with_tool
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.stats import summarize
 from bitnet_cli.errors import BitnetError, run_script
@@ -34,7 +33,6 @@ from run import _stat, _table  # the sibling script's markdown helpers
 
 HERE = Path(__file__).resolve().parent
 SHAPE = "2b4t"
-PROMPT, GENERATE = 128, 64
 BANDWIDTH_REPEAT = 3
 BUSY_CPU = 0.25  # CPU busy with other work just before the run, above which the figures are only trials
 
@@ -79,14 +77,8 @@ def their_file(source: Path, head: str, quantize: str | None) -> Path:
         if not quantize:
             raise BitnetError(f"{out} is not made yet: the {head.upper()}-head pair needs --llama-quantize PATH once")
         print(f"  llama-quantize {out.name}", file=sys.stderr, flush=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        cmd = [quantize, "--allow-requantize", "--token-embedding-type", head, str(exported), str(tmp), "TQ2_0"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
-        os.replace(tmp, out)
+        write_with_tool(out, lambda tmp: [quantize, "--allow-requantize", "--token-embedding-type", head,
+                                          str(exported), str(tmp), "TQ2_0"])
     return out
 
 
@@ -99,48 +91,6 @@ def check_types(path: Path, head: str) -> dict:
     if unexpected:
         raise BitnetError(f"{path}: unexpected tensor types {sorted(unexpected)} (expected TQ2_0, F32, {types['head']})")
     return types
-
-
-def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
-    """The share of all CPUs busy over `seconds` (from /proc/stat), taken before the run starts:
-    unlike the load average, it does not remember the benchmark's own threads or a job just ended."""
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except OSError:
-        return None
-    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
-
-
-def llama_bench_once(llama_bench: str, path: Path, threads: int) -> dict:
-    """One llama-bench repetition of pp128 and tg64: tokens/s per test, plus its build description."""
-    cmd = [llama_bench, "-m", str(path), "-p", str(PROMPT), "-n", str(GENERATE), "-r", "1", "-t", str(threads),
-           "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
-    try:
-        rows = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise BitnetError(f"{llama_bench}: output is not llama-bench's JSON (is it llama-bench?)") from None
-    rates = {}
-    for row in rows:
-        name = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
-        rates[name] = float(row["avg_ts"])
-    build = {k: rows[0].get(k) for k in ("build_commit", "build_number", "cpu_info", "backends")}
-    return {"rates": rates, "build": build}
-
-
-def ours_once(path: Path, threads: int) -> dict:
-    row = e2e.run(path, [threads], 1, prompts=(PROMPT,), generate=GENERATE)[0]
-    return {name: s["median"] for name, s in row["tokens_per_s"].items()}
 
 
 def measure(args, threads: list[int]) -> dict:
