@@ -20,7 +20,9 @@ from rich.markup import escape
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
 from bitnet_cli.sampling import SamplingParams
 
 app = typer.Typer(
@@ -61,16 +63,17 @@ def print_error(message: str) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(extra: str | None = None):
+def user_errors(extra: str | None = None, options: dict[str, str] | None = None):
     """Turn expected failures into one red line and a non-zero exit, never a traceback.
 
     ``extra``: the pip extra the command needs (e.g. "train"); a module missing from it is
-    reported as the one line that says what to install.
+    reported as the one line that says what to install. ``options``: the command's options whose
+    library parameter has another name ({"kind": "--from"}); errors name the option.
     """
     try:
         yield
     except BitnetError as e:
-        print_error(as_flags(e))  # library messages name parameters; here they are options
+        print_error(as_flags(e, options))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -152,7 +155,7 @@ def train_cmd(
     """
     import os
 
-    with user_errors("train"):
+    with user_errors("train", options={"out_dir": "--out", "overrides": "--set"}):
         from bitnet_cli.train.recipe import load_recipe
 
         r = load_recipe(recipe, set_)
@@ -197,33 +200,16 @@ def train_cmd(
 
 # ---------------------------------------------------------------- pack / info
 
-# --embeddings choices: the head types' traits table (adding a type adds the choice)
-EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
+def _choices(name: str, values) -> type[Enum]:
+    """A Typer choice type made from a library table, so that adding a value there adds the choice."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class PackTarget(str, Enum):
-    native = "native"
-    gguf = "gguf"
-
-
-class GGUFType(str, Enum):
-    i2_s = "i2_s"
-    tq2_0 = "tq2_0"
-    tq1_0 = "tq1_0"
-
-
-class GGUFHead(str, Enum):
-    f16 = "f16"
-    q6_k = "q6_k"
-
-
-class SourceKind(str, Enum):
-    auto = "auto"
-    own = "own"
-    hf = "hf"
-    hf_packed = "hf-packed"
-    hub = "hub"
-    gguf = "gguf"
+EmbeddingType = _choices("EmbeddingType", EMBEDDING_TYPES)  # the head types' traits table
+PackTarget = _choices("PackTarget", PACK_TARGETS)
+SourceKind = _choices("SourceKind", SOURCE_KINDS)
+GGUFType = _choices("GGUFType", GGUF_TYPES)
+GGUFHead = _choices("GGUFHead", HEAD_TYPES)
 
 
 def _human_bytes(n: float) -> str:
@@ -277,7 +263,7 @@ def pack(
 
     from rich.table import Table
 
-    with user_errors():
+    with user_errors(options={"kind": "--from"}):
         from bitnet_cli.pack import pack_checkpoint
 
         progress, update = _tensor_progress("packing", enabled=not json_output)
@@ -687,7 +673,7 @@ def bench(
     from bitnet_cli.bench import report, suite, target as targets
     from bitnet_cli.kernels import physical_cores
 
-    with user_errors():
+    with user_errors(options={"sections": "--what"}):
         if model is not None and shape is not None:
             raise BitnetError("give either --model or --shape, not both")
         if isa is not None:
@@ -743,7 +729,7 @@ def quickstart(
     Example: [bold]bitnet quickstart --out runs/qs[/]
     """
 
-    with user_errors("train,eval"):
+    with user_errors("train,eval", options={"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}):
         from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())

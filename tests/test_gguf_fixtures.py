@@ -129,7 +129,7 @@ def test_lossless_fixtures_import_identical_to_the_hf_checkpoint(hf_packed, tmp_
 def test_quantised_head_fixtures_keep_trits_and_dequantise_the_head_exactly(hf_packed, tmp_path, fixture, model, kind):
     summary = pack_checkpoint(DATA / fixture, tmp_path / "m.bin")
     assert summary.embeddings == "f16"
-    assert any(f"'token_embd.weight' ({kind}, dequantised exactly) stored as --embeddings f16" in n for n in summary.notes)
+    assert any(f"'token_embd.weight' ({kind}, dequantised exactly) stored as f16 embeddings" in n for n in summary.notes)
     compare(tmp_path / "m.bin", hf_packed[model], DATA / fixture, exact_embedding=False)
     with GGUFFile.open(DATA / fixture) as gf, PackedModel.open(tmp_path / "m.bin") as pm, \
             PackedModel.open(hf_packed[model][0]) as ref:
