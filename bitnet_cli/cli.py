@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
+from bitnet_cli.engine import DEFAULT_CTX
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
@@ -46,6 +47,17 @@ SAMPLING = SamplingParams()  # the defaults `bitnet run` shows are the library's
 
 def threads_option(what: str = "") -> Optional[int]:
     return typer.Option(None, "--threads", "-t", help=f"CPU threads{what} (default: the physical cores).")
+
+
+def model_argument() -> Path:
+    """The model of the commands that run the C engine (run, serve)."""
+    return typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, "
+                                    "llama.cpp's TQ1_0/TQ2_0), imported once into a cache.")
+
+
+def ctx_size_option(of: str, longer: str) -> Optional[int]:
+    return typer.Option(None, "--ctx-size", "-c", help=f"Context length{of} in tokens (default: the model's "
+                        f"max_position_embeddings, at most {DEFAULT_CTX}). A longer prompt is {longer}.")
 
 
 def json_option(what: str) -> bool:
@@ -384,7 +396,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
+    model: Path = model_argument(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -393,9 +405,7 @@ def run(
     repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
     threads: Optional[int] = threads_option(),
-    ctx_size: Optional[int] = typer.Option(
-        None, "--ctx-size", "-c", help="Context length in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is an error."
-    ),
+    ctx_size: Optional[int] = ctx_size_option("", "an error"),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
     json_output: bool = json_option("the prompt, the text and the timings"),
     chat: bool = typer.Option(
@@ -491,14 +501,12 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
 
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = model_argument(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
     threads: Optional[int] = threads_option(),
     parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
-    ctx_size: Optional[int] = typer.Option(
-        None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
-    ),
+    ctx_size: Optional[int] = ctx_size_option(" of each sequence", "a 400 error"),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
@@ -506,8 +514,7 @@ def serve(
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
     together (continuous batching: the weights are read once per step for all of them).
 
-    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM)
-    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
     Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]

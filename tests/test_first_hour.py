@@ -130,7 +130,7 @@ def test_q4_embeddings_do_not_change_the_ternary_bits_per_weight(hf_tiny_checkpo
     assert q4.file_bytes < f16.file_bytes
 
 
-@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart"])
+@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart", "serve"])
 def test_help_is_readable_at_80_columns(command, monkeypatch):
     """Nothing in --help is cut to `hellas…` or runs past 80 columns."""
     monkeypatch.setenv("COLUMNS", "80")
@@ -205,6 +205,15 @@ def test_minus_t_is_threads_in_every_command(command):
     opts = _options(command)
     assert set(opts["threads"]) == {"--threads", "-t"}
     assert all("-t" not in spelled for name, spelled in opts.items() if name != "threads")
+
+
+def test_run_and_serve_share_the_model_and_context_options():
+    import typer.main
+
+    run, serve = ({p.name: p for p in typer.main.get_command(app).commands[c].params} for c in ("run", "serve"))
+    assert run["model"].help == serve["model"].help and "GGUF" in serve["model"].help
+    assert set(run["ctx_size"].opts) == set(serve["ctx_size"].opts) == {"--ctx-size", "-c"}
+    assert run["ctx_size"].help.split("(")[1].split(")")[0] == serve["ctx_size"].help.split("(")[1].split(")")[0]
 
 
 def test_every_json_flag_says_the_same_thing():
