@@ -103,6 +103,8 @@ typedef struct {
     const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;
     const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* i2_k128 */
     float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
+    /* F32 biases of q, k, v (the Qwen2 family), added to the rescaled product; NULL: none */
+    const float *bq, *bk, *bv;
 } bn_layer_desc;
 
 typedef struct {
