@@ -20,7 +20,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
     CONVERTER, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
-    tensor_specs, write_embedding_rows,
+    tensor_specs, write_embedding_rows, write_stored_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
@@ -111,7 +111,8 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
-    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type."""
+    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type (or, for a
+    GGUF tensor type the storage type holds without loss, its stored bytes converted as they are)."""
     _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
     if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
         raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
@@ -123,12 +124,26 @@ def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: Mo
                 raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
             yield rows
 
-    loss = _EmbeddingLoss() if ckpt.kind == "gguf" else None
-    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
-    if loss is not None:
-        t = ckpt.gguf_tensor(name)
-        ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, dequantised exactly) stored as "
-                          f"--embeddings {embeddings}: {loss.describe()}")
+    if ckpt.kind != "gguf":
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
+        return
+    loss = _EmbeddingLoss()
+    t = ckpt.gguf_tensor(name)
+    transcode = embedding_type(embeddings).transcode.get(t.type_name)
+    if transcode is None:
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
+        how = "dequantised exactly"
+    else:
+        def converted():
+            for start, rows in zip(range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS), chunks()):
+                stored = transcode(ckpt.read_raw(name, slice(start, start + len(rows))), dims.hidden_size)
+                loss(rows, stored, embeddings)  # checks the conversion against ggml's dequantisation
+                yield stored
+
+        write_stored_rows(writer, name, converted(), dims.vocab_size, embeddings)
+        how = "its codes and scales converted as they are"
+    ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, {how}) stored as "
+                      f"--embeddings {embeddings}: {loss.describe()}")
 
 
 class _EmbeddingLoss:

@@ -198,14 +198,25 @@ def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, 
     the values chunk by chunk, then the per-row scales, which follow them in the file.
     `check(rows, stored, embeddings)`, if given, sees every chunk (to measure what the encoding lost)."""
     kind = embedding_type(embeddings)
-    suffixes = kind.suffixes
+
+    def stored():
+        for rows in chunks:
+            arrays = kind.encode(np.asarray(rows, dtype=np.float32))
+            if check is not None:
+                check(rows, arrays, embeddings)
+            yield arrays
+
+    write_stored_rows(writer, name, stored(), vocab, embeddings)
+
+
+def write_stored_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
+    """Write an embedding from chunks of its stored arrays (each chunk a list in the type's stored
+    order, covering all `vocab` rows in order): the values chunk by chunk, then the scales."""
+    suffixes = embedding_type(embeddings).suffixes
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
-    for rows in chunks:
-        values, *rest = kind.encode(np.asarray(rows, dtype=np.float32))
-        if check is not None:
-            check(rows, [values, *rest], embeddings)
-        done += len(rows)
+    for values, *rest in chunks:
+        done += len(values)
         writer.write(name, values, final=done >= vocab)
         for parts, part in zip(tails, rest):
             parts.append(part)
