@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,14 +33,13 @@ import numpy as np
 
 from bitnet_cli.arch import ModelDims, preset_fields
 from bitnet_cli.bench import suite, target
+from bitnet_cli.bench.anchors import GENERATE, PROMPT, cpu_busy_fraction, llama_bench_once, ours_once, write_with_tool
 from bitnet_cli.bench.stats import summarize
-from bitnet_cli.errors import BitnetError
-from compare_llamacpp import cpu_busy_fraction, llama_bench_once, ours_once  # the sibling race's helpers
+from bitnet_cli.errors import BitnetError, run_script
 from run import _stat, _table
 
 HERE = Path(__file__).resolve().parent
 SHAPE = "llama3-8b-1.58"
-PROMPT, GENERATE = 128, 64
 
 
 def write_f16_llama_gguf(out: Path, d: ModelDims, seed: int = 0) -> None:
@@ -120,15 +118,8 @@ def their_file(args, d: ModelDims) -> Path:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, f16)
-    tmp = i2s.with_name(f".{i2s.name}.tmp")
-    cmd = [str(args.bitnet_cpp / "llama-quantize"), str(f16), str(tmp), "I2_S", "2"]
-    print(f"  {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
-    os.replace(tmp, i2s)
+    print(f"  llama-quantize {f16.name} {i2s.name} I2_S", file=sys.stderr, flush=True)
+    write_with_tool(i2s, lambda tmp: [str(args.bitnet_cpp / "llama-quantize"), str(f16), str(tmp), "I2_S", "2"])
     if not args.keep_f16:
         f16.unlink()
     return i2s
@@ -236,8 +227,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except BitnetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

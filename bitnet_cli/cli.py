@@ -260,6 +260,7 @@ def pack(
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: i2_s (bitnet.cpp's `bitnet-b1.58`, the official 2B4T layout, 2 bits/weight); tq2_0 (llama.cpp's `bitnet`, 2.06 bits/weight) or tq1_0 (1.69 bits/weight); llama.cpp computes a SiLU FFN for the last two."),
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
+    i2s_block: Optional[int] = typer.Option(None, "--i2s-block", help="I2_S layout of a GGUF source: 128-value blocks (bitnet.cpp's x86 build, the published files) or 64 (its ARM build). Both have the same size and nothing in the file says which, so the default is 128 (64 when a tensor's size allows only that), with a note."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = json_option("the summary (no progress bar)"),
 ):
@@ -284,7 +285,7 @@ def pack(
             summary = pack_checkpoint(
                 src, out, embeddings=embeddings.value if embeddings else None, force=force, kind=source_kind.value,
                 to=to.value, gguf_type=gguf_type.value, progress=update,
-                gguf_head=gguf_head.value if gguf_head else None,
+                gguf_head=gguf_head.value if gguf_head else None, i2s_block=i2s_block,
             )
     if json_output:
         print_json(summary.to_dict())

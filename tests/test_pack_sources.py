@@ -10,7 +10,7 @@ import pytest
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, write_shards
 from test_pack import f16_exact_embeddings, hf_logits, torch_weight_quant
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -106,14 +106,7 @@ def test_sharded_checkpoint_packs_identically(float_ckpt, tmp_path):
     shutil.copytree(float_ckpt, sharded)
     tensors = load_file(sharded / "model.safetensors")
     (sharded / "model.safetensors").unlink()
-    names = sorted(tensors)
-    weight_map = {}
-    for s in range(3):
-        shard = f"model-{s + 1:05d}-of-00003.safetensors"
-        part = {n: tensors[n] for n in names[s::3]}
-        save_file(part, sharded / shard)
-        weight_map.update({n: shard for n in part})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(tensors, sharded, 3, save_file)
     pack_checkpoint(sharded, tmp_path / "a.bin")
     pack_checkpoint(float_ckpt, tmp_path / "b.bin")
     with PackedModel.open(tmp_path / "a.bin") as a, PackedModel.open(tmp_path / "b.bin") as b:

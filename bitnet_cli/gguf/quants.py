@@ -6,11 +6,13 @@ order), so "dequantised exactly" means bit-identical to what llama.cpp computes.
 whole blocks, vectorised over all blocks at once; callers hand in row ranges to bound memory.
 
 Ternary types, as the 2-bit code q = trit + 1:
-- I2_S (bitnet.cpp, type 36): the tensor flattened, cut in blocks of 128 values (x86 writers;
-  the ARM build writes 64) of 32 bytes; byte j of a block holds value 32*g + j in bits
-  (7-2g):(6-2g), g = 0..3: the mirror image of our `i2_k128`, where g sits in bits 2g+1:2g.
-  After the codes (count/4 bytes) comes one float32, the per-tensor scale, then padding up to
-  32 bytes in all.
+- I2_S (bitnet.cpp, type 36): the tensor flattened, cut in blocks of B values of B/4 bytes; byte
+  j of a block holds value (B/4)*g + j in bits (7-2g):(6-2g), g = 0..3. B is 128 in x86 builds
+  (`QK_I2_S` in bitnet.cpp's src/ggml-bitnet-mad.cpp; the B = 128 layout is the mirror image of
+  our `i2_k128`, where g sits in bits 2g+1:2g) and 64 in ARM builds. Both give the same bytes
+  for the same tensor size and nothing in the file says which build wrote it (see
+  pack/gguf_source.py for how the import chooses). After the codes (count/4 bytes) comes one
+  float32, the per-tensor scale, then padding up to 32 bytes in all.
 - TQ2_0 (llama.cpp): blocks of 256 values: 64 code bytes, two halves of 32 bytes each laid out
   like one i2_k128 block, then an f16 scale d.
 - TQ1_0 (llama.cpp): blocks of 256: 48 bytes of five base-3 digits each, 4 bytes of four
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 F32 = np.float32
-I2S_BLOCK = 128  # values per I2_S block in bitnet.cpp's x86 layout
+I2S_BLOCK = 128  # values per I2_S block in bitnet.cpp's x86 layout (what we write)
+I2S_ARM_BLOCK = 64  # values per I2_S block in bitnet.cpp's ARM (NEON) layout
+I2S_BLOCKS = (I2S_BLOCK, I2S_ARM_BLOCK)
 I2S_TAIL = 32  # bytes after the codes: the float32 scale and padding
 
 
@@ -58,7 +62,7 @@ def tensor_nbytes(type_id: int, dims: tuple[int, ...]) -> int:
     for d in dims:
         count *= d
     if t.name == "I2_S":
-        if count % I2S_BLOCK:
+        if count % I2S_BLOCK:  # also what the engine's 128-value blocks need, whichever layout wrote it
             raise ValueError(f"I2_S needs a multiple of {I2S_BLOCK} values, got {count}")
         return count // 4 + I2S_TAIL
     if dims[0] % t.block:
@@ -190,16 +194,16 @@ def i2_k128_from_i2s(codes: np.ndarray) -> np.ndarray:
     return _REVERSE_PAIRS[codes]
 
 
-def i2s_codes(code_bytes: np.ndarray) -> np.ndarray:
-    """I2_S code bytes (x86 layout) -> codes in value order, flat uint8."""
-    c = np.ascontiguousarray(code_bytes).reshape(-1, 1, 32)
+def i2s_codes(code_bytes: np.ndarray, block: int = I2S_BLOCK) -> np.ndarray:
+    """I2_S code bytes in the layout of `block`-value blocks (128: x86, 64: ARM) -> codes in value order, flat uint8."""
+    c = np.ascontiguousarray(code_bytes).reshape(-1, 1, block // 4)
     shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
     return ((c >> shifts) & 3).reshape(-1)
 
 
-def i2s_pack(codes: np.ndarray) -> np.ndarray:
-    """Codes (trit + 1, flat, a multiple of 128) -> I2_S code bytes in bitnet.cpp's x86 layout."""
-    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, 4, 32)
+def i2s_pack(codes: np.ndarray, block: int = I2S_BLOCK) -> np.ndarray:
+    """Codes (trit + 1, flat, a multiple of `block`) -> I2_S code bytes in `block`-value blocks (128: x86, 64: ARM)."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, 4, block // 4)
     return (c[:, 0] << 6 | c[:, 1] << 4 | c[:, 2] << 2 | c[:, 3]).reshape(-1)
 
 

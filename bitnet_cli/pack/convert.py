@@ -200,12 +200,13 @@ def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, 
 
 def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False, kind: str = "auto",
                     to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None,
-                    gguf_head: str | None = None) -> PackSummary:
+                    gguf_head: str | None = None, i2s_block: int | None = None) -> PackSummary:
     """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
 
     `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
     native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.pack.gguf_source).
     `embeddings` None: f16, or for a GGUF source the storage type that loses nothing (else f16).
+    `i2s_block`: a GGUF source's I2_S layout, 128 (bitnet.cpp's x86 build) or 64 (ARM); None: see gguf_source.
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -214,7 +215,7 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     if to not in ("native", "gguf"):
         raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
     check_output_path(out, force)
-    ckpt = open_source(src, kind)
+    ckpt = open_source(src, kind, i2s_block)
     try:
         return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0)
     finally:
@@ -222,14 +223,17 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
             ckpt.close()
 
 
-def open_source(src, kind: str = "auto"):
-    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or --from gguf, a GGUFCheckpoint."""
+def open_source(src, kind: str = "auto", i2s_block: int | None = None):
+    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or --from gguf, a GGUFCheckpoint
+    (whose I2_S layout `i2s_block` chooses; it is refused for any other source)."""
     from bitnet_cli.gguf.reader import is_gguf
 
     if kind == "gguf" or (kind == "auto" and Path(str(src)).is_file() and is_gguf(src)):
         from bitnet_cli.pack.gguf_source import open_gguf
 
-        return open_gguf(src)
+        return open_gguf(src, i2s_block)
+    if i2s_block is not None:
+        raise BitnetError(f"i2s_block applies to a GGUF source only, and {src} is not a GGUF file", param="i2s_block")
     return open_checkpoint(src, kind)
 
 
