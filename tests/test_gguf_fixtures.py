@@ -136,7 +136,7 @@ def test_quantised_head_fixtures_keep_trits_and_dequantise_the_head_exactly(hf_p
     stored = embeddings or {"Q4_0": "f16", "Q6_K": "q6"}[kind]
     assert summary.embeddings == stored
     note = next(n for n in summary.notes if "'token_embd.weight'" in n)
-    assert f"({kind}, {how}) stored as --embeddings {stored}" in note
+    assert f"({kind}, {how}) stored as {stored} embeddings" in note
     assert note.endswith("lossless") == (stored == "q6")
     compare(tmp_path / "m.bin", hf_packed[model], DATA / fixture, exact_embedding=False)
     with GGUFFile.open(DATA / fixture) as gf, PackedModel.open(tmp_path / "m.bin") as pm, \

@@ -50,7 +50,7 @@ def test_round_trip_of_our_export_is_exact(ckpt, reference, tmp_path, gguf_type)
     pack_checkpoint(ckpt, gguf_file, to="gguf", gguf_type=gguf_type)
     summary = pack_checkpoint(gguf_file, tmp_path / "back.bin")
     assert summary.source_kind == "gguf" and summary.embeddings == "f16"
-    assert any("stored as --embeddings f16: lossless" in n for n in summary.notes), summary.notes
+    assert any("stored as f16 embeddings: lossless" in n for n in summary.notes), summary.notes
     assert_same_model(reference["f16"], tmp_path / "back.bin")
 
 
@@ -120,7 +120,7 @@ def test_q6k_head_imports_to_q6_without_loss(ckpt, tmp_path):
     summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
     assert summary.embeddings == "q6"
     assert any(n.endswith("'token_embd.weight' (Q6_K, its codes and scales converted as they are) stored as "
-                          "--embeddings q6: lossless") for n in summary.notes)
+                          "q6 embeddings: lossless") for n in summary.notes)
     with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
         np.testing.assert_array_equal(pm.embedding(), quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256))
 
@@ -140,7 +140,7 @@ def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
     pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
     summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin", embeddings="f16")
     note = " ".join(summary.notes)
-    assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as --embeddings f16:" in note
+    assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as f16 embeddings:" in note
     assert "values rounded (largest change" in note
     with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
         exact = quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256)
@@ -327,7 +327,7 @@ def test_cli_import_prints_the_notes_and_one_error_line_for_a_bad_file(ckpt, tmp
                                "--gguf-head", "q6_k"]).exit_code == 0
     result = runner.invoke(app, ["pack", str(gguf_file), str(tmp_path / "m.bin")])
     assert result.exit_code == 0, result.output
-    assert "(Q6_K, its codes and scales converted as they are) stored as --embeddings q6: lossless" in " ".join(
+    assert "(Q6_K, its codes and scales converted as they are) stored as q6 embeddings: lossless" in " ".join(
         result.output.split())
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(gguf_file.read_bytes()[:5000])

@@ -91,10 +91,16 @@ def test_hf_packed_non_ternary_code_is_rejected(float_ckpt, tmp_path):
 
 
 def test_from_forces_and_checks_the_kind(float_ckpt, tmp_path):
-    with pytest.raises(BitnetError, match="--from hf-packed"):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    with pytest.raises(BitnetError, match="kind hf-packed given but the weights are not packed"):
         pack_checkpoint(float_ckpt, tmp_path / "x.bin", kind="hf-packed")
+    r = CliRunner().invoke(app, ["pack", str(float_ckpt), str(tmp_path / "x.bin"), "--from", "hf-packed"])
+    assert r.exit_code == 1 and "--from hf-packed given but the weights are not packed" in " ".join(r.output.split())
     packed_src = make_hf_packed(float_ckpt, tmp_path / "src", "bitlinear")
-    with pytest.raises(BitnetError, match="--from hf given"):
+    with pytest.raises(BitnetError, match="kind hf given"):
         pack_checkpoint(packed_src, tmp_path / "x.bin", kind="hf")
     assert pack_checkpoint(float_ckpt, tmp_path / "own.bin", kind="own").source_kind == "own"
 

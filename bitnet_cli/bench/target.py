@@ -74,7 +74,7 @@ def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = Non
     from bitnet_cli.pack import synthetic
     from bitnet_cli.pack.format import FORMAT_VERSION
 
-    embedding_type(embeddings, "--embeddings")
+    embedding_type(embeddings, param="embeddings")
     config = synthetic.shape_config(shape)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

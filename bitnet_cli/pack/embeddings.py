@@ -199,10 +199,12 @@ EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
 )}
 
 
-def embedding_type(name: str, what: str = "embeddings") -> EmbeddingType:
-    """The traits of storage type `name`; a BitnetError naming `what` and the choices if unknown."""
+def embedding_type(name: str, param: str | None = None) -> EmbeddingType:
+    """The traits of storage type `name`; a BitnetError naming the choices if unknown (`param`: the
+    caller's parameter that gave `name`, when a user chose it)."""
     if name not in EMBEDDING_TYPES:
-        raise BitnetError(f"{what} must be one of {', '.join(EMBEDDING_TYPES)}, got {name!r}")
+        raise BitnetError(f"{param or 'embeddings'} must be one of {', '.join(EMBEDDING_TYPES)}, got {name!r}",
+                          param=param)
     return EMBEDDING_TYPES[name]
 
 

@@ -74,7 +74,7 @@ def check_output_path(out: Path, force: bool = False) -> None:
     if out.is_dir():
         raise BitnetError(f"{out}: is a directory (give a file name)")
     if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     parent = out.parent
     if not parent.exists():
         raise BitnetError(f"{parent}: output directory does not exist")

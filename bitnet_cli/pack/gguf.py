@@ -93,12 +93,12 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
 def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str, head: str | None = None) -> None:
     """The shapes and types the target graph and its ternary block types accept (checked before any packing)."""
     if gguf_type not in GGUF_TYPES:
-        raise BitnetError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+        raise BitnetError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", param="gguf_type")
     if head is not None and head not in HEAD_TYPES:
-        raise BitnetError(f"--gguf-head must be one of {', '.join(HEAD_TYPES)}, got {head!r}")
+        raise BitnetError(f"gguf_head must be one of {', '.join(HEAD_TYPES)}, got {head!r}", param="gguf_head")
     if head is None and embeddings not in ("f16", "int8", "q6"):
         raise BitnetError(f"{where}: GGUF export takes f16, int8 or q6 embeddings, not {embeddings}, unless "
-                          "--gguf-head f16|q6_k re-encodes them")
+                          "gguf_head f16|q6_k re-encodes them", param="gguf_head")
     if d.family != "bitnet":
         raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
                           f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
@@ -150,7 +150,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
     """Write a GGUF file from a packed file (temp file + rename); return its path."""
     out = Path(out)
     if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
         check_gguf_shapes(pm.dims, gguf_type, str(packed_path), pm.embeddings, head)
