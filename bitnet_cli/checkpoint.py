@@ -407,9 +407,11 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
     tokenizer_json = read_tokenizer_json(tokenizer)
     detected = _detect_kind(ckpt, config, tensors)
     if kind in ("own", "hf") and detected == "hf-packed":
-        raise BitnetError(f"{ckpt}: --from {kind} given but this checkpoint holds packed (uint8) ternary weights")
+        raise BitnetError(f"{ckpt}: kind {kind} given but this checkpoint holds packed (uint8) ternary weights",
+                          param="kind")
     if kind == "hf-packed" and detected != "hf-packed":
-        raise BitnetError(f"{ckpt}: --from hf-packed given but the weights are not packed (no offline bitnet quantization_config)")
+        raise BitnetError(f"{ckpt}: kind hf-packed given but the weights are not packed (no offline bitnet "
+                          "quantization_config)", param="kind")
     return Checkpoint(
         path=ckpt,
         config=config,

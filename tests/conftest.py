@@ -74,24 +74,31 @@ def test_tokenizer_dir(tmp_path_factory, shakespeare) -> Path:
     return out
 
 
+# The model both checkpoint builders make unless a test says otherwise (their **shape overrides it).
+TINY_SHAPE = dict(vocab_size=389, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _tiny_shape(overrides: dict) -> dict:
+    unknown = sorted(set(overrides) - set(TINY_SHAPE))
+    if unknown:
+        raise TypeError(f"not a TINY_SHAPE field: {', '.join(unknown)}")
+    return {**TINY_SHAPE, **overrides}
+
+
 def make_hf_checkpoint(
     out_dir: Path,
     tokenizer_dir: Path | None = None,
     *,
-    vocab_size: int = 389,
-    hidden_size: int = 96,
-    intermediate_size: int = 200,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
-    max_position_embeddings: int = 256,
     tie_word_embeddings: bool = True,
     torch_dtype: str = "float32",
     quantized: bool = True,
     initializer_range: float = 0.05,
     seed: int = 0,
+    **shape: int,
 ) -> Path:
-    """Save a randomly initialised transformers BitNetForCausalLM to `out_dir` (HF layout).
+    """Save a randomly initialised transformers BitNetForCausalLM to `out_dir` (HF layout), of
+    TINY_SHAPE with the fields of `shape` changed.
 
     With `quantized` the config carries the online `quantization_config` block, so transformers
     ternarises on load exactly as it does for microsoft/bitnet-b1.58-2B-4T-bf16.
@@ -101,13 +108,7 @@ def make_hf_checkpoint(
 
     torch.manual_seed(seed)
     config = BitNetConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings,
+        **_tiny_shape(shape),
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range,
         bos_token_id=0,
@@ -128,6 +129,19 @@ def _finish_checkpoint(out_dir: Path, cfg: dict, tokenizer_dir: Path | None) -> 
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (out_dir / name).write_bytes((tokenizer_dir / name).read_bytes())
     return out_dir
+
+
+def write_shards(tensors: dict, out_dir: Path, shards: int, save_file) -> None:
+    """`tensors` as `shards` safetensors files plus model.safetensors.index.json in `out_dir`, the
+    way HF shards a checkpoint (names dealt round-robin). `save_file`: safetensors.numpy's or
+    safetensors.torch's, whichever holds the tensors' type."""
+    names, weight_map = sorted(tensors), {}
+    for s in range(shards):
+        shard = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[s::shards]}
+        save_file(part, str(out_dir / shard))
+        weight_map.update({n: shard for n in part})
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def load_hf_reference(ckpt_dir: Path):
@@ -183,23 +197,17 @@ def make_llama_checkpoint(
     *,
     convention: str = "online",
     rope_scaling: dict | None = None,
-    vocab_size: int = 389,
-    hidden_size: int = 96,
-    intermediate_size: int = 200,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 2,
     head_dim: int | None = None,
-    max_position_embeddings: int = 256,
     tie_word_embeddings: bool = False,
     initializer_range: float = 0.05,
     seed: int = 0,
     f16_embeddings: bool = True,
     architecture: str = "Llama",
+    **shape: int,
 ) -> Path:
-    """Save a random transformers LlamaForCausalLM (or `architecture` "Qwen2": Qwen2ForCausalLM, whose
-    q/k/v biases get random values) with the bitnet quantization_config of `convention`
-    (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
+    """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed; or
+    `architecture` "Qwen2": Qwen2ForCausalLM, whose q/k/v biases get random values) and the bitnet
+    quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
     trits with weight_scale = gamma (autobitlinear: multiplied) or 1/gamma (bitlinear: divided).
     With `f16_embeddings` the embedding and head values are f16-representable (exact when packed)."""
     import torch
@@ -210,11 +218,8 @@ def make_llama_checkpoint(
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else dict(rope_scaling, rope_theta=10000.0)
     config = getattr(transformers, f"{architecture}Config")(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range, bos_token_id=0, eos_token_id=1,
-        rope_parameters=rope, hidden_act="silu",
+        **_tiny_shape(shape), tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range, bos_token_id=0, eos_token_id=1, rope_parameters=rope, hidden_act="silu",
         **({"head_dim": head_dim} if head_dim else {}),  # Qwen2Attention reads head_dim=None as given
     )
     model = getattr(transformers, f"{architecture}ForCausalLM")(config).float()

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA3_ROPE, LLAMA_CONVENTIONS, load_hf_llama_reference, make_llama_checkpoint
+from conftest import LLAMA3_ROPE, LLAMA_CONVENTIONS, load_hf_llama_reference, make_llama_checkpoint, write_shards
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, bitnet_convention
@@ -186,9 +186,9 @@ def test_packed_llama_greedy_64_tokens_match_transformers(packed_llama):
     assert gen.token_ids == want and len(want) == 64
 
 
-@pytest.mark.parametrize("embeddings", ["int8", "q4"])
+@pytest.mark.parametrize("embeddings", ["int8", "q6", "q4"])
 def test_untied_head_int8_q4_on_every_isa(packed_llama, tmp_path, embeddings):
-    """The untied lm_head stored as int8 / q4 runs on every ISA with the scalar path's logits, and
+    """The untied lm_head stored as int8 / q6 / q4 runs on every ISA with the scalar path's logits, and
     moves them by a few percent of their range at most from the float head (the integer head's
     arithmetic itself is pinned by test_engine's test_integer_head_matches_numpy_reference)."""
     from bitnet_cli import kernels
@@ -264,13 +264,7 @@ def test_sharded_bf16_llama_packs_like_the_single_file(tmp_path, test_tokenizer_
     sharded.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (sharded / name).write_bytes((one / name).read_bytes())
-    names, weight_map = sorted(state), {}
-    for s in range(2):
-        shard = f"model-{s + 1:05d}-of-00002.safetensors"
-        part = {n: state[n] for n in names[s::2]}
-        save_file(part, str(sharded / shard))
-        weight_map.update({n: shard for n in part})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(state, sharded, 2, save_file)
     pack_checkpoint(one, tmp_path / "a.bin")
     pack_checkpoint(sharded, tmp_path / "b.bin")
     with PackedModel.open(tmp_path / "a.bin") as a, PackedModel.open(tmp_path / "b.bin") as b:

@@ -15,17 +15,19 @@ from pathlib import Path
 import numpy as np
 
 from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
-from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
+from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
     CONVERTER, FORMAT, LAYOUT, PackedWriter, TensorSpec, check_output_path, file_version,
-    tensor_specs, write_embedding_rows,
+    tensor_specs, write_embedding_rows, write_stored_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
 
 EMBEDDING_CHUNK_ROWS = 8192
+PACK_TARGETS = ("native", "gguf")  # our packed file, or a GGUF for llama.cpp / bitnet.cpp
+SOURCE_KINDS = (*KINDS, "gguf")  # open_source's: a checkpoint's kinds, or a GGUF file
 F16_MAX = 65504.0
 
 
@@ -131,7 +133,8 @@ def projection_bias(ckpt: Checkpoint, name: str, shape: tuple[int]) -> np.ndarra
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
-    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type."""
+    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type (or, for a
+    GGUF tensor type the storage type holds without loss, its stored bytes converted as they are)."""
     _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
     if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
         raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
@@ -140,15 +143,30 @@ def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: Mo
             rows = ckpt.read(name, slice(start, start + EMBEDDING_CHUNK_ROWS))
             _check_finite(ckpt, name, rows)
             if embeddings == "f16" and np.abs(rows).max(initial=0) > F16_MAX:
-                raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
+                raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use embeddings int8",
+                                  param="embeddings")
             yield rows
 
-    loss = _EmbeddingLoss() if ckpt.kind == "gguf" else None
-    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
-    if loss is not None:
-        t = ckpt.gguf_tensor(name)
-        ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, dequantised exactly) stored as "
-                          f"--embeddings {embeddings}: {loss.describe()}")
+    if ckpt.kind != "gguf":
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
+        return
+    loss = _EmbeddingLoss()
+    t = ckpt.gguf_tensor(name)
+    transcode = embedding_type(embeddings).transcode.get(t.type_name)
+    if transcode is None:
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
+        how = "dequantised exactly"
+    else:
+        def converted():
+            for start, rows in zip(range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS), chunks()):
+                stored = transcode(ckpt.read_raw(name, slice(start, start + len(rows))), dims.hidden_size)
+                loss(rows, stored, embeddings)  # checks the conversion against ggml's dequantisation
+                yield stored
+
+        write_stored_rows(writer, name, converted(), dims.vocab_size, embeddings)
+        how = "its codes and scales converted as they are"
+    ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, {how}) stored as "
+                      f"{embeddings} embeddings: {loss.describe()}")
 
 
 class _EmbeddingLoss:
@@ -216,9 +234,9 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     t0 = time.perf_counter()
     out = Path(out)
     if embeddings is not None:
-        embedding_type(embeddings, "--embeddings")
-    if to not in ("native", "gguf"):
-        raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
+        embedding_type(embeddings, param="embeddings")
+    if to not in PACK_TARGETS:
+        raise BitnetError(f"to must be one of {', '.join(PACK_TARGETS)}, got {to!r}", param="to")
     check_output_path(out, force)
     ckpt = open_source(src, kind, i2s_block)
     try:
@@ -229,7 +247,7 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
 
 
 def open_source(src, kind: str = "auto", i2s_block: int | None = None):
-    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or --from gguf, a GGUFCheckpoint
+    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or kind "gguf", a GGUFCheckpoint
     (whose I2_S layout `i2s_block` chooses; it is refused for any other source)."""
     from bitnet_cli.gguf.reader import is_gguf
 

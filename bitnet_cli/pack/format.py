@@ -82,7 +82,7 @@ def check_output_path(out: Path, force: bool = False) -> None:
     if out.is_dir():
         raise BitnetError(f"{out}: is a directory (give a file name)")
     if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     parent = out.parent
     if not parent.exists():
         raise BitnetError(f"{parent}: output directory does not exist")
@@ -206,14 +206,25 @@ def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, 
     the values chunk by chunk, then the per-row scales, which follow them in the file.
     `check(rows, stored, embeddings)`, if given, sees every chunk (to measure what the encoding lost)."""
     kind = embedding_type(embeddings)
-    suffixes = kind.suffixes
+
+    def stored():
+        for rows in chunks:
+            arrays = kind.encode(np.asarray(rows, dtype=np.float32))
+            if check is not None:
+                check(rows, arrays, embeddings)
+            yield arrays
+
+    write_stored_rows(writer, name, stored(), vocab, embeddings)
+
+
+def write_stored_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
+    """Write an embedding from chunks of its stored arrays (each chunk a list in the type's stored
+    order, covering all `vocab` rows in order): the values chunk by chunk, then the scales."""
+    suffixes = embedding_type(embeddings).suffixes
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
-    for rows in chunks:
-        values, *rest = kind.encode(np.asarray(rows, dtype=np.float32))
-        if check is not None:
-            check(rows, [values, *rest], embeddings)
-        done += len(rows)
+    for values, *rest in chunks:
+        done += len(values)
         writer.write(name, values, final=done >= vocab)
         for parts, part in zip(tails, rest):
             parts.append(part)
@@ -280,7 +291,7 @@ class PackedModel:
         if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
             raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
                               f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
-        if metadata["format_version"] < file_version(d):
+        if int(metadata["format_version"]) < int(file_version(d)):
             raise BitnetError(f"{path}: its config ({d.family}) needs format version {file_version(d)} but the "
                               f"file says {metadata['format_version']}; the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
