@@ -54,7 +54,7 @@ class Family:
     architecture: str  # config.json's architectures entry (transformers' class)
     default_act: str  # hidden_act when the config leaves it out (transformers' config default)
     sub_norms: bool  # attn_sub_norm before o_proj and ffn_sub_norm before down_proj
-    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2); not in the packed format
+    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2), added after the ternary product
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,8 +63,8 @@ FAMILIES: dict[str, Family] = {
     # Llama-architecture 1.58-bit models (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E):
     # LlamaForCausalLM with BitLinear projections: SiLU gate, no sub-norms, optional llama3 RoPE
     "llama": Family("llama", "LlamaForCausalLM", "silu", False),
-    # Qwen2 / Qwen2.5 made ternary by `bitnet train` (model.init_from): Llama with float q/k/v
-    # biases. It trains and evaluates in torch; `bitnet pack` refuses it (no biases in the format).
+    # Qwen2 / Qwen2.5 with BitLinear projections (made ternary by `bitnet train`'s model.init_from,
+    # or transformers' Qwen2ForCausalLM with the bitnet quantization_config): Llama with float q/k/v biases.
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "silu", False, qkv_bias=True),
 }
 FAMILY_BY_MODEL_TYPE = {f.model_type: name for name, f in FAMILIES.items()}
@@ -243,6 +243,10 @@ class ModelDims:
         """The RMSNorm weights of one decoder layer: without the sub-norms in a family that has none."""
         return LAYER_NORMS if self.sub_norms else tuple(n for n in LAYER_NORMS if n.name not in SUB_NORMS)
 
+    def has_bias(self, proj: str) -> bool:
+        """Whether projection `proj` (a short name, e.g. 'self_attn.q_proj') carries a float bias [N]."""
+        return self.qkv_bias and proj in QKV_PROJECTIONS
+
     def projection_shape(self, proj: str) -> tuple[int, int]:
         """(N outputs, K inputs) of a BitLinear layer, by its short name (e.g. 'self_attn.k_proj')."""
         return PROJECTION_BY_NAME[proj].shape(self)
@@ -265,11 +269,15 @@ class ModelDims:
 
     def hf_tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
         """Every tensor of the model in HF layout, in file order: (name, float shape, kind), kind
-        being "embedding" (the input embedding, and the head when untied), "norm" or "projection"."""
+        being "embedding" (the input embedding, and the head when untied), "norm", "projection" or
+        "bias" (a projection's float bias, after its weight)."""
         out = [(EMBED, (self.vocab_size, self.hidden_size), "embedding")]
         for i in range(self.num_layers):
             out += [(layer_tensor(i, n.name), (n.size(self),), "norm") for n in self.layer_norms()]
-            out += [(layer_tensor(i, p.name), p.shape(self), "projection") for p in self.projections()]
+            for p in self.projections():
+                out.append((layer_tensor(i, p.name), p.shape(self), "projection"))
+                if self.has_bias(p.name):
+                    out.append((layer_tensor(i, p.name, "bias"), (p.shape(self)[0],), "bias"))
         out.append((FINAL_NORM, (self.hidden_size,), "norm"))
         if not self.tie_word_embeddings:
             out.append((LM_HEAD, (self.vocab_size, self.hidden_size), "embedding"))
@@ -289,7 +297,7 @@ class ModelDims:
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
     def bias_parameters(self) -> int:
-        return self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.num_layers * sum(p.shape(self)[0] for p in self.projections() if self.has_bias(p.name))
 
     def parameters(self, exclude_embeddings: bool = False) -> int:
         """All parameters (a tied head counted once); without the input embedding if asked."""
@@ -311,7 +319,7 @@ class Projection:
     """One BitLinear projection of a decoder layer."""
 
     name: str  # HF module path inside a layer, e.g. "self_attn.q_proj" (tensor: <layer>.<name>.weight)
-    c_field: str  # bn_layer_desc's w<c_field> (packed trits) and g<c_field> (gamma), kernels/bitnet.h
+    c_field: str  # bn_layer_desc's w<c_field> (packed trits), g<c_field> (gamma), b<c_field> (bias), kernels/bitnet.h
     gguf: str  # llama.cpp's name: blk.<i>.<gguf>.weight
     shape: Callable[[ModelDims], tuple[int, int]]  # (N outputs, K inputs)
 
@@ -344,6 +352,7 @@ LAYER_NORMS: tuple[LayerNorm, ...] = (
     LayerNorm("mlp.ffn_sub_norm", "ffn_sub_norm", "ffn_sub_norm", lambda d: d.intermediate_size),
 )
 SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+QKV_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the ones a qkv_bias family biases
 PROJECTION_BY_NAME = {p.name: p for p in PROJECTIONS}
 NORM_BY_NAME = {n.name: n for n in LAYER_NORMS}
 # Tensors outside the decoder layers, by HF name -> GGUF name.
@@ -366,12 +375,12 @@ def split_layer_tensor(name: str) -> tuple[int, str, str]:
 
 def gguf_name(hf_name: str) -> str:
     """HF tensor name -> llama.cpp GGUF tensor name (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight;
-    a projection's weight_scale -> blk.3.ffn_up.scale)."""
+    a projection's weight_scale -> blk.3.ffn_up.scale, its bias -> blk.3.attn_q.bias)."""
     if hf_name in GLOBAL_GGUF_NAMES:
         return GLOBAL_GGUF_NAMES[hf_name]
     layer, module, kind = split_layer_tensor(hf_name)
     entry = PROJECTION_BY_NAME.get(module) or NORM_BY_NAME[module]
-    return f"blk.{layer}.{entry.gguf}.{'scale' if kind == 'weight_scale' else 'weight'}"
+    return f"blk.{layer}.{entry.gguf}.{ {'weight_scale': 'scale', 'bias': 'bias'}.get(kind, 'weight')}"
 
 
 # ------------------------------------------------------------------------------ presets

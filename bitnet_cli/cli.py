@@ -253,7 +253,7 @@ def _tensor_progress(description: str, enabled: bool):
 def pack(
     src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, a hub id like microsoft/bitnet-b1.58-2B-4T, or a GGUF file (bitnet.cpp's I2_S or F16/F32, llama.cpp's TQ1_0/TQ2_0)."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
-    embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (int8 for our Q8_0 export, else f16), with a note on what was lost."),
+    embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q6, 6.56 bits per weight (GGUF Q6_K's precision: 41% of the bytes); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (q6 for Q6_K, int8 for our Q8_0 export, else f16), with a note on what was lost."),
     to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for bitnet.cpp (--gguf-type i2_s) or llama.cpp (tq2_0, tq1_0), which need every ternary matrix's input width (hidden and FFN size) to be a multiple of their block, 256 (the quickstart's model is)."),
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: i2_s (bitnet.cpp's `bitnet-b1.58`, the official 2B4T layout, 2 bits/weight); tq2_0 (llama.cpp's `bitnet`, 2.06 bits/weight) or tq1_0 (1.69 bits/weight); llama.cpp computes a SiLU FFN for the last two."),
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
@@ -652,7 +652,7 @@ def bench(
     shape: Optional[str] = typer.Option(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
-    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
+    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8, q6 or q4."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),

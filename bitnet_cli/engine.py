@@ -246,6 +246,8 @@ class Engine(kernels.CResource):
             for proj in d.projections():
                 setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
                 setattr(layers[i], "g" + proj.c_field, float(finite(layer_tensor(i, proj.name, "weight_scale"))[0]))
+                if d.has_bias(proj.name):
+                    setattr(layers[i], "b" + proj.c_field, ptr(finite(layer_tensor(i, proj.name, "bias")), "float"))
         desc = ffi.new("bn_model_desc *")
         self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size

@@ -213,13 +213,14 @@ class BitLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if self.scale_op == "multiply":  # AutoBitLinear offline: ActQuant, then * weight_scale
-            return F.linear(_quant_activation(x), w) * self.weight_scale
-        if self.scale_op == "divide":  # BitLinear: integer activations, then / (weight_scale * input scale)
+        if self.scale_op == "multiply":  # AutoBitLinear offline: ActQuant, then * weight_scale (bias included)
+            return F.linear(_quant_activation(x), w, self.bias) * self.weight_scale
+        if self.scale_op == "divide":  # BitLinear: integer activations, / (weight_scale * input scale), + bias
             xf = x.float()
             xs = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
             xq = (xf * xs).round().clamp(-128, 127).to(x.dtype)
-            return (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
+            y = (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if self.warming:
             lam = self.lam.to(x.dtype)
             x = x + lam * (_quant_activation(x) - x).detach()
@@ -252,11 +253,8 @@ def set_quant_lambda(model: nn.Module, lam: float) -> None:
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
     """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
     n_out, n_in = config.arch.projection_shape(proj)
-    bias = config.arch.qkv_bias and proj in _QKV
+    bias = config.arch.has_bias(proj)
     return BitLinear(n_in, n_out, bias) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=bias)
-
-
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 
 
 # ----------------------------------------------------------------------------- the decoder

@@ -7,7 +7,8 @@
  *   attention over the cache (parallel over token x KV head) -> attn_sub_norm -> int8 -> o_proj; x += .
  *   h = rmsnorm(x) -> int8 -> gate,up (one section) -> relu(gate)^2 * up -> ffn_sub_norm -> int8
  *   -> down; x += .
- * The Llama family gates with silu(gate) * up and has no sub-norms (their steps quantise as is).
+ * The Llama family gates with silu(gate) * up and has no sub-norms (their steps quantise as is);
+ * the Qwen2 family is Llama with float biases on q, k and v, added after the rescaled product.
  * then the final norm and the output head for the tokens whose logits are wanted.
  * Float steps follow torch's fp32 arithmetic (same formulas, same operation order where it
  * changes the result), so the int8 activations match transformers' ActQuant.
@@ -293,6 +294,13 @@ static void glue(bn_model *m, int M, float *x, const float *add, const float *up
         bn_pool_run(m->pool, glue_worker, &g, bn_pool_chunks(m->pool, M, 1));
 }
 
+/* y[t][i] += b[i] for M rows of n: a projection's bias, after its rescaled product (transformers'
+ * BitLinear adds it to the dequantised output) */
+static void add_bias(float *y, const float *b, int M, int n) {
+    for (int t = 0; t < M; t++, y += n)
+        for (int i = 0; i < n; i++) y[i] += b[i];
+}
+
 static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const bn_layer_desc *L = &m->layers[l];
     const int M = c->M;
@@ -307,6 +315,9 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
                        {m->q_dim, m->kv_dim, m->kv_dim},
                        3};
     run_matmul(m, &qkv);
+    if (L->bq) add_bias(m->q, L->bq, M, m->q_dim);
+    if (L->bk) add_bias(m->k, L->bk, M, m->kv_dim);
+    if (L->bv) add_bias(m->v, L->bv, M, m->kv_dim);
 
     for (int t = 0; t < M; t++) {
         int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = cache_slot(c, t);

@@ -202,28 +202,33 @@ def make_llama_checkpoint(
     initializer_range: float = 0.05,
     seed: int = 0,
     f16_embeddings: bool = True,
+    architecture: str = "Llama",
     **shape: int,
 ) -> Path:
-    """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed)
-    and the bitnet quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
+    """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed; or
+    `architecture` "Qwen2": Qwen2ForCausalLM, whose q/k/v biases get random values) and the bitnet
+    quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
     trits with weight_scale = gamma (autobitlinear: multiplied) or 1/gamma (bitlinear: divided).
     With `f16_embeddings` the embedding and head values are f16-representable (exact when packed)."""
     import torch
+    import transformers
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations.bitnet import pack_weights
 
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else dict(rope_scaling, rope_theta=10000.0)
-    config = LlamaConfig(
-        **_tiny_shape(shape), head_dim=head_dim, tie_word_embeddings=tie_word_embeddings,
+    config = getattr(transformers, f"{architecture}Config")(
+        **_tiny_shape(shape), tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range, bos_token_id=0, eos_token_id=1, rope_parameters=rope, hidden_act="silu",
+        **({"head_dim": head_dim} if head_dim else {}),  # Qwen2Attention reads head_dim=None as given
     )
-    model = LlamaForCausalLM(config).float()
+    model = getattr(transformers, f"{architecture}ForCausalLM")(config).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))  # norms that are not all ones
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)  # transformers zero-initialises biases; make them matter
             elif f16_embeddings and ("embed_tokens" in name or "lm_head" in name):
                 p.copy_(p.half().float())
     model.save_pretrained(out_dir)
@@ -243,8 +248,10 @@ def make_llama_checkpoint(
 
 
 def load_hf_llama_reference(ckpt_dir: Path):
-    """transformers' own LlamaForCausalLM (its bitnet quantizer applying the config's convention), fp32."""
+    """transformers' own LlamaForCausalLM or Qwen2ForCausalLM, as config.json says (its bitnet quantizer
+    applying the config's convention), fp32."""
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
 
-    return LlamaForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+    cls = json.loads((ckpt_dir / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, cls).from_pretrained(ckpt_dir, dtype=torch.float32).eval()

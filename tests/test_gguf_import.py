@@ -115,9 +115,30 @@ def test_pip_gguf_parses_our_i2s_export(ckpt, tmp_path):
             quants.dequantize("Q6_K", gf.raw(head.name), head.dims[0]))
 
 
-def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
+def test_q6k_head_imports_to_q6_without_loss(ckpt, tmp_path):
     pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
     summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    assert summary.embeddings == "q6"
+    assert any(n.endswith("'token_embd.weight' (Q6_K, its codes and scales converted as they are) stored as "
+                          "q6 embeddings: lossless") for n in summary.notes)
+    with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
+        np.testing.assert_array_equal(pm.embedding(), quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256))
+
+
+def test_q6_embeddings_export_to_q6k_and_back_bit_for_bit(ckpt, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "q6.bin", embeddings="q6")
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", embeddings="q6", to="gguf", gguf_type="i2_s")
+    with GGUFFile.open(tmp_path / "m.gguf") as gf:
+        assert gf.tensor("token_embd.weight").type_name == "Q6_K"
+    pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    with PackedModel.open(tmp_path / "q6.bin") as a, PackedModel.open(tmp_path / "back.bin") as b:
+        assert b.embeddings == "q6"
+        np.testing.assert_array_equal(a.tensor("model.embed_tokens.weight"), b.tensor("model.embed_tokens.weight"))
+
+
+def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
+    summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin", embeddings="f16")
     note = " ".join(summary.notes)
     assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as f16 embeddings:" in note
     assert "values rounded (largest change" in note
@@ -306,7 +327,8 @@ def test_cli_import_prints_the_notes_and_one_error_line_for_a_bad_file(ckpt, tmp
                                "--gguf-head", "q6_k"]).exit_code == 0
     result = runner.invoke(app, ["pack", str(gguf_file), str(tmp_path / "m.bin")])
     assert result.exit_code == 0, result.output
-    assert "(Q6_K, dequantised exactly) stored as f16 embeddings" in " ".join(result.output.split())
+    assert "(Q6_K, its codes and scales converted as they are) stored as q6 embeddings: lossless" in " ".join(
+        result.output.split())
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(gguf_file.read_bytes()[:5000])
     result = runner.invoke(app, ["pack", str(bad), str(tmp_path / "x.bin")])

@@ -186,9 +186,9 @@ def test_packed_llama_greedy_64_tokens_match_transformers(packed_llama):
     assert gen.token_ids == want and len(want) == 64
 
 
-@pytest.mark.parametrize("embeddings", ["int8", "q4"])
+@pytest.mark.parametrize("embeddings", ["int8", "q6", "q4"])
 def test_untied_head_int8_q4_on_every_isa(packed_llama, tmp_path, embeddings):
-    """The untied lm_head stored as int8 / q4 runs on every ISA with the scalar path's logits, and
+    """The untied lm_head stored as int8 / q6 / q4 runs on every ISA with the scalar path's logits, and
     moves them by a few percent of their range at most from the float head (the integer head's
     arithmetic itself is pinned by test_engine's test_integer_head_matches_numpy_reference)."""
     from bitnet_cli import kernels

@@ -26,7 +26,7 @@ class Target:
     name: str            # shape name, or the file name
     shape: str | None    # the named shape (None for a user's file)
     config: dict         # HF config dict
-    embeddings: str      # "f16", "int8" or "q4"
+    embeddings: str      # a head type of pack/embeddings.py: "f16", "int8", "q6" or "q4"
     path: Path           # the packed file; for a synthetic shape, where it is (or will be) cached
 
     def ensure_file(self, progress=None) -> Path:

@@ -253,14 +253,31 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     vals = x.reshape(-1, 16, 16)
     q = np.clip(np.rint(np.divide(vals, step[:, :, None], out=np.zeros_like(vals), where=step[:, :, None] != 0)),
                 -32, 31).astype(np.int16) + 32
-    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # [B, half, g, l]: value 128*half + 32*g + l
+    return q6_k_pack(q.reshape(-1, 256).astype(np.uint8), scales, d.view(np.uint16)).reshape(r, -1)
+
+
+def q6_k_pack(codes: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Codes u = q + 32 (uint8 [B, 256]), int8 scales [B, 16] and f16 d bits (uint16 [B]) -> Q6_K blocks [B, 210]
+    (the layout `_q6_k` reads)."""
+    q = codes.reshape(-1, 2, 4, 32)  # [B, half, g, l]: value 128*half + 32*g + l
     low = q & 15
     ql = np.concatenate([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], axis=2)  # [B, 2, 64]
     hi = q >> 4
     qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6  # [B, 2, 32]
-    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.view(np.uint8).reshape(-1, 16),
-                             d.view(np.uint8).reshape(-1, 2)], axis=1)
-    return blocks.reshape(r, -1)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.view(np.uint8).reshape(-1, 16),
+                           np.ascontiguousarray(d, dtype=np.uint16).view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+def q6_k_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K blocks [B, 210] -> (codes u = q + 32 uint8 [B, 256], int8 scales [B, 16], f16 d bits uint16 [B]):
+    the inverse of `q6_k_pack`."""
+    b = np.ascontiguousarray(blocks).reshape(-1, 210)
+    ql = b[:, :128].reshape(-1, 2, 2, 32)  # [B, half, ql[l] / ql[32 + l], l]
+    low = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)  # [B, 2, g, 32]
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    codes = (low | high << 4).reshape(-1, 256)
+    return codes, b[:, 192:208].copy().view(np.int8), b[:, 208:210].copy().view(np.uint16).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- TQ1_0 / TQ2_0 / Q8_0 (export)

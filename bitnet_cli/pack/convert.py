@@ -19,8 +19,8 @@ from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_che
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
-    CONVERTER, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
-    tensor_specs, write_embedding_rows,
+    CONVERTER, FORMAT, LAYOUT, PackedWriter, TensorSpec, check_output_path, file_version,
+    tensor_specs, write_embedding_rows, write_stored_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
@@ -97,6 +97,13 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
             bad = np.argwhere(~np.isin(w, (-1.0, 0.0, 1.0)))[0]
             raise BitnetError(f"{where}: non-ternary value {w[tuple(bad)]} at index {bad.tolist()} in a packed checkpoint")
         trits = w.astype(np.int8)
+    scale, op = _weight_scale(ckpt, name)
+    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
+    return trits, np.float32(scale if op == "multiply" else np.float32(1.0) / scale)
+
+
+def _weight_scale(ckpt: Checkpoint, name: str) -> tuple[np.float32, str]:
+    """(weight_scale, "multiply" or "divide") of weight `name` in an HF offline-quantised checkpoint."""
     scale_name = name + "_scale"
     if scale_name not in ckpt.tensors:
         raise BitnetError(f"{ckpt.path}: tensor {scale_name!r} is missing (packed checkpoints carry a weight_scale per layer)")
@@ -106,14 +113,28 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
     _check_finite(ckpt, scale_name, scale)
     if scale[0] <= 0:
         raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
-    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
     _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
-    gamma = scale[0] if op == "multiply" else np.float32(1.0) / scale[0]
-    return trits, np.float32(gamma)
+    return scale[0], op
+
+
+def projection_bias(ckpt: Checkpoint, name: str, shape: tuple[int]) -> np.ndarray:
+    """A projection's float bias as the engine adds it, after the rescaled product. transformers'
+    AutoBitLinear offline adds it inside the product and then multiplies by weight_scale, so there it
+    is stored times weight_scale; everywhere else as it is."""
+    _check_shape(ckpt, name, shape)
+    b = ckpt.read(name).astype(np.float32)
+    _check_finite(ckpt, name, b)
+    if ckpt.kind == "hf-packed":
+        _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
+        if op == "multiply":
+            scale, _ = _weight_scale(ckpt, name.removesuffix(".bias") + ".weight")
+            b = b * scale
+    return b
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
-    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type."""
+    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type (or, for a
+    GGUF tensor type the storage type holds without loss, its stored bytes converted as they are)."""
     _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
     if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
         raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
@@ -126,12 +147,26 @@ def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: Mo
                                   param="embeddings")
             yield rows
 
-    loss = _EmbeddingLoss() if ckpt.kind == "gguf" else None
-    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
-    if loss is not None:
-        t = ckpt.gguf_tensor(name)
-        ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, dequantised exactly) stored as "
-                          f"{embeddings} embeddings: {loss.describe()}")
+    if ckpt.kind != "gguf":
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
+        return
+    loss = _EmbeddingLoss()
+    t = ckpt.gguf_tensor(name)
+    transcode = embedding_type(embeddings).transcode.get(t.type_name)
+    if transcode is None:
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
+        how = "dequantised exactly"
+    else:
+        def converted():
+            for start, rows in zip(range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS), chunks()):
+                stored = transcode(ckpt.read_raw(name, slice(start, start + len(rows))), dims.hidden_size)
+                loss(rows, stored, embeddings)  # checks the conversion against ggml's dequantisation
+                yield stored
+
+        write_stored_rows(writer, name, converted(), dims.vocab_size, embeddings)
+        how = "its codes and scales converted as they are"
+    ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, {how}) stored as "
+                      f"{embeddings} embeddings: {loss.describe()}")
 
 
 class _EmbeddingLoss:
@@ -158,7 +193,7 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
                   embeddings: str, source: str) -> dict[str, str]:
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": file_version(dims),
         "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
@@ -285,6 +320,8 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
                 trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
                 writer.write(name, pack_i2_k128(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
+            elif name.endswith(".bias"):
+                writer.write(name, projection_bias(ckpt, name, spec.shape))
             else:  # RMSNorm weights
                 _check_shape(ckpt, name, spec.shape)
                 w = ckpt.read(name)

@@ -38,6 +38,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import ternarize
 
 
@@ -141,6 +142,17 @@ class GGUFCheckpoint:
         self.gf.release(t.name, start * rb, (stop - start) * rb)
         return out.reshape((stop - start, k) if len(t.dims) > 1 else (k,))
 
+    def read_raw(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a 2-D tensor as its stored bytes (uint8 [rows, row bytes], a copy), for a storage
+        type that holds the GGUF type as it is (pack/embeddings.py's `transcode`)."""
+        t = self.gguf_tensor(name)
+        k = t.dims[0]
+        start, stop, _ = rows.indices(t.count // k)
+        rb = quants.row_bytes(t.type_id, k)
+        out = self.gf.raw(t.name, start * rb, (stop - start) * rb).reshape(stop - start, rb).copy()
+        self.gf.release(t.name, start * rb, (stop - start) * rb)
+        return out
+
     def ternary(self, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
         """(trits int8 [N, K], gamma) of a BitLinear weight, keeping the scale the file stores."""
         try:
@@ -212,6 +224,9 @@ class GGUFCheckpoint:
     def embedding_type(self, name: str) -> str:
         """The `--embeddings` default for an embedding: the storage type that loses nothing, or f16 (the closest)."""
         t = self.gguf_tensor(name)
+        holds_as_is = [kind.name for kind in EMBEDDING_TYPES.values() if t.type_name in kind.transcode]
+        if holds_as_is:  # Q6_K -> q6
+            return holds_as_is[0]
         if t.type_name == "Q8_0":
             k = t.dims[0]
             rows = t.count // k
@@ -259,7 +274,8 @@ def _i2s_layout(gf: GGUFFile, requested: int | None, notes: list[str]) -> int:
         notes.append(f"{gf.path}: I2_S read in bitnet.cpp's x86 layout ({quants.I2S_BLOCK}-value blocks, as in the "
                      f"published GGUF files); its ARM build writes {quants.I2S_ARM_BLOCK}-value blocks of the same size "
                      "and nothing in the file tells the two apart: a file quantised on ARM (aarch64, Apple silicon) "
-                     f"read this way generates garbage; import one with --i2s-block {quants.I2S_ARM_BLOCK}")
+                     f"read this way generates garbage; import one with `bitnet pack --i2s-block {quants.I2S_ARM_BLOCK} "
+                     f"{gf.path.name} OUT.bin`")
     return quants.I2S_BLOCK
 
 
