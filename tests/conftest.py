@@ -262,3 +262,23 @@ def load_hf_llama_reference(ckpt_dir: Path):
 
     cls = json.loads((ckpt_dir / "config.json").read_text())["architectures"][0]
     return getattr(transformers, cls).from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+
+
+def assert_greedy_matches_transformers(ckpt_dir: Path, packed: Path, tokens: int = 64) -> None:
+    """Greedy decoding of `tokens` tokens on the C engine from `packed` gives transformers' own
+    greedy tokens from `ckpt_dir` (load_hf_llama_reference), with stopping off on both sides."""
+    import numpy as np
+    import torch
+
+    from bitnet_cli.engine import Engine
+
+    prompt = [int(i) for i in np.random.default_rng(1).integers(2, 389, 5)]
+    with torch.no_grad():
+        want = load_hf_llama_reference(ckpt_dir).generate(torch.tensor([prompt]), max_new_tokens=tokens,
+                                                          do_sample=False, eos_token_id=None,
+                                                          pad_token_id=0)[0, len(prompt):].tolist()
+    with Engine.load(packed, threads=2) as eng:
+        eng.stop_token_ids = set()  # transformers was told not to stop either
+        gen = eng.generate(prompt, max_tokens=tokens, temperature=0)
+        "".join(gen)
+    assert gen.token_ids == want and len(want) == tokens

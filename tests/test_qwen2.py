@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import load_hf_llama_reference, make_llama_checkpoint
+from conftest import assert_greedy_matches_transformers, load_hf_llama_reference, make_llama_checkpoint
 
 from bitnet_cli.model import BitNetForCausalLM
 
@@ -79,18 +79,8 @@ def test_packed_qwen2_holds_the_biases_and_matches_transformers_on_the_engine(qw
 
 
 def test_packed_qwen2_greedy_64_tokens_match_transformers(qwen2):
-    from bitnet_cli.engine import Engine
-
     ckpt, packed, _ = qwen2
-    prompt = [int(i) for i in np.random.default_rng(1).integers(2, 389, 5)]
-    with torch.no_grad():
-        want = load_hf_llama_reference(ckpt).generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    with Engine.load(packed, threads=2) as eng:
-        eng.stop_token_ids = set()  # transformers was told not to stop either
-        gen = eng.generate(prompt, max_tokens=64, temperature=0)
-        "".join(gen)
-    assert gen.token_ids == want and len(want) == 64
+    assert_greedy_matches_transformers(ckpt, packed)
 
 
 def test_a_version_2_file_claiming_qwen2_is_refused(qwen2, tmp_path):
