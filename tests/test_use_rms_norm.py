@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import load_hf_llama_reference, make_llama_checkpoint
+from conftest import assert_greedy_matches_transformers, load_hf_llama_reference, make_llama_checkpoint
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetForCausalLM
@@ -83,18 +83,7 @@ def test_packed_file_holds_the_norms_and_matches_transformers_on_the_engine(norm
 
 
 def test_greedy_64_tokens_match_transformers(normed):
-    from bitnet_cli.engine import Engine
-
-    ckpt, packed = normed
-    prompt = [int(i) for i in np.random.default_rng(1).integers(2, 389, 5)]
-    with torch.no_grad():
-        want = load_hf_llama_reference(ckpt).generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    with Engine.load(packed, threads=2) as eng:
-        eng.stop_token_ids = set()  # transformers was told not to stop either
-        gen = eng.generate(prompt, max_tokens=64, temperature=0)
-        "".join(gen)
-    assert gen.token_ids == want and len(want) == 64
+    assert_greedy_matches_transformers(*normed)
 
 
 def test_norms_without_the_flag_are_refused(normed, tmp_path):
