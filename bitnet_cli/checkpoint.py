@@ -200,9 +200,6 @@ def bitnet_convention(qc: dict | None, where: str) -> tuple[str, str] | None:
     if qc["quant_method"] != "bitnet":
         raise BitnetError(f"{where}: unsupported quantization_config quant_method {safejson.short(qc['quant_method'])} "
                           "(only 'bitnet')")
-    if qc.get("use_rms_norm"):
-        raise BitnetError(f"{where}: quantization_config.use_rms_norm=true (an RMSNorm inside every BitLinear) "
-                          "is not supported")
     cls = qc.get("linear_class", "bitlinear")
     mode = qc.get("quantization_mode", "offline")
     if cls not in ("bitlinear", "autobitlinear"):

@@ -203,13 +203,16 @@ def make_llama_checkpoint(
     seed: int = 0,
     f16_embeddings: bool = True,
     architecture: str = "Llama",
+    bitlinear_norm_eps: float | None = None,
     **shape: int,
 ) -> Path:
     """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed; or
     `architecture` "Qwen2": Qwen2ForCausalLM, whose q/k/v biases get random values) and the bitnet
     quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
     trits with weight_scale = gamma (autobitlinear: multiplied) or 1/gamma (bitlinear: divided).
-    With `f16_embeddings` the embedding and head values are f16-representable (exact when packed)."""
+    With `f16_embeddings` the embedding and head values are f16-representable (exact when packed).
+    With `bitlinear_norm_eps` the config says use_rms_norm (that rms_norm_eps) and every projection gets
+    a random `<proj>.rms_norm.weight`, as transformers' BitLinear / AutoBitLinear then read."""
     import torch
     import transformers
     from safetensors.torch import load_file, save_file
@@ -234,8 +237,12 @@ def make_llama_checkpoint(
     model.save_pretrained(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     cfg["quantization_config"] = dict(LLAMA_CONVENTIONS[convention])
+    state = load_file(str(out_dir / "model.safetensors"))
+    if bitlinear_norm_eps is not None:
+        cfg["quantization_config"].update(use_rms_norm=True, rms_norm_eps=bitlinear_norm_eps)
+        for name in [n for n in state if n.endswith("_proj.weight")]:
+            state[name.replace(".weight", ".rms_norm.weight")] = 1 + 0.2 * torch.randn(state[name].shape[1])
     if convention != "online":
-        state = load_file(str(out_dir / "model.safetensors"))
         for name in [n for n in state if n.endswith("_proj.weight")]:
             w = state[name]
             s = 1.0 / w.abs().mean().clamp(min=1e-5)
@@ -243,7 +250,7 @@ def make_llama_checkpoint(
             state[name] = trits if convention.endswith("floats") else pack_weights(trits.clone().to(torch.int8))
             scale = s if convention.startswith("bitlinear") else 1.0 / s
             state[name.replace(".weight", ".weight_scale")] = scale.reshape(1).float()
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return _finish_checkpoint(out_dir, cfg, tokenizer_dir)
 
 

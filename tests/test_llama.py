@@ -63,7 +63,6 @@ def test_scale_convention_matters(tmp_path):
 @pytest.mark.parametrize("qc,missing", [
     ({"linear_class": "bitlinear"}, "quant_method"),
     ({"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "online"}, "linear_class"),
-    ({"quant_method": "bitnet", "use_rms_norm": True}, "use_rms_norm"),
     ({"quant_method": "bitnet", "linear_class": "fancy"}, "linear_class"),
     ({"quant_method": "gptq"}, "quant_method"),
 ])

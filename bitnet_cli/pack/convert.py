@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
+from bitnet_cli.arch import BITLINEAR_NORM, EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
@@ -294,15 +294,20 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
 
 
 def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
-    """Refuse a checkpoint holding layer norms its family does not have (e.g. BitNet's sub-norms
-    under model_type llama): packing would silently drop them and compute another function."""
-    if dims.sub_norms:
-        return
+    """Refuse a checkpoint holding norms its config does not describe (BitNet's sub-norms under
+    model_type llama; projection input norms without use_rms_norm): packing would silently drop them
+    and compute another function."""
     model_type = ckpt.config.get("model_type")
     for name in ckpt.tensors:
-        if name.startswith(LAYER_PREFIX) and split_layer_tensor(name)[1] in SUB_NORMS:
+        if not name.startswith(LAYER_PREFIX):
+            continue
+        module = split_layer_tensor(name)[1]
+        if module in SUB_NORMS and not dims.sub_norms:
             raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a BitNet sub-norm, but "
                               f"model_type {model_type!r} has no sub-norms (is config.json the right one?)")
+        if module.endswith("." + BITLINEAR_NORM) and dims.bitlinear_norm_eps is None:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a projection's input norm, but the "
+                              "quantization_config does not say use_rms_norm: true (is config.json the right one?)")
 
 
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,

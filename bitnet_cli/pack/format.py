@@ -26,8 +26,8 @@ from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 FORMAT = "bitnet-cli"
 # 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
 # tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
-# 3: projections may carry float biases (the qwen2 family); a file is written as version 3 only
-# when it holds one (`file_version`), so that readers of version 2 refuse it instead of running
+# 3: projections may carry float biases (the qwen2 family) and their own input norms (use_rms_norm);
+# a file is written as version 3 only when it holds either (`file_version`), so that readers of version 2 refuse it instead of running
 # it without them, and still read every file that needs nothing newer.
 FORMAT_VERSION = "3"
 READABLE_VERSIONS = ("1", "2", "3")
@@ -54,7 +54,7 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
 
 def file_version(dims: ModelDims) -> str:
     """The oldest format version that can hold this model (see FORMAT_VERSION)."""
-    return "3" if dims.qkv_bias else "2"
+    return "3" if dims.qkv_bias or dims.bitlinear_norm_eps is not None else "2"
 
 
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
@@ -292,7 +292,8 @@ class PackedModel:
             raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
                               f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
         if int(metadata["format_version"]) < int(file_version(d)):
-            raise BitnetError(f"{path}: its config ({d.family}) needs format version {file_version(d)} but the "
+            raise BitnetError(f"{path}: its config ({d.family}{', use_rms_norm' if d.bitlinear_norm_eps else ''}) needs "
+                              f"format version {file_version(d)} but the "
                               f"file says {metadata['format_version']}; the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
             e = entries.get(spec.name)

@@ -88,6 +88,8 @@ def forward(pm: PackedModel, token_ids, cache: KVCache | None = None) -> np.ndar
     eps = d.rms_norm_eps
 
     def linear(h, layer, proj):
+        if d.bitlinear_norm(proj):  # use_rms_norm: the projection's own norm on its input
+            h = rms_norm(h, pm.tensor(layer_tensor(layer, d.bitlinear_norm(proj))), d.bitlinear_norm_eps)
         y = bitlinear(h, *pm.ternary(layer_tensor(layer, proj)))
         return y + pm.tensor(layer_tensor(layer, proj, "bias")) if d.has_bias(proj) else y
 
