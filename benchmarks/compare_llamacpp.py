@@ -1,17 +1,23 @@
-"""Race llama.cpp and bitnet-cli side by side on this machine, in one run, on the same 2B4T-shaped model.
+"""Race llama.cpp or bitnet.cpp and bitnet-cli side by side on this machine, in one run, on the same 2B4T-shaped model.
 
     python benchmarks/compare_llamacpp.py --llama-bench PATH [--llama-quantize PATH] [--threads 1,2] [--repeat 3]
+    python benchmarks/compare_llamacpp.py --runtime bitnet.cpp --llama-bench BITNET_CPP/build/bin/llama-bench
 
-Both sides run the synthetic 2B4T shape (the file `bitnet bench --shape 2b4t` uses), llama.cpp
-from our own GGUF export of it (`bitnet pack --to gguf`, TQ2_0), head for head:
+Both sides run the synthetic 2B4T shape (the file `bitnet bench --shape 2b4t` uses), the other
+runtime from our own GGUF export of it (`bitnet pack --to gguf`), head for head. llama.cpp (TQ2_0):
   ours f16 head   vs  TQ2_0 + f16 head   (export of the f16 file)
   ours int8 head  vs  TQ2_0 + Q8_0 head  (export of the int8 file: the same int8 values)
   ours int8 head  vs  TQ2_0 + Q6_K head  (llama-quantize of the f16 export: their usual small head)
   ours q4 head    vs  TQ2_0 + Q4_K head  (llama-quantize of the f16 export: the nearest size, 4.5 bits)
+bitnet.cpp (I2_S, `--gguf-type i2_s`, the layout its x86 build reads; the head written by our exporter):
+  ours f16 head   vs  I2_S + f16 head    (bitnet.cpp's default)
+  ours int8 head  vs  I2_S + Q6_K head   (`--gguf-head q6_k`: its small head)
+  ours <6-bit type> head vs I2_S + Q6_K head, for each 6-bit-class type in our head traits table
 Each round runs, per thread count and pair, one llama-bench (`-p 128 -n 64 -r 1`) then one of our
 e2e workers (pp128, tg64), so drift in the machine's load hits both sides alike; the memory-read
 bandwidth is measured before every pair too. Figures are medians over the rounds (min-max beside).
-Writes COMPARE.md and compare.json next to this script (or --out). Run it on an idle machine.
+Writes COMPARE.md and compare.json (COMPARE_BITNETCPP.md and compare_bitnetcpp.json for bitnet.cpp)
+next to this script (or --out). Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -20,44 +26,67 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from bitnet_cli.bench import e2e, roofline, suite, target
+from bitnet_cli.bench import roofline, suite, target
+from bitnet_cli.bench.anchors import (GENERATE, PROMPT, cpu_busy_fraction, llama_bench_once, ours_once, report_header,
+                                      write_with_tool)
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.stats import summarize
 from bitnet_cli.errors import BitnetError, run_script
+from bitnet_cli.gguf.reader import GGUFFile
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.gguf import export_gguf
 from run import _stat, _table  # the sibling script's markdown helpers
 
 HERE = Path(__file__).resolve().parent
 SHAPE = "2b4t"
-PROMPT, GENERATE = 128, 64
 BANDWIDTH_REPEAT = 3
 BUSY_CPU = 0.25  # CPU busy with other work just before the run, above which the figures are only trials
 
-# (pair name, our embeddings, the embeddings of the packed file their GGUF is exported from, their head)
-PAIRS = (
-    ("f16 head", "f16", "f16", "f16"),
-    ("int8 head vs Q8_0", "int8", "int8", "q8_0"),
-    ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
-    ("q4 head vs Q4_K", "q4", "f16", "q4_k"),
-)
-QUANTIZED_HEADS = ("q6_k", "q4_k")  # made by llama-quantize from the f16 export
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One runtime we race: the GGUF type its ternary weights get and the pairs, head for head."""
+
+    name: str
+    weights: str  # ggml type name of every ternary weight in its file
+    gguf_type: str  # our exporter's --gguf-type for it
+    # (pair name, our embeddings, the embeddings of the packed file their GGUF is exported from, their head)
+    pairs: tuple[tuple[str, str, str, str], ...]
+    quantize_heads: tuple[str, ...]  # heads made by its llama-quantize from the f16 export (others: our exporter)
+    report: str  # file stem of the written report: <REPORT>.md and <report>.json
+    layout: str  # how the ternary weights are stored in its file, for the report
+
+
+RUNTIMES = {
+    "llama.cpp": Runtime("llama.cpp", "TQ2_0", "tq2_0", (
+        ("f16 head", "f16", "f16", "f16"),
+        ("int8 head vs Q8_0", "int8", "int8", "q8_0"),
+        ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
+        ("q4 head vs Q4_K", "q4", "f16", "q4_k"),
+    ), ("q6_k", "q4_k"), "compare", "TQ2_0, d = 1, gamma as a separate F32 scale tensor"),
+    "bitnet.cpp": Runtime("bitnet.cpp", "I2_S", "i2_s", (
+        ("f16 head", "f16", "f16", "f16"),
+        ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
+        *((f"{name} head vs Q6_K", name, "f16", "q6_k") for name in EMBEDDING_TYPES if name.startswith("q6")),
+    ), (), "compare_bitnetcpp", "I2_S: 2-bit codes in 128-value blocks, the tensor's f32 scale after them"),
+}
 
 
 def gguf_tensor_types(path: Path) -> dict:
-    """{ggml type name: tensor count} and the token embedding's (= the tied head's) type."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    """{ggml type name: tensor count} and the token embedding's (= the tied head's) type. Our own reader:
+    pip's gguf does not know bitnet.cpp's I2_S."""
+    with GGUFFile.open(path) as f:
+        tensors = list(f.tensors.values())
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    head = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
-    return {"counts": counts, "head": head, "tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors)}
+    for t in tensors:
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    head = next(t.type_name for t in tensors if t.name == "token_embd.weight")
+    return {"counts": counts, "head": head, "tensor_bytes": sum(t.nbytes for t in tensors)}
 
 
 def packed_file(embeddings: str) -> Path:
@@ -66,88 +95,43 @@ def packed_file(embeddings: str) -> Path:
         progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
 
 
-def their_file(source: Path, head: str, quantize: str | None) -> Path:
-    """The GGUF for llama.cpp, exported from our file (and quantized) once, cached beside it."""
-    exported = source.with_suffix(".tq2_0.gguf")
+def their_file(runtime: Runtime, source: Path, head: str, quantize: str | None) -> Path:
+    """The GGUF for the other runtime, exported from our file (and quantized) once, cached beside it."""
+    written_head = None if head in runtime.quantize_heads or head in ("q8_0",) else head
+    exported = source.with_suffix(f".{runtime.gguf_type}{'-' + written_head if written_head else ''}.gguf")
     if not exported.exists():
         print(f"  exporting {exported.name}", file=sys.stderr, flush=True)
-        export_gguf(source, exported, "tq2_0")
-    if head not in QUANTIZED_HEADS:
+        export_gguf(source, exported, runtime.gguf_type, head=written_head)
+    if head not in runtime.quantize_heads:
         return exported
-    out = source.with_suffix(f".tq2_0-{head}.gguf")
+    out = source.with_suffix(f".{runtime.gguf_type}-{head}.gguf")
     if not out.exists():
         if not quantize:
             raise BitnetError(f"{out} is not made yet: the {head.upper()}-head pair needs --llama-quantize PATH once")
         print(f"  llama-quantize {out.name}", file=sys.stderr, flush=True)
-        tmp = out.with_name(f".{out.name}.tmp")
-        cmd = [quantize, "--allow-requantize", "--token-embedding-type", head, str(exported), str(tmp), "TQ2_0"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
-        os.replace(tmp, out)
+        write_with_tool(out, lambda tmp: [quantize, "--allow-requantize", "--token-embedding-type", head,
+                                          str(exported), str(tmp), runtime.weights])
     return out
 
 
-def check_types(path: Path, head: str) -> dict:
-    """What the file really holds: the expected head type and TQ2_0 for every ternary weight."""
+def check_types(runtime: Runtime, path: Path, head: str) -> dict:
+    """What the file really holds: the expected head type and the runtime's type for every ternary weight."""
     types = gguf_tensor_types(path)
     if types["head"].lower() != head:
         raise BitnetError(f"{path}: token_embd.weight is {types['head']}, expected {head.upper()}")
-    unexpected = set(types["counts"]) - {"TQ2_0", "F32", types["head"]}
+    unexpected = set(types["counts"]) - {runtime.weights, "F32", types["head"]}
     if unexpected:
-        raise BitnetError(f"{path}: unexpected tensor types {sorted(unexpected)} (expected TQ2_0, F32, {types['head']})")
+        raise BitnetError(f"{path}: unexpected tensor types {sorted(unexpected)} "
+                          f"(expected {runtime.weights}, F32, {types['head']})")
     return types
-
-
-def cpu_busy_fraction(seconds: float = 2.0) -> float | None:
-    """The share of all CPUs busy over `seconds` (from /proc/stat), taken before the run starts:
-    unlike the load average, it does not remember the benchmark's own threads or a job just ended."""
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    try:
-        total0, idle0 = sample()
-        time.sleep(seconds)
-        total1, idle1 = sample()
-    except OSError:
-        return None
-    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
-
-
-def llama_bench_once(llama_bench: str, path: Path, threads: int) -> dict:
-    """One llama-bench repetition of pp128 and tg64: tokens/s per test, plus its build description."""
-    cmd = [llama_bench, "-m", str(path), "-p", str(PROMPT), "-n", str(GENERATE), "-r", "1", "-t", str(threads),
-           "-o", "json"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise BitnetError(f"{shlex.join(cmd)} failed (exit code {done.returncode}): {tail}")
-    try:
-        rows = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        raise BitnetError(f"{llama_bench}: output is not llama-bench's JSON (is it llama-bench?)") from None
-    rates = {}
-    for row in rows:
-        name = f"pp{row['n_prompt']}" if row["n_gen"] == 0 else f"tg{row['n_gen']}"
-        rates[name] = float(row["avg_ts"])
-    build = {k: rows[0].get(k) for k in ("build_commit", "build_number", "cpu_info", "backends")}
-    return {"rates": rates, "build": build}
-
-
-def ours_once(path: Path, threads: int) -> dict:
-    row = e2e.run(path, [threads], 1, prompts=(PROMPT,), generate=GENERATE)[0]
-    return {name: s["median"] for name, s in row["tokens_per_s"].items()}
 
 
 def measure(args, threads: list[int]) -> dict:
     files = {}
-    for name, emb, source, head in PAIRS:
-        theirs = their_file(packed_file(source), head, args.llama_quantize)
-        files[name] = {"ours": packed_file(emb), "theirs": theirs, "their_types": check_types(theirs, head)}
+    runtime = RUNTIMES[args.runtime]
+    for name, emb, source, head in runtime.pairs:
+        theirs = their_file(runtime, packed_file(source), head, args.llama_quantize)
+        files[name] = {"ours": packed_file(emb), "theirs": theirs, "their_types": check_types(runtime, theirs, head)}
 
     results = {"machine": suite.machine() | {"cpu_busy_before": cpu_busy_fraction()},
                "settings": {"threads": threads, "rounds": args.repeat, "prompt": PROMPT, "generate": GENERATE}}
@@ -156,7 +140,7 @@ def measure(args, threads: list[int]) -> dict:
     build = None
     for r in range(args.repeat):
         for th in threads:
-            for name, *_ in PAIRS:
+            for name, *_ in runtime.pairs:
                 print(f"  round {r + 1}/{args.repeat}, {th} thread(s), {name}", file=sys.stderr, flush=True)
                 bandwidth[th].append(roofline.measure_bandwidth(th, BANDWIDTH_REPEAT)["median"])
                 f = files[name]
@@ -167,11 +151,11 @@ def measure(args, threads: list[int]) -> dict:
                     for test, rate in rates.items():
                         samples.setdefault((name, th, side, test), []).append(rate)
     results["machine"]["load_average_end"] = round(os.getloadavg()[0], 2)
-    results["llama_cpp"] = build
+    results["runtime"], results["their_build"] = runtime.name, build
     results["bandwidth_gbps"] = {str(th): summarize(v) for th, v in bandwidth.items()}
 
     rows = []
-    for name, emb, *_ in PAIRS:
+    for name, emb, *_ in runtime.pairs:
         f = files[name]
         our_bytes = bytes_per_token(target.from_shape(SHAPE, emb).config, emb)["total"]
         their_bytes = f["their_types"]["tensor_bytes"]  # the tied head is read in full: every tensor once
@@ -194,22 +178,20 @@ def measure(args, threads: list[int]) -> dict:
 
 
 def markdown(results: dict, command: str, note: str | None) -> str:
-    m, s, llama = results["machine"], results["settings"], results["llama_cpp"]
+    m, s = results["machine"], results["settings"]
+    runtime = RUNTIMES[results.get("runtime", "llama.cpp")]
+    build = results.get("their_build") or results["llama_cpp"]  # the key of reports written before --runtime
     pp, tg = f"pp{s['prompt']}", f"tg{s['generate']}"
     busy = m.get("cpu_busy_before")
+    generated, machine = report_header(results, command, ", per pair and thread count")
     parts = [
-        "# bitnet-cli vs llama.cpp, side by side",
-        f"Generated by `{command}` on {m['date']}: {s['rounds']} interleaved rounds (one llama-bench "
-        f"`-p {s['prompt']} -n {s['generate']} -r 1` then one bitnet-cli e2e worker, per pair and thread count); "
-        "tokens/s as the median over rounds (min-max in brackets); x = ours / theirs.",
-        f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['platform']}; bitnet-cli {m['bitnet_cli']}; "
-        f"load average {m['load_average']} at start, {m['load_average_end']} at the end (these count the "
-        "benchmark's own threads)"
-        + (f"; CPU busy with other work just before the run: {100 * busy:.0f}%" if busy is not None else "") + "\n"
-        f"- llama.cpp: build {llama['build_commit']} ({llama['build_number']}), backends {llama['backends']}, "
-        f"CPU {llama['cpu_info']}\n"
+        f"# bitnet-cli vs {runtime.name}, side by side",
+        generated,
+        machine + "\n"
+        f"- {runtime.name}: build {build['build_commit']} ({build['build_number']}), backends {build['backends']}, "
+        f"CPU {build['cpu_info']}\n"
         "- Model: synthetic 2B4T shape (random trits; speed does not depend on the values), "
-        "llama.cpp running our GGUF export (TQ2_0, d = 1, gamma as a separate F32 scale tensor)",
+        f"{runtime.name} running our GGUF export ({runtime.layout})",
     ]
     if busy is not None and busy > BUSY_CPU:
         parts.append(f"> **Busy machine** ({100 * busy:.0f}% of the CPU busy before the run): other work shared the "
@@ -236,21 +218,24 @@ def markdown(results: dict, command: str, note: str | None) -> str:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--llama-bench", help="path to llama.cpp's llama-bench (required unless --render)")
-    parser.add_argument("--llama-quantize", help="path to llama-quantize (makes the Q6_K- and Q4_K-head files once)")
+    parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="llama.cpp", help="the runtime to race")
+    parser.add_argument("--llama-bench", help="path to that runtime's llama-bench (required unless --render)")
+    parser.add_argument("--llama-quantize", help="path to llama.cpp's llama-quantize (makes its Q6_K- and Q4_K-head "
+                        "files once)")
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--note", help="a remark printed under the header, e.g. how busy the machine was")
-    parser.add_argument("--render", type=Path, help="only rewrite COMPARE.md from this compare.json (no measuring)")
+    parser.add_argument("--render", type=Path, help="only rewrite the report from its .json (no measuring)")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads(args.render.read_text())
-        (args.out / "COMPARE.md").write_text(markdown(results, results["command"], args.note))
-        print(f"wrote {args.out / 'COMPARE.md'}")
+        report = args.out / f"{RUNTIMES[results.get('runtime', 'llama.cpp')].report.upper()}.md"
+        report.write_text(markdown(results, results["command"], args.note))
+        print(f"wrote {report}")
         return 0
     if not args.llama_bench:
-        raise BitnetError("--llama-bench PATH is required (or --render compare.json)")
+        raise BitnetError("--llama-bench PATH is required (or --render REPORT.json)")
     threads = suite.parse_int_list(args.threads, "--threads")
     if not args.out.is_dir():
         raise BitnetError(f"--out {args.out}: not a directory")
@@ -261,9 +246,10 @@ def main(argv: list[str]) -> int:
             raise BitnetError(f"{tool}: not an executable file")
     results = measure(args, threads)
     command = results["command"] = shlex.join(["python", "benchmarks/compare_llamacpp.py", *argv])
-    (args.out / "compare.json").write_text(json.dumps(results, indent=2))
-    (args.out / "COMPARE.md").write_text(markdown(results, command, args.note))
-    print(f"wrote {args.out / 'COMPARE.md'} and compare.json")
+    stem = RUNTIMES[args.runtime].report
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem.upper()}.md").write_text(markdown(results, command, args.note))
+    print(f"wrote {args.out / f'{stem.upper()}.md'} and {stem}.json")
     return 0
 
 

@@ -1,5 +1,5 @@
 """What the output-head storage types cost in accuracy: perplexity of one trained model packed
-with f16, int8 and q4 embeddings, scored by the C engine on the same tokens.
+with f16, int8, q6 and q4 embeddings, scored by the C engine on the same tokens.
 
     python benchmarks/head_formats.py CKPT_DIR [--text ../shared/data/corpus/wikitext-2-raw/test.txt]
                                       [--tokens 32768] [--window 512] [--threads 2] [--out head_formats.json]
@@ -7,7 +7,7 @@ with f16, int8 and q4 embeddings, scored by the C engine on the same tokens.
 CKPT_DIR is a training run (`bitnet train`) or an HF BitNet checkpoint. The text is tokenised
 with the model's own tokenizer and cut into windows of --window tokens; each window is scored
 from an empty cache (its first token predicts, the rest are predicted), so every format sees
-exactly the same predictions to make. The ternary layers are identical across the three files:
+exactly the same predictions to make. The ternary layers are identical across the files:
 only the embedding lookup and the output head differ.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-FORMATS = ("f16", "int8", "q4")
+FORMATS = ("f16", "int8", "q6", "q4")
 
 
 def window_nll(engine, ids: list[int]) -> tuple[float, int]:

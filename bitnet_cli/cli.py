@@ -19,8 +19,11 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
+from bitnet_cli.engine import DEFAULT_CTX
 from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
 from bitnet_cli.sampling import SamplingParams
 
 app = typer.Typer(
@@ -46,6 +49,17 @@ def threads_option(what: str = "") -> Optional[int]:
     return typer.Option(None, "--threads", "-t", help=f"CPU threads{what} (default: the physical cores).")
 
 
+def model_argument() -> Path:
+    """The model of the commands that run the C engine (run, serve)."""
+    return typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, "
+                                    "llama.cpp's TQ1_0/TQ2_0), imported once into a cache.")
+
+
+def ctx_size_option(of: str, longer: str) -> Optional[int]:
+    return typer.Option(None, "--ctx-size", "-c", help=f"Context length{of} in tokens (default: the model's "
+                        f"max_position_embeddings, at most {DEFAULT_CTX}). A longer prompt is {longer}.")
+
+
 def json_option(what: str) -> bool:
     return typer.Option(False, "--json", help=f"Print one JSON object on stdout, nothing else there: {what}.")
 
@@ -61,16 +75,17 @@ def print_error(message: str) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(extra: str | None = None):
+def user_errors(extra: str | None = None, options: dict[str, str] | None = None):
     """Turn expected failures into one red line and a non-zero exit, never a traceback.
 
     ``extra``: the pip extra the command needs (e.g. "train"); a module missing from it is
-    reported as the one line that says what to install.
+    reported as the one line that says what to install. ``options``: the command's options whose
+    library parameter has another name ({"kind": "--from"}); errors name the option.
     """
     try:
         yield
     except BitnetError as e:
-        print_error(as_flags(e))  # library messages name parameters; here they are options
+        print_error(as_flags(e, options))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -152,7 +167,7 @@ def train_cmd(
     """
     import os
 
-    with user_errors("train"):
+    with user_errors("train", options={"out_dir": "--out", "overrides": "--set"}):
         from bitnet_cli.train.recipe import load_recipe
 
         r = load_recipe(recipe, set_)
@@ -197,33 +212,16 @@ def train_cmd(
 
 # ---------------------------------------------------------------- pack / info
 
-# --embeddings choices: the head types' traits table (adding a type adds the choice)
-EmbeddingType = Enum("EmbeddingType", {name: name for name in EMBEDDING_TYPES}, type=str)
+def _choices(name: str, values) -> type[Enum]:
+    """A Typer choice type made from a library table, so that adding a value there adds the choice."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class PackTarget(str, Enum):
-    native = "native"
-    gguf = "gguf"
-
-
-class GGUFType(str, Enum):
-    i2_s = "i2_s"
-    tq2_0 = "tq2_0"
-    tq1_0 = "tq1_0"
-
-
-class GGUFHead(str, Enum):
-    f16 = "f16"
-    q6_k = "q6_k"
-
-
-class SourceKind(str, Enum):
-    auto = "auto"
-    own = "own"
-    hf = "hf"
-    hf_packed = "hf-packed"
-    hub = "hub"
-    gguf = "gguf"
+EmbeddingType = _choices("EmbeddingType", EMBEDDING_TYPES)  # the head types' traits table
+PackTarget = _choices("PackTarget", PACK_TARGETS)
+SourceKind = _choices("SourceKind", SOURCE_KINDS)
+GGUFType = _choices("GGUFType", GGUF_TYPES)
+GGUFHead = _choices("GGUFHead", HEAD_TYPES)
 
 
 def _human_bytes(n: float) -> str:
@@ -255,11 +253,12 @@ def _tensor_progress(description: str, enabled: bool):
 def pack(
     src: str = typer.Argument(..., help="Checkpoint directory (ours or HF, bf16/fp32/packed, sharded), a .safetensors file in one, a hub id like microsoft/bitnet-b1.58-2B-4T, or a GGUF file (bitnet.cpp's I2_S or F16/F32, llama.cpp's TQ1_0/TQ2_0)."),
     out: Path = typer.Argument(..., help="Output file (.bin for bitnet run/eval/bench, .gguf with --to gguf)."),
-    embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (int8 for our Q8_0 export, else f16), with a note on what was lost."),
+    embeddings: Optional[EmbeddingType] = typer.Option(None, "--embeddings", help="Storage of the embedding and output head, which every decoded token reads in full: f16; int8 with one fp32 scale per row (half the bytes, slightly lossy); q6, 6.56 bits per weight (GGUF Q6_K's precision: 41% of the bytes); q4, 4.25 bits per weight (a quarter of the bytes; see `bitnet eval` for its cost). Default: f16, or for a GGUF source the type that loses nothing (q6 for Q6_K, int8 for our Q8_0 export, else f16), with a note on what was lost."),
     to: PackTarget = typer.Option(PackTarget.native, "--to", help="native: our mmap-ready file (docs/FORMAT.md); gguf: for bitnet.cpp (--gguf-type i2_s) or llama.cpp (tq2_0, tq1_0), which need every ternary matrix's input width (hidden and FFN size) to be a multiple of their block, 256 (the quickstart's model is)."),
     gguf_type: GGUFType = typer.Option(GGUFType.tq2_0, "--gguf-type", help="Ternary tensor type of the GGUF export: i2_s (bitnet.cpp's `bitnet-b1.58`, the official 2B4T layout, 2 bits/weight); tq2_0 (llama.cpp's `bitnet`, 2.06 bits/weight) or tq1_0 (1.69 bits/weight); llama.cpp computes a SiLU FFN for the last two."),
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
+    i2s_block: Optional[int] = typer.Option(None, "--i2s-block", help="I2_S layout of a GGUF source: 128-value blocks (bitnet.cpp's x86 build, the published files) or 64 (its ARM build). Both have the same size and nothing in the file says which, so the default is 128 (64 when a tensor's size allows only that), with a note."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = json_option("the summary (no progress bar)"),
 ):
@@ -276,7 +275,7 @@ def pack(
 
     from rich.table import Table
 
-    with user_errors():
+    with user_errors(options={"kind": "--from"}):
         from bitnet_cli.pack import pack_checkpoint
 
         progress, update = _tensor_progress("packing", enabled=not json_output)
@@ -284,7 +283,7 @@ def pack(
             summary = pack_checkpoint(
                 src, out, embeddings=embeddings.value if embeddings else None, force=force, kind=source_kind.value,
                 to=to.value, gguf_type=gguf_type.value, progress=update,
-                gguf_head=gguf_head.value if gguf_head else None,
+                gguf_head=gguf_head.value if gguf_head else None, i2s_block=i2s_block,
             )
     if json_output:
         print_json(summary.to_dict())
@@ -372,7 +371,10 @@ def info(
             head.add_column()
             head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {report['layout']}, "
                                    f"embeddings {report['embeddings']}")
-            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
+            extras = (", q/k/v biases" if d.qkv_bias else "") + (
+                f", projection input norms (use_rms_norm, eps {d.bitlinear_norm_eps:g})" if d.bitlinear_norm_eps else "")
+            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms"
+                                   f"{extras})")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")
@@ -397,7 +399,7 @@ def info(
 
 @app.command()
 def run(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`), or a GGUF (bitnet.cpp's I2_S, llama.cpp's TQ1_0/TQ2_0), imported once into a cache."),
+    model: Path = model_argument(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
@@ -406,9 +408,7 @@ def run(
     repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
     threads: Optional[int] = threads_option(),
-    ctx_size: Optional[int] = typer.Option(
-        None, "--ctx-size", "-c", help="Context length in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is an error."
-    ),
+    ctx_size: Optional[int] = ctx_size_option("", "an error"),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
     json_output: bool = json_option("the prompt, the text and the timings"),
     chat: bool = typer.Option(
@@ -504,14 +504,12 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
 
 @app.command()
 def serve(
-    model: Path = typer.Argument(..., help="Packed model file (made by `bitnet pack`)."),
+    model: Path = model_argument(),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
     threads: Optional[int] = threads_option(),
     parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
-    ctx_size: Optional[int] = typer.Option(
-        None, "--ctx-size", "-c", help="Context length of each sequence in tokens (default: the model's max_position_embeddings, at most 4096). A longer prompt is a 400 error."
-    ),
+    ctx_size: Optional[int] = ctx_size_option(" of each sequence", "a 400 error"),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
@@ -519,8 +517,7 @@ def serve(
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
     together (continuous batching: the weights are read once per step for all of them).
 
-    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM)
-    finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
     Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
@@ -658,7 +655,7 @@ def bench(
     shape: Optional[str] = typer.Option(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
-    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8 or q4."),
+    embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8, q6 or q4."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
@@ -686,7 +683,7 @@ def bench(
     from bitnet_cli.bench import report, suite, target as targets
     from bitnet_cli.kernels import physical_cores
 
-    with user_errors():
+    with user_errors(options={"sections": "--what"}):
         if model is not None and shape is not None:
             raise BitnetError("give either --model or --shape, not both")
         if isa is not None:
@@ -742,7 +739,7 @@ def quickstart(
     Example: [bold]bitnet quickstart --out runs/qs[/]
     """
 
-    with user_errors("train,eval"):
+    with user_errors("train,eval", options={"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}):
         from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())

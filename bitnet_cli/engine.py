@@ -246,6 +246,10 @@ class Engine(kernels.CResource):
             for proj in d.projections():
                 setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
                 setattr(layers[i], "g" + proj.c_field, float(finite(layer_tensor(i, proj.name, "weight_scale"))[0]))
+                if d.has_bias(proj.name):
+                    setattr(layers[i], "b" + proj.c_field, ptr(finite(layer_tensor(i, proj.name, "bias")), "float"))
+                if d.bitlinear_norm(proj.name):
+                    setattr(layers[i], "n" + proj.c_field, ptr(finite(layer_tensor(i, d.bitlinear_norm(proj.name))), "float"))
         desc = ffi.new("bn_model_desc *")
         self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
@@ -261,6 +265,7 @@ class Engine(kernels.CResource):
         desc.final_norm = ptr(finite(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
         desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
+        desc.bitlinear_norm_eps = d.bitlinear_norm_eps or 0.0
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         return desc
@@ -315,7 +320,7 @@ class Engine(kernels.CResource):
                               f"this machine has {cores} physical core(s), the default", param="threads")
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if threads > cpus:
-            warn(f"warning: --threads {threads} is more than the {cpus} CPU(s) this process may run on "
+            warn(f"warning: {threads} threads are more than the {cpus} CPU(s) this process may run on "
                  f"({cores} physical core(s)); threads will wait for each other (the default is {min(cores, smallest)})")
         max_ctx = d.max_position_embeddings
         if ctx_size is None:
@@ -370,7 +375,7 @@ class Engine(kernels.CResource):
                               f"(give an integer from 0 to {len(self._cached)})")
         if n_past + ids.size > self.ctx_size:
             raise BitnetError(f"{n_past + ids.size} tokens do not fit the context of {self.ctx_size} "
-                              "(raise --ctx-size, up to the model's max_position_embeddings)")
+                              "(raise ctx_size, up to the model's max_position_embeddings)", param="ctx_size")
         return ids
 
     def forward(self, tokens: Sequence[int], n_past: int = 0, all_logits: bool = True) -> np.ndarray:
@@ -419,17 +424,18 @@ class Engine(kernels.CResource):
         d = self.dims
         return 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ctx_size * 4
 
-    def set_sequences(self, n: int) -> None:
-        """Room for n independent sequences (forward_batch), each with its own KV cache of
+    def set_sequences(self, parallel: int) -> None:
+        """Room for `parallel` independent sequences (forward_batch), each with its own KV cache of
         ctx_size positions; every cached position is dropped. forward() uses sequence 0."""
         if self._model is None:
             raise BitnetError("the engine is closed")
-        if type(n) is not int or n < 1:
-            raise BitnetError(f"--parallel must be a positive integer, got {n!r}")
-        if self._lib.bn_model_set_seqs(self._model, n) != 0:
-            raise BitnetError(f"out of memory for {n} KV caches of {self.ctx_size} positions "
-                              f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower --parallel or --ctx-size")
-        self.n_sequences = n
+        if type(parallel) is not int or parallel < 1:
+            raise BitnetError(f"parallel must be a positive integer, got {parallel!r}", param="parallel")
+        if self._lib.bn_model_set_seqs(self._model, parallel) != 0:
+            raise BitnetError(f"out of memory for {parallel} KV caches of {self.ctx_size} positions "
+                              f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower parallel or ctx_size",
+                              param=("parallel", "ctx_size"))
+        self.n_sequences = parallel
         self._cached = []
 
     def forward_batch(self, tokens: Sequence[int], seqs: Sequence[int], positions: Sequence[int],
@@ -501,7 +507,7 @@ class Engine(kernels.CResource):
             raise BitnetError("the prompt is empty")
         if len(ids) >= self.ctx_size:
             raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}; shorten it "
-                              "or raise --ctx-size (up to the model's max_position_embeddings)")
+                              "or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
         stops = [s for s in stop if s]
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)

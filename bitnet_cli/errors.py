@@ -2,8 +2,9 @@
 notes that are not errors."""
 
 import logging
+import re
 import sys
-from typing import Callable, NoReturn
+from typing import Callable, Mapping, NoReturn
 
 
 class BitnetError(Exception):
@@ -14,11 +15,11 @@ class BitnetError(Exception):
     """
 
     exit_code = 1
-    param: str | None = None
+    param: str | tuple[str, ...] | None = None
 
-    def __init__(self, message: str, exit_code: int | None = None, param: str | None = None):
-        """``param``: the function parameter at fault, named in the message as the caller wrote it
-        (``top_p must be in (0, 1]``); the CLI shows its option instead (``--top-p``, see `flag`)."""
+    def __init__(self, message: str, exit_code: int | None = None, param: str | tuple[str, ...] | None = None):
+        """``param``: the function parameter(s) at fault, named in the message as the caller wrote them
+        (``top_p must be in (0, 1]``); the CLI shows its options instead (``--top-p``, see `as_flags`)."""
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
@@ -30,10 +31,25 @@ def flag(param: str) -> str:
     return "--" + param.replace("_", "-")
 
 
-def as_flags(error: BitnetError) -> str:
-    """The message of `error` with its parameter spelled as the command-line option."""
-    message = str(error)
-    return message.replace(error.param, flag(error.param), 1) if error.param else message
+# A value the message quotes, 'like this' or "like this" (not the apostrophe of "model's"): a user's
+# text, never a parameter's name.
+_QUOTED = re.compile(r"""(?<!\w)('[^'\n]*'|"[^"\n]*")(?!\w)""")
+
+
+def as_flags(error: BitnetError, options: Mapping[str, str] | None = None) -> str:
+    """The message of `error` with its parameters spelled as command-line options: `options` where
+    a command names one otherwise (pack's `kind` is ``--from``), else Typer's rule (`flag`).
+
+    A parameter is replaced where it stands as a word of its own, not inside a quoted value, a path
+    or another word: ``host 'no such host'`` becomes ``--host 'no such host'``."""
+    params = (error.param,) if isinstance(error.param, str) else error.param or ()
+    words = [(re.compile(rf"(?<![\w/.\\-]){re.escape(p)}(?![\w/\\-]|\.\w)"), (options or {}).get(p) or flag(p))
+             for p in params]
+    parts = _QUOTED.split(str(error))  # the quoted values at the odd indexes
+    for i in range(0, len(parts), 2):
+        for word, option in words:
+            parts[i] = word.sub(lambda _: option, parts[i])
+    return "".join(parts)
 
 
 class _CurrentStderr(logging.Handler):

@@ -171,27 +171,19 @@ def _json_text(value, rng: random.Random) -> str:
 
 def _mutate_value(value, rng: random.Random, depth: int = 0):
     """A copy of a JSON-like value with one node replaced, deleted or duplicated."""
-    if isinstance(value, dict) and value and depth < 8 and rng.random() < 0.8:
-        key = rng.choice(list(value))
-        out = dict(value)
+    if isinstance(value, (dict, list)) and value and depth < 8 and rng.random() < 0.8:
+        is_dict = isinstance(value, dict)
+        key = rng.choice(list(value)) if is_dict else rng.randrange(len(value))
+        out = dict(value) if is_dict else list(value)
         roll = rng.random()
         if roll < 0.1:
             del out[key]
-        elif roll < 0.15:
+        elif is_dict and roll < 0.15:  # a stray key beside the real one
             out[key + rng.choice(["", "_", "\x00"]) + "x"] = rng.choice(HOSTILE)
+        elif not is_dict and roll < 0.2:  # one item twice
+            out.append(out[key])
         else:
             out[key] = _mutate_value(value[key], rng, depth + 1)
-        return out
-    if isinstance(value, list) and value and depth < 8 and rng.random() < 0.8:
-        i = rng.randrange(len(value))
-        out = list(value)
-        roll = rng.random()
-        if roll < 0.1:
-            del out[i]
-        elif roll < 0.2:
-            out.append(out[i])
-        else:
-            out[i] = _mutate_value(value[i], rng, depth + 1)
         return out
     if isinstance(value, str) and value[:1] in "{[" and rng.random() < 0.7:
         try:  # JSON inside a string (the packed file's metadata): mutate inside it

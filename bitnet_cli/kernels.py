@@ -59,9 +59,10 @@ def lib():
 _ALT = None  # the module $BITNET_KERNELS names, once loaded
 # The layout constants as kernels/bitnet.h defines them (the one definition), read through cffi on
 # first use (`kernels.BLOCK_K`), so importing this module needs no compiled module yet:
-# inputs and bytes of an i2_k128 block, inputs and bytes of a q4 head block (bn_q4_block).
+# inputs and bytes of an i2_k128 block, of a q4 head block (bn_q4_block) and of a q6 one (bn_q6_block).
 _LAYOUT = {"BLOCK_K": lambda ffi, L: L.BN_BLOCK_K, "BLOCK_BYTES": lambda ffi, L: L.BN_BLOCK_BYTES,
-           "Q4_BLOCK_K": lambda ffi, L: L.BN_Q4_BLOCK_K, "Q4_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q4_block")}
+           "Q4_BLOCK_K": lambda ffi, L: L.BN_Q4_BLOCK_K, "Q4_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q4_block"),
+           "Q6_BLOCK_K": lambda ffi, L: L.BN_Q6_BLOCK_K, "Q6_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q6_block")}
 
 
 def __getattr__(name: str) -> int:

@@ -90,11 +90,11 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     out = Path(out_dir)
     result = QuickstartResult(out)
     if out.exists() and not out.is_dir():
-        raise BitnetError(f"{out}: is a file, not a directory (choose another --out)")
+        raise BitnetError(f"{out}: is a file, not a directory (choose another out_dir)", param="out_dir")
     recipe = load_recipe(bundled_recipe("tiny"), overrides)
     # Everything the eval stage needs is checked now, not after minutes of training.
     if not eval_tasks:
-        raise BitnetError("no eval tasks given (e.g. --tasks arc_easy)")
+        raise BitnetError("no eval_tasks given (e.g. arc_easy)", param="eval_tasks")
     data = Path(data_dir) if data_dir else default_eval_data() or bundled_eval_data()
     check_task_names(task_manager(data), list(eval_tasks))
 

@@ -18,8 +18,8 @@
 
 /* Layout constants, one definition for C and (through cffi) Python: an i2_k128 block holds
  * BN_BLOCK_K inputs in BN_BLOCK_BYTES bytes (four 2-bit codes a byte); a q4 block (bn_q4_block)
- * BN_Q4_BLOCK_K inputs. */
-enum { BN_BLOCK_K = 128, BN_BLOCK_BYTES = 32, BN_Q4_BLOCK_K = 64 };
+ * BN_Q4_BLOCK_K inputs; a q6 block (bn_q6_block) BN_Q6_BLOCK_K. */
+enum { BN_BLOCK_K = 128, BN_BLOCK_BYTES = 32, BN_Q4_BLOCK_K = 64, BN_Q6_BLOCK_K = 256 };
 _Static_assert(BN_BLOCK_BYTES * 4 == BN_BLOCK_K, "i2_k128 stores four 2-bit codes per byte");
 
 /* Instruction-set paths. A path is usable when bn_isa_available() says so on this CPU;
@@ -68,7 +68,8 @@ enum {
     BN_EMB_F16 = 0, /* f16 rows; the head is a float dot with the final hidden state */
     BN_EMB_I8 = 1,  /* int8 rows, one fp32 scale per row */
     BN_EMB_Q4 = 2,  /* 4-bit rows in bn_q4_block, one fp32 scale per row: 4.25 bits per weight */
-    BN_EMB_COUNT = 3
+    BN_EMB_Q6 = 3,  /* 6-bit rows in bn_q6_block (GGUF Q6_K's precision): 6.5625 bits per weight */
+    BN_EMB_COUNT = 4
 };
 
 /* A q4 row of k inputs is padded to kp = ceil(k/64)*64 and stored as kp/64 of these blocks.
@@ -82,6 +83,24 @@ typedef struct {
     uint8_t nib[32];
 } bn_q4_block;
 _Static_assert(sizeof(bn_q4_block) == 2 + BN_Q4_BLOCK_K / 2, "bn_q4_block: two sub-scales, then 64 nibbles");
+
+/* A q6 row of k inputs is padded to kp = ceil(k/256)*256 and stored as kp/256 of these blocks.
+ * Input i (0..255) of a block has the 6-bit code u = q + 32 (q in [-32, 31]) split in two:
+ *   bits 3:0 in lo[32*(i/64) + i%32], bits 3:0 when i%64 < 32, else bits 7:4 (q4's nibble order);
+ *   bits 5:4 in hi[32*(i/128) + i%32], bits 2f+1:2f with f = (i%128)/32 (i2_k128's order),
+ * so one 32-byte load of lo or hi and a shift give the codes of 32 consecutive inputs.
+ * Weight = (d * sc[i/16]) * q, d an IEEE half. The fields are those of GGUF's Q6_K (f16 d,
+ * int8 scale per 16, 6-bit q), so a Q6_K row converts to q6 and back without loss.
+ * The head dots a row with the final hidden state quantised per token to int8: per block the
+ * exact integer acc_b = sum_j sc[j] * sum_{i in j} q_i * x_i (|acc_b| <= 16*128*16*32*128 < 2^31),
+ * then, in block order on every ISA, s += d_b * (float)acc_b, and logit = s / x_scale. */
+typedef struct {
+    uint8_t lo[128];
+    uint8_t hi[64];
+    int8_t sc[16];
+    uint16_t d;
+} bn_q6_block;
+_Static_assert(sizeof(bn_q6_block) == 210, "bn_q6_block: 256 6-bit codes, 16 int8 scales, an f16 d");
 
 /* y[t][r] = logit of row r of w for hidden vector h[t] (float [m][k]), the model's output head
  * as a standalone product (for `bitnet bench`); wscale is the per-row scale of int8/q4 rows.
@@ -103,14 +122,20 @@ typedef struct {
     const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;
     const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* i2_k128 */
     float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
+    /* F32 biases of q, k, v (the Qwen2 family), added to the rescaled product; NULL: none */
+    const float *bq, *bk, *bv;
+    /* F32 [K] RMSNorm weights of each projection's own input norm (quantization_config use_rms_norm,
+     * eps bitlinear_norm_eps), applied after the layer's own norm and before the int8 quantisation:
+     * all seven or none (NULL) */
+    const float *nq, *nk, *nv, *no, *ng, *nu, *nd;
 } bn_layer_desc;
 
 typedef struct {
     int n_layers, hidden, ffn, n_heads, n_kv_heads, head_dim, vocab, ctx;
     float rms_eps;
-    int emb_type;              /* BN_EMB_F16, BN_EMB_I8 or BN_EMB_Q4 */
+    int emb_type;              /* BN_EMB_F16, BN_EMB_I8, BN_EMB_Q4 or BN_EMB_Q6 */
     const void *embed;         /* [vocab] rows of hidden inputs */
-    const float *embed_scale;  /* [vocab] for BN_EMB_I8 / BN_EMB_Q4 */
+    const float *embed_scale;  /* [vocab] for BN_EMB_I8 / BN_EMB_Q4 (q6 rows carry their scales) */
     int head_type;             /* the output head; equal to embed/emb_type when tied */
     const void *head;
     const float *head_scale;
@@ -120,6 +145,7 @@ typedef struct {
     const float *rope_sin;
     const bn_layer_desc *layers;
     int ffn_act;               /* BN_ACT_RELU2 (0, BitNet b1.58) or BN_ACT_SILU */
+    float bitlinear_norm_eps;  /* eps of the projections' own input norms (bn_layer_desc nq..nd) */
 } bn_model_desc;
 
 typedef struct bn_model bn_model;

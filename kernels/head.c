@@ -58,6 +58,29 @@ static int32_t q4_dot_scalar(const bn_q4_block *b, const int8_t *x, int k) {
     return acc;
 }
 
+/* the 6-bit code u = q + 32 of input i (0..255) of a q6 block, by bitnet.h's definition */
+static inline int q6_code(const bn_q6_block *b, int i) {
+    int lo = (b->lo[32 * (i / 64) + i % 32] >> (4 * (i % 64 / 32))) & 15;
+    int hi = (b->hi[32 * (i / 128) + i % 32] >> (2 * (i % 128 / 32))) & 3;
+    return lo | hi << 4;
+}
+
+/* a q6 block's exact integer dot with 256 int8 inputs: over the 16-input groups, sc * sum q*x */
+static int32_t q6_block_dot_scalar(const bn_q6_block *b, const int8_t *x) {
+    int32_t acc = 0;
+    for (int g = 0; g < 16; g++) {
+        int32_t s = 0;
+        for (int i = 16 * g; i < 16 * g + 16; i++) s += (q6_code(b, i) - 32) * x[i];
+        acc += b->sc[g] * s;
+    }
+    return acc;
+}
+
+/* q6 rows: the blocks' integer sums go into one float sum in block order, s += d * acc, on every
+ * ISA alike (no fused multiply-add: -ffp-contract=off), and the logit is s / x_scale */
+static inline float q6_step(float s, float d, int32_t acc) { return s + d * (float)acc; }
+static inline float q6_logit(const bn_head_job *j, int t, float s) { return s / j->hscale[t]; }
+
 /* ---- the scalar references, one per row type ------------------------------------------- */
 
 void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1) {
@@ -89,6 +112,18 @@ void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1) {
         }
 }
 
+void bn_head_rows_q6_scalar(const bn_head_job *j, int r0, int r1) {
+    const int nb = j->k / BN_Q6_BLOCK_K;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++) {
+            const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+            const int8_t *x = j->hq + (size_t)t * j->k;
+            float s = 0.0f;
+            for (int b = 0; b < nb; b++) s = q6_step(s, bn_f16_to_f32(w[b].d), q6_block_dot_scalar(w + b, x + 256 * b));
+            j->y[(size_t)t * j->y_stride + r] = q6_logit(j, t, s);
+        }
+}
+
 /* ---- rows as floats (the embedding lookup), one per row type ----------------------------- */
 
 static void f16_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
@@ -112,6 +147,18 @@ static void q4_row_to_f32(const void *rows, const float *scale, int row, int hid
     }
 }
 
+static void q6_row_to_f32(const void *rows, const float *scale, int row, int hidden, float *out) {
+    (void)scale;
+    const int nb = (hidden + BN_Q6_BLOCK_K - 1) / BN_Q6_BLOCK_K;
+    const bn_q6_block *w = (const bn_q6_block *)rows + (size_t)row * nb;
+    for (int i = 0; i < hidden; i++) {
+        const bn_q6_block *b = w + i / BN_Q6_BLOCK_K;
+        const int k = i % BN_Q6_BLOCK_K;
+        /* (d * sc) * q in float, as numpy's decode and ggml's Q6_K dequantisation compute it */
+        out[i] = (bn_f16_to_f32(b->d) * (float)b->sc[k / 16]) * (float)(q6_code(b, k) - 32);
+    }
+}
+
 /* The row types. A new type is one entry here, its row kernels in dispatch.c's table, and its
  * Python traits (bitnet_cli/pack/embeddings.py). */
 static const bn_head_traits TRAITS[BN_EMB_COUNT] = {
@@ -119,6 +166,8 @@ static const bn_head_traits TRAITS[BN_EMB_COUNT] = {
     [BN_EMB_I8] = {"int8", 1, 0, 1, i8_row_to_f32},
     /* kp * 255 * 8 * 128 < 2^31 for kp <= 8192 (bitnet.h) */
     [BN_EMB_Q4] = {"q4", BN_Q4_BLOCK_K, 8192, 1, q4_row_to_f32},
+    /* int32 sums per block only (bitnet.h), so any row length */
+    [BN_EMB_Q6] = {"q6", BN_Q6_BLOCK_K, 0, 1, q6_row_to_f32},
 };
 
 const bn_head_traits *bn_head_type(int type) { return type >= 0 && type < BN_EMB_COUNT ? &TRAITS[type] : NULL; }
@@ -336,6 +385,149 @@ AVX2_TARGET void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1) {
     for (; t < j->m; t++)
         for (int r = r0; r < r1; r++) q4_tile_avx2(j, r, t, 1, 1);
 }
+
+/* q6 rows (bitnet.h's bn_q6_block), 32 inputs at a time: the code u = lo | hi << 4 (0..63) goes
+ * into vpmaddubsw as it is (pair sums up to 2 * 63 * 128, inside int16) and the offset 32 comes
+ * off as vpmaddubsw(32, x), which leaves sum q*x per pair (|.| <= 8192); vpmaddwd scales that by
+ * its 16-input group's sc and widens it. A block's int32 total then goes into the float sum as
+ * the scalar path adds it (q6_step), so every ISA gives the scalar logits bit for bit. */
+AVX2_TARGET static inline __m256i q6_codes_avx2(const bn_q6_block *b, int c) {
+    const __m256i nibble = _mm256_set1_epi8(15), top = _mm256_set1_epi8(0x30);
+    __m256i lo = _mm256_loadu_si256((const __m256i *)(b->lo + 32 * (c / 2)));
+    __m256i hi = _mm256_loadu_si256((const __m256i *)(b->hi + 32 * (c / 4)));
+    lo = c % 2 ? _mm256_and_si256(_mm256_srli_epi16(lo, 4), nibble) : _mm256_and_si256(lo, nibble);
+    const int f = c % 4; /* bits 2f+1:2f of hi become bits 5:4 of the code */
+    hi = f == 3 ? _mm256_srli_epi16(hi, 2) : _mm256_slli_epi16(hi, 4 - 2 * f);
+    return _mm256_or_si256(lo, _mm256_and_si256(hi, top));
+}
+
+/* the scales of inputs 32c..32c+31 as int16 for vpmaddwd: sc[2c] in the low 128 bits, sc[2c+1]
+ * in the high; sc8 holds sc[0..7] (c < 4) or sc[8..15] as int16 in both halves */
+AVX2_TARGET static inline __m256i q6_scales_avx2(__m256i sc8, int c) {
+    const int lo = 4 * (c % 4), hi = lo + 2;
+    return _mm256_shuffle_epi8(sc8, _mm256_setr_epi8(lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo, lo + 1, lo,
+                                                     lo + 1, lo, lo + 1, lo, lo + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1,
+                                                     hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1, hi, hi + 1));
+}
+
+AVX2_TARGET static inline __m256i q6_sc8_avx2(const bn_q6_block *b, int half) {
+    return _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(b->sc + 8 * half))));
+}
+
+/* RT rows x TT tokens: each block's codes are decoded once for the TT tokens */
+AVX2_TARGET static inline __attribute__((always_inline)) void q6_tile_avx2(const bn_head_job *j, int r, int t,
+                                                                         const int RT, const int TT) {
+    const int nb = j->k / BN_Q6_BLOCK_K;
+    const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+    const __m256i thirty_two = _mm256_set1_epi8(32);
+    float s[2][4] = {{0.0f}};
+    for (int i = 0; i < nb; i++) {
+        __m256i acc[2][4], sc8[2][2];
+        for (int a = 0; a < RT; a++) {
+            const bn_q6_block *blk = w + (size_t)a * nb + i;
+            for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+            sc8[a][0] = q6_sc8_avx2(blk, 0);
+            sc8[a][1] = q6_sc8_avx2(blk, 1);
+            for (int b = 0; b < TT; b++) acc[a][b] = _mm256_setzero_si256();
+        }
+        for (int c = 0; c < 8; c++) {
+            __m256i u[2], sv[2];
+            for (int a = 0; a < RT; a++) {
+                u[a] = q6_codes_avx2(w + (size_t)a * nb + i, c);
+                sv[a] = q6_scales_avx2(sc8[a][c / 4], c);
+            }
+            for (int b = 0; b < TT; b++) {
+                __m256i x = _mm256_loadu_si256((const __m256i *)(j->hq + (size_t)(t + b) * j->k + 256 * i + 32 * c));
+                __m256i off = _mm256_maddubs_epi16(thirty_two, x);
+                for (int a = 0; a < RT; a++)
+                    acc[a][b] = _mm256_add_epi32(
+                        acc[a][b], _mm256_madd_epi16(_mm256_sub_epi16(_mm256_maddubs_epi16(u[a], x), off), sv[a]));
+            }
+        }
+        for (int a = 0; a < RT; a++) {
+            const float d = _cvtsh_ss(w[(size_t)a * nb + i].d);
+            for (int b = 0; b < TT; b++) s[a][b] = q6_step(s[a][b], d, bn_hsum_epi32_avx2(acc[a][b]));
+        }
+    }
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r + a] = q6_logit(j, t + b, s[a][b]);
+}
+
+/* tiles of two rows x four tokens, then one row after another for the remaining tokens (the
+ * decode case: a single sequential stream) */
+#define Q6_ROWS(NAME, TARGET, TILE)                                           \
+    TARGET void NAME(const bn_head_job *j, int r0, int r1) {                  \
+        int t = 0;                                                            \
+        for (; t + 4 <= j->m; t += 4) {                                       \
+            int r = r0;                                                       \
+            for (; r + 2 <= r1; r += 2) TILE(j, r, t, 2, 4);                  \
+            for (; r < r1; r++) TILE(j, r, t, 1, 4);                          \
+        }                                                                     \
+        for (; t < j->m; t++)                                                 \
+            for (int r = r0; r < r1; r++) TILE(j, r, t, 1, 1);                \
+    }
+Q6_ROWS(bn_head_rows_q6_avx2, AVX2_TARGET, q6_tile_avx2)
+
+/* q6 on AVX-512 (BW): 64 inputs a step. The 32 bytes of lo (or hi) that hold them are broadcast
+ * to both halves of a zmm and shifted per half (vpsrlvw), as the i2 kernels do; vpermw spreads the
+ * four 16-input scales of the step over its four 128-bit lanes. Same sums as the AVX2 path. */
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,f16c")))
+
+AVX512_TARGET static inline __m512i q6_codes_avx512(const bn_q6_block *b, int g) {
+    const __m512i nibble = _mm512_set1_epi8(15), three = _mm512_set1_epi8(3);
+    /* per 256-bit half: the low nibbles then the high ones; fields 2(g%2) then 2(g%2)+1 of hi */
+    const __m512i lo_shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    const __m512i hi_shift = _mm512_add_epi16(_mm512_srli_epi16(lo_shift, 1), _mm512_set1_epi16(4 * (g % 2)));
+    __m512i lo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b->lo + 32 * g)));
+    __m512i hi = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b->hi + 32 * (g / 2))));
+    lo = _mm512_and_si512(_mm512_srlv_epi16(lo, lo_shift), nibble);
+    hi = _mm512_and_si512(_mm512_srlv_epi16(hi, hi_shift), three);
+    return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
+}
+
+AVX512_TARGET static inline __attribute__((always_inline)) void q6_tile_avx512(const bn_head_job *j, int r, int t,
+                                                                             const int RT, const int TT) {
+    const int nb = j->k / BN_Q6_BLOCK_K;
+    const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+    const __m512i thirty_two = _mm512_set1_epi8(32);
+    float s[2][4] = {{0.0f}};
+    for (int i = 0; i < nb; i++) {
+        __m512i acc[2][4], sc16[2];
+        for (int a = 0; a < RT; a++) {
+            const bn_q6_block *blk = w + (size_t)a * nb + i;
+            for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+            sc16[a] = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)));
+            for (int b = 0; b < TT; b++) acc[a][b] = _mm512_setzero_si512();
+        }
+        for (int g = 0; g < 4; g++) {
+            /* int16 lane l of the step takes scale 4g + l / 8 */
+            const __m512i pick = _mm512_add_epi16(_mm512_set1_epi16((short)(4 * g)),
+                                                  _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23,
+                                                                                     22, 21, 20, 19, 18, 17, 16, 15, 14,
+                                                                                     13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
+                                                                                     2, 1, 0), 3));
+            __m512i u[2], sv[2];
+            for (int a = 0; a < RT; a++) {
+                u[a] = q6_codes_avx512(w + (size_t)a * nb + i, g);
+                sv[a] = _mm512_permutexvar_epi16(pick, sc16[a]);
+            }
+            for (int b = 0; b < TT; b++) {
+                __m512i x = _mm512_loadu_si512(j->hq + (size_t)(t + b) * j->k + 256 * i + 64 * g);
+                __m512i off = _mm512_maddubs_epi16(thirty_two, x);
+                for (int a = 0; a < RT; a++)
+                    acc[a][b] = _mm512_add_epi32(
+                        acc[a][b], _mm512_madd_epi16(_mm512_sub_epi16(_mm512_maddubs_epi16(u[a], x), off), sv[a]));
+            }
+        }
+        for (int a = 0; a < RT; a++) {
+            const float d = _cvtsh_ss(w[(size_t)a * nb + i].d);
+            for (int b = 0; b < TT; b++) s[a][b] = q6_step(s[a][b], d, _mm512_reduce_add_epi32(acc[a][b]));
+        }
+    }
+    for (int a = 0; a < RT; a++)
+        for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r + a] = q6_logit(j, t + b, s[a][b]);
+}
+Q6_ROWS(bn_head_rows_q6_avx512, AVX512_TARGET, q6_tile_avx512)
 #endif
 
 #if BN_ARM64
@@ -365,6 +557,42 @@ void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1) {
         for (int r = r0; r < r1; r++) {
             const bn_q4_block *w = (const bn_q4_block *)j->w + (size_t)r * (j->k / BN_Q4_BLOCK_K);
             j->y[(size_t)t * j->y_stride + r] = i8_logit(j, t, r, q4_dot_neon(w, j->hq + (size_t)t * j->k, j->k));
+        }
+}
+
+/* q6 rows on NEON, one 16-input group at a time: its codes minus 32 are signed bytes, widening
+ * multiplies give pair sums (|.| <= 2 * 32 * 128, inside int16), and the group's sc scales them
+ * in int32; block totals go into the float sum as the scalar path adds them */
+static int32_t q6_block_dot_neon(const bn_q6_block *b, const int8_t *x) {
+    const uint8x16_t nibble = vdupq_n_u8(15), three = vdupq_n_u8(3);
+    const int8x16_t thirty_two = vdupq_n_s8(32);
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int g = 0; g < 16; g++) {
+        /* inputs 16g..16g+15: bytes 16(g%2).. of lo's 32-byte group g/4 (low nibbles for g%4 < 2)
+         * and of hi's group g/8, field (g%8)/2 */
+        uint8x16_t lo = vld1q_u8(b->lo + 32 * (g / 4) + 16 * (g % 2));
+        uint8x16_t hi = vld1q_u8(b->hi + 32 * (g / 8) + 16 * (g % 2));
+        lo = g % 4 < 2 ? vandq_u8(lo, nibble) : vshrq_n_u8(lo, 4);
+        hi = vandq_u8(vshlq_u8(hi, vdupq_n_s8((int8_t)(-2 * (g % 8 / 2)))), three);
+        int8x16_t q = vsubq_s8(vreinterpretq_s8_u8(vorrq_u8(lo, vshlq_n_u8(hi, 4))), thirty_two);
+        int8x16_t xv = vld1q_s8(x + 16 * g);
+        int16x8_t p = vmlal_high_s8(vmull_s8(vget_low_s8(q), vget_low_s8(xv)), q, xv);
+        acc = vmlaq_n_s32(acc, vpaddlq_s16(p), b->sc[g]);
+    }
+    return vaddvq_s32(acc);
+}
+
+void bn_head_rows_q6_neon(const bn_head_job *j, int r0, int r1) {
+    const int nb = j->k / BN_Q6_BLOCK_K;
+    for (int t = 0; t < j->m; t++)
+        for (int r = r0; r < r1; r++) {
+            const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+            const int8_t *x = j->hq + (size_t)t * j->k;
+            float s = 0.0f;
+            for (int b = 0; b < nb; b++)
+                s = q6_step(s, vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(w[b].d))), 0),
+                            q6_block_dot_neon(w + b, x + 256 * b));
+            j->y[(size_t)t * j->y_stride + r] = q6_logit(j, t, s);
         }
 }
 

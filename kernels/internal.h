@@ -84,10 +84,10 @@ static inline void bn_i2_store(const bn_i2_job *j, int t, int r, int32_t sum_qx)
 typedef struct {
     const void *w;
     const float *wscale;
-    int k;               /* inputs per row; for q4 the padded count, bn_head_k() */
+    int k;               /* inputs per row; for q4 and q6 the padded count, bn_head_k() */
     const float *h;      /* [m][k], f16 rows */
-    const int8_t *hq;    /* [m][k], int8 and q4 rows */
-    const float *hscale; /* [m], int8 and q4 rows */
+    const int8_t *hq;    /* [m][k], int8, q4 and q6 rows */
+    const float *hscale; /* [m], int8, q4 and q6 rows */
     int m;
     float *y;
     int y_stride;
@@ -155,6 +155,7 @@ void bn_attend_scalar(const bn_attn_job *a);
 void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_scalar(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_scalar(const bn_head_job *j, int r0, int r1);
 #if BN_X86
 void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1);
@@ -165,6 +166,8 @@ void bn_attend_avx2(const bn_attn_job *a);
 void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_avx2(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1);
 #endif
 #if BN_ARM64
 void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);
@@ -172,6 +175,7 @@ void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1);
 void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_neon(const bn_head_job *j, int r0, int r1);
 #endif
 
 /* Run fn(ctx, chunk, n_chunks, ith) for every chunk in [0, n_chunks), on whichever pool threads

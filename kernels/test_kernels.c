@@ -118,6 +118,35 @@ static bn_q4_block *random_q4_rows(int n, int k) {
     return w;
 }
 
+/* random q6 blocks: every code, scale and sign; d a random normal half (exponent 9..24) */
+static bn_q6_block *random_q6_rows(int n, int k) {
+    int nb = bn_head_k(BN_EMB_Q6, k) / 256;
+    bn_q6_block *w = malloc(sizeof(bn_q6_block) * n * nb);
+    for (int i = 0; i < n * nb; i++) {
+        for (int b = 0; b < 128; b++) w[i].lo[b] = (uint8_t)rnd();
+        for (int b = 0; b < 64; b++) w[i].hi[b] = (uint8_t)rnd();
+        for (int g = 0; g < 16; g++) w[i].sc[g] = (int8_t)(g == i % 16 ? -128 : (int)(rnd() % 256) - 128);
+        w[i].d = (uint16_t)(((9 + rnd() % 16) << 10) | (rnd() & 0x3ff) | (rnd() & 1 ? 0x8000 : 0));
+    }
+    return w;
+}
+
+/* a q6 row's logit numerator straight from the layout's definition in bitnet.h: per block the
+ * integer sum of sc * q * x, then d * sum added in block order */
+static float q6_sum_by_definition(const bn_q6_block *row, const int8_t *x, int kq) {
+    float s = 0.0f;
+    for (int b = 0; b < kq / 256; b++) {
+        int32_t acc = 0;
+        for (int i = 0; i < 256; i++) {
+            int lo = (row[b].lo[32 * (i / 64) + i % 32] >> (4 * (i % 64 / 32))) & 15;
+            int hi = (row[b].hi[32 * (i / 128) + i % 32] >> (2 * (i % 128 / 32))) & 3;
+            acc += row[b].sc[i / 16] * ((lo | hi << 4) - 32) * x[256 * b + i];
+        }
+        s += bn_f16_to_f32(row[b].d) * (float)acc;
+    }
+    return s;
+}
+
 /* sum of sub * q * x over a q4 row, straight from the layout's definition in bitnet.h */
 static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int kq) {
     int32_t acc = 0;
@@ -140,6 +169,7 @@ static void test_head(void) {
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
         int8_t *w8 = malloc((size_t)n * k);
         bn_q4_block *w4 = random_q4_rows(n, k);
+        bn_q6_block *w6 = random_q6_rows(n, k);
         for (int i = 0; i < n * k; i++) {
             w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
             w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
@@ -147,7 +177,10 @@ static void test_head(void) {
         float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[11];
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
         for (int type = 0; type < BN_EMB_COUNT; type++) {
-            const void *w = type == BN_EMB_Q4 ? (const void *)w4 : type == BN_EMB_I8 ? (const void *)w8 : w16;
+            const void *w = type == BN_EMB_Q6   ? (const void *)w6
+                            : type == BN_EMB_Q4 ? (const void *)w4
+                            : type == BN_EMB_I8 ? (const void *)w8
+                                                : w16;
             int kq = bn_head_k(type, k);
             int8_t *hq = malloc((size_t)m * kq);
             int32_t hsum[11];
@@ -155,7 +188,12 @@ static void test_head(void) {
             bn_head_job j = {.w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                              .m = m, .y = ref, .y_stride = n};
             bn_kernels_for(BN_ISA_SCALAR)->head[type](&j, 0, n);
-            for (int t = 0; type != BN_EMB_F16 && t < m; t++)
+            for (int t = 0; type == BN_EMB_Q6 && t < m; t++)
+                for (int r = 0; r < n; r++)
+                    CHECK(ref[t * n + r] == q6_sum_by_definition(w6 + (size_t)r * (kq / 256), hq + (size_t)t * kq, kq) /
+                                                hscale[t],
+                          "head type q6 scalar at k=%d", k);
+            for (int t = 0; (type == BN_EMB_I8 || type == BN_EMB_Q4) && t < m; t++)
                 for (int r = 0; r < n; r++) {
                     int32_t acc = 0;
                     if (type == BN_EMB_Q4)
@@ -175,7 +213,7 @@ static void test_head(void) {
             }
             free(hq);
         }
-        free(w16), free(w8), free(w4), free(wscale), free(h), free(ref), free(got);
+        free(w16), free(w8), free(w4), free(w6), free(wscale), free(h), free(ref), free(got);
     }
 }
 
@@ -347,10 +385,38 @@ static void test_head_q4_extremes(void) {
     free(w), free(h);
 }
 
+/* q6 at its bounds: every code 0 (q = -32) or 63 (q = 31), every scale -128 or 127, against x =
+ * +-127, over 8192 inputs: the int16 pair sums and the int32 block sums at their largest */
+static void test_head_q6_extremes(void) {
+    const int n = 2, k = 8192, nb = k / 256;
+    bn_q6_block *w = malloc(sizeof(bn_q6_block) * n * nb);
+    float *h = malloc(sizeof(float) * k), ref[2], got[2];
+    for (int code = 0; code < 2; code++)
+        for (int scale = 0; scale < 2; scale++)
+            for (int sign = -1; sign <= 1; sign += 2) {
+                memset(w, code ? 0xff : 0, sizeof(bn_q6_block) * n * nb);
+                for (int i = 0; i < n * nb; i++) {
+                    memset(w[i].sc, scale ? 127 : 0x80, 16);
+                    w[i].d = 0x3c00; /* 1.0 */
+                }
+                for (int i = 0; i < k; i++) h[i] = (float)sign;
+                bn_head_logits(NULL, BN_ISA_SCALAR, BN_EMB_Q6, w, NULL, n, k, h, 1, ref);
+                const double block = (scale ? 127.0 : -128.0) * (code ? 31 : -32) * 127 * sign * 256;
+                CHECK(ref[0] == (float)(block * nb) / 127.0f, "q6 scalar at its bounds: %g", ref[0]);
+                for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                    if (!bn_isa_available(isa)) continue;
+                    bn_head_logits(NULL, isa, BN_EMB_Q6, w, NULL, n, k, h, 1, got);
+                    CHECK(got[0] == ref[0] && got[1] == ref[1], "q6 isa %d at its bounds", isa);
+                }
+            }
+    free(w), free(h);
+}
+
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
  * kernels are exact, so logits agree across ISAs up to the head's float summation order. As BitNet
- * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72). */
-static void test_decoder(int llama) {
+ * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72).
+ * With extras: q/k/v biases (Qwen2) and every projection's own input norm (use_rms_norm). */
+static void test_decoder(int llama, int extras) {
     enum { L = 2, H = 72, F = 136, NH = 4, NKV = 1, V = 61, CTX = 40 };
     const int HD = llama ? 24 : 18, QD = NH * HD;
     int kph = 128, kpf = 256, kpq = (QD + 127) / 128 * 128;
@@ -369,10 +435,25 @@ static void test_decoder(int llama) {
                                     random_weights(QD, H, kph), random_weights(NKV * HD, H, kph),
                                     random_weights(NKV * HD, H, kph), random_weights(H, QD, kpq),
                                     random_weights(F, H, kph), random_weights(F, H, kph), random_weights(H, F, kpf),
-                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f};
+                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f,
+                                    extras ? random_floats(QD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(NKV * HD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(NKV * HD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(H, 0.2f, 1) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(QD, 0.2f, 1) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(H, 0.2f, 1) : NULL,
+                                    extras ? random_floats(F, 0.2f, 1) : NULL};
     float *final_norm = random_floats(H, 0.2f, 1);
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL,
-                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2};
+                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f};
+    if (extras) { /* the projection norms come all or none */
+        const float *kept = layers[1].nu;
+        layers[1].nu = NULL;
+        char err[128];
+        CHECK(bn_model_new(&d, 1, BN_ISA_SCALAR, err, sizeof err) == NULL && strstr(err, "6 of its 7"),
+              "a layer with some projection norms must be refused: %s", err);
+        layers[1].nu = kept;
+    }
     int32_t tokens[CTX];
     for (int i = 0; i < CTX; i++) tokens[i] = (int32_t)(rnd() % V);
     float *ref = NULL;
@@ -397,8 +478,8 @@ static void test_decoder(int llama) {
                 ref = all;
             } else {
                 for (int i = 0; i < CTX * V; i++)
-                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d)", isa,
-                          llama);
+                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d, extras %d)",
+                          isa, llama, extras);
                 free(all);
             }
             free(last);
@@ -409,7 +490,8 @@ static void test_decoder(int llama) {
     for (int l = 0; l < L; l++) {
         const void *p[] = {layers[l].attn_norm, layers[l].post_norm, layers[l].attn_sub_norm, layers[l].ffn_sub_norm,
                            layers[l].wq, layers[l].wk, layers[l].wv, layers[l].wo, layers[l].wg, layers[l].wu,
-                           layers[l].wd};
+                           layers[l].wd, layers[l].bq, layers[l].bk, layers[l].bv, layers[l].nq, layers[l].nk,
+                           layers[l].nv, layers[l].no, layers[l].ng, layers[l].nu, layers[l].nd};
         for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free((void *)p[i]);
     }
 }
@@ -453,9 +535,12 @@ int main(void) {
     test_attention();
     test_glue();
     test_head_q4_extremes();
+    test_head_q6_extremes();
     test_glue_silu_range();
-    test_decoder(0);
-    test_decoder(1);
+    test_decoder(0, 0);
+    test_decoder(1, 0);
+    test_decoder(1, 1);
+    test_decoder(0, 1);
     if (failures) {
         printf("%d kernel test failures\n", failures);
         return 1;

@@ -55,8 +55,10 @@ CASES = [
     (["train", "{tmp}/latin1.yaml"], "latin1.yaml: not a YAML text file"),
     (["train", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["train", "{tmp}/recipe.yaml", "--set", "train.threads=0"], "train.threads"),
-    (["train", "{tmp}/recipe.yaml", "--set", "optim.lr"], "expected KEY=VALUE"),
-    (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/a_file"], "a_file: is a file, not a run directory"),
+    (["train", "{tmp}/recipe.yaml", "--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
+    (["train", "{tmp}/recipe.yaml", "--set", "optim.lr=x"], "--set optim.lr=x: optim.lr: Input should be"),
+    (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/a_file"],
+     "a_file: is a file, not a run directory (choose another --out)"),
     (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/a_file/run"], "a_file/run: cannot write the run directory"),
     (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/run_c", "--set", "data.cache_dir={tmp}/a_file/cache"],
      "a_file/cache: cannot write"),
@@ -66,7 +68,8 @@ CASES = [
     (["pack", "{ckpt}", "{tmp}/missing/out.bin"], "missing: output directory does not exist"),
     (["pack", "{ckpt}", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["pack", "{ckpt}", ""], "give an output file name"),
-    (["pack", "{ckpt}", "{packed}"], "model.bin: already exists (use --force"),
+    (["pack", "{ckpt}", "{packed}"], "model.bin: already exists (use --force to overwrite)"),
+    (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--embeddings", "q4"], "unless --gguf-head f16|q6_k"),
     (["pack", "{ckpt}", "{tmp}/out.gguf", "--to", "gguf"], "config.json: self_attn.q_proj has 96 inputs"),
     (["pack", "{packed}", "{tmp}/out.bin"], "model.bin: expected a checkpoint directory"),
     # info
@@ -83,8 +86,8 @@ CASES = [
     (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
     # quickstart: bad eval settings fail before the training stage
-    (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file"),
-    (["quickstart", "--out", "{tmp}/qs", "--tasks", "", "--data-dir", "{data}"], "no eval tasks given"),
+    (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file, not a directory (choose another --out)"),
+    (["quickstart", "--out", "{tmp}/qs", "--tasks", "", "--data-dir", "{data}"], "no --tasks given (e.g. arc_easy)"),
     (["quickstart", "--out", "{tmp}/qs", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
     (["quickstart", "--out", "{tmp}/qs", "--set", "train.steps=abc"], "train.steps"),
 ]
@@ -134,7 +137,7 @@ def test_train_ctrl_c_says_how_to_resume(files, monkeypatch):
     monkeypatch.setattr(loop, "_train", interrupted)
     r = invoke(["train", "{tmp}/recipe.yaml", "--out", "{tmp}/run_int"], files)
     assert r.exit_code == 130 and "Traceback" not in r.output
-    assert "--resume continues" in " ".join(r.output.split())
+    assert "run it again with --resume to continue" in " ".join(r.output.split())
 
 
 def test_quickstart_ctrl_c_and_rerun_continue_the_run(files, monkeypatch):

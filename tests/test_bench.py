@@ -155,7 +155,7 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--repeat", "0"], "--repeat must be at least 1"),
     (["--generate", "0"], "--generate must be at least 1"),
     (["--prompts", "128,0"], "--prompts: 0 is out of range"),
-    (["--what", "kernels,speed"], "unknown section speed"),
+    (["--what", "kernels,speed"], "--what: unknown section speed"),
     (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--model", "no/such/file.bin"], "no/such/file.bin: no such file"),
@@ -291,6 +291,40 @@ def test_anchor_comparison_for_the_2b4t_shape(tiny_model):
     assert suite.summarize(results, "700m")["anchors"] is None
 
 
+def _fake_program(path: Path, body: str) -> str:
+    """An executable Python script standing in for another runtime's program."""
+    import sys
+
+    path.write_text(f"#!{sys.executable}\nimport sys\n{body}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_llama_bench_output_is_read_and_its_failures_are_one_line(tmp_path):
+    rows = [{"n_prompt": 128, "n_gen": 0, "avg_ts": 50.5, "build_commit": "abc", "build_number": 1,
+             "cpu_info": "cpu", "backends": "CPU"}, {"n_prompt": 0, "n_gen": 64, "avg_ts": 20.0}]
+    bench = _fake_program(tmp_path / "llama-bench", f"print({json.dumps(json.dumps(rows))})")
+    got = anchors.llama_bench_once(bench, tmp_path / "m.gguf", 2)
+    assert got == {"rates": {"pp128": 50.5, "tg64": 20.0},
+                   "build": {"build_commit": "abc", "build_number": 1, "cpu_info": "cpu", "backends": "CPU"}}
+    failing = _fake_program(tmp_path / "failing",
+                            "print('loading', file=sys.stderr); print('bad model', file=sys.stderr); sys.exit(3)")
+    with pytest.raises(BitnetError, match=r"failed \(exit code 3\): bad model$"):
+        anchors.llama_bench_once(failing, tmp_path / "m.gguf", 2)
+    with pytest.raises(BitnetError, match="not llama-bench's JSON"):
+        anchors.llama_bench_once(_fake_program(tmp_path / "chatty", "print('hello')"), tmp_path / "m.gguf", 2)
+
+
+def test_a_quantizer_that_fails_leaves_no_file(tmp_path):
+    writer = _fake_program(tmp_path / "quantize", "open(sys.argv[1], 'w').write('half'); sys.exit(int(sys.argv[2]))")
+    out = tmp_path / "m.gguf"
+    with pytest.raises(BitnetError, match="exit code 1"):
+        anchors.write_with_tool(out, lambda tmp: [writer, str(tmp), "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantize"]
+    assert anchors.write_with_tool(out, lambda tmp: [writer, str(tmp), "0"]) == out and out.read_text() == "half"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "quantize"]
+
+
 def test_synthetic_models_are_cached(tmp_path, monkeypatch):
     from bitnet_cli.bench import target
     from bitnet_cli.pack import synthetic
@@ -346,7 +380,8 @@ def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):
                                  "--repeat", "1", "--prompts", "4", "--generate", "2",
                                  "--plot", str(tmp_path / "missing" / "bench.png")])
     message = " ".join(result.output.split())  # rich wraps long lines
-    assert result.exit_code != 0 and "missing does not exist" in message and "Traceback" not in message
+    assert result.exit_code != 0 and "error: --plot: directory" in message and "missing does not exist" in message
+    assert "Traceback" not in message
 
 
 def test_bench_never_imports_torch(tiny_model):

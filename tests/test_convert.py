@@ -106,6 +106,21 @@ def test_distillation_loss_is_zero_for_identical_models_and_positive_otherwise()
     assert distill_loss(s, t, 3.0).item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def assert_packs_and_runs_as_reference(run_dir: Path, packed: Path, ids: list[int]) -> None:
+    """`run_dir` packs like any run, and the C engine's logits for `ids` on the packed file match
+    the numpy reference forward's."""
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import reference
+    from bitnet_cli.pack.convert import pack_checkpoint
+    from bitnet_cli.pack.format import PackedModel
+
+    pack_checkpoint(run_dir, packed)
+    with Engine.load(packed, threads=1) as eng:
+        got = eng.forward(ids)
+    with PackedModel.open(packed) as pm:
+        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
+
+
 def test_convert_own_float_run_with_warmup_and_distillation(tmp_path, float_run):
     r = load_recipe(None, ["quant.warmup_steps=4", "distill.alpha=0.5", "distill.temperature=2"],
                     data=convert_recipe(float_run, steps=6, log_every=1, eval_every=3))
@@ -123,19 +138,8 @@ def test_convert_own_float_run_with_warmup_and_distillation(tmp_path, float_run)
     assert {k: cfg[k] for k in ("vocab_size", "hidden_size", "rope_theta")} == \
         {k: src_cfg[k] for k in ("vocab_size", "hidden_size", "rope_theta")}
     assert (res.checkpoint / "tokenizer.json").read_text() == (float_run / "final" / "tokenizer.json").read_text()
-    # the converted run packs like any run, and the engine's logits match torch's
-    from bitnet_cli.pack.convert import pack_checkpoint
-
-    pack_checkpoint(tmp_path / "conv", tmp_path / "conv.bin")
-    from bitnet_cli.engine import Engine
-    from bitnet_cli.pack import reference
-    from bitnet_cli.pack.format import PackedModel
-
-    ids = [1, 5, 9, 33, 2, 17]
-    with Engine.load(tmp_path / "conv.bin", threads=1) as eng:
-        got = eng.forward(ids)
-    with PackedModel.open(tmp_path / "conv.bin") as pm:
-        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
+    # the converted run packs like any run, and the engine's logits match the reference's
+    assert_packs_and_runs_as_reference(tmp_path / "conv", tmp_path / "conv.bin", [1, 5, 9, 33, 2, 17])
 
 
 def test_student_at_lambda_zero_reproduces_the_float_source(float_run):
@@ -311,11 +315,6 @@ def test_insert_subln_adds_unit_sub_norms_to_a_llama_source(tmp_path, test_token
 
 @pytest.mark.parametrize("insert_subln", [False, True])
 def test_converted_llama_trains_packs_and_runs(tmp_path, test_tokenizer_dir, insert_subln):
-    from bitnet_cli.engine import Engine
-    from bitnet_cli.pack import reference
-    from bitnet_cli.pack.convert import pack_checkpoint
-    from bitnet_cli.pack.format import PackedModel
-
     src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "LlamaForCausalLM")
     data = convert_recipe(src, steps=4, log_every=1, eval_every=4, checkpoint_every=4)
     data["model"]["insert_subln"] = insert_subln
@@ -324,12 +323,7 @@ def test_converted_llama_trains_packs_and_runs(tmp_path, test_tokenizer_dir, ins
     res = train(load_recipe(None, data=data), out_dir=tmp_path / "run", progress=False)
     cfg = json.loads((res.checkpoint / "config.json").read_text())
     assert cfg["model_type"] == ("bitnet" if insert_subln else "llama") and cfg["hidden_act"] == "silu"
-    pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
-    ids = [0, 5, 9, 33, 2, 17]
-    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
-        got = eng.forward(ids)
-    with PackedModel.open(tmp_path / "m.bin") as pm:
-        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
+    assert_packs_and_runs_as_reference(tmp_path / "run", tmp_path / "m.bin", [0, 5, 9, 33, 2, 17])
 
 
 def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_dir):
@@ -340,8 +334,11 @@ def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_di
     assert not (tmp_path / "never").exists()
 
 
-def test_converted_qwen2_trains_and_evaluates_but_pack_names_its_biases(tmp_path, test_tokenizer_dir):
+def test_converted_qwen2_trains_evaluates_packs_and_runs(tmp_path, test_tokenizer_dir):
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import reference
     from bitnet_cli.pack.convert import pack_checkpoint
+    from bitnet_cli.pack.format import PackedModel
 
     src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "Qwen2ForCausalLM")
     data = convert_recipe(src, steps=3, log_every=1, eval_every=3, checkpoint_every=3)
@@ -352,8 +349,13 @@ def test_converted_qwen2_trains_and_evaluates_but_pack_names_its_biases(tmp_path
     assert cfg["model_type"] == "qwen2" and cfg["quantization_config"]["quant_method"] == "bitnet"
     ours = BitNetForCausalLM.from_pretrained(res.checkpoint)  # resumable and evaluable: the biases round-trip
     assert ours.model.layers[0].self_attn.q_proj.bias is not None
-    with pytest.raises(BitnetError, match="biases on q_proj/k_proj/v_proj, which the packed format"):
-        pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    ids = [0, 5, 9, 33, 2, 17]
+    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
+        got = eng.forward(ids)
+    with PackedModel.open(tmp_path / "m.bin") as pm:
+        assert pm.dims.family == "qwen2" and "model.layers.1.self_attn.k_proj.bias" in pm.names
+        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
     with pytest.raises(BitnetError, match="q/k/v biases, which BitNet b1.58 does not have"):
         train(load_recipe(None, ["model.insert_subln=true"], data=convert_recipe(src)), out_dir=tmp_path / "x",
               progress=False)

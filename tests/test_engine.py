@@ -206,6 +206,75 @@ def test_integer_head_matches_numpy_reference(tmp_path, test_tokenizer_dir, monk
     assert np.abs(got - float_head).max() < 0.05 * np.abs(float_head).max()
 
 
+def test_q6_head_matches_numpy_reference(tmp_path, test_tokenizer_dir, monkeypatch):
+    """q6 (bitnet.h): per 256-input block the exact integer sum of scale * q * x with the hidden state
+    quantised per token, the blocks' sums added in float in block order (d * sum), over x_scale.
+    Each token alone (position 0), so that one whose hidden state meets an int8 rounding boundary
+    inside a layer (the note at the top of this file) moves only its own logits."""
+    from bitnet_cli.pack.embeddings import q6_fields
+
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1,
+                              tie_word_embeddings=False)
+    pack_checkpoint(ckpt, tmp_path / "m.bin", embeddings="q6")
+    ids = random_ids(16, seed=6)
+    with Engine.load(tmp_path / "m.bin", threads=2) as eng, PackedModel.open(tmp_path / "m.bin") as pm:
+        got = np.concatenate([eng.forward([i]) for i in ids])
+        float_head = np.concatenate([reference.forward(pm, [i]) for i in ids])  # numpy's decode of the q6 rows
+        vocab, hidden = pm.dims.vocab_size, pm.dims.hidden_size
+        codes, scales, d = q6_fields(pm.tensor("lm_head.weight"))
+        nb = codes.shape[0] // vocab
+        q = (codes.astype(np.int64) - 32) * np.repeat(scales.astype(np.int64), 16, axis=1)  # [vocab * nb, 256]
+        embedding = pm.embedding
+        monkeypatch.setattr(pm, "embedding", lambda name="model.embed_tokens.weight", rows=slice(None): (
+            np.eye(vocab, hidden, dtype=np.float32)[rows] if name == "lm_head.weight" else embedding(name, rows)))
+        final = np.concatenate([reference.forward(pm, [i])[:, :hidden] for i in ids])
+    hq, s = reference.quantize_activations(final)
+    x = np.zeros((len(ids), nb * 256), np.int64)
+    x[:, :hidden] = hq
+    block_sums = np.einsum("vbi,tbi->tvb", q.reshape(vocab, nb, 256), x.reshape(len(ids), nb, 256))
+    total = np.zeros((len(ids), vocab), np.float32)
+    step = d.view(np.float16).astype(np.float32).reshape(vocab, nb)
+    for b in range(nb):
+        total = total + step[:, b] * block_sums[:, :, b].astype(np.float32)
+    want = total / s
+    exact = np.isclose(got, want, rtol=1e-6, atol=1e-6).all(axis=1)
+    assert exact.sum() >= len(ids) - 1, f"tokens {np.flatnonzero(~exact)} differ"
+    # the int8 hidden state and the 6-bit rows together move the logits by a few percent at most
+    assert np.abs(got - float_head).max() < 0.05 * np.abs(float_head).max()
+
+
+@pytest.mark.parametrize("isa", kernels.available_isas())
+def test_q6_head_logits_within_tolerance_of_f16(isa):
+    """The output head alone, on Gaussian rows with a few outliers (like a trained embedding): q6
+    logits are within 3% (RMS, of the logits' spread) of the f16 head's, about what the int8 head
+    costs (both quantise the hidden state to int8) and under half of q4's error; and every ISA
+    gives the scalar path's q6 logits bit for bit."""
+    from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, encode
+
+    ffi, lib = kernels.lib()
+    rng = np.random.default_rng(3)
+    vocab, hidden, tokens = 500, 2560, 5
+    rows = rng.standard_normal((vocab, hidden)).astype(np.float32) * 0.02
+    rows[rng.integers(0, vocab, 50), rng.integers(0, hidden, 50)] = 0.3
+    h = rng.standard_normal((tokens, hidden)).astype(np.float32)
+
+    def head(embeddings, isa_name="scalar"):
+        values = encode(rows, embeddings)
+        y = np.empty((tokens, vocab), np.float32)
+        scale = ffi.from_buffer("float[]", values[1]) if len(values) > 1 else ffi.NULL
+        assert lib.bn_head_logits(ffi.NULL, kernels.ISAS[isa_name], getattr(lib, EMBEDDING_TYPES[embeddings].c_enum),
+                                  ffi.from_buffer(values[0]), scale, vocab, hidden, ffi.from_buffer("float[]", h),
+                                  tokens, ffi.from_buffer("float[]", y)) == 0
+        return y
+
+    f16 = head("f16")
+    q6 = head("q6", isa)
+    np.testing.assert_array_equal(q6, head("q6"))
+    err = {name: np.sqrt(np.mean((y - f16) ** 2)) / f16.std() for name, y in
+           (("q6", q6), ("int8", head("int8")), ("q4", head("q4")))}
+    assert err["q6"] < 0.03 and err["q6"] < 1.5 * err["int8"] and err["q6"] < err["q4"] / 2, err
+
+
 def test_sampling_is_seeded_and_stops(tiny):
     _, packed = tiny
     with Engine.load(packed, threads=1) as eng:

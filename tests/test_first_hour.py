@@ -130,7 +130,7 @@ def test_q4_embeddings_do_not_change_the_ternary_bits_per_weight(hf_tiny_checkpo
     assert q4.file_bytes < f16.file_bytes
 
 
-@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart"])
+@pytest.mark.parametrize("command", ["train", "pack", "info", "run", "eval", "bench", "quickstart", "serve"])
 def test_help_is_readable_at_80_columns(command, monkeypatch):
     """Nothing in --help is cut to `hellas…` or runs past 80 columns."""
     monkeypatch.setenv("COLUMNS", "80")
@@ -207,6 +207,15 @@ def test_minus_t_is_threads_in_every_command(command):
     assert all("-t" not in spelled for name, spelled in opts.items() if name != "threads")
 
 
+def test_run_and_serve_share_the_model_and_context_options():
+    import typer.main
+
+    run, serve = ({p.name: p for p in typer.main.get_command(app).commands[c].params} for c in ("run", "serve"))
+    assert run["model"].help == serve["model"].help and "GGUF" in serve["model"].help
+    assert set(run["ctx_size"].opts) == set(serve["ctx_size"].opts) == {"--ctx-size", "-c"}
+    assert run["ctx_size"].help.split("(")[1].split(")")[0] == serve["ctx_size"].help.split("(")[1].split(")")[0]
+
+
 def test_every_json_flag_says_the_same_thing():
     import typer.main
 
@@ -251,3 +260,40 @@ def test_library_errors_name_parameters_and_the_cli_shows_options():
     assert str(e.value).startswith("top_p must be in (0, 1]") and "--" not in str(e.value)
     assert as_flags(e.value).startswith("--top-p must be in (0, 1]")
     assert as_flags(BitnetError("a message about nothing in particular")) == "a message about nothing in particular"
+
+
+@pytest.mark.parametrize("message, param, options, shown", [
+    ("host 'no such host': not known", "host", None, "--host 'no such host': not known"),  # not the quoted value
+    ("/tmp/force/force.bin: already exists (use force to overwrite)", "force", None,
+     "/tmp/force/force.bin: already exists (use --force to overwrite)"),  # not the path
+    ("x: already holds a run: pass resume to continue it, or choose another out_dir", ("resume", "out_dir"),
+     {"out_dir": "--out"}, "x: already holds a run: pass --resume to continue it, or choose another --out"),
+    ("invalid recipe\n  overrides a=1: a: bad\n  overrides b=x: b: bad", "overrides", {"overrides": "--set"},
+     "invalid recipe\n  --set a=1: a: bad\n  --set b=x: b: bad"),  # every mention
+    ("the model's ctx_size", "ctx_size", None, "the model's --ctx-size"),  # an apostrophe is not a quote
+])
+def test_as_flags_replaces_the_parameter_words_only(message, param, options, shown):
+    from bitnet_cli.errors import BitnetError, as_flags
+
+    assert as_flags(BitnetError(message, param=param), options) == shown
+
+
+def test_no_library_message_names_a_command_line_option():
+    """Library code names parameters (BitnetError(..., param=...)); only cli.py spells options.
+    Docstrings, comments and suggested commands (`bitnet info --verify`) may name them."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "bitnet_cli"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("cli.py", "fuzz.py") or path.parent.name == "bench" and path.name == "e2e.py":
+            continue  # the Typer app; the fuzzer's command lines; the e2e worker's own argparse
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) in (
+                    "BitnetError", "warn", "QueueFull", "ApiError"):
+                text = "".join(n.value for a in node.args for n in ast.walk(a)
+                               if isinstance(n, ast.Constant) and isinstance(n.value, str))
+                if re.search(r"(?<!\w)--[a-z]", re.sub(r"`[^`]*`", "", text)):  # a `bitnet ...` command may
+                    found.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]}")
+    assert not found, "\n".join(found)

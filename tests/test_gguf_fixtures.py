@@ -125,17 +125,25 @@ def test_lossless_fixtures_import_identical_to_the_hf_checkpoint(hf_packed, tmp_
         assert gf.tensor("token_embd.weight").type_name == kind
 
 
-@pytest.mark.parametrize("fixture, model, kind", [("a-i2_s-q4_0.gguf", "a", "Q4_0"), ("b-i2_s-q6_k.gguf", "b", "Q6_K")])
-def test_quantised_head_fixtures_keep_trits_and_dequantise_the_head_exactly(hf_packed, tmp_path, fixture, model, kind):
-    summary = pack_checkpoint(DATA / fixture, tmp_path / "m.bin")
-    assert summary.embeddings == "f16"
-    assert any(f"'token_embd.weight' ({kind}, dequantised exactly) stored as --embeddings f16" in n for n in summary.notes)
+@pytest.mark.parametrize("fixture, model, kind, embeddings, how", [
+    ("a-i2_s-q4_0.gguf", "a", "Q4_0", None, "dequantised exactly"),  # the default for Q4_0: f16, the closest
+    ("b-i2_s-q6_k.gguf", "b", "Q6_K", "f16", "dequantised exactly"),
+    ("b-i2_s-q6_k.gguf", "b", "Q6_K", None, "its codes and scales converted as they are"),  # default: q6, lossless
+])
+def test_quantised_head_fixtures_keep_trits_and_dequantise_the_head_exactly(hf_packed, tmp_path, fixture, model, kind,
+                                                                            embeddings, how):
+    summary = pack_checkpoint(DATA / fixture, tmp_path / "m.bin", embeddings=embeddings)
+    stored = embeddings or {"Q4_0": "f16", "Q6_K": "q6"}[kind]
+    assert summary.embeddings == stored
+    note = next(n for n in summary.notes if "'token_embd.weight'" in n)
+    assert f"({kind}, {how}) stored as {stored} embeddings" in note
+    assert note.endswith("lossless") == (stored == "q6")
     compare(tmp_path / "m.bin", hf_packed[model], DATA / fixture, exact_embedding=False)
     with GGUFFile.open(DATA / fixture) as gf, PackedModel.open(tmp_path / "m.bin") as pm, \
             PackedModel.open(hf_packed[model][0]) as ref:
         t = gf.tensor("token_embd.weight")
         exact = quants.dequantize(kind, gf.raw(t.name), t.dims[0])
-        np.testing.assert_array_equal(pm.embedding(), exact.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(pm.embedding(), exact if stored == "q6" else exact.astype(np.float16).astype(np.float32))
         err = np.abs(exact - ref.embedding()).max()
         # ggml maps a block's largest-magnitude value to -8 (-32) steps, so the other sign clips by up to one step
         bound = {"Q4_0": 1 / 7, "Q6_K": 1 / 30}[kind]

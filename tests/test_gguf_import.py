@@ -50,7 +50,7 @@ def test_round_trip_of_our_export_is_exact(ckpt, reference, tmp_path, gguf_type)
     pack_checkpoint(ckpt, gguf_file, to="gguf", gguf_type=gguf_type)
     summary = pack_checkpoint(gguf_file, tmp_path / "back.bin")
     assert summary.source_kind == "gguf" and summary.embeddings == "f16"
-    assert any("stored as --embeddings f16: lossless" in n for n in summary.notes), summary.notes
+    assert any("stored as f16 embeddings: lossless" in n for n in summary.notes), summary.notes
     assert_same_model(reference["f16"], tmp_path / "back.bin")
 
 
@@ -115,11 +115,32 @@ def test_pip_gguf_parses_our_i2s_export(ckpt, tmp_path):
             quants.dequantize("Q6_K", gf.raw(head.name), head.dims[0]))
 
 
-def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
+def test_q6k_head_imports_to_q6_without_loss(ckpt, tmp_path):
     pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
     summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    assert summary.embeddings == "q6"
+    assert any(n.endswith("'token_embd.weight' (Q6_K, its codes and scales converted as they are) stored as "
+                          "q6 embeddings: lossless") for n in summary.notes)
+    with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
+        np.testing.assert_array_equal(pm.embedding(), quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256))
+
+
+def test_q6_embeddings_export_to_q6k_and_back_bit_for_bit(ckpt, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "q6.bin", embeddings="q6")
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", embeddings="q6", to="gguf", gguf_type="i2_s")
+    with GGUFFile.open(tmp_path / "m.gguf") as gf:
+        assert gf.tensor("token_embd.weight").type_name == "Q6_K"
+    pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin")
+    with PackedModel.open(tmp_path / "q6.bin") as a, PackedModel.open(tmp_path / "back.bin") as b:
+        assert b.embeddings == "q6"
+        np.testing.assert_array_equal(a.tensor("model.embed_tokens.weight"), b.tensor("model.embed_tokens.weight"))
+
+
+def test_q6k_head_import_says_what_f16_storage_rounds(ckpt, tmp_path):
+    pack_checkpoint(ckpt, tmp_path / "m.gguf", to="gguf", gguf_type="i2_s", gguf_head="q6_k")
+    summary = pack_checkpoint(tmp_path / "m.gguf", tmp_path / "back.bin", embeddings="f16")
     note = " ".join(summary.notes)
-    assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as --embeddings f16:" in note
+    assert "'token_embd.weight' (Q6_K, dequantised exactly) stored as f16 embeddings:" in note
     assert "values rounded (largest change" in note
     with GGUFFile.open(tmp_path / "m.gguf") as gf, PackedModel.open(tmp_path / "back.bin") as pm:
         exact = quants.dequantize("Q6_K", gf.raw("token_embd.weight"), 256)
@@ -306,11 +327,65 @@ def test_cli_import_prints_the_notes_and_one_error_line_for_a_bad_file(ckpt, tmp
                                "--gguf-head", "q6_k"]).exit_code == 0
     result = runner.invoke(app, ["pack", str(gguf_file), str(tmp_path / "m.bin")])
     assert result.exit_code == 0, result.output
-    assert "(Q6_K, dequantised exactly) stored as --embeddings f16" in " ".join(result.output.split())
+    assert "(Q6_K, its codes and scales converted as they are) stored as q6 embeddings: lossless" in " ".join(
+        result.output.split())
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(gguf_file.read_bytes()[:5000])
     result = runner.invoke(app, ["pack", str(bad), str(tmp_path / "x.bin")])
     text = " ".join(result.output.split())  # rich wraps at 80 columns
     assert result.exit_code == 1 and "Traceback" not in text
     assert text.startswith("error:") and "bad.gguf" in text and text.count("error:") == 1
+    assert not (tmp_path / "x.bin").exists()
+
+
+def _relayout_i2s(src, dst, block):
+    """A copy of GGUF `src` with every I2_S tensor's codes rewritten in `block`-value blocks (64: bitnet.cpp's ARM
+    build), as our writer lays them out; everything else, the scales and the file size unchanged."""
+    data = bytearray(src.read_bytes())
+    with GGUFFile.open(src) as gf:
+        for t in gf.tensors.values():
+            if t.type_name == "I2_S":
+                codes = quants.i2s_codes(gf.raw(t.name, 0, t.count // 4))
+                data[t.offset: t.offset + t.count // 4] = quants.i2s_pack(codes, block).tobytes()
+    dst.write_bytes(bytes(data))
+
+
+def test_arm_i2s_layout_is_read_with_i2s_block_64_and_the_default_says_which_it_read(ckpt, reference, tmp_path):
+    x86 = tmp_path / "x86.gguf"
+    pack_checkpoint(ckpt, x86, to="gguf", gguf_type="i2_s")
+    arm = tmp_path / "arm.gguf"
+    _relayout_i2s(x86, arm, 64)
+    assert arm.stat().st_size == x86.stat().st_size and arm.read_bytes() != x86.read_bytes()
+    summary = pack_checkpoint(arm, tmp_path / "arm.bin", i2s_block=64)
+    assert not any("I2_S read in" in n for n in summary.notes)  # asked for: nothing to warn about
+    assert_same_model(reference["f16"], tmp_path / "arm.bin")
+    # the default reads x86 and says so, naming the option that reads the other layout
+    summary = pack_checkpoint(x86, tmp_path / "x86.bin")
+    note = next(n for n in summary.notes if "I2_S read in" in n)
+    assert "x86 layout (128-value blocks" in note and "--i2s-block 64" in note
+    assert_same_model(reference["f16"], tmp_path / "x86.bin")
+    # an ARM file read as x86 is the mis-read the note warns about: same codes, permuted columns
+    pack_checkpoint(arm, tmp_path / "misread.bin")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with PackedModel.open(reference["f16"]) as a, PackedModel.open(tmp_path / "misread.bin") as b:
+        (good, _), (bad, _) = a.ternary(name), b.ternary(name)
+        assert not np.array_equal(good, bad)
+        np.testing.assert_array_equal(np.sort(good.reshape(-1, 128), axis=1), np.sort(bad.reshape(-1, 128), axis=1))
+
+
+def test_i2s_block_is_checked_and_only_for_gguf_sources(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    x86 = tmp_path / "x86.gguf"
+    pack_checkpoint(ckpt, x86, to="gguf", gguf_type="i2_s")
+    with pytest.raises(BitnetError, match="i2s_block must be one of 128, 64") as err:
+        pack_checkpoint(x86, tmp_path / "x.bin", i2s_block=32)
+    assert err.value.param == "i2s_block"
+    with pytest.raises(BitnetError, match="i2s_block applies to a GGUF source only"):
+        pack_checkpoint(ckpt, tmp_path / "x.bin", i2s_block=64)
+    result = CliRunner().invoke(app, ["pack", str(x86), str(tmp_path / "x.bin"), "--i2s-block", "96"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and text.startswith("error: --i2s-block must be one of 128, 64")
     assert not (tmp_path / "x.bin").exists()

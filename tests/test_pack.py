@@ -365,16 +365,46 @@ def test_q4_rows_round_trip_within_half_a_step(hidden):
     assert np.median(err) < 0.12
 
 
-def test_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path):
-    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q4.bin", embeddings="q4")
+@pytest.mark.parametrize("hidden", [64, 300, 2560])
+def test_q6_rows_are_q6_k_in_our_byte_order(hidden):
+    """q6 encodes with the Q6_K quantiser and holds exactly its codes, scales and d: Q6_K rows
+    transcode to q6 and decode to what ggml's Q6_K dequantisation gives, bit for bit, and q6 rows
+    go back to the same Q6_K bytes."""
+    from bitnet_cli.gguf import quants
+    from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, q6_fields, decode, encode, q6_padded
+
+    rng = np.random.default_rng(hidden)
+    rows = rng.standard_normal((40, hidden)).astype(np.float32) * 0.02
+    rows[3, 5] = 1.5  # an outlier: its 16-input group gets the block's largest scale
+    rows[4, :] = 0.0  # an all-zero row decodes to zeros
+    (blocks,) = encode(rows, "q6")
+    padded = np.zeros((40, q6_padded(hidden)), np.float32)
+    padded[:, :hidden] = rows
+    q6k = quants.quantize_q6_k(padded)
+    assert blocks.dtype == np.uint8 and blocks.shape == q6k.shape == (40, q6_padded(hidden) // 256 * 210)
+    (converted,) = EMBEDDING_TYPES["q6"].transcode["Q6_K"](q6k, q6_padded(hidden))
+    np.testing.assert_array_equal(converted, blocks)
+    back = decode([blocks], hidden, "q6")
+    np.testing.assert_array_equal(back, quants.dequantize("Q6_K", q6k, q6_padded(hidden))[:, :hidden])
+    assert (back[4] == 0).all()
+    np.testing.assert_array_equal(quants.q6_k_pack(*q6_fields(blocks)).reshape(q6k.shape), q6k)
+    # 6.56 bits per weight: about 2% relative error on Gaussian rows (q4: 9%)
+    err = np.linalg.norm(back - rows, axis=1) / np.maximum(np.linalg.norm(rows, axis=1), 1e-9)
+    assert np.median(err) < 0.03
+
+
+# q6's 256-input blocks pad this model's 96 inputs: here its file is larger than f16's
+@pytest.mark.parametrize("embeddings, relative_error, smaller", [("q6", 0.03, False), ("q4", 0.15, True)])
+def test_q6_and_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path, embeddings, relative_error, smaller):
+    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / f"{embeddings}.bin", embeddings=embeddings)
     with PackedModel.open(summary.output) as pm, PackedModel.open(pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin").output) as ref:
-        assert pm.embeddings == "q4" and pm.verify() == []
+        assert pm.embeddings == embeddings and pm.verify() == []
         a, b = pm.embedding(), ref.embedding()
-        assert np.linalg.norm(a - b) < 0.15 * np.linalg.norm(b)
+        assert np.linalg.norm(a - b) < relative_error * np.linalg.norm(b)
         ids = np.arange(16) * 5
         logits, want = reference.forward(pm, ids), reference.forward(ref, ids)
         assert np.abs(logits - want).max() < 0.2 * np.abs(want).max()
-        assert pm.file_size < ref.file_size
+        assert (pm.file_size < ref.file_size) == smaller
 
 
 def test_synthetic_tiny_model_is_valid(tmp_path):
@@ -394,7 +424,7 @@ def test_synthetic_tiny_model_is_valid(tmp_path):
         assert np.isfinite(reference.forward(pm, [1, 2, 3])).all()
 
 
-@pytest.mark.parametrize("name", ["f16", "int8", "q4"])
+@pytest.mark.parametrize("name", ["f16", "int8", "q6", "q4"])
 def test_embedding_traits_agree_with_what_they_store(name):
     """Each entry of the traits table: encode gives exactly the tensors `stored` declares, decode
     inverts it, row_bytes counts them, and the C enum it names exists in the compiled kernels."""

@@ -10,7 +10,7 @@ import pytest
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
-from conftest import make_hf_checkpoint
+from conftest import make_hf_checkpoint, write_shards
 from test_pack import f16_exact_embeddings, hf_logits, torch_weight_quant
 
 PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -91,10 +91,16 @@ def test_hf_packed_non_ternary_code_is_rejected(float_ckpt, tmp_path):
 
 
 def test_from_forces_and_checks_the_kind(float_ckpt, tmp_path):
-    with pytest.raises(BitnetError, match="--from hf-packed"):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    with pytest.raises(BitnetError, match="kind hf-packed given but the weights are not packed"):
         pack_checkpoint(float_ckpt, tmp_path / "x.bin", kind="hf-packed")
+    r = CliRunner().invoke(app, ["pack", str(float_ckpt), str(tmp_path / "x.bin"), "--from", "hf-packed"])
+    assert r.exit_code == 1 and "--from hf-packed given but the weights are not packed" in " ".join(r.output.split())
     packed_src = make_hf_packed(float_ckpt, tmp_path / "src", "bitlinear")
-    with pytest.raises(BitnetError, match="--from hf given"):
+    with pytest.raises(BitnetError, match="kind hf given"):
         pack_checkpoint(packed_src, tmp_path / "x.bin", kind="hf")
     assert pack_checkpoint(float_ckpt, tmp_path / "own.bin", kind="own").source_kind == "own"
 
@@ -106,14 +112,7 @@ def test_sharded_checkpoint_packs_identically(float_ckpt, tmp_path):
     shutil.copytree(float_ckpt, sharded)
     tensors = load_file(sharded / "model.safetensors")
     (sharded / "model.safetensors").unlink()
-    names = sorted(tensors)
-    weight_map = {}
-    for s in range(3):
-        shard = f"model-{s + 1:05d}-of-00003.safetensors"
-        part = {n: tensors[n] for n in names[s::3]}
-        save_file(part, sharded / shard)
-        weight_map.update({n: shard for n in part})
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_shards(tensors, sharded, 3, save_file)
     pack_checkpoint(sharded, tmp_path / "a.bin")
     pack_checkpoint(float_ckpt, tmp_path / "b.bin")
     with PackedModel.open(tmp_path / "a.bin") as a, PackedModel.open(tmp_path / "b.bin") as b:

@@ -400,7 +400,7 @@ def test_threads_above_the_cores(packed, monkeypatch):
     monkeypatch.setattr(E.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     r = cli(*run_args(packed)[:-2], "--threads", "8")
     assert r.exit_code == 0, r.output
-    assert "warning: --threads 8 is more than the 2 CPU(s) this process may run on" in " ".join(r.output.split())
+    assert "warning: 8 threads are more than the 2 CPU(s) this process may run on" in " ".join(r.output.split())
 
 
 def test_context_the_machine_cannot_hold_is_refused(packed, tmp_path, monkeypatch):

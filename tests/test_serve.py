@@ -294,8 +294,11 @@ def test_disconnect_frees_the_slot_full_queue_is_503_and_sigterm_drains(long_mod
 
 
 def test_bad_options_fail_cleanly(packed):
-    for args, message in [(["--parallel", "0"], "--parallel"), (["--threads", "0"], "--threads"),
-                          (["--ctx-size", "100000"], "--ctx-size"), (["--max-queue", "-1"], "--max-queue")]:
+    for args, message in [(["--parallel", "0"], "error: --parallel must be a positive integer"),
+                          (["--threads", "0"], "error: --threads must be a positive integer"),
+                          (["--ctx-size", "100000"], "error: --ctx-size must be between 1 and"),
+                          (["--max-queue", "-1"], "error: --max-queue must be >= 0"),
+                          (["--host", "no such host"], "error: --host 'no such host':")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -70,7 +70,7 @@ def test_recipe_errors_name_key_and_line(tmp_path):
     msg = str(e.value)
     assert f"{p}:3: model.hidden_size" in msg and "integer" in msg
     assert f"{p}:4: model.colour: unknown key" in msg
-    with pytest.raises(BitnetError, match=r"--set optim\.nope=1: optim\.nope: unknown key"):
+    with pytest.raises(BitnetError, match=r"overrides optim\.nope=1: optim\.nope: unknown key"):
         load_recipe(write_recipe(tmp_path / "ok.yaml", micro_recipe()), ["optim.nope=1"])
     with pytest.raises(BitnetError, match="exactly one of train.steps and train.tokens"):
         load_recipe(None, data={"train": {"steps": 3, "tokens": 1000}})
@@ -181,7 +181,7 @@ def test_train_end_to_end_checkpoint_loads_in_transformers(tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(res.checkpoint)
     assert hf_tok.eos_token == "<|end_of_text|>"
     # A second run into the same directory is refused without --resume.
-    with pytest.raises(BitnetError, match="--resume"):
+    with pytest.raises(BitnetError, match="pass resume to continue it, or choose another out_dir"):
         train(r, out_dir=tmp_path / "run", progress=False)
 
 

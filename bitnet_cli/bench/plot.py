@@ -1,4 +1,4 @@
-"""`--plot`: thread scaling and achieved decode speed against the roofline, in one PNG."""
+"""`bitnet bench --plot`: thread scaling and achieved decode speed against the roofline, in one PNG."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from bitnet_cli.bench.report import anchor_label, fmt_bytes
 from bitnet_cli.errors import BitnetError
 
 
-def check_destination(out: Path) -> Path:
+def check_destination(plot: Path) -> Path:
     """Fail before a long benchmark, not after it, when the plot could not be written."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise BitnetError(f"--plot: directory {out.parent} does not exist")
-    return out
+    plot = Path(plot)
+    if not plot.parent.is_dir():
+        raise BitnetError(f"plot: directory {plot.parent} does not exist", param="plot")
+    return plot
 
 
 def plot(results: dict, out: Path) -> Path:
@@ -27,7 +27,8 @@ def plot(results: dict, out: Path) -> Path:
 
     e2e, roof = results.get("e2e", []), results.get("roofline", [])
     if not e2e and not roof:
-        raise BitnetError("--plot needs the e2e or roofline section (see --what)")
+        raise BitnetError("plot needs the e2e or roofline results (choose them with sections)",
+                          param=("plot", "sections"))
     fig, (scaling, ceiling) = plt.subplots(1, 2, figsize=(11, 4.2))
 
     for name in (e2e[0]["tokens_per_s"] if e2e else []):

@@ -40,11 +40,12 @@ def parse_int_list(text: str, what: str, minimum: int = 1) -> list[int]:
     return values
 
 
-def parse_sections(text: str) -> list[str]:
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
+def parse_sections(sections: str) -> list[str]:
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:
-        raise BitnetError(f"--what: unknown section {', '.join(unknown) or repr(text)}; choose from {','.join(SECTIONS)}")
+        raise BitnetError(f"sections: unknown section {', '.join(unknown) or repr(sections)}; choose from "
+                          f"{','.join(SECTIONS)}", param="sections")
     return [s for s in SECTIONS if s in chosen]
 
 

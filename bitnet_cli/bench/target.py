@@ -26,7 +26,7 @@ class Target:
     name: str            # shape name, or the file name
     shape: str | None    # the named shape (None for a user's file)
     config: dict         # HF config dict
-    embeddings: str      # "f16", "int8" or "q4"
+    embeddings: str      # a head type of pack/embeddings.py: "f16", "int8", "q6" or "q4"
     path: Path           # the packed file; for a synthetic shape, where it is (or will be) cached
 
     def ensure_file(self, progress=None) -> Path:
@@ -74,7 +74,7 @@ def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = Non
     from bitnet_cli.pack import synthetic
     from bitnet_cli.pack.format import FORMAT_VERSION
 
-    embedding_type(embeddings, "--embeddings")
+    embedding_type(embeddings, param="embeddings")
     config = synthetic.shape_config(shape)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()

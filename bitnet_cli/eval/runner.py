@@ -53,8 +53,8 @@ def evaluate(
     if data_dir is None and from_hub:
         why = hub_unreachable()
         if why:  # lm-eval would retry the hub for half a minute, then print a long traceback
-            raise BitnetError(f"{why}, so the task data cannot be downloaded: give --data-dir DIR "
-                              f"(or set {DATA_ENV}) with local task files, e.g. ../shared/data/eval")
+            raise BitnetError(f"{why}, so the task data cannot be downloaded: give data_dir DIR "
+                              f"(or set {DATA_ENV}) with local task files, e.g. ../shared/data/eval", param="data_dir")
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:

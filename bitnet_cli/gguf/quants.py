@@ -6,11 +6,13 @@ order), so "dequantised exactly" means bit-identical to what llama.cpp computes.
 whole blocks, vectorised over all blocks at once; callers hand in row ranges to bound memory.
 
 Ternary types, as the 2-bit code q = trit + 1:
-- I2_S (bitnet.cpp, type 36): the tensor flattened, cut in blocks of 128 values (x86 writers;
-  the ARM build writes 64) of 32 bytes; byte j of a block holds value 32*g + j in bits
-  (7-2g):(6-2g), g = 0..3: the mirror image of our `i2_k128`, where g sits in bits 2g+1:2g.
-  After the codes (count/4 bytes) comes one float32, the per-tensor scale, then padding up to
-  32 bytes in all.
+- I2_S (bitnet.cpp, type 36): the tensor flattened, cut in blocks of B values of B/4 bytes; byte
+  j of a block holds value (B/4)*g + j in bits (7-2g):(6-2g), g = 0..3. B is 128 in x86 builds
+  (`QK_I2_S` in bitnet.cpp's src/ggml-bitnet-mad.cpp; the B = 128 layout is the mirror image of
+  our `i2_k128`, where g sits in bits 2g+1:2g) and 64 in ARM builds. Both give the same bytes
+  for the same tensor size and nothing in the file says which build wrote it (see
+  pack/gguf_source.py for how the import chooses). After the codes (count/4 bytes) comes one
+  float32, the per-tensor scale, then padding up to 32 bytes in all.
 - TQ2_0 (llama.cpp): blocks of 256 values: 64 code bytes, two halves of 32 bytes each laid out
   like one i2_k128 block, then an f16 scale d.
 - TQ1_0 (llama.cpp): blocks of 256: 48 bytes of five base-3 digits each, 4 bytes of four
@@ -24,7 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 F32 = np.float32
-I2S_BLOCK = 128  # values per I2_S block in bitnet.cpp's x86 layout
+I2S_BLOCK = 128  # values per I2_S block in bitnet.cpp's x86 layout (what we write)
+I2S_ARM_BLOCK = 64  # values per I2_S block in bitnet.cpp's ARM (NEON) layout
+I2S_BLOCKS = (I2S_BLOCK, I2S_ARM_BLOCK)
 I2S_TAIL = 32  # bytes after the codes: the float32 scale and padding
 
 
@@ -58,7 +62,7 @@ def tensor_nbytes(type_id: int, dims: tuple[int, ...]) -> int:
     for d in dims:
         count *= d
     if t.name == "I2_S":
-        if count % I2S_BLOCK:
+        if count % I2S_BLOCK:  # also what the engine's 128-value blocks need, whichever layout wrote it
             raise ValueError(f"I2_S needs a multiple of {I2S_BLOCK} values, got {count}")
         return count // 4 + I2S_TAIL
     if dims[0] % t.block:
@@ -190,16 +194,16 @@ def i2_k128_from_i2s(codes: np.ndarray) -> np.ndarray:
     return _REVERSE_PAIRS[codes]
 
 
-def i2s_codes(code_bytes: np.ndarray) -> np.ndarray:
-    """I2_S code bytes (x86 layout) -> codes in value order, flat uint8."""
-    c = np.ascontiguousarray(code_bytes).reshape(-1, 1, 32)
+def i2s_codes(code_bytes: np.ndarray, block: int = I2S_BLOCK) -> np.ndarray:
+    """I2_S code bytes in the layout of `block`-value blocks (128: x86, 64: ARM) -> codes in value order, flat uint8."""
+    c = np.ascontiguousarray(code_bytes).reshape(-1, 1, block // 4)
     shifts = np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)
     return ((c >> shifts) & 3).reshape(-1)
 
 
-def i2s_pack(codes: np.ndarray) -> np.ndarray:
-    """Codes (trit + 1, flat, a multiple of 128) -> I2_S code bytes in bitnet.cpp's x86 layout."""
-    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, 4, 32)
+def i2s_pack(codes: np.ndarray, block: int = I2S_BLOCK) -> np.ndarray:
+    """Codes (trit + 1, flat, a multiple of `block`) -> I2_S code bytes in `block`-value blocks (128: x86, 64: ARM)."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8).reshape(-1, 4, block // 4)
     return (c[:, 0] << 6 | c[:, 1] << 4 | c[:, 2] << 2 | c[:, 3]).reshape(-1)
 
 
@@ -249,14 +253,31 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     vals = x.reshape(-1, 16, 16)
     q = np.clip(np.rint(np.divide(vals, step[:, :, None], out=np.zeros_like(vals), where=step[:, :, None] != 0)),
                 -32, 31).astype(np.int16) + 32
-    q = q.reshape(-1, 2, 4, 32).astype(np.uint8)  # [B, half, g, l]: value 128*half + 32*g + l
+    return q6_k_pack(q.reshape(-1, 256).astype(np.uint8), scales, d.view(np.uint16)).reshape(r, -1)
+
+
+def q6_k_pack(codes: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Codes u = q + 32 (uint8 [B, 256]), int8 scales [B, 16] and f16 d bits (uint16 [B]) -> Q6_K blocks [B, 210]
+    (the layout `_q6_k` reads)."""
+    q = codes.reshape(-1, 2, 4, 32)  # [B, half, g, l]: value 128*half + 32*g + l
     low = q & 15
     ql = np.concatenate([low[:, :, 0] | low[:, :, 2] << 4, low[:, :, 1] | low[:, :, 3] << 4], axis=2)  # [B, 2, 64]
     hi = q >> 4
     qh = hi[:, :, 0] | hi[:, :, 1] << 2 | hi[:, :, 2] << 4 | hi[:, :, 3] << 6  # [B, 2, 32]
-    blocks = np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.view(np.uint8).reshape(-1, 16),
-                             d.view(np.uint8).reshape(-1, 2)], axis=1)
-    return blocks.reshape(r, -1)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), scales.view(np.uint8).reshape(-1, 16),
+                           np.ascontiguousarray(d, dtype=np.uint16).view(np.uint8).reshape(-1, 2)], axis=1)
+
+
+def q6_k_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K blocks [B, 210] -> (codes u = q + 32 uint8 [B, 256], int8 scales [B, 16], f16 d bits uint16 [B]):
+    the inverse of `q6_k_pack`."""
+    b = np.ascontiguousarray(blocks).reshape(-1, 210)
+    ql = b[:, :128].reshape(-1, 2, 2, 32)  # [B, half, ql[l] / ql[32 + l], l]
+    low = np.stack([ql[:, :, 0] & 15, ql[:, :, 1] & 15, ql[:, :, 0] >> 4, ql[:, :, 1] >> 4], axis=2)  # [B, 2, g, 32]
+    qh = b[:, 128:192].reshape(-1, 2, 1, 32)
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 3
+    codes = (low | high << 4).reshape(-1, 256)
+    return codes, b[:, 192:208].copy().view(np.int8), b[:, 208:210].copy().view(np.uint16).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- TQ1_0 / TQ2_0 / Q8_0 (export)

@@ -14,18 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
-from bitnet_cli.checkpoint import Checkpoint, bitnet_convention, open_checkpoint
+from bitnet_cli.arch import BITLINEAR_NORM, EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
+from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
-    CONVERTER, FORMAT, FORMAT_VERSION, LAYOUT, PackedWriter, TensorSpec, check_output_path,
-    tensor_specs, write_embedding_rows,
+    CONVERTER, FORMAT, LAYOUT, PackedWriter, TensorSpec, check_output_path, file_version,
+    tensor_specs, write_embedding_rows, write_stored_rows,
 )
 from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
 from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
 
 EMBEDDING_CHUNK_ROWS = 8192
+PACK_TARGETS = ("native", "gguf")  # our packed file, or a GGUF for llama.cpp / bitnet.cpp
+SOURCE_KINDS = (*KINDS, "gguf")  # open_source's: a checkpoint's kinds, or a GGUF file
 F16_MAX = 65504.0
 
 
@@ -95,6 +97,13 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
             bad = np.argwhere(~np.isin(w, (-1.0, 0.0, 1.0)))[0]
             raise BitnetError(f"{where}: non-ternary value {w[tuple(bad)]} at index {bad.tolist()} in a packed checkpoint")
         trits = w.astype(np.int8)
+    scale, op = _weight_scale(ckpt, name)
+    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
+    return trits, np.float32(scale if op == "multiply" else np.float32(1.0) / scale)
+
+
+def _weight_scale(ckpt: Checkpoint, name: str) -> tuple[np.float32, str]:
+    """(weight_scale, "multiply" or "divide") of weight `name` in an HF offline-quantised checkpoint."""
     scale_name = name + "_scale"
     if scale_name not in ckpt.tensors:
         raise BitnetError(f"{ckpt.path}: tensor {scale_name!r} is missing (packed checkpoints carry a weight_scale per layer)")
@@ -104,14 +113,28 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
     _check_finite(ckpt, scale_name, scale)
     if scale[0] <= 0:
         raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
-    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
     _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
-    gamma = scale[0] if op == "multiply" else np.float32(1.0) / scale[0]
-    return trits, np.float32(gamma)
+    return scale[0], op
+
+
+def projection_bias(ckpt: Checkpoint, name: str, shape: tuple[int]) -> np.ndarray:
+    """A projection's float bias as the engine adds it, after the rescaled product. transformers'
+    AutoBitLinear offline adds it inside the product and then multiplies by weight_scale, so there it
+    is stored times weight_scale; everywhere else as it is."""
+    _check_shape(ckpt, name, shape)
+    b = ckpt.read(name).astype(np.float32)
+    _check_finite(ckpt, name, b)
+    if ckpt.kind == "hf-packed":
+        _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
+        if op == "multiply":
+            scale, _ = _weight_scale(ckpt, name.removesuffix(".bias") + ".weight")
+            b = b * scale
+    return b
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
-    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type."""
+    """Stream an embedding matrix in row chunks, each encoded to the chosen storage type (or, for a
+    GGUF tensor type the storage type holds without loss, its stored bytes converted as they are)."""
     _check_shape(ckpt, name, (dims.vocab_size, dims.hidden_size))
     if ckpt.entry(name).dtype not in ("F32", "F16", "BF16", "F64"):
         raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} must hold floats, got {ckpt.entry(name).dtype}")
@@ -120,15 +143,30 @@ def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: Mo
             rows = ckpt.read(name, slice(start, start + EMBEDDING_CHUNK_ROWS))
             _check_finite(ckpt, name, rows)
             if embeddings == "f16" and np.abs(rows).max(initial=0) > F16_MAX:
-                raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use --embeddings int8")
+                raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} exceeds the f16 range; use embeddings int8",
+                                  param="embeddings")
             yield rows
 
-    loss = _EmbeddingLoss() if ckpt.kind == "gguf" else None
-    write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
-    if loss is not None:
-        t = ckpt.gguf_tensor(name)
-        ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, dequantised exactly) stored as "
-                          f"--embeddings {embeddings}: {loss.describe()}")
+    if ckpt.kind != "gguf":
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings)
+        return
+    loss = _EmbeddingLoss()
+    t = ckpt.gguf_tensor(name)
+    transcode = embedding_type(embeddings).transcode.get(t.type_name)
+    if transcode is None:
+        write_embedding_rows(writer, name, chunks(), dims.vocab_size, embeddings, check=loss)
+        how = "dequantised exactly"
+    else:
+        def converted():
+            for start, rows in zip(range(0, dims.vocab_size, EMBEDDING_CHUNK_ROWS), chunks()):
+                stored = transcode(ckpt.read_raw(name, slice(start, start + len(rows))), dims.hidden_size)
+                loss(rows, stored, embeddings)  # checks the conversion against ggml's dequantisation
+                yield stored
+
+        write_stored_rows(writer, name, converted(), dims.vocab_size, embeddings)
+        how = "its codes and scales converted as they are"
+    ckpt.notes.append(f"{ckpt.path}: tensor {t.name!r} ({t.type_name}, {how}) stored as "
+                      f"{embeddings} embeddings: {loss.describe()}")
 
 
 class _EmbeddingLoss:
@@ -155,7 +193,7 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
                   embeddings: str, source: str) -> dict[str, str]:
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": file_version(dims),
         "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
@@ -185,21 +223,22 @@ def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, 
 
 def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False, kind: str = "auto",
                     to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None,
-                    gguf_head: str | None = None) -> PackSummary:
+                    gguf_head: str | None = None, i2s_block: int | None = None) -> PackSummary:
     """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
 
     `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
     native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.pack.gguf_source).
     `embeddings` None: f16, or for a GGUF source the storage type that loses nothing (else f16).
+    `i2s_block`: a GGUF source's I2_S layout, 128 (bitnet.cpp's x86 build) or 64 (ARM); None: see gguf_source.
     """
     t0 = time.perf_counter()
     out = Path(out)
     if embeddings is not None:
-        embedding_type(embeddings, "--embeddings")
-    if to not in ("native", "gguf"):
-        raise BitnetError(f"--to must be 'native' or 'gguf', got {to!r}")
+        embedding_type(embeddings, param="embeddings")
+    if to not in PACK_TARGETS:
+        raise BitnetError(f"to must be one of {', '.join(PACK_TARGETS)}, got {to!r}", param="to")
     check_output_path(out, force)
-    ckpt = open_source(src, kind)
+    ckpt = open_source(src, kind, i2s_block)
     try:
         return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0)
     finally:
@@ -207,14 +246,17 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
             ckpt.close()
 
 
-def open_source(src, kind: str = "auto"):
-    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or --from gguf, a GGUFCheckpoint."""
+def open_source(src, kind: str = "auto", i2s_block: int | None = None):
+    """A checkpoint (directory, .safetensors, hub id) or, for a GGUF file or kind "gguf", a GGUFCheckpoint
+    (whose I2_S layout `i2s_block` chooses; it is refused for any other source)."""
     from bitnet_cli.gguf.reader import is_gguf
 
     if kind == "gguf" or (kind == "auto" and Path(str(src)).is_file() and is_gguf(src)):
         from bitnet_cli.pack.gguf_source import open_gguf
 
-        return open_gguf(src)
+        return open_gguf(src, i2s_block)
+    if i2s_block is not None:
+        raise BitnetError(f"i2s_block applies to a GGUF source only, and {src} is not a GGUF file", param="i2s_block")
     return open_checkpoint(src, kind)
 
 
@@ -252,15 +294,20 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
 
 
 def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
-    """Refuse a checkpoint holding layer norms its family does not have (e.g. BitNet's sub-norms
-    under model_type llama): packing would silently drop them and compute another function."""
-    if dims.sub_norms:
-        return
+    """Refuse a checkpoint holding norms its config does not describe (BitNet's sub-norms under
+    model_type llama; projection input norms without use_rms_norm): packing would silently drop them
+    and compute another function."""
     model_type = ckpt.config.get("model_type")
     for name in ckpt.tensors:
-        if name.startswith(LAYER_PREFIX) and split_layer_tensor(name)[1] in SUB_NORMS:
+        if not name.startswith(LAYER_PREFIX):
+            continue
+        module = split_layer_tensor(name)[1]
+        if module in SUB_NORMS and not dims.sub_norms:
             raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a BitNet sub-norm, but "
                               f"model_type {model_type!r} has no sub-norms (is config.json the right one?)")
+        if module.endswith("." + BITLINEAR_NORM) and dims.bitlinear_norm_eps is None:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a projection's input norm, but the "
+                              "quantization_config does not say use_rms_norm: true (is config.json the right one?)")
 
 
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,
@@ -278,6 +325,8 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
                 trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
                 writer.write(name, pack_i2_k128(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
+            elif name.endswith(".bias"):
+                writer.write(name, projection_bias(ckpt, name, spec.shape))
             else:  # RMSNorm weights
                 _check_shape(ckpt, name, spec.shape)
                 w = ckpt.read(name)

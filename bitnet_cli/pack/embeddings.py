@@ -20,13 +20,14 @@ Adding a type: one `EmbeddingType` here, one `bn_head_traits` entry (and its row
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli import kernels  # kernels.Q4_BLOCK_K, kernels.Q4_BLOCK_BYTES: bitnet.h's bn_q4_block
+from bitnet_cli import kernels  # kernels.Q4_BLOCK_K, Q4_BLOCK_BYTES, Q6_BLOCK_K, Q6_BLOCK_BYTES: bitnet.h's blocks
+from bitnet_cli.gguf import quants
 F32 = np.float32
 DTYPE_BYTES = {"F16": 2, "I8": 1, "U8": 1, "F32": 4}  # safetensors dtypes used by the stored tensors
 
@@ -42,6 +43,9 @@ class EmbeddingType:
     stored: Callable[[int, int], list[tuple[str, str, tuple[int, ...]]]]
     encode: Callable[[np.ndarray], list[np.ndarray]]  # float32 rows [R, hidden] -> the stored arrays
     decode: Callable[[list[np.ndarray], int], np.ndarray]  # stored arrays of R rows, hidden -> float32 [R, hidden]
+    # GGUF tensor types whose rows become the stored arrays without loss: type name -> (raw rows
+    # uint8 [R, row bytes], hidden) -> the stored arrays (a GGUF import uses these, not decode+encode)
+    transcode: dict[str, Callable[[np.ndarray, int], list[np.ndarray]]] = field(default_factory=dict)
 
     @property
     def suffixes(self) -> list[str]:
@@ -122,6 +126,55 @@ def _encode_q4_rows(rows: np.ndarray) -> list[np.ndarray]:
     return [np.ascontiguousarray(blocks.reshape(r, -1)), d]
 
 
+def q6_padded(hidden: int) -> int:
+    return -(-hidden // kernels.Q6_BLOCK_K) * kernels.Q6_BLOCK_K
+
+
+_Q6_NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+_Q6_HIGH_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+
+
+def _q6_blocks(codes: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Codes u = q + 32 (uint8 [B, 256]), int8 scales [B, 16], f16 d bits (uint16 [B]) -> bn_q6_block bytes [B, 210]."""
+    b = codes.shape[0]
+    nib = (codes & 15).reshape(b, 4, 2, 32)  # [B, 64-input group, half, 32]
+    lo = nib[:, :, 0] | nib[:, :, 1] << 4
+    high = (codes >> 4).reshape(b, 2, 4, 32)  # [B, 128-input group, field, 32]
+    hi = high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6
+    return np.concatenate([lo.reshape(b, 128), hi.reshape(b, 64), scales.view(np.uint8).reshape(b, 16),
+                           np.ascontiguousarray(d, dtype=np.uint16).view(np.uint8).reshape(b, 2)], axis=1)
+
+
+def q6_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """bn_q6_block bytes [B, 210] -> (codes uint8 [B, 256], int8 scales [B, 16], f16 d bits uint16 [B])."""
+    b = blocks.reshape(-1, kernels.Q6_BLOCK_BYTES)
+    nib = (b[:, :128].reshape(-1, 4, 1, 32) >> _Q6_NIBBLE_SHIFTS) & 15
+    high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_HIGH_SHIFTS) & 3
+    codes = nib.reshape(-1, 256) | high.reshape(-1, 256) << 4
+    return codes, b[:, 192:208].copy().view(np.int8), b[:, 208:210].copy().view(np.uint16).reshape(-1)
+
+
+def _decode_q6(stored: list[np.ndarray], hidden: int) -> np.ndarray:
+    r = stored[0].shape[0]
+    codes, scales, d = q6_fields(stored[0])
+    step = d.view(np.float16).astype(F32)[:, None] * np.repeat(scales.astype(F32), 16, axis=1)  # d * scale first,
+    values = step * (codes.astype(F32) - F32(32))  # then * q: ggml's Q6_K order, so a transcoded row decodes alike
+    return values.reshape(r, -1)[:, :hidden]
+
+
+def _encode_q6(rows: np.ndarray) -> list[np.ndarray]:
+    r, hidden = rows.shape
+    w = np.zeros((r, q6_padded(hidden)), dtype=F32)
+    w[:, :hidden] = rows
+    return _transcode_q6_k(quants.quantize_q6_k(w), hidden)
+
+
+def _transcode_q6_k(raw: np.ndarray, hidden: int) -> list[np.ndarray]:
+    """Q6_K rows (uint8 [R, hidden / 256 * 210]) -> q6 rows: the same codes, scales and d, in our byte order."""
+    r = raw.shape[0]
+    return [_q6_blocks(*quants.q6_k_fields(raw)).reshape(r, -1)]
+
+
 EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
     EmbeddingType("f16", "BN_EMB_F16", "uint16_t",
                   lambda vocab, hidden: [("", "F16", (vocab, hidden))],
@@ -137,13 +190,21 @@ EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
                       ("_scale", "F32", (vocab,))],
                   lambda rows: _encode_q4(rows),
                   _decode_q4),
+    EmbeddingType("q6", "BN_EMB_Q6", "uint8_t",
+                  lambda vocab, hidden: [
+                      ("", "U8", (vocab, q6_padded(hidden) // kernels.Q6_BLOCK_K * kernels.Q6_BLOCK_BYTES))],
+                  _encode_q6,
+                  _decode_q6,
+                  {"Q6_K": _transcode_q6_k}),
 )}
 
 
-def embedding_type(name: str, what: str = "embeddings") -> EmbeddingType:
-    """The traits of storage type `name`; a BitnetError naming `what` and the choices if unknown."""
+def embedding_type(name: str, param: str | None = None) -> EmbeddingType:
+    """The traits of storage type `name`; a BitnetError naming the choices if unknown (`param`: the
+    caller's parameter that gave `name`, when a user chose it)."""
     if name not in EMBEDDING_TYPES:
-        raise BitnetError(f"{what} must be one of {', '.join(EMBEDDING_TYPES)}, got {name!r}")
+        raise BitnetError(f"{param or 'embeddings'} must be one of {', '.join(EMBEDDING_TYPES)}, got {name!r}",
+                          param=param)
     return EMBEDDING_TYPES[name]
 
 

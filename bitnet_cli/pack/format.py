@@ -26,8 +26,11 @@ from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
 FORMAT = "bitnet-cli"
 # 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
 # tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+# 3: projections may carry float biases (the qwen2 family) and their own input norms (use_rms_norm);
+# a file is written as version 3 only when it holds either (`file_version`), so that readers of version 2 refuse it instead of running
+# it without them, and still read every file that needs nothing newer.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
@@ -49,6 +52,11 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
             for suffix, dtype, shape in embedding_type(embeddings).stored(dims.vocab_size, dims.hidden_size)]
 
 
+def file_version(dims: ModelDims) -> str:
+    """The oldest format version that can hold this model (see FORMAT_VERSION)."""
+    return "3" if dims.qkv_bias or dims.bitlinear_norm_eps is not None else "2"
+
+
 def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
     specs = []
@@ -59,7 +67,7 @@ def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
             n, k = shape
             specs.append(TensorSpec(name, "U8", (n, padded_k(k) // 4)))
             specs.append(TensorSpec(name + "_scale", "F32", (1,)))
-        else:
+        else:  # norms and biases
             specs.append(TensorSpec(name, "F32", shape))
     return specs
 
@@ -74,7 +82,7 @@ def check_output_path(out: Path, force: bool = False) -> None:
     if out.is_dir():
         raise BitnetError(f"{out}: is a directory (give a file name)")
     if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     parent = out.parent
     if not parent.exists():
         raise BitnetError(f"{parent}: output directory does not exist")
@@ -198,14 +206,25 @@ def write_embedding_rows(writer: "PackedWriter", name: str, chunks, vocab: int, 
     the values chunk by chunk, then the per-row scales, which follow them in the file.
     `check(rows, stored, embeddings)`, if given, sees every chunk (to measure what the encoding lost)."""
     kind = embedding_type(embeddings)
-    suffixes = kind.suffixes
+
+    def stored():
+        for rows in chunks:
+            arrays = kind.encode(np.asarray(rows, dtype=np.float32))
+            if check is not None:
+                check(rows, arrays, embeddings)
+            yield arrays
+
+    write_stored_rows(writer, name, stored(), vocab, embeddings)
+
+
+def write_stored_rows(writer: "PackedWriter", name: str, chunks, vocab: int, embeddings: str) -> None:
+    """Write an embedding from chunks of its stored arrays (each chunk a list in the type's stored
+    order, covering all `vocab` rows in order): the values chunk by chunk, then the scales."""
+    suffixes = embedding_type(embeddings).suffixes
     tails: list[list[np.ndarray]] = [[] for _ in suffixes[1:]]
     done = 0
-    for rows in chunks:
-        values, *rest = kind.encode(np.asarray(rows, dtype=np.float32))
-        if check is not None:
-            check(rows, [values, *rest], embeddings)
-        done += len(rows)
+    for values, *rest in chunks:
+        done += len(values)
         writer.write(name, values, final=done >= vocab)
         for parts, part in zip(tails, rest):
             parts.append(part)
@@ -272,6 +291,10 @@ class PackedModel:
         if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
             raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
                               f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
+        if int(metadata["format_version"]) < int(file_version(d)):
+            raise BitnetError(f"{path}: its config ({d.family}{', use_rms_norm' if d.bitlinear_norm_eps else ''}) needs "
+                              f"format version {file_version(d)} but the "
+                              f"file says {metadata['format_version']}; the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings):
             e = entries.get(spec.name)
             if e is None:

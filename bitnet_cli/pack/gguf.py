@@ -14,9 +14,10 @@
   logits follow our numpy reference with that one line swapped, up to int8 rounding). We mark
   the file with `bitnet-cli.hidden_act = relu2` so that our importer reads it back as what it is.
 
-The head (= the tied embedding): by default F16 from f16 embeddings and Q8_0 carrying our int8
-values with the row scale (f16-rounded) as each block's d; `--gguf-head f16|q6_k` re-encodes the
-embedding as F16 or Q6_K (6.56 bits per weight, llama-quantize's usual head type).
+The head (= the tied embedding): by default F16 from f16 embeddings, Q8_0 carrying our int8
+values with the row scale (f16-rounded) as each block's d, Q6_K from q6 (the same codes and
+scales); `--gguf-head f16|q6_k` re-encodes the embedding as F16 or Q6_K (6.56 bits per weight,
+llama-quantize's usual head type).
 Tokenizer (byte-level BPE, `gpt2` with pre `llama-bpe` or `gpt-2`) and chat template go into the
 metadata. No q/k permutation: both graphs use rotate-half RoPE, as HF does.
 """
@@ -34,6 +35,7 @@ from bitnet_cli.gguf import quants
 from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
 from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
+from bitnet_cli.pack.embeddings import q6_fields
 from bitnet_cli.pack.format import PackedModel
 from bitnet_cli.tokenizer import special_id
 
@@ -91,15 +93,18 @@ def _tokenizer_metadata(pm: PackedModel) -> dict:
 def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str, head: str | None = None) -> None:
     """The shapes and types the target graph and its ternary block types accept (checked before any packing)."""
     if gguf_type not in GGUF_TYPES:
-        raise BitnetError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}")
+        raise BitnetError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}, got {gguf_type!r}", param="gguf_type")
     if head is not None and head not in HEAD_TYPES:
-        raise BitnetError(f"--gguf-head must be one of {', '.join(HEAD_TYPES)}, got {head!r}")
-    if head is None and embeddings not in ("f16", "int8"):
-        raise BitnetError(f"{where}: GGUF export takes f16 or int8 embeddings, not {embeddings}, unless "
-                          "--gguf-head f16|q6_k re-encodes them")
+        raise BitnetError(f"gguf_head must be one of {', '.join(HEAD_TYPES)}, got {head!r}", param="gguf_head")
+    if head is None and embeddings not in ("f16", "int8", "q6"):
+        raise BitnetError(f"{where}: GGUF export takes f16, int8 or q6 embeddings, not {embeddings}, unless "
+                          "gguf_head f16|q6_k re-encodes them", param="gguf_head")
     if d.family != "bitnet":
         raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
                           f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
+    if d.bitlinear_norm_eps is not None:
+        raise BitnetError(f"{where}: this model norms every projection's input (use_rms_norm), which no GGUF "
+                          "architecture computes (run it with `bitnet run`)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
     block = 128 if gguf_type == "i2_s" else QK_K
@@ -107,7 +112,7 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
         k = proj.shape(d)[1]
         if k % block:
             raise BitnetError(f"{where}: {proj.name} has {k} inputs; GGUF {gguf_type.upper()} needs a multiple of {block}")
-    need = QK_K if head == "q6_k" else 32
+    need = QK_K if head == "q6_k" or (head is None and embeddings == "q6") else 32
     if d.hidden_size % need:
         raise BitnetError(f"{where}: hidden_size {d.hidden_size} must be a multiple of {need} for this GGUF head")
 
@@ -118,6 +123,8 @@ def _head(pm: PackedModel, head: str | None):
     d = pm.dims
     if head is None and pm.embeddings == "f16":
         return TYPE_IDS["F16"], lambda: pm.tensor(embed)
+    if head is None and pm.embeddings == "q6":  # the same codes and scales in Q6_K's byte order
+        return TYPE_IDS["Q6_K"], lambda: quants.q6_k_pack(*q6_fields(pm.tensor(embed)))
     if head is None:
         return TYPE_IDS["Q8_0"], lambda: quants.q8_0_pack(pm.tensor(embed), pm.tensor(embed + "_scale"))
     if head == "f16":
@@ -146,7 +153,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
     """Write a GGUF file from a packed file (temp file + rename); return its path."""
     out = Path(out)
     if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use --force to overwrite)")
+        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
         check_gguf_shapes(pm.dims, gguf_type, str(packed_path), pm.embeddings, head)

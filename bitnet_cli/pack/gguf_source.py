@@ -11,6 +11,15 @@ names, one at a time, from the memory map:
   stored. Anything else is ternarised by the absmean rule, and the import says so.
 - `read(name, rows)`: norms and embedding rows as float32, dequantised exactly as ggml does.
 
+I2_S comes in two layouts of the same size (gguf/quants.py): bitnet.cpp's x86 build writes
+128-value blocks, its ARM build 64-value ones, and neither writes anything that says which
+(no metadata key, the same type id, the same tail; only a tensor of an odd multiple of 64
+values would tell, and the engine's 128-value blocks refuse those anyway). The import reads the
+x86 layout, the one of every published bitnet.cpp GGUF and of bitnet.cpp's own
+`dequantize_row_i2_s`, and says so in a note; `--i2s-block 64` (`i2s_block` here) reads an
+ARM-written file. Reading one layout as the other permutes every weight's input columns within
+each 128-value window, which no check on the codes or the scale can notice: hence the note.
+
 An architecture is one entry of `ARCHITECTURES`; the tensor names come from the model
 description (`gguf_name`), not from a table of our own.
 """
@@ -29,6 +38,7 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf import quants
 from bitnet_cli.gguf.reader import GGUFFile, TensorInfo
 from bitnet_cli.gguf.tokenizer import rebuild
+from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import ternarize
 
 
@@ -89,8 +99,9 @@ class GGUFCheckpoint:
     kind = "gguf"
 
     def __init__(self, gf: GGUFFile, arch: str, config: dict, dims: ModelDims, tokenizer_json: str,
-                 tokenizer_config: dict, notes: list[str]):
+                 tokenizer_config: dict, notes: list[str], i2s_block: int = quants.I2S_BLOCK):
         self.gf, self.arch, self.config, self.dims = gf, arch, config, dims
+        self.i2s_block = i2s_block
         self.path = gf.path
         self.source = str(gf.path)
         self.tokenizer_json, self.tokenizer_config = tokenizer_json, tokenizer_config
@@ -131,6 +142,17 @@ class GGUFCheckpoint:
         self.gf.release(t.name, start * rb, (stop - start) * rb)
         return out.reshape((stop - start, k) if len(t.dims) > 1 else (k,))
 
+    def read_raw(self, name: str, rows: slice) -> np.ndarray:
+        """Rows of a 2-D tensor as its stored bytes (uint8 [rows, row bytes], a copy), for a storage
+        type that holds the GGUF type as it is (pack/embeddings.py's `transcode`)."""
+        t = self.gguf_tensor(name)
+        k = t.dims[0]
+        start, stop, _ = rows.indices(t.count // k)
+        rb = quants.row_bytes(t.type_id, k)
+        out = self.gf.raw(t.name, start * rb, (stop - start) * rb).reshape(stop - start, rb).copy()
+        self.gf.release(t.name, start * rb, (stop - start) * rb)
+        return out
+
     def ternary(self, name: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
         """(trits int8 [N, K], gamma) of a BitLinear weight, keeping the scale the file stores."""
         try:
@@ -145,7 +167,7 @@ class GGUFCheckpoint:
         if t.type_name == "I2_S":
             codes_len = n * k // 4
             scale = self.gf.raw(t.name, codes_len, 4).view("<f4")[0]
-            codes = quants.i2s_codes(self.gf.raw(t.name, 0, codes_len)).reshape(n, k)
+            codes = quants.i2s_codes(self.gf.raw(t.name, 0, codes_len), self.i2s_block).reshape(n, k)
             trits = self._trits(codes, where)
             if not np.isfinite(scale) or scale < 0:
                 raise BitnetError(f"{where}: the I2_S scale {scale} is not a finite non-negative number")
@@ -202,6 +224,9 @@ class GGUFCheckpoint:
     def embedding_type(self, name: str) -> str:
         """The `--embeddings` default for an embedding: the storage type that loses nothing, or f16 (the closest)."""
         t = self.gguf_tensor(name)
+        holds_as_is = [kind.name for kind in EMBEDDING_TYPES.values() if t.type_name in kind.transcode]
+        if holds_as_is:  # Q6_K -> q6
+            return holds_as_is[0]
         if t.type_name == "Q8_0":
             k = t.dims[0]
             rows = t.count // k
@@ -224,17 +249,37 @@ class GGUFCheckpoint:
         self.gf.close()
 
 
-def open_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
-    """Open a GGUF file as a pack source; every error names the file and the key or tensor."""
+def open_gguf(path: str | os.PathLike, i2s_block: int | None = None) -> GGUFCheckpoint:
+    """Open a GGUF file as a pack source; every error names the file and the key or tensor.
+    i2s_block: the I2_S layout, 128 (bitnet.cpp's x86 build) or 64 (its ARM build); None: 64 when a
+    tensor's size says so, else 128 with a note (see the module docstring)."""
+    if i2s_block is not None and i2s_block not in quants.I2S_BLOCKS:
+        raise BitnetError(f"i2s_block must be one of {', '.join(map(str, quants.I2S_BLOCKS))} (values per I2_S "
+                          f"block: 128 for files from bitnet.cpp's x86 build, 64 from its ARM build), got {i2s_block}",
+                          param="i2s_block")
     gf = GGUFFile.open(path)
     try:
-        return _open(gf)
+        return _open(gf, i2s_block)
     except BaseException:
         gf.close()
         raise
 
 
-def _open(gf: GGUFFile) -> GGUFCheckpoint:
+def _i2s_layout(gf: GGUFFile, requested: int | None, notes: list[str]) -> int:
+    """Values per I2_S block for this file: `requested`, else the x86 layout with a note saying that nothing
+    in the file could confirm it."""
+    if requested is not None:
+        return requested
+    if any(t.type_name == "I2_S" for t in gf.tensors.values()):
+        notes.append(f"{gf.path}: I2_S read in bitnet.cpp's x86 layout ({quants.I2S_BLOCK}-value blocks, as in the "
+                     f"published GGUF files); its ARM build writes {quants.I2S_ARM_BLOCK}-value blocks of the same size "
+                     "and nothing in the file tells the two apart: a file quantised on ARM (aarch64, Apple silicon) "
+                     f"read this way generates garbage; import one with `bitnet pack --i2s-block {quants.I2S_ARM_BLOCK} "
+                     f"{gf.path.name} OUT.bin`")
+    return quants.I2S_BLOCK
+
+
+def _open(gf: GGUFFile, i2s_block: int | None) -> GGUFCheckpoint:
     arch = gf.get("general.architecture", str, required=True)
     if arch not in ARCHITECTURES:
         raise BitnetError(f"{gf.path}: metadata key 'general.architecture' = {arch!r}: this GGUF is not a model "
@@ -272,7 +317,8 @@ def _open(gf: GGUFFile) -> GGUFCheckpoint:
     config.update(model_type=spec.model_type, architectures=["BitNetForCausalLM"], hidden_act=hidden_act,
                   _name_or_path=gf.get("general.name", str, "") or gf.path.stem)
     dims = ModelDims.from_config(config, f"{gf.path}: metadata")
-    ckpt = GGUFCheckpoint(gf, arch, config, dims, tokenizer_json, tokenizer_config, notes)
+    i2s_block = _i2s_layout(gf, i2s_block, notes)
+    ckpt = GGUFCheckpoint(gf, arch, config, dims, tokenizer_json, tokenizer_config, notes, i2s_block)
     for name, want, _ in dims.hf_tensors():  # every tensor present, with the shape the metadata implies
         t = ckpt.gguf_tensor(name)
         if tuple(t.shape) != tuple(want):

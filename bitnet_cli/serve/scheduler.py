@@ -34,7 +34,7 @@ MIN_PREFILL = 8   # prompt tokens per step even when decoding sequences fill the
 
 
 class QueueFull(Exception):
-    """More sequences are waiting for a slot than --max-queue allows."""
+    """More sequences are waiting for a slot than max_queue allows."""
 
 
 @dataclass
@@ -108,14 +108,19 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum())
 
 
+def check_limits(parallel: int, max_queue: int) -> None:
+    """The scheduler's sizes: at least one slot, and a queue that may be empty."""
+    if type(parallel) is not int or parallel < 1:
+        raise BitnetError(f"parallel must be a positive integer, got {parallel!r}", param="parallel")
+    if type(max_queue) is not int or max_queue < 0:
+        raise BitnetError(f"max_queue must be >= 0, got {max_queue!r}", param="max_queue")
+
+
 class Scheduler:
     """Runs Jobs on `engine` with up to `parallel` sequences at once, `max_queue` more waiting."""
 
     def __init__(self, engine: Engine, parallel: int, max_queue: int):
-        if type(parallel) is not int or parallel < 1:
-            raise BitnetError(f"--parallel must be a positive integer, got {parallel!r}")
-        if type(max_queue) is not int or max_queue < 0:
-            raise BitnetError(f"--max-queue must be >= 0, got {max_queue!r}")
+        check_limits(parallel, max_queue)
         engine.set_sequences(parallel)
         self.engine, self.parallel, self.max_queue = engine, parallel, max_queue
         self.slots = [_Slot(i) for i in range(parallel)]
@@ -139,7 +144,7 @@ class Scheduler:
             free = sum(s.job is None for s in self.slots)
             if len(self._pending) + len(jobs) - free > self.max_queue:
                 raise QueueFull(f"all {self.parallel} slots are busy and {len(self._pending)} requests are "
-                                f"waiting (--max-queue {self.max_queue}); try again later")
+                                f"waiting, as many as the server's queue holds ({self.max_queue}); try again later")
             self._pending.extend(jobs)
             self._wake.notify()
 

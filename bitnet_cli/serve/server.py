@@ -14,7 +14,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as e:
-        raise BitnetError(f"--host {host!r}: {e}") from None
+        raise BitnetError(f"host {host!r}: {e}", param="host") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -42,14 +42,11 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int |
         raise BitnetError("bitnet serve needs the serve extra: pip install 'bitnet-cli[serve]'") from None
     from bitnet_cli.engine import Engine
     from bitnet_cli.serve.app import Server
-    from bitnet_cli.serve.scheduler import Scheduler
+    from bitnet_cli.serve.scheduler import Scheduler, check_limits
 
     if type(port) is not int or not 0 <= port <= 65535:
-        raise BitnetError(f"--port must be between 0 and 65535, got {port!r}")
-    if type(parallel) is not int or parallel < 1:
-        raise BitnetError(f"--parallel must be a positive integer, got {parallel!r}")
-    if type(max_queue) is not int or max_queue < 0:
-        raise BitnetError(f"--max-queue must be >= 0, got {max_queue!r}")
+        raise BitnetError(f"port must be between 0 and 65535, got {port!r}", param="port")
+    check_limits(parallel, max_queue)  # before the model is loaded
     engine = Engine.load(model, threads=threads, ctx_size=ctx_size)
     sock = _listen(host, port)
     scheduler = Scheduler(engine, parallel, max_queue)

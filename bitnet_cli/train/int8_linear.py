@@ -239,13 +239,14 @@ class Int8Product(nn.Module):
 
 def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Module]]]:
     """(owner, its BitLinears that read one input) for each module declaring ``shared_input``
-    whose projections are all plain trainable BitLinears (not offline-quantised ones)."""
+    whose projections are all plain trainable BitLinears: not offline-quantised ones, and none
+    with an input norm of its own (``use_rms_norm``: then each one quantises a different input)."""
     from bitnet_cli.model import BitLinear
 
     groups = []
     for m in model.modules():
         projs = [getattr(m, n) for n in getattr(m, "shared_input", ())]
-        if projs and all(isinstance(p, BitLinear) and p.scale_op is None for p in projs):
+        if projs and all(isinstance(p, BitLinear) and p.scale_op is None and p.rms_norm is None for p in projs):
             groups.append((m, projs))
     return groups
 

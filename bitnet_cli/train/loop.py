@@ -256,14 +256,15 @@ def train(recipe: Recipe, out_dir: str | Path | None = None, resume: bool = Fals
 
 
 class TrainInterrupted(BitnetError):
-    """Ctrl-C during training: the step checkpoints already written stay, and --resume continues."""
+    """Ctrl-C during training: the step checkpoints already written stay, and resume continues."""
 
     exit_code = 130
 
     def __init__(self, out_dir: Path, resume_step: int):
         self.out_dir, self.resume_step = out_dir, resume_step
         where = f"step {resume_step}" if resume_step else "the start (no checkpoint was saved yet)"
-        super().__init__(f"interrupted: the same command with --resume continues {out_dir} from {where}")
+        super().__init__(f"interrupted: run it again with resume to continue {out_dir} from {where}",
+                         param="resume")
 
 
 def _prepare_run_dir(out_dir: Path) -> None:
@@ -273,7 +274,8 @@ def _prepare_run_dir(out_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except FileExistsError:
-        raise BitnetError(f"{out_dir}: is a file, not a run directory (choose another --out)") from None
+        raise BitnetError(f"{out_dir}: is a file, not a run directory (choose another out_dir)",
+                          param="out_dir") from None
     except OSError as e:
         raise BitnetError(f"{out_dir}: cannot write the run directory ({e.strerror or e})") from None
 
@@ -312,7 +314,8 @@ def _configure_torch(t, device: torch.device, info: D.DistInfo) -> torch.device:
 def _resume_point(out_dir: Path, resume: bool, info: D.DistInfo, say) -> Path | None:
     """The checkpoint to resume from (None: a fresh run), once the run directory is ready."""
     if not resume and (ckpt_io.step_checkpoints(out_dir) or (out_dir / "final").exists()):
-        raise BitnetError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+        raise BitnetError(f"{out_dir} already holds a run: pass resume to continue it, or choose another out_dir",
+                          param=("resume", "out_dir"))
     if info.is_main:
         _prepare_run_dir(out_dir)
         ckpt_io.remove_stale_temporaries(out_dir)
@@ -322,7 +325,7 @@ def _resume_point(out_dir: Path, resume: bool, info: D.DistInfo, say) -> Path | 
     final = out_dir / "final"
     resume_from = final if (final / "trainer_state.pt").is_file() else ckpt_io.latest_checkpoint(out_dir)
     if resume_from is None:
-        say(f"--resume: no checkpoint in {out_dir} yet, starting from step 0")
+        say(f"resume: no checkpoint in {out_dir} yet, starting from step 0")
     return resume_from
 
 

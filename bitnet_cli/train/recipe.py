@@ -38,7 +38,7 @@ class ModelSpec(_Strict):
                                 "only if round_vocab_to is set).")
     round_vocab_to: int = Field(1, ge=1, le=1 << 16, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
                                                      "for tensor-core friendly shapes).")
-    # qwen2 (q/k/v biases, not packable) is only reached through init_from
+    # qwen2 (q/k/v biases, which start from a checkpoint's) is only reached through init_from
     family: Optional[Literal[tuple(k for k, f in FAMILIES.items() if not f.qkv_bias)]] = Field(  # type: ignore[valid-type]
         None, description="bitnet: BitNet b1.58 (sub-norms, relu2 gate); llama: the Llama-architecture 1.58-bit "
                           "models (no sub-norms, SiLU gate, checkpoints of model_type llama); default: the "
@@ -314,19 +314,19 @@ def parse_yaml(text: str, where: str):
 
 def _apply_override(data: dict, override: str) -> tuple[str, ...]:
     if "=" not in override:
-        raise BitnetError(f"--set {override!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-3")
+        raise BitnetError(f"overrides {override!r}: expected KEY=VALUE, e.g. optim.lr=1e-3", param="overrides")
     key, raw = override.split("=", 1)
     path = tuple(p for p in key.strip().split("."))
     if not all(path):
-        raise BitnetError(f"--set {override!r}: empty key component")
+        raise BitnetError(f"overrides {override!r}: empty key component", param="overrides")
     try:
-        value = parse_yaml(raw, f"--set {key}")[0] if raw.strip() else None
+        value = parse_yaml(raw, f"overrides {key}")[0] if raw.strip() else None
     except BitnetError:
         value = raw  # not YAML: the text itself (the schema then says what it should be)
     node = data
     for p in path[:-1]:
         if not isinstance(node.get(p, {}), dict):
-            raise BitnetError(f"--set {key}: {p} is not a section")
+            raise BitnetError(f"overrides {key}: {p} is not a section", param="overrides")
         node = node.setdefault(p, {})
     node[path[-1]] = value
     return path
@@ -389,7 +389,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
         for err in e.errors():
             loc = tuple(str(x) for x in err["loc"])
             key = ".".join(loc) or "(top level)"
-            origin = next((f"--set {from_set[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in from_set),
+            origin = next((f"overrides {from_set[loc[:i]]}" for i in range(len(loc), 0, -1) if loc[:i] in from_set),
                           None)
             if origin is None:
                 line = next((lines[loc[:i]] for i in range(len(loc), 0, -1) if loc[:i] in lines), None)
@@ -398,5 +398,5 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
             if err["type"] == "missing":
                 msg = "required key is missing"
             msgs.append(f"{origin}: {key}: {msg}")
-        raise BitnetError("invalid recipe\n  " + "\n  ".join(msgs)) from None
+        raise BitnetError("invalid recipe\n  " + "\n  ".join(msgs), param="overrides") from None
     return recipe
