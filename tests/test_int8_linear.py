@@ -120,6 +120,25 @@ def test_the_ternary_cache_is_refreshed_per_step_and_stays_out_of_checkpoints():
     assert torch.equal(attn.o_proj.int8.trits, t) and torch.equal(attn.o_proj.int8.col_scale, (1.0 / s).expand(len(t)))
 
 
+def test_projections_with_their_own_input_norm_are_not_stacked():
+    """use_rms_norm: each BitLinear quantises its own normed input, so q/k/v and gate/up keep one
+    product each; the model's output is still the plain path's."""
+    cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None,
+                       bitlinear_norm_eps=1e-6)
+    torch.manual_seed(0)
+    plain = BitNetForCausalLM(cfg)
+    fast = BitNetForCausalLM(cfg)
+    fast.load_state_dict(plain.state_dict())
+    assert L.enable(fast, False, cache=True) == 7
+    L.refresh(fast)
+    layer = fast.model.layers[0]
+    assert layer.self_attn.int8_fused is None and layer.mlp.int8_fused is None
+    assert layer.self_attn.q_proj.int8.cache
+    ids = torch.randint(0, 64, (2, 8))
+    assert rel(fast(ids), plain(ids)) < 1e-5
+
+
 @pytest.mark.parametrize("int8_grad", [False, True])
 def test_a_stacked_product_equals_its_projections_one_by_one(int8_grad):
     """q/k/v (different sizes and scales, one with a bias) as one product against each alone:
