@@ -263,6 +263,7 @@ class Engine(kernels.CResource):
         desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
+        desc.layout = getattr(self._lib, pm.ternary_layout.c_enum)
         return desc
 
     # ------------------------------------------------------------------ loading

@@ -52,7 +52,7 @@ static void bench_kernel(int threads, int isa) {
         double best = 1e9;
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now();
-            for (int c = 0; c < copies; c++) bn_gemm_i2(pool, isa, w[c], n, k, xq, xsum, m, acc);
+            for (int c = 0; c < copies; c++) bn_gemm_ternary(pool, isa, BN_LAYOUT_I2, w[c], n, k, xq, xsum, m, acc);
             double dt = (now() - t0) / copies;
             if (dt < best) best = dt;
         }

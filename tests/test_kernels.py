@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bitnet_cli import kernels
-from bitnet_cli.pack.ternary import pack_i2_k128
+from bitnet_cli.pack.ternary import pack_i2_k128, pack_tq1_k640
 
 REPO = Path(__file__).resolve().parents[1]
 ISAS = kernels.available_isas()
@@ -63,14 +63,27 @@ def test_gemm_exact_on_every_isa(isa, m, n, k):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k", [(1, 640), (1, 2560), (1, 6912), (3, 1100), (6, 6912), (5, 200)])
+def test_tq1_gemm_equals_i2_on_every_isa(isa, m, k):
+    """tq1_k640 (five trits a byte, then i2_k128 blocks for the rest of the row): the same integer
+    sums as the 2-bit layout on every ISA, the decode GEMV (m = 1) and the token tiles alike."""
+    rng = np.random.default_rng(k + m)
+    trits = rng.integers(-1, 2, size=(13, k), dtype=np.int8)
+    xq, _, xsum = kernels.quantize(rng.standard_normal((m, k)).astype(np.float32))
+    want = kernels.gemm(pack_i2_k128(trits), xq, xsum, isa="scalar")
+    np.testing.assert_array_equal(kernels.gemm(pack_tq1_k640(trits), xq, xsum, isa=isa, layout="tq1"), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gemm_extremes_do_not_overflow(isa):
     """All-(-128) activations against all-(+1) and all-(-1) rows: the largest sums the kernels see."""
     k = 6912
     trits = np.stack([np.ones(k, np.int8), -np.ones(k, np.int8), np.zeros(k, np.int8)])
     xq = np.full((2, k), -128, np.int8)
     xq[1] = 127
-    acc = kernels.gemm(pack_i2_k128(trits), xq, xq.sum(axis=1, dtype=np.int32), isa=isa)
-    np.testing.assert_array_equal(acc, [[-128 * k, 128 * k, 0], [127 * k, -127 * k, 0]])
+    for layout, pack in (("i2", pack_i2_k128), ("tq1", pack_tq1_k640)):
+        acc = kernels.gemm(pack(trits), xq, xq.sum(axis=1, dtype=np.int32), isa=isa, layout=layout)
+        np.testing.assert_array_equal(acc, [[-128 * k, 128 * k, 0], [127 * k, -127 * k, 0]])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])

@@ -21,14 +21,13 @@ from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetens
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
-from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
+from bitnet_cli.pack.ternary import LAYOUTS, layout, layout_named
 
 FORMAT = "bitnet-cli"
 # 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
 # tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
-LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
 CONVERTER = f"bitnet-cli {__version__}"
@@ -49,15 +48,17 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
             for suffix, dtype, shape in embedding_type(embeddings).stored(dims.vocab_size, dims.hidden_size)]
 
 
-def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
-    """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
+def tensor_specs(dims: ModelDims, embeddings: str, ternary_layout: str = "i2") -> list[TensorSpec]:
+    """Every tensor of a packed file, in file order (embeddings, layers in order, head), its
+    projections in `ternary_layout` (an --layout choice, pack/ternary.py's LAYOUTS)."""
+    row_bytes = layout(ternary_layout).row_bytes
     specs = []
     for name, shape, kind in dims.hf_tensors():
         if kind == "embedding":
             specs += embedding_specs(name, dims, embeddings)
         elif kind == "projection":  # packed trits, then gamma
             n, k = shape
-            specs.append(TensorSpec(name, "U8", (n, padded_k(k) // 4)))
+            specs.append(TensorSpec(name, "U8", (n, row_bytes(k))))
             specs.append(TensorSpec(name + "_scale", "F32", (1,)))
         else:
             specs.append(TensorSpec(name, "F32", shape))
@@ -250,6 +251,7 @@ class PackedModel:
                 raise BitnetError(f"{where}: tokenizer_config {key} must be a string of valid Unicode, "
                                   f"got {safejson.short(value)}")
         self.layout = metadata["layout"]
+        self.ternary_layout = layout_named(self.layout)  # open() has refused layouts it does not know
         self.embeddings = metadata["embeddings"]
         self.checksums = _json_value(metadata, "checksums", where, dict)
         self.names = [n for n in entries if not n.startswith(PAD_PREFIX)]
@@ -274,8 +276,9 @@ class PackedModel:
         for key in ("config", "tokenizer", "layout", "embeddings", "checksums"):
             if key not in metadata:
                 raise BitnetError(f"{path}: metadata key {key!r} is missing")
-        if metadata["layout"] != LAYOUT:
-            raise BitnetError(f"{path}: unknown ternary layout {metadata['layout']!r} (expected {LAYOUT})")
+        if layout_named(metadata["layout"]) is None:
+            raise BitnetError(f"{path}: unknown ternary layout {metadata['layout']!r} (this bitnet-cli reads "
+                              f"{', '.join(t.name for t in LAYOUTS.values())})")
         if metadata["embeddings"] not in EMBEDDING_TYPES:
             raise BitnetError(f"{path}: unknown embeddings type {metadata['embeddings']!r}")
         pm = cls(path, metadata, entries, None)
@@ -283,7 +286,7 @@ class PackedModel:
         if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
             raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
                               f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
-        for spec in tensor_specs(pm.dims, pm.embeddings):
+        for spec in tensor_specs(pm.dims, pm.embeddings, pm.ternary_layout.option):
             e = entries.get(spec.name)
             if e is None:
                 raise BitnetError(f"{path}: tensor {spec.name!r} is missing")
@@ -321,7 +324,7 @@ class PackedModel:
         """(trits int8 [N, K], gamma) of a BitLinear weight, e.g. 'model.layers.0.mlp.up_proj.weight'."""
         _, k = self.dims.projection_shape(split_layer_tensor(name)[1])
         gamma = self.tensor(name + "_scale")[0]
-        return unpack_i2_k128(self.tensor(name), k), np.float32(gamma)
+        return self.ternary_layout.unpack(self.tensor(name), k), np.float32(gamma)
 
     def embedding(self, name: str = EMBED, rows=slice(None)) -> np.ndarray:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""
