@@ -54,7 +54,7 @@ class Family:
     architecture: str  # config.json's architectures entry (transformers' class)
     default_act: str  # hidden_act when the config leaves it out (transformers' config default)
     sub_norms: bool  # attn_sub_norm before o_proj and ffn_sub_norm before down_proj
-    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2); not in the packed format
+    qkv_bias: bool = False  # float biases on q_proj, k_proj and v_proj (Qwen2), added after the ternary product
 
 
 FAMILIES: dict[str, Family] = {
@@ -63,13 +63,28 @@ FAMILIES: dict[str, Family] = {
     # Llama-architecture 1.58-bit models (HF1BitLLM/Llama3-8B-1.58, Falcon3-*-1.58bit, Falcon-E):
     # LlamaForCausalLM with BitLinear projections: SiLU gate, no sub-norms, optional llama3 RoPE
     "llama": Family("llama", "LlamaForCausalLM", "silu", False),
-    # Qwen2 / Qwen2.5 made ternary by `bitnet train` (model.init_from): Llama with float q/k/v
-    # biases. It trains and evaluates in torch; `bitnet pack` refuses it (no biases in the format).
+    # Qwen2 / Qwen2.5 with BitLinear projections (made ternary by `bitnet train`'s model.init_from,
+    # or transformers' Qwen2ForCausalLM with the bitnet quantization_config): Llama with float q/k/v biases.
     "qwen2": Family("qwen2", "Qwen2ForCausalLM", "silu", False, qkv_bias=True),
 }
 FAMILY_BY_MODEL_TYPE = {f.model_type: name for name, f in FAMILIES.items()}
 ACTIVATIONS = ("relu2", "silu")  # the FFN gate act(gate) * up; both run on every backend
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def bitlinear_norm_eps(quant: dict, where: str) -> float | None:
+    """The eps of the RMSNorm transformers puts on every BitLinear's input when a quantization_config says
+    ``use_rms_norm: true`` (its ``rms_norm_eps``, BitNetQuantConfig's default 1e-6), or None when it does not."""
+    flag = quant.get("use_rms_norm", False)
+    if not isinstance(flag, bool):
+        raise BitnetError(f"{where}: quantization_config.use_rms_norm must be true or false, got {short(flag)}")
+    if not flag:
+        return None
+    eps = quant.get("rms_norm_eps", 1e-6)
+    if type(eps) not in (int, float) or not math.isfinite(eps) or eps <= 0:
+        raise BitnetError(f"{where}: quantization_config.rms_norm_eps must be a positive finite number when "
+                          f"use_rms_norm is true, got {short(eps)}")
+    return float(eps)
 
 
 def rope_scaling_from_config(config: dict, where: str = "config") -> dict | None:
@@ -117,6 +132,9 @@ class ModelDims:
     family: str = "bitnet"  # a FAMILIES key
     hidden_act: str = "relu2"  # the FFN gate's activation, one of ACTIVATIONS
     rope_scaling: dict | None = None  # None, or rope_scaling_from_config's llama3 block
+    # quantization_config use_rms_norm (transformers' BitLinear / AutoBitLinear): an RMSNorm with its own
+    # weight on every projection's input before the int8 quantisation, with this eps; None: none
+    bitlinear_norm_eps: float | None = None
 
     @property
     def sub_norms(self) -> bool:
@@ -208,16 +226,15 @@ class ModelDims:
         quant = config.get("quantization_config") or {}
         if not isinstance(quant, dict):
             raise BitnetError(f"{where}: quantization_config must be a JSON object, got {short(quant)}")
-        if quant.get("use_rms_norm"):
-            raise BitnetError(f"{where}: quantization_config.use_rms_norm=true (an RMSNorm inside every "
-                              "BitLinear) is not supported")
-        return {"family": family, "hidden_act": act, "rope_scaling": rope_scaling_from_config(config, where)}
+        return {"family": family, "hidden_act": act, "rope_scaling": rope_scaling_from_config(config, where),
+                "bitlinear_norm_eps": bitlinear_norm_eps(quant, where)}
 
     def hf_config(self, source: dict) -> dict:
         """The HF config a packed file stores: `source` with every field engines need made explicit.
 
         The source's `quantization_config` is dropped: it describes the source's storage, and the
-        packed file's storage is described by its own `layout` metadata key. The RoPE block is
+        packed file's storage is described by its own `layout` metadata key. Only `use_rms_norm`
+        and its `rms_norm_eps` stay (in a `quantization_config` of those two keys), when set. The RoPE block is
         written in both spellings (transformers 5's rope_parameters, 4.x's rope_theta/rope_scaling).
         """
         out = {k: v for k, v in source.items() if k not in ("quantization_config", "rope_parameters", "rope_scaling")}
@@ -231,6 +248,8 @@ class ModelDims:
         )
         if self.rope_scaling is not None:
             out["rope_scaling"] = dict(self.rope_scaling)
+        if self.bitlinear_norm_eps is not None:  # the one quantization_config field that shapes the model
+            out["quantization_config"] = {"use_rms_norm": True, "rms_norm_eps": self.bitlinear_norm_eps}
         return out
 
     # ------------------------------------------------------------------ the tables, for this model
@@ -242,6 +261,15 @@ class ModelDims:
     def layer_norms(self) -> tuple["LayerNorm", ...]:
         """The RMSNorm weights of one decoder layer: without the sub-norms in a family that has none."""
         return LAYER_NORMS if self.sub_norms else tuple(n for n in LAYER_NORMS if n.name not in SUB_NORMS)
+
+    def bitlinear_norm(self, proj: str) -> str | None:
+        """The module of projection `proj`'s own input RMSNorm (use_rms_norm), e.g. 'self_attn.q_proj.rms_norm',
+        or None when the model has none."""
+        return f"{proj}.{BITLINEAR_NORM}" if self.bitlinear_norm_eps is not None else None
+
+    def has_bias(self, proj: str) -> bool:
+        """Whether projection `proj` (a short name, e.g. 'self_attn.q_proj') carries a float bias [N]."""
+        return self.qkv_bias and proj in QKV_PROJECTIONS
 
     def projection_shape(self, proj: str) -> tuple[int, int]:
         """(N outputs, K inputs) of a BitLinear layer, by its short name (e.g. 'self_attn.k_proj')."""
@@ -265,11 +293,18 @@ class ModelDims:
 
     def hf_tensors(self) -> list[tuple[str, tuple[int, ...], str]]:
         """Every tensor of the model in HF layout, in file order: (name, float shape, kind), kind
-        being "embedding" (the input embedding, and the head when untied), "norm" or "projection"."""
+        being "embedding" (the input embedding, and the head when untied), "norm", "projection" or
+        "bias" (a projection's float bias, after its weight); a projection's own input norm (use_rms_norm)
+        is a "norm" just before it."""
         out = [(EMBED, (self.vocab_size, self.hidden_size), "embedding")]
         for i in range(self.num_layers):
             out += [(layer_tensor(i, n.name), (n.size(self),), "norm") for n in self.layer_norms()]
-            out += [(layer_tensor(i, p.name), p.shape(self), "projection") for p in self.projections()]
+            for p in self.projections():
+                if self.bitlinear_norm(p.name):
+                    out.append((layer_tensor(i, self.bitlinear_norm(p.name)), (p.shape(self)[1],), "norm"))
+                out.append((layer_tensor(i, p.name), p.shape(self), "projection"))
+                if self.has_bias(p.name):
+                    out.append((layer_tensor(i, p.name, "bias"), (p.shape(self)[0],), "bias"))
         out.append((FINAL_NORM, (self.hidden_size,), "norm"))
         if not self.tie_word_embeddings:
             out.append((LM_HEAD, (self.vocab_size, self.hidden_size), "embedding"))
@@ -282,14 +317,17 @@ class ModelDims:
         return self.num_layers * sum(n * k for n, k in (p.shape(self) for p in self.projections()))
 
     def norm_parameters(self) -> int:
-        return self.num_layers * sum(n.size(self) for n in self.layer_norms()) + self.hidden_size
+        per_layer = sum(n.size(self) for n in self.layer_norms())
+        if self.bitlinear_norm_eps is not None:
+            per_layer += sum(p.shape(self)[1] for p in self.projections())
+        return self.num_layers * per_layer + self.hidden_size
 
     def embedding_parameters(self) -> int:
         """The input embedding, plus the head when it is untied."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
     def bias_parameters(self) -> int:
-        return self.num_layers * (self.q_dim + 2 * self.kv_dim) if self.qkv_bias else 0
+        return self.num_layers * sum(p.shape(self)[0] for p in self.projections() if self.has_bias(p.name))
 
     def parameters(self, exclude_embeddings: bool = False) -> int:
         """All parameters (a tied head counted once); without the input embedding if asked."""
@@ -311,7 +349,8 @@ class Projection:
     """One BitLinear projection of a decoder layer."""
 
     name: str  # HF module path inside a layer, e.g. "self_attn.q_proj" (tensor: <layer>.<name>.weight)
-    c_field: str  # bn_layer_desc's w<c_field> (packed trits) and g<c_field> (gamma), kernels/bitnet.h
+    c_field: str  # bn_layer_desc's w<c_field> (packed trits), g<c_field> (gamma), b<c_field> (bias) and
+    # n<c_field> (its own input norm), kernels/bitnet.h
     gguf: str  # llama.cpp's name: blk.<i>.<gguf>.weight
     shape: Callable[[ModelDims], tuple[int, int]]  # (N outputs, K inputs)
 
@@ -344,6 +383,8 @@ LAYER_NORMS: tuple[LayerNorm, ...] = (
     LayerNorm("mlp.ffn_sub_norm", "ffn_sub_norm", "ffn_sub_norm", lambda d: d.intermediate_size),
 )
 SUB_NORMS = ("self_attn.attn_sub_norm", "mlp.ffn_sub_norm")
+BITLINEAR_NORM = "rms_norm"  # transformers' BitLinear submodule of use_rms_norm: <proj>.rms_norm.weight
+QKV_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the ones a qkv_bias family biases
 PROJECTION_BY_NAME = {p.name: p for p in PROJECTIONS}
 NORM_BY_NAME = {n.name: n for n in LAYER_NORMS}
 # Tensors outside the decoder layers, by HF name -> GGUF name.
@@ -366,12 +407,12 @@ def split_layer_tensor(name: str) -> tuple[int, str, str]:
 
 def gguf_name(hf_name: str) -> str:
     """HF tensor name -> llama.cpp GGUF tensor name (model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight;
-    a projection's weight_scale -> blk.3.ffn_up.scale)."""
+    a projection's weight_scale -> blk.3.ffn_up.scale, its bias -> blk.3.attn_q.bias)."""
     if hf_name in GLOBAL_GGUF_NAMES:
         return GLOBAL_GGUF_NAMES[hf_name]
     layer, module, kind = split_layer_tensor(hf_name)
     entry = PROJECTION_BY_NAME.get(module) or NORM_BY_NAME[module]
-    return f"blk.{layer}.{entry.gguf}.{'scale' if kind == 'weight_scale' else 'weight'}"
+    return f"blk.{layer}.{entry.gguf}.{ {'weight_scale': 'scale', 'bias': 'bias'}.get(kind, 'weight')}"
 
 
 # ------------------------------------------------------------------------------ presets

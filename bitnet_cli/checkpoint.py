@@ -200,9 +200,6 @@ def bitnet_convention(qc: dict | None, where: str) -> tuple[str, str] | None:
     if qc["quant_method"] != "bitnet":
         raise BitnetError(f"{where}: unsupported quantization_config quant_method {safejson.short(qc['quant_method'])} "
                           "(only 'bitnet')")
-    if qc.get("use_rms_norm"):
-        raise BitnetError(f"{where}: quantization_config.use_rms_norm=true (an RMSNorm inside every BitLinear) "
-                          "is not supported")
     cls = qc.get("linear_class", "bitlinear")
     mode = qc.get("quantization_mode", "offline")
     if cls not in ("bitlinear", "autobitlinear"):
@@ -386,21 +383,15 @@ def open_checkpoint(src: str | os.PathLike, kind: str = "auto") -> Checkpoint:
         raise BitnetError(f"unknown source kind {kind!r}; choose one of {', '.join(KINDS)}")
     ckpt, source = _checkpoint_dir(src, kind)
     config = read_json(ckpt / "config.json", "model config")
-    from bitnet_cli.arch import FAMILIES, FAMILY_BY_MODEL_TYPE
+    from bitnet_cli.arch import FAMILY_BY_MODEL_TYPE
 
     model_type = config.get("model_type")
-    family = FAMILIES.get(FAMILY_BY_MODEL_TYPE.get(model_type, "")) if isinstance(model_type, str) else None
-    if family is not None and family.qkv_bias:
+    if not isinstance(model_type, str) or model_type not in FAMILY_BY_MODEL_TYPE:
         raise BitnetError(
-            f"{ckpt / 'config.json'}: {family.architecture} has biases on q_proj/k_proj/v_proj, which the packed "
-            "format and the C engine do not support yet; evaluate the checkpoint directory itself (`bitnet eval` "
-            "runs it on torch, and transformers loads it)"
-        )
-    if config.get("model_type") not in ("bitnet", "llama"):
-        raise BitnetError(
-            f"{ckpt / 'config.json'}: unsupported architecture model_type={safejson.short(config.get('model_type'))} "
-            f"(architectures={safejson.short(config.get('architectures'))}); BitNet b1.58 (model_type 'bitnet') and "
-            "1.58-bit Llama-architecture models (model_type 'llama' with a bitnet quantization_config) can be packed"
+            f"{ckpt / 'config.json'}: unsupported architecture model_type={safejson.short(model_type)} "
+            f"(architectures={safejson.short(config.get('architectures'))}); BitNet b1.58 (model_type 'bitnet'), "
+            "1.58-bit Llama-architecture models (model_type 'llama' with a bitnet quantization_config) and Qwen2 "
+            "with BitLinear projections (model_type 'qwen2', e.g. a `bitnet train` conversion) can be packed"
         )
     tensors: dict[str, tuple[Path, TensorEntry]] = {}
     for file in tensor_files(ckpt):

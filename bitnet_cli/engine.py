@@ -246,6 +246,10 @@ class Engine(kernels.CResource):
             for proj in d.projections():
                 setattr(layers[i], "w" + proj.c_field, ptr(tensor(layer_tensor(i, proj.name)), "uint8_t"))
                 setattr(layers[i], "g" + proj.c_field, float(finite(layer_tensor(i, proj.name, "weight_scale"))[0]))
+                if d.has_bias(proj.name):
+                    setattr(layers[i], "b" + proj.c_field, ptr(finite(layer_tensor(i, proj.name, "bias")), "float"))
+                if d.bitlinear_norm(proj.name):
+                    setattr(layers[i], "n" + proj.c_field, ptr(finite(layer_tensor(i, d.bitlinear_norm(proj.name))), "float"))
         desc = ffi.new("bn_model_desc *")
         self._keep.append(desc)
         desc.n_layers, desc.hidden, desc.ffn = d.num_layers, d.hidden_size, d.intermediate_size
@@ -261,6 +265,7 @@ class Engine(kernels.CResource):
         desc.final_norm = ptr(finite(FINAL_NORM), "float")
         cos, sin = rope_tables(ctx_size, d.head_dim, d.rope_theta, d.rope_scaling)
         desc.ffn_act = {"relu2": self._lib.BN_ACT_RELU2, "silu": self._lib.BN_ACT_SILU}[d.hidden_act]
+        desc.bitlinear_norm_eps = d.bitlinear_norm_eps or 0.0
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         desc.layout = getattr(self._lib, pm.ternary_layout.c_enum)

@@ -80,6 +80,9 @@ class BitNetConfig:
     family: str = "bitnet"  # a bitnet_cli.arch.FAMILIES key; config.json's model_type
     # None (default RoPE) or {"rope_type": "llama3", factor, low/high_freq_factor, original_max_position_embeddings}
     rope_scaling: dict | None = None
+    # quantization_config use_rms_norm: every BitLinear norms its input (own weight, this eps) before
+    # quantising it; None: not (bitnet_cli.arch.bitlinear_norm_eps)
+    bitlinear_norm_eps: float | None = None
     # Fields of the source config.json we do not interpret, written back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -111,7 +114,8 @@ class BitNetConfig:
         # onebitllms' marker, and Llama's tensor-parallel hint and bias flag (checked false above)
         for k in ("is_bitnet_config", "pretraining_tp", "mlp_bias"):
             d.pop(k, None)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta", "family", "rope_scaling"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "quant", "rope_theta", "family", "rope_scaling",
+                                                             "bitlinear_norm_eps"}
         known = {k: d.pop(k) for k in list(d) if k in names}
         if known.get("num_key_value_heads") is None:
             known["num_key_value_heads"] = known.get("num_attention_heads", cls.num_attention_heads)
@@ -121,14 +125,14 @@ class BitNetConfig:
             d.pop(k, None)
         known["hidden_act"] = dims.hidden_act
         return cls(**known, rope_theta=float(theta), quant=quant, family=dims.family, rope_scaling=dims.rope_scaling,
-                   extra=d)
+                   bitlinear_norm_eps=dims.bitlinear_norm_eps, extra=d)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict:
         """The ``config.json`` transformers reads; ``quantization_config`` only for ``quant='bitnet'``."""
         fam = FAMILIES[self.family]
         d: dict[str, Any] = {"architectures": [fam.architecture], "model_type": fam.model_type}
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "quant", "rope_theta", "family", "rope_scaling") or (
+            if f.name in ("extra", "quant", "rope_theta", "family", "rope_scaling", "bitlinear_norm_eps") or (
                     f.name == "head_dim" and self.head_dim is None):
                 continue
             d[f.name] = getattr(self, f.name)
@@ -140,6 +144,8 @@ class BitNetConfig:
         d.update(self.extra)
         if self.quant == "bitnet":
             d["quantization_config"] = dict(ONLINE_QUANT)
+            if self.bitlinear_norm_eps is not None:
+                d["quantization_config"].update(use_rms_norm=True, rms_norm_eps=self.bitlinear_norm_eps)
         return d
 
 
@@ -197,8 +203,10 @@ class BitLinear(nn.Linear):
 
     int8 = None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, norm_eps: float | None = None):
         super().__init__(in_features, out_features, bias=bias)  # a bias (Qwen2's q/k/v) stays float
+        # use_rms_norm: transformers' BitLinear norms its input with its own RMSNorm before quantising it
+        self.rms_norm = RMSNorm(in_features, norm_eps) if norm_eps is not None else None
         self.scale_op: str | None = None  # set by load_offline: "multiply" or "divide" by weight_scale
         self.register_buffer("lam", torch.ones(()), persistent=False)
         self.warming = False
@@ -212,14 +220,17 @@ class BitLinear(nn.Linear):
         self.scale_op = op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
         w = self.weight
-        if self.scale_op == "multiply":  # AutoBitLinear offline: ActQuant, then * weight_scale
-            return F.linear(_quant_activation(x), w) * self.weight_scale
-        if self.scale_op == "divide":  # BitLinear: integer activations, then / (weight_scale * input scale)
+        if self.scale_op == "multiply":  # AutoBitLinear offline: ActQuant, then * weight_scale (bias included)
+            return F.linear(_quant_activation(x), w, self.bias) * self.weight_scale
+        if self.scale_op == "divide":  # BitLinear: integer activations, / (weight_scale * input scale), + bias
             xf = x.float()
             xs = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
             xq = (xf * xs).round().clamp(-128, 127).to(x.dtype)
-            return (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
+            y = (F.linear(xq, w) / (self.weight_scale * xs)).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if self.warming:
             lam = self.lam.to(x.dtype)
             x = x + lam * (_quant_activation(x) - x).detach()
@@ -252,11 +263,10 @@ def set_quant_lambda(model: nn.Module, lam: float) -> None:
 def _linear(config: BitNetConfig, proj: str) -> nn.Linear:
     """The projection `proj` (e.g. "self_attn.q_proj"), shaped by bitnet_cli.arch's table."""
     n_out, n_in = config.arch.projection_shape(proj)
-    bias = config.arch.qkv_bias and proj in _QKV
-    return BitLinear(n_in, n_out, bias) if config.quant == "bitnet" else nn.Linear(n_in, n_out, bias=bias)
-
-
-_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    bias = config.arch.has_bias(proj)
+    if config.quant != "bitnet":
+        return nn.Linear(n_in, n_out, bias=bias)
+    return BitLinear(n_in, n_out, bias, config.arch.bitlinear_norm_eps)
 
 
 # ----------------------------------------------------------------------------- the decoder

@@ -141,7 +141,8 @@ int main(int argc, char **argv) {
                                     ternary(NKV * HD, H, l * 7 + 2, layout), ternary(NKV * HD, H, l * 7 + 3, layout),
                                     ternary(H, H, l * 7 + 4, layout), ternary(F, H, l * 7 + 5, layout),
                                     ternary(F, H, l * 7 + 6, layout), ternary(H, F, l * 7 + 7, layout),
-                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f};
+                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f,
+                                    .bq = NULL, .nq = NULL}; /* BitNet b1.58: no biases, no projection norms */
     uint16_t *emb = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) emb[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
     float *cs = ones(CTX * HD / 2), *sn = calloc(CTX * HD / 2, sizeof(float));
@@ -149,7 +150,7 @@ int main(int argc, char **argv) {
     float *head_scale = ones(V);
     for (int i = 0; i < V; i++) head_scale[i] = 1e-3f;
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, head_type, head_rows,
-                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, layout};
+                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, 0.0f, layout};
     char err[128];
     bn_model *m = bn_model_new(&d, threads, isa, err, sizeof err);
     if (!m) {

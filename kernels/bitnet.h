@@ -147,6 +147,12 @@ typedef struct {
     const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;
     const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* in bn_model_desc.layout */
     float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
+    /* F32 biases of q, k, v (the Qwen2 family), added to the rescaled product; NULL: none */
+    const float *bq, *bk, *bv;
+    /* F32 [K] RMSNorm weights of each projection's own input norm (quantization_config use_rms_norm,
+     * eps bitlinear_norm_eps), applied after the layer's own norm and before the int8 quantisation:
+     * all seven or none (NULL) */
+    const float *nq, *nk, *nv, *no, *ng, *nu, *nd;
 } bn_layer_desc;
 
 typedef struct {
@@ -164,6 +170,7 @@ typedef struct {
     const float *rope_sin;
     const bn_layer_desc *layers;
     int ffn_act;               /* BN_ACT_RELU2 (0, BitNet b1.58) or BN_ACT_SILU */
+    float bitlinear_norm_eps;  /* eps of the projections' own input norms (bn_layer_desc nq..nd) */
     int layout;                /* of every projection: BN_LAYOUT_I2 (0) or BN_LAYOUT_TQ1 */
 } bn_model_desc;
 

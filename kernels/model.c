@@ -7,7 +7,11 @@
  *   attention over the cache (parallel over token x KV head) -> attn_sub_norm -> int8 -> o_proj; x += .
  *   h = rmsnorm(x) -> int8 -> gate,up (one section) -> relu(gate)^2 * up -> ffn_sub_norm -> int8
  *   -> down; x += .
- * The Llama family gates with silu(gate) * up and has no sub-norms (their steps quantise as is).
+ * The Llama family gates with silu(gate) * up and has no sub-norms (their steps quantise as is);
+ * the Qwen2 family is Llama with float biases on q, k and v, added after the rescaled product.
+ * With use_rms_norm (bn_layer_desc nq..nd set) every projection norms its input with its own weight
+ * before quantising it: the layer's float step is then kept in m->h, and q,k,v (gate,up) each
+ * quantise it through their own norm and run as their own section instead of sharing one input.
  * then the final norm and the output head for the tokens whose logits are wanted.
  * Float steps follow torch's fp32 arithmetic (same formulas, same operation order where it
  * changes the result), so the int8 activations match transformers' ActQuant.
@@ -74,6 +78,13 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     if (d->n_heads % d->n_kv_heads) FAIL("num_attention_heads %d is not a multiple of num_key_value_heads %d",
                                          d->n_heads, d->n_kv_heads);
     if (d->ffn_act != BN_ACT_RELU2 && d->ffn_act != BN_ACT_SILU) FAIL("unknown FFN activation %d", d->ffn_act);
+    for (int l = 0; l < d->n_layers; l++) {
+        const bn_layer_desc *L = &d->layers[l];
+        int norms = !!L->nq + !!L->nk + !!L->nv + !!L->no + !!L->ng + !!L->nu + !!L->nd;
+        if (norms != 0 && norms != 7) FAIL("layer %d: %d of its 7 projection input norms given (all or none)", l, norms);
+        if (norms && !(d->bitlinear_norm_eps > 0.0f && isfinite(d->bitlinear_norm_eps)))
+            FAIL("projection input norms need a positive bitlinear_norm_eps, got %g", (double)d->bitlinear_norm_eps);
+    }
     m->emb_type = bn_head_type(d->emb_type);
     m->head_type = bn_head_type(d->head_type);
     if (!m->emb_type) FAIL("unknown embedding type %d", d->emb_type);
@@ -284,16 +295,55 @@ static void glue_worker(void *ctx, int chunk, int n_chunks, int ith) {
     g->fn(&g->job, t0, t1);
 }
 
-static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
+/* quantise: into m->xq (the next product's input), else the floats into m->h */
+static void glue_eps(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, float eps, int n,
+                     int kp, int quantise) {
     glue_task g = {m->kern->glue,
-                   {.n = n, .kp = kp, .act = m->d.ffn_act, .eps = m->d.rms_eps, .w = w, .x = x, .add = add, .up = up,
+                   {.n = n, .kp = kp, .act = m->d.ffn_act, .eps = eps, .w = w, .x = x, .add = add, .up = up,
                     .h = m->h,
-                    .xq = m->xq, .xscale = m->xscale, .xsum = m->xsum},
+                    .xq = quantise ? m->xq : NULL, .xscale = m->xscale, .xsum = m->xsum},
                    M};
     if (M == 1)
         glue_worker(&g, 0, 1, 0);
     else
         bn_pool_run(m->pool, glue_worker, &g, bn_pool_chunks(m->pool, M, 1));
+}
+
+static void glue(bn_model *m, int M, float *x, const float *add, const float *up, const float *w, int n, int kp) {
+    glue_eps(m, M, x, add, up, w, m->d.rms_eps, n, kp, 1);
+}
+
+/* The int8 input of one projection: the float step before it (add, gate, the layer's norm w) and,
+ * with a projection input norm wp (use_rms_norm), that norm after it, the step's result kept in m->h
+ * in between (skipped when there is no step). */
+static void project_input(bn_model *m, int M, float *x, const float *add, const float *up, const float *w,
+                          const float *wp, int n, int kp) {
+    if (!wp) {
+        glue(m, M, x, add, up, w, n, kp);
+        return;
+    }
+    if (add || up || w) {
+        glue_eps(m, M, x, add, up, w, m->d.rms_eps, n, kp, 0);
+        x = m->h;
+    }
+    glue_eps(m, M, x, NULL, NULL, wp, m->d.bitlinear_norm_eps, n, kp, 1);
+}
+
+/* Matrices that read one input, each through its own input norm (use_rms_norm): the input (in m->h)
+ * is quantised once per matrix and each product is its own section. */
+static void matmul_each(bn_model *m, const matmul_task *shared, const float *const *norms, int n, int kp) {
+    for (int i = 0; i < shared->count; i++) {
+        glue_eps(m, shared->jobs[i].m, m->h, NULL, NULL, norms[i], m->d.bitlinear_norm_eps, n, kp, 1);
+        matmul_task one = {shared->fn, {shared->jobs[i]}, {shared->rows[i]}, 1};
+        run_matmul(m, &one);
+    }
+}
+
+/* y[t][i] += b[i] for M rows of n: a projection's bias, after its rescaled product (transformers'
+ * BitLinear adds it to the dequantised output) */
+static void add_bias(float *y, const float *b, int M, int n) {
+    for (int t = 0; t < M; t++, y += n)
+        for (int i = 0; i < n; i++) y[i] += b[i];
 }
 
 static void layer_forward(bn_model *m, int l, const chunk_view *c) {
@@ -302,14 +352,22 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
 
     /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
-    glue(m, M, m->x, l > 0 ? m->tmp : NULL, NULL, L->attn_norm, H, m->kp_h);
     matmul_task qkv = {m->ternary,
                        {i2_job(m, L->wq, L->gq, m->kp_h, M, m->q, m->q_dim),
                         i2_job(m, L->wk, L->gk, m->kp_h, M, m->k, m->kv_dim),
                         i2_job(m, L->wv, L->gv, m->kp_h, M, m->v, m->kv_dim)},
                        {m->q_dim, m->kv_dim, m->kv_dim},
                        3};
-    run_matmul(m, &qkv);
+    if (!L->nq) {
+        glue(m, M, m->x, l > 0 ? m->tmp : NULL, NULL, L->attn_norm, H, m->kp_h);
+        run_matmul(m, &qkv);
+    } else {
+        glue_eps(m, M, m->x, l > 0 ? m->tmp : NULL, NULL, L->attn_norm, m->d.rms_eps, H, m->kp_h, 0);
+        matmul_each(m, &qkv, (const float *const[]){L->nq, L->nk, L->nv}, H, m->kp_h);
+    }
+    if (L->bq) add_bias(m->q, L->bq, M, m->q_dim);
+    if (L->bk) add_bias(m->k, L->bk, M, m->kv_dim);
+    if (L->bv) add_bias(m->v, L->bv, M, m->kv_dim);
 
     for (int t = 0; t < M; t++) {
         int pos = c->pos ? c->pos[t] : c->slot0 + t, slot = cache_slot(c, t);
@@ -324,18 +382,23 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     }
     attention(m, l, c);
 
-    glue(m, M, m->att, NULL, NULL, L->attn_sub_norm, m->q_dim, m->kp_q);
+    project_input(m, M, m->att, NULL, NULL, L->attn_sub_norm, L->no, m->q_dim, m->kp_q);
     matmul_task o = {m->ternary, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &o);
 
-    glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);
     matmul_task gu = {m->ternary,
                       {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
                       {F, F},
                       2};
-    run_matmul(m, &gu);
+    if (!L->ng) {
+        glue(m, M, m->x, m->tmp, NULL, L->post_norm, H, m->kp_h);
+        run_matmul(m, &gu);
+    } else {
+        glue_eps(m, M, m->x, m->tmp, NULL, L->post_norm, m->d.rms_eps, H, m->kp_h, 0);
+        matmul_each(m, &gu, (const float *const[]){L->ng, L->nu}, H, m->kp_h);
+    }
 
-    glue(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, F, m->kp_f);
+    project_input(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, L->nd, F, m->kp_f);
     matmul_task down = {m->ternary, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &down);
 }

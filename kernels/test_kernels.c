@@ -479,8 +479,9 @@ static void test_head_q6_extremes(void) {
 
 /* A random 2-layer model (odd sizes) through bn_forward, once per ISA and thread count: the integer
  * kernels are exact, so logits agree across ISAs up to the head's float summation order. As BitNet
- * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72). */
-static void test_decoder(int llama) {
+ * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72).
+ * With extras: q/k/v biases (Qwen2) and every projection's own input norm (use_rms_norm). */
+static void test_decoder(int llama, int extras) {
     enum { L = 2, H = 72, F = 136, NH = 4, NKV = 1, V = 61, CTX = 40 };
     const int HD = llama ? 24 : 18, QD = NH * HD;
     int kph = 128, kpf = 256, kpq = (QD + 127) / 128 * 128;
@@ -499,10 +500,25 @@ static void test_decoder(int llama) {
                                     random_weights(QD, H, kph), random_weights(NKV * HD, H, kph),
                                     random_weights(NKV * HD, H, kph), random_weights(H, QD, kpq),
                                     random_weights(F, H, kph), random_weights(F, H, kph), random_weights(H, F, kpf),
-                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f};
+                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f,
+                                    extras ? random_floats(QD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(NKV * HD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(NKV * HD, 0.5f, 0) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(H, 0.2f, 1) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(QD, 0.2f, 1) : NULL,
+                                    extras ? random_floats(H, 0.2f, 1) : NULL, extras ? random_floats(H, 0.2f, 1) : NULL,
+                                    extras ? random_floats(F, 0.2f, 1) : NULL};
     float *final_norm = random_floats(H, 0.2f, 1);
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL,
-                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, BN_LAYOUT_I2};
+                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f, BN_LAYOUT_I2};
+    if (extras) { /* the projection norms come all or none */
+        const float *kept = layers[1].nu;
+        layers[1].nu = NULL;
+        char err[128];
+        CHECK(bn_model_new(&d, 1, BN_ISA_SCALAR, err, sizeof err) == NULL && strstr(err, "6 of its 7"),
+              "a layer with some projection norms must be refused: %s", err);
+        layers[1].nu = kept;
+    }
     /* the same weights in tq1_k640: the same logits, bit for bit */
     bn_layer_desc layers5[L];
     for (int l = 0; l < L; l++) {
@@ -549,8 +565,8 @@ static void test_decoder(int llama) {
                 ref = all;
             } else {
                 for (int i = 0; i < CTX * V; i++)
-                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d)", isa,
-                          llama);
+                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d, extras %d)",
+                          isa, llama, extras);
                 free(all);
             }
             free(last);
@@ -561,7 +577,8 @@ static void test_decoder(int llama) {
     for (int l = 0; l < L; l++) {
         const void *p[] = {layers[l].attn_norm, layers[l].post_norm, layers[l].attn_sub_norm, layers[l].ffn_sub_norm,
                            layers[l].wq, layers[l].wk, layers[l].wv, layers[l].wo, layers[l].wg, layers[l].wu,
-                           layers[l].wd};
+                           layers[l].wd, layers[l].bq, layers[l].bk, layers[l].bv, layers[l].nq, layers[l].nk,
+                           layers[l].nv, layers[l].no, layers[l].ng, layers[l].nu, layers[l].nd};
         for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free((void *)p[i]);
         const void *p5[] = {layers5[l].wq, layers5[l].wk, layers5[l].wv, layers5[l].wo, layers5[l].wg, layers5[l].wu,
                             layers5[l].wd};
@@ -612,8 +629,10 @@ int main(void) {
     test_head_q4_extremes();
     test_head_q6_extremes();
     test_glue_silu_range();
-    test_decoder(0);
-    test_decoder(1);
+    test_decoder(0, 0);
+    test_decoder(1, 0);
+    test_decoder(1, 1);
+    test_decoder(0, 1);
     if (failures) {
         printf("%d kernel test failures\n", failures);
         return 1;

@@ -202,35 +202,47 @@ def make_llama_checkpoint(
     initializer_range: float = 0.05,
     seed: int = 0,
     f16_embeddings: bool = True,
+    architecture: str = "Llama",
+    bitlinear_norm_eps: float | None = None,
     **shape: int,
 ) -> Path:
-    """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed)
-    and the bitnet quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
+    """Save a random transformers LlamaForCausalLM of TINY_SHAPE (with the fields of `shape` changed; or
+    `architecture` "Qwen2": Qwen2ForCausalLM, whose q/k/v biases get random values) and the bitnet
+    quantization_config of `convention` (LLAMA_CONVENTIONS). Offline conventions store transformers' own pack_weights of the absmean
     trits with weight_scale = gamma (autobitlinear: multiplied) or 1/gamma (bitlinear: divided).
-    With `f16_embeddings` the embedding and head values are f16-representable (exact when packed)."""
+    With `f16_embeddings` the embedding and head values are f16-representable (exact when packed).
+    With `bitlinear_norm_eps` the config says use_rms_norm (that rms_norm_eps) and every projection gets
+    a random `<proj>.rms_norm.weight`, as transformers' BitLinear / AutoBitLinear then read."""
     import torch
+    import transformers
     from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.integrations.bitnet import pack_weights
 
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0} if rope_scaling is None else dict(rope_scaling, rope_theta=10000.0)
-    config = LlamaConfig(
-        **_tiny_shape(shape), head_dim=head_dim, tie_word_embeddings=tie_word_embeddings,
+    config = getattr(transformers, f"{architecture}Config")(
+        **_tiny_shape(shape), tie_word_embeddings=tie_word_embeddings,
         initializer_range=initializer_range, bos_token_id=0, eos_token_id=1, rope_parameters=rope, hidden_act="silu",
+        **({"head_dim": head_dim} if head_dim else {}),  # Qwen2Attention reads head_dim=None as given
     )
-    model = LlamaForCausalLM(config).float()
+    model = getattr(transformers, f"{architecture}ForCausalLM")(config).float()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))  # norms that are not all ones
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.5)  # transformers zero-initialises biases; make them matter
             elif f16_embeddings and ("embed_tokens" in name or "lm_head" in name):
                 p.copy_(p.half().float())
     model.save_pretrained(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     cfg["quantization_config"] = dict(LLAMA_CONVENTIONS[convention])
+    state = load_file(str(out_dir / "model.safetensors"))
+    if bitlinear_norm_eps is not None:
+        cfg["quantization_config"].update(use_rms_norm=True, rms_norm_eps=bitlinear_norm_eps)
+        for name in [n for n in state if n.endswith("_proj.weight")]:
+            state[name.replace(".weight", ".rms_norm.weight")] = 1 + 0.2 * torch.randn(state[name].shape[1])
     if convention != "online":
-        state = load_file(str(out_dir / "model.safetensors"))
         for name in [n for n in state if n.endswith("_proj.weight")]:
             w = state[name]
             s = 1.0 / w.abs().mean().clamp(min=1e-5)
@@ -238,13 +250,35 @@ def make_llama_checkpoint(
             state[name] = trits if convention.endswith("floats") else pack_weights(trits.clone().to(torch.int8))
             scale = s if convention.startswith("bitlinear") else 1.0 / s
             state[name.replace(".weight", ".weight_scale")] = scale.reshape(1).float()
-        save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     return _finish_checkpoint(out_dir, cfg, tokenizer_dir)
 
 
 def load_hf_llama_reference(ckpt_dir: Path):
-    """transformers' own LlamaForCausalLM (its bitnet quantizer applying the config's convention), fp32."""
+    """transformers' own LlamaForCausalLM or Qwen2ForCausalLM, as config.json says (its bitnet quantizer
+    applying the config's convention), fp32."""
     import torch
-    from transformers import LlamaForCausalLM
+    import transformers
 
-    return LlamaForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+    cls = json.loads((ckpt_dir / "config.json").read_text())["architectures"][0]
+    return getattr(transformers, cls).from_pretrained(ckpt_dir, dtype=torch.float32).eval()
+
+
+def assert_greedy_matches_transformers(ckpt_dir: Path, packed: Path, tokens: int = 64) -> None:
+    """Greedy decoding of `tokens` tokens on the C engine from `packed` gives transformers' own
+    greedy tokens from `ckpt_dir` (load_hf_llama_reference), with stopping off on both sides."""
+    import numpy as np
+    import torch
+
+    from bitnet_cli.engine import Engine
+
+    prompt = [int(i) for i in np.random.default_rng(1).integers(2, 389, 5)]
+    with torch.no_grad():
+        want = load_hf_llama_reference(ckpt_dir).generate(torch.tensor([prompt]), max_new_tokens=tokens,
+                                                          do_sample=False, eos_token_id=None,
+                                                          pad_token_id=0)[0, len(prompt):].tolist()
+    with Engine.load(packed, threads=2) as eng:
+        eng.stop_token_ids = set()  # transformers was told not to stop either
+        gen = eng.generate(prompt, max_tokens=tokens, temperature=0)
+        "".join(gen)
+    assert gen.token_ids == want and len(want) == tokens

@@ -44,7 +44,7 @@ def test_train_and_bench_read_the_same_presets():
     ({"rope_scaling": {"rope_type": "yarn"}}, "RoPE scaling"),
     ({"rope_parameters": [1]}, "rope_parameters"),
     ({"rms_norm_eps": -1}, "rms_norm_eps"),
-    ({"quantization_config": {"use_rms_norm": True}}, "use_rms_norm"),
+    ({"quantization_config": {"use_rms_norm": 1}}, "use_rms_norm"),
 ])
 def test_bad_configs_name_the_key(edit, key):
     with pytest.raises(BitnetError, match=f"where: .*{key}"):

@@ -334,8 +334,11 @@ def test_qwen3_is_refused_naming_what_is_unsupported(tmp_path, test_tokenizer_di
     assert not (tmp_path / "never").exists()
 
 
-def test_converted_qwen2_trains_and_evaluates_but_pack_names_its_biases(tmp_path, test_tokenizer_dir):
+def test_converted_qwen2_trains_evaluates_packs_and_runs(tmp_path, test_tokenizer_dir):
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import reference
     from bitnet_cli.pack.convert import pack_checkpoint
+    from bitnet_cli.pack.format import PackedModel
 
     src = hf_float_source(tmp_path / "src", test_tokenizer_dir, "Qwen2ForCausalLM")
     data = convert_recipe(src, steps=3, log_every=1, eval_every=3, checkpoint_every=3)
@@ -346,8 +349,13 @@ def test_converted_qwen2_trains_and_evaluates_but_pack_names_its_biases(tmp_path
     assert cfg["model_type"] == "qwen2" and cfg["quantization_config"]["quant_method"] == "bitnet"
     ours = BitNetForCausalLM.from_pretrained(res.checkpoint)  # resumable and evaluable: the biases round-trip
     assert ours.model.layers[0].self_attn.q_proj.bias is not None
-    with pytest.raises(BitnetError, match="biases on q_proj/k_proj/v_proj, which the packed format"):
-        pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    pack_checkpoint(tmp_path / "run", tmp_path / "m.bin")
+    ids = [0, 5, 9, 33, 2, 17]
+    with Engine.load(tmp_path / "m.bin", threads=1) as eng:
+        got = eng.forward(ids)
+    with PackedModel.open(tmp_path / "m.bin") as pm:
+        assert pm.dims.family == "qwen2" and "model.layers.1.self_attn.k_proj.bias" in pm.names
+        assert abs(got - reference.forward(pm, ids)).max() < 1e-3
     with pytest.raises(BitnetError, match="q/k/v biases, which BitNet b1.58 does not have"):
         train(load_recipe(None, ["model.insert_subln=true"], data=convert_recipe(src)), out_dir=tmp_path / "x",
               progress=False)

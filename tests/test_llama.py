@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LLAMA3_ROPE, LLAMA_CONVENTIONS, load_hf_llama_reference, make_llama_checkpoint, write_shards
+from conftest import (LLAMA3_ROPE, LLAMA_CONVENTIONS, assert_greedy_matches_transformers, load_hf_llama_reference,
+                      make_llama_checkpoint, write_shards)
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, bitnet_convention
@@ -62,7 +63,6 @@ def test_scale_convention_matters(tmp_path):
 @pytest.mark.parametrize("qc,missing", [
     ({"linear_class": "bitlinear"}, "quant_method"),
     ({"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "online"}, "linear_class"),
-    ({"quant_method": "bitnet", "use_rms_norm": True}, "use_rms_norm"),
     ({"quant_method": "bitnet", "linear_class": "fancy"}, "linear_class"),
     ({"quant_method": "gptq"}, "quant_method"),
 ])
@@ -172,18 +172,7 @@ def test_packed_llama_on_the_engine_matches_transformers(packed_llama):
 
 
 def test_packed_llama_greedy_64_tokens_match_transformers(packed_llama):
-    from bitnet_cli.engine import Engine
-
-    ckpt, packed = packed_llama
-    prompt = [int(i) for i in np.random.default_rng(1).integers(2, 389, 5)]
-    with torch.no_grad():
-        want = load_hf_llama_reference(ckpt).generate(torch.tensor([prompt]), max_new_tokens=64, do_sample=False,
-                                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
-    with Engine.load(packed, threads=2) as eng:
-        eng.stop_token_ids = set()  # transformers was told not to stop either
-        gen = eng.generate(prompt, max_tokens=64, temperature=0)
-        "".join(gen)
-    assert gen.token_ids == want and len(want) == 64
+    assert_greedy_matches_transformers(*packed_llama)
 
 
 @pytest.mark.parametrize("embeddings", ["int8", "q6", "q4"])

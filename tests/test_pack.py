@@ -440,24 +440,18 @@ def test_q6_rows_are_q6_k_in_our_byte_order(hidden):
     assert np.median(err) < 0.03
 
 
-def test_q6_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path):
-    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q6.bin", embeddings="q6")
+# q6's 256-input blocks pad this model's 96 inputs: here its file is larger than f16's
+@pytest.mark.parametrize("embeddings, relative_error, smaller", [("q6", 0.03, False), ("q4", 0.15, True)])
+def test_q6_and_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path, embeddings, relative_error, smaller):
+    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / f"{embeddings}.bin", embeddings=embeddings)
     with PackedModel.open(summary.output) as pm, PackedModel.open(pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin").output) as ref:
-        assert pm.embeddings == "q6" and pm.verify() == []
+        assert pm.embeddings == embeddings and pm.verify() == []
         a, b = pm.embedding(), ref.embedding()
-        assert np.linalg.norm(a - b) < 0.03 * np.linalg.norm(b)
-
-
-def test_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path):
-    summary = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "q4.bin", embeddings="q4")
-    with PackedModel.open(summary.output) as pm, PackedModel.open(pack_checkpoint(hf_tiny_checkpoint, tmp_path / "f16.bin").output) as ref:
-        assert pm.embeddings == "q4" and pm.verify() == []
-        a, b = pm.embedding(), ref.embedding()
-        assert np.linalg.norm(a - b) < 0.15 * np.linalg.norm(b)
+        assert np.linalg.norm(a - b) < relative_error * np.linalg.norm(b)
         ids = np.arange(16) * 5
         logits, want = reference.forward(pm, ids), reference.forward(ref, ids)
         assert np.abs(logits - want).max() < 0.2 * np.abs(want).max()
-        assert pm.file_size < ref.file_size
+        assert (pm.file_size < ref.file_size) == smaller
 
 
 def test_synthetic_tiny_model_is_valid(tmp_path):

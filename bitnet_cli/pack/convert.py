@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.arch import EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
+from bitnet_cli.arch import BITLINEAR_NORM, EMBED, LAYER_PREFIX, LM_HEAD, SUB_NORMS, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_checkpoint
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
-    CONVERTER, FORMAT, FORMAT_VERSION, PackedWriter, TensorSpec, check_output_path,
+    CONVERTER, FORMAT, PackedWriter, TensorSpec, check_output_path, file_version,
     tensor_specs, write_embedding_rows, write_stored_rows,
 )
 from bitnet_cli.pack.ternary import layout, ternarize, unpack_hf_packed
@@ -98,6 +98,13 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
             bad = np.argwhere(~np.isin(w, (-1.0, 0.0, 1.0)))[0]
             raise BitnetError(f"{where}: non-ternary value {w[tuple(bad)]} at index {bad.tolist()} in a packed checkpoint")
         trits = w.astype(np.int8)
+    scale, op = _weight_scale(ckpt, name)
+    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
+    return trits, np.float32(scale if op == "multiply" else np.float32(1.0) / scale)
+
+
+def _weight_scale(ckpt: Checkpoint, name: str) -> tuple[np.float32, str]:
+    """(weight_scale, "multiply" or "divide") of weight `name` in an HF offline-quantised checkpoint."""
     scale_name = name + "_scale"
     if scale_name not in ckpt.tensors:
         raise BitnetError(f"{ckpt.path}: tensor {scale_name!r} is missing (packed checkpoints carry a weight_scale per layer)")
@@ -107,10 +114,23 @@ def ternary_weight(ckpt: Checkpoint, name: str, shape: tuple[int, int]) -> tuple
     _check_finite(ckpt, scale_name, scale)
     if scale[0] <= 0:
         raise BitnetError(f"{ckpt.file_of(scale_name)}: tensor {scale_name!r} must be positive, got {scale[0]}")
-    # transformers: AutoBitLinear multiplies the output by weight_scale; BitLinear divides by it.
     _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
-    gamma = scale[0] if op == "multiply" else np.float32(1.0) / scale[0]
-    return trits, np.float32(gamma)
+    return scale[0], op
+
+
+def projection_bias(ckpt: Checkpoint, name: str, shape: tuple[int]) -> np.ndarray:
+    """A projection's float bias as the engine adds it, after the rescaled product. transformers'
+    AutoBitLinear offline adds it inside the product and then multiplies by weight_scale, so there it
+    is stored times weight_scale; everywhere else as it is."""
+    _check_shape(ckpt, name, shape)
+    b = ckpt.read(name).astype(np.float32)
+    _check_finite(ckpt, name, b)
+    if ckpt.kind == "hf-packed":
+        _, op = bitnet_convention(ckpt.config.get("quantization_config"), str(ckpt.path / "config.json"))
+        if op == "multiply":
+            scale, _ = _weight_scale(ckpt, name.removesuffix(".bias") + ".weight")
+            b = b * scale
+    return b
 
 
 def _write_embedding(writer: PackedWriter, ckpt: Checkpoint, name: str, dims: ModelDims, embeddings: str) -> None:
@@ -174,7 +194,7 @@ def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_
                   embeddings: str, source: str, ternary_layout: str = "i2") -> dict[str, str]:
     return {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": file_version(dims),
         "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
@@ -283,15 +303,20 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
 
 
 def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
-    """Refuse a checkpoint holding layer norms its family does not have (e.g. BitNet's sub-norms
-    under model_type llama): packing would silently drop them and compute another function."""
-    if dims.sub_norms:
-        return
+    """Refuse a checkpoint holding norms its config does not describe (BitNet's sub-norms under
+    model_type llama; projection input norms without use_rms_norm): packing would silently drop them
+    and compute another function."""
     model_type = ckpt.config.get("model_type")
     for name in ckpt.tensors:
-        if name.startswith(LAYER_PREFIX) and split_layer_tensor(name)[1] in SUB_NORMS:
+        if not name.startswith(LAYER_PREFIX):
+            continue
+        module = split_layer_tensor(name)[1]
+        if module in SUB_NORMS and not dims.sub_norms:
             raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a BitNet sub-norm, but "
                               f"model_type {model_type!r} has no sub-norms (is config.json the right one?)")
+        if module.endswith("." + BITLINEAR_NORM) and dims.bitlinear_norm_eps is None:
+            raise BitnetError(f"{ckpt.file_of(name)}: tensor {name!r} is a projection's input norm, but the "
+                              "quantization_config does not say use_rms_norm: true (is config.json the right one?)")
 
 
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,
@@ -310,6 +335,8 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
                 trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
                 writer.write(name, pack_trits(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
+            elif name.endswith(".bias"):
+                writer.write(name, projection_bias(ckpt, name, spec.shape))
             else:  # RMSNorm weights
                 _check_shape(ckpt, name, spec.shape)
                 w = ckpt.read(name)

@@ -26,8 +26,11 @@ from bitnet_cli.pack.ternary import LAYOUTS, layout, layout_named
 FORMAT = "bitnet-cli"
 # 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
 # tensors, llama3 rope_parameters, head_dim free). Version 1 files (BitNet b1.58 only) still load.
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")
+# 3: projections may carry float biases (the qwen2 family) and their own input norms (use_rms_norm);
+# a file is written as version 3 only when it holds either (`file_version`), so that readers of version 2 refuse it instead of running
+# it without them, and still read every file that needs nothing newer.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 ALIGN = 64
 PAD_PREFIX = "__pad__."
 CONVERTER = f"bitnet-cli {__version__}"
@@ -48,6 +51,11 @@ def embedding_specs(name: str, dims: ModelDims, embeddings: str) -> list[TensorS
             for suffix, dtype, shape in embedding_type(embeddings).stored(dims.vocab_size, dims.hidden_size)]
 
 
+def file_version(dims: ModelDims) -> str:
+    """The oldest format version that can hold this model (see FORMAT_VERSION)."""
+    return "3" if dims.qkv_bias or dims.bitlinear_norm_eps is not None else "2"
+
+
 def tensor_specs(dims: ModelDims, embeddings: str, ternary_layout: str = "i2") -> list[TensorSpec]:
     """Every tensor of a packed file, in file order (embeddings, layers in order, head), its
     projections in `ternary_layout` (an --layout choice, pack/ternary.py's LAYOUTS)."""
@@ -60,7 +68,7 @@ def tensor_specs(dims: ModelDims, embeddings: str, ternary_layout: str = "i2") -
             n, k = shape
             specs.append(TensorSpec(name, "U8", (n, row_bytes(k))))
             specs.append(TensorSpec(name + "_scale", "F32", (1,)))
-        else:
+        else:  # norms and biases
             specs.append(TensorSpec(name, "F32", shape))
     return specs
 
@@ -286,6 +294,10 @@ class PackedModel:
         if metadata["format_version"] == "1" and (d.family, d.hidden_act, d.rope_scaling) != ("bitnet", "relu2", None):
             raise BitnetError(f"{path}: a version 1 file can only hold BitNet b1.58 (its config says "
                               f"{d.family}, hidden_act {d.hidden_act}); the file is damaged")
+        if int(metadata["format_version"]) < int(file_version(d)):
+            raise BitnetError(f"{path}: its config ({d.family}{', use_rms_norm' if d.bitlinear_norm_eps else ''}) needs "
+                              f"format version {file_version(d)} but the "
+                              f"file says {metadata['format_version']}; the file is damaged")
         for spec in tensor_specs(pm.dims, pm.embeddings, pm.ternary_layout.option):
             e = entries.get(spec.name)
             if e is None:

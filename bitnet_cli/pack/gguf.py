@@ -102,6 +102,9 @@ def check_gguf_shapes(d: ModelDims, gguf_type: str, where: str, embeddings: str,
     if d.family != "bitnet":
         raise BitnetError(f"{where}: GGUF export writes the bitnet architectures (sub-norms, relu2/SiLU as they fix "
                           f"it); a {d.family}-family model has no sub-norms (run it with `bitnet run`)")
+    if d.bitlinear_norm_eps is not None:
+        raise BitnetError(f"{where}: this model norms every projection's input (use_rms_norm), which no GGUF "
+                          "architecture computes (run it with `bitnet run`)")
     if not d.tie_word_embeddings:
         raise BitnetError(f"{where}: the GGUF export writes tied embeddings; this model has an untied lm_head")
     block = 128 if gguf_type == "i2_s" else QK_K

@@ -274,7 +274,8 @@ def _i2s_layout(gf: GGUFFile, requested: int | None, notes: list[str]) -> int:
         notes.append(f"{gf.path}: I2_S read in bitnet.cpp's x86 layout ({quants.I2S_BLOCK}-value blocks, as in the "
                      f"published GGUF files); its ARM build writes {quants.I2S_ARM_BLOCK}-value blocks of the same size "
                      "and nothing in the file tells the two apart: a file quantised on ARM (aarch64, Apple silicon) "
-                     f"read this way generates garbage; import one with --i2s-block {quants.I2S_ARM_BLOCK}")
+                     f"read this way generates garbage; import one with `bitnet pack --i2s-block {quants.I2S_ARM_BLOCK} "
+                     f"{gf.path.name} OUT.bin`")
     return quants.I2S_BLOCK
 
 

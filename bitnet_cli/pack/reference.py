@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bitnet_cli.arch import layer_tensor
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.format import PackedModel
 from bitnet_cli.rope import inv_freq
@@ -87,7 +88,10 @@ def forward(pm: PackedModel, token_ids, cache: KVCache | None = None) -> np.ndar
     eps = d.rms_norm_eps
 
     def linear(h, layer, proj):
-        return bitlinear(h, *pm.ternary(f"model.layers.{layer}.{proj}.weight"))
+        if d.bitlinear_norm(proj):  # use_rms_norm: the projection's own norm on its input
+            h = rms_norm(h, pm.tensor(layer_tensor(layer, d.bitlinear_norm(proj))), d.bitlinear_norm_eps)
+        y = bitlinear(h, *pm.ternary(layer_tensor(layer, proj)))
+        return y + pm.tensor(layer_tensor(layer, proj, "bias")) if d.has_bias(proj) else y
 
     def norm(h, name):
         return rms_norm(h, pm.tensor(name), eps)

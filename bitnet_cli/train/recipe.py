@@ -38,7 +38,7 @@ class ModelSpec(_Strict):
                                 "only if round_vocab_to is set).")
     round_vocab_to: int = Field(1, ge=1, le=1 << 16, description="Pad the vocabulary up to a multiple of this (e.g. 64 "
                                                      "for tensor-core friendly shapes).")
-    # qwen2 (q/k/v biases, not packable) is only reached through init_from
+    # qwen2 (q/k/v biases, which start from a checkpoint's) is only reached through init_from
     family: Optional[Literal[tuple(k for k, f in FAMILIES.items() if not f.qkv_bias)]] = Field(  # type: ignore[valid-type]
         None, description="bitnet: BitNet b1.58 (sub-norms, relu2 gate); llama: the Llama-architecture 1.58-bit "
                           "models (no sub-norms, SiLU gate, checkpoints of model_type llama); default: the "

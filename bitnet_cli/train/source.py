@@ -28,8 +28,7 @@ from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 ACCEPTED = {
     "bitnet": "BitNet b1.58 (BitNetForCausalLM) with float weights, e.g. one of our `quant: none` runs",
     "llama": "Llama (LlamaForCausalLM: Llama 2/3 with default or llama3 RoPE, and Llama-architecture models)",
-    "qwen2": "Qwen2 / Qwen2.5 (Qwen2ForCausalLM; q/k/v biases kept in float: trains and evaluates in torch, "
-             "not packed yet)",
+    "qwen2": "Qwen2 / Qwen2.5 (Qwen2ForCausalLM; q/k/v biases kept in float)",
 }
 # Architectures we know and refuse, with what stands in the way (named in the refusal).
 REFUSED = {
