@@ -36,6 +36,7 @@ from bitnet_cli.bench.anchors import (GENERATE, PROMPT, cpu_busy_fraction, llama
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.stats import summarize
 from bitnet_cli.errors import BitnetError, run_script
+from bitnet_cli.gguf.reader import GGUFFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.gguf import export_gguf
 from run import _stat, _table  # the sibling script's markdown helpers
@@ -77,15 +78,15 @@ RUNTIMES = {
 
 
 def gguf_tensor_types(path: Path) -> dict:
-    """{ggml type name: tensor count} and the token embedding's (= the tied head's) type."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
+    """{ggml type name: tensor count} and the token embedding's (= the tied head's) type. Our own reader:
+    pip's gguf does not know bitnet.cpp's I2_S."""
+    with GGUFFile.open(path) as f:
+        tensors = list(f.tensors.values())
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    head = next(t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight")
-    return {"counts": counts, "head": head, "tensor_bytes": sum(int(t.n_bytes) for t in reader.tensors)}
+    for t in tensors:
+        counts[t.type_name] = counts.get(t.type_name, 0) + 1
+    head = next(t.type_name for t in tensors if t.name == "token_embd.weight")
+    return {"counts": counts, "head": head, "tensor_bytes": sum(t.nbytes for t in tensors)}
 
 
 def packed_file(embeddings: str) -> Path:

@@ -375,7 +375,10 @@ def info(
             head.add_column()
             head.add_row("format", f"bitnet-cli v{report['format_version']}, layout {report['layout']}, "
                                    f"embeddings {report['embeddings']}")
-            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms)")
+            extras = (", q/k/v biases" if d.qkv_bias else "") + (
+                f", projection input norms (use_rms_norm, eps {d.bitlinear_norm_eps:g})" if d.bitlinear_norm_eps else "")
+            head.add_row("family", f"{d.family} ({d.hidden_act} FFN gate, {'with' if d.sub_norms else 'no'} sub-norms"
+                                   f"{extras})")
             head.add_row("model", f"{d.num_layers} layers, hidden {d.hidden_size}, FFN {d.intermediate_size}, "
                          f"{d.num_heads} heads ({d.num_kv_heads} KV) x {d.head_dim}, vocab {d.vocab_size}, "
                          f"{'tied' if d.tie_word_embeddings else 'untied'} embeddings")

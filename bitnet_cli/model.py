@@ -6,6 +6,9 @@ The family (``config.family``, from model_type; see bitnet_cli.arch.FAMILIES) sw
 things: whether the layers have BitNet's sub-norms, and the default FFN activation (``relu2`` for
 ``bitnet``, ``silu`` for ``llama``); RoPE may carry Llama 3 scaling (bitnet_cli.rope).
 
+The ``qwen2`` family adds float q/k/v biases, and a ``quantization_config`` with ``use_rms_norm``
+an RMSNorm on every BitLinear's input (transformers' BitLinear / AutoBitLinear).
+
 A Llama-style decoder (GQA attention with RoPE, RMSNorm pre-norms, no biases) with BitNet's
 two extra norms (``attn_sub_norm`` before ``o_proj``, ``ffn_sub_norm`` before ``down_proj``), a
 squared-ReLU gated FFN, and BitLinear layers in place of every attention/FFN projection:

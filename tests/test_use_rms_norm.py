@@ -133,3 +133,16 @@ def test_gguf_export_of_a_bitnet_model_with_them_is_refused():
     assert dims.family == "bitnet" and dims.bitlinear_norm_eps == 1e-6  # transformers' default eps
     with pytest.raises(BitnetError, match="use_rms_norm"):
         check_gguf_shapes(dims, "i2_s", "config.json", "f16")
+
+
+def test_info_names_the_biases_and_the_norms(normed):
+    from typer.testing import CliRunner
+
+    from bitnet_cli.cli import app
+
+    ckpt, packed = normed
+    result = CliRunner().invoke(app, ["info", str(packed)])
+    text = " ".join(result.output.replace("\u2502", " ").split())  # rich wraps cells at 80 columns
+    assert result.exit_code == 0, result.output
+    assert "projection input norms (use_rms_norm, eps 1e-06)" in text
+    assert ("q/k/v biases" in text) == ("Qwen2" in json.loads((ckpt / "config.json").read_text())["architectures"][0])
