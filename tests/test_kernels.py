@@ -75,6 +75,29 @@ def test_tq1_gemm_equals_i2_on_every_isa(isa, m, k):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("embeddings", ["int8", "q4", "q6"])
+def test_integer_heads_equal_scalar_on_every_isa(isa, embeddings):
+    """The integer output heads (bn_head_logits) on a ragged row count and 1..6 tokens (the decode
+    row path and the multi-token tiles): every ISA's logits are the scalar path's bit for bit."""
+    from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, encode
+
+    ffi, lib = kernels.lib()
+    rng = np.random.default_rng(7)
+    vocab, hidden = 37, 700
+    stored = encode(rng.standard_normal((vocab, hidden)).astype(np.float32) * 0.05, embeddings)
+    scale = ffi.from_buffer("float[]", stored[1]) if len(stored) > 1 else ffi.NULL
+    for m in range(1, 7):
+        h = rng.standard_normal((m, hidden)).astype(np.float32)
+        y = {}
+        for name in ("scalar", isa):
+            y[name] = np.empty((m, vocab), np.float32)
+            assert lib.bn_head_logits(ffi.NULL, kernels.ISAS[name], getattr(lib, EMBEDDING_TYPES[embeddings].c_enum),
+                                      ffi.from_buffer(stored[0]), scale, vocab, hidden, ffi.from_buffer("float[]", h),
+                                      m, ffi.from_buffer("float[]", y[name])) == 0
+        np.testing.assert_array_equal(y[isa], y["scalar"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gemm_extremes_do_not_overflow(isa):
     """All-(-128) activations against all-(+1) and all-(-1) rows: the largest sums the kernels see."""
     k = 6912
