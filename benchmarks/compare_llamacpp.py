@@ -9,9 +9,10 @@ runtime from our own GGUF export of it (`bitnet pack --to gguf`), head for head.
   ours int8 head  vs  TQ2_0 + Q8_0 head  (export of the int8 file: the same int8 values)
   ours int8 head  vs  TQ2_0 + Q6_K head  (llama-quantize of the f16 export: their usual small head)
   ours q4 head    vs  TQ2_0 + Q4_K head  (llama-quantize of the f16 export: the nearest size, 4.5 bits)
-bitnet.cpp (I2_S, `--gguf-type i2_s`, the layout its x86 build reads; the head written by our exporter):
+bitnet.cpp (I2_S, `--gguf-type i2_s`, the layout its x86 build reads):
   ours f16 head   vs  I2_S + f16 head    (bitnet.cpp's default)
-  ours int8 head  vs  I2_S + Q6_K head   (`--gguf-head q6_k`: its small head)
+  ours int8 head  vs  I2_S + Q6_K head   (its llama-quantize of the f16 export: I2_S tensors copied, the
+                                          head made Q6_K by ggml's own quantiser, which is faster than ours)
   ours <6-bit type> head vs I2_S + Q6_K head, for each 6-bit-class type in our head traits table
 Each round runs, per thread count and pair, one llama-bench (`-p 128 -n 64 -r 1`) then one of our
 e2e workers (pp128, tg64), so drift in the machine's load hits both sides alike; the memory-read
@@ -73,7 +74,7 @@ RUNTIMES = {
         ("f16 head", "f16", "f16", "f16"),
         ("int8 head vs Q6_K", "int8", "f16", "q6_k"),
         *((f"{name} head vs Q6_K", name, "f16", "q6_k") for name in EMBEDDING_TYPES if name.startswith("q6")),
-    ), (), "compare_bitnetcpp", "I2_S: 2-bit codes in 128-value blocks, the tensor's f32 scale after them"),
+    ), ("q6_k",), "compare_bitnetcpp", "I2_S: 2-bit codes in 128-value blocks, the tensor's f32 scale after them"),
 }
 
 
@@ -97,11 +98,10 @@ def packed_file(embeddings: str) -> Path:
 
 def their_file(runtime: Runtime, source: Path, head: str, quantize: str | None) -> Path:
     """The GGUF for the other runtime, exported from our file (and quantized) once, cached beside it."""
-    written_head = None if head in runtime.quantize_heads or head in ("q8_0",) else head
-    exported = source.with_suffix(f".{runtime.gguf_type}{'-' + written_head if written_head else ''}.gguf")
+    exported = source.with_suffix(f".{runtime.gguf_type}.gguf")  # head: F16 from f16 rows, Q8_0 from int8 ones
     if not exported.exists():
         print(f"  exporting {exported.name}", file=sys.stderr, flush=True)
-        export_gguf(source, exported, runtime.gguf_type, head=written_head)
+        export_gguf(source, exported, runtime.gguf_type)
     if head not in runtime.quantize_heads:
         return exported
     out = source.with_suffix(f".{runtime.gguf_type}-{head}.gguf")
@@ -129,7 +129,8 @@ def check_types(runtime: Runtime, path: Path, head: str) -> dict:
 def measure(args, threads: list[int]) -> dict:
     files = {}
     runtime = RUNTIMES[args.runtime]
-    for name, emb, source, head in runtime.pairs:
+    pairs = [pair for pair in runtime.pairs if args.pairs is None or pair[0] in args.pairs]
+    for name, emb, source, head in pairs:
         theirs = their_file(runtime, packed_file(source), head, args.llama_quantize)
         files[name] = {"ours": packed_file(emb), "theirs": theirs, "their_types": check_types(runtime, theirs, head)}
 
@@ -140,7 +141,7 @@ def measure(args, threads: list[int]) -> dict:
     build = None
     for r in range(args.repeat):
         for th in threads:
-            for name, *_ in runtime.pairs:
+            for name, *_ in pairs:
                 print(f"  round {r + 1}/{args.repeat}, {th} thread(s), {name}", file=sys.stderr, flush=True)
                 bandwidth[th].append(roofline.measure_bandwidth(th, BANDWIDTH_REPEAT)["median"])
                 f = files[name]
@@ -155,7 +156,7 @@ def measure(args, threads: list[int]) -> dict:
     results["bandwidth_gbps"] = {str(th): summarize(v) for th, v in bandwidth.items()}
 
     rows = []
-    for name, emb, *_ in runtime.pairs:
+    for name, emb, *_ in pairs:
         f = files[name]
         our_bytes = bytes_per_token(target.from_shape(SHAPE, emb).config, emb)["total"]
         their_bytes = f["their_types"]["tensor_bytes"]  # the tied head is read in full: every tensor once
@@ -220,9 +221,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="llama.cpp", help="the runtime to race")
     parser.add_argument("--llama-bench", help="path to that runtime's llama-bench (required unless --render)")
-    parser.add_argument("--llama-quantize", help="path to llama.cpp's llama-quantize (makes its Q6_K- and Q4_K-head "
-                        "files once)")
+    parser.add_argument("--llama-quantize", help="path to that runtime's llama-quantize (makes its Q6_K- and "
+                        "Q4_K-head files once)")
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--pairs", help="comma-separated pair names to run (default: all of the runtime's)")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--note", help="a remark printed under the header, e.g. how busy the machine was")
@@ -237,6 +239,11 @@ def main(argv: list[str]) -> int:
     if not args.llama_bench:
         raise BitnetError("--llama-bench PATH is required (or --render REPORT.json)")
     threads = suite.parse_int_list(args.threads, "--threads")
+    if args.pairs is not None:
+        args.pairs = args.pairs.split(",")
+        known = [pair[0] for pair in RUNTIMES[args.runtime].pairs]
+        if not args.pairs or set(args.pairs) - set(known):
+            raise BitnetError(f"--pairs: {args.runtime}'s pairs are {', '.join(map(repr, known))}")
     if not args.out.is_dir():
         raise BitnetError(f"--out {args.out}: not a directory")
     if args.repeat < 1:

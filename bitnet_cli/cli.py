@@ -23,6 +23,7 @@ from bitnet_cli.engine import DEFAULT_CTX
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
+from bitnet_cli.pack.ternary import LAYOUTS
 from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
 from bitnet_cli.sampling import SamplingParams
 
@@ -222,6 +223,7 @@ PackTarget = _choices("PackTarget", PACK_TARGETS)
 SourceKind = _choices("SourceKind", SOURCE_KINDS)
 GGUFType = _choices("GGUFType", GGUF_TYPES)
 GGUFHead = _choices("GGUFHead", HEAD_TYPES)
+TernaryLayoutChoice = _choices("TernaryLayoutChoice", LAYOUTS)  # the ternary layouts table (pack/ternary.py)
 
 
 def _human_bytes(n: float) -> str:
@@ -259,6 +261,7 @@ def pack(
     gguf_head: Optional[GGUFHead] = typer.Option(None, "--gguf-head", help="Type of the GGUF token embedding / tied head: f16, or q6_k (6.56 bits/weight). Default: f16 from f16 embeddings, Q8_0 from int8."),
     source_kind: SourceKind = typer.Option(SourceKind.auto, "--from", help="Force the source kind instead of detecting it: own (bitnet train), hf (bf16/fp32 weights), hf-packed (uint8 trits + weight_scale), hub (treat SRC as a hub id), gguf (a GGUF file)."),
     i2s_block: Optional[int] = typer.Option(None, "--i2s-block", help="I2_S layout of a GGUF source: 128-value blocks (bitnet.cpp's x86 build, the published files) or 64 (its ARM build). Both have the same size and nothing in the file says which, so the default is 128 (64 when a tensor's size allows only that), with a note."),
+    layout: TernaryLayoutChoice = typer.Option(TernaryLayoutChoice.i2, "--layout", help="Ternary weight layout of a native file: i2, 2 bits per weight (four codes a byte), or tq1, 1.6 bits per weight (five trits a byte: 20% fewer bytes per token, more decoding work; `bitnet bench --layout` compares them). Both hold the same trits: the same logits."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT if it exists."),
     json_output: bool = json_option("the summary (no progress bar)"),
 ):
@@ -275,7 +278,7 @@ def pack(
 
     from rich.table import Table
 
-    with user_errors(options={"kind": "--from"}):
+    with user_errors(options={"kind": "--from", "ternary_layout": "--layout"}):
         from bitnet_cli.pack import pack_checkpoint
 
         progress, update = _tensor_progress("packing", enabled=not json_output)
@@ -283,7 +286,7 @@ def pack(
             summary = pack_checkpoint(
                 src, out, embeddings=embeddings.value if embeddings else None, force=force, kind=source_kind.value,
                 to=to.value, gguf_type=gguf_type.value, progress=update,
-                gguf_head=gguf_head.value if gguf_head else None, i2s_block=i2s_block,
+                gguf_head=gguf_head.value if gguf_head else None, i2s_block=i2s_block, ternary_layout=layout.value,
             )
     if json_output:
         print_json(summary.to_dict())
@@ -292,7 +295,8 @@ def pack(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("source", f"{summary.source} ({summary.source_kind})")
-    table.add_row("format", f"{summary.format}, embeddings {summary.embeddings}")
+    table.add_row("format", f"{summary.format}, embeddings {summary.embeddings}" +
+                  (f", layout {summary.layout}" if summary.format == "native" else ""))
     table.add_row("parameters", f"{summary.parameters:,} ({summary.ternary_parameters:,} ternary)")
     table.add_row("bits per weight", f"{summary.ternary_bits_per_weight:.4f} ternary, {summary.bits_per_weight:.4f} whole file")
     table.add_row("file size", f"{_human_bytes(summary.file_bytes)} vs {_human_bytes(summary.bf16_bytes)} in bf16")
@@ -656,6 +660,7 @@ def bench(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8, q6 or q4."),
+    layout: TernaryLayoutChoice = typer.Option(TernaryLayoutChoice.i2, "--layout", help="Ternary weight layout of the synthetic model and of the kernel table: i2 (2 bits per weight) or tq1 (1.6). A --model file has its own."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
@@ -683,7 +688,7 @@ def bench(
     from bitnet_cli.bench import report, suite, target as targets
     from bitnet_cli.kernels import physical_cores
 
-    with user_errors(options={"sections": "--what"}):
+    with user_errors(options={"sections": "--what", "ternary_layout": "--layout"}):
         if model is not None and shape is not None:
             raise BitnetError("give either --model or --shape, not both")
         if isa is not None:
@@ -699,7 +704,7 @@ def bench(
         prompt_list = suite.parse_int_list(prompts, "--prompts")
         token_list = suite.parse_int_list(tokens, "--tokens")
         chosen = (targets.from_file(model) if model is not None
-                  else targets.from_shape(shape or "2b4t", embeddings, cache_dir))
+                  else targets.from_shape(shape or "2b4t", embeddings, cache_dir, layout.value))
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err_console, transient=True) as bar:
             task = bar.add_task("starting", total=None)

@@ -268,6 +268,7 @@ class Engine(kernels.CResource):
         desc.bitlinear_norm_eps = d.bitlinear_norm_eps or 0.0
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
+        desc.layout = getattr(self._lib, pm.ternary_layout.c_enum)
         return desc
 
     # ------------------------------------------------------------------ loading

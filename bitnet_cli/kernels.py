@@ -59,10 +59,12 @@ def lib():
 _ALT = None  # the module $BITNET_KERNELS names, once loaded
 # The layout constants as kernels/bitnet.h defines them (the one definition), read through cffi on
 # first use (`kernels.BLOCK_K`), so importing this module needs no compiled module yet:
-# inputs and bytes of an i2_k128 block, of a q4 head block (bn_q4_block) and of a q6 one (bn_q6_block).
+# inputs and bytes of an i2_k128 block, of a q4 head block (bn_q4_block), of a q6 one (bn_q6_block) and of
+# a tq1_k640 block.
 _LAYOUT = {"BLOCK_K": lambda ffi, L: L.BN_BLOCK_K, "BLOCK_BYTES": lambda ffi, L: L.BN_BLOCK_BYTES,
            "Q4_BLOCK_K": lambda ffi, L: L.BN_Q4_BLOCK_K, "Q4_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q4_block"),
-           "Q6_BLOCK_K": lambda ffi, L: L.BN_Q6_BLOCK_K, "Q6_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q6_block")}
+           "Q6_BLOCK_K": lambda ffi, L: L.BN_Q6_BLOCK_K, "Q6_BLOCK_BYTES": lambda ffi, L: ffi.sizeof("bn_q6_block"),
+           "TQ1_BLOCK_K": lambda ffi, L: L.BN_TQ1_BLOCK_K, "TQ1_BLOCK_BYTES": lambda ffi, L: L.BN_TQ1_BLOCK_BYTES}
 
 
 def __getattr__(name: str) -> int:
@@ -167,19 +169,23 @@ def quantize(x: np.ndarray, isa: str | None = None) -> tuple[np.ndarray, np.ndar
 
 
 def gemm(w: np.ndarray, xq: np.ndarray, xsum: np.ndarray, isa: str | None = None,
-         pool: ThreadPool | None = None) -> np.ndarray:
-    """Exact int32 [m, n] = trits(w) . xq for an i2_k128 weight w uint8 [n, kp/4] and int8 xq [m, kp]."""
+         pool: ThreadPool | None = None, layout: str = "i2") -> np.ndarray:
+    """Exact int32 [m, n] = trits(w) . xq for a weight w uint8 [n, row bytes] in `layout` (i2: i2_k128,
+    [n, kp/4]; tq1: tq1_k640; bitnet.h's BN_LAYOUT_*) and int8 xq [m, kp]."""
     ffi, L = lib()
-    n, kq = w.shape
+    n, row = w.shape
     m, kp = xq.shape
-    if kp != 4 * kq or kp % L.BN_BLOCK_K or w.dtype != np.uint8 or xq.dtype != np.int8 or xsum.shape != (m,):
-        raise BitnetError(f"gemm: shapes/dtypes do not match: w {w.dtype}{w.shape}, xq {xq.dtype}{xq.shape}")
+    layout_id = getattr(L, f"BN_LAYOUT_{layout.upper()}", -1)
+    if (row != L.bn_ternary_row_bytes(layout_id, kp) or row == 0 or w.dtype != np.uint8 or xq.dtype != np.int8
+            or xsum.shape != (m,)):
+        raise BitnetError(f"gemm: shapes/dtypes do not match layout {layout!r}: w {w.dtype}{w.shape}, "
+                          f"xq {xq.dtype}{xq.shape}")
     w, xq = np.ascontiguousarray(w), np.ascontiguousarray(xq)
     xsum = np.ascontiguousarray(xsum, dtype=np.int32)
     acc = np.empty((m, n), dtype=np.int32)
-    rc = L.bn_gemm_i2(_pool_ptr(pool), resolve_isa(isa), ffi.from_buffer("uint8_t[]", w), n, kp,
-                      ffi.from_buffer("int8_t[]", xq), ffi.from_buffer("int32_t[]", xsum), m,
-                      ffi.from_buffer("int32_t[]", acc))
+    rc = L.bn_gemm_ternary(_pool_ptr(pool), resolve_isa(isa), layout_id, ffi.from_buffer("uint8_t[]", w), n, kp,
+                           ffi.from_buffer("int8_t[]", xq), ffi.from_buffer("int32_t[]", xsum), m,
+                           ffi.from_buffer("int32_t[]", acc))
     if rc != 0:
         raise BitnetError("gemm: the kernel refused its arguments")
     return acc

@@ -1,7 +1,8 @@
 /* Standalone timing of the engine on a random model held in memory (no Python, no file):
- *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4]  ->  decode tok/s, pp128 tok/s, GB/s
- *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape
- *   build/bench [threads] [isa] head     the output head alone (f16, int8 and q4 rows), one token
+ *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1]
+ *                                        ->  decode tok/s, pp128 tok/s, GB/s
+ *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
+ *   build/bench [threads] [isa] head     the output head alone (f16, int8, q4 and q6 rows), one token
  * `bitnet bench` is the user-facing tool; this is for machines without the Python stack. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,9 +26,12 @@ static void *filled(size_t n, unsigned seed) {
     return p;
 }
 
-static uint8_t *ternary(int n, int k, unsigned seed) {
-    size_t bytes = (size_t)n * ((k + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_BYTES);
+/* random rows of a layout: for tq1_k640 any byte decodes to codes 0..2, so random bytes will do;
+ * i2_k128 codes 3 are cleared */
+static uint8_t *ternary(int n, int k, unsigned seed, int layout) {
+    size_t bytes = (size_t)n * bn_ternary_row_bytes(layout, (k + BN_BLOCK_K - 1) / BN_BLOCK_K * BN_BLOCK_K);
     uint8_t *w = filled(bytes, seed);
+    if (layout != BN_LAYOUT_I2) return w;
     for (size_t i = 0; i < bytes; i++) /* codes 0..2 only */
         for (int f = 0; f < 4; f++)
             if (((w[i] >> 2 * f) & 3) == 3) w[i] &= (uint8_t)~(1 << 2 * f);
@@ -40,11 +44,12 @@ static float *ones(int n) {
     return v;
 }
 
-/* the ternary kernel alone on the FFN shape, weights far larger than the caches */
-static void bench_kernel(int threads, int isa) {
+/* the ternary kernel alone on the FFN shape, weights far larger than the caches, per layout */
+static void bench_kernel(int threads, int isa, int layout) {
     const int n = 6912, k = 2560, copies = 16;
+    const char *names[] = {"i2_k128", "tq1_k640"};
     uint8_t *w[16];
-    for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c);
+    for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c, layout);
     bn_pool *pool = bn_pool_new(threads);
     for (int m = 1; m <= 64; m *= 64) {
         int8_t *xq = filled((size_t)m * k, 5);
@@ -52,12 +57,12 @@ static void bench_kernel(int threads, int isa) {
         double best = 1e9;
         for (int rep = 0; rep < 3; rep++) {
             double t0 = now();
-            for (int c = 0; c < copies; c++) bn_gemm_i2(pool, isa, w[c], n, k, xq, xsum, m, acc);
+            for (int c = 0; c < copies; c++) bn_gemm_ternary(pool, isa, layout, w[c], n, k, xq, xsum, m, acc);
             double dt = (now() - t0) / copies;
             if (dt < best) best = dt;
         }
-        printf("kernel %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f GOPS\n", n, k, m, best * 1e3,
-               (double)n * k / 4 / best / 1e9, 2.0 * n * k * m / best / 1e9);
+        printf("kernel %s %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f GOPS\n", names[layout], n, k, m, best * 1e3,
+               (double)n * bn_ternary_row_bytes(layout, k) / best / 1e9, 2.0 * n * k * m / best / 1e9);
         free(xq), free(xsum), free(acc);
     }
     bn_pool_free(pool);
@@ -67,20 +72,24 @@ static void bench_kernel(int threads, int isa) {
 /* bytes of one output-head row of `hidden` inputs, values and per-row scale, per BN_EMB_* type */
 static double head_row_bytes(int type, int hidden) {
     const double bytes[] = {2.0 * hidden, hidden + 4.0,
-                            (hidden + BN_Q4_BLOCK_K - 1) / BN_Q4_BLOCK_K * sizeof(bn_q4_block) + 4.0};
+                            (hidden + BN_Q4_BLOCK_K - 1) / BN_Q4_BLOCK_K * sizeof(bn_q4_block) + 4.0,
+                            (hidden + BN_Q6_BLOCK_K - 1) / BN_Q6_BLOCK_K * (double)sizeof(bn_q6_block)};
     return bytes[type];
 }
 
 /* the output head alone on the 2B4T shape (128256 x 2560), one decoded token, per row type */
 static void bench_head(int threads, int isa) {
     const int V = 128256, H = 2560;
-    const char *names[] = {"f16", "i8", "q4"};
+    const char *names[] = {"f16", "i8", "q4", "q6"};
     uint16_t *w16 = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) w16[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
-    void *rows[] = {w16, filled((size_t)V * H, 9), filled((size_t)V * (H / 64) * sizeof(bn_q4_block), 10)};
+    void *rows[] = {w16, filled((size_t)V * H, 9), filled((size_t)V * (H / 64) * sizeof(bn_q4_block), 10),
+                    filled((size_t)V * (H / 256) * sizeof(bn_q6_block), 12)};
+    /* q6: finite block scales d (random bytes would hold infinities and NaNs) */
+    for (size_t i = 0; i < (size_t)V * (H / 256); i++) ((bn_q6_block *)rows[3])[i].d = 0x1c00;
     float *scale = ones(V), *h = ones(H), *y = malloc(sizeof(float) * V);
     bn_pool *pool = bn_pool_new(threads);
-    for (int type = 0; type < 3; type++) {
+    for (int type = 0; type < 4; type++) {
         double t[15];
         for (int rep = 0; rep < 15; rep++) {
             double t0 = now();
@@ -97,7 +106,7 @@ static void bench_head(int threads, int isa) {
                V * head_row_bytes(type, H) / t[7] / 1e9);
     }
     bn_pool_free(pool);
-    for (int type = 0; type < 3; type++) free(rows[type]);
+    for (int type = 0; type < 4; type++) free(rows[type]);
     free(scale), free(h), free(y);
 }
 
@@ -110,7 +119,8 @@ int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 1;
     int isa = argc > 2 ? atoi(argv[2]) : bn_isa_best();
     if (argc > 3 && !strcmp(argv[3], "kernel")) {
-        bench_kernel(threads, isa);
+        bench_kernel(threads, isa, BN_LAYOUT_I2);
+        bench_kernel(threads, isa, BN_LAYOUT_TQ1);
         return 0;
     }
     if (argc > 3 && !strcmp(argv[3], "head")) {
@@ -118,15 +128,20 @@ int main(int argc, char **argv) {
         return 0;
     }
     const char *head = argc > 4 ? argv[4] : "f16";
-    int head_type = !strcmp(head, "q4") ? BN_EMB_Q4 : !strcmp(head, "i8") ? BN_EMB_I8 : BN_EMB_F16;
+    int head_type = !strcmp(head, "q6")   ? BN_EMB_Q6
+                    : !strcmp(head, "q4") ? BN_EMB_Q4
+                    : !strcmp(head, "i8") ? BN_EMB_I8
+                                          : BN_EMB_F16;
+    const int layout = argc > 5 && !strcmp(argv[5], "tq1") ? BN_LAYOUT_TQ1 : BN_LAYOUT_I2;
     int big = !(argc > 3 && !strcmp(argv[3], "small"));
     int L = big ? 30 : 4, H = 2560, F = 6912, NH = 20, NKV = 5, HD = 128, V = 128256, CTX = 512;
     bn_layer_desc *layers = calloc(L, sizeof *layers);
     for (int l = 0; l < L; l++)
-        layers[l] = (bn_layer_desc){ones(H), ones(H), ones(H), ones(F), ternary(H, H, l * 7 + 1),
-                                    ternary(NKV * HD, H, l * 7 + 2), ternary(NKV * HD, H, l * 7 + 3),
-                                    ternary(H, H, l * 7 + 4), ternary(F, H, l * 7 + 5), ternary(F, H, l * 7 + 6),
-                                    ternary(H, F, l * 7 + 7), 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f,
+        layers[l] = (bn_layer_desc){ones(H), ones(H), ones(H), ones(F), ternary(H, H, l * 7 + 1, layout),
+                                    ternary(NKV * HD, H, l * 7 + 2, layout), ternary(NKV * HD, H, l * 7 + 3, layout),
+                                    ternary(H, H, l * 7 + 4, layout), ternary(F, H, l * 7 + 5, layout),
+                                    ternary(F, H, l * 7 + 6, layout), ternary(H, F, l * 7 + 7, layout),
+                                    0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f, 0.05f,
                                     .bq = NULL, .nq = NULL}; /* BitNet b1.58: no biases, no projection norms */
     uint16_t *emb = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) emb[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
@@ -135,7 +150,7 @@ int main(int argc, char **argv) {
     float *head_scale = ones(V);
     for (int i = 0; i < V; i++) head_scale[i] = 1e-3f;
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, head_type, head_rows,
-                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, 0.0f};
+                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, 0.0f, layout};
     char err[128];
     bn_model *m = bn_model_new(&d, threads, isa, err, sizeof err);
     if (!m) {
@@ -145,7 +160,9 @@ int main(int argc, char **argv) {
     float *logits = malloc(sizeof(float) * V);
     int32_t tokens[128];
     for (int i = 0; i < 128; i++) tokens[i] = (i * 7919) % V;
-    double bytes = (double)L * ((double)(H + 2 * NKV * HD + H + 2 * F) * H / 4 + (double)H * F / 4) + V * head_row_bytes(head_type, H);
+    double bytes = (double)L * ((double)(H + 2 * NKV * HD + H + 2 * F) * bn_ternary_row_bytes(layout, H) +
+                                (double)H * bn_ternary_row_bytes(layout, F)) +
+                   V * head_row_bytes(head_type, H);
 
     bn_forward(m, tokens, 8, 0, logits, 0); /* warm up */
     double pp_s[3];
@@ -165,9 +182,9 @@ int main(int argc, char **argv) {
     }
     qsort(dt, n, sizeof dt[0], cmp_double);
     double med = (dt[n / 2 - 1] + dt[n / 2]) / 2;
-    printf("threads %d isa %d layers %d head %s: pp128 %.1f tok/s median of 3 | decode %.2f tok/s median, %.2f best | %.1f GB/s "
+    printf("threads %d isa %d layers %d head %s layout %d: pp128 %.1f tok/s median of 3 | decode %.2f tok/s median, %.2f best | %.1f GB/s "
            "streamed (%.0f MB/token)\n",
-           threads, isa, L, head, pp, 1 / med, 1 / dt[0], bytes / med / 1e9, bytes / 1e6);
+           threads, isa, L, head, layout, pp, 1 / med, 1 / dt[0], bytes / med / 1e9, bytes / 1e6);
     bn_model_free(m);
     return 0;
 }

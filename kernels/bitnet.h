@@ -8,7 +8,9 @@
  * codes q = T + 1 of inputs j, 32+j, 64+j, 96+j in bits 1:0, 3:2, 5:4, 7:6. So
  * `(byte >> 2*i) & 3` over the 32 bytes gives 32 consecutive inputs, one AVX2 register's worth.
  *
- * Every integer kernel returns acc = sum_k T_k * x_k exactly (int32), whatever the ISA.
+ * The `tq1_k640` layout (bn_tq1 below) stores five trits a byte instead, 1.6 bits per weight.
+ *
+ * Every integer kernel returns acc = sum_k T_k * x_k exactly (int32), whatever the ISA and layout.
  */
 #ifndef BITNET_H
 #define BITNET_H
@@ -21,6 +23,28 @@
  * BN_Q4_BLOCK_K inputs; a q6 block (bn_q6_block) BN_Q6_BLOCK_K. */
 enum { BN_BLOCK_K = 128, BN_BLOCK_BYTES = 32, BN_Q4_BLOCK_K = 64, BN_Q6_BLOCK_K = 256 };
 _Static_assert(BN_BLOCK_BYTES * 4 == BN_BLOCK_K, "i2_k128 stores four 2-bit codes per byte");
+
+/* Ternary weight layouts: every projection of a model uses one (bn_model_desc.layout). */
+enum {
+    BN_LAYOUT_I2 = 0,  /* i2_k128: four 2-bit codes a byte, 2 bits per weight */
+    BN_LAYOUT_TQ1 = 1, /* tq1_k640: five trits a byte, 1.6 bits per weight (plus i2_k128 blocks at the end) */
+    BN_LAYOUT_COUNT = 2
+};
+
+/* tq1_k640. A row of kp inputs (kp a multiple of BN_BLOCK_K, as for i2_k128, so both layouts take
+ * the same int8 activations) is kp / 640 blocks of BN_TQ1_BLOCK_BYTES bytes, then the remaining
+ * (kp % 640) / 128 inputs as i2_k128 blocks of 32 bytes. In a 640-input block, byte j (0..127)
+ * holds the codes q = T + 1 of inputs j, 128+j, 256+j, 384+j, 512+j as the base-3 number
+ * v = 81 q0 + 27 q1 + 9 q2 + 3 q3 + q4 (0..242), stored as the fixed-point fraction
+ * b = ceil(v * 256 / 243). Code i comes back as the top of ((b * 3^i) mod 256) * 3, i.e.
+ * q_i = (3 * (uint8_t)(b * 3^i)) >> 8, which byte-wise SIMD computes with adds and compares; and
+ * bytes 32c..32c+31 give 32 consecutive inputs 128i + 32c + 0..31 of each code i. */
+enum { BN_TQ1_BLOCK_K = 640, BN_TQ1_BLOCK_BYTES = 128 };
+_Static_assert(BN_TQ1_BLOCK_BYTES * 5 == BN_TQ1_BLOCK_K, "tq1_k640 stores five trits per byte");
+
+/* Bytes of one row of kp inputs (a multiple of BN_BLOCK_K) in a layout; 0 for an unknown layout
+ * or kp. */
+size_t bn_ternary_row_bytes(int layout, int kp);
 
 /* Instruction-set paths. A path is usable when bn_isa_available() says so on this CPU;
  * kernels/dispatch.c says which kernel each one runs. */
@@ -51,11 +75,12 @@ int bn_pool_size(const bn_pool *pool);
  * Every isa gives the same bits. Returns 0, or -1 for an unavailable isa. */
 int bn_quantize_rows(int isa, const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 
-/* acc[t][r] = sum_k T[r][k] * xq[t][k] for r < n rows of w (i2_k128, kp inputs) and t < m tokens.
- * xsum[t] must be the row sums of xq (from bn_quantize_rows). Work is split by rows over the pool
- * (pool may be NULL: the calling thread does it all). Returns 0, or -1 for an unavailable isa. */
-int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const int8_t *xq,
-               const int32_t *xsum, int m, int32_t *acc);
+/* acc[t][r] = sum_k T[r][k] * xq[t][k] for r < n rows of w (in `layout`, BN_LAYOUT_*, kp inputs)
+ * and t < m tokens. xsum[t] must be the row sums of xq (from bn_quantize_rows). Work is split by
+ * rows over the pool (pool may be NULL: the calling thread does it all). Returns 0, or -1 for an
+ * unavailable isa or unknown layout. */
+int bn_gemm_ternary(bn_pool *pool, int isa, int layout, const uint8_t *w, int n, int kp, const int8_t *xq,
+                    const int32_t *xsum, int m, int32_t *acc);
 
 /* Sum of every 64-bit word of buf (nbytes, a multiple of 64), read by all pool threads:
  * the streaming memory-read bandwidth probe of `bitnet bench`. */
@@ -120,7 +145,7 @@ typedef struct {
     /* F32; attn_sub_norm and ffn_sub_norm are NULL in models without them (the Llama family):
      * the attention output / gated FFN activation then goes to int8 as it is */
     const float *attn_norm, *post_norm, *attn_sub_norm, *ffn_sub_norm;
-    const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* i2_k128 */
+    const uint8_t *wq, *wk, *wv, *wo, *wg, *wu, *wd;                    /* in bn_model_desc.layout */
     float gq, gk, gv, go, gg, gu, gd;                                   /* weight scales gamma */
     /* F32 biases of q, k, v (the Qwen2 family), added to the rescaled product; NULL: none */
     const float *bq, *bk, *bv;
@@ -146,6 +171,7 @@ typedef struct {
     const bn_layer_desc *layers;
     int ffn_act;               /* BN_ACT_RELU2 (0, BitNet b1.58) or BN_ACT_SILU */
     float bitlinear_norm_eps;  /* eps of the projections' own input norms (bn_layer_desc nq..nd) */
+    int layout;                /* of every projection: BN_LAYOUT_I2 (0) or BN_LAYOUT_TQ1 */
 } bn_model_desc;
 
 typedef struct bn_model bn_model;

@@ -453,20 +453,52 @@ AVX2_TARGET static inline __attribute__((always_inline)) void q6_tile_avx2(const
         for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r + a] = q6_logit(j, t + b, s[a][b]);
 }
 
-/* tiles of two rows x four tokens, then one row after another for the remaining tokens (the
- * decode case: a single sequential stream) */
-#define Q6_ROWS(NAME, TARGET, TILE)                                           \
-    TARGET void NAME(const bn_head_job *j, int r0, int r1) {                  \
-        int t = 0;                                                            \
-        for (; t + 4 <= j->m; t += 4) {                                       \
-            int r = r0;                                                       \
-            for (; r + 2 <= r1; r += 2) TILE(j, r, t, 2, 4);                  \
-            for (; r < r1; r++) TILE(j, r, t, 1, 4);                          \
-        }                                                                     \
-        for (; t < j->m; t++)                                                 \
-            for (int r = r0; r < r1; r++) TILE(j, r, t, 1, 1);                \
+/* One row against one token (decode). The offset 32 * x is the same for every row, so its sum per
+ * 16-input group (xs, |xs| <= 2048) is taken once per token and comes off per block as one
+ * vpmaddwd with the scales: sum sc * (u - 32) * x = sum sc * u * x - 32 * sum_g sc_g * xs_g, two
+ * instructions a block instead of two per 32 inputs. Bounds: a vpmaddubsw pair sum of u * x is
+ * at most 2 * 63 * 128 = 16128, a block's sum of sc * u * x at most 256 * 63 * 128 * 128 < 2^31. */
+AVX2_TARGET static inline float q6_row_avx2(const bn_head_job *j, int r, int t, const int16_t *xs) {
+    const int nb = j->k / BN_Q6_BLOCK_K;
+    const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+    const int8_t *x = j->hq + (size_t)t * j->k;
+    float s = 0.0f;
+    for (int i = 0; i < nb; i++) {
+        const bn_q6_block *blk = w + i;
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+        const __m256i sc8[2] = {q6_sc8_avx2(blk, 0), q6_sc8_avx2(blk, 1)};
+        __m256i acc = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++)
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q6_codes_avx2(blk, c),
+                                                                               _mm256_loadu_si256((const __m256i *)(x + 256 * i + 32 * c))),
+                                                          q6_scales_avx2(sc8[c / 4], c)));
+        __m256i off = _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)),
+                                        _mm256_loadu_si256((const __m256i *)(xs + 16 * i)));
+        s = q6_step(s, _cvtsh_ss(blk->d), bn_hsum_epi32_avx2(_mm256_sub_epi32(acc, _mm256_slli_epi32(off, 5))));
     }
-Q6_ROWS(bn_head_rows_q6_avx2, AVX2_TARGET, q6_tile_avx2)
+    return s;
+}
+
+/* tiles of two rows x four tokens, then for each remaining token its group sums and one row after
+ * another (the decode case: a single sequential stream) */
+AVX2_TARGET void bn_head_rows_q6_avx2(const bn_head_job *j, int r0, int r1) {
+    int t = 0;
+    for (; t + 4 <= j->m; t += 4) {
+        int r = r0;
+        for (; r + 2 <= r1; r += 2) q6_tile_avx2(j, r, t, 2, 4);
+        for (; r < r1; r++) q6_tile_avx2(j, r, t, 1, 4);
+    }
+    int16_t xs[j->k / 16];
+    for (; t < j->m; t++) {
+        const int8_t *x = j->hq + (size_t)t * j->k;
+        for (int g = 0; g < j->k / 16; g++) {
+            int sum = 0;
+            for (int i = 0; i < 16; i++) sum += x[16 * g + i];
+            xs[g] = (int16_t)sum;
+        }
+        for (int r = r0; r < r1; r++) j->y[(size_t)t * j->y_stride + r] = q6_logit(j, t, q6_row_avx2(j, r, t, xs));
+    }
+}
 
 /* q6 on AVX-512 (BW): 64 inputs a step. The 32 bytes of lo (or hi) that hold them are broadcast
  * to both halves of a zmm and shifted per half (vpsrlvw), as the i2 kernels do; vpermw spreads the
@@ -527,7 +559,18 @@ AVX512_TARGET static inline __attribute__((always_inline)) void q6_tile_avx512(c
     for (int a = 0; a < RT; a++)
         for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r + a] = q6_logit(j, t + b, s[a][b]);
 }
-Q6_ROWS(bn_head_rows_q6_avx512, AVX512_TARGET, q6_tile_avx512)
+/* tiles of two rows x four tokens, then one row after another for the remaining tokens (the
+ * decode case: a single sequential stream) */
+AVX512_TARGET void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1) {
+    int t = 0;
+    for (; t + 4 <= j->m; t += 4) {
+        int r = r0;
+        for (; r + 2 <= r1; r += 2) q6_tile_avx512(j, r, t, 2, 4);
+        for (; r < r1; r++) q6_tile_avx512(j, r, t, 1, 4);
+    }
+    for (; t < j->m; t++)
+        for (int r = r0; r < r1; r++) q6_tile_avx512(j, r, t, 1, 1);
+}
 #endif
 
 #if BN_ARM64

@@ -49,7 +49,7 @@ typedef struct {
 typedef void (*bn_glue_fn)(const bn_glue_job *job, int t0, int t1);
 typedef void (*bn_quantize_fn)(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 
-/* One ternary matrix product: rows of w against m quantised tokens. The kernel writes either
+/* One ternary matrix product: rows of w (in the kernel's layout) against m quantised tokens. The kernel writes either
  * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
 typedef struct {
     const uint8_t *w;
@@ -136,7 +136,7 @@ typedef void (*bn_attn_fn)(const bn_attn_job *job);
 
 /* The kernels one ISA runs. */
 typedef struct {
-    bn_i2_rows_fn i2;
+    bn_i2_rows_fn ternary[BN_LAYOUT_COUNT]; /* by weight layout, BN_LAYOUT_* */
     bn_quantize_fn quantize;
     bn_glue_fn glue;
     bn_attn_fn attend;
@@ -149,6 +149,7 @@ const bn_kernels *bn_kernels_for(int isa);
 /* Every kernel, per ISA, as dispatch.c gathers them (each SIMD one equals its scalar reference
  * bit for bit: kernels/test_kernels.c). */
 void bn_i2_rows_scalar(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_scalar(const bn_i2_job *j, int r0, int r1);
 void bn_quantize_rows_scalar(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_scalar(const bn_glue_job *j, int t0, int t1);
 void bn_attend_scalar(const bn_attn_job *a);
@@ -160,6 +161,9 @@ void bn_head_rows_q6_scalar(const bn_head_job *j, int r0, int r1);
 void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_avx2(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_avx512(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
 void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1);
 void bn_attend_avx2(const bn_attn_job *a);
@@ -172,6 +176,8 @@ void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1);
 #if BN_ARM64
 void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_neon(const bn_i2_job *j, int r0, int r1);
+void bn_tq1_rows_neondot(const bn_i2_job *j, int r0, int r1);
 void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1);

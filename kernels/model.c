@@ -31,6 +31,7 @@ struct bn_model {
     bn_layer_desc *layers;
     bn_pool *pool;
     const bn_kernels *kern; /* this model's ISA's kernels (dispatch.c) */
+    bn_i2_rows_fn ternary;  /* its ternary product for the model's weight layout */
     const bn_head_traits *emb_type, *head_type;
     int q_dim, kv_dim, kp_h, kp_f, kp_q;
     float attn_scale;
@@ -93,6 +94,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
              d->hidden);
     m->kern = bn_kernels_for(isa);
     if (!m->kern) FAIL("instruction set %d is not available on this CPU", isa);
+    if (d->layout < 0 || d->layout >= BN_LAYOUT_COUNT) FAIL("unknown ternary weight layout %d", d->layout);
+    m->ternary = m->kern->ternary[d->layout];
     m->pool = bn_pool_new(n_threads);
     if (!m->pool) FAIL("cannot start %d threads", n_threads);
     m->layers = zalloc(sizeof(bn_layer_desc) * d->n_layers);
@@ -349,7 +352,7 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const int H = m->d.hidden, F = m->d.ffn, hd = m->d.head_dim, half = hd / 2;
 
     /* m->tmp holds the previous layer's FFN output, still to be added to the residual */
-    matmul_task qkv = {m->kern->i2,
+    matmul_task qkv = {m->ternary,
                        {i2_job(m, L->wq, L->gq, m->kp_h, M, m->q, m->q_dim),
                         i2_job(m, L->wk, L->gk, m->kp_h, M, m->k, m->kv_dim),
                         i2_job(m, L->wv, L->gv, m->kp_h, M, m->v, m->kv_dim)},
@@ -380,10 +383,10 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     attention(m, l, c);
 
     project_input(m, M, m->att, NULL, NULL, L->attn_sub_norm, L->no, m->q_dim, m->kp_q);
-    matmul_task o = {m->kern->i2, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
+    matmul_task o = {m->ternary, {i2_job(m, L->wo, L->go, m->kp_q, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &o);
 
-    matmul_task gu = {m->kern->i2,
+    matmul_task gu = {m->ternary,
                       {i2_job(m, L->wg, L->gg, m->kp_h, M, m->gate, F), i2_job(m, L->wu, L->gu, m->kp_h, M, m->up, F)},
                       {F, F},
                       2};
@@ -396,7 +399,7 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     }
 
     project_input(m, M, m->gate, NULL, m->up, L->ffn_sub_norm, L->nd, F, m->kp_f);
-    matmul_task down = {m->kern->i2, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
+    matmul_task down = {m->ternary, {i2_job(m, L->wd, L->gd, m->kp_f, M, m->tmp, H)}, {H}, 1};
     run_matmul(m, &down);
 }
 

@@ -1,4 +1,5 @@
-/* Ternary x int8 matrix kernels over the i2_k128 layout, one per ISA (dispatch.c picks one).
+/* Ternary x int8 matrix kernels over the i2_k128 and tq1_k640 layouts (bitnet.h), one per ISA and
+ * layout (dispatch.c picks one).
  *
  * Each SIMD kernel computes exactly what bn_i2_rows_scalar computes: sum_k q_k * x_k in int32 with
  * q = T + 1 in {0, 1, 2}, minus sum_k x_k. Codes are unsigned and activations signed, which is
@@ -21,20 +22,62 @@
 
 #define BLOCK BN_BLOCK_K
 #define BLOCK_BYTES BN_BLOCK_BYTES
+#define TQ1_BLOCK BN_TQ1_BLOCK_K
+#define TQ1_BLOCK_BYTES BN_TQ1_BLOCK_BYTES
 
 /* ---- scalar reference ------------------------------------------------------------------ */
 
+/* sum q*x over nb i2_k128 blocks */
+static int32_t i2_blocks_dot_scalar(const uint8_t *w, const int8_t *x, int nb) {
+    int32_t sum = 0;
+    for (int b = 0; b < nb; b++)
+        for (int i = 0; i < 4; i++)
+            for (int jj = 0; jj < BLOCK_BYTES; jj++)
+                sum += ((w[b * BLOCK_BYTES + jj] >> (2 * i)) & 3) * x[b * BLOCK + 32 * i + jj];
+    return sum;
+}
+
 void bn_i2_rows_scalar(const bn_i2_job *j, int r0, int r1) {
-    const int nb = j->kp / BLOCK;
+    for (int r = r0; r < r1; r++)
+        for (int t = 0; t < j->m; t++)
+            bn_i2_store(j, t, r, i2_blocks_dot_scalar(j->w + (size_t)r * (j->kp / 4), j->xq + (size_t)t * j->kp,
+                                                      j->kp / BLOCK));
+}
+
+/* tq1_k640: the code i (0..4) of a byte, by bitnet.h's definition */
+static inline int tq1_code(uint8_t b, int i) {
+    static const uint8_t pow3[5] = {1, 3, 9, 27, 81};
+    return (3 * (uint8_t)(b * pow3[i])) >> 8;
+}
+
+/* A layout's row: kp / big_k blocks of big_bytes, then i2_k128 blocks for the rest of kp. */
+static const struct {
+    int big_k, big_bytes;
+} LAYOUTS[BN_LAYOUT_COUNT] = {
+    [BN_LAYOUT_I2] = {BLOCK, BLOCK_BYTES},
+    [BN_LAYOUT_TQ1] = {TQ1_BLOCK, TQ1_BLOCK_BYTES},
+};
+
+size_t bn_ternary_row_bytes(int layout, int kp) {
+    if (layout < 0 || layout >= BN_LAYOUT_COUNT || kp < 0 || kp % BLOCK) return 0;
+    const int big = LAYOUTS[layout].big_k;
+    return (size_t)(kp / big) * LAYOUTS[layout].big_bytes + (size_t)(kp % big / BLOCK) * BLOCK_BYTES;
+}
+
+void bn_tq1_rows_scalar(const bn_i2_job *j, int r0, int r1) {
+    const int nb = j->kp / TQ1_BLOCK;
+    const size_t row = bn_ternary_row_bytes(BN_LAYOUT_TQ1, j->kp);
     for (int r = r0; r < r1; r++) {
-        const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+        const uint8_t *wr = j->w + (size_t)r * row;
         for (int t = 0; t < j->m; t++) {
             const int8_t *x = j->xq + (size_t)t * j->kp;
             int32_t sum = 0;
             for (int b = 0; b < nb; b++)
-                for (int i = 0; i < 4; i++)
-                    for (int jj = 0; jj < BLOCK_BYTES; jj++)
-                        sum += ((wr[b * BLOCK_BYTES + jj] >> (2 * i)) & 3) * x[b * BLOCK + 32 * i + jj];
+                for (int i = 0; i < 5; i++)
+                    for (int jj = 0; jj < TQ1_BLOCK_BYTES; jj++)
+                        sum += tq1_code(wr[b * TQ1_BLOCK_BYTES + jj], i) * x[b * TQ1_BLOCK + 128 * i + jj];
+            sum += i2_blocks_dot_scalar(wr + (size_t)nb * TQ1_BLOCK_BYTES, x + (size_t)nb * TQ1_BLOCK,
+                                        j->kp % TQ1_BLOCK / BLOCK);
             bn_i2_store(j, t, r, sum);
         }
     }
@@ -162,6 +205,83 @@ AVX2_TARGET void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
     for (int r = r0; r < r1; r++) bn_i2_store(j, 0, r, i2_gemv_row_avx2(j, r));
 }
 
+/* ---- tq1_k640 on AVX2 ---------------------------------------------------------------------
+ * 32 bytes give five vectors of 32 codes (inputs 128i + 32c + 0..31 for code i). Code i is the top
+ * of 3 * m_i with m_i = (b * 3^i) mod 256: q = [m_i >= 86] + [m_i >= 171]. AVX2 has no unsigned
+ * byte compare, so the bytes are taken as s_i = m_i ^ 0x80 (signed: m_i - 128) and compared with
+ * -43 and 42; s_{i+1} = 3 s_i (mod 256) since 3 is odd and 3 * 128 = 128 (mod 256): two byte
+ * adds per code, no multiply. The compares give -1 masks, and q = -(mask1 + mask2).
+ * Bounds: a vpmaddubsw pair sum is at most 2 * 2 * 128 = 512; a block's twenty add up to 10240,
+ * inside int16, then widen to int32. */
+AVX2_TARGET static inline __attribute__((always_inline)) void tq1_codes_avx2(__m256i w, __m256i q[5]) {
+    const __m256i low = _mm256_set1_epi8(-43), high = _mm256_set1_epi8(42), zero = _mm256_setzero_si256();
+    __m256i s = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    for (int i = 0; i < 5; i++) {
+        if (i) s = _mm256_add_epi8(s, _mm256_add_epi8(s, s));
+        q[i] = _mm256_sub_epi8(zero, _mm256_add_epi8(_mm256_cmpgt_epi8(s, low), _mm256_cmpgt_epi8(s, high)));
+    }
+}
+
+/* sum q*x over nb i2_k128 blocks for one token: the end of a tq1_k640 row */
+AVX2_TARGET static int32_t i2_blocks_dot_avx2(const uint8_t *w, const int8_t *x, int nb) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++, w += BLOCK_BYTES, x += BLOCK) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)w), s = _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++)
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2 * i), mask),
+                                                         _mm256_loadu_si256((const __m256i *)(x + 32 * i))));
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return bn_hsum_epi32_avx2(acc);
+}
+
+/* One row against TN tokens: each 32 bytes are decoded once for the TN tokens. */
+AVX2_TARGET static inline __attribute__((always_inline)) void tq1_row_avx2(const bn_i2_job *j, int r, int t0,
+                                                                         const int TN) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int nb = j->kp / TQ1_BLOCK;
+    const uint8_t *wr = j->w + (size_t)r * bn_ternary_row_bytes(BN_LAYOUT_TQ1, j->kp);
+    const int8_t *x = j->xq + (size_t)t0 * j->kp;
+    __m256i acc[4];
+    for (int t = 0; t < TN; t++) acc[t] = _mm256_setzero_si256();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *wb = wr + (size_t)b * TQ1_BLOCK_BYTES;
+        _mm_prefetch((const char *)wb + GEMV_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)wb + GEMV_PREFETCH + 64, _MM_HINT_T0);
+        __m256i acc16[4];
+        for (int t = 0; t < TN; t++) acc16[t] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i q[5];
+            tq1_codes_avx2(_mm256_loadu_si256((const __m256i *)(wb + 32 * c)), q);
+            for (int t = 0; t < TN; t++) {
+                const int8_t *xb = x + (size_t)t * j->kp + (size_t)b * TQ1_BLOCK + 32 * c;
+                __m256i s = _mm256_maddubs_epi16(q[0], _mm256_loadu_si256((const __m256i *)xb));
+                for (int i = 1; i < 5; i++)
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(q[i], _mm256_loadu_si256((const __m256i *)(xb + 128 * i))));
+                acc16[t] = _mm256_add_epi16(acc16[t], s);
+            }
+        }
+        for (int t = 0; t < TN; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(acc16[t], ones));
+    }
+    for (int t = 0; t < TN; t++)
+        bn_i2_store(j, t0 + t, r,
+                    bn_hsum_epi32_avx2(acc[t]) + i2_blocks_dot_avx2(wr + (size_t)nb * TQ1_BLOCK_BYTES,
+                                                                    x + (size_t)t * j->kp + (size_t)nb * TQ1_BLOCK,
+                                                                    j->kp % TQ1_BLOCK / BLOCK));
+}
+
+I2_ROWS_TOKENS(tq1_rows_avx2_tokens, AVX2_TARGET, tq1_row_avx2)
+
+/* decode: one row after another, one sequential stream, as the i2_k128 GEMV */
+AVX2_TARGET void bn_tq1_rows_avx2(const bn_i2_job *j, int r0, int r1) {
+    if (j->m != 1) {
+        tq1_rows_avx2_tokens(j, r0, r1);
+        return;
+    }
+    for (int r = r0; r < r1; r++) tq1_row_avx2(j, r, 0, 1);
+}
+
 /* ---- x86: AVX-512 ---------------------------------------------------------------------- */
 /* A block's 32 bytes are broadcast to both halves of a zmm; per-word shifts of 0/2 (then 4/6)
  * give the codes of 64 consecutive inputs, matching one contiguous 64-byte activation load. */
@@ -216,6 +336,65 @@ void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1) {
     (j->m == 1 ? bn_i2_rows_avx2 : i2_rows_avx512vnni_tokens)(j, r0, r1);
 }
 
+/* tq1_k640 on AVX-512: 64 bytes (inputs 128i + 64c + 0..63 of code i) a step, the codes by the
+ * same byte arithmetic as AVX2 with the compares into mask registers; vpdpbusd (VNNI) or
+ * vpmaddubsw + vpmaddwd accumulate them. The row's i2_k128 end goes through the AVX2 helper. */
+#define TQ1_ROW_AVX512(NAME, TARGET, DOT)                                                                  \
+    TARGET static inline __attribute__((always_inline)) void NAME(const bn_i2_job *j, int r, int t0,      \
+                                                                  const int TN) {                         \
+        const __m512i low = _mm512_set1_epi8(-43), high = _mm512_set1_epi8(42), one = _mm512_set1_epi8(1); \
+        const int nb = j->kp / TQ1_BLOCK;                                                                 \
+        const uint8_t *wr = j->w + (size_t)r * bn_ternary_row_bytes(BN_LAYOUT_TQ1, j->kp);               \
+        const int8_t *x = j->xq + (size_t)t0 * j->kp;                                                     \
+        __m512i acc[4];                                                                                   \
+        for (int t = 0; t < TN; t++) acc[t] = _mm512_setzero_si512();                                     \
+        for (int b = 0; b < nb; b++) {                                                                    \
+            const uint8_t *wb = wr + (size_t)b * TQ1_BLOCK_BYTES;                                         \
+            _mm_prefetch((const char *)wb + GEMV_PREFETCH, _MM_HINT_T0);                                  \
+            _mm_prefetch((const char *)wb + GEMV_PREFETCH + 64, _MM_HINT_T0);                             \
+            for (int c = 0; c < 2; c++) {                                                                 \
+                __m512i s = _mm512_xor_si512(_mm512_loadu_si512(wb + 64 * c), _mm512_set1_epi8((char)0x80)); \
+                for (int i = 0; i < 5; i++) {                                                             \
+                    if (i) s = _mm512_add_epi8(s, _mm512_add_epi8(s, s));                                 \
+                    __m512i q = _mm512_maskz_mov_epi8(_mm512_cmpgt_epi8_mask(s, low), one);               \
+                    q = _mm512_mask_add_epi8(q, _mm512_cmpgt_epi8_mask(s, high), q, one);                 \
+                    for (int t = 0; t < TN; t++)                                                          \
+                        acc[t] = DOT(acc[t], q,                                                           \
+                                     _mm512_loadu_si512(x + (size_t)t * j->kp + (size_t)b * TQ1_BLOCK +    \
+                                                        128 * i + 64 * c));                               \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        for (int t = 0; t < TN; t++)                                                                      \
+            bn_i2_store(j, t0 + t, r,                                                                     \
+                        _mm512_reduce_add_epi32(acc[t]) +                                                 \
+                            i2_blocks_dot_avx2(wr + (size_t)nb * TQ1_BLOCK_BYTES,                         \
+                                               x + (size_t)t * j->kp + (size_t)nb * TQ1_BLOCK,            \
+                                               j->kp % TQ1_BLOCK / BLOCK));                              \
+    }
+
+TQ1_ROW_AVX512(tq1_row_avx512, AVX512_TARGET, dot_maddubs512)
+TQ1_ROW_AVX512(tq1_row_avx512vnni, AVX512VNNI_TARGET, dot_vnni512)
+I2_ROWS_TOKENS(tq1_rows_avx512_tokens, AVX512_TARGET, tq1_row_avx512)
+I2_ROWS_TOKENS(tq1_rows_avx512vnni_tokens, AVX512VNNI_TARGET, tq1_row_avx512vnni)
+
+/* Unlike i2_k128's, the tq1_k640 decode is bound by instructions, not by the read: it keeps 512
+ * bits for one token too (row by row, one sequential stream) */
+AVX512_TARGET void bn_tq1_rows_avx512(const bn_i2_job *j, int r0, int r1) {
+    if (j->m != 1) {
+        tq1_rows_avx512_tokens(j, r0, r1);
+        return;
+    }
+    for (int r = r0; r < r1; r++) tq1_row_avx512(j, r, 0, 1);
+}
+AVX512VNNI_TARGET void bn_tq1_rows_avx512vnni(const bn_i2_job *j, int r0, int r1) {
+    if (j->m != 1) {
+        tq1_rows_avx512vnni_tokens(j, r0, r1);
+        return;
+    }
+    for (int r = r0; r < r1; r++) tq1_row_avx512vnni(j, r, 0, 1);
+}
+
 #endif /* BN_X86 */
 
 /* ---- ARM: NEON and dotprod ------------------------------------------------------------- */
@@ -258,6 +437,56 @@ void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1) {
     }
 }
 
+/* tq1_k640 on NEON: 16 bytes give the codes of inputs 128i + 16c + 0..15; NEON multiplies bytes
+ * (mod 256) and compares them unsigned, so q = [m >= 86] + [m >= 171] for m = b * 3^i directly. */
+static inline __attribute__((always_inline)) int8x16_t tq1_code_neon(uint8x16_t m) {
+    uint8x16_t a = vcgeq_u8(m, vdupq_n_u8(86)), b = vcgeq_u8(m, vdupq_n_u8(171)); /* 0xff masks */
+    return vreinterpretq_s8_u8(vsubq_u8(vdupq_n_u8(0), vaddq_u8(a, b)));
+}
+
+/* sum q*x over nb i2_k128 blocks: the end of a tq1_k640 row */
+static int32_t i2_blocks_dot_neon(const uint8_t *w, const int8_t *x, int nb) {
+    int32x4_t acc = vdupq_n_s32(0);
+    for (int b = 0; b < nb; b++) {
+        int8x16_t c[8];
+        neon_codes(w + b * BLOCK_BYTES, c);
+        for (int i = 0; i < 8; i++) {
+            int8x16_t xv = vld1q_s8(x + b * BLOCK + 16 * i);
+            acc = vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(c[i]), vget_low_s8(xv)), c[i], xv));
+        }
+    }
+    return vaddvq_s32(acc);
+}
+
+#define TQ1_ROWS_NEON(NAME, DOT)                                                                          \
+    void NAME(const bn_i2_job *j, int r0, int r1) {                                                       \
+        const int nb = j->kp / TQ1_BLOCK;                                                                 \
+        const size_t row = bn_ternary_row_bytes(BN_LAYOUT_TQ1, j->kp);                                    \
+        const uint8x16_t three = vdupq_n_u8(3);                                                           \
+        for (int r = r0; r < r1; r++) {                                                                   \
+            const uint8_t *wr = j->w + (size_t)r * row;                                                   \
+            for (int t = 0; t < j->m; t++) {                                                              \
+                const int8_t *x = j->xq + (size_t)t * j->kp;                                              \
+                int32x4_t acc = vdupq_n_s32(0);                                                           \
+                for (int b = 0; b < nb; b++)                                                              \
+                    for (int c = 0; c < 8; c++) {                                                         \
+                        uint8x16_t m = vld1q_u8(wr + (size_t)b * TQ1_BLOCK_BYTES + 16 * c);               \
+                        for (int i = 0; i < 5; i++, m = vmulq_u8(m, three))                               \
+                            acc = DOT(acc, tq1_code_neon(m), vld1q_s8(x + (size_t)b * TQ1_BLOCK + 128 * i + 16 * c)); \
+                    }                                                                                     \
+                bn_i2_store(j, t, r,                                                                      \
+                            vaddvq_s32(acc) + i2_blocks_dot_neon(wr + (size_t)nb * TQ1_BLOCK_BYTES,       \
+                                                                 x + (size_t)nb * TQ1_BLOCK,              \
+                                                                 j->kp % TQ1_BLOCK / BLOCK));             \
+            }                                                                                             \
+        }                                                                                                 \
+    }
+
+static inline int32x4_t tq1_dot_neon(int32x4_t acc, int8x16_t q, int8x16_t x) {
+    return vpadalq_s16(acc, vmlal_high_s8(vmull_s8(vget_low_s8(q), vget_low_s8(x)), q, x));
+}
+TQ1_ROWS_NEON(bn_tq1_rows_neon, tq1_dot_neon)
+
 #pragma GCC push_options
 #pragma GCC target("arch=armv8.2-a+dotprod")
 void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
@@ -280,6 +509,9 @@ void bn_i2_rows_neondot(const bn_i2_job *j, int r0, int r1) {
         }
     }
 }
+
+static inline int32x4_t tq1_dot_neondot(int32x4_t acc, int8x16_t q, int8x16_t x) { return vdotq_s32(acc, q, x); }
+TQ1_ROWS_NEON(bn_tq1_rows_neondot, tq1_dot_neondot)
 #pragma GCC pop_options
 
 #endif /* BN_ARM64 */
@@ -298,10 +530,10 @@ static void gemm_worker(void *ctx, int chunk, int n_chunks, int ith) {
     if (r0 < r1) g->fn(g->job, r0, r1);
 }
 
-int bn_gemm_i2(bn_pool *pool, int isa, const uint8_t *w, int n, int kp, const int8_t *xq, const int32_t *xsum,
-               int m, int32_t *acc) {
+int bn_gemm_ternary(bn_pool *pool, int isa, int layout, const uint8_t *w, int n, int kp, const int8_t *xq,
+                    const int32_t *xsum, int m, int32_t *acc) {
     const bn_kernels *kern = bn_kernels_for(isa);
-    bn_i2_rows_fn fn = kern ? kern->i2 : NULL;
+    bn_i2_rows_fn fn = kern && layout >= 0 && layout < BN_LAYOUT_COUNT ? kern->ternary[layout] : NULL;
     if (!fn || kp % BLOCK != 0 || n < 0 || m < 0) return -1;
     bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = acc, .acc_stride = n};
     gemm_task g = {fn, &job, n};

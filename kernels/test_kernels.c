@@ -38,10 +38,64 @@ static uint8_t *random_weights(int n, int k, int kp) {
     return w;
 }
 
+/* The same rows in tq1_k640 (bitnet.h): five codes a byte as ceil(v * 256 / 243), then the rest of
+ * kp as the i2_k128 blocks they already are. */
+static uint8_t *tq1_from_i2(const uint8_t *w, int n, int kp) {
+    const size_t row = bn_ternary_row_bytes(BN_LAYOUT_TQ1, kp);
+    const int nb = kp / BN_TQ1_BLOCK_K;
+    uint8_t *out = malloc(n * row + 1);
+    for (int r = 0; r < n; r++) {
+        const uint8_t *src = w + (size_t)r * kp / 4;
+        uint8_t *dst = out + r * row;
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < BN_TQ1_BLOCK_BYTES; j++) {
+                int v = 0;
+                for (int i = 0; i < 5; i++) {
+                    int k = BN_TQ1_BLOCK_K * b + 128 * i + j; /* its i2_k128 code: block k/128, field k%128/32 */
+                    v = 3 * v + ((src[k / 128 * 32 + k % 32] >> (2 * (k % 128 / 32))) & 3);
+                }
+                dst[b * BN_TQ1_BLOCK_BYTES + j] = (uint8_t)((v * 256 + 242) / 243);
+            }
+        memcpy(dst + (size_t)nb * BN_TQ1_BLOCK_BYTES, src + (size_t)nb * BN_TQ1_BLOCK_K / 4,
+               (size_t)(kp % BN_TQ1_BLOCK_K) / 4);
+    }
+    return out;
+}
+
+/* Every byte a tq1_k640 packer writes (ceil(v * 256 / 243) for v = 0..242) decodes to its five
+ * codes on every ISA: over 243 rows, each of the 128 byte positions of a block takes every value. */
+static void test_tq1_every_byte(void) {
+    const int n = 243, kp = BN_TQ1_BLOCK_K;
+    uint8_t *w = malloc((size_t)n * BN_TQ1_BLOCK_BYTES);
+    for (int r = 0; r < n; r++)
+        for (int j = 0; j < BN_TQ1_BLOCK_BYTES; j++)
+            w[r * BN_TQ1_BLOCK_BYTES + j] = (uint8_t)(((r + j) % 243 * 256 + 242) / 243);
+    int8_t *xq = malloc(kp);
+    int32_t xsum = 0, want[243], got[243];
+    for (int i = 0; i < kp; i++) xsum += xq[i] = (int8_t)(rnd() % 256 - 128);
+    for (int r = 0; r < n; r++) {
+        want[r] = -xsum;
+        for (int j = 0; j < BN_TQ1_BLOCK_BYTES; j++)
+            for (int i = 0, v = (r + j) % 243, p = 81; i < 5; i++, p /= 3) want[r] += (v / p % 3) * xq[128 * i + j];
+    }
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+        if (!bn_isa_available(isa)) continue;
+        bn_gemm_ternary(NULL, isa, BN_LAYOUT_TQ1, w, n, kp, xq, &xsum, 1, got);
+        CHECK(!memcmp(want, got, sizeof want), "tq1 isa %d: a byte decodes to other codes", isa);
+    }
+    CHECK(bn_ternary_row_bytes(BN_LAYOUT_TQ1, 6912) == 10 * 128 + 4 * 32 &&
+              bn_ternary_row_bytes(BN_LAYOUT_I2, 6912) == 1728 && bn_ternary_row_bytes(BN_LAYOUT_COUNT, 128) == 0 &&
+              bn_ternary_row_bytes(BN_LAYOUT_TQ1, 100) == 0,
+          "bn_ternary_row_bytes");
+    CHECK(bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_COUNT, w, 1, kp, xq, &xsum, 1, got) == -1,
+          "an unknown layout must be refused");
+    free(w), free(xq);
+}
+
 static void test_gemm_shapes(void) {
     static const int shapes[][3] = {{1, 1, 1},   {1, 7, 100},  {3, 5, 128},  {4, 33, 129}, {5, 64, 255},
                                     {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200},
-                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}};
+                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}, {6, 7, 6912}};
     bn_pool *pool = bn_pool_new(3);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], kp = (k + 127) / 128 * 128;
@@ -53,15 +107,21 @@ static void test_gemm_shapes(void) {
         int32_t *xsum = malloc(sizeof(int32_t) * m);
         bn_quantize_rows(BN_ISA_SCALAR, x, m, k, kp, xq, scale, xsum);
         int32_t *ref = malloc(sizeof(int32_t) * m * n), *got = malloc(sizeof(int32_t) * m * n);
-        bn_gemm_i2(NULL, BN_ISA_SCALAR, w, n, kp, xq, xsum, m, ref);
+        bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
+        uint8_t *w5 = tq1_from_i2(w, n, kp);
         for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
             if (!bn_isa_available(isa)) continue;
             memset(got, 0x55, sizeof(int32_t) * m * n);
-            CHECK(bn_gemm_i2(pool, isa, w, n, kp, xq, xsum, m, got) == 0, "isa %d refused", isa);
+            CHECK(bn_gemm_ternary(pool, isa, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, got) == 0, "isa %d refused", isa);
             CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "isa %d differs from scalar at m=%d n=%d k=%d", isa,
                   m, n, k);
+            /* the same trits in tq1_k640 give the same integer sums */
+            memset(got, 0x55, sizeof(int32_t) * m * n);
+            CHECK(bn_gemm_ternary(pool, isa, BN_LAYOUT_TQ1, w5, n, kp, xq, xsum, m, got) == 0, "isa %d refused", isa);
+            CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "tq1 isa %d differs from i2 at m=%d n=%d k=%d", isa, m,
+                  n, k);
         }
-        free(w), free(x), free(xq), free(scale), free(xsum), free(ref), free(got);
+        free(w5), free(w), free(x), free(xq), free(scale), free(xsum), free(ref), free(got);
     }
     bn_pool_free(pool);
 }
@@ -79,12 +139,17 @@ static void test_gemm_extremes(void) {
             memset(xq, xv ? 127 : -128, (size_t)2 * kp);
             xsum[0] = xsum[1] = (xv ? 127 : -128) * kp;
             for (int m = 1; m <= 2; m++) {
-                bn_gemm_i2(NULL, BN_ISA_SCALAR, w, n, kp, xq, xsum, m, ref);
-                for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
+                for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                     if (!bn_isa_available(isa)) continue;
-                    bn_gemm_i2(NULL, isa, w, n, kp, xq, xsum, m, got);
+                    bn_gemm_ternary(NULL, isa, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, got);
                     CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "isa %d extreme codes %d x %d m=%d", isa, codes,
                           xv, m);
+                    uint8_t *w5 = tq1_from_i2(w, n, kp);
+                    bn_gemm_ternary(NULL, isa, BN_LAYOUT_TQ1, w5, n, kp, xq, xsum, m, got);
+                    CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "tq1 isa %d extreme codes %d x %d m=%d", isa,
+                          codes, xv, m);
+                    free(w5);
                 }
             }
         }
@@ -445,7 +510,7 @@ static void test_decoder(int llama, int extras) {
                                     extras ? random_floats(F, 0.2f, 1) : NULL};
     float *final_norm = random_floats(H, 0.2f, 1);
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL,
-                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f};
+                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f, BN_LAYOUT_I2};
     if (extras) { /* the projection norms come all or none */
         const float *kept = layers[1].nu;
         layers[1].nu = NULL;
@@ -454,6 +519,17 @@ static void test_decoder(int llama, int extras) {
               "a layer with some projection norms must be refused: %s", err);
         layers[1].nu = kept;
     }
+    /* the same weights in tq1_k640: the same logits, bit for bit */
+    bn_layer_desc layers5[L];
+    for (int l = 0; l < L; l++) {
+        layers5[l] = layers[l];
+        layers5[l].wq = tq1_from_i2(layers[l].wq, QD, kph), layers5[l].wk = tq1_from_i2(layers[l].wk, NKV * HD, kph);
+        layers5[l].wv = tq1_from_i2(layers[l].wv, NKV * HD, kph), layers5[l].wo = tq1_from_i2(layers[l].wo, H, kpq);
+        layers5[l].wg = tq1_from_i2(layers[l].wg, F, kph), layers5[l].wu = tq1_from_i2(layers[l].wu, F, kph);
+        layers5[l].wd = tq1_from_i2(layers[l].wd, H, kpf);
+    }
+    bn_model_desc d5 = d;
+    d5.layers = layers5, d5.layout = BN_LAYOUT_TQ1;
     int32_t tokens[CTX];
     for (int i = 0; i < CTX; i++) tokens[i] = (int32_t)(rnd() % V);
     float *ref = NULL;
@@ -471,6 +547,17 @@ static void test_decoder(int llama, int extras) {
             CHECK(bn_forward(m, tokens + 20, 20, 20, last, 0) == 0, "rewind");
             for (int i = 0; i < V; i++)
                 CHECK(fabsf(last[i] - all[(size_t)(CTX - 1) * V + i]) < 1e-4f, "rewind changes logits");
+            bn_model *m5 = bn_model_new(&d5, threads, isa, err, sizeof err);
+            CHECK(m5 != NULL, "tq1 model: %s", err);
+            if (m5) {
+                float *all5 = malloc(sizeof(float) * CTX * V);
+                CHECK(bn_forward(m5, tokens, 30, 0, all5, 1) == 0, "tq1 prefill");
+                for (int p = 30; p < CTX; p++) bn_forward(m5, tokens + p, 1, p, all5 + (size_t)p * V, 1);
+                CHECK(!memcmp(all, all5, sizeof(float) * CTX * V), "isa %d: tq1 logits differ from i2 (llama %d)",
+                      isa, llama);
+                free(all5);
+                bn_model_free(m5);
+            }
             CHECK(bn_forward(m, tokens, 1, CTX, last, 0) == -1, "past the context must be refused");
             int32_t bad = V;
             CHECK(bn_forward(m, &bad, 1, 0, last, 0) == -1, "token out of range must be refused");
@@ -493,6 +580,9 @@ static void test_decoder(int llama, int extras) {
                            layers[l].wd, layers[l].bq, layers[l].bk, layers[l].bv, layers[l].nq, layers[l].nk,
                            layers[l].nv, layers[l].no, layers[l].ng, layers[l].nu, layers[l].nd};
         for (size_t i = 0; i < sizeof p / sizeof p[0]; i++) free((void *)p[i]);
+        const void *p5[] = {layers5[l].wq, layers5[l].wk, layers5[l].wv, layers5[l].wo, layers5[l].wg, layers5[l].wu,
+                            layers5[l].wd};
+        for (size_t i = 0; i < sizeof p5 / sizeof p5[0]; i++) free((void *)p5[i]);
     }
 }
 
@@ -510,7 +600,8 @@ static void test_dispatch(void) {
             CHECK(bn_quantize_rows(isa, &x, 1, 1, BN_BLOCK_K, q, &s, &sum) == -1, "isa %d: quantised anyway", isa);
             continue;
         }
-        CHECK(k->i2 && k->quantize && k->glue && k->attend, "isa %d: empty slot", isa);
+        CHECK(k->ternary[BN_LAYOUT_I2] && k->ternary[BN_LAYOUT_TQ1] && k->quantize && k->glue && k->attend,
+              "isa %d: empty slot", isa);
         for (int t = 0; t < BN_EMB_COUNT; t++) CHECK(k->head[t] && bn_head_type(t), "isa %d type %d: no head", isa, t);
     }
 #if BN_X86
@@ -530,6 +621,7 @@ int main(void) {
     test_dispatch();
     test_gemm_shapes();
     test_gemm_extremes();
+    test_tq1_every_byte();
     test_stream_read();
     test_head();
     test_attention();

@@ -344,6 +344,34 @@ def test_synthetic_models_are_cached(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
+def test_tq1_layout_synthetic_model_and_kernel_table(tmp_path, small_buffers):
+    """--layout tq1: its own cache file (i2 keeps the old names), a synthetic model of valid tq1_k640
+    rows that runs, 20% fewer ternary bytes per token, and the kernel table on tq1 weights."""
+    from bitnet_cli.bench import target
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import PackedModel
+    from bitnet_cli.pack.synthetic import shape_config
+
+    two_b = shape_config("2b4t")
+    i2, tq1 = bytes_per_token(two_b), bytes_per_token(two_b, "f16", "tq1")
+    assert tq1["head"] == i2["head"] and 0.79 < tq1["ternary"] / i2["ternary"] < 0.81
+    shape = {**TINY, "hidden_size": 640, "intermediate_size": 704}  # whole 640-blocks and an i2_k128 end
+    path = tmp_path / "tq1.bin"
+    from bitnet_cli.pack.synthetic import write_random_model
+
+    write_random_model(path, shape, ternary_layout="tq1")
+    with PackedModel.open(path) as pm:
+        assert pm.layout == "tq1_k640" and pm.verify() == []
+        trits, _ = pm.ternary("model.layers.0.mlp.down_proj.weight")
+        assert set(np.unique(trits)) == {-1, 0, 1}
+    with Engine.load(path, threads=1) as eng:
+        assert np.isfinite(eng.forward([1, 2, 3])).all()
+    t = target.from_shape("tiny", "f16", tmp_path, ternary_layout="tq1")
+    assert t.layout == "tq1" and "-tq1-" in t.path.name and t.path != target.from_shape("tiny", "f16", tmp_path).path
+    rows = micro.run(TINY, threads=[1], repeat=1, tokens=(1, 8), impls=("ternary",), ternary_layout="tq1")
+    assert [r["weight_bytes"] for r in rows] == [ternary_bytes(r["n"], r["k"], "tq1") for r in rows]
+
+
 def test_synthetic_cache_name_follows_the_config(tmp_path, monkeypatch):
     """A preset whose numbers change gets a new cache file, never a stale model of the old shape."""
     from bitnet_cli import arch

@@ -275,6 +275,26 @@ def test_q6_head_logits_within_tolerance_of_f16(isa):
     assert err["q6"] < 0.03 and err["q6"] < 1.5 * err["int8"] and err["q6"] < err["q4"] / 2, err
 
 
+def test_tq1_layout_gives_the_i2_logits_and_greedy_tokens(tmp_path, test_tokenizer_dir):
+    """The same checkpoint packed with --layout i2 and tq1 (widths of whole 640-input blocks plus an
+    i2_k128 end): on every ISA the logits are bit for bit the same, so greedy tokens are too."""
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, hidden_size=704, intermediate_size=1280,
+                              num_attention_heads=11, num_key_value_heads=1)
+    pack_checkpoint(ckpt, tmp_path / "i2.bin")
+    pack_checkpoint(ckpt, tmp_path / "tq1.bin", ternary_layout="tq1")
+    ids = random_ids(12, seed=4)
+    for isa in kernels.available_isas():
+        out = {}
+        for layout in ("i2", "tq1"):
+            with Engine.load(tmp_path / f"{layout}.bin", threads=2, isa=isa) as eng:
+                eng.stop_token_ids = set()
+                gen = eng.generate(ids, max_tokens=16, temperature=0)
+                "".join(gen)
+                out[layout] = (eng.forward(ids, all_logits=True), gen.token_ids)
+        np.testing.assert_array_equal(out["tq1"][0], out["i2"][0], err_msg=isa)
+        assert out["tq1"][1] == out["i2"][1] and len(out["i2"][1]) == 16, isa
+
+
 def test_sampling_is_seeded_and_stops(tiny):
     _, packed = tiny
     with Engine.load(packed, threads=1) as eng:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bitnet_cli import kernels
-from bitnet_cli.pack.ternary import pack_i2_k128
+from bitnet_cli.pack.ternary import pack_i2_k128, pack_tq1_k640
 
 REPO = Path(__file__).resolve().parents[1]
 ISAS = kernels.available_isas()
@@ -63,14 +63,50 @@ def test_gemm_exact_on_every_isa(isa, m, n, k):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k", [(1, 640), (1, 2560), (1, 6912), (3, 1100), (6, 6912), (5, 200)])
+def test_tq1_gemm_equals_i2_on_every_isa(isa, m, k):
+    """tq1_k640 (five trits a byte, then i2_k128 blocks for the rest of the row): the same integer
+    sums as the 2-bit layout on every ISA, the decode GEMV (m = 1) and the token tiles alike."""
+    rng = np.random.default_rng(k + m)
+    trits = rng.integers(-1, 2, size=(13, k), dtype=np.int8)
+    xq, _, xsum = kernels.quantize(rng.standard_normal((m, k)).astype(np.float32))
+    want = kernels.gemm(pack_i2_k128(trits), xq, xsum, isa="scalar")
+    np.testing.assert_array_equal(kernels.gemm(pack_tq1_k640(trits), xq, xsum, isa=isa, layout="tq1"), want)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("embeddings", ["int8", "q4", "q6"])
+def test_integer_heads_equal_scalar_on_every_isa(isa, embeddings):
+    """The integer output heads (bn_head_logits) on a ragged row count and 1..6 tokens (the decode
+    row path and the multi-token tiles): every ISA's logits are the scalar path's bit for bit."""
+    from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, encode
+
+    ffi, lib = kernels.lib()
+    rng = np.random.default_rng(7)
+    vocab, hidden = 37, 700
+    stored = encode(rng.standard_normal((vocab, hidden)).astype(np.float32) * 0.05, embeddings)
+    scale = ffi.from_buffer("float[]", stored[1]) if len(stored) > 1 else ffi.NULL
+    for m in range(1, 7):
+        h = rng.standard_normal((m, hidden)).astype(np.float32)
+        y = {}
+        for name in ("scalar", isa):
+            y[name] = np.empty((m, vocab), np.float32)
+            assert lib.bn_head_logits(ffi.NULL, kernels.ISAS[name], getattr(lib, EMBEDDING_TYPES[embeddings].c_enum),
+                                      ffi.from_buffer(stored[0]), scale, vocab, hidden, ffi.from_buffer("float[]", h),
+                                      m, ffi.from_buffer("float[]", y[name])) == 0
+        np.testing.assert_array_equal(y[isa], y["scalar"])
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_gemm_extremes_do_not_overflow(isa):
     """All-(-128) activations against all-(+1) and all-(-1) rows: the largest sums the kernels see."""
     k = 6912
     trits = np.stack([np.ones(k, np.int8), -np.ones(k, np.int8), np.zeros(k, np.int8)])
     xq = np.full((2, k), -128, np.int8)
     xq[1] = 127
-    acc = kernels.gemm(pack_i2_k128(trits), xq, xq.sum(axis=1, dtype=np.int32), isa=isa)
-    np.testing.assert_array_equal(acc, [[-128 * k, 128 * k, 0], [127 * k, -127 * k, 0]])
+    for layout, pack in (("i2", pack_i2_k128), ("tq1", pack_tq1_k640)):
+        acc = kernels.gemm(pack(trits), xq, xq.sum(axis=1, dtype=np.int32), isa=isa, layout=layout)
+        np.testing.assert_array_equal(acc, [[-128 * k, 128 * k, 0], [127 * k, -127 * k, 0]])
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])

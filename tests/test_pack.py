@@ -9,7 +9,8 @@ import pytest
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack import PackedModel, pack_checkpoint, reference
-from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed, unpack_i2_k128
+from bitnet_cli.pack.ternary import (LAYOUTS, pack_i2_k128, pack_tq1_k640, ternarize, unpack_hf_packed,
+                                     unpack_i2_k128, unpack_tq1_k640)
 from conftest import load_hf_reference, make_hf_checkpoint
 
 ODD_SHAPES = [(1, 1), (3, 127), (5, 128), (7, 129), (4, 300), (9, 517)]
@@ -363,6 +364,52 @@ def test_q4_rows_round_trip_within_half_a_step(hidden):
     # 4.25 bits per weight: about 9% relative error on Gaussian rows, far from int8 but far from useless
     err = np.linalg.norm(back - rows, axis=1) / np.maximum(np.linalg.norm(rows, axis=1), 1e-9)
     assert np.median(err) < 0.12
+
+
+@pytest.mark.parametrize("k", [1, 100, 640, 700, 1280, 2560, 6912])
+def test_tq1_layout_round_trips_and_matches_its_definition(k):
+    """tq1_k640 (docs/FORMAT.md): byte j of a 640-input block holds inputs j, 128+j, ..., 512+j as
+    ceil(v * 256 / 243) of v = 81 q0 + ... + q4; the rest of the padded row is i2_k128 blocks. 1.6
+    bits per weight for the whole blocks; the padding is zero trits."""
+    rng = np.random.default_rng(k)
+    trits = rng.integers(-1, 2, size=(5, k), dtype=np.int8)
+    packed = pack_tq1_k640(trits)
+    kp = -(-k // 128) * 128
+    assert packed.dtype == np.uint8 and packed.shape == (5, kp // 640 * 128 + kp % 640 // 4) == (5, LAYOUTS["tq1"].row_bytes(k))
+    np.testing.assert_array_equal(unpack_tq1_k640(packed, k), trits)
+    np.testing.assert_array_equal(unpack_tq1_k640(packed, kp)[:, k:], 0)
+    codes = np.ones((5, kp), np.int64)
+    codes[:, :k] = trits + 1
+    for b in range(kp // 640):
+        v = sum(codes[:, 640 * b + 128 * i: 640 * b + 128 * i + 128] * 3 ** (4 - i) for i in range(5))
+        np.testing.assert_array_equal(packed[:, 128 * b: 128 * b + 128], (v * 256 + 242) // 243)
+    np.testing.assert_array_equal(packed[:, kp // 640 * 128:], pack_i2_k128(trits)[:, kp // 640 * 160:])
+
+
+def test_tq1_pack_holds_the_same_trits_in_fewer_bytes(tmp_path, test_tokenizer_dir):
+    """--layout tq1 on a checkpoint whose widths take whole 640-input blocks and an i2 end: every
+    projection unpacks to the i2 file's trits, the file records its layout, and the ternary payload
+    shrinks to about 1.6 bits per weight."""
+    from conftest import make_hf_checkpoint
+
+    ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, hidden_size=704, intermediate_size=1280,
+                              num_attention_heads=11, num_key_value_heads=1)
+    i2 = pack_checkpoint(ckpt, tmp_path / "i2.bin")
+    tq1 = pack_checkpoint(ckpt, tmp_path / "tq1.bin", ternary_layout="tq1")
+    assert (i2.layout, tq1.layout) == ("i2_k128", "tq1_k640")
+    assert tq1.ternary_bits_per_weight < 0.86 * i2.ternary_bits_per_weight and tq1.file_bytes < i2.file_bytes
+    with PackedModel.open(tmp_path / "i2.bin") as a, PackedModel.open(tmp_path / "tq1.bin") as b:
+        assert b.layout == "tq1_k640" and b.verify() == []
+        for name in a.names:
+            if name.endswith("_proj.weight"):
+                ta, ga = a.ternary(name)
+                tb, gb = b.ternary(name)
+                np.testing.assert_array_equal(ta, tb)
+                assert ga == gb
+    with pytest.raises(BitnetError, match="ternary_layout must be one of i2, tq1"):
+        pack_checkpoint(ckpt, tmp_path / "x.bin", ternary_layout="i3")
+    with pytest.raises(BitnetError, match="GGUF export writes"):
+        pack_checkpoint(ckpt, tmp_path / "x.gguf", to="gguf", ternary_layout="tq1")
 
 
 @pytest.mark.parametrize("hidden", [64, 300, 2560])

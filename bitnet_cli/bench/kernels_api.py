@@ -12,6 +12,7 @@ import numpy as np
 
 from bitnet_cli import kernels
 from bitnet_cli.bench.shapes import padded_k
+from bitnet_cli.pack.ternary import layout
 
 _pools: dict[int, kernels.ThreadPool] = {}
 
@@ -36,11 +37,14 @@ def aligned_zeros(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
 
 
 class TernaryMatmul:
-    """Quantise `tokens` activation rows and multiply them by one i2_k128 weight [n, k]."""
+    """Quantise `tokens` activation rows and multiply them by one ternary weight [n, k] in
+    `ternary_layout` (i2: i2_k128, tq1: tq1_k640)."""
 
-    def __init__(self, n: int, k: int, tokens: int, threads: int, isa: str | None = None):
+    def __init__(self, n: int, k: int, tokens: int, threads: int, isa: str | None = None, ternary_layout: str = "i2"):
         self.ffi, self.lib = kernels.lib()
         self.n, self.k, self.kp, self.m = n, k, padded_k(k), tokens
+        self.layout_id = getattr(self.lib, layout(ternary_layout).c_enum)
+        self.row_bytes = layout(ternary_layout).row_bytes(k)
         self.pool = pool(threads)
         self.isa_id = kernels.resolve_isa(isa)
         self.isa = next(name for name, i in kernels.ISAS.items() if i == self.isa_id)
@@ -53,15 +57,15 @@ class TernaryMatmul:
         self._xsum, self._acc = buf("int32_t[]", self.xsum), buf("int32_t[]", self.acc)
 
     def __call__(self, w: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """acc[t][r] = sum_k T[r][k] * quantised x[t][k]; w is uint8 [n, kp/4], x float32 [tokens, k]."""
-        if w.shape != (self.n, self.kp // 4) or w.dtype != np.uint8 or not w.flags.c_contiguous:
-            raise ValueError(f"weight must be contiguous uint8 {(self.n, self.kp // 4)}, got {w.dtype} {w.shape}")
+        """acc[t][r] = sum_k T[r][k] * quantised x[t][k]; w is uint8 [n, row bytes], x float32 [tokens, k]."""
+        if w.shape != (self.n, self.row_bytes) or w.dtype != np.uint8 or not w.flags.c_contiguous:
+            raise ValueError(f"weight must be contiguous uint8 {(self.n, self.row_bytes)}, got {w.dtype} {w.shape}")
         if x.shape != (self.m, self.k) or x.dtype != np.float32 or not x.flags.c_contiguous:
             raise ValueError(f"activations must be contiguous float32 {(self.m, self.k)}, got {x.dtype} {x.shape}")
         buf = self.ffi.from_buffer
         self.lib.bn_quantize_rows(self.isa_id, buf("float[]", x), self.m, self.k, self.kp, self._xq, self._scale, self._xsum)
-        self.lib.bn_gemm_i2(self.pool.ptr, self.isa_id, buf("uint8_t[]", w), self.n, self.kp,
-                            self._xq, self._xsum, self.m, self._acc)
+        self.lib.bn_gemm_ternary(self.pool.ptr, self.isa_id, self.layout_id, buf("uint8_t[]", w), self.n, self.kp,
+                                 self._xq, self._xsum, self.m, self._acc)
         return self.acc
 
 

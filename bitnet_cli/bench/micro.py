@@ -17,6 +17,7 @@ import numpy as np
 
 from bitnet_cli.bench import kernels_api
 from bitnet_cli.bench.shapes import padded_k, ternary_bytes, weight_shapes
+from bitnet_cli.pack.ternary import layout, unpack_i2_k128
 from bitnet_cli.bench.stats import scale, time_call
 
 COLD_BYTES = 256 << 20  # weights rotated per benchmark: 8x a 32 MiB L3
@@ -25,11 +26,13 @@ TOKENS = (1, 8, 32, 128)
 IMPLS = ("ternary", "int8", "f32")
 
 
-def random_ternary(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """A random i2_k128 weight [n, padded_k(k) / 4]: every byte holds four codes in {0, 1, 2}."""
+def random_ternary(n: int, k: int, rng: np.random.Generator, ternary_layout: str = "i2") -> np.ndarray:
+    """A random weight [n, k] in `ternary_layout`: random bytes of four codes in {0, 1, 2} (i2_k128),
+    repacked for another layout."""
     codes = np.array([a | b << 2 | c << 4 | d << 6 for a in range(3) for b in range(3)
                       for c in range(3) for d in range(3)], dtype=np.uint8)
-    return codes[rng.integers(0, codes.size, size=(n, padded_k(k) // 4), dtype=np.uint8)]
+    i2 = codes[rng.integers(0, codes.size, size=(n, padded_k(k) // 4), dtype=np.uint8)]
+    return i2 if ternary_layout == "i2" else layout(ternary_layout).pack(unpack_i2_k128(i2, padded_k(k)))
 
 
 def _rotating(one: np.ndarray) -> list[np.ndarray]:
@@ -42,15 +45,16 @@ def _rotating(one: np.ndarray) -> list[np.ndarray]:
     return list(block)
 
 
-def _ternary(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
+def _ternary(n: int, k: int, tokens: int, threads: int, rng, isa: str | None,
+             ternary_layout: str = "i2") -> tuple[Callable, int, str]:
     x = rng.standard_normal((tokens, k), dtype=np.float32)
-    weights = _rotating(random_ternary(n, k, rng))
-    op = kernels_api.TernaryMatmul(n, k, tokens, threads, isa)
+    weights = _rotating(random_ternary(n, k, rng, ternary_layout))
+    op = kernels_api.TernaryMatmul(n, k, tokens, threads, isa, ternary_layout)
     rotation = itertools.cycle(weights)
-    return lambda: op(next(rotation), x), ternary_bytes(n, k), op.isa
+    return lambda: op(next(rotation), x), ternary_bytes(n, k, ternary_layout), op.isa
 
 
-def _int8(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
+def _int8(n: int, k: int, tokens: int, threads: int, rng, isa: str | None, _layout: str = "i2") -> tuple[Callable, int, str]:
     x = rng.standard_normal((tokens, k), dtype=np.float32)
     weights = _rotating(rng.integers(-127, 128, size=(n, k), dtype=np.int8))
     op = kernels_api.DenseInt8Matmul(n, k, tokens, threads, isa)
@@ -70,7 +74,7 @@ def _blas_threads(threads: int) -> Iterator[str]:
         yield "BLAS"
 
 
-def _f32(n: int, k: int, tokens: int, threads: int, rng, isa: str | None) -> tuple[Callable, int, str]:
+def _f32(n: int, k: int, tokens: int, threads: int, rng, isa: str | None, _layout: str = "i2") -> tuple[Callable, int, str]:
     x = rng.standard_normal((k, tokens), dtype=np.float32)
     weights = _rotating(rng.standard_normal((n, k), dtype=np.float32))
     out = np.empty((n, tokens), dtype=np.float32)
@@ -82,14 +86,15 @@ _FACTORIES = {"ternary": _ternary, "int8": _int8, "f32": _f32}
 
 
 def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0,
-                isa: str | None = None) -> dict:
+                isa: str | None = None, ternary_layout: str = "i2") -> dict:
     """Time one kernel on one weight shape: seconds per call, weight GB/s and GOPS (summaries).
 
-    ``isa``: our kernels' instruction set (default: $BITNET_ISA, else the best); BLAS picks its own."""
+    ``isa``: our kernels' instruction set (default: $BITNET_ISA, else the best); BLAS picks its own.
+    ``ternary_layout``: the ternary kernel's weight layout (an --layout choice)."""
     rng = np.random.default_rng(seed)
     # numpy's BLAS has its own thread pool: cap it at the same thread count as ours
     with _blas_threads(threads) if impl == "f32" else contextlib.nullcontext(None) as blas:
-        call, weight_bytes, backend = _FACTORIES[impl](n, k, tokens, threads, rng, isa)
+        call, weight_bytes, backend = _FACTORIES[impl](n, k, tokens, threads, rng, isa, ternary_layout)
         seconds = time_call(call, repeat)
     return {
         "impl": impl, "backend": blas or backend, "n": n, "k": k, "tokens": tokens, "threads": threads,
@@ -99,7 +104,7 @@ def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: in
 
 
 def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPLS, progress=None,
-        isa: str | None = None) -> list[dict]:
+        isa: str | None = None, ternary_layout: str = "i2") -> list[dict]:
     """Benchmark every distinct weight shape of `config` x tokens x threads x implementation.
 
     `progress(description)` is called before each measurement (for a progress bar).
@@ -111,7 +116,7 @@ def run(config: dict, threads: list[int], repeat: int, tokens=TOKENS, impls=IMPL
                 for impl in impls:
                     if progress:
                         progress(f"{impl} {shape['n']}x{shape['k']} T={t} {th}t")
-                    row = bench_shape(impl, shape["n"], shape["k"], t, th, repeat, isa=isa)
+                    row = bench_shape(impl, shape["n"], shape["k"], t, th, repeat, isa=isa, ternary_layout=ternary_layout)
                     row["projections"] = shape["projections"]
                     row["per_token"] = shape["per_token"]
                     results.append(row)

@@ -27,7 +27,8 @@ def fmt_bytes(n: int) -> str:
 def print_report(results: dict, console: Console) -> None:
     m, model = results["machine"], results["model"]
     per_token = model["bytes_per_token"]
-    console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings) on {m['cpu']}, "
+    console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings, {model.get('layout', 'i2')} ternary "
+                  f"layout) on {m['cpu']}, "
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
                   f"load average {m.get('load_average')}; median of {results['settings']['repeat']} run(s), "
                   "(min-max) in grey")

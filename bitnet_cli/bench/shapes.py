@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from bitnet_cli.arch import ModelDims
 from bitnet_cli.pack.embeddings import embedding_type
-from bitnet_cli.pack.ternary import padded_k
+from bitnet_cli.pack.ternary import layout, padded_k
 
 
-def ternary_bytes(n: int, k: int) -> int:
-    """Bytes of one packed i2_k128 weight [n, k] (2 bits per weight, K padded)."""
-    return n * padded_k(k) // 4
+def ternary_bytes(n: int, k: int, ternary_layout: str = "i2") -> int:
+    """Bytes of one packed weight [n, k] in `ternary_layout` (i2: 2 bits per weight, tq1: 1.6; K padded)."""
+    return n * layout(ternary_layout).row_bytes(k)
 
 
 def weight_shapes(config: dict) -> list[dict]:
@@ -31,7 +31,7 @@ def weight_shapes(config: dict) -> list[dict]:
     return list(shapes.values())
 
 
-def bytes_per_token(config: dict, embeddings: str = "f16") -> dict:
+def bytes_per_token(config: dict, embeddings: str = "f16", ternary_layout: str = "i2") -> dict:
     """Bytes that must be read from memory to decode one token, by kind, and their total.
 
     Ternary weights (packed, with their fp32 scales), the output head (the tied embedding or
@@ -40,7 +40,7 @@ def bytes_per_token(config: dict, embeddings: str = "f16") -> dict:
     """
     kind = embedding_type(embeddings)
     d = ModelDims.from_config(config)
-    ternary = sum(ternary_bytes(s["n"], s["k"]) * s["per_token"] for s in weight_shapes(config))
+    ternary = sum(ternary_bytes(s["n"], s["k"], ternary_layout) * s["per_token"] for s in weight_shapes(config))
     ternary += 4 * len(d.projections()) * d.num_layers
     row_bytes = kind.row_bytes(d.hidden_size)
     head = d.vocab_size * row_bytes

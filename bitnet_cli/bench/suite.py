@@ -93,7 +93,7 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         raise BitnetError(f"repeat must be at least 1, got {repeat}", param="repeat")
     if generate < 1:
         raise BitnetError(f"generate must be at least 1, got {generate}", param="generate")
-    per_token = bytes_per_token(target.config, target.embeddings)
+    per_token = bytes_per_token(target.config, target.embeddings, target.layout)
     prompts, generate, clipped = fit_to_context(list(prompts), generate, context_length(target))
     results = {
         "schema": SCHEMA,
@@ -107,7 +107,8 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
     if "roofline" in sections:
         results["roofline"] = roofline.run(per_token, threads, repeat, progress=progress)
     if "kernels" in sections:
-        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress, isa=isa)
+        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress, isa=isa,
+                                       ternary_layout=target.layout)
     if "e2e" in sections:
         path = target.ensure_file(progress)
         results["model"]["file_bytes"] = path.stat().st_size

@@ -15,6 +15,7 @@ from pathlib import Path
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import cache_root
 from bitnet_cli.pack.embeddings import embedding_type
+from bitnet_cli.pack.ternary import layout
 
 
 def default_cache_dir() -> Path:
@@ -28,6 +29,7 @@ class Target:
     config: dict         # HF config dict
     embeddings: str      # a head type of pack/embeddings.py: "f16", "int8", "q6" or "q4"
     path: Path           # the packed file; for a synthetic shape, where it is (or will be) cached
+    layout: str = "i2"   # the ternary layout (an --layout choice of pack/ternary.py): "i2" or "tq1"
 
     def ensure_file(self, progress=None) -> Path:
         """The packed file, writing the synthetic one first if it is not cached yet."""
@@ -45,7 +47,8 @@ class Target:
             raise BitnetError(f"cannot create the synthetic model cache {self.path.parent}: {e.strerror}") from None
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0, progress=tensor_done)
+            write_random_model(tmp, shape=self.shape, embeddings=self.embeddings, seed=0, progress=tensor_done,
+                               ternary_layout=self.layout)
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -65,21 +68,24 @@ def from_file(path: Path) -> Target:
     with PackedModel.open(path) as pm:
         config = dict(pm.config)
         embeddings = pm.metadata.get("embeddings", "f16")
-    return Target(name=path.name, shape=None, config=config, embeddings=embeddings, path=path)
+        ternary_layout = pm.ternary_layout.option
+    return Target(name=path.name, shape=None, config=config, embeddings=embeddings, path=path, layout=ternary_layout)
 
 
-def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = None) -> Target:
+def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = None, ternary_layout: str = "i2") -> Target:
     """A synthetic model of a preset (bitnet_cli.arch.PRESETS). The cache file's name carries a
     digest of the config, so a preset whose numbers change is written anew, never read stale."""
     from bitnet_cli.pack import synthetic
     from bitnet_cli.pack.format import FORMAT_VERSION
 
     embedding_type(embeddings, param="embeddings")
+    layout(ternary_layout, param="ternary_layout")
     config = synthetic.shape_config(shape)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = cache / f"{shape}-{embeddings}-v{FORMAT_VERSION}-{digest}.bin"
-    return Target(name=shape, shape=shape, config=config, embeddings=embeddings, path=path)
+    name = f"{shape}-{embeddings}" + ("" if ternary_layout == "i2" else f"-{ternary_layout}")  # i2: the old names
+    path = cache / f"{name}-v{FORMAT_VERSION}-{digest}.bin"
+    return Target(name=shape, shape=shape, config=config, embeddings=embeddings, path=path, layout=ternary_layout)
 
 
 def context_length(target: Target) -> int:
@@ -97,5 +103,6 @@ def describe(target: Target) -> dict:
         "shape": target.shape,
         "path": str(target.path),
         "embeddings": target.embeddings,
+        "layout": target.layout,
         "config": {k: c.get(k) for k in keys},
     }

@@ -19,10 +19,10 @@ from bitnet_cli.checkpoint import KINDS, Checkpoint, bitnet_convention, open_che
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import (
-    CONVERTER, FORMAT, LAYOUT, PackedWriter, TensorSpec, check_output_path, file_version,
+    CONVERTER, FORMAT, PackedWriter, TensorSpec, check_output_path, file_version,
     tensor_specs, write_embedding_rows, write_stored_rows,
 )
-from bitnet_cli.pack.ternary import pack_i2_k128, ternarize, unpack_hf_packed
+from bitnet_cli.pack.ternary import layout, ternarize, unpack_hf_packed
 from bitnet_cli.progress import Progress  # (tensors done, tensors total, current name)
 
 EMBEDDING_CHUNK_ROWS = 8192
@@ -47,6 +47,7 @@ class PackSummary:
     compression_ratio: float
     seconds: float
     notes: list[str] = field(default_factory=list)  # what an import changed or inferred (GGUF sources)
+    layout: str = "i2_k128"  # the ternary layout of a native file (pack/ternary.py's LAYOUTS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -190,14 +191,14 @@ class _EmbeddingLoss:
 
 
 def pack_metadata(config: dict, dims: ModelDims, tokenizer_json: str, tokenizer_config: dict,
-                  embeddings: str, source: str) -> dict[str, str]:
+                  embeddings: str, source: str, ternary_layout: str = "i2") -> dict[str, str]:
     return {
         "format": FORMAT,
         "format_version": file_version(dims),
         "config": json.dumps(dims.hf_config(config)),
         "tokenizer": tokenizer_json,
         "tokenizer_config": json.dumps(tokenizer_config),
-        "layout": LAYOUT,
+        "layout": layout(ternary_layout).name,
         "embeddings": embeddings,
         "source": source,
         "converter": CONVERTER,
@@ -223,13 +224,16 @@ def summarize(specs: list[TensorSpec], dims: ModelDims, out: Path, source: str, 
 
 def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False, kind: str = "auto",
                     to: str = "native", gguf_type: str = "tq2_0", progress: Progress | None = None,
-                    gguf_head: str | None = None, i2s_block: int | None = None) -> PackSummary:
+                    gguf_head: str | None = None, i2s_block: int | None = None,
+                    ternary_layout: str = "i2") -> PackSummary:
     """Pack a checkpoint (directory, .safetensors file or hub id) into `out`; return a summary.
 
     `to="gguf"` writes a GGUF file for llama.cpp / bitnet.cpp instead (via a temporary
     native file next to `out`). A GGUF file as `src` is imported (bitnet_cli.pack.gguf_source).
     `embeddings` None: f16, or for a GGUF source the storage type that loses nothing (else f16).
     `i2s_block`: a GGUF source's I2_S layout, 128 (bitnet.cpp's x86 build) or 64 (ARM); None: see gguf_source.
+    `ternary_layout`: the native file's ternary weight layout, "i2" (2 bits per weight) or "tq1" (1.6 bits;
+    pack/ternary.py); a GGUF export has its own (`gguf_type`).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -237,10 +241,14 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
         embedding_type(embeddings, param="embeddings")
     if to not in PACK_TARGETS:
         raise BitnetError(f"to must be one of {', '.join(PACK_TARGETS)}, got {to!r}", param="to")
+    layout(ternary_layout, param="ternary_layout")
+    if to == "gguf" and ternary_layout != "i2":
+        raise BitnetError(f"ternary_layout {ternary_layout} is a layout of our packed files; a GGUF export writes "
+                          "the ternary type gguf_type names", param="ternary_layout")
     check_output_path(out, force)
     ckpt = open_source(src, kind, i2s_block)
     try:
-        return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0)
+        return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0, ternary_layout)
     finally:
         if ckpt.kind == "gguf":
             ckpt.close()
@@ -261,7 +269,7 @@ def open_source(src, kind: str = "auto", i2s_block: int | None = None):
 
 
 def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, gguf_type: str,
-                 gguf_head: str | None, progress: Progress | None, t0: float) -> PackSummary:
+                 gguf_head: str | None, progress: Progress | None, t0: float, ternary_layout: str) -> PackSummary:
     if embeddings is None:
         embeddings = ckpt.embedding_type("model.embed_tokens.weight") if ckpt.kind == "gguf" else "f16"
     if ckpt.kind == "own" and not ckpt.config.get("quantization_config"):
@@ -287,8 +295,9 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
         summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0,
                             "gguf-" + gguf_type)
     else:
-        specs = _pack(ckpt, dims, out, embeddings, force, progress)
+        specs = _pack(ckpt, dims, out, embeddings, force, progress, ternary_layout)
         summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
+        summary.layout = layout(ternary_layout).name
     summary.notes = list(getattr(ckpt, "notes", []))
     return summary
 
@@ -311,10 +320,11 @@ def _check_family_tensors(ckpt: Checkpoint, dims: ModelDims) -> None:
 
 
 def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: bool,
-          progress: Progress | None) -> list[TensorSpec]:
-    specs = tensor_specs(dims, embeddings)
+          progress: Progress | None, ternary_layout: str = "i2") -> list[TensorSpec]:
+    specs = tensor_specs(dims, embeddings, ternary_layout)
     meta = pack_metadata(ckpt.config, dims, ckpt.tokenizer_json, ckpt.tokenizer_config, embeddings,
-                         f"{ckpt.kind}:{ckpt.source}")
+                         f"{ckpt.kind}:{ckpt.source}", ternary_layout)
+    pack_trits = layout(ternary_layout).pack
     steps = [s for s in specs if not s.name.endswith("_scale")]
     with PackedWriter(out, specs, meta, force=force) as writer:
         for done, spec in enumerate(steps, 1):
@@ -323,7 +333,7 @@ def _pack(ckpt: Checkpoint, dims: ModelDims, out: Path, embeddings: str, force: 
                 _write_embedding(writer, ckpt, name, dims, embeddings)
             elif spec.dtype == "U8":
                 trits, gamma = ternary_weight(ckpt, name, dims.projection_shape(split_layer_tensor(name)[1]))
-                writer.write(name, pack_i2_k128(trits))
+                writer.write(name, pack_trits(trits))
                 writer.write(name + "_scale", np.array([gamma], dtype=np.float32))
             elif name.endswith(".bias"):
                 writer.write(name, projection_bias(ckpt, name, spec.shape))

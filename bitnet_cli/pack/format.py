@@ -21,7 +21,7 @@ from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetens
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
-from bitnet_cli.pack.ternary import padded_k, unpack_i2_k128
+from bitnet_cli.pack.ternary import LAYOUTS, layout, layout_named
 
 FORMAT = "bitnet-cli"
 # 2: the config may describe the Llama family (model_type llama, hidden_act silu, no sub-norm
@@ -31,7 +31,6 @@ FORMAT = "bitnet-cli"
 # it without them, and still read every file that needs nothing newer.
 FORMAT_VERSION = "3"
 READABLE_VERSIONS = ("1", "2", "3")
-LAYOUT = "i2_k128"
 ALIGN = 64
 PAD_PREFIX = "__pad__."
 CONVERTER = f"bitnet-cli {__version__}"
@@ -57,15 +56,17 @@ def file_version(dims: ModelDims) -> str:
     return "3" if dims.qkv_bias or dims.bitlinear_norm_eps is not None else "2"
 
 
-def tensor_specs(dims: ModelDims, embeddings: str) -> list[TensorSpec]:
-    """Every tensor of a packed file, in file order (embeddings, layers in order, head)."""
+def tensor_specs(dims: ModelDims, embeddings: str, ternary_layout: str = "i2") -> list[TensorSpec]:
+    """Every tensor of a packed file, in file order (embeddings, layers in order, head), its
+    projections in `ternary_layout` (an --layout choice, pack/ternary.py's LAYOUTS)."""
+    row_bytes = layout(ternary_layout).row_bytes
     specs = []
     for name, shape, kind in dims.hf_tensors():
         if kind == "embedding":
             specs += embedding_specs(name, dims, embeddings)
         elif kind == "projection":  # packed trits, then gamma
             n, k = shape
-            specs.append(TensorSpec(name, "U8", (n, padded_k(k) // 4)))
+            specs.append(TensorSpec(name, "U8", (n, row_bytes(k))))
             specs.append(TensorSpec(name + "_scale", "F32", (1,)))
         else:  # norms and biases
             specs.append(TensorSpec(name, "F32", shape))
@@ -258,6 +259,7 @@ class PackedModel:
                 raise BitnetError(f"{where}: tokenizer_config {key} must be a string of valid Unicode, "
                                   f"got {safejson.short(value)}")
         self.layout = metadata["layout"]
+        self.ternary_layout = layout_named(self.layout)  # open() has refused layouts it does not know
         self.embeddings = metadata["embeddings"]
         self.checksums = _json_value(metadata, "checksums", where, dict)
         self.names = [n for n in entries if not n.startswith(PAD_PREFIX)]
@@ -282,8 +284,9 @@ class PackedModel:
         for key in ("config", "tokenizer", "layout", "embeddings", "checksums"):
             if key not in metadata:
                 raise BitnetError(f"{path}: metadata key {key!r} is missing")
-        if metadata["layout"] != LAYOUT:
-            raise BitnetError(f"{path}: unknown ternary layout {metadata['layout']!r} (expected {LAYOUT})")
+        if layout_named(metadata["layout"]) is None:
+            raise BitnetError(f"{path}: unknown ternary layout {metadata['layout']!r} (this bitnet-cli reads "
+                              f"{', '.join(t.name for t in LAYOUTS.values())})")
         if metadata["embeddings"] not in EMBEDDING_TYPES:
             raise BitnetError(f"{path}: unknown embeddings type {metadata['embeddings']!r}")
         pm = cls(path, metadata, entries, None)
@@ -295,7 +298,7 @@ class PackedModel:
             raise BitnetError(f"{path}: its config ({d.family}{', use_rms_norm' if d.bitlinear_norm_eps else ''}) needs "
                               f"format version {file_version(d)} but the "
                               f"file says {metadata['format_version']}; the file is damaged")
-        for spec in tensor_specs(pm.dims, pm.embeddings):
+        for spec in tensor_specs(pm.dims, pm.embeddings, pm.ternary_layout.option):
             e = entries.get(spec.name)
             if e is None:
                 raise BitnetError(f"{path}: tensor {spec.name!r} is missing")
@@ -333,7 +336,7 @@ class PackedModel:
         """(trits int8 [N, K], gamma) of a BitLinear weight, e.g. 'model.layers.0.mlp.up_proj.weight'."""
         _, k = self.dims.projection_shape(split_layer_tensor(name)[1])
         gamma = self.tensor(name + "_scale")[0]
-        return unpack_i2_k128(self.tensor(name), k), np.float32(gamma)
+        return self.ternary_layout.unpack(self.tensor(name), k), np.float32(gamma)
 
     def embedding(self, name: str = EMBED, rows=slice(None)) -> np.ndarray:
         """Rows of an embedding (or untied head) as float32, whatever its stored type."""

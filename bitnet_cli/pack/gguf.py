@@ -157,6 +157,8 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
     arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
         check_gguf_shapes(pm.dims, gguf_type, str(packed_path), pm.embeddings, head)
+        if pm.ternary_layout.option != "i2":  # I2_S and TQ2_0 are byte maps of i2_k128
+            raise BitnetError(f"{packed_path}: the GGUF export reads i2_k128 packed files, not {pm.layout}")
         w = gw.GGUFWriter(arch)
         _add_metadata(w, pm, arch, ftype, out.stem)
         _add_tensors(w, pm, gguf_type, head)

@@ -20,7 +20,7 @@ from bitnet_cli.tokenizer import BOS, EOS, pieces, train_bpe
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.pack.format import PackedWriter, tensor_specs, write_embedding_rows
 from bitnet_cli import kernels
-from bitnet_cli.pack.ternary import pack_i2_k128
+from bitnet_cli.pack.ternary import layout
 
 
 # All 81 bytes whose four 2-bit codes are valid trit codes (0, 1, 2): uniform random trits, fast.
@@ -64,36 +64,53 @@ def synthetic_tokenizer(vocab_size: int, merges_vocab: int = 1024) -> str:
     return out
 
 
+# every byte a tq1_k640 packer writes: five trits as ceil(v * 256 / 243), v = 0..242 (kernels/bitnet.h)
+_VALID_TQ1_BYTES = ((np.arange(243) * 256 + 242) // 243).astype(np.uint8)
+
+
 class _TritSource:
-    """Random packed trits: each matrix is a window at a random offset into one random pool.
+    """Random packed trits: each matrix is a window at a random offset into one random pool (of
+    i2_k128 bytes, and of tq1_k640 bytes for that layout's 640-input blocks).
 
     Drawing fresh random bytes for 2 billion weights costs ~10 s; a window into a pool larger
     than any matrix gives every matrix distinct-looking uniform trits at memory-copy speed.
     """
 
-    def __init__(self, rng: np.random.Generator, largest: int):
+    def __init__(self, rng: np.random.Generator, largest: int, ternary_layout: str = "i2"):
         self.rng = rng
+        self.layout = layout(ternary_layout)
         self.pool = _VALID_BYTES[rng.integers(0, len(_VALID_BYTES), size=2 * largest, dtype=np.uint8)]
+        self.tq1_pool = _VALID_TQ1_BYTES[rng.integers(0, 243, size=2 * largest)] if ternary_layout == "tq1" else None
+
+    def _window(self, pool: np.ndarray, n: int, row: int) -> np.ndarray:
+        start = int(self.rng.integers(0, len(pool) - n * row + 1))
+        return pool[start : start + n * row].reshape(n, row)
 
     def packed(self, n: int, k: int) -> np.ndarray:
         if k % kernels.BLOCK_K:  # K padding must hold code 1 (T = 0): pack real trits
-            return pack_i2_k128(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
-        size = n * k // 4
-        start = int(self.rng.integers(0, len(self.pool) - size + 1))
-        return self.pool[start : start + size].reshape(n, k // 4)
+            return self.layout.pack(self.rng.integers(-1, 2, size=(n, k), dtype=np.int8))
+        if self.layout.option == "i2":
+            return self._window(self.pool, n, k // 4)
+        big = k // kernels.TQ1_BLOCK_K  # 640-input blocks, then i2_k128 blocks for the rest of the row
+        return np.concatenate([self._window(self.tq1_pool, n, big * kernels.TQ1_BLOCK_BYTES),
+                               self._window(self.pool, n, k % kernels.TQ1_BLOCK_K // 4)], axis=1)
 
 
 def write_random_model(path, shape: str | dict = "2b4t", embeddings: str = "f16", seed: int = 0,
-                       force: bool = True, progress=None) -> Path:
-    """Write a packed file of `shape` with random weights; return its path."""
+                       force: bool = True, progress=None, ternary_layout: str = "i2") -> Path:
+    """Write a packed file of `shape` with random weights (projections in `ternary_layout`, an
+    --layout choice); return its path."""
     embedding_type(embeddings)
     config = shape_config(shape)
     dims = ModelDims.from_config(config, f"shape {shape!r}")
     rng = np.random.default_rng(seed)
-    specs = tensor_specs(dims, embeddings)
-    trits = _TritSource(rng, max(s.nbytes for s in specs if s.dtype == "U8" and ".layers." in s.name))
+    specs = tensor_specs(dims, embeddings, ternary_layout)
+    largest = max(n * -(-k // kernels.BLOCK_K) * kernels.BLOCK_K // 4 for n, k in
+                  (dims.projection_shape(p.name) for p in dims.projections()))  # in i2_k128 bytes
+    trits = _TritSource(rng, largest, ternary_layout)
     meta = pack_metadata(config, dims, synthetic_tokenizer(dims.vocab_size), {"bos_token": BOS, "eos_token": EOS},
-                         embeddings, f"synthetic:{shape if isinstance(shape, str) else 'custom'}:seed={seed}")
+                         embeddings, f"synthetic:{shape if isinstance(shape, str) else 'custom'}:seed={seed}",
+                         ternary_layout)
     with PackedWriter(Path(path), specs, meta, force=force) as writer:
         for done, spec in enumerate(specs, 1):
             name = spec.name
