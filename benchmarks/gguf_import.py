@@ -1,6 +1,7 @@
 """Import a 2B4T-sized I2_S GGUF with `bitnet pack` and report wall time and peak RSS (issue: < 1.5 GB, < 60 s).
 
     python benchmarks/gguf_import.py [--workdir /tmp] [--bitnet-cpp /tmp/anchors/bitnet.cpp] [--anchors DIR] [--keep]
+    python benchmarks/gguf_import.py --gguf A.gguf [--gguf B.gguf]      # time files made before
 
 The GGUF is made the way the official one was: ../shared/anchors/gguf_b158.py writes an F16
 `bitnet-b1.58` file of the 2B4T shape (random trits x 0.03, a synthetic 128,256-token
@@ -64,12 +65,16 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--bitnet-cpp", type=Path, default=Path("/tmp/anchors/bitnet.cpp"))
     ap.add_argument("--anchors", type=Path, default=REPO.parent / "shared" / "anchors", help="holds gguf_b158.py")
-    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the made GGUF files (their paths are printed)")
+    ap.add_argument("--gguf", type=Path, action="append", help="time this GGUF instead of making them (repeatable)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="gguf_import.", dir=args.workdir))
     results = []
     try:
-        for label, gguf in gguf_files(work, args.bitnet_cpp, args.anchors).items():
+        files = {str(g): g for g in args.gguf} if args.gguf else gguf_files(work, args.bitnet_cpp, args.anchors)
+        if args.keep:
+            print(f"GGUF files kept: {' '.join(map(str, files.values()))}", file=sys.stderr)
+        for label, gguf in files.items():
             out = work / "imported.bin"
             r = timed([sys.executable, "-m", "bitnet_cli.cli", "pack", gguf, out, "--force", "--json"])
             results.append({"gguf": label, "gguf_mb": round(gguf.stat().st_size / 1e6, 1),
