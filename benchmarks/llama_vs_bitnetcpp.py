@@ -120,7 +120,8 @@ def their_file(args, d: ModelDims) -> Path:
             raise
         os.replace(tmp, f16)
     print(f"  llama-quantize {f16.name} {i2s.name} I2_S", file=sys.stderr, flush=True)
-    write_with_tool(i2s, lambda tmp: [str(args.bitnet_cpp / "llama-quantize"), str(f16), str(tmp), "I2_S", "1"])  # more threads: I2_S chunks land at 4x their offsets
+    # one thread: with more, bitnet.cpp's llama-quantize writes I2_S chunks at 4x their offsets
+    write_with_tool(i2s, lambda tmp: [str(args.bitnet_cpp / "llama-quantize"), str(f16), str(tmp), "I2_S", "1"])
     if not args.keep_f16:
         f16.unlink()
     return i2s
