@@ -226,6 +226,8 @@ def markdown(results: dict) -> str:
     if 1 in ours and ours[1]:
         lines += ["", "Aggregate speed-up over one stream (bitnet serve): " +
                   ", ".join(f"{s} streams {v / ours[1]:.2f}x" for s, v in ours.items() if s != 1)]
+    if "llama_server_error" in results:
+        lines += ["", f"llama-server failed during the run: {results['llama_server_error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +269,9 @@ def main(argv: list[str]) -> int:
         theirs = start_llama(args.llama_server, their_gguf(packed, args.fresh_gguf), args)
         try:
             results["servers"]["llama-server"] = bench_server(theirs, "any", args, vocab)
+        except (httpx.HTTPError, BitnetError) as e:  # their crash must not lose our figures
+            results["llama_server_error"] = f"{type(e).__name__}: {e}"
+            print(f"llama-server failed: {results['llama_server_error']}", file=sys.stderr, flush=True)
         finally:
             theirs.stop()
     c = tgt.config

@@ -282,3 +282,22 @@ def assert_greedy_matches_transformers(ckpt_dir: Path, packed: Path, tokens: int
         gen = eng.generate(prompt, max_tokens=tokens, temperature=0)
         "".join(gen)
     assert gen.token_ids == want and len(want) == tokens
+
+
+def assert_engine_matches(packed: Path, ids, want, ref) -> None:
+    """The C engine on `packed` gives transformers' logits `want` and the numpy reference's `ref` within
+    1e-3, and its batched forward (serve's: two sequences in one pass) gives each sequence's logits as if
+    it ran alone, bit for bit."""
+    import numpy as np
+
+    from bitnet_cli.engine import Engine
+
+    with Engine.load(packed, threads=2) as eng:
+        got = eng.forward(ids)
+        eng.set_sequences(2)
+        batch = eng.forward_batch(list(ids[:10]) + list(ids[:7]), [0] * 10 + [1] * 7,
+                                  list(range(10)) + list(range(7)), [True] * 17)
+    assert np.abs(got - want).max() <= 1e-3
+    assert np.abs(got - ref).max() <= 1e-3
+    np.testing.assert_array_equal(batch[:10], got[:10])
+    np.testing.assert_array_equal(batch[10:], got[:7])

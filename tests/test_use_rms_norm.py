@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_greedy_matches_transformers, load_hf_llama_reference, make_llama_checkpoint
+from conftest import (assert_engine_matches, assert_greedy_matches_transformers, load_hf_llama_reference,
+                      make_llama_checkpoint)
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import BitNetForCausalLM
@@ -55,7 +56,6 @@ def test_torch_logits_match_transformers(normed):
 def test_packed_file_holds_the_norms_and_matches_transformers_on_the_engine(normed):
     from safetensors.numpy import load_file
 
-    from bitnet_cli.engine import Engine
     from bitnet_cli.pack import PackedModel, reference
 
     ckpt, packed = normed
@@ -71,15 +71,7 @@ def test_packed_file_holds_the_norms_and_matches_transformers_on_the_engine(norm
                 name = f"model.layers.{i}.{proj}.rms_norm.weight"
                 np.testing.assert_array_equal(pm.tensor(name), source[name])
         ref = reference.forward(pm, ids)
-    with Engine.load(packed, threads=2) as eng:
-        got = eng.forward(ids)
-        eng.set_sequences(2)  # the batched forward (serve): two sequences in one pass, each as if alone
-        batch = eng.forward_batch(list(ids[:10]) + list(ids[:7]), [0] * 10 + [1] * 7,
-                                  list(range(10)) + list(range(7)), [True] * 17)
-    assert np.abs(got - want).max() <= 1e-3
-    assert np.abs(got - ref).max() <= 1e-3
-    np.testing.assert_array_equal(batch[:10], got[:10])
-    np.testing.assert_array_equal(batch[10:], got[:7])
+    assert_engine_matches(packed, ids, want, ref)  # the batched forward (serve) included
 
 
 def test_greedy_64_tokens_match_transformers(normed):
