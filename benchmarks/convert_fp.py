@@ -297,7 +297,8 @@ def main() -> None:
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
     if args.plot_from:
-        plot(json.loads(args.plot_from.read_text())["runs"], root / "convert_fp.png")
+        saved = json.loads(args.plot_from.read_text())
+        plot(saved["runs"], root / "convert_fp.png", saved.get("results", {}).get("2", {}).get("val_loss"))
         return
     if args.corpus is None or args.wikitext is None:
         ap.error("--corpus and --wikitext are required")
