@@ -297,8 +297,8 @@ class RMSNorm(nn.Module):
 
 
 @torch.library.custom_op("bitnet::rope_tables", mutates_args=())
-def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float], device: torch.device) -> tuple[torch.Tensor,
-                                                                                                    torch.Tensor]:
+def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``(cos, sin)`` [seq_len, dim] of RoPE; ``llama3``: the scaling's numbers in the order of
     bitnet_cli.arch.LLAMA3_ROPE_KEYS, or empty for the default RoPE (an op's arguments hold no dict).
 
