@@ -103,23 +103,6 @@ def ptq_checkpoint(float_final: Path, out: Path) -> Path:
 # ----------------------------------------------------------------------------- scoring
 
 
-def wikitext_detokenizer(page: str) -> str:
-    """lm-eval's tasks/wikitext/preprocess_wikitext.wikitext_detokenizer, verbatim in effect."""
-    s = page.replace("s '", "s'")
-    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
-    s = s.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
-    for p in (":", ";", ".", "!", "?", ","):
-        s = s.replace(f" {p} ", f"{p} ")
-    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
-    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
-    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
-    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
-    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
-    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
-    s = s.replace(" " + chr(176) + " ", chr(176)).replace(" \n", "\n").replace("\n ", "\n")
-    return s.replace(" N ", " 1 ").replace(" 's", "'s")
-
-
 def wikitext_word_perplexity(model, tok, prefix_id: int, max_len: int, pages: list[str], device) -> float:
     """lm-eval's word_perplexity: exp(-sum of rolling log-likelihoods / words of the raw articles).
 
@@ -129,6 +112,8 @@ def wikitext_word_perplexity(model, tok, prefix_id: int, max_len: int, pages: li
     """
     import torch
     import torch.nn.functional as F
+
+    from bitnet_cli.eval.wikitext import wikitext_detokenizer
 
     total_ll, words = 0.0, 0
     for page in pages:
@@ -312,7 +297,8 @@ def main() -> None:
     root = args.out.resolve()
     root.mkdir(parents=True, exist_ok=True)
     if args.plot_from:
-        plot(json.loads(args.plot_from.read_text())["runs"], root / "convert_fp.png")
+        saved = json.loads(args.plot_from.read_text())
+        plot(saved["runs"], root / "convert_fp.png", saved.get("results", {}).get("2", {}).get("val_loss"))
         return
     if args.corpus is None or args.wikitext is None:
         ap.error("--corpus and --wikitext are required")
@@ -328,7 +314,7 @@ def main() -> None:
     from bitnet_cli.train import load_recipe
     from bitnet_cli.train.data import (TokenData, cache_root, corpus_hash, prepare_tokenizer, resolve_files,
                                        tokenize_to_memmap)
-    from bitnet_cli.eval.tasks import wikitext_pages
+    from bitnet_cli.eval.wikitext import wikitext_pages
     from bitnet_cli.train.loop import total_steps
 
     t0 = time.perf_counter()

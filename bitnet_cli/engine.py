@@ -257,6 +257,11 @@ class Engine(kernels.CResource):
         desc.vocab, desc.ctx, desc.rms_eps = d.vocab_size, ctx_size, d.rms_norm_eps
         kind = embedding_type(pm.embeddings)
         desc.emb_type = desc.head_type = getattr(self._lib, kind.c_enum)
+        for name in dict.fromkeys([EMBED, d.head_name]):
+            problem = kind.check(tensor(name)) if kind.check else None
+            if problem:
+                raise BitnetError(f"{pm.path}: tensor {name!r}: {problem} (a damaged file? "
+                                  "`bitnet info --verify` checks every tensor)")
         desc.embed = ptr(tensor(EMBED), kind.c_values)
         desc.head = ptr(tensor(d.head_name), kind.c_values)
         if "_scale" in kind.suffixes:

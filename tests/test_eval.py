@@ -206,12 +206,26 @@ def test_local_data_loads_lm_eval_task_definitions(eval_data):
 
 
 def test_wikitext_from_local_raw_files(shared_data):
-    from bitnet_cli.eval.tasks import task_manager, wikitext_pages
+    from bitnet_cli.eval.tasks import task_manager
+    from bitnet_cli.eval.wikitext import wikitext_pages
 
     pages = wikitext_pages((shared_data / "corpus" / "wikitext-2-raw" / "test.txt").read_text(encoding="utf-8"))
     assert len(pages) == 62 and pages[0].startswith(" = Robert Boulter = ")
     task = task_manager(shared_data / "eval").load(["wikitext"])["tasks"]["wikitext"]  # finds ../corpus
     assert len(task.test_docs()) == 62 and len(task.validation_docs()) == 60
+
+
+def test_wikitext_scoring_needs_no_lm_eval():
+    """The GPU machine has no lm-eval: convert_fp.py scores WikiText through these imports alone."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['lm_eval'] = None\n"
+            "from bitnet_cli.eval.wikitext import wikitext_detokenizer, wikitext_pages\n"
+            "from bitnet_cli.train.data import TokenData\n"
+            "assert wikitext_detokenizer('a @-@ b , c') == 'a-b, c'\n"
+            "assert len(wikitext_pages(' = A = \\nx\\n = B = \\ny')) == 2")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_missing_split_file_names_the_path(tmp_path, eval_data):

@@ -440,6 +440,83 @@ def test_q6_rows_are_q6_k_in_our_byte_order(hidden):
     assert np.median(err) < 0.03
 
 
+def _quantize_q6_k_unsliced(x):
+    """quantize_q6_k as it was written first, every row at once: the reference the sliced,
+    allocation-free version must equal byte for byte."""
+    from bitnet_cli.gguf.quants import q6_k_pack
+
+    F32 = np.float32
+    r, k = x.shape
+    sub = x.reshape(-1, 16)
+    vmax = sub[np.arange(len(sub)), np.abs(sub).argmax(axis=1)]
+    w = sub * sub
+    best_scale = np.zeros(len(sub), dtype=F32)
+    best_metric = np.full(len(sub), -np.inf, dtype=np.float64)
+    nz = np.abs(vmax) > 1e-30
+    safe = np.where(nz, vmax, 1).astype(F32)
+    for step in range(-9, 10):
+        iscale = -(F32(32) + F32(0.1) * step) / safe
+        q = np.clip(np.rint(iscale[:, None] * sub), -32, 31)
+        sumlx = (w * sub * q).sum(axis=1, dtype=np.float64)
+        suml2 = (w * q * q).sum(axis=1, dtype=np.float64)
+        metric = np.divide(sumlx * sumlx, suml2, out=np.full_like(sumlx, -np.inf), where=suml2 > 0)
+        better = metric > best_metric
+        best_metric = np.where(better, metric, best_metric)
+        best_scale = np.where(better, np.divide(sumlx, suml2, out=np.zeros_like(sumlx), where=suml2 > 0), best_scale)
+    best_scale = np.where(nz, best_scale, 0).astype(F32).reshape(-1, 16)
+    max_scale = best_scale[np.arange(len(best_scale)), np.abs(best_scale).argmax(axis=1)]
+    iscale = np.divide(F32(-128), max_scale, out=np.zeros_like(max_scale), where=max_scale != 0)
+    scales = np.clip(np.rint(iscale[:, None] * best_scale), -128, 127).astype(np.int8)
+    d = np.divide(F32(1), iscale, out=np.zeros_like(iscale), where=iscale != 0).astype(np.float16)
+    step = d.astype(F32)[:, None] * scales.astype(F32)
+    vals = x.reshape(-1, 16, 16)
+    q = np.clip(np.rint(np.divide(vals, step[:, :, None], out=np.zeros_like(vals), where=step[:, :, None] != 0)),
+                -32, 31).astype(np.int16) + 32
+    return q6_k_pack(q.reshape(-1, 256).astype(np.uint8), scales, d.view(np.uint16)).reshape(r, -1)
+
+
+@pytest.mark.parametrize("slice_blocks", [1, 3, None])
+def test_q6_k_quantiser_slices_change_no_byte(monkeypatch, slice_blocks):
+    """quantize_q6_k goes through its rows in slices (whole blocks) with reused buffers: the
+    bytes are those of the all-at-once version, for any slice size, ragged last slice included."""
+    from bitnet_cli.gguf import quants
+
+    if slice_blocks:
+        monkeypatch.setattr(quants, "_Q6_SLICE", slice_blocks)
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((7, 1024)) * rng.uniform(1e-4, 3, size=(7, 1))).astype(np.float32)
+    x[0, :256] = 0  # an all-zero block
+    x[1, 16:32] = 1e-35  # a sub-block below the 1e-30 cut
+    x[2, 40] = -50.0  # a negative outlier sets its block's largest step
+    x[3, 300:316] = np.float32(0.5)  # equal values: every candidate grid ties
+    x[4] = np.round(x[4] * 64) / 64  # values on a coarse grid: exact halves under some candidate steps
+    got = quants.quantize_q6_k(x)
+    assert got.shape == (7, 4 * 210) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got, _quantize_q6_k_unsliced(x))
+
+
+@pytest.mark.parametrize("d_bits", [0x7C00, 0xFC00, 0x7E00])  # +inf, -inf, NaN
+def test_engine_refuses_a_q6_block_with_a_non_finite_d(tmp_path, d_bits):
+    """A hostile q6 head (a block scale d of inf or NaN; a plain load recomputes no checksum) is refused
+    on load with one clear error naming the tensor, row and block, not run into NaN logits."""
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack.synthetic import write_random_model
+
+    path = write_random_model(tmp_path / "q6.bin", "tiny", embeddings="q6")
+    with PackedModel.open(path) as pm:
+        entry = pm.entries["model.embed_tokens.weight"]
+        per_row = pm.tensor("model.embed_tokens.weight").shape[1] // 210
+    raw = bytearray(path.read_bytes())
+    at = entry.begin + (7 * per_row + per_row - 1) * 210 + 208  # row 7's last block
+    raw[at:at + 2] = d_bits.to_bytes(2, "little")
+    bad = tmp_path / "hostile.bin"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(BitnetError, match=rf"hostile.bin: tensor 'model.embed_tokens.weight': q6 block {per_row - 1} "
+                                          r"of row 7 has a non-finite scale d \((inf|-inf|nan); 1 such blocks\)"):
+        Engine.load(bad)
+    Engine.load(path).close()  # the untouched file loads
+
+
 # q6's 256-input blocks pad this model's 96 inputs: here its file is larger than f16's
 @pytest.mark.parametrize("embeddings, relative_error, smaller", [("q6", 0.03, False), ("q4", 0.15, True)])
 def test_q6_and_q4_embeddings_pack_and_verify(hf_tiny_checkpoint, tmp_path, embeddings, relative_error, smaller):

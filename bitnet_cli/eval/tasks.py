@@ -24,7 +24,6 @@ import copy
 import difflib
 import functools
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.tasks._factory import TaskFactory
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.eval.wikitext import wikitext_pages
 
 # (hub dataset_path, dataset_name or None for any) -> folder under the data dir
 HUB_TO_LOCAL: dict[tuple[str, str | None], str] = {
@@ -62,19 +62,6 @@ def _read_jsonl(path: Path) -> tuple[dict, ...]:
                 except json.JSONDecodeError as e:
                     raise BitnetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     return tuple(rows)
-
-
-def wikitext_pages(text: str) -> list[str]:
-    """Split raw WikiText into articles: each begins at a top-level heading line ' = Title = '."""
-    pages, current = [], []
-    for line in text.split("\n"):
-        if re.fullmatch(r" = [^=].* = ", line) and current:
-            pages.append("\n".join(current))
-            current = []
-        current.append(line)
-    if any(l.strip() for l in current):
-        pages.append("\n".join(current))
-    return [p for p in pages if p.strip()]
 
 
 class LocalDataset:

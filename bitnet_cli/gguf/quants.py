@@ -224,22 +224,43 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     as llama.cpp's reference quantiser weighs it) over 19 candidate grids that map the
     largest-magnitude value to -32 +- 0.9; the 16 steps of a block are then stored as int8
     multiples of one f16 d = max|s| / 128 (the largest step is -128 or 127 of it).
+
+    The rows go through in slices of _Q6_SLICE blocks: each candidate grid makes several
+    temporaries the size of its input, and a slice's stay in cache (a whole 2B4T head's would be
+    gigabytes each; measured 10x faster). Every value is computed per block, so slicing changes
+    no byte.
     """
     x = np.asarray(x, dtype=F32)
     r, k = x.shape
-    sub = x.reshape(-1, 16)  # [S, 16] sub-blocks
+    flat = x.reshape(-1, 256)
+    out = np.empty((len(flat), 210), dtype=np.uint8)
+    for b0 in range(0, len(flat), _Q6_SLICE):
+        out[b0:b0 + _Q6_SLICE] = _quantize_q6_k_blocks(flat[b0:b0 + _Q6_SLICE])
+    return out.reshape(r, -1)
+
+
+_Q6_SLICE = 256  # blocks (256 KB of float32 input) per slice of quantize_q6_k
+
+
+def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
+    """float32 [B, 256] -> Q6_K blocks uint8 [B, 210] (quantize_q6_k on whole blocks)."""
+    sub = blocks.reshape(-1, 16)  # [S, 16] sub-blocks
     amax_idx = np.abs(sub).argmax(axis=1)
     vmax = sub[np.arange(len(sub)), amax_idx]  # the signed value of largest magnitude
     w = sub * sub
+    wx = w * sub  # the w * sub of the fit's sum(w * sub * q), which numpy evaluates as (w * sub) * q
     best_scale = np.zeros(len(sub), dtype=F32)
     best_metric = np.full(len(sub), -np.inf, dtype=np.float64)
     nz = np.abs(vmax) > 1e-30
     safe = np.where(nz, vmax, 1).astype(F32)
+    q = np.empty_like(sub)
+    t = np.empty_like(sub)
     for step in range(-9, 10):
         iscale = -(F32(32) + F32(0.1) * step) / safe
-        q = np.clip(np.rint(iscale[:, None] * sub), -32, 31)
-        sumlx = (w * sub * q).sum(axis=1, dtype=np.float64)
-        suml2 = (w * q * q).sum(axis=1, dtype=np.float64)
+        np.clip(np.rint(np.multiply(iscale[:, None], sub, out=q), out=q), -32, 31, out=q)
+        sumlx = np.multiply(wx, q, out=t).sum(axis=1, dtype=np.float64)
+        np.multiply(w, q, out=t)
+        suml2 = np.multiply(t, q, out=t).sum(axis=1, dtype=np.float64)
         metric = np.divide(sumlx * sumlx, suml2, out=np.full_like(sumlx, -np.inf), where=suml2 > 0)
         better = metric > best_metric
         best_metric = np.where(better, metric, best_metric)
@@ -250,10 +271,10 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     scales = np.clip(np.rint(iscale[:, None] * best_scale), -128, 127).astype(np.int8)
     d = np.divide(F32(1), iscale, out=np.zeros_like(iscale), where=iscale != 0).astype(np.float16)
     step = (d.astype(F32)[:, None] * scales.astype(F32))  # [B, 16], exactly what the reader multiplies
-    vals = x.reshape(-1, 16, 16)
+    vals = blocks.reshape(-1, 16, 16)
     q = np.clip(np.rint(np.divide(vals, step[:, :, None], out=np.zeros_like(vals), where=step[:, :, None] != 0)),
                 -32, 31).astype(np.int16) + 32
-    return q6_k_pack(q.reshape(-1, 256).astype(np.uint8), scales, d.view(np.uint16)).reshape(r, -1)
+    return q6_k_pack(q.reshape(-1, 256).astype(np.uint8), scales, d.view(np.uint16))
 
 
 def q6_k_pack(codes: np.ndarray, scales: np.ndarray, d: np.ndarray) -> np.ndarray:

@@ -46,6 +46,9 @@ class EmbeddingType:
     # GGUF tensor types whose rows become the stored arrays without loss: type name -> (raw rows
     # uint8 [R, row bytes], hidden) -> the stored arrays (a GGUF import uses these, not decode+encode)
     transcode: dict[str, Callable[[np.ndarray, int], list[np.ndarray]]] = field(default_factory=dict)
+    # values tensor (as stored) -> what makes it unusable (a sentence), or None: a check on load for what
+    # the kernels cannot survive, for types whose values hold their own float scales
+    check: Callable[[np.ndarray], str | None] | None = None
 
     @property
     def suffixes(self) -> list[str]:
@@ -151,7 +154,24 @@ def q6_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nib = (b[:, :128].reshape(-1, 4, 1, 32) >> _Q6_NIBBLE_SHIFTS) & 15
     high = (b[:, 128:192].reshape(-1, 2, 1, 32) >> _Q6_HIGH_SHIFTS) & 3
     codes = nib.reshape(-1, 256) | high.reshape(-1, 256) << 4
-    return codes, b[:, 192:208].copy().view(np.int8), b[:, 208:210].copy().view(np.uint16).reshape(-1)
+    return codes, b[:, 192:208].copy().view(np.int8), _q6_d(b)
+
+
+def _q6_d(blocks: np.ndarray) -> np.ndarray:
+    """bn_q6_block bytes [..., 210] -> their f16 d bits, uint16 [B]."""
+    return blocks.reshape(-1, kernels.Q6_BLOCK_BYTES)[:, 208:210].copy().view(np.uint16).reshape(-1)
+
+
+def _check_q6(blocks: np.ndarray) -> str | None:
+    """A q6 block whose f16 d is NaN or infinite turns every logit into NaN: name the first."""
+    d = _q6_d(blocks)
+    bad = np.flatnonzero((d & 0x7C00) == 0x7C00)  # f16 exponent all ones: infinity or NaN
+    if not len(bad):
+        return None
+    per_row = blocks.shape[1] // kernels.Q6_BLOCK_BYTES if blocks.ndim == 2 else 1
+    row, block = divmod(int(bad[0]), per_row)
+    return (f"q6 block {block} of row {row} has a non-finite scale d "
+            f"({d[bad[0]].view(np.float16)}; {len(bad)} such blocks)")
 
 
 def _decode_q6(stored: list[np.ndarray], hidden: int) -> np.ndarray:
@@ -195,7 +215,8 @@ EMBEDDING_TYPES: dict[str, EmbeddingType] = {t.name: t for t in (
                       ("", "U8", (vocab, q6_padded(hidden) // kernels.Q6_BLOCK_K * kernels.Q6_BLOCK_BYTES))],
                   _encode_q6,
                   _decode_q6,
-                  {"Q6_K": _transcode_q6_k}),
+                  {"Q6_K": _transcode_q6_k},
+                  _check_q6),
 )}
 
 
