@@ -1,23 +1,32 @@
 """Load test of `bitnet serve` (and llama.cpp's `llama-server` side by side): aggregate generated
 tokens/s with 1, 4, 8 and 16 concurrent streams, and p50/p99 time to first token and inter-token
-latency at each level.
+latency at each level, for each request mix; the engine's batched decode step beside a prefill
+chunk; and the memory each extra slot costs.
 
-    python benchmarks/serve_load.py --shape 2b4t --threads 2 [--streams 1,4,8,16] \\
+    python benchmarks/serve_load.py --shape 2b4t --threads 2 [--streams 1,4,8,16] [--mix 128x64,32x256] \\
         [--llama-server /tmp/anchors/llama.cpp/build/bin/llama-server] [--out DIR]
-    python benchmarks/serve_load.py --shape tiny --threads 1 --prompt 32 --generate 16   # a quick check
+    python benchmarks/serve_load.py --shape tiny --threads 1 --mix 32x16   # a quick check
 
 The model is the synthetic shape `bitnet bench --shape` uses (random trits: speed does not depend
 on the values), or --model FILE. llama-server gets our own GGUF export of the same file (TQ2_0,
 `bitnet pack --to gguf`) and the same --parallel, --threads and context per slot. Each stream is a
-client that sends --requests streaming completions one after another: a fresh random prompt of
---prompt token ids (so no prefix is shared) and --generate tokens, greedy, through end-of-sequence
-tokens (`ignore_eos`), so both servers do the same work. Levels run in increasing order, each
-server in turn, after a warm-up request. Figures:
+client that sends --requests streaming completions one after another: a fresh random prompt (so no
+prefix is shared) and a fixed number of generated tokens, greedy, through end-of-sequence tokens
+(`ignore_eos`), so both servers do the same work. A mix PxG is P prompt tokens and G generated ones
+per request: the default 128x64 is prefill-dominated (a prompt costs a prefill pass of P tokens,
+as much as P decode rows of a full batch), 32x256 decode-dominated. Levels run in increasing order,
+each server in turn, after a warm-up request. Figures:
   tok/s          generated tokens of all streams / the level's wall time
   TTFT p50/p99   request sent -> first token's chunk
   ITL p50/p99    gaps between consecutive token chunks of one stream (a server that sends several
                  tokens in one chunk shows fewer, longer gaps)
   RSS            the server's resident memory after the level (weights + KV caches in use)
+  engine steps   in this process, no HTTP: one Engine.forward_batch of M decode rows (M sequences,
+                 one token each, every logits row wanted) against one prefill chunk of M tokens of
+                 one sequence (its last row wanted), interleaved, medians of --step-repeats
+  bytes per slot (RSS of the --parallel server after the largest level - RSS of a one-slot server
+                 after the same requests one at a time) / (parallel - 1), beside the KV cache a
+                 slot's positions take (KV caches are allocated zeroed: pages count once written)
 Writes serve_load.json and SERVE_LOAD.md into --out (default: beside this script). Run it on an
 idle machine: the figures are the machine's, not the code's, when anything else is running.
 """
@@ -31,6 +40,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -46,14 +56,43 @@ REPO = HERE.parent
 
 
 class ServerProcess:
-    """A server subprocess, its base URL, and how to stop it."""
+    """A server subprocess, its base URL, and how to stop it. Its output goes to files, not pipes: a
+    server that logs more than a pipe holds (llama-server logs every slot's work) would block on a
+    pipe nobody reads, and the files give the tail of its log when it fails."""
 
-    def __init__(self, name: str, cmd: list[str], url: str | None, env=None):
+    def __init__(self, name: str, cmd: list[str], url: str | None, logs: Path, env=None):
         self.name, self.cmd = name, cmd
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env)
+        stem = logs / name.replace(" ", "-")
+        self.stdout_path, self.stderr_path = stem.with_suffix(".out"), stem.with_suffix(".err")
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True, env=env)
         self.url = url
         self.info: dict = {}
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the server's stderr (its log), for error messages."""
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return text[-chars:].strip()
+
+    def failed(self, what: str) -> BitnetError:
+        code = self.proc.poll()
+        state = f"exited with {code}" if code is not None else "still running"
+        return BitnetError(f"{self.name} {what} ({state}); its log ends:\n{self.log_tail()}")
+
+    def first_line(self, timeout: float = 600) -> str:
+        """The first line the server prints on stdout (bitnet serve --json: its address and sizes)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            text = self.stdout_path.read_text()
+            if "\n" in text:
+                return text.split("\n", 1)[0]
+            if self.proc.poll() is not None:
+                raise self.failed("did not start")
+            time.sleep(0.1)
+        raise self.failed(f"printed nothing in {timeout:.0f} s")
 
     def rss_bytes(self) -> int | None:
         try:
@@ -68,14 +107,14 @@ class ServerProcess:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
-                raise BitnetError(f"{self.name} exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+                raise self.failed("did not become ready")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise BitnetError(f"{self.name} did not become ready in {timeout:.0f} s")
+        raise self.failed(f"did not become ready in {timeout:.0f} s")
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -87,15 +126,12 @@ class ServerProcess:
         return self.proc.returncode
 
 
-def start_ours(model: Path, args) -> ServerProcess:
+def start_ours(model: Path, args, parallel: int, logs: Path) -> ServerProcess:
     cmd = [sys.executable, "-m", "bitnet_cli.cli", "serve", str(model), "--port", "0", "--json",
-           "--threads", str(args.threads), "--parallel", str(args.parallel), "--ctx-size", str(args.ctx_size),
+           "--threads", str(args.threads), "--parallel", str(parallel), "--ctx-size", str(args.ctx_size),
            "--max-queue", str(max(args.streams) * 2)]
-    s = ServerProcess("bitnet serve", cmd, None)
-    line = s.proc.stdout.readline()
-    if not line:
-        raise BitnetError(f"bitnet serve did not start: {s.proc.stderr.read()[-2000:]}")
-    s.info = json.loads(line)
+    s = ServerProcess("bitnet serve" if parallel == args.parallel else f"bitnet serve {parallel} slot", cmd, None, logs)
+    s.info = json.loads(s.first_line())
     s.url = s.info["url"].removesuffix("/v1")
     s.wait_ready()
     return s
@@ -109,13 +145,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_llama(binary: str, gguf: Path, args) -> ServerProcess:
+def start_llama(binary: str, gguf: Path, args, logs: Path) -> ServerProcess:
     port = free_port()
     # llama-server divides -c among its slots: the same context per sequence as ours
     cmd = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
            "-tb", str(args.threads), "--parallel", str(args.parallel), "-c", str(args.ctx_size * args.parallel),
            "--cont-batching", "--no-warmup"]
-    s = ServerProcess("llama-server", cmd, f"http://127.0.0.1:{port}")
+    s = ServerProcess("llama-server", cmd, f"http://127.0.0.1:{port}", logs)
     s.wait_ready()
     return s
 
@@ -156,9 +192,10 @@ def one_request(client: httpx.Client, url: str, prompt: list[int], generate: int
     return {"sent": t0, "arrivals": arrivals, "tokens": len(arrivals) if tokens is None else tokens}
 
 
-def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -> dict:
+def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vocab: int, seed: int) -> dict:
+    prompt, generate = mix
     rng = np.random.default_rng(seed)
-    prompts = [[int(t) for t in rng.integers(2, vocab, args.prompt)] for _ in range(streams * args.requests)]
+    prompts = [[int(t) for t in rng.integers(2, vocab, prompt)] for _ in range(streams * args.requests)]
     results: list[list[dict]] = [[] for _ in range(streams)]
     errors: list[BaseException] = []
 
@@ -166,7 +203,7 @@ def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -
         try:
             with httpx.Client(timeout=None) as client:
                 for k in range(args.requests):
-                    results[i].append(one_request(client, url, prompts[i * args.requests + k], args.generate, model))
+                    results[i].append(one_request(client, url, prompts[i * args.requests + k], generate, model))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -190,45 +227,169 @@ def run_level(url: str, model: str, streams: int, args, vocab: int, seed: int) -
     return {"streams": streams, "requests": len(reqs), "generated_tokens": tokens, "wall_s": round(wall, 3),
             "tokens_per_s": round(tokens / wall, 2), "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
-            "short_requests": sum(r["tokens"] != args.generate for r in reqs)}
+            "short_requests": sum(r["tokens"] != generate for r in reqs)}
 
 
-def bench_server(server: ServerProcess, model: str, args, vocab: int) -> list[dict]:
+def warm_up(server: ServerProcess, model: str, prompt: int) -> None:
     print(f"{server.name}: warm-up", file=sys.stderr, flush=True)
-    with httpx.Client(timeout=None) as client:
-        one_request(client, server.url, list(range(2, 2 + args.prompt)), 4, model)
+    try:
+        with httpx.Client(timeout=None) as client:
+            one_request(client, server.url, list(range(2, 2 + prompt)), 4, model)
+    except (httpx.HTTPError, BitnetError) as e:
+        raise server.failed(f"failed its warm-up request: {type(e).__name__}: {e}") from None
+
+
+def bench_server(server: ServerProcess, model: str, mix: tuple[int, int], args, vocab: int) -> list[dict]:
     rows = []
     for level in args.streams:
-        row = run_level(server.url, model, level, args, vocab, seed=level)
+        try:
+            row = run_level(server.url, model, level, mix, args, vocab, seed=level)
+        except (httpx.HTTPError, BitnetError) as e:
+            raise server.failed(f"failed at {level} streams: {type(e).__name__}: {e}") from None
         row["rss_bytes"] = server.rss_bytes()
-        print(f"{server.name}: {level} streams: {row['tokens_per_s']} tok/s, TTFT p50 {row['ttft_ms_p50']} ms, "
-              f"ITL p50 {row['itl_ms_p50']} ms", file=sys.stderr, flush=True)
+        print(f"{server.name} {mix[0]}x{mix[1]}: {level} streams: {row['tokens_per_s']} tok/s, "
+              f"TTFT p50 {row['ttft_ms_p50']} ms, ITL p50 {row['itl_ms_p50']} ms", file=sys.stderr, flush=True)
         rows.append(row)
     return rows
+
+
+def engine_steps(packed: Path, args, vocab: int) -> dict:
+    """One batched decode step of M rows against one prefill chunk of M tokens, in this process: what
+    a step of the server's scheduler costs without HTTP, sampling or Python around it."""
+    from bitnet_cli.engine import Engine
+
+    n = max(args.steps)
+    fill = args.mixes[0][0]  # the positions every sequence has cached: the first mix's prompt
+    if fill + max(n, args.step_repeats + 1) > args.ctx_size:
+        raise BitnetError("the first mix's prompt + the largest --steps level must fit --ctx-size")
+    rng = np.random.default_rng(0)
+    print(f"engine steps: filling {n + 1} sequences with {fill} tokens", file=sys.stderr, flush=True)
+    with Engine.load(packed, threads=args.threads, ctx_size=args.ctx_size) as eng:
+        eng.set_sequences(n + 1)  # sequences 0..n-1 decode; sequence n takes the prefill chunks
+        seqs = [s for s in range(n + 1) for _ in range(fill)]
+        eng.forward_batch(rng.integers(2, vocab, len(seqs)), seqs, [p for _ in range(n + 1) for p in range(fill)],
+                          [False] * len(seqs))
+        rows = []
+        for m in args.steps:
+            tokens = rng.integers(2, vocab, m)
+            decode, prefill = [], []
+            for r in range(args.step_repeats + 1):  # the first round warms up, untimed
+                t0 = time.perf_counter()
+                eng.forward_batch(tokens, list(range(m)), [fill + r] * m, [True] * m)
+                t1 = time.perf_counter()
+                eng.forward_batch(tokens, [n] * m, list(range(fill, fill + m)), [False] * (m - 1) + [True])
+                t2 = time.perf_counter()
+                if r:
+                    decode.append(t1 - t0), prefill.append(t2 - t1)
+            d, p = float(np.median(decode)), float(np.median(prefill))
+            rows.append({"rows": m, "decode_step_ms": round(d * 1000, 2), "decode_tok_s": round(m / d, 2),
+                         "prefill_chunk_ms": round(p * 1000, 2), "prefill_tok_s": round(m / p, 2)})
+            print(f"engine steps: {m} rows: decode step {d * 1000:.1f} ms, prefill chunk {p * 1000:.1f} ms",
+                  file=sys.stderr, flush=True)
+    return {"cached_positions": fill, "repeats": args.step_repeats, "rows": rows}
+
+
+def slot_bytes(packed: Path, args, vocab: int, logs: Path) -> list[int | None]:
+    """RSS of a one-slot server after a warm-up and one request of each mix, one value per mix."""
+    server = start_ours(packed, args, 1, logs)
+    rss = []
+    try:
+        warm_up(server, server.info["model"], args.mixes[0][0])
+        with httpx.Client(timeout=None) as client:
+            for i, (prompt, generate) in enumerate(args.mixes):
+                one_request(client, server.url, list(range(2 + i, 2 + i + prompt)), generate, server.info["model"])
+                rss.append(server.rss_bytes())
+    finally:
+        server.stop()
+    return rss
+
+
+def run_servers(packed: Path, args, vocab: int, kv_token: int, results: dict) -> int:
+    """Every mix on our server (and llama-server's), into results["mixes"]; returns our KV bytes per slot."""
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        logs = Path(tmp)
+        one_slot = slot_bytes(packed, args, vocab, logs) if args.parallel > 1 else [None] * len(args.mixes)
+        ours = start_ours(packed, args, args.parallel, logs)
+        try:
+            model = ours.info["model"]
+            warm_up(ours, model, args.mixes[0][0])
+            for mix, rss1 in zip(results["mixes"], one_slot):
+                rows = mix["servers"]["bitnet serve"] = bench_server(ours, model, (mix["prompt"], mix["generate"]),
+                                                                     args, vocab)
+                mix["kv_bytes_used_per_slot"] = kv_token * (mix["prompt"] + mix["generate"])
+                if rss1 is not None and rows[-1]["rss_bytes"] is not None and max(args.streams) >= args.parallel:
+                    mix["bytes_per_slot"] = (rows[-1]["rss_bytes"] - rss1) // (args.parallel - 1)
+        finally:
+            ours.stop()
+        if args.llama_server:
+            theirs = None
+            try:
+                theirs = start_llama(args.llama_server, their_gguf(packed, args.fresh_gguf), args, logs)
+                warm_up(theirs, "any", args.mixes[0][0])
+                for mix in results["mixes"]:
+                    mix["servers"]["llama-server"] = bench_server(theirs, "any", (mix["prompt"], mix["generate"]),
+                                                                  args, vocab)
+            except BitnetError as e:  # their crash must not lose our figures
+                print(f"llama-server failed: {e}", file=sys.stderr, flush=True)
+                for mix in results["mixes"]:
+                    if "llama-server" not in mix["servers"]:
+                        mix["llama_server_error"] = str(e)
+            finally:
+                if theirs is not None:
+                    theirs.stop()
+    return ours.info["kv_bytes_per_slot"]
 
 
 def markdown(results: dict) -> str:
     m = results["meta"]
     lines = [f"# `bitnet serve` under load ({m['date']})", "",
-             f"Generated by `{m['command']}` on {m['machine']}. Model: {m['model']} ({m['embeddings']} head), "
-             f"{m['threads']} threads, --parallel {m['parallel']}, {m['ctx_size']}-token context per slot; "
-             f"each request: {m['prompt']} prompt tokens, {m['generate']} generated, greedy, "
-             f"{m['requests']} requests per stream. KV cache: {m['kv_bytes_per_slot']} bytes per slot "
-             f"({m['kv_bytes_per_token']} per token).", "",
-             "| server | streams | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | RSS MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, rows in results["servers"].items():
-        for r in rows:
-            rss = f"{r['rss_bytes'] / 1e6:.0f}" if r.get("rss_bytes") else "-"
-            lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} | {r['ttft_ms_p99']} "
-                         f"| {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rss} |")
-    ours = {r["streams"]: r["tokens_per_s"] for r in results["servers"].get("bitnet serve", [])}
-    if 1 in ours and ours[1]:
-        lines += ["", "Aggregate speed-up over one stream (bitnet serve): " +
-                  ", ".join(f"{s} streams {v / ours[1]:.2f}x" for s, v in ours.items() if s != 1)]
-    if "llama_server_error" in results:
-        lines += ["", f"llama-server failed during the run: {results['llama_server_error']}"]
+             f"Generated by `{m['command']}` on {m['machine']} (load average {m['load_average']} at the start). "
+             f"Model: {m['model']} ({m['embeddings']} head), {m['threads']} threads, --parallel {m['parallel']}, "
+             f"{m['ctx_size']}-token context per slot; {m['requests']} requests per stream, greedy. "
+             f"KV cache: {m['kv_bytes_per_token']} bytes per token"
+             + (f", {m['kv_bytes_per_slot']} per slot." if m["kv_bytes_per_slot"] else ".")]
+    for mix in (mix for mix in results["mixes"] if mix["servers"]):
+        lines += ["", f"## {mix['prompt']} prompt tokens, {mix['generate']} generated per request", "",
+                  "| server | streams | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | RSS MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, rows in mix["servers"].items():
+            for r in rows:
+                rss = f"{r['rss_bytes'] / 1e6:.0f}" if r.get("rss_bytes") else "-"
+                lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} "
+                             f"| {r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rss} |")
+        ours = {r["streams"]: r["tokens_per_s"] for r in mix["servers"].get("bitnet serve", [])}
+        if ours.get(1):
+            lines += ["", "Aggregate speed-up over one stream (bitnet serve): " +
+                      ", ".join(f"{s} streams {v / ours[1]:.2f}x" for s, v in ours.items() if s != 1)]
+        if mix.get("bytes_per_slot") is not None:
+            lines += ["", f"Memory: {mix['bytes_per_slot']} bytes per extra slot (RSS, {m['parallel']} slots after "
+                          f"{max(m['streams'])} streams against 1 slot after the same requests one at a time); the KV "
+                          f"cache of the {mix['prompt'] + mix['generate']} positions a request fills is "
+                          f"{mix['kv_bytes_used_per_slot']} bytes."]
+        if "llama_server_error" in mix:
+            lines += ["", f"llama-server failed during the run: {mix['llama_server_error']}"]
+    steps = results.get("engine_steps")
+    if steps:
+        lines += ["", f"## Engine steps (no HTTP; {steps['cached_positions']} positions cached per sequence, medians "
+                      f"of {steps['repeats']} interleaved rounds)", "",
+                  "| rows M | decode step ms | decode tok/s | x one-row step | prefill chunk ms | prefill tok/s |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        one = next((r["decode_step_ms"] for r in steps["rows"] if r["rows"] == 1), None)
+        for r in steps["rows"]:
+            x = f"{r['decode_step_ms'] / one:.2f}" if one else "-"
+            lines.append(f"| {r['rows']} | {r['decode_step_ms']} | {r['decode_tok_s']} | {x} | {r['prefill_chunk_ms']} "
+                         f"| {r['prefill_tok_s']} |")
     return "\n".join(lines) + "\n"
+
+
+def parse_mixes(text: str) -> list[tuple[int, int]]:
+    mixes = []
+    for item in text.split(","):
+        prompt, sep, generate = item.strip().partition("x")
+        if not (sep and prompt.isdigit() and generate.isdigit() and int(prompt) > 0 and int(generate) > 0):
+            raise BitnetError(f"--mix takes PROMPTxGENERATE items such as 128x64, got {item!r}")
+        mixes.append((int(prompt), int(generate)))
+    return mixes
 
 
 def main(argv: list[str]) -> int:
@@ -237,20 +398,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--shape", default="2b4t", help="synthetic model shape (bitnet_cli.arch presets)")
     p.add_argument("--embeddings", default="f16", help="head of the synthetic model: f16, int8 or q4")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--streams", default="1,4,8,16", help="concurrency levels, comma-separated")
+    p.add_argument("--streams", default="1,4,8,16", help="concurrency levels, comma-separated ('': the engine steps only)")
     p.add_argument("--parallel", type=int, help="server slots (default: the largest level)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request")
-    p.add_argument("--generate", type=int, default=64, help="generated tokens per request")
+    p.add_argument("--mix", default="128x64,32x256",
+                   help="request mixes PROMPTxGENERATE (prompt tokens x generated tokens), comma-separated")
     p.add_argument("--requests", type=int, default=2, help="requests per stream, one after another")
     p.add_argument("--ctx-size", type=int, default=1024, help="context per slot")
+    p.add_argument("--steps", default="1,4,8,16", help="rows of the engine-level decode steps ('' to skip)")
+    p.add_argument("--step-repeats", type=int, default=5, help="interleaved rounds of each engine step")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run side by side")
     p.add_argument("--fresh-gguf", action="store_true", help="export the GGUF for llama-server again")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args(argv)
-    args.streams = [int(s) for s in args.streams.split(",")]
-    args.parallel = args.parallel or max(args.streams)
-    if args.prompt + args.generate > args.ctx_size:
-        raise BitnetError("--prompt + --generate must fit --ctx-size")
+    args.streams = [int(s) for s in args.streams.split(",") if s.strip()]  # none: the engine steps only
+    args.steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    args.parallel = args.parallel or max(args.streams, default=1)
+    args.mixes = parse_mixes(args.mix)
+    if any(prompt + generate > args.ctx_size for prompt, generate in args.mixes):
+        raise BitnetError("every --mix's prompt + generated tokens must fit --ctx-size")
 
     if args.model:
         tgt = target.from_file(args.model)
@@ -258,30 +423,19 @@ def main(argv: list[str]) -> int:
         tgt = target.from_shape(args.shape, args.embeddings)
     packed = tgt.ensure_file(progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     vocab = int(tgt.config["vocab_size"])
-    results = {"servers": {}}
-    ours = start_ours(packed, args)
-    try:
-        model = ours.info["model"]
-        results["servers"]["bitnet serve"] = bench_server(ours, model, args, vocab)
-    finally:
-        ours.stop()
-    if args.llama_server:
-        theirs = start_llama(args.llama_server, their_gguf(packed, args.fresh_gguf), args)
-        try:
-            results["servers"]["llama-server"] = bench_server(theirs, "any", args, vocab)
-        except (httpx.HTTPError, BitnetError) as e:  # their crash must not lose our figures
-            results["llama_server_error"] = f"{type(e).__name__}: {e}"
-            print(f"llama-server failed: {results['llama_server_error']}", file=sys.stderr, flush=True)
-        finally:
-            theirs.stop()
     c = tgt.config
     kv_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 4
+    load = os.getloadavg()[0]
+    results: dict = {"mixes": [{"prompt": pr, "generate": g, "servers": {}} for pr, g in args.mixes]}
+    if args.steps:
+        results["engine_steps"] = engine_steps(packed, args, vocab)
+    kv_slot = run_servers(packed, args, vocab, kv_token, results) if args.streams else None
     results["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join([sys.argv[0], *argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
-        "model": tgt.name, "embeddings": tgt.embeddings, "threads": args.threads, "parallel": args.parallel,
-        "ctx_size": args.ctx_size, "prompt": args.prompt, "generate": args.generate, "requests": args.requests,
-        "kv_bytes_per_slot": ours.info["kv_bytes_per_slot"], "kv_bytes_per_token": kv_token,
+        "load_average": round(load, 2), "model": tgt.name, "embeddings": tgt.embeddings, "threads": args.threads,
+        "parallel": args.parallel, "ctx_size": args.ctx_size, "streams": args.streams, "requests": args.requests,
+        "kv_bytes_per_slot": kv_slot, "kv_bytes_per_token": kv_token,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -359,15 +359,22 @@ def test_lm_eval_local_completions_scores_like_bitnet_eval(server, packed, share
 
 
 def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
-    """benchmarks/serve_load.py on the small model: every level's streams get all their tokens."""
+    """benchmarks/serve_load.py on the small model: every level's streams get all their tokens, in
+    both mixes; the engine steps and the bytes per slot are measured."""
     r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--model", str(packed), "--threads", "1",
-                        "--prompt", "8", "--generate", "5", "--streams", "1,3", "--requests", "2", "--ctx-size", "64",
-                        "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                        "--mix", "8x5,3x9", "--streams", "1,3", "--requests", "2", "--ctx-size", "64",
+                        "--steps", "1,3", "--step-repeats", "2", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "serve_load.json").read_text())
-    rows = res["servers"]["bitnet serve"]
-    assert [row["streams"] for row in rows] == [1, 3]
-    assert [row["generated_tokens"] for row in rows] == [10, 30] and all(row["short_requests"] == 0 for row in rows)
+    assert [(m["prompt"], m["generate"]) for m in res["mixes"]] == [(8, 5), (3, 9)]
+    for mix, generate in zip(res["mixes"], (5, 9)):
+        rows = mix["servers"]["bitnet serve"]
+        assert [row["streams"] for row in rows] == [1, 3]
+        assert [row["generated_tokens"] for row in rows] == [2 * generate, 6 * generate]
+        assert all(row["short_requests"] == 0 for row in rows)
+        assert isinstance(mix["bytes_per_slot"], int)
     assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
-    assert "| bitnet serve | 3 |" in (tmp_path / "SERVE_LOAD.md").read_text()
+    assert [row["rows"] for row in res["engine_steps"]["rows"]] == [1, 3]
+    report = (tmp_path / "SERVE_LOAD.md").read_text()
+    assert "| bitnet serve | 3 |" in report and "## Engine steps" in report
