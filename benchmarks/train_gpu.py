@@ -4,6 +4,7 @@
     python benchmarks/train_gpu.py --recipe recipes/bitnet-b1.58-700m.yaml --variants int8,none \\
         --modes compile --set train.grad_accum=1 --steps 20
     python benchmarks/train_gpu.py --curve 300 --set train.grad_accum=1   # loss curves, int8 vs plain
+    python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
 ``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products), ``bitnet``
@@ -15,6 +16,10 @@ the GPU's dense bf16 peak, and each variant's step time over ``none``'s.
 ``--curve N`` trains ``int8`` and ``bitnet`` for N steps from the same seed and batches and
 reports how far apart their loss curves are (the GPU check that the fast path trains like the
 plain one).
+
+``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
+the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind
+of kernel (benchmarks/profile_step.py's kinds), the time the GPU sat idle, and the top kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +42,53 @@ VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on"],
 BUNDLED = ["data.files=[bundled:tinyshakespeare]", "data.tokenizer.vocab_size=8192", "data.val_fraction=0.05"]
 
 
-def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5) -> dict:
+def traced_steps(steps: int, record: dict):
+    """Patch the trainer's optimiser step so that steps ``steps // 2 - 2`` and ``- 1`` (logged in the
+    window that ends at ``steps // 2``, which the median leaves out) run under torch.profiler; their
+    summary goes into ``record``. Returns the function that undoes the patch."""
+    import torch
+    from profile_step import kernel_kind
+
+    from bitnet_cli.train import loop
+
+    original = loop._Run.train_step
+    traced = (steps // 2 - 2, steps // 2 - 1)
+    walls, kinds, kernels = [], {}, {}
+
+    def train_step(self, step, total):
+        if step not in traced:
+            return original(self, step, total)
+        # Without a GPU (a smoke test of this script) the CPU ops are traced instead, nested ones twice.
+        gpu = torch.cuda.is_available()
+        sync = torch.cuda.synchronize if gpu else (lambda: None)
+        sync()
+        activity = torch.profiler.ProfilerActivity.CUDA if gpu else torch.profiler.ProfilerActivity.CPU
+        with torch.profiler.profile(activities=[activity]) as prof:
+            t0 = time.perf_counter()
+            out = original(self, step, total)
+            sync()
+            walls.append(time.perf_counter() - t0)
+        for e in prof.key_averages():
+            us = e.device_time_total if gpu else e.self_cpu_time_total
+            if us > 0:
+                kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3
+                kernels[e.key] = kernels.get(e.key, 0.0) + us / 1e3
+        if len(walls) == len(traced):
+            n = len(walls)
+            wall, busy = 1e3 * sum(walls) / n, sum(kinds.values()) / n
+            record.update({"steps_traced": n, "wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2),
+                           "gpu_idle_ms": round(wall - busy, 2),
+                           "kinds_ms": {k: round(v / n, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                           "top_kernels_ms": [[k[:120], round(v / n, 3)] for k, v in
+                                              sorted(kernels.items(), key=lambda kv: -kv[1])[:25]]})
+        return out
+
+    loop._Run.train_step = train_step
+    return lambda: setattr(loop._Run, "train_step", original)
+
+
+def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5,
+        profile: bool = False) -> dict:
     from bitnet_cli.train import load_recipe, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
@@ -45,9 +96,15 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
                  "train.tokens=null", f"train.log_every={log_every}", "train.eval_every=100000",
                  "train.checkpoint_every=100000", "train.eval_batches=2", *extra]
     recipe = load_recipe(recipe_path, overrides)
+    traced: dict = {}
+    undo = traced_steps(steps, traced) if profile else None
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        res = train(recipe, out_dir=Path(d) / "run", progress=False)
+        try:
+            res = train(recipe, out_dir=Path(d) / "run", progress=False)
+        finally:
+            if undo:
+                undo()
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
     import torch
@@ -64,7 +121,7 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,
             "parameters": res.parameters, "final_loss": res.train_loss, "wall_s": round(wall, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
-            "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r]}
+            "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r], **({"profile": traced} if traced else {})}
 
 
 def main():
@@ -76,6 +133,7 @@ def main():
     ap.add_argument("--modes", default="eager,compile")
     ap.add_argument("--variants", default="int8,bitnet,none")
     ap.add_argument("--curve", type=int, default=0, help="train int8 and bitnet N steps and compare the losses")
+    ap.add_argument("--profile", action="store_true", help="trace two steps of each run (GPU time by kind)")
     args = ap.parse_args()
     import torch
 
@@ -102,11 +160,11 @@ def main():
     for compile_ in [m == "compile" for m in args.modes.split(",")]:
         for variant in args.variants.split(","):
             try:
-                r = run(recipe, variant, compile_, args.steps, args.set)
+                r = run(recipe, variant, compile_, args.steps, args.set, profile=args.profile)
             except Exception:
                 traceback.print_exc()
                 r = {"variant": variant, "compile": compile_, "error": traceback.format_exc(limit=3)}
-            print(json.dumps({k: v for k, v in r.items() if k != "losses"}), flush=True)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "profile")}), flush=True)
             results.append(r)
     by = {(r["variant"], r["compile"]): r for r in results if "error" not in r}
     print(f"\n{gpu}  {recipe.name}  steps={args.steps}  {' '.join(args.set)}")
@@ -116,6 +174,14 @@ def main():
         ratio = f"{r['step_s'] / base['step_s']:.3f}x" if base else "-"
         print(f"{'compile' if c else 'eager':8} {v:7} {r['batch_size']:>3}x{r['grad_accum']:<2} "
               f"{r['tokens_per_s']:>10,} {r['step_s']:>8.3f} {(r['mfu'] or 0):>6.1%} {ratio:>8}")
+    for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        if "profile" in r:
+            p = r["profile"]
+            print(f"\n{'compile' if c else 'eager'} {v}: traced step {p['wall_ms']:.1f} ms, GPU busy "
+                  f"{p['gpu_busy_ms']:.1f}, idle {p['gpu_idle_ms']:.1f}; " +
+                  ", ".join(f"{k} {ms:.1f}" for k, ms in p["kinds_ms"].items()))
+            for name, ms in p["top_kernels_ms"][:12]:
+                print(f"  {ms:8.3f} ms  {name[:100]}")
     Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set,
                                           "results": results}, indent=1))
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitnet_cli.arch import FAMILIES, ModelDims
+from bitnet_cli.arch import FAMILIES, LLAMA3_ROPE_KEYS, ModelDims
 from bitnet_cli.checkpoint import bitnet_convention, read_json, tensor_files
 from bitnet_cli.errors import BitnetError
 
@@ -296,14 +296,37 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype,
-                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("bitnet::rope_tables", mutates_args=())
+def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float],
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``(cos, sin)`` [seq_len, dim] of RoPE; ``llama3``: the scaling's numbers in the order of
+    bitnet_cli.arch.LLAMA3_ROPE_KEYS, or empty for the default RoPE (an op's arguments hold no dict).
+
+    An opaque op so that torch.compile keeps the two small tables as tensors. Written inline, the
+    compiled graph recomputed them inside every kernel that reads them, per element of q and k
+    (a float64 pow, a sin and a cos for each), forward and backward: on an H200 the kernel forming
+    the q/k/v gradient of the small recipe took ten times its memory traffic that way.
+    """
     from bitnet_cli.rope import inv_freq as rope_inv_freq  # transformers' fp32 inv_freq, bit for bit
 
+    scaling = dict(zip(LLAMA3_ROPE_KEYS, llama3), rope_type="llama3") if llama3 else None
     inv_freq = torch.from_numpy(rope_inv_freq(dim, theta, scaling)).to(device)
     freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos(), emb.sin()
+
+
+@_rope_tables.register_fake
+def _(seq_len, dim, theta, llama3, device):
+    return (torch.empty((seq_len, dim), dtype=torch.float32, device=device),
+            torch.empty((seq_len, dim), dtype=torch.float32, device=device))
+
+
+def rope_cos_sin(seq_len: int, dim: int, theta: float, device, dtype,
+                 scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    llama3 = [] if scaling is None else [float(scaling[k]) for k in LLAMA3_ROPE_KEYS]
+    cos, sin = _rope_tables(seq_len, dim, float(theta), llama3, torch.device(device))
+    return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

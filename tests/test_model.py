@@ -169,3 +169,22 @@ def test_bitlinear_straight_through_values_and_gradients():
     xq, wq = _quant_activation(x.detach()), _quant_weight(lin.weight.detach())
     assert torch.allclose(x.grad, g @ wq, atol=1e-6)
     assert torch.allclose(lin.weight.grad, g.reshape(-1, 8).T @ xq.reshape(-1, 24), atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}])
+def test_the_compiled_forward_is_one_graph_reading_the_rope_tables_of_one_op(scaling):
+    """torch.compile sees RoPE's cos/sin as the outputs of one opaque op (bitnet::rope_tables), which
+    inductor cannot recompute per element of q and k, and the model traces without a graph break."""
+    config = BitNetConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                          bos_token_id=None, eos_token_id=None, rope_scaling=scaling)
+    model = BitNetForCausalLM(config)
+    ids = _ids(50, (1, 24))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
+        explained = torch._dynamo.explain(lambda t: model(t))(ids)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    ops = (torch.ops.bitnet.rope_tables, torch.ops.bitnet.rope_tables.default)
+    calls = [n for g in explained.graphs for n in g.graph.nodes if n.target in ops]
+    assert len(calls) == 1

@@ -477,8 +477,9 @@ def _quantize_q6_k_unsliced(x):
 
 @pytest.mark.parametrize("slice_blocks", [1, 3, None])
 def test_q6_k_quantiser_slices_change_no_byte(monkeypatch, slice_blocks):
-    """quantize_q6_k goes through its rows in slices (whole blocks) with reused buffers: the
-    bytes are those of the all-at-once version, for any slice size, ragged last slice included."""
+    """quantize_q6_k goes through its rows in slices (whole blocks), transposed, with reused
+    buffers and its own float64 sums: the bytes are those of the all-at-once version, for any
+    slice size, ragged last slice included."""
     from bitnet_cli.gguf import quants
 
     if slice_blocks:
@@ -490,9 +491,22 @@ def test_q6_k_quantiser_slices_change_no_byte(monkeypatch, slice_blocks):
     x[2, 40] = -50.0  # a negative outlier sets its block's largest step
     x[3, 300:316] = np.float32(0.5)  # equal values: every candidate grid ties
     x[4] = np.round(x[4] * 64) / 64  # values on a coarse grid: exact halves under some candidate steps
+    x[5] *= np.exp(rng.uniform(-20, 8, 1024)).astype(np.float32)  # wide range: the fit's float64 sums round,
+    # so they are the reference's bits only when added in its order
     got = quants.quantize_q6_k(x)
     assert got.shape == (7, 4 * 210) and got.dtype == np.uint8
     np.testing.assert_array_equal(got, _quantize_q6_k_unsliced(x))
+
+
+def test_q6_k_fit_sums_add_in_numpys_order():
+    """The quantiser's float64 sums of 16 float32 products are numpy's own (sum(axis=1)) bit for
+    bit, on values whose sums round (in another order, about 40% of them differ in the last bit)."""
+    from bitnet_cli.gguf import quants
+
+    rng = np.random.default_rng(16)
+    t = (rng.standard_normal((16, 4096)) * np.exp(rng.uniform(-30, 30, (16, 4096)))).astype(np.float32)
+    rows = np.ascontiguousarray(t.T)  # [S, 16] in memory, as the reference quantiser's products are
+    np.testing.assert_array_equal(quants._sum16(t), rows.sum(axis=1, dtype=np.float64))
 
 
 @pytest.mark.parametrize("d_bits", [0x7C00, 0xFC00, 0x7E00])  # +inf, -inf, NaN

@@ -16,14 +16,18 @@ import triton.language as tl
 
 # Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-4096: 6-32 steps of
 # 128), where the pipeline's fill and the epilogue weigh most, so deeper pipelines and wide tiles
-# (fewer tiles, each reading A once per 256 columns) are offered beside the square ones.
+# (fewer tiles, each reading A once per 256 columns) are offered beside the square ones; 64-deep
+# K steps with five stages keep more loads in flight at the same shared memory (at most 192 KiB).
 _CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
     triton.Config({"BM": 128, "BN": 128, "BK": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=5),
+    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
@@ -91,4 +95,3 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     _int8_mm_kernel[grid](a, b, c, row_mul, row_mul if col_mul is None else col_mul, M, N, K,
                           a.stride(0), b.stride(0), c.stride(0), HAS_COL_MUL=col_mul is not None)
     return c
-
