@@ -217,6 +217,9 @@ def i2s_tail(scale: np.float32) -> np.ndarray:
 # ----------------------------------------------------------------------------- Q6_K (export of the head)
 
 
+_Q6_SLICE = 256  # blocks (256 KB of float32 input) per slice of quantize_q6_k
+
+
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     """float32 rows [R, K] (K a multiple of 256) -> Q6_K blocks, uint8 [R, K / 256 * 210].
 
@@ -230,15 +233,11 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     gigabytes each). Every value is computed per block, so slicing changes no byte.
     """
     x = np.asarray(x, dtype=F32)
-    r, k = x.shape
     flat = x.reshape(-1, 256)
     out = np.empty((len(flat), 210), dtype=np.uint8)
     for b0 in range(0, len(flat), _Q6_SLICE):
         out[b0:b0 + _Q6_SLICE] = _quantize_q6_k_blocks(flat[b0:b0 + _Q6_SLICE])
-    return out.reshape(r, -1)
-
-
-_Q6_SLICE = 256  # blocks (256 KB of float32 input) per slice of quantize_q6_k
+    return out.reshape(len(x), -1)
 
 
 def _quantize_q6_k_blocks(blocks: np.ndarray) -> np.ndarray:
