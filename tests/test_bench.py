@@ -249,6 +249,15 @@ def test_json_output_schema_and_consistency(tiny_results, tiny_model):
         assert r["ternary_ms"] == pytest.approx(1e3 * sum(k["seconds"]["median"] * k["per_token"] for k in gemvs))
     gemv = [r for r in res["kernels"] if r["tokens"] == 1]
     assert gemv and all("pct_of_bandwidth" in r for r in gemv)
+    # G MAC/s, and its share of the ISA's measured integer MAC peak times the threads
+    peaks = res["machine"]["mac_peak_gmacs"]
+    ternary = [r for r in res["kernels"] if r["impl"] == "ternary"]
+    assert set(peaks) == {r["backend"] for r in ternary} and all(p > 0 for p in peaks.values())
+    for r in ternary:
+        assert r["gmacs"]["median"] == pytest.approx(r["n"] * r["k"] * r["tokens"] / 1e9 / r["seconds"]["median"])
+        assert r["pct_of_peak"] == pytest.approx(100 * r["gmacs"]["median"] / (peaks[r["backend"]] * r["threads"]))
+    assert res["settings"]["isa"]["source"] in ("env", "rule", "cache", "autotune")
+    assert set(res["settings"]["isa"]["choice"]) == {"i2", "tq1"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.iterdir()] == ["bench.png"]  # no temp files left behind
 
@@ -395,8 +404,18 @@ def test_forced_isa_reaches_the_kernels(tiny_model, small_buffers, monkeypatch):
     result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "kernels", "--isa", "scalar",
                                  "--threads", "1", "--tokens", "1", "--repeat", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["kernels"]
-    assert {r["backend"] for r in rows if r["impl"] == "ternary"} == {"scalar"}
+    res = json.loads(result.stdout)
+    assert {r["backend"] for r in res["kernels"] if r["impl"] == "ternary"} == {"scalar"}
+    assert res["settings"]["isa"]["source"] == "option" and set(res["machine"]["mac_peak_gmacs"]) == {"scalar"}
+
+
+def test_kernel_table_reports_the_share_of_the_mac_peak(tiny_model, small_buffers, monkeypatch):
+    monkeypatch.setenv("BITNET_ISA", "scalar")
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "kernels", "--threads", "1",
+                                 "--tokens", "1", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    assert "GMAC/s" in result.output and "% pk" in result.output and "MAC peak" in result.output
+    assert "instruction set: scalar, chosen by $BITNET_ISA" in " ".join(result.output.split())
 
 
 def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):

@@ -14,7 +14,7 @@ import platform
 
 import numpy as np
 
-from bitnet_cli import __version__
+from bitnet_cli import __version__, kernels
 from bitnet_cli.bench import anchors, e2e, micro, roofline
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.target import Target, context_length, describe
@@ -50,12 +50,7 @@ def parse_sections(sections: str) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = kernels.cpu_model()
     try:
         from bitnet_cli.bench import kernels_api
 
@@ -88,7 +83,7 @@ def fit_to_context(prompts: list[int], generate: int, context: int) -> tuple[lis
 
 def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None) -> dict:
-    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the best)."""
+    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice)."""
     if repeat < 1:
         raise BitnetError(f"repeat must be at least 1, got {repeat}", param="repeat")
     if generate < 1:
@@ -100,7 +95,10 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         "machine": machine(),
         "model": describe(target) | {"bytes_per_token": per_token},
         "settings": {"threads": threads, "repeat": repeat, "sections": sections,
-                     "prompts": list(prompts), "generate": generate, "tokens": list(tokens)},
+                     "prompts": list(prompts), "generate": generate, "tokens": list(tokens),
+                     # which ISA runs what, and whether the option, $BITNET_ISA, the rule or the
+                     # autotune (or its cache) chose it
+                     "isa": kernels.isa_choice(isa)},
     }
     if clipped and "e2e" in sections:
         results["settings"]["clipped"] = clipped
@@ -109,6 +107,11 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
     if "kernels" in sections:
         results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress, isa=isa,
                                        ternary_layout=target.layout)
+        if progress:
+            progress("integer MAC peak")
+        results["machine"]["mac_peak_gmacs"] = {
+            name: kernels.mac_peak(name) / 1e9 for name in sorted({r["backend"] for r in results["kernels"]
+                                                                    if r["impl"] == "ternary"})}
     if "e2e" in sections:
         path = target.ensure_file(progress)
         results["model"]["file_bytes"] = path.stat().st_size
@@ -120,10 +123,14 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
 def summarize(results: dict, shape: str | None) -> dict:
     """Cross-section figures: percent of the roofline, and comparisons with the anchors."""
     bandwidth = {r["threads"]: r for r in results.get("roofline", [])}
+    peaks = results.get("machine", {}).get("mac_peak_gmacs", {})
     for row in results.get("kernels", []):
         if row["tokens"] == 1 and row["threads"] in bandwidth:
             bw = bandwidth[row["threads"]]["bandwidth_gbps"]["median"]
             row["pct_of_bandwidth"] = 100.0 * row["gbps"]["median"] / bw
+        if row["impl"] == "ternary" and row["backend"] in peaks:
+            # one thread's peak times the threads (more threads than cores overstate the peak)
+            row["pct_of_peak"] = 100.0 * row["gmacs"]["median"] / (peaks[row["backend"]] * row["threads"])
     decode = []
     for row in results.get("e2e", []):
         tg_name = f"tg{results['settings']['generate']}"
