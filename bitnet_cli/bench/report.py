@@ -50,6 +50,8 @@ def print_report(results: dict, console: Console) -> None:
         _time_per_token(results["summary"]["time_per_token"], console)
     if results["summary"].get("anchors"):
         _anchors(results["summary"]["anchors"], results["settings"], console)
+    if results["summary"].get("layouts"):
+        _layouts(results["summary"]["layouts"], console)
 
 
 ISA_SOURCES = {"option": "--isa", "env": "$BITNET_ISA", "rule": "the rule (the widest this CPU has)",
@@ -145,6 +147,40 @@ def _time_per_token(rows: list[dict], console: Console) -> None:
         console.print("[dim]* n/a: the kernels alone, timed with their weights streamed from DRAM, took longer than "
                       "the whole token in the engine (a model that stays in cache, or noise between the runs), so "
                       "the split cannot be estimated[/]", soft_wrap=True)
+
+
+def _layouts(comparison: dict, console: Console) -> None:
+    """The ternary layouts of one run side by side (`--layout i2,tq1`); x = the first layout's
+    time / this one's (above 1: this layout is faster)."""
+    first, others = comparison["layouts"][0], comparison["layouts"][1:]
+    rows = comparison["e2e"]
+    if rows:
+        tests = list(rows[0]["tokens_per_s"])
+        tg = next(t for t in tests if t.startswith("tg"))
+        table = Table(title=f"Ternary layouts end to end, tokens/s (x = {tg} against {first})")
+        for col in ("threads", "layout", "bytes/token", *tests, "% of ceiling", "x"):
+            table.add_column(col, justify="left" if col == "layout" else "right")
+        base = {r["threads"]: r for r in rows if r["layout"] == first}
+        for r in rows:
+            ref = base.get(r["threads"])
+            table.add_row(str(r["threads"]), r["layout"], fmt_bytes(r["bytes_per_token"]),
+                          *(f"{r['tokens_per_s'][t]:.1f}" for t in tests),
+                          _pct(r["pct_of_ceiling"]) if "pct_of_ceiling" in r else "-",
+                          f"{r['tokens_per_s'][tg] / ref['tokens_per_s'][tg]:.2f}" if ref else "-")
+        console.print(table)
+    if comparison["kernels"]:
+        table = Table(title=f"Ternary layouts per weight shape, us per call (x = {first}'s time / the layout's)",
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for col in ("N x K", "used by", "tok", "thr", *(f"{l} us" for l in comparison["layouts"]),
+                    *(f"{l} x" for l in others)):
+            table.add_column(col, justify="left" if col == "used by" else "right", no_wrap=True)
+        for g in comparison["kernels"]:
+            sec = g["seconds"]
+            table.add_row(f"{g['n']}x{g['k']}", ",".join(p.removesuffix("_proj") for p in g["used_by"]),
+                          str(g["tokens"]), str(g["threads"]),
+                          *(f"{sec[l] * 1e6:,.0f}" if l in sec else "-" for l in comparison["layouts"]),
+                          *(f"{sec[first] / sec[l]:.2f}" if first in sec and l in sec else "-" for l in others))
+        console.print(table)
 
 
 def anchor_label(row: dict) -> str:
