@@ -366,15 +366,21 @@ _peaks: dict[str, float] = {}
 
 def mac_peak(isa: str) -> float:
     """Integer multiply-accumulates per second one thread sustains with `isa`'s 8-bit multiply-add
-    (kernels/peak.c): the best of PEAK_RUNS runs of about PEAK_SAMPLE_S each, after one that sets
-    the length (a peak is what the core can do: slower runs met other load). Measured once per
-    process and ISA."""
+    (kernels/peak.c): the best of PEAK_RUNS runs of about PEAK_SAMPLE_S each, after shorter ones
+    that set the length (a peak is what the core can do: slower runs met other load). Measured
+    once per process and ISA."""
     if isa not in _peaks:
         _, L = lib()
         isa_id = ISAS[_checked(isa)]
-        iters, t0 = 1 << 10, time.perf_counter()
-        while L.bn_mac_peak(isa_id, iters) > 0 and time.perf_counter() - t0 < PEAK_SAMPLE_S / 4:
-            iters, t0 = iters * 4, time.perf_counter()
+        iters = 1 << 10
+        while True:
+            t0 = time.perf_counter()
+            L.bn_mac_peak(isa_id, iters)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= PEAK_SAMPLE_S / 4:
+                break
+            iters *= 4
+        iters = max(1, int(iters * PEAK_SAMPLE_S / elapsed))
         runs = [L.bn_mac_peak(isa_id, iters) for _ in range(PEAK_RUNS)]
         if not all(np.isfinite(runs)) or min(runs) <= 0:
             raise BitnetError(f"the {isa} MAC peak could not be measured (got {runs})")
