@@ -18,8 +18,9 @@ on a model-sized matrix, per ternary layout, for a fraction of a second, and the
 is kept (kernels/dispatch.c's BN_ISA_TUNED runs the two choices side by side) and cached in the
 cache dir under a key of the CPU model, its ISAs and the package version, so later processes read
 it. ``BITNET_AUTOTUNE=0`` turns the autotune off (reproducible runs): then the rule of
-``best_isa()`` decides, as it also does when the CPU has only one candidate. Every ISA computes
-the same bits, so the choice changes speed only.
+``best_isa()`` decides, as it also does when the CPU has only one candidate. The autotune only
+moves the ternary products, which every ISA computes bit for bit alike; the head, glue and
+attention stay the rule's, so the logits do not depend on its choice.
 """
 
 from __future__ import annotations
@@ -97,15 +98,17 @@ def best_isa() -> str:
 
 def resolve_isa(name: str | None = None) -> int:
     """The ISA id for `name`, else $BITNET_ISA, else the autotune's choice (module docstring):
-    an ISAS value, or BN_ISA_TUNED when the choice differs between operations. Errors name the
+    an ISAS value, or BN_ISA_TUNED when the autotune chose other than the rule. Errors name the
     choices."""
     name = name or os.environ.get("BITNET_ISA")
     if name:
         return ISAS[_checked(name)]
     choice = _default_choice()
     picked = {op_isa for ops in choice["choice"].values() for op_isa in ops.values()}
-    if len(picked) == 1:
-        return ISAS[picked.pop()]
+    if picked == {best_isa()}:
+        return ISAS[best_isa()]
+    # the tuned path even when one ISA won everything: it keeps the rule's head, whose float
+    # summation order may differ from the winner's, so the logits are the rule's bit for bit
     _, L = lib()
     return L.BN_ISA_TUNED
 

@@ -140,7 +140,7 @@ def test_an_unwritable_cache_is_a_note_not_an_error(fresh_choice, tmp_path, monk
     assert kernels.isa_choice()["source"] == "autotune" and "could not be cached" in capfd.readouterr().err
 
 
-def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fresh_choice, monkeypatch):
+def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fresh_choice, monkeypatch, tmp_path):
     """Timings where the scalar GEMV and the SIMD GEMM win: BN_ISA_TUNED runs them side by side,
     and every product equals the scalar reference."""
     best = kernels.best_isa()
@@ -162,9 +162,39 @@ def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fr
             xq, _, xsum = kernels.quantize(rng.standard_normal((m, k), dtype=np.float32), isa="scalar")
             want = kernels.gemm(w, xq, xsum, isa="scalar", layout=layout)
             np.testing.assert_array_equal(kernels.gemm(w, xq, xsum, layout=layout), want)
+    # one ISA other than the rule's winning everything still runs on the tuned path (the rule's head)
+    forget_choice(monkeypatch)
+    for path in cache_files(tmp_path):
+        path.unlink()
+    slow_best = {layout: {op: {"scalar": 1.0, best: 2.0} for op in ("gemv", "gemm")} for layout in ("i2", "tq1")}
+    monkeypatch.setattr(kernels, "measure_isas", lambda cands: slow_best)
+    assert kernels.resolve_isa() == L.BN_ISA_TUNED and kernels.isa_name(L.BN_ISA_TUNED, "i2") == "scalar"
     # a margin: the rule's ISA stays unless another is clearly faster
     near = {layout: {op: {"scalar": 0.99, best: 1.0} for op in ("gemv", "gemm")} for layout in ("i2", "tq1")}
     assert kernels._fastest(near) == {layout: {"gemv": best, "gemm": best} for layout in ("i2", "tq1")}
+
+
+def test_the_engine_on_a_split_choice_gives_the_same_logits(fresh_choice, monkeypatch, tmp_path):
+    """GEMV on the best ISA, GEMM on the scalar one: the logits of the best ISA alone, bit for bit
+    (the tuned path keeps the best ISA's head, whose float summation order is its own)."""
+    best = kernels.best_isa()
+    if best == "scalar":
+        pytest.skip("no SIMD path on this CPU")
+    from bitnet_cli.bench import target
+    from bitnet_cli.engine import Engine
+
+    fake = {layout: {"gemv": {"scalar": 2.0, best: 1.0}, "gemm": {"scalar": 1.0, best: 2.0}}
+            for layout in ("i2", "tq1")}
+    monkeypatch.setattr(kernels, "measure_isas", lambda cands: fake)
+    path = target.from_shape("tiny", "f16", tmp_path / "synthetic").ensure_file()
+    ids = [5, 17, 99, 3, 250, 42]
+    with Engine.load(path, threads=2, isa=best) as eng:
+        want = eng.forward(ids[:4], n_past=0, all_logits=True), eng.forward(ids[4:5], n_past=4)
+    with Engine.load(path, threads=2) as eng:
+        assert eng.isa == f"{best}/scalar"  # GEMV on the SIMD path, GEMM on the scalar one
+        got = eng.forward(ids[:4], n_past=0, all_logits=True), eng.forward(ids[4:5], n_past=4)
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(w, g)
 
 
 def test_tuning_refuses_bad_arguments():
