@@ -251,7 +251,8 @@ def merge_runs(runs: list[dict]) -> dict:
 
 
 def plot_scaling(results: dict, out: Path) -> Path:
-    """pp and tg tokens/s against threads, ours (solid) and theirs (dashed) per pair, min-max bars."""
+    """pp and tg tokens/s against threads, ours (solid, filled dots) and theirs (dashed, open squares:
+    a legend shows the marker, not the dash) per pair, min-max bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -264,12 +265,13 @@ def plot_scaling(results: dict, out: Path) -> Path:
         for i, pair in enumerate(dict.fromkeys(r["pair"] for r in rows)):
             mine = sorted((r for r in rows if r["pair"] == pair), key=lambda r: r["threads"])
             xs = [r["threads"] for r in mine]
-            for side, style, label in (("ours", "-", "bitnet-cli"), ("theirs", "--", theirs)):
+            for side, style, marker, label in (("ours", "-", "o", "bitnet-cli"), ("theirs", "--", "s", theirs)):
                 stats = [r[f"{side}_{test}"] for r in mine]
                 ys = [st["median"] for st in stats]
                 ax.errorbar(xs, ys, yerr=[[y - st["min"] for y, st in zip(ys, stats)],
                                           [st["max"] - y for y, st in zip(ys, stats)]],
-                            ls=style, marker="o", capsize=3, color=f"C{i}", label=f"{label}, {pair}")
+                            ls=style, marker=marker, mfc="none" if side == "theirs" else None, capsize=3,
+                            color=f"C{i}", label=f"{label}, {pair}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(s["threads"], [str(t) for t in s["threads"]])
         ax.set(title=f"{test} (median of {s['rounds']} rounds)", xlabel="threads", ylabel="tokens/s")
