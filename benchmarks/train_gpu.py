@@ -4,6 +4,8 @@
     python benchmarks/train_gpu.py --recipe recipes/bitnet-b1.58-700m.yaml --variants int8,none \\
         --modes compile --set train.grad_accum=1 --steps 20
     python benchmarks/train_gpu.py --curve 300 --set train.grad_accum=1   # loss curves, int8 vs plain
+    python benchmarks/train_gpu.py --curve 1200 --parallel --set train.grad_accum=1 \\
+        --set 'data.files=[/data/gutenberg_books.jsonl.gz]' --set train.eval_batches=20
     python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
@@ -11,11 +13,17 @@ Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for eac
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
 and ``none`` (the same architecture in full precision, ``quant: none``). It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
-the GPU's dense bf16 peak, and each variant's step time over ``none``'s.
+the GPU's dense bf16 peak, and each variant's step time over ``none``'s. No run saves its final
+checkpoint, and a timing run does not evaluate either (at the paper shapes that is minutes of
+writing and compiling that the figures leave out anyway); the JSON is rewritten after each run,
+so a run cut off by a time limit keeps the ones before it, and ``--run-dir`` keeps each run's
+directory (its metrics.jsonl row by row).
 
 ``--curve N`` trains ``int8`` and ``bitnet`` for N steps from the same seed and batches and
-reports how far apart their loss curves are (the GPU check that the fast path trains like the
-plain one).
+reports how far apart their loss curves are over the first ``--check`` steps (300) and over the
+whole run, and the final train and validation losses (the GPU check that the fast path trains
+like the plain one). ``--parallel`` trains the two side by side on the one GPU (the curves do
+not depend on speed), in about half the wall time.
 
 ``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
 the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind
@@ -88,8 +96,10 @@ def traced_steps(steps: int, record: dict):
 
 
 def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5,
-        profile: bool = False) -> dict:
-    from bitnet_cli.train import load_recipe, train
+        profile: bool = False, timing: bool = True, run_dir: str | None = None) -> dict:
+    """One training run of ``variant`` (no final checkpoint); ``timing``: no final evaluation either;
+    ``run_dir``: where the run's directory goes (default: a temporary one, removed)."""
+    from bitnet_cli.train import load_recipe, loop, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
     overrides = [*BUNDLED, *VARIANTS[variant], f"train.compile={str(compile_).lower()}", f"train.steps={steps}",
@@ -98,15 +108,21 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     recipe = load_recipe(recipe_path, overrides)
     traced: dict = {}
     undo = traced_steps(steps, traced) if profile else None
+    saved = loop._Run.save, loop._Run.evaluate
+    loop._Run.save = lambda self, target, step, seconds: None
+    if timing:
+        loop._Run.evaluate = lambda self: float("nan")
     with tempfile.TemporaryDirectory() as d:
+        out_dir = Path(run_dir or d) / f"{recipe_path.stem}-{variant}-{'compile' if compile_ else 'eager'}"
         t0 = time.perf_counter()
         try:
-            res = train(recipe, out_dir=Path(d) / "run", progress=False)
+            res = train(recipe, out_dir=out_dir, progress=False)
         finally:
+            loop._Run.save, loop._Run.evaluate = saved
             if undo:
                 undo()
         wall = time.perf_counter() - t0
-        rows = [json.loads(x) for x in (Path(d) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     import torch
 
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 2]
@@ -119,7 +135,8 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
             "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
             "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,
-            "parameters": res.parameters, "final_loss": res.train_loss, "wall_s": round(wall, 1),
+            "parameters": res.parameters, "final_loss": res.train_loss,
+            **({} if timing else {"val_loss": res.val_loss}), "wall_s": round(wall, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
             "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r], **({"profile": traced} if traced else {})}
 
@@ -133,6 +150,9 @@ def main():
     ap.add_argument("--modes", default="eager,compile")
     ap.add_argument("--variants", default="int8,bitnet,none")
     ap.add_argument("--curve", type=int, default=0, help="train int8 and bitnet N steps and compare the losses")
+    ap.add_argument("--check", type=int, default=300, help="--curve: also compare the first CHECK steps")
+    ap.add_argument("--parallel", action="store_true", help="--curve: train the two side by side")
+    ap.add_argument("--run-dir", help="keep the runs' directories here (default: temporary)")
     ap.add_argument("--profile", action="store_true", help="trace two steps of each run (GPU time by kind)")
     args = ap.parse_args()
     import torch
@@ -140,32 +160,21 @@ def main():
     recipe = Path(args.recipe)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if args.curve:
-        a, b = (run(recipe, v, True, args.curve, args.set, log_every=10) for v in ("int8", "bitnet"))
-        la, lb = dict(map(tuple, a["losses"])), dict(map(tuple, b["losses"]))
-        diffs = [abs(la[s] - lb[s]) for s in sorted(la) if s in lb]
-        late = [abs(la[s] - lb[s]) for s in sorted(la) if s in lb and s > args.curve // 2]
-        out = {"gpu": gpu, "recipe": recipe.name, "steps": args.curve, "overrides": args.set,
-               "int8": a["losses"], "bitnet": b["losses"], "final_int8": a["final_loss"],
-               "final_bitnet": b["final_loss"], "max_abs_diff": max(diffs),
-               "mean_abs_diff_second_half": statistics.mean(late)}
-        Path(args.out).write_text(json.dumps(out, indent=1))
-        print(f"\n{gpu}  {recipe.name}  {args.curve} steps  {' '.join(args.set)}")
-        for (s, x), (_, y) in zip(a["losses"], b["losses"]):
-            print(f"step {s:5d}  int8 {x:.4f}  bitnet {y:.4f}  diff {x - y:+.4f}")
-        print(f"final loss int8 {a['final_loss']:.4f}  bitnet {b['final_loss']:.4f}  "
-              f"max |diff| {max(diffs):.4f}  mean |diff| (2nd half) {statistics.mean(late):.4f}")
+        curve(recipe, gpu, args)
         return
 
     results = []
     for compile_ in [m == "compile" for m in args.modes.split(",")]:
         for variant in args.variants.split(","):
             try:
-                r = run(recipe, variant, compile_, args.steps, args.set, profile=args.profile)
+                r = run(recipe, variant, compile_, args.steps, args.set, profile=args.profile, run_dir=args.run_dir)
             except Exception:
                 traceback.print_exc()
                 r = {"variant": variant, "compile": compile_, "error": traceback.format_exc(limit=3)}
             print(json.dumps({k: v for k, v in r.items() if k not in ("losses", "profile")}), flush=True)
             results.append(r)
+            Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set,
+                                                  "results": results}, indent=1))
     by = {(r["variant"], r["compile"]): r for r in results if "error" not in r}
     print(f"\n{gpu}  {recipe.name}  steps={args.steps}  {' '.join(args.set)}")
     print(f"{'mode':8} {'variant':7} {'batch':>6} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'vs none':>8}")
@@ -182,8 +191,49 @@ def main():
                   ", ".join(f"{k} {ms:.1f}" for k, ms in p["kinds_ms"].items()))
             for name, ms in p["top_kernels_ms"][:12]:
                 print(f"  {ms:8.3f} ms  {name[:100]}")
-    Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set,
-                                          "results": results}, indent=1))
+
+
+def _curve_run(job: tuple) -> dict:
+    recipe, variant, steps, extra, run_dir = job
+    return run(recipe, variant, True, steps, extra, log_every=10, timing=False, run_dir=run_dir)
+
+
+def curve(recipe: Path, gpu: str, args) -> None:
+    """``--curve``: int8 against the plain path (``bitnet``), same seed and batches."""
+    jobs = [(recipe, v, args.curve, args.set, args.run_dir) for v in ("int8", "bitnet")]
+    if args.parallel:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(2) as pool:  # CUDA needs fresh processes
+            a, b = pool.map(_curve_run, jobs)
+    else:
+        a, b = map(_curve_run, jobs)
+    la, lb = dict(map(tuple, a["losses"])), dict(map(tuple, b["losses"]))
+    common = [s for s in sorted(la) if s in lb]
+
+    def diffs(steps):
+        return [abs(la[s] - lb[s]) for s in steps] or [float("nan")]
+
+    early = diffs([s for s in common if s <= args.check])
+    late = diffs([s for s in common if s > args.curve // 2])
+    tail = [s for s in common if s > args.curve - 100]  # the last 100 steps: less noise than one step's loss
+    out = {"gpu": gpu, "recipe": recipe.name, "steps": args.curve, "overrides": args.set,
+           "int8": a["losses"], "bitnet": b["losses"],
+           **{f"{k}_{v}": r[k] for v, r in (("int8", a), ("bitnet", b)) for k in ("final_loss", "val_loss", "wall_s")},
+           "max_abs_diff": max(diffs(common)), f"max_abs_diff_first_{args.check}": max(early),
+           f"mean_abs_diff_first_{args.check}": statistics.mean(early), "mean_abs_diff_second_half": statistics.mean(late),
+           "last100_mean_int8": statistics.mean(la[s] for s in tail),
+           "last100_mean_bitnet": statistics.mean(lb[s] for s in tail),
+           "val_loss_diff": a["val_loss"] - b["val_loss"]}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"\n{gpu}  {recipe.name}  {args.curve} steps  {' '.join(args.set)}")
+    for s in common:
+        print(f"step {s:5d}  int8 {la[s]:.4f}  bitnet {lb[s]:.4f}  diff {la[s] - lb[s]:+.4f}")
+    print(f"first {args.check} steps: max |diff| {max(early):.4f}, mean {statistics.mean(early):.4f}; "
+          f"whole run: max {max(diffs(common)):.4f}, mean (2nd half) {statistics.mean(late):.4f}")
+    print(f"final train loss int8 {a['final_loss']:.4f}  bitnet {b['final_loss']:.4f}; mean of the last 100 steps "
+          f"{out['last100_mean_int8']:.4f} / {out['last100_mean_bitnet']:.4f}; val loss {a['val_loss']:.4f} / "
+          f"{b['val_loss']:.4f} (diff {out['val_loss_diff']:+.4f})")
 
 
 if __name__ == "__main__":
