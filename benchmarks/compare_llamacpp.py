@@ -18,7 +18,13 @@ Each round runs, per thread count and pair, one llama-bench (`-p 128 -n 64 -r 1`
 e2e workers (pp128, tg64), so drift in the machine's load hits both sides alike; the memory-read
 bandwidth is measured before every pair too. Figures are medians over the rounds (min-max beside).
 Writes COMPARE.md and compare.json (COMPARE_BITNETCPP.md and compare_bitnetcpp.json for bitnet.cpp)
-next to this script (or --out). Run it on an idle machine.
+next to this script (or --out), and with --plot PNG the thread scaling of both sides (pp128, tg64 per
+pair). Run it on an idle machine.
+
+    python benchmarks/compare_llamacpp.py --render t16.json t8.json t2.json --out DIR --plot DIR/scaling.png
+
+merges runs of other thread counts (one run per thread count keeps each finished count's figures when
+a time limit stops the next one) into one report and JSON, and plots them.
 """
 
 from __future__ import annotations
@@ -217,6 +223,68 @@ def markdown(results: dict, command: str, note: str | None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One report's results from runs of the same runtime and pairs at other thread counts: rows and
+    bandwidths side by side; per-run facts (command, date, load) joined in run order."""
+    first = runs[0]
+    for r in runs[1:]:
+        if r.get("runtime") != first.get("runtime") or r["settings"]["rounds"] != first["settings"]["rounds"]:
+            raise BitnetError("--render: the runs differ in runtime or rounds; merge only runs of one race")
+    seen = [(row["pair"], row["threads"]) for r in runs for row in r["rows"]]
+    if len(seen) != len(set(seen)):
+        raise BitnetError("--render: two runs measured the same pair at the same thread count")
+    pairs = list(dict.fromkeys(row["pair"] for r in runs for row in r["rows"]))
+    threads = sorted({th for r in runs for th in r["settings"]["threads"]})
+    machine = dict(first["machine"])
+    for key in ("date", "load_average", "load_average_end"):
+        machine[key] = " / ".join(str(r["machine"][key]) for r in runs)
+    busy = [r["machine"].get("cpu_busy_before") for r in runs]
+    machine["cpu_busy_before"] = None if None in busy else max(busy)
+    return first | {
+        "machine": machine, "settings": first["settings"] | {"threads": threads},
+        "command": " ; ".join(r["command"] for r in runs),
+        "bandwidth_gbps": dict(sorted(((t, bw) for r in runs for t, bw in r["bandwidth_gbps"].items()),
+                                      key=lambda item: int(item[0]))),
+        "rows": sorted((row for r in runs for row in r["rows"]), key=lambda row: (pairs.index(row["pair"]),
+                                                                                   row["threads"])),
+    }
+
+
+def plot_scaling(results: dict, out: Path) -> Path:
+    """pp and tg tokens/s against threads, ours (solid, filled dots) and theirs (dashed, open squares:
+    a legend shows the marker, not the dash) per pair, min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, rows = results["settings"], results["rows"]
+    theirs = results.get("runtime", "llama.cpp")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, test in zip(axes, (f"pp{s['prompt']}", f"tg{s['generate']}")):
+        for i, pair in enumerate(dict.fromkeys(r["pair"] for r in rows)):
+            mine = sorted((r for r in rows if r["pair"] == pair), key=lambda r: r["threads"])
+            xs = [r["threads"] for r in mine]
+            for side, style, marker, label in (("ours", "-", "o", "bitnet-cli"), ("theirs", "--", "s", theirs)):
+                stats = [r[f"{side}_{test}"] for r in mine]
+                ys = [st["median"] for st in stats]
+                ax.errorbar(xs, ys, yerr=[[y - st["min"] for y, st in zip(ys, stats)],
+                                          [st["max"] - y for y, st in zip(ys, stats)]],
+                            ls=style, marker=marker, mfc="none" if side == "theirs" else None, capsize=3,
+                            color=f"C{i}", label=f"{label}, {pair}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(s["threads"], [str(t) for t in s["threads"]])
+        ax.set(title=f"{test} (median of {s['rounds']} rounds)", xlabel="threads", ylabel="tokens/s")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bitnet-cli vs {theirs}: {results['machine']['cpu']}, 2B4T shape", fontsize=10)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runtime", choices=sorted(RUNTIMES), default="llama.cpp", help="the runtime to race")
@@ -228,13 +296,30 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--out", type=Path, default=HERE)
     parser.add_argument("--note", help="a remark printed under the header, e.g. how busy the machine was")
-    parser.add_argument("--render", type=Path, help="only rewrite the report from its .json (no measuring)")
+    parser.add_argument("--render", type=Path, nargs="+", help="only rewrite the report from its .json, or "
+                        "merge the .json of runs at other thread counts into one (no measuring)")
+    parser.add_argument("--plot", type=Path, help="also write a PNG of the thread scaling, both sides")
     args = parser.parse_args(argv)
+    if not args.out.is_dir():
+        raise BitnetError(f"--out {args.out}: not a directory")
+    if args.plot and not args.plot.parent.is_dir():
+        raise BitnetError(f"--plot {args.plot}: directory {args.plot.parent} does not exist")
     if args.render:
-        results = json.loads(args.render.read_text())
-        report = args.out / f"{RUNTIMES[results.get('runtime', 'llama.cpp')].report.upper()}.md"
+        runs = []
+        for path in args.render:
+            try:
+                runs.append(json.loads(path.read_text()))
+            except (OSError, ValueError) as e:
+                raise BitnetError(f"--render {path}: {e}") from None
+        results = merge_runs(runs) if len(runs) > 1 else runs[0]
+        stem = RUNTIMES[results.get("runtime", "llama.cpp")].report
+        report = args.out / f"{stem.upper()}.md"
         report.write_text(markdown(results, results["command"], args.note))
-        print(f"wrote {report}")
+        if len(runs) > 1:
+            (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        if args.plot:
+            plot_scaling(results, args.plot)
+        print(f"wrote {report}" + (f" and {args.plot}" if args.plot else ""))
         return 0
     if not args.llama_bench:
         raise BitnetError("--llama-bench PATH is required (or --render REPORT.json)")
@@ -244,8 +329,6 @@ def main(argv: list[str]) -> int:
         known = [pair[0] for pair in RUNTIMES[args.runtime].pairs]
         if not args.pairs or set(args.pairs) - set(known):
             raise BitnetError(f"--pairs: {args.runtime}'s pairs are {', '.join(map(repr, known))}")
-    if not args.out.is_dir():
-        raise BitnetError(f"--out {args.out}: not a directory")
     if args.repeat < 1:
         raise BitnetError(f"--repeat must be at least 1, got {args.repeat}")
     for tool in (args.llama_bench, args.llama_quantize):
@@ -256,7 +339,9 @@ def main(argv: list[str]) -> int:
     stem = RUNTIMES[args.runtime].report
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     (args.out / f"{stem.upper()}.md").write_text(markdown(results, command, args.note))
-    print(f"wrote {args.out / f'{stem.upper()}.md'} and {stem}.json")
+    if args.plot:
+        plot_scaling(results, args.plot)
+    print(f"wrote {args.out / f'{stem.upper()}.md'} and {stem}.json" + (f" and {args.plot}" if args.plot else ""))
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from bitnet_cli.bench import e2e, suite, target
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.plot import plot
-from bitnet_cli.bench.report import anchor_label, paired_kernels
+from bitnet_cli.bench.report import anchor_label, isa_summary, paired_kernels
 from bitnet_cli.errors import run_script
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +46,7 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
         f"- Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, kernel ISAs {', '.join(m['isas'])}; "
         f"{m['platform']}; Python {m['python']}, numpy {m['numpy']}, bitnet-cli {m['bitnet_cli']}; "
         f"load average at start {m.get('load_average') or 'not recorded'}",
+        *([f"- Instruction set: {isa_summary(s['isa'], model.get('layout', 'i2'))}"] if "isa" in s else []),
         f"- Model: {model['name']} ({model['embeddings']} embeddings/head), "
         f"file {model.get('file_bytes', 0) / 1e6:,.0f} MB; bytes streamed per decoded token "
         f"{per_token['total'] / 1e6:,.0f} MB (ternary {per_token['ternary'] / 1e6:,.0f}, head "
@@ -105,14 +106,21 @@ def markdown(results: dict, command: str, plot_name: str | None = None, note: st
         def cells(row, keys):
             return [_stat(row[k]) if row else "-" for k in keys]
 
+        peaks = ", ".join(f"{isa} {g:.1f} G MAC/s" for isa, g in m.get("mac_peak_gmacs", {}).items()) or "not measured"
+
         parts += ["## Kernels per weight shape", "Weights are rotated over >256 MB of copies, so every call "
                   "streams them from DRAM. GB/s counts weight bytes; GOPS counts 2 x N x K x tokens; "
-                  "% of bw is the decode GEMV's weight GB/s over the measured read bandwidth.", _table(
+                  "% of bw is the decode GEMV's weight GB/s over the measured read bandwidth; % of peak is "
+                  "G MAC/s (N x K x tokens) over the ISA's integer MAC peak, measured on one thread "
+                  f"({peaks}), times the threads.", _table(
             ["N x K", "used by", "tokens", "threads", "ternary us", "ternary GB/s", "ternary GOPS", "% of bw",
+             "G MAC/s", "% of peak",
              "int8 us", "int8 GB/s", "ternary vs int8", "f32 BLAS us", "f32 GB/s", "ternary vs f32"],
             [[f"{g['n']} x {g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"]),
               f"{g['ternary']['seconds']['median'] * 1e6:,.0f}", *cells(g["ternary"], ("gbps", "gops")),
               f"{g['ternary']['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in g["ternary"] else "",
+              *cells(g["ternary"], ("gmacs",)),
+              f"{g['ternary']['pct_of_peak']:.0f}%" if "pct_of_peak" in g["ternary"] else "",
               *(cell for impl in ("int8", "f32") for cell in (
                   f"{g[impl]['seconds']['median'] * 1e6:,.0f}", *cells(g[impl], ("gbps",)),
                   f"{g[impl]['seconds']['median'] / g['ternary']['seconds']['median']:.1f}x"))]

@@ -23,7 +23,7 @@ from bitnet_cli.engine import DEFAULT_CTX
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
-from bitnet_cli.pack.ternary import LAYOUTS
+from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
 from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
 from bitnet_cli.sampling import SamplingParams
 
@@ -660,7 +660,7 @@ def bench(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),
     embeddings: str = typer.Option("f16", help="Embedding/head type of the synthetic model: f16, int8, q6 or q4."),
-    layout: TernaryLayoutChoice = typer.Option(TernaryLayoutChoice.i2, "--layout", help="Ternary weight layout of the synthetic model and of the kernel table: i2 (2 bits per weight) or tq1 (1.6). A --model file has its own."),
+    layout: str = typer.Option("i2", "--layout", help="Ternary weight layout of the synthetic model and of the kernel table: i2 (2 bits per weight) or tq1 (1.6); a list (i2,tq1) runs each and compares them. A --model file has its own."),
     threads: Optional[str] = typer.Option(
         None, "--threads", "-t", help="CPU threads, as in every command, but bench sweeps a list: --threads 1,2,4 measures each \\[default: 1 and the physical cores]."),
     repeat: int = typer.Option(3, "--repeat", "-r", help="Runs per figure; tables show the median (min-max)."),
@@ -676,7 +676,7 @@ def bench(
         None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
     isa: Optional[str] = typer.Option(
         None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, neon, neondot) for kernels and e2e "
-        "\\[default: $BITNET_ISA, else the best this CPU has]."),
+        "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),
 ):
     """Measure kernels, memory bandwidth (the decode roofline) and end-to-end speed.
 
@@ -703,13 +703,18 @@ def bench(
             check_destination(plot)
         prompt_list = suite.parse_int_list(prompts, "--prompts")
         token_list = suite.parse_int_list(tokens, "--tokens")
-        chosen = (targets.from_file(model) if model is not None
-                  else targets.from_shape(shape or "2b4t", embeddings, cache_dir, layout.value))
+        layouts = [ternary_layout(part.strip(), param="ternary_layout").option for part in layout.split(",")]
+        layouts = list(dict.fromkeys(layouts))  # in order, once each
+        if model is not None and layout != "i2":
+            raise BitnetError("--layout is for synthetic --shape models; a --model file has its own layout")
+        chosen = ([targets.from_file(model)] if model is not None
+                  else [targets.from_shape(shape or "2b4t", embeddings, cache_dir, name) for name in layouts])
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                       console=err_console, transient=True) as bar:
             task = bar.add_task("starting", total=None)
-            results = suite.run(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
-                                tokens=token_list, progress=lambda text: bar.update(task, description=text), isa=isa)
+            results = suite.run_layouts(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
+                                        tokens=token_list, progress=lambda text: bar.update(task, description=text),
+                                        isa=isa)
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 

@@ -187,7 +187,7 @@ class Engine(kernels.CResource):
         self.vocab_size = pm.dims.vocab_size
         self.ctx_size = ctx_size
         self.threads = threads
-        self.isa = next(name for name, i in kernels.ISAS.items() if i == isa)
+        self.isa = kernels.isa_name(isa, pm.ternary_layout.option)
         self._init_tokens(pm)
         self._keep: list = []  # cdata buffers that must outlive the C model
         desc = self._describe(pm, ctx_size)
@@ -283,7 +283,7 @@ class Engine(kernels.CResource):
              verify: bool = False) -> "Engine":
         """Open a packed model (`bitnet pack` output), or a GGUF (imported once into a cached packed file).
         threads: default physical cores; ctx_size: default min(max_position_embeddings, 4096); isa: default
-        $BITNET_ISA or the best available.
+        $BITNET_ISA, else the autotune's choice (bitnet_cli.kernels).
 
         The metadata checksum (config, tokenizer) is always checked, and the norms and scales must
         be finite; verify=True also recomputes every tensor's crc32 (reads the whole file, as

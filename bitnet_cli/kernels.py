@@ -10,19 +10,31 @@ The building blocks, on numpy arrays, for tests and ``bitnet bench``::
         kernels.stream_read(buf, pool)   # reads all of buf (bandwidth probe), returns a checksum
 
 ``gemm`` with m = 1 is the decode GEMV; the float output of a BitLinear is acc / scale * gamma.
-The ISA is chosen per call, or for the engine by ``BITNET_ISA=scalar|avx2|avx512|avx512vnni|
-neon|neondot`` (default: the best this CPU has).
+
+Which ISA runs (``resolve_isa``, ``isa_choice``): the one named per call (``isa=``, the CLI's
+``--isa``), else ``BITNET_ISA=scalar|avx2|avx512|avx512vnni|neon|neondot``, else the autotune: on
+first use in a process each candidate ISA's GEMV (1 token) and GEMM (TUNE_TOKENS tokens) is timed
+on a model-sized matrix, per ternary layout, for a fraction of a second, and the fastest for each
+is kept (kernels/dispatch.c's BN_ISA_TUNED runs the two choices side by side) and cached in the
+cache dir under a key of the CPU model, its ISAs and the package version, so later processes read
+it. ``BITNET_AUTOTUNE=0`` turns the autotune off (reproducible runs): then the rule of
+``best_isa()`` decides, as it also does when the CPU has only one candidate. The autotune only
+moves the ternary products, which every ISA computes bit for bit alike; the head, glue and
+attention stay the rule's, so the logits do not depend on its choice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 
-from bitnet_cli.errors import BitnetError
+from bitnet_cli.errors import BitnetError, warn
 
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5}
 BUILD_HINT = (
@@ -85,13 +97,298 @@ def best_isa() -> str:
 
 
 def resolve_isa(name: str | None = None) -> int:
-    """The ISA id for `name`, else $BITNET_ISA, else the best available; errors name the choices."""
-    name = name or os.environ.get("BITNET_ISA") or best_isa()
+    """The ISA id for `name`, else $BITNET_ISA, else the autotune's choice (module docstring):
+    an ISAS value, or BN_ISA_TUNED when the autotune chose other than the rule. Errors name the
+    choices."""
+    name = name or os.environ.get("BITNET_ISA")
+    if name:
+        return ISAS[_checked(name)]
+    choice = _default_choice()
+    picked = {op_isa for ops in choice["choice"].values() for op_isa in ops.values()}
+    if picked == {best_isa()}:
+        return ISAS[best_isa()]
+    # the tuned path even when one ISA won everything: it keeps the rule's head, whose float
+    # summation order may differ from the winner's, so the logits are the rule's bit for bit
+    _, L = lib()
+    return L.BN_ISA_TUNED
+
+
+def _checked(name: str) -> str:
     if name not in ISAS:
         raise BitnetError(f"unknown instruction set {name!r} (BITNET_ISA): choose from {', '.join(ISAS)}")
     if name not in available_isas():
         raise BitnetError(f"instruction set {name!r} is not available on this CPU: {', '.join(available_isas())}")
-    return ISAS[name]
+    return name
+
+
+def isa_choice(name: str | None = None) -> dict:
+    """Which ISA runs what, and why: {"source": "option" (named per call), "env" ($BITNET_ISA),
+    "rule" (best_isa(): autotune off, or one candidate only), "cache" (an earlier autotune's
+    result) or "autotune" (measured now), "choice": {layout: {"gemv": isa, "gemm": isa}}}, plus
+    the autotune's "seconds" per call when it measured."""
+    if name:
+        return {"source": "option", "choice": _uniform(_checked(name))}
+    if os.environ.get("BITNET_ISA"):
+        return {"source": "env", "choice": _uniform(_checked(os.environ["BITNET_ISA"]))}
+    return _default_choice()
+
+
+def isa_name(isa: int, layout: str = "i2", tokens: int | None = None) -> str:
+    """The name of the ISA whose kernel multiplies `tokens` tokens by `layout` weights under the
+    resolve_isa() id `isa`. For BN_ISA_TUNED that is the autotune's choice for the operation, and
+    with tokens None "GEMV/GEMM" (e.g. "avx2/avx512vnni") where the two differ."""
+    _, L = lib()
+    if isa == L.BN_ISA_TUNED:
+        ops = _default_choice()["choice"][layout]
+        if tokens is None:
+            return ops["gemv"] if ops["gemv"] == ops["gemm"] else f"{ops['gemv']}/{ops['gemm']}"
+        return ops["gemv" if tokens == 1 else "gemm"]
+    return next(name for name, i in ISAS.items() if i == isa)
+
+
+# ---- the autotune -------------------------------------------------------------------------------
+
+AUTOTUNE_ENV = "BITNET_AUTOTUNE"
+TUNE_SCHEMA = "bitnet-cli/isa-autotune/1"
+# The matrix timed: BitNet b1.58 2B4T's FFN up/gate projection, the most common decode shape; and
+# the tokens of the GEMM, enough to show a prefill kernel's compute rate.
+TUNE_SHAPE = (6912, 2560)
+TUNE_TOKENS = 8
+# The weights rotate over copies filling twice the last-level cache (within these bounds), so a
+# GEMV streams them from DRAM as decode does.
+TUNE_COLD_BYTES = (32 << 20, 256 << 20)
+TUNE_ROUNDS = 5  # candidates interleaved, round after round; each keeps its median
+TUNE_SAMPLE_S = 0.002  # one sample: calls for at least this long
+# Another ISA replaces the rule's only when faster by more than this: a closer race is noise,
+# and the rule's ISA then keeps runs alike from machine to machine.
+TUNE_MARGIN = 0.03
+
+_choices: dict[tuple, dict] = {}  # the process's default choice per ($BITNET_AUTOTUNE, cache dir)
+_applied: dict[str, tuple[str, str]] = {}  # what bn_isa_tune() was last told, per layout
+
+
+def _layouts() -> dict[str, int]:
+    from bitnet_cli.pack.ternary import LAYOUTS
+
+    _, L = lib()
+    return {option: getattr(L, t.c_enum) for option, t in LAYOUTS.items()}
+
+
+def _uniform(isa: str) -> dict:
+    return {layout: {"gemv": isa, "gemm": isa} for layout in _layouts()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo's `model name`, else the platform's word for it)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def tune_candidates() -> list[str]:
+    """The ISAs the autotune races: every SIMD path this CPU has (the scalar reference only when
+    there is none; it is never the faster)."""
+    simd = [isa for isa in available_isas() if isa != "scalar"]
+    return simd or ["scalar"]
+
+
+def _tune_key(candidates: list[str]) -> dict:
+    from bitnet_cli import __version__
+
+    return {"cpu": cpu_model(), "isas": available_isas(), "candidates": candidates, "version": __version__}
+
+
+def tune_cache_path(key: dict) -> Path:
+    """The autotune's cache file for `key`: one per CPU model, ISA set and version, so machines
+    sharing a home directory keep their own."""
+    from bitnet_cli.files import cache_root
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "autotune" / f"isa-{digest}.json"
+
+
+def _default_choice() -> dict:
+    env = os.environ.get(AUTOTUNE_ENV, "1")
+    if env not in ("0", "1"):
+        raise BitnetError(f"${AUTOTUNE_ENV} must be 0 (off) or 1 (on), got {env!r}")
+    from bitnet_cli.files import cache_root
+
+    memo = (env, str(cache_root()))
+    if memo not in _choices:
+        candidates = tune_candidates()
+        if env == "0" or len(candidates) == 1:
+            _choices[memo] = {"source": "rule", "choice": _uniform(best_isa())}
+        else:
+            _choices[memo] = _cached_or_measured(candidates)
+    choice = _choices[memo]
+    _apply(choice["choice"])
+    return choice
+
+
+def _apply(choice: dict) -> None:
+    """Point BN_ISA_TUNED at `choice` (where it is not already)."""
+    _, L = lib()
+    for layout, layout_id in _layouts().items():
+        pair = (choice[layout]["gemv"], choice[layout]["gemm"])
+        if _applied.get(layout) != pair:
+            if L.bn_isa_tune(layout_id, ISAS[pair[0]], ISAS[pair[1]]) != 0:
+                raise BitnetError(f"the kernels refused the tuned ISAs {pair} for layout {layout}")
+            _applied[layout] = pair
+
+
+def _cached_or_measured(candidates: list[str]) -> dict:
+    """The cached choice for this CPU, else a measured one (then cached). A cache file that cannot
+    be read, is not JSON, belongs to another key or names ISAs this CPU lacks is measured over."""
+    key = _tune_key(candidates)
+    path = tune_cache_path(key)
+    try:
+        record = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        record = None
+    if _valid_record(record, key, candidates):
+        return {"source": "cache", "choice": record["choice"], "seconds": record["seconds"]}
+    seconds = measure_isas(candidates)
+    choice = _fastest(seconds)
+    record = {"schema": TUNE_SCHEMA, "key": key, "choice": choice, "seconds": seconds}
+    from bitnet_cli.files import TempFile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = TempFile(path)
+        try:
+            with open(tmp.fd, "w", closefd=False) as f:
+                json.dump(record, f, indent=1)
+            tmp.publish()
+        except BaseException:
+            tmp.discard()
+            raise
+    except OSError as e:
+        warn(f"note: the ISA autotune's result could not be cached in {path.parent} ({e}); "
+             f"the next process measures again (${AUTOTUNE_ENV}=0 turns it off)")
+    return {"source": "autotune", "choice": choice, "seconds": seconds}
+
+
+def _valid_record(record, key: dict, candidates: list[str]) -> bool:
+    if not (isinstance(record, dict) and record.get("schema") == TUNE_SCHEMA and record.get("key") == key
+            and isinstance(record.get("choice"), dict) and isinstance(record.get("seconds"), dict)):
+        return False
+    return all(isinstance(record["choice"].get(layout), dict)
+               and all(record["choice"][layout].get(op) in candidates for op in ("gemv", "gemm"))
+               for layout in _layouts())
+
+
+def _fastest(seconds: dict) -> dict:
+    """Per layout and operation, the candidate with the least median time per call; the rule's
+    ISA unless another beats it by more than TUNE_MARGIN."""
+    rule = best_isa()
+    choice = {}
+    for layout, ops in seconds.items():
+        choice[layout] = {}
+        for op, times in ops.items():
+            fastest = min(times, key=times.get)
+            if rule in times and times[fastest] * (1 + TUNE_MARGIN) >= times[rule]:
+                fastest = rule
+            choice[layout][op] = fastest
+    return choice
+
+
+def _cold_bytes() -> int:
+    """Twice the last-level cache (sysfs), within TUNE_COLD_BYTES."""
+    lo, hi = TUNE_COLD_BYTES
+    llc = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()  # e.g. "32768K"
+            shift = {"K": 10, "M": 20, "G": 30}.get(size[-1:], 0)
+            llc = max(llc, int(size[:-1] if shift else size) << shift)
+        except (OSError, ValueError):
+            continue
+    return min(hi, max(lo, 2 * llc))
+
+
+def measure_isas(candidates: list[str]) -> dict:
+    """Median seconds per call, {layout: {"gemv": {isa: s}, "gemm": {isa: s}}}, of each candidate's
+    kernel on TUNE_SHAPE in every layout, one thread, the candidates interleaved round by round so
+    that a burst of other load hits them all alike."""
+    import statistics
+
+    ffi, L = lib()
+    n, k = TUNE_SHAPE
+    kp = -(-k // L.BN_BLOCK_K) * L.BN_BLOCK_K
+    rng = np.random.default_rng(0)
+    cold = _cold_bytes()
+    # freed on return, with the arrays over it
+    region = huge_page_region(cold)
+    weights = np.frombuffer(region, dtype=np.uint8)
+    # any bytes will do for timing (no kernel branches on the codes), but they must be written:
+    # untouched pages all map the same zero page, which stays in cache
+    pattern = rng.integers(0, 256, size=1 << 20, dtype=np.uint8)
+    for offset in range(0, cold, pattern.size):
+        chunk = weights[offset : offset + pattern.size]
+        chunk[:] = pattern[: chunk.size]
+    xq = rng.integers(-128, 128, size=(TUNE_TOKENS, kp), dtype=np.int8)
+    xsum = xq.sum(axis=1, dtype=np.int32)
+    acc = np.empty((TUNE_TOKENS, n), dtype=np.int32)
+    w_ptr = ffi.from_buffer("uint8_t[]", weights)
+    x_ptr, s_ptr, a_ptr = (ffi.from_buffer(t, a) for t, a in
+                           (("int8_t[]", xq), ("int32_t[]", xsum), ("int32_t[]", acc)))
+    samples: dict = {}
+    for layout, layout_id in _layouts().items():
+        matrix = n * L.bn_ternary_row_bytes(layout_id, kp)
+        copies = max(1, cold // matrix)
+        at = 0
+        for r in range(TUNE_ROUNDS):
+            for isa in candidates[r % len(candidates):] + candidates[: r % len(candidates)]:
+                for op, m in (("gemv", 1), ("gemm", TUNE_TOKENS)):
+                    calls, t0 = 0, time.perf_counter()
+                    while True:
+                        rc = L.bn_gemm_ternary(ffi.NULL, ISAS[isa], layout_id, w_ptr + at * matrix, n, kp,
+                                               x_ptr, s_ptr, m, a_ptr)
+                        if rc != 0:
+                            raise BitnetError(f"autotune: the {isa} kernel refused the {layout} layout")
+                        calls, at = calls + 1, (at + 1) % copies
+                        elapsed = time.perf_counter() - t0
+                        if elapsed >= TUNE_SAMPLE_S:
+                            break
+                    samples.setdefault(layout, {}).setdefault(op, {}).setdefault(isa, []).append(elapsed / calls)
+    return {layout: {op: {isa: statistics.median(v) for isa, v in times.items()} for op, times in ops.items()}
+            for layout, ops in samples.items()}
+
+
+PEAK_SAMPLE_S = 0.005  # one run of kernels/peak.c's loop
+PEAK_RUNS = 5
+_peaks: dict[str, float] = {}
+
+
+def mac_peak(isa: str) -> float:
+    """Integer multiply-accumulates per second one thread sustains with `isa`'s 8-bit multiply-add
+    (kernels/peak.c): the best of PEAK_RUNS runs of about PEAK_SAMPLE_S each, after shorter ones
+    that set the length (a peak is what the core can do: slower runs met other load). Measured
+    once per process and ISA."""
+    if isa not in _peaks:
+        _, L = lib()
+        isa_id = ISAS[_checked(isa)]
+        iters = 1 << 10
+        while True:
+            t0 = time.perf_counter()
+            L.bn_mac_peak(isa_id, iters)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= PEAK_SAMPLE_S / 4:
+                break
+            iters *= 4
+        iters = max(1, int(iters * PEAK_SAMPLE_S / elapsed))
+        runs = [L.bn_mac_peak(isa_id, iters) for _ in range(PEAK_RUNS)]
+        if not all(np.isfinite(runs)) or min(runs) <= 0:
+            raise BitnetError(f"the {isa} MAC peak could not be measured (got {runs})")
+        _peaks[isa] = max(runs)
+    return _peaks[isa]
 
 
 def physical_cores() -> int:

@@ -54,6 +54,13 @@ static void bench_kernel(int threads, int isa, int layout) {
     uint8_t *w[16];
     for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c, layout);
     bn_pool *pool = bn_pool_new(threads);
+    /* the yardstick: one thread's integer MAC peak on this ISA (peak.c), best of 3 runs of 2^22
+     * loop passes (a few ms each), times the threads */
+    double peak = 0;
+    for (int rep = 0; rep < 3; rep++) {
+        double p = bn_mac_peak(isa, 1L << 22);
+        if (p > peak) peak = p;
+    }
     for (int m = 1; m <= 64; m *= 64) {
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
@@ -64,8 +71,11 @@ static void bench_kernel(int threads, int isa, int layout) {
             double dt = (now() - t0) / copies;
             if (dt < best) best = dt;
         }
-        printf("kernel %s %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f G MAC/s\n", names[layout], n, k, m,
-               best * 1e3, (double)n * bn_ternary_row_bytes(layout, k) / best / 1e9, (double)n * k * m / best / 1e9);
+        double macs = (double)n * k * m / best;
+        printf("kernel %s %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f G MAC/s, %.0f%% of the MAC peak "
+               "(%.1f G MAC/s x %d threads)\n", names[layout], n, k, m, best * 1e3,
+               (double)n * bn_ternary_row_bytes(layout, k) / best / 1e9, macs / 1e9, 100 * macs / (peak * threads),
+               peak / 1e9, threads);
         free(xq), free(xsum), free(acc);
     }
     bn_pool_free(pool);

@@ -61,6 +61,23 @@ enum {
 int bn_isa_available(int isa);
 int bn_isa_best(void);
 
+/* The tuned path, for where the rule of bn_isa_best() and a measurement disagree: for weights in a
+ * layout, products of one token (decode's GEMV) run on the kernel of the ISA bn_isa_tune() named for
+ * m = 1 and products of several tokens (prefill's GEMM) on the one it named for m > 1; both start
+ * as bn_isa_best(), and every other kernel (head, glue, attention) stays bn_isa_best()'s. It is no
+ * instruction set of its own, so it lies outside BN_ISA_COUNT. Every ISA computes the same bits,
+ * so a model built on it may keep running while a choice changes. bitnet_cli/kernels.py sets it
+ * from its autotune. */
+enum { BN_ISA_TUNED = 16 };
+
+/* Returns 0, or -1 for an unknown layout or an ISA this CPU lacks. */
+int bn_isa_tune(int layout, int gemv_isa, int gemm_isa);
+
+/* Integer multiply-accumulates per second one thread sustains with isa's 8-bit multiply-add
+ * (kernels/peak.c says which instructions), over `iters` passes of its loop: the peak `bitnet bench`
+ * reports the ternary kernels' G MAC/s against. Returns -1 for an unavailable isa or iters < 1. */
+double bn_mac_peak(int isa, long iters);
+
 /* ---- persistent thread pool ------------------------------------------------------------ */
 typedef struct bn_pool bn_pool;
 bn_pool *bn_pool_new(int n_threads);

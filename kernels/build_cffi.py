@@ -14,7 +14,7 @@ from pathlib import Path
 from cffi import FFI
 
 HERE = Path(__file__).resolve().parent
-SOURCES = ["dispatch.c", "ternary.c", "glue.c", "head.c", "attention.c", "pool.c", "model.c"]
+SOURCES = ["dispatch.c", "ternary.c", "glue.c", "head.c", "attention.c", "pool.c", "model.c", "peak.c"]
 
 
 def _cdef() -> str:

@@ -35,6 +35,7 @@ int bn_isa_available(int isa) {
     case BN_ISA_NEON: return 1;
     case BN_ISA_NEONDOT: return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #endif
+    case BN_ISA_TUNED: return 1;
     default: return 0;
     }
 }
@@ -78,7 +79,23 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
 static bn_kernels resolved[BN_ISA_COUNT];
 static pthread_once_t resolved_once = PTHREAD_ONCE_INIT;
 
-/* Each ISA's row of the table with every empty slot taken from its fallback chain. */
+/* BN_ISA_TUNED (bitnet.h): its table is bn_isa_best()'s but for the ternary slots, which go
+ * through these per-layout choices. They are read and written atomically, per call, since a
+ * model's pool threads may be running while bn_isa_tune() changes one (any choice gives the same
+ * bits). */
+static bn_kernels tuned;
+static bn_i2_rows_fn tuned_gemv[BN_LAYOUT_COUNT], tuned_gemm[BN_LAYOUT_COUNT];
+
+static inline void tuned_rows(int layout, const bn_i2_job *j, int r0, int r1) {
+    bn_i2_rows_fn fn = __atomic_load_n(j->m == 1 ? &tuned_gemv[layout] : &tuned_gemm[layout], __ATOMIC_RELAXED);
+    fn(j, r0, r1);
+}
+static void tuned_i2(const bn_i2_job *j, int r0, int r1) { tuned_rows(BN_LAYOUT_I2, j, r0, r1); }
+static void tuned_tq1(const bn_i2_job *j, int r0, int r1) { tuned_rows(BN_LAYOUT_TQ1, j, r0, r1); }
+static const bn_i2_rows_fn TUNED_ROWS[BN_LAYOUT_COUNT] = {[BN_LAYOUT_I2] = tuned_i2, [BN_LAYOUT_TQ1] = tuned_tq1};
+
+/* Each ISA's row of the table with every empty slot taken from its fallback chain; then the
+ * tuned table, on the best ISA's kernels until bn_isa_tune() says otherwise. */
 static void resolve(void) {
     for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
         bn_kernels k = OWN[isa];
@@ -91,9 +108,30 @@ static void resolve(void) {
 #undef INHERIT
         resolved[isa] = k;
     }
+    const bn_kernels *best = &resolved[bn_isa_best()];
+    tuned = *best;
+    for (int l = 0; l < BN_LAYOUT_COUNT; l++) {
+        tuned.ternary[l] = TUNED_ROWS[l];
+        __atomic_store_n(&tuned_gemv[l], best->ternary[l], __ATOMIC_RELAXED);
+        __atomic_store_n(&tuned_gemm[l], best->ternary[l], __ATOMIC_RELAXED);
+    }
+}
+
+int bn_isa_tune(int layout, int gemv_isa, int gemm_isa) {
+    if (layout < 0 || layout >= BN_LAYOUT_COUNT || gemv_isa < 0 || gemv_isa >= BN_ISA_COUNT || gemm_isa < 0 ||
+        gemm_isa >= BN_ISA_COUNT || !bn_isa_available(gemv_isa) || !bn_isa_available(gemm_isa))
+        return -1;
+    pthread_once(&resolved_once, resolve);
+    __atomic_store_n(&tuned_gemv[layout], resolved[gemv_isa].ternary[layout], __ATOMIC_RELAXED);
+    __atomic_store_n(&tuned_gemm[layout], resolved[gemm_isa].ternary[layout], __ATOMIC_RELAXED);
+    return 0;
 }
 
 const bn_kernels *bn_kernels_for(int isa) {
+    if (isa == BN_ISA_TUNED) {
+        pthread_once(&resolved_once, resolve);
+        return &tuned;
+    }
     if (isa < 0 || isa >= BN_ISA_COUNT || !bn_isa_available(isa)) return NULL;
     pthread_once(&resolved_once, resolve);
     return &resolved[isa];

@@ -198,33 +198,65 @@ AVX2_TARGET static inline float f16_finish(__m256 acc[4], const uint16_t *w, con
     return s;
 }
 
-/* f16 rows: RT rows x TT tokens, each weight vector converted once for the TT tokens. Every
- * (row, token) is summed exactly as f16_row_avx2 sums it (four accumulators over k by 32), so a
- * token's logits do not depend on how many tokens share the call: a batched decode step gives
- * each sequence the logits it gets alone. */
-AVX2_TARGET static inline __attribute__((always_inline)) void f16_tile_avx2(const bn_head_job *j, int r, int t,
-                                                                          const int RT, const int TT) {
-    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-    __m256 acc[1][2][4];
-    for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++)
-            for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_setzero_ps();
-    const int k32 = j->k & ~31;
-    for (int k = 0; k < k32; k += 32)
-        for (int a = 0; a < RT; a++) {
-            const uint16_t *wr = w + (size_t)a * j->k + k;
-            _mm_prefetch((const char *)wr + PREFETCH_BYTES, _MM_HINT_T0);
-            __m256 wv[4];
-            for (int u = 0; u < 4; u++) wv[u] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(wr + 8 * u)));
+/* f16 rows against several tokens: tiles of RT rows x TT tokens, one accumulator per (row,
+ * token). The row dot sums k by 32 into four accumulators (acc[u] takes inputs 32c + 8u .. + 7);
+ * those four sums do not depend on each other, so a tile takes them one after another, a pass
+ * per u, each (row, token) still adding its inputs in the row's order: every logit equals
+ * f16_row_avx2's bit for bit, and a token's logits do not depend on its neighbours in the batch.
+ * One accumulator per (row, token) leaves the registers for a tile large enough that each
+ * converted weight vector serves TT tokens and each hidden vector RT rows. The passes go over
+ * slices of F16_KB inputs, every tile of a block of rows through one slice before the next, so
+ * the slice of the TT hidden vectors stays in L1 while the block's rows pass (the whole hidden
+ * vectors would come from L2 again for every tile). */
+#define F16_KB 512
+#define F16_TT 4
+/* rows per tile: at least 8 accumulators (two FMA pipes x 4 cycles of latency on Zen 3) and at
+ * most 16 registers with the RT converted weight vectors: 3 x 4 or 3 x 3, 4 x 2, 8 x 1 */
+#define F16_RT(TT) ((TT) >= 3 ? 3 : (TT) == 2 ? 4 : 8)
+#define F16_RT_MAX 8
+#define F16_BLOCK_ROWS 48 /* at most, so that a block's sums (24 KB) stay in L1 */
+AVX2_TARGET static inline __attribute__((always_inline)) void f16_slice_avx2(const bn_head_job *j, int r, int t,
+                                                                           int k0, int k1, __m256 (*sum)[F16_TT][4],
+                                                                           const int RT, const int TT) {
+    const size_t K = j->k;
+    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * K;
+    const float *h = j->h + (size_t)t * K;
+    for (int u = 0; u < 4; u++) {
+        __m256 acc[F16_RT_MAX][F16_TT];
+        for (int a = 0; a < RT; a++)
+            for (int b = 0; b < TT; b++) acc[a][b] = sum[a][b][u];
+        for (int k = k0 + 8 * u; k < k1; k += 32) {
+            __m256 wv[F16_RT_MAX];
+            for (int a = 0; a < RT; a++) wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + a * K + k)));
             for (int b = 0; b < TT; b++) {
-                const float *h = j->h + (size_t)(t + b) * j->k + k;
-                for (int u = 0; u < 4; u++) acc[a][b][u] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(h + 8 * u), acc[a][b][u]);
+                const __m256 hv = _mm256_loadu_ps(h + b * K + k);
+                for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(wv[a], hv, acc[a][b]);
             }
         }
-    for (int a = 0; a < RT; a++)
+        for (int a = 0; a < RT; a++)
+            for (int b = 0; b < TT; b++) sum[a][b][u] = acc[a][b];
+    }
+}
+
+/* rows b0..b1 (at most F16_BLOCK_ROWS, in L2: f16_pair_avx2 streamed them) against tokens
+ * t..t+TT-1 */
+AVX2_TARGET static inline __attribute__((always_inline)) void f16_block_avx2(const bn_head_job *j, int b0, int b1,
+                                                                           int t, const int TT) {
+    __m256 sum[F16_BLOCK_ROWS][F16_TT][4]; /* [row][token][u] */
+    for (int r = 0; r < b1 - b0; r++)
         for (int b = 0; b < TT; b++)
-            j->y[(size_t)(t + b) * j->y_stride + r + a] =
-                f16_finish(acc[a][b], w + (size_t)a * j->k, j->h + (size_t)(t + b) * j->k, k32, j->k);
+            for (int u = 0; u < 4; u++) sum[r][b][u] = _mm256_setzero_ps();
+    const int k32 = j->k & ~31;
+    for (int k0 = 0; k0 < k32; k0 += F16_KB) {
+        const int k1 = k32 - k0 < F16_KB ? k32 : k0 + F16_KB;
+        int r = b0;
+        for (; r + F16_RT(TT) <= b1; r += F16_RT(TT)) f16_slice_avx2(j, r, t, k0, k1, sum + (r - b0), F16_RT(TT), TT);
+        for (; r < b1; r++) f16_slice_avx2(j, r, t, k0, k1, sum + (r - b0), 1, TT);
+    }
+    for (int r = b0; r < b1; r++)
+        for (int b = 0; b < TT; b++)
+            j->y[(size_t)(t + b) * j->y_stride + r] = f16_finish(sum[r - b0][b], (const uint16_t *)j->w + (size_t)r * j->k,
+                                                                 j->h + (size_t)(t + b) * j->k, k32, j->k);
 }
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
@@ -324,12 +356,55 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
             for (int r = r0; r < r1; r++) j->y[(size_t)t * j->y_stride + r] = STORE(ROW(j, r, t));    \
     }
 
-#define AS_IS(v) (v)
 #define I8_LOGIT(v) i8_logit(j, t, r, v)
-/* int8 rows: measured best on Zen 3 (one vpsignb per token). f16: 1 row x 2 tokens of four
- * accumulators each (8 registers, 4 for the converted weights: larger tiles spill). */
-HEAD_ROWS_AVX2(bn_head_rows_f16_avx2, f16_tile_avx2, 1, 2, f16_row_avx2, AS_IS, 2 * j->k)
+/* int8 rows: measured best on Zen 3 (one vpsignb per token) */
 HEAD_ROWS_AVX2(bn_head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
+
+/* One row against tokens 0 and 1, each with the row's four accumulators: the pass that streams a
+ * block of rows from memory, one row after another as f16_row_avx2 does (a sequential read, the
+ * weights converted once for the two tokens); the tiles of the other tokens find them in L2. */
+AVX2_TARGET static inline void f16_pair_avx2(const bn_head_job *j, int r) {
+    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
+    const float *h0 = j->h, *h1 = j->h + j->k;
+    __m256 acc[2][4];
+    for (int b = 0; b < 2; b++)
+        for (int u = 0; u < 4; u++) acc[b][u] = _mm256_setzero_ps();
+    const int k32 = j->k & ~31;
+    for (int k = 0; k < k32; k += 32) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        for (int u = 0; u < 4; u++) {
+            const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u)));
+            acc[0][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(h0 + k + 8 * u), acc[0][u]);
+            acc[1][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(h1 + k + 8 * u), acc[1][u]);
+        }
+    }
+    j->y[r] = f16_finish(acc[0], w, h0, k32, j->k);
+    j->y[j->y_stride + r] = f16_finish(acc[1], w, h1, k32, j->k);
+}
+
+/* f16 rows: one token (decode) streams the head row after row; several go in tiles over blocks
+ * of rows that stay in L2 while every tile of tokens passes (the last tokens in one narrower
+ * tile), so the head streams from memory once per call whatever m is. */
+AVX2_TARGET void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1) {
+    if (j->m == 1) {
+        for (int r = r0; r < r1; r++) j->y[r] = f16_row_avx2(j, r, 0);
+        return;
+    }
+    /* a multiple of every tile's rows (24), so that only the rows past the last block go one at a time */
+    int block = HEAD_BLOCK_BYTES / (2 * j->k) / 24 * 24;
+    block = block < 24 ? 24 : block > F16_BLOCK_ROWS ? F16_BLOCK_ROWS : block;
+    for (int b0 = r0; b0 < r1; b0 += block) {
+        const int b1 = r1 - b0 < block ? r1 : b0 + block;
+        for (int r = b0; r < b1; r++) f16_pair_avx2(j, r);
+        int t = 2;
+        for (; t + F16_TT <= j->m; t += F16_TT) f16_block_avx2(j, b0, b1, t, F16_TT);
+        switch (j->m - t) { /* constant tile widths, so that the accumulators stay in registers */
+        case 1: f16_block_avx2(j, b0, b1, t, 1); break;
+        case 2: f16_block_avx2(j, b0, b1, t, 2); break;
+        case 3: f16_block_avx2(j, b0, b1, t, 3); break;
+        }
+    }
+}
 
 /* q4 rows: the codes u = q + 8 are unsigned, so vpmaddubsw takes them as they are (u x pair
  * sums up to 2 * 15 * 127, inside int16) and the offset comes off as vpmaddubsw(8, x); the

@@ -613,12 +613,49 @@ static void test_dispatch(void) {
           "out-of-range ids must give NULL");
 }
 
+/* The tuned path (BN_ISA_TUNED) with every pair of ISAs for GEMV and GEMM gives the scalar sums,
+ * in both layouts; and every available ISA has a MAC peak probe that runs. */
+static void test_tuned_and_peak(void) {
+    const int n = 21, k = 1100, kp = (k + 127) / 128 * 128, m = 5;
+    uint8_t *w = random_weights(n, k, kp), *w5 = tq1_from_i2(w, n, kp);
+    int8_t *xq = malloc((size_t)m * kp);
+    float *x = malloc(sizeof(float) * m * k), scale[5];
+    int32_t xsum[5], ref[5 * 21], got[5 * 21];
+    for (int i = 0; i < m * k; i++) x[i] = rndf();
+    bn_quantize_rows(BN_ISA_SCALAR, x, m, k, kp, xq, scale, xsum);
+    bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
+    for (int gemv = 0; gemv < BN_ISA_COUNT; gemv++)
+        for (int gemm = 0; gemm < BN_ISA_COUNT; gemm++) {
+            int ok = bn_isa_available(gemv) && bn_isa_available(gemm);
+            CHECK((bn_isa_tune(BN_LAYOUT_I2, gemv, gemm) == 0) == ok, "tune %d/%d: wrong answer", gemv, gemm);
+            CHECK((bn_isa_tune(BN_LAYOUT_TQ1, gemv, gemm) == 0) == ok, "tune %d/%d: wrong answer", gemv, gemm);
+            if (!ok) continue;
+            for (int mm = 1; mm <= m; mm += m - 1) { /* the GEMV (1 token), then the GEMM */
+                memset(got, 0x55, sizeof got);
+                bn_gemm_ternary(NULL, BN_ISA_TUNED, BN_LAYOUT_I2, w, n, kp, xq, xsum, mm, got);
+                CHECK(!memcmp(ref, got, sizeof(int32_t) * mm * n), "tuned %d/%d i2 m=%d differs", gemv, gemm, mm);
+                memset(got, 0x55, sizeof got);
+                bn_gemm_ternary(NULL, BN_ISA_TUNED, BN_LAYOUT_TQ1, w5, n, kp, xq, xsum, mm, got);
+                CHECK(!memcmp(ref, got, sizeof(int32_t) * mm * n), "tuned %d/%d tq1 m=%d differs", gemv, gemm, mm);
+            }
+        }
+    CHECK(bn_isa_tune(BN_LAYOUT_COUNT, 0, 0) == -1, "unknown layout tuned");
+    bn_isa_tune(BN_LAYOUT_I2, bn_isa_best(), bn_isa_best());
+    bn_isa_tune(BN_LAYOUT_TQ1, bn_isa_best(), bn_isa_best());
+    for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+        double peak = bn_mac_peak(isa, 1000);
+        CHECK(bn_isa_available(isa) ? peak > 0 : peak == -1, "isa %d: MAC peak %g", isa, peak);
+    }
+    free(w), free(w5), free(xq), free(x);
+}
+
 int main(void) {
     printf("isas:");
     for (int isa = 0; isa < BN_ISA_COUNT; isa++)
         if (bn_isa_available(isa)) printf(" %d", isa);
     printf("\n");
     test_dispatch();
+    test_tuned_and_peak();
     test_gemm_shapes();
     test_gemm_extremes();
     test_tq1_every_byte();

@@ -56,15 +56,22 @@ def f16_head(w, h, isa):
     return y
 
 
-def test_the_f16_head_gives_a_token_the_same_logits_whatever_the_token_count():
-    """The f16 head's tiles (several tokens) sum each row as the single-token row does."""
+@pytest.mark.parametrize("isa", kernels.available_isas())
+def test_the_f16_head_gives_a_token_the_same_logits_whatever_the_token_count(isa):
+    """The f16 head's tiles (several tokens: a streaming pair, then tiles of 4, 3, 2 or 1 tokens
+    over slices of 512 inputs) sum each row as the single-token row does, bit for bit."""
     rng = np.random.default_rng(0)
-    for k in (96, 100, 256 + 13):
-        w = rng.standard_normal((37, k)).astype(np.float16)
-        h = rng.standard_normal((7, k)).astype(np.float32)
-        for isa in kernels.available_isas():
-            one = np.concatenate([f16_head(w, h[i:i + 1], isa) for i in range(len(h))])
-            np.testing.assert_array_equal(f16_head(w, h, isa), one)
+    # k: the SIMD body only, its 8-wide and scalar tails, several slices and a partial one;
+    # 101 rows: blocks of 48 (k < 2731) or 24 rows, ragged tiles and rows
+    for k in (96, 100, 256 + 13, 1024 + 32 + 8 + 3, 2560 + 32):
+        w = rng.standard_normal((101, k)).astype(np.float16)
+        h = rng.standard_normal((17, k)).astype(np.float32)
+        one = np.concatenate([f16_head(w, h[i:i + 1], isa) for i in range(len(h))])
+        for m in (1, 2, 3, 5, 16, 17):
+            np.testing.assert_array_equal(f16_head(w, h[:m], isa), one[:m], err_msg=f"k={k} m={m}")
+        # the single-token row against float64: a plain sum, close up to float rounding
+        want = h.astype(np.float64) @ w.astype(np.float64).T
+        np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-3 * np.sqrt(k))
 
 
 @pytest.mark.parametrize("threads", [1, 2])

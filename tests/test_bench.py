@@ -160,6 +160,8 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--model", "no/such/file.bin"], "no/such/file.bin: no such file"),
     (["--isa", "sse9"], "unknown instruction set 'sse9'"),
+    (["--layout", "i2,i3"], "--layout must be one of i2, tq1, got 'i3'"),
+    (["--model", "x.bin", "--layout", "tq1"], "--layout is for synthetic --shape models"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = runner.invoke(app, ["bench", *args])
@@ -249,6 +251,15 @@ def test_json_output_schema_and_consistency(tiny_results, tiny_model):
         assert r["ternary_ms"] == pytest.approx(1e3 * sum(k["seconds"]["median"] * k["per_token"] for k in gemvs))
     gemv = [r for r in res["kernels"] if r["tokens"] == 1]
     assert gemv and all("pct_of_bandwidth" in r for r in gemv)
+    # G MAC/s, and its share of the ISA's measured integer MAC peak times the threads
+    peaks = res["machine"]["mac_peak_gmacs"]
+    ternary = [r for r in res["kernels"] if r["impl"] == "ternary"]
+    assert set(peaks) == {r["backend"] for r in ternary} and all(p > 0 for p in peaks.values())
+    for r in ternary:
+        assert r["gmacs"]["median"] == pytest.approx(r["n"] * r["k"] * r["tokens"] / 1e9 / r["seconds"]["median"])
+        assert r["pct_of_peak"] == pytest.approx(100 * r["gmacs"]["median"] / (peaks[r["backend"]] * r["threads"]))
+    assert res["settings"]["isa"]["source"] in ("env", "rule", "cache", "autotune")
+    assert set(res["settings"]["isa"]["choice"]) == {"i2", "tq1"}
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in out.iterdir()] == ["bench.png"]  # no temp files left behind
 
@@ -395,8 +406,18 @@ def test_forced_isa_reaches_the_kernels(tiny_model, small_buffers, monkeypatch):
     result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "kernels", "--isa", "scalar",
                                  "--threads", "1", "--tokens", "1", "--repeat", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.stdout)["kernels"]
-    assert {r["backend"] for r in rows if r["impl"] == "ternary"} == {"scalar"}
+    res = json.loads(result.stdout)
+    assert {r["backend"] for r in res["kernels"] if r["impl"] == "ternary"} == {"scalar"}
+    assert res["settings"]["isa"]["source"] == "option" and set(res["machine"]["mac_peak_gmacs"]) == {"scalar"}
+
+
+def test_kernel_table_reports_the_share_of_the_mac_peak(tiny_model, small_buffers, monkeypatch):
+    monkeypatch.setenv("BITNET_ISA", "scalar")
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "kernels", "--threads", "1",
+                                 "--tokens", "1", "--repeat", "1"])
+    assert result.exit_code == 0, result.output
+    assert "GMAC/s" in result.output and "% pk" in result.output and "MAC peak" in result.output
+    assert "instruction set: scalar, chosen by $BITNET_ISA" in " ".join(result.output.split())
 
 
 def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):
@@ -466,3 +487,28 @@ def test_time_breakdown_is_never_over_100_percent():
     console = Console(width=200, record=True)
     report._time_per_token(rows, console)
     assert "n/a" in console.export_text() and "160%" not in console.export_text()
+
+
+def test_two_layouts_in_one_run_are_compared(tmp_path, small_buffers):
+    """--layout i2,tq1: the second layout's ternary kernels and e2e under "layouts", its ceiling from
+    the bandwidth measured once, and both side by side in the summary and the tables."""
+    args = ["bench", "--shape", "tiny", "--layout", "i2,tq1", "--threads", "1", "--repeat", "1", "--tokens", "1",
+            "--prompts", "8", "--generate", "2", "--cache-dir", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["model"]["layout"] == "i2" and set(res["layouts"]) == {"tq1"}
+    tq1 = res["layouts"]["tq1"]
+    assert tq1["model"]["layout"] == "tq1" and "-tq1-" in tq1["model"]["path"]
+    assert {r["impl"] for r in tq1["kernels"]} == {"ternary"}
+    assert [r["weight_bytes"] for r in tq1["kernels"]] == [ternary_bytes(r["n"], r["k"], "tq1") for r in tq1["kernels"]]
+    assert [r["bandwidth_gbps"] for r in tq1["roofline"]] == [r["bandwidth_gbps"] for r in res["roofline"]]
+    assert tq1["roofline"][0]["bytes_per_token"] == tq1["model"]["bytes_per_token"]["total"]
+    compared = res["summary"]["layouts"]
+    assert compared["layouts"] == ["i2", "tq1"]
+    assert [(r["threads"], r["layout"]) for r in compared["e2e"]] == [(1, "i2"), (1, "tq1")]
+    assert compared["e2e"][1]["tokens_per_s"]["tg2"] == tq1["e2e"][0]["tokens_per_s"]["tg2"]["median"]
+    assert compared["kernels"] and all(set(g["seconds"]) == {"i2", "tq1"} for g in compared["kernels"])
+    table = runner.invoke(app, args)  # the cached synthetic models are reused
+    assert table.exit_code == 0, table.output
+    assert "Ternary layouts end to end" in table.output and "tq1 us" in table.output

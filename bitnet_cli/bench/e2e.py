@@ -89,7 +89,7 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
 def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=GENERATE,
         progress=None, isa: str | None = None) -> list[dict]:
     """End-to-end figures for `path` at each thread count (one worker process each), on the
-    kernels of ``isa`` (default: $BITNET_ISA, else the best this CPU has).
+    kernels of ``isa`` (default: kernels.resolve_isa's: $BITNET_ISA, else the autotune's choice).
 
     `progress(description)` is called as the worker moves from test to test.
     """

@@ -47,7 +47,7 @@ class TernaryMatmul:
         self.row_bytes = layout(ternary_layout).row_bytes(k)
         self.pool = pool(threads)
         self.isa_id = kernels.resolve_isa(isa)
-        self.isa = next(name for name, i in kernels.ISAS.items() if i == self.isa_id)
+        self.isa = kernels.isa_name(self.isa_id, ternary_layout, tokens)  # the ISA this product runs on
         self.xq = aligned_zeros((tokens, self.kp), np.int8)
         self.scale = np.zeros(tokens, dtype=np.float32)
         self.xsum = np.zeros(tokens, dtype=np.int32)

@@ -87,9 +87,9 @@ _FACTORIES = {"ternary": _ternary, "int8": _int8, "f32": _f32}
 
 def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: int, seed: int = 0,
                 isa: str | None = None, ternary_layout: str = "i2") -> dict:
-    """Time one kernel on one weight shape: seconds per call, weight GB/s and GOPS (summaries).
+    """Time one kernel on one weight shape: seconds per call, weight GB/s, GOPS and G MAC/s (summaries).
 
-    ``isa``: our kernels' instruction set (default: $BITNET_ISA, else the best); BLAS picks its own.
+    ``isa``: our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice); BLAS picks its own.
     ``ternary_layout``: the ternary kernel's weight layout (an --layout choice)."""
     rng = np.random.default_rng(seed)
     # numpy's BLAS has its own thread pool: cap it at the same thread count as ours
@@ -100,6 +100,7 @@ def bench_shape(impl: str, n: int, k: int, tokens: int, threads: int, repeat: in
         "impl": impl, "backend": blas or backend, "n": n, "k": k, "tokens": tokens, "threads": threads,
         "weight_bytes": weight_bytes, "seconds": seconds,
         "gbps": scale(seconds, weight_bytes / 1e9), "gops": scale(seconds, 2.0 * n * k * tokens / 1e9),
+        "gmacs": scale(seconds, n * k * tokens / 1e9),
     }
 
 

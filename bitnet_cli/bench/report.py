@@ -32,6 +32,9 @@ def print_report(results: dict, console: Console) -> None:
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
                   f"load average {m.get('load_average')}; median of {results['settings']['repeat']} run(s), "
                   "(min-max) in grey")
+    if "isa" in results["settings"]:
+        console.print(f"instruction set: {isa_summary(results['settings']['isa'], model.get('layout', 'i2'))}",
+                      soft_wrap=True)
     console.print(f"bytes streamed per decoded token: {fmt_bytes(per_token['total'])} = ternary {fmt_bytes(per_token['ternary'])}"
                   f" + head {fmt_bytes(per_token['head'])} + norms {fmt_bytes(per_token['norms'])}")
     if "roofline" in results:
@@ -47,6 +50,19 @@ def print_report(results: dict, console: Console) -> None:
         _time_per_token(results["summary"]["time_per_token"], console)
     if results["summary"].get("anchors"):
         _anchors(results["summary"]["anchors"], results["settings"], console)
+    if results["summary"].get("layouts"):
+        _layouts(results["summary"]["layouts"], console)
+
+
+ISA_SOURCES = {"option": "--isa", "env": "$BITNET_ISA", "rule": "the rule (the widest this CPU has)",
+               "cache": "the autotune, cached", "autotune": "the autotune, measured now"}
+
+
+def isa_summary(choice: dict, layout: str) -> str:
+    """'avx2, from the rule ...' or 'avx2 for 1 token, avx512vnni for more, from the autotune ...'."""
+    ops = choice["choice"][layout]
+    used = ops["gemv"] if ops["gemv"] == ops["gemm"] else f"{ops['gemv']} for 1 token, {ops['gemm']} for more"
+    return f"{used}, chosen by {ISA_SOURCES[choice['source']]}"
 
 
 def _pct(value: float, goal: float = 85.0) -> str:
@@ -82,23 +98,25 @@ def paired_kernels(rows: list[dict]) -> list[dict]:
 def _kernels(rows: list[dict], console: Console) -> None:
     """One line per shape x tokens x threads: ours, then the dense int8 and f32 BLAS comparisons (medians)."""
     isas = sorted({r["backend"] for r in rows if r["impl"] == "ternary"})
-    # No vertical rules and one-space gaps: the nine columns fit 80 terminal columns (GOPS and
-    # min-max are in --json).
+    # No vertical rules, one-space gaps and the comparisons as ratios alone: the eleven columns fit 80
+    # terminal columns on the 2B4T shapes (GOPS, the comparisons' times and min-max are in --json).
     table = Table(title=f"Kernels per weight shape, medians, weights streamed from DRAM: ternary ({', '.join(isas)}) "
-                        "vs dense int8 rows and f32 numpy BLAS (x = their time / ours)",
+                        "vs dense int8 rows and f32 numpy BLAS (x = their time / ours); % pk = G MAC/s over the "
+                        "ISA's measured integer MAC peak x threads",
                   box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, padding=(0, 1), collapse_padding=True)
-    for col in ("N x K", "used by", "tok", "thr", "us", "GB/s", "% bw", "int8 us (x)", "f32 us (x)"):
+    for col in ("N x K", "used by", "tok", "thr", "us", "GB/s", "% bw", "GMAC/s", "% pk", "int8 x", "f32 x"):
         table.add_column(col, justify="left" if col == "used by" else "right", no_wrap=True)
     for g in paired_kernels(rows):
         ours = g.get("ternary")
         cells = [f"{g['n']}x{g['k']}", g["used_by"], str(g["tokens"]), str(g["threads"])]
         cells += ([f"{ours['seconds']['median'] * 1e6:,.0f}", f"{ours['gbps']['median']:.1f}",
-                   f"{ours['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in ours else ""] if ours else ["-"] * 3)
+                   f"{ours['pct_of_bandwidth']:.0f}%" if "pct_of_bandwidth" in ours else "",
+                   f"{ours['gmacs']['median']:.1f}",
+                   f"{ours['pct_of_peak']:.0f}%" if "pct_of_peak" in ours else ""] if ours else ["-"] * 5)
         for impl in ("int8", "f32"):
             dense = g.get(impl)
-            ratio = f" ({dense['seconds']['median'] / ours['seconds']['median']:.1f}x)" if ours and dense else ""
-            cells.append(f"{dense['seconds']['median'] * 1e6:,.0f}{ratio}" if dense else "-")
+            cells.append(f"{dense['seconds']['median'] / ours['seconds']['median']:.1f}x" if ours and dense else "-")
         table.add_row(*cells)
     console.print(table)
 
@@ -129,6 +147,40 @@ def _time_per_token(rows: list[dict], console: Console) -> None:
         console.print("[dim]* n/a: the kernels alone, timed with their weights streamed from DRAM, took longer than "
                       "the whole token in the engine (a model that stays in cache, or noise between the runs), so "
                       "the split cannot be estimated[/]", soft_wrap=True)
+
+
+def _layouts(comparison: dict, console: Console) -> None:
+    """The ternary layouts of one run side by side (`--layout i2,tq1`); x = the first layout's
+    time / this one's (above 1: this layout is faster)."""
+    first, others = comparison["layouts"][0], comparison["layouts"][1:]
+    rows = comparison["e2e"]
+    if rows:
+        tests = list(rows[0]["tokens_per_s"])
+        tg = next(t for t in tests if t.startswith("tg"))
+        table = Table(title=f"Ternary layouts end to end, tokens/s (x = {tg} against {first})")
+        for col in ("threads", "layout", "bytes/token", *tests, "% of ceiling", "x"):
+            table.add_column(col, justify="left" if col == "layout" else "right")
+        base = {r["threads"]: r for r in rows if r["layout"] == first}
+        for r in rows:
+            ref = base.get(r["threads"])
+            table.add_row(str(r["threads"]), r["layout"], fmt_bytes(r["bytes_per_token"]),
+                          *(f"{r['tokens_per_s'][t]:.1f}" for t in tests),
+                          _pct(r["pct_of_ceiling"]) if "pct_of_ceiling" in r else "-",
+                          f"{r['tokens_per_s'][tg] / ref['tokens_per_s'][tg]:.2f}" if ref else "-")
+        console.print(table)
+    if comparison["kernels"]:
+        table = Table(title=f"Ternary layouts per weight shape, us per call (x = {first}'s time / the layout's)",
+                      box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), collapse_padding=True)
+        for col in ("N x K", "used by", "tok", "thr", *(f"{l} us" for l in comparison["layouts"]),
+                    *(f"{l} x" for l in others)):
+            table.add_column(col, justify="left" if col == "used by" else "right", no_wrap=True)
+        for g in comparison["kernels"]:
+            sec = g["seconds"]
+            table.add_row(f"{g['n']}x{g['k']}", ",".join(p.removesuffix("_proj") for p in g["used_by"]),
+                          str(g["tokens"]), str(g["threads"]),
+                          *(f"{sec[l] * 1e6:,.0f}" if l in sec else "-" for l in comparison["layouts"]),
+                          *(f"{sec[first] / sec[l]:.2f}" if first in sec and l in sec else "-" for l in others))
+        console.print(table)
 
 
 def anchor_label(row: dict) -> str:

@@ -36,14 +36,18 @@ def run(bytes_per_token: dict, threads: list[int], repeat: int, nbytes: int = BU
     for th in threads:
         if progress:
             progress(f"memory bandwidth {th}t")
-        bw = measure_bandwidth(th, repeat, nbytes)
-        rows.append({
-            "threads": th,
-            "bandwidth_gbps": bw,
-            "bytes_per_token": bytes_per_token["total"],
-            "decode_ceiling_tps": {k: v * 1e9 / bytes_per_token["total"] for k, v in bw.items() if k != "n"},
-        })
+        rows.append(ceiling_row(th, measure_bandwidth(th, repeat, nbytes), bytes_per_token))
     return rows
+
+
+def ceiling_row(threads: int, bandwidth_gbps: dict, bytes_per_token: dict) -> dict:
+    """One roofline row: a measured bandwidth and the decode ceiling it allows at these bytes per token."""
+    return {
+        "threads": threads,
+        "bandwidth_gbps": bandwidth_gbps,
+        "bytes_per_token": bytes_per_token["total"],
+        "decode_ceiling_tps": {k: v * 1e9 / bytes_per_token["total"] for k, v in bandwidth_gbps.items() if k != "n"},
+    }
 
 
 def percent_of_ceiling(tokens_per_s: float, ceiling_tps: float) -> float:

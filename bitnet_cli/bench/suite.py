@@ -14,7 +14,7 @@ import platform
 
 import numpy as np
 
-from bitnet_cli import __version__
+from bitnet_cli import __version__, kernels
 from bitnet_cli.bench import anchors, e2e, micro, roofline
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.target import Target, context_length, describe
@@ -50,12 +50,7 @@ def parse_sections(sections: str) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = kernels.cpu_model()
     try:
         from bitnet_cli.bench import kernels_api
 
@@ -86,9 +81,51 @@ def fit_to_context(prompts: list[int], generate: int, context: int) -> tuple[lis
     return fitted, generate, clipped
 
 
+def run_layouts(targets: list[Target], threads: list[int], repeat: int, sections: list[str], **kwargs) -> dict:
+    """run() on the first target; then, for each other target (the same model in another ternary
+    layout, `--layout i2,tq1`), its ternary kernels and e2e under "layouts" (keyed by layout, with
+    its own bytes per token and roofline from the bandwidth measured once), and the layouts side
+    by side in summary["layouts"]."""
+    results = run(targets[0], threads, repeat, sections, **kwargs)
+    if len(targets) > 1:
+        results["layouts"] = {}
+        for target in targets[1:]:
+            other = run(target, threads, repeat, sections, impls=("ternary",), bandwidth=results.get("roofline"),
+                        **kwargs)
+            results["layouts"][target.layout] = {key: other[key] for key in ("model", "roofline", "kernels", "e2e",
+                                                                             "summary") if key in other}
+        results["summary"]["layouts"] = compare_layouts(results)
+    return results
+
+
+def compare_layouts(results: dict) -> dict:
+    """Decode/prefill speed and ternary kernel times of each layout of a run_layouts() result."""
+    runs = {results["model"]["layout"]: results} | results["layouts"]
+    e2e_rows, kernel_rows = [], {}
+    for layout, r in runs.items():
+        ceilings = {d["threads"]: d for d in r["summary"]["decode_vs_roofline"]}
+        for e in r.get("e2e", []):
+            row = {"layout": layout, "threads": e["threads"], "bytes_per_token": r["model"]["bytes_per_token"]["total"],
+                   "tokens_per_s": {name: s["median"] for name, s in e["tokens_per_s"].items()}}
+            if "pct_of_ceiling" in ceilings.get(e["threads"], {}):
+                row["pct_of_ceiling"] = ceilings[e["threads"]]["pct_of_ceiling"]
+            e2e_rows.append(row)
+        for k in r.get("kernels", []):
+            if k["impl"] == "ternary":
+                key = (k["n"], k["k"], k["tokens"], k["threads"])
+                group = kernel_rows.setdefault(key, dict(zip(("n", "k", "tokens", "threads"), key), seconds={},
+                                                         used_by=k["projections"]))
+                group["seconds"][layout] = k["seconds"]["median"]
+    e2e_rows.sort(key=lambda row: row["threads"])  # stable: layouts in run order within a thread count
+    return {"layouts": list(runs), "e2e": e2e_rows, "kernels": list(kernel_rows.values())}
+
+
 def run(target: Target, threads: list[int], repeat: int, sections: list[str],
-        prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None) -> dict:
-    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the best)."""
+        prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None,
+        impls=micro.IMPLS, bandwidth: list[dict] | None = None) -> dict:
+    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice).
+    ``impls``: the kernel section's implementations; ``bandwidth``: roofline rows measured before
+    (for another model), whose bandwidths give this one's ceilings instead of measuring again."""
     if repeat < 1:
         raise BitnetError(f"repeat must be at least 1, got {repeat}", param="repeat")
     if generate < 1:
@@ -100,15 +137,24 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         "machine": machine(),
         "model": describe(target) | {"bytes_per_token": per_token},
         "settings": {"threads": threads, "repeat": repeat, "sections": sections,
-                     "prompts": list(prompts), "generate": generate, "tokens": list(tokens)},
+                     "prompts": list(prompts), "generate": generate, "tokens": list(tokens),
+                     # which ISA runs what, and whether the option, $BITNET_ISA, the rule or the
+                     # autotune (or its cache) chose it
+                     "isa": kernels.isa_choice(isa)},
     }
     if clipped and "e2e" in sections:
         results["settings"]["clipped"] = clipped
     if "roofline" in sections:
-        results["roofline"] = roofline.run(per_token, threads, repeat, progress=progress)
+        results["roofline"] = ([roofline.ceiling_row(r["threads"], r["bandwidth_gbps"], per_token) for r in bandwidth]
+                               if bandwidth else roofline.run(per_token, threads, repeat, progress=progress))
     if "kernels" in sections:
-        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, progress=progress, isa=isa,
-                                       ternary_layout=target.layout)
+        results["kernels"] = micro.run(target.config, threads, repeat, tokens=tokens, impls=impls, progress=progress,
+                                       isa=isa, ternary_layout=target.layout)
+        if progress:
+            progress("integer MAC peak")
+        results["machine"]["mac_peak_gmacs"] = {
+            name: kernels.mac_peak(name) / 1e9 for name in sorted({r["backend"] for r in results["kernels"]
+                                                                    if r["impl"] == "ternary"})}
     if "e2e" in sections:
         path = target.ensure_file(progress)
         results["model"]["file_bytes"] = path.stat().st_size
@@ -120,10 +166,14 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
 def summarize(results: dict, shape: str | None) -> dict:
     """Cross-section figures: percent of the roofline, and comparisons with the anchors."""
     bandwidth = {r["threads"]: r for r in results.get("roofline", [])}
+    peaks = results.get("machine", {}).get("mac_peak_gmacs", {})
     for row in results.get("kernels", []):
         if row["tokens"] == 1 and row["threads"] in bandwidth:
             bw = bandwidth[row["threads"]]["bandwidth_gbps"]["median"]
             row["pct_of_bandwidth"] = 100.0 * row["gbps"]["median"] / bw
+        if row["impl"] == "ternary" and row["backend"] in peaks:
+            # one thread's peak times the threads (more threads than cores overstate the peak)
+            row["pct_of_peak"] = 100.0 * row["gmacs"]["median"] / (peaks[row["backend"]] * row["threads"])
     decode = []
     for row in results.get("e2e", []):
         tg_name = f"tg{results['settings']['generate']}"
