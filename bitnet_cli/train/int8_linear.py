@@ -187,8 +187,8 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off`` for now: on an H200 the int8 path trained
-    recipes/small.yaml slower than the plain one (benchmarks/RESULTS.md, GPU training), and auto
-    should pick it only where it is measured faster.
+    recipes/small.yaml slower than the plain one, and to a far worse loss (benchmarks/RESULTS.md,
+    GPU training, session 7); auto should pick it only where it is measured to train as well, faster.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
