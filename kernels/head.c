@@ -208,7 +208,7 @@ AVX2_TARGET static inline float f16_finish(__m256 acc[4], const uint16_t *w, con
  * slices of F16_KB inputs, every tile of a block of rows through one slice before the next, so
  * the slice of the TT hidden vectors stays in L1 while the block's rows pass (the whole hidden
  * vectors would come from L2 again for every tile). */
-#define F16_KB 512
+#define F16_KB 1024 /* measured at 16 tokens: 3% faster than 512; 2048 (all of L1 for h) 30% slower */
 #define F16_TT 4
 /* rows per tile: at least 8 accumulators (two FMA pipes x 4 cycles of latency on Zen 3) and at
  * most 16 registers with the RT converted weight vectors: 3 x 4 or 3 x 3, 4 x 2, 8 x 1 */
@@ -218,18 +218,21 @@ AVX2_TARGET static inline float f16_finish(__m256 acc[4], const uint16_t *w, con
 AVX2_TARGET static inline __attribute__((always_inline)) void f16_slice_avx2(const bn_head_job *j, int r, int t,
                                                                            int k0, int k1, __m256 (*sum)[F16_TT][4],
                                                                            const int RT, const int TT) {
-    const size_t K = j->k;
-    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * K;
-    const float *h = j->h + (size_t)t * K;
+    /* one base pointer per row and token and one index: the loop's only integer work is i */
+    const uint16_t *w[F16_RT_MAX];
+    const float *h[F16_TT];
+    for (int a = 0; a < RT; a++) w[a] = (const uint16_t *)j->w + (size_t)(r + a) * j->k + k0;
+    for (int b = 0; b < TT; b++) h[b] = j->h + (size_t)(t + b) * j->k + k0;
+    const ptrdiff_t n = k1 - k0;
     for (int u = 0; u < 4; u++) {
         __m256 acc[F16_RT_MAX][F16_TT];
         for (int a = 0; a < RT; a++)
             for (int b = 0; b < TT; b++) acc[a][b] = sum[a][b][u];
-        for (int k = k0 + 8 * u; k < k1; k += 32) {
+        for (ptrdiff_t i = 8 * u; i < n; i += 32) {
             __m256 wv[F16_RT_MAX];
-            for (int a = 0; a < RT; a++) wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + a * K + k)));
+            for (int a = 0; a < RT; a++) wv[a] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w[a] + i)));
             for (int b = 0; b < TT; b++) {
-                const __m256 hv = _mm256_loadu_ps(h + b * K + k);
+                const __m256 hv = _mm256_loadu_ps(h[b] + i);
                 for (int a = 0; a < RT; a++) acc[a][b] = _mm256_fmadd_ps(wv[a], hv, acc[a][b]);
             }
         }

@@ -59,7 +59,7 @@ def f16_head(w, h, isa):
 @pytest.mark.parametrize("isa", kernels.available_isas())
 def test_the_f16_head_gives_a_token_the_same_logits_whatever_the_token_count(isa):
     """The f16 head's tiles (several tokens: a streaming pair, then tiles of 4, 3, 2 or 1 tokens
-    over slices of 512 inputs) sum each row as the single-token row does, bit for bit."""
+    over slices of 1024 inputs) sum each row as the single-token row does, bit for bit."""
     rng = np.random.default_rng(0)
     # k: the SIMD body only, its 8-wide and scalar tails, several slices and a partial one;
     # 101 rows: blocks of 48 (k < 2731) or 24 rows, ragged tiles and rows
