@@ -19,8 +19,6 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   int8 rounding of G would bias small updates, so it stays 16-bit.
 
 The activations are saved for the backward as int8 plus one scale per token (half of bf16).
-The product and its backward are one custom op, ``bitnet::int8_linear``, with the backward
-registered (not an autograd.Function; see there why).
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
@@ -114,69 +112,55 @@ def _(a, b, row_mul, col_mul, out_dtype):
 # ----------------------------------------------------------------------------- autograd
 
 
-# The product with its gradient is a custom op with a registered backward, not an autograd.Function:
-# torch 2.11's torch.compile mis-traced the autograd.Function this was (dynamo's autograd.Function
-# support: pytorch issue 180642, fixed in 2.12), and on an H200 the int8 path then trained far worse
-# than the plain one (loss 6.2 against 3.2 after 1,200 steps of small.yaml, benchmarks/RESULTS.md),
-# while a custom op is opaque to dynamo and its backward is traced like any other function.
-@torch.library.custom_op("bitnet::int8_linear", mutates_args=())
-def _int8_linear(x: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor, trits: torch.Tensor, trits_t: torch.Tensor,
-                 col_scale: torch.Tensor, weights: list[torch.Tensor], out_dtype: torch.dtype,
-                 int8_grad: bool) -> torch.Tensor:
-    """``y [M, N] = (q / s_x) @ (T * col_scale)^T`` on the int8 product. ``x`` [M, K] is the float input
-    that ``q, s_x = quantize_rows(x)`` came from, and ``weights`` the latent weights in T's row order:
-    the forward reads neither; they are here for their gradients (straight-through for x)."""
-    return int8_mm(q, trits, 1.0 / s_x, col_scale, out_dtype)
+class _Int8Linear(torch.autograd.Function):
+    """Inputs: x [M, K] (any float dtype); T [N, K], T^T [K, N] made contiguous (the K-major operand
+    of grad_input) and col_scale [N]: the ternary weights of one or more projections of x stacked
+    by rows (:func:`stacked_ternary`); ``dtype`` the compute dtype (the autocast dtype, else x's);
+    ``int8_grad`` grad_input's arithmetic; then the projections' latent weights, in T's row order
+    (for their gradients only). Returns y [M, N], the projections' outputs side by side."""
 
+    @staticmethod
+    def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
+        q, s_x = quantize_rows(x)
+        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        ctx.save_for_backward(q, s_x, trits, trits_t, col_scale)
+        ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
+        ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
+        return y
 
-@_int8_linear.register_fake
-def _(x, q, s_x, trits, trits_t, col_scale, weights, out_dtype, int8_grad):
-    return q.new_empty((q.shape[0], trits.shape[0]), dtype=out_dtype)
-
-
-def _int8_linear_setup(ctx, inputs, output):
-    x, q, s_x, trits, trits_t, col_scale, weights, out_dtype, int8_grad = inputs
-    ctx.save_for_backward(q, s_x, trits, trits_t, col_scale)
-    ctx.dtype, ctx.int8_grad, ctx.x_dtype = out_dtype, int8_grad, x.dtype
-    ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
-
-
-def _int8_linear_backward(ctx, g):
-    # Both gradients always: in training every BitLinear's input and weight need one.
-    q, s_x, trits, trits_t, col_scale = ctx.saved_tensors
-    g = g.to(ctx.dtype)
-    if ctx.int8_grad:
-        # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
-        # product's reduction, where one scale per projection cannot be applied afterwards.
-        gq, s_g = quantize_rows(g.float() * col_scale)
-        grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
-    else:
-        grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
-    x_deq = (q.float() / s_x[:, None]).to(ctx.dtype)
-    grad_w = g.t() @ x_deq
-    grads_w = [gw.to(dt) for gw, dt in zip(grad_w.split(ctx.rows), ctx.w_dtypes)]
-    return grad_x.to(ctx.x_dtype), None, None, None, None, None, grads_w, None, None
-
-
-_int8_linear.register_autograd(_int8_linear_backward, setup_context=_int8_linear_setup)
+    @staticmethod
+    def backward(ctx, g):
+        q, s_x, trits, trits_t, col_scale = ctx.saved_tensors
+        g = g.to(ctx.dtype)
+        grad_x = None
+        grads_w = [None] * len(ctx.rows)
+        if ctx.needs_input_grad[0]:
+            if ctx.int8_grad:
+                # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
+                # product's reduction, where one scale per projection cannot be applied afterwards.
+                gq, s_g = quantize_rows(g.float() * col_scale)
+                grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
+            else:
+                grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
+            grad_x = grad_x.to(ctx.x_dtype)
+        if any(ctx.needs_input_grad[6:]):
+            x_deq = (q.float() / s_x[:, None]).to(ctx.dtype)
+            grad_w = g.t() @ x_deq
+            grads_w = [gw.to(dt) for gw, dt in zip(grad_w.split(ctx.rows), ctx.w_dtypes)]
+        return (grad_x, None, None, None, None, None, *grads_w)
 
 
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
                 int8_grad: bool = True) -> torch.Tensor:
     """``cat([BitLinear_w(x) for w in weights], -1)`` on int8 products (no biases); the stacked
-    ternary weight (:func:`stacked_ternary`) is derived here unless given.
-
-    The input is quantised here, outside the op, so that torch.compile fuses it with what made x
-    (the RMSNorm before a projection)."""
+    ternary weight (:func:`stacked_ternary`) is derived here unless given."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    q, s_x = quantize_rows(x2)
-    y = _int8_linear(x2, q, s_x, trits, trits_t, col_scale, list(weights), dtype, int8_grad)
+    y = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -203,8 +187,8 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off`` for now: on an H200 the int8 path trained
-    recipes/small.yaml slower than the plain one (benchmarks/RESULTS.md, GPU training), and auto
-    should pick it only where it is measured faster.
+    recipes/small.yaml slower than the plain one, and to a far worse loss (benchmarks/RESULTS.md,
+    GPU training, session 7); auto should pick it only where it is measured to train as well, faster.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
