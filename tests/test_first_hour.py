@@ -182,11 +182,12 @@ def test_bench_kernel_table_of_2b4t_shapes_fits_80_columns():
         for impl, backend in (("ternary", "avx512vnni"), ("int8", "int8"), ("f32", "BLAS (default threads)")):
             rows.append({"impl": impl, "backend": backend, "n": shape["n"], "k": shape["k"], "tokens": 128,
                          "threads": 16, "projections": shape["projections"], "seconds": stat,
-                         "gbps": {"median": 123.4}, "gops": {"median": 9999.0}, "pct_of_bandwidth": 100.0})
+                         "gbps": {"median": 123.4}, "gops": {"median": 9999.0}, "pct_of_bandwidth": 100.0,
+                         "gmacs": {"median": 9999.9}, "pct_of_peak": 100.0})
     console = Console(width=80, record=True)
     report._kernels(rows, console)
     text = console.export_text()
-    assert "6912x2560" in text and "gate,up" in text and "12,346 (1.0x)" in text
+    assert "6912x2560" in text and "gate,up" in text and "12,346" in text and "9999.9  100%" in text and "1.0x" in text
     assert all(len(line) <= 80 for line in text.splitlines())
 
 
