@@ -241,7 +241,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void f16_slice_avx2(con
     }
 }
 
-/* rows b0..b1 (at most F16_BLOCK_ROWS, in L2: f16_pair_avx2 streamed them) against tokens
+/* rows b0..b1 (at most F16_BLOCK_ROWS, in L2: f16_row_avx2 streamed them) against tokens
  * t..t+TT-1 */
 AVX2_TARGET static inline __attribute__((always_inline)) void f16_block_avx2(const bn_head_job *j, int b0, int b1,
                                                                            int t, const int TT) {
@@ -297,21 +297,27 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const
         }
 }
 
-/* One row against one token, the decode case: rows go one after another, so the head streams as
- * one sequential read (measured faster than several rows in flight, which split it into strided
- * streams); four accumulators over k hide the FMA latency. */
-AVX2_TARGET static inline float f16_row_avx2(const bn_head_job *j, int r, int t) {
+/* One row against the first TT tokens (TT = 1: decode; 2: the pass of bn_head_rows_f16_avx2 that
+ * streams a block of rows for the tiles), four accumulators over k per token to hide the FMA
+ * latency. Rows go one after another, so the head streams as one sequential read (measured faster
+ * than several rows in flight, which split it into strided streams), each weight vector converted
+ * once for the TT tokens. */
+AVX2_TARGET static inline __attribute__((always_inline)) void f16_row_avx2(const bn_head_job *j, int r, const int TT) {
     const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-    const float *h = j->h + (size_t)t * j->k;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[2][4];
+    for (int b = 0; b < TT; b++)
+        for (int u = 0; u < 4; u++) acc[b][u] = _mm256_setzero_ps();
     const int k32 = j->k & ~31;
     for (int k = 0; k < k32; k += 32) {
         _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
-        for (int u = 0; u < 4; u++)
-            acc[u] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u))),
-                                     _mm256_loadu_ps(h + k + 8 * u), acc[u]);
+        for (int u = 0; u < 4; u++) {
+            const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u)));
+            for (int b = 0; b < TT; b++)
+                acc[b][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(j->h + (size_t)b * j->k + k + 8 * u), acc[b][u]);
+        }
     }
-    return f16_finish(acc, w, h, k32, j->k);
+    for (int b = 0; b < TT; b++)
+        j->y[(size_t)b * j->y_stride + r] = f16_finish(acc[b], w, j->h + (size_t)b * j->k, k32, j->k);
 }
 
 AVX2_TARGET static inline __m256i i8_dot32_avx2(const int8_t *w, const int8_t *h) {
@@ -363,34 +369,12 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
 /* int8 rows: measured best on Zen 3 (one vpsignb per token) */
 HEAD_ROWS_AVX2(bn_head_rows_i8_avx2, i8_tile_avx2, 2, 4, i8_row_avx2, I8_LOGIT, j->k)
 
-/* One row against tokens 0 and 1, each with the row's four accumulators: the pass that streams a
- * block of rows from memory, one row after another as f16_row_avx2 does (a sequential read, the
- * weights converted once for the two tokens); the tiles of the other tokens find them in L2. */
-AVX2_TARGET static inline void f16_pair_avx2(const bn_head_job *j, int r) {
-    const uint16_t *w = (const uint16_t *)j->w + (size_t)r * j->k;
-    const float *h0 = j->h, *h1 = j->h + j->k;
-    __m256 acc[2][4];
-    for (int b = 0; b < 2; b++)
-        for (int u = 0; u < 4; u++) acc[b][u] = _mm256_setzero_ps();
-    const int k32 = j->k & ~31;
-    for (int k = 0; k < k32; k += 32) {
-        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
-        for (int u = 0; u < 4; u++) {
-            const __m256 wv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + k + 8 * u)));
-            acc[0][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(h0 + k + 8 * u), acc[0][u]);
-            acc[1][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(h1 + k + 8 * u), acc[1][u]);
-        }
-    }
-    j->y[r] = f16_finish(acc[0], w, h0, k32, j->k);
-    j->y[j->y_stride + r] = f16_finish(acc[1], w, h1, k32, j->k);
-}
-
 /* f16 rows: one token (decode) streams the head row after row; several go in tiles over blocks
  * of rows that stay in L2 while every tile of tokens passes (the last tokens in one narrower
  * tile), so the head streams from memory once per call whatever m is. */
 AVX2_TARGET void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1) {
     if (j->m == 1) {
-        for (int r = r0; r < r1; r++) j->y[r] = f16_row_avx2(j, r, 0);
+        for (int r = r0; r < r1; r++) f16_row_avx2(j, r, 1);
         return;
     }
     /* a multiple of every tile's rows (24), so that only the rows past the last block go one at a time */
@@ -398,7 +382,7 @@ AVX2_TARGET void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1) {
     block = block < 24 ? 24 : block > F16_BLOCK_ROWS ? F16_BLOCK_ROWS : block;
     for (int b0 = r0; b0 < r1; b0 += block) {
         const int b1 = r1 - b0 < block ? r1 : b0 + block;
-        for (int r = b0; r < b1; r++) f16_pair_avx2(j, r);
+        for (int r = b0; r < b1; r++) f16_row_avx2(j, r, 2);
         int t = 2;
         for (; t + F16_TT <= j->m; t += F16_TT) f16_block_avx2(j, b0, b1, t, F16_TT);
         switch (j->m - t) { /* constant tile widths, so that the accumulators stay in registers */

@@ -140,14 +140,24 @@ def test_an_unwritable_cache_is_a_note_not_an_error(fresh_choice, tmp_path, monk
     assert kernels.isa_choice()["source"] == "autotune" and "could not be cached" in capfd.readouterr().err
 
 
-def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fresh_choice, monkeypatch, tmp_path):
-    """Timings where the scalar GEMV and the SIMD GEMM win: BN_ISA_TUNED runs them side by side,
-    and every product equals the scalar reference."""
+def timings(gemv: dict, gemm: dict) -> dict:
+    """Fake autotune timings, {layout: {"gemv": gemv, "gemm": gemm}}, seconds per ISA."""
+    return {layout: {"gemv": gemv, "gemm": gemm} for layout in ("i2", "tq1")}
+
+
+def simd_best() -> str:
+    """The rule's ISA, skipping the test on a CPU without a SIMD path to race against scalar."""
     best = kernels.best_isa()
     if best == "scalar":
         pytest.skip("no SIMD path on this CPU")
-    fake = {layout: {"gemv": {"scalar": 1.0, best: 2.0}, "gemm": {"scalar": 2.0, best: 1.0}}
-            for layout in ("i2", "tq1")}
+    return best
+
+
+def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fresh_choice, monkeypatch, tmp_path):
+    """Timings where the scalar GEMV and the SIMD GEMM win: BN_ISA_TUNED runs them side by side,
+    and every product equals the scalar reference."""
+    best = simd_best()
+    fake = timings(gemv={"scalar": 1.0, best: 2.0}, gemm={"scalar": 2.0, best: 1.0})
     monkeypatch.setattr(kernels, "measure_isas", lambda cands: fake)
     _, L = kernels.lib()
     isa = kernels.resolve_isa()
@@ -166,25 +176,22 @@ def test_split_choice_runs_gemv_and_gemm_on_their_own_isas_with_the_same_bits(fr
     forget_choice(monkeypatch)
     for path in cache_files(tmp_path):
         path.unlink()
-    slow_best = {layout: {op: {"scalar": 1.0, best: 2.0} for op in ("gemv", "gemm")} for layout in ("i2", "tq1")}
+    slow_best = timings(gemv={"scalar": 1.0, best: 2.0}, gemm={"scalar": 1.0, best: 2.0})
     monkeypatch.setattr(kernels, "measure_isas", lambda cands: slow_best)
     assert kernels.resolve_isa() == L.BN_ISA_TUNED and kernels.isa_name(L.BN_ISA_TUNED, "i2") == "scalar"
     # a margin: the rule's ISA stays unless another is clearly faster
-    near = {layout: {op: {"scalar": 0.99, best: 1.0} for op in ("gemv", "gemm")} for layout in ("i2", "tq1")}
+    near = timings(gemv={"scalar": 0.99, best: 1.0}, gemm={"scalar": 0.99, best: 1.0})
     assert kernels._fastest(near) == {layout: {"gemv": best, "gemm": best} for layout in ("i2", "tq1")}
 
 
 def test_the_engine_on_a_split_choice_gives_the_same_logits(fresh_choice, monkeypatch, tmp_path):
     """GEMV on the best ISA, GEMM on the scalar one: the logits of the best ISA alone, bit for bit
     (the tuned path keeps the best ISA's head, whose float summation order is its own)."""
-    best = kernels.best_isa()
-    if best == "scalar":
-        pytest.skip("no SIMD path on this CPU")
+    best = simd_best()
     from bitnet_cli.bench import target
     from bitnet_cli.engine import Engine
 
-    fake = {layout: {"gemv": {"scalar": 2.0, best: 1.0}, "gemm": {"scalar": 1.0, best: 2.0}}
-            for layout in ("i2", "tq1")}
+    fake = timings(gemv={"scalar": 2.0, best: 1.0}, gemm={"scalar": 1.0, best: 2.0})
     monkeypatch.setattr(kernels, "measure_isas", lambda cands: fake)
     path = target.from_shape("tiny", "f16", tmp_path / "synthetic").ensure_file()
     ids = [5, 17, 99, 3, 250, 42]
