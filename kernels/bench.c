@@ -2,7 +2,8 @@
  *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1]
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
- *   build/bench [threads] [isa] head     the output head alone (f16, int8, q4 and q6 rows), one token
+ *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
+ *                                        m tokens (default 1): ms per call and per extra token
  * `bitnet bench` is the user-facing tool; this is for machines without the Python stack. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,6 +83,19 @@ static void bench_kernel(int threads, int isa, int layout) {
     for (int c = 0; c < copies; c++) free(w[c]);
 }
 
+/* CPU seconds of the whole process: on a shared machine, what a run cost however the scheduler
+ * sliced it (the wall clock also counts the time other processes held the cores) */
+static double cpu_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
 /* bytes of one output-head row of `hidden` inputs, values and per-row scale, per BN_EMB_* type */
 static double head_row_bytes(int type, int hidden) {
     const double bytes[] = {2.0 * hidden, hidden + 4.0,
@@ -90,42 +104,47 @@ static double head_row_bytes(int type, int hidden) {
     return bytes[type];
 }
 
-/* the output head alone on the 2B4T shape (128256 x 2560), one decoded token, per row type */
-static void bench_head(int threads, int isa) {
+/* the output head alone on the 2B4T shape (128256 x 2560) against m tokens (decoded rows of a
+ * batch step), per row type: ms per call, and per token beyond the first (what an extra stream costs) */
+static void bench_head(int threads, int isa, const int *ms, int n_ms) {
     const int V = 128256, H = 2560;
     const char *names[] = {"f16", "i8", "q4", "q6"};
+    int m_max = 1;
+    for (int i = 0; i < n_ms; i++) m_max = ms[i] > m_max ? ms[i] : m_max;
     uint16_t *w16 = malloc(sizeof(uint16_t) * (size_t)V * H);
     for (size_t i = 0; i < (size_t)V * H; i++) w16[i] = (uint16_t)(0x2000 + (i * 2654435761u >> 20) % 0x1000);
     void *rows[] = {w16, filled((size_t)V * H, 9), filled((size_t)V * (H / 64) * sizeof(bn_q4_block), 10),
                     filled((size_t)V * (H / 256) * sizeof(bn_q6_block), 12)};
     /* q6: finite block scales d (random bytes would hold infinities and NaNs) */
     for (size_t i = 0; i < (size_t)V * (H / 256); i++) ((bn_q6_block *)rows[3])[i].d = 0x1c00;
-    float *scale = ones(V), *h = ones(H), *y = malloc(sizeof(float) * V);
+    float *scale = ones(V), *h = malloc(sizeof(float) * (size_t)m_max * H), *y = malloc(sizeof(float) * (size_t)m_max * V);
+    for (size_t i = 0; i < (size_t)m_max * H; i++) h[i] = (float)((int)(i * 2654435761u >> 24) - 128) / 128.0f;
     bn_pool *pool = bn_pool_new(threads);
     for (int type = 0; type < 4; type++) {
-        double t[15];
-        for (int rep = 0; rep < 15; rep++) {
-            double t0 = now();
-            bn_head_logits(pool, isa, type, rows[type], scale, V, H, h, 1, y);
-            t[rep] = now() - t0;
+        double t1 = 0, cpu1 = 0;
+        for (int i = 0; i < n_ms; i++) {
+            const int m = ms[i], reps = m > 4 ? 5 : 9;
+            double t[9], cpu[9];
+            for (int rep = 0; rep < reps; rep++) {
+                double t0 = now(), c0 = cpu_now();
+                bn_head_logits(pool, isa, type, rows[type], scale, V, H, h, m, y);
+                t[rep] = now() - t0, cpu[rep] = cpu_now() - c0;
+            }
+            qsort(t, reps, sizeof t[0], cmp_double);
+            qsort(cpu, reps, sizeof cpu[0], cmp_double);
+            const double med = t[reps / 2], cpu_med = cpu[reps / 2];
+            if (m == 1) t1 = med, cpu1 = cpu_med;
+            printf("head %s %dx%d m=%d: %.2f ms median (CPU %.2f ms), %.1f GB/s", names[type], V, H, m, med * 1e3,
+                   cpu_med * 1e3, V * head_row_bytes(type, H) / med / 1e9);
+            if (m > 1 && t1 > 0)
+                printf(", per token beyond the first %.2f ms (CPU %.2f ms)", (med - t1) / (m - 1) * 1e3,
+                       (cpu_med - cpu1) / (m - 1) * 1e3);
+            printf("\n");
         }
-        for (int a = 0; a < 15; a++) /* median */
-            for (int b = a + 1; b < 15; b++)
-                if (t[b] < t[a]) {
-                    double s = t[a];
-                    t[a] = t[b], t[b] = s;
-                }
-        printf("head %s %dx%d: %.2f ms median, %.1f GB/s\n", names[type], V, H, t[7] * 1e3,
-               V * head_row_bytes(type, H) / t[7] / 1e9);
     }
     bn_pool_free(pool);
     for (int type = 0; type < 4; type++) free(rows[type]);
     free(scale), free(h), free(y);
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int main(int argc, char **argv) {
@@ -137,7 +156,11 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc > 3 && !strcmp(argv[3], "head")) {
-        bench_head(threads, isa);
+        int ms[16], n_ms = 0;
+        for (int i = 4; i < argc && n_ms < 16; i++)
+            if ((ms[n_ms] = atoi(argv[i])) >= 1) n_ms++;
+        if (!n_ms) ms[n_ms++] = 1;
+        bench_head(threads, isa, ms, n_ms);
         return 0;
     }
     const char *head = argc > 4 ? argv[4] : "f16";
