@@ -1,7 +1,7 @@
 """Load test of `bitnet serve` (and llama.cpp's `llama-server` side by side): aggregate generated
 tokens/s with 1, 4, 8 and 16 concurrent streams, and p50/p99 time to first token and inter-token
 latency at each level, for each request mix; the engine's batched decode step beside a prefill
-chunk; and the memory each extra slot costs.
+chunk; pp128 without the server; the memory each extra slot costs; and issue 16's targets as ratios.
 
     python benchmarks/serve_load.py --shape 2b4t --threads 2 [--streams 1,4,8,16] [--mix 128x64,32x256] \\
         [--llama-server /tmp/anchors/llama.cpp/build/bin/llama-server] [--out DIR]
@@ -24,6 +24,10 @@ each server in turn, after a warm-up request. Figures:
   engine steps   in this process, no HTTP: one Engine.forward_batch of M decode rows (M sequences,
                  one token each, every logits row wanted) against one prefill chunk of M tokens of
                  one sequence (its last row wanted), interleaved, medians of --step-repeats
+  pp128, tg64    `bitnet bench --what e2e --prompts 128 --generate 64` on the same file and threads,
+                 medians of --step-repeats runs (before the servers)
+  targets        8 streams / 1 stream (>= 2.5x), 16 streams / pp128 (>= 0.75), and at 8 streams ours /
+                 llama-server's tokens/s (>= 1.5x) with both TTFT p50 (ours no worse)
   bytes per slot (RSS of the --parallel server after the largest level - RSS of a one-slot server
                  after the same requests one at a time) / (parallel - 1), beside the KV cache a
                  slot's positions take (KV caches are allocated zeroed: pages count once written)
@@ -53,6 +57,8 @@ from bitnet_cli.errors import BitnetError, run_script
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+REFERENCE_PROMPT, REFERENCE_GENERATE = 128, 64  # the e2e run the streams are held against
+TARGET_X8, TARGET_X16_PP, TARGET_X8_LLAMA = 2.5, 0.75, 1.5  # issue 16
 
 
 class ServerProcess:
@@ -289,6 +295,48 @@ def engine_steps(packed: Path, args, vocab: int) -> dict:
     return {"cached_positions": fill, "repeats": args.step_repeats, "rows": rows}
 
 
+def e2e_reference(packed: Path, args) -> dict:
+    """`bitnet bench --what e2e --prompts 128 --generate 64` on the same file and threads (its own
+    worker process, --step-repeats loads): pp128, the ceiling the batched streams are held to, and
+    tg64, one stream decoding without the server."""
+    from bitnet_cli.bench import e2e
+
+    print(f"e2e: pp{REFERENCE_PROMPT} and tg{REFERENCE_GENERATE}, {args.step_repeats} runs", file=sys.stderr, flush=True)
+    row = e2e.run(packed, [args.threads], args.step_repeats, prompts=(REFERENCE_PROMPT,), generate=REFERENCE_GENERATE)[0]
+    return {"repeats": args.step_repeats} | {name: round(s["median"], 2) for name, s in row["tokens_per_s"].items()}
+
+
+def targets(mix: dict, e2e_rates: dict | None) -> dict:
+    """Issue 16's targets for one mix, as ratios: 8 streams against one, 16 streams against pp128,
+    and at 8 streams our aggregate tokens/s and TTFT p50 against llama-server's."""
+    ours = {r["streams"]: r for r in mix["servers"].get("bitnet serve", [])}
+    theirs = {r["streams"]: r for r in mix["servers"].get("llama-server", [])}
+    out = {}
+    if 1 in ours and 8 in ours:
+        out["x8_over_1"] = round(ours[8]["tokens_per_s"] / ours[1]["tokens_per_s"], 2)
+    pp = (e2e_rates or {}).get(f"pp{REFERENCE_PROMPT}")
+    if 16 in ours and pp:
+        out["x16_over_pp"] = round(ours[16]["tokens_per_s"] / pp, 2)
+    if 8 in ours and 8 in theirs:
+        out["x8_over_llama_server"] = round(ours[8]["tokens_per_s"] / theirs[8]["tokens_per_s"], 2)
+        out["ttft_p50_ms_8"] = {"ours": ours[8]["ttft_ms_p50"], "llama-server": theirs[8]["ttft_ms_p50"]}
+    return out
+
+
+def targets_line(t: dict) -> str:
+    parts = []
+    if "x8_over_1" in t:
+        parts.append(f"8 streams {t['x8_over_1']:.2f}x one stream (target >= {TARGET_X8:g}x)")
+    if "x16_over_pp" in t:
+        parts.append(f"16 streams {t['x16_over_pp']:.2f} of pp{REFERENCE_PROMPT} (target >= {TARGET_X16_PP:g})")
+    if "x8_over_llama_server" in t:
+        ttft = t["ttft_p50_ms_8"]
+        parts.append(f"8 streams {t['x8_over_llama_server']:.2f}x llama-server's tokens/s (target >= "
+                     f"{TARGET_X8_LLAMA:g}x), TTFT p50 {ttft['ours']} ms against {ttft['llama-server']} ms "
+                     "(target: no worse)")
+    return "Targets (issue 16): " + "; ".join(parts) + "." if parts else ""
+
+
 def slot_bytes(packed: Path, args, vocab: int, logs: Path) -> list[int | None]:
     """RSS of a one-slot server after a warm-up and one request of each mix, one value per mix."""
     server = start_ours(packed, args, 1, logs)
@@ -367,8 +415,16 @@ def markdown(results: dict) -> str:
                           f"{max(m['streams'])} streams against 1 slot after the same requests one at a time); the KV "
                           f"cache of the {mix['prompt'] + mix['generate']} positions a request fills is "
                           f"{mix['kv_bytes_used_per_slot']} bytes."]
+        if mix.get("targets"):
+            lines += ["", targets_line(mix["targets"])]
         if "llama_server_error" in mix:
             lines += ["", f"llama-server failed during the run: {mix['llama_server_error']}"]
+    ref = results.get("e2e")
+    if ref:
+        lines += ["", f"## Without the server\n\n`bitnet bench --what e2e --prompts {REFERENCE_PROMPT} --generate "
+                      f"{REFERENCE_GENERATE} --threads {m['threads']}` on the same file, medians of {ref['repeats']} "
+                      f"runs: pp{REFERENCE_PROMPT} {ref[f'pp{REFERENCE_PROMPT}']} tok/s, tg{REFERENCE_GENERATE} "
+                      f"{ref[f'tg{REFERENCE_GENERATE}']} tok/s."]
     steps = results.get("engine_steps")
     if steps:
         lines += ["", f"## Engine steps (no HTTP; {steps['cached_positions']} positions cached per sequence, medians "
@@ -397,7 +453,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="a packed model file (default: the synthetic --shape)")
     p.add_argument("--shape", default="2b4t", help="synthetic model shape (bitnet_cli.arch presets)")
-    p.add_argument("--embeddings", default="f16", help="head of the synthetic model: f16, int8 or q4")
+    p.add_argument("--embeddings", default="f16", help="head of the synthetic model: f16, int8, q6 or q4")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--streams", default="1,4,8,16", help="concurrency levels, comma-separated ('': the engine steps only)")
     p.add_argument("--parallel", type=int, help="server slots (default: the largest level)")
@@ -430,7 +486,10 @@ def main(argv: list[str]) -> int:
     results: dict = {"mixes": [{"prompt": pr, "generate": g, "servers": {}} for pr, g in args.mixes]}
     if args.steps:
         results["engine_steps"] = engine_steps(packed, args, vocab)
+    results["e2e"] = e2e_reference(packed, args)
     kv_slot = run_servers(packed, args, vocab, kv_token, results) if args.streams else None
+    for mix in results["mixes"]:
+        mix["targets"] = targets(mix, results["e2e"])
     results["meta"] = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join([sys.argv[0], *argv]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",

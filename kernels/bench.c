@@ -62,7 +62,9 @@ static void bench_kernel(int threads, int isa, int layout) {
         double p = bn_mac_peak(isa, 1L << 22);
         if (p > peak) peak = p;
     }
-    for (int m = 1; m <= 64; m *= 64) {
+    static const int token_counts[] = {1, 4, 8, 16, 64}; /* decode, batched decode steps, a prefill chunk */
+    for (size_t mi = 0; mi < sizeof token_counts / sizeof token_counts[0]; mi++) {
+        const int m = token_counts[mi];
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
         double best = 1e9;
