@@ -273,18 +273,17 @@ AVX2_TARGET static inline __m256i hsum8_epi32_avx2(__m256i a0, __m256i a1, __m25
 
 /* Tiles of the integer heads with several tokens: one row against TT <= HEAD_TT tokens. A row's
  * weight vector (its sign and magnitude, or its decoded 6-bit codes) is made once for the TT
- * tokens, the TT accumulators stay in registers and are reduced together (hsum8_epi32_avx2), and
- * the logits of the TT tokens come out as one vector. Measured on Zen 3, one thread, 16 tokens
+ * tokens, and the TT accumulators stay in registers and are reduced together (hsum8_epi32_avx2)
+ * into one vector of the TT tokens' sums. Measured on Zen 3, one thread, 16 tokens
  * (`build/bench 1 1 head 16`) against the former tiles of two rows x four tokens: int8 96 -> 84 ms,
- * q6 254 -> 92 ms. int8 is then at 1.3 cycles per 32 inputs and token against the 1.0 its two
- * multiplies (vpmaddubsw, vpmaddwd: an exact dot cannot add two pair sums in int16) on Zen 3's
- * two multiply pipes allow. */
+ * q6 254 -> 92 ms. int8 is then at 1.3 cycles per 32 inputs and token (at the 2.5 GHz the
+ * measured MAC peak implies) against the 1.0 that its two multiplies (vpmaddubsw, vpmaddwd: an
+ * exact dot cannot add two pair sums in int16) on Zen 3's two multiply pipes allow. */
 #define HEAD_TT 8
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
  * moved onto it (vpsignb), so |w| * (sign(w) h) = w h; a pair sum is at most 2 * 128 * 127,
- * inside int16, and widens to int32 at once (vpmaddwd by ones). The logits are i8_logit's
- * float expression, lane by lane. */
+ * inside int16, and widens to int32 at once (vpmaddwd by ones). */
 AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const bn_head_job *j, int r, int t,
                                                                          const int TT) {
     const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;

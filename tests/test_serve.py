@@ -376,5 +376,27 @@ def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
         assert isinstance(mix["bytes_per_slot"], int)
     assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
     assert [row["rows"] for row in res["engine_steps"]["rows"]] == [1, 3]
+    assert res["e2e"]["pp128"] > 0 and res["e2e"]["tg64"] > 0 and res["e2e"]["repeats"] == 2
     report = (tmp_path / "SERVE_LOAD.md").read_text()
-    assert "| bitnet serve | 3 |" in report and "## Engine steps" in report
+    assert "| bitnet serve | 3 |" in report and "## Engine steps" in report and "## Without the server" in report
+
+
+def test_the_load_benchmark_states_issue_16s_targets_as_ratios():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import serve_load
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    level = lambda streams, rate, ttft: {"streams": streams, "tokens_per_s": rate, "ttft_ms_p50": ttft}  # noqa: E731
+    mix = {"servers": {"bitnet serve": [level(1, 20.0, 300.0), level(8, 50.0, 2000.0), level(16, 60.0, 3000.0)],
+                       "llama-server": [level(1, 15.0, 700.0), level(8, 25.0, 5000.0)]}}
+    t = serve_load.targets(mix, {"pp128": 80.0, "tg64": 30.0})
+    assert t == {"x8_over_1": 2.5, "x16_over_pp": 0.75, "x8_over_llama_server": 2.0,
+                 "ttft_p50_ms_8": {"ours": 2000.0, "llama-server": 5000.0}}
+    line = serve_load.targets_line(t)
+    assert "8 streams 2.50x one stream (target >= 2.5x)" in line
+    assert "16 streams 0.75 of pp128 (target >= 0.75)" in line
+    assert "2.00x llama-server's tokens/s (target >= 1.5x), TTFT p50 2000.0 ms against 5000.0 ms" in line
+    # levels that did not run give no ratio, and no line at all when none is left
+    assert serve_load.targets({"servers": {"bitnet serve": [level(1, 20.0, 300.0)]}}, None) == {}
+    assert serve_load.targets_line({}) == ""
