@@ -9,7 +9,8 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   accumulated exactly in int32; both scales are applied in the kernel's epilogue.
 * grad_input: ``dX = (Gq @ T) * (1 / s_g[token])`` with ``Gq = round(G / s_w * s_g)``, the output
   gradient (times the weight's scale) quantised per token to int8 the same way (round to
-  nearest, absmax scale). This is the
+  nearest, absmax scale; the absmax floored at ``GRAD_ABSMAX_FLOOR``, not the activations'
+  1e-5, which training gradients are far below). This is the
   "SwitchBack" choice (Wortsman et al., 2023: int8 forward and input gradient, 16-bit weight
   gradient): the per-row scale follows each token's gradient magnitude, so a row's error is at
   most 1/254 of its own largest entry, and the straight-through estimator already treats this
@@ -195,9 +196,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
 
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
-    fake-quantised path. ``auto`` is ``off`` for now: on an H200 the int8 path trained
-    recipes/small.yaml slower than the plain one, and to a far worse loss (benchmarks/RESULTS.md,
-    GPU training, session 7); auto should pick it only where it is measured to train as well, faster.
+    fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer (1.09x
+    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training), and
+    the paper shapes have no measured gain either; auto should pick it where it is measured faster.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
