@@ -9,7 +9,8 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   accumulated exactly in int32; both scales are applied in the kernel's epilogue.
 * grad_input: ``dX = (Gq @ T) * (1 / s_g[token])`` with ``Gq = round(G / s_w * s_g)``, the output
   gradient (times the weight's scale) quantised per token to int8 the same way (round to
-  nearest, absmax scale). This is the
+  nearest, absmax scale; the absmax floored at ``GRAD_ABSMAX_FLOOR``, not the activations'
+  1e-5, which training gradients are far below). This is the
   "SwitchBack" choice (Wortsman et al., 2023: int8 forward and input gradient, 16-bit weight
   gradient): the per-row scale follows each token's gradient magnitude, so a row's error is at
   most 1/254 of its own largest entry, and the straight-through estimator already treats this
@@ -49,14 +50,23 @@ from bitnet_cli.errors import BitnetError
 # ----------------------------------------------------------------------------- quantisers
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# The floor of a gradient row's absmax in :func:`quantize_rows`. Activations keep the plain path's
+# 1e-5, but output gradients are far smaller: with the loss a mean over B tokens each entry is of
+# order 1/B (3e-5 at 32k tokens per step), times s_w^-1 = mean|W| (about 0.02) where it is folded in,
+# so a 1e-5 floor would round nearly every entry to 0 (the int8 path then trained to a loss of 6.2
+# instead of 3.2 on an H200). 1e-30 is below any gradient that matters, and 127 / 1e-30 still fits fp32.
+GRAD_ABSMAX_FLOOR = 1e-30
+
+
+def quantize_rows(x: torch.Tensor, floor: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8, the plain path's activation arithmetic in fp32.
 
-    Returns ``(q, s)``: ``q = clamp(round(x * s), -128, 127)`` as int8 and ``s = 127 / max|x|``
-    (fp32, one per row), so that ``q / s`` is bit for bit the plain path's dequantised tensor.
+    Returns ``(q, s)``: ``q = clamp(round(x * s), -128, 127)`` as int8 and ``s = 127 / max(max|x|, floor)``
+    (fp32, one per row), so that with the default floor ``q / s`` is bit for bit the plain path's
+    dequantised tensor. Gradients pass ``GRAD_ABSMAX_FLOOR`` instead (see there).
     """
     xf = x.float()
-    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=floor)
     q = (xf * s).round().clamp(-128, 127).to(torch.int8)
     return q, s.squeeze(-1)
 
@@ -138,7 +148,7 @@ class _Int8Linear(torch.autograd.Function):
             if ctx.int8_grad:
                 # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
                 # product's reduction, where one scale per projection cannot be applied afterwards.
-                gq, s_g = quantize_rows(g.float() * col_scale)
+                gq, s_g = quantize_rows(g.float() * col_scale, GRAD_ABSMAX_FLOOR)
                 grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
             else:
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
@@ -186,9 +196,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
 
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
-    fake-quantised path. ``auto`` is ``off`` for now: on an H200 the int8 path trained
-    recipes/small.yaml slower than the plain one, and to a far worse loss (benchmarks/RESULTS.md,
-    GPU training, session 7); auto should pick it only where it is measured to train as well, faster.
+    fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer (1.09x
+    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training), and
+    the paper shapes have no measured gain either; auto should pick it where it is measured faster.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False

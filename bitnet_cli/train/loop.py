@@ -400,9 +400,6 @@ class _Run:
             n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache)
             how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
             say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
-            if device.type == "cuda":
-                say("[yellow]warning: on an H200 the int8 path trained to a far worse loss than the plain one "
-                    "(benchmarks/RESULTS.md, GPU training, session 7): for experiments only[/]")
         model = D.wrap(model, t.distributed, info, device)
         opt = make_optimizer(model, recipe, device)
         start_step, prior_seconds = 0, 0.0
