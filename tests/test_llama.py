@@ -159,7 +159,7 @@ def test_packed_llama_on_the_engine_matches_transformers(packed_llama):
     ckpt, packed = packed_llama
     ids = np.random.default_rng(0).integers(2, 389, 100)  # past original_max_position_embeddings=64
     with torch.no_grad():
-        want = load_hf_llama_reference(ckpt)(torch.tensor([ids])).logits[0].numpy()
+        want = load_hf_llama_reference(ckpt)(torch.from_numpy(ids[None])).logits[0].numpy()
     with PackedModel.open(packed) as pm:
         assert pm.metadata["format_version"] == "2"
         assert pm.dims.family == "llama" and pm.dims.hidden_act == "silu" and not pm.dims.sub_norms

@@ -56,7 +56,7 @@ def test_packed_qwen2_holds_the_biases_and_matches_transformers_on_the_engine(qw
     ckpt, packed, convention = qwen2
     ids = np.random.default_rng(0).integers(2, 389, 100)
     with torch.no_grad():
-        want = load_hf_llama_reference(ckpt)(torch.tensor([ids])).logits[0].numpy()
+        want = load_hf_llama_reference(ckpt)(torch.from_numpy(ids[None])).logits[0].numpy()
     source = load_file(str(ckpt / "model.safetensors"))
     with PackedModel.open(packed) as pm:
         assert pm.metadata["format_version"] == "3" and pm.dims.family == "qwen2"

@@ -61,7 +61,7 @@ def test_packed_file_holds_the_norms_and_matches_transformers_on_the_engine(norm
     ckpt, packed = normed
     ids = np.random.default_rng(0).integers(2, 389, 48)
     with torch.no_grad():
-        want = load_hf_llama_reference(ckpt)(torch.tensor([ids])).logits[0].numpy()
+        want = load_hf_llama_reference(ckpt)(torch.from_numpy(ids[None])).logits[0].numpy()
     source = load_file(str(ckpt / "model.safetensors"))
     with PackedModel.open(packed) as pm:
         assert pm.metadata["format_version"] == "3" and pm.dims.bitlinear_norm_eps == EPS
