@@ -224,8 +224,9 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
 }
 
 /* The output head on ragged shapes and 1..17 tokens (tiles of up to 8 tokens and every narrower
- * tail; the shapes of 301 rows span several blocks of rows, the last one ragged): int8 and q4 rows are an exact integer dot, so every ISA matches the scalar
- * path bit for bit (and the integer sum computed here); f16 rows agree up to float summation order. */
+ * tail; the shapes of 301 rows span several blocks of rows, the last one ragged): int8 and q4 rows
+ * are an exact integer dot, so every ISA matches the scalar path bit for bit (and the integer sum
+ * computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
     static const int shapes[][3] = {{1, 1, 1},   {3, 9, 31},   {5, 37, 100},
                                     {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}, {1, 5, 100}, {1, 4, 40},

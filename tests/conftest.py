@@ -144,6 +144,16 @@ def write_shards(tensors: dict, out_dir: Path, shards: int, save_file) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is scripts, not a package), to test its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_hf_reference(ckpt_dir: Path):
     """transformers' own BitNetForCausalLM from `ckpt_dir`, fp32, eval mode: the reference forward."""
     import torch

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 from typer.testing import CliRunner
 
 from bitnet_cli.bench import anchors, kernels_api, micro, report, roofline, suite
@@ -265,11 +266,7 @@ def test_json_output_schema_and_consistency(tiny_results, tiny_model):
 
 
 def test_benchmarks_markdown_states_machine_command_and_numbers(tiny_results):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "benchmarks" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("run")
     res, _ = tiny_results
     text = module.markdown(res, "python benchmarks/run.py --shape tiny", "bench.png")
     assert "`python benchmarks/run.py --shape tiny`" in text and res["machine"]["cpu"] in text

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, make_hf_checkpoint
+from conftest import REPO, load_benchmark, make_hf_checkpoint
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -382,11 +382,7 @@ def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
 
 
 def test_the_load_benchmark_states_issue_16s_targets_as_ratios():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import serve_load
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    serve_load = load_benchmark("serve_load")
     level = lambda streams, rate, ttft: {"streams": streams, "tokens_per_s": rate, "ttft_ms_p50": ttft}  # noqa: E731
     mix = {"servers": {"bitnet serve": [level(1, 20.0, 300.0), level(8, 50.0, 2000.0), level(16, 60.0, 3000.0)],
                        "llama-server": [level(1, 15.0, 700.0), level(8, 25.0, 5000.0)]}}
