@@ -326,10 +326,119 @@ AVX512VNNI_TARGET static inline __m512i dot_vnni512(__m512i acc, __m512i c, __m5
 }
 
 I2_ROW_AVX512(i2_row_avx512, AVX512_TARGET, dot_maddubs512)
-I2_ROW_AVX512(i2_row_avx512vnni, AVX512VNNI_TARGET, dot_vnni512)
-
 I2_ROWS_TOKENS(i2_rows_avx512_tokens, AVX512_TARGET, i2_row_avx512)
-I2_ROWS_TOKENS(i2_rows_avx512vnni_tokens, AVX512VNNI_TARGET, i2_row_avx512vnni)
+
+/* out[i] = the sum of v[i]'s 16 int32 lanes for 8 vectors at once: 15 shuffles and 8 adds, against
+ * 8 separate reductions' 32 and 32. Each step halves the lanes per vector and packs two vectors
+ * into one register: 256-bit halves, then 128-bit quarters, then within 128-bit lanes. */
+AVX512_TARGET static inline __attribute__((always_inline)) void bn_hsum8_epi32_avx512(const __m512i v[8],
+                                                                                    int32_t out[8]) {
+    __m512i s[4]; /* s[p]: quarters (q0 + q2, q1 + q3) of v[2p], then of v[2p + 1] */
+    for (int p = 0; p < 4; p++)
+        s[p] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0x44),
+                                _mm512_shuffle_i32x4(v[2 * p], v[2 * p + 1], 0xee));
+    /* u[h]: quarter q holds 4 lanes whose sum is v[4h + q]'s */
+    const __m512i u0 = _mm512_add_epi32(_mm512_shuffle_i32x4(s[0], s[1], 0x88), _mm512_shuffle_i32x4(s[0], s[1], 0xdd));
+    const __m512i u1 = _mm512_add_epi32(_mm512_shuffle_i32x4(s[2], s[3], 0x88), _mm512_shuffle_i32x4(s[2], s[3], 0xdd));
+    /* per quarter q: (u0[0] + u0[2], u1[0] + u1[2], u0[1] + u0[3], u1[1] + u1[3]), then the 64-bit
+     * halves swapped and added: lane 0 is v[q]'s sum, lane 1 v[4 + q]'s */
+    __m512i a = _mm512_add_epi32(_mm512_unpacklo_epi32(u0, u1), _mm512_unpackhi_epi32(u0, u1));
+    a = _mm512_add_epi32(a, _mm512_shuffle_epi32(a, (_MM_PERM_ENUM)0x4e));
+    int32_t lanes[16];
+    _mm512_storeu_si512(lanes, a);
+    for (int q = 0; q < 4; q++) out[q] = lanes[4 * q], out[4 + q] = lanes[4 * q + 1];
+}
+
+/* The VNNI GEMM tile: RN rows (up to 2) x TN tokens (up to 4), two accumulators per pair, so the
+ * full tile keeps 16 independent vpdpbusd chains (the 5-cycle latency needs 5 at one a cycle).
+ * Codes without shifts: the block's 32 bytes sit in both halves of a zmm; w & (0x03 | 0x0c)
+ * gives code 0 (inputs 0..31) in the low half and 4 * code 1 (inputs 32..63) in the high one,
+ * w & (0x30 | 0xc0) gives 16 * code 2 and 64 * code 3 (inputs 64..127); vpdpbusd takes them
+ * unsigned, so each int32 lane sums products of one scale, and an exact arithmetic shift per
+ * lane (0/2 and 4/6) divides it back at the end. Bounds: a lane adds 4 products of <= 128 * 128
+ * per block, so <= 65536 * kp / 128 (3.5 M at kp = 6912, 2^31 at kp = 4.2 M). One load and two
+ * vpandd per row and block feed 2 * TN vpdpbusd; no shift competes for vpdpbusd's port. */
+AVX512VNNI_TARGET static inline __attribute__((always_inline)) void i2_tile_vnni(const bn_i2_job *j, int r, int t0,
+                                                                                const int RN, const int TN) {
+    const __m512i mask01 = _mm512_inserti64x4(_mm512_set1_epi8(0x03), _mm256_set1_epi8(0x0c), 1);
+    const __m512i mask23 = _mm512_inserti64x4(_mm512_set1_epi8(0x30), _mm256_set1_epi8((char)0xc0), 1);
+    const int nb = j->kp / BLOCK;
+    const size_t row = (size_t)j->kp / 4;
+    const uint8_t *wr = j->w + (size_t)r * row;
+    const int8_t *x = j->xq + (size_t)t0 * j->kp;
+    __m512i acc01[2][4], acc23[2][4];
+    for (int i = 0; i < RN; i++)
+        for (int t = 0; t < TN; t++) acc01[i][t] = acc23[i][t] = _mm512_setzero_si512();
+    for (int b = 0; b < nb; b++) {
+        __m512i c01[2], c23[2];
+        for (int i = 0; i < RN; i++) {
+            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(wr + i * row + b * BLOCK_BYTES)));
+            c01[i] = _mm512_and_si512(w, mask01);
+            c23[i] = _mm512_and_si512(w, mask23);
+        }
+        for (int t = 0; t < TN; t++) {
+            const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
+            const __m512i x01 = _mm512_loadu_si512(xb), x23 = _mm512_loadu_si512(xb + 64);
+            for (int i = 0; i < RN; i++) {
+                acc01[i][t] = _mm512_dpbusd_epi32(acc01[i][t], c01[i], x01);
+                acc23[i][t] = _mm512_dpbusd_epi32(acc23[i][t], c23[i], x23);
+            }
+        }
+    }
+    /* The accumulators leave through memory: with the reduction below reading them straight from
+     * registers, gcc 12 copied all 16 from register to register (and one to the stack) inside
+     * the block loop, 17 extra moves per 16 vpdpbusd; the stores here keep the loop clean. */
+    __m512i kept01[8], kept23[8];
+    for (int i = 0; i < RN; i++)
+        for (int t = 0; t < TN; t++) {
+            _mm512_storeu_si512(&kept01[i * 4 + t], acc01[i][t]);
+            _mm512_storeu_si512(&kept23[i * 4 + t], acc23[i][t]);
+        }
+    __asm__ volatile("" : : "r"(kept01), "r"(kept23) : "memory");
+    const __m512i shift01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi32(2), 1);
+    const __m512i shift23 = _mm512_add_epi32(shift01, _mm512_set1_epi32(4));
+    __m512i sums[8];
+    for (int i = 0; i < RN; i++)
+        for (int t = 0; t < TN; t++)
+            sums[i * 4 + t] = _mm512_add_epi32(_mm512_srav_epi32(_mm512_loadu_si512(&kept01[i * 4 + t]), shift01),
+                                               _mm512_srav_epi32(_mm512_loadu_si512(&kept23[i * 4 + t]), shift23));
+    if (RN == 2 && TN == 4) { /* the full tile: its 8 sums reduced together */
+        int32_t total[8];
+        bn_hsum8_epi32_avx512(sums, total);
+        for (int i = 0; i < 2; i++)
+            for (int t = 0; t < 4; t++) bn_i2_store(j, t0 + t, r + i, total[i * 4 + t]);
+    } else {
+        for (int i = 0; i < RN; i++)
+            for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r + i, _mm512_reduce_add_epi32(sums[i * 4 + t]));
+    }
+}
+
+/* Row pairs of one row tile meet each group of 4 tokens (then the last 1-3) while the tile's
+ * weights and the group's activations sit in L1; an odd last row takes the one-row tile. */
+#define I2_TILE_ROWS_VNNI(NAME, TN)                                                                   \
+    AVX512VNNI_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ta, int tb, int t) { \
+        int r = ta;                                                                                   \
+        for (; r + 2 <= tb; r += 2) i2_tile_vnni(j, r, t, 2, TN);                                      \
+        if (r < tb) i2_tile_vnni(j, r, t, 1, TN);                                                      \
+    }
+I2_TILE_ROWS_VNNI(i2_tile_rows_vnni4, 4)
+I2_TILE_ROWS_VNNI(i2_tile_rows_vnni3, 3)
+I2_TILE_ROWS_VNNI(i2_tile_rows_vnni2, 2)
+I2_TILE_ROWS_VNNI(i2_tile_rows_vnni1, 1)
+
+AVX512VNNI_TARGET static void i2_rows_avx512vnni_tokens(const bn_i2_job *j, int r0, int r1) {
+    const int tile = (row_tile(j) + 1) & ~1; /* whole row pairs */
+    for (int ta = r0; ta < r1; ta += tile) {
+        const int tb = r1 - ta < tile ? r1 : ta + tile;
+        int t = 0;
+        for (; t + 4 <= j->m; t += 4) i2_tile_rows_vnni4(j, ta, tb, t);
+        switch (j->m - t) {
+        case 3: i2_tile_rows_vnni3(j, ta, tb, t); break;
+        case 2: i2_tile_rows_vnni2(j, ta, tb, t); break;
+        case 1: i2_tile_rows_vnni1(j, ta, tb, t); break;
+        }
+    }
+}
 
 /* Decode on AVX-512 machines takes the AVX2 GEMV: it streams the weights faster (on a Xeon with
  * AVX-512 VNNI, 2 threads, the FFN shape: 13.0 GB/s against 10.7 for the AVX-512 GEMV and 10.4

@@ -126,19 +126,70 @@ static void test_gemm_shapes(void) {
     bn_pool_free(pool);
 }
 
+/* The multi-token (GEMM) tiles: 2 rows x 4 tokens on AVX-512 VNNI, with 1-3 token and 1 row
+ * tails, against the scalar reference for token counts around the tile's 4 and row ranges of
+ * every parity (row kernels called directly on [r0, r1), so tiles start on odd rows too; and
+ * through bn_gemm_ternary on a pool of 3 threads). */
+static void test_gemm_tiles(void) {
+    static const int ms[] = {2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
+    static const int ranges[][2] = {{0, 1}, {0, 2}, {1, 4}, {3, 10}, {0, 53}, {5, 58}, {1, 60}};
+    static const int kps[] = {256, 2560};
+    const int n = 61;
+    bn_pool *pool = bn_pool_new(3);
+    for (size_t a = 0; a < sizeof kps / sizeof kps[0]; a++) {
+        const int kp = kps[a];
+        uint8_t *w = random_weights(n, kp, kp);
+        for (size_t b = 0; b < sizeof ms / sizeof ms[0]; b++) {
+            const int m = ms[b];
+            int8_t *xq = malloc((size_t)m * kp);
+            int32_t *xsum = malloc(sizeof(int32_t) * m);
+            for (int t = 0; t < m; t++) {
+                xsum[t] = 0;
+                for (int i = 0; i < kp; i++) xsum[t] += xq[(size_t)t * kp + i] = (int8_t)(rnd() % 256 - 128);
+            }
+            int32_t *ref = malloc(sizeof(int32_t) * m * n), *got = malloc(sizeof(int32_t) * m * n);
+            bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
+            for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                memset(got, 0x55, sizeof(int32_t) * m * n);
+                bn_gemm_ternary(pool, isa, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, got);
+                CHECK(!memcmp(ref, got, sizeof(int32_t) * m * n), "isa %d tile differs from scalar at m=%d n=%d kp=%d",
+                      isa, m, n, kp);
+                for (size_t c = 0; c < sizeof ranges / sizeof ranges[0]; c++) {
+                    const int r0 = ranges[c][0], r1 = ranges[c][1];
+                    memset(got, 0x55, sizeof(int32_t) * m * n);
+                    bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = got, .acc_stride = n};
+                    bn_kernels_for(isa)->ternary[BN_LAYOUT_I2](&job, r0, r1);
+                    int same = 1;
+                    for (int t = 0; t < m; t++)
+                        for (int r = 0; r < n; r++) {
+                            int32_t want = r0 <= r && r < r1 ? ref[(size_t)t * n + r] : 0x55555555;
+                            same &= got[(size_t)t * n + r] == want;
+                        }
+                    CHECK(same, "isa %d tile differs from scalar at m=%d kp=%d rows [%d, %d)", isa, m, kp, r0, r1);
+                }
+            }
+            free(xq), free(xsum), free(ref), free(got);
+        }
+        free(w);
+    }
+    bn_pool_free(pool);
+}
+
 /* The int16 bounds of the kernels at their extremes: every code 2 (or 0) against activations all
- * -128 (or 127), over rows long enough for many 8-block runs. */
+ * -128 (or 127), over rows long enough for many 8-block runs; m = 5 takes the VNNI GEMM tile,
+ * whose lanes sum 64 * code 3 products, at the FFN's kp. */
 static void test_gemm_extremes(void) {
-    const int n = 3, kp = 2560;
+    enum { n = 3, kp = 6912, M = 5 };
     uint8_t *w = malloc((size_t)n * kp / 4);
-    int8_t *xq = malloc((size_t)2 * kp);
-    int32_t xsum[2], ref[2 * 3], got[2 * 3];
+    int8_t *xq = malloc((size_t)M * kp);
+    int32_t xsum[M], ref[M * n], got[M * n];
     for (int codes = 0; codes < 2; codes++)
         for (int xv = 0; xv < 2; xv++) {
             memset(w, codes ? 0xaa : 0x00, (size_t)n * kp / 4); /* all codes 2, or all 0 */
-            memset(xq, xv ? 127 : -128, (size_t)2 * kp);
-            xsum[0] = xsum[1] = (xv ? 127 : -128) * kp;
-            for (int m = 1; m <= 2; m++) {
+            memset(xq, xv ? 127 : -128, (size_t)M * kp);
+            for (int t = 0; t < M; t++) xsum[t] = (xv ? 127 : -128) * kp;
+            for (int m = 1; m <= M; m += 2) {
                 bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
                 for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
                     if (!bn_isa_available(isa)) continue;
@@ -659,6 +710,7 @@ int main(void) {
     test_dispatch();
     test_tuned_and_peak();
     test_gemm_shapes();
+    test_gemm_tiles();
     test_gemm_extremes();
     test_tq1_every_byte();
     test_stream_read();
