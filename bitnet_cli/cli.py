@@ -675,7 +675,7 @@ def bench(
     cache_dir: Optional[Path] = typer.Option(
         None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
     isa: Optional[str] = typer.Option(
-        None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, neon, neondot) for kernels and e2e "
+        None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
         "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),
 ):
     """Measure kernels, memory bandwidth (the decode roofline) and end-to-end speed.

@@ -12,7 +12,7 @@ The building blocks, on numpy arrays, for tests and ``bitnet bench``::
 ``gemm`` with m = 1 is the decode GEMV; the float output of a BitLinear is acc / scale * gamma.
 
 Which ISA runs (``resolve_isa``, ``isa_choice``): the one named per call (``isa=``, the CLI's
-``--isa``), else ``BITNET_ISA=scalar|avx2|avx512|avx512vnni|neon|neondot``, else the autotune: on
+``--isa``), else ``BITNET_ISA=scalar|avx2|avx512|avx512vnni|amx|neon|neondot``, else the autotune: on
 first use in a process each candidate ISA's GEMV (1 token) and GEMM (TUNE_TOKENS tokens) is timed
 on a model-sized matrix, per ternary layout, for a fraction of a second, and the fastest for each
 is kept (kernels/dispatch.c's BN_ISA_TUNED runs the two choices side by side) and cached in the
@@ -36,7 +36,7 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError, warn
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5, "amx": 6}
 BUILD_HINT = (
     "the compiled kernels (bitnet_cli._kernels) are missing: build them from the bitnet-cli source tree "
     "with `pip install .` (or `pip install -e . --no-build-isolation --no-deps`); this needs a C compiler"
@@ -151,9 +151,10 @@ def isa_name(isa: int, layout: str = "i2", tokens: int | None = None) -> str:
 AUTOTUNE_ENV = "BITNET_AUTOTUNE"
 TUNE_SCHEMA = "bitnet-cli/isa-autotune/1"
 # The matrix timed: BitNet b1.58 2B4T's FFN up/gate projection, the most common decode shape; and
-# the tokens of the GEMM, enough to show a prefill kernel's compute rate.
+# the tokens of the GEMM: a prefill chunk's (kernels/model.c's CHUNK), since the AMX GEMM only runs
+# from 16 tokens (kernels/internal.h's BN_AMX_MIN_TOKENS) and fewer would time VNNI's tile twice.
 TUNE_SHAPE = (6912, 2560)
-TUNE_TOKENS = 8
+TUNE_TOKENS = 64
 # The weights rotate over copies filling twice the last-level cache (within these bounds), so a
 # GEMV streams them from DRAM as decode does.
 TUNE_COLD_BYTES = (32 << 20, 256 << 20)

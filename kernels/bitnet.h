@@ -55,7 +55,8 @@ enum {
     BN_ISA_AVX512VNNI = 3, /* AVX-512 VNNI: vpdpbusd */
     BN_ISA_NEON = 4,       /* ARMv8 NEON: widening multiplies */
     BN_ISA_NEONDOT = 5,    /* ARMv8.2 dotprod: sdot on codes (0..2 fit s8) x s8 activations */
-    BN_ISA_COUNT = 6
+    BN_ISA_AMX = 6,        /* AVX-512 VNNI + AMX-INT8 (Linux): tdpbusd on tiles of u8 codes x s8 activations */
+    BN_ISA_COUNT = 7
 };
 
 int bn_isa_available(int isa);

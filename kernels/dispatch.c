@@ -9,6 +9,29 @@
 
 #include "internal.h"
 
+#if BN_X86 && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* AMX-INT8: the CPU has the tiles (CPUID.7.0:EDX bits 24, 25) and Linux lets this process use
+ * them: their 8 KB of state is off until the process asks (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA), and a refusal leaves the VNNI path. Asked once per process. */
+static int amx_ok;
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static void amx_request(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return;
+    amx_ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+}
+int bn_amx_permitted(void) {
+    pthread_once(&amx_once, amx_request);
+    return amx_ok;
+}
+#else
+int bn_amx_permitted(void) { return 0; }
+#endif
+
 #if BN_ARM64
 #include <sys/auxv.h>
 #ifndef HWCAP_ASIMDDP
@@ -30,6 +53,7 @@ int bn_isa_available(int isa) {
     case BN_ISA_AVX512VNNI:
         __builtin_cpu_init();
         return bn_isa_available(BN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
+    case BN_ISA_AMX: return bn_isa_available(BN_ISA_AVX512VNNI) && bn_amx_permitted();
 #endif
 #if BN_ARM64
     case BN_ISA_NEON: return 1;
@@ -41,7 +65,7 @@ int bn_isa_available(int isa) {
 }
 
 int bn_isa_best(void) {
-    static const int order[] = {BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
+    static const int order[] = {BN_ISA_AMX, BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
         if (bn_isa_available(order[i])) return order[i];
     return BN_ISA_SCALAR;
@@ -51,7 +75,7 @@ int bn_isa_best(void) {
  * instructions, so its kernels run wherever the ISA does. The scalar entry is complete. */
 static const int FALLBACK[BN_ISA_COUNT] = {
     [BN_ISA_SCALAR] = BN_ISA_SCALAR, [BN_ISA_AVX2] = BN_ISA_SCALAR, [BN_ISA_AVX512] = BN_ISA_AVX2,
-    [BN_ISA_AVX512VNNI] = BN_ISA_AVX512, [BN_ISA_NEON] = BN_ISA_SCALAR, [BN_ISA_NEONDOT] = BN_ISA_NEON,
+    [BN_ISA_AVX512VNNI] = BN_ISA_AVX512, [BN_ISA_AMX] = BN_ISA_AVX512VNNI, [BN_ISA_NEON] = BN_ISA_SCALAR, [BN_ISA_NEONDOT] = BN_ISA_NEON,
 };
 
 static const bn_kernels OWN[BN_ISA_COUNT] = {
@@ -67,6 +91,8 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
     [BN_ISA_AVX512] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512},
                        .head = {[BN_EMB_Q6] = bn_head_rows_q6_avx512}},
     [BN_ISA_AVX512VNNI] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512vnni, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512vnni}},
+    /* AMX runs the i2 GEMM (and VNNI's tile below BN_AMX_MIN_TOKENS tokens); tq1 stays VNNI's */
+    [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}},
 #endif
 #if BN_ARM64
     [BN_ISA_NEON] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_neon, [BN_LAYOUT_TQ1] = bn_tq1_rows_neon},

@@ -20,6 +20,19 @@
 /* for float code that must round like the scalar path: no fused multiply-adds */
 #define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
 
+/* AMX-INT8 (ternary.c's GEMM, peak.c): its kernels configure all eight tiles as 16 rows of 64
+ * bytes (palette 1) and release them when done */
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+AMX_TARGET static inline void bn_amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((aligned(64))) cfg = {.palette = 1};
+    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    _tile_loadconfig(&cfg);
+}
+
 AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -51,6 +64,17 @@ typedef void (*bn_quantize_fn)(const float *x, int m, int k, int kp, int8_t *xq,
 
 /* One ternary matrix product: rows of w (in the kernel's layout) against m quantised tokens. The kernel writes either
  * integers (acc != NULL) or the rescaled floats y = acc / xscale[t] * gamma. */
+/* The AMX GEMM (ternary.c) multiplies tiles of 16 tokens' activations in an order of its own,
+ * which one row chunk writes into xa for every chunk of the product (bn_amx_xa_bytes(m, kp)
+ * bytes, 64-aligned; state 0 = not yet, 1 = being written, 2 = ready). Whoever runs a product on
+ * several chunks (model.c, bn_gemm_ternary) sets state to 0 before it; the other ISAs ignore it. */
+#define BN_AMX_MIN_TOKENS 16
+typedef struct {
+    int8_t *xa;
+    int state;
+} bn_amx_scratch;
+size_t bn_amx_xa_bytes(int m, int kp);
+
 typedef struct {
     const uint8_t *w;
     int kp;
@@ -63,6 +87,7 @@ typedef struct {
     int y_stride;
     const float *xscale;
     float gamma;
+    bn_amx_scratch *amx; /* NULL, or where the AMX GEMM (m >= BN_AMX_MIN_TOKENS) reorders xq once */
 } bn_i2_job;
 
 typedef void (*bn_i2_rows_fn)(const bn_i2_job *job, int r0, int r1);
@@ -164,6 +189,8 @@ void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx512(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
+void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1);
+int bn_amx_permitted(void);
 void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1);
 void bn_attend_avx2(const bn_attn_job *a);

@@ -42,6 +42,7 @@ struct bn_model {
     int8_t *xq;
     float *xscale;
     int32_t *xsum;
+    bn_amx_scratch amx; /* xa set where the CPU runs AMX (its GEMM reorders xq there) */
     float *scores; /* [thread][group][ctx]: a group is the query heads of one KV head */
     int *keys;     /* [thread][ctx]: the cache slots a token attends to */
 };
@@ -130,6 +131,8 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->xq = zalloc((size_t)CHUNK * (kp_max > m->kp_q ? kp_max : m->kp_q));
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
+    if (bn_isa_available(BN_ISA_AMX) && !(m->amx.xa = zalloc(bn_amx_xa_bytes(CHUNK, kp_max > m->kp_q ? kp_max : m->kp_q))))
+        FAIL("out of memory for a context of %d tokens", d->ctx);
     m->scores = zalloc(sizeof(float) * (size_t)n_threads * (d->n_heads / d->n_kv_heads) * d->ctx);
     m->keys = zalloc(sizeof(int) * (size_t)n_threads * d->ctx);
     if (!m->kcache || !m->vcache || !m->x || !m->h || !m->q || !m->k || !m->v || !m->att || !m->gate || !m->up ||
@@ -143,7 +146,7 @@ void bn_model_free(bn_model *m) {
     if (!m) return;
     bn_pool_free(m->pool);
     void *bufs[] = {m->layers, m->kcache, m->vcache, m->x, m->h, m->q, m->k, m->v, m->att, m->gate, m->up,
-                    m->tmp, m->xq, m->xscale, m->xsum, m->scores, m->keys};
+                    m->tmp, m->xq, m->xscale, m->xsum, m->amx.xa, m->scores, m->keys};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) zfree(bufs[i]);
     zfree(m);
 }
@@ -191,6 +194,11 @@ static void matmul_worker(void *ctx, int chunk, int n_chunks, int ith) {
 }
 
 static void run_matmul(bn_model *m, matmul_task *mt) {
+    /* the jobs share one input: the AMX GEMM reorders it once for all of them */
+    if (m->amx.xa && mt->jobs[0].m >= BN_AMX_MIN_TOKENS) {
+        m->amx.state = 0;
+        for (int i = 0; i < mt->count; i++) mt->jobs[i].amx = &m->amx;
+    }
     /* decode: >= 64 rows per chunk to keep each stream long; prefill chunks carry M tokens each */
     int min_rows = mt->jobs[0].m == 1 ? 64 : 16;
     bn_pool_run(m->pool, matmul_worker, mt, bn_pool_chunks(m->pool, matmul_rows(mt), min_rows));

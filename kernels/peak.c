@@ -8,6 +8,7 @@
  *   avx2        vpmaddubsw + vpaddw, 256-bit (32 MACs a pair; the least an exact u8 x s8 dot needs)
  *   avx512      vpmaddubsw + vpaddw, 512-bit (64)
  *   avx512vnni  vpdpbusd (64 MACs in one instruction)
+ *   amx         tdpbusd on 16 x 64-byte tiles (16 * 16 * 64 = 16384 MACs), four C tiles in turn
  *   neon        smlal / smlal2 into int16 (8 each)
  *   neondot     sdot (16)
  * The products are never used for anything but a sink, so an operand passes through an empty asm
@@ -15,6 +16,7 @@
  * the multiplies out of the loop nor merge the chains (which compute the same values) into one. The asm emits
  * no instruction, so the hardware sees only the multiplies and adds.
  */
+#include <string.h>
 #include <time.h>
 
 #include "internal.h"
@@ -118,6 +120,39 @@ AVX512VNNI_TARGET static int64_t peak_avx512vnni(long iters) {
 }
 #endif
 
+#if BN_X86
+/* tdpbusd into four C tiles from two A and two B tiles (what the GEMM's 2 x 2 block issues, without
+ * its loads): the tiles are registers the asm cannot name, so the chains need no sink but C's */
+AMX_TARGET static int64_t peak_amx(long iters) {
+    static int8_t ones[1024] __attribute__((aligned(64)));
+    int32_t out[256] __attribute__((aligned(64)));
+    memset(ones, 1, sizeof ones);
+    bn_amx_configure();
+    _tile_loadd(4, ones, 64);
+    _tile_loadd(5, ones, 64);
+    _tile_loadd(6, ones, 64);
+    _tile_loadd(7, ones, 64);
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (long i = 0; i < iters; i++) {
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    int64_t s = 0;
+    _tile_stored(0, out, 64);
+    s += out[0];
+    _tile_stored(3, out, 64);
+    s += out[255];
+    _tile_release();
+    sink = s;
+    return 4 * 16 * 16 * 64;
+}
+#endif
+
 #if BN_ARM64
 /* smlal and sdot accumulate in place (latency 3-4 cycles, two pipes): 8 chains of smlal (two per
  * 16-byte operand, one for each half) and 16 of sdot */
@@ -173,6 +208,7 @@ double bn_mac_peak(int isa, long iters) {
     case BN_ISA_AVX2: fn = peak_avx2; break;
     case BN_ISA_AVX512: fn = peak_avx512; break;
     case BN_ISA_AVX512VNNI: fn = peak_avx512vnni; break;
+    case BN_ISA_AMX: fn = peak_amx; break;
 #endif
 #if BN_ARM64
     case BN_ISA_NEON: fn = peak_neon; break;

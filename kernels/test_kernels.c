@@ -127,9 +127,9 @@ static void test_gemm_shapes(void) {
 }
 
 /* The multi-token (GEMM) tiles: 2 rows x 4 tokens on AVX-512 VNNI, with 1-3 token and 1 row
- * tails, against the scalar reference for token counts around the tile's 4 and row ranges of
- * every parity (row kernels called directly on [r0, r1), so tiles start on odd rows too; and
- * through bn_gemm_ternary on a pool of 3 threads). */
+ * tails, and AMX's 32 rows x 32 tokens from 16 tokens on, against the scalar reference for token
+ * counts around those sizes and row ranges of every parity (row kernels called directly on
+ * [r0, r1), so tiles start on odd rows too; and through bn_gemm_ternary on a pool of 3 threads). */
 static void test_gemm_tiles(void) {
     static const int ms[] = {2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
     static const int ranges[][2] = {{0, 1}, {0, 2}, {1, 4}, {3, 10}, {0, 53}, {5, 58}, {1, 60}};
@@ -148,6 +148,7 @@ static void test_gemm_tiles(void) {
                 for (int i = 0; i < kp; i++) xsum[t] += xq[(size_t)t * kp + i] = (int8_t)(rnd() % 256 - 128);
             }
             int32_t *ref = malloc(sizeof(int32_t) * m * n), *got = malloc(sizeof(int32_t) * m * n);
+            int8_t *xa = aligned_alloc(64, bn_amx_xa_bytes(m, kp));
             bn_gemm_ternary(NULL, BN_ISA_SCALAR, BN_LAYOUT_I2, w, n, kp, xq, xsum, m, ref);
             for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
                 if (!bn_isa_available(isa)) continue;
@@ -158,7 +159,9 @@ static void test_gemm_tiles(void) {
                 for (size_t c = 0; c < sizeof ranges / sizeof ranges[0]; c++) {
                     const int r0 = ranges[c][0], r1 = ranges[c][1];
                     memset(got, 0x55, sizeof(int32_t) * m * n);
-                    bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = got, .acc_stride = n};
+                    bn_amx_scratch amx = {xa, 0};
+                    bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .acc = got, .acc_stride = n,
+                                     .amx = &amx};
                     bn_kernels_for(isa)->ternary[BN_LAYOUT_I2](&job, r0, r1);
                     int same = 1;
                     for (int t = 0; t < m; t++)
@@ -169,7 +172,7 @@ static void test_gemm_tiles(void) {
                     CHECK(same, "isa %d tile differs from scalar at m=%d kp=%d rows [%d, %d)", isa, m, kp, r0, r1);
                 }
             }
-            free(xq), free(xsum), free(ref), free(got);
+            free(xq), free(xsum), free(ref), free(got), free(xa);
         }
         free(w);
     }
