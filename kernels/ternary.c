@@ -453,22 +453,24 @@ AVX512VNNI_TARGET static void i2_rows_avx512vnni_tokens(const bn_i2_job *j, int 
 size_t bn_amx_xa_bytes(int m, int kp) { return (size_t)((m + 31) / 32 * 32) * kp; }
 
 /* xa: token tile T (16 tokens; pairs of them, zero-padded), then input chunk c (64 inputs), a 1 KB
- * B tile each: row g, column n holds x[16T + n][64c + 4g .. 64c + 4g + 3] */
-static void amx_reorder_activations(const bn_i2_job *j, int8_t *xa) {
+ * B tile each: row g, column n holds x[16T + n][64c + 4g .. 64c + 4g + 3], one masked gather of
+ * 16 dwords (one per token) a row. One thread does it while the others wait (a product's
+ * m * kp bytes: measured against the product's own time in benchmarks/xeon16/README.md). */
+AMX_TARGET static void amx_reorder_activations(const bn_i2_job *j, int8_t *xa) {
     const int nc = j->kp / 64, tiles = (j->m + 31) / 32 * 2;
-    for (int T = 0; T < tiles; T++)
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(j->kp)); /* token n's offset */
+    for (int T = 0; T < tiles; T++) {
+        const int valid = j->m - 16 * T;
+        const __mmask16 tokens = valid >= 16 ? 0xffff : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
+        const int8_t *x = j->xq + (size_t)16 * T * j->kp;
         for (int c = 0; c < nc; c++) {
             int8_t *tile = xa + ((size_t)T * nc + c) * 1024;
-            for (int n = 0; n < 16; n++) {
-                const int t = 16 * T + n;
-                for (int g = 0; g < 16; g++) {
-                    if (t < j->m)
-                        memcpy(tile + 64 * g + 4 * n, j->xq + (size_t)t * j->kp + 64 * c + 4 * g, 4);
-                    else
-                        memset(tile + 64 * g + 4 * n, 0, 4);
-                }
-            }
+            for (int g = 0; g < 16; g++)
+                _mm512_store_si512(tile + 64 * g, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tokens, rows,
+                                                                              x + 64 * c + 4 * g, 1));
         }
+    }
 }
 
 /* codes: strip s (rows ra + 16s ..), input chunk c, a 1 KB A tile each: row i holds the 64 codes
