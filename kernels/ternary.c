@@ -474,14 +474,15 @@ AMX_TARGET static void amx_reorder_activations(const bn_i2_job *j, int8_t *xa) {
 }
 
 /* codes: strip s (rows ra + 16s ..), input chunk c, a 1 KB A tile each: row i holds the 64 codes
- * of row ra + 16s + i over inputs 64c .. 64c + 63 (zeros past row ra + rows). The codes of a
- * block's inputs 0..63 and 64..127 come out as the AVX-512 tile's: shifts of 0/2 and 4/6. */
+ * of row ra + 16s + i over inputs 64c .. 64c + 63 (zeros past row ra + rows; no second strip
+ * for 16 rows or fewer). The codes of a block's inputs 0..63 and 64..127 come out as the AVX-512
+ * tile's: shifts of 0/2 and 4/6. */
 AMX_TARGET static void amx_unpack_codes(const bn_i2_job *j, int ra, int rows, uint8_t *codes) {
     const __m512i mask = _mm512_set1_epi8(3);
     const __m512i sh01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const __m512i sh23 = _mm512_add_epi16(sh01, _mm512_set1_epi16(4));
     const int nb = j->kp / BLOCK, nc = j->kp / 64;
-    for (int s = 0; s < 2; s++)
+    for (int s = 0; s < (rows > 16 ? 2 : 1); s++)
         for (int i = 0; i < 16; i++) {
             const int r = 16 * s + i;
             uint8_t *dst = codes + ((size_t)s * nc * 16 + i) * 64;
@@ -532,24 +533,36 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            for (int c = 0; c < nc; c++) {
-                _tile_loadd(4, codes + (size_t)c * 1024, 64);
-                _tile_loadd(5, a1 + (size_t)c * 1024, 64);
-                _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                _tile_loadd(7, b1 + (size_t)c * 1024, 64);
-                _tile_dpbusd(0, 4, 6);
-                _tile_dpbusd(1, 4, 7);
-                _tile_dpbusd(2, 5, 6);
-                _tile_dpbusd(3, 5, 7);
+            if (rows > 16) {
+                for (int c = 0; c < nc; c++) {
+                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
+                    _tile_loadd(5, a1 + (size_t)c * 1024, 64);
+                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
+                    _tile_loadd(7, b1 + (size_t)c * 1024, 64);
+                    _tile_dpbusd(0, 4, 6);
+                    _tile_dpbusd(1, 4, 7);
+                    _tile_dpbusd(2, 5, 6);
+                    _tile_dpbusd(3, 5, 7);
+                }
+            } else { /* one strip: a chunk's last rows, or all of a small one (many threads) */
+                for (int c = 0; c < nc; c++) {
+                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
+                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
+                    _tile_loadd(7, b1 + (size_t)c * 1024, 64);
+                    _tile_dpbusd(0, 4, 6);
+                    _tile_dpbusd(1, 4, 7);
+                }
             }
             _tile_stored(0, out, 64);
             amx_store(j, ra, rows, t0, 0, 0, out);
             _tile_stored(1, out, 64);
             amx_store(j, ra, rows, t0, 0, 1, out);
-            _tile_stored(2, out, 64);
-            amx_store(j, ra, rows, t0, 1, 0, out);
-            _tile_stored(3, out, 64);
-            amx_store(j, ra, rows, t0, 1, 1, out);
+            if (rows > 16) {
+                _tile_stored(2, out, 64);
+                amx_store(j, ra, rows, t0, 1, 0, out);
+                _tile_stored(3, out, 64);
+                amx_store(j, ra, rows, t0, 1, 1, out);
+            }
         }
     }
     _tile_release();
