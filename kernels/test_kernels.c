@@ -95,7 +95,8 @@ static void test_tq1_every_byte(void) {
 static void test_gemm_shapes(void) {
     static const int shapes[][3] = {{1, 1, 1},   {1, 7, 100},  {3, 5, 128},  {4, 33, 129}, {5, 64, 255},
                                     {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200},
-                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}, {6, 7, 6912}};
+                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}, {6, 7, 6912},
+                                    {7, 10, 384}, {16, 12, 1000}}; /* AVX2 groups of 8 tokens and every narrower tail */
     bn_pool *pool = bn_pool_new(3);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], kp = (k + 127) / 128 * 128;
