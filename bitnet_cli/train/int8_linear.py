@@ -19,7 +19,9 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   as the plain path has them (``Xq / s_x``); the weight gradient sums over all tokens, where
   int8 rounding of G would bias small updates, so it stays 16-bit.
 
-The activations are saved for the backward as int8 plus one scale per token (half of bf16).
+The activations are saved for the backward as grad_weight reads them, dequantised in the compute
+dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
+but a pass over them in every backward to dequantise them again).
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
@@ -167,16 +169,19 @@ class _Int8Linear(torch.autograd.Function):
     def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        ctx.save_for_backward(q, s_x, trits, trits_t, col_scale)
+        # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
+        # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
+        x_deq = (q.float() / s_x[:, None]).to(dtype)
+        ctx.save_for_backward(x_deq, trits, trits_t, col_scale)
         ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
         return tuple(y.split(ctx.rows, dim=-1)) if len(weights) > 1 else y
 
     @staticmethod
     def backward(ctx, *gs):
-        q, s_x, trits, trits_t, col_scale = ctx.saved_tensors
+        x_deq, trits, trits_t, col_scale = ctx.saved_tensors
         # An output nobody used gets no gradient: zeros, so that the parts still line up with T's rows.
-        gs = [(q.new_zeros((q.shape[0], n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
+        gs = [(x_deq.new_zeros((x_deq.shape[0], n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
               for g, n in zip(gs, ctx.rows)]
         grad_x = None
         grads_w = [None] * len(ctx.rows)
@@ -191,7 +196,6 @@ class _Int8Linear(torch.autograd.Function):
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
         if any(ctx.needs_input_grad[6:]):
-            x_deq = (q.float() / s_x[:, None]).to(ctx.dtype)
             grads_w = [(g.t() @ x_deq).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
         return (grad_x, None, None, None, None, None, *grads_w)
 
