@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover
 # logic without a GPU) has no libdevice; there :func:`_rint` rounds with floor instead. The GPU keeps
 # libdevice's rint: the floor form's ``v - floor(v)`` may be contracted with the product forming v
 # into one fma, which would move rounding ties.
-INTERPRETED: tl.constexpr = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR
 
