@@ -5,9 +5,12 @@
 1. ``bitnet::int8_mm`` (Triton) against ``int8_mm_reference`` (pure torch, on the CPU) on fresh
    random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs, with and
    without the per-column scale: bit for bit.
-2. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
+2. ``bitnet::quantize_grad_rows`` (Triton: the output gradient's parts rounded per token in one
+   pass) against ``quantize_grad_rows_reference`` on the CPU: q/k/v-, gate/up- and single-shaped
+   parts, bf16 and fp32, training-sized (3e-8) and O(1) gradients, all-zero rows: bit for bit.
+3. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
    against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
-3. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
+4. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
    (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
    the trainer runs them): bf16 ``F.linear``, the Triton int8
    kernel with its epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
@@ -52,6 +55,27 @@ def check_exact() -> list[dict]:
     return out
 
 
+def check_grad_rows() -> list[dict]:
+    out = []
+    torch.manual_seed(1)
+    for m, widths in [(4096, [768, 768, 768]), (2048, [2048, 2048]), (1000, [5460, 5460]), (333, [300, 100, 57]),
+                      (4096, [768]), (64, [2048, 512, 512])]:
+        for dt, scale in ((torch.bfloat16, 3e-8), (torch.bfloat16, 1.0), (torch.float32, 3e-8)):
+            parts = [(torch.randn(m, w) * scale * torch.rand(m, 1) * 4).to(dt) for w in widths]
+            parts[0][5:9] = 0
+            for p in parts:
+                p[7] = 0  # an all-zero token row: the floor
+            col = torch.cat([torch.full((w,), 0.01 * (i + 1) + 0.003) for i, w in enumerate(widths)])
+            q_ref, s_ref = L.quantize_grad_rows_reference(parts, col)
+            q, s = L.quantize_grad_rows([p.cuda() for p in parts], col.cuda())
+            out.append({"M": m, "widths": widths, "dtype": str(dt), "scale": scale,
+                        "bit_exact": torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref),
+                        "q_diff": int((q.cpu().int() - q_ref.int()).abs().max()),
+                        "s_ulps_differ": int((s.cpu() != s_ref).sum())})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def check_autograd() -> list[dict]:
     out = []
     torch.manual_seed(0)
@@ -64,9 +88,9 @@ def check_autograd() -> list[dict]:
             wd = [w.to(dev).clone().requires_grad_() for w in ws]
             xd = x.to(dev).clone().requires_grad_()
             with torch.autocast(dev, dtype=torch.bfloat16):
-                y = L.int8_linear(xd, wd, int8_grad=int8_grad)
-            y.backward(g.to(dev).to(y.dtype))
-            res[dev] = (y.float().cpu(), xd.grad.cpu(), torch.cat([w.grad for w in wd]).cpu())
+                ys = L.int8_linear(xd, wd, int8_grad=int8_grad)
+            torch.autograd.backward(ys, list(g.to(dev).to(ys[0].dtype).split(rows, -1)))
+            res[dev] = (torch.cat(ys, -1).float().cpu(), xd.grad.cpu(), torch.cat([w.grad for w in wd]).cpu())
 
         def rel(i):
             a, b = res["cuda"][i], res["cpu"][i]
@@ -124,13 +148,18 @@ def main():
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     exact = check_exact()
+    grad_rows = check_grad_rows()
     grads = check_autograd()
-    rows = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone
     ok = all(r["bit_exact"] for r in exact)
-    print(f"\nkernel bit-exact against the reference: {ok}")
+    ok_rows = all(r["bit_exact"] for r in grad_rows)
+    print(f"\nint8_mm bit-exact against the reference: {ok}; quantize_grad_rows: {ok_rows}", flush=True)
+    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads}
     with open(args.out, "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(), "exact": exact, "autograd": grads, "bench": rows}, f,
-                  indent=1)
+        json.dump(result, f, indent=1)
+    result["bench"] = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    sys.exit(0 if ok and ok_rows else 1)
 
 
 if __name__ == "__main__":

@@ -276,9 +276,14 @@ AVX2_TARGET static inline __m256i hsum8_epi32_avx2(__m256i a0, __m256i a1, __m25
  * tokens, and the TT accumulators stay in registers and are reduced together (hsum8_epi32_avx2)
  * into one vector of the TT tokens' sums. Measured on Zen 3, one thread, 16 tokens
  * (`build/bench 1 1 head 16`) against the former tiles of two rows x four tokens: int8 96 -> 84 ms,
- * q6 254 -> 92 ms. int8 is then at 1.3 cycles per 32 inputs and token (at the 2.5 GHz the
- * measured MAC peak implies) against the 1.0 that its two multiplies (vpmaddubsw, vpmaddwd: an
- * exact dot cannot add two pair sums in int16) on Zen 3's two multiply pipes allow. */
+ * q6 254 -> 92 ms; then (session 9, medians of 3 interleaved runs) with each token's sum kept in
+ * a register and q6's paired inputs: int8 86.2 -> 82.8 ms, q6 99.6 -> 82.5 ms. int8 is then at
+ * 1.3 cycles per 32 inputs and token (at the 2.55 GHz the measured MAC peak implies) against the
+ * 1.0 that its two multiplies (vpmaddubsw, vpmaddwd: an exact int8 x int8 dot cannot add two pair
+ * sums in int16) on Zen 3's two multiply pipes allow, and its four vector operations per 32 inputs
+ * (vpsignb too) on the four vector pipes: 50% of the vpmaddubsw peak is the ceiling of an exact
+ * int8 dot here. q6 needs 1.5 multiplies per 32 inputs (its 6-bit codes leave room to add two
+ * pair sums) and runs at 1.27 cycles, bound by all its vector operations together. */
 #define HEAD_TT 8
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
@@ -297,6 +302,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const
         for (int b = 0; b < TT; b++) {
             const __m256i x = _mm256_loadu_si256((const __m256i *)(h + (size_t)b * j->k + k));
             acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, wv)), ones));
+            __asm__("" : "+x"(acc[b])); /* each token's sum in a register (see q6_tile_avx2) */
         }
     }
     int32_t total[HEAD_TT];
@@ -501,17 +507,50 @@ AVX2_TARGET static inline __m256i q6_sc8_avx2(const bn_q6_block *b, int half) {
     return _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(b->sc + 8 * half))));
 }
 
-/* One row against TT tokens: each block's codes are decoded once for the TT tokens. The offset 32
- * of the codes comes off through the tokens' 16-input group sums xs (as in q6_row_avx2): each
- * token's accumulator starts the block at -32 sum_g sc_g xs_g (one vpmaddwd: |32 sc| <= 4096
- * fits int16), and then takes sum sc * u * x, two multiplies and an add per 32 inputs. The block
- * totals of the TT tokens go into their float sums together, s + d * total lane by lane, as
- * q6_step adds them. */
+/* Tiles pair the 64 inputs 64m..64m+63 of a block so that two vpmaddubsw products add in int16
+ * before one vpmaddwd applies the scales: P holds inputs 0..7 of each of the four 16-input groups
+ * and Q inputs 8..15 (vpunpck{l,h}qdq of the two 32-input halves), so int16 lane l of P's and of
+ * Q's pair sums belong to one group, and their sum |u x + u' x'| <= 2 * 2 * 63 * 128 = 32256
+ * stays inside int16. Three multiplies per 64 inputs and token instead of four. The tokens'
+ * inputs are paired the same way once per tile of tokens (q6_pair_inputs_avx2). */
+AVX2_TARGET static inline void q6_pair_avx2(__m256i first, __m256i second, __m256i *p, __m256i *q) {
+    *p = _mm256_unpacklo_epi64(first, second);
+    *q = _mm256_unpackhi_epi64(first, second);
+}
+
+/* the scales of the int16 lanes of a pair (inputs 64m..64m+63): words 0..3 of the low 128 bits
+ * group 4m, words 4..7 group 4m+2; of the high 128 bits 4m+1 and 4m+3. sc8 holds sc[8(m/2)..]. */
+AVX2_TARGET static inline __m256i q6_pair_scales_avx2(__m256i sc8, int m) {
+    const int a = 8 * (m % 2), b = a + 4, c = a + 2, d = a + 6; /* byte offsets of the four words */
+    return _mm256_shuffle_epi8(sc8, _mm256_setr_epi8(a, a + 1, a, a + 1, a, a + 1, a, a + 1, b, b + 1, b, b + 1, b, b + 1,
+                                                     b, b + 1, c, c + 1, c, c + 1, c, c + 1, c, c + 1, d, d + 1, d, d + 1,
+                                                     d, d + 1, d, d + 1));
+}
+
+/* a token's int8 inputs, each 64 of them as the pair P, Q (32 bytes each) that q6_tile_avx2 loads */
+AVX2_TARGET static void q6_pair_inputs_avx2(const int8_t *x, int k, int8_t *paired) {
+    for (int i = 0; i < k; i += 64) {
+        __m256i p, q;
+        q6_pair_avx2(_mm256_loadu_si256((const __m256i *)(x + i)), _mm256_loadu_si256((const __m256i *)(x + i + 32)), &p, &q);
+        _mm256_storeu_si256((__m256i *)(paired + i), p);
+        _mm256_storeu_si256((__m256i *)(paired + i + 32), q);
+    }
+}
+
+/* One row against TT tokens (inputs paired by q6_pair_inputs_avx2, group sums xs): each block's
+ * codes are decoded and paired once for the TT tokens. The offset 32 of the codes comes off
+ * through the tokens' 16-input group sums (as in q6_row_avx2): each token's accumulator starts
+ * the block at -32 sum_g sc_g xs_g (one vpmaddwd: |32 sc| <= 4096 fits int16), then takes
+ * sum sc * u * x. The empty asm after each add keeps every token's sum one chain in a register:
+ * without it gcc reassociated the fully unrolled block into trees of 64 products, spilled to the
+ * stack (1.5 cycles per 32 inputs and token, measured, against 1.0 for the multiplies alone).
+ * The block totals of the TT tokens go into their float sums together, s + d * total lane by
+ * lane, as q6_step adds them. */
 AVX2_TARGET static inline __attribute__((always_inline)) void q6_tile_avx2(const bn_head_job *j, int r, int t,
-                                                                         const int16_t *xs, const int TT) {
+                                                                         const int8_t *xp, const int16_t *xs,
+                                                                         const int TT) {
     const int nb = j->k / BN_Q6_BLOCK_K, groups = j->k / 16;
     const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
-    const int8_t *h = j->hq + (size_t)t * j->k;
     __m256 s = _mm256_setzero_ps();
     for (int i = 0; i < nb; i++) {
         const bn_q6_block *blk = w + i;
@@ -523,13 +562,18 @@ AVX2_TARGET static inline __attribute__((always_inline)) void q6_tile_avx2(const
             acc[b] = b < TT ? _mm256_madd_epi16(sc_off, _mm256_loadu_si256((const __m256i *)(xs + (size_t)b * groups + 16 * i)))
                             : _mm256_setzero_si256();
         __m256i sc8 = _mm256_setzero_si256();
-#pragma GCC unroll 8 /* constant shuffles and shifts per c (rolled, gcc built them at run time) */
-        for (int c = 0; c < 8; c++) {
-            if (c % 4 == 0) sc8 = q6_sc8_avx2(blk, c / 4);
-            const __m256i u = q6_codes_avx2(blk, c), sv = q6_scales_avx2(sc8, c);
+#pragma GCC unroll 4 /* constant shuffles and shifts per m */
+        for (int m = 0; m < 4; m++) {
+            if (m % 2 == 0) sc8 = q6_sc8_avx2(blk, m / 2);
+            __m256i p, q;
+            q6_pair_avx2(q6_codes_avx2(blk, 2 * m), q6_codes_avx2(blk, 2 * m + 1), &p, &q);
+            const __m256i sv = q6_pair_scales_avx2(sc8, m);
             for (int b = 0; b < TT; b++) {
-                const __m256i x = _mm256_loadu_si256((const __m256i *)(h + (size_t)b * j->k + 256 * i + 32 * c));
-                acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), sv));
+                const int8_t *x = xp + (size_t)b * j->k + 256 * i + 64 * m;
+                const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(p, _mm256_loadu_si256((const __m256i *)x)),
+                                                       _mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(x + 32))));
+                acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(pairs, sv));
+                __asm__("" : "+x"(acc[b]));
             }
         }
         s = _mm256_add_ps(s, _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(blk->d)), _mm256_cvtepi32_ps(hsum8_epi32_avx2(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]))));
@@ -587,11 +631,15 @@ AVX2_TARGET void bn_head_rows_q6_avx2(const bn_head_job *j, int r0, int r1) {
         for (int r = r0; r < r1; r++) j->y[r] = q6_logit(j, 0, q6_row_avx2(j, r, 0, xs));
         return;
     }
-#define Q6_GROUP_SUMS(t, tt) \
-    for (int b = 0; b < (tt); b++) q6_group_sums_avx2(j->hq + (size_t)((t) + b) * j->k, j->k, xs + (size_t)b * groups)
-#define Q6_TILE(j, r, t, TT) q6_tile_avx2(j, r, t, xs, TT)
-    HEAD_TILES_AVX2(j, r0, r1, (j->k / BN_Q6_BLOCK_K) * (int)sizeof(bn_q6_block), Q6_GROUP_SUMS, Q6_TILE);
-#undef Q6_GROUP_SUMS
+    int8_t xp[HEAD_TT * j->k] __attribute__((aligned(32))); /* the tile's tokens, paired */
+#define Q6_PREPARE(t, tt)                                                                    \
+    for (int b = 0; b < (tt); b++) {                                                         \
+        q6_group_sums_avx2(j->hq + (size_t)((t) + b) * j->k, j->k, xs + (size_t)b * groups); \
+        q6_pair_inputs_avx2(j->hq + (size_t)((t) + b) * j->k, j->k, xp + (size_t)b * j->k);   \
+    }
+#define Q6_TILE(j, r, t, TT) q6_tile_avx2(j, r, t, xp, xs, TT)
+    HEAD_TILES_AVX2(j, r0, r1, (j->k / BN_Q6_BLOCK_K) * (int)sizeof(bn_q6_block), Q6_PREPARE, Q6_TILE);
+#undef Q6_PREPARE
 #undef Q6_TILE
 }
 

@@ -93,19 +93,23 @@ void bn_tq1_rows_scalar(const bn_i2_job *j, int r0, int r1) {
  * what vpmaddubsw alone issues there (188 G MAC/s) and about 75% of a loop of vpmaddubsw + vpaddw
  * pairs, the least any exact u8 x s8 dot needs on AVX2. Tried there and slower (0.8-0.95x, gcc
  * and clang alike): codes unpacked once per row tile into an L1 scratch, then register tiles of
- * 1x8, 2x4, 3x3, 3x4 and 4x2 rows x tokens; 8 tokens a row; the decode GEMV's shift-saving mask. */
+ * 1x8, 2x4, 3x3, 3x4 and 4x2 rows x tokens; the decode GEMV's shift-saving mask. 8 tokens a row
+ * was slower too until each token's int16 sum was pinned to a register (the empty asm): gcc had
+ * reassociated the adds across tokens and blocks and spilled. Pinned, 8 tokens a row decode each
+ * block once for 8 (session 9, 1 thread, 6912x2560, medians of 6 interleaved runs against 4
+ * tokens a row: 16 tokens 2.44 -> 2.37 ms, 8 tokens 1.24 -> 1.23 ms; 64 tokens alike). */
 AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const bn_i2_job *j, int r, int t0,
                                                                         const int TN) {
     const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     const int nb = j->kp / BLOCK;
     const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
     const int8_t *x = j->xq + (size_t)t0 * j->kp;
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                      _mm256_setzero_si256()};
+    __m256i acc[8];
+    for (int t = 0; t < TN; t++) acc[t] = _mm256_setzero_si256();
     for (int b0 = 0; b0 < nb; b0 += 8) {
         const int b1 = b0 + 8 < nb ? b0 + 8 : nb;
-        __m256i acc16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
-                            _mm256_setzero_si256()};
+        __m256i acc16[8];
+        for (int t = 0; t < TN; t++) acc16[t] = _mm256_setzero_si256();
         for (int b = b0; b < b1; b++) {
             __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
             __m256i c0 = _mm256_and_si256(w, mask);
@@ -119,6 +123,7 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const 
                 s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
                 s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
                 acc16[t] = _mm256_add_epi16(acc16[t], s);
+                __asm__("" : "+x"(acc16[t])); /* one register per token's sum (see the note above) */
             }
         }
         for (int t = 0; t < TN; t++) acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(acc16[t], ones));
@@ -126,8 +131,8 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const 
     for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(acc[t]));
 }
 
-/* Rows are taken in tiles of about 16 KB of weights; each tile meets every group of four tokens
- * while it sits in L1, so the activations stream from L2 once per tile, not once per row. */
+/* Rows are taken in tiles of about 16 KB of weights; each tile meets every group of tokens while
+ * it sits in L1, so the activations stream from L2 once per tile, not once per row. */
 static inline int row_tile(const bn_i2_job *j) {
     int rows = 16384 / (j->kp / 4);
     return j->m == 1 ? 1 << 30 : rows < 1 ? 1 : rows;
@@ -149,7 +154,26 @@ static inline int row_tile(const bn_i2_job *j) {
         }                                                                          \
     }
 
-I2_ROWS_TOKENS(i2_rows_avx2_tokens, AVX2_TARGET, i2_row_avx2)
+/* Rows in tiles of about 16 KB of weights (row_tile), each tile meeting every group of eight
+ * tokens while it sits in L1; the last tokens go in one narrower group. */
+AVX2_TARGET static void i2_rows_avx2_tokens(const bn_i2_job *j, int r0, int r1) {
+    const int tile = row_tile(j);
+    for (int ta = r0; ta < r1; ta += tile) {
+        int tb = r1 - ta < tile ? r1 : ta + tile;
+        int t = 0;
+        for (; t + 8 <= j->m; t += 8)
+            for (int r = ta; r < tb; r++) i2_row_avx2(j, r, t, 8);
+        for (int r = ta; r < tb; r++) switch (j->m - t) { /* constant widths: registers */
+            case 7: i2_row_avx2(j, r, t, 7); break;
+            case 6: i2_row_avx2(j, r, t, 6); break;
+            case 5: i2_row_avx2(j, r, t, 5); break;
+            case 4: i2_row_avx2(j, r, t, 4); break;
+            case 3: i2_row_avx2(j, r, t, 3); break;
+            case 2: i2_row_avx2(j, r, t, 2); break;
+            case 1: i2_row_avx2(j, r, t, 1); break;
+            }
+    }
+}
 
 /* Decode (one token), one row at a time: the weights stream as one sequential read (measured
  * faster here than several rows in flight, which splits the read into strided streams). Fewer

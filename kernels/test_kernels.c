@@ -95,7 +95,8 @@ static void test_tq1_every_byte(void) {
 static void test_gemm_shapes(void) {
     static const int shapes[][3] = {{1, 1, 1},   {1, 7, 100},  {3, 5, 128},  {4, 33, 129}, {5, 64, 255},
                                     {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200},
-                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}, {6, 7, 6912}};
+                                    {1, 9, 2560},  {1, 5, 6912}, {1, 3, 384}, {1, 11, 1100}, {6, 7, 6912},
+                                    {7, 10, 384}, {16, 12, 1000}}; /* AVX2 groups of 8 tokens and every narrower tail */
     bn_pool *pool = bn_pool_new(3);
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2], kp = (k + 127) / 128 * 128;
@@ -507,27 +508,33 @@ static void test_head_q4_extremes(void) {
 }
 
 /* q6 at its bounds: every code 0 (q = -32) or 63 (q = 31), every scale -128 or 127, against x =
- * +-127, over 8192 inputs: the int16 pair sums and the int32 block sums at their largest */
+ * +-127, over 8192 inputs, for one token (the row kernels) and nine (a tile of eight and one of
+ * one): the int16 pair sums (two of them added in int16 by the tiles) and the int32 block sums
+ * at their largest */
 static void test_head_q6_extremes(void) {
-    const int n = 2, k = 8192, nb = k / 256;
-    bn_q6_block *w = malloc(sizeof(bn_q6_block) * n * nb);
-    float *h = malloc(sizeof(float) * k), ref[2], got[2];
+    enum { N = 2, K = 8192, NB = K / 256, M = 9 };
+    bn_q6_block *w = malloc(sizeof(bn_q6_block) * N * NB);
+    float *h = malloc(sizeof(float) * K * M), ref[N * M], got[N * M];
     for (int code = 0; code < 2; code++)
         for (int scale = 0; scale < 2; scale++)
             for (int sign = -1; sign <= 1; sign += 2) {
-                memset(w, code ? 0xff : 0, sizeof(bn_q6_block) * n * nb);
-                for (int i = 0; i < n * nb; i++) {
+                memset(w, code ? 0xff : 0, sizeof(bn_q6_block) * N * NB);
+                for (int i = 0; i < N * NB; i++) {
                     memset(w[i].sc, scale ? 127 : 0x80, 16);
                     w[i].d = 0x3c00; /* 1.0 */
                 }
-                for (int i = 0; i < k; i++) h[i] = (float)sign;
-                bn_head_logits(NULL, BN_ISA_SCALAR, BN_EMB_Q6, w, NULL, n, k, h, 1, ref);
+                for (int i = 0; i < K * M; i++) h[i] = (float)sign;
                 const double block = (scale ? 127.0 : -128.0) * (code ? 31 : -32) * 127 * sign * 256;
-                CHECK(ref[0] == (float)(block * nb) / 127.0f, "q6 scalar at its bounds: %g", ref[0]);
-                for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
-                    if (!bn_isa_available(isa)) continue;
-                    bn_head_logits(NULL, isa, BN_EMB_Q6, w, NULL, n, k, h, 1, got);
-                    CHECK(got[0] == ref[0] && got[1] == ref[1], "q6 isa %d at its bounds", isa);
+                for (int m = 1; m <= M; m += M - 1) {
+                    bn_head_logits(NULL, BN_ISA_SCALAR, BN_EMB_Q6, w, NULL, N, K, h, m, ref);
+                    for (int i = 0; i < N * m; i++)
+                        CHECK(ref[i] == (float)(block * NB) / 127.0f, "q6 scalar at its bounds: %g", ref[i]);
+                    for (int isa = 1; isa < BN_ISA_COUNT; isa++) {
+                        if (!bn_isa_available(isa)) continue;
+                        bn_head_logits(NULL, isa, BN_EMB_Q6, w, NULL, N, K, h, m, got);
+                        for (int i = 0; i < N * m; i++)
+                            CHECK(got[i] == ref[i], "q6 isa %d at its bounds, %d tokens", isa, m);
+                    }
                 }
             }
     free(w), free(h);

@@ -9,6 +9,9 @@ wiring) is the same code the GPU runs.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,60 @@ def test_reference_product_is_the_exact_integer_product_then_two_scalings():
     assert torch.equal(got, (exact.float() * row_mul[:, None] * col_mul[None, :]))
     assert torch.equal(L.int8_mm(a, b, row_mul, None, torch.float32), exact.float() * row_mul[:, None])
     assert L.int8_mm(a, b, row_mul, col_mul, torch.bfloat16).dtype == torch.bfloat16
+
+
+def _grad_parts(seed: int, widths: list[int], m: int, dtype: torch.dtype, scale: float):
+    g = torch.Generator().manual_seed(seed)
+    parts = [(torch.randn(m, w, generator=g) * scale * torch.rand(m, 1, generator=g) * 4).to(dtype) for w in widths]
+    for p in parts:
+        p[1] = 0  # an all-zero token row: the floor
+    col = torch.cat([torch.full((w,), 0.013 * (i + 1)) for i, w in enumerate(widths)])
+    return parts, col
+
+
+def test_grad_rows_reference_rounds_the_scaled_concatenation_per_token():
+    """``quantize_grad_rows`` (the op the backward calls with one part per projection) is
+    quantize_rows of ``cat(parts) * col_scale`` with the gradients' floor, whatever the parts' widths
+    and layouts (a transposed part as attention's backward may hand one over)."""
+    parts, col = _grad_parts(4, [48, 16, 16], 9, torch.bfloat16, 3e-8)
+    parts[1] = parts[1].t().contiguous().t() if parts[1].shape[0] == parts[1].shape[1] else parts[1]
+    q, s = L.quantize_grad_rows(parts, col)
+    g = torch.cat([p.float() for p in parts], -1) * col
+    s_want = 127.0 / g.abs().amax(-1).clamp(min=L.GRAD_ABSMAX_FLOOR)
+    assert torch.equal(s, s_want)
+    assert torch.equal(q, (g * s_want[:, None]).round().clamp(-128, 127).to(torch.int8))
+    assert q[1].abs().max() == 0 and q.abs().amax(-1)[0] == 127  # the zero row stays 0; a row's max is 127
+    one = L.quantize_grad_rows(parts[:1], col[:48])
+    want = L.quantize_rows(parts[0].float() * col[:48], L.GRAD_ABSMAX_FLOOR)
+    assert torch.equal(one[0], want[0]) and torch.equal(one[1], want[1])
+
+
+_INTERPRETED_KERNEL = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _grad_parts
+out = []
+for seed, widths, m, dtype, scale in json.loads(sys.argv[1]):
+    parts, col = _grad_parts(seed, widths, m, getattr(torch, dtype), scale)
+    q_ref, s_ref = L.quantize_grad_rows_reference(parts, col)
+    q, s = T.quantize_grad_rows(parts, col)
+    out.append(torch.equal(q, q_ref) and torch.equal(s, s_ref))
+print(json.dumps(out))
+"""
+
+
+def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
+    against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
+    pytest.importorskip("triton")
+    cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
+    here = Path(__file__).parent
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL, json.dumps(cases)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == [True] * len(cases)
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 3e-8])

@@ -19,7 +19,9 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   as the plain path has them (``Xq / s_x``); the weight gradient sums over all tokens, where
   int8 rounding of G would bias small updates, so it stays 16-bit.
 
-The activations are saved for the backward as int8 plus one scale per token (half of bf16).
+The activations are saved for the backward as grad_weight reads them, dequantised in the compute
+dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
+but a pass over them in every backward to dequantise them again).
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
@@ -33,11 +35,21 @@ the forward applies it per output column in the epilogue, and grad_input, where 
 the reduction, folds it into the output gradient before the per-token rounding
 (``round(G_n / s_w(n) * s_g)``). A single projection is the same with one member.
 
-The quantisations are written in torch so that torch.compile fuses them with their neighbours
-(the RMSNorm before a projection, the elementwise backward before a gradient); the products are
-one custom op, ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices
-:func:`int8_mm_reference`, the pure-torch statement of exactly what the kernel computes (used by
-the CPU tests to hold the fast path to the plain one).
+The stacked product returns one output per projection (views of its one result), so that the
+backward receives each projection's output gradient as its consumer's backward wrote it (dq, dk,
+dv out of attention and RoPE; dgate, dup out of the MLP's activation) and never concatenates them:
+torch.compile made that concatenation into token rows one gather kernel, ten times slower than the
+memory it moves (benchmarks/RESULTS.md, session 6). One opaque op, ``bitnet::quantize_grad_rows``,
+reads the parts in a single pass and writes the int8 rows of ``[G_0 * c_0, G_1 * c_1, ...]`` and
+their scales (:func:`quantize_grad_rows_reference` states it in torch); grad_weight is one product
+per projection from its own part.
+
+The activations' quantisation is written in torch so that torch.compile fuses it with its
+neighbours (the RMSNorm before a projection); the products are one custom op,
+``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
+the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
+fast path to the plain one). Both custom ops are tested bit for bit against their references on
+a GPU by benchmarks/int8_kernels.py.
 """
 
 from __future__ import annotations
@@ -119,6 +131,30 @@ def _(a, b, row_mul, col_mul, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
 
 
+def quantize_grad_rows_reference(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``bitnet::quantize_grad_rows`` computes: :func:`quantize_rows` of the output gradient
+    ``cat([part.float() for part in parts], -1) * col_scale`` with the gradients' floor
+    (``GRAD_ABSMAX_FLOOR``): ``(gq int8 [M, N], s_g fp32 [M])``, N the parts' widths summed."""
+    g = torch.cat([p.float() for p in parts], dim=-1) if len(parts) > 1 else parts[0].float()
+    return quantize_rows(g * col_scale, GRAD_ABSMAX_FLOOR)
+
+
+@torch.library.custom_op("bitnet::quantize_grad_rows", mutates_args=())
+def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if parts[0].is_cuda:
+        from bitnet_cli.train import int8_triton
+
+        return int8_triton.quantize_grad_rows(parts, col_scale)
+    return quantize_grad_rows_reference(parts, col_scale)
+
+
+@quantize_grad_rows.register_fake
+def _(parts, col_scale):
+    m = parts[0].shape[0]
+    n = sum(p.shape[1] for p in parts)
+    return parts[0].new_empty((m, n), dtype=torch.int8), parts[0].new_empty((m,), dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -127,51 +163,56 @@ class _Int8Linear(torch.autograd.Function):
     of grad_input) and col_scale [N]: the ternary weights of one or more projections of x stacked
     by rows (:func:`stacked_ternary`); ``dtype`` the compute dtype (the autocast dtype, else x's);
     ``int8_grad`` grad_input's arithmetic; then the projections' latent weights, in T's row order
-    (for their gradients only). Returns y [M, N], the projections' outputs side by side."""
+    (for their gradients only). Returns one output [M, N_i] per projection (views of one product)."""
 
     @staticmethod
     def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        ctx.save_for_backward(q, s_x, trits, trits_t, col_scale)
+        # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
+        # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
+        x_deq = (q.float() / s_x[:, None]).to(dtype)
+        ctx.save_for_backward(x_deq, trits, trits_t, col_scale)
         ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
-        return y
+        return tuple(y.split(ctx.rows, dim=-1)) if len(weights) > 1 else y
 
     @staticmethod
-    def backward(ctx, g):
-        q, s_x, trits, trits_t, col_scale = ctx.saved_tensors
-        g = g.to(ctx.dtype)
+    def backward(ctx, *gs):
+        x_deq, trits, trits_t, col_scale = ctx.saved_tensors
+        # An output nobody used gets no gradient: zeros, so that the parts still line up with T's rows.
+        gs = [(x_deq.new_zeros((x_deq.shape[0], n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
+              for g, n in zip(gs, ctx.rows)]
         grad_x = None
         grads_w = [None] * len(ctx.rows)
         if ctx.needs_input_grad[0]:
             if ctx.int8_grad:
                 # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
                 # product's reduction, where one scale per projection cannot be applied afterwards.
-                gq, s_g = quantize_rows(g.float() * col_scale, GRAD_ABSMAX_FLOOR)
+                gq, s_g = quantize_grad_rows(gs, col_scale)
                 grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
             else:
+                g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
         if any(ctx.needs_input_grad[6:]):
-            x_deq = (q.float() / s_x[:, None]).to(ctx.dtype)
-            grad_w = g.t() @ x_deq
-            grads_w = [gw.to(dt) for gw, dt in zip(grad_w.split(ctx.rows), ctx.w_dtypes)]
+            grads_w = [(g.t() @ x_deq).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
         return (grad_x, None, None, None, None, None, *grads_w)
 
 
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                int8_grad: bool = True) -> torch.Tensor:
-    """``cat([BitLinear_w(x) for w in weights], -1)`` on int8 products (no biases); the stacked
-    ternary weight (:func:`stacked_ternary`) is derived here unless given."""
+                int8_grad: bool = True) -> list[torch.Tensor]:
+    """``[BitLinear_w(x) for w in weights]`` on int8 products (no biases); the stacked ternary
+    weight (:func:`stacked_ternary`) is derived here unless given."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
-    y = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
-    return y.reshape(*lead, y.shape[-1])
+    ys = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
+    ys = ys if isinstance(ys, tuple) else (ys,)
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
 
 # ----------------------------------------------------------------------------- wiring
@@ -197,9 +238,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer (1.09x
-    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training), and
-    the paper shapes have no measured gain either; auto should pick it where it is measured faster.
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer (1.09-1.11x
+    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training, sessions
+    6 and 9), and the paper shapes have no measured gain either; auto may pick it only where it is
+    measured faster.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
@@ -230,13 +272,12 @@ class Int8Product(nn.Module):
     def forward(self, x: torch.Tensor, *projs: nn.Module) -> list[torch.Tensor]:
         weights = [p.weight for p in projs]
         if not self.cache:
-            y = int8_linear(x, weights, int8_grad=self.int8_grad)
+            outs = int8_linear(x, weights, int8_grad=self.int8_grad)
         else:
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
-            y = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad)
-        outs = y.split(self.rows, dim=-1) if len(projs) > 1 else [y]
+            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
 
     @torch.no_grad()
@@ -297,5 +338,5 @@ def refresh(model: nn.Module) -> None:
             m.int8.refresh(m)
 
 
-__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "quantize_rows",
-           "refresh", "resolve", "stacked_ternary", "ternary_weight"]
+__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "quantize_grad_rows",
+           "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary", "ternary_weight"]
