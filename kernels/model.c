@@ -128,10 +128,11 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     m->up = zalloc(sizeof(float) * wide);
     m->tmp = zalloc(sizeof(float) * CHUNK * d->hidden);
     int kp_max = m->kp_f > m->kp_h ? m->kp_f : m->kp_h;
-    m->xq = zalloc((size_t)CHUNK * (kp_max > m->kp_q ? kp_max : m->kp_q));
+    kp_max = kp_max > m->kp_q ? kp_max : m->kp_q; /* the widest quantised input of any product */
+    m->xq = zalloc((size_t)CHUNK * kp_max);
     m->xscale = zalloc(sizeof(float) * CHUNK);
     m->xsum = zalloc(sizeof(int32_t) * CHUNK);
-    if (bn_isa_available(BN_ISA_AMX) && !(m->amx.xa = zalloc(bn_amx_xa_bytes(CHUNK, kp_max > m->kp_q ? kp_max : m->kp_q))))
+    if (bn_isa_available(BN_ISA_AMX) && !(m->amx.xa = zalloc(bn_amx_xa_bytes(CHUNK, kp_max))))
         FAIL("out of memory for a context of %d tokens", d->ctx);
     m->scores = zalloc(sizeof(float) * (size_t)n_threads * (d->n_heads / d->n_kv_heads) * d->ctx);
     m->keys = zalloc(sizeof(int) * (size_t)n_threads * d->ctx);

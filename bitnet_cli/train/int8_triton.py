@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR
+
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover
@@ -28,7 +30,6 @@ except ImportError:  # pragma: no cover
 # into one fma, which would move rounding ties.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
-from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR
 
 # Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-4096: 6-32 steps of
 # 128), where the pipeline's fill and the epilogue weigh most, so deeper pipelines and wide tiles
