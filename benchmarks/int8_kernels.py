@@ -2,9 +2,10 @@
 
     python benchmarks/int8_kernels.py [--out int8_kernels.json] [--models small,700m,1.3b]
 
-1. ``bitnet::int8_mm`` (Triton) against ``int8_mm_reference`` (pure torch, on the CPU) on fresh
-   random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs, with and
-   without the per-column scale: bit for bit.
+1. Both Triton products behind ``bitnet::int8_mm`` (pointer loads; persistent with TMA loads where
+   the rows are 16-byte aligned) and the op itself against ``int8_mm_reference`` (pure torch, on the
+   CPU) on fresh random int8 x ternary operands, aligned and ragged shapes, bf16 and fp32 outputs,
+   with and without the per-column scale: bit for bit.
 2. ``bitnet::quantize_grad_rows`` (Triton: the output gradient's parts rounded per token in one
    pass) against ``quantize_grad_rows_reference`` on the CPU: q/k/v-, gate/up- and single-shaped
    parts, bf16 and fp32, training-sized (3e-8) and O(1) gradients, all-zero rows: bit for bit.
@@ -12,8 +13,8 @@
    against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
 4. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
    (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
-   the trainer runs them): bf16 ``F.linear``, the Triton int8
-   kernel with its epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
+   the trainer runs them): bf16 ``F.linear``, the two Triton int8
+   kernels with their epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
    quantisation that feeds the int8 product. TFLOP/s count 2 x M x N x K.
 """
 
@@ -33,25 +34,39 @@ from bitnet_cli.train import int8_linear as L  # noqa: E402
 SHAPES = {  # name: (tokens per micro-batch, [(K, N) of qkv, o, gate-up, down]); grad_input is (N, K)
     "small": (32 * 1024, [(768, 2304), (768, 768), (768, 4096), (2048, 768)]),
     "700m": (16 * 2048, [(1536, 4608), (1536, 1536), (1536, 8192), (4096, 1536)]),
-    "1.3b": (8 * 2048, [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)]),
+    "1.3b": (16 * 2048, [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)]),
 }
 
 
 def check_exact() -> list[dict]:
+    """Both kernels (the TMA one where its alignment allows) against the reference."""
+    from bitnet_cli.train import int8_triton
+
     out = []
-    for M, N, K in [(300, 200, 333), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460), (64, 64, 64)]:
+    for M, N, K in [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
+                    (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]:
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
         b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
         rm = torch.rand(M) * 0.02 + 1e-4
         cm = torch.rand(N) * 0.05 + 1e-3
-        for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
-            ref = L.int8_mm_reference(a, b, rm, col, dt)
-            got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), None if col is None else col.cuda(), dt).cpu()
-            exact = torch.equal(got, ref)
-            out.append({"M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None, "bit_exact": exact,
-                        "max_abs": (got.float() - ref.float()).abs().max().item(),
-                        "nan": bool(got.isnan().any())})
-            print(json.dumps(out[-1]), flush=True)
+        kernels = ["pointer", "tma"] if int8_triton.tma_fits(a.cuda(), b.cuda()) else ["pointer"]
+        for kernel in kernels:
+            for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
+                ref = L.int8_mm_reference(a, b, rm, col, dt)
+                got = int8_triton.int8_mm(a.cuda(), b.cuda(), rm.cuda(), None if col is None else col.cuda(), dt,
+                                          kernel).cpu()
+                exact = torch.equal(got, ref)
+                out.append({"kernel": kernel, "M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None,
+                            "bit_exact": exact, "max_abs": (got.float() - ref.float()).abs().max().item(),
+                            "nan": bool(got.isnan().any())})
+                print(json.dumps(out[-1]), flush=True)
+    # The custom op (kernel "auto") as the trainer calls it.
+    a, b = torch.randint(-128, 128, (4096, 768), dtype=torch.int8), torch.randint(-1, 2, (2304, 768), dtype=torch.int8)
+    rm, cm = torch.rand(4096) * 0.02 + 1e-4, torch.rand(2304) * 0.05 + 1e-3
+    got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), cm.cuda(), torch.bfloat16).cpu()
+    out.append({"kernel": "auto (bitnet::int8_mm)", "M": 4096, "N": 2304, "K": 768, "dtype": "torch.bfloat16",
+                "col_mul": True, "bit_exact": torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.bfloat16))})
+    print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -117,27 +132,31 @@ def bench(models: list[str]) -> list[dict]:
                 t, _, col_scale = L.stacked_ternary([w])
                 inv_s = 1.0 / s
                 flop = 2 * M * N * K
-                ms = {
-                    "bf16": do_bench(lambda: F.linear(x, w), return_mode="median"),
-                    "triton_int8": do_bench(lambda: L.int8_mm(q, t, inv_s, col_scale, torch.bfloat16),
-                                            return_mode="median"),
-                    "int_mm": do_bench(lambda: torch._int_mm(q, t.t()), return_mode="median"),
-                    "quant_x": do_bench(lambda: quant(x), return_mode="median"),
-                }
                 from bitnet_cli.train import int8_triton
 
-                best = int8_triton._int8_mm_kernel.best_config
-                r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, "tile": str(best),
+                def product(kernel):
+                    return lambda: int8_triton.int8_mm(q, t, inv_s, col_scale, torch.bfloat16, kernel)
+
+                ms = {"bf16": do_bench(lambda: F.linear(x, w), return_mode="median"),
+                      "triton_int8": do_bench(product("pointer"), return_mode="median")}
+                tiles = {"tile": str(int8_triton._int8_mm_kernel.best_config)}
+                if int8_triton.tma_fits(q, t):
+                    ms["tma_int8"] = do_bench(product("tma"), return_mode="median")
+                    tiles["tma_tile"] = str(int8_triton._int8_mm_tma_kernel.best_config)
+                ms["int_mm"] = do_bench(lambda: torch._int_mm(q, t.t()), return_mode="median")
+                ms["quant_x"] = do_bench(lambda: quant(x), return_mode="median")
+                r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, **tiles,
                      **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
                      **{f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "quant_x"}}
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-    print(f"\n{'model':6} {'kind':8} {'M x K -> N':>20} {'bf16':>7} {'tri-i8':>7} {'_int_mm':>7} "
-          f"{'quant ms':>8} {'i8+q vs bf16':>12}")
+    print(f"\n{'model':6} {'kind':8} {'M x K -> N':>20} {'bf16':>7} {'tri-i8':>7} {'tma-i8':>7} {'_int_mm':>7} "
+          f"{'quant ms':>8} {'i8 vs bf16':>10}")
     for r in rows:
-        ratio = (r["triton_int8_ms"] + r["quant_x_ms"]) / r["bf16_ms"]
+        best = min(r["triton_int8_ms"], r.get("tma_int8_ms", float("inf")))
         print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<5}->{r['N']:<5} {r['bf16_tflops']:>7.0f} "
-              f"{r['triton_int8_tflops']:>7.0f} {r['int_mm_tflops']:>7.0f} {r['quant_x_ms']:>8.3f} {ratio:>11.2f}x")
+              f"{r['triton_int8_tflops']:>7.0f} {r.get('tma_int8_tflops', 0):>7.0f} {r['int_mm_tflops']:>7.0f} "
+              f"{r['quant_x_ms']:>8.3f} {best / r['bf16_ms']:>9.2f}x")
     return rows
 
 

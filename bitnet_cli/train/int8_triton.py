@@ -4,9 +4,11 @@ int8_linear.py for the arithmetic).
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
 output dtype in the epilogue: the dequantisation costs no pass over memory. Both operands are
-K-contiguous, the layout 8-bit tensor-core operands need. The tile shape is autotuned per
-(M, N, K). int8_mm_reference in int8_linear.py is the same function in plain torch, tested
-against this. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
+K-contiguous, the layout 8-bit tensor-core operands need. Two kernels compute it: one loading its
+tiles through pointers (any shape, Ampere too) and a persistent one loading them by TMA (Hopper;
+rows on 16-byte boundaries); each autotunes its tile per (M, N, K) and :func:`int8_mm` picks the
+faster of the two per shape. int8_mm_reference in int8_linear.py is the same function in plain
+torch, tested against both. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
 """
 
 from __future__ import annotations
@@ -96,21 +98,134 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+def _set_block_shapes(nargs):
+    """Autotune pre-hook: the TMA descriptors' boxes are the tile being tried."""
+    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
+    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
+
+
+# Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
+# arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
+# at most 227 KiB on Hopper).
+_TMA_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=5, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6, pre_hook=_set_block_shapes),
+]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+@triton.jit
+def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_cm,
+                        HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
+    # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
+    # software pipeline). TMA fills out-of-range rows, columns and K with zeros; the store is masked.
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    k_tiles = tl.cdiv(K, BK)
+    width = GROUP_M * grid_n
+    first = tl.program_id(0)
+    if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
+        first = 0
+    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
+        group = tile // width
+        first_m = group * GROUP_M
+        size_m = min(grid_m - first_m, GROUP_M)
+        off_m = (first_m + (tile % width) % size_m) * BM
+        off_n = ((tile % width) // size_m) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BK])
+            b = b_desc.load([off_n, ki * BK])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = off_m + tl.arange(0, BM)
+        rn = off_n + tl.arange(0, BN)
+        row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
+        c = acc.to(tl.float32) * row_mul[:, None]
+        if HAS_COL_MUL:
+            col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
+            c = c * col_mul[None, :]
+        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the TMA kernel can read ``a`` and ``b``: a Hopper-or-later GPU (or Triton's interpreter)
+    and rows starting on 16-byte boundaries (K a multiple of 16: not 1.3b's 5460 and 10920)."""
+    if not INTERPRETED.value and (not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9):
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+# The kernel "auto" picked per product shape (M, N, K, output dtype, column scale or not, device).
+_FASTER: dict[tuple, str] = {}
+
+
 def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-            out_dtype: torch.dtype) -> torch.Tensor:
+            out_dtype: torch.dtype, kernel: str = "auto", config: triton.Config | None = None) -> torch.Tensor:
+    """``kernel``: "tma" (the persistent TMA kernel, where :func:`tma_fits`), "pointer" (the
+    pointer-load kernel, any shape) or "auto": where both can run, the first product of each shape
+    times the two (each at its autotuned tile) and keeps the faster; the results are the same bit
+    for bit either way. ``config``: one of the kernel's tiles instead of the autotuner's choice
+    (Triton's interpreter, which the CPU tests run the kernels in, cannot time them)."""
     M, K = a.shape
     N = b.shape[0]
     assert b.shape[1] == K and a.dtype == b.dtype == torch.int8
     a, b = a.contiguous(), b.contiguous()
+    if kernel == "auto":
+        kernel = "pointer"
+        if tma_fits(a, b):
+            key = (M, N, K, out_dtype, col_mul is None, a.device)
+            if key not in _FASTER:
+                from triton.testing import do_bench
+
+                ms = {k: do_bench(lambda k=k: int8_mm(a, b, row_mul, col_mul, out_dtype, k), return_mode="median")
+                      for k in ("pointer", "tma")}
+                _FASTER[key] = min(ms, key=ms.get)
+            kernel = _FASTER[key]
     row_mul = row_mul.float().contiguous()
     col_mul = None if col_mul is None else col_mul.float().contiguous()
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    col = row_mul if col_mul is None else col_mul
+    if kernel == "tma":
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        sms = _sm_count(a.device)
+        # The boxes are placeholders until the autotuner's pre-hook sets the tried tile's.
+        a_desc = TensorDescriptor.from_tensor(a, [128, 128])
+        b_desc = TensorDescriptor.from_tensor(b, [128, 128])
+
+        def grid(meta):
+            return (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)
+
+        args = (a_desc, b_desc, c, row_mul, col, M, N, K, c.stride(0))
+        if config is None:
+            _int8_mm_tma_kernel[grid](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms)
+        else:
+            meta = {"a_desc": a_desc, "b_desc": b_desc, **config.kwargs}
+            config.pre_hook(meta)
+            _int8_mm_tma_kernel.fn[grid({**config.kwargs})](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms,
+                                                            **config.all_kwargs())
+        return c
 
     def grid(meta):
         return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
 
-    _int8_mm_kernel[grid](a, b, c, row_mul, row_mul if col_mul is None else col_mul, M, N, K,
-                          a.stride(0), b.stride(0), c.stride(0), HAS_COL_MUL=col_mul is not None)
+    args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    if config is None:
+        _int8_mm_kernel[grid](*args, HAS_COL_MUL=col_mul is not None)
+    else:
+        _int8_mm_kernel.fn[grid(config.kwargs)](*args, HAS_COL_MUL=col_mul is not None, **config.all_kwargs())
     return c
 
 
