@@ -79,34 +79,6 @@ def test_grad_rows_reference_rounds_the_scaled_concatenation_per_token():
     assert torch.equal(one[0], want[0]) and torch.equal(one[1], want[1])
 
 
-_INTERPRETED_KERNEL = """
-import json, sys, torch
-from bitnet_cli.train import int8_linear as L, int8_triton as T
-from test_int8_linear import _grad_parts
-out = []
-for seed, widths, m, dtype, scale in json.loads(sys.argv[1]):
-    parts, col = _grad_parts(seed, widths, m, getattr(torch, dtype), scale)
-    q_ref, s_ref = L.quantize_grad_rows_reference(parts, col)
-    q, s = T.quantize_grad_rows(parts, col)
-    out.append(torch.equal(q, q_ref) and torch.equal(s, s_ref))
-print(json.dumps(out))
-"""
-
-
-def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
-    """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
-    against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
-    pytest.importorskip("triton")
-    cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
-    here = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(here.parent), str(here), os.environ.get("PYTHONPATH", "")])}
-    r = subprocess.run([sys.executable, "-c", _INTERPRETED_KERNEL, json.dumps(cases)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.splitlines()[-1]) == [True] * len(cases)
-
-
 # Triton 3.6's interpreter turns a loop bound into a Python int with int() of a one-element numpy
 # array, which numpy >= 2.4 refuses; the kernels' loops need it to take the element instead.
 _INTERPRETER_LOOP_BOUNDS = """
@@ -145,6 +117,28 @@ def _interpret(script: str, cases: list) -> list:
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.splitlines()[-1])
+
+
+_INTERPRETED_GRAD_ROWS = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _grad_parts
+out = []
+for seed, widths, m, dtype, scale in json.loads(sys.argv[1]):
+    parts, col = _grad_parts(seed, widths, m, getattr(torch, dtype), scale)
+    q_ref, s_ref = L.quantize_grad_rows_reference(parts, col)
+    q, s = T.quantize_grad_rows(parts, col)
+    out.append(torch.equal(q, q_ref) and torch.equal(s, s_ref))
+print(json.dumps(out))
+"""
+
+
+def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
+    against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
+    pytest.importorskip("triton")
+    cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
+    assert _interpret(_INTERPRETED_GRAD_ROWS, cases) == [True] * len(cases)
 
 
 def test_int8_product_kernels_match_the_reference_in_the_interpreter():
