@@ -49,13 +49,14 @@ def check_exact() -> list[dict]:
         b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
         rm = torch.rand(M) * 0.02 + 1e-4
         cm = torch.rand(N) * 0.05 + 1e-3
-        kernels = ["pointer", "tma"] if int8_triton.tma_fits(a.cuda(), b.cuda()) else ["pointer"]
-        for kernel in kernels:
+        # The pointer kernel on contiguous operands; the TMA one on rows padded to 16 bytes (L.pad_rows),
+        # as the trainer hands them over where K is not a multiple of 16.
+        operands = {"pointer": (a.cuda(), b.cuda()), "tma": (L.pad_rows(a.cuda()), L.pad_rows(b.cuda()))}
+        for kernel, (ag, bg) in operands.items():
             for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
                 ref = L.int8_mm_reference(a, b, rm, col, dt)
                 try:
-                    got = int8_triton.int8_mm(a.cuda(), b.cuda(), rm.cuda(), None if col is None else col.cuda(), dt,
-                                              kernel).cpu()
+                    got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt, kernel).cpu()
                 except Exception as e:  # noqa: BLE001 (recorded as a failed check; the other cases still run)
                     out.append({"kernel": kernel, "M": M, "N": N, "K": K, "bit_exact": False, "error": repr(e)[:500]})
                     print(json.dumps(out[-1]), flush=True)
@@ -135,6 +136,7 @@ def bench(models: list[str]) -> list[dict]:
                 w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
                 q, s = L.quantize_rows(x)
                 t, _, col_scale = L.stacked_ternary([w])
+                q, t = L.pad_rows(q), L.pad_rows(t)  # as the trainer lays them out (int8_linear.int8_rows)
                 inv_s = 1.0 / s
                 flop = 2 * M * N * K
                 from bitnet_cli.train import int8_triton
@@ -151,7 +153,9 @@ def bench(models: list[str]) -> list[dict]:
                         tiles["tma_tile"] = str(int8_triton._int8_mm_tma_kernel.best_config)
                     except Exception as e:  # noqa: BLE001 (the other columns still get timed)
                         tiles["tma_error"] = repr(e)[:300]
-                ms["int_mm"] = do_bench(lambda: torch._int_mm(q, t.t()), return_mode="median")
+                qc, tc = q.contiguous(), t.contiguous()
+                if K % 8 == 0 and N % 8 == 0:  # torch._int_mm's own limit
+                    ms["int_mm"] = do_bench(lambda: torch._int_mm(qc, tc.t()), return_mode="median")
                 ms["quant_x"] = do_bench(lambda: quant(x), return_mode="median")
                 r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, **tiles,
                      **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
@@ -163,7 +167,7 @@ def bench(models: list[str]) -> list[dict]:
     for r in rows:
         best = min(r["triton_int8_ms"], r.get("tma_int8_ms", float("inf")))
         print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<5}->{r['N']:<5} {r['bf16_tflops']:>7.0f} "
-              f"{r['triton_int8_tflops']:>7.0f} {r.get('tma_int8_tflops', 0):>7.0f} {r['int_mm_tflops']:>7.0f} "
+              f"{r['triton_int8_tflops']:>7.0f} {r.get('tma_int8_tflops', 0):>7.0f} {r.get('int_mm_tflops', 0):>7.0f} "
               f"{r['quant_x_ms']:>8.3f} {best / r['bf16_ms']:>9.2f}x")
     return rows
 

@@ -157,16 +157,19 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
 
 @pytest.mark.parametrize("grad_scale", [1.0, 3e-8])
 @pytest.mark.parametrize("int8_grad", [False, True])
-def test_forward_and_gradients_match_the_plain_bitlinear(int8_grad, grad_scale):
+@pytest.mark.parametrize("width_in,width_out", [(96, 80), (90, 42)])
+def test_forward_and_gradients_match_the_plain_bitlinear(int8_grad, grad_scale, width_in, width_out):
     """``grad_scale`` 3e-8: output gradients of the size training gives them (a loss averaged over
     32k tokens puts about 3e-5 on an entry, and grad_input folds in mean|W|, about 0.02, before
-    rounding), where a 1e-5 floor on the gradient's per-token absmax rounded them all to 0."""
+    rounding), where a 1e-5 floor on the gradient's per-token absmax rounded them all to 0.
+    Widths 90 -> 42: int8 rows padded to 16-byte boundaries (the TMA kernel's layout, as 1.3b's 5460)."""
     torch.manual_seed(0)
-    plain, fast = BitLinear(96, 80), BitLinear(96, 80)
+    plain, fast = BitLinear(width_in, width_out), BitLinear(width_in, width_out)
     fast.load_state_dict(plain.state_dict())
     L.enable(fast, int8_grad, cache=True)
     L.refresh(fast)
-    x1 = torch.randn(3, 20, 96, requires_grad=True)
+    assert fast.int8.trits.stride(0) % 16 == 0 and fast.int8.trits_t.stride(0) % 16 == 0
+    x1 = torch.randn(3, 20, width_in, requires_grad=True)
     x2 = x1.detach().clone().requires_grad_()
     y1, y2 = plain(x1), fast(x2)
     assert rel(y2, y1) < 1e-6

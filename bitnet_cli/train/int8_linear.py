@@ -83,6 +83,18 @@ def quantize_rows(x: torch.Tensor, floor: float = 1e-5) -> tuple[torch.Tensor, t
     return q, s.squeeze(-1)
 
 
+def int8_rows(m: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised int8 [m, n] whose rows start on 16-byte boundaries: a view of [m, n rounded up
+    to 16], as the TMA product kernel (int8_triton) needs to read it (1.3b's K = 5460 and 10920)."""
+    return torch.empty((m, -(-n // 16) * 16), dtype=torch.int8, device=device)[:, :n]
+
+
+def pad_rows(q: torch.Tensor) -> torch.Tensor:
+    """``q`` [m, n] int8 as a view with 16-byte-aligned rows (see :func:`int8_rows`); the same values."""
+    n = q.shape[-1]
+    return q if n % 16 == 0 else torch.nn.functional.pad(q, (0, -n % 16))[:, :n]
+
+
 def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternarisation as the plain path does it: ``(T int8, s_w fp32 scalar)``, W~ = T / s_w."""
     wf = w.detach().float()
@@ -145,14 +157,15 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tu
         from bitnet_cli.train import int8_triton
 
         return int8_triton.quantize_grad_rows(parts, col_scale)
-    return quantize_grad_rows_reference(parts, col_scale)
+    q, s = quantize_grad_rows_reference(parts, col_scale)
+    return pad_rows(q), s  # the rows' layout the GPU kernel writes (int8_rows), as the fake op states it
 
 
 @quantize_grad_rows.register_fake
 def _(parts, col_scale):
     m = parts[0].shape[0]
     n = sum(p.shape[1] for p in parts)
-    return parts[0].new_empty((m, n), dtype=torch.int8), parts[0].new_empty((m,), dtype=torch.float32)
+    return int8_rows(m, n, parts[0].device), parts[0].new_empty((m,), dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -168,7 +181,7 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
-        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        y = int8_mm(pad_rows(q), trits, 1.0 / s_x, col_scale, dtype)
         # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
         # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
         x_deq = (q.float() / s_x[:, None]).to(dtype)
@@ -264,8 +277,9 @@ class Int8Product(nn.Module):
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
-            self.register_buffer("trits", torch.zeros((n, k), dtype=torch.int8, device=dev), persistent=False)
-            self.register_buffer("trits_t", torch.zeros((k, n), dtype=torch.int8, device=dev), persistent=False)
+            # Rows on 16-byte boundaries (int8_rows), which the TMA product kernel needs, whatever n and k.
+            self.register_buffer("trits", int8_rows(n, k, dev).zero_(), persistent=False)
+            self.register_buffer("trits_t", int8_rows(k, n, dev).zero_(), persistent=False)
             self.register_buffer("col_scale", torch.ones(n, dtype=torch.float32, device=dev), persistent=False)
             self.versions = [-1] * len(projs)
 
@@ -338,5 +352,6 @@ def refresh(model: nn.Module) -> None:
             m.int8.refresh(m)
 
 
-__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "quantize_grad_rows",
-           "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary", "ternary_weight"]
+__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
+           "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary",
+           "ternary_weight"]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR
+from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows
 
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
     from triton.language.extra import libdevice
@@ -158,7 +158,8 @@ def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K
 
 def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the TMA kernel can read ``a`` and ``b``: a Hopper-or-later GPU (or Triton's interpreter)
-    and rows starting on 16-byte boundaries (K a multiple of 16: not 1.3b's 5460 and 10920)."""
+    and rows starting on 16-byte boundaries (a row stride a multiple of 16: int8_rows pads K = 5460
+    and 10920 of the 1.3b shape to one)."""
     if not INTERPRETED.value and (not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9):
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
@@ -182,7 +183,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     M, K = a.shape
     N = b.shape[0]
     assert b.shape[1] == K and a.dtype == b.dtype == torch.int8
-    a, b = a.contiguous(), b.contiguous()
+    # Rows may be padded (int8_rows): both kernels take a row stride; only the elements must be contiguous.
+    a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
     if kernel == "auto":
         kernel = "pointer"
         if tma_fits(a, b):
@@ -266,7 +268,7 @@ def _store_rounded(q_ptr, g, s, N: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
-def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, N_ALL,
+def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q,
                                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
                                B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr):
     # One row per program, its (up to three) parts held in registers: one read of each, one write.
@@ -282,7 +284,7 @@ def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q
     s = tl.div_rn(tl.full([B0], 1.0, tl.float32), tl.zeros([B0], tl.float32) + tl.maximum(amax, FLOOR)) * 127.0
     tl.store(s_ptr + row + lanes, s, mask=lanes == 0)
     s_one = tl.max(s, 0)
-    q_row = q_ptr + row * N_ALL
+    q_row = q_ptr + row * stride_q
     _store_rounded(q_row, g0, s_one, N0, B0)
     _store_rounded(q_row + N0, g1, s_one, N1, B1)
     _store_rounded(q_row + N0 + N1, g2, s_one, N2, B2)
@@ -295,7 +297,7 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tu
     widths = [p.shape[1] for p in parts]
     n = sum(widths)
     assert col_scale.shape == (n,)
-    q = torch.empty((m, n), dtype=torch.int8, device=parts[0].device)
+    q = int8_rows(m, n, parts[0].device)
     s = torch.empty((m,), dtype=torch.float32, device=parts[0].device)
     # Absent parts: width 0 (all lanes masked), pointing at part 0, which they never read.
     ptrs = parts + [parts[0]] * (3 - len(parts))
@@ -303,7 +305,7 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tu
     blocks = [triton.next_power_of_2(max(w, 16)) for w in widths]
     total = sum(blocks)
     warps = 4 if total <= 4096 else 8 if total <= 16384 else 16
-    _quantize_grad_rows_kernel[(m,)](*ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, n,
+    _quantize_grad_rows_kernel[(m,)](*ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0),
                                      N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1],
                                      B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR, num_warps=warps)
     return q, s
