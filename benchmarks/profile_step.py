@@ -30,7 +30,7 @@ def kernel_kind(name: str) -> str:
     n = name.lower()
     if n.startswith("triton_"):  # inductor's names list the ops it fused (int8_mm's neighbours too)
         return "inductor kernels"
-    if n.startswith("_int8_mm_kernel"):
+    if n.startswith("_int8_mm"):  # both int8 product kernels (pointer loads, TMA)
         return "int8 products"
     if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
         return "attention"

@@ -155,6 +155,21 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
+def test_int8_product_kernel_choice_from_the_environment(monkeypatch):
+    """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs (the pointer one by default); a
+    bad value is one clear error."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_INT8_MM", raising=False)
+    assert T.default_kernel() == "pointer"
+    monkeypatch.setenv("BITNET_INT8_MM", "tma")
+    assert T.default_kernel() == "tma"
+    monkeypatch.setenv("BITNET_INT8_MM", "fast")
+    with pytest.raises(BitnetError, match="BITNET_INT8_MM='fast'"):
+        T.default_kernel()
+
+
 @pytest.mark.parametrize("grad_scale", [1.0, 3e-8])
 @pytest.mark.parametrize("int8_grad", [False, True])
 @pytest.mark.parametrize("width_in,width_out", [(96, 80), (90, 42)])

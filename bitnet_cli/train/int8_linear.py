@@ -134,7 +134,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     if a.is_cuda:
         from bitnet_cli.train import int8_triton
 
-        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype)
+        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype, int8_triton.default_kernel())
     return int8_mm_reference(a, b, row_mul, col_mul, out_dtype)
 
 

@@ -6,13 +6,14 @@ Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rou
 output dtype in the epilogue: the dequantisation costs no pass over memory. Both operands are
 K-contiguous, the layout 8-bit tensor-core operands need. Two kernels compute it: one loading its
 tiles through pointers (any shape, Ampere too) and a persistent one loading them by TMA (Hopper;
-rows on 16-byte boundaries); each autotunes its tile per (M, N, K) and :func:`int8_mm` picks the
-faster of the two per shape. int8_mm_reference in int8_linear.py is the same function in plain
-torch, tested against both. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
+rows on 16-byte boundaries); each autotunes its tile per (M, N, K). ``bitnet::int8_mm`` runs the
+pointer kernel unless $BITNET_INT8_MM says "tma" or "auto" (:func:`default_kernel`).
+int8_mm_reference in int8_linear.py is the same function in plain torch, tested against both. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -20,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bitnet_cli.errors import BitnetError
 from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows
 
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
@@ -156,17 +158,36 @@ def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K
         tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@functools.lru_cache(maxsize=None)
+def _gpu(device: torch.device) -> tuple[int, int]:
+    """(compute capability major, multiprocessor count) of a CUDA device; (0, 1) elsewhere."""
+    if device.type != "cuda":
+        return 0, 1
+    props = torch.cuda.get_device_properties(device)
+    return props.major, props.multi_processor_count
+
+
 def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the TMA kernel can read ``a`` and ``b``: a Hopper-or-later GPU (or Triton's interpreter)
     and rows starting on 16-byte boundaries (a row stride a multiple of 16: int8_rows pads K = 5460
     and 10920 of the 1.3b shape to one)."""
-    if not INTERPRETED.value and (not a.is_cuda or torch.cuda.get_device_capability(a.device)[0] < 9):
+    if not INTERPRETED.value and _gpu(a.device)[0] < 9:
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+# The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "pointer" unless $BITNET_INT8_MM says
+# "tma" or "auto". The TMA kernel's products take less GPU time, but its launches (host-side tensor
+# descriptors) left the GPU idle long enough that the compiled small.yaml step got slower
+# (benchmarks/RESULTS.md, session 10), so it is opt-in until that is measured away.
+KERNELS = ("pointer", "tma", "auto")
+
+
+def default_kernel() -> str:
+    kernel = os.environ.get("BITNET_INT8_MM", "pointer")
+    if kernel not in KERNELS:
+        raise BitnetError(f"BITNET_INT8_MM={kernel!r}: expected one of {', '.join(KERNELS)}")
+    return kernel
 
 
 # The kernel "auto" picked per product shape (M, N, K, output dtype, column scale or not, device).
@@ -174,11 +195,11 @@ _FASTER: dict[tuple, str] = {}
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-            out_dtype: torch.dtype, kernel: str = "auto", config: triton.Config | None = None) -> torch.Tensor:
-    """``kernel``: "tma" (the persistent TMA kernel, where :func:`tma_fits`), "pointer" (the
-    pointer-load kernel, any shape) or "auto": where both can run, the first product of each shape
-    times the two (each at its autotuned tile) and keeps the faster; the results are the same bit
-    for bit either way. ``config``: one of the kernel's tiles instead of the autotuner's choice
+            out_dtype: torch.dtype, kernel: str = "pointer", config: triton.Config | None = None) -> torch.Tensor:
+    """``kernel``: "pointer" (the pointer-load kernel, any shape), "tma" (the persistent TMA kernel,
+    where :func:`tma_fits`; else "pointer") or "auto": where both can run, the first product of each
+    shape times the two (each at its autotuned tile) and keeps the faster. The results are the same
+    bit for bit either way. ``config``: one of the kernel's tiles instead of the autotuner's choice
     (Triton's interpreter, which the CPU tests run the kernels in, cannot time them)."""
     M, K = a.shape
     N = b.shape[0]
@@ -207,10 +228,10 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     col_mul = None if col_mul is None else col_mul.float().contiguous()
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     col = row_mul if col_mul is None else col_mul
-    if kernel == "tma":
+    if kernel == "tma" and (config is not None or tma_fits(a, b)):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        sms = _sm_count(a.device)
+        sms = _gpu(a.device)[1]
         # The boxes are placeholders until the autotuner's pre-hook sets the tried tile's.
         a_desc = TensorDescriptor.from_tensor(a, [128, 128])
         b_desc = TensorDescriptor.from_tensor(b, [128, 128])
