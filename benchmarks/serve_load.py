@@ -17,6 +17,8 @@ per request: the default 128x64 is prefill-dominated (a prompt costs a prefill p
 as much as P decode rows of a full batch), 32x256 decode-dominated. Levels run in increasing order,
 each server in turn, after a warm-up request. Figures:
   tok/s          generated tokens of all streams / the level's wall time
+  steady tok/s   token chunks / s while every stream generates (the last stream's first token to the
+                 first stream's last): the batched decode rate, without the level's ramp-up and tail
   TTFT p50/p99   request sent -> first token's chunk
   ITL p50/p99    gaps between consecutive token chunks of one stream (a server that sends several
                  tokens in one chunk shows fewer, longer gaps)
@@ -200,6 +202,21 @@ def one_request(client: httpx.Client, url: str, prompt: list[int], generate: int
     return {"sent": t0, "arrivals": arrivals, "tokens": len(arrivals) if tokens is None else tokens}
 
 
+def steady_rate(results: list[list[dict]]) -> float | None:
+    """Token chunks per second while every stream is generating: from the last stream's first token
+    to the first stream's last one (the level's ramp-up, every prompt waiting for its prefill, and
+    its tail, streams finishing one by one, left out). None when that window is empty."""
+    firsts = [rs[0]["arrivals"][0] for rs in results if rs and rs[0]["arrivals"]]
+    lasts = [rs[-1]["arrivals"][-1] for rs in results if rs and rs[-1]["arrivals"]]
+    if not firsts or len(firsts) < len(results) or len(lasts) < len(results):
+        return None
+    start, end = max(firsts), min(lasts)
+    if end <= start:
+        return None
+    chunks = sum(start < t <= end for rs in results for r in rs for t in r["arrivals"])
+    return round(chunks / (end - start), 2)
+
+
 def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vocab: int, seed: int) -> dict:
     prompt, generate = mix
     rng = np.random.default_rng(seed)
@@ -226,6 +243,7 @@ def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vo
         raise errors[0]
     reqs = [r for rs in results for r in rs]
     tokens = sum(r["tokens"] for r in reqs)
+    steady = steady_rate(results)
     ttft = np.array([r["arrivals"][0] - r["sent"] for r in reqs if r["arrivals"]])
     itl = np.concatenate([np.diff(r["arrivals"]) for r in reqs if len(r["arrivals"]) > 1] or [np.zeros(0)])
 
@@ -233,7 +251,8 @@ def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vo
         return round(float(np.percentile(a, q)) * 1000, 2) if a.size else None
 
     return {"streams": streams, "requests": len(reqs), "generated_tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "tokens_per_s": round(tokens / wall, 2), "steady_tokens_per_s": steady,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
             "short_requests": sum(r["tokens"] != generate for r in reqs)}
 
@@ -424,16 +443,17 @@ def markdown(results: dict) -> str:
              + (f", {m['kv_bytes_per_slot']} per slot." if m["kv_bytes_per_slot"] else ".")]
     for mix in (mix for mix in results["mixes"] if mix["servers"]):
         lines += ["", f"## {mix['prompt']} prompt tokens, {mix['generate']} generated per request", "",
-                  "| server | streams | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | RSS MB "
-                  "| engine busy | rows/step |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| server | streams | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+                  "| RSS MB | engine busy | rows/step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, rows in mix["servers"].items():
             for r in rows:
                 rss = f"{r['rss_bytes'] / 1e6:.0f}" if r.get("rss_bytes") else "-"
                 eng = r.get("engine")
                 busy = f"{eng['busy']:.1%}" if eng else "-"
                 per_step = f"{eng['decode_rows_per_step']}" if eng else "-"
-                lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} "
+                steady = r.get("steady_tokens_per_s") or "-"
+                lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {steady} | {r['ttft_ms_p50']} "
                              f"| {r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rss} | {busy} "
                              f"| {per_step} |")
         ours = {r["streams"]: r["tokens_per_s"] for r in mix["servers"].get("bitnet serve", [])}

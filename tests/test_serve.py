@@ -391,6 +391,18 @@ def test_the_load_benchmark_reads_the_engine_share_of_a_level_from_the_counters(
     assert serve_load.engine_share(None, None, 5.0) is None  # llama-server: no counters
 
 
+def test_the_load_benchmark_s_steady_rate_leaves_out_ramp_up_and_tail():
+    serve_load = load_benchmark("serve_load")
+    req = lambda *times: {"arrivals": list(times)}  # noqa: E731
+    # stream 0 starts at 1 and ends at 9; stream 1 (two requests) gets its first token at 3, ends at 12:
+    # the window (3, 9] holds 0's tokens at 5, 7, 9 and 1's at 4, 6 and 8 (1, 10 and 12 are outside, 3 opens it)
+    results = [[req(1, 5, 7, 9)], [req(3, 4), req(6, 8, 10, 12)]]
+    assert serve_load.steady_rate(results) == 1.0
+    # one stream done before the other began: no window
+    assert serve_load.steady_rate([[req(1, 2)], [req(3, 4)]]) is None
+    assert serve_load.steady_rate([[req(1, 2)], [req()]]) is None
+
+
 def test_the_load_benchmark_states_issue_16s_targets_as_ratios():
     serve_load = load_benchmark("serve_load")
     level = lambda streams, rate, ttft: {"streams": streams, "tokens_per_s": rate, "ttft_ms_p50": ttft}  # noqa: E731
