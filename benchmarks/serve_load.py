@@ -17,10 +17,14 @@ per request: the default 128x64 is prefill-dominated (a prompt costs a prefill p
 as much as P decode rows of a full batch), 32x256 decode-dominated. Levels run in increasing order,
 each server in turn, after a warm-up request. Figures:
   tok/s          generated tokens of all streams / the level's wall time
+  steady tok/s   token chunks / s while every stream generates (the last stream's first token to the
+                 first stream's last): the batched decode rate, without the level's ramp-up and tail
   TTFT p50/p99   request sent -> first token's chunk
   ITL p50/p99    gaps between consecutive token chunks of one stream (a server that sends several
                  tokens in one chunk shows fewer, longer gaps)
   RSS            the server's resident memory after the level (weights + KV caches in use)
+  engine busy    ours only (its /health counters around the level): the share of the level's wall
+                 time inside engine steps (forward_batch); rows/step: decode rows per step
   engine steps   in this process, no HTTP: one Engine.forward_batch of M decode rows (M sequences,
                  one token each, every logits row wanted) against one prefill chunk of M tokens of
                  one sequence (its last row wanted), interleaved, medians of --step-repeats
@@ -198,6 +202,21 @@ def one_request(client: httpx.Client, url: str, prompt: list[int], generate: int
     return {"sent": t0, "arrivals": arrivals, "tokens": len(arrivals) if tokens is None else tokens}
 
 
+def steady_rate(results: list[list[dict]]) -> float | None:
+    """Token chunks per second while every stream is generating: from the last stream's first token
+    to the first stream's last one (the level's ramp-up, every prompt waiting for its prefill, and
+    its tail, streams finishing one by one, left out). None when that window is empty."""
+    firsts = [rs[0]["arrivals"][0] for rs in results if rs and rs[0]["arrivals"]]
+    lasts = [rs[-1]["arrivals"][-1] for rs in results if rs and rs[-1]["arrivals"]]
+    if not firsts or len(firsts) < len(results) or len(lasts) < len(results):
+        return None
+    start, end = max(firsts), min(lasts)
+    if end <= start:
+        return None
+    chunks = sum(start < t <= end for rs in results for r in rs for t in r["arrivals"])
+    return round(chunks / (end - start), 2)
+
+
 def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vocab: int, seed: int) -> dict:
     prompt, generate = mix
     rng = np.random.default_rng(seed)
@@ -224,6 +243,7 @@ def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vo
         raise errors[0]
     reqs = [r for rs in results for r in rs]
     tokens = sum(r["tokens"] for r in reqs)
+    steady = steady_rate(results)
     ttft = np.array([r["arrivals"][0] - r["sent"] for r in reqs if r["arrivals"]])
     itl = np.concatenate([np.diff(r["arrivals"]) for r in reqs if len(r["arrivals"]) > 1] or [np.zeros(0)])
 
@@ -231,7 +251,8 @@ def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vo
         return round(float(np.percentile(a, q)) * 1000, 2) if a.size else None
 
     return {"streams": streams, "requests": len(reqs), "generated_tokens": tokens, "wall_s": round(wall, 3),
-            "tokens_per_s": round(tokens / wall, 2), "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
+            "tokens_per_s": round(tokens / wall, 2), "steady_tokens_per_s": steady,
+            "ttft_ms_p50": pct(ttft, 50), "ttft_ms_p99": pct(ttft, 99),
             "itl_ms_p50": pct(itl, 50), "itl_ms_p99": pct(itl, 99),
             "short_requests": sum(r["tokens"] != generate for r in reqs)}
 
@@ -245,11 +266,34 @@ def warm_up(server: ServerProcess, model: str, prompt: int) -> None:
         raise server.failed(f"failed its warm-up request: {type(e).__name__}: {e}") from None
 
 
+ENGINE_COUNTERS = ("engine_steps", "engine_seconds", "decode_rows", "prompt_rows")
+
+
+def engine_counters(url: str) -> dict | None:
+    """What our server's engine has run since it started (its /health), None for llama-server."""
+    health = httpx.get(url + "/health", timeout=10).json()
+    return {k: health[k] for k in ENGINE_COUNTERS} if all(k in health for k in ENGINE_COUNTERS) else None
+
+
+def engine_share(before: dict | None, after: dict | None, wall_s: float) -> dict | None:
+    """A level's engine work from the counters around it: the share of the level's wall time spent
+    in engine steps (the rest: sampling, the scheduler, and steps waiting for requests), the steps,
+    the decode rows per step and the prompt tokens prefilled."""
+    if before is None or after is None:
+        return None
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    return {"busy": round(d["engine_seconds"] / wall_s, 4), "steps": d["engine_steps"],
+            "decode_rows_per_step": round(d["decode_rows"] / d["engine_steps"], 2) if d["engine_steps"] else 0.0,
+            "prompt_rows": d["prompt_rows"]}
+
+
 def bench_server(server: ServerProcess, model: str, mix: tuple[int, int], args, vocab: int) -> list[dict]:
     rows = []
     for level in args.streams:
         try:
+            before = engine_counters(server.url)
             row = run_level(server.url, model, level, mix, args, vocab, seed=level)
+            row["engine"] = engine_share(before, engine_counters(server.url), row["wall_s"])
         except (httpx.HTTPError, BitnetError) as e:
             raise server.failed(f"failed at {level} streams: {type(e).__name__}: {e}") from None
         row["rss_bytes"] = server.rss_bytes()
@@ -399,13 +443,19 @@ def markdown(results: dict) -> str:
              + (f", {m['kv_bytes_per_slot']} per slot." if m["kv_bytes_per_slot"] else ".")]
     for mix in (mix for mix in results["mixes"] if mix["servers"]):
         lines += ["", f"## {mix['prompt']} prompt tokens, {mix['generate']} generated per request", "",
-                  "| server | streams | tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | RSS MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| server | streams | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
+                  "| RSS MB | engine busy | rows/step |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, rows in mix["servers"].items():
             for r in rows:
                 rss = f"{r['rss_bytes'] / 1e6:.0f}" if r.get("rss_bytes") else "-"
-                lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {r['ttft_ms_p50']} "
-                             f"| {r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rss} |")
+                eng = r.get("engine")
+                busy = f"{eng['busy']:.1%}" if eng else "-"
+                per_step = f"{eng['decode_rows_per_step']}" if eng else "-"
+                steady = r.get("steady_tokens_per_s") or "-"
+                lines.append(f"| {name} | {r['streams']} | {r['tokens_per_s']} | {steady} | {r['ttft_ms_p50']} "
+                             f"| {r['ttft_ms_p99']} | {r['itl_ms_p50']} | {r['itl_ms_p99']} | {rss} | {busy} "
+                             f"| {per_step} |")
         ours = {r["streams"]: r["tokens_per_s"] for r in mix["servers"].get("bitnet serve", [])}
         if ours.get(1):
             lines += ["", "Aggregate speed-up over one stream (bitnet serve): " +

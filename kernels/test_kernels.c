@@ -339,19 +339,19 @@ static void test_head(void) {
     }
 }
 
-/* Groups of 1..6 query heads against ragged head sizes and a sparse list of cache rows: every
- * ISA's grouped kernel gives, bit for bit, what the scalar kernel gives for each head alone (the
- * float operations of a head run in one fixed order). */
+/* Groups of 1..6 query heads against ragged head sizes (256: the smaller value blocks) and a
+ * sparse list of cache rows: every ISA's grouped kernel gives, bit for bit, what the scalar kernel
+ * gives for each head alone (the float operations of a head run in one fixed order). */
 static void test_attention(void) {
-    static const int head_dims[] = {2, 7, 18, 64, 100, 128};
+    static const int head_dims[] = {2, 7, 18, 64, 100, 128, 256};
     enum { ROWS = 101, MAX_HEADS = 6 };
     for (size_t s = 0; s < sizeof head_dims / sizeof head_dims[0]; s++) {
         int hd = head_dims[s], keys[ROWS], n = 0;
         for (int r = 0; r < ROWS; r++)
             if (r < 5 || rnd() % 3) keys[n++] = r; /* a shared prefix, then a sparse branch */
         float *q = random_floats((size_t)MAX_HEADS * hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
-              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[MAX_HEADS * ROWS], ref[MAX_HEADS * 128],
-              got[MAX_HEADS * 128];
+              *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[MAX_HEADS * ROWS], ref[MAX_HEADS * 256],
+              got[MAX_HEADS * 256];
         for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
             for (int h = 0; h < MAX_HEADS; h++) {
                 bn_attn_job one = {q + h * hd, kc, vc, keys, len, hd, 1, 0.125f, sc, ref + h * hd};

@@ -172,6 +172,15 @@ def test_the_scheduler_reuses_a_prefix_from_a_free_or_a_busy_slot(tmp_path, test
             done2.acquire(timeout=60)
             assert out[0][0] == want["base"] and out2[0][0] == want["more"]
             assert out2[0][1].reused_tokens == 40
+            # the engine counters (/health): the first prompt in one step, then one decode row per
+            # generated token that was run (the last one is not, unless an end-of-sequence followed
+            # it); the second prompt prefilled only past the reused 40 tokens
+            first = out[0][1]
+            rows = first.completion_tokens - (first.finish_reason == "length")
+            second = out2[0][1]
+            rows2 = second.completion_tokens - (second.finish_reason == "length")
+            assert (s.prompt_rows, s.decode_rows, s.engine_steps) == (40 + 10, rows + rows2, 2 + rows + rows2)
+            assert s.engine_seconds > 0
             # a busy slot's prefix is copied into a free one while it keeps generating
             _, busy, busy_done = run_jobs(s, [(base, 300, {"ignore_eos": True})])
             _, out3, done3 = run_jobs(s, [(base + more, 6, {})])

@@ -373,12 +373,34 @@ def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
         assert [row["streams"] for row in rows] == [1, 3]
         assert [row["generated_tokens"] for row in rows] == [2 * generate, 6 * generate]
         assert all(row["short_requests"] == 0 for row in rows)
+        assert all(0 < row["engine"]["busy"] <= 1 and row["engine"]["steps"] >= generate - 1 for row in rows)
         assert isinstance(mix["bytes_per_slot"], int)
     assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
     assert [row["rows"] for row in res["engine_steps"]["rows"]] == [1, 3]
     assert res["e2e"]["pp128"] > 0 and res["e2e"]["tg64"] > 0 and res["e2e"]["repeats"] == 2
     report = (tmp_path / "SERVE_LOAD.md").read_text()
     assert "| bitnet serve | 3 |" in report and "## Engine steps" in report and "## Without the server" in report
+
+
+def test_the_load_benchmark_reads_the_engine_share_of_a_level_from_the_counters():
+    serve_load = load_benchmark("serve_load")
+    before = {"engine_steps": 10, "engine_seconds": 1.0, "decode_rows": 30, "prompt_rows": 64}
+    after = {"engine_steps": 30, "engine_seconds": 4.0, "decode_rows": 190, "prompt_rows": 96}
+    assert serve_load.engine_share(before, after, 5.0) == {"busy": 0.6, "steps": 20, "decode_rows_per_step": 8.0,
+                                                            "prompt_rows": 32}
+    assert serve_load.engine_share(None, None, 5.0) is None  # llama-server: no counters
+
+
+def test_the_load_benchmark_s_steady_rate_leaves_out_ramp_up_and_tail():
+    serve_load = load_benchmark("serve_load")
+    req = lambda *times: {"arrivals": list(times)}  # noqa: E731
+    # stream 0 starts at 1 and ends at 9; stream 1 (two requests) gets its first token at 3, ends at 12:
+    # the window (3, 9] holds 0's tokens at 5, 7, 9 and 1's at 4, 6 and 8 (1, 10 and 12 are outside, 3 opens it)
+    results = [[req(1, 5, 7, 9)], [req(3, 4), req(6, 8, 10, 12)]]
+    assert serve_load.steady_rate(results) == 1.0
+    # one stream done before the other began: no window
+    assert serve_load.steady_rate([[req(1, 2)], [req(3, 4)]]) is None
+    assert serve_load.steady_rate([[req(1, 2)], [req()]]) is None
 
 
 def test_the_load_benchmark_states_issue_16s_targets_as_ratios():

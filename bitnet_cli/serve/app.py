@@ -249,7 +249,9 @@ class Server:
         s = self.scheduler
         return JSONResponse({"status": "ok", "model": self.model_id, "slots": s.parallel, "busy": s.busy,
                              "queued": s.queued, "max_queue": s.max_queue,
-                             "generated_tokens": s.generated_tokens,
+                             "generated_tokens": s.generated_tokens, "engine_steps": s.engine_steps,
+                             "engine_seconds": round(s.engine_seconds, 6), "decode_rows": s.decode_rows,
+                             "prompt_rows": s.prompt_rows,
                              "kv_bytes_per_slot": self.engine.kv_bytes_per_sequence})
 
     def _model_card(self) -> dict:

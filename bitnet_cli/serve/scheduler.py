@@ -127,9 +127,13 @@ class Scheduler:
         self._pending: collections.deque[Job] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
-        self._steps = 0
         self._admitted = 0
         self.generated_tokens = 0  # since start, every sequence together (/health)
+        # what the engine ran since start (/health): where a served run's time goes (benchmarks/serve_load.py)
+        self.engine_steps = 0       # forward_batch calls (a slot's last_used is the last it was in)
+        self.engine_seconds = 0.0   # wall time inside them
+        self.decode_rows = 0        # their generated tokens run (one row per decoding sequence and step)
+        self.prompt_rows = 0        # their prompt tokens run (prefill, after any prefix reuse)
         self._piece_cache: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="bitnet-batch", daemon=True)
         self._thread.start()
@@ -245,6 +249,7 @@ class Scheduler:
             if not slot.todo and slot.next_token is not None:
                 feed(slot, slot.next_token, "next")
                 slot.next_token = None
+        decode_rows = len(tokens)  # the prompt tokens follow
         budget = max(STEP_TOKENS - len(tokens), MIN_PREFILL)
         for slot in sorted(active, key=lambda s: s.order):  # prompts first come first, a chunk a step
             if budget <= 0 or not slot.todo:
@@ -257,10 +262,14 @@ class Scheduler:
                 feed(slot, t, "first" if last else "score" if slot.job.prompt_logprobs else None)
         if not tokens:
             return
+        started = time.perf_counter()
         logits = self.engine.forward_batch(tokens, seqs, pos, want)
-        self._steps += 1
+        self.engine_seconds += time.perf_counter() - started
+        self.engine_steps += 1
+        self.decode_rows += decode_rows
+        self.prompt_rows += len(tokens) - decode_rows
         for (slot, kind), row in zip(rows, logits):
-            slot.last_used = self._steps
+            slot.last_used = self.engine_steps
             job = slot.job
             if kind == "score":  # the row after prompt token i scores prompt token i + 1
                 lp = _log_softmax(row)
