@@ -134,7 +134,10 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     if a.is_cuda:
         from bitnet_cli.train import int8_triton
 
-        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype, int8_triton.default_kernel())
+        kernel = int8_triton.default_kernel()
+        if kernel != "pointer":  # TMA reads rows on 16-byte boundaries; the pointer kernel any row stride
+            a = pad_rows(a)
+        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype, kernel)
     return int8_mm_reference(a, b, row_mul, col_mul, out_dtype)
 
 
@@ -181,7 +184,7 @@ class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
-        y = int8_mm(pad_rows(q), trits, 1.0 / s_x, col_scale, dtype)
+        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
         # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
         # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
         x_deq = (q.float() / s_x[:, None]).to(dtype)

@@ -36,6 +36,20 @@ except ImportError:  # pragma: no cover
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+@triton.jit
+def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL: tl.constexpr):
+    """Both product kernels' epilogue: the exact int32 tile times the per-token (row) and, if given,
+    per-column scales, stored in C's dtype for the rows and columns inside M x N. One function, so the
+    two kernels give the same bits."""
+    row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
+    c = acc.to(tl.float32) * row_mul[:, None]
+    if HAS_COL_MUL:
+        col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
+        c = c * col_mul[None, :]
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
 # Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-4096: 6-32 steps of
 # 128), where the pipeline's fill and the epilogue weigh most, so deeper pipelines and wide tiles
 # (fewer tiles, each reading A once per 256 columns) are offered beside the square ones; 64-deep
@@ -92,13 +106,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
         a_ptrs += BK
         b_ptrs += BK
 
-    row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
-    c = acc.to(tl.float32) * row_mul[:, None]
-    if HAS_COL_MUL:
-        col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
-        c = c * col_mul[None, :]
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
 
 def _set_block_shapes(nargs):
@@ -149,13 +157,7 @@ def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
-        c = acc.to(tl.float32) * row_mul[:, None]
-        if HAS_COL_MUL:
-            col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
-            c = c * col_mul[None, :]
-        c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-        tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
 
 @functools.lru_cache(maxsize=None)
