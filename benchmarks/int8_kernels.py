@@ -11,7 +11,10 @@
    parts, bf16 and fp32, training-sized (3e-8) and O(1) gradients, all-zero rows: bit for bit.
 3. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
    against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
-4. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
+4. The host's cost of one product's launch (a 256 x 256 x 256 product, whose GPU time is a few
+   microseconds, issued 500 times without waiting: the issuing rate is the host's), each kernel
+   called directly and through ``bitnet::int8_mm``, against a bf16 ``F.linear`` (cuBLAS).
+5. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
    (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
    the trainer runs them): bf16 ``F.linear``, the two Triton int8
    kernels with their epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
@@ -37,14 +40,21 @@ SHAPES = {  # name: (tokens per micro-batch, [(K, N) of qkv, o, gate-up, down]);
     "1.3b": (16 * 2048, [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)]),
 }
 
+# M, N, K of the exactness checks: ragged and aligned, 1.3b's K = 5460 (rows padded for TMA), wide N.
+EXACT_CASES = [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
+               (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]
+
 
 def check_exact() -> list[dict]:
-    """Both kernels (the TMA one where its alignment allows) against the reference."""
+    """Both kernels (the TMA one where its alignment allows) against the reference. Each case runs one
+    tile of each kernel, the tiles taken in turn so that every tile of both is checked, instead of
+    autotuning every case (compiling all tiles for each case's specialisation took minutes); the op
+    ``bitnet::int8_mm`` is checked once as the trainer runs it, autotuned."""
     from bitnet_cli.train import int8_triton
 
     out = []
-    for M, N, K in [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
-                    (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]:
+    tiles = {"pointer": int8_triton._CONFIGS, "tma": int8_triton._TMA_CONFIGS}
+    for case, (M, N, K) in enumerate(EXACT_CASES):
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
         b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
         rm = torch.rand(M) * 0.02 + 1e-4
@@ -56,21 +66,25 @@ def check_exact() -> list[dict]:
             for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
                 ref = L.int8_mm_reference(a, b, rm, col, dt)
                 try:
-                    got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt, kernel).cpu()
+                    tile = tiles[kernel][case % len(tiles[kernel])]
+                    got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt, kernel,
+                                              config=tile).cpu()
                 except Exception as e:  # noqa: BLE001 (recorded as a failed check; the other cases still run)
-                    out.append({"kernel": kernel, "M": M, "N": N, "K": K, "bit_exact": False, "error": repr(e)[:500]})
+                    out.append({"kernel": kernel, "M": M, "N": N, "K": K, "tile": str(tile), "bit_exact": False,
+                                "error": repr(e)[:500]})
                     print(json.dumps(out[-1]), flush=True)
                     continue
                 exact = torch.equal(got, ref)
-                out.append({"kernel": kernel, "M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None,
+                out.append({"kernel": kernel, "M": M, "N": N, "K": K, "tile": str(tile), "dtype": str(dt),
+                            "col_mul": col is not None,
                             "bit_exact": exact, "max_abs": (got.float() - ref.float()).abs().max().item(),
                             "nan": bool(got.isnan().any())})
                 print(json.dumps(out[-1]), flush=True)
-    # The custom op (kernel "auto") as the trainer calls it.
+    # The custom op as the trainer calls it: the kernel $BITNET_INT8_MM names, autotuned.
     a, b = torch.randint(-128, 128, (4096, 768), dtype=torch.int8), torch.randint(-1, 2, (2304, 768), dtype=torch.int8)
     rm, cm = torch.rand(4096) * 0.02 + 1e-4, torch.rand(2304) * 0.05 + 1e-3
     got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), cm.cuda(), torch.bfloat16).cpu()
-    out.append({"kernel": "auto (bitnet::int8_mm)", "M": 4096, "N": 2304, "K": 768, "dtype": "torch.bfloat16",
+    out.append({"kernel": f"{int8_triton.default_kernel()} (bitnet::int8_mm)", "M": 4096, "N": 2304, "K": 768, "dtype": "torch.bfloat16",
                 "col_mul": True, "bit_exact": torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.bfloat16))})
     print(json.dumps(out[-1]), flush=True)
     return out
@@ -119,6 +133,35 @@ def check_autograd() -> list[dict]:
 
         out.append({"int8_grad": int8_grad, "stacked": rows, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
                     "fwd_bit_exact": torch.equal(res["cuda"][0], res["cpu"][0])})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def launch_cost(calls: int = 500) -> list[dict]:
+    """Microseconds of host time per launch (see the module's docstring, 4.); the first call of each
+    autotunes and compiles, outside the timing."""
+    import time
+
+    from bitnet_cli.train import int8_triton
+
+    a = torch.randint(-128, 128, (256, 256), dtype=torch.int8, device="cuda")
+    b = torch.randint(-1, 2, (256, 256), dtype=torch.int8, device="cuda")
+    rm, cm = torch.rand(256, device="cuda") * 0.02, torch.rand(256, device="cuda") * 0.05
+    x, w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    ways = {"bf16 F.linear": lambda: F.linear(x, w),
+            **{f"{k} kernel": (lambda k=k: int8_triton.int8_mm(a, b, rm, cm, torch.bfloat16, k)) for k in ("pointer", "tma")},
+            "bitnet::int8_mm (default kernel)": lambda: L.int8_mm(a, b, rm, cm, torch.bfloat16)}
+    out = []
+    for name, f in ways.items():
+        f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        issued = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        out.append({"launch": name, "host_us_per_call": round(1e6 * issued / calls, 1),
+                    "wall_us_per_call": round(1e6 * (time.perf_counter() - t0) / calls, 1)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -184,7 +227,8 @@ def main():
     ok = all(r["bit_exact"] for r in exact)
     ok_rows = all(r["bit_exact"] for r in grad_rows)
     print(f"\nint8_mm bit-exact against the reference: {ok}; quantize_grad_rows: {ok_rows}", flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads}
+    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads,
+              "launch": launch_cost()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     result["bench"] = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone
