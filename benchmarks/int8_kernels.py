@@ -150,7 +150,7 @@ def launch_cost(calls: int = 500) -> list[dict]:
     x, w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     ways = {"bf16 F.linear": lambda: F.linear(x, w),
             **{f"{k} kernel": (lambda k=k: int8_triton.int8_mm(a, b, rm, cm, torch.bfloat16, k)) for k in ("pointer", "tma")},
-            "bitnet::int8_mm (default kernel)": lambda: L.int8_mm(a, b, rm, cm, torch.bfloat16)}
+            f"bitnet::int8_mm ({int8_triton.default_kernel()})": lambda: L.int8_mm(a, b, rm, cm, torch.bfloat16)}
     out = []
     for name, f in ways.items():
         f()
