@@ -99,8 +99,8 @@ def traced_steps(steps: int, record: dict):
 
 
 def int8_tiles() -> dict:
-    """The int8 product kernel that ran ($BITNET_INT8_MM) and the tile each kernel's autotuner chose
-    per product shape (M, N, K) in this process."""
+    """The int8 product kernel that ran ($BITNET_INT8_MM), the tile each kernel's autotuner chose per
+    product shape (M, N, K) in this process, and (``auto``) the kernel chosen per shape."""
     from bitnet_cli.train import int8_triton
 
     def tile(c) -> str:
@@ -109,7 +109,9 @@ def int8_tiles() -> dict:
     return {"int8_kernel": int8_triton.default_kernel(),
             "int8_tiles": {f"{name} {tuple(key[:3])}": tile(c) for name, kernel in
                            (("pointer", int8_triton._int8_mm_kernel), ("tma", int8_triton._int8_mm_tma_kernel))
-                           for key, c in kernel.cache.items()}}
+                           for key, c in kernel.cache.items()},
+            # $BITNET_INT8_MM=auto: the kernel timed faster per product shape
+            "int8_auto_choice": {str(key[:3]): k for key, k in int8_triton._FASTER.items()}}
 
 
 def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5,

@@ -245,30 +245,50 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     col_mul = None if col_mul is None else col_mul.float().contiguous()
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     col = row_mul if col_mul is None else col_mul
-    if kernel == "tma" and (config is not None or tma_fits(a, b)):
+    tma = kernel == "tma" and (config is not None or tma_fits(a, b))
+    args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    if tma:
         _use_descriptor_scratch()
-        sms = _gpu(a.device)[1]
+    # What Triton specialises a compiled kernel on: the exact sizes and strides (the autotuner's key, and
+    # ints equal to 1 or multiples of 16), the dtypes, the column scale, pointers on 16-byte boundaries.
+    spec = (tma, *args[5:], out_dtype, col_mul is None, a.device, *(t.data_ptr() % 16 == 0 for t in args[:5]))
+    launch = _LAUNCHES.get(spec) if config is None else None
+    if launch is not None:
+        compiled, grid, constexprs = launch
+        compiled[grid](*args, *constexprs)
+        return c
+    sms = _gpu(a.device)[1]
+    jit_fn = _int8_mm_tma_kernel if tma else _int8_mm_kernel
+    if tma:
+        extra = {"HAS_COL_MUL": col_mul is not None, "NUM_SMS": sms}
 
         def grid(meta):
             return (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)
-
-        args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
-        if config is None:
-            _int8_mm_tma_kernel[grid](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms)
-        else:
-            _int8_mm_tma_kernel.fn[grid(config.kwargs)](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms,
-                                                        **config.all_kwargs())
-        return c
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-    args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
-    if config is None:
-        _int8_mm_kernel[grid](*args, HAS_COL_MUL=col_mul is not None)
     else:
-        _int8_mm_kernel.fn[grid(config.kwargs)](*args, HAS_COL_MUL=col_mul is not None, **config.all_kwargs())
+        extra = {"HAS_COL_MUL": col_mul is not None}
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+    if config is not None:
+        jit_fn.fn[grid(config.kwargs)](*args, **extra, **config.all_kwargs())
+        return c
+    compiled = jit_fn[grid](*args, **extra)
+    if compiled is not None:  # None in Triton's interpreter, which compiles nothing
+        tile = jit_fn.best_config.kwargs
+        tail = {**extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
+        # The constexprs follow the runtime arguments in the kernel's signature; the launcher takes them all.
+        names = jit_fn.arg_names[len(args):]
+        assert set(names) == set(tail), names
+        _LAUNCHES[spec] = (compiled, grid(tile), tuple(tail[n] for n in names))
     return c
+
+
+# The compiled kernel, grid and constexprs of each product specialisation (int8_mm's ``spec``), once
+# the autotuner has chosen its tile: later products launch it directly. Triton's own launch path (the
+# autotuner's key, binding and specialising the arguments, the cache lookup) cost about 50 us of host
+# time per product on the H200's host (benchmarks/RESULTS.md, session 11), and a training step runs
+# about 384 of them.
+_LAUNCHES: dict[tuple, tuple] = {}
 
 
 @triton.jit
