@@ -386,10 +386,10 @@ def test_lm_eval_local_completions_scores_like_bitnet_eval(server, packed, share
 
 def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
     """benchmarks/serve_load.py on the small model: every level's streams get all their tokens, in
-    both mixes; the engine steps and the bytes per slot are measured."""
+    both mixes; the engine steps and the bytes per slot are measured, here for an f16 KV cache."""
     r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--model", str(packed), "--threads", "1",
                         "--mix", "8x5,3x9", "--streams", "1,3", "--requests", "2", "--ctx-size", "64",
-                        "--steps", "1,3", "--step-repeats", "2", "--out", str(tmp_path)],
+                        "--steps", "1,3", "--step-repeats", "2", "--kv-cache", "f16", "--out", str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "serve_load.json").read_text())
@@ -402,6 +402,9 @@ def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
         assert all(0 < row["engine"]["busy"] <= 1 and row["engine"]["steps"] >= generate - 1 for row in rows)
         assert isinstance(mix["bytes_per_slot"], int)
     assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
+    with Engine.load(packed, threads=1, kv_cache="f16") as eng:
+        assert res["meta"]["kv_cache"] == "f16" and res["meta"]["kv_bytes_per_token"] * eng.ctx_size == \
+            eng.kv_bytes_per_sequence
     assert [row["rows"] for row in res["engine_steps"]["rows"]] == [1, 3]
     assert res["e2e"]["pp128"] > 0 and res["e2e"]["tg64"] > 0 and res["e2e"]["repeats"] == 2
     report = (tmp_path / "SERVE_LOAD.md").read_text()
