@@ -567,6 +567,7 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
+    kv_cache: str = kv_cache_option(),
     json_output: bool = json_option("lm-eval's results, instead of the table"),
 ):
     """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
@@ -595,7 +596,7 @@ def eval_cmd(
         with bar:
             results = evaluate(
                 model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
-                data_dir=data_dir, log_samples=log_samples, progress=progress,
+                data_dir=data_dir, log_samples=log_samples, progress=progress, kv_cache=kv_cache,
             )
         if output is not None:
             write_results(results, output, force=force, inputs=(model, data_dir))
