@@ -12,13 +12,24 @@
 
 #include "internal.h"
 
-static inline float dot(const float *a, const float *b, int n) {
+/* element i of a cache row, for an element type known at compile time */
+static inline __attribute__((always_inline)) float elem_of(const void *row, int i, const int F16) {
+    return F16 ? bn_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* the cache row of key `key`, likewise */
+static inline __attribute__((always_inline)) const void *row_of(const void *cache, int key, int hd, const int F16) {
+    return (const char *)cache + (size_t)key * hd * (F16 ? 2 : 4);
+}
+
+/* a . row, row a cache row */
+static inline __attribute__((always_inline)) float dot(const float *a, const void *row, int n, const int F16) {
     float lane[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * elem_of(row, i + l, F16);
     float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += a[i] * elem_of(row, i, F16);
     return s;
 }
 
@@ -33,44 +44,39 @@ static void softmax(float *sc, int n) {
     for (int j = 0; j < n; j++) sc[j] /= sum;
 }
 
-/* bytes of one cache element */
-static inline size_t kv_size(int kv_type) { return kv_type == BN_KV_F16 ? 2 : 4; }
-
-/* the cache row of key `key` (rows of hd elements) */
-static inline const void *kv_row(const bn_attn_job *a, const void *cache, int key) {
-    return (const char *)cache + (size_t)key * a->hd * kv_size(a->kv_type);
-}
-
-/* element i of a cache row as f32 */
-static inline float kv_at(const bn_attn_job *a, const void *row, int i) {
-    return a->kv_type == BN_KV_F16 ? bn_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
-}
-
-/* A cache row as f32: the row itself, or its f16 elements widened into buf[hd] */
-static inline const float *kv_f32(const bn_attn_job *a, const void *row, float *buf) {
-    if (a->kv_type != BN_KV_F16) return row;
-    for (int i = 0; i < a->hd; i++) buf[i] = bn_f16_to_f32(((const uint16_t *)row)[i]);
-    return buf;
-}
-
 /* Key-major: each K row is dotted with every head's query, each V row added into every head's
- * output, so a row is read once per group; per head the operations run in the order above. */
-void bn_attend_scalar(const bn_attn_job *a) {
+ * output, so a row is read once per group; per head the operations run in the order above. An
+ * f16 row is widened once into `wide` for all the heads. */
+static inline __attribute__((always_inline)) void attend_scalar(const bn_attn_job *a, const int F16) {
     const int hd = a->hd, n = a->n;
-    float wide[hd]; /* an f16 row widened */
+    float wide[hd];
     for (int j = 0; j < n; j++) {
-        const float *k = kv_f32(a, kv_row(a, a->kc, a->keys[j]), wide);
-        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
+        const void *k = row_of(a->kc, a->keys[j], hd, F16);
+        if (F16)
+            for (int i = 0; i < hd; i++) wide[i] = elem_of(k, i, 1);
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, F16 ? wide : k, hd, 0) * a->scale;
     }
     for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
     memset(a->out, 0, sizeof(float) * hd * a->heads);
     for (int j = 0; j < n; j++) {
-        const float *v = kv_f32(a, kv_row(a, a->vc, a->keys[j]), wide);
+        const float *v = row_of(a->vc, a->keys[j], hd, F16);
+        if (F16) {
+            for (int i = 0; i < hd; i++) wide[i] = elem_of(v, i, 1);
+            v = wide;
+        }
         for (int h = 0; h < a->heads; h++) {
             float p = a->sc[(size_t)h * n + j], *o = a->out + (size_t)h * hd;
             for (int e = 0; e < hd; e++) o[e] += p * v[e];
         }
     }
+}
+
+void bn_attend_scalar(const bn_attn_job *a) {
+    if (a->kv_type == BN_KV_F16)
+        attend_scalar(a, 1);
+    else
+        attend_scalar(a, 0);
 }
 
 #if BN_X86
@@ -88,8 +94,15 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) __m256 load8(cons
                : _mm256_loadu_ps((const float *)row + i);
 }
 
-AVX2_NOFMA_TARGET static inline void prefetch_row(const void *row, int bytes) {
+/* always inlined: a call inside the value loops would spill their accumulators (every ymm register
+ * is caller-saved) */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void prefetch_row(const void *row, int bytes) {
     for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
+}
+
+/* element i of a cache row, as elem_of but inlined (F16C's scalar conversion, also exact) */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) float elem_avx2(const void *row, int i, const int F16) {
+    return F16 ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
@@ -104,8 +117,8 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
         for (int u = 0; u < NV; u++)
             o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
     for (int j = j0; j < j1; j++) {
-        const void *v = kv_row(a, a->vc, a->keys[j]);
-        if (e == 0 && j + (j1 - j0) < n) prefetch_row(kv_row(a, a->vc, a->keys[j + (j1 - j0)]), hd * (F16 ? 2 : 4));
+        const void *v = row_of(a->vc, a->keys[j], hd, F16);
+        if (e == 0 && j + (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + (j1 - j0)], hd, F16), hd * (F16 ? 2 : 4));
         __m256 vv[2];
         for (int u = 0; u < NV; u++) vv[u] = load8(v, e + 8 * u, F16);
         for (int h = 0; h < NH; h++) {
@@ -132,7 +145,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_
         for (; e < hd; e++)
             for (int h = h0; h < h0 + NH; h++) {
                 float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
-                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * kv_at(a, kv_row(a, a->vc, a->keys[j]), e);
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * elem_avx2(row_of(a->vc, a->keys[j], hd, F16), e, F16);
                 a->out[(size_t)h * hd + e] = o;
             }
     }
@@ -143,7 +156,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
                                                                               const int NH, const int F16) {
     const int hd = a->hd, h8 = hd & ~7, n = a->n;
-    const void *k[2] = {kv_row(a, a->kc, a->keys[j]), kv_row(a, a->kc, a->keys[j + 1])};
+    const void *k[2] = {row_of(a->kc, a->keys[j], hd, F16), row_of(a->kc, a->keys[j + 1], hd, F16)};
     __m256 s[4][2];
     for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
     for (int i = 0; i < h8; i += 8) {
@@ -158,7 +171,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
         for (int u = 0; u < 2; u++) {
             const float *q = a->q + (size_t)(h0 + h) * hd;
             float d = lane_tree(s[h][u]);
-            for (int i = h8; i < hd; i++) d += q[i] * kv_at(a, k[u], i);
+            for (int i = h8; i < hd; i++) d += q[i] * elem_avx2(k[u], i, F16);
             a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
         }
 }
@@ -172,11 +185,10 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
 /* Up to four heads at a time (the register tiles above), for the scores and the values */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(const bn_attn_job *a, const int F16) {
     const int hd = a->hd, n = a->n;
-    float wide[hd]; /* the odd last key's row, widened */
     int j = 0;
     for (; j + 2 <= n; j += 2) {
         for (int u = j + PREFETCH_ROWS; u < j + PREFETCH_ROWS + 2 && u < 2 * n; u++)
-            prefetch_row(u < n ? kv_row(a, a->kc, a->keys[u]) : kv_row(a, a->vc, a->keys[u - n]), hd * (F16 ? 2 : 4));
+            prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), hd * (F16 ? 2 : 4));
         for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
             case 1: scores_avx2(a, j, h0, 1, F16); break;
             case 2: scores_avx2(a, j, h0, 2, F16); break;
@@ -184,10 +196,9 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(
             default: scores_avx2(a, j, h0, 4, F16); break;
             }
     }
-    for (; j < n; j++) {
-        const float *k = kv_f32(a, kv_row(a, a->kc, a->keys[j]), wide);
-        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
-    }
+    for (; j < n; j++)
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, row_of(a->kc, a->keys[j], hd, F16), hd, F16) * a->scale;
     for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
     for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
         case 1: head_values_avx2(a, h0, 1, F16); break;
