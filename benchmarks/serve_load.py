@@ -476,7 +476,8 @@ def markdown(results: dict) -> str:
     ref = results.get("e2e")
     if ref:
         lines += ["", f"## Without the server\n\n`bitnet bench --what e2e --prompts {REFERENCE_PROMPT} --generate "
-                      f"{REFERENCE_GENERATE} --threads {m['threads']}` on the same file, medians of {ref['repeats']} "
+                      f"{REFERENCE_GENERATE} --threads {m['threads']} --kv-cache {m.get('kv_cache', 'f32')}` on the "
+                      f"same file, medians of {ref['repeats']} "
                       f"runs: pp{REFERENCE_PROMPT} {ref[f'pp{REFERENCE_PROMPT}']} tok/s, tg{REFERENCE_GENERATE} "
                       f"{ref[f'tg{REFERENCE_GENERATE}']} tok/s."]
     steps = results.get("engine_steps")

@@ -415,6 +415,12 @@ def test_the_kv_cache_option_reaches_the_e2e_engine(tiny_model):
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
     assert res["settings"]["kv_cache"] == "f16" and res["e2e"][0]["tokens_per_s"]["tg2"]["median"] > 0
+    from bitnet_cli.bench import report
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    report.print_report(res, console)
+    assert "KV cache: f16" in console.export_text()
 
 
 def test_kernel_table_reports_the_share_of_the_mac_peak(tiny_model, small_buffers, monkeypatch):
