@@ -58,7 +58,7 @@ import numpy as np
 
 from bitnet_cli.arch import ModelDims
 from bitnet_cli.bench import target
-from bitnet_cli.engine import kv_bytes_per_position, kv_cache_type
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_bytes_per_position, kv_cache_type
 from bitnet_cli.errors import BitnetError, run_script
 
 HERE = Path(__file__).resolve().parent
@@ -476,7 +476,7 @@ def markdown(results: dict) -> str:
     ref = results.get("e2e")
     if ref:
         lines += ["", f"## Without the server\n\n`bitnet bench --what e2e --prompts {REFERENCE_PROMPT} --generate "
-                      f"{REFERENCE_GENERATE} --threads {m['threads']} --kv-cache {m.get('kv_cache', 'f32')}` on the "
+                      f"{REFERENCE_GENERATE} --threads {m['threads']} --kv-cache {m.get('kv_cache', DEFAULT_KV_CACHE)}` on the "
                       f"same file, medians of {ref['repeats']} "
                       f"runs: pp{REFERENCE_PROMPT} {ref[f'pp{REFERENCE_PROMPT}']} tok/s, tg{REFERENCE_GENERATE} "
                       f"{ref[f'tg{REFERENCE_GENERATE}']} tok/s."]
@@ -520,7 +520,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--step-repeats", type=int, default=5, help="interleaved rounds of each engine step")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run side by side")
     p.add_argument("--fresh-gguf", action="store_true", help="export the GGUF for llama-server again")
-    p.add_argument("--kv-cache", default="f32", help="our KV cache element type (`bitnet serve --kv-cache`): "
+    p.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="our KV cache element type (`bitnet serve --kv-cache`): "
                    "f32 or f16, llama-server's default")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args(argv)

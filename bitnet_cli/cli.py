@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
-from bitnet_cli.engine import DEFAULT_CTX
+from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
@@ -62,7 +62,7 @@ def ctx_size_option(of: str, longer: str) -> Optional[int]:
 
 
 def kv_cache_option() -> str:
-    return typer.Option("f32", "--kv-cache", help="KV cache element type: f32, or f16 for half the memory per "
+    return typer.Option(DEFAULT_KV_CACHE, "--kv-cache", help="KV cache element type: f32, or f16 for half the memory per "
                         "cached token (keys and values rounded to f16 as they are stored; f32 matches transformers).")
 
 

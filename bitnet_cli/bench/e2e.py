@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bitnet_cli.bench.stats import summarize
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 
 PROMPTS = (128, 512)
@@ -47,7 +48,7 @@ def peak_rss_bytes() -> int:
 
 
 def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit,
-             isa: str | None = None, kv_cache: str = "f32") -> dict:
+             isa: str | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> dict:
     """Runs inside the worker: load the engine `repeat` times and time every test each time."""
     import numpy as np
 
@@ -87,7 +88,7 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
 
 
 def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=GENERATE,
-        progress=None, isa: str | None = None, kv_cache: str = "f32") -> list[dict]:
+        progress=None, isa: str | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> list[dict]:
     """End-to-end figures for `path` at each thread count (one worker process each), on the
     kernels of ``isa`` (default: kernels.resolve_isa's: $BITNET_ISA, else the autotune's choice),
     with a KV cache of ``kv_cache`` elements (bitnet_cli.engine.KV_CACHE_TYPES).
@@ -137,7 +138,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--prompts", default=",".join(map(str, PROMPTS)))
     parser.add_argument("--generate", type=int, default=GENERATE)
     parser.add_argument("--isa", default=None)
-    parser.add_argument("--kv-cache", default="f32")
+    parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE)
     args = parser.parse_args(argv)
 
     def emit(msg: dict) -> None:

@@ -18,6 +18,7 @@ from bitnet_cli import __version__, kernels
 from bitnet_cli.bench import anchors, e2e, micro, roofline
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.target import Target, context_length, describe
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_cache_type
 from bitnet_cli.errors import BitnetError
 
 SCHEMA = "bitnet-cli/bench/1"
@@ -122,13 +123,11 @@ def compare_layouts(results: dict) -> dict:
 
 def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None,
-        impls=micro.IMPLS, bandwidth: list[dict] | None = None, kv_cache: str = "f32") -> dict:
+        impls=micro.IMPLS, bandwidth: list[dict] | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> dict:
     """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice);
     ``kv_cache``: the e2e engine's KV cache element type (bitnet_cli.engine.KV_CACHE_TYPES).
     ``impls``: the kernel section's implementations; ``bandwidth``: roofline rows measured before
     (for another model), whose bandwidths give this one's ceilings instead of measuring again."""
-    from bitnet_cli.engine import kv_cache_type
-
     if repeat < 1:
         raise BitnetError(f"repeat must be at least 1, got {repeat}", param="repeat")
     if generate < 1:

@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.eval.backends import Backend, open_backend
 from bitnet_cli.progress import Progress  # the CLI draws a rich bar with it; lm-eval's CLI gets tqdm
@@ -61,7 +62,7 @@ class BitNetLM(TemplateLM):
         max_batch_size: int | None = None,  # lm-eval always passes it; nothing to tune here
         progress: Progress | None = None,
         backend: Backend | None = None,
-        kv_cache: str = "f32",
+        kv_cache: str = DEFAULT_KV_CACHE,
     ):
         super().__init__()
         if threads is not None and int(threads) < 1:

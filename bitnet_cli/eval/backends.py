@@ -17,6 +17,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_cache_type
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tokenizer import special_id
 
@@ -40,15 +41,13 @@ class Backend(Protocol):
 def check_kv_cache(path: str | Path, kv_cache: str) -> None:
     """kv_cache is a KV cache type, and other than f32 only for a packed file: the torch path keeps
     transformers' own cache."""
-    from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_cache_type
-
     if kv_cache_type(kv_cache) != DEFAULT_KV_CACHE and Path(path).is_dir():
         raise BitnetError(f"kv_cache {kv_cache} is for packed models on the C engine; {path} is a checkpoint "
                           "directory, evaluated on torch", param="kv_cache")
 
 
 def open_backend(path: str | Path, *, threads: int | None = None, ctx_size: int | None = None,
-                 kv_cache: str = "f32") -> Backend:
+                 kv_cache: str = DEFAULT_KV_CACHE) -> Backend:
     """A packed ``.bin`` file runs on the C engine (with a KV cache of kv_cache elements); a
     checkpoint directory runs on torch."""
     p = Path(path)
@@ -69,7 +68,7 @@ class EngineBackend:
 
     name = "engine"
 
-    def __init__(self, path: Path, *, threads: int | None, ctx_size: int | None, kv_cache: str = "f32"):
+    def __init__(self, path: Path, *, threads: int | None, ctx_size: int | None, kv_cache: str = DEFAULT_KV_CACHE):
         from bitnet_cli.engine import Engine
 
         self.engine = Engine.load(path, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
 
@@ -27,7 +28,7 @@ def evaluate(
     log_samples: bool = False,
     progress=None,
     lm=None,
-    kv_cache: str = "f32",
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> dict[str, Any]:
     """Run lm-eval's ``tasks`` on ``model`` (packed ``.bin`` or checkpoint directory).
 

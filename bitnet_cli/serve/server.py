@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 
 
@@ -30,7 +31,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, parallel: int = 4,
           ctx_size: int | None = None, max_queue: int = 64, model_id: str | None = None,
-          ready: Callable[[dict], None] = lambda info: None, kv_cache: str = "f32") -> None:
+          ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
     ready(info) is called once the socket listens, with the URL and the engine's figures.
