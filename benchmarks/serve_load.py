@@ -4,7 +4,7 @@ latency at each level, for each request mix; the engine's batched decode step be
 chunk; pp128 without the server; the memory each extra slot costs; and issue 16's targets as ratios.
 
     python benchmarks/serve_load.py --shape 2b4t --threads 2 [--streams 1,4,8,16] [--mix 128x64,32x256] \\
-        [--llama-server /tmp/anchors/llama.cpp/build/bin/llama-server] [--out DIR]
+        [--kv-cache f32|f16] [--llama-server /tmp/anchors/llama.cpp/build/bin/llama-server] [--out DIR]
     python benchmarks/serve_load.py --shape tiny --threads 1 --mix 32x16   # a quick check
 
 The model is the synthetic shape `bitnet bench --shape` uses (random trits: speed does not depend
@@ -56,7 +56,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bitnet_cli.arch import ModelDims
 from bitnet_cli.bench import target
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_bytes_per_position, kv_cache_type
 from bitnet_cli.errors import BitnetError, run_script
 
 HERE = Path(__file__).resolve().parent
@@ -139,7 +141,7 @@ class ServerProcess:
 def start_ours(model: Path, args, parallel: int, logs: Path) -> ServerProcess:
     cmd = [sys.executable, "-m", "bitnet_cli.cli", "serve", str(model), "--port", "0", "--json",
            "--threads", str(args.threads), "--parallel", str(parallel), "--ctx-size", str(args.ctx_size),
-           "--max-queue", str(max(args.streams) * 2)]
+           "--max-queue", str(max(args.streams) * 2), "--kv-cache", args.kv_cache]
     s = ServerProcess("bitnet serve" if parallel == args.parallel else f"bitnet serve {parallel} slot", cmd, None, logs)
     s.info = json.loads(s.first_line())
     s.url = s.info["url"].removesuffix("/v1")
@@ -314,7 +316,7 @@ def engine_steps(packed: Path, args, vocab: int) -> dict:
         raise BitnetError("the first mix's prompt + the largest --steps level must fit --ctx-size")
     rng = np.random.default_rng(0)
     print(f"engine steps: filling {n + 1} sequences with {fill} tokens", file=sys.stderr, flush=True)
-    with Engine.load(packed, threads=args.threads, ctx_size=args.ctx_size) as eng:
+    with Engine.load(packed, threads=args.threads, ctx_size=args.ctx_size, kv_cache=args.kv_cache) as eng:
         eng.set_sequences(n + 1)  # sequences 0..n-1 decode; sequence n takes the prefill chunks
         seqs = [s for s in range(n + 1) for _ in range(fill)]
         eng.forward_batch(rng.integers(2, vocab, len(seqs)), seqs, [p for _ in range(n + 1) for p in range(fill)],
@@ -346,7 +348,8 @@ def e2e_reference(packed: Path, args) -> dict:
     from bitnet_cli.bench import e2e
 
     print(f"e2e: pp{REFERENCE_PROMPT} and tg{REFERENCE_GENERATE}, {args.step_repeats} runs", file=sys.stderr, flush=True)
-    row = e2e.run(packed, [args.threads], args.step_repeats, prompts=(REFERENCE_PROMPT,), generate=REFERENCE_GENERATE)[0]
+    row = e2e.run(packed, [args.threads], args.step_repeats, prompts=(REFERENCE_PROMPT,), generate=REFERENCE_GENERATE,
+                  kv_cache=args.kv_cache)[0]
     return {"repeats": args.step_repeats} | {name: round(s["median"], 2) for name, s in row["tokens_per_s"].items()}
 
 
@@ -439,8 +442,9 @@ def markdown(results: dict) -> str:
              f"{m['load_average_end']} at the end). "
              f"Model: {m['model']} ({m['embeddings']} head), {m['threads']} threads, --parallel {m['parallel']}, "
              f"{m['ctx_size']}-token context per slot; {m['requests']} requests per stream, greedy. "
-             f"KV cache: {m['kv_bytes_per_token']} bytes per token"
-             + (f", {m['kv_bytes_per_slot']} per slot." if m["kv_bytes_per_slot"] else ".")]
+             f"KV cache (--kv-cache {m['kv_cache']}): {m['kv_bytes_per_token']} bytes per token"
+             + (f", {m['kv_bytes_per_slot']} per slot" if m["kv_bytes_per_slot"] else "")
+             + "; llama-server runs its default f16 KV cache (no -ctk/-ctv given)."]
     for mix in (mix for mix in results["mixes"] if mix["servers"]):
         lines += ["", f"## {mix['prompt']} prompt tokens, {mix['generate']} generated per request", "",
                   "| server | streams | tok/s | steady tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms "
@@ -472,7 +476,8 @@ def markdown(results: dict) -> str:
     ref = results.get("e2e")
     if ref:
         lines += ["", f"## Without the server\n\n`bitnet bench --what e2e --prompts {REFERENCE_PROMPT} --generate "
-                      f"{REFERENCE_GENERATE} --threads {m['threads']}` on the same file, medians of {ref['repeats']} "
+                      f"{REFERENCE_GENERATE} --threads {m['threads']} --kv-cache {m.get('kv_cache', DEFAULT_KV_CACHE)}` on the "
+                      f"same file, medians of {ref['repeats']} "
                       f"runs: pp{REFERENCE_PROMPT} {ref[f'pp{REFERENCE_PROMPT}']} tok/s, tg{REFERENCE_GENERATE} "
                       f"{ref[f'tg{REFERENCE_GENERATE}']} tok/s."]
     steps = results.get("engine_steps")
@@ -515,8 +520,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--step-repeats", type=int, default=5, help="interleaved rounds of each engine step")
     p.add_argument("--llama-server", help="llama.cpp's llama-server binary, to run side by side")
     p.add_argument("--fresh-gguf", action="store_true", help="export the GGUF for llama-server again")
+    p.add_argument("--kv-cache", default=DEFAULT_KV_CACHE, help="our KV cache element type (`bitnet serve --kv-cache`): "
+                   "f32 or f16, llama-server's default")
     p.add_argument("--out", type=Path, default=HERE)
     args = p.parse_args(argv)
+    kv_cache_type(args.kv_cache)
     args.streams = [int(s) for s in args.streams.split(",") if s.strip()]  # none: the engine steps only
     args.steps = [int(s) for s in args.steps.split(",") if s.strip()]
     args.parallel = args.parallel or max(args.streams, default=1)
@@ -530,8 +538,7 @@ def main(argv: list[str]) -> int:
         tgt = target.from_shape(args.shape, args.embeddings)
     packed = tgt.ensure_file(progress=lambda text: print(f"  {text}", file=sys.stderr, flush=True))
     vocab = int(tgt.config["vocab_size"])
-    c = tgt.config
-    kv_token = 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"]) * 4
+    kv_token = kv_bytes_per_position(ModelDims.from_config(tgt.config), args.kv_cache)
     load = os.getloadavg()[0]
     results: dict = {"mixes": [{"prompt": pr, "generate": g, "servers": {}} for pr, g in args.mixes]}
     if args.steps:
@@ -545,7 +552,7 @@ def main(argv: list[str]) -> int:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs",
         "load_average": round(load, 2), "load_average_end": round(os.getloadavg()[0], 2), "model": tgt.name, "embeddings": tgt.embeddings, "threads": args.threads,
         "parallel": args.parallel, "ctx_size": args.ctx_size, "streams": args.streams, "requests": args.requests,
-        "kv_bytes_per_slot": kv_slot, "kv_bytes_per_token": kv_token,
+        "kv_cache": args.kv_cache, "kv_bytes_per_slot": kv_slot, "kv_bytes_per_token": kv_token,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serve_load.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
-from bitnet_cli.engine import DEFAULT_CTX
+from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
@@ -59,6 +59,11 @@ def model_argument() -> Path:
 def ctx_size_option(of: str, longer: str) -> Optional[int]:
     return typer.Option(None, "--ctx-size", "-c", help=f"Context length{of} in tokens (default: the model's "
                         f"max_position_embeddings, at most {DEFAULT_CTX}). A longer prompt is {longer}.")
+
+
+def kv_cache_option() -> str:
+    return typer.Option(DEFAULT_KV_CACHE, "--kv-cache", help="KV cache element type: f32, or f16 for half the memory per "
+                        "cached token (keys and values rounded to f16 as they are stored; f32 matches transformers).")
 
 
 def json_option(what: str) -> bool:
@@ -413,6 +418,7 @@ def run(
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
     threads: Optional[int] = threads_option(),
     ctx_size: Optional[int] = ctx_size_option("", "an error"),
+    kv_cache: str = kv_cache_option(),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable); it is not printed."),
     json_output: bool = json_option("the prompt, the text and the timings"),
     chat: bool = typer.Option(
@@ -432,7 +438,7 @@ def run(
 
         if prompt is None and not chat:
             raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
-        engine = Engine.load(model, threads=threads, ctx_size=ctx_size)
+        engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repeat_penalty=repeat_penalty, seed=seed, stop=stop)
         if chat:
@@ -514,6 +520,7 @@ def serve(
     threads: Optional[int] = threads_option(),
     parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
     ctx_size: Optional[int] = ctx_size_option(" of each sequence", "a 400 error"),
+    kv_cache: str = kv_cache_option(),
     max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
@@ -537,12 +544,12 @@ def serve(
                 return
             err_console.print(
                 f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
-                f"{info['ctx_size']} tokens, KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
+                f"{info['ctx_size']} tokens, {info['kv_cache']} KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
                 f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}",
                 highlight=False, soft_wrap=True)
 
         run_server(model, host=host, port=port, threads=threads, parallel=parallel, ctx_size=ctx_size,
-                   max_queue=max_queue, model_id=name, ready=ready)
+                   max_queue=max_queue, model_id=name, ready=ready, kv_cache=kv_cache)
 
 
 # ---------------------------------------------------------------- eval
@@ -560,6 +567,7 @@ def eval_cmd(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
+    kv_cache: str = kv_cache_option(),
     json_output: bool = json_option("lm-eval's results, instead of the table"),
 ):
     """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
@@ -588,7 +596,7 @@ def eval_cmd(
         with bar:
             results = evaluate(
                 model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
-                data_dir=data_dir, log_samples=log_samples, progress=progress,
+                data_dir=data_dir, log_samples=log_samples, progress=progress, kv_cache=kv_cache,
             )
         if output is not None:
             write_results(results, output, force=force, inputs=(model, data_dir))
@@ -677,6 +685,7 @@ def bench(
     isa: Optional[str] = typer.Option(
         None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
         "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),
+    kv_cache: str = kv_cache_option(),
 ):
     """Measure kernels, memory bandwidth (the decode roofline) and end-to-end speed.
 
@@ -695,6 +704,9 @@ def bench(
             from bitnet_cli import kernels
 
             kernels.resolve_isa(isa)  # a clear error for an unknown or unavailable path, before any work
+        from bitnet_cli.engine import kv_cache_type
+
+        kv_cache_type(kv_cache)  # before any work, as --isa
         thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
         sections = suite.parse_sections(what)
         if plot is not None:
@@ -714,7 +726,7 @@ def bench(
             task = bar.add_task("starting", total=None)
             results = suite.run_layouts(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
                                         tokens=token_list, progress=lambda text: bar.update(task, description=text),
-                                        isa=isa)
+                                        isa=isa, kv_cache=kv_cache)
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 

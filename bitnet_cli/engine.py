@@ -2,6 +2,7 @@
 
     from bitnet_cli.engine import Engine
     eng = Engine.load("model.bin", threads=None, ctx_size=None)  # threads: physical cores
+    eng = Engine.load("model.bin", kv_cache="f16")  # half the KV cache's bytes (see KV_CACHE_TYPES)
     logits = eng.forward(ids)                     # float32 [len(ids), vocab]; fills the KV cache
     more = eng.forward(cont, n_past=len(ids))     # continue from the cached positions
     gen = eng.generate("Once upon a time", max_tokens=64, seed=1)
@@ -38,6 +39,25 @@ from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
 
+# The KV cache's element types (kernels/bitnet.h, BN_KV_*): name -> (C enum, bytes per element).
+# f32 keeps keys and values as computed (the results match transformers'); f16 rounds them to
+# nearest even as they are written, halving the bytes per position, and attention widens them
+# back to f32 exactly, so every kernel path still gives the same bits as the scalar one.
+KV_CACHE_TYPES = {"f32": ("BN_KV_F32", 4), "f16": ("BN_KV_F16", 2)}
+DEFAULT_KV_CACHE = "f32"
+
+
+def kv_cache_type(name) -> str:
+    """`name` when it is a KV cache type (KV_CACHE_TYPES), else a BitnetError naming the choices."""
+    if not isinstance(name, str) or name not in KV_CACHE_TYPES:
+        raise BitnetError(f"kv_cache must be one of {', '.join(KV_CACHE_TYPES)}, got {name!r}", param="kv_cache")
+    return name
+
+
+def kv_bytes_per_position(dims, kv_cache: str = DEFAULT_KV_CACHE) -> int:
+    """Bytes one cached position takes: keys and values of every layer and KV head."""
+    return 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * KV_CACHE_TYPES[kv_cache][1]
+
 
 def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin float32 [ctx, head_dim/2] as transformers computes them in fp32 (inv_freq, with any
@@ -60,10 +80,11 @@ def rope_tables(ctx: int, head_dim: int, theta: float, scaling: dict | None = No
     return cos, sin
 
 
-def context_bytes(dims, ctx: int, threads: int) -> int:
-    """Memory a context of `ctx` tokens takes once it is full: the KV cache (float32 keys and values
-    of every layer), the RoPE tables and the attention scratch (kernels/model.c, bn_model_new)."""
-    kv = 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * ctx * 4
+def context_bytes(dims, ctx: int, threads: int, kv_cache: str = DEFAULT_KV_CACHE) -> int:
+    """Memory a context of `ctx` tokens takes once it is full: the KV cache (keys and values of
+    every layer, in kv_cache's element type), the RoPE tables and the attention scratch
+    (kernels/model.c, bn_model_new)."""
+    kv = kv_bytes_per_position(dims, kv_cache) * ctx
     rope = ctx * dims.head_dim * 4
     scratch = threads * ctx * 4 * (dims.num_heads // dims.num_kv_heads + 1)
     return kv + rope + scratch
@@ -178,7 +199,7 @@ class Engine(kernels.CResource):
     releases the weights.
     """
 
-    def __init__(self, pm, threads: int, ctx_size: int, isa: int):
+    def __init__(self, pm, threads: int, ctx_size: int, isa: int, kv_cache: str = DEFAULT_KV_CACHE):
         t0 = time.perf_counter()
         self._ffi, self._lib = kernels.lib()
         self.pm = pm
@@ -187,6 +208,7 @@ class Engine(kernels.CResource):
         self.vocab_size = pm.dims.vocab_size
         self.ctx_size = ctx_size
         self.threads = threads
+        self.kv_cache = kv_cache_type(kv_cache)
         self.isa = kernels.isa_name(isa, pm.ternary_layout.option)
         self._init_tokens(pm)
         self._keep: list = []  # cdata buffers that must outlive the C model
@@ -274,16 +296,18 @@ class Engine(kernels.CResource):
         desc.rope_cos, desc.rope_sin = ptr(cos, "float"), ptr(sin, "float")
         desc.layers = layers
         desc.layout = getattr(self._lib, pm.ternary_layout.c_enum)
+        desc.kv_type = getattr(self._lib, KV_CACHE_TYPES[self.kv_cache][0])
         return desc
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
     def load(cls, path, threads: int | None = None, ctx_size: int | None = None, isa: str | None = None,
-             verify: bool = False) -> "Engine":
+             verify: bool = False, kv_cache: str = DEFAULT_KV_CACHE) -> "Engine":
         """Open a packed model (`bitnet pack` output), or a GGUF (imported once into a cached packed file).
         threads: default physical cores; ctx_size: default min(max_position_embeddings, 4096); isa: default
-        $BITNET_ISA, else the autotune's choice (bitnet_cli.kernels).
+        $BITNET_ISA, else the autotune's choice (bitnet_cli.kernels); kv_cache: the KV cache's element
+        type, "f32" (default) or "f16" (half the bytes; KV_CACHE_TYPES).
 
         The metadata checksum (config, tokenizer) is always checked, and the norms and scales must
         be finite; verify=True also recomputes every tensor's crc32 (reads the whole file, as
@@ -294,6 +318,7 @@ class Engine(kernels.CResource):
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
+        kv_cache_type(kv_cache)
         if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
             from bitnet_cli.pack.gguf_cache import packed_path
 
@@ -334,12 +359,12 @@ class Engine(kernels.CResource):
         if type(ctx_size) is not int or not 1 <= ctx_size <= max_ctx:
             raise BitnetError(f"ctx_size must be between 1 and {max_ctx} (the model's max_position_embeddings), "
                               f"got {ctx_size!r}", param="ctx_size")
-        need, have = context_bytes(d, ctx_size, threads) + size, memory_limit()
+        need, have = context_bytes(d, ctx_size, threads, kv_cache) + size, memory_limit()
         if need > have:
             raise BitnetError(f"ctx_size {ctx_size} needs {need / 2**30:.1f} GiB (the model, and a KV cache and "
                               f"RoPE tables for {ctx_size} tokens) but this process may use "
                               f"{have / 2**30:.1f} GiB; choose a smaller context", param="ctx_size")
-        engine = cls(pm, threads, ctx_size, isa_id)
+        engine = cls(pm, threads, ctx_size, isa_id, kv_cache)
         engine.load_s = time.perf_counter() - t0
         return engine
 
@@ -425,10 +450,10 @@ class Engine(kernels.CResource):
 
     @property
     def kv_bytes_per_sequence(self) -> int:
-        """Bytes of one sequence's KV cache at the full context (fp32 keys and values, every layer);
-        committed as positions are written. An extra sequence costs this and nothing else."""
-        d = self.dims
-        return 2 * d.num_layers * d.num_kv_heads * d.head_dim * self.ctx_size * 4
+        """Bytes of one sequence's KV cache at the full context (keys and values of every layer, in
+        the kv_cache element type); committed as positions are written. An extra sequence costs this
+        and nothing else."""
+        return kv_bytes_per_position(self.dims, self.kv_cache) * self.ctx_size
 
     def set_sequences(self, parallel: int) -> None:
         """Room for `parallel` independent sequences (forward_batch), each with its own KV cache of

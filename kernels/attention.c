@@ -4,19 +4,32 @@
  *
  * The order of every float operation is fixed by the scalar code: a dot product sums lane l of
  * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
- * products are rounded before they are added (no FMA); values are summed over keys in order. */
+ * products are rounded before they are added (no FMA); values are summed over keys in order.
+ * An f16 cache (BN_KV_F16) is widened to f32 as it is read (exactly), then takes the same
+ * operations: its kernels are those of the f32 cache, instantiated for the other element type. */
 #include <math.h>
 #include <string.h>
 
 #include "internal.h"
 
-static inline float dot(const float *a, const float *b, int n) {
+/* element i of a cache row, for an element type known at compile time */
+static inline __attribute__((always_inline)) float elem_of(const void *row, int i, const int F16) {
+    return F16 ? bn_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
+/* the cache row of key `key`, likewise */
+static inline __attribute__((always_inline)) const void *row_of(const void *cache, int key, int hd, const int F16) {
+    return (const char *)cache + (size_t)key * hd * (F16 ? 2 : 4);
+}
+
+/* a . row, row a cache row */
+static inline __attribute__((always_inline)) float dot(const float *a, const void *row, int n, const int F16) {
     float lane[8] = {0};
     int i = 0;
     for (; i + 8 <= n; i += 8)
-        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * elem_of(row, i + l, F16);
     float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += a[i] * elem_of(row, i, F16);
     return s;
 }
 
@@ -32,22 +45,38 @@ static void softmax(float *sc, int n) {
 }
 
 /* Key-major: each K row is dotted with every head's query, each V row added into every head's
- * output, so a row is read once per group; per head the operations run in the order above. */
-void bn_attend_scalar(const bn_attn_job *a) {
+ * output, so a row is read once per group; per head the operations run in the order above. An
+ * f16 row is widened once into `wide` for all the heads. */
+static inline __attribute__((always_inline)) void attend_scalar(const bn_attn_job *a, const int F16) {
     const int hd = a->hd, n = a->n;
+    float wide[hd];
     for (int j = 0; j < n; j++) {
-        const float *k = a->kc + (size_t)a->keys[j] * hd;
-        for (int h = 0; h < a->heads; h++) a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, k, hd) * a->scale;
+        const void *k = row_of(a->kc, a->keys[j], hd, F16);
+        if (F16)
+            for (int i = 0; i < hd; i++) wide[i] = elem_of(k, i, 1);
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, F16 ? wide : k, hd, 0) * a->scale;
     }
     for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
     memset(a->out, 0, sizeof(float) * hd * a->heads);
     for (int j = 0; j < n; j++) {
-        const float *v = a->vc + (size_t)a->keys[j] * hd;
+        const float *v = row_of(a->vc, a->keys[j], hd, F16);
+        if (F16) {
+            for (int i = 0; i < hd; i++) wide[i] = elem_of(v, i, 1);
+            v = wide;
+        }
         for (int h = 0; h < a->heads; h++) {
             float p = a->sc[(size_t)h * n + j], *o = a->out + (size_t)h * hd;
             for (int e = 0; e < hd; e++) o[e] += p * v[e];
         }
     }
+}
+
+void bn_attend_scalar(const bn_attn_job *a) {
+    if (a->kv_type == BN_KV_F16)
+        attend_scalar(a, 1);
+    else
+        attend_scalar(a, 0);
 }
 
 #if BN_X86
@@ -58,24 +87,40 @@ AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
 }
 
+/* Elements [i, i + 8) of a cache row as f32: F16 is a compile-time constant in every caller (the
+ * kernels below are instantiated once per element type) */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) __m256 load8(const void *row, int i, const int F16) {
+    return F16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i)))
+               : _mm256_loadu_ps((const float *)row + i);
+}
+
+/* always inlined: a call inside the value loops would spill their accumulators (every ymm register
+ * is caller-saved) */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void prefetch_row(const void *row, int bytes) {
+    for (int b = 0; b < bytes; b += 64) _mm_prefetch((const char *)row + b, _MM_HINT_T0);
+}
+
+/* element i of a cache row, as elem_of but inlined (F16C's scalar conversion, also exact) */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) float elem_avx2(const void *row, int i, const int F16) {
+    return F16 ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+}
+
 /* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
  * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
  * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
                                                                               int j0, int j1, const int NH,
-                                                                              const int NV) {
+                                                                              const int NV, const int F16) {
     const int hd = a->hd, n = a->n;
     __m256 o[4][2];
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < NV; u++)
             o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
     for (int j = j0; j < j1; j++) {
-        const float *v = a->vc + (size_t)a->keys[j] * hd + e;
-        if (e == 0 && j + (j1 - j0) < n)
-            for (int b = 0; b < hd; b += 16)
-                _mm_prefetch((const char *)(a->vc + (size_t)a->keys[j + (j1 - j0)] * hd + b), _MM_HINT_T0);
+        const void *v = row_of(a->vc, a->keys[j], hd, F16);
+        if (e == 0 && j + (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + (j1 - j0)], hd, F16), hd * (F16 ? 2 : 4));
         __m256 vv[2];
-        for (int u = 0; u < NV; u++) vv[u] = _mm256_loadu_ps(v + 8 * u);
+        for (int u = 0; u < NV; u++) vv[u] = load8(v, e + 8 * u, F16);
         for (int h = 0; h < NH; h++) {
             __m256 p = _mm256_broadcast_ss(a->sc + (size_t)(h0 + h) * n + j);
             for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(p, vv[u]));
@@ -85,22 +130,22 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
         for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
 }
 
-/* The values go by blocks of keys whose rows fill 4 KB, every output column passing over a block
- * before the next: the rows are fetched once, not once per 16 columns. A block and the next one,
- * prefetched meanwhile, stay in L1 beside the scores (16 KB blocks measured 20% slower at 288
- * cached positions: a block and its successor filled L1). */
+/* The values go by blocks of keys whose rows fill 4 KB (at least 4 keys), every output column
+ * passing over a block before the next: the rows are fetched once, not once per 16 columns. A
+ * block and the next one, prefetched meanwhile, stay in L1 beside the scores (16 KB blocks
+ * measured 20% slower at 288 cached positions: a block and its successor filled L1). */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
-                                                                                   const int NH) {
-    const int hd = a->hd, n = a->n, block = hd < 256 ? 1024 / hd : 4;
+                                                                                   const int NH, const int F16) {
+    const int hd = a->hd, n = a->n, fit = 4096 / (hd * (F16 ? 2 : 4)), block = fit > 4 ? fit : 4;
     for (int j0 = 0; j0 < n; j0 += block) {
         const int j1 = j0 + block < n ? j0 + block : n;
         int e = 0;
-        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2);
-        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1);
+        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2, F16);
+        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1, F16);
         for (; e < hd; e++)
             for (int h = h0; h < h0 + NH; h++) {
                 float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
-                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * a->vc[(size_t)a->keys[j] * hd + e];
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * elem_avx2(row_of(a->vc, a->keys[j], hd, F16), e, F16);
                 a->out[(size_t)h * hd + e] = o;
             }
     }
@@ -109,13 +154,13 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_
 /* Scores of keys j, j + 1 for heads [h0, h0 + NH): NH x 2 independent add chains, each K vector
  * loaded once for the NH heads. */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(const bn_attn_job *a, int j, int h0,
-                                                                              const int NH) {
+                                                                              const int NH, const int F16) {
     const int hd = a->hd, h8 = hd & ~7, n = a->n;
-    const float *k[2] = {a->kc + (size_t)a->keys[j] * hd, a->kc + (size_t)a->keys[j + 1] * hd};
+    const void *k[2] = {row_of(a->kc, a->keys[j], hd, F16), row_of(a->kc, a->keys[j + 1], hd, F16)};
     __m256 s[4][2];
     for (int h = 0; h < NH; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
     for (int i = 0; i < h8; i += 8) {
-        __m256 k0 = _mm256_loadu_ps(k[0] + i), k1 = _mm256_loadu_ps(k[1] + i);
+        __m256 k0 = load8(k[0], i, F16), k1 = load8(k[1], i, F16);
         for (int h = 0; h < NH; h++) {
             __m256 qv = _mm256_loadu_ps(a->q + (size_t)(h0 + h) * hd + i);
             s[h][0] = _mm256_add_ps(s[h][0], _mm256_mul_ps(qv, k0));
@@ -126,43 +171,47 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
         for (int u = 0; u < 2; u++) {
             const float *q = a->q + (size_t)(h0 + h) * hd;
             float d = lane_tree(s[h][u]);
-            for (int i = h8; i < hd; i++) d += q[i] * k[u][i];
+            for (int i = h8; i < hd; i++) d += q[i] * elem_avx2(k[u], i, F16);
             a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
         }
 }
 
 /* Rows the scores pass prefetches ahead of the key it reads: its K rows, then (past the last key)
  * the V rows of the first value blocks. The cache's rows lie in 4 KB pages the hardware prefetcher
- * does not cross; 16 rows (8 KB) ahead measured fastest over 32 to 900 cached positions. */
+ * does not cross; 16 rows (8 KB of f32 rows of 128) ahead measured fastest over 32 to 900 cached
+ * positions. */
 #define PREFETCH_ROWS 16
 
-AVX2_NOFMA_TARGET static inline void prefetch_row(const float *row, int hd) {
-    for (int b = 0; b < hd; b += 16) _mm_prefetch((const char *)(row + b), _MM_HINT_T0);
-}
-
 /* Up to four heads at a time (the register tiles above), for the scores and the values */
-AVX2_NOFMA_TARGET void bn_attend_avx2(const bn_attn_job *a) {
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(const bn_attn_job *a, const int F16) {
     const int hd = a->hd, n = a->n;
     int j = 0;
     for (; j + 2 <= n; j += 2) {
         for (int u = j + PREFETCH_ROWS; u < j + PREFETCH_ROWS + 2 && u < 2 * n; u++)
-            prefetch_row(u < n ? a->kc + (size_t)a->keys[u] * hd : a->vc + (size_t)a->keys[u - n] * hd, hd);
+            prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), hd * (F16 ? 2 : 4));
         for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
-            case 1: scores_avx2(a, j, h0, 1); break;
-            case 2: scores_avx2(a, j, h0, 2); break;
-            case 3: scores_avx2(a, j, h0, 3); break;
-            default: scores_avx2(a, j, h0, 4); break;
+            case 1: scores_avx2(a, j, h0, 1, F16); break;
+            case 2: scores_avx2(a, j, h0, 2, F16); break;
+            case 3: scores_avx2(a, j, h0, 3, F16); break;
+            default: scores_avx2(a, j, h0, 4, F16); break;
             }
     }
     for (; j < n; j++)
         for (int h = 0; h < a->heads; h++)
-            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, a->kc + (size_t)a->keys[j] * hd, hd) * a->scale;
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, row_of(a->kc, a->keys[j], hd, F16), hd, F16) * a->scale;
     for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
     for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
-        case 1: head_values_avx2(a, h0, 1); break;
-        case 2: head_values_avx2(a, h0, 2); break;
-        case 3: head_values_avx2(a, h0, 3); break;
-        default: head_values_avx2(a, h0, 4); break;
+        case 1: head_values_avx2(a, h0, 1, F16); break;
+        case 2: head_values_avx2(a, h0, 2, F16); break;
+        case 3: head_values_avx2(a, h0, 3, F16); break;
+        default: head_values_avx2(a, h0, 4, F16); break;
         }
+}
+
+AVX2_NOFMA_TARGET void bn_attend_avx2(const bn_attn_job *a) {
+    if (a->kv_type == BN_KV_F16)
+        attend_avx2(a, 1);
+    else
+        attend_avx2(a, 0);
 }
 #endif

@@ -1,9 +1,12 @@
 /* Standalone timing of the engine on a random model held in memory (no Python, no file):
- *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1]
+ *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1] [kv: f32|f16]
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
+ *   build/bench [threads] [isa] attention [positions ...]   the attention of a 16-row decode step
+ *                                        alone (2B4T: 30 layers x 5 KV heads x 16 sequences), f32
+ *                                        against f16 KV caches, interleaved: ms per step
  * `bitnet bench` is the user-facing tool; this is for machines without the Python stack. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -149,6 +152,70 @@ static void bench_head(int threads, int isa, const int *ms, int n_ms) {
     free(scale), free(h), free(y);
 }
 
+/* One decode step's attention on the 2B4T shape: per layer, 16 sequences x 5 KV heads (groups of 4
+ * query heads), each over `positions` cached rows, split over the pool as model.c splits it */
+typedef struct {
+    const bn_kernels *kern;
+    const void *cache; /* [seq][layer][kv_head] k rows then v rows of positions x 128 */
+    int kv_type, layer, positions;
+    const float *q;
+    float *out, *scores;
+    const int *keys;
+} attn_bench;
+
+enum { ATT_SEQS = 16, ATT_LAYERS = 30, ATT_KV = 5, ATT_GROUP = 4, ATT_HD = 128 };
+
+static void attn_bench_worker(void *ctx, int chunk, int n_chunks, int ith) {
+    const attn_bench *b = ctx;
+    const size_t esize = b->kv_type == BN_KV_F16 ? 2 : 4, rows = (size_t)b->positions * ATT_HD * esize;
+    int i0, i1;
+    bn_split(ATT_SEQS * ATT_KV, chunk, n_chunks, 1, &i0, &i1);
+    for (int i = i0; i < i1; i++) {
+        const char *k = (const char *)b->cache + (((size_t)i / ATT_KV * ATT_LAYERS + b->layer) * ATT_KV + i % ATT_KV) * 2 * rows;
+        bn_attn_job job = {.q = b->q + (size_t)i * ATT_GROUP * ATT_HD, .kc = k, .vc = k + rows, .kv_type = b->kv_type,
+                           .keys = b->keys, .n = b->positions, .hd = ATT_HD, .heads = ATT_GROUP, .scale = 0.088f,
+                           .sc = b->scores + (size_t)ith * ATT_GROUP * b->positions,
+                           .out = b->out + (size_t)i * ATT_GROUP * ATT_HD};
+        b->kern->attend(&job);
+    }
+}
+
+static void bench_attention(int threads, int isa, const int *positions, int n_positions) {
+    bn_pool *pool = bn_pool_new(threads);
+    float *q = malloc(sizeof(float) * ATT_SEQS * ATT_KV * ATT_GROUP * ATT_HD), *out = malloc(sizeof(float) * ATT_SEQS * ATT_KV * ATT_GROUP * ATT_HD);
+    for (int i = 0; i < ATT_SEQS * ATT_KV * ATT_GROUP * ATT_HD; i++) q[i] = (float)((i * 37) % 101 - 50) / 50.0f;
+    for (int p = 0; p < n_positions; p++) {
+        const int n = positions[p];
+        int *keys = malloc(sizeof(int) * n);
+        for (int j = 0; j < n; j++) keys[j] = j;
+        float *scores = malloc(sizeof(float) * threads * ATT_GROUP * n);
+        const size_t elems = (size_t)ATT_SEQS * ATT_LAYERS * ATT_KV * 2 * n * ATT_HD;
+        float *c32 = aligned_alloc(64, (elems * 4 + 63) / 64 * 64);
+        uint16_t *c16 = aligned_alloc(64, (elems * 2 + 63) / 64 * 64);
+        for (size_t i = 0; i < elems; i++) c32[i] = (float)((int)(i * 2654435761u >> 24) - 128) / 128.0f, c16[i] = bn_f32_to_f16(c32[i]);
+        const void *caches[2] = {c32, c16};
+        double t[2][7];
+        for (int rep = 0; rep < 7; rep++)
+            for (int type = 0; type < 2; type++) {
+                double t0 = now();
+                for (int l = 0; l < ATT_LAYERS; l++) {
+                    attn_bench b = {bn_kernels_for(isa), caches[type], type, l, n, q, out, scores, keys};
+                    bn_pool_run(pool, attn_bench_worker, &b, bn_pool_chunks(pool, ATT_SEQS * ATT_KV, 1));
+                }
+                t[type][rep] = now() - t0;
+            }
+        for (int type = 0; type < 2; type++) {
+            qsort(t[type], 7, sizeof(double), cmp_double);
+            const double bytes = (double)elems * (type ? 2 : 4);
+            printf("attention of a 16-row step, %d positions, %s cache: %.2f ms median of 7 (%.2f-%.2f), %.1f GB/s\n", n,
+                   type ? "f16" : "f32", t[type][3] * 1e3, t[type][0] * 1e3, t[type][6] * 1e3, bytes / t[type][3] / 1e9);
+        }
+        free(keys), free(scores), free(c32), free(c16);
+    }
+    bn_pool_free(pool);
+    free(q), free(out);
+}
+
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 1;
     int isa = argc > 2 ? atoi(argv[2]) : bn_isa_best();
@@ -165,12 +232,21 @@ int main(int argc, char **argv) {
         bench_head(threads, isa, ms, n_ms);
         return 0;
     }
+    if (argc > 3 && !strcmp(argv[3], "attention")) {
+        int ps[16], n_ps = 0;
+        for (int i = 4; i < argc && n_ps < 16; i++)
+            if ((ps[n_ps] = atoi(argv[i])) >= 1) n_ps++;
+        if (!n_ps) ps[n_ps++] = 288;
+        bench_attention(threads, isa, ps, n_ps);
+        return 0;
+    }
     const char *head = argc > 4 ? argv[4] : "f16";
     int head_type = !strcmp(head, "q6")   ? BN_EMB_Q6
                     : !strcmp(head, "q4") ? BN_EMB_Q4
                     : !strcmp(head, "i8") ? BN_EMB_I8
                                           : BN_EMB_F16;
     const int layout = argc > 5 && !strcmp(argv[5], "tq1") ? BN_LAYOUT_TQ1 : BN_LAYOUT_I2;
+    const int kv_type = argc > 6 && !strcmp(argv[6], "f16") ? BN_KV_F16 : BN_KV_F32;
     int big = !(argc > 3 && !strcmp(argv[3], "small"));
     int L = big ? 30 : 4, H = 2560, F = 6912, NH = 20, NKV = 5, HD = 128, V = 128256, CTX = 512;
     bn_layer_desc *layers = calloc(L, sizeof *layers);
@@ -188,7 +264,7 @@ int main(int argc, char **argv) {
     float *head_scale = ones(V);
     for (int i = 0; i < V; i++) head_scale[i] = 1e-3f;
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, head_type, head_rows,
-                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, 0.0f, layout};
+                       head_scale, ones(H), cs, sn, layers, BN_ACT_RELU2, 0.0f, layout, kv_type};
     char err[128];
     bn_model *m = bn_model_new(&d, threads, isa, err, sizeof err);
     if (!m) {
@@ -220,9 +296,9 @@ int main(int argc, char **argv) {
     }
     qsort(dt, n, sizeof dt[0], cmp_double);
     double med = (dt[n / 2 - 1] + dt[n / 2]) / 2;
-    printf("threads %d isa %d layers %d head %s layout %d: pp128 %.1f tok/s median of 3 | decode %.2f tok/s median, %.2f best | %.1f GB/s "
+    printf("threads %d isa %d layers %d head %s layout %d kv %s: pp128 %.1f tok/s median of 3 | decode %.2f tok/s median, %.2f best | %.1f GB/s "
            "streamed (%.0f MB/token)\n",
-           threads, isa, L, head, layout, pp, 1 / med, 1 / dt[0], bytes / med / 1e9, bytes / 1e6);
+           threads, isa, L, head, layout, kv_type == BN_KV_F16 ? "f16" : "f32", pp, 1 / med, 1 / dt[0], bytes / med / 1e9, bytes / 1e6);
     bn_model_free(m);
     return 0;
 }

@@ -159,6 +159,20 @@ enum {
     BN_ACT_SILU = 1   /* x / (1 + exp(-x)) */
 };
 
+/* Element types of the KV cache (bn_model_desc.kv_type). f16 halves its bytes: keys and values are
+ * rounded to f16 (nearest, ties to even: bn_f32_to_f16) as they are written and widened back to
+ * f32 (exactly) as attention reads them, which then runs the f32 cache's arithmetic. */
+enum {
+    BN_KV_F32 = 0,
+    BN_KV_F16 = 1,
+    BN_KV_COUNT = 2
+};
+
+/* f32 -> IEEE binary16 bits, rounded to nearest, ties to even (overflow -> inf, NaN stays NaN):
+ * the one conversion every KV cache write uses; bn_f16_to_f32 is its exact inverse on f16 values. */
+uint16_t bn_f32_to_f16(float x);
+float bn_f16_to_f32(uint16_t h);
+
 typedef struct {
     /* F32; attn_sub_norm and ffn_sub_norm are NULL in models without them (the Llama family):
      * the attention output / gated FFN activation then goes to int8 as it is */
@@ -190,6 +204,7 @@ typedef struct {
     int ffn_act;               /* BN_ACT_RELU2 (0, BitNet b1.58) or BN_ACT_SILU */
     float bitlinear_norm_eps;  /* eps of the projections' own input norms (bn_layer_desc nq..nd) */
     int layout;                /* of every projection: BN_LAYOUT_I2 (0) or BN_LAYOUT_TQ1 */
+    int kv_type;               /* the KV cache's element: BN_KV_F32 (0) or BN_KV_F16 */
 } bn_model_desc;
 
 typedef struct bn_model bn_model;
@@ -214,7 +229,7 @@ int bn_forward_branches(bn_model *model, const int32_t *tokens, int n, int n_pas
 /* ---- several sequences at once (continuous batching) ------------------------------------
  * A model holds one KV cache per sequence: 1 after bn_model_new (the one bn_forward and
  * bn_forward_branches use, sequence 0). Each cache costs 2 * n_layers * n_kv_heads * head_dim * ctx
- * floats, committed only as positions are written. */
+ * elements of kv_type (4 bytes for f32, 2 for f16), committed only as positions are written. */
 
 /* Caches for n_seq sequences (0 .. n_seq-1); every cached position is dropped. Returns 0, or -1
  * when out of memory (the old caches are kept then). */

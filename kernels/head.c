@@ -41,6 +41,29 @@ float bn_f16_to_f32(uint16_t h) {
     return v.f;
 }
 
+/* Round to nearest, ties to even, as F16C's _mm_cvtps_ph and numpy's float16 do; a NaN keeps its
+ * sign and top mantissa bits and is made quiet (as F16C does). */
+uint16_t bn_f32_to_f16(float x) {
+    union {
+        float f;
+        uint32_t u;
+    } v = {x};
+    uint32_t sign = (v.u >> 16) & 0x8000, exp = (v.u >> 23) & 0xff, man = v.u & 0x7fffff;
+    if (exp == 0xff) return (uint16_t)(sign | 0x7c00 | (man ? 0x200 | (man >> 13) : 0));
+    int e = (int)exp - 127 + 15; /* the f16 biased exponent */
+    if (e >= 31) return (uint16_t)(sign | 0x7c00);
+    if (e <= 0) { /* an f16 subnormal (or zero): units of 2^-24 */
+        if (e < -10) return (uint16_t)sign; /* below half the smallest subnormal */
+        uint32_t full = man | 0x800000, shift = (uint32_t)(14 - e), h = full >> shift;
+        uint32_t rest = full & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rest > half || (rest == half && (h & 1))) h++; /* 0x400 carries into the smallest normal */
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = ((uint32_t)e << 10) | (man >> 13), rest = man & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++; /* a carry may reach the exponent, or inf */
+    return (uint16_t)(sign | h);
+}
+
 /* int8 rows: the exact integer dot, rescaled by one float expression shared by every ISA */
 static inline float i8_logit(const bn_head_job *j, int t, int r, int32_t acc) {
     return (float)acc / j->hscale[t] * j->wscale[r];

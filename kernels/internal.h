@@ -17,8 +17,9 @@
 /* The x86 SIMD kernels are compiled for their ISA function by function (no -march), so one build
  * runs everywhere and dispatch picks the path at run time. */
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
-/* for float code that must round like the scalar path: no fused multiply-adds */
-#define AVX2_NOFMA_TARGET __attribute__((target("avx2")))
+/* for float code that must round like the scalar path: no fused multiply-adds (f16c: the exact
+ * f16 -> f32 widening of an f16 KV cache) */
+#define AVX2_NOFMA_TARGET __attribute__((target("avx2,f16c")))
 
 /* AMX-INT8 (ternary.c's GEMM, peak.c): its kernels configure all eight tiles as 16 rows of 64
  * bytes (palette 1) and release them when done */
@@ -141,14 +142,15 @@ int bn_head_k(int type, int hidden);
 /* All `rows` rows of a head job, split over the pool. */
 void bn_head_run(bn_pool *pool, bn_head_rows_fn fn, const bn_head_job *job, int rows);
 
-float bn_f16_to_f32(uint16_t h);
-
 /* Attention of `heads` query heads sharing one KV head, over its cache rows keys[0..n) (rows of
- * hd floats): out[h] = softmax(scale * q[h].k) . v for q and out [heads][hd], with sc[heads][n]
- * as scratch. Each cache row is read once for all the heads. Float arithmetic in one fixed order
- * per head, whatever `heads` is, so the SIMD versions give the scalar result bit for bit. */
+ * hd elements of kv_type, BN_KV_*: f16 elements are widened to f32 as they are read):
+ * out[h] = softmax(scale * q[h].k) . v for q and out [heads][hd], with sc[heads][n] as scratch.
+ * Each cache row is read once for all the heads. Float arithmetic in one fixed order per head,
+ * whatever `heads` or kv_type is, so the SIMD versions give the scalar result bit for bit. */
 typedef struct {
-    const float *q, *kc, *vc;
+    const float *q;
+    const void *kc, *vc;
+    int kv_type;
     const int *keys;
     int n, hd, heads;
     float scale;

@@ -36,7 +36,8 @@ struct bn_model {
     int q_dim, kv_dim, kp_h, kp_f, kp_q;
     float attn_scale;
     int n_seq;              /* independent sequences, each with its own cache (bn_model_set_seqs) */
-    float *kcache, *vcache; /* [seq][layer][kv_head][ctx][head_dim] */
+    size_t kv_size;         /* bytes of a cache element: 4 (BN_KV_F32) or 2 (BN_KV_F16) */
+    char *kcache, *vcache;  /* [seq][layer][kv_head][ctx][head_dim] elements of d.kv_type */
     /* chunk scratch */
     float *x, *h, *q, *k, *v, *att, *gate, *up, *tmp;
     int8_t *xq;
@@ -79,6 +80,7 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     if (d->n_heads % d->n_kv_heads) FAIL("num_attention_heads %d is not a multiple of num_key_value_heads %d",
                                          d->n_heads, d->n_kv_heads);
     if (d->ffn_act != BN_ACT_RELU2 && d->ffn_act != BN_ACT_SILU) FAIL("unknown FFN activation %d", d->ffn_act);
+    if (d->kv_type < 0 || d->kv_type >= BN_KV_COUNT) FAIL("unknown KV cache type %d", d->kv_type);
     for (int l = 0; l < d->n_layers; l++) {
         const bn_layer_desc *L = &d->layers[l];
         int norms = !!L->nq + !!L->nk + !!L->nv + !!L->no + !!L->ng + !!L->nu + !!L->nd;
@@ -113,8 +115,9 @@ bn_model *bn_model_new(const bn_model_desc *d, int n_threads, int isa, char *err
     /* calloc'd: pages are only committed as positions are written */
     size_t cache = (size_t)d->n_layers * m->kv_dim * d->ctx;
     m->n_seq = 1;
-    m->kcache = zalloc(cache * sizeof(float));
-    m->vcache = zalloc(cache * sizeof(float));
+    m->kv_size = d->kv_type == BN_KV_F16 ? sizeof(uint16_t) : sizeof(float);
+    m->kcache = zalloc(cache * m->kv_size);
+    m->vcache = zalloc(cache * m->kv_size);
     int widest = d->ffn > d->hidden ? d->ffn : d->hidden;
     widest = widest > m->q_dim ? widest : m->q_dim;
     size_t wide = (size_t)CHUNK * widest;
@@ -225,7 +228,7 @@ typedef struct {
 
 static int cache_slot(const chunk_view *c, int t) { return c->seq ? c->pos[t] : c->slot0 + t; }
 
-/* offset of token t's sequence cache in m->kcache / m->vcache */
+/* offset of token t's sequence cache in m->kcache / m->vcache, in elements */
 static size_t seq_base(const bn_model *m, const chunk_view *c, int t) {
     return c->seq ? (size_t)c->seq[t] * m->d.n_layers * m->kv_dim * m->d.ctx : 0;
 }
@@ -264,8 +267,9 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
         size_t base = seq_base(m, a->c, t) + ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd,
                row = (size_t)t * m->q_dim + h * hd;
-        bn_attn_job job = {m->q + row, m->kcache + base, m->vcache + base, keys, n_keys, hd, a->heads, m->attn_scale,
-                           sc, m->att + row};
+        bn_attn_job job = {.q = m->q + row, .kc = m->kcache + base * m->kv_size, .vc = m->vcache + base * m->kv_size,
+                           .kv_type = m->d.kv_type, .keys = keys, .n = n_keys, .hd = hd, .heads = a->heads,
+                           .scale = m->attn_scale, .sc = sc, .out = m->att + row};
         m->kern->attend(&job);
     }
 }
@@ -355,6 +359,14 @@ static void add_bias(float *y, const float *b, int M, int n) {
         for (int i = 0; i < n; i++) y[i] += b[i];
 }
 
+/* n keys or values into the cache at dst, in its element type (f16: rounded by bn_f32_to_f16) */
+static void store_kv(const bn_model *m, char *dst, const float *src, int n) {
+    if (m->d.kv_type == BN_KV_F16)
+        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = bn_f32_to_f16(src[i]);
+    else
+        memcpy(dst, src, sizeof(float) * n);
+}
+
 static void layer_forward(bn_model *m, int l, const chunk_view *c) {
     const bn_layer_desc *L = &m->layers[l];
     const int M = c->M;
@@ -385,8 +397,8 @@ static void layer_forward(bn_model *m, int l, const chunk_view *c) {
         rope(m->k + (size_t)t * m->kv_dim, m->d.n_kv_heads, hd, cs, sn);
         for (int h = 0; h < m->d.n_kv_heads; h++) {
             size_t off = seq_base(m, c, t) + (((size_t)l * m->d.n_kv_heads + h) * m->d.ctx + slot) * hd;
-            memcpy(m->kcache + off, m->k + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
-            memcpy(m->vcache + off, m->v + (size_t)t * m->kv_dim + h * hd, sizeof(float) * hd);
+            store_kv(m, m->kcache + off * m->kv_size, m->k + (size_t)t * m->kv_dim + h * hd, hd);
+            store_kv(m, m->vcache + off * m->kv_size, m->v + (size_t)t * m->kv_dim + h * hd, hd);
         }
     }
     attention(m, l, c);
@@ -473,7 +485,7 @@ int bn_forward_branches(bn_model *m, const int32_t *tokens, int n, int n_past, c
 int bn_model_set_seqs(bn_model *m, int n_seq) {
     if (!m || n_seq < 1) return -1;
     size_t cache = (size_t)n_seq * m->d.n_layers * m->kv_dim * m->d.ctx;
-    float *k = zalloc(cache * sizeof(float)), *v = zalloc(cache * sizeof(float));
+    char *k = zalloc(cache * m->kv_size), *v = zalloc(cache * m->kv_size);
     if (!k || !v) {
         zfree(k), zfree(v);
         return -1;
@@ -486,11 +498,11 @@ int bn_model_set_seqs(bn_model *m, int n_seq) {
 int bn_copy_prefix(bn_model *m, int src, int dst, int n) {
     if (!m || src < 0 || dst < 0 || src >= m->n_seq || dst >= m->n_seq || n < 0 || n > m->d.ctx) return -1;
     if (src == dst || n == 0) return 0;
-    const size_t rows = (size_t)m->d.n_layers * m->d.n_kv_heads, per_seq = rows * m->d.ctx * m->d.head_dim;
+    const size_t rows = (size_t)m->d.n_layers * m->d.n_kv_heads, row_bytes = (size_t)m->d.ctx * m->d.head_dim * m->kv_size;
     for (size_t r = 0; r < rows; r++) {
-        size_t from = src * per_seq + r * m->d.ctx * m->d.head_dim, to = dst * per_seq + r * m->d.ctx * m->d.head_dim;
-        memcpy(m->kcache + to, m->kcache + from, sizeof(float) * n * m->d.head_dim);
-        memcpy(m->vcache + to, m->vcache + from, sizeof(float) * n * m->d.head_dim);
+        size_t from = (src * rows + r) * row_bytes, to = (dst * rows + r) * row_bytes;
+        memcpy(m->kcache + to, m->kcache + from, (size_t)n * m->d.head_dim * m->kv_size);
+        memcpy(m->vcache + to, m->vcache + from, (size_t)n * m->d.head_dim * m->kv_size);
     }
     return 0;
 }

@@ -474,8 +474,6 @@ AVX512VNNI_TARGET static void i2_rows_avx512vnni_tokens(const bn_i2_job *j, int 
  * C tiles (32 rows x 32 tokens) takes tiles 0-3, A 4-5, B 6-7; rows and tokens past the end are
  * padded with zero codes or activations, and their sums never stored. */
 
-size_t bn_amx_xa_bytes(int m, int kp) { return (size_t)((m + 31) / 32 * 32) * kp; }
-
 /* xa: token tile T (16 tokens; pairs of them, zero-padded), then input chunk c (64 inputs), a 1 KB
  * B tile each: row g, column n holds x[16T + n][64c + 4g .. 64c + 4g + 3], one masked gather of
  * 16 dwords (one per token) a row. One thread does it while the others wait (a product's
@@ -663,6 +661,10 @@ AVX512VNNI_TARGET void bn_tq1_rows_avx512vnni(const bn_i2_job *j, int r0, int r1
 }
 
 #endif /* BN_X86 */
+
+/* the AMX scratch size (internal.h), defined on every architecture: model.c sizes its buffer by it
+ * wherever bn_isa_available(BN_ISA_AMX) could hold */
+size_t bn_amx_xa_bytes(int m, int kp) { return (size_t)((m + 31) / 32 * 32) * kp; }
 
 /* ---- ARM: NEON and dotprod ------------------------------------------------------------- */
 #if BN_ARM64

@@ -341,7 +341,9 @@ static void test_head(void) {
 
 /* Groups of 1..6 query heads against ragged head sizes (256: the smaller value blocks) and a
  * sparse list of cache rows: every ISA's grouped kernel gives, bit for bit, what the scalar kernel
- * gives for each head alone (the float operations of a head run in one fixed order). */
+ * gives for each head alone (the float operations of a head run in one fixed order). For an f16
+ * cache, the reference is the scalar kernel on an f32 cache of the same (widened) values: reading
+ * f16 changes nothing but the element type. */
 static void test_attention(void) {
     static const int head_dims[] = {2, 7, 18, 64, 100, 128, 256};
     enum { ROWS = 101, MAX_HEADS = 6 };
@@ -352,24 +354,85 @@ static void test_attention(void) {
         float *q = random_floats((size_t)MAX_HEADS * hd, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f),
               *vc = random_floats((size_t)ROWS * hd, 2.0f, -1.0f), sc[MAX_HEADS * ROWS], ref[MAX_HEADS * 256],
               got[MAX_HEADS * 256];
-        for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
-            for (int h = 0; h < MAX_HEADS; h++) {
-                bn_attn_job one = {q + h * hd, kc, vc, keys, len, hd, 1, 0.125f, sc, ref + h * hd};
-                bn_kernels_for(BN_ISA_SCALAR)->attend(&one);
-            }
-            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
-                if (!bn_isa_available(isa)) continue;
-                for (int heads = 1; heads <= MAX_HEADS; heads++) {
-                    memset(got, 0x55, sizeof got);
-                    bn_attn_job j = {q, kc, vc, keys, len, hd, heads, 0.125f, sc, got};
-                    bn_kernels_for(isa)->attend(&j);
-                    CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
-                          "attention isa %d differs at hd=%d keys=%d heads=%d", isa, hd, len, heads);
+        uint16_t *kh = malloc(sizeof(uint16_t) * ROWS * hd), *vh = malloc(sizeof(uint16_t) * ROWS * hd);
+        float *kw = malloc(sizeof(float) * ROWS * hd), *vw = malloc(sizeof(float) * ROWS * hd);
+        for (int i = 0; i < ROWS * hd; i++) {
+            kh[i] = bn_f32_to_f16(kc[i]), vh[i] = bn_f32_to_f16(vc[i]);
+            kw[i] = bn_f16_to_f32(kh[i]), vw[i] = bn_f16_to_f32(vh[i]);
+        }
+        for (int kv_type = 0; kv_type < BN_KV_COUNT; kv_type++) {
+            const int f16 = kv_type == BN_KV_F16;
+            const void *kcache = f16 ? (const void *)kh : kc, *vcache = f16 ? (const void *)vh : vc;
+            for (int len = 1; len <= n; len += len < 9 ? 1 : 7) {
+                for (int h = 0; h < MAX_HEADS; h++) { /* the f32 reference, on the widened values for f16 */
+                    bn_attn_job one = {.q = q + h * hd, .kc = f16 ? kw : kc, .vc = f16 ? vw : vc, .kv_type = BN_KV_F32,
+                                       .keys = keys, .n = len, .hd = hd, .heads = 1, .scale = 0.125f, .sc = sc,
+                                       .out = ref + h * hd};
+                    bn_kernels_for(BN_ISA_SCALAR)->attend(&one);
+                }
+                for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+                    if (!bn_isa_available(isa)) continue;
+                    for (int heads = 1; heads <= MAX_HEADS; heads++) {
+                        memset(got, 0x55, sizeof got);
+                        bn_attn_job j = {.q = q, .kc = kcache, .vc = vcache, .kv_type = kv_type, .keys = keys, .n = len,
+                                         .hd = hd, .heads = heads, .scale = 0.125f, .sc = sc, .out = got};
+                        bn_kernels_for(isa)->attend(&j);
+                        CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
+                              "attention isa %d kv_type %d differs at hd=%d keys=%d heads=%d", isa, kv_type, hd, len,
+                              heads);
+                    }
                 }
             }
         }
-        free(q), free(kc), free(vc);
+        free(q), free(kc), free(vc), free(kh), free(vh), free(kw), free(vw);
     }
+}
+
+#if BN_X86
+__attribute__((target("f16c"))) static uint16_t f16c_convert(float x) {
+    return (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT), 0);
+}
+#endif
+
+/* bn_f32_to_f16, the KV cache's rounding: the exact inverse of bn_f16_to_f32 on every f16 value
+ * (NaNs stay NaN); round to nearest even at the ties and edges of every range (largest finite,
+ * overflow, subnormals, underflow); and, where the CPU has F16C, equal to its conversion on every
+ * exponent and sign with the mantissa's low bits around each rounding boundary. */
+static void test_f32_to_f16(void) {
+    for (uint32_t h = 0; h < 0x10000; h++) {
+        uint16_t back = bn_f32_to_f16(bn_f16_to_f32((uint16_t)h));
+        int nan = (h & 0x7c00) == 0x7c00 && (h & 0x3ff);
+        CHECK(nan ? (back & 0x7c00) == 0x7c00 && (back & 0x3ff) && (back & 0x8000) == (h & 0x8000) : back == h,
+              "f16 0x%04x comes back as 0x%04x", h, back);
+    }
+    static const struct {
+        float x;
+        uint16_t h;
+    } cases[] = {
+        {1.0f, 0x3c00}, {-2.0f, 0xc000}, {65504.0f, 0x7bff}, {65519.99f, 0x7bff}, {65520.0f, 0x7c00},
+        {1e10f, 0x7c00}, {-1e10f, 0xfc00}, {1.0f + 0x1p-11f, 0x3c00} /* a tie: to even */,
+        {1.0f + 0x1p-10f + 0x1p-11f, 0x3c02} /* a tie: to even, up */, {1.0f + 0x1p-11f + 0x1p-20f, 0x3c01},
+        {0x1p-14f, 0x0400}, {0x1p-24f, 0x0001}, {0x1p-25f, 0x0000} /* a tie: to even, zero */,
+        {0x1p-25f + 0x1p-40f, 0x0001}, {0x3p-25f, 0x0002} /* 1.5 units: to even */, {0x1p-14f - 0x1p-26f, 0x0400},
+        {-0.0f, 0x8000}, {1e-30f, 0x0000}, {0x1p-130f, 0x0000},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
+        CHECK(bn_f32_to_f16(cases[i].x) == cases[i].h, "f32 %a -> f16 0x%04x, not 0x%04x", (double)cases[i].x,
+              bn_f32_to_f16(cases[i].x), cases[i].h);
+#if BN_X86
+    if (bn_isa_available(BN_ISA_AVX2)) {
+        static const uint32_t low[] = {0, 1, 0xfff, 0x1000, 0x1001, 0x1fff, 0x2000, 0x3000, 0x7fffff};
+        for (uint32_t top = 0; top < (1u << 19); top++) /* sign, exponent, the mantissa's top 10 bits */
+            for (size_t i = 0; i < sizeof low / sizeof low[0]; i++) {
+                union {
+                    uint32_t u;
+                    float f;
+                } v = {top << 13 | (low[i] & 0x1fff) | (low[i] > 0x1fff ? (rnd() & 0x1fff) : 0)};
+                uint16_t want = f16c_convert(v.f), got = bn_f32_to_f16(v.f);
+                CHECK(got == want, "f32 0x%08x -> f16 0x%04x, F16C gives 0x%04x", v.u, got, want);
+            }
+    }
+#endif
 }
 
 /* The float glue (residual add, relu^2 or SiLU gate, RMSNorm or none, int8 quantisation) on row
@@ -544,7 +607,7 @@ static void test_head_q6_extremes(void) {
  * kernels are exact, so logits agree across ISAs up to the head's float summation order. As BitNet
  * b1.58, and as the Llama family: SiLU gate, no sub-norms, heads * head_dim (96) != hidden (72).
  * With extras: q/k/v biases (Qwen2) and every projection's own input norm (use_rms_norm). */
-static void test_decoder(int llama, int extras) {
+static void test_decoder(int llama, int extras, int kv_type) {
     enum { L = 2, H = 72, F = 136, NH = 4, NKV = 1, V = 61, CTX = 40 };
     const int HD = llama ? 24 : 18, QD = NH * HD;
     int kph = 128, kpf = 256, kpq = (QD + 127) / 128 * 128;
@@ -573,7 +636,7 @@ static void test_decoder(int llama, int extras) {
                                     extras ? random_floats(F, 0.2f, 1) : NULL};
     float *final_norm = random_floats(H, 0.2f, 1);
     bn_model_desc d = {L, H, F, NH, NKV, HD, V, CTX, 1e-5f, BN_EMB_F16, emb, NULL, BN_EMB_F16, emb, NULL,
-                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f, BN_LAYOUT_I2};
+                       final_norm, cs, sn, layers, llama ? BN_ACT_SILU : BN_ACT_RELU2, 1e-6f, BN_LAYOUT_I2, kv_type};
     if (extras) { /* the projection norms come all or none */
         const float *kept = layers[1].nu;
         layers[1].nu = NULL;
@@ -616,8 +679,8 @@ static void test_decoder(int llama, int extras) {
                 float *all5 = malloc(sizeof(float) * CTX * V);
                 CHECK(bn_forward(m5, tokens, 30, 0, all5, 1) == 0, "tq1 prefill");
                 for (int p = 30; p < CTX; p++) bn_forward(m5, tokens + p, 1, p, all5 + (size_t)p * V, 1);
-                CHECK(!memcmp(all, all5, sizeof(float) * CTX * V), "isa %d: tq1 logits differ from i2 (llama %d)",
-                      isa, llama);
+                CHECK(!memcmp(all, all5, sizeof(float) * CTX * V), "isa %d: tq1 logits differ from i2 (llama %d, kv %d)",
+                      isa, llama, kv_type);
                 free(all5);
                 bn_model_free(m5);
             }
@@ -628,8 +691,8 @@ static void test_decoder(int llama, int extras) {
                 ref = all;
             } else {
                 for (int i = 0; i < CTX * V; i++)
-                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])), "isa %d logits differ (llama %d, extras %d)",
-                          isa, llama, extras);
+                    CHECK(fabsf(ref[i] - all[i]) < 1e-3f * (1 + fabsf(ref[i])),
+                          "isa %d logits differ (llama %d, extras %d, kv %d)", isa, llama, extras, kv_type);
                 free(all);
             }
             free(last);
@@ -730,10 +793,13 @@ int main(void) {
     test_head_q4_extremes();
     test_head_q6_extremes();
     test_glue_silu_range();
-    test_decoder(0, 0);
-    test_decoder(1, 0);
-    test_decoder(1, 1);
-    test_decoder(0, 1);
+    test_f32_to_f16();
+    for (int kv_type = 0; kv_type < BN_KV_COUNT; kv_type++) {
+        test_decoder(0, 0, kv_type);
+        test_decoder(1, 0, kv_type);
+        test_decoder(1, 1, kv_type);
+        test_decoder(0, 1, kv_type);
+    }
     if (failures) {
         printf("%d kernel test failures\n", failures);
         return 1;

@@ -74,11 +74,12 @@ def test_the_f16_head_gives_a_token_the_same_logits_whatever_the_token_count(isa
         np.testing.assert_allclose(one, want, rtol=1e-4, atol=1e-3 * np.sqrt(k))
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_a_batch_gives_every_sequence_its_logits_alone(packed, threads):
+@pytest.mark.parametrize("threads,kv_cache", [(1, "f32"), (2, "f32"), (2, "f16")])
+def test_a_batch_gives_every_sequence_its_logits_alone(packed, threads, kv_cache):
+    """With either KV cache element type; the prefix copy moves the type's bytes."""
     lengths = [5, 70, 12]  # 70 crosses a prefill chunk of 64
     seqs = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
-    with Engine.load(packed, threads=threads) as eng:
+    with Engine.load(packed, threads=threads, kv_cache=kv_cache) as eng:
         want = [alone(eng, ids) for ids in seqs]
         eng.set_sequences(4)
         got = [[] for _ in seqs]
@@ -105,6 +106,28 @@ def test_a_batch_gives_every_sequence_its_logits_alone(packed, threads):
         tail = random_ids(6, seed=9)
         rows = eng.forward_batch(tail, [3] * 6, list(range(30, 36)), [False] * 5 + [True])
         np.testing.assert_array_equal(rows[0], alone(eng, seqs[1][:30] + tail)[-1])
+
+
+def test_an_f16_kv_cache_halves_the_bytes_and_stays_close_to_f32(packed):
+    """f16 keys and values: half the bytes per slot (and in the memory estimate); the logits move by
+    the f16 rounding only, and do move (the option reaches the C engine)."""
+    from bitnet_cli.engine import context_bytes
+
+    ids = random_ids(40, seed=3)
+    with Engine.load(packed, threads=1) as f32, Engine.load(packed, threads=1, kv_cache="f16") as f16:
+        assert (f32.kv_cache, f16.kv_cache) == ("f32", "f16")
+        assert f16.kv_bytes_per_sequence * 2 == f32.kv_bytes_per_sequence
+        a, b = alone(f32, ids), alone(f16, ids)
+        assert not np.array_equal(a[1:], b[1:])
+        np.testing.assert_allclose(b, a, atol=0.05 * np.abs(a).max())
+        assert (np.argmax(a, axis=1) == np.argmax(b, axis=1)).mean() > 0.9
+        d = f32.dims
+        kv = 2 * d.num_layers * d.num_kv_heads * d.head_dim * 100
+        assert context_bytes(d, 100, 1) - context_bytes(d, 100, 1, "f16") == kv * 2
+    for bad in ("f8", "F16", None, 16):
+        with pytest.raises(BitnetError, match="kv_cache must be one of f32, f16") as e:
+            Engine.load(packed, threads=1, kv_cache=bad)
+        assert e.value.param == "kv_cache"  # the commands show it as --kv-cache
 
 
 def test_batch_arguments_are_checked(packed):

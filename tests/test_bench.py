@@ -161,6 +161,7 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--model", "no/such/file.bin"], "no/such/file.bin: no such file"),
     (["--isa", "sse9"], "unknown instruction set 'sse9'"),
+    (["--kv-cache", "q8"], "--kv-cache must be one of f32, f16, got 'q8'"),
     (["--layout", "i2,i3"], "--layout must be one of i2, tq1, got 'i3'"),
     (["--model", "x.bin", "--layout", "tq1"], "--layout is for synthetic --shape models"),
 ])
@@ -406,6 +407,20 @@ def test_forced_isa_reaches_the_kernels(tiny_model, small_buffers, monkeypatch):
     res = json.loads(result.stdout)
     assert {r["backend"] for r in res["kernels"] if r["impl"] == "ternary"} == {"scalar"}
     assert res["settings"]["isa"]["source"] == "option" and set(res["machine"]["mac_peak_gmacs"]) == {"scalar"}
+
+
+def test_the_kv_cache_option_reaches_the_e2e_engine(tiny_model):
+    result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "e2e", "--kv-cache", "f16",
+                                 "--threads", "1", "--prompts", "8", "--generate", "2", "--repeat", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["settings"]["kv_cache"] == "f16" and res["e2e"][0]["tokens_per_s"]["tg2"]["median"] > 0
+    from bitnet_cli.bench import report
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    report.print_report(res, console)
+    assert "KV cache: f16" in console.export_text()
 
 
 def test_kernel_table_reports_the_share_of_the_mac_peak(tiny_model, small_buffers, monkeypatch):

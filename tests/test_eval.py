@@ -276,6 +276,7 @@ def test_cli_json_output_from_env_data_dir(eval_model, eval_data, monkeypatch):
         (["--tasks", "hellaswag", "--data-dir", "{tmp}"], "hellaswag/validation.jsonl"),
         (["--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "no such directory"),
         (["--tasks", "arc_easy", "--num-fewshot", "-1"], "--num-fewshot -1"),
+        (["--tasks", "arc_easy", "--kv-cache", "f8"], "--kv-cache must be one of f32, f16, got 'f8'"),
     ],
 )
 def test_cli_bad_input(eval_model, eval_data, tmp_path, args, message):
@@ -283,6 +284,15 @@ def test_cli_bad_input(eval_model, eval_data, tmp_path, args, message):
     r = _cli(eval_model[1], "--data-dir", eval_data, *args) if "--data-dir" not in args else _cli(eval_model[1], *args)
     assert r.exit_code == 1, r.output
     assert message.replace(" ", "") in "".join(r.output.split()) and "Traceback" not in r.output  # rich wraps
+
+
+def test_cli_kv_cache_reaches_the_engine_and_not_torch(eval_model, eval_data):
+    r = _cli(eval_model[1], "--tasks", "arc_easy", "--limit", 4, "--threads", 1, "--data-dir", eval_data,
+             "--kv-cache", "f16", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["model_args"]["kv_cache"] == "f16"
+    r = _cli(eval_model[0], "--tasks", "arc_easy", "--data-dir", eval_data, "--kv-cache", "f16")
+    assert r.exit_code == 1 and "--kv-cache f16 is for packed models" in " ".join(r.output.split())
 
 
 def test_cli_missing_model(tmp_path, eval_data):

@@ -56,6 +56,15 @@ def test_run_json_reports_text_and_timings(packed):
     assert again["text"] == out["text"]  # greedy is deterministic
 
 
+def test_run_with_an_f16_kv_cache_is_the_engine_s_with_it(packed):
+    from bitnet_cli.engine import Engine
+
+    r = run(packed, "-p", "ROMEO:", "-n", "16", "--temperature", "0", "--json", "--kv-cache", "f16")
+    assert r.exit_code == 0, r.output
+    with Engine.load(packed, kv_cache="f16") as eng:
+        assert json.loads(r.stdout)["text"] == "".join(eng.generate("ROMEO:", max_tokens=16, temperature=0))
+
+
 def test_chat_answers_and_ends_on_an_empty_line(packed):
     r = run(packed, "--chat", "-n", "8", "--seed", "1", input="Hello there\nAnd again\n\n")
     assert r.exit_code == 0, r.output
@@ -112,6 +121,7 @@ def test_the_module_is_importable_without_torch(packed):
     (["-p", "hi", "--threads", "100000"], "more than this model can use"),
     (["-p", "ROMEO: " * 100, "--ctx-size", "32"], "context holds 32"),
     (["-p", "hi", "--ctx-size", "0"], "--ctx-size"),
+    (["-p", "hi", "--kv-cache", "bf16"], "--kv-cache must be one of f32, f16, got 'bf16'"),
     (["-p", "hi", "--top-p", "0"], "--top-p"),
     (["-p", "hi", "--temperature", "-1"], "--temperature"),
     ([], "give a prompt"),

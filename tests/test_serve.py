@@ -121,6 +121,31 @@ def test_sixteen_concurrent_greedy_requests_equal_their_sequential_outputs(serve
     assert server.health()["busy"] == 0
 
 
+def test_an_f16_kv_cache_serves_sixteen_concurrent_requests_as_bitnet_run_with_it(packed, server):
+    """--kv-cache f16 means in `bitnet serve` what it means in `bitnet run`: every concurrent greedy
+    output equals the engine's alone with that cache, and a slot costs half the bytes."""
+    jobs = [(PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) * 5, 6 + 4 * i) for i in range(16)]
+    with Engine.load(packed, threads=1, kv_cache="f16") as f16:
+        want = [alone(f16, p, max_tokens=n, temperature=0)[0] for p, n in jobs]
+    half = Served(packed, "--threads", "2", "--parallel", "16", "--kv-cache", "f16")
+    try:
+        assert half.info["kv_cache"] == "f16" and server.info["kv_cache"] == "f32"
+        assert half.info["kv_bytes_per_slot"] * 2 == server.info["kv_bytes_per_slot"]
+
+        def ask(job):
+            p, n = job
+            return half.client.completions.create(model=half.info["model"], prompt=p, max_tokens=n,
+                                                  temperature=0).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(ask, jobs))
+        assert got == want
+        health = half.health()
+        assert health["kv_cache"] == "f16" and health["kv_bytes_per_slot"] == half.info["kv_bytes_per_slot"]
+    finally:
+        assert half.stop() == 0
+
+
 def test_a_shared_prefix_is_computed_once(server, engine):
     """A second request that extends the first one's prompt (a chat history) prefills only the rest."""
     model = server.info["model"]
@@ -298,6 +323,7 @@ def test_bad_options_fail_cleanly(packed):
                           (["--threads", "0"], "error: --threads must be a positive integer"),
                           (["--ctx-size", "100000"], "error: --ctx-size must be between 1 and"),
                           (["--max-queue", "-1"], "error: --max-queue must be >= 0"),
+                          (["--kv-cache", "f8"], "error: --kv-cache must be one of f32, f16, got 'f8'"),
                           (["--host", "no such host"], "error: --host 'no such host':")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
@@ -360,10 +386,10 @@ def test_lm_eval_local_completions_scores_like_bitnet_eval(server, packed, share
 
 def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
     """benchmarks/serve_load.py on the small model: every level's streams get all their tokens, in
-    both mixes; the engine steps and the bytes per slot are measured."""
+    both mixes; the engine steps and the bytes per slot are measured, here for an f16 KV cache."""
     r = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--model", str(packed), "--threads", "1",
                         "--mix", "8x5,3x9", "--streams", "1,3", "--requests", "2", "--ctx-size", "64",
-                        "--steps", "1,3", "--step-repeats", "2", "--out", str(tmp_path)],
+                        "--steps", "1,3", "--step-repeats", "2", "--kv-cache", "f16", "--out", str(tmp_path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "serve_load.json").read_text())
@@ -376,6 +402,9 @@ def test_the_load_benchmark_runs_end_to_end(packed, tmp_path):
         assert all(0 < row["engine"]["busy"] <= 1 and row["engine"]["steps"] >= generate - 1 for row in rows)
         assert isinstance(mix["bytes_per_slot"], int)
     assert res["meta"]["kv_bytes_per_slot"] == res["meta"]["kv_bytes_per_token"] * 64
+    with Engine.load(packed, threads=1, kv_cache="f16") as eng:
+        assert res["meta"]["kv_cache"] == "f16" and res["meta"]["kv_bytes_per_token"] * eng.ctx_size == \
+            eng.kv_bytes_per_sequence
     assert [row["rows"] for row in res["engine_steps"]["rows"]] == [1, 3]
     assert res["e2e"]["pp128"] > 0 and res["e2e"]["tg64"] > 0 and res["e2e"]["repeats"] == 2
     report = (tmp_path / "SERVE_LOAD.md").read_text()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from bitnet_cli.bench.stats import summarize
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 
 PROMPTS = (128, 512)
@@ -47,7 +48,7 @@ def peak_rss_bytes() -> int:
 
 
 def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate: int, emit,
-             isa: str | None = None) -> dict:
+             isa: str | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> dict:
     """Runs inside the worker: load the engine `repeat` times and time every test each time."""
     import numpy as np
 
@@ -59,7 +60,7 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
     huge_pages = False
     for r in range(repeat):
         t0 = time.perf_counter()
-        engine = Engine.load(path, threads=threads, ctx_size=ctx, isa=isa)
+        engine = Engine.load(path, threads=threads, ctx_size=ctx, isa=isa, kv_cache=kv_cache)
         loads.append(time.perf_counter() - t0)
         huge_pages = engine.huge_pages
         ids = rng.integers(0, engine.vocab_size, size=ctx).tolist()
@@ -87,16 +88,18 @@ def _measure(path: str, threads: int, repeat: int, prompts: list[int], generate:
 
 
 def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=GENERATE,
-        progress=None, isa: str | None = None) -> list[dict]:
+        progress=None, isa: str | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> list[dict]:
     """End-to-end figures for `path` at each thread count (one worker process each), on the
-    kernels of ``isa`` (default: kernels.resolve_isa's: $BITNET_ISA, else the autotune's choice).
+    kernels of ``isa`` (default: kernels.resolve_isa's: $BITNET_ISA, else the autotune's choice),
+    with a KV cache of ``kv_cache`` elements (bitnet_cli.engine.KV_CACHE_TYPES).
 
     `progress(description)` is called as the worker moves from test to test.
     """
     rows = []
     for th in threads:
         cmd = [sys.executable, "-m", "bitnet_cli.bench.e2e", str(path), "--threads", str(th),
-               "--repeat", str(repeat), "--prompts", ",".join(map(str, prompts)), "--generate", str(generate)]
+               "--repeat", str(repeat), "--prompts", ",".join(map(str, prompts)), "--generate", str(generate),
+               "--kv-cache", kv_cache]
         if isa:
             cmd += ["--isa", isa]
         if progress:
@@ -135,6 +138,7 @@ def _worker(argv: list[str]) -> int:
     parser.add_argument("--prompts", default=",".join(map(str, PROMPTS)))
     parser.add_argument("--generate", type=int, default=GENERATE)
     parser.add_argument("--isa", default=None)
+    parser.add_argument("--kv-cache", default=DEFAULT_KV_CACHE)
     args = parser.parse_args(argv)
 
     def emit(msg: dict) -> None:
@@ -143,7 +147,8 @@ def _worker(argv: list[str]) -> int:
     try:
         prompts = [int(p) for p in args.prompts.split(",") if p]
         emit({"event": "result",
-              "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit, args.isa)})
+              "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit, args.isa,
+                                 args.kv_cache)})
     except BitnetError as e:
         emit({"event": "error", "message": str(e)})
         return 1

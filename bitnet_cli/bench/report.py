@@ -35,6 +35,8 @@ def print_report(results: dict, console: Console) -> None:
     if "isa" in results["settings"]:
         console.print(f"instruction set: {isa_summary(results['settings']['isa'], model.get('layout', 'i2'))}",
                       soft_wrap=True)
+    if "e2e" in results and "kv_cache" in results["settings"]:  # results saved before --kv-cache lack it
+        console.print(f"KV cache: {results['settings']['kv_cache']} (--kv-cache)")
     console.print(f"bytes streamed per decoded token: {fmt_bytes(per_token['total'])} = ternary {fmt_bytes(per_token['ternary'])}"
                   f" + head {fmt_bytes(per_token['head'])} + norms {fmt_bytes(per_token['norms'])}")
     if "roofline" in results:

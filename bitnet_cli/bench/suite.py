@@ -18,6 +18,7 @@ from bitnet_cli import __version__, kernels
 from bitnet_cli.bench import anchors, e2e, micro, roofline
 from bitnet_cli.bench.shapes import bytes_per_token
 from bitnet_cli.bench.target import Target, context_length, describe
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_cache_type
 from bitnet_cli.errors import BitnetError
 
 SCHEMA = "bitnet-cli/bench/1"
@@ -122,8 +123,9 @@ def compare_layouts(results: dict) -> dict:
 
 def run(target: Target, threads: list[int], repeat: int, sections: list[str],
         prompts=e2e.PROMPTS, generate=e2e.GENERATE, tokens=micro.TOKENS, progress=None, isa: str | None = None,
-        impls=micro.IMPLS, bandwidth: list[dict] | None = None) -> dict:
-    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice).
+        impls=micro.IMPLS, bandwidth: list[dict] | None = None, kv_cache: str = DEFAULT_KV_CACHE) -> dict:
+    """Every chosen section; ``isa`` forces our kernels' instruction set (default: $BITNET_ISA, else the autotune's choice);
+    ``kv_cache``: the e2e engine's KV cache element type (bitnet_cli.engine.KV_CACHE_TYPES).
     ``impls``: the kernel section's implementations; ``bandwidth``: roofline rows measured before
     (for another model), whose bandwidths give this one's ceilings instead of measuring again."""
     if repeat < 1:
@@ -140,7 +142,7 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
                      "prompts": list(prompts), "generate": generate, "tokens": list(tokens),
                      # which ISA runs what, and whether the option, $BITNET_ISA, the rule or the
                      # autotune (or its cache) chose it
-                     "isa": kernels.isa_choice(isa)},
+                     "isa": kernels.isa_choice(isa), "kv_cache": kv_cache_type(kv_cache)},
     }
     if clipped and "e2e" in sections:
         results["settings"]["clipped"] = clipped
@@ -158,7 +160,8 @@ def run(target: Target, threads: list[int], repeat: int, sections: list[str],
     if "e2e" in sections:
         path = target.ensure_file(progress)
         results["model"]["file_bytes"] = path.stat().st_size
-        results["e2e"] = e2e.run(path, threads, repeat, prompts, generate, progress=progress, isa=isa)
+        results["e2e"] = e2e.run(path, threads, repeat, prompts, generate, progress=progress, isa=isa,
+                                 kv_cache=kv_cache)
     results["summary"] = summarize(results, target.shape)
     return results
 

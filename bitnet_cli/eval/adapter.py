@@ -23,6 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.eval.backends import Backend, open_backend
 from bitnet_cli.progress import Progress  # the CLI draws a rich bar with it; lm-eval's CLI gets tqdm
@@ -47,7 +48,8 @@ class BitNetLM(TemplateLM):
 
     Other model_args: ``threads``, ``max_length`` (default: the model's context window),
     ``batch_size`` (sequences per torch forward; the engine runs one sequence at a time and
-    shares prefixes through its KV cache instead).
+    shares prefixes through its KV cache instead), ``kv_cache`` (the engine's KV cache element
+    type, f32 or f16: bitnet_cli.engine.KV_CACHE_TYPES).
     """
 
     def __init__(
@@ -60,12 +62,14 @@ class BitNetLM(TemplateLM):
         max_batch_size: int | None = None,  # lm-eval always passes it; nothing to tune here
         progress: Progress | None = None,
         backend: Backend | None = None,
+        kv_cache: str = DEFAULT_KV_CACHE,
     ):
         super().__init__()
         if threads is not None and int(threads) < 1:
             raise BitnetError(f"threads={threads}: must be at least 1")
         self.backend = backend or open_backend(
-            pretrained, threads=int(threads) if threads else None, ctx_size=int(max_length) if max_length else None
+            pretrained, threads=int(threads) if threads else None, ctx_size=int(max_length) if max_length else None,
+            kv_cache=kv_cache,
         )
         self.tokenizer = self.backend.tokenizer
         self._max_length = int(max_length) if max_length else self.backend.max_length

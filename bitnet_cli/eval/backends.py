@@ -17,6 +17,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE, kv_cache_type
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.tokenizer import special_id
 
@@ -37,13 +38,24 @@ class Backend(Protocol):
     def sort_key(self, context: Sequence[int]): ...
 
 
-def open_backend(path: str | Path, *, threads: int | None = None, ctx_size: int | None = None) -> Backend:
-    """A packed ``.bin`` file runs on the C engine; a checkpoint directory runs on torch."""
+def check_kv_cache(path: str | Path, kv_cache: str) -> None:
+    """kv_cache is a KV cache type, and other than f32 only for a packed file: the torch path keeps
+    transformers' own cache."""
+    if kv_cache_type(kv_cache) != DEFAULT_KV_CACHE and Path(path).is_dir():
+        raise BitnetError(f"kv_cache {kv_cache} is for packed models on the C engine; {path} is a checkpoint "
+                          "directory, evaluated on torch", param="kv_cache")
+
+
+def open_backend(path: str | Path, *, threads: int | None = None, ctx_size: int | None = None,
+                 kv_cache: str = DEFAULT_KV_CACHE) -> Backend:
+    """A packed ``.bin`` file runs on the C engine (with a KV cache of kv_cache elements); a
+    checkpoint directory runs on torch."""
     p = Path(path)
+    check_kv_cache(p, kv_cache)
     if p.is_dir():
         return TorchBackend(p, threads=threads, max_length=ctx_size)
     if p.is_file():
-        return EngineBackend(p, threads=threads, ctx_size=ctx_size)
+        return EngineBackend(p, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     raise BitnetError(f"{p}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
 
 
@@ -56,10 +68,10 @@ class EngineBackend:
 
     name = "engine"
 
-    def __init__(self, path: Path, *, threads: int | None, ctx_size: int | None):
+    def __init__(self, path: Path, *, threads: int | None, ctx_size: int | None, kv_cache: str = DEFAULT_KV_CACHE):
         from bitnet_cli.engine import Engine
 
-        self.engine = Engine.load(path, threads=threads, ctx_size=ctx_size)
+        self.engine = Engine.load(path, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         self.tokenizer = self.engine.tokenizer
         self.bos_token_id = self.engine.bos_token_id
         self.eos_token_id = self.engine.eos_token_id

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
 
@@ -27,11 +28,13 @@ def evaluate(
     log_samples: bool = False,
     progress=None,
     lm=None,
+    kv_cache: str = DEFAULT_KV_CACHE,
 ) -> dict[str, Any]:
     """Run lm-eval's ``tasks`` on ``model`` (packed ``.bin`` or checkpoint directory).
 
     ``data_dir`` (default: ``$BITNET_EVAL_DATA``) makes the tasks read local JSONL files instead
     of the hub (see :mod:`bitnet_cli.eval.tasks`). ``lm`` passes an already-built adapter.
+    ``kv_cache``: the C engine's KV cache element type (bitnet_cli.engine.KV_CACHE_TYPES).
     Returns lm-eval's results dict (``results``, ``configs``, ``n-shot``, ... and ``samples``
     when ``log_samples``).
     """
@@ -48,6 +51,10 @@ def evaluate(
         raise BitnetError(f"limit {limit:g}: must be positive", param="limit")
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
+    if lm is None:
+        from bitnet_cli.eval.backends import check_kv_cache
+
+        check_kv_cache(model, kv_cache)
     data_dir = data_dir or os.environ.get(DATA_ENV) or None
     from_hub = [t for t in tasks if not Path(t).is_file() and t not in bundled_task_names()]
     if data_dir is None and from_hub:
@@ -58,7 +65,8 @@ def evaluate(
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:
-        lm = BitNetLM(pretrained=str(model), threads=threads, batch_size=batch_size, progress=progress)
+        lm = BitNetLM(pretrained=str(model), threads=threads, batch_size=batch_size, progress=progress,
+                      kv_cache=kv_cache)
     with _quiet_git_describe():
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -70,6 +78,8 @@ def evaluate(
         )
     results["config"]["model"] = "bitnet"
     results["config"]["model_args"] = {"pretrained": str(model), "backend": lm.backend.name}
+    if lm.backend.name == "engine":
+        results["config"]["model_args"]["kv_cache"] = lm.backend.engine.kv_cache
     # requests whose continuation alone exceeds the context window, scored -inf (see BitNetLM._fit)
     results["config"]["refused_requests"] = {"count": lm.refused, "longest_continuation": lm.longest_refused,
                                              "context_window": lm.max_length}

@@ -252,6 +252,7 @@ class Server:
                              "generated_tokens": s.generated_tokens, "engine_steps": s.engine_steps,
                              "engine_seconds": round(s.engine_seconds, 6), "decode_rows": s.decode_rows,
                              "prompt_rows": s.prompt_rows,
+                             "kv_cache": self.engine.kv_cache,
                              "kv_bytes_per_slot": self.engine.kv_bytes_per_sequence})
 
     def _model_card(self) -> dict:

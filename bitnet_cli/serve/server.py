@@ -6,6 +6,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
+from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 
 
@@ -30,7 +31,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, parallel: int = 4,
           ctx_size: int | None = None, max_queue: int = 64, model_id: str | None = None,
-          ready: Callable[[dict], None] = lambda info: None) -> None:
+          ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
     ready(info) is called once the socket listens, with the URL and the engine's figures.
@@ -47,7 +48,7 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int |
     if type(port) is not int or not 0 <= port <= 65535:
         raise BitnetError(f"port must be between 0 and 65535, got {port!r}", param="port")
     check_limits(parallel, max_queue)  # before the model is loaded
-    engine = Engine.load(model, threads=threads, ctx_size=ctx_size)
+    engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     sock = _listen(host, port)
     scheduler = Scheduler(engine, parallel, max_queue)
     name = model_id or Path(model).stem
@@ -64,7 +65,7 @@ def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int |
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
-           "ctx_size": engine.ctx_size, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
+           "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
            "max_queue": max_queue, "isa": engine.isa})
     try:
         server.run(sockets=[sock])
