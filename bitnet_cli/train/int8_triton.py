@@ -197,7 +197,7 @@ def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
 # "tma" or "auto". With host-side tensor descriptors the TMA kernel's launches left the GPU idle and the
 # compiled small.yaml step got slower (benchmarks/RESULTS.md, session 10); with device-side ones the idle
 # time is gone, but the step is only as fast as the pointer kernel's (session 11: 0.280-0.285 s against
-# 0.281), and the paper shapes are not measured yet, so it stays opt-in.
+# 0.281), and TMA at the paper shapes is not measured yet, so it stays opt-in.
 KERNELS = ("pointer", "tma", "auto")
 
 
