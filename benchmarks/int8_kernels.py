@@ -11,7 +11,10 @@
    parts, bf16 and fp32, training-sized (3e-8) and O(1) gradients, all-zero rows: bit for bit.
 3. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
    against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
-4. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
+4. The host's cost of one product's launch (a 256 x 256 x 256 product, whose GPU time is a few
+   microseconds, issued 500 times without waiting: the issuing rate is the host's), each kernel
+   called directly and through ``bitnet::int8_mm``, against a bf16 ``F.linear`` (cuBLAS).
+5. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
    (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
    the trainer runs them): bf16 ``F.linear``, the two Triton int8
    kernels with their epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
@@ -37,14 +40,24 @@ SHAPES = {  # name: (tokens per micro-batch, [(K, N) of qkv, o, gate-up, down]);
     "1.3b": (16 * 2048, [(2048, 6144), (2048, 2048), (2048, 10920), (5460, 2048)]),
 }
 
+# M, N, K of the exactness checks: ragged and aligned, 1.3b's K = 5460 (rows padded for TMA), wide N.
+EXACT_CASES = [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
+               (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]
 
-def check_exact() -> list[dict]:
-    """Both kernels (the TMA one where its alignment allows) against the reference."""
+
+def check_exact(cases: list[tuple[int, int, int]]) -> list[dict]:
+    """Both kernels (the TMA one where its alignment allows) against the reference. Each case runs one
+    tile of each kernel, the tiles taken in turn so that every tile of both is checked, instead of
+    autotuning every case (compiling all tiles for each case's specialisation took minutes); then both
+    kernels and the op ``bitnet::int8_mm`` as the trainer runs them, three calls a shape (the first
+    autotunes, the others launch the cached compiled kernel)."""
+    from triton.runtime.errors import OutOfResources
+
     from bitnet_cli.train import int8_triton
 
     out = []
-    for M, N, K in [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
-                    (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]:
+    tiles = {"pointer": int8_triton._CONFIGS, "tma": int8_triton._TMA_CONFIGS}
+    for case, (M, N, K) in enumerate(cases):
         a = torch.randint(-128, 128, (M, K), dtype=torch.int8)
         b = torch.randint(-1, 2, (N, K), dtype=torch.int8)
         rm = torch.rand(M) * 0.02 + 1e-4
@@ -55,24 +68,50 @@ def check_exact() -> list[dict]:
         for kernel, (ag, bg) in operands.items():
             for dt, col in ((torch.bfloat16, cm), (torch.float32, cm), (torch.bfloat16, None)):
                 ref = L.int8_mm_reference(a, b, rm, col, dt)
+                # A tile whose shared memory this specialisation exceeds (the TMA kernel's fp32 epilogue, or
+                # an unaligned N, stages its tile through shared memory) cannot compile: the autotuner drops
+                # it, and so does this check, taking the next tile.
+                skipped = []
                 try:
-                    got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt, kernel).cpu()
+                    for turn in range(len(tiles[kernel])):
+                        tile = tiles[kernel][(case + turn) % len(tiles[kernel])]
+                        try:
+                            got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt,
+                                                      kernel, config=tile).cpu()
+                            break
+                        except OutOfResources:
+                            skipped.append(str(tile))
+                    else:
+                        raise RuntimeError("no tile fits")
                 except Exception as e:  # noqa: BLE001 (recorded as a failed check; the other cases still run)
-                    out.append({"kernel": kernel, "M": M, "N": N, "K": K, "bit_exact": False, "error": repr(e)[:500]})
+                    out.append({"kernel": kernel, "M": M, "N": N, "K": K, "tile": str(tile), "bit_exact": False,
+                                "error": repr(e)[:500]})
                     print(json.dumps(out[-1]), flush=True)
                     continue
                 exact = torch.equal(got, ref)
-                out.append({"kernel": kernel, "M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None,
+                out.append({"kernel": kernel, "M": M, "N": N, "K": K, "tile": str(tile), "dtype": str(dt),
+                            "col_mul": col is not None, "skipped_tiles": skipped,
                             "bit_exact": exact, "max_abs": (got.float() - ref.float()).abs().max().item(),
                             "nan": bool(got.isnan().any())})
                 print(json.dumps(out[-1]), flush=True)
-    # The custom op (kernel "auto") as the trainer calls it.
-    a, b = torch.randint(-128, 128, (4096, 768), dtype=torch.int8), torch.randint(-1, 2, (2304, 768), dtype=torch.int8)
-    rm, cm = torch.rand(4096) * 0.02 + 1e-4, torch.rand(2304) * 0.05 + 1e-3
-    got = L.int8_mm(a.cuda(), b.cuda(), rm.cuda(), cm.cuda(), torch.bfloat16).cpu()
-    out.append({"kernel": "auto (bitnet::int8_mm)", "M": 4096, "N": 2304, "K": 768, "dtype": "torch.bfloat16",
-                "col_mul": True, "bit_exact": torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.bfloat16))})
-    print(json.dumps(out[-1]), flush=True)
+    # As the trainer calls them: autotuned, then (second and third call of a shape) launched directly by
+    # int8_triton's cache of compiled kernels; each kernel through int8_triton.int8_mm, and the op.
+    for M, N, K in [(4096, 2304, 768), (777, 2048, 5460)]:
+        a, b = torch.randint(-128, 128, (M, K), dtype=torch.int8), torch.randint(-1, 2, (N, K), dtype=torch.int8)
+        rm, cm = torch.rand(M) * 0.02 + 1e-4, torch.rand(N) * 0.05 + 1e-3
+        ag, bg = L.pad_rows(a.cuda()), L.pad_rows(b.cuda())
+        for kernel in ("pointer", "tma", f"{int8_triton.default_kernel()} (bitnet::int8_mm)"):
+            for dt, col in ((torch.bfloat16, cm), (torch.bfloat16, None)):
+                ref = L.int8_mm_reference(a, b, rm, col, dt)
+                colg = None if col is None else col.cuda()
+                for call in range(3):
+                    if kernel in ("pointer", "tma"):
+                        got = int8_triton.int8_mm(ag, bg, rm.cuda(), colg, dt, kernel).cpu()
+                    else:
+                        got = L.int8_mm(ag, bg, rm.cuda(), colg, dt).cpu()
+                    out.append({"kernel": kernel, "M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None,
+                                "call": call, "bit_exact": torch.equal(got, ref)})
+                    print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -119,6 +158,35 @@ def check_autograd() -> list[dict]:
 
         out.append({"int8_grad": int8_grad, "stacked": rows, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
                     "fwd_bit_exact": torch.equal(res["cuda"][0], res["cpu"][0])})
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def launch_cost(calls: int = 500) -> list[dict]:
+    """Microseconds of host time per launch (see the module's docstring, 4.); the first call of each
+    autotunes and compiles, outside the timing."""
+    import time
+
+    from bitnet_cli.train import int8_triton
+
+    a = torch.randint(-128, 128, (256, 256), dtype=torch.int8, device="cuda")
+    b = torch.randint(-1, 2, (256, 256), dtype=torch.int8, device="cuda")
+    rm, cm = torch.rand(256, device="cuda") * 0.02, torch.rand(256, device="cuda") * 0.05
+    x, w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    ways = {"bf16 F.linear": lambda: F.linear(x, w),
+            **{f"{k} kernel": (lambda k=k: int8_triton.int8_mm(a, b, rm, cm, torch.bfloat16, k)) for k in ("pointer", "tma")},
+            f"bitnet::int8_mm ({int8_triton.default_kernel()})": lambda: L.int8_mm(a, b, rm, cm, torch.bfloat16)}
+    out = []
+    for name, f in ways.items():
+        f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            f()
+        issued = time.perf_counter() - t0
+        torch.cuda.synchronize()
+        out.append({"launch": name, "host_us_per_call": round(1e6 * issued / calls, 1),
+                    "wall_us_per_call": round(1e6 * (time.perf_counter() - t0) / calls, 1)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -176,15 +244,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
     ap.add_argument("--models", default=",".join(SHAPES), help="the shapes to time (SHAPES' names)")
+    ap.add_argument("--skip-tiles", action="store_true", help="leave out the per-tile exactness cases (EXACT_CASES)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
-    exact = check_exact()
+    exact = check_exact([] if args.skip_tiles else EXACT_CASES)
     grad_rows = check_grad_rows()
     grads = check_autograd()
     ok = all(r["bit_exact"] for r in exact)
     ok_rows = all(r["bit_exact"] for r in grad_rows)
     print(f"\nint8_mm bit-exact against the reference: {ok}; quantize_grad_rows: {ok_rows}", flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads}
+    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads,
+              "launch": launch_cost()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     result["bench"] = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone

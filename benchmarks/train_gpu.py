@@ -98,6 +98,22 @@ def traced_steps(steps: int, record: dict):
     return lambda: setattr(loop._Run, "train_step", original)
 
 
+def int8_tiles() -> dict:
+    """The int8 product kernel that ran ($BITNET_INT8_MM), the tile each kernel's autotuner chose per
+    product shape (M, N, K) in this process, and (``auto``) the kernel chosen per shape."""
+    from bitnet_cli.train import int8_triton
+
+    def tile(c) -> str:
+        return f"{c.kwargs['BM']}x{c.kwargs['BN']}x{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
+
+    return {"int8_kernel": int8_triton.default_kernel(),
+            "int8_tiles": {f"{name} {tuple(key[:3])}": tile(c) for name, kernel in
+                           (("pointer", int8_triton._int8_mm_kernel), ("tma", int8_triton._int8_mm_tma_kernel))
+                           for key, c in kernel.cache.items()},
+            # $BITNET_INT8_MM=auto: the kernel timed faster per product shape
+            "int8_auto_choice": {str(key[:3]): k for key, k in int8_triton._FASTER.items()}}
+
+
 def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list[str], log_every: int = 5,
         profile: bool = False, timing: bool = True, run_dir: str | None = None) -> dict:
     """One training run of ``variant`` (no final checkpoint); ``timing``: no final evaluation either;
@@ -141,6 +157,7 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
             "parameters": res.parameters, "final_loss": res.train_loss,
             **({} if timing else {"val_loss": res.val_loss}), "wall_s": round(wall, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
+            **(int8_tiles() if variant == "int8" and torch.cuda.is_available() else {}),
             "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r], **({"profile": traced} if traced else {})}
 
 

@@ -101,8 +101,7 @@ for kernel, M, N, K, bm, bn, bk, col in json.loads(sys.argv[1]):
     b = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
-    hook = T._set_block_shapes if kernel == "tma" else None
-    cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2, pre_hook=hook)
+    cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
     got = T.int8_mm(a, b, rm, cm, torch.float32, kernel=kernel, config=cfg)
     out.append(torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.float32)))
 print(json.dumps(out))
@@ -153,6 +152,61 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
              ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
              ["pointer", 64, 64, 64, 32, 32, 32, False]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
+
+
+# int8_mm's direct launches (``int8_triton._LAUNCHES``) in the interpreter: Triton's autotuner and
+# compiled kernel are stood in for by objects that run the interpreted kernel, the compiled one from the
+# arguments exactly as a compiled kernel's runner takes them (all of them in signature order, constexprs
+# included, and a grid of three dimensions), so that a wrong order, tile or grid gives wrong bits or fails.
+_INTERPRETED_DIRECT_LAUNCH = _INTERPRETER_LOOP_BOUNDS + """
+import json, sys, torch, triton
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+TILE = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}, num_warps=4, num_stages=2)
+launches = []
+class Compiled:
+    def __init__(self, autotuned): self.autotuned = autotuned
+    def __getitem__(self, grid):
+        def runner(*args):
+            x, y, z = grid[0], grid[1], grid[2]
+            assert (y, z) == (1, 1) and len(args) == len(self.autotuned.arg_names)
+            launches.append("direct")
+            kw = dict(zip(self.autotuned.arg_names[11:], args[11:]))
+            if "NUM_SMS" in kw:
+                kw["NUM_SMS"] = 1  # the interpreter runs one persistent program
+            jit = self.autotuned.real.fn
+            jit = jit.fn if "EVEN_K" in kw else jit  # the pointer kernel's heuristics wrapper
+            jit[(x,)](*args[:11], **kw)
+        return runner
+class Autotuned:
+    def __init__(self, real): self.real, self.arg_names, self.fn, self.best_config = real, real.arg_names, real.fn, TILE
+    def __getitem__(self, grid):
+        def run(*args, **extra):
+            launches.append("autotuned")
+            self.real.fn[grid(TILE.kwargs)](*args, **{**extra, "NUM_SMS": 1} if "NUM_SMS" in extra else extra,
+                                            **TILE.all_kwargs())
+            return Compiled(self)
+        return run
+T._int8_mm_kernel, T._int8_mm_tma_kernel = Autotuned(T._int8_mm_kernel), Autotuned(T._int8_mm_tma_kernel)
+out = []
+for kernel, M, N, K in json.loads(sys.argv[1]):
+    g = torch.Generator().manual_seed(M + N + K)
+    a = L.pad_rows(torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g))
+    b = L.pad_rows(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+    rm, cm = torch.rand(M, generator=g), torch.rand(N, generator=g)
+    ref = L.int8_mm_reference(a, b, rm, cm, torch.float32)
+    out.append([torch.equal(T.int8_mm(a, b, rm, cm, torch.float32, kernel), ref) for _ in range(3)])
+print(json.dumps([out, launches]))
+"""
+
+
+def test_int8_products_launch_the_compiled_kernel_directly_once_tuned():
+    """The first product of a shape goes through the autotuner; the next ones launch its compiled kernel
+    with the same arguments, tile and grid (K 96: EVEN_K; K 67: rows padded, masked K)."""
+    pytest.importorskip("triton")
+    cases = [["pointer", 70, 50, 96], ["pointer", 40, 64, 67], ["tma", 70, 50, 96], ["tma", 40, 64, 67]]
+    results, launches = _interpret(_INTERPRETED_DIRECT_LAUNCH, cases)
+    assert results == [[True] * 3] * len(cases)
+    assert launches == ["autotuned", "direct", "direct"] * len(cases)
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):

@@ -50,20 +50,17 @@ def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm,
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-# Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-4096: 6-32 steps of
-# 128), where the pipeline's fill and the epilogue weigh most, so deeper pipelines and wide tiles
-# (fewer tiles, each reading A once per 256 columns) are offered beside the square ones; 64-deep
-# K steps with five stages keep more loads in flight at the same shared memory (at most 192 KiB).
+# Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-5460: 6-43 steps of
+# 128), where the pipeline's fill and the epilogue weigh most, so wide tiles (fewer tiles, each reading
+# A once per 256 columns) are offered beside the square one, and a 64-deep K step keeps more loads in
+# flight at the same shared memory (at most 192 KiB). Four, so that a new shape's autotuning (each
+# tile compiled and timed) stays short: session 10's nine pointer tiles and seven TMA ones made the
+# 1.3b run autotune for minutes before its first step. 256x128x128 won at 32768 x 768 -> 768 (session 4).
 _CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=5),
-    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
@@ -109,34 +106,34 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
 
-def _set_block_shapes(nargs):
-    """Autotune pre-hook: the TMA descriptors' boxes are the tile being tried."""
-    nargs["a_desc"].block_shape = [nargs["BM"], nargs["BK"]]
-    nargs["b_desc"].block_shape = [nargs["BN"], nargs["BK"]]
-
-
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
-# at most 227 KiB on Hopper).
+# at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
+# stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
+# for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
 _TMA_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=4, num_stages=5, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6, pre_hook=_set_block_shapes),
-    triton.Config({"BM": 256, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6, pre_hook=_set_block_shapes),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
 @triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
 @triton.jit
-def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_cm,
+def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+    # The TMA descriptors are made here, on the device (each program writes its two into the global
+    # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
+    # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
+    # GPU sat idle (benchmarks/RESULTS.md, sessions 10 and 11). TMA fills out-of-range rows, columns
+    # and K with zeros; the store is masked.
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
-    # software pipeline). TMA fills out-of-range rows, columns and K with zeros; the store is masked.
+    # software pipeline).
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -160,6 +157,24 @@ def _int8_mm_tma_kernel(a_desc, b_desc, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K
         _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
 
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Triton's allocator for the global scratch that device-side TMA descriptors are written to
+    (``size`` bytes: 128 per descriptor per program): torch's caching allocator on the current device
+    and stream, the ones the launch uses (torch allocations are 512-byte aligned)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_descriptor_scratch() -> None:
+    """Give Triton :func:`_descriptor_scratch` unless an allocator is already set. Triton keeps it in a
+    context variable, which a new thread does not inherit, and autograd runs the backward's products
+    on its own thread: so this is checked at every TMA launch (a lookup), not once at import."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or current.get() is getattr(_allocation, "_NULL_ALLOCATOR", None):
+        triton.set_allocator(_descriptor_scratch)
+
+
 @functools.lru_cache(maxsize=None)
 def _gpu(device: torch.device) -> tuple[int, int]:
     """(compute capability major, multiprocessor count) of a CUDA device; (0, 1) elsewhere."""
@@ -179,9 +194,10 @@ def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 # The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "pointer" unless $BITNET_INT8_MM says
-# "tma" or "auto". The TMA kernel's products take less GPU time, but its launches (host-side tensor
-# descriptors) left the GPU idle long enough that the compiled small.yaml step got slower
-# (benchmarks/RESULTS.md, session 10), so it is opt-in until that is measured away.
+# "tma" or "auto". With host-side tensor descriptors the TMA kernel's launches left the GPU idle and the
+# compiled small.yaml step got slower (benchmarks/RESULTS.md, session 10); with device-side ones the idle
+# time is gone, but the step is only as fast as the pointer kernel's (session 11: 0.280-0.285 s against
+# 0.281), and TMA at the paper shapes is not measured yet, so it stays opt-in.
 KERNELS = ("pointer", "tma", "auto")
 
 
@@ -230,36 +246,50 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     col_mul = None if col_mul is None else col_mul.float().contiguous()
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     col = row_mul if col_mul is None else col_mul
-    if kernel == "tma" and (config is not None or tma_fits(a, b)):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        sms = _gpu(a.device)[1]
-        # The boxes are placeholders until the autotuner's pre-hook sets the tried tile's.
-        a_desc = TensorDescriptor.from_tensor(a, [128, 128])
-        b_desc = TensorDescriptor.from_tensor(b, [128, 128])
+    tma = kernel == "tma" and (config is not None or tma_fits(a, b))
+    args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
+    if tma:
+        _use_descriptor_scratch()
+    # What Triton specialises a compiled kernel on: the exact sizes and strides (the autotuner's key, and
+    # ints equal to 1 or multiples of 16), the dtypes, the column scale, pointers on 16-byte boundaries.
+    spec = (tma, *args[5:], out_dtype, col_mul is None, a.device, *(t.data_ptr() % 16 == 0 for t in args[:5]))
+    launch = _LAUNCHES.get(spec) if config is None else None
+    if launch is not None:
+        compiled, grid, constexprs = launch
+        compiled[grid](*args, *constexprs)
+        return c
+    sms = _gpu(a.device)[1]
+    jit_fn = _int8_mm_tma_kernel if tma else _int8_mm_kernel
+    if tma:
+        extra = {"HAS_COL_MUL": col_mul is not None, "NUM_SMS": sms}
 
         def grid(meta):
             return (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)
-
-        args = (a_desc, b_desc, c, row_mul, col, M, N, K, c.stride(0))
-        if config is None:
-            _int8_mm_tma_kernel[grid](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms)
-        else:
-            meta = {"a_desc": a_desc, "b_desc": b_desc, **config.kwargs}
-            config.pre_hook(meta)
-            _int8_mm_tma_kernel.fn[grid({**config.kwargs})](*args, HAS_COL_MUL=col_mul is not None, NUM_SMS=sms,
-                                                            **config.all_kwargs())
-        return c
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
-
-    args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
-    if config is None:
-        _int8_mm_kernel[grid](*args, HAS_COL_MUL=col_mul is not None)
     else:
-        _int8_mm_kernel.fn[grid(config.kwargs)](*args, HAS_COL_MUL=col_mul is not None, **config.all_kwargs())
+        extra = {"HAS_COL_MUL": col_mul is not None}
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"]),)
+    if config is not None:
+        jit_fn.fn[grid(config.kwargs)](*args, **extra, **config.all_kwargs())
+        return c
+    compiled = jit_fn[grid](*args, **extra)
+    if compiled is not None:  # None in Triton's interpreter, which compiles nothing
+        tile = jit_fn.best_config.kwargs
+        tail = {**extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
+        # The constexprs follow the runtime arguments in the kernel's signature; the launcher takes them all.
+        names = jit_fn.arg_names[len(args):]
+        assert set(names) == set(tail), names
+        _LAUNCHES[spec] = (compiled, (*grid(tile), 1, 1), tuple(tail[n] for n in names))  # the runner reads x, y, z
     return c
+
+
+# The compiled kernel, grid and constexprs of each product specialisation (int8_mm's ``spec``), once
+# the autotuner has chosen its tile: later products launch it directly. Triton's own launch path (the
+# autotuner's key, binding and specialising the arguments, the cache lookup) cost about 50 us of host
+# time per product on the H200's host (benchmarks/RESULTS.md, session 11), and a training step runs
+# about 384 of them.
+_LAUNCHES: dict[tuple, tuple] = {}
 
 
 @triton.jit
