@@ -216,6 +216,15 @@ static void bench_attention(int threads, int isa, const int *positions, int n_po
     free(q), free(out);
 }
 
+/* the positive integers among argv[4..] (at most 16), or just `otherwise` when there are none */
+static int positive_args(int argc, char **argv, int out[16], int otherwise) {
+    int n = 0;
+    for (int i = 4; i < argc && n < 16; i++)
+        if ((out[n] = atoi(argv[i])) >= 1) n++;
+    if (!n) out[n++] = otherwise;
+    return n;
+}
+
 int main(int argc, char **argv) {
     int threads = argc > 1 ? atoi(argv[1]) : 1;
     int isa = argc > 2 ? atoi(argv[2]) : bn_isa_best();
@@ -225,18 +234,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (argc > 3 && !strcmp(argv[3], "head")) {
-        int ms[16], n_ms = 0;
-        for (int i = 4; i < argc && n_ms < 16; i++)
-            if ((ms[n_ms] = atoi(argv[i])) >= 1) n_ms++;
-        if (!n_ms) ms[n_ms++] = 1;
+        int ms[16], n_ms = positive_args(argc, argv, ms, 1);
         bench_head(threads, isa, ms, n_ms);
         return 0;
     }
     if (argc > 3 && !strcmp(argv[3], "attention")) {
-        int ps[16], n_ps = 0;
-        for (int i = 4; i < argc && n_ps < 16; i++)
-            if ((ps[n_ps] = atoi(argv[i])) >= 1) n_ps++;
-        if (!n_ps) ps[n_ps++] = 288;
+        int ps[16], n_ps = positive_args(argc, argv, ps, 288);
         bench_attention(threads, isa, ps, n_ps);
         return 0;
     }

@@ -105,19 +105,23 @@ def test_greedy_completions_equal_bitnet_run_with_usage(server, engine):
     assert r.choices[0].text == alone(engine, ids, max_tokens=8, temperature=0)[0]
 
 
+def ask_all_at_once(served, jobs):
+    """Greedy completions of (prompt, max_tokens) jobs, all sent concurrently; their texts in order."""
+    def ask(job):
+        prompt, n = job
+        return served.client.completions.create(model=served.info["model"], prompt=prompt, max_tokens=n,
+                                                temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        return list(pool.map(ask, jobs))
+
+
 def test_sixteen_concurrent_greedy_requests_equal_their_sequential_outputs(server, engine):
     """Different prompt and output lengths, some sharing prefixes (the prefix cache), all at once."""
     jobs = [(PROMPTS[i % len(PROMPTS)] + " x" * (i // len(PROMPTS)) * 7, 8 + 5 * i) for i in range(16)]
     want = [alone(engine, p, max_tokens=n, temperature=0)[0] for p, n in jobs]
 
-    def ask(job):
-        p, n = job
-        return server.client.completions.create(model=server.info["model"], prompt=p, max_tokens=n,
-                                                temperature=0).choices[0].text
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        got = list(pool.map(ask, jobs))
-    assert got == want
+    assert ask_all_at_once(server, jobs) == want
     assert server.health()["busy"] == 0
 
 
@@ -131,15 +135,7 @@ def test_an_f16_kv_cache_serves_sixteen_concurrent_requests_as_bitnet_run_with_i
     try:
         assert half.info["kv_cache"] == "f16" and server.info["kv_cache"] == "f32"
         assert half.info["kv_bytes_per_slot"] * 2 == server.info["kv_bytes_per_slot"]
-
-        def ask(job):
-            p, n = job
-            return half.client.completions.create(model=half.info["model"], prompt=p, max_tokens=n,
-                                                  temperature=0).choices[0].text
-
-        with concurrent.futures.ThreadPoolExecutor(16) as pool:
-            got = list(pool.map(ask, jobs))
-        assert got == want
+        assert ask_all_at_once(half, jobs) == want
         health = half.health()
         assert health["kv_cache"] == "f16" and health["kv_bytes_per_slot"] == half.info["kv_bytes_per_slot"]
     finally:
