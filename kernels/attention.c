@@ -17,7 +17,10 @@ static inline __attribute__((always_inline)) float elem_of(const void *row, int 
     return F16 ? bn_f16_to_f32(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
-/* the cache row of key `key`, likewise */
+/* bytes of a cache row of hd elements, likewise */
+static inline __attribute__((always_inline)) int row_bytes(int hd, const int F16) { return hd * (F16 ? 2 : 4); }
+
+/* the cache row of key `key`, likewise (row_bytes's product, in size_t from the start) */
 static inline __attribute__((always_inline)) const void *row_of(const void *cache, int key, int hd, const int F16) {
     return (const char *)cache + (size_t)key * hd * (F16 ? 2 : 4);
 }
@@ -118,7 +121,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
             o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
     for (int j = j0; j < j1; j++) {
         const void *v = row_of(a->vc, a->keys[j], hd, F16);
-        if (e == 0 && j + (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + (j1 - j0)], hd, F16), hd * (F16 ? 2 : 4));
+        if (e == 0 && j + (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + (j1 - j0)], hd, F16), row_bytes(hd, F16));
         __m256 vv[2];
         for (int u = 0; u < NV; u++) vv[u] = load8(v, e + 8 * u, F16);
         for (int h = 0; h < NH; h++) {
@@ -136,7 +139,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
  * measured 20% slower at 288 cached positions: a block and its successor filled L1). */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
                                                                                    const int NH, const int F16) {
-    const int hd = a->hd, n = a->n, fit = 4096 / (hd * (F16 ? 2 : 4)), block = fit > 4 ? fit : 4;
+    const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
     for (int j0 = 0; j0 < n; j0 += block) {
         const int j1 = j0 + block < n ? j0 + block : n;
         int e = 0;
@@ -188,7 +191,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(
     int j = 0;
     for (; j + 2 <= n; j += 2) {
         for (int u = j + PREFETCH_ROWS; u < j + PREFETCH_ROWS + 2 && u < 2 * n; u++)
-            prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), hd * (F16 ? 2 : 4));
+            prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), row_bytes(hd, F16));
         for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
             case 1: scores_avx2(a, j, h0, 1, F16); break;
             case 2: scores_avx2(a, j, h0, 2, F16); break;
