@@ -683,59 +683,220 @@ AVX512_TARGET static inline __m512i q6_codes_avx512(const bn_q6_block *b, int g)
     return _mm512_or_si512(lo, _mm512_slli_epi16(hi, 4));
 }
 
-AVX512_TARGET static inline __attribute__((always_inline)) void q6_tile_avx512(const bn_head_job *j, int r, int t,
-                                                                             const int RT, const int TT) {
+/* one row against one token (decode): 64 inputs a step, the offset 32 taken off per step by
+ * vpmaddubsw(32, x), and the scales applied by vpmaddwd */
+AVX512_TARGET static float q6_row_avx512(const bn_head_job *j, int r, int t) {
     const int nb = j->k / BN_Q6_BLOCK_K;
     const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+    const int8_t *x = j->hq + (size_t)t * j->k;
     const __m512i thirty_two = _mm512_set1_epi8(32);
-    float s[2][4] = {{0.0f}};
+    /* int16 lane l of a step takes scale 4g + l / 8 */
+    const __m512i lane_group = _mm512_srli_epi16(
+        _mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7,
+                         6, 5, 4, 3, 2, 1, 0), 3);
+    float s = 0.0f;
     for (int i = 0; i < nb; i++) {
-        __m512i acc[2][4], sc16[2];
-        for (int a = 0; a < RT; a++) {
-            const bn_q6_block *blk = w + (size_t)a * nb + i;
-            for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
-            sc16[a] = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)));
-            for (int b = 0; b < TT; b++) acc[a][b] = _mm512_setzero_si512();
-        }
+        const bn_q6_block *blk = w + i;
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+        const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)));
+        __m512i acc = _mm512_setzero_si512();
         for (int g = 0; g < 4; g++) {
-            /* int16 lane l of the step takes scale 4g + l / 8 */
-            const __m512i pick = _mm512_add_epi16(_mm512_set1_epi16((short)(4 * g)),
-                                                  _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23,
-                                                                                     22, 21, 20, 19, 18, 17, 16, 15, 14,
-                                                                                     13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3,
-                                                                                     2, 1, 0), 3));
-            __m512i u[2], sv[2];
-            for (int a = 0; a < RT; a++) {
-                u[a] = q6_codes_avx512(w + (size_t)a * nb + i, g);
-                sv[a] = _mm512_permutexvar_epi16(pick, sc16[a]);
-            }
-            for (int b = 0; b < TT; b++) {
-                __m512i x = _mm512_loadu_si512(j->hq + (size_t)(t + b) * j->k + 256 * i + 64 * g);
-                __m512i off = _mm512_maddubs_epi16(thirty_two, x);
-                for (int a = 0; a < RT; a++)
-                    acc[a][b] = _mm512_add_epi32(
-                        acc[a][b], _mm512_madd_epi16(_mm512_sub_epi16(_mm512_maddubs_epi16(u[a], x), off), sv[a]));
-            }
+            const __m512i sv = _mm512_permutexvar_epi16(_mm512_add_epi16(_mm512_set1_epi16((short)(4 * g)), lane_group), sc16);
+            const __m512i xv = _mm512_loadu_si512(x + 256 * i + 64 * g);
+            const __m512i q = _mm512_sub_epi16(_mm512_maddubs_epi16(q6_codes_avx512(blk, g), xv),
+                                               _mm512_maddubs_epi16(thirty_two, xv));
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(q, sv));
         }
-        for (int a = 0; a < RT; a++) {
-            const float d = _cvtsh_ss(w[(size_t)a * nb + i].d);
-            for (int b = 0; b < TT; b++) s[a][b] = q6_step(s[a][b], d, _mm512_reduce_add_epi32(acc[a][b]));
-        }
+        s = q6_step(s, _cvtsh_ss(blk->d), _mm512_reduce_add_epi32(acc));
     }
-    for (int a = 0; a < RT; a++)
-        for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r + a] = q6_logit(j, t + b, s[a][b]);
+    return s;
 }
-/* tiles of two rows x four tokens, then one row after another for the remaining tokens (the
- * decode case: a single sequential stream) */
+
+/* One token (decode): one row after another (a single sequential stream). Several: the AVX2
+ * tiles, which keep a block of rows in L2 while every tile of tokens passes and decode a row's
+ * codes once for eight tokens; measured on the 16-core Xeon (`build/bench 8 2 head 1 8 16`, 8
+ * threads) the former 512-bit tiles of two rows x four tokens took 46.4 ms at 16 tokens against
+ * 20.1 for the AVX2 tiles. */
 AVX512_TARGET void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1) {
-    int t = 0;
-    for (; t + 4 <= j->m; t += 4) {
-        int r = r0;
-        for (; r + 2 <= r1; r += 2) q6_tile_avx512(j, r, t, 2, 4);
-        for (; r < r1; r++) q6_tile_avx512(j, r, t, 1, 4);
+    if (j->m > 1) {
+        bn_head_rows_q6_avx2(j, r0, r1);
+        return;
     }
-    for (; t < j->m; t++)
-        for (int r = r0; r < r1; r++) q6_tile_avx512(j, r, t, 1, 1);
+    for (int r = r0; r < r1; r++) j->y[r] = q6_logit(j, 0, q6_row_avx512(j, r, 0));
+}
+
+/* ---- AVX-512 VNNI: vpdpbusd, four u8 x s8 products into an int32 lane, exact ---------------- */
+#define AVX512VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define VNNI_TT 16 /* tokens per tile: one zmm accumulator each, 32 registers */
+
+/* The tokens of a head call in tiles of at most VNNI_TT over blocks of rows small enough to stay
+ * in L2 while every tile passes (as HEAD_TILES_AVX2), each tile width a constant for the
+ * compiler. PREPARE(t, tt) runs before the tiles of tokens t..t+tt-1 pass a block; with one tile
+ * (m <= VNNI_TT: decode and batched decode) it runs once. */
+#define HEAD_TILES_VNNI(j, r0, r1, ROW_BYTES, PREPARE, TILE)                                      \
+    do {                                                                                        \
+        const int block_ = HEAD_BLOCK_BYTES / (ROW_BYTES) + 1;                                  \
+        for (int b0_ = (r0); b0_ < (r1); b0_ += block_) {                                       \
+            const int b1_ = (r1) - b0_ < block_ ? (r1) : b0_ + block_;                           \
+            for (int t_ = 0; t_ < (j)->m; t_ += VNNI_TT) {                                      \
+                const int tt_ = (j)->m - t_ < VNNI_TT ? (j)->m - t_ : VNNI_TT;                   \
+                if ((j)->m > VNNI_TT || b0_ == (r0)) PREPARE(t_, tt_);                          \
+                for (int r_ = b0_; r_ < b1_; r_++) switch (tt_) {                               \
+                    case 1: TILE(j, r_, t_, 1); break;                                          \
+                    case 2: TILE(j, r_, t_, 2); break;                                          \
+                    case 3: TILE(j, r_, t_, 3); break;                                          \
+                    case 4: TILE(j, r_, t_, 4); break;                                          \
+                    case 5: TILE(j, r_, t_, 5); break;                                          \
+                    case 6: TILE(j, r_, t_, 6); break;                                          \
+                    case 7: TILE(j, r_, t_, 7); break;                                          \
+                    case 8: TILE(j, r_, t_, 8); break;                                          \
+                    case 9: TILE(j, r_, t_, 9); break;                                          \
+                    case 10: TILE(j, r_, t_, 10); break;                                        \
+                    case 11: TILE(j, r_, t_, 11); break;                                        \
+                    case 12: TILE(j, r_, t_, 12); break;                                        \
+                    case 13: TILE(j, r_, t_, 13); break;                                        \
+                    case 14: TILE(j, r_, t_, 14); break;                                        \
+                    case 15: TILE(j, r_, t_, 15); break;                                        \
+                    default: TILE(j, r_, t_, 16); break;                                        \
+                    }                                                                           \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+/* The int32 totals of a tile's accumulators, token b's in lane b % 8 of totals[b / 8] (integer
+ * adds: exact in any order); tokens past TT count zero. */
+AVX512VNNI_TARGET static inline __attribute__((always_inline)) void vnni_totals(const __m512i *acc, const int TT,
+                                                                              __m256i totals[2]) {
+    __m256i half[VNNI_TT];
+    for (int b = 0; b < VNNI_TT; b++)
+        half[b] = b < TT ? _mm256_add_epi32(_mm512_castsi512_si256(acc[b]), _mm512_extracti64x4_epi64(acc[b], 1))
+                         : _mm256_setzero_si256();
+    totals[0] = hsum8_epi32_avx2(half[0], half[1], half[2], half[3], half[4], half[5], half[6], half[7]);
+    totals[1] = TT > 8 ? hsum8_epi32_avx2(half[8], half[9], half[10], half[11], half[12], half[13], half[14], half[15])
+                       : _mm256_setzero_si256();
+}
+
+/* int8 rows: vpdpbusd multiplies unsigned by signed bytes, so the tokens' inputs go in moved to
+ * unsigned (x + 128, once per tile: xu) against the signed weights, and each row's sum of weights
+ * (one vpdpbusd with ones per 64 inputs, shared by the tokens) takes the offset off:
+ * sum (x + 128) w - 128 sum w = sum x w. |sum (x + 128) w| <= 255 * 128 * k < 2^31 for
+ * k < 65794 (a head row is the hidden size: 2560 on 2B4T). One multiply per 64 inputs and
+ * token, against two per 32 on AVX2. */
+AVX512VNNI_TARGET static inline __attribute__((always_inline)) void i8_tile_vnni(const bn_head_job *j, int r, int t,
+                                                                               const int8_t *xu, const int TT) {
+    const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k;
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc[VNNI_TT], wsum = _mm512_setzero_si512();
+    for (int b = 0; b < TT; b++) acc[b] = _mm512_setzero_si512();
+    const int k64 = j->k & ~63;
+    for (int k = 0; k < k64; k += 64) {
+        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
+        const __m512i wv = _mm512_loadu_si512(w + k);
+        wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+        for (int b = 0; b < TT; b++) {
+            acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_loadu_si512(xu + (size_t)b * j->k + k), wv);
+            __asm__("" : "+v"(acc[b])); /* each token's sum one chain in a register (see q6_tile_avx2) */
+        }
+    }
+    __m256i totals[2];
+    vnni_totals(acc, TT, totals);
+    int32_t total[VNNI_TT];
+    _mm256_storeu_si256((__m256i *)total, totals[0]);
+    _mm256_storeu_si256((__m256i *)(total + 8), totals[1]);
+    const int32_t offset = 128 * _mm512_reduce_add_epi32(wsum);
+    for (int b = 0; b < TT; b++) {
+        const int8_t *x = j->hq + (size_t)(t + b) * j->k;
+        int32_t dot = total[b] - offset;
+        for (int k = k64; k < j->k; k++) dot += w[k] * x[k];
+        j->y[(size_t)(t + b) * j->y_stride + r] = i8_logit(j, t + b, r, dot);
+    }
+}
+
+/* a tile's tokens as unsigned bytes, x + 128 (the sign bit flipped), the whole row of k */
+AVX512VNNI_TARGET static void i8_unsigned_inputs_vnni(const int8_t *x, int k, uint8_t *xu) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    int i = 0;
+    for (; i + 64 <= k; i += 64) _mm512_storeu_si512(xu + i, _mm512_xor_si512(_mm512_loadu_si512(x + i), flip));
+    for (; i < k; i++) xu[i] = (uint8_t)(x[i] ^ 0x80);
+}
+
+/* one token (decode) streams the head row after row (a tile of one token), several go in tiles */
+AVX512VNNI_TARGET void bn_head_rows_i8_avx512vnni(const bn_head_job *j, int r0, int r1) {
+    uint8_t xu[VNNI_TT * j->k] __attribute__((aligned(64)));
+#define I8_PREPARE(t, tt)                                                                         \
+    for (int b = 0; b < (tt); b++) i8_unsigned_inputs_vnni(j->hq + (size_t)((t) + b) * j->k, j->k, xu + (size_t)b * j->k);
+#define I8_TILE(j, r, t, TT) i8_tile_vnni(j, r, t, (const int8_t *)xu, TT)
+    HEAD_TILES_VNNI(j, r0, r1, j->k, I8_PREPARE, I8_TILE);
+#undef I8_PREPARE
+#undef I8_TILE
+}
+
+/* q6 rows: vpdpbusd takes the codes u = q + 32 (0..63) as its unsigned operand against a token's
+ * 64 inputs of a step, and leaves in int32 lane l the sum of inputs 4l..4l+3 of the step
+ * (|.| <= 4 * 63 * 128 = 32256: inside int16). The lanes of a 16-input group share its scale, so
+ * vpmaddwd with the scale in each lane's low word and 0 in its high word multiplies the lane by it
+ * exactly, widening nothing. The offset 32 comes off through the tokens' 16-input group sums, as
+ * in q6_tile_avx2 (the accumulator starts the block at -32 sum_g sc_g xs_g). Three operations per
+ * 64 inputs and token (vpdpbusd, vpmaddwd, vpaddd) against five on AVX-512 BW; the codes are
+ * decoded once per block for the tile's tokens. The block totals go into the float sums as
+ * q6_step adds them, s + d * total, eight tokens to a vector. */
+AVX512VNNI_TARGET static inline __attribute__((always_inline)) void q6_tile_vnni(const bn_head_job *j, int r, int t,
+                                                                               const int16_t *xs, const int TT) {
+    const int nb = j->k / BN_Q6_BLOCK_K, groups = j->k / 16;
+    const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)r * nb;
+    const __m512i low_word = _mm512_set1_epi32(0xffff);
+    __m256 s[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int i = 0; i < nb; i++) {
+        const bn_q6_block *blk = w + i;
+        for (int line = 0; line < 4; line++) _mm_prefetch((const char *)blk + PREFETCH_BYTES + 64 * line, _MM_HINT_T0);
+        const __m128i sc8 = _mm_loadu_si128((const __m128i *)blk->sc);
+        const __m256i sc_off = _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_slli_epi16(_mm256_cvtepi8_epi16(sc8), 5));
+        const __m512i sc32 = _mm512_and_si512(_mm512_cvtepi8_epi32(sc8), low_word); /* sc in each low word */
+        __m512i acc[VNNI_TT];
+        for (int b = 0; b < TT; b++)
+            acc[b] = _mm512_zextsi256_si512(
+                _mm256_madd_epi16(sc_off, _mm256_loadu_si256((const __m256i *)(xs + (size_t)b * groups + 16 * i))));
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; g++) {
+            const __m512i u = q6_codes_avx512(blk, g);
+            /* lane l of step g: scale 4g + l / 4 */
+            const __m512i sv = _mm512_permutexvar_epi32(
+                _mm512_add_epi32(_mm512_set1_epi32(4 * g),
+                                 _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2)),
+                sc32);
+            for (int b = 0; b < TT; b++) {
+                const __m512i x = _mm512_loadu_si512(j->hq + (size_t)(t + b) * j->k + 256 * i + 64 * g);
+                acc[b] = _mm512_add_epi32(acc[b], _mm512_madd_epi16(_mm512_dpbusd_epi32(_mm512_setzero_si512(), u, x), sv));
+                __asm__("" : "+v"(acc[b]));
+            }
+        }
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(blk->d));
+        if (TT == 1) {
+            s[0] = _mm256_set1_ps(q6_step(_mm256_cvtss_f32(s[0]), _cvtsh_ss(blk->d), _mm512_reduce_add_epi32(acc[0])));
+        } else {
+            __m256i totals[2];
+            vnni_totals(acc, TT, totals);
+            s[0] = _mm256_add_ps(s[0], _mm256_mul_ps(d, _mm256_cvtepi32_ps(totals[0])));
+            if (TT > 8) s[1] = _mm256_add_ps(s[1], _mm256_mul_ps(d, _mm256_cvtepi32_ps(totals[1])));
+        }
+    }
+    float sums[VNNI_TT];
+    _mm256_storeu_ps(sums, s[0]);
+    _mm256_storeu_ps(sums + 8, s[1]);
+    for (int b = 0; b < TT; b++) j->y[(size_t)(t + b) * j->y_stride + r] = q6_logit(j, t + b, sums[b]);
+}
+
+/* one token (decode) streams the head row after row (a tile of one token), several go in tiles;
+ * the group sums of a tile's tokens are taken once per tile (q6_group_sums_avx2) */
+AVX512VNNI_TARGET void bn_head_rows_q6_avx512vnni(const bn_head_job *j, int r0, int r1) {
+    const int groups = j->k / 16;
+    int16_t xs[VNNI_TT * groups];
+#define Q6_PREPARE(t, tt)                                                                                 \
+    for (int b = 0; b < (tt); b++) q6_group_sums_avx2(j->hq + (size_t)((t) + b) * j->k, j->k, xs + (size_t)b * groups);
+#define Q6_TILE(j, r, t, TT) q6_tile_vnni(j, r, t, xs, TT)
+    HEAD_TILES_VNNI(j, r0, r1, (j->k / BN_Q6_BLOCK_K) * (int)sizeof(bn_q6_block), Q6_PREPARE, Q6_TILE);
+#undef Q6_PREPARE
+#undef Q6_TILE
 }
 #endif
 

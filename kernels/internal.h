@@ -201,6 +201,8 @@ void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_i8_avx512vnni(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_avx512vnni(const bn_head_job *j, int r0, int r1);
 #endif
 #if BN_ARM64
 void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);

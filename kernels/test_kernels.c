@@ -278,14 +278,17 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
     return acc;
 }
 
-/* The output head on ragged shapes and 1..17 tokens (tiles of up to 8 tokens and every narrower
- * tail; the shapes of 301 rows span several blocks of rows, the last one ragged): int8 and q4 rows
+/* The output head on ragged shapes and 1..17 tokens (tiles of up to 8 tokens on AVX2 and 16 on
+ * AVX-512 VNNI, and every narrower tail; the shapes of 301 rows span several blocks of rows, the
+ * last one ragged, and 17 tokens two tiles that each pass every block): int8 and q4 rows
  * are an exact integer dot, so every ISA matches the scalar path bit for bit (and the integer sum
  * computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
     static const int shapes[][3] = {{1, 1, 1},   {3, 9, 31},   {5, 37, 100},
                                     {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}, {1, 5, 100}, {1, 4, 40},
-                                    {16, 67, 2560}, {17, 301, 700}};
+                                    {16, 67, 2560}, {17, 301, 700}, {6, 21, 300}, {7, 21, 520}, {8, 21, 300},
+                                    {9, 21, 520}, {10, 13, 300}, {12, 13, 520}, {13, 13, 300}, {14, 13, 520},
+                                    {15, 13, 300}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
