@@ -128,11 +128,11 @@ static void test_gemm_shapes(void) {
 }
 
 /* The multi-token (GEMM) tiles: 2 rows x 4 tokens on AVX-512 VNNI, with 1-3 token and 1 row
- * tails, and AMX's 32 rows x 32 tokens from 16 tokens on, against the scalar reference for token
- * counts around those sizes and row ranges of every parity (row kernels called directly on
+ * tails, and AMX's 32 rows x 32 tokens from 16 tokens on (x 16 for the last 16 tokens or fewer:
+ * 16, 33, 48), against the scalar reference for token counts around those sizes and row ranges of every parity (row kernels called directly on
  * [r0, r1), so tiles start on odd rows too; and through bn_gemm_ternary on a pool of 3 threads). */
 static void test_gemm_tiles(void) {
-    static const int ms[] = {2, 3, 4, 5, 7, 8, 9, 16, 17, 33};
+    static const int ms[] = {2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 48};
     static const int ranges[][2] = {{0, 1}, {0, 2}, {1, 4}, {3, 10}, {2, 51}, {7, 55}, {0, 53}, {5, 58}, {1, 60}};
     static const int kps[] = {256, 2560};
     const int n = 61;
