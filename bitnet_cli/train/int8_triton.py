@@ -108,14 +108,17 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
-# at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
-# stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
-# for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
+# at most 227 KiB on Hopper). WARP_SPECIALIZE: Triton's Hopper warp specialisation (num_warps 4 gives
+# one producer warp group issuing the TMA loads and two consumer warp groups, each with half the
+# tile's rows, running the wgmma and the epilogue: 12 warps in all); it needs the tile loop
+# unflattened. Few tiles, so that a new shape's autotuning (each tile compiled and timed) stays
+# short: session 10's nine pointer tiles and seven TMA ones made the 1.3b run autotune for minutes.
 _TMA_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
-    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": False}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": False}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=5),
 ]
 
 
@@ -123,7 +126,7 @@ _TMA_CONFIGS = [
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     # The TMA descriptors are made here, on the device (each program writes its two into the global
     # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
     # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
@@ -132,8 +135,8 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
-    # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
-    # software pipeline).
+    # next tile's first loads overlap this tile's epilogue: without warp specialisation the loop nest
+    # is flattened into one software pipeline; with it, the producer warps run ahead on their own.
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -141,7 +144,7 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
-    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
+    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
         group = tile // width
         first_m = group * GROUP_M
         size_m = min(grid_m - first_m, GROUP_M)
