@@ -203,10 +203,9 @@ def _tile(bm, bn, bk, warps, stages, ws=None):
 def sweep_tiles() -> dict:
     from bitnet_cli.train import int8_triton
 
-    pointer = [*int8_triton._CONFIGS, _tile(128, 256, 128, 8, 4), _tile(256, 128, 128, 8, 4), _tile(256, 128, 64, 8, 5),
-               _tile(128, 128, 64, 4, 6)]
+    pointer = [*int8_triton._CONFIGS, _tile(128, 256, 128, 8, 4), _tile(256, 128, 64, 8, 5)]
     tma = [*int8_triton._TMA_CONFIGS, _tile(128, 256, 128, 4, 4, True), _tile(128, 128, 128, 4, 5, True),
-           _tile(256, 128, 64, 4, 5, True), _tile(128, 256, 64, 8, 6, False), _tile(128, 128, 128, 8, 5, False)]
+           _tile(256, 128, 64, 4, 5, True)]
     unique = {}
     for kernel, tiles in (("pointer", pointer), ("tma", tma)):
         for t in tiles:
