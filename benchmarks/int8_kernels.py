@@ -43,9 +43,6 @@ SHAPES = {  # name: (tokens per micro-batch, [(K, N) of qkv, o, gate-up, down]);
 # M, N, K of the exactness checks: ragged and aligned, 1.3b's K = 5460 (rows padded for TMA), wide N.
 EXACT_CASES = [(300, 200, 333), (300, 200, 336), (4096, 768, 768), (1000, 5460, 2048), (777, 2048, 5460),
                (4096, 2304, 768), (333, 10920, 2048), (64, 64, 64)]
-# M, N, K of the split-K product's checks (int8_triton.int8_mm_split_k): a weight gradient's shape (K the
-# tokens), ragged edges and K, and a K that does not divide the tile.
-SPLIT_CASES = [(256, 384, 32768), (300, 200, 16384), (333, 517, 20000)]
 
 
 def check_exact(cases: list[tuple[int, int, int]]) -> list[dict]:
@@ -115,20 +112,6 @@ def check_exact(cases: list[tuple[int, int, int]]) -> list[dict]:
                     out.append({"kernel": kernel, "M": M, "N": N, "K": K, "dtype": str(dt), "col_mul": col is not None,
                                 "call": call, "bit_exact": torch.equal(got, ref)})
                     print(json.dumps(out[-1]), flush=True)
-    # The split-K product (int8_triton.int8_mm_split_k), as int8_mm dispatches it and with a given split.
-    for M, N, K in SPLIT_CASES:
-        a, b = torch.randint(-128, 128, (M, K), dtype=torch.int8), torch.randint(-128, 128, (N, K), dtype=torch.int8)
-        rm, cm = torch.rand(M) * 0.02 + 1e-4, torch.rand(N) * 0.05 + 1e-3
-        splits = int8_triton.split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
-        for dt, col in ((torch.float32, None), (torch.bfloat16, cm)):
-            ref = L.int8_mm_reference(a, b, rm, col, dt)
-            colg = None if col is None else col.cuda()
-            for how, f in (("int8_mm", lambda: int8_triton.int8_mm(a.cuda(), b.cuda(), rm.cuda(), colg, dt)),
-                           ("split 3", lambda: int8_triton.int8_mm_split_k(a.cuda(), b.cuda(), rm.cuda(), colg, dt, 3))):
-                got = f().cpu()
-                out.append({"kernel": f"split-K ({how}; int8_mm splits {splits})", "M": M, "N": N, "K": K,
-                            "dtype": str(dt), "col_mul": col is not None, "bit_exact": torch.equal(got, ref)})
-                print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -281,11 +264,8 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
                 q, t = L.pad_rows(q), L.pad_rows(t)  # as the trainer lays them out (int8_linear.int8_rows)
                 row, col = 1.0 / s, (col_scale if kind == "fwd" else None)
 
-            # The weight gradient's int8 product writes fp32 (the weights' gradient dtype); the others bf16.
-            out = torch.float32 if kind == "grad_w" else torch.bfloat16
-
             def product(kernel, config=None):
-                return lambda: int8_triton.int8_mm(q, t, row, col, out, kernel, config=config, split=False)
+                return lambda: int8_triton.int8_mm(q, t, row, col, torch.bfloat16, kernel, config=config)
 
             ms = {"bf16": timed(bf16), "pointer": timed(product("pointer"))}
             r = {"model": name, "kind": kind, "M": M, "K": K, "N": N,
@@ -298,12 +278,7 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
                     r["tma_equal"] = torch.equal(product("tma")(), want)
                 except Exception as e:  # noqa: BLE001 (the other columns still get timed)
                     r["tma_error"] = repr(e)[:300]
-            splits = int8_triton.split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
-            if splits > 1:
-                r["splits"] = splits
-                ms["split_k"] = timed(lambda: int8_triton.int8_mm_split_k(q, t, row, col, out, splits))
-                r["split_k_equal"] = torch.equal(int8_triton.int8_mm_split_k(q, t, row, col, out, splits), want)
-            ms["op"] = timed(lambda: L.int8_mm(q, t, row, col, out))  # bitnet::int8_mm, its dispatch (and split) included
+            ms["op"] = timed(lambda: L.int8_mm(q, t, row, col, torch.bfloat16))  # bitnet::int8_mm, its dispatch included
             qc, tc = q.contiguous(), t.contiguous()
             if K % 8 == 0 and N % 8 == 0:  # torch._int_mm's own limit
                 ms["int_mm"] = timed(lambda: torch._int_mm(qc, tc.t()))
@@ -332,12 +307,12 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
             rows.append(r)
             print(json.dumps(r), flush=True)
     print(f"\n{'model':6} {'kind':8} {'M x K -> N':>21} {'bf16':>6} {'ptr-i8':>6} {'tma-i8':>6} {'op':>6} {'_int_mm':>7} "
-          f"{'split-K':>7} {'best tile':>9} {'i8/bf16 time':>12}  (TFLOP/s or TOP/s)")
+          f"{'best tile':>9} {'i8/bf16 time':>12}  (TFLOP/s or TOP/s)")
     for r in rows:
-        best = min(r["pointer_ms"], r.get("tma_ms", float("inf")), r.get("split_k_ms", float("inf")))
+        best = min(r["pointer_ms"], r.get("tma_ms", float("inf")))
         print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<6}->{r['N']:<6} {r['bf16_tops']:>6.0f} "
               f"{r['pointer_tops']:>6.0f} {r.get('tma_tops', 0):>6.0f} {r['op_tops']:>6.0f} {r.get('int_mm_tops', 0):>7.0f} "
-              f"{r.get('split_k_tops', 0):>7.0f} {r.get('best_tile_tops', 0):>9.0f} {best / r['bf16_ms']:>11.2f}x  {r.get('best_tile', '')}")
+              f"{r.get('best_tile_tops', 0):>9.0f} {best / r['bf16_ms']:>11.2f}x  {r.get('best_tile', '')}")
     return rows
 
 

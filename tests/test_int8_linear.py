@@ -264,32 +264,6 @@ def test_forward_and_gradients_match_the_plain_bitlinear(int8_grad, grad_scale, 
         assert torch.equal(fast(x1), plain(x1))
 
 
-@pytest.mark.parametrize("grad_scale", [1.0, 3e-8])
-@pytest.mark.parametrize("rows", [[80], [48, 16, 16]])
-def test_int8_weight_gradient_is_the_plain_one_to_its_rounding(grad_scale, rows):
-    """``int8_grad_weight``: the weight gradient from int8 products (the output gradient over the
-    activations' per-token scale, rounded per output feature; the forward's int8 activations) against
-    the plain path's: not equal (it rounds), but within 1% (L2) for each projection, stacked or not;
-    the forward and grad_input are unchanged by it."""
-    torch.manual_seed(0)
-    plain = [BitLinear(90, n) for n in rows]
-    fast = [BitLinear(90, n) for n in rows]
-    for f, p in zip(fast, plain):
-        f.load_state_dict(p.state_dict())
-    x1 = torch.randn(4, 50, 90, requires_grad=True)
-    x2 = x1.detach().clone().requires_grad_()
-    y1 = [p(x1) for p in plain]
-    y2 = L.int8_linear(x2, [f.weight for f in fast], int8_grad=False, int8_grad_weight=True)
-    g = [torch.randn_like(y) * grad_scale for y in y1]
-    torch.autograd.backward(y1, g)
-    torch.autograd.backward(y2, g)
-    for a, b in zip(y2, y1):
-        assert rel(a, b) < 1e-6
-    assert rel(x2.grad, x1.grad) < 1e-6
-    for f, p in zip(fast, plain):
-        assert 1e-4 < rel(f.weight.grad, p.weight.grad) < 1e-2
-
-
 def test_bf16_autocast_computes_in_bf16_and_returns_fp32_gradients():
     torch.manual_seed(0)
     plain, fast = BitLinear(64, 48), BitLinear(64, 48)
@@ -412,21 +386,6 @@ def test_trainer_runs_the_int8_path_with_grad_accumulation(tmp_path):
     assert la[0] == pytest.approx(lb[0], abs=1e-5)  # the same model before any update
     assert la == pytest.approx(lb, abs=2e-3) and la[-1] < la[0]
     assert a.val_loss == pytest.approx(b.val_loss, abs=2e-3)
-
-
-def test_trainer_runs_the_int8_weight_gradient(tmp_path):
-    """``train.int8_grad_weight``: the trainer's int8 path with the weight gradient on int8 products
-    trains (the loss falls) and stays near the plain path over a few steps (the weight gradient is an
-    approximation, so not as near as the default int8 path)."""
-    sets = ["train.steps=6", "train.grad_accum=2", "train.log_every=1", "train.eval_every=6"]
-    a = train(load_recipe(None, [*sets, "train.int8_matmul=on", "train.int8_grad_weight=true"], data=micro_recipe()),
-              tmp_path / "a", progress=False)
-    b = train(load_recipe(None, [*sets, "train.int8_matmul=off"], data=micro_recipe()), tmp_path / "b",
-              progress=False)
-    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert la[0] == pytest.approx(lb[0], abs=1e-5) and la[-1] < la[0]
-    assert la == pytest.approx(lb, abs=2e-2)
-    assert a.val_loss == pytest.approx(b.val_loss, abs=2e-2)
 
 
 @pytest.mark.slow

@@ -17,21 +17,11 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   product as an approximation. ``train.int8_grad_input: false`` keeps it in bf16 instead.
 * grad_weight: ``dW = G^T @ X~`` in the compute dtype, X~ the dequantised activations exactly
   as the plain path has them (``Xq / s_x``); the weight gradient sums over all tokens, where
-  int8 rounding of G would bias small updates, so by default it stays 16-bit.
-  ``train.int8_grad_weight: true`` runs it on the int8 tensor cores too:
-  ``dW = (Hq^T @ Xq) * (1 / s_h[n])`` with ``H = G / s_x[token]`` (the activations' per-token scale
-  sits on the reduction, so it is folded into the gradient before rounding) quantised per output
-  feature over the micro-batch's tokens (``Hq = round(H * s_h)``, ``s_h = 127 / max_t |H[t, n]|``, the
-  gradients' floor) and Xq the forward's own int8 activations, exactly. A token whose gradient is
-  small against its feature's largest loses precision there (an entry below 1/254 of that largest
-  rounds to 0): an approximation the CPU tests bound and benchmarks/RESULTS.md measures in training.
-  The product is split along the tokens when the weight is too small to fill the GPU
-  (int8_triton.int8_mm_split_k, exact int32 sums).
+  int8 rounding of G would bias small updates, so it stays 16-bit.
 
-The activations are saved for the backward as grad_weight reads them: dequantised in the compute
+The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
-but a pass over them in every backward to dequantise them again), or with the int8 weight gradient
-as int8 transposed to [features, tokens] (the layout its product reads) plus the per-token scales.
+but a pass over them in every backward to dequantise them again).
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
@@ -97,13 +87,6 @@ def int8_rows(m: int, n: int, device: torch.device | str) -> torch.Tensor:
     """An uninitialised int8 [m, n] whose rows start on 16-byte boundaries: a view of [m, n rounded up
     to 16], as the TMA product kernel (int8_triton) needs to read it (1.3b's K = 5460 and 10920)."""
     return torch.empty((m, -(-n // 16) * 16), dtype=torch.int8, device=device)[:, :n]
-
-
-def transposed_rows(q: torch.Tensor) -> torch.Tensor:
-    """``q.t()`` as a contiguous copy with 16-byte-aligned rows (int8_rows): [n, m] from [m, n]."""
-    out = int8_rows(q.shape[1], q.shape[0], q.device)
-    out.copy_(q.t())
-    return out
 
 
 def pad_rows(q: torch.Tensor) -> torch.Tensor:
@@ -199,27 +182,22 @@ class _Int8Linear(torch.autograd.Function):
     (for their gradients only). Returns one output [M, N_i] per projection (views of one product)."""
 
     @staticmethod
-    def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, int8_grad_weight, *weights):
+    def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
         q, s_x = quantize_rows(x)
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        if int8_grad_weight:
-            # grad_weight's int8 operand: the rounded activations, K-major for its reduction over tokens.
-            activations = (transposed_rows(q), s_x)
-        else:
-            # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
-            # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
-            activations = ((q.float() / s_x[:, None]).to(dtype),)
-        ctx.save_for_backward(*activations, trits, trits_t, col_scale)
-        ctx.dtype, ctx.int8_grad, ctx.int8_grad_weight, ctx.x_dtype = dtype, int8_grad, int8_grad_weight, x.dtype
+        # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
+        # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
+        x_deq = (q.float() / s_x[:, None]).to(dtype)
+        ctx.save_for_backward(x_deq, trits, trits_t, col_scale)
+        ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
         return tuple(y.split(ctx.rows, dim=-1)) if len(weights) > 1 else y
 
     @staticmethod
     def backward(ctx, *gs):
-        *activations, trits, trits_t, col_scale = ctx.saved_tensors
-        tokens = activations[0].shape[1] if ctx.int8_grad_weight else activations[0].shape[0]
+        x_deq, trits, trits_t, col_scale = ctx.saved_tensors
         # An output nobody used gets no gradient: zeros, so that the parts still line up with T's rows.
-        gs = [(col_scale.new_zeros((tokens, n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
+        gs = [(x_deq.new_zeros((x_deq.shape[0], n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
               for g, n in zip(gs, ctx.rows)]
         grad_x = None
         grads_w = [None] * len(ctx.rows)
@@ -233,31 +211,22 @@ class _Int8Linear(torch.autograd.Function):
                 g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
-        if any(ctx.needs_input_grad[7:]):
-            if ctx.int8_grad_weight:
-                q_t, s_x = activations
-                grads_w = []
-                for g, dt in zip(gs, ctx.w_dtypes):
-                    hq, s_h = quantize_rows((g.float() / s_x[:, None]).t(), GRAD_ABSMAX_FLOOR)
-                    grads_w.append(int8_mm(pad_rows(hq.contiguous()), q_t, 1.0 / s_h, None, torch.float32).to(dt))
-            else:
-                grads_w = [(g.t() @ activations[0]).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
-        return (grad_x, None, None, None, None, None, None, *grads_w)
+        if any(ctx.needs_input_grad[6:]):
+            grads_w = [(g.t() @ x_deq).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
+        return (grad_x, None, None, None, None, None, *grads_w)
 
 
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                int8_grad: bool = True, int8_grad_weight: bool = False) -> list[torch.Tensor]:
+                int8_grad: bool = True) -> list[torch.Tensor]:
     """``[BitLinear_w(x) for w in weights]`` on int8 products (no biases); the stacked ternary
-    weight (:func:`stacked_ternary`) is derived here unless given. ``int8_grad`` / ``int8_grad_weight``:
-    the input / weight gradient on int8 products too (see the module's docstring)."""
+    weight (:func:`stacked_ternary`) is derived here unless given."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
-    ys = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, int8_grad_weight,
-                           *weights)
+    ys = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
     ys = ys if isinstance(ys, tuple) else (ys,)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
@@ -305,9 +274,9 @@ class Int8Product(nn.Module):
     buffers filled by :meth:`refresh` once per step; without it (FSDP, where the full weights
     exist only inside the forward) each forward derives it from the weights it is given."""
 
-    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool, int8_grad_weight: bool = False):
+    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool):
         super().__init__()
-        self.int8_grad, self.int8_grad_weight, self.cache = int8_grad, int8_grad_weight, cache
+        self.int8_grad, self.cache = int8_grad, cache
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
@@ -320,12 +289,12 @@ class Int8Product(nn.Module):
     def forward(self, x: torch.Tensor, *projs: nn.Module) -> list[torch.Tensor]:
         weights = [p.weight for p in projs]
         if not self.cache:
-            outs = int8_linear(x, weights, int8_grad=self.int8_grad, int8_grad_weight=self.int8_grad_weight)
+            outs = int8_linear(x, weights, int8_grad=self.int8_grad)
         else:
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
-            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, self.int8_grad_weight)
+            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
 
     @torch.no_grad()
@@ -351,25 +320,24 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
     return groups
 
 
-def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_grad_weight: bool = False) -> int:
+def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
     """Switch every BitLinear of ``model`` to int8 products; returns how many.
 
     Projections of one input (a module's ``shared_input``) get one stacked product on their owner
     (``owner.int8_fused``); every other BitLinear its own (``BitLinear.int8``). ``cache``: keep the
-    ternary weights as buffers filled by :func:`refresh` once per step. ``int8_grad`` /
-    ``int8_grad_weight``: the input / weight gradients on int8 products too.
+    ternary weights as buffers filled by :func:`refresh` once per step.
     """
     from bitnet_cli.model import BitLinear
 
     fused = set()
     for owner, projs in _shared_input_groups(model):
-        owner.int8_fused = Int8Product(projs, int8_grad, cache, int8_grad_weight)
+        owner.int8_fused = Int8Product(projs, int8_grad, cache)
         fused.update(map(id, projs))
     n = 0
     for m in list(model.modules()):
         if isinstance(m, BitLinear):
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
-            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, int8_grad_weight)
+            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused)
             n += 1
     return n
 
@@ -389,4 +357,4 @@ def refresh(model: nn.Module) -> None:
 
 __all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
            "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary",
-           "ternary_weight", "transposed_rows"]
+           "ternary_weight"]

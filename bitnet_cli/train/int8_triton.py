@@ -106,80 +106,6 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
 
-# The split-K product for a long reduction onto a small output: the int8 weight gradient
-# (train.int8_grad_weight), M x N = a projection's weight (768-10920 square-ish), K = the micro-batch's
-# tokens (16k-32k). There a tile per program leaves most of the 132 SMs idle (1536 x 1536 is 144 tiles of
-# 128 x 128), so each tile's K range is split among SPLIT programs, each adding its int32 partial sum into an
-# int32 workspace with atomics: integer sums do not depend on their order, so the result is the reference's
-# bit for bit. The scaling then runs as the reference states it (in torch, a pass over the small output).
-_SPLIT_K_TILE = triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
-# Split when the tiles fill fewer than this many waves of the SMs and K has at least this many tile steps per split.
-_SPLIT_K_WAVES, _SPLIT_K_MIN_STEPS = 4, 8
-
-
-@triton.jit
-def _int8_mm_split_k_kernel(a_ptr, b_ptr, acc_ptr, M, N, K, k_per_split, stride_am, stride_bn,
-                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                            EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    width = GROUP_M * grid_n  # grouped order, as _int8_mm_kernel
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    k_first = tl.program_id(1) * k_per_split
-    k_end = tl.minimum(K, k_first + k_per_split)
-
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    ra = tl.max_contiguous(tl.multiple_of(rm % M, BM), BM)
-    rb = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
-    a_ptrs = a_ptr + ra[:, None] * stride_am + (k_first + rk)[None, :]
-    b_ptrs = b_ptr + rb[None, :] * stride_bn + (k_first + rk)[:, None]
-    acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(k_first, k_end, BK):
-        if EVEN_K:  # K and k_per_split multiples of BK: no mask
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            left = k_end - k0
-            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
-            b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-        a_ptrs += BK
-        b_ptrs += BK
-    tl.atomic_add(acc_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N), sem="relaxed")
-
-
-def split_k(M: int, N: int, K: int, sms: int, tile: triton.Config = _SPLIT_K_TILE) -> int:
-    """How many programs share each output tile's K range (1: no split)."""
-    tiles = triton.cdiv(M, tile.kwargs["BM"]) * triton.cdiv(N, tile.kwargs["BN"])
-    if tiles >= _SPLIT_K_WAVES * sms:
-        return 1
-    return max(1, min(triton.cdiv(_SPLIT_K_WAVES * sms, tiles), K // (_SPLIT_K_MIN_STEPS * tile.kwargs["BK"])))
-
-
-def int8_mm_split_k(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-                    out_dtype: torch.dtype, splits: int, tile: triton.Config = _SPLIT_K_TILE) -> torch.Tensor:
-    """int8_mm with each tile's K range split ``splits`` ways (see _SPLIT_K_TILE); the same bits."""
-    M, K = a.shape
-    N = b.shape[0]
-    bk = tile.kwargs["BK"]
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    acc = torch.zeros((M, N), dtype=torch.int32, device=a.device)
-    grid = (triton.cdiv(M, tile.kwargs["BM"]) * triton.cdiv(N, tile.kwargs["BN"]), triton.cdiv(K, k_per_split))
-    _int8_mm_split_k_kernel[grid](a, b, acc, M, N, K, k_per_split, a.stride(0), b.stride(0), **tile.kwargs,
-                                  EVEN_K=K % bk == 0, num_warps=tile.num_warps, num_stages=tile.num_stages)
-    c = acc.float() * row_mul.float()[:, None]  # int8_mm_reference's scaling, the same torch operations
-    if col_mul is not None:
-        c = c * col_mul.float()[None, :]
-    return c.to(out_dtype)
-
-
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
 # at most 227 KiB on Hopper). WARP_SPECIALIZE: Triton's Hopper warp specialisation (num_warps 4 gives
@@ -290,24 +216,17 @@ _FASTER: dict[tuple, str] = {}
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-            out_dtype: torch.dtype, kernel: str = "pointer", config: triton.Config | None = None,
-            split: bool = True) -> torch.Tensor:
+            out_dtype: torch.dtype, kernel: str = "pointer", config: triton.Config | None = None) -> torch.Tensor:
     """``kernel``: "pointer" (the pointer-load kernel, any shape), "tma" (the persistent TMA kernel,
     where :func:`tma_fits`; else "pointer") or "auto": where both can run, the first product of each
-    shape times the two (each at its autotuned tile) and keeps the faster. ``split``: a long K onto
-    too few output tiles (:func:`split_k`) runs :func:`int8_mm_split_k` instead, whatever the kernel.
-    The results are the same bit for bit either way. ``config``: one of the kernel's tiles instead of
-    the autotuner's choice (Triton's interpreter, which the CPU tests run the kernels in, cannot time
-    them); no split then."""
+    shape times the two (each at its autotuned tile) and keeps the faster. The results are the same
+    bit for bit either way. ``config``: one of the kernel's tiles instead of the autotuner's choice
+    (Triton's interpreter, which the CPU tests run the kernels in, cannot time them)."""
     M, K = a.shape
     N = b.shape[0]
     assert b.shape[1] == K and a.dtype == b.dtype == torch.int8
     # Rows may be padded (int8_rows): both kernels take a row stride; only the elements must be contiguous.
     a, b = (t if t.stride(1) == 1 else t.contiguous() for t in (a, b))
-    if split and config is None:
-        splits = split_k(M, N, K, _gpu(a.device)[1])
-        if splits > 1:
-            return int8_mm_split_k(a, b, row_mul, col_mul, out_dtype, splits)
     if kernel == "auto":
         kernel = "pointer"
         if tma_fits(a, b):
@@ -318,8 +237,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
                 ms = {}
                 for k in ("pointer", "tma"):
                     try:
-                        ms[k] = do_bench(lambda k=k: int8_mm(a, b, row_mul, col_mul, out_dtype, k, split=False),
-                                         return_mode="median")
+                        ms[k] = do_bench(lambda k=k: int8_mm(a, b, row_mul, col_mul, out_dtype, k), return_mode="median")
                     except Exception as e:  # noqa: BLE001 (a Triton build that cannot compile it: the other serves)
                         if k == "pointer":
                             raise

@@ -188,10 +188,6 @@ class TrainSpec(_Strict):
     int8_grad_input: bool = Field(True, description="With int8_matmul: the input gradient through the "
                                                     "ternary weight in int8 too (output gradient quantised "
                                                     "per token); false: in the compute dtype.")
-    int8_grad_weight: bool = Field(False, description="With int8_matmul: the weight gradient on int8 products "
-                                                      "too (output gradient quantised per output feature over "
-                                                      "the micro-batch's tokens; an approximation: see "
-                                                      "benchmarks/RESULTS.md); false: in the compute dtype.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
                                                                    "or FSDP (fully_shard) for large shapes.")
 
