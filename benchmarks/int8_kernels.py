@@ -193,19 +193,17 @@ def launch_cost(calls: int = 500) -> list[dict]:
 
 # Tiles timed one by one at the products of --tiles's models (beside the autotuned kernels), to choose the
 # kernels' autotuning lists (int8_triton._CONFIGS, _TMA_CONFIGS) from: theirs, and others around them.
-def _tile(bm, bn, bk, warps, stages, ws=None):
+def _tile(bm, bn, bk, warps, stages):
     import triton
 
-    kw = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8, **({} if ws is None else {"WARP_SPECIALIZE": ws})}
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
 def sweep_tiles() -> dict:
     from bitnet_cli.train import int8_triton
 
     pointer = [*int8_triton._CONFIGS, _tile(128, 256, 128, 8, 4), _tile(256, 128, 64, 8, 5)]
-    tma = [*int8_triton._TMA_CONFIGS, _tile(128, 256, 128, 4, 4, True), _tile(128, 128, 128, 4, 5, True),
-           _tile(256, 128, 64, 4, 5, True)]
+    tma = [*int8_triton._TMA_CONFIGS, _tile(256, 128, 128, 8, 3), _tile(256, 128, 64, 8, 5)]
     unique = {}
     for kernel, tiles in (("pointer", pointer), ("tma", tma)):
         for t in tiles:
@@ -214,8 +212,7 @@ def sweep_tiles() -> dict:
 
 
 def tile_name(c) -> str:
-    ws = " ws" if c.kwargs.get("WARP_SPECIALIZE") else ""
-    return f"{c.kwargs['BM']}x{c.kwargs['BN']}x{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}{ws}"
+    return f"{c.kwargs['BM']}x{c.kwargs['BN']}x{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
 
 
 def products(name: str) -> list[tuple[str, int, int, int]]:

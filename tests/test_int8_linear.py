@@ -95,14 +95,13 @@ _INTERPRETED_PRODUCT = _INTERPRETER_LOOP_BOUNDS + """
 import json, sys, torch, triton
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 out = []
-for kernel, M, N, K, bm, bn, bk, col, ws in json.loads(sys.argv[1]):
+for kernel, M, N, K, bm, bn, bk, col in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
-    tile = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2, **({"WARP_SPECIALIZE": ws} if kernel == "tma" else {})}
-    cfg = triton.Config(tile, num_warps=4, num_stages=2)
+    cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
     got = T.int8_mm(a, b, rm, cm, torch.float32, kernel=kernel, config=cfg)
     out.append(torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.float32)))
 print(json.dumps(out))
@@ -147,13 +146,11 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     walk, rows, columns and K ragged against the tile (TMA's zero fill, the masks), with and
     without the column scale. fp32 outputs, bit for bit: the interpreter rounds fp32 to bf16 by
     truncation, where the GPU rounds to nearest as torch does (the bf16 outputs are checked on
-    the GPU by benchmarks/int8_kernels.py). The TMA kernel's tile loop with and without warp
-    specialisation (the interpreter runs the loop the same either way; its split into producer and
-    consumer warps is the GPU compiler's)."""
+    the GPU by benchmarks/int8_kernels.py)."""
     pytest.importorskip("triton")
-    cases = [["tma", 100, 80, 160, 32, 32, 64, True, False], ["tma", 64, 96, 48, 32, 32, 32, False, True],
-             ["tma", 33, 17, 16, 16, 16, 16, True, True], ["pointer", 100, 80, 150, 32, 32, 64, True, False],
-             ["pointer", 64, 64, 64, 32, 32, 32, False, False]]
+    cases = [["tma", 100, 80, 160, 32, 32, 64, True], ["tma", 64, 96, 48, 32, 32, 32, False],
+             ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
+             ["pointer", 64, 64, 64, 32, 32, 32, False]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
@@ -164,9 +161,7 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
 _INTERPRETED_DIRECT_LAUNCH = _INTERPRETER_LOOP_BOUNDS + """
 import json, sys, torch, triton
 from bitnet_cli.train import int8_linear as L, int8_triton as T
-TILE = {"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}
-TILES = {"pointer": triton.Config(TILE, num_warps=4, num_stages=2),
-         "tma": triton.Config({**TILE, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=2)}
+TILE = triton.Config({"BM": 32, "BN": 32, "BK": 32, "GROUP_M": 2}, num_warps=4, num_stages=2)
 launches = []
 class Compiled:
     def __init__(self, autotuned): self.autotuned = autotuned
@@ -183,17 +178,15 @@ class Compiled:
             jit[(x,)](*args[:11], **kw)
         return runner
 class Autotuned:
-    def __init__(self, real, tile): self.real, self.arg_names, self.fn, self.best_config = real, real.arg_names, real.fn, tile
+    def __init__(self, real): self.real, self.arg_names, self.fn, self.best_config = real, real.arg_names, real.fn, TILE
     def __getitem__(self, grid):
         def run(*args, **extra):
             launches.append("autotuned")
-            tile = self.best_config
-            self.real.fn[grid(tile.kwargs)](*args, **{**extra, "NUM_SMS": 1} if "NUM_SMS" in extra else extra,
-                                            **tile.all_kwargs())
+            self.real.fn[grid(TILE.kwargs)](*args, **{**extra, "NUM_SMS": 1} if "NUM_SMS" in extra else extra,
+                                            **TILE.all_kwargs())
             return Compiled(self)
         return run
-T._int8_mm_kernel = Autotuned(T._int8_mm_kernel, TILES["pointer"])
-T._int8_mm_tma_kernel = Autotuned(T._int8_mm_tma_kernel, TILES["tma"])
+T._int8_mm_kernel, T._int8_mm_tma_kernel = Autotuned(T._int8_mm_kernel), Autotuned(T._int8_mm_tma_kernel)
 out = []
 for kernel, M, N, K in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(M + N + K)
@@ -217,15 +210,15 @@ def test_int8_products_launch_the_compiled_kernel_directly_once_tuned():
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):
-    """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs (the pointer one by default); a
-    bad value is one clear error."""
+    """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs ("auto", the faster per shape, by
+    default); a bad value is one clear error."""
     pytest.importorskip("triton")
     from bitnet_cli.train import int8_triton as T
 
     monkeypatch.delenv("BITNET_INT8_MM", raising=False)
+    assert T.default_kernel() == "auto"
+    monkeypatch.setenv("BITNET_INT8_MM", "pointer")
     assert T.default_kernel() == "pointer"
-    monkeypatch.setenv("BITNET_INT8_MM", "tma")
-    assert T.default_kernel() == "tma"
     monkeypatch.setenv("BITNET_INT8_MM", "fast")
     with pytest.raises(BitnetError, match="BITNET_INT8_MM='fast'"):
         T.default_kernel()

@@ -7,7 +7,7 @@ output dtype in the epilogue: the dequantisation costs no pass over memory. Both
 K-contiguous, the layout 8-bit tensor-core operands need. Two kernels compute it: one loading its
 tiles through pointers (any shape, Ampere too) and a persistent one loading them by TMA (Hopper;
 rows on 16-byte boundaries); each autotunes its tile per (M, N, K). ``bitnet::int8_mm`` runs the
-pointer kernel unless $BITNET_INT8_MM says "tma" or "auto" (:func:`default_kernel`).
+faster of the two per product shape unless $BITNET_INT8_MM says "pointer" or "tma" (:func:`default_kernel`).
 int8_mm_reference in int8_linear.py is the same function in plain torch, tested against both. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
 """
 
@@ -108,17 +108,18 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
-# at most 227 KiB on Hopper). WARP_SPECIALIZE: Triton's Hopper warp specialisation (num_warps 4 gives
-# one producer warp group issuing the TMA loads and two consumer warp groups, each with half the
-# tile's rows, running the wgmma and the epilogue: 12 warps in all); it needs the tile loop
-# unflattened. Few tiles, so that a new shape's autotuning (each tile compiled and timed) stays
-# short: session 10's nine pointer tiles and seven TMA ones made the 1.3b run autotune for minutes.
+# at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
+# stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
+# for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
+# Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
+# unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
+# 1,180-1,550 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
+# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it.
 _TMA_CONFIGS = [
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": False}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": False}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8, "WARP_SPECIALIZE": True}, num_warps=4, num_stages=5),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
@@ -126,7 +127,7 @@ _TMA_CONFIGS = [
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
     # The TMA descriptors are made here, on the device (each program writes its two into the global
     # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
     # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
@@ -135,8 +136,8 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
-    # next tile's first loads overlap this tile's epilogue: without warp specialisation the loop nest
-    # is flattened into one software pipeline; with it, the producer warps run ahead on their own.
+    # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
+    # software pipeline).
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
@@ -144,7 +145,7 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
-    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
         group = tile // width
         first_m = group * GROUP_M
         size_m = min(grid_m - first_m, GROUP_M)
@@ -196,16 +197,16 @@ def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-# The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "pointer" unless $BITNET_INT8_MM says
-# "tma" or "auto". With host-side tensor descriptors the TMA kernel's launches left the GPU idle and the
-# compiled small.yaml step got slower (benchmarks/RESULTS.md, session 10); with device-side ones the idle
-# time is gone, but the step is only as fast as the pointer kernel's (session 11: 0.280-0.285 s against
-# 0.281), and TMA at the paper shapes is not measured yet, so it stays opt-in.
+# The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "auto" unless $BITNET_INT8_MM says "pointer"
+# or "tma". With host-side tensor descriptors the TMA kernel's launches left the GPU idle (session 10);
+# with device-side ones (session 11) it runs as fast as the pointer kernel at small.yaml's shapes, and
+# at the 700m shape's products 1.05-1.2x faster (1,025-1,244 TOP/s against 857-1,157; benchmarks/RESULTS.md,
+# session 12): "auto" times both at a shape's first product and keeps the faster, the same bits either way.
 KERNELS = ("pointer", "tma", "auto")
 
 
 def default_kernel() -> str:
-    kernel = os.environ.get("BITNET_INT8_MM", "pointer")
+    kernel = os.environ.get("BITNET_INT8_MM", "auto")
     if kernel not in KERNELS:
         raise BitnetError(f"BITNET_INT8_MM={kernel!r}: expected one of {', '.join(KERNELS)}")
     return kernel
