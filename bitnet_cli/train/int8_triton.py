@@ -91,17 +91,22 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     a_ptrs = a_ptr + ra[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rb[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:  # no mask: the loads stay plain 16-byte copies
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            left = K - k0
-            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
-            b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+    # The whole K steps load without a mask (plain 16-byte copies); a K that the tile does not divide
+    # (1.3b's 5460 and 10920) masks its last, partial step alone. Masking every step, as sessions 4-11
+    # did, ran those products at 163-168 TOP/s on an H200, against 930-1,080 at the aligned ones
+    # (benchmarks/RESULTS.md, session 12).
+    k_whole = (K // BK) * BK
+    for k0 in range(0, k_whole, BK):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
+    if not EVEN_K:
+        left = K - k_whole
+        a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
