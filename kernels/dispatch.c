@@ -81,11 +81,11 @@ static const int FALLBACK[BN_ISA_COUNT] = {
 static const bn_kernels OWN[BN_ISA_COUNT] = {
     [BN_ISA_SCALAR] = {{[BN_LAYOUT_I2] = bn_i2_rows_scalar, [BN_LAYOUT_TQ1] = bn_tq1_rows_scalar}, bn_quantize_rows_scalar, bn_glue_rows_scalar, bn_attend_scalar,
                        {[BN_EMB_F16] = bn_head_rows_f16_scalar, [BN_EMB_I8] = bn_head_rows_i8_scalar,
-                        [BN_EMB_Q4] = bn_head_rows_q4_scalar, [BN_EMB_Q6] = bn_head_rows_q6_scalar}},
+                        [BN_EMB_Q4] = bn_head_rows_q4_scalar, [BN_EMB_Q6] = bn_head_rows_q6_scalar}, bn_to_f16_scalar},
 #if BN_X86
     [BN_ISA_AVX2] = {{[BN_LAYOUT_I2] = bn_i2_rows_avx2, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx2}, bn_quantize_rows_avx2, bn_glue_rows_avx2, bn_attend_avx2,
                      {[BN_EMB_F16] = bn_head_rows_f16_avx2, [BN_EMB_I8] = bn_head_rows_i8_avx2,
-                      [BN_EMB_Q4] = bn_head_rows_q4_avx2, [BN_EMB_Q6] = bn_head_rows_q6_avx2}},
+                      [BN_EMB_Q4] = bn_head_rows_q4_avx2, [BN_EMB_Q6] = bn_head_rows_q6_avx2}, bn_to_f16_avx2},
     /* the head, glue and attention are memory-bound or small: the AVX2 versions already saturate
      * them, except q6, whose decoding costs more instructions per byte than the others' */
     [BN_ISA_AVX512] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512},
@@ -97,7 +97,8 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
 #if BN_ARM64
     [BN_ISA_NEON] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_neon, [BN_LAYOUT_TQ1] = bn_tq1_rows_neon},
                      .head = {[BN_EMB_F16] = bn_head_rows_f16_neon, [BN_EMB_I8] = bn_head_rows_i8_neon,
-                              [BN_EMB_Q4] = bn_head_rows_q4_neon, [BN_EMB_Q6] = bn_head_rows_q6_neon}},
+                              [BN_EMB_Q4] = bn_head_rows_q4_neon, [BN_EMB_Q6] = bn_head_rows_q6_neon},
+                     .to_f16 = bn_to_f16_neon},
     [BN_ISA_NEONDOT] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_neondot, [BN_LAYOUT_TQ1] = bn_tq1_rows_neondot}},
 #endif
 };
@@ -130,6 +131,7 @@ static void resolve(void) {
         INHERIT(quantize)
         INHERIT(glue)
         INHERIT(attend)
+        INHERIT(to_f16)
         for (int t = 0; t < BN_EMB_COUNT; t++) INHERIT(head[t])
 #undef INHERIT
         resolved[isa] = k;

@@ -159,6 +159,9 @@ typedef struct {
 
 typedef void (*bn_attn_fn)(const bn_attn_job *job);
 
+/* The f16 KV cache's write: dst[i] = bn_f32_to_f16(src[i]) for i < n, every ISA bit for bit. */
+typedef void (*bn_to_f16_fn)(uint16_t *dst, const float *src, int n);
+
 /* ---- dispatch (dispatch.c) ------------------------------------------------------------ */
 
 /* The kernels one ISA runs. */
@@ -168,6 +171,7 @@ typedef struct {
     bn_glue_fn glue;
     bn_attn_fn attend;
     bn_head_rows_fn head[BN_EMB_COUNT]; /* by row type, BN_EMB_* */
+    bn_to_f16_fn to_f16;
 } bn_kernels;
 
 /* The kernels of an isa, or NULL when this build/CPU lacks it. */
@@ -180,6 +184,7 @@ void bn_tq1_rows_scalar(const bn_i2_job *j, int r0, int r1);
 void bn_quantize_rows_scalar(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_scalar(const bn_glue_job *j, int t0, int t1);
 void bn_attend_scalar(const bn_attn_job *a);
+void bn_to_f16_scalar(uint16_t *dst, const float *src, int n);
 void bn_head_rows_f16_scalar(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_scalar(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_scalar(const bn_head_job *j, int r0, int r1);
@@ -196,6 +201,7 @@ int bn_amx_permitted(void);
 void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1);
 void bn_attend_avx2(const bn_attn_job *a);
+void bn_to_f16_avx2(uint16_t *dst, const float *src, int n);
 void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_avx2(const bn_head_job *j, int r0, int r1);
@@ -211,6 +217,7 @@ void bn_head_rows_f16_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q4_neon(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_neon(const bn_head_job *j, int r0, int r1);
+void bn_to_f16_neon(uint16_t *dst, const float *src, int n);
 #endif
 
 /* Run fn(ctx, chunk, n_chunks, ith) for every chunk in [0, n_chunks), on whichever pool threads

@@ -359,10 +359,10 @@ static void add_bias(float *y, const float *b, int M, int n) {
         for (int i = 0; i < n; i++) y[i] += b[i];
 }
 
-/* n keys or values into the cache at dst, in its element type (f16: rounded by bn_f32_to_f16) */
+/* n keys or values into the cache at dst, in its element type (f16: rounded as bn_f32_to_f16 does) */
 static void store_kv(const bn_model *m, char *dst, const float *src, int n) {
     if (m->d.kv_type == BN_KV_F16)
-        for (int i = 0; i < n; i++) ((uint16_t *)dst)[i] = bn_f32_to_f16(src[i]);
+        m->kern->to_f16((uint16_t *)dst, src, n);
     else
         memcpy(dst, src, sizeof(float) * n);
 }

@@ -433,6 +433,35 @@ static void test_f32_to_f16(void) {
             }
     }
 #endif
+    /* every ISA's cache write (bn_kernels.to_f16) gives bn_f32_to_f16's bits: on every sign,
+     * exponent and top mantissa bits with low bits around the rounding boundaries, at lengths
+     * around its lane counts (the tails go through the scalar loop) */
+    enum { CHUNK = 4096 };
+    static float src[CHUNK];
+    static uint16_t want[CHUNK], got[CHUNK];
+    static const uint32_t low[] = {0, 0xfff, 0x1000, 0x1001, 0x1fff};
+    for (uint32_t top = 0, filled = 0; top < (1u << 19); top++)
+        for (size_t i = 0; i < sizeof low / sizeof low[0]; i++) {
+            union {
+                uint32_t u;
+                float f;
+            } v = {top << 13 | low[i]};
+            src[filled++] = v.f;
+            if (filled < CHUNK && !(top == (1u << 19) - 1 && i == sizeof low / sizeof low[0] - 1)) continue;
+            for (uint32_t e = 0; e < filled; e++) want[e] = bn_f32_to_f16(src[e]);
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+                const bn_kernels *k = bn_kernels_for(isa);
+                if (!k) continue;
+                const int n = (int)filled - (int)(top % 13); /* lengths below the chunk too */
+                memset(got, 0xa5, sizeof got);
+                k->to_f16(got, src, n);
+                for (int e = 0; e < n; e++)
+                    CHECK(got[e] == want[e], "isa %d: f32 %a -> f16 0x%04x, not 0x%04x", isa, (double)src[e], got[e],
+                          want[e]);
+                CHECK(n == CHUNK || got[n] == 0xa5a5, "isa %d wrote past %d elements", isa, n);
+            }
+            filled = 0;
+        }
 }
 
 /* The float glue (residual add, relu^2 or SiLU gate, RMSNorm or none, int8 quantisation) on row
