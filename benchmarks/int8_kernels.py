@@ -1,6 +1,7 @@
 """The int8 BitLinear kernels on a GPU: exactness against the reference, then speed against bf16.
 
     python benchmarks/int8_kernels.py [--out int8_kernels.json] [--models small,700m,1.3b]
+    python benchmarks/int8_kernels.py --skip-checks --models 700m,1.3b --tiles 700m   # timings alone
 
 1. Both Triton products behind ``bitnet::int8_mm`` (pointer loads; persistent with TMA loads where
    the rows are 16-byte aligned) and the op itself against ``int8_mm_reference`` (pure torch, on the
@@ -14,11 +15,15 @@
 4. The host's cost of one product's launch (a 256 x 256 x 256 product, whose GPU time is a few
    microseconds, issued 500 times without waiting: the issuing rate is the host's), each kernel
    called directly and through ``bitnet::int8_mm``, against a bf16 ``F.linear`` (cuBLAS).
-5. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
-   (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
-   the trainer runs them): bf16 ``F.linear``, the two Triton int8
-   kernels with their epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
-   quantisation that feeds the int8 product. TFLOP/s count 2 x M x N x K.
+5. Timings (median of ``triton.testing.do_bench``) at each product of a layer at the recipes' shapes
+   (forward, tokens per micro-batch x K -> N; grad_input, tokens x N -> K; grad_weight, N x tokens
+   -> K; q/k/v and gate/up stacked as the trainer runs them): bf16 as the trainer runs it (cuBLAS),
+   the two Triton int8 kernels with their epilogue (autotuned; for grad_weight, which the trainer
+   runs in bf16, what int8 operands would give), the op ``bitnet::int8_mm`` with its dispatch,
+   ``torch._int_mm`` alone (no scales), and the compiled per-token quantisation that feeds the int8
+   product; ``--tiles MODELS`` also times every tile of both kernels alone (their autotuning lists and
+   a few more, :func:`sweep_tiles`), each checked bit for bit against the autotuned pointer kernel.
+   TFLOP/s (TOP/s) count 2 x M x N x K. ``--skip-checks`` leaves out 1.-4.
 """
 
 from __future__ import annotations
@@ -261,8 +266,10 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
                 q, t = L.pad_rows(q), L.pad_rows(t)  # as the trainer lays them out (int8_linear.int8_rows)
                 row, col = 1.0 / s, (col_scale if kind == "fwd" else None)
 
+            out = torch.float32 if kind == "grad_w" else torch.bfloat16  # grad_weight: the weights' gradient dtype
+
             def product(kernel, config=None):
-                return lambda: int8_triton.int8_mm(q, t, row, col, torch.bfloat16, kernel, config=config)
+                return lambda: int8_triton.int8_mm(q, t, row, col, out, kernel, config=config)
 
             ms = {"bf16": timed(bf16), "pointer": timed(product("pointer"))}
             r = {"model": name, "kind": kind, "M": M, "K": K, "N": N,
@@ -275,7 +282,7 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
                     r["tma_equal"] = torch.equal(product("tma")(), want)
                 except Exception as e:  # noqa: BLE001 (the other columns still get timed)
                     r["tma_error"] = repr(e)[:300]
-            ms["op"] = timed(lambda: L.int8_mm(q, t, row, col, torch.bfloat16))  # bitnet::int8_mm, its dispatch included
+            ms["op"] = timed(lambda: L.int8_mm(q, t, row, col, out))  # bitnet::int8_mm, its dispatch included
             qc, tc = q.contiguous(), t.contiguous()
             if K % 8 == 0 and N % 8 == 0:  # torch._int_mm's own limit
                 ms["int_mm"] = timed(lambda: torch._int_mm(qc, tc.t()))

@@ -118,7 +118,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
 # Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
 # unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
-# 1,180-1,550 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
+# up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
 # losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it.
 _TMA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -205,7 +205,7 @@ def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
 # The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "auto" unless $BITNET_INT8_MM says "pointer"
 # or "tma". With host-side tensor descriptors the TMA kernel's launches left the GPU idle (session 10);
 # with device-side ones (session 11) it runs as fast as the pointer kernel at small.yaml's shapes, and
-# at the 700m shape's products 1.05-1.2x faster (1,025-1,244 TOP/s against 857-1,157; benchmarks/RESULTS.md,
+# at the 700m shape's products 1.07-1.4x faster (1,025-1,244 TOP/s against 743-1,163; benchmarks/RESULTS.md,
 # session 12): "auto" times both at a shape's first product and keeps the faster, the same bits either way.
 KERNELS = ("pointer", "tma", "auto")
 
