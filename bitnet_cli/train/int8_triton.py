@@ -93,7 +93,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     # The whole K steps load without a mask (plain 16-byte copies); a K that the tile does not divide
     # (1.3b's 5460 and 10920) masks its last, partial step alone. Masking every step, as sessions 4-11
-    # did, ran those products at 163-168 TOP/s on an H200, against 930-1,080 at the aligned ones
+    # did, ran those products at 163-168 TOP/s on an H200, against 830-1,180 at the aligned ones
     # (benchmarks/RESULTS.md, session 12).
     k_whole = (K // BK) * BK
     for k0 in range(0, k_whole, BK):
