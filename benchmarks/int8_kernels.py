@@ -1,6 +1,7 @@
 """The int8 BitLinear kernels on a GPU: exactness against the reference, then speed against bf16.
 
     python benchmarks/int8_kernels.py [--out int8_kernels.json] [--models small,700m,1.3b]
+    python benchmarks/int8_kernels.py --skip-checks --models 700m,1.3b --tiles 700m   # timings alone
 
 1. Both Triton products behind ``bitnet::int8_mm`` (pointer loads; persistent with TMA loads where
    the rows are 16-byte aligned) and the op itself against ``int8_mm_reference`` (pure torch, on the
@@ -14,11 +15,15 @@
 4. The host's cost of one product's launch (a 256 x 256 x 256 product, whose GPU time is a few
    microseconds, issued 500 times without waiting: the issuing rate is the host's), each kernel
    called directly and through ``bitnet::int8_mm``, against a bf16 ``F.linear`` (cuBLAS).
-5. Timings (median of ``triton.testing.do_bench``) at the products of the recipes' shapes
-   (tokens per micro-batch x K -> N, forward and grad_input; q/k/v and gate/up stacked as
-   the trainer runs them): bf16 ``F.linear``, the two Triton int8
-   kernels with their epilogue, ``torch._int_mm`` alone (no scales), and the compiled per-token
-   quantisation that feeds the int8 product. TFLOP/s count 2 x M x N x K.
+5. Timings (median of ``triton.testing.do_bench``) at each product of a layer at the recipes' shapes
+   (forward, tokens per micro-batch x K -> N; grad_input, tokens x N -> K; grad_weight, N x tokens
+   -> K; q/k/v and gate/up stacked as the trainer runs them): bf16 as the trainer runs it (cuBLAS),
+   the two Triton int8 kernels with their epilogue (autotuned; for grad_weight, which the trainer
+   runs in bf16, what int8 operands would give), the op ``bitnet::int8_mm`` with its dispatch,
+   ``torch._int_mm`` alone (no scales), and the compiled per-token quantisation that feeds the int8
+   product; ``--tiles MODELS`` also times every tile of both kernels alone (their autotuning lists and
+   a few more, :func:`sweep_tiles`), each checked bit for bit against the autotuned pointer kernel.
+   TFLOP/s (TOP/s) count 2 x M x N x K. ``--skip-checks`` leaves out 1.-4.
 """
 
 from __future__ import annotations
@@ -191,52 +196,127 @@ def launch_cost(calls: int = 500) -> list[dict]:
     return out
 
 
-def bench(models: list[str]) -> list[dict]:
+# Tiles timed one by one at the products of --tiles's models (beside the autotuned kernels), to choose the
+# kernels' autotuning lists (int8_triton._CONFIGS, _TMA_CONFIGS) from: theirs, and others around them.
+def _tile(bm, bn, bk, warps, stages):
+    import triton
+
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+
+
+def sweep_tiles() -> dict:
+    from bitnet_cli.train import int8_triton
+
+    pointer = [*int8_triton._CONFIGS, _tile(128, 256, 128, 8, 4), _tile(256, 128, 64, 8, 5)]
+    tma = [*int8_triton._TMA_CONFIGS, _tile(256, 128, 128, 8, 3), _tile(256, 128, 64, 8, 5)]
+    unique = {}
+    for kernel, tiles in (("pointer", pointer), ("tma", tma)):
+        for t in tiles:
+            unique.setdefault((kernel, tile_name(t)), t)
+    return unique
+
+
+def tile_name(c) -> str:
+    return f"{c.kwargs['BM']}x{c.kwargs['BN']}x{c.kwargs['BK']} w{c.num_warps} s{c.num_stages}"
+
+
+def products(name: str) -> list[tuple[str, int, int, int]]:
+    """(kind, M, K, N) of one layer's products at a model's shape: forward (tokens x K -> N), grad_input
+    (tokens x N -> K) and grad_weight (N x tokens -> K: the sum over tokens; bf16 in the trainer, timed in
+    int8 too to see what an int8 weight gradient would buy)."""
+    M, kns = SHAPES[name]
+    out = []
+    for K0, N0 in kns:
+        out += [("fwd", M, K0, N0), ("grad_in", M, N0, K0), ("grad_w", N0, M, K0)]
+    return out
+
+
+def bench(models: list[str], tile_models: list[str]) -> list[dict]:
+    from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
 
+    from bitnet_cli.train import int8_triton
+
     quant = torch.compile(L.quantize_rows)
+    candidates = sweep_tiles()
     rows = []
+
+    def timed(f):
+        return do_bench(f, warmup=10, rep=40, return_mode="median")
+
     for name in models:
-        M, kns = SHAPES[name]
-        for K0, N0 in kns:
-            for kind, (K, N) in (("fwd", (K0, N0)), ("grad_in", (N0, K0))):
+        for kind, M, K, N in products(name):
+            torch.manual_seed(M + K + N)
+            flop = 2 * M * N * K
+            if kind == "grad_w":
+                # The trainer's bf16 product: G^T @ X~, G [tokens, N_out] and X~ [tokens, K_in] as saved (row-major).
+                g = torch.randn(K, M, device="cuda", dtype=torch.bfloat16)
+                xd = torch.randn(K, N, device="cuda", dtype=torch.bfloat16)
+                bf16 = lambda: g.t() @ xd  # noqa: E731
+                q = torch.randint(-128, 128, (M, K), device="cuda", dtype=torch.int8)  # G quantised, transposed
+                t = torch.randint(-128, 128, (N, K), device="cuda", dtype=torch.int8)  # X's int8, transposed
+                row, col = torch.rand(M, device="cuda") * 1e-3, None
+                x = None
+            else:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+                bf16 = lambda: F.linear(x, w)  # noqa: E731
                 q, s = L.quantize_rows(x)
                 t, _, col_scale = L.stacked_ternary([w])
                 q, t = L.pad_rows(q), L.pad_rows(t)  # as the trainer lays them out (int8_linear.int8_rows)
-                inv_s = 1.0 / s
-                flop = 2 * M * N * K
-                from bitnet_cli.train import int8_triton
+                row, col = 1.0 / s, (col_scale if kind == "fwd" else None)
 
-                def product(kernel):
-                    return lambda: int8_triton.int8_mm(q, t, inv_s, col_scale, torch.bfloat16, kernel)
+            out = torch.float32 if kind == "grad_w" else torch.bfloat16  # grad_weight: the weights' gradient dtype
 
-                ms = {"bf16": do_bench(lambda: F.linear(x, w), return_mode="median"),
-                      "triton_int8": do_bench(product("pointer"), return_mode="median")}
-                tiles = {"tile": str(int8_triton._int8_mm_kernel.best_config)}
-                if int8_triton.tma_fits(q, t):
+            def product(kernel, config=None):
+                return lambda: int8_triton.int8_mm(q, t, row, col, out, kernel, config=config)
+
+            ms = {"bf16": timed(bf16), "pointer": timed(product("pointer"))}
+            r = {"model": name, "kind": kind, "M": M, "K": K, "N": N,
+                 "pointer_tile": tile_name(int8_triton._int8_mm_kernel.best_config)}
+            want = product("pointer")()
+            if int8_triton.tma_fits(q, t):
+                try:
+                    ms["tma"] = timed(product("tma"))
+                    r["tma_tile"] = tile_name(int8_triton._int8_mm_tma_kernel.best_config)
+                    r["tma_equal"] = torch.equal(product("tma")(), want)
+                except Exception as e:  # noqa: BLE001 (the other columns still get timed)
+                    r["tma_error"] = repr(e)[:300]
+            ms["op"] = timed(lambda: L.int8_mm(q, t, row, col, out))  # bitnet::int8_mm, its dispatch included
+            qc, tc = q.contiguous(), t.contiguous()
+            if K % 8 == 0 and N % 8 == 0:  # torch._int_mm's own limit
+                ms["int_mm"] = timed(lambda: torch._int_mm(qc, tc.t()))
+            if x is not None:
+                ms["quant_x"] = timed(lambda: quant(x))
+            if name in tile_models:
+                tiles, unequal = {}, []
+                for (kernel, tname), cfg in candidates.items():
+                    if kernel == "tma" and not int8_triton.tma_fits(q, t):
+                        continue
                     try:
-                        ms["tma_int8"] = do_bench(product("tma"), return_mode="median")
-                        tiles["tma_tile"] = str(int8_triton._int8_mm_tma_kernel.best_config)
-                    except Exception as e:  # noqa: BLE001 (the other columns still get timed)
-                        tiles["tma_error"] = repr(e)[:300]
-                qc, tc = q.contiguous(), t.contiguous()
-                if K % 8 == 0 and N % 8 == 0:  # torch._int_mm's own limit
-                    ms["int_mm"] = do_bench(lambda: torch._int_mm(qc, tc.t()), return_mode="median")
-                ms["quant_x"] = do_bench(lambda: quant(x), return_mode="median")
-                r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, **tiles,
-                     **{f"{k}_ms": round(v, 4) for k, v in ms.items()},
-                     **{f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "quant_x"}}
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-    print(f"\n{'model':6} {'kind':8} {'M x K -> N':>20} {'bf16':>7} {'tri-i8':>7} {'tma-i8':>7} {'_int_mm':>7} "
-          f"{'quant ms':>8} {'i8 vs bf16':>10}")
+                        f = product(kernel, cfg)
+                        if not torch.equal(f(), want):
+                            unequal.append(f"{kernel} {tname}")
+                        tiles[f"{kernel} {tname}"] = round(flop / timed(f) / 1e9, 1)
+                    except OutOfResources:
+                        tiles[f"{kernel} {tname}"] = None
+                    except Exception as e:  # noqa: BLE001
+                        tiles[f"{kernel} {tname}"] = repr(e)[:200]
+                r["tile_tops"] = tiles
+                r["tiles_unequal_to_pointer"] = unequal
+                best = max((v, k) for k, v in tiles.items() if isinstance(v, float))
+                r["best_tile"], r["best_tile_tops"] = best[1], best[0]
+            r.update({f"{k}_ms": round(v, 4) for k, v in ms.items()})
+            r.update({f"{k}_tops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "quant_x"})
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    print(f"\n{'model':6} {'kind':8} {'M x K -> N':>21} {'bf16':>6} {'ptr-i8':>6} {'tma-i8':>6} {'op':>6} {'_int_mm':>7} "
+          f"{'best tile':>9} {'i8/bf16 time':>12}  (TFLOP/s or TOP/s)")
     for r in rows:
-        best = min(r["triton_int8_ms"], r.get("tma_int8_ms", float("inf")))
-        print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<5}->{r['N']:<5} {r['bf16_tflops']:>7.0f} "
-              f"{r['triton_int8_tflops']:>7.0f} {r.get('tma_int8_tflops', 0):>7.0f} {r.get('int_mm_tflops', 0):>7.0f} "
-              f"{r['quant_x_ms']:>8.3f} {best / r['bf16_ms']:>9.2f}x")
+        best = min(r["pointer_ms"], r.get("tma_ms", float("inf")))
+        print(f"{r['model']:6} {r['kind']:8} {r['M']:>7}x{r['K']:<6}->{r['N']:<6} {r['bf16_tops']:>6.0f} "
+              f"{r['pointer_tops']:>6.0f} {r.get('tma_tops', 0):>6.0f} {r['op_tops']:>6.0f} {r.get('int_mm_tops', 0):>7.0f} "
+              f"{r.get('best_tile_tops', 0):>9.0f} {best / r['bf16_ms']:>11.2f}x  {r.get('best_tile', '')}")
     return rows
 
 
@@ -245,8 +325,16 @@ def main():
     ap.add_argument("--out", default="int8_kernels.json")
     ap.add_argument("--models", default=",".join(SHAPES), help="the shapes to time (SHAPES' names)")
     ap.add_argument("--skip-tiles", action="store_true", help="leave out the per-tile exactness cases (EXACT_CASES)")
+    ap.add_argument("--tiles", default="", help="models whose products also time each candidate tile (sweep_tiles)")
+    ap.add_argument("--skip-checks", action="store_true", help="only the timings (the checks need a CPU reference)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.skip_checks:
+        result = {"gpu": torch.cuda.get_device_name(), "bench": bench([m for m in args.models.split(",") if m],
+                                                                       [m for m in args.tiles.split(",") if m])}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     exact = check_exact([] if args.skip_tiles else EXACT_CASES)
     grad_rows = check_grad_rows()
     grads = check_autograd()
@@ -257,7 +345,8 @@ def main():
               "launch": launch_cost()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    result["bench"] = bench([m for m in args.models.split(",") if m])  # --models "": the checks alone
+    # --models "": the checks alone
+    result["bench"] = bench([m for m in args.models.split(",") if m], [m for m in args.tiles.split(",") if m])
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     sys.exit(0 if ok and ok_rows else 1)

@@ -28,10 +28,16 @@ from bitnet_cli.train.recipe import PRESETS  # noqa: E402
 def kernel_kind(name: str) -> str:
     """A profiler event's kind of kernel, by its name."""
     n = name.lower()
-    if n.startswith("triton_"):  # inductor's names list the ops it fused (int8_mm's neighbours too)
-        return "inductor kernels"
     if n.startswith("_int8_mm"):  # both int8 product kernels (pointer loads, TMA)
         return "int8 products"
+    if n.startswith("_quantize_grad_rows") or (n.startswith("triton_") and "round" in n):
+        # the output gradient's rounding (bitnet::quantize_grad_rows), and the kernels inductor fused the
+        # activations' per-token rounding into (the RMSNorm or activation before a projection)
+        return "int8 quantisers"
+    if any(s in n for s in ("softmax", "nll_loss", "cross_entropy")):
+        return "loss (softmax, cross-entropy)"
+    if n.startswith("triton_"):  # inductor's names list the ops it fused
+        return "inductor kernels"
     if any(s in n for s in ("flash", "fmha", "attention", "sdpa")):
         return "attention"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")):

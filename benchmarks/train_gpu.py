@@ -25,8 +25,9 @@ whole run, and the final train and validation losses (the GPU check that the fas
 like the plain one). ``--parallel`` trains the two side by side on the one GPU (the curves do
 not depend on speed), in about half the wall time.
 
-The int8 variant runs the pointer-load product kernel; ``BITNET_INT8_MM=tma`` (or ``auto``) in the
-environment runs the persistent TMA one instead (bitnet_cli/train/int8_triton.py).
+The int8 variant runs, per product shape, the faster of the two int8 product kernels (pointer loads,
+persistent TMA); ``BITNET_INT8_MM=pointer`` or ``tma`` in the environment runs one of them everywhere
+(bitnet_cli/train/int8_triton.py).
 
 ``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
 the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind

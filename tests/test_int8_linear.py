@@ -210,15 +210,15 @@ def test_int8_products_launch_the_compiled_kernel_directly_once_tuned():
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):
-    """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs (the pointer one by default); a
-    bad value is one clear error."""
+    """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs ("auto", the faster per shape, by
+    default); a bad value is one clear error."""
     pytest.importorskip("triton")
     from bitnet_cli.train import int8_triton as T
 
     monkeypatch.delenv("BITNET_INT8_MM", raising=False)
+    assert T.default_kernel() == "auto"
+    monkeypatch.setenv("BITNET_INT8_MM", "pointer")
     assert T.default_kernel() == "pointer"
-    monkeypatch.setenv("BITNET_INT8_MM", "tma")
-    assert T.default_kernel() == "tma"
     monkeypatch.setenv("BITNET_INT8_MM", "fast")
     with pytest.raises(BitnetError, match="BITNET_INT8_MM='fast'"):
         T.default_kernel()

@@ -7,7 +7,7 @@ output dtype in the epilogue: the dequantisation costs no pass over memory. Both
 K-contiguous, the layout 8-bit tensor-core operands need. Two kernels compute it: one loading its
 tiles through pointers (any shape, Ampere too) and a persistent one loading them by TMA (Hopper;
 rows on 16-byte boundaries); each autotunes its tile per (M, N, K). ``bitnet::int8_mm`` runs the
-pointer kernel unless $BITNET_INT8_MM says "tma" or "auto" (:func:`default_kernel`).
+faster of the two per product shape unless $BITNET_INT8_MM says "pointer" or "tma" (:func:`default_kernel`).
 int8_mm_reference in int8_linear.py is the same function in plain torch, tested against both. ``quantize_grad_rows`` is the same for ``quantize_grad_rows_reference``.
 """
 
@@ -91,17 +91,22 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
     a_ptrs = a_ptr + ra[:, None] * stride_am + rk[None, :]
     b_ptrs = b_ptr + rb[None, :] * stride_bn + rk[:, None]
     acc = tl.zeros((BM, BN), dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        if EVEN_K:  # no mask: the loads stay plain 16-byte copies
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            left = K - k0
-            a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
-            b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+    # The whole K steps load without a mask (plain 16-byte copies); a K that the tile does not divide
+    # (1.3b's 5460 and 10920) masks its last, partial step alone. Masking every step, as sessions 4-11
+    # did, ran those products at 163-168 TOP/s on an H200, against 830-1,180 at the aligned ones
+    # (benchmarks/RESULTS.md, session 12).
+    k_whole = (K // BK) * BK
+    for k0 in range(0, k_whole, BK):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
         a_ptrs += BK
         b_ptrs += BK
+    if not EVEN_K:
+        left = K - k_whole
+        a = tl.load(a_ptrs, mask=rk[None, :] < left, other=0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
@@ -111,6 +116,10 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
 # stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
 # for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
+# Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
+# unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
+# up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
+# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it.
 _TMA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
@@ -193,16 +202,16 @@ def tma_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a, b))
 
 
-# The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "pointer" unless $BITNET_INT8_MM says
-# "tma" or "auto". With host-side tensor descriptors the TMA kernel's launches left the GPU idle and the
-# compiled small.yaml step got slower (benchmarks/RESULTS.md, session 10); with device-side ones the idle
-# time is gone, but the step is only as fast as the pointer kernel's (session 11: 0.280-0.285 s against
-# 0.281), and TMA at the paper shapes is not measured yet, so it stays opt-in.
+# The kernel ``bitnet::int8_mm`` runs (int8_mm's ``kernel``): "auto" unless $BITNET_INT8_MM says "pointer"
+# or "tma". With host-side tensor descriptors the TMA kernel's launches left the GPU idle (session 10);
+# with device-side ones (session 11) it runs as fast as the pointer kernel at small.yaml's shapes, and
+# at the 700m shape's products 1.07-1.4x faster (1,025-1,244 TOP/s against 743-1,163; benchmarks/RESULTS.md,
+# session 12): "auto" times both at a shape's first product and keeps the faster, the same bits either way.
 KERNELS = ("pointer", "tma", "auto")
 
 
 def default_kernel() -> str:
-    kernel = os.environ.get("BITNET_INT8_MM", "pointer")
+    kernel = os.environ.get("BITNET_INT8_MM", "auto")
     if kernel not in KERNELS:
         raise BitnetError(f"BITNET_INT8_MM={kernel!r}: expected one of {', '.join(KERNELS)}")
     return kernel
