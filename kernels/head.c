@@ -386,31 +386,42 @@ AVX2_TARGET static inline int32_t i8_row_avx2(const bn_head_job *j, int r, int t
     return s;
 }
 
-/* Several tokens: blocks of rows small enough to stay in L2 while every tile of tokens passes over
- * them (the last tokens in one narrower tile), so the head streams from memory once per call, not
- * once per HEAD_TT tokens. PREPARE(t, tt) runs before the tiles of tokens t..t+tt-1 pass a block. */
+/* Several tokens: blocks of rows small enough to stay in L2 while every tile of at most MAX_TT
+ * tokens passes over them (the last tokens in one narrower tile), so the head streams from memory
+ * once per call, not once per tile. PREPARE(t, tt) runs before the tiles of tokens t..t+tt-1 pass
+ * a block; with one tile (m <= MAX_TT: decode and batched decode) it runs once, before the first.
+ * WIDTHS(TILE, j, r, t, tt) calls TILE with tt as a constant (HEAD_WIDTHS_*), so that each tile
+ * width keeps its accumulators in registers. */
 #define HEAD_BLOCK_BYTES (128 * 1024)
-#define HEAD_TILES_AVX2(j, r0, r1, ROW_BYTES, PREPARE, TILE)                                          \
-    do {                                                                                              \
-        const int block_ = HEAD_BLOCK_BYTES / (ROW_BYTES) + 1;                                        \
-        for (int b0_ = (r0); b0_ < (r1); b0_ += block_) {                                             \
-            const int b1_ = (r1) - b0_ < block_ ? (r1) : b0_ + block_;                                 \
-            for (int t_ = 0; t_ < (j)->m; t_ += HEAD_TT) {                                            \
-                const int tt_ = (j)->m - t_ < HEAD_TT ? (j)->m - t_ : HEAD_TT;                         \
-                PREPARE(t_, tt_);                                                                     \
-                for (int r_ = b0_; r_ < b1_; r_++) switch (tt_) { /* constant widths: registers */     \
-                    case 1: TILE(j, r_, t_, 1); break;                                                \
-                    case 2: TILE(j, r_, t_, 2); break;                                                \
-                    case 3: TILE(j, r_, t_, 3); break;                                                \
-                    case 4: TILE(j, r_, t_, 4); break;                                                \
-                    case 5: TILE(j, r_, t_, 5); break;                                                \
-                    case 6: TILE(j, r_, t_, 6); break;                                                \
-                    case 7: TILE(j, r_, t_, 7); break;                                                \
-                    default: TILE(j, r_, t_, 8); break;                                               \
-                    }                                                                                 \
-            }                                                                                         \
-        }                                                                                             \
+#define HEAD_TILES(j, r0, r1, ROW_BYTES, MAX_TT, WIDTHS, PREPARE, TILE)                   \
+    do {                                                                                \
+        const int block_ = HEAD_BLOCK_BYTES / (ROW_BYTES) + 1;                          \
+        for (int b0_ = (r0); b0_ < (r1); b0_ += block_) {                               \
+            const int b1_ = (r1) - b0_ < block_ ? (r1) : b0_ + block_;                   \
+            for (int t_ = 0; t_ < (j)->m; t_ += (MAX_TT)) {                             \
+                const int tt_ = (j)->m - t_ < (MAX_TT) ? (j)->m - t_ : (MAX_TT);         \
+                if ((j)->m > (MAX_TT) || b0_ == (r0)) PREPARE(t_, tt_);                 \
+                for (int r_ = b0_; r_ < b1_; r_++) WIDTHS(TILE, j, r_, t_, tt_);        \
+            }                                                                           \
+        }                                                                               \
     } while (0)
+
+/* the cases of widths 1..7, shared by the tile families */
+#define HEAD_CASES_1_7(TILE, j, r, t)        \
+    case 1: TILE(j, r, t, 1); break;         \
+    case 2: TILE(j, r, t, 2); break;         \
+    case 3: TILE(j, r, t, 3); break;         \
+    case 4: TILE(j, r, t, 4); break;         \
+    case 5: TILE(j, r, t, 5); break;         \
+    case 6: TILE(j, r, t, 6); break;         \
+    case 7: TILE(j, r, t, 7); break;
+#define HEAD_WIDTHS_8(TILE, j, r, t, tt) \
+    switch (tt) {                        \
+        HEAD_CASES_1_7(TILE, j, r, t)    \
+    default: TILE(j, r, t, 8); break;    \
+    }
+#define HEAD_TILES_AVX2(j, r0, r1, ROW_BYTES, PREPARE, TILE) \
+    HEAD_TILES(j, r0, r1, ROW_BYTES, HEAD_TT, HEAD_WIDTHS_8, PREPARE, TILE)
 
 #define NOTHING_TO_PREPARE(t, tt) (void)0
 
@@ -729,39 +740,22 @@ AVX512_TARGET void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1) 
 #define AVX512VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 #define VNNI_TT 16 /* tokens per tile: one zmm accumulator each, 32 registers */
 
-/* The tokens of a head call in tiles of at most VNNI_TT over blocks of rows small enough to stay
- * in L2 while every tile passes (as HEAD_TILES_AVX2), each tile width a constant for the
- * compiler. PREPARE(t, tt) runs before the tiles of tokens t..t+tt-1 pass a block; with one tile
- * (m <= VNNI_TT: decode and batched decode) it runs once. */
-#define HEAD_TILES_VNNI(j, r0, r1, ROW_BYTES, PREPARE, TILE)                                      \
-    do {                                                                                        \
-        const int block_ = HEAD_BLOCK_BYTES / (ROW_BYTES) + 1;                                  \
-        for (int b0_ = (r0); b0_ < (r1); b0_ += block_) {                                       \
-            const int b1_ = (r1) - b0_ < block_ ? (r1) : b0_ + block_;                           \
-            for (int t_ = 0; t_ < (j)->m; t_ += VNNI_TT) {                                      \
-                const int tt_ = (j)->m - t_ < VNNI_TT ? (j)->m - t_ : VNNI_TT;                   \
-                if ((j)->m > VNNI_TT || b0_ == (r0)) PREPARE(t_, tt_);                          \
-                for (int r_ = b0_; r_ < b1_; r_++) switch (tt_) {                               \
-                    case 1: TILE(j, r_, t_, 1); break;                                          \
-                    case 2: TILE(j, r_, t_, 2); break;                                          \
-                    case 3: TILE(j, r_, t_, 3); break;                                          \
-                    case 4: TILE(j, r_, t_, 4); break;                                          \
-                    case 5: TILE(j, r_, t_, 5); break;                                          \
-                    case 6: TILE(j, r_, t_, 6); break;                                          \
-                    case 7: TILE(j, r_, t_, 7); break;                                          \
-                    case 8: TILE(j, r_, t_, 8); break;                                          \
-                    case 9: TILE(j, r_, t_, 9); break;                                          \
-                    case 10: TILE(j, r_, t_, 10); break;                                        \
-                    case 11: TILE(j, r_, t_, 11); break;                                        \
-                    case 12: TILE(j, r_, t_, 12); break;                                        \
-                    case 13: TILE(j, r_, t_, 13); break;                                        \
-                    case 14: TILE(j, r_, t_, 14); break;                                        \
-                    case 15: TILE(j, r_, t_, 15); break;                                        \
-                    default: TILE(j, r_, t_, 16); break;                                        \
-                    }                                                                           \
-            }                                                                                   \
-        }                                                                                       \
-    } while (0)
+/* the tiles of a head call: HEAD_TILES with up to VNNI_TT tokens a tile */
+#define HEAD_WIDTHS_16(TILE, j, r, t, tt)  \
+    switch (tt) {                          \
+        HEAD_CASES_1_7(TILE, j, r, t)      \
+    case 8: TILE(j, r, t, 8); break;       \
+    case 9: TILE(j, r, t, 9); break;       \
+    case 10: TILE(j, r, t, 10); break;     \
+    case 11: TILE(j, r, t, 11); break;     \
+    case 12: TILE(j, r, t, 12); break;     \
+    case 13: TILE(j, r, t, 13); break;     \
+    case 14: TILE(j, r, t, 14); break;     \
+    case 15: TILE(j, r, t, 15); break;     \
+    default: TILE(j, r, t, 16); break;     \
+    }
+#define HEAD_TILES_VNNI(j, r0, r1, ROW_BYTES, PREPARE, TILE) \
+    HEAD_TILES(j, r0, r1, ROW_BYTES, VNNI_TT, HEAD_WIDTHS_16, PREPARE, TILE)
 
 /* The int32 totals of a tile's accumulators, token b's in lane b % 8 of totals[b / 8] (integer
  * adds: exact in any order); tokens past TT count zero. */
