@@ -75,6 +75,10 @@ typedef struct {
     int state;
 } bn_amx_scratch;
 size_t bn_amx_xa_bytes(int m, int kp);
+#if BN_X86
+/* m tokens' k int8 inputs (k / 64 whole chunks) as tdpbusd/tdpbssd B tiles, in xa's order (ternary.c) */
+void bn_amx_tokens_to_tiles(const int8_t *x, int m, int k, int8_t *xa);
+#endif
 
 typedef struct {
     const uint8_t *w;
@@ -209,6 +213,7 @@ void bn_head_rows_q6_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_avx512vnni(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_avx512vnni(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1);
 #endif
 #if BN_ARM64
 void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);

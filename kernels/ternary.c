@@ -474,23 +474,24 @@ AVX512VNNI_TARGET static void i2_rows_avx512vnni_tokens(const bn_i2_job *j, int 
  * C tiles (32 rows x 32 tokens) takes tiles 0-3, A 4-5, B 6-7; rows and tokens past the end are
  * padded with zero codes or activations, and their sums never stored. */
 
-/* xa: token tile T (16 tokens, the last one zero-padded), then input chunk c (64 inputs), a 1 KB
- * B tile each: row g, column n holds x[16T + n][64c + 4g .. 64c + 4g + 3], one masked gather of
- * 16 dwords (one per token) a row. One thread does it while the others wait (a product's
- * m * kp bytes: measured against the product's own time in benchmarks/xeon16/README.md). */
-AMX_TARGET static void amx_reorder_activations(const bn_i2_job *j, int8_t *xa) {
-    const int nc = j->kp / 64, tiles = (j->m + 15) / 16; /* a block's second tile only where it has tokens */
+/* xa (bn_amx_tokens_to_tiles, internal.h): token tile T (16 tokens, the last one zero-padded),
+ * then input chunk c (64 inputs), a 1 KB B tile each: row g, column n holds x[16T + n][64c + 4g ..
+ * 64c + 4g + 3], one masked gather of 16 dwords (one per token) a row. The GEMM's one thread does
+ * it while the others wait (a product's m * kp bytes: measured against the product's own time in
+ * benchmarks/xeon16/README.md); the int8 head (head.c) reorders its hidden vectors the same way. */
+AMX_TARGET void bn_amx_tokens_to_tiles(const int8_t *x, int m, int k, int8_t *xa) {
+    const int nc = k / 64, tiles = (m + 15) / 16;
     const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                            _mm512_set1_epi32(j->kp)); /* token n's offset */
+                                            _mm512_set1_epi32(k)); /* token n's offset */
     for (int T = 0; T < tiles; T++) {
-        const int valid = j->m - 16 * T;
-        const __mmask16 tokens = valid >= 16 ? 0xffff : valid <= 0 ? 0 : (__mmask16)((1u << valid) - 1);
-        const int8_t *x = j->xq + (size_t)16 * T * j->kp;
+        const int valid = m - 16 * T;
+        const __mmask16 tokens = valid >= 16 ? 0xffff : (__mmask16)((1u << valid) - 1);
+        const int8_t *xt = x + (size_t)16 * T * k;
         for (int c = 0; c < nc; c++) {
             int8_t *tile = xa + ((size_t)T * nc + c) * 1024;
             for (int g = 0; g < 16; g++)
                 _mm512_store_si512(tile + 64 * g, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tokens, rows,
-                                                                              x + 64 * c + 4 * g, 1));
+                                                                              xt + 64 * c + 4 * g, 1));
         }
     }
 }
@@ -538,7 +539,7 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
     }
     int idle = 0;
     if (__atomic_compare_exchange_n(&scratch->state, &idle, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
-        amx_reorder_activations(j, scratch->xa);
+        bn_amx_tokens_to_tiles(j->xq, j->m, j->kp, scratch->xa);
         __atomic_store_n(&scratch->state, 2, __ATOMIC_RELEASE);
     } else {
         while (__atomic_load_n(&scratch->state, __ATOMIC_ACQUIRE) != 2) _mm_pause();
