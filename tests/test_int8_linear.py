@@ -301,6 +301,42 @@ def test_the_ternary_cache_is_refreshed_per_step_and_stays_out_of_checkpoints():
     assert torch.equal(attn.o_proj.int8.trits, t) and torch.equal(attn.o_proj.int8.col_scale, (1.0 / s).expand(len(t)))
 
 
+_INTERPRETED_REFRESH = """
+import json, sys, torch
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+from bitnet_cli.train import int8_linear as L
+out = []
+for hidden, inter, heads, kv, dtype in json.loads(sys.argv[1]):
+    cfg = BitNetConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=kv, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(hidden + inter)
+    model = BitNetForCausalLM(cfg).to(getattr(torch, dtype))
+    for i, p in enumerate(model.parameters()):
+        p.data.mul_(0.5 + i % 5)  # weights of different scales; exact ties of W * s at 0.5 among them
+    L.enable(model, True, cache=True)
+    L.refresh(model, "torch")
+    cached = lambda: [b for n, b in model.named_buffers() if n.split(".")[-1] in ("trits", "trits_t", "col_scale")]
+    want = [b.clone() for b in cached()]
+    for b in cached():
+        b.fill_(7)
+    L.refresh(model, "triton")
+    got = cached()
+    out.append(len(got) == len(want) > 0 and all(torch.equal(a, b) for a, b in zip(got, want)))
+    model(torch.randint(0, 64, (1, 4)))  # the versions were recorded: not stale
+print(json.dumps(out))
+"""
+
+
+def test_the_triton_refresh_gives_the_eager_refresh_bits_in_the_interpreter():
+    """int8_triton.refresh_products (one kernel per weight, the scales formed by torch as
+    ternary_weight forms them) against the eager Int8Product.refresh, bit for bit: trits, trits_t
+    (rows padded to 16 bytes) and col_scale, with rows and K ragged against the kernel's 32 x 128
+    tiles, grouped-query k/v narrower than q, fp32 and bf16 latent weights."""
+    pytest.importorskip("triton")
+    cases = [[48, 136, 4, 2, "float32"], [40, 200, 5, 5, "bfloat16"], [160, 96, 4, 1, "float32"]]
+    assert _interpret(_INTERPRETED_REFRESH, cases) == [True] * len(cases)
+
+
 def test_projections_with_their_own_input_norm_are_not_stacked():
     """use_rms_norm: each BitLinear quantises its own normed input, so q/k/v and gate/up keep one
     product each; the model's output is still the plain path's."""

@@ -342,19 +342,45 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
     return n
 
 
+def refresh_kernel() -> str:
+    """How :func:`refresh` re-derives the ternary weights of CUDA models: ``$BITNET_INT8_REFRESH``,
+    ``triton`` (default: :func:`int8_triton.refresh_products`, a few kernels per weight) or ``torch``
+    (:meth:`Int8Product.refresh`, about twelve eager kernels per weight). The same bits either way."""
+    import os
+
+    kind = os.environ.get("BITNET_INT8_REFRESH", "triton")
+    if kind not in ("triton", "torch"):
+        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'triton' or 'torch'")
+    return kind
+
+
 @torch.no_grad()
-def refresh(model: nn.Module) -> None:
-    """Re-derive the cached ternary weights from the latent ones: once per optimiser step."""
+def refresh(model: nn.Module, kernel: str | None = None) -> None:
+    """Re-derive the cached ternary weights from the latent ones: once per optimiser step.
+    ``kernel``: ``triton`` or ``torch`` (default :func:`refresh_kernel`; off CUDA always ``torch``)."""
     from bitnet_cli.model import BitLinear
 
+    products = []
     for owner, projs in _shared_input_groups(model):
         if getattr(owner, "int8_fused", None) is not None and owner.int8_fused.cache:
-            owner.int8_fused.refresh(*projs)
+            products.append((owner.int8_fused, projs))
     for m in model.modules():
         if isinstance(m, BitLinear) and getattr(m, "int8", None) is not None and m.int8.cache:
-            m.int8.refresh(m)
+            products.append((m.int8, [m]))
+    if not products:
+        return
+    kernel = kernel or (refresh_kernel() if products[0][0].trits.is_cuda else "torch")
+    if kernel == "torch":
+        for product, projs in products:
+            product.refresh(*projs)
+        return
+    from bitnet_cli.train import int8_triton
+
+    int8_triton.refresh_products([(p.trits, p.trits_t, p.col_scale, [q.weight for q in projs]) for p, projs in products])
+    for product, projs in products:
+        product.versions = [q.weight._version for q in projs]
 
 
 __all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
-           "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary",
+           "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]
