@@ -172,38 +172,61 @@ def check_autograd() -> list[dict]:
 def check_refresh(layers: int = 24) -> list[dict]:
     """The per-step ternary refresh (``int8_linear.refresh``) of a model at the 700m and 1.3b layer shapes:
     the Triton form (``int8_triton.refresh_products``) against the eager one, bit for bit (trits, trits_t,
-    col_scale), and each one's time per call (wall, synchronised: the host issuing the kernels is most of it)."""
+    col_scale), and each one's time per call (wall, synchronised: the host issuing the kernels is most of it);
+    also the Triton form captured once in a CUDA graph and replayed (one launch a step; not used by the trainer)."""
     import time
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+
+    def timed(f):
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return round(sorted(times)[3] * 1e3, 2)
 
     out = []
     for name, hidden, inter in (("700m", 1536, 4096), ("1.3b", 2048, 5460)):
         cfg = BitNetConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                            num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
         torch.manual_seed(0)
-        model = BitNetForCausalLM(cfg).cuda()
+        with torch.device("cuda"):
+            model = BitNetForCausalLM(cfg)
         L.enable(model, True, cache=True)
         bufs = lambda: [b for n, b in model.named_buffers() if n.split(".")[-1] in ("trits", "trits_t", "col_scale")]
-        res = {"model": name, "layers": layers}
+        res = {"model": name, "layers": layers, "weights": sum(p.dim() == 2 for p in model.parameters())}
+        got = {}
         for kernel in ("torch", "triton"):
             for b in bufs():
                 b.fill_(7)
             L.refresh(model, kernel)
-            res[kernel] = [b.clone() for b in bufs()]
-            times = []
-            for _ in range(6):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                L.refresh(model, kernel)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            res[f"{kernel}_ms"] = round(sorted(times)[3] * 1e3, 2)
-        a, b = res.pop("torch"), res.pop("triton")
-        res["bit_exact"] = len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+            got[kernel] = [b.clone() for b in bufs()]
+            res[f"{kernel}_ms"] = timed(lambda: L.refresh(model, kernel))
+        res["bit_exact"] = len(got["torch"]) == len(got["triton"]) > 0 and all(
+            torch.equal(x, y) for x, y in zip(got["torch"], got["triton"]))
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                L.refresh(model, "triton")
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                L.refresh(model, "triton")
+            for b in bufs():
+                b.fill_(7)
+            graph.replay()
+            res["graph_bit_exact"] = all(torch.equal(x, y) for x, y in zip(got["torch"], bufs()))
+            res["graph_ms"] = timed(graph.replay)
+            del graph
+        except Exception as e:  # noqa: BLE001 (a measurement only)
+            res["graph_error"] = repr(e)[:300]
         out.append(res)
         print(json.dumps(res), flush=True)
-        del model, a, b
+        del model, got
         torch.cuda.empty_cache()
     return out
 
