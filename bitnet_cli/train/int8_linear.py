@@ -171,6 +171,36 @@ def _(parts, col_scale):
     return int8_rows(m, n, parts[0].device), parts[0].new_empty((m,), dtype=torch.float32)
 
 
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [m, n] (2-byte floats) with rows starting on 16-byte boundaries: itself if they already do, else
+    a view of a padded copy. cuBLAS runs its fast bf16 kernels only on such operands: at 1.3b's 5460-wide
+    rows (10,920 bytes) it ran at 224-273 TFLOP/s against 700-800 aligned (benchmarks/RESULTS.md, session 12)."""
+    n = t.shape[-1]
+    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, -n % 8))[:, :n]
+
+
+@torch.library.custom_op("bitnet::grad_weight", mutates_args=())
+def grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(g^T @ x).to(out_dtype)`` (one projection's weight gradient) with both operands' rows 16-byte aligned
+    first (:func:`aligned_rows`). An opaque op, so that the padded layout is the one cuBLAS sees (inside a
+    compiled graph a pad followed by a slice may be folded away); used only where a width is not a
+    multiple of 8 (1.3b's 5460), where the copies cost far less than the unaligned product."""
+    return (aligned_rows(g).t() @ aligned_rows(x)).to(out_dtype)
+
+
+@grad_weight.register_fake
+def _(g, x, out_dtype):
+    return g.new_empty((g.shape[1], x.shape[1]), dtype=out_dtype)
+
+
+def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if g.shape[1] % 8 or x.shape[1] % 8:
+        return grad_weight(g, x, out_dtype)
+    return (g.t() @ x).to(out_dtype)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -212,7 +242,7 @@ class _Int8Linear(torch.autograd.Function):
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
         if any(ctx.needs_input_grad[6:]):
-            grads_w = [(g.t() @ x_deq).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
+            grads_w = [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, ctx.w_dtypes)]
         return (grad_x, None, None, None, None, None, *grads_w)
 
 
@@ -381,6 +411,6 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
+__all__ = ["Int8Product", "aligned_rows", "available", "enable", "grad_weight", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
            "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]
