@@ -301,6 +301,28 @@ def test_the_ternary_cache_is_refreshed_per_step_and_stays_out_of_checkpoints():
     assert torch.equal(attn.o_proj.int8.trits, t) and torch.equal(attn.o_proj.int8.col_scale, (1.0 / s).expand(len(t)))
 
 
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
+    """BITNET_INT8_ALIGN_GRAD_WEIGHT=1: widths that are not multiples of 8 (1.3b's 5460) take grad_weight
+    through bitnet::grad_weight, whose operands are padded copies with 16-byte-aligned rows: same values."""
+    torch.manual_seed(5)
+    ws = [torch.randn(42, 90) * 0.05, torch.randn(30, 90) * 0.05]
+    x = torch.randn(3, 7, 90)
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("BITNET_INT8_ALIGN_GRAD_WEIGHT", flag)
+        wd = [w.clone().requires_grad_() for w in ws]
+        ys = L.int8_linear(x, wd, int8_grad=int8_grad)
+        sum((y * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+        grads.append([w.grad for w in wd])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    g = torch.randn(64, 5460, dtype=torch.bfloat16)[:, 3:]  # unaligned start and row stride
+    a = L.aligned_rows(g)
+    assert torch.equal(a, g) and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+    xx = torch.randn(64, 24, dtype=torch.bfloat16)
+    assert torch.equal(L.grad_weight(g, xx, torch.float32), (g.t() @ xx).float())
+
+
 _INTERPRETED_REFRESH = """
 import json, sys, torch
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
