@@ -173,7 +173,7 @@ def check_refresh(layers: int = 24) -> list[dict]:
     """The per-step ternary refresh (``int8_linear.refresh``) of a model at the 700m and 1.3b layer shapes:
     the Triton form (``int8_triton.refresh_products``) against the eager one, bit for bit (trits, trits_t,
     col_scale), and each one's time per call (wall, synchronised: the host issuing the kernels is most of it);
-    also the Triton form captured once in a CUDA graph and replayed (one launch a step; not used by the trainer)."""
+    also the Triton form captured once in a CUDA graph and replayed (``BITNET_INT8_REFRESH=graph``)."""
     import time
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
@@ -207,21 +207,13 @@ def check_refresh(layers: int = 24) -> list[dict]:
             res[f"{kernel}_ms"] = timed(lambda: L.refresh(model, kernel))
         res["bit_exact"] = len(got["torch"]) == len(got["triton"]) > 0 and all(
             torch.equal(x, y) for x, y in zip(got["torch"], got["triton"]))
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                L.refresh(model, "triton")
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                L.refresh(model, "triton")
+        try:  # the trainer's BITNET_INT8_REFRESH=graph: captured at the first call, replayed after
+            L.refresh(model, "graph")
             for b in bufs():
                 b.fill_(7)
-            graph.replay()
+            L.refresh(model, "graph")
             res["graph_bit_exact"] = all(torch.equal(x, y) for x, y in zip(got["torch"], bufs()))
-            res["graph_ms"] = timed(graph.replay)
-            del graph
+            res["graph_ms"] = timed(lambda: L.refresh(model, "graph"))
         except Exception as e:  # noqa: BLE001 (a measurement only)
             res["graph_error"] = repr(e)[:300]
         out.append(res)

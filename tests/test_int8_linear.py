@@ -323,6 +323,26 @@ def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
     assert torch.equal(L.grad_weight(g, xx, torch.float32), (g.t() @ xx).float())
 
 
+def test_refresh_kernel_setting(monkeypatch):
+    """$BITNET_INT8_REFRESH picks the CUDA refresh (torch by default); a CPU model always refreshes in torch."""
+    monkeypatch.delenv("BITNET_INT8_REFRESH", raising=False)
+    assert L.refresh_kernel() == "torch"
+    for kind in ("triton", "graph"):
+        monkeypatch.setenv("BITNET_INT8_REFRESH", kind)
+        assert L.refresh_kernel() == kind
+    cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    model = BitNetForCausalLM(cfg)
+    L.enable(model, True, cache=True)
+    L.refresh(model)  # graph requested, CPU model: the torch form, no graph kept
+    assert "_int8_refresh_graph" not in model.__dict__
+    t, _ = L.ternary_weight(model.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.int8.trits, t)
+    monkeypatch.setenv("BITNET_INT8_REFRESH", "cuda-graph")
+    with pytest.raises(BitnetError, match="BITNET_INT8_REFRESH"):
+        L.refresh_kernel()
+
+
 _INTERPRETED_REFRESH = """
 import json, sys, torch
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM

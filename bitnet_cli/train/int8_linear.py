@@ -383,21 +383,24 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
 def refresh_kernel() -> str:
     """How :func:`refresh` re-derives the ternary weights of CUDA models: ``$BITNET_INT8_REFRESH``,
     ``torch`` (default: :meth:`Int8Product.refresh`, about twelve eager kernels per weight) or ``triton``
-    (:func:`int8_triton.refresh_products`, three kernels per weight). The same bits either way (checked on an
-    H200 at the 700m and 1.3b shapes, where it took 19.7 and 19.0 ms a call against 30.0 and 32.4); ``triton``
-    stays opt-in until a training run has measured it (session 13's was cut off by its time limit)."""
+    (:func:`int8_triton.refresh_products`, three kernels per weight) or ``graph`` (the ``triton`` form captured
+    once in a CUDA graph and replayed each step: one launch). The same bits either way (checked on an H200 at
+    the 700m and 1.3b shapes, where a refresh took 19.7 and 19.0 ms with ``triton``, 4.6 and 10.6 replayed as a
+    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run has measured
+    them (session 13's was cut off by its time limit)."""
     import os
 
     kind = os.environ.get("BITNET_INT8_REFRESH", "torch")
-    if kind not in ("triton", "torch"):
-        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'triton' or 'torch'")
+    if kind not in ("triton", "torch", "graph"):
+        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'torch', 'triton' or 'graph'")
     return kind
 
 
 @torch.no_grad()
 def refresh(model: nn.Module, kernel: str | None = None) -> None:
     """Re-derive the cached ternary weights from the latent ones: once per optimiser step.
-    ``kernel``: ``triton`` or ``torch`` (default :func:`refresh_kernel`; off CUDA always ``torch``)."""
+    ``kernel``: ``torch``, ``triton`` or ``graph`` (default :func:`refresh_kernel`; off CUDA always ``torch``).
+    ``graph`` keeps its CUDA graph on ``model`` and captures it again if a weight or buffer has moved."""
     from bitnet_cli.model import BitLinear
 
     products = []
@@ -416,7 +419,27 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         return
     from bitnet_cli.train import int8_triton
 
-    int8_triton.refresh_products([(p.trits, p.trits_t, p.col_scale, [q.weight for q in projs]) for p, projs in products])
+    items = [(p.trits, p.trits_t, p.col_scale, [q.weight for q in projs]) for p, projs in products]
+    if kernel == "graph":
+        # The graph replays the kernels on the same addresses: captured again whenever one has moved.
+        key = tuple(t.data_ptr() for trits, trits_t, col, ws in items for t in (trits, trits_t, col, *ws))
+        cached = model.__dict__.get("_int8_refresh_graph")
+        if cached is None or cached[0] != key:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles the kernel before the capture
+                int8_triton.refresh_products(items)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                int8_triton.refresh_products(items)
+            cached = model.__dict__["_int8_refresh_graph"] = (key, graph)
+        cached[1].replay()
+        for trits, trits_t, col, _ in items:
+            for buf in (trits, trits_t, col):
+                torch.autograd.graph.increment_version(buf)
+    else:
+        int8_triton.refresh_products(items)
     for product, projs in products:
         product.versions = [q.weight._version for q in projs]
 
