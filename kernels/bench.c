@@ -65,8 +65,16 @@ static void bench_kernel(int threads, int isa, int layout) {
         double p = bn_mac_peak(isa, 1L << 22);
         if (p > peak) peak = p;
     }
-    static const int token_counts[] = {1, 4, 8, 16, 64}; /* decode, batched decode steps, a prefill chunk */
-    for (size_t mi = 0; mi < sizeof token_counts / sizeof token_counts[0]; mi++) {
+    /* decode, batched decode steps, a prefill chunk; BN_BENCH_TOKENS="m,m,..." for others */
+    int token_counts[64] = {1, 4, 8, 16, 32, 64}, counts = 6;
+    const char *env = getenv("BN_BENCH_TOKENS");
+    if (env && *env)
+        for (counts = 0; counts < 64 && *env;) {
+            token_counts[counts++] = atoi(env);
+            while (*env && *env != ',') env++;
+            if (*env) env++;
+        }
+    for (int mi = 0; mi < counts; mi++) {
         const int m = token_counts[mi];
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
