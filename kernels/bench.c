@@ -2,6 +2,7 @@
  *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1] [kv: f32|f16]
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
+ *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
  *   build/bench [threads] [isa] attention [positions ...]   the attention of a 16-row decode step

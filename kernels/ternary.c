@@ -551,15 +551,17 @@ AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, i
  * This replaced (session 13) an unpacking of all kp inputs of 32 rows into an aligned_alloc'd
  * buffer per call (80-220 KB, past L1, so every A tile came back from L2) before the tiles ran;
  * at 16 tokens or fewer each A tile is used once, so those stores and reloads cost more than the
- * tdpbusd. Measured on the 2-core AMX Xeon (2 threads, 6912x2560, `kernels/build/bench 2 6
- * kernel`, ms, before -> after): 16 tokens 0.518 -> 0.245, 32: 0.609 -> 0.32, 64: 0.85 -> 0.82;
- * 2-8 tokens, where VNNI's tile ran (0.29 / 0.33 / 0.55 ms at 2 / 4 / 8), 0.21-0.22, so AMX now
- * runs from 2 tokens (BN_AMX_MIN_TOKENS). Of the 16-token 0.245 ms, unpacking alone with the
- * weights' read takes 0.21 and the tiles alone 0.07 (the weights alone stream in ~0.19). Tried and
- * no faster: 4 blocks a step (0.33 vs 0.34 before the prefetch), the next step's unpacking
- * interleaved by hand between the chunks' tdpbusd into a second buffer (0.23 against 0.21 at 4
- * tokens: the out-of-order core overlaps them already). The prefetch below made the most of it:
- * 0.34 -> 0.245 at 16 tokens (512 bytes ahead in each row: 0.33; 2 KB: 0.26). */
+ * tdpbusd. Measured on the 2-core AMX Xeon (6912x2560, `BN_BENCH_TOKENS=... kernels/build/bench 2
+ * 6 kernel`, two interleaved runs, ms, before -> after), 2 threads: 4 tokens 0.33-0.34 (VNNI's
+ * tile then) -> 0.20, 8: 0.51-0.52 (VNNI) -> 0.21, 16: 0.51-0.53 -> 0.245, 32: 0.61 -> 0.32, 64:
+ * 0.99-1.02 -> 0.62-0.68; 1 thread: 4 tokens 0.73 -> 0.41, 8: 1.17 -> 0.41, 16: 1.08 -> 0.47,
+ * 64: 1.96 -> 1.20. VNNI's tile at 2 tokens takes 0.23-0.29 against AMX's 0.20, so AMX runs from 2
+ * tokens (BN_AMX_MIN_TOKENS). Of the 16-token 0.245 ms (2 threads), the unpacking alone with the
+ * weights' read takes 0.21 and the tiles alone 0.07; the AVX2 GEMV streams the same weights in
+ * 0.14-0.20. Tried and no faster: 4 blocks a step; the next step's unpacking interleaved by hand
+ * between the chunks' tdpbusd into a second buffer (0.23 against 0.21 at 4 tokens: the
+ * out-of-order core overlaps them already). The linear prefetch below made the most of it: 0.34
+ * -> 0.245 at 16 tokens (a prefetch 512 bytes ahead in each row instead: 0.33; 2 KB: 0.26). */
 #define AMX_GROUP_BYTES 8192
 
 /* rows [0, rows) of the group at wr, blocks [b, b + nbk) (nbk <= 2), into buf; with pf, one line
