@@ -2,6 +2,7 @@
  *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1] [kv: f32|f16]
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
+ *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
  *   build/bench [threads] [isa] attention [positions ...]   the attention of a 16-row decode step
@@ -65,8 +66,16 @@ static void bench_kernel(int threads, int isa, int layout) {
         double p = bn_mac_peak(isa, 1L << 22);
         if (p > peak) peak = p;
     }
-    static const int token_counts[] = {1, 4, 8, 16, 64}; /* decode, batched decode steps, a prefill chunk */
-    for (size_t mi = 0; mi < sizeof token_counts / sizeof token_counts[0]; mi++) {
+    /* decode, batched decode steps, a prefill chunk; BN_BENCH_TOKENS="m,m,..." for others */
+    int token_counts[64] = {1, 4, 8, 16, 32, 64}, counts = 6;
+    const char *env = getenv("BN_BENCH_TOKENS");
+    if (env && *env)
+        for (counts = 0; counts < 64 && *env;) {
+            token_counts[counts++] = atoi(env);
+            while (*env && *env != ',') env++;
+            if (*env) env++;
+        }
+    for (int mi = 0; mi < counts; mi++) {
         const int m = token_counts[mi];
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);

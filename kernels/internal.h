@@ -69,7 +69,7 @@ typedef void (*bn_quantize_fn)(const float *x, int m, int k, int kp, int8_t *xq,
  * which one row chunk writes into xa for every chunk of the product (bn_amx_xa_bytes(m, kp)
  * bytes, 64-aligned; state 0 = not yet, 1 = being written, 2 = ready). Whoever runs a product on
  * several chunks (model.c, bn_gemm_ternary) sets state to 0 before it; the other ISAs ignore it. */
-#define BN_AMX_MIN_TOKENS 16
+#define BN_AMX_MIN_TOKENS 2 /* from 2 tokens on (ternary.c: measured against the VNNI tile) */
 typedef struct {
     int8_t *xa;
     int state;

@@ -496,44 +496,148 @@ AMX_TARGET void bn_amx_tokens_to_tiles(const int8_t *x, int m, int k, int8_t *xa
     }
 }
 
-/* codes: strip s (rows ra + 16s ..), input chunk c, a 1 KB A tile each: row i holds the 64 codes
- * of row ra + 16s + i over inputs 64c .. 64c + 63 (zeros past row ra + rows; no second strip
- * for 16 rows or fewer). The codes of a block's inputs 0..63 and 64..127 come out as the AVX-512
- * tile's: shifts of 0/2 and 4/6. */
-AMX_TARGET static void amx_unpack_codes(const bn_i2_job *j, int ra, int rows, uint8_t *codes) {
+/* C tile (strip s, token tile u) of the block at rows ra, tokens t0, from out[16][16] (rows x
+ * tokens): transposed in registers (64 shuffles), so that each token's 16 rows leave as one
+ * vector, minus its xsum, and (float output) rescaled as bn_i2_store does it: IEEE cvt, div and
+ * mul, no FMA, so the same bits; one divide per 16 outputs, not per output. */
+AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, int s, int u, const int32_t *out) {
+    const int r = ra + 16 * s, t = t0 + 16 * u;
+    const int nr = rows - 16 * s < 16 ? rows - 16 * s : 16, nt = j->m - t < 16 ? j->m - t : 16;
+    const __mmask16 rmask = nr == 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+    __m512i v[16], w[16];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_load_si512(out + 16 * i);
+    /* 16 x 16 dwords: pairs, then quads, then 128-bit lanes twice */
+    for (int i = 0; i < 16; i += 2) {
+        w[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        w[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        v[i] = _mm512_unpacklo_epi64(w[i], w[i + 2]);
+        v[i + 1] = _mm512_unpackhi_epi64(w[i], w[i + 2]);
+        v[i + 2] = _mm512_unpacklo_epi64(w[i + 1], w[i + 3]);
+        v[i + 3] = _mm512_unpackhi_epi64(w[i + 1], w[i + 3]);
+    }
+    /* v[4q + p] now holds, in 128-bit lane L, rows 4q..4q+3 of token 4L + p */
+    for (int p = 0; p < 4; p++) {
+        w[p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0x88);      /* lanes 0, 2 of rows 0-3 | 4-7 */
+        w[4 + p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0xdd);  /* lanes 1, 3 */
+        w[8 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0x88);
+        w[12 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0xdd);
+    }
+    for (int p = 0; p < 4; p++) {
+        v[p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0x88);      /* token p */
+        v[8 + p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0xdd);  /* token 8 + p */
+        v[4 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0x88); /* token 4 + p */
+        v[12 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0xdd); /* token 12 + p */
+    }
+    for (int n = 0; n < nt; n++) {
+        const __m512i acc = _mm512_sub_epi32(v[n], _mm512_set1_epi32(j->xsum[t + n]));
+        if (j->acc)
+            _mm512_mask_storeu_epi32(j->acc + (size_t)(t + n) * j->acc_stride + r, rmask, acc);
+        else
+            _mm512_mask_storeu_ps(j->y + (size_t)(t + n) * j->y_stride + r, rmask,
+                                  _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(j->xscale[t + n])),
+                                                _mm512_set1_ps(j->gamma)));
+    }
+}
+
+/* Codes are unpacked two blocks at a time (four tile chunks of 64 inputs) for a group of 32 rows
+ * (two strips of 16) into buf, 8 KB that stay in L1, and multiplied at once: the tile loads read
+ * back what the vector stores just wrote. buf: chunk cc (0..3), strip s, one 1 KB A tile each at
+ * buf + (2 cc + s) * 1024. Up to 32 tokens (a batched decode step) a group is 32 rows x the one or
+ * two token tiles; more tokens (prefill), 16 rows x up to four token tiles (64 tokens) a pass,
+ * the A tile loaded once for the four.
+ *
+ * This replaced (session 13) an unpacking of all kp inputs of 32 rows into an aligned_alloc'd
+ * buffer per call (80-220 KB, past L1, so every A tile came back from L2) before the tiles ran;
+ * at 16 tokens or fewer each A tile is used once, so those stores and reloads cost more than the
+ * tdpbusd. Measured on the 2-core AMX Xeon (6912x2560, `BN_BENCH_TOKENS=... kernels/build/bench 2
+ * 6 kernel`, two interleaved runs, ms, before -> after), 2 threads: 4 tokens 0.33-0.34 (VNNI's
+ * tile then) -> 0.20, 8: 0.51-0.52 (VNNI) -> 0.21, 16: 0.51-0.53 -> 0.245, 32: 0.61 -> 0.32, 64:
+ * 0.99-1.02 -> 0.62-0.68; 1 thread: 4 tokens 0.73 -> 0.41, 8: 1.17 -> 0.41, 16: 1.08 -> 0.47,
+ * 64: 1.96 -> 1.20. VNNI's tile at 2 tokens takes 0.23-0.29 against AMX's 0.20, so AMX runs from 2
+ * tokens (BN_AMX_MIN_TOKENS). Of the 16-token 0.245 ms (2 threads), the unpacking alone with the
+ * weights' read takes 0.21 and the tiles alone 0.07; the AVX2 GEMV streams the same weights in
+ * 0.14-0.20. Tried and no faster: 4 blocks a step; the next step's unpacking interleaved by hand
+ * between the chunks' tdpbusd into a second buffer (0.23 against 0.21 at 4 tokens: the
+ * out-of-order core overlaps them already). The linear prefetch below made the most of it: 0.34
+ * -> 0.245 at 16 tokens (a prefetch 512 bytes ahead in each row instead: 0.33; 2 KB: 0.26). */
+#define AMX_GROUP_BYTES 8192
+
+/* rows [0, rows) of the group at wr, blocks [b, b + nbk) (nbk <= 2), into buf; with pf, one line
+ * of the next group per row: a step reads 64 bytes a row, so the next group's bytes arrive, in
+ * order, as this group's are consumed (the hardware prefetchers lose track of 32 interleaved row
+ * streams) */
+AMX_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
+                                                                           int b, int nbk, uint8_t *buf,
+                                                                           const uint8_t *pf) {
     const __m512i mask = _mm512_set1_epi8(3);
     const __m512i sh01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
     const __m512i sh23 = _mm512_add_epi16(sh01, _mm512_set1_epi16(4));
-    const int nb = j->kp / BLOCK, nc = j->kp / 64;
-    for (int s = 0; s < (rows > 16 ? 2 : 1); s++)
-        for (int i = 0; i < 16; i++) {
-            const int r = 16 * s + i;
-            uint8_t *dst = codes + ((size_t)s * nc * 16 + i) * 64;
-            if (r >= rows) {
-                for (int c = 0; c < nc; c++) _mm512_storeu_si512(dst + (size_t)c * 1024, _mm512_setzero_si512());
-                continue;
-            }
-            const uint8_t *wr = j->w + (size_t)(ra + r) * (j->kp / 4);
-            for (int b = 0; b < nb; b++) {
-                __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES)));
-                _mm512_storeu_si512(dst + (size_t)(2 * b) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh01), mask));
-                _mm512_storeu_si512(dst + (size_t)(2 * b + 1) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh23), mask));
-            }
+    for (int i = 0; i < rows; i++) {
+        const uint8_t *src = wr + (size_t)i * row + (size_t)b * BLOCK_BYTES;
+        if (pf) _mm_prefetch((const char *)pf + 64 * i, _MM_HINT_T0);
+        uint8_t *dst = buf + (i >> 4) * 1024 + (i & 15) * 64;
+        for (int bb = 0; bb < nbk; bb++) {
+            __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(src + bb * BLOCK_BYTES)));
+            _mm512_store_si512(dst + (4 * bb) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh01), mask));
+            _mm512_store_si512(dst + (4 * bb + 2) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh23), mask));
         }
+    }
 }
 
-/* C tile (strip s, token tile u) of the block at rows ra, tokens t0, from out[16][16] */
-static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, int s, int u, const int32_t *out) {
-    for (int i = 0; i < 16 && 16 * s + i < rows; i++)
-        for (int n = 0; n < 16 && t0 + 16 * u + n < j->m; n++)
-            bn_i2_store(j, t0 + 16 * u + n, ra + 16 * s + i, out[16 * i + n]);
-}
+/* One pass of a row group (STRIPS x 16 rows, `rows` of them real) over TILES token tiles from b0
+ * (their chunks tile_stride apart). Tiles: C 0-3; two strips: A 4-5, B 6-7; one strip: A 4, B
+ * 5-7, then 5 again for a fourth token tile. */
+#define AMX_PASS(NAME, STRIPS, TILES)                                                                      \
+    AMX_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,             \
+                                                          const int8_t *b0, uint8_t *buf, const uint8_t *pf) { \
+        const int nb = j->kp / BLOCK;                                                                      \
+        const size_t row = (size_t)j->kp / 4, tile_stride = (size_t)(j->kp / 64) * 1024;                  \
+        const uint8_t *wr = j->w + (size_t)ra * row;                                                       \
+        _tile_zero(0);                                                                                     \
+        _tile_zero(1);                                                                                     \
+        _tile_zero(2);                                                                                     \
+        _tile_zero(3);                                                                                     \
+        for (int b = 0; b < nb; b += 2) {                                                                  \
+            const int nbk = nb - b < 2 ? nb - b : 2;                                                       \
+            amx_unpack_rows(wr, row, rows, b, nbk, buf, pf ? pf + (size_t)b * 32 * rows : NULL);           \
+            for (int cc = 0; cc < 2 * nbk; cc++) {                                                         \
+                const int8_t *bt = b0 + ((size_t)2 * b + cc) * 1024;                                       \
+                const uint8_t *a = buf + (2 * cc) * 1024;                                                  \
+                if (STRIPS == 2) {                                                                         \
+                    _tile_loadd(4, a, 64);                                                                 \
+                    _tile_loadd(5, a + 1024, 64);                                                          \
+                    _tile_loadd(6, bt, 64);                                                                \
+                    if (TILES == 2) _tile_loadd(7, bt + tile_stride, 64);                                  \
+                    _tile_dpbusd(0, 4, 6);                                                                 \
+                    if (TILES == 2) _tile_dpbusd(1, 4, 7);                                                 \
+                    _tile_dpbusd(2, 5, 6);                                                                 \
+                    if (TILES == 2) _tile_dpbusd(3, 5, 7);                                                 \
+                } else {                                                                                   \
+                    _tile_loadd(4, a, 64);                                                                 \
+                    _tile_loadd(5, bt, 64);                                                                \
+                    _tile_dpbusd(0, 4, 5);                                                                 \
+                    if (TILES >= 2) _tile_loadd(6, bt + tile_stride, 64);                                  \
+                    if (TILES >= 2) _tile_dpbusd(1, 4, 6);                                                 \
+                    if (TILES >= 3) _tile_loadd(7, bt + 2 * tile_stride, 64);                              \
+                    if (TILES >= 3) _tile_dpbusd(2, 4, 7);                                                 \
+                    if (TILES >= 4) _tile_loadd(5, bt + 3 * tile_stride, 64);                              \
+                    if (TILES >= 4) _tile_dpbusd(3, 4, 5);                                                 \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+AMX_PASS(amx_pass_2x2, 2, 2)
+AMX_PASS(amx_pass_2x1, 2, 1)
+AMX_PASS(amx_pass_1x1, 1, 1)
+AMX_PASS(amx_pass_1x2, 1, 2)
+AMX_PASS(amx_pass_1x3, 1, 3)
+AMX_PASS(amx_pass_1x4, 1, 4)
 
 AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
     bn_amx_scratch *scratch = j->amx;
-    const int nc = j->kp / 64;
-    uint8_t *codes = j->m >= BN_AMX_MIN_TOKENS && scratch ? aligned_alloc(64, (size_t)32 * j->kp) : NULL;
-    if (!codes) { /* few tokens, no scratch, or no memory: the VNNI tile */
+    if (j->m < BN_AMX_MIN_TOKENS || !scratch) { /* one token, or no scratch: the VNNI kernels */
         bn_i2_rows_avx512vnni(j, r0, r1);
         return;
     }
@@ -544,74 +648,47 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
     } else {
         while (__atomic_load_n(&scratch->state, __ATOMIC_ACQUIRE) != 2) _mm_pause();
     }
+    uint8_t buf[AMX_GROUP_BYTES] __attribute__((aligned(64)));
     int32_t out[256] __attribute__((aligned(64)));
+    const int nc = j->kp / 64, group = j->m <= 32 ? 32 : 16, per_pass = j->m <= 32 ? 32 : 64;
     bn_amx_configure();
-    for (int ra = r0; ra < r1; ra += 32) {
-        const int rows = r1 - ra < 32 ? r1 - ra : 32;
-        amx_unpack_codes(j, ra, rows, codes);
-        const uint8_t *a1 = codes + (size_t)nc * 1024;
-        for (int t0 = 0; t0 < j->m; t0 += 32) {
-            const int8_t *b0 = scratch->xa + (size_t)(t0 / 16) * nc * 1024, *b1 = b0 + (size_t)nc * 1024;
-            /* the last 16 tokens or fewer (a batched decode step of up to 16 rows is all of them):
-             * the second token tile would multiply padding only, so it is left out (measured on the
-             * 16-core Xeon, 8 threads, the FFN shape: 16 tokens took 0.269 ms, 64 tokens 0.551) */
-            const int one_tile = j->m - t0 <= 16;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            if (rows > 16 && one_tile) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
-                    _tile_loadd(5, a1 + (size_t)c * 1024, 64);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_dpbusd(0, 4, 6);
-                    _tile_dpbusd(2, 5, 6);
+    for (int ra = r0; ra < r1; ra += group) {
+        const int rows = r1 - ra < group ? r1 - ra : group, strips = rows > 16 ? 2 : 1;
+        for (int i = rows; i < 16 * strips; i++) /* padding rows: zero codes */
+            for (int cc = 0; cc < 4; cc++)
+                _mm512_store_si512(buf + (2 * cc + (i >> 4)) * 1024 + (i & 15) * 64, _mm512_setzero_si512());
+        for (int t0 = 0; t0 < j->m; t0 += per_pass) {
+            const int8_t *b0 = scratch->xa + (size_t)(t0 / 16) * nc * 1024;
+            const int left = (j->m - t0 + 15) / 16, tiles = left < per_pass / 16 ? left : per_pass / 16;
+            /* the next group's weights are read ahead during the last pass over this one */
+            const uint8_t *pf =
+                t0 + per_pass >= j->m && ra + group < r1 ? j->w + (size_t)(ra + group) * (j->kp / 4) : NULL;
+            if (strips == 2)
+                (tiles == 2 ? amx_pass_2x2 : amx_pass_2x1)(j, ra, rows, b0, buf, pf);
+            else
+                (tiles == 4 ? amx_pass_1x4 : tiles == 3 ? amx_pass_1x3 : tiles == 2 ? amx_pass_1x2 : amx_pass_1x1)(
+                    j, ra, rows, b0, buf, pf);
+            /* tile numbers are immediates: C tile (strip s, token tile u) is 2s + u with two
+             * strips, u with one */
+            for (int u = 0; u < tiles; u++) {
+                switch (strips == 2 ? u : u + 2) {
+                case 0: _tile_stored(0, out, 64); break;
+                case 1: _tile_stored(1, out, 64); break;
+                case 2: _tile_stored(0, out, 64); break;
+                case 3: _tile_stored(1, out, 64); break;
+                case 4: _tile_stored(2, out, 64); break;
+                default: _tile_stored(3, out, 64); break;
                 }
-            } else if (one_tile) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_dpbusd(0, 4, 6);
-                }
-            } else if (rows > 16) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
-                    _tile_loadd(5, a1 + (size_t)c * 1024, 64);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_loadd(7, b1 + (size_t)c * 1024, 64);
-                    _tile_dpbusd(0, 4, 6);
-                    _tile_dpbusd(1, 4, 7);
-                    _tile_dpbusd(2, 5, 6);
-                    _tile_dpbusd(3, 5, 7);
-                }
-            } else { /* one strip: a chunk's last rows, or all of a small one (many threads) */
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, codes + (size_t)c * 1024, 64);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_loadd(7, b1 + (size_t)c * 1024, 64);
-                    _tile_dpbusd(0, 4, 6);
-                    _tile_dpbusd(1, 4, 7);
-                }
-            }
-            _tile_stored(0, out, 64);
-            amx_store(j, ra, rows, t0, 0, 0, out);
-            if (!one_tile) {
-                _tile_stored(1, out, 64);
-                amx_store(j, ra, rows, t0, 0, 1, out);
-            }
-            if (rows > 16) {
-                _tile_stored(2, out, 64);
-                amx_store(j, ra, rows, t0, 1, 0, out);
-                if (!one_tile) {
-                    _tile_stored(3, out, 64);
-                    amx_store(j, ra, rows, t0, 1, 1, out);
+                amx_store(j, ra, rows, t0, 0, u, out);
+                if (strips == 2) {
+                    if (u == 0) _tile_stored(2, out, 64);
+                    else _tile_stored(3, out, 64);
+                    amx_store(j, ra, rows, t0, 1, u, out);
                 }
             }
         }
     }
     _tile_release();
-    free(codes);
 }
 
 /* Decode on AVX-512 machines takes the AVX2 GEMV: it streams the weights faster (on a Xeon with

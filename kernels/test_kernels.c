@@ -128,13 +128,15 @@ static void test_gemm_shapes(void) {
 }
 
 /* The multi-token (GEMM) tiles: 2 rows x 4 tokens on AVX-512 VNNI, with 1-3 token and 1 row
- * tails, and AMX's 32 rows x 32 tokens from 16 tokens on (x 16 for the last 16 tokens or fewer:
- * 16, 33, 48), against the scalar reference for token counts around those sizes and row ranges of every parity (row kernels called directly on
+ * tails, and AMX from 2 tokens on (groups of 32 rows x 1-2 token tiles up to 32 tokens, 16 rows x
+ * 1-4 token tiles beyond; kp = 384 ends rows on one block of a two-block step), integer and float
+ * outputs, against the scalar reference for token counts around those sizes and row ranges of every parity (row kernels called directly on
  * [r0, r1), so tiles start on odd rows too; and through bn_gemm_ternary on a pool of 3 threads). */
 static void test_gemm_tiles(void) {
-    static const int ms[] = {2, 3, 4, 5, 7, 8, 9, 16, 17, 33, 48};
+    static const int ms[] = {2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 20, 24, 25,
+                             31, 32, 33, 36, 40, 47, 48, 49, 63, 64, 65, 80};
     static const int ranges[][2] = {{0, 1}, {0, 2}, {1, 4}, {3, 10}, {2, 51}, {7, 55}, {0, 53}, {5, 58}, {1, 60}};
-    static const int kps[] = {256, 2560};
+    static const int kps[] = {256, 384, 2560};
     const int n = 61;
     bn_pool *pool = bn_pool_new(3);
     for (size_t a = 0; a < sizeof kps / sizeof kps[0]; a++) {
@@ -172,6 +174,25 @@ static void test_gemm_tiles(void) {
                         }
                     CHECK(same, "isa %d tile differs from scalar at m=%d kp=%d rows [%d, %d)", isa, m, kp, r0, r1);
                 }
+                /* the float output (y = acc / xscale * gamma, as the engine takes it), on ragged
+                 * rows: the same bits as the scalar kernel's */
+                float *yref = malloc(sizeof(float) * m * n), *ygot = malloc(sizeof(float) * m * n);
+                float *xscale = malloc(sizeof(float) * m);
+                for (int t = 0; t < m; t++) xscale[t] = 0.37f + 0.11f * (float)t;
+                for (int c = 0; c < 2; c++) {
+                    const int r0 = c ? 5 : 0, r1 = c ? 58 : n;
+                    bn_amx_scratch amx = {xa, 0};
+                    bn_i2_job job = {.w = w, .kp = kp, .xq = xq, .xsum = xsum, .m = m, .y = yref, .y_stride = n,
+                                     .xscale = xscale, .gamma = 0.0123f, .amx = &amx};
+                    memset(yref, 0, sizeof(float) * m * n);
+                    memset(ygot, 0, sizeof(float) * m * n);
+                    bn_kernels_for(BN_ISA_SCALAR)->ternary[BN_LAYOUT_I2](&job, r0, r1);
+                    job.y = ygot;
+                    bn_kernels_for(isa)->ternary[BN_LAYOUT_I2](&job, r0, r1);
+                    CHECK(!memcmp(yref, ygot, sizeof(float) * m * n),
+                          "isa %d float output differs from scalar at m=%d kp=%d rows [%d, %d)", isa, m, kp, r0, r1);
+                }
+                free(yref), free(ygot), free(xscale);
             }
             free(xq), free(xsum), free(ref), free(got), free(xa);
         }
