@@ -10,7 +10,9 @@
 2. ``bitnet::quantize_grad_rows`` (Triton: the output gradient's parts rounded per token in one
    pass) against ``quantize_grad_rows_reference`` on the CPU: q/k/v-, gate/up- and single-shaped
    parts, bf16 and fp32, training-sized (3e-8) and O(1) gradients, all-zero rows: bit for bit.
-3. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
+3. The per-step ternary refresh at the 700m and 1.3b layer shapes, Triton against eager: bit for bit, and
+   each one's time per call (:func:`check_refresh`).
+3b. The autograd function (forward, grad_input in int8 and in bf16, grad_weight) on the GPU
    against the same code on the CPU (the emulation), one projection and three stacked: relative errors.
 4. The host's cost of one product's launch (a 256 x 256 x 256 product, whose GPU time is a few
    microseconds, issued 500 times without waiting: the issuing rate is the host's), each kernel
@@ -164,6 +166,60 @@ def check_autograd() -> list[dict]:
         out.append({"int8_grad": int8_grad, "stacked": rows, "fwd_rel": rel(0), "grad_x_rel": rel(1), "grad_w_rel": rel(2),
                     "fwd_bit_exact": torch.equal(res["cuda"][0], res["cpu"][0])})
         print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def check_refresh(layers: int = 24) -> list[dict]:
+    """The per-step ternary refresh (``int8_linear.refresh``) of a model at the 700m and 1.3b layer shapes:
+    the Triton form (``int8_triton.refresh_products``) against the eager one, bit for bit (trits, trits_t,
+    col_scale), and each one's time per call (wall, synchronised: the host issuing the kernels is most of it);
+    also the Triton form captured once in a CUDA graph and replayed (``BITNET_INT8_REFRESH=graph``)."""
+    import time
+
+    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+
+    def timed(f):
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return round(sorted(times)[3] * 1e3, 2)
+
+    out = []
+    for name, hidden, inter in (("700m", 1536, 4096), ("1.3b", 2048, 5460)):
+        cfg = BitNetConfig(vocab_size=256, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                           num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = BitNetForCausalLM(cfg)
+        L.enable(model, True, cache=True)
+        bufs = lambda: [b for n, b in model.named_buffers() if n.split(".")[-1] in ("trits", "trits_t", "col_scale")]
+        res = {"model": name, "layers": layers, "weights": sum(p.dim() == 2 for p in model.parameters())}
+        got = {}
+        for kernel in ("torch", "triton"):
+            for b in bufs():
+                b.fill_(7)
+            L.refresh(model, kernel)
+            got[kernel] = [b.clone() for b in bufs()]
+            res[f"{kernel}_ms"] = timed(lambda: L.refresh(model, kernel))
+        res["bit_exact"] = len(got["torch"]) == len(got["triton"]) > 0 and all(
+            torch.equal(x, y) for x, y in zip(got["torch"], got["triton"]))
+        try:  # the trainer's BITNET_INT8_REFRESH=graph: captured at the first call, replayed after
+            L.refresh(model, "graph")
+            for b in bufs():
+                b.fill_(7)
+            L.refresh(model, "graph")
+            res["graph_bit_exact"] = all(torch.equal(x, y) for x, y in zip(got["torch"], bufs()))
+            res["graph_ms"] = timed(lambda: L.refresh(model, "graph"))
+        except Exception as e:  # noqa: BLE001 (a measurement only)
+            res["graph_error"] = repr(e)[:300]
+        out.append(res)
+        print(json.dumps(res), flush=True)
+        del model, got
+        torch.cuda.empty_cache()
     return out
 
 
@@ -338,10 +394,13 @@ def main():
     exact = check_exact([] if args.skip_tiles else EXACT_CASES)
     grad_rows = check_grad_rows()
     grads = check_autograd()
+    refreshes = check_refresh()
     ok = all(r["bit_exact"] for r in exact)
     ok_rows = all(r["bit_exact"] for r in grad_rows)
-    print(f"\nint8_mm bit-exact against the reference: {ok}; quantize_grad_rows: {ok_rows}", flush=True)
-    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads,
+    ok_refresh = all(r["bit_exact"] for r in refreshes)
+    print(f"\nint8_mm bit-exact against the reference: {ok}; quantize_grad_rows: {ok_rows}; refresh: {ok_refresh}",
+          flush=True)
+    result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads, "refresh": refreshes,
               "launch": launch_cost()}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -301,6 +301,84 @@ def test_the_ternary_cache_is_refreshed_per_step_and_stays_out_of_checkpoints():
     assert torch.equal(attn.o_proj.int8.trits, t) and torch.equal(attn.o_proj.int8.col_scale, (1.0 / s).expand(len(t)))
 
 
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
+    """BITNET_INT8_ALIGN_GRAD_WEIGHT=1: widths that are not multiples of 8 (1.3b's 5460) take grad_weight
+    through bitnet::grad_weight, whose operands are padded copies with 16-byte-aligned rows: same values."""
+    torch.manual_seed(5)
+    ws = [torch.randn(42, 90) * 0.05, torch.randn(30, 90) * 0.05]
+    x = torch.randn(3, 7, 90)
+    grads = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("BITNET_INT8_ALIGN_GRAD_WEIGHT", flag)
+        wd = [w.clone().requires_grad_() for w in ws]
+        ys = L.int8_linear(x, wd, int8_grad=int8_grad)
+        sum((y * (i + 1)).sum() for i, y in enumerate(ys)).backward()
+        grads.append([w.grad for w in wd])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    g = torch.randn(64, 5460, dtype=torch.bfloat16)[:, 3:]  # unaligned start and row stride
+    a = L.aligned_rows(g)
+    assert torch.equal(a, g) and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+    xx = torch.randn(64, 24, dtype=torch.bfloat16)
+    assert torch.equal(L.grad_weight(g, xx, torch.float32), (g.t() @ xx).float())
+
+
+def test_refresh_kernel_setting(monkeypatch):
+    """$BITNET_INT8_REFRESH picks the CUDA refresh (torch by default); a CPU model always refreshes in torch."""
+    monkeypatch.delenv("BITNET_INT8_REFRESH", raising=False)
+    assert L.refresh_kernel() == "torch"
+    for kind in ("triton", "graph"):
+        monkeypatch.setenv("BITNET_INT8_REFRESH", kind)
+        assert L.refresh_kernel() == kind
+    cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    model = BitNetForCausalLM(cfg)
+    L.enable(model, True, cache=True)
+    L.refresh(model)  # graph requested, CPU model: the torch form, no graph kept
+    assert "_int8_refresh_graph" not in model.__dict__
+    t, _ = L.ternary_weight(model.model.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(model.model.layers[0].self_attn.o_proj.int8.trits, t)
+    monkeypatch.setenv("BITNET_INT8_REFRESH", "cuda-graph")
+    with pytest.raises(BitnetError, match="BITNET_INT8_REFRESH"):
+        L.refresh_kernel()
+
+
+_INTERPRETED_REFRESH = """
+import json, sys, torch
+from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+from bitnet_cli.train import int8_linear as L
+out = []
+for hidden, inter, heads, kv, dtype in json.loads(sys.argv[1]):
+    cfg = BitNetConfig(vocab_size=64, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=kv, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(hidden + inter)
+    model = BitNetForCausalLM(cfg).to(getattr(torch, dtype))
+    for i, p in enumerate(model.parameters()):
+        p.data.mul_(0.5 + i % 5)  # weights of different scales; exact ties of W * s at 0.5 among them
+    L.enable(model, True, cache=True)
+    L.refresh(model, "torch")
+    cached = lambda: [b for n, b in model.named_buffers() if n.split(".")[-1] in ("trits", "trits_t", "col_scale")]
+    want = [b.clone() for b in cached()]
+    for b in cached():
+        b.fill_(7)
+    L.refresh(model, "triton")
+    got = cached()
+    out.append(len(got) == len(want) > 0 and all(torch.equal(a, b) for a, b in zip(got, want)))
+    model(torch.randint(0, 64, (1, 4)))  # the versions were recorded: not stale
+print(json.dumps(out))
+"""
+
+
+def test_the_triton_refresh_gives_the_eager_refresh_bits_in_the_interpreter():
+    """int8_triton.refresh_products (one kernel per weight, the scales formed by torch as
+    ternary_weight forms them) against the eager Int8Product.refresh, bit for bit: trits, trits_t
+    (rows padded to 16 bytes) and col_scale, with rows and K ragged against the kernel's 32 x 128
+    tiles, grouped-query k/v narrower than q, fp32 and bf16 latent weights."""
+    pytest.importorskip("triton")
+    cases = [[48, 136, 4, 2, "float32"], [40, 200, 5, 5, "bfloat16"], [160, 96, 4, 1, "float32"]]
+    assert _interpret(_INTERPRETED_REFRESH, cases) == [True] * len(cases)
+
+
 def test_projections_with_their_own_input_norm_are_not_stacked():
     """use_rms_norm: each BitLinear quantises its own normed input, so q/k/v and gate/up keep one
     product each; the model's output is still the plain path's."""

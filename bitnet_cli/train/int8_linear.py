@@ -171,6 +171,44 @@ def _(parts, col_scale):
     return int8_rows(m, n, parts[0].device), parts[0].new_empty((m,), dtype=torch.float32)
 
 
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [m, n] (2-byte floats) with rows starting on 16-byte boundaries: itself if they already do, else
+    a view of a padded copy. cuBLAS runs its fast bf16 kernels only on such operands: at 1.3b's 5460-wide
+    rows (10,920 bytes) it ran at 224-273 TFLOP/s against 700-800 aligned (benchmarks/RESULTS.md, session 12)."""
+    n = t.shape[-1]
+    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return torch.nn.functional.pad(t, (0, -n % 8))[:, :n]
+
+
+@torch.library.custom_op("bitnet::grad_weight", mutates_args=())
+def grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``(g^T @ x).to(out_dtype)`` (one projection's weight gradient) with both operands' rows 16-byte aligned
+    first (:func:`aligned_rows`). An opaque op, so that the padded layout is the one cuBLAS sees (inside a
+    compiled graph a pad followed by a slice may be folded away); used only where a width is not a
+    multiple of 8 (1.3b's 5460), where the copies cost far less than the unaligned product."""
+    return (aligned_rows(g).t() @ aligned_rows(x)).to(out_dtype)
+
+
+@grad_weight.register_fake
+def _(g, x, out_dtype):
+    return g.new_empty((g.shape[1], x.shape[1]), dtype=out_dtype)
+
+
+def align_grad_weight() -> bool:
+    """``$BITNET_INT8_ALIGN_GRAD_WEIGHT=1``: grad_weight through :func:`grad_weight` where a width is not a
+    multiple of 8. Opt-in: it has not run on a GPU yet (session 13's 1.3b run was cut off by its time limit)."""
+    import os
+
+    return os.environ.get("BITNET_INT8_ALIGN_GRAD_WEIGHT", "0") == "1"
+
+
+def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    if (g.shape[1] % 8 or x.shape[1] % 8) and align_grad_weight():
+        return grad_weight(g, x, out_dtype)
+    return (g.t() @ x).to(out_dtype)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -212,7 +250,7 @@ class _Int8Linear(torch.autograd.Function):
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
         if any(ctx.needs_input_grad[6:]):
-            grads_w = [(g.t() @ x_deq).to(dt) for g, dt in zip(gs, ctx.w_dtypes)]
+            grads_w = [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, ctx.w_dtypes)]
         return (grad_x, None, None, None, None, None, *grads_w)
 
 
@@ -342,19 +380,70 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
     return n
 
 
+def refresh_kernel() -> str:
+    """How :func:`refresh` re-derives the ternary weights of CUDA models: ``$BITNET_INT8_REFRESH``,
+    ``torch`` (default: :meth:`Int8Product.refresh`, about twelve eager kernels per weight) or ``triton``
+    (:func:`int8_triton.refresh_products`, three kernels per weight) or ``graph`` (the ``triton`` form captured
+    once in a CUDA graph and replayed each step: one launch). The same bits either way (checked on an H200 at
+    the 700m and 1.3b shapes, where a refresh took 19.7 and 19.0 ms with ``triton``, 4.6 and 10.6 replayed as a
+    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run has measured
+    them (session 13's was cut off by its time limit)."""
+    import os
+
+    kind = os.environ.get("BITNET_INT8_REFRESH", "torch")
+    if kind not in ("triton", "torch", "graph"):
+        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'torch', 'triton' or 'graph'")
+    return kind
+
+
 @torch.no_grad()
-def refresh(model: nn.Module) -> None:
-    """Re-derive the cached ternary weights from the latent ones: once per optimiser step."""
+def refresh(model: nn.Module, kernel: str | None = None) -> None:
+    """Re-derive the cached ternary weights from the latent ones: once per optimiser step.
+    ``kernel``: ``torch``, ``triton`` or ``graph`` (default :func:`refresh_kernel`; off CUDA always ``torch``).
+    ``graph`` keeps its CUDA graph on ``model`` and captures it again if a weight or buffer has moved."""
     from bitnet_cli.model import BitLinear
 
+    products = []
     for owner, projs in _shared_input_groups(model):
         if getattr(owner, "int8_fused", None) is not None and owner.int8_fused.cache:
-            owner.int8_fused.refresh(*projs)
+            products.append((owner.int8_fused, projs))
     for m in model.modules():
         if isinstance(m, BitLinear) and getattr(m, "int8", None) is not None and m.int8.cache:
-            m.int8.refresh(m)
+            products.append((m.int8, [m]))
+    if not products:
+        return
+    kernel = kernel or (refresh_kernel() if products[0][0].trits.is_cuda else "torch")
+    if kernel == "torch":
+        for product, projs in products:
+            product.refresh(*projs)
+        return
+    from bitnet_cli.train import int8_triton
+
+    items = [(p.trits, p.trits_t, p.col_scale, [q.weight for q in projs]) for p, projs in products]
+    if kernel == "graph":
+        # The graph replays the kernels on the same addresses: captured again whenever one has moved.
+        key = tuple(t.data_ptr() for trits, trits_t, col, ws in items for t in (trits, trits_t, col, *ws))
+        cached = model.__dict__.get("_int8_refresh_graph")
+        if cached is None or cached[0] != key:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles the kernel before the capture
+                int8_triton.refresh_products(items)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                int8_triton.refresh_products(items)
+            cached = model.__dict__["_int8_refresh_graph"] = (key, graph)
+        cached[1].replay()
+        for trits, trits_t, col, _ in items:
+            for buf in (trits, trits_t, col):
+                torch.autograd.graph.increment_version(buf)
+    else:
+        int8_triton.refresh_products(items)
+    for product, projs in products:
+        product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "available", "enable", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
-           "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "resolve", "stacked_ternary",
+__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
+           "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

@@ -371,3 +371,63 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tu
                                      N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1],
                                      B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR, num_warps=warps)
     return q, s
+
+
+# ----------------------------------------------------------------------------- the per-step ternary refresh
+
+
+@triton.jit
+def _ternarise_kernel(w_ptr, s_ptr, inv_ptr, idx, t_ptr, tt_ptr, col_ptr, R, K, stride_w, stride_t, stride_tt, row0,
+                      BR: tl.constexpr, BK: tl.constexpr):
+    """One latent weight [R, K] -> its ternary rows ``clamp(rint(W * s), -1, 1)`` written at rows
+    row0.. of T and columns row0.. of T^T, and (by the first column of programs) ``col_scale``'s rows
+    = 1/s. ``s`` and ``1/s`` are read from vectors (element ``idx``), computed by torch as
+    :func:`int8_linear.ternary_weight` computes them: only the exact per-element operations are here
+    (an IEEE product, round to nearest even, clamp), so the integers are ternary_weight's bit for bit."""
+    pid_r = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    r = pid_r * BR + tl.arange(0, BR)
+    k = pid_k * BK + tl.arange(0, BK)
+    mask = (r[:, None] < R) & (k[None, :] < K)
+    s = tl.load(s_ptr + idx)
+    w = tl.load(w_ptr + r[:, None].to(tl.int64) * stride_w + k[None, :], mask=mask, other=0.0).to(tl.float32)
+    t = tl.minimum(tl.maximum(_rint(w * s), -1.0), 1.0).to(tl.int8)
+    rows = row0 + r
+    tl.store(t_ptr + rows[:, None].to(tl.int64) * stride_t + k[None, :], t, mask=mask)
+    tl.store(tt_ptr + k[None, :].to(tl.int64) * stride_tt + rows[:, None], t, mask=mask)
+    if pid_k == 0:
+        inv = tl.load(inv_ptr + idx)
+        tl.store(col_ptr + rows, tl.zeros([BR], tl.float32) + inv, mask=r < R)
+
+
+def refresh_products(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]]) -> None:
+    """The per-step ternary refresh of many stacked products at once: ``items`` holds each product's
+    buffers ``(trits [N, K], trits_t [K, N], col_scale [N])`` and its latent weights (their rows
+    stacked in that order), and each is left holding ``stacked_ternary(weights)`` bit for bit.
+
+    The eager form (:meth:`int8_linear.Int8Product.refresh`) ran about twelve kernels per weight and
+    six per product (about 2,000 a step at 700m). Here each weight's absmean is torch's own
+    ``w.abs().mean()`` (two kernels: the same reduction, so the same bits), the scales of all weights
+    are formed in one vector (the same elementwise fp32 operations as the scalar form), and one
+    Triton kernel per weight writes its ternary rows into T and T^T and its column scales."""
+    ws = [w for *_, weights in items for w in weights]
+    if not ws:
+        return
+    means = torch.stack([w.detach().float().abs().mean() for w in ws])
+    s = 1.0 / means.clamp(min=1e-5)
+    inv = 1.0 / s
+    i = 0
+    for trits, trits_t, col_scale, weights in items:
+        row0 = 0
+        for w in weights:
+            w = w.detach()
+            if w.stride(-1) != 1:
+                w = w.contiguous()
+            r, k = w.shape
+            grid = (triton.cdiv(r, 32), triton.cdiv(k, 128))
+            _ternarise_kernel[grid](w, s, inv, i, trits, trits_t, col_scale, r, k, w.stride(0), trits.stride(0),
+                                    trits_t.stride(0), row0, BR=32, BK=128, num_warps=4)
+            row0 += r
+            i += 1
+        for buf in (trits, trits_t, col_scale):
+            torch.autograd.graph.increment_version(buf)
