@@ -669,14 +669,12 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
                 (tiles == 4 ? amx_pass_1x4 : tiles == 3 ? amx_pass_1x3 : tiles == 2 ? amx_pass_1x2 : amx_pass_1x1)(
                     j, ra, rows, b0, buf, pf);
             /* tile numbers are immediates: C tile (strip s, token tile u) is 2s + u with two
-             * strips, u with one */
+             * strips, u with one; so strip 0's is u either way */
             for (int u = 0; u < tiles; u++) {
-                switch (strips == 2 ? u : u + 2) {
+                switch (u) {
                 case 0: _tile_stored(0, out, 64); break;
                 case 1: _tile_stored(1, out, 64); break;
-                case 2: _tile_stored(0, out, 64); break;
-                case 3: _tile_stored(1, out, 64); break;
-                case 4: _tile_stored(2, out, 64); break;
+                case 2: _tile_stored(2, out, 64); break;
                 default: _tile_stored(3, out, 64); break;
                 }
                 amx_store(j, ra, rows, t0, 0, u, out);

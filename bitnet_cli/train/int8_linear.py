@@ -197,7 +197,8 @@ def _(g, x, out_dtype):
 
 def align_grad_weight() -> bool:
     """``$BITNET_INT8_ALIGN_GRAD_WEIGHT=1``: grad_weight through :func:`grad_weight` where a width is not a
-    multiple of 8. Opt-in: it has not run on a GPU yet (session 13's 1.3b run was cut off by its time limit)."""
+    multiple of 8. Opt-in: its one GPU run so far (1.3b, with ``BITNET_INT8_REFRESH=triton``, benchmarks/RESULTS.md
+    session 13) trained but took 1.241 s a step against 1.076 without either option, on another machine start."""
     import os
 
     return os.environ.get("BITNET_INT8_ALIGN_GRAD_WEIGHT", "0") == "1"
@@ -386,8 +387,8 @@ def refresh_kernel() -> str:
     (:func:`int8_triton.refresh_products`, three kernels per weight) or ``graph`` (the ``triton`` form captured
     once in a CUDA graph and replayed each step: one launch). The same bits either way (checked on an H200 at
     the 700m and 1.3b shapes, where a refresh took 19.7 and 19.0 ms with ``triton``, 4.6 and 10.6 replayed as a
-    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run has measured
-    them (session 13's was cut off by its time limit)."""
+    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run shows them faster
+    (session 13's one run of ``triton``, beside the aligned grad_weight at 1.3b, was slower: RESULTS.md)."""
     import os
 
     kind = os.environ.get("BITNET_INT8_REFRESH", "torch")
