@@ -294,9 +294,40 @@ def assert_greedy_matches_transformers(ckpt_dir: Path, packed: Path, tokens: int
     assert gen.token_ids == want and len(want) == tokens
 
 
+def rounding_fragile_rows(packed: Path, ids, margin: float = 1e-4):
+    """The token positions at which the numpy reference's forward on `packed` rounds some activation to int8
+    from within `margin` of a rounding boundary (x * s within margin of k + 0.5). There another float path
+    (transformers', whose matmuls and norms round differently from CPU to CPU) may round the other way: one
+    int8 step of one activation, a few 1e-3 on that position's logits. Measured on a 2-core Xeon (AVX-512,
+    AMX), where transformers' logits differed from the engine's and the reference's at one position each of
+    two tests: those activations were 1.1e-5 and 1.5e-5 from a boundary; 9-18 of 100 positions come within 1e-4."""
+    import numpy as np
+
+    from bitnet_cli.pack import PackedModel, reference
+
+    closest = np.full(len(ids), np.inf)
+    quantize = reference.quantize_activations
+
+    def spy(x):
+        y = x * (np.float32(127) / np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float32(1e-5)))
+        if x.shape[0] == len(ids):  # a per-position activation (not the head's rows)
+            np.minimum(closest, np.abs(y - np.floor(y) - 0.5).min(axis=-1), out=closest)
+        return quantize(x)
+
+    reference.quantize_activations = spy
+    try:
+        with PackedModel.open(packed) as pm:
+            reference.forward(pm, ids)
+    finally:
+        reference.quantize_activations = quantize
+    return set(np.flatnonzero(closest < margin).tolist())
+
+
 def assert_engine_matches(packed: Path, ids, want, ref) -> None:
-    """The C engine on `packed` gives transformers' logits `want` and the numpy reference's `ref` within
-    1e-3, and its batched forward (serve's: two sequences in one pass) gives each sequence's logits as if
+    """The C engine on `packed` gives the numpy reference's logits `ref` within 1e-3 and transformers'
+    `want` within 1e-3 at every position but those where an activation's int8 rounding is decided by float
+    rounding (rounding_fragile_rows; at most a fifth of them may differ, so the comparison keeps its
+    teeth), and its batched forward (serve's: two sequences in one pass) gives each sequence's logits as if
     it ran alone, bit for bit."""
     import numpy as np
 
@@ -307,7 +338,10 @@ def assert_engine_matches(packed: Path, ids, want, ref) -> None:
         eng.set_sequences(2)
         batch = eng.forward_batch(list(ids[:10]) + list(ids[:7]), [0] * 10 + [1] * 7,
                                   list(range(10)) + list(range(7)), [True] * 17)
-    assert np.abs(got - want).max() <= 1e-3
     assert np.abs(got - ref).max() <= 1e-3
+    differ = set(np.flatnonzero(np.abs(got - want).max(axis=-1) > 1e-3).tolist())
+    if differ:
+        fragile = rounding_fragile_rows(packed, ids)
+        assert differ <= fragile and len(differ) <= len(ids) // 5, (sorted(differ), sorted(fragile))
     np.testing.assert_array_equal(batch[:10], got[:10])
     np.testing.assert_array_equal(batch[10:], got[:7])
