@@ -913,21 +913,19 @@ AVX512VNNI_TARGET void bn_head_rows_q6_avx512vnni(const bn_head_job *j, int r0, 
 #define AMX_HEAD_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8,avx2,fma,f16c")))
 
 /* the logits of C tile (rows r.., tokens t..) from out[16][16], with the inputs past k64 added;
- * without such inputs a row's 16 tokens at once (the same division and product per logit as
- * i8_logit: exact IEEE operations in either form, no fused multiply-add), scattered down y's
- * columns. Per element in scalar, these divisions took 12 of the 34 ms of 64 tokens (2 threads). */
+ * without such inputs, a token's 16 rows at once from the tile's columns (the same division and
+ * product per logit as i8_logit: IEEE operations in either form, no fused multiply-add). Per
+ * element in scalar, these divisions took 12 of the 34 ms of 64 tokens (2 threads). */
 AMX_HEAD_TARGET static void i8_amx_store(const bn_head_job *j, int r, int t, int k64, const int32_t *out) {
     const int tokens = j->m - t < 16 ? j->m - t : 16;
     if (k64 == j->k) {
-        const __mmask16 valid = tokens == 16 ? 0xffff : (__mmask16)((1u << tokens) - 1);
-        const __m512 hscale = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), valid, j->hscale + t);
-        const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                                  _mm512_set1_epi32(j->y_stride));
-        float *y = j->y + (size_t)t * j->y_stride + r;
-        for (int i = 0; i < 16; i++) {
-            const __m512 q = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_load_si512(out + 16 * i)), hscale);
-            _mm512_mask_i32scatter_ps(y + i, valid, column, _mm512_mul_ps(q, _mm512_set1_ps(j->wscale[r + i])), 4);
-        }
+        __m512i col[16];
+        bn_amx_tile_columns(out, col);
+        const __m512 wscale = _mm512_loadu_ps(j->wscale + r);
+        for (int n = 0; n < tokens; n++)
+            _mm512_storeu_ps(j->y + (size_t)(t + n) * j->y_stride + r,
+                             _mm512_mul_ps(_mm512_div_ps(_mm512_cvtepi32_ps(col[n]), _mm512_set1_ps(j->hscale[t + n])),
+                                           wscale));
         return;
     }
     for (int i = 0; i < 16; i++) {
@@ -964,39 +962,20 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
-            /* tile numbers must be immediates: one loop per shape of the pass */
-            if (two_strips && two_tiles) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, a0 + 64 * c, k);
-                    _tile_loadd(5, a1 + 64 * c, k);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
+            /* tile numbers must be immediates: the pass's shape is tested in the loop (the same
+             * branch every time, beside a 16-cycle tdpbssd) */
+            for (int c = 0; c < nc; c++) {
+                _tile_loadd(4, a0 + 64 * c, k);
+                _tile_loadd(6, b0 + (size_t)c * 1024, 64);
+                _tile_dpbssd(0, 4, 6);
+                if (two_tiles) {
                     _tile_loadd(7, b1 + (size_t)c * 1024, 64);
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_dpbssd(1, 4, 7);
-                    _tile_dpbssd(2, 5, 6);
-                    _tile_dpbssd(3, 5, 7);
-                }
-            } else if (two_strips) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, a0 + 64 * c, k);
-                    _tile_loadd(5, a1 + 64 * c, k);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_dpbssd(0, 4, 6);
-                    _tile_dpbssd(2, 5, 6);
-                }
-            } else if (two_tiles) {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, a0 + 64 * c, k);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_loadd(7, b1 + (size_t)c * 1024, 64);
-                    _tile_dpbssd(0, 4, 6);
                     _tile_dpbssd(1, 4, 7);
                 }
-            } else {
-                for (int c = 0; c < nc; c++) {
-                    _tile_loadd(4, a0 + 64 * c, k);
-                    _tile_loadd(6, b0 + (size_t)c * 1024, 64);
-                    _tile_dpbssd(0, 4, 6);
+                if (two_strips) {
+                    _tile_loadd(5, a1 + 64 * c, k);
+                    _tile_dpbssd(2, 5, 6);
+                    if (two_tiles) _tile_dpbssd(3, 5, 7);
                 }
             }
             _tile_stored(0, out, 64);

@@ -34,6 +34,37 @@ AMX_TARGET static inline void bn_amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
+/* A stored C tile out[16][16] (rows x tokens) as its 16 columns: col[n] = token n's 16 rows, so
+ * that each token's outputs leave as one vector (the outputs are token-major). Pairs, then quads,
+ * then 128-bit lanes twice: 64 shuffles. */
+AMX_TARGET static inline void bn_amx_tile_columns(const int32_t *out, __m512i col[16]) {
+    __m512i v[16], w[16];
+    for (int i = 0; i < 16; i++) v[i] = _mm512_load_si512(out + 16 * i);
+    for (int i = 0; i < 16; i += 2) {
+        w[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+        w[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        v[i] = _mm512_unpacklo_epi64(w[i], w[i + 2]);
+        v[i + 1] = _mm512_unpackhi_epi64(w[i], w[i + 2]);
+        v[i + 2] = _mm512_unpacklo_epi64(w[i + 1], w[i + 3]);
+        v[i + 3] = _mm512_unpackhi_epi64(w[i + 1], w[i + 3]);
+    }
+    /* v[4q + p] now holds, in 128-bit lane L, rows 4q..4q+3 of token 4L + p */
+    for (int p = 0; p < 4; p++) {
+        w[p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0x88);     /* lanes 0, 2 of rows 0-3 | 4-7 */
+        w[4 + p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0xdd); /* lanes 1, 3 */
+        w[8 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0x88);
+        w[12 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0xdd);
+    }
+    for (int p = 0; p < 4; p++) {
+        col[p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0x88);
+        col[8 + p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0xdd);
+        col[4 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0x88);
+        col[12 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0xdd);
+    }
+}
+
 AVX2_TARGET static inline int32_t bn_hsum_epi32_avx2(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));

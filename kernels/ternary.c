@@ -497,39 +497,14 @@ AMX_TARGET void bn_amx_tokens_to_tiles(const int8_t *x, int m, int k, int8_t *xa
 }
 
 /* C tile (strip s, token tile u) of the block at rows ra, tokens t0, from out[16][16] (rows x
- * tokens): transposed in registers (64 shuffles), so that each token's 16 rows leave as one
- * vector, minus its xsum, and (float output) rescaled as bn_i2_store does it: IEEE cvt, div and
+ * tokens): its columns (bn_amx_tile_columns), so that each token's 16 rows leave as one vector, minus its xsum, and (float output) rescaled as bn_i2_store does it: IEEE cvt, div and
  * mul, no FMA, so the same bits; one divide per 16 outputs, not per output. */
 AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, int s, int u, const int32_t *out) {
     const int r = ra + 16 * s, t = t0 + 16 * u;
     const int nr = rows - 16 * s < 16 ? rows - 16 * s : 16, nt = j->m - t < 16 ? j->m - t : 16;
     const __mmask16 rmask = nr == 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
-    __m512i v[16], w[16];
-    for (int i = 0; i < 16; i++) v[i] = _mm512_load_si512(out + 16 * i);
-    /* 16 x 16 dwords: pairs, then quads, then 128-bit lanes twice */
-    for (int i = 0; i < 16; i += 2) {
-        w[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-        w[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {
-        v[i] = _mm512_unpacklo_epi64(w[i], w[i + 2]);
-        v[i + 1] = _mm512_unpackhi_epi64(w[i], w[i + 2]);
-        v[i + 2] = _mm512_unpacklo_epi64(w[i + 1], w[i + 3]);
-        v[i + 3] = _mm512_unpackhi_epi64(w[i + 1], w[i + 3]);
-    }
-    /* v[4q + p] now holds, in 128-bit lane L, rows 4q..4q+3 of token 4L + p */
-    for (int p = 0; p < 4; p++) {
-        w[p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0x88);      /* lanes 0, 2 of rows 0-3 | 4-7 */
-        w[4 + p] = _mm512_shuffle_i32x4(v[p], v[4 + p], 0xdd);  /* lanes 1, 3 */
-        w[8 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0x88);
-        w[12 + p] = _mm512_shuffle_i32x4(v[8 + p], v[12 + p], 0xdd);
-    }
-    for (int p = 0; p < 4; p++) {
-        v[p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0x88);      /* token p */
-        v[8 + p] = _mm512_shuffle_i32x4(w[p], w[8 + p], 0xdd);  /* token 8 + p */
-        v[4 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0x88); /* token 4 + p */
-        v[12 + p] = _mm512_shuffle_i32x4(w[4 + p], w[12 + p], 0xdd); /* token 12 + p */
-    }
+    __m512i v[16];
+    bn_amx_tile_columns(out, v);
     for (int n = 0; n < nt; n++) {
         const __m512i acc = _mm512_sub_epi32(v[n], _mm512_set1_epi32(j->xsum[t + n]));
         if (j->acc)
