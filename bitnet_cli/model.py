@@ -155,6 +155,12 @@ class BitNetConfig:
 # ----------------------------------------------------------------------------- quantisation
 
 
+def ternary_scale(mean_abs: torch.Tensor) -> torch.Tensor:
+    """Absmean's ``s = 1 / max(mean|W|, 1e-5)`` from fp32 ``mean|W|`` (a scalar, or one per weight),
+    transformers' exact fp32 operations: every path that ternarises takes its scale here."""
+    return 1.0 / mean_abs.clamp(min=1e-5)
+
+
 def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternarisation with transformers' exact fp32 arithmetic.
 
@@ -164,7 +170,7 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``bitnet_cli.pack.ternary`` computes the same).
     """
     w = weight.detach().float()
-    s = 1.0 / w.abs().mean().clamp(min=1e-5)
+    s = ternary_scale(w.abs().mean())
     trits = (w * s).round().clamp(-1, 1).to(torch.int8)
     return trits, 1.0 / s
 
@@ -172,7 +178,7 @@ def ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _quant_weight(w: torch.Tensor) -> torch.Tensor:
     dtype = w.dtype
     w = w.float()
-    scale = 1.0 / w.abs().mean().clamp(min=1e-5)
+    scale = ternary_scale(w.abs().mean())
     return ((w * scale).round().clamp(-1, 1) / scale).to(dtype)
 
 

@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.model import ternary_scale
 
 # ----------------------------------------------------------------------------- quantisers
 
@@ -98,7 +99,7 @@ def pad_rows(q: torch.Tensor) -> torch.Tensor:
 def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternarisation as the plain path does it: ``(T int8, s_w fp32 scalar)``, W~ = T / s_w."""
     wf = w.detach().float()
-    s = 1.0 / wf.abs().mean().clamp(min=1e-5)
+    s = ternary_scale(wf.abs().mean())
     return (wf * s).round().clamp(-1, 1).to(torch.int8), s
 
 

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.model import ternary_scale
 from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows
 
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
@@ -413,8 +414,7 @@ def refresh_products(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
     ws = [w for *_, weights in items for w in weights]
     if not ws:
         return
-    means = torch.stack([w.detach().float().abs().mean() for w in ws])
-    s = 1.0 / means.clamp(min=1e-5)
+    s = ternary_scale(torch.stack([w.detach().float().abs().mean() for w in ws]))
     inv = 1.0 / s
     i = 0
     for trits, trits_t, col_scale, weights in items:
