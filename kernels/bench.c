@@ -5,6 +5,7 @@
  *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
+ *                                        (BN_BENCH_HEAD="q6,i8" for some row types only)
  *   build/bench [threads] [isa] attention [positions ...]   the attention of a 16-row decode step
  *                                        alone (2B4T: 30 layers x 5 KV heads x 16 sequences), f32
  *                                        against f16 KV caches, interleaved: ms per step
@@ -134,7 +135,9 @@ static void bench_head(int threads, int isa, const int *ms, int n_ms) {
     float *scale = ones(V), *h = malloc(sizeof(float) * (size_t)m_max * H), *y = malloc(sizeof(float) * (size_t)m_max * V);
     for (size_t i = 0; i < (size_t)m_max * H; i++) h[i] = (float)((int)(i * 2654435761u >> 24) - 128) / 128.0f;
     bn_pool *pool = bn_pool_new(threads);
+    const char *only = getenv("BN_BENCH_HEAD");
     for (int type = 0; type < 4; type++) {
+        if (only && !strstr(only, names[type])) continue;
         double t1 = 0, cpu1 = 0;
         for (int i = 0; i < n_ms; i++) {
             const int m = ms[i], reps = m > 4 ? 5 : 9;

@@ -96,7 +96,7 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
                            .head = {[BN_EMB_I8] = bn_head_rows_i8_avx512vnni, [BN_EMB_Q6] = bn_head_rows_q6_avx512vnni}},
     /* AMX runs the i2 GEMM (and VNNI's tile below BN_AMX_MIN_TOKENS tokens; tq1 stays VNNI's) and
      * the int8 head with several tokens */
-    [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}, .head = {[BN_EMB_I8] = bn_head_rows_i8_amx}},
+    [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}, .head = {[BN_EMB_I8] = bn_head_rows_i8_amx, [BN_EMB_Q6] = bn_head_rows_q6_amx}},
 #endif
 #if BN_ARM64
     [BN_ISA_NEON] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_neon, [BN_LAYOUT_TQ1] = bn_tq1_rows_neon},

@@ -998,6 +998,135 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
     free(xa);
     if (strips_end < r1) bn_head_rows_i8_avx512vnni(j, strips_end, r1);
 }
+
+/* ---- q6 rows on AMX-INT8 ---------------------------------------------------------------------
+ * tdpbssd multiplies int8 by int8 only, and a q6 weight's integer part w = sc * q (int8 sc, q in
+ * [-32, 31]) needs 13 bits; so each w is split into two int8 parts, w = 64 a + b with
+ * a = floor((w + 32) / 64) in [-63, 64] and b = w - 64 a in [-32, 31], and a block's exact sum is
+ * acc_b = 64 * sum a x + sum b x: two tdpbssd per 64 inputs into two C tiles, the same int32 as
+ * q6_block_dot_scalar's (|64 sum a x| <= 64 * 256 * 64 * 128 < 2^31). A 16-row strip's block is
+ * split into its A tiles (4 chunks of 64 inputs, a and b: 8 KB that stay in L1), then every token
+ * tile of the call passes it (two at once: C 0-3, A 4-5, B 6-7), and after each block the C tiles
+ * go into the float sums of the strip, s += d * (float)acc_b per row and token (q6_step's two IEEE
+ * operations, no fused multiply-add), rows x tokens as the tiles hold them; at the end of the strip
+ * s / x_scale (q6_logit) leaves token-major through the shared transpose. The same bits as
+ * bn_head_rows_q6_scalar. One token, fewer than Q6_AMX_MIN_TOKENS, and rows past the last whole
+ * 16 take the VNNI path. */
+#define Q6_AMX_MIN_TOKENS 4
+
+/* The a and b parts of one row's block, chunk c (inputs 64c..64c+63) at ta / tb + 1024 c, one A
+ * tile row each, in input order. Per 64 inputs in int16 words (even inputs in the low bytes, odd in
+ * the high): a = vpmulhrsw(256 q, 2 sc) = floor((512 q sc + 2^14) / 2^15) = floor((q sc + 32) / 64)
+ * exactly, and b from the low 6 bits of q sc (vpmullw's low byte: the odd inputs' from 256 q),
+ * sign-extended: ((q sc & 63) ^ 32) - 32. */
+AMX_HEAD_TARGET static inline __attribute__((always_inline)) void q6_amx_split_block(const bn_q6_block *blk,
+                                                                                   int8_t *ta, int8_t *tb) {
+    const __m512i lane = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18,
+                                                            17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           3); /* the 128-bit lane of each word: 16 inputs, one scale */
+    const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)));
+    const __m512i thirty_two = _mm512_set1_epi8(32), low6 = _mm512_set1_epi8(63), high = _mm512_set1_epi16((short)0xff00);
+    const __mmask64 odd = 0xaaaaaaaaaaaaaaaaull;
+    for (int c = 0; c < 4; c++) {
+        const __m512i sv = _mm512_permutexvar_epi16(_mm512_add_epi16(lane, _mm512_set1_epi16((short)(4 * c))), sc);
+        const __m512i q = _mm512_sub_epi8(q6_codes_avx512(blk, c), thirty_two);
+        const __m512i qo = _mm512_and_si512(q, high), sv2 = _mm512_add_epi16(sv, sv); /* 256 q of the odd inputs */
+        const __m512i ae = _mm512_mulhrs_epi16(_mm512_slli_epi16(q, 8), sv2), ao = _mm512_mulhrs_epi16(qo, sv2);
+        const __m512i prod = _mm512_mask_blend_epi8(odd, _mm512_mullo_epi16(q, sv), _mm512_mullo_epi16(qo, sv));
+        _mm512_store_si512(ta + 1024 * c, _mm512_mask_blend_epi8(odd, ae, _mm512_slli_epi16(ao, 8)));
+        _mm512_store_si512(tb + 1024 * c,
+                           _mm512_sub_epi8(_mm512_ternarylogic_epi32(prod, low6, thirty_two, 0x6a), thirty_two));
+    }
+}
+
+/* s[i][n] += d[i] * (float)(64 ca[i][n] + cb[i][n]): q6_step per row i and token n */
+AMX_HEAD_TARGET static inline void q6_amx_accumulate(const int32_t *ca, const int32_t *cb, const float *d, float *s) {
+    for (int i = 0; i < 16; i++) {
+        const __m512i acc = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(ca + 16 * i), 6),
+                                             _mm512_load_si512(cb + 16 * i));
+        _mm512_store_ps(s + 16 * i, _mm512_add_ps(_mm512_load_ps(s + 16 * i),
+                                                  _mm512_mul_ps(_mm512_set1_ps(d[i]), _mm512_cvtepi32_ps(acc))));
+    }
+}
+
+/* the logits of rows r..r+15 and tokens t.. from their sums s[16][16] (rows x tokens): q6_logit's
+ * division, then a token's 16 rows at once */
+AMX_HEAD_TARGET static void q6_amx_store(const bn_head_job *j, int r, int t, const float *s) {
+    const int tokens = j->m - t < 16 ? j->m - t : 16;
+    const __m512 hs = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), (__mmask16)((1u << tokens) - 1), j->hscale + t);
+    int32_t out[256] __attribute__((aligned(64)));
+    for (int i = 0; i < 16; i++) _mm512_store_ps((float *)out + 16 * i, _mm512_div_ps(_mm512_load_ps(s + 16 * i), hs));
+    __m512i col[16];
+    bn_amx_tile_columns(out, col);
+    for (int n = 0; n < tokens; n++) _mm512_storeu_ps(j->y + (size_t)(t + n) * j->y_stride + r, _mm512_castsi512_ps(col[n]));
+}
+
+AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
+    const int nb = j->k / BN_Q6_BLOCK_K, nc = j->k / 64, tiles = (j->m + 15) / 16;
+    const int strips_end = r0 + (r1 - r0) / 16 * 16;
+    /* the tokens' B tiles (bn_amx_tokens_to_tiles), then the strip's float sums, one allocation */
+    int8_t *xa = j->m >= Q6_AMX_MIN_TOKENS && nb > 0 && strips_end > r0
+                     ? aligned_alloc(64, (size_t)tiles * nc * 1024 + (size_t)tiles * 1024) : NULL;
+    if (!xa) { /* few tokens, fewer than 16 rows, or no memory */
+        bn_head_rows_q6_avx512vnni(j, r0, r1);
+        return;
+    }
+    float *sums = (float *)(xa + (size_t)tiles * nc * 1024); /* [tiles][16 rows][16 tokens] */
+    bn_amx_tokens_to_tiles(j->hq, j->m, j->k, xa);
+    int8_t split[8192] __attribute__((aligned(64))); /* chunk c's a tile at 1024 c, its b tile at 4096 + 1024 c */
+    int32_t ca[256] __attribute__((aligned(64))), cb[256] __attribute__((aligned(64)));
+    float d[16];
+    bn_amx_configure();
+    for (int ra = r0; ra < strips_end; ra += 16) {
+        const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)ra * nb;
+        /* a strip is 16 * nb consecutive blocks: the next one is read ahead in order, 210 bytes per
+         * row and block split here */
+        const char *next = ra + 16 < strips_end ? (const char *)(w + 16 * nb) : NULL;
+        memset(sums, 0, (size_t)tiles * 1024);
+        for (int b = 0; b < nb; b++) {
+            for (int i = 0; i < 16; i++) {
+                const bn_q6_block *blk = w + (size_t)i * nb + b;
+                if (next)
+                    for (int line = 0; line < 4; line++)
+                        _mm_prefetch(next + ((size_t)b * 16 + i) * sizeof(bn_q6_block) + 64 * line, _MM_HINT_T0);
+                d[i] = _cvtsh_ss(blk->d);
+                q6_amx_split_block(blk, split + 64 * i, split + 4096 + 64 * i);
+            }
+            for (int T = 0; T < tiles; T += 2) {
+                const int two_tiles = T + 1 < tiles;
+                const int8_t *b0 = xa + ((size_t)T * nc + 4 * b) * 1024, *b1 = b0 + (size_t)nc * 1024;
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int c = 0; c < 4; c++) {
+                    _tile_loadd(4, split + 1024 * c, 64);
+                    _tile_loadd(5, split + 4096 + 1024 * c, 64);
+                    _tile_loadd(6, b0 + 1024 * c, 64);
+                    _tile_dpbssd(0, 4, 6);
+                    _tile_dpbssd(1, 5, 6);
+                    if (two_tiles) {
+                        _tile_loadd(7, b1 + 1024 * c, 64);
+                        _tile_dpbssd(2, 4, 7);
+                        _tile_dpbssd(3, 5, 7);
+                    }
+                }
+                _tile_stored(0, ca, 64);
+                _tile_stored(1, cb, 64);
+                q6_amx_accumulate(ca, cb, d, sums + 256 * T);
+                if (two_tiles) {
+                    _tile_stored(2, ca, 64);
+                    _tile_stored(3, cb, 64);
+                    q6_amx_accumulate(ca, cb, d, sums + 256 * (T + 1));
+                }
+            }
+        }
+        for (int T = 0; T < tiles; T++) q6_amx_store(j, ra, 16 * T, sums + 256 * T);
+    }
+    _tile_release();
+    free(xa);
+    if (strips_end < r1) bn_head_rows_q6_avx512vnni(j, strips_end, r1);
+}
 #endif
 
 #if BN_ARM64

@@ -245,6 +245,7 @@ void bn_head_rows_q6_avx512(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_avx512vnni(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_q6_avx512vnni(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1);
+void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1);
 #endif
 #if BN_ARM64
 void bn_i2_rows_neon(const bn_i2_job *j, int r0, int r1);
