@@ -1015,27 +1015,40 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
 #define Q6_AMX_MIN_TOKENS 4
 
 /* The a and b parts of one row's block, chunk c (inputs 64c..64c+63) at ta / tb + 1024 c, one A
- * tile row each, in input order. Per 64 inputs in int16 words (even inputs in the low bytes, odd in
- * the high): a = vpmulhrsw(256 q, 2 sc) = floor((512 q sc + 2^14) / 2^15) = floor((q sc + 32) / 64)
- * exactly, and b from the low 6 bits of q sc (vpmullw's low byte: the odd inputs' from 256 q),
- * sign-extended: ((q sc & 63) ^ 32) - 32. */
+ * tile row each, in input order, here with w = 64 a + b, a = floor(w / 64) in [-64, 63] and b = w & 63.
+ * Only the low 6 bits of each code byte are made exact: q mod 64 = u ^ 32 (bit 5 flipped in hi's
+ * fields, 0xaa), lo's nibble in bits 3:0 and hi's field in bits 5:4 of a bit select; bits 7:6
+ * are left as they fall. In int16 words (even inputs in the low bytes, odd in the high),
+ * x = 1024 q is exact from those 6 bits (a shift that puts bit 5 in the sign), so
+ * a = vpmulhw(1024 q, sc) = floor(q sc / 64), and b = (q sc) & 63 is the low 6 bits of vpmullw
+ * (the even inputs' low byte of u6 * sc, the odd inputs' high byte of 256 u6 * sc: u6 = q mod
+ * 64 gives the same product mod 64). */
 AMX_HEAD_TARGET static inline __attribute__((always_inline)) void q6_amx_split_block(const bn_q6_block *blk,
                                                                                    int8_t *ta, int8_t *tb) {
     const __m512i lane = _mm512_srli_epi16(_mm512_set_epi16(31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18,
                                                             17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                            3); /* the 128-bit lane of each word: 16 inputs, one scale */
+    const __m512i half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(1), 1); /* 0 | 1 per word */
+    const __m512i lo_shift = _mm512_slli_epi16(half, 2);                                    /* 0 | 4 */
+    /* hi's field f = 2 (c % 2) + half to bits 5:4: left 4 | 2 (c even), right 0 | 2 (c odd) */
+    const __m512i hi_left = _mm512_sub_epi16(_mm512_set1_epi16(4), _mm512_add_epi16(half, half));
+    const __m512i hi_right = _mm512_add_epi16(half, half);
     const __m512i sc = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)blk->sc)));
-    const __m512i thirty_two = _mm512_set1_epi8(32), low6 = _mm512_set1_epi8(63), high = _mm512_set1_epi16((short)0xff00);
+    const __m512i nibble = _mm512_set1_epi8(15), odd6 = _mm512_set1_epi16(0x3f00), even6 = _mm512_set1_epi16(0x3f);
     const __mmask64 odd = 0xaaaaaaaaaaaaaaaaull;
     for (int c = 0; c < 4; c++) {
+        const __m512i hi = _mm512_xor_si512(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->hi + 32 * (c / 2)))),
+                                            _mm512_set1_epi8((char)0xaa));
+        const __m512i lo = _mm512_srlv_epi16(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(blk->lo + 32 * c))),
+                                             lo_shift);
+        const __m512i q6 = _mm512_ternarylogic_epi32(lo, c % 2 ? _mm512_srlv_epi16(hi, hi_right) : _mm512_sllv_epi16(hi, hi_left),
+                                                     nibble, 0xe4); /* bits 5:0: q mod 64 */
         const __m512i sv = _mm512_permutexvar_epi16(_mm512_add_epi16(lane, _mm512_set1_epi16((short)(4 * c))), sc);
-        const __m512i q = _mm512_sub_epi8(q6_codes_avx512(blk, c), thirty_two);
-        const __m512i qo = _mm512_and_si512(q, high), sv2 = _mm512_add_epi16(sv, sv); /* 256 q of the odd inputs */
-        const __m512i ae = _mm512_mulhrs_epi16(_mm512_slli_epi16(q, 8), sv2), ao = _mm512_mulhrs_epi16(qo, sv2);
-        const __m512i prod = _mm512_mask_blend_epi8(odd, _mm512_mullo_epi16(q, sv), _mm512_mullo_epi16(qo, sv));
-        _mm512_store_si512(ta + 1024 * c, _mm512_mask_blend_epi8(odd, ae, _mm512_slli_epi16(ao, 8)));
-        _mm512_store_si512(tb + 1024 * c,
-                           _mm512_sub_epi8(_mm512_ternarylogic_epi32(prod, low6, thirty_two, 0x6a), thirty_two));
+        const __m512i uo = _mm512_and_si512(q6, odd6); /* 256 (q mod 64) of the odd inputs */
+        const __m512i ae = _mm512_mulhi_epi16(_mm512_slli_epi16(q6, 10), sv), ao = _mm512_mulhi_epi16(_mm512_slli_epi16(uo, 2), sv);
+        _mm512_store_si512(ta + 1024 * c, _mm512_mask_blend_epi8(odd, ae, _mm512_bslli_epi128(ao, 1)));
+        _mm512_store_si512(tb + 1024 * c, _mm512_ternarylogic_epi32(_mm512_and_si512(_mm512_mullo_epi16(q6, sv), even6),
+                                                                   _mm512_mullo_epi16(uo, sv), odd6, 0xf8));
     }
 }
 
@@ -1061,6 +1074,20 @@ AMX_HEAD_TARGET static void q6_amx_store(const bn_head_job *j, int r, int t, con
     for (int n = 0; n < tokens; n++) _mm512_storeu_ps(j->y + (size_t)(t + n) * j->y_stride + r, _mm512_castsi512_ps(col[n]));
 }
 
+/* rows ra..ra+15's block b split into buf (q6_amx_split_block) and their d into d; with next, as
+ * many bytes of the next strip read ahead, in order (a strip is 16 * nb consecutive blocks) */
+AMX_HEAD_TARGET static inline void q6_amx_split_strip(const bn_q6_block *w, int nb, int b, const char *next,
+                                                      int8_t *buf, float *d) {
+    for (int i = 0; i < 16; i++) {
+        const bn_q6_block *blk = w + (size_t)i * nb + b;
+        if (next)
+            for (int line = 0; line < 4; line++)
+                _mm_prefetch(next + ((size_t)b * 16 + i) * sizeof(bn_q6_block) + 64 * line, _MM_HINT_T0);
+        d[i] = _cvtsh_ss(blk->d);
+        q6_amx_split_block(blk, buf + 64 * i, buf + 4096 + 64 * i);
+    }
+}
+
 AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     const int nb = j->k / BN_Q6_BLOCK_K, nc = j->k / 64, tiles = (j->m + 15) / 16;
     const int strips_end = r0 + (r1 - r0) / 16 * 16;
@@ -1073,35 +1100,31 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     }
     float *sums = (float *)(xa + (size_t)tiles * nc * 1024); /* [tiles][16 rows][16 tokens] */
     bn_amx_tokens_to_tiles(j->hq, j->m, j->k, xa);
-    int8_t split[8192] __attribute__((aligned(64))); /* chunk c's a tile at 1024 c, its b tile at 4096 + 1024 c */
+    /* two blocks' splits, one multiplied while the next is split: chunk c's a tile at 1024 c, its
+     * b tile at 4096 + 1024 c */
+    int8_t split[2][8192] __attribute__((aligned(64)));
     int32_t ca[256] __attribute__((aligned(64))), cb[256] __attribute__((aligned(64)));
-    float d[16];
+    float d[2][16];
     bn_amx_configure();
+    const bn_q6_block *rows = (const bn_q6_block *)j->w;
+    int cur = 0;
+    q6_amx_split_strip(rows + (size_t)r0 * nb, nb, 0, NULL, split[0], d[0]);
     for (int ra = r0; ra < strips_end; ra += 16) {
-        const bn_q6_block *w = (const bn_q6_block *)j->w + (size_t)ra * nb;
-        /* a strip is 16 * nb consecutive blocks: the next one is read ahead in order, 210 bytes per
-         * row and block split here */
-        const char *next = ra + 16 < strips_end ? (const char *)(w + 16 * nb) : NULL;
+        const bn_q6_block *w = rows + (size_t)ra * nb;
+        const int more = ra + 16 < strips_end;
         memset(sums, 0, (size_t)tiles * 1024);
-        for (int b = 0; b < nb; b++) {
-            for (int i = 0; i < 16; i++) {
-                const bn_q6_block *blk = w + (size_t)i * nb + b;
-                if (next)
-                    for (int line = 0; line < 4; line++)
-                        _mm_prefetch(next + ((size_t)b * 16 + i) * sizeof(bn_q6_block) + 64 * line, _MM_HINT_T0);
-                d[i] = _cvtsh_ss(blk->d);
-                q6_amx_split_block(blk, split + 64 * i, split + 4096 + 64 * i);
-            }
+        for (int b = 0; b < nb; b++, cur ^= 1) {
             for (int T = 0; T < tiles; T += 2) {
                 const int two_tiles = T + 1 < tiles;
                 const int8_t *b0 = xa + ((size_t)T * nc + 4 * b) * 1024, *b1 = b0 + (size_t)nc * 1024;
+                const int8_t *a = split[cur];
                 _tile_zero(0);
                 _tile_zero(1);
                 _tile_zero(2);
                 _tile_zero(3);
                 for (int c = 0; c < 4; c++) {
-                    _tile_loadd(4, split + 1024 * c, 64);
-                    _tile_loadd(5, split + 4096 + 1024 * c, 64);
+                    _tile_loadd(4, a + 1024 * c, 64);
+                    _tile_loadd(5, a + 4096 + 1024 * c, 64);
                     _tile_loadd(6, b0 + 1024 * c, 64);
                     _tile_dpbssd(0, 4, 6);
                     _tile_dpbssd(1, 5, 6);
@@ -1111,13 +1134,22 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
                         _tile_dpbssd(3, 5, 7);
                     }
                 }
+                /* the tiles' products take longer than their issue: the next block (or the next
+                 * strip's first) is split meanwhile, into the other buffer */
+                if (T + 2 >= tiles) {
+                    if (b + 1 < nb)
+                        q6_amx_split_strip(w, nb, b + 1, more ? (const char *)(w + 16 * nb) : NULL, split[cur ^ 1],
+                                           d[cur ^ 1]);
+                    else if (more)
+                        q6_amx_split_strip(w + 16 * nb, nb, 0, NULL, split[cur ^ 1], d[cur ^ 1]);
+                }
                 _tile_stored(0, ca, 64);
                 _tile_stored(1, cb, 64);
-                q6_amx_accumulate(ca, cb, d, sums + 256 * T);
+                q6_amx_accumulate(ca, cb, d[cur], sums + 256 * T);
                 if (two_tiles) {
                     _tile_stored(2, ca, 64);
                     _tile_stored(3, cb, 64);
-                    q6_amx_accumulate(ca, cb, d, sums + 256 * (T + 1));
+                    q6_amx_accumulate(ca, cb, d[cur], sums + 256 * (T + 1));
                 }
             }
         }
