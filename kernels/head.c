@@ -1012,7 +1012,7 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
  * s / x_scale (q6_logit) leaves token-major through the shared transpose. The same bits as
  * bn_head_rows_q6_scalar. One token, fewer than Q6_AMX_MIN_TOKENS, and rows past the last whole
  * 16 take the VNNI path. */
-#define Q6_AMX_MIN_TOKENS 4
+#define Q6_AMX_MIN_TOKENS 7
 
 /* The a and b parts of one row's block, chunk c (inputs 64c..64c+63) at ta / tb + 1024 c, one A
  * tile row each, in input order, here with w = 64 a + b, a = floor(w / 64) in [-64, 63] and b = w & 63.

@@ -299,10 +299,11 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
     return acc;
 }
 
-/* The output head on ragged shapes and 1..17, 32, 33 and 40 tokens (tiles of up to 8 tokens on AVX2 and 16
+/* The output head on ragged shapes and 1..17, 32, 33, 40 and 64 tokens (tiles of up to 8 tokens on AVX2 and 16
  * on AVX-512 VNNI and AMX, and every narrower tail; the shapes of 301 rows span several blocks of rows, the
  * last one ragged, and 17 tokens two tiles that each pass every block; AMX passes take two row strips
- * and two token tiles, k % 64 inputs and k < 64 beside them): int8 and q4 rows
+ * and two token tiles, k % 64 inputs and k < 64 beside them; the AMX q6 head, from 7 tokens, 16-row
+ * strips with the ragged rows on the VNNI path, one to four token tiles, k padded to 256): int8, q4 and q6 rows
  * are an exact integer dot, so every ISA matches the scalar path bit for bit (and the integer sum
  * computed here); f16 rows agree up to float summation order. */
 static void test_head(void) {
@@ -310,7 +311,8 @@ static void test_head(void) {
                                     {4, 64, 2560}, {2, 7, 33}, {1, 3, 8192}, {11, 301, 700}, {1, 5, 100}, {1, 4, 40},
                                     {16, 67, 2560}, {17, 301, 700}, {6, 21, 300}, {7, 21, 520}, {8, 21, 300},
                                     {9, 21, 520}, {10, 13, 300}, {12, 13, 520}, {13, 13, 300}, {14, 13, 520},
-                                    {15, 13, 300}, {2, 48, 2560}, {33, 70, 640}, {40, 301, 700}, {32, 64, 128}};
+                                    {15, 13, 300}, {2, 48, 2560}, {33, 70, 640}, {40, 301, 700}, {32, 64, 128},
+                                    {64, 35, 300}, {9, 16, 256}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
@@ -321,7 +323,7 @@ static void test_head(void) {
             w16[i] = (uint16_t)(0x2000 + rnd() % 0x1000) | (rnd() & 1 ? 0x8000 : 0);
             w8[i] = (int8_t)(i % 11 == 0 ? -128 : (int)(rnd() % 256) - 128); /* -128 included */
         }
-        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[40];
+        float *wscale = random_floats(n, 0.01f, 0.02f), *h = random_floats((size_t)m * k, 1.0f, 0.0f), hscale[64];
         float *ref = malloc(sizeof(float) * m * n), *got = malloc(sizeof(float) * m * n);
         for (int type = 0; type < BN_EMB_COUNT; type++) {
             const void *w = type == BN_EMB_Q6   ? (const void *)w6
@@ -330,7 +332,7 @@ static void test_head(void) {
                                                 : w16;
             int kq = bn_head_k(type, k);
             int8_t *hq = malloc((size_t)m * kq);
-            int32_t hsum[40];
+            int32_t hsum[64];
             bn_quantize_rows(BN_ISA_SCALAR, h, m, k, kq, hq, hscale, hsum);
             bn_head_job j = {.w = w, .wscale = wscale, .k = kq, .h = h, .hq = hq, .hscale = hscale,
                              .m = m, .y = ref, .y_stride = n};
@@ -626,10 +628,11 @@ static void test_head_q4_extremes(void) {
 
 /* q6 at its bounds: every code 0 (q = -32) or 63 (q = 31), every scale -128 or 127, against x =
  * +-127, over 8192 inputs, for one token (the row kernels) and nine (a tile of eight and one of
- * one): the int16 pair sums (two of them added in int16 by the tiles) and the int32 block sums
- * at their largest */
+ * one; on AMX a strip of 16 rows and the VNNI path for the last two): the int16 pair sums (two of
+ * them added in int16 by the tiles), the AMX head's split weights and the int32 block sums at
+ * their largest */
 static void test_head_q6_extremes(void) {
-    enum { N = 2, K = 8192, NB = K / 256, M = 9 };
+    enum { N = 18, K = 8192, NB = K / 256, M = 9 };
     bn_q6_block *w = malloc(sizeof(bn_q6_block) * N * NB);
     float *h = malloc(sizeof(float) * K * M), ref[N * M], got[N * M];
     for (int code = 0; code < 2; code++)
