@@ -1002,9 +1002,9 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
 /* ---- q6 rows on AMX-INT8 ---------------------------------------------------------------------
  * tdpbssd multiplies int8 by int8 only, and a q6 weight's integer part w = sc * q (int8 sc, q in
  * [-32, 31]) needs 13 bits; so each w is split into two int8 parts, w = 64 a + b with
- * a = floor((w + 32) / 64) in [-63, 64] and b = w - 64 a in [-32, 31], and a block's exact sum is
+ * a = floor(w / 64) in [-64, 63] and b = w & 63 in [0, 63], and a block's exact sum is
  * acc_b = 64 * sum a x + sum b x: two tdpbssd per 64 inputs into two C tiles, the same int32 as
- * q6_block_dot_scalar's (|64 sum a x| <= 64 * 256 * 64 * 128 < 2^31). A 16-row strip's block is
+ * q6_block_dot_scalar's (|64 sum a x| <= 64 * 256 * 64 * 128 = 2^27). A 16-row strip's block is
  * split into its A tiles (4 chunks of 64 inputs, a and b: 8 KB that stay in L1), then every token
  * tile of the call passes it (two at once: C 0-3, A 4-5, B 6-7), and after each block the C tiles
  * go into the float sums of the strip, s += d * (float)acc_b per row and token (q6_step's two IEEE
