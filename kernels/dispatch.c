@@ -95,7 +95,7 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
     [BN_ISA_AVX512VNNI] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512vnni, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512vnni},
                            .head = {[BN_EMB_I8] = bn_head_rows_i8_avx512vnni, [BN_EMB_Q6] = bn_head_rows_q6_avx512vnni}},
     /* AMX runs the i2 GEMM (and VNNI's tile below BN_AMX_MIN_TOKENS tokens; tq1 stays VNNI's) and
-     * the int8 head with several tokens */
+     * the int8 head with several tokens, the q6 head from 7 (head.c: Q6_AMX_MIN_TOKENS) */
     [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}, .head = {[BN_EMB_I8] = bn_head_rows_i8_amx, [BN_EMB_Q6] = bn_head_rows_q6_amx}},
 #endif
 #if BN_ARM64
