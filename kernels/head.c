@@ -1013,6 +1013,7 @@ AMX_HEAD_TARGET void bn_head_rows_i8_amx(const bn_head_job *j, int r0, int r1) {
  * bn_head_rows_q6_scalar. One token, fewer than Q6_AMX_MIN_TOKENS, and rows past the last whole
  * 16 take the VNNI path. */
 #define Q6_AMX_MIN_TOKENS 7
+#define Q6_AMX_STACK_BYTES (130 * 1024)
 
 /* The a and b parts of one row's block, chunk c (inputs 64c..64c+63) at ta / tb + 1024 c, one A
  * tile row each, in input order, here with w = 64 a + b, a = floor(w / 64) in [-64, 63] and b = w & 63.
@@ -1091,10 +1092,16 @@ AMX_HEAD_TARGET static inline void q6_amx_split_strip(const bn_q6_block *w, int 
 AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     const int nb = j->k / BN_Q6_BLOCK_K, nc = j->k / 64, tiles = (j->m + 15) / 16;
     const int strips_end = r0 + (r1 - r0) / 16 * 16;
-    /* the tokens' B tiles (bn_amx_tokens_to_tiles), then the strip's float sums, one allocation */
-    int8_t *xa = j->m >= Q6_AMX_MIN_TOKENS && nb > 0 && strips_end > r0
-                     ? aligned_alloc(64, (size_t)tiles * nc * 1024 + (size_t)tiles * 1024) : NULL;
-    if (!xa) { /* few tokens, fewer than 16 rows, or no memory */
+    if (j->m < Q6_AMX_MIN_TOKENS || nb == 0 || strips_end == r0) { /* few tokens, fewer than 16 rows */
+        bn_head_rows_q6_avx512vnni(j, r0, r1);
+        return;
+    }
+    /* the tokens' B tiles (bn_amx_tokens_to_tiles), then the strip's float sums: a batched decode
+     * step's (up to 32 tokens of up to 4096 inputs) on the stack, more from the heap */
+    const size_t bytes = (size_t)tiles * nc * 1024 + (size_t)tiles * 1024;
+    int8_t stack[bytes <= Q6_AMX_STACK_BYTES ? bytes : 64] __attribute__((aligned(64)));
+    int8_t *xa = bytes <= Q6_AMX_STACK_BYTES ? stack : aligned_alloc(64, bytes);
+    if (!xa) { /* no memory */
         bn_head_rows_q6_avx512vnni(j, r0, r1);
         return;
     }
@@ -1156,7 +1163,7 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
         for (int T = 0; T < tiles; T++) q6_amx_store(j, ra, 16 * T, sums + 256 * T);
     }
     _tile_release();
-    free(xa);
+    if (xa != stack) free(xa);
     if (strips_end < r1) bn_head_rows_q6_avx512vnni(j, strips_end, r1);
 }
 #endif
