@@ -219,11 +219,12 @@ import os
 torch._C._cuda_getCurrentRawStream = lambda index: 7
 torch.cuda.is_current_stream_capturing = lambda: False
 class Launcher:
-    global_scratch_size, profile_scratch_size, launch_cooperative_grid, launch_pdl, num_ctas = 0, 0, False, False, 1
+    global_scratch_size, profile_scratch_size, launch_cooperative_grid, launch_pdl, num_ctas = 128, 0, False, False, 1
     def __init__(self, owner): self.owner = owner
     def launch(self, x, y, z, stream, function, coop, pdl, scratch, profile, meta, launch_meta, enter, exit_, *args):
         assert (y, z, stream, function, meta, coop, pdl, profile) == (1, 1, 7, "fn", "meta", False, False, None)
         assert launch_meta is enter is exit_ is None and len(args) == len(self.owner.autotuned.arg_names)
+        assert scratch is T._SCRATCH[(args[0].device, 7)] and scratch.numel() >= 128 * x  # the descriptors' scratch, kept
         launches.append("op")
         Compiled.__getitem__(self.owner, (x, y, z))(*args)
         launches.pop()
@@ -371,10 +372,10 @@ def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
 
 
 def test_refresh_kernel_setting(monkeypatch):
-    """$BITNET_INT8_REFRESH picks the CUDA refresh (torch by default); a CPU model always refreshes in torch."""
+    """$BITNET_INT8_REFRESH picks the CUDA refresh (a CUDA graph by default); a CPU model always refreshes in torch."""
     monkeypatch.delenv("BITNET_INT8_REFRESH", raising=False)
-    assert L.refresh_kernel() == "torch"
-    for kind in ("triton", "graph"):
+    assert L.refresh_kernel() == "graph"
+    for kind in ("triton", "torch"):
         monkeypatch.setenv("BITNET_INT8_REFRESH", kind)
         assert L.refresh_kernel() == kind
     cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -412,17 +412,17 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
 
 def refresh_kernel() -> str:
     """How :func:`refresh` re-derives the ternary weights of CUDA models: ``$BITNET_INT8_REFRESH``,
-    ``torch`` (default: :meth:`Int8Product.refresh`, about twelve eager kernels per weight) or ``triton``
-    (:func:`int8_triton.refresh_products`, three kernels per weight) or ``graph`` (the ``triton`` form captured
-    once in a CUDA graph and replayed each step: one launch). The same bits either way (checked on an H200 at
-    the 700m and 1.3b shapes, where a refresh took 19.7 and 19.0 ms with ``triton``, 4.6 and 10.6 replayed as a
-    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run shows them faster
-    (session 13's one run of ``triton``, beside the aligned grad_weight at 1.3b, was slower: RESULTS.md)."""
+    ``graph`` (default: :func:`int8_triton.refresh_products`, three kernels per weight, captured once in a CUDA
+    graph and replayed each step: one launch), ``triton`` (the same kernels launched each step) or ``torch``
+    (:meth:`Int8Product.refresh`, about twelve eager kernels per weight). The same bits either way (checked on an
+    H200 at the 700m and 1.3b shapes, where a refresh took 4.6 and 10.6 ms as a graph, 19.7 and 19.0 with
+    ``triton``, 30.0 and 32.4 eager). The 700m int8 step with ``graph`` (and the op's direct launches) left the GPU
+    idle 14.9 ms a step against 53.9 before (benchmarks/RESULTS.md, session 14)."""
     import os
 
-    kind = os.environ.get("BITNET_INT8_REFRESH", "torch")
+    kind = os.environ.get("BITNET_INT8_REFRESH", "graph")
     if kind not in ("triton", "torch", "graph"):
-        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'torch', 'triton' or 'graph'")
+        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'graph', 'triton' or 'torch'")
     return kind
 
 
@@ -461,7 +461,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
                 int8_triton.refresh_products(items)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not void the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 int8_triton.refresh_products(items)
             cached = model.__dict__["_int8_refresh_graph"] = (key, graph)
         cached[1].replay()

@@ -311,7 +311,13 @@ _DIRECT: dict[tuple, tuple] = {}
 # The TMA kernel's descriptor scratch per (device, stream), reused by every launch on that stream (a
 # kernel's programs write their descriptors at its start; the next kernel on the stream starts after it
 # ends). Never while a CUDA graph is being captured: there the scratch comes from the graph's allocator.
+# Allocated on a thread of its own, so that it never comes from a memory pool that the calling thread's
+# allocations are routed to (torch.compile's CUDA graph trees route a warm-up run's allocations to their
+# pool, and a tensor kept from it fails their check that all live allocations are tracked), at least
+# 1 MiB (132 SMs x 2 descriptors x 128 bytes = 33 KiB) and never freed (a freed block could be handed to
+# another stream while a kernel still writes descriptors into it).
 _SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH_KEPT: list[torch.Tensor] = []
 
 
 def _remember(key: tuple, tma: bool, launch: tuple) -> None:
@@ -330,7 +336,14 @@ def _scratch(device: torch.device, stream: int, size: int) -> torch.Tensor:
         return torch.empty(size, dtype=torch.int8, device=device)
     buf = _SCRATCH.get((device, stream))
     if buf is None or buf.numel() < size:
-        buf = _SCRATCH[(device, stream)] = torch.empty(size, dtype=torch.int8, device=device)
+        import threading
+
+        made = []
+        t = threading.Thread(target=lambda: made.append(torch.empty(max(size, 1 << 20), dtype=torch.int8, device=device)))
+        t.start()
+        t.join()
+        buf = _SCRATCH[(device, stream)] = made[0]
+        _SCRATCH_KEPT.append(buf)
     return buf
 
 
