@@ -27,7 +27,8 @@ not depend on speed), in about half the wall time.
 
 The int8 variant runs, per product shape, the faster of the two int8 product kernels (pointer loads,
 persistent TMA); ``BITNET_INT8_MM=pointer`` or ``tma`` in the environment runs one of them everywhere
-(bitnet_cli/train/int8_triton.py).
+(bitnet_cli/train/int8_triton.py). ``BITNET_INT8_REFRESH`` picks the per-step ternary refresh (``graph``
+by default) and ``BITNET_COMPILE_MODE`` torch.compile's mode; each run's JSON records its ``BITNET_*`` environment.
 
 ``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
 the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind

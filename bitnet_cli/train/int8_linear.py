@@ -322,10 +322,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer there (1.06x
-    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training, session
-    11); at the 700m shape it is faster (0.953x ``quant: none``'s, session 12), but its training
-    curve there is not measured; auto may pick it only where both are.
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes a little longer there
+    (1.012x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 14); at the 700m shape it is
+    faster (0.925x, session 14), but its training curve there is not measured; auto may pick it only
+    where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
