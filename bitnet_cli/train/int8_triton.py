@@ -320,7 +320,15 @@ _SCRATCH: dict[tuple, torch.Tensor] = {}
 _SCRATCH_KEPT: list[torch.Tensor] = []
 
 
+# The launcher's argument list that int8_mm_op passes is Triton 3.6's (CudaLauncher.__call__ and its C
+# ``launch``: grid, stream, function, cooperative and PDL flags, two scratches, packed metadata, launch
+# metadata, two hooks, the kernel's arguments); other releases keep int8_mm's own launch path.
+_DIRECT_TRITON = triton.__version__.split(".")[:2] == ["3", "6"]
+
+
 def _remember(key: tuple, tma: bool, launch: tuple) -> None:
+    if not _DIRECT_TRITON:
+        return
     compiled, grid, constexprs = launch
     runner = getattr(compiled, "run", None)  # Triton's CudaLauncher (loads the module on first use)
     needed = ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl", "num_ctas")
@@ -349,8 +357,10 @@ def _scratch(device: torch.device, stream: int, size: int) -> torch.Tensor:
 
 def _hooks_set() -> bool:
     """Whether a Triton launch hook is installed (a profiler such as proton): then launches take Triton's path."""
-    from triton import knobs
-
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover (Triton before 3.4; _remember keeps no direct launches there)
+        return True
     rt = knobs.runtime
     return any(h is not None and getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
