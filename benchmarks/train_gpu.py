@@ -27,7 +27,8 @@ not depend on speed), in about half the wall time.
 
 The int8 variant runs, per product shape, the faster of the two int8 product kernels (pointer loads,
 persistent TMA); ``BITNET_INT8_MM=pointer`` or ``tma`` in the environment runs one of them everywhere
-(bitnet_cli/train/int8_triton.py).
+(bitnet_cli/train/int8_triton.py). ``BITNET_INT8_REFRESH`` picks the per-step ternary refresh (``graph``
+by default) and ``BITNET_COMPILE_MODE`` torch.compile's mode; each run's JSON records its ``BITNET_*`` environment.
 
 ``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
 the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind
@@ -151,7 +152,10 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     fpt = config.arch.training_flops_per_token(recipe.train.seq_len)
     peak = peak_flops(pick_device(recipe.train.device))
     t = recipe.train
+    import os
+
     return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BITNET_") and k != "BITNET_SHARED_DATA"},
             "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
             "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,

@@ -312,14 +312,53 @@ def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float],
     compiled graph recomputed them inside every kernel that reads them, per element of q and k
     (a float64 pow, a sin and a cos for each), forward and backward: on an H200 the kernel forming
     the q/k/v gradient of the small recipe took ten times its memory traffic that way.
+
+    On CUDA the tables are computed once per (dim, theta, scaling, device), at the longest length asked
+    so far (each element depends on its position alone and CUDA's elementwise kernels compute every
+    element alike, so a prefix of a longer table has the same bits), and each call returns copies of their
+    first ``seq_len`` rows: a device-to-device copy, which a CUDA graph can capture (the computation starts
+    with a host-to-device copy of inv_freq, which it cannot: torch.compile's ``reduce-overhead`` mode failed
+    there). They are computed on a thread of their own, so that they never come from a memory pool the
+    caller's allocations are routed to (CUDA graph trees route a warm-up run's). Elsewhere (where a
+    vectorised loop's tail may round differently) each call computes them.
     """
+    if device.type != "cuda":
+        return _rope_compute(seq_len, dim, theta, llama3, device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (dim, theta, tuple(llama3), device)
+    hit = _ROPE_TABLES.get(key)
+    if hit is None or hit[0].shape[0] < seq_len:
+        import threading
+
+        n = max(seq_len, 0 if hit is None else hit[0].shape[0])
+        made = []
+        t = threading.Thread(target=lambda: made.append(_rope_compute(n, dim, theta, llama3, device)))
+        t.start()
+        t.join()
+        if not made:
+            raise RuntimeError("RoPE tables: the computation failed (see the thread's traceback above)")
+        hit = _ROPE_TABLES[key] = made[0]
+    cos, sin = hit
+    return cos[:seq_len].clone(), sin[:seq_len].clone()
+
+
+# (dim, theta, llama3, device) -> fp32 (cos, sin) of the longest length computed so far (_rope_tables).
+_ROPE_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _rope_compute(seq_len: int, dim: int, theta: float, llama3: list[float],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     from bitnet_cli.rope import inv_freq as rope_inv_freq  # transformers' fp32 inv_freq, bit for bit
 
     scaling = dict(zip(LLAMA3_ROPE_KEYS, llama3), rope_type="llama3") if llama3 else None
     inv_freq = torch.from_numpy(rope_inv_freq(dim, theta, scaling)).to(device)
     freqs = torch.arange(seq_len, device=device).float()[:, None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    out = emb.cos(), emb.sin()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # the caller's stream (another thread's) reads them next
+    return out
 
 
 @_rope_tables.register_fake

@@ -209,6 +209,54 @@ def test_int8_products_launch_the_compiled_kernel_directly_once_tuned():
     assert launches == ["autotuned", "direct", "direct"] * len(cases)
 
 
+# The op's direct launches (``int8_triton._DIRECT``, :func:`int8_triton.int8_mm_op`) in the interpreter:
+# the compiled kernel's launcher is stood in for by one that takes its arguments exactly as Triton 3.6's
+# CudaLauncher.launch does (grid, stream, function, cooperative and PDL flags, the two scratches, packed
+# metadata, launch metadata, the two hooks, then every kernel argument in signature order) and runs the
+# interpreted kernel with them; the device's current stream is stood in for too (the tensors are on the CPU).
+_INTERPRETED_OP_LAUNCH = _INTERPRETED_DIRECT_LAUNCH.split("out = []")[0] + """
+import os
+torch._C._cuda_getCurrentRawStream = lambda index: 7
+torch.cuda.is_current_stream_capturing = lambda: False
+class Launcher:
+    global_scratch_size, profile_scratch_size, launch_cooperative_grid, launch_pdl, num_ctas = 128, 0, False, False, 1
+    def __init__(self, owner): self.owner = owner
+    def launch(self, x, y, z, stream, function, coop, pdl, scratch, profile, meta, launch_meta, enter, exit_, *args):
+        assert (y, z, stream, function, meta, coop, pdl, profile) == (1, 1, 7, "fn", "meta", False, False, None)
+        assert launch_meta is enter is exit_ is None and len(args) == len(self.owner.autotuned.arg_names)
+        assert scratch is T._SCRATCH[(args[0].device, 7)] and scratch.numel() >= 128 * x  # the descriptors' scratch, kept
+        launches.append("op")
+        Compiled.__getitem__(self.owner, (x, y, z))(*args)
+        launches.pop()
+def _init(self, autotuned):
+    self.autotuned, self.run, self.function, self.packed_metadata = autotuned, Launcher(self), "fn", "meta"
+Compiled.__init__ = _init
+out = []
+for kernel, M, N, K, col in json.loads(sys.argv[1]):
+    os.environ["BITNET_INT8_MM"] = kernel
+    g = torch.Generator().manual_seed(M + N + K)
+    a = L.pad_rows(torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g))
+    b = L.pad_rows(torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g))
+    rm = torch.rand(M, generator=g)
+    cm = torch.rand(N, generator=g) if col else None
+    ref = L.int8_mm_reference(a, b, rm, cm, torch.float32)
+    out.append([torch.equal(T.int8_mm_op(a, b, rm, cm, torch.float32), ref) for _ in range(4)])
+print(json.dumps([out, launches]))
+"""
+
+
+def test_the_op_launches_the_compiled_kernel_directly_once_tuned():
+    """``bitnet::int8_mm`` on CUDA (int8_triton.int8_mm_op): the first product of a shape is autotuned, the
+    second launches the compiled kernel through int8_mm, and from then on the op hands the compiled
+    kernel's launcher the arguments itself (``_DIRECT``): the same bits each time."""
+    pytest.importorskip("triton")
+    cases = [["pointer", 70, 50, 96, True], ["pointer", 40, 64, 67, False], ["tma", 70, 50, 96, False],
+             ["tma", 40, 64, 67, True]]
+    results, launches = _interpret(_INTERPRETED_OP_LAUNCH, cases)
+    assert results == [[True] * 4] * len(cases)
+    assert launches == ["autotuned", "direct", "op", "op"] * len(cases)
+
+
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):
     """``$BITNET_INT8_MM`` picks the kernel ``bitnet::int8_mm`` runs ("auto", the faster per shape, by
     default); a bad value is one clear error."""
@@ -324,10 +372,10 @@ def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
 
 
 def test_refresh_kernel_setting(monkeypatch):
-    """$BITNET_INT8_REFRESH picks the CUDA refresh (torch by default); a CPU model always refreshes in torch."""
+    """$BITNET_INT8_REFRESH picks the CUDA refresh (a CUDA graph by default); a CPU model always refreshes in torch."""
     monkeypatch.delenv("BITNET_INT8_REFRESH", raising=False)
-    assert L.refresh_kernel() == "torch"
-    for kind in ("triton", "graph"):
+    assert L.refresh_kernel() == "graph"
+    for kind in ("triton", "torch"):
         monkeypatch.setenv("BITNET_INT8_REFRESH", kind)
         assert L.refresh_kernel() == kind
     cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -91,9 +91,13 @@ def int8_rows(m: int, n: int, device: torch.device | str) -> torch.Tensor:
 
 
 def pad_rows(q: torch.Tensor) -> torch.Tensor:
-    """``q`` [m, n] int8 as a view with 16-byte-aligned rows (see :func:`int8_rows`); the same values."""
+    """``q`` [m, n] int8 as a view with 16-byte-aligned rows (see :func:`int8_rows`); the same values. ``q``
+    itself where its rows already are (n a multiple of 16, or rows padded already, as
+    ``quantize_grad_rows`` writes them)."""
     n = q.shape[-1]
-    return q if n % 16 == 0 else torch.nn.functional.pad(q, (0, -n % 16))[:, :n]
+    if n % 16 == 0 or (q.stride(-1) == 1 and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0):
+        return q
+    return torch.nn.functional.pad(q, (0, -n % 16))[:, :n]
 
 
 def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,22 +133,35 @@ def int8_mm_reference(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, c
     return c.to(out_dtype)
 
 
-@torch.library.custom_op("bitnet::int8_mm", mutates_args=())
-def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-            out_dtype: torch.dtype) -> torch.Tensor:
-    if a.is_cuda:
-        from bitnet_cli.train import int8_triton
-
-        kernel = int8_triton.default_kernel()
-        if kernel != "pointer":  # TMA reads rows on 16-byte boundaries; the pointer kernel any row stride
-            a = pad_rows(a)
-        return int8_triton.int8_mm(a, b, row_mul, col_mul, out_dtype, kernel)
-    return int8_mm_reference(a, b, row_mul, col_mul, out_dtype)
+# The two ops are declared through torch.library.Library rather than torch.library.custom_op: the same
+# dispatcher ops (bitnet::int8_mm, bitnet::quantize_grad_rows) with the same fake kernels for torch.compile,
+# but a call costs the dispatcher alone, without custom_op's Python layers (its autograd wrapper, the
+# redispatch, the output-aliasing check: about 9 us against 2.5 per call on this project's CPU host,
+# and a 700m step calls them about 580 times). Neither op needs autograd: they run inside _Int8Linear.
+_LIB = torch.library.Library("bitnet", "FRAGMENT")
+_LIB.define("int8_mm(Tensor a, Tensor b, Tensor row_mul, Tensor? col_mul, ScalarType out_dtype) -> Tensor")
+_LIB.define("quantize_grad_rows(Tensor[] parts, Tensor col_scale) -> (Tensor, Tensor)")
 
 
-@int8_mm.register_fake
+def _int8_mm_cuda(a, b, row_mul, col_mul, out_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.int8_mm_op(a, b, row_mul, col_mul, out_dtype)
+
+
+_LIB.impl("int8_mm", _int8_mm_cuda, "CUDA")
+_LIB.impl("int8_mm", int8_mm_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::int8_mm", lib=_LIB)
 def _(a, b, row_mul, col_mul, out_dtype):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=out_dtype)
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """``bitnet::int8_mm``: the Triton product on CUDA (int8_triton.int8_mm_op), :func:`int8_mm_reference` elsewhere."""
+    return torch.ops.bitnet.int8_mm.default(a, b, row_mul, col_mul, out_dtype)
 
 
 def quantize_grad_rows_reference(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,21 +172,32 @@ def quantize_grad_rows_reference(parts: list[torch.Tensor], col_scale: torch.Ten
     return quantize_rows(g * col_scale, GRAD_ABSMAX_FLOOR)
 
 
-@torch.library.custom_op("bitnet::quantize_grad_rows", mutates_args=())
-def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if parts[0].is_cuda:
-        from bitnet_cli.train import int8_triton
+def _quantize_grad_rows_cuda(parts, col_scale):
+    from bitnet_cli.train import int8_triton
 
-        return int8_triton.quantize_grad_rows(parts, col_scale)
+    return int8_triton.quantize_grad_rows(parts, col_scale)
+
+
+def _quantize_grad_rows_other(parts, col_scale):
     q, s = quantize_grad_rows_reference(parts, col_scale)
     return pad_rows(q), s  # the rows' layout the GPU kernel writes (int8_rows), as the fake op states it
 
 
-@quantize_grad_rows.register_fake
+_LIB.impl("quantize_grad_rows", _quantize_grad_rows_cuda, "CUDA")
+_LIB.impl("quantize_grad_rows", _quantize_grad_rows_other, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::quantize_grad_rows", lib=_LIB)
 def _(parts, col_scale):
     m = parts[0].shape[0]
     n = sum(p.shape[1] for p in parts)
     return int8_rows(m, n, parts[0].device), parts[0].new_empty((m,), dtype=torch.float32)
+
+
+def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitnet::quantize_grad_rows``: :func:`quantize_grad_rows_reference` (in one Triton pass on CUDA), the
+    int8 rows 16-byte aligned (:func:`int8_rows`)."""
+    return torch.ops.bitnet.quantize_grad_rows.default(parts, col_scale)
 
 
 def aligned_rows(t: torch.Tensor) -> torch.Tensor:
@@ -294,10 +322,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes longer there (1.06x
-    ``quant: none``'s, against the plain path's 1.01x; benchmarks/RESULTS.md, GPU training, session
-    11); at the 700m shape it is faster (0.953x ``quant: none``'s, session 12), but its training
-    curve there is not measured; auto may pick it only where both are.
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes a little longer there
+    (1.012x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 14); at the 700m shape it is
+    faster (0.925x, session 14), but its training curve there is not measured; auto may pick it only
+    where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False
@@ -384,17 +412,17 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
 
 def refresh_kernel() -> str:
     """How :func:`refresh` re-derives the ternary weights of CUDA models: ``$BITNET_INT8_REFRESH``,
-    ``torch`` (default: :meth:`Int8Product.refresh`, about twelve eager kernels per weight) or ``triton``
-    (:func:`int8_triton.refresh_products`, three kernels per weight) or ``graph`` (the ``triton`` form captured
-    once in a CUDA graph and replayed each step: one launch). The same bits either way (checked on an H200 at
-    the 700m and 1.3b shapes, where a refresh took 19.7 and 19.0 ms with ``triton``, 4.6 and 10.6 replayed as a
-    graph, against 30.0 and 32.4 eager); ``triton`` and ``graph`` stay opt-in until a training run shows them faster
-    (session 13's one run of ``triton``, beside the aligned grad_weight at 1.3b, was slower: RESULTS.md)."""
+    ``graph`` (default: :func:`int8_triton.refresh_products`, three kernels per weight, captured once in a CUDA
+    graph and replayed each step: one launch), ``triton`` (the same kernels launched each step) or ``torch``
+    (:meth:`Int8Product.refresh`, about twelve eager kernels per weight). The same bits either way (checked on an
+    H200 at the 700m and 1.3b shapes, where a refresh took 4.6 and 10.6 ms as a graph, 19.7 and 19.0 with
+    ``triton``, 30.0 and 32.4 eager). The 700m int8 step with ``graph`` (and the op's direct launches) left the GPU
+    idle 14.9 ms a step against 53.9 before (benchmarks/RESULTS.md, session 14)."""
     import os
 
-    kind = os.environ.get("BITNET_INT8_REFRESH", "torch")
+    kind = os.environ.get("BITNET_INT8_REFRESH", "graph")
     if kind not in ("triton", "torch", "graph"):
-        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'torch', 'triton' or 'graph'")
+        raise BitnetError(f"BITNET_INT8_REFRESH={kind!r}: expected 'graph', 'triton' or 'torch'")
     return kind
 
 
@@ -433,7 +461,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
                 int8_triton.refresh_products(items)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls of other threads (a data loader's pinned copies) do not void the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 int8_triton.refresh_products(items)
             cached = model.__dict__["_int8_refresh_graph"] = (key, graph)
         cached[1].replay()

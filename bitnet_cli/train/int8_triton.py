@@ -23,7 +23,7 @@ import triton.language as tl
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.model import ternary_scale
-from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows
+from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows, pad_rows
 
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
     from triton.language.extra import libdevice
@@ -223,12 +223,14 @@ _FASTER: dict[tuple, str] = {}
 
 
 def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
-            out_dtype: torch.dtype, kernel: str = "pointer", config: triton.Config | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype, kernel: str = "pointer", config: triton.Config | None = None,
+            direct: tuple | None = None) -> torch.Tensor:
     """``kernel``: "pointer" (the pointer-load kernel, any shape), "tma" (the persistent TMA kernel,
     where :func:`tma_fits`; else "pointer") or "auto": where both can run, the first product of each
     shape times the two (each at its autotuned tile) and keeps the faster. The results are the same
     bit for bit either way. ``config``: one of the kernel's tiles instead of the autotuner's choice
-    (Triton's interpreter, which the CPU tests run the kernels in, cannot time them)."""
+    (Triton's interpreter, which the CPU tests run the kernels in, cannot time them). ``direct``: the key
+    under which :func:`int8_mm_op` launches this product's compiled kernel directly from now on."""
     M, K = a.shape
     N = b.shape[0]
     assert b.shape[1] == K and a.dtype == b.dtype == torch.int8
@@ -267,6 +269,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     if launch is not None:
         compiled, grid, constexprs = launch
         compiled[grid](*args, *constexprs)
+        if direct is not None:
+            _remember(direct, tma, launch)
         return c
     sms = _gpu(a.device)[1]
     jit_fn = _int8_mm_tma_kernel if tma else _int8_mm_kernel
@@ -292,6 +296,108 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
         assert set(names) == set(tail), names
         _LAUNCHES[spec] = (compiled, (*grid(tile), 1, 1), tuple(tail[n] for n in names))  # the runner reads x, y, z
     return c
+
+
+# ``bitnet::int8_mm``'s products launched straight into Triton's compiled launcher (:func:`int8_mm_op`),
+# per (shapes, strides, dtypes, column scale or not, device): the launcher, grid, CUfunction, packed
+# metadata, cooperative/PDL flags, the descriptors' scratch bytes per launch, the constexprs, whether the
+# TMA kernel. Session 13 measured the op's host cost at 81.9 us a launch against 41.0 for the TMA kernel
+# called directly and 15.0 for a bf16 F.linear (benchmarks/RESULTS.md); a 700m step launches it about 384
+# times. This path leaves out what Triton's ``compiled[grid](...)`` does per launch besides the launch
+# (the current device and stream looked up through its driver, a launch-metadata dict built for its hook
+# chain whether or not a hook is set, the scratch allocated through the allocator's context variable)
+# and ``int8_mm``'s own checks, which the key has already answered.
+_DIRECT: dict[tuple, tuple] = {}
+# The TMA kernel's descriptor scratch per (device, stream), reused by every launch on that stream (a
+# kernel's programs write their descriptors at its start; the next kernel on the stream starts after it
+# ends). Never while a CUDA graph is being captured: there the scratch comes from the graph's allocator.
+# Allocated on a thread of its own, so that it never comes from a memory pool that the calling thread's
+# allocations are routed to (torch.compile's CUDA graph trees route a warm-up run's allocations to their
+# pool, and a tensor kept from it fails their check that all live allocations are tracked), at least
+# 1 MiB (132 SMs x 2 descriptors x 128 bytes = 33 KiB) and never freed (a freed block could be handed to
+# another stream while a kernel still writes descriptors into it).
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+_SCRATCH_KEPT: list[torch.Tensor] = []
+
+
+# The launcher's argument list that int8_mm_op passes is Triton 3.6's (CudaLauncher.__call__ and its C
+# ``launch``: grid, stream, function, cooperative and PDL flags, two scratches, packed metadata, launch
+# metadata, two hooks, the kernel's arguments); other releases keep int8_mm's own launch path.
+_DIRECT_TRITON = triton.__version__.split(".")[:2] == ["3", "6"]
+
+
+def _remember(key: tuple, tma: bool, launch: tuple) -> None:
+    if not _DIRECT_TRITON:
+        return
+    compiled, grid, constexprs = launch
+    runner = getattr(compiled, "run", None)  # Triton's CudaLauncher (loads the module on first use)
+    needed = ("launch", "global_scratch_size", "profile_scratch_size", "launch_cooperative_grid", "launch_pdl", "num_ctas")
+    if not all(hasattr(runner, n) for n in needed) or runner.profile_scratch_size:
+        return  # another Triton's launcher: int8_mm's own path serves
+    scratch = runner.global_scratch_size * grid[0] * grid[1] * grid[2] * runner.num_ctas
+    _DIRECT[key] = (runner.launch, grid, compiled.function, compiled.packed_metadata, runner.launch_cooperative_grid,
+                    runner.launch_pdl, scratch, constexprs, tma)
+
+
+def _scratch(device: torch.device, stream: int, size: int) -> torch.Tensor:
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(size, dtype=torch.int8, device=device)
+    buf = _SCRATCH.get((device, stream))
+    if buf is None or buf.numel() < size:
+        import threading
+
+        made = []
+        t = threading.Thread(target=lambda: made.append(torch.empty(max(size, 1 << 20), dtype=torch.int8, device=device)))
+        t.start()
+        t.join()
+        buf = _SCRATCH[(device, stream)] = made[0]
+        _SCRATCH_KEPT.append(buf)
+    return buf
+
+
+def _hooks_set() -> bool:
+    """Whether a Triton launch hook is installed (a profiler such as proton): then launches take Triton's path."""
+    try:
+        from triton import knobs
+    except ImportError:  # pragma: no cover (Triton before 3.4; _remember keeps no direct launches there)
+        return True
+    rt = knobs.runtime
+    return any(h is not None and getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def int8_mm_op(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    """``bitnet::int8_mm`` on CUDA: :func:`int8_mm` with :func:`default_kernel` (the TMA kernel's ``a`` given
+    16-byte-aligned rows first), the same bits; after a product's first calls, a direct launch of its
+    compiled kernel (``_DIRECT``)."""
+    key = (a.shape, a.stride(), b.shape, b.stride(), row_mul.shape, row_mul.stride(), row_mul.dtype, out_dtype,
+           None if col_mul is None else (col_mul.stride(), col_mul.dtype), a.device, os.environ.get("BITNET_INT8_MM"))
+    d = _DIRECT.get(key)
+    if d is not None and not ((a.data_ptr() | b.data_ptr() | row_mul.data_ptr()
+                               | (0 if col_mul is None else col_mul.data_ptr())) & 15) and not _hooks_set():
+        launch, grid, function, meta, coop, pdl, scratch, constexprs, tma = d
+        device = a.device
+        stream = torch._C._cuda_getCurrentRawStream(device.index)
+        M, K = a.shape
+        N = b.shape[0]
+        c = torch.empty((M, N), dtype=out_dtype, device=device)
+        launch(grid[0], grid[1], grid[2], stream, function, coop, pdl,
+               _scratch(device, stream, scratch) if scratch else None, None, meta, None, None, None,
+               a, b, c, row_mul, row_mul if col_mul is None else col_mul, M, N, K, a.stride(0), b.stride(0), N,
+               *constexprs)
+        return c
+    kernel = default_kernel()
+    direct = None
+    if kernel != "pointer":  # TMA reads rows on 16-byte boundaries; the pointer kernel any row stride
+        padded = pad_rows(a)
+        direct = key if padded is a else None  # a padding copy each call: not a direct launch
+        a = padded
+    else:
+        direct = key
+    if a.stride(1) != 1 or b.stride(1) != 1 or row_mul.dtype != torch.float32 or row_mul.stride(0) != 1 or (
+            col_mul is not None and (col_mul.dtype != torch.float32 or col_mul.stride(0) != 1)):
+        direct = None  # int8_mm converts these per call
+    return int8_mm(a, b, row_mul, col_mul, out_dtype, kernel, direct=direct)
 
 
 # The compiled kernel, grid and constexprs of each product specialisation (int8_mm's ``spec``), once

@@ -409,7 +409,8 @@ class _Run:
             torch.set_rng_state(state["rng_cpu"])
             start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
             say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
-        fwd = torch.compile(model) if t.compile else model
+        # $BITNET_COMPILE_MODE: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs), for measurements.
+        fwd = torch.compile(model, mode=os.environ.get("BITNET_COMPILE_MODE") or None) if t.compile else model
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
         tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
         return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, opt,
