@@ -318,8 +318,7 @@ def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float],
     element alike, so a prefix of a longer table has the same bits), and each call returns copies of their
     first ``seq_len`` rows: a device-to-device copy, which a CUDA graph can capture (the computation starts
     with a host-to-device copy of inv_freq, which it cannot: torch.compile's ``reduce-overhead`` mode failed
-    there). They are computed on a thread of their own, so that they never come from a memory pool the
-    caller's allocations are routed to (CUDA graph trees route a warm-up run's). Elsewhere (where a
+    there). They are computed through :func:`on_own_thread` (outside any CUDA graph tree's pool). Elsewhere (where a
     vectorised loop's tail may round differently) each call computes them.
     """
     if device.type != "cuda":
@@ -329,18 +328,34 @@ def _rope_tables(seq_len: int, dim: int, theta: float, llama3: list[float],
     key = (dim, theta, tuple(llama3), device)
     hit = _ROPE_TABLES.get(key)
     if hit is None or hit[0].shape[0] < seq_len:
-        import threading
-
         n = max(seq_len, 0 if hit is None else hit[0].shape[0])
-        made = []
-        t = threading.Thread(target=lambda: made.append(_rope_compute(n, dim, theta, llama3, device)))
-        t.start()
-        t.join()
-        if not made:
-            raise RuntimeError("RoPE tables: the computation failed (see the thread's traceback above)")
-        hit = _ROPE_TABLES[key] = made[0]
+        hit = _ROPE_TABLES[key] = on_own_thread(lambda: _rope_compute(n, dim, theta, llama3, device))
     cos, sin = hit
     return cos[:seq_len].clone(), sin[:seq_len].clone()
+
+
+def on_own_thread(make):
+    """``make()`` run on a thread of its own, its result returned (its exception raised here). CUDA memory
+    kept across steps is made this way so that it never comes from a memory pool the calling thread's
+    allocations are routed to: torch.compile's CUDA graph trees route a warm-up run's allocations to their
+    pool, and a tensor kept from it fails their check that all live allocations are tracked."""
+    import threading
+
+    out: list = []
+
+    def run():
+        try:
+            out.append((True, make()))
+        except BaseException as e:  # handed to the caller
+            out.append((False, e))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 # (dim, theta, llama3, device) -> fp32 (cos, sin) of the longest length computed so far (_rope_tables).

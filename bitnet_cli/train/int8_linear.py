@@ -94,10 +94,7 @@ def pad_rows(q: torch.Tensor) -> torch.Tensor:
     """``q`` [m, n] int8 as a view with 16-byte-aligned rows (see :func:`int8_rows`); the same values. ``q``
     itself where its rows already are (n a multiple of 16, or rows padded already, as
     ``quantize_grad_rows`` writes them)."""
-    n = q.shape[-1]
-    if n % 16 == 0 or (q.stride(-1) == 1 and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0):
-        return q
-    return torch.nn.functional.pad(q, (0, -n % 16))[:, :n]
+    return q if q.shape[-1] % 16 == 0 else aligned_rows(q)
 
 
 def ternary_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,13 +198,14 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tu
 
 
 def aligned_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` [m, n] (2-byte floats) with rows starting on 16-byte boundaries: itself if they already do, else
-    a view of a padded copy. cuBLAS runs its fast bf16 kernels only on such operands: at 1.3b's 5460-wide
-    rows (10,920 bytes) it ran at 224-273 TFLOP/s against 700-800 aligned (benchmarks/RESULTS.md, session 12)."""
-    n = t.shape[-1]
-    if t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0:
+    """``t`` [m, n] with rows starting on 16-byte boundaries: itself if they already do, else a view of a
+    padded copy. TMA reads int8 rows only so (:func:`pad_rows`), and cuBLAS runs its fast bf16 kernels only on
+    such operands: at 1.3b's 5460-wide rows (10,920 bytes) it ran at 224-273 TFLOP/s against 700-800 aligned
+    (benchmarks/RESULTS.md, session 12)."""
+    n, per_row = t.shape[-1], 16 // t.element_size()
+    if t.stride(-1) == 1 and t.stride(0) % per_row == 0 and t.data_ptr() % 16 == 0:
         return t
-    return torch.nn.functional.pad(t, (0, -n % 8))[:, :n]
+    return torch.nn.functional.pad(t, (0, -n % per_row))[:, :n]
 
 
 @torch.library.custom_op("bitnet::grad_weight", mutates_args=())

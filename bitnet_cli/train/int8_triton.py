@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.model import ternary_scale
+from bitnet_cli.model import on_own_thread, ternary_scale
 from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows, pad_rows
 
 try:  # Triton 3.x; older releases kept libdevice under the CUDA backend's module
@@ -311,9 +311,7 @@ _DIRECT: dict[tuple, tuple] = {}
 # The TMA kernel's descriptor scratch per (device, stream), reused by every launch on that stream (a
 # kernel's programs write their descriptors at its start; the next kernel on the stream starts after it
 # ends). Never while a CUDA graph is being captured: there the scratch comes from the graph's allocator.
-# Allocated on a thread of its own, so that it never comes from a memory pool that the calling thread's
-# allocations are routed to (torch.compile's CUDA graph trees route a warm-up run's allocations to their
-# pool, and a tensor kept from it fails their check that all live allocations are tracked), at least
+# Allocated through model.on_own_thread (outside any CUDA graph tree's pool), at least
 # 1 MiB (132 SMs x 2 descriptors x 128 bytes = 33 KiB) and never freed (a freed block could be handed to
 # another stream while a kernel still writes descriptors into it).
 _SCRATCH: dict[tuple, torch.Tensor] = {}
@@ -344,13 +342,8 @@ def _scratch(device: torch.device, stream: int, size: int) -> torch.Tensor:
         return torch.empty(size, dtype=torch.int8, device=device)
     buf = _SCRATCH.get((device, stream))
     if buf is None or buf.numel() < size:
-        import threading
-
-        made = []
-        t = threading.Thread(target=lambda: made.append(torch.empty(max(size, 1 << 20), dtype=torch.int8, device=device)))
-        t.start()
-        t.join()
-        buf = _SCRATCH[(device, stream)] = made[0]
+        buf = _SCRATCH[(device, stream)] = on_own_thread(
+            lambda: torch.empty(max(size, 1 << 20), dtype=torch.int8, device=device))
         _SCRATCH_KEPT.append(buf)
     return buf
 
@@ -387,17 +380,12 @@ def int8_mm_op(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul:
                *constexprs)
         return c
     kernel = default_kernel()
-    direct = None
-    if kernel != "pointer":  # TMA reads rows on 16-byte boundaries; the pointer kernel any row stride
-        padded = pad_rows(a)
-        direct = key if padded is a else None  # a padding copy each call: not a direct launch
-        a = padded
-    else:
-        direct = key
-    if a.stride(1) != 1 or b.stride(1) != 1 or row_mul.dtype != torch.float32 or row_mul.stride(0) != 1 or (
-            col_mul is not None and (col_mul.dtype != torch.float32 or col_mul.stride(0) != 1)):
-        direct = None  # int8_mm converts these per call
-    return int8_mm(a, b, row_mul, col_mul, out_dtype, kernel, direct=direct)
+    # TMA reads rows on 16-byte boundaries; the pointer kernel any row stride
+    padded = pad_rows(a) if kernel != "pointer" else a
+    # a padding copy, or operands int8_mm converts, each call: not a direct launch
+    direct = key if padded is a and a.stride(1) == 1 and b.stride(1) == 1 and row_mul.dtype == torch.float32 and (
+        row_mul.stride(0) == 1) and (col_mul is None or (col_mul.dtype == torch.float32 and col_mul.stride(0) == 1)) else None
+    return int8_mm(padded, b, row_mul, col_mul, out_dtype, kernel, direct=direct)
 
 
 # The compiled kernel, grid and constexprs of each product specialisation (int8_mm's ``spec``), once
