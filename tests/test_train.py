@@ -265,3 +265,15 @@ def test_a_kill_between_the_two_renames_keeps_the_old_checkpoint(tmp_path):
     ckpt_io.remove_stale_temporaries(tmp_path)
     assert (final / "model.safetensors").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_an_unknown_compile_mode_is_one_clear_error(monkeypatch):
+    from bitnet_cli.train.loop import _compile_mode
+
+    monkeypatch.setenv("BITNET_COMPILE_MODE", "fastest")
+    with pytest.raises(BitnetError, match="BITNET_COMPILE_MODE='fastest': expected one of default, reduce-overhead"):
+        _compile_mode()
+    monkeypatch.setenv("BITNET_COMPILE_MODE", "reduce-overhead")
+    assert _compile_mode() == "reduce-overhead"
+    monkeypatch.delenv("BITNET_COMPILE_MODE")
+    assert _compile_mode() is None

@@ -348,6 +348,15 @@ def _prepare_data(recipe: Recipe, src: Source | None, resume_from: Path | None, 
     return data, tok, tokenizer_config(tok, tok_src)
 
 
+def _compile_mode() -> str | None:
+    """``$BITNET_COMPILE_MODE``: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs), for measurements."""
+    mode = os.environ.get("BITNET_COMPILE_MODE") or None
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if mode is not None and mode not in modes:
+        raise BitnetError(f"BITNET_COMPILE_MODE={mode!r}: expected one of {', '.join(modes)}")
+    return mode
+
+
 @dataclass
 class _Run:
     """A run's model, optimiser, data and teacher, and what one step, an evaluation and a save do."""
@@ -409,8 +418,7 @@ class _Run:
             torch.set_rng_state(state["rng_cpu"])
             start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
             say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
-        # $BITNET_COMPILE_MODE: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs), for measurements.
-        fwd = torch.compile(model, mode=os.environ.get("BITNET_COMPILE_MODE") or None) if t.compile else model
+        fwd = torch.compile(model, mode=_compile_mode()) if t.compile else model
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
         tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
         return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, opt,
