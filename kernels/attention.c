@@ -1,6 +1,6 @@
 /* Attention of a group of query heads over their KV head's cache rows (bn_attn_job,
- * internal.h): the scalar reference and the AVX2 version, equal bit for bit; dispatch.c picks
- * one, model.c splits the work over threads. Also the f16 cache's write (bn_to_f16_fn).
+ * internal.h): the scalar reference, the AVX2 and the AVX-512 versions, equal bit for bit;
+ * dispatch.c picks one, model.c splits the work over threads. Also the f16 cache's write (bn_to_f16_fn).
  *
  * The order of every float operation is fixed by the scalar code: a dot product sums lane l of
  * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
