@@ -72,7 +72,7 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
     presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
     stop: Union[str, list[str], None] = Field(None)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0)       # as `bitnet run --seed`: numpy seeds are non-negative
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
