@@ -438,6 +438,7 @@ def run(
 
         if prompt is None and not chat:
             raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
+        SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repeat_penalty=repeat_penalty, seed=seed, stop=stop)

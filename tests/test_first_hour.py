@@ -260,6 +260,10 @@ def test_library_errors_name_parameters_and_the_cli_shows_options():
         SamplingParams(top_p=0).check()
     assert str(e.value).startswith("top_p must be in (0, 1]") and "--" not in str(e.value)
     assert as_flags(e.value).startswith("--top-p must be in (0, 1]")
+    with pytest.raises(BitnetError, match="top_k must be an integer >= 0"):
+        SamplingParams(top_k=-3).check()  # was taken as "no limit" without a word
+    result = runner.invoke(app, ["run", "no-such-model.bin", "-p", "x", "--top-k", "-3"])
+    assert result.exit_code == 1 and _one_error_line(result.output).startswith("error: --top-k must be an integer >= 0")
     assert as_flags(BitnetError("a message about nothing in particular")) == "a message about nothing in particular"
 
 
