@@ -144,6 +144,13 @@ def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.
     return region, views
 
 
+def check_threads(threads) -> int:
+    """`threads` if it is a positive integer, else the one error every command gives for --threads."""
+    if type(threads) is not int or threads < 1:
+        raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
+    return threads
+
+
 @dataclass
 class GenerationStats:
     load_s: float = 0.0
@@ -341,8 +348,7 @@ class Engine(kernels.CResource):
         cores = kernels.physical_cores()
         if threads is None:
             threads = min(cores, smallest)
-        if type(threads) is not int or threads < 1:
-            raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
+        check_threads(threads)
         limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
         if threads > limit:
             why = (f"its smallest weight matrix has {smallest} rows" if smallest < kernels.ThreadPool.MAX_THREADS
