@@ -526,8 +526,7 @@ def serve(
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
 ):
-    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
-    together (continuous batching: the weights are read once per step for all of them).
+    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests together (continuous batching: the weights are read once per step for all of them).
 
     Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
@@ -753,8 +752,7 @@ def quickstart(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
     json_out: bool = json_option("the summary of every stage, at the end"),
 ):
-    """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare,
-    [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
+    """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare, [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
     A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
     and OUT/eval.json.

@@ -302,3 +302,13 @@ def test_no_library_message_names_a_command_line_option():
                 if re.search(r"(?<!\w)--[a-z]", re.sub(r"`[^`]*`", "", text)):  # a `bitnet ...` command may
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]}")
     assert not found, "\n".join(found)
+
+
+def test_every_command_s_summary_is_one_paragraph_line():
+    """Rich keeps a docstring's line breaks: a summary written over two lines showed in `bitnet --help`
+    as a broken line ("... up to --parallel requests" / "together ...") for serve and quickstart."""
+    import typer.main
+
+    for name, cmd in typer.main.get_command(app).commands.items():
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert "\n" not in summary, (name, summary)
