@@ -438,6 +438,10 @@ def run(
 
         if prompt is None and not chat:
             raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
+        if chat and json_output:  # it was ignored: the conversation printed as text
+            raise BitnetError("--json prints one generation as JSON; it does not combine with --chat")
+        if system is not None and not chat:  # it was ignored without a word
+            raise BitnetError("--system is the system prompt of --chat; without --chat, put it in -p/--prompt")
         SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

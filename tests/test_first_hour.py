@@ -312,3 +312,13 @@ def test_every_command_s_summary_is_one_paragraph_line():
     for name, cmd in typer.main.get_command(app).commands.items():
         summary = (cmd.help or "").strip().split("\n\n")[0]
         assert "\n" not in summary, (name, summary)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat", "--json"], "--json prints one generation as JSON; it does not combine with --chat"),
+    (["-p", "x", "--system", "You are Romeo."], "--system is the system prompt of --chat"),
+])
+def test_run_refuses_options_it_would_ignore(args, message):
+    # both were silently ignored: --chat printed its conversation as text, and -p ran without the system prompt
+    result = runner.invoke(app, ["run", "no-such-model.bin", *args])
+    assert result.exit_code == 1 and _one_error_line(result.output).startswith(f"error: {message}")
