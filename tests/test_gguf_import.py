@@ -237,6 +237,18 @@ def test_hostile_headers_get_one_clear_error(tmp_path, make, message):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: _file(p, struct.pack("<Q", 60000) + b"k" * 60000 + struct.pack("<I", 99) + b"\0" * 32),
+    lambda p: _file(p, ARCH + _tensor_info("t" * 60000, [4], 77, 0) + b"\0" * 64, n_tensors=1),
+])
+def test_a_huge_key_or_tensor_name_is_cut_short_in_the_error(tmp_path, make):
+    # the error line quoted the whole name: up to 64 KB of it (139 KB of escapes from a fuzzed file)
+    path = make(tmp_path)
+    with pytest.raises(BitnetError) as e:
+        GGUFFile.open(path).close()
+    assert len(str(e.value)) < 300 + len(str(path)) and "..." in str(e.value)
+
+
 def test_truncated_export_and_unsupported_architectures(ckpt, tmp_path):
     good = tmp_path / "m.gguf"
     pack_checkpoint(ckpt, good, to="gguf", gguf_type="i2_s")
