@@ -89,7 +89,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
         raise BitnetError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {safejson.short(name, 100)}"  # a name can run on for megabytes
         if not isinstance(info, dict):
             raise BitnetError(f"{where}: corrupt header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -119,7 +119,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
     spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.begin)
     for a, b in zip(spans, spans[1:]):
         if b.begin < a.end:
-            raise BitnetError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
+            raise BitnetError(f"{path}: tensors {safejson.short(a.name, 100)} and {safejson.short(b.name, 100)} overlap")
     return data_start, tensors, metadata
 
 
