@@ -543,8 +543,8 @@ class Engine(kernels.CResource):
         if not ids:
             raise BitnetError("the prompt is empty")
         if len(ids) >= self.ctx_size:
-            raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}; shorten it "
-                              "or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
+            raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}, the prompt and "
+                              "at least one new token together; shorten it or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
         stops = [s for s in stop if s]
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)

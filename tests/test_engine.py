@@ -330,6 +330,10 @@ def test_bad_arguments_are_clear_errors(tiny, tmp_path):
     with Engine.load(packed, threads=1, ctx_size=16) as eng:
         with pytest.raises(BitnetError, match="context holds 16"):
             eng.generate(random_ids(20), max_tokens=1)
+        # a prompt exactly as long as the context: "16 tokens but the context holds 16" read as a contradiction
+        with pytest.raises(BitnetError, match="the prompt is 16 tokens but the context holds 16, the prompt and at "
+                                              "least one new token together"):
+            eng.generate(random_ids(16), max_tokens=0)
         with pytest.raises(BitnetError, match="empty"):
             eng.generate("   ")
         with pytest.raises(BitnetError, match="out of range"):
