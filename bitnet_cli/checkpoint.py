@@ -257,7 +257,13 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
     text = str(src)
     path = Path(text).expanduser()
     if kind == "hub" or (not path.exists() and HUB_ID.match(text) and not text.startswith((".", "/", "~"))):
-        return resolve_hub_id(text), f"hub:{text}"
+        try:
+            return resolve_hub_id(text), f"hub:{text}"
+        except BitnetError as e:
+            if kind == "hub":
+                raise
+            # runs/small-float reads as a hub id too: say that the directory is missing as well
+            raise BitnetError(f"{e}; nor is there a local directory {path}") from None
     if not path.exists():
         raise BitnetError(f"{path}: no such file or directory")
     if path.is_file():
