@@ -112,15 +112,15 @@ def user_errors(extra: str | None = None, options: dict[str, str] | None = None)
 
 
 def print_json(obj) -> None:
-    """The one JSON convention of every --json: one object on stdout, nothing else there."""
-    import json
+    """The one JSON convention of every --json: one object on stdout, nothing else there (valid UTF-8)."""
+    from bitnet_cli import safejson
 
     def fallback(value):  # paths, numpy scalars, sets and the odd object lm-eval keeps in its results
         if isinstance(value, (set, frozenset, tuple)):
             return list(value)
         return value.item() if hasattr(value, "item") else str(value)
 
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=fallback) + "\n")
+    sys.stdout.write(safejson.dumps(obj, default=fallback) + "\n")
     sys.stdout.flush()
 
 
