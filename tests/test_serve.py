@@ -239,12 +239,15 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (json.dumps({"prompt": "x" * (1 << 20)}).encode(), 400, "prompt"),  # 1 MB: past the context
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),  # once killed the scheduler thread
+        (b'{"prompt": "a\\udcffb"}', 400, "prompt"),  # a lone surrogate: was a 500 and a traceback in the log
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/tokenize", content=b'{"prompt": "\\udcff"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = http.post("/v1/completions", json={"prompt": "x" * (1 << 20)})
     assert r.json()["error"]["code"] == "context_length_exceeded"
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
