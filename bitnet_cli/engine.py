@@ -526,14 +526,16 @@ class Engine(kernels.CResource):
                  seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
-        Stops at an end-of-sequence token, at any of the `stop` strings (not included in the
-        text), after max_tokens, or when the context is full. temperature 0 is greedy.
+        Stops at an end-of-sequence token, at any of the `stop` strings (a list, or one string; not
+        included in the text), after max_tokens, or when the context is full. temperature 0 is greedy.
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
             raise BitnetError(f"seed must be a non-negative integer, got {seed!r}", param="seed")
+        if isinstance(stop, str):  # one stop string, as OpenAI's `stop` takes it (not one per character)
+            stop = [stop]
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")
