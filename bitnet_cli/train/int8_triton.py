@@ -397,12 +397,11 @@ _LAUNCHES: dict[tuple, tuple] = {}
 
 
 @triton.jit
-def _scaled_part(ptr, stride, col_ptr, row, N: tl.constexpr, B: tl.constexpr):
-    """One part of the output gradient's row as fp32, times its columns' scales (0 past N)."""
+def _scaled_part(ptr, stride, col_ptr, rows, M, N: tl.constexpr, B: tl.constexpr):
+    """One part of the output gradient's rows [R, B] as fp32, times its columns' scales (0 past N or M)."""
     c = tl.arange(0, B)
-    mask = c < N
-    g = tl.load(ptr + row * stride + c, mask=mask, other=0.0).to(tl.float32)
-    return g * tl.load(col_ptr + c, mask=mask, other=0.0)
+    g = tl.load(ptr + rows[:, None] * stride + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < N), other=0.0)
+    return g.to(tl.float32) * tl.load(col_ptr + c, mask=c < N, other=0.0)[None, :]
 
 
 @triton.jit
@@ -418,53 +417,65 @@ def _rint(v):
 
 
 @triton.jit
-def _store_rounded(q_ptr, g, s, N: tl.constexpr, B: tl.constexpr):
+def _store_rounded(q_ptr, stride_q, rows, M, g, s, N: tl.constexpr, B: tl.constexpr):
     c = tl.arange(0, B)
-    q = tl.minimum(tl.maximum(_rint(g * s), -128.0), 127.0)
-    tl.store(q_ptr + c, q.to(tl.int8), mask=c < N)
+    q = tl.minimum(tl.maximum(_rint(g * s[:, None]), -128.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=(rows[:, None] < M) & (c[None, :] < N))
 
 
 @triton.jit
-def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q,
+def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q, M,
                                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr):
-    # One row per program, its (up to three) parts held in registers: one read of each, one write.
-    row = tl.program_id(0).to(tl.int64)
-    g0 = _scaled_part(p0, stride0, col_ptr, row, N0, B0)
-    g1 = _scaled_part(p1, stride1, col_ptr + N0, row, N1, B1)
-    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, row, N2, B2)
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 0), tl.max(tl.abs(g1), 0)), tl.max(tl.abs(g2), 0))
-    # The scale as a vector of equal lanes, as the reference's fp32 ``127 / max(absmax, floor)`` is
-    # computed by torch (``__rtruediv__``: the reciprocal, correctly rounded, then times 127); div_rn
-    # because Triton's own fp32 ``/`` may be approximate.
-    lanes = tl.arange(0, B0)
-    s = tl.div_rn(tl.full([B0], 1.0, tl.float32), tl.zeros([B0], tl.float32) + tl.maximum(amax, FLOOR)) * 127.0
-    tl.store(s_ptr + row + lanes, s, mask=lanes == 0)
-    s_one = tl.max(s, 0)
-    q_row = q_ptr + row * stride_q
-    _store_rounded(q_row, g0, s_one, N0, B0)
-    _store_rounded(q_row + N0, g1, s_one, N1, B1)
-    _store_rounded(q_row + N0 + N1, g2, s_one, N2, B2)
+                               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr,
+                               R: tl.constexpr):
+    # R rows per program, their (up to three) parts held in registers: one read of each, one write.
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    g0 = _scaled_part(p0, stride0, col_ptr, rows, M, N0, B0)
+    g1 = _scaled_part(p1, stride1, col_ptr + N0, rows, M, N1, B1)
+    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, rows, M, N2, B2)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 1), tl.max(tl.abs(g1), 1)), tl.max(tl.abs(g2), 1))
+    # The reference's fp32 ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the
+    # reciprocal, correctly rounded, then times 127); div_rn because Triton's own fp32 ``/`` may be approximate.
+    s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, FLOOR)) * 127.0
+    tl.store(s_ptr + rows, s, mask=rows < M)
+    _store_rounded(q_ptr, stride_q, rows, M, g0, s, N0, B0)
+    _store_rounded(q_ptr + N0, stride_q, rows, M, g1, s, N1, B1)
+    _store_rounded(q_ptr + N0 + N1, stride_q, rows, M, g2, s, N2, B2)
 
 
-def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
+    """(rows per program, warps) of :func:`quantize_grad_rows` for parts of these widths: $BITNET_QGR as
+    "R,W" overrides (measurements), else one row per program with 4, 8 or 16 warps by the row's size
+    (sessions 9-14's launch)."""
+    env = os.environ.get("BITNET_QGR")
+    if env:
+        r, w = (int(v) for v in env.split(","))
+        return r, w
+    total = sum(triton.next_power_of_2(max(w, 16)) for w in widths) + 16 * (3 - len(widths))
+    return 1, 4 if total <= 4096 else 8 if total <= 16384 else 16
+
+
+def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows: int | None = None,
+                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows``/``warps``: the launch (rows per program, warps per program) instead of :func:`grad_rows_launch`'s."""
     assert 1 <= len(parts) <= 3 and all(p.dim() == 2 and p.shape[0] == parts[0].shape[0] for p in parts)
     parts = [p if p.stride(-1) == 1 else p.contiguous() for p in parts]
     m = parts[0].shape[0]
     widths = [p.shape[1] for p in parts]
     n = sum(widths)
     assert col_scale.shape == (n,)
+    r, w = grad_rows_launch(widths)
+    r, w = rows or r, warps or w
     q = int8_rows(m, n, parts[0].device)
     s = torch.empty((m,), dtype=torch.float32, device=parts[0].device)
     # Absent parts: width 0 (all lanes masked), pointing at part 0, which they never read.
     ptrs = parts + [parts[0]] * (3 - len(parts))
     widths += [0] * (3 - len(widths))
-    blocks = [triton.next_power_of_2(max(w, 16)) for w in widths]
-    total = sum(blocks)
-    warps = 4 if total <= 4096 else 8 if total <= 16384 else 16
-    _quantize_grad_rows_kernel[(m,)](*ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0),
-                                     N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1],
-                                     B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR, num_warps=warps)
+    blocks = [triton.next_power_of_2(max(w_, 16)) for w_ in widths]
+    _quantize_grad_rows_kernel[(triton.cdiv(m, r),)](
+        *ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0), m,
+        N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1], B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR,
+        R=r, num_warps=w)
     return q, s
 
 
