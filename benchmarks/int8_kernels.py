@@ -402,7 +402,7 @@ def sweep_grad_rows(models: list[str], m: int = 32768) -> list[dict]:
             for r, w in [(1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16),
                          (8, 8), (8, 16), (16, 16)]:
                 per_thread = r * sum(1 << max(x - 1, 15).bit_length() for x in widths) / (32 * w)
-                if per_thread > 64 or per_thread < 4:
+                if per_thread > 128 or per_thread < 4:
                     continue
                 try:
                     q, s = T.quantize_grad_rows(parts, col, rows=r, warps=w)

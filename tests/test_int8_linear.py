@@ -95,13 +95,18 @@ _INTERPRETED_PRODUCT = _INTERPRETER_LOOP_BOUNDS + """
 import json, sys, torch, triton
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 out = []
-for kernel, M, N, K, bm, bn, bk, col in json.loads(sys.argv[1]):
+for kernel, M, N, K, bm, bn, bk, col, *bf16 in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
     cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
+    if bf16:  # the TMA kernel's TMA store (a 2-byte output) against the pointer kernel's stores
+        assert T.tma_store(N, torch.bfloat16)
+        got = T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel=kernel, config=cfg)
+        out.append(torch.equal(got, T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel="pointer", config=cfg)))
+        continue
     got = T.int8_mm(a, b, rm, cm, torch.float32, kernel=kernel, config=cfg)
     out.append(torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.float32)))
 print(json.dumps(out))
@@ -151,7 +156,8 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     pytest.importorskip("triton")
     cases = [["tma", 100, 80, 160, 32, 32, 64, True], ["tma", 64, 96, 48, 32, 32, 32, False],
              ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
-             ["pointer", 64, 64, 64, 32, 32, 32, False]]
+             ["pointer", 64, 64, 64, 32, 32, 32, False], ["tma", 100, 80, 160, 32, 32, 64, True, "bf16"],
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
