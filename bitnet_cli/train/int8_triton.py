@@ -471,14 +471,18 @@ def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q
 
 def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
     """(rows per program, warps) of :func:`quantize_grad_rows` for parts of these widths: $BITNET_QGR as
-    "R,W" overrides (measurements), else one row per program and about 1,024 of its lanes per warp (2 to 16
-    warps; sessions 9-14 gave a row 4 warps up to 4,096 lanes, 8 to 16,384, then 16)."""
+    "R,W" overrides (measurements), else one row per program, 2 warps up to 2,048 lanes (the parts' widths,
+    each rounded up to a power of two), 4 up to 16,384, then 8. Sessions 9-14 gave 4 warps up to 4,096 lanes,
+    8 to 16,384 and 16 above (1.3b's gate/up: 5460 + 5460 -> 16,400 lanes with the absent third part's 16);
+    on an H200 (benchmarks/RESULTS.md, session 15) the new launch took 0.83 ms against 1.22 at 1.3b's
+    gate/up, 0.054 against 0.061 at 700m's 1536-wide o/down, 0.049 against 0.076 at small's 768, the same
+    bits (every launch of the sweep was checked against the default's)."""
     env = os.environ.get("BITNET_QGR")
     if env:
         r, w = (int(v) for v in env.split(","))
         return r, w
     total = sum(triton.next_power_of_2(max(w, 16)) for w in widths)
-    return 1, 1 << max(1, min(4, (total // 1024).bit_length() - 1))  # 2 warps to 2,048 lanes a row, 4 to 4,096, ...
+    return 1, 2 if total <= 2048 else 4 if total <= 16384 else 8
 
 
 def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows: int | None = None,
