@@ -26,6 +26,8 @@
    product; ``--tiles MODELS`` also times every tile of both kernels alone (their autotuning lists and
    a few more, :func:`sweep_tiles`), each checked bit for bit against the autotuned pointer kernel.
    TFLOP/s (TOP/s) count 2 x M x N x K. ``--skip-checks`` leaves out 1.-4.
+6. ``--grad-rows MODELS`` (alone): ``quantize_grad_rows`` at those models' output-gradient shapes with each
+   launch (rows per program, warps), timed and checked against the default launch (:func:`sweep_grad_rows`).
 """
 
 from __future__ import annotations
@@ -380,10 +382,11 @@ GRAD_ROW_SHAPES = {"small": [[768] * 3, [768], [2048] * 2], "700m": [[1536] * 3,
                    "1.3b": [[2048] * 3, [2048], [5460] * 2]}
 
 
-def sweep_grad_rows(models: list[str], m: int = 32768) -> list[dict]:
+def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) -> list[dict]:
     """``quantize_grad_rows`` at the output gradients' shapes (q/k/v, o or down, gate/up; bf16 parts, as
     the trainer hands them over) with each launch (rows per program, warps): the time (median of
-    do_bench), the bytes moved per second, and whether the result equals the default launch's bit for bit."""
+    do_bench), the bytes moved per second, and whether the result equals the default launch's bit for bit.
+    ``path``: the JSON rewritten after each row (a run cut by a time limit keeps what it measured)."""
     from triton.testing import do_bench
 
     from bitnet_cli.train import int8_triton as T
@@ -414,6 +417,9 @@ def sweep_grad_rows(models: list[str], m: int = 32768) -> list[dict]:
                             "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
                             "bit_exact": torch.equal(q, ref_q) and torch.equal(s, ref_s)})
                 print(json.dumps(out[-1]), flush=True)
+                if path:
+                    with open(path, "w") as f:
+                        json.dump({"gpu": torch.cuda.get_device_name(), "grad_rows_sweep": out}, f, indent=1)
     return out
 
 
@@ -428,9 +434,7 @@ def main():
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.grad_rows:
-        with open(args.out, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(),
-                       "grad_rows_sweep": sweep_grad_rows([m for m in args.grad_rows.split(",") if m])}, f, indent=1)
+        sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return
     if args.skip_checks:
         result = {"gpu": torch.cuda.get_device_name(), "bench": bench([m for m in args.models.split(",") if m],

@@ -127,7 +127,9 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
 # unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
 # up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
-# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it.
+# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it. With the TMA-store epilogue
+# (TMA_STORE, 2-byte outputs) the tile's output also takes shared memory (BM x BN x 2 bytes): 256x128x128 with
+# 4 stages no longer fits there and the autotuner drops it for those products (session 15).
 _TMA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
