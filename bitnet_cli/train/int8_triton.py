@@ -129,7 +129,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
 # losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it. With the TMA-store epilogue
 # (TMA_STORE, 2-byte outputs) the tile's output also takes shared memory (BM x BN x 2 bytes): 256x128x128 with
-# 4 stages no longer fits there and the autotuner drops it for those products (session 15).
+# 4 stages needs 256 KiB by that count, more than the 227 the SM has: the autotuner drops it for those products.
 _TMA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
