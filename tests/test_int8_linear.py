@@ -532,3 +532,20 @@ def test_tiny_recipe_50_steps_int8_emulation_matches_the_plain_path(tmp_path, in
         runs[v] = _losses(tmp_path / v)
     assert len(runs["on"]) == 10 and runs["on"][-1] < runs["on"][0] - 0.5
     assert runs["on"] == pytest.approx(runs["off"], rel=1e-2)
+
+
+def test_grad_rows_launch_by_row_width(monkeypatch):
+    """quantize_grad_rows' launch: one row a program, 2 warps up to 2,048 lanes, 4 up to 16,384 (1.3b's gate/up:
+    2 x 5460 -> 2 x 8192; 16 warps there took 1.22 ms a call against 0.83 with 4 on an H200), then 8;
+    $BITNET_QGR overrides it."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_QGR", raising=False)
+    assert T.grad_rows_launch([768]) == (1, 2)
+    assert T.grad_rows_launch([1536]) == (1, 2)
+    assert T.grad_rows_launch([768] * 3) == (1, 4)
+    assert T.grad_rows_launch([5460, 5460]) == (1, 4)
+    assert T.grad_rows_launch([8192, 8192, 4096]) == (1, 8)
+    monkeypatch.setenv("BITNET_QGR", "2,8")
+    assert T.grad_rows_launch([768]) == (2, 8)
