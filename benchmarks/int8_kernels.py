@@ -420,6 +420,19 @@ def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) 
                 if path:
                     with open(path, "w") as f:
                         json.dump({"gpu": torch.cuda.get_device_name(), "grad_rows_sweep": out}, f, indent=1)
+            # The default launch with the row strides' factors written into the offsets ($BITNET_QGR_STRIDE_HINT=1)
+            import os
+
+            os.environ["BITNET_QGR_STRIDE_HINT"] = "1"
+            try:
+                q, s = T.quantize_grad_rows(parts, col)
+                ms = do_bench(lambda: T.quantize_grad_rows(parts, col), return_mode="median")
+                out.append({"model": name, "widths": widths, "rows": default[0], "warps": default[1], "default": True,
+                            "stride_hint": True, "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
+                            "bit_exact": torch.equal(q, ref_q) and torch.equal(s, ref_s)})
+                print(json.dumps(out[-1]), flush=True)
+            finally:
+                os.environ.pop("BITNET_QGR_STRIDE_HINT")
     return out
 
 

@@ -138,11 +138,13 @@ print(json.dumps(out))
 """
 
 
-def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
+@pytest.mark.parametrize("stride_hint", ["0", "1"])
+def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter(stride_hint, monkeypatch):
     """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
     against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
     pytest.importorskip("triton")
     cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
+    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", stride_hint)  # row strides 96, 100, 70: hints 16, 4, 2
     assert _interpret(_INTERPRETED_GRAD_ROWS, cases) == [True] * (3 * len(cases))
 
 

@@ -422,13 +422,20 @@ _LAUNCHES: dict[tuple, tuple] = {}
 
 
 @triton.jit
-def _scaled_part(ptr, stride, col_ptr, rows, M, N: tl.constexpr, B: tl.constexpr, DIV: tl.constexpr):
+def _scaled_part(ptr, stride, col_ptr, rows, M, N: tl.constexpr, B: tl.constexpr, DIV: tl.constexpr,
+                 HINT: tl.constexpr):
     """One part of the output gradient's rows [R, B] as fp32, times its columns' scales (0 past N or M).
-    ``DIV``: a power of two that divides ``stride``, so that the loads are vectorised (Triton itself knows
-    only whether a stride is a multiple of 16: 1.3b's 5460-element rows were read element by element)."""
+    ``DIV``: a power of two that divides ``stride``. With ``HINT`` it is written into the row offset as
+    ``(stride // DIV) * DIV``, so that Triton sees it and vectorises the loads. Triton itself knows only whether
+    a stride is a multiple of 16: 1.3b's 5460-element rows compile to 2-byte loads (145 ``ld.global.b16`` in
+    the sm_90 PTX, against 32 8-byte ``ld.global.v2.b32`` with HINT; ``tl.multiple_of`` on the scalar stride,
+    the form without HINT, changes nothing). HINT is opt-in (``$BITNET_QGR_STRIDE_HINT=1``): not yet run on a GPU."""
     c = tl.arange(0, B)
-    stride = tl.multiple_of(stride, DIV)
-    g = tl.load(ptr + rows[:, None] * stride + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < N), other=0.0)
+    if HINT:
+        offs = rows[:, None] * (stride // DIV) * DIV
+    else:
+        offs = rows[:, None] * tl.multiple_of(stride, DIV)
+    g = tl.load(ptr + offs + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < N), other=0.0)
     return g.to(tl.float32) * tl.load(col_ptr + c, mask=c < N, other=0.0)[None, :]
 
 
@@ -455,12 +462,13 @@ def _store_rounded(q_ptr, stride_q, rows, M, g, s, N: tl.constexpr, B: tl.conste
 def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q, M,
                                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
                                B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr,
-                               R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr):
+                               R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                               HINT: tl.constexpr):
     # R rows per program, their (up to three) parts held in registers: one read of each, one write.
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
-    g0 = _scaled_part(p0, stride0, col_ptr, rows, M, N0, B0, D0)
-    g1 = _scaled_part(p1, stride1, col_ptr + N0, rows, M, N1, B1, D1)
-    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, rows, M, N2, B2, D2)
+    g0 = _scaled_part(p0, stride0, col_ptr, rows, M, N0, B0, D0, HINT)
+    g1 = _scaled_part(p1, stride1, col_ptr + N0, rows, M, N1, B1, D1, HINT)
+    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, rows, M, N2, B2, D2, HINT)
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 1), tl.max(tl.abs(g1), 1)), tl.max(tl.abs(g2), 1))
     # The reference's fp32 ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the
     # reciprocal, correctly rounded, then times 127); div_rn because Triton's own fp32 ``/`` may be approximate.
@@ -505,10 +513,11 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows:
     widths += [0] * (3 - len(widths))
     blocks = [triton.next_power_of_2(max(w_, 16)) for w_ in widths]
     divs = [math.gcd(p.stride(0), 16) for p in ptrs]  # the parts' row strides' power-of-two factors (to 16)
+    hint = os.environ.get("BITNET_QGR_STRIDE_HINT", "0") == "1"  # see _scaled_part
     _quantize_grad_rows_kernel[(triton.cdiv(m, r),)](
         *ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0), m,
         N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1], B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR,
-        R=r, D0=divs[0], D1=divs[1], D2=divs[2], num_warps=w)
+        R=r, D0=divs[0], D1=divs[1], D2=divs[2], HINT=hint, num_warps=w)
     return q, s
 
 
