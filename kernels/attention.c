@@ -1,6 +1,6 @@
 /* Attention of a group of query heads over their KV head's cache rows (bn_attn_job,
- * internal.h): the scalar reference and the AVX2 version, equal bit for bit; dispatch.c picks
- * one, model.c splits the work over threads. Also the f16 cache's write (bn_to_f16_fn).
+ * internal.h): the scalar reference, the AVX2 and the AVX-512 versions, equal bit for bit;
+ * dispatch.c picks one, model.c splits the work over threads. Also the f16 cache's write (bn_to_f16_fn).
  *
  * The order of every float operation is fixed by the scalar code: a dot product sums lane l of
  * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
@@ -127,7 +127,9 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) float elem_avx2(c
 
 /* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
  * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
- * loaded once for the NH heads. The pass at e = 0 also prefetches the next block's rows. */
+ * loaded once for the NH heads. The pass at e = 0 also prefetches the rows of the block after the
+ * next (the scores pass prefetched the first 8 KB of V rows): a block ahead measured 3-4% slower
+ * on f16 rows (kernels/build/bench 2 6 attention 128, 12.5-12.8 ms against 13.1-13.4). */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
                                                                               int j0, int j1, const int NH,
                                                                               const int NV, const int F16) {
@@ -138,7 +140,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
             o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
     for (int j = j0; j < j1; j++) {
         const void *v = row_of(a->vc, a->keys[j], hd, F16);
-        if (e == 0 && j + (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + (j1 - j0)], hd, F16), row_bytes(hd, F16));
+        if (e == 0 && j + 2 * (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + 2 * (j1 - j0)], hd, F16), row_bytes(hd, F16));
         __m256 vv[2];
         for (int u = 0; u < NV; u++) vv[u] = load8(v, e + 8 * u, F16);
         for (int h = 0; h < NH; h++) {
@@ -152,7 +154,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
 
 /* The values go by blocks of keys whose rows fill 4 KB (at least 4 keys), every output column
  * passing over a block before the next: the rows are fetched once, not once per 16 columns. A
- * block and the next one, prefetched meanwhile, stay in L1 beside the scores (16 KB blocks
+ * block and the two after it, prefetched meanwhile, stay in L1 beside the scores (16 KB blocks
  * measured 20% slower at 288 cached positions: a block and its successor filled L1). */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
                                                                                    const int NH, const int F16) {
@@ -196,18 +198,21 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
         }
 }
 
-/* Rows the scores pass prefetches ahead of the key it reads: its K rows, then (past the last key)
- * the V rows of the first value blocks. The cache's rows lie in 4 KB pages the hardware prefetcher
- * does not cross; 16 rows (8 KB of f32 rows of 128) ahead measured fastest over 32 to 900 cached
- * positions. */
-#define PREFETCH_ROWS 16
+/* Bytes of rows the scores pass prefetches ahead of the key it reads: its K rows, then (past the
+ * last key) the V rows of the first value blocks. The cache's rows lie in 4 KB pages the hardware
+ * prefetcher does not cross; 8 KB ahead (16 f32 rows of 128) measured fastest over 32 to 900 cached
+ * positions. The distance is in bytes, not rows: f16 rows at 16 rows ahead (4 KB) left a 16-row
+ * step's attention 13-20% slower (kernels/build/bench 2 6 attention 128). */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192
+#endif
 
 /* Up to four heads at a time (the register tiles above), for the scores and the values */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(const bn_attn_job *a, const int F16) {
-    const int hd = a->hd, n = a->n;
+    const int hd = a->hd, n = a->n, ahead = PREFETCH_BYTES / row_bytes(hd, F16) > 2 ? PREFETCH_BYTES / row_bytes(hd, F16) : 2;
     int j = 0;
     for (; j + 2 <= n; j += 2) {
-        for (int u = j + PREFETCH_ROWS; u < j + PREFETCH_ROWS + 2 && u < 2 * n; u++)
+        for (int u = j + ahead; u < j + ahead + 2 && u < 2 * n; u++)
             prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), row_bytes(hd, F16));
         for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
             case 1: scores_avx2(a, j, h0, 1, F16); break;
@@ -233,6 +238,138 @@ AVX2_NOFMA_TARGET void bn_attend_avx2(const bn_attn_job *a) {
         attend_avx2(a, 1);
     else
         attend_avx2(a, 0);
+}
+
+/* ---- AVX-512: the AVX2 kernel's order at twice the width ---------------------------------
+ * The scores keep two keys in one zmm (key j in the low eight lanes, j + 1 in the high eight,
+ * against the query's eight elements broadcast to both halves): lane l of each half is the scalar
+ * partial sum l of its key, and each half ends in the scalar lane tree. The values are sums over
+ * keys per output element, so 16 elements a zmm take the scalar order as they are. No FMA (the
+ * target has it, -ffp-contract=off and the separate intrinsics keep products rounded). */
+#define AVX512_ATTN_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,f16c")))
+
+/* elements [i, i + 16) of a cache row as f32 */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) __m512 load16(const void *row, int i, const int F16) {
+    return F16 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + i)))
+               : _mm512_loadu_ps((const float *)row + i);
+}
+
+/* elements [i, i + 8) of rows r0 (low half) and r1 (high half) as f32 */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) __m512 load8x2(const void *r0, const void *r1, int i,
+                                                                             const int F16) {
+    if (F16)
+        return _mm512_cvtph_ps(_mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)((const uint16_t *)r0 + i))),
+            _mm_loadu_si128((const __m128i *)((const uint16_t *)r1 + i)), 1));
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_loadu_pd((const double *)((const float *)r0 + i))),
+                                               _mm256_loadu_pd((const double *)((const float *)r1 + i)), 1));
+}
+
+/* Outputs [e, e + 16 NV) of heads [h0, h0 + NH) over keys [j0, j1), as values_avx2 */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void values_avx512(const bn_attn_job *a, int h0, int e,
+                                                                                 int j0, int j1, const int NH,
+                                                                                 const int NV, const int F16) {
+    const int hd = a->hd, n = a->n;
+    __m512 o[4][4];
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++)
+            o[h][u] = j0 ? _mm512_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 16 * u) : _mm512_setzero_ps();
+    for (int j = j0; j < j1; j++) {
+        const void *v = row_of(a->vc, a->keys[j], hd, F16);
+        if (e == 0 && j + 2 * (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + 2 * (j1 - j0)], hd, F16), row_bytes(hd, F16));
+        __m512 vv[4];
+        for (int u = 0; u < NV; u++) vv[u] = load16(v, e + 16 * u, F16);
+        for (int h = 0; h < NH; h++) {
+            __m512 p = _mm512_set1_ps(a->sc[(size_t)(h0 + h) * n + j]);
+            for (int u = 0; u < NV; u++) o[h][u] = _mm512_add_ps(o[h][u], _mm512_mul_ps(p, vv[u]));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int u = 0; u < NV; u++) _mm512_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 16 * u, o[h][u]);
+}
+
+/* head_values_avx2's blocks of keys, 64 output columns a pass */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void head_values_avx512(const bn_attn_job *a, int h0,
+                                                                                      const int NH, const int F16) {
+    const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
+    for (int j0 = 0; j0 < n; j0 += block) {
+        const int j1 = j0 + block < n ? j0 + block : n;
+        int e = 0;
+        for (; e + 64 <= hd; e += 64) values_avx512(a, h0, e, j0, j1, NH, 4, F16);
+        for (; e + 16 <= hd; e += 16) values_avx512(a, h0, e, j0, j1, NH, 1, F16);
+        for (; e < hd; e++)
+            for (int h = h0; h < h0 + NH; h++) {
+                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
+                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * elem_avx2(row_of(a->vc, a->keys[j], hd, F16), e, F16);
+                a->out[(size_t)h * hd + e] = o;
+            }
+    }
+}
+
+/* Scores of keys j .. j + 2 KP - 1 for heads [h0, h0 + NH): two keys a zmm, NH x KP add chains */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void scores_avx512(const bn_attn_job *a, int j, int h0,
+                                                                                 const int NH, const int KP,
+                                                                                 const int F16) {
+    const int hd = a->hd, h8 = hd & ~7, n = a->n;
+    const void *k[4];
+    for (int u = 0; u < 2 * KP; u++) k[u] = row_of(a->kc, a->keys[j + u], hd, F16);
+    __m512 s[4][2];
+    for (int h = 0; h < NH; h++)
+        for (int p = 0; p < KP; p++) s[h][p] = _mm512_setzero_ps();
+    for (int i = 0; i < h8; i += 8) {
+        __m512 kk[2];
+        for (int p = 0; p < KP; p++) kk[p] = load8x2(k[2 * p], k[2 * p + 1], i, F16);
+        for (int h = 0; h < NH; h++) {
+            __m512 qv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *)(a->q + (size_t)(h0 + h) * hd + i))));
+            for (int p = 0; p < KP; p++) s[h][p] = _mm512_add_ps(s[h][p], _mm512_mul_ps(qv, kk[p]));
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int p = 0; p < KP; p++)
+            for (int u = 0; u < 2; u++) {
+                const float *q = a->q + (size_t)(h0 + h) * hd;
+                const __m256 half = u ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s[h][p]), 1)) : _mm512_castps512_ps256(s[h][p]);
+                float d = lane_tree(half);
+                for (int i = h8; i < hd; i++) d += q[i] * elem_avx2(k[2 * p + u], i, F16);
+                a->sc[(size_t)(h0 + h) * n + j + 2 * p + u] = d * a->scale;
+            }
+}
+
+#define SCORES_AVX512(KP)                                                                  \
+    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {                      \
+        case 1: scores_avx512(a, j, h0, 1, KP, F16); break;                                \
+        case 2: scores_avx512(a, j, h0, 2, KP, F16); break;                                \
+        case 3: scores_avx512(a, j, h0, 3, KP, F16); break;                                \
+        default: scores_avx512(a, j, h0, 4, KP, F16); break;                               \
+        }
+
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void attend_avx512(const bn_attn_job *a, const int F16) {
+    const int hd = a->hd, n = a->n, ahead = PREFETCH_BYTES / row_bytes(hd, F16) > 4 ? PREFETCH_BYTES / row_bytes(hd, F16) : 4;
+    int j = 0;
+    for (; j + 4 <= n; j += 4) {
+        for (int u = j + ahead; u < j + ahead + 4 && u < 2 * n; u++)
+            prefetch_row(u < n ? row_of(a->kc, a->keys[u], hd, F16) : row_of(a->vc, a->keys[u - n], hd, F16), row_bytes(hd, F16));
+        SCORES_AVX512(2)
+    }
+    for (; j + 2 <= n; j += 2) SCORES_AVX512(1)
+    for (; j < n; j++)
+        for (int h = 0; h < a->heads; h++)
+            a->sc[(size_t)h * n + j] = dot(a->q + (size_t)h * hd, row_of(a->kc, a->keys[j], hd, F16), hd, F16) * a->scale;
+    for (int h = 0; h < a->heads; h++) softmax(a->sc + (size_t)h * n, n);
+    for (int h0 = 0; h0 < a->heads; h0 += 4) switch (a->heads - h0) {
+        case 1: head_values_avx512(a, h0, 1, F16); break;
+        case 2: head_values_avx512(a, h0, 2, F16); break;
+        case 3: head_values_avx512(a, h0, 3, F16); break;
+        default: head_values_avx512(a, h0, 4, F16); break;
+        }
+}
+#undef SCORES_AVX512
+
+AVX512_ATTN_TARGET void bn_attend_avx512(const bn_attn_job *a) {
+    if (a->kv_type == BN_KV_F16)
+        attend_avx512(a, 1);
+    else
+        attend_avx512(a, 0);
 }
 
 /* F16C rounds to nearest even and quiets NaNs as bn_f32_to_f16 does (kernels/test_kernels.c

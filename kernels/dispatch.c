@@ -86,10 +86,11 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
     [BN_ISA_AVX2] = {{[BN_LAYOUT_I2] = bn_i2_rows_avx2, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx2}, bn_quantize_rows_avx2, bn_glue_rows_avx2, bn_attend_avx2,
                      {[BN_EMB_F16] = bn_head_rows_f16_avx2, [BN_EMB_I8] = bn_head_rows_i8_avx2,
                       [BN_EMB_Q4] = bn_head_rows_q4_avx2, [BN_EMB_Q6] = bn_head_rows_q6_avx2}, bn_to_f16_avx2},
-    /* the glue and attention are memory-bound or small: the AVX2 versions already saturate them;
-     * so does the head for one token, except q6, whose decoding costs more instructions per byte */
+    /* the glue is small: the AVX2 version already saturates it; so does the head for one token,
+     * except q6, whose decoding costs more instructions per byte. Attention is bound by its
+     * arithmetic as much as by its reads (a 16-row step: docs/SERVE.md, session 15): 512 bits */
     [BN_ISA_AVX512] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512},
-                       .head = {[BN_EMB_Q6] = bn_head_rows_q6_avx512}},
+                       .attend = bn_attend_avx512, .head = {[BN_EMB_Q6] = bn_head_rows_q6_avx512}},
     /* with several tokens (batched decode) the int8 and q6 heads are bound by their multiplies,
      * which vpdpbusd does four to an int32 lane */
     [BN_ISA_AVX512VNNI] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512vnni, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512vnni},

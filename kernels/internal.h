@@ -236,6 +236,7 @@ int bn_amx_permitted(void);
 void bn_quantize_rows_avx2(const float *x, int m, int k, int kp, int8_t *xq, float *scale, int32_t *xsum);
 void bn_glue_rows_avx2(const bn_glue_job *j, int t0, int t1);
 void bn_attend_avx2(const bn_attn_job *a);
+void bn_attend_avx512(const bn_attn_job *a);
 void bn_to_f16_avx2(uint16_t *dst, const float *src, int n);
 void bn_head_rows_f16_avx2(const bn_head_job *j, int r0, int r1);
 void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1);
