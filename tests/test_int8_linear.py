@@ -551,3 +551,7 @@ def test_grad_rows_launch_by_row_width(monkeypatch):
     assert T.grad_rows_launch([8192, 8192, 4096]) == (1, 8)
     monkeypatch.setenv("BITNET_QGR", "2,8")
     assert T.grad_rows_launch([768]) == (2, 8)
+    for bad in ("2", "a,4", "0,4", "2,3", "2,-4"):
+        monkeypatch.setenv("BITNET_QGR", bad)
+        with pytest.raises(BitnetError, match="BITNET_QGR"):
+            T.grad_rows_launch([768])

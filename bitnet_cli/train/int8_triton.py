@@ -489,7 +489,12 @@ def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
     bits (every launch of the sweep was checked against the default's)."""
     env = os.environ.get("BITNET_QGR")
     if env:
-        r, w = (int(v) for v in env.split(","))
+        try:
+            r, w = (int(v) for v in env.split(","))
+        except ValueError:
+            r = w = 0
+        if r < 1 or w < 1 or w & (w - 1):
+            raise BitnetError(f"BITNET_QGR={env!r}: expected ROWS,WARPS (positive integers, warps a power of two)")
         return r, w
     total = sum(triton.next_power_of_2(max(w, 16)) for w in widths)
     return 1, 2 if total <= 2048 else 4 if total <= 16384 else 8
