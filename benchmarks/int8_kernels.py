@@ -26,6 +26,8 @@
    product; ``--tiles MODELS`` also times every tile of both kernels alone (their autotuning lists and
    a few more, :func:`sweep_tiles`), each checked bit for bit against the autotuned pointer kernel.
    TFLOP/s (TOP/s) count 2 x M x N x K. ``--skip-checks`` leaves out 1.-4.
+6. ``--grad-rows MODELS`` (alone): ``quantize_grad_rows`` at those models' output-gradient shapes with each
+   launch (rows per program, warps), timed and checked against the default launch (:func:`sweep_grad_rows`).
 """
 
 from __future__ import annotations
@@ -376,6 +378,64 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
     return rows
 
 
+GRAD_ROW_SHAPES = {"small": [[768] * 3, [768], [2048] * 2], "700m": [[1536] * 3, [1536], [4096] * 2],
+                   "1.3b": [[2048] * 3, [2048], [5460] * 2]}
+
+
+def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) -> list[dict]:
+    """``quantize_grad_rows`` at the output gradients' shapes (q/k/v, o or down, gate/up; bf16 parts, as
+    the trainer hands them over) with each launch (rows per program, warps): the time (median of
+    do_bench), the bytes moved per second, and whether the result equals the default launch's bit for bit.
+    ``path``: the JSON rewritten after each row (a run cut by a time limit keeps what it measured)."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    torch.manual_seed(3)
+    for name in models:
+        for widths in GRAD_ROW_SHAPES[name]:
+            parts = [(torch.randn(m, w, device="cuda") * 3e-8 * torch.rand(m, 1, device="cuda") * 4).to(torch.bfloat16)
+                     for w in widths]
+            col = torch.rand(sum(widths), device="cuda") * 0.05 + 1e-3
+            ref_q, ref_s = T.quantize_grad_rows(parts, col)
+            n = sum(widths)
+            moved = m * (3 * n + 4)
+            default = T.grad_rows_launch(widths)
+            for r, w in [(1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (2, 16), (4, 4), (4, 8), (4, 16),
+                         (8, 8), (8, 16), (16, 16)]:
+                per_thread = r * sum(1 << max(x - 1, 15).bit_length() for x in widths) / (32 * w)
+                if per_thread > 128 or per_thread < 4:
+                    continue
+                try:
+                    q, s = T.quantize_grad_rows(parts, col, rows=r, warps=w)
+                    ms = do_bench(lambda: T.quantize_grad_rows(parts, col, rows=r, warps=w), return_mode="median")
+                except Exception as e:  # noqa: BLE001
+                    out.append({"model": name, "widths": widths, "rows": r, "warps": w, "error": str(e)[:200]})
+                    continue
+                out.append({"model": name, "widths": widths, "rows": r, "warps": w, "default": (r, w) == default,
+                            "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
+                            "bit_exact": torch.equal(q, ref_q) and torch.equal(s, ref_s)})
+                print(json.dumps(out[-1]), flush=True)
+                if path:
+                    with open(path, "w") as f:
+                        json.dump({"gpu": torch.cuda.get_device_name(), "grad_rows_sweep": out}, f, indent=1)
+            # The default launch with the row strides' factors written into the offsets ($BITNET_QGR_STRIDE_HINT=1)
+            import os
+
+            os.environ["BITNET_QGR_STRIDE_HINT"] = "1"
+            try:
+                q, s = T.quantize_grad_rows(parts, col)
+                ms = do_bench(lambda: T.quantize_grad_rows(parts, col), return_mode="median")
+                out.append({"model": name, "widths": widths, "rows": default[0], "warps": default[1], "default": True,
+                            "stride_hint": True, "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
+                            "bit_exact": torch.equal(q, ref_q) and torch.equal(s, ref_s)})
+                print(json.dumps(out[-1]), flush=True)
+            finally:
+                os.environ.pop("BITNET_QGR_STRIDE_HINT")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
@@ -383,8 +443,12 @@ def main():
     ap.add_argument("--skip-tiles", action="store_true", help="leave out the per-tile exactness cases (EXACT_CASES)")
     ap.add_argument("--tiles", default="", help="models whose products also time each candidate tile (sweep_tiles)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings (the checks need a CPU reference)")
+    ap.add_argument("--grad-rows", default="", help="models whose output-gradient shapes time quantize_grad_rows' launches")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.grad_rows:
+        sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
+        return
     if args.skip_checks:
         result = {"gpu": torch.cuda.get_device_name(), "bench": bench([m for m in args.models.split(",") if m],
                                                                        [m for m in args.tiles.split(",") if m])}

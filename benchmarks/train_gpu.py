@@ -155,7 +155,8 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     import os
 
     return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,
-            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("BITNET_") and k != "BITNET_SHARED_DATA"},
+            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("BITNET_", "TORCHINDUCTOR_"))
+                    and k != "BITNET_SHARED_DATA"},
             "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
             "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,

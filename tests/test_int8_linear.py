@@ -95,13 +95,18 @@ _INTERPRETED_PRODUCT = _INTERPRETER_LOOP_BOUNDS + """
 import json, sys, torch, triton
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 out = []
-for kernel, M, N, K, bm, bn, bk, col in json.loads(sys.argv[1]):
+for kernel, M, N, K, bm, bn, bk, col, *bf16 in json.loads(sys.argv[1]):
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
     cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
+    if bf16:  # the TMA kernel's TMA store (a 2-byte output) against the pointer kernel's stores
+        assert T.tma_store(N, torch.bfloat16)
+        got = T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel=kernel, config=cfg)
+        out.append(torch.equal(got, T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel="pointer", config=cfg)))
+        continue
     got = T.int8_mm(a, b, rm, cm, torch.float32, kernel=kernel, config=cfg)
     out.append(torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.float32)))
 print(json.dumps(out))
@@ -126,18 +131,21 @@ out = []
 for seed, widths, m, dtype, scale in json.loads(sys.argv[1]):
     parts, col = _grad_parts(seed, widths, m, getattr(torch, dtype), scale)
     q_ref, s_ref = L.quantize_grad_rows_reference(parts, col)
-    q, s = T.quantize_grad_rows(parts, col)
-    out.append(torch.equal(q, q_ref) and torch.equal(s, s_ref))
+    for rows in (None, 2, 4):  # one row per program, and blocks of rows with a ragged last block
+        q, s = T.quantize_grad_rows(parts, col, rows=rows)
+        out.append(torch.equal(q, q_ref) and torch.equal(s, s_ref))
 print(json.dumps(out))
 """
 
 
-def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
+@pytest.mark.parametrize("stride_hint", ["0", "1"])
+def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter(stride_hint, monkeypatch):
     """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
     against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
     pytest.importorskip("triton")
     cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
-    assert _interpret(_INTERPRETED_GRAD_ROWS, cases) == [True] * len(cases)
+    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", stride_hint)  # row strides 96, 100, 70: hints 16, 4, 2
+    assert _interpret(_INTERPRETED_GRAD_ROWS, cases) == [True] * (3 * len(cases))
 
 
 def test_int8_product_kernels_match_the_reference_in_the_interpreter():
@@ -150,7 +158,8 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     pytest.importorskip("triton")
     cases = [["tma", 100, 80, 160, 32, 32, 64, True], ["tma", 64, 96, 48, 32, 32, 32, False],
              ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
-             ["pointer", 64, 64, 64, 32, 32, 32, False]]
+             ["pointer", 64, 64, 64, 32, 32, 32, False], ["tma", 100, 80, 160, 32, 32, 64, True, "bf16"],
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
@@ -525,3 +534,24 @@ def test_tiny_recipe_50_steps_int8_emulation_matches_the_plain_path(tmp_path, in
         runs[v] = _losses(tmp_path / v)
     assert len(runs["on"]) == 10 and runs["on"][-1] < runs["on"][0] - 0.5
     assert runs["on"] == pytest.approx(runs["off"], rel=1e-2)
+
+
+def test_grad_rows_launch_by_row_width(monkeypatch):
+    """quantize_grad_rows' launch: one row a program, 2 warps up to 2,048 lanes, 4 up to 16,384 (1.3b's gate/up:
+    2 x 5460 -> 2 x 8192; 16 warps there took 1.22 ms a call against 0.83 with 4 on an H200), then 8;
+    $BITNET_QGR overrides it."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_QGR", raising=False)
+    assert T.grad_rows_launch([768]) == (1, 2)
+    assert T.grad_rows_launch([1536]) == (1, 2)
+    assert T.grad_rows_launch([768] * 3) == (1, 4)
+    assert T.grad_rows_launch([5460, 5460]) == (1, 4)
+    assert T.grad_rows_launch([8192, 8192, 4096]) == (1, 8)
+    monkeypatch.setenv("BITNET_QGR", "2,8")
+    assert T.grad_rows_launch([768]) == (2, 8)
+    for bad in ("2", "a,4", "0,4", "2,3", "2,-4"):
+        monkeypatch.setenv("BITNET_QGR", bad)
+        with pytest.raises(BitnetError, match="BITNET_QGR"):
+            T.grad_rows_launch([768])

@@ -224,8 +224,8 @@ def _(g, x, out_dtype):
 
 def align_grad_weight() -> bool:
     """``$BITNET_INT8_ALIGN_GRAD_WEIGHT=1``: grad_weight through :func:`grad_weight` where a width is not a
-    multiple of 8. Opt-in: its one GPU run so far (1.3b, with ``BITNET_INT8_REFRESH=triton``, benchmarks/RESULTS.md
-    session 13) trained but took 1.241 s a step against 1.076 without either option, on another machine start."""
+    multiple of 8. Opt-in: it makes the step slower. At 1.3b on one H200 (benchmarks/RESULTS.md, session 15) the int8
+    step took 1.189 s with it against 1.014 without (session 13: 1.241 with it and ``BITNET_INT8_REFRESH=triton``)."""
     import os
 
     return os.environ.get("BITNET_INT8_ALIGN_GRAD_WEIGHT", "0") == "1"
@@ -320,10 +320,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes a little longer there
-    (1.012x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 14); at the 700m shape it is
-    faster (0.925x, session 14), but its training curve there is not measured; auto may pick it only
-    where both are.
+    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes as long there
+    (1.003x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 15); at the 700m and 1.3b
+    shapes it is faster (0.915x and 0.936x, session 15), but its training curves there are not measured;
+    auto may pick it only where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False

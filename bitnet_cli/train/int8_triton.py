@@ -14,6 +14,7 @@ int8_mm_reference in int8_linear.py is the same function in plain torch, tested 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
@@ -38,15 +39,21 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL: tl.constexpr):
-    """Both product kernels' epilogue: the exact int32 tile times the per-token (row) and, if given,
-    per-column scales, stored in C's dtype for the rows and columns inside M x N. One function, so the
-    two kernels give the same bits."""
+def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constexpr):
+    """Both product kernels' epilogue arithmetic: the exact int32 tile times the per-token (row) and, if
+    given, per-column scales, in fp32. One function, so the kernels (and both stores) give the same bits."""
     row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
     c = acc.to(tl.float32) * row_mul[:, None]
     if HAS_COL_MUL:
         col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
         c = c * col_mul[None, :]
+    return c
+
+
+@triton.jit
+def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL: tl.constexpr):
+    """:func:`_scaled`, stored in C's dtype for the rows and columns inside M x N."""
+    c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
     tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
@@ -120,7 +127,9 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
 # unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
 # up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
-# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it.
+# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it. With the TMA-store epilogue
+# (TMA_STORE, 2-byte outputs) the tile's output also takes shared memory (BM x BN x 2 bytes): 256x128x128 with
+# 4 stages needs 256 KiB by that count, more than the 227 the SM has: the autotuner drops it for those products.
 _TMA_CONFIGS = [
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
@@ -133,7 +142,7 @@ _TMA_CONFIGS = [
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr):
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, TMA_STORE: tl.constexpr):
     # The TMA descriptors are made here, on the device (each program writes its two into the global
     # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
     # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
@@ -141,6 +150,11 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     # and K with zeros; the store is masked.
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1], block_shape=[BM, BK])
     b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1], block_shape=[BN, BK])
+    # TMA_STORE (C's rows on 16-byte boundaries, a 2-byte dtype): the epilogue writes the scaled tile into
+    # shared memory and a TMA store copies it out (clipped at M x N) while the next tile's products run,
+    # instead of every thread storing its part of the tile to global memory itself. The same values.
+    if TMA_STORE:
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BM, BN])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
     # software pipeline).
@@ -164,7 +178,17 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+        if TMA_STORE:
+            c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
+            c_desc.store([off_m, off_n], c.to(c_ptr.dtype.element_ty))
+        else:
+            _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+
+
+def tma_store(n: int, out_dtype: torch.dtype) -> bool:
+    """Whether the TMA kernel stores its tiles by TMA (``TMA_STORE``): a 2-byte output whose rows of ``n``
+    start on 16-byte boundaries, unless ``$BITNET_INT8_TMA_STORE=0`` (measurements)."""
+    return out_dtype.itemsize == 2 and n % 8 == 0 and os.environ.get("BITNET_INT8_TMA_STORE", "1") != "0"
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -264,7 +288,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
         _use_descriptor_scratch()
     # What Triton specialises a compiled kernel on: the exact sizes and strides (the autotuner's key, and
     # ints equal to 1 or multiples of 16), the dtypes, the column scale, pointers on 16-byte boundaries.
-    spec = (tma, *args[5:], out_dtype, col_mul is None, a.device, *(t.data_ptr() % 16 == 0 for t in args[:5]))
+    spec = (tma, tma and tma_store(N, out_dtype), *args[5:], out_dtype, col_mul is None, a.device, *(t.data_ptr() % 16 == 0 for t in args[:5]))
     launch = _LAUNCHES.get(spec) if config is None else None
     if launch is not None:
         compiled, grid, constexprs = launch
@@ -275,7 +299,7 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     sms = _gpu(a.device)[1]
     jit_fn = _int8_mm_tma_kernel if tma else _int8_mm_kernel
     if tma:
-        extra = {"HAS_COL_MUL": col_mul is not None, "NUM_SMS": sms}
+        extra = {"HAS_COL_MUL": col_mul is not None, "NUM_SMS": sms, "TMA_STORE": tma_store(N, out_dtype)}
 
         def grid(meta):
             return (min(sms, triton.cdiv(M, meta["BM"]) * triton.cdiv(N, meta["BN"])),)
@@ -364,7 +388,8 @@ def int8_mm_op(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul:
     16-byte-aligned rows first), the same bits; after a product's first calls, a direct launch of its
     compiled kernel (``_DIRECT``)."""
     key = (a.shape, a.stride(), b.shape, b.stride(), row_mul.shape, row_mul.stride(), row_mul.dtype, out_dtype,
-           None if col_mul is None else (col_mul.stride(), col_mul.dtype), a.device, os.environ.get("BITNET_INT8_MM"))
+           None if col_mul is None else (col_mul.stride(), col_mul.dtype), a.device, os.environ.get("BITNET_INT8_MM"),
+           os.environ.get("BITNET_INT8_TMA_STORE"))
     d = _DIRECT.get(key)
     if d is not None and not ((a.data_ptr() | b.data_ptr() | row_mul.data_ptr()
                                | (0 if col_mul is None else col_mul.data_ptr())) & 15) and not _hooks_set():
@@ -397,12 +422,21 @@ _LAUNCHES: dict[tuple, tuple] = {}
 
 
 @triton.jit
-def _scaled_part(ptr, stride, col_ptr, row, N: tl.constexpr, B: tl.constexpr):
-    """One part of the output gradient's row as fp32, times its columns' scales (0 past N)."""
+def _scaled_part(ptr, stride, col_ptr, rows, M, N: tl.constexpr, B: tl.constexpr, DIV: tl.constexpr,
+                 HINT: tl.constexpr):
+    """One part of the output gradient's rows [R, B] as fp32, times its columns' scales (0 past N or M).
+    ``DIV``: a power of two that divides ``stride``. With ``HINT`` it is written into the row offset as
+    ``(stride // DIV) * DIV``, so that Triton sees it and vectorises the loads. Triton itself knows only whether
+    a stride is a multiple of 16: 1.3b's 5460-element rows compile to 2-byte loads (145 ``ld.global.b16`` in
+    the sm_90 PTX, against 32 8-byte ``ld.global.v2.b32`` with HINT; ``tl.multiple_of`` on the scalar stride,
+    the form without HINT, changes nothing). HINT is opt-in (``$BITNET_QGR_STRIDE_HINT=1``): not yet run on a GPU."""
     c = tl.arange(0, B)
-    mask = c < N
-    g = tl.load(ptr + row * stride + c, mask=mask, other=0.0).to(tl.float32)
-    return g * tl.load(col_ptr + c, mask=mask, other=0.0)
+    if HINT:
+        offs = rows[:, None] * (stride // DIV) * DIV
+    else:
+        offs = rows[:, None] * tl.multiple_of(stride, DIV)
+    g = tl.load(ptr + offs + c[None, :], mask=(rows[:, None] < M) & (c[None, :] < N), other=0.0)
+    return g.to(tl.float32) * tl.load(col_ptr + c, mask=c < N, other=0.0)[None, :]
 
 
 @triton.jit
@@ -418,53 +452,77 @@ def _rint(v):
 
 
 @triton.jit
-def _store_rounded(q_ptr, g, s, N: tl.constexpr, B: tl.constexpr):
+def _store_rounded(q_ptr, stride_q, rows, M, g, s, N: tl.constexpr, B: tl.constexpr):
     c = tl.arange(0, B)
-    q = tl.minimum(tl.maximum(_rint(g * s), -128.0), 127.0)
-    tl.store(q_ptr + c, q.to(tl.int8), mask=c < N)
+    q = tl.minimum(tl.maximum(_rint(g * s[:, None]), -128.0), 127.0)
+    tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=(rows[:, None] < M) & (c[None, :] < N))
 
 
 @triton.jit
-def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q,
+def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q_ptr, s_ptr, stride_q, M,
                                N0: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr):
-    # One row per program, its (up to three) parts held in registers: one read of each, one write.
-    row = tl.program_id(0).to(tl.int64)
-    g0 = _scaled_part(p0, stride0, col_ptr, row, N0, B0)
-    g1 = _scaled_part(p1, stride1, col_ptr + N0, row, N1, B1)
-    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, row, N2, B2)
-    amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 0), tl.max(tl.abs(g1), 0)), tl.max(tl.abs(g2), 0))
-    # The scale as a vector of equal lanes, as the reference's fp32 ``127 / max(absmax, floor)`` is
-    # computed by torch (``__rtruediv__``: the reciprocal, correctly rounded, then times 127); div_rn
-    # because Triton's own fp32 ``/`` may be approximate.
-    lanes = tl.arange(0, B0)
-    s = tl.div_rn(tl.full([B0], 1.0, tl.float32), tl.zeros([B0], tl.float32) + tl.maximum(amax, FLOOR)) * 127.0
-    tl.store(s_ptr + row + lanes, s, mask=lanes == 0)
-    s_one = tl.max(s, 0)
-    q_row = q_ptr + row * stride_q
-    _store_rounded(q_row, g0, s_one, N0, B0)
-    _store_rounded(q_row + N0, g1, s_one, N1, B1)
-    _store_rounded(q_row + N0 + N1, g2, s_one, N2, B2)
+                               B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr, FLOOR: tl.constexpr,
+                               R: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                               HINT: tl.constexpr):
+    # R rows per program, their (up to three) parts held in registers: one read of each, one write.
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    g0 = _scaled_part(p0, stride0, col_ptr, rows, M, N0, B0, D0, HINT)
+    g1 = _scaled_part(p1, stride1, col_ptr + N0, rows, M, N1, B1, D1, HINT)
+    g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, rows, M, N2, B2, D2, HINT)
+    amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 1), tl.max(tl.abs(g1), 1)), tl.max(tl.abs(g2), 1))
+    # The reference's fp32 ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the
+    # reciprocal, correctly rounded, then times 127); div_rn because Triton's own fp32 ``/`` may be approximate.
+    s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, FLOOR)) * 127.0
+    tl.store(s_ptr + rows, s, mask=rows < M)
+    _store_rounded(q_ptr, stride_q, rows, M, g0, s, N0, B0)
+    _store_rounded(q_ptr + N0, stride_q, rows, M, g1, s, N1, B1)
+    _store_rounded(q_ptr + N0 + N1, stride_q, rows, M, g2, s, N2, B2)
 
 
-def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
+    """(rows per program, warps) of :func:`quantize_grad_rows` for parts of these widths: $BITNET_QGR as
+    "R,W" overrides (measurements), else one row per program, 2 warps up to 2,048 lanes (the parts' widths,
+    each rounded up to a power of two), 4 up to 16,384, then 8. Sessions 9-14 gave 4 warps up to 4,096 lanes,
+    8 to 16,384 and 16 above (1.3b's gate/up: 5460 + 5460 -> 16,400 lanes with the absent third part's 16);
+    on an H200 (benchmarks/RESULTS.md, session 15) the new launch took 0.83 ms against 1.22 at 1.3b's
+    gate/up, 0.054 against 0.061 at 700m's 1536-wide o/down, 0.049 against 0.076 at small's 768, the same
+    bits (every launch of the sweep was checked against the default's)."""
+    env = os.environ.get("BITNET_QGR")
+    if env:
+        try:
+            r, w = (int(v) for v in env.split(","))
+        except ValueError:
+            r = w = 0
+        if r < 1 or w < 1 or w & (w - 1):
+            raise BitnetError(f"BITNET_QGR={env!r}: expected ROWS,WARPS (positive integers, warps a power of two)")
+        return r, w
+    total = sum(triton.next_power_of_2(max(w, 16)) for w in widths)
+    return 1, 2 if total <= 2048 else 4 if total <= 16384 else 8
+
+
+def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows: int | None = None,
+                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows``/``warps``: the launch (rows per program, warps per program) instead of :func:`grad_rows_launch`'s."""
     assert 1 <= len(parts) <= 3 and all(p.dim() == 2 and p.shape[0] == parts[0].shape[0] for p in parts)
     parts = [p if p.stride(-1) == 1 else p.contiguous() for p in parts]
     m = parts[0].shape[0]
     widths = [p.shape[1] for p in parts]
     n = sum(widths)
     assert col_scale.shape == (n,)
+    r, w = grad_rows_launch(widths)
+    r, w = rows or r, warps or w
     q = int8_rows(m, n, parts[0].device)
     s = torch.empty((m,), dtype=torch.float32, device=parts[0].device)
     # Absent parts: width 0 (all lanes masked), pointing at part 0, which they never read.
     ptrs = parts + [parts[0]] * (3 - len(parts))
     widths += [0] * (3 - len(widths))
-    blocks = [triton.next_power_of_2(max(w, 16)) for w in widths]
-    total = sum(blocks)
-    warps = 4 if total <= 4096 else 8 if total <= 16384 else 16
-    _quantize_grad_rows_kernel[(m,)](*ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0),
-                                     N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1],
-                                     B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR, num_warps=warps)
+    blocks = [triton.next_power_of_2(max(w_, 16)) for w_ in widths]
+    divs = [math.gcd(p.stride(0), 16) for p in ptrs]  # the parts' row strides' power-of-two factors (to 16)
+    hint = os.environ.get("BITNET_QGR_STRIDE_HINT", "0") == "1"  # see _scaled_part
+    _quantize_grad_rows_kernel[(triton.cdiv(m, r),)](
+        *ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0), m,
+        N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1], B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR,
+        R=r, D0=divs[0], D1=divs[1], D2=divs[2], HINT=hint, num_warps=w)
     return q, s
 
 
