@@ -209,7 +209,8 @@ class Server:
             raise ApiError(400, f"a prompt token id is outside [0, {self.engine.vocab_size})", "prompt")
         if len(ids) >= self.engine.ctx_size:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds {self.engine.ctx_size} "
-                           "(the server's context size), the prompt and at least one new token together; shorten it", "prompt", "context_length_exceeded")
+                           "(the server's context size), the prompt and at least one new token together; "
+                           "shorten it", "prompt", "context_length_exceeded")
 
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
