@@ -89,7 +89,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
         raise BitnetError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
     tensors: dict[str, TensorEntry] = {}
     for name, info in header.items():
-        where = f"{path}: tensor {name!r}"
+        where = f"{path}: tensor {safejson.short(name, 100)}"  # a name can run on for megabytes
         if not isinstance(info, dict):
             raise BitnetError(f"{where}: corrupt header entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
@@ -119,7 +119,7 @@ def read_safetensors_header(path: Path) -> tuple[int, dict[str, TensorEntry], di
     spans = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.begin)
     for a, b in zip(spans, spans[1:]):
         if b.begin < a.end:
-            raise BitnetError(f"{path}: tensors {a.name!r} and {b.name!r} overlap")
+            raise BitnetError(f"{path}: tensors {safejson.short(a.name, 100)} and {safejson.short(b.name, 100)} overlap")
     return data_start, tensors, metadata
 
 
@@ -257,7 +257,13 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
     text = str(src)
     path = Path(text).expanduser()
     if kind == "hub" or (not path.exists() and HUB_ID.match(text) and not text.startswith((".", "/", "~"))):
-        return resolve_hub_id(text), f"hub:{text}"
+        try:
+            return resolve_hub_id(text), f"hub:{text}"
+        except BitnetError as e:
+            if kind == "hub":
+                raise
+            # runs/small-float reads as a hub id too: say that the directory is missing as well
+            raise BitnetError(f"{e}; nor is there a local directory {path}") from None
     if not path.exists():
         raise BitnetError(f"{path}: no such file or directory")
     if path.is_file():

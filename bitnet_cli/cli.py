@@ -112,15 +112,15 @@ def user_errors(extra: str | None = None, options: dict[str, str] | None = None)
 
 
 def print_json(obj) -> None:
-    """The one JSON convention of every --json: one object on stdout, nothing else there."""
-    import json
+    """The one JSON convention of every --json: one object on stdout, nothing else there (valid UTF-8)."""
+    from bitnet_cli import safejson
 
     def fallback(value):  # paths, numpy scalars, sets and the odd object lm-eval keeps in its results
         if isinstance(value, (set, frozenset, tuple)):
             return list(value)
         return value.item() if hasattr(value, "item") else str(value)
 
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False, default=fallback) + "\n")
+    sys.stdout.write(safejson.dumps(obj, default=fallback) + "\n")
     sys.stdout.flush()
 
 
@@ -438,6 +438,11 @@ def run(
 
         if prompt is None and not chat:
             raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
+        if chat and json_output:  # it was ignored: the conversation printed as text
+            raise BitnetError("--json prints one generation as JSON; it does not combine with --chat")
+        if system is not None and not chat:  # it was ignored without a word
+            raise BitnetError("--system is the system prompt of --chat; without --chat, put it in -p/--prompt")
+        SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                        repeat_penalty=repeat_penalty, seed=seed, stop=stop)
@@ -525,8 +530,7 @@ def serve(
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
 ):
-    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests
-    together (continuous batching: the weights are read once per step for all of them).
+    """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests together (continuous batching: the weights are read once per step for all of them).
 
     Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
@@ -752,8 +756,7 @@ def quickstart(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
     json_out: bool = json_option("the summary of every stage, at the end"),
 ):
-    """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare,
-    [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
+    """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare, [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
     A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
     and OUT/eval.json.

@@ -144,6 +144,13 @@ def read_into_huge_pages(pm, names: list[str]) -> tuple[mmap.mmap, dict[str, np.
     return region, views
 
 
+def check_threads(threads) -> int:
+    """`threads` if it is a positive integer, else the one error every command gives for --threads."""
+    if type(threads) is not int or threads < 1:
+        raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
+    return threads
+
+
 @dataclass
 class GenerationStats:
     load_s: float = 0.0
@@ -341,8 +348,7 @@ class Engine(kernels.CResource):
         cores = kernels.physical_cores()
         if threads is None:
             threads = min(cores, smallest)
-        if type(threads) is not int or threads < 1:
-            raise BitnetError(f"threads must be a positive integer, got {threads!r}", param="threads")
+        check_threads(threads)
         limit = min(smallest, kernels.ThreadPool.MAX_THREADS)
         if threads > limit:
             why = (f"its smallest weight matrix has {smallest} rows" if smallest < kernels.ThreadPool.MAX_THREADS
@@ -520,14 +526,16 @@ class Engine(kernels.CResource):
                  seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
-        Stops at an end-of-sequence token, at any of the `stop` strings (not included in the
-        text), after max_tokens, or when the context is full. temperature 0 is greedy.
+        Stops at an end-of-sequence token, at any of the `stop` strings (a list, or one string; not
+        included in the text), after max_tokens, or when the context is full. temperature 0 is greedy.
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
             raise BitnetError(f"seed must be a non-negative integer, got {seed!r}", param="seed")
+        if isinstance(stop, str):  # one stop string, as OpenAI's `stop` takes it (not one per character)
+            stop = [stop]
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")
@@ -537,8 +545,8 @@ class Engine(kernels.CResource):
         if not ids:
             raise BitnetError("the prompt is empty")
         if len(ids) >= self.ctx_size:
-            raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}; shorten it "
-                              "or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
+            raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}, the prompt and "
+                              "at least one new token together; shorten it or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
         stops = [s for s in stop if s]
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)

@@ -100,9 +100,10 @@ def resolve_isa(name: str | None = None) -> int:
     """The ISA id for `name`, else $BITNET_ISA, else the autotune's choice (module docstring):
     an ISAS value, or BN_ISA_TUNED when the autotune chose other than the rule. Errors name the
     choices."""
-    name = name or os.environ.get("BITNET_ISA")
     if name:
         return ISAS[_checked(name)]
+    if os.environ.get("BITNET_ISA"):
+        return ISAS[_checked(os.environ["BITNET_ISA"], env=True)]
     choice = _default_choice()
     picked = {op_isa for ops in choice["choice"].values() for op_isa in ops.values()}
     if picked == {best_isa()}:
@@ -113,9 +114,11 @@ def resolve_isa(name: str | None = None) -> int:
     return L.BN_ISA_TUNED
 
 
-def _checked(name: str) -> str:
+def _checked(name: str, env: bool = False) -> str:
+    """`name` if it is an ISA this CPU has; errors name where it came from: the isa parameter or $BITNET_ISA."""
     if name not in ISAS:
-        raise BitnetError(f"unknown instruction set {name!r} (BITNET_ISA): choose from {', '.join(ISAS)}")
+        raise BitnetError(f"unknown instruction set {name!r} ({'$BITNET_ISA' if env else 'isa'}): choose from "
+                          f"{', '.join(ISAS)}", param=None if env else "isa")
     if name not in available_isas():
         raise BitnetError(f"instruction set {name!r} is not available on this CPU: {', '.join(available_isas())}")
     return name
@@ -129,7 +132,7 @@ def isa_choice(name: str | None = None) -> dict:
     if name:
         return {"source": "option", "choice": _uniform(_checked(name))}
     if os.environ.get("BITNET_ISA"):
-        return {"source": "env", "choice": _uniform(_checked(os.environ["BITNET_ISA"]))}
+        return {"source": "env", "choice": _uniform(_checked(os.environ["BITNET_ISA"], env=True))}
     return _default_choice()
 
 

@@ -78,7 +78,7 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     from rich.console import Console
     from rich.markup import escape
 
-    from bitnet_cli.engine import Engine
+    from bitnet_cli.engine import Engine, check_threads
     from bitnet_cli.eval.runner import evaluate, result_rows, write_results
     from bitnet_cli.eval.tasks import check_task_names, task_manager
     from bitnet_cli.pack import pack_checkpoint
@@ -92,7 +92,9 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     if out.exists() and not out.is_dir():
         raise BitnetError(f"{out}: is a file, not a directory (choose another out_dir)", param="out_dir")
     recipe = load_recipe(bundled_recipe("tiny"), overrides)
-    # Everything the eval stage needs is checked now, not after minutes of training.
+    # Everything the run and eval stages need is checked now, not after minutes of training.
+    if threads is not None:
+        check_threads(threads)
     if not eval_tasks:
         raise BitnetError("no eval_tasks given (e.g. arc_easy)", param="eval_tasks")
     data = Path(data_dir) if data_dir else default_eval_data() or bundled_eval_data()

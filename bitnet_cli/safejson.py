@@ -67,3 +67,10 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def dumps(obj, **kwargs) -> str:
+    """json.dumps(ensure_ascii=False) whose text can always be written as UTF-8: a lone surrogate (a
+    non-UTF-8 file name arrives as one, e.g. \\udcff) becomes its JSON escape instead of failing the write."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")

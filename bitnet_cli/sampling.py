@@ -18,13 +18,15 @@ REPEAT_WINDOW = 64  # the penalty looks at this many most recent tokens (prompt 
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8  # <= 0: greedy (argmax)
-    top_k: int = 40           # <= 0: no limit
+    top_k: int = 40           # 0: no limit (check() refuses a negative k)
     top_p: float = 0.95       # 1.0: no limit
     repeat_penalty: float = 1.0  # 1.0: off; > 1 discourages recent tokens
 
     def check(self) -> "SamplingParams":
         if not np.isfinite(self.temperature) or self.temperature < 0:
             raise BitnetError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise BitnetError(f"top_k must be an integer >= 0 (0: no limit), got {self.top_k!r}", param="top_k")
         if not 0.0 < self.top_p <= 1.0:
             raise BitnetError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:

@@ -84,12 +84,15 @@ CASES = [
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "0"], "--limit 0: must be positive"),
     (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
+    (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "0"],
+     "--threads must be a positive integer, got 0"),  # as run, serve and bench say it (was "threads=0: ...")
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
     # quickstart: bad eval settings fail before the training stage
     (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file, not a directory (choose another --out)"),
     (["quickstart", "--out", "{tmp}/qs", "--tasks", "", "--data-dir", "{data}"], "no --tasks given (e.g. arc_easy)"),
     (["quickstart", "--out", "{tmp}/qs", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
     (["quickstart", "--out", "{tmp}/qs", "--set", "train.steps=abc"], "train.steps"),
+    (["quickstart", "--out", "{tmp}/qs", "--threads", "0"], "--threads must be a positive integer, got 0"),  # trained first
 ]
 
 

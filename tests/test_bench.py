@@ -160,7 +160,7 @@ def test_roofline_section_is_consistent(small_buffers):
     (["--model", "x.bin", "--shape", "2b4t"], "either --model or --shape"),
     (["--shape", "7b"], "unknown shape '7b'"),
     (["--model", "no/such/file.bin"], "no/such/file.bin: no such file"),
-    (["--isa", "sse9"], "unknown instruction set 'sse9'"),
+    (["--isa", "sse9"], "unknown instruction set 'sse9' (--isa)"),  # named $BITNET_ISA, which was not set
     (["--kv-cache", "q8"], "--kv-cache must be one of f32, f16, got 'q8'"),
     (["--layout", "i2,i3"], "--layout must be one of i2, tq1, got 'i3'"),
     (["--model", "x.bin", "--layout", "tq1"], "--layout is for synthetic --shape models"),

@@ -330,8 +330,17 @@ def test_bad_arguments_are_clear_errors(tiny, tmp_path):
     with Engine.load(packed, threads=1, ctx_size=16) as eng:
         with pytest.raises(BitnetError, match="context holds 16"):
             eng.generate(random_ids(20), max_tokens=1)
+        # a prompt exactly as long as the context: "16 tokens but the context holds 16" read as a contradiction
+        with pytest.raises(BitnetError, match="the prompt is 16 tokens but the context holds 16, the prompt and at "
+                                              "least one new token together"):
+            eng.generate(random_ids(16), max_tokens=0)
         with pytest.raises(BitnetError, match="empty"):
             eng.generate("   ")
+        # one stop string given as a str is that string, not a stop at each of its characters
+        full = "".join(eng.generate(random_ids(4), max_tokens=8, temperature=0))
+        assert full and "\x00" not in full
+        never = full[-1] + "\x00"  # its first character is in the text (the old reading stopped there)
+        assert "".join(eng.generate(random_ids(4), max_tokens=8, temperature=0, stop=never)) == full
         with pytest.raises(BitnetError, match="out of range"):
             eng.forward([10**6])
         gen = eng.generate(random_ids(10), max_tokens=100, temperature=0)

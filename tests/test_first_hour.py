@@ -260,6 +260,10 @@ def test_library_errors_name_parameters_and_the_cli_shows_options():
         SamplingParams(top_p=0).check()
     assert str(e.value).startswith("top_p must be in (0, 1]") and "--" not in str(e.value)
     assert as_flags(e.value).startswith("--top-p must be in (0, 1]")
+    with pytest.raises(BitnetError, match="top_k must be an integer >= 0"):
+        SamplingParams(top_k=-3).check()  # was taken as "no limit" without a word
+    result = runner.invoke(app, ["run", "no-such-model.bin", "-p", "x", "--top-k", "-3"])
+    assert result.exit_code == 1 and _one_error_line(result.output).startswith("error: --top-k must be an integer >= 0")
     assert as_flags(BitnetError("a message about nothing in particular")) == "a message about nothing in particular"
 
 
@@ -298,3 +302,23 @@ def test_no_library_message_names_a_command_line_option():
                 if re.search(r"(?<!\w)--[a-z]", re.sub(r"`[^`]*`", "", text)):  # a `bitnet ...` command may
                     found.append(f"{path.relative_to(root)}:{node.lineno}: {text[:80]}")
     assert not found, "\n".join(found)
+
+
+def test_every_command_s_summary_is_one_paragraph_line():
+    """Rich keeps a docstring's line breaks: a summary written over two lines showed in `bitnet --help`
+    as a broken line ("... up to --parallel requests" / "together ...") for serve and quickstart."""
+    import typer.main
+
+    for name, cmd in typer.main.get_command(app).commands.items():
+        summary = (cmd.help or "").strip().split("\n\n")[0]
+        assert "\n" not in summary, (name, summary)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--chat", "--json"], "--json prints one generation as JSON; it does not combine with --chat"),
+    (["-p", "x", "--system", "You are Romeo."], "--system is the system prompt of --chat"),
+])
+def test_run_refuses_options_it_would_ignore(args, message):
+    # both were silently ignored: --chat printed its conversation as text, and -p ran without the system prompt
+    result = runner.invoke(app, ["run", "no-such-model.bin", *args])
+    assert result.exit_code == 1 and _one_error_line(result.output).startswith(f"error: {message}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
 import numpy as np
@@ -237,6 +238,18 @@ def test_hostile_headers_get_one_clear_error(tmp_path, make, message):
     assert str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("make", [
+    lambda p: _file(p, struct.pack("<Q", 60000) + b"k" * 60000 + struct.pack("<I", 99) + b"\0" * 32),
+    lambda p: _file(p, ARCH + _tensor_info("t" * 60000, [4], 77, 0) + b"\0" * 64, n_tensors=1),
+])
+def test_a_huge_key_or_tensor_name_is_cut_short_in_the_error(tmp_path, make):
+    # the error line quoted the whole name: up to 64 KB of it (139 KB of escapes from a fuzzed file)
+    path = make(tmp_path)
+    with pytest.raises(BitnetError) as e:
+        GGUFFile.open(path).close()
+    assert len(str(e.value)) < 300 + len(str(path)) and "..." in str(e.value)
+
+
 def test_truncated_export_and_unsupported_architectures(ckpt, tmp_path):
     good = tmp_path / "m.gguf"
     pack_checkpoint(ckpt, good, to="gguf", gguf_type="i2_s")
@@ -389,3 +402,14 @@ def test_i2s_block_is_checked_and_only_for_gguf_sources(ckpt, tmp_path):
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and text.startswith("error: --i2s-block must be one of 128, 64")
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_a_huge_tensor_name_in_a_safetensors_header_is_cut_short_in_the_error(tmp_path):
+    from bitnet_cli.checkpoint import read_safetensors_header
+
+    header = json.dumps({"t" * 50000: {"dtype": "X9", "shape": [4], "data_offsets": [0, 4]}}).encode()
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    with pytest.raises(BitnetError, match="unsupported dtype 'X9'") as e:
+        read_safetensors_header(path)
+    assert len(str(e.value)) < 300 + len(str(path))  # was the whole 50,000-character name

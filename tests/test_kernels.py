@@ -129,7 +129,7 @@ def test_stream_read_reads_everything():
 
 def test_isa_env_var_is_validated(monkeypatch):
     monkeypatch.setenv("BITNET_ISA", "mmx")
-    with pytest.raises(kernels.BitnetError, match="unknown instruction set 'mmx'"):
+    with pytest.raises(kernels.BitnetError, match=r"unknown instruction set 'mmx' \(\$BITNET_ISA\)"):
         kernels.resolve_isa()
     monkeypatch.setenv("BITNET_ISA", "scalar")
     assert kernels.resolve_isa() == 0

@@ -179,6 +179,24 @@ def test_pack_refuses_to_overwrite_without_force(tiny_packed, hf_tiny_checkpoint
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp files left behind
 
 
+def test_pack_never_replaces_its_own_input_even_with_force(hf_tiny_checkpoint, tmp_path):
+    # `pack run/final run/final/model.safetensors --force` used to leave the packed file where the weights were
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for f in hf_tiny_checkpoint.iterdir():
+        (ckpt / f.name).write_bytes(f.read_bytes())
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        before = (ckpt / name).read_bytes()
+        with pytest.raises(BitnetError, match="is an input of this pack"):
+            pack_checkpoint(ckpt, ckpt / name, force=True)
+        assert (ckpt / name).read_bytes() == before
+    with pytest.raises(BitnetError, match="is an input of this pack"):
+        pack_checkpoint(ckpt / "model.safetensors", ckpt / "model.safetensors", force=True)  # a file as the source
+    pack_checkpoint(ckpt, ckpt / "model.bin")  # beside the checkpoint's files is fine
+    pack_checkpoint(ckpt, ckpt / "model.bin", force=True)
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted([f.name for f in hf_tiny_checkpoint.iterdir()] + ["model.bin"])
+
+
 def test_failed_pack_leaves_no_file(hf_tiny_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()

@@ -140,6 +140,13 @@ def test_hub_id_from_a_prefilled_offline_cache(float_ckpt, tmp_path, monkeypatch
         assert a.checksums == b.checksums
     with pytest.raises(BitnetError, match="'acme/missing'.*HF_HUB_OFFLINE.*not in the local cache"):
         pack_checkpoint("acme/missing", tmp_path / "missing.bin")
+    # a mistyped run directory reads as a hub id too: the error also says the directory is missing
+    with pytest.raises(BitnetError, match="'runs/small-float'.*not in the local cache.*nor is there a local "
+                                          "directory runs/small-float"):
+        pack_checkpoint("runs/small-float", tmp_path / "missing.bin")
+    with pytest.raises(BitnetError, match="not in the local cache") as e:
+        pack_checkpoint("acme/missing", tmp_path / "missing.bin", kind="hub")  # named a hub id: no directory meant
+    assert "nor is there" not in str(e.value)
 
 
 def test_own_training_run_packs_and_matches_our_torch_model(tmp_path):

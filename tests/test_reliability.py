@@ -620,3 +620,18 @@ def test_recipe_with_a_control_character_is_one_error(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_bytes(b'name: "a\x7f"\ntrain: {steps: 1}\n')
     one_error(cli("train", path, "--dry-run"), "invalid YAML (character U+007F at position 8 is not allowed)")
+
+
+def test_results_and_json_output_with_a_non_utf8_path_are_valid_utf8_json(tmp_path, capsys):
+    # `bitnet eval $'\\xff.bin' -o r.json` ended in a UnicodeEncodeError traceback after the whole evaluation
+    import json
+
+    from bitnet_cli.cli import print_json
+    from bitnet_cli.eval.runner import write_results
+
+    name = b"\xff.bin".decode("utf-8", "surrogateescape")  # as Python gives a non-UTF-8 argument
+    out = write_results({"config": {"model_args": {"pretrained": name}}, "text": "é"}, tmp_path / "r.json")
+    d = json.loads(out.read_bytes().decode("utf-8"))
+    assert d == {"config": {"model_args": {"pretrained": name}}, "text": "é"}  # the surrogate, escaped, comes back
+    print_json({"file": name, "text": "é"})
+    assert json.loads(capsys.readouterr().out) == {"file": name, "text": "é"}

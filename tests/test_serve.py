@@ -238,12 +238,16 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (json.dumps({"prompt": [10**6]}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "x" * (1 << 20)}).encode(), 400, "prompt"),  # 1 MB: past the context
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+        (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),  # once killed the scheduler thread
+        (b'{"prompt": "a\\udcffb"}', 400, "prompt"),  # a lone surrogate: was a 500 and a traceback in the log
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/tokenize", content=b'{"prompt": "\\udcff"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = http.post("/v1/completions", json={"prompt": "x" * (1 << 20)})
     assert r.json()["error"]["code"] == "context_length_exceeded"
     r = http.post("/v1/chat/completions", json={"messages": [{"role": "user"}]})
@@ -254,6 +258,33 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
     with pytest.raises(openai.BadRequestError):
         server.client.completions.create(model=model, prompt="x", max_tokens=-5)
     assert server.client.completions.create(model=model, prompt="x", max_tokens=2).choices  # still serving
+
+
+def test_a_seed_numpy_refuses_fails_its_job_and_the_scheduler_keeps_serving(packed):
+    # the HTTP layer refuses a negative seed; the scheduler (the Python API) must not die on one either
+    from bitnet_cli.sampling import SamplingParams
+    from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, Scheduler
+    with Engine.load(packed, threads=1) as eng:
+        sched = Scheduler(eng, 2, 4)
+        try:
+            events: dict[str, list] = {"bad": [], "good": []}
+            done = {k: __import__("threading").Event() for k in events}
+
+            def sink(key):
+                def put(event):
+                    events[key].append(event)
+                    if isinstance(event, (DoneEvent, ErrorEvent)):
+                        done[key].set()
+                return put
+            ids = eng.encode("ROMEO:")
+            sched.submit([Job(ids, 2, SamplingParams(0.8, 0, 1.0, 1.0), -1, sink("bad"))])
+            assert done["bad"].wait(10)
+            assert isinstance(events["bad"][-1], ErrorEvent) and "seed -1" in events["bad"][-1].message
+            sched.submit([Job(ids, 2, SamplingParams(0.8, 0, 1.0, 1.0), 1, sink("good"))])
+            assert done["good"].wait(10), "the scheduler thread died"
+            assert isinstance(events["good"][-1], DoneEvent) and events["good"][-1].completion_tokens == 2
+        finally:
+            sched.close()
 
 
 # ---------------------------------------------------------------- slots, queue, shutdown

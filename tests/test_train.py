@@ -87,6 +87,21 @@ def test_cli_reports_bad_recipe_without_traceback(tmp_path):
     assert "optimiser: unknown key" in res.output and "Traceback" not in res.output
 
 
+def test_a_run_refused_before_it_writes_leaves_no_empty_run_directory(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not UTF-8")
+    recipe = {**micro_recipe(), "data": {**micro_recipe()["data"], "files": [str(bad)]}}
+    p = write_recipe(tmp_path / "r.yaml", recipe)
+    out = tmp_path / "new" / "run"
+    res = CliRunner().invoke(app, ["train", str(p), "-o", str(out)])
+    assert res.exit_code == 1 and "not UTF-8" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "new").exists()  # was left behind, empty
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    res = CliRunner().invoke(app, ["train", str(p), "-o", str(kept)])
+    assert res.exit_code == 1 and kept.is_dir()  # a directory the user made stays
+
+
 @pytest.mark.parametrize("name,low,high", [
     ("tiny", 0.5e6, 2e6), ("small", 80e6, 130e6), ("bitnet-b1.58-700m", 0.6e9, 0.85e9),
     ("bitnet-b1.58-1.3b", 1.1e9, 1.5e9), ("bitnet-b1.58-3b", 2.8e9, 3.6e9), ("bitnet-b1.58-2b4t", 2.2e9, 2.6e9),

@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
-from bitnet_cli.engine import DEFAULT_KV_CACHE
+from bitnet_cli.engine import DEFAULT_KV_CACHE, check_threads
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.eval.backends import Backend, open_backend
 from bitnet_cli.progress import Progress  # the CLI draws a rich bar with it; lm-eval's CLI gets tqdm
@@ -65,8 +65,9 @@ class BitNetLM(TemplateLM):
         kv_cache: str = DEFAULT_KV_CACHE,
     ):
         super().__init__()
-        if threads is not None and int(threads) < 1:
-            raise BitnetError(f"threads={threads}: must be at least 1")
+        if threads is not None:  # lm-eval's --model_args give it as text
+            check_threads(int(threads) if isinstance(threads, str) and threads.strip().lstrip("-").isdigit()
+                          else threads)
         self.backend = backend or open_backend(
             pretrained, threads=int(threads) if threads else None, ctx_size=int(max_length) if max_length else None,
             kv_cache=kv_cache,

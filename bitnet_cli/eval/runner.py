@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from bitnet_cli import safejson
 from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
@@ -204,7 +204,7 @@ def write_results(results: dict[str, Any], path: str | Path, *, force: bool = Fa
     temp = TempFile(out)
     try:
         with os.fdopen(os.dup(temp.fd), "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
+            f.write(safejson.dumps(results, indent=2, default=handle_non_serializable))  # a non-UTF-8 path: escaped
         temp.publish()
     except BaseException:
         temp.discard()

@@ -25,6 +25,7 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.gguf.quants import GGML_TYPES, tensor_nbytes
+from bitnet_cli.safejson import short
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -160,9 +161,9 @@ class GGUFFile:
         for i in range(n_kv):
             key = cur.string(f"the name of metadata entry {i}", MAX_NAME)
             if key in metadata:
-                raise BitnetError(f"{path}: metadata key {key!r} appears twice")
-            vtype = cur.take("I", f"the type of metadata key {key!r}")
-            metadata[key] = cls._value(cur, vtype, f"metadata key {key!r}")
+                raise BitnetError(f"{path}: metadata key {short(key, 100)} appears twice")
+            vtype = cur.take("I", f"the type of metadata key {short(key, 100)}")
+            metadata[key] = cls._value(cur, vtype, f"metadata key {short(key, 100)}")
 
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
@@ -171,20 +172,20 @@ class GGUFFile:
         infos = []
         for i in range(n_tensors):
             name = cur.string(f"the name of tensor {i}", MAX_NAME)
-            where = f"{path}: tensor {name!r}"
-            n_dims = cur.take("I", f"the dimension count of tensor {name!r}")
+            where = f"{path}: tensor {short(name, 100)}"
+            n_dims = cur.take("I", f"the dimension count of tensor {short(name, 100)}")
             if not 1 <= n_dims <= MAX_DIMS:
                 raise BitnetError(f"{where}: {n_dims} dimensions (GGUF allows 1 to {MAX_DIMS})")
-            dims = tuple(int(d) for d in cur.array(n_dims, np.dtype("<u8"), f"the dimensions of tensor {name!r}"))
-            type_id = cur.take("I", f"the type of tensor {name!r}")
-            offset = cur.take("Q", f"the data offset of tensor {name!r}")
+            dims = tuple(int(d) for d in cur.array(n_dims, np.dtype("<u8"), f"the dimensions of tensor {short(name, 100)}"))
+            type_id = cur.take("I", f"the type of tensor {short(name, 100)}")
+            offset = cur.take("Q", f"the data offset of tensor {short(name, 100)}")
             infos.append((name, dims, type_id, offset))
 
         data_start = -(-cur.pos // alignment) * alignment
         size = cur.size
         tensors: dict[str, TensorInfo] = {}
         for name, dims, type_id, offset in infos:
-            where = f"{path}: tensor {name!r}"
+            where = f"{path}: tensor {short(name, 100)}"
             if name in tensors:
                 raise BitnetError(f"{where}: appears twice")
             if type_id not in GGML_TYPES:
@@ -249,17 +250,17 @@ class GGUFFile:
         """Metadata value `key`, checked to be of `kind` (int also accepts numpy integers' ints)."""
         if key not in self.metadata:
             if required:
-                raise BitnetError(f"{self.path}: metadata key {key!r} is missing")
+                raise BitnetError(f"{self.path}: metadata key {short(key, 100)} is missing")
             return default
         value = self.metadata[key]
         if kind is not object and not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise BitnetError(f"{self.path}: metadata key {key!r} must be {want}, got {type(value).__name__}")
+            raise BitnetError(f"{self.path}: metadata key {short(key, 100)} must be {want}, got {type(value).__name__}")
         return value
 
     def tensor(self, name: str) -> TensorInfo:
         if name not in self.tensors:
-            raise BitnetError(f"{self.path}: tensor {name!r} is missing")
+            raise BitnetError(f"{self.path}: tensor {short(name, 100)} is missing")
         return self.tensors[name]
 
     def raw(self, name: str, start: int = 0, length: int | None = None) -> np.ndarray:
@@ -269,7 +270,7 @@ class GGUFFile:
             raise BitnetError(f"{self.path}: file is closed")
         length = t.nbytes - start if length is None else length
         if start < 0 or length < 0 or start + length > t.nbytes:
-            raise BitnetError(f"{self.path}: tensor {name!r}: byte range {start}+{length} outside its {t.nbytes} bytes")
+            raise BitnetError(f"{self.path}: tensor {short(name, 100)}: byte range {start}+{length} outside its {t.nbytes} bytes")
         return np.frombuffer(self._mm, dtype=np.uint8, count=length, offset=t.offset + start)
 
     def release(self, name: str, start: int = 0, length: int | None = None) -> None:

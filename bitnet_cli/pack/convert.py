@@ -8,6 +8,7 @@ BitLinear weight (or one chunk of the embedding), whatever the model size.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -248,10 +249,35 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     check_output_path(out, force)
     ckpt = open_source(src, kind, i2s_block)
     try:
+        check_not_an_input(ckpt, out)
         return _pack_source(ckpt, out, embeddings, force, to, gguf_type, gguf_head, progress, t0, ternary_layout)
     finally:
         if ckpt.kind == "gguf":
             ckpt.close()
+
+
+# the files of a checkpoint directory that packing reads besides its tensor files
+_CHECKPOINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "generation_config.json", "model.safetensors.index.json")
+
+
+def check_not_an_input(ckpt, out: Path) -> None:
+    """Refuse an output that would replace a file the source is read from (force or not): packing
+    `run/final` into `run/final/model.safetensors --force` used to leave the packed file where the
+    checkpoint's weights were."""
+    if not out.exists():
+        return
+    if ckpt.kind == "gguf":
+        inputs = {Path(ckpt.path)}
+    else:
+        inputs = {Path(f) for f, _ in ckpt.tensors.values()} | {Path(ckpt.path) / n for n in _CHECKPOINT_FILES}
+    for given in inputs:
+        try:
+            same = given.exists() and os.path.samefile(given, out)
+        except OSError:
+            same = False
+        if same:
+            raise BitnetError(f"{out}: is an input of this pack ({given}); choose another output file")
 
 
 def open_source(src, kind: str = "auto", i2s_block: int | None = None):

@@ -72,7 +72,7 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
     presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
     stop: Union[str, list[str], None] = Field(None)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0)       # as `bitnet run --seed`: numpy seeds are non-negative
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -194,6 +194,14 @@ class Server:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_id!r}",
                            "model", "model_not_found", "not_found_error")
 
+    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The prompt's token ids; a text the tokenizer refuses (a lone surrogate such as JSON's "\\udcff")
+        is a 400, not a 500 with a traceback in the server's log."""
+        try:
+            return self.engine.encode(text, add_special_tokens)
+        except BitnetError as e:
+            raise ApiError(400, str(e), "prompt") from None
+
     def _check_ids(self, ids: list[int]) -> None:
         if not ids:
             raise ApiError(400, "the prompt is empty", "prompt")
@@ -201,7 +209,8 @@ class Server:
             raise ApiError(400, f"a prompt token id is outside [0, {self.engine.vocab_size})", "prompt")
         if len(ids) >= self.engine.ctx_size:
             raise ApiError(400, f"the prompt is {len(ids)} tokens but the context holds {self.engine.ctx_size} "
-                           "(the server's context size); shorten it", "prompt", "context_length_exceeded")
+                           "(the server's context size), the prompt and at least one new token together; "
+                           "shorten it", "prompt", "context_length_exceeded")
 
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
@@ -279,9 +288,9 @@ class Server:
     async def tokenize(self, request: Request) -> JSONResponse:
         try:
             req = await self._body(request, TokenizeRequest)
+            ids = await run_in_threadpool(self._encode, req.prompt, req.add_special_tokens)
         except ApiError as e:
             return e.response()
-        ids = await run_in_threadpool(self.engine.encode, req.prompt, req.add_special_tokens)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": self.engine.ctx_size})
 
     async def detokenize(self, request: Request) -> JSONResponse:
@@ -302,7 +311,7 @@ class Server:
             if not prompts:
                 raise ApiError(400, "the prompt is empty", "prompt")
             ids = await run_in_threadpool(
-                lambda: [self.engine.encode(p) if isinstance(p, str) else list(p) for p in prompts])
+                lambda: [self._encode(p) if isinstance(p, str) else list(p) for p in prompts])
             for i in ids:
                 self._check_ids(i)
             echo_logprobs = req.echo and req.logprobs is not None

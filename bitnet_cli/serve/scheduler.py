@@ -211,6 +211,11 @@ class Scheduler:
             if job.max_tokens == 0 and not job.prompt_logprobs:
                 job.sink(DoneEvent("length", len(job.prompt), 0, 0))
                 continue
+            try:  # a seed numpy refuses fails this request only, never the scheduler thread
+                rng = np.random.default_rng(job.seed)
+            except (TypeError, ValueError) as e:
+                job.sink(ErrorEvent(f"seed {job.seed!r}: {e}"))
+                continue
             # at least the last prompt token runs (its logits choose the first new token); with
             # prompt log-probabilities every prompt token does
             limit = 0 if job.prompt_logprobs else len(job.prompt) - 1
@@ -229,7 +234,7 @@ class Scheduler:
                 else:
                     chosen.cached = []
             self._admitted += 1
-            chosen.start(job, best_len, self.engine.tokenizer, np.random.default_rng(job.seed), self._admitted)
+            chosen.start(job, best_len, self.engine.tokenizer, rng, self._admitted)
 
     def _step(self) -> None:
         tokens, seqs, pos, want = [], [], [], []

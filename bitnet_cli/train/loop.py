@@ -246,13 +246,36 @@ def train(recipe: Recipe, out_dir: str | Path | None = None, resume: bool = Fals
     device = pick_device(recipe.train.device)
     out_dir = Path(out_dir or recipe.out_dir or Path("runs") / recipe.name)
     info = D.init(device.type)
+    created = _missing_dirs(out_dir)
     try:
         return _train(recipe, out_dir, resume, progress, console, device, info)
     except KeyboardInterrupt:
+        _remove_empty(created)
         saved = ckpt_io.step_checkpoints(out_dir)
         raise TrainInterrupted(out_dir, saved[-1][0] if saved else 0) from None
+    except Exception:
+        _remove_empty(created)  # a run refused before it wrote anything leaves no empty run directory
+        raise
     finally:
         D.shutdown(info)
+
+
+def _missing_dirs(out_dir: Path) -> list[Path]:
+    """`out_dir` and those of its parents that do not exist yet, deepest first."""
+    missing, d = [], out_dir
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove the directories this run created while they are still empty (deepest first)."""
+    for d in dirs:
+        try:
+            d.rmdir()
+        except OSError:  # not empty (something was written), already gone, or another rank's
+            return
 
 
 class TrainInterrupted(BitnetError):
