@@ -347,7 +347,7 @@ def _tensor_table(tensors: list[dict]):
 
 @app.command()
 def info(
-    file: Path = typer.Argument(..., help="A packed model file written by `bitnet pack`."),
+    file: Path = typer.Argument(..., help="A packed model file written by `bitnet pack`, or a GGUF (shown as it imports: once, into a cache)."),
     verify: bool = typer.Option(False, "--verify", help="Recompute every tensor's crc32 and compare with the stored checksums (exit 1 on mismatch)."),
     json_output: bool = json_option("everything: config, metadata, every tensor"),
 ):
@@ -359,8 +359,9 @@ def info(
 
     with user_errors():
         from bitnet_cli.pack import PackedModel
+        from bitnet_cli.pack.gguf_cache import model_file
 
-        with PackedModel.open(file) as pm:
+        with PackedModel.open(model_file(file)) as pm:
             bad = None
             if verify:
                 progress, update = _tensor_progress("verifying", enabled=not json_output)
@@ -667,7 +668,7 @@ def _refused_note(results: dict) -> None:
 @app.command()
 def bench(
     model: Optional[Path] = typer.Option(
-        None, "--model", "-m", help="Packed model file to benchmark (default: a synthetic --shape)."),
+        None, "--model", "-m", help="Packed model file (or GGUF) to benchmark (default: a synthetic --shape)."),
     shape: Optional[str] = typer.Option(
         None, "--shape", "-s", help="Synthetic model shape with random ternary weights, no download: "
         f"{', '.join(PRESETS)} \\[default: 2b4t]. Written once to the cache dir."),

@@ -319,17 +319,14 @@ class Engine(kernels.CResource):
         The metadata checksum (config, tokenizer) is always checked, and the norms and scales must
         be finite; verify=True also recomputes every tensor's crc32 (reads the whole file, as
         `bitnet info --verify` does)."""
-        from bitnet_cli.gguf.reader import is_gguf
         from bitnet_cli.pack import PackedModel
         from bitnet_cli.pack.format import metadata_checksum
+        from bitnet_cli.pack.gguf_cache import model_file
 
         t0 = time.perf_counter()
         isa_id = kernels.resolve_isa(isa)
         kv_cache_type(kv_cache)
-        if is_gguf(path):  # imported once into a cached packed file (bitnet_cli.pack.gguf_cache)
-            from bitnet_cli.pack.gguf_cache import packed_path
-
-            path = packed_path(Path(path))
+        path = model_file(path)  # a GGUF: imported once into a cached packed file
         pm = PackedModel.open(path)
         d = pm.dims
         size = Path(path).stat().st_size

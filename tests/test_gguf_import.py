@@ -306,6 +306,28 @@ def test_run_reads_a_gguf_through_the_import_cache(ckpt, reference, tmp_path, mo
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
 
 
+def test_info_and_bench_read_a_gguf_as_run_does(ckpt, tmp_path, monkeypatch):
+    """`bitnet info` and `bitnet bench --model` take a GGUF through the same import cache as run, eval and serve."""
+    from typer.testing import CliRunner
+
+    from bitnet_cli.bench.target import from_file
+    from bitnet_cli.cli import app
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.gguf"
+    pack_checkpoint(ckpt, out, to="gguf", gguf_type="i2_s")
+    result = CliRunner().invoke(app, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    [cached] = (tmp_path / "cache" / "gguf").iterdir()
+    with PackedModel.open(cached) as pm:
+        assert report["tensors"] == pm.describe()["tensors"] and len(report["tensors"]) > 10
+    target = from_file(out)
+    assert target.name == "m.gguf" and target.path == cached  # the same import, not a second one
+    assert target.config["num_hidden_layers"] == report["config"]["num_hidden_layers"]
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == [cached]
+
+
 @pytest.mark.parametrize("gguf_type", ["i2_s", "tq2_0"])
 def test_every_exported_metadata_key_is_one_llama_cpp_reads(ckpt, tmp_path, gguf_type):
     gguf = pytest.importorskip("gguf")

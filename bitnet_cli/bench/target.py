@@ -57,6 +57,7 @@ class Target:
 
 def from_file(path: Path) -> Target:
     from bitnet_cli.pack import PackedModel
+    from bitnet_cli.pack.gguf_cache import model_file
 
     if path.is_dir():
         if not (path / "model.bin").is_file():  # e.g. runs/quickstart, which holds its packed model.bin
@@ -65,11 +66,12 @@ def from_file(path: Path) -> Target:
         path = path / "model.bin"
     if not path.is_file():
         raise BitnetError(f"{path}: no such file (expected a packed model file made by bitnet pack)")
+    name, path = path.name, model_file(path)  # a GGUF: its cached import (bitnet_cli.pack.gguf_cache)
     with PackedModel.open(path) as pm:
         config = dict(pm.config)
         embeddings = pm.metadata.get("embeddings", "f16")
         ternary_layout = pm.ternary_layout.option
-    return Target(name=path.name, shape=None, config=config, embeddings=embeddings, path=path, layout=ternary_layout)
+    return Target(name=name, shape=None, config=config, embeddings=embeddings, path=path, layout=ternary_layout)
 
 
 def from_shape(shape: str, embeddings: str = "f16", cache_dir: Path | None = None, ternary_layout: str = "i2") -> Target:

@@ -1,4 +1,4 @@
-"""`bitnet run model.gguf` (and eval, bench, serve): a GGUF is imported once by the same path as
+"""`bitnet run model.gguf` (and info, eval, bench, serve): a GGUF is imported once by the same path as
 `bitnet pack model.gguf out.bin` into a cached packed file, which the engine then memory-maps.
 
 The cache entry is keyed by the GGUF's resolved path, size and modification time, so an edited
@@ -18,6 +18,13 @@ from bitnet_cli.files import cache_root
 
 def cache_dir() -> Path:
     return cache_root() / "gguf"
+
+
+def model_file(path: str | Path, quiet: bool = False) -> Path:
+    """The packed file a command reads for `path`: `path` itself, or for a GGUF its cached import."""
+    from bitnet_cli.gguf.reader import is_gguf
+
+    return packed_path(Path(path), quiet) if is_gguf(path) else Path(path)
 
 
 def packed_path(gguf: Path, quiet: bool = False) -> Path:
