@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -268,7 +269,7 @@ def test_a_seed_numpy_refuses_fails_its_job_and_the_scheduler_keeps_serving(pack
         sched = Scheduler(eng, 2, 4)
         try:
             events: dict[str, list] = {"bad": [], "good": []}
-            done = {k: __import__("threading").Event() for k in events}
+            done = {k: threading.Event() for k in events}
 
             def sink(key):
                 def put(event):

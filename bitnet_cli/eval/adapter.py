@@ -65,11 +65,12 @@ class BitNetLM(TemplateLM):
         kv_cache: str = DEFAULT_KV_CACHE,
     ):
         super().__init__()
-        if threads is not None:  # lm-eval's --model_args give it as text
-            check_threads(int(threads) if isinstance(threads, str) and threads.strip().lstrip("-").isdigit()
-                          else threads)
+        if isinstance(threads, str) and threads.strip().lstrip("-").isdigit():
+            threads = int(threads)  # lm-eval's --model_args give it as text
+        if threads is not None:
+            check_threads(threads)
         self.backend = backend or open_backend(
-            pretrained, threads=int(threads) if threads else None, ctx_size=int(max_length) if max_length else None,
+            pretrained, threads=threads, ctx_size=int(max_length) if max_length else None,
             kv_cache=kv_cache,
         )
         self.tokenizer = self.backend.tokenizer

@@ -208,33 +208,40 @@ class Scheduler:
     def _admit(self) -> None:
         while self._pending and any(s.job is None for s in self.slots):
             job = self._pending.popleft()
-            if job.max_tokens == 0 and not job.prompt_logprobs:
-                job.sink(DoneEvent("length", len(job.prompt), 0, 0))
-                continue
-            try:  # a seed numpy refuses fails this request only, never the scheduler thread
-                rng = np.random.default_rng(job.seed)
-            except (TypeError, ValueError) as e:
-                job.sink(ErrorEvent(f"seed {job.seed!r}: {e}"))
-                continue
-            # at least the last prompt token runs (its logits choose the first new token); with
-            # prompt log-probabilities every prompt token does
-            limit = 0 if job.prompt_logprobs else len(job.prompt) - 1
-            best, best_len = None, 0
-            for slot in self.slots:
-                n = min(common_prefix(slot.cached, job.prompt), limit)
-                if n > best_len or (n == best_len and best is not None and best.job is not None and slot.job is None):
-                    best, best_len = slot, n
-            if best is not None and best.job is None:
-                chosen = best
+            try:  # a request that cannot start fails alone, never the scheduler thread
+                self._start(job)
+            except Exception as e:  # noqa: BLE001
+                job.sink(ErrorEvent(f"the request could not start: {e}"))
+
+    def _start(self, job: Job) -> None:
+        """Give `job` a free slot: the one sharing the longest prefix with its prompt, or the least
+        recently used one with that prefix copied in."""
+        if job.max_tokens == 0 and not job.prompt_logprobs:
+            job.sink(DoneEvent("length", len(job.prompt), 0, 0))
+            return
+        try:
+            rng = np.random.default_rng(job.seed)
+        except (TypeError, ValueError) as e:
+            raise BitnetError(f"seed {job.seed!r}: {e}") from None
+        # at least the last prompt token runs (its logits choose the first new token); with
+        # prompt log-probabilities every prompt token does
+        limit = 0 if job.prompt_logprobs else len(job.prompt) - 1
+        best, best_len = None, 0
+        for slot in self.slots:
+            n = min(common_prefix(slot.cached, job.prompt), limit)
+            if n > best_len or (n == best_len and best is not None and best.job is not None and slot.job is None):
+                best, best_len = slot, n
+        if best is not None and best.job is None:
+            chosen = best
+        else:
+            chosen = min((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
+            if best_len:
+                self.engine.copy_prefix(best.index, chosen.index, best_len)
+                chosen.cached = job.prompt[:best_len]
             else:
-                chosen = min((s for s in self.slots if s.job is None), key=lambda s: s.last_used)
-                if best_len:
-                    self.engine.copy_prefix(best.index, chosen.index, best_len)
-                    chosen.cached = job.prompt[:best_len]
-                else:
-                    chosen.cached = []
-            self._admitted += 1
-            chosen.start(job, best_len, self.engine.tokenizer, rng, self._admitted)
+                chosen.cached = []
+        self._admitted += 1
+        chosen.start(job, best_len, self.engine.tokenizer, rng, self._admitted)
 
     def _step(self) -> None:
         tokens, seqs, pos, want = [], [], [], []
