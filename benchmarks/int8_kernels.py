@@ -28,6 +28,8 @@
    TFLOP/s (TOP/s) count 2 x M x N x K. ``--skip-checks`` leaves out 1.-4.
 6. ``--grad-rows MODELS`` (alone): ``quantize_grad_rows`` at those models' output-gradient shapes with each
    launch (rows per program, warps), timed and checked against the default launch (:func:`sweep_grad_rows`).
+7. ``--norm-quant MODELS`` (alone): ``bitnet::norm_quant`` against its reference on the GPU (:func:`check_norm_quant`),
+   then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
 """
 
 from __future__ import annotations
@@ -142,6 +144,126 @@ def check_grad_rows() -> list[dict]:
                         "q_diff": int((q.cpu().int() - q_ref.int()).abs().max()),
                         "s_ulps_differ": int((s.cpu() != s_ref).sum())})
             print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+# (M, K, gate) of the norm_quant checks: attention's sub-norm (o_proj's input) and the MLP's (relu2 first, down_proj's
+# input) at each recipe's widths; K = 5460 (1.3b's FFN) pads the int8 rows; 333 rows leave a ragged last block.
+NORM_CASES = [(4096, 768, False), (4096, 2048, True), (4096, 1536, False), (4096, 4096, True), (2048, 2048, False),
+              (1000, 5460, True), (333, 100, True)]
+
+
+def _norm_case(m: int, k: int, gate: bool, exact_sums: bool, seed: int):
+    """bf16 x (and gate as the half of a [m, 2k] product's rows, as the MLP hands it over), fp32 norm weight, on the
+    GPU. ``exact_sums``: small multiples of powers of two, so that every order of the sum of squares gives the same
+    fp32 (then the kernel must match torch bit for bit); else normal activations with a spread of row scales."""
+    g = torch.Generator().manual_seed(seed)
+    if exact_sums:
+        x, gt = (torch.randint(-8, 9, (m, 2 * k), generator=g) / 4 for _ in range(2))
+    else:
+        x, gt = (torch.randn(m, 2 * k, generator=g) * torch.rand(m, 1, generator=g) * 3 for _ in range(2))
+    w = torch.rand(k, generator=g) + 0.5
+    x, gt = (t.to(torch.bfloat16).cuda()[:, k:] for t in (x, gt))
+    return x, gt if gate else None, w.cuda()
+
+
+def check_norm_quant() -> list[dict]:
+    """``bitnet::norm_quant`` (Triton) against :func:`norm_quant_reference` run by torch on the same GPU (the plain
+    path's eager numerics): with exact sums of squares bit for bit (``bit_exact``); with normal inputs the fraction
+    of int8 values and of scales that differ (the sum's order differs from torch's reduction), and the fraction of
+    int8 values in which the torch.compile'd rounding of the plain path (inductor's fusion of the same torch code,
+    the int8 path before norm_quant) differs from eager torch."""
+    from bitnet_cli.model import relu2, rms_norm
+
+    torch._dynamo.config.cache_size_limit = 64  # one compilation per case's shape
+
+    @torch.compile(dynamic=False)
+    def inductor(x, gt, w):
+        y = x if gt is None else relu2(gt, x)
+        return L.quantize_rows(rms_norm(y, w, 1e-5))[0]
+
+    out = []
+    for i, (m, k, gate) in enumerate(NORM_CASES):
+        for exact_sums in (True, False):
+            x, gt, w = _norm_case(m, k, gate, exact_sums, i)
+            ref = L.norm_quant_reference(x, gt, w, 1e-5, torch.bfloat16)
+            got = L.norm_quant(x, gt, w, 1e-5, torch.bfloat16)
+            row = {"M": m, "K": k, "gate": gate, "exact_sums": exact_sums,
+                   "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref)),
+                   "q_differ": float((got[0] != ref[0]).float().mean()), "q_diff_max": int((got[0].int() - ref[0].int()).abs().max()),
+                   "s_differ": float((got[1] != ref[1]).float().mean()), "rstd_differ": float((got[3] != ref[3]).float().mean()),
+                   "inductor_q_differ": float((inductor(x, gt, w) != ref[0]).float().mean())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def check_norm_quant_autograd() -> list[dict]:
+    """The sub-norm and its BitLinear on the int8 path (bf16 autocast, as the trainer runs them) with norm_quant
+    against the same modules without it (the torch ops): the relative differences of the output and of the
+    gradients of x, gate, the norm's weight and the projection's weight (norm_quant's backward is its own)."""
+    from bitnet_cli.model import BitLinear, RMSNorm, _sub_norm_project
+
+    out = []
+    for k, n, gate in ((1536, 1536, False), (4096, 1536, True)):
+        torch.manual_seed(0)
+        norm, proj = RMSNorm(k, 1e-5).cuda(), BitLinear(k, n).cuda()
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        L.enable(proj, True, cache=True)
+        L.refresh(proj, "torch")
+        x0 = torch.randn(4, 1024, k, device="cuda", dtype=torch.bfloat16)
+        g0 = torch.randn_like(x0) if gate else None
+        d = torch.randn(4, 1024, n, device="cuda", dtype=torch.bfloat16) * 1e-4
+        res = {}
+        for fused in (True, False):
+            proj.int8.norm_quant = fused
+            norm.weight.grad = proj.weight.grad = None
+            x = x0.clone().requires_grad_()
+            g = g0.clone().requires_grad_() if gate else None
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = _sub_norm_project(norm, proj, x, gate=g)
+            y.backward(d)
+            res[fused] = [y.detach(), x.grad, norm.weight.grad, proj.weight.grad] + ([g.grad] if gate else [])
+        names = ["y", "grad_x", "grad_norm_weight", "grad_weight", "grad_gate"]
+        row = {"K": k, "N": n, "gate": gate}
+        for name, a, b in zip(names, res[True], res[False]):
+            row[name] = float((a.float() - b.float()).norm() / b.float().norm())
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def sweep_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
+    """``norm_quant``'s launches (rows per program, warps) at the models' sub-norm shapes (o_proj's input; down_proj's,
+    relu2 first), each checked against the default launch's bits, beside the torch.compile'd torch code it replaces."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.model import relu2, rms_norm
+    from bitnet_cli.train import int8_triton as T
+
+    @torch.compile(dynamic=False)
+    def inductor(x, gt, w):
+        y = x if gt is None else relu2(gt, x)
+        q, s = L.quantize_rows(rms_norm(y, w, 1e-5))
+        return q, s, (q.float() / s[:, None]).to(torch.bfloat16)
+
+    out = []
+    for name in models:
+        hidden, ffn = SHAPES[name][1][1][0], SHAPES[name][1][3][0]
+        for k, gate in ((hidden, False), (ffn, True)):
+            x, gt, w = _norm_case(m, k, gate, False, k)
+            ref = T.norm_quant(x, gt, w, 1e-5, torch.bfloat16)
+            default = T.norm_quant_launch(k)
+            ms = do_bench(lambda: inductor(x, gt, w), return_mode="median")
+            out.append({"model": name, "K": k, "gate": gate, "inductor": True, "ms": round(ms, 4)})
+            print(json.dumps(out[-1]), flush=True)
+            for r, wp in [(1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 4), (4, 8)]:
+                got = T.norm_quant(x, gt, w, 1e-5, torch.bfloat16, rows=r, warps=wp)
+                ms = do_bench(lambda: T.norm_quant(x, gt, w, 1e-5, torch.bfloat16, rows=r, warps=wp), return_mode="median")
+                out.append({"model": name, "K": k, "gate": gate, "rows": r, "warps": wp, "default": (r, wp) == default,
+                            "ms": round(ms, 4), "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
+                print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -420,15 +542,17 @@ def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) 
                 if path:
                     with open(path, "w") as f:
                         json.dump({"gpu": torch.cuda.get_device_name(), "grad_rows_sweep": out}, f, indent=1)
-            # The default launch with the row strides' factors written into the offsets ($BITNET_QGR_STRIDE_HINT=1)
+            # The default launch with the stride hint the other way round (int8_triton.stride_hint: on by default
+            # where a row stride is not a multiple of 16)
             import os
 
-            os.environ["BITNET_QGR_STRIDE_HINT"] = "1"
+            hint = not T.stride_hint([p.stride(0) for p in parts])
+            os.environ["BITNET_QGR_STRIDE_HINT"] = str(int(hint))
             try:
                 q, s = T.quantize_grad_rows(parts, col)
                 ms = do_bench(lambda: T.quantize_grad_rows(parts, col), return_mode="median")
-                out.append({"model": name, "widths": widths, "rows": default[0], "warps": default[1], "default": True,
-                            "stride_hint": True, "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
+                out.append({"model": name, "widths": widths, "rows": default[0], "warps": default[1], "default": False,
+                            "stride_hint": hint, "ms": round(ms, 4), "TB_s": round(moved / ms / 1e9, 3),
                             "bit_exact": torch.equal(q, ref_q) and torch.equal(s, ref_s)})
                 print(json.dumps(out[-1]), flush=True)
             finally:
@@ -444,8 +568,19 @@ def main():
     ap.add_argument("--tiles", default="", help="models whose products also time each candidate tile (sweep_tiles)")
     ap.add_argument("--skip-checks", action="store_true", help="only the timings (the checks need a CPU reference)")
     ap.add_argument("--grad-rows", default="", help="models whose output-gradient shapes time quantize_grad_rows' launches")
+    ap.add_argument("--norm-quant", default="", help="models whose sub-norm shapes time norm_quant's launches, after "
+                    "norm_quant's checks (alone)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.norm_quant:
+        result = {"gpu": torch.cuda.get_device_name(), "norm_quant": check_norm_quant(),
+                  "norm_quant_autograd": check_norm_quant_autograd()}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        result["norm_quant_sweep"] = sweep_norm_quant([m for m in args.norm_quant.split(",") if m])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

@@ -286,7 +286,31 @@ def _project_shared(owner: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return [p(x) for p in projs]
 
 
+def _sub_norm_project(norm: nn.Module, proj: nn.Module, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``proj(norm(x))``, or with ``gate`` ``proj(norm(relu2(gate, x)))``: BitNet's sub-norm before o_proj and
+    down_proj. Where the int8 path runs ``proj`` with its ``norm_quant`` (bitnet_cli.train.int8_linear), the
+    norm (and relu2) and the rounding of ``proj``'s input are one kernel, the same numbers."""
+    product = getattr(proj, "int8", None)
+    if (product is not None and product.norm_quant and torch.is_grad_enabled() and not proj.warming
+            and proj.rms_norm is None and proj.scale_op is None):
+        return product(x, proj, norm=norm, gate=gate)[0]
+    return proj(norm(x if gate is None else relu2(gate, x)))
+
+
 # ----------------------------------------------------------------------------- the decoder
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, rounded to ``x``'s dtype, then times ``weight`` (transformers' LlamaRMSNorm)."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def relu2(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """BitNet's FFN activation: ``relu(gate)^2 * up``."""
+    return F.relu(gate).square() * up
 
 
 class RMSNorm(nn.Module):
@@ -296,10 +320,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 @torch.library.custom_op("bitnet::rope_tables", mutates_args=())
@@ -424,7 +445,9 @@ class Attention(nn.Module):
             v = v[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        return self.o_proj(self.attn_sub_norm(y) if hasattr(self, "attn_sub_norm") else y)
+        if not hasattr(self, "attn_sub_norm"):
+            return self.o_proj(y)
+        return _sub_norm_project(self.attn_sub_norm, self.o_proj, y)
 
 
 class MLP(nn.Module):
@@ -442,8 +465,11 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = _project_shared(self, x)
-        y = (F.silu(g) if self.silu else F.relu(g).square()) * u
-        return self.down_proj(self.ffn_sub_norm(y) if hasattr(self, "ffn_sub_norm") else y)
+        if not hasattr(self, "ffn_sub_norm"):
+            return self.down_proj(F.silu(g) * u if self.silu else relu2(g, u))
+        if self.silu:
+            return self.down_proj(self.ffn_sub_norm(F.silu(g) * u))
+        return _sub_norm_project(self.ffn_sub_norm, self.down_proj, u, gate=g)
 
 
 class DecoderLayer(nn.Module):

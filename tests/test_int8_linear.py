@@ -138,13 +138,16 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("stride_hint", ["0", "1"])
+@pytest.mark.parametrize("stride_hint", ["0", "1", None])
 def test_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter(stride_hint, monkeypatch):
     """The Triton kernel's logic (parts, masks, scale, rounding ties) run by Triton's CPU interpreter
     against the reference bit for bit (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
     pytest.importorskip("triton")
     cases = [[5, [96, 32, 32], 7, "bfloat16", 3e-8], [6, [100, 100], 5, "float32", 1.0], [7, [70], 4, "bfloat16", 1.0]]
-    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", stride_hint)  # row strides 96, 100, 70: hints 16, 4, 2
+    if stride_hint is None:  # the default: hinted where a stride is not a multiple of 16 (100, 70)
+        monkeypatch.delenv("BITNET_QGR_STRIDE_HINT", raising=False)
+    else:
+        monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", stride_hint)  # row strides 96, 100, 70: hints 16, 4, 2
     assert _interpret(_INTERPRETED_GRAD_ROWS, cases) == [True] * (3 * len(cases))
 
 
@@ -555,3 +558,136 @@ def test_grad_rows_launch_by_row_width(monkeypatch):
         monkeypatch.setenv("BITNET_QGR", bad)
         with pytest.raises(BitnetError, match="BITNET_QGR"):
             T.grad_rows_launch([768])
+
+
+def test_grad_rows_stride_hint_where_a_row_stride_is_not_a_multiple_of_16(monkeypatch):
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_QGR_STRIDE_HINT", raising=False)
+    assert not T.stride_hint([1536, 1536, 1536]) and T.stride_hint([5460, 5460]) and T.stride_hint([768, 10920 + 2])
+    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", "0")
+    assert not T.stride_hint([5460])
+    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", "1")
+    assert T.stride_hint([1536])
+    monkeypatch.setenv("BITNET_QGR_STRIDE_HINT", "yes")
+    with pytest.raises(BitnetError, match="BITNET_QGR_STRIDE_HINT"):
+        T.stride_hint([1536])
+
+
+def _norm_inputs(seed: int, m: int, k: int, dtype: torch.dtype, gate: bool, stride: int | None = None):
+    """x (and gate) [m, k] in ``dtype``, as views of rows ``stride`` wide (the MLP's gate and up are halves of one
+    product's rows), and an fp32 norm weight. Values are small multiples of powers of two, so that every sum of
+    squares is exact in fp32 whatever its order: the kernel's reduction order then cannot move a bit."""
+    g = torch.Generator().manual_seed(seed)
+    stride = stride or k
+
+    def part():
+        return (torch.randint(-8, 9, (m, stride), generator=g) / 4).to(dtype)[:, :k]
+
+    w = (torch.randint(1, 64, (k,), generator=g) / 32).float()
+    return part(), part() if gate else None, w
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_quant_reference_is_the_plain_paths_sub_norm_then_rounding(gate, dtype):
+    """What bitnet::norm_quant computes is, bit for bit, the plain path's sub-norm (after relu2 with a gate) and the
+    next BitLinear's rounding of it: its x_deq is the plain path's dequantised input, as the product reads it."""
+    from bitnet_cli.model import RMSNorm, relu2
+
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(33, 90, generator=g) * torch.rand(33, 1, generator=g) * 3).to(dtype)
+    gt = (torch.randn(33, 90, generator=g)).to(dtype) if gate else None
+    norm = RMSNorm(90, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(90, generator=g) + 0.5)
+        plain = _quant_activation(norm(relu2(gt, x) if gate else x))
+    q, s, x_deq, rstd = L.norm_quant_reference(x, gt, norm.weight.detach(), 1e-5, torch.float32)
+    assert q.dtype == torch.int8 and q.stride(0) % 16 == 0 and s.shape == rstd.shape == (33,)
+    assert torch.equal(x_deq, plain) and torch.equal(q.float() / s[:, None], plain)
+    assert torch.equal(L.norm_quant(x, gt, norm.weight.detach(), 1e-5, torch.float32)[2], plain)  # the CPU op
+
+
+_INTERPRETED_NORM_QUANT = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _norm_inputs
+out = []
+for seed, m, k, dtype, gate, stride, out_dtype in json.loads(sys.argv[1]):
+    x, g, w = _norm_inputs(seed, m, k, getattr(torch, dtype), gate, stride)
+    ref = L.norm_quant_reference(x, g, w, 1e-5, getattr(torch, out_dtype))
+    for rows in (None, 2):  # one row per program, and two with a ragged last block
+        got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows)
+        out.append([torch.equal(a, b) for a, b in zip(got, ref)])
+print(json.dumps(out))
+"""
+
+
+def test_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The fused sub-norm kernel (relu2, RMSNorm, absmax, rounding, X~) in Triton's CPU interpreter against the
+    reference, bit for bit: q, s_x, x_deq and rstd (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
+    pytest.importorskip("triton")
+    cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16"], [2, 7, 64, "bfloat16", True, 160, "bfloat16"],
+             [3, 3, 96, "float32", False, None, "float32"], [4, 5, 32, "float32", True, 72, "bfloat16"],
+             [5, 6, 100, "bfloat16", True, 200, "bfloat16"]]
+    assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4] * (2 * len(cases))
+
+
+@pytest.mark.parametrize("gate", [False, True])
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_sub_norm_then_bitlinear_through_norm_quant_matches_the_plain_path(gate, int8_grad, monkeypatch):
+    """model._sub_norm_project (the sub-norm before o_proj / down_proj, relu2 first with a gate) on the int8 path with
+    norm_quant: the same output as the plain path, and the gradients of x, gate, the norm's weight and the
+    projection's weight (the norm's backward is norm_quant's own, in torch ops)."""
+    from bitnet_cli.model import RMSNorm, _sub_norm_project
+
+    monkeypatch.delenv("BITNET_INT8_NORM_QUANT", raising=False)
+    torch.manual_seed(0)
+    norms, projs = [RMSNorm(96, 1e-5) for _ in range(2)], [BitLinear(96, 40) for _ in range(2)]
+    with torch.no_grad():
+        norms[0].weight.uniform_(0.5, 1.5)
+    norms[1].load_state_dict(norms[0].state_dict())
+    projs[1].load_state_dict(projs[0].state_dict())
+    L.enable(projs[1], int8_grad, cache=True)
+    L.refresh(projs[1])
+    assert projs[1].int8.norm_quant
+    x = [torch.randn(3, 20, 96, requires_grad=True)]
+    x.append(x[0].detach().clone().requires_grad_())
+    g = [torch.randn(3, 20, 96, requires_grad=True) if gate else None]
+    g.append(g[0].detach().clone().requires_grad_() if gate else None)
+    ys = [_sub_norm_project(n, p, xi, gate=gi) for n, p, xi, gi in zip(norms, projs, x, g)]
+    assert rel(ys[1], ys[0]) < 1e-6
+    d = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(d)
+    tol = 1e-2 if int8_grad else 1e-5  # int8 grad_input: the output gradient rounded per token (as without the norm)
+    assert rel(projs[1].weight.grad, projs[0].weight.grad) < 1e-6
+    assert rel(x[1].grad, x[0].grad) < tol and rel(norms[1].weight.grad, norms[0].weight.grad) < tol
+    if gate:
+        assert rel(g[1].grad, g[0].grad) < tol
+
+
+def test_norm_quant_setting(monkeypatch):
+    """$BITNET_INT8_NORM_QUANT=0 leaves the sub-norms to torch (measurements); anything but 0/1 is an error."""
+    monkeypatch.setenv("BITNET_INT8_NORM_QUANT", "0")
+    lin = BitLinear(32, 16)
+    L.enable(lin, True, cache=True)
+    assert not lin.int8.norm_quant
+    monkeypatch.setenv("BITNET_INT8_NORM_QUANT", "on")
+    with pytest.raises(BitnetError, match="BITNET_INT8_NORM_QUANT"):
+        L.enable(lin, True, cache=True)
+
+
+def test_int8_grad_weight_error_script_is_exact_on_int8_representable_operands():
+    """benchmarks/int8_grad_weight_error.py's blockwise int8 weight gradient is G^T X exactly where rounding loses
+    nothing (each block's column holds 127 and integers), and its error on random inputs is measured, not zero."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from int8_grad_weight_error import int8_grad_weight
+
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-127, 128, (64, n), generator=g).float() for n in (12, 20))
+    a[::16], b[::16] = 127.0, 127.0  # every 16-token block's column has its absmax 127: scale 1
+    assert torch.equal(int8_grad_weight(a, b, 16), a.double().t() @ b.double())
+    x = torch.randn(64, 12, generator=g)
+    assert 1e-4 < rel(int8_grad_weight(x, x, 16), x.double().t() @ x.double()) < 0.05

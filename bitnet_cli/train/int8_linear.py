@@ -45,7 +45,12 @@ their scales (:func:`quantize_grad_rows_reference` states it in torch); grad_wei
 per projection from its own part.
 
 The activations' quantisation is written in torch so that torch.compile fuses it with its
-neighbours (the RMSNorm before a projection); the products are one custom op,
+neighbours (the RMSNorm before a projection), except after BitNet's sub-norms (before o_proj and
+down_proj, relu2 first for down_proj): there one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
+kernel that reads each row once), computes the norm and the rounding with the plain path's eager
+numerics (inductor's fusion of the same torch code did not: it keeps the norm's bf16 rounding out, and
+a few percent of the int8 values came out one step apart), and its backward is in torch ops
+(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -138,6 +143,8 @@ def int8_mm_reference(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, c
 _LIB = torch.library.Library("bitnet", "FRAGMENT")
 _LIB.define("int8_mm(Tensor a, Tensor b, Tensor row_mul, Tensor? col_mul, ScalarType out_dtype) -> Tensor")
 _LIB.define("quantize_grad_rows(Tensor[] parts, Tensor col_scale) -> (Tensor, Tensor)")
+_LIB.define("norm_quant(Tensor x, Tensor? gate, Tensor weight, float eps, ScalarType out_dtype) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _int8_mm_cuda(a, b, row_mul, col_mul, out_dtype):
@@ -237,23 +244,115 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
     return (g.t() @ x).to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- the sub-norms' rounding
+
+
+def norm_quant_reference(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``bitnet::norm_quant`` computes for x [M, K] (and gate [M, K] or None): the model's sub-norm
+    ``n = rms_norm(y, weight, eps)`` of ``y = relu2(gate, x)`` (``y = x`` without a gate), then the following
+    BitLinear's :func:`quantize_rows` of ``n``. Returns ``(q int8 [M, K] (rows 16-byte aligned, int8_rows), s_x fp32
+    [M], x_deq = (q / s_x) in out_dtype, rstd fp32 [M])``: the int8 rows and their scale for the product, the plain
+    path's dequantised input for grad_weight, and the norm's ``rsqrt(mean(y^2) + eps)`` for its backward."""
+    from bitnet_cli.model import relu2, rms_norm
+
+    y = x if gate is None else relu2(gate, x)
+    yf = y.float()
+    rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+    q, s_x = quantize_rows(rms_norm(y, weight, eps))
+    return pad_rows(q), s_x, (q.float() / s_x[:, None]).to(out_dtype), rstd.squeeze(-1)
+
+
+def _norm_quant_cuda(x, gate, weight, eps, out_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.norm_quant(x, gate, weight, eps, out_dtype)
+
+
+_LIB.impl("norm_quant", _norm_quant_cuda, "CUDA")
+_LIB.impl("norm_quant", norm_quant_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::norm_quant", lib=_LIB)
+def _(x, gate, weight, eps, out_dtype):
+    m, k = x.shape
+    return (int8_rows(m, k, x.device), x.new_empty((m,), dtype=torch.float32), x.new_empty((m, k), dtype=out_dtype),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bitnet::norm_quant``: :func:`norm_quant_reference` in one Triton pass per row on CUDA."""
+    return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype)
+
+
+def norm_quant_enabled() -> bool:
+    """``$BITNET_INT8_NORM_QUANT`` (1 by default): whether :func:`enable` gives BitLinears after a sub-norm the
+    fused :func:`norm_quant` (0: the norm, relu2 and the rounding as torch ops, fused by torch.compile as it likes;
+    for measurements)."""
+    import os
+
+    env = os.environ.get("BITNET_INT8_NORM_QUANT", "1")
+    if env not in ("0", "1"):
+        raise BitnetError(f"BITNET_INT8_NORM_QUANT={env!r}: expected 0 or 1")
+    return env == "1"
+
+
+class _NormQuant(torch.autograd.Function):
+    """:func:`norm_quant` with its backward (torch ops): outputs ``(q, s_x, x_deq, rstd)``, of which only
+    ``x_deq`` carries a gradient: the straight-through estimator's, the gradient of the norm's output ``n``
+    (the int8 product's grad_input). The backward is the sub-norm's (and relu2's) own chain rule, with ``y``
+    recomputed from ``x`` and ``gate`` rather than saved."""
+
+    @staticmethod
+    def forward(ctx, x, gate, weight, eps, out_dtype):
+        q, s_x, x_deq, rstd = norm_quant(x, gate, weight, eps, out_dtype)
+        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.mark_non_differentiable(q, s_x, rstd)
+        return q, s_x, x_deq, rstd
+
+    @staticmethod
+    def backward(ctx, _gq, _gs, grad_n, _grstd):
+        from bitnet_cli.model import relu2
+
+        x, gate, weight, rstd = ctx.saved_tensors
+        y = x if gate is None else relu2(gate, x)
+        yf, r = y.float(), rstd[:, None]
+        g = grad_n.float()
+        # n = weight * h, h = (y * r) rounded to y's dtype (rms_norm)
+        grad_w = (g * (yf * r).to(y.dtype).float()).sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dh = (g * weight.float()).to(y.dtype).float()
+        # d/dy of y * rsqrt(mean(y^2) + eps): dh * r - y * r^3 * mean(dh * y)
+        dy = (dh * r - yf * (r * r * r * (dh * yf).mean(-1, keepdim=True))).to(y.dtype)
+        if gate is None:
+            return dy, None, grad_w, None, None
+        relu = torch.relu(gate.float())
+        grad_x = (dy.float() * (relu * relu).to(gate.dtype).float()).to(x.dtype)
+        grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
+        return grad_x, grad_gate, grad_w, None, None
+
+
 # ----------------------------------------------------------------------------- autograd
 
 
 class _Int8Linear(torch.autograd.Function):
-    """Inputs: x [M, K] (any float dtype); T [N, K], T^T [K, N] made contiguous (the K-major operand
+    """Inputs: x [M, K] (any float dtype); q, s_x: x's int8 rows and scales where rounded already
+    (:class:`_NormQuant`; x is then their dequantised values, X~), else None; T [N, K], T^T [K, N] made contiguous (the K-major operand
     of grad_input) and col_scale [N]: the ternary weights of one or more projections of x stacked
     by rows (:func:`stacked_ternary`); ``dtype`` the compute dtype (the autocast dtype, else x's);
     ``int8_grad`` grad_input's arithmetic; then the projections' latent weights, in T's row order
     (for their gradients only). Returns one output [M, N_i] per projection (views of one product)."""
 
     @staticmethod
-    def forward(ctx, x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
-        q, s_x = quantize_rows(x)
+    def forward(ctx, x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
+        if q is None:
+            q, s_x = quantize_rows(x)
+            # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
+            # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
+            x_deq = (q.float() / s_x[:, None]).to(dtype)
+        else:  # rounded already (norm_quant): x is its x_deq
+            x_deq = x
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
-        # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
-        x_deq = (q.float() / s_x[:, None]).to(dtype)
         ctx.save_for_backward(x_deq, trits, trits_t, col_scale)
         ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
@@ -277,22 +376,28 @@ class _Int8Linear(torch.autograd.Function):
                 g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
-        if any(ctx.needs_input_grad[6:]):
+        if any(ctx.needs_input_grad[8:]):
             grads_w = [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, ctx.w_dtypes)]
-        return (grad_x, None, None, None, None, None, *grads_w)
+        return (grad_x, None, None, None, None, None, None, None, *grads_w)
 
 
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                int8_grad: bool = True) -> list[torch.Tensor]:
+                int8_grad: bool = True, norm: nn.Module | None = None, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[BitLinear_w(x) for w in weights]`` on int8 products (no biases); the stacked ternary
-    weight (:func:`stacked_ternary`) is derived here unless given."""
+    weight (:func:`stacked_ternary`) is derived here unless given. ``norm`` (an RMSNorm): the products
+    read ``norm(x)``, or with ``gate`` ``norm(relu2(gate, x))``, rounded with the norm in one pass (:func:`norm_quant`)."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
-    ys = _Int8Linear.apply(x.reshape(-1, x.shape[-1]), trits, trits_t, col_scale, dtype, int8_grad, *weights)
+    x = x.reshape(-1, x.shape[-1])
+    q = s_x = None
+    if norm is not None:
+        q, s_x, x, _ = _NormQuant.apply(x, None if gate is None else gate.reshape(-1, gate.shape[-1]), norm.weight,
+                                        norm.eps, dtype)
+    ys = _Int8Linear.apply(x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, *weights)
     ys = ys if isinstance(ys, tuple) else (ys,)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
@@ -340,9 +445,10 @@ class Int8Product(nn.Module):
     buffers filled by :meth:`refresh` once per step; without it (FSDP, where the full weights
     exist only inside the forward) each forward derives it from the weights it is given."""
 
-    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool):
+    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool, norm_quant: bool = False):
         super().__init__()
         self.int8_grad, self.cache = int8_grad, cache
+        self.norm_quant = norm_quant  # whether model._sub_norm_project hands this product its sub-norm (norm_quant)
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
@@ -352,15 +458,17 @@ class Int8Product(nn.Module):
             self.register_buffer("col_scale", torch.ones(n, dtype=torch.float32, device=dev), persistent=False)
             self.versions = [-1] * len(projs)
 
-    def forward(self, x: torch.Tensor, *projs: nn.Module) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, *projs: nn.Module, norm: nn.Module | None = None,
+                gate: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``norm``, ``gate``: as :func:`int8_linear`'s (the projections read ``norm(x)``, ``norm(relu2(gate, x))``)."""
         weights = [p.weight for p in projs]
         if not self.cache:
-            outs = int8_linear(x, weights, int8_grad=self.int8_grad)
+            outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate)
         else:
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
-            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad)
+            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
 
     @torch.no_grad()
@@ -400,10 +508,11 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
         owner.int8_fused = Int8Product(projs, int8_grad, cache)
         fused.update(map(id, projs))
     n = 0
+    nq = norm_quant_enabled()
     for m in list(model.modules()):
         if isinstance(m, BitLinear):
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
-            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused)
+            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq)
             n += 1
     return n
 
@@ -473,6 +582,7 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "pad_rows",
+__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
+           "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows",
            "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

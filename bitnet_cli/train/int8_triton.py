@@ -1,4 +1,4 @@
-"""The Triton kernels behind ``bitnet::int8_mm`` and ``bitnet::quantize_grad_rows`` (see
+"""The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows`` and ``bitnet::norm_quant`` (see
 int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
@@ -429,7 +429,8 @@ def _scaled_part(ptr, stride, col_ptr, rows, M, N: tl.constexpr, B: tl.constexpr
     ``(stride // DIV) * DIV``, so that Triton sees it and vectorises the loads. Triton itself knows only whether
     a stride is a multiple of 16: 1.3b's 5460-element rows compile to 2-byte loads (145 ``ld.global.b16`` in
     the sm_90 PTX, against 32 8-byte ``ld.global.v2.b32`` with HINT; ``tl.multiple_of`` on the scalar stride,
-    the form without HINT, changes nothing). HINT is opt-in (``$BITNET_QGR_STRIDE_HINT=1``): not yet run on a GPU."""
+    the form without HINT, changes nothing). HINT is on where a part's row stride is not a multiple of 16
+    (:func:`stride_hint`); the same bits either way."""
     c = tl.arange(0, B)
     if HINT:
         offs = rows[:, None] * (stride // DIV) * DIV
@@ -500,6 +501,17 @@ def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
     return 1, 2 if total <= 2048 else 4 if total <= 16384 else 8
 
 
+def stride_hint(strides: list[int]) -> bool:
+    """Whether :func:`quantize_grad_rows` writes the parts' row strides' power-of-two factors into its offsets
+    (``HINT``, see :func:`_scaled_part`): where a stride is not a multiple of 16, whose rows Triton would otherwise
+    read with 2-byte loads (1.3b's 5460-wide gate/up parts: 0.826 -> 0.516 ms a call on an H200, benchmarks/RESULTS.md,
+    session 17), unless ``$BITNET_QGR_STRIDE_HINT`` says 0 or 1. The same bits either way."""
+    env = os.environ.get("BITNET_QGR_STRIDE_HINT")
+    if env is not None and env not in ("0", "1"):
+        raise BitnetError(f"BITNET_QGR_STRIDE_HINT={env!r}: expected 0 or 1")
+    return env == "1" if env is not None else any(s % 16 for s in strides)
+
+
 def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows: int | None = None,
                        warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows``/``warps``: the launch (rows per program, warps per program) instead of :func:`grad_rows_launch`'s."""
@@ -518,7 +530,7 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows:
     widths += [0] * (3 - len(widths))
     blocks = [triton.next_power_of_2(max(w_, 16)) for w_ in widths]
     divs = [math.gcd(p.stride(0), 16) for p in ptrs]  # the parts' row strides' power-of-two factors (to 16)
-    hint = os.environ.get("BITNET_QGR_STRIDE_HINT", "0") == "1"  # see _scaled_part
+    hint = stride_hint([p.stride(0) for p in ptrs])
     _quantize_grad_rows_kernel[(triton.cdiv(m, r),)](
         *ptrs, *(p.stride(0) for p in ptrs), col_scale.float().contiguous(), q, s, q.stride(0), m,
         N0=widths[0], N1=widths[1], N2=widths[2], B0=blocks[0], B1=blocks[1], B2=blocks[2], FLOOR=GRAD_ABSMAX_FLOOR,
@@ -583,3 +595,104 @@ def refresh_products(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             i += 1
         for buf in (trits, trits_t, col_scale):
             torch.autograd.graph.increment_version(buf)
+
+
+# ----------------------------------------------------------------------------- the sub-norms' rounding
+
+
+@triton.jit
+def _rsqrt(v):
+    """torch.rsqrt: CUDA's rsqrtf (libdevice's) on the GPU; ``1 / sqrt`` in the interpreter, as torch's CPU kernel."""
+    if INTERPRETED:
+        return 1.0 / tl.sqrt(v)
+    else:
+        return libdevice.rsqrt(v)
+
+
+@triton.jit
+def _round_to(v, DTYPE: tl.constexpr, BF16: tl.constexpr):
+    """fp32 ``v`` rounded to DTYPE (to nearest, ties to even, as torch's casts), back as fp32. ``BF16``: DTYPE is
+    bfloat16, which Triton's interpreter truncates instead of rounding: there the rounding is done on the bits."""
+    if INTERPRETED and BF16:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    else:
+        return v.to(DTYPE).to(tl.float32)
+
+
+@triton.jit
+def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, stride_x, stride_g, stride_q,
+                       stride_xd, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
+                       GATE: tl.constexpr, X_DTYPE: tl.constexpr, X_BF16: tl.constexpr, N_DTYPE: tl.constexpr,
+                       N_BF16: tl.constexpr, OUT_BF16: tl.constexpr):
+    """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE), the RMSNorm,
+    the absmax, the int8 rows and X~. Every step is the reference's elementwise operation in its dtype:
+    products of two 16-bit floats are exact in fp32, so rounding each to the input's dtype (X_DTYPE) gives
+    torch's bits. The launch turns off Triton's fusion of a multiply and an add into one fma
+    (``enable_fp_fusion``), which would round ``mean + eps`` differently from torch; the sum of squares is the
+    one step whose order differs from torch's reduction (its last bits, and so rarely a rounding, can differ)."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    c = tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (c[None, :] < K)
+    y = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATE:  # relu2(gate, x) = relu(gate)^2 * x, rounded to x's dtype after each operation as torch does
+        g = tl.maximum(tl.load(g_ptr + rows[:, None] * stride_g + c[None, :], mask=mask, other=0.0).to(tl.float32), 0.0)
+        y = _round_to(_round_to(g * g, X_DTYPE, X_BF16) * y, X_DTYPE, X_BF16)
+    # torch's CUDA mean: the sum times the fp32 factor rows / elements (inv_k, computed so on the host)
+    rstd = _rsqrt(tl.sum(y * y, 1) * inv_k + eps)
+    h = _round_to(y * rstd[:, None], X_DTYPE, X_BF16)
+    w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+    n = _round_to(w[None, :] * h, N_DTYPE, N_BF16)
+    amax = tl.max(tl.abs(n), 1)
+    s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, 1e-5)) * 127.0  # quantize_rows' 127 / max(.., 1e-5)
+    q = tl.minimum(tl.maximum(_rint(n * s[:, None]), -128.0), 127.0)
+    xd = _round_to(tl.div_rn(q, tl.zeros([R, BLOCK], tl.float32) + s[:, None]), xd_ptr.dtype.element_ty, OUT_BF16)
+    tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=mask)
+    tl.store(xd_ptr + rows[:, None] * stride_xd + c[None, :], xd.to(xd_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + rows, s, mask=rows < M)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < M)
+
+
+def norm_quant_launch(k: int) -> tuple[int, int]:
+    """(rows per program, warps) of :func:`norm_quant` for rows of ``k``: ``$BITNET_NQ`` as "R,W" overrides
+    (measurements), else one row a program, 4 warps up to 2,048 lanes, 8 above."""
+    env = os.environ.get("BITNET_NQ")
+    if env:
+        try:
+            r, w = (int(v) for v in env.split(","))
+        except ValueError:
+            r = w = 0
+        if r < 1 or w < 1 or w & (w - 1) or r & (r - 1):
+            raise BitnetError(f"BITNET_NQ={env!r}: expected ROWS,WARPS (powers of two)")
+        return r, w
+    return 1, 4 if triton.next_power_of_2(k) <= 2048 else 8
+
+
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
+               rows: int | None = None, warps: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``bitnet::norm_quant`` on CUDA (int8_linear.norm_quant_reference's values); ``rows``/``warps``: the launch
+    instead of :func:`norm_quant_launch`'s."""
+    m, k = x.shape
+    assert gate is None or gate.shape == x.shape and gate.dtype == x.dtype
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    gate = None if gate is None else gate if gate.stride(-1) == 1 else gate.contiguous()
+    weight = weight.contiguous()
+    r, w = norm_quant_launch(k)
+    r, w = rows or r, warps or w
+    q = int8_rows(m, k, x.device)
+    s = torch.empty((m,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
+    xd = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    n_dtype = torch.promote_types(weight.dtype, x.dtype)
+    # torch's mean factor: float(outputs) / float(elements), as fp32 (at.native's mean_kernel_impl)
+    inv_k = float(torch.tensor(float(max(m, 1)), dtype=torch.float32) / torch.tensor(float(max(m, 1) * k), dtype=torch.float32))
+    _norm_quant_kernel[(triton.cdiv(m, r),)](
+        x, x if gate is None else gate, weight, q, s, xd, rstd, m, x.stride(0), 0 if gate is None else gate.stride(0),
+        q.stride(0), xd.stride(0), eps, inv_k, K=k, BLOCK=triton.next_power_of_2(k), R=r, GATE=gate is not None,
+        X_DTYPE=_DTYPES[x.dtype], X_BF16=x.dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype],
+        N_BF16=n_dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16, num_warps=w, enable_fp_fusion=False)
+    return q, s, xd, rstd
