@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape
 
 from bitnet_cli import __version__
@@ -27,8 +28,42 @@ from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
 from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
 from bitnet_cli.sampling import SamplingParams
 
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (unknown option, missing argument, bad value) as one ``error:`` line and exit 2.
+
+    Typer shows them as a boxed panel of several lines; every other failure of ours is one
+    ``error:`` line, and scripts grep for that. Parsing happens in ``make_context`` (the group's
+    own options) and in ``invoke`` (the subcommand's), so both are covered.
+    """
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UsageError as e:
+            _usage_error(e)
+
+
+# The usage-error class of the click that typer runs on (newer typers carry their own copy of click,
+# so `click.UsageError` would not catch it); typer's public BadParameter derives from it.
+UsageError = typer.BadParameter.__mro__[1]
+
+
+def _usage_error(e) -> None:
+    print_error(e.format_message())
+    if e.ctx is not None:
+        err_console.print(f"try: {escape(e.ctx.command_path)} --help", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 app = typer.Typer(
     name="bitnet",
+    cls=_OneLineUsageErrors,
     help="Train, pack, run, evaluate and benchmark BitNet b1.58 ternary LLMs.",
     no_args_is_help=True,
     add_completion=False,
