@@ -275,13 +275,21 @@ def _human_bytes(n: float) -> str:
     return f"{n:.3g} GB"
 
 
+def _progress_display(*columns, enabled: bool = True):
+    """A transient rich progress display on stderr (stdout stays clean for --json), drawn only on a
+    terminal: elsewhere rich would leave an empty line on stderr, before an `error:` line too."""
+    from rich.progress import Progress
+
+    return Progress(*columns, console=err_console, transient=True, disable=not (enabled and err_console.is_terminal))
+
+
 def _tensor_progress(description: str, enabled: bool):
     """A rich progress bar over tensors on stderr (stdout stays clean for --json)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(
+    progress = _progress_display(
         TextColumn(f"[bold]{description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("[dim]{task.fields[name]}"), console=err_console, transient=True, disable=not enabled,
+        TextColumn("[dim]{task.fields[name]}"), enabled=enabled,
     )
     task = progress.add_task(description, total=None, name="")
 
@@ -670,11 +678,10 @@ def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[st
 
 def _eval_bar():
     """A rich bar on stderr and the evaluate(progress=...) callback that drives it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-    bar = Progress(
+    bar = _progress_display(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
     )
     job = bar.add_task("loading", total=None)
 
@@ -732,7 +739,7 @@ def bench(
     Example: [bold]bitnet bench --threads 1,2 --repeat 5 --plot bench.png[/]
     """
 
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from bitnet_cli.bench import report, suite, target as targets
     from bitnet_cli.kernels import physical_cores
@@ -761,8 +768,7 @@ def bench(
             raise BitnetError("--layout is for synthetic --shape models; a --model file has its own layout")
         chosen = ([targets.from_file(model)] if model is not None
                   else [targets.from_shape(shape or "2b4t", embeddings, cache_dir, name) for name in layouts])
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                      console=err_console, transient=True) as bar:
+        with _progress_display(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
             task = bar.add_task("starting", total=None)
             results = suite.run_layouts(chosen, thread_list, repeat, sections, prompts=prompt_list, generate=generate,
                                         tokens=token_list, progress=lambda text: bar.update(task, description=text),

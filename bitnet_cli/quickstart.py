@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,10 +31,14 @@ class QuickstartResult:
     generation: dict = field(default_factory=dict)
     eval: dict = field(default_factory=dict)
     eval_file: str = ""
+    eval_data: str = ""  # the --data-dir the evaluation read (bitnet eval without one goes to the hub)
+    eval_tasks: tuple[str, ...] = ()
+    eval_limit: int = 0
 
     def to_json(self) -> dict:
         return {"out_dir": str(self.out_dir), "train": self.train, "pack": self.pack,
-                "generation": self.generation, "eval": self.eval, "eval_file": self.eval_file}
+                "generation": self.generation, "eval": self.eval, "eval_file": self.eval_file,
+                "eval_data": self.eval_data, "eval_tasks": list(self.eval_tasks), "eval_limit": self.eval_limit}
 
 
 def bundled_recipe(name: str = "tiny") -> Path:
@@ -143,18 +148,24 @@ def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str,
     write_results(results, out / "eval.json", force=True)  # the quickstart's own file, rewritten each run
     result.eval = {f"{task}/{metric}": value for task, metric, value, _ in result_rows(results)}
     result.eval_file = str(out / "eval.json")
+    result.eval_data, result.eval_tasks, result.eval_limit = str(data), tuple(eval_tasks), eval_limit
     return result
 
 
 def next_steps(result: QuickstartResult) -> list[tuple[str, str]]:
     """(what, command) lines to try after a quickstart, with its real paths."""
+    q = lambda path: shlex.quote(str(path))  # noqa: E731 -- paths are pasted into a shell
     out = result.out_dir
-    model = out / "model.bin"
+    model = q(out / "model.bin")
+    # The evaluation as the quickstart ran it: its data (without --data-dir, eval reads the hub) and limit.
+    evaluate = f"bitnet eval {model} --tasks {','.join(result.eval_tasks or DEFAULT_TASKS)}"
+    if result.eval_data:
+        evaluate += f" --data-dir {q(result.eval_data)} --limit {result.eval_limit}"
     return [
         ("generate", f'bitnet run {model} -p "ROMEO:" -n 64'),
         ("chat", f"bitnet run {model} --chat"),
         ("inspect", f"bitnet info {model} --verify"),
         ("benchmark", f"bitnet bench --model {model} --threads 1,2"),
-        ("evaluate", f"bitnet eval {model} --tasks arc_easy,tinyshakespeare_heldout"),
-        ("GGUF", f"bitnet pack {out / 'train'} {out / 'model.gguf'} --to gguf"),
+        ("evaluate", evaluate),
+        ("GGUF", f"bitnet pack {q(out / 'train')} {q(out / 'model.gguf')} --to gguf"),
     ]

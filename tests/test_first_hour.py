@@ -322,3 +322,32 @@ def test_run_refuses_options_it_would_ignore(args, message):
     # both were silently ignored: --chat printed its conversation as text, and -p ran without the system prompt
     result = runner.invoke(app, ["run", "no-such-model.bin", *args])
     assert result.exit_code == 1 and _one_error_line(result.output).startswith(f"error: {message}")
+
+
+def test_quickstart_next_steps_repeat_its_evaluation(tmp_path):
+    """The printed eval command reads the quickstart's data with its limit (without --data-dir, eval goes to
+    the hub), and paths are quoted for the shell."""
+    import shlex
+
+    from bitnet_cli.quickstart import QuickstartResult, next_steps
+
+    out = tmp_path / "my runs" / "qs"
+    result = QuickstartResult(out, eval_data=str(tmp_path / "eval data"), eval_tasks=("arc_easy",), eval_limit=20)
+    steps = dict(next_steps(result))
+    assert shlex.split(steps["evaluate"]) == ["bitnet", "eval", str(out / "model.bin"), "--tasks", "arc_easy",
+                                              "--data-dir", str(tmp_path / "eval data"), "--limit", "20"]
+    assert shlex.split(steps["inspect"]) == ["bitnet", "info", str(out / "model.bin"), "--verify"]
+    assert result.to_json()["eval_data"] == str(tmp_path / "eval data")
+
+
+@pytest.mark.parametrize("argv", [["pack", "{tmp}/nowhere", "{tmp}/x.bin"],
+                                  ["eval", "{tmp}/nowhere.bin", "--tasks", "arc_easy", "--data-dir", "{tmp}"],
+                                  ["bench", "--model", "{tmp}/nowhere.bin"]])
+def test_error_is_the_first_line_of_stderr_off_a_terminal(argv, tmp_path):
+    """No progress display off a terminal: rich left an empty line on stderr before the `error:` line."""
+    import subprocess
+    import sys
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "-m", "bitnet_cli", *argv], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr

@@ -90,6 +90,12 @@ def test_every_readme_command_works_on_the_quickstart_outputs(tmp_path):
     assert quick.returncode == 0, quick.stderr[-3000:]
     for name in ("train/final/config.json", "train/loss.png", "model.bin", "eval.json"):
         assert (root / "runs" / "quickstart" / name).is_file(), name
+    # the "next" commands the quickstart prints work as printed, offline (its eval on its own data)
+    suggested = dict(line.split(None, 1) for line in quick.stdout.splitlines()[-6:])
+    assert "--data-dir" in suggested["evaluate"] and "--limit 20" in suggested["evaluate"]
+    for what in ("evaluate", "inspect"):
+        done = _shell(suggested[what], root, env)
+        assert done.returncode == 0, f"{what}: {suggested[what]}\n{done.stderr[-2000:]}"
 
     failures, ran = [], 0
     for lang, lines in readme_blocks():
