@@ -324,7 +324,7 @@ def pack(
     [bold]bitnet pack runs/tiny tiny.gguf --to gguf --gguf-type i2_s --gguf-head q6_k[/] (for bitnet.cpp's llama-cli)
     """
 
-    from rich.table import Table
+    from bitnet_cli.tables import Table
 
     with user_errors(options={"kind": "--from", "ternary_layout": "--layout"}):
         from bitnet_cli.pack import pack_checkpoint
@@ -375,7 +375,7 @@ def _tensor_groups(tensors: list[dict]) -> list[dict]:
 def _tensor_table(tensors: list[dict]):
     """The grouped tensors; no vertical rules, so a 2B4T model's names and shapes fit 80 columns."""
     from rich import box
-    from rich.table import Table
+    from bitnet_cli.tables import Table
 
     table = Table(title="tensors ({i}: every layer)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   pad_edge=False, padding=(0, 1), collapse_padding=True)
@@ -398,7 +398,7 @@ def info(
 
     Example: [bold]bitnet info tiny.bin --verify[/]
     """
-    from rich.table import Table
+    from bitnet_cli.tables import Table
 
     with user_errors():
         from bitnet_cli.pack import PackedModel
@@ -625,7 +625,7 @@ def eval_cmd(
     Example: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/]
     """
 
-    from rich.table import Table
+    from bitnet_cli.tables import Table
 
     with user_errors("eval"):
         tasks, threads = _tasks_and_threads(tasks, threads)
@@ -816,7 +816,7 @@ def quickstart(
     if json_out:
         print_json(summary)
         return
-    from rich.table import Table
+    from bitnet_cli.tables import Table
 
     table = Table(title="bitnet quickstart", show_header=False, title_justify="left")
     table.add_column(style="bold", no_wrap=True)

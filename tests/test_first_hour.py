@@ -351,3 +351,30 @@ def test_error_is_the_first_line_of_stderr_off_a_terminal(argv, tmp_path):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     done = subprocess.run([sys.executable, "-m", "bitnet_cli", *argv], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.startswith("error: "), done.stderr
+
+
+def test_tables_fold_cells_instead_of_cutting_them():
+    """At 40 columns a long path and every figure survive whole (rich cut them to `…` before)."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from bitnet_cli.tables import Table
+
+    path = "/tmp/" + "long_directory_name_" * 8 + "/model.gguf"
+    table = Table(title="t")
+    for name in ("threads", "load s", "pp128", "tg128"):
+        table.add_column(name, justify="right")
+    table.add_row("1", "0.0123", "10234.5", "380.25")
+    untitled = Table(show_header=False)
+    untitled.add_row("source", path)  # columns rich adds by itself fold too
+    out = io.StringIO()
+    console = Console(file=out, width=40, color_system=None)
+    console.print(table)
+    console.print(untitled)
+    text = out.getvalue()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 40
+    joined = re.sub(r"[\s│┃┏┓┗┛┡┩╇━┳┻┃└┘┌┐├┤─┬┴┼]", "", text)
+    for figure in ("0.0123", "10234.5", "380.25", path):
+        assert figure in joined

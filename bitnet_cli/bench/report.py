@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
-from rich.table import Table
+from bitnet_cli.tables import Table
 
 from bitnet_cli.bench import anchors
 
