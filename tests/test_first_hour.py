@@ -378,3 +378,20 @@ def test_tables_fold_cells_instead_of_cutting_them():
     joined = re.sub(r"[\s│┃┏┓┗┛┡┩╇━┳┻┃└┘┌┐├┤─┬┴┼]", "", text)
     for figure in ("0.0123", "10234.5", "380.25", path):
         assert figure in joined
+
+
+def test_architecture_module_table_lists_every_module():
+    """docs/ARCHITECTURE.md's "Modules, bottom up" names each module and subpackage of bitnet_cli, and no
+    module that is gone: a newcomer finds where a thing lives from it."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    doc = (repo / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    section = doc.split("## Modules, bottom up")[1].split("\nC (`kernels/`)")[0]
+    named = set(re.findall(r"`(\w+(?:\.py|/))`", section))
+    package = repo / "bitnet_cli"
+    modules = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    packages = {p.name + "/" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    assert sorted((modules | packages) - named) == []
+    assert [n for n in sorted(named) if not (package / n).exists() and not (repo / n).exists()] == []  # gone
