@@ -733,6 +733,7 @@ def bench(
         None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
         "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),
     kv_cache: str = kv_cache_option(),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
 ):
     """Measure kernels, memory bandwidth (the decode roofline) and end-to-end speed.
 
@@ -759,7 +760,7 @@ def bench(
         if plot is not None:
             from bitnet_cli.bench.plot import check_destination
 
-            check_destination(plot)
+            check_destination(plot, force)
         prompt_list = suite.parse_int_list(prompts, "--prompts")
         token_list = suite.parse_int_list(tokens, "--tokens")
         layouts = [ternary_layout(part.strip(), param="ternary_layout").option for part in layout.split(",")]
@@ -776,7 +777,7 @@ def bench(
         if plot is not None:
             from bitnet_cli.bench.plot import plot as write_plot
 
-            write_plot(results, plot)
+            write_plot(results, plot, force)
         if json_out:
             print_json(results)
         else:

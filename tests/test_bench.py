@@ -443,6 +443,15 @@ def test_unwritable_cache_and_plot_paths_are_clear_errors(tiny_model, tmp_path):
     message = " ".join(result.output.split())  # rich wraps long lines
     assert result.exit_code != 0 and "error: --plot: directory" in message and "missing does not exist" in message
     assert "Traceback" not in message
+    # a directory or an existing file in the plot's place: refused before the benchmark, not after it
+    existing = tmp_path / "old.png"
+    existing.write_bytes(b"keep")
+    for plot, expected in ((tmp_path, "is a directory"), (existing, "already exists (use --force to overwrite)")):
+        result = runner.invoke(app, ["bench", "--model", str(tiny_model), "--what", "e2e", "--plot", str(plot)])
+        message = " ".join(result.output.split())
+        assert result.exit_code == 1 and f"error: --plot: {plot}: {expected}" in message, message
+        assert "End to end" not in message  # nothing was measured
+    assert existing.read_bytes() == b"keep"
 
 
 def test_bench_never_imports_torch(tiny_model):

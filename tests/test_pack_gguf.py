@@ -91,3 +91,16 @@ def test_cli_gguf_export_says_llama_cpp_computes_silu(gguf_ready, tmp_path):
     assert "gates the FFN with SiLU" in " ".join(result.output.split())  # rich may wrap the line
     native = runner.invoke(app, ["pack", str(gguf_ready), str(tmp_path / "m.bin")])
     assert native.exit_code == 0 and "SiLU" not in native.output
+
+
+def test_gguf_export_destination_is_checked_before_reading(tmp_path):
+    """A directory, an existing file (without force) or a missing directory in the GGUF's place is refused
+    before the packed file is even opened (the input here does not exist)."""
+    missing_input = tmp_path / "nowhere.bin"
+    existing = tmp_path / "old.gguf"
+    existing.write_bytes(b"keep")
+    for out, expected in ((tmp_path, "is a directory"), (existing, "already exists"),
+                          (tmp_path / "no" / "m.gguf", "output directory does not exist")):
+        with pytest.raises(BitnetError, match=expected):
+            export_gguf(missing_input, out)
+    assert existing.read_bytes() == b"keep"

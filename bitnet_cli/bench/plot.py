@@ -10,15 +10,23 @@ from bitnet_cli.bench.report import anchor_label, fmt_bytes
 from bitnet_cli.errors import BitnetError
 
 
-def check_destination(plot: Path) -> Path:
-    """Fail before a long benchmark, not after it, when the plot could not be written."""
+def check_destination(plot: Path, force: bool = False) -> Path:
+    """Fail before a long benchmark, not after it, when the plot could not be written: a missing
+    directory, a directory in the file's place, an existing file without ``force``."""
+    from bitnet_cli.pack.format import check_output_path
+
     plot = Path(plot)
     if not plot.parent.is_dir():
         raise BitnetError(f"plot: directory {plot.parent} does not exist", param="plot")
+    try:
+        check_output_path(plot, force=force)
+    except BitnetError as e:
+        params = (e.param,) if isinstance(e.param, str) else tuple(e.param or ())
+        raise BitnetError(f"plot: {e}", param=("plot", *params)) from None
     return plot
 
 
-def plot(results: dict, out: Path) -> Path:
+def plot(results: dict, out: Path, force: bool = False) -> Path:
     """Write the figure to `out` (via a temp file in the same directory, then rename)."""
     import matplotlib
 
@@ -64,7 +72,7 @@ def plot(results: dict, out: Path) -> Path:
     fig.suptitle(f"bitnet bench: {results['model']['name']} on {results['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
 
-    out = check_destination(out)
+    out = check_destination(out, force)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
     try:
         fig.savefig(tmp, dpi=110)

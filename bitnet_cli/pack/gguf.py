@@ -36,7 +36,7 @@ from bitnet_cli.gguf import writer as gw
 from bitnet_cli.gguf.quants import TYPE_IDS
 from bitnet_cli.pack.gguf_source import HIDDEN_ACT_KEY
 from bitnet_cli.pack.embeddings import q6_fields
-from bitnet_cli.pack.format import PackedModel
+from bitnet_cli.pack.format import PackedModel, check_output_path
 from bitnet_cli.tokenizer import special_id
 
 GGUF_TYPES = ("i2_s", "tq2_0", "tq1_0")
@@ -152,8 +152,7 @@ def export_gguf(packed_path, out, gguf_type: str = "tq2_0", force: bool = False,
                 progress=None) -> Path:
     """Write a GGUF file from a packed file (temp file + rename); return its path."""
     out = Path(out)
-    if out.exists() and not force:
-        raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
+    check_output_path(out, force=force)  # a directory, an existing file, a missing parent: before any work
     arch, ftype = _ARCH.get(gguf_type, (None, None))
     with PackedModel.open(packed_path) as pm:
         check_gguf_shapes(pm.dims, gguf_type, str(packed_path), pm.embeddings, head)
