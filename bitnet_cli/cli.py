@@ -22,6 +22,7 @@ from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.files import bundled_recipes
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
@@ -180,8 +181,7 @@ def main(
 @app.command("train")
 def train_cmd(
     recipe: Path = typer.Argument(
-        ..., help="Recipe YAML (e.g. recipes/tiny.yaml), or a bundled recipe's name: tiny, small, "
-                  "bitnet-b1.58-700m, bitnet-b1.58-1.3b, bitnet-b1.58-3b, bitnet-b1.58-2b4t."
+        ..., help=f"Recipe YAML (e.g. recipes/tiny.yaml), or a bundled recipe's name: {', '.join(bundled_recipes())}."
     ),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable)."

@@ -31,6 +31,12 @@ def bundled(*parts: str) -> Path:
     return Path(str(resources.files("bitnet_cli").joinpath(*parts)))
 
 
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped with bitnet-cli (`bitnet train NAME`), sorted."""
+    root = bundled("recipes")
+    return sorted(f.stem for f in root.glob("*.yaml")) if root.is_dir() else []
+
+
 def bundled_corpus() -> Path:
     """The corpus shipped with bitnet-cli (TinyShakespeare; `bundled:tinyshakespeare` in recipes)."""
     return bundled("data", "tinyshakespeare.txt")

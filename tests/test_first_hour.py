@@ -395,3 +395,13 @@ def test_architecture_module_table_lists_every_module():
     packages = {p.name + "/" for p in package.iterdir() if (p / "__init__.py").is_file()}
     assert sorted((modules | packages) - named) == []
     assert [n for n in sorted(named) if not (package / n).exists() and not (repo / n).exists()] == []  # gone
+
+
+def test_train_help_names_every_bundled_recipe():
+    """The recipe names in `bitnet train --help` come from the shipped files, so a new recipe shows up."""
+    from bitnet_cli.files import bundled_recipes
+
+    out = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output.split())
+    names = bundled_recipes()
+    assert {"tiny", "small", "convert-small"} <= set(names)
+    assert all(name in out for name in names), out

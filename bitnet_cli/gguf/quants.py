@@ -185,13 +185,9 @@ _REVERSE_PAIRS = np.array([((b & 3) << 6) | ((b >> 2 & 3) << 4) | ((b >> 4 & 3) 
 
 
 def i2s_from_i2_k128(packed: np.ndarray) -> np.ndarray:
-    """Our i2_k128 bytes (any shape, K a multiple of 128) -> I2_S code bytes, same shape: a byte-wise map."""
+    """Our i2_k128 bytes (any shape, K a multiple of 128) -> I2_S code bytes, same shape: a byte-wise map
+    (an involution: the same map reads x86 I2_S bytes back as i2_k128)."""
     return _REVERSE_PAIRS[packed]
-
-
-def i2_k128_from_i2s(codes: np.ndarray) -> np.ndarray:
-    """I2_S code bytes (x86 layout, rows of whole 128-value blocks) -> our i2_k128 bytes (the same map: an involution)."""
-    return _REVERSE_PAIRS[codes]
 
 
 def i2s_codes(code_bytes: np.ndarray, block: int = I2S_BLOCK) -> np.ndarray:

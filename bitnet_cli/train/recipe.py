@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bitnet_cli.arch import ACTIVATIONS, DIM_LIMITS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled
+from bitnet_cli.files import bundled, bundled_recipes
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
 
@@ -343,11 +343,6 @@ def find_recipe(name_or_path: str | Path) -> Path:
     if len(p.parts) == 1 and shipped.is_file():  # names like bitnet-b1.58-700m have a dot: no suffix test
         return shipped
     raise BitnetError(f"{p}: recipe file not found (or give a bundled name: {', '.join(bundled_recipes())})")
-
-
-def bundled_recipes() -> list[str]:
-    root = bundled("recipes")
-    return sorted(f.stem for f in root.glob("*.yaml")) if root.is_dir() else []
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
