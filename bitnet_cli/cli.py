@@ -339,10 +339,10 @@ def pack(
     if json_output:
         print_json(summary.to_dict())
         return
-    table = Table(title=f"packed {summary.output}", show_header=False, title_justify="left")
+    table = Table(title=escape(f"packed {summary.output}"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("source", f"{summary.source} ({summary.source_kind})")
+    table.add_row("source", escape(f"{summary.source} ({summary.source_kind})"))
     table.add_row("format", f"{summary.format}, embeddings {summary.embeddings}" +
                   (f", layout {summary.layout}" if summary.format == "native" else ""))
     table.add_row("parameters", f"{summary.parameters:,} ({summary.ternary_parameters:,} ternary)")
@@ -352,7 +352,7 @@ def pack(
     table.add_row("time", f"{summary.seconds:.1f} s")
     console.print(table)
     for note in summary.notes:
-        console.print(f"[yellow]note:[/] {note}", highlight=False)
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     if to == PackTarget.gguf and gguf_type != GGUFType.i2_s:
         from bitnet_cli.pack.gguf import LLAMA_CPP_CAVEAT
 
@@ -434,8 +434,8 @@ def info(
             rope_scaling = f" ({d.rope_scaling['rope_type']} scaling x{d.rope_scaling['factor']:g})" if d.rope_scaling else ""
             head.add_row("context", f"{d.max_position_embeddings} positions, RoPE theta {d.rope_theta:g}{rope_scaling}, "
                                     f"RMSNorm eps {d.rms_norm_eps:g}")
-            head.add_row("tokenizer", f"embedded ({report['tokenizer_bytes']:,} bytes), bos {tok.get('bos_token')!r}, "
-                         f"eos {tok.get('eos_token')!r}, chat template {'yes' if tok.get('chat_template') else 'no'}")
+            head.add_row("tokenizer", escape(f"embedded ({report['tokenizer_bytes']:,} bytes), bos {tok.get('bos_token')!r}, "
+                         f"eos {tok.get('eos_token')!r}, chat template {'yes' if tok.get('chat_template') else 'no'}"))
             head.add_row("source", escape(f"{report['source']} ({report['converter']})"))
             head.add_row("size", _human_bytes(report["file_bytes"]))
             console.print(head)
@@ -652,7 +652,7 @@ def eval_cmd(
     if json_output:
         print_json(results)
         return
-    table = Table(title=f"{model} ({results['config']['model_args']['backend']})", title_justify="left")
+    table = Table(title=escape(f"{model} ({results['config']['model_args']['backend']})"), title_justify="left")
     for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"}), ("stderr", {"justify": "right"})):
         table.add_column(col, **kw)
     for task, metric, value, stderr in result_rows(results):
@@ -783,7 +783,7 @@ def bench(
         else:
             report.print_report(results, console)
             if plot is not None:
-                console.print(f"plot written to {plot}")
+                console.print(f"plot written to {escape(str(plot))}", soft_wrap=True)
 
 
 # ---------------------------------------------------------------- quickstart (the end-to-end job)
@@ -832,10 +832,10 @@ def quickstart(
                                   f"{t['seconds']:.0f} s")
     table.add_row("generation", f"{g['generation_tokens_per_s']:.1f} tok/s")
     run_dir = Path(t["out_dir"])
-    table.add_row("checkpoint", t["checkpoint"])
-    table.add_row("loss curve", str(run_dir / "loss.png"))
-    table.add_row("model", f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)")
-    table.add_row("eval results", summary["eval_file"])
+    table.add_row("checkpoint", escape(t["checkpoint"]))
+    table.add_row("loss curve", escape(str(run_dir / "loss.png")))
+    table.add_row("model", escape(f"{p['output']} ({p['file_bytes'] / 1e6:.2f} MB)"))
+    table.add_row("eval results", escape(summary["eval_file"]))
     console.print(table)
     scores = Table(title="eval", title_justify="left")
     for col, kw in (("task", {}), ("metric", {}), ("value", {"justify": "right"})):

@@ -405,3 +405,23 @@ def test_train_help_names_every_bundled_recipe():
     names = bundled_recipes()
     assert {"tiny", "small", "convert-small"} <= set(names)
     assert all(name in out for name in names), out
+
+
+def test_markup_like_paths_are_printed_as_written(tmp_path):
+    """A directory named like rich markup (`[/x]`, `[bold]`) is text: pack and info printed it through rich's
+    markup parser, which failed on `[/x]` with a MarkupError traceback and swallowed `[bold]`."""
+    import re
+    import shutil
+
+    fixtures = Path(__file__).resolve().parent / "data" / "gguf"
+    closing, opening = tmp_path / "[" / "x]", tmp_path / "[bold]"  # the path tmp/[/x]/...
+    closing.mkdir(parents=True)
+    opening.mkdir()
+    shutil.copy(fixtures / "a-i2_s-f16.gguf", closing / "m.gguf")
+    packed = opening / "m.bin"
+    squash = lambda text: re.sub(r"[\s│]", "", text)  # noqa: E731 -- rich folds long paths over lines and cells
+    result = runner.invoke(app, ["pack", str(closing / "m.gguf"), str(packed)])
+    assert result.exit_code == 0, result.output
+    assert f"packed{packed}" in squash(result.output) and f"{closing}/m.gguf(gguf" in squash(result.output)
+    result = runner.invoke(app, ["info", str(packed)])
+    assert result.exit_code == 0 and str(packed) in squash(result.output), result.output

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from rich import box
 from rich.console import Console
-from bitnet_cli.tables import Table
+from rich.markup import escape
 
 from bitnet_cli.bench import anchors
+from bitnet_cli.tables import Table
 
 
 def _stat(s: dict, fmt: str = "{:.1f}") -> str:
@@ -27,7 +28,7 @@ def fmt_bytes(n: int) -> str:
 def print_report(results: dict, console: Console) -> None:
     m, model = results["machine"], results["model"]
     per_token = model["bytes_per_token"]
-    console.print(f"[bold]{model['name']}[/] ({model['embeddings']} embeddings, {model.get('layout', 'i2')} ternary "
+    console.print(f"[bold]{escape(model['name'])}[/] ({model['embeddings']} embeddings, {model.get('layout', 'i2')} ternary "
                   f"layout) on {m['cpu']}, "
                   f"{m['logical_cpus']} logical CPUs, kernels: {', '.join(m['isas']) or 'not built'}; "
                   f"load average {m.get('load_average')}; median of {results['settings']['repeat']} run(s), "
@@ -200,7 +201,7 @@ def _anchors(comparison: dict, settings: dict, console: Console) -> None:
     for r in comparison["rows"]:
         ratio = lambda key: f"[{'green' if r[key] >= 1 else 'red'}]{r[key]:.2f}[/]" if key in r else "-"
         value = lambda key: f"{r[key]:.1f}" if key in r else "-"
-        table.add_row(anchor_label(r), str(r["threads"]),
+        table.add_row(escape(anchor_label(r)), str(r["threads"]),
                       value("anchor_pp128"), value("ours_pp128"), ratio("pp128_ratio"),
                       value("anchor_tg64"), value(f"ours_{tg}"), ratio("tg_ratio"))
     console.print(table)
