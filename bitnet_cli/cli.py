@@ -20,14 +20,19 @@ from rich.markup import escape
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
-from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE
+from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.files import bundled_recipes
+from bitnet_cli.eval.runner import DEFAULT_BATCH_SIZE
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
 from bitnet_cli.pack.gguf import GGUF_TYPES, HEAD_TYPES
+from bitnet_cli.quickstart import DEFAULT_EVAL_LIMIT as QUICKSTART_EVAL_LIMIT
+from bitnet_cli.quickstart import DEFAULT_OUT as QUICKSTART_OUT
+from bitnet_cli.quickstart import DEFAULT_TASKS as QUICKSTART_TASKS
 from bitnet_cli.sampling import SamplingParams
+from bitnet_cli.serve.server import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
 
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors (unknown option, missing argument, bad value) as one ``error:`` line and exit 2.
@@ -454,7 +459,7 @@ def info(
 def run(
     model: Path = model_argument(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
-    max_tokens: int = typer.Option(128, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
     top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
     top_p: float = typer.Option(SAMPLING.top_p, help="Sample from the smallest set of tokens with this total probability."),
@@ -564,13 +569,13 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
 @app.command()
 def serve(
     model: Path = model_argument(),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, "--port", help="TCP port; 0 picks a free one (printed at start)."),
+    host: str = typer.Option(DEFAULT_HOST, "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(DEFAULT_PORT, "--port", help="TCP port; 0 picks a free one (printed at start)."),
     threads: Optional[int] = threads_option(),
-    parallel: int = typer.Option(4, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
+    parallel: int = typer.Option(DEFAULT_PARALLEL, "--parallel", help="Sequences decoded together, each with its own KV cache (memory: see the start-up line)."),
     ctx_size: Optional[int] = ctx_size_option(" of each sequence", "a 400 error"),
     kv_cache: str = kv_cache_option(),
-    max_queue: int = typer.Option(64, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
+    max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
 ):
@@ -609,7 +614,7 @@ def eval_cmd(
     tasks: Optional[str] = typer.Option(None, "--tasks", "-T", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data. Required."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
+    batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
     threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="INTEGER", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
@@ -791,11 +796,11 @@ def bench(
 
 @app.command()
 def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
+    out: Path = typer.Option(QUICKSTART_OUT, "--out", "-o", help="Directory for the run, the packed model and results; the same command again continues (or reuses) the run in it."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a tiny.yaml field, e.g. --set train.steps=100 (repeatable)."),
     threads: Optional[int] = threads_option(" for generation and eval"),
-    tasks: str = typer.Option("arc_easy,tinyshakespeare_heldout", "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
-    limit: int = typer.Option(200, "--limit", min=1, help="Examples per eval task."),
+    tasks: str = typer.Option(",".join(QUICKSTART_TASKS), "--tasks", help="Comma-separated lm-eval tasks to score the packed model on."),
+    limit: int = typer.Option(QUICKSTART_EVAL_LIMIT, "--limit", min=1, help="Examples per eval task."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Local eval data \\[default: $BITNET_EVAL_DATA, else ../shared/data/eval, else the ARC-Easy questions bundled with bitnet-cli]."),
     json_out: bool = json_option("the summary of every stage, at the end"),
 ):

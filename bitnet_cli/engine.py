@@ -45,6 +45,7 @@ DEFAULT_CTX = 4096
 # back to f32 exactly, so every kernel path still gives the same bits as the scalar one.
 KV_CACHE_TYPES = {"f32": ("BN_KV_F32", 4), "f16": ("BN_KV_F16", 2)}
 DEFAULT_KV_CACHE = "f32"
+DEFAULT_MAX_TOKENS = 128  # tokens generated when the caller gives no limit (`bitnet run -n`)
 
 
 def kv_cache_type(name) -> str:
@@ -517,7 +518,7 @@ class Engine(kernels.CResource):
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = 128,
+    def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = DEFAULT_MAX_TOKENS,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
                  seed: int | None = None, stop: Sequence[str] = ()) -> Generation:

@@ -64,10 +64,12 @@ def bundled_eval_data() -> Path:
 
 
 DEFAULT_TASKS = ("arc_easy", "tinyshakespeare_heldout")
+DEFAULT_EVAL_LIMIT = 200  # examples per task: a few minutes on two cores
+DEFAULT_OUT = Path("runs/quickstart")
 
 
-def quickstart(out_dir: str | Path = "runs/quickstart", *, overrides: tuple[str, ...] = (), threads: int | None = None,
-               eval_tasks: tuple[str, ...] = DEFAULT_TASKS, eval_limit: int = 200, data_dir: str | Path | None = None,
+def quickstart(out_dir: str | Path = DEFAULT_OUT, *, overrides: tuple[str, ...] = (), threads: int | None = None,
+               eval_tasks: tuple[str, ...] = DEFAULT_TASKS, eval_limit: int = DEFAULT_EVAL_LIMIT, data_dir: str | Path | None = None,
                console=None, eval_bar=None) -> QuickstartResult:
     """Train, pack, generate and evaluate; everything lands in ``out_dir`` (see the module docstring).
 

@@ -425,3 +425,34 @@ def test_markup_like_paths_are_printed_as_written(tmp_path):
     assert f"packed{packed}" in squash(result.output) and f"{closing}/m.gguf(gguf" in squash(result.output)
     result = runner.invoke(app, ["info", str(packed)])
     assert result.exit_code == 0 and str(packed) in squash(result.output), result.output
+
+
+def test_cli_defaults_are_the_librarys():
+    """Each option whose library parameter has a default shows that default: one fact, one place (a CLI
+    literal beside a library literal drifts apart)."""
+    import inspect
+
+    from bitnet_cli import cli, quickstart
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.eval import runner as eval_runner
+    from bitnet_cli.serve import server
+
+    def defaults(func):
+        return {name: p.default for name, p in inspect.signature(func).parameters.items()}
+
+    def cli_defaults(command):
+        return {name: getattr(p.default, "default", p.default) for name, p in inspect.signature(command).parameters.items()}
+
+    pairs = [  # (command, library function, {option parameter: library parameter})
+        (cli.serve, server.serve, {"host": "host", "port": "port", "parallel": "parallel", "max_queue": "max_queue",
+                                   "kv_cache": "kv_cache"}),
+        (cli.eval_cmd, eval_runner.evaluate, {"batch_size": "batch_size", "kv_cache": "kv_cache"}),
+        (cli.run, Engine.generate, {"max_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
+                                    "top_p": "top_p", "repeat_penalty": "repeat_penalty"}),
+        (cli.quickstart, quickstart.quickstart, {"out": "out_dir", "limit": "eval_limit"}),
+    ]
+    for command, library, names in pairs:
+        ours, theirs = cli_defaults(command), defaults(library)
+        for option, param in names.items():
+            assert ours[option] == theirs[param], f"{command.__name__} {option}: {ours[option]!r} != {theirs[param]!r}"
+    assert cli_defaults(cli.quickstart)["tasks"].split(",") == list(quickstart.DEFAULT_TASKS)

@@ -16,13 +16,16 @@ from bitnet_cli.files import TempFile
 DATA_ENV = "BITNET_EVAL_DATA"
 
 
+DEFAULT_BATCH_SIZE = 8  # sequences per forward pass on torch (`bitnet eval --batch-size`)
+
+
 def evaluate(
     model: str | Path,
     tasks: list[str],
     *,
     num_fewshot: int | None = None,
     limit: int | float | None = None,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     threads: int | None = None,
     data_dir: str | Path | None = None,
     log_samples: bool = False,

@@ -9,6 +9,11 @@ from typing import Callable
 from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
 
+# `bitnet serve`'s defaults (the CLI shows these): loopback only, llama-server's port range, 4 slots
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_PARALLEL = 4
+DEFAULT_MAX_QUEUE = 64
 
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound here so that a taken port is one clear error (port 0: any free one)."""
@@ -29,8 +34,8 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model: Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, parallel: int = 4,
-          ctx_size: int | None = None, max_queue: int = 64, model_id: str | None = None,
+def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
+          parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, model_id: str | None = None,
           ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
