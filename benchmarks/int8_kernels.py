@@ -158,8 +158,8 @@ def _norm_case(m: int, k: int, gate: bool, exact_sums: bool, seed: int):
     GPU. ``exact_sums``: small multiples of powers of two, so that every order of the sum of squares gives the same
     fp32 (then the kernel must match torch bit for bit); else normal activations with a spread of row scales."""
     g = torch.Generator().manual_seed(seed)
-    if exact_sums:
-        x, gt = (torch.randint(-8, 9, (m, 2 * k), generator=g) / 4 for _ in range(2))
+    if exact_sums:  # y = relu(gate)^2 x: multiples of 1/16 up to 2, their squares' sums below 2^24 / 256
+        x, gt = torch.randint(-8, 9, (m, 2 * k), generator=g) / 4, torch.randint(-2, 3, (m, 2 * k), generator=g) / 2
     else:
         x, gt = (torch.randn(m, 2 * k, generator=g) * torch.rand(m, 1, generator=g) * 3 for _ in range(2))
     w = torch.rand(k, generator=g) + 0.5
@@ -192,6 +192,9 @@ def check_norm_quant() -> list[dict]:
                    "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref)),
                    "q_differ": float((got[0] != ref[0]).float().mean()), "q_diff_max": int((got[0].int() - ref[0].int()).abs().max()),
                    "s_differ": float((got[1] != ref[1]).float().mean()), "rstd_differ": float((got[3] != ref[3]).float().mean()),
+                   "xd_differ": float((got[2] != ref[2]).float().mean()),
+                   # X~ from the kernel's own int8 rows and scales: its division, apart from the sum's order
+                   "xd_exact_given_q": torch.equal(got[2], (got[0].float() / got[1][:, None]).to(torch.bfloat16)),
                    "inductor_q_differ": float((inductor(x, gt, w) != ref[0]).float().mean())}
             out.append(row)
             print(json.dumps(row), flush=True)

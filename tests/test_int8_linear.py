@@ -578,15 +578,16 @@ def test_grad_rows_stride_hint_where_a_row_stride_is_not_a_multiple_of_16(monkey
 def _norm_inputs(seed: int, m: int, k: int, dtype: torch.dtype, gate: bool, stride: int | None = None):
     """x (and gate) [m, k] in ``dtype``, as views of rows ``stride`` wide (the MLP's gate and up are halves of one
     product's rows), and an fp32 norm weight. Values are small multiples of powers of two, so that every sum of
-    squares is exact in fp32 whatever its order: the kernel's reduction order then cannot move a bit."""
+    squares is exact in fp32 whatever its order (relu2's y: multiples of 1/16 up to 2): the kernel's reduction order
+    then cannot move a bit."""
     g = torch.Generator().manual_seed(seed)
     stride = stride or k
 
-    def part():
-        return (torch.randint(-8, 9, (m, stride), generator=g) / 4).to(dtype)[:, :k]
+    def part(top, div):
+        return (torch.randint(-top, top + 1, (m, stride), generator=g) / div).to(dtype)[:, :k]
 
     w = (torch.randint(1, 64, (k,), generator=g) / 32).float()
-    return part(), part() if gate else None, w
+    return part(8, 4), part(2, 2) if gate else None, w
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -691,3 +692,19 @@ def test_int8_grad_weight_error_script_is_exact_on_int8_representable_operands()
     assert torch.equal(int8_grad_weight(a, b, 16), a.double().t() @ b.double())
     x = torch.randn(64, 12, generator=g)
     assert 1e-4 < rel(int8_grad_weight(x, x, 16), x.double().t() @ x.double()) < 0.05
+
+
+def test_norm_quant_launch_by_row_width(monkeypatch):
+    """norm_quant's launch: four rows a program and 4 warps up to 1,024 columns, then one row and 8 warps (the fastest
+    on an H200 at the recipes' widths); $BITNET_NQ overrides it."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_NQ", raising=False)
+    assert T.norm_quant_launch(768) == (4, 4) and T.norm_quant_launch(1536) == (1, 8) and T.norm_quant_launch(5460) == (1, 8)
+    monkeypatch.setenv("BITNET_NQ", "2,4")
+    assert T.norm_quant_launch(768) == (2, 4)
+    for bad in ("2", "3,4", "2,3", "0,4"):
+        monkeypatch.setenv("BITNET_NQ", bad)
+        with pytest.raises(BitnetError, match="BITNET_NQ"):
+            T.norm_quant_launch(768)
