@@ -695,13 +695,14 @@ def test_int8_grad_weight_error_script_is_exact_on_int8_representable_operands()
 
 
 def test_norm_quant_launch_by_row_width(monkeypatch):
-    """norm_quant's launch: four rows a program and 4 warps up to 1,024 columns, then one row and 8 warps (the fastest
+    """norm_quant's launch: 4 warps, four rows a program up to 1,024 columns, two up to 2,048, then one (the fastest
     on an H200 at the recipes' widths); $BITNET_NQ overrides it."""
     pytest.importorskip("triton")
     from bitnet_cli.train import int8_triton as T
 
     monkeypatch.delenv("BITNET_NQ", raising=False)
-    assert T.norm_quant_launch(768) == (4, 4) and T.norm_quant_launch(1536) == (1, 8) and T.norm_quant_launch(5460) == (1, 8)
+    assert T.norm_quant_launch(768) == (4, 4) and T.norm_quant_launch(1536) == (2, 4) and T.norm_quant_launch(2048) == (2, 4)
+    assert T.norm_quant_launch(4096) == (1, 4) and T.norm_quant_launch(5460) == (1, 4)
     monkeypatch.setenv("BITNET_NQ", "2,4")
     assert T.norm_quant_launch(768) == (2, 4)
     for bad in ("2", "3,4", "2,3", "0,4"):

@@ -425,10 +425,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes as long there
-    (1.003x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 15); at the 700m and 1.3b
-    shapes it is faster (0.915x and 0.936x, session 15), but its training curves there are not measured;
-    auto may pick it only where both are.
+    to the plain path's loss (within 0.002 after 1,200 steps, session 15) but each step takes nearly as
+    long there (0.976x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 17); at the 700m
+    and 1.3b shapes it is faster (0.895x and 0.896x, session 17), but its training curves there are not
+    measured; auto may pick it only where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False

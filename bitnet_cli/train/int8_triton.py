@@ -682,8 +682,9 @@ def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, s
 
 def norm_quant_launch(k: int) -> tuple[int, int]:
     """(rows per program, warps) of :func:`norm_quant` for rows of ``k``: ``$BITNET_NQ`` as "R,W" overrides
-    (measurements), else four rows a program and 4 warps up to 1,024 columns, then one row and 8 warps: the
-    fastest launches on an H200 at the recipes' shapes (benchmarks/RESULTS.md, session 17)."""
+    (measurements), else 4 warps and four rows a program up to 1,024 columns, two up to 2,048, then one: the
+    fastest launches on an H200 at the recipes' shapes (benchmarks/RESULTS.md, session 17: 700m's 1536-wide rows
+    0.084 ms a call against 0.118 with one row and 8 warps, its relu2 4096-wide ones 0.238 against 0.261)."""
     env = os.environ.get("BITNET_NQ")
     if env:
         try:
@@ -693,7 +694,7 @@ def norm_quant_launch(k: int) -> tuple[int, int]:
         if r < 1 or w < 1 or w & (w - 1) or r & (r - 1):
             raise BitnetError(f"BITNET_NQ={env!r}: expected ROWS,WARPS (powers of two)")
         return r, w
-    return (4, 4) if k <= 1024 else (1, 8)
+    return (4, 4) if k <= 1024 else (2, 4) if k <= 2048 else (1, 4)
 
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
