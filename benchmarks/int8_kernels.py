@@ -184,11 +184,12 @@ def check_norm_quant() -> list[dict]:
 
     out = []
     for i, (m, k, gate) in enumerate(NORM_CASES):
-        for exact_sums in (True, False):
+        # relu2 in bf16, and in fp32 as CUDA's bf16 autocast computes it (int8_linear.norm_quant_reference)
+        for exact_sums, yd in ((True, None), (False, None)) + (((True, torch.float32), (False, torch.float32)) if gate else ()):
             x, gt, w = _norm_case(m, k, gate, exact_sums, i)
-            ref = L.norm_quant_reference(x, gt, w, 1e-5, torch.bfloat16)
-            got = L.norm_quant(x, gt, w, 1e-5, torch.bfloat16)
-            row = {"M": m, "K": k, "gate": gate, "exact_sums": exact_sums,
+            ref = L.norm_quant_reference(x, gt, w, 1e-5, torch.bfloat16, yd)
+            got = L.norm_quant(x, gt, w, 1e-5, torch.bfloat16, yd)
+            row = {"M": m, "K": k, "gate": gate, "y_dtype": str(yd or x.dtype), "exact_sums": exact_sums,
                    "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref)),
                    "q_differ": float((got[0] != ref[0]).float().mean()), "q_diff_max": int((got[0].int() - ref[0].int()).abs().max()),
                    "s_differ": float((got[1] != ref[1]).float().mean()), "rstd_differ": float((got[3] != ref[3]).float().mean()),
@@ -204,7 +205,8 @@ def check_norm_quant() -> list[dict]:
 def check_norm_quant_autograd() -> list[dict]:
     """The sub-norm and its BitLinear on the int8 path (bf16 autocast, as the trainer runs them) with norm_quant
     against the same modules without it (the torch ops): the relative differences of the output and of the
-    gradients of x, gate, the norm's weight and the projection's weight (norm_quant's backward is its own)."""
+    gradients of x, gate, the norm's weight and the projection's weight (norm_quant's backward is its own), and
+    whether the products' int8 inputs are the same."""
     from bitnet_cli.model import BitLinear, RMSNorm, _sub_norm_project
 
     out = []

@@ -608,6 +608,11 @@ def test_norm_quant_reference_is_the_plain_paths_sub_norm_then_rounding(gate, dt
     assert q.dtype == torch.int8 and q.stride(0) % 16 == 0 and s.shape == rstd.shape == (33,)
     assert torch.equal(x_deq, plain) and torch.equal(q.float() / s[:, None], plain)
     assert torch.equal(L.norm_quant(x, gt, norm.weight.detach(), 1e-5, torch.float32)[2], plain)  # the CPU op
+    if gate:  # relu2 in fp32 (as CUDA's bf16 autocast computes it) from the same inputs
+        with torch.no_grad():
+            plain32 = _quant_activation(norm(relu2(gt.float(), x.float())))
+        got = L.norm_quant(x, gt, norm.weight.detach(), 1e-5, torch.float32, torch.float32)[2]
+        assert torch.equal(got, plain32) and (dtype == torch.float32 or not torch.equal(got, plain))
 
 
 _INTERPRETED_NORM_QUANT = """
@@ -615,11 +620,12 @@ import json, sys, torch
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 from test_int8_linear import _norm_inputs
 out = []
-for seed, m, k, dtype, gate, stride, out_dtype in json.loads(sys.argv[1]):
+for seed, m, k, dtype, gate, stride, out_dtype, y_dtype in json.loads(sys.argv[1]):
     x, g, w = _norm_inputs(seed, m, k, getattr(torch, dtype), gate, stride)
-    ref = L.norm_quant_reference(x, g, w, 1e-5, getattr(torch, out_dtype))
+    yd = getattr(torch, y_dtype) if y_dtype else None
+    ref = L.norm_quant_reference(x, g, w, 1e-5, getattr(torch, out_dtype), yd)
     for rows in (None, 2):  # one row per program, and two with a ragged last block
-        got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows)
+        got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows, y_dtype=yd)
         out.append([torch.equal(a, b) for a, b in zip(got, ref)])
 print(json.dumps(out))
 """
@@ -629,9 +635,9 @@ def test_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
     """The fused sub-norm kernel (relu2, RMSNorm, absmax, rounding, X~) in Triton's CPU interpreter against the
     reference, bit for bit: q, s_x, x_deq and rstd (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
     pytest.importorskip("triton")
-    cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16"], [2, 7, 64, "bfloat16", True, 160, "bfloat16"],
-             [3, 3, 96, "float32", False, None, "float32"], [4, 5, 32, "float32", True, 72, "bfloat16"],
-             [5, 6, 100, "bfloat16", True, 200, "bfloat16"]]
+    cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16", None], [2, 7, 64, "bfloat16", True, 160, "bfloat16", None],
+             [3, 3, 96, "float32", False, None, "float32", None], [4, 5, 32, "float32", True, 72, "bfloat16", None],
+             [5, 6, 100, "bfloat16", True, 200, "bfloat16", None], [6, 5, 64, "bfloat16", True, 128, "bfloat16", "float32"]]
     assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4] * (2 * len(cases))
 
 
