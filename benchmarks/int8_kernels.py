@@ -158,8 +158,8 @@ def _norm_case(m: int, k: int, gate: bool, exact_sums: bool, seed: int):
     GPU. ``exact_sums``: small multiples of powers of two, so that every order of the sum of squares gives the same
     fp32 (then the kernel must match torch bit for bit); else normal activations with a spread of row scales."""
     g = torch.Generator().manual_seed(seed)
-    if exact_sums:
-        x, gt = (torch.randint(-8, 9, (m, 2 * k), generator=g) / 4 for _ in range(2))
+    if exact_sums:  # y = relu(gate)^2 x: multiples of 1/16 up to 2, their squares' sums below 2^24 / 256
+        x, gt = torch.randint(-8, 9, (m, 2 * k), generator=g) / 4, torch.randint(-2, 3, (m, 2 * k), generator=g) / 2
     else:
         x, gt = (torch.randn(m, 2 * k, generator=g) * torch.rand(m, 1, generator=g) * 3 for _ in range(2))
     w = torch.rand(k, generator=g) + 0.5
@@ -184,14 +184,18 @@ def check_norm_quant() -> list[dict]:
 
     out = []
     for i, (m, k, gate) in enumerate(NORM_CASES):
-        for exact_sums in (True, False):
+        # relu2 in bf16, and in fp32 as CUDA's bf16 autocast computes it (int8_linear.norm_quant_reference)
+        for exact_sums, yd in ((True, None), (False, None)) + (((True, torch.float32), (False, torch.float32)) if gate else ()):
             x, gt, w = _norm_case(m, k, gate, exact_sums, i)
-            ref = L.norm_quant_reference(x, gt, w, 1e-5, torch.bfloat16)
-            got = L.norm_quant(x, gt, w, 1e-5, torch.bfloat16)
-            row = {"M": m, "K": k, "gate": gate, "exact_sums": exact_sums,
+            ref = L.norm_quant_reference(x, gt, w, 1e-5, torch.bfloat16, yd)
+            got = L.norm_quant(x, gt, w, 1e-5, torch.bfloat16, yd)
+            row = {"M": m, "K": k, "gate": gate, "y_dtype": str(yd or x.dtype), "exact_sums": exact_sums,
                    "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref)),
                    "q_differ": float((got[0] != ref[0]).float().mean()), "q_diff_max": int((got[0].int() - ref[0].int()).abs().max()),
                    "s_differ": float((got[1] != ref[1]).float().mean()), "rstd_differ": float((got[3] != ref[3]).float().mean()),
+                   "xd_differ": float((got[2] != ref[2]).float().mean()),
+                   # X~ from the kernel's own int8 rows and scales: its division, apart from the sum's order
+                   "xd_exact_given_q": torch.equal(got[2], (got[0].float() / got[1][:, None]).to(torch.bfloat16)),
                    "inductor_q_differ": float((inductor(x, gt, w) != ref[0]).float().mean())}
             out.append(row)
             print(json.dumps(row), flush=True)
@@ -201,7 +205,8 @@ def check_norm_quant() -> list[dict]:
 def check_norm_quant_autograd() -> list[dict]:
     """The sub-norm and its BitLinear on the int8 path (bf16 autocast, as the trainer runs them) with norm_quant
     against the same modules without it (the torch ops): the relative differences of the output and of the
-    gradients of x, gate, the norm's weight and the projection's weight (norm_quant's backward is its own)."""
+    gradients of x, gate, the norm's weight and the projection's weight (norm_quant's backward is its own), and
+    whether the products' int8 inputs are the same."""
     from bitnet_cli.model import BitLinear, RMSNorm, _sub_norm_project
 
     out = []

@@ -578,15 +578,16 @@ def test_grad_rows_stride_hint_where_a_row_stride_is_not_a_multiple_of_16(monkey
 def _norm_inputs(seed: int, m: int, k: int, dtype: torch.dtype, gate: bool, stride: int | None = None):
     """x (and gate) [m, k] in ``dtype``, as views of rows ``stride`` wide (the MLP's gate and up are halves of one
     product's rows), and an fp32 norm weight. Values are small multiples of powers of two, so that every sum of
-    squares is exact in fp32 whatever its order: the kernel's reduction order then cannot move a bit."""
+    squares is exact in fp32 whatever its order (relu2's y: multiples of 1/16 up to 2): the kernel's reduction order
+    then cannot move a bit."""
     g = torch.Generator().manual_seed(seed)
     stride = stride or k
 
-    def part():
-        return (torch.randint(-8, 9, (m, stride), generator=g) / 4).to(dtype)[:, :k]
+    def part(top, div):
+        return (torch.randint(-top, top + 1, (m, stride), generator=g) / div).to(dtype)[:, :k]
 
     w = (torch.randint(1, 64, (k,), generator=g) / 32).float()
-    return part(), part() if gate else None, w
+    return part(8, 4), part(2, 2) if gate else None, w
 
 
 @pytest.mark.parametrize("gate", [False, True])
@@ -607,6 +608,11 @@ def test_norm_quant_reference_is_the_plain_paths_sub_norm_then_rounding(gate, dt
     assert q.dtype == torch.int8 and q.stride(0) % 16 == 0 and s.shape == rstd.shape == (33,)
     assert torch.equal(x_deq, plain) and torch.equal(q.float() / s[:, None], plain)
     assert torch.equal(L.norm_quant(x, gt, norm.weight.detach(), 1e-5, torch.float32)[2], plain)  # the CPU op
+    if gate:  # relu2 in fp32 (as CUDA's bf16 autocast computes it) from the same inputs
+        with torch.no_grad():
+            plain32 = _quant_activation(norm(relu2(gt.float(), x.float())))
+        got = L.norm_quant(x, gt, norm.weight.detach(), 1e-5, torch.float32, torch.float32)[2]
+        assert torch.equal(got, plain32) and (dtype == torch.float32 or not torch.equal(got, plain))
 
 
 _INTERPRETED_NORM_QUANT = """
@@ -614,11 +620,12 @@ import json, sys, torch
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 from test_int8_linear import _norm_inputs
 out = []
-for seed, m, k, dtype, gate, stride, out_dtype in json.loads(sys.argv[1]):
+for seed, m, k, dtype, gate, stride, out_dtype, y_dtype in json.loads(sys.argv[1]):
     x, g, w = _norm_inputs(seed, m, k, getattr(torch, dtype), gate, stride)
-    ref = L.norm_quant_reference(x, g, w, 1e-5, getattr(torch, out_dtype))
+    yd = getattr(torch, y_dtype) if y_dtype else None
+    ref = L.norm_quant_reference(x, g, w, 1e-5, getattr(torch, out_dtype), yd)
     for rows in (None, 2):  # one row per program, and two with a ragged last block
-        got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows)
+        got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows, y_dtype=yd)
         out.append([torch.equal(a, b) for a, b in zip(got, ref)])
 print(json.dumps(out))
 """
@@ -628,9 +635,9 @@ def test_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
     """The fused sub-norm kernel (relu2, RMSNorm, absmax, rounding, X~) in Triton's CPU interpreter against the
     reference, bit for bit: q, s_x, x_deq and rstd (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
     pytest.importorskip("triton")
-    cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16"], [2, 7, 64, "bfloat16", True, 160, "bfloat16"],
-             [3, 3, 96, "float32", False, None, "float32"], [4, 5, 32, "float32", True, 72, "bfloat16"],
-             [5, 6, 100, "bfloat16", True, 200, "bfloat16"]]
+    cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16", None], [2, 7, 64, "bfloat16", True, 160, "bfloat16", None],
+             [3, 3, 96, "float32", False, None, "float32", None], [4, 5, 32, "float32", True, 72, "bfloat16", None],
+             [5, 6, 100, "bfloat16", True, 200, "bfloat16", None], [6, 5, 64, "bfloat16", True, 128, "bfloat16", "float32"]]
     assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4] * (2 * len(cases))
 
 
@@ -691,3 +698,20 @@ def test_int8_grad_weight_error_script_is_exact_on_int8_representable_operands()
     assert torch.equal(int8_grad_weight(a, b, 16), a.double().t() @ b.double())
     x = torch.randn(64, 12, generator=g)
     assert 1e-4 < rel(int8_grad_weight(x, x, 16), x.double().t() @ x.double()) < 0.05
+
+
+def test_norm_quant_launch_by_row_width(monkeypatch):
+    """norm_quant's launch: 4 warps, four rows a program up to 1,024 columns, two up to 2,048, then one (the fastest
+    on an H200 at the recipes' widths); $BITNET_NQ overrides it."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_NQ", raising=False)
+    assert T.norm_quant_launch(768) == (4, 4) and T.norm_quant_launch(1536) == (2, 4) and T.norm_quant_launch(2048) == (2, 4)
+    assert T.norm_quant_launch(4096) == (1, 4) and T.norm_quant_launch(5460) == (1, 4)
+    monkeypatch.setenv("BITNET_NQ", "2,4")
+    assert T.norm_quant_launch(768) == (2, 4)
+    for bad in ("2", "3,4", "2,3", "0,4"):
+        monkeypatch.setenv("BITNET_NQ", bad)
+        with pytest.raises(BitnetError, match="BITNET_NQ"):
+            T.norm_quant_launch(768)

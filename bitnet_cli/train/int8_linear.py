@@ -143,8 +143,8 @@ def int8_mm_reference(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, c
 _LIB = torch.library.Library("bitnet", "FRAGMENT")
 _LIB.define("int8_mm(Tensor a, Tensor b, Tensor row_mul, Tensor? col_mul, ScalarType out_dtype) -> Tensor")
 _LIB.define("quantize_grad_rows(Tensor[] parts, Tensor col_scale) -> (Tensor, Tensor)")
-_LIB.define("norm_quant(Tensor x, Tensor? gate, Tensor weight, float eps, ScalarType out_dtype) "
-            "-> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("norm_quant(Tensor x, Tensor? gate, Tensor weight, float eps, ScalarType out_dtype, "
+            "ScalarType? y_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _int8_mm_cuda(a, b, row_mul, col_mul, out_dtype):
@@ -248,25 +248,32 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
 
 
 def norm_quant_reference(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                         out_dtype: torch.dtype, y_dtype: torch.dtype | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``bitnet::norm_quant`` computes for x [M, K] (and gate [M, K] or None): the model's sub-norm
     ``n = rms_norm(y, weight, eps)`` of ``y = relu2(gate, x)`` (``y = x`` without a gate), then the following
     BitLinear's :func:`quantize_rows` of ``n``. Returns ``(q int8 [M, K] (rows 16-byte aligned, int8_rows), s_x fp32
     [M], x_deq = (q / s_x) in out_dtype, rstd fp32 [M])``: the int8 rows and their scale for the product, the plain
-    path's dequantised input for grad_weight, and the norm's ``rsqrt(mean(y^2) + eps)`` for its backward."""
+    path's dequantised input for grad_weight, and the norm's ``rsqrt(mean(y^2) + eps)`` for its backward.
+    ``y_dtype`` (default x's): the dtype y has in the model, relu2 computed in it: under CUDA's bf16 autocast
+    ``square`` runs as ``pow``, which autocast computes in fp32, so the plain path's relu2 output and its sub-norm are
+    fp32 there (exact: a product of three bf16 values fits fp32's 24 bits), while o_proj's input stays bf16
+    (:func:`_norm_dtype` finds it). Computed with autocast off: a function of its arguments alone."""
     from bitnet_cli.model import relu2, rms_norm
 
-    y = x if gate is None else relu2(gate, x)
-    yf = y.float()
-    rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
-    q, s_x = quantize_rows(rms_norm(y, weight, eps))
+    yd = y_dtype or x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        y = x.to(yd) if gate is None else relu2(gate.to(yd), x.to(yd))
+        yf = y.float()
+        rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
+        q, s_x = quantize_rows(rms_norm(y, weight, eps))
     return pad_rows(q), s_x, (q.float() / s_x[:, None]).to(out_dtype), rstd.squeeze(-1)
 
 
-def _norm_quant_cuda(x, gate, weight, eps, out_dtype):
+def _norm_quant_cuda(x, gate, weight, eps, out_dtype, y_dtype=None):
     from bitnet_cli.train import int8_triton
 
-    return int8_triton.norm_quant(x, gate, weight, eps, out_dtype)
+    return int8_triton.norm_quant(x, gate, weight, eps, out_dtype, y_dtype=y_dtype)
 
 
 _LIB.impl("norm_quant", _norm_quant_cuda, "CUDA")
@@ -274,16 +281,25 @@ _LIB.impl("norm_quant", norm_quant_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("bitnet::norm_quant", lib=_LIB)
-def _(x, gate, weight, eps, out_dtype):
+def _(x, gate, weight, eps, out_dtype, y_dtype=None):
     m, k = x.shape
     return (int8_rows(m, k, x.device), x.new_empty((m,), dtype=torch.float32), x.new_empty((m, k), dtype=out_dtype),
             x.new_empty((m,), dtype=torch.float32))
 
 
 def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               out_dtype: torch.dtype, y_dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``bitnet::norm_quant``: :func:`norm_quant_reference` in one Triton pass per row on CUDA."""
-    return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype)
+    return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype, y_dtype)
+
+
+def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
+    """The dtype the model's sub-norm input has here: x's, or with a gate that of ``relu2(gate, x)`` under the
+    current autocast (fp32 under CUDA's bf16 autocast, see :func:`norm_quant_reference`), found on empty slices."""
+    from bitnet_cli.model import relu2
+
+    return x.dtype if gate is None else relu2(gate[:0], x[:0]).dtype
 
 
 def norm_quant_enabled() -> bool:
@@ -305,8 +321,9 @@ class _NormQuant(torch.autograd.Function):
     recomputed from ``x`` and ``gate`` rather than saved."""
 
     @staticmethod
-    def forward(ctx, x, gate, weight, eps, out_dtype):
-        q, s_x, x_deq, rstd = norm_quant(x, gate, weight, eps, out_dtype)
+    def forward(ctx, x, gate, weight, eps, out_dtype, y_dtype):
+        q, s_x, x_deq, rstd = norm_quant(x, gate, weight, eps, out_dtype, y_dtype)
+        ctx.y_dtype = y_dtype
         ctx.save_for_backward(x, gate, weight, rstd)
         ctx.mark_non_differentiable(q, s_x, rstd)
         return q, s_x, x_deq, rstd
@@ -316,7 +333,8 @@ class _NormQuant(torch.autograd.Function):
         from bitnet_cli.model import relu2
 
         x, gate, weight, rstd = ctx.saved_tensors
-        y = x if gate is None else relu2(gate, x)
+        yd = ctx.y_dtype
+        y = x.to(yd) if gate is None else relu2(gate.to(yd), x.to(yd))
         yf, r = y.float(), rstd[:, None]
         g = grad_n.float()
         # n = weight * h, h = (y * r) rounded to y's dtype (rms_norm)
@@ -325,11 +343,11 @@ class _NormQuant(torch.autograd.Function):
         # d/dy of y * rsqrt(mean(y^2) + eps): dh * r - y * r^3 * mean(dh * y)
         dy = (dh * r - yf * (r * r * r * (dh * yf).mean(-1, keepdim=True))).to(y.dtype)
         if gate is None:
-            return dy, None, grad_w, None, None
+            return dy.to(x.dtype), None, grad_w, None, None, None
         relu = torch.relu(gate.float())
-        grad_x = (dy.float() * (relu * relu).to(gate.dtype).float()).to(x.dtype)
+        grad_x = (dy.float() * (relu * relu).to(yd).float()).to(x.dtype)
         grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
-        return grad_x, grad_gate, grad_w, None, None
+        return grad_x, grad_gate, grad_w, None, None, None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -395,8 +413,8 @@ def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tenso
     x = x.reshape(-1, x.shape[-1])
     q = s_x = None
     if norm is not None:
-        q, s_x, x, _ = _NormQuant.apply(x, None if gate is None else gate.reshape(-1, gate.shape[-1]), norm.weight,
-                                        norm.eps, dtype)
+        gate = None if gate is None else gate.reshape(-1, gate.shape[-1])
+        q, s_x, x, _ = _NormQuant.apply(x, gate, norm.weight, norm.eps, dtype, _norm_dtype(x, gate))
     ys = _Int8Linear.apply(x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, *weights)
     ys = ys if isinstance(ys, tuple) else (ys,)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
@@ -425,10 +443,10 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps) but each step takes as long there
-    (1.003x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 15); at the 700m and 1.3b
-    shapes it is faster (0.915x and 0.936x, session 15), but its training curves there are not measured;
-    auto may pick it only where both are.
+    to the plain path's loss (within 0.002 after 1,200 steps, session 15) but each step takes nearly as
+    long there (0.976x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 17); at the 700m
+    and 1.3b shapes it is faster (0.895x and 0.896x, session 17), but its training curves there are not
+    measured; auto may pick it only where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
         return False

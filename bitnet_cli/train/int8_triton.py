@@ -622,32 +622,58 @@ def _round_to(v, DTYPE: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
+def _div_rn(a, b, inv_b):
+    """``a / b`` correctly rounded (IEEE division, as torch's ``/``) given ``inv_b = 1 / b`` correctly rounded: the
+    quotient ``a * inv_b`` corrected once by its exact residual (two fma; Markstein's theorem: the result is the
+    correctly rounded quotient), instead of a full division per element (``div.rn.f32``, a slow path of its own).
+    The interpreter, whose fma is not fused, divides."""
+    if INTERPRETED:
+        return tl.div_rn(a, b + tl.zeros_like(a))
+    else:
+        q0 = a * inv_b
+        return tl.fma(tl.fma(-q0, b, a), inv_b, q0)
+
+
+@triton.jit
 def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, stride_x, stride_g, stride_q,
                        stride_xd, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
-                       GATE: tl.constexpr, X_DTYPE: tl.constexpr, X_BF16: tl.constexpr, N_DTYPE: tl.constexpr,
-                       N_BF16: tl.constexpr, OUT_BF16: tl.constexpr):
+                       GATE: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr, N_DTYPE: tl.constexpr,
+                       N_BF16: tl.constexpr, OUT_BF16: tl.constexpr, DX: tl.constexpr, DG: tl.constexpr,
+                       HINT: tl.constexpr):
     """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE), the RMSNorm,
     the absmax, the int8 rows and X~. Every step is the reference's elementwise operation in its dtype:
-    products of two 16-bit floats are exact in fp32, so rounding each to the input's dtype (X_DTYPE) gives
-    torch's bits. The launch turns off Triton's fusion of a multiply and an add into one fma
+    products of two 16-bit floats are exact in fp32, so rounding each to y's dtype (Y_DTYPE: x's, or fp32 where
+    the model's relu2 runs in fp32, int8_linear.norm_quant_reference) gives torch's bits. The launch turns off Triton's fusion of a multiply and an add into one fma
     (``enable_fp_fusion``), which would round ``mean + eps`` differently from torch; the sum of squares is the
     one step whose order differs from torch's reduction (its last bits, and so rarely a rounding, can differ)."""
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
     c = tl.arange(0, BLOCK)
     mask = (rows[:, None] < M) & (c[None, :] < K)
-    y = tl.load(x_ptr + rows[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GATE:  # relu2(gate, x) = relu(gate)^2 * x, rounded to x's dtype after each operation as torch does
-        g = tl.maximum(tl.load(g_ptr + rows[:, None] * stride_g + c[None, :], mask=mask, other=0.0).to(tl.float32), 0.0)
-        y = _round_to(_round_to(g * g, X_DTYPE, X_BF16) * y, X_DTYPE, X_BF16)
-    # torch's CUDA mean: the sum times the fp32 factor rows / elements (inv_k, computed so on the host)
-    rstd = _rsqrt(tl.sum(y * y, 1) * inv_k + eps)
-    h = _round_to(y * rstd[:, None], X_DTYPE, X_BF16)
+    if HINT:  # the row strides' power-of-two factors written into the offsets, as _scaled_part's HINT
+        off_x = rows[:, None] * (stride_x // DX) * DX
+        off_g = rows[:, None] * (stride_g // DG) * DG
+    else:
+        off_x = rows[:, None] * stride_x
+        off_g = rows[:, None] * stride_g
+    y = tl.load(x_ptr + off_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATE:  # relu2(gate, x) = relu(gate)^2 * x, rounded to y's dtype after each operation as torch does
+        g = tl.maximum(tl.load(g_ptr + off_g + c[None, :], mask=mask, other=0.0).to(tl.float32), 0.0)
+        y = _round_to(_round_to(g * g, Y_DTYPE, Y_BF16) * y, Y_DTYPE, Y_BF16)
+    # torch's CUDA mean: the sum times the fp32 factor rows / elements (inv_k, computed so on the host); its CPU
+    # mean (the interpreter's reference) divides the sum by K
+    if INTERPRETED:
+        mean = tl.sum(y * y, 1) / K
+    else:
+        mean = tl.sum(y * y, 1) * inv_k
+    rstd = _rsqrt(mean + eps)
+    h = _round_to(y * rstd[:, None], Y_DTYPE, Y_BF16)
     w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
     n = _round_to(w[None, :] * h, N_DTYPE, N_BF16)
     amax = tl.max(tl.abs(n), 1)
     s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, 1e-5)) * 127.0  # quantize_rows' 127 / max(.., 1e-5)
     q = tl.minimum(tl.maximum(_rint(n * s[:, None]), -128.0), 127.0)
-    xd = _round_to(tl.div_rn(q, tl.zeros([R, BLOCK], tl.float32) + s[:, None]), xd_ptr.dtype.element_ty, OUT_BF16)
+    xd = _round_to(_div_rn(q, s[:, None], tl.div_rn(tl.full([R], 1.0, tl.float32), s)[:, None]), xd_ptr.dtype.element_ty,
+                   OUT_BF16)
     tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=mask)
     tl.store(xd_ptr + rows[:, None] * stride_xd + c[None, :], xd.to(xd_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, s, mask=rows < M)
@@ -656,7 +682,9 @@ def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, s
 
 def norm_quant_launch(k: int) -> tuple[int, int]:
     """(rows per program, warps) of :func:`norm_quant` for rows of ``k``: ``$BITNET_NQ`` as "R,W" overrides
-    (measurements), else one row a program, 4 warps up to 2,048 lanes, 8 above."""
+    (measurements), else 4 warps and four rows a program up to 1,024 columns, two up to 2,048, then one: the
+    fastest launches on an H200 at the recipes' shapes (benchmarks/RESULTS.md, session 17: 700m's 1536-wide rows
+    0.084 ms a call against 0.118 with one row and 8 warps, its relu2 4096-wide ones 0.238 against 0.261)."""
     env = os.environ.get("BITNET_NQ")
     if env:
         try:
@@ -666,16 +694,18 @@ def norm_quant_launch(k: int) -> tuple[int, int]:
         if r < 1 or w < 1 or w & (w - 1) or r & (r - 1):
             raise BitnetError(f"BITNET_NQ={env!r}: expected ROWS,WARPS (powers of two)")
         return r, w
-    return 1, 4 if triton.next_power_of_2(k) <= 2048 else 8
+    return (4, 4) if k <= 1024 else (2, 4) if k <= 2048 else (1, 4)
 
 
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-               rows: int | None = None, warps: int | None = None) -> tuple[torch.Tensor, ...]:
+               rows: int | None = None, warps: int | None = None, y_dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, ...]:
     """``bitnet::norm_quant`` on CUDA (int8_linear.norm_quant_reference's values); ``rows``/``warps``: the launch
     instead of :func:`norm_quant_launch`'s."""
+    y_dtype = y_dtype or x.dtype
     m, k = x.shape
     assert gate is None or gate.shape == x.shape and gate.dtype == x.dtype
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -687,12 +717,14 @@ def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     xd = torch.empty((m, k), dtype=out_dtype, device=x.device)
-    n_dtype = torch.promote_types(weight.dtype, x.dtype)
+    n_dtype = torch.promote_types(weight.dtype, y_dtype)
     # torch's mean factor: float(outputs) / float(elements), as fp32 (at.native's mean_kernel_impl)
     inv_k = float(torch.tensor(float(max(m, 1)), dtype=torch.float32) / torch.tensor(float(max(m, 1) * k), dtype=torch.float32))
+    sg = x.stride(0) if gate is None else gate.stride(0)
     _norm_quant_kernel[(triton.cdiv(m, r),)](
-        x, x if gate is None else gate, weight, q, s, xd, rstd, m, x.stride(0), 0 if gate is None else gate.stride(0),
+        x, x if gate is None else gate, weight, q, s, xd, rstd, m, x.stride(0), sg,
         q.stride(0), xd.stride(0), eps, inv_k, K=k, BLOCK=triton.next_power_of_2(k), R=r, GATE=gate is not None,
-        X_DTYPE=_DTYPES[x.dtype], X_BF16=x.dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype],
-        N_BF16=n_dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16, num_warps=w, enable_fp_fusion=False)
+        Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype],
+        N_BF16=n_dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16, DX=math.gcd(x.stride(0), 16),
+        DG=math.gcd(sg, 16), HINT=stride_hint([x.stride(0), sg]), num_warps=w, enable_fp_fusion=False)
     return q, s, xd, rstd
