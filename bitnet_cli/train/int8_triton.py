@@ -480,6 +480,21 @@ def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q
     _store_rounded(q_ptr + N0 + N1, stride_q, rows, M, g2, s, N2, B2)
 
 
+def _launch_override(variable: str, rows_power_of_two: bool) -> tuple[int, int] | None:
+    """(rows per program, warps) from ``$variable`` as "R,W" (for measurements), or None when it is unset."""
+    env = os.environ.get(variable)
+    if not env:
+        return None
+    try:
+        r, w = (int(v) for v in env.split(","))
+    except ValueError:
+        r = w = 0
+    if r < 1 or w < 1 or w & (w - 1) or (rows_power_of_two and r & (r - 1)):
+        rows = "powers of two" if rows_power_of_two else "positive integers, warps a power of two"
+        raise BitnetError(f"{variable}={env!r}: expected ROWS,WARPS ({rows})")
+    return r, w
+
+
 def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
     """(rows per program, warps) of :func:`quantize_grad_rows` for parts of these widths: $BITNET_QGR as
     "R,W" overrides (measurements), else one row per program, 2 warps up to 2,048 lanes (the parts' widths,
@@ -488,15 +503,9 @@ def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
     on an H200 (benchmarks/RESULTS.md, session 15) the new launch took 0.83 ms against 1.22 at 1.3b's
     gate/up, 0.054 against 0.061 at 700m's 1536-wide o/down, 0.049 against 0.076 at small's 768, the same
     bits (every launch of the sweep was checked against the default's)."""
-    env = os.environ.get("BITNET_QGR")
-    if env:
-        try:
-            r, w = (int(v) for v in env.split(","))
-        except ValueError:
-            r = w = 0
-        if r < 1 or w < 1 or w & (w - 1):
-            raise BitnetError(f"BITNET_QGR={env!r}: expected ROWS,WARPS (positive integers, warps a power of two)")
-        return r, w
+    override = _launch_override("BITNET_QGR", rows_power_of_two=False)
+    if override:
+        return override
     total = sum(triton.next_power_of_2(max(w, 16)) for w in widths)
     return 1, 2 if total <= 2048 else 4 if total <= 16384 else 8
 
@@ -685,15 +694,9 @@ def norm_quant_launch(k: int) -> tuple[int, int]:
     (measurements), else 4 warps and four rows a program up to 1,024 columns, two up to 2,048, then one: the
     fastest launches on an H200 at the recipes' shapes (benchmarks/RESULTS.md, session 17: 700m's 1536-wide rows
     0.084 ms a call against 0.118 with one row and 8 warps, its relu2 4096-wide ones 0.238 against 0.261)."""
-    env = os.environ.get("BITNET_NQ")
-    if env:
-        try:
-            r, w = (int(v) for v in env.split(","))
-        except ValueError:
-            r = w = 0
-        if r < 1 or w < 1 or w & (w - 1) or r & (r - 1):
-            raise BitnetError(f"BITNET_NQ={env!r}: expected ROWS,WARPS (powers of two)")
-        return r, w
+    override = _launch_override("BITNET_NQ", rows_power_of_two=True)
+    if override:
+        return override
     return (4, 4) if k <= 1024 else (2, 4) if k <= 2048 else (1, 4)
 
 
