@@ -2,7 +2,10 @@
  *   build/bench [threads] [isa] [shape: 2b4t|small] [head: f16|i8|q4|q6] [layout: i2|tq1] [kv: f32|f16]
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
- *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others)
+ *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others;
+ *                                        BN_BENCH_COPIES=N copies of the matrix cycled, default 16, 128
+ *                                        to read from memory past a 480 MB L3; BN_BENCH_STEPS=N timings,
+ *                                        best kept, default 3)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
  *                                        (BN_BENCH_HEAD="q6,i8" for some row types only)
@@ -53,11 +56,21 @@ static float *ones(int n) {
     return v;
 }
 
-/* the ternary kernel alone on the FFN shape, weights far larger than the caches, per layout */
+/* a positive integer from the environment, or `otherwise` when unset or not one */
+static int env_count(const char *name, int otherwise) {
+    const char *v = getenv(name);
+    const int n = v ? atoi(v) : 0;
+    return n >= 1 ? n : otherwise;
+}
+
+/* the ternary kernel alone on the FFN shape, per layout, cycling through `copies` of the matrix
+ * (BN_BENCH_COPIES, default 16: 70 MB of i2, past most L3s but not the 480 MB of the AMX VM,
+ * which needs 128 for a product to read its weights from memory); the best of BN_BENCH_STEPS
+ * (default 3) timings of one pass over the copies */
 static void bench_kernel(int threads, int isa, int layout) {
-    const int n = 6912, k = 2560, copies = 16;
+    const int n = 6912, k = 2560, copies = env_count("BN_BENCH_COPIES", 16), timings = env_count("BN_BENCH_STEPS", 3);
     const char *names[] = {"i2_k128", "tq1_k640"};
-    uint8_t *w[16];
+    uint8_t **w = malloc(sizeof *w * copies);
     for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c, layout);
     bn_pool *pool = bn_pool_new(threads);
     /* the yardstick: one thread's integer MAC peak on this ISA (peak.c), best of 3 runs of 2^22
@@ -81,7 +94,7 @@ static void bench_kernel(int threads, int isa, int layout) {
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
         double best = 1e9;
-        for (int rep = 0; rep < 3; rep++) {
+        for (int rep = 0; rep < timings; rep++) {
             double t0 = now();
             for (int c = 0; c < copies; c++) bn_gemm_ternary(pool, isa, layout, w[c], n, k, xq, xsum, m, acc);
             double dt = (now() - t0) / copies;
@@ -96,6 +109,7 @@ static void bench_kernel(int threads, int isa, int layout) {
     }
     bn_pool_free(pool);
     for (int c = 0; c < copies; c++) free(w[c]);
+    free(w);
 }
 
 /* CPU seconds of the whole process: on a shared machine, what a run cost however the scheduler
