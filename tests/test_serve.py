@@ -241,6 +241,7 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),  # once killed the scheduler thread
         (b'{"prompt": "a\\udcffb"}', 400, "prompt"),  # a lone surrogate: was a 500 and a traceback in the log
+        (b'{"prompt": "x", "stop": ["\\udcff"]}', 400, "stop"),  # could never match: was silently no stop at all
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
