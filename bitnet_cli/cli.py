@@ -588,7 +588,7 @@ def serve(
     or any OpenAI client with base_url="http://localhost:8000/v1".
     """
 
-    with user_errors():
+    with user_errors(options={"model_id": "--name"}):
         from bitnet_cli.serve.server import serve as run_server
 
         def ready(info: dict) -> None:

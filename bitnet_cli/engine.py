@@ -532,8 +532,7 @@ class Engine(kernels.CResource):
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
             raise BitnetError(f"seed must be a non-negative integer, got {seed!r}", param="seed")
-        if isinstance(stop, str):  # one stop string, as OpenAI's `stop` takes it (not one per character)
-            stop = [stop]
+        stops = stop_texts(stop)
         if isinstance(prompt_or_ids, str):
             if not prompt_or_ids.strip():
                 raise BitnetError("the prompt is empty")
@@ -545,7 +544,6 @@ class Engine(kernels.CResource):
         if len(ids) >= self.ctx_size:
             raise BitnetError(f"the prompt is {len(ids)} tokens but the context holds {self.ctx_size}, the prompt and "
                               "at least one new token together; shorten it or raise ctx_size (up to the model's max_position_embeddings)", param="ctx_size")
-        stops = [s for s in stop if s]
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)
         out_ids: list[int] = []
@@ -625,6 +623,18 @@ def _check_logits(out: np.ndarray, path) -> None:
     if not np.isfinite(out).all():
         raise BitnetError(f"{path}: the model produced NaN or infinite logits: its weights are damaged "
                           "(check with `bitnet info --verify`, then re-pack)")
+def stop_texts(stop: str | Sequence[str]) -> list[str]:
+    """The stop strings of a generation: one string or a list (as OpenAI's `stop` takes it, not one
+    per character), the empty ones dropped. Text that is not UTF-8 (argv bytes arrive as lone
+    surrogates) could never appear in the decoded output, so it is refused rather than never matching."""
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for i, text in enumerate(stops):
+        why = tokenizer.bad_text(text) if isinstance(text, str) else f"not a string ({type(text).__name__})"
+        if why:
+            raise BitnetError(f"stop text {i + 1} is {why}", param="stop")
+    return [text for text in stops if text]
+
+
 class TextStream:
     """Generated tokens to text pieces: a piece is shown once it is whole UTF-8 and cannot be the
     start of a stop string; at a stop string the text ends before it (`stopped` is set)."""

@@ -57,6 +57,9 @@ CASES = [
     (["train", "{tmp}/recipe.yaml", "--set", "train.threads=0"], "train.threads"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr=x"], "--set optim.lr=x: optim.lr: Input should be"),
+    # argv bytes that are not UTF-8 (Python's lone surrogates): named as given, not blamed on the recipe file
+    (["train", "{tmp}/recipe.yaml", "--set", "\udcff=1"], "--set '\\xff=1': not valid UTF-8 text (byte 0xff"),
+    (["train", "{tmp}/recipe.yaml", "--set", "train.steps=\udcff"], "--set 'train.steps=\\xff': not valid UTF-8"),
     (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/a_file"],
      "a_file: is a file, not a run directory (choose another --out)"),
     (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/a_file/run"], "a_file/run: cannot write the run directory"),

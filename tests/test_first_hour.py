@@ -105,10 +105,12 @@ def test_eval_offline_without_data_dir_fails_at_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", never)
     monkeypatch.setattr(tasks, "task_manager", never)  # lm-eval's task index: the hub comes next
-    result = runner.invoke(app, ["eval", str(model), "--tasks", "arc_easy"])
+    result = runner.invoke(app, ["eval", str(model), "--tasks", "arc_eazy,tinyshakespeare_heldout"])
     assert result.exit_code == 1
     line = _one_error_line(result.output)
     assert "HF_HUB_OFFLINE" in line and "--data-dir" in line and "BITNET_EVAL_DATA" in line
+    # the task that needs the hub is named, so that a typo shows (lm-eval's index, which knows, is not built)
+    assert "'arc_eazy'" in line and "tinyshakespeare_heldout" not in line
 
 
 def test_a_bundled_recipe_name_with_a_dot_is_found(tmp_path, monkeypatch):

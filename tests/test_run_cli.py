@@ -153,3 +153,16 @@ def test_missing_compiled_module_says_how_to_build(monkeypatch):
     monkeypatch.delattr(bitnet_cli, "_kernels", raising=False)
     with pytest.raises(BitnetError, match="pip install"):
         kernels.lib()
+
+
+def test_a_stop_text_that_is_not_utf8_is_refused(packed):
+    """argv bytes that are not UTF-8 (lone surrogates in Python) can never appear in the decoded text:
+    such a --stop was silently never matched."""
+    from bitnet_cli.engine import stop_texts
+
+    r = run(packed, "-p", "ROMEO:", "-n", "4", "--stop", "", "--stop", "a\udcff")
+    assert r.exit_code == 1, r.output
+    assert r.output.strip() == "error: --stop text 2 is not valid UTF-8 text (byte 0xff at character 1)"
+    with pytest.raises(BitnetError, match=r"stop text 1 is not a string \(int\)"):
+        stop_texts([3])  # a library caller's mistake, named (was a TypeError inside the stream)
+    assert stop_texts("ab") == ["ab"] and stop_texts(["", "x"]) == ["x"]  # one string is one stop text

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +242,7 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),  # once killed the scheduler thread
         (b'{"prompt": "a\\udcffb"}', 400, "prompt"),  # a lone surrogate: was a 500 and a traceback in the log
+        (b'{"prompt": "x", "stop": ["\\udcff"]}', 400, "stop"),  # could never match: was silently no stop at all
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -352,7 +354,9 @@ def test_bad_options_fail_cleanly(packed):
                           (["--ctx-size", "100000"], "error: --ctx-size must be between 1 and"),
                           (["--max-queue", "-1"], "error: --max-queue must be >= 0"),
                           (["--kv-cache", "f8"], "error: --kv-cache must be one of f32, f16, got 'f8'"),
-                          (["--host", "no such host"], "error: --host 'no such host':")]:
+                          (["--host", "no such host"], "error: --host 'no such host':"),
+                          # JSON holds only text: was a clean start, then a 500 for every request
+                          (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -364,6 +368,13 @@ def test_bad_options_fail_cleanly(packed):
         assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
     finally:
         assert busy.stop() == 0
+
+
+def test_a_file_name_that_is_not_utf8_is_served_as_text():
+    from bitnet_cli.serve.server import served_name
+
+    assert served_name(Path("/m/a\udcffb.bin"), None) == "a\ufffdb"  # os.fsdecode's escape of byte 0xff
+    assert served_name(Path("/m/a.bin"), "") == "a" and served_name("a.bin", "mine") == "mine"
 
 
 def test_serving_never_imports_torch(packed):

@@ -63,8 +63,10 @@ def evaluate(
     if data_dir is None and from_hub:
         why = hub_unreachable()
         if why:  # lm-eval would retry the hub for half a minute, then print a long traceback
-            raise BitnetError(f"{why}, so the task data cannot be downloaded: give data_dir DIR "
-                              f"(or set {DATA_ENV}) with local task files, e.g. ../shared/data/eval", param="data_dir")
+            # the names are lm-eval's to check (its index takes seconds): they are quoted so that a typo shows
+            raise BitnetError(f"{why}, so the data of task(s) {', '.join(map(repr, from_hub))} cannot be downloaded "
+                              f"(check the names too): give data_dir DIR (or set {DATA_ENV}) with local task files, "
+                              f"e.g. ../shared/data/eval", param="data_dir")
     tm = task_manager(data_dir, num_fewshot)
     check_task_names(tm, tasks)
     if lm is None:

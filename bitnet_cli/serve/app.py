@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from bitnet_cli.engine import Engine, render_chat
+from bitnet_cli.engine import Engine, render_chat, stop_texts
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams
 from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, PromptLogprobs, QueueFull, Scheduler, TokenEvent
@@ -81,7 +81,10 @@ class _Sampling(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 16:
             raise ApiError(400, "at most 16 stop strings", "stop")
-        return stops
+        try:
+            return stop_texts(stops)
+        except BitnetError as e:
+            raise ApiError(400, str(e), "stop") from None
 
     def params(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.repeat_penalty)

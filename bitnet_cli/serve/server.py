@@ -34,6 +34,26 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def served_name(model: str | Path, model_id: str | None) -> str:
+    """The model id clients ask for: `model_id`, else the file name without its extension.
+
+    Every response carries it in JSON, which holds only Unicode text: a `model_id` that is not UTF-8
+    (argv bytes arrive as lone surrogates) is refused; such bytes in a file name are shown as U+FFFD.
+    Either once failed every request with a 500 (UnicodeEncodeError) after a clean start."""
+    from bitnet_cli.tokenizer import bad_text
+
+    if model_id:
+        why = bad_text(model_id)
+        if why:
+            raise BitnetError(f"model_id is {why}", param="model_id")
+        return model_id
+    stem = Path(model).stem
+    try:
+        return stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return stem.encode("utf-8", "replace").decode()
+
+
 def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
           parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, model_id: str | None = None,
           ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
@@ -53,10 +73,10 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
     if type(port) is not int or not 0 <= port <= 65535:
         raise BitnetError(f"port must be between 0 and 65535, got {port!r}", param="port")
     check_limits(parallel, max_queue)  # before the model is loaded
+    name = served_name(model, model_id)
     engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     sock = _listen(host, port)
     scheduler = Scheduler(engine, parallel, max_queue)
-    name = model_id or Path(model).stem
     class Uvicorn(uvicorn.Server):
         """uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal (exit code
         130/143); a server asked to stop that stopped cleanly exits 0, so the signal is dropped."""
