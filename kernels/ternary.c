@@ -539,24 +539,35 @@ AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, i
  * -> 0.245 at 16 tokens (a prefetch 512 bytes ahead in each row instead: 0.33; 2 KB: 0.26). */
 #define AMX_GROUP_BYTES 8192
 
+/* the unpacking and the passes that inline it also take GFNI (dispatch.c requires it for AMX) */
+#define AMX_GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,gfni,amx-tile,amx-int8")))
+
 /* rows [0, rows) of the group at wr, blocks [b, b + nbk) (nbk <= 2), into buf; with pf, one line
  * of the next group per row: a step reads 64 bytes a row, so the next group's bytes arrive, in
  * order, as this group's are consumed (the hardware prefetchers lose track of 32 interleaved row
  * streams) */
-AMX_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
+AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
                                                                            int b, int nbk, uint8_t *buf,
                                                                            const uint8_t *pf) {
-    const __m512i mask = _mm512_set1_epi8(3);
-    const __m512i sh01 = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(2), 1);
-    const __m512i sh23 = _mm512_add_epi16(sh01, _mm512_set1_epi16(4));
+    /* A block row's 32 bytes hold inputs 32f + i in bits 2f, 2f + 1 of byte i (f = 0..3). The row,
+     * broadcast to both 256-bit halves, becomes two 64-input chunks by one gf2p8affineqb each: its
+     * 8x8 bit matrix (one per 64-bit lane, so the two halves take different fields) moves field f's
+     * two bits to bits 0, 1 and clears the rest; the shift-and-mask it replaced took two operations.
+     * Output bit i is the parity of (matrix byte 7 - i) AND the input byte. */
+#define AMX_FIELD(f) ((1ull << (2 * (f))) << 56 | (1ull << (2 * (f) + 1)) << 48)
+    const __m512i f01 = _mm512_setr_epi64(AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(1),
+                                          AMX_FIELD(1), AMX_FIELD(1), AMX_FIELD(1));
+    const __m512i f23 = _mm512_setr_epi64(AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(3),
+                                          AMX_FIELD(3), AMX_FIELD(3), AMX_FIELD(3));
+#undef AMX_FIELD
     for (int i = 0; i < rows; i++) {
         const uint8_t *src = wr + (size_t)i * row + (size_t)b * BLOCK_BYTES;
         if (pf) _mm_prefetch((const char *)pf + 64 * i, _MM_HINT_T0);
         uint8_t *dst = buf + (i >> 4) * 1024 + (i & 15) * 64;
         for (int bb = 0; bb < nbk; bb++) {
             __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(src + bb * BLOCK_BYTES)));
-            _mm512_store_si512(dst + (4 * bb) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh01), mask));
-            _mm512_store_si512(dst + (4 * bb + 2) * 1024, _mm512_and_si512(_mm512_srlv_epi16(w, sh23), mask));
+            _mm512_store_si512(dst + (4 * bb) * 1024, _mm512_gf2p8affine_epi64_epi8(w, f01, 0));
+            _mm512_store_si512(dst + (4 * bb + 2) * 1024, _mm512_gf2p8affine_epi64_epi8(w, f23, 0));
         }
     }
 }
@@ -565,7 +576,7 @@ AMX_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(con
  * (their chunks tile_stride apart). Tiles: C 0-3; two strips: A 4-5, B 6-7; one strip: A 4, B
  * 5-7, then 5 again for a fourth token tile. */
 #define AMX_PASS(NAME, STRIPS, TILES)                                                                      \
-    AMX_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,             \
+    AMX_GFNI_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,        \
                                                           const int8_t *b0, uint8_t *buf, const uint8_t *pf) { \
         const int nb = j->kp / BLOCK;                                                                      \
         const size_t row = (size_t)j->kp / 4, tile_stride = (size_t)(j->kp / 64) * 1024;                  \
