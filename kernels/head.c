@@ -1076,14 +1076,18 @@ AMX_HEAD_TARGET static void q6_amx_store(const bn_head_job *j, int r, int t, con
 }
 
 /* rows ra..ra+15's block b split into buf (q6_amx_split_block) and their d into d; with next, as
- * many bytes of the next strip read ahead, in order (a strip is 16 * nb consecutive blocks) */
+ * many bytes of the next strip read ahead, in order (a strip is 16 * nb consecutive blocks); with
+ * next2, as many of the strip after it into L2 (prefetcht1), so that next's reads find them there */
 AMX_HEAD_TARGET static inline void q6_amx_split_strip(const bn_q6_block *w, int nb, int b, const char *next,
-                                                      int8_t *buf, float *d) {
+                                                      const char *next2, int8_t *buf, float *d) {
     for (int i = 0; i < 16; i++) {
         const bn_q6_block *blk = w + (size_t)i * nb + b;
         if (next)
             for (int line = 0; line < 4; line++)
                 _mm_prefetch(next + ((size_t)b * 16 + i) * sizeof(bn_q6_block) + 64 * line, _MM_HINT_T0);
+        if (next2)
+            for (int line = 0; line < 4; line++)
+                _mm_prefetch(next2 + ((size_t)b * 16 + i) * sizeof(bn_q6_block) + 64 * line, _MM_HINT_T1);
         d[i] = _cvtsh_ss(blk->d);
         q6_amx_split_block(blk, buf + 64 * i, buf + 4096 + 64 * i);
     }
@@ -1115,10 +1119,12 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     bn_amx_configure();
     const bn_q6_block *rows = (const bn_q6_block *)j->w;
     int cur = 0;
-    q6_amx_split_strip(rows + (size_t)r0 * nb, nb, 0, NULL, split[0], d[0]);
+    q6_amx_split_strip(rows + (size_t)r0 * nb, nb, 0, NULL, NULL, split[0], d[0]);
     for (int ra = r0; ra < strips_end; ra += 16) {
         const bn_q6_block *w = rows + (size_t)ra * nb;
         const int more = ra + 16 < strips_end;
+        /* up to 16 tokens (one token tile: the rows' read is most of the time) two strips ahead too */
+        const char *ahead2 = j->m <= 16 && ra + 32 < strips_end ? (const char *)(w + 32 * nb) : NULL;
         memset(sums, 0, (size_t)tiles * 1024);
         for (int b = 0; b < nb; b++, cur ^= 1) {
             for (int T = 0; T < tiles; T += 2) {
@@ -1145,10 +1151,10 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
                  * strip's first) is split meanwhile, into the other buffer */
                 if (T + 2 >= tiles) {
                     if (b + 1 < nb)
-                        q6_amx_split_strip(w, nb, b + 1, more ? (const char *)(w + 16 * nb) : NULL, split[cur ^ 1],
-                                           d[cur ^ 1]);
+                        q6_amx_split_strip(w, nb, b + 1, more ? (const char *)(w + 16 * nb) : NULL, ahead2,
+                                           split[cur ^ 1], d[cur ^ 1]);
                     else if (more)
-                        q6_amx_split_strip(w + 16 * nb, nb, 0, NULL, split[cur ^ 1], d[cur ^ 1]);
+                        q6_amx_split_strip(w + 16 * nb, nb, 0, NULL, NULL, split[cur ^ 1], d[cur ^ 1]);
                 }
                 _tile_stored(0, ca, 64);
                 _tile_stored(1, cb, 64);

@@ -545,10 +545,11 @@ AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, i
 /* rows [0, rows) of the group at wr, blocks [b, b + nbk) (nbk <= 2), into buf; with pf, one line
  * of the next group per row: a step reads 64 bytes a row, so the next group's bytes arrive, in
  * order, as this group's are consumed (the hardware prefetchers lose track of 32 interleaved row
- * streams) */
+ * streams); with pf2, as much of the group after it into L2 (prefetcht1), so that pf's reads
+ * find their lines there rather than in memory */
 AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
                                                                            int b, int nbk, uint8_t *buf,
-                                                                           const uint8_t *pf) {
+                                                                           const uint8_t *pf, const uint8_t *pf2) {
     /* A block row's 32 bytes hold inputs 32f + i in bits 2f, 2f + 1 of byte i (f = 0..3). The row,
      * broadcast to both 256-bit halves, becomes two 64-input chunks by one gf2p8affineqb each: its
      * 8x8 bit matrix (one per 64-bit lane, so the two halves take different fields) moves field f's
@@ -563,6 +564,7 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
     for (int i = 0; i < rows; i++) {
         const uint8_t *src = wr + (size_t)i * row + (size_t)b * BLOCK_BYTES;
         if (pf) _mm_prefetch((const char *)pf + 64 * i, _MM_HINT_T0);
+        if (pf2) _mm_prefetch((const char *)pf2 + 64 * i, _MM_HINT_T1);
         uint8_t *dst = buf + (i >> 4) * 1024 + (i & 15) * 64;
         for (int bb = 0; bb < nbk; bb++) {
             __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(src + bb * BLOCK_BYTES)));
@@ -577,7 +579,8 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
  * 5-7, then 5 again for a fourth token tile. */
 #define AMX_PASS(NAME, STRIPS, TILES)                                                                      \
     AMX_GFNI_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,        \
-                                                          const int8_t *b0, uint8_t *buf, const uint8_t *pf) { \
+                                                          const int8_t *b0, uint8_t *buf, const uint8_t *pf, \
+                                                               const uint8_t *pf2) {                        \
         const int nb = j->kp / BLOCK;                                                                      \
         const size_t row = (size_t)j->kp / 4, tile_stride = (size_t)(j->kp / 64) * 1024;                  \
         const uint8_t *wr = j->w + (size_t)ra * row;                                                       \
@@ -587,7 +590,8 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
         _tile_zero(3);                                                                                     \
         for (int b = 0; b < nb; b += 2) {                                                                  \
             const int nbk = nb - b < 2 ? nb - b : 2;                                                       \
-            amx_unpack_rows(wr, row, rows, b, nbk, buf, pf ? pf + (size_t)b * 32 * rows : NULL);           \
+            amx_unpack_rows(wr, row, rows, b, nbk, buf, pf ? pf + (size_t)b * 32 * rows : NULL,            \
+                            pf2 ? pf2 + (size_t)b * 32 * rows : NULL);                                      \
             for (int cc = 0; cc < 2 * nbk; cc++) {                                                         \
                 const int8_t *bt = b0 + ((size_t)2 * b + cc) * 1024;                                       \
                 const uint8_t *a = buf + (2 * cc) * 1024;                                                  \
@@ -649,11 +653,14 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
             /* the next group's weights are read ahead during the last pass over this one */
             const uint8_t *pf =
                 t0 + per_pass >= j->m && ra + group < r1 ? j->w + (size_t)(ra + group) * (j->kp / 4) : NULL;
+            /* up to 16 tokens (a decode-sized step: one token tile, the weights' read is most of the
+             * time) the group after that into L2 as well */
+            const uint8_t *pf2 = pf && j->m <= 16 && ra + 2 * group < r1 ? pf + (size_t)group * (j->kp / 4) : NULL;
             if (strips == 2)
-                (tiles == 2 ? amx_pass_2x2 : amx_pass_2x1)(j, ra, rows, b0, buf, pf);
+                (tiles == 2 ? amx_pass_2x2 : amx_pass_2x1)(j, ra, rows, b0, buf, pf, pf2);
             else
                 (tiles == 4 ? amx_pass_1x4 : tiles == 3 ? amx_pass_1x3 : tiles == 2 ? amx_pass_1x2 : amx_pass_1x1)(
-                    j, ra, rows, b0, buf, pf);
+                    j, ra, rows, b0, buf, pf, pf2);
             /* tile numbers are immediates: C tile (strip s, token tile u) is 2s + u with two
              * strips, u with one; so strip 0's is u either way */
             for (int u = 0; u < tiles; u++) {
