@@ -3,9 +3,9 @@
  *                                        ->  decode tok/s, pp128 tok/s, GB/s
  *   build/bench [threads] [isa] kernel   the ternary GEMV/GEMM alone on the FFN shape, both layouts
  *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others;
- *                                        BN_BENCH_COPIES=n weight copies read in turn, default 16 (70 MB:
- *                                        in a large L3; 96 = 670 MB reads from memory); BN_BENCH_ROUNDS=n
- *                                        timings, default 3: the best and the median)
+ *                                        BN_BENCH_COPIES=N copies of the matrix cycled, default 16, 128
+ *                                        to read from memory past a 480 MB L3; BN_BENCH_STEPS=N timings,
+ *                                        best kept, default 3)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
  *                                        (BN_BENCH_HEAD="q6,i8" for some row types only)
@@ -56,22 +56,21 @@ static float *ones(int n) {
     return v;
 }
 
-/* a positive integer from the environment variable `name`, at most `most`, else `otherwise` */
-static int env_count(const char *name, int otherwise, int most) {
+/* a positive integer from the environment, or `otherwise` when unset or not one */
+static int env_count(const char *name, int otherwise) {
     const char *v = getenv(name);
     const int n = v ? atoi(v) : 0;
-    return n < 1 ? otherwise : n > most ? most : n;
+    return n >= 1 ? n : otherwise;
 }
 
-static int cmp_double(const void *a, const void *b);
-
-/* the ternary kernel alone on the FFN shape, per layout, over `copies` copies of the weights read
- * in turn (BN_BENCH_COPIES: enough of them and every call reads its weights from memory, not L3) */
+/* the ternary kernel alone on the FFN shape, per layout, cycling through `copies` of the matrix
+ * (BN_BENCH_COPIES, default 16: 70 MB of i2, past most L3s but not the 480 MB of the AMX VM,
+ * which needs 128 for a product to read its weights from memory); the best of BN_BENCH_STEPS
+ * (default 3) timings of one pass over the copies */
 static void bench_kernel(int threads, int isa, int layout) {
-    const int n = 6912, k = 2560, copies = env_count("BN_BENCH_COPIES", 16, 256),
-              rounds = env_count("BN_BENCH_ROUNDS", 3, 99);
+    const int n = 6912, k = 2560, copies = env_count("BN_BENCH_COPIES", 16), timings = env_count("BN_BENCH_STEPS", 3);
     const char *names[] = {"i2_k128", "tq1_k640"};
-    uint8_t *w[256];
+    uint8_t **w = malloc(sizeof *w * copies);
     for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c, layout);
     bn_pool *pool = bn_pool_new(threads);
     /* the yardstick: one thread's integer MAC peak on this ISA (peak.c), best of 3 runs of 2^22
@@ -94,22 +93,23 @@ static void bench_kernel(int threads, int isa, int layout) {
         const int m = token_counts[mi];
         int8_t *xq = filled((size_t)m * k, 5);
         int32_t *xsum = calloc(m, sizeof(int32_t)), *acc = malloc(sizeof(int32_t) * m * n);
-        double t[99];
-        for (int rep = 0; rep < rounds; rep++) {
+        double best = 1e9;
+        for (int rep = 0; rep < timings; rep++) {
             double t0 = now();
             for (int c = 0; c < copies; c++) bn_gemm_ternary(pool, isa, layout, w[c], n, k, xq, xsum, m, acc);
-            t[rep] = (now() - t0) / copies;
+            double dt = (now() - t0) / copies;
+            if (dt < best) best = dt;
         }
-        qsort(t, rounds, sizeof t[0], cmp_double);
-        const double best = t[0], macs = (double)n * k * m / best;
-        printf("kernel %s %dx%d m=%d: %.3f ms (median %.3f), %.1f GB/s of weights, %.1f G MAC/s, %.0f%% of the MAC peak "
-               "(%.1f G MAC/s x %d threads)\n", names[layout], n, k, m, best * 1e3, t[rounds / 2] * 1e3,
+        double macs = (double)n * k * m / best;
+        printf("kernel %s %dx%d m=%d: %.3f ms, %.1f GB/s of weights, %.1f G MAC/s, %.0f%% of the MAC peak "
+               "(%.1f G MAC/s x %d threads)\n", names[layout], n, k, m, best * 1e3,
                (double)n * bn_ternary_row_bytes(layout, k) / best / 1e9, macs / 1e9, 100 * macs / (peak * threads),
                peak / 1e9, threads);
         free(xq), free(xsum), free(acc);
     }
     bn_pool_free(pool);
     for (int c = 0; c < copies; c++) free(w[c]);
+    free(w);
 }
 
 /* CPU seconds of the whole process: on a shared machine, what a run cost however the scheduler

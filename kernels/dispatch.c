@@ -14,16 +14,15 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* AMX-INT8: the CPU has the tiles (CPUID.7.0:EDX bits 24, 25) and GFNI (ECX bit 8: the AMX GEMM
- * unpacks its codes with gf2p8affineqb; every AMX CPU so far has it, but it is a separate bit) and Linux lets this process use
+/* AMX-INT8: the CPU has the tiles (CPUID.7.0:EDX bits 24, 25) and GFNI (ECX bit 8: the GEMM
+ * unpacks its codes with it; every AMX CPU has it, but the path checks what it uses), and Linux lets this process use
  * them: their 8 KB of state is off until the process asks (arch_prctl ARCH_REQ_XCOMP_PERM for
  * XFEATURE_XTILEDATA), and a refusal leaves the VNNI path. Asked once per process. */
 static int amx_ok;
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 static void amx_request(void) {
     unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25)) ||
-        !(c & (1u << 8)))
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25)) || !(c & (1u << 8)))
         return;
     amx_ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
 }

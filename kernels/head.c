@@ -1076,8 +1076,9 @@ AMX_HEAD_TARGET static void q6_amx_store(const bn_head_job *j, int r, int t, con
 }
 
 /* rows ra..ra+15's block b split into buf (q6_amx_split_block) and their d into d; with next, as
- * many bytes of the next strip read ahead, in order (a strip is 16 * nb consecutive blocks); with
- * next2, as many of the strip after it into L2 (prefetcht1), so that next's reads find them there */
+ * many bytes of the next strip read ahead, in order (a strip is 16 * nb consecutive blocks), and
+ * with next2 those of the strip after it into L2 (decode-sized steps split a strip faster than
+ * memory delivers it) */
 AMX_HEAD_TARGET static inline void q6_amx_split_strip(const bn_q6_block *w, int nb, int b, const char *next,
                                                       const char *next2, int8_t *buf, float *d) {
     for (int i = 0; i < 16; i++) {
@@ -1093,6 +1094,7 @@ AMX_HEAD_TARGET static inline void q6_amx_split_strip(const bn_q6_block *w, int 
     }
 }
 
+#define Q6_AMX_L2_AHEAD_TOKENS 16
 AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     const int nb = j->k / BN_Q6_BLOCK_K, nc = j->k / 64, tiles = (j->m + 15) / 16;
     const int strips_end = r0 + (r1 - r0) / 16 * 16;
@@ -1123,8 +1125,7 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
     for (int ra = r0; ra < strips_end; ra += 16) {
         const bn_q6_block *w = rows + (size_t)ra * nb;
         const int more = ra + 16 < strips_end;
-        /* up to 16 tokens (one token tile: the rows' read is most of the time) two strips ahead too */
-        const char *ahead2 = j->m <= 16 && ra + 32 < strips_end ? (const char *)(w + 32 * nb) : NULL;
+        const char *ahead2 = j->m <= Q6_AMX_L2_AHEAD_TOKENS && ra + 32 < strips_end ? (const char *)(w + 32 * nb) : NULL;
         memset(sums, 0, (size_t)tiles * 1024);
         for (int b = 0; b < nb; b++, cur ^= 1) {
             for (int T = 0; T < tiles; T += 2) {
@@ -1151,8 +1152,8 @@ AMX_HEAD_TARGET void bn_head_rows_q6_amx(const bn_head_job *j, int r0, int r1) {
                  * strip's first) is split meanwhile, into the other buffer */
                 if (T + 2 >= tiles) {
                     if (b + 1 < nb)
-                        q6_amx_split_strip(w, nb, b + 1, more ? (const char *)(w + 16 * nb) : NULL, ahead2,
-                                           split[cur ^ 1], d[cur ^ 1]);
+                        q6_amx_split_strip(w, nb, b + 1, more ? (const char *)(w + 16 * nb) : NULL, ahead2, split[cur ^ 1],
+                                           d[cur ^ 1]);
                     else if (more)
                         q6_amx_split_strip(w + 16 * nb, nb, 0, NULL, NULL, split[cur ^ 1], d[cur ^ 1]);
                 }

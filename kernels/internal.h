@@ -23,14 +23,17 @@
 
 /* AMX-INT8 (ternary.c's GEMM, peak.c): its kernels configure all eight tiles as 16 rows of 64
  * bytes (palette 1) and release them when done */
-#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")))
+#define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,gfni,amx-tile,amx-int8")))
 AMX_TARGET static inline void bn_amx_configure(void) {
-    struct {
+    /* a constant, not a stack struct filled by a loop: GCC drops those stores as dead when this
+     * function is not inlined (ldtilecfg's read of them is not modelled), leaving tiles of 0 bytes */
+    static const struct {
         uint8_t palette, start_row, reserved[14];
         uint16_t colsb[16];
         uint8_t rows[16];
-    } __attribute__((aligned(64))) cfg = {.palette = 1};
-    for (int i = 0; i < 8; i++) cfg.colsb[i] = 64, cfg.rows[i] = 16;
+    } __attribute__((aligned(64))) cfg = {.palette = 1,
+                                          .colsb = {64, 64, 64, 64, 64, 64, 64, 64},
+                                          .rows = {16, 16, 16, 16, 16, 16, 16, 16}};
     _tile_loadconfig(&cfg);
 }
 

@@ -538,29 +538,28 @@ AMX_TARGET static void amx_store(const bn_i2_job *j, int ra, int rows, int t0, i
  * out-of-order core overlaps them already). The linear prefetch below made the most of it: 0.34
  * -> 0.245 at 16 tokens (a prefetch 512 bytes ahead in each row instead: 0.33; 2 KB: 0.26). */
 #define AMX_GROUP_BYTES 8192
-
-/* the unpacking and the passes that inline it also take GFNI (dispatch.c requires it for AMX) */
-#define AMX_GFNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,gfni,amx-tile,amx-int8")))
+#define AMX_L2_AHEAD_TOKENS 16
 
 /* rows [0, rows) of the group at wr, blocks [b, b + nbk) (nbk <= 2), into buf; with pf, one line
  * of the next group per row: a step reads 64 bytes a row, so the next group's bytes arrive, in
  * order, as this group's are consumed (the hardware prefetchers lose track of 32 interleaved row
- * streams); with pf2, as much of the group after it into L2 (prefetcht1), so that pf's reads
- * find their lines there rather than in memory */
-AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
+ * streams) */
+AMX_TARGET static inline __attribute__((always_inline)) void amx_unpack_rows(const uint8_t *wr, size_t row, int rows,
                                                                            int b, int nbk, uint8_t *buf,
                                                                            const uint8_t *pf, const uint8_t *pf2) {
-    /* A block row's 32 bytes hold inputs 32f + i in bits 2f, 2f + 1 of byte i (f = 0..3). The row,
-     * broadcast to both 256-bit halves, becomes two 64-input chunks by one gf2p8affineqb each: its
-     * 8x8 bit matrix (one per 64-bit lane, so the two halves take different fields) moves field f's
-     * two bits to bits 0, 1 and clears the rest; the shift-and-mask it replaced took two operations.
-     * Output bit i is the parity of (matrix byte 7 - i) AND the input byte. */
-#define AMX_FIELD(f) ((1ull << (2 * (f))) << 56 | (1ull << (2 * (f) + 1)) << 48)
-    const __m512i f01 = _mm512_setr_epi64(AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(0), AMX_FIELD(1),
-                                          AMX_FIELD(1), AMX_FIELD(1), AMX_FIELD(1));
-    const __m512i f23 = _mm512_setr_epi64(AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(2), AMX_FIELD(3),
-                                          AMX_FIELD(3), AMX_FIELD(3), AMX_FIELD(3));
-#undef AMX_FIELD
+    /* gf2p8affineqb: output bit i of each byte is the parity of (matrix byte 7 - i) AND the input
+     * byte, so a matrix with bit c in byte 7 and bit c + 1 in byte 6 moves code bits (c, c + 1)
+     * to bits (0, 1) and clears the rest: one instruction for the shift and the mask. The matrix
+     * is per 64-bit lane: the low 32 bytes (inputs 0-31 of the chunk) take code 0 (code 2), the
+     * high 32 bytes code 1 (code 3), as the broadcast block's two halves. */
+#define AMX_CODE_MATRIX(c) (long long)((1ull << (c)) << 56 | (1ull << ((c) + 1)) << 48)
+    const __m512i code01 = _mm512_set_epi64(AMX_CODE_MATRIX(2), AMX_CODE_MATRIX(2), AMX_CODE_MATRIX(2),
+                                            AMX_CODE_MATRIX(2), AMX_CODE_MATRIX(0), AMX_CODE_MATRIX(0),
+                                            AMX_CODE_MATRIX(0), AMX_CODE_MATRIX(0));
+    const __m512i code23 = _mm512_set_epi64(AMX_CODE_MATRIX(6), AMX_CODE_MATRIX(6), AMX_CODE_MATRIX(6),
+                                            AMX_CODE_MATRIX(6), AMX_CODE_MATRIX(4), AMX_CODE_MATRIX(4),
+                                            AMX_CODE_MATRIX(4), AMX_CODE_MATRIX(4));
+#undef AMX_CODE_MATRIX
     for (int i = 0; i < rows; i++) {
         const uint8_t *src = wr + (size_t)i * row + (size_t)b * BLOCK_BYTES;
         if (pf) _mm_prefetch((const char *)pf + 64 * i, _MM_HINT_T0);
@@ -568,8 +567,8 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
         uint8_t *dst = buf + (i >> 4) * 1024 + (i & 15) * 64;
         for (int bb = 0; bb < nbk; bb++) {
             __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(src + bb * BLOCK_BYTES)));
-            _mm512_store_si512(dst + (4 * bb) * 1024, _mm512_gf2p8affine_epi64_epi8(w, f01, 0));
-            _mm512_store_si512(dst + (4 * bb + 2) * 1024, _mm512_gf2p8affine_epi64_epi8(w, f23, 0));
+            _mm512_store_si512(dst + (4 * bb) * 1024, _mm512_gf2p8affine_epi64_epi8(w, code01, 0));
+            _mm512_store_si512(dst + (4 * bb + 2) * 1024, _mm512_gf2p8affine_epi64_epi8(w, code23, 0));
         }
     }
 }
@@ -578,9 +577,9 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
  * (their chunks tile_stride apart). Tiles: C 0-3; two strips: A 4-5, B 6-7; one strip: A 4, B
  * 5-7, then 5 again for a fourth token tile. */
 #define AMX_PASS(NAME, STRIPS, TILES)                                                                      \
-    AMX_GFNI_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,        \
-                                                          const int8_t *b0, uint8_t *buf, const uint8_t *pf, \
-                                                               const uint8_t *pf2) {                        \
+    AMX_TARGET static __attribute__((noinline)) void NAME(const bn_i2_job *j, int ra, int rows,             \
+                                                          const int8_t *b0, uint8_t *buf, const uint8_t *pf,   \
+                                                          const uint8_t *pf2) {                                \
         const int nb = j->kp / BLOCK;                                                                      \
         const size_t row = (size_t)j->kp / 4, tile_stride = (size_t)(j->kp / 64) * 1024;                  \
         const uint8_t *wr = j->w + (size_t)ra * row;                                                       \
@@ -591,7 +590,7 @@ AMX_GFNI_TARGET static inline __attribute__((always_inline)) void amx_unpack_row
         for (int b = 0; b < nb; b += 2) {                                                                  \
             const int nbk = nb - b < 2 ? nb - b : 2;                                                       \
             amx_unpack_rows(wr, row, rows, b, nbk, buf, pf ? pf + (size_t)b * 32 * rows : NULL,            \
-                            pf2 ? pf2 + (size_t)b * 32 * rows : NULL);                                      \
+                            pf2 ? pf2 + (size_t)b * 32 * rows : NULL);                                     \
             for (int cc = 0; cc < 2 * nbk; cc++) {                                                         \
                 const int8_t *bt = b0 + ((size_t)2 * b + cc) * 1024;                                       \
                 const uint8_t *a = buf + (2 * cc) * 1024;                                                  \
@@ -653,9 +652,11 @@ AMX_TARGET void bn_i2_rows_amx(const bn_i2_job *j, int r0, int r1) {
             /* the next group's weights are read ahead during the last pass over this one */
             const uint8_t *pf =
                 t0 + per_pass >= j->m && ra + group < r1 ? j->w + (size_t)(ra + group) * (j->kp / 4) : NULL;
-            /* up to 16 tokens (a decode-sized step: one token tile, the weights' read is most of the
-             * time) the group after that into L2 as well */
-            const uint8_t *pf2 = pf && j->m <= 16 && ra + 2 * group < r1 ? pf + (size_t)group * (j->kp / 4) : NULL;
+            /* decode-sized steps (up to AMX_L2_AHEAD_TOKENS tokens) run through a group faster than
+             * memory delivers it: the group after the next is read ahead into L2 as well */
+            const uint8_t *pf2 = pf && j->m <= AMX_L2_AHEAD_TOKENS && ra + 2 * group < r1
+                                     ? j->w + (size_t)(ra + 2 * group) * (j->kp / 4)
+                                     : NULL;
             if (strips == 2)
                 (tiles == 2 ? amx_pass_2x2 : amx_pass_2x1)(j, ra, rows, b0, buf, pf, pf2);
             else
