@@ -623,6 +623,8 @@ def _check_logits(out: np.ndarray, path) -> None:
     if not np.isfinite(out).all():
         raise BitnetError(f"{path}: the model produced NaN or infinite logits: its weights are damaged "
                           "(check with `bitnet info --verify`, then re-pack)")
+
+
 def stop_texts(stop: str | Sequence[str]) -> list[str]:
     """The stop strings of a generation: one string or a list (as OpenAI's `stop` takes it, not one
     per character), the empty ones dropped. Text that is not UTF-8 (argv bytes arrive as lone

@@ -15,6 +15,7 @@ DEFAULT_PORT = 8000
 DEFAULT_PARALLEL = 4
 DEFAULT_MAX_QUEUE = 64
 
+
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, bound here so that a taken port is one clear error (port 0: any free one)."""
     try:
@@ -55,8 +56,8 @@ def served_name(model: str | Path, model_id: str | None) -> str:
 
 
 def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
-          parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE, model_id: str | None = None,
-          ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
+          parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+          model_id: str | None = None, ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
     ready(info) is called once the socket listens, with the URL and the engine's figures.
