@@ -71,6 +71,15 @@ def bad_text(text: str) -> str | None:
     return f"not valid UTF-8 text ({byte} at character {i})"
 
 
+def shown_text(text: str, errors: str = "replace") -> str:
+    """`text` from argv or a file name, printable: the bytes that are not UTF-8 (which arrive as lone
+    surrogates) as U+FFFD (`errors="replace"`) or as \\xff escapes (`"backslashreplace"`)."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", errors)
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return text.encode("utf-8", errors).decode()
+
+
 class SafeTokenizer:
     """The subset of tokenizers.Tokenizer that bitnet-cli uses; any failure is a BitnetError."""
 

@@ -41,18 +41,14 @@ def served_name(model: str | Path, model_id: str | None) -> str:
     Every response carries it in JSON, which holds only Unicode text: a `model_id` that is not UTF-8
     (argv bytes arrive as lone surrogates) is refused; such bytes in a file name are shown as U+FFFD.
     Either once failed every request with a 500 (UnicodeEncodeError) after a clean start."""
-    from bitnet_cli.tokenizer import bad_text
+    from bitnet_cli.tokenizer import bad_text, shown_text
 
     if model_id:
         why = bad_text(model_id)
         if why:
             raise BitnetError(f"model_id is {why}", param="model_id")
         return model_id
-    stem = Path(model).stem
-    try:
-        return stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    except UnicodeEncodeError:  # a surrogate that stands for no byte
-        return stem.encode("utf-8", "replace").decode()
+    return shown_text(Path(model).stem)
 
 
 def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,

@@ -313,15 +313,11 @@ def parse_yaml(text: str, where: str):
 
 
 def _apply_override(data: dict, override: str) -> tuple[str, ...]:
-    from bitnet_cli.tokenizer import bad_text
+    from bitnet_cli.tokenizer import bad_text, shown_text
 
     why = bad_text(override)  # argv bytes that are not UTF-8 arrive as lone surrogates: no key or value holds them
-    if why:
-        try:  # the bytes as given, \xff for each one that is not UTF-8
-            shown = override.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-        except UnicodeEncodeError:  # a surrogate that stands for no byte
-            shown = override.encode("utf-8", "backslashreplace").decode()
-        raise BitnetError(f"overrides '{shown}': {why}", param="overrides")
+    if why:  # the bytes as given, \xff for each one that is not UTF-8
+        raise BitnetError(f"overrides '{shown_text(override, 'backslashreplace')}': {why}", param="overrides")
     if "=" not in override:
         raise BitnetError(f"overrides {override!r}: expected KEY=VALUE, e.g. optim.lr=1e-3", param="overrides")
     key, raw = override.split("=", 1)
