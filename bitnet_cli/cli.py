@@ -116,9 +116,14 @@ def print_error(message: str) -> None:
 
     soft_wrap: rich would otherwise break the line at the console width (80 columns when stderr is
     not a terminal), splitting paths and words; a terminal wraps long lines by itself. The message
-    is escaped so that text like ``bitnet-cli[train]`` is not taken for markup.
+    is escaped so that text like ``bitnet-cli[train]`` is not taken for markup. Bytes of a path or
+    argument that are not UTF-8 are shown as the shell would take them back (``\\xff``), not as
+    Python's stand-in surrogates (``\\udcff``).
     """
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    from bitnet_cli.tokenizer import shown_text
+
+    err_console.print(f"[bold red]error:[/] {escape(shown_text(message, 'backslashreplace'))}", highlight=False,
+                      soft_wrap=True)
 
 
 @contextlib.contextmanager
