@@ -15,15 +15,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from typer.core import TyperGroup
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
 from bitnet_cli.errors import BitnetError, as_flags
-from bitnet_cli.files import bundled_recipes
 from bitnet_cli.eval.runner import DEFAULT_BATCH_SIZE
+from bitnet_cli.files import bundled_recipes
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
@@ -33,6 +33,11 @@ from bitnet_cli.quickstart import DEFAULT_OUT as QUICKSTART_OUT
 from bitnet_cli.quickstart import DEFAULT_TASKS as QUICKSTART_TASKS
 from bitnet_cli.sampling import SamplingParams
 from bitnet_cli.serve.server import DEFAULT_HOST, DEFAULT_MAX_QUEUE, DEFAULT_PARALLEL, DEFAULT_PORT
+
+# The usage-error class of the click that typer runs on (newer typers carry their own copy of click,
+# so `click.UsageError` would not catch it); typer's public BadParameter derives from it.
+UsageError = typer.BadParameter.__mro__[1]
+
 
 class _OneLineUsageErrors(TyperGroup):
     """Usage errors (unknown option, missing argument, bad value) as one ``error:`` line and exit 2.
@@ -53,11 +58,6 @@ class _OneLineUsageErrors(TyperGroup):
             return super().invoke(ctx)
         except UsageError as e:
             _usage_error(e)
-
-
-# The usage-error class of the click that typer runs on (newer typers carry their own copy of click,
-# so `click.UsageError` would not catch it); typer's public BadParameter derives from it.
-UsageError = typer.BadParameter.__mro__[1]
 
 
 def _usage_error(e) -> None:

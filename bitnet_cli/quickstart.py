@@ -69,8 +69,8 @@ DEFAULT_OUT = Path("runs/quickstart")
 
 
 def quickstart(out_dir: str | Path = DEFAULT_OUT, *, overrides: tuple[str, ...] = (), threads: int | None = None,
-               eval_tasks: tuple[str, ...] = DEFAULT_TASKS, eval_limit: int = DEFAULT_EVAL_LIMIT, data_dir: str | Path | None = None,
-               console=None, eval_bar=None) -> QuickstartResult:
+               eval_tasks: tuple[str, ...] = DEFAULT_TASKS, eval_limit: int = DEFAULT_EVAL_LIMIT,
+               data_dir: str | Path | None = None, console=None, eval_bar=None) -> QuickstartResult:
     """Train, pack, generate and evaluate; everything lands in ``out_dir`` (see the module docstring).
 
     ``eval_bar()`` may return (a context manager that shows a progress display, the

@@ -14,8 +14,6 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.files import TempFile
 
 DATA_ENV = "BITNET_EVAL_DATA"
-
-
 DEFAULT_BATCH_SIZE = 8  # sequences per forward pass on torch (`bitnet eval --batch-size`)
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -721,8 +722,9 @@ def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     xd = torch.empty((m, k), dtype=out_dtype, device=x.device)
     n_dtype = torch.promote_types(weight.dtype, y_dtype)
-    # torch's mean factor: float(outputs) / float(elements), as fp32 (at.native's mean_kernel_impl)
-    inv_k = float(torch.tensor(float(max(m, 1)), dtype=torch.float32) / torch.tensor(float(max(m, 1) * k), dtype=torch.float32))
+    # torch's mean factor: float(outputs) / float(elements), as fp32 (at.native's mean_kernel_impl); numpy's
+    # float32 division rounds as torch's, without two host tensors a call
+    inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))
     sg = x.stride(0) if gate is None else gate.stride(0)
     _norm_quant_kernel[(triton.cdiv(m, r),)](
         x, x if gate is None else gate, weight, q, s, xd, rstd, m, x.stride(0), sg,
