@@ -8,6 +8,7 @@ commands, so ``bitnet --help`` stays fast and inference needs no torch.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -118,12 +119,17 @@ def print_error(message: str) -> None:
     not a terminal), splitting paths and words; a terminal wraps long lines by itself. The message
     is escaped so that text like ``bitnet-cli[train]`` is not taken for markup. Bytes of a path or
     argument that are not UTF-8 are shown as the shell would take them back (``\\xff``), not as
-    Python's stand-in surrogates (``\\udcff``).
+    Python's stand-in surrogates (``\\udcff``), also inside a value quoted with repr().
     """
     from bitnet_cli.tokenizer import shown_text
 
-    err_console.print(f"[bold red]error:[/] {escape(shown_text(message, 'backslashreplace'))}", highlight=False,
-                      soft_wrap=True)
+    shown = _QUOTED_SURROGATE.sub(r"\\x\1", shown_text(message, "backslashreplace"))
+    err_console.print(f"[bold red]error:[/] {escape(shown)}", highlight=False, soft_wrap=True)
+
+
+# A value quoted with repr() shows a non-UTF-8 byte of argv as its stand-in surrogate's escape ('x\udcff');
+# print_error shows it as the byte the shell would take back ('x\xff'), as it does for unquoted text.
+_QUOTED_SURROGATE = re.compile(r"(?<!\\)\\udc([89a-f][0-9a-f])")
 
 
 @contextlib.contextmanager

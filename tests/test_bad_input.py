@@ -80,6 +80,7 @@ CASES = [
     (["info", "{tmp}/recipe.yaml"], "recipe.yaml: not a safetensors file"),
     (["info", "{ckpt}/model.safetensors"], "not a bitnet-cli packed model"),
     (["info", "{tmp}/a\udcffb.bin"], "a\\xffb.bin: no such file"),  # a non-UTF-8 byte as \xff, not as \udcff
+    (["bench", "--shape", "x\udcff", "--what", "kernels"], "unknown shape 'x\\xff'"),  # quoted with repr() too
     # eval: all of these fail before lm-eval indexes its tasks or loads the model
     (["eval", "{tmp}/nope.bin", "--tasks", "arc_easy"], "nope.bin: no such file or directory"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/missing/r.json"],
