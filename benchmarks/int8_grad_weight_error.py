@@ -9,8 +9,14 @@ scaling, as DeepSeek-V3's blockwise quantisation does): ``dW[n, k] = sum_b sG[b,
 whose integer products are exact. This script measures the relative error ``|dW - dW_exact| / |dW_exact|``
 (Frobenius; dW_exact in float64 from the same bf16 operands) of that int8 form and of the trainer's bf16 product
 (fp32 accumulation, a bf16 result), for normal inputs and heavy-tailed ones (log-normal magnitudes, random signs:
-activations and gradients with outlier columns, as trained models have). It builds no kernel: it is the numerical
-argument for or against writing one. Prints one JSON line per case and writes them to ``--out``.
+activations and gradients with outlier columns, as trained models have).
+
+The second form (``rel_err_int8_g_only``) keeps the activation side exact: the trainer's X~ is ``q / s`` with q the
+forward's int8 rows and s their per-token scale, so ``dW[n, k] = sum_t (G[t, n] / s_t) q[t, k]``, and only
+``G' = G / s`` (per token) is rounded, per block of tokens and per column:
+``dW = sum_b (Gq'_b^T q_b)[n, k] / sG'[b, n]`` (int8_linear.int8_grad_weight_reference). Its error is measured
+against the exact ``G^T X~`` (float64), the product the plain path rounds, as is the bf16 product of the same X~
+(``rel_err_bf16_deq``, the trainer's grad_weight). Prints one JSON line per case and writes them to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's bitnet_cli
-from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR  # noqa: E402
+from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, quantize_rows  # noqa: E402
 
 
 def blockwise_int8(t: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +52,17 @@ def int8_grad_weight(g: torch.Tensor, x: torch.Tensor, block: int) -> torch.Tens
         # |sum| <= 128 * 128 * block: exact in fp64 (and in fp32 for block <= 1024)
         prod = gq[rows].double().t() @ xq[rows].double()
         out += prod / (sg[b].double()[:, None] * sx[b].double()[None, :])
+    return out
+
+
+def int8_grad_weight_g_only(g: torch.Tensor, q: torch.Tensor, s: torch.Tensor, block: int) -> torch.Tensor:
+    """``g^T @ (q / s)`` (fp64) with only ``G' = g / s`` rounded, per ``block`` tokens and per column: exact integer
+    products per block against the forward's int8 rows ``q``, each scaled by its (block, column) scale."""
+    gq, sg = blockwise_int8(g.float() / s[:, None], block)
+    out = torch.zeros(g.shape[1], q.shape[1], dtype=torch.float64, device=g.device)
+    for b in range(sg.shape[0]):
+        rows = slice(b * block, (b + 1) * block)
+        out += (gq[rows].double().t() @ q[rows].double()) / sg[b].double()[:, None]
     return out
 
 
@@ -84,8 +101,14 @@ def main() -> None:
         x = sample(kind, (args.tokens, args.k), 1.0, gen, args.device)
         exact = g.double().t() @ x.double()
         bf16 = (g.t() @ x).to(torch.bfloat16)
+        q, s = quantize_rows(x)
+        x_deq = q.double() / s.double()[:, None]  # X~ before the trainer rounds it to bf16
+        exact_deq = g.double().t() @ x_deq
+        bf16_deq = (g.t() @ x_deq.to(torch.bfloat16)).to(torch.bfloat16)
         row = {"inputs": kind, "tokens": args.tokens, "n": args.n, "k": args.k, "block": args.block,
-               "rel_err_bf16": round(rel(bf16, exact), 6), "rel_err_int8": round(rel(int8_grad_weight(g, x, args.block), exact), 6)}
+               "rel_err_bf16": round(rel(bf16, exact), 6), "rel_err_int8": round(rel(int8_grad_weight(g, x, args.block), exact), 6),
+               "rel_err_bf16_deq": round(rel(bf16_deq, exact_deq), 6),
+               "rel_err_int8_g_only": round(rel(int8_grad_weight_g_only(g, q, s, args.block), exact_deq), 6)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

@@ -30,6 +30,9 @@
    launch (rows per program, warps), timed and checked against the default launch (:func:`sweep_grad_rows`).
 7. ``--norm-quant MODELS`` (alone): ``bitnet::norm_quant`` against its reference on the GPU (:func:`check_norm_quant`),
    then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
+8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
+   references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
+   (:func:`sweep_grad_weight`).
 """
 
 from __future__ import annotations
@@ -565,6 +568,92 @@ def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) 
     return out
 
 
+# The weight gradients' (input width K, output-gradient parts) per model: q/k/v, o, gate/up, down.
+GRAD_WEIGHT_SHAPES = {name: [(k, widths) for (k, _), widths in zip(SHAPES[name][1], GRAD_ROW_SHAPES[name])]
+                      for name in SHAPES}
+
+
+def check_grad_weight() -> list[dict]:
+    """``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (Triton) against their references on the
+    CPU, bit for bit: ragged token counts (a partial last block), one to three parts, bf16 and fp32 gradients,
+    an all-zero column block, the transposed and untransposed operand layouts (:func:`sweep_grad_weight`'s)."""
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    torch.manual_seed(5)
+    for m, widths, k, dtype in [(1000, [200], 336, torch.bfloat16), (4096, [768] * 3, 768, torch.bfloat16),
+                                (777, [300, 52], 5460, torch.float32), (2048, [2048] * 2, 1536, torch.bfloat16)]:
+        parts = [(torch.randn(m, w) * 3e-8 * torch.rand(m, 1) * 4).to(dtype) for w in widths]
+        parts[0][:128, :5] = 0
+        s_x = torch.rand(m) * 60 + 0.5
+        q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        gq_ref, d_ref = L.quantize_grad_cols_reference(parts, s_x)
+        dw_ref = L.int8_grad_weight_reference(gq_ref, q.t().contiguous(), d_ref)
+        cuda = [p.cuda() for p in parts]
+        for transposed in (True, False):
+            gq, d = T.quantize_grad_cols(cuda, s_x.cuda(), transposed=transposed)
+            for q_t in (q.cuda().t().contiguous(), q.cuda().t()):
+                dw = T.int8_grad_weight(gq, q_t, d)
+                out.append({"m": m, "widths": widths, "k": k, "dtype": str(dtype), "gq_transposed": transposed,
+                            "q_transposed": q_t.stride(1) == 1,
+                            "bit_exact": torch.equal(gq.cpu(), gq_ref) and torch.equal(d.cpu(), d_ref)
+                            and torch.equal(dw.cpu(), dw_ref)})
+                print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None) -> list[dict]:
+    """Each weight gradient of a layer (the trainer's micro-batch of ``m`` tokens; bf16 output-gradient parts, X~
+    from int8 rows): the bf16 products the trainer runs (one per part, ``g.t() @ x_deq``, then to fp32) against the
+    int8 form (:func:`int8_linear.int8_grad_weights`): the rounding of G' (``quantize_grad_cols``), the transposed
+    copy of q, the product; the product also on untransposed operands (no copy: Triton converts the layout in
+    the kernel). Times are do_bench medians (ms); ``err_*``: the relative error against G^T X~ in float64."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    torch.manual_seed(6)
+    for name in models:
+        for k, widths in GRAD_WEIGHT_SHAPES[name]:
+            n = sum(widths)
+            parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
+            q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            q = L.pad_rows(q)
+            x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
+            flops = 2 * m * n * k
+            row = {"model": name, "m": m, "k": k, "widths": widths}
+            row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
+            row["quant_ms"] = do_bench(lambda: T.quantize_grad_cols(parts, s_x), return_mode="median")
+            row["transpose_ms"] = do_bench(lambda: q.t().contiguous(), return_mode="median")
+            gq, d = T.quantize_grad_cols(parts, s_x)
+            q_t = q.t().contiguous()
+            row["mm_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q_t, d), return_mode="median")
+            c = T._int8_grad_weight_kernel.best_config
+            row["mm_tile"] = f"{c.kwargs['BM']}x{c.kwargs['BN']} w{c.num_warps} s{c.num_stages}"
+            row["mm_q_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q.t(), d), return_mode="median")
+            gq_n, d_n = T.quantize_grad_cols(parts, s_x, transposed=False)
+            row["mm_both_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq_n, q.t(), d_n), return_mode="median")
+            row["quant_untransposed_ms"] = do_bench(lambda: T.quantize_grad_cols(parts, s_x, transposed=False),
+                                                    return_mode="median")
+            row["int8_total_ms"] = row["quant_ms"] + row["transpose_ms"] + row["mm_ms"]
+            row["op_ms"] = do_bench(lambda: L.int8_grad_weights(parts, q, s_x), return_mode="median")
+            row["bf16_TFLOPs"] = round(flops / row["bf16_ms"] / 1e9, 1)
+            row["mm_TOPs"] = round(flops / row["mm_ms"] / 1e9, 1)
+            exact = torch.cat([g.double().t() @ x_deq.double() for g in parts])
+            dw = torch.cat(L.int8_grad_weights(parts, q, s_x))
+            row["err_int8"] = ((dw.double() - exact).norm() / exact.norm()).item()
+            bf = torch.cat([(g.t() @ x_deq).float() for g in parts])
+            row["err_bf16"] = ((bf.double() - exact).norm() / exact.norm()).item()
+            row = {key: round(v, 5) if isinstance(v, float) else v for key, v in row.items()}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+            if path:
+                with open(path, "w") as f:
+                    json.dump({"gpu": torch.cuda.get_device_name(), "grad_weight_sweep": out}, f, indent=1)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
@@ -575,8 +664,18 @@ def main():
     ap.add_argument("--grad-rows", default="", help="models whose output-gradient shapes time quantize_grad_rows' launches")
     ap.add_argument("--norm-quant", default="", help="models whose sub-norm shapes time norm_quant's launches, after "
                     "norm_quant's checks (alone)")
+    ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
+                    "against bf16, after its checks (alone)")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.grad_weight:
+        result = {"gpu": torch.cuda.get_device_name(), "grad_weight": check_grad_weight()}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        result["grad_weight_sweep"] = sweep_grad_weight([m for m in args.grad_weight.split(",") if m])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        sys.exit(0 if all(r["bit_exact"] for r in result["grad_weight"]) else 1)
     if args.norm_quant:
         result = {"gpu": torch.cuda.get_device_name(), "norm_quant": check_norm_quant(),
                   "norm_quant_autograd": check_norm_quant_autograd()}

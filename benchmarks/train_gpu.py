@@ -9,7 +9,8 @@
     python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
-``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products), ``bitnet``
+``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products; the weight gradient in bf16),
+``int8w`` (the same with ``train.int8_grad_weight: on``: the weight gradient on int8 products too), ``bitnet``
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
 and ``none`` (the same architecture in full precision, ``quant: none``). It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
@@ -19,11 +20,11 @@ writing and compiling that the figures leave out anyway); the JSON is rewritten 
 so a run cut off by a time limit keeps the ones before it, and ``--run-dir`` keeps each run's
 directory (its metrics.jsonl row by row).
 
-``--curve N`` trains ``int8`` and ``bitnet`` for N steps from the same seed and batches and
-reports how far apart their loss curves are over the first ``--check`` steps (300) and over the
-whole run, and the final train and validation losses (the GPU check that the fast path trains
-like the plain one). ``--parallel`` trains the two side by side on the one GPU (the curves do
-not depend on speed), in about half the wall time.
+``--curve N`` trains ``bitnet`` and each of ``--curve-variants`` (``int8``) for N steps from the same seed and
+batches and reports how far apart each one's loss curve is from ``bitnet``'s over the first ``--check`` steps
+(300) and over the whole run, and the final train and validation losses (the GPU check that the fast path
+trains like the plain one). ``--parallel`` trains them side by side on the one GPU (the curves do not depend on
+speed), in less wall time.
 
 The int8 variant runs, per product shape, the faster of the two int8 product kernels (pointer loads,
 persistent TMA); ``BITNET_INT8_MM=pointer`` or ``tma`` in the environment runs one of them everywhere
@@ -48,7 +49,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's bitnet_cli, not an installed one
-VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on"],
+VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_grad_weight=off"],
+            "int8w": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_grad_weight=on"],
             "bitnet": ["model.quant=bitnet", "train.int8_matmul=off"],
             "none": ["model.quant=none", "train.int8_matmul=off"]}
 # The paper recipes read data/*.txt; the benchmark measures speed, so any corpus will do.
@@ -177,7 +179,8 @@ def main():
     ap.add_argument("--variants", default="int8,bitnet,none")
     ap.add_argument("--curve", type=int, default=0, help="train int8 and bitnet N steps and compare the losses")
     ap.add_argument("--check", type=int, default=300, help="--curve: also compare the first CHECK steps")
-    ap.add_argument("--parallel", action="store_true", help="--curve: train the two side by side")
+    ap.add_argument("--curve-variants", default="int8", help="--curve: the variants compared with bitnet")
+    ap.add_argument("--parallel", action="store_true", help="--curve: train the variants side by side")
     ap.add_argument("--run-dir", help="keep the runs' directories here (default: temporary)")
     ap.add_argument("--profile", action="store_true", help="trace two steps of each run (GPU time by kind)")
     args = ap.parse_args()
@@ -225,41 +228,45 @@ def _curve_run(job: tuple) -> dict:
 
 
 def curve(recipe: Path, gpu: str, args) -> None:
-    """``--curve``: int8 against the plain path (``bitnet``), same seed and batches."""
-    jobs = [(recipe, v, args.curve, args.set, args.run_dir) for v in ("int8", "bitnet")]
+    """``--curve``: each of ``--curve-variants`` against the plain path (``bitnet``), same seed and batches."""
+    variants = [v for v in args.curve_variants.split(",") if v]
+    jobs = [(recipe, v, args.curve, args.set, args.run_dir) for v in [*variants, "bitnet"]]
     if args.parallel:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(2) as pool:  # CUDA needs fresh processes
-            a, b = pool.map(_curve_run, jobs)
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:  # CUDA needs fresh processes
+            *runs, b = pool.map(_curve_run, jobs)
     else:
-        a, b = map(_curve_run, jobs)
-    la, lb = dict(map(tuple, a["losses"])), dict(map(tuple, b["losses"]))
-    common = [s for s in sorted(la) if s in lb]
-
-    def diffs(steps):
-        return [abs(la[s] - lb[s]) for s in steps] or [float("nan")]
-
-    early = diffs([s for s in common if s <= args.check])
-    late = diffs([s for s in common if s > args.curve // 2])
-    tail = [s for s in common if s > args.curve - 100]  # the last 100 steps: less noise than one step's loss
-    out = {"gpu": gpu, "recipe": recipe.name, "steps": args.curve, "overrides": args.set,
-           "int8": a["losses"], "bitnet": b["losses"],
-           **{f"{k}_{v}": r[k] for v, r in (("int8", a), ("bitnet", b)) for k in ("final_loss", "val_loss", "wall_s")},
-           "max_abs_diff": max(diffs(common)), f"max_abs_diff_first_{args.check}": max(early),
-           f"mean_abs_diff_first_{args.check}": statistics.mean(early), "mean_abs_diff_second_half": statistics.mean(late),
-           "last100_mean_int8": statistics.mean(la[s] for s in tail),
-           "last100_mean_bitnet": statistics.mean(lb[s] for s in tail),
-           "val_loss_diff": a["val_loss"] - b["val_loss"]}
-    Path(args.out).write_text(json.dumps(out, indent=1))
+        *runs, b = map(_curve_run, jobs)
+    out = {"gpu": gpu, "recipe": recipe.name, "steps": args.curve, "overrides": args.set, "bitnet": b["losses"],
+           **{f"{k}_bitnet": b[k] for k in ("final_loss", "val_loss", "wall_s")}}
+    lb = dict(map(tuple, b["losses"]))
     print(f"\n{gpu}  {recipe.name}  {args.curve} steps  {' '.join(args.set)}")
-    for s in common:
-        print(f"step {s:5d}  int8 {la[s]:.4f}  bitnet {lb[s]:.4f}  diff {la[s] - lb[s]:+.4f}")
-    print(f"first {args.check} steps: max |diff| {max(early):.4f}, mean {statistics.mean(early):.4f}; "
-          f"whole run: max {max(diffs(common)):.4f}, mean (2nd half) {statistics.mean(late):.4f}")
-    print(f"final train loss int8 {a['final_loss']:.4f}  bitnet {b['final_loss']:.4f}; mean of the last 100 steps "
-          f"{out['last100_mean_int8']:.4f} / {out['last100_mean_bitnet']:.4f}; val loss {a['val_loss']:.4f} / "
-          f"{b['val_loss']:.4f} (diff {out['val_loss_diff']:+.4f})")
+    for v, a in zip(variants, runs):
+        la = dict(map(tuple, a["losses"]))
+        common = [s for s in sorted(la) if s in lb]
+
+        def diffs(steps):
+            return [abs(la[s] - lb[s]) for s in steps] or [float("nan")]
+
+        early = diffs([s for s in common if s <= args.check])
+        late = diffs([s for s in common if s > args.curve // 2])
+        tail = [s for s in common if s > args.curve - 100]  # the last 100 steps: less noise than one step's loss
+        out.update({v: a["losses"], **{f"{k}_{v}": a[k] for k in ("final_loss", "val_loss", "wall_s")},
+                    f"max_abs_diff_{v}": max(diffs(common)), f"max_abs_diff_first_{args.check}_{v}": max(early),
+                    f"mean_abs_diff_first_{args.check}_{v}": statistics.mean(early),
+                    f"mean_abs_diff_second_half_{v}": statistics.mean(late),
+                    f"last100_mean_{v}": statistics.mean(la[s] for s in tail),
+                    "last100_mean_bitnet": statistics.mean(lb[s] for s in tail),
+                    f"val_loss_diff_{v}": a["val_loss"] - b["val_loss"]})
+        for s in common:
+            print(f"step {s:5d}  {v} {la[s]:.4f}  bitnet {lb[s]:.4f}  diff {la[s] - lb[s]:+.4f}")
+        print(f"{v}: first {args.check} steps: max |diff| {max(early):.4f}, mean {statistics.mean(early):.4f}; "
+              f"whole run: max {max(diffs(common)):.4f}, mean (2nd half) {statistics.mean(late):.4f}")
+        print(f"{v}: final train loss {a['final_loss']:.4f}  bitnet {b['final_loss']:.4f}; mean of the last 100 "
+              f"steps {out[f'last100_mean_{v}']:.4f} / {out['last100_mean_bitnet']:.4f}; val loss "
+              f"{a['val_loss']:.4f} / {b['val_loss']:.4f} (diff {out[f'val_loss_diff_{v}']:+.4f})")
+    Path(args.out).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -244,6 +244,90 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
     return (g.t() @ x).to(out_dtype)
 
 
+# ----------------------------------------------------------------------------- the int8 weight gradient
+
+
+# Tokens per scaling block of the int8 weight gradient's output-gradient operand: one reduction step of its product
+# (the int8 tensor cores' 128-deep step, DeepSeek-V3's block); each block's exact int32 product is scaled once.
+GRAD_WEIGHT_BLOCK = 128
+
+
+def quantize_grad_cols_reference(parts: list[torch.Tensor], s_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``bitnet::quantize_grad_cols`` computes: the int8 weight gradient's output-gradient operand.
+
+    The weight gradient is ``dW = G^T X~`` with ``X~ = q / s_x`` (the forward's int8 rows and per-token scales), so
+    ``dW[n, k] = sum_t G'[t, n] q[t, k]`` with ``G' = G / s_x`` (per token, fp32); only G' is rounded, per block of
+    ``GRAD_WEIGHT_BLOCK`` tokens and per column (absmax, the gradients' floor). Returns ``(gq_t int8 [N, M]``: G'
+    rounded, transposed (tokens contiguous, the K-major operand of the product; rows 16-byte aligned),
+    ``d fp32 [ceil(M / block), N]``: each block and column's ``1 / scale``), N the parts' widths summed."""
+    g = torch.cat([p.float() for p in parts], dim=-1) if len(parts) > 1 else parts[0].float()
+    g = g / s_x[:, None]
+    m, n = g.shape
+    blocks = -(-m // GRAD_WEIGHT_BLOCK)
+    g = torch.nn.functional.pad(g, (0, 0, 0, blocks * GRAD_WEIGHT_BLOCK - m)).reshape(blocks, GRAD_WEIGHT_BLOCK, n)
+    scale = 127.0 / g.abs().amax(dim=1).clamp(min=GRAD_ABSMAX_FLOOR)
+    q = (g * scale[:, None, :]).round().clamp(-128, 127).to(torch.int8).reshape(-1, n)[:m]
+    return int8_rows(n, m, q.device).copy_(q.t()), 1.0 / scale
+
+
+def int8_grad_weight_reference(gq_t: torch.Tensor, q_t: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """What ``bitnet::int8_grad_weight`` computes: ``dW [N, K] fp32 = sum_b (gq_t_b @ q_t_b^T) * d[b][:, None]``
+    over the blocks b of ``GRAD_WEIGHT_BLOCK`` tokens, in order; each block's integer product exact (float64:
+    |p| <= 128 * 128 * block), then one fp32 product and one fp32 sum (the kernel runs without fma contraction).
+    ``gq_t`` int8 [N, M] and ``d`` from :func:`quantize_grad_cols_reference`, ``q_t`` int8 [K, M]: the forward's
+    rows transposed."""
+    n, m = gq_t.shape
+    out = torch.zeros((n, q_t.shape[0]), dtype=torch.float32, device=gq_t.device)
+    for b in range(d.shape[0]):
+        cols = slice(b * GRAD_WEIGHT_BLOCK, min((b + 1) * GRAD_WEIGHT_BLOCK, m))
+        p = torch.mm(gq_t[:, cols].double(), q_t[:, cols].double().t()).float()
+        out = out + p * d[b][:, None]
+    return out
+
+
+_LIB.define("quantize_grad_cols(Tensor[] parts, Tensor s_x) -> (Tensor, Tensor)")
+_LIB.define("int8_grad_weight(Tensor gq_t, Tensor q_t, Tensor d) -> Tensor")
+
+
+def _quantize_grad_cols_cuda(parts, s_x):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.quantize_grad_cols(parts, s_x)
+
+
+def _int8_grad_weight_cuda(gq_t, q_t, d):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.int8_grad_weight(gq_t, q_t, d)
+
+
+_LIB.impl("quantize_grad_cols", _quantize_grad_cols_cuda, "CUDA")
+_LIB.impl("quantize_grad_cols", quantize_grad_cols_reference, "CompositeExplicitAutograd")
+_LIB.impl("int8_grad_weight", _int8_grad_weight_cuda, "CUDA")
+_LIB.impl("int8_grad_weight", int8_grad_weight_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::quantize_grad_cols", lib=_LIB)
+def _(parts, s_x):
+    m = parts[0].shape[0]
+    n = sum(p.shape[1] for p in parts)
+    return int8_rows(n, m, parts[0].device), s_x.new_empty((-(-m // GRAD_WEIGHT_BLOCK), n), dtype=torch.float32)
+
+
+@torch.library.register_fake("bitnet::int8_grad_weight", lib=_LIB)
+def _(gq_t, q_t, d):
+    return gq_t.new_empty((gq_t.shape[0], q_t.shape[0]), dtype=torch.float32)
+
+
+def int8_grad_weights(gs: list[torch.Tensor], q: torch.Tensor, s_x: torch.Tensor) -> list[torch.Tensor]:
+    """The weight gradients ``[G_i^T X~ for G_i in gs]`` (fp32) of projections of one input on int8 products:
+    ``bitnet::quantize_grad_cols`` of the output gradients' parts (one pass), the forward's int8 rows ``q``
+    transposed (tokens contiguous), one ``bitnet::int8_grad_weight`` over the stacked projections, split by rows."""
+    gq_t, d = torch.ops.bitnet.quantize_grad_cols.default(gs, s_x)
+    dw = torch.ops.bitnet.int8_grad_weight.default(gq_t, q.t().contiguous(), d)
+    return list(dw.split([g.shape[1] for g in gs])) if len(gs) > 1 else [dw]
+
+
 # ----------------------------------------------------------------------------- the sub-norms' rounding
 
 
@@ -358,29 +442,32 @@ class _Int8Linear(torch.autograd.Function):
     (:class:`_NormQuant`; x is then their dequantised values, X~), else None; T [N, K], T^T [K, N] made contiguous (the K-major operand
     of grad_input) and col_scale [N]: the ternary weights of one or more projections of x stacked
     by rows (:func:`stacked_ternary`); ``dtype`` the compute dtype (the autocast dtype, else x's);
-    ``int8_grad`` grad_input's arithmetic; then the projections' latent weights, in T's row order
+    ``int8_grad`` grad_input's arithmetic, ``int8_weight`` grad_weight's (:func:`int8_grad_weights`: the
+    forward saves q and s_x for it instead of X~); then the projections' latent weights, in T's row order
     (for their gradients only). Returns one output [M, N_i] per projection (views of one product)."""
 
     @staticmethod
-    def forward(ctx, x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, *weights):
+    def forward(ctx, x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, int8_weight, *weights):
         if q is None:
             q, s_x = quantize_rows(x)
             # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
             # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
-            x_deq = (q.float() / s_x[:, None]).to(dtype)
+            x_deq = None if int8_weight else (q.float() / s_x[:, None]).to(dtype)
         else:  # rounded already (norm_quant): x is its x_deq
             x_deq = x
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        ctx.save_for_backward(x_deq, trits, trits_t, col_scale)
-        ctx.dtype, ctx.int8_grad, ctx.x_dtype = dtype, int8_grad, x.dtype
+        saved = (q, s_x) if int8_weight else (x_deq,)
+        ctx.save_for_backward(trits, trits_t, col_scale, *saved)
+        ctx.dtype, ctx.int8_grad, ctx.int8_weight, ctx.x_dtype = dtype, int8_grad, int8_weight, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
         return tuple(y.split(ctx.rows, dim=-1)) if len(weights) > 1 else y
 
     @staticmethod
     def backward(ctx, *gs):
-        x_deq, trits, trits_t, col_scale = ctx.saved_tensors
+        trits, trits_t, col_scale, *saved = ctx.saved_tensors
+        m = saved[0].shape[0]
         # An output nobody used gets no gradient: zeros, so that the parts still line up with T's rows.
-        gs = [(x_deq.new_zeros((x_deq.shape[0], n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
+        gs = [(saved[0].new_zeros((m, n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
               for g, n in zip(gs, ctx.rows)]
         grad_x = None
         grads_w = [None] * len(ctx.rows)
@@ -394,16 +481,21 @@ class _Int8Linear(torch.autograd.Function):
                 g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
                 grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
             grad_x = grad_x.to(ctx.x_dtype)
-        if any(ctx.needs_input_grad[8:]):
-            grads_w = [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, ctx.w_dtypes)]
-        return (grad_x, None, None, None, None, None, None, None, *grads_w)
+        if any(ctx.needs_input_grad[9:]):
+            if ctx.int8_weight:
+                grads_w = [dw.to(dt) for dw, dt in zip(int8_grad_weights(gs, *saved), ctx.w_dtypes)]
+            else:
+                grads_w = [_grad_weight(g, saved[0], dt) for g, dt in zip(gs, ctx.w_dtypes)]
+        return (grad_x, None, None, None, None, None, None, None, None, *grads_w)
 
 
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-                int8_grad: bool = True, norm: nn.Module | None = None, gate: torch.Tensor | None = None) -> list[torch.Tensor]:
+                int8_grad: bool = True, norm: nn.Module | None = None, gate: torch.Tensor | None = None,
+                int8_weight: bool = False) -> list[torch.Tensor]:
     """``[BitLinear_w(x) for w in weights]`` on int8 products (no biases); the stacked ternary
-    weight (:func:`stacked_ternary`) is derived here unless given. ``norm`` (an RMSNorm): the products
+    weight (:func:`stacked_ternary`) is derived here unless given. ``int8_grad``, ``int8_weight``: grad_input and
+    grad_weight on int8 products too (:class:`_Int8Linear`). ``norm`` (an RMSNorm): the products
     read ``norm(x)``, or with ``gate`` ``norm(relu2(gate, x))``, rounded with the norm in one pass (:func:`norm_quant`)."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
@@ -415,7 +507,7 @@ def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tenso
     if norm is not None:
         gate = None if gate is None else gate.reshape(-1, gate.shape[-1])
         q, s_x, x, _ = _NormQuant.apply(x, gate, norm.weight, norm.eps, dtype, _norm_dtype(x, gate))
-    ys = _Int8Linear.apply(x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, *weights)
+    ys = _Int8Linear.apply(x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, int8_weight, *weights)
     ys = ys if isinstance(ys, tuple) else (ys,)
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
@@ -463,9 +555,10 @@ class Int8Product(nn.Module):
     buffers filled by :meth:`refresh` once per step; without it (FSDP, where the full weights
     exist only inside the forward) each forward derives it from the weights it is given."""
 
-    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool, norm_quant: bool = False):
+    def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool, norm_quant: bool = False,
+                 int8_weight: bool = False):
         super().__init__()
-        self.int8_grad, self.cache = int8_grad, cache
+        self.int8_grad, self.int8_weight, self.cache = int8_grad, int8_weight, cache
         self.norm_quant = norm_quant  # whether model._sub_norm_project hands this product its sub-norm (norm_quant)
         self.rows = [p.out_features for p in projs]
         if cache:
@@ -481,12 +574,13 @@ class Int8Product(nn.Module):
         """``norm``, ``gate``: as :func:`int8_linear`'s (the projections read ``norm(x)``, ``norm(relu2(gate, x))``)."""
         weights = [p.weight for p in projs]
         if not self.cache:
-            outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate)
+            outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate, int8_weight=self.int8_weight)
         else:
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
-            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate)
+            outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate,
+                               self.int8_weight)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
 
     @torch.no_grad()
@@ -512,25 +606,26 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
     return groups
 
 
-def enable(model: nn.Module, int8_grad: bool, cache: bool) -> int:
+def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = False) -> int:
     """Switch every BitLinear of ``model`` to int8 products; returns how many.
 
     Projections of one input (a module's ``shared_input``) get one stacked product on their owner
     (``owner.int8_fused``); every other BitLinear its own (``BitLinear.int8``). ``cache``: keep the
-    ternary weights as buffers filled by :func:`refresh` once per step.
+    ternary weights as buffers filled by :func:`refresh` once per step. ``int8_grad``, ``int8_weight``: grad_input,
+    grad_weight on int8 products too (``train.int8_grad_input``, ``train.int8_grad_weight``).
     """
     from bitnet_cli.model import BitLinear
 
     fused = set()
     for owner, projs in _shared_input_groups(model):
-        owner.int8_fused = Int8Product(projs, int8_grad, cache)
+        owner.int8_fused = Int8Product(projs, int8_grad, cache, int8_weight=int8_weight)
         fused.update(map(id, projs))
     n = 0
     nq = norm_quant_enabled()
     for m in list(model.modules()):
         if isinstance(m, BitLinear):
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
-            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq)
+            m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
     return n
 

@@ -548,6 +548,133 @@ def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows:
     return q, s
 
 
+# ----------------------------------------------------------------------------- the int8 weight gradient
+
+
+@triton.jit
+def _quantize_grad_cols_kernel(g_ptr, sx_ptr, q_ptr, d_ptr, M, N, stride_g, stride_qn, stride_qt, stride_d,
+                               FLOOR: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr):
+    """One block of BT tokens x BN columns of one part: ``G' = G / s_x`` (per token), its columns' absmax over the
+    block, the int8 values stored at ``q[n, t]`` (``stride_qn``, ``stride_qt``: the transposed operand or not), each
+    column's ``1 / scale`` at ``d[block, n]``; rows past M count as 0."""
+    pid_t = tl.program_id(0)
+    rt = pid_t * BT + tl.arange(0, BT)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    inside = (rt[:, None] < M) & (rn[None, :] < N)
+    g = tl.load(g_ptr + rt[:, None].to(tl.int64) * stride_g + rn[None, :], mask=inside, other=0.0).to(tl.float32)
+    sx = tl.load(sx_ptr + rt, mask=rt < M, other=1.0)
+    g = tl.div_rn(g, sx[:, None])  # torch's correctly rounded fp32 division
+    # ``127 / max(absmax, floor)`` as torch computes it (the reciprocal, correctly rounded, then times 127)
+    s = tl.div_rn(tl.full([BN], 1.0, tl.float32), tl.maximum(tl.max(tl.abs(g), 0), FLOOR)) * 127.0
+    q = tl.minimum(tl.maximum(_rint(g * s[None, :]), -128.0), 127.0).to(tl.int8)
+    tl.store(q_ptr + rn[None, :].to(tl.int64) * stride_qn + rt[:, None] * stride_qt, q, mask=inside)
+    tl.store(d_ptr + pid_t * stride_d + rn, tl.div_rn(tl.full([BN], 1.0, tl.float32), s), mask=rn < N)
+
+
+def quantize_grad_cols(parts: list[torch.Tensor], s_x: torch.Tensor, transposed: bool = True,
+                       columns: int = 64, warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitnet::quantize_grad_cols`` on CUDA (int8_linear.quantize_grad_cols_reference's values): one launch per
+    part, each program a block of tokens x ``columns``. ``transposed=False`` (measurements): the int8 G' stored
+    [M, N] (columns contiguous) instead, as ``q[n, t]``'s transpose of it."""
+    from bitnet_cli.train.int8_linear import GRAD_WEIGHT_BLOCK
+
+    parts = [p if p.stride(-1) == 1 else p.contiguous() for p in parts]
+    m = parts[0].shape[0]
+    n = sum(p.shape[1] for p in parts)
+    q = int8_rows(n, m, parts[0].device) if transposed else int8_rows(m, n, parts[0].device).t()
+    d = torch.empty((triton.cdiv(m, GRAD_WEIGHT_BLOCK), n), dtype=torch.float32, device=parts[0].device)
+    s_x = s_x.float().contiguous()
+    col = 0
+    for p in parts:
+        w = p.shape[1]
+        _quantize_grad_cols_kernel[(d.shape[0], triton.cdiv(w, columns))](
+            p, s_x, q[col:], d[:, col:], m, w, p.stride(0), q.stride(0), q.stride(1), d.stride(0),
+            FLOOR=GRAD_ABSMAX_FLOOR, BT=GRAD_WEIGHT_BLOCK, BN=columns, num_warps=warps)
+        col += w
+    return q, d
+
+
+# Tiles of the int8 weight gradient. Each 128-token step's int32 tile is converted and scaled into an fp32
+# accumulator, so a thread holds both: 128 x 128 tiles on 8 warps keep them at 64 + 64 registers; the wider ones may
+# spill (the autotuner times them anyway).
+_GRAD_WEIGHT_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 128, "BN": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 256, "BN": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+
+
+@triton.autotune(configs=_GRAD_WEIGHT_CONFIGS, key=["N", "K", "M"])
+@triton.heuristics({"EVEN_M": lambda args: args["M"] % args["BT"] == 0})
+@triton.jit
+def _int8_grad_weight_kernel(a_ptr, b_ptr, d_ptr, c_ptr, N, K, M, stride_an, stride_at, stride_bk, stride_bt,
+                             stride_d, stride_c, BT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                             GROUP_M: tl.constexpr, EVEN_M: tl.constexpr):
+    """``C[N, K] = sum_b (A_b @ B_b^T) * d[b][:, None]`` over blocks b of BT tokens: A int8 [N, M] (the rounded G'),
+    B int8 [K, M] (the forward's rows), each block's product exact in int32, then scaled per row and summed in fp32
+    (launched without fma contraction: a product and a sum, as the reference rounds them)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(N, BM)
+    grid_n = tl.cdiv(K, BN)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rt = tl.arange(0, BT)
+    # Out-of-range rows/columns read row 0 (wrap) instead of masking: their results are never stored.
+    ra = tl.max_contiguous(tl.multiple_of(rm % N, BM), BM)
+    rb = tl.max_contiguous(tl.multiple_of(rn % K, BN), BN)
+    a_ptrs = a_ptr + ra[:, None].to(tl.int64) * stride_an + rt[None, :] * stride_at
+    b_ptrs = b_ptr + rb[None, :].to(tl.int64) * stride_bk + rt[:, None] * stride_bt
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    d_ptrs = d_ptr + ra
+    # Whole blocks load without a mask (as _int8_mm_kernel's K steps); a partial last block masks its tokens.
+    for _ in range(0, M // BT):
+        p = tl.dot(tl.load(a_ptrs), tl.load(b_ptrs), out_dtype=tl.int32)
+        acc = acc + p.to(tl.float32) * tl.load(d_ptrs)[:, None]
+        a_ptrs += BT * stride_at
+        b_ptrs += BT * stride_bt
+        d_ptrs += stride_d
+    if not EVEN_M:
+        left = M % BT
+        a = tl.load(a_ptrs, mask=rt[None, :] < left, other=0)
+        b = tl.load(b_ptrs, mask=rt[:, None] < left, other=0)
+        p = tl.dot(a, b, out_dtype=tl.int32)
+        acc = acc + p.to(tl.float32) * tl.load(d_ptrs)[:, None]
+    c_ptrs = c_ptr + rm[:, None].to(tl.int64) * stride_c + rn[None, :]
+    tl.store(c_ptrs, acc, mask=(rm[:, None] < N) & (rn[None, :] < K))
+
+
+def int8_grad_weight(gq_t: torch.Tensor, q_t: torch.Tensor, d: torch.Tensor,
+                     config: triton.Config | None = None) -> torch.Tensor:
+    """``bitnet::int8_grad_weight`` on CUDA (int8_linear.int8_grad_weight_reference's values). ``gq_t`` [N, M] and
+    ``q_t`` [K, M] may be transposed views (the token axis not contiguous; for measurements). ``config``: one of
+    the kernel's tiles instead of the autotuner's choice (Triton's interpreter cannot time them)."""
+    from bitnet_cli.train.int8_linear import GRAD_WEIGHT_BLOCK
+
+    n, m = gq_t.shape
+    k = q_t.shape[0]
+    assert q_t.shape[1] == m and d.shape == (triton.cdiv(m, GRAD_WEIGHT_BLOCK), n) and d.stride(1) == 1
+    c = torch.empty((n, k), dtype=torch.float32, device=gq_t.device)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BM"]) * triton.cdiv(k, meta["BN"]),)
+
+    args = (gq_t, q_t, d, c, n, k, m, gq_t.stride(0), gq_t.stride(1), q_t.stride(0), q_t.stride(1), d.stride(0),
+            c.stride(0))
+    if config is not None:
+        _int8_grad_weight_kernel.fn.fn[grid(config.kwargs)](*args, BT=GRAD_WEIGHT_BLOCK, EVEN_M=m % GRAD_WEIGHT_BLOCK == 0,
+                                                            **config.all_kwargs(), enable_fp_fusion=False)
+    else:
+        _int8_grad_weight_kernel[grid](*args, BT=GRAD_WEIGHT_BLOCK, enable_fp_fusion=False)
+    return c
+
+
 # ----------------------------------------------------------------------------- the per-step ternary refresh
 
 
