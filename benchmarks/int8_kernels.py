@@ -569,8 +569,8 @@ def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) 
 
 
 # The weight gradients' (input width K, output-gradient parts) per model: q/k/v, o, gate/up, down.
-GRAD_WEIGHT_SHAPES = {name: [(k, widths) for (k, _), widths in zip(SHAPES[name][1], GRAD_ROW_SHAPES[name])]
-                      for name in SHAPES}
+GRAD_WEIGHT_SHAPES = {name: [(k, [n] if len(widths) == 1 else widths) for (k, n), widths in
+                             zip(SHAPES[name][1], [GRAD_ROW_SHAPES[name][i] for i in (0, 1, 2, 1)])] for name in SHAPES}
 
 
 def check_grad_weight() -> list[dict]:
