@@ -569,8 +569,8 @@ def sweep_grad_rows(models: list[str], m: int = 32768, path: str | None = None) 
 
 
 # The weight gradients' (input width K, output-gradient parts) per model: q/k/v, o, gate/up, down.
-GRAD_WEIGHT_SHAPES = {name: [(k, widths) for (k, _), widths in zip(SHAPES[name][1], GRAD_ROW_SHAPES[name])]
-                      for name in SHAPES}
+GRAD_WEIGHT_SHAPES = {name: [(k, [n] if len(widths) == 1 else widths) for (k, n), widths in
+                             zip(SHAPES[name][1], [GRAD_ROW_SHAPES[name][i] for i in (0, 1, 2, 1)])] for name in SHAPES}
 
 
 def check_grad_weight() -> list[dict]:
@@ -589,16 +589,12 @@ def check_grad_weight() -> list[dict]:
         q = torch.randint(-128, 128, (m, k), dtype=torch.int8)
         gq_ref, d_ref = L.quantize_grad_cols_reference(parts, s_x)
         dw_ref = L.int8_grad_weight_reference(gq_ref, q.t().contiguous(), d_ref)
-        cuda = [p.cuda() for p in parts]
-        for transposed in (True, False):
-            gq, d = T.quantize_grad_cols(cuda, s_x.cuda(), transposed=transposed)
-            for q_t in (q.cuda().t().contiguous(), q.cuda().t()):
-                dw = T.int8_grad_weight(gq, q_t, d)
-                out.append({"m": m, "widths": widths, "k": k, "dtype": str(dtype), "gq_transposed": transposed,
-                            "q_transposed": q_t.stride(1) == 1,
-                            "bit_exact": torch.equal(gq.cpu(), gq_ref) and torch.equal(d.cpu(), d_ref)
-                            and torch.equal(dw.cpu(), dw_ref)})
-                print(json.dumps(out[-1]), flush=True)
+        gq, d = T.quantize_grad_cols([p.cuda() for p in parts], s_x.cuda())
+        dw = T.int8_grad_weight(gq, L.pad_rows(q.cuda()).t().contiguous(), d)
+        out.append({"m": m, "widths": widths, "k": k, "dtype": str(dtype),
+                    "bit_exact": torch.equal(gq.cpu(), gq_ref) and torch.equal(d.cpu(), d_ref)
+                    and torch.equal(dw.cpu(), dw_ref)})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -608,6 +604,7 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     int8 form (:func:`int8_linear.int8_grad_weights`): the rounding of G' (``quantize_grad_cols``), the transposed
     copy of q, the product; the product also on untransposed operands (no copy: Triton converts the layout in
     the kernel). Times are do_bench medians (ms); ``err_*``: the relative error against G^T X~ in float64."""
+    import triton
     from triton.testing import do_bench
 
     from bitnet_cli.train import int8_triton as T
@@ -631,11 +628,21 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
             row["mm_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q_t, d), return_mode="median")
             c = T._int8_grad_weight_kernel.best_config
             row["mm_tile"] = f"{c.kwargs['BM']}x{c.kwargs['BN']} w{c.num_warps} s{c.num_stages}"
-            row["mm_q_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q.t(), d), return_mode="median")
-            gq_n, d_n = T.quantize_grad_cols(parts, s_x, transposed=False)
-            row["mm_both_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq_n, q.t(), d_n), return_mode="median")
-            row["quant_untransposed_ms"] = do_bench(lambda: T.quantize_grad_cols(parts, s_x, transposed=False),
-                                                    return_mode="median")
+            if n % 256 == 0 and k % 256 == 0:  # the kernel's contiguity hints hold along the untransposed axes
+                row["mm_q_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q.t(), d), return_mode="median")
+                gq_n, d_n = T.quantize_grad_cols(parts, s_x, transposed=False)
+                row["mm_both_untransposed_ms"] = do_bench(lambda: T.int8_grad_weight(gq_n, q.t(), d_n),
+                                                          return_mode="median")
+                row["quant_untransposed_ms"] = do_bench(lambda: T.quantize_grad_cols(parts, s_x, transposed=False),
+                                                        return_mode="median")
+            for bm, bn, w, st in [(128, 128, 8, 4), (128, 128, 4, 4), (128, 256, 8, 3), (256, 128, 8, 3),
+                                  (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 4, 3)]:
+                cfg = triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
+                try:
+                    row[f"mm_{bm}x{bn}_w{w}_s{st}_ms"] = do_bench(lambda: T.int8_grad_weight(gq, q_t, d, config=cfg),
+                                                                 return_mode="median")
+                except Exception as e:  # noqa: BLE001 (a tile that does not fit)
+                    row[f"mm_{bm}x{bn}_w{w}_s{st}_ms"] = str(e)[:80]
             row["int8_total_ms"] = row["quant_ms"] + row["transpose_ms"] + row["mm_ms"]
             row["op_ms"] = do_bench(lambda: L.int8_grad_weights(parts, q, s_x), return_mode="median")
             row["bf16_TFLOPs"] = round(flops / row["bf16_ms"] / 1e9, 1)

@@ -595,13 +595,14 @@ def quantize_grad_cols(parts: list[torch.Tensor], s_x: torch.Tensor, transposed:
 
 
 # Tiles of the int8 weight gradient. Each 128-token step's int32 tile is converted and scaled into an fp32
-# accumulator, so a thread holds both: 128 x 128 tiles on 8 warps keep them at 64 + 64 registers; the wider ones may
-# spill (the autotuner times them anyway).
+# accumulator, so a thread holds both. On an H200 (benchmarks/RESULTS.md, session 18) 64 x 128 on 4 warps ran the
+# 700m and 1.3b shapes 12-16% faster than 128 x 128 on 8; the wide tiles (128 x 256, 256 x 128: spills) and 128 x 128
+# on 4 warps took 2.5-4.5 times as long.
 _GRAD_WEIGHT_CONFIGS = [
+    triton.Config({"BM": 64, "BN": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BM": 64, "BN": 128, "GROUP_M": 8}, num_warps=4, num_stages=6),
     triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BM": 128, "BN": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BM": 128, "BN": 256, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 256, "BN": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BM": 128, "BN": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
 ]
 
 
