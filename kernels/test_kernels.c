@@ -129,14 +129,15 @@ static void test_gemm_shapes(void) {
 
 /* The multi-token (GEMM) tiles: 2 rows x 4 tokens on AVX-512 VNNI, with 1-3 token and 1 row
  * tails, and AMX from 2 tokens on (groups of 32 rows x 1-2 token tiles up to 32 tokens, 16 rows x
- * 1-4 token tiles beyond; kp = 384 ends rows on one block of a two-block step), integer and float
+ * 1-4 token tiles beyond; kp = 384 ends rows on one block of a two-block step; AVX2 takes rows of
+ * more than 4096 inputs in spans of 16 blocks over tiles of 16 rows), integer and float
  * outputs, against the scalar reference for token counts around those sizes and row ranges of every parity (row kernels called directly on
  * [r0, r1), so tiles start on odd rows too; and through bn_gemm_ternary on a pool of 3 threads). */
 static void test_gemm_tiles(void) {
     static const int ms[] = {2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15, 16, 17, 20, 24, 25,
                              31, 32, 33, 36, 40, 47, 48, 49, 63, 64, 65, 80};
     static const int ranges[][2] = {{0, 1}, {0, 2}, {1, 4}, {3, 10}, {2, 51}, {7, 55}, {0, 53}, {5, 58}, {1, 60}};
-    static const int kps[] = {256, 384, 2560};
+    static const int kps[] = {256, 384, 2560, 4224}; /* 4224: AVX2's spans of 16 blocks, and one */
     const int n = 61;
     bn_pool *pool = bn_pool_new(3);
     for (size_t a = 0; a < sizeof kps / sizeof kps[0]; a++) {
@@ -202,7 +203,8 @@ static void test_gemm_tiles(void) {
 }
 
 /* The int16 bounds of the kernels at their extremes: every code 2 (or 0) against activations all
- * -128 (or 127), over rows long enough for many 8-block runs; m = 5 takes the VNNI GEMM tile,
+ * -128 (or 127), over rows long enough for many 8-block runs (and AVX2's 16-block spans, whose int16
+ * sums reach -32768 exactly); m = 5 takes the VNNI GEMM tile,
  * whose lanes sum 64 * code 3 products, at the FFN's kp. */
 static void test_gemm_extremes(void) {
     enum { n = 3, kp = 6912, M = 5 };
