@@ -5,7 +5,8 @@
  *                                        (1, 4, 8, 16, 32, 64 tokens; BN_BENCH_TOKENS="2,12,..." for others;
  *                                        BN_BENCH_COPIES=N copies of the matrix cycled, default 16, 128
  *                                        to read from memory past a 480 MB L3; BN_BENCH_STEPS=N timings,
- *                                        best kept, default 3)
+ *                                        best kept, default 3; BN_BENCH_MATRIX=down for the
+ *                                        down projection, 2560x6912)
  *   build/bench [threads] [isa] head [m ...]   the output head alone (f16, int8, q4 and q6 rows) against
  *                                        m tokens (default 1): ms per call and per extra token
  *                                        (BN_BENCH_HEAD="q6,i8" for some row types only)
@@ -63,12 +64,15 @@ static int env_count(const char *name, int otherwise) {
     return n >= 1 ? n : otherwise;
 }
 
-/* the ternary kernel alone on the FFN shape, per layout, cycling through `copies` of the matrix
+/* the ternary kernel alone on an FFN matrix (gate/up, 6912 x 2560, or with BN_BENCH_MATRIX=down
+ * the down projection, 2560 x 6912), per layout, cycling through `copies` of the matrix
  * (BN_BENCH_COPIES, default 16: 70 MB of i2, past most L3s but not the 480 MB of the AMX VM,
  * which needs 128 for a product to read its weights from memory); the best of BN_BENCH_STEPS
  * (default 3) timings of one pass over the copies */
 static void bench_kernel(int threads, int isa, int layout) {
-    const int n = 6912, k = 2560, copies = env_count("BN_BENCH_COPIES", 16), timings = env_count("BN_BENCH_STEPS", 3);
+    const char *matrix = getenv("BN_BENCH_MATRIX");
+    const int down = matrix && !strcmp(matrix, "down"), n = down ? 2560 : 6912, k = down ? 6912 : 2560;
+    const int copies = env_count("BN_BENCH_COPIES", 16), timings = env_count("BN_BENCH_STEPS", 3);
     const char *names[] = {"i2_k128", "tq1_k640"};
     uint8_t **w = malloc(sizeof *w * copies);
     for (int c = 0; c < copies; c++) w[c] = ternary(n, k, 100 + c, layout);
