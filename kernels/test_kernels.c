@@ -303,7 +303,9 @@ static int32_t q4_dot_by_definition(const bn_q4_block *row, const int8_t *x, int
 
 /* The output head on ragged shapes and 1..17, 32, 33, 40 and 64 tokens (tiles of up to 8 tokens on AVX2 and 16
  * on AVX-512 VNNI and AMX, and every narrower tail; the shapes of 301 rows span several blocks of rows, the
- * last one ragged, and 17 tokens two tiles that each pass every block; AMX passes take two row strips
+ * last one ragged, and 17 tokens two tiles that each pass every block; AVX2's q6 prepares 16 tokens at
+ * a time, once a call up to 16 and once per block beyond: 20 tokens on 1200 rows, whose chunks of 300
+ * rows span two blocks of its 630-byte rows; AMX passes take two row strips
  * and two token tiles, k % 64 inputs and k < 64 beside them; the AMX q6 head, from 7 tokens, 16-row
  * strips with the ragged rows on the VNNI path, one to four token tiles, k padded to 256): int8, q4 and q6 rows
  * are an exact integer dot, so every ISA matches the scalar path bit for bit (and the integer sum
@@ -314,7 +316,7 @@ static void test_head(void) {
                                     {16, 67, 2560}, {17, 301, 700}, {6, 21, 300}, {7, 21, 520}, {8, 21, 300},
                                     {9, 21, 520}, {10, 13, 300}, {12, 13, 520}, {13, 13, 300}, {14, 13, 520},
                                     {15, 13, 300}, {2, 48, 2560}, {33, 70, 640}, {40, 301, 700}, {32, 64, 128},
-                                    {64, 35, 300}, {9, 16, 256}};
+                                    {64, 35, 300}, {9, 16, 256}, {20, 1200, 700}};
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
         int m = shapes[s][0], n = shapes[s][1], k = shapes[s][2];
         uint16_t *w16 = malloc(sizeof(uint16_t) * n * k);
