@@ -1,5 +1,5 @@
-"""The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows`` and ``bitnet::norm_quant`` (see
-int8_linear.py for the arithmetic).
+"""The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
+``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
