@@ -576,7 +576,7 @@ GRAD_WEIGHT_SHAPES = {name: [(k, [n] if len(widths) == 1 else widths) for (k, n)
 def check_grad_weight() -> list[dict]:
     """``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (Triton) against their references on the
     CPU, bit for bit: ragged token counts (a partial last block), one to three parts, bf16 and fp32 gradients,
-    an all-zero column block, the transposed and untransposed operand layouts (:func:`sweep_grad_weight`'s)."""
+    an all-zero column block, K = 5460; the trainer's operand layouts (G' and q transposed, tokens contiguous)."""
     from bitnet_cli.train import int8_triton as T
 
     out = []
@@ -602,8 +602,9 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     """Each weight gradient of a layer (the trainer's micro-batch of ``m`` tokens; bf16 output-gradient parts, X~
     from int8 rows): the bf16 products the trainer runs (one per part, ``g.t() @ x_deq``, then to fp32) against the
     int8 form (:func:`int8_linear.int8_grad_weights`): the rounding of G' (``quantize_grad_cols``), the transposed
-    copy of q, the product; the product also on untransposed operands (no copy: Triton converts the layout in
-    the kernel). Times are do_bench medians (ms); ``err_*``: the relative error against G^T X~ in float64."""
+    copy of q, the product (autotuned, and each tile of a sweep); where both widths are multiples of 256 also on
+    untransposed operands (no copy: Triton converts the layout in the kernel; elsewhere the kernel's contiguity hints
+    would not hold). Times are do_bench medians (ms); ``err_*``: the relative error against G^T X~ in float64."""
     import triton
     from triton.testing import do_bench
 

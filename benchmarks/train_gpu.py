@@ -10,8 +10,7 @@
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
 ``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products; the weight gradient in bf16),
-``int8w`` (the same with ``train.int8_grad_weight: on``: the weight gradient on int8 products too), ``int8a``
-(``int8_grad_weight: auto``: on int8 products where a width is not a multiple of 8), ``bitnet``
+``int8w`` (the same with ``train.int8_grad_weight: on``: the weight gradient on int8 products too), ``bitnet``
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
 and ``none`` (the same architecture in full precision, ``quant: none``). It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
@@ -52,7 +51,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's bitnet_cli, not an installed one
 VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_grad_weight=off"],
             "int8w": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_grad_weight=on"],
-            "int8a": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_grad_weight=auto"],
             "bitnet": ["model.quant=bitnet", "train.int8_matmul=off"],
             "none": ["model.quant=none", "train.int8_matmul=off"]}
 # The paper recipes read data/*.txt; the benchmark measures speed, so any corpus will do.

@@ -16,8 +16,11 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   most 1/254 of its own largest entry, and the straight-through estimator already treats this
   product as an approximation. ``train.int8_grad_input: false`` keeps it in bf16 instead.
 * grad_weight: ``dW = G^T @ X~`` in the compute dtype, X~ the dequantised activations exactly
-  as the plain path has them (``Xq / s_x``); the weight gradient sums over all tokens, where
-  int8 rounding of G would bias small updates, so it stays 16-bit.
+  as the plain path has them (``Xq / s_x``). ``train.int8_grad_weight: on`` puts it on int8 products too
+  (:func:`int8_grad_weights`): ``dW[n, k] = sum_t (G[t, n] / s_x[t]) Xq[t, k]``, so only ``G / s_x`` is rounded,
+  per block of 128 tokens and per column; each block's integer product is exact and scaled once. Off by
+  default: on an H200 its kernels (the rounding pass, the transposed copy of Xq, a product that rescales its
+  accumulator every 128 tokens) took longer than the bf16 product (benchmarks/RESULTS.md, session 18).
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
@@ -319,17 +322,6 @@ def _(gq_t, q_t, d):
     return gq_t.new_empty((gq_t.shape[0], q_t.shape[0]), dtype=torch.float32)
 
 
-def int8_weight_gradient(setting: str, widths: list[int], k: int) -> bool:
-    """``train.int8_grad_weight`` for a product of projections with these output widths and input width ``k``:
-    whether its weight gradient runs on int8 products (:func:`int8_grad_weights`). ``auto``: where a width is not a
-    multiple of 8, whose bf16 product cuBLAS runs slowly (1.3b's 5460-wide gate/up: 5.4 ms a call against 3.5 for
-    the int8 form on an H200); at aligned widths the int8 form is the slower one (700m's q/k/v: 1.45 ms against
-    0.67; benchmarks/RESULTS.md, session 18)."""
-    if setting not in ("on", "off", "auto"):
-        raise BitnetError(f"train.int8_grad_weight={setting!r}: expected on, off or auto")
-    return setting == "on" or (setting == "auto" and any(w % 8 for w in [*widths, k]))
-
-
 def int8_grad_weights(gs: list[torch.Tensor], q: torch.Tensor, s_x: torch.Tensor) -> list[torch.Tensor]:
     """The weight gradients ``[G_i^T X~ for G_i in gs]`` (fp32) of projections of one input on int8 products:
     ``bitnet::quantize_grad_cols`` of the output gradients' parts (one pass), the forward's int8 rows ``q``
@@ -546,9 +538,9 @@ def resolve(setting: str, device: torch.device, quant: str) -> bool:
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
     fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps, session 15) but each step takes nearly as
-    long there (0.976x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 17); at the 700m
-    and 1.3b shapes it is faster (0.895x and 0.896x, session 17), but its training curves there are not
+    to the plain path's loss (within 0.002 after 1,200 steps, session 18) but each step takes nearly as
+    long there (0.979x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 18); at the 700m
+    and 1.3b shapes it is faster (0.893x and 0.896x, session 18), but its training curves there are not
     measured; auto may pick it only where both are.
     """
     if setting in ("off", "auto") or quant != "bitnet":
@@ -567,11 +559,9 @@ class Int8Product(nn.Module):
     exist only inside the forward) each forward derives it from the weights it is given."""
 
     def __init__(self, projs: list[nn.Module], int8_grad: bool, cache: bool, norm_quant: bool = False,
-                 int8_weight: str = "off"):
+                 int8_weight: bool = False):
         super().__init__()
-        self.int8_grad, self.cache = int8_grad, cache
-        # train.int8_grad_weight for these projections' shapes
-        self.int8_weight = int8_weight_gradient(int8_weight, [p.out_features for p in projs], projs[0].in_features)
+        self.int8_grad, self.int8_weight, self.cache = int8_grad, int8_weight, cache
         self.norm_quant = norm_quant  # whether model._sub_norm_project hands this product its sub-norm (norm_quant)
         self.rows = [p.out_features for p in projs]
         if cache:
@@ -619,13 +609,13 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
     return groups
 
 
-def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: str = "off") -> int:
+def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = False) -> int:
     """Switch every BitLinear of ``model`` to int8 products; returns how many.
 
     Projections of one input (a module's ``shared_input``) get one stacked product on their owner
     (``owner.int8_fused``); every other BitLinear its own (``BitLinear.int8``). ``cache``: keep the
-    ternary weights as buffers filled by :func:`refresh` once per step. ``int8_grad``: grad_input on int8 products
-    too (``train.int8_grad_input``); ``int8_weight``: ``train.int8_grad_weight`` (:func:`int8_weight_gradient`).
+    ternary weights as buffers filled by :func:`refresh` once per step. ``int8_grad``, ``int8_weight``: grad_input,
+    grad_weight on int8 products too (``train.int8_grad_input``, ``train.int8_grad_weight``).
     """
     from bitnet_cli.model import BitLinear
 
@@ -709,7 +699,7 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 
 
 __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_grad_weight_reference",
-           "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows", "int8_weight_gradient",
+           "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

@@ -1,5 +1,5 @@
-"""The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows`` and ``bitnet::norm_quant`` (see
-int8_linear.py for the arithmetic).
+"""The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
+``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
@@ -654,8 +654,10 @@ def _int8_grad_weight_kernel(a_ptr, b_ptr, d_ptr, c_ptr, N, K, M, stride_an, str
 def int8_grad_weight(gq_t: torch.Tensor, q_t: torch.Tensor, d: torch.Tensor,
                      config: triton.Config | None = None) -> torch.Tensor:
     """``bitnet::int8_grad_weight`` on CUDA (int8_linear.int8_grad_weight_reference's values). ``gq_t`` [N, M] and
-    ``q_t`` [K, M] may be transposed views (the token axis not contiguous; for measurements). ``config``: one of
-    the kernel's tiles instead of the autotuner's choice (Triton's interpreter cannot time them)."""
+    ``q_t`` [K, M] may be transposed views (the token axis not contiguous; for measurements) only where N and K are
+    multiples of the tile: the kernel's wrapped rows are hinted contiguous, which then holds along the contiguous
+    axis too (a 200-wide view misaligned its loads on an H200). ``config``: one of the kernel's tiles instead of the
+    autotuner's choice (Triton's interpreter cannot time them)."""
     from bitnet_cli.train.int8_linear import GRAD_WEIGHT_BLOCK
 
     n, m = gq_t.shape

@@ -430,7 +430,7 @@ class _Run:
         int8_cache = not (info.enabled and t.distributed == "fsdp")
         if int8:
             n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache,
-                                   int8_weight=t.int8_grad_weight)
+                                   int8_weight=t.int8_grad_weight == "on")
             how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
             say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
         model = D.wrap(model, t.distributed, info, device)
