@@ -502,6 +502,21 @@ def test_int8_matmul_setting(tmp_path):
     assert "CUDA" in L.available(cpu)
 
 
+@pytest.mark.parametrize("capability, fsdp, expected", [((9, 0), False, True), ((9, 0), True, False),
+                                                        ((8, 0), False, False), ((10, 0), False, False)])
+def test_int8_matmul_auto(monkeypatch, capability, fsdp, expected):
+    """auto turns the int8 path on only where it was measured (Hopper, without FSDP); on stays on."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(L, "available", lambda device: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert L.resolve("auto", cuda, "bitnet", fsdp=fsdp) is expected
+    assert L.resolve("on", cuda, "bitnet", fsdp=fsdp) and not L.resolve("auto", cuda, "none")
+    monkeypatch.setattr(L, "available", lambda device: "triton is not installed")
+    assert not L.resolve("auto", cuda, "bitnet")
+    with pytest.raises(BitnetError, match="triton is not installed"):
+        L.resolve("on", cuda, "bitnet")
+
+
 def _losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in rows if "loss" in r]

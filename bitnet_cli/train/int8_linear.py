@@ -532,20 +532,26 @@ def available(device: torch.device) -> str | None:
     return None
 
 
-def resolve(setting: str, device: torch.device, quant: str) -> bool:
+# Where ``auto`` turns the int8 path on: the GPUs it was measured faster on, training to the plain path's loss
+# (Hopper, compute capability 9.x; an H200: 0.893x / 0.896x / 0.979x ``quant: none``'s step at 700m / 1.3b /
+# small.yaml, and 1,200 steps of small.yaml within 0.002 of the plain path; benchmarks/RESULTS.md, session 18).
+AUTO_CAPABILITIES = ((9, 0),)
+
+
+def resolve(setting: str, device: torch.device, quant: str, fsdp: bool = False) -> bool:
     """``train.int8_matmul`` -> whether BitLinear runs on int8 products.
 
     ``on``: on CUDA GPUs with int8 tensor cores and Triton, or the pure-torch emulation of the
     kernels on other devices (for testing; slower than ``off``). ``off``: the plain
-    fake-quantised path. ``auto`` is ``off``: on an H200 the int8 path trains recipes/small.yaml
-    to the plain path's loss (within 0.002 after 1,200 steps, session 18) but each step takes nearly as
-    long there (0.979x ``quant: none``'s; benchmarks/RESULTS.md, GPU training, session 18); at the 700m
-    and 1.3b shapes it is faster (0.893x and 0.896x, session 18), but its training curves there are not
-    measured; auto may pick it only where both are.
+    fake-quantised path. ``auto``: on where it was measured faster and training alike
+    (:data:`AUTO_CAPABILITIES` with Triton, one GPU or DDP); elsewhere off (older GPUs, where its
+    speed is not measured; FSDP, where each forward ternarises its gathered weights again; CPUs).
     """
-    if setting in ("off", "auto") or quant != "bitnet":
+    if setting == "off" or quant != "bitnet":
         return False
     why = available(device)
+    if setting == "auto":
+        return why is None and not fsdp and torch.cuda.get_device_capability(device) in AUTO_CAPABILITIES
     if why is not None and device.type == "cuda":
         raise BitnetError(f"train.int8_matmul is on, but {why}")
     return True

@@ -426,8 +426,9 @@ class _Run:
         model = model.to(device).train()
         # int8 products: the ternary weights are cached once per step, except under FSDP, where the full
         # weight exists only inside each forward (there each forward ternarises its gathered weight).
-        int8 = int8_linear.resolve(t.int8_matmul, device, config.quant)
-        int8_cache = not (info.enabled and t.distributed == "fsdp")
+        fsdp = info.enabled and t.distributed == "fsdp"
+        int8 = int8_linear.resolve(t.int8_matmul, device, config.quant, fsdp=fsdp)
+        int8_cache = not fsdp
         if int8:
             n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache,
                                    int8_weight=t.int8_grad_weight == "on")

@@ -183,8 +183,9 @@ class TrainSpec(_Strict):
         "auto", description="BitLinear products on int8 tensor cores (Triton kernels; ternary weights x int8 "
         "activations, scales in the epilogue). on: use them (CUDA GPU of compute capability 8.0+ with triton; "
         "on a CPU, the kernels' pure-torch emulation: for testing, slower); off: the plain fake-quantised "
-        "products; auto: off for now (on an H200 the int8 path trains to the plain one's loss but its steps "
-        "are slower at the small recipe's shapes: benchmarks/RESULTS.md). Only for model.quant bitnet.")
+        "products; auto: on for Hopper GPUs (compute capability 9.x, one GPU or DDP), where it was measured "
+        "faster and training to the plain path's loss (benchmarks/RESULTS.md, session 18), off elsewhere. "
+        "Only for model.quant bitnet.")
     int8_grad_input: bool = Field(True, description="With int8_matmul: the input gradient through the "
                                                     "ternary weight in int8 too (output gradient quantised "
                                                     "per token); false: in the compute dtype.")
