@@ -73,6 +73,16 @@ _CONFIGS = [
 ]
 
 
+@triton.jit
+def _grouped_tile(tile, grid_m, grid_n, GROUP_M: tl.constexpr):
+    """Tile number -> (row tile, column tile) in grouped order: GROUP_M row tiles walk the columns
+    together, so that the B tiles they share are read from L2, not from memory, by each of them."""
+    width = GROUP_M * grid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m
+
+
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "K"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BK"] == 0})
 @triton.jit
@@ -80,16 +90,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
                     stride_am, stride_bn, stride_cm, HAS_COL_MUL: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BM)
-    grid_n = tl.cdiv(N, BN)
-    # Grouped order: GROUP_M row-tiles walk the columns together, so B tiles are reused from L2.
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
 
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -162,16 +163,13 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
     k_tiles = tl.cdiv(K, BK)
-    width = GROUP_M * grid_n
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
     for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
-        group = tile // width
-        first_m = group * GROUP_M
-        size_m = min(grid_m - first_m, GROUP_M)
-        off_m = (first_m + (tile % width) % size_m) * BM
-        off_n = ((tile % width) // size_m) * BN
+        tile_m, tile_n = _grouped_tile(tile, grid_m, grid_n, GROUP_M)
+        off_m = tile_m * BM
+        off_n = tile_n * BN
         acc = tl.zeros((BM, BN), dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([off_m, ki * BK])
@@ -615,15 +613,7 @@ def _int8_grad_weight_kernel(a_ptr, b_ptr, d_ptr, c_ptr, N, K, M, stride_an, str
     """``C[N, K] = sum_b (A_b @ B_b^T) * d[b][:, None]`` over blocks b of BT tokens: A int8 [N, M] (the rounded G'),
     B int8 [K, M] (the forward's rows), each block's product exact in int32, then scaled per row and summed in fp32
     (launched without fma contraction: a product and a sum, as the reference rounds them)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(N, BM)
-    grid_n = tl.cdiv(K, BN)
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(N, BM), tl.cdiv(K, BN), GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rt = tl.arange(0, BT)
