@@ -90,7 +90,7 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
                       [BN_EMB_Q4] = bn_head_rows_q4_avx2, [BN_EMB_Q6] = bn_head_rows_q6_avx2}, bn_to_f16_avx2},
     /* the glue is small: the AVX2 version already saturates it; so does the head for one token,
      * except q6, whose decoding costs more instructions per byte. Attention is bound by its
-     * arithmetic as much as by its reads (a 16-row step: docs/SERVE.md, session 15): 512 bits */
+     * arithmetic as much as by its reads (a 16-row step: benchmarks/SERVE_PERF.md, session 15): 512 bits */
     [BN_ISA_AVX512] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avx512, [BN_LAYOUT_TQ1] = bn_tq1_rows_avx512},
                        .attend = bn_attend_avx512, .head = {[BN_EMB_Q6] = bn_head_rows_q6_avx512}},
     /* with several tokens (batched decode) the int8 and q6 heads are bound by their multiplies,
