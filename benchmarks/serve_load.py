@@ -228,8 +228,10 @@ def run_level(url: str, model: str, streams: int, mix: tuple[int, int], args, vo
 
     def client_loop(i: int) -> None:
         try:
-            with httpx.Client(timeout=None) as client:
-                for k in range(args.requests):
+            for k in range(args.requests):
+                # a connection per request: llama-server may close a kept-alive one after a streamed response,
+                # and the stream's next request then failed with "Server disconnected" (session 18)
+                with httpx.Client(timeout=None) as client:
                     results[i].append(one_request(client, url, prompts[i * args.requests + k], generate, model))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
