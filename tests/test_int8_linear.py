@@ -102,6 +102,8 @@ for kernel, M, N, K, bm, bn, bk, col, *bf16 in json.loads(sys.argv[1]):
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
     cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
+    if bf16[1:]:  # a TMA tile option (EPI_SPLIT: the store in halves)
+        cfg = triton.Config({**cfg.kwargs, **bf16[1]}, num_warps=4, num_stages=2)
     if bf16:  # the TMA kernel's TMA store (a 2-byte output) against the pointer kernel's stores
         assert T.tma_store(N, torch.bfloat16)
         got = T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel=kernel, config=cfg)
@@ -162,7 +164,10 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     cases = [["tma", 100, 80, 160, 32, 32, 64, True], ["tma", 64, 96, 48, 32, 32, 32, False],
              ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
              ["pointer", 64, 64, 64, 32, 32, 32, False], ["tma", 100, 80, 160, 32, 32, 64, True, "bf16"],
-             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"]]
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"],
+             # the TMA store in two halves of columns (EPI_SPLIT): a ragged last tile, whose second half is clipped
+             ["tma", 100, 72, 160, 32, 32, 64, True, "bf16", {"EPI_SPLIT": 2}],
+             ["tma", 33, 40, 16, 16, 32, 16, False, "bf16", {"EPI_SPLIT": 2}]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 

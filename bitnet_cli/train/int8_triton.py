@@ -144,7 +144,8 @@ _TMA_CONFIGS = [
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, TMA_STORE: tl.constexpr):
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, TMA_STORE: tl.constexpr,
+                        EPI_SPLIT: tl.constexpr = 1, WARP_SPEC: tl.constexpr = False):
     # The TMA descriptors are made here, on the device (each program writes its two into the global
     # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
     # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
@@ -155,8 +156,11 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     # TMA_STORE (C's rows on 16-byte boundaries, a 2-byte dtype): the epilogue writes the scaled tile into
     # shared memory and a TMA store copies it out (clipped at M x N) while the next tile's products run,
     # instead of every thread storing its part of the tile to global memory itself. The same values.
+    # EPI_SPLIT 2: the tile is stored as two halves of BN / 2 columns, so that its staging buffer in shared memory
+    # takes half as much, room for one more pipeline stage (a tile option; the same values).
     if TMA_STORE:
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BM, BN])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BM, BN // EPI_SPLIT])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
     # software pipeline).
@@ -166,7 +170,9 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
-    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
+    # WARP_SPEC (a tile option for measurements): Triton's Hopper warp specialisation of the tile loop, which
+    # must then stay unflattened (benchmarks/RESULTS.md, session 12: fast, but wrong products then).
+    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=not WARP_SPEC, warp_specialize=WARP_SPEC):
         tile_m, tile_n = _grouped_tile(tile, grid_m, grid_n, GROUP_M)
         off_m = tile_m * BM
         off_n = tile_n * BN
@@ -178,8 +184,13 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
         if TMA_STORE:
-            c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
-            c_desc.store([off_m, off_n], c.to(c_ptr.dtype.element_ty))
+            c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL).to(c_ptr.dtype.element_ty)
+            if EPI_SPLIT == 2:
+                c0, c1 = tl.split(tl.permute(tl.reshape(c, (BM, 2, BN // 2)), (0, 2, 1)))
+                c_desc.store([off_m, off_n], c0)
+                c_desc.store([off_m, off_n + BN // 2], c1)
+            else:
+                c_desc.store([off_m, off_n], c)
         else:
             _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
 
@@ -313,12 +324,21 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     compiled = jit_fn[grid](*args, **extra)
     if compiled is not None:  # None in Triton's interpreter, which compiles nothing
         tile = jit_fn.best_config.kwargs
-        tail = {**extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
+        tail = {**_defaults(jit_fn), **extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
         # The constexprs follow the runtime arguments in the kernel's signature; the launcher takes them all.
         names = jit_fn.arg_names[len(args):]
         assert set(names) == set(tail), names
         _LAUNCHES[spec] = (compiled, (*grid(tile), 1, 1), tuple(tail[n] for n in names))  # the runner reads x, y, z
     return c
+
+
+def _defaults(kernel) -> dict:
+    """The constexpr arguments a kernel's signature gives defaults (tile options that a tile may leave out)."""
+    import inspect
+
+    while hasattr(kernel, "fn"):  # autotuner -> heuristics -> jit -> the Python function
+        kernel = kernel.fn
+    return {n: p.default for n, p in inspect.signature(kernel).parameters.items() if p.default is not p.empty}
 
 
 # ``bitnet::int8_mm``'s products launched straight into Triton's compiled launcher (:func:`int8_mm_op`),
