@@ -519,22 +519,21 @@ def _tma_variant(bm, bn, bk, warps, stages, split=1, ws=False, group=8):
 
 
 def variant_name(c) -> str:
-    kw = c.kwargs
+    kw = {"GROUP_M": 8, **c.kwargs}
     return (f"{tile_name(c)}" + (f" split{kw['EPI_SPLIT']}" if kw.get("EPI_SPLIT", 1) != 1 else "")
             + (" ws" if kw.get("WARP_SPEC") else "") + (f" g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""))
 
 
-# The TMA kernel's tile options timed by --tma-variants: its autotuning list's best tile, the TMA store in two
-# halves (EPI_SPLIT: half the staging buffer, so one more stage fits), other group widths, and Triton's Hopper warp
-# specialisation (WARP_SPEC, last: session 12 found its products wrong; here their errors are located).
+# The TMA kernel's tile options timed by --tma-variants: its autotuning list (int8_triton._TMA_CONFIGS), then
+# around it: the wide tile's store in halves at 3 stages and with other group widths, the warp-specialised tiles
+# with 8 warps and on the square tile, and the wide tile with a 64-deep K step.
 def tma_variants() -> list:
-    return [_tma_variant(128, 256, 128, 8, 3), _tma_variant(128, 256, 128, 8, 3, split=2),
-            _tma_variant(128, 256, 128, 8, 4, split=2), _tma_variant(128, 256, 64, 8, 6, split=2),
-            _tma_variant(128, 256, 64, 8, 8, split=2), _tma_variant(256, 128, 128, 8, 3),
-            _tma_variant(256, 128, 128, 8, 4, split=2), _tma_variant(128, 128, 128, 8, 5),
-            _tma_variant(128, 256, 128, 8, 3, group=16), _tma_variant(128, 256, 128, 8, 4, split=2, group=4),
-            _tma_variant(128, 256, 128, 4, 3, ws=True), _tma_variant(256, 128, 128, 4, 3, ws=True),
-            _tma_variant(128, 256, 64, 4, 5, ws=True)]
+    from bitnet_cli.train import int8_triton
+
+    return [*int8_triton._TMA_CONFIGS, _tma_variant(128, 256, 128, 8, 3, split=2),
+            _tma_variant(128, 256, 128, 8, 4, split=2, group=4), _tma_variant(128, 256, 128, 8, 3, group=16),
+            _tma_variant(128, 256, 128, 8, 3, ws=True), _tma_variant(128, 128, 128, 4, 5, ws=True),
+            _tma_variant(128, 256, 64, 8, 6, split=2)]
 
 
 def sweep_tma_variants(models: list[str], path: str) -> list[dict]:

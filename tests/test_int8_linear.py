@@ -167,7 +167,10 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
              ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"],
              # the TMA store in two halves of columns (EPI_SPLIT): a ragged last tile, whose second half is clipped
              ["tma", 100, 72, 160, 32, 32, 64, True, "bf16", {"EPI_SPLIT": 2}],
-             ["tma", 33, 40, 16, 16, 32, 16, False, "bf16", {"EPI_SPLIT": 2}]]
+             ["tma", 33, 40, 16, 16, 32, 16, False, "bf16", {"EPI_SPLIT": 2}],
+             # warp specialisation's epilogue (the rows' scales read by TMA), ragged rows and columns
+             ["tma", 100, 72, 160, 32, 32, 64, True, "bf16", {"WARP_SPEC": True}],
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16", {"WARP_SPEC": True}]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
@@ -272,6 +275,24 @@ def test_the_op_launches_the_compiled_kernel_directly_once_tuned():
     results, launches = _interpret(_INTERPRETED_OP_LAUNCH, cases)
     assert results == [[True] * 4] * len(cases)
     assert launches == ["autotuned", "direct", "op", "op"] * len(cases)
+
+
+def test_tma_tiles_offer_warp_specialisation_only_with_the_tma_store(monkeypatch):
+    """Warp-specialised tiles only where the TMA kernel stores by TMA (with pointer stores Triton's partitioning still
+    gave wrong products on an H200), and not with ``$BITNET_INT8_WARP_SPEC=0``; the store in halves only where
+    there is a TMA store."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    def kinds(store):
+        return {(c.kwargs.get("WARP_SPEC", False), c.kwargs.get("EPI_SPLIT", 1))
+                for c in T._tma_tiles(T._TMA_CONFIGS, {}, TMA_STORE=store, HAS_COL_MUL=False)}
+
+    monkeypatch.delenv("BITNET_INT8_WARP_SPEC", raising=False)
+    assert kinds(True) == {(True, 1), (False, 2), (False, 1)}
+    assert kinds(False) == {(False, 1)}
+    monkeypatch.setenv("BITNET_INT8_WARP_SPEC", "0")
+    assert kinds(True) == {(False, 2), (False, 1)}
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):

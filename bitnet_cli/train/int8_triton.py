@@ -40,15 +40,20 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constexpr):
-    """Both product kernels' epilogue arithmetic: the exact int32 tile times the per-token (row) and, if
-    given, per-column scales, in fp32. One function, so the kernels (and both stores) give the same bits."""
-    row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
+def _scaled_by(acc, row_mul, col_mul_ptr, rn, N, HAS_COL_MUL: tl.constexpr):
+    """Both product kernels' epilogue arithmetic: the exact int32 tile times the per-token (row) scales ``row_mul``
+    and, if given, the per-column ones, in fp32. One function, so the kernels (and all stores) give the same bits."""
     c = acc.to(tl.float32) * row_mul[:, None]
     if HAS_COL_MUL:
         col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
         c = c * col_mul[None, :]
     return c
+
+
+@triton.jit
+def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constexpr):
+    """:func:`_scaled_by` with the rows' scales loaded through pointers."""
+    return _scaled_by(acc, tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0), col_mul_ptr, rn, N, HAS_COL_MUL)
 
 
 @triton.jit
@@ -123,24 +128,46 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
-# at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
-# stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
-# for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
-# Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
-# unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
-# up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
-# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it. With the TMA-store epilogue
-# (TMA_STORE, 2-byte outputs) the tile's output also takes shared memory (BM x BN x 2 bytes): 256x128x128 with
-# 4 stages needs 256 KiB by that count, more than the 227 the SM has: the autotuner drops it for those products.
+# at most 227 KiB on Hopper). With the TMA-store epilogue (TMA_STORE, 2-byte outputs) the tile's output also takes
+# shared memory (BM x BN x 2 bytes, half with EPI_SPLIT 2): 256x128x128 with 4 stages needs 256 KiB by that count,
+# more than the SM has: the autotuner drops it for those products. Few tiles, so that a new shape's autotuning (each
+# tile compiled and timed) stays short:
+# * WARP_SPEC: Triton 3.6's Hopper warp specialisation of the tile loop (num_warps 4 becomes 12: a producer warp
+#   group issuing the TMA loads, two consumer warp groups each with half of the tile's rows). On an H200 it ran the
+#   700m and 1.3b products at 1,230-1,540 TOP/s against 1,040-1,300 for the best tile without it (benchmarks/RESULTS.md,
+#   session 19). Its products were wrong in session 12: Triton's partitioning of the tile by rows offsets the second
+#   consumer's row indices twice (``off_m + arange(BM)`` became ``off_m + BM/2 + arange(BM/2, BM)``), so its rows
+#   took other rows' scales. The rows' scales are therefore loaded by TMA (``row_desc``), whose block coordinate
+#   the partitioning offsets once, as it does the store's. Only with the TMA store (:func:`_tma_tiles`): with pointer
+#   stores its products were wrong still (1.3b's 5460-wide grad_input, session 19).
+# * 128x256x128 with 4 stages and the store in halves (EPI_SPLIT 2): 0-15% faster than with 3 stages and one store.
+# * the wide and the tall tile at 3 and 4 stages; the square one with a deep pipeline for the narrow products (N = K
+#   = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles) and 1.3b's 5460-wide grad_input.
 _TMA_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPEC": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPEC": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "EPI_SPLIT": 2}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
     triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+def warp_spec_enabled() -> bool:
+    """Whether the TMA kernel's autotuning offers its warp-specialised tiles: unless ``$BITNET_INT8_WARP_SPEC=0``
+    (measurements; read when a product shape is first tuned, so once per process)."""
+    return os.environ.get("BITNET_INT8_WARP_SPEC", "1") != "0"
+
+
+def _tma_tiles(configs: list, named_args: dict, **constexprs) -> list:
+    """The TMA kernel's tiles for one product: warp specialisation only with the TMA store (and unless turned off),
+    the store in halves only where there is a TMA store (else it is the same kernel as its one-store twin)."""
+    store = constexprs["TMA_STORE"]
+    return [c for c in configs if (store and warp_spec_enabled() or not c.kwargs.get("WARP_SPEC"))
+            and (store or c.kwargs.get("EPI_SPLIT", 1) == 1)]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _tma_tiles})
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -161,6 +188,8 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     if TMA_STORE:
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                            block_shape=[BM, BN // EPI_SPLIT])
+    if WARP_SPEC:  # the rows' scales by TMA (see _TMA_CONFIGS: the partitioning's offset)
+        row_desc = tl.make_tensor_descriptor(row_mul_ptr, shape=[M], strides=[1], block_shape=[BM])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
     # software pipeline).
@@ -170,8 +199,7 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
-    # WARP_SPEC (a tile option for measurements): Triton's Hopper warp specialisation of the tile loop, which
-    # must then stay unflattened (benchmarks/RESULTS.md, session 12: fast, but wrong products then).
+    # WARP_SPEC: warp specialisation of the tile loop (see _TMA_CONFIGS), which must then stay unflattened.
     for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=not WARP_SPEC, warp_specialize=WARP_SPEC):
         tile_m, tile_n = _grouped_tile(tile, grid_m, grid_n, GROUP_M)
         off_m = tile_m * BM
@@ -183,7 +211,10 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
         rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        if TMA_STORE:
+        if TMA_STORE and WARP_SPEC:
+            c = _scaled_by(acc, row_desc.load([off_m]), col_mul_ptr, rn, N, HAS_COL_MUL)
+            c_desc.store([off_m, off_n], c.to(c_ptr.dtype.element_ty))
+        elif TMA_STORE:
             c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL).to(c_ptr.dtype.element_ty)
             if EPI_SPLIT == 2:
                 c0, c1 = tl.split(tl.permute(tl.reshape(c, (BM, 2, BN // 2)), (0, 2, 1)))
@@ -293,6 +324,8 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     col = row_mul if col_mul is None else col_mul
     tma = kernel == "tma" and (config is not None or tma_fits(a, b))
+    if tma and row_mul.data_ptr() % 16:  # the warp-specialised tiles read the rows' scales by TMA
+        row_mul = row_mul.clone()
     args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
     if tma:
         _use_descriptor_scratch()
@@ -408,7 +441,7 @@ def int8_mm_op(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul:
     compiled kernel (``_DIRECT``)."""
     key = (a.shape, a.stride(), b.shape, b.stride(), row_mul.shape, row_mul.stride(), row_mul.dtype, out_dtype,
            None if col_mul is None else (col_mul.stride(), col_mul.dtype), a.device, os.environ.get("BITNET_INT8_MM"),
-           os.environ.get("BITNET_INT8_TMA_STORE"))
+           os.environ.get("BITNET_INT8_TMA_STORE"), os.environ.get("BITNET_INT8_WARP_SPEC"))
     d = _DIRECT.get(key)
     if d is not None and not ((a.data_ptr() | b.data_ptr() | row_mul.data_ptr()
                                | (0 if col_mul is None else col_mul.data_ptr())) & 15) and not _hooks_set():
