@@ -89,9 +89,12 @@ def check_exact(cases: list[tuple[int, int, int]]) -> list[dict]:
                 # an unaligned N, stages its tile through shared memory) cannot compile: the autotuner drops
                 # it, and so does this check, taking the next tile.
                 skipped = []
+                # the TMA tiles this product's autotuning offers (warp specialisation only with the TMA store)
+                offered = tiles[kernel] if kernel == "pointer" else int8_triton._tma_tiles(
+                    tiles[kernel], {}, TMA_STORE=int8_triton.tma_store(N, dt))
                 try:
-                    for turn in range(len(tiles[kernel])):
-                        tile = tiles[kernel][(case + turn) % len(tiles[kernel])]
+                    for turn in range(len(offered)):
+                        tile = offered[(case + turn) % len(offered)]
                         try:
                             got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt,
                                                       kernel, config=tile).cpu()
