@@ -539,11 +539,12 @@ def tma_variants() -> list:
             _tma_variant(128, 256, 64, 8, 6, split=2)]
 
 
-def sweep_tma_variants(models: list[str], path: str) -> list[dict]:
+def sweep_tma_variants(models: list[str], path: str, offered: bool = False) -> list[dict]:
     """Each of :func:`tma_variants` at the models' forward and grad_input products (bf16 outputs, as the trainer
     runs them): TOP/s (median of do_bench) and bit-exactness against the exact product (``torch._int_mm``, K padded
     with zeros to a multiple of 16, scaled in fp32 by torch as the kernel's epilogue does); where unequal, how many
-    elements differ, in which half of the tile's rows (a split of the rows between warp groups), and NaNs."""
+    elements differ, in which half of the tile's rows (a split of the rows between warp groups), and NaNs.
+    ``offered``: the autotuning list's tiles alone (int8_triton._TMA_CONFIGS)."""
     from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
 
@@ -567,7 +568,7 @@ def sweep_tma_variants(models: list[str], path: str) -> list[dict]:
             q, t = L.pad_rows(q), L.pad_rows(t)
             flop = 2 * M * N * K
             r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, "tops": {}, "unequal": {}}
-            for cfg in tma_variants():
+            for cfg in (int8_triton._TMA_CONFIGS if offered else tma_variants()):
                 vname = variant_name(cfg)
                 try:
                     f = lambda: int8_triton.int8_mm(q, t, row, col, torch.bfloat16, "tma", config=cfg)  # noqa: E731
@@ -761,10 +762,11 @@ def main():
                     "against bf16, after its checks (alone)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
                     "options, each checked against the exact product (alone)")
+    ap.add_argument("--offered", action="store_true", help="--tma-variants: the autotuning list's tiles alone")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.tma_variants:
-        sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out)
+        sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
         return
     if args.grad_weight:
         result = {"gpu": torch.cuda.get_device_name(), "grad_weight": check_grad_weight()}

@@ -40,9 +40,15 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _scaled_by(acc, row_mul, col_mul_ptr, rn, N, HAS_COL_MUL: tl.constexpr):
-    """Both product kernels' epilogue arithmetic: the exact int32 tile times the per-token (row) scales ``row_mul``
-    and, if given, the per-column ones, in fp32. One function, so the kernels (and all stores) give the same bits."""
+def _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM: tl.constexpr, HAS_COL_MUL: tl.constexpr):
+    """Both product kernels' epilogue arithmetic: the exact int32 tile (rows off_m.. of C) times the per-token (row)
+    and, if given, per-column scales, in fp32. One function, so the kernels (and both stores) give the same bits.
+    The rows' scales are addressed from ``row_mul_ptr + off_m``, not as ``row_mul_ptr + (off_m + arange)``: Triton
+    3.6's warp specialisation splits the tile's rows between two consumer warp groups and, in the second, offsets
+    both ``off_m`` and the range in an index ``off_m + arange(BM)`` by BM / 2 (their products took other rows'
+    scales; benchmarks/RESULTS.md, sessions 12 and 19), while a pointer offset by ``off_m`` it leaves alone."""
+    rows = tl.arange(0, BM)
+    row_mul = tl.load(row_mul_ptr + off_m + rows, mask=rows < M - off_m, other=0.0)
     c = acc.to(tl.float32) * row_mul[:, None]
     if HAS_COL_MUL:
         col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
@@ -51,17 +57,13 @@ def _scaled_by(acc, row_mul, col_mul_ptr, rn, N, HAS_COL_MUL: tl.constexpr):
 
 
 @triton.jit
-def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constexpr):
-    """:func:`_scaled_by` with the rows' scales loaded through pointers."""
-    return _scaled_by(acc, tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0), col_mul_ptr, rn, N, HAS_COL_MUL)
-
-
-@triton.jit
-def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL: tl.constexpr):
+def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, stride_cm, BM: tl.constexpr,
+                  HAS_COL_MUL: tl.constexpr):
     """:func:`_scaled`, stored in C's dtype for the rows and columns inside M x N."""
-    c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    c = _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM, HAS_COL_MUL)
+    rows = tl.arange(0, BM)  # from C's row off_m, as _scaled's scales (warp specialisation)
+    c_ptrs = c_ptr + off_m * stride_cm + rows[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M - off_m) & (rn[None, :] < N))
 
 
 # Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-5460: 6-43 steps of
@@ -123,7 +125,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
         b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
-    _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+    _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, pid_m * BM, rn, M, N, stride_cm, BM, HAS_COL_MUL)
 
 
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
@@ -135,11 +137,7 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # * WARP_SPEC: Triton 3.6's Hopper warp specialisation of the tile loop (num_warps 4 becomes 12: a producer warp
 #   group issuing the TMA loads, two consumer warp groups each with half of the tile's rows). On an H200 it ran the
 #   700m and 1.3b products at 1,230-1,540 TOP/s against 1,040-1,300 for the best tile without it (benchmarks/RESULTS.md,
-#   session 19). Its products were wrong in session 12: Triton's partitioning of the tile by rows offsets the second
-#   consumer's row indices twice (``off_m + arange(BM)`` became ``off_m + BM/2 + arange(BM/2, BM)``), so its rows
-#   took other rows' scales. The rows' scales are therefore loaded by TMA (``row_desc``), whose block coordinate
-#   the partitioning offsets once, as it does the store's. Only with the TMA store (:func:`_tma_tiles`): with pointer
-#   stores its products were wrong still (1.3b's 5460-wide grad_input, session 19).
+#   session 19). Its products were wrong in session 12 (the rows' indices, see :func:`_scaled`).
 # * 128x256x128 with 4 stages and the store in halves (EPI_SPLIT 2): 0-15% faster than with 3 stages and one store.
 # * the wide and the tall tile at 3 and 4 stages; the square one with a deep pipeline for the narrow products (N = K
 #   = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles) and 1.3b's 5460-wide grad_input.
@@ -160,10 +158,10 @@ def warp_spec_enabled() -> bool:
 
 
 def _tma_tiles(configs: list, named_args: dict, **constexprs) -> list:
-    """The TMA kernel's tiles for one product: warp specialisation only with the TMA store (and unless turned off),
-    the store in halves only where there is a TMA store (else it is the same kernel as its one-store twin)."""
+    """The TMA kernel's tiles for one product: warp specialisation unless turned off (:func:`warp_spec_enabled`), the
+    store in halves only where there is a TMA store (else it is the same kernel as its one-store twin)."""
     store = constexprs["TMA_STORE"]
-    return [c for c in configs if (store and warp_spec_enabled() or not c.kwargs.get("WARP_SPEC"))
+    return [c for c in configs if (warp_spec_enabled() or not c.kwargs.get("WARP_SPEC"))
             and (store or c.kwargs.get("EPI_SPLIT", 1) == 1)]
 
 
@@ -188,8 +186,6 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     if TMA_STORE:
         c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
                                            block_shape=[BM, BN // EPI_SPLIT])
-    if WARP_SPEC:  # the rows' scales by TMA (see _TMA_CONFIGS: the partitioning's offset)
-        row_desc = tl.make_tensor_descriptor(row_mul_ptr, shape=[M], strides=[1], block_shape=[BM])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
     # software pipeline).
@@ -209,13 +205,9 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
             a = a_desc.load([off_m, ki * BK])
             b = b_desc.load([off_n, ki * BK])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
-        if TMA_STORE and WARP_SPEC:
-            c = _scaled_by(acc, row_desc.load([off_m]), col_mul_ptr, rn, N, HAS_COL_MUL)
-            c_desc.store([off_m, off_n], c.to(c_ptr.dtype.element_ty))
-        elif TMA_STORE:
-            c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL).to(c_ptr.dtype.element_ty)
+        if TMA_STORE:
+            c = _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM, HAS_COL_MUL).to(c_ptr.dtype.element_ty)
             if EPI_SPLIT == 2:
                 c0, c1 = tl.split(tl.permute(tl.reshape(c, (BM, 2, BN // 2)), (0, 2, 1)))
                 c_desc.store([off_m, off_n], c0)
@@ -223,7 +215,7 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
             else:
                 c_desc.store([off_m, off_n], c)
         else:
-            _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+            _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, stride_cm, BM, HAS_COL_MUL)
 
 
 def tma_store(n: int, out_dtype: torch.dtype) -> bool:
@@ -324,8 +316,6 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     c = torch.empty((M, N), dtype=out_dtype, device=a.device)
     col = row_mul if col_mul is None else col_mul
     tma = kernel == "tma" and (config is not None or tma_fits(a, b))
-    if tma and row_mul.data_ptr() % 16:  # the warp-specialised tiles read the rows' scales by TMA
-        row_mul = row_mul.clone()
     args = (a, b, c, row_mul, col, M, N, K, a.stride(0), b.stride(0), c.stride(0))
     if tma:
         _use_descriptor_scratch()
