@@ -33,6 +33,9 @@
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
+9. ``--tma-variants MODELS`` (alone): the TMA kernel's tile options (the TMA store in halves, group widths, warp
+   specialisation) at those models' forward and grad_input products, each timed and checked against the exact
+   product (:func:`sweep_tma_variants`).
 """
 
 from __future__ import annotations
@@ -86,9 +89,12 @@ def check_exact(cases: list[tuple[int, int, int]]) -> list[dict]:
                 # an unaligned N, stages its tile through shared memory) cannot compile: the autotuner drops
                 # it, and so does this check, taking the next tile.
                 skipped = []
+                # the TMA tiles this product's autotuning offers (warp specialisation only with the TMA store)
+                offered = tiles[kernel] if kernel == "pointer" else int8_triton._tma_tiles(
+                    tiles[kernel], {}, TMA_STORE=int8_triton.tma_store(N, dt))
                 try:
-                    for turn in range(len(tiles[kernel])):
-                        tile = tiles[kernel][(case + turn) % len(tiles[kernel])]
+                    for turn in range(len(offered)):
+                        tile = offered[(case + turn) % len(offered)]
                         try:
                             got = int8_triton.int8_mm(ag, bg, rm.cuda(), None if col is None else col.cuda(), dt,
                                                       kernel, config=tile).cpu()
@@ -508,6 +514,86 @@ def bench(models: list[str], tile_models: list[str]) -> list[dict]:
     return rows
 
 
+def _tma_variant(bm, bn, bk, warps, stages, split=1, ws=False, group=8):
+    import triton
+
+    return triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": group, "EPI_SPLIT": split, "WARP_SPEC": ws},
+                         num_warps=warps, num_stages=stages)
+
+
+def variant_name(c) -> str:
+    kw = {"GROUP_M": 8, **c.kwargs}
+    return (f"{tile_name(c)}" + (f" split{kw['EPI_SPLIT']}" if kw.get("EPI_SPLIT", 1) != 1 else "")
+            + (" ws" if kw.get("WARP_SPEC") else "") + (f" g{kw['GROUP_M']}" if kw["GROUP_M"] != 8 else ""))
+
+
+# The TMA kernel's tile options timed by --tma-variants: its autotuning list (int8_triton._TMA_CONFIGS), then
+# around it: the wide tile's store in halves at 3 stages and with other group widths, the warp-specialised tiles
+# with 8 warps and on the square tile, and the wide tile with a 64-deep K step.
+def tma_variants() -> list:
+    from bitnet_cli.train import int8_triton
+
+    return [*int8_triton._TMA_CONFIGS, _tma_variant(128, 256, 128, 8, 3, split=2),
+            _tma_variant(128, 256, 128, 8, 4, split=2, group=4), _tma_variant(128, 256, 128, 8, 3, group=16),
+            _tma_variant(128, 256, 128, 8, 3, ws=True), _tma_variant(128, 128, 128, 4, 5, ws=True),
+            _tma_variant(128, 256, 64, 8, 6, split=2)]
+
+
+def sweep_tma_variants(models: list[str], path: str, offered: bool = False) -> list[dict]:
+    """Each of :func:`tma_variants` at the models' forward and grad_input products (bf16 outputs, as the trainer
+    runs them): TOP/s (median of do_bench) and bit-exactness against the exact product (``torch._int_mm``, K padded
+    with zeros to a multiple of 16, scaled in fp32 by torch as the kernel's epilogue does); where unequal, how many
+    elements differ, in which half of the tile's rows (a split of the rows between warp groups), and NaNs.
+    ``offered``: the autotuning list's tiles alone (int8_triton._TMA_CONFIGS)."""
+    from triton.runtime.errors import OutOfResources
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton
+
+    rows = []
+    for name in models:
+        for kind, M, K, N in products(name):
+            if kind == "grad_w":
+                continue
+            torch.manual_seed(M + K + N)
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+            q, s = L.quantize_rows(x)
+            t, _, col_scale = L.stacked_ternary([w])
+            row, col = 1.0 / s, (col_scale if kind == "fwd" else None)
+            pad_k, pad_n = -K % 16, -N % 16  # torch._int_mm's operands: K and N multiples of 8
+            exact = torch._int_mm(F.pad(q, (0, pad_k)), F.pad(t, (0, pad_k, 0, pad_n)).t())[:, :N].float() * row[:, None]
+            ref = (exact if col is None else exact * col[None, :]).to(torch.bfloat16)
+            del exact, x, w
+            q, t = L.pad_rows(q), L.pad_rows(t)
+            flop = 2 * M * N * K
+            r = {"model": name, "kind": kind, "M": M, "K": K, "N": N, "tops": {}, "unequal": {}}
+            for cfg in (int8_triton._TMA_CONFIGS if offered else tma_variants()):
+                vname = variant_name(cfg)
+                try:
+                    f = lambda: int8_triton.int8_mm(q, t, row, col, torch.bfloat16, "tma", config=cfg)  # noqa: E731
+                    got = f()
+                    torch.cuda.synchronize()
+                    if not torch.equal(got, ref):
+                        bad = got != ref
+                        half = bad.view(-1, 2, cfg.kwargs["BM"] // 2, N).sum(dim=(0, 2, 3)) if M % cfg.kwargs["BM"] == 0 else None
+                        r["unequal"][vname] = {"fraction": bad.float().mean().item(), "nan": int(got.isnan().sum()),
+                                               "rows_by_tile_half": None if half is None else half.tolist(),
+                                               "max_abs": (got.float() - ref.float()).nan_to_num().abs().max().item()}
+                    r["tops"][vname] = round(flop / do_bench(f, warmup=10, rep=40, return_mode="median") / 1e9, 1)
+                except OutOfResources:
+                    r["tops"][vname] = None
+                except Exception as e:  # noqa: BLE001 (recorded; the other variants still run)
+                    r["tops"][vname] = repr(e)[:200]
+            valid = {k: v for k, v in r["tops"].items() if isinstance(v, float) and k not in r["unequal"]}
+            r["best"] = max(valid, key=valid.get) if valid else None
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            with open(path, "w") as fh:
+                json.dump({"gpu": torch.cuda.get_device_name(), "tma_variants": rows}, fh, indent=1)
+    return rows
+
+
 GRAD_ROW_SHAPES = {"small": [[768] * 3, [768], [2048] * 2], "700m": [[1536] * 3, [1536], [4096] * 2],
                    "1.3b": [[2048] * 3, [2048], [5460] * 2]}
 
@@ -674,8 +760,14 @@ def main():
                     "norm_quant's checks (alone)")
     ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
                     "against bf16, after its checks (alone)")
+    ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
+                    "options, each checked against the exact product (alone)")
+    ap.add_argument("--offered", action="store_true", help="--tma-variants: the autotuning list's tiles alone")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    if args.tma_variants:
+        sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
+        return
     if args.grad_weight:
         result = {"gpu": torch.cuda.get_device_name(), "grad_weight": check_grad_weight()}
         with open(args.out, "w") as f:

@@ -95,17 +95,21 @@ _INTERPRETED_PRODUCT = _INTERPRETER_LOOP_BOUNDS + """
 import json, sys, torch, triton
 from bitnet_cli.train import int8_linear as L, int8_triton as T
 out = []
-for kernel, M, N, K, bm, bn, bk, col, *bf16 in json.loads(sys.argv[1]):
+for kernel, M, N, K, bm, bn, bk, col, *rest in json.loads(sys.argv[1]):
+    # rest: the output dtype ("bf16"; fp32 if absent) and the TMA tile's options (EPI_SPLIT, WARP_SPEC)
+    bf16, options = rest[0] == "bf16" if rest else False, rest[1] if len(rest) > 1 else {}
     g = torch.Generator().manual_seed(M + N + K)
     a = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=g)
     b = torch.randint(-1, 2, (N, K), dtype=torch.int8, generator=g)
     rm = torch.rand(M, generator=g) * 0.02 + 1e-4
     cm = torch.rand(N, generator=g) * 0.05 + 1e-3 if col else None
-    cfg = triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}, num_warps=4, num_stages=2)
+    tile = {"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 2}
+    cfg = triton.Config({**tile, **options}, num_warps=4, num_stages=2)
     if bf16:  # the TMA kernel's TMA store (a 2-byte output) against the pointer kernel's stores
         assert T.tma_store(N, torch.bfloat16)
         got = T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel=kernel, config=cfg)
-        out.append(torch.equal(got, T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel="pointer", config=cfg)))
+        out.append(torch.equal(got, T.int8_mm(a, b, rm, cm, torch.bfloat16, kernel="pointer",
+                                              config=triton.Config(tile, num_warps=4, num_stages=2))))
         continue
     got = T.int8_mm(a, b, rm, cm, torch.float32, kernel=kernel, config=cfg)
     out.append(torch.equal(got, L.int8_mm_reference(a, b, rm, cm, torch.float32)))
@@ -162,7 +166,14 @@ def test_int8_product_kernels_match_the_reference_in_the_interpreter():
     cases = [["tma", 100, 80, 160, 32, 32, 64, True], ["tma", 64, 96, 48, 32, 32, 32, False],
              ["tma", 33, 17, 16, 16, 16, 16, True], ["pointer", 100, 80, 150, 32, 32, 64, True],
              ["pointer", 64, 64, 64, 32, 32, 32, False], ["tma", 100, 80, 160, 32, 32, 64, True, "bf16"],
-             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"]]
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16"],
+             # the TMA store in two halves of columns (EPI_SPLIT): a ragged last tile, whose second half is clipped
+             ["tma", 100, 72, 160, 32, 32, 64, True, "bf16", {"EPI_SPLIT": 2}],
+             ["tma", 33, 40, 16, 16, 32, 16, False, "bf16", {"EPI_SPLIT": 2}],
+             # warp specialisation (the epilogue's rows addressed from off_m), ragged rows and columns; pointer stores
+             ["tma", 100, 72, 160, 32, 32, 64, True, "bf16", {"WARP_SPEC": True}],
+             ["tma", 33, 40, 16, 16, 16, 16, False, "bf16", {"WARP_SPEC": True}],
+             ["tma", 100, 80, 160, 32, 32, 64, True, "fp32", {"WARP_SPEC": True}]]
     assert _interpret(_INTERPRETED_PRODUCT, cases) == [True] * len(cases)
 
 
@@ -267,6 +278,24 @@ def test_the_op_launches_the_compiled_kernel_directly_once_tuned():
     results, launches = _interpret(_INTERPRETED_OP_LAUNCH, cases)
     assert results == [[True] * 4] * len(cases)
     assert launches == ["autotuned", "direct", "op", "op"] * len(cases)
+
+
+def test_tma_tiles_offered_per_product(monkeypatch):
+    """Warp-specialised tiles unless ``$BITNET_INT8_WARP_SPEC=0``; the store in halves only where there is a TMA
+    store."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    def kinds(store):
+        return {(c.kwargs.get("WARP_SPEC", False), c.kwargs.get("EPI_SPLIT", 1))
+                for c in T._tma_tiles(T._TMA_CONFIGS, {}, TMA_STORE=store, HAS_COL_MUL=False)}
+
+    monkeypatch.delenv("BITNET_INT8_WARP_SPEC", raising=False)
+    assert kinds(True) == {(True, 1), (False, 2), (False, 1)}
+    assert kinds(False) == {(True, 1), (False, 1)}
+    monkeypatch.setenv("BITNET_INT8_WARP_SPEC", "0")
+    assert kinds(True) == {(False, 2), (False, 1)}
+    assert kinds(False) == {(False, 1)}
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):

@@ -40,10 +40,15 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
-def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constexpr):
-    """Both product kernels' epilogue arithmetic: the exact int32 tile times the per-token (row) and, if
-    given, per-column scales, in fp32. One function, so the kernels (and both stores) give the same bits."""
-    row_mul = tl.load(row_mul_ptr + rm, mask=rm < M, other=0.0)
+def _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM: tl.constexpr, HAS_COL_MUL: tl.constexpr):
+    """Both product kernels' epilogue arithmetic: the exact int32 tile (rows off_m.. of C) times the per-token (row)
+    and, if given, per-column scales, in fp32. One function, so the kernels (and both stores) give the same bits.
+    The rows' scales are addressed from ``row_mul_ptr + off_m``, not as ``row_mul_ptr + (off_m + arange)``: Triton
+    3.6's warp specialisation splits the tile's rows between two consumer warp groups and, in the second, offsets
+    both ``off_m`` and the range in an index ``off_m + arange(BM)`` by BM / 2 (their products took other rows'
+    scales; benchmarks/RESULTS.md, sessions 12 and 19), while a pointer offset by ``off_m`` it leaves alone."""
+    rows = tl.arange(0, BM)
+    row_mul = tl.load(row_mul_ptr + off_m + rows, mask=rows < M - off_m, other=0.0)
     c = acc.to(tl.float32) * row_mul[:, None]
     if HAS_COL_MUL:
         col_mul = tl.load(col_mul_ptr + rn, mask=rn < N, other=0.0)
@@ -52,11 +57,13 @@ def _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL: tl.constex
 
 
 @triton.jit
-def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL: tl.constexpr):
+def _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, stride_cm, BM: tl.constexpr,
+                  HAS_COL_MUL: tl.constexpr):
     """:func:`_scaled`, stored in C's dtype for the rows and columns inside M x N."""
-    c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rn[None, :]
-    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    c = _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM, HAS_COL_MUL)
+    rows = tl.arange(0, BM)  # from C's row off_m, as _scaled's scales (warp specialisation)
+    c_ptrs = c_ptr + off_m * stride_cm + rows[:, None] * stride_cm + rn[None, :]
+    tl.store(c_ptrs, c.to(c_ptr.dtype.element_ty), mask=(rows[:, None] < M - off_m) & (rn[None, :] < N))
 
 
 # Tiles for int8 on H100/H200 (and A100). The training shapes have short K (768-5460: 6-43 steps of
@@ -118,33 +125,52 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
         b = tl.load(b_ptrs, mask=rk[:, None] < left, other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
-    _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+    _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, pid_m * BM, rn, M, N, stride_cm, BM, HAS_COL_MUL)
 
 
 # Tiles for the TMA kernel: its loads are issued by the copy engine, not by the warps' address
 # arithmetic, so wide tiles with deep pipelines fit (shared memory: stages x (BM + BN) x BK bytes,
-# at most 227 KiB on Hopper). Four, so that a new shape's autotuning (each tile compiled and timed)
-# stays short: the wide tile at two depths, the tall one, and the square one with a deep pipeline
-# for the narrow products (N = K = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles).
-# Triton 3.6's Hopper warp specialisation (``tl.range(..., warp_specialize=True)`` over the tile loop,
-# unflattened, num_warps 4: a producer warp group and two consumers) compiled this kernel and ran it at
-# up to 1,548 TOP/s, but its products were wrong (unequal to the pointer kernel's at every shape, NaN
-# losses in training; benchmarks/RESULTS.md, session 12), so no tile here uses it. With the TMA-store epilogue
-# (TMA_STORE, 2-byte outputs) the tile's output also takes shared memory (BM x BN x 2 bytes): 256x128x128 with
-# 4 stages needs 256 KiB by that count, more than the 227 the SM has: the autotuner drops it for those products.
+# at most 227 KiB on Hopper). With the TMA-store epilogue (TMA_STORE, 2-byte outputs) the tile's output also takes
+# shared memory (BM x BN x 2 bytes, half with EPI_SPLIT 2): 256x128x128 with 4 stages needs 256 KiB by that count,
+# more than the SM has: the autotuner drops it for those products. Few tiles, so that a new shape's autotuning (each
+# tile compiled and timed) stays short:
+# * WARP_SPEC: Triton 3.6's Hopper warp specialisation of the tile loop (num_warps 4 becomes 12: a producer warp
+#   group issuing the TMA loads, two consumer warp groups each with half of the tile's rows). On an H200 it ran the
+#   700m and 1.3b products at 1,230-1,540 TOP/s against 1,040-1,300 for the best tile without it (benchmarks/RESULTS.md,
+#   session 19). Its products were wrong in session 12 (the rows' indices, see :func:`_scaled`).
+# * 128x256x128 with 4 stages and the store in halves (EPI_SPLIT 2): 0-15% faster than with 3 stages and one store.
+# * the wide and the tall tile at 3 and 4 stages; the square one with a deep pipeline for the narrow products (N = K
+#   = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles) and 1.3b's 5460-wide grad_input.
 _TMA_CONFIGS = [
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "WARP_SPEC": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8, "WARP_SPEC": True}, num_warps=4, num_stages=3),
+    triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8, "EPI_SPLIT": 2}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 256, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=6),
     triton.Config({"BM": 256, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BM": 128, "BN": 128, "BK": 128, "GROUP_M": 8}, num_warps=8, num_stages=5),
 ]
 
 
-@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"])
+def warp_spec_enabled() -> bool:
+    """Whether the TMA kernel's autotuning offers its warp-specialised tiles: unless ``$BITNET_INT8_WARP_SPEC=0``
+    (measurements; read when a product shape is first tuned, so once per process)."""
+    return os.environ.get("BITNET_INT8_WARP_SPEC", "1") != "0"
+
+
+def _tma_tiles(configs: list, named_args: dict, **constexprs) -> list:
+    """The TMA kernel's tiles for one product: warp specialisation unless turned off (:func:`warp_spec_enabled`), the
+    store in halves only where there is a TMA store (else it is the same kernel as its one-store twin)."""
+    store = constexprs["TMA_STORE"]
+    return [c for c in configs if (warp_spec_enabled() or not c.kwargs.get("WARP_SPEC"))
+            and (store or c.kwargs.get("EPI_SPLIT", 1) == 1)]
+
+
+@triton.autotune(configs=_TMA_CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": _tma_tiles})
 @triton.jit
 def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, stride_am, stride_bn, stride_cm,
                         HAS_COL_MUL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, TMA_STORE: tl.constexpr):
+                        GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, TMA_STORE: tl.constexpr,
+                        EPI_SPLIT: tl.constexpr = 1, WARP_SPEC: tl.constexpr = False):
     # The TMA descriptors are made here, on the device (each program writes its two into the global
     # scratch that :func:`_descriptor_scratch` allocates), so that a launch passes plain pointers:
     # descriptors built on the host (session 10) cost the launch enough Python and driver work that the
@@ -155,8 +181,11 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     # TMA_STORE (C's rows on 16-byte boundaries, a 2-byte dtype): the epilogue writes the scaled tile into
     # shared memory and a TMA store copies it out (clipped at M x N) while the next tile's products run,
     # instead of every thread storing its part of the tile to global memory itself. The same values.
+    # EPI_SPLIT 2: the tile is stored as two halves of BN / 2 columns, so that its staging buffer in shared memory
+    # takes half as much, room for one more pipeline stage (a tile option; the same values).
     if TMA_STORE:
-        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BM, BN])
+        c_desc = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                           block_shape=[BM, BN // EPI_SPLIT])
     # Persistent: one program per SM walks the tiles (grouped order, as _int8_mm_kernel), so that the
     # next tile's first loads overlap this tile's epilogue (the loop nest is flattened into one
     # software pipeline).
@@ -166,7 +195,8 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
     first = tl.program_id(0)
     if INTERPRETED:  # the interpreter's range() cannot take a program id; there it runs one program (NUM_SMS 1)
         first = 0
-    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=True):
+    # WARP_SPEC: warp specialisation of the tile loop (see _TMA_CONFIGS), which must then stay unflattened.
+    for tile in tl.range(first, grid_m * grid_n, NUM_SMS, flatten=not WARP_SPEC, warp_specialize=WARP_SPEC):
         tile_m, tile_n = _grouped_tile(tile, grid_m, grid_n, GROUP_M)
         off_m = tile_m * BM
         off_n = tile_n * BN
@@ -175,13 +205,17 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
             a = a_desc.load([off_m, ki * BK])
             b = b_desc.load([off_n, ki * BK])
             acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-        rm = off_m + tl.arange(0, BM)
         rn = off_n + tl.arange(0, BN)
         if TMA_STORE:
-            c = _scaled(acc, row_mul_ptr, col_mul_ptr, rm, rn, M, N, HAS_COL_MUL)
-            c_desc.store([off_m, off_n], c.to(c_ptr.dtype.element_ty))
+            c = _scaled(acc, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, BM, HAS_COL_MUL).to(c_ptr.dtype.element_ty)
+            if EPI_SPLIT == 2:
+                c0, c1 = tl.split(tl.permute(tl.reshape(c, (BM, 2, BN // 2)), (0, 2, 1)))
+                c_desc.store([off_m, off_n], c0)
+                c_desc.store([off_m, off_n + BN // 2], c1)
+            else:
+                c_desc.store([off_m, off_n], c)
         else:
-            _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, rm, rn, M, N, stride_cm, HAS_COL_MUL)
+            _store_scaled(acc, c_ptr, row_mul_ptr, col_mul_ptr, off_m, rn, M, N, stride_cm, BM, HAS_COL_MUL)
 
 
 def tma_store(n: int, out_dtype: torch.dtype) -> bool:
@@ -313,12 +347,21 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul: to
     compiled = jit_fn[grid](*args, **extra)
     if compiled is not None:  # None in Triton's interpreter, which compiles nothing
         tile = jit_fn.best_config.kwargs
-        tail = {**extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
+        tail = {**_defaults(jit_fn), **extra, **tile} if tma else {**extra, **tile, "EVEN_K": K % tile["BK"] == 0}
         # The constexprs follow the runtime arguments in the kernel's signature; the launcher takes them all.
         names = jit_fn.arg_names[len(args):]
         assert set(names) == set(tail), names
         _LAUNCHES[spec] = (compiled, (*grid(tile), 1, 1), tuple(tail[n] for n in names))  # the runner reads x, y, z
     return c
+
+
+def _defaults(kernel) -> dict:
+    """The constexpr arguments a kernel's signature gives defaults (tile options that a tile may leave out)."""
+    import inspect
+
+    while hasattr(kernel, "fn"):  # autotuner -> heuristics -> jit -> the Python function
+        kernel = kernel.fn
+    return {n: p.default for n, p in inspect.signature(kernel).parameters.items() if p.default is not p.empty}
 
 
 # ``bitnet::int8_mm``'s products launched straight into Triton's compiled launcher (:func:`int8_mm_op`),
@@ -388,7 +431,7 @@ def int8_mm_op(a: torch.Tensor, b: torch.Tensor, row_mul: torch.Tensor, col_mul:
     compiled kernel (``_DIRECT``)."""
     key = (a.shape, a.stride(), b.shape, b.stride(), row_mul.shape, row_mul.stride(), row_mul.dtype, out_dtype,
            None if col_mul is None else (col_mul.stride(), col_mul.dtype), a.device, os.environ.get("BITNET_INT8_MM"),
-           os.environ.get("BITNET_INT8_TMA_STORE"))
+           os.environ.get("BITNET_INT8_TMA_STORE"), os.environ.get("BITNET_INT8_WARP_SPEC"))
     d = _DIRECT.get(key)
     if d is not None and not ((a.data_ptr() | b.data_ptr() | row_mul.data_ptr()
                                | (0 if col_mul is None else col_mul.data_ptr())) & 15) and not _hooks_set():
