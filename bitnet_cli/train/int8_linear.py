@@ -48,12 +48,16 @@ their scales (:func:`quantize_grad_rows_reference` states it in torch); grad_wei
 per projection from its own part.
 
 The activations' quantisation is written in torch so that torch.compile fuses it with its
-neighbours (the RMSNorm before a projection), except after BitNet's sub-norms (before o_proj and
-down_proj, relu2 first for down_proj): there one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
+neighbours, except where a norm precedes the product: after BitNet's sub-norms (before o_proj and
+down_proj, relu2 first for down_proj) one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
 kernel that reads each row once), computes the norm and the rounding with the plain path's eager
 numerics (inductor's fusion of the same torch code did not: it keeps the norm's bf16 rounding out, and
 a few percent of the int8 values came out one step apart), and its backward is in torch ops
-(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The products are one custom op,
+(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The residual norms before
+q/k/v and gate/up are the same kernel with the residual add before them (``bitnet::residual_norm_quant``: it also
+writes the new residual stream; :class:`_ResidualNormQuant`, reached through model._residual_norm_project, the
+decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_NORM=0`` leaves those to
+torch.compile. The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
