@@ -445,7 +445,8 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         out.append({"model": name, "K": k, "backward": True, "inductor": True, "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
         ms = do_bench(lambda: T.residual_norm_grad(*args), return_mode="median")
-        out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1], "ms": round(ms, 4)})
+        out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
+                    "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -872,7 +873,8 @@ def main():
         sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
     if args.residual_norm:
         result = {"gpu": torch.cuda.get_device_name(), "residual_norm_quant": check_residual_norm_quant(),
-                  "residual_norm_grad": check_residual_norm_grad(), "residual_norm_autograd": check_residual_norm_autograd()}
+                  "residual_norm_grad": check_residual_norm_grad(),
+                  "residual_norm_autograd": check_residual_norm_autograd()}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         result["residual_norm_sweep"] = sweep_residual_norm_quant([m for m in args.residual_norm.split(",") if m])

@@ -546,7 +546,8 @@ def residual_norm_grad_kernel() -> bool:
     return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
-def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, grad_n: torch.Tensor) -> torch.Tensor:
+def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                          grad_n: torch.Tensor) -> torch.Tensor:
     """The norm weight's gradient in :func:`_rms_norm_backward`: n = weight * h, h = (y * rstd) rounded to y's dtype
     (rms_norm)."""
     return (grad_n.float() * (y.float() * rstd[:, None]).to(y.dtype).float()).sum(0).to(weight.dtype)

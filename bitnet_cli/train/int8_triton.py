@@ -1,5 +1,6 @@
 """The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
-``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
+``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::quantize_grad_cols`` and
+``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
@@ -727,7 +728,7 @@ def refresh_products(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             torch.autograd.graph.increment_version(buf)
 
 
-# ----------------------------------------------------------------------------- the norms' rounding (sub-norms, residual norms)
+# ----------------------------------------------------------------------------- the norms' rounding
 
 
 @triton.jit
