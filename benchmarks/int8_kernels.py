@@ -31,9 +31,11 @@
 7. ``--norm-quant MODELS`` (alone): ``bitnet::norm_quant`` against its reference on the GPU (:func:`check_norm_quant`),
    then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
 7b. ``--residual-norm MODELS`` (alone): ``bitnet::residual_norm_quant`` against its reference on the GPU
-   (:func:`check_residual_norm_quant`), a tiny two-layer model's loss and gradients with it and without it under bf16
-   autocast (:func:`check_residual_norm_autograd`), then its launches at those models' hidden widths, timed beside the
-   compiled torch code it replaces (:func:`sweep_residual_norm_quant`).
+   (:func:`check_residual_norm_quant`) and its backward kernel ``bitnet::residual_norm_grad`` against its reference
+   (:func:`check_residual_norm_grad`), a two-layer model's loss and gradients with and without them under bf16
+   autocast (:func:`check_residual_norm_autograd`), then the forward's launches at those models' hidden widths, timed
+   beside the compiled torch code it replaces, and the backward beside its compiled torch ops
+   (:func:`sweep_residual_norm_quant`).
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
@@ -341,10 +343,48 @@ def check_residual_norm_quant() -> list[dict]:
     return out
 
 
+def _residual_grad_case(m: int, k: int, exact_sums: bool, seed: int):
+    """residual_norm_grad's inputs as the trainer's bf16 autocast hands them over: the fp32 stream's gradient, the
+    bf16 gradient of the norm's output (the product's grad_input), the saved fp32 h, fp32 weight and rstd, on the GPU.
+    ``exact_sums``: h, grad_n and the weight small multiples of powers of two (every sum of ``dh * h`` exact)."""
+    g = torch.Generator().manual_seed(seed)
+    if exact_sums:
+        h, gn = torch.randint(-24, 25, (m, k), generator=g) / 8, torch.randint(-8, 9, (m, k), generator=g) / 4
+        w = torch.randint(1, 64, (k,), generator=g) / 32
+    else:
+        h, gn = torch.randn(m, k, generator=g) * 3, torch.randn(m, k, generator=g) * 1e-3
+        w = torch.rand(k, generator=g) + 0.5
+    gh = torch.randn(m, k, generator=g) * 1e-3
+    rstd = torch.rsqrt(h.pow(2).mean(-1) + 1e-5)
+    return gh.cuda(), gn.to(torch.bfloat16).cuda(), h.cuda(), w.cuda(), rstd.cuda()
+
+
+def check_residual_norm_grad() -> list[dict]:
+    """``bitnet::residual_norm_grad`` (Triton) against :func:`residual_norm_grad_reference` run by torch on the same GPU:
+    with exact sums bit for bit (``bit_exact``); with normal inputs the fraction of values that differ and the largest
+    relative difference (the sum's order)."""
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    for i, (m, k) in enumerate(RESIDUAL_CASES):
+        for exact_sums, stream_grad in ((True, True), (True, False), (False, True)):
+            gh, gn, h, w, rstd = _residual_grad_case(m, k, exact_sums, i)
+            args = (gh if stream_grad else None, gn, h, w, rstd, torch.float32, torch.bfloat16)
+            ref, got = L.residual_norm_grad_reference(*args), T.residual_norm_grad(*args)
+            row = {"M": m, "K": k, "exact_sums": exact_sums, "stream_grad": stream_grad,
+                   "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)),
+                   "gx_differ": float((got[0] != ref[0]).float().mean()),
+                   "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 def check_residual_norm_autograd() -> list[dict]:
     """A two-layer model at 700m's widths under bf16 autocast (as the trainer runs it) with the residual norms fused
-    (residual_norm_quant) and as torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's
-    gradient, relative differences."""
+    (residual_norm_quant; their backward in torch ops, and with $BITNET_INT8_RESIDUAL_GRAD=1 through
+    residual_norm_grad) and as torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient,
+    relative differences from the torch ops'."""
     import os
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
@@ -354,8 +394,8 @@ def check_residual_norm_autograd() -> list[dict]:
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (4, 1025), device="cuda")
     res = {}
-    for env in ("1", "0"):
-        os.environ["BITNET_INT8_RESIDUAL_NORM"] = env
+    for env, grad_env in (("1", "0"), ("1", "1"), ("0", "0")):
+        os.environ["BITNET_INT8_RESIDUAL_NORM"], os.environ["BITNET_INT8_RESIDUAL_GRAD"] = env, grad_env
         torch.manual_seed(0)
         model = BitNetForCausalLM(cfg).cuda()
         L.enable(model, True, cache=True)
@@ -364,16 +404,20 @@ def check_residual_norm_autograd() -> list[dict]:
             logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
-        res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+        res[env + grad_env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
     os.environ.pop("BITNET_INT8_RESIDUAL_NORM")
-    row = {"loss_fused": res["1"][0], "loss_torch": res["0"][0]}
-    for part in ("embed_tokens", "layernorm", "self_attn", "mlp"):
-        names = [n for n in res["1"][1] if part in n]
-        a = torch.cat([res["1"][1][n].flatten() for n in names])
-        b = torch.cat([res["0"][1][n].flatten() for n in names])
-        row[f"grad_{part}"] = float((a - b).norm() / b.norm())
-    print(json.dumps(row), flush=True)
-    return [row]
+    os.environ.pop("BITNET_INT8_RESIDUAL_GRAD")
+    rows = []
+    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad")):
+        row = {"variant": name, "loss": res[key][0], "loss_torch": res["00"][0]}
+        for part in ("embed_tokens", "layernorm", "self_attn", "mlp"):
+            names = [n for n in res[key][1] if part in n]
+            a = torch.cat([res[key][1][n].flatten() for n in names])
+            b = torch.cat([res["00"][1][n].flatten() for n in names])
+            row[f"grad_{part}"] = float((a - b).norm() / b.norm())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
@@ -400,6 +444,16 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
             out.append({"model": name, "K": k, "rows": r, "warps": wp, "default": (r, wp) == default,
                         "ms": round(ms, 4), "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
             print(json.dumps(out[-1]), flush=True)
+        # the backward: residual_norm_grad against the compiled torch ops it replaces (int8_linear._residual_norm_grads)
+        args = (*_residual_grad_case(m, k, False, k), torch.float32, torch.bfloat16)
+        compiled = torch.compile(L._residual_norm_grads, dynamic=False)
+        ms = do_bench(lambda: compiled(*args), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "inductor": True, "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
+        ms = do_bench(lambda: T.residual_norm_grad(*args), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
+                    "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -911,6 +965,7 @@ def main():
         sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
     if args.residual_norm:
         result = {"gpu": torch.cuda.get_device_name(), "residual_norm_quant": check_residual_norm_quant(),
+                  "residual_norm_grad": check_residual_norm_grad(),
                   "residual_norm_autograd": check_residual_norm_autograd()}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
@@ -918,7 +973,8 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         checks = result["residual_norm_quant"]
-        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in checks if r["exact_sums"]) else 1)
+        exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
+        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) else 1)
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

@@ -503,7 +503,8 @@ class DecoderLayer(nn.Module):
         output. Each residual add is left to the norm after it, with which the int8 path rounds in one kernel
         (_residual_norm_project); the model adds the last layer's itself."""
         x, (q, k, v) = _residual_norm_project(self.self_attn, self.input_layernorm, x, delta)
-        x, (g, u) = _residual_norm_project(self.mlp, self.post_attention_layernorm, x, self.self_attn(q, k, v, cos, sin))
+        attn = self.self_attn(q, k, v, cos, sin)
+        x, (g, u) = _residual_norm_project(self.mlp, self.post_attention_layernorm, x, attn)
         return x, self.mlp(g, u)
 
 

@@ -782,6 +782,67 @@ def test_sub_norm_then_bitlinear_through_norm_quant_matches_the_plain_path(gate,
         assert rel(g[1].grad, g[0].grad) < tol
 
 
+def _residual_grad_inputs(seed: int, m: int, k: int, h_dtype: torch.dtype, stream_grad: bool):
+    """The saved h, the gradients of h (or None) and of the norm's output (bf16, as the product's grad_input), an fp32
+    norm weight and a positive rstd: small multiples of powers of two (rstd aside), so that every sum of ``dh * h`` is
+    exact in fp32 whatever its order (h multiples of 1/8 up to 3, grad_n of 1/4 up to 2, weight of 1/32)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randint(-24, 25, (m, k), generator=g) / 8).to(h_dtype)
+    grad_h = torch.randn(m, k, generator=g).to(h_dtype) if stream_grad else None
+    grad_n = (torch.randint(-8, 9, (m, k), generator=g) / 4).to(torch.bfloat16)
+    return grad_h, grad_n, h, (torch.randint(1, 64, (k,), generator=g) / 32).float(), torch.rand(m, generator=g) + 0.1
+
+
+def test_residual_norm_grad_reference_is_autograds_gradient_of_the_add_and_norm():
+    """residual_norm_grad_reference against autograd through the plain path's h = x + delta, rms_norm(h) (the
+    straight-through rounding passes the norm's output gradient on), h also read on by the stream: x's (fp32) and
+    delta's (bf16) gradients, the same values in their dtypes; two separate tensors where the dtypes are equal."""
+    from bitnet_cli.model import rms_norm
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(9, 40, generator=g) * 3).requires_grad_()
+    delta = torch.randn(9, 40, generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.rand(40, generator=g) + 0.5
+    grad_h, grad_n = torch.randn(9, 40, generator=g), torch.randn(9, 40, generator=g).to(torch.bfloat16)
+    h = x + delta
+    torch.autograd.backward([h, rms_norm(h, w, 1e-5)], [grad_h, grad_n.float()])
+    hd = h.detach()
+    rstd = torch.rsqrt(hd.pow(2).mean(-1) + 1e-5)
+    for op in (L.residual_norm_grad_reference, torch.ops.bitnet.residual_norm_grad.default):
+        gx, gd = op(grad_h, grad_n, hd, w, rstd, torch.float32, torch.bfloat16)
+        assert gx.dtype == torch.float32 and gd.dtype == torch.bfloat16
+        assert rel(gx, x.grad) < 1e-6 and torch.equal(gd, gx.to(torch.bfloat16))
+        assert rel(gd, delta.grad) < 1e-2
+    gx, gd = L.residual_norm_grad_reference(None, grad_n, hd, w, rstd, torch.float32, torch.float32)
+    assert torch.equal(gx, gd) and gx.data_ptr() != gd.data_ptr()
+
+
+_INTERPRETED_RESIDUAL_NORM_GRAD = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _residual_grad_inputs
+out = []
+for seed, m, k, h_dtype, x_dtype, delta_dtype, stream_grad in json.loads(sys.argv[1]):
+    args = _residual_grad_inputs(seed, m, k, getattr(torch, h_dtype), stream_grad)
+    dtypes = getattr(torch, x_dtype), getattr(torch, delta_dtype)
+    ref = L.residual_norm_grad_reference(*args, *dtypes)
+    for rows in (None, 2):  # the default launch, and two rows a program with a ragged last block
+        got = T.residual_norm_grad(*args, *dtypes, rows=rows)
+        out.append([torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)])
+print(json.dumps(out))
+"""
+
+
+def test_residual_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The residual norm's backward kernel (bitnet::residual_norm_grad) in Triton's CPU interpreter against its
+    reference, bit for bit: x's and delta's gradients; ragged rows and widths, h in fp32 or bf16, with and without the
+    stream's own gradient."""
+    pytest.importorskip("triton")
+    cases = [[1, 5, 64, "float32", "float32", "bfloat16", True], [2, 7, 100, "float32", "float32", "bfloat16", False],
+             [3, 3, 96, "bfloat16", "bfloat16", "bfloat16", True], [4, 6, 48, "float32", "float32", "float32", True]]
+    assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD, cases) == [[True, True]] * (2 * len(cases))
+
+
 def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):
     """A tiny BitNet three ways from one init: the plain path, the int8 path with the residual norms as torch ops
     ($BITNET_INT8_RESIDUAL_NORM=0) and with them fused (residual_norm_quant; norm_quant for the first layer)."""
@@ -813,13 +874,16 @@ def _loss_and_grads(model, ids, autocast: bool, forward=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.parametrize("grad_op", ["0", "1"])
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("int8_grad", [False, True])
-def test_fused_residual_norms_give_the_models_loss_and_gradients(int8_grad, autocast, monkeypatch):
+def test_fused_residual_norms_give_the_models_loss_and_gradients(int8_grad, autocast, grad_op, monkeypatch):
     """The whole model with each residual add folded into the next residual norm's rounding (residual_norm_quant):
     the loss of the int8 path with those as torch ops, and its gradients (every parameter, embeddings and norm weights
     included: the add's backward hands the stream and the block's output the same gradient, plus the norm's), in fp32
-    and under bf16 autocast (fp32 stream, bf16 block outputs); close to the plain path as the int8 path is."""
+    and under bf16 autocast (fp32 stream, bf16 block outputs), the backward in torch ops or through
+    bitnet::residual_norm_grad ($BITNET_INT8_RESIDUAL_GRAD=1); close to the plain path as the int8 path is."""
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", grad_op)
     models = _tiny_models(monkeypatch, int8_grad)
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
     got = {name: _loss_and_grads(m, ids, autocast) for name, m in models.items()}
@@ -830,9 +894,11 @@ def test_fused_residual_norms_give_the_models_loss_and_gradients(int8_grad, auto
     assert loss == pytest.approx(got["plain"][0].item(), abs=1e-2 if autocast else 1e-5)
 
 
-def test_fused_residual_norms_under_torch_compile(monkeypatch):
+@pytest.mark.parametrize("grad_op", ["0", "1"])
+def test_fused_residual_norms_under_torch_compile(grad_op, monkeypatch):
     """torch.compile of the tiny model with the fused residual norms (the ops' fake kernels give inductor their
-    outputs): the eager model's loss and gradients."""
+    outputs), their backward in torch ops or through bitnet::residual_norm_grad: the eager model's loss and gradients."""
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", grad_op)
     models = _tiny_models(monkeypatch, int8_grad=True, layers=1)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
@@ -847,7 +913,8 @@ def test_fused_residual_norms_under_torch_compile(monkeypatch):
 
 def test_residual_norm_quant_setting(monkeypatch):
     """$BITNET_INT8_RESIDUAL_NORM=0 leaves the residual adds and norms to torch (measurements), independently of the
-    sub-norms' $BITNET_INT8_NORM_QUANT; anything but 0/1 is an error."""
+    sub-norms' $BITNET_INT8_NORM_QUANT; anything but 0/1 is an error. $BITNET_INT8_RESIDUAL_GRAD=1 (off by default)
+    puts their backward on bitnet::residual_norm_grad."""
     cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
     model = BitNetForCausalLM(cfg)
@@ -858,6 +925,10 @@ def test_residual_norm_quant_setting(monkeypatch):
     monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", "off")
     with pytest.raises(BitnetError, match="BITNET_INT8_RESIDUAL_NORM"):
         L.enable(model, True, cache=True)
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_GRAD", raising=False)
+    assert not L.residual_norm_grad_kernel()  # opt-in
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", "1")
+    assert L.residual_norm_grad_kernel()
 
 
 def test_norm_quant_setting(monkeypatch):

@@ -48,12 +48,16 @@ their scales (:func:`quantize_grad_rows_reference` states it in torch); grad_wei
 per projection from its own part.
 
 The activations' quantisation is written in torch so that torch.compile fuses it with its
-neighbours (the RMSNorm before a projection), except after BitNet's sub-norms (before o_proj and
-down_proj, relu2 first for down_proj): there one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
+neighbours, except where a norm precedes the product: after BitNet's sub-norms (before o_proj and
+down_proj, relu2 first for down_proj) one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
 kernel that reads each row once), computes the norm and the rounding with the plain path's eager
 numerics (inductor's fusion of the same torch code did not: it keeps the norm's bf16 rounding out, and
 a few percent of the int8 values came out one step apart), and its backward is in torch ops
-(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The products are one custom op,
+(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The residual norms before
+q/k/v and gate/up are the same kernel with the residual add before them (``bitnet::residual_norm_quant``: it also
+writes the new residual stream; :class:`_ResidualNormQuant`, reached through model._residual_norm_project, the
+decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_NORM=0`` leaves those to
+torch.compile. The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -427,11 +431,11 @@ def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
     return x.dtype if gate is None else relu2(gate[:0], x[:0]).dtype
 
 
-def _switch(variable: str) -> bool:
-    """An on/off environment variable, on unless it says 0 (measurements); anything but 0/1 is an error."""
+def _switch(variable: str, default: str = "1") -> bool:
+    """An on/off environment variable (measurements): 1 or 0, ``default`` where unset; anything else is an error."""
     import os
 
-    env = os.environ.get(variable, "1")
+    env = os.environ.get(variable, default)
     if env not in ("0", "1"):
         raise BitnetError(f"{variable}={env!r}: expected 0 or 1")
     return env == "1"
@@ -489,19 +493,71 @@ def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
     ``(dy in y's dtype, weight's gradient or None)``."""
     yf, r = y.float(), rstd[:, None]
     g = grad_n.float()
-    # n = weight * h, h = (y * r) rounded to y's dtype (rms_norm)
-    grad_w = (g * (yf * r).to(y.dtype).float()).sum(0).to(weight.dtype) if weight_grad else None
+    grad_w = _rms_norm_weight_grad(y, rstd, weight, grad_n) if weight_grad else None
     dh = (g * weight.float()).to(y.dtype).float()
     # d/dy of y * rsqrt(mean(y^2) + eps): dh * r - y * r^3 * mean(dh * y)
     dy = (dh * r - yf * (r * r * r * (dh * yf).mean(-1, keepdim=True))).to(y.dtype)
     return dy, grad_w
 
 
+def residual_norm_grad_reference(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor,
+                                 weight: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype,
+                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``bitnet::residual_norm_grad`` computes: the gradients of :func:`residual_norm_quant`'s inputs x and delta
+    (the same values, in their dtypes) from those of its outputs h (the stream's own use, None if unused) and x_deq
+    (``grad_n``, the norm's output's: the product's grad_input), h the saved sum and rstd its norm's: h's gradient is
+    the two summed, as autograd sums a tensor's uses. Two separate tensors, also where the dtypes are equal (an op's
+    outputs do not alias)."""
+    grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
+    return grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta
+
+
+def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    dy, _ = _rms_norm_backward(h, rstd, weight, grad_n, False)
+    grad = dy if grad_h is None else grad_h + dy
+    return grad.to(x_dtype), grad.to(delta_dtype)
+
+
+_LIB.define("residual_norm_grad(Tensor? grad_h, Tensor grad_n, Tensor h, Tensor weight, Tensor rstd, "
+            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor)")
+
+
+def _residual_norm_grad_cuda(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.residual_norm_grad(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
+
+
+_LIB.impl("residual_norm_grad", _residual_norm_grad_cuda, "CUDA")
+_LIB.impl("residual_norm_grad", residual_norm_grad_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::residual_norm_grad", lib=_LIB)
+def _(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype)
+
+
+def residual_norm_grad_kernel() -> bool:
+    """``$BITNET_INT8_RESIDUAL_GRAD`` (0 by default): whether :class:`_ResidualNormQuant`'s backward forms x's and
+    delta's gradients with ``bitnet::residual_norm_grad`` (a Triton pass per row on CUDA that writes both, the stream's
+    fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
+    H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
+    14, 6.6 ms a 700m step) in the unfused path. Not measured yet: opt-in."""
+    return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
+
+
+def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                          grad_n: torch.Tensor) -> torch.Tensor:
+    """The norm weight's gradient in :func:`_rms_norm_backward`: n = weight * h, h = (y * rstd) rounded to y's dtype
+    (rms_norm)."""
+    return (grad_n.float() * (y.float() * rstd[:, None]).to(y.dtype).float()).sum(0).to(weight.dtype)
+
+
 class _ResidualNormQuant(torch.autograd.Function):
-    """:func:`residual_norm_quant` with its backward (torch ops): outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h``
-    (the new residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry
-    gradients. h's gradient is the two summed, as autograd sums a tensor's uses: the stream's own and the norm's
-    (saved h, not recomputed); x and delta both get it, in their dtypes."""
+    """:func:`residual_norm_quant` with its backward: outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h`` (the new
+    residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry gradients;
+    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops or
+    with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps, out_dtype):
@@ -514,9 +570,10 @@ class _ResidualNormQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
         h, weight, rstd = ctx.saved_tensors
-        dy, grad_w = _rms_norm_backward(h, rstd, weight, grad_n, ctx.needs_input_grad[2])
-        grad = dy if grad_h is None else grad_h + dy
-        return grad.to(ctx.dtypes[0]), grad.to(ctx.dtypes[1]), grad_w, None, None
+        grads = torch.ops.bitnet.residual_norm_grad.default if residual_norm_grad_kernel() else _residual_norm_grads
+        grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
+        grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_delta, grad_w, None, None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -797,6 +854,7 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
-           "residual_norm_quant_enabled", "residual_norm_quant_reference",
+           "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_quant_enabled",
+           "residual_norm_quant_reference",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]
