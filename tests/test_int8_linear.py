@@ -843,6 +843,74 @@ def test_residual_norm_grad_triton_kernel_matches_its_reference_in_the_interpret
     assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD, cases) == [[True, True]] * (2 * len(cases))
 
 
+_COMPILED_NORM_KERNELS = """
+import collections, json, re, sys, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bitnet_cli.train import int8_triton as T
+
+def compile_sm90(fn, pointers, scalars, constexprs, warps):
+    # every pointer and row stride 16-byte aligned, as Triton specialises them at the recipes' shapes
+    sig = {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in constexprs}}
+    index = {n: (i,) for i, n in enumerate(sig)}
+    attrs = {index[n]: [["tt.divisibility", 16]] for n in sig if n.endswith("_ptr") or n.startswith("stride")}
+    src = ASTSource(fn=fn, signature=sig, constexprs={index[n]: v for n, v in constexprs.items()}, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
+                         ).asm["ptx"]
+    return collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))
+
+try:
+    from triton.backends.nvidia.compiler import get_ptxas
+    get_ptxas(90)
+except Exception:  # a Triton without its CUDA tools: nothing to compile with
+    print(json.dumps("no ptxas"))
+    sys.exit(0)
+ints = ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]
+out = []
+for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
+    pointers = {"x_ptr": x_dtype, "b_ptr": "bf16", "w_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32", "xd_ptr": "bf16",
+                "rstd_ptr": "fp32", "h_ptr": x_dtype}
+    y = tl.float32 if x_dtype == "fp32" else tl.bfloat16
+    consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "GATE": gate, "RESIDUAL": residual, "Y_DTYPE": y,
+              "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
+              "HINT": False}
+    out.append(compile_sm90(T._norm_quant_kernel, pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"},
+                            consts, 4))
+    if residual:  # the backward of the same shapes
+        pointers = {"gh_ptr": x_dtype, "gn_ptr": "bf16", "h_ptr": x_dtype, "w_ptr": "fp32", "rstd_ptr": "fp32",
+                    "gx_ptr": x_dtype, "gd_ptr": "bf16"}
+        scalars = {n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd"]}
+        consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "HAS_GH": True, "Y_DTYPE": y,
+                  "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16, "GD_BF16": True}
+        out.append(compile_sm90(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
+print(json.dumps(out))
+"""
+
+
+def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
+    """The norm kernels' GPU branches (libdevice's rsqrt, the mean by torch's CUDA factor, the fma-corrected division:
+    the interpreter runs the other branches) compiled for sm_90 on the CPU by Triton's own ptxas: they compile, and
+    with 16-byte-aligned rows every global load and store of a row is a 16-byte vector access (only the per-row
+    scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual backward."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
+    cases = [[False, False, 1536, "bf16"], [True, False, 4096, "bf16"], [False, True, 1536, "fp32"],
+             [False, True, 768, "bf16"]]
+    r = subprocess.run([sys.executable, "-c", _COMPILED_NORM_KERNELS, json.dumps(cases)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = json.loads(r.stdout.splitlines()[-1])
+    if counts == "no ptxas":
+        pytest.skip("Triton's ptxas is not available here")
+    assert len(counts) == 6
+    for c in counts:
+        assert c.get("ld.global.v4.b32", 0) > 0 and c.get("st.global.v4.b32", 0) > 0
+        assert set(c) <= {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32"}, c
+
+
 def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):
     """A tiny BitNet three ways from one init: the plain path, the int8 path with the residual norms as torch ops
     ($BITNET_INT8_RESIDUAL_NORM=0) and with them fused (residual_norm_quant; norm_quant for the first layer)."""
