@@ -30,6 +30,12 @@
    launch (rows per program, warps), timed and checked against the default launch (:func:`sweep_grad_rows`).
 7. ``--norm-quant MODELS`` (alone): ``bitnet::norm_quant`` against its reference on the GPU (:func:`check_norm_quant`),
    then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
+7b. ``--residual-norm MODELS`` (alone): ``bitnet::residual_norm_quant`` against its reference on the GPU
+   (:func:`check_residual_norm_quant`) and its backward kernel ``bitnet::residual_norm_grad`` against its reference
+   (:func:`check_residual_norm_grad`), a two-layer model's loss and gradients with and without them under bf16
+   autocast (:func:`check_residual_norm_autograd`), then the forward's launches at those models' hidden widths, timed
+   beside the compiled torch code it replaces, and the backward beside its compiled torch ops
+   (:func:`sweep_residual_norm_quant`).
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
@@ -278,6 +284,176 @@ def sweep_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
                 out.append({"model": name, "K": k, "gate": gate, "rows": r, "warps": wp, "default": (r, wp) == default,
                             "ms": round(ms, 4), "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
                 print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+# (M, K) of the residual_norm_quant checks: each recipe's hidden width (the residual stream's); 333 rows and K = 100
+# leave a ragged last block and a masked row tail.
+RESIDUAL_CASES = [(4096, 768), (4096, 1536), (2048, 2048), (333, 100)]
+
+
+def _residual_case(m: int, k: int, exact_sums: bool, seed: int):
+    """The fp32 residual stream x and a bf16 block output delta [m, k] (as the trainer's bf16 autocast hands them to
+    the residual add), an fp32 norm weight, on the GPU. ``exact_sums``: small multiples of powers of two (x + delta
+    multiples of 1/8 up to 3: every order of the sum of squares gives the same fp32, so the kernel must match torch
+    bit for bit); else normal values with a spread of row scales (the add's h must match bit for bit either way)."""
+    g = torch.Generator().manual_seed(seed)
+    if exact_sums:
+        x, d = torch.randint(-8, 9, (m, k), generator=g) / 4, torch.randint(-8, 9, (m, k), generator=g) / 8
+    else:
+        x = torch.randn(m, k, generator=g) * 10
+        d = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 3
+    return x.cuda(), d.to(torch.bfloat16).cuda(), (torch.rand(k, generator=g) + 0.5).cuda()
+
+
+def _inductor_residual_norm():
+    """The torch code residual_norm_quant replaces, compiled: the add, the norm, the rounding and X~."""
+    from bitnet_cli.model import rms_norm
+
+    @torch.compile(dynamic=False)
+    def inductor(x, d, w):
+        h = x + d
+        q, s = L.quantize_rows(rms_norm(h, w, 1e-5))
+        return h, q, s, (q.float() / s[:, None]).to(torch.bfloat16)
+
+    return inductor
+
+
+def check_residual_norm_quant() -> list[dict]:
+    """``bitnet::residual_norm_quant`` (Triton) against :func:`residual_norm_quant_reference` run by torch on the same
+    GPU: ``h_exact`` (the add) always, ``bit_exact`` (h, q, s, X~, rstd) with exact sums of squares; with normal inputs
+    the fractions that differ (the sum's order), and those of the compiled torch code's int8 values."""
+    torch._dynamo.config.cache_size_limit = 64
+    inductor = _inductor_residual_norm()
+    out = []
+    for i, (m, k) in enumerate(RESIDUAL_CASES):
+        for exact_sums in (True, False):
+            x, d, w = _residual_case(m, k, exact_sums, i)
+            ref = L.residual_norm_quant_reference(x, d, w, 1e-5, torch.bfloat16)
+            got = L.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16)
+            row = {"M": m, "K": k, "exact_sums": exact_sums, "h_exact": torch.equal(got[0], ref[0]),
+                   "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref)),
+                   "q_differ": float((got[1] != ref[1]).float().mean()),
+                   "q_diff_max": int((got[1].int() - ref[1].int()).abs().max()),
+                   "s_differ": float((got[2] != ref[2]).float().mean()),
+                   "rstd_differ": float((got[4] != ref[4]).float().mean()),
+                   "inductor_q_differ": float((inductor(x, d, w)[1] != ref[1]).float().mean())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def _residual_grad_case(m: int, k: int, exact_sums: bool, seed: int):
+    """residual_norm_grad's inputs as the trainer's bf16 autocast hands them over: the fp32 stream's gradient, the
+    bf16 gradient of the norm's output (the product's grad_input), the saved fp32 h, fp32 weight and rstd, on the GPU.
+    ``exact_sums``: h, grad_n and the weight small multiples of powers of two (every sum of ``dh * h`` exact)."""
+    g = torch.Generator().manual_seed(seed)
+    if exact_sums:
+        h, gn = torch.randint(-24, 25, (m, k), generator=g) / 8, torch.randint(-8, 9, (m, k), generator=g) / 4
+        w = torch.randint(1, 64, (k,), generator=g) / 32
+    else:
+        h, gn = torch.randn(m, k, generator=g) * 3, torch.randn(m, k, generator=g) * 1e-3
+        w = torch.rand(k, generator=g) + 0.5
+    gh = torch.randn(m, k, generator=g) * 1e-3
+    rstd = torch.rsqrt(h.pow(2).mean(-1) + 1e-5)
+    return gh.cuda(), gn.to(torch.bfloat16).cuda(), h.cuda(), w.cuda(), rstd.cuda()
+
+
+def check_residual_norm_grad() -> list[dict]:
+    """``bitnet::residual_norm_grad`` (Triton) against :func:`residual_norm_grad_reference` run by torch on the same GPU:
+    with exact sums bit for bit (``bit_exact``); with normal inputs the fraction of values that differ and the largest
+    relative difference (the sum's order)."""
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    for i, (m, k) in enumerate(RESIDUAL_CASES):
+        for exact_sums, stream_grad in ((True, True), (True, False), (False, True)):
+            gh, gn, h, w, rstd = _residual_grad_case(m, k, exact_sums, i)
+            args = (gh if stream_grad else None, gn, h, w, rstd, torch.float32, torch.bfloat16)
+            ref, got = L.residual_norm_grad_reference(*args), T.residual_norm_grad(*args)
+            row = {"M": m, "K": k, "exact_sums": exact_sums, "stream_grad": stream_grad,
+                   "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)),
+                   "gx_differ": float((got[0] != ref[0]).float().mean()),
+                   "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def check_residual_norm_autograd() -> list[dict]:
+    """A two-layer model at 700m's widths under bf16 autocast (as the trainer runs it) with the residual norms fused
+    (residual_norm_quant; their backward in torch ops, and with $BITNET_INT8_RESIDUAL_GRAD=1 through
+    residual_norm_grad) and as torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient,
+    relative differences from the torch ops'."""
+    import os
+
+    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+
+    cfg = BitNetConfig(vocab_size=4096, hidden_size=1536, intermediate_size=4096, num_hidden_layers=2,
+                       num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 4096, (4, 1025), device="cuda")
+    res = {}
+    for env, grad_env in (("1", "0"), ("1", "1"), ("0", "0")):
+        os.environ["BITNET_INT8_RESIDUAL_NORM"], os.environ["BITNET_INT8_RESIDUAL_GRAD"] = env, grad_env
+        torch.manual_seed(0)
+        model = BitNetForCausalLM(cfg).cuda()
+        L.enable(model, True, cache=True)
+        L.refresh(model, "torch")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        res[env + grad_env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    os.environ.pop("BITNET_INT8_RESIDUAL_NORM")
+    os.environ.pop("BITNET_INT8_RESIDUAL_GRAD")
+    rows = []
+    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad")):
+        row = {"variant": name, "loss": res[key][0], "loss_torch": res["00"][0]}
+        for part in ("embed_tokens", "layernorm", "self_attn", "mlp"):
+            names = [n for n in res[key][1] if part in n]
+            a = torch.cat([res[key][1][n].flatten() for n in names])
+            b = torch.cat([res["00"][1][n].flatten() for n in names])
+            row[f"grad_{part}"] = float((a - b).norm() / b.norm())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
+    """``residual_norm_quant``'s launches (rows per program, warps) at the models' hidden widths (fp32 stream, bf16
+    delta), each checked against the default launch's bits, beside the torch.compile'd torch code it replaces."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    inductor = _inductor_residual_norm()
+    out = []
+    for name in models:
+        k = SHAPES[name][1][1][0]
+        x, d, w = _residual_case(m, k, False, k)
+        ref = T.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16)
+        default = T.norm_quant_launch(k)
+        ms = do_bench(lambda: inductor(x, d, w), return_mode="median")
+        out.append({"model": name, "K": k, "inductor": True, "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
+        for r, wp in [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)]:
+            got = T.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16, rows=r, warps=wp)
+            ms = do_bench(lambda: T.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16, rows=r, warps=wp),
+                          return_mode="median")
+            out.append({"model": name, "K": k, "rows": r, "warps": wp, "default": (r, wp) == default,
+                        "ms": round(ms, 4), "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
+            print(json.dumps(out[-1]), flush=True)
+        # the backward: residual_norm_grad against the compiled torch ops it replaces (int8_linear._residual_norm_grads)
+        args = (*_residual_grad_case(m, k, False, k), torch.float32, torch.bfloat16)
+        compiled = torch.compile(L._residual_norm_grads, dynamic=False)
+        ms = do_bench(lambda: compiled(*args), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "inductor": True, "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
+        ms = do_bench(lambda: T.residual_norm_grad(*args), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
+                    "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -760,6 +936,8 @@ def main():
     ap.add_argument("--grad-rows", default="", help="models whose output-gradient shapes time quantize_grad_rows' launches")
     ap.add_argument("--norm-quant", default="", help="models whose sub-norm shapes time norm_quant's launches, after "
                     "norm_quant's checks (alone)")
+    ap.add_argument("--residual-norm", default="", help="models whose hidden widths time residual_norm_quant's "
+                    "launches, after its checks (alone)")
     ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
                     "against bf16, after its checks (alone)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
@@ -787,6 +965,18 @@ def main():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
+    if args.residual_norm:
+        result = {"gpu": torch.cuda.get_device_name(), "residual_norm_quant": check_residual_norm_quant(),
+                  "residual_norm_grad": check_residual_norm_grad(),
+                  "residual_norm_autograd": check_residual_norm_autograd()}
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        result["residual_norm_sweep"] = sweep_residual_norm_quant([m for m in args.residual_norm.split(",") if m])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        checks = result["residual_norm_quant"]
+        exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
+        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) else 1)
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

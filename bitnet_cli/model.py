@@ -297,6 +297,22 @@ def _sub_norm_project(norm: nn.Module, proj: nn.Module, x: torch.Tensor, gate: t
     return proj(norm(x if gate is None else relu2(gate, x)))
 
 
+def _residual_norm_project(owner: nn.Module, norm: nn.Module, x: torch.Tensor,
+                           delta: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(h, [proj(norm(h)) for proj in owner.shared_input])`` with ``h = x + delta`` (x where delta is None): a
+    decoder layer's residual add, the residual norm after it and the projections that read the norm. Where the int8
+    path gives ``owner``'s stacked product the norm (bitnet_cli.train.int8_linear: ``residual_norm_quant``), the add,
+    the norm and the rounding of the projections' input are one kernel, the same numbers."""
+    product, projs = owner.int8_fused, [getattr(owner, name) for name in owner.shared_input]
+    if product is not None and product.norm_quant and torch.is_grad_enabled() and not projs[0].warming:
+        if delta is None:
+            return x, product(x, *projs, norm=norm)
+        *outs, h = product(x, *projs, norm=norm, residual=delta)
+        return h, outs
+    h = x if delta is None else x + delta
+    return h, _project_shared(owner, norm(h))
+
+
 # ----------------------------------------------------------------------------- the decoder
 
 
@@ -431,9 +447,10 @@ class Attention(nn.Module):
         if config.arch.sub_norms:
             self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = _project_shared(self, x)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """Attention from its projections' outputs (the layer forms them: _residual_norm_project), through o_proj."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -463,8 +480,8 @@ class MLP(nn.Module):
         if config.arch.sub_norms:
             self.ffn_sub_norm = RMSNorm(config.arch.norm_size("mlp.ffn_sub_norm"), config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = _project_shared(self, x)
+    def forward(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The MLP from its gate and up projections' outputs (the layer forms them: _residual_norm_project)."""
         if not hasattr(self, "ffn_sub_norm"):
             return self.down_proj(F.silu(g) * u if self.silu else relu2(g, u))
         if self.silu:
@@ -480,9 +497,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, delta=None):
+        """The layer on the residual stream ``x + delta`` (``delta``: the previous layer's output, None before the first
+        layer). Returns ``(h, out)``: the stream before this layer's MLP and the MLP's output, whose sum is the layer's
+        output. Each residual add is left to the norm after it, with which the int8 path rounds in one kernel
+        (_residual_norm_project); the model adds the last layer's itself."""
+        x, (q, k, v) = _residual_norm_project(self.self_attn, self.input_layernorm, x, delta)
+        attn = self.self_attn(q, k, v, cos, sin)
+        x, (g, u) = _residual_norm_project(self.mlp, self.post_attention_layernorm, x, attn)
+        return x, self.mlp(g, u)
 
 
 class BitNetModel(nn.Module):
@@ -521,9 +544,10 @@ class BitNetForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(T, self.config.arch.head_dim, self.config.rope_theta, x.device, x.dtype,
                                 self.config.arch.rope_scaling)
+        delta = None
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.lm_head(self.model.norm(x))
+            x, delta = layer(x, cos, sin, delta)
+        return self.lm_head(self.model.norm(x if delta is None else x + delta))
 
     # ------------------------------------------------------------------ HF checkpoints
 

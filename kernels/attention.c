@@ -4,7 +4,8 @@
  *
  * The order of every float operation is fixed by the scalar code: a dot product sums lane l of
  * eight partial sums over elements l, l+8, ..., then ((0+1)+(2+3))+((4+5)+(6+7)), then the tail;
- * products are rounded before they are added (no FMA); values are summed over keys in order.
+ * products are rounded before they are added (no FMA); values are summed over keys in order; the
+ * softmax is one plain-C function inlined into every kernel (softmax below).
  * An f16 cache (BN_KV_F16) is widened to f32 as it is read (exactly), then takes the same
  * operations: its kernels are those of the f32 cache, instantiated for the other element type. */
 #include <math.h>
@@ -40,15 +41,26 @@ static inline __attribute__((always_inline)) float dot(const float *a, const voi
     return s;
 }
 
-/* sc[0..n) -> softmax weights; scalar on every ISA (expf) */
-static void softmax(float *sc, int n) {
-    float mx = -INFINITY, sum = 0.0f;
-    for (int j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
-    for (int j = 0; j < n; j++) {
-        sc[j] = expf(sc[j] - mx);
-        sum += sc[j];
-    }
-    for (int j = 0; j < n; j++) sc[j] /= sum;
+/* sc[0..n) -> softmax weights, in plain float operations inlined into every ISA's kernel and
+ * vectorised there, each copy rounding alike (internal.h): the max and the sum of the e^(s - max)
+ * in eight lanes (lane l over l, l + 8, ...) combined in dot's tree, then the tail; exp_poly for
+ * the exponential (libm's expf, a call per score, took a quarter of a 16-row step's attention). */
+static inline __attribute__((always_inline)) void softmax(float *sc, int n) {
+    float lane[8];
+    for (int l = 0; l < 8; l++) lane[l] = -INFINITY;
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lane[l] = sc[j + l] > lane[l] ? sc[j + l] : lane[l];
+    float mx = lane[0];
+    for (int l = 1; l < 8; l++) mx = lane[l] > mx ? lane[l] : mx;
+    for (; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+    for (j = 0; j < n; j++) sc[j] = exp_poly(sc[j] - mx);
+    for (int l = 0; l < 8; l++) lane[l] = 0.0f;
+    for (j = 0; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lane[l] += sc[j + l];
+    float sum = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    for (; j < n; j++) sum += sc[j];
+    for (j = 0; j < n; j++) sc[j] /= sum;
 }
 
 /* an f16 cache row widened to f32 (exact): on ARM by fcvtl four at a time, which the NEON build
@@ -105,6 +117,16 @@ AVX2_NOFMA_TARGET static inline float lane_tree(__m256 v) {
     v = _mm256_hadd_ps(v, v);
     v = _mm256_hadd_ps(v, v);
     return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1)));
+}
+
+/* lane_tree of eight vectors at once, that of v_i in lane i: hadd pairs the lanes as the tree does
+ * (a float add is commutative, so (1+0) is (0+1)); a quarter of the shuffles of eight lane_trees */
+AVX2_NOFMA_TARGET static inline __m256 lane_tree8(__m256 v0, __m256 v1, __m256 v2, __m256 v3, __m256 v4, __m256 v5,
+                                                  __m256 v6, __m256 v7) {
+    /* lanes 0..3: the low-half trees ((0+1)+(2+3)) of v0..v3, lanes 4..7 their high-half trees */
+    const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+    const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v4, v5), _mm256_hadd_ps(v6, v7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
 /* Elements [i, i + 8) of a cache row as f32: F16 is a compile-time constant in every caller (the
@@ -189,12 +211,15 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
             s[h][1] = _mm256_add_ps(s[h][1], _mm256_mul_ps(qv, k1));
         }
     }
+    for (int h = NH; h < 4; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
+    float d[8];
+    _mm256_storeu_ps(d, lane_tree8(s[0][0], s[0][1], s[1][0], s[1][1], s[2][0], s[2][1], s[3][0], s[3][1]));
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < 2; u++) {
             const float *q = a->q + (size_t)(h0 + h) * hd;
-            float d = lane_tree(s[h][u]);
-            for (int i = h8; i < hd; i++) d += q[i] * elem_avx2(k[u], i, F16);
-            a->sc[(size_t)(h0 + h) * n + j + u] = d * a->scale;
+            float dot = d[2 * h + u];
+            for (int i = h8; i < hd; i++) dot += q[i] * elem_avx2(k[u], i, F16);
+            a->sc[(size_t)(h0 + h) * n + j + u] = dot * a->scale;
         }
 }
 

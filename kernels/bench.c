@@ -51,6 +51,11 @@ static uint8_t *ternary(int n, int k, unsigned seed, int layout) {
     return w;
 }
 
+/* a value in [-1, 1) of a multiplicative hash of i (its low 32 bits: wider, the product grew
+ * with i, which filled the attention bench's caches with values past f16's range, infinities
+ * that sent every score through libm's overflow path) */
+static float hashed_unit(size_t i) { return (float)((int)((uint32_t)(i * 2654435761u) >> 24) - 128) / 128.0f; }
+
 static float *ones(int n) {
     float *v = malloc(sizeof(float) * n);
     for (int i = 0; i < n; i++) v[i] = 1.0f;
@@ -151,7 +156,7 @@ static void bench_head(int threads, int isa, const int *ms, int n_ms) {
     /* q6: finite block scales d (random bytes would hold infinities and NaNs) */
     for (size_t i = 0; i < (size_t)V * (H / 256); i++) ((bn_q6_block *)rows[3])[i].d = 0x1c00;
     float *scale = ones(V), *h = malloc(sizeof(float) * (size_t)m_max * H), *y = malloc(sizeof(float) * (size_t)m_max * V);
-    for (size_t i = 0; i < (size_t)m_max * H; i++) h[i] = (float)((int)(i * 2654435761u >> 24) - 128) / 128.0f;
+    for (size_t i = 0; i < (size_t)m_max * H; i++) h[i] = hashed_unit(i);
     bn_pool *pool = bn_pool_new(threads);
     const char *only = getenv("BN_BENCH_HEAD");
     for (int type = 0; type < 4; type++) {
@@ -222,7 +227,7 @@ static void bench_attention(int threads, int isa, const int *positions, int n_po
         const size_t elems = (size_t)ATT_SEQS * ATT_LAYERS * ATT_KV * 2 * n * ATT_HD;
         float *c32 = aligned_alloc(64, (elems * 4 + 63) / 64 * 64);
         uint16_t *c16 = aligned_alloc(64, (elems * 2 + 63) / 64 * 64);
-        for (size_t i = 0; i < elems; i++) c32[i] = (float)((int)(i * 2654435761u >> 24) - 128) / 128.0f, c16[i] = bn_f32_to_f16(c32[i]);
+        for (size_t i = 0; i < elems; i++) c32[i] = hashed_unit(i), c16[i] = bn_f32_to_f16(c32[i]);
         const void *caches[2] = {c32, c16};
         double t[2][7];
         for (int rep = 0; rep < 7; rep++)

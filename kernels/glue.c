@@ -19,47 +19,6 @@
 
 /* ---- the loops, once --------------------------------------------------------------------- */
 
-/* A float's bits as an int32 and back. Without their sign bit, non-negative floats order like
- * their bits, and an int32 max vectorises where a float one cannot (a float compare-and-select
- * must keep NaN and signed-zero behaviour, which gcc only drops under -ffast-math). */
-BODY int32_t float_bits(float v) {
-    union { float f; int32_t i; } u = {v};
-    return u.i;
-}
-BODY float bits_float(int32_t i) {
-    union { int32_t i; float f; } u = {i};
-    return u.f;
-}
-
-/* round half to even for |v| < 2^22 in plain float arithmetic (adding 1.5 * 2^23 leaves no
- * fraction bits), so the loop vectorises without SSE4.1 or a libm call per element */
-BODY float round_even(float v) {
-    const float magic = 12582912.0f;
-    return (v + magic) - magic;
-}
-
-/* e^x to about 2 ulp for x in [-87.3, 88] (clamped there, a NaN to one of the ends): Cody-Waite
- * reduction x = n ln2 + r with |r| <= ln2/2, Cephes' degree-6 polynomial for e^r, and 2^n
- * assembled in the exponent bits. Only +, *, a float-to-int conversion of an integral value
- * and integer operations, so the baseline and AVX2 copies round identically. The clamp works
- * on the bits (magnitude vs the limit of the sign's side), as a float select would not vectorise. */
-BODY float exp_poly(float x) {
-    int32_t b = float_bits(x), sign = b & (int32_t)0x80000000, mag = b & 0x7fffffff;
-    int32_t limit = sign ? float_bits(87.3f) : float_bits(88.0f);
-    x = bits_float((mag < limit ? mag : limit) | sign);
-    float n = round_even(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f; /* ln2 split in two: the high part is exact in n * hi */
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    return p * bits_float(((int32_t)n + 127) << 23); /* n in [-126, 127]: a normal power of two */
-}
-
 /* torch's F.silu in fp32, x / (1 + exp(-x)), with exp_poly for the exponential */
 BODY float silu(float x) { return x / (1.0f + exp_poly(-x)); }
 

@@ -419,6 +419,43 @@ static void test_attention(void) {
     }
 }
 
+/* The attention's softmax (exp_poly, the eight-lane sums) against the same attention in double,
+ * on every ISA: scores scaled from a few units to thousands (exponents far below exp_poly's
+ * clamp, where a weight is negligible against the top one's 1) and key counts around the lanes'
+ * multiples. Each output lies within a few float ulps of the sum of |p v|. */
+static void test_attention_accuracy(void) {
+    enum { HD = 40, ROWS = 67 };
+    static const float scales[] = {0.05f, 1.0f, 30.0f, 1000.0f};
+    float *q = random_floats(HD, 2.0f, -1.0f), *kc = random_floats((size_t)ROWS * HD, 2.0f, -1.0f),
+          *vc = random_floats((size_t)ROWS * HD, 2.0f, -1.0f), sc[ROWS], got[HD];
+    int keys[ROWS];
+    for (int j = 0; j < ROWS; j++) keys[j] = j;
+    for (size_t s = 0; s < sizeof scales / sizeof scales[0]; s++)
+        for (int n = 1; n <= ROWS; n += n < 17 ? 1 : 25) {
+            double p[ROWS], mx = -INFINITY, sum = 0.0;
+            for (int j = 0; j < n; j++) {
+                double d = 0.0;
+                for (int e = 0; e < HD; e++) d += (double)q[e] * kc[j * HD + e];
+                p[j] = (double)(float)((float)d * scales[s]); /* the score the kernels round to */
+                mx = p[j] > mx ? p[j] : mx;
+            }
+            for (int j = 0; j < n; j++) sum += p[j] = exp(p[j] - mx);
+            for (int isa = 0; isa < BN_ISA_COUNT; isa++) {
+                if (!bn_isa_available(isa)) continue;
+                bn_attn_job a = {.q = q, .kc = kc, .vc = vc, .kv_type = BN_KV_F32, .keys = keys, .n = n, .hd = HD,
+                                 .heads = 1, .scale = scales[s], .sc = sc, .out = got};
+                bn_kernels_for(isa)->attend(&a);
+                for (int e = 0; e < HD; e++) {
+                    double want = 0.0, size = 0.0;
+                    for (int j = 0; j < n; j++) want += p[j] / sum * vc[j * HD + e], size += fabs(p[j] / sum * vc[j * HD + e]);
+                    CHECK(fabs(got[e] - want) <= 1e-5 * size + 1e-30, "attention isa %d scale %g keys %d: %g against %g",
+                          isa, scales[s], n, got[e], want);
+                }
+            }
+        }
+    free(q), free(kc), free(vc);
+}
+
 #if BN_X86
 __attribute__((target("f16c"))) static uint16_t f16c_convert(float x) {
     return (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(x), _MM_FROUND_TO_NEAREST_INT), 0);
@@ -850,6 +887,7 @@ int main(void) {
     test_stream_read();
     test_head();
     test_attention();
+    test_attention_accuracy();
     test_glue();
     test_head_q4_extremes();
     test_head_q6_extremes();

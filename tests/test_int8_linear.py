@@ -685,6 +685,69 @@ def test_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
     assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4] * (2 * len(cases))
 
 
+def _residual_inputs(seed: int, m: int, k: int, x_dtype: torch.dtype, delta_dtype: torch.dtype, exact: bool):
+    """The residual stream x, a block's output delta [m, k] and an fp32 norm weight. ``exact``: small multiples of
+    powers of two (x + delta multiples of 1/8 up to 3), so that every sum of squares is exact in fp32 whatever its
+    order (as _norm_inputs); else normal values of spread magnitudes, whose sums round (checked: the add alone)."""
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        x = (torch.randint(-8, 9, (m, k), generator=g) / 4).to(x_dtype)
+        delta = (torch.randint(-8, 9, (m, k), generator=g) / 8).to(delta_dtype)
+    else:
+        x = (torch.randn(m, k, generator=g) * 10).to(x_dtype)
+        delta = (torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 3).to(delta_dtype)
+    return x, delta, (torch.randint(1, 64, (k,), generator=g) / 32).float()
+
+
+@pytest.mark.parametrize("x_dtype,delta_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.float32, torch.float32)])
+def test_residual_norm_quant_reference_is_the_plain_paths_add_norm_then_rounding(x_dtype, delta_dtype):
+    """What bitnet::residual_norm_quant computes is, bit for bit, the decoder layer's residual add (h in the promoted
+    dtype: fp32 from the fp32 stream and a bf16 block output under autocast), its residual norm, and the next
+    BitLinear's rounding of it."""
+    from bitnet_cli.model import RMSNorm
+
+    x, delta, w = _residual_inputs(5, 33, 90, x_dtype, delta_dtype, exact=False)
+    norm = RMSNorm(90, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        h_plain = x + delta
+        plain = _quant_activation(norm(h_plain))
+    for op in (L.residual_norm_quant_reference, L.residual_norm_quant):  # the reference, and the op (CPU)
+        h, q, s, x_deq, rstd = op(x, delta, w, 1e-5, torch.float32)
+        assert h.dtype == torch.promote_types(x_dtype, delta_dtype) and torch.equal(h, h_plain)
+        assert q.dtype == torch.int8 and q.stride(0) % 16 == 0 and s.shape == rstd.shape == (33,)
+        assert torch.equal(x_deq, plain) and torch.equal(q.float() / s[:, None], plain)
+
+
+_INTERPRETED_RESIDUAL_NORM_QUANT = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _residual_inputs
+out = []
+for seed, m, k, x_dtype, delta_dtype, out_dtype, exact in json.loads(sys.argv[1]):
+    x, d, w = _residual_inputs(seed, m, k, getattr(torch, x_dtype), getattr(torch, delta_dtype), exact)
+    ref = L.residual_norm_quant_reference(x, d, w, 1e-5, getattr(torch, out_dtype))
+    for rows in (None, 2):  # the default launch, and two rows a program with a ragged last block
+        got = T.residual_norm_quant(x, d, w, 1e-5, getattr(torch, out_dtype), rows=rows)
+        same = [torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)]
+        out.append(same if exact else same[:1])  # inexact sums of squares: h (the add) alone is order-free
+print(json.dumps(out))
+"""
+
+
+def test_residual_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
+    """norm_quant's kernel with the residual add (x + delta stored as h, then the norm and rounding of h) in Triton's
+    CPU interpreter against the reference, bit for bit: h, q, s_x, x_deq, rstd; ragged rows and widths, the stream
+    in fp32 or bf16, the delta in bf16 or fp32; with inputs whose fp32 sums round, the add's h alone."""
+    pytest.importorskip("triton")
+    cases = [[1, 5, 64, "float32", "bfloat16", "bfloat16", True], [2, 7, 96, "bfloat16", "bfloat16", "bfloat16", True],
+             [3, 3, 100, "float32", "float32", "float32", True], [4, 6, 48, "float32", "bfloat16", "float32", True],
+             [5, 7, 100, "float32", "bfloat16", "bfloat16", False], [6, 5, 64, "bfloat16", "bfloat16", "bfloat16", False]]
+    expected = [[True] * (5 if c[-1] else 1) for c in cases for _ in range(2)]
+    assert _interpret(_INTERPRETED_RESIDUAL_NORM_QUANT, cases) == expected
+
+
 @pytest.mark.parametrize("gate", [False, True])
 @pytest.mark.parametrize("int8_grad", [False, True])
 def test_sub_norm_then_bitlinear_through_norm_quant_matches_the_plain_path(gate, int8_grad, monkeypatch):
@@ -717,6 +780,155 @@ def test_sub_norm_then_bitlinear_through_norm_quant_matches_the_plain_path(gate,
     assert rel(x[1].grad, x[0].grad) < tol and rel(norms[1].weight.grad, norms[0].weight.grad) < tol
     if gate:
         assert rel(g[1].grad, g[0].grad) < tol
+
+
+def _residual_grad_inputs(seed: int, m: int, k: int, h_dtype: torch.dtype, stream_grad: bool):
+    """The saved h, the gradients of h (or None) and of the norm's output (bf16, as the product's grad_input), an fp32
+    norm weight and a positive rstd: small multiples of powers of two (rstd aside), so that every sum of ``dh * h`` is
+    exact in fp32 whatever its order (h multiples of 1/8 up to 3, grad_n of 1/4 up to 2, weight of 1/32)."""
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randint(-24, 25, (m, k), generator=g) / 8).to(h_dtype)
+    grad_h = torch.randn(m, k, generator=g).to(h_dtype) if stream_grad else None
+    grad_n = (torch.randint(-8, 9, (m, k), generator=g) / 4).to(torch.bfloat16)
+    return grad_h, grad_n, h, (torch.randint(1, 64, (k,), generator=g) / 32).float(), torch.rand(m, generator=g) + 0.1
+
+
+def test_residual_norm_grad_reference_is_autograds_gradient_of_the_add_and_norm():
+    """residual_norm_grad_reference against autograd through the plain path's h = x + delta, rms_norm(h) (the
+    straight-through rounding passes the norm's output gradient on), h also read on by the stream: x's (fp32) and
+    delta's (bf16) gradients, the same values in their dtypes; two separate tensors where the dtypes are equal."""
+    from bitnet_cli.model import rms_norm
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(9, 40, generator=g) * 3).requires_grad_()
+    delta = torch.randn(9, 40, generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.rand(40, generator=g) + 0.5
+    grad_h, grad_n = torch.randn(9, 40, generator=g), torch.randn(9, 40, generator=g).to(torch.bfloat16)
+    h = x + delta
+    torch.autograd.backward([h, rms_norm(h, w, 1e-5)], [grad_h, grad_n.float()])
+    hd = h.detach()
+    rstd = torch.rsqrt(hd.pow(2).mean(-1) + 1e-5)
+    for op in (L.residual_norm_grad_reference, torch.ops.bitnet.residual_norm_grad.default):
+        gx, gd = op(grad_h, grad_n, hd, w, rstd, torch.float32, torch.bfloat16)
+        assert gx.dtype == torch.float32 and gd.dtype == torch.bfloat16
+        assert rel(gx, x.grad) < 1e-6 and torch.equal(gd, gx.to(torch.bfloat16))
+        assert rel(gd, delta.grad) < 1e-2
+    gx, gd = L.residual_norm_grad_reference(None, grad_n, hd, w, rstd, torch.float32, torch.float32)
+    assert torch.equal(gx, gd) and gx.data_ptr() != gd.data_ptr()
+
+
+_INTERPRETED_RESIDUAL_NORM_GRAD = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _residual_grad_inputs
+out = []
+for seed, m, k, h_dtype, x_dtype, delta_dtype, stream_grad in json.loads(sys.argv[1]):
+    args = _residual_grad_inputs(seed, m, k, getattr(torch, h_dtype), stream_grad)
+    dtypes = getattr(torch, x_dtype), getattr(torch, delta_dtype)
+    ref = L.residual_norm_grad_reference(*args, *dtypes)
+    for rows in (None, 2):  # the default launch, and two rows a program with a ragged last block
+        got = T.residual_norm_grad(*args, *dtypes, rows=rows)
+        out.append([torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)])
+print(json.dumps(out))
+"""
+
+
+def test_residual_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The residual norm's backward kernel (bitnet::residual_norm_grad) in Triton's CPU interpreter against its
+    reference, bit for bit: x's and delta's gradients; ragged rows and widths, h in fp32 or bf16, with and without the
+    stream's own gradient."""
+    pytest.importorskip("triton")
+    cases = [[1, 5, 64, "float32", "float32", "bfloat16", True], [2, 7, 100, "float32", "float32", "bfloat16", False],
+             [3, 3, 96, "bfloat16", "bfloat16", "bfloat16", True], [4, 6, 48, "float32", "float32", "float32", True]]
+    assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD, cases) == [[True, True]] * (2 * len(cases))
+
+
+def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):
+    """A tiny BitNet three ways from one init: the plain path, the int8 path with the residual norms as torch ops
+    ($BITNET_INT8_RESIDUAL_NORM=0) and with them fused (residual_norm_quant; norm_quant for the first layer)."""
+    cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    models = {"plain": BitNetForCausalLM(cfg)}
+    with torch.no_grad():  # norm weights away from 1, so that their gradients and the norm's weighting count
+        for name, p in models["plain"].named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    for name, env in (("torch", "0"), ("fused", "1")):
+        monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", env)
+        m = models[name] = BitNetForCausalLM(cfg)
+        m.load_state_dict(models["plain"].state_dict())
+        L.enable(m, int8_grad, cache=True)
+        L.refresh(m)
+        assert all(layer.mlp.int8_fused.norm_quant == (env == "1") for layer in m.model.layers)
+    return models
+
+
+def _loss_and_grads(model, ids, autocast: bool, forward=None):
+    """The next-token loss of ``ids`` through ``forward`` (default: ``model``; a compiled wrapper of it) and the
+    gradients of ``model``'s parameters."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = (model if forward is None else forward)(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("grad_op", ["0", "1"])
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("int8_grad", [False, True])
+def test_fused_residual_norms_give_the_models_loss_and_gradients(int8_grad, autocast, grad_op, monkeypatch):
+    """The whole model with each residual add folded into the next residual norm's rounding (residual_norm_quant):
+    the loss of the int8 path with those as torch ops, and its gradients (every parameter, embeddings and norm weights
+    included: the add's backward hands the stream and the block's output the same gradient, plus the norm's), in fp32
+    and under bf16 autocast (fp32 stream, bf16 block outputs), the backward in torch ops or through
+    bitnet::residual_norm_grad ($BITNET_INT8_RESIDUAL_GRAD=1); close to the plain path as the int8 path is."""
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", grad_op)
+    models = _tiny_models(monkeypatch, int8_grad)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    got = {name: _loss_and_grads(m, ids, autocast) for name, m in models.items()}
+    (loss, grads), (loss_torch, grads_torch) = got["fused"], got["torch"]
+    assert torch.equal(loss, loss_torch)
+    for name, g in grads.items():
+        assert rel(g, grads_torch[name]) < (1e-5 if autocast else 1e-6), name
+    assert loss == pytest.approx(got["plain"][0].item(), abs=1e-2 if autocast else 1e-5)
+
+
+@pytest.mark.parametrize("grad_op", ["0", "1"])
+def test_fused_residual_norms_under_torch_compile(grad_op, monkeypatch):
+    """torch.compile of the tiny model with the fused residual norms (the ops' fake kernels give inductor their
+    outputs), their backward in torch ops or through bitnet::residual_norm_grad: the eager model's loss and gradients."""
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", grad_op)
+    models = _tiny_models(monkeypatch, int8_grad=True, layers=1)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
+        loss, grads = _loss_and_grads(models["fused"], ids, False, torch.compile(models["fused"]))
+    models["fused"].zero_grad(set_to_none=True)
+    eager_loss, eager_grads = _loss_and_grads(models["fused"], ids, autocast=False)
+    assert loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    for name, g in grads.items():
+        assert rel(g, eager_grads[name]) < 1e-4, name
+
+
+def test_residual_norm_quant_setting(monkeypatch):
+    """$BITNET_INT8_RESIDUAL_NORM=0 leaves the residual adds and norms to torch (measurements), independently of the
+    sub-norms' $BITNET_INT8_NORM_QUANT; anything but 0/1 is an error. $BITNET_INT8_RESIDUAL_GRAD=1 (off by default)
+    puts their backward on bitnet::residual_norm_grad."""
+    cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    model = BitNetForCausalLM(cfg)
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", "0")
+    L.enable(model, True, cache=True)
+    layer = model.model.layers[0]
+    assert not layer.self_attn.int8_fused.norm_quant and layer.self_attn.o_proj.int8.norm_quant
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", "off")
+    with pytest.raises(BitnetError, match="BITNET_INT8_RESIDUAL_NORM"):
+        L.enable(model, True, cache=True)
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_GRAD", raising=False)
+    assert not L.residual_norm_grad_kernel()  # opt-in
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_GRAD", "1")
+    assert L.residual_norm_grad_kernel()
 
 
 def test_norm_quant_setting(monkeypatch):

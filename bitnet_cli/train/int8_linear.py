@@ -48,12 +48,16 @@ their scales (:func:`quantize_grad_rows_reference` states it in torch); grad_wei
 per projection from its own part.
 
 The activations' quantisation is written in torch so that torch.compile fuses it with its
-neighbours (the RMSNorm before a projection), except after BitNet's sub-norms (before o_proj and
-down_proj, relu2 first for down_proj): there one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
+neighbours, except where a norm precedes the product: after BitNet's sub-norms (before o_proj and
+down_proj, relu2 first for down_proj) one op, ``bitnet::norm_quant`` (:func:`norm_quant`, a Triton
 kernel that reads each row once), computes the norm and the rounding with the plain path's eager
 numerics (inductor's fusion of the same torch code did not: it keeps the norm's bf16 rounding out, and
 a few percent of the int8 values came out one step apart), and its backward is in torch ops
-(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The products are one custom op,
+(:class:`_NormQuant`); ``$BITNET_INT8_NORM_QUANT=0`` leaves those to torch.compile too. The residual norms before
+q/k/v and gate/up are the same kernel with the residual add before them (``bitnet::residual_norm_quant``: it also
+writes the new residual stream; :class:`_ResidualNormQuant`, reached through model._residual_norm_project, the
+decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_NORM=0`` leaves those to
+torch.compile. The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -148,6 +152,8 @@ _LIB.define("int8_mm(Tensor a, Tensor b, Tensor row_mul, Tensor? col_mul, Scalar
 _LIB.define("quantize_grad_rows(Tensor[] parts, Tensor col_scale) -> (Tensor, Tensor)")
 _LIB.define("norm_quant(Tensor x, Tensor? gate, Tensor weight, float eps, ScalarType out_dtype, "
             "ScalarType? y_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("residual_norm_quant(Tensor x, Tensor delta, Tensor weight, float eps, ScalarType out_dtype) "
+            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _int8_mm_cuda(a, b, row_mul, col_mul, out_dtype):
@@ -381,6 +387,42 @@ def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
     return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype, y_dtype)
 
 
+def residual_norm_quant_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What ``bitnet::residual_norm_quant`` computes for x, delta [M, K]: a decoder layer's residual add ``h = x +
+    delta`` (the residual stream and a block's output: fp32 and bf16 under the trainer's autocast; h in their promoted
+    dtype, as torch's add gives it), then :func:`norm_quant_reference` of h: the residual norm before q/k/v or gate/up
+    and the stacked product's rounding of it. Returns ``(h, q, s_x, x_deq, rstd)``."""
+    with torch.autocast(x.device.type, enabled=False):
+        h = x + delta
+    return (h, *norm_quant_reference(h, None, weight, eps, out_dtype))
+
+
+def _residual_norm_quant_cuda(x, delta, weight, eps, out_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.residual_norm_quant(x, delta, weight, eps, out_dtype)
+
+
+_LIB.impl("residual_norm_quant", _residual_norm_quant_cuda, "CUDA")
+_LIB.impl("residual_norm_quant", residual_norm_quant_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::residual_norm_quant", lib=_LIB)
+def _(x, delta, weight, eps, out_dtype):
+    m, k = x.shape
+    return (x.new_empty((m, k), dtype=torch.promote_types(x.dtype, delta.dtype)), int8_rows(m, k, x.device),
+            x.new_empty((m,), dtype=torch.float32), x.new_empty((m, k), dtype=out_dtype),
+            x.new_empty((m,), dtype=torch.float32))
+
+
+def residual_norm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                        out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """``bitnet::residual_norm_quant``: :func:`residual_norm_quant_reference` in one Triton pass per row on CUDA
+    (norm_quant's kernel, reading delta beside x and writing h too)."""
+    return torch.ops.bitnet.residual_norm_quant.default(x, delta, weight, eps, out_dtype)
+
+
 def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
     """The dtype the model's sub-norm input has here: x's, or with a gate that of ``relu2(gate, x)`` under the
     current autocast (fp32 under CUDA's bf16 autocast, see :func:`norm_quant_reference`), found on empty slices."""
@@ -389,16 +431,30 @@ def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
     return x.dtype if gate is None else relu2(gate[:0], x[:0]).dtype
 
 
+def _switch(variable: str, default: str = "1") -> bool:
+    """An on/off environment variable (measurements): 1 or 0, ``default`` where unset; anything else is an error."""
+    import os
+
+    env = os.environ.get(variable, default)
+    if env not in ("0", "1"):
+        raise BitnetError(f"{variable}={env!r}: expected 0 or 1")
+    return env == "1"
+
+
 def norm_quant_enabled() -> bool:
     """``$BITNET_INT8_NORM_QUANT`` (1 by default): whether :func:`enable` gives BitLinears after a sub-norm the
     fused :func:`norm_quant` (0: the norm, relu2 and the rounding as torch ops, fused by torch.compile as it likes;
     for measurements)."""
-    import os
+    return _switch("BITNET_INT8_NORM_QUANT")
 
-    env = os.environ.get("BITNET_INT8_NORM_QUANT", "1")
-    if env not in ("0", "1"):
-        raise BitnetError(f"BITNET_INT8_NORM_QUANT={env!r}: expected 0 or 1")
-    return env == "1"
+
+def residual_norm_quant_enabled() -> bool:
+    """``$BITNET_INT8_RESIDUAL_NORM`` (1 by default): whether :func:`enable` gives the stacked products after a
+    residual norm (q/k/v, gate/up) their norm, and the residual add before it, in one kernel
+    (:func:`residual_norm_quant`; :func:`norm_quant` for the first layer, which has no add before it). 0: the add,
+    the norm and the rounding as torch ops, fused by torch.compile as it likes (for measurements). Independent of
+    ``$BITNET_INT8_NORM_QUANT``."""
+    return _switch("BITNET_INT8_RESIDUAL_NORM")
 
 
 class _NormQuant(torch.autograd.Function):
@@ -422,19 +478,102 @@ class _NormQuant(torch.autograd.Function):
         x, gate, weight, rstd = ctx.saved_tensors
         yd = ctx.y_dtype
         y = x.to(yd) if gate is None else relu2(gate.to(yd), x.to(yd))
-        yf, r = y.float(), rstd[:, None]
-        g = grad_n.float()
-        # n = weight * h, h = (y * r) rounded to y's dtype (rms_norm)
-        grad_w = (g * (yf * r).to(y.dtype).float()).sum(0).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        dh = (g * weight.float()).to(y.dtype).float()
-        # d/dy of y * rsqrt(mean(y^2) + eps): dh * r - y * r^3 * mean(dh * y)
-        dy = (dh * r - yf * (r * r * r * (dh * yf).mean(-1, keepdim=True))).to(y.dtype)
+        dy, grad_w = _rms_norm_backward(y, rstd, weight, grad_n, ctx.needs_input_grad[2])
         if gate is None:
             return dy.to(x.dtype), None, grad_w, None, None, None
         relu = torch.relu(gate.float())
         grad_x = (dy.float() * (relu * relu).to(yd).float()).to(x.dtype)
         grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
         return grad_x, grad_gate, grad_w, None, None, None
+
+
+def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, grad_n: torch.Tensor,
+                       weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chain rule of ``n = rms_norm(y, weight, eps)`` (model.rms_norm) given its ``rstd`` [M] and n's gradient:
+    ``(dy in y's dtype, weight's gradient or None)``."""
+    yf, r = y.float(), rstd[:, None]
+    g = grad_n.float()
+    grad_w = _rms_norm_weight_grad(y, rstd, weight, grad_n) if weight_grad else None
+    dh = (g * weight.float()).to(y.dtype).float()
+    # d/dy of y * rsqrt(mean(y^2) + eps): dh * r - y * r^3 * mean(dh * y)
+    dy = (dh * r - yf * (r * r * r * (dh * yf).mean(-1, keepdim=True))).to(y.dtype)
+    return dy, grad_w
+
+
+def residual_norm_grad_reference(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor,
+                                 weight: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype,
+                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``bitnet::residual_norm_grad`` computes: the gradients of :func:`residual_norm_quant`'s inputs x and delta
+    (the same values, in their dtypes) from those of its outputs h (the stream's own use, None if unused) and x_deq
+    (``grad_n``, the norm's output's: the product's grad_input), h the saved sum and rstd its norm's: h's gradient is
+    the two summed, as autograd sums a tensor's uses. Two separate tensors, also where the dtypes are equal (an op's
+    outputs do not alias)."""
+    grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
+    return grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta
+
+
+def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    dy, _ = _rms_norm_backward(h, rstd, weight, grad_n, False)
+    grad = dy if grad_h is None else grad_h + dy
+    return grad.to(x_dtype), grad.to(delta_dtype)
+
+
+_LIB.define("residual_norm_grad(Tensor? grad_h, Tensor grad_n, Tensor h, Tensor weight, Tensor rstd, "
+            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor)")
+
+
+def _residual_norm_grad_cuda(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.residual_norm_grad(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
+
+
+_LIB.impl("residual_norm_grad", _residual_norm_grad_cuda, "CUDA")
+_LIB.impl("residual_norm_grad", residual_norm_grad_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::residual_norm_grad", lib=_LIB)
+def _(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype)
+
+
+def residual_norm_grad_kernel() -> bool:
+    """``$BITNET_INT8_RESIDUAL_GRAD`` (0 by default): whether :class:`_ResidualNormQuant`'s backward forms x's and
+    delta's gradients with ``bitnet::residual_norm_grad`` (a Triton pass per row on CUDA that writes both, the stream's
+    fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
+    H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
+    14, 6.6 ms a 700m step) in the unfused path. Not measured yet: opt-in."""
+    return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
+
+
+def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                          grad_n: torch.Tensor) -> torch.Tensor:
+    """The norm weight's gradient in :func:`_rms_norm_backward`: n = weight * h, h = (y * rstd) rounded to y's dtype
+    (rms_norm)."""
+    return (grad_n.float() * (y.float() * rstd[:, None]).to(y.dtype).float()).sum(0).to(weight.dtype)
+
+
+class _ResidualNormQuant(torch.autograd.Function):
+    """:func:`residual_norm_quant` with its backward: outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h`` (the new
+    residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry gradients;
+    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops or
+    with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, eps, out_dtype):
+        h, q, s_x, x_deq, rstd = residual_norm_quant(x, delta, weight, eps, out_dtype)
+        ctx.dtypes = x.dtype, delta.dtype
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.mark_non_differentiable(q, s_x, rstd)
+        return h, q, s_x, x_deq, rstd
+
+    @staticmethod
+    def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
+        h, weight, rstd = ctx.saved_tensors
+        grads = torch.ops.bitnet.residual_norm_grad.default if residual_norm_grad_kernel() else _residual_norm_grads
+        grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
+        grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_delta, grad_w, None, None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -495,23 +634,26 @@ class _Int8Linear(torch.autograd.Function):
 def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tensor | None = None,
                 trits_t: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
                 int8_grad: bool = True, norm: nn.Module | None = None, gate: torch.Tensor | None = None,
-                int8_weight: bool = False) -> list[torch.Tensor]:
+                int8_weight: bool = False, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
     """``[BitLinear_w(x) for w in weights]`` on int8 products (no biases); the stacked ternary
     weight (:func:`stacked_ternary`) is derived here unless given. ``int8_grad``, ``int8_weight``: grad_input and
     grad_weight on int8 products too (:class:`_Int8Linear`). ``norm`` (an RMSNorm): the products
-    read ``norm(x)``, or with ``gate`` ``norm(relu2(gate, x))``, rounded with the norm in one pass (:func:`norm_quant`)."""
+    read ``norm(x)``, or with ``gate`` ``norm(relu2(gate, x))``, rounded with the norm in one pass (:func:`norm_quant`);
+    or with ``residual`` ``norm(h)``, ``h = x + residual`` (:func:`residual_norm_quant`), and h follows the outputs."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    q = s_x = None
-    if norm is not None:
+    q = s_x = h = None
+    if norm is not None and residual is not None:
+        h, q, s_x, x, _ = _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
+    elif norm is not None:
         gate = None if gate is None else gate.reshape(-1, gate.shape[-1])
         q, s_x, x, _ = _NormQuant.apply(x, gate, norm.weight, norm.eps, dtype, _norm_dtype(x, gate))
     ys = _Int8Linear.apply(x, q, s_x, trits, trits_t, col_scale, dtype, int8_grad, int8_weight, *weights)
-    ys = ys if isinstance(ys, tuple) else (ys,)
+    ys = (ys if isinstance(ys, tuple) else (ys,)) + (() if h is None else (h,))
     return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
 
@@ -568,7 +710,9 @@ class Int8Product(nn.Module):
                  int8_weight: bool = False):
         super().__init__()
         self.int8_grad, self.int8_weight, self.cache = int8_grad, int8_weight, cache
-        self.norm_quant = norm_quant  # whether model._sub_norm_project hands this product its sub-norm (norm_quant)
+        # whether the model hands this product its norm: a BitLinear's sub-norm (model._sub_norm_project, norm_quant),
+        # a stacked product's residual norm (model._residual_norm_project, residual_norm_quant)
+        self.norm_quant = norm_quant
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
@@ -579,18 +723,20 @@ class Int8Product(nn.Module):
             self.versions = [-1] * len(projs)
 
     def forward(self, x: torch.Tensor, *projs: nn.Module, norm: nn.Module | None = None,
-                gate: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``norm``, ``gate``: as :func:`int8_linear`'s (the projections read ``norm(x)``, ``norm(relu2(gate, x))``)."""
+                gate: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``norm``, ``gate``, ``residual``: as :func:`int8_linear`'s (the projections read ``norm(x)``,
+        ``norm(relu2(gate, x))`` or ``norm(x + residual)``, and then ``x + residual`` follows their outputs)."""
         weights = [p.weight for p in projs]
         if not self.cache:
-            outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate, int8_weight=self.int8_weight)
+            outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate, int8_weight=self.int8_weight,
+                               residual=residual)
         else:
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
             outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate,
-                               self.int8_weight)
-        return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)]
+                               self.int8_weight, residual)
+        return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)] + outs[len(projs):]
 
     @torch.no_grad()
     def refresh(self, *projs: nn.Module) -> None:
@@ -626,8 +772,9 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     from bitnet_cli.model import BitLinear
 
     fused = set()
+    rnq = residual_norm_quant_enabled()
     for owner, projs in _shared_input_groups(model):
-        owner.int8_fused = Int8Product(projs, int8_grad, cache, int8_weight=int8_weight)
+        owner.int8_fused = Int8Product(projs, int8_grad, cache, rnq, int8_weight)
         fused.update(map(id, projs))
     n = 0
     nq = norm_quant_enabled()
@@ -706,6 +853,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 
 __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
-           "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows",
+           "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
+           "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_quant_enabled",
+           "residual_norm_quant_reference",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

@@ -1,5 +1,6 @@
 """The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
-``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
+``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::quantize_grad_cols`` and
+``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
@@ -770,7 +771,7 @@ def refresh_products(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor,
             torch.autograd.graph.increment_version(buf)
 
 
-# ----------------------------------------------------------------------------- the sub-norms' rounding
+# ----------------------------------------------------------------------------- the norms' rounding
 
 
 @triton.jit
@@ -808,15 +809,18 @@ def _div_rn(a, b, inv_b):
 
 
 @triton.jit
-def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, stride_x, stride_g, stride_q,
-                       stride_xd, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
-                       GATE: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr, N_DTYPE: tl.constexpr,
-                       N_BF16: tl.constexpr, OUT_BF16: tl.constexpr, DX: tl.constexpr, DG: tl.constexpr,
-                       HINT: tl.constexpr):
-    """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE), the RMSNorm,
-    the absmax, the int8 rows and X~. Every step is the reference's elementwise operation in its dtype:
-    products of two 16-bit floats are exact in fp32, so rounding each to y's dtype (Y_DTYPE: x's, or fp32 where
-    the model's relu2 runs in fp32, int8_linear.norm_quant_reference) gives torch's bits. The launch turns off Triton's fusion of a multiply and an add into one fma
+def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_ptr, M, stride_x, stride_b, stride_q,
+                       stride_xd, stride_h, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
+                       GATE: tl.constexpr, RESIDUAL: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                       N_DTYPE: tl.constexpr, N_BF16: tl.constexpr, OUT_BF16: tl.constexpr, DX: tl.constexpr,
+                       DB: tl.constexpr, HINT: tl.constexpr):
+    """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE: ``b`` is the gate) or the
+    residual add (with RESIDUAL: ``b`` is the delta, ``y = x + b`` stored at ``h``,
+    :func:`int8_linear.residual_norm_quant_reference`), the RMSNorm, the absmax, the int8 rows and X~. Every step is
+    the reference's elementwise operation in its dtype: products of two 16-bit floats are exact in fp32, so rounding
+    each to y's dtype (Y_DTYPE: x's, or fp32 where the model's relu2 runs in fp32, int8_linear.norm_quant_reference;
+    with RESIDUAL the sum's, whose fp32 sum of the two inputs rounded to it is torch's add) gives torch's bits. The
+    launch turns off Triton's fusion of a multiply and an add into one fma
     (``enable_fp_fusion``), which would round ``mean + eps`` differently from torch; the sum of squares is the
     one step whose order differs from torch's reduction (its last bits, and so rarely a rounding, can differ)."""
     rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
@@ -824,14 +828,17 @@ def _norm_quant_kernel(x_ptr, g_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, M, s
     mask = (rows[:, None] < M) & (c[None, :] < K)
     if HINT:  # the row strides' power-of-two factors written into the offsets, as _scaled_part's HINT
         off_x = rows[:, None] * (stride_x // DX) * DX
-        off_g = rows[:, None] * (stride_g // DG) * DG
+        off_b = rows[:, None] * (stride_b // DB) * DB
     else:
         off_x = rows[:, None] * stride_x
-        off_g = rows[:, None] * stride_g
+        off_b = rows[:, None] * stride_b
     y = tl.load(x_ptr + off_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
     if GATE:  # relu2(gate, x) = relu(gate)^2 * x, rounded to y's dtype after each operation as torch does
-        g = tl.maximum(tl.load(g_ptr + off_g + c[None, :], mask=mask, other=0.0).to(tl.float32), 0.0)
+        g = tl.maximum(tl.load(b_ptr + off_b + c[None, :], mask=mask, other=0.0).to(tl.float32), 0.0)
         y = _round_to(_round_to(g * g, Y_DTYPE, Y_BF16) * y, Y_DTYPE, Y_BF16)
+    if RESIDUAL:  # the new residual stream x + delta, one rounding of the exact inputs' fp32 sum, as torch's add
+        y = _round_to(y + tl.load(b_ptr + off_b + c[None, :], mask=mask, other=0.0).to(tl.float32), Y_DTYPE, Y_BF16)
+        tl.store(h_ptr + rows[:, None] * stride_h + c[None, :], y.to(h_ptr.dtype.element_ty), mask=mask)
     # torch's CUDA mean: the sum times the fp32 factor rows / elements (inv_k, computed so on the host); its CPU
     # mean (the interpreter's reference) divides the sum by K
     if INTERPRETED:
@@ -872,11 +879,27 @@ def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
                ) -> tuple[torch.Tensor, ...]:
     """``bitnet::norm_quant`` on CUDA (int8_linear.norm_quant_reference's values); ``rows``/``warps``: the launch
     instead of :func:`norm_quant_launch`'s."""
-    y_dtype = y_dtype or x.dtype
-    m, k = x.shape
     assert gate is None or gate.shape == x.shape and gate.dtype == x.dtype
+    return _launch_norm_quant(x, gate, None, weight, eps, out_dtype, y_dtype or x.dtype, rows, warps)[1:]
+
+
+def residual_norm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                        out_dtype: torch.dtype, rows: int | None = None, warps: int | None = None
+                        ) -> tuple[torch.Tensor, ...]:
+    """``bitnet::residual_norm_quant`` on CUDA (int8_linear.residual_norm_quant_reference's values): :func:`norm_quant`'s
+    kernel reading ``delta`` beside ``x`` and writing their sum ``h`` too; ``rows``/``warps`` as there."""
+    assert delta.shape == x.shape
+    return _launch_norm_quant(x, None, delta, weight, eps, out_dtype, torch.promote_types(x.dtype, delta.dtype),
+                              rows, warps)
+
+
+def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, warps):
+    """One launch of ``_norm_quant_kernel`` over x [M, K] with its second input (the gate, the delta or neither):
+    ``(h or None, q, s, x_deq, rstd)``, h (``x + delta`` in y_dtype) only with a delta."""
+    m, k = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
-    gate = None if gate is None else gate if gate.stride(-1) == 1 else gate.contiguous()
+    second = gate if gate is not None else delta
+    second = None if second is None else second if second.stride(-1) == 1 else second.contiguous()
     weight = weight.contiguous()
     r, w = norm_quant_launch(k)
     r, w = rows or r, warps or w
@@ -884,15 +907,69 @@ def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor,
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     xd = torch.empty((m, k), dtype=out_dtype, device=x.device)
+    h = None if delta is None else torch.empty((m, k), dtype=y_dtype, device=x.device)
     n_dtype = torch.promote_types(weight.dtype, y_dtype)
     # torch's mean factor: float(outputs) / float(elements), as fp32 (at.native's mean_kernel_impl); numpy's
     # float32 division rounds as torch's, without two host tensors a call
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))
-    sg = x.stride(0) if gate is None else gate.stride(0)
+    sb = x.stride(0) if second is None else second.stride(0)
     _norm_quant_kernel[(triton.cdiv(m, r),)](
-        x, x if gate is None else gate, weight, q, s, xd, rstd, m, x.stride(0), sg,
-        q.stride(0), xd.stride(0), eps, inv_k, K=k, BLOCK=triton.next_power_of_2(k), R=r, GATE=gate is not None,
-        Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype],
-        N_BF16=n_dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16, DX=math.gcd(x.stride(0), 16),
-        DG=math.gcd(sg, 16), HINT=stride_hint([x.stride(0), sg]), num_warps=w, enable_fp_fusion=False)
-    return q, s, xd, rstd
+        x, x if second is None else second, weight, q, s, xd, rstd, xd if h is None else h, m, x.stride(0), sb,
+        q.stride(0), xd.stride(0), k if h is None else h.stride(0), eps, inv_k, K=k, BLOCK=triton.next_power_of_2(k),
+        R=r, GATE=gate is not None, RESIDUAL=delta is not None, Y_DTYPE=_DTYPES[y_dtype],
+        Y_BF16=y_dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype], N_BF16=n_dtype == torch.bfloat16,
+        OUT_BF16=out_dtype == torch.bfloat16, DX=math.gcd(x.stride(0), 16), DB=math.gcd(sb, 16),
+        HINT=stride_hint([x.stride(0), sb]), num_warps=w, enable_fp_fusion=False)
+    return h, q, s, xd, rstd
+
+
+@triton.jit
+def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, M, stride_gh, stride_gn,
+                               stride_h, stride_gx, stride_gd, inv_k, K: tl.constexpr, BLOCK: tl.constexpr,
+                               R: tl.constexpr, HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                               GX_BF16: tl.constexpr, GD_BF16: tl.constexpr):
+    """R rows of :func:`int8_linear.residual_norm_grad_reference`, each read once: the norm's backward
+    (int8_linear._rms_norm_backward's steps in its order, each rounded to h's dtype Y_DTYPE where torch rounds it), plus
+    the stream's own gradient, stored in x's and delta's dtypes. The mean of ``dh * y`` is the one step whose order
+    differs from torch's reduction (launched without fma contraction, as norm_quant)."""
+    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+    c = tl.arange(0, BLOCK)
+    mask = (rows[:, None] < M) & (c[None, :] < K)
+    y = tl.load(h_ptr + rows[:, None] * stride_h + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(gn_ptr + rows[:, None] * stride_gn + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+    r = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    dh = _round_to(g * w[None, :], Y_DTYPE, Y_BF16)
+    if INTERPRETED:  # torch's CPU mean divides by K; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
+        mean = tl.sum(dh * y, 1)[:, None] / K
+    else:
+        mean = tl.sum(dh * y, 1)[:, None] * inv_k
+    grad = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
+    if HAS_GH:
+        grad = _round_to(tl.load(gh_ptr + rows[:, None] * stride_gh + c[None, :], mask=mask, other=0.0).to(tl.float32)
+                         + grad, Y_DTYPE, Y_BF16)
+    gx = _round_to(grad, gx_ptr.dtype.element_ty, GX_BF16)
+    gd = _round_to(grad, gd_ptr.dtype.element_ty, GD_BF16)
+    tl.store(gx_ptr + rows[:, None] * stride_gx + c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
+
+
+def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
+                       rstd: torch.Tensor, x_dtype: torch.dtype, delta_dtype: torch.dtype, rows: int | None = None,
+                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values): one pass per row,
+    launched as :func:`norm_quant` at the same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say."""
+    m, k = h.shape
+    grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
+    r, w = norm_quant_launch(k)
+    r, w = rows or r, warps or w
+    gx = torch.empty((m, k), dtype=x_dtype, device=h.device)
+    gd = torch.empty((m, k), dtype=delta_dtype, device=h.device)
+    inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))  # torch's mean factor, as in _launch_norm_quant
+    _residual_norm_grad_kernel[(triton.cdiv(m, r),)](
+        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, m,
+        0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0), inv_k,
+        K=k, BLOCK=triton.next_power_of_2(k), R=r, HAS_GH=grad_h is not None, Y_DTYPE=_DTYPES[h.dtype],
+        Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16, GD_BF16=delta_dtype == torch.bfloat16,
+        num_warps=w, enable_fp_fusion=False)
+    return gx, gd
