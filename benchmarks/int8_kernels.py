@@ -738,7 +738,8 @@ def sweep_tma_variants(models: list[str], path: str, offered: bool = False) -> l
             t, _, col_scale = L.stacked_ternary([w])
             row, col = 1.0 / s, (col_scale if kind == "fwd" else None)
             pad_k, pad_n = -K % 16, -N % 16  # torch._int_mm's operands: K and N multiples of 8
-            exact = torch._int_mm(F.pad(q, (0, pad_k)), F.pad(t, (0, pad_k, 0, pad_n)).t())[:, :N].float() * row[:, None]
+            exact = torch._int_mm(F.pad(q, (0, pad_k)), F.pad(t, (0, pad_k, 0, pad_n)).t())[:, :N].float()
+            exact = exact * row[:, None]
             ref = (exact if col is None else exact * col[None, :]).to(torch.bfloat16)
             del exact, x, w
             q, t = L.pad_rows(q), L.pad_rows(t)
@@ -752,7 +753,8 @@ def sweep_tma_variants(models: list[str], path: str, offered: bool = False) -> l
                     torch.cuda.synchronize()
                     if not torch.equal(got, ref):
                         bad = got != ref
-                        half = bad.view(-1, 2, cfg.kwargs["BM"] // 2, N).sum(dim=(0, 2, 3)) if M % cfg.kwargs["BM"] == 0 else None
+                        bm = cfg.kwargs["BM"]
+                        half = bad.view(-1, 2, bm // 2, N).sum(dim=(0, 2, 3)) if M % bm == 0 else None
                         r["unequal"][vname] = {"fraction": bad.float().mean().item(), "nan": int(got.isnan().sum()),
                                                "rows_by_tile_half": None if half is None else half.tolist(),
                                                "max_abs": (got.float() - ref.float()).nan_to_num().abs().max().item()}

@@ -675,8 +675,8 @@ def available(device: torch.device) -> str | None:
 
 
 # Where ``auto`` turns the int8 path on: the GPUs it was measured faster on, training to the plain path's loss
-# (Hopper, compute capability 9.x; an H200: 0.893x / 0.896x / 0.979x ``quant: none``'s step at 700m / 1.3b /
-# small.yaml, and 1,200 steps of small.yaml within 0.002 of the plain path; benchmarks/RESULTS.md, session 18).
+# (Hopper, compute capability 9.x; an H200: 0.871x / 0.861x ``quant: none``'s step at 700m / 1.3b (session 19), 0.979x
+# at small.yaml, and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
 AUTO_CAPABILITIES = ((9, 0),)
 
 
