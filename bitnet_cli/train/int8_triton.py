@@ -137,9 +137,11 @@ def _int8_mm_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K,
 # tile compiled and timed) stays short:
 # * WARP_SPEC: Triton 3.6's Hopper warp specialisation of the tile loop (num_warps 4 becomes 12: a producer warp
 #   group issuing the TMA loads, two consumer warp groups each with half of the tile's rows). On an H200 it ran the
-#   700m and 1.3b products at 1,230-1,540 TOP/s against 1,040-1,300 for the best tile without it (benchmarks/RESULTS.md,
-#   session 19). Its products were wrong in session 12 (the rows' indices, see :func:`_scaled`).
-# * 128x256x128 with 4 stages and the store in halves (EPI_SPLIT 2): 0-15% faster than with 3 stages and one store.
+#   700m and 1.3b products at 1,120-1,600 TOP/s, up to 1.30x the best tile without it (level with it at 1.3b's
+#   10920-wide grad_input; benchmarks/RESULTS.md, session 19). Its products were wrong in session 12 (the rows'
+#   indices, see :func:`_scaled`).
+# * 128x256x128 with 4 stages and the store in halves (EPI_SPLIT 2): from 7% slower to 15% faster than with 3 stages
+#   and one store, by product (the fastest at 1.3b's 10920-wide grad_input).
 # * the wide and the tall tile at 3 and 4 stages; the square one with a deep pipeline for the narrow products (N = K
 #   = 768 at small.yaml: a 128x256 tile leaves the 132 SMs too few tiles) and 1.3b's 5460-wide grad_input.
 _TMA_CONFIGS = [
