@@ -926,6 +926,12 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     return out
 
 
+def write_json(path: str, result: dict) -> None:
+    """Writes the results so far (again after each stage: a call's time limit keeps what was done)."""
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
@@ -950,30 +956,24 @@ def main():
         return
     if args.grad_weight:
         result = {"gpu": torch.cuda.get_device_name(), "grad_weight": check_grad_weight()}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         result["grad_weight_sweep"] = sweep_grad_weight([m for m in args.grad_weight.split(",") if m])
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         sys.exit(0 if all(r["bit_exact"] for r in result["grad_weight"]) else 1)
     if args.norm_quant:
         result = {"gpu": torch.cuda.get_device_name(), "norm_quant": check_norm_quant(),
                   "norm_quant_autograd": check_norm_quant_autograd()}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         result["norm_quant_sweep"] = sweep_norm_quant([m for m in args.norm_quant.split(",") if m])
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
     if args.residual_norm:
         result = {"gpu": torch.cuda.get_device_name(), "residual_norm_quant": check_residual_norm_quant(),
                   "residual_norm_grad": check_residual_norm_grad(),
                   "residual_norm_autograd": check_residual_norm_autograd()}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         result["residual_norm_sweep"] = sweep_residual_norm_quant([m for m in args.residual_norm.split(",") if m])
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         checks = result["residual_norm_quant"]
         exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
         sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) else 1)
@@ -983,8 +983,7 @@ def main():
     if args.skip_checks:
         result = {"gpu": torch.cuda.get_device_name(), "bench": bench([m for m in args.models.split(",") if m],
                                                                        [m for m in args.tiles.split(",") if m])}
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
         return
     exact = check_exact([] if args.skip_tiles else EXACT_CASES)
     grad_rows = check_grad_rows()
@@ -997,12 +996,10 @@ def main():
           flush=True)
     result = {"gpu": torch.cuda.get_device_name(), "exact": exact, "grad_rows": grad_rows, "autograd": grads, "refresh": refreshes,
               "launch": launch_cost()}
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     # --models "": the checks alone
     result["bench"] = bench([m for m in args.models.split(",") if m], [m for m in args.tiles.split(",") if m])
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     sys.exit(0 if ok and ok_rows else 1)
 
 
