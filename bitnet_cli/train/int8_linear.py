@@ -556,26 +556,20 @@ def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Ten
 class _ResidualNormQuant(torch.autograd.Function):
     """:func:`residual_norm_quant` with its backward: outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h`` (the new
     residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry gradients;
-    x's and delta's are :func:`residual_norm_grad_reference`'s, in torch ops or with ``bitnet::residual_norm_grad``
-    (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops. The backward adds h again from x and delta
-    rather than keeping it: x is the previous residual op's h, kept already, and delta is bf16 under autocast, so a
-    layer keeps 2 bytes an element where h would take 4 (fp32: with h kept, a 700m step's peak on an H200 rose
-    from 69.7 to 74.2 GiB); under
-    torch.compile the add fuses into the norm's backward."""
+    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops or
+    with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps, out_dtype):
         h, q, s_x, x_deq, rstd = residual_norm_quant(x, delta, weight, eps, out_dtype)
         ctx.dtypes = x.dtype, delta.dtype
-        ctx.save_for_backward(x, delta, weight, rstd)
+        ctx.save_for_backward(h, weight, rstd)
         ctx.mark_non_differentiable(q, s_x, rstd)
         return h, q, s_x, x_deq, rstd
 
     @staticmethod
     def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
-        x, delta, weight, rstd = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            h = x + delta  # the forward's h, bit for bit (residual_norm_quant_reference's add)
+        h, weight, rstd = ctx.saved_tensors
         grads = torch.ops.bitnet.residual_norm_grad.default if residual_norm_grad_kernel() else _residual_norm_grads
         grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
         grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
