@@ -95,6 +95,7 @@ def make_hf_checkpoint(
     quantized: bool = True,
     initializer_range: float = 0.05,
     seed: int = 0,
+    random_norms: bool = False,
     **shape: int,
 ) -> Path:
     """Save a randomly initialised transformers BitNetForCausalLM to `out_dir` (HF layout), of
@@ -102,6 +103,7 @@ def make_hf_checkpoint(
 
     With `quantized` the config carries the online `quantization_config` block, so transformers
     ternarises on load exactly as it does for microsoft/bitnet-b1.58-2B-4T-bf16.
+    `random_norms`: norm weights drawn from [0.5, 1.5) instead of transformers' ones.
     """
     import torch
     from transformers import BitNetConfig, BitNetForCausalLM
@@ -114,7 +116,13 @@ def make_hf_checkpoint(
         bos_token_id=0,
         eos_token_id=1,
     )
-    model = BitNetForCausalLM(config).to(getattr(torch, torch_dtype))
+    model = BitNetForCausalLM(config)
+    if random_norms:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.uniform_(0.5, 1.5)
+    model = model.to(getattr(torch, torch_dtype))
     model.save_pretrained(out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     if quantized:

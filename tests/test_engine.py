@@ -179,13 +179,13 @@ def test_weights_in_huge_pages_give_the_same_logits(tiny, monkeypatch):
 
 @pytest.mark.parametrize("embeddings", ["int8", "q4"])
 def test_integer_head_matches_numpy_reference(tmp_path, test_tokenizer_dir, monkeypatch, embeddings):
+    # Norm weights away from 1: with transformers' ones, a q4 embedding row (integers sub * q times
+    # one scale) puts the first norm's output on exact int8 rounding ties (127 * n_i / n_max = k + 1/2)
+    # for some token ids, where float noise picks the side (up to 9 of 16 tokens differed, seeds 0-7).
     ckpt = make_hf_checkpoint(tmp_path / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1,
-                              tie_word_embeddings=False)
+                              tie_word_embeddings=False, random_norms=True)
     pack_checkpoint(ckpt, tmp_path / "m.bin", embeddings=embeddings)
-    # seed 1: with q4 rows, an int8 activation of the reference flips inside the net before the
-    # last token (and every later token with it) on seeds 0, 5 and 7 of 0-7 at c68c1f1, and on 6
-    # too once the attention's softmax took exp_poly (session 19): the ulps moved, not the arithmetic
-    ids = random_ids(16, seed=1)
+    ids = random_ids(16, seed=6)
     with Engine.load(tmp_path / "m.bin", threads=2) as eng, PackedModel.open(tmp_path / "m.bin") as pm:
         got = eng.forward(ids)
         float_head = reference.forward(pm, ids)
