@@ -292,3 +292,14 @@ def test_an_unknown_compile_mode_is_one_clear_error(monkeypatch):
     assert _compile_mode() == "reduce-overhead"
     monkeypatch.delenv("BITNET_COMPILE_MODE")
     assert _compile_mode() is None
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5e12", "nan", "inf"])
+def test_a_bad_peak_flops_is_one_clear_error(monkeypatch, value):
+    from bitnet_cli.train.loop import peak_flops
+
+    monkeypatch.setenv("BITNET_PEAK_FLOPS", value)
+    with pytest.raises(BitnetError, match=f"BITNET_PEAK_FLOPS='{value}': expected a positive number of FLOP/s"):
+        peak_flops(torch.device("cpu"))
+    monkeypatch.setenv("BITNET_PEAK_FLOPS", "989e12")
+    assert peak_flops(torch.device("cpu")) == 989e12

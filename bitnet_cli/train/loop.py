@@ -168,8 +168,16 @@ def pick_device(name: str) -> torch.device:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    if os.environ.get("BITNET_PEAK_FLOPS"):
-        return float(os.environ["BITNET_PEAK_FLOPS"])
+    """The device's dense bf16 peak in FLOP/s for MFU: ``$BITNET_PEAK_FLOPS`` (e.g. ``989e12``), else the table's."""
+    env = os.environ.get("BITNET_PEAK_FLOPS")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise BitnetError(f"BITNET_PEAK_FLOPS={env!r}: expected a positive number of FLOP/s, e.g. 989e12")
+        return value
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
