@@ -147,27 +147,26 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) float elem_avx2(c
     return F16 ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
-/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over keys [j0, j1) onto what keys
- * [0, j0) left in out: one pass over those values with NH x NV accumulators, each value vector
- * loaded once for the NH heads. The pass at e = 0 also prefetches the rows of the block after the
- * next (the scores pass prefetched the first 8 KB of V rows): a block ahead measured 3-4% slower
- * on f16 rows (kernels/build/bench 2 6 attention 128, 12.5-12.8 ms against 13.1-13.4). */
-AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, int h0, int e,
-                                                                              int j0, int j1, const int NH,
-                                                                              const int NV, const int F16) {
-    const int hd = a->hd, n = a->n;
+/* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over the nb rows `rows` (keys
+ * [j0, j0 + nb)) onto what keys [0, j0) left in out: one pass over those values with NH x NV
+ * accumulators, each value vector loaded once for the NH heads; p[h] points at head h0 + h's
+ * weight of key j0. The rows' addresses come from head_values_avx2, so that the loop does the
+ * products and little else. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(const bn_attn_job *a, const void *const *rows,
+                                                                              const float *const *p, int h0, int e,
+                                                                              int j0, int nb, const int NH, const int NV,
+                                                                              const int F16) {
+    const int hd = a->hd;
     __m256 o[4][2];
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < NV; u++)
             o[h][u] = j0 ? _mm256_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u) : _mm256_setzero_ps();
-    for (int j = j0; j < j1; j++) {
-        const void *v = row_of(a->vc, a->keys[j], hd, F16);
-        if (e == 0 && j + 2 * (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + 2 * (j1 - j0)], hd, F16), row_bytes(hd, F16));
+    for (int j = 0; j < nb; j++) {
         __m256 vv[2];
-        for (int u = 0; u < NV; u++) vv[u] = load8(v, e + 8 * u, F16);
+        for (int u = 0; u < NV; u++) vv[u] = load8(rows[j], e + 8 * u, F16);
         for (int h = 0; h < NH; h++) {
-            __m256 p = _mm256_broadcast_ss(a->sc + (size_t)(h0 + h) * n + j);
-            for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(p, vv[u]));
+            __m256 w = _mm256_broadcast_ss(p[h] + j);
+            for (int u = 0; u < NV; u++) o[h][u] = _mm256_add_ps(o[h][u], _mm256_mul_ps(w, vv[u]));
         }
     }
     for (int h = 0; h < NH; h++)
@@ -176,21 +175,30 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
 
 /* The values go by blocks of keys whose rows fill 4 KB (at least 4 keys), every output column
  * passing over a block before the next: the rows are fetched once, not once per 16 columns. A
- * block and the two after it, prefetched meanwhile, stay in L1 beside the scores (16 KB blocks
- * measured 20% slower at 288 cached positions: a block and its successor filled L1). */
+ * block and the two after it, prefetched as the block starts, stay in L1 beside the scores (16 KB
+ * blocks measured 20% slower at 288 cached positions: a block and its successor filled L1); a
+ * block ahead measured 3-4% slower on f16 rows (kernels/build/bench 2 6 attention 128, 12.5-12.8 ms
+ * against 13.1-13.4). */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
                                                                                    const int NH, const int F16) {
     const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
+    const void *rows[block];
     for (int j0 = 0; j0 < n; j0 += block) {
-        const int j1 = j0 + block < n ? j0 + block : n;
+        const int nb = j0 + block < n ? block : n - j0;
+        for (int j = 0; j < nb; j++) {
+            rows[j] = row_of(a->vc, a->keys[j0 + j], hd, F16);
+            if (j0 + j + 2 * nb < n) prefetch_row(row_of(a->vc, a->keys[j0 + j + 2 * nb], hd, F16), row_bytes(hd, F16));
+        }
+        const float *p[4];
+        for (int h = 0; h < NH; h++) p[h] = a->sc + (size_t)(h0 + h) * n + j0;
         int e = 0;
-        for (; e + 16 <= hd; e += 16) values_avx2(a, h0, e, j0, j1, NH, 2, F16);
-        for (; e + 8 <= hd; e += 8) values_avx2(a, h0, e, j0, j1, NH, 1, F16);
+        for (; e + 16 <= hd; e += 16) values_avx2(a, rows, p, h0, e, j0, nb, NH, 2, F16);
+        for (; e + 8 <= hd; e += 8) values_avx2(a, rows, p, h0, e, j0, nb, NH, 1, F16);
         for (; e < hd; e++)
-            for (int h = h0; h < h0 + NH; h++) {
-                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
-                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * elem_avx2(row_of(a->vc, a->keys[j], hd, F16), e, F16);
-                a->out[(size_t)h * hd + e] = o;
+            for (int h = 0; h < NH; h++) {
+                float o = j0 ? a->out[(size_t)(h0 + h) * hd + e] : 0.0f;
+                for (int j = 0; j < nb; j++) o += p[h][j] * elem_avx2(rows[j], e, F16);
+                a->out[(size_t)(h0 + h) * hd + e] = o;
             }
     }
 }
@@ -212,8 +220,19 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
         }
     }
     for (int h = NH; h < 4; h++) s[h][0] = s[h][1] = _mm256_setzero_ps();
+    const __m256 tree = lane_tree8(s[0][0], s[0][1], s[1][0], s[1][1], s[2][0], s[2][1], s[3][0], s[3][1]);
+    if (h8 == hd) { /* no tail: the eight scores scaled at once (each product rounded as the scalar one) */
+        const __m256 scaled = _mm256_mul_ps(tree, _mm256_set1_ps(a->scale));
+        const __m128 lo = _mm256_castps256_ps128(scaled), hi = _mm256_extractf128_ps(scaled, 1);
+        float *sc = a->sc + (size_t)h0 * n + j; /* lanes 2h, 2h + 1: keys j, j + 1 of head h0 + h */
+        _mm_storel_pi((__m64 *)sc, lo);
+        if (NH > 1) _mm_storeh_pi((__m64 *)(sc + n), lo);
+        if (NH > 2) _mm_storel_pi((__m64 *)(sc + 2 * n), hi);
+        if (NH > 3) _mm_storeh_pi((__m64 *)(sc + 3 * n), hi);
+        return;
+    }
     float d[8];
-    _mm256_storeu_ps(d, lane_tree8(s[0][0], s[0][1], s[1][0], s[1][1], s[2][0], s[2][1], s[3][0], s[3][1]));
+    _mm256_storeu_ps(d, tree);
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < 2; u++) {
             const float *q = a->q + (size_t)(h0 + h) * hd;
