@@ -147,6 +147,32 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) float elem_avx2(c
     return F16 ? _cvtsh_ss(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
+/* Bytes of rows the scores pass prefetches ahead of the key it reads: its K rows, then (past the
+ * last key) the V rows of the first value blocks; the values pass prefetches as far into the next
+ * job's K rows (block_rows). The cache's rows lie in 4 KB pages the hardware
+ * prefetcher does not cross; 8 KB ahead (16 f32 rows of 128) measured fastest over 32 to 900 cached
+ * positions. The distance is in bytes, not rows: f16 rows at 16 rows ahead (4 KB) left a 16-row
+ * step's attention 13-20% slower (kernels/build/bench 2 6 attention 128). */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 8192
+#endif
+
+/* The value rows of keys [j0, j0 + nb) into rows, prefetching those of the block after the next
+ * and, past the last key, the next job's first K rows (PREFETCH_BYTES of them), which the scores
+ * pass would otherwise start on cold. */
+AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void block_rows(const bn_attn_job *a, const void **rows,
+                                                                             int j0, int nb, const int F16) {
+    const int hd = a->hd, n = a->n;
+    for (int j = 0; j < nb; j++) {
+        rows[j] = row_of(a->vc, a->keys[j0 + j], hd, F16);
+        const int ahead = j0 + j + 2 * nb;
+        if (ahead < n)
+            prefetch_row(row_of(a->vc, a->keys[ahead], hd, F16), row_bytes(hd, F16));
+        else if (a->next_k && (ahead - n) * row_bytes(hd, F16) < PREFETCH_BYTES)
+            prefetch_row(row_of(a->next_k, ahead - n, hd, F16), row_bytes(hd, F16));
+    }
+}
+
 /* Outputs [e, e + 8 NV) of heads [h0, h0 + NH), accumulated over the nb rows `rows` (keys
  * [j0, j0 + nb)) onto what keys [0, j0) left in out: one pass over those values with NH x NV
  * accumulators, each value vector loaded once for the NH heads; p[h] points at head h0 + h's
@@ -185,10 +211,7 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_
     const void *rows[block];
     for (int j0 = 0; j0 < n; j0 += block) {
         const int nb = j0 + block < n ? block : n - j0;
-        for (int j = 0; j < nb; j++) {
-            rows[j] = row_of(a->vc, a->keys[j0 + j], hd, F16);
-            if (j0 + j + 2 * nb < n) prefetch_row(row_of(a->vc, a->keys[j0 + j + 2 * nb], hd, F16), row_bytes(hd, F16));
-        }
+        block_rows(a, rows, j0, nb, F16);
         const float *p[4];
         for (int h = 0; h < NH; h++) p[h] = a->sc + (size_t)(h0 + h) * n + j0;
         int e = 0;
@@ -241,15 +264,6 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void scores_avx2(
             a->sc[(size_t)(h0 + h) * n + j + u] = dot * a->scale;
         }
 }
-
-/* Bytes of rows the scores pass prefetches ahead of the key it reads: its K rows, then (past the
- * last key) the V rows of the first value blocks. The cache's rows lie in 4 KB pages the hardware
- * prefetcher does not cross; 8 KB ahead (16 f32 rows of 128) measured fastest over 32 to 900 cached
- * positions. The distance is in bytes, not rows: f16 rows at 16 rows ahead (4 KB) left a 16-row
- * step's attention 13-20% slower (kernels/build/bench 2 6 attention 128). */
-#ifndef PREFETCH_BYTES
-#define PREFETCH_BYTES 8192
-#endif
 
 /* Up to four heads at a time (the register tiles above), for the scores and the values */
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void attend_avx2(const bn_attn_job *a, const int F16) {
@@ -309,23 +323,22 @@ AVX512_ATTN_TARGET static inline __attribute__((always_inline)) __m512 load8x2(c
                                                _mm256_loadu_pd((const double *)((const float *)r1 + i)), 1));
 }
 
-/* Outputs [e, e + 16 NV) of heads [h0, h0 + NH) over keys [j0, j1), as values_avx2 */
-AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void values_avx512(const bn_attn_job *a, int h0, int e,
-                                                                                 int j0, int j1, const int NH,
+/* Outputs [e, e + 16 NV) of heads [h0, h0 + NH) over the nb rows `rows`, as values_avx2 */
+AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void values_avx512(const bn_attn_job *a, const void *const *rows,
+                                                                                 const float *const *p, int h0, int e,
+                                                                                 int j0, int nb, const int NH,
                                                                                  const int NV, const int F16) {
-    const int hd = a->hd, n = a->n;
+    const int hd = a->hd;
     __m512 o[4][4];
     for (int h = 0; h < NH; h++)
         for (int u = 0; u < NV; u++)
             o[h][u] = j0 ? _mm512_loadu_ps(a->out + (size_t)(h0 + h) * hd + e + 16 * u) : _mm512_setzero_ps();
-    for (int j = j0; j < j1; j++) {
-        const void *v = row_of(a->vc, a->keys[j], hd, F16);
-        if (e == 0 && j + 2 * (j1 - j0) < n) prefetch_row(row_of(a->vc, a->keys[j + 2 * (j1 - j0)], hd, F16), row_bytes(hd, F16));
+    for (int j = 0; j < nb; j++) {
         __m512 vv[4];
-        for (int u = 0; u < NV; u++) vv[u] = load16(v, e + 16 * u, F16);
+        for (int u = 0; u < NV; u++) vv[u] = load16(rows[j], e + 16 * u, F16);
         for (int h = 0; h < NH; h++) {
-            __m512 p = _mm512_set1_ps(a->sc[(size_t)(h0 + h) * n + j]);
-            for (int u = 0; u < NV; u++) o[h][u] = _mm512_add_ps(o[h][u], _mm512_mul_ps(p, vv[u]));
+            __m512 w = _mm512_set1_ps(p[h][j]);
+            for (int u = 0; u < NV; u++) o[h][u] = _mm512_add_ps(o[h][u], _mm512_mul_ps(w, vv[u]));
         }
     }
     for (int h = 0; h < NH; h++)
@@ -336,16 +349,20 @@ AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void values_avx5
 AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void head_values_avx512(const bn_attn_job *a, int h0,
                                                                                       const int NH, const int F16) {
     const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
+    const void *rows[block];
     for (int j0 = 0; j0 < n; j0 += block) {
-        const int j1 = j0 + block < n ? j0 + block : n;
+        const int nb = j0 + block < n ? block : n - j0;
+        block_rows(a, rows, j0, nb, F16);
+        const float *p[4];
+        for (int h = 0; h < NH; h++) p[h] = a->sc + (size_t)(h0 + h) * n + j0;
         int e = 0;
-        for (; e + 64 <= hd; e += 64) values_avx512(a, h0, e, j0, j1, NH, 4, F16);
-        for (; e + 16 <= hd; e += 16) values_avx512(a, h0, e, j0, j1, NH, 1, F16);
+        for (; e + 64 <= hd; e += 64) values_avx512(a, rows, p, h0, e, j0, nb, NH, 4, F16);
+        for (; e + 16 <= hd; e += 16) values_avx512(a, rows, p, h0, e, j0, nb, NH, 1, F16);
         for (; e < hd; e++)
-            for (int h = h0; h < h0 + NH; h++) {
-                float o = j0 ? a->out[(size_t)h * hd + e] : 0.0f;
-                for (int j = j0; j < j1; j++) o += a->sc[(size_t)h * n + j] * elem_avx2(row_of(a->vc, a->keys[j], hd, F16), e, F16);
-                a->out[(size_t)h * hd + e] = o;
+            for (int h = 0; h < NH; h++) {
+                float o = j0 ? a->out[(size_t)(h0 + h) * hd + e] : 0.0f;
+                for (int j = 0; j < nb; j++) o += p[h][j] * elem_avx2(rows[j], e, F16);
+                a->out[(size_t)(h0 + h) * hd + e] = o;
             }
     }
 }

@@ -200,17 +200,24 @@ typedef struct {
 
 enum { ATT_SEQS = 16, ATT_LAYERS = 30, ATT_KV = 5, ATT_GROUP = 4, ATT_HD = 128 };
 
+/* job i's K rows (its V rows follow them), as model.c's job i: sequence i / ATT_KV, KV head i % ATT_KV */
+static const char *attn_bench_rows(const attn_bench *b, int i) {
+    const size_t esize = b->kv_type == BN_KV_F16 ? 2 : 4, rows = (size_t)b->positions * ATT_HD * esize;
+    return (const char *)b->cache + (((size_t)i / ATT_KV * ATT_LAYERS + b->layer) * ATT_KV + i % ATT_KV) * 2 * rows;
+}
+
 static void attn_bench_worker(void *ctx, int chunk, int n_chunks, int ith) {
     const attn_bench *b = ctx;
     const size_t esize = b->kv_type == BN_KV_F16 ? 2 : 4, rows = (size_t)b->positions * ATT_HD * esize;
     int i0, i1;
     bn_split(ATT_SEQS * ATT_KV, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        const char *k = (const char *)b->cache + (((size_t)i / ATT_KV * ATT_LAYERS + b->layer) * ATT_KV + i % ATT_KV) * 2 * rows;
+        const char *k = attn_bench_rows(b, i);
         bn_attn_job job = {.q = b->q + (size_t)i * ATT_GROUP * ATT_HD, .kc = k, .vc = k + rows, .kv_type = b->kv_type,
                            .keys = b->keys, .n = b->positions, .hd = ATT_HD, .heads = ATT_GROUP, .scale = 0.088f,
                            .sc = b->scores + (size_t)ith * ATT_GROUP * b->positions,
-                           .out = b->out + (size_t)i * ATT_GROUP * ATT_HD};
+                           .out = b->out + (size_t)i * ATT_GROUP * ATT_HD,
+                           .next_k = i + 1 < i1 ? attn_bench_rows(b, i + 1) : NULL};
         b->kern->attend(&job);
     }
 }

@@ -238,6 +238,8 @@ typedef struct {
     int n, hd, heads;
     float scale;
     float *sc, *out;
+    const void *next_k; /* the first K row of the job this thread runs next (the SIMD kernels prefetch
+                         * its first rows as they finish this one), or NULL */
 } bn_attn_job;
 
 typedef void (*bn_attn_fn)(const bn_attn_job *job);

@@ -253,6 +253,14 @@ typedef struct {
     const chunk_view *c;
 } attn_task;
 
+/* offset of job i's cache rows (its token's, its KV head's, this layer's) in m->kcache / m->vcache,
+ * in elements */
+static size_t attn_job_base(const bn_model *m, const attn_task *a, int i) {
+    const int jobs_per_token = m->d.n_heads / a->heads, group = m->d.n_heads / m->d.n_kv_heads;
+    const int t = i / jobs_per_token, kvh = i % jobs_per_token * a->heads / group;
+    return seq_base(m, a->c, t) + ((size_t)a->layer * m->d.n_kv_heads + kvh) * m->d.ctx * m->d.head_dim;
+}
+
 static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     const attn_task *a = ctx;
     bn_model *m = a->m;
@@ -263,13 +271,15 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
     int i0, i1, t_keys = -1, n_keys = 0;
     bn_split(a->c->M * jobs_per_token, chunk, n_chunks, 1, &i0, &i1);
     for (int i = i0; i < i1; i++) {
-        int t = i / jobs_per_token, h = i % jobs_per_token * a->heads, kvh = h / group;
+        int t = i / jobs_per_token, h = i % jobs_per_token * a->heads;
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
-        size_t base = seq_base(m, a->c, t) + ((size_t)a->layer * m->d.n_kv_heads + kvh) * ctx_len * hd,
-               row = (size_t)t * m->q_dim + h * hd;
+        size_t base = attn_job_base(m, a, i), row = (size_t)t * m->q_dim + h * hd;
+        /* the next job's rows from its cache's first: every token sees slot 0 on (a branch's
+         * first slot aside, where the prefetch is merely early) */
         bn_attn_job job = {.q = m->q + row, .kc = m->kcache + base * m->kv_size, .vc = m->vcache + base * m->kv_size,
                            .kv_type = m->d.kv_type, .keys = keys, .n = n_keys, .hd = hd, .heads = a->heads,
-                           .scale = m->attn_scale, .sc = sc, .out = m->att + row};
+                           .scale = m->attn_scale, .sc = sc, .out = m->att + row,
+                           .next_k = i + 1 < i1 ? m->kcache + attn_job_base(m, a, i + 1) * m->kv_size : NULL};
         m->kern->attend(&job);
     }
 }

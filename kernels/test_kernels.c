@@ -406,7 +406,8 @@ static void test_attention(void) {
                     for (int heads = 1; heads <= MAX_HEADS; heads++) {
                         memset(got, 0x55, sizeof got);
                         bn_attn_job j = {.q = q, .kc = kcache, .vc = vcache, .kv_type = kv_type, .keys = keys, .n = len,
-                                         .hd = hd, .heads = heads, .scale = 0.125f, .sc = sc, .out = got};
+                                         .hd = hd, .heads = heads, .scale = 0.125f, .sc = sc, .out = got,
+                                         .next_k = kcache}; /* a prefetch hint: changes no bit */
                         bn_kernels_for(isa)->attend(&j);
                         CHECK(!memcmp(got, ref, sizeof(float) * heads * hd),
                               "attention isa %d kv_type %d differs at hd=%d keys=%d heads=%d", isa, kv_type, hd, len,
