@@ -913,16 +913,23 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     return n
 
 
+# The widest gate (and up) of :meth:`Int8Product.residual_mlp`, whose backward kernel holds a row in registers: on an
+# H200 (benchmarks/RESULTS.md, session 20) it took 0.52 ms a call at 700m's 4,096 against 0.78 for what it replaces,
+# but 2.47 against 1.21 at 1.3b's 5,460 (8,192 lanes a row, whose registers spill, and rows not 16-byte aligned).
+GATED_MAX_WIDTH = 4096
+
+
 def _gated_mlp(owner: nn.Module, projs: list[nn.Module]) -> bool:
     """Whether ``owner`` is an MLP that :meth:`Int8Product.residual_mlp` computes: relu2 (not SiLU) with a sub-norm
-    before down_proj, gate and up stacked in this order, no biases, down_proj a plain BitLinear with a cached product."""
+    before down_proj, gate and up stacked in this order, each at most ``GATED_MAX_WIDTH`` wide with rows of whole
+    16-byte units, no biases, down_proj a plain BitLinear with a cached product."""
     from bitnet_cli.model import BitLinear
 
-    down = getattr(owner, "down_proj", None)
+    down, f = getattr(owner, "down_proj", None), projs[0].out_features
     return (getattr(owner, "silu", True) is False and hasattr(owner, "ffn_sub_norm") and isinstance(down, BitLinear)
-            and [p.out_features for p in projs] == [projs[0].out_features] * 2 and tuple(owner.shared_input) ==
-            ("gate_proj", "up_proj") and down.scale_op is None and down.rms_norm is None and down.int8.cache
-            and all(p.bias is None for p in (*projs, down)))
+            and [p.out_features for p in projs] == [f] * 2 and f <= GATED_MAX_WIDTH and f % 8 == 0
+            and tuple(owner.shared_input) == ("gate_proj", "up_proj") and down.scale_op is None
+            and down.rms_norm is None and down.int8.cache and all(p.bias is None for p in (*projs, down)))
 
 
 def refresh_kernel() -> str:

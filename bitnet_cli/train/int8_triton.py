@@ -1047,12 +1047,13 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
 def gated_norm_grad_launch(f: int) -> tuple[int, int]:
     """(rows per program, warps) of :func:`gated_norm_grad` for halves of width ``f``: ``$BITNET_GNG`` as "R,W"
     overrides (measurements), else 32 rows a program (each program's norm-weight partial sum is one row of
-    f fp32s: 1,024 of them at 32,768 tokens) on 4 warps up to 2,048 lanes, 8 up to 4,096, then 16."""
+    f fp32s: 1,024 of them at 32,768 tokens) on 4 warps up to 2,048 lanes, then 16. On an H200 at 700m's 4,096
+    (benchmarks/RESULTS.md, session 20) 32 rows on 16 warps took 0.521 ms a call, on 8 warps 0.539, on 4 0.900 (their
+    registers spill), 16 or 64 rows on 8 warps 0.558 and 0.538."""
     override = _launch_override("BITNET_GNG", rows_power_of_two=False)
     if override:
         return override
-    block = triton.next_power_of_2(f)
-    return 32, 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return 32, 4 if triton.next_power_of_2(f) <= 2048 else 16
 
 
 def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
