@@ -57,7 +57,11 @@ a few percent of the int8 values came out one step apart), and its backward is i
 q/k/v and gate/up are the same kernel with the residual add before them (``bitnet::residual_norm_quant``: it also
 writes the new residual stream; :class:`_ResidualNormQuant`, reached through model._residual_norm_project, the
 decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_NORM=0`` leaves those to
-torch.compile. The products are one custom op,
+torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:`Int8Product.residual_mlp`): its
+gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
+and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
+``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant`. The products are one
+custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -542,7 +546,9 @@ def residual_norm_grad_kernel() -> bool:
     delta's gradients with ``bitnet::residual_norm_grad`` (a Triton pass per row on CUDA that writes both, the stream's
     fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
     H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
-    14, 6.6 ms a 700m step) in the unfused path. Not measured yet: opt-in."""
+    14, 6.6 ms a 700m step) in the unfused path. Opt-in: the 700m step took 0.5760 s with it against 0.5697 without
+    (session 20; the norm weight's gradient is then a reduction kernel of its own, 13.1 ms a step, that reads the
+    gradient and h again, while inductor folds it into its kernel)."""
     return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
@@ -776,8 +782,8 @@ def available(device: torch.device) -> str | None:
 
 
 # Where ``auto`` turns the int8 path on: the GPUs it was measured faster on, training to the plain path's loss
-# (Hopper, compute capability 9.x; an H200: 0.871x / 0.861x ``quant: none``'s step at 700m / 1.3b (session 19), 0.979x
-# at small.yaml, and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
+# (Hopper, compute capability 9.x; an H200: 0.843x / 0.851x / 0.935x ``quant: none``'s step at 700m / 1.3b / small.yaml
+# (session 20), and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
 AUTO_CAPABILITIES = ((9, 0),)
 
 
