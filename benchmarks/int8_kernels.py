@@ -36,6 +36,11 @@
    autocast (:func:`check_residual_norm_autograd`), then the forward's launches at those models' hidden widths, timed
    beside the compiled torch code it replaces, and the backward beside its compiled torch ops
    (:func:`sweep_residual_norm_quant`).
+7c. ``--gated MODELS`` (alone): ``bitnet::gated_norm_grad`` (the relu2 MLP's sub-norm backward with gate/up's
+   output-gradient rounding) against its reference on the GPU (:func:`check_gated_norm_grad`), a two-layer model's
+   loss and gradients with and without it under bf16 autocast (:func:`check_gated_autograd`), then its launches at
+   those models' gate/up widths, timed beside the compiled torch ops and ``quantize_grad_rows`` it replaces
+   (:func:`sweep_gated_norm_grad`).
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
@@ -454,6 +459,128 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
                     "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+# (M, F) of the gated_norm_grad checks: the recipes' intermediate widths (gate's half of the stacked product), and a
+# ragged one (1.3b's 5460: up's half of the gradient rows then starts at column 5464)
+GATED_CASES = [(4096, 2048), (4096, 4096), (2048, 5460), (333, 100)]
+
+
+def _gated_case(m: int, f: int, exact_sums: bool, seed: int):
+    """gated_norm_grad's inputs as the trainer's bf16 autocast hands them over: the bf16 gate/up product output, the bf16
+    gradient of the sub-norm's output, an fp32 weight, rstd and the product's column scales (one 1/s_w per half), on
+    the GPU. ``exact_sums``: y, grad_n and the weight small multiples of powers of two (every sum of ``dh * y`` exact)."""
+    g = torch.Generator().manual_seed(seed)
+    if exact_sums:
+        y, gn = torch.randint(-4, 5, (m, 2 * f), generator=g) / 2, torch.randint(-8, 9, (m, f), generator=g) / 4
+        w = torch.randint(1, 64, (f,), generator=g) / 32
+    else:
+        y, gn = torch.randn(m, 2 * f, generator=g) * 2, torch.randn(m, f, generator=g) * 1e-5
+        w = torch.rand(f, generator=g) + 0.5
+    col = torch.cat([torch.full((f,), 0.021), torch.full((f,), 0.034)])
+    rstd = torch.rand(m, generator=g) + 0.05
+    return (y.to(torch.bfloat16).cuda(), gn.to(torch.bfloat16).cuda(), rstd.cuda(), w.float().cuda(), col.cuda(),
+            torch.float32)
+
+
+def check_gated_norm_grad() -> list[dict]:
+    """``bitnet::gated_norm_grad`` (Triton) against :func:`gated_norm_grad_reference` run by torch on the same GPU: with
+    exact sums the gradient rows, int8 rows and scales bit for bit (``bit_exact``); with normal inputs the fraction of
+    int8 values that differ; the norm weight's gradient (summed in another order) as a relative difference."""
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    for i, (m, f) in enumerate(GATED_CASES):
+        for exact_sums in (True, False):
+            args = _gated_case(m, f, exact_sums, i)
+            ref, got = L.gated_norm_grad_reference(*args), T.gated_norm_grad(*args)
+            fp = L.gated_grad_columns(f, torch.bfloat16)
+            halves = [slice(0, f), slice(fp, fp + f)]
+            row = {"M": m, "F": f, "exact_sums": exact_sums,
+                   "bit_exact": all(torch.equal(got[0][:, h], ref[0][:, h]) for h in halves)
+                   and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]),
+                   "q_differ": float((got[1] != ref[1]).float().mean()),
+                   "grad_weight_rel": float((got[3] - ref[3]).norm() / ref[3].norm())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def check_gated_autograd() -> list[dict]:
+    """A two-layer model at 700m's widths under bf16 autocast with the gated MLP's backward in one kernel
+    ($BITNET_INT8_GATED_GRAD=1, Int8Product.residual_mlp) and without it (0): the loss and each parameter group's
+    gradient, relative differences from the latter's (zero but for the order of the norm weight's sum)."""
+    import os
+
+    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+
+    cfg = BitNetConfig(vocab_size=4096, hidden_size=1536, intermediate_size=4096, num_hidden_layers=2,
+                       num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
+    ids = torch.randint(0, 4096, (4, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    res = {}
+    for env in ("1", "0"):
+        os.environ["BITNET_INT8_GATED_GRAD"] = env
+        torch.manual_seed(0)
+        model = BitNetForCausalLM(cfg).cuda()
+        L.enable(model, True, cache=True)
+        L.refresh(model, "torch")
+        assert all(layer.mlp.int8_fused.gated_mlp == (env == "1") for layer in model.model.layers)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    os.environ.pop("BITNET_INT8_GATED_GRAD")
+    row = {"loss": res["1"][0], "loss_unfused": res["0"][0]}
+    for part in ("embed_tokens", "layernorm", "self_attn", "mlp.gate", "mlp.up", "mlp.down", "ffn_sub_norm"):
+        names = [n for n in res["1"][1] if part in n]
+        a = torch.cat([res["1"][1][n].flatten() for n in names])
+        b = torch.cat([res["0"][1][n].flatten() for n in names])
+        row[f"grad_{part}"] = float((a - b).norm() / b.norm())
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
+    """``gated_norm_grad``'s launches (rows per program, warps) at the models' gate/up widths, each checked against the
+    default launch's bits, beside what it replaces: the compiled torch ops of _NormQuant's backward with a gate and
+    then ``quantize_grad_rows`` of its two outputs."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    def replaced(y, gn, rstd, w, col, y_dtype):
+        f = y.shape[1] // 2
+        gate, up = y[:, :f], y[:, f:]
+        from bitnet_cli.model import relu2
+
+        yv = relu2(gate.to(y_dtype), up.to(y_dtype))
+        dy, grad_w = L._rms_norm_backward(yv, rstd, w, gn, True)
+        relu = torch.relu(gate.float())
+        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
+        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+        return grad_gate, grad_up, grad_w
+
+    compiled = torch.compile(replaced, dynamic=False)
+    out = []
+    for name in models:
+        f = SHAPES[name][1][2][1] // 2
+        args = _gated_case(m, f, False, f)
+        ref = T.gated_norm_grad(*args)
+        ms_torch = do_bench(lambda: compiled(*args), return_mode="median")
+        gate, up, _ = compiled(*args)
+        ms_rows = do_bench(lambda: T.quantize_grad_rows([gate, up], args[4]), return_mode="median")
+        out.append({"model": name, "F": f, "replaced": "compiled backward + quantize_grad_rows", "ms_backward": round(
+            ms_torch, 4), "ms_grad_rows": round(ms_rows, 4), "ms": round(ms_torch + ms_rows, 4)})
+        print(json.dumps(out[-1]), flush=True)
+        default = T.gated_norm_grad_launch(f)
+        for r, wp in sorted({default, (16, 8), (32, 8), (64, 8), (32, 16), (32, 4)}):
+            got = T.gated_norm_grad(*args, rows=r, warps=wp)
+            ms = do_bench(lambda: T.gated_norm_grad(*args, rows=r, warps=wp), return_mode="median")
+            out.append({"model": name, "F": f, "rows": r, "warps": wp, "default": (r, wp) == default, "ms": round(ms, 4),
+                        "bit_exact": all(torch.equal(a, b) for a, b in zip(got[:3], ref[:3]))})
+            print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -944,6 +1071,8 @@ def main():
                     "norm_quant's checks (alone)")
     ap.add_argument("--residual-norm", default="", help="models whose hidden widths time residual_norm_quant's "
                     "launches, after its checks (alone)")
+    ap.add_argument("--gated", default="", help="models whose gate/up widths time gated_norm_grad's launches, after "
+                    "its checks (alone)")
     ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
                     "against bf16, after its checks (alone)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
@@ -977,6 +1106,13 @@ def main():
         checks = result["residual_norm_quant"]
         exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
         sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) else 1)
+    if args.gated:
+        result = {"gpu": torch.cuda.get_device_name(), "gated_norm_grad": check_gated_norm_grad(),
+                  "gated_autograd": check_gated_autograd()}
+        write_json(args.out, result)
+        result["gated_sweep"] = sweep_gated_norm_grad([m for m in args.gated.split(",") if m])
+        write_json(args.out, result)
+        sys.exit(0 if all(r["bit_exact"] for r in result["gated_norm_grad"] if r["exact_sums"]) else 1)
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

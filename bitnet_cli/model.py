@@ -313,6 +313,19 @@ def _residual_norm_project(owner: nn.Module, norm: nn.Module, x: torch.Tensor,
     return h, _project_shared(owner, norm(h))
 
 
+def _residual_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, mlp(norm(h)))`` with ``h = x + delta``: a decoder layer's second residual add, the norm after it and the
+    MLP. Where the int8 path marked the MLP's stacked product ``gated_mlp`` (bitnet_cli.train.int8_linear:
+    ``Int8Product.residual_mlp``), its gate/up product and sub-norm are one autograd function, whose backward rounds
+    gate/up's output gradient in the sub-norm's backward kernel; the same numbers."""
+    product = mlp.int8_fused
+    if (product is not None and product.gated_mlp and torch.is_grad_enabled() and not mlp.gate_proj.warming
+            and not mlp.down_proj.warming):
+        return product.residual_mlp(x, delta, norm, mlp.gate_proj, mlp.up_proj, mlp.ffn_sub_norm, mlp.down_proj)
+    x, (g, u) = _residual_norm_project(mlp, norm, x, delta)
+    return x, mlp(g, u)
+
+
 # ----------------------------------------------------------------------------- the decoder
 
 
@@ -504,8 +517,7 @@ class DecoderLayer(nn.Module):
         (_residual_norm_project); the model adds the last layer's itself."""
         x, (q, k, v) = _residual_norm_project(self.self_attn, self.input_layernorm, x, delta)
         attn = self.self_attn(q, k, v, cos, sin)
-        x, (g, u) = _residual_norm_project(self.mlp, self.post_attention_layernorm, x, attn)
-        return x, self.mlp(g, u)
+        return _residual_mlp(self.mlp, self.post_attention_layernorm, x, attn)
 
 
 class BitNetModel(nn.Module):

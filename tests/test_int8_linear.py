@@ -884,6 +884,14 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
         consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "HAS_GH": True, "Y_DTYPE": y,
                   "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16, "GD_BF16": True}
         out.append(compile_sm90(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
+for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths, launched as the trainer does
+    pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",
+                "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
+    scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
+    rows, warps = T.gated_norm_grad_launch(f)
+    consts = {"F": f, "F_PAD": f, "BLOCK": f, "CHUNK": rows, "Y_DTYPE": tl.float32, "Y_BF16": False, "D_BF16": True,
+              "FLOOR": 1e-30}
+    out.append(compile_sm90(T._gated_norm_grad_kernel, pointers, scalars, consts, warps))
 print(json.dumps(out))
 """
 
@@ -892,7 +900,7 @@ def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
     """The norm kernels' GPU branches (libdevice's rsqrt, the mean by torch's CUDA factor, the fma-corrected division:
     the interpreter runs the other branches) compiled for sm_90 on the CPU by Triton's own ptxas: they compile, and
     with 16-byte-aligned rows every global load and store of a row is a 16-byte vector access (only the per-row
-    scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual backward."""
+    scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual and gated MLP backwards."""
     pytest.importorskip("triton")
     here = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -905,10 +913,12 @@ def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
     counts = json.loads(r.stdout.splitlines()[-1])
     if counts == "no ptxas":
         pytest.skip("Triton's ptxas is not available here")
-    assert len(counts) == 6
-    for c in counts:
+    assert len(counts) == 8
+    for i, c in enumerate(counts):
         assert c.get("ld.global.v4.b32", 0) > 0 and c.get("st.global.v4.b32", 0) > 0
-        assert set(c) <= {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32"}, c
+        # the gated backward at 4,096 on 16 warps: each thread's share of an int8 row is 8 bytes (a whole v2 store)
+        vectors = {"st.global.v2.b32"} if i == len(counts) - 1 else set()
+        assert set(c) <= {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32", *vectors}, c
 
 
 def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):
@@ -1151,3 +1161,132 @@ def test_int8_grad_weight_setting_reaches_the_products(tmp_path):
     lin = BitLinear(32, 16)
     L.enable(lin, True, cache=True, int8_weight=True)
     assert lin.int8.int8_weight
+
+
+def _gated_models(monkeypatch, int8_grad: bool = True, layers: int = 2):
+    """A tiny BitNet from one init on the int8 path with the MLP's gate/up product and sub-norm as one function
+    (Int8Product.residual_mlp, $BITNET_INT8_GATED_GRAD=1: "gated") and without ("0": _NormQuant after the product)."""
+    cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    base = BitNetForCausalLM(cfg)
+    with torch.no_grad():  # norm weights away from 1, so that their gradients and the norm's weighting count
+        for name, p in base.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    models = {}
+    for name, env in (("unfused", "0"), ("gated", "1")):
+        monkeypatch.setenv("BITNET_INT8_GATED_GRAD", env)
+        m = models[name] = BitNetForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        L.enable(m, int8_grad, cache=True)
+        L.refresh(m)
+    return models
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, monkeypatch):
+    """The MLP's gate/up product and sub-norm as one autograd function (_GatedProduct: its backward forms gate's and up's
+    output gradients and their int8 rows with bitnet::gated_norm_grad, here its reference) against _NormQuant after the
+    stacked product with quantize_grad_rows: the same loss and every parameter's gradient bit for bit, in fp32 and under
+    bf16 autocast (relu2 and the sub-norm in fp32, the gradients in bf16)."""
+    models = _gated_models(monkeypatch)
+    assert all(layer.mlp.int8_fused.gated_mlp for layer in models["gated"].model.layers)
+    assert not any(layer.mlp.int8_fused.gated_mlp for layer in models["unfused"].model.layers)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    (loss, grads), (loss_unfused, grads_unfused) = (_loss_and_grads(models[n], ids, autocast) for n in ("gated", "unfused"))
+    assert torch.equal(loss, loss_unfused)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_unfused[name]), name
+
+
+def test_gated_mlp_under_torch_compile(monkeypatch):
+    """torch.compile of the tiny model with the gated MLP (the ops' fake kernels give inductor their outputs, the
+    gradient rows' padded layout included): the eager model's loss and gradients."""
+    model = _gated_models(monkeypatch, layers=1)["gated"]
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
+        loss, grads = _loss_and_grads(model, ids, False, torch.compile(model))
+    model.zero_grad(set_to_none=True)
+    eager_loss, eager_grads = _loss_and_grads(model, ids, autocast=False)
+    assert loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    for name, g in grads.items():
+        assert rel(g, eager_grads[name]) < 1e-4, name
+
+
+def test_gated_mlp_setting(monkeypatch):
+    """$BITNET_INT8_GATED_GRAD (on by default) marks relu2 MLPs with a sub-norm gated_mlp where the int8 path's defaults
+    hold (int8 grad_input, bf16 grad_weight, fused norms, cached weights) and gate's width is at most GATED_MAX_WIDTH
+    in 16-byte rows; 0 or any of those off leaves them to _NormQuant; anything but 0/1 is an error. The gradient rows'
+    halves start on 16-byte boundaries."""
+    cfg = BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    model = BitNetForCausalLM(cfg)
+    mlp = model.model.layers[0].mlp
+    monkeypatch.delenv("BITNET_INT8_GATED_GRAD", raising=False)
+    L.enable(model, True, cache=True)
+    assert mlp.int8_fused.gated_mlp and not model.model.layers[0].self_attn.int8_fused.gated_mlp
+    for kwargs in ({"int8_grad": False, "cache": True}, {"int8_grad": True, "cache": False},
+                   {"int8_grad": True, "cache": True, "int8_weight": True}):
+        L.enable(model, **kwargs)
+        assert not mlp.int8_fused.gated_mlp, kwargs
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", "0")
+    L.enable(model, True, cache=True)
+    assert not mlp.int8_fused.gated_mlp
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_NORM")
+    monkeypatch.setenv("BITNET_INT8_GATED_GRAD", "0")
+    L.enable(model, True, cache=True)
+    assert not mlp.int8_fused.gated_mlp
+    monkeypatch.setenv("BITNET_INT8_GATED_GRAD", "yes")
+    with pytest.raises(BitnetError, match="BITNET_INT8_GATED_GRAD"):
+        L.enable(model, True, cache=True)
+    wide = BitNetForCausalLM(BitNetConfig(vocab_size=64, hidden_size=32, intermediate_size=5460, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, bos_token_id=None,
+                                          eos_token_id=None))
+    monkeypatch.delenv("BITNET_INT8_GATED_GRAD")
+    L.enable(wide, True, cache=True)
+    assert not wide.model.layers[0].mlp.int8_fused.gated_mlp  # 1.3b's width: slower than the unfused path
+    assert [L.gated_grad_columns(f, torch.bfloat16) for f in (4096, 5460, 100)] == [4096, 5464, 104]
+    assert L.gated_grad_columns(5460, torch.float32) == 5460
+
+
+def _gated_grad_inputs(seed: int, m: int, f: int, dtype: torch.dtype):
+    """gated_norm_grad's inputs: the gate/up product's output y [m, 2f], the sub-norm output's gradient (bf16), an
+    fp32 weight, a positive rstd and one column scale per half; small multiples of powers of two (rstd aside), so that
+    every sum of ``dh * y`` is exact in fp32 whatever its order (y multiples of 1/2 up to 2, grad_n of 1/4 up to 2,
+    weight of 1/32)."""
+    g = torch.Generator().manual_seed(seed)
+    y = (torch.randint(-4, 5, (m, 2 * f), generator=g) / 2).to(dtype)
+    grad_n = (torch.randint(-8, 9, (m, f), generator=g) / 4).to(torch.bfloat16)
+    weight = (torch.randint(1, 64, (f,), generator=g) / 32).float()
+    col = torch.cat([torch.full((f,), 0.03), torch.full((f,), 0.011)])
+    return y, grad_n, torch.rand(m, generator=g) + 0.1, weight, col
+
+
+_INTERPRETED_GATED_GRAD = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _gated_grad_inputs
+out = []
+for seed, m, f, dtype, y_dtype in json.loads(sys.argv[1]):
+    args = (*_gated_grad_inputs(seed, m, f, getattr(torch, dtype)), getattr(torch, y_dtype))
+    ref = L.gated_norm_grad_reference(*args)
+    fp = L.gated_grad_columns(f, args[0].dtype)
+    for rows in (None, 2, 4):  # the default launch, and a few rows a program with a ragged last block
+        got = T.gated_norm_grad(*args, rows=rows)
+        halves = [slice(0, f), slice(fp, fp + f)]
+        out.append([all(torch.equal(got[0][:, h], ref[0][:, h]) for h in halves), torch.equal(got[1], ref[1]),
+                    torch.equal(got[2], ref[2]), bool(torch.allclose(got[3], ref[3], rtol=1e-5, atol=0))])
+print(json.dumps(out))
+"""
+
+
+def test_gated_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter():
+    """The gated MLP's backward kernel (bitnet::gated_norm_grad) in Triton's CPU interpreter against its reference:
+    gate's and up's gradient rows, their int8 rows and scales bit for bit, the norm weight's gradient (summed per
+    program, then over programs) within fp32 rounding; ragged rows and widths (up's half then starts after a gap),
+    relu2 in fp32 (under autocast) or bf16, fp32 gradients."""
+    pytest.importorskip("triton")
+    cases = [[1, 5, 40, "bfloat16", "float32"], [2, 7, 20, "bfloat16", "bfloat16"], [3, 6, 48, "float32", "float32"]]
+    assert _interpret(_INTERPRETED_GATED_GRAD, cases) == [[True] * 4] * (3 * len(cases))

@@ -57,7 +57,11 @@ a few percent of the int8 values came out one step apart), and its backward is i
 q/k/v and gate/up are the same kernel with the residual add before them (``bitnet::residual_norm_quant``: it also
 writes the new residual stream; :class:`_ResidualNormQuant`, reached through model._residual_norm_project, the
 decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_NORM=0`` leaves those to
-torch.compile. The products are one custom op,
+torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:`Int8Product.residual_mlp`): its
+gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
+and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
+``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant`. The products are one
+custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -542,7 +546,9 @@ def residual_norm_grad_kernel() -> bool:
     delta's gradients with ``bitnet::residual_norm_grad`` (a Triton pass per row on CUDA that writes both, the stream's
     fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
     H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
-    14, 6.6 ms a 700m step) in the unfused path. Not measured yet: opt-in."""
+    14, 6.6 ms a 700m step) in the unfused path. Opt-in: the 700m step took 0.5760 s with it against 0.5697 without
+    (session 20; the norm weight's gradient is then a reduction kernel of its own, 13.1 ms a step, that reads the
+    gradient and h again, while inductor folds it into its kernel)."""
     return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
@@ -574,6 +580,107 @@ class _ResidualNormQuant(torch.autograd.Function):
         grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
         grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
         return grad_x, grad_delta, grad_w, None, None
+
+
+# ----------------------------------------------------------------------------- the gated MLP's backward
+
+
+def gated_grad_columns(f: int, dtype: torch.dtype) -> int:
+    """Where up's half starts in a row of :func:`gated_norm_grad_reference`'s gradient rows: ``f`` (gate's width) rounded
+    up to 16 bytes, so that both halves' rows start on 16-byte boundaries (cuBLAS's fast weight-gradient kernels want
+    them, :func:`aligned_rows`; 1.3b's 5460 -> 5464)."""
+    per_row = 16 // dtype.itemsize
+    return -(-f // per_row) * per_row
+
+
+def gated_norm_grad_reference(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                              col_scale: torch.Tensor, y_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What ``bitnet::gated_norm_grad`` computes: the backward of the MLP's ``n = rms_norm(relu2(gate, up), weight)``
+    (:class:`_NormQuant`'s with a gate: relu2 in ``y_dtype``, :func:`norm_quant_reference`) given ``y = [gate | up]``
+    [M, 2F] (the gate/up product's output), n's gradient and the forward's rstd, followed by the gate/up product's
+    output-gradient rounding (:func:`quantize_grad_rows_reference` with its ``col_scale`` [2F]). Returns ``(d, gq, s_g,
+    grad_weight)``: d [M, 2 * gated_grad_columns(F)] in y's dtype holding gate's gradient in columns :F and up's from
+    column gated_grad_columns(F) (the gap unset), gq int8 [M, 2F] (rows 16-byte aligned) and s_g fp32 [M] the rounded
+    rows and their scales, and the norm weight's gradient (fp32, summed over the rows)."""
+    from bitnet_cli.model import relu2
+
+    m, n = y.shape
+    f, f_pad = n // 2, gated_grad_columns(n // 2, y.dtype)
+    gate, up = y[:, :f], y[:, f:]
+    with torch.autocast(y.device.type, enabled=False):
+        yv = relu2(gate.to(y_dtype), up.to(y_dtype))
+        dy, _ = _rms_norm_backward(yv, rstd, weight, grad_n, False)
+        grad_w = (grad_n.float() * (yv.float() * rstd[:, None]).to(yv.dtype).float()).sum(0)
+        relu = torch.relu(gate.float())
+        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
+        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+    d = y.new_empty((m, 2 * f_pad))
+    d[:, :f], d[:, f_pad:f_pad + f] = grad_gate, grad_up
+    gq, s_g = quantize_grad_rows_reference([grad_gate, grad_up], col_scale)
+    return d, pad_rows(gq), s_g, grad_w
+
+
+_LIB.define("gated_norm_grad(Tensor y, Tensor grad_n, Tensor rstd, Tensor weight, Tensor col_scale, "
+            "ScalarType y_dtype) -> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _gated_norm_grad_cuda(y, grad_n, rstd, weight, col_scale, y_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.gated_norm_grad(y, grad_n, rstd, weight, col_scale, y_dtype)
+
+
+_LIB.impl("gated_norm_grad", _gated_norm_grad_cuda, "CUDA")
+_LIB.impl("gated_norm_grad", gated_norm_grad_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::gated_norm_grad", lib=_LIB)
+def _(y, grad_n, rstd, weight, col_scale, y_dtype):
+    m, n = y.shape
+    return (y.new_empty((m, 2 * gated_grad_columns(n // 2, y.dtype))), int8_rows(m, n, y.device),
+            y.new_empty((m,), dtype=torch.float32), y.new_empty((n // 2,), dtype=torch.float32))
+
+
+def gated_grad_enabled() -> bool:
+    """``$BITNET_INT8_GATED_GRAD`` (1 by default): whether :func:`enable` gives the relu2 MLPs with a sub-norm
+    (BitNet's) :meth:`Int8Product.residual_mlp`, whose gate/up product and sub-norm are one autograd function
+    (:class:`_GatedProduct`) with its backward in one kernel (``bitnet::gated_norm_grad``: the sub-norm's and relu2's
+    backward and the rounding of gate/up's output gradient, each row read once). 0: a :class:`_NormQuant` after the
+    stacked product, its backward in torch ops and the rounding a pass of its own (``bitnet::quantize_grad_rows``;
+    for measurements)."""
+    return _switch("BITNET_INT8_GATED_GRAD")
+
+
+class _GatedProduct(torch.autograd.Function):
+    """The MLP's stacked gate/up int8 product followed by its sub-norm of relu2 and down_proj's rounding: inputs as
+    :class:`_Int8Linear`'s (x the dequantised input X~ with its int8 rows q and scales s_x, the stacked ternary weight
+    of gate and up), then the sub-norm's weight and eps and the two latent weights; outputs ``(q2, s2, x_deq2)``, the
+    int8 rows, scales and X~ of down_proj's input (:func:`norm_quant`). The backward (int8 grad_input, bf16
+    grad_weight, as _Int8Linear's defaults) forms gate's and up's output gradients and their int8 rows in one pass
+    (``bitnet::gated_norm_grad``) instead of torch ops and then ``bitnet::quantize_grad_rows``."""
+
+    @staticmethod
+    def forward(ctx, x, q, s_x, trits, trits_t, col_scale, dtype, norm_weight, eps, *weights):
+        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        f = y.shape[1] // 2
+        gate, up = y[:, :f], y[:, f:]
+        y_dtype = _norm_dtype(up, gate)
+        q2, s2, x_deq2, rstd = norm_quant(up, gate, norm_weight, eps, dtype, y_dtype)
+        ctx.save_for_backward(x, y, trits_t, col_scale, norm_weight, rstd)
+        ctx.y_dtype, ctx.dtype, ctx.x_dtype, ctx.w_dtypes = y_dtype, dtype, x.dtype, [w.dtype for w in weights]
+        ctx.mark_non_differentiable(q2, s2)
+        return q2, s2, x_deq2
+
+    @staticmethod
+    def backward(ctx, _gq2, _gs2, grad_n):
+        x, y, trits_t, col_scale, norm_weight, rstd = ctx.saved_tensors
+        d, gq, s_g, grad_norm_w = torch.ops.bitnet.gated_norm_grad.default(y, grad_n, rstd, norm_weight, col_scale,
+                                                                          ctx.y_dtype)
+        f, f_pad = y.shape[1] // 2, d.shape[1] // 2
+        grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grads_w = [_grad_weight(g, x, dt) for g, dt in zip((d[:, :f], d[:, f_pad:f_pad + f]), ctx.w_dtypes)]
+        grad_norm_w = grad_norm_w.to(norm_weight.dtype) if ctx.needs_input_grad[7] else None
+        return (grad_x, None, None, None, None, None, None, grad_norm_w, None, *grads_w)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -675,8 +782,8 @@ def available(device: torch.device) -> str | None:
 
 
 # Where ``auto`` turns the int8 path on: the GPUs it was measured faster on, training to the plain path's loss
-# (Hopper, compute capability 9.x; an H200: 0.871x / 0.861x ``quant: none``'s step at 700m / 1.3b (session 19), 0.979x
-# at small.yaml, and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
+# (Hopper, compute capability 9.x; an H200: 0.843x / 0.851x / 0.935x ``quant: none``'s step at 700m / 1.3b / small.yaml
+# (session 20), and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
 AUTO_CAPABILITIES = ((9, 0),)
 
 
@@ -713,6 +820,7 @@ class Int8Product(nn.Module):
         # whether the model hands this product its norm: a BitLinear's sub-norm (model._sub_norm_project, norm_quant),
         # a stacked product's residual norm (model._residual_norm_project, residual_norm_quant)
         self.norm_quant = norm_quant
+        self.gated_mlp = False  # whether the model runs this product through residual_mlp (set by enable)
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
@@ -737,6 +845,28 @@ class Int8Product(nn.Module):
             outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate,
                                self.int8_weight, residual)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)] + outs[len(projs):]
+
+    def residual_mlp(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, gate_proj: nn.Module,
+                     up_proj: nn.Module, sub_norm: nn.Module, down_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, down_proj(sub_norm(relu2(gate_proj(n), up_proj(n)))))`` with ``h = x + residual`` and ``n = norm(h)``:
+        BitNet's MLP with the residual add and norm before it (model._residual_mlp), where :func:`enable` set
+        ``gated_mlp`` (this product stacks gate and up, down_proj has a cached product of its own): the add, the norm
+        and the rounding in one kernel (:class:`_ResidualNormQuant`), the gate/up product with the sub-norm
+        (:class:`_GatedProduct`), then down_proj's product."""
+        down = down_proj.int8
+        if not torch.compiler.is_compiling() and (self.versions != [gate_proj.weight._version, up_proj.weight._version]
+                                                  or down.versions != [down_proj.weight._version]):
+            raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
+                              "after each optimiser step")
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        h, q, s_x, x_deq, _ = _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
+        q2, s2, x_deq2 = _GatedProduct.apply(x_deq, q, s_x, self.trits, self.trits_t, self.col_scale, dtype,
+                                             sub_norm.weight, sub_norm.eps, gate_proj.weight, up_proj.weight)
+        out = _Int8Linear.apply(x_deq2, q2, s2, down.trits, down.trits_t, down.col_scale, dtype, True, False,
+                                down_proj.weight)
+        return h.reshape(*lead, h.shape[-1]), out.reshape(*lead, out.shape[-1])
 
     @torch.no_grad()
     def refresh(self, *projs: nn.Module) -> None:
@@ -783,7 +913,29 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
             m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
+    if rnq and nq and int8_grad and cache and not int8_weight and gated_grad_enabled():
+        for owner, projs in _shared_input_groups(model):
+            owner.int8_fused.gated_mlp = _gated_mlp(owner, projs)
     return n
+
+
+# The widest gate (and up) of :meth:`Int8Product.residual_mlp`, whose backward kernel holds a row in registers: on an
+# H200 (benchmarks/RESULTS.md, session 20) it took 0.52 ms a call at 700m's 4,096 against 0.78 for what it replaces,
+# but 2.47 against 1.21 at 1.3b's 5,460 (8,192 lanes a row, whose registers spill, and rows not 16-byte aligned).
+GATED_MAX_WIDTH = 4096
+
+
+def _gated_mlp(owner: nn.Module, projs: list[nn.Module]) -> bool:
+    """Whether ``owner`` is an MLP that :meth:`Int8Product.residual_mlp` computes: relu2 (not SiLU) with a sub-norm
+    before down_proj, gate and up stacked in this order, each at most ``GATED_MAX_WIDTH`` wide with rows of whole
+    16-byte units, no biases, down_proj a plain BitLinear with a cached product."""
+    from bitnet_cli.model import BitLinear
+
+    down, f = getattr(owner, "down_proj", None), projs[0].out_features
+    return (getattr(owner, "silu", True) is False and hasattr(owner, "ffn_sub_norm") and isinstance(down, BitLinear)
+            and [p.out_features for p in projs] == [f] * 2 and f <= GATED_MAX_WIDTH and f % 8 == 0
+            and tuple(owner.shared_input) == ("gate_proj", "up_proj") and down.scale_op is None
+            and down.rms_norm is None and down.int8.cache and all(p.bias is None for p in (*projs, down)))
 
 
 def refresh_kernel() -> str:
@@ -851,7 +1003,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "grad_weight", "int8_grad_weight_reference",
+__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "gated_grad_columns",
+           "gated_grad_enabled", "gated_norm_grad_reference", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
            "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_quant_enabled",

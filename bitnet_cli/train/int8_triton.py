@@ -1,6 +1,6 @@
 """The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
-``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::quantize_grad_cols`` and
-``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
+``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::gated_norm_grad``,
+``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
@@ -975,3 +975,109 @@ def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: tor
         Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16, GD_BF16=delta_dtype == torch.bfloat16,
         num_warps=w, enable_fp_fusion=False)
     return gx, gd
+
+
+@triton.jit
+def _gated_rows(y_ptr, gn_ptr, rstd_ptr, row, M, stride_y, stride_gn, c, cols, F: tl.constexpr):
+    """Row ``row``'s gate and up halves of y, its norm-output gradient and its rstd as stored (zeros past M)."""
+    mask = cols & (row < M)
+    return (tl.load(y_ptr + row * stride_y + c, mask=mask, other=0.0),
+            tl.load(y_ptr + row * stride_y + F + c, mask=mask, other=0.0),
+            tl.load(gn_ptr + row * stride_gn + c, mask=mask, other=0.0),
+            tl.load(rstd_ptr + row, mask=row < M, other=0.0))
+
+
+@triton.jit
+def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_ptr, s_ptr, wp_ptr, M, stride_y,
+                            stride_gn, stride_d, stride_q, inv_k, F: tl.constexpr, F_PAD: tl.constexpr,
+                            BLOCK: tl.constexpr, CHUNK: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                            D_BF16: tl.constexpr, FLOOR: tl.constexpr):
+    """CHUNK rows of :func:`int8_linear.gated_norm_grad_reference`, each read once: relu2 recomputed from the product's
+    gate and up halves, the sub-norm's backward (int8_linear._rms_norm_backward's steps, each rounded to y's dtype
+    Y_DTYPE where torch rounds it, as _residual_norm_grad_kernel), relu2's backward in the gradients' dtype (d's), the
+    gradient rows stored (up's half from column F_PAD) and, from the same registers, rounded per token to int8 with
+    the gate/up product's column scales (:func:`_quantize_grad_rows_kernel`'s arithmetic); the norm weight's gradient
+    summed over the program's rows into its own row of ``wp``. Launched without fma contraction."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BLOCK)
+    cols = c < F
+    w = tl.load(w_ptr + c, mask=cols, other=0.0).to(tl.float32)
+    col_g = tl.load(col_ptr + c, mask=cols, other=0.0)
+    col_u = tl.load(col_ptr + F + c, mask=cols, other=0.0)
+    w_acc = tl.zeros([BLOCK], tl.float32)
+    first = pid.to(tl.int64) * CHUNK
+    # Each row's loads are issued one iteration ahead (held in registers), so that a program keeps two rows' reads in
+    # flight: at 4,096 columns a program takes a whole multiprocessor's registers.
+    nxt = _gated_rows(y_ptr, gn_ptr, rstd_ptr, first, M, stride_y, stride_gn, c, cols, F)
+    for i in range(CHUNK):
+        row = first + i
+        inside = row < M
+        mask = cols & inside
+        g, u, gn, r = nxt
+        nxt = _gated_rows(y_ptr, gn_ptr, rstd_ptr, row + 1, tl.minimum(M, first + CHUNK), stride_y, stride_gn, c,
+                          cols, F)
+        g, u, gn = g.to(tl.float32), u.to(tl.float32), gn.to(tl.float32)
+        relu = tl.maximum(g, 0.0)
+        rr = _round_to(relu * relu, Y_DTYPE, Y_BF16)
+        y = _round_to(rr * u, Y_DTYPE, Y_BF16)
+        w_acc += gn * _round_to(y * r, Y_DTYPE, Y_BF16)
+        dh = _round_to(gn * w, Y_DTYPE, Y_BF16)
+        if INTERPRETED:  # torch's CPU mean divides by F; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
+            mean = tl.sum(dh * y, 0) / F
+        else:
+            mean = tl.sum(dh * y, 0) * inv_k
+        dy = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
+        du = _round_to(dy * rr, d_ptr.dtype.element_ty, D_BF16)
+        dg = _round_to(dy * u * 2.0 * relu, d_ptr.dtype.element_ty, D_BF16)
+        tl.store(d_ptr + row * stride_d + c, dg.to(d_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptr + row * stride_d + F_PAD + c, du.to(d_ptr.dtype.element_ty), mask=mask)
+        sg = dg * col_g
+        su = du * col_u
+        amax = tl.maximum(tl.max(tl.abs(sg), 0), tl.max(tl.abs(su), 0))
+        # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then times 127)
+        s = tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+        tl.store(s_ptr + row, s, mask=inside)
+        qg = tl.minimum(tl.maximum(_rint(sg * s), -128.0), 127.0)
+        qu = tl.minimum(tl.maximum(_rint(su * s), -128.0), 127.0)
+        tl.store(q_ptr + row * stride_q + c, qg.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * stride_q + F + c, qu.to(tl.int8), mask=mask)
+    tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
+
+
+def gated_norm_grad_launch(f: int) -> tuple[int, int]:
+    """(rows per program, warps) of :func:`gated_norm_grad` for halves of width ``f``: ``$BITNET_GNG`` as "R,W"
+    overrides (measurements), else 32 rows a program (each program's norm-weight partial sum is one row of
+    f fp32s: 1,024 of them at 32,768 tokens) on 4 warps up to 2,048 lanes, then 16. On an H200 at 700m's 4,096
+    (benchmarks/RESULTS.md, session 20) 32 rows on 16 warps took 0.521 ms a call, on 8 warps 0.539, on 4 0.900 (their
+    registers spill), 16 or 64 rows on 8 warps 0.558 and 0.538."""
+    override = _launch_override("BITNET_GNG", rows_power_of_two=False)
+    if override:
+        return override
+    return 32, 4 if triton.next_power_of_2(f) <= 2048 else 16
+
+
+def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                    col_scale: torch.Tensor, y_dtype: torch.dtype, rows: int | None = None,
+                    warps: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``bitnet::gated_norm_grad`` on CUDA (int8_linear.gated_norm_grad_reference's values, the norm weight's
+    gradient summed in another order): one pass over each row; ``rows``/``warps``: the launch instead of
+    :func:`gated_norm_grad_launch`'s."""
+    from bitnet_cli.train.int8_linear import gated_grad_columns
+
+    m, n = y.shape
+    f, f_pad = n // 2, gated_grad_columns(n // 2, y.dtype)
+    y, grad_n = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, grad_n))
+    r, w = gated_norm_grad_launch(f)
+    r, w = rows or r, warps or w
+    d = torch.empty((m, 2 * f_pad), dtype=y.dtype, device=y.device)
+    q = int8_rows(m, n, y.device)
+    s = torch.empty((m,), dtype=torch.float32, device=y.device)
+    programs = triton.cdiv(m, r)
+    partial = torch.empty((programs, f), dtype=torch.float32, device=y.device)
+    inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * f))  # torch's mean factor, as in _launch_norm_quant
+    _gated_norm_grad_kernel[(programs,)](
+        y, grad_n, rstd.contiguous(), weight.contiguous(), col_scale.float().contiguous(), d, q, s, partial, m,
+        y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad,
+        BLOCK=triton.next_power_of_2(f), CHUNK=r, Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16,
+        D_BF16=y.dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
+    return d, q, s, partial.sum(0)
