@@ -506,14 +506,16 @@ def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
 
 def residual_norm_grad_reference(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor,
                                  weight: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype,
-                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``bitnet::residual_norm_grad`` computes: the gradients of :func:`residual_norm_quant`'s inputs x and delta
     (the same values, in their dtypes) from those of its outputs h (the stream's own use, None if unused) and x_deq
     (``grad_n``, the norm's output's: the product's grad_input), h the saved sum and rstd its norm's: h's gradient is
     the two summed, as autograd sums a tensor's uses. Two separate tensors, also where the dtypes are equal (an op's
-    outputs do not alias)."""
+    outputs do not alias). Third, the norm weight's gradient (:func:`_rms_norm_weight_grad`), which the kernel sums from
+    the same reads."""
     grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
-    return grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta
+    return (grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta,
+            _rms_norm_weight_grad(h, rstd, weight, grad_n))
 
 
 def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
@@ -523,7 +525,7 @@ def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
 
 
 _LIB.define("residual_norm_grad(Tensor? grad_h, Tensor grad_n, Tensor h, Tensor weight, Tensor rstd, "
-            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor)")
+            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor, Tensor)")
 
 
 def _residual_norm_grad_cuda(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
@@ -538,7 +540,7 @@ _LIB.impl("residual_norm_grad", residual_norm_grad_reference, "CompositeExplicit
 
 @torch.library.register_fake("bitnet::residual_norm_grad", lib=_LIB)
 def _(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
-    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype)
+    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype), torch.empty_like(weight)
 
 
 def residual_norm_grad_kernel() -> bool:
@@ -547,8 +549,8 @@ def residual_norm_grad_kernel() -> bool:
     fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
     H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
     14, 6.6 ms a 700m step) in the unfused path. Opt-in: the 700m step took 0.5760 s with it against 0.5697 without
-    (session 20; the norm weight's gradient is then a reduction kernel of its own, 13.1 ms a step, that reads the
-    gradient and h again, while inductor folds it into its kernel)."""
+    (session 20), when the norm weight's gradient was a reduction kernel of its own (13.1 ms a step) that read the
+    gradient and h again; the kernel now sums it from its own reads (not measured on a GPU yet)."""
     return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
@@ -562,8 +564,9 @@ def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Ten
 class _ResidualNormQuant(torch.autograd.Function):
     """:func:`residual_norm_quant` with its backward: outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h`` (the new
     residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry gradients;
-    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops or
-    with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops."""
+    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops (the
+    norm weight's too) or with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`, which also sums the
+    norm weight's)."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps, out_dtype):
@@ -576,10 +579,13 @@ class _ResidualNormQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
         h, weight, rstd = ctx.saved_tensors
-        grads = torch.ops.bitnet.residual_norm_grad.default if residual_norm_grad_kernel() else _residual_norm_grads
-        grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
-        grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_delta, grad_w, None, None
+        if residual_norm_grad_kernel():
+            grad_x, grad_delta, grad_w = torch.ops.bitnet.residual_norm_grad.default(grad_h, grad_n, h, weight, rstd,
+                                                                                    *ctx.dtypes)
+        else:
+            grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
+            grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n)
+        return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
 
 
 # ----------------------------------------------------------------------------- the gated MLP's backward
