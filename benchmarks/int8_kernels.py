@@ -558,16 +558,13 @@ def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
 
     from bitnet_cli.train import int8_triton as T
 
+    from bitnet_cli.model import relu2
+
     def replaced(y, gn, rstd, w, col, y_dtype):
         f = y.shape[1] // 2
         gate, up = y[:, :f], y[:, f:]
-        from bitnet_cli.model import relu2
-
-        yv = relu2(gate.to(y_dtype), up.to(y_dtype))
-        dy, grad_w = L._rms_norm_backward(yv, rstd, w, gn, True)
-        relu = torch.relu(gate.float())
-        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
-        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+        dy, grad_w = L._rms_norm_backward(relu2(gate.to(y_dtype), up.to(y_dtype)), rstd, w, gn, True)
+        grad_up, grad_gate = L._relu2_backward(dy, gate, up, y_dtype)
         return grad_gate, grad_up, grad_w
 
     compiled = torch.compile(replaced, dynamic=False)

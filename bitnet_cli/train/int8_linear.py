@@ -485,10 +485,18 @@ class _NormQuant(torch.autograd.Function):
         dy, grad_w = _rms_norm_backward(y, rstd, weight, grad_n, ctx.needs_input_grad[2])
         if gate is None:
             return dy.to(x.dtype), None, grad_w, None, None, None
-        relu = torch.relu(gate.float())
-        grad_x = (dy.float() * (relu * relu).to(yd).float()).to(x.dtype)
-        grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
+        grad_x, grad_gate = _relu2_backward(dy, gate, x, yd)
         return grad_x, grad_gate, grad_w, None, None, None
+
+
+def _relu2_backward(dy: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                    y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain rule of ``y = relu2(gate, x)`` (relu2 computed in ``y_dtype``) given y's gradient: ``(x's gradient,
+    gate's)`` in their dtypes."""
+    relu = torch.relu(gate.float())
+    grad_x = (dy.float() * (relu * relu).to(y_dtype).float()).to(x.dtype)
+    grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
+    return grad_x, grad_gate
 
 
 def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, grad_n: torch.Tensor,
@@ -607,7 +615,7 @@ def gated_norm_grad_reference(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch
     output-gradient rounding (:func:`quantize_grad_rows_reference` with its ``col_scale`` [2F]). Returns ``(d, gq, s_g,
     grad_weight)``: d [M, 2 * gated_grad_columns(F)] in y's dtype holding gate's gradient in columns :F and up's from
     column gated_grad_columns(F) (the gap unset), gq int8 [M, 2F] (rows 16-byte aligned) and s_g fp32 [M] the rounded
-    rows and their scales, and the norm weight's gradient (fp32, summed over the rows)."""
+    rows and their scales, and the norm weight's gradient (:func:`_rms_norm_weight_grad`)."""
     from bitnet_cli.model import relu2
 
     m, n = y.shape
@@ -615,11 +623,8 @@ def gated_norm_grad_reference(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch
     gate, up = y[:, :f], y[:, f:]
     with torch.autocast(y.device.type, enabled=False):
         yv = relu2(gate.to(y_dtype), up.to(y_dtype))
-        dy, _ = _rms_norm_backward(yv, rstd, weight, grad_n, False)
-        grad_w = (grad_n.float() * (yv.float() * rstd[:, None]).to(yv.dtype).float()).sum(0)
-        relu = torch.relu(gate.float())
-        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
-        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+        dy, grad_w = _rms_norm_backward(yv, rstd, weight, grad_n, True)
+        grad_up, grad_gate = _relu2_backward(dy, gate, up, y_dtype)
     d = y.new_empty((m, 2 * f_pad))
     d[:, :f], d[:, f_pad:f_pad + f] = grad_gate, grad_up
     gq, s_g = quantize_grad_rows_reference([grad_gate, grad_up], col_scale)
@@ -644,7 +649,7 @@ _LIB.impl("gated_norm_grad", gated_norm_grad_reference, "CompositeExplicitAutogr
 def _(y, grad_n, rstd, weight, col_scale, y_dtype):
     m, n = y.shape
     return (y.new_empty((m, 2 * gated_grad_columns(n // 2, y.dtype))), int8_rows(m, n, y.device),
-            y.new_empty((m,), dtype=torch.float32), y.new_empty((n // 2,), dtype=torch.float32))
+            y.new_empty((m,), dtype=torch.float32), torch.empty_like(weight))
 
 
 def gated_grad_enabled() -> bool:
@@ -685,8 +690,8 @@ class _GatedProduct(torch.autograd.Function):
         f, f_pad = y.shape[1] // 2, d.shape[1] // 2
         grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grads_w = [_grad_weight(g, x, dt) for g, dt in zip((d[:, :f], d[:, f_pad:f_pad + f]), ctx.w_dtypes)]
-        grad_norm_w = grad_norm_w.to(norm_weight.dtype) if ctx.needs_input_grad[7] else None
-        return (grad_x, None, None, None, None, None, None, grad_norm_w, None, *grads_w)
+        return (grad_x, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[7] else None, None,
+                *grads_w)
 
 
 # ----------------------------------------------------------------------------- autograd

@@ -1093,4 +1093,4 @@ def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, w
         y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad,
         BLOCK=triton.next_power_of_2(f), CHUNK=r, Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16,
         D_BF16=y.dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
-    return d, q, s, partial.sum(0)
+    return d, q, s, partial.sum(0).to(weight.dtype)
