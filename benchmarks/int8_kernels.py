@@ -366,8 +366,9 @@ def _residual_grad_case(m: int, k: int, exact_sums: bool, seed: int):
 
 def check_residual_norm_grad() -> list[dict]:
     """``bitnet::residual_norm_grad`` (Triton) against :func:`residual_norm_grad_reference` run by torch on the same GPU:
-    with exact sums bit for bit (``bit_exact``); with normal inputs the fraction of values that differ and the largest
-    relative difference (the sum's order)."""
+    x's and delta's gradients with exact sums bit for bit (``bit_exact``); with normal inputs the fraction of values
+    that differ and the largest relative difference (the sum's order); the norm weight's gradient (summed in another
+    order) as a relative difference."""
     from bitnet_cli.train import int8_triton as T
 
     out = []
@@ -377,9 +378,10 @@ def check_residual_norm_grad() -> list[dict]:
             args = (gh if stream_grad else None, gn, h, w, rstd, torch.float32, torch.bfloat16)
             ref, got = L.residual_norm_grad_reference(*args), T.residual_norm_grad(*args)
             row = {"M": m, "K": k, "exact_sums": exact_sums, "stream_grad": stream_grad,
-                   "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)),
+                   "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2], ref[:2])),
                    "gx_differ": float((got[0] != ref[0]).float().mean()),
-                   "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm())}
+                   "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
+                   "grad_weight_rel": float((got[2] - ref[2]).norm() / ref[2].norm())}
             out.append(row)
             print(json.dumps(row), flush=True)
     return out
@@ -449,9 +451,15 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
             out.append({"model": name, "K": k, "rows": r, "warps": wp, "default": (r, wp) == default,
                         "ms": round(ms, 4), "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
             print(json.dumps(out[-1]), flush=True)
-        # the backward: residual_norm_grad against the compiled torch ops it replaces (int8_linear._residual_norm_grads)
+        # the backward: residual_norm_grad against the compiled torch ops it replaces (int8_linear._residual_norm_grads
+        # and the norm weight's gradient)
         args = (*_residual_grad_case(m, k, False, k), torch.float32, torch.bfloat16)
-        compiled = torch.compile(L._residual_norm_grads, dynamic=False)
+
+        def replaced(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+            return (*L._residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype),
+                    L._rms_norm_weight_grad(h, rstd, weight, grad_n))
+
+        compiled = torch.compile(replaced, dynamic=False)
         ms = do_bench(lambda: compiled(*args), return_mode="median")
         out.append({"model": name, "K": k, "backward": True, "inductor": True, "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
@@ -550,16 +558,13 @@ def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
 
     from bitnet_cli.train import int8_triton as T
 
+    from bitnet_cli.model import relu2
+
     def replaced(y, gn, rstd, w, col, y_dtype):
         f = y.shape[1] // 2
         gate, up = y[:, :f], y[:, f:]
-        from bitnet_cli.model import relu2
-
-        yv = relu2(gate.to(y_dtype), up.to(y_dtype))
-        dy, grad_w = L._rms_norm_backward(yv, rstd, w, gn, True)
-        relu = torch.relu(gate.float())
-        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
-        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+        dy, grad_w = L._rms_norm_backward(relu2(gate.to(y_dtype), up.to(y_dtype)), rstd, w, gn, True)
+        grad_up, grad_gate = L._relu2_backward(dy, gate, up, y_dtype)
         return grad_gate, grad_up, grad_w
 
     compiled = torch.compile(replaced, dynamic=False)

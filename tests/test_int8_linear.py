@@ -796,24 +796,25 @@ def _residual_grad_inputs(seed: int, m: int, k: int, h_dtype: torch.dtype, strea
 def test_residual_norm_grad_reference_is_autograds_gradient_of_the_add_and_norm():
     """residual_norm_grad_reference against autograd through the plain path's h = x + delta, rms_norm(h) (the
     straight-through rounding passes the norm's output gradient on), h also read on by the stream: x's (fp32) and
-    delta's (bf16) gradients, the same values in their dtypes; two separate tensors where the dtypes are equal."""
+    delta's (bf16) gradients, the same values in their dtypes, and the norm weight's; two separate tensors where the
+    dtypes are equal."""
     from bitnet_cli.model import rms_norm
 
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(9, 40, generator=g) * 3).requires_grad_()
     delta = torch.randn(9, 40, generator=g).to(torch.bfloat16).requires_grad_()
-    w = torch.rand(40, generator=g) + 0.5
+    w = (torch.rand(40, generator=g) + 0.5).requires_grad_()
     grad_h, grad_n = torch.randn(9, 40, generator=g), torch.randn(9, 40, generator=g).to(torch.bfloat16)
     h = x + delta
     torch.autograd.backward([h, rms_norm(h, w, 1e-5)], [grad_h, grad_n.float()])
-    hd = h.detach()
+    hd, wd = h.detach(), w.detach()
     rstd = torch.rsqrt(hd.pow(2).mean(-1) + 1e-5)
     for op in (L.residual_norm_grad_reference, torch.ops.bitnet.residual_norm_grad.default):
-        gx, gd = op(grad_h, grad_n, hd, w, rstd, torch.float32, torch.bfloat16)
+        gx, gd, gw = op(grad_h, grad_n, hd, wd, rstd, torch.float32, torch.bfloat16)
         assert gx.dtype == torch.float32 and gd.dtype == torch.bfloat16
         assert rel(gx, x.grad) < 1e-6 and torch.equal(gd, gx.to(torch.bfloat16))
-        assert rel(gd, delta.grad) < 1e-2
-    gx, gd = L.residual_norm_grad_reference(None, grad_n, hd, w, rstd, torch.float32, torch.float32)
+        assert rel(gd, delta.grad) < 1e-2 and rel(gw, w.grad) < 1e-6
+    gx, gd, _ = L.residual_norm_grad_reference(None, grad_n, hd, wd, rstd, torch.float32, torch.float32)
     assert torch.equal(gx, gd) and gx.data_ptr() != gd.data_ptr()
 
 
@@ -826,21 +827,23 @@ for seed, m, k, h_dtype, x_dtype, delta_dtype, stream_grad in json.loads(sys.arg
     args = _residual_grad_inputs(seed, m, k, getattr(torch, h_dtype), stream_grad)
     dtypes = getattr(torch, x_dtype), getattr(torch, delta_dtype)
     ref = L.residual_norm_grad_reference(*args, *dtypes)
-    for rows in (None, 2):  # the default launch, and two rows a program with a ragged last block
-        got = T.residual_norm_grad(*args, *dtypes, rows=rows)
-        out.append([torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)])
+    # the default launch, and two rows a block, two blocks a program, with a ragged last block and program
+    for rows, chunk in ((None, T.RESIDUAL_GRAD_CHUNK), (2, 2)):
+        got = T.residual_norm_grad(*args, *dtypes, rows=rows, chunk=chunk)
+        out.append([torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2], ref[:2])]
+                   + [got[2].dtype == ref[2].dtype and bool(torch.allclose(got[2], ref[2], rtol=1e-5, atol=0))])
 print(json.dumps(out))
 """
 
 
 def test_residual_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter():
     """The residual norm's backward kernel (bitnet::residual_norm_grad) in Triton's CPU interpreter against its
-    reference, bit for bit: x's and delta's gradients; ragged rows and widths, h in fp32 or bf16, with and without the
-    stream's own gradient."""
+    reference, bit for bit: x's and delta's gradients; the norm weight's (summed per program, then over programs) within
+    fp32 rounding; ragged rows and widths, h in fp32 or bf16, with and without the stream's own gradient."""
     pytest.importorskip("triton")
     cases = [[1, 5, 64, "float32", "float32", "bfloat16", True], [2, 7, 100, "float32", "float32", "bfloat16", False],
              [3, 3, 96, "bfloat16", "bfloat16", "bfloat16", True], [4, 6, 48, "float32", "float32", "float32", True]]
-    assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD, cases) == [[True, True]] * (2 * len(cases))
+    assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD, cases) == [[True, True, True]] * (2 * len(cases))
 
 
 _COMPILED_NORM_KERNELS = """
@@ -879,10 +882,10 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
                             consts, 4))
     if residual:  # the backward of the same shapes
         pointers = {"gh_ptr": x_dtype, "gn_ptr": "bf16", "h_ptr": x_dtype, "w_ptr": "fp32", "rstd_ptr": "fp32",
-                    "gx_ptr": x_dtype, "gd_ptr": "bf16"}
+                    "gx_ptr": x_dtype, "gd_ptr": "bf16", "wp_ptr": "fp32"}
         scalars = {n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd"]}
-        consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "HAS_GH": True, "Y_DTYPE": y,
-                  "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16, "GD_BF16": True}
+        consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "CHUNK": T.RESIDUAL_GRAD_CHUNK, "HAS_GH": True,
+                  "Y_DTYPE": y, "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16, "GD_BF16": True}
         out.append(compile_sm90(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
 for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths, launched as the trainer does
     pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",

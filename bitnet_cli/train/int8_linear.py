@@ -485,10 +485,18 @@ class _NormQuant(torch.autograd.Function):
         dy, grad_w = _rms_norm_backward(y, rstd, weight, grad_n, ctx.needs_input_grad[2])
         if gate is None:
             return dy.to(x.dtype), None, grad_w, None, None, None
-        relu = torch.relu(gate.float())
-        grad_x = (dy.float() * (relu * relu).to(yd).float()).to(x.dtype)
-        grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
+        grad_x, grad_gate = _relu2_backward(dy, gate, x, yd)
         return grad_x, grad_gate, grad_w, None, None, None
+
+
+def _relu2_backward(dy: torch.Tensor, gate: torch.Tensor, x: torch.Tensor,
+                    y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chain rule of ``y = relu2(gate, x)`` (relu2 computed in ``y_dtype``) given y's gradient: ``(x's gradient,
+    gate's)`` in their dtypes."""
+    relu = torch.relu(gate.float())
+    grad_x = (dy.float() * (relu * relu).to(y_dtype).float()).to(x.dtype)
+    grad_gate = (dy.float() * x.float() * 2.0 * relu).to(gate.dtype)
+    return grad_x, grad_gate
 
 
 def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor, grad_n: torch.Tensor,
@@ -506,14 +514,16 @@ def _rms_norm_backward(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
 
 def residual_norm_grad_reference(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor,
                                  weight: torch.Tensor, rstd: torch.Tensor, x_dtype: torch.dtype,
-                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                                 delta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``bitnet::residual_norm_grad`` computes: the gradients of :func:`residual_norm_quant`'s inputs x and delta
     (the same values, in their dtypes) from those of its outputs h (the stream's own use, None if unused) and x_deq
     (``grad_n``, the norm's output's: the product's grad_input), h the saved sum and rstd its norm's: h's gradient is
     the two summed, as autograd sums a tensor's uses. Two separate tensors, also where the dtypes are equal (an op's
-    outputs do not alias)."""
+    outputs do not alias). Third, the norm weight's gradient (:func:`_rms_norm_weight_grad`), which the kernel sums from
+    the same reads."""
     grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
-    return grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta
+    return (grad_x, grad_delta.clone() if grad_delta is grad_x else grad_delta,
+            _rms_norm_weight_grad(h, rstd, weight, grad_n))
 
 
 def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
@@ -523,7 +533,7 @@ def _residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
 
 
 _LIB.define("residual_norm_grad(Tensor? grad_h, Tensor grad_n, Tensor h, Tensor weight, Tensor rstd, "
-            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor)")
+            "ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor, Tensor)")
 
 
 def _residual_norm_grad_cuda(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
@@ -538,7 +548,7 @@ _LIB.impl("residual_norm_grad", residual_norm_grad_reference, "CompositeExplicit
 
 @torch.library.register_fake("bitnet::residual_norm_grad", lib=_LIB)
 def _(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
-    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype)
+    return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype), torch.empty_like(weight)
 
 
 def residual_norm_grad_kernel() -> bool:
@@ -547,8 +557,8 @@ def residual_norm_grad_kernel() -> bool:
     fp32 and the block output's bf16, from one read) instead of torch ops, which torch.compile fuses as it likes: on an
     H200 it left the bf16 copy of the stream's gradient to a cast kernel of its own (benchmarks/RESULTS.md, session
     14, 6.6 ms a 700m step) in the unfused path. Opt-in: the 700m step took 0.5760 s with it against 0.5697 without
-    (session 20; the norm weight's gradient is then a reduction kernel of its own, 13.1 ms a step, that reads the
-    gradient and h again, while inductor folds it into its kernel)."""
+    (session 20), when the norm weight's gradient was a reduction kernel of its own (13.1 ms a step) that read the
+    gradient and h again; the kernel now sums it from its own reads (not measured on a GPU yet)."""
     return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
@@ -562,8 +572,9 @@ def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Ten
 class _ResidualNormQuant(torch.autograd.Function):
     """:func:`residual_norm_quant` with its backward: outputs ``(h, q, s_x, x_deq, rstd)``, of which ``h`` (the new
     residual stream, read on by the rest of the model) and ``x_deq`` (as :class:`_NormQuant`'s) carry gradients;
-    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops or
-    with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`), the norm weight's in torch ops."""
+    x's and delta's are :func:`residual_norm_grad_reference`'s (from the saved h, not recomputed), in torch ops (the
+    norm weight's too) or with ``bitnet::residual_norm_grad`` (:func:`residual_norm_grad_kernel`, which also sums the
+    norm weight's)."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, eps, out_dtype):
@@ -576,10 +587,13 @@ class _ResidualNormQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
         h, weight, rstd = ctx.saved_tensors
-        grads = torch.ops.bitnet.residual_norm_grad.default if residual_norm_grad_kernel() else _residual_norm_grads
-        grad_x, grad_delta = grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
-        grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_delta, grad_w, None, None
+        if residual_norm_grad_kernel():
+            grad_x, grad_delta, grad_w = torch.ops.bitnet.residual_norm_grad.default(grad_h, grad_n, h, weight, rstd,
+                                                                                    *ctx.dtypes)
+        else:
+            grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
+            grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n)
+        return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
 
 
 # ----------------------------------------------------------------------------- the gated MLP's backward
@@ -601,7 +615,7 @@ def gated_norm_grad_reference(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch
     output-gradient rounding (:func:`quantize_grad_rows_reference` with its ``col_scale`` [2F]). Returns ``(d, gq, s_g,
     grad_weight)``: d [M, 2 * gated_grad_columns(F)] in y's dtype holding gate's gradient in columns :F and up's from
     column gated_grad_columns(F) (the gap unset), gq int8 [M, 2F] (rows 16-byte aligned) and s_g fp32 [M] the rounded
-    rows and their scales, and the norm weight's gradient (fp32, summed over the rows)."""
+    rows and their scales, and the norm weight's gradient (:func:`_rms_norm_weight_grad`)."""
     from bitnet_cli.model import relu2
 
     m, n = y.shape
@@ -609,11 +623,8 @@ def gated_norm_grad_reference(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch
     gate, up = y[:, :f], y[:, f:]
     with torch.autocast(y.device.type, enabled=False):
         yv = relu2(gate.to(y_dtype), up.to(y_dtype))
-        dy, _ = _rms_norm_backward(yv, rstd, weight, grad_n, False)
-        grad_w = (grad_n.float() * (yv.float() * rstd[:, None]).to(yv.dtype).float()).sum(0)
-        relu = torch.relu(gate.float())
-        grad_up = (dy.float() * (relu * relu).to(y_dtype).float()).to(y.dtype)
-        grad_gate = (dy.float() * up.float() * 2.0 * relu).to(y.dtype)
+        dy, grad_w = _rms_norm_backward(yv, rstd, weight, grad_n, True)
+        grad_up, grad_gate = _relu2_backward(dy, gate, up, y_dtype)
     d = y.new_empty((m, 2 * f_pad))
     d[:, :f], d[:, f_pad:f_pad + f] = grad_gate, grad_up
     gq, s_g = quantize_grad_rows_reference([grad_gate, grad_up], col_scale)
@@ -638,7 +649,7 @@ _LIB.impl("gated_norm_grad", gated_norm_grad_reference, "CompositeExplicitAutogr
 def _(y, grad_n, rstd, weight, col_scale, y_dtype):
     m, n = y.shape
     return (y.new_empty((m, 2 * gated_grad_columns(n // 2, y.dtype))), int8_rows(m, n, y.device),
-            y.new_empty((m,), dtype=torch.float32), y.new_empty((n // 2,), dtype=torch.float32))
+            y.new_empty((m,), dtype=torch.float32), torch.empty_like(weight))
 
 
 def gated_grad_enabled() -> bool:
@@ -679,8 +690,8 @@ class _GatedProduct(torch.autograd.Function):
         f, f_pad = y.shape[1] // 2, d.shape[1] // 2
         grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         grads_w = [_grad_weight(g, x, dt) for g, dt in zip((d[:, :f], d[:, f_pad:f_pad + f]), ctx.w_dtypes)]
-        grad_norm_w = grad_norm_w.to(norm_weight.dtype) if ctx.needs_input_grad[7] else None
-        return (grad_x, None, None, None, None, None, None, grad_norm_w, None, *grads_w)
+        return (grad_x, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[7] else None, None,
+                *grads_w)
 
 
 # ----------------------------------------------------------------------------- autograd

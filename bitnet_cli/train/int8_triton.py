@@ -926,55 +926,68 @@ def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, wa
 
 
 @triton.jit
-def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, M, stride_gh, stride_gn,
+def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, M, stride_gh, stride_gn,
                                stride_h, stride_gx, stride_gd, inv_k, K: tl.constexpr, BLOCK: tl.constexpr,
-                               R: tl.constexpr, HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
-                               GX_BF16: tl.constexpr, GD_BF16: tl.constexpr):
-    """R rows of :func:`int8_linear.residual_norm_grad_reference`, each read once: the norm's backward
-    (int8_linear._rms_norm_backward's steps in its order, each rounded to h's dtype Y_DTYPE where torch rounds it), plus
-    the stream's own gradient, stored in x's and delta's dtypes. The mean of ``dh * y`` is the one step whose order
-    differs from torch's reduction (launched without fma contraction, as norm_quant)."""
-    rows = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+                               R: tl.constexpr, CHUNK: tl.constexpr, HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr,
+                               Y_BF16: tl.constexpr, GX_BF16: tl.constexpr, GD_BF16: tl.constexpr):
+    """CHUNK blocks of R rows of :func:`int8_linear.residual_norm_grad_reference`, each row read once: the norm's
+    backward (int8_linear._rms_norm_backward's steps in its order, each rounded to h's dtype Y_DTYPE where torch rounds
+    it), plus the stream's own gradient, stored in x's and delta's dtypes, and the norm weight's gradient summed over
+    the program's rows into its own row of ``wp``. The mean of ``dh * y`` and the weight's sum are the steps whose order
+    differs from torch's reductions (launched without fma contraction, as norm_quant)."""
     c = tl.arange(0, BLOCK)
-    mask = (rows[:, None] < M) & (c[None, :] < K)
-    y = tl.load(h_ptr + rows[:, None] * stride_h + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(gn_ptr + rows[:, None] * stride_gn + c[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
-    r = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
-    dh = _round_to(g * w[None, :], Y_DTYPE, Y_BF16)
-    if INTERPRETED:  # torch's CPU mean divides by K; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
-        mean = tl.sum(dh * y, 1)[:, None] / K
-    else:
-        mean = tl.sum(dh * y, 1)[:, None] * inv_k
-    grad = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
-    if HAS_GH:
-        grad = _round_to(tl.load(gh_ptr + rows[:, None] * stride_gh + c[None, :], mask=mask, other=0.0).to(tl.float32)
-                         + grad, Y_DTYPE, Y_BF16)
-    gx = _round_to(grad, gx_ptr.dtype.element_ty, GX_BF16)
-    gd = _round_to(grad, gd_ptr.dtype.element_ty, GD_BF16)
-    tl.store(gx_ptr + rows[:, None] * stride_gx + c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
-    tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
+    w_acc = tl.zeros([BLOCK], tl.float32)
+    for i in range(CHUNK):
+        rows = (tl.program_id(0).to(tl.int64) * CHUNK + i) * R + tl.arange(0, R)
+        mask = (rows[:, None] < M) & (c[None, :] < K)
+        y = tl.load(h_ptr + rows[:, None] * stride_h + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gn_ptr + rows[:, None] * stride_gn + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
+        w_acc += tl.sum(g * _round_to(y * r, Y_DTYPE, Y_BF16), 0)  # _rms_norm_weight_grad's terms
+        dh = _round_to(g * w[None, :], Y_DTYPE, Y_BF16)
+        if INTERPRETED:  # torch's CPU mean divides by K; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
+            mean = tl.sum(dh * y, 1)[:, None] / K
+        else:
+            mean = tl.sum(dh * y, 1)[:, None] * inv_k
+        grad = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
+        if HAS_GH:
+            grad = _round_to(tl.load(gh_ptr + rows[:, None] * stride_gh + c[None, :], mask=mask,
+                                     other=0.0).to(tl.float32) + grad, Y_DTYPE, Y_BF16)
+        gx = _round_to(grad, gx_ptr.dtype.element_ty, GX_BF16)
+        gd = _round_to(grad, gd_ptr.dtype.element_ty, GD_BF16)
+        tl.store(gx_ptr + rows[:, None] * stride_gx + c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
+    tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
+
+
+# Row blocks per program of residual_norm_grad: each program's norm-weight partial sum is one row of K fp32s (512 of
+# them at 32,768 tokens and two rows a block); not measured on a GPU yet.
+RESIDUAL_GRAD_CHUNK = 32
 
 
 def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, delta_dtype: torch.dtype, rows: int | None = None,
-                       warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values): one pass per row,
-    launched as :func:`norm_quant` at the same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say."""
+                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK) -> tuple[torch.Tensor, ...]:
+    """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values, the norm weight's
+    gradient summed in another order): one pass per row, ``rows`` rows at a time launched as :func:`norm_quant` at the
+    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program."""
     m, k = h.shape
     grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
     r, w = norm_quant_launch(k)
     r, w = rows or r, warps or w
     gx = torch.empty((m, k), dtype=x_dtype, device=h.device)
     gd = torch.empty((m, k), dtype=delta_dtype, device=h.device)
+    programs = triton.cdiv(m, r * chunk)
+    partial = torch.empty((programs, k), dtype=torch.float32, device=h.device)
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))  # torch's mean factor, as in _launch_norm_quant
-    _residual_norm_grad_kernel[(triton.cdiv(m, r),)](
-        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, m,
+    _residual_norm_grad_kernel[(programs,)](
+        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, partial, m,
         0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0), inv_k,
-        K=k, BLOCK=triton.next_power_of_2(k), R=r, HAS_GH=grad_h is not None, Y_DTYPE=_DTYPES[h.dtype],
+        K=k, BLOCK=triton.next_power_of_2(k), R=r, CHUNK=chunk, HAS_GH=grad_h is not None, Y_DTYPE=_DTYPES[h.dtype],
         Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16, GD_BF16=delta_dtype == torch.bfloat16,
         num_warps=w, enable_fp_fusion=False)
-    return gx, gd
+    return gx, gd, partial.sum(0).to(weight.dtype)
 
 
 @triton.jit
@@ -1080,4 +1093,4 @@ def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, w
         y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad,
         BLOCK=triton.next_power_of_2(f), CHUNK=r, Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16,
         D_BF16=y.dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
-    return d, q, s, partial.sum(0)
+    return d, q, s, partial.sum(0).to(weight.dtype)
