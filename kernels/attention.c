@@ -199,15 +199,17 @@ AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void values_avx2(
         for (int u = 0; u < NV; u++) _mm256_storeu_ps(a->out + (size_t)(h0 + h) * hd + e + 8 * u, o[h][u]);
 }
 
-/* The values go by blocks of keys whose rows fill 4 KB (at least 4 keys), every output column
- * passing over a block before the next: the rows are fetched once, not once per 16 columns. A
- * block and the two after it, prefetched as the block starts, stay in L1 beside the scores (16 KB
- * blocks measured 20% slower at 288 cached positions: a block and its successor filled L1); a
- * block ahead measured 3-4% slower on f16 rows (kernels/build/bench 2 6 attention 128, 12.5-12.8 ms
- * against 13.1-13.4). */
+/* The values go by blocks of keys of 1024 elements (8 rows of 128; at least 4 rows), every output
+ * column passing over a block before the next: the rows are fetched once, not once per 16 columns.
+ * A block and the two after it, prefetched as the block starts, stay in L1 beside the scores. The
+ * size is in rows, not bytes: blocks of 4 KB (16 f16 rows of 128) measured 11% slower than 8 rows
+ * of f16 at 288 cached positions (`kernels/build/bench 2 1 attention 288`, 27.4-28.0 ms against
+ * 24.3-24.6), and 4 f32 rows 3% slower than 8; 16 KB blocks 20% slower still (a block and its
+ * successor filled L1); a block ahead measured 3-4% slower on f16 rows (session 10). */
+#define VALUE_BLOCK(hd) (1024 / (hd) > 4 ? 1024 / (hd) : 4)
 AVX2_NOFMA_TARGET static inline __attribute__((always_inline)) void head_values_avx2(const bn_attn_job *a, int h0,
                                                                                    const int NH, const int F16) {
-    const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
+    const int hd = a->hd, n = a->n, block = VALUE_BLOCK(hd);
     const void *rows[block];
     for (int j0 = 0; j0 < n; j0 += block) {
         const int nb = j0 + block < n ? block : n - j0;
@@ -348,7 +350,7 @@ AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void values_avx5
 /* head_values_avx2's blocks of keys, 64 output columns a pass */
 AVX512_ATTN_TARGET static inline __attribute__((always_inline)) void head_values_avx512(const bn_attn_job *a, int h0,
                                                                                       const int NH, const int F16) {
-    const int hd = a->hd, n = a->n, fit = 4096 / row_bytes(hd, F16), block = fit > 4 ? fit : 4;
+    const int hd = a->hd, n = a->n, block = VALUE_BLOCK(hd);
     const void *rows[block];
     for (int j0 = 0; j0 < n; j0 += block) {
         const int nb = j0 + block < n ? block : n - j0;

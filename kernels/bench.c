@@ -13,6 +13,10 @@
  *   build/bench [threads] [isa] attention [positions ...]   the attention of a 16-row decode step
  *                                        alone (2B4T: 30 layers x 5 KV heads x 16 sequences), f32
  *                                        against f16 KV caches, interleaved: ms per step
+ *   build/bench 1 [isa] attention-job [positions ...]   one attention job (a KV head's f16 cache, 4
+ *                                        query heads of 128) back to back on the calling thread: ns per
+ *                                        key and group, the cache in L2 (one job over and over) and from
+ *                                        memory (the jobs of caches filling 64 MB in turn)
  * `bitnet bench` is the user-facing tool; this is for machines without the Python stack. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -258,6 +262,45 @@ static void bench_attention(int threads, int isa, const int *positions, int n_po
     free(q), free(out);
 }
 
+/* What bounds a job without the step around it (session 20, benchmarks/SERVE_PERF.md): its cost per
+ * key and group of ATT_GROUP heads from L2 against from memory, best of 5 timings. Each job
+ * prefetches the next one's rows, as model.c's jobs do. */
+static void bench_attention_job(int isa, const int *positions, int n_positions) {
+    const bn_kernels *kern = bn_kernels_for(isa);
+    float *q = malloc(sizeof(float) * ATT_GROUP * ATT_HD), *out = malloc(sizeof(float) * ATT_GROUP * ATT_HD);
+    for (int i = 0; i < ATT_GROUP * ATT_HD; i++) q[i] = (float)((i * 37) % 101 - 50) / 50.0f;
+    for (int p = 0; p < n_positions; p++) {
+        const int n = positions[p];
+        const size_t rows = (size_t)n * ATT_HD, job_bytes = 2 * rows * sizeof(uint16_t);
+        const int jobs = (int)((64u << 20) / job_bytes) + 1;
+        int *keys = malloc(sizeof(int) * n);
+        for (int j = 0; j < n; j++) keys[j] = j;
+        float *scores = malloc(sizeof(float) * ATT_GROUP * n);
+        uint16_t *cache = aligned_alloc(64, (jobs * job_bytes + 63) / 64 * 64);
+        for (size_t i = 0; i < jobs * 2 * rows; i++) cache[i] = bn_f32_to_f16(hashed_unit(i));
+        for (int from_memory = 0; from_memory < 2; from_memory++) {
+            const int cycle = from_memory ? jobs : 1, calls = (from_memory ? 4 : 16) * jobs;
+            double best = 1e30;
+            for (int rep = 0; rep < 5; rep++) {
+                double t0 = now();
+                for (int c = 0; c < calls; c++) {
+                    const uint16_t *k = cache + (size_t)(c % cycle) * 2 * rows;
+                    bn_attn_job job = {.q = q, .kc = k, .vc = k + rows, .kv_type = BN_KV_F16, .keys = keys, .n = n,
+                                       .hd = ATT_HD, .heads = ATT_GROUP, .scale = 0.088f, .sc = scores, .out = out,
+                                       .next_k = cache + (size_t)((c + 1) % cycle) * 2 * rows};
+                    kern->attend(&job);
+                }
+                const double t = now() - t0;
+                best = t < best ? t : best;
+            }
+            printf("attention job, %d positions, f16 cache %s: %.1f ns per key and group of %d heads\n", n,
+                   from_memory ? "from memory" : "in L2", best / calls / n * 1e9, ATT_GROUP);
+        }
+        free(keys), free(scores), free(cache);
+    }
+    free(q), free(out);
+}
+
 /* the positive integers among argv[4..] (at most 16), or just `otherwise` when there are none */
 static int positive_args(int argc, char **argv, int out[16], int otherwise) {
     int n = 0;
@@ -278,6 +321,11 @@ int main(int argc, char **argv) {
     if (argc > 3 && !strcmp(argv[3], "head")) {
         int ms[16], n_ms = positive_args(argc, argv, ms, 1);
         bench_head(threads, isa, ms, n_ms);
+        return 0;
+    }
+    if (argc > 3 && !strcmp(argv[3], "attention-job")) {
+        int ps[16], n_ps = positive_args(argc, argv, ps, 288);
+        bench_attention_job(isa, ps, n_ps);
         return 0;
     }
     if (argc > 3 && !strcmp(argv[3], "attention")) {
