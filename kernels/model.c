@@ -274,8 +274,8 @@ static void attn_worker(void *ctx, int chunk, int n_chunks, int ith) {
         int t = i / jobs_per_token, h = i % jobs_per_token * a->heads;
         if (t != t_keys) n_keys = visible_keys(a->c, t_keys = t, keys);
         size_t base = attn_job_base(m, a, i), row = (size_t)t * m->q_dim + h * hd;
-        /* the next job's rows from its cache's first: every token sees slot 0 on (a branch's
-         * first slot aside, where the prefetch is merely early) */
+        /* next_k: the next job's cache from its first row, where its keys start (visible_keys; a
+         * prefetch hint, so a branch that starts further on only makes it less useful) */
         bn_attn_job job = {.q = m->q + row, .kc = m->kcache + base * m->kv_size, .vc = m->vcache + base * m->kv_size,
                            .kv_type = m->d.kv_type, .keys = keys, .n = n_keys, .hd = hd, .heads = a->heads,
                            .scale = m->attn_scale, .sc = sc, .out = m->att + row,
