@@ -32,10 +32,11 @@
    then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
 7b. ``--residual-norm MODELS`` (alone): ``bitnet::residual_norm_quant`` against its reference on the GPU
    (:func:`check_residual_norm_quant`) and its backward kernel ``bitnet::residual_norm_grad`` against its reference
-   (:func:`check_residual_norm_grad`), a two-layer model's loss and gradients with and without them under bf16
-   autocast (:func:`check_residual_norm_autograd`), then the forward's launches at those models' hidden widths, timed
-   beside the compiled torch code it replaces, and the backward beside its compiled torch ops
-   (:func:`sweep_residual_norm_quant`).
+   (:func:`check_residual_norm_grad`; with delta's int8 rows too, ``bitnet::residual_norm_grad_rows``), a two-layer
+   model's loss and gradients with and without them under bf16 autocast (:func:`check_residual_norm_autograd`; also
+   with ``$BITNET_INT8_RESIDUAL_ROWS=1``), then the forward's launches at those models' hidden widths, timed beside the
+   compiled torch code it replaces, and the backward beside its compiled torch ops and, with the rows, beside itself
+   then ``quantize_grad_rows`` (:func:`sweep_residual_norm_quant`).
 7c. ``--gated MODELS`` (alone): ``bitnet::gated_norm_grad`` (the relu2 MLP's sub-norm backward with gate/up's
    output-gradient rounding) against its reference on the GPU (:func:`check_gated_norm_grad`), a two-layer model's
    loss and gradients with and without it under bf16 autocast (:func:`check_gated_autograd`), then its launches at
@@ -377,11 +378,19 @@ def check_residual_norm_grad() -> list[dict]:
             gh, gn, h, w, rstd = _residual_grad_case(m, k, exact_sums, i)
             args = (gh if stream_grad else None, gn, h, w, rstd, torch.float32, torch.bfloat16)
             ref, got = L.residual_norm_grad_reference(*args), T.residual_norm_grad(*args)
+            # with delta's int8 rows (bitnet::residual_norm_grad_rows), the product's column scales as ternary_weight's
+            col = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(i), device="cpu") * 20 + 0.01).cuda()
+            ref_rows = L.residual_norm_grad_rows_reference(*args[:5], col, *args[5:])
+            got_rows = T.residual_norm_grad(*args, col_scale=col)
             row = {"M": m, "K": k, "exact_sums": exact_sums, "stream_grad": stream_grad,
                    "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2], ref[:2])),
                    "gx_differ": float((got[0] != ref[0]).float().mean()),
                    "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
-                   "grad_weight_rel": float((got[2] - ref[2]).norm() / ref[2].norm())}
+                   "grad_weight_rel": float((got[2] - ref[2]).norm() / ref[2].norm()),
+                   # the rows from the kernel's own delta gradient: exact wherever that gradient is
+                   "rows_bit_exact": all(torch.equal(a, b) for a, b in zip(got_rows[3:], ref_rows[3:])),
+                   "rows_of_own_grad_exact": all(torch.equal(a, b) for a, b in zip(
+                       got_rows[3:], L.quantize_grad_rows_reference([got_rows[1]], col)))}
             out.append(row)
             print(json.dumps(row), flush=True)
     return out
@@ -389,9 +398,10 @@ def check_residual_norm_grad() -> list[dict]:
 
 def check_residual_norm_autograd() -> list[dict]:
     """A two-layer model at 700m's widths under bf16 autocast (as the trainer runs it) with the residual norms fused
-    (residual_norm_quant; their backward in torch ops, and with $BITNET_INT8_RESIDUAL_GRAD=1 through
-    residual_norm_grad) and as torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient,
-    relative differences from the torch ops'."""
+    (residual_norm_quant; their backward in torch ops, with $BITNET_INT8_RESIDUAL_GRAD=1 through residual_norm_grad, and
+    with $BITNET_INT8_RESIDUAL_ROWS=1 o_proj's and down_proj's products inside them, residual_norm_grad_rows) and as
+    torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient, relative differences from
+    the torch ops'."""
     import os
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
@@ -401,8 +411,10 @@ def check_residual_norm_autograd() -> list[dict]:
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (4, 1025), device="cuda")
     res = {}
-    for env, grad_env in (("1", "0"), ("1", "1"), ("0", "0")):
-        os.environ["BITNET_INT8_RESIDUAL_NORM"], os.environ["BITNET_INT8_RESIDUAL_GRAD"] = env, grad_env
+    switches = ("BITNET_INT8_RESIDUAL_NORM", "BITNET_INT8_RESIDUAL_GRAD", "BITNET_INT8_RESIDUAL_ROWS")
+    for envs in ("100", "110", "111", "000"):
+        os.environ.update(zip(switches, envs))
+        env = envs[:2] if envs != "111" else envs
         torch.manual_seed(0)
         model = BitNetForCausalLM(cfg).cuda()
         L.enable(model, True, cache=True)
@@ -411,11 +423,12 @@ def check_residual_norm_autograd() -> list[dict]:
             logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
-        res[env + grad_env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-    os.environ.pop("BITNET_INT8_RESIDUAL_NORM")
-    os.environ.pop("BITNET_INT8_RESIDUAL_GRAD")
+        res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    for name in switches:
+        os.environ.pop(name)
     rows = []
-    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad")):
+    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad"),
+                      ("111", "fused, o_proj/down_proj inside, residual_norm_grad_rows")):
         row = {"variant": name, "loss": res[key][0], "loss_torch": res["00"][0]}
         for part in ("embed_tokens", "layernorm", "self_attn", "mlp"):
             names = [n for n in res[key][1] if part in n]
@@ -466,6 +479,15 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         ms = do_bench(lambda: T.residual_norm_grad(*args), return_mode="median")
         out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
                     "ms": round(ms, 4)})
+        print(json.dumps(out[-1]), flush=True)
+        # residual_norm_grad_rows against residual_norm_grad and then the quantize_grad_rows pass it saves (o_proj's or
+        # down_proj's output gradient, bf16): the gain per residual norm whose delta a deferred product wrote
+        col = torch.rand(k, device="cuda") + 0.5
+        ms_rows = do_bench(lambda: T.residual_norm_grad(*args, col_scale=col), return_mode="median")
+        gd = T.residual_norm_grad(*args)[1]
+        ms_qgr = do_bench(lambda: T.quantize_grad_rows([gd], col), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "with_rows": True, "ms": round(ms_rows, 4),
+                    "replaced_ms": round(ms + ms_qgr, 4), "quantize_grad_rows_ms": round(ms_qgr, 4)})
         print(json.dumps(out[-1]), flush=True)
     return out
 

@@ -926,17 +926,23 @@ def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, wa
 
 
 @triton.jit
-def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, M, stride_gh, stride_gn,
-                               stride_h, stride_gx, stride_gd, inv_k, K: tl.constexpr, BLOCK: tl.constexpr,
-                               R: tl.constexpr, CHUNK: tl.constexpr, HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr,
-                               Y_BF16: tl.constexpr, GX_BF16: tl.constexpr, GD_BF16: tl.constexpr):
+def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, col_ptr, q_ptr, s_ptr,
+                               M, stride_gh, stride_gn, stride_h, stride_gx, stride_gd, stride_q, inv_k,
+                               K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
+                               HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                               GX_BF16: tl.constexpr, GD_BF16: tl.constexpr, ROWS: tl.constexpr, FLOOR: tl.constexpr):
     """CHUNK blocks of R rows of :func:`int8_linear.residual_norm_grad_reference`, each row read once: the norm's
     backward (int8_linear._rms_norm_backward's steps in its order, each rounded to h's dtype Y_DTYPE where torch rounds
     it), plus the stream's own gradient, stored in x's and delta's dtypes, and the norm weight's gradient summed over
     the program's rows into its own row of ``wp``. The mean of ``dh * y`` and the weight's sum are the steps whose order
-    differs from torch's reductions (launched without fma contraction, as norm_quant)."""
+    differs from torch's reductions (launched without fma contraction, as norm_quant). With ``ROWS``
+    (:func:`int8_linear.residual_norm_grad_rows_reference`) delta's gradient is also rounded per token to int8 from the
+    same registers, with the column scales of the product that wrote delta (:func:`_quantize_grad_rows_kernel`'s
+    arithmetic): its rows into ``q``, their scales into ``s``."""
     c = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+    if ROWS:
+        col = tl.load(col_ptr + c, mask=c < K, other=0.0)
     w_acc = tl.zeros([BLOCK], tl.float32)
     for i in range(CHUNK):
         rows = (tl.program_id(0).to(tl.int64) * CHUNK + i) * R + tl.arange(0, R)
@@ -958,6 +964,12 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
         gd = _round_to(grad, gd_ptr.dtype.element_ty, GD_BF16)
         tl.store(gx_ptr + rows[:, None] * stride_gx + c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
         tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
+        if ROWS:
+            sg = gd * col[None, :]
+            # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then 127x)
+            s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(tl.max(tl.abs(sg), 1), FLOOR)) * 127.0
+            tl.store(s_ptr + rows, s, mask=rows < M)
+            _store_rounded(q_ptr, stride_q, rows, M, sg, s, K, BLOCK)
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
 
 
@@ -968,10 +980,13 @@ RESIDUAL_GRAD_CHUNK = 32
 
 def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, delta_dtype: torch.dtype, rows: int | None = None,
-                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK) -> tuple[torch.Tensor, ...]:
+                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK,
+                       col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values, the norm weight's
     gradient summed in another order): one pass per row, ``rows`` rows at a time launched as :func:`norm_quant` at the
-    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program."""
+    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program. With
+    ``col_scale`` ``bitnet::residual_norm_grad_rows``: also delta's gradient's int8 rows (16-byte aligned) and their
+    scales (int8_linear.residual_norm_grad_rows_reference)."""
     m, k = h.shape
     grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
     r, w = norm_quant_launch(k)
@@ -981,13 +996,19 @@ def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: tor
     programs = triton.cdiv(m, r * chunk)
     partial = torch.empty((programs, k), dtype=torch.float32, device=h.device)
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))  # torch's mean factor, as in _launch_norm_quant
+    with_rows = col_scale is not None
+    q = int8_rows(m, k, h.device) if with_rows else gd  # gd stands in for the pointers a launch without ROWS ignores
+    s = torch.empty((m,), dtype=torch.float32, device=h.device) if with_rows else gd
     _residual_norm_grad_kernel[(programs,)](
-        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, partial, m,
-        0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0), inv_k,
-        K=k, BLOCK=triton.next_power_of_2(k), R=r, CHUNK=chunk, HAS_GH=grad_h is not None, Y_DTYPE=_DTYPES[h.dtype],
-        Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16, GD_BF16=delta_dtype == torch.bfloat16,
-        num_warps=w, enable_fp_fusion=False)
-    return gx, gd, partial.sum(0).to(weight.dtype)
+        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, partial,
+        col_scale.float().contiguous() if with_rows else gd, q, s, m,
+        0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0),
+        q.stride(0), inv_k, K=k, BLOCK=triton.next_power_of_2(k), R=r, CHUNK=chunk, HAS_GH=grad_h is not None,
+        Y_DTYPE=_DTYPES[h.dtype], Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16,
+        GD_BF16=delta_dtype == torch.bfloat16, ROWS=with_rows, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w,
+        enable_fp_fusion=False)
+    grads = gx, gd, partial.sum(0).to(weight.dtype)
+    return (*grads, q, s) if with_rows else grads
 
 
 @triton.jit
