@@ -1300,6 +1300,9 @@ def test_gated_mlp_setting(monkeypatch):
     monkeypatch.delenv("BITNET_INT8_GATED_GRAD")
     L.enable(wide, True, cache=True)
     assert not wide.model.layers[0].mlp.int8_fused.gated_mlp  # 1.3b's width: slower than the unfused path
+    monkeypatch.setenv("BITNET_INT8_GATED_WIDE", "1")  # the wide kernel's opt-in
+    L.enable(wide, True, cache=True)
+    assert wide.model.layers[0].mlp.int8_fused.gated_mlp
     assert [L.gated_grad_columns(f, torch.bfloat16) for f in (4096, 5460, 100)] == [4096, 5464, 104]
     assert L.gated_grad_columns(5460, torch.float32) == 5460
 
@@ -1326,8 +1329,10 @@ for seed, m, f, dtype, y_dtype in json.loads(sys.argv[1]):
     args = (*_gated_grad_inputs(seed, m, f, getattr(torch, dtype)), getattr(torch, y_dtype))
     ref = L.gated_norm_grad_reference(*args)
     fp = L.gated_grad_columns(f, args[0].dtype)
-    for rows in (None, 2, 4):  # the default launch, and a few rows a program with a ragged last block
-        got = T.gated_norm_grad(*args, rows=rows)
+    # the default launch, and a few rows a program with a ragged last block; the same with the wide kernel, its rows
+    # walked 16 columns at a time (a ragged last chunk)
+    for rows, wide in ((None, False), (2, False), (4, False), (None, True), (3, True)):
+        got = T.gated_norm_grad(*args, rows=rows, wide=wide, columns=16)
         halves = [slice(0, f), slice(fp, fp + f)]
         out.append([all(torch.equal(got[0][:, h], ref[0][:, h]) for h in halves), torch.equal(got[1], ref[1]),
                     torch.equal(got[2], ref[2]), bool(torch.allclose(got[3], ref[3], rtol=1e-5, atol=0))])
@@ -1339,10 +1344,11 @@ def test_gated_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter(
     """The gated MLP's backward kernel (bitnet::gated_norm_grad) in Triton's CPU interpreter against its reference:
     gate's and up's gradient rows, their int8 rows and scales bit for bit, the norm weight's gradient (summed per
     program, then over programs) within fp32 rounding; ragged rows and widths (up's half then starts after a gap),
-    relu2 in fp32 (under autocast) or bf16, fp32 gradients."""
+    relu2 in fp32 (under autocast) or bf16, fp32 gradients; the one-pass kernel and the wide one
+    (``BITNET_INT8_GATED_WIDE``: each row walked in column chunks)."""
     pytest.importorskip("triton")
     cases = [[1, 5, 40, "bfloat16", "float32"], [2, 7, 20, "bfloat16", "bfloat16"], [3, 6, 48, "float32", "float32"]]
-    assert _interpret(_INTERPRETED_GATED_GRAD, cases) == [[True] * 4] * (3 * len(cases))
+    assert _interpret(_INTERPRETED_GATED_GRAD, cases) == [[True] * 4] * (5 * len(cases))
 
 
 def _residual_rows_models(monkeypatch, layers: int = 2):
@@ -1442,3 +1448,80 @@ def test_residual_rows_setting(monkeypatch):
     monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "yes")
     with pytest.raises(BitnetError, match="BITNET_INT8_RESIDUAL_ROWS"):
         L.enable(BitNetForCausalLM(cfg), True, cache=True)
+
+
+def test_wide_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(monkeypatch):
+    """$BITNET_INT8_GATED_WIDE=1 gives MLPs wider than GATED_MAX_WIDTH (here lowered to 64) and with rows not of whole
+    16-byte units (gate 100 wide: up's half of the gradient rows starts at column 104) the gated path: the same loss
+    and gradients bit for bit as without it, under bf16 autocast."""
+    monkeypatch.setattr(L, "GATED_MAX_WIDTH", 64)
+    cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=100, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    base = BitNetForCausalLM(cfg)
+    models = {}
+    for name, env in (("unfused", "0"), ("wide", "1")):
+        monkeypatch.setenv("BITNET_INT8_GATED_WIDE", env)
+        m = models[name] = BitNetForCausalLM(cfg)
+        m.load_state_dict(base.state_dict())
+        L.enable(m, True, cache=True)
+        L.refresh(m)
+        assert all(layer.mlp.int8_fused.gated_mlp == (env == "1") for layer in m.model.layers)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    (loss, grads), (loss_unfused, grads_unfused) = (_loss_and_grads(models[n], ids, True) for n in ("wide", "unfused"))
+    assert torch.equal(loss, loss_unfused)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_unfused[name]), name
+
+
+_PTXAS_SPILLS = """
+import json, re, subprocess, sys, tempfile, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bitnet_cli.train import int8_triton as T
+try:
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(90).path
+except Exception:  # a Triton without its CUDA tools: nothing to compile with
+    print(json.dumps("no ptxas"))
+    sys.exit(0)
+pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",
+            "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
+scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
+out = []
+for f in json.loads(sys.argv[1]):  # the wide kernel launched as the trainer does at gate width f
+    rows, warps = 32, 4
+    consts = {"F": f, "F_PAD": f + (-f % 8), "BC": T.GATED_WIDE_COLUMNS, "CHUNK": rows, "Y_DTYPE": tl.float32,
+              "Y_BF16": False, "D_BF16": True, "FLOOR": 1e-30}
+    sig = {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in consts}}
+    index = {n: (i,) for i, n in enumerate(sig)}
+    attrs = {index[n]: [["tt.divisibility", 16]] for n in sig if n.endswith("_ptr") or n.startswith("stride")}
+    src = ASTSource(fn=T._gated_norm_grad_wide_kernel, signature=sig,
+                    constexprs={index[n]: v for n, v in consts.items()}, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
+                         ).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True, text=True)
+    out.append([int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", r.stdout + r.stderr)])
+print(json.dumps(out))
+"""
+
+
+def test_wide_gated_kernel_compiles_for_hopper_without_spills():
+    """The wide gated backward (_gated_norm_grad_wide_kernel) at 1.3b's 5,460 and 700m's 4,096, compiled for sm_90 on
+    the CPU by Triton's ptxas: no register spills (the one-pass kernel spilled 292 bytes at 5,460, which is why it is
+    not used there)."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _PTXAS_SPILLS, json.dumps([5460, 4096])], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spills = json.loads(r.stdout.splitlines()[-1])
+    if spills == "no ptxas":
+        pytest.skip("Triton's ptxas is not available here")
+    assert spills == [[0, 0], [0, 0]]

@@ -771,6 +771,15 @@ def gated_grad_enabled() -> bool:
     return _switch("BITNET_INT8_GATED_GRAD")
 
 
+def gated_wide_enabled() -> bool:
+    """``$BITNET_INT8_GATED_WIDE`` (0 by default): whether :func:`enable` also gives MLPs with gate wider than
+    ``GATED_MAX_WIDTH`` or rows not of whole 16-byte units (1.3b's 5,460) :meth:`Int8Product.residual_mlp`, whose
+    backward then runs ``bitnet::gated_norm_grad``'s wide kernel (int8_triton._gated_norm_grad_wide_kernel: each row
+    walked in column chunks, three times, instead of held in registers, which spilled at 5,460). Opt-in until measured
+    on a GPU."""
+    return _switch("BITNET_INT8_GATED_WIDE", default="0")
+
+
 class _GatedProduct(torch.autograd.Function):
     """The MLP's stacked gate/up int8 product followed by its sub-norm of relu2 and down_proj's rounding: inputs as
     :class:`_Int8Linear`'s (x the dequantised input X~ with its int8 rows q and scales s_x, the stacked ternary weight
@@ -1057,7 +1066,8 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     return n
 
 
-# The widest gate (and up) of :meth:`Int8Product.residual_mlp`, whose backward kernel holds a row in registers: on an
+# The widest gate (and up) of :meth:`Int8Product.residual_mlp` by default, and of the backward kernel that holds a row in
+# registers (wider rows take the kernel that walks them in chunks, $BITNET_INT8_GATED_WIDE): on an
 # H200 (benchmarks/RESULTS.md, session 20) it took 0.52 ms a call at 700m's 4,096 against 0.78 for what it replaces,
 # but 2.47 against 1.21 at 1.3b's 5,460 (8,192 lanes a row, whose registers spill, and rows not 16-byte aligned).
 GATED_MAX_WIDTH = 4096
@@ -1066,12 +1076,14 @@ GATED_MAX_WIDTH = 4096
 def _gated_mlp(owner: nn.Module, projs: list[nn.Module]) -> bool:
     """Whether ``owner`` is an MLP that :meth:`Int8Product.residual_mlp` computes: relu2 (not SiLU) with a sub-norm
     before down_proj, gate and up stacked in this order, each at most ``GATED_MAX_WIDTH`` wide with rows of whole
-    16-byte units, no biases, down_proj a plain BitLinear with a cached product."""
+    16-byte units (any width with :func:`gated_wide_enabled`), no biases, down_proj a plain BitLinear with a cached
+    product."""
     from bitnet_cli.model import BitLinear
 
     down, f = getattr(owner, "down_proj", None), projs[0].out_features
     return (getattr(owner, "silu", True) is False and hasattr(owner, "ffn_sub_norm") and isinstance(down, BitLinear)
-            and [p.out_features for p in projs] == [f] * 2 and f <= GATED_MAX_WIDTH and f % 8 == 0
+            and [p.out_features for p in projs] == [f] * 2
+            and (f <= GATED_MAX_WIDTH and f % 8 == 0 or gated_wide_enabled())
             and tuple(owner.shared_input) == ("gate_proj", "up_proj") and down.scale_op is None
             and down.rms_norm is None and down.int8.cache and all(p.bias is None for p in (*projs, down)))
 
@@ -1142,7 +1154,7 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 
 
 __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "gated_grad_columns",
-           "gated_grad_enabled", "gated_norm_grad_reference", "grad_weight", "int8_grad_weight_reference",
+           "gated_grad_enabled", "gated_norm_grad_reference", "gated_wide_enabled", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
            "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_grad_rows_reference",

@@ -1078,6 +1078,90 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
     tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
 
 
+@triton.jit
+def _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F: tl.constexpr, Y_DTYPE: tl.constexpr,
+                      Y_BF16: tl.constexpr):
+    """One column chunk of a row for :func:`_gated_norm_grad_wide_kernel`: relu2's fp32 ``relu``, ``rr = relu^2`` and
+    ``y = rr * up`` (each rounded as _gated_norm_grad_kernel rounds them), up, the norm-output gradient and
+    ``dh = gn * weight`` (zeros past F or M)."""
+    mask = (cols < F) & (row < M)
+    g = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * stride_y + F + cols, mask=mask, other=0.0).to(tl.float32)
+    gn = tl.load(gn_ptr + row * stride_gn + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < F, other=0.0).to(tl.float32)
+    relu = tl.maximum(g, 0.0)
+    rr = _round_to(relu * relu, Y_DTYPE, Y_BF16)
+    y = _round_to(rr * u, Y_DTYPE, Y_BF16)
+    return relu, rr, y, u, gn, _round_to(gn * w, Y_DTYPE, Y_BF16)
+
+
+@triton.jit
+def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_ptr, s_ptr, wp_ptr, M, stride_y,
+                                 stride_gn, stride_d, stride_q, inv_k, F: tl.constexpr, F_PAD: tl.constexpr,
+                                 BC: tl.constexpr, CHUNK: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                                 D_BF16: tl.constexpr, FLOOR: tl.constexpr):
+    """:func:`_gated_norm_grad_kernel`'s arithmetic for rows too wide to hold in registers (1.3b's 5,460-wide halves:
+    10,920 lanes spilled there), each row walked in chunks of BC columns three times: the sum of ``dh * y`` (the
+    norm's mean), then the gradients (stored, and the norm weight's partial sum kept in the program's row of ``wp``,
+    zeroed first) with the row's absmax of their scaled values, then the int8 rows from the gradients just stored
+    (read back, from L2, as stored: the values the rounding of the one-pass kernel reads from registers). A barrier
+    between the second and third walks makes the stores of the program's other threads visible."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BC)
+    for c0 in range(0, F, BC):
+        tl.store(wp_ptr + pid * F + c0 + c, tl.zeros([BC], tl.float32), mask=c0 + c < F)
+    first = pid.to(tl.int64) * CHUNK
+    for i in range(CHUNK):
+        row = first + i
+        inside = row < M
+        r = tl.load(rstd_ptr + row, mask=inside, other=0.0)
+        acc = tl.zeros([BC], tl.float32)
+        for c0 in range(0, F, BC):
+            relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, c0 + c, F,
+                                                       Y_DTYPE, Y_BF16)
+            acc += dh * y
+        if INTERPRETED:  # torch's CPU mean divides by F; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
+            mean = tl.sum(acc, 0) / F
+        else:
+            mean = tl.sum(acc, 0) * inv_k
+        amax = tl.zeros([BC], tl.float32)
+        for c0 in range(0, F, BC):
+            cols = c0 + c
+            mask = (cols < F) & inside
+            relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F,
+                                                       Y_DTYPE, Y_BF16)
+            wp = wp_ptr + pid * F + cols
+            tl.store(wp, tl.load(wp, mask=cols < F, other=0.0) + gn * _round_to(y * r, Y_DTYPE, Y_BF16), mask=cols < F)
+            dy = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
+            du = _round_to(dy * rr, d_ptr.dtype.element_ty, D_BF16)
+            dg = _round_to(dy * u * 2.0 * relu, d_ptr.dtype.element_ty, D_BF16)
+            tl.store(d_ptr + row * stride_d + cols, dg.to(d_ptr.dtype.element_ty), mask=mask)
+            tl.store(d_ptr + row * stride_d + F_PAD + cols, du.to(d_ptr.dtype.element_ty), mask=mask)
+            col_g = tl.load(col_ptr + cols, mask=cols < F, other=0.0)
+            col_u = tl.load(col_ptr + F + cols, mask=cols < F, other=0.0)
+            amax = tl.maximum(amax, tl.maximum(tl.abs(dg * col_g), tl.abs(du * col_u)))
+        # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then times 127)
+        amax = tl.max(amax, 0)
+        s = tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+        tl.store(s_ptr + row, s, mask=inside)
+        tl.debug_barrier()
+        for c0 in range(0, F, BC):
+            cols = c0 + c
+            mask = (cols < F) & inside
+            dg = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+            du = tl.load(d_ptr + row * stride_d + F_PAD + cols, mask=mask, other=0.0).to(tl.float32)
+            qg = tl.minimum(tl.maximum(_rint(dg * tl.load(col_ptr + cols, mask=cols < F, other=0.0) * s), -128.0), 127.0)
+            qu = tl.minimum(tl.maximum(_rint(du * tl.load(col_ptr + F + cols, mask=cols < F, other=0.0) * s), -128.0),
+                            127.0)
+            tl.store(q_ptr + row * stride_q + cols, qg.to(tl.int8), mask=mask)
+            tl.store(q_ptr + row * stride_q + F + cols, qu.to(tl.int8), mask=mask)
+
+
+# The column chunk of gated_norm_grad's wide kernel (_gated_norm_grad_wide_kernel): 1.3b's 5,460-wide halves in six;
+# not measured on a GPU yet.
+GATED_WIDE_COLUMNS = 1024
+
+
 def gated_norm_grad_launch(f: int) -> tuple[int, int]:
     """(rows per program, warps) of :func:`gated_norm_grad` for halves of width ``f``: ``$BITNET_GNG`` as "R,W"
     overrides (measurements), else 32 rows a program (each program's norm-weight partial sum is one row of
@@ -1092,16 +1176,20 @@ def gated_norm_grad_launch(f: int) -> tuple[int, int]:
 
 def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                     col_scale: torch.Tensor, y_dtype: torch.dtype, rows: int | None = None,
-                    warps: int | None = None) -> tuple[torch.Tensor, ...]:
+                    warps: int | None = None, wide: bool | None = None,
+                    columns: int = GATED_WIDE_COLUMNS) -> tuple[torch.Tensor, ...]:
     """``bitnet::gated_norm_grad`` on CUDA (int8_linear.gated_norm_grad_reference's values, the norm weight's
     gradient summed in another order): one pass over each row; ``rows``/``warps``: the launch instead of
-    :func:`gated_norm_grad_launch`'s."""
-    from bitnet_cli.train.int8_linear import gated_grad_columns
+    :func:`gated_norm_grad_launch`'s. ``wide`` (default: halves wider than int8_linear.GATED_MAX_WIDTH): the kernel
+    that walks each row in chunks of ``columns`` (:func:`_gated_norm_grad_wide_kernel`; 32 rows a program on 4 warps
+    unless ``rows``/``warps``/``$BITNET_GNG`` say) instead of holding it in registers."""
+    from bitnet_cli.train.int8_linear import GATED_MAX_WIDTH, gated_grad_columns
 
     m, n = y.shape
     f, f_pad = n // 2, gated_grad_columns(n // 2, y.dtype)
     y, grad_n = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, grad_n))
-    r, w = gated_norm_grad_launch(f)
+    wide = f > GATED_MAX_WIDTH if wide is None else wide
+    r, w = (_launch_override("BITNET_GNG", rows_power_of_two=False) or (32, 4)) if wide else gated_norm_grad_launch(f)
     r, w = rows or r, warps or w
     d = torch.empty((m, 2 * f_pad), dtype=y.dtype, device=y.device)
     q = int8_rows(m, n, y.device)
@@ -1109,9 +1197,11 @@ def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, w
     programs = triton.cdiv(m, r)
     partial = torch.empty((programs, f), dtype=torch.float32, device=y.device)
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * f))  # torch's mean factor, as in _launch_norm_quant
-    _gated_norm_grad_kernel[(programs,)](
+    kernel, width = ((_gated_norm_grad_wide_kernel, {"BC": columns}) if wide
+                     else (_gated_norm_grad_kernel, {"BLOCK": triton.next_power_of_2(f)}))
+    kernel[(programs,)](
         y, grad_n, rstd.contiguous(), weight.contiguous(), col_scale.float().contiguous(), d, q, s, partial, m,
-        y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad,
-        BLOCK=triton.next_power_of_2(f), CHUNK=r, Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16,
-        D_BF16=y.dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
+        y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad, **width, CHUNK=r,
+        Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16, D_BF16=y.dtype == torch.bfloat16,
+        FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
     return d, q, s, partial.sum(0).to(weight.dtype)
