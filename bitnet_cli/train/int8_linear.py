@@ -60,8 +60,10 @@ decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_N
 torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:`Int8Product.residual_mlp`): its
 gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
 and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
-``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant`. The products are one
-custom op,
+``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
+``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). Opt-in, o_proj's and down_proj's output gradients get the
+same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
+:class:`_ProductResidualNormQuant`). The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
