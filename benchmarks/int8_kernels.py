@@ -32,14 +32,16 @@
    then its launches at those models' sub-norm shapes, timed beside the compiled torch code (:func:`sweep_norm_quant`).
 7b. ``--residual-norm MODELS`` (alone): ``bitnet::residual_norm_quant`` against its reference on the GPU
    (:func:`check_residual_norm_quant`) and its backward kernel ``bitnet::residual_norm_grad`` against its reference
-   (:func:`check_residual_norm_grad`), a two-layer model's loss and gradients with and without them under bf16
-   autocast (:func:`check_residual_norm_autograd`), then the forward's launches at those models' hidden widths, timed
-   beside the compiled torch code it replaces, and the backward beside its compiled torch ops
-   (:func:`sweep_residual_norm_quant`).
+   (:func:`check_residual_norm_grad`; with delta's int8 rows too, ``bitnet::residual_norm_grad_rows``), a two-layer
+   model's loss and gradients with and without them under bf16 autocast (:func:`check_residual_norm_autograd`; also
+   with ``$BITNET_INT8_RESIDUAL_ROWS=1``), then the forward's launches at those models' hidden widths, timed beside the
+   compiled torch code it replaces, and the backward beside its compiled torch ops and, with the rows, beside itself
+   then ``quantize_grad_rows`` (:func:`sweep_residual_norm_quant`).
 7c. ``--gated MODELS`` (alone): ``bitnet::gated_norm_grad`` (the relu2 MLP's sub-norm backward with gate/up's
-   output-gradient rounding) against its reference on the GPU (:func:`check_gated_norm_grad`), a two-layer model's
-   loss and gradients with and without it under bf16 autocast (:func:`check_gated_autograd`), then its launches at
-   those models' gate/up widths, timed beside the compiled torch ops and ``quantize_grad_rows`` it replaces
+   output-gradient rounding; its one-pass kernel and the wide one, ``$BITNET_INT8_GATED_WIDE``) against its reference
+   on the GPU (:func:`check_gated_norm_grad`), a two-layer model's loss and gradients with and without it under bf16
+   autocast at 700m's and (wide) 1.3b's widths (:func:`check_gated_autograd`), then both kernels' launches at those
+   models' gate/up widths, timed beside the compiled torch ops and ``quantize_grad_rows`` it replaces
    (:func:`sweep_gated_norm_grad`).
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
@@ -377,11 +379,19 @@ def check_residual_norm_grad() -> list[dict]:
             gh, gn, h, w, rstd = _residual_grad_case(m, k, exact_sums, i)
             args = (gh if stream_grad else None, gn, h, w, rstd, torch.float32, torch.bfloat16)
             ref, got = L.residual_norm_grad_reference(*args), T.residual_norm_grad(*args)
+            # with delta's int8 rows (bitnet::residual_norm_grad_rows), the product's column scales as ternary_weight's
+            col = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(i), device="cpu") * 20 + 0.01).cuda()
+            ref_rows = L.residual_norm_grad_rows_reference(*args[:5], col, *args[5:])
+            got_rows = T.residual_norm_grad(*args, col_scale=col)
             row = {"M": m, "K": k, "exact_sums": exact_sums, "stream_grad": stream_grad,
                    "bit_exact": all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2], ref[:2])),
                    "gx_differ": float((got[0] != ref[0]).float().mean()),
                    "gx_rel": float((got[0] - ref[0]).norm() / ref[0].norm()),
-                   "grad_weight_rel": float((got[2] - ref[2]).norm() / ref[2].norm())}
+                   "grad_weight_rel": float((got[2] - ref[2]).norm() / ref[2].norm()),
+                   # the rows from the kernel's own delta gradient: exact wherever that gradient is
+                   "rows_bit_exact": all(torch.equal(a, b) for a, b in zip(got_rows[3:], ref_rows[3:])),
+                   "rows_of_own_grad_exact": all(torch.equal(a, b) for a, b in zip(
+                       got_rows[3:], L.quantize_grad_rows_reference([got_rows[1]], col)))}
             out.append(row)
             print(json.dumps(row), flush=True)
     return out
@@ -389,9 +399,10 @@ def check_residual_norm_grad() -> list[dict]:
 
 def check_residual_norm_autograd() -> list[dict]:
     """A two-layer model at 700m's widths under bf16 autocast (as the trainer runs it) with the residual norms fused
-    (residual_norm_quant; their backward in torch ops, and with $BITNET_INT8_RESIDUAL_GRAD=1 through
-    residual_norm_grad) and as torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient,
-    relative differences from the torch ops'."""
+    (residual_norm_quant; their backward in torch ops, with $BITNET_INT8_RESIDUAL_GRAD=1 through residual_norm_grad, and
+    with $BITNET_INT8_RESIDUAL_ROWS=1 o_proj's and down_proj's products inside them, residual_norm_grad_rows) and as
+    torch ops ($BITNET_INT8_RESIDUAL_NORM=0): the loss and each parameter group's gradient, relative differences from
+    the torch ops'."""
     import os
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
@@ -401,8 +412,10 @@ def check_residual_norm_autograd() -> list[dict]:
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (4, 1025), device="cuda")
     res = {}
-    for env, grad_env in (("1", "0"), ("1", "1"), ("0", "0")):
-        os.environ["BITNET_INT8_RESIDUAL_NORM"], os.environ["BITNET_INT8_RESIDUAL_GRAD"] = env, grad_env
+    switches = ("BITNET_INT8_RESIDUAL_NORM", "BITNET_INT8_RESIDUAL_GRAD", "BITNET_INT8_RESIDUAL_ROWS")
+    for envs in ("100", "110", "111", "000"):
+        os.environ.update(zip(switches, envs))
+        env = envs[:2] if envs != "111" else envs
         torch.manual_seed(0)
         model = BitNetForCausalLM(cfg).cuda()
         L.enable(model, True, cache=True)
@@ -411,11 +424,12 @@ def check_residual_norm_autograd() -> list[dict]:
             logits = model(ids[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
-        res[env + grad_env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-    os.environ.pop("BITNET_INT8_RESIDUAL_NORM")
-    os.environ.pop("BITNET_INT8_RESIDUAL_GRAD")
+        res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    for name in switches:
+        os.environ.pop(name)
     rows = []
-    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad")):
+    for key, name in (("10", "fused"), ("11", "fused, residual_norm_grad"),
+                      ("111", "fused, o_proj/down_proj inside, residual_norm_grad_rows")):
         row = {"variant": name, "loss": res[key][0], "loss_torch": res["00"][0]}
         for part in ("embed_tokens", "layernorm", "self_attn", "mlp"):
             names = [n for n in res[key][1] if part in n]
@@ -467,6 +481,15 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         out.append({"model": name, "K": k, "backward": True, "rows": default[0], "warps": default[1],
                     "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
+        # residual_norm_grad_rows against residual_norm_grad and then the quantize_grad_rows pass it saves (o_proj's or
+        # down_proj's output gradient, bf16): the gain per residual norm whose delta a deferred product wrote
+        col = torch.rand(k, device="cuda") + 0.5
+        ms_rows = do_bench(lambda: T.residual_norm_grad(*args, col_scale=col), return_mode="median")
+        gd = T.residual_norm_grad(*args)[1]
+        ms_qgr = do_bench(lambda: T.quantize_grad_rows([gd], col), return_mode="median")
+        out.append({"model": name, "K": k, "backward": True, "with_rows": True, "ms": round(ms_rows, 4),
+                    "replaced_ms": round(ms + ms_qgr, 4), "quantize_grad_rows_ms": round(ms_qgr, 4)})
+        print(json.dumps(out[-1]), flush=True)
     return out
 
 
@@ -502,31 +525,40 @@ def check_gated_norm_grad() -> list[dict]:
     for i, (m, f) in enumerate(GATED_CASES):
         for exact_sums in (True, False):
             args = _gated_case(m, f, exact_sums, i)
-            ref, got = L.gated_norm_grad_reference(*args), T.gated_norm_grad(*args)
+            ref = L.gated_norm_grad_reference(*args)
             fp = L.gated_grad_columns(f, torch.bfloat16)
             halves = [slice(0, f), slice(fp, fp + f)]
-            row = {"M": m, "F": f, "exact_sums": exact_sums,
-                   "bit_exact": all(torch.equal(got[0][:, h], ref[0][:, h]) for h in halves)
-                   and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]),
-                   "q_differ": float((got[1] != ref[1]).float().mean()),
-                   "grad_weight_rel": float((got[3] - ref[3]).norm() / ref[3].norm())}
-            out.append(row)
-            print(json.dumps(row), flush=True)
+            for wide in (False, True):  # the one-pass kernel and the wide one (column chunks, $BITNET_INT8_GATED_WIDE)
+                got = T.gated_norm_grad(*args, wide=wide)
+                row = {"M": m, "F": f, "wide": wide, "exact_sums": exact_sums,
+                       "bit_exact": all(torch.equal(got[0][:, h], ref[0][:, h]) for h in halves)
+                       and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]),
+                       "q_differ": float((got[1] != ref[1]).float().mean()),
+                       "grad_weight_rel": float((got[3] - ref[3]).norm() / ref[3].norm())}
+                out.append(row)
+                print(json.dumps(row), flush=True)
     return out
 
 
 def check_gated_autograd() -> list[dict]:
     """A two-layer model at 700m's widths under bf16 autocast with the gated MLP's backward in one kernel
     ($BITNET_INT8_GATED_GRAD=1, Int8Product.residual_mlp) and without it (0): the loss and each parameter group's
-    gradient, relative differences from the latter's (zero but for the order of the norm weight's sum)."""
+    gradient, relative differences from the latter's (zero but for the order of the norm weight's sum); then the same
+    at 1.3b's widths with the wide kernel ($BITNET_INT8_GATED_WIDE=1)."""
+    return [_gated_autograd(1536, 4096, "0"), _gated_autograd(2048, 5460, "1")]
+
+
+def _gated_autograd(hidden: int, intermediate: int, wide: str) -> dict:
+    """:func:`check_gated_autograd` at one model width, ``wide`` the value of $BITNET_INT8_GATED_WIDE."""
     import os
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
 
-    cfg = BitNetConfig(vocab_size=4096, hidden_size=1536, intermediate_size=4096, num_hidden_layers=2,
+    cfg = BitNetConfig(vocab_size=4096, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                        num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
     ids = torch.randint(0, 4096, (4, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     res = {}
+    os.environ["BITNET_INT8_GATED_WIDE"] = wide
     for env in ("1", "0"):
         os.environ["BITNET_INT8_GATED_GRAD"] = env
         torch.manual_seed(0)
@@ -540,20 +572,21 @@ def check_gated_autograd() -> list[dict]:
         loss.backward()
         res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
     os.environ.pop("BITNET_INT8_GATED_GRAD")
-    row = {"loss": res["1"][0], "loss_unfused": res["0"][0]}
+    os.environ.pop("BITNET_INT8_GATED_WIDE")
+    row = {"intermediate": intermediate, "wide": wide, "loss": res["1"][0], "loss_unfused": res["0"][0]}
     for part in ("embed_tokens", "layernorm", "self_attn", "mlp.gate", "mlp.up", "mlp.down", "ffn_sub_norm"):
         names = [n for n in res["1"][1] if part in n]
         a = torch.cat([res["1"][1][n].flatten() for n in names])
         b = torch.cat([res["0"][1][n].flatten() for n in names])
         row[f"grad_{part}"] = float((a - b).norm() / b.norm())
     print(json.dumps(row), flush=True)
-    return [row]
+    return row
 
 
 def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
-    """``gated_norm_grad``'s launches (rows per program, warps) at the models' gate/up widths, each checked against the
-    default launch's bits, beside what it replaces: the compiled torch ops of _NormQuant's backward with a gate and
-    then ``quantize_grad_rows`` of its two outputs."""
+    """``gated_norm_grad``'s launches (rows per program, warps; the one-pass kernel's and the wide one's) at the models'
+    gate/up widths, each checked against its kernel's default launch's bits, beside what it replaces: the compiled
+    torch ops of _NormQuant's backward with a gate and then ``quantize_grad_rows`` of its two outputs."""
     from triton.testing import do_bench
 
     from bitnet_cli.train import int8_triton as T
@@ -567,12 +600,17 @@ def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
         grad_up, grad_gate = L._relu2_backward(dy, gate, up, y_dtype)
         return grad_gate, grad_up, grad_w
 
+    def same(got, ref, f):  # d's two halves (not the gap between them, which neither writes), q and s
+        fp = L.gated_grad_columns(f, got[0].dtype)
+        return (all(torch.equal(got[0][:, h], ref[0][:, h]) for h in (slice(0, f), slice(fp, fp + f)))
+                and torch.equal(got[1], ref[1]) and torch.equal(got[2], ref[2]))
+
     compiled = torch.compile(replaced, dynamic=False)
     out = []
     for name in models:
         f = SHAPES[name][1][2][1] // 2
         args = _gated_case(m, f, False, f)
-        ref = T.gated_norm_grad(*args)
+        ref, ref_wide = T.gated_norm_grad(*args, wide=False), T.gated_norm_grad(*args, wide=True)
         ms_torch = do_bench(lambda: compiled(*args), return_mode="median")
         gate, up, _ = compiled(*args)
         ms_rows = do_bench(lambda: T.quantize_grad_rows([gate, up], args[4]), return_mode="median")
@@ -581,10 +619,21 @@ def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
         print(json.dumps(out[-1]), flush=True)
         default = T.gated_norm_grad_launch(f)
         for r, wp in sorted({default, (16, 8), (32, 8), (64, 8), (32, 16), (32, 4)}):
-            got = T.gated_norm_grad(*args, rows=r, warps=wp)
-            ms = do_bench(lambda: T.gated_norm_grad(*args, rows=r, warps=wp), return_mode="median")
+            got = T.gated_norm_grad(*args, rows=r, warps=wp, wide=False)
+            ms = do_bench(lambda: T.gated_norm_grad(*args, rows=r, warps=wp, wide=False), return_mode="median")
             out.append({"model": name, "F": f, "rows": r, "warps": wp, "default": (r, wp) == default, "ms": round(ms, 4),
-                        "bit_exact": all(torch.equal(a, b) for a, b in zip(got[:3], ref[:3]))})
+                        "bit_exact": same(got, ref, f)})
+            print(json.dumps(out[-1]), flush=True)
+        # the wide kernel (each row walked in column chunks, $BITNET_INT8_GATED_WIDE): launches and chunk widths, each
+        # against its default's bits (other chunk widths sum a row's mean in another order: the last bit may differ)
+        for r, wp, cols in sorted({(32, 4, T.GATED_WIDE_COLUMNS), (32, 8, 2048), (16, 4, 1024), (64, 4, 1024),
+                                   (32, 4, 512), (32, 2, 512)}):
+            got = T.gated_norm_grad(*args, rows=r, warps=wp, wide=True, columns=cols)
+            ms = do_bench(lambda: T.gated_norm_grad(*args, rows=r, warps=wp, wide=True, columns=cols),
+                          return_mode="median")
+            out.append({"model": name, "F": f, "wide": True, "rows": r, "warps": wp, "columns": cols,
+                        "default": (r, wp, cols) == (32, 4, T.GATED_WIDE_COLUMNS), "ms": round(ms, 4),
+                        "bit_exact": same(got, ref_wide, f)})
             print(json.dumps(out[-1]), flush=True)
     return out
 
@@ -1110,7 +1159,9 @@ def main():
         write_json(args.out, result)
         checks = result["residual_norm_quant"]
         exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
-        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) else 1)
+        rows = all(r["rows_of_own_grad_exact"] and (r["rows_bit_exact"] or not r["exact_sums"])
+                   for r in result["residual_norm_grad"])
+        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) and rows else 1)
     if args.gated:
         result = {"gpu": torch.cuda.get_device_name(), "gated_norm_grad": check_gated_norm_grad(),
                   "gated_autograd": check_gated_autograd()}

@@ -309,8 +309,15 @@ def _residual_norm_project(owner: nn.Module, norm: nn.Module, x: torch.Tensor,
             return x, product(x, *projs, norm=norm)
         *outs, h = product(x, *projs, norm=norm, residual=delta)
         return h, outs
-    h = x if delta is None else x + delta
+    h = x if delta is None else x + _residual_output(delta)
     return h, _project_shared(owner, norm(h))
+
+
+def _residual_output(delta):
+    """A block's output for the residual stream: ``delta`` itself, or where the int8 path deferred the product that
+    forms it (bitnet_cli.train.int8_linear.RoundedInput, a tuple: the residual norm after it takes the product in its
+    own kernel, ``$BITNET_INT8_RESIDUAL_ROWS``) that product, taken here because this consumer does not."""
+    return delta.output() if isinstance(delta, tuple) else delta
 
 
 def _residual_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -446,6 +453,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     shared_input = ("q_proj", "k_proj", "v_proj")  # projections of one input (_project_shared)
+    residual_output = "o_proj"  # the projection whose output the residual stream adds (_residual_output)
 
     def __init__(self, config: BitNetConfig):
         super().__init__()
@@ -482,6 +490,7 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     shared_input = ("gate_proj", "up_proj")  # projections of one input (_project_shared)
+    residual_output = "down_proj"  # the projection whose output the residual stream adds (_residual_output)
 
     def __init__(self, config: BitNetConfig):
         super().__init__()
@@ -559,7 +568,7 @@ class BitNetForCausalLM(nn.Module):
         delta = None
         for layer in self.model.layers:
             x, delta = layer(x, cos, sin, delta)
-        return self.lm_head(self.model.norm(x if delta is None else x + delta))
+        return self.lm_head(self.model.norm(x if delta is None else x + _residual_output(delta)))
 
     # ------------------------------------------------------------------ HF checkpoints
 

@@ -60,8 +60,10 @@ decoder layers leaving each add to the norm after it); ``$BITNET_INT8_RESIDUAL_N
 torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:`Int8Product.residual_mlp`): its
 gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
 and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
-``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant`. The products are one
-custom op,
+``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
+``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). Opt-in, o_proj's and down_proj's output gradients get the
+same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
+:class:`_ProductResidualNormQuant`). The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -69,6 +71,8 @@ a GPU by benchmarks/int8_kernels.py.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -551,6 +555,39 @@ def _(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
     return h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype), torch.empty_like(weight)
 
 
+def residual_norm_grad_rows_reference(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor,
+                                      weight: torch.Tensor, rstd: torch.Tensor, col_scale: torch.Tensor,
+                                      x_dtype: torch.dtype, delta_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What ``bitnet::residual_norm_grad_rows`` computes: :func:`residual_norm_grad_reference`'s three gradients, then
+    the rounding of delta's (the output gradient of the product that wrote delta, whose column scales are
+    ``col_scale``) that the product's grad_input reads: :func:`quantize_grad_rows_reference` of it as one part, the
+    int8 rows 16-byte aligned (:func:`pad_rows`)."""
+    grad_x, grad_delta, grad_w = residual_norm_grad_reference(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype)
+    gq, s_g = quantize_grad_rows_reference([grad_delta], col_scale)
+    return grad_x, grad_delta, grad_w, pad_rows(gq), s_g
+
+
+_LIB.define("residual_norm_grad_rows(Tensor? grad_h, Tensor grad_n, Tensor h, Tensor weight, Tensor rstd, "
+            "Tensor col_scale, ScalarType x_dtype, ScalarType delta_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+def _residual_norm_grad_rows_cuda(grad_h, grad_n, h, weight, rstd, col_scale, x_dtype, delta_dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.residual_norm_grad(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype, col_scale=col_scale)
+
+
+_LIB.impl("residual_norm_grad_rows", _residual_norm_grad_rows_cuda, "CUDA")
+_LIB.impl("residual_norm_grad_rows", residual_norm_grad_rows_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::residual_norm_grad_rows", lib=_LIB)
+def _(grad_h, grad_n, h, weight, rstd, col_scale, x_dtype, delta_dtype):
+    m, k = h.shape
+    return (h.new_empty(h.shape, dtype=x_dtype), h.new_empty(h.shape, dtype=delta_dtype), torch.empty_like(weight),
+            int8_rows(m, k, h.device), h.new_empty((m,), dtype=torch.float32))
+
+
 def residual_norm_grad_kernel() -> bool:
     """``$BITNET_INT8_RESIDUAL_GRAD`` (0 by default): whether :class:`_ResidualNormQuant`'s backward forms x's and
     delta's gradients with ``bitnet::residual_norm_grad`` (a Triton pass per row on CUDA that writes both, the stream's
@@ -594,6 +631,80 @@ class _ResidualNormQuant(torch.autograd.Function):
             grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
             grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n)
         return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
+
+
+def residual_rows_enabled() -> bool:
+    """``$BITNET_INT8_RESIDUAL_ROWS`` (0 by default): whether :func:`enable` lets o_proj's and down_proj's products
+    (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input (:class:`RoundedInput`) instead
+    of their output, so that one autograd function (:class:`_ProductResidualNormQuant`) owns the product and the norm
+    and its backward rounds the product's output gradient (the stream's) in the norm's backward kernel
+    (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own. Opt-in until
+    measured on a GPU."""
+    return _switch("BITNET_INT8_RESIDUAL_ROWS", default="0")
+
+
+class RoundedInput(NamedTuple):
+    """A single projection's product not yet taken: its input's int8 rows ``q`` [M, K], their scales ``s_x`` and X~
+    ``x_deq`` (as :class:`_NormQuant` gives them), the BitLinear ``proj`` (whose ``int8`` holds the cached ternary
+    weight), the product's compute ``dtype`` and the ``lead`` dimensions of its output. What a deferring product
+    (:attr:`Int8Product.defer`) returns in place of its output, for the residual norm after it to take the product
+    (:func:`residual_norm_quant_of`); :meth:`output` takes it where nothing does (the same numbers)."""
+    x_deq: torch.Tensor
+    q: torch.Tensor
+    s_x: torch.Tensor
+    proj: nn.Module
+    dtype: torch.dtype
+    lead: tuple
+
+    def output(self) -> torch.Tensor:
+        """The projection's output, as :func:`int8_linear` gives it."""
+        product = self.proj.int8
+        y = _Int8Linear.apply(self.x_deq, self.q, self.s_x, product.trits, product.trits_t, product.col_scale,
+                              self.dtype, True, False, self.proj.weight)
+        return y.reshape(*self.lead, y.shape[-1])
+
+
+class _ProductResidualNormQuant(torch.autograd.Function):
+    """A single projection's int8 product (``delta``, inputs as :class:`_Int8Linear`'s after x: its X~, int8 rows and
+    scales, the cached ternary weight, the compute dtype) followed by :class:`_ResidualNormQuant` of ``x + delta``
+    (then the norm's weight, eps and rounding dtype, and the projection's latent weight): the outputs are
+    _ResidualNormQuant's. One function owns both so that the norm's backward kernel, which forms delta's gradient one
+    row at a time, also rounds it for the product's grad_input (``bitnet::residual_norm_grad_rows``): the producer
+    and the consumer of those rows are the same backward, with no state handed between autograd nodes. The product's
+    backward is :class:`_Int8Linear`'s (int8 grad_input, bf16 grad_weight from X~)."""
+
+    @staticmethod
+    def forward(ctx, x, x_deq, q, s_x, trits, trits_t, col_scale, dtype, norm_weight, eps, out_dtype, proj_weight):
+        delta = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        h, q_n, s_n, x_deq_n, rstd = residual_norm_quant(x, delta, norm_weight, eps, out_dtype)
+        ctx.dtypes, ctx.w_dtype = (x.dtype, delta.dtype), proj_weight.dtype
+        ctx.save_for_backward(h, norm_weight, rstd, x_deq, trits_t, col_scale)
+        ctx.mark_non_differentiable(q_n, s_n, rstd)
+        return h, q_n, s_n, x_deq_n, rstd
+
+    @staticmethod
+    def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
+        h, norm_weight, rstd, x_deq, trits_t, col_scale = ctx.saved_tensors
+        grad_x, grad_delta, grad_norm_w, gq, s_g = torch.ops.bitnet.residual_norm_grad_rows.default(
+            grad_h, grad_n, h, norm_weight, rstd, col_scale, *ctx.dtypes)
+        grad_in = None
+        if ctx.needs_input_grad[1]:
+            grad_in = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtypes[1]).to(x_deq.dtype)
+        grad_proj_w = _grad_weight(grad_delta, x_deq, ctx.w_dtype) if ctx.needs_input_grad[11] else None
+        return (grad_x, grad_in, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[8] else None,
+                None, None, grad_proj_w)
+
+
+def residual_norm_quant_of(x: torch.Tensor, residual: torch.Tensor | RoundedInput, norm: nn.Module,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """:class:`_ResidualNormQuant` of ``x + residual`` for x [M, K]; where ``residual`` is a :class:`RoundedInput`,
+    with its product taken inside (:class:`_ProductResidualNormQuant`)."""
+    if isinstance(residual, RoundedInput):
+        product = residual.proj.int8
+        return _ProductResidualNormQuant.apply(x, residual.x_deq, residual.q, residual.s_x, product.trits,
+                                               product.trits_t, product.col_scale, residual.dtype, norm.weight,
+                                               norm.eps, dtype, residual.proj.weight)
+    return _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
 
 
 # ----------------------------------------------------------------------------- the gated MLP's backward
@@ -660,6 +771,15 @@ def gated_grad_enabled() -> bool:
     stacked product, its backward in torch ops and the rounding a pass of its own (``bitnet::quantize_grad_rows``;
     for measurements)."""
     return _switch("BITNET_INT8_GATED_GRAD")
+
+
+def gated_wide_enabled() -> bool:
+    """``$BITNET_INT8_GATED_WIDE`` (0 by default): whether :func:`enable` also gives MLPs with gate wider than
+    ``GATED_MAX_WIDTH`` or rows not of whole 16-byte units (1.3b's 5,460) :meth:`Int8Product.residual_mlp`, whose
+    backward then runs ``bitnet::gated_norm_grad``'s wide kernel (int8_triton._gated_norm_grad_wide_kernel: each row
+    walked in column chunks, three times, instead of held in registers, which spilled at 5,460). Opt-in until measured
+    on a GPU."""
+    return _switch("BITNET_INT8_GATED_WIDE", default="0")
 
 
 class _GatedProduct(torch.autograd.Function):
@@ -766,7 +886,7 @@ def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tenso
     x = x.reshape(-1, x.shape[-1])
     q = s_x = h = None
     if norm is not None and residual is not None:
-        h, q, s_x, x, _ = _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
+        h, q, s_x, x, _ = residual_norm_quant_of(x, residual, norm, dtype)
     elif norm is not None:
         gate = None if gate is None else gate.reshape(-1, gate.shape[-1])
         q, s_x, x, _ = _NormQuant.apply(x, gate, norm.weight, norm.eps, dtype, _norm_dtype(x, gate))
@@ -832,6 +952,8 @@ class Int8Product(nn.Module):
         # a stacked product's residual norm (model._residual_norm_project, residual_norm_quant)
         self.norm_quant = norm_quant
         self.gated_mlp = False  # whether the model runs this product through residual_mlp (set by enable)
+        # whether this product, after a sub-norm, returns its RoundedInput for the residual norm after it (enable)
+        self.defer = False
         self.rows = [p.out_features for p in projs]
         if cache:
             n, k, dev = sum(self.rows), projs[0].in_features, projs[0].weight.device
@@ -853,9 +975,19 @@ class Int8Product(nn.Module):
             if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
                 raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
                                   "after each optimiser step")
+            if self.defer and norm is not None and residual is None:
+                return [self._rounded_input(x, projs[0], norm, gate)]
             outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate,
                                self.int8_weight, residual)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)] + outs[len(projs):]
+
+    @staticmethod
+    def _rounded_input(x: torch.Tensor, proj: nn.Module, norm: nn.Module, gate: torch.Tensor | None) -> RoundedInput:
+        """``proj``'s product of ``norm(x)`` (or ``norm(relu2(gate, x))``) not yet taken: the norm and rounding only."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        flat, flat_gate = x.reshape(-1, x.shape[-1]), None if gate is None else gate.reshape(-1, gate.shape[-1])
+        q, s_x, x_deq, _ = _NormQuant.apply(flat, flat_gate, norm.weight, norm.eps, dtype, _norm_dtype(flat, flat_gate))
+        return RoundedInput(x_deq, q, s_x, proj, dtype, tuple(x.shape[:-1]))
 
     def residual_mlp(self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, gate_proj: nn.Module,
                      up_proj: nn.Module, sub_norm: nn.Module, down_proj: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -872,12 +1004,11 @@ class Int8Product(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        h, q, s_x, x_deq, _ = _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
+        h, q, s_x, x_deq, _ = residual_norm_quant_of(x, residual, norm, dtype)
         q2, s2, x_deq2 = _GatedProduct.apply(x_deq, q, s_x, self.trits, self.trits_t, self.col_scale, dtype,
                                              sub_norm.weight, sub_norm.eps, gate_proj.weight, up_proj.weight)
-        out = _Int8Linear.apply(x_deq2, q2, s2, down.trits, down.trits_t, down.col_scale, dtype, True, False,
-                                down_proj.weight)
-        return h.reshape(*lead, h.shape[-1]), out.reshape(*lead, out.shape[-1])
+        out = RoundedInput(x_deq2, q2, s2, down_proj, dtype, lead)
+        return h.reshape(*lead, h.shape[-1]), out if down.defer else out.output()
 
     @torch.no_grad()
     def refresh(self, *projs: nn.Module) -> None:
@@ -924,13 +1055,21 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
             m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
-    if rnq and nq and int8_grad and cache and not int8_weight and gated_grad_enabled():
-        for owner, projs in _shared_input_groups(model):
-            owner.int8_fused.gated_mlp = _gated_mlp(owner, projs)
+    if rnq and nq and int8_grad and cache and not int8_weight:
+        if gated_grad_enabled():
+            for owner, projs in _shared_input_groups(model):
+                owner.int8_fused.gated_mlp = _gated_mlp(owner, projs)
+        if residual_rows_enabled():
+            for m in model.modules():
+                proj = getattr(m, getattr(m, "residual_output", ""), None)
+                if (isinstance(proj, BitLinear) and proj.scale_op is None and proj.rms_norm is None
+                        and proj.bias is None):
+                    proj.int8.defer = True
     return n
 
 
-# The widest gate (and up) of :meth:`Int8Product.residual_mlp`, whose backward kernel holds a row in registers: on an
+# The widest gate (and up) of :meth:`Int8Product.residual_mlp` by default, and of the backward kernel that holds a row in
+# registers (wider rows take the kernel that walks them in chunks, $BITNET_INT8_GATED_WIDE): on an
 # H200 (benchmarks/RESULTS.md, session 20) it took 0.52 ms a call at 700m's 4,096 against 0.78 for what it replaces,
 # but 2.47 against 1.21 at 1.3b's 5,460 (8,192 lanes a row, whose registers spill, and rows not 16-byte aligned).
 GATED_MAX_WIDTH = 4096
@@ -939,12 +1078,14 @@ GATED_MAX_WIDTH = 4096
 def _gated_mlp(owner: nn.Module, projs: list[nn.Module]) -> bool:
     """Whether ``owner`` is an MLP that :meth:`Int8Product.residual_mlp` computes: relu2 (not SiLU) with a sub-norm
     before down_proj, gate and up stacked in this order, each at most ``GATED_MAX_WIDTH`` wide with rows of whole
-    16-byte units, no biases, down_proj a plain BitLinear with a cached product."""
+    16-byte units (any width with :func:`gated_wide_enabled`), no biases, down_proj a plain BitLinear with a cached
+    product."""
     from bitnet_cli.model import BitLinear
 
     down, f = getattr(owner, "down_proj", None), projs[0].out_features
     return (getattr(owner, "silu", True) is False and hasattr(owner, "ffn_sub_norm") and isinstance(down, BitLinear)
-            and [p.out_features for p in projs] == [f] * 2 and f <= GATED_MAX_WIDTH and f % 8 == 0
+            and [p.out_features for p in projs] == [f] * 2
+            and (f <= GATED_MAX_WIDTH and f % 8 == 0 or gated_wide_enabled())
             and tuple(owner.shared_input) == ("gate_proj", "up_proj") and down.scale_op is None
             and down.rms_norm is None and down.int8.cache and all(p.bias is None for p in (*projs, down)))
 
@@ -1015,10 +1156,11 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 
 
 __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "gated_grad_columns",
-           "gated_grad_enabled", "gated_norm_grad_reference", "grad_weight", "int8_grad_weight_reference",
+           "gated_grad_enabled", "gated_norm_grad_reference", "gated_wide_enabled", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
-           "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_quant_enabled",
+           "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_grad_rows_reference",
+           "residual_norm_quant_of", "residual_rows_enabled", "RoundedInput", "residual_norm_quant_enabled",
            "residual_norm_quant_reference",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

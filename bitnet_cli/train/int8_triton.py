@@ -926,17 +926,23 @@ def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, wa
 
 
 @triton.jit
-def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, M, stride_gh, stride_gn,
-                               stride_h, stride_gx, stride_gd, inv_k, K: tl.constexpr, BLOCK: tl.constexpr,
-                               R: tl.constexpr, CHUNK: tl.constexpr, HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr,
-                               Y_BF16: tl.constexpr, GX_BF16: tl.constexpr, GD_BF16: tl.constexpr):
+def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, col_ptr, q_ptr, s_ptr,
+                               M, stride_gh, stride_gn, stride_h, stride_gx, stride_gd, stride_q, inv_k,
+                               K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
+                               HAS_GH: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                               GX_BF16: tl.constexpr, GD_BF16: tl.constexpr, ROWS: tl.constexpr, FLOOR: tl.constexpr):
     """CHUNK blocks of R rows of :func:`int8_linear.residual_norm_grad_reference`, each row read once: the norm's
     backward (int8_linear._rms_norm_backward's steps in its order, each rounded to h's dtype Y_DTYPE where torch rounds
     it), plus the stream's own gradient, stored in x's and delta's dtypes, and the norm weight's gradient summed over
     the program's rows into its own row of ``wp``. The mean of ``dh * y`` and the weight's sum are the steps whose order
-    differs from torch's reductions (launched without fma contraction, as norm_quant)."""
+    differs from torch's reductions (launched without fma contraction, as norm_quant). With ``ROWS``
+    (:func:`int8_linear.residual_norm_grad_rows_reference`) delta's gradient is also rounded per token to int8 from the
+    same registers, with the column scales of the product that wrote delta (:func:`_quantize_grad_rows_kernel`'s
+    arithmetic): its rows into ``q``, their scales into ``s``."""
     c = tl.arange(0, BLOCK)
     w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+    if ROWS:
+        col = tl.load(col_ptr + c, mask=c < K, other=0.0)
     w_acc = tl.zeros([BLOCK], tl.float32)
     for i in range(CHUNK):
         rows = (tl.program_id(0).to(tl.int64) * CHUNK + i) * R + tl.arange(0, R)
@@ -958,6 +964,12 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
         gd = _round_to(grad, gd_ptr.dtype.element_ty, GD_BF16)
         tl.store(gx_ptr + rows[:, None] * stride_gx + c[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
         tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
+        if ROWS:
+            sg = gd * col[None, :]
+            # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then 127x)
+            s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(tl.max(tl.abs(sg), 1), FLOOR)) * 127.0
+            tl.store(s_ptr + rows, s, mask=rows < M)
+            _store_rounded(q_ptr, stride_q, rows, M, sg, s, K, BLOCK)
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
 
 
@@ -968,10 +980,13 @@ RESIDUAL_GRAD_CHUNK = 32
 
 def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, delta_dtype: torch.dtype, rows: int | None = None,
-                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK) -> tuple[torch.Tensor, ...]:
+                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK,
+                       col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values, the norm weight's
     gradient summed in another order): one pass per row, ``rows`` rows at a time launched as :func:`norm_quant` at the
-    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program."""
+    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program. With
+    ``col_scale`` ``bitnet::residual_norm_grad_rows``: also delta's gradient's int8 rows (16-byte aligned) and their
+    scales (int8_linear.residual_norm_grad_rows_reference)."""
     m, k = h.shape
     grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
     r, w = norm_quant_launch(k)
@@ -981,13 +996,19 @@ def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: tor
     programs = triton.cdiv(m, r * chunk)
     partial = torch.empty((programs, k), dtype=torch.float32, device=h.device)
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * k))  # torch's mean factor, as in _launch_norm_quant
+    with_rows = col_scale is not None
+    q = int8_rows(m, k, h.device) if with_rows else gd  # gd stands in for the pointers a launch without ROWS ignores
+    s = torch.empty((m,), dtype=torch.float32, device=h.device) if with_rows else gd
     _residual_norm_grad_kernel[(programs,)](
-        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, partial, m,
-        0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0), inv_k,
-        K=k, BLOCK=triton.next_power_of_2(k), R=r, CHUNK=chunk, HAS_GH=grad_h is not None, Y_DTYPE=_DTYPES[h.dtype],
-        Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16, GD_BF16=delta_dtype == torch.bfloat16,
-        num_warps=w, enable_fp_fusion=False)
-    return gx, gd, partial.sum(0).to(weight.dtype)
+        h if grad_h is None else grad_h, grad_n, h, weight.contiguous(), rstd.contiguous(), gx, gd, partial,
+        col_scale.float().contiguous() if with_rows else gd, q, s, m,
+        0 if grad_h is None else grad_h.stride(0), grad_n.stride(0), h.stride(0), gx.stride(0), gd.stride(0),
+        q.stride(0), inv_k, K=k, BLOCK=triton.next_power_of_2(k), R=r, CHUNK=chunk, HAS_GH=grad_h is not None,
+        Y_DTYPE=_DTYPES[h.dtype], Y_BF16=h.dtype == torch.bfloat16, GX_BF16=x_dtype == torch.bfloat16,
+        GD_BF16=delta_dtype == torch.bfloat16, ROWS=with_rows, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w,
+        enable_fp_fusion=False)
+    grads = gx, gd, partial.sum(0).to(weight.dtype)
+    return (*grads, q, s) if with_rows else grads
 
 
 @triton.jit
@@ -1057,6 +1078,90 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
     tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
 
 
+@triton.jit
+def _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F: tl.constexpr, Y_DTYPE: tl.constexpr,
+                      Y_BF16: tl.constexpr):
+    """One column chunk of a row for :func:`_gated_norm_grad_wide_kernel`: relu2's fp32 ``relu``, ``rr = relu^2`` and
+    ``y = rr * up`` (each rounded as _gated_norm_grad_kernel rounds them), up, the norm-output gradient and
+    ``dh = gn * weight`` (zeros past F or M)."""
+    mask = (cols < F) & (row < M)
+    g = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(y_ptr + row * stride_y + F + cols, mask=mask, other=0.0).to(tl.float32)
+    gn = tl.load(gn_ptr + row * stride_gn + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=cols < F, other=0.0).to(tl.float32)
+    relu = tl.maximum(g, 0.0)
+    rr = _round_to(relu * relu, Y_DTYPE, Y_BF16)
+    y = _round_to(rr * u, Y_DTYPE, Y_BF16)
+    return relu, rr, y, u, gn, _round_to(gn * w, Y_DTYPE, Y_BF16)
+
+
+@triton.jit
+def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_ptr, s_ptr, wp_ptr, M, stride_y,
+                                 stride_gn, stride_d, stride_q, inv_k, F: tl.constexpr, F_PAD: tl.constexpr,
+                                 BC: tl.constexpr, CHUNK: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
+                                 D_BF16: tl.constexpr, FLOOR: tl.constexpr):
+    """:func:`_gated_norm_grad_kernel`'s arithmetic for rows too wide to hold in registers (1.3b's 5,460-wide halves:
+    10,920 lanes spilled there), each row walked in chunks of BC columns three times: the sum of ``dh * y`` (the
+    norm's mean), then the gradients (stored, and the norm weight's partial sum kept in the program's row of ``wp``,
+    zeroed first) with the row's absmax of their scaled values, then the int8 rows from the gradients just stored
+    (read back, from L2, as stored: the values the rounding of the one-pass kernel reads from registers). A barrier
+    between the second and third walks makes the stores of the program's other threads visible."""
+    pid = tl.program_id(0)
+    c = tl.arange(0, BC)
+    for c0 in range(0, F, BC):
+        tl.store(wp_ptr + pid * F + c0 + c, tl.zeros([BC], tl.float32), mask=c0 + c < F)
+    first = pid.to(tl.int64) * CHUNK
+    for i in range(CHUNK):
+        row = first + i
+        inside = row < M
+        r = tl.load(rstd_ptr + row, mask=inside, other=0.0)
+        acc = tl.zeros([BC], tl.float32)
+        for c0 in range(0, F, BC):
+            relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, c0 + c, F,
+                                                       Y_DTYPE, Y_BF16)
+            acc += dh * y
+        if INTERPRETED:  # torch's CPU mean divides by F; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
+            mean = tl.sum(acc, 0) / F
+        else:
+            mean = tl.sum(acc, 0) * inv_k
+        amax = tl.zeros([BC], tl.float32)
+        for c0 in range(0, F, BC):
+            cols = c0 + c
+            mask = (cols < F) & inside
+            relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F,
+                                                       Y_DTYPE, Y_BF16)
+            wp = wp_ptr + pid * F + cols
+            tl.store(wp, tl.load(wp, mask=cols < F, other=0.0) + gn * _round_to(y * r, Y_DTYPE, Y_BF16), mask=cols < F)
+            dy = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
+            du = _round_to(dy * rr, d_ptr.dtype.element_ty, D_BF16)
+            dg = _round_to(dy * u * 2.0 * relu, d_ptr.dtype.element_ty, D_BF16)
+            tl.store(d_ptr + row * stride_d + cols, dg.to(d_ptr.dtype.element_ty), mask=mask)
+            tl.store(d_ptr + row * stride_d + F_PAD + cols, du.to(d_ptr.dtype.element_ty), mask=mask)
+            col_g = tl.load(col_ptr + cols, mask=cols < F, other=0.0)
+            col_u = tl.load(col_ptr + F + cols, mask=cols < F, other=0.0)
+            amax = tl.maximum(amax, tl.maximum(tl.abs(dg * col_g), tl.abs(du * col_u)))
+        # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then times 127)
+        amax = tl.max(amax, 0)
+        s = tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+        tl.store(s_ptr + row, s, mask=inside)
+        tl.debug_barrier()
+        for c0 in range(0, F, BC):
+            cols = c0 + c
+            mask = (cols < F) & inside
+            dg = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
+            du = tl.load(d_ptr + row * stride_d + F_PAD + cols, mask=mask, other=0.0).to(tl.float32)
+            qg = tl.minimum(tl.maximum(_rint(dg * tl.load(col_ptr + cols, mask=cols < F, other=0.0) * s), -128.0), 127.0)
+            qu = tl.minimum(tl.maximum(_rint(du * tl.load(col_ptr + F + cols, mask=cols < F, other=0.0) * s), -128.0),
+                            127.0)
+            tl.store(q_ptr + row * stride_q + cols, qg.to(tl.int8), mask=mask)
+            tl.store(q_ptr + row * stride_q + F + cols, qu.to(tl.int8), mask=mask)
+
+
+# The column chunk of gated_norm_grad's wide kernel (_gated_norm_grad_wide_kernel): 1.3b's 5,460-wide halves in six;
+# not measured on a GPU yet.
+GATED_WIDE_COLUMNS = 1024
+
+
 def gated_norm_grad_launch(f: int) -> tuple[int, int]:
     """(rows per program, warps) of :func:`gated_norm_grad` for halves of width ``f``: ``$BITNET_GNG`` as "R,W"
     overrides (measurements), else 32 rows a program (each program's norm-weight partial sum is one row of
@@ -1071,16 +1176,20 @@ def gated_norm_grad_launch(f: int) -> tuple[int, int]:
 
 def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
                     col_scale: torch.Tensor, y_dtype: torch.dtype, rows: int | None = None,
-                    warps: int | None = None) -> tuple[torch.Tensor, ...]:
+                    warps: int | None = None, wide: bool | None = None,
+                    columns: int = GATED_WIDE_COLUMNS) -> tuple[torch.Tensor, ...]:
     """``bitnet::gated_norm_grad`` on CUDA (int8_linear.gated_norm_grad_reference's values, the norm weight's
     gradient summed in another order): one pass over each row; ``rows``/``warps``: the launch instead of
-    :func:`gated_norm_grad_launch`'s."""
-    from bitnet_cli.train.int8_linear import gated_grad_columns
+    :func:`gated_norm_grad_launch`'s. ``wide`` (default: halves wider than int8_linear.GATED_MAX_WIDTH): the kernel
+    that walks each row in chunks of ``columns`` (:func:`_gated_norm_grad_wide_kernel`; 32 rows a program on 4 warps
+    unless ``rows``/``warps``/``$BITNET_GNG`` say) instead of holding it in registers."""
+    from bitnet_cli.train.int8_linear import GATED_MAX_WIDTH, gated_grad_columns
 
     m, n = y.shape
     f, f_pad = n // 2, gated_grad_columns(n // 2, y.dtype)
     y, grad_n = (t if t.stride(-1) == 1 else t.contiguous() for t in (y, grad_n))
-    r, w = gated_norm_grad_launch(f)
+    wide = f > GATED_MAX_WIDTH if wide is None else wide
+    r, w = (_launch_override("BITNET_GNG", rows_power_of_two=False) or (32, 4)) if wide else gated_norm_grad_launch(f)
     r, w = rows or r, warps or w
     d = torch.empty((m, 2 * f_pad), dtype=y.dtype, device=y.device)
     q = int8_rows(m, n, y.device)
@@ -1088,9 +1197,11 @@ def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, w
     programs = triton.cdiv(m, r)
     partial = torch.empty((programs, f), dtype=torch.float32, device=y.device)
     inv_k = float(np.float32(max(m, 1)) / np.float32(max(m, 1) * f))  # torch's mean factor, as in _launch_norm_quant
-    _gated_norm_grad_kernel[(programs,)](
+    kernel, width = ((_gated_norm_grad_wide_kernel, {"BC": columns}) if wide
+                     else (_gated_norm_grad_kernel, {"BLOCK": triton.next_power_of_2(f)}))
+    kernel[(programs,)](
         y, grad_n, rstd.contiguous(), weight.contiguous(), col_scale.float().contiguous(), d, q, s, partial, m,
-        y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad,
-        BLOCK=triton.next_power_of_2(f), CHUNK=r, Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16,
-        D_BF16=y.dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
+        y.stride(0), grad_n.stride(0), d.stride(0), q.stride(0), inv_k, F=f, F_PAD=f_pad, **width, CHUNK=r,
+        Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16, D_BF16=y.dtype == torch.bfloat16,
+        FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
     return d, q, s, partial.sum(0).to(weight.dtype)
