@@ -1113,6 +1113,18 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: str, passed) -> None:
+    """One op's checks (``checks``: result key -> function giving its rows), then its launch sweep over the
+    comma-separated ``models``; the results written after each stage; exits 0 when ``passed(result)``."""
+    result = {"gpu": torch.cuda.get_device_name()}
+    for key, check in checks.items():
+        result[key] = check()
+        write_json(path, result)
+    result[sweep_key] = sweep([m for m in models.split(",") if m])
+    write_json(path, result)
+    sys.exit(0 if passed(result) else 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="int8_kernels.json")
@@ -1138,37 +1150,27 @@ def main():
         sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
         return
     if args.grad_weight:
-        result = {"gpu": torch.cuda.get_device_name(), "grad_weight": check_grad_weight()}
-        write_json(args.out, result)
-        result["grad_weight_sweep"] = sweep_grad_weight([m for m in args.grad_weight.split(",") if m])
-        write_json(args.out, result)
-        sys.exit(0 if all(r["bit_exact"] for r in result["grad_weight"]) else 1)
+        checks_then_sweep(args.out, {"grad_weight": check_grad_weight}, "grad_weight_sweep", sweep_grad_weight,
+                          args.grad_weight, lambda r: all(x["bit_exact"] for x in r["grad_weight"]))
     if args.norm_quant:
-        result = {"gpu": torch.cuda.get_device_name(), "norm_quant": check_norm_quant(),
-                  "norm_quant_autograd": check_norm_quant_autograd()}
-        write_json(args.out, result)
-        result["norm_quant_sweep"] = sweep_norm_quant([m for m in args.norm_quant.split(",") if m])
-        write_json(args.out, result)
-        sys.exit(0 if all(r["bit_exact"] for r in result["norm_quant"] if r["exact_sums"]) else 1)
+        checks_then_sweep(args.out, {"norm_quant": check_norm_quant, "norm_quant_autograd": check_norm_quant_autograd},
+                          "norm_quant_sweep", sweep_norm_quant, args.norm_quant,
+                          lambda r: all(x["bit_exact"] for x in r["norm_quant"] if x["exact_sums"]))
     if args.residual_norm:
-        result = {"gpu": torch.cuda.get_device_name(), "residual_norm_quant": check_residual_norm_quant(),
-                  "residual_norm_grad": check_residual_norm_grad(),
-                  "residual_norm_autograd": check_residual_norm_autograd()}
-        write_json(args.out, result)
-        result["residual_norm_sweep"] = sweep_residual_norm_quant([m for m in args.residual_norm.split(",") if m])
-        write_json(args.out, result)
-        checks = result["residual_norm_quant"]
-        exact = [r for r in checks + result["residual_norm_grad"] if r["exact_sums"]]
-        rows = all(r["rows_of_own_grad_exact"] and (r["rows_bit_exact"] or not r["exact_sums"])
-                   for r in result["residual_norm_grad"])
-        sys.exit(0 if all(r["h_exact"] for r in checks) and all(r["bit_exact"] for r in exact) and rows else 1)
+        def residual_norm_passed(r: dict) -> bool:
+            checks, grads = r["residual_norm_quant"], r["residual_norm_grad"]
+            exact = [x for x in checks + grads if x["exact_sums"]]
+            rows = all(x["rows_of_own_grad_exact"] and (x["rows_bit_exact"] or not x["exact_sums"]) for x in grads)
+            return all(x["h_exact"] for x in checks) and all(x["bit_exact"] for x in exact) and rows
+
+        checks_then_sweep(args.out, {"residual_norm_quant": check_residual_norm_quant,
+                                     "residual_norm_grad": check_residual_norm_grad,
+                                     "residual_norm_autograd": check_residual_norm_autograd},
+                          "residual_norm_sweep", sweep_residual_norm_quant, args.residual_norm, residual_norm_passed)
     if args.gated:
-        result = {"gpu": torch.cuda.get_device_name(), "gated_norm_grad": check_gated_norm_grad(),
-                  "gated_autograd": check_gated_autograd()}
-        write_json(args.out, result)
-        result["gated_sweep"] = sweep_gated_norm_grad([m for m in args.gated.split(",") if m])
-        write_json(args.out, result)
-        sys.exit(0 if all(r["bit_exact"] for r in result["gated_norm_grad"] if r["exact_sums"]) else 1)
+        checks_then_sweep(args.out, {"gated_norm_grad": check_gated_norm_grad, "gated_autograd": check_gated_autograd},
+                          "gated_sweep", sweep_gated_norm_grad, args.gated,
+                          lambda r: all(x["bit_exact"] for x in r["gated_norm_grad"] if x["exact_sums"]))
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

@@ -1216,25 +1216,33 @@ def test_int8_grad_weight_setting_reaches_the_products(tmp_path):
     assert lin.int8.int8_weight
 
 
-def _gated_models(monkeypatch, int8_grad: bool = True, layers: int = 2):
-    """A tiny BitNet from one init on the int8 path with the MLP's gate/up product and sub-norm as one function
-    (Int8Product.residual_mlp, $BITNET_INT8_GATED_GRAD=1: "gated") and without ("0": _NormQuant after the product)."""
+def _tiny_int8_models(monkeypatch, switch: str, variants: dict[str, str], layers: int = 2,
+                      int8_grad: bool = True) -> dict[str, BitNetForCausalLM]:
+    """A tiny BitNet from one init on the int8 path, one model per value of the environment switch ``switch``
+    (``variants``: name -> value, the switch read as each model is built); norm weights away from 1, so that their
+    gradients and the norm's weighting count."""
     cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     base = BitNetForCausalLM(cfg)
-    with torch.no_grad():  # norm weights away from 1, so that their gradients and the norm's weighting count
+    with torch.no_grad():
         for name, p in base.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     models = {}
-    for name, env in (("unfused", "0"), ("gated", "1")):
-        monkeypatch.setenv("BITNET_INT8_GATED_GRAD", env)
+    for name, env in variants.items():
+        monkeypatch.setenv(switch, env)
         m = models[name] = BitNetForCausalLM(cfg)
         m.load_state_dict(base.state_dict())
         L.enable(m, int8_grad, cache=True)
         L.refresh(m)
     return models
+
+
+def _gated_models(monkeypatch, layers: int = 2):
+    """The MLP's gate/up product and sub-norm as one function (Int8Product.residual_mlp, $BITNET_INT8_GATED_GRAD=1:
+    "gated") and without ("unfused": _NormQuant after the product)."""
+    return _tiny_int8_models(monkeypatch, "BITNET_INT8_GATED_GRAD", {"unfused": "0", "gated": "1"}, layers)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -1253,10 +1261,16 @@ def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, mon
         assert torch.equal(g, grads_unfused[name]), name
 
 
-def test_gated_mlp_under_torch_compile(monkeypatch):
-    """torch.compile of the tiny model with the gated MLP (the ops' fake kernels give inductor their outputs, the
-    gradient rows' padded layout included): the eager model's loss and gradients."""
-    model = _gated_models(monkeypatch, layers=1)["gated"]
+@pytest.mark.parametrize("fused", ["gated", "residual_rows"])
+def test_fused_backwards_under_torch_compile(fused, monkeypatch):
+    """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD) or with o_proj's and down_proj's
+    products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers): the ops'
+    fake kernels give inductor their outputs (the gradient rows' padded layout included), and the compiled model gives
+    the eager model's loss and gradients."""
+    if fused == "gated":
+        model = _gated_models(monkeypatch, layers=1)["gated"]
+    else:
+        model = _residual_rows_models(monkeypatch, layers=2)["rows"]
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
@@ -1352,24 +1366,9 @@ def test_gated_norm_grad_triton_kernel_matches_its_reference_in_the_interpreter(
 
 
 def _residual_rows_models(monkeypatch, layers: int = 2):
-    """A tiny BitNet from one init on the int8 path with o_proj's and down_proj's products taken inside the residual
-    norm after them ($BITNET_INT8_RESIDUAL_ROWS=1: "rows") and without ("0"), the gated MLP on in both."""
-    cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    base = BitNetForCausalLM(cfg)
-    with torch.no_grad():  # norm weights away from 1, so that their gradients and the norm's weighting count
-        for name, p in base.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    models = {}
-    for name, env in (("off", "0"), ("rows", "1")):
-        monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", env)
-        m = models[name] = BitNetForCausalLM(cfg)
-        m.load_state_dict(base.state_dict())
-        L.enable(m, True, cache=True)
-        L.refresh(m)
-    return models
+    """o_proj's and down_proj's products taken inside the residual norm after them ($BITNET_INT8_RESIDUAL_ROWS=1:
+    "rows") and without ("off"); the gated MLP as the caller's environment sets it."""
+    return _tiny_int8_models(monkeypatch, "BITNET_INT8_RESIDUAL_ROWS", {"off": "0", "rows": "1"}, layers)
 
 
 @pytest.mark.parametrize("gated", ["0", "1"])
@@ -1404,21 +1403,6 @@ def test_residual_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, 
     for name, g in grads.items():
         assert torch.equal(g, grads_off[name]), name
     assert calls["off"] - calls["rows"] == 2 * layers - 1
-
-
-def test_residual_rows_under_torch_compile(monkeypatch):
-    """torch.compile of the tiny model with the products inside the residual norms (RoundedInput passed between the
-    layers, the op's fake kernel giving inductor its outputs): the eager model's loss and gradients."""
-    model = _residual_rows_models(monkeypatch, layers=2)["rows"]
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
-        loss, grads = _loss_and_grads(model, ids, False, torch.compile(model))
-    model.zero_grad(set_to_none=True)
-    eager_loss, eager_grads = _loss_and_grads(model, ids, autocast=False)
-    assert loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
-    for name, g in grads.items():
-        assert rel(g, eager_grads[name]) < 1e-4, name
 
 
 def test_residual_rows_setting(monkeypatch):
