@@ -39,6 +39,7 @@ of kernel (benchmarks/profile_step.py's kinds), the time the GPU sat idle, and t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -129,6 +130,12 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
                  "train.tokens=null", f"train.log_every={log_every}", "train.eval_every=100000",
                  "train.checkpoint_every=100000", "train.eval_batches=2", *extra]
     recipe = load_recipe(recipe_path, overrides)
+    import torch
+
+    if torch.cuda.is_available():  # each variant's own peak, not the largest of the runs before it in this process
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     traced: dict = {}
     undo = traced_steps(steps, traced) if profile else None
     saved = loop._Run.save, loop._Run.evaluate
@@ -146,8 +153,6 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
                 undo()
         wall = time.perf_counter() - t0
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    import torch
-
     windows = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] > steps // 2]
     tps = statistics.median(windows)
     config = model_config(recipe, recipe.data.tokenizer.vocab_size)
