@@ -296,6 +296,9 @@ def test_tma_tiles_offered_per_product(monkeypatch):
     monkeypatch.setenv("BITNET_INT8_WARP_SPEC", "0")
     assert kinds(True) == {(False, 2), (False, 1)}
     assert kinds(False) == {(False, 1)}
+    monkeypatch.setenv("BITNET_INT8_WARP_SPEC", "off")
+    with pytest.raises(BitnetError, match="BITNET_INT8_WARP_SPEC='off': expected 0 or 1"):
+        kinds(True)
 
 
 def test_int8_product_kernel_choice_from_the_environment(monkeypatch):
@@ -408,6 +411,9 @@ def test_aligned_grad_weight_gives_the_same_gradients(monkeypatch, int8_grad):
     g = torch.randn(64, 5460, dtype=torch.bfloat16)[:, 3:]  # unaligned start and row stride
     a = L.aligned_rows(g)
     assert torch.equal(a, g) and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0
+    monkeypatch.setenv("BITNET_INT8_ALIGN_GRAD_WEIGHT", "yes")
+    with pytest.raises(BitnetError, match="BITNET_INT8_ALIGN_GRAD_WEIGHT='yes': expected 0 or 1"):
+        L.align_grad_weight()
     xx = torch.randn(64, 24, dtype=torch.bfloat16)
     assert torch.equal(L.grad_weight(g, xx, torch.float32), (g.t() @ xx).float())
 

@@ -252,7 +252,7 @@ def align_grad_weight() -> bool:
     step took 1.189 s with it against 1.014 without (session 13: 1.241 with it and ``BITNET_INT8_REFRESH=triton``)."""
     import os
 
-    return os.environ.get("BITNET_INT8_ALIGN_GRAD_WEIGHT", "0") == "1"
+    return env_switch("BITNET_INT8_ALIGN_GRAD_WEIGHT", default="0")
 
 
 def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -439,8 +439,9 @@ def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
     return x.dtype if gate is None else relu2(gate[:0], x[:0]).dtype
 
 
-def _switch(variable: str, default: str = "1") -> bool:
-    """An on/off environment variable (measurements): 1 or 0, ``default`` where unset; anything else is an error."""
+def env_switch(variable: str, default: str = "1") -> bool:
+    """An on/off environment variable (measurements): 1 or 0, ``default`` where unset; anything else is an error.
+    Every ``BITNET_INT8_*`` on/off switch is read through it (int8_triton's too)."""
     import os
 
     env = os.environ.get(variable, default)
@@ -453,7 +454,7 @@ def norm_quant_enabled() -> bool:
     """``$BITNET_INT8_NORM_QUANT`` (1 by default): whether :func:`enable` gives BitLinears after a sub-norm the
     fused :func:`norm_quant` (0: the norm, relu2 and the rounding as torch ops, fused by torch.compile as it likes;
     for measurements)."""
-    return _switch("BITNET_INT8_NORM_QUANT")
+    return env_switch("BITNET_INT8_NORM_QUANT")
 
 
 def residual_norm_quant_enabled() -> bool:
@@ -462,7 +463,7 @@ def residual_norm_quant_enabled() -> bool:
     (:func:`residual_norm_quant`; :func:`norm_quant` for the first layer, which has no add before it). 0: the add,
     the norm and the rounding as torch ops, fused by torch.compile as it likes (for measurements). Independent of
     ``$BITNET_INT8_NORM_QUANT``."""
-    return _switch("BITNET_INT8_RESIDUAL_NORM")
+    return env_switch("BITNET_INT8_RESIDUAL_NORM")
 
 
 class _NormQuant(torch.autograd.Function):
@@ -596,7 +597,7 @@ def residual_norm_grad_kernel() -> bool:
     14, 6.6 ms a 700m step) in the unfused path. Opt-in: the 700m step took 0.5760 s with it against 0.5697 without
     (session 20), when the norm weight's gradient was a reduction kernel of its own (13.1 ms a step) that read the
     gradient and h again; the kernel now sums it from its own reads (not measured on a GPU yet)."""
-    return _switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
+    return env_switch("BITNET_INT8_RESIDUAL_GRAD", default="0")
 
 
 def _rms_norm_weight_grad(y: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
@@ -640,7 +641,7 @@ def residual_rows_enabled() -> bool:
     and its backward rounds the product's output gradient (the stream's) in the norm's backward kernel
     (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own. Opt-in until
     measured on a GPU."""
-    return _switch("BITNET_INT8_RESIDUAL_ROWS", default="0")
+    return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="0")
 
 
 class RoundedInput(NamedTuple):
@@ -770,7 +771,7 @@ def gated_grad_enabled() -> bool:
     backward and the rounding of gate/up's output gradient, each row read once). 0: a :class:`_NormQuant` after the
     stacked product, its backward in torch ops and the rounding a pass of its own (``bitnet::quantize_grad_rows``;
     for measurements)."""
-    return _switch("BITNET_INT8_GATED_GRAD")
+    return env_switch("BITNET_INT8_GATED_GRAD")
 
 
 def gated_wide_enabled() -> bool:
@@ -779,7 +780,7 @@ def gated_wide_enabled() -> bool:
     backward then runs ``bitnet::gated_norm_grad``'s wide kernel (int8_triton._gated_norm_grad_wide_kernel: each row
     walked in column chunks, three times, instead of held in registers, which spilled at 5,460). Opt-in until measured
     on a GPU."""
-    return _switch("BITNET_INT8_GATED_WIDE", default="0")
+    return env_switch("BITNET_INT8_GATED_WIDE", default="0")
 
 
 class _GatedProduct(torch.autograd.Function):

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.train.int8_linear import env_switch
 from bitnet_cli.model import on_own_thread, ternary_scale
 from bitnet_cli.train.int8_linear import GRAD_ABSMAX_FLOOR, int8_rows, pad_rows
 
@@ -157,7 +158,7 @@ _TMA_CONFIGS = [
 def warp_spec_enabled() -> bool:
     """Whether the TMA kernel's autotuning offers its warp-specialised tiles: unless ``$BITNET_INT8_WARP_SPEC=0``
     (measurements; read when a product shape is first tuned, so once per process)."""
-    return os.environ.get("BITNET_INT8_WARP_SPEC", "1") != "0"
+    return env_switch("BITNET_INT8_WARP_SPEC")
 
 
 def _tma_tiles(configs: list, named_args: dict, **constexprs) -> list:
@@ -224,7 +225,7 @@ def _int8_mm_tma_kernel(a_ptr, b_ptr, c_ptr, row_mul_ptr, col_mul_ptr, M, N, K, 
 def tma_store(n: int, out_dtype: torch.dtype) -> bool:
     """Whether the TMA kernel stores its tiles by TMA (``TMA_STORE``): a 2-byte output whose rows of ``n``
     start on 16-byte boundaries, unless ``$BITNET_INT8_TMA_STORE=0`` (measurements)."""
-    return out_dtype.itemsize == 2 and n % 8 == 0 and os.environ.get("BITNET_INT8_TMA_STORE", "1") != "0"
+    return out_dtype.itemsize == 2 and n % 8 == 0 and env_switch("BITNET_INT8_TMA_STORE")
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -560,10 +561,7 @@ def stride_hint(strides: list[int]) -> bool:
     (``HINT``, see :func:`_scaled_part`): where a stride is not a multiple of 16, whose rows Triton would otherwise
     read with 2-byte loads (1.3b's 5460-wide gate/up parts: 0.826 -> 0.516 ms a call on an H200, benchmarks/RESULTS.md,
     session 17), unless ``$BITNET_QGR_STRIDE_HINT`` says 0 or 1. The same bits either way."""
-    env = os.environ.get("BITNET_QGR_STRIDE_HINT")
-    if env is not None and env not in ("0", "1"):
-        raise BitnetError(f"BITNET_QGR_STRIDE_HINT={env!r}: expected 0 or 1")
-    return env == "1" if env is not None else any(s % 16 for s in strides)
+    return env_switch("BITNET_QGR_STRIDE_HINT", default="1" if any(s % 16 for s in strides) else "0")
 
 
 def quantize_grad_rows(parts: list[torch.Tensor], col_scale: torch.Tensor, rows: int | None = None,
