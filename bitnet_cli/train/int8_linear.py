@@ -250,8 +250,6 @@ def align_grad_weight() -> bool:
     """``$BITNET_INT8_ALIGN_GRAD_WEIGHT=1``: grad_weight through :func:`grad_weight` where a width is not a
     multiple of 8. Opt-in: it makes the step slower. At 1.3b on one H200 (benchmarks/RESULTS.md, session 15) the int8
     step took 1.189 s with it against 1.014 without (session 13: 1.241 with it and ``BITNET_INT8_REFRESH=triton``)."""
-    import os
-
     return env_switch("BITNET_INT8_ALIGN_GRAD_WEIGHT", default="0")
 
 
@@ -437,6 +435,12 @@ def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:
     from bitnet_cli.model import relu2
 
     return x.dtype if gate is None else relu2(gate[:0], x[:0]).dtype
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the products compute in: autocast's where it is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def env_switch(variable: str, default: str = "1") -> bool:
@@ -630,7 +634,7 @@ class _ResidualNormQuant(torch.autograd.Function):
                                                                                     *ctx.dtypes)
         else:
             grad_x, grad_delta = _residual_norm_grads(grad_h, grad_n, h, weight, rstd, *ctx.dtypes)
-            grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n)
+            grad_w = _rms_norm_weight_grad(h, rstd, weight, grad_n) if ctx.needs_input_grad[2] else None
         return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
 
 
@@ -881,8 +885,7 @@ def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tenso
     or with ``residual`` ``norm(h)``, ``h = x + residual`` (:func:`residual_norm_quant`), and h follows the outputs."""
     if trits is None:
         trits, trits_t, col_scale = stacked_ternary(weights)
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    dtype = _compute_dtype(x)
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     q = s_x = h = None
@@ -973,19 +976,23 @@ class Int8Product(nn.Module):
             outs = int8_linear(x, weights, int8_grad=self.int8_grad, norm=norm, gate=gate, int8_weight=self.int8_weight,
                                residual=residual)
         else:
-            if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
-                raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
-                                  "after each optimiser step")
+            self._check_fresh(weights)
             if self.defer and norm is not None and residual is None:
                 return [self._rounded_input(x, projs[0], norm, gate)]
             outs = int8_linear(x, weights, self.trits, self.trits_t, self.col_scale, self.int8_grad, norm, gate,
                                self.int8_weight, residual)
         return [o if p.bias is None else o + p.bias for o, p in zip(outs, projs)] + outs[len(projs):]
 
+    def _check_fresh(self, weights: list[torch.Tensor]) -> None:
+        """The cached ternary weight was derived from these latent weights as they are now (not while compiling)."""
+        if not torch.compiler.is_compiling() and self.versions != [w._version for w in weights]:
+            raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
+                              "after each optimiser step")
+
     @staticmethod
     def _rounded_input(x: torch.Tensor, proj: nn.Module, norm: nn.Module, gate: torch.Tensor | None) -> RoundedInput:
         """``proj``'s product of ``norm(x)`` (or ``norm(relu2(gate, x))``) not yet taken: the norm and rounding only."""
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = _compute_dtype(x)
         flat, flat_gate = x.reshape(-1, x.shape[-1]), None if gate is None else gate.reshape(-1, gate.shape[-1])
         q, s_x, x_deq, _ = _NormQuant.apply(flat, flat_gate, norm.weight, norm.eps, dtype, _norm_dtype(flat, flat_gate))
         return RoundedInput(x_deq, q, s_x, proj, dtype, tuple(x.shape[:-1]))
@@ -997,19 +1004,16 @@ class Int8Product(nn.Module):
         ``gated_mlp`` (this product stacks gate and up, down_proj has a cached product of its own): the add, the norm
         and the rounding in one kernel (:class:`_ResidualNormQuant`), the gate/up product with the sub-norm
         (:class:`_GatedProduct`), then down_proj's product."""
-        down = down_proj.int8
-        if not torch.compiler.is_compiling() and (self.versions != [gate_proj.weight._version, up_proj.weight._version]
-                                                  or down.versions != [down_proj.weight._version]):
-            raise BitnetError("BitLinear's cached ternary weight is stale: call int8_linear.refresh(model) "
-                              "after each optimiser step")
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        self._check_fresh([gate_proj.weight, up_proj.weight])
+        down_proj.int8._check_fresh([down_proj.weight])
+        dtype = _compute_dtype(x)
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         h, q, s_x, x_deq, _ = residual_norm_quant_of(x, residual, norm, dtype)
         q2, s2, x_deq2 = _GatedProduct.apply(x_deq, q, s_x, self.trits, self.trits_t, self.col_scale, dtype,
                                              sub_norm.weight, sub_norm.eps, gate_proj.weight, up_proj.weight)
         out = RoundedInput(x_deq2, q2, s2, down_proj, dtype, lead)
-        return h.reshape(*lead, h.shape[-1]), out if down.defer else out.output()
+        return h.reshape(*lead, h.shape[-1]), out if down_proj.int8.defer else out.output()
 
     @torch.no_grad()
     def refresh(self, *projs: nn.Module) -> None:

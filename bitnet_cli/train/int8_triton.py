@@ -499,9 +499,23 @@ def _rint(v):
 
 
 @triton.jit
+def _grad_row_scale(amax, FLOOR: tl.constexpr):
+    """The output gradient's per-token scale, :func:`int8_linear.quantize_grad_rows_reference`'s fp32
+    ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the reciprocal, correctly rounded, then times
+    127); div_rn because Triton's own fp32 ``/`` may be approximate. Every kernel that rounds those rows takes it."""
+    return tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+
+
+@triton.jit
+def _int8_values(v):
+    """``v`` rounded half to even and clamped to int8's range (still fp32)."""
+    return tl.minimum(tl.maximum(_rint(v), -128.0), 127.0)
+
+
+@triton.jit
 def _store_rounded(q_ptr, stride_q, rows, M, g, s, N: tl.constexpr, B: tl.constexpr):
     c = tl.arange(0, B)
-    q = tl.minimum(tl.maximum(_rint(g * s[:, None]), -128.0), 127.0)
+    q = _int8_values(g * s[:, None])
     tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=(rows[:, None] < M) & (c[None, :] < N))
 
 
@@ -517,9 +531,7 @@ def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q
     g1 = _scaled_part(p1, stride1, col_ptr + N0, rows, M, N1, B1, D1, HINT)
     g2 = _scaled_part(p2, stride2, col_ptr + N0 + N1, rows, M, N2, B2, D2, HINT)
     amax = tl.maximum(tl.maximum(tl.max(tl.abs(g0), 1), tl.max(tl.abs(g1), 1)), tl.max(tl.abs(g2), 1))
-    # The reference's fp32 ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the
-    # reciprocal, correctly rounded, then times 127); div_rn because Triton's own fp32 ``/`` may be approximate.
-    s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, FLOOR)) * 127.0
+    s = _grad_row_scale(amax, FLOOR)
     tl.store(s_ptr + rows, s, mask=rows < M)
     _store_rounded(q_ptr, stride_q, rows, M, g0, s, N0, B0)
     _store_rounded(q_ptr + N0, stride_q, rows, M, g1, s, N1, B1)
@@ -964,8 +976,7 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
         tl.store(gd_ptr + rows[:, None] * stride_gd + c[None, :], gd.to(gd_ptr.dtype.element_ty), mask=mask)
         if ROWS:
             sg = gd * col[None, :]
-            # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then 127x)
-            s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(tl.max(tl.abs(sg), 1), FLOOR)) * 127.0
+            s = _grad_row_scale(tl.max(tl.abs(sg), 1), FLOOR)
             tl.store(s_ptr + rows, s, mask=rows < M)
             _store_rounded(q_ptr, stride_q, rows, M, sg, s, K, BLOCK)
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
@@ -1066,11 +1077,10 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
         sg = dg * col_g
         su = du * col_u
         amax = tl.maximum(tl.max(tl.abs(sg), 0), tl.max(tl.abs(su), 0))
-        # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then times 127)
-        s = tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+        s = _grad_row_scale(amax, FLOOR)
         tl.store(s_ptr + row, s, mask=inside)
-        qg = tl.minimum(tl.maximum(_rint(sg * s), -128.0), 127.0)
-        qu = tl.minimum(tl.maximum(_rint(su * s), -128.0), 127.0)
+        qg = _int8_values(sg * s)
+        qu = _int8_values(su * s)
         tl.store(q_ptr + row * stride_q + c, qg.to(tl.int8), mask=mask)
         tl.store(q_ptr + row * stride_q + F + c, qu.to(tl.int8), mask=mask)
     tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
@@ -1138,9 +1148,7 @@ def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr,
             col_g = tl.load(col_ptr + cols, mask=cols < F, other=0.0)
             col_u = tl.load(col_ptr + F + cols, mask=cols < F, other=0.0)
             amax = tl.maximum(amax, tl.maximum(tl.abs(dg * col_g), tl.abs(du * col_u)))
-        # quantize_rows' 127 / max(absmax, floor) as torch computes it (the reciprocal, correctly rounded, then times 127)
-        amax = tl.max(amax, 0)
-        s = tl.div_rn(tl.zeros_like(amax) + 1.0, tl.maximum(amax, FLOOR)) * 127.0
+        s = _grad_row_scale(tl.max(amax, 0), FLOOR)
         tl.store(s_ptr + row, s, mask=inside)
         tl.debug_barrier()
         for c0 in range(0, F, BC):
@@ -1148,9 +1156,8 @@ def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr,
             mask = (cols < F) & inside
             dg = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
             du = tl.load(d_ptr + row * stride_d + F_PAD + cols, mask=mask, other=0.0).to(tl.float32)
-            qg = tl.minimum(tl.maximum(_rint(dg * tl.load(col_ptr + cols, mask=cols < F, other=0.0) * s), -128.0), 127.0)
-            qu = tl.minimum(tl.maximum(_rint(du * tl.load(col_ptr + F + cols, mask=cols < F, other=0.0) * s), -128.0),
-                            127.0)
+            qg = _int8_values(dg * tl.load(col_ptr + cols, mask=cols < F, other=0.0) * s)
+            qu = _int8_values(du * tl.load(col_ptr + F + cols, mask=cols < F, other=0.0) * s)
             tl.store(q_ptr + row * stride_q + cols, qg.to(tl.int8), mask=mask)
             tl.store(q_ptr + row * stride_q + F + cols, qu.to(tl.int8), mask=mask)
 
