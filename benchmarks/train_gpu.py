@@ -7,12 +7,16 @@
     python benchmarks/train_gpu.py --curve 1200 --parallel --set train.grad_accum=1 \\
         --set 'data.files=[/data/gutenberg_books.jsonl.gz]' --set train.eval_batches=20
     python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
+    python benchmarks/train_gpu.py --modes compile --variants int8,int8+RESIDUAL_ROWS,int8-GATED_GRAD,none
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
 ``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products; the weight gradient in bf16),
 ``int8w`` (the same with ``train.int8_grad_weight: on``: the weight gradient on int8 products too), ``bitnet``
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
-and ``none`` (the same architecture in full precision, ``quant: none``). It reports the median
+and ``none`` (the same architecture in full precision, ``quant: none``). A variant may carry int8 switches
+(README's "Environment variables"): ``int8+RESIDUAL_ROWS`` runs ``int8`` with ``BITNET_INT8_RESIDUAL_ROWS=1``,
+``int8-GATED_GRAD`` with ``BITNET_INT8_GATED_GRAD=0``, set for that run alone, so that one process (one machine,
+one compile cache) measures a switch against the default back to back. It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
 the GPU's dense bf16 peak, and each variant's step time over ``none``'s. No run saves its final
 checkpoint, and a timing run does not evaluate either (at the paper shapes that is minutes of
@@ -41,6 +45,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,6 +62,17 @@ VARIANTS = {"int8": ["model.quant=bitnet", "train.int8_matmul=on", "train.int8_g
             "none": ["model.quant=none", "train.int8_matmul=off"]}
 # The paper recipes read data/*.txt; the benchmark measures speed, so any corpus will do.
 BUNDLED = ["data.files=[bundled:tinyshakespeare]", "data.tokenizer.vocab_size=8192", "data.val_fraction=0.05"]
+
+
+def variant_switches(spec: str) -> tuple[str, dict[str, str]]:
+    """``"int8+ROPE_ROWS-GATED_GRAD"`` -> ``("int8", {"BITNET_INT8_ROPE_ROWS": "1", "BITNET_INT8_GATED_GRAD": "0"})``:
+    a variant of :data:`VARIANTS` and the on/off switches its run sets."""
+    m = re.fullmatch(r"([a-z0-9]+)((?:[+-][A-Z][A-Z0-9_]*)*)", spec)
+    if not m or m.group(1) not in VARIANTS:
+        raise SystemExit(f"error: variant {spec!r}: expected one of {', '.join(VARIANTS)}, then +SWITCH or -SWITCH "
+                         "(BITNET_INT8_SWITCH=1 or 0), e.g. int8+RESIDUAL_ROWS")
+    switches = re.findall(r"([+-])([A-Z][A-Z0-9_]*)", m.group(2))
+    return m.group(1), {f"BITNET_INT8_{name}": "1" if sign == "+" else "0" for sign, name in switches}
 
 
 def traced_steps(steps: int, record: dict):
@@ -126,7 +143,8 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     from bitnet_cli.train import load_recipe, loop, train
     from bitnet_cli.train.loop import model_config, peak_flops, pick_device
 
-    overrides = [*BUNDLED, *VARIANTS[variant], f"train.compile={str(compile_).lower()}", f"train.steps={steps}",
+    base, switches = variant_switches(variant)
+    overrides = [*BUNDLED, *VARIANTS[base], f"train.compile={str(compile_).lower()}", f"train.steps={steps}",
                  "train.tokens=null", f"train.log_every={log_every}", "train.eval_every=100000",
                  "train.checkpoint_every=100000", "train.eval_batches=2", *extra]
     recipe = load_recipe(recipe_path, overrides)
@@ -145,10 +163,17 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     with tempfile.TemporaryDirectory() as d:
         out_dir = Path(run_dir or d) / f"{recipe_path.stem}-{variant}-{'compile' if compile_ else 'eager'}"
         t0 = time.perf_counter()
+        outer = {k: os.environ.get(k) for k in switches}
+        os.environ.update(switches)
         try:
             res = train(recipe, out_dir=out_dir, progress=False)
         finally:
             loop._Run.save, loop._Run.evaluate = saved
+            for k, v in outer.items():
+                if v is None:
+                    os.environ.pop(k)
+                else:
+                    os.environ[k] = v
             if undo:
                 undo()
         wall = time.perf_counter() - t0
@@ -159,18 +184,17 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     fpt = config.arch.training_flops_per_token(recipe.train.seq_len)
     peak = peak_flops(pick_device(recipe.train.device))
     t = recipe.train
-    import os
-
+    env = {k: v for k, v in sorted({**os.environ, **switches}.items()) if k.startswith(("BITNET_", "TORCHINDUCTOR_"))
+           and k != "BITNET_SHARED_DATA"}
     return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,
-            "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("BITNET_", "TORCHINDUCTOR_"))
-                    and k != "BITNET_SHARED_DATA"},
+            "env": env,
             "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
             "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,
             "parameters": res.parameters, "final_loss": res.train_loss,
             **({} if timing else {"val_loss": res.val_loss}), "wall_s": round(wall, 1),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if torch.cuda.is_available() else None,
-            **(int8_tiles() if variant == "int8" and torch.cuda.is_available() else {}),
+            **(int8_tiles() if base == "int8" and torch.cuda.is_available() else {}),
             "losses": [[r["step"], r["loss"]] for r in rows if "loss" in r], **({"profile": traced} if traced else {})}
 
 
@@ -197,9 +221,12 @@ def main():
         curve(recipe, gpu, args)
         return
 
+    variants = args.variants.split(",")
+    for v in variants:  # a misspelt variant fails here, before the first run's minutes on the GPU
+        variant_switches(v)
     results = []
     for compile_ in [m == "compile" for m in args.modes.split(",")]:
-        for variant in args.variants.split(","):
+        for variant in variants:
             try:
                 r = run(recipe, variant, compile_, args.steps, args.set, profile=args.profile, run_dir=args.run_dir)
             except Exception:
@@ -211,11 +238,12 @@ def main():
                                                   "results": results}, indent=1))
     by = {(r["variant"], r["compile"]): r for r in results if "error" not in r}
     print(f"\n{gpu}  {recipe.name}  steps={args.steps}  {' '.join(args.set)}")
-    print(f"{'mode':8} {'variant':7} {'batch':>6} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'vs none':>8}")
+    width = max(7, *map(len, variants))
+    print(f"{'mode':8} {'variant':{width}} {'batch':>6} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'vs none':>8}")
     for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         base = by.get(("none", c))
         ratio = f"{r['step_s'] / base['step_s']:.3f}x" if base else "-"
-        print(f"{'compile' if c else 'eager':8} {v:7} {r['batch_size']:>3}x{r['grad_accum']:<2} "
+        print(f"{'compile' if c else 'eager':8} {v:{width}} {r['batch_size']:>3}x{r['grad_accum']:<2} "
               f"{r['tokens_per_s']:>10,} {r['step_s']:>8.3f} {(r['mfu'] or 0):>6.1%} {ratio:>8}")
     for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if "profile" in r:
@@ -235,6 +263,8 @@ def _curve_run(job: tuple) -> dict:
 def curve(recipe: Path, gpu: str, args) -> None:
     """``--curve``: each of ``--curve-variants`` against the plain path (``bitnet``), same seed and batches."""
     variants = [v for v in args.curve_variants.split(",") if v]
+    for v in variants:
+        variant_switches(v)
     jobs = [(recipe, v, args.curve, args.set, args.run_dir) for v in [*variants, "bitnet"]]
     if args.parallel:
         import multiprocessing

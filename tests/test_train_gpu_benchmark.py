@@ -1,0 +1,42 @@
+"""benchmarks/train_gpu.py's variant switches: ``int8+NAME`` / ``int8-NAME`` run int8 with BITNET_INT8_NAME=1 / 0 for
+that run alone (a switch measured against the default in one process)."""
+
+import os
+
+import pytest
+
+from conftest import load_benchmark
+
+
+def test_a_variant_names_its_switches():
+    train_gpu = load_benchmark("train_gpu")
+    assert train_gpu.variant_switches("none") == ("none", {})
+    assert train_gpu.variant_switches("int8+ROPE_ROWS-GATED_GRAD") == (
+        "int8", {"BITNET_INT8_ROPE_ROWS": "1", "BITNET_INT8_GATED_GRAD": "0"})
+
+
+@pytest.mark.parametrize("spec", ["int9", "int8+rope", "int8+", "int8 +X", "+X"])
+def test_a_misspelt_variant_is_one_error_line(spec):
+    train_gpu = load_benchmark("train_gpu")
+    with pytest.raises(SystemExit, match=r"^error: variant"):
+        train_gpu.variant_switches(spec)
+
+
+def test_the_switches_hold_for_their_run_alone(monkeypatch, tmp_path):
+    import bitnet_cli.train as train_package
+
+    train_gpu = load_benchmark("train_gpu")
+    monkeypatch.setenv("BITNET_INT8_GATED_GRAD", "1")
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_ROWS", raising=False)
+    seen = {}
+
+    def train(recipe, out_dir, progress):  # the trainer as the run calls it: record the switches, then fail
+        seen.update({k: os.environ.get(k) for k in ("BITNET_INT8_GATED_GRAD", "BITNET_INT8_RESIDUAL_ROWS")})
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(train_package, "train", train)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train_gpu.run(train_gpu.REPO / "recipes" / "tiny.yaml", "int8+RESIDUAL_ROWS-GATED_GRAD", False, 4,
+                      ["train.device=cpu"], run_dir=str(tmp_path))
+    assert seen == {"BITNET_INT8_GATED_GRAD": "0", "BITNET_INT8_RESIDUAL_ROWS": "1"}
+    assert os.environ["BITNET_INT8_GATED_GRAD"] == "1" and "BITNET_INT8_RESIDUAL_ROWS" not in os.environ
