@@ -37,6 +37,7 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
     (root / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
     (root / "a_file").write_text("not a directory\n")
     (root / "a_dir").mkdir()
+    (root / "fake.gguf").write_bytes(b"\x00" * 64)  # named .gguf, without GGUF's magic
     (root / "bad_tok").mkdir()
     for f in hf_tiny_checkpoint.iterdir():
         (root / "bad_tok" / f.name).write_bytes(f.read_bytes())
@@ -79,6 +80,7 @@ CASES = [
     (["info", "{tmp}/a_dir"], "a_dir: is a directory, not a packed model file"),
     (["info", "{tmp}/recipe.yaml"], "recipe.yaml: not a safetensors file"),
     (["info", "{ckpt}/model.safetensors"], "not a bitnet-cli packed model"),
+    (["info", "{tmp}/fake.gguf"], "fake.gguf: not a GGUF file (it does not start with the GGUF magic)"),
     (["info", "{tmp}/a\udcffb.bin"], "a\\xffb.bin: no such file"),  # a non-UTF-8 byte as \xff, not as \udcff
     (["bench", "--shape", "x\udcff", "--what", "kernels"], "unknown shape 'x\\xff'"),  # quoted with repr() too
     # eval: all of these fail before lm-eval indexes its tasks or loads the model

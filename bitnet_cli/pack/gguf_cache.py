@@ -21,10 +21,15 @@ def cache_dir() -> Path:
 
 
 def model_file(path: str | Path, quiet: bool = False) -> Path:
-    """The packed file a command reads for `path`: `path` itself, or for a GGUF its cached import."""
+    """The packed file a command reads for `path`: `path` itself, or for a GGUF its cached import. A file named
+    ``*.gguf`` without GGUF's magic is refused as a GGUF rather than reported as a broken packed file."""
     from bitnet_cli.gguf.reader import is_gguf
 
-    return packed_path(Path(path), quiet) if is_gguf(path) else Path(path)
+    if is_gguf(path):
+        return packed_path(Path(path), quiet)
+    if Path(path).suffix.lower() == ".gguf" and Path(path).is_file():
+        raise BitnetError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+    return Path(path)
 
 
 def packed_path(gguf: Path, quiet: bool = False) -> Path:
