@@ -303,3 +303,27 @@ def test_a_bad_peak_flops_is_one_clear_error(monkeypatch, value):
         peak_flops(torch.device("cpu"))
     monkeypatch.setenv("BITNET_PEAK_FLOPS", "989e12")
     assert peak_flops(torch.device("cpu")) == 989e12
+
+
+def test_the_compiled_token_loss_is_the_eager_one():
+    """train.compile compiles the loss with the model (loop.token_loss): the same loss and logit gradient as eager
+    torch's, for training (mean) and evaluation (sum), from bf16 logits as autocast gives them."""
+    import torch
+
+    from bitnet_cli.train.loop import token_loss
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(2, 16, 257)).to(torch.bfloat16)
+    targets = torch.randint(0, 257, (2, 16))
+    compiled = torch.compile(token_loss)
+    for reduction in ("mean", "sum"):
+        grads = []
+        for fn in (token_loss, compiled):
+            x = logits.clone().requires_grad_()
+            loss = fn(x, targets, reduction=reduction)
+            loss.backward()
+            grads.append((loss.detach(), x.grad))
+        (loss_e, grad_e), (loss_c, grad_c) = grads
+        assert loss_c.dtype == torch.float32 and grad_c.dtype == torch.bfloat16
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad_c.float(), grad_e.float(), rtol=0.01, atol=1e-6)
