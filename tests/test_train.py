@@ -327,3 +327,24 @@ def test_the_compiled_token_loss_is_the_eager_one():
         assert loss_c.dtype == torch.float32 and grad_c.dtype == torch.bfloat16
         torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
         torch.testing.assert_close(grad_c.float(), grad_e.float(), rtol=0.01, atol=1e-6)
+
+
+def test_cuda_graph_training_keeps_gradients_allocated_and_marks_each_micro_batch(tmp_path, monkeypatch):
+    """$BITNET_COMPILE_MODE=reduce-overhead (CUDA graphs): each micro-batch's forward starts a new replay
+    (cudagraph_mark_step_begin) and .grad stays allocated, so that a replay's output is added into it rather than kept
+    as it (the next replay would overwrite it); the same losses as the default mode. torch.compile is stubbed out:
+    the bookkeeping is the loop's, and a CPU has no CUDA graphs."""
+    marks, cleared = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    zero_grad = torch.optim.Optimizer.zero_grad
+    monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
+                        lambda self, set_to_none=True: (cleared.append(set_to_none), zero_grad(self, set_to_none)))
+    r = lambda name: load_recipe(write_recipe(tmp_path / f"{name}.yaml", micro_recipe(  # noqa: E731
+        steps=3, grad_accum=2, compile=True, eval_every=100, checkpoint_every=100, log_every=1)))
+    default = train(r("default"), out_dir=tmp_path / "default", progress=False)
+    assert marks == [] and cleared == [True] * 3
+    monkeypatch.setenv("BITNET_COMPILE_MODE", "reduce-overhead")
+    graphs = train(r("graphs"), out_dir=tmp_path / "graphs", progress=False)
+    assert len(marks) == 3 * 2 and cleared == [True] * 3 + [False] * 3
+    assert graphs.train_loss == default.train_loss

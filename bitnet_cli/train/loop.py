@@ -416,6 +416,7 @@ class _Run:
     start_step: int
     prior_seconds: float
     int8_refresh: bool  # int8 matmuls with ternary weights cached per step: refresh them before each step
+    cuda_graphs: bool = False  # the model compiled with mode="reduce-overhead" ($BITNET_COMPILE_MODE)
 
     @classmethod
     def build(cls, recipe, out_dir, device, info, say, data, tok, tok_cfg, src, teacher_src, resume_from) -> "_Run":
@@ -460,12 +461,13 @@ class _Run:
             torch.set_rng_state(state["rng_cpu"])
             start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
             say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
-        fwd = torch.compile(model, mode=_compile_mode()) if t.compile else model
+        mode = _compile_mode() if t.compile else None
+        fwd = torch.compile(model, mode=mode) if t.compile else model
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
         tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
         loss_fn = torch.compile(token_loss) if t.compile else token_loss
         return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, loss_fn, opt,
-                   start_step, prior_seconds, bool(int8 and int8_cache))
+                   start_step, prior_seconds, bool(int8 and int8_cache), mode == "reduce-overhead")
 
     @property
     def autocast(self):
@@ -491,6 +493,12 @@ class _Run:
         step_parts = torch.zeros(2, device=device)  # cross-entropy, distillation (when distilling)
         if self.int8_refresh:
             int8_linear.refresh(self.model)
+        if self.cuda_graphs:
+            # Each micro-batch's backward then adds its graph's output into .grad, instead of keeping that output
+            # as .grad (what autograd does with a parameter's first gradient), which the next replay overwrites.
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         for micro in range(t.grad_accum):
             x, y = self.data.train_batch(step, micro, info.rank, info.world, t.batch_size, t.grad_accum)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -498,6 +506,8 @@ class _Run:
             # DDP: all-reduce gradients only on the last micro-batch (model is the DDP module; a
             # compiled wrapper around it has no no_sync). FSDP syncs every micro-batch.
             ctx = self.model.no_sync() if (not sync and hasattr(self.model, "no_sync")) else contextlib.nullcontext()
+            if self.cuda_graphs:  # a new replay of the model's graphs: the previous one's outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             with ctx, self.autocast:
                 logits = self.fwd(x)
                 loss = self.loss_fn(logits, y)
@@ -512,7 +522,7 @@ class _Run:
         if o.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
         self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=not self.cuda_graphs)  # under CUDA graphs .grad stays allocated (above)
         return {"lr": lr, "wd": wd, "lam": lam, "loss": step_loss, "parts": step_parts}
 
     def evaluate(self) -> float:
