@@ -1308,6 +1308,7 @@ def rope_grad_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: to
     :func:`rope_grad_rows_launch`'s."""
     b, h, t, d = dq.shape
     kv, half = dk.shape[1], d // 2
+    assert cos.shape == sin.shape == (t, d), "RoPE's tables: one row per position (model.rope_cos_sin)"
     r, w = rope_grad_rows_launch()
     r, w = rows or r, warps or w
     m = b * t
