@@ -1680,14 +1680,14 @@ print(json.dumps(out))
 
 
 def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
-    """q/k/v's backward kernel (_rope_grad_rows_kernel) at 700m's heads (16 x 96) and 1.3b's (32 x 64), compiled for
-    sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and the gradients' halves read
-    and written in vector accesses (SDPA's rows of a head are contiguous)."""
+    """q/k/v's backward kernel (_rope_grad_rows_kernel) at 700m's heads (16 x 96), 1.3b's (32 x 64) and small's
+    (12 x 64), compiled for sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and the
+    gradients' halves read and written in vector accesses (SDPA's rows of a head are contiguous)."""
     pytest.importorskip("triton")
     here = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _PTXAS_ROPE, json.dumps([[16, 96], [32, 64]])], env=env,
+    r = subprocess.run([sys.executable, "-c", _PTXAS_ROPE, json.dumps([[16, 96], [32, 64], [12, 64]])], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.splitlines()[-1])
