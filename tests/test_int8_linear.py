@@ -1681,8 +1681,9 @@ print(json.dumps(out))
 
 def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
     """q/k/v's backward kernel (_rope_grad_rows_kernel) at 700m's heads (16 x 96), 1.3b's (32 x 64) and small's
-    (12 x 64), compiled for sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and the
-    gradients' halves read and written in vector accesses (SDPA's rows of a head are contiguous)."""
+    (12 x 64), compiled for sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and at
+    700m's and 1.3b's the gradients' halves read and written in vector accesses (SDPA's rows of a head are contiguous;
+    at small's a thread holds two bf16 of a half: 4-byte accesses)."""
     pytest.importorskip("triton")
     here = Path(__file__).parent
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -1693,6 +1694,6 @@ def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
     result = json.loads(r.stdout.splitlines()[-1])
     if result == "no ptxas":
         pytest.skip("Triton's ptxas is not available here")
-    for spills, accesses in result:
-        assert spills == [0, 0]
+    assert [spills for spills, _ in result] == [[0, 0]] * 3
+    for _, accesses in result[:2]:
         assert any(a.startswith("ld.global.v") for a in accesses) and any(a.startswith("st.global.v") for a in accesses)
