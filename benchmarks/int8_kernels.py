@@ -43,6 +43,11 @@
    autocast at 700m's and (wide) 1.3b's widths (:func:`check_gated_autograd`), then both kernels' launches at those
    models' gate/up widths, timed beside the compiled torch ops and ``quantize_grad_rows`` it replaces
    (:func:`sweep_gated_norm_grad`).
+7d. ``--rope MODELS`` (alone): ``bitnet::rope_grad_rows`` (q/k/v's RoPE backward with their output-gradient rounding,
+   ``$BITNET_INT8_ROPE_ROWS``) against its reference on the GPU, SDPA's own gradients as input
+   (:func:`check_rope_grad_rows`), a two-layer model's loss and gradients with and without it under bf16 autocast
+   (:func:`check_rope_autograd`), then its launches at those models' heads, timed beside the compiled torch RoPE
+   backward and ``quantize_grad_rows`` it replaces (:func:`sweep_rope_grad_rows`).
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
@@ -638,6 +643,137 @@ def sweep_gated_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
     return out
 
 
+# (B, T, heads, kv heads, head_dim, k's gradient dtype) of the rope_grad_rows checks: 700m's and 1.3b's heads (MHA),
+# and GQA with a head_dim whose halves are not powers of two (k's gradient summed over shared heads in fp32, as under
+# bf16 autocast)
+ROPE_CASES = [(2, 512, 16, 16, 96, torch.bfloat16), (2, 512, 32, 32, 64, torch.bfloat16),
+              (3, 333, 6, 2, 80, torch.float32)]
+# heads, head_dim of the models the rope sweep times (bitnet_cli.arch.PRESETS)
+ROPE_HEADS = {"small": (12, 64), "700m": (16, 96), "1.3b": (32, 64)}
+
+
+def _rope_case(b: int, t: int, h: int, kv: int, d: int, k_dtype: torch.dtype, seed: int):
+    """rope_grad_rows' inputs as the trainer hands them over: SDPA's gradients of q, k and v (bf16 heads formed from
+    token rows, as model.Attention's views; their strides are SDPA's), k's in ``k_dtype``, RoPE's fp32 tables and
+    the q/k/v product's column scales, on the GPU."""
+    from bitnet_cli.model import rope_cos_sin
+
+    g = torch.Generator("cuda").manual_seed(seed)
+    rows = [torch.randn(b, t, n * d, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+            for n in (h, kv, kv)]
+    heads = [r.view(b, t, -1, d).transpose(1, 2) for r in rows]
+    with torch.no_grad():  # SDPA's inputs, its outputs' gradient: the heads as the model's views make them
+        grad_out = torch.randn(b, h, t, d, device="cuda", generator=g, dtype=torch.bfloat16).transpose(1, 2)
+    q, k, v = heads
+    if kv != h:
+        rep = h // kv
+        k, v = (x[:, :, None].expand(b, kv, rep, t, d).reshape(b, h, t, d) for x in (k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    dq, dk, dv = torch.autograd.grad(out, heads, grad_out * 1e-3)
+    cos, sin = rope_cos_sin(t, d, 10000.0, "cuda", torch.float32)
+    col = torch.cat([torch.full((h * d,), 0.021), torch.full((kv * d,), 0.034), torch.full((kv * d,), 0.017)])
+    return dq, dk.to(k_dtype), dv, cos, sin, col.cuda(), torch.bfloat16
+
+
+def check_rope_grad_rows() -> list[dict]:
+    """``bitnet::rope_grad_rows`` (Triton) against :func:`rope_grad_rows_reference` run by torch on the same GPU: the
+    gradients before RoPE, the int8 rows and scales bit for bit (``bit_exact``; no sum is involved but each row's
+    maximum), at the default launch and at four tokens a program."""
+    from bitnet_cli.train import int8_triton as T
+
+    out = []
+    for i, (b, t, h, kv, d, k_dtype) in enumerate(ROPE_CASES):
+        args = _rope_case(b, t, h, kv, d, k_dtype, i)
+        ref = L.rope_grad_rows_reference(*args)
+        for rows in (None, 4):
+            got = T.rope_grad_rows(*args, rows=rows)
+            row = {"B": b, "T": t, "heads": h, "kv_heads": kv, "head_dim": d, "k_dtype": str(k_dtype), "rows": rows,
+                   "strides": [list(x.stride()) for x in args[:3]],
+                   "bit_exact": all(torch.equal(g, r) for g, r in zip(got, ref)),
+                   "q_differ": float((got[1] != ref[1]).float().mean())}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def check_rope_autograd() -> list[dict]:
+    """A two-layer model at 700m's widths (16 heads of 96) under bf16 autocast with q/k/v's product and RoPE as one
+    function ($BITNET_INT8_ROPE_ROWS=1, Int8Product.rotary) and without it (0): the loss and each parameter group's
+    gradient as relative differences from the latter's (zero on the CPU; here also what SDPA's backward does not
+    repeat bit for bit), and the same between two runs without it (``repeat_*``: that noise floor)."""
+    import os
+
+    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+
+    cfg = BitNetConfig(vocab_size=4096, hidden_size=1536, intermediate_size=4096, num_hidden_layers=2,
+                       num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
+    ids = torch.randint(0, 4096, (4, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    res = {}
+    for name, env in (("rope", "1"), ("off", "0"), ("repeat", "0")):
+        os.environ["BITNET_INT8_ROPE_ROWS"] = env
+        torch.manual_seed(0)
+        model = BitNetForCausalLM(cfg).cuda()
+        L.enable(model, True, cache=True)
+        L.refresh(model, "torch")
+        assert all(layer.self_attn.int8_fused.rope_rows == (env == "1") for layer in model.model.layers)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        res[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+    os.environ.pop("BITNET_INT8_ROPE_ROWS")
+    row = {"loss": res["rope"][0], "loss_off": res["off"][0], "loss_repeat": res["repeat"][0]}
+    for part in ("embed_tokens", "layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp"):
+        for name in ("rope", "repeat"):
+            names = [n for n in res[name][1] if part in n]
+            a = torch.cat([res[name][1][n].flatten() for n in names])
+            b = torch.cat([res["off"][1][n].flatten() for n in names])
+            row[f"{'' if name == 'rope' else 'repeat_'}grad_{part}"] = float((a - b).norm() / b.norm())
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def sweep_rope_grad_rows(models: list[str], batch: int = 16, t: int = 2048) -> list[dict]:
+    """``rope_grad_rows``' launches (tokens per program, warps) at the models' heads (``batch`` x ``t`` tokens, MHA),
+    each checked against the default launch's bits, beside what it replaces: the compiled torch RoPE backward of q and
+    k (one fused kernel each, as inductor compiles the model's; v's rows as a view or a copy, as torch makes them) and
+    then ``quantize_grad_rows`` of the three; ``GBps``: the bytes the kernel must move (the three gradients read, q's
+    and k's rows, the int8 rows and scales written) per second."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    def replaced(dq, dk, dv, cos, sin):
+        return [L._token_rows(L.rope_backward_reference(g, cos, sin, torch.bfloat16), torch.bfloat16)
+                for g in (dq, dk)] + [L._token_rows(dv, torch.bfloat16)]
+
+    compiled = torch.compile(replaced, dynamic=False)
+    out = []
+    for name in models:
+        h, d = ROPE_HEADS[name]
+        args = _rope_case(batch, t, h, h, d, torch.bfloat16, h)
+        dq, dk, dv, cos, sin, col, dtype = args
+        ms_torch = do_bench(lambda: compiled(dq, dk, dv, cos, sin), return_mode="median")
+        parts = compiled(dq, dk, dv, cos, sin)
+        ms_rows = do_bench(lambda: T.quantize_grad_rows(parts, col), return_mode="median")
+        out.append({"model": name, "heads": h, "head_dim": d, "replaced": "compiled RoPE backward + quantize_grad_rows",
+                    "ms_backward": round(ms_torch, 4), "ms_grad_rows": round(ms_rows, 4),
+                    "ms": round(ms_torch + ms_rows, 4), "strides": [list(x.stride()) for x in (dq, dk, dv)]})
+        print(json.dumps(out[-1]), flush=True)
+        m, width = batch * t, 3 * h * d
+        moved = m * (width * 2 + 2 * h * d * 2 + width + 4)
+        ref = T.rope_grad_rows(*args)
+        default = T.rope_grad_rows_launch()
+        for r, wp in sorted({default, (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)}):
+            got = T.rope_grad_rows(*args, rows=r, warps=wp)
+            ms = do_bench(lambda: T.rope_grad_rows(*args, rows=r, warps=wp), return_mode="median")
+            out.append({"model": name, "rows": r, "warps": wp, "default": (r, wp) == default, "ms": round(ms, 4),
+                        "GBps": round(moved / ms / 1e6, 1),
+                        "bit_exact": all(torch.equal(a, b) for a, b in zip(got, ref))})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def check_autograd() -> list[dict]:
     out = []
     torch.manual_seed(0)
@@ -1139,6 +1275,8 @@ def main():
                     "launches, after its checks (alone)")
     ap.add_argument("--gated", default="", help="models whose gate/up widths time gated_norm_grad's launches, after "
                     "its checks (alone)")
+    ap.add_argument("--rope", default="", help="models whose heads time rope_grad_rows' launches, after its checks "
+                    "(alone)")
     ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
                     "against bf16, after its checks (alone)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
@@ -1171,6 +1309,10 @@ def main():
         checks_then_sweep(args.out, {"gated_norm_grad": check_gated_norm_grad, "gated_autograd": check_gated_autograd},
                           "gated_sweep", sweep_gated_norm_grad, args.gated,
                           lambda r: all(x["bit_exact"] for x in r["gated_norm_grad"] if x["exact_sums"]))
+    if args.rope:
+        checks_then_sweep(args.out, {"rope_grad_rows": check_rope_grad_rows, "rope_autograd": check_rope_autograd},
+                          "rope_sweep", sweep_rope_grad_rows, args.rope,
+                          lambda r: all(x["bit_exact"] for x in r["rope_grad_rows"] + r["rope_sweep"]))
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

@@ -320,6 +320,20 @@ def _residual_output(delta):
     return delta.output() if isinstance(delta, tuple) else delta
 
 
+def _residual_attention_heads(attn: nn.Module, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor | None,
+                              cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``(h, attn.heads(q, k, v, cos, sin))`` with ``h = x + delta`` and q, k, v the projections of ``norm(h)``
+    (:func:`_residual_norm_project`): a decoder layer's first residual add, its norm, q/k/v and RoPE. Where the int8
+    path marked the attention's stacked product ``rope_rows`` (bitnet_cli.train.int8_linear: ``Int8Product.rotary``),
+    the product and RoPE are one autograd function, whose backward rounds q/k/v's output gradient in RoPE's backward
+    kernel; the same numbers."""
+    product, projs = attn.int8_fused, [getattr(attn, name) for name in attn.shared_input]
+    if product is not None and product.rope_rows and torch.is_grad_enabled() and not projs[0].warming:
+        return product.rotary(x, delta, norm, projs, cos, sin, attn.n_heads, attn.n_kv)
+    x, (q, k, v) = _residual_norm_project(attn, norm, x, delta)
+    return x, attn.heads(q, k, v, cos, sin)
+
+
 def _residual_mlp(mlp: nn.Module, norm: nn.Module, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(h, mlp(norm(h)))`` with ``h = x + delta``: a decoder layer's second residual add, the norm after it and the
     MLP. Where the int8 path marked the MLP's stacked product ``gated_mlp`` (bitnet_cli.train.int8_linear:
@@ -451,6 +465,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of heads ``x`` [B, H, T, D] with ``rope_cos_sin``'s tables [T, D] (transformers' ``apply_rotary_pos_emb``);
+    the result in the promoted dtype of x and the tables, as torch's products give it."""
+    return x * cos + _rotate_half(x) * sin
+
+
 class Attention(nn.Module):
     shared_input = ("q_proj", "k_proj", "v_proj")  # projections of one input (_project_shared)
     residual_output = "o_proj"  # the projection whose output the residual stream adds (_residual_output)
@@ -468,15 +488,18 @@ class Attention(nn.Module):
         if config.arch.sub_norms:
             self.attn_sub_norm = RMSNorm(config.arch.norm_size("self_attn.attn_sub_norm"), config.rms_norm_eps)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
-        """Attention from its projections' outputs (the layer forms them: _residual_norm_project), through o_proj."""
+    def heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections' outputs [B, T, width] as heads [B, heads, T, head_dim], q and k rotated (RoPE)."""
         B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention from its heads (the layer forms them: _residual_attention_heads), through o_proj."""
+        B, _, T, _ = q.shape
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k = k[:, :, None].expand(B, self.n_kv, rep, T, self.head_dim).reshape(B, self.n_heads, T, self.head_dim)
@@ -524,8 +547,8 @@ class DecoderLayer(nn.Module):
         layer). Returns ``(h, out)``: the stream before this layer's MLP and the MLP's output, whose sum is the layer's
         output. Each residual add is left to the norm after it, with which the int8 path rounds in one kernel
         (_residual_norm_project); the model adds the last layer's itself."""
-        x, (q, k, v) = _residual_norm_project(self.self_attn, self.input_layernorm, x, delta)
-        attn = self.self_attn(q, k, v, cos, sin)
+        x, heads = _residual_attention_heads(self.self_attn, self.input_layernorm, x, delta, cos, sin)
+        attn = self.self_attn(*heads)
         return _residual_mlp(self.mlp, self.post_attention_layernorm, x, attn)
 
 

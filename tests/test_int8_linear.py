@@ -1223,12 +1223,12 @@ def test_int8_grad_weight_setting_reaches_the_products(tmp_path):
 
 
 def _tiny_int8_models(monkeypatch, switch: str, variants: dict[str, str], layers: int = 2,
-                      int8_grad: bool = True) -> dict[str, BitNetForCausalLM]:
+                      int8_grad: bool = True, kv_heads: int = 2) -> dict[str, BitNetForCausalLM]:
     """A tiny BitNet from one init on the int8 path, one model per value of the environment switch ``switch``
     (``variants``: name -> value, the switch read as each model is built); norm weights away from 1, so that their
-    gradients and the norm's weighting count."""
+    gradients and the norm's weighting count. Four heads of 12, ``kv_heads`` of them for k and v."""
     cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+                       num_attention_heads=4, num_key_value_heads=kv_heads, bos_token_id=None, eos_token_id=None)
     torch.manual_seed(0)
     base = BitNetForCausalLM(cfg)
     with torch.no_grad():
@@ -1267,16 +1267,19 @@ def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, mon
         assert torch.equal(g, grads_unfused[name]), name
 
 
-@pytest.mark.parametrize("fused", ["gated", "residual_rows"])
+@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows"])
 def test_fused_backwards_under_torch_compile(fused, monkeypatch):
-    """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD) or with o_proj's and down_proj's
-    products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers): the ops'
-    fake kernels give inductor their outputs (the gradient rows' padded layout included), and the compiled model gives
-    the eager model's loss and gradients."""
+    """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD), with o_proj's and down_proj's
+    products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers) or with
+    q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS): the ops' fake kernels give inductor their
+    outputs (the gradient rows' padded layout included), and the compiled model gives the eager model's loss and
+    gradients."""
     if fused == "gated":
         model = _gated_models(monkeypatch, layers=1)["gated"]
-    else:
+    elif fused == "residual_rows":
         model = _residual_rows_models(monkeypatch, layers=2)["rows"]
+    else:
+        model = _rope_rows_models(monkeypatch, layers=2)["rope"]
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
@@ -1515,3 +1518,182 @@ def test_wide_gated_kernel_compiles_for_hopper_without_spills():
     if spills == "no ptxas":
         pytest.skip("Triton's ptxas is not available here")
     assert spills == [[0, 0], [0, 0]]
+
+
+def _rope_grad_inputs(seed: int, b: int, t: int, h: int, kv: int, d: int, dtype: torch.dtype, k_dtype: torch.dtype):
+    """rope_grad_rows' inputs as SDPA and autograd hand them over: q's gradient [b, h, t, d] in the token-major layout
+    of the heads' views (strides b, t, h, d order), k's [b, kv, t, d] contiguous in ``k_dtype`` (fp32 where autograd
+    summed it over shared heads), v's every other column of a wider buffer (a column stride of 2); RoPE's fp32 tables
+    of the model and one column scale per projection."""
+    from bitnet_cli.model import rope_cos_sin
+
+    g = torch.Generator().manual_seed(seed)
+    dq = torch.randn(b, t, h, d, generator=g).to(dtype).transpose(1, 2)
+    dk = (torch.randn(b, kv, t, d, generator=g) * 3).to(dtype).to(k_dtype)
+    dv = (torch.randn(b, kv, t, 2 * d, generator=g) * 1e-3).to(dtype)[..., ::2]
+    cos, sin = rope_cos_sin(t, d, 10000.0, "cpu", torch.float32)
+    col = torch.cat([torch.full((h * d,), 0.03), torch.full((kv * d,), 0.011), torch.full((kv * d,), 0.5)])
+    return dq, dk, dv, cos, sin, col, dtype
+
+
+_INTERPRETED_ROPE_GRAD = """
+import json, sys, torch
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+from test_int8_linear import _rope_grad_inputs
+out = []
+for seed, b, t, h, kv, d, dtype, k_dtype in json.loads(sys.argv[1]):
+    args = _rope_grad_inputs(seed, b, t, h, kv, d, getattr(torch, dtype), getattr(torch, k_dtype))
+    ref = L.rope_grad_rows_reference(*args)
+    for rows in (None, 2, 3):  # the default launch, and blocks of tokens (the column scales loaded once), ragged
+        got = T.rope_grad_rows(*args, rows=rows)
+        out.append([torch.equal(g, r) for g, r in zip(got, ref)])
+print(json.dumps(out))
+"""
+
+
+def test_rope_grad_rows_triton_kernel_matches_its_reference_in_the_interpreter():
+    """q/k/v's backward kernel (bitnet::rope_grad_rows) in Triton's CPU interpreter against its reference: q's and k's
+    gradients before RoPE, the int8 rows of all three and their scales bit for bit; ragged token counts, GQA and odd
+    head counts, head_dims whose halves are not powers of two, bf16 and fp32, k's gradient in fp32 (summed over
+    shared heads under autocast), non-contiguous gradients."""
+    pytest.importorskip("triton")
+    cases = [[1, 2, 5, 4, 2, 8, "bfloat16", "float32"], [2, 1, 7, 3, 3, 12, "bfloat16", "bfloat16"],
+             [3, 3, 2, 6, 2, 10, "float32", "float32"]]
+    assert _interpret(_INTERPRETED_ROPE_GRAD, cases) == [[True] * 3] * (3 * len(cases))
+
+
+def _rope_rows_models(monkeypatch, layers: int = 2, kv_heads: int = 2):
+    """q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS=1: "rope") and without ("off"); the other fused
+    paths as the caller's environment sets them."""
+    return _tiny_int8_models(monkeypatch, "BITNET_INT8_ROPE_ROWS", {"off": "0", "rope": "1"}, layers,
+                             kv_heads=kv_heads)
+
+
+@pytest.mark.parametrize("others", ["defaults", "no_gated_mlp", "residual_rows"])
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rope_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, kv_heads, others, monkeypatch):
+    """q/k/v's product and RoPE as one autograd function (_RotaryProduct: its backward forms q's and k's gradients
+    before RoPE and the int8 rows of all three with bitnet::rope_grad_rows, here its reference) against the product,
+    torch's RoPE and quantize_grad_rows: the same loss and every parameter's gradient bit for bit (RoPE's backward
+    rounded as eager autograd rounds it), in fp32 and under bf16 autocast (the rotated q and k in fp32, SDPA in bf16),
+    with GQA (k's gradient summed over shared heads in fp32) and MHA, the gated MLP on and off, with o_proj's and
+    down_proj's rows in the residual norms; each layer skips its quantize_grad_rows pass for q/k/v."""
+    monkeypatch.setenv("BITNET_INT8_GATED_GRAD", "0" if others == "no_gated_mlp" else "1")
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "1" if others == "residual_rows" else "0")
+    layers = 2
+    models = _rope_rows_models(monkeypatch, layers, kv_heads)
+    assert all(layer.self_attn.int8_fused.rope_rows for layer in models["rope"].model.layers)
+    assert not any(m.rope_rows for m in models["off"].modules() if isinstance(m, L.Int8Product))
+    assert not any(layer.mlp.int8_fused.rope_rows for layer in models["rope"].model.layers)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    calls, results = {}, {}
+    rows_pass = L.quantize_grad_rows
+    for name in ("off", "rope"):
+        calls[name] = 0
+
+        def counted(parts, col_scale, name=name):
+            calls[name] += 1
+            return rows_pass(parts, col_scale)
+
+        monkeypatch.setattr(L, "quantize_grad_rows", counted)
+        results[name] = _loss_and_grads(models[name], ids, autocast)
+    (loss, grads), (loss_off, grads_off) = results["rope"], results["off"]
+    assert torch.equal(loss, loss_off)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_off[name]), name
+    assert calls["off"] - calls["rope"] == layers
+
+
+def test_rope_rows_setting(monkeypatch):
+    """$BITNET_INT8_ROPE_ROWS (off by default) marks attention's stacked q/k/v product ``rope_rows`` only where the int8
+    path's defaults hold (int8 grad_input, bf16 grad_weight, fused residual norms, cached weights) and q/k/v have no
+    biases (Qwen2's); never an MLP's; an unknown value is an error."""
+    cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+               num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
+
+    def marked(model):
+        return [m.rope_rows for m in model.modules() if isinstance(m, L.Int8Product)].count(True)
+
+    monkeypatch.delenv("BITNET_INT8_ROPE_ROWS", raising=False)
+    model = BitNetForCausalLM(BitNetConfig(**cfg))
+    L.enable(model, True, cache=True)
+    assert marked(model) == 0
+    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "1")
+    for kwargs in ({"int8_grad": False, "cache": True}, {"int8_grad": True, "cache": False},
+                   {"int8_grad": True, "cache": True, "int8_weight": True}):
+        L.enable(model, **kwargs)
+        assert marked(model) == 0, kwargs
+    L.enable(model, True, cache=True)
+    assert marked(model) == 1 and model.model.layers[0].self_attn.int8_fused.rope_rows
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_NORM", "0")
+    L.enable(model, True, cache=True)
+    assert marked(model) == 0
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_NORM")
+    qwen = BitNetForCausalLM(BitNetConfig(**cfg, family="qwen2"))
+    L.enable(qwen, True, cache=True)
+    assert marked(qwen) == 0
+    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "yes")
+    with pytest.raises(BitnetError, match="BITNET_INT8_ROPE_ROWS"):
+        L.enable(model, True, cache=True)
+
+
+_PTXAS_ROPE = """
+import collections, json, re, subprocess, sys, tempfile, triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from bitnet_cli.train import int8_triton as T
+try:
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas(90).path
+except Exception:  # a Triton without its CUDA tools: nothing to compile with
+    print(json.dumps("no ptxas"))
+    sys.exit(0)
+pointers = {"dq_ptr": "bf16", "dk_ptr": "bf16", "dv_ptr": "bf16", "cos_ptr": "fp32", "sin_ptr": "fp32",
+            "col_ptr": "fp32", "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32"}
+strides = [p + n for p in ("sq_", "sk_", "sv_") for n in "bht"] + ["stride_cos", "stride_sin", "stride_d", "stride_q"]
+out = []
+for heads, d in json.loads(sys.argv[1]):  # MHA under bf16 autocast, launched as the trainer does
+    rows, warps = T.rope_grad_rows_launch()
+    consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "H": heads, "KV": heads, "HALF": d // 2,
+              "BH": triton.next_power_of_2(heads), "BKV": triton.next_power_of_2(heads),
+              "BD": triton.next_power_of_2(d // 2), "CHUNK": rows, "DTYPE": tl.bfloat16, "BF16": True, "FLOOR": 1e-30}
+    names = list(T._rope_grad_rows_kernel.arg_names)
+    types = {**{n: "*" + t for n, t in pointers.items()}, **{n: "i32" for n in ["M", "T", *strides]}}
+    sig = {n: types.get(n, "constexpr") for n in names}
+    index = {n: (i,) for i, n in enumerate(names)}
+    # pointers and row strides 16-byte aligned, as at the recipes' shapes (SDPA's heads: a head's stride is d)
+    attrs = {index[n]: [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in strides}
+    src = ASTSource(fn=T._rope_grad_rows_kernel, signature=sig, constexprs={index[n]: v for n, v in consts.items()},
+                    attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
+                         ).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True, text=True)
+    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", r.stdout + r.stderr)]
+    out.append([spills, collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))])
+print(json.dumps(out))
+"""
+
+
+def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
+    """q/k/v's backward kernel (_rope_grad_rows_kernel) at 700m's heads (16 x 96), 1.3b's (32 x 64) and small's
+    (12 x 64), compiled for sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and at
+    700m's and 1.3b's the gradients' halves read and written in vector accesses (SDPA's rows of a head are contiguous;
+    at small's a thread holds two bf16 of a half: 4-byte accesses)."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _PTXAS_ROPE, json.dumps([[16, 96], [32, 64], [12, 64]])], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.splitlines()[-1])
+    if result == "no ptxas":
+        pytest.skip("Triton's ptxas is not available here")
+    assert [spills for spills, _ in result] == [[0, 0]] * 3
+    for _, accesses in result[:2]:
+        assert any(a.startswith("ld.global.v") for a in accesses) and any(a.startswith("st.global.v") for a in accesses)

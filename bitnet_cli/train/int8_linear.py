@@ -63,7 +63,9 @@ and up's output gradients and their int8 rows in one kernel (``bitnet::gated_nor
 ``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
 ``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). Opt-in, o_proj's and down_proj's output gradients get the
 same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
-:class:`_ProductResidualNormQuant`). The products are one custom op,
+:class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward (``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product
+and RoPE as one autograd function, :class:`_RotaryProduct`, whose backward is one kernel, ``bitnet::rope_grad_rows``,
+reached through model._residual_attention_heads). The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -257,6 +259,18 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
     if (g.shape[1] % 8 or x.shape[1] % 8) and align_grad_weight():
         return grad_weight(g, x, out_dtype)
     return (g.t() @ x).to(out_dtype)
+
+
+def _grad_weights(gs: list[torch.Tensor], x_deq: torch.Tensor, w_dtypes: list[torch.dtype]) -> list[torch.Tensor]:
+    """The bf16 weight gradients of projections of one input: ``G_i^T X~`` per output gradient ``G_i``."""
+    return [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, w_dtypes)]
+
+
+def _int8_grad_input(gq: torch.Tensor, s_g: torch.Tensor, trits_t: torch.Tensor, dtype: torch.dtype,
+                     x_dtype: torch.dtype) -> torch.Tensor:
+    """grad_input on the int8 product from the output gradient's int8 rows ``gq`` and scales ``s_g``
+    (``bitnet::quantize_grad_rows`` or a kernel that rounds them as it forms them), in the input's dtype."""
+    return int8_mm(gq, trits_t, 1.0 / s_g, None, dtype).to(x_dtype)
 
 
 # ----------------------------------------------------------------------------- the int8 weight gradient
@@ -692,9 +706,7 @@ class _ProductResidualNormQuant(torch.autograd.Function):
         h, norm_weight, rstd, x_deq, trits_t, col_scale = ctx.saved_tensors
         grad_x, grad_delta, grad_norm_w, gq, s_g = torch.ops.bitnet.residual_norm_grad_rows.default(
             grad_h, grad_n, h, norm_weight, rstd, col_scale, *ctx.dtypes)
-        grad_in = None
-        if ctx.needs_input_grad[1]:
-            grad_in = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtypes[1]).to(x_deq.dtype)
+        grad_in = _int8_grad_input(gq, s_g, trits_t, ctx.dtypes[1], x_deq.dtype) if ctx.needs_input_grad[1] else None
         grad_proj_w = _grad_weight(grad_delta, x_deq, ctx.w_dtype) if ctx.needs_input_grad[11] else None
         return (grad_x, grad_in, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[8] else None,
                 None, None, grad_proj_w)
@@ -710,6 +722,17 @@ def residual_norm_quant_of(x: torch.Tensor, residual: torch.Tensor | RoundedInpu
                                                product.trits_t, product.col_scale, residual.dtype, norm.weight,
                                                norm.eps, dtype, residual.proj.weight)
     return _ResidualNormQuant.apply(x, residual.reshape(x.shape), norm.weight, norm.eps, dtype)
+
+
+def _norm_rows(x: torch.Tensor, residual: torch.Tensor | RoundedInput | None, norm: nn.Module,
+               dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h, q, s_x, x_deq)``: the int8 rows, scales and X~ of ``norm(h)`` for x [M, K], ``h = x + residual``
+    (:func:`residual_norm_quant_of`), or of ``norm(x)`` where ``residual`` is None (:class:`_NormQuant`; h None)."""
+    if residual is None:
+        q, s_x, x_deq, _ = _NormQuant.apply(x, None, norm.weight, norm.eps, dtype, x.dtype)
+        return None, q, s_x, x_deq
+    h, q, s_x, x_deq, _ = residual_norm_quant_of(x, residual, norm, dtype)
+    return h, q, s_x, x_deq
 
 
 # ----------------------------------------------------------------------------- the gated MLP's backward
@@ -813,10 +836,128 @@ class _GatedProduct(torch.autograd.Function):
         d, gq, s_g, grad_norm_w = torch.ops.bitnet.gated_norm_grad.default(y, grad_n, rstd, norm_weight, col_scale,
                                                                           ctx.y_dtype)
         f, f_pad = y.shape[1] // 2, d.shape[1] // 2
-        grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grads_w = [_grad_weight(g, x, dt) for g, dt in zip((d[:, :f], d[:, f_pad:f_pad + f]), ctx.w_dtypes)]
+        grad_x = _int8_grad_input(gq, s_g, trits_t, ctx.dtype, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grads_w = _grad_weights([d[:, :f], d[:, f_pad:f_pad + f]], x, ctx.w_dtypes)
         return (grad_x, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[7] else None, None,
                 *grads_w)
+
+
+# ----------------------------------------------------------------------------- q/k/v's rows in RoPE's backward
+
+
+def rope_backward_reference(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of heads x [B, H, T, D] in ``dtype`` through ``model.apply_rope(x, cos, sin)`` given the gradient
+    ``g`` of its result (any float dtype), as torch's eager autograd forms it: each product's gradient (``g * cos``;
+    ``g * sin`` through the rotation, its halves swapped and the first negated) computed in fp32 (exact for bf16
+    factors) and rounded to ``dtype``, then the two summed and rounded to ``dtype`` (autograd sums x's two uses in
+    x's dtype). The compiled plain path (inductor: one fused fp32 kernel) may skip those roundings, so it may differ
+    from this in the last bit of ``dtype``."""
+    half = g.shape[-1] // 2
+    g = g.float()
+    through_cos = (g * cos.float()).to(dtype)
+    through_sin = (g * sin.float()).to(dtype)
+    rotated = torch.cat((through_sin[..., half:], -through_sin[..., :half]), dim=-1)
+    return (through_cos.float() + rotated.float()).to(dtype)
+
+
+def _token_rows(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Heads [B, H, T, D] as the product's output rows [B * T, H * D] in ``dtype`` (a copy where not a view)."""
+    b, h, t, d = g.shape
+    return g.to(dtype).transpose(1, 2).reshape(b * t, h * d)
+
+
+def rope_grad_rows_reference(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                             sin: torch.Tensor, col_scale: torch.Tensor,
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``bitnet::rope_grad_rows`` computes from the gradients of the rotated q, k [B, H or KV, T, D] and of v [B,
+    KV, T, D] (SDPA's, any strides and float dtypes) and RoPE's tables [T, D]: q's and k's gradients before RoPE
+    (:func:`rope_backward_reference`) and v's, as token rows in ``dtype`` (the stacked q/k/v product's output
+    gradient), then their rounding for the product's grad_input (:func:`quantize_grad_rows_reference` with its
+    ``col_scale``). Returns ``(d, gq, s_g)``: d [B * T, (H + KV) * D] q's rows then k's (v's gradient needs no
+    change: the grad_weight product reads it as it is), gq int8 [B * T, (H + 2 KV) * D] (rows 16-byte aligned) and
+    s_g fp32 [B * T]."""
+    rows = [_token_rows(rope_backward_reference(g, cos, sin, dtype), dtype) for g in (dq, dk)]
+    gq, s_g = quantize_grad_rows_reference([*rows, _token_rows(dv, dtype)], col_scale)
+    return torch.cat(rows, dim=-1), pad_rows(gq), s_g
+
+
+_LIB.define("rope_grad_rows(Tensor dq, Tensor dk, Tensor dv, Tensor cos, Tensor sin, Tensor col_scale, "
+            "ScalarType dtype) -> (Tensor, Tensor, Tensor)")
+
+
+def _rope_grad_rows_cuda(dq, dk, dv, cos, sin, col_scale, dtype):
+    from bitnet_cli.train import int8_triton
+
+    return int8_triton.rope_grad_rows(dq, dk, dv, cos, sin, col_scale, dtype)
+
+
+_LIB.impl("rope_grad_rows", _rope_grad_rows_cuda, "CUDA")
+_LIB.impl("rope_grad_rows", rope_grad_rows_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("bitnet::rope_grad_rows", lib=_LIB)
+def _(dq, dk, dv, cos, sin, col_scale, dtype):
+    b, h, t, d = dq.shape
+    kv = dk.shape[1]
+    return (dq.new_empty((b * t, (h + kv) * d), dtype=dtype), int8_rows(b * t, (h + 2 * kv) * d, dq.device),
+            dq.new_empty((b * t,), dtype=torch.float32))
+
+
+def rope_rows_enabled() -> bool:
+    """``$BITNET_INT8_ROPE_ROWS`` (0 by default): whether :func:`enable` gives attention's stacked q/k/v product RoPE
+    too (:meth:`Int8Product.rotary`, :class:`_RotaryProduct`), so that RoPE's backward and the rounding of q/k/v's
+    output gradient are one kernel (``bitnet::rope_grad_rows``: SDPA's gradients read once) instead of torch's RoPE
+    backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows`` pass. Opt-in until
+    measured on a GPU."""
+    return env_switch("BITNET_INT8_ROPE_ROWS", default="0")
+
+
+def _rope_rows(owner: nn.Module, projs: list[nn.Module]) -> bool:
+    """Whether ``owner`` is an attention whose q/k/v product :meth:`Int8Product.rotary` computes with RoPE: q, k and v
+    stacked in this order, as wide as its heads (``n_heads`` and ``n_kv`` of ``head_dim``, an even number), no biases
+    (Qwen2's q/k/v biases are added after the product)."""
+    dims = [getattr(owner, n, None) for n in ("n_heads", "n_kv", "head_dim")]
+    if None in dims or tuple(owner.shared_input) != ("q_proj", "k_proj", "v_proj"):
+        return False
+    heads, kv, d = dims
+    return d % 2 == 0 and [p.out_features for p in projs] == [heads * d, kv * d, kv * d] and all(
+        p.bias is None for p in projs)
+
+
+class _RotaryProduct(torch.autograd.Function):
+    """Attention's stacked q/k/v int8 product followed by RoPE (``model.apply_rope``): inputs as :class:`_Int8Linear`'s
+    (x the dequantised input X~ with its int8 rows q and scales s_x, the stacked ternary weight), then RoPE's tables
+    [T, D], the head counts, the batch and the three latent weights; outputs q and k rotated and v, heads [B, H or KV,
+    T, D] as SDPA reads them (the GQA expand after, so that autograd sums k's and v's gradients over the heads that
+    share them before this backward). q and k are returned in the compute dtype, the one SDPA computes in (bf16 autocast
+    casts them there), so that SDPA's gradients come back in it, except k where heads are shared: that gradient is
+    summed in the rotated k's own dtype (fp32 under autocast: the tables' dtype), as in the plain path. The backward
+    forms q's and k's gradients before RoPE and the int8 rows of all three in one pass (``bitnet::rope_grad_rows``),
+    then grad_input and the weight gradients as :class:`_Int8Linear`'s."""
+
+    @staticmethod
+    def forward(ctx, x, q, s_x, trits, trits_t, col_scale, dtype, cos, sin, heads, kv_heads, batch, *weights):
+        from bitnet_cli.model import apply_rope
+
+        y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
+        d = cos.shape[-1]
+        t = y.shape[0] // batch
+        yq, yk, yv = y.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        q_rot = apply_rope(yq.view(batch, t, heads, d).transpose(1, 2), cos, sin).to(dtype)
+        k_rot = apply_rope(yk.view(batch, t, kv_heads, d).transpose(1, 2), cos, sin)
+        v = yv.view(batch, t, kv_heads, d).transpose(1, 2)
+        ctx.save_for_backward(x, trits_t, col_scale, cos, sin)
+        ctx.dtype, ctx.x_dtype, ctx.w_dtypes, ctx.q_width = dtype, x.dtype, [w.dtype for w in weights], heads * d
+        return q_rot, k_rot.to(dtype) if kv_heads == heads else k_rot, v
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k, grad_v):
+        x, trits_t, col_scale, cos, sin = ctx.saved_tensors
+        d, gq, s_g = torch.ops.bitnet.rope_grad_rows.default(grad_q, grad_k, grad_v, cos, sin, col_scale, ctx.dtype)
+        grad_x = _int8_grad_input(gq, s_g, trits_t, ctx.dtype, ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grads_w = _grad_weights([d[:, :ctx.q_width], d[:, ctx.q_width:], _token_rows(grad_v, ctx.dtype)], x,
+                                ctx.w_dtypes)
+        return (grad_x, *[None] * 11, *grads_w)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -860,17 +1001,15 @@ class _Int8Linear(torch.autograd.Function):
             if ctx.int8_grad:
                 # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
                 # product's reduction, where one scale per projection cannot be applied afterwards.
-                gq, s_g = quantize_grad_rows(gs, col_scale)
-                grad_x = int8_mm(gq, trits_t, 1.0 / s_g, None, ctx.dtype)
+                grad_x = _int8_grad_input(*quantize_grad_rows(gs, col_scale), trits_t, ctx.dtype, ctx.x_dtype)
             else:
                 g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
-                grad_x = g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)
-            grad_x = grad_x.to(ctx.x_dtype)
+                grad_x = (g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)).to(ctx.x_dtype)
         if any(ctx.needs_input_grad[9:]):
             if ctx.int8_weight:
                 grads_w = [dw.to(dt) for dw, dt in zip(int8_grad_weights(gs, *saved), ctx.w_dtypes)]
             else:
-                grads_w = [_grad_weight(g, saved[0], dt) for g, dt in zip(gs, ctx.w_dtypes)]
+                grads_w = _grad_weights(gs, saved[0], ctx.w_dtypes)
         return (grad_x, None, None, None, None, None, None, None, None, *grads_w)
 
 
@@ -889,8 +1028,8 @@ def int8_linear(x: torch.Tensor, weights: list[torch.Tensor], trits: torch.Tenso
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
     q = s_x = h = None
-    if norm is not None and residual is not None:
-        h, q, s_x, x, _ = residual_norm_quant_of(x, residual, norm, dtype)
+    if norm is not None and gate is None:
+        h, q, s_x, x = _norm_rows(x, residual, norm, dtype)
     elif norm is not None:
         gate = None if gate is None else gate.reshape(-1, gate.shape[-1])
         q, s_x, x, _ = _NormQuant.apply(x, gate, norm.weight, norm.eps, dtype, _norm_dtype(x, gate))
@@ -956,6 +1095,7 @@ class Int8Product(nn.Module):
         # a stacked product's residual norm (model._residual_norm_project, residual_norm_quant)
         self.norm_quant = norm_quant
         self.gated_mlp = False  # whether the model runs this product through residual_mlp (set by enable)
+        self.rope_rows = False  # whether the model runs this product through rotary (set by enable)
         # whether this product, after a sub-norm, returns its RoundedInput for the residual norm after it (enable)
         self.defer = False
         self.rows = [p.out_features for p in projs]
@@ -1015,6 +1155,21 @@ class Int8Product(nn.Module):
         out = RoundedInput(x_deq2, q2, s2, down_proj, dtype, lead)
         return h.reshape(*lead, h.shape[-1]), out if down_proj.int8.defer else out.output()
 
+    def rotary(self, x: torch.Tensor, residual: torch.Tensor | RoundedInput | None, norm: nn.Module,
+               projs: list[nn.Module], cos: torch.Tensor, sin: torch.Tensor, heads: int,
+               kv_heads: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(h, (q, k, v))``: a decoder layer's residual add ``h = x + residual`` (x where residual is None), the norm
+        after it, the q/k/v projections of ``norm(h)`` and RoPE, q, k and v as heads [B, H or KV, T, D]
+        (model.Attention.heads), where :func:`enable` set ``rope_rows``: the add, the norm and the rounding in one
+        kernel, then the product and RoPE as one autograd function (:class:`_RotaryProduct`)."""
+        self._check_fresh([p.weight for p in projs])
+        dtype = _compute_dtype(x)
+        lead = x.shape[:-1]
+        h, q, s_x, x_deq = _norm_rows(x.reshape(-1, x.shape[-1]), residual, norm, dtype)
+        outs = _RotaryProduct.apply(x_deq, q, s_x, self.trits, self.trits_t, self.col_scale, dtype, cos, sin, heads,
+                                    kv_heads, lead[0], *[p.weight for p in projs])
+        return x if h is None else h.reshape(*lead, h.shape[-1]), outs
+
     @torch.no_grad()
     def refresh(self, *projs: nn.Module) -> None:
         """Re-derive the cached ternary weights from the projections' latent ones."""
@@ -1060,6 +1215,10 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
             m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
+    if rnq and int8_grad and cache and not int8_weight:
+        if rope_rows_enabled():
+            for owner, projs in _shared_input_groups(model):
+                owner.int8_fused.rope_rows = _rope_rows(owner, projs)
     if rnq and nq and int8_grad and cache and not int8_weight:
         if gated_grad_enabled():
             for owner, projs in _shared_input_groups(model):
@@ -1165,7 +1324,8 @@ __all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "ena
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
            "residual_norm_grad_kernel", "residual_norm_grad_reference", "residual_norm_grad_rows_reference",
-           "residual_norm_quant_of", "residual_rows_enabled", "RoundedInput", "residual_norm_quant_enabled",
+           "residual_norm_quant_of", "residual_rows_enabled", "rope_backward_reference", "rope_grad_rows_reference",
+           "rope_rows_enabled", "RoundedInput", "residual_norm_quant_enabled",
            "residual_norm_quant_reference",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
            "ternary_weight"]

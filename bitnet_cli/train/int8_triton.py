@@ -1,6 +1,7 @@
 """The Triton kernels behind ``bitnet::int8_mm``, ``bitnet::quantize_grad_rows``, ``bitnet::norm_quant``,
 ``bitnet::residual_norm_quant``, ``bitnet::residual_norm_grad``, ``bitnet::gated_norm_grad``,
-``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for the arithmetic).
+``bitnet::rope_grad_rows``, ``bitnet::quantize_grad_cols`` and ``bitnet::int8_grad_weight`` (see int8_linear.py for
+the arithmetic).
 
 ``C[M, N] = (A[M, K] @ B[N, K]^T)`` accumulated in int32 on the int8 tensor cores (wgmma on
 Hopper, mma on Ampere), then ``* row_mul[m] (* col_mul[n])`` in fp32 and one rounding to the
@@ -1210,3 +1211,115 @@ def gated_norm_grad(y: torch.Tensor, grad_n: torch.Tensor, rstd: torch.Tensor, w
         Y_DTYPE=_DTYPES[y_dtype], Y_BF16=y_dtype == torch.bfloat16, D_BF16=y.dtype == torch.bfloat16,
         FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w, enable_fp_fusion=False)
     return d, q, s, partial.sum(0).to(weight.dtype)
+
+
+@triton.jit
+def _rope_grad_heads(g_ptr, stride_b, stride_h, stride_t, stride_d, b, t, inside, heads, c, cos_lo, cos_hi, sin_lo,
+                     sin_hi, N_HEADS: tl.constexpr, HALF: tl.constexpr, ROTATE: tl.constexpr, DTYPE: tl.constexpr,
+                     BF16: tl.constexpr):
+    """Token (b, t)'s gradient of N_HEADS heads as two halves [heads, c] of fp32 (zeros past the heads, HALF or the
+    rows), each head's columns :HALF and HALF:; with ``ROTATE`` through RoPE's backward first
+    (int8_linear.rope_backward_reference: each product rounded to DTYPE, then their sum), else rounded to DTYPE."""
+    mask = (heads < N_HEADS) & (c < HALF) & inside
+    ptr = g_ptr + b * stride_b + heads * stride_h + t * stride_t + c * stride_d
+    lo = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    hi = tl.load(ptr + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
+    if ROTATE:
+        grad_lo = _round_to(_round_to(lo * cos_lo, DTYPE, BF16) + _round_to(hi * sin_hi, DTYPE, BF16), DTYPE, BF16)
+        grad_hi = _round_to(_round_to(hi * cos_hi, DTYPE, BF16) - _round_to(lo * sin_lo, DTYPE, BF16), DTYPE, BF16)
+        return grad_lo, grad_hi
+    else:
+        return _round_to(lo, DTYPE, BF16), _round_to(hi, DTYPE, BF16)
+
+
+@triton.jit
+def _rope_grad_rows_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, col_ptr, d_ptr, q_ptr, s_ptr, M, T,
+                           sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d, sv_b, sv_h, sv_t, sv_d, stride_cos,
+                           stride_sin, stride_d, stride_q, H: tl.constexpr, KV: tl.constexpr, HALF: tl.constexpr,
+                           BH: tl.constexpr, BKV: tl.constexpr, BD: tl.constexpr, CHUNK: tl.constexpr,
+                           DTYPE: tl.constexpr, BF16: tl.constexpr, FLOOR: tl.constexpr):
+    """CHUNK tokens of :func:`int8_linear.rope_grad_rows_reference`, each token's q, k and v gradients (SDPA's, heads
+    [B, H or KV, T, D] at any strides) read once: q's and k's through RoPE's backward, their rows stored in the
+    product's column order (q's heads, then k's), and from the same registers all three rounded per token to int8
+    with the q/k/v product's column scales (:func:`_quantize_grad_rows_kernel`'s arithmetic). Launched without fma
+    contraction (a product and the sum after it stay two roundings)."""
+    D: tl.constexpr = 2 * HALF
+    c = tl.arange(0, BD)[None, :]
+    hq = tl.arange(0, BH)[:, None]
+    hk = tl.arange(0, BKV)[:, None]
+    # the columns of the product's output (and of its scales and int8 rows): q's heads, k's, v's
+    cq, ck, cv = hq * D + c, H * D + hk * D + c, (H + KV) * D + hk * D + c
+    mq, mk = (hq < H) & (c < HALF), (hk < KV) & (c < HALF)
+    col_q = (tl.load(col_ptr + cq, mask=mq, other=0.0), tl.load(col_ptr + cq + HALF, mask=mq, other=0.0))
+    col_k = (tl.load(col_ptr + ck, mask=mk, other=0.0), tl.load(col_ptr + ck + HALF, mask=mk, other=0.0))
+    col_v = (tl.load(col_ptr + cv, mask=mk, other=0.0), tl.load(col_ptr + cv + HALF, mask=mk, other=0.0))
+    first = tl.program_id(0).to(tl.int64) * CHUNK
+    for i in range(CHUNK):
+        row = first + i
+        inside = row < M
+        b, t = row // T, row % T
+        half = (c < HALF) & inside
+        cos_lo = tl.load(cos_ptr + t * stride_cos + c, mask=half, other=0.0).to(tl.float32)
+        cos_hi = tl.load(cos_ptr + t * stride_cos + HALF + c, mask=half, other=0.0).to(tl.float32)
+        sin_lo = tl.load(sin_ptr + t * stride_sin + c, mask=half, other=0.0).to(tl.float32)
+        sin_hi = tl.load(sin_ptr + t * stride_sin + HALF + c, mask=half, other=0.0).to(tl.float32)
+        q_lo, q_hi = _rope_grad_heads(dq_ptr, sq_b, sq_h, sq_t, sq_d, b, t, inside, hq, c, cos_lo, cos_hi, sin_lo,
+                                      sin_hi, H, HALF, True, DTYPE, BF16)
+        k_lo, k_hi = _rope_grad_heads(dk_ptr, sk_b, sk_h, sk_t, sk_d, b, t, inside, hk, c, cos_lo, cos_hi, sin_lo,
+                                      sin_hi, KV, HALF, True, DTYPE, BF16)
+        v_lo, v_hi = _rope_grad_heads(dv_ptr, sv_b, sv_h, sv_t, sv_d, b, t, inside, hk, c, cos_lo, cos_hi, sin_lo,
+                                      sin_hi, KV, HALF, False, DTYPE, BF16)
+        out = d_ptr + row * stride_d
+        tl.store(out + cq, q_lo.to(d_ptr.dtype.element_ty), mask=mq & inside)
+        tl.store(out + cq + HALF, q_hi.to(d_ptr.dtype.element_ty), mask=mq & inside)
+        tl.store(out + ck, k_lo.to(d_ptr.dtype.element_ty), mask=mk & inside)
+        tl.store(out + ck + HALF, k_hi.to(d_ptr.dtype.element_ty), mask=mk & inside)
+        sq = (q_lo * col_q[0], q_hi * col_q[1])
+        sk = (k_lo * col_k[0], k_hi * col_k[1])
+        sv = (v_lo * col_v[0], v_hi * col_v[1])
+        amax = tl.maximum(tl.maximum(tl.max(tl.max(tl.abs(sq[0]), 1), 0), tl.max(tl.max(tl.abs(sq[1]), 1), 0)),
+                          tl.maximum(tl.max(tl.max(tl.abs(sk[0]), 1), 0), tl.max(tl.max(tl.abs(sk[1]), 1), 0)))
+        amax = tl.maximum(amax, tl.maximum(tl.max(tl.max(tl.abs(sv[0]), 1), 0), tl.max(tl.max(tl.abs(sv[1]), 1), 0)))
+        s = _grad_row_scale(amax, FLOOR)
+        tl.store(s_ptr + row, s, mask=inside)
+        rows = q_ptr + row * stride_q
+        tl.store(rows + cq, _int8_values(sq[0] * s).to(tl.int8), mask=mq & inside)
+        tl.store(rows + cq + HALF, _int8_values(sq[1] * s).to(tl.int8), mask=mq & inside)
+        tl.store(rows + ck, _int8_values(sk[0] * s).to(tl.int8), mask=mk & inside)
+        tl.store(rows + ck + HALF, _int8_values(sk[1] * s).to(tl.int8), mask=mk & inside)
+        tl.store(rows + cv, _int8_values(sv[0] * s).to(tl.int8), mask=mk & inside)
+        tl.store(rows + cv + HALF, _int8_values(sv[1] * s).to(tl.int8), mask=mk & inside)
+
+
+def rope_grad_rows_launch() -> tuple[int, int]:
+    """(tokens per program, warps) of :func:`rope_grad_rows`: ``$BITNET_RGR`` as "R,W" overrides (measurements), else
+    one token a program on 8 warps (a token's q, k and v at 700m's 16 heads x 96 and 1.3b's 32 x 64: 6,144 lanes with
+    the halves padded to powers of two). Not measured on a GPU yet; chosen by occupancy (sm_90, ptxas): 64-70
+    registers a thread, four programs a multiprocessor, against 97 and two with 4 tokens a program (the column scales
+    then loaded once for the four) and 110-116 and four programs of 4 warps with one token."""
+    return _launch_override("BITNET_RGR", rows_power_of_two=False) or (1, 8)
+
+
+def rope_grad_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   col_scale: torch.Tensor, dtype: torch.dtype, rows: int | None = None,
+                   warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bitnet::rope_grad_rows`` on CUDA (int8_linear.rope_grad_rows_reference's values): one pass over each token's
+    q, k and v gradients, whatever their strides; ``rows``/``warps``: the launch instead of
+    :func:`rope_grad_rows_launch`'s."""
+    b, h, t, d = dq.shape
+    kv, half = dk.shape[1], d // 2
+    assert cos.shape == sin.shape == (t, d), "RoPE's tables: one row per position (model.rope_cos_sin)"
+    r, w = rope_grad_rows_launch()
+    r, w = rows or r, warps or w
+    m = b * t
+    cos, sin = (x if x.stride(-1) == 1 else x.contiguous() for x in (cos, sin))  # the kernel reads their rows whole
+    out = torch.empty((m, (h + kv) * d), dtype=dtype, device=dq.device)
+    q = int8_rows(m, (h + 2 * kv) * d, dq.device)
+    s = torch.empty((m,), dtype=torch.float32, device=dq.device)
+    _rope_grad_rows_kernel[(triton.cdiv(m, r),)](
+        dq, dk, dv, cos, sin, col_scale.float().contiguous(), out, q, s, m, t, *dq.stride(), *dk.stride(),
+        *dv.stride(), cos.stride(0), sin.stride(0), out.stride(0), q.stride(0), H=h, KV=kv, HALF=half,
+        BH=triton.next_power_of_2(h), BKV=triton.next_power_of_2(kv), BD=triton.next_power_of_2(half), CHUNK=r,
+        DTYPE=_DTYPES[dtype], BF16=dtype == torch.bfloat16, FLOOR=GRAD_ABSMAX_FLOOR, num_warps=w,
+        enable_fp_fusion=False)
+    return out, q, s
