@@ -553,8 +553,10 @@ def check_gated_autograd() -> list[dict]:
     return [_gated_autograd(1536, 4096, "0"), _gated_autograd(2048, 5460, "1")]
 
 
-def _gated_autograd(hidden: int, intermediate: int, wide: str) -> dict:
-    """:func:`check_gated_autograd` at one model width, ``wide`` the value of $BITNET_INT8_GATED_WIDE."""
+def _two_layer_runs(hidden: int, intermediate: int, runs: dict[str, dict[str, str]], took) -> dict:
+    """A two-layer model at these widths under bf16 autocast, one forward and backward per run from the same seed and
+    tokens (``runs``: name -> the ``$BITNET_INT8_*`` switches it sets, removed after; ``took(layer, switches)``
+    asserts they took): name -> (loss, each parameter's gradient in fp32)."""
     import os
 
     from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
@@ -563,27 +565,41 @@ def _gated_autograd(hidden: int, intermediate: int, wide: str) -> dict:
                        num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
     ids = torch.randint(0, 4096, (4, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     res = {}
-    os.environ["BITNET_INT8_GATED_WIDE"] = wide
-    for env in ("1", "0"):
-        os.environ["BITNET_INT8_GATED_GRAD"] = env
-        torch.manual_seed(0)
-        model = BitNetForCausalLM(cfg).cuda()
-        L.enable(model, True, cache=True)
-        L.refresh(model, "torch")
-        assert all(layer.mlp.int8_fused.gated_mlp == (env == "1") for layer in model.model.layers)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        res[env] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-    os.environ.pop("BITNET_INT8_GATED_GRAD")
-    os.environ.pop("BITNET_INT8_GATED_WIDE")
+    for name, switches in runs.items():
+        os.environ.update(switches)
+        try:
+            torch.manual_seed(0)
+            model = BitNetForCausalLM(cfg).cuda()
+            L.enable(model, True, cache=True)
+            L.refresh(model, "torch")
+            assert all(took(layer, switches) for layer in model.model.layers), name
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(ids[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            res[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
+        finally:
+            for k in switches:
+                os.environ.pop(k)
+    return res
+
+
+def _grad_difference(res: dict, part: str, run: str, base: str) -> float:
+    """The relative difference of run's gradients from base's over the parameters whose names contain ``part``."""
+    names = [n for n in res[base][1] if part in n]
+    a = torch.cat([res[run][1][n].flatten() for n in names])
+    b = torch.cat([res[base][1][n].flatten() for n in names])
+    return float((a - b).norm() / b.norm())
+
+
+def _gated_autograd(hidden: int, intermediate: int, wide: str) -> dict:
+    """:func:`check_gated_autograd` at one model width, ``wide`` the value of $BITNET_INT8_GATED_WIDE."""
+    res = _two_layer_runs(hidden, intermediate, {
+        env: {"BITNET_INT8_GATED_WIDE": wide, "BITNET_INT8_GATED_GRAD": env} for env in ("1", "0")},
+        lambda layer, sw: layer.mlp.int8_fused.gated_mlp == (sw["BITNET_INT8_GATED_GRAD"] == "1"))
     row = {"intermediate": intermediate, "wide": wide, "loss": res["1"][0], "loss_unfused": res["0"][0]}
     for part in ("embed_tokens", "layernorm", "self_attn", "mlp.gate", "mlp.up", "mlp.down", "ffn_sub_norm"):
-        names = [n for n in res["1"][1] if part in n]
-        a = torch.cat([res["1"][1][n].flatten() for n in names])
-        b = torch.cat([res["0"][1][n].flatten() for n in names])
-        row[f"grad_{part}"] = float((a - b).norm() / b.norm())
+        row[f"grad_{part}"] = _grad_difference(res, part, "1", "0")
     print(json.dumps(row), flush=True)
     return row
 
@@ -701,34 +717,13 @@ def check_rope_autograd() -> list[dict]:
     function ($BITNET_INT8_ROPE_ROWS=1, Int8Product.rotary) and without it (0): the loss and each parameter group's
     gradient as relative differences from the latter's (zero on the CPU; here also what SDPA's backward does not
     repeat bit for bit), and the same between two runs without it (``repeat_*``: that noise floor)."""
-    import os
-
-    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
-
-    cfg = BitNetConfig(vocab_size=4096, hidden_size=1536, intermediate_size=4096, num_hidden_layers=2,
-                       num_attention_heads=16, num_key_value_heads=16, bos_token_id=None, eos_token_id=None)
-    ids = torch.randint(0, 4096, (4, 1025), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    res = {}
-    for name, env in (("rope", "1"), ("off", "0"), ("repeat", "0")):
-        os.environ["BITNET_INT8_ROPE_ROWS"] = env
-        torch.manual_seed(0)
-        model = BitNetForCausalLM(cfg).cuda()
-        L.enable(model, True, cache=True)
-        L.refresh(model, "torch")
-        assert all(layer.self_attn.int8_fused.rope_rows == (env == "1") for layer in model.model.layers)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.backward()
-        res[name] = loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}
-    os.environ.pop("BITNET_INT8_ROPE_ROWS")
+    res = _two_layer_runs(1536, 4096, {name: {"BITNET_INT8_ROPE_ROWS": env}
+                                       for name, env in (("rope", "1"), ("off", "0"), ("repeat", "0"))},
+                          lambda layer, sw: layer.self_attn.int8_fused.rope_rows == (sw["BITNET_INT8_ROPE_ROWS"] == "1"))
     row = {"loss": res["rope"][0], "loss_off": res["off"][0], "loss_repeat": res["repeat"][0]}
     for part in ("embed_tokens", "layernorm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp"):
-        for name in ("rope", "repeat"):
-            names = [n for n in res[name][1] if part in n]
-            a = torch.cat([res[name][1][n].flatten() for n in names])
-            b = torch.cat([res["off"][1][n].flatten() for n in names])
-            row[f"{'' if name == 'rope' else 'repeat_'}grad_{part}"] = float((a - b).norm() / b.norm())
+        row[f"grad_{part}"] = _grad_difference(res, part, "rope", "off")
+        row[f"repeat_grad_{part}"] = _grad_difference(res, part, "repeat", "off")
     print(json.dumps(row), flush=True)
     return [row]
 

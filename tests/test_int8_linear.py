@@ -898,29 +898,62 @@ def test_residual_norm_grad_rows_triton_kernel_matches_its_reference_in_the_inte
     assert _interpret(_INTERPRETED_RESIDUAL_NORM_GRAD_ROWS, cases) == [[True] * 6] * (2 * len(cases))
 
 
-_COMPILED_NORM_KERNELS = """
-import collections, json, re, sys, triton
+_SM90 = """
+import collections, json, re, subprocess, sys, tempfile, triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from bitnet_cli.train import int8_triton as T
-
-def compile_sm90(fn, pointers, scalars, constexprs, warps):
-    # every pointer and row stride 16-byte aligned, as Triton specialises them at the recipes' shapes
-    sig = {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in constexprs}}
-    index = {n: (i,) for i, n in enumerate(sig)}
-    attrs = {index[n]: [["tt.divisibility", 16]] for n in sig if n.endswith("_ptr") or n.startswith("stride")}
-    src = ASTSource(fn=fn, signature=sig, constexprs={index[n]: v for n, v in constexprs.items()}, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
-                         ).asm["ptx"]
-    return collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))
-
 try:
     from triton.backends.nvidia.compiler import get_ptxas
-    get_ptxas(90)
+    PTXAS = get_ptxas(90).path
 except Exception:  # a Triton without its CUDA tools: nothing to compile with
     print(json.dumps("no ptxas"))
     sys.exit(0)
+
+def compile_sm90(fn, types, constexprs, warps, aligned=lambda n: n.endswith("_ptr") or n.startswith("stride")):
+    # fn's PTX for sm_90: its arguments typed by ``types`` ("*bf16", "i32", ...), the rest ``constexprs``; those that
+    # ``aligned`` names 16-byte divisible, as Triton specialises the pointers and row strides of the recipes' shapes
+    names = list(fn.arg_names)
+    index = {n: (i,) for i, n in enumerate(names)}
+    src = ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in names},
+                    constexprs={index[n]: v for n, v in constexprs.items()},
+                    attrs={index[n]: [["tt.divisibility", 16]] for n in names if aligned(n)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps, "enable_fp_fusion": False}).asm["ptx"]
+
+def accesses(ptx):
+    return collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))
+
+def spills(ptx):  # bytes of spill stores and loads, as ptxas -v reports them
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        r = subprocess.run([PTXAS, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True, text=True)
+    return [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", r.stdout + r.stderr)]
+"""
+
+
+def _sm90(script: str, arg) -> object:
+    """The JSON result of ``script`` after :data:`_SM90` (kernels compiled for sm_90 on the CPU by Triton's own ptxas),
+    given ``arg``; skipped where Triton has no CUDA tools."""
+    pytest.importorskip("triton")
+    here = Path(__file__).parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", _SM90 + script, json.dumps(arg)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.splitlines()[-1])
+    if result == "no ptxas":
+        pytest.skip("Triton's ptxas is not available here")
+    return result
+
+
+_COMPILED_NORM_KERNELS = """
+def compiled(fn, pointers, scalars, constexprs, warps):
+    return accesses(compile_sm90(fn, {**{n: "*" + t for n, t in pointers.items()}, **scalars}, constexprs, warps))
+
 ints = ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]
 out = []
 for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
@@ -930,8 +963,8 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
     consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "GATE": gate, "RESIDUAL": residual, "Y_DTYPE": y,
               "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
               "HINT": False}
-    out.append(compile_sm90(T._norm_quant_kernel, pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"},
-                            consts, 4))
+    out.append(compiled(T._norm_quant_kernel, pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"},
+                        consts, 4))
     if residual:  # the backward of the same shapes
         pointers = {"gh_ptr": x_dtype, "gn_ptr": "bf16", "h_ptr": x_dtype, "w_ptr": "fp32", "rstd_ptr": "fp32",
                     "gx_ptr": x_dtype, "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8",
@@ -941,7 +974,7 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
             consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "CHUNK": T.RESIDUAL_GRAD_CHUNK,
                       "HAS_GH": True, "Y_DTYPE": y, "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16,
                       "GD_BF16": True, "ROWS": rows, "FLOOR": 1e-30}
-            out.append(compile_sm90(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
+            out.append(compiled(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
 for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths, launched as the trainer does
     pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",
                 "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
@@ -949,7 +982,7 @@ for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths,
     rows, warps = T.gated_norm_grad_launch(f)
     consts = {"F": f, "F_PAD": f, "BLOCK": f, "CHUNK": rows, "Y_DTYPE": tl.float32, "Y_BF16": False, "D_BF16": True,
               "FLOOR": 1e-30}
-    out.append(compile_sm90(T._gated_norm_grad_kernel, pointers, scalars, consts, warps))
+    out.append(compiled(T._gated_norm_grad_kernel, pointers, scalars, consts, warps))
 print(json.dumps(out))
 """
 
@@ -960,18 +993,9 @@ def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
     with 16-byte-aligned rows every global load and store of a row is a 16-byte vector access (only the per-row
     scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual (with and without delta's
     int8 rows) and gated MLP backwards."""
-    pytest.importorskip("triton")
-    here = Path(__file__).parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
     cases = [[False, False, 1536, "bf16"], [True, False, 4096, "bf16"], [False, True, 1536, "fp32"],
              [False, True, 768, "bf16"]]
-    r = subprocess.run([sys.executable, "-c", _COMPILED_NORM_KERNELS, json.dumps(cases)], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    counts = json.loads(r.stdout.splitlines()[-1])
-    if counts == "no ptxas":
-        pytest.skip("Triton's ptxas is not available here")
+    counts = _sm90(_COMPILED_NORM_KERNELS, cases)
     assert len(counts) == 10
     for i, c in enumerate(counts):
         assert c.get("ld.global.v4.b32", 0) > 0 and c.get("st.global.v4.b32", 0) > 0
@@ -1009,6 +1033,27 @@ def _loss_and_grads(model, ids, autocast: bool, forward=None):
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _same_training_fewer_rows_passes(monkeypatch, models: dict, name: str, ids, autocast: bool) -> int:
+    """Asserts that ``models[name]`` gives ``models["off"]``'s loss and gradients bit for bit; returns how many fewer
+    ``bitnet::quantize_grad_rows`` passes its backward made."""
+    calls, results = {}, {}
+    rows_pass = L.quantize_grad_rows
+    for run in ("off", name):
+        calls[run] = 0
+
+        def counted(parts, col_scale, run=run):
+            calls[run] += 1
+            return rows_pass(parts, col_scale)
+
+        monkeypatch.setattr(L, "quantize_grad_rows", counted)
+        results[run] = _loss_and_grads(models[run], ids, autocast)
+    (loss, grads), (loss_off, grads_off) = results[name], results["off"]
+    assert torch.equal(loss, loss_off)
+    for param, g in grads.items():
+        assert torch.equal(g, grads_off[param]), param
+    return calls["off"] - calls[name]
 
 
 @pytest.mark.parametrize("grad_op", ["0", "1"])
@@ -1396,22 +1441,7 @@ def test_residual_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, 
         assert not layer.self_attn.int8_fused.defer and layer.mlp.int8_fused.gated_mlp == (gated == "1")
     assert not any(m.defer for m in models["off"].modules() if isinstance(m, L.Int8Product))
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
-    calls = {}
-    rows_pass = L.quantize_grad_rows
-    for name in ("off", "rows"):
-        calls[name] = 0
-
-        def counted(parts, col_scale, name=name):
-            calls[name] += 1
-            return rows_pass(parts, col_scale)
-
-        monkeypatch.setattr(L, "quantize_grad_rows", counted)
-        calls[name + "_result"] = _loss_and_grads(models[name], ids, autocast)
-    (loss, grads), (loss_off, grads_off) = calls["rows_result"], calls["off_result"]
-    assert torch.equal(loss, loss_off)
-    for name, g in grads.items():
-        assert torch.equal(g, grads_off[name]), name
-    assert calls["off"] - calls["rows"] == 2 * layers - 1
+    assert _same_training_fewer_rows_passes(monkeypatch, models, "rows", ids, autocast) == 2 * layers - 1
 
 
 def test_residual_rows_setting(monkeypatch):
@@ -1468,17 +1498,6 @@ def test_wide_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(monkeypa
 
 
 _PTXAS_SPILLS = """
-import json, re, subprocess, sys, tempfile, triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from bitnet_cli.train import int8_triton as T
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(90).path
-except Exception:  # a Triton without its CUDA tools: nothing to compile with
-    print(json.dumps("no ptxas"))
-    sys.exit(0)
 pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",
             "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
 scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
@@ -1487,18 +1506,8 @@ for f in json.loads(sys.argv[1]):  # the wide kernel launched as the trainer doe
     rows, warps = 32, 4
     consts = {"F": f, "F_PAD": f + (-f % 8), "BC": T.GATED_WIDE_COLUMNS, "CHUNK": rows, "Y_DTYPE": tl.float32,
               "Y_BF16": False, "D_BF16": True, "FLOOR": 1e-30}
-    sig = {**{n: "*" + t for n, t in pointers.items()}, **scalars, **{n: "constexpr" for n in consts}}
-    index = {n: (i,) for i, n in enumerate(sig)}
-    attrs = {index[n]: [["tt.divisibility", 16]] for n in sig if n.endswith("_ptr") or n.startswith("stride")}
-    src = ASTSource(fn=T._gated_norm_grad_wide_kernel, signature=sig,
-                    constexprs={index[n]: v for n, v in consts.items()}, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
-                         ).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-        fh.write(ptx)
-        fh.flush()
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True, text=True)
-    out.append([int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", r.stdout + r.stderr)])
+    types = {**{n: "*" + t for n, t in pointers.items()}, **scalars}
+    out.append(spills(compile_sm90(T._gated_norm_grad_wide_kernel, types, consts, warps)))
 print(json.dumps(out))
 """
 
@@ -1507,16 +1516,7 @@ def test_wide_gated_kernel_compiles_for_hopper_without_spills():
     """The wide gated backward (_gated_norm_grad_wide_kernel) at 1.3b's 5,460 and 700m's 4,096, compiled for sm_90 on
     the CPU by Triton's ptxas: no register spills (the one-pass kernel spilled 292 bytes at 5,460, which is why it is
     not used there)."""
-    pytest.importorskip("triton")
-    here = Path(__file__).parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _PTXAS_SPILLS, json.dumps([5460, 4096])], env=env, capture_output=True,
-                       text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    spills = json.loads(r.stdout.splitlines()[-1])
-    if spills == "no ptxas":
-        pytest.skip("Triton's ptxas is not available here")
+    spills = _sm90(_PTXAS_SPILLS, [5460, 4096])
     assert spills == [[0, 0], [0, 0]]
 
 
@@ -1587,22 +1587,7 @@ def test_rope_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, kv_h
     assert not any(m.rope_rows for m in models["off"].modules() if isinstance(m, L.Int8Product))
     assert not any(layer.mlp.int8_fused.rope_rows for layer in models["rope"].model.layers)
     ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
-    calls, results = {}, {}
-    rows_pass = L.quantize_grad_rows
-    for name in ("off", "rope"):
-        calls[name] = 0
-
-        def counted(parts, col_scale, name=name):
-            calls[name] += 1
-            return rows_pass(parts, col_scale)
-
-        monkeypatch.setattr(L, "quantize_grad_rows", counted)
-        results[name] = _loss_and_grads(models[name], ids, autocast)
-    (loss, grads), (loss_off, grads_off) = results["rope"], results["off"]
-    assert torch.equal(loss, loss_off)
-    for name, g in grads.items():
-        assert torch.equal(g, grads_off[name]), name
-    assert calls["off"] - calls["rope"] == layers
+    assert _same_training_fewer_rows_passes(monkeypatch, models, "rope", ids, autocast) == layers
 
 
 def test_rope_rows_setting(monkeypatch):
@@ -1639,17 +1624,6 @@ def test_rope_rows_setting(monkeypatch):
 
 
 _PTXAS_ROPE = """
-import collections, json, re, subprocess, sys, tempfile, triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from bitnet_cli.train import int8_triton as T
-try:
-    from triton.backends.nvidia.compiler import get_ptxas
-    ptxas = get_ptxas(90).path
-except Exception:  # a Triton without its CUDA tools: nothing to compile with
-    print(json.dumps("no ptxas"))
-    sys.exit(0)
 pointers = {"dq_ptr": "bf16", "dk_ptr": "bf16", "dv_ptr": "bf16", "cos_ptr": "fp32", "sin_ptr": "fp32",
             "col_ptr": "fp32", "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32"}
 strides = [p + n for p in ("sq_", "sk_", "sv_") for n in "bht"] + ["stride_cos", "stride_sin", "stride_d", "stride_q"]
@@ -1659,22 +1633,10 @@ for heads, d in json.loads(sys.argv[1]):  # MHA under bf16 autocast, launched as
     consts = {"sq_d": 1, "sk_d": 1, "sv_d": 1, "H": heads, "KV": heads, "HALF": d // 2,
               "BH": triton.next_power_of_2(heads), "BKV": triton.next_power_of_2(heads),
               "BD": triton.next_power_of_2(d // 2), "CHUNK": rows, "DTYPE": tl.bfloat16, "BF16": True, "FLOOR": 1e-30}
-    names = list(T._rope_grad_rows_kernel.arg_names)
     types = {**{n: "*" + t for n, t in pointers.items()}, **{n: "i32" for n in ["M", "T", *strides]}}
-    sig = {n: types.get(n, "constexpr") for n in names}
-    index = {n: (i,) for i, n in enumerate(names)}
     # pointers and row strides 16-byte aligned, as at the recipes' shapes (SDPA's heads: a head's stride is d)
-    attrs = {index[n]: [["tt.divisibility", 16]] for n in names if n.endswith("_ptr") or n in strides}
-    src = ASTSource(fn=T._rope_grad_rows_kernel, signature=sig, constexprs={index[n]: v for n, v in consts.items()},
-                    attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False}
-                         ).asm["ptx"]
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
-        fh.write(ptx)
-        fh.flush()
-        r = subprocess.run([ptxas, "-arch=sm_90a", "-v", fh.name, "-o", "/dev/null"], capture_output=True, text=True)
-    spills = [int(n) for n in re.findall(r"(\\d+) bytes spill (?:stores|loads)", r.stdout + r.stderr)]
-    out.append([spills, collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))])
+    ptx = compile_sm90(T._rope_grad_rows_kernel, types, consts, warps, lambda n: n.endswith("_ptr") or n in strides)
+    out.append([spills(ptx), accesses(ptx)])
 print(json.dumps(out))
 """
 
@@ -1684,16 +1646,7 @@ def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
     (12 x 64), compiled for sm_90 on the CPU by Triton's ptxas as the trainer launches it: no register spills, and at
     700m's and 1.3b's the gradients' halves read and written in vector accesses (SDPA's rows of a head are contiguous;
     at small's a thread holds two bf16 of a half: 4-byte accesses)."""
-    pytest.importorskip("triton")
-    here = Path(__file__).parent
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(here.parent), os.environ.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", _PTXAS_ROPE, json.dumps([[16, 96], [32, 64], [12, 64]])], env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    result = json.loads(r.stdout.splitlines()[-1])
-    if result == "no ptxas":
-        pytest.skip("Triton's ptxas is not available here")
+    result = _sm90(_PTXAS_ROPE, [[16, 96], [32, 64], [12, 64]])
     assert [spills for spills, _ in result] == [[0, 0]] * 3
     for _, accesses in result[:2]:
         assert any(a.startswith("ld.global.v") for a in accesses) and any(a.startswith("st.global.v") for a in accesses)
