@@ -51,6 +51,9 @@
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
+8b. ``--fp8-grad-weight MODELS`` (alone): a probe, not a trainer path: the weight gradient on fp8 tensor cores
+   (``torch._scaled_mm``: G^T in e5m2 or e4m3, X~ in e4m3, per-tensor or per-row scales) against the bf16 products, time
+   and error, with the casts it would need (:func:`sweep_fp8_grad_weight`): whether an fp8 weight gradient could pay.
 9. ``--tma-variants MODELS`` (alone): the TMA kernel's tile options (the TMA store in halves, group widths, warp
    specialisation) at those models' forward and grad_input products, each timed and checked against the exact
    product (:func:`sweep_tma_variants`).
@@ -1238,6 +1241,79 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     return out
 
 
+# fp8's largest finite values: the per-tensor scales map each operand's absmax there
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def fp8_operands(parts: list[torch.Tensor], x_deq: torch.Tensor, g_dtype: torch.dtype, rowwise: bool = False):
+    """The weight gradient's operands as ``torch._scaled_mm`` takes them: ``a`` = [G_0 | G_1 | ...]^T [N, M] row-major
+    in ``g_dtype``, ``b`` = X~ [M, K] column-major in e4m3, and their scales (what multiplies each back): per tensor, or
+    with ``rowwise`` per output row n and per column k (each over all M tokens)."""
+    g = torch.cat([p.float() for p in parts], dim=1)
+    x = x_deq.float()
+    if rowwise:
+        amax_g, amax_x = g.abs().amax(0, keepdim=True).t(), x.abs().amax(0, keepdim=True)
+    else:
+        amax_g, amax_x = g.abs().amax(), x.abs().amax()
+    s_g = FP8_MAX[g_dtype] / amax_g.clamp(min=1e-30)
+    s_x = FP8_MAX[torch.float8_e4m3fn] / amax_x.clamp(min=1e-30)
+    a = (g.t() * s_g).to(g_dtype).contiguous()
+    b = (x * s_x).to(torch.float8_e4m3fn).t().contiguous().t()
+    return a, b, (1.0 / s_g).float(), (1.0 / s_x).float()
+
+
+def fp8_grad_weight(parts: list[torch.Tensor], x_deq: torch.Tensor, g_dtype: torch.dtype,
+                    rowwise: bool = False) -> torch.Tensor:
+    """dW [N, K] = [G_0 | G_1 | ...]^T X~ on fp8 products (:func:`fp8_operands`), in fp32."""
+    a, b, scale_a, scale_b = fp8_operands(parts, x_deq, g_dtype, rowwise)
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
+
+
+def sweep_fp8_grad_weight(models: list[str], m: int = 32768) -> list[dict]:
+    """Each weight gradient of a layer (:data:`GRAD_WEIGHT_SHAPES`; ``m`` tokens; bf16 output-gradient parts whose
+    magnitude varies by token as training's do, X~ from int8 rows): the trainer's bf16 products against fp8 ones
+    (:func:`fp8_grad_weight`): the product alone (``*_mm_ms``), the casts into its operands compiled by torch
+    (``*_cast_ms``: absmax, scale, cast and transposed copy, the passes a fused kernel would have to beat), and
+    ``err_*`` the relative error against G^T X~ in float64. A variant _scaled_mm refuses records its error message."""
+    from triton.testing import do_bench
+
+    out = []
+    torch.manual_seed(7)
+    variants = {"e5m2": (torch.float8_e5m2, False), "e4m3": (torch.float8_e4m3fn, False),
+                "e4m3_rowwise": (torch.float8_e4m3fn, True)}
+    for name in models:
+        for k, widths in GRAD_WEIGHT_SHAPES[name]:
+            n = sum(widths)
+            token_scale = torch.randn(m, 1, device="cuda").exp()  # log-normal per-token magnitudes
+            parts = [(torch.randn(m, w, device="cuda") * 3e-5 * token_scale).to(torch.bfloat16) for w in widths]
+            q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
+            flops = 2 * m * n * k
+            exact = torch.cat([g.double().t() @ x_deq.double() for g in parts])
+            row = {"model": name, "m": m, "k": k, "widths": widths}
+            row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
+            bf = torch.cat([(g.t() @ x_deq).float() for g in parts])
+            row["err_bf16"] = ((bf.double() - exact).norm() / exact.norm()).item()
+            for label, (g_dtype, rowwise) in variants.items():
+                try:
+                    cast = torch.compile(lambda: fp8_operands(parts, x_deq, g_dtype, rowwise))
+                    a, b, sa, sb = cast()
+                    row[f"{label}_cast_ms"] = do_bench(cast, return_mode="median")
+                    row[f"{label}_mm_ms"] = do_bench(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb,
+                                                                              out_dtype=torch.float32),
+                                                     return_mode="median")
+                    dw = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+                    row[f"{label}_TFLOPs"] = round(flops / row[f"{label}_mm_ms"] / 1e9, 1)
+                    row[f"err_{label}"] = ((dw.double() - exact).norm() / exact.norm()).item()
+                except Exception as e:  # noqa: BLE001 (a combination this torch/cuBLAS refuses)
+                    row[f"{label}_error"] = str(e)[:120]
+            row["bf16_TFLOPs"] = round(flops / row["bf16_ms"] / 1e9, 1)
+            row = {key: round(v, 5) if isinstance(v, float) else v for key, v in row.items()}
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
 def write_json(path: str, result: dict) -> None:
     """Writes the results so far (again after each stage: a call's time limit keeps what was done)."""
     with open(path, "w") as f:
@@ -1274,6 +1350,8 @@ def main():
                     "(alone)")
     ap.add_argument("--grad-weight", default="", help="models whose weight-gradient shapes time the int8 grad_weight "
                     "against bf16, after its checks (alone)")
+    ap.add_argument("--fp8-grad-weight", default="", help="models whose weight-gradient shapes time fp8 products "
+                    "(torch._scaled_mm) against bf16, with their casts and errors (alone; a probe)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
                     "options, each checked against the exact product (alone)")
     ap.add_argument("--offered", action="store_true", help="--tma-variants: the autotuning list's tiles alone")
@@ -1281,6 +1359,10 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.tma_variants:
         sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
+        return
+    if args.fp8_grad_weight:
+        write_json(args.out, {"gpu": torch.cuda.get_device_name(), "fp8_grad_weight": sweep_fp8_grad_weight(
+            [m for m in args.fp8_grad_weight.split(",") if m])})
         return
     if args.grad_weight:
         checks_then_sweep(args.out, {"grad_weight": check_grad_weight}, "grad_weight_sweep", sweep_grad_weight,

@@ -1,5 +1,5 @@
-"""benchmarks/train_gpu.py's variant switches: ``int8+NAME`` / ``int8-NAME`` run int8 with BITNET_INT8_NAME=1 / 0 for
-that run alone (a switch measured against the default in one process)."""
+"""The GPU benchmarks' own logic, on the CPU: benchmarks/train_gpu.py's variant switches (``int8+NAME`` / ``int8-NAME``
+run int8 with BITNET_INT8_NAME=1 / 0 for that run alone) and benchmarks/int8_kernels.py's fp8 weight-gradient probe."""
 
 import os
 
@@ -40,3 +40,22 @@ def test_the_switches_hold_for_their_run_alone(monkeypatch, tmp_path):
                       ["train.device=cpu"], run_dir=str(tmp_path))
     assert seen == {"BITNET_INT8_GATED_GRAD": "0", "BITNET_INT8_RESIDUAL_ROWS": "1"}
     assert os.environ["BITNET_INT8_GATED_GRAD"] == "1" and "BITNET_INT8_RESIDUAL_ROWS" not in os.environ
+
+
+@pytest.mark.parametrize("g_dtype, rowwise", [("float8_e5m2", False), ("float8_e4m3fn", False), ("float8_e4m3fn", True)])
+def test_the_fp8_weight_gradient_probe_computes_g_transpose_x(g_dtype, rowwise):
+    """int8_kernels.fp8_grad_weight: [G_0 | G_1]^T X~ from fp8 operands, within fp8's rounding (a few percent, far
+    above bf16's) of the exact product; a wrong layout, scale or part order would be off by 100%."""
+    import torch
+
+    int8_kernels = load_benchmark("int8_kernels")
+    torch.manual_seed(0)
+    m, k = 512, 96
+    token_scale = torch.randn(m, 1).exp()
+    parts = [(torch.randn(m, w) * 3e-5 * token_scale).to(torch.bfloat16) for w in (64, 32)]
+    x = (torch.randn(m, k) * 2).to(torch.bfloat16)
+    dw = int8_kernels.fp8_grad_weight(parts, x, getattr(torch, g_dtype), rowwise)
+    exact = torch.cat([g.double().t() @ x.double() for g in parts])
+    assert dw.shape == (96, k) and dw.dtype == torch.float32
+    err = ((dw.double() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < err < 0.1, err
