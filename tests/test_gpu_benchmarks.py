@@ -59,3 +59,19 @@ def test_the_fp8_weight_gradient_probe_computes_g_transpose_x(g_dtype, rowwise):
     assert dw.shape == (96, k) and dw.dtype == torch.float32
     err = ((dw.double() - exact).norm() / exact.norm()).item()
     assert 1e-3 < err < 0.1, err
+
+
+def test_the_fp8_curve_experiment_trains_on_fp8_weight_gradients_and_restores_the_trainer(monkeypatch, tmp_path):
+    from bitnet_cli.train import int8_linear
+
+    monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    curve = load_benchmark("fp8_grad_weight_curve")
+    calls = []
+    fp8 = curve.int8_kernels.fp8_grad_weight
+    monkeypatch.setattr(curve.int8_kernels, "fp8_grad_weight", lambda *a: calls.append(1) or fp8(*a))
+    trainer_products = int8_linear._grad_weights
+    row = curve.run("e4m3", 2, str(curve.REPO / "recipes" / "tiny.yaml"),
+                    ["train.batch_size=2", "train.seq_len=32", "data.tokenizer.vocab_size=320", "train.eval_batches=1"])
+    assert row["mode"] == "e4m3" and row["curve"][-1][0] == 2 and row["val"] > 0
+    assert len(calls) == 2 * 2 * 7  # steps x layers x projections (one fp8 product each)
+    assert int8_linear._grad_weights is trainer_products
