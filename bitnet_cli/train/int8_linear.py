@@ -1205,7 +1205,8 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
 
     fused = set()
     rnq = residual_norm_quant_enabled()
-    for owner, projs in _shared_input_groups(model):
+    groups = _shared_input_groups(model)
+    for owner, projs in groups:
         owner.int8_fused = Int8Product(projs, int8_grad, cache, rnq, int8_weight)
         fused.update(map(id, projs))
     n = 0
@@ -1215,15 +1216,14 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
             m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
+    # The fused backwards below assume the path's defaults: int8 grad_input, bf16 grad_weight, cached weights, fused
+    # residual norms (and, for those that round a sub-norm's product, fused sub-norms).
     if rnq and int8_grad and cache and not int8_weight:
-        if rope_rows_enabled():
-            for owner, projs in _shared_input_groups(model):
-                owner.int8_fused.rope_rows = _rope_rows(owner, projs)
-    if rnq and nq and int8_grad and cache and not int8_weight:
-        if gated_grad_enabled():
-            for owner, projs in _shared_input_groups(model):
-                owner.int8_fused.gated_mlp = _gated_mlp(owner, projs)
-        if residual_rows_enabled():
+        rope, gated = rope_rows_enabled(), nq and gated_grad_enabled()
+        for owner, projs in groups:
+            owner.int8_fused.rope_rows = rope and _rope_rows(owner, projs)
+            owner.int8_fused.gated_mlp = gated and _gated_mlp(owner, projs)
+        if nq and residual_rows_enabled():
             for m in model.modules():
                 proj = getattr(m, getattr(m, "residual_output", ""), None)
                 if (isinstance(proj, BitLinear) and proj.scale_op is None and proj.rms_norm is None

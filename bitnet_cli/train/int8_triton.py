@@ -822,6 +822,16 @@ def _div_rn(a, b, inv_b):
 
 
 @triton.jit
+def _mean_of_sum(total, K: tl.constexpr, inv_k):
+    """torch's mean of K elements from their sum: on CUDA the sum times the fp32 factor rows / elements (``inv_k``,
+    computed so on the host); on the CPU (the interpreter's reference) the sum divided by K."""
+    if INTERPRETED:
+        return total / K
+    else:
+        return total * inv_k
+
+
+@triton.jit
 def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_ptr, M, stride_x, stride_b, stride_q,
                        stride_xd, stride_h, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                        GATE: tl.constexpr, RESIDUAL: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
@@ -852,12 +862,7 @@ def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_pt
     if RESIDUAL:  # the new residual stream x + delta, one rounding of the exact inputs' fp32 sum, as torch's add
         y = _round_to(y + tl.load(b_ptr + off_b + c[None, :], mask=mask, other=0.0).to(tl.float32), Y_DTYPE, Y_BF16)
         tl.store(h_ptr + rows[:, None] * stride_h + c[None, :], y.to(h_ptr.dtype.element_ty), mask=mask)
-    # torch's CUDA mean: the sum times the fp32 factor rows / elements (inv_k, computed so on the host); its CPU
-    # mean (the interpreter's reference) divides the sum by K
-    if INTERPRETED:
-        mean = tl.sum(y * y, 1) / K
-    else:
-        mean = tl.sum(y * y, 1) * inv_k
+    mean = _mean_of_sum(tl.sum(y * y, 1), K, inv_k)
     rstd = _rsqrt(mean + eps)
     h = _round_to(y * rstd[:, None], Y_DTYPE, Y_BF16)
     w = tl.load(w_ptr + c, mask=c < K, other=0.0).to(tl.float32)
@@ -963,10 +968,7 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
         r = tl.load(rstd_ptr + rows, mask=rows < M, other=0.0)[:, None]
         w_acc += tl.sum(g * _round_to(y * r, Y_DTYPE, Y_BF16), 0)  # _rms_norm_weight_grad's terms
         dh = _round_to(g * w[None, :], Y_DTYPE, Y_BF16)
-        if INTERPRETED:  # torch's CPU mean divides by K; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
-            mean = tl.sum(dh * y, 1)[:, None] / K
-        else:
-            mean = tl.sum(dh * y, 1)[:, None] * inv_k
+        mean = _mean_of_sum(tl.sum(dh * y, 1), K, inv_k)[:, None]
         grad = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
         if HAS_GH:
             grad = _round_to(tl.load(gh_ptr + rows[:, None] * stride_gh + c[None, :], mask=mask,
@@ -1066,10 +1068,7 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
         y = _round_to(rr * u, Y_DTYPE, Y_BF16)
         w_acc += gn * _round_to(y * r, Y_DTYPE, Y_BF16)
         dh = _round_to(gn * w, Y_DTYPE, Y_BF16)
-        if INTERPRETED:  # torch's CPU mean divides by F; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
-            mean = tl.sum(dh * y, 0) / F
-        else:
-            mean = tl.sum(dh * y, 0) * inv_k
+        mean = _mean_of_sum(tl.sum(dh * y, 0), F, inv_k)
         dy = _round_to(dh * r - y * (r * r * r * mean), Y_DTYPE, Y_BF16)
         du = _round_to(dy * rr, d_ptr.dtype.element_ty, D_BF16)
         dg = _round_to(dy * u * 2.0 * relu, d_ptr.dtype.element_ty, D_BF16)
@@ -1129,10 +1128,7 @@ def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr,
             relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, c0 + c, F,
                                                        Y_DTYPE, Y_BF16)
             acc += dh * y
-        if INTERPRETED:  # torch's CPU mean divides by F; its CUDA mean multiplies by inv_k (as _norm_quant_kernel)
-            mean = tl.sum(acc, 0) / F
-        else:
-            mean = tl.sum(acc, 0) * inv_k
+        mean = _mean_of_sum(tl.sum(acc, 0), F, inv_k)
         amax = tl.zeros([BC], tl.float32)
         for c0 in range(0, F, BC):
             cols = c0 + c
