@@ -1,42 +1,35 @@
 """Does training tolerate an fp8 weight gradient? The tiny recipe on the int8 path (on a CPU, the emulation of its
-kernels) under bf16 autocast, its weight gradients as the trainer computes them (``plain``) or on fp8 operands
-(int8_kernels.fp8_grad_weight: G in e4m3 or e5m2, X~ in e4m3, one scale per tensor and projection); same seed and
-batches. Prints each run's loss curve and final validation loss as a JSON line.
+kernels) under bf16 autocast, its weight gradients in bf16 (``plain``) or on fp8 products (``fp8``:
+``$BITNET_INT8_FP8_GRAD_WEIGHT=1``, int8_linear.fp8_grad_weight: G and X~ in e4m3, one scale per tensor); same seed
+and batches. Prints each run's loss curve and final validation loss as a JSON line.
 
-    python benchmarks/fp8_grad_weight_curve.py --modes plain,e4m3,e5m2 --steps 300
+    python benchmarks/fp8_grad_weight_curve.py --modes plain,fp8 --steps 300
 
-An experiment, not a trainer option: it replaces ``int8_linear._grad_weights`` for the run (the products of
-_Int8Linear and _GatedProduct; the default path).
+The GPU's check is the 1,200-step small.yaml curve: ``python benchmarks/train_gpu.py --curve 1200
+--curve-variants int8,int8+FP8_GRAD_WEIGHT --parallel ...`` (benchmarks/RESULTS.md, session 22).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's bitnet_cli
-sys.path.insert(0, str(REPO / "benchmarks"))
-import int8_kernels  # noqa: E402
 
-from bitnet_cli.train import int8_linear as L  # noqa: E402
 from bitnet_cli.train import load_recipe, train  # noqa: E402
 
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+SWITCH = "BITNET_INT8_FP8_GRAD_WEIGHT"
+MODES = {"plain": "0", "fp8": "1"}
 
 
 def run(mode: str, steps: int, recipe: str, extra: list[str]) -> dict:
-    bf16_weights = L._grad_weights
-    if mode != "plain":
-        def fp8_weights(gs, x_deq, w_dtypes):
-            return [int8_kernels.fp8_grad_weight([g], x_deq, FP8[mode]).to(t) for g, t in zip(gs, w_dtypes)]
-
-        L._grad_weights = fp8_weights
+    outer = os.environ.get(SWITCH)
+    os.environ[SWITCH] = MODES[mode]
     try:
         r = load_recipe(recipe, [f"train.steps={steps}", "train.int8_matmul=on", "train.precision=bf16",
                                  "train.checkpoint_every=100000", "train.eval_every=100000", "train.log_every=25",
@@ -45,22 +38,26 @@ def run(mode: str, steps: int, recipe: str, extra: list[str]) -> dict:
             res = train(r, out_dir=Path(d) / mode, progress=False)
             rows = [json.loads(x) for x in (Path(d) / mode / "metrics.jsonl").read_text().splitlines()]
     finally:
-        L._grad_weights = bf16_weights
+        if outer is None:
+            os.environ.pop(SWITCH)
+        else:
+            os.environ[SWITCH] = outer
     return {"mode": mode, "steps": steps, "final_train": round(res.train_loss, 4), "val": round(res.val_loss, 4),
             "curve": [[row["step"], round(row["loss"], 4)] for row in rows if "loss" in row]}
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--modes", default="plain,e4m3,e5m2")
+    ap.add_argument("--modes", default="plain,fp8")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "tiny.yaml"))
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides")
     args = ap.parse_args()
-    for mode in args.modes.split(","):
-        if mode != "plain" and mode not in FP8:
-            raise SystemExit(f"error: mode {mode!r}: expected plain, {', '.join(FP8)}")
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in MODES:
+            raise SystemExit(f"error: mode {mode!r}: expected {', '.join(MODES)}")
+    for mode in modes:
         print(json.dumps(run(mode, args.steps, args.recipe, args.set)), flush=True)
 
 

@@ -51,9 +51,9 @@
 8. ``--grad-weight MODELS`` (alone): the int8 weight gradient (``quantize_grad_cols``, ``int8_grad_weight``) against its
    references (:func:`check_grad_weight`), then timed at those models' shapes beside the bf16 products
    (:func:`sweep_grad_weight`).
-8b. ``--fp8-grad-weight MODELS`` (alone): a probe, not a trainer path: the weight gradient on fp8 tensor cores
-   (``torch._scaled_mm``: G^T in e5m2 or e4m3, X~ in e4m3, per-tensor or per-row scales) against the bf16 products, time
-   and error, with the casts it would need (:func:`sweep_fp8_grad_weight`): whether an fp8 weight gradient could pay.
+8b. ``--fp8-grad-weight MODELS`` (alone): the trainer's fp8 weight gradient (``$BITNET_INT8_FP8_GRAD_WEIGHT``:
+   ``torch._scaled_mm``, G^T in e4m3 (or e5m2), X~ in e4m3, one scale per tensor) against the bf16 products, time and
+   error, its casts apart and with them (:func:`sweep_fp8_grad_weight`): whether an fp8 weight gradient pays.
 9. ``--tma-variants MODELS`` (alone): the TMA kernel's tile options (the TMA store in halves, group widths, warp
    specialisation) at those models' forward and grad_input products, each timed and checked against the exact
    product (:func:`sweep_tma_variants`).
@@ -1241,46 +1241,20 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     return out
 
 
-# fp8's largest finite values: the per-tensor scales map each operand's absmax there
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-
-
-def fp8_operands(parts: list[torch.Tensor], x_deq: torch.Tensor, g_dtype: torch.dtype, rowwise: bool = False):
-    """The weight gradient's operands as ``torch._scaled_mm`` takes them: ``a`` = [G_0 | G_1 | ...]^T [N, M] row-major
-    in ``g_dtype``, ``b`` = X~ [M, K] column-major in e4m3, and their scales (what multiplies each back): per tensor, or
-    with ``rowwise`` per output row n and per column k (each over all M tokens)."""
-    g = torch.cat([p.float() for p in parts], dim=1)
-    x = x_deq.float()
-    if rowwise:
-        amax_g, amax_x = g.abs().amax(0, keepdim=True).t(), x.abs().amax(0, keepdim=True)
-    else:
-        amax_g, amax_x = g.abs().amax(), x.abs().amax()
-    s_g = FP8_MAX[g_dtype] / amax_g.clamp(min=1e-30)
-    s_x = FP8_MAX[torch.float8_e4m3fn] / amax_x.clamp(min=1e-30)
-    a = (g.t() * s_g).to(g_dtype).contiguous()
-    b = (x * s_x).to(torch.float8_e4m3fn).t().contiguous().t()
-    return a, b, (1.0 / s_g).float(), (1.0 / s_x).float()
-
-
-def fp8_grad_weight(parts: list[torch.Tensor], x_deq: torch.Tensor, g_dtype: torch.dtype,
-                    rowwise: bool = False) -> torch.Tensor:
-    """dW [N, K] = [G_0 | G_1 | ...]^T X~ on fp8 products (:func:`fp8_operands`), in fp32."""
-    a, b, scale_a, scale_b = fp8_operands(parts, x_deq, g_dtype, rowwise)
-    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.float32)
-
-
 def sweep_fp8_grad_weight(models: list[str], m: int = 32768) -> list[dict]:
     """Each weight gradient of a layer (:data:`GRAD_WEIGHT_SHAPES`; ``m`` tokens; bf16 output-gradient parts whose
-    magnitude varies by token as training's do, X~ from int8 rows): the trainer's bf16 products against fp8 ones
-    (:func:`fp8_grad_weight`): the product alone (``*_mm_ms``), the casts into its operands compiled by torch
-    (``*_cast_ms``: absmax, scale, cast and transposed copy, the passes a fused kernel would have to beat), and
-    ``err_*`` the relative error against G^T X~ in float64. A variant _scaled_mm refuses records its error message."""
+    magnitude varies by token as training's do, X~ from int8 rows): the trainer's bf16 products against its fp8 one
+    (``$BITNET_INT8_FP8_GRAD_WEIGHT``, int8_linear.fp8_grad_weight; G in e4m3 as training runs it, or e5m2), its
+    operands cast as training casts them (X~ from the int8 rows and their scales, both absmax bounds known): the
+    product alone (``*_mm_ms``), the casts into its operands compiled by torch (``*_cast_ms``: scale, cast and
+    transposed copy, the passes a fused kernel would have to beat), the two together as the compiled trainer runs
+    them (``*_total_ms``), and ``err_*`` the relative error against G^T X~ in float64. A variant _scaled_mm refuses
+    records its error message."""
     from triton.testing import do_bench
 
     out = []
     torch.manual_seed(7)
-    variants = {"e5m2": (torch.float8_e5m2, False), "e4m3": (torch.float8_e4m3fn, False),
-                "e4m3_rowwise": (torch.float8_e4m3fn, True)}
+    variants = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
     for name in models:
         for k, widths in GRAD_WEIGHT_SHAPES[name]:
             n = sum(widths)
@@ -1294,15 +1268,20 @@ def sweep_fp8_grad_weight(models: list[str], m: int = 32768) -> list[dict]:
             row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
             bf = torch.cat([(g.t() @ x_deq).float() for g in parts])
             row["err_bf16"] = ((bf.double() - exact).norm() / exact.norm()).item()
-            for label, (g_dtype, rowwise) in variants.items():
+            # what the backward knows without a pass over the operands (int8_linear._grad_weights)
+            bounds = {"row_scale": 1.0 / s_x, "x_amax": 127.0 / s_x.min(),
+                      "g_amax": torch.stack([g.abs().amax() for g in parts]).amax().float()}
+            for label, g_dtype in variants.items():
                 try:
-                    cast = torch.compile(lambda: fp8_operands(parts, x_deq, g_dtype, rowwise))
+                    cast = torch.compile(lambda: L.fp8_operands(parts, q, g_dtype, **bounds))
                     a, b, sa, sb = cast()
                     row[f"{label}_cast_ms"] = do_bench(cast, return_mode="median")
                     row[f"{label}_mm_ms"] = do_bench(lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb,
                                                                               out_dtype=torch.float32),
                                                      return_mode="median")
-                    dw = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
+                    whole = torch.compile(lambda: L.fp8_grad_weight(parts, q, g_dtype, **bounds))
+                    row[f"{label}_total_ms"] = do_bench(whole, return_mode="median")
+                    dw = whole()
                     row[f"{label}_TFLOPs"] = round(flops / row[f"{label}_mm_ms"] / 1e9, 1)
                     row[f"err_{label}"] = ((dw.double() - exact).norm() / exact.norm()).item()
                 except Exception as e:  # noqa: BLE001 (a combination this torch/cuBLAS refuses)

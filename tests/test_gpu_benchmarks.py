@@ -1,5 +1,5 @@
 """The GPU benchmarks' own logic, on the CPU: benchmarks/train_gpu.py's variant switches (``int8+NAME`` / ``int8-NAME``
-run int8 with BITNET_INT8_NAME=1 / 0 for that run alone) and benchmarks/int8_kernels.py's fp8 weight-gradient probe."""
+run int8 with BITNET_INT8_NAME=1 / 0 for that run alone) and the fp8 weight-gradient curve experiment."""
 
 import os
 
@@ -42,36 +42,21 @@ def test_the_switches_hold_for_their_run_alone(monkeypatch, tmp_path):
     assert os.environ["BITNET_INT8_GATED_GRAD"] == "1" and "BITNET_INT8_RESIDUAL_ROWS" not in os.environ
 
 
-@pytest.mark.parametrize("g_dtype, rowwise", [("float8_e5m2", False), ("float8_e4m3fn", False), ("float8_e4m3fn", True)])
-def test_the_fp8_weight_gradient_probe_computes_g_transpose_x(g_dtype, rowwise):
-    """int8_kernels.fp8_grad_weight: [G_0 | G_1]^T X~ from fp8 operands, within fp8's rounding (a few percent, far
-    above bf16's) of the exact product; a wrong layout, scale or part order would be off by 100%."""
-    import torch
-
-    int8_kernels = load_benchmark("int8_kernels")
-    torch.manual_seed(0)
-    m, k = 512, 96
-    token_scale = torch.randn(m, 1).exp()
-    parts = [(torch.randn(m, w) * 3e-5 * token_scale).to(torch.bfloat16) for w in (64, 32)]
-    x = (torch.randn(m, k) * 2).to(torch.bfloat16)
-    dw = int8_kernels.fp8_grad_weight(parts, x, getattr(torch, g_dtype), rowwise)
-    exact = torch.cat([g.double().t() @ x.double() for g in parts])
-    assert dw.shape == (96, k) and dw.dtype == torch.float32
-    err = ((dw.double() - exact).norm() / exact.norm()).item()
-    assert 1e-3 < err < 0.1, err
-
-
-def test_the_fp8_curve_experiment_trains_on_fp8_weight_gradients_and_restores_the_trainer(monkeypatch, tmp_path):
+def test_the_fp8_curve_experiment_trains_with_the_switch_and_restores_it(monkeypatch, tmp_path):
+    """fp8_grad_weight_curve.run("fp8") trains with $BITNET_INT8_FP8_GRAD_WEIGHT=1 (one fp8 product per stacked
+    product and step) and leaves the variable as it found it; "plain" makes none."""
     from bitnet_cli.train import int8_linear
 
     monkeypatch.setenv("BITNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("BITNET_INT8_FP8_GRAD_WEIGHT", raising=False)
     curve = load_benchmark("fp8_grad_weight_curve")
     calls = []
-    fp8 = curve.int8_kernels.fp8_grad_weight
-    monkeypatch.setattr(curve.int8_kernels, "fp8_grad_weight", lambda *a: calls.append(1) or fp8(*a))
-    trainer_products = int8_linear._grad_weights
-    row = curve.run("e4m3", 2, str(curve.REPO / "recipes" / "tiny.yaml"),
-                    ["train.batch_size=2", "train.seq_len=32", "data.tokenizer.vocab_size=320", "train.eval_batches=1"])
-    assert row["mode"] == "e4m3" and row["curve"][-1][0] == 2 and row["val"] > 0
-    assert len(calls) == 2 * 2 * 7  # steps x layers x projections (one fp8 product each)
-    assert int8_linear._grad_weights is trainer_products
+    fp8 = int8_linear.fp8_grad_weight
+    monkeypatch.setattr(int8_linear, "fp8_grad_weight", lambda *a, **kw: calls.append(1) or fp8(*a, **kw))
+    small = ["train.batch_size=2", "train.seq_len=32", "data.tokenizer.vocab_size=320", "train.eval_batches=1"]
+    row = curve.run("fp8", 2, str(curve.REPO / "recipes" / "tiny.yaml"), small)
+    assert row["mode"] == "fp8" and row["curve"][-1][0] == 2 and row["val"] > 0
+    assert len(calls) == 2 * 2 * 4  # steps x layers x stacked products (q/k/v, o, gate/up, down)
+    assert "BITNET_INT8_FP8_GRAD_WEIGHT" not in os.environ
+    curve.run("plain", 1, str(curve.REPO / "recipes" / "tiny.yaml"), small)
+    assert len(calls) == 2 * 2 * 4

@@ -1650,3 +1650,108 @@ def test_rope_grad_rows_kernel_compiles_for_hopper_without_spills():
     assert [spills for spills, _ in result] == [[0, 0]] * 3
     for _, accesses in result[:2]:
         assert any(a.startswith("ld.global.v") for a in accesses) and any(a.startswith("st.global.v") for a in accesses)
+
+
+# ----------------------------------------------------------------------------- the fp8 weight gradient
+
+
+@pytest.mark.parametrize("g_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("m, k", [(512, 96), (300, 90)])
+def test_fp8_grad_weight_is_g_transpose_x_within_fp8_rounding(g_dtype, m, k):
+    """fp8_grad_weight: [G_0 | G_1]^T X~ (stacked by rows, fp32) from fp8 operands, within fp8's rounding (a few
+    percent, far above bf16's) of the exact product; a wrong layout, scale, padding or part order would be off by
+    100%. Token counts and widths that are not multiples of 16 are zero-padded for the product and cut from dW. An
+    all-zero output gradient gives an all-zero dW, not NaN."""
+    torch.manual_seed(0)
+    token_scale = torch.randn(m, 1).exp()  # log-normal per-token magnitudes, as training's gradients have
+    parts = [(torch.randn(m, w) * 3e-5 * token_scale).to(torch.bfloat16) for w in (64, 40)]
+    q, s_x = L.quantize_rows(torch.randn(m, k))
+    x = (q.float() / s_x[:, None]).to(torch.bfloat16)
+    dw = L.fp8_grad_weight(parts, x, g_dtype)
+    exact = torch.cat([g.double().t() @ x.double() for g in parts])
+    assert dw.shape == (104, k) and dw.dtype == torch.float32
+    assert 1e-3 < rel(dw.double(), exact) < 0.08
+    zero = L.fp8_grad_weight([torch.zeros(m, 8, dtype=torch.bfloat16)], x)
+    assert torch.equal(zero, torch.zeros(8, k))
+    # as training casts it: X~ from the int8 rows and 1 / s_x, the absmax bounds given rather than computed
+    g_bound = torch.stack([g.float().abs().amax() for g in parts]).amax() * 1.5
+    dw_rows = L.fp8_grad_weight(parts, q, g_dtype, row_scale=1.0 / s_x, g_amax=g_bound, x_amax=127.0 / s_x.min())
+    assert dw_rows.shape == (104, k) and 1e-3 < rel(dw_rows.double(), exact) < 0.08
+    assert not torch.equal(dw_rows, dw)
+
+
+def _fp8_pair(monkeypatch, others: str) -> dict:
+    """The tiny int8 model twice from one init; ``others``: which fused backwards it runs ("defaults"; "rows": RoPE's
+    and the residual norms' rows too; "no_fusions": the residual norms as torch ops, no gated MLP)."""
+    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "1" if others == "rows" else "0")
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "1" if others == "rows" else "0")
+    monkeypatch.setenv("BITNET_INT8_GATED_GRAD", "0" if others == "no_fusions" else "1")
+    residual_norm = "0" if others == "no_fusions" else "1"
+    return _tiny_int8_models(monkeypatch, "BITNET_INT8_RESIDUAL_NORM", {"bf16": residual_norm, "fp8": residual_norm})
+
+
+@pytest.mark.parametrize("others", ["defaults", "rows", "no_fusions"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_fp8_switch_moves_every_weight_gradient_and_nothing_else(autocast, others, monkeypatch):
+    """$BITNET_INT8_FP8_GRAD_WEIGHT=1: each stacked product's weight gradient (q/k/v, o_proj, gate/up, down_proj: four
+    a layer) is one fp8 product, through every backward that forms one (_Int8Linear, _GatedProduct, _RotaryProduct,
+    _ProductResidualNormQuant), cast from the int8 rows the forward saved; the BitLinear weights' gradients stay within fp8's rounding of the bf16 ones, and every
+    other number (the loss, the norms' and embeddings' gradients, which no weight gradient feeds) is bit for bit the
+    same."""
+    models = _fp8_pair(monkeypatch, others)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    product = L.fp8_grad_weight
+    monkeypatch.setattr(L, "fp8_grad_weight",
+                        lambda gs, x, **kw: calls.append((len(gs), kw["g_amax"] is not None)) or product(gs, x, **kw))
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
+    loss, grads = _loss_and_grads(models["bf16"], ids, autocast)
+    assert calls == []
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
+    loss8, grads8 = _loss_and_grads(models["fp8"], ids, autocast)
+    # per layer: q/k/v (3 parts), o, gate/up (2), down; G's absmax bounded from its int8 rows' scales in each
+    assert sorted(calls) == sorted([(3, True), (1, True), (2, True), (1, True)] * 2)
+    assert torch.equal(loss8, loss)
+    bitlinear = {f"{n}.weight" for n, m in models["fp8"].named_modules() if isinstance(m, BitLinear)}
+    assert len(bitlinear) == 2 * 7
+    for name, g in grads8.items():
+        if name in bitlinear:
+            assert g.dtype == torch.float32 and 1e-4 < rel(g, grads[name]) < 0.1, name
+        else:
+            assert torch.equal(g, grads[name]), name
+
+
+def test_the_fp8_weight_gradient_under_torch_compile(monkeypatch):
+    """torch.compile of the tiny model with $BITNET_INT8_FP8_GRAD_WEIGHT=1 (the casts and torch._scaled_mm traced
+    into the backward graph) gives the eager model's loss and gradients."""
+    model = _fp8_pair(monkeypatch, "rows")["fp8"]
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
+        loss, grads = _loss_and_grads(model, ids, False, torch.compile(model))
+    model.zero_grad(set_to_none=True)
+    eager_loss, eager_grads = _loss_and_grads(model, ids, autocast=False)
+    assert loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
+    for name, g in grads.items():
+        assert rel(g, eager_grads[name]) < 1e-3, name
+
+
+def test_the_fp8_weight_gradient_setting(monkeypatch, tmp_path):
+    """$BITNET_INT8_FP8_GRAD_WEIGHT (off by default) trains: a few steps of the micro recipe follow the bf16 weight
+    gradient's losses; with train.int8_grad_weight: on (the int8 weight gradient) it is an error, as is a value
+    other than 0 or 1."""
+    monkeypatch.delenv("BITNET_INT8_FP8_GRAD_WEIGHT", raising=False)
+    assert not L.fp8_grad_weight_enabled()
+    sets = ["train.steps=4", "train.log_every=1", "train.eval_every=4", "train.int8_matmul=on"]
+    b = train(load_recipe(None, sets, data=micro_recipe()), tmp_path / "b", progress=False)
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
+    a = train(load_recipe(None, sets, data=micro_recipe()), tmp_path / "a", progress=False)
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert la[0] == lb[0] and la != lb and la == pytest.approx(lb, abs=2e-2) and la[-1] < la[0]
+    assert a.val_loss == pytest.approx(b.val_loss, abs=2e-2)
+    with pytest.raises(BitnetError, match="FP8_GRAD_WEIGHT"):
+        L.enable(BitLinear(32, 16), True, cache=True, int8_weight=True)
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "e4m3")
+    with pytest.raises(BitnetError, match="expected 0 or 1"):
+        L.fp8_grad_weight_enabled()

@@ -21,6 +21,8 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   per block of 128 tokens and per column; each block's integer product is exact and scaled once. Off by
   default: on an H200 its kernels (the rounding pass, the transposed copy of Xq, a product that rescales its
   accumulator every 128 tokens) took longer than the bf16 product (benchmarks/RESULTS.md, session 18).
+  ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` (opt-in, to be measured) puts the bf16 one on fp8 tensor cores instead
+  (:func:`fp8_grad_weight`: G and X~ each in e4m3 with one scale per tensor, one product for the stacked projections).
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
@@ -261,9 +263,88 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
     return (g.t() @ x).to(out_dtype)
 
 
-def _grad_weights(gs: list[torch.Tensor], x_deq: torch.Tensor, w_dtypes: list[torch.dtype]) -> list[torch.Tensor]:
-    """The bf16 weight gradients of projections of one input: ``G_i^T X~`` per output gradient ``G_i``."""
-    return [_grad_weight(g, x_deq, dt) for g, dt in zip(gs, w_dtypes)]
+def _weight_input(x_deq: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What a product's forward saves for its weight gradient (:func:`_grad_weights`): X~, the bf16 product's operand;
+    with ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` the int8 rows and their scales instead, which the fp8 operand is cast from
+    (half the memory, and X~'s absmax known from the scales)."""
+    return (q, s_x) if fp8_grad_weight_enabled() else (x_deq,)
+
+
+def _grad_weights(gs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], w_dtypes: list[torch.dtype],
+                  g_rows: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The weight gradients of projections of one input, ``G_i^T X~`` per output gradient ``G_i``, from what the
+    forward saved (:func:`_weight_input`): one bf16 product each, or one fp8 product for all of them
+    (:func:`fp8_grad_weight`). ``g_rows``: the scales ``(s_g, col_scale)`` of the int8 rows the backward rounded gs to
+    (``round(G * col_scale * s_g)``), which bound G's absmax for the fp8 operand's scale without a pass over G."""
+    if len(saved) == 1:
+        return [_grad_weight(g, saved[0], dt) for g, dt in zip(gs, w_dtypes)]
+    q, s_x = saved
+    # |X~| = |q| / s_x <= 127 / s_x; |G| <= 127 / (s_g * col_scale), per token and column (the bound may exceed the
+    # absmax by the ratio of the parts' col_scale, costing the fp8 operand that much range at the bottom)
+    g_amax = None if g_rows is None else 127.0 / (g_rows[0].min() * g_rows[1].min())
+    dw = fp8_grad_weight(gs, q, row_scale=1.0 / s_x, g_amax=g_amax, x_amax=127.0 / s_x.min())
+    return [d.to(dt) for d, dt in zip(dw.split([g.shape[1] for g in gs]), w_dtypes)]
+
+
+# ----------------------------------------------------------------------------- the fp8 weight gradient
+
+
+# The largest finite values of the fp8 formats: each operand is scaled so that its absmax lands there.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
+
+
+def fp8_grad_weight_enabled() -> bool:
+    """``$BITNET_INT8_FP8_GRAD_WEIGHT`` (0 by default): the bf16-path weight gradients on fp8 tensor cores
+    (:func:`fp8_grad_weight`), Hopper's fp8 rate being twice its bf16 one. Opt-in: it changes the numerics (each
+    operand rounded to e4m3, about 4% error in the product against bf16's 0.2%), and whether training tolerates
+    that (the 1,200-step curve) and whether its casts cost less than the product saves are to be measured on a GPU
+    (benchmarks/RESULTS.md, session 22)."""
+    return env_switch("BITNET_INT8_FP8_GRAD_WEIGHT", default="0")
+
+
+def _fp8_token_major(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, pad_tokens: int,
+                     pad_cols: int) -> torch.Tensor:
+    """``t`` [M, N] as ``dtype`` [N + pad_cols, M + pad_tokens] row-major: ``t * scale`` zero-padded, transposed so
+    that tokens (the weight gradient's reduction) are contiguous, as the fp8 tensor cores read both operands."""
+    fmax = FP8_MAX[dtype]
+    t = torch.nn.functional.pad(t.float() * scale, (0, pad_cols, 0, pad_tokens)).clamp(-fmax, fmax)
+    return t.to(dtype).t().contiguous()
+
+
+def _fp8_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The factor that maps an operand's absmax ``amax`` to ``dtype``'s largest value (fp32; an all-zero operand
+    keeps a finite one, under the gradients' floor)."""
+    return FP8_MAX[dtype] / amax.float().clamp(min=GRAD_ABSMAX_FLOOR)
+
+
+def fp8_operands(gs: list[torch.Tensor], x: torch.Tensor, g_dtype: torch.dtype = torch.float8_e4m3fn,
+                 row_scale: torch.Tensor | None = None, g_amax: torch.Tensor | None = None,
+                 x_amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight gradient's operands as ``torch._scaled_mm`` takes them: ``a`` = [G_0 | G_1 | ...]^T [N, M'] in
+    ``g_dtype`` (row-major), ``b`` = X~ [M', K'] in e4m3 (column-major), and the factors that multiply each back
+    (fp32 scalars: one scale per operand, from its absmax). X~ is ``x``, or with ``row_scale`` [M] ``x *
+    row_scale[:, None]`` (x the int8 rows, row_scale 1 / s_x). ``g_amax``, ``x_amax``: bounds of the operands' absmax
+    where the caller knows them (from the rows' scales), else they are computed (a pass over each). M' and K' are the
+    token count and X~'s width rounded up to 16 (the fp8 product's alignment), padded with zeros, which add nothing."""
+    m, k = x.shape
+    pad_tokens, pad_cols = -m % 16, -k % 16
+    x_deq = x if row_scale is None else x.float() * row_scale[:, None]
+    s_g = _fp8_scale(torch.stack([g.abs().amax() for g in gs]).amax() if g_amax is None else g_amax, g_dtype)
+    s_x = _fp8_scale(x_deq.abs().amax() if x_amax is None else x_amax, torch.float8_e4m3fn)
+    a = torch.cat([_fp8_token_major(g, s_g, g_dtype, pad_tokens, 0) for g in gs])
+    b = _fp8_token_major(x, s_x if row_scale is None else (row_scale * s_x)[:, None], torch.float8_e4m3fn,
+                         pad_tokens, pad_cols).t()
+    return a, b, 1.0 / s_g, 1.0 / s_x
+
+
+def fp8_grad_weight(gs: list[torch.Tensor], x: torch.Tensor, g_dtype: torch.dtype = torch.float8_e4m3fn,
+                    **bounds) -> torch.Tensor:
+    """``dW [N, K] fp32 = [G_0 | G_1 | ...]^T X~``, the weight gradients of projections of one input stacked by rows, on
+    one fp8 product (:func:`fp8_operands`, which ``bounds`` go to; ``torch._scaled_mm``, fp32 accumulation): the
+    output gradients in ``g_dtype`` (e4m3 in training; the probe in benchmarks/int8_kernels.py also times e5m2), X~ in
+    e4m3."""
+    a, b, inv_g, inv_x = fp8_operands(gs, x, g_dtype, **bounds)
+    return torch._scaled_mm(a, b, scale_a=inv_g, scale_b=inv_x, out_dtype=torch.float32)[:, :x.shape[1]]
 
 
 def _int8_grad_input(gq: torch.Tensor, s_g: torch.Tensor, trits_t: torch.Tensor, dtype: torch.dtype,
@@ -696,18 +777,19 @@ class _ProductResidualNormQuant(torch.autograd.Function):
     def forward(ctx, x, x_deq, q, s_x, trits, trits_t, col_scale, dtype, norm_weight, eps, out_dtype, proj_weight):
         delta = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
         h, q_n, s_n, x_deq_n, rstd = residual_norm_quant(x, delta, norm_weight, eps, out_dtype)
-        ctx.dtypes, ctx.w_dtype = (x.dtype, delta.dtype), proj_weight.dtype
-        ctx.save_for_backward(h, norm_weight, rstd, x_deq, trits_t, col_scale)
+        ctx.dtypes, ctx.w_dtype, ctx.x_dtype = (x.dtype, delta.dtype), proj_weight.dtype, x_deq.dtype
+        ctx.save_for_backward(h, norm_weight, rstd, trits_t, col_scale, *_weight_input(x_deq, q, s_x))
         ctx.mark_non_differentiable(q_n, s_n, rstd)
         return h, q_n, s_n, x_deq_n, rstd
 
     @staticmethod
     def backward(ctx, grad_h, _gq, _gs, grad_n, _grstd):
-        h, norm_weight, rstd, x_deq, trits_t, col_scale = ctx.saved_tensors
+        h, norm_weight, rstd, trits_t, col_scale, *x_saved = ctx.saved_tensors
         grad_x, grad_delta, grad_norm_w, gq, s_g = torch.ops.bitnet.residual_norm_grad_rows.default(
             grad_h, grad_n, h, norm_weight, rstd, col_scale, *ctx.dtypes)
-        grad_in = _int8_grad_input(gq, s_g, trits_t, ctx.dtypes[1], x_deq.dtype) if ctx.needs_input_grad[1] else None
-        grad_proj_w = _grad_weight(grad_delta, x_deq, ctx.w_dtype) if ctx.needs_input_grad[11] else None
+        grad_in = _int8_grad_input(gq, s_g, trits_t, ctx.dtypes[1], ctx.x_dtype) if ctx.needs_input_grad[1] else None
+        grad_proj_w = (_grad_weights([grad_delta], x_saved, [ctx.w_dtype], (s_g, col_scale))[0]
+                       if ctx.needs_input_grad[11] else None)
         return (grad_x, grad_in, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[8] else None,
                 None, None, grad_proj_w)
 
@@ -825,19 +907,19 @@ class _GatedProduct(torch.autograd.Function):
         gate, up = y[:, :f], y[:, f:]
         y_dtype = _norm_dtype(up, gate)
         q2, s2, x_deq2, rstd = norm_quant(up, gate, norm_weight, eps, dtype, y_dtype)
-        ctx.save_for_backward(x, y, trits_t, col_scale, norm_weight, rstd)
+        ctx.save_for_backward(y, trits_t, col_scale, norm_weight, rstd, *_weight_input(x, q, s_x))
         ctx.y_dtype, ctx.dtype, ctx.x_dtype, ctx.w_dtypes = y_dtype, dtype, x.dtype, [w.dtype for w in weights]
         ctx.mark_non_differentiable(q2, s2)
         return q2, s2, x_deq2
 
     @staticmethod
     def backward(ctx, _gq2, _gs2, grad_n):
-        x, y, trits_t, col_scale, norm_weight, rstd = ctx.saved_tensors
+        y, trits_t, col_scale, norm_weight, rstd, *x_saved = ctx.saved_tensors
         d, gq, s_g, grad_norm_w = torch.ops.bitnet.gated_norm_grad.default(y, grad_n, rstd, norm_weight, col_scale,
                                                                           ctx.y_dtype)
         f, f_pad = y.shape[1] // 2, d.shape[1] // 2
         grad_x = _int8_grad_input(gq, s_g, trits_t, ctx.dtype, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grads_w = _grad_weights([d[:, :f], d[:, f_pad:f_pad + f]], x, ctx.w_dtypes)
+        grads_w = _grad_weights([d[:, :f], d[:, f_pad:f_pad + f]], x_saved, ctx.w_dtypes, (s_g, col_scale))
         return (grad_x, None, None, None, None, None, None, grad_norm_w if ctx.needs_input_grad[7] else None, None,
                 *grads_w)
 
@@ -946,17 +1028,17 @@ class _RotaryProduct(torch.autograd.Function):
         q_rot = apply_rope(yq.view(batch, t, heads, d).transpose(1, 2), cos, sin).to(dtype)
         k_rot = apply_rope(yk.view(batch, t, kv_heads, d).transpose(1, 2), cos, sin)
         v = yv.view(batch, t, kv_heads, d).transpose(1, 2)
-        ctx.save_for_backward(x, trits_t, col_scale, cos, sin)
+        ctx.save_for_backward(trits_t, col_scale, cos, sin, *_weight_input(x, q, s_x))
         ctx.dtype, ctx.x_dtype, ctx.w_dtypes, ctx.q_width = dtype, x.dtype, [w.dtype for w in weights], heads * d
         return q_rot, k_rot.to(dtype) if kv_heads == heads else k_rot, v
 
     @staticmethod
     def backward(ctx, grad_q, grad_k, grad_v):
-        x, trits_t, col_scale, cos, sin = ctx.saved_tensors
+        trits_t, col_scale, cos, sin, *x_saved = ctx.saved_tensors
         d, gq, s_g = torch.ops.bitnet.rope_grad_rows.default(grad_q, grad_k, grad_v, cos, sin, col_scale, ctx.dtype)
         grad_x = _int8_grad_input(gq, s_g, trits_t, ctx.dtype, ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        grads_w = _grad_weights([d[:, :ctx.q_width], d[:, ctx.q_width:], _token_rows(grad_v, ctx.dtype)], x,
-                                ctx.w_dtypes)
+        grads_w = _grad_weights([d[:, :ctx.q_width], d[:, ctx.q_width:], _token_rows(grad_v, ctx.dtype)], x_saved,
+                                ctx.w_dtypes, (s_g, col_scale))
         return (grad_x, *[None] * 11, *grads_w)
 
 
@@ -982,7 +1064,7 @@ class _Int8Linear(torch.autograd.Function):
         else:  # rounded already (norm_quant): x is its x_deq
             x_deq = x
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
-        saved = (q, s_x) if int8_weight else (x_deq,)
+        saved = (q, s_x) if int8_weight else _weight_input(x_deq, q, s_x)
         ctx.save_for_backward(trits, trits_t, col_scale, *saved)
         ctx.dtype, ctx.int8_grad, ctx.int8_weight, ctx.x_dtype = dtype, int8_grad, int8_weight, x.dtype
         ctx.rows, ctx.w_dtypes = [w.shape[0] for w in weights], [w.dtype for w in weights]
@@ -995,13 +1077,15 @@ class _Int8Linear(torch.autograd.Function):
         # An output nobody used gets no gradient: zeros, so that the parts still line up with T's rows.
         gs = [(saved[0].new_zeros((m, n), dtype=ctx.dtype) if g is None else g.to(ctx.dtype))
               for g, n in zip(gs, ctx.rows)]
-        grad_x = None
+        grad_x = g_rows = None
         grads_w = [None] * len(ctx.rows)
         if ctx.needs_input_grad[0]:
             if ctx.int8_grad:
                 # Each column's 1/s_w multiplies it before the per-token rounding: the columns are this
                 # product's reduction, where one scale per projection cannot be applied afterwards.
-                grad_x = _int8_grad_input(*quantize_grad_rows(gs, col_scale), trits_t, ctx.dtype, ctx.x_dtype)
+                gq, s_g = quantize_grad_rows(gs, col_scale)
+                grad_x = _int8_grad_input(gq, s_g, trits_t, ctx.dtype, ctx.x_dtype)
+                g_rows = (s_g, col_scale)
             else:
                 g = torch.cat(gs, dim=-1) if len(gs) > 1 else gs[0]
                 grad_x = (g @ (trits.float() * col_scale[:, None]).to(ctx.dtype)).to(ctx.x_dtype)
@@ -1009,7 +1093,7 @@ class _Int8Linear(torch.autograd.Function):
             if ctx.int8_weight:
                 grads_w = [dw.to(dt) for dw, dt in zip(int8_grad_weights(gs, *saved), ctx.w_dtypes)]
             else:
-                grads_w = _grad_weights(gs, saved[0], ctx.w_dtypes)
+                grads_w = _grad_weights(gs, saved, ctx.w_dtypes, g_rows)
         return (grad_x, None, None, None, None, None, None, None, None, *grads_w)
 
 
@@ -1203,6 +1287,9 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     """
     from bitnet_cli.model import BitLinear
 
+    if int8_weight and fp8_grad_weight_enabled():
+        raise BitnetError("train.int8_grad_weight: on and BITNET_INT8_FP8_GRAD_WEIGHT=1 both choose the weight "
+                          "gradient's product: keep one")
     fused = set()
     rnq = residual_norm_quant_enabled()
     groups = _shared_input_groups(model)
@@ -1319,7 +1406,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "gated_grad_columns",
+__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "fp8_grad_weight", "fp8_grad_weight_enabled", "fp8_operands", "FP8_MAX",
+           "gated_grad_columns",
            "gated_grad_enabled", "gated_norm_grad_reference", "gated_wide_enabled", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
