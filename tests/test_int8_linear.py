@@ -1312,19 +1312,23 @@ def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, mon
         assert torch.equal(g, grads_unfused[name]), name
 
 
-@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows"])
+@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows", "fp8_grad_weight"])
 def test_fused_backwards_under_torch_compile(fused, monkeypatch):
     """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD), with o_proj's and down_proj's
     products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers) or with
-    q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS): the ops' fake kernels give inductor their
-    outputs (the gradient rows' padded layout included), and the compiled model gives the eager model's loss and
-    gradients."""
+    q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS), or with all of those and the fp8 weight gradient
+    ($BITNET_INT8_FP8_GRAD_WEIGHT: its casts and torch._scaled_mm traced into the backward graph): the ops' fake kernels
+    give inductor their outputs (the gradient rows' padded layout included), and the compiled model gives the eager
+    model's loss and gradients."""
     if fused == "gated":
         model = _gated_models(monkeypatch, layers=1)["gated"]
     elif fused == "residual_rows":
         model = _residual_rows_models(monkeypatch, layers=2)["rows"]
-    else:
+    elif fused == "rope_rows":
         model = _rope_rows_models(monkeypatch, layers=2)["rope"]
+    else:
+        model = _fp8_pair(monkeypatch, "rows")["fp8"]
+        monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
@@ -1719,22 +1723,6 @@ def test_the_fp8_switch_moves_every_weight_gradient_and_nothing_else(autocast, o
             assert g.dtype == torch.float32 and 1e-4 < rel(g, grads[name]) < 0.1, name
         else:
             assert torch.equal(g, grads[name]), name
-
-
-def test_the_fp8_weight_gradient_under_torch_compile(monkeypatch):
-    """torch.compile of the tiny model with $BITNET_INT8_FP8_GRAD_WEIGHT=1 (the casts and torch._scaled_mm traced
-    into the backward graph) gives the eager model's loss and gradients."""
-    model = _fp8_pair(monkeypatch, "rows")["fp8"]
-    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
-        loss, grads = _loss_and_grads(model, ids, False, torch.compile(model))
-    model.zero_grad(set_to_none=True)
-    eager_loss, eager_grads = _loss_and_grads(model, ids, autocast=False)
-    assert loss.item() == pytest.approx(eager_loss.item(), abs=1e-5)
-    for name, g in grads.items():
-        assert rel(g, eager_grads[name]) < 1e-3, name
 
 
 def test_the_fp8_weight_gradient_setting(monkeypatch, tmp_path):
