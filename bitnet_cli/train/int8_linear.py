@@ -26,7 +26,8 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
-but a pass over them in every backward to dequantise them again).
+but a pass over them in every backward to dequantise them again); the fp8 weight gradient saves those instead, since it
+casts from them anyway (:func:`_weight_input`).
 The ternary weight, its transpose and ``s_w`` are computed once per optimiser step
 (:func:`refresh`) rather than in every micro-batch's forward; under FSDP, where the full weight
 exists only inside the forward, they are computed there instead.
