@@ -1402,8 +1402,8 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
         product.versions = [q.weight._version for q in projs]
 
 
-__all__ = ["Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "fp8_grad_weight", "fp8_grad_weight_enabled", "fp8_operands", "E4M3_MAX",
-           "gated_grad_columns",
+__all__ = ["E4M3_MAX", "Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "fp8_grad_weight",
+           "fp8_grad_weight_enabled", "fp8_operands", "gated_grad_columns",
            "gated_grad_enabled", "gated_norm_grad_reference", "gated_wide_enabled", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
