@@ -18,6 +18,7 @@ import numpy as np
 
 from bitnet_cli import safejson
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import special_kind
 from bitnet_cli.tokenizer import token_text
 
 # safetensors dtype name -> (numpy dtype used to hold the raw bytes, bytes per element)
@@ -266,6 +267,8 @@ def _checkpoint_dir(src: str | os.PathLike, kind: str) -> tuple[Path, str]:
             raise BitnetError(f"{e}; nor is there a local directory {path}") from None
     if not path.exists():
         raise BitnetError(f"{path}: no such file or directory")
+    if special := special_kind(path):
+        raise BitnetError(f"{path}: is {special}, not a checkpoint directory or file")
     if path.is_file():
         if path.suffix != ".safetensors":
             raise BitnetError(f"{path}: expected a checkpoint directory (config.json + *.safetensors)")

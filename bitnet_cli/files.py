@@ -23,7 +23,24 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from bitnet_cli.errors import warn
+from bitnet_cli.errors import BitnetError, warn
+
+
+def special_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a directory ("a named pipe
+    (FIFO)", "a character device", ...), else None. Reading such a file blocks for a writer or never
+    ends, and renaming a finished output over one replaces the device itself (as root: /dev/null)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    for test, kind in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "a special file"
 
 
 def bundled(*parts: str) -> Path:
@@ -115,7 +132,10 @@ class TempFile:
         self.out = Path(out)
         remove_stale_temps(self.out)
         while True:
-            fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+            try:
+                fd, name = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+            except OSError as e:  # a directory that takes no new files, e.g. /proc (writable by os.access for root)
+                raise BitnetError(f"{self.out.parent}: cannot create a file there ({e.strerror or e})") from None
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:  # a cleaner may have removed it between mkstemp and flock: then make another
                 if os.lstat(name).st_ino == os.fstat(fd).st_ino:

@@ -42,6 +42,10 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
     for f in hf_tiny_checkpoint.iterdir():
         (root / "bad_tok" / f.name).write_bytes(f.read_bytes())
     (root / "bad_tok" / "tokenizer.json").write_text("{ this is not a tokenizer")
+    for name in ("fifo.bin", "fifo.gguf", "fifo.yaml"):  # reading one would wait for a writer forever
+        os.mkfifo(root / name)
+    (root / "loop_a").symlink_to(root / "loop_b")
+    (root / "loop_b").symlink_to(root / "loop_a")
     return {"tmp": root, "ckpt": hf_tiny_checkpoint, "packed": packed, "data": shared_data / "eval"}
 
 
@@ -55,6 +59,7 @@ CASES = [
     # train
     (["train", "{tmp}/latin1.yaml"], "latin1.yaml: not a YAML text file"),
     (["train", "{tmp}/a_dir"], "a_dir: is a directory"),
+    (["train", "{tmp}/fifo.yaml"], "fifo.yaml: is a named pipe (FIFO), not a recipe file"),
     (["train", "{tmp}/recipe.yaml", "--set", "train.threads=0"], "train.threads"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr=x"], "--set optim.lr=x: optim.lr: Input should be"),
@@ -76,9 +81,19 @@ CASES = [
     (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--embeddings", "q4"], "unless --gguf-head f16|q6_k"),
     (["pack", "{ckpt}", "{tmp}/out.gguf", "--to", "gguf"], "config.json: self_attn.q_proj has 96 inputs"),
     (["pack", "{packed}", "{tmp}/out.bin"], "model.bin: expected a checkpoint directory"),
+    (["pack", "{tmp}/fifo.gguf", "{tmp}/out.bin"], "fifo.gguf: is a named pipe (FIFO), not a checkpoint directory"),
+    # --force replaces files, not pipes or devices (as root, a rename onto /dev/null replaced the device; the
+    # suite never aims at /dev/null, which a regression would replace)
+    (["pack", "{ckpt}", "{tmp}/fifo.bin", "--force"], "fifo.bin: is a named pipe (FIFO), not a regular file"),
     # info
     (["info", "{tmp}/a_dir"], "a_dir: is a directory, not a packed model file"),
     (["info", "{tmp}/recipe.yaml"], "recipe.yaml: not a safetensors file"),
+    (["info", "{tmp}/fifo.bin"], "fifo.bin: is a named pipe (FIFO), not a packed model file"),  # hung
+    (["info", "{tmp}/fifo.gguf"], "fifo.gguf: is a named pipe (FIFO), not a packed model file"),  # hung
+    (["run", "{tmp}/fifo.bin", "-p", "x"], "fifo.bin: is a named pipe (FIFO), not a packed model file"),  # hung
+    (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
+    (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
+    (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"
     (["info", "{ckpt}/model.safetensors"], "not a bitnet-cli packed model"),
     (["info", "{tmp}/fake.gguf"], "fake.gguf: not a GGUF file (it does not start with the GGUF magic)"),
     (["info", "{tmp}/a\udcffb.bin"], "a\\xffb.bin: no such file"),  # a non-UTF-8 byte as \xff, not as \udcff
@@ -89,6 +104,9 @@ CASES = [
      "missing: output directory does not exist"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/a_file/r.json"], "a_file: is a file"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/a_dir"], "a_dir: is a directory"),
+    (["eval", "{packed}", "--tasks", "arc_easy", "--output", "{tmp}/fifo.bin", "--force"],
+     "fifo.bin: is a named pipe (FIFO), not a regular file"),
+    (["eval", "{tmp}/fifo.bin", "--tasks", "tinyshakespeare_heldout"], "fifo.bin: is a named pipe (FIFO)"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "0"], "--limit 0: must be positive"),
     (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "0"],
@@ -122,6 +140,30 @@ def test_nothing_is_started_or_clobbered(files):
     assert not (tmp / "out.bin").exists() and not (tmp / "out.gguf").exists()
     assert not (tmp / "qs").exists()  # quickstart failed before creating its run directory
     assert not [p for p in tmp.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def test_pack_force_leaves_a_pipe_a_pipe(files):
+    """--force replaces a file; a rename onto a pipe or device would replace it with the packed file."""
+    import stat
+
+    r = invoke(["pack", "{ckpt}", "{tmp}/fifo.bin", "--force"], files)
+    assert r.exit_code == 1 and "not a regular file" in " ".join(r.output.split())
+    assert stat.S_ISFIFO(os.stat(files["tmp"] / "fifo.bin").st_mode)
+
+
+def test_a_directory_that_takes_no_new_file_is_one_error(tmp_path, monkeypatch):
+    """/proc passes os.access(W_OK) for root, then refuses the temporary file: an error line, not a traceback."""
+    import tempfile
+
+    from bitnet_cli.errors import BitnetError
+    from bitnet_cli.files import TempFile
+
+    def refuse(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(BitnetError, match=f"{tmp_path}: cannot create a file there"):
+        TempFile(tmp_path / "out.bin")
 
 
 def test_info_verify_names_the_flipped_tensor(files, tmp_path):

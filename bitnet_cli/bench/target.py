@@ -64,7 +64,7 @@ def from_file(path: Path) -> Target:
             raise BitnetError(f"{path}: is a directory, not a packed model file (pack a checkpoint first: "
                               f"bitnet pack {path} model.bin)")
         path = path / "model.bin"
-    if not path.is_file():
+    if not path.exists():  # anything else that is not a regular file: PackedModel.open says what it is
         raise BitnetError(f"{path}: no such file (expected a packed model file made by bitnet pack)")
     name, path = path.name, model_file(path)  # a GGUF: its cached import (bitnet_cli.pack.gguf_cache)
     with PackedModel.open(path) as pm:

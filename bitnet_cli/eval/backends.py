@@ -54,7 +54,7 @@ def open_backend(path: str | Path, *, threads: int | None = None, ctx_size: int 
     check_kv_cache(p, kv_cache)
     if p.is_dir():
         return TorchBackend(p, threads=threads, max_length=ctx_size)
-    if p.is_file():
+    if p.exists():  # a file that is not a regular one: the engine's load says what it is
         return EngineBackend(p, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     raise BitnetError(f"{p}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
 

@@ -301,7 +301,10 @@ class GGUFFile:
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
-    """True when `path` is a file that starts with the GGUF magic."""
+    """True when `path` is a regular file that starts with the GGUF magic (a named pipe is not opened:
+    reading it would wait for a writer)."""
+    if not os.path.isfile(path):
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) == MAGIC

@@ -19,7 +19,7 @@ from bitnet_cli import __version__, safejson
 from bitnet_cli.arch import EMBED, LM_HEAD, ModelDims, split_layer_tensor
 from bitnet_cli.checkpoint import SAFETENSORS_DTYPES, TensorEntry, read_safetensors_header
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import TempFile
+from bitnet_cli.files import TempFile, special_kind
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES, embedding_type
 from bitnet_cli.pack.ternary import LAYOUTS, layout, layout_named
 
@@ -82,6 +82,8 @@ def check_output_path(out: Path, force: bool = False) -> None:
         raise BitnetError(f"{str(out)!r}: give an output file name")
     if out.is_dir():
         raise BitnetError(f"{out}: is a directory (give a file name)")
+    if special := special_kind(out):  # even with force: the rename would replace the device or pipe itself
+        raise BitnetError(f"{out}: is {special}, not a regular file (give a file name)")
     if out.exists() and not force:
         raise BitnetError(f"{out}: already exists (use force to overwrite)", param="force")
     parent = out.parent
@@ -267,12 +269,19 @@ class PackedModel:
     @classmethod
     def open(cls, path: str | os.PathLike) -> "PackedModel":
         path = Path(path)
-        if not path.is_file():
-            raise BitnetError(f"{path}: no such file" if not path.exists() else
-                              f"{path}: is a directory, not a packed model file (make one with `bitnet pack`)")
-        with open(path, "rb") as f:
-            if f.read(4) == b"GGUF":
-                raise BitnetError(f"{path}: is a GGUF file; this command reads bitnet-cli packed files (`bitnet pack`)")
+        if path.is_dir():
+            raise BitnetError(f"{path}: is a directory, not a packed model file (make one with `bitnet pack`)")
+        if special := special_kind(path):  # reading a FIFO would wait for a writer forever
+            raise BitnetError(f"{path}: is {special}, not a packed model file")
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except FileNotFoundError:
+            raise BitnetError(f"{path}: no such file") from None
+        except OSError as e:  # a symlink loop, no permission, /proc/self/mem's EIO
+            raise BitnetError(f"{path}: cannot read ({e.strerror or e})") from None
+        if magic == b"GGUF":
+            raise BitnetError(f"{path}: is a GGUF file; this command reads bitnet-cli packed files (`bitnet pack`)")
         _, entries, metadata = read_safetensors_header(path)
         if metadata.get("format") != FORMAT:
             raise BitnetError(f"{path}: not a bitnet-cli packed model (make one with `bitnet pack`)")
