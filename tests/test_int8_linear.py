@@ -677,18 +677,21 @@ for seed, m, k, dtype, gate, stride, out_dtype, y_dtype in json.loads(sys.argv[1
     for rows in (None, 2):  # one row per program, and two with a ragged last block
         got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=rows, y_dtype=yd)
         out.append([torch.equal(a, b) for a, b in zip(got, ref)])
+    got = T.norm_quant(x, g, w, 1e-5, getattr(torch, out_dtype), rows=2, y_dtype=yd, with_x_deq=False)
+    out.append([torch.equal(got[i], ref[i]) for i in (0, 1, 3)])  # x_deq not stored: the rest unchanged
 print(json.dumps(out))
 """
 
 
 def test_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
     """The fused sub-norm kernel (relu2, RMSNorm, absmax, rounding, X~) in Triton's CPU interpreter against the
-    reference, bit for bit: q, s_x, x_deq and rstd (benchmarks/int8_kernels.py checks the compiled kernel on a GPU)."""
+    reference, bit for bit: q, s_x, x_deq and rstd (benchmarks/int8_kernels.py checks the compiled kernel on a GPU);
+    without X~'s store (with_x_deq=False) the same q, s_x and rstd."""
     pytest.importorskip("triton")
     cases = [[1, 5, 64, "bfloat16", False, None, "bfloat16", None], [2, 7, 64, "bfloat16", True, 160, "bfloat16", None],
              [3, 3, 96, "float32", False, None, "float32", None], [4, 5, 32, "float32", True, 72, "bfloat16", None],
              [5, 6, 100, "bfloat16", True, 200, "bfloat16", None], [6, 5, 64, "bfloat16", True, 128, "bfloat16", "float32"]]
-    assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4] * (2 * len(cases))
+    assert _interpret(_INTERPRETED_NORM_QUANT, cases) == [[True] * 4, [True] * 4, [True] * 3] * len(cases)
 
 
 def _residual_inputs(seed: int, m: int, k: int, x_dtype: torch.dtype, delta_dtype: torch.dtype, exact: bool):
@@ -738,6 +741,9 @@ for seed, m, k, x_dtype, delta_dtype, out_dtype, exact in json.loads(sys.argv[1]
         got = T.residual_norm_quant(x, d, w, 1e-5, getattr(torch, out_dtype), rows=rows)
         same = [torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got, ref)]
         out.append(same if exact else same[:1])  # inexact sums of squares: h (the add) alone is order-free
+    if exact:  # without X~'s store: h, q, s_x and rstd unchanged
+        got = T.residual_norm_quant(x, d, w, 1e-5, getattr(torch, out_dtype), rows=2, with_x_deq=False)
+        out.append([torch.equal(got[i], ref[i]) for i in (0, 1, 2, 4)])
 print(json.dumps(out))
 """
 
@@ -745,12 +751,13 @@ print(json.dumps(out))
 def test_residual_norm_quant_triton_kernel_matches_its_reference_in_the_interpreter():
     """norm_quant's kernel with the residual add (x + delta stored as h, then the norm and rounding of h) in Triton's
     CPU interpreter against the reference, bit for bit: h, q, s_x, x_deq, rstd; ragged rows and widths, the stream
-    in fp32 or bf16, the delta in bf16 or fp32; with inputs whose fp32 sums round, the add's h alone."""
+    in fp32 or bf16, the delta in bf16 or fp32; with inputs whose fp32 sums round, the add's h alone; without X~'s
+    store (with_x_deq=False), the same h, q, s_x and rstd."""
     pytest.importorskip("triton")
     cases = [[1, 5, 64, "float32", "bfloat16", "bfloat16", True], [2, 7, 96, "bfloat16", "bfloat16", "bfloat16", True],
              [3, 3, 100, "float32", "float32", "float32", True], [4, 6, 48, "float32", "bfloat16", "float32", True],
              [5, 7, 100, "float32", "bfloat16", "bfloat16", False], [6, 5, 64, "bfloat16", "bfloat16", "bfloat16", False]]
-    expected = [[True] * (5 if c[-1] else 1) for c in cases for _ in range(2)]
+    expected = [e for c in cases for e in ([[True] * 5] * 2 + [[True] * 4] if c[-1] else [[True]] * 2)]
     assert _interpret(_INTERPRETED_RESIDUAL_NORM_QUANT, cases) == expected
 
 
@@ -962,7 +969,7 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
     y = tl.float32 if x_dtype == "fp32" else tl.bfloat16
     consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "GATE": gate, "RESIDUAL": residual, "Y_DTYPE": y,
               "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
-              "HINT": False}
+              "HINT": False, "STORE_XD": True}
     out.append(compiled(T._norm_quant_kernel, pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"},
                         consts, 4))
     if residual:  # the backward of the same shapes

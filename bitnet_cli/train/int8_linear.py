@@ -164,9 +164,9 @@ _LIB = torch.library.Library("bitnet", "FRAGMENT")
 _LIB.define("int8_mm(Tensor a, Tensor b, Tensor row_mul, Tensor? col_mul, ScalarType out_dtype) -> Tensor")
 _LIB.define("quantize_grad_rows(Tensor[] parts, Tensor col_scale) -> (Tensor, Tensor)")
 _LIB.define("norm_quant(Tensor x, Tensor? gate, Tensor weight, float eps, ScalarType out_dtype, "
-            "ScalarType? y_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)")
-_LIB.define("residual_norm_quant(Tensor x, Tensor delta, Tensor weight, float eps, ScalarType out_dtype) "
-            "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+            "ScalarType? y_dtype=None, bool with_x_deq=True) -> (Tensor, Tensor, Tensor, Tensor)")
+_LIB.define("residual_norm_quant(Tensor x, Tensor delta, Tensor weight, float eps, ScalarType out_dtype, "
+            "bool with_x_deq=True) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _int8_mm_cuda(a, b, row_mul, col_mul, out_dtype):
@@ -269,6 +269,14 @@ def _weight_input(x_deq: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> tu
     with ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` the int8 rows and their scales instead, which the fp8 operand is cast from
     (half the memory, and X~'s absmax known from the scales)."""
     return (q, s_x) if fp8_grad_weight_enabled() else (x_deq,)
+
+
+def _x_deq_read() -> bool:
+    """Whether anything reads the values of the X~ that the norm ops (:func:`norm_quant`, :func:`residual_norm_quant`)
+    hand to the products: the bf16 weight gradient does (:func:`_weight_input`); with the fp8 one X~ is only the
+    straight-through estimator's carrier of a gradient, and its store (2 of the 5-9 bytes an element those kernels
+    move) is skipped."""
+    return not fp8_grad_weight_enabled()
 
 
 def _grad_weights(gs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], w_dtypes: list[torch.dtype],
@@ -438,7 +446,7 @@ def int8_grad_weights(gs: list[torch.Tensor], q: torch.Tensor, s_x: torch.Tensor
 
 
 def norm_quant_reference(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                         out_dtype: torch.dtype, y_dtype: torch.dtype | None = None
+                         out_dtype: torch.dtype, y_dtype: torch.dtype | None = None, with_x_deq: bool = True
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """What ``bitnet::norm_quant`` computes for x [M, K] (and gate [M, K] or None): the model's sub-norm
     ``n = rms_norm(y, weight, eps)`` of ``y = relu2(gate, x)`` (``y = x`` without a gate), then the following
@@ -448,7 +456,9 @@ def norm_quant_reference(x: torch.Tensor, gate: torch.Tensor | None, weight: tor
     ``y_dtype`` (default x's): the dtype y has in the model, relu2 computed in it: under CUDA's bf16 autocast
     ``square`` runs as ``pow``, which autocast computes in fp32, so the plain path's relu2 output and its sub-norm are
     fp32 there (exact: a product of three bf16 values fits fp32's 24 bits), while o_proj's input stays bf16
-    (:func:`_norm_dtype` finds it). Computed with autocast off: a function of its arguments alone."""
+    (:func:`_norm_dtype` finds it). Computed with autocast off: a function of its arguments alone. Without
+    ``with_x_deq`` (:func:`_x_deq_read`: nothing will read X~'s values) the kernel leaves x_deq unwritten; here it is
+    NaN, so that a stray read shows in every result."""
     from bitnet_cli.model import relu2, rms_norm
 
     yd = y_dtype or x.dtype
@@ -457,13 +467,14 @@ def norm_quant_reference(x: torch.Tensor, gate: torch.Tensor | None, weight: tor
         yf = y.float()
         rstd = torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps)
         q, s_x = quantize_rows(rms_norm(y, weight, eps))
-    return pad_rows(q), s_x, (q.float() / s_x[:, None]).to(out_dtype), rstd.squeeze(-1)
+    x_deq = (q.float() / s_x[:, None]).to(out_dtype) if with_x_deq else torch.full_like(q, torch.nan, dtype=out_dtype)
+    return pad_rows(q), s_x, x_deq, rstd.squeeze(-1)
 
 
-def _norm_quant_cuda(x, gate, weight, eps, out_dtype, y_dtype=None):
+def _norm_quant_cuda(x, gate, weight, eps, out_dtype, y_dtype=None, with_x_deq=True):
     from bitnet_cli.train import int8_triton
 
-    return int8_triton.norm_quant(x, gate, weight, eps, out_dtype, y_dtype=y_dtype)
+    return int8_triton.norm_quant(x, gate, weight, eps, out_dtype, y_dtype=y_dtype, with_x_deq=with_x_deq)
 
 
 _LIB.impl("norm_quant", _norm_quant_cuda, "CUDA")
@@ -471,7 +482,7 @@ _LIB.impl("norm_quant", norm_quant_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("bitnet::norm_quant", lib=_LIB)
-def _(x, gate, weight, eps, out_dtype, y_dtype=None):
+def _(x, gate, weight, eps, out_dtype, y_dtype=None, with_x_deq=True):
     m, k = x.shape
     return (int8_rows(m, k, x.device), x.new_empty((m,), dtype=torch.float32), x.new_empty((m, k), dtype=out_dtype),
             x.new_empty((m,), dtype=torch.float32))
@@ -480,25 +491,26 @@ def _(x, gate, weight, eps, out_dtype, y_dtype=None):
 def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float,
                out_dtype: torch.dtype, y_dtype: torch.dtype | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``bitnet::norm_quant``: :func:`norm_quant_reference` in one Triton pass per row on CUDA."""
-    return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype, y_dtype)
+    """``bitnet::norm_quant``: :func:`norm_quant_reference` in one Triton pass per row on CUDA; X~ written only where
+    it is read (:func:`_x_deq_read`)."""
+    return torch.ops.bitnet.norm_quant.default(x, gate, weight, eps, out_dtype, y_dtype, _x_deq_read())
 
 
 def residual_norm_quant_reference(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                                  out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+                                  out_dtype: torch.dtype, with_x_deq: bool = True) -> tuple[torch.Tensor, ...]:
     """What ``bitnet::residual_norm_quant`` computes for x, delta [M, K]: a decoder layer's residual add ``h = x +
     delta`` (the residual stream and a block's output: fp32 and bf16 under the trainer's autocast; h in their promoted
     dtype, as torch's add gives it), then :func:`norm_quant_reference` of h: the residual norm before q/k/v or gate/up
     and the stacked product's rounding of it. Returns ``(h, q, s_x, x_deq, rstd)``."""
     with torch.autocast(x.device.type, enabled=False):
         h = x + delta
-    return (h, *norm_quant_reference(h, None, weight, eps, out_dtype))
+    return (h, *norm_quant_reference(h, None, weight, eps, out_dtype, with_x_deq=with_x_deq))
 
 
-def _residual_norm_quant_cuda(x, delta, weight, eps, out_dtype):
+def _residual_norm_quant_cuda(x, delta, weight, eps, out_dtype, with_x_deq=True):
     from bitnet_cli.train import int8_triton
 
-    return int8_triton.residual_norm_quant(x, delta, weight, eps, out_dtype)
+    return int8_triton.residual_norm_quant(x, delta, weight, eps, out_dtype, with_x_deq=with_x_deq)
 
 
 _LIB.impl("residual_norm_quant", _residual_norm_quant_cuda, "CUDA")
@@ -506,7 +518,7 @@ _LIB.impl("residual_norm_quant", residual_norm_quant_reference, "CompositeExplic
 
 
 @torch.library.register_fake("bitnet::residual_norm_quant", lib=_LIB)
-def _(x, delta, weight, eps, out_dtype):
+def _(x, delta, weight, eps, out_dtype, with_x_deq=True):
     m, k = x.shape
     return (x.new_empty((m, k), dtype=torch.promote_types(x.dtype, delta.dtype)), int8_rows(m, k, x.device),
             x.new_empty((m,), dtype=torch.float32), x.new_empty((m, k), dtype=out_dtype),
@@ -516,8 +528,9 @@ def _(x, delta, weight, eps, out_dtype):
 def residual_norm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                         out_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """``bitnet::residual_norm_quant``: :func:`residual_norm_quant_reference` in one Triton pass per row on CUDA
-    (norm_quant's kernel, reading delta beside x and writing h too)."""
-    return torch.ops.bitnet.residual_norm_quant.default(x, delta, weight, eps, out_dtype)
+    (norm_quant's kernel, reading delta beside x and writing h too); X~ written only where it is read
+    (:func:`_x_deq_read`)."""
+    return torch.ops.bitnet.residual_norm_quant.default(x, delta, weight, eps, out_dtype, _x_deq_read())
 
 
 def _norm_dtype(x: torch.Tensor, gate: torch.Tensor | None) -> torch.dtype:

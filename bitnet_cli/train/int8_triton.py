@@ -836,10 +836,11 @@ def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_pt
                        stride_xd, stride_h, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                        GATE: tl.constexpr, RESIDUAL: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
                        N_DTYPE: tl.constexpr, N_BF16: tl.constexpr, OUT_BF16: tl.constexpr, DX: tl.constexpr,
-                       DB: tl.constexpr, HINT: tl.constexpr):
+                       DB: tl.constexpr, HINT: tl.constexpr, STORE_XD: tl.constexpr):
     """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE: ``b`` is the gate) or the
     residual add (with RESIDUAL: ``b`` is the delta, ``y = x + b`` stored at ``h``,
-    :func:`int8_linear.residual_norm_quant_reference`), the RMSNorm, the absmax, the int8 rows and X~. Every step is
+    :func:`int8_linear.residual_norm_quant_reference`), the RMSNorm, the absmax, the int8 rows and (STORE_XD) X~. Every
+    step is
     the reference's elementwise operation in its dtype: products of two 16-bit floats are exact in fp32, so rounding
     each to y's dtype (Y_DTYPE: x's, or fp32 where the model's relu2 runs in fp32, int8_linear.norm_quant_reference;
     with RESIDUAL the sum's, whose fp32 sum of the two inputs rounded to it is torch's add) gives torch's bits. The
@@ -870,10 +871,11 @@ def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_pt
     amax = tl.max(tl.abs(n), 1)
     s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, 1e-5)) * 127.0  # quantize_rows' 127 / max(.., 1e-5)
     q = tl.minimum(tl.maximum(_rint(n * s[:, None]), -128.0), 127.0)
-    xd = _round_to(_div_rn(q, s[:, None], tl.div_rn(tl.full([R], 1.0, tl.float32), s)[:, None]), xd_ptr.dtype.element_ty,
-                   OUT_BF16)
     tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=mask)
-    tl.store(xd_ptr + rows[:, None] * stride_xd + c[None, :], xd.to(xd_ptr.dtype.element_ty), mask=mask)
+    if STORE_XD:
+        xd = _round_to(_div_rn(q, s[:, None], tl.div_rn(tl.full([R], 1.0, tl.float32), s)[:, None]),
+                       xd_ptr.dtype.element_ty, OUT_BF16)
+        tl.store(xd_ptr + rows[:, None] * stride_xd + c[None, :], xd.to(xd_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + rows, s, mask=rows < M)
     tl.store(rstd_ptr + rows, rstd, mask=rows < M)
 
@@ -893,27 +895,28 @@ _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16
 
 
 def norm_quant(x: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor, eps: float, out_dtype: torch.dtype,
-               rows: int | None = None, warps: int | None = None, y_dtype: torch.dtype | None = None
-               ) -> tuple[torch.Tensor, ...]:
+               rows: int | None = None, warps: int | None = None, y_dtype: torch.dtype | None = None,
+               with_x_deq: bool = True) -> tuple[torch.Tensor, ...]:
     """``bitnet::norm_quant`` on CUDA (int8_linear.norm_quant_reference's values); ``rows``/``warps``: the launch
     instead of :func:`norm_quant_launch`'s."""
     assert gate is None or gate.shape == x.shape and gate.dtype == x.dtype
-    return _launch_norm_quant(x, gate, None, weight, eps, out_dtype, y_dtype or x.dtype, rows, warps)[1:]
+    return _launch_norm_quant(x, gate, None, weight, eps, out_dtype, y_dtype or x.dtype, rows, warps, with_x_deq)[1:]
 
 
 def residual_norm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                        out_dtype: torch.dtype, rows: int | None = None, warps: int | None = None
-                        ) -> tuple[torch.Tensor, ...]:
+                        out_dtype: torch.dtype, rows: int | None = None, warps: int | None = None,
+                        with_x_deq: bool = True) -> tuple[torch.Tensor, ...]:
     """``bitnet::residual_norm_quant`` on CUDA (int8_linear.residual_norm_quant_reference's values): :func:`norm_quant`'s
     kernel reading ``delta`` beside ``x`` and writing their sum ``h`` too; ``rows``/``warps`` as there."""
     assert delta.shape == x.shape
     return _launch_norm_quant(x, None, delta, weight, eps, out_dtype, torch.promote_types(x.dtype, delta.dtype),
-                              rows, warps)
+                              rows, warps, with_x_deq)
 
 
-def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, warps):
+def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, warps, with_x_deq=True):
     """One launch of ``_norm_quant_kernel`` over x [M, K] with its second input (the gate, the delta or neither):
-    ``(h or None, q, s, x_deq, rstd)``, h (``x + delta`` in y_dtype) only with a delta."""
+    ``(h or None, q, s, x_deq, rstd)``, h (``x + delta`` in y_dtype) only with a delta; without ``with_x_deq`` x_deq
+    is left unwritten (nothing reads it: int8_linear's fp8 weight gradient)."""
     m, k = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     second = gate if gate is not None else delta
@@ -937,7 +940,7 @@ def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, wa
         R=r, GATE=gate is not None, RESIDUAL=delta is not None, Y_DTYPE=_DTYPES[y_dtype],
         Y_BF16=y_dtype == torch.bfloat16, N_DTYPE=_DTYPES[n_dtype], N_BF16=n_dtype == torch.bfloat16,
         OUT_BF16=out_dtype == torch.bfloat16, DX=math.gcd(x.stride(0), 16), DB=math.gcd(sb, 16),
-        HINT=stride_hint([x.stride(0), sb]), num_warps=w, enable_fp_fusion=False)
+        HINT=stride_hint([x.stride(0), sb]), STORE_XD=with_x_deq, num_warps=w, enable_fp_fusion=False)
     return h, q, s, xd, rstd
 
 
