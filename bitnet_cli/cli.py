@@ -776,7 +776,7 @@ def bench(
         if plot is not None:
             from bitnet_cli.bench.plot import check_destination
 
-            check_destination(plot, force)
+            check_destination(plot, force, model)
         prompt_list = suite.parse_int_list(prompts, "--prompts")
         token_list = suite.parse_int_list(tokens, "--tokens")
         layouts = [ternary_layout(part.strip(), param="ternary_layout").option for part in layout.split(",")]

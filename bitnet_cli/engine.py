@@ -466,6 +466,12 @@ class Engine(kernels.CResource):
             raise BitnetError("the engine is closed")
         if type(parallel) is not int or parallel < 1:
             raise BitnetError(f"parallel must be a positive integer, got {parallel!r}", param="parallel")
+        need, have = self.kv_bytes_per_sequence * parallel, memory_limit()
+        if need > have:  # committed only as positions fill: a server would start, then be killed under load
+            raise BitnetError(f"parallel {parallel} needs {need / 2**30:.1f} GiB of KV caches once every sequence "
+                              f"fills its {self.ctx_size} positions ({self.kv_bytes_per_sequence / 2**20:.2f} MiB each) "
+                              f"but this process may use {have / 2**30:.1f} GiB; lower parallel or ctx_size",
+                              param=("parallel", "ctx_size"))
         if self._lib.bn_model_set_seqs(self._model, parallel) != 0:
             raise BitnetError(f"out of memory for {parallel} KV caches of {self.ctx_size} positions "
                               f"({self.kv_bytes_per_sequence / 2**20:.0f} MiB each); lower parallel or ctx_size",

@@ -94,6 +94,9 @@ CASES = [
     (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
     (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
     (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"
+    # --force overwrote the model being measured with the PNG (eval and pack refuse their inputs, force or not)
+    (["bench", "--model", "{packed}", "--what", "e2e", "--plot", "{packed}", "--force"],
+     "--plot {packed}: is the model this benchmark reads"),
     (["info", "{ckpt}/model.safetensors"], "not a bitnet-cli packed model"),
     (["info", "{tmp}/fake.gguf"], "fake.gguf: not a GGUF file (it does not start with the GGUF magic)"),
     (["info", "{tmp}/a\udcffb.bin"], "a\\xffb.bin: no such file"),  # a non-UTF-8 byte as \xff, not as \udcff

@@ -415,6 +415,21 @@ def test_context_the_machine_cannot_hold_is_refused(packed, tmp_path, monkeypatc
     assert r.exit_code == 0, r.output
 
 
+def test_kv_caches_the_machine_cannot_hold_are_refused(packed, monkeypatch):
+    """`serve --parallel N`: N caches are committed only as they fill, so a server too large for the
+    machine started and would be killed under load; now it is refused before it listens, as run's context."""
+    import bitnet_cli.engine as E
+    from bitnet_cli.errors import as_flags
+
+    with E.Engine.load(packed, threads=1) as engine:
+        monkeypatch.setattr(E, "memory_limit", lambda: engine.kv_bytes_per_sequence * 10)
+        engine.set_sequences(10)
+        with pytest.raises(BitnetError) as e:
+            engine.set_sequences(11)
+    assert as_flags(e.value).startswith("--parallel 11 needs ")
+    assert "but this process may use" in str(e.value) and "lower --parallel or --ctx-size" in as_flags(e.value)
+
+
 def test_rope_tables_are_float32_blockwise_and_exact():
     import tracemalloc
 

@@ -243,12 +243,17 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (json.dumps({"prompt": "x", "seed": -1}).encode(), 400, "seed"),  # once killed the scheduler thread
         (b'{"prompt": "a\\udcffb"}', 400, "prompt"),  # a lone surrogate: was a 500 and a traceback in the log
         (b'{"prompt": "x", "stop": ["\\udcff"]}', 400, "stop"),  # could never match: was silently no stop at all
+        (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nested past Python's recursion limit: was a 500 and a traceback
+        (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),  # was "should be less than or equal to 2"
+        (json.dumps({"prompt": [[5]] * 81, "max_tokens": 1}).encode(), 400, "prompt"),  # > 16 slots + 64 queued
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/v1/completions", content=b'{"prompt": "x", "top_p": Infinity}')
+    assert "finite" in r.json()["error"]["message"], r.text
     r = http.post("/tokenize", content=b'{"prompt": "\\udcff"}', headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = http.post("/v1/completions", json={"prompt": "x" * (1 << 20)})
@@ -324,6 +329,10 @@ def test_disconnect_frees_the_slot_full_queue_is_503_and_sigterm_drains(long_mod
         # the only slot is taken and no one may wait: 503, in OpenAI's shape
         r = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
         assert r.status_code == 503 and r.json()["error"]["code"] == "server_overloaded"
+        assert r.json()["error"]["message"].startswith("1 of 1 slots are busy and 0 sequences wait")
+        # more sequences than the server ever takes at once: no retry helps, so 400 (was 503, "all slots busy")
+        r = s.http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "n": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
         with pytest.raises(openai.InternalServerError):
             s.client.completions.create(model=model, prompt="x", max_tokens=1)
         stream.close()

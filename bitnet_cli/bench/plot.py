@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -10,14 +11,21 @@ from bitnet_cli.bench.report import anchor_label, fmt_bytes
 from bitnet_cli.errors import BitnetError
 
 
-def check_destination(plot: Path, force: bool = False) -> Path:
+def check_destination(plot: Path, force: bool = False, model: Path | None = None) -> Path:
     """Fail before a long benchmark, not after it, when the plot could not be written: a missing
-    directory, a directory in the file's place, an existing file without ``force``."""
+    directory, a directory in the file's place, an existing file without ``force``, and, ``force`` or
+    not, the ``model`` file the benchmark reads (``--plot model.bin --force`` replaced the model)."""
     from bitnet_cli.pack.format import check_output_path
 
     plot = Path(plot)
     if not plot.parent.is_dir():
         raise BitnetError(f"plot: directory {plot.parent} does not exist", param="plot")
+    if model is not None and plot.exists():
+        for read in (Path(model), Path(model) / "model.bin"):  # a run directory is read through its model.bin
+            with contextlib.suppress(OSError):
+                if os.path.samefile(read, plot):
+                    raise BitnetError(f"plot {plot}: is the model this benchmark reads ({model}); choose another file",
+                                      param="plot")
     try:
         check_output_path(plot, force=force)
     except BitnetError as e:

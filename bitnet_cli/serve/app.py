@@ -54,8 +54,9 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------- request schemas
 
 class _Strict(BaseModel):
-    # strict: "16" is not a number and 1 is not a bool; unknown fields are ignored, as OpenAI does
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "16" is not a number and 1 is not a bool; unknown fields are ignored, as OpenAI does;
+    # NaN and Infinity (which Python's JSON reads) are "not a finite number", not "greater than 2"
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
@@ -179,6 +180,8 @@ class Server:
             data = json.loads(b"".join(chunks))
         except (ValueError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+        except RecursionError:  # `[[[...` a few thousand deep: was a 500 and a traceback in the log
+            raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object")
         try:
@@ -218,6 +221,11 @@ class Server:
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        most = self.scheduler.parallel + self.scheduler.max_queue
+        if len(prompts) * req.n > most:  # never admitted, however long the client waits: not a 503
+            raise ApiError(400, f"the request asks for {len(prompts) * req.n} sequences (prompts x n) but the server "
+                           f"takes at most {most} at once ({self.scheduler.parallel} decoding, {self.scheduler.max_queue} "
+                           "waiting); send fewer per request", "n" if len(prompts) == 1 else "prompt")
         try:
             params = req.params().check()
         except BitnetError as e:

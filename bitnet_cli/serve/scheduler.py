@@ -146,9 +146,11 @@ class Scheduler:
             if self._closing:
                 raise QueueFull("the server is shutting down")
             free = sum(s.job is None for s in self.slots)
-            if len(self._pending) + len(jobs) - free > self.max_queue:
-                raise QueueFull(f"all {self.parallel} slots are busy and {len(self._pending)} requests are "
-                                f"waiting, as many as the server's queue holds ({self.max_queue}); try again later")
+            waiting = len(self._pending) + len(jobs) - free
+            if waiting > self.max_queue:
+                raise QueueFull(f"{self.parallel - free} of {self.parallel} slots are busy and {len(self._pending)} "
+                                f"sequences wait; this request's {len(jobs)} would make {waiting} wait, more than "
+                                f"the server's queue holds ({self.max_queue}); try again later")
             self._pending.extend(jobs)
             self._wake.notify()
 
