@@ -222,6 +222,16 @@ def test_every_test_the_docs_name_exists():
     assert sorted(missing) == []
 
 
+def test_reliability_tests_named_without_a_file_are_in_test_reliability():
+    """RELIABILITY.md: "All tests named below are in `tests/test_reliability.py` unless another file is given"."""
+    text = (REPO / "docs" / "RELIABILITY.md").read_text(encoding="utf-8")
+    assert "unless another file is given" in text
+    defined = set(re.findall(r"^\s*def (test_\w+)", source_text(REPO / "tests" / "test_reliability.py"), re.M))
+    elsewhere = {test for token in backticked(text) if "::" not in token and ".py" not in token
+                 for test in re.findall(r"\b(test_\w+)\b(?!\.\w)", token) if test not in defined}
+    assert sorted(elsewhere) == []
+
+
 def test_every_environment_variable_the_docs_name_is_read_by_the_code():
     """`BITNET_HUGEPAGES`, and `BITNET_INT8_*` as a family (some variable with that prefix)."""
     code = "\n".join(source_text(p) for p in all_sources())
