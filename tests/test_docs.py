@@ -206,6 +206,34 @@ def test_readme_layout_names_only_files_that_exist():
     assert errors == []
 
 
+def packages() -> list[Path]:
+    return sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+
+
+def test_architecture_module_table_lists_every_module_and_package():
+    """COMMON rule: add a module, add it to "Modules, bottom up"."""
+    table = ARCHITECTURE.read_text(encoding="utf-8").split("## Modules, bottom up", 1)[1]
+    listed = {token for line in table.splitlines() if line.startswith("| `")
+              for token in backticked(line.split("|")[1])}
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"} | {f"{p.name}/" for p in packages()}
+    assert sorted(modules - listed) == []
+
+
+def test_readme_layout_names_every_module_of_each_package():
+    """A package's row (`bitnet_cli/pack/`) names each of its modules (`ternary.py`, ...)."""
+    rows = {row.split("|")[1].strip(): row.split("|")[2] for row in readme_layout_rows()}
+    unnamed = []
+    for package in packages():
+        row = next((owns for where, owns in rows.items() if f"`bitnet_cli/{package.name}/`" in where), None)
+        if row is None:
+            unnamed.append(f"bitnet_cli/{package.name}/ (no row)")
+            continue
+        named = set(backticked(row))
+        unnamed += [f"bitnet_cli/{package.name}/{p.name}" for p in sorted(package.glob("*.py"))
+                    if p.name not in ("__init__.py", "__main__.py") and p.name not in named]
+    assert unnamed == []
+
+
 def test_every_test_the_docs_name_exists():
     """`test_head` (C), `test_serve.py::test_bad_options_fail_cleanly`, `tests/test_kernels.py`."""
     defined = {m for p in (REPO / "tests").glob("test_*.py") for m in re.findall(r"^\s*def (test_\w+)", source_text(p), re.M)}
