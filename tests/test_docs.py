@@ -183,6 +183,11 @@ def test_architecture_names_only_files_and_symbols_that_exist():
     assert errors == []
 
 
+def test_every_exception_is_used():
+    tokens = backticked(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert [prefix for prefix in NOT_OURS if not any(t.startswith(prefix) for t in tokens)] == []
+
+
 def readme_layout_rows() -> list[str]:
     text = README.read_text(encoding="utf-8")
     layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
