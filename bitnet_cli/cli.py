@@ -744,7 +744,8 @@ def bench(
     json_out: bool = json_option("the results, instead of the tables"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: thread scaling, and decode vs the roofline."),
     cache_dir: Optional[Path] = typer.Option(
-        None, help="Where synthetic models are cached \\[default: ~/.cache/bitnet-cli/synthetic]."),
+        None, help="Where synthetic models are cached \\[default: synthetic/ in the cache dir: $BITNET_CACHE, "
+        "else $XDG_CACHE_HOME/bitnet-cli, else ~/.cache/bitnet-cli]."),
     isa: Optional[str] = typer.Option(
         None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
         "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),

@@ -8,6 +8,7 @@ terminal width and of the order the tests run in.
 
 from __future__ import annotations
 
+import ast
 import functools
 import re
 from pathlib import Path
@@ -182,6 +183,11 @@ def test_architecture_names_only_files_and_symbols_that_exist():
     assert errors == []
 
 
+def test_every_exception_is_used():
+    tokens = backticked(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert [prefix for prefix in NOT_OURS if not any(t.startswith(prefix) for t in tokens)] == []
+
+
 def readme_layout_rows() -> list[str]:
     text = README.read_text(encoding="utf-8")
     layout = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
@@ -204,6 +210,79 @@ def test_readme_layout_names_only_files_that_exist():
         # the second column's `recipe.py` lies in the first column's folder (or beside it: `pack/gguf.py`)
         errors += check_segment(owns, tuple(folders) + tuple(f.parent for f in folders))
     assert errors == []
+
+
+def packages() -> list[Path]:
+    return sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+
+
+def test_architecture_module_table_lists_every_module_and_package():
+    """COMMON rule: add a module, add it to "Modules, bottom up"."""
+    table = ARCHITECTURE.read_text(encoding="utf-8").split("## Modules, bottom up", 1)[1]
+    listed = {token for line in table.splitlines() if line.startswith("| `")
+              for token in backticked(line.split("|")[1])}
+    modules = {p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py"} | {f"{p.name}/" for p in packages()}
+    assert sorted(modules - listed) == []
+
+
+def test_readme_layout_names_every_module_of_each_package():
+    """A package's row (`bitnet_cli/pack/`) names each of its modules (`ternary.py`, ...)."""
+    rows = {row.split("|")[1].strip(): row.split("|")[2] for row in readme_layout_rows()}
+    unnamed = []
+    for package in packages():
+        row = next((owns for where, owns in rows.items() if f"`bitnet_cli/{package.name}/`" in where), None)
+        if row is None:
+            unnamed.append(f"bitnet_cli/{package.name}/ (no row)")
+            continue
+        named = set(backticked(row))
+        unnamed += [f"bitnet_cli/{package.name}/{p.name}" for p in sorted(package.glob("*.py"))
+                    if p.name not in ("__init__.py", "__main__.py") and p.name not in named]
+    assert unnamed == []
+
+
+# ARCHITECTURE.md: "`kernels.py` and `model.py` reach `pack/ternary.py` inside functions, the two exceptions"
+UPWARD_INSIDE_FUNCTIONS = {("kernels", "pack"), ("model", "pack")}
+
+
+def module_rows() -> dict[str, int]:
+    """`arch`, `pack`, ... -> its row in "Modules, bottom up" (0: the bottom)."""
+    table = ARCHITECTURE.read_text(encoding="utf-8").split("## Modules, bottom up", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return {token.rstrip("/").removesuffix(".py"): row for row, line in enumerate(rows)
+            for token in backticked(line.split("|")[1])}
+
+
+def imported_units(path: Path) -> list[tuple[str, bool, int]]:
+    """(top-level module or package of bitnet_cli it imports, inside a function?, line) per import."""
+    relative = path.relative_to(PACKAGE).with_suffix("")
+    package = ["bitnet_cli", *relative.parts[:-1]]
+    tree = ast.parse(source_text(path))
+    top_level = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = ".".join(package[:len(package) - node.level + 1] + [node.module or ""]).rstrip(".") \
+                if node.level else node.module or ""
+            names = [f"{module}.{a.name}" for a in node.names] if module == "bitnet_cli" else [module]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(name.split(".")[1], id(node) not in top_level, node.lineno)
+                  for name in names if name.startswith("bitnet_cli.")]
+    return found
+
+
+def test_imports_run_one_way_up_the_module_table():
+    rows = module_rows()
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        me = path.relative_to(PACKAGE).with_suffix("").parts[0]
+        for unit, in_function, line in imported_units(path):
+            if me in rows and unit in rows and rows[unit] > rows[me] and \
+                    not (in_function and (me, unit) in UPWARD_INSIDE_FUNCTIONS):
+                upward.append(f"{path.relative_to(REPO)}:{line} imports {unit}")
+    assert upward == []
 
 
 def test_every_test_the_docs_name_exists():
