@@ -150,6 +150,9 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     recipe = load_recipe(recipe_path, overrides)
     import torch
 
+    # Each variant compiles its own graphs: a switch read while tracing (BITNET_INT8_FP8_GRAD_WEIGHT) is no guard,
+    # so a model of the same structure must not reuse the previous variant's.
+    torch._dynamo.reset()
     if torch.cuda.is_available():  # each variant's own peak, not the largest of the runs before it in this process
         gc.collect()
         torch.cuda.empty_cache()

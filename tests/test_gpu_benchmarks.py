@@ -35,10 +35,15 @@ def test_the_switches_hold_for_their_run_alone(monkeypatch, tmp_path):
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(train_package, "train", train)
+    import torch
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     with pytest.raises(RuntimeError, match="stop here"):
         train_gpu.run(train_gpu.REPO / "recipes" / "tiny.yaml", "int8+RESIDUAL_ROWS-GATED_GRAD", False, 4,
                       ["train.device=cpu"], run_dir=str(tmp_path))
     assert seen == {"BITNET_INT8_GATED_GRAD": "0", "BITNET_INT8_RESIDUAL_ROWS": "1"}
+    assert resets == [1]  # the run compiles afresh: a switch read while tracing is no guard of a cached graph
     assert os.environ["BITNET_INT8_GATED_GRAD"] == "1" and "BITNET_INT8_RESIDUAL_ROWS" not in os.environ
 
 
