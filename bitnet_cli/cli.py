@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -145,9 +146,9 @@ def user_errors(extra: str | None = None, options: dict[str, str] | None = None)
     except BitnetError as e:
         print_error(as_flags(e, options))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err_console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except ModuleNotFoundError as e:
         if extra is None or not e.name or e.name.split(".")[0] == "bitnet_cli":
             raise  # a broken install of our own package is a bug to report, not a missing extra
@@ -176,6 +177,17 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler, torchrun), raised where the program is, so that what Ctrl-C
+    cleans up is cleaned up for it too: a half-written temporary file is removed (the default action
+    ended the process and left it, gigabytes for a large pack), a training run says how to resume.
+    Exit code 143, the shell's for SIGTERM."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def _version_callback(value: bool):
     if value:
         console.print(f"bitnet-cli {__version__}")
@@ -189,6 +201,8 @@ def main(
     ),
 ):
     """Train, pack, run, evaluate and benchmark BitNet b1.58 ternary LLMs."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not over a handler someone else installed
+        signal.signal(signal.SIGTERM, _raise_terminated)  # serve's uvicorn installs its own while it serves
 
 
 # ---------------------------------------------------------------- train
