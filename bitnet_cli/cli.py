@@ -785,7 +785,7 @@ def bench(
         from bitnet_cli.engine import kv_cache_type
 
         kv_cache_type(kv_cache)  # before any work, as --isa
-        thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
+        thread_list = suite.parse_int_list(f"1,{physical_cores()}" if threads is None else threads, "--threads")
         sections = suite.parse_sections(what)
         if plot is not None:
             from bitnet_cli.bench.plot import check_destination

@@ -93,6 +93,9 @@ CASES = [
     (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
     (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
     (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"
+    # the e2e worker's error lost its parameter: "threads 100000 is more ..." where run says "--threads 100000"
+    (["bench", "--model", "{packed}", "--what", "e2e", "--threads", "100000"], "--threads 100000 is more than this"),
+    (["bench", "--model", "{packed}", "--what", "e2e", "--threads", ""], "--threads: '' is not a whole number"),  # default
     # --force overwrote the model being measured with the PNG (eval and pack refuse their inputs, force or not)
     (["bench", "--model", "{packed}", "--what", "e2e", "--plot", "{packed}", "--force"],
      "--plot {packed}: is the model this benchmark reads"),
