@@ -667,7 +667,7 @@ def eval_cmd(
 
         if output is not None:
             check_output(output, force=force, inputs=(model, data_dir))  # now, not after minutes of evaluation
-        if limit is not None and limit >= 1:
+        if limit is not None and 1 <= limit < float("inf"):  # inf: evaluate() refuses it, by name
             limit = int(limit)
 
         bar, progress = _eval_bar()
@@ -701,9 +701,10 @@ def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[st
         return threads, None
     if tasks is None:
         raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout")
-    if threads is not None and not threads.strip().isdigit():
-        raise BitnetError(f"--threads {threads}: not a whole number")
-    return tasks, None if threads is None else int(threads)
+    try:  # a negative number is one (-t -1): the engine says what every command says of it
+        return tasks, None if threads is None else int(threads)
+    except ValueError:
+        raise BitnetError(f"--threads {threads}: not a whole number") from None
 
 
 def _eval_bar():

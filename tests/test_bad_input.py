@@ -113,6 +113,10 @@ CASES = [
      "fifo.bin: is a named pipe (FIFO), not a regular file"),
     (["eval", "{tmp}/fifo.bin", "--tasks", "tinyshakespeare_heldout"], "fifo.bin: is a named pipe (FIFO)"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "0"], "--limit 0: must be positive"),
+    (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "nan"], "--limit nan: must be positive and finite"),  # traceback
+    (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "inf"], "--limit inf: must be positive and finite"),  # traceback
+    (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "-1"],
+     "--threads must be a positive integer, got -1"),  # was "--threads -1: not a whole number"
     (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "0"],
      "--threads must be a positive integer, got 0"),  # as run, serve and bench say it (was "threads=0: ...")
