@@ -76,6 +76,8 @@ CASES = [
     (["pack", "{ckpt}", "{tmp}/missing/out.bin"], "missing: output directory does not exist"),
     (["pack", "{ckpt}", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["pack", "{ckpt}", ""], "give an output file name"),
+    (["pack", "", "{tmp}/out.bin"], "give a source checkpoint (SRC is empty)"),  # was "./config.json: missing"
+    (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--layout", "tq1"], "the ternary type --gguf-type names"),
     (["pack", "{ckpt}", "{packed}"], "model.bin: already exists (use --force to overwrite)"),
     (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--embeddings", "q4"], "unless --gguf-head f16|q6_k"),
     (["pack", "{ckpt}", "{tmp}/out.gguf", "--to", "gguf"], "config.json: self_attn.q_proj has 96 inputs"),

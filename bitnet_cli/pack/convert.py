@@ -245,7 +245,9 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     layout(ternary_layout, param="ternary_layout")
     if to == "gguf" and ternary_layout != "i2":
         raise BitnetError(f"ternary_layout {ternary_layout} is a layout of our packed files; a GGUF export writes "
-                          "the ternary type gguf_type names", param="ternary_layout")
+                          "the ternary type gguf_type names", param=("ternary_layout", "gguf_type"))
+    if not str(src).strip():  # Path("") is the current directory: it was searched for a config.json
+        raise BitnetError("give a source checkpoint (SRC is empty)")
     check_output_path(out, force)
     ckpt = open_source(src, kind, i2s_block)
     try:
