@@ -24,7 +24,7 @@ from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
 from bitnet_cli.errors import BitnetError, as_flags
-from bitnet_cli.eval.runner import DEFAULT_BATCH_SIZE
+from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
 from bitnet_cli.files import bundled_recipes
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
@@ -107,6 +107,10 @@ def ctx_size_option(of: str, longer: str) -> Optional[int]:
 def kv_cache_option() -> str:
     return typer.Option(DEFAULT_KV_CACHE, "--kv-cache", help="KV cache element type: f32, or f16 for half the memory per "
                         "cached token (keys and values rounded to f16 as they are stored; f32 matches transformers).")
+
+
+# A bad eval data directory is named as the user gave it: --data-dir, or this variable (the default of both commands)
+EVAL_DATA_ENV = f"${DATA_ENV}"
 
 
 def json_option(what: str) -> bool:
@@ -635,6 +639,7 @@ def serve(
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", "-T", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data. Required."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
@@ -657,7 +662,8 @@ def eval_cmd(
 
     from bitnet_cli.tables import Table
 
-    with user_errors("eval"):
+    from_env = ctx.get_parameter_source("data_dir").name == "ENVIRONMENT"
+    with user_errors("eval", options={"data_dir": EVAL_DATA_ENV} if from_env else None):
         tasks, threads = _tasks_and_threads(tasks, threads)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         from bitnet_cli.eval.runner import quiet_lm_eval
@@ -838,7 +844,8 @@ def quickstart(
     Example: [bold]bitnet quickstart --out runs/qs[/]
     """
 
-    with user_errors("train,eval", options={"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}):
+    named = {"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}
+    with user_errors("train,eval", options=named if data_dir is not None else {**named, "data_dir": EVAL_DATA_ENV}):
         from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())

@@ -50,9 +50,11 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
 
 
 def invoke(args: list[str], files: dict):
+    """`env:NAME=VALUE` items set an environment variable instead of passing an argument."""
     args = [a.format(**files) for a in args]
-    env = {"BITNET_CACHE": str(files["tmp"] / "cache"), "TQDM_DISABLE": "1"}
-    return CliRunner().invoke(app, args, env=env)
+    env = {"BITNET_CACHE": str(files["tmp"] / "cache"), "TQDM_DISABLE": "1", "BITNET_EVAL_DATA": None}
+    env |= dict(a.removeprefix("env:").split("=", 1) for a in args if a.startswith("env:"))
+    return CliRunner().invoke(app, [a for a in args if not a.startswith("env:")], env=env)
 
 
 CASES = [
@@ -123,6 +125,11 @@ CASES = [
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "0"],
      "--threads must be a positive integer, got 0"),  # as run, serve and bench say it (was "threads=0: ...")
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
+    # the variable's value was blamed on --data-dir, which the user never gave
+    (["eval", "{packed}", "--tasks", "arc_easy", "env:BITNET_EVAL_DATA={tmp}/nowhere"],
+     "$BITNET_EVAL_DATA {tmp}/nowhere: no such directory"),
+    (["quickstart", "--out", "{tmp}/qs", "env:BITNET_EVAL_DATA={tmp}/nowhere"],
+     "$BITNET_EVAL_DATA {tmp}/nowhere: no such directory"),
     # quickstart: bad eval settings fail before the training stage
     (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file, not a directory (choose another --out)"),
     (["quickstart", "--out", "{tmp}/qs", "--tasks", "", "--data-dir", "{data}"], "no --tasks given (e.g. arc_easy)"),
