@@ -645,7 +645,7 @@ def eval_cmd(
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
-    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="INTEGER", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
+    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="<int>", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
@@ -838,8 +838,7 @@ def quickstart(
 ):
     """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare, [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
-    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
-    and OUT/eval.json.
+    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin and OUT/eval.json.
 
     Example: [bold]bitnet quickstart --out runs/qs[/]
     """
