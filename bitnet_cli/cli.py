@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -23,7 +24,7 @@ from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
 from bitnet_cli.errors import BitnetError, as_flags
-from bitnet_cli.eval.runner import DEFAULT_BATCH_SIZE
+from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
 from bitnet_cli.files import bundled_recipes
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
@@ -108,6 +109,10 @@ def kv_cache_option() -> str:
                         "cached token (keys and values rounded to f16 as they are stored; f32 matches transformers).")
 
 
+# A bad eval data directory is named as the user gave it: --data-dir, or this variable (the default of both commands)
+EVAL_DATA_ENV = f"${DATA_ENV}"
+
+
 def json_option(what: str) -> bool:
     return typer.Option(False, "--json", help=f"Print one JSON object on stdout, nothing else there: {what}.")
 
@@ -145,9 +150,9 @@ def user_errors(extra: str | None = None, options: dict[str, str] | None = None)
     except BitnetError as e:
         print_error(as_flags(e, options))  # library messages name parameters; here they are options
         raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         err_console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130)
     except ModuleNotFoundError as e:
         if extra is None or not e.name or e.name.split(".")[0] == "bitnet_cli":
             raise  # a broken install of our own package is a bug to report, not a missing extra
@@ -176,6 +181,17 @@ def print_json(obj) -> None:
     sys.stdout.flush()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a job scheduler, torchrun), raised where the program is, so that what Ctrl-C
+    cleans up is cleaned up for it too: a half-written temporary file is removed (the default action
+    ended the process and left it, gigabytes for a large pack), a training run says how to resume.
+    Exit code 143, the shell's for SIGTERM."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def _version_callback(value: bool):
     if value:
         console.print(f"bitnet-cli {__version__}")
@@ -189,6 +205,8 @@ def main(
     ),
 ):
     """Train, pack, run, evaluate and benchmark BitNet b1.58 ternary LLMs."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # not over a handler someone else installed
+        signal.signal(signal.SIGTERM, _raise_terminated)  # serve's uvicorn installs its own while it serves
 
 
 # ---------------------------------------------------------------- train
@@ -621,12 +639,13 @@ def serve(
 
 @app.command("eval")
 def eval_cmd(
+    ctx: typer.Context,
     model: Path = typer.Argument(..., help="A packed model file (runs on the C engine) or a checkpoint directory in HF layout (runs on torch)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", "-T", help="Comma-separated lm-eval task names, e.g. arc_easy,hellaswag or mmlu (a group: its subtasks); tinyshakespeare_heldout needs no data. Required."),
     num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", "-k", help="Few-shot examples per prompt (default: each task's own setting, usually 0)."),
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
-    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="INTEGER", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
+    threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="<int>", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
@@ -643,7 +662,8 @@ def eval_cmd(
 
     from bitnet_cli.tables import Table
 
-    with user_errors("eval"):
+    from_env = ctx.get_parameter_source("data_dir").name == "ENVIRONMENT"
+    with user_errors("eval", options={"data_dir": EVAL_DATA_ENV} if from_env else None):
         tasks, threads = _tasks_and_threads(tasks, threads)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         from bitnet_cli.eval.runner import quiet_lm_eval
@@ -653,7 +673,7 @@ def eval_cmd(
 
         if output is not None:
             check_output(output, force=force, inputs=(model, data_dir))  # now, not after minutes of evaluation
-        if limit is not None and limit >= 1:
+        if limit is not None and 1 <= limit < float("inf"):  # inf: evaluate() refuses it, by name
             limit = int(limit)
 
         bar, progress = _eval_bar()
@@ -687,9 +707,10 @@ def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[st
         return threads, None
     if tasks is None:
         raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout")
-    if threads is not None and not threads.strip().isdigit():
-        raise BitnetError(f"--threads {threads}: not a whole number")
-    return tasks, None if threads is None else int(threads)
+    try:  # a negative number is one (-t -1): the engine says what every command says of it
+        return tasks, None if threads is None else int(threads)
+    except ValueError:
+        raise BitnetError(f"--threads {threads}: not a whole number") from None
 
 
 def _eval_bar():
@@ -772,7 +793,7 @@ def bench(
         from bitnet_cli.engine import kv_cache_type
 
         kv_cache_type(kv_cache)  # before any work, as --isa
-        thread_list = suite.parse_int_list(threads or f"1,{physical_cores()}", "--threads")
+        thread_list = suite.parse_int_list(f"1,{physical_cores()}" if threads is None else threads, "--threads")
         sections = suite.parse_sections(what)
         if plot is not None:
             from bitnet_cli.bench.plot import check_destination
@@ -818,13 +839,13 @@ def quickstart(
 ):
     """Run the whole pipeline on the bundled default: [bold]train[/] the tiny recipe on TinyShakespeare, [bold]pack[/] it, [bold]run[/] generation on the C engine, [bold]eval[/] with lm-eval.
 
-    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin
-    and OUT/eval.json.
+    A few minutes on a 2-core laptop; leaves OUT/train (checkpoint, metrics.jsonl, loss.png), OUT/model.bin and OUT/eval.json.
 
     Example: [bold]bitnet quickstart --out runs/qs[/]
     """
 
-    with user_errors("train,eval", options={"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}):
+    named = {"out_dir": "--out", "overrides": "--set", "eval_tasks": "--tasks"}
+    with user_errors("train,eval", options=named if data_dir is not None else {**named, "data_dir": EVAL_DATA_ENV}):
         from bitnet_cli.quickstart import next_steps, quickstart as run_quickstart
 
         task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())

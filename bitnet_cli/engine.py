@@ -769,7 +769,7 @@ def fit_chat(engine: Engine, messages: list[dict], reply_room: int) -> tuple[lis
     needed = len(render_chat(engine, system + turns[-1:]))
     raise BitnetError(f"the newest message needs {needed} tokens with the system prompt, and the context holds "
                       f"{engine.ctx_size} with room for a {reply_room}-token reply; shorten it, lower max_tokens "
-                      "or raise ctx_size (up to the model's max_position_embeddings)")
+                      "or raise ctx_size (up to the model's max_position_embeddings)", param=("max_tokens", "ctx_size"))
 
 
 __all__ = ["Engine", "Generation", "GenerationStats", "TextStream", "fit_chat", "render_chat", "rope_tables"]

@@ -172,20 +172,26 @@ def publish(tmp, out: Path, fd: int | None = None) -> Path:
     loss `out` is the old file or the complete new one, never an empty or partial file under the
     final name. mkstemp creates 0600; a model or results file is an ordinary file (0666 less the umask).
     """
-    umask = os.umask(0)
-    os.umask(umask)
     own = fd is None
     if own:
         fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
-        os.fchmod(fd, 0o666 & ~umask)
+        os.fchmod(fd, ordinary_mode())
         os.replace(tmp, out)
     finally:
         if own:
             os.close(fd)
     fsync_directory(Path(out).parent)
     return Path(out)
+
+
+def ordinary_mode() -> int:
+    """The permissions an ordinary new file gets, 0666 less the umask: for files made by writers that
+    create them private (mkstemp, safetensors' save_file: 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fsync_directory(path: Path) -> None:

@@ -120,7 +120,8 @@ def _checked(name: str, env: bool = False) -> str:
         raise BitnetError(f"unknown instruction set {name!r} ({'$BITNET_ISA' if env else 'isa'}): choose from "
                           f"{', '.join(ISAS)}", param=None if env else "isa")
     if name not in available_isas():
-        raise BitnetError(f"instruction set {name!r} is not available on this CPU: {', '.join(available_isas())}")
+        raise BitnetError(f"instruction set {name!r} ({'$BITNET_ISA' if env else 'isa'}) is not available on this "
+                          f"CPU: {', '.join(available_isas())}", param=None if env else "isa")
     return name
 
 

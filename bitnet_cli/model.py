@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from torch import nn
 from bitnet_cli.arch import FAMILIES, LLAMA3_ROPE_KEYS, ModelDims
 from bitnet_cli.checkpoint import bitnet_convention, read_json, tensor_files
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import ordinary_mode
 
 # The block that makes transformers ternarise weights on the fly (as microsoft/bitnet-b1.58-2B-4T-bf16).
 ONLINE_QUANT = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
@@ -614,6 +616,7 @@ class BitNetForCausalLM(nn.Module):
         cfg = self.config.to_hf_dict(dtype=dtype_name)
         (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(out / "model.safetensors", ordinary_mode())  # save_file makes it 0600, unlike config.json
         return out
 
     @classmethod

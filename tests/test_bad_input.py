@@ -42,7 +42,7 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
     for f in hf_tiny_checkpoint.iterdir():
         (root / "bad_tok" / f.name).write_bytes(f.read_bytes())
     (root / "bad_tok" / "tokenizer.json").write_text("{ this is not a tokenizer")
-    for name in ("fifo.bin", "fifo.gguf", "fifo.yaml"):  # reading one would wait for a writer forever
+    for name in ("fifo.bin", "fifo.gguf"):  # reading one would wait for a writer forever
         os.mkfifo(root / name)
     (root / "loop_a").symlink_to(root / "loop_b")
     (root / "loop_b").symlink_to(root / "loop_a")
@@ -50,16 +50,17 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
 
 
 def invoke(args: list[str], files: dict):
+    """`env:NAME=VALUE` items set an environment variable instead of passing an argument."""
     args = [a.format(**files) for a in args]
-    env = {"BITNET_CACHE": str(files["tmp"] / "cache"), "TQDM_DISABLE": "1"}
-    return CliRunner().invoke(app, args, env=env)
+    env = {"BITNET_CACHE": str(files["tmp"] / "cache"), "TQDM_DISABLE": "1", "BITNET_EVAL_DATA": None}
+    env |= dict(a.removeprefix("env:").split("=", 1) for a in args if a.startswith("env:"))
+    return CliRunner().invoke(app, [a for a in args if not a.startswith("env:")], env=env)
 
 
 CASES = [
     # train
     (["train", "{tmp}/latin1.yaml"], "latin1.yaml: not a YAML text file"),
     (["train", "{tmp}/a_dir"], "a_dir: is a directory"),
-    (["train", "{tmp}/fifo.yaml"], "fifo.yaml: is a named pipe (FIFO), not a recipe file"),
     (["train", "{tmp}/recipe.yaml", "--set", "train.threads=0"], "train.threads"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr"], "--set 'optim.lr': expected KEY=VALUE"),
     (["train", "{tmp}/recipe.yaml", "--set", "optim.lr=x"], "--set optim.lr=x: optim.lr: Input should be"),
@@ -77,6 +78,8 @@ CASES = [
     (["pack", "{ckpt}", "{tmp}/missing/out.bin"], "missing: output directory does not exist"),
     (["pack", "{ckpt}", "{tmp}/a_dir"], "a_dir: is a directory"),
     (["pack", "{ckpt}", ""], "give an output file name"),
+    (["pack", "", "{tmp}/out.bin"], "give a source checkpoint (SRC is empty)"),  # was "./config.json: missing"
+    (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--layout", "tq1"], "the ternary type --gguf-type names"),
     (["pack", "{ckpt}", "{packed}"], "model.bin: already exists (use --force to overwrite)"),
     (["pack", "{ckpt}", "{tmp}/o.gguf", "--to", "gguf", "--embeddings", "q4"], "unless --gguf-head f16|q6_k"),
     (["pack", "{ckpt}", "{tmp}/out.gguf", "--to", "gguf"], "config.json: self_attn.q_proj has 96 inputs"),
@@ -94,6 +97,9 @@ CASES = [
     (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
     (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
     (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"
+    # the e2e worker's error lost its parameter: "threads 100000 is more ..." where run says "--threads 100000"
+    (["bench", "--model", "{packed}", "--what", "e2e", "--threads", "100000"], "--threads 100000 is more than this"),
+    (["bench", "--model", "{packed}", "--what", "e2e", "--threads", ""], "--threads: '' is not a whole number"),  # default
     # --force overwrote the model being measured with the PNG (eval and pack refuse their inputs, force or not)
     (["bench", "--model", "{packed}", "--what", "e2e", "--plot", "{packed}", "--force"],
      "--plot {packed}: is the model this benchmark reads"),
@@ -111,10 +117,19 @@ CASES = [
      "fifo.bin: is a named pipe (FIFO), not a regular file"),
     (["eval", "{tmp}/fifo.bin", "--tasks", "tinyshakespeare_heldout"], "fifo.bin: is a named pipe (FIFO)"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "0"], "--limit 0: must be positive"),
+    (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "nan"], "--limit nan: must be positive and finite"),  # traceback
+    (["eval", "{packed}", "--tasks", "arc_easy", "--limit", "inf"], "--limit inf: must be positive and finite"),  # traceback
+    (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "-1"],
+     "--threads must be a positive integer, got -1"),  # was "--threads -1: not a whole number"
     (["eval", "{packed}", "--tasks", " , "], "no --tasks given"),
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{data}", "--threads", "0"],
      "--threads must be a positive integer, got 0"),  # as run, serve and bench say it (was "threads=0: ...")
     (["eval", "{packed}", "--tasks", "arc_easy", "--data-dir", "{tmp}/nowhere"], "nowhere: no such directory"),
+    # the variable's value was blamed on --data-dir, which the user never gave
+    (["eval", "{packed}", "--tasks", "arc_easy", "env:BITNET_EVAL_DATA={tmp}/nowhere"],
+     "$BITNET_EVAL_DATA {tmp}/nowhere: no such directory"),
+    (["quickstart", "--out", "{tmp}/qs", "env:BITNET_EVAL_DATA={tmp}/nowhere"],
+     "$BITNET_EVAL_DATA {tmp}/nowhere: no such directory"),
     # quickstart: bad eval settings fail before the training stage
     (["quickstart", "--out", "{tmp}/a_file"], "a_file: is a file, not a directory (choose another --out)"),
     (["quickstart", "--out", "{tmp}/qs", "--tasks", "", "--data-dir", "{data}"], "no --tasks given (e.g. arc_easy)"),

@@ -172,6 +172,19 @@ def test_bad_input_is_one_clear_line(args, message):
     assert "Traceback" not in result.output
 
 
+def test_an_isa_this_cpu_lacks_is_named_by_where_it_came_from(monkeypatch):
+    """Like an unknown one: `--isa neon` on x86 named neither --isa nor $BITNET_ISA."""
+    from bitnet_cli import kernels
+
+    missing = next(isa for isa in kernels.ISAS if isa not in kernels.available_isas())  # neon on x86, avx2 on ARM
+    monkeypatch.delenv("BITNET_ISA", raising=False)
+    result = runner.invoke(app, ["bench", "--isa", missing, "--what", "kernels"])
+    assert f"instruction set {missing!r} (--isa) is not available" in " ".join(result.output.split())
+    monkeypatch.setenv("BITNET_ISA", missing)
+    with pytest.raises(BitnetError, match=rf"'{missing}' \(\$BITNET_ISA\) is not available"):
+        kernels.resolve_isa(None)
+
+
 def test_parse_int_list_dedupes_in_order():
     assert suite.parse_int_list("2, 1,2,4", "--threads") == [2, 1, 4]
     assert suite.parse_sections("e2e,roofline") == ["roofline", "e2e"]

@@ -210,6 +210,17 @@ def test_minus_t_is_threads_in_every_command(command):
     assert all("-t" not in spelled for name, spelled in opts.items() if name != "threads")
 
 
+def test_threads_is_shown_alike_in_every_command():
+    """eval's --threads (a str, to read the old -t TASKS) showed INTEGER where run and serve show <int>."""
+    import re
+
+    shown = {}
+    for command in ("run", "serve", "eval", "quickstart"):
+        out = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        shown[command] = re.search(r"--threads\s+-t\s+(\S+)", out).group(1)
+    assert set(shown.values()) == {"<int>"}, shown
+
+
 def test_run_and_serve_share_the_model_and_context_options():
     import typer.main
 

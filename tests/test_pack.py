@@ -424,10 +424,22 @@ def test_tq1_pack_holds_the_same_trits_in_fewer_bytes(tmp_path, test_tokenizer_d
                 tb, gb = b.ternary(name)
                 np.testing.assert_array_equal(ta, tb)
                 assert ga == gb
+    assert not tq1.notes  # it saves bytes: nothing to say
     with pytest.raises(BitnetError, match="ternary_layout must be one of i2, tq1"):
         pack_checkpoint(ckpt, tmp_path / "x.bin", ternary_layout="i3")
     with pytest.raises(BitnetError, match="GGUF export writes"):
         pack_checkpoint(ckpt, tmp_path / "x.gguf", to="gguf", ternary_layout="tq1")
+
+
+def test_tq1_on_a_model_too_narrow_for_it_says_it_saves_nothing(hf_tiny_checkpoint, tmp_path):
+    """The quickstart's model (rows of 256 and 512 inputs) has no whole 640-input block: `--layout tq1`
+    wrote an i2-sized file at 2.0000 bits per weight without a word, under the README's "1.6-bit" example."""
+    tq1 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "tq1.bin", ternary_layout="tq1")
+    i2 = pack_checkpoint(hf_tiny_checkpoint, tmp_path / "i2.bin")
+    assert tq1.file_bytes == i2.file_bytes
+    assert any(note.startswith("layout tq1 saves nothing on this model") and "wider than 200 inputs" in note
+               for note in tq1.notes), tq1.notes
+    assert not i2.notes
 
 
 @pytest.mark.parametrize("hidden", [64, 300, 2560])

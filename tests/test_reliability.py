@@ -172,6 +172,24 @@ def test_sigkilled_pack_leaves_a_temp_file_that_the_next_pack_removes(tmp_path, 
     assert sorted(f.name for f in tmp_path.iterdir()) == ["m.bin"]
 
 
+def test_sigtermed_pack_leaves_no_temp_file(tmp_path, hf_tiny_checkpoint):
+    """SIGTERM (kill, a scheduler) mid-write cleans up as Ctrl-C does: its default action ended the
+    process at once and left the temporary file (gigabytes for a large model); exit 143, one line."""
+    out = tmp_path / "m.bin"
+    code = ("import sys, os, signal\n"
+            "from bitnet_cli.pack import format as F\n"
+            "orig = F.PackedWriter.write\n"
+            "def write(self, *a, **k):\n"
+            "    orig(self, *a, **k)\n"
+            "    if self._next == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "F.PackedWriter.write = write\n"
+            "from bitnet_cli.cli import app\n"
+            f"app(['pack', {str(hf_tiny_checkpoint)!r}, {str(out)!r}], prog_name='bitnet')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, p.stderr
+    assert p.stderr.strip() == "interrupted" and list(tmp_path.iterdir()) == []
+
+
 def test_publish_fsyncs_the_file_and_its_directory(tmp_path, monkeypatch):
     import stat as stat_mod
 

@@ -72,6 +72,13 @@ def test_chat_answers_and_ends_on_an_empty_line(packed):
     assert r.stderr.count("generated") == 2
 
 
+def test_a_chat_message_too_long_for_the_context_names_the_options(packed):
+    """It said "lower max_tokens or raise ctx_size" where every other message of `run` names --ctx-size."""
+    r = run(packed, "--chat", "--ctx-size", "4", input="Hello there, a message longer than four tokens\n\n")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "lower --max-tokens or raise --ctx-size" in " ".join(r.output.split()), r.output
+
+
 def test_chat_outlives_its_context_keeps_the_system_prompt_and_reuses_the_cache(packed):
     """A 64-token context and eight turns: the oldest turns go, the conversation goes on."""
     turns = "".join(f"Tell me about the {w} of Verona, good friend\n" for w in

@@ -246,12 +246,18 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nested past Python's recursion limit: was a 500 and a traceback
         (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),  # was "should be less than or equal to 2"
         (json.dumps({"prompt": [[5]] * 81, "max_tokens": 1}).encode(), 400, "prompt"),  # > 16 slots + 64 queued
+        # asked-for sampling the server does not do: refused, as the penalties are (were ignored: results without them)
+        (json.dumps({"prompt": "x", "logit_bias": {"5": 100}}).encode(), 400, "logit_bias"),
+        (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
+        (json.dumps({"prompt": "x", "suffix": "end"}).encode(), 400, "suffix"),
     ]
     for body, status, param in cases:
         r = http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logit_bias": {}, "best_of": 1, "suffix": ""})
+    assert r.status_code == 200, r.text  # their neutral values are fine
     r = http.post("/v1/completions", content=b'{"prompt": "x", "top_p": Infinity}')
     assert "finite" in r.json()["error"]["message"], r.text
     r = http.post("/tokenize", content=b'{"prompt": "\\udcff"}', headers={"content-type": "application/json"})

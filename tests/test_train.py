@@ -282,6 +282,26 @@ def test_a_kill_between_the_two_renames_keeps_the_old_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
+def test_a_checkpoint_s_weights_are_as_readable_as_its_other_files(tmp_path):
+    """safetensors' save_file creates model.safetensors 0600; config.json and the rest beside it are 0644."""
+    import stat
+
+    from bitnet_cli.files import ordinary_mode
+    from bitnet_cli.model import BitNetConfig
+    from bitnet_cli.train import checkpoint as ckpt_io
+
+    class Tokenizer:
+        def save(self, path):
+            Path(path).write_text("{}")
+
+    config = BitNetConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+                          num_key_value_heads=1)
+    out = ckpt_io.save_checkpoint(tmp_path / "final", {"model.norm.weight": torch.ones(8)}, config, Tokenizer(), {},
+                                  None, "name: x\n")
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == ordinary_mode(), modes
+
+
 def test_an_unknown_compile_mode_is_one_clear_error(monkeypatch):
     from bitnet_cli.train.loop import _compile_mode
 

@@ -115,12 +115,13 @@ def run(path: Path, threads: list[int], repeat: int, prompts=PROMPTS, generate=G
                 elif msg["event"] == "result":
                     result = msg["result"]
                 elif msg["event"] == "error":
-                    error = msg["message"]
+                    error = msg
             code = proc.wait()
             stderr_file.seek(0)
             stderr = stderr_file.read()
         if error:
-            raise BitnetError(error)
+            param = error.get("param")
+            raise BitnetError(error["message"], param=tuple(param) if isinstance(param, list) else param)
         if code != 0 or result is None:
             tail = stderr.strip().splitlines()[-1:] or ["no output"]
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -150,7 +151,7 @@ def _worker(argv: list[str]) -> int:
               "result": _measure(args.path, args.threads, args.repeat, prompts, args.generate, emit, args.isa,
                                  args.kv_cache)})
     except BitnetError as e:
-        emit({"event": "error", "message": str(e)})
+        emit({"event": "error", "message": str(e), "param": e.param})  # the parent's message names the option
         return 1
     return 0
 

@@ -48,8 +48,8 @@ def evaluate(
         raise BitnetError("no tasks given (e.g. arc_easy,hellaswag)", param="tasks")
     if num_fewshot is not None and num_fewshot < 0:
         raise BitnetError(f"num_fewshot {num_fewshot}: must be 0 or more", param="num_fewshot")
-    if limit is not None and limit <= 0:
-        raise BitnetError(f"limit {limit:g}: must be positive", param="limit")
+    if limit is not None and not (math.isfinite(limit) and limit > 0):  # nan and inf reached int(): a traceback
+        raise BitnetError(f"limit {limit:g}: must be positive and finite", param="limit")
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
         raise BitnetError(f"{model}: no such file or directory (expected a packed .bin file or a checkpoint directory)")
     if lm is None:

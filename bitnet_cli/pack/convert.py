@@ -245,7 +245,9 @@ def pack_checkpoint(src, out, embeddings: str | None = None, force: bool = False
     layout(ternary_layout, param="ternary_layout")
     if to == "gguf" and ternary_layout != "i2":
         raise BitnetError(f"ternary_layout {ternary_layout} is a layout of our packed files; a GGUF export writes "
-                          "the ternary type gguf_type names", param="ternary_layout")
+                          "the ternary type gguf_type names", param=("ternary_layout", "gguf_type"))
+    if not str(src).strip():  # Path("") is the current directory: it was searched for a config.json
+        raise BitnetError("give a source checkpoint (SRC is empty)")
     check_output_path(out, force)
     ckpt = open_source(src, kind, i2s_block)
     try:
@@ -325,6 +327,13 @@ def _pack_source(ckpt, out: Path, embeddings: str | None, force: bool, to: str, 
         summary = summarize(specs, dims, out, ckpt.source, ckpt.kind, embeddings, time.perf_counter() - t0)
         summary.layout = layout(ternary_layout).name
     summary.notes = list(getattr(ckpt, "notes", []))
+    if to != "gguf" and ternary_layout == "tq1" and summary.ternary_bits_per_weight >= 2:
+        from bitnet_cli import kernels
+
+        widest = max(p.shape(dims)[1] for p in dims.projections())
+        summary.notes.append(f"layout tq1 saves nothing on this model: it stores whole {kernels.TQ1_BLOCK_K}-input "
+                             f"blocks of a row at 1.6 bits per weight, the rest as i2, and no projection here is "
+                             f"wider than {widest} inputs (every weight at 2 bits, as --layout i2)")
     return summary
 
 

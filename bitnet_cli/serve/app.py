@@ -72,6 +72,7 @@ class _Sampling(_Strict):
     ignore_eos: bool = False                    # extension (as vLLM, llama.cpp): for benchmarks
     frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
     presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)  # nor per-token biases (was ignored)
     stop: Union[str, list[str], None] = Field(None)
     seed: Optional[int] = Field(None, ge=0)       # as `bitnet run --seed`: numpy seeds are non-negative
     n: int = Field(1, ge=1, le=MAX_N)
@@ -93,6 +94,8 @@ class _Sampling(_Strict):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[int], list[str], list[list[int]]]
+    best_of: Optional[int] = Field(None, ge=1, le=1)  # neutral values only, as the penalties (both were ignored)
+    suffix: Optional[str] = Field(None, max_length=0)
     max_tokens: Optional[int] = Field(16, ge=0)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from bitnet_cli.files import ordinary_mode
 from bitnet_cli.model import BitNetConfig
 
 _STEP = re.compile(r"^step_(\d+)$")
@@ -47,6 +48,7 @@ def save_checkpoint(target: Path, model_state: dict[str, torch.Tensor], config: 
         state.pop("lm_head.weight", None)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(tmp / "model.safetensors", ordinary_mode())  # save_file makes it 0600, unlike the files beside it
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict("float32"), indent=2) + "\n")
     tokenizer.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_cfg, indent=2) + "\n")

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bitnet_cli.arch import ACTIVATIONS, DIM_LIMITS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled, bundled_recipes, special_kind
+from bitnet_cli.files import bundled, bundled_recipes
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
 
@@ -351,8 +351,6 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return p
     if p.is_dir():
         raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
-    if special := special_kind(p):  # reading a named pipe would wait for a writer
-        raise BitnetError(f"{p}: is {special}, not a recipe file")
     shipped = bundled("recipes", f"{p.name}.yaml")
     if len(p.parts) == 1 and shipped.is_file():  # names like bitnet-b1.58-700m have a dot: no suffix test
         return shipped
