@@ -219,16 +219,22 @@ def tune_cache_path(key: dict) -> Path:
     return cache_root() / "autotune" / f"isa-{digest}.json"
 
 
-def _default_choice() -> dict:
-    env = os.environ.get(AUTOTUNE_ENV, "1")
+def on_off_env(name: str) -> bool:
+    """A switch of the engine's environment: 1 (on, also where unset) or 0 (off); anything else is an error."""
+    env = os.environ.get(name, "1")
     if env not in ("0", "1"):
-        raise BitnetError(f"${AUTOTUNE_ENV} must be 0 (off) or 1 (on), got {env!r}")
+        raise BitnetError(f"${name} must be 0 (off) or 1 (on), got {env!r}")
+    return env == "1"
+
+
+def _default_choice() -> dict:
+    tune = on_off_env(AUTOTUNE_ENV)
     from bitnet_cli.files import cache_root
 
-    memo = (env, str(cache_root()))
+    memo = (tune, str(cache_root()))
     if memo not in _choices:
         candidates = tune_candidates()
-        if env == "0" or len(candidates) == 1:
+        if not tune or len(candidates) == 1:
             _choices[memo] = {"source": "rule", "choice": _uniform(best_isa())}
         else:
             _choices[memo] = _cached_or_measured(candidates)
@@ -504,7 +510,7 @@ def stream_read(buf: np.ndarray, pool: ThreadPool | None = None) -> int:
 def huge_pages_available() -> bool:
     """Whether Linux backs madvise(MADV_HUGEPAGE) memory with transparent huge pages here
     ($BITNET_HUGEPAGES=0 says no)."""
-    if os.environ.get("BITNET_HUGEPAGES", "1") == "0" or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if not on_off_env("BITNET_HUGEPAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()

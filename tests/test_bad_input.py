@@ -96,6 +96,9 @@ CASES = [
     (["run", "{tmp}/fifo.bin", "-p", "x"], "fifo.bin: is a named pipe (FIFO), not a packed model file"),  # hung
     (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
     (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
+    (["train", "{tmp}/fifo.bin"], "fifo.bin: is a named pipe (FIFO), not a recipe file"),  # was "not found"
+    (["run", "{packed}", "-p", "x", "env:BITNET_HUGEPAGES=maybe"], "$BITNET_HUGEPAGES must be 0 (off) or 1 (on)"),
+    (["train", "{tmp}/loop_a"], "loop_a: cannot read ("),  # was "recipe file not found"
     (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"
     # the e2e worker's error lost its parameter: "threads 100000 is more ..." where run says "--threads 100000"
     (["bench", "--model", "{packed}", "--what", "e2e", "--threads", "100000"], "--threads 100000 is more than this"),

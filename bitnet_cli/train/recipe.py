@@ -6,6 +6,7 @@ recipe. Errors name the key and its line in the YAML file (or the ``--set`` that
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -14,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bitnet_cli.arch import ACTIVATIONS, DIM_LIMITS, FAMILIES, FAMILY_BY_MODEL_TYPE, PRESETS
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled, bundled_recipes
+from bitnet_cli.files import bundled, bundled_recipes, special_kind
 
 BUNDLED_CORPUS = "bundled:tinyshakespeare"
 
@@ -351,6 +352,14 @@ def find_recipe(name_or_path: str | Path) -> Path:
         return p
     if p.is_dir():
         raise BitnetError(f"{p}: is a directory (give a recipe .yaml file)")
+    kind = special_kind(p)
+    if kind:  # reading a pipe would wait for a writer forever
+        raise BitnetError(f"{p}: is {kind}, not a recipe file")
+    if os.path.lexists(p):  # there, but stat fails: a symlink loop, a dangling link, no permission on the way
+        try:
+            os.stat(p)
+        except OSError as e:
+            raise BitnetError(f"{p}: cannot read ({e.strerror or e})") from None
     shipped = bundled("recipes", f"{p.name}.yaml")
     if len(p.parts) == 1 and shipped.is_file():  # names like bitnet-b1.58-700m have a dot: no suffix test
         return shipped
