@@ -7,6 +7,7 @@ file runs in seconds. Each message must name the culprit (file, key or value).
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def files(tmp_path_factory, hf_tiny_checkpoint, shared_data):
     (root / "a_file").write_text("not a directory\n")
     (root / "a_dir").mkdir()
     (root / "fake.gguf").write_bytes(b"\x00" * 64)  # named .gguf, without GGUF's magic
+    (root / "broken.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1 << 40, 0) + bytes(16))  # absurd count
     (root / "bad_tok").mkdir()
     for f in hf_tiny_checkpoint.iterdir():
         (root / "bad_tok" / f.name).write_bytes(f.read_bytes())
@@ -150,6 +152,14 @@ def test_bad_input_one_clear_message(files, args, message):
     assert not (r.exception and not isinstance(r.exception, SystemExit)), repr(r.exception)
     assert "Traceback" not in r.output
     assert message.format(**files) in flat, r.output
+
+
+def test_a_broken_gguf_is_one_line_not_announced_as_an_import(files):
+    """A GGUF whose header is corrupt fails with its one error line before the "importing ... into the cache" note."""
+    r = invoke(["info", "{tmp}/broken.gguf"], files)
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [r.output.strip()] and r.output.startswith("error:"), r.output
+    assert "more than the file can hold" in " ".join(r.output.split())
 
 
 def test_nothing_is_started_or_clobbered(files):

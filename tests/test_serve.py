@@ -256,6 +256,8 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         assert r.status_code == status, (body[:40], r.text)
         err = r.json()["error"]
         assert err["param"] == param and err["message"] and "Traceback" not in r.text
+    r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs", r.text  # was silently none
     r = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "logit_bias": {}, "best_of": 1, "suffix": ""})
     assert r.status_code == 200, r.text  # their neutral values are fine
     r = http.post("/v1/completions", content=b'{"prompt": "x", "top_p": Infinity}')
@@ -371,7 +373,8 @@ def test_bad_options_fail_cleanly(packed):
                           (["--kv-cache", "f8"], "error: --kv-cache must be one of f32, f16, got 'f8'"),
                           (["--host", "no such host"], "error: --host 'no such host':"),
                           # JSON holds only text: was a clean start, then a 500 for every request
-                          (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)")]:
+                          (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)"),
+                          (["--name", ""], "error: --name is empty (give a name, or leave it out")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -264,6 +264,12 @@ def test_jsonl_globs_and_bad_data_files(tmp_path, token_cache):
     r.data.files = ["data/*.txt"]
     with pytest.raises(BitnetError, match=r"no file matches 'data/\*\.txt'"):
         resolve_files(r.data, r.base_dir)
+    os.mkfifo(tmp_path / "pipe.txt")  # named, not found: was "not found" (reading it would wait for a writer)
+    for name, says in (("data", r"data is a directory \(name its files"), ("pipe.txt", r"pipe.txt is a named pipe"),
+                       ("nowhere.txt", r"nowhere.txt not found")):
+        r.data.files = [name]
+        with pytest.raises(BitnetError, match=says):
+            resolve_files(r.data, r.base_dir)
     (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
     with pytest.raises(BitnetError, match=r"bad.jsonl:1: expected a JSON object with a 'text' field"):
         tokenize_to_memmap([tmp_path / "bad.jsonl"], tok, token_cache, "digest-bad")

@@ -52,6 +52,10 @@ def packed_path(gguf: Path, quiet: bool = False) -> Path:
         raise BitnetError(f"{out.parent}: cannot create the GGUF import cache ({e.strerror or e}); "
                           "set BITNET_CACHE to a writable directory") from None
     if not quiet:
+        from bitnet_cli.gguf.reader import GGUFFile
+
+        with GGUFFile.open(gguf):  # a broken file is its one error line, not announced as an import first
+            pass
         print(f"importing {gguf} into {out} (once; `bitnet pack {gguf.name} out.bin` does the same)", file=sys.stderr)
     summary = pack_checkpoint(gguf, out, force=True)
     if not quiet:

@@ -356,6 +356,8 @@ class Server:
                 raise ApiError(400, str(e), "messages") from None
             limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             self._check_ids(ids)
+            if req.top_logprobs and not req.logprobs:  # as OpenAI: was silently no log-probabilities at all
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             top = (req.top_logprobs or 0) if req.logprobs else None
             jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False)
         except ApiError as e:

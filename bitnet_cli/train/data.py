@@ -20,7 +20,7 @@ from typing import Iterator
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.files import bundled_corpus
+from bitnet_cli.files import bundled_corpus, special_kind
 from bitnet_cli.files import cache_root as shared_cache_root
 from bitnet_cli.tokenizer import BOS, EOS, special_id
 from bitnet_cli.tokenizer import train_bpe as train_bpe_on
@@ -61,7 +61,8 @@ def resolve_files(spec: DataSpec, base_dir: Path) -> list[Path]:
                 raise BitnetError(f"data.files: no file matches {pattern!r} (looked in {p.parent})")
             out.extend(m for m in matches if m.is_file())
         elif not p.is_file():
-            raise BitnetError(f"data.files: {p} not found")
+            kind = "a directory (name its files, e.g. with a glob: dir/*.txt)" if p.is_dir() else special_kind(p)
+            raise BitnetError(f"data.files: {p} is {kind}" if kind else f"data.files: {p} not found")
         else:
             out.append(p)
     return out
