@@ -99,6 +99,7 @@ CASES = [
     (["info", "/dev/zero"], "/dev/zero: is a character device, not a packed model file"),  # was "is a directory"
     (["info", "{tmp}/loop_a"], "loop_a: cannot read ("),  # a symlink loop (was "no such file")
     (["train", "{tmp}/fifo.bin"], "fifo.bin: is a named pipe (FIFO), not a recipe file"),  # was "not found"
+    (["train", "{tmp}/recipe.yaml", "--out", "{tmp}/fifo.gguf"], "fifo.gguf: is a named pipe (FIFO), not a run"),
     (["run", "{packed}", "-p", "x", "env:BITNET_HUGEPAGES=maybe"], "$BITNET_HUGEPAGES must be 0 (off) or 1 (on)"),
     (["train", "{tmp}/loop_a"], "loop_a: cannot read ("),  # was "recipe file not found"
     (["bench", "--model", "{tmp}/fifo.bin", "--what", "e2e"], "fifo.bin: is a named pipe (FIFO)"),  # was "no such file"

@@ -305,8 +305,10 @@ def _prepare_run_dir(out_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except FileExistsError:
-        raise BitnetError(f"{out_dir}: is a file, not a run directory (choose another out_dir)",
-                          param="out_dir") from None
+        from bitnet_cli.files import special_kind
+
+        raise BitnetError(f"{out_dir}: is {special_kind(out_dir) or 'a file'}, not a run directory (choose another "
+                          "out_dir)", param="out_dir") from None
     except OSError as e:
         raise BitnetError(f"{out_dir}: cannot write the run directory ({e.strerror or e})") from None
 
