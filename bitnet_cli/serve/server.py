@@ -43,9 +43,7 @@ def served_name(model: str | Path, model_id: str | None) -> str:
     Either once failed every request with a 500 (UnicodeEncodeError) after a clean start."""
     from bitnet_cli.tokenizer import bad_text, shown_text
 
-    if model_id is not None:
-        if not model_id.strip():  # clients could not name it, and a model id has no default to fall back to here
-            raise BitnetError("model_id is empty (give a name, or leave it out for the file's)", param="model_id")
+    if model_id:
         why = bad_text(model_id)
         if why:
             raise BitnetError(f"model_id is {why}", param="model_id")
