@@ -149,19 +149,23 @@ def test_stale_temp_files_are_removed_on_the_next_write(tmp_path, capsys):
         ".m.bin.abc.tmp", ".m.bin.abcd1234.tmp.keep", ".m.bin.zzzzzzzz.tmp"]
 
 
-def test_sigkilled_pack_leaves_a_temp_file_that_the_next_pack_removes(tmp_path, hf_tiny_checkpoint):
-    """Kill a pack mid-write (SIGKILL: no cleanup runs); the next pack to the same file removes
-    the leftover and says so."""
-    out = tmp_path / "m.bin"
-    code = ("import sys, os, signal\n"
+def _signalled_at_the_third_tensor(signal_name: str, pack: str) -> str:
+    """A script whose pack (the code ``pack``) sends its own process ``signal_name`` once the third tensor is written."""
+    return ("import sys, os, signal\n"
             "from bitnet_cli.pack import format as F\n"
             "orig = F.PackedWriter.write\n"
             "def write(self, *a, **k):\n"
             "    orig(self, *a, **k)\n"
-            "    if self._next == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
-            "F.PackedWriter.write = write\n"
-            "from bitnet_cli.pack import pack_checkpoint\n"
-            f"pack_checkpoint({str(hf_tiny_checkpoint)!r}, {str(out)!r})\n")
+            f"    if self._next == 3: os.kill(os.getpid(), signal.{signal_name})\n"
+            "F.PackedWriter.write = write\n" + pack)
+
+
+def test_sigkilled_pack_leaves_a_temp_file_that_the_next_pack_removes(tmp_path, hf_tiny_checkpoint):
+    """Kill a pack mid-write (SIGKILL: no cleanup runs); the next pack to the same file removes
+    the leftover and says so."""
+    out = tmp_path / "m.bin"
+    code = _signalled_at_the_third_tensor("SIGKILL", "from bitnet_cli.pack import pack_checkpoint\n"
+                                          f"pack_checkpoint({str(hf_tiny_checkpoint)!r}, {str(out)!r})\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True)
     assert p.returncode == -signal.SIGKILL, p.stderr.decode()
     left = [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
@@ -176,15 +180,8 @@ def test_sigtermed_pack_leaves_no_temp_file(tmp_path, hf_tiny_checkpoint):
     """SIGTERM (kill, a scheduler) mid-write cleans up as Ctrl-C does: its default action ended the
     process at once and left the temporary file (gigabytes for a large model); exit 143, one line."""
     out = tmp_path / "m.bin"
-    code = ("import sys, os, signal\n"
-            "from bitnet_cli.pack import format as F\n"
-            "orig = F.PackedWriter.write\n"
-            "def write(self, *a, **k):\n"
-            "    orig(self, *a, **k)\n"
-            "    if self._next == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
-            "F.PackedWriter.write = write\n"
-            "from bitnet_cli.cli import app\n"
-            f"app(['pack', {str(hf_tiny_checkpoint)!r}, {str(out)!r}], prog_name='bitnet')\n")
+    code = _signalled_at_the_third_tensor("SIGTERM", "from bitnet_cli.cli import app\n"
+                                          f"app(['pack', {str(hf_tiny_checkpoint)!r}, {str(out)!r}], prog_name='bitnet')\n")
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, p.stderr
     assert p.stderr.strip() == "interrupted" and list(tmp_path.iterdir()) == []
