@@ -336,9 +336,12 @@ def fp8_operands(gs: list[torch.Tensor], x: torch.Tensor, row_scale: torch.Tenso
     token count and X~'s width rounded up to 16 (the fp8 product's alignment), padded with zeros, which add nothing."""
     m, k = x.shape
     pad_tokens, pad_cols = -m % 16, -k % 16
-    x_deq = x if row_scale is None else x.float() * row_scale[:, None]
-    s_g = _e4m3_scale(torch.stack([g.abs().amax() for g in gs]).amax() if g_amax is None else g_amax)
-    s_x = _e4m3_scale(x_deq.abs().amax() if x_amax is None else x_amax)
+    if g_amax is None:
+        g_amax = torch.stack([g.abs().amax() for g in gs]).amax()
+    if x_amax is None:  # each row's absmax times its positive scale: no X~ made for it
+        row_amax = x.abs().amax(-1).float()
+        x_amax = (row_amax if row_scale is None else row_amax * row_scale).amax()
+    s_g, s_x = _e4m3_scale(g_amax), _e4m3_scale(x_amax)
     a = torch.cat([_e4m3_token_major(g, s_g, pad_tokens, 0) for g in gs])
     b = _e4m3_token_major(x, s_x if row_scale is None else (row_scale * s_x)[:, None], pad_tokens, pad_cols).t()
     return a, b, 1.0 / s_g, 1.0 / s_x
@@ -780,7 +783,7 @@ class _ProductResidualNormQuant(torch.autograd.Function):
     _ResidualNormQuant's. One function owns both so that the norm's backward kernel, which forms delta's gradient one
     row at a time, also rounds it for the product's grad_input (``bitnet::residual_norm_grad_rows``): the producer
     and the consumer of those rows are the same backward, with no state handed between autograd nodes. The product's
-    backward is :class:`_Int8Linear`'s (int8 grad_input, bf16 grad_weight from X~)."""
+    backward is :class:`_Int8Linear`'s (int8 grad_input, the weight gradient of :func:`_grad_weights`)."""
 
     @staticmethod
     def forward(ctx, x, x_deq, q, s_x, trits, trits_t, col_scale, dtype, norm_weight, eps, out_dtype, proj_weight):
@@ -905,8 +908,8 @@ class _GatedProduct(torch.autograd.Function):
     """The MLP's stacked gate/up int8 product followed by its sub-norm of relu2 and down_proj's rounding: inputs as
     :class:`_Int8Linear`'s (x the dequantised input X~ with its int8 rows q and scales s_x, the stacked ternary weight
     of gate and up), then the sub-norm's weight and eps and the two latent weights; outputs ``(q2, s2, x_deq2)``, the
-    int8 rows, scales and X~ of down_proj's input (:func:`norm_quant`). The backward (int8 grad_input, bf16
-    grad_weight, as _Int8Linear's defaults) forms gate's and up's output gradients and their int8 rows in one pass
+    int8 rows, scales and X~ of down_proj's input (:func:`norm_quant`). The backward (int8 grad_input,
+    :func:`_grad_weights`, as _Int8Linear's defaults) forms gate's and up's output gradients and their int8 rows in one pass
     (``bitnet::gated_norm_grad``) instead of torch ops and then ``bitnet::quantize_grad_rows``."""
 
     @staticmethod
@@ -1312,8 +1315,8 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
             # A fused projection keeps a product of its own (deriving its weight per call) for a call outside its owner.
             m.int8 = Int8Product([m], int8_grad, cache and id(m) not in fused, nq, int8_weight)
             n += 1
-    # The fused backwards below assume the path's defaults: int8 grad_input, bf16 grad_weight, cached weights, fused
-    # residual norms (and, for those that round a sub-norm's product, fused sub-norms).
+    # The fused backwards below assume the path's defaults: int8 grad_input, grad_weight from X~ (_grad_weights: bf16
+    # or fp8, not the int8 one), cached weights, fused residual norms (and, for those that round a sub-norm's product, fused sub-norms).
     if rnq and int8_grad and cache and not int8_weight:
         rope, gated = rope_rows_enabled(), nq and gated_grad_enabled()
         for owner, projs in groups:

@@ -839,9 +839,8 @@ def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_pt
                        DB: tl.constexpr, HINT: tl.constexpr, STORE_XD: tl.constexpr):
     """R rows of :func:`int8_linear.norm_quant_reference`, each read once: relu2 (with GATE: ``b`` is the gate) or the
     residual add (with RESIDUAL: ``b`` is the delta, ``y = x + b`` stored at ``h``,
-    :func:`int8_linear.residual_norm_quant_reference`), the RMSNorm, the absmax, the int8 rows and (STORE_XD) X~. Every
-    step is
-    the reference's elementwise operation in its dtype: products of two 16-bit floats are exact in fp32, so rounding
+    :func:`int8_linear.residual_norm_quant_reference`), the RMSNorm, the absmax, the int8 rows and (STORE_XD) X~.
+    Every step is the reference's elementwise operation in its dtype: products of two 16-bit floats are exact in fp32, so rounding
     each to y's dtype (Y_DTYPE: x's, or fp32 where the model's relu2 runs in fp32, int8_linear.norm_quant_reference;
     with RESIDUAL the sum's, whose fp32 sum of the two inputs rounded to it is torch's add) gives torch's bits. The
     launch turns off Triton's fusion of a multiply and an add into one fma
@@ -913,7 +912,7 @@ def residual_norm_quant(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
                               rows, warps, with_x_deq)
 
 
-def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, warps, with_x_deq=True):
+def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, warps, with_x_deq):
     """One launch of ``_norm_quant_kernel`` over x [M, K] with its second input (the gate, the delta or neither):
     ``(h or None, q, s, x_deq, rstd)``, h (``x + delta`` in y_dtype) only with a delta; without ``with_x_deq`` x_deq
     is left unwritten (nothing reads it: int8_linear's fp8 weight gradient)."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from bitnet_cli.arch import DIM_LIMITS
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.files import special_kind
 from bitnet_cli.model import BitNetConfig, BitNetForCausalLM, set_quant_lambda
 from bitnet_cli.tokenizer import special_id
 from bitnet_cli.train import checkpoint as ckpt_io
@@ -305,8 +306,6 @@ def _prepare_run_dir(out_dir: Path) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except FileExistsError:
-        from bitnet_cli.files import special_kind
-
         raise BitnetError(f"{out_dir}: is {special_kind(out_dir) or 'a file'}, not a run directory (choose another "
                           "out_dir)", param="out_dir") from None
     except OSError as e:
