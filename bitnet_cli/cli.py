@@ -648,7 +648,7 @@ def eval_cmd(
     threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="<int>", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="BITNET_EVAL_DATA", help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar=DATA_ENV, help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
     kv_cache: str = kv_cache_option(),
     json_output: bool = json_option("lm-eval's results, instead of the table"),
