@@ -25,7 +25,7 @@ from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
-from bitnet_cli.files import bundled_recipes
+from bitnet_cli.files import bundled_recipes, read_prompt_file
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
@@ -488,6 +488,9 @@ def info(
 def run(
     model: Path = model_argument(),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Text to continue (with --chat: the first message)."),
+    prompt_file: Optional[str] = typer.Option(
+        None, "--file", "-f", metavar="PATH",
+        help="Read the prompt from this UTF-8 file instead of -p ('-': standard input), less one trailing newline."),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
     top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
@@ -508,14 +511,19 @@ def run(
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
     Examples: [bold]bitnet run model.bin -p "Once upon a time" -n 64 --seed 1[/],
+    [bold]bitnet run model.bin -f story.txt --no-echo[/], [bold]cat notes.txt | bitnet run model.bin -f -[/],
     [bold]bitnet run ggml-model-i2_s.gguf -p "Hello" --temperature 0[/] (imported once into ~/.cache/bitnet-cli/gguf)
     """
 
     with user_errors():
         from bitnet_cli.engine import Engine
 
+        if prompt is not None and prompt_file is not None:
+            raise BitnetError("give the prompt with -p/--prompt or -f/--file, not both")
+        if prompt_file is not None:
+            prompt = read_prompt_file(prompt_file)
         if prompt is None and not chat:
-            raise BitnetError("give a prompt with -p/--prompt (or use --chat)")
+            raise BitnetError("give a prompt with -p/--prompt or -f/--file (or use --chat)")
         if chat and json_output:  # it was ignored: the conversation printed as text
             raise BitnetError("--json prints one generation as JSON; it does not combine with --chat")
         if system is not None and not chat:  # it was ignored without a word

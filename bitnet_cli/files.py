@@ -19,6 +19,7 @@ import fcntl
 import os
 import re
 import stat
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,42 @@ def bundled_recipes() -> list[str]:
 def bundled_corpus() -> Path:
     """The corpus shipped with bitnet-cli (TinyShakespeare; `bundled:tinyshakespeare` in recipes)."""
     return bundled("data", "tinyshakespeare.txt")
+
+
+# The most a prompt file may hold: some 2 million tokens of English, more than the contexts of the models this runs
+# (2B4T 4,096, Llama 3 131,072). A larger one is refused after reading this much rather than read whole, so that
+# `-f /dev/zero` ends too.
+PROMPT_FILE_LIMIT = 8 << 20
+
+
+def read_prompt_file(path: str) -> str:
+    """The UTF-8 text of ``path`` (``-``: standard input), less one trailing newline (the one an editor or ``echo``
+    adds, which the model would otherwise continue from), as llama.cpp's ``-f`` reads a prompt. Pipes and process
+    substitutions (``<(cmd)``) are read like files; more than :data:`PROMPT_FILE_LIMIT` bytes, a file that cannot be
+    read (missing, a directory) or text that is not UTF-8 is a :class:`BitnetError`."""
+    name = "standard input" if path == "-" else path
+    try:
+        if path == "-":
+            stdin = getattr(sys.stdin, "buffer", None)
+            if stdin is None:
+                raise BitnetError("-f -: there is no standard input to read the prompt from")
+            data = stdin.read(PROMPT_FILE_LIMIT + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(PROMPT_FILE_LIMIT + 1)
+    except OSError as e:
+        raise BitnetError(f"{name}: cannot read the prompt: {e.strerror or e}") from None
+    if len(data) > PROMPT_FILE_LIMIT:
+        raise BitnetError(f"{name}: the prompt is larger than {PROMPT_FILE_LIMIT >> 20} MiB, the most a prompt file may "
+                          "hold (some 2 million tokens)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BitnetError(f"{name}: the prompt is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+    for newline in ("\r\n", "\n"):
+        if text.endswith(newline):
+            return text[:-len(newline)]
+    return text
 
 
 def cache_root() -> Path:

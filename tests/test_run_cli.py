@@ -153,6 +153,47 @@ def test_bad_files_fail_cleanly(packed, tmp_path):
         assert str(path.name) in r.stderr.replace("\n", "") and "Traceback" not in r.output, r.output
 
 
+def test_a_prompt_from_a_file_or_stdin_is_the_same_as_p(packed, tmp_path):
+    """-f PATH and -f - (standard input) read the prompt as llama.cpp's -f does: the file's text less one trailing
+    newline, so that `echo "ROMEO:" > p.txt` continues "ROMEO:", as -p "ROMEO:" does."""
+    greedy = ["-n", "12", "--temperature", "0", "--json"]
+    want = json.loads(run(packed, "-p", "ROMEO:\nJULIET:", *greedy).stdout)
+    prompt = tmp_path / "prompt.txt"
+    for ending in ("", "\n", "\r\n"):
+        prompt.write_bytes(f"ROMEO:\nJULIET:{ending}".encode())
+        r = run(packed, "-f", prompt, *greedy)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["text"] == want["text"] and json.loads(r.stdout)["prompt"] == "ROMEO:\nJULIET:"
+    r = run(packed, "--file", "-", *greedy, input="ROMEO:\nJULIET:\n")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"] == want["text"]
+    r = run(packed, "-f", prompt, "-n", "4", "--seed", "1")
+    assert r.exit_code == 0 and r.stdout.startswith("ROMEO:\nJULIET:"), r.output  # echoed like -p
+
+
+def test_bad_prompt_files_fail_cleanly(packed, tmp_path, monkeypatch):
+    from bitnet_cli import files
+
+    not_utf8, empty, large = tmp_path / "latin1.txt", tmp_path / "empty.txt", tmp_path / "large.txt"
+    not_utf8.write_bytes("café".encode("latin-1"))
+    empty.write_text("\n")
+    large.write_text("x" * 65)
+    monkeypatch.setattr(files, "PROMPT_FILE_LIMIT", 64)
+    for args, message in [
+        (["-f", tmp_path / "missing.txt"], "missing.txt: cannot read the prompt: "),  # the OS's words follow
+        (["-f", tmp_path], f"{tmp_path}: cannot read the prompt: "),
+        (["-f", not_utf8], "latin1.txt: the prompt is not UTF-8 text (byte 3 is 0xe9)"),
+        (["-f", large], "large.txt: the prompt is larger than"),
+        (["-f", empty], "prompt is empty"),
+        (["-f", empty, "-p", "hi"], "give the prompt with -p/--prompt or -f/--file, not both"),
+    ]:
+        r = run(packed, *args)
+        assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+        assert r.stderr.startswith("error: ") and message in " ".join(r.stderr.split()), r.stderr
+    r = run(packed, "-f", "-", input="x" * 65)
+    assert r.exit_code == 1 and "standard input: the prompt is larger than" in " ".join(r.stderr.split()), r.output
+
+
 def test_missing_compiled_module_says_how_to_build(monkeypatch):
     import bitnet_cli
 
