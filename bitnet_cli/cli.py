@@ -23,6 +23,7 @@ from typer.core import TyperGroup
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
+from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE as DEFAULT_PPL_CTX_SIZE
 from bitnet_cli.errors import BitnetError, as_flags
 from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
 from bitnet_cli.files import bundled_recipes, read_prompt_file
@@ -654,24 +655,48 @@ def eval_cmd(
     limit: Optional[float] = typer.Option(None, "--limit", help="Evaluate only the first N examples of each task (a value below 1 is a fraction)."),
     batch_size: int = typer.Option(DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Sequences per forward pass on torch; the C engine shares contexts through its KV cache instead."),
     threads: Optional[str] = typer.Option(None, "--threads", "-t", metavar="<int>", help="CPU threads (default: the physical cores). (-t TASKS, the old spelling of --tasks, still works, with a note.)"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write lm-eval's full results JSON here (written atomically; an existing file needs --force, and an input of the command is never overwritten)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the results JSON here: lm-eval's full results (with --file: the perplexity's). Written atomically; an existing file needs --force, and an input of the command is never overwritten."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --output file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar=DATA_ENV, help="Read task data from local JSONL files in HF schemas instead of the HuggingFace hub: DIR/arc_easy/test.jsonl, DIR/mmlu/test.jsonl and so on (see bitnet_cli/eval/tasks.py)."),
     log_samples: bool = typer.Option(False, "--log-samples", help="Keep every example's prompt, answers and scores in the results JSON."),
     kv_cache: str = kv_cache_option(),
-    json_output: bool = json_option("lm-eval's results, instead of the table"),
+    text_file: Optional[str] = typer.Option(
+        None, "--file", "-f", metavar="PATH",
+        help="Instead of --tasks: the perplexity of this UTF-8 text file ('-': standard input), as llama.cpp's "
+             "llama-perplexity -f computes it: chunks of --ctx-size tokens, each chunk's second half scored."),
+    ctx_size: Optional[int] = typer.Option(
+        None, "--ctx-size", "-c",
+        help="Context length in tokens. With --tasks the window (default: the model's, at most "
+             f"{DEFAULT_CTX} on the C engine; longer contexts are cut from the left); with --file the chunk length "
+             f"(default {DEFAULT_PPL_CTX_SIZE}, llama-perplexity's)."),
+    chunks: Optional[int] = typer.Option(None, "--chunks", help="With --file: score only the first N chunks (as "
+                                         "llama-perplexity's --chunks; default: every whole chunk of the text)."),
+    json_output: bool = json_option("lm-eval's results (with --file: the perplexity), instead of the table"),
 ):
-    """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...).
+    """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...), or its perplexity on a text file.
 
-    The task definitions (prompts, choices, metrics) are lm-eval's own, so the numbers mean what the field's numbers mean. A packed file is evaluated by the C engine; a checkpoint directory by our torch model, so a model can be compared before and after packing.
+    The task definitions (prompts, choices, metrics) are lm-eval's own, so the numbers mean what the field's numbers mean. A packed file is evaluated by the C engine; a checkpoint directory by our torch model, so a model can be compared before and after packing. With --file, the perplexity is the figure llama.cpp's llama-perplexity prints for the same text and --ctx-size (bitnet_cli/eval/perplexity.py says how it is computed).
 
-    Example: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/]
+    Examples: [bold]bitnet eval 2b4t.bin --tasks arc_easy,hellaswag --data-dir ../shared/data/eval --limit 200[/],
+    [bold]bitnet eval 2b4t.bin -f wiki.test.raw -c 512 --chunks 20[/]
     """
 
     from bitnet_cli.tables import Table
 
     from_env = ctx.get_parameter_source("data_dir").name == "ENVIRONMENT"
     with user_errors("eval", options={"data_dir": EVAL_DATA_ENV} if from_env else None):
+        if text_file is not None:
+            given = {"--tasks": tasks, "--num-fewshot": num_fewshot, "--limit": limit,
+                     "--log-samples": log_samples or None}
+            if wrong := [name for name, value in given.items() if value is not None]:
+                raise BitnetError(f"{', '.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with lm-eval tasks, not "
+                                  "with --file (the perplexity of a text; --chunks limits how much of it is scored)")
+            _eval_perplexity(model, text_file, ctx_size=ctx_size, chunks=chunks, threads=_threads(threads),
+                             kv_cache=kv_cache, output=output, force=force, json_output=json_output)
+            return
+        if chunks is not None:
+            raise BitnetError("--chunks goes with --file (the perplexity of a text); with --tasks, --limit limits "
+                              "the examples")
         tasks, threads = _tasks_and_threads(tasks, threads)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         from bitnet_cli.eval.runner import quiet_lm_eval
@@ -688,7 +713,7 @@ def eval_cmd(
         with bar:
             results = evaluate(
                 model, names, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, threads=threads,
-                data_dir=data_dir, log_samples=log_samples, progress=progress, kv_cache=kv_cache,
+                data_dir=data_dir, log_samples=log_samples, progress=progress, kv_cache=kv_cache, ctx_size=ctx_size,
             )
         if output is not None:
             write_results(results, output, force=force, inputs=(model, data_dir))
@@ -706,6 +731,42 @@ def eval_cmd(
         console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
 
 
+def _eval_perplexity(model: Path, text_file: str, *, ctx_size: Optional[int], chunks: Optional[int],
+                     threads: Optional[int], kv_cache: str, output: Optional[Path], force: bool,
+                     json_output: bool) -> None:
+    """`bitnet eval MODEL --file TEXT`: the perplexity, as a line (or --json), and the same JSON in --output."""
+    from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE, check_settings, perplexity
+    from bitnet_cli.eval.runner import check_output, write_results
+
+    ctx_size = DEFAULT_CTX_SIZE if ctx_size is None else ctx_size
+    check_settings(ctx_size, chunks)
+    if output is not None:
+        check_output(output, force=force, inputs=(model, None if text_file == "-" else text_file))
+    text = read_prompt_file(text_file)
+    bar, progress = _eval_bar()
+    with bar:
+        result = perplexity(model, text, ctx_size=ctx_size, chunks=chunks, threads=threads, kv_cache=kv_cache,
+                            progress=progress)
+    report = {"model": str(model), "file": text_file, **result.to_dict()}
+    if output is not None:
+        write_results(report, output, force=force, inputs=(model, None if text_file == "-" else text_file))
+    if json_output:
+        print_json(report)
+        return
+    console.print(f"perplexity [bold]{result.perplexity:.4f}[/] +/- {result.stderr:.5f} ({result.backend}): "
+                  f"{result.chunks} chunks of {result.ctx_size} tokens, {result.scored_tokens:,} tokens scored of "
+                  f"the text's {result.text_tokens:,}, {result.tokens_per_s:.1f} tok/s", soft_wrap=True, highlight=False)
+    if output is not None:
+        console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
+
+
+def _threads(threads: Optional[str]) -> Optional[int]:
+    try:  # a negative number is one (-t -1): the engine says what every command says of it
+        return None if threads is None else int(threads)
+    except ValueError:
+        raise BitnetError(f"--threads {threads}: not a whole number") from None
+
+
 def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[str, Optional[int]]:
     """eval's -t was --tasks before it meant --threads as in every command: a -t that is not a
     number, with no --tasks, is still read as the tasks (with a note), so old scripts keep working."""
@@ -714,11 +775,9 @@ def _tasks_and_threads(tasks: Optional[str], threads: Optional[str]) -> tuple[st
                           "write --tasks (or -T)", soft_wrap=True, highlight=False)
         return threads, None
     if tasks is None:
-        raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout")
-    try:  # a negative number is one (-t -1): the engine says what every command says of it
-        return tasks, None if threads is None else int(threads)
-    except ValueError:
-        raise BitnetError(f"--threads {threads}: not a whole number") from None
+        raise BitnetError("give the tasks to score with --tasks, e.g. --tasks arc_easy,tinyshakespeare_heldout "
+                          "(or a text file's perplexity with --file)")
+    return tasks, _threads(threads)
 
 
 def _eval_bar():

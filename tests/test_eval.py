@@ -295,6 +295,15 @@ def test_cli_kv_cache_reaches_the_engine_and_not_torch(eval_model, eval_data):
     assert r.exit_code == 1 and "--kv-cache f16 is for packed models" in " ".join(r.output.split())
 
 
+def test_cli_ctx_size_is_the_task_window(eval_model, eval_data):
+    """--ctx-size sets the window lm-eval's requests are fitted to (it was always the model's, 512 here)."""
+    r = _cli(eval_model[1], "--tasks", "arc_easy", "--limit", 2, "-t", 1, "--data-dir", eval_data, "-c", 128, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["config"]["refused_requests"]["context_window"] == 128
+    r = _cli(eval_model[1], "--tasks", "arc_easy", "--data-dir", eval_data, "--ctx-size", 0)
+    assert r.exit_code == 1 and "--ctx-size 0: must be 1 or more" in " ".join(r.output.split()), r.output
+
+
 def test_cli_missing_model(tmp_path, eval_data):
     r = _cli(tmp_path / "nope.bin", "--tasks", "arc_easy", "--data-dir", eval_data)
     assert r.exit_code == 1 and "nope.bin" in r.output and "Traceback" not in r.output

@@ -25,20 +25,14 @@ from tqdm import tqdm
 
 from bitnet_cli.engine import DEFAULT_KV_CACHE, check_threads
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.eval.backends import Backend, open_backend
+from bitnet_cli.eval.backends import Backend, open_backend, token_logprobs
 from bitnet_cli.progress import Progress  # the CLI draws a rich bar with it; lm-eval's CLI gets tqdm
 
 
 
 def score_continuation(logits: np.ndarray, continuation: list[int]) -> tuple[float, bool]:
-    """(sum of log p(token), every token greedy) from the logits that predict each token.
-
-    The exponentials are float32 (each within an ulp; 4x faster than float64 over a 32k vocabulary),
-    their sums and everything after float64."""
-    top = logits.max(axis=-1, keepdims=True)
-    log_z = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
-    rows = np.arange(len(continuation))
-    logprob = float((logits[rows, continuation].astype(np.float64) - log_z).sum())
+    """(sum of log p(token), every token greedy) from the logits that predict each token."""
+    logprob = float(token_logprobs(logits, continuation).sum())
     return logprob, bool((logits.argmax(axis=-1) == np.asarray(continuation)).all())
 
 

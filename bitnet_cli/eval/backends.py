@@ -6,8 +6,8 @@ Both answer the same two questions the lm-eval adapter asks:
   that predict every continuation token, ``[len(continuation), V]`` float32 each;
 * ``greedy(tokens, max_new_tokens, stop)``: greedy decoding until ``stop(generated)`` says so.
 
-plus the tokenizer and the special tokens. Scoring (log-softmax, greedy check) lives in the
-adapter, so the two backends cannot disagree on what a log-likelihood is.
+plus the tokenizer and the special tokens. Scoring is the callers' (the lm-eval adapter, the perplexity),
+through one log-softmax, :func:`token_logprobs`, so the two backends cannot disagree on what a log-likelihood is.
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ from bitnet_cli.errors import BitnetError
 from bitnet_cli.tokenizer import special_id
 
 Group = tuple[list[int], list[list[int]]]
+
+
+def token_logprobs(logits: np.ndarray, tokens: list[int]) -> np.ndarray:
+    """log p(token) float64 [len(tokens)] from the logits [len(tokens), V] that predict each token.
+
+    The exponentials are float32 (each within an ulp; 4x faster than float64 over a 32k vocabulary),
+    their sums and everything after float64."""
+    top = logits.max(axis=-1, keepdims=True)
+    log_z = top[:, 0].astype(np.float64) + np.log(np.exp(logits - top).sum(axis=-1, dtype=np.float64))
+    return logits[np.arange(len(tokens)), tokens].astype(np.float64) - log_z
 
 
 class Backend(Protocol):

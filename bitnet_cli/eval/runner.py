@@ -30,13 +30,15 @@ def evaluate(
     progress=None,
     lm=None,
     kv_cache: str = DEFAULT_KV_CACHE,
+    ctx_size: int | None = None,
 ) -> dict[str, Any]:
     """Run lm-eval's ``tasks`` on ``model`` (packed ``.bin`` or checkpoint directory).
 
     ``data_dir`` (default: ``$BITNET_EVAL_DATA``) makes the tasks read local JSONL files instead
     of the hub (see :mod:`bitnet_cli.eval.tasks`). ``lm`` passes an already-built adapter.
-    ``kv_cache``: the C engine's KV cache element type (bitnet_cli.engine.KV_CACHE_TYPES).
-    Returns lm-eval's results dict (``results``, ``configs``, ``n-shot``, ... and ``samples``
+    ``kv_cache``: the C engine's KV cache element type (bitnet_cli.engine.KV_CACHE_TYPES). ``ctx_size``: the
+    context window in tokens (default: the model's, on the C engine at most 4096); longer contexts are cut from the
+    left. Returns lm-eval's results dict (``results``, ``configs``, ``n-shot``, ... and ``samples``
     when ``log_samples``).
     """
     import lm_eval
@@ -48,6 +50,8 @@ def evaluate(
         raise BitnetError("no tasks given (e.g. arc_easy,hellaswag)", param="tasks")
     if num_fewshot is not None and num_fewshot < 0:
         raise BitnetError(f"num_fewshot {num_fewshot}: must be 0 or more", param="num_fewshot")
+    if ctx_size is not None and (type(ctx_size) is not int or ctx_size < 1):  # 0 read as "the default" before
+        raise BitnetError(f"ctx_size {ctx_size!r}: must be 1 or more", param="ctx_size")
     if limit is not None and not (math.isfinite(limit) and limit > 0):  # nan and inf reached int(): a traceback
         raise BitnetError(f"limit {limit:g}: must be positive and finite", param="limit")
     if lm is None and not Path(model).exists():  # before lm-eval indexes its tasks (seconds)
@@ -69,7 +73,7 @@ def evaluate(
     check_task_names(tm, tasks)
     if lm is None:
         lm = BitNetLM(pretrained=str(model), threads=threads, batch_size=batch_size, progress=progress,
-                      kv_cache=kv_cache)
+                      kv_cache=kv_cache, max_length=ctx_size)
     with _quiet_git_describe():
         results = lm_eval.simple_evaluate(
             model=lm,
@@ -201,15 +205,20 @@ def result_rows(results: dict[str, Any]) -> list[tuple[str, str, float, float | 
 
 def write_results(results: dict[str, Any], path: str | Path, *, force: bool = False, inputs=()) -> Path:
     """Write the results JSON atomically: a temp file in the same directory, then rename."""
-    from lm_eval.utils import handle_non_serializable
-
     out = check_output(path, force=force, inputs=inputs)
     temp = TempFile(out)
     try:
         with os.fdopen(os.dup(temp.fd), "w", encoding="utf-8") as f:
-            f.write(safejson.dumps(results, indent=2, default=handle_non_serializable))  # a non-UTF-8 path: escaped
+            f.write(safejson.dumps(results, indent=2, default=_non_serializable))  # a non-UTF-8 path: escaped
         temp.publish()
     except BaseException:
         temp.discard()
         raise
     return out
+
+
+def _non_serializable(value):
+    """lm-eval's stand-in for the odd object its results hold (perplexity results hold none: no lm-eval needed)."""
+    from lm_eval.utils import handle_non_serializable
+
+    return handle_non_serializable(value)
