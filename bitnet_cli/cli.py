@@ -687,7 +687,7 @@ def eval_cmd(
     with user_errors("eval", options={"data_dir": EVAL_DATA_ENV} if from_env else None):
         if text_file is not None:
             given = {"--tasks": tasks, "--num-fewshot": num_fewshot, "--limit": limit,
-                     "--log-samples": log_samples or None}
+                     "--log-samples": log_samples or None, "--data-dir": None if from_env else data_dir}
             if wrong := [name for name, value in given.items() if value is not None]:
                 raise BitnetError(f"{', '.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with lm-eval tasks, not "
                                   "with --file (the perplexity of a text; --chunks limits how much of it is scored)")

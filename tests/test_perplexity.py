@@ -133,6 +133,7 @@ def test_cli_prints_writes_and_reads_stdin(ppl_model, text, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "arc_easy"], "--tasks goes with lm-eval tasks, not with --file"),
     (["--limit", "3", "--num-fewshot", "1"], "--num-fewshot, --limit go with lm-eval tasks"),
+    (["--data-dir", "."], "--data-dir goes with lm-eval tasks"),
     (["-c", "1"], "--ctx-size 1: a perplexity chunk needs at least 3 tokens"),
     (["-c", "1000"], "--ctx-size must be between 1 and 256"),
     (["--chunks", "0"], "--chunks 0: must be 1 or more"),
