@@ -671,6 +671,11 @@ def eval_cmd(
              f"(default {DEFAULT_PPL_CTX_SIZE}, llama-perplexity's)."),
     chunks: Optional[int] = typer.Option(None, "--chunks", help="With --file: score only the first N chunks (as "
                                          "llama-perplexity's --chunks; default: every whole chunk of the text)."),
+    kl_base: Optional[Path] = typer.Option(
+        None, "--kl-base", metavar="BASE",
+        help="With --file: also how far this model's next-token distributions are from BASE's (a packed file or a "
+             "checkpoint with the same tokenizer, e.g. the one this file was packed from): the mean KL divergence and "
+             "how often the likeliest token agrees, as llama-perplexity --kl-divergence."),
     json_output: bool = json_option("lm-eval's results (with --file: the perplexity), instead of the table"),
 ):
     """Score a model on lm-evaluation-harness tasks (MMLU, ARC, HellaSwag, WikiText, ...), or its perplexity on a text file.
@@ -684,7 +689,7 @@ def eval_cmd(
     from bitnet_cli.tables import Table
 
     from_env = ctx.get_parameter_source("data_dir").name == "ENVIRONMENT"
-    with user_errors("eval", options={"data_dir": EVAL_DATA_ENV} if from_env else None):
+    with user_errors("eval", options={"base": "--kl-base", **({"data_dir": EVAL_DATA_ENV} if from_env else {})}):
         if text_file is not None:
             given = {"--tasks": tasks, "--num-fewshot": num_fewshot, "--limit": limit,
                      "--log-samples": log_samples or None, "--data-dir": None if from_env else data_dir}
@@ -692,11 +697,11 @@ def eval_cmd(
                 raise BitnetError(f"{', '.join(wrong)} {'goes' if len(wrong) == 1 else 'go'} with lm-eval tasks, not "
                                   "with --file (the perplexity of a text; --chunks limits how much of it is scored)")
             _eval_perplexity(model, text_file, ctx_size=ctx_size, chunks=chunks, threads=_threads(threads),
-                             kv_cache=kv_cache, output=output, force=force, json_output=json_output)
+                             kv_cache=kv_cache, base=kl_base, output=output, force=force, json_output=json_output)
             return
-        if chunks is not None:
-            raise BitnetError("--chunks goes with --file (the perplexity of a text); with --tasks, --limit limits "
-                              "the examples")
+        if chunks is not None or kl_base is not None:
+            raise BitnetError(f"{'--chunks' if chunks is not None else '--kl-base'} goes with --file (the perplexity "
+                              "of a text); with --tasks, --limit limits the examples")
         tasks, threads = _tasks_and_threads(tasks, threads)
         names = [t.strip() for t in tasks.split(",") if t.strip()]
         from bitnet_cli.eval.runner import quiet_lm_eval
@@ -732,7 +737,7 @@ def eval_cmd(
 
 
 def _eval_perplexity(model: Path, text_file: str, *, ctx_size: Optional[int], chunks: Optional[int],
-                     threads: Optional[int], kv_cache: str, output: Optional[Path], force: bool,
+                     threads: Optional[int], kv_cache: str, base: Optional[Path], output: Optional[Path], force: bool,
                      json_output: bool) -> None:
     """`bitnet eval MODEL --file TEXT`: the perplexity, as a line (or --json), and the same JSON in --output."""
     from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE, check_settings, perplexity
@@ -741,21 +746,26 @@ def _eval_perplexity(model: Path, text_file: str, *, ctx_size: Optional[int], ch
     ctx_size = DEFAULT_CTX_SIZE if ctx_size is None else ctx_size
     check_settings(ctx_size, chunks)
     if output is not None:
-        check_output(output, force=force, inputs=(model, None if text_file == "-" else text_file))
+        check_output(output, force=force, inputs=(model, base, None if text_file == "-" else text_file))
     text = read_prompt_file(text_file)
     bar, progress = _eval_bar()
     with bar:
         result = perplexity(model, text, ctx_size=ctx_size, chunks=chunks, threads=threads, kv_cache=kv_cache,
-                            progress=progress)
+                            progress=progress, base=base)
     report = {"model": str(model), "file": text_file, **result.to_dict()}
     if output is not None:
-        write_results(report, output, force=force, inputs=(model, None if text_file == "-" else text_file))
+        write_results(report, output, force=force, inputs=(model, base, None if text_file == "-" else text_file))
     if json_output:
         print_json(report)
         return
     console.print(f"perplexity [bold]{result.perplexity:.4f}[/] +/- {result.stderr:.5f} ({result.backend}): "
                   f"{result.chunks} chunks of {result.ctx_size} tokens, {result.scored_tokens:,} tokens scored of "
                   f"the text's {result.text_tokens:,}, {result.tokens_per_s:.1f} tok/s", soft_wrap=True, highlight=False)
+    if (d := result.divergence) is not None:
+        console.print(f"against {escape(d.base)} (perplexity {d.base_perplexity:.4f}): KL divergence mean "
+                      f"[bold]{d.kld:.6f}[/] +/- {d.kld_stderr:.6f}, median {d.kld_median:.6f}, 99% {d.kld_p99:.6f}, "
+                      f"max {d.kld_max:.6f}; same likeliest token {100 * d.same_top:.2f}% +/- "
+                      f"{100 * d.same_top_stderr:.2f}%", soft_wrap=True, highlight=False)
     if output is not None:
         console.print(f"results written to [bold]{escape(str(output))}[/]", soft_wrap=True)
 

@@ -101,6 +101,56 @@ def test_bad_settings_are_named(ppl_model, text):
         perplexity(packed, text, ctx_size=512)  # more than the model's context: the engine's own words
 
 
+# ---------------------------------------------------------------- against a base model (--kl-base)
+
+
+def test_a_model_against_itself_diverges_by_nothing(ppl_model, text):
+    packed = ppl_model[1]
+    got = perplexity(packed, text, ctx_size=CTX, chunks=3, threads=1, base=packed).divergence
+    assert got.kld == got.kld_max == 0.0 and got.same_top == 1.0 and got.same_top_stderr == 0.0
+    assert got.base == str(packed)
+
+
+def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(ppl_model, text, tmp_path):
+    """A q4 head against the f16 one: KL(f16 || q4) per scored token equals torch's kl_div over both engines'
+    logits, taken chunk by chunk with Engine.forward (not the backends' path); the packed file against its own
+    checkpoint diverges far less."""
+    import torch
+
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.pack import pack_checkpoint
+
+    ckpt, f16 = ppl_model
+    q4 = tmp_path / "q4.bin"
+    pack_checkpoint(ckpt, q4, embeddings="q4")
+    got = perplexity(q4, text, ctx_size=CTX, chunks=4, threads=1, base=f16)
+    d = got.divergence
+    with Engine.load(f16, threads=1) as base, Engine.load(q4, threads=1) as model:
+        tokens = base.encode(text)
+        chunks = chunks_of(tokens, CTX, base.bos_token_id, 4)
+        first = CTX // 2
+        p = torch.cat([torch.from_numpy(base.forward(c)[first:-1]).double().log_softmax(-1) for c in chunks])
+        q = torch.cat([torch.from_numpy(model.forward(c)[first:-1]).double().log_softmax(-1) for c in chunks])
+    kl = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1).numpy()
+    assert d.kld == pytest.approx(kl.mean(), rel=1e-6) and d.kld_max == pytest.approx(kl.max(), rel=1e-6)
+    assert d.kld_median == pytest.approx(np.median(kl), rel=1e-6) and 0 < d.kld_median <= d.kld_p99 <= d.kld_max
+    assert d.same_top == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
+    assert d.base_perplexity == pytest.approx(perplexity(f16, text, ctx_size=CTX, chunks=4).perplexity, rel=1e-12)
+    packing = perplexity(f16, text, ctx_size=CTX, chunks=4, threads=1, base=ckpt).divergence
+    assert packing.kld < d.kld / 10 and packing.same_top > 0.95
+
+
+def test_a_base_with_another_vocabulary_is_refused(ppl_model, text, tmp_path, test_tokenizer_dir, shakespeare):
+    from conftest import train_test_tokenizer
+
+    wider = make_hf_checkpoint(tmp_path / "wider", test_tokenizer_dir, vocab_size=400)
+    with pytest.raises(BitnetError, match="has 400 logits a token"):
+        perplexity(ppl_model[1], text, ctx_size=CTX, chunks=1, base=wider)
+    other = make_hf_checkpoint(tmp_path / "other", train_test_tokenizer(shakespeare, tmp_path / "tok", 300).parent)
+    with pytest.raises(BitnetError, match="reads the text as other tokens"):
+        perplexity(ppl_model[1], text, ctx_size=CTX, chunks=1, base=other)
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -147,9 +197,27 @@ def test_cli_bad_input(ppl_model, tmp_path, args, message):
     assert message in " ".join(r.output.split()), r.output
 
 
-def test_cli_chunks_without_a_file_is_named(ppl_model):
-    r = _cli(ppl_model[1], "--tasks", "tinyshakespeare_heldout", "--chunks", 2)
-    assert r.exit_code == 1 and "--chunks goes with --file" in " ".join(r.output.split()), r.output
+@pytest.mark.parametrize("option", [["--chunks", 2], ["--kl-base", "model.bin"]])
+def test_cli_file_options_without_a_file_are_named(ppl_model, option):
+    r = _cli(ppl_model[1], "--tasks", "tinyshakespeare_heldout", *option)
+    assert r.exit_code == 1 and f"{option[0]} goes with --file" in " ".join(r.output.split()), r.output
+
+
+def test_cli_kl_base(ppl_model, text, tmp_path):
+    ckpt, packed = ppl_model
+    source = tmp_path / "text.txt"
+    source.write_text(text, encoding="utf-8")
+    r = _cli(packed, "-f", source, "-c", CTX, "--chunks", 2, "--kl-base", ckpt, "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)["divergence"]
+    assert d["base"] == str(ckpt) and 0 < d["kld"] < 0.01 and d["same_top"] > 0.9
+    r = _cli(packed, "-f", source, "-c", CTX, "--chunks", 2, "--kl-base", packed)
+    assert r.exit_code == 0, r.output
+    assert "KL divergence mean 0.000000 +/- 0.000000" in " ".join(r.stdout.split())
+    assert "same likeliest token 100.00%" in " ".join(r.stdout.split())
+    r = _cli(packed, "-f", source, "--kl-base", tmp_path / "nope.bin")
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert f"--kl-base {tmp_path / 'nope.bin'}: no such file or directory" in " ".join(r.output.split())
 
 
 def test_perplexity_of_a_packed_model_needs_neither_lm_eval_nor_torch(ppl_model, text, tmp_path):

@@ -11,8 +11,15 @@ This is that figure for a packed model (C engine) or a checkpoint directory (tor
   (``first = ctx_size // 2``), each predicted from at least half a context;
 * ``ppl = exp(mean NLL)`` over every scored token, and llama.cpp's ``+/-``: ``ppl * sd(NLL) / sqrt(count - 1)``.
 
+With a ``base`` model (``bitnet eval MODEL -f FILE --kl-base BASE``), the same scored tokens also measure how far
+MODEL's next-token distributions are from BASE's, as ``llama-perplexity --kl-divergence`` does: the mean
+``KL(base || model)`` per token with its standard error, its median, 99th percentile and maximum, and how often the
+two agree on the likeliest token. Against the checkpoint a file was packed from, or an f16-head pack against a
+q4-head one, it is the measure of what packing lost.
+
 Where it differs: llama.cpp needs two chunks of text, one is enough here; the tokens are the model's own tokenizer's
-(tokenizer.json), where llama.cpp runs its port of it from the GGUF.
+(tokenizer.json), where llama.cpp runs its port of it from the GGUF; llama.cpp stores the base's logits in a file
+first, here both models run side by side.
 """
 
 from __future__ import annotations
@@ -33,6 +40,20 @@ DEFAULT_CTX_SIZE = 512  # llama-perplexity's default -c, the context of most pub
 
 
 @dataclass
+class Divergence:
+    """MODEL against a base model over the same scored tokens (nats per token)."""
+    base: str
+    base_perplexity: float
+    kld: float  # mean KL(base || model)
+    kld_stderr: float
+    kld_median: float
+    kld_p99: float
+    kld_max: float
+    same_top: float  # the share of scored tokens where both models' likeliest next token is the same
+    same_top_stderr: float
+
+
+@dataclass
 class PerplexityResult:
     perplexity: float
     stderr: float  # llama.cpp's "+/-"
@@ -43,6 +64,7 @@ class PerplexityResult:
     chunk_nll: list[float]  # each chunk's mean negative log-likelihood (nats per token)
     backend: str  # engine (packed file) or torch (checkpoint directory)
     seconds: float
+    divergence: Divergence | None = None  # against a base model, when one was given
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,12 +92,38 @@ def chunks_of(tokens: list[int], ctx_size: int, bos: int | None, chunks: int | N
     return out
 
 
-def chunk_nll(backend: Backend, chunk: list[int]) -> np.ndarray:
-    """The negative log-likelihood (float64, nats) of each scored token of one chunk: those after its first half."""
+def chunk_logits(backend: Backend, chunk: list[int]) -> tuple[np.ndarray, list[int]]:
+    """(the logits [n, V] that predict each scored token of one chunk, those n tokens): the tokens after its first
+    half, each predicted from the tokens before it."""
     first = len(chunk) // 2
     context, scored = chunk[:first + 1], chunk[first + 1:]
     [[logits]] = backend.continuation_logits([(context, [scored])])
-    return -token_logprobs(logits, scored)
+    return logits, scored
+
+
+def token_divergence(base_logits: np.ndarray, logits: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(KL(base || model) float64 [n], whether the likeliest token agrees bool [n]) per row of two models' logits
+    [n, V] for the same positions; in blocks of rows, so that a large vocabulary's float64 copies stay small."""
+    kld, same = np.empty(len(logits)), np.empty(len(logits), dtype=bool)
+    for i in range(0, len(logits), block):
+        rows = slice(i, i + block)
+        log_p, log_q = _log_softmax(base_logits[rows]), _log_softmax(logits[rows])
+        kld[rows] = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
+        same[rows] = base_logits[rows].argmax(axis=-1) == logits[rows].argmax(axis=-1)
+    return np.maximum(kld, 0.0), same  # >= 0 in exact arithmetic; rounding may leave -1e-17
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
+    """The mean and llama.cpp's standard error of it: the spread ``mean(v^2) - mean^2``, over ``n - 1``."""
+    mean = float(values.mean())
+    spread = float((values ** 2).mean()) - mean * mean
+    return mean, (math.sqrt(spread / (values.size - 1)) if spread > 0 and values.size > 1 else 0.0)
 
 
 def check_settings(ctx_size: int, chunks: int | None) -> None:
@@ -87,34 +135,70 @@ def check_settings(ctx_size: int, chunks: int | None) -> None:
 
 def perplexity(model: str | Path, text: str, *, ctx_size: int = DEFAULT_CTX_SIZE, chunks: int | None = None,
                threads: int | None = None, kv_cache: str = DEFAULT_KV_CACHE, progress: Progress | None = None,
-               backend: Backend | None = None) -> PerplexityResult:
+               backend: Backend | None = None, base: str | Path | Backend | None = None) -> PerplexityResult:
     """The perplexity of ``text`` under ``model`` (a packed file or a checkpoint directory; or an open
-    ``backend``), in chunks of ``ctx_size`` tokens, at most ``chunks`` of them (module docstring)."""
+    ``backend``), in chunks of ``ctx_size`` tokens, at most ``chunks`` of them; with ``base`` (a model path or an
+    open backend), also the divergence of ``model``'s distributions from ``base``'s (module docstring)."""
     check_settings(ctx_size, chunks)
-    if backend is None:
-        backend = open_backend(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
-    elif backend.max_length < ctx_size:
-        raise BitnetError(f"ctx_size {ctx_size} is more than the model's context ({backend.max_length})",
-                          param="ctx_size")
+    if isinstance(base, (str, Path)) and not Path(base).exists():  # before a model load that may take seconds
+        raise BitnetError(f"base {base}: no such file or directory (expected a packed file or a checkpoint "
+                          "directory)", param="base")
+    backend = _backend(model, backend, ctx_size, threads, kv_cache)
     tokens = text_tokens(backend, text)
+    base_backend = None
+    if base is not None:
+        base_backend = base if not isinstance(base, (str, Path)) else _backend(base, None, ctx_size, threads, kv_cache)
+        if text_tokens(base_backend, text) != tokens:
+            raise BitnetError(f"base {base}: reads the text as other tokens than {model} does; a divergence needs the "
+                              "same tokenizer", param="base")
     todo = chunks_of(tokens, ctx_size, backend.bos_token_id, chunks)
     if not todo:
         raise BitnetError(f"the text is {len(tokens)} tokens, fewer than one chunk of ctx_size {ctx_size}: give a "
                           "longer text or a smaller ctx_size", param="ctx_size")
     t0 = time.perf_counter()
-    nlls: list[np.ndarray] = []
+    nlls, base_nlls, klds, same_tops = [], [], [], []
     for i, chunk in enumerate(todo):
         if progress:
             progress(i, len(todo), "perplexity")
-        nlls.append(chunk_nll(backend, chunk))
+        logits, scored = chunk_logits(backend, chunk)
+        nlls.append(-token_logprobs(logits, scored))
+        if base_backend is not None:
+            base_logits, _ = chunk_logits(base_backend, chunk)
+            if base_logits.shape != logits.shape:
+                raise BitnetError(f"base {base}: has {base_logits.shape[1]} logits a token, {model} "
+                                  f"{logits.shape[1]}; a divergence needs the same vocabulary", param="base")
+            base_nlls.append(-token_logprobs(base_logits, scored))
+            kld, same = token_divergence(base_logits, logits)
+            klds.append(kld)
+            same_tops.append(same)
     if progress:
         progress(len(todo), len(todo), "perplexity")
     seconds = time.perf_counter() - t0
     every = np.concatenate(nlls)
-    mean = float(every.mean())
-    spread = float((every ** 2).mean()) - mean * mean  # llama.cpp's estimate, term for term
-    stderr = math.sqrt(spread / (every.size - 1)) if spread > 0 and every.size > 1 else 0.0
+    mean, stderr = _mean_and_stderr(every)
     ppl = math.exp(mean)
+    divergence = None
+    if base_backend is not None:
+        kld, same = np.concatenate(klds), np.concatenate(same_tops).astype(np.float64)
+        kld_mean, kld_stderr = _mean_and_stderr(kld)
+        same_mean, same_stderr = _mean_and_stderr(same)
+        divergence = Divergence(
+            base=str(base if isinstance(base, (str, Path)) else base_backend.name),
+            base_perplexity=math.exp(float(np.concatenate(base_nlls).mean())), kld=kld_mean, kld_stderr=kld_stderr,
+            kld_median=float(np.median(kld)), kld_p99=float(np.percentile(kld, 99)), kld_max=float(kld.max()),
+            same_top=same_mean, same_top_stderr=same_stderr)
     return PerplexityResult(perplexity=ppl, stderr=ppl * stderr, ctx_size=ctx_size, chunks=len(todo),
                             scored_tokens=int(every.size), text_tokens=len(tokens),
-                            chunk_nll=[float(n.mean()) for n in nlls], backend=backend.name, seconds=seconds)
+                            chunk_nll=[float(n.mean()) for n in nlls], backend=backend.name, seconds=seconds,
+                            divergence=divergence)
+
+
+def _backend(model: str | Path, backend: Backend | None, ctx_size: int, threads: int | None,
+             kv_cache: str) -> Backend:
+    """An open backend for ``model`` whose context holds a chunk."""
+    if backend is None:
+        return open_backend(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
+    if backend.max_length < ctx_size:
+        raise BitnetError(f"ctx_size {ctx_size} is more than the model's context ({backend.max_length})",
+                          param="ctx_size")
+    return backend
