@@ -63,12 +63,12 @@ class PerplexityResult:
     text_tokens: int  # the whole text's, BOS included
     chunk_nll: list[float]  # each chunk's mean negative log-likelihood (nats per token)
     backend: str  # engine (packed file) or torch (checkpoint directory)
-    seconds: float
+    seconds: float  # the model's forward passes and scoring (a base model's are not counted)
     divergence: Divergence | None = None  # against a base model, when one was given
 
     @property
     def tokens_per_s(self) -> float:
-        """Tokens run through the model (whole chunks) per second."""
+        """Tokens run through the model (whole chunks) per second of its own time."""
         return self.chunks * self.ctx_size / self.seconds if self.seconds > 0 else float("nan")
 
     def to_dict(self) -> dict:
@@ -155,13 +155,15 @@ def perplexity(model: str | Path, text: str, *, ctx_size: int = DEFAULT_CTX_SIZE
     if not todo:
         raise BitnetError(f"the text is {len(tokens)} tokens, fewer than one chunk of ctx_size {ctx_size}: give a "
                           "longer text or a smaller ctx_size", param="ctx_size")
-    t0 = time.perf_counter()
+    seconds = 0.0  # the model's own: its forward passes and scores, not the base's
     nlls, base_nlls, klds, same_tops = [], [], [], []
     for i, chunk in enumerate(todo):
         if progress:
             progress(i, len(todo), "perplexity")
+        t0 = time.perf_counter()
         logits, scored = chunk_logits(backend, chunk)
         nlls.append(-token_logprobs(logits, scored))
+        seconds += time.perf_counter() - t0
         if base_backend is not None:
             base_logits, _ = chunk_logits(base_backend, chunk)
             if base_logits.shape != logits.shape:
@@ -173,7 +175,6 @@ def perplexity(model: str | Path, text: str, *, ctx_size: int = DEFAULT_CTX_SIZE
             same_tops.append(same)
     if progress:
         progress(len(todo), len(todo), "perplexity")
-    seconds = time.perf_counter() - t0
     every = np.concatenate(nlls)
     mean, stderr = _mean_and_stderr(every)
     ppl = math.exp(mean)
