@@ -177,6 +177,18 @@ def hf_tiny_checkpoint(tmp_path_factory, test_tokenizer_dir) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("hf_tiny"), test_tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_packed(tmp_path_factory, test_tokenizer_dir) -> tuple[Path, Path]:
+    """(checkpoint dir, packed file) of one tiny random HF BitNet model saved in f16, so that packing its embeddings
+    loses nothing; shared by the tests of the engine, `bitnet run` and the perplexity, which only read it."""
+    from bitnet_cli.pack import pack_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_packed")
+    ckpt = make_hf_checkpoint(root / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1)
+    pack_checkpoint(ckpt, root / "model.bin")
+    return ckpt, root / "model.bin"
+
+
 @pytest.fixture(autouse=True)
 def _console_width_80(monkeypatch):
     """The CLI's consoles at rich's width for a non-terminal (80), whatever COLUMNS says.

@@ -42,14 +42,6 @@ def model(request, tmp_path_factory, test_tokenizer_dir):
     return ckpt, out
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, test_tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("tiny_engine")
-    ckpt = make_hf_checkpoint(tmp / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1)
-    pack_checkpoint(ckpt, tmp / "model.bin")
-    return ckpt, tmp / "model.bin"
-
-
 def random_ids(n, vocab=389, seed=0):
     return [int(i) for i in np.random.default_rng(seed).integers(2, vocab, n)]
 
@@ -91,8 +83,8 @@ def test_greedy_generation_matches_transformers(model):
     assert gen.stats.stop_reason == "max_tokens" and gen.stats.generated_tokens == 64
 
 
-def test_kv_cache_continuation_and_rewind(tiny):
-    _, packed = tiny
+def test_kv_cache_continuation_and_rewind(tiny_packed):
+    _, packed = tiny_packed
     ids = random_ids(40, seed=2)
     with Engine.load(packed, threads=2) as eng:
         full = eng.forward(ids)
@@ -110,8 +102,8 @@ def test_kv_cache_continuation_and_rewind(tiny):
     np.testing.assert_allclose(np.stack(step), full[:10], atol=1e-5)
 
 
-def test_branches_in_one_pass_match_separate_continuations(tiny):
-    _, packed = tiny
+def test_branches_in_one_pass_match_separate_continuations(tiny_packed):
+    _, packed = tiny_packed
     context = random_ids(30, seed=6)
     # different lengths, a single token, and together more than one prefill chunk of 64
     branches = [random_ids(n, seed=7 + n) for n in (12, 1, 40, 25)]
@@ -127,8 +119,8 @@ def test_branches_in_one_pass_match_separate_continuations(tiny):
     np.testing.assert_allclose(again, want[0], atol=1e-5)
 
 
-def test_branches_bad_arguments_are_clear_errors(tiny):
-    _, packed = tiny
+def test_branches_bad_arguments_are_clear_errors(tiny_packed):
+    _, packed = tiny_packed
     with Engine.load(packed, threads=1, ctx_size=32) as eng:
         eng.forward(random_ids(10))
         with pytest.raises(BitnetError, match="positions are cached"):
@@ -142,8 +134,8 @@ def test_branches_bad_arguments_are_clear_errors(tiny):
         assert eng.forward_branches(10, [random_ids(11), random_ids(11)])[1].shape == (11, eng.vocab_size)
 
 
-def test_long_prompt_runs_in_several_prefill_chunks(tiny):
-    _, packed = tiny
+def test_long_prompt_runs_in_several_prefill_chunks(tiny_packed):
+    _, packed = tiny_packed
     ids = random_ids(150, seed=4)  # > 2 chunks of 64
     with Engine.load(packed, threads=1) as eng:
         got = eng.forward(ids)
@@ -152,8 +144,8 @@ def test_long_prompt_runs_in_several_prefill_chunks(tiny):
 
 
 @pytest.mark.parametrize("isa", kernels.available_isas())
-def test_every_isa_and_thread_count_agree(tiny, isa):
-    _, packed = tiny
+def test_every_isa_and_thread_count_agree(tiny_packed, isa):
+    _, packed = tiny_packed
     ids = random_ids(20, seed=5)
     with Engine.load(packed, threads=1, isa="scalar") as eng:
         want = eng.forward(ids)
@@ -163,8 +155,8 @@ def test_every_isa_and_thread_count_agree(tiny, isa):
         np.testing.assert_allclose(got, want, atol=1e-5)  # only the head's float summation order differs
 
 
-def test_weights_in_huge_pages_give_the_same_logits(tiny, monkeypatch):
-    _, packed = tiny
+def test_weights_in_huge_pages_give_the_same_logits(tiny_packed, monkeypatch):
+    _, packed = tiny_packed
     ids = random_ids(12, seed=7)
     monkeypatch.setenv("BITNET_HUGEPAGES", "0")
     with Engine.load(packed, threads=2) as eng:
@@ -298,8 +290,8 @@ def test_tq1_layout_gives_the_i2_logits_and_greedy_tokens(tmp_path, test_tokeniz
         assert out["tq1"][1] == out["i2"][1] and len(out["i2"][1]) == 16, isa
 
 
-def test_sampling_is_seeded_and_stops(tiny):
-    _, packed = tiny
+def test_sampling_is_seeded_and_stops(tiny_packed):
+    _, packed = tiny_packed
     with Engine.load(packed, threads=1) as eng:
         a = eng.generate("ROMEO:", max_tokens=20, seed=7, temperature=1.0)
         a_text = "".join(a)
@@ -321,8 +313,8 @@ def test_sampling_is_seeded_and_stops(tiny):
             assert "".join(cut) == greedy[: greedy.find(stop)] and cut.stats.stop_reason == "stop"
 
 
-def test_bad_arguments_are_clear_errors(tiny, tmp_path):
-    _, packed = tiny
+def test_bad_arguments_are_clear_errors(tiny_packed, tmp_path):
+    _, packed = tiny_packed
     with pytest.raises(BitnetError, match="threads must be a positive integer") as e:
         Engine.load(packed, threads=0)
     assert e.value.param == "threads"  # the CLI shows it as --threads

@@ -25,17 +25,6 @@ CTX = 64
 
 
 @pytest.fixture(scope="module")
-def ppl_model(tmp_path_factory, test_tokenizer_dir):
-    """(checkpoint dir, packed file) of one small model (f16, so packing its embeddings loses nothing)."""
-    from bitnet_cli.pack import pack_checkpoint
-
-    root = tmp_path_factory.mktemp("ppl_model")
-    ckpt = make_hf_checkpoint(root / "ckpt", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.15)
-    pack_checkpoint(ckpt, root / "model.bin")
-    return ckpt, root / "model.bin"
-
-
-@pytest.fixture(scope="module")
 def text(shakespeare) -> str:
     return shakespeare.read_text(encoding="utf-8")[20000:24000]
 
@@ -58,14 +47,14 @@ def _reference_nll(ckpt, text: str, ctx: int) -> np.ndarray:
     return np.concatenate(nll)
 
 
-def test_perplexity_is_transformers_chunked_as_llama_cpp(ppl_model, text):
+def test_perplexity_is_transformers_chunked_as_llama_cpp(tiny_packed, text):
     """The C engine (packed) and our torch model (checkpoint) give transformers' perplexity and llama.cpp's
     +/- (its formula over the reference's own NLLs)."""
-    ckpt, packed = ppl_model
+    ckpt, packed = tiny_packed
     nll = _reference_nll(ckpt, text, CTX)
     want = math.exp(nll.mean())
     want_err = want * math.sqrt(((nll ** 2).mean() - nll.mean() ** 2) / (nll.size - 1))
-    for model, rel in ((ckpt, 1e-5), (packed, 1e-3)):
+    for model, rel in ((ckpt, 1e-4), (packed, 1e-3)):  # the README's bounds on agreement with transformers
         got = perplexity(model, text, ctx_size=CTX, threads=1)
         assert got.scored_tokens == nll.size and got.chunks == nll.size // (CTX - CTX // 2 - 1)
         assert got.perplexity == pytest.approx(want, rel=rel), model
@@ -81,16 +70,16 @@ def test_chunks_replace_the_first_token_by_bos_and_drop_the_tail():
     assert chunks_of(tokens, 10, bos=7, chunks=5) == chunks_of(tokens, 10, bos=7)  # only whole chunks
 
 
-def test_chunks_limit_what_is_scored(ppl_model, text):
-    ckpt, packed = ppl_model
+def test_chunks_limit_what_is_scored(tiny_packed, text):
+    ckpt, packed = tiny_packed
     whole = perplexity(packed, text, ctx_size=CTX, threads=1)
     two = perplexity(packed, text, ctx_size=CTX, chunks=2, threads=1)
     assert two.chunks == 2 and two.scored_tokens == 2 * (CTX - CTX // 2 - 1)
     assert two.chunk_nll == pytest.approx(whole.chunk_nll[:2], rel=1e-9) and two.text_tokens == whole.text_tokens
 
 
-def test_bad_settings_are_named(ppl_model, text):
-    packed = ppl_model[1]
+def test_bad_settings_are_named(tiny_packed, text):
+    packed = tiny_packed[1]
     with pytest.raises(BitnetError, match="fewer than one chunk of ctx_size 64"):
         perplexity(packed, "To be", ctx_size=CTX)
     with pytest.raises(BitnetError, match="at least 3 tokens"):
@@ -104,14 +93,14 @@ def test_bad_settings_are_named(ppl_model, text):
 # ---------------------------------------------------------------- against a base model (--kl-base)
 
 
-def test_a_model_against_itself_diverges_by_nothing(ppl_model, text):
-    packed = ppl_model[1]
+def test_a_model_against_itself_diverges_by_nothing(tiny_packed, text):
+    packed = tiny_packed[1]
     got = perplexity(packed, text, ctx_size=CTX, chunks=3, threads=1, base=packed).divergence
     assert got.kld == got.kld_max == 0.0 and got.same_top == 1.0 and got.same_top_stderr == 0.0
     assert got.base == str(packed)
 
 
-def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(ppl_model, text, tmp_path):
+def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(tiny_packed, text, tmp_path):
     """A q4 head against the f16 one: KL(f16 || q4) per scored token equals torch's kl_div over both engines'
     logits, taken chunk by chunk with Engine.forward (not the backends' path); the packed file against its own
     checkpoint diverges far less."""
@@ -120,7 +109,7 @@ def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(ppl_model, text, tmp
     from bitnet_cli.engine import Engine
     from bitnet_cli.pack import pack_checkpoint
 
-    ckpt, f16 = ppl_model
+    ckpt, f16 = tiny_packed
     q4 = tmp_path / "q4.bin"
     pack_checkpoint(ckpt, q4, embeddings="q4")
     got = perplexity(q4, text, ctx_size=CTX, chunks=4, threads=1, base=f16)
@@ -140,15 +129,15 @@ def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(ppl_model, text, tmp
     assert packing.kld < d.kld / 10 and packing.same_top > 0.95
 
 
-def test_a_base_with_another_vocabulary_is_refused(ppl_model, text, tmp_path, test_tokenizer_dir, shakespeare):
+def test_a_base_with_another_vocabulary_is_refused(tiny_packed, text, tmp_path, test_tokenizer_dir, shakespeare):
     from conftest import train_test_tokenizer
 
     wider = make_hf_checkpoint(tmp_path / "wider", test_tokenizer_dir, vocab_size=400)
     with pytest.raises(BitnetError, match="has 400 logits a token"):
-        perplexity(ppl_model[1], text, ctx_size=CTX, chunks=1, base=wider)
+        perplexity(tiny_packed[1], text, ctx_size=CTX, chunks=1, base=wider)
     other = make_hf_checkpoint(tmp_path / "other", train_test_tokenizer(shakespeare, tmp_path / "tok", 300).parent)
     with pytest.raises(BitnetError, match="reads the text as other tokens"):
-        perplexity(ppl_model[1], text, ctx_size=CTX, chunks=1, base=other)
+        perplexity(tiny_packed[1], text, ctx_size=CTX, chunks=1, base=other)
 
 
 # ---------------------------------------------------------------- the command
@@ -158,8 +147,8 @@ def _cli(*args, input=None):
     return CliRunner().invoke(app, ["eval", *map(str, args)], input=input)
 
 
-def test_cli_prints_writes_and_reads_stdin(ppl_model, text, tmp_path):
-    packed = ppl_model[1]
+def test_cli_prints_writes_and_reads_stdin(tiny_packed, text, tmp_path):
+    packed = tiny_packed[1]
     want = perplexity(packed, text, ctx_size=CTX, chunks=3, threads=1)
     source = tmp_path / "text.txt"
     source.write_text(text, encoding="utf-8")
@@ -189,22 +178,22 @@ def test_cli_prints_writes_and_reads_stdin(ppl_model, text, tmp_path):
     (["--chunks", "0"], "--chunks 0: must be 1 or more"),
     (["-t", "0"], "--threads"),
 ])
-def test_cli_bad_input(ppl_model, tmp_path, args, message):
+def test_cli_bad_input(tiny_packed, tmp_path, args, message):
     source = tmp_path / "text.txt"
     source.write_text("To be, or not to be: that is the question. " * 40, encoding="utf-8")
-    r = _cli(ppl_model[1], "-f", source, *args)
+    r = _cli(tiny_packed[1], "-f", source, *args)
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert message in " ".join(r.output.split()), r.output
 
 
 @pytest.mark.parametrize("option", [["--chunks", 2], ["--kl-base", "model.bin"]])
-def test_cli_file_options_without_a_file_are_named(ppl_model, option):
-    r = _cli(ppl_model[1], "--tasks", "tinyshakespeare_heldout", *option)
+def test_cli_file_options_without_a_file_are_named(tiny_packed, option):
+    r = _cli(tiny_packed[1], "--tasks", "tinyshakespeare_heldout", *option)
     assert r.exit_code == 1 and f"{option[0]} goes with --file" in " ".join(r.output.split()), r.output
 
 
-def test_cli_kl_base(ppl_model, text, tmp_path):
-    ckpt, packed = ppl_model
+def test_cli_kl_base(tiny_packed, text, tmp_path):
+    ckpt, packed = tiny_packed
     source = tmp_path / "text.txt"
     source.write_text(text, encoding="utf-8")
     r = _cli(packed, "-f", source, "-c", CTX, "--chunks", 2, "--kl-base", ckpt, "--json")
@@ -220,13 +209,13 @@ def test_cli_kl_base(ppl_model, text, tmp_path):
     assert f"--kl-base {tmp_path / 'nope.bin'}: no such file or directory" in " ".join(r.output.split())
 
 
-def test_perplexity_of_a_packed_model_needs_neither_lm_eval_nor_torch(ppl_model, text, tmp_path):
+def test_perplexity_of_a_packed_model_needs_neither_lm_eval_nor_torch(tiny_packed, text, tmp_path):
     """The C engine's perplexity runs with the inference install alone (lm_eval and torch made unimportable)."""
     source = tmp_path / "text.txt"
     source.write_text(text, encoding="utf-8")
     code = ("import sys; sys.modules['lm_eval'] = None; sys.modules['torch'] = None\n"
             "from bitnet_cli.cli import app\n"
-            f"app(['eval', {str(ppl_model[1])!r}, '-f', {str(source)!r}, '-c', '64', '--chunks', '2', '--json'])")
+            f"app(['eval', {str(tiny_packed[1])!r}, '-f', {str(source)!r}, '-c', '64', '--chunks', '2', '--json'])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout)["chunks"] == 2

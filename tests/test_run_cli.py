@@ -7,23 +7,18 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_hf_checkpoint
 from typer.testing import CliRunner
 
 from bitnet_cli import kernels
 from bitnet_cli.cli import app
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.pack import pack_checkpoint
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory, test_tokenizer_dir):
-    tmp = tmp_path_factory.mktemp("run_cli")
-    ckpt = make_hf_checkpoint(tmp / "hf", test_tokenizer_dir, torch_dtype="float16", initializer_range=0.1)
-    pack_checkpoint(ckpt, tmp / "model.bin")
-    return tmp / "model.bin"
+def packed(tiny_packed):
+    return tiny_packed[1]
 
 
 def run(*args, input=None):
