@@ -129,6 +129,16 @@ def test_the_divergence_of_a_q4_head_is_kl_from_the_f16_one(tiny_packed, text, t
     assert packing.kld < d.kld / 10 and packing.same_top > 0.95
 
 
+def test_the_base_keeps_the_f32_kv_cache(tiny_packed, text):
+    """--kv-cache f16 --kl-base the same file: the f16 cache against the f32 one. It rounds keys and values, so the
+    divergence is small but not zero (with f16 on both sides it would be exactly zero)."""
+    packed = tiny_packed[1]
+    got = perplexity(packed, text, ctx_size=CTX, chunks=3, threads=1, kv_cache="f16", base=packed)
+    assert 0 < got.divergence.kld < 1e-3
+    assert got.divergence.base_perplexity == pytest.approx(perplexity(packed, text, ctx_size=CTX, chunks=3).perplexity,
+                                                          rel=1e-12)
+
+
 def test_a_base_with_another_vocabulary_is_refused(tiny_packed, text, tmp_path, test_tokenizer_dir, shakespeare):
     from conftest import train_test_tokenizer
 

@@ -15,7 +15,8 @@ With a ``base`` model (``bitnet eval MODEL -f FILE --kl-base BASE``), the same s
 MODEL's next-token distributions are from BASE's, as ``llama-perplexity --kl-divergence`` does: the mean
 ``KL(base || model)`` per token with its standard error, its median, 99th percentile and maximum, and how often the
 two agree on the likeliest token. Against the checkpoint a file was packed from, or an f16-head pack against a
-q4-head one, it is the measure of what packing lost.
+q4-head one, it is the measure of what packing lost. The base runs with the f32 KV cache whatever ``kv_cache``
+says, so a file against itself with ``kv_cache="f16"`` measures what the f16 cache changes.
 
 Where it differs: llama.cpp needs two chunks of text, one is enough here; the tokens are the model's own tokenizer's
 (tokenizer.json), where llama.cpp runs its port of it from the GGUF; llama.cpp stores the base's logits in a file
@@ -147,7 +148,9 @@ def perplexity(model: str | Path, text: str, *, ctx_size: int = DEFAULT_CTX_SIZE
     tokens = text_tokens(backend, text)
     base_backend = None
     if base is not None:
-        base_backend = base if not isinstance(base, (str, Path)) else _backend(base, None, ctx_size, threads, kv_cache)
+        # the base keeps the exact (f32) KV cache: `--kv-cache f16 --kl-base` the same file measures the f16 cache
+        base_backend = (base if not isinstance(base, (str, Path))
+                        else _backend(base, None, ctx_size, threads, DEFAULT_KV_CACHE))
         if text_tokens(base_backend, text) != tokens:
             raise BitnetError(f"base {base}: reads the text as other tokens than {model} does; a divergence needs the "
                               "same tokenizer", param="base")
