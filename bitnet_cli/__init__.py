@@ -3,7 +3,7 @@
 Stages (one module each, the CLI in ``cli.py`` is a thin layer over them):
 ``model`` (torch BitNet b1.58), ``train`` (recipes, loop), ``checkpoint`` (reading HF/own
 checkpoints), ``pack`` (the packed file), ``engine`` (C inference via cffi), ``eval``
-(lm-eval adapter), ``bench`` (speed and roofline).
+(lm-eval adapter, perplexity), ``bench`` (speed and roofline).
 
 The main library calls are importable from here (loaded on first use, so importing the
 package stays fast and inference never imports torch)::
@@ -15,6 +15,7 @@ package stays fast and inference never imports torch)::
     print("".join(engine.generate("ROMEO:", max_tokens=32, seed=1)))
     logits = engine.forward(engine.encode("ROMEO:"))               # [tokens, vocab], KV cache kept
     results = evaluate("model.bin", ["tinyshakespeare_heldout"])   # lm-eval's results dict (bundled data)
+    ppl = perplexity("model.bin", open("notes.txt").read(), ctx_size=128).perplexity   # as llama-perplexity
     run = train(load_recipe("tiny", ["train.steps=100"]), out_dir="runs/tiny")   # run.checkpoint
 
 Every failure a user can cause raises :class:`BitnetError` with a message that says what to fix.
@@ -28,6 +29,7 @@ _LAZY = {
     "PackedModel": "bitnet_cli.pack",
     "pack_checkpoint": "bitnet_cli.pack",
     "evaluate": "bitnet_cli.eval.runner",
+    "perplexity": "bitnet_cli.eval.perplexity",
     "load_recipe": "bitnet_cli.train",
     "train": "bitnet_cli.train",
     "quickstart": "bitnet_cli.quickstart",
