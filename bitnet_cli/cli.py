@@ -493,7 +493,7 @@ def run(
         None, "--file", "-f", metavar="PATH",
         help="Read the prompt from this UTF-8 file instead of -p ('-': standard input), less one trailing newline."),
     max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n", help="Most tokens to generate (per reply with --chat)."),
-    temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature; 0 is greedy (always the likeliest token)."),
+    temperature: float = typer.Option(SAMPLING.temperature, "--temperature", "--temp", help="Sampling temperature; 0 is greedy (always the likeliest token). --temp as in llama.cpp."),
     top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
     top_p: float = typer.Option(SAMPLING.top_p, help="Sample from the smallest set of tokens with this total probability."),
     repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),

@@ -47,7 +47,7 @@ def test_run_json_reports_text_and_timings(packed):
     for key in ("text", "load_s", "time_to_first_token_s", "prompt_tokens_per_s", "generation_tokens_per_s"):
         assert key in out
     assert out["generated_tokens"] <= 10 and out["prompt_tokens"] > 1
-    again = json.loads(run(packed, "-p", "ROMEO:", "-n", "10", "--temperature", "0", "--json").stdout)
+    again = json.loads(run(packed, "-p", "ROMEO:", "-n", "10", "--temp", "0", "--json").stdout)
     assert again["text"] == out["text"]  # greedy is deterministic
 
 
