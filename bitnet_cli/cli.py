@@ -845,7 +845,7 @@ def bench(
         None, help="Where synthetic models are cached \\[default: synthetic/ in the cache dir: $BITNET_CACHE, "
         "else $XDG_CACHE_HOME/bitnet-cli, else ~/.cache/bitnet-cli]."),
     isa: Optional[str] = typer.Option(
-        None, help="Force a kernel path (scalar, avx2, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
+        None, help="Force a kernel path (scalar, avx2, avxvnni, avx512, avx512vnni, amx, neon, neondot) for kernels and e2e "
         "\\[default: $BITNET_ISA, else the fastest by a short measurement, cached per CPU (BITNET_AUTOTUNE=0: the widest)]."),
     kv_cache: str = kv_cache_option(),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),

@@ -12,7 +12,7 @@ The building blocks, on numpy arrays, for tests and ``bitnet bench``::
 ``gemm`` with m = 1 is the decode GEMV; the float output of a BitLinear is acc / scale * gamma.
 
 Which ISA runs (``resolve_isa``, ``isa_choice``): the one named per call (``isa=``, the CLI's
-``--isa``), else ``BITNET_ISA=scalar|avx2|avx512|avx512vnni|amx|neon|neondot``, else the autotune: on
+``--isa``), else ``BITNET_ISA=scalar|avx2|avxvnni|avx512|avx512vnni|amx|neon|neondot``, else the autotune: on
 first use in a process each candidate ISA's GEMV (1 token) and GEMM (TUNE_TOKENS tokens) is timed
 on a model-sized matrix, per ternary layout, for a fraction of a second, and the fastest for each
 is kept (kernels/dispatch.c's BN_ISA_TUNED runs the two choices side by side) and cached in the
@@ -36,7 +36,8 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError, warn
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5, "amx": 6}
+# kernels/bitnet.h's BN_ISA_* by name (tests/test_kernels.py checks the two agree)
+ISAS = {"scalar": 0, "avx2": 1, "avxvnni": 7, "avx512": 2, "avx512vnni": 3, "neon": 4, "neondot": 5, "amx": 6}
 BUILD_HINT = (
     "the compiled kernels (bitnet_cli._kernels) are missing: build them from the bitnet-cli source tree "
     "with `pip install .` (or `pip install -e . --no-build-isolation --no-deps`); this needs a C compiler"

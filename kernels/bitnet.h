@@ -56,7 +56,8 @@ enum {
     BN_ISA_NEON = 4,       /* ARMv8 NEON: widening multiplies */
     BN_ISA_NEONDOT = 5,    /* ARMv8.2 dotprod: sdot on codes (0..2 fit s8) x s8 activations */
     BN_ISA_AMX = 6,        /* AVX-512 VNNI + AMX-INT8 (Linux): tdpbusd on tiles of u8 codes x s8 activations */
-    BN_ISA_COUNT = 7
+    BN_ISA_AVXVNNI = 7,    /* AVX2 + AVX-VNNI (Intel client cores from Alder Lake, no AVX-512): vpdpbusd on 256 bits */
+    BN_ISA_COUNT = 8
 };
 
 int bn_isa_available(int isa);

@@ -56,6 +56,14 @@ int bn_isa_available(int isa) {
         __builtin_cpu_init();
         return bn_isa_available(BN_ISA_AVX512) && __builtin_cpu_supports("avx512vnni");
     case BN_ISA_AMX: return bn_isa_available(BN_ISA_AVX512VNNI) && bn_amx_permitted();
+#if defined(BN_EMULATE_AVXVNNI)
+    case BN_ISA_AVXVNNI: return bn_isa_available(BN_ISA_AVX2); /* the instruction emulated (internal.h) */
+#elif BN_HAVE_AVXVNNI
+    case BN_ISA_AVXVNNI: { /* CPUID.(EAX=7, ECX=1):EAX bit 4 */
+        unsigned a, b, c, d;
+        return bn_isa_available(BN_ISA_AVX2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+    }
+#endif
 #endif
 #if BN_ARM64
     case BN_ISA_NEON: return 1;
@@ -67,7 +75,8 @@ int bn_isa_available(int isa) {
 }
 
 int bn_isa_best(void) {
-    static const int order[] = {BN_ISA_AMX, BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVX2, BN_ISA_NEONDOT, BN_ISA_NEON};
+    static const int order[] = {BN_ISA_AMX,     BN_ISA_AVX512VNNI, BN_ISA_AVX512, BN_ISA_AVXVNNI,
+                                BN_ISA_AVX2,    BN_ISA_NEONDOT,    BN_ISA_NEON};
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
         if (bn_isa_available(order[i])) return order[i];
     return BN_ISA_SCALAR;
@@ -78,6 +87,7 @@ int bn_isa_best(void) {
 static const int FALLBACK[BN_ISA_COUNT] = {
     [BN_ISA_SCALAR] = BN_ISA_SCALAR, [BN_ISA_AVX2] = BN_ISA_SCALAR, [BN_ISA_AVX512] = BN_ISA_AVX2,
     [BN_ISA_AVX512VNNI] = BN_ISA_AVX512, [BN_ISA_AMX] = BN_ISA_AVX512VNNI, [BN_ISA_NEON] = BN_ISA_SCALAR, [BN_ISA_NEONDOT] = BN_ISA_NEON,
+    [BN_ISA_AVXVNNI] = BN_ISA_AVX2,
 };
 
 static const bn_kernels OWN[BN_ISA_COUNT] = {
@@ -100,6 +110,10 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
     /* AMX runs the i2 GEMM (and VNNI's tile below BN_AMX_MIN_TOKENS tokens; tq1 stays VNNI's) and
      * the int8 head with several tokens, the q6 head from 7 (head.c: Q6_AMX_MIN_TOKENS) */
     [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}, .head = {[BN_EMB_I8] = bn_head_rows_i8_amx, [BN_EMB_Q6] = bn_head_rows_q6_amx}},
+#if BN_HAVE_AVXVNNI
+    /* the i2 GEMM; decode, tq1 and the heads are AVX2's */
+    [BN_ISA_AVXVNNI] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avxvnni}},
+#endif
 #endif
 #if BN_ARM64
     [BN_ISA_NEON] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_neon, [BN_LAYOUT_TQ1] = bn_tq1_rows_neon},

@@ -21,6 +21,30 @@
  * f16 -> f32 widening of an f16 KV cache) */
 #define AVX2_NOFMA_TARGET __attribute__((target("avx2,f16c")))
 
+/* AVX-VNNI: vpdpbusd on 256-bit vectors (VEX), on Intel's client cores from Alder Lake, which have no AVX-512.
+ * BN_HAVE_AVXVNNI where its kernels are built: compilers from GCC 11 and clang 12 know the instruction. A build with
+ * -DBN_EMULATE_AVXVNNI (`make -C kernels test-avxvnni`) runs them on AVX2 alone, the instruction computed exactly by
+ * bn_dpbusd_avxvnni below, so that a machine without it tests the kernels' logic against the scalar reference (qemu
+ * 7.2 does not implement it). */
+#if defined(BN_EMULATE_AVXVNNI)
+#define BN_HAVE_AVXVNNI 1
+#define AVXVNNI_TARGET AVX2_TARGET
+/* acc + the sums of four u8 x s8 products per int32 lane, as vpdpbusd: each byte widened to int16 (u8 zero-extended,
+ * s8 sign-extended), vpmaddwd's pairs, then hadd's pairs of pairs (within each 128-bit lane, in lane order) */
+AVX2_TARGET static inline __m256i bn_dpbusd_avxvnni(__m256i acc, __m256i u, __m256i s) {
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i lo = _mm256_madd_epi16(_mm256_unpacklo_epi8(u, zero), _mm256_srai_epi16(_mm256_unpacklo_epi8(s, s), 8));
+    __m256i hi = _mm256_madd_epi16(_mm256_unpackhi_epi8(u, zero), _mm256_srai_epi16(_mm256_unpackhi_epi8(s, s), 8));
+    return _mm256_add_epi32(acc, _mm256_hadd_epi32(lo, hi));
+}
+#elif (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define BN_HAVE_AVXVNNI 1
+#define AVXVNNI_TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+AVXVNNI_TARGET static inline __m256i bn_dpbusd_avxvnni(__m256i acc, __m256i u, __m256i s) {
+    return _mm256_dpbusd_avx_epi32(acc, u, s);
+}
+#endif
+
 /* AMX-INT8 (ternary.c's GEMM, peak.c): its kernels configure all eight tiles as 16 rows of 64
  * bytes (palette 1) and release them when done */
 #define AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,gfni,amx-tile,amx-int8")))
@@ -278,6 +302,9 @@ void bn_head_rows_q6_scalar(const bn_head_job *j, int r0, int r1);
 void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
+#if BN_HAVE_AVXVNNI
+void bn_i2_rows_avxvnni(const bn_i2_job *j, int r0, int r1);
+#endif
 void bn_tq1_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx512(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);

@@ -97,6 +97,29 @@ AVX512_TARGET static int64_t peak_avx512(long iters) {
 #undef SUM
 }
 
+#if BN_HAVE_AVXVNNI
+/* vpdpbusd on 256 bits (AVX-VNNI): as peak_avx512vnni below, 16 chains */
+AVXVNNI_TARGET static int64_t peak_avxvnni(long iters) {
+    __m256i c = _mm256_set1_epi8(2), x = _mm256_set1_epi8(-3);
+#define DECL(k) __m256i a##k = _mm256_setzero_si256(), b##k = _mm256_setzero_si256();
+#define STEP(k)                                                                                   \
+    __asm__ volatile("" : "+x"(x));                                                               \
+    a##k = bn_dpbusd_avxvnni(a##k, c, x);                                                         \
+    __asm__ volatile("" : "+x"(x));                                                               \
+    b##k = bn_dpbusd_avxvnni(b##k, c, x);
+#define SUM(k) s = _mm256_add_epi32(s, _mm256_add_epi32(a##k, b##k));
+    EIGHT(DECL)
+    for (long i = 0; i < iters; i++) { EIGHT(STEP) }
+    __m256i s = _mm256_setzero_si256();
+    EIGHT(SUM)
+    sink = _mm256_extract_epi32(s, 0);
+    return 16 * 32;
+#undef DECL
+#undef STEP
+#undef SUM
+}
+#endif
+
 /* vpdpbusd accumulates in place, so its latency (4-5 cycles) is the chain: 16 chains cover two
  * a cycle */
 AVX512VNNI_TARGET static int64_t peak_avx512vnni(long iters) {
@@ -209,6 +232,9 @@ double bn_mac_peak(int isa, long iters) {
     case BN_ISA_AVX512: fn = peak_avx512; break;
     case BN_ISA_AVX512VNNI: fn = peak_avx512vnni; break;
     case BN_ISA_AMX: fn = peak_amx; break;
+#if BN_HAVE_AVXVNNI
+    case BN_ISA_AVXVNNI: fn = peak_avxvnni; break;
+#endif
 #endif
 #if BN_ARM64
     case BN_ISA_NEON: fn = peak_neon; break;

@@ -126,15 +126,17 @@ AVX2_TARGET static inline __attribute__((always_inline)) void i2_span_avx2(const
     for (int t = 0; t < TN; t++) sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(acc16[t], ones));
 }
 
-/* one whole row against TN tokens, in spans of 8 blocks, the sums in registers */
-AVX2_TARGET static inline __attribute__((always_inline)) void i2_row_avx2(const bn_i2_job *j, int r, int t0,
-                                                                        const int TN) {
-    const int nb = j->kp / BLOCK;
-    __m256i acc[8];
-    for (int t = 0; t < TN; t++) acc[t] = _mm256_setzero_si256();
-    for (int b0 = 0; b0 < nb; b0 += 8) i2_span_avx2(j, r, t0, TN, b0, b0 + 8 < nb ? b0 + 8 : nb, acc);
-    for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(acc[t]));
-}
+/* One whole row against TN tokens, in spans of 8 blocks, the sums in registers; SPAN is a span kernel with
+ * i2_span_avx2's signature (the AVX2 and AVX-VNNI GEMMs share this row loop and the tilings below). */
+#define I2_ROW_256(NAME, TARGET, SPAN)                                                                            \
+    TARGET static inline __attribute__((always_inline)) void NAME(const bn_i2_job *j, int r, int t0, const int TN) { \
+        const int nb = j->kp / BLOCK;                                                                             \
+        __m256i acc[8];                                                                                           \
+        for (int t = 0; t < TN; t++) acc[t] = _mm256_setzero_si256();                                            \
+        for (int b0 = 0; b0 < nb; b0 += 8) SPAN(j, r, t0, TN, b0, b0 + 8 < nb ? b0 + 8 : nb, acc);                \
+        for (int t = 0; t < TN; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(acc[t]));                     \
+    }
+I2_ROW_256(i2_row_avx2, AVX2_TARGET, i2_span_avx2)
 
 /* Rows are taken in tiles of about 16 KB of weights; each tile meets every group of tokens while
  * it sits in L1, so the activations stream from L2 once per tile, not once per row. */
@@ -171,64 +173,68 @@ static inline int row_tile(const bn_i2_job *j) {
 #define SPAN_MIN_KP 4096
 #define SPAN_BLOCKS 16 /* the int16 bound of i2_span_avx2 */
 #define SPAN_ROWS 16
-AVX2_TARGET static void i2_rows_avx2_spans(const bn_i2_job *j, int r0, int r1) {
-    const int nb = j->kp / BLOCK;
-    const size_t row = j->kp / 4;
-    for (int ta = r0; ta < r1; ta += SPAN_ROWS) {
-        const int tb = r1 - ta < SPAN_ROWS ? r1 : ta + SPAN_ROWS;
-        for (int t0 = 0; t0 < j->m; t0 += 8) {
-            const int tn = j->m - t0 < 8 ? j->m - t0 : 8;
-            __m256i sums[SPAN_ROWS][8];
-            for (int r = 0; r < tb - ta; r++)
-                for (int t = 0; t < tn; t++) sums[r][t] = _mm256_setzero_si256();
-            for (int b0 = 0; b0 < nb; b0 += SPAN_BLOCKS) {
-                const int b1 = nb - b0 < SPAN_BLOCKS ? nb : b0 + SPAN_BLOCKS;
-                for (int r = ta; r < tb; r++) {
-                    if (t0 == 0 && r + SPAN_ROWS < r1)
-                        for (int at = b0 * BLOCK_BYTES; at < b1 * BLOCK_BYTES; at += 64)
-                            _mm_prefetch((const char *)j->w + (r + SPAN_ROWS) * row + at, _MM_HINT_T0);
-                    switch (tn) { /* constant widths: registers */
-                    case 8: i2_span_avx2(j, r, t0, 8, b0, b1, sums[r - ta]); break;
-                    case 7: i2_span_avx2(j, r, t0, 7, b0, b1, sums[r - ta]); break;
-                    case 6: i2_span_avx2(j, r, t0, 6, b0, b1, sums[r - ta]); break;
-                    case 5: i2_span_avx2(j, r, t0, 5, b0, b1, sums[r - ta]); break;
-                    case 4: i2_span_avx2(j, r, t0, 4, b0, b1, sums[r - ta]); break;
-                    case 3: i2_span_avx2(j, r, t0, 3, b0, b1, sums[r - ta]); break;
-                    case 2: i2_span_avx2(j, r, t0, 2, b0, b1, sums[r - ta]); break;
-                    case 1: i2_span_avx2(j, r, t0, 1, b0, b1, sums[r - ta]); break;
-                    }
-                }
-            }
-            for (int r = ta; r < tb; r++)
-                for (int t = 0; t < tn; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(sums[r - ta][t]));
-        }
+#define I2_ROWS_SPANS(NAME, TARGET, SPAN)                                                                         \
+    TARGET static void NAME(const bn_i2_job *j, int r0, int r1) {                                                  \
+        const int nb = j->kp / BLOCK;                                                                             \
+        const size_t row = j->kp / 4;                                                                             \
+        for (int ta = r0; ta < r1; ta += SPAN_ROWS) {                                                             \
+            const int tb = r1 - ta < SPAN_ROWS ? r1 : ta + SPAN_ROWS;                                             \
+            for (int t0 = 0; t0 < j->m; t0 += 8) {                                                                \
+                const int tn = j->m - t0 < 8 ? j->m - t0 : 8;                                                     \
+                __m256i sums[SPAN_ROWS][8];                                                                       \
+                for (int r = 0; r < tb - ta; r++)                                                                 \
+                    for (int t = 0; t < tn; t++) sums[r][t] = _mm256_setzero_si256();                             \
+                for (int b0 = 0; b0 < nb; b0 += SPAN_BLOCKS) {                                                    \
+                    const int b1 = nb - b0 < SPAN_BLOCKS ? nb : b0 + SPAN_BLOCKS;                                 \
+                    for (int r = ta; r < tb; r++) {                                                               \
+                        if (t0 == 0 && r + SPAN_ROWS < r1)                                                        \
+                            for (int at = b0 * BLOCK_BYTES; at < b1 * BLOCK_BYTES; at += 64)                      \
+                                _mm_prefetch((const char *)j->w + (r + SPAN_ROWS) * row + at, _MM_HINT_T0);       \
+                        switch (tn) { /* constant widths: registers */                                            \
+                        case 8: SPAN(j, r, t0, 8, b0, b1, sums[r - ta]); break;                                   \
+                        case 7: SPAN(j, r, t0, 7, b0, b1, sums[r - ta]); break;                                   \
+                        case 6: SPAN(j, r, t0, 6, b0, b1, sums[r - ta]); break;                                   \
+                        case 5: SPAN(j, r, t0, 5, b0, b1, sums[r - ta]); break;                                   \
+                        case 4: SPAN(j, r, t0, 4, b0, b1, sums[r - ta]); break;                                   \
+                        case 3: SPAN(j, r, t0, 3, b0, b1, sums[r - ta]); break;                                   \
+                        case 2: SPAN(j, r, t0, 2, b0, b1, sums[r - ta]); break;                                   \
+                        case 1: SPAN(j, r, t0, 1, b0, b1, sums[r - ta]); break;                                   \
+                        }                                                                                         \
+                    }                                                                                             \
+                }                                                                                                 \
+                for (int r = ta; r < tb; r++)                                                                     \
+                    for (int t = 0; t < tn; t++) bn_i2_store(j, t0 + t, r, bn_hsum_epi32_avx2(sums[r - ta][t])); \
+            }                                                                                                     \
+        }                                                                                                         \
     }
-}
+I2_ROWS_SPANS(i2_rows_avx2_spans, AVX2_TARGET, i2_span_avx2)
 
 /* Rows in tiles of about 16 KB of weights (row_tile), each tile meeting every group of eight
- * tokens while it sits in L1; the last tokens go in one narrower group. */
-AVX2_TARGET static void i2_rows_avx2_tokens(const bn_i2_job *j, int r0, int r1) {
-    if (j->kp > SPAN_MIN_KP) {
-        i2_rows_avx2_spans(j, r0, r1);
-        return;
+ * tokens while it sits in L1; the last tokens go in one narrower group; long rows go in spans (SPANS). */
+#define I2_ROWS_TOKENS8(NAME, TARGET, ROW, SPANS)                                                                  \
+    TARGET static void NAME(const bn_i2_job *j, int r0, int r1) {                                                  \
+        if (j->kp > SPAN_MIN_KP) {                                                                                \
+            SPANS(j, r0, r1);                                                                                     \
+            return;                                                                                               \
+        }                                                                                                         \
+        const int tile = row_tile(j);                                                                             \
+        for (int ta = r0; ta < r1; ta += tile) {                                                                  \
+            int tb = r1 - ta < tile ? r1 : ta + tile;                                                             \
+            int t = 0;                                                                                            \
+            for (; t + 8 <= j->m; t += 8)                                                                         \
+                for (int r = ta; r < tb; r++) ROW(j, r, t, 8);                                                    \
+            for (int r = ta; r < tb; r++) switch (j->m - t) { /* constant widths: registers */                   \
+                case 7: ROW(j, r, t, 7); break;                                                                   \
+                case 6: ROW(j, r, t, 6); break;                                                                   \
+                case 5: ROW(j, r, t, 5); break;                                                                   \
+                case 4: ROW(j, r, t, 4); break;                                                                   \
+                case 3: ROW(j, r, t, 3); break;                                                                   \
+                case 2: ROW(j, r, t, 2); break;                                                                   \
+                case 1: ROW(j, r, t, 1); break;                                                                   \
+                }                                                                                                 \
+        }                                                                                                         \
     }
-    const int tile = row_tile(j);
-    for (int ta = r0; ta < r1; ta += tile) {
-        int tb = r1 - ta < tile ? r1 : ta + tile;
-        int t = 0;
-        for (; t + 8 <= j->m; t += 8)
-            for (int r = ta; r < tb; r++) i2_row_avx2(j, r, t, 8);
-        for (int r = ta; r < tb; r++) switch (j->m - t) { /* constant widths: registers */
-            case 7: i2_row_avx2(j, r, t, 7); break;
-            case 6: i2_row_avx2(j, r, t, 6); break;
-            case 5: i2_row_avx2(j, r, t, 5); break;
-            case 4: i2_row_avx2(j, r, t, 4); break;
-            case 3: i2_row_avx2(j, r, t, 3); break;
-            case 2: i2_row_avx2(j, r, t, 2); break;
-            case 1: i2_row_avx2(j, r, t, 1); break;
-            }
-    }
-}
+I2_ROWS_TOKENS8(i2_rows_avx2_tokens, AVX2_TARGET, i2_row_avx2, i2_rows_avx2_spans)
 
 /* Decode (one token), one row at a time: the weights stream as one sequential read (measured
  * faster here than several rows in flight, which splits the read into strided streams). Fewer
@@ -289,6 +295,45 @@ AVX2_TARGET void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
     }
     for (int r = r0; r < r1; r++) bn_i2_store(j, 0, r, i2_gemv_row_avx2(j, r));
 }
+
+/* ---- i2_k128 on AVX-VNNI --------------------------------------------------------------------
+ * The AVX2 GEMM with vpdpbusd: each code vector times a token's activations goes straight into int32 sums, one
+ * instruction where AVX2 needs vpmaddubsw and a vpaddw (and a widening every 16 blocks). A block's four products
+ * go into two fresh sums (two chains of two) added to the token's total once, so that no chain of vpdpbusd
+ * latencies runs through the whole row. Same tiling as AVX2 (I2_ROW_256, I2_ROWS_SPANS, I2_ROWS_TOKENS8); decode
+ * keeps the AVX2 GEMV, bound by the weights' read. Not measured on a CPU with AVX-VNNI (none was lent here): the
+ * autotune races it against AVX2 on first use and keeps the faster. */
+#if BN_HAVE_AVXVNNI
+AVXVNNI_TARGET static inline __attribute__((always_inline)) void i2_span_avxvnni(const bn_i2_job *j, int r, int t0,
+                                                                               const int TN, int b0, int b1,
+                                                                               __m256i *sums) {
+    const __m256i mask = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
+    const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
+    const int8_t *x = j->xq + (size_t)t0 * j->kp;
+    for (int b = b0; b < b1; b++) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
+        __m256i c0 = _mm256_and_si256(w, mask);
+        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
+        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+        for (int t = 0; t < TN; t++) {
+            const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
+            __m256i p = bn_dpbusd_avxvnni(zero, c0, _mm256_loadu_si256((const __m256i *)xb));
+            __m256i q = bn_dpbusd_avxvnni(zero, c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
+            p = bn_dpbusd_avxvnni(p, c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
+            q = bn_dpbusd_avxvnni(q, c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
+            sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p, q));
+        }
+    }
+}
+I2_ROW_256(i2_row_avxvnni, AVXVNNI_TARGET, i2_span_avxvnni)
+I2_ROWS_SPANS(i2_rows_avxvnni_spans, AVXVNNI_TARGET, i2_span_avxvnni)
+I2_ROWS_TOKENS8(i2_rows_avxvnni_tokens, AVXVNNI_TARGET, i2_row_avxvnni, i2_rows_avxvnni_spans)
+
+void bn_i2_rows_avxvnni(const bn_i2_job *j, int r0, int r1) {
+    (j->m == 1 ? bn_i2_rows_avx2 : i2_rows_avxvnni_tokens)(j, r0, r1);
+}
+#endif
 
 /* ---- tq1_k640 on AVX2 ---------------------------------------------------------------------
  * 32 bytes give five vectors of 32 codes (inputs 128i + 32c + 0..31 for code i). Code i is the top

@@ -92,6 +92,35 @@ static void test_tq1_every_byte(void) {
     free(w), free(xq);
 }
 
+#if BN_HAVE_AVXVNNI
+/* bn_dpbusd_avxvnni is vpdpbusd: acc + four u8 x s8 products per int32 lane, over every byte value (the
+ * instruction itself where the CPU has it, the emulation of -DBN_EMULATE_AVXVNNI builds otherwise) */
+AVXVNNI_TARGET static void dpbusd_lanes(const uint8_t *u, const int8_t *x, const int32_t *acc, int32_t *out) {
+    __m256i r = bn_dpbusd_avxvnni(_mm256_loadu_si256((const __m256i *)acc), _mm256_loadu_si256((const __m256i *)u),
+                                  _mm256_loadu_si256((const __m256i *)x));
+    _mm256_storeu_si256((__m256i *)out, r);
+}
+
+static void test_dpbusd_avxvnni(void) {
+    if (!bn_isa_available(BN_ISA_AVXVNNI)) return;
+    for (int trial = 0; trial < 4096; trial++) {
+        uint8_t u[32];
+        int8_t x[32];
+        int32_t acc[8], got[8];
+        for (int i = 0; i < 32; i++) /* the first 256 trials: every u8 value against s8's extremes */
+            u[i] = (uint8_t)(trial < 256 ? (uint32_t)trial : rnd()),
+            x[i] = (int8_t)(trial < 256 ? (i % 2 ? 127 : -128) : (int)(rnd() % 256) - 128);
+        for (int l = 0; l < 8; l++) acc[l] = (int32_t)rnd() / 2;
+        dpbusd_lanes(u, x, acc, got);
+        for (int l = 0; l < 8; l++) {
+            int32_t want = acc[l];
+            for (int i = 0; i < 4; i++) want += u[4 * l + i] * x[4 * l + i];
+            CHECK(got[l] == want, "dpbusd lane %d: %d, want %d", l, got[l], want);
+        }
+    }
+}
+#endif
+
 static void test_gemm_shapes(void) {
     static const int shapes[][3] = {{1, 1, 1},   {1, 7, 100},  {3, 5, 128},  {4, 33, 129}, {5, 64, 255},
                                     {8, 13, 384}, {9, 40, 1000}, {2, 31, 2560}, {17, 6, 200},
@@ -881,6 +910,9 @@ int main(void) {
     printf("\n");
     test_dispatch();
     test_tuned_and_peak();
+#if BN_HAVE_AVXVNNI
+    test_dpbusd_avxvnni();
+#endif
     test_gemm_shapes();
     test_gemm_tiles();
     test_gemm_extremes();

@@ -135,6 +135,24 @@ def test_isa_env_var_is_validated(monkeypatch):
     assert kernels.resolve_isa() == 0
 
 
+def test_isa_names_are_the_c_enum():
+    """kernels.ISAS names every BN_ISA_* of kernels/bitnet.h once (a new ISA in C needs its name here)."""
+    _, L = kernels.lib()
+    assert sorted(kernels.ISAS.values()) == list(range(L.BN_ISA_COUNT))
+
+
+@pytest.mark.skipif(not shutil.which("make") or not shutil.which("gcc") or "avx2" not in ISAS,
+                    reason="needs make, gcc and an AVX2 CPU")
+def test_avxvnni_kernels_against_scalar_with_the_instruction_emulated(tmp_path):
+    """The AVX-VNNI GEMM (kernels/ternary.c) on a CPU without AVX-VNNI (and qemu 7.2 has none): kernels/test_kernels.c
+    built with vpdpbusd emulated on AVX2 (-DBN_EMULATE_AVXVNNI), so ISA 7 runs every ISA test against the scalar
+    reference; the emulation is itself checked against vpdpbusd's definition there (test_dpbusd_avxvnni)."""
+    r = subprocess.run(["make", "-C", str(REPO / "kernels"), "test-avxvnni", f"BUILD={tmp_path}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert " 7" in r.stdout.split("isas:")[1].splitlines()[0] and "all kernel tests passed" in r.stdout
+
+
 @pytest.mark.skipif(not shutil.which("make") or not shutil.which("gcc"), reason="needs make and gcc")
 def test_sanitizer_build_of_the_c_tests(tmp_path):
     """kernels/test_kernels.c (all ISAs vs scalar, thread pool, a tiny decoder) under ASan + UBSan."""
