@@ -311,31 +311,34 @@ AVX2_TARGET static inline __m256i hsum8_epi32_avx2(__m256i a0, __m256i a1, __m25
 
 /* int8 rows x int8 hidden: vpmaddubsw takes |w| as the unsigned operand and h with w's sign
  * moved onto it (vpsignb), so |w| * (sign(w) h) = w h; a pair sum is at most 2 * 128 * 127,
- * inside int16, and widens to int32 at once (vpmaddwd by ones). */
-AVX2_TARGET static inline __attribute__((always_inline)) void i8_tile_avx2(const bn_head_job *j, int r, int t,
-                                                                         const int TT) {
-    const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[HEAD_TT];
-    for (int b = 0; b < HEAD_TT; b++) acc[b] = _mm256_setzero_si256();
-    const int k32 = j->k & ~31;
-    for (int k = 0; k < k32; k += 32) {
-        _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k)), wabs = _mm256_abs_epi8(wv);
-        for (int b = 0; b < TT; b++) {
-            const __m256i x = _mm256_loadu_si256((const __m256i *)(h + (size_t)b * j->k + k));
-            acc[b] = _mm256_add_epi32(acc[b], _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, _mm256_sign_epi8(x, wv)), ones));
-            __asm__("" : "+x"(acc[b])); /* each token's sum in a register (see q6_tile_avx2) */
-        }
+ * inside int16, and widens to int32 at once (vpmaddwd by ones). AVX-VNNI's vpdpbusd takes the same
+ * operands and adds the products' quads into the int32 sums in one instruction (I8_DOT_*). */
+#define I8_DOT_AVX2(acc, wabs, xs) _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wabs, xs), _mm256_set1_epi16(1)))
+#define I8_TILE_256(NAME, TARGET, DOT)                                                                            \
+    TARGET static inline __attribute__((always_inline)) void NAME(const bn_head_job *j, int r, int t, const int TT) { \
+        const int8_t *w = (const int8_t *)j->w + (size_t)r * j->k, *h = j->hq + (size_t)t * j->k;               \
+        __m256i acc[HEAD_TT];                                                                                     \
+        for (int b = 0; b < HEAD_TT; b++) acc[b] = _mm256_setzero_si256();                                        \
+        const int k32 = j->k & ~31;                                                                               \
+        for (int k = 0; k < k32; k += 32) {                                                                       \
+            _mm_prefetch((const char *)(w + k) + PREFETCH_BYTES, _MM_HINT_T0);                                    \
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k)), wabs = _mm256_abs_epi8(wv);         \
+            for (int b = 0; b < TT; b++) {                                                                        \
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(h + (size_t)b * j->k + k));               \
+                acc[b] = DOT(acc[b], wabs, _mm256_sign_epi8(x, wv));                                             \
+                __asm__("" : "+x"(acc[b])); /* each token's sum in a register (see q6_tile_avx2) */               \
+            }                                                                                                     \
+        }                                                                                                         \
+        int32_t total[HEAD_TT];                                                                                   \
+        _mm256_storeu_si256((__m256i *)total,                                                                     \
+                            hsum8_epi32_avx2(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));    \
+        for (int b = 0; b < TT; b++) {                                                                            \
+            const int8_t *x = h + (size_t)b * j->k;                                                               \
+            for (int k = k32; k < j->k; k++) total[b] += w[k] * x[k];                                             \
+            j->y[(size_t)(t + b) * j->y_stride + r] = i8_logit(j, t + b, r, total[b]);                            \
+        }                                                                                                         \
     }
-    int32_t total[HEAD_TT];
-    _mm256_storeu_si256((__m256i *)total, hsum8_epi32_avx2(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]));
-    for (int b = 0; b < TT; b++) {
-        const int8_t *x = h + (size_t)b * j->k;
-        for (int k = k32; k < j->k; k++) total[b] += w[k] * x[k];
-        j->y[(size_t)(t + b) * j->y_stride + r] = i8_logit(j, t + b, r, total[b]);
-    }
-}
+I8_TILE_256(i8_tile_avx2, AVX2_TARGET, I8_DOT_AVX2)
 
 /* One row against the first TT tokens (TT = 1: decode; 2: the pass of bn_head_rows_f16_avx2 that
  * streams a block of rows for the tiles), four accumulators over k per token to hide the FMA
@@ -433,6 +436,19 @@ AVX2_TARGET void bn_head_rows_i8_avx2(const bn_head_job *j, int r0, int r1) {
     }
     HEAD_TILES_AVX2(j, r0, r1, j->k, NOTHING_TO_PREPARE, i8_tile_avx2);
 }
+
+#if BN_HAVE_AVXVNNI
+I8_TILE_256(i8_tile_avxvnni, AVXVNNI_TARGET, bn_dpbusd_avxvnni)
+
+/* AVX-VNNI: decode streams rows as on AVX2 (bound by the read), several tokens go in vpdpbusd tiles */
+AVXVNNI_TARGET void bn_head_rows_i8_avxvnni(const bn_head_job *j, int r0, int r1) {
+    if (j->m == 1) {
+        bn_head_rows_i8_avx2(j, r0, r1);
+        return;
+    }
+    HEAD_TILES_AVX2(j, r0, r1, j->k, NOTHING_TO_PREPARE, i8_tile_avxvnni);
+}
+#endif
 
 /* f16 rows: one token (decode) streams the head row after row; several go in tiles over blocks
  * of rows that stay in L2 while every tile of tokens passes (the last tokens in one narrower

@@ -304,6 +304,7 @@ void bn_i2_rows_avx512(const bn_i2_job *j, int r0, int r1);
 void bn_i2_rows_avx512vnni(const bn_i2_job *j, int r0, int r1);
 #if BN_HAVE_AVXVNNI
 void bn_i2_rows_avxvnni(const bn_i2_job *j, int r0, int r1);
+void bn_head_rows_i8_avxvnni(const bn_head_job *j, int r0, int r1);
 #endif
 void bn_tq1_rows_avx2(const bn_i2_job *j, int r0, int r1);
 void bn_tq1_rows_avx512(const bn_i2_job *j, int r0, int r1);
