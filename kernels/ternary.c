@@ -99,26 +99,32 @@ void bn_tq1_rows_scalar(const bn_i2_job *j, int r0, int r1) {
  * reassociated the adds across tokens and blocks and spilled. Pinned, 8 tokens a row decode each
  * block once for 8 (session 9, 1 thread, 6912x2560, medians of 6 interleaved runs against 4
  * tokens a row: 16 tokens 2.44 -> 2.37 ms, 8 tokens 1.24 -> 1.23 ms; 64 tokens alike). */
+/* an i2_k128 block's 128 codes as four vectors: c[i] holds inputs 32i..32i+31 (bits 2i, 2i+1 of each byte) */
+AVX2_TARGET static inline __attribute__((always_inline)) void i2_codes_avx2(const uint8_t *block, __m256i c[4]) {
+    const __m256i mask = _mm256_set1_epi8(3), w = _mm256_loadu_si256((const __m256i *)block);
+    c[0] = _mm256_and_si256(w, mask);
+    c[1] = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
+    c[2] = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
+    c[3] = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+}
+
 AVX2_TARGET static inline __attribute__((always_inline)) void i2_span_avx2(const bn_i2_job *j, int r, int t0,
                                                                          const int TN, int b0, int b1,
                                                                          __m256i *sums) {
-    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1);
     const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
     const int8_t *x = j->xq + (size_t)t0 * j->kp;
     __m256i acc16[8];
     for (int t = 0; t < TN; t++) acc16[t] = _mm256_setzero_si256();
     for (int b = b0; b < b1; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
-        __m256i c0 = _mm256_and_si256(w, mask);
-        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
-        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+        __m256i c[4];
+        i2_codes_avx2(wr + b * BLOCK_BYTES, c);
         for (int t = 0; t < TN; t++) {
             const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
-            __m256i s = _mm256_maddubs_epi16(c0, _mm256_loadu_si256((const __m256i *)xb));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c1, _mm256_loadu_si256((const __m256i *)(xb + 32))));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c2, _mm256_loadu_si256((const __m256i *)(xb + 64))));
-            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c3, _mm256_loadu_si256((const __m256i *)(xb + 96))));
+            __m256i s = _mm256_maddubs_epi16(c[0], _mm256_loadu_si256((const __m256i *)xb));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[1], _mm256_loadu_si256((const __m256i *)(xb + 32))));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[2], _mm256_loadu_si256((const __m256i *)(xb + 64))));
+            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(c[3], _mm256_loadu_si256((const __m256i *)(xb + 96))));
             acc16[t] = _mm256_add_epi16(acc16[t], s);
             __asm__("" : "+x"(acc16[t])); /* one register per token's sum (see the note above) */
         }
@@ -307,21 +313,18 @@ AVX2_TARGET void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
 AVXVNNI_TARGET static inline __attribute__((always_inline)) void i2_span_avxvnni(const bn_i2_job *j, int r, int t0,
                                                                                const int TN, int b0, int b1,
                                                                                __m256i *sums) {
-    const __m256i mask = _mm256_set1_epi8(3), zero = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
     const uint8_t *wr = j->w + (size_t)r * (j->kp / 4);
     const int8_t *x = j->xq + (size_t)t0 * j->kp;
     for (int b = b0; b < b1; b++) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(wr + b * BLOCK_BYTES));
-        __m256i c0 = _mm256_and_si256(w, mask);
-        __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(w, 2), mask);
-        __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(w, 4), mask);
-        __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(w, 6), mask);
+        __m256i c[4];
+        i2_codes_avx2(wr + b * BLOCK_BYTES, c);
         for (int t = 0; t < TN; t++) {
             const int8_t *xb = x + (size_t)t * j->kp + b * BLOCK;
-            __m256i p = bn_dpbusd_avxvnni(zero, c0, _mm256_loadu_si256((const __m256i *)xb));
-            __m256i q = bn_dpbusd_avxvnni(zero, c2, _mm256_loadu_si256((const __m256i *)(xb + 64)));
-            p = bn_dpbusd_avxvnni(p, c1, _mm256_loadu_si256((const __m256i *)(xb + 32)));
-            q = bn_dpbusd_avxvnni(q, c3, _mm256_loadu_si256((const __m256i *)(xb + 96)));
+            __m256i p = bn_dpbusd_avxvnni(zero, c[0], _mm256_loadu_si256((const __m256i *)xb));
+            __m256i q = bn_dpbusd_avxvnni(zero, c[2], _mm256_loadu_si256((const __m256i *)(xb + 64)));
+            p = bn_dpbusd_avxvnni(p, c[1], _mm256_loadu_si256((const __m256i *)(xb + 32)));
+            q = bn_dpbusd_avxvnni(q, c[3], _mm256_loadu_si256((const __m256i *)(xb + 96)));
             sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p, q));
         }
     }
