@@ -23,10 +23,10 @@ from typer.core import TyperGroup
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
-from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE as DEFAULT_PPL_CTX_SIZE
 from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE as DEFAULT_PPL_CTX_SIZE
 from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
-from bitnet_cli.files import bundled_recipes, read_prompt_file
+from bitnet_cli.files import TEXT_FILE_LIMIT, bundled_recipes, read_text_file
 from bitnet_cli.pack.convert import PACK_TARGETS, SOURCE_KINDS
 from bitnet_cli.pack.embeddings import EMBEDDING_TYPES
 from bitnet_cli.pack.ternary import LAYOUTS, layout as ternary_layout
@@ -522,7 +522,7 @@ def run(
         if prompt is not None and prompt_file is not None:
             raise BitnetError("give the prompt with -p/--prompt or -f/--file, not both")
         if prompt_file is not None:
-            prompt = read_prompt_file(prompt_file)
+            prompt = read_text_file(prompt_file)
         if prompt is None and not chat:
             raise BitnetError("give a prompt with -p/--prompt or -f/--file (or use --chat)")
         if chat and json_output:  # it was ignored: the conversation printed as text
@@ -747,7 +747,7 @@ def _eval_perplexity(model: Path, text_file: str, *, ctx_size: Optional[int], ch
     check_settings(ctx_size, chunks)
     if output is not None:
         check_output(output, force=force, inputs=(model, base, None if text_file == "-" else text_file))
-    text = read_prompt_file(text_file)
+    text = read_text_file(text_file, what="text", limit=TEXT_FILE_LIMIT)
     bar, progress = _eval_bar()
     with bar:
         result = perplexity(model, text, ctx_size=ctx_size, chunks=chunks, threads=threads, kv_cache=kv_cache,

@@ -64,32 +64,36 @@ def bundled_corpus() -> Path:
 # (2B4T 4,096, Llama 3 131,072). A larger one is refused after reading this much rather than read whole, so that
 # `-f /dev/zero` ends too.
 PROMPT_FILE_LIMIT = 8 << 20
+# The most a text scored for its perplexity (`bitnet eval -f`) may hold: WikiText-103's whole training split, 540 MB,
+# would not pass, its test split (1.3 MB) and books do.
+TEXT_FILE_LIMIT = 256 << 20
 
 
-def read_prompt_file(path: str) -> str:
+def read_text_file(path: str, what: str = "prompt", limit: int | None = None) -> str:
     """The UTF-8 text of ``path`` (``-``: standard input), less one trailing newline (the one an editor or ``echo``
-    adds, which the model would otherwise continue from), as llama.cpp's ``-f`` reads a prompt. Pipes and process
-    substitutions (``<(cmd)``) are read like files; more than :data:`PROMPT_FILE_LIMIT` bytes, a file that cannot be
-    read (missing, a directory) or text that is not UTF-8 is a :class:`BitnetError`."""
+    adds, which the model would otherwise continue from), as llama.cpp's ``-f`` reads a file. Pipes and process
+    substitutions (``<(cmd)``) are read like files; more than ``limit`` bytes, a file that cannot be read (missing,
+    a directory) or text that is not UTF-8 is a :class:`BitnetError` naming ``what`` the file holds. ``limit``:
+    :data:`PROMPT_FILE_LIMIT` unless given."""
+    limit = PROMPT_FILE_LIMIT if limit is None else limit
     name = "standard input" if path == "-" else path
     try:
         if path == "-":
             stdin = getattr(sys.stdin, "buffer", None)
             if stdin is None:
-                raise BitnetError("-f -: there is no standard input to read the prompt from")
-            data = stdin.read(PROMPT_FILE_LIMIT + 1)
+                raise BitnetError(f"-f -: there is no standard input to read the {what} from")
+            data = stdin.read(limit + 1)
         else:
             with open(path, "rb") as f:
-                data = f.read(PROMPT_FILE_LIMIT + 1)
+                data = f.read(limit + 1)
     except OSError as e:
-        raise BitnetError(f"{name}: cannot read the prompt: {e.strerror or e}") from None
-    if len(data) > PROMPT_FILE_LIMIT:
-        raise BitnetError(f"{name}: the prompt is larger than {PROMPT_FILE_LIMIT >> 20} MiB, the most a prompt file may "
-                          "hold (some 2 million tokens)")
+        raise BitnetError(f"{name}: cannot read the {what}: {e.strerror or e}") from None
+    if len(data) > limit:
+        raise BitnetError(f"{name}: the {what} is larger than {limit >> 20} MiB, the most such a file may hold")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BitnetError(f"{name}: the prompt is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
+        raise BitnetError(f"{name}: the {what} is not UTF-8 text (byte {e.start} is {data[e.start]:#04x})") from None
     for newline in ("\r\n", "\n"):
         if text.endswith(newline):
             return text[:-len(newline)]

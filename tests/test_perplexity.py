@@ -196,6 +196,16 @@ def test_cli_bad_input(tiny_packed, tmp_path, args, message):
     assert message in " ".join(r.output.split()), r.output
 
 
+def test_cli_a_text_past_the_limit_is_named(tiny_packed, tmp_path, monkeypatch):
+    from bitnet_cli import cli
+
+    monkeypatch.setattr(cli, "TEXT_FILE_LIMIT", 1 << 20)
+    source = tmp_path / "big.txt"
+    source.write_text("x" * ((1 << 20) + 1), encoding="utf-8")
+    r = _cli(tiny_packed[1], "-f", source)
+    assert r.exit_code == 1 and "big.txt: the text is larger than 1 MiB" in " ".join(r.output.split()), r.output
+
+
 @pytest.mark.parametrize("option", [["--chunks", 2], ["--kl-base", "model.bin"]])
 def test_cli_file_options_without_a_file_are_named(tiny_packed, option):
     r = _cli(tiny_packed[1], "--tasks", "tinyshakespeare_heldout", *option)
