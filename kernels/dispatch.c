@@ -111,7 +111,7 @@ static const bn_kernels OWN[BN_ISA_COUNT] = {
      * the int8 head with several tokens, the q6 head from 7 (head.c: Q6_AMX_MIN_TOKENS) */
     [BN_ISA_AMX] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_amx}, .head = {[BN_EMB_I8] = bn_head_rows_i8_amx, [BN_EMB_Q6] = bn_head_rows_q6_amx}},
 #if BN_HAVE_AVXVNNI
-    /* the i2 GEMM and the int8 head with several tokens; decode, tq1 and the other heads are AVX2's */
+    /* the i2 GEMV and GEMM and the int8 head with several tokens; tq1 and the other heads are AVX2's */
     [BN_ISA_AVXVNNI] = {.ternary = {[BN_LAYOUT_I2] = bn_i2_rows_avxvnni}, .head = {[BN_EMB_I8] = bn_head_rows_i8_avxvnni}},
 #endif
 #endif

@@ -307,8 +307,8 @@ AVX2_TARGET void bn_i2_rows_avx2(const bn_i2_job *j, int r0, int r1) {
  * instruction where AVX2 needs vpmaddubsw and a vpaddw (and a widening every 16 blocks). A block's four products
  * go into two fresh sums (two chains of two) added to the token's total once, so that no chain of vpdpbusd
  * latencies runs through the whole row. Same tiling as AVX2 (I2_ROW_256, I2_ROWS_SPANS, I2_ROWS_TOKENS8); decode
- * keeps the AVX2 GEMV, bound by the weights' read. Not measured on a CPU with AVX-VNNI (none was lent here): the
- * autotune races it against AVX2 on first use and keeps the faster. */
+ * is AVX2's GEMV with vpdpbusd (below). Not measured on a CPU with AVX-VNNI (none was lent here): the autotune races
+ * both, GEMV and GEMM, against AVX2's on first use and keeps the faster of each. */
 #if BN_HAVE_AVXVNNI
 AVXVNNI_TARGET static inline __attribute__((always_inline)) void i2_span_avxvnni(const bn_i2_job *j, int r, int t0,
                                                                                const int TN, int b0, int b1,
@@ -333,8 +333,43 @@ I2_ROW_256(i2_row_avxvnni, AVXVNNI_TARGET, i2_span_avxvnni)
 I2_ROWS_SPANS(i2_rows_avxvnni_spans, AVXVNNI_TARGET, i2_span_avxvnni)
 I2_ROWS_TOKENS8(i2_rows_avxvnni_tokens, AVXVNNI_TARGET, i2_row_avxvnni, i2_rows_avxvnni_spans)
 
+/* Decode: AVX2's GEMV (gemv_block_avx2: codes 1 and 3 masked in place, so times 4, in a sum of their own) with
+ * vpdpbusd. Each block's two products of a kind go into a fresh sum added to the running one, so the only chain
+ * through the row is vpaddd's; no int16 bound, so no widening every 8 blocks. */
+AVXVNNI_TARGET static inline __attribute__((always_inline)) void gemv_block_avxvnni(const uint8_t *wb, const int8_t *xb,
+                                                                                  __m256i *lo, __m256i *hi) {
+    const __m256i mask = _mm256_set1_epi8(3), mask4 = _mm256_set1_epi8(12), zero = _mm256_setzero_si256();
+    __m256i w = _mm256_loadu_si256((const __m256i *)wb), w4 = _mm256_srli_epi16(w, 4);
+    __m256i p = bn_dpbusd_avxvnni(zero, _mm256_and_si256(w, mask), _mm256_loadu_si256((const __m256i *)xb));
+    __m256i q = bn_dpbusd_avxvnni(zero, _mm256_and_si256(w, mask4), _mm256_loadu_si256((const __m256i *)(xb + 32)));
+    p = bn_dpbusd_avxvnni(p, _mm256_and_si256(w4, mask), _mm256_loadu_si256((const __m256i *)(xb + 64)));
+    q = bn_dpbusd_avxvnni(q, _mm256_and_si256(w4, mask4), _mm256_loadu_si256((const __m256i *)(xb + 96)));
+    *lo = _mm256_add_epi32(*lo, p);
+    *hi = _mm256_add_epi32(*hi, q);
+}
+
+/* blocks in pairs with one prefetch per 64-byte line a page ahead, as i2_gemv_row_avx2 */
+AVXVNNI_TARGET static inline int32_t i2_gemv_row_avxvnni(const bn_i2_job *j, int r) {
+    const int nb = j->kp / BLOCK;
+    const uint8_t *w = j->w + (size_t)r * (j->kp / 4);
+    const int8_t *x = j->xq;
+    __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256(); /* codes 0,2 and 4 * codes 1,3 */
+    int b = 0;
+    for (; b + 2 <= nb; b += 2, w += 2 * BLOCK_BYTES, x += 2 * BLOCK) {
+        _mm_prefetch((const char *)w + GEMV_PREFETCH, _MM_HINT_T0);
+        gemv_block_avxvnni(w, x, &lo, &hi);
+        gemv_block_avxvnni(w + BLOCK_BYTES, x + BLOCK, &lo, &hi);
+    }
+    if (b < nb) gemv_block_avxvnni(w, x, &lo, &hi);
+    return bn_hsum_epi32_avx2(_mm256_add_epi32(_mm256_slli_epi32(lo, 2), hi)) / 4;
+}
+
 void bn_i2_rows_avxvnni(const bn_i2_job *j, int r0, int r1) {
-    (j->m == 1 ? bn_i2_rows_avx2 : i2_rows_avxvnni_tokens)(j, r0, r1);
+    if (j->m != 1) {
+        i2_rows_avxvnni_tokens(j, r0, r1);
+        return;
+    }
+    for (int r = r0; r < r1; r++) bn_i2_store(j, 0, r, i2_gemv_row_avxvnni(j, r));
 }
 #endif
 
