@@ -740,21 +740,20 @@ def _eval_perplexity(model: Path, text_file: str, *, ctx_size: Optional[int], ch
                      threads: Optional[int], kv_cache: str, base: Optional[Path], output: Optional[Path], force: bool,
                      json_output: bool) -> None:
     """`bitnet eval MODEL --file TEXT`: the perplexity, as a line (or --json), and the same JSON in --output."""
-    from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE, check_settings, perplexity
+    from bitnet_cli.eval.perplexity import perplexity
     from bitnet_cli.eval.runner import check_output, write_results
 
-    ctx_size = DEFAULT_CTX_SIZE if ctx_size is None else ctx_size
-    check_settings(ctx_size, chunks)
+    inputs = (model, base, None if text_file == "-" else text_file)  # never overwritten by --output
     if output is not None:
-        check_output(output, force=force, inputs=(model, base, None if text_file == "-" else text_file))
+        check_output(output, force=force, inputs=inputs)
     text = read_text_file(text_file, what="text", limit=TEXT_FILE_LIMIT)
     bar, progress = _eval_bar()
     with bar:
-        result = perplexity(model, text, ctx_size=ctx_size, chunks=chunks, threads=threads, kv_cache=kv_cache,
-                            progress=progress, base=base)
+        result = perplexity(model, text, ctx_size=DEFAULT_PPL_CTX_SIZE if ctx_size is None else ctx_size,
+                            chunks=chunks, threads=threads, kv_cache=kv_cache, progress=progress, base=base)
     report = {"model": str(model), "file": text_file, **result.to_dict()}
     if output is not None:
-        write_results(report, output, force=force, inputs=(model, base, None if text_file == "-" else text_file))
+        write_results(report, output, force=force, inputs=inputs)
     if json_output:
         print_json(report)
         return

@@ -127,7 +127,7 @@ def _mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return mean, (math.sqrt(spread / (values.size - 1)) if spread > 0 and values.size > 1 else 0.0)
 
 
-def check_settings(ctx_size: int, chunks: int | None) -> None:
+def _check_settings(ctx_size: int, chunks: int | None) -> None:
     if type(ctx_size) is not int or ctx_size < 3:  # below 3 a chunk's second half scores no token
         raise BitnetError(f"ctx_size {ctx_size!r}: a perplexity chunk needs at least 3 tokens", param="ctx_size")
     if chunks is not None and (type(chunks) is not int or chunks < 1):
@@ -140,7 +140,7 @@ def perplexity(model: str | Path, text: str, *, ctx_size: int = DEFAULT_CTX_SIZE
     """The perplexity of ``text`` under ``model`` (a packed file or a checkpoint directory; or an open
     ``backend``), in chunks of ``ctx_size`` tokens, at most ``chunks`` of them; with ``base`` (a model path or an
     open backend), also the divergence of ``model``'s distributions from ``base``'s (module docstring)."""
-    check_settings(ctx_size, chunks)
+    _check_settings(ctx_size, chunks)
     if isinstance(base, (str, Path)) and not Path(base).exists():  # before a model load that may take seconds
         raise BitnetError(f"base {base}: no such file or directory (expected a packed file or a checkpoint "
                           "directory)", param="base")
