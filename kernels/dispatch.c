@@ -9,8 +9,11 @@
 
 #include "internal.h"
 
+#if BN_X86
+#include <cpuid.h> /* AVX-VNNI's and AMX's feature bits, which __builtin_cpu_supports may not know */
+#endif
+
 #if BN_X86 && defined(__linux__)
-#include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
