@@ -485,6 +485,9 @@ def info(
 # ---------------------------------------------------------------- run
 
 
+CLI_FORMATS = {"text": "text", "json": "json_object"}  # run --format: the engine's output_format
+
+
 @app.command()
 def run(
     model: Path = model_argument(),
@@ -508,6 +511,10 @@ def run(
     ),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system prompt, kept for the whole conversation."),
     echo: bool = typer.Option(True, "--echo/--no-echo", help="Print the prompt before the generated text, as llama.cpp does."),
+    output_format: str = typer.Option(
+        "text", "--format", metavar="text|json",
+        help="json: every token is chosen so that the text is one JSON object, and generation ends when it closes "
+             "(the server's response_format json_object; ollama's --format json). The prompt should still ask for JSON."),
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
@@ -530,9 +537,11 @@ def run(
         if system is not None and not chat:  # it was ignored without a word
             raise BitnetError("--system is the system prompt of --chat; without --chat, put it in -p/--prompt")
         SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
+        if output_format not in CLI_FORMATS:
+            raise BitnetError(f"--format {output_format!r}: choose text or json")
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, output_format=CLI_FORMATS[output_format])
         if chat:
             _chat(engine, prompt, system, options)
             return

@@ -31,6 +31,7 @@ import numpy as np
 
 from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
+from bitnet_cli.constrain import JsonConstraint, JsonVocabulary, check_format, token_bytes
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.rope import inv_freq as rope_inv_freq
@@ -228,6 +229,7 @@ class Engine(kernels.CResource):
         self._model = model
         self._cached: list[int] = []  # the tokens whose keys/values fill cache positions 0..n-1
         self.n_sequences = 1  # KV caches (set_sequences); forward() uses the first
+        self._json_vocabulary: JsonVocabulary | None = None  # json_constraint(): built when first asked for
         self.load_s = time.perf_counter() - t0
 
     def _init_tokens(self, pm) -> None:
@@ -527,13 +529,16 @@ class Engine(kernels.CResource):
     def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = DEFAULT_MAX_TOKENS,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> Generation:
+                 seed: int | None = None, stop: Sequence[str] = (), output_format: str = "text") -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
         Stops at an end-of-sequence token, at any of the `stop` strings (a list, or one string; not
         included in the text), after max_tokens, or when the context is full. temperature 0 is greedy.
+        output_format "json_object" allows only text that begins one JSON object, and ends the
+        generation once it is closed (bitnet_cli.constrain).
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
+        constraint = self.json_constraint() if check_format(output_format) == "json_object" else None
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
@@ -553,9 +558,16 @@ class Engine(kernels.CResource):
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)
         out_ids: list[int] = []
-        return Generation(self._stream(ids, max_tokens, params, rng, stops, stats, out_ids), stats, out_ids)
+        return Generation(self._stream(ids, max_tokens, params, rng, stops, stats, out_ids, constraint), stats, out_ids)
 
-    def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids) -> Iterator[str]:
+    def json_constraint(self) -> JsonConstraint:
+        """A fresh JsonConstraint over this model's vocabulary (built at the first call, then shared)."""
+        if self._json_vocabulary is None:
+            self._json_vocabulary = JsonVocabulary(
+                token_bytes(self.pm.tokenizer_json, self.tokenizer, self.vocab_size), sorted(self.stop_token_ids))
+        return JsonConstraint(self._json_vocabulary)
+
+    def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None) -> Iterator[str]:
         t0 = time.perf_counter()
         if max_tokens == 0:
             stats.stop_reason = "max_tokens"
@@ -565,13 +577,15 @@ class Engine(kernels.CResource):
         text = TextStream(self.tokenizer, stops)
         t_first = None
         while True:
-            token = sample(logits, params, rng, history)
+            token = sample(logits, params, rng, history, constraint.allowed() if constraint else None)
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.prompt_s = stats.time_to_first_token_s = t_first - t0
             if token in self.stop_token_ids:
                 stats.stop_reason = "eos"
                 break
+            if constraint:
+                constraint.push(token)
             history.append(token)
             out_ids.append(token)
             stats.generated_tokens += 1

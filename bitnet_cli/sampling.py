@@ -52,11 +52,18 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
     return logits
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = ()) -> int:
-    """One token id from a [V] float32 logits vector (finite: the engine refuses NaN logits)."""
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = (),
+           allowed: np.ndarray | None = None) -> int:
+    """One token id from a [V] float32 logits vector (finite: the engine refuses NaN logits).
+
+    allowed: a bool [V] mask (constrained decoding, bitnet_cli.constrain): every other token's
+    logit becomes -inf after the repeat penalty, so it is never chosen and the rest are sampled
+    as they would be among themselves."""
     if not np.isfinite(logits).all():
         raise BitnetError("sampling: the logits hold NaN or infinite values")
     logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
+    if allowed is not None:
+        logits = np.where(allowed, logits, np.float32(-np.inf))
     if params.temperature <= 0:
         return int(np.argmax(logits))  # first maximum, like torch.argmax
     z = logits.astype(np.float64)

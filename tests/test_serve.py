@@ -207,6 +207,35 @@ def test_a_seed_reproduces_bitnet_run_and_n_gives_independent_choices(server, en
     assert two[1].text == alone(engine, "ROMEO:", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=6)[0]
 
 
+def test_response_format_json_object_is_bitnet_run_format_json(server, engine):
+    """Each choice (sampled, several at once, streamed or whole, chat or completion) is what the
+    engine's JSON-constrained generation gives alone; json_schema is refused, not ignored."""
+    from bitnet_cli.constrain import is_prefix
+
+    model, fmt = server.info["model"], {"type": "json_object"}
+    kw = dict(max_tokens=200, temperature=1.0, top_k=0, top_p=1.0, output_format="json_object")
+    r = server.client.completions.create(model=model, prompt="Data:", max_tokens=200, temperature=1.0, seed=3, n=4,
+                                         extra_body={"response_format": fmt})
+    for c in r.choices:
+        want, gen = alone(engine, "Data:", seed=3 + c.index, **kw)
+        assert c.text == want and is_prefix(c.text)
+        assert c.finish_reason == ("stop" if gen.stats.stop_reason == "eos" else "length")
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+    messages = [{"role": "user", "content": "Reply in JSON."}]
+    ids = render_chat(engine, messages)
+    want = alone(engine, ids, seed=9, **{**kw, "max_tokens": 40})[0]
+    chat = dict(model=model, messages=messages, max_tokens=40, temperature=1.0, seed=9, response_format=fmt)
+    assert server.client.chat.completions.create(**chat).choices[0].message.content == want
+    chunks = server.client.chat.completions.create(**chat, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    for bad, why in [({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "json_schema is not"),
+                     ({"type": "xml"}, "response_format"), ("json", "response_format")]:
+        r = server.http.post("/v1/chat/completions", json={"messages": messages, "response_format": bad})
+        assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "response_format"
+
+
 def test_echo_with_logprobs_scores_the_prompt(server, engine):
     ids = engine.encode("KING HENRY:\nMy lord", add_bos=False)
     r = server.client.completions.create(model=server.info["model"], prompt=ids, max_tokens=1, temperature=0,

@@ -63,6 +63,11 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[dict] = None
+
+
 class _Sampling(_Strict):
     model: Optional[str] = None
     temperature: float = Field(1.0, ge=0, le=2)
@@ -78,6 +83,14 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    response_format: Optional[ResponseFormat] = None  # json_object: constrained decoding (bitnet_cli.constrain)
+
+    def output_format(self) -> str:
+        kind = self.response_format.type if self.response_format else "text"
+        if kind == "json_schema":  # refused rather than ignored: the client counts on the schema
+            raise ApiError(400, "response_format json_schema is not supported; {\"type\": \"json_object\"} "
+                           "constrains the output to one JSON object", "response_format")
+        return kind
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -221,6 +234,15 @@ class Server:
                            "(the server's context size), the prompt and at least one new token together; "
                            "shorten it", "prompt", "context_length_exceeded")
 
+    async def _prepare(self, req) -> None:
+        """Work a request may need before _submit, off the event loop: the model's JSON vocabulary
+        (a second or so for a 128k vocabulary, once per server)."""
+        if req.output_format() == "json_object":
+            try:
+                await run_in_threadpool(self.engine.json_constraint)
+            except BitnetError as e:
+                raise ApiError(400, str(e), "response_format") from None
+
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -234,6 +256,7 @@ class Server:
         except BitnetError as e:
             raise ApiError(400, str(e)) from None
         stops = req.stops()
+        json_object = req.output_format() == "json_object"
         jobs = []
         for p, ids in enumerate(prompts):
             for c in range(req.n):
@@ -245,7 +268,7 @@ class Server:
 
                 seed = None if req.seed is None else req.seed + c
                 jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs,
-                                req.ignore_eos))
+                                req.ignore_eos, self.engine.json_constraint() if json_object else None))
         try:
             self.scheduler.submit(jobs)
         except QueueFull as e:
@@ -329,6 +352,7 @@ class Server:
             for i in ids:
                 self._check_ids(i)
             echo_logprobs = req.echo and req.logprobs is not None
+            await self._prepare(req)
             jobs, queue = self._submit(ids, req, req.max_tokens if req.max_tokens is not None else
                                        self.engine.ctx_size, req.logprobs, echo_logprobs)
         except ApiError as e:
@@ -359,6 +383,7 @@ class Server:
             if req.top_logprobs and not req.logprobs:  # as OpenAI: was silently no log-probabilities at all
                 raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             top = (req.top_logprobs or 0) if req.logprobs else None
+            await self._prepare(req)
             jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False)
         except ApiError as e:
             return e.response()

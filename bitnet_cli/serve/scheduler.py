@@ -6,7 +6,7 @@ plus up to a chunk of prompt tokens of sequences still being prefilled, so the t
 are streamed once per step for all of them and running streams keep flowing while a long prompt
 comes in. A sequence joins at the next step after it arrives and leaves as soon as it ends or is
 cancelled. Its tokens are chosen exactly as `Engine.generate` chooses them (same sampler, same
-seeded generator, same stop rules), and the C engine gives every token of a batch the logits it
+seeded generator, same stop rules, same JSON constraint), and the C engine gives every token of a batch the logits it
 gets alone, so batching never changes what a request receives.
 
 A slot keeps the tokens whose keys and values it holds after its sequence ends. A new sequence
@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from bitnet_cli.constrain import JsonConstraint
 from bitnet_cli.engine import Engine, TextStream, common_prefix
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams, sample
@@ -78,6 +79,7 @@ class Job:
     logprobs: int | None = None   # alternatives per generated token (None: no log-probabilities)
     prompt_logprobs: bool = False  # also for the prompt's tokens (echo with logprobs)
     ignore_eos: bool = False       # generate through end-of-sequence tokens (for benchmarks)
+    constraint: JsonConstraint | None = None  # response_format json_object: this sequence's own
     cancelled: bool = False        # set from any thread: the sequence leaves at the next step
 
 
@@ -300,7 +302,7 @@ class Scheduler:
     def _choose(self, slot: _Slot, row: np.ndarray) -> None:
         """The next token of slot's sequence from its logits row, as Engine.generate picks it."""
         job = slot.job
-        token = sample(row, job.params, slot.rng, slot.history)
+        token = sample(row, job.params, slot.rng, slot.history, job.constraint.allowed() if job.constraint else None)
         lp = top = None
         if job.logprobs is not None:
             full = _log_softmax(row)
@@ -310,6 +312,8 @@ class Scheduler:
                 job.sink(TokenEvent("", token, lp, top))
             self._finish(slot, DoneEvent("stop", len(job.prompt), slot.generated, slot.reused))
             return
+        if job.constraint:
+            job.constraint.push(token)
         slot.history.append(token)
         slot.generated += 1
         self.generated_tokens += 1

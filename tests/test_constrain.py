@@ -1,0 +1,212 @@
+"""JSON output (bitnet_cli.constrain): the recognizer against Python's json module, the allowed-token
+masks against a naive check of every token, and generation through the engine, `bitnet run` and
+the server's response_format."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bitnet_cli import constrain as C
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.sampling import SamplingParams, sample
+
+
+def random_value(r: random.Random, depth: int = 0):
+    k = r.random()
+    if depth < 4 and k < 0.25:
+        return {r.choice(["a", "b c", "é\"\\", "\u4e2d", "", "k" * r.randint(1, 9)]) + str(r.randint(0, 99)):
+                random_value(r, depth + 1) for _ in range(r.randint(0, 4))}
+    if depth < 4 and k < 0.45:
+        return [random_value(r, depth + 1) for _ in range(r.randint(0, 4))]
+    if k < 0.55:
+        return r.choice([r.uniform(-1e6, 1e6), r.uniform(-1, 1) * 10.0 ** r.randint(-30, 30), 0.0, -0.0])
+    if k < 0.65:
+        return r.randint(-10**9, 10**12)
+    if k < 0.75:
+        return r.choice([True, False, None])
+    return "".join(r.choice('ab "\\/\n\t\u00e9\u4e2d\U0001F600\x7f\x01') for _ in range(r.randint(0, 12)))
+
+
+def random_document(r: random.Random) -> str:
+    doc = {str(i): random_value(r) for i in range(r.randint(0, 3))}
+    return json.dumps(doc, ensure_ascii=r.random() < 0.5, indent=r.choice([None, 1, 2]),
+                      separators=r.choice([None, (",", ":"), (" ,", " : ")]))
+
+
+def test_every_json_object_is_accepted_to_its_end_and_nothing_else_after_it():
+    r = random.Random(0)
+    for _ in range(400):
+        doc = random_document(r)
+        state = C.run(C.INITIAL, doc.encode())
+        assert state == (C.DONE, "", 0), doc
+        assert C.step(state, ord(" ")) is None and C.step(state, ord("{")) is None
+    for doc in ['{"a": -0.5e+10, "b": [true, false, null, {}], "c": "\\u00e9\\n"}', " \n{}", "{\"\":\"\"}"]:
+        assert C.run(C.INITIAL, doc.encode())[0] == C.DONE
+
+
+def test_what_the_recognizer_completes_always_parses_as_an_object():
+    """Soundness: random byte edits of valid documents either stop being accepted or still parse
+    with json.loads (strict) as an object; and the usual mistakes are refused where they happen."""
+    r = random.Random(1)
+    accepted = 0
+    for _ in range(3000):
+        data = bytearray(random_document(r).encode())
+        for _ in range(r.randint(1, 3)):
+            i = r.randrange(len(data) + 1)
+            op = r.random()
+            if op < 0.4 and i < len(data):
+                del data[i]
+            elif op < 0.7:
+                data.insert(i, r.choice(b'{}[]",:\\ 0-.eE+tfnu\x01a'))
+            elif i < len(data):
+                data[i] = r.choice(b'{}[]",:\\ 0-.eE+tfnu\x01a')
+        state = C.run(C.INITIAL, bytes(data))
+        if state is not None and state[0] == C.DONE:
+            accepted += 1
+            # decoded as the engine shows text: a broken UTF-8 sequence becomes U+FFFD, ASCII stays itself
+            assert isinstance(json.loads(bytes(data).decode("utf-8", "replace")), dict), bytes(data)
+    assert accepted > 100  # the edits do keep some documents valid
+    for bad in ['[1]', '"a"', '{"a" 1}', "{'a': 1}", '{"a": 01}', '{"a": 1.}', '{"a": .5}', '{"a": +1}',
+                '{"a": NaN}', '{"a": tru}x', '{"a": "\x01"}', '{"a": "\\x"}', '{"a": "\\u12g4"}', '{"a": 1,}',
+                '{"a": [1,]}', '{,}', '{"a": 1}}', '{"a": 1]', '{"a": -}']:
+        assert C.run(C.INITIAL, bad.encode()) is None, bad
+
+
+def test_limits_stop_endless_filler():
+    assert C.run(C.INITIAL, b" " * C.MAX_WHITESPACE + b"{") is not None
+    assert C.run(C.INITIAL, b" " * (C.MAX_WHITESPACE + 1)) is None
+    assert C.run(C.INITIAL, b'{"a": ' + b"1" * C.MAX_NUMBER) is not None
+    assert C.run(C.INITIAL, b'{"a": ' + b"1" * (C.MAX_NUMBER + 1)) is None
+    assert C.run(C.INITIAL, b'{"a":' + b"[" * (C.MAX_DEPTH - 1)) is not None
+    assert C.run(C.INITIAL, b'{"a":' + b"[" * C.MAX_DEPTH) is None
+
+
+@pytest.fixture(scope="module")
+def json_tokenizer():
+    """A byte-level BPE trained on JSON documents: tokens such as '": "', '},', ']}' and '\\"' that cross
+    from one recognizer state into others, which is where the mask's shortcuts could go wrong."""
+    from tokenizers import Tokenizer
+
+    from bitnet_cli.tokenizer import train_bpe
+
+    r = random.Random(2)
+    docs = [random_document(r) for _ in range(1500)]
+    tok = train_bpe(docs, 1200)
+    spec = tok.to_str()
+    return spec, Tokenizer.from_str(spec)
+
+
+def naive_mask(vocab: C.JsonVocabulary, state) -> np.ndarray:
+    if state[0] == C.DONE:
+        return vocab.end
+    return np.array([bool(t) and C.run(state, t) is not None for t in vocab.tokens])
+
+
+def test_allowed_tokens_are_exactly_those_that_continue_the_json(json_tokenizer):
+    spec, tok = json_tokenizer
+    V = tok.get_vocab_size()
+    tokens = C.token_bytes(spec, tok, V)
+    assert tokens[0] is None and tokens[1] is None  # the special tokens
+    assert sum(b"\":" in t for t in tokens if t) > 3  # multi-state tokens are there to test
+    vocab = C.JsonVocabulary(tokens, [1])
+    rng = np.random.default_rng(3)
+    checked = finished = 0
+    for _ in range(30):
+        con, text = C.JsonConstraint(vocab), b""
+        for step in range(300):
+            mask = con.allowed()
+            if step % 3 == 0:
+                assert (mask == naive_mask(vocab, con.state)).all(), (text, con.state)
+                checked += 1
+            if con.done:
+                assert np.flatnonzero(mask).tolist() == [1]
+                assert isinstance(json.loads(text.decode("utf-8", "replace")), dict)
+                finished += 1
+                break
+            ids = np.flatnonzero(mask)
+            moving = ids[~vocab.plain[ids]] if con.state[0] == C.STRING else ids  # leave strings often
+            token = int(rng.choice(moving if moving.size and rng.random() < 0.6 else ids))
+            text += tokens[token]
+            con.push(token)
+    assert checked > 200 and finished >= 25
+    with pytest.raises(BitnetError, match="does not continue"):
+        C.JsonConstraint(vocab).push(tok.token_to_id("}"))
+
+
+def test_masked_sampling_is_sampling_among_the_allowed_tokens():
+    logits = np.random.default_rng(4).normal(size=50).astype(np.float32)
+    allowed = np.zeros(50, dtype=bool)
+    ids = [3, 7, 11, 40]
+    allowed[ids] = True
+    order = [ids[i] for i in np.argsort(-logits[ids])]
+    assert sample(logits, SamplingParams(temperature=0), np.random.default_rng(0), allowed=allowed) == order[0]
+    top2 = SamplingParams(temperature=1.0, top_k=2, top_p=1.0)
+    assert {sample(logits, top2, np.random.default_rng(s), allowed=allowed) for s in range(200)} == set(order[:2])
+    # the same draws as sampling logits made hopeless (probability 0 after exp) everywhere else
+    hopeless = np.where(allowed, logits, logits.min() - 1e4).astype(np.float32)
+    for s in range(20):
+        p = SamplingParams(temperature=0.7, top_k=0, top_p=0.9)
+        masked = sample(logits, p, np.random.default_rng(s), allowed=allowed)
+        assert masked in ids and masked == sample(hopeless, p, np.random.default_rng(s))
+
+
+# ---------------------------------------------------------------------- through the engine
+
+
+def test_greedy_json_generation_is_the_masked_argmax_step_by_step(tiny_packed):
+    from bitnet_cli.engine import Engine
+
+    with Engine.load(tiny_packed[1], threads=1) as engine:
+        prompt = "ROMEO: give me the data as JSON."
+        gen = engine.generate(prompt, max_tokens=40, temperature=0, output_format="json_object")
+        text = "".join(gen)
+        assert C.is_prefix(text) and gen.token_ids
+        vocab = engine.json_constraint().vocabulary
+        ids, state = engine.encode(prompt), C.INITIAL
+        for token in gen.token_ids:  # each chosen token is the likeliest among those the naive check allows
+            logits = engine.forward(ids, 0, all_logits=False)[0]
+            mask = naive_mask(vocab, state)
+            assert token == int(np.flatnonzero(mask)[np.argmax(logits[mask])])
+            ids.append(token)
+            state = C.run(state, vocab.tokens[token])
+        plain = "".join(engine.generate(prompt, max_tokens=40, temperature=0))
+        assert not C.is_prefix(plain)  # the random model does not write JSON by itself
+
+
+def test_sampled_json_generations_end_as_objects(tiny_packed):
+    from bitnet_cli.engine import Engine
+
+    with Engine.load(tiny_packed[1], threads=1) as engine:
+        finished = 0
+        for seed in range(12):
+            gen = engine.generate("Data:", max_tokens=400, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                                  output_format="json_object")
+            text = "".join(gen)
+            assert C.is_prefix(text), text
+            if gen.stats.stop_reason == "eos":
+                assert isinstance(json.loads(text), dict)
+                finished += 1
+            again = engine.generate("Data:", max_tokens=400, temperature=1.0, top_k=0, top_p=1.0, seed=seed,
+                                    output_format="json_object")
+            assert "".join(again) == text  # a seed fixes the text
+        assert finished >= 3
+        with pytest.raises(BitnetError, match="output format"):
+            engine.generate("Data:", output_format="yaml")
+
+
+def test_run_format_json(tiny_packed):
+    cmd = [sys.executable, "-m", "bitnet_cli.cli", "run", str(tiny_packed[1]), "-p", "Data:", "-n", "400",
+           "--temp", "1", "--top-k", "0", "--top-p", "1", "--format", "json", "--json"]
+    outs = [json.loads(subprocess.run(cmd + ["--seed", str(s)], capture_output=True, text=True, check=True).stdout)
+            for s in range(4)]
+    assert all(C.is_prefix(o["text"]) for o in outs)
+    assert all(isinstance(json.loads(o["text"]), dict) for o in outs if o["stop_reason"] == "eos")
+    bad = subprocess.run(cmd[:-2] + ["yaml"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and "choose text or json" in bad.stderr
+    assert "Traceback" not in bad.stderr
