@@ -209,7 +209,8 @@ def test_a_seed_reproduces_bitnet_run_and_n_gives_independent_choices(server, en
 
 def test_response_format_json_object_is_bitnet_run_format_json(server, engine):
     """Each choice (sampled, several at once, streamed or whole, chat or completion) is what the
-    engine's JSON-constrained generation gives alone; json_schema is refused, not ignored."""
+    engine's JSON-constrained generation gives alone; json_schema and function calling are refused,
+    not ignored."""
     from bitnet_cli.constrain import is_prefix
 
     model, fmt = server.info["model"], {"type": "json_object"}
@@ -229,6 +230,13 @@ def test_response_format_json_object_is_bitnet_run_format_json(server, engine):
     assert server.client.chat.completions.create(**chat).choices[0].message.content == want
     chunks = server.client.chat.completions.create(**chat, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                         ("functions", [{"name": "f"}]), ("function_call", {"name": "f"})]:
+        r = server.http.post("/v1/chat/completions", json={"messages": messages, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and "function calling" in r.text
+    r = server.http.post("/v1/chat/completions", json={"messages": messages, "tools": [], "tool_choice": "none",
+                                                       "max_tokens": 1})
+    assert r.status_code == 200
     for bad, why in [({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "json_schema is not"),
                      ({"type": "xml"}, "response_format"), ("json", "response_format")]:
         r = server.http.post("/v1/chat/completions", json={"messages": messages, "response_format": bad})

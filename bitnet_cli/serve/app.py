@@ -133,6 +133,19 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    # function calling is not served: refused rather than ignored (a client would wait for a call)
+    tools: Optional[list] = None
+    functions: Optional[list] = None
+    tool_choice: Union[str, dict, None] = None
+    function_call: Union[str, dict, None] = None
+
+    def check_no_tools(self) -> None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise ApiError(400, f"{name}: function calling is not supported by this server", name)
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ApiError(400, f"{name}: function calling is not supported by this server (only \"none\")", name)
 
 
 class TokenizeRequest(_Strict):
@@ -367,6 +380,7 @@ class Server:
         try:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
+            req.check_no_tools()
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
