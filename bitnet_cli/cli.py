@@ -8,6 +8,7 @@ commands, so ``bitnet --help`` stays fast and inference needs no torch.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import sys
@@ -488,6 +489,21 @@ def info(
 CLI_FORMATS = {"text": "text", "json": "json_object"}  # run --format: the engine's output_format
 
 
+def read_json_schema(text: str) -> dict:
+    """run --json-schema: inline JSON, or the path of a file holding it; checked before the model loads."""
+    from bitnet_cli.constrain import compile_schema
+
+    source = "--json-schema" if text.lstrip().startswith("{") else text
+    if source != "--json-schema":
+        text = read_text_file(text)
+    try:
+        schema = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise BitnetError(f"{source}: not valid JSON ({e or 'nested too deeply'})") from None
+    compile_schema(schema)
+    return schema
+
+
 @app.command()
 def run(
     model: Path = model_argument(),
@@ -515,6 +531,11 @@ def run(
         "text", "--format", metavar="text|json",
         help="json: every token is chosen so that the text is one JSON object, and generation ends when it closes "
              "(the server's response_format json_object; ollama's --format json). The prompt should still ask for JSON."),
+    json_schema: Optional[str] = typer.Option(
+        None, "--json-schema", "-j", metavar="SCHEMA|PATH",
+        help="Like --format json, to one JSON object this schema accepts: the schema inline ('{...}') or a file "
+             "(as llama.cpp's -j/-jf). type, properties, required, additionalProperties, items, enum, const, anyOf and "
+             "$ref to #/$defs are enforced; any other keyword is an error."),
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
@@ -539,9 +560,11 @@ def run(
         SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
         if output_format not in CLI_FORMATS:
             raise BitnetError(f"--format {output_format!r}: choose text or json")
+        schema = read_json_schema(json_schema) if json_schema is not None else None
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, output_format=CLI_FORMATS[output_format])
+                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, json_schema=schema,
+                       output_format="json_schema" if schema is not None else CLI_FORMATS[output_format])
         if chat:
             _chat(engine, prompt, system, options)
             return

@@ -1,18 +1,20 @@
 """Constrained decoding: generated text that must be one JSON object (OpenAI's `response_format`
-`{"type": "json_object"}`, ollama's `--format json`).
+`{"type": "json_object"}`, ollama's `--format json`), or one that a JSON schema describes
+(`{"type": "json_schema", ...}`, llama.cpp's `--json-schema`).
 
 A byte-level JSON recognizer (a pushdown automaton whose states are hashable tuples) decides which
-tokens may come next: a token is allowed when its bytes keep the text so far a prefix of some JSON
-object, and once the object is closed only an end-of-sequence token is. Sampling then runs exactly
-as without the constraint on logits with every other token at -inf (`sampling.sample(allowed=)`),
-so greedy decoding picks the likeliest allowed token and a seed still fixes the text.
+tokens may come next: a token is allowed when its bytes keep the text so far a prefix of some
+JSON object the schema accepts, and once the object is closed only an end-of-sequence token is.
+Sampling then runs exactly as without the constraint on logits with every other token at -inf
+(`sampling.sample(allowed=)`), so greedy decoding picks the likeliest allowed token and a seed
+still fixes the text.
 
 Finding the allowed tokens costs one walk of the vocabulary's byte trie (its tokens sorted by
 bytes, so a subtree is a range found by bisection), pruned at the first byte the recognizer
-refuses. Inside a string almost every token is allowed, so there the walk is replaced by a table
-made once: tokens of plain string bytes are allowed as they stand, and the rest are decided from
-their first quote, backslash or control byte on. Masks are cached per recognizer state, which
-repeats all through a generation.
+refuses. Inside a free string almost every token is allowed, so there the walk is replaced by a
+table made once: tokens of plain string bytes are allowed as they stand, and the rest are decided
+from their first quote, backslash or control byte on. Masks are cached per recognizer state,
+which repeats all through a generation (and across requests with the same schema).
 
 Limits, as llama.cpp's JSON grammar has them, so that a model cannot loop forever on filler:
 MAX_WHITESPACE bytes of whitespace in a row, numbers of at most MAX_NUMBER bytes, nesting at most
@@ -22,6 +24,7 @@ MAX_DEPTH deep. Strings are unlimited, and a generation cut by max_tokens ends m
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import re
 from collections import OrderedDict
@@ -31,23 +34,176 @@ import numpy as np
 
 from bitnet_cli.errors import BitnetError
 
-RESPONSE_FORMATS = ("text", "json_object")  # what `output_format` / `response_format.type` accept
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # `output_format` / `response_format.type`
 
 MAX_WHITESPACE = 20
 MAX_NUMBER = 32
 MAX_DEPTH = 32
 MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
+MAX_SCHEMA_NODES = 1000
+
+# ---------------------------------------------------------------------- schemas
+
+TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", "null"))
+# keywords that describe without constraining: accepted and left out
+ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
+                         "deprecated", "readOnly", "writeOnly"))
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const",
+                      "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
+
+
+class Schema:
+    """One node of a compiled JSON schema: what a value may be. Nodes are compared by identity:
+    recognizer states hold them, and masks are cached per state.
+
+    types: the JSON types allowed ("integer" alone: a number without fraction or exponent);
+    properties: None for free keys (any string), else the known keys as their JSON string
+    content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
+    that must appear before "}"; additional: the schema of values under other keys (None: no
+    other keys); items: an array element's schema; enum: the only texts allowed (compact JSON)."""
+
+    __slots__ = ("types", "properties", "required", "additional", "items", "enum")
+
+    def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
+        self.types, self.properties, self.required = types, properties, required
+        self.additional, self.items, self.enum = additional, items, enum
+
+
+ANY = Schema()
+ANY.additional = ANY.items = ANY
+JSON_OBJECT = Schema(types=frozenset(("object",)), additional=ANY)  # response_format json_object
+
+
+def _schema_error(where: str, why: str) -> BitnetError:
+    return BitnetError(f"json_schema{where}: {why}", param="response_format")
+
+
+def _compact(value) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+class _Compiler:
+    """A JSON schema (dict) to Schema nodes; refuses any keyword it would not enforce."""
+
+    def __init__(self, root: dict):
+        self.root = root
+        self.refs: dict[str, Schema] = {}
+        self.nodes = 0
+
+    def node(self, spec, where: str) -> Schema:
+        self.nodes += 1
+        if self.nodes > MAX_SCHEMA_NODES:
+            raise _schema_error("", f"more than {MAX_SCHEMA_NODES} subschemas")
+        if where.count(".") > 2 * MAX_DEPTH:  # deeper than any text the recognizer reads (and than the stack)
+            raise _schema_error(where[:60] + "...", f"nested more than {MAX_DEPTH} deep")
+        if spec is True or spec == {}:
+            return ANY
+        if not isinstance(spec, dict):
+            raise _schema_error(where, f"a schema must be an object, got {json.dumps(spec)[:40]}")
+        unknown = sorted(set(spec) - KEYWORDS)
+        if unknown:
+            raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
+                                "additionalProperties, items, enum, const, anyOf, $ref to #/$defs)")
+        if "$ref" in spec:
+            return self.ref(spec["$ref"], where)
+        if "anyOf" in spec:
+            return self.any_of(spec, where)
+        if "const" in spec or "enum" in spec:
+            values = [spec["const"]] if "const" in spec else spec["enum"]
+            if not isinstance(values, list) or not values:
+                raise _schema_error(where, "enum must be a non-empty list")
+            try:
+                return Schema(enum=tuple(dict.fromkeys(_compact(v) for v in values)))
+            except ValueError as e:
+                raise _schema_error(where, f"enum: {e}") from None
+        types = spec.get("type", "object" if "properties" in spec else None)
+        types = TYPES if types is None else frozenset([types] if isinstance(types, str) else types)
+        if not types or not types <= TYPES:
+            raise _schema_error(where, f"type must be one or more of {', '.join(sorted(TYPES))}")
+        if "integer" in types and "number" in types:
+            types = types - {"integer"}
+        node = Schema(types=types)
+        props = spec.get("properties")
+        if props is not None:
+            if not isinstance(props, dict):
+                raise _schema_error(where, "properties must be an object")
+            node.properties = {json.dumps(k, ensure_ascii=False)[1:-1].encode("utf-8"):
+                               self.node(v, f"{where}.properties.{k}") for k, v in props.items()}
+        extra = spec.get("additionalProperties", True)
+        node.additional = None if extra is False else self.node(extra, f"{where}.additionalProperties")
+        required = spec.get("required", [])
+        if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
+            raise _schema_error(where, "required must be a list of names")
+        node.required = frozenset(json.dumps(r, ensure_ascii=False)[1:-1].encode("utf-8") for r in required)
+        if node.additional is None and not node.required <= set(node.properties or ()):
+            raise _schema_error(where, "a required name is neither in properties nor allowed by additionalProperties")
+        node.items = self.node(spec.get("items", True), f"{where}.items")
+        return node
+
+    def ref(self, ref, where: str) -> Schema:
+        m = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None
+        if not m or not isinstance(self.root.get(m[1]), dict) or m[2] not in self.root[m[1]]:
+            raise _schema_error(where, f"$ref {ref!r}: only #/$defs/NAME (or #/definitions/NAME) of this schema")
+        if ref not in self.refs:  # a placeholder first: a schema may refer to itself
+            self.refs[ref] = placeholder = Schema()
+            target = self.node(self.root[m[1]][m[2]], f"{where}.$ref")
+            for slot in Schema.__slots__:
+                setattr(placeholder, slot, getattr(target, slot))
+        return self.refs[ref]
+
+    def any_of(self, spec, where: str) -> Schema:
+        """anyOf of alternatives that differ in type (pydantic's Optional[X]): merged into one node,
+        since the first byte of a value tells which alternative it is."""
+        parts = [self.node(p, f"{where}.anyOf") for p in spec["anyOf"]] if isinstance(spec["anyOf"], list) else []
+        if not parts or any(p.enum is not None for p in parts) or len(spec) > 1 + len(set(spec) & ANNOTATIONS):
+            raise _schema_error(where, "anyOf is supported only as alternatives of different types, without enum "
+                                "and without other keywords beside it")
+        merged = Schema(types=frozenset())
+        for p in parts:
+            kinds = {"number" if t == "integer" else t for t in p.types}
+            if kinds & {"number" if t == "integer" else t for t in merged.types}:
+                raise _schema_error(where, "anyOf alternatives must not share a type")
+            merged.types |= p.types
+            if "object" in p.types:
+                merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
+            if "array" in p.types:
+                merged.items = p.items
+        return merged
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(text: str) -> Schema:
+    spec = json.loads(text)
+    root = _Compiler(spec).node(spec, "")
+    if root.enum is not None or root.types != frozenset(("object",)):
+        raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires)')
+    return root
+
+
+def compile_schema(spec) -> Schema:
+    """A JSON schema (a dict) as the root Schema node; the same schema twice gives the same nodes,
+    so its cached masks are shared between requests."""
+    try:
+        text = json.dumps(spec, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise _schema_error("", f"not JSON: {e}") from None
+    except RecursionError:
+        raise _schema_error("", f"nested more than {MAX_DEPTH} deep") from None
+    return _compiled(text)
+
 
 # ---------------------------------------------------------------------- the recognizer
 #
-# A state is (mode, stack, extra): stack is a str of the open containers ("{" or "["), extra
-# depends on the mode: the whitespace run for the structural modes, is-a-key for the string modes,
-# (is-a-key, hex digits left) after \u, (phase, length) in a number, the bytes left of a literal.
+# A state is (mode, stack, node, extra). stack is a tuple of open containers, ("{", node, keys
+# used) or ("[", node); node is the schema in force (the value expected, the object whose key is
+# read, or None where it no longer matters); extra depends on the mode: the whitespace run for
+# the structural modes, is-a-key in a free string, (is-a-key, hex digits left) after \u, (phase,
+# length, integer only) in a number, the bytes left of a literal, the bytes read of a known key
+# or an enum text.
 
 START, VALUE, VALUE_OR_CLOSE, KEY, KEY_OR_CLOSE, COLON, AFTER = range(7)  # whitespace may come
-STRING, ESCAPE, HEX, NUMBER, LITERAL, DONE = range(7, 13)
+STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE = range(7, 15)
 
-INITIAL = (START, "", 0)
 WHITESPACE = frozenset(b" \t\n\r")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
@@ -55,16 +211,25 @@ DIGITS = frozenset(b"0123456789")
 # number phases; the complete ones may end the number
 MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_DIGITS = range(8)
 NUMBER_COMPLETE = frozenset((ZERO, INT, FRAC, EXP_DIGITS))
-LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+LITERALS = {ord("t"): (b"rue", "boolean"), ord("f"): (b"alse", "boolean"), ord("n"): (b"ull", "null")}
 QUOTE, BACKSLASH = ord('"'), ord("\\")
 
 
-def _number_step(phase: int, b: int) -> int | None:
+def initial_state(root: Schema = JSON_OBJECT) -> tuple:
+    return (START, (), root, 0)
+
+
+INITIAL = initial_state()
+
+
+def _number_step(phase: int, b: int, integer: bool) -> int | None:
     digit = b in DIGITS
     if phase == MINUS:
         return ZERO if b == ord("0") else INT if digit else None
     if phase in (INT, FRAC, EXP_DIGITS) and digit:
         return phase
+    if integer:
+        return None
     if phase in (ZERO, INT) and b == ord("."):
         return DOT
     if phase in (ZERO, INT, FRAC) and b in b"eE":
@@ -78,74 +243,118 @@ def _number_step(phase: int, b: int) -> int | None:
     return None
 
 
-def _value_done(stack: str) -> tuple:
-    return (AFTER, stack, 0) if stack else (DONE, "", 0)
+def _value_done(stack: tuple) -> tuple:
+    return (AFTER, stack, None, 0) if stack else (DONE, (), None, 0)
 
 
-def _value_start(stack: str, b: int) -> tuple | None:
-    if b in b"{[":
-        if len(stack) >= MAX_DEPTH:
-            return None
-        return (KEY_OR_CLOSE, stack + "{", 0) if b == ord("{") else (VALUE_OR_CLOSE, stack + "[", 0)
-    if b == QUOTE:
-        return (STRING, stack, False)
-    if b == ord("-") or b in DIGITS:
-        return (NUMBER, stack, (MINUS if b == ord("-") else ZERO if b == ord("0") else INT, 1))
-    if b in LITERALS:
-        return (LITERAL, stack, LITERALS[b])
+def _keys_left(node: Schema, used: frozenset) -> bool:
+    """Whether another key may still come in an object of schema node with keys `used`."""
+    return node.additional is not None or any(k not in used for k in node.properties or ())
+
+
+def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
+    if node.enum is not None:
+        return _enum_step(stack, node, b"", b)
+    types = node.types
+    if b == ord("{") and "object" in types:
+        return None if len(stack) >= MAX_DEPTH else (KEY_OR_CLOSE, stack + (("{", node, frozenset()),), node, 0)
+    if b == ord("[") and "array" in types:
+        return None if len(stack) >= MAX_DEPTH else (VALUE_OR_CLOSE, stack + (("[", node),), node.items, 0)
+    if b == QUOTE and "string" in types:
+        return (STRING, stack, None, False)
+    if (b == ord("-") or b in DIGITS) and ("number" in types or "integer" in types):
+        phase = MINUS if b == ord("-") else ZERO if b == ord("0") else INT
+        return (NUMBER, stack, None, (phase, 1, "number" not in types))
+    if b in LITERALS and LITERALS[b][1] in types:
+        return (LITERAL, stack, None, LITERALS[b][0])
     return None
 
 
+def _enum_step(stack: tuple, node: Schema, typed: bytes, b: int) -> tuple | None:
+    more = typed + bytes([b])
+    longer = [c for c in node.enum if c.startswith(more)]
+    if longer:  # complete, and no other text goes on from it: the value ends here
+        return _value_done(stack) if longer == [more] else (ENUM, stack, node, more)
+    return step(_value_done(stack), b) if typed in node.enum else None  # b ends a value such as 1 of [1, 12]
+
+
+def _key_done(stack: tuple, key: bytes) -> tuple | None:
+    """After the closing quote of a known-keys object's key."""
+    _, obj, used = stack[-1]
+    if key in obj.properties:
+        if key in used:
+            return None
+        return (COLON, stack[:-1] + (("{", obj, used | {key}),), obj.properties[key], 0)
+    return (COLON, stack, obj.additional, 0) if obj.additional is not None else None
+
+
 def step(state: tuple, b: int) -> tuple | None:
-    """The state after byte b, or None when no JSON object's text continues this way."""
-    mode, stack, extra = state
+    """The state after byte b, or None when no accepted JSON object's text continues this way."""
+    mode, stack, node, extra = state
     if mode == STRING:
         if b == QUOTE:
-            return (COLON, stack, 0) if extra else _value_done(stack)
+            return (COLON, stack, stack[-1][1].additional, 0) if extra else _value_done(stack)
         if b == BACKSLASH:
-            return (ESCAPE, stack, extra)
+            return (ESCAPE, stack, None, extra)
         return None if b < 0x20 else state
     if mode == ESCAPE:
         if b == ord("u"):
-            return (HEX, stack, (extra, 4))
-        return (STRING, stack, extra) if b in ESCAPES else None
+            return (HEX, stack, None, (extra, 4))
+        return (STRING, stack, None, extra) if b in ESCAPES else None
     if mode == HEX:
         is_key, left = extra
         if b not in HEX_DIGITS:
             return None
-        return (STRING, stack, is_key) if left == 1 else (HEX, stack, (is_key, left - 1))
+        return (STRING, stack, None, is_key) if left == 1 else (HEX, stack, None, (is_key, left - 1))
+    if mode == KEYNAME:
+        if b == QUOTE and (len(extra) - len(extra.rstrip(b"\\"))) % 2 == 0:  # not an escaped quote
+            return _key_done(stack, extra)
+        more = extra + bytes([b])
+        used = stack[-1][2]
+        if any(k.startswith(more) and k not in used for k in node.properties):
+            return (KEYNAME, stack, node, more)
+        # another key (plain bytes only) where additionalProperties allows it
+        plain = b >= 0x20 and b != BACKSLASH
+        return (KEYNAME, stack, node, more) if plain and node.additional is not None else None
     if mode == NUMBER:
-        phase, length = extra
-        after = _number_step(phase, b)
+        phase, length, integer = extra
+        after = _number_step(phase, b, integer)
         if after is not None:  # the last byte allowed must leave a number that may end
             fits = length + 1 < MAX_NUMBER or (length + 1 == MAX_NUMBER and after in NUMBER_COMPLETE)
-            return (NUMBER, stack, (after, length + 1)) if fits else None
+            return (NUMBER, stack, None, (after, length + 1, integer)) if fits else None
         return step(_value_done(stack), b) if phase in NUMBER_COMPLETE else None  # b ends the number
     if mode == LITERAL:
         if b != extra[0]:
             return None
-        return _value_done(stack) if len(extra) == 1 else (LITERAL, stack, extra[1:])
+        return _value_done(stack) if len(extra) == 1 else (LITERAL, stack, None, extra[1:])
+    if mode == ENUM:
+        return _enum_step(stack, node, extra, b)
     if mode == DONE:
         return None
     if b in WHITESPACE:  # the structural modes
-        return (mode, stack, extra + 1) if extra < MAX_WHITESPACE else None
-    if mode == START:
-        return (KEY_OR_CLOSE, "{", 0) if b == ord("{") else None
-    if mode in (VALUE, VALUE_OR_CLOSE):
-        if mode == VALUE_OR_CLOSE and b == ord("]"):
-            return _value_done(stack[:-1])
-        return _value_start(stack, b)
+        return (mode, stack, node, extra + 1) if extra < MAX_WHITESPACE else None
+    if mode in (START, VALUE):
+        return _value_start(stack, node, b)
+    if mode == VALUE_OR_CLOSE:
+        return _value_done(stack[:-1]) if b == ord("]") else _value_start(stack, node, b)
     if mode in (KEY, KEY_OR_CLOSE):
         if b == QUOTE:
-            return (STRING, stack, True)
-        return _value_done(stack[:-1]) if mode == KEY_OR_CLOSE and b == ord("}") else None
+            if not _keys_left(node, stack[-1][2]):
+                return None
+            return (STRING, stack, None, True) if node.properties is None else (KEYNAME, stack, node, b"")
+        return _value_done(stack[:-1]) if mode == KEY_OR_CLOSE and b == ord("}") and not node.required else None
     if mode == COLON:
-        return (VALUE, stack, 0) if b == ord(":") else None
+        return (VALUE, stack, node, 0) if b == ord(":") else None
     # AFTER a value inside a container
-    top = stack[-1]
+    frame = stack[-1]
+    if frame[0] == "[":
+        if b == ord(","):
+            return (VALUE, stack, frame[1].items, 0)
+        return _value_done(stack[:-1]) if b == ord("]") else None
+    _, obj, used = frame
     if b == ord(","):
-        return (KEY, stack, 0) if top == "{" else (VALUE, stack, 0)
-    return _value_done(stack[:-1]) if b == ord("}" if top == "{" else "]") else None
+        return (KEY, stack, obj, 0) if _keys_left(obj, used) else None
+    return _value_done(stack[:-1]) if b == ord("}") and obj.required <= used else None
 
 
 def run(state: tuple | None, data: bytes) -> tuple | None:
@@ -157,9 +366,10 @@ def run(state: tuple | None, data: bytes) -> tuple | None:
     return state
 
 
-def is_prefix(text: str) -> bool:
-    """Whether text (UTF-8) begins some JSON object the recognizer accepts."""
-    return run(INITIAL, text.encode("utf-8")) is not None
+def is_prefix(text: str, schema: dict | None = None) -> bool:
+    """Whether text (UTF-8) begins some JSON object the recognizer accepts (of `schema`, if given)."""
+    root = JSON_OBJECT if schema is None else compile_schema(schema)
+    return run(initial_state(root), text.encode("utf-8")) is not None
 
 
 # ---------------------------------------------------------------------- token bytes
@@ -294,12 +504,12 @@ class JsonVocabulary:
 
 
 class JsonConstraint:
-    """One sequence's progress through a JSON object: `allowed()` before each token is chosen,
-    `push(token)` after."""
+    """One sequence's progress through a JSON object (of `root`'s schema): `allowed()` before each
+    token is chosen, `push(token)` after."""
 
-    def __init__(self, vocabulary: JsonVocabulary):
+    def __init__(self, vocabulary: JsonVocabulary, root: Schema = JSON_OBJECT):
         self.vocabulary = vocabulary
-        self.state = INITIAL
+        self.state = initial_state(root)
 
     def allowed(self) -> np.ndarray:
         return self.vocabulary.allowed(self.state)
@@ -317,12 +527,19 @@ class JsonConstraint:
         return self.state[0] == DONE
 
 
-def check_format(output_format: str) -> str:
+def output_schema(output_format: str, json_schema: dict | None = None) -> Schema | None:
+    """The root schema that output_format ("text", "json_object" or "json_schema" with json_schema)
+    constrains the output to; None for free text."""
     if output_format not in RESPONSE_FORMATS:
         raise BitnetError(f"unknown output format {output_format!r}; choose one of: {', '.join(RESPONSE_FORMATS)}",
                           param="response_format")
-    return output_format
+    if (json_schema is not None) != (output_format == "json_schema"):
+        raise BitnetError("a JSON schema goes with output format json_schema, and json_schema needs one",
+                          param="response_format")
+    if output_format == "text":
+        return None
+    return JSON_OBJECT if json_schema is None else compile_schema(json_schema)
 
 
-__all__ = ["JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "check_format", "is_prefix", "step",
-           "token_bytes"]
+__all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "compile_schema",
+           "is_prefix", "output_schema", "step", "token_bytes"]

@@ -31,7 +31,7 @@ import numpy as np
 
 from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
-from bitnet_cli.constrain import JsonConstraint, JsonVocabulary, check_format, token_bytes
+from bitnet_cli.constrain import JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, output_schema, token_bytes
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.rope import inv_freq as rope_inv_freq
@@ -529,16 +529,18 @@ class Engine(kernels.CResource):
     def generate(self, prompt_or_ids: str | Sequence[int], max_tokens: int = DEFAULT_MAX_TOKENS,
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
-                 seed: int | None = None, stop: Sequence[str] = (), output_format: str = "text") -> Generation:
+                 seed: int | None = None, stop: Sequence[str] = (), output_format: str = "text",
+                 json_schema: dict | None = None) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
         Stops at an end-of-sequence token, at any of the `stop` strings (a list, or one string; not
         included in the text), after max_tokens, or when the context is full. temperature 0 is greedy.
-        output_format "json_object" allows only text that begins one JSON object, and ends the
-        generation once it is closed (bitnet_cli.constrain).
+        output_format "json_object" allows only text that begins one JSON object, "json_schema" one
+        that json_schema describes; the generation ends once it is closed (bitnet_cli.constrain).
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
-        constraint = self.json_constraint() if check_format(output_format) == "json_object" else None
+        root = output_schema(output_format, json_schema)
+        constraint = self.json_constraint(root) if root is not None else None
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
@@ -560,12 +562,13 @@ class Engine(kernels.CResource):
         out_ids: list[int] = []
         return Generation(self._stream(ids, max_tokens, params, rng, stops, stats, out_ids, constraint), stats, out_ids)
 
-    def json_constraint(self) -> JsonConstraint:
-        """A fresh JsonConstraint over this model's vocabulary (built at the first call, then shared)."""
+    def json_constraint(self, root: Schema = JSON_OBJECT) -> JsonConstraint:
+        """A fresh JsonConstraint (any JSON object, or root's schema: constrain.output_schema) over
+        this model's vocabulary, which is built at the first call and then shared."""
         if self._json_vocabulary is None:
             self._json_vocabulary = JsonVocabulary(
                 token_bytes(self.pm.tokenizer_json, self.tokenizer, self.vocab_size), sorted(self.stop_token_ids))
-        return JsonConstraint(self._json_vocabulary)
+        return JsonConstraint(self._json_vocabulary, root)
 
     def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None) -> Iterator[str]:
         t0 = time.perf_counter()

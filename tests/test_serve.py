@@ -207,10 +207,10 @@ def test_a_seed_reproduces_bitnet_run_and_n_gives_independent_choices(server, en
     assert two[1].text == alone(engine, "ROMEO:", max_tokens=20, temperature=1.0, top_k=0, top_p=1.0, seed=6)[0]
 
 
-def test_response_format_json_object_is_bitnet_run_format_json(server, engine):
+def test_response_format_json_is_bitnet_run_format_json(server, engine):
     """Each choice (sampled, several at once, streamed or whole, chat or completion) is what the
-    engine's JSON-constrained generation gives alone; json_schema and function calling are refused,
-    not ignored."""
+    engine's JSON-constrained generation gives alone (any object, or a schema's); a schema keyword that
+    would not be enforced and function calling are refused, not ignored."""
     from bitnet_cli.constrain import is_prefix
 
     model, fmt = server.info["model"], {"type": "json_object"}
@@ -237,7 +237,17 @@ def test_response_format_json_object_is_bitnet_run_format_json(server, engine):
     r = server.http.post("/v1/chat/completions", json={"messages": messages, "tools": [], "tool_choice": "none",
                                                        "max_tokens": 1})
     assert r.status_code == 200
-    for bad, why in [({"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "json_schema is not"),
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "n"],
+              "properties": {"name": {"type": "string"}, "n": {"type": "integer"}, "tags": {"type": "array",
+                                                                                         "items": {"enum": ["a", "b"]}}}}
+    want = alone(engine, ids, seed=2, **{**kw, "output_format": "json_schema", "json_schema": schema})[0]
+    fmt = {"type": "json_schema", "json_schema": {"name": "thing", "strict": True, "schema": schema}}
+    got = server.client.chat.completions.create(**{**chat, "seed": 2, "max_tokens": 200, "response_format": fmt})
+    assert got.choices[0].message.content == want and is_prefix(want, schema)
+    for bad, why in [({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {
+                         "a": {"type": "string", "format": "email"}}}}}, "format is not supported"),
+                     ({"type": "json_schema", "json_schema": {"name": "x"}}, "needs json_schema.schema"),
+                     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}, "root must"),
                      ({"type": "xml"}, "response_format"), ("json", "response_format")]:
         r = server.http.post("/v1/chat/completions", json={"messages": messages, "response_format": bad})
         assert r.status_code == 400 and why in r.json()["error"]["message"], r.text

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from bitnet_cli.constrain import Schema, output_schema
 from bitnet_cli.engine import Engine, render_chat, stop_texts
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams
@@ -63,9 +64,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Strict):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema")
+    strict: Optional[bool] = None  # the schema is always enforced: every keyword kept is obeyed
+
+
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
-    json_schema: Optional[dict] = None
+    json_schema: Optional[JsonSchemaFormat] = None
 
 
 class _Sampling(_Strict):
@@ -83,14 +91,19 @@ class _Sampling(_Strict):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    response_format: Optional[ResponseFormat] = None  # json_object: constrained decoding (bitnet_cli.constrain)
+    response_format: Optional[ResponseFormat] = None  # json_object/json_schema: constrained decoding
 
-    def output_format(self) -> str:
-        kind = self.response_format.type if self.response_format else "text"
-        if kind == "json_schema":  # refused rather than ignored: the client counts on the schema
-            raise ApiError(400, "response_format json_schema is not supported; {\"type\": \"json_object\"} "
-                           "constrains the output to one JSON object", "response_format")
-        return kind
+    def output_schema(self) -> Schema | None:
+        """The schema the reply must follow (bitnet_cli.constrain), or None for free text."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_schema" and (fmt.json_schema is None or fmt.json_schema.schema_ is None):
+            raise ApiError(400, "response_format json_schema needs json_schema.schema", "response_format")
+        try:
+            return output_schema(fmt.type, fmt.json_schema.schema_ if fmt.type == "json_schema" else None)
+        except BitnetError as e:
+            raise ApiError(400, f"response_format: {e}", "response_format") from None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -247,16 +260,19 @@ class Server:
                            "(the server's context size), the prompt and at least one new token together; "
                            "shorten it", "prompt", "context_length_exceeded")
 
-    async def _prepare(self, req) -> None:
-        """Work a request may need before _submit, off the event loop: the model's JSON vocabulary
-        (a second or so for a 128k vocabulary, once per server)."""
-        if req.output_format() == "json_object":
+    async def _prepare(self, req) -> Schema | None:
+        """The request's output schema, and what it needs before _submit, off the event loop: the
+        model's JSON vocabulary (a second or so for a 128k vocabulary, once per server)."""
+        root = req.output_schema()
+        if root is not None:
             try:
-                await run_in_threadpool(self.engine.json_constraint)
+                await run_in_threadpool(self.engine.json_constraint, root)
             except BitnetError as e:
                 raise ApiError(400, str(e), "response_format") from None
+        return root
 
-    def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool):
+    def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool,
+                root: Schema | None = None):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         most = self.scheduler.parallel + self.scheduler.max_queue
@@ -269,7 +285,6 @@ class Server:
         except BitnetError as e:
             raise ApiError(400, str(e)) from None
         stops = req.stops()
-        json_object = req.output_format() == "json_object"
         jobs = []
         for p, ids in enumerate(prompts):
             for c in range(req.n):
@@ -281,7 +296,7 @@ class Server:
 
                 seed = None if req.seed is None else req.seed + c
                 jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs,
-                                req.ignore_eos, self.engine.json_constraint() if json_object else None))
+                                req.ignore_eos, self.engine.json_constraint(root) if root is not None else None))
         try:
             self.scheduler.submit(jobs)
         except QueueFull as e:
@@ -365,9 +380,9 @@ class Server:
             for i in ids:
                 self._check_ids(i)
             echo_logprobs = req.echo and req.logprobs is not None
-            await self._prepare(req)
+            root = await self._prepare(req)
             jobs, queue = self._submit(ids, req, req.max_tokens if req.max_tokens is not None else
-                                       self.engine.ctx_size, req.logprobs, echo_logprobs)
+                                       self.engine.ctx_size, req.logprobs, echo_logprobs, root)
         except ApiError as e:
             return e.response()
         texts = [p if isinstance(p, str) else self.engine.decode(p) for p in prompts]
@@ -397,8 +412,9 @@ class Server:
             if req.top_logprobs and not req.logprobs:  # as OpenAI: was silently no log-probabilities at all
                 raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             top = (req.top_logprobs or 0) if req.logprobs else None
-            await self._prepare(req)
-            jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False)
+            root = await self._prepare(req)
+            jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False,
+                                       root)
         except ApiError as e:
             return e.response()
         reply = _Chat(self, req, [ids], jobs)
