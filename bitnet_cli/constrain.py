@@ -40,7 +40,7 @@ MAX_WHITESPACE = 20
 MAX_NUMBER = 32
 MAX_DEPTH = 32
 MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
-MAX_SCHEMA_NODES = 1000
+MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
 
 # ---------------------------------------------------------------------- schemas
 
@@ -112,6 +112,9 @@ class _Compiler:
             values = [spec["const"]] if "const" in spec else spec["enum"]
             if not isinstance(values, list) or not values:
                 raise _schema_error(where, "enum must be a non-empty list")
+            self.nodes += len(values)  # each value is checked at every byte: they count against the limit
+            if self.nodes > MAX_SCHEMA_NODES:
+                raise _schema_error("", f"more than {MAX_SCHEMA_NODES} subschemas and enum values")
             try:
                 return Schema(enum=tuple(dict.fromkeys(_compact(v) for v in values)))
             except ValueError as e:
@@ -433,24 +436,34 @@ def token_bytes(tokenizer_json: str, tokenizer, vocab_size: int) -> list[bytes |
 # ---------------------------------------------------------------------- allowed tokens
 
 
+def _special(b: int) -> bool:
+    """A byte that ends or escapes a string, or may not appear in one: every other byte leaves a
+    free string as it is (and continues a key where other keys are allowed)."""
+    return b in (QUOTE, BACKSLASH) or b < 0x20
+
+
 class JsonVocabulary:
     """A vocabulary's tokens as bytes, arranged to find the tokens each recognizer state allows;
-    built once per model (Engine.json_vocabulary) and shared by all of its sequences."""
+    built once per model (Engine.json_constraint) and shared by all of its sequences."""
 
     def __init__(self, tokens: Sequence[bytes | None], end_ids: Sequence[int]):
         self.tokens = list(tokens)
         self.size = len(self.tokens)
         order = sorted((t, i) for i, t in enumerate(self.tokens) if t)
         self.sorted_bytes = [t for t, _ in order]
-        self.sorted_ids = [i for _, i in order]
-        # string mode: tokens of plain string bytes leave the state as it is; the others are
-        # decided by what follows their first quote, backslash or control byte
+        self.sorted_ids = np.array([i for _, i in order], dtype=np.int64)
+        # where each sorted token's last special byte is (-1: none): from a depth past it, the rest
+        # of the token is plain bytes
+        self.last_special = np.array([max((k for k, b in enumerate(t) if _special(b)), default=-1)
+                                      for t in self.sorted_bytes], dtype=np.int64)
+        # a free string at the start of a token: tokens of plain bytes leave the state as it is, the
+        # others are decided by what follows their first special byte (tails shared by many tokens)
         self.plain = np.zeros(self.size, dtype=bool)
         tails: dict[bytes, list[int]] = {}
         for i, t in enumerate(self.tokens):
             if not t:
                 continue
-            cut = next((k for k, b in enumerate(t) if b in (QUOTE, BACKSLASH) or b < 0x20), None)
+            cut = next((k for k, b in enumerate(t) if _special(b)), None)
             if cut is None:
                 self.plain[i] = True
             else:
@@ -475,9 +488,7 @@ class JsonVocabulary:
                     mask[ids] = True
         else:
             mask = np.zeros(self.size, dtype=bool)
-            found: list[int] = []
-            self._walk(state, 0, len(self.sorted_bytes), 0, found)
-            mask[found] = True
+            self._walk(state, 0, len(self.sorted_bytes), 0, mask)
         if not mask.any():
             raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here",
                               param="response_format")
@@ -487,19 +498,29 @@ class JsonVocabulary:
             self._masks.popitem(last=False)
         return mask
 
-    def _walk(self, state: tuple, lo: int, hi: int, depth: int, found: list[int]) -> None:
-        """Collect the ids in sorted_bytes[lo:hi] (which share their first `depth` bytes, read
-        into `state`) that the recognizer accepts from here on."""
+    def _walk(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
+        """Set mask for the tokens in sorted_bytes[lo:hi] (which share their first `depth` bytes,
+        read into `state`) that the recognizer accepts from here on."""
         toks, i = self.sorted_bytes, lo
+        mode = state[0]
+        if mode == STRING or (mode == KEYNAME and state[2].additional is not None):
+            # every plain byte is accepted here: a token with none special left is, and the
+            # few others are read to their end (a subtree of thousands, walked byte by byte, was slow)
+            rest = self.last_special[lo:hi] >= depth
+            mask[self.sorted_ids[lo:hi][~rest]] = True
+            for k in np.flatnonzero(rest):
+                if run(state, toks[lo + k][depth:]) is not None:
+                    mask[self.sorted_ids[lo + k]] = True
+            return
         while i < hi and len(toks[i]) == depth:  # tokens that end here
-            found.append(self.sorted_ids[i])
+            mask[self.sorted_ids[i]] = True
             i += 1
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
             after = step(state, b)
             if after is not None:
-                self._walk(after, i, j, depth + 1, found)
+                self._walk(after, i, j, depth + 1, mask)
             i = j
 
 

@@ -540,7 +540,6 @@ class Engine(kernels.CResource):
         """
         params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
         root = output_schema(output_format, json_schema)
-        constraint = self.json_constraint(root) if root is not None else None
         if type(max_tokens) is not int or max_tokens < 0:
             raise BitnetError(f"max_tokens must be >= 0, got {max_tokens!r}", param="max_tokens")
         if seed is not None and (not _is_int(seed) or seed < 0):
@@ -560,6 +559,7 @@ class Engine(kernels.CResource):
         stats = GenerationStats(load_s=self.load_s, prompt_tokens=len(ids))
         rng = np.random.default_rng(seed)
         out_ids: list[int] = []
+        constraint = self.json_constraint(root) if root is not None else None
         return Generation(self._stream(ids, max_tokens, params, rng, stops, stats, out_ids, constraint), stats, out_ids)
 
     def json_constraint(self, root: Schema = JSON_OBJECT) -> JsonConstraint:

@@ -6,8 +6,8 @@ plus up to a chunk of prompt tokens of sequences still being prefilled, so the t
 are streamed once per step for all of them and running streams keep flowing while a long prompt
 comes in. A sequence joins at the next step after it arrives and leaves as soon as it ends or is
 cancelled. Its tokens are chosen exactly as `Engine.generate` chooses them (same sampler, same
-seeded generator, same stop rules, same JSON constraint), and the C engine gives every token of a batch the logits it
-gets alone, so batching never changes what a request receives.
+seeded generator, same stop rules, same JSON constraint), and the C engine gives every token of a
+batch the logits it gets alone, so batching never changes what a request receives.
 
 A slot keeps the tokens whose keys and values it holds after its sequence ends. A new sequence
 takes the free slot that shares the longest prefix with its prompt, or has that prefix copied in
