@@ -24,7 +24,7 @@ from typer.core import TyperGroup
 from bitnet_cli import __version__
 from bitnet_cli.arch import PRESETS
 from bitnet_cli.engine import DEFAULT_CTX, DEFAULT_KV_CACHE, DEFAULT_MAX_TOKENS
-from bitnet_cli.errors import BitnetError, as_flags
+from bitnet_cli.errors import BitnetError, as_flags, warn
 from bitnet_cli.eval.perplexity import DEFAULT_CTX_SIZE as DEFAULT_PPL_CTX_SIZE
 from bitnet_cli.eval.runner import DATA_ENV, DEFAULT_BATCH_SIZE
 from bitnet_cli.files import TEXT_FILE_LIMIT, bundled_recipes, read_text_file
@@ -636,6 +636,9 @@ def _chat(engine, first_message: Optional[str], system: Optional[str], options: 
         _print_run_stats(gen.stats)
 
 
+API_KEY_ENV = "BITNET_API_KEY"  # serve --api-key from the environment
+
+
 @app.command()
 def serve(
     model: Path = model_argument(),
@@ -648,17 +651,21 @@ def serve(
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar=API_KEY_ENV, show_envvar=False,
+        help=f"Require 'Authorization: Bearer KEY' on every endpoint but /health (else 401), as llama-server's "
+             f"--api-key; OpenAI clients send it as api_key. ${API_KEY_ENV} keeps it out of the process list."),
 ):
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests together (continuous batching: the weights are read once per step for all of them).
 
-    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics (Prometheus). Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
     Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
     or any OpenAI client with base_url="http://localhost:8000/v1".
     """
 
-    with user_errors(options={"model_id": "--name"}):
+    with user_errors(options={"model_id": "--name", "api_key": "--api-key"}):
         from bitnet_cli.serve.server import serve as run_server
 
         def ready(info: dict) -> None:
@@ -668,11 +675,14 @@ def serve(
             err_console.print(
                 f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
                 f"{info['ctx_size']} tokens, {info['kv_cache']} KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
-                f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}",
+                f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}"
+                + (" | API key required" if info["api_key"] else ""),
                 highlight=False, soft_wrap=True)
 
+        if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+            warn(f"serving on {host} without --api-key: anyone who can reach this port can use the model")
         run_server(model, host=host, port=port, threads=threads, parallel=parallel, ctx_size=ctx_size,
-                   max_queue=max_queue, model_id=name, ready=ready, kv_cache=kv_cache)
+                   max_queue=max_queue, model_id=name, ready=ready, kv_cache=kv_cache, api_key=api_key)
 
 
 # ---------------------------------------------------------------- eval

@@ -30,15 +30,16 @@ from bitnet_cli.pack import pack_checkpoint  # noqa: E402
 class Served:
     """A `bitnet serve` subprocess on a free loopback port."""
 
-    def __init__(self, model, *args):
+    def __init__(self, model, *args, env: dict | None = None, api_key: str = "none"):
         cmd = [sys.executable, "-m", "bitnet_cli.cli", "serve", str(model), "--port", "0", "--json", *args]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"bitnet serve did not start: {self.proc.stderr.read()}")
         self.info = json.loads(line)
         self.url = self.info["url"]
-        self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=60)
         self.http = httpx.Client(base_url=self.url.removesuffix("/v1"), timeout=60)
 
     def health(self) -> dict:
@@ -420,7 +421,8 @@ def test_bad_options_fail_cleanly(packed):
                           (["--kv-cache", "f8"], "error: --kv-cache must be one of f32, f16, got 'f8'"),
                           (["--host", "no such host"], "error: --host 'no such host':"),
                           # JSON holds only text: was a clean start, then a 500 for every request
-                          (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)")]:
+                          (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)"),
+                          (["--api-key", "two words"], "error: the API key must be 1 to 512 printable ASCII")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -432,6 +434,47 @@ def test_bad_options_fail_cleanly(packed):
         assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
     finally:
         assert busy.stop() == 0
+
+
+def test_metrics_are_the_health_figures_in_prometheus_text(server):
+    server.client.completions.create(model=server.info["model"], prompt="ROMEO:", max_tokens=3, temperature=0)
+    health, r = server.health(), server.http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for line in r.text.splitlines():
+        if not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            name, labels = name_labels.split("{", 1)
+            assert labels == f'model="{server.info["model"]}"}}'
+            samples[name] = float(value)
+    assert samples["bitnet_generated_tokens_total"] == health["generated_tokens"] >= 3
+    assert samples["bitnet_slots"] == health["slots"] == 16
+    assert samples["bitnet_engine_seconds_total"] == pytest.approx(health["engine_seconds"], abs=1e-6)
+    assert {f"# TYPE {n} counter" for n in samples if n.endswith("_total")} <= set(r.text.splitlines())
+    assert len(samples) == 9
+
+
+def test_an_api_key_guards_every_endpoint_but_health(packed):
+    for args, env in [(["--api-key", "s3cret-key"], None), ([], {"BITNET_API_KEY": "s3cret-key"})]:
+        s = Served(packed, "--threads", "1", "--parallel", "1", *args, env=env, api_key="s3cret-key")
+        try:
+            assert s.info["api_key"] is True
+            r = s.client.completions.create(model=s.info["model"], prompt="ROMEO:", max_tokens=2, temperature=0)
+            assert r.usage.completion_tokens == 2
+            assert s.http.get("/health").status_code == 200
+            for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/tokenize"),
+                                 ("GET", "/no/such/path")]:
+                for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}]:
+                    r = s.http.request(method, path, headers=headers, json={"prompt": "x"})
+                    assert r.status_code == 401, (path, headers)
+                    assert r.json()["error"]["code"] == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=s.url, api_key="wrong", max_retries=0).models.list()
+        finally:
+            assert s.stop() == 0
+    open_server = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--host", "0.0.0.0",
+                                  "--port", "0", "--parallel", "0"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "without --api-key" in open_server.stderr  # the warning comes before the options are refused
 
 
 def test_a_file_name_that_is_not_utf8_is_served_as_text():

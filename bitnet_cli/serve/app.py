@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import re
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -26,7 +28,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from bitnet_cli.constrain import Schema, output_schema
@@ -172,10 +174,54 @@ class DetokenizeRequest(_Strict):
 
 # ---------------------------------------------------------------------- the application
 
-class Server:
-    """The routes over one Engine and its Scheduler; `app` is the ASGI application."""
+# what /health (JSON) and /metrics (Prometheus) report: name, Prometheus type, meaning, how to read it
+SCHEDULER_FIGURES = [
+    ("slots", "gauge", "Sequences that can decode together (--parallel).", lambda s: s.parallel),
+    ("busy", "gauge", "Slots decoding or prefilling a sequence now.", lambda s: s.busy),
+    ("queued", "gauge", "Sequences waiting for a free slot.", lambda s: s.queued),
+    ("max_queue", "gauge", "Sequences that may wait before requests get 503 (--max-queue).", lambda s: s.max_queue),
+    ("generated_tokens", "counter", "Tokens generated since start, every sequence together.",
+     lambda s: s.generated_tokens),
+    ("engine_steps", "counter", "Engine passes since start (one per batched step).", lambda s: s.engine_steps),
+    ("engine_seconds", "counter", "Wall time inside engine passes since start.", lambda s: s.engine_seconds),
+    ("decode_rows", "counter", "Generated tokens run through the engine since start.", lambda s: s.decode_rows),
+    ("prompt_rows", "counter", "Prompt tokens run through the engine since start (after prefix reuse).",
+     lambda s: s.prompt_rows),
+]
 
-    def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str):
+PUBLIC_PATHS = ("/health",)  # answered without the API key (load balancers probe it)
+
+
+def check_api_key(key: str | None) -> str | None:
+    """`--api-key`: printable ASCII without spaces, as an HTTP header carries it."""
+    if key is not None and not re.fullmatch(r"[!-~]{1,512}", key):
+        raise BitnetError("the API key must be 1 to 512 printable ASCII characters without spaces", param="api_key")
+    return key
+
+
+class _RequireKey:
+    """ASGI wrapper: every path but PUBLIC_PATHS needs `Authorization: Bearer KEY` (as llama-server's
+    and vLLM's --api-key); without it a 401 in OpenAI's error shape."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, b"Bearer " + key.encode("ascii")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key", type_="authentication_error")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class Server:
+    """The routes over one Engine and its Scheduler; `app` is the ASGI application (behind the API
+    key, when there is one)."""
+
+    def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str, api_key: str | None = None):
         self.engine, self.scheduler, self.model_id = engine, scheduler, model_id
         self.created = int(time.time())
 
@@ -191,6 +237,7 @@ class Server:
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
                 Route("/tokenizer_info", self.tokenizer_info, methods=["GET"]),
                 Route("/tokenize", self.tokenize, methods=["POST"]),
                 Route("/detokenize", self.detokenize, methods=["POST"]),
@@ -198,6 +245,8 @@ class Server:
             exception_handlers={HTTPException: self._http_error, Exception: self._internal_error},
             lifespan=lifespan,
         )
+        if check_api_key(api_key) is not None:
+            self.app = _RequireKey(self.app, api_key)
 
     # -------------------------------------------------------------- errors and parsing
 
@@ -320,14 +369,18 @@ class Server:
     # -------------------------------------------------------------- endpoints
 
     async def health(self, request: Request) -> JSONResponse:
-        s = self.scheduler
-        return JSONResponse({"status": "ok", "model": self.model_id, "slots": s.parallel, "busy": s.busy,
-                             "queued": s.queued, "max_queue": s.max_queue,
-                             "generated_tokens": s.generated_tokens, "engine_steps": s.engine_steps,
-                             "engine_seconds": round(s.engine_seconds, 6), "decode_rows": s.decode_rows,
-                             "prompt_rows": s.prompt_rows,
-                             "kv_cache": self.engine.kv_cache,
+        figures = {name: round(get(self.scheduler), 6) for name, _, _, get in SCHEDULER_FIGURES}
+        return JSONResponse({"status": "ok", "model": self.model_id, **figures, "kv_cache": self.engine.kv_cache,
                              "kv_bytes_per_slot": self.engine.kv_bytes_per_sequence})
+
+    async def metrics(self, request: Request) -> PlainTextResponse:
+        """The /health figures in Prometheus' text format (counters end in _total)."""
+        label = json.dumps(self.model_id, ensure_ascii=False)  # a quoted, escaped label value
+        lines = []
+        for name, kind, about, get in SCHEDULER_FIGURES:
+            metric = f"bitnet_{name}" + ("_total" if kind == "counter" else "")
+            lines += [f"# HELP {metric} {about}", f"# TYPE {metric} {kind}", f"{metric}{{model={label}}} {get(self.scheduler)}"]
+        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "bitnet-cli",

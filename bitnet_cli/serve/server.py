@@ -53,10 +53,12 @@ def served_name(model: str | Path, model_id: str | None) -> str:
 
 def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
           parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
-          model_id: str | None = None, ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE) -> None:
+          model_id: str | None = None, ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE,
+          api_key: str | None = None) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
-    ready(info) is called once the socket listens, with the URL and the engine's figures.
+    ready(info) is called once the socket listens, with the URL and the engine's figures. api_key:
+    every endpoint but /health then needs `Authorization: Bearer api_key`.
     """
     try:
         import uvicorn
@@ -64,12 +66,13 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
     except ImportError:
         raise BitnetError("bitnet serve needs the serve extra: pip install 'bitnet-cli[serve]'") from None
     from bitnet_cli.engine import Engine
-    from bitnet_cli.serve.app import Server
+    from bitnet_cli.serve.app import Server, check_api_key
     from bitnet_cli.serve.scheduler import Scheduler, check_limits
 
     if type(port) is not int or not 0 <= port <= 65535:
         raise BitnetError(f"port must be between 0 and 65535, got {port!r}", param="port")
     check_limits(parallel, max_queue)  # before the model is loaded
+    check_api_key(api_key)
     name = served_name(model, model_id)
     engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     sock = _listen(host, port)
@@ -82,13 +85,13 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    server = Uvicorn(uvicorn.Config(Server(engine, scheduler, name).app, log_level="warning", access_log=False,
+    server = Uvicorn(uvicorn.Config(Server(engine, scheduler, name, api_key).app, log_level="warning", access_log=False,
                                      lifespan="on", timeout_graceful_shutdown=None))
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
-           "max_queue": max_queue, "isa": engine.isa})
+           "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None})
     try:
         server.run(sockets=[sock])
     finally:
