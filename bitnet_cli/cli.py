@@ -531,6 +531,11 @@ def run(
         "text", "--format", metavar="text|json",
         help="json: every token is chosen so that the text is one JSON object, and generation ends when it closes "
              "(the server's response_format json_object; ollama's --format json). The prompt should still ask for JSON."),
+    lookup: int = typer.Option(
+        0, "--lookup", metavar="N",
+        help="Prompt lookup decoding: up to N draft tokens per pass, copied from where the text's last 2-3 tokens "
+             "appeared before, checked in the same engine pass. The text is exactly the same; faster where it "
+             "repeats earlier text (edits, quotes, lists), a little slower where drafts miss. 0: off."),
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", "-j", metavar="SCHEMA|PATH",
         help="Like --format json, to one JSON object this schema accepts: the schema inline ('{...}') or a file "
@@ -546,6 +551,7 @@ def run(
 
     with user_errors():
         from bitnet_cli.engine import Engine
+        from bitnet_cli.lookup import check_lookup
 
         if prompt is not None and prompt_file is not None:
             raise BitnetError("give the prompt with -p/--prompt or -f/--file, not both")
@@ -561,9 +567,10 @@ def run(
         if output_format not in CLI_FORMATS:
             raise BitnetError(f"--format {output_format!r}: choose text or json")
         schema = read_json_schema(json_schema) if json_schema is not None else None
+        check_lookup(lookup)
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, json_schema=schema,
+                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, json_schema=schema, lookup=lookup,
                        output_format="json_schema" if schema is not None else CLI_FORMATS[output_format])
         if chat:
             _chat(engine, prompt, system, options)
@@ -587,7 +594,9 @@ def _print_run_stats(s) -> None:
     err_console.print(
         f"[dim]load {s.load_s:.2f} s | prompt {s.prompt_tokens} tokens{reused}, {s.prompt_tokens_per_s:.1f} tok/s | "
         f"first token {s.time_to_first_token_s * 1000:.0f} ms | generated {s.generated_tokens} tokens, "
-        f"{s.generation_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/]",
+        f"{s.generation_tokens_per_s:.1f} tok/s"
+        + (f" | drafts {s.accepted_tokens}/{s.drafted_tokens} accepted" if s.drafted_tokens else "")
+        + f" | stop: {s.stop_reason}[/]",
         highlight=False, soft_wrap=True,
     )
 

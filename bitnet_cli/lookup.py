@@ -1,0 +1,58 @@
+"""Prompt lookup decoding's drafts: the tokens that followed the last time the text's final few
+tokens appeared (in the prompt or in what was generated since).
+
+The engine runs the drafted tokens together with the newest one in one pass (the weights are
+read once for all of them) and samples each position as it would have without the draft; a draft
+token is kept only while it equals what was sampled. So the text is exactly the one generated
+without drafts (the engine's logits for a token do not depend on how many run with it), and the
+time saved is every accepted draft's pass. It pays where text repeats: code being edited, quotes,
+lists, JSON keys, a model caught in a loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from bitnet_cli.errors import BitnetError
+
+NGRAM_SIZES = (3, 2)  # the final n tokens matched, longest first (one token alone matches too often)
+MAX_LOOKUP = 64
+
+
+def check_lookup(lookup) -> int:
+    if type(lookup) is not int or not 0 <= lookup <= MAX_LOOKUP:
+        raise BitnetError(f"lookup must be an integer from 0 (off) to {MAX_LOOKUP}, got {lookup!r}", param="lookup")
+    return lookup
+
+
+class PromptLookup:
+    """The token sequence so far, indexed by its n-grams: `propose(k)` drafts up to k tokens."""
+
+    def __init__(self, sizes: tuple[int, ...] = NGRAM_SIZES):
+        self.sizes = sizes
+        self.tokens: list[int] = []
+        # n-gram -> the index just after its latest occurrence that has a token after it
+        self._after: dict[tuple[int, ...], int] = {}
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        for token in tokens:
+            self.tokens.append(token)
+            end = len(self.tokens) - 1  # the n-grams ending just before `token` now have a continuation
+            for n in self.sizes:
+                if end >= n:
+                    self._after[tuple(self.tokens[end - n:end])] = end
+
+    def propose(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the final n-gram (longest
+        n first); [] when none occurred before."""
+        if k <= 0:
+            return []
+        for n in self.sizes:
+            if len(self.tokens) >= n:
+                start = self._after.get(tuple(self.tokens[-n:]))
+                if start is not None:
+                    return self.tokens[start:start + k]
+        return []
+
+
+__all__ = ["MAX_LOOKUP", "PromptLookup", "check_lookup"]
