@@ -41,6 +41,7 @@ MAX_NUMBER = 32
 MAX_DEPTH = 32
 MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
 MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
+MAX_SCHEMA_TEXT = 65536  # bytes of enum values and property names together (each is matched byte by byte)
 
 # ---------------------------------------------------------------------- schemas
 
@@ -89,6 +90,13 @@ class _Compiler:
         self.root = root
         self.refs: dict[str, Schema] = {}
         self.nodes = 0
+        self.text = 0  # bytes of enum values and property names so far
+
+    def literal(self, text: bytes) -> bytes:
+        self.text += len(text)
+        if self.text > MAX_SCHEMA_TEXT:
+            raise _schema_error("", f"more than {MAX_SCHEMA_TEXT} bytes of enum values and property names")
+        return text
 
     def node(self, spec, where: str) -> Schema:
         self.nodes += 1
@@ -116,7 +124,7 @@ class _Compiler:
             if self.nodes > MAX_SCHEMA_NODES:
                 raise _schema_error("", f"more than {MAX_SCHEMA_NODES} subschemas and enum values")
             try:
-                return Schema(enum=tuple(dict.fromkeys(_compact(v) for v in values)))
+                return Schema(enum=tuple(dict.fromkeys(self.literal(_compact(v)) for v in values)))
             except ValueError as e:
                 raise _schema_error(where, f"enum: {e}") from None
         types = spec.get("type", "object" if "properties" in spec else None)
@@ -130,7 +138,7 @@ class _Compiler:
         if props is not None:
             if not isinstance(props, dict):
                 raise _schema_error(where, "properties must be an object")
-            node.properties = {json.dumps(k, ensure_ascii=False)[1:-1].encode("utf-8"):
+            node.properties = {self.literal(json.dumps(k, ensure_ascii=False)[1:-1].encode("utf-8")):
                                self.node(v, f"{where}.properties.{k}") for k, v in props.items()}
         extra = spec.get("additionalProperties", True)
         node.additional = None if extra is False else self.node(extra, f"{where}.additionalProperties")

@@ -297,6 +297,8 @@ def test_schema_instances_are_accepted_and_violations_refused():
     ({"type": "object", "properties": {"a": 5}}, "must be an object"),
     ({"type": "object", "properties": {"a": {"enum": list(range(2000))}}}, "more than 1000"),
     ({"type": "object", "properties": {f"p{i}": {} for i in range(2000)}}, "more than 1000"),
+    ({"type": "object", "properties": {"a": {"enum": ["x" * 40000, "y" * 40000]}}}, "more than 65536 bytes"),
+    ({"type": "object", "properties": {"k" * 70000: {}}}, "more than 65536 bytes"),
 ])
 def test_schema_keywords_that_would_not_be_enforced_are_refused(schema, why):
     with pytest.raises(BitnetError, match=re.escape(why)):
