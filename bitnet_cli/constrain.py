@@ -188,7 +188,38 @@ def _compiled(text: str) -> Schema:
     root = _Compiler(spec).node(spec, "")
     if root.enum is not None or root.types != frozenset(("object",)):
         raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires)')
+    if root not in _finite(root):
+        raise _schema_error("", "no finite JSON value satisfies it (a required property that requires itself)")
     return root
+
+
+def _reachable(root: Schema) -> list[Schema]:
+    seen, todo = {id(root): root}, [root]
+    while todo:
+        node = todo.pop()
+        for child in [*(node.properties or {}).values(), node.additional, node.items]:
+            if child is not None and id(child) not in seen:
+                seen[id(child)] = child
+                todo.append(child)
+    return list(seen.values())
+
+
+def _finite(root: Schema) -> set:
+    """The nodes some finite value satisfies (a least fixpoint): an enum, a scalar type, an array
+    (it may be empty), or an object whose required properties all are. Generation would otherwise
+    nest until MAX_DEPTH and find no token to go on with."""
+    nodes, done = _reachable(root), set()
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node in done:
+                continue
+            if (node.enum is not None or node.types - {"object"} or
+                    all((node.properties or {}).get(k, node.additional) in done for k in node.required)):
+                done.add(node)
+                changed = True
+    return done
 
 
 def compile_schema(spec) -> Schema:

@@ -214,3 +214,40 @@ def test_the_scheduler_reuses_a_prefix_from_a_free_or_a_busy_slot(tmp_path, test
             assert busy[0][0][:len(want["long"])] == want["long"]
         finally:
             s.close()
+
+
+def test_a_constraint_that_leads_nowhere_fails_its_sequence_alone(packed):
+    """A JSON constraint with no token to go on (a schema nested past the recognizer's depth) ends
+    its own sequence with an error; the sequences batched with it carry on."""
+    import threading
+
+    from bitnet_cli.sampling import SamplingParams
+    from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, Scheduler
+
+    class NowhereToGo:
+        def allowed(self):
+            raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here")
+
+    prompt = random_ids(12, seed=3)
+    with Engine.load(packed, threads=1) as eng:
+        want = eng.generate(prompt, max_tokens=8, temperature=0)
+        "".join(want)
+        s = Scheduler(eng, 2, 4)
+        events, finished = [[], []], threading.Semaphore(0)
+
+        def sink_for(i):
+            def sink(event):
+                events[i].append(event)
+                if isinstance(event, (DoneEvent, ErrorEvent)):
+                    finished.release()
+            return sink
+
+        try:
+            s.submit([Job(prompt, 8, SamplingParams(0.0, 0, 1.0), None, sink_for(0), constraint=NowhereToGo()),
+                      Job(prompt, 8, SamplingParams(0.0, 0, 1.0), None, sink_for(1))])
+            assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+        finally:
+            s.close()
+    assert isinstance(events[0][-1], ErrorEvent) and "continues the JSON" in events[0][-1].message
+    assert isinstance(events[1][-1], DoneEvent)
+    assert [e.token for e in events[1] if getattr(e, "token", None) is not None] == want.token_ids

@@ -371,3 +371,60 @@ def test_run_json_schema_errors_are_one_line(tiny_packed, tmp_path):
         r = subprocess.run(base + [given], capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.startswith("error:") and why in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
+    """Schemas as clients write them, now and then with a mistake or an unsupported keyword."""
+    k = r.random()
+    if depth > 2 or k < 0.3:
+        return r.choice([{"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"},
+                         {"type": "null"}, {"enum": ["a", 1, None, [2]]}, {"const": "c"}, {},
+                         {"type": ["string", "null"]}, {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                         {"type": "string", "minLength": 2}, {"type": "strin"}, {"$ref": "#/$defs/D"},
+                         *([{"$ref": f"#/$defs/{d}"} for d in defs])])
+    if k < 0.45:
+        return {"type": "array", "items": random_schema(r, depth + 1, defs)}
+    props = {r.choice(["a", "b", "é", "q\"", "long name"]) + str(i): random_schema(r, depth + 1, defs)
+             for i in range(r.randint(0, 4))}
+    schema = {"type": "object", "properties": props,
+              "required": r.sample(sorted(props), r.randint(0, len(props)))}
+    if r.random() < 0.5:
+        schema["additionalProperties"] = r.choice([False, True, {"type": "integer"}])
+    return schema
+
+
+def test_random_schemas_compile_or_fail_cleanly_and_their_walks_end_valid(json_tokenizer):
+    """Hostile or mistaken schemas never get past the compiler with anything but a BitnetError, and
+    every object generated under one that compiles is valid under it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    spec, tok = json_tokenizer
+    tokens = C.token_bytes(spec, tok, tok.get_vocab_size())
+    vocab = C.JsonVocabulary(tokens, [1])
+    r, rng = random.Random(7), np.random.default_rng(7)
+    compiled = finished = 0
+    for _ in range(150):
+        defs = {"D": random_schema(r, 1), "E": random_schema(r, 1, ("E",))}
+        schema = {"$defs": defs, **random_schema(r, 0, ("D", "E"))}
+        schema.setdefault("type", "object")
+        try:
+            root = C.compile_schema(schema)
+        except BitnetError:
+            continue
+        compiled += 1
+        con, text = C.JsonConstraint(vocab, root), b""
+        for _ in range(250):
+            ids = np.flatnonzero(con.allowed())
+            if con.done:
+                # an unused $defs entry may be wrong: only what the root reaches is compiled and checked
+                jsonschema.Draft202012Validator(schema).validate(json.loads(text.decode("utf-8", "replace")))
+                finished += 1
+                break
+            moving = ids[~vocab.plain[ids]] if con.state[0] == C.STRING else ids
+            token = int(rng.choice(moving if moving.size and rng.random() < 0.7 else ids))
+            text += tokens[token]
+            con.push(token)
+    assert compiled > 40 and finished > 20, (compiled, finished)
+    infinite = {"$defs": {"N": {"type": "object", "required": ["n"], "properties": {"n": {"$ref": "#/$defs/N"}}}},
+                "$ref": "#/$defs/N"}
+    with pytest.raises(BitnetError, match="no finite JSON value"):
+        C.compile_schema(infinite)

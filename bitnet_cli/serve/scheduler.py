@@ -302,7 +302,12 @@ class Scheduler:
     def _choose(self, slot: _Slot, row: np.ndarray) -> None:
         """The next token of slot's sequence from its logits row, as Engine.generate picks it."""
         job = slot.job
-        token = sample(row, job.params, slot.rng, slot.history, job.constraint.allowed() if job.constraint else None)
+        try:
+            allowed = job.constraint.allowed() if job.constraint else None
+        except BitnetError as e:  # this sequence's schema leads nowhere (deeper than MAX_DEPTH): it alone fails
+            self._finish(slot, ErrorEvent(str(e)), cached_ok=False)
+            return
+        token = sample(row, job.params, slot.rng, slot.history, allowed)
         lp = top = None
         if job.logprobs is not None:
             full = _log_softmax(row)
