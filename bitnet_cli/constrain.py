@@ -79,6 +79,17 @@ def _schema_error(where: str, why: str) -> BitnetError:
     return BitnetError(f"json_schema{where}: {why}", param="response_format")
 
 
+def _type_of(value) -> str:
+    """A JSON value's type name in JSON Schema's words (a whole number is an integer)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
 def _compact(value) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
@@ -113,6 +124,9 @@ class _Compiler:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
                                 "additionalProperties, items, enum, const, anyOf, $ref to #/$defs)")
         if "$ref" in spec:
+            beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
+            if beside:  # they would apply too (draft 2020-12): refused rather than dropped
+                raise _schema_error(where, f"$ref with {', '.join(sorted(beside))} beside it is not supported")
             return self.ref(spec["$ref"], where)
         if "anyOf" in spec:
             return self.any_of(spec, where)
@@ -123,16 +137,15 @@ class _Compiler:
             self.nodes += len(values)  # each value is checked at every byte: they count against the limit
             if self.nodes > MAX_SCHEMA_NODES:
                 raise _schema_error("", f"more than {MAX_SCHEMA_NODES} subschemas and enum values")
+            types = self.types(spec, where)
+            types |= {"integer"} if "number" in types else set()  # an integer is a number too
+            if "type" in spec and not all(_type_of(v) in types for v in values):
+                raise _schema_error(where, "an enum value is not of the schema's type")
             try:
                 return Schema(enum=tuple(dict.fromkeys(self.literal(_compact(v)) for v in values)))
             except ValueError as e:
                 raise _schema_error(where, f"enum: {e}") from None
-        types = spec.get("type", "object" if "properties" in spec else None)
-        types = TYPES if types is None else frozenset([types] if isinstance(types, str) else types)
-        if not types or not types <= TYPES:
-            raise _schema_error(where, f"type must be one or more of {', '.join(sorted(TYPES))}")
-        if "integer" in types and "number" in types:
-            types = types - {"integer"}
+        types = self.types(spec, where)
         node = Schema(types=types)
         props = spec.get("properties")
         if props is not None:
@@ -150,6 +163,18 @@ class _Compiler:
             raise _schema_error(where, "a required name is neither in properties nor allowed by additionalProperties")
         node.items = self.node(spec.get("items", True), f"{where}.items")
         return node
+
+    @staticmethod
+    def types(spec: dict, where: str) -> frozenset:
+        """`type` (one name or a list of them) as a set; an object when only `properties` say so."""
+        types = spec.get("type", "object" if "properties" in spec else None)
+        if types is None:
+            return TYPES
+        names = [types] if isinstance(types, str) else types
+        if not isinstance(names, list) or not names or not all(isinstance(t, str) and t in TYPES for t in names):
+            raise _schema_error(where, f"type must be one or more of {', '.join(sorted(TYPES))}")
+        names = frozenset(names)
+        return names - {"integer"} if "number" in names else names  # every integer is a number
 
     def ref(self, ref, where: str) -> Schema:
         m = re.fullmatch(r"#/(\$defs|definitions)/([^/]+)", ref) if isinstance(ref, str) else None

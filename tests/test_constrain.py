@@ -279,6 +279,10 @@ def test_schema_instances_are_accepted_and_violations_refused():
     assert not accepted(TREE, '{"v": 1, "kids": [{"v": 2, "kids": [{}]}]}')
     assert accepted(OPEN, '{"a": 1, "a b": true}') and not accepted(OPEN, '{"a": "1"}')
     assert accepted(PETS, '{"owner":"A","pets":[],"o":{"o":null}}')
+    typed = {"type": "object", "properties": {"n": {"type": ["number", "null"], "enum": [1, 2.5, None]},
+                                              "r": {"$ref": "#/$defs/R", "description": "annotations may sit beside"}},
+             "$defs": {"R": {"type": "boolean"}}}
+    assert accepted(typed, '{"n": 2.5, "r": true}') and not accepted(typed, '{"n": 3}')
     composite = {"type": "object", "properties": {"c": {"const": [1, "x"]}}}  # enum texts are written compactly
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
@@ -295,6 +299,10 @@ def test_schema_instances_are_accepted_and_violations_refused():
     ({"type": "object", "required": ["b"], "additionalProperties": False}, "required"),
     ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty"),
     ({"type": "object", "properties": {"a": 5}}, "must be an object"),
+    ({"type": "object", "properties": {"a": {"type": 5}}}, "type must be"),
+    ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x", 1]}}}, "not of the schema's type"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/X", "type": "string"}}, "$defs": {"X": {}}},
+     "$ref with type beside it"),
     ({"type": "object", "properties": {"a": {"enum": list(range(2000))}}}, "more than 1000"),
     ({"type": "object", "properties": {f"p{i}": {} for i in range(2000)}}, "more than 1000"),
     ({"type": "object", "properties": {"a": {"enum": ["x" * 40000, "y" * 40000]}}}, "more than 65536 bytes"),
