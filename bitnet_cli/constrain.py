@@ -24,6 +24,7 @@ MAX_DEPTH deep. Strings are unlimited, and a generation cut by max_tokens ends m
 from __future__ import annotations
 
 import bisect
+import codecs
 import functools
 import json
 import re
@@ -269,7 +270,7 @@ def compile_schema(spec) -> Schema:
 # or an enum text.
 
 START, VALUE, VALUE_OR_CLOSE, KEY, KEY_OR_CLOSE, COLON, AFTER = range(7)  # whitespace may come
-STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE = range(7, 15)
+STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE, UTF8 = range(7, 16)
 
 WHITESPACE = frozenset(b" \t\n\r")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
@@ -280,6 +281,12 @@ MINUS, ZERO, INT, DOT, FRAC, EXP, EXP_SIGN, EXP_DIGITS = range(8)
 NUMBER_COMPLETE = frozenset((ZERO, INT, FRAC, EXP_DIGITS))
 LITERALS = {ord("t"): (b"rue", "boolean"), ord("f"): (b"alse", "boolean"), ord("n"): (b"ull", "null")}
 QUOTE, BACKSLASH = ord('"'), ord("\\")
+# JSON text is UTF-8 (RFC 8259), checked as RFC 3629 does: a lead byte -> (continuation bytes, range
+# of the first one). A decoder may turn a broken sequence and the ASCII bytes around it into
+# U+FFFD (SentencePiece's byte fallback does), which would eat a closing quote.
+UTF8_LEADS = {**{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}, 0xE0: (2, 0xA0, 0xBF),
+              **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, 0x80, 0x9F),
+              0xF0: (3, 0x90, 0xBF), **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}, 0xF4: (3, 0x80, 0x8F)}
 
 
 def initial_state(root: Schema = JSON_OBJECT) -> tuple:
@@ -352,7 +359,16 @@ def _key_done(stack: tuple, key: bytes) -> tuple | None:
         if key in used:
             return None
         return (COLON, stack[:-1] + (("{", obj, used | {key}),), obj.properties[key], 0)
-    return (COLON, stack, obj.additional, 0) if obj.additional is not None else None
+    return (COLON, stack, obj.additional, 0) if obj.additional is not None and _is_utf8(key) else None
+
+
+def _utf8_prefix(data: bytes) -> bool:
+    """Whether data begins some valid UTF-8 text (it may end inside a character)."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def step(state: tuple, b: int) -> tuple | None:
@@ -363,7 +379,15 @@ def step(state: tuple, b: int) -> tuple | None:
             return (COLON, stack, stack[-1][1].additional, 0) if extra else _value_done(stack)
         if b == BACKSLASH:
             return (ESCAPE, stack, None, extra)
-        return None if b < 0x20 else state
+        if b < 0x80:
+            return None if b < 0x20 else state
+        lead = UTF8_LEADS.get(b)
+        return None if lead is None else (UTF8, stack, None, (extra, *lead))
+    if mode == UTF8:
+        is_key, left, low, high = extra
+        if not low <= b <= high:
+            return None
+        return (STRING, stack, None, is_key) if left == 1 else (UTF8, stack, None, (is_key, left - 1, 0x80, 0xBF))
     if mode == ESCAPE:
         if b == ord("u"):
             return (HEX, stack, None, (extra, 4))
@@ -381,7 +405,7 @@ def step(state: tuple, b: int) -> tuple | None:
         if any(k.startswith(more) and k not in used for k in node.properties):
             return (KEYNAME, stack, node, more)
         # another key (plain bytes only) where additionalProperties allows it
-        plain = b >= 0x20 and b != BACKSLASH
+        plain = b >= 0x20 and b != BACKSLASH and _utf8_prefix(more)
         return (KEYNAME, stack, node, more) if plain and node.additional is not None else None
     if mode == NUMBER:
         phase, length, integer = extra
@@ -457,6 +481,14 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _uses(component, kind: str) -> bool:
     """Whether a tokenizer.json decoder (or pre-tokenizer) is, or holds, one of `kind`."""
     if not isinstance(component, dict):
@@ -487,8 +519,10 @@ def token_bytes(tokenizer_json: str, tokenizer, vocab_size: int) -> list[bytes |
             out.append(bytes([int(piece[3:5], 16)]))
         else:
             out.append(piece.replace("\u2581", " ").encode("utf-8"))
-    ids = [i for i, b in enumerate(out) if b]
-    ours = b"".join(out[i] for i in ids).decode("utf-8", errors="replace")
+    # tokens that are whole UTF-8 text (a lone byte of a longer character decodes to U+FFFD, one
+    # per byte or one per broken sequence depending on the decoder): their text must be ours
+    ids = [i for i, b in enumerate(out) if b and _is_utf8(b)]
+    ours = b"".join(out[i] for i in ids).decode("utf-8")
     theirs = tokenizer.decode(ids, skip_special_tokens=True)
     if ours.lstrip(" ") != theirs.lstrip(" "):  # a SentencePiece decoder strips the first space
         raise BitnetError("JSON output needs each token's bytes, and this model's tokenizer decodes its tokens "
@@ -501,9 +535,14 @@ def token_bytes(tokenizer_json: str, tokenizer, vocab_size: int) -> list[bytes |
 
 
 def _special(b: int) -> bool:
-    """A byte that ends or escapes a string, or may not appear in one: every other byte leaves a
-    free string as it is (and continues a key where other keys are allowed)."""
+    """A byte that ends or escapes a string, or may not appear in one."""
     return b in (QUOTE, BACKSLASH) or b < 0x20
+
+
+def _plain(data: bytes) -> bool:
+    """Text that leaves a free string (at a character's start) as it is: whole UTF-8 characters,
+    none of them special. Such text also continues a key where other keys are allowed."""
+    return not any(_special(b) for b in data) and _is_utf8(data)
 
 
 class JsonVocabulary:
@@ -516,22 +555,21 @@ class JsonVocabulary:
         order = sorted((t, i) for i, t in enumerate(self.tokens) if t)
         self.sorted_bytes = [t for t, _ in order]
         self.sorted_ids = np.array([i for _, i in order], dtype=np.int64)
-        # where each sorted token's last special byte is (-1: none): from a depth past it, the rest
-        # of the token is plain bytes
-        self.last_special = np.array([max((k for k, b in enumerate(t) if _special(b)), default=-1)
-                                      for t in self.sorted_bytes], dtype=np.int64)
-        # a free string at the start of a token: tokens of plain bytes leave the state as it is, the
-        # others are decided by what follows their first special byte (tails shared by many tokens)
+        # per sorted token, the first position from which the rest is plain (its length: none)
+        self.plain_from = np.array([next(d for d in range(len(t) + 1) if _plain(t[d:])) for t in self.sorted_bytes],
+                                   dtype=np.int64)
+        # a free string at the start of a token: plain tokens leave the state as it is; the others
+        # are decided by what follows their plain beginning (tails shared by many tokens)
         self.plain = np.zeros(self.size, dtype=bool)
         tails: dict[bytes, list[int]] = {}
         for i, t in enumerate(self.tokens):
             if not t:
                 continue
-            cut = next((k for k, b in enumerate(t) if _special(b)), None)
-            if cut is None:
+            if _plain(t):
                 self.plain[i] = True
-            else:
-                tails.setdefault(t[cut:], []).append(i)
+                continue
+            cut = next(k for k, b in enumerate(t + b"\0") if _special(b))
+            tails.setdefault(t[cut:] if _plain(t[:cut]) else t, []).append(i)
         self.tails = {tail: np.array(ids) for tail, ids in tails.items()}
         self.end = np.zeros(self.size, dtype=bool)
         self.end[[i for i in end_ids if 0 <= i < self.size]] = True
@@ -567,12 +605,17 @@ class JsonVocabulary:
         read into `state`) that the recognizer accepts from here on."""
         toks, i = self.sorted_bytes, lo
         mode = state[0]
-        if mode == STRING or (mode == KEYNAME and state[2].additional is not None):
-            # every plain byte is accepted here: a token with none special left is, and the
-            # few others are read to their end (a subtree of thousands, walked byte by byte, was slow)
-            rest = self.last_special[lo:hi] >= depth
-            mask[self.sorted_ids[lo:hi][~rest]] = True
-            for k in np.flatnonzero(rest):
+        if mode == STRING or (mode == KEYNAME and state[2].additional is not None and _is_utf8(state[3])):
+            # at a character's start, plain text is accepted here: a token whose rest is plain is
+            # (its rest is plain from `depth` when plain from before and not inside a character),
+            # and the others are read to their end (a subtree of thousands, walked byte by byte, was slow)
+            if depth == 0:  # the whole vocabulary: vectorised
+                whole = self.plain_from[lo:hi] == 0
+            else:
+                whole = np.array([self.plain_from[k] <= depth and (depth == len(toks[k]) or toks[k][depth] & 0xC0 != 0x80)
+                                  for k in range(lo, hi)], dtype=bool)
+            mask[self.sorted_ids[lo:hi][whole]] = True
+            for k in np.flatnonzero(~whole):
                 if run(state, toks[lo + k][depth:]) is not None:
                     mask[self.sorted_ids[lo + k]] = True
             return

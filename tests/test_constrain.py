@@ -79,6 +79,17 @@ def test_what_the_recognizer_completes_always_parses_as_an_object():
         assert C.run(C.INITIAL, bad.encode()) is None, bad
 
 
+def test_strings_are_whole_utf8():
+    """RFC 3629 UTF-8 only: a broken sequence could make a decoder eat the quote after it."""
+    for good in ["é", "中", "\U0001F600", "\uffff", "a\u0080b"]:
+        assert C.run(C.INITIAL, b'{"' + good.encode() + b'": "' + good.encode() + b'"}')[0] == C.DONE
+    for bad in [b"\xff", b"\xc3", b"\xc0\xaf", b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80",
+                b"\xf0\x9f\x98"]:
+        assert C.run(C.INITIAL, b'{"a": "' + bad + b'"}') is None, bad
+        schema = {"type": "object", "properties": {"k": {}}}  # other keys, read as known-key text
+        assert C.run(C.initial_state(C.compile_schema(schema)), b'{"' + bad + b'": 1}') is None, bad
+
+
 def test_limits_stop_endless_filler():
     assert C.run(C.INITIAL, b" " * C.MAX_WHITESPACE + b"{") is not None
     assert C.run(C.INITIAL, b" " * (C.MAX_WHITESPACE + 1)) is None
@@ -436,3 +447,41 @@ def test_random_schemas_compile_or_fail_cleanly_and_their_walks_end_valid(json_t
                 "$ref": "#/$defs/N"}
     with pytest.raises(BitnetError, match="no finite JSON value"):
         C.compile_schema(infinite)
+
+
+def test_a_sentencepiece_vocabulary_s_bytes_and_json_walks():
+    """Llama-2-style vocabularies (U+2581 for a space, <0xNN> byte tokens; as GGUF imports rebuild
+    them) give the same bytes as the tokenizer's decoding, and JSON walks over them end valid."""
+    from bitnet_cli.gguf.tokenizer import BYTE, CONTROL, NORMAL, rebuild
+    from bitnet_cli.tokenizer import load
+
+    words = ["▁", "▁the", "▁\"", "\":", "\",", "},", "▁{", "{\"", "\"}", "▁[", "],", "▁true", "▁null", "12", "▁é",
+             "▁name", "name", "▁\"\\n"]
+    tokens = ["<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)], *words]
+    types = [CONTROL] * 3 + [BYTE] * 256 + [NORMAL] * len(words)
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.scores": [0.0] * len(tokens), "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.unknown_token_id": 0}
+    spec, _, _ = rebuild(meta, "spm", len(tokens))
+    tok = load(spec, "spm")
+    got = C.token_bytes(spec, tok, len(tokens))
+    assert got[:3] == [None] * 3 and got[3 + 0x7B] == b"{" and got[tokens.index("▁\"")] == b' "'
+    vocab = C.JsonVocabulary(got, [2])
+    rng, finished = np.random.default_rng(8), 0
+    for _ in range(20):
+        con, text = C.JsonConstraint(vocab), b""
+        for step in range(300):
+            mask = con.allowed()
+            if step % 5 == 0:
+                assert (mask == naive_mask(vocab, con.state)).all()
+            if con.done:
+                assert isinstance(json.loads(tok.decode(ids, skip_special_tokens=True)), dict)
+                finished += 1
+                break
+            ids_allowed = np.flatnonzero(mask)
+            moving = ids_allowed[~vocab.plain[ids_allowed]] if con.state[0] == C.STRING else ids_allowed
+            token = int(rng.choice(moving if moving.size and rng.random() < 0.6 else ids_allowed))
+            ids = [token] if step == 0 else ids + [token]
+            text += got[token]
+            con.push(token)
+    assert finished >= 15
