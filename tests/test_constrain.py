@@ -469,7 +469,7 @@ def test_a_sentencepiece_vocabulary_s_bytes_and_json_walks():
     vocab = C.JsonVocabulary(got, [2])
     rng, finished = np.random.default_rng(8), 0
     for _ in range(20):
-        con, text = C.JsonConstraint(vocab), b""
+        con, ids = C.JsonConstraint(vocab), []
         for step in range(300):
             mask = con.allowed()
             if step % 5 == 0:
@@ -481,7 +481,6 @@ def test_a_sentencepiece_vocabulary_s_bytes_and_json_walks():
             ids_allowed = np.flatnonzero(mask)
             moving = ids_allowed[~vocab.plain[ids_allowed]] if con.state[0] == C.STRING else ids_allowed
             token = int(rng.choice(moving if moving.size and rng.random() < 0.6 else ids_allowed))
-            ids = [token] if step == 0 else ids + [token]
-            text += got[token]
+            ids.append(token)
             con.push(token)
     assert finished >= 15
