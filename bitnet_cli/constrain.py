@@ -17,8 +17,9 @@ from their first quote, backslash or control byte on. Masks are cached per recog
 which repeats all through a generation (and across requests with the same schema).
 
 Limits, as llama.cpp's JSON grammar has them, so that a model cannot loop forever on filler:
-MAX_WHITESPACE bytes of whitespace in a row, numbers of at most MAX_NUMBER bytes, nesting at most
-MAX_DEPTH deep. Strings are unlimited, and a generation cut by max_tokens ends mid-object.
+between tokens of the JSON, one space or a newline and up to MAX_INDENT spaces or tabs; numbers of at
+most MAX_NUMBER bytes; nesting at most MAX_DEPTH deep. Strings are unlimited, and a generation cut
+by max_tokens ends mid-object.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from bitnet_cli.errors import BitnetError
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # `output_format` / `response_format.type`
 
-MAX_WHITESPACE = 20
+MAX_INDENT = 20  # spaces or tabs after a newline between tokens of the JSON
 MAX_NUMBER = 32
 MAX_DEPTH = 32
 MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
@@ -264,7 +265,7 @@ def compile_schema(spec) -> Schema:
 #
 # A state is (mode, stack, node, extra). stack is a tuple of open containers, ("{", node, keys
 # used) or ("[", node); node is the schema in force (the value expected, the object whose key is
-# read, or None where it no longer matters); extra depends on the mode: the whitespace run for
+# read, or None where it no longer matters); extra depends on the mode: the whitespace so far for
 # the structural modes, is-a-key in a free string, (is-a-key, hex digits left) after \u, (phase,
 # length, integer only) in a number, the bytes left of a literal, the bytes read of a known key
 # or an enum text.
@@ -273,6 +274,7 @@ START, VALUE, VALUE_OR_CLOSE, KEY, KEY_OR_CLOSE, COLON, AFTER = range(7)  # whit
 STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE, UTF8 = range(7, 16)
 
 WHITESPACE = frozenset(b" \t\n\r")
+SPACE, TAB, NEWLINE = ord(" "), ord("\t"), ord("\n")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
 DIGITS = frozenset(b"0123456789")
@@ -422,8 +424,12 @@ def step(state: tuple, b: int) -> tuple | None:
         return _enum_step(stack, node, extra, b)
     if mode == DONE:
         return None
-    if b in WHITESPACE:  # the structural modes
-        return (mode, stack, node, extra + 1) if extra < MAX_WHITESPACE else None
+    if b in WHITESPACE:  # the structural modes; extra: 0, 1 after a space, 2 + indentation after a newline
+        if extra == 0 and b in (SPACE, NEWLINE):
+            return (mode, stack, node, 1 if b == SPACE else 2)
+        if extra >= 2 and b in (SPACE, TAB) and extra - 2 < MAX_INDENT:
+            return (mode, stack, node, extra + 1)
+        return None
     if mode in (START, VALUE):
         return _value_start(stack, node, b)
     if mode == VALUE_OR_CLOSE:
