@@ -51,8 +51,8 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 # keywords that describe without constraining: accepted and left out
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "enum", "const",
-                      "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
+                      "enum", "const", "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
 
 
 class Schema:
@@ -63,13 +63,15 @@ class Schema:
     properties: None for free keys (any string), else the known keys as their JSON string
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
-    other keys); items: an array element's schema; enum: the only texts allowed (compact JSON)."""
+    other keys); items: an array element's schema; min_items, max_items: an array's length (None:
+    no most); enum: the only texts allowed (compact JSON)."""
 
-    __slots__ = ("types", "properties", "required", "additional", "items", "enum")
+    __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "enum")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
         self.additional, self.items, self.enum = additional, items, enum
+        self.min_items, self.max_items = 0, None
 
 
 ANY = Schema()
@@ -90,6 +92,10 @@ def _type_of(value) -> str:
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
         return "integer"
     return {float: "number", str: "string", list: "array", dict: "object"}[type(value)]
+
+
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
 
 
 def _compact(value) -> bytes:
@@ -124,7 +130,7 @@ class _Compiler:
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, enum, const, anyOf, $ref to #/$defs)")
+                                "additionalProperties, items, minItems, maxItems, enum, const, anyOf, $ref to #/$defs)")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
@@ -164,6 +170,10 @@ class _Compiler:
         if node.additional is None and not node.required <= set(node.properties or ()):
             raise _schema_error(where, "a required name is neither in properties nor allowed by additionalProperties")
         node.items = self.node(spec.get("items", True), f"{where}.items")
+        node.min_items, node.max_items = spec.get("minItems", 0), spec.get("maxItems")
+        if not (_count(node.min_items) and (node.max_items is None or _count(node.max_items))) or \
+                node.min_items > (node.max_items if node.max_items is not None else node.min_items):
+            raise _schema_error(where, "minItems and maxItems must be whole numbers >= 0, minItems <= maxItems")
         return node
 
     @staticmethod
@@ -205,7 +215,7 @@ class _Compiler:
             if "object" in p.types:
                 merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
             if "array" in p.types:
-                merged.items = p.items
+                merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
         return merged
 
 
@@ -242,8 +252,10 @@ def _finite(root: Schema) -> set:
         for node in nodes:
             if node in done:
                 continue
-            if (node.enum is not None or node.types - {"object"} or
-                    all((node.properties or {}).get(k, node.additional) in done for k in node.required)):
+            if (node.enum is not None or node.types - {"object", "array"} or
+                    ("array" in node.types and (node.min_items == 0 or node.items in done)) or
+                    ("object" in node.types and
+                     all((node.properties or {}).get(k, node.additional) in done for k in node.required))):
                 done.add(node)
                 changed = True
     return done
@@ -264,7 +276,7 @@ def compile_schema(spec) -> Schema:
 # ---------------------------------------------------------------------- the recognizer
 #
 # A state is (mode, stack, node, extra). stack is a tuple of open containers, ("{", node, keys
-# used) or ("[", node); node is the schema in force (the value expected, the object whose key is
+# used) or ("[", node, items so far); node is the schema in force (the value expected, the object whose key is
 # read, or None where it no longer matters); extra depends on the mode: the whitespace so far for
 # the structural modes, is-a-key in a free string, (is-a-key, hex digits left) after \u, (phase,
 # length, integer only) in a number, the bytes left of a literal, the bytes read of a known key
@@ -320,7 +332,13 @@ def _number_step(phase: int, b: int, integer: bool) -> int | None:
 
 
 def _value_done(stack: tuple) -> tuple:
-    return (AFTER, stack, None, 0) if stack else (DONE, (), None, 0)
+    """After a complete value inside the containers `stack` (an array counts it)."""
+    if not stack:
+        return (DONE, (), None, 0)
+    if stack[-1][0] == "[":
+        _, node, count = stack[-1]
+        stack = stack[:-1] + (("[", node, count + 1),)
+    return (AFTER, stack, None, 0)
 
 
 def _keys_left(node: Schema, used: frozenset) -> bool:
@@ -335,7 +353,7 @@ def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
     if b == ord("{") and "object" in types:
         return None if len(stack) >= MAX_DEPTH else (KEY_OR_CLOSE, stack + (("{", node, frozenset()),), node, 0)
     if b == ord("[") and "array" in types:
-        return None if len(stack) >= MAX_DEPTH else (VALUE_OR_CLOSE, stack + (("[", node),), node.items, 0)
+        return None if len(stack) >= MAX_DEPTH else (VALUE_OR_CLOSE, stack + (("[", node, 0),), node.items, 0)
     if b == QUOTE and "string" in types:
         return (STRING, stack, None, False)
     if (b == ord("-") or b in DIGITS) and ("number" in types or "integer" in types):
@@ -432,8 +450,11 @@ def step(state: tuple, b: int) -> tuple | None:
         return None
     if mode in (START, VALUE):
         return _value_start(stack, node, b)
-    if mode == VALUE_OR_CLOSE:
-        return _value_done(stack[:-1]) if b == ord("]") else _value_start(stack, node, b)
+    if mode == VALUE_OR_CLOSE:  # just after "[": ']' where no item is needed, an item where one may come
+        array = stack[-1][1]
+        if b == ord("]"):
+            return _value_done(stack[:-1]) if array.min_items == 0 else None
+        return _value_start(stack, node, b) if array.max_items != 0 else None
     if mode in (KEY, KEY_OR_CLOSE):
         if b == QUOTE:
             if not _keys_left(node, stack[-1][2]):
@@ -445,9 +466,10 @@ def step(state: tuple, b: int) -> tuple | None:
     # AFTER a value inside a container
     frame = stack[-1]
     if frame[0] == "[":
+        _, array, count = frame
         if b == ord(","):
-            return (VALUE, stack, frame[1].items, 0)
-        return _value_done(stack[:-1]) if b == ord("]") else None
+            return (VALUE, stack, array.items, 0) if array.max_items is None or count < array.max_items else None
+        return _value_done(stack[:-1]) if b == ord("]") and count >= array.min_items else None
     _, obj, used = frame
     if b == ord(","):
         return (KEY, stack, obj, 0) if _keys_left(obj, used) else None

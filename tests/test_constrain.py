@@ -295,6 +295,11 @@ def test_schema_instances_are_accepted_and_violations_refused():
                                               "r": {"$ref": "#/$defs/R", "description": "annotations may sit beside"}},
              "$defs": {"R": {"type": "boolean"}}}
     assert accepted(typed, '{"n": 2.5, "r": true}') and not accepted(typed, '{"n": 3}')
+    sized = {"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer"}, "minItems": 1,
+                                                    "maxItems": 2}, "none": {"type": "array", "maxItems": 0}}}
+    assert accepted(sized, '{"a": [1], "none": []}') and accepted(sized, '{"a": [1, 2]}')
+    for bad in ['{"a": []}', '{"a": [1, 2, 3]}', '{"none": [1]}', '{"a": [1.5]}']:
+        assert not accepted(sized, bad), bad
     composite = {"type": "object", "properties": {"c": {"const": [1, "x"]}}}  # enum texts are written compactly
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
@@ -312,6 +317,11 @@ def test_schema_instances_are_accepted_and_violations_refused():
     ({"type": "object", "properties": {"a": {"enum": []}}}, "non-empty"),
     ({"type": "object", "properties": {"a": 5}}, "must be an object"),
     ({"type": "object", "properties": {"a": {"type": 5}}}, "type must be"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "minItems <= maxItems"),
+    ({"type": "object", "properties": {"a": {"type": "array", "maxItems": -1}}}, "whole numbers"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1.5}}}, "whole numbers"),
+    ({"$defs": {"N": {"type": "object", "required": ["kids"], "properties": {"kids": {
+        "type": "array", "minItems": 1, "items": {"$ref": "#/$defs/N"}}}}}, "$ref": "#/$defs/N"}, "no finite JSON value"),
     ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x", 1]}}}, "not of the schema's type"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/X", "type": "string"}}, "$defs": {"X": {}}},
      "$ref with type beside it"),
@@ -403,7 +413,8 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": "string", "minLength": 2}, {"type": "strin"}, {"$ref": "#/$defs/D"},
                          *([{"$ref": f"#/$defs/{d}"} for d in defs])])
     if k < 0.45:
-        return {"type": "array", "items": random_schema(r, depth + 1, defs)}
+        sizes = r.choice([{}, {"minItems": 1}, {"maxItems": 2}, {"minItems": 1, "maxItems": 1}, {"maxItems": 0}])
+        return {"type": "array", "items": random_schema(r, depth + 1, defs), **sizes}
     props = {r.choice(["a", "b", "é", "q\"", "long name"]) + str(i): random_schema(r, depth + 1, defs)
              for i in range(r.randint(0, 4))}
     schema = {"type": "object", "properties": props,
