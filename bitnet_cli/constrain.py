@@ -25,7 +25,6 @@ by max_tokens ends mid-object.
 from __future__ import annotations
 
 import bisect
-import codecs
 import functools
 import json
 import re
@@ -52,7 +51,7 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "enum", "const", "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
+                      "minLength", "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
 
 
 class Schema:
@@ -64,14 +63,17 @@ class Schema:
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
     other keys); items: an array element's schema; min_items, max_items: an array's length (None:
-    no most); enum: the only texts allowed (compact JSON)."""
+    no most); min_length, max_length: a string's, in characters; enum: the only texts allowed
+    (compact JSON)."""
 
-    __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "enum")
+    __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "min_length",
+                 "max_length", "enum")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
         self.additional, self.items, self.enum = additional, items, enum
         self.min_items, self.max_items = 0, None
+        self.min_length, self.max_length = 0, None
 
 
 ANY = Schema()
@@ -130,7 +132,8 @@ class _Compiler:
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, minItems, maxItems, enum, const, anyOf, $ref to #/$defs)")
+                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, enum, const, anyOf, "
+                                "$ref to #/$defs)")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
@@ -174,6 +177,10 @@ class _Compiler:
         if not (_count(node.min_items) and (node.max_items is None or _count(node.max_items))) or \
                 node.min_items > (node.max_items if node.max_items is not None else node.min_items):
             raise _schema_error(where, "minItems and maxItems must be whole numbers >= 0, minItems <= maxItems")
+        node.min_length, node.max_length = spec.get("minLength", 0), spec.get("maxLength")
+        if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
+                node.min_length > (node.max_length if node.max_length is not None else node.min_length):
+            raise _schema_error(where, "minLength and maxLength must be whole numbers >= 0, minLength <= maxLength")
         return node
 
     @staticmethod
@@ -216,6 +223,8 @@ class _Compiler:
                 merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
             if "array" in p.types:
                 merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
+            if "string" in p.types:
+                merged.min_length, merged.max_length = p.min_length, p.max_length
         return merged
 
 
@@ -284,6 +293,10 @@ def compile_schema(spec) -> Schema:
 
 START, VALUE, VALUE_OR_CLOSE, KEY, KEY_OR_CLOSE, COLON, AFTER = range(7)  # whitespace may come
 STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE, UTF8 = range(7, 16)
+# a string with minLength/maxLength counts its characters (extra): at a character's start, inside
+# one ((count, continuation bytes left, range of the next)), after a backslash (no \u escapes
+# there: a surrogate pair is two escapes for one character)
+SIZED, SIZED_UTF8, SIZED_ESCAPE = range(16, 19)
 
 WHITESPACE = frozenset(b" \t\n\r")
 SPACE, TAB, NEWLINE = ord(" "), ord("\t"), ord("\n")
@@ -355,7 +368,8 @@ def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
     if b == ord("[") and "array" in types:
         return None if len(stack) >= MAX_DEPTH else (VALUE_OR_CLOSE, stack + (("[", node, 0),), node.items, 0)
     if b == QUOTE and "string" in types:
-        return (STRING, stack, None, False)
+        sized = node.min_length or node.max_length is not None
+        return (SIZED, stack, node, 0) if sized else (STRING, stack, None, False)
     if (b == ord("-") or b in DIGITS) and ("number" in types or "integer" in types):
         phase = MINUS if b == ord("-") else ZERO if b == ord("0") else INT
         return (NUMBER, stack, None, (phase, 1, "number" not in types))
@@ -383,11 +397,21 @@ def _key_done(stack: tuple, key: bytes) -> tuple | None:
 
 
 def _utf8_prefix(data: bytes) -> bool:
-    """Whether data begins some valid UTF-8 text (it may end inside a character)."""
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
-    except UnicodeDecodeError:
-        return False
+    """Whether data begins some valid UTF-8 text (it may end inside a character), by UTF8_LEADS
+    (Python's incremental decoder lets b"\\xed\\xbb" wait for more, though no byte completes it)."""
+    i = 0
+    while i < len(data):
+        if data[i] < 0x80:
+            i += 1
+            continue
+        if data[i] not in UTF8_LEADS:
+            return False
+        left, low, high = UTF8_LEADS[data[i]]
+        i += 1
+        while left and i < len(data):
+            if not low <= data[i] <= high:
+                return False
+            left, low, high, i = left - 1, 0x80, 0xBF, i + 1
     return True
 
 
@@ -412,6 +436,24 @@ def step(state: tuple, b: int) -> tuple | None:
         if b == ord("u"):
             return (HEX, stack, None, (extra, 4))
         return (STRING, stack, None, extra) if b in ESCAPES else None
+    if mode == SIZED:
+        if b == QUOTE:
+            return _value_done(stack) if extra >= node.min_length else None
+        if node.max_length is not None and extra >= node.max_length:
+            return None  # every byte but the closing quote adds a character
+        if b == BACKSLASH:
+            return (SIZED_ESCAPE, stack, node, extra)
+        if b < 0x80:
+            return None if b < 0x20 else (SIZED, stack, node, extra + 1)
+        lead = UTF8_LEADS.get(b)
+        return None if lead is None else (SIZED_UTF8, stack, node, (extra + 1, *lead))
+    if mode == SIZED_UTF8:
+        count, left, low, high = extra
+        if not low <= b <= high:
+            return None
+        return (SIZED, stack, node, count) if left == 1 else (SIZED_UTF8, stack, node, (count, left - 1, 0x80, 0xBF))
+    if mode == SIZED_ESCAPE:
+        return (SIZED, stack, node, extra + 1) if b in ESCAPES else None
     if mode == HEX:
         is_key, left = extra
         if b not in HEX_DIGITS:
@@ -589,16 +631,23 @@ class JsonVocabulary:
         # a free string at the start of a token: plain tokens leave the state as it is; the others
         # are decided by what follows their plain beginning (tails shared by many tokens)
         self.plain = np.zeros(self.size, dtype=bool)
+        self.chars = np.zeros(self.size, dtype=np.int64)  # a plain token's characters (for minLength/maxLength)
         tails: dict[bytes, list[int]] = {}
+        sized_tails: dict[tuple[int, bytes], list[int]] = {}  # the same, with the characters before the tail
         for i, t in enumerate(self.tokens):
             if not t:
                 continue
             if _plain(t):
                 self.plain[i] = True
+                self.chars[i] = len(t.decode("utf-8"))
                 continue
             cut = next(k for k, b in enumerate(t + b"\0") if _special(b))
-            tails.setdefault(t[cut:] if _plain(t[:cut]) else t, []).append(i)
+            if not _plain(t[:cut]):
+                cut = 0
+            tails.setdefault(t[cut:], []).append(i)
+            sized_tails.setdefault((len(t[:cut].decode("utf-8")), t[cut:]), []).append(i)
         self.tails = {tail: np.array(ids) for tail, ids in tails.items()}
+        self.sized_tails = {key: np.array(ids) for key, ids in sized_tails.items()}
         self.end = np.zeros(self.size, dtype=bool)
         self.end[[i for i in end_ids if 0 <= i < self.size]] = True
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
@@ -615,6 +664,13 @@ class JsonVocabulary:
             mask = self.plain.copy()
             for tail, ids in self.tails.items():
                 if run(state, tail) is not None:
+                    mask[ids] = True
+        elif state[0] == SIZED:  # as a free string, with the characters counted against maxLength
+            mode, stack, node, count = state
+            room = node.max_length - count if node.max_length is not None else self.size
+            mask = self.plain & (self.chars <= room)
+            for (chars, tail), ids in self.sized_tails.items():
+                if chars <= room and run((mode, stack, node, count + chars), tail) is not None:
                     mask[ids] = True
         else:
             mask = np.zeros(self.size, dtype=bool)

@@ -300,6 +300,11 @@ def test_schema_instances_are_accepted_and_violations_refused():
     assert accepted(sized, '{"a": [1], "none": []}') and accepted(sized, '{"a": [1, 2]}')
     for bad in ['{"a": []}', '{"a": [1, 2, 3]}', '{"none": [1]}', '{"a": [1.5]}']:
         assert not accepted(sized, bad), bad
+    lengths = {"type": "object", "properties": {"s": {"type": ["string", "null"], "minLength": 2, "maxLength": 3}}}
+    for good in ['"ab"', '"abc"', '"é中"', '"\\n\\t"', '"a\U0001F600"', "null"]:
+        assert accepted(lengths, '{"s": %s}' % good), good
+    for bad in ['""', '"a"', '"abcd"', '"\\u0041b"', '"ab\\n\\t"']:  # \u escapes are not written in them
+        assert not accepted(lengths, '{"s": %s}' % bad), bad
     composite = {"type": "object", "properties": {"c": {"const": [1, "x"]}}}  # enum texts are written compactly
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
@@ -320,6 +325,7 @@ def test_schema_instances_are_accepted_and_violations_refused():
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "minItems <= maxItems"),
     ({"type": "object", "properties": {"a": {"type": "array", "maxItems": -1}}}, "whole numbers"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1.5}}}, "whole numbers"),
+    ({"type": "object", "properties": {"a": {"type": "string", "minLength": 4, "maxLength": 2}}}, "minLength <= maxLength"),
     ({"$defs": {"N": {"type": "object", "required": ["kids"], "properties": {"kids": {
         "type": "array", "minItems": 1, "items": {"$ref": "#/$defs/N"}}}}}, "$ref": "#/$defs/N"}, "no finite JSON value"),
     ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x", 1]}}}, "not of the schema's type"),
@@ -410,7 +416,8 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
         return r.choice([{"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"},
                          {"type": "null"}, {"enum": ["a", 1, None, [2]]}, {"const": "c"}, {},
                          {"type": ["string", "null"]}, {"anyOf": [{"type": "integer"}, {"type": "null"}]},
-                         {"type": "string", "minLength": 2}, {"type": "strin"}, {"$ref": "#/$defs/D"},
+                         {"type": "string", "minLength": 2}, {"type": "string", "maxLength": 3},
+                         {"type": "string", "minLength": 1, "maxLength": 1}, {"type": "strin"}, {"$ref": "#/$defs/D"},
                          *([{"$ref": f"#/$defs/{d}"} for d in defs])])
     if k < 0.45:
         sizes = r.choice([{}, {"minItems": 1}, {"maxItems": 2}, {"minItems": 1, "maxItems": 1}, {"maxItems": 0}])
