@@ -19,7 +19,9 @@ which repeats all through a generation (and across requests with the same schema
 Limits, as llama.cpp's JSON grammar has them, so that a model cannot loop forever on filler:
 between tokens of the JSON, one space or a newline and up to MAX_INDENT spaces or tabs; numbers of at
 most MAX_NUMBER bytes; nesting at most MAX_DEPTH deep. Strings are unlimited, and a generation cut
-by max_tokens ends mid-object.
+by max_tokens ends mid-object. A number with bounds (minimum, maximum, ...) is written without an
+exponent, and each of its bytes must leave a number within the bounds reachable (decided exactly, on
+grids of decimals: _number_reachable).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import functools
 import json
 import re
 from collections import OrderedDict
+from fractions import Fraction
 from typing import Sequence
 
 import numpy as np
@@ -50,8 +53,10 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 # keywords that describe without constraining: accepted and left out
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
+BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")  # a number's, in JSON Schema 2020-12's sense
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "minLength", "maxLength", "enum", "const", "anyOf", "$ref", "$defs", "definitions")) | ANNOTATIONS
+                      "minLength", "maxLength", *BOUNDS, "enum", "const", "anyOf", "$ref", "$defs",
+                      "definitions")) | ANNOTATIONS
 
 
 class Schema:
@@ -63,17 +68,53 @@ class Schema:
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
     other keys); items: an array element's schema; min_items, max_items: an array's length (None:
-    no most); min_length, max_length: a string's, in characters; enum: the only texts allowed
-    (compact JSON)."""
+    no most); min_length, max_length: a string's, in characters; bounds: a number's (Bounds; None:
+    any number); enum: the only texts allowed (compact JSON)."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "min_length",
-                 "max_length", "enum")
+                 "max_length", "bounds", "enum")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
         self.additional, self.items, self.enum = additional, items, enum
         self.min_items, self.max_items = 0, None
         self.min_length, self.max_length = 0, None
+        self.bounds = None
+
+
+class Bounds(tuple):
+    """A number's bounds ``(low, low excluded, high, high excluded)``, exact (Fraction; None: no bound)."""
+
+    def admits(self, value: Fraction) -> bool:
+        low, low_out, high, high_out = self
+        return ((low is None or value > low or (value == low and not low_out)) and
+                (high is None or value < high or (value == high and not high_out)))
+
+    def mirrored(self) -> Bounds:
+        """The bounds of -v for v within these (a negative number's magnitude)."""
+        low, low_out, high, high_out = self
+        return Bounds((None if high is None else -high, high_out, None if low is None else -low, low_out))
+
+
+def _bounds(spec: dict, where: str) -> Bounds | None:
+    """minimum / exclusiveMinimum / maximum / exclusiveMaximum as one Bounds (the tighter of each pair), None without
+    them. Each is a number (draft 4's boolean exclusiveMinimum is refused); the decimal a client wrote is the bound."""
+    given = {k: spec[k] for k in BOUNDS if k in spec}
+    if not given:
+        return None
+    for k, v in given.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _schema_error(where, f"{k} must be a number")
+    exact = {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in given.items()}
+    low = high = None
+    low_out = high_out = False
+    for k, out in (("minimum", False), ("exclusiveMinimum", True)):
+        if k in exact and (low is None or exact[k] > low or (exact[k] == low and out)):
+            low, low_out = exact[k], out
+    for k, out in (("maximum", False), ("exclusiveMaximum", True)):
+        if k in exact and (high is None or exact[k] < high or (exact[k] == high and out)):
+            high, high_out = exact[k], out
+    return Bounds((low, low_out, high, high_out))
 
 
 ANY = Schema()
@@ -132,8 +173,8 @@ class _Compiler:
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, enum, const, anyOf, "
-                                "$ref to #/$defs)")
+                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, minimum, maximum, "
+                                "exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, $ref to #/$defs)")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
@@ -152,6 +193,10 @@ class _Compiler:
             types |= {"integer"} if "number" in types else set()  # an integer is a number too
             if "type" in spec and not all(_type_of(v) in types for v in values):
                 raise _schema_error(where, "an enum value is not of the schema's type")
+            bounds = _bounds(spec, where)
+            if bounds is not None and not all(bounds.admits(Fraction(repr(v)) if isinstance(v, float) else Fraction(v))
+                                              for v in values if _type_of(v) in ("integer", "number")):
+                raise _schema_error(where, "an enum value is outside minimum/maximum")
             try:
                 return Schema(enum=tuple(dict.fromkeys(self.literal(_compact(v)) for v in values)))
             except ValueError as e:
@@ -181,6 +226,13 @@ class _Compiler:
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
             raise _schema_error(where, "minLength and maxLength must be whole numbers >= 0, minLength <= maxLength")
+        node.bounds = _bounds(spec, where)
+        numeric = node.types & {"number", "integer"}
+        if numeric and node.bounds is not None and not _number_possible(node.bounds, "number" not in numeric):
+            node.types -= numeric  # as JSON Schema has it: no number is valid here, other types still are
+            if not node.types:
+                raise _schema_error(where, f"no {'number' if 'number' in numeric else 'integer'} of at most "
+                                    f"{MAX_NUMBER} bytes lies within minimum/maximum")
         return node
 
     @staticmethod
@@ -225,6 +277,8 @@ class _Compiler:
                 merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
             if "string" in p.types:
                 merged.min_length, merged.max_length = p.min_length, p.max_length
+            if p.types & {"number", "integer"}:
+                merged.bounds = p.bounds
         return merged
 
 
@@ -297,6 +351,8 @@ STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE, UTF8 = range(7, 16)
 # one ((count, continuation bytes left, range of the next)), after a backslash (no \u escapes
 # there: a surrogate pair is two escapes for one character)
 SIZED, SIZED_UTF8, SIZED_ESCAPE = range(16, 19)
+# a number with bounds (node.bounds) keeps its text (extra: (phase, text)); it is written without an exponent
+BOUNDED = 19
 
 WHITESPACE = frozenset(b" \t\n\r")
 SPACE, TAB, NEWLINE = ord(" "), ord("\t"), ord("\n")
@@ -344,6 +400,58 @@ def _number_step(phase: int, b: int, integer: bool) -> int | None:
     return None
 
 
+def _grid_meets(start: Fraction, spacing: Fraction, count: int, bounds: Bounds) -> bool:
+    """Whether some ``start + j * spacing`` (0 <= j < count) lies within bounds."""
+    low, low_out = bounds[0], bounds[1]
+    j = 0
+    if low is not None and not bounds.admits(start) and start <= low:
+        j = -(-(low - start) // spacing)  # the first at or above low
+        if low_out and start + j * spacing == low:
+            j += 1
+    return j < count and bounds.admits(start + j * spacing)
+
+
+def _magnitude_reachable(bounds: Bounds, integer: bool, digits: bytes, fraction: bytes | None, room: int) -> bool:
+    """Whether a number with no sign whose text begins with ``digits`` (its integer part so far: a first digit, or empty),
+    then, unless None, "." and ``fraction``, can be completed with at most ``room`` more bytes to a value within
+    bounds. The values a completion reaches are grids of decimals: each finer grid holds the coarser ones, so each
+    count of integer digits needs one check."""
+    if fraction is not None:  # "I.F" + m more fraction digits (m >= 1 after a bare "."): all multiples of 10^-(|F| + room)
+        if not fraction and not room:
+            return False
+        base = int(digits) + Fraction(int(fraction or b"0"), 10 ** len(fraction))
+        return _grid_meets(base, Fraction(1, 10 ** (len(fraction) + room)), 10 ** room, bounds)
+    if not digits:  # the first digit still to come
+        return room > 0 and any(_magnitude_reachable(bounds, integer, bytes([d]), None, room - 1) for d in DIGITS)
+    if digits == b"0":  # 0, or 0. and up to room - 1 fraction digits
+        return bounds.admits(Fraction(0)) or (not integer and room >= 2 and
+                                              _magnitude_reachable(bounds, integer, b"0", b"", room - 1))
+    for k in range(room + 1):  # k more integer digits: the integers [P 10^k, (P + 1) 10^k), and fractions between
+        fraction_digits = 0 if integer else max(room - k - 1, 0)
+        if _grid_meets(Fraction(int(digits) * 10 ** k), Fraction(1, 10 ** fraction_digits),
+                       10 ** (k + fraction_digits), bounds):
+            return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _number_reachable(bounds: Bounds, integer: bool, text: bytes) -> bool:
+    """Whether ``text`` (a number's beginning: a sign, digits, "." and digits, no exponent) goes on to a number within
+    bounds of at most MAX_NUMBER bytes."""
+    if len(text) > MAX_NUMBER:
+        return False
+    negative = text.startswith(b"-")
+    body = text[1:] if negative else text
+    digits, dot, fraction = body.partition(b".")
+    return _magnitude_reachable(bounds.mirrored() if negative else bounds, integer, digits, fraction if dot else None,
+                                MAX_NUMBER - len(text))
+
+
+def _number_possible(bounds: Bounds, integer: bool) -> bool:
+    """Whether any number (``integer``: without a fraction) lies within bounds."""
+    return any(_number_reachable(bounds, integer, bytes([b])) for b in b"-0123456789")
+
+
 def _value_done(stack: tuple) -> tuple:
     """After a complete value inside the containers `stack` (an array counts it)."""
     if not stack:
@@ -372,6 +480,10 @@ def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
         return (SIZED, stack, node, 0) if sized else (STRING, stack, None, False)
     if (b == ord("-") or b in DIGITS) and ("number" in types or "integer" in types):
         phase = MINUS if b == ord("-") else ZERO if b == ord("0") else INT
+        if node.bounds is not None:
+            text = bytes([b])
+            return (BOUNDED, stack, node, (phase, text)) if _number_reachable(node.bounds, "number" not in types,
+                                                                              text) else None
         return (NUMBER, stack, None, (phase, 1, "number" not in types))
     if b in LITERALS and LITERALS[b][1] in types:
         return (LITERAL, stack, None, LITERALS[b][0])
@@ -476,6 +588,16 @@ def step(state: tuple, b: int) -> tuple | None:
             fits = length + 1 < MAX_NUMBER or (length + 1 == MAX_NUMBER and after in NUMBER_COMPLETE)
             return (NUMBER, stack, None, (after, length + 1, integer)) if fits else None
         return step(_value_done(stack), b) if phase in NUMBER_COMPLETE else None  # b ends the number
+    if mode == BOUNDED:
+        phase, text = extra
+        integer = "number" not in node.types
+        after = None if b in b"eE" else _number_step(phase, b, integer)
+        if after is not None:
+            more = text + bytes([b])
+            return (BOUNDED, stack, node, (after, more)) if _number_reachable(node.bounds, integer, more) else None
+        if phase in NUMBER_COMPLETE and node.bounds.admits(Fraction(text.decode())):
+            return step(_value_done(stack), b)  # b ends the number
+        return None
     if mode == LITERAL:
         if b != extra[0]:
             return None

@@ -4,11 +4,13 @@ the server's response_format."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -242,6 +244,10 @@ TREE = {"$defs": {"Node": {"type": "object", "additionalProperties": False, "req
                                           "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}},
         "$ref": "#/$defs/Node"}
 OPEN = {"type": "object", "properties": {"a": {"type": "integer"}, "ab": {"type": ["string", "null"]}}}
+BOUNDED = {"type": "object", "additionalProperties": False, "required": ["age", "p"],
+           "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99},
+                          "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                          "t": {"type": ["number", "null"], "minimum": -273.15}}}
 
 
 def pets_instance(r: random.Random) -> dict:
@@ -309,6 +315,47 @@ def test_schema_instances_are_accepted_and_violations_refused():
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
 
+NUMBER_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")  # JSON's number, without an exponent
+
+
+@pytest.mark.parametrize("bounds, integer", [
+    ({"minimum": 18, "maximum": 99}, True), ({"minimum": -5, "maximum": -3}, True), ({"exclusiveMinimum": 0}, True),
+    ({"exclusiveMinimum": 0, "maximum": 1}, False), ({"minimum": -0.25, "exclusiveMaximum": 0.5}, False),
+    ({"minimum": 0.5, "maximum": 0.5}, False), ({"maximum": -10.05}, False), ({"minimum": 990}, False),
+    ({"minimum": 2.5, "maximum": 7.5}, True), ({"exclusiveMinimum": -1, "exclusiveMaximum": 1}, False),
+])
+def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_goes_on(bounds, integer, monkeypatch):
+    """Every text of up to MAX_NUMBER + 1 bytes (MAX_NUMBER lowered to 3) over a number's bytes: the recognizer accepts
+    it as a prefix exactly when some number within the bounds and MAX_NUMBER begins with it, and as a whole value
+    exactly when it is one (by brute force: JSON's grammar without an exponent, and exact decimal comparison)."""
+    monkeypatch.setattr(C, "MAX_NUMBER", 3)
+    C._number_reachable.cache_clear()
+    try:
+        spec = {"type": "integer" if integer else "number", **bounds}
+        state = C.run(C.initial_state(C.compile_schema({"type": "object", "properties": {"a": spec}})), b'{"a":')
+        lo = Fraction(repr(bounds.get("minimum", bounds.get("exclusiveMinimum", -10 ** 9))))
+        hi = Fraction(repr(bounds.get("maximum", bounds.get("exclusiveMaximum", 10 ** 9))))
+        texts = ["".join(t) for n in range(1, 5) for t in itertools.product("-0123456789.", repeat=n)]
+
+        def within(text):
+            if len(text) > 3 or not NUMBER_TEXT.fullmatch(text) or (integer and "." in text):
+                return False
+            v = Fraction(text)
+            return (lo < v or (lo == v and "minimum" in bounds)) and (v < hi or (v == hi and "maximum" in bounds))
+
+        valid = [t for t in texts if within(t)]
+        assert valid, bounds
+        prefixes = {t[:i] for t in valid for i in range(1, len(t) + 1)}
+        for text in texts:
+            after = C.run(state, text.encode())
+            assert (after is not None) == (text in prefixes), text
+            done = C.run(after, b"}") if after is not None else None
+            assert (done is not None and done[0] == C.DONE) == (text in valid), text
+        assert C.run(state, b"1e1") is None or not integer and C.run(state, b"1e") is None  # never an exponent
+    finally:
+        C._number_reachable.cache_clear()
+
+
 @pytest.mark.parametrize("schema, why", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "pattern is not supported"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "date-time"}}}, "format is not supported"),
@@ -326,6 +373,12 @@ def test_schema_instances_are_accepted_and_violations_refused():
     ({"type": "object", "properties": {"a": {"type": "array", "maxItems": -1}}}, "whole numbers"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 1.5}}}, "whole numbers"),
     ({"type": "object", "properties": {"a": {"type": "string", "minLength": 4, "maxLength": 2}}}, "minLength <= maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0.2, "maximum": 0.8}}}, "no integer"),
+    ({"type": "object", "properties": {"a": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}}, "no number"),
+    ({"type": "object", "properties": {"a": {"type": "number", "exclusiveMinimum": True}}}, "must be a number"),
+    ({"type": "object", "properties": {"a": {"type": "number", "maximum": "9"}}}, "must be a number"),
+    ({"type": "object", "properties": {"a": {"enum": [1, 5], "maximum": 4}}}, "outside minimum/maximum"),
+    ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 2}}}, "multipleOf is not supported"),
     ({"$defs": {"N": {"type": "object", "required": ["kids"], "properties": {"kids": {
         "type": "array", "minItems": 1, "items": {"$ref": "#/$defs/N"}}}}}, "$ref": "#/$defs/N"}, "no finite JSON value"),
     ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x", 1]}}}, "not of the schema's type"),
@@ -347,7 +400,7 @@ def test_schema_constrained_walks_allow_exactly_what_continues_and_end_valid(jso
     tokens = C.token_bytes(spec, tok, tok.get_vocab_size())
     vocab = C.JsonVocabulary(tokens, [1])
     rng = np.random.default_rng(6)
-    for schema in (PETS, TREE, OPEN):
+    for schema in (PETS, TREE, OPEN, BOUNDED):
         root, finished = C.compile_schema(schema), 0
         for _ in range(15):
             con, text = C.JsonConstraint(vocab, root), b""
@@ -372,7 +425,7 @@ SMALL = {"type": "object", "additionalProperties": False, "required": ["kind", "
                         "tags": {"type": "array", "items": {"enum": [1, 2]}}}}
 
 
-@pytest.mark.parametrize("schema", [SMALL, TREE])  # no free strings: the random model's text stays short
+@pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED])  # no free strings: the random model's text stays short
 def test_schema_constrained_generation_through_the_engine_and_run(tiny_packed, schema, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")
     from bitnet_cli.engine import Engine
@@ -418,6 +471,8 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": ["string", "null"]}, {"anyOf": [{"type": "integer"}, {"type": "null"}]},
                          {"type": "string", "minLength": 2}, {"type": "string", "maxLength": 3},
                          {"type": "string", "minLength": 1, "maxLength": 1}, {"type": "strin"}, {"$ref": "#/$defs/D"},
+                         {"type": "integer", "minimum": -3, "maximum": 40}, {"type": "number", "exclusiveMinimum": 0.5},
+                         {"type": ["number", "null"], "maximum": -2.25}, {"type": "integer", "minimum": 0.5, "maximum": 0.7},
                          *([{"$ref": f"#/$defs/{d}"} for d in defs])])
     if k < 0.45:
         sizes = r.choice([{}, {"minItems": 1}, {"maxItems": 2}, {"minItems": 1, "maxItems": 1}, {"maxItems": 0}])
