@@ -1484,6 +1484,57 @@ def test_residual_rows_setting(monkeypatch):
         L.enable(BitNetForCausalLM(cfg), True, cache=True)
 
 
+def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkeypatch):
+    """Where the three switches are unset, enable() turns RESIDUAL_ROWS and ROPE_ROWS on for models wider than
+    WIDE_HIDDEN and FP8_GRAD_WEIGHT too where the device has fp8 tensor cores (here pretended: the CPU has none) and
+    the weight gradient is not int8 already; a narrow model keeps them off, a variable set to 0 or 1 wins either way,
+    and enabled_switches() says what was chosen. A wide model trains to the same loss as with the switches set."""
+    for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(L, "_fp8_by_default", False)  # restored after the test, whatever it enabled
+    small = dict(vocab_size=64, intermediate_size=96, num_hidden_layers=1, bos_token_id=None, eos_token_id=None)
+
+    def model(hidden):
+        return BitNetForCausalLM(BitNetConfig(hidden_size=hidden, num_attention_heads=8, num_key_value_heads=2, **small))
+
+    all_three = ["RESIDUAL_ROWS", "ROPE_ROWS", "FP8_GRAD_WEIGHT"]
+    narrow, wide = model(L.WIDE_HIDDEN), model(L.WIDE_HIDDEN + 16)
+    assert not L.wide_model(narrow) and L.wide_model(wide) and not L.wide_model(torch.nn.Linear(2048, 2048))
+    L.enable(wide, True, cache=True)
+    assert L.enabled_switches(wide) == ["RESIDUAL_ROWS", "ROPE_ROWS"]  # no fp8 tensor cores on the CPU
+    monkeypatch.setattr(L, "fp8_capable", lambda device: True)
+    L.enable(wide, True, cache=True)
+    assert L.enabled_switches(wide) == all_three and L.fp8_grad_weight_enabled()
+    L.enable(narrow, True, cache=True)
+    assert L.enabled_switches(narrow) == [] and not L.fp8_grad_weight_enabled()
+    L.enable(wide, True, cache=True, int8_weight=True)  # the int8 weight gradient: no fp8 one, and no error
+    assert L.enabled_switches(wide) == []
+    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "0")
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
+    L.enable(wide, True, cache=True)
+    assert L.enabled_switches(wide) == ["RESIDUAL_ROWS"]
+    for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
+        monkeypatch.setenv(v, "1")
+    L.enable(narrow, True, cache=True)
+    assert L.enabled_switches(narrow) == all_three
+
+    # The default a wide model gets is the switches' computation: one step's loss and gradients as with them set.
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for setting in ("1", None):
+        for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
+            monkeypatch.setenv(v, setting) if setting else monkeypatch.delenv(v)
+        torch.manual_seed(0)
+        m = model(L.WIDE_HIDDEN + 16)
+        L.enable(m, True, cache=True)
+        L.refresh(m)
+        assert L.enabled_switches(m) == all_three
+        runs.append(_loss_and_grads(m, ids, autocast=True))
+    (loss_set, grads_set), (loss_default, grads_default) = runs
+    assert torch.equal(loss_set, loss_default)
+    assert all(torch.equal(grads_set[n], grads_default[n]) for n in grads_set)
+
+
 def test_wide_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(monkeypatch):
     """$BITNET_INT8_GATED_WIDE=1 gives MLPs wider than GATED_MAX_WIDTH (here lowered to 64) and with rows not of whole
     16-byte units (gate 100 wide: up's half of the gradient rows starts at column 104) the gated path: the same loss

@@ -21,8 +21,9 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   per block of 128 tokens and per column; each block's integer product is exact and scaled once. Off by
   default: on an H200 its kernels (the rounding pass, the transposed copy of Xq, a product that rescales its
   accumulator every 128 tokens) took longer than the bf16 product (benchmarks/RESULTS.md, session 18).
-  ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` (opt-in, to be measured) puts the bf16 one on fp8 tensor cores instead
-  (:func:`fp8_grad_weight`: G and X~ each in e4m3 with one scale per tensor, one product for the stacked projections).
+  On wide models (:func:`wide_model`) on GPUs with fp8 tensor cores the bf16 one runs on those instead
+  (:func:`fp8_grad_weight`: G and X~ each in e4m3 with one scale per tensor, one product for the stacked projections;
+  ``$BITNET_INT8_FP8_GRAD_WEIGHT=0`` or ``1`` decides for any model).
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
@@ -64,8 +65,8 @@ torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:
 gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
 and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
 ``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
-``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). Opt-in, o_proj's and down_proj's output gradients get the
-same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
+``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). On wide models (:func:`wide_model`, or where the variables
+below are 1), o_proj's and down_proj's output gradients get the same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
 :class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward (``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product
 and RoPE as one autograd function, :class:`_RotaryProduct`, whose backward is one kernel, ``bitnet::rope_grad_rows``,
 reached through model._residual_attention_heads). The products are one custom op,
@@ -307,12 +308,17 @@ E4M3_MAX = 448.0
 
 
 def fp8_grad_weight_enabled() -> bool:
-    """``$BITNET_INT8_FP8_GRAD_WEIGHT`` (0 by default): the bf16-path weight gradients on fp8 tensor cores
-    (:func:`fp8_grad_weight`), Hopper's fp8 rate being twice its bf16 one. Opt-in: it changes the numerics (each
-    operand rounded to e4m3, about 4% error in the product against bf16's 0.2%), and whether training tolerates
-    that (the 1,200-step curve) and whether its casts cost less than the product saves are to be measured on a GPU
-    (benchmarks/RESULTS.md, session 22)."""
-    return env_switch("BITNET_INT8_FP8_GRAD_WEIGHT", default="0")
+    """``$BITNET_INT8_FP8_GRAD_WEIGHT``: the bf16-path weight gradients on fp8 tensor cores (:func:`fp8_grad_weight`),
+    Hopper's fp8 rate being twice its bf16 one. It changes the numerics (each operand rounded to e4m3, about 4% error
+    in the product against bf16's 0.2%); training tolerates that: 1,200 steps of small.yaml ended 0.0028 from the bf16
+    weight gradient's validation loss (benchmarks/RESULTS.md, session 25). Unset, the last :func:`enable` decides
+    (:func:`wide_model`: on for wide models on GPUs with fp8 tensor cores)."""
+    return env_switch("BITNET_INT8_FP8_GRAD_WEIGHT", default="1" if _fp8_by_default else "0")
+
+
+def fp8_capable(device: torch.device) -> bool:
+    """Whether ``device`` has fp8 tensor cores that ``torch._scaled_mm`` drives (CUDA compute capability 8.9+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _e4m3_token_major(t: torch.Tensor, scale: torch.Tensor, pad_tokens: int, pad_cols: int) -> torch.Tensor:
@@ -748,14 +754,13 @@ class _ResidualNormQuant(torch.autograd.Function):
         return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
 
 
-def residual_rows_enabled() -> bool:
-    """``$BITNET_INT8_RESIDUAL_ROWS`` (0 by default): whether :func:`enable` lets o_proj's and down_proj's products
+def residual_rows_enabled(wide: bool = False) -> bool:
+    """``$BITNET_INT8_RESIDUAL_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` lets o_proj's and down_proj's products
     (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input (:class:`RoundedInput`) instead
     of their output, so that one autograd function (:class:`_ProductResidualNormQuant`) owns the product and the norm
     and its backward rounds the product's output gradient (the stream's) in the norm's backward kernel
-    (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own. Opt-in until
-    measured on a GPU."""
-    return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="0")
+    (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own."""
+    return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="1" if wide else "0")
 
 
 class RoundedInput(NamedTuple):
@@ -1000,13 +1005,12 @@ def _(dq, dk, dv, cos, sin, col_scale, dtype):
             dq.new_empty((b * t,), dtype=torch.float32))
 
 
-def rope_rows_enabled() -> bool:
-    """``$BITNET_INT8_ROPE_ROWS`` (0 by default): whether :func:`enable` gives attention's stacked q/k/v product RoPE
+def rope_rows_enabled(wide: bool = False) -> bool:
+    """``$BITNET_INT8_ROPE_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` gives attention's stacked q/k/v product RoPE
     too (:meth:`Int8Product.rotary`, :class:`_RotaryProduct`), so that RoPE's backward and the rounding of q/k/v's
     output gradient are one kernel (``bitnet::rope_grad_rows``: SDPA's gradients read once) instead of torch's RoPE
-    backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows`` pass. Opt-in until
-    measured on a GPU."""
-    return env_switch("BITNET_INT8_ROPE_ROWS", default="0")
+    backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows`` pass."""
+    return env_switch("BITNET_INT8_ROPE_ROWS", default="1" if wide else "0")
 
 
 def _rope_rows(owner: nn.Module, projs: list[nn.Module]) -> bool:
@@ -1292,6 +1296,32 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
     return groups
 
 
+# The hidden size above which the matmuls dominate a step enough that three parts of the backward pay for themselves:
+# o_proj's and down_proj's output gradients rounded in the residual norm's backward ($BITNET_INT8_RESIDUAL_ROWS), q/k/v's
+# in RoPE's ($BITNET_INT8_ROPE_ROWS), and the weight gradients on fp8 tensor cores ($BITNET_INT8_FP8_GRAD_WEIGHT). On one
+# H100 (benchmarks/RESULTS.md, session 25) the three took 700m (hidden 1536) from 0.831x of bf16's step to 0.791x, and
+# small.yaml (hidden 768) from 0.954x to 1.093x: there the casts and the wider kernels cost more than they save.
+WIDE_HIDDEN = 1024
+
+# Whether fp8_grad_weight_enabled() is on where its variable is unset: set by the last enable() (the weight gradient
+# is chosen inside autograd functions that see no model; one model trains per process).
+_fp8_by_default = False
+
+
+def wide_model(model: nn.Module) -> bool:
+    """Whether ``model``'s hidden size exceeds ``WIDE_HIDDEN`` (a model without a config, a lone layer, is not wide)."""
+    return getattr(getattr(model, "config", None), "hidden_size", 0) > WIDE_HIDDEN
+
+
+def enabled_switches(model: nn.Module) -> list[str]:
+    """The backward's optional parts :func:`enable` turned on for ``model``, by their variables' short names (what
+    ``bitnet train`` reports)."""
+    products = [m for m in model.modules() if isinstance(m, Int8Product)]
+    return [name for name, on in (("RESIDUAL_ROWS", any(p.defer for p in products)),
+                                  ("ROPE_ROWS", any(p.rope_rows for p in products)),
+                                  ("FP8_GRAD_WEIGHT", bool(products) and fp8_grad_weight_enabled())) if on]
+
+
 def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = False) -> int:
     """Switch every BitLinear of ``model`` to int8 products; returns how many.
 
@@ -1302,9 +1332,14 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     """
     from bitnet_cli.model import BitLinear
 
+    global _fp8_by_default
+    wide = wide_model(model)
+    device = next(model.parameters()).device
+    _fp8_by_default = False
     if int8_weight and fp8_grad_weight_enabled():
         raise BitnetError("train.int8_grad_weight: on and BITNET_INT8_FP8_GRAD_WEIGHT=1 both choose the weight "
                           "gradient's product: keep one")
+    _fp8_by_default = wide and not int8_weight and fp8_capable(device)
     fused = set()
     rnq = residual_norm_quant_enabled()
     groups = _shared_input_groups(model)
@@ -1321,11 +1356,11 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     # The fused backwards below assume the path's defaults: int8 grad_input, grad_weight from X~ (_grad_weights: bf16
     # or fp8, not the int8 one), cached weights, fused residual norms (and, for those that round a sub-norm's product, fused sub-norms).
     if rnq and int8_grad and cache and not int8_weight:
-        rope, gated = rope_rows_enabled(), nq and gated_grad_enabled()
+        rope, gated = rope_rows_enabled(wide), nq and gated_grad_enabled()
         for owner, projs in groups:
             owner.int8_fused.rope_rows = rope and _rope_rows(owner, projs)
             owner.int8_fused.gated_mlp = gated and _gated_mlp(owner, projs)
-        if nq and residual_rows_enabled():
+        if nq and residual_rows_enabled(wide):
             for m in model.modules():
                 proj = getattr(m, getattr(m, "residual_output", ""), None)
                 if (isinstance(proj, BitLinear) and proj.scale_op is None and proj.rms_norm is None
@@ -1422,7 +1457,7 @@ def refresh(model: nn.Module, kernel: str | None = None) -> None:
 
 
 __all__ = ["E4M3_MAX", "Int8Product", "align_grad_weight", "aligned_rows", "available", "enable", "fp8_grad_weight",
-           "fp8_grad_weight_enabled", "fp8_operands", "gated_grad_columns",
+           "enabled_switches", "fp8_capable", "fp8_grad_weight_enabled", "fp8_operands", "gated_grad_columns",
            "gated_grad_enabled", "gated_norm_grad_reference", "gated_wide_enabled", "grad_weight", "int8_grad_weight_reference",
            "int8_grad_weights", "int8_linear", "int8_mm", "int8_mm_reference", "int8_rows",
            "norm_quant", "norm_quant_enabled", "norm_quant_reference", "pad_rows", "residual_norm_quant",
@@ -1431,4 +1466,4 @@ __all__ = ["E4M3_MAX", "Int8Product", "align_grad_weight", "aligned_rows", "avai
            "rope_rows_enabled", "RoundedInput", "residual_norm_quant_enabled",
            "residual_norm_quant_reference",
            "quantize_grad_cols_reference", "quantize_grad_rows", "quantize_grad_rows_reference", "quantize_rows", "refresh", "refresh_kernel", "resolve", "stacked_ternary",
-           "ternary_weight"]
+           "ternary_weight", "WIDE_HIDDEN", "wide_model"]

@@ -452,7 +452,9 @@ class _Run:
             n = int8_linear.enable(model, t.int8_grad_input, cache=int8_cache,
                                    int8_weight=t.int8_grad_weight == "on")
             how = "Triton kernels" if device.type == "cuda" else "pure-torch emulation of the kernels"
-            say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how})")
+            extra = int8_linear.enabled_switches(model)
+            say(f"int8 tensor-core matmuls for {n} BitLinear layers ({how}"
+                + (f"; backward with {', '.join(extra)})" if extra else ")"))
         model = D.wrap(model, t.distributed, info, device)
         opt = make_optimizer(model, recipe, device)
         start_step, prior_seconds = 0, 0.0
