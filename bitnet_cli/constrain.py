@@ -37,6 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.pattern import FORMATS, compile_pattern
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")  # `output_format` / `response_format.type`
 
@@ -55,7 +56,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
                          "deprecated", "readOnly", "writeOnly"))
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")  # a number's, in JSON Schema 2020-12's sense
 KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "minLength", "maxLength", *BOUNDS, "enum", "const", "anyOf", "$ref", "$defs",
+                      "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "$ref", "$defs",
                       "definitions")) | ANNOTATIONS
 
 
@@ -68,18 +69,21 @@ class Schema:
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
     other keys); items: an array element's schema; min_items, max_items: an array's length (None:
-    no most); min_length, max_length: a string's, in characters; bounds: a number's (Bounds; None:
-    any number); enum: the only texts allowed (compact JSON)."""
+    no most); min_length, max_length: a string's, in characters; pattern: a string's (a compiled
+    pattern.Pattern, from `pattern` or `format`; None: any string); bounds: a number's (Bounds;
+    None: any number); enum: the only texts allowed (compact JSON); depths: the least nesting of an
+    object and of an array it accepts (set by _set_depths)."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "min_length",
-                 "max_length", "bounds", "enum")
+                 "max_length", "pattern", "bounds", "enum", "depths")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
         self.additional, self.items, self.enum = additional, items, enum
         self.min_items, self.max_items = 0, None
         self.min_length, self.max_length = 0, None
-        self.bounds = None
+        self.pattern = self.bounds = None
+        self.depths = (1, 1)  # an object or array is one level deep at least (_set_depths: how deep at least)
 
 
 class Bounds(tuple):
@@ -115,6 +119,27 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
         if k in exact and (high is None or exact[k] < high or (exact[k] == high and out)):
             high, high_out = exact[k], out
     return Bounds((low, low_out, high, high_out))
+
+
+def _pattern(spec: dict, where: str):
+    """`pattern` or `format` (one of pattern.FORMATS) as a compiled pattern.Pattern; None without them."""
+    if "pattern" in spec and "format" in spec:
+        raise _schema_error(where, "pattern and format together are not supported")
+    if "format" in spec:
+        if spec["format"] not in FORMATS:
+            raise _schema_error(where, f"format {str(spec['format'])[:40]!r} is not supported (supported: "
+                                f"{', '.join(FORMATS)})")
+        source = FORMATS[spec["format"]]
+    elif "pattern" in spec:
+        source = spec["pattern"]
+        if not isinstance(source, str):
+            raise _schema_error(where, "pattern must be a string")
+    else:
+        return None
+    try:
+        return compile_pattern(source)
+    except BitnetError as e:
+        raise _schema_error(where, str(e)) from None
 
 
 ANY = Schema()
@@ -173,8 +198,9 @@ class _Compiler:
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, minimum, maximum, "
-                                "exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, $ref to #/$defs)")
+                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, pattern, format, "
+                                "minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, "
+                                "$ref to #/$defs)")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
@@ -197,6 +223,9 @@ class _Compiler:
             if bounds is not None and not all(bounds.admits(Fraction(repr(v)) if isinstance(v, float) else Fraction(v))
                                               for v in values if _type_of(v) in ("integer", "number")):
                 raise _schema_error(where, "an enum value is outside minimum/maximum")
+            pattern = _pattern(spec, where)
+            if pattern is not None and not all(pattern.matches(v) for v in values if isinstance(v, str)):
+                raise _schema_error(where, "an enum value does not match the pattern or format")
             try:
                 return Schema(enum=tuple(dict.fromkeys(self.literal(_compact(v)) for v in values)))
             except ValueError as e:
@@ -226,6 +255,10 @@ class _Compiler:
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
             raise _schema_error(where, "minLength and maxLength must be whole numbers >= 0, minLength <= maxLength")
+        node.pattern = _pattern(spec, where)
+        if node.pattern is not None and (node.min_length or node.max_length is not None):
+            raise _schema_error(where, "pattern or format with minLength/maxLength is not supported (write the "
+                                "length into the pattern: {2,5})")
         node.bounds = _bounds(spec, where)
         numeric = node.types & {"number", "integer"}
         if numeric and node.bounds is not None and not _number_possible(node.bounds, "number" not in numeric):
@@ -276,7 +309,7 @@ class _Compiler:
             if "array" in p.types:
                 merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
             if "string" in p.types:
-                merged.min_length, merged.max_length = p.min_length, p.max_length
+                merged.min_length, merged.max_length, merged.pattern = p.min_length, p.max_length, p.pattern
             if p.types & {"number", "integer"}:
                 merged.bounds = p.bounds
         return merged
@@ -288,8 +321,11 @@ def _compiled(text: str) -> Schema:
     root = _Compiler(spec).node(spec, "")
     if root.enum is not None or root.types != frozenset(("object",)):
         raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires)')
-    if root not in _finite(root):
+    _set_depths(root)
+    if _least_depth(root) == UNBOUNDED:
         raise _schema_error("", "no finite JSON value satisfies it (a required property that requires itself)")
+    if _least_depth(root) > MAX_DEPTH:
+        raise _schema_error("", f"every value it accepts is nested more than {MAX_DEPTH} deep")
     return root
 
 
@@ -304,24 +340,45 @@ def _reachable(root: Schema) -> list[Schema]:
     return list(seen.values())
 
 
-def _finite(root: Schema) -> set:
-    """The nodes some finite value satisfies (a least fixpoint): an enum, a scalar type, an array
-    (it may be empty), or an object whose required properties all are. Generation would otherwise
-    nest until MAX_DEPTH and find no token to go on with."""
-    nodes, done = _reachable(root), set()
+UNBOUNDED = float("inf")  # the depth of a node no finite value satisfies
+
+
+def _least_depth(node: Schema) -> float:
+    """The least nesting of a value node accepts: 0 for a scalar or an enum (its text is matched
+    whole, not nested), else that of its shallowest container."""
+    if node.enum is not None or node.types - {"object", "array"}:
+        return 0
+    return min(node.depths)
+
+
+def _set_depths(root: Schema) -> None:
+    """Each reachable node's depths: the least nesting of an object it accepts (1 + the deepest of
+    its required properties) and of an array (1, or 1 + its items' when minItems > 0); UNBOUNDED
+    where no finite one exists (a least fixpoint from UNBOUNDED down). The recognizer opens a
+    container, and takes a key, only where what must follow fits within
+    MAX_DEPTH, so that no generation nests into a corner no token leads out of (an array's later
+    items fit where its first did)."""
+    nodes = _reachable(root)
+    for node in nodes:
+        node.depths = (UNBOUNDED, UNBOUNDED)
     changed = True
     while changed:
         changed = False
         for node in nodes:
-            if node in done:
-                continue
-            if (node.enum is not None or node.types - {"object", "array"} or
-                    ("array" in node.types and (node.min_items == 0 or node.items in done)) or
-                    ("object" in node.types and
-                     all((node.properties or {}).get(k, node.additional) in done for k in node.required))):
-                done.add(node)
+            obj = arr = UNBOUNDED
+            if "object" in node.types:
+                obj = 1 + max((_least_depth((node.properties or {}).get(k, node.additional)) for k in node.required),
+                              default=0)
+            if "array" in node.types:
+                arr = 1 if node.min_items == 0 else 1 + _least_depth(node.items)
+            if (obj, arr) != node.depths:
+                node.depths = (obj, arr)
                 changed = True
-    return done
+
+
+def _fits(stack: tuple, node: Schema | None) -> bool:
+    """Whether a value of node can still be written inside the containers stack."""
+    return node is not None and len(stack) + _least_depth(node) <= MAX_DEPTH
 
 
 def compile_schema(spec) -> Schema:
@@ -353,6 +410,9 @@ STRING, ESCAPE, HEX, NUMBER, LITERAL, KEYNAME, ENUM, DONE, UTF8 = range(7, 16)
 SIZED, SIZED_UTF8, SIZED_ESCAPE = range(16, 19)
 # a number with bounds (node.bounds) keeps its text (extra: (phase, text)); it is written without an exponent
 BOUNDED = 19
+# a string with a pattern (node.pattern): extra is (the pattern's automaton state, the bytes of a character begun);
+# written without escapes
+PATTERN = 20
 
 WHITESPACE = frozenset(b" \t\n\r")
 SPACE, TAB, NEWLINE = ord(" "), ord("\t"), ord("\n")
@@ -462,9 +522,11 @@ def _value_done(stack: tuple) -> tuple:
     return (AFTER, stack, None, 0)
 
 
-def _keys_left(node: Schema, used: frozenset) -> bool:
-    """Whether another key may still come in an object of schema node with keys `used`."""
-    return node.additional is not None or any(k not in used for k in node.properties or ())
+def _keys_left(stack: tuple, node: Schema, used: frozenset) -> bool:
+    """Whether another key may still come in an object of schema node with keys `used` (open in stack), its value
+    fitting."""
+    return _fits(stack, node.additional) or any(k not in used and _fits(stack, v)
+                                                for k, v in (node.properties or {}).items())
 
 
 def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
@@ -472,10 +534,14 @@ def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
         return _enum_step(stack, node, b"", b)
     types = node.types
     if b == ord("{") and "object" in types:
-        return None if len(stack) >= MAX_DEPTH else (KEY_OR_CLOSE, stack + (("{", node, frozenset()),), node, 0)
+        fits = len(stack) + node.depths[0] <= MAX_DEPTH
+        return (KEY_OR_CLOSE, stack + (("{", node, frozenset()),), node, 0) if fits else None
     if b == ord("[") and "array" in types:
-        return None if len(stack) >= MAX_DEPTH else (VALUE_OR_CLOSE, stack + (("[", node, 0),), node.items, 0)
+        fits = len(stack) + node.depths[1] <= MAX_DEPTH
+        return (VALUE_OR_CLOSE, stack + (("[", node, 0),), node.items, 0) if fits else None
     if b == QUOTE and "string" in types:
+        if node.pattern is not None:
+            return (PATTERN, stack, node, (node.pattern.start, b""))
         sized = node.min_length or node.max_length is not None
         return (SIZED, stack, node, 0) if sized else (STRING, stack, None, False)
     if (b == ord("-") or b in DIGITS) and ("number" in types or "integer" in types):
@@ -502,10 +568,10 @@ def _key_done(stack: tuple, key: bytes) -> tuple | None:
     """After the closing quote of a known-keys object's key."""
     _, obj, used = stack[-1]
     if key in obj.properties:
-        if key in used:
+        if key in used or not _fits(stack, obj.properties[key]):
             return None
         return (COLON, stack[:-1] + (("{", obj, used | {key}),), obj.properties[key], 0)
-    return (COLON, stack, obj.additional, 0) if obj.additional is not None and _is_utf8(key) else None
+    return (COLON, stack, obj.additional, 0) if _fits(stack, obj.additional) and _is_utf8(key) else None
 
 
 def _utf8_prefix(data: bytes) -> bool:
@@ -525,6 +591,17 @@ def _utf8_prefix(data: bytes) -> bool:
                 return False
             left, low, high, i = left - 1, 0x80, 0xBF, i + 1
     return True
+
+
+def _utf8_span(begun: bytes) -> tuple[int, int]:
+    """The code points whose UTF-8 encoding begins with begun (a lead byte and fewer continuation bytes than it
+    needs, valid so far): a range, from the lowest and highest bytes that may complete it."""
+    left, low, high = UTF8_LEADS[begun[0]]
+    rest = left - (len(begun) - 1)
+    first = (low, high) if len(begun) == 1 else (0x80, 0xBF)
+    lowest = begun + bytes([first[0]]) + b"\x80" * (rest - 1)
+    highest = begun + bytes([first[1]]) + b"\xbf" * (rest - 1)
+    return ord(lowest.decode("utf-8")), ord(highest.decode("utf-8"))
 
 
 def step(state: tuple, b: int) -> tuple | None:
@@ -576,11 +653,11 @@ def step(state: tuple, b: int) -> tuple | None:
             return _key_done(stack, extra)
         more = extra + bytes([b])
         used = stack[-1][2]
-        if any(k.startswith(more) and k not in used for k in node.properties):
+        if any(k.startswith(more) and k not in used and _fits(stack, v) for k, v in node.properties.items()):
             return (KEYNAME, stack, node, more)
         # another key (plain bytes only) where additionalProperties allows it
         plain = b >= 0x20 and b != BACKSLASH and _utf8_prefix(more)
-        return (KEYNAME, stack, node, more) if plain and node.additional is not None else None
+        return (KEYNAME, stack, node, more) if plain and _fits(stack, node.additional) else None
     if mode == NUMBER:
         phase, length, integer = extra
         after = _number_step(phase, b, integer)
@@ -598,6 +675,22 @@ def step(state: tuple, b: int) -> tuple | None:
         if phase in NUMBER_COMPLETE and node.bounds.admits(Fraction(text.decode())):
             return step(_value_done(stack), b)  # b ends the number
         return None
+    if mode == PATTERN:
+        states, begun = extra
+        if b == QUOTE and not begun:
+            return _value_done(stack) if node.pattern.accepts(states) else None
+        if b < 0x20 or b == BACKSLASH or (begun and b < 0x80):
+            return None
+        char = begun + bytes([b])
+        if b >= 0x80:
+            lead = UTF8_LEADS.get(char[0])
+            if lead is None or not _utf8_prefix(char):
+                return None
+            if len(char) <= lead[0]:  # a character begun: only where one it may be goes on
+                return (PATTERN, stack, node, (states, char)) if node.pattern.takes_any(states, *_utf8_span(char)) \
+                    else None
+        after = node.pattern.step(states, ord(char.decode("utf-8")))
+        return (PATTERN, stack, node, (after, b"")) if after else None
     if mode == LITERAL:
         if b != extra[0]:
             return None
@@ -621,7 +714,7 @@ def step(state: tuple, b: int) -> tuple | None:
         return _value_start(stack, node, b) if array.max_items != 0 else None
     if mode in (KEY, KEY_OR_CLOSE):
         if b == QUOTE:
-            if not _keys_left(node, stack[-1][2]):
+            if not _keys_left(stack, node, stack[-1][2]):
                 return None
             return (STRING, stack, None, True) if node.properties is None else (KEYNAME, stack, node, b"")
         return _value_done(stack[:-1]) if mode == KEY_OR_CLOSE and b == ord("}") and not node.required else None
@@ -636,7 +729,7 @@ def step(state: tuple, b: int) -> tuple | None:
         return _value_done(stack[:-1]) if b == ord("]") and count >= array.min_items else None
     _, obj, used = frame
     if b == ord(","):
-        return (KEY, stack, obj, 0) if _keys_left(obj, used) else None
+        return (KEY, stack, obj, 0) if _keys_left(stack, obj, used) else None
     return _value_done(stack[:-1]) if b == ord("}") and obj.required <= used else None
 
 

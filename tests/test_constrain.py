@@ -247,7 +247,9 @@ OPEN = {"type": "object", "properties": {"a": {"type": "integer"}, "ab": {"type"
 BOUNDED = {"type": "object", "additionalProperties": False, "required": ["age", "p"],
            "properties": {"age": {"type": "integer", "minimum": 18, "maximum": 99},
                           "p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-                          "t": {"type": ["number", "null"], "minimum": -273.15}}}
+                          "t": {"type": ["number", "null"], "minimum": -273.15},
+                          "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,3}$"},
+                          "when": {"anyOf": [{"type": "string", "format": "date"}, {"type": "null"}]}}}
 
 
 def pets_instance(r: random.Random) -> dict:
@@ -311,6 +313,12 @@ def test_schema_instances_are_accepted_and_violations_refused():
         assert accepted(lengths, '{"s": %s}' % good), good
     for bad in ['""', '"a"', '"abcd"', '"\\u0041b"', '"ab\\n\\t"']:  # \u escapes are not written in them
         assert not accepted(lengths, '{"s": %s}' % bad), bad
+    patterned = {"type": "object", "properties": {"p": {"type": "string", "pattern": "é[0-9]+"},
+                                                  "d": {"type": ["string", "null"], "format": "date-time"}}}
+    for good in ['{"p": "é1"}', '{"p": "xxé42yy"}', '{"d": "2024-02-29T08:30:00Z"}', '{"d": null}']:
+        assert accepted(patterned, good), good
+    for bad in ['{"p": "é"}', '{"p": "e1"}', '{"p": "\\u00e91"}', '{"d": "2024-02-29"}', '{"d": "2024-02-29T08:30:00Z "}']:
+        assert not accepted(patterned, bad), bad
     composite = {"type": "object", "properties": {"c": {"const": [1, "x"]}}}  # enum texts are written compactly
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
@@ -357,8 +365,12 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
 
 
 @pytest.mark.parametrize("schema, why", [
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}, "pattern is not supported"),
-    ({"type": "object", "properties": {"d": {"type": "string", "format": "date-time"}}}, "format is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(x)\\1"}}}, "backreferences: not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": 5}}}, "pattern must be a string"),
+    ({"type": "object", "properties": {"d": {"type": "string", "format": "hostname"}}}, "format 'hostname' is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}, "with minLength/maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "format": "date"}}}, "together"),
+    ({"type": "object", "properties": {"a": {"enum": ["ab", "cd"], "pattern": "^a"}}}, "does not match the pattern"),
     ({"type": "array"}, "root must be"),
     ({"enum": [{}]}, "root must be"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/Missing"}}}, "$ref"),
@@ -454,7 +466,7 @@ def test_schema_constrained_generation_through_the_engine_and_run(tiny_packed, s
 def test_run_json_schema_errors_are_one_line(tiny_packed, tmp_path):
     base = [sys.executable, "-m", "bitnet_cli.cli", "run", str(tiny_packed[1]), "-p", "x", "--json-schema"]
     deep = '{"type": "object", "properties": {"a": ' * 400 + "{}" + "}}" * 400
-    for given, why in [('{"type": "object", "properties": {"a": {"pattern": "x"}}}', "pattern is not supported"),
+    for given, why in [('{"type": "object", "properties": {"a": {"multipleOf": 2}}}', "multipleOf is not supported"),
                        ("{nope", "not valid JSON"), (str(tmp_path / "missing.json"), "missing.json"),
                        (deep, "nested")]:
         r = subprocess.run(base + [given], capture_output=True, text=True)
@@ -473,6 +485,8 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": "string", "minLength": 1, "maxLength": 1}, {"type": "strin"}, {"$ref": "#/$defs/D"},
                          {"type": "integer", "minimum": -3, "maximum": 40}, {"type": "number", "exclusiveMinimum": 0.5},
                          {"type": ["number", "null"], "maximum": -2.25}, {"type": "integer", "minimum": 0.5, "maximum": 0.7},
+                         {"type": "string", "pattern": "^[a-c]{1,3}$"}, {"type": "string", "pattern": "b"},
+                         {"type": "string", "format": "uuid"}, {"type": "string", "pattern": "(?=x)"},
                          *([{"$ref": f"#/$defs/{d}"} for d in defs])])
     if k < 0.45:
         sizes = r.choice([{}, {"minItems": 1}, {"maxItems": 2}, {"minItems": 1, "maxItems": 1}, {"maxItems": 0}])
@@ -521,6 +535,25 @@ def test_random_schemas_compile_or_fail_cleanly_and_their_walks_end_valid(json_t
                 "$ref": "#/$defs/N"}
     with pytest.raises(BitnetError, match="no finite JSON value"):
         C.compile_schema(infinite)
+
+
+def test_nesting_never_leads_into_a_corner():
+    """Near MAX_DEPTH a container opens and a key starts only where the values that must follow still fit: a recursive schema's optional object key is refused at the depth where its value no longer
+    fits, while a scalar key still is taken and every state reached has a way out. A schema whose values all nest
+    deeper than MAX_DEPTH is refused up front."""
+    node = {"type": "object", "additionalProperties": False, "properties": {"n": {"$ref": "#/$defs/N"}, "x": {"type": "integer"},
+                                             "l": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/N"}}}}
+    root = C.initial_state(C.compile_schema({"$defs": {"N": node}, "$ref": "#/$defs/N"}))
+    deepest = C.run(root, b'{"n":' * (C.MAX_DEPTH - 1))
+    assert C.run(deepest, b'{"x":1}' + b"}" * (C.MAX_DEPTH - 1))[0] == C.DONE
+    assert C.run(deepest, b'{"n') is None and C.run(deepest, b'{"l') is None  # an object, an array of objects
+    assert C.run(C.run(root, b'{"n":' * (C.MAX_DEPTH - 3)), b'{"l":[{},{}]') is not None  # [{ at 31 and 32 deep
+    assert C.run(C.run(root, b'{"n":' * (C.MAX_DEPTH - 2)), b'{"l') is None  # its [{ would be 32 and 33 deep
+    chain = {f"D{i}": {"type": "object", "required": ["d"], "properties": {"d": {"$ref": f"#/$defs/D{i + 1}"}}}
+             for i in range(C.MAX_DEPTH + 1)}
+    chain[f"D{C.MAX_DEPTH + 1}"] = {"type": "object"}
+    with pytest.raises(BitnetError, match="nested more than"):
+        C.compile_schema({"$defs": chain, "$ref": "#/$defs/D0"})
 
 
 def test_a_sentencepiece_vocabulary_s_bytes_and_json_walks():

@@ -1,0 +1,112 @@
+"""JSON Schema patterns (bitnet_cli.pattern): matches against Python's re (ECMA-262 and Python agree on this subset
+for ASCII classes), the automaton's prefixes always going on to a match, and clear errors for what is refused."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from bitnet_cli.errors import BitnetError
+from bitnet_cli.pattern import FORMATS, WRITABLE, compile_pattern, contains
+
+ALPHABET = "ab1 -_.Zé9"
+
+
+def random_regex(r: random.Random, depth: int = 0) -> str:
+    """Patterns of the supported subset (with the characters of ALPHABET)."""
+    k = r.random()
+    if depth > 2 or k < 0.35:  # unbounded repeats only here: re backtracks exponentially on nested ones
+        return r.choice(["a", "b", "1", "é", ".", r"\d", r"\w", r"\s", r"\D", "[ab]", "[^a1]", "[a-z]", "[-_]",
+                         r"\.", "[é9]", " ", "Z"]) + r.choice(["", "", "*", "+", "?", "{2}", "{1,3}", "{0,}", "*?"])
+    if k < 0.55:
+        atom = "(" + "|".join(random_regex(r, depth + 1) for _ in range(r.randint(1, 3))) + ")"
+    elif k < 0.65:
+        atom = "(?:" + random_regex(r, depth + 1) + ")"
+    else:  # a sequence, taking no quantifier of its own (its last part may have one)
+        return "".join(random_regex(r, depth + 1) for _ in range(r.randint(1, 3)))
+    return atom + r.choice(["", "", "?", "{2}", "{1,3}", "??"])
+
+
+def random_text(r: random.Random) -> str:
+    return "".join(r.choice(ALPHABET) for _ in range(r.randint(0, 7)))
+
+
+def test_matches_are_python_re_searches():
+    """A pattern matches where re.search (ASCII classes, as ECMA-262's) finds it: anchored or not, 400 random
+    patterns, 60 strings each, some made to match by re itself."""
+    r = random.Random(11)
+    checked = matched = 0
+    for _ in range(400):
+        body = random_regex(r)
+        source = r.choice(["", "^"]) + body + r.choice(["", "$"])
+        if r.random() < 0.2:
+            source = source + "|" + r.choice(["^", ""]) + random_regex(r) + r.choice(["", "$"])
+        p = compile_pattern(source)
+        expected = re.compile(source, re.ASCII)
+        for _ in range(60):
+            text = random_text(r)
+            want = expected.search(text) is not None
+            assert p.matches(text) == want, (source, text)
+            checked += 1
+            matched += want
+    assert matched > checked // 10
+
+
+def test_every_prefix_of_the_automaton_goes_on_to_a_match():
+    """The states after any prefix that the automaton keeps (not empty) reach the accepting state: a breadth-first
+    search over the characters its moves name finds a match, for every prefix of random texts."""
+    r = random.Random(12)
+    for _ in range(150):
+        p = compile_pattern("^" + random_regex(r) + r.choice(["", "$"]))
+        for _ in range(20):
+            states = p.start
+            for ch in random_text(r):
+                states = p.step(states, ord(ch))
+                if not states:
+                    break
+                frontier, seen, found = [states], {states}, p.accepts(states)
+                while frontier and not found:
+                    s = frontier.pop()
+                    for c in {low for q in s for rng, _ in p.moves[q] for low, _ in rng}:
+                        t = p.step(s, c)
+                        found = found or p.accepts(t)
+                        if t and t not in seen:
+                            seen.add(t)
+                            frontier.append(t)
+                assert found, (p.source, ch)
+
+
+def test_strings_hold_only_what_is_written_without_escapes():
+    """Quotes, backslashes and control characters are never produced (a string with a pattern is written without
+    escapes); a pattern that needs one is refused."""
+    p = compile_pattern('^.["\\\\\\n]?x$')
+    assert p.matches("ax") and not p.matches('a"x') and not p.matches("a\\x")
+    assert not contains(WRITABLE, ord('"')) and not contains(WRITABLE, 0x1F) and contains(WRITABLE, ord("é"))
+    with pytest.raises(BitnetError, match="no string written without escapes"):
+        compile_pattern('^"$')
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("date", ["2024-02-29", "1999-12-31"], ["2024-13-01", "2024-1-01", "24-01-01", "2024-01-32"]),
+    ("time", ["23:59:60Z", "08:30:00.123+05:30"], ["24:00:00Z", "08:30:00", "8:30:00Z"]),
+    ("date-time", ["2024-02-29T08:30:00Z", "2024-02-29T08:30:00.5-01:00"], ["2024-02-29 08:30:00Z"]),
+    ("uuid", ["123e4567-e89b-12d3-a456-426614174000"], ["123e4567e89b12d3a456426614174000", "g23e4567-e89b-12d3-a456-426614174000"]),
+    ("ipv4", ["192.168.0.1", "0.0.0.0", "255.255.255.255"], ["256.1.1.1", "1.2.3", "01.2.3.4"]),
+    ("email", ["a.b+c@example.co.uk", "x@y.io"], ["a@b", "@b.io", "a..b@c.io", "a@-b.io"]),
+])
+def test_formats(name, good, bad):
+    p = compile_pattern(FORMATS[name])
+    assert all(p.matches(t) for t in good) and not any(p.matches(t) for t in bad)
+
+
+@pytest.mark.parametrize("source, why", [
+    (r"(a)\1", "backreferences"), ("(?=a)", "lookaround"), ("(?<!a)b", "lookaround"), (r"a\bb", r"\b"),
+    ("a^b", "^ is supported only"), ("a$b", "$ is supported only"), (r"\p{L}", "Unicode property"), ("(a", "not closed"),
+    ("a)", "unmatched )"), ("*a", "nothing to repeat"), ("a**", "after a quantifier"), ("(a{100}){100}", "more than 4096"),
+    ("[z-a]", "out of order"), ("a{3,2}", "less than the least"), ("[a", "ends too early"), (r"\x4", "hex digits"),
+])
+def test_what_is_refused(source, why):
+    with pytest.raises(BitnetError, match=re.escape(why)):
+        compile_pattern(source)
