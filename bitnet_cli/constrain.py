@@ -830,6 +830,28 @@ def _plain(data: bytes) -> bool:
     return not any(_special(b) for b in data) and _is_utf8(data)
 
 
+@functools.lru_cache(maxsize=16)
+def _pattern_groups(vocab: JsonVocabulary, pattern) -> tuple[list[bytes], list[np.ndarray], list[int]]:
+    """The plain tokens of vocab as the pattern sees them: each character replaced by its class (characters that no
+    range of the pattern's moves tells apart), tokens with the same classes in one group. Returns the groups' class
+    sequences (2 bytes a class, big-endian: sorted as the sequences are), sorted, each group's token ids, and a
+    character of each class to step the automaton with."""
+    cuts = sorted({edge for moves in pattern.moves for r, _ in moves for low, high in r for edge in (low, high + 1)})
+    if len(cuts) >= 0xFFFF:
+        raise BitnetError("pattern: too many character classes", param="response_format")
+    ids = np.flatnonzero(vocab.plain)
+    texts = [vocab.tokens[i].decode("utf-8") for i in ids]
+    points = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+    classes = np.searchsorted(np.array(cuts, dtype=np.int64), points, side="right").astype(">u2").tobytes()
+    ends = np.cumsum([2 * len(t) for t in texts]).tolist()
+    by_sequence: dict[bytes, list[int]] = {}
+    for i, start, end in zip(ids.tolist(), [0] + ends[:-1], ends):
+        by_sequence.setdefault(classes[start:end], []).append(i)
+    sequences = sorted(by_sequence)
+    # class k holds [cuts[k - 1], cuts[k]) (class 0 from 0): its first character stands for it
+    return sequences, [np.array(by_sequence[q], dtype=np.int64) for q in sequences], [0] + cuts
+
+
 class JsonVocabulary:
     """A vocabulary's tokens as bytes, arranged to find the tokens each recognizer state allows;
     built once per model (Engine.json_constraint) and shared by all of its sequences."""
@@ -865,7 +887,9 @@ class JsonVocabulary:
         self.sized_tails = {key: np.array(ids) for key, ids in sized_tails.items()}
         self.end = np.zeros(self.size, dtype=bool)
         self.end[[i for i in end_ids if 0 <= i < self.size]] = True
+        self.unplain = np.array([i for i, t in enumerate(self.tokens) if t and not self.plain[i]], dtype=np.int64)
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._pattern_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (pattern, states): plain tokens
 
     def allowed(self, state: tuple) -> np.ndarray:
         """bool [V]: the tokens that may come in `state` (read-only; cached)."""
@@ -880,6 +904,11 @@ class JsonVocabulary:
             for tail, ids in self.tails.items():
                 if run(state, tail) is not None:
                     mask[ids] = True
+        elif state[0] == PATTERN and not state[3][1]:  # at a character's start: plain tokens by the pattern alone
+            mask = self._pattern_plain(state[2].pattern, state[3][0]).copy()
+            for i in self.unplain:  # the rest (a quote, an escape, a character cut) read whole from the real state
+                if run(state, self.tokens[i]) is not None:
+                    mask[i] = True
         elif state[0] == SIZED:  # as a free string, with the characters counted against maxLength
             mode, stack, node, count = state
             room = node.max_length - count if node.max_length is not None else self.size
@@ -897,6 +926,41 @@ class JsonVocabulary:
         self._masks[state] = mask
         if len(self._masks) > MASK_CACHE:
             self._masks.popitem(last=False)
+        return mask
+
+    def _pattern_plain(self, pattern, states: frozenset) -> np.ndarray:
+        """bool [V]: the plain tokens (whole characters, none special) that keep a string of pattern alive from its
+        automaton's states, whatever surrounds the string (cached per states). Decided per group of tokens that the
+        pattern cannot tell apart (_pattern_groups), each group once, walking their class sequences as a trie."""
+        key = (pattern, states)
+        mask = self._pattern_masks.get(key)
+        if mask is not None:
+            self._pattern_masks.move_to_end(key)
+            return mask
+        sequences, groups, representatives = _pattern_groups(self, pattern)
+        keep: list[int] = []
+
+        def walk(states: frozenset, lo: int, hi: int, depth: int) -> None:  # sequences[lo:hi] share depth classes
+            i = lo
+            while i < hi and len(sequences[i]) == 2 * depth:  # groups whose tokens end here, alive
+                keep.append(i)
+                i += 1
+            while i < hi:
+                k = int.from_bytes(sequences[i][2 * depth:2 * depth + 2], "big")
+                j = bisect.bisect_left(sequences, sequences[i][:2 * depth] + (k + 1).to_bytes(2, "big"), i, hi)
+                after = pattern.step(states, representatives[k])
+                if after:
+                    walk(after, i, j, depth + 1)
+                i = j
+
+        walk(states, 0, len(sequences), 0)
+        mask = np.zeros(self.size, dtype=bool)
+        if keep:
+            mask[np.concatenate([groups[g] for g in keep])] = True
+        mask.flags.writeable = False
+        self._pattern_masks[key] = mask
+        if len(self._pattern_masks) > MASK_CACHE:
+            self._pattern_masks.popitem(last=False)
         return mask
 
     def _walk(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
