@@ -55,9 +55,10 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")  # a number's, in JSON Schema 2020-12's sense
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-                      "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "$ref", "$defs",
-                      "definitions")) | ANNOTATIONS
+KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+                      "maxItems",
+                      "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
+                      "$defs", "definitions")) | ANNOTATIONS
 
 
 class Schema:
@@ -68,19 +69,22 @@ class Schema:
     properties: None for free keys (any string), else the known keys as their JSON string
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
-    other keys); items: an array element's schema; min_items, max_items: an array's length (None:
+    other keys); items: an array element's schema (after those of prefix_items, one per position; None: no more
+    than those); min_items, max_items: an array's length (None:
     no most); min_length, max_length: a string's, in characters; pattern: a string's (a compiled
     pattern.Pattern, from `pattern` or `format`; None: any string); bounds: a number's (Bounds;
     None: any number); enum: the only texts allowed (compact JSON); depths: the least nesting of an
     object and of an array it accepts (set by _set_depths)."""
 
-    __slots__ = ("types", "properties", "required", "additional", "items", "min_items", "max_items", "min_length",
+    __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
+                 "min_length",
                  "max_length", "pattern", "bounds", "enum", "depths")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
         self.additional, self.items, self.enum = additional, items, enum
         self.min_items, self.max_items = 0, None
+        self.prefix_items = ()
         self.min_length, self.max_length = 0, None
         self.pattern = self.bounds = None
         self.depths = (1, 1)  # an object or array is one level deep at least (_set_depths: how deep at least)
@@ -198,15 +202,20 @@ class _Compiler:
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
             raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, minItems, maxItems, minLength, maxLength, pattern, format, "
-                                "minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, anyOf, "
-                                "$ref to #/$defs)")
+                                "additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, "
+                                "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, "
+                                "anyOf, oneOf, allOf of one, $ref to #/$defs)")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
                 raise _schema_error(where, f"$ref with {', '.join(sorted(beside))} beside it is not supported")
             return self.ref(spec["$ref"], where)
-        if "anyOf" in spec:
+        if "allOf" in spec:  # pydantic v1's way to give a $ref a description: one schema, annotations beside it
+            parts = spec["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1 or set(spec) - ANNOTATIONS - {"allOf", "$defs", "definitions"}:
+                raise _schema_error(where, "allOf is supported only with one schema and nothing but annotations beside it")
+            return self.node(parts[0], f"{where}.allOf")
+        if "anyOf" in spec or "oneOf" in spec:
             return self.any_of(spec, where)
         if "const" in spec or "enum" in spec:
             values = [spec["const"]] if "const" in spec else spec["enum"]
@@ -246,11 +255,21 @@ class _Compiler:
         node.required = frozenset(json.dumps(r, ensure_ascii=False)[1:-1].encode("utf-8") for r in required)
         if node.additional is None and not node.required <= set(node.properties or ()):
             raise _schema_error(where, "a required name is neither in properties nor allowed by additionalProperties")
-        node.items = self.node(spec.get("items", True), f"{where}.items")
+        prefix = spec.get("prefixItems", [])
+        if not isinstance(prefix, list):
+            raise _schema_error(where, "prefixItems must be a list of schemas")
+        node.prefix_items = tuple(self.node(p, f"{where}.prefixItems") for p in prefix)
+        items = spec.get("items", True)
+        node.items = None if items is False else self.node(items, f"{where}.items")
         node.min_items, node.max_items = spec.get("minItems", 0), spec.get("maxItems")
         if not (_count(node.min_items) and (node.max_items is None or _count(node.max_items))) or \
                 node.min_items > (node.max_items if node.max_items is not None else node.min_items):
             raise _schema_error(where, "minItems and maxItems must be whole numbers >= 0, minItems <= maxItems")
+        if node.items is None:  # items: false: the prefix items and no more
+            node.max_items = min(len(node.prefix_items), len(node.prefix_items) if node.max_items is None
+                                 else node.max_items)
+            if node.min_items > node.max_items:
+                raise _schema_error(where, "minItems is more than prefixItems allows with items: false")
         node.min_length, node.max_length = spec.get("minLength", 0), spec.get("maxLength")
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
@@ -292,22 +311,25 @@ class _Compiler:
         return self.refs[ref]
 
     def any_of(self, spec, where: str) -> Schema:
-        """anyOf of alternatives that differ in type (pydantic's Optional[X]): merged into one node,
-        since the first byte of a value tells which alternative it is."""
-        parts = [self.node(p, f"{where}.anyOf") for p in spec["anyOf"]] if isinstance(spec["anyOf"], list) else []
+        """anyOf (or oneOf: the same where the types differ) of alternatives that differ in type (pydantic's
+        Optional[X]): merged into one node, since the first byte of a value tells which alternative it is."""
+        word = "anyOf" if "anyOf" in spec else "oneOf"
+        given = spec[word]
+        parts = [self.node(p, f"{where}.{word}") for p in given] if isinstance(given, list) else []
         if not parts or any(p.enum is not None for p in parts) or len(spec) > 1 + len(set(spec) & ANNOTATIONS):
-            raise _schema_error(where, "anyOf is supported only as alternatives of different types, without enum "
+            raise _schema_error(where, f"{word} is supported only as alternatives of different types, without enum "
                                 "and without other keywords beside it")
         merged = Schema(types=frozenset())
         for p in parts:
             kinds = {"number" if t == "integer" else t for t in p.types}
             if kinds & {"number" if t == "integer" else t for t in merged.types}:
-                raise _schema_error(where, "anyOf alternatives must not share a type")
+                raise _schema_error(where, f"{word} alternatives must not share a type")
             merged.types |= p.types
             if "object" in p.types:
                 merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
             if "array" in p.types:
                 merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
+                merged.prefix_items = p.prefix_items
             if "string" in p.types:
                 merged.min_length, merged.max_length, merged.pattern = p.min_length, p.max_length, p.pattern
             if p.types & {"number", "integer"}:
@@ -333,7 +355,7 @@ def _reachable(root: Schema) -> list[Schema]:
     seen, todo = {id(root): root}, [root]
     while todo:
         node = todo.pop()
-        for child in [*(node.properties or {}).values(), node.additional, node.items]:
+        for child in [*(node.properties or {}).values(), node.additional, node.items, *node.prefix_items]:
             if child is not None and id(child) not in seen:
                 seen[id(child)] = child
                 todo.append(child)
@@ -370,10 +392,16 @@ def _set_depths(root: Schema) -> None:
                 obj = 1 + max((_least_depth((node.properties or {}).get(k, node.additional)) for k in node.required),
                               default=0)
             if "array" in node.types:
-                arr = 1 if node.min_items == 0 else 1 + _least_depth(node.items)
+                arr = 1 + max((_least_depth(_item(node, i)) for i in range(min(node.min_items, len(node.prefix_items) + 1))),
+                              default=0)
             if (obj, arr) != node.depths:
                 node.depths = (obj, arr)
                 changed = True
+
+
+def _item(array: Schema, index: int) -> Schema | None:
+    """The schema of an array's item at index (None: no item there)."""
+    return array.prefix_items[index] if index < len(array.prefix_items) else array.items
 
 
 def _fits(stack: tuple, node: Schema | None) -> bool:
@@ -538,7 +566,7 @@ def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
         return (KEY_OR_CLOSE, stack + (("{", node, frozenset()),), node, 0) if fits else None
     if b == ord("[") and "array" in types:
         fits = len(stack) + node.depths[1] <= MAX_DEPTH
-        return (VALUE_OR_CLOSE, stack + (("[", node, 0),), node.items, 0) if fits else None
+        return (VALUE_OR_CLOSE, stack + (("[", node, 0),), _item(node, 0), 0) if fits else None
     if b == QUOTE and "string" in types:
         if node.pattern is not None:
             return (PATTERN, stack, node, (node.pattern.start, b""))
@@ -725,7 +753,7 @@ def step(state: tuple, b: int) -> tuple | None:
     if frame[0] == "[":
         _, array, count = frame
         if b == ord(","):
-            return (VALUE, stack, array.items, 0) if array.max_items is None or count < array.max_items else None
+            return (VALUE, stack, _item(array, count), 0) if array.max_items is None or count < array.max_items else None
         return _value_done(stack[:-1]) if b == ord("]") and count >= array.min_items else None
     _, obj, used = frame
     if b == ord(","):

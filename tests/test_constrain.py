@@ -319,6 +319,18 @@ def test_schema_instances_are_accepted_and_violations_refused():
         assert accepted(patterned, good), good
     for bad in ['{"p": "é"}', '{"p": "e1"}', '{"p": "\\u00e91"}', '{"d": "2024-02-29"}', '{"d": "2024-02-29T08:30:00Z "}']:
         assert not accepted(patterned, bad), bad
+    tuples = {"type": "object", "$defs": {"R": {"type": "boolean"}}, "properties": {
+        "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
+        "head": {"type": "array", "prefixItems": [{"type": "integer"}], "items": False},
+        "tail": {"type": "array", "prefixItems": [{"type": "string"}], "items": {"type": "integer"}},
+        "one": {"oneOf": [{"type": "integer"}, {"type": "null"}]},
+        "all": {"allOf": [{"$ref": "#/$defs/R"}], "description": "pydantic v1's $ref with a description"}}}
+    for good in ['{"pair": [1, "a"]}', '{"head": []}', '{"head": [1]}', '{"tail": ["a", 1, 2]}', '{"tail": []}',
+                 '{"one": null, "all": true}', '{"one": 3}']:
+        assert accepted(tuples, good), good
+    for bad in ['{"pair": [1]}', '{"pair": ["a", 1]}', '{"pair": [1, "a", 2]}', '{"head": [1, 2]}', '{"head": ["a"]}',
+                '{"tail": ["a", "b"]}', '{"tail": [1]}', '{"one": "x"}', '{"all": 1}']:
+        assert not accepted(tuples, bad), bad
     composite = {"type": "object", "properties": {"c": {"const": [1, "x"]}}}  # enum texts are written compactly
     assert accepted(composite, '{"c": [1,"x"]}') and not accepted(composite, '{"c": [1, "x"]}')
 
@@ -367,6 +379,11 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
 @pytest.mark.parametrize("schema, why", [
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(x)\\1"}}}, "backreferences: not supported"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": 5}}}, "pattern must be a string"),
+    ({"type": "object", "properties": {"a": {"allOf": [{"type": "string"}, {"maxLength": 3}]}}}, "allOf is supported only"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "string"}, {"type": "string"}]}}}, "oneOf alternatives"),
+    ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": {"type": "string"}}}}, "prefixItems must be"),
+    ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}},
+     "minItems is more than prefixItems allows"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "hostname"}}}, "format 'hostname' is not supported"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}, "with minLength/maxLength"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "format": "date"}}}, "together"),
@@ -487,6 +504,9 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": ["number", "null"], "maximum": -2.25}, {"type": "integer", "minimum": 0.5, "maximum": 0.7},
                          {"type": "string", "pattern": "^[a-c]{1,3}$"}, {"type": "string", "pattern": "b"},
                          {"type": "string", "format": "uuid"}, {"type": "string", "pattern": "(?=x)"},
+                         {"type": "array", "prefixItems": [{"type": "integer"}, {"$ref": "#/$defs/D"}], "items": False},
+                         {"type": "array", "prefixItems": [{"type": "null"}], "minItems": 2, "items": {"type": "boolean"}},
+                         {"oneOf": [{"type": "string"}, {"type": "integer"}]}, {"allOf": [{"$ref": "#/$defs/D"}]},
                          *([{"$ref": f"#/$defs/{d}"} for d in defs])])
     if k < 0.45:
         sizes = r.choice([{}, {"minItems": 1}, {"maxItems": 2}, {"minItems": 1, "maxItems": 1}, {"maxItems": 0}])
