@@ -539,8 +539,8 @@ def run(
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", "-j", metavar="SCHEMA|PATH",
         help="Like --format json, to one JSON object this schema accepts: the schema inline ('{...}') or a file "
-             "(as llama.cpp's -j/-jf). type, properties, required, additionalProperties, items, minItems, maxItems, minLength, maxLength, enum, const, anyOf and "
-             "$ref to #/$defs are enforced; any other keyword is an error."),
+             "(as llama.cpp's -j/-jf). Types, properties, lengths, bounds, patterns, formats, enums, anyOf and $ref "
+             "are enforced (docs/SERVE.md lists the keywords); any other keyword is an error naming it."),
 ):
     """Generate text from a packed model on the CPU, streaming tokens as they come.
 
