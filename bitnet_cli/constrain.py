@@ -47,6 +47,7 @@ MAX_DEPTH = 32
 MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
 MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
 MAX_SCHEMA_TEXT = 65536  # bytes of enum values and property names together (each is matched byte by byte)
+MAX_SCHEMA_STATES = 16384  # automaton states of its patterns together (each costs compiling and a vocabulary pass)
 
 # ---------------------------------------------------------------------- schemas
 
@@ -126,7 +127,8 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
 
 
 def _pattern(spec: dict, where: str):
-    """`pattern` or `format` (one of pattern.FORMATS) as a compiled pattern.Pattern; None without them."""
+    """`pattern` or `format` (one of pattern.FORMATS) as a compiled pattern.Pattern; None without them (see
+    _Compiler.pattern for the limit on them all)."""
     if "pattern" in spec and "format" in spec:
         raise _schema_error(where, "pattern and format together are not supported")
     if "format" in spec:
@@ -182,12 +184,22 @@ class _Compiler:
         self.refs: dict[str, Schema] = {}
         self.nodes = 0
         self.text = 0  # bytes of enum values and property names so far
+        self.states = 0  # automaton states of the patterns so far
 
     def literal(self, text: bytes) -> bytes:
         self.text += len(text)
         if self.text > MAX_SCHEMA_TEXT:
             raise _schema_error("", f"more than {MAX_SCHEMA_TEXT} bytes of enum values and property names")
         return text
+
+    def pattern(self, spec: dict, where: str):
+        """_pattern, counted against MAX_SCHEMA_STATES."""
+        pattern = _pattern(spec, where)
+        if pattern is not None:
+            self.states += len(pattern.moves)
+            if self.states > MAX_SCHEMA_STATES:
+                raise _schema_error("", f"patterns of more than {MAX_SCHEMA_STATES} automaton states together")
+        return pattern
 
     def node(self, spec, where: str) -> Schema:
         self.nodes += 1
@@ -232,7 +244,7 @@ class _Compiler:
             if bounds is not None and not all(bounds.admits(Fraction(repr(v)) if isinstance(v, float) else Fraction(v))
                                               for v in values if _type_of(v) in ("integer", "number")):
                 raise _schema_error(where, "an enum value is outside minimum/maximum")
-            pattern = _pattern(spec, where)
+            pattern = self.pattern(spec, where)
             if pattern is not None and not all(pattern.matches(v) for v in values if isinstance(v, str)):
                 raise _schema_error(where, "an enum value does not match the pattern or format")
             try:
@@ -274,7 +286,7 @@ class _Compiler:
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
             raise _schema_error(where, "minLength and maxLength must be whole numbers >= 0, minLength <= maxLength")
-        node.pattern = _pattern(spec, where)
+        node.pattern = self.pattern(spec, where)
         if node.pattern is not None and (node.min_length or node.max_length is not None):
             raise _schema_error(where, "pattern or format with minLength/maxLength is not supported (write the "
                                 "length into the pattern: {2,5})")

@@ -417,6 +417,8 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
     ({"type": "object", "properties": {f"p{i}": {} for i in range(2000)}}, "more than 1000"),
     ({"type": "object", "properties": {"a": {"enum": ["x" * 40000, "y" * 40000]}}}, "more than 65536 bytes"),
     ({"type": "object", "properties": {"k" * 70000: {}}}, "more than 65536 bytes"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": f"^a{{{1000 + i}}}$"} for i in range(20)}},
+     "more than 16384 automaton states"),
 ])
 def test_schema_keywords_that_would_not_be_enforced_are_refused(schema, why):
     with pytest.raises(BitnetError, match=re.escape(why)):
