@@ -1487,7 +1487,7 @@ def test_residual_rows_setting(monkeypatch):
 def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkeypatch):
     """Where the three switches are unset, enable() turns RESIDUAL_ROWS and ROPE_ROWS on for models wider than
     WIDE_HIDDEN and FP8_GRAD_WEIGHT too where the device has fp8 tensor cores (here pretended: the CPU has none) and
-    the weight gradient is not int8 already; a narrow model keeps them off, a variable set to 0 or 1 wins either way,
+    the rest is the path's defaults (int8 grad_input, cached weights, a weight gradient not int8 already); a narrow model keeps them off, a variable set to 0 or 1 wins either way,
     and enabled_switches() says what was chosen. A wide model trains to the same loss as with the switches set."""
     for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
         monkeypatch.delenv(v, raising=False)
@@ -1509,6 +1509,9 @@ def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkey
     assert L.enabled_switches(narrow) == [] and not L.fp8_grad_weight_enabled()
     L.enable(wide, True, cache=True, int8_weight=True)  # the int8 weight gradient: no fp8 one, and no error
     assert L.enabled_switches(wide) == []
+    for kwargs in ({"int8_grad": True, "cache": False}, {"int8_grad": False, "cache": True}):  # FSDP; bf16 grad_input
+        L.enable(wide, **kwargs)
+        assert not L.fp8_grad_weight_enabled(), kwargs
     monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "0")
     monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
     L.enable(wide, True, cache=True)

@@ -1339,7 +1339,8 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     if int8_weight and fp8_grad_weight_enabled():
         raise BitnetError("train.int8_grad_weight: on and BITNET_INT8_FP8_GRAD_WEIGHT=1 both choose the weight "
                           "gradient's product: keep one")
-    _fp8_by_default = wide and not int8_weight and fp8_capable(device)
+    # on by default only where it was measured: the path's defaults (cached weights, so not FSDP; int8 grad_input)
+    _fp8_by_default = wide and cache and int8_grad and not int8_weight and fp8_capable(device)
     fused = set()
     rnq = residual_norm_quant_enabled()
     groups = _shared_input_groups(model)
