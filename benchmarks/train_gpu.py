@@ -159,6 +159,17 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
         torch.cuda.reset_peak_memory_stats()
     traced: dict = {}
     undo = traced_steps(steps, traced) if profile else None
+    from bitnet_cli.train import int8_linear
+
+    chosen: list[str] = []  # the backward's optional parts the int8 path turned on (enabled_switches)
+    enable = int8_linear.enable
+
+    def enable_and_note(model, *args, **kwargs):
+        n = enable(model, *args, **kwargs)
+        chosen[:] = int8_linear.enabled_switches(model)
+        return n
+
+    int8_linear.enable = enable_and_note
     saved = loop._Run.save, loop._Run.evaluate
     loop._Run.save = lambda self, target, step, seconds: None
     if timing:
@@ -172,6 +183,7 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
             res = train(recipe, out_dir=out_dir, progress=False)
         finally:
             loop._Run.save, loop._Run.evaluate = saved
+            int8_linear.enable = enable
             for k, v in outer.items():
                 if v is None:
                     os.environ.pop(k)
@@ -190,7 +202,7 @@ def run(recipe_path: Path, variant: str, compile_: bool, steps: int, extra: list
     env = {k: v for k, v in sorted({**os.environ, **switches}.items()) if k.startswith(("BITNET_", "TORCHINDUCTOR_"))
            and k != "BITNET_SHARED_DATA"}
     return {"recipe": recipe_path.name, "variant": variant, "compile": compile_, "batch_size": t.batch_size,
-            "env": env,
+            "env": env, **({"int8_backward": chosen} if base == "int8" else {}),
             "grad_accum": t.grad_accum, "seq_len": t.seq_len, "tokens_per_s": round(tps),
             "step_s": round(t.batch_size * t.grad_accum * t.seq_len / tps, 4),
             "mfu": round(fpt * tps / peak, 4) if peak else None, "flops_per_token": fpt,

@@ -45,6 +45,9 @@ def test_the_switches_hold_for_their_run_alone(monkeypatch, tmp_path):
     assert seen == {"BITNET_INT8_GATED_GRAD": "0", "BITNET_INT8_RESIDUAL_ROWS": "1"}
     assert resets == [1]  # the run compiles afresh: a switch read while tracing is no guard of a cached graph
     assert os.environ["BITNET_INT8_GATED_GRAD"] == "1" and "BITNET_INT8_RESIDUAL_ROWS" not in os.environ
+    from bitnet_cli.train import int8_linear
+
+    assert int8_linear.enable.__name__ == "enable"  # the wrapper that notes the chosen switches is gone again
 
 
 def test_the_fp8_curve_experiment_trains_with_the_switch_and_restores_it(monkeypatch, tmp_path):
