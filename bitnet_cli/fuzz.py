@@ -5,9 +5,9 @@
     python -m bitnet_cli.fuzz --minutes 30 --sanitize       # the engine under ASan/UBSan kernels
 
 Small valid files are built first (a packed model, a safetensors checkpoint, a sharded one with
-its index, config and tokenizer JSON, a recipe, a GGUF export; no download, no torch). Each case mutates one of
-them (bytes, or a value inside its JSON/YAML) and runs the command that reads it (`bitnet run`,
-`info --verify`, `pack`, `train --dry-run`) in a forked child with resource limits. The oracle:
+its index, config and tokenizer JSON, a recipe, a GGUF export, a JSON schema; no download, no torch). Each case
+mutates one of them (bytes, or a value inside its JSON/YAML) and runs the command that reads it (`bitnet run`,
+`info --verify`, `pack`, `train --dry-run`, `run --json-schema`) in a forked child with resource limits. The oracle:
 exit 0, or exit 1 with exactly one stderr line starting ``error:``; never a traceback, a signal,
 more than 10 s of CPU time (or 60 s of wall time), more than 1 GB of memory beyond the parent's,
 or a sanitizer report. Findings are
@@ -39,7 +39,7 @@ import time
 import traceback
 from pathlib import Path
 
-FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe", "gguf")
+FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe", "gguf", "schema")
 TIMEOUT_S = 10.0  # CPU seconds a case may use (CPU, not wall time: the machine may be busy)
 WALL_TIMEOUT_S = 60.0  # and wall seconds, for a case that hangs without using the CPU
 MEMORY_BYTES = 1 << 30
@@ -142,7 +142,13 @@ def build_seeds(work: Path) -> dict[str, Seed]:
         "  rope_theta: 10000.0\ndata:\n  files: [bundled:tinyshakespeare]\n  val_fraction: 0.05\n"
         "  tokenizer: {vocab_size: 320}\noptim:\n  lr: 1.0e-3\n  betas: [0.9, 0.95]\n  schedule: two_stage\n"
         "train:\n  batch_size: 4\n  seq_len: 32\n  steps: 10\n  device: cpu\n  threads: 1\n")
+    schema_dir = work / "schema"
+    schema_dir.mkdir()
+    shutil.copy(packed_dir / "model.bin", schema_dir / "model.bin")
+    (schema_dir / "schema.json").write_text(json.dumps(SCHEMA_SEED, indent=1))
     run = ["run", "{file}", "-p", "ROMEO: a", "-n", "3", "--seed", "1", "--threads", "1", "--ctx-size", "64"]
+    constrained = ["run", "{dir}/model.bin", "-p", "Data:", "-n", "24", "--seed", "1", "--threads", "1",
+                   "--ctx-size", "64", "--json-schema", "{file}"]
     pack = ["pack", "{dir}", "{dir}/out.bin", "--force", "--json"]
     return {
         "packed": Seed("packed", packed_dir / "model.bin", packed_dir,
@@ -153,7 +159,27 @@ def build_seeds(work: Path) -> dict[str, Seed]:
         "tokenizer": Seed("tokenizer", single / "tokenizer.json", single, [pack]),
         "gguf": Seed("gguf", gguf_dir / "model.gguf", gguf_dir, [["pack", "{file}", "{dir}/out.bin", "--force", "--json"]]),
         "recipe": Seed("recipe", recipe_dir / "recipe.yaml", recipe_dir, [["train", "{file}", "--dry-run", "--json"]]),
+        "schema": Seed("schema", schema_dir / "schema.json", schema_dir,
+                       [constrained, constrained + ["--temperature", "0"]]),
     }
+
+
+# A schema using every keyword the JSON output enforces (bitnet_cli.constrain), for the schema cases to mutate.
+SCHEMA_SEED = {
+    "type": "object", "additionalProperties": False, "required": ["id", "kind"],
+    "$defs": {"Node": {"type": "object", "properties": {"v": {"type": "integer", "minimum": -3, "maximum": 40},
+                                                       "kids": {"type": "array", "items": {"$ref": "#/$defs/Node"},
+                                                                "maxItems": 2}}}},
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,4}$"}, "kind": {"enum": ["cat", "dog", 3, None]},
+        "when": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
+        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "name": {"type": "string", "minLength": 1, "maxLength": 8}, "ok": {"const": True},
+        "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "format": "uuid"}],
+                 "items": False, "minItems": 2},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "a+b"}, "minItems": 1, "maxItems": 3},
+        "tree": {"allOf": [{"$ref": "#/$defs/Node"}], "description": "a described $ref"},
+        "one": {"oneOf": [{"type": "boolean"}, {"type": "integer", "exclusiveMaximum": 0}]}}}
 
 
 # ------------------------------------------------------------------------------ mutation
@@ -287,6 +313,24 @@ def mutate_yaml(data: bytes, rng: random.Random) -> bytes:
     return "\n".join(lines).encode("utf-8", "surrogateescape")
 
 
+PATTERN_SNIPPETS = ["(", ")", "[", "]", "{", "}", "{99999}", "{2,1}", "*", "+?", "|", "^", "$", "\\", "\\1", "(?=",
+                    "(?<n>", "\\p{L}", "\\u12", "\\x", "[^\\s\\S]", "(a*)*", "(a|a)*b", "[\\d-z]", ".{0,4000}",
+                    "(" * 400, ")" * 400, "é", "\"", "\\b", "[z-a]", "\\cA", "(?i)"]
+
+
+def mutate_pattern(data: bytes, rng: random.Random) -> bytes:
+    """A schema with snippets of regular expressions spliced into its patterns (or a new pattern where none was)."""
+    schema = json.loads(data)
+    props = schema["properties"]
+    name = rng.choice(sorted(props))
+    old = props[name].get("pattern", "") if isinstance(props[name], dict) else ""
+    for _ in range(rng.randint(1, 4)):
+        at = rng.randint(0, len(old))
+        old = old[:at] + rng.choice(PATTERN_SNIPPETS) + old[at:]
+    props[name] = {"type": "string", "pattern": old}
+    return json.dumps(schema).encode()
+
+
 def mutate_gguf(data: bytes, rng: random.Random) -> bytes:
     """Bytes, biased to the header (counts, key/value metadata, tensor infos) where the parser works."""
     if rng.random() < 0.7:
@@ -302,6 +346,8 @@ def mutate(seed: Seed, data: bytes, rng: random.Random) -> bytes:
         return mutate_yaml(data, rng)
     if seed.format == "gguf":
         return mutate_gguf(data, rng)
+    if seed.format == "schema" and rng.random() < 0.3:
+        return mutate_pattern(data, rng)
     return mutate_json(data, rng)
 
 
