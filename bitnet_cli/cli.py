@@ -111,6 +111,14 @@ def kv_cache_option() -> str:
                         "cached token (keys and values rounded to f16 as they are stored; f32 matches transformers).")
 
 
+def lookup_option(what: str = "") -> int:
+    return typer.Option(
+        0, "--lookup", metavar="N",
+        help=f"Prompt lookup decoding: up to N draft tokens{what} per pass, copied from where the text's last 2-3 "
+             "tokens appeared before, checked in the same engine pass. The text is exactly the same; faster where it "
+             "repeats earlier text (edits, quotes, lists), a little slower where drafts miss. 0: off.")
+
+
 # A bad eval data directory is named as the user gave it: --data-dir, or this variable (the default of both commands)
 EVAL_DATA_ENV = f"${DATA_ENV}"
 
@@ -531,11 +539,7 @@ def run(
         "text", "--format", metavar="text|json",
         help="json: every token is chosen so that the text is one JSON object, and generation ends when it closes "
              "(the server's response_format json_object; ollama's --format json). The prompt should still ask for JSON."),
-    lookup: int = typer.Option(
-        0, "--lookup", metavar="N",
-        help="Prompt lookup decoding: up to N draft tokens per pass, copied from where the text's last 2-3 tokens "
-             "appeared before, checked in the same engine pass. The text is exactly the same; faster where it "
-             "repeats earlier text (edits, quotes, lists), a little slower where drafts miss. 0: off."),
+    lookup: int = lookup_option(),
     json_schema: Optional[str] = typer.Option(
         None, "--json-schema", "-j", metavar="SCHEMA|PATH",
         help="Like --format json, to one JSON object this schema accepts: the schema inline ('{...}') or a file "
@@ -660,6 +664,7 @@ def serve(
     max_queue: int = typer.Option(DEFAULT_MAX_QUEUE, "--max-queue", help="Sequences that may wait for a free slot; beyond that requests get 503 (retry later)."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id clients ask for (default: the file name without its extension)."),
     json_output: bool = json_option("the start-up facts (URL, memory per slot)"),
+    lookup: int = lookup_option(" of each sequence"),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar=API_KEY_ENV, show_envvar=False,
         help=f"Require 'Authorization: Bearer KEY' on every endpoint but /health (else 401), as llama-server's "
@@ -674,7 +679,7 @@ def serve(
     or any OpenAI client with base_url="http://localhost:8000/v1".
     """
 
-    with user_errors(options={"model_id": "--name", "api_key": "--api-key"}):
+    with user_errors(options={"model_id": "--name", "api_key": "--api-key", "lookup": "--lookup"}):
         from bitnet_cli.serve.server import serve as run_server
 
         def ready(info: dict) -> None:
@@ -685,13 +690,15 @@ def serve(
                 f"serving [bold]{info['model']}[/] at [bold]{info['url']}[/] | {info['parallel']} slots x "
                 f"{info['ctx_size']} tokens, {info['kv_cache']} KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
                 f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}"
+                + (f" | lookup {info['lookup']}" if info["lookup"] else "")
                 + (" | API key required" if info["api_key"] else ""),
                 highlight=False, soft_wrap=True)
 
         if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
             warn(f"serving on {host} without --api-key: anyone who can reach this port can use the model")
         run_server(model, host=host, port=port, threads=threads, parallel=parallel, ctx_size=ctx_size,
-                   max_queue=max_queue, model_id=name, ready=ready, kv_cache=kv_cache, api_key=api_key)
+                   max_queue=max_queue, model_id=name, ready=ready, kv_cache=kv_cache, api_key=api_key,
+                   lookup=lookup)
 
 
 # ---------------------------------------------------------------- eval

@@ -33,7 +33,7 @@ from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.constrain import JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, output_schema, token_bytes
 from bitnet_cli.errors import BitnetError, warn
-from bitnet_cli.lookup import PromptLookup, check_lookup
+from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.rope import inv_freq as rope_inv_freq
 from bitnet_cli.sampling import SamplingParams, sample
@@ -592,19 +592,15 @@ class Engine(kernels.CResource):
         t_first = None
         pending = [logits]       # logits rows computed and not yet sampled from, in order
         expected: list[int] = []  # the draft token each pending row (but the last) was run with after it
-        # a missed draft token costs part of a pass (about 45% of one at 2B4T's shape on 2 cores),
-        # so drafts shrink to what was accepted when they miss and grow back while they hit
-        draft_len, hits = lookup, 0
+        length = DraftLength(lookup)
         while True:
             token = sample(pending.pop(0), params, rng, history, constraint.allowed() if constraint else None)
             if expected:
                 if token == expected.pop(0):
                     stats.accepted_tokens += 1
-                    hits += 1
-                    if not expected:
-                        draft_len = min(lookup, draft_len + 1)
+                    length.hit(whole=not expected)
                 else:  # the rows after a refused draft token were computed from it: worthless
-                    draft_len = max(1, hits or draft_len // 2)
+                    length.miss()
                     pending, expected = [], []
             if t_first is None:
                 t_first = time.perf_counter()
@@ -634,10 +630,10 @@ class Engine(kernels.CResource):
             if pending:  # the next row is ready: its input was the draft token just accepted
                 continue
             # a draft may use the context's free positions and no more tokens than are still wanted
-            room = min(draft_len, self.ctx_size - len(history), max_tokens - stats.generated_tokens - 1)
+            room = min(length.now, self.ctx_size - len(history), max_tokens - stats.generated_tokens - 1)
             draft = drafts.propose(room) if drafts else []
             stats.drafted_tokens += len(draft)
-            hits = 0
+            length.start()
             pending = list(self.forward([token] + draft, n_past=len(history) - 1, all_logits=bool(draft)))
             expected = draft
         piece = text.flush()

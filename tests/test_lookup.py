@@ -1,5 +1,6 @@
-"""Prompt lookup decoding (bitnet_cli.lookup, `generate(lookup=)`, `bitnet run --lookup`): the drafts
-against a naive search, and the generated text exactly the one without drafts."""
+"""Prompt lookup decoding (bitnet_cli.lookup, `generate(lookup=)`, `bitnet run --lookup`, the server's
+scheduler with `bitnet serve --lookup`): the drafts against a naive search, and the generated text exactly the one
+without drafts."""
 
 from __future__ import annotations
 
@@ -89,3 +90,54 @@ def test_run_lookup(tiny_packed):
     assert "accepted" in shown.stderr
     bad = subprocess.run(base + ["--lookup", "-2"], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("error: --lookup must be") and "Traceback" not in bad.stderr
+
+
+def test_served_sequences_with_lookup_are_generate_s_without_it(engine, tiny_packed):
+    """The scheduler with lookup decodes several sequences together (greedy, seeded sampling, a repeat penalty, a
+    stop string, JSON output, log-probabilities; drafts hit and miss) and each gets exactly the tokens, text and
+    finish of Engine.generate without drafts; /health's draft figures count what ran."""
+    import threading
+
+    from bitnet_cli.engine import Engine
+    from bitnet_cli.sampling import SamplingParams
+    from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, Scheduler, TokenEvent
+
+    cases = [("ROMEO:", dict(temperature=0)), (REPEATING, dict(temperature=0)),
+             (REPEATING, dict(temperature=1.0, top_k=0, top_p=1.0, seed=4)),
+             (REPEATING, dict(temperature=0.8, seed=2, repeat_penalty=1.2)), (REPEATING, dict(temperature=0, stop=["ing"])),
+             ("ROMEO:", dict(temperature=1.0, seed=1, output_format="json_object")), (REPEATING * 2, dict(temperature=0))]
+    with Engine.load(tiny_packed[1], threads=1) as served:
+        sched = Scheduler(served, 4, 8, lookup=6)
+        try:
+            results, done = [[] for _ in cases], [threading.Event() for _ in cases]
+
+            def sink(i):
+                def put(event):
+                    results[i].append(event)
+                    if isinstance(event, (DoneEvent, ErrorEvent)):
+                        done[i].set()
+                return put
+
+            jobs = []
+            for i, (prompt, kw) in enumerate(cases):
+                params = SamplingParams(kw.get("temperature", 0.8), kw.get("top_k", 40), kw.get("top_p", 0.95),
+                                        kw.get("repeat_penalty", 1.0))
+                constraint = served.json_constraint() if kw.get("output_format") else None
+                jobs.append(Job(served.encode(prompt), 50, params, kw.get("seed"), sink(i), stops=kw.get("stop", []),
+                                logprobs=2, constraint=constraint))
+            sched.submit(jobs)
+            assert all(d.wait(60) for d in done)
+            for (prompt, kw), events in zip(cases, results):
+                want = engine.generate(prompt, max_tokens=50, **kw)
+                want_text = "".join(want)
+                # with log-probabilities an end-of-sequence token is listed too (no text): not a generated one
+                tokens = [e.token for e in events if isinstance(e, TokenEvent) and e.token is not None
+                          and e.token not in served.stop_token_ids]
+                assert "".join(e.text for e in events if isinstance(e, TokenEvent)) == want_text, (prompt, kw)
+                assert tokens == want.token_ids[:len(tokens)] and len(tokens) == want.stats.generated_tokens
+                finish = events[-1].finish_reason
+                assert finish == {"eos": "stop", "stop": "stop", "max_tokens": "length"}[want.stats.stop_reason]
+            assert sched.accepted_drafts > 0 and sched.draft_rows > sched.accepted_drafts
+        finally:
+            sched.close()
+

@@ -422,7 +422,8 @@ def test_bad_options_fail_cleanly(packed):
                           (["--host", "no such host"], "error: --host 'no such host':"),
                           # JSON holds only text: was a clean start, then a 500 for every request
                           (["--name", "n\udcff"], "error: --name is not valid UTF-8 text (byte 0xff at character 1)"),
-                          (["--api-key", "two words"], "error: the API key must be 1 to 512 printable ASCII")]:
+                          (["--api-key", "two words"], "error: the API key must be 1 to 512 printable ASCII"),
+                          (["--lookup", "99"], "error: --lookup must be an integer from 0 (off) to 64")]:
         r = subprocess.run([sys.executable, "-m", "bitnet_cli.cli", "serve", str(packed), "--port", "0", *args],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

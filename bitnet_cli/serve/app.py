@@ -187,6 +187,10 @@ SCHEDULER_FIGURES = [
     ("decode_rows", "counter", "Generated tokens run through the engine since start.", lambda s: s.decode_rows),
     ("prompt_rows", "counter", "Prompt tokens run through the engine since start (after prefix reuse).",
      lambda s: s.prompt_rows),
+    ("draft_rows", "counter", "Draft tokens run through the engine since start (prompt lookup, --lookup).",
+     lambda s: s.draft_rows),
+    ("accepted_drafts", "counter", "Draft tokens kept since start (each saved its sequence a step).",
+     lambda s: s.accepted_drafts),
 ]
 
 PUBLIC_PATHS = ("/health",)  # answered without the API key (load balancers probe it)

@@ -9,6 +9,11 @@ cancelled. Its tokens are chosen exactly as `Engine.generate` chooses them (same
 seeded generator, same stop rules, same JSON constraint), and the C engine gives every token of a
 batch the logits it gets alone, so batching never changes what a request receives.
 
+With prompt lookup (`lookup`, bitnet_cli.lookup) a decoding sequence also runs up to that many draft tokens in
+the same step, copied from where its last tokens appeared before; its rows are sampled in order as without them,
+and the drafts are kept while they equal what was sampled, so the text is the same and each accepted draft saves a
+step.
+
 A slot keeps the tokens whose keys and values it holds after its sequence ends. A new sequence
 takes the free slot that shares the longest prefix with its prompt, or has that prefix copied in
 from any slot (busy or not), and prefills only the rest: a system prompt or a chat history is
@@ -28,6 +33,7 @@ import numpy as np
 from bitnet_cli.constrain import JsonConstraint
 from bitnet_cli.engine import Engine, TextStream, common_prefix
 from bitnet_cli.errors import BitnetError
+from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
 from bitnet_cli.sampling import SamplingParams, sample
 
 STEP_TOKENS = 64  # tokens per step at most (the C engine's prefill chunk): weights streamed once
@@ -90,7 +96,7 @@ class _Slot:
         self.job: Job | None = None
         self.last_used = 0
 
-    def start(self, job: Job, reuse: int, tokenizer, rng, order: int):
+    def start(self, job: Job, reuse: int, tokenizer, rng, order: int, lookup: int = 0):
         self.job, self.cached = job, self.cached[:reuse]
         self.order = order                  # admission count: prompts are prefilled first come first
         self.todo = job.prompt[reuse:]      # prompt tokens still to run
@@ -102,6 +108,11 @@ class _Slot:
         self.next_token: int | None = None  # sampled, to be run at the next step
         self.prompt_lp: list[float | None] = [None]
         self.prompt_top: list[dict | None] = [None]
+        self.drafts = PromptLookup() if lookup else None  # prompt lookup: the sequence's n-grams
+        if self.drafts:
+            self.drafts.extend(job.prompt)
+        self.draft_length = DraftLength(lookup)
+        self.expected: list[int] = []       # draft tokens run this step after next_token, not yet checked
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -119,10 +130,12 @@ def check_limits(parallel: int, max_queue: int) -> None:
 
 
 class Scheduler:
-    """Runs Jobs on `engine` with up to `parallel` sequences at once, `max_queue` more waiting."""
+    """Runs Jobs on `engine` with up to `parallel` sequences at once, `max_queue` more waiting; `lookup`: draft tokens
+    per decoding sequence and step at most (prompt lookup; 0: none)."""
 
-    def __init__(self, engine: Engine, parallel: int, max_queue: int):
+    def __init__(self, engine: Engine, parallel: int, max_queue: int, lookup: int = 0):
         check_limits(parallel, max_queue)
+        self.lookup = check_lookup(lookup)
         engine.set_sequences(parallel)
         self.engine, self.parallel, self.max_queue = engine, parallel, max_queue
         self.slots = [_Slot(i) for i in range(parallel)]
@@ -136,6 +149,8 @@ class Scheduler:
         self.engine_seconds = 0.0   # wall time inside them
         self.decode_rows = 0        # their generated tokens run (one row per decoding sequence and step)
         self.prompt_rows = 0        # their prompt tokens run (prefill, after any prefix reuse)
+        self.draft_rows = 0         # their draft tokens run (prompt lookup)
+        self.accepted_drafts = 0    # of those, the ones kept (each saved a step of its sequence)
         self._piece_cache: dict[int, str] = {}
         self._thread = threading.Thread(target=self._run, name="bitnet-batch", daemon=True)
         self._thread.start()
@@ -245,7 +260,7 @@ class Scheduler:
             else:
                 chosen.cached = []
         self._admitted += 1
-        chosen.start(job, best_len, self.engine.tokenizer, rng, self._admitted)
+        chosen.start(job, best_len, self.engine.tokenizer, rng, self._admitted, self.lookup)
 
     def _step(self) -> None:
         tokens, seqs, pos, want = [], [], [], []
@@ -261,11 +276,24 @@ class Scheduler:
             slot.cached.append(token)
 
         active = [s for s in self.slots if s.job is not None]
+        decode_rows = draft_rows = 0
+        decoding = sum(not s.todo and s.next_token is not None for s in active)
+        share = STEP_TOKENS // max(decoding, 1) - 1  # drafts keep a step within the engine's chunk
         for slot in active:
             if not slot.todo and slot.next_token is not None:
                 feed(slot, slot.next_token, "next")
                 slot.next_token = None
-        decode_rows = len(tokens)  # the prompt tokens follow
+                decode_rows += 1
+                if slot.drafts:  # as Engine.generate drafts: within the context and the tokens still wanted
+                    job = slot.job
+                    room = min(slot.draft_length.now, share, self.engine.ctx_size - len(slot.history),
+                               job.max_tokens - slot.generated - 1)
+                    slot.expected = slot.drafts.propose(room)
+                    slot.draft_length.start()
+                    for token in slot.expected:
+                        feed(slot, token, "draft")
+                    draft_rows += len(slot.expected)
+        # the prompt tokens follow
         budget = max(STEP_TOKENS - len(tokens), MIN_PREFILL)
         for slot in sorted(active, key=lambda s: s.order):  # prompts first come first, a chunk a step
             if budget <= 0 or not slot.todo:
@@ -283,7 +311,8 @@ class Scheduler:
         self.engine_seconds += time.perf_counter() - started
         self.engine_steps += 1
         self.decode_rows += decode_rows
-        self.prompt_rows += len(tokens) - decode_rows
+        self.draft_rows += draft_rows
+        self.prompt_rows += len(tokens) - decode_rows - draft_rows
         for (slot, kind), row in zip(rows, logits):
             slot.last_used = self.engine_steps
             job = slot.job
@@ -291,6 +320,18 @@ class Scheduler:
                 lp = _log_softmax(row)
                 slot.prompt_lp.append(float(lp[job.prompt[len(slot.prompt_lp)]]))
                 slot.prompt_top.append(self._top(lp, job.logprobs or 0))
+                continue
+            if kind == "draft":  # the row after a draft token: worth sampling while the draft holds
+                if job is None or not slot.expected:
+                    continue  # the sequence ended, or an earlier draft token was refused
+                if slot.next_token != slot.expected.pop(0):  # refused: forget it and the drafts after it
+                    slot.draft_length.miss()
+                    del slot.cached[len(slot.cached) - len(slot.expected) - 1:]
+                    slot.expected = []
+                    continue
+                self.accepted_drafts += 1
+                slot.draft_length.hit(whole=not slot.expected)
+                self._choose(slot, row)  # next_token already ran, as this draft token: choose the one after it
                 continue
             if kind == "first" and job.prompt_logprobs:
                 job.sink(PromptLogprobs(slot.prompt_lp, slot.prompt_top))
@@ -320,6 +361,8 @@ class Scheduler:
         if job.constraint:
             job.constraint.push(token)
         slot.history.append(token)
+        if slot.drafts:
+            slot.drafts.extend([token])
         slot.generated += 1
         self.generated_tokens += 1
         piece = slot.text.push(token)

@@ -54,18 +54,19 @@ def served_name(model: str | Path, model_id: str | None) -> str:
 def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threads: int | None = None,
           parallel: int = DEFAULT_PARALLEL, ctx_size: int | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
           model_id: str | None = None, ready: Callable[[dict], None] = lambda info: None, kv_cache: str = DEFAULT_KV_CACHE,
-          api_key: str | None = None) -> None:
+          api_key: str | None = None, lookup: int = 0) -> None:
     """Serve `model` until SIGINT/SIGTERM, then finish the requests in flight and return.
 
     ready(info) is called once the socket listens, with the URL and the engine's figures. api_key:
-    every endpoint but /health then needs `Authorization: Bearer api_key`.
-    """
+    every endpoint but /health then needs `Authorization: Bearer api_key`. lookup: prompt lookup's draft tokens
+    per sequence and step at most (0: none; the text is the same either way)."""
     try:
         import uvicorn
         from starlette.applications import Starlette  # noqa: F401
     except ImportError:
         raise BitnetError("bitnet serve needs the serve extra: pip install 'bitnet-cli[serve]'") from None
     from bitnet_cli.engine import Engine
+    from bitnet_cli.lookup import check_lookup
     from bitnet_cli.serve.app import Server, check_api_key
     from bitnet_cli.serve.scheduler import Scheduler, check_limits
 
@@ -73,10 +74,11 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
         raise BitnetError(f"port must be between 0 and 65535, got {port!r}", param="port")
     check_limits(parallel, max_queue)  # before the model is loaded
     check_api_key(api_key)
+    check_lookup(lookup)
     name = served_name(model, model_id)
     engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
     sock = _listen(host, port)
-    scheduler = Scheduler(engine, parallel, max_queue)
+    scheduler = Scheduler(engine, parallel, max_queue, lookup)
     class Uvicorn(uvicorn.Server):
         """uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal (exit code
         130/143); a server asked to stop that stopped cleanly exits 0, so the signal is dropped."""
@@ -91,7 +93,7 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
-           "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None})
+           "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup})
     try:
         server.run(sockets=[sock])
     finally:
