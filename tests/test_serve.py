@@ -452,7 +452,9 @@ def test_metrics_are_the_health_figures_in_prometheus_text(server):
     assert samples["bitnet_slots"] == health["slots"] == 16
     assert samples["bitnet_engine_seconds_total"] == pytest.approx(health["engine_seconds"], abs=1e-6)
     assert {f"# TYPE {n} counter" for n in samples if n.endswith("_total")} <= set(r.text.splitlines())
-    assert len(samples) == 9
+    from bitnet_cli.serve.app import SCHEDULER_FIGURES
+
+    assert len(samples) == len(SCHEDULER_FIGURES) == 11
 
 
 def test_an_api_key_guards_every_endpoint_but_health(packed):
