@@ -65,10 +65,10 @@ torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:
 gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
 and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
 ``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
-``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). On wide models (:func:`wide_model`, or where the variables
-below are 1), o_proj's and down_proj's output gradients get the same treatment from the residual norm after them (``$BITNET_INT8_RESIDUAL_ROWS=1``,
-:class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward (``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product
-and RoPE as one autograd function, :class:`_RotaryProduct`, whose backward is one kernel, ``bitnet::rope_grad_rows``,
+``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). On wide models (:func:`wide_model`, or where the
+variables below are 1), o_proj's and down_proj's output gradients get the same treatment from the residual norm after
+them (``$BITNET_INT8_RESIDUAL_ROWS=1``, :class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward
+(``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product and RoPE as one autograd function, :class:`_RotaryProduct`, whose backward is one kernel, ``bitnet::rope_grad_rows``,
 reached through model._residual_attention_heads). The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
@@ -755,9 +755,9 @@ class _ResidualNormQuant(torch.autograd.Function):
 
 
 def residual_rows_enabled(wide: bool = False) -> bool:
-    """``$BITNET_INT8_RESIDUAL_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` lets o_proj's and down_proj's products
-    (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input (:class:`RoundedInput`) instead
-    of their output, so that one autograd function (:class:`_ProductResidualNormQuant`) owns the product and the norm
+    """``$BITNET_INT8_RESIDUAL_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` lets o_proj's
+    and down_proj's products (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input
+    (:class:`RoundedInput`) instead of their output, so that one autograd function (:class:`_ProductResidualNormQuant`) owns the product and the norm
     and its backward rounds the product's output gradient (the stream's) in the norm's backward kernel
     (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own."""
     return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="1" if wide else "0")
@@ -1006,10 +1006,11 @@ def _(dq, dk, dv, cos, sin, col_scale, dtype):
 
 
 def rope_rows_enabled(wide: bool = False) -> bool:
-    """``$BITNET_INT8_ROPE_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` gives attention's stacked q/k/v product RoPE
-    too (:meth:`Int8Product.rotary`, :class:`_RotaryProduct`), so that RoPE's backward and the rounding of q/k/v's
-    output gradient are one kernel (``bitnet::rope_grad_rows``: SDPA's gradients read once) instead of torch's RoPE
-    backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows`` pass."""
+    """``$BITNET_INT8_ROPE_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` gives attention's
+    stacked q/k/v product RoPE too (:meth:`Int8Product.rotary`, :class:`_RotaryProduct`), so that RoPE's backward and
+    the rounding of q/k/v's output gradient are one kernel (``bitnet::rope_grad_rows``: SDPA's gradients read once)
+    instead of torch's RoPE backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows``
+    pass."""
     return env_switch("BITNET_INT8_ROPE_ROWS", default="1" if wide else "0")
 
 
