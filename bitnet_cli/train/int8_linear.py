@@ -68,8 +68,9 @@ and up's output gradients and their int8 rows in one kernel (``bitnet::gated_nor
 ``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). On wide models (:func:`wide_model`, or where the
 variables below are 1), o_proj's and down_proj's output gradients get the same treatment from the residual norm after
 them (``$BITNET_INT8_RESIDUAL_ROWS=1``, :class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward
-(``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product and RoPE as one autograd function, :class:`_RotaryProduct`, whose backward is one kernel, ``bitnet::rope_grad_rows``,
-reached through model._residual_attention_heads). The products are one custom op,
+(``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product and RoPE as one autograd function, :class:`_RotaryProduct`,
+whose backward is one kernel, ``bitnet::rope_grad_rows``, reached through model._residual_attention_heads).
+The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
 the pure-torch statement of exactly what the kernel computes (used by the CPU tests to hold the
 fast path to the plain one). Both custom ops are tested bit for bit against their references on
@@ -757,9 +758,10 @@ class _ResidualNormQuant(torch.autograd.Function):
 def residual_rows_enabled(wide: bool = False) -> bool:
     """``$BITNET_INT8_RESIDUAL_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` lets o_proj's
     and down_proj's products (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input
-    (:class:`RoundedInput`) instead of their output, so that one autograd function (:class:`_ProductResidualNormQuant`) owns the product and the norm
-    and its backward rounds the product's output gradient (the stream's) in the norm's backward kernel
-    (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its own."""
+    (:class:`RoundedInput`) instead of their output, so that one autograd function (:class:`_ProductResidualNormQuant`)
+    owns the product and the norm and its backward rounds the product's output gradient (the stream's) in the norm's
+    backward kernel (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its
+    own."""
     return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="1" if wide else "0")
 
 
@@ -1298,10 +1300,11 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
 
 
 # The hidden size above which the matmuls dominate a step enough that three parts of the backward pay for themselves:
-# o_proj's and down_proj's output gradients rounded in the residual norm's backward ($BITNET_INT8_RESIDUAL_ROWS), q/k/v's
-# in RoPE's ($BITNET_INT8_ROPE_ROWS), and the weight gradients on fp8 tensor cores ($BITNET_INT8_FP8_GRAD_WEIGHT). On one
-# H100 (benchmarks/RESULTS.md, session 25) the three took 700m (hidden 1536) from 0.831x of bf16's step to 0.791x, and
-# small.yaml (hidden 768) from 0.954x to 1.093x: there the casts and the wider kernels cost more than they save.
+# o_proj's and down_proj's output gradients rounded in the residual norm's backward ($BITNET_INT8_RESIDUAL_ROWS),
+# q/k/v's in RoPE's ($BITNET_INT8_ROPE_ROWS), and the weight gradients on fp8 tensor cores
+# ($BITNET_INT8_FP8_GRAD_WEIGHT). On one H100 (benchmarks/RESULTS.md, session 25) the three took 700m (hidden 1536)
+# from 0.831x of bf16's step to 0.791x, and small.yaml (hidden 768) from 0.954x to 1.093x: there the casts and the
+# wider kernels cost more than they save.
 WIDE_HIDDEN = 1024
 
 # Whether fp8_grad_weight_enabled() is on where its variable is unset: set by the last enable() (the weight gradient
