@@ -613,3 +613,22 @@ def test_a_sentencepiece_vocabulary_s_bytes_and_json_walks():
             ids.append(token)
             con.push(token)
     assert finished >= 15
+    # a pattern of multi-byte characters, written through byte tokens (<0xC3> then <0xA9> for é): masks while a
+    # character is begun, and the pattern's own groups of plain tokens
+    schema = {"type": "object", "additionalProperties": False, "required": ["s"],
+              "properties": {"s": {"type": "string", "pattern": "^(é|[a-z]| ){1,6}$"}}}
+    root, matched = C.compile_schema(schema), 0
+    for _ in range(20):
+        con, ids = C.JsonConstraint(vocab, root), []
+        for step in range(200):
+            mask = con.allowed()
+            assert (mask == naive_mask(vocab, con.state)).all(), con.state
+            if con.done:
+                value = json.loads(tok.decode(ids, skip_special_tokens=True))["s"]
+                assert re.fullmatch("(é|[a-z]| ){1,6}", value), value
+                matched += "é" in value
+                break
+            token = int(rng.choice(np.flatnonzero(mask)))
+            ids.append(token)
+            con.push(token)
+    assert matched >= 3
