@@ -1162,8 +1162,8 @@ def available(device: torch.device) -> str | None:
 
 
 # Where ``auto`` turns the int8 path on: the GPUs it was measured faster on, training to the plain path's loss
-# (Hopper, compute capability 9.x; an H200: 0.843x / 0.851x / 0.935x ``quant: none``'s step at 700m / 1.3b / small.yaml
-# (session 20), and 1,200 steps of small.yaml within 0.002 of the plain path (session 18); benchmarks/RESULTS.md).
+# (Hopper, compute capability 9.x; an H200: 0.783x / 0.754x / 0.911x ``quant: none``'s step at 700m / 1.3b / small.yaml
+# (session 26), and 1,200 steps of small.yaml within 0.02 of the plain path (sessions 18, 25); benchmarks/RESULTS.md).
 AUTO_CAPABILITIES = ((9, 0),)
 
 
@@ -1304,7 +1304,8 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
 # q/k/v's in RoPE's ($BITNET_INT8_ROPE_ROWS), and the weight gradients on fp8 tensor cores
 # ($BITNET_INT8_FP8_GRAD_WEIGHT). On one H100 (benchmarks/RESULTS.md, session 25) the three took 700m (hidden 1536)
 # from 0.831x of bf16's step to 0.791x, and small.yaml (hidden 768) from 0.954x to 1.093x: there the casts and the
-# wider kernels cost more than they save.
+# wider kernels cost more than they save. On one H200 (session 26) with them: 700m 0.783x, 1.3b (hidden 2048) 0.754x;
+# small.yaml 0.957x with the two row fusions and 1.017x with fp8, against plain int8's 0.911x.
 WIDE_HIDDEN = 1024
 
 # Whether fp8_grad_weight_enabled() is on where its variable is unset: set by the last enable() (the weight gradient
