@@ -56,10 +56,10 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")  # a number's, in JSON Schema 2020-12's sense
-KEYWORDS = frozenset(("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
-                      "maxItems",
-                      "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
-                      "$defs", "definitions")) | ANNOTATIONS
+# the keywords enforced (allOf of one schema, $ref to this schema's #/$defs), in the order an error lists them
+ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+            "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref")
+KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions")) | ANNOTATIONS
 
 
 class Schema:
@@ -71,15 +71,14 @@ class Schema:
     content (bytes, escaped as json.dumps escapes them) and each value's schema; required: keys
     that must appear before "}"; additional: the schema of values under other keys (None: no
     other keys); items: an array element's schema (after those of prefix_items, one per position; None: no more
-    than those); min_items, max_items: an array's length (None:
-    no most); min_length, max_length: a string's, in characters; pattern: a string's (a compiled
+    than those); min_items, max_items: an array's length (None: no most); min_length, max_length: a string's, in
+    characters; pattern: a string's (a compiled
     pattern.Pattern, from `pattern` or `format`; None: any string); bounds: a number's (Bounds;
     None: any number); enum: the only texts allowed (compact JSON); depths: the least nesting of an
     object and of an array it accepts (set by _set_depths)."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
-                 "min_length",
-                 "max_length", "pattern", "bounds", "enum", "depths")
+                 "min_length", "max_length", "pattern", "bounds", "enum", "depths")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
@@ -105,6 +104,11 @@ class Bounds(tuple):
         return Bounds((None if high is None else -high, high_out, None if low is None else -low, low_out))
 
 
+def _exact(value: int | float) -> Fraction:
+    """A JSON number as the decimal it was written as (a float by its shortest repr, not its binary value)."""
+    return Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+
+
 def _bounds(spec: dict, where: str) -> Bounds | None:
     """minimum / exclusiveMinimum / maximum / exclusiveMaximum as one Bounds (the tighter of each pair), None without
     them. Each is a number (draft 4's boolean exclusiveMinimum is refused); the decimal a client wrote is the bound."""
@@ -114,7 +118,7 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
     for k, v in given.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise _schema_error(where, f"{k} must be a number")
-    exact = {k: Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for k, v in given.items()}
+    exact = {k: _exact(v) for k, v in given.items()}
     low = high = None
     low_out = high_out = False
     for k, out in (("minimum", False), ("exclusiveMinimum", True)):
@@ -213,10 +217,7 @@ class _Compiler:
             raise _schema_error(where, f"a schema must be an object, got {json.dumps(spec)[:40]}")
         unknown = sorted(set(spec) - KEYWORDS)
         if unknown:
-            raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: type, properties, required, "
-                                "additionalProperties, items, prefixItems, minItems, maxItems, minLength, maxLength, "
-                                "pattern, format, minimum, maximum, exclusiveMinimum, exclusiveMaximum, enum, const, "
-                                "anyOf, oneOf, allOf of one, $ref to #/$defs)")
+            raise _schema_error(where, f"{', '.join(unknown)} is not supported (supported: {', '.join(ENFORCED)})")
         if "$ref" in spec:
             beside = set(spec) - ANNOTATIONS - {"$ref", "$defs", "definitions"}
             if beside:  # they would apply too (draft 2020-12): refused rather than dropped
@@ -241,8 +242,8 @@ class _Compiler:
             if "type" in spec and not all(_type_of(v) in types for v in values):
                 raise _schema_error(where, "an enum value is not of the schema's type")
             bounds = _bounds(spec, where)
-            if bounds is not None and not all(bounds.admits(Fraction(repr(v)) if isinstance(v, float) else Fraction(v))
-                                              for v in values if _type_of(v) in ("integer", "number")):
+            if bounds is not None and not all(bounds.admits(_exact(v)) for v in values
+                                              if _type_of(v) in ("integer", "number")):
                 raise _schema_error(where, "an enum value is outside minimum/maximum")
             pattern = self.pattern(spec, where)
             if pattern is not None and not all(pattern.matches(v) for v in values if isinstance(v, str)):
@@ -356,9 +357,10 @@ def _compiled(text: str) -> Schema:
     if root.enum is not None or root.types != frozenset(("object",)):
         raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires)')
     _set_depths(root)
-    if _least_depth(root) == UNBOUNDED:
+    depth = _least_depth(root)
+    if depth == UNBOUNDED:
         raise _schema_error("", "no finite JSON value satisfies it (a required property that requires itself)")
-    if _least_depth(root) > MAX_DEPTH:
+    if depth > MAX_DEPTH:
         raise _schema_error("", f"every value it accepts is nested more than {MAX_DEPTH} deep")
     return root
 
@@ -389,9 +391,9 @@ def _set_depths(root: Schema) -> None:
     """Each reachable node's depths: the least nesting of an object it accepts (1 + the deepest of
     its required properties) and of an array (1, or 1 + its items' when minItems > 0); UNBOUNDED
     where no finite one exists (a least fixpoint from UNBOUNDED down). The recognizer opens a
-    container, and takes a key, only where what must follow fits within
-    MAX_DEPTH, so that no generation nests into a corner no token leads out of (an array's later
-    items fit where its first did)."""
+    container, and takes a key, only where what must follow fits within MAX_DEPTH, so that no
+    generation nests into a corner no token leads out of (an array's later items fit where its
+    first did)."""
     nodes = _reachable(root)
     for node in nodes:
         node.depths = (UNBOUNDED, UNBOUNDED)
@@ -404,8 +406,8 @@ def _set_depths(root: Schema) -> None:
                 obj = 1 + max((_least_depth((node.properties or {}).get(k, node.additional)) for k in node.required),
                               default=0)
             if "array" in node.types:
-                arr = 1 + max((_least_depth(_item(node, i)) for i in range(min(node.min_items, len(node.prefix_items) + 1))),
-                              default=0)
+                needed = range(min(node.min_items, len(node.prefix_items) + 1))  # items past the prefix: one schema
+                arr = 1 + max((_least_depth(_item(node, i)) for i in needed), default=0)
             if (obj, arr) != node.depths:
                 node.depths = (obj, arr)
                 changed = True
@@ -870,6 +872,23 @@ def _plain(data: bytes) -> bool:
     return not any(_special(b) for b in data) and _is_utf8(data)
 
 
+def _recall(cache: OrderedDict, key) -> np.ndarray | None:
+    """A cached mask (now the most recently used), or None."""
+    mask = cache.get(key)
+    if mask is not None:
+        cache.move_to_end(key)
+    return mask
+
+
+def _remember(cache: OrderedDict, key, mask: np.ndarray) -> np.ndarray:
+    """mask, made read-only and cached under key; the least recently used goes past MASK_CACHE masks."""
+    mask.flags.writeable = False
+    cache[key] = mask
+    if len(cache) > MASK_CACHE:
+        cache.popitem(last=False)
+    return mask
+
+
 @functools.lru_cache(maxsize=16)
 def _pattern_groups(vocab: JsonVocabulary, pattern) -> tuple[list[bytes], list[np.ndarray], list[int]]:
     """The plain tokens of vocab as the pattern sees them: each character replaced by its class (characters that no
@@ -933,9 +952,8 @@ class JsonVocabulary:
 
     def allowed(self, state: tuple) -> np.ndarray:
         """bool [V]: the tokens that may come in `state` (read-only; cached)."""
-        mask = self._masks.get(state)
+        mask = _recall(self._masks, state)
         if mask is not None:
-            self._masks.move_to_end(state)
             return mask
         if state[0] == DONE:
             mask = self.end
@@ -962,20 +980,15 @@ class JsonVocabulary:
         if not mask.any():
             raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here",
                               param="response_format")
-        mask.flags.writeable = False
-        self._masks[state] = mask
-        if len(self._masks) > MASK_CACHE:
-            self._masks.popitem(last=False)
-        return mask
+        return _remember(self._masks, state, mask)
 
     def _pattern_plain(self, pattern, states: frozenset) -> np.ndarray:
         """bool [V]: the plain tokens (whole characters, none special) that keep a string of pattern alive from its
         automaton's states, whatever surrounds the string (cached per states). Decided per group of tokens that the
         pattern cannot tell apart (_pattern_groups), each group once, walking their class sequences as a trie."""
         key = (pattern, states)
-        mask = self._pattern_masks.get(key)
+        mask = _recall(self._pattern_masks, key)
         if mask is not None:
-            self._pattern_masks.move_to_end(key)
             return mask
         sequences, groups, representatives = _pattern_groups(self, pattern)
         keep: list[int] = []
@@ -997,11 +1010,7 @@ class JsonVocabulary:
         mask = np.zeros(self.size, dtype=bool)
         if keep:
             mask[np.concatenate([groups[g] for g in keep])] = True
-        mask.flags.writeable = False
-        self._pattern_masks[key] = mask
-        if len(self._pattern_masks) > MASK_CACHE:
-            self._pattern_masks.popitem(last=False)
-        return mask
+        return _remember(self._pattern_masks, key, mask)
 
     def _walk(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
         """Set mask for the tokens in sorted_bytes[lo:hi] (which share their first `depth` bytes,

@@ -276,24 +276,21 @@ class Scheduler:
             slot.cached.append(token)
 
         active = [s for s in self.slots if s.job is not None]
-        decode_rows = draft_rows = 0
-        decoding = sum(not s.todo and s.next_token is not None for s in active)
-        share = STEP_TOKENS // max(decoding, 1) - 1  # drafts keep a step within the engine's chunk
-        for slot in active:
-            if not slot.todo and slot.next_token is not None:
-                feed(slot, slot.next_token, "next")
-                slot.next_token = None
-                decode_rows += 1
-                if slot.drafts:  # as Engine.generate drafts: within the context and the tokens still wanted
-                    job = slot.job
-                    room = min(slot.draft_length.now, share, self.engine.ctx_size - len(slot.history),
-                               job.max_tokens - slot.generated - 1)
-                    slot.expected = slot.drafts.propose(room)
-                    slot.draft_length.start()
-                    for token in slot.expected:
-                        feed(slot, token, "draft")
-                    draft_rows += len(slot.expected)
-        # the prompt tokens follow
+        decoding = [s for s in active if not s.todo and s.next_token is not None]
+        share = STEP_TOKENS // max(len(decoding), 1) - 1  # drafts keep a step within the engine's chunk
+        draft_rows = 0
+        for slot in decoding:
+            feed(slot, slot.next_token, "next")
+            slot.next_token = None
+            if slot.drafts:  # as Engine.generate drafts: within the context and the tokens still wanted
+                room = min(slot.draft_length.now, share, self.engine.ctx_size - len(slot.history),
+                           slot.job.max_tokens - slot.generated - 1)
+                slot.expected = slot.drafts.propose(room)
+                slot.draft_length.start()
+                for token in slot.expected:
+                    feed(slot, token, "draft")
+                draft_rows += len(slot.expected)
+        decode_rows = len(decoding)  # the prompt tokens follow
         budget = max(STEP_TOKENS - len(tokens), MIN_PREFILL)
         for slot in sorted(active, key=lambda s: s.order):  # prompts first come first, a chunk a step
             if budget <= 0 or not slot.todo:

@@ -1338,14 +1338,13 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     from bitnet_cli.model import BitLinear
 
     global _fp8_by_default
-    wide = wide_model(model)
-    device = next(model.parameters()).device
-    _fp8_by_default = False
-    if int8_weight and fp8_grad_weight_enabled():
+    if int8_weight and env_switch("BITNET_INT8_FP8_GRAD_WEIGHT", default="0"):  # set explicitly: a conflict
         raise BitnetError("train.int8_grad_weight: on and BITNET_INT8_FP8_GRAD_WEIGHT=1 both choose the weight "
                           "gradient's product: keep one")
+    wide = wide_model(model)
     # on by default only where it was measured: the path's defaults (cached weights, so not FSDP; int8 grad_input)
-    _fp8_by_default = wide and cache and int8_grad and not int8_weight and fp8_capable(device)
+    _fp8_by_default = (wide and cache and int8_grad and not int8_weight
+                       and fp8_capable(next(model.parameters()).device))
     fused = set()
     rnq = residual_norm_quant_enabled()
     groups = _shared_input_groups(model)
