@@ -225,8 +225,10 @@ class _Compiler:
             return self.ref(spec["$ref"], where)
         if "allOf" in spec:  # pydantic v1's way to give a $ref a description: one schema, annotations beside it
             parts = spec["allOf"]
-            if not isinstance(parts, list) or len(parts) != 1 or set(spec) - ANNOTATIONS - {"allOf", "$defs", "definitions"}:
-                raise _schema_error(where, "allOf is supported only with one schema and nothing but annotations beside it")
+            beside = set(spec) - ANNOTATIONS - {"allOf", "$defs", "definitions"}
+            if not isinstance(parts, list) or len(parts) != 1 or beside:
+                raise _schema_error(where, "allOf is supported only with one schema and nothing but annotations "
+                                    "beside it")
             return self.node(parts[0], f"{where}.allOf")
         if "anyOf" in spec or "oneOf" in spec:
             return self.any_of(spec, where)
@@ -514,11 +516,11 @@ def _grid_meets(start: Fraction, spacing: Fraction, count: int, bounds: Bounds) 
 
 
 def _magnitude_reachable(bounds: Bounds, integer: bool, digits: bytes, fraction: bytes | None, room: int) -> bool:
-    """Whether a number with no sign whose text begins with ``digits`` (its integer part so far: a first digit, or empty),
-    then, unless None, "." and ``fraction``, can be completed with at most ``room`` more bytes to a value within
+    """Whether a number with no sign whose text begins with ``digits`` (its integer part so far: a first digit, or
+    empty), then, unless None, "." and ``fraction``, can be completed with at most ``room`` more bytes to a value within
     bounds. The values a completion reaches are grids of decimals: each finer grid holds the coarser ones, so each
     count of integer digits needs one check."""
-    if fraction is not None:  # "I.F" + m more fraction digits (m >= 1 after a bare "."): all multiples of 10^-(|F| + room)
+    if fraction is not None:  # "I.F" + m more fraction digits (m >= 1 after a bare "."): multiples of 10^-(|F| + room)
         if not fraction and not room:
             return False
         base = int(digits) + Fraction(int(fraction or b"0"), 10 ** len(fraction))
@@ -767,7 +769,8 @@ def step(state: tuple, b: int) -> tuple | None:
     if frame[0] == "[":
         _, array, count = frame
         if b == ord(","):
-            return (VALUE, stack, _item(array, count), 0) if array.max_items is None or count < array.max_items else None
+            more = array.max_items is None or count < array.max_items
+            return (VALUE, stack, _item(array, count), 0) if more else None
         return _value_done(stack[:-1]) if b == ord("]") and count >= array.min_items else None
     _, obj, used = frame
     if b == ord(","):
@@ -1024,7 +1027,8 @@ class JsonVocabulary:
             if depth == 0:  # the whole vocabulary: vectorised
                 whole = self.plain_from[lo:hi] == 0
             else:
-                whole = np.array([self.plain_from[k] <= depth and (depth == len(toks[k]) or toks[k][depth] & 0xC0 != 0x80)
+                whole = np.array([self.plain_from[k] <= depth and (depth == len(toks[k]) or
+                                                                    toks[k][depth] & 0xC0 != 0x80)
                                   for k in range(lo, hi)], dtype=bool)
             mask[self.sorted_ids[lo:hi][whole]] = True
             for k in np.flatnonzero(~whole):
