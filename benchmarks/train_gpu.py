@@ -8,6 +8,7 @@
         --set 'data.files=[/data/gutenberg_books.jsonl.gz]' --set train.eval_batches=20
     python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
     python benchmarks/train_gpu.py --modes compile --variants int8,int8+RESIDUAL_ROWS,int8-GATED_GRAD,none
+    python benchmarks/train_gpu.py --modes compile --variants int8,int8@reduce-overhead,none   # CUDA graphs
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
 ``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products; the weight gradient in bf16),
@@ -15,8 +16,9 @@ Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for eac
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
 and ``none`` (the same architecture in full precision, ``quant: none``). A variant may carry int8 switches
 (README's "Environment variables"): ``int8+RESIDUAL_ROWS`` runs ``int8`` with ``BITNET_INT8_RESIDUAL_ROWS=1``,
-``int8-GATED_GRAD`` with ``BITNET_INT8_GATED_GRAD=0``, set for that run alone, so that one process (one machine,
-one compile cache) measures a switch against the default back to back. It reports the median
+``int8-GATED_GRAD`` with ``BITNET_INT8_GATED_GRAD=0``, and ``@MODE`` at the end sets ``BITNET_COMPILE_MODE`` (``int8@reduce-overhead``:
+the step under CUDA graphs), each for that run alone, so that one process (one machine, one compile cache) measures a
+switch against the default back to back. It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
 the GPU's dense bf16 peak, and each variant's step time over ``none``'s. No run saves its final
 checkpoint, and a timing run does not evaluate either (at the paper shapes that is minutes of
@@ -65,14 +67,19 @@ BUNDLED = ["data.files=[bundled:tinyshakespeare]", "data.tokenizer.vocab_size=81
 
 
 def variant_switches(spec: str) -> tuple[str, dict[str, str]]:
-    """``"int8+ROPE_ROWS-GATED_GRAD"`` -> ``("int8", {"BITNET_INT8_ROPE_ROWS": "1", "BITNET_INT8_GATED_GRAD": "0"})``:
-    a variant of :data:`VARIANTS` and the on/off switches its run sets."""
-    m = re.fullmatch(r"([a-z0-9]+)((?:[+-][A-Z][A-Z0-9_]*)*)", spec)
-    if not m or m.group(1) not in VARIANTS:
+    """``"int8+ROPE_ROWS-GATED_GRAD@reduce-overhead"`` -> ``("int8", {"BITNET_INT8_ROPE_ROWS": "1",
+    "BITNET_INT8_GATED_GRAD": "0", "BITNET_COMPILE_MODE": "reduce-overhead"})``: a variant of :data:`VARIANTS`, the
+    on/off switches its run sets and, after ``@``, torch.compile's mode for that run (``loop.COMPILE_MODES``)."""
+    from bitnet_cli.train.loop import COMPILE_MODES
+
+    m = re.fullmatch(r"([a-z0-9]+)((?:[+-][A-Z][A-Z0-9_]*)*)(?:@([a-z-]+))?", spec)
+    if not m or m.group(1) not in VARIANTS or (m.group(3) and m.group(3) not in COMPILE_MODES):
         raise SystemExit(f"error: variant {spec!r}: expected one of {', '.join(VARIANTS)}, then +SWITCH or -SWITCH "
-                         "(BITNET_INT8_SWITCH=1 or 0), e.g. int8+RESIDUAL_ROWS")
+                         f"(BITNET_INT8_SWITCH=1 or 0), then optionally @MODE ({', '.join(COMPILE_MODES)}), "
+                         "e.g. int8+RESIDUAL_ROWS@reduce-overhead")
     switches = re.findall(r"([+-])([A-Z][A-Z0-9_]*)", m.group(2))
-    return m.group(1), {f"BITNET_INT8_{name}": "1" if sign == "+" else "0" for sign, name in switches}
+    env = {f"BITNET_INT8_{name}": "1" if sign == "+" else "0" for sign, name in switches}
+    return m.group(1), env | ({"BITNET_COMPILE_MODE": m.group(3)} if m.group(3) else {})
 
 
 def traced_steps(steps: int, record: dict):

@@ -13,9 +13,12 @@ def test_a_variant_names_its_switches():
     assert train_gpu.variant_switches("none") == ("none", {})
     assert train_gpu.variant_switches("int8+ROPE_ROWS-GATED_GRAD") == (
         "int8", {"BITNET_INT8_ROPE_ROWS": "1", "BITNET_INT8_GATED_GRAD": "0"})
+    assert train_gpu.variant_switches("int8+ROPE_ROWS@reduce-overhead") == (
+        "int8", {"BITNET_INT8_ROPE_ROWS": "1", "BITNET_COMPILE_MODE": "reduce-overhead"})
+    assert train_gpu.variant_switches("none@default") == ("none", {"BITNET_COMPILE_MODE": "default"})
 
 
-@pytest.mark.parametrize("spec", ["int9", "int8+rope", "int8+", "int8 +X", "+X"])
+@pytest.mark.parametrize("spec", ["int9", "int8+rope", "int8+", "int8 +X", "+X", "int8@fast", "int8@", "int8@default+X"])
 def test_a_misspelt_variant_is_one_error_line(spec):
     train_gpu = load_benchmark("train_gpu")
     with pytest.raises(SystemExit, match=r"^error: variant"):

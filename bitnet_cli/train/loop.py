@@ -380,12 +380,14 @@ def _prepare_data(recipe: Recipe, src: Source | None, resume_from: Path | None, 
     return data, tok, tokenizer_config(tok, tok_src)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def _compile_mode() -> str | None:
     """``$BITNET_COMPILE_MODE``: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs), for measurements."""
     mode = os.environ.get("BITNET_COMPILE_MODE") or None
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if mode is not None and mode not in modes:
-        raise BitnetError(f"BITNET_COMPILE_MODE={mode!r}: expected one of {', '.join(modes)}")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise BitnetError(f"BITNET_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     return mode
 
 
