@@ -19,7 +19,7 @@ which repeats all through a generation (and across requests with the same schema
 Limits, as llama.cpp's JSON grammar has them, so that a model cannot loop forever on filler:
 between tokens of the JSON, one space or a newline and up to MAX_INDENT spaces or tabs; numbers of at
 most MAX_NUMBER bytes; nesting at most MAX_DEPTH deep. Strings are unlimited, and a generation cut
-by max_tokens ends mid-object. A number with bounds (minimum, maximum, ...) is written without an
+by max_tokens ends mid-object. A number with bounds (minimum, maximum, ..., multipleOf) is written without an
 exponent, and each of its bytes must leave a number within the bounds reachable (decided exactly, on
 grids of decimals: _number_reachable).
 """
@@ -30,6 +30,7 @@ import bisect
 import functools
 import json
 import re
+from math import gcd
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Sequence
@@ -55,7 +56,8 @@ TYPES = frozenset(("object", "array", "string", "number", "integer", "boolean", 
 # keywords that describe without constraining: accepted and left out
 ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema", "$id", "$comment",
                          "deprecated", "readOnly", "writeOnly"))
-BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")  # a number's, in JSON Schema 2020-12's sense
+# a number's, in JSON Schema 2020-12's sense (multipleOf: the number divided by it is a whole number)
+BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf")
 # the keywords enforced (allOf of one schema, $ref to this schema's #/$defs), in the order an error lists them
 ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
             "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref")
@@ -91,17 +93,19 @@ class Schema:
 
 
 class Bounds(tuple):
-    """A number's bounds ``(low, low excluded, high, high excluded)``, exact (Fraction; None: no bound)."""
+    """A number's bounds ``(low, low excluded, high, high excluded, step)``, exact (Fraction; None: no bound), the
+    number a whole multiple of ``step`` (Fraction > 0; None: any number)."""
 
     def admits(self, value: Fraction) -> bool:
-        low, low_out, high, high_out = self
+        low, low_out, high, high_out, step = self
         return ((low is None or value > low or (value == low and not low_out)) and
-                (high is None or value < high or (value == high and not high_out)))
+                (high is None or value < high or (value == high and not high_out)) and
+                (step is None or (value / step).denominator == 1))
 
     def mirrored(self) -> Bounds:
         """The bounds of -v for v within these (a negative number's magnitude)."""
-        low, low_out, high, high_out = self
-        return Bounds((None if high is None else -high, high_out, None if low is None else -low, low_out))
+        low, low_out, high, high_out, step = self
+        return Bounds((None if high is None else -high, high_out, None if low is None else -low, low_out, step))
 
 
 def _exact(value: int | float) -> Fraction:
@@ -110,8 +114,9 @@ def _exact(value: int | float) -> Fraction:
 
 
 def _bounds(spec: dict, where: str) -> Bounds | None:
-    """minimum / exclusiveMinimum / maximum / exclusiveMaximum as one Bounds (the tighter of each pair), None without
-    them. Each is a number (draft 4's boolean exclusiveMinimum is refused); the decimal a client wrote is the bound."""
+    """minimum / exclusiveMinimum / maximum / exclusiveMaximum (the tighter of each pair) and multipleOf as one Bounds,
+    None without them. Each is a number (draft 4's boolean exclusiveMinimum is refused); the decimal a client wrote is
+    the bound."""
     given = {k: spec[k] for k in BOUNDS if k in spec}
     if not given:
         return None
@@ -127,7 +132,10 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
     for k, out in (("maximum", False), ("exclusiveMaximum", True)):
         if k in exact and (high is None or exact[k] < high or (exact[k] == high and out)):
             high, high_out = exact[k], out
-    return Bounds((low, low_out, high, high_out))
+    step = exact.get("multipleOf")
+    if step is not None and step <= 0:
+        raise _schema_error(where, "multipleOf must be more than 0")
+    return Bounds((low, low_out, high, high_out, step))
 
 
 def _pattern(spec: dict, where: str):
@@ -246,7 +254,7 @@ class _Compiler:
             bounds = _bounds(spec, where)
             if bounds is not None and not all(bounds.admits(_exact(v)) for v in values
                                               if _type_of(v) in ("integer", "number")):
-                raise _schema_error(where, "an enum value is outside minimum/maximum")
+                raise _schema_error(where, "an enum value is outside minimum/maximum/multipleOf")
             pattern = self.pattern(spec, where)
             if pattern is not None and not all(pattern.matches(v) for v in values if isinstance(v, str)):
                 raise _schema_error(where, "an enum value does not match the pattern or format")
@@ -429,7 +437,11 @@ def compile_schema(spec) -> Schema:
     """A JSON schema (a dict) as the root Schema node; the same schema twice gives the same nodes,
     so its cached masks are shared between requests."""
     try:
-        text = json.dumps(spec, sort_keys=True, allow_nan=False)
+        text = json.dumps(spec, sort_keys=True, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # its names and values become UTF-8 bytes to match
+    except UnicodeEncodeError as e:  # a lone surrogate, which JSON's \u escapes can write and UTF-8 cannot
+        raise _schema_error("", f"a string holds a lone surrogate (U+{ord(e.object[e.start]):04X}), which UTF-8 "
+                                "cannot encode") from None
     except (TypeError, ValueError) as e:
         raise _schema_error("", f"not JSON: {e}") from None
     except RecursionError:
@@ -506,13 +518,32 @@ def _number_step(phase: int, b: int, integer: bool) -> int | None:
 
 def _grid_meets(start: Fraction, spacing: Fraction, count: int, bounds: Bounds) -> bool:
     """Whether some ``start + j * spacing`` (0 <= j < count) lies within bounds."""
-    low, low_out = bounds[0], bounds[1]
+    low, low_out, step = bounds[0], bounds[1], bounds[4]
     j = 0
-    if low is not None and not bounds.admits(start) and start <= low:
+    if low is not None and start <= low:
         j = -(-(low - start) // spacing)  # the first at or above low
         if low_out and start + j * spacing == low:
             j += 1
+    if step is not None:  # then the first of those that is a multiple of step: a congruence in j
+        j_step = _multiple_index(start / step, spacing / step)
+        if j_step is None:
+            return False
+        first, period = j_step
+        j += (first - j) % period
     return j < count and bounds.admits(start + j * spacing)
+
+
+def _multiple_index(a: Fraction, s: Fraction) -> tuple[int, int] | None:
+    """The j for which ``a + j * s`` is a whole number, as ``(first, period)`` (those j are first + n * period, first
+    in [0, period)); None where no j is (s > 0). With A / d and S / d the two over a common denominator: S j = -A
+    (mod d), which has solutions where g = gcd(S, d) divides A."""
+    d = a.denominator * s.denominator // gcd(a.denominator, s.denominator)
+    big_a, big_s = a.numerator * (d // a.denominator), s.numerator * (d // s.denominator)
+    g = gcd(big_s, d)
+    if big_a % g:
+        return None
+    period = d // g
+    return (-big_a // g) * pow(big_s // g, -1, period) % period, period
 
 
 def _magnitude_reachable(bounds: Bounds, integer: bool, digits: bytes, fraction: bytes | None, room: int) -> bool:

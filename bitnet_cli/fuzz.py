@@ -173,7 +173,7 @@ SCHEMA_SEED = {
     "properties": {
         "id": {"type": "string", "pattern": "^[A-Z]{2}-\\d{2,4}$"}, "kind": {"enum": ["cat", "dog", 3, None]},
         "when": {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]},
-        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "multipleOf": 0.05},
         "name": {"type": "string", "minLength": 1, "maxLength": 8}, "ok": {"const": True},
         "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string", "format": "uuid"}],
                  "items": False, "minItems": 2},
