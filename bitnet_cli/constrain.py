@@ -138,9 +138,10 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
     return Bounds((low, low_out, high, high_out, step))
 
 
-def _pattern(spec: dict, where: str):
-    """`pattern` or `format` (one of pattern.FORMATS) as a compiled pattern.Pattern; None without them (see
-    _Compiler.pattern for the limit on them all)."""
+def _pattern(spec: dict, where: str, least: int = 0, most: int | None = None):
+    """`pattern` or `format` (one of pattern.FORMATS) as a compiled pattern.Pattern that also holds a string to
+    ``least`` to ``most`` characters (minLength, maxLength); None without them (see _Compiler.pattern for the limit
+    on them all)."""
     if "pattern" in spec and "format" in spec:
         raise _schema_error(where, "pattern and format together are not supported")
     if "format" in spec:
@@ -155,7 +156,7 @@ def _pattern(spec: dict, where: str):
     else:
         return None
     try:
-        return compile_pattern(source)
+        return compile_pattern(source, least, most)
     except BitnetError as e:
         raise _schema_error(where, str(e)) from None
 
@@ -204,9 +205,9 @@ class _Compiler:
             raise _schema_error("", f"more than {MAX_SCHEMA_TEXT} bytes of enum values and property names")
         return text
 
-    def pattern(self, spec: dict, where: str):
+    def pattern(self, spec: dict, where: str, least: int = 0, most: int | None = None):
         """_pattern, counted against MAX_SCHEMA_STATES."""
-        pattern = _pattern(spec, where)
+        pattern = _pattern(spec, where, least, most)
         if pattern is not None:
             self.states += len(pattern.moves)
             if self.states > MAX_SCHEMA_STATES:
@@ -297,10 +298,7 @@ class _Compiler:
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
             raise _schema_error(where, "minLength and maxLength must be whole numbers >= 0, minLength <= maxLength")
-        node.pattern = self.pattern(spec, where)
-        if node.pattern is not None and (node.min_length or node.max_length is not None):
-            raise _schema_error(where, "pattern or format with minLength/maxLength is not supported (write the "
-                                "length into the pattern: {2,5})")
+        node.pattern = self.pattern(spec, where, node.min_length, node.max_length)  # the length goes into it
         node.bounds = _bounds(spec, where)
         numeric = node.types & {"number", "integer"}
         if numeric and node.bounds is not None and not _number_possible(node.bounds, "number" not in numeric):

@@ -9,6 +9,10 @@ a top-level alternative. As JSON Schema has it, a pattern matches anywhere in th
 anchored. Refused: backreferences, lookaround, `\\b`, Unicode property escapes, flags, anchors
 elsewhere, and patterns of more than MAX_STATES NFA states (large counted repeats).
 
+A length in characters (JSON Schema's minLength/maxLength beside the pattern) is one more automaton: the NFA
+times a count of the characters read (:meth:`Pattern._count_characters`), accepting where the pattern does and
+the count is within the length.
+
 The string is written without escapes, so only characters a JSON string holds as they are
 (WRITABLE: no control characters, quote or backslash) are ever produced; every NFA state that
 cannot reach the accepting one through those is removed, so a state set that is not empty always
@@ -248,16 +252,20 @@ class Pattern:
     states that cannot reach ``accept`` removed). Its automaton states are frozensets of NFA states,
     closed under the empty moves: ``start``, :meth:`step`, :meth:`accepts`."""
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, least: int = 0, most: int | None = None):
         self.source = source
         tree = _Parser(source).top()
         self.empty: list[list[int]] = []
         self.moves: list[list[tuple[Ranges, int]]] = []
         begin, self.accept = self._build(tree)
+        if least or most is not None:
+            begin = self._count_characters(begin, least, most)
         self._prune()
         self.start = self._closure({begin})
         if not self.start:
-            raise PatternError("no string written without escapes matches it")
+            length = "" if not least and most is None else \
+                f" of {least} or more characters" if most is None else f" of {least} to {most} characters"
+            raise PatternError(f"no string{length} written without escapes matches it")
         self._steps: dict[tuple[frozenset, int], frozenset] = {}
 
     def _state(self) -> int:
@@ -310,6 +318,29 @@ class Pattern:
             self.empty[y].append(end)
             b = y
         return a, end
+
+    def _count_characters(self, begin: int, least: int, most: int | None) -> int:
+        """Replace the NFA by its product with a count of characters: state (s, c) is s after c characters, c
+        counted up to ``most``, or up to ``least`` where there is no most (any more count as ``least``); it accepts
+        from (accept, c) for c >= least, through a new accepting state. Returns the new begin state."""
+        top = least if most is None else most
+        n = len(self.moves)
+        if n * (top + 1) + 1 > MAX_STATES:
+            raise PatternError(f"more than {MAX_STATES} automaton states with the length ({n} states x "
+                               f"{top + 1} counts)")
+
+        def at(s: int, c: int) -> int:
+            return s * (top + 1) + c
+
+        empty = [[at(t, c) for t in self.empty[s]] for s in range(n) for c in range(top + 1)]
+        moves = [[(r, at(t, min(c + 1, top))) for r, t in self.moves[s]] if c < top or most is None else []
+                 for s in range(n) for c in range(top + 1)]
+        self.empty, self.moves = empty, moves
+        accept = self._state()
+        for c in range(least, top + 1):
+            self.empty[at(self.accept, c)].append(accept)
+        self.accept = accept
+        return at(begin, 0)
 
     def _prune(self) -> None:
         """Drop the moves on no character and every state that cannot reach accept."""
@@ -367,10 +398,11 @@ class Pattern:
 
 
 @functools.lru_cache(maxsize=64)
-def compile_pattern(source: str) -> Pattern:
-    """A pattern (ECMA-262 syntax) compiled; BitnetError naming what is not supported."""
+def compile_pattern(source: str, least: int = 0, most: int | None = None) -> Pattern:
+    """A pattern (ECMA-262 syntax) compiled, matching only strings of ``least`` to ``most`` characters (None: no
+    most); BitnetError naming what is not supported."""
     try:
-        return Pattern(source)
+        return Pattern(source, least, most)
     except PatternError as e:
         raise BitnetError(f"pattern {source[:60]!r}: {e}", param="response_format") from None
     except RecursionError:

@@ -320,6 +320,13 @@ def test_schema_instances_are_accepted_and_violations_refused():
         assert accepted(patterned, good), good
     for bad in ['{"p": "é"}', '{"p": "e1"}', '{"p": "\\u00e91"}', '{"d": "2024-02-29"}', '{"d": "2024-02-29T08:30:00Z "}']:
         assert not accepted(patterned, bad), bad
+    counted = {"type": "object", "properties": {"c": {"type": "string", "pattern": "^[a-c]+$", "minLength": 2,
+                                                        "maxLength": 3}, "n": {"type": "string", "pattern": "1",
+                                                                               "minLength": 3}}}
+    for good in ['{"c": "ab"}', '{"c": "cba"}', '{"n": "x1y"}', '{"n": "1111"}']:
+        assert accepted(counted, good), good
+    for bad in ['{"c": "a"}', '{"c": "abca"}', '{"c": "ad"}', '{"n": "1"}', '{"n": "abc"}']:
+        assert not accepted(counted, bad), bad
     tuples = {"type": "object", "$defs": {"R": {"type": "boolean"}}, "properties": {
         "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
         "head": {"type": "array", "prefixItems": [{"type": "integer"}], "items": False},
@@ -391,7 +398,10 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
     ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}},
      "minItems is more than prefixItems allows"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "hostname"}}}, "format 'hostname' is not supported"),
-    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "maxLength": 3}}}, "with minLength/maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x+$", "minLength": 2, "maxLength": 1}}},
+     "minLength <= maxLength"),
+    ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 9}}},
+     "no string of 0 to 9 characters"),
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "x", "format": "date"}}}, "together"),
     ({"type": "object", "properties": {"a": {"enum": ["ab", "cd"], "pattern": "^a"}}}, "does not match the pattern"),
     ({"type": "array"}, "root must be"),
@@ -519,6 +529,7 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": ["number", "null"], "maximum": -2.25}, {"type": "integer", "minimum": 0.5, "maximum": 0.7},
                          {"type": "string", "pattern": "^[a-c]{1,3}$"}, {"type": "string", "pattern": "b"},
                          {"type": "string", "format": "uuid"}, {"type": "string", "pattern": "(?=x)"},
+                         {"type": "string", "pattern": "^[a-c]+$", "minLength": 2, "maxLength": 4},
                          {"type": "array", "prefixItems": [{"type": "integer"}, {"$ref": "#/$defs/D"}], "items": False},
                          {"type": "array", "prefixItems": [{"type": "null"}], "minItems": 2, "items": {"type": "boolean"}},
                          {"oneOf": [{"type": "string"}, {"type": "integer"}]}, {"allOf": [{"$ref": "#/$defs/D"}]},

@@ -54,9 +54,23 @@ def test_matches_are_python_re_searches():
     assert matched > checked // 10
 
 
+def goes_on_to_a_match(p, states) -> bool:
+    """Whether a breadth-first search from states over the characters p's moves name reaches the accepting state."""
+    frontier, seen, found = [states], {states}, p.accepts(states)
+    while frontier and not found:
+        s = frontier.pop()
+        for c in {low for q in s for rng, _ in p.moves[q] for low, _ in rng}:
+            t = p.step(s, c)
+            found = found or p.accepts(t)
+            if t and t not in seen:
+                seen.add(t)
+                frontier.append(t)
+    return found
+
+
 def test_every_prefix_of_the_automaton_goes_on_to_a_match():
-    """The states after any prefix that the automaton keeps (not empty) reach the accepting state: a breadth-first
-    search over the characters its moves name finds a match, for every prefix of random texts."""
+    """The states after any prefix that the automaton keeps (not empty) reach the accepting state, for every prefix
+    of random texts."""
     r = random.Random(12)
     for _ in range(150):
         p = compile_pattern("^" + random_regex(r) + r.choice(["", "$"]))
@@ -66,16 +80,39 @@ def test_every_prefix_of_the_automaton_goes_on_to_a_match():
                 states = p.step(states, ord(ch))
                 if not states:
                     break
-                frontier, seen, found = [states], {states}, p.accepts(states)
-                while frontier and not found:
-                    s = frontier.pop()
-                    for c in {low for q in s for rng, _ in p.moves[q] for low, _ in rng}:
-                        t = p.step(s, c)
-                        found = found or p.accepts(t)
-                        if t and t not in seen:
-                            seen.add(t)
-                            frontier.append(t)
-                assert found, (p.source, ch)
+                assert goes_on_to_a_match(p, states), (p.source, ch)
+
+
+def test_a_length_beside_the_pattern_counts_characters():
+    """minLength/maxLength beside a pattern (compile_pattern(source, least, most)): a match is re.search's with a
+    length within them, and every prefix the automaton keeps still goes on to such a match; where none exists, the
+    error says so."""
+    r = random.Random(13)
+    compiled = 0
+    for _ in range(300):
+        source = r.choice(["", "^"]) + random_regex(r) + r.choice(["", "$"])
+        least = r.randint(0, 4)
+        most = r.choice([None, least + r.randint(0, 3)])
+        try:
+            p = compile_pattern(source, least, most)
+        except BitnetError as e:
+            assert "no string of" in str(e) or "automaton states" in str(e), (source, least, most, e)
+            continue
+        compiled += 1
+        expected = re.compile(source, re.ASCII)
+        for _ in range(40):
+            text = random_text(r)
+            want = expected.search(text) is not None and least <= len(text) and (most is None or len(text) <= most)
+            assert p.matches(text) == want, (source, least, most, text)
+            states = p.start
+            for ch in text:
+                states = p.step(states, ord(ch))
+                if not states:
+                    break
+                assert goes_on_to_a_match(p, states), (source, least, most, text)
+    assert compiled > 200
+    with pytest.raises(BitnetError, match="no string of 3 to 4 characters"):
+        compile_pattern("^ab?$", 3, 4)
 
 
 def test_strings_hold_only_what_is_written_without_escapes():
