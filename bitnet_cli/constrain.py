@@ -27,6 +27,7 @@ grids of decimals: _number_reachable).
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import json
 import re
@@ -60,7 +61,7 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf")
 # the keywords enforced (allOf of one schema, $ref to this schema's #/$defs), in the order an error lists them
 ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-            "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref")
+            "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref")
 KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions")) | ANNOTATIONS
 
 
@@ -74,13 +75,14 @@ class Schema:
     that must appear before "}"; additional: the schema of values under other keys (None: no
     other keys); items: an array element's schema (after those of prefix_items, one per position; None: no more
     than those); min_items, max_items: an array's length (None: no most); min_length, max_length: a string's, in
-    characters; pattern: a string's (a compiled
-    pattern.Pattern, from `pattern` or `format`; None: any string); bounds: a number's (Bounds;
-    None: any number); enum: the only texts allowed (compact JSON); depths: the least nesting of an
-    object and of an array it accepts (set by _set_depths)."""
+    characters; pattern: a string's (a compiled pattern.Pattern, from `pattern` or `format`, the length counted in
+    it; None: any string); bounds: a number's (Bounds; None: any number); enum: the only texts allowed (compact
+    JSON); depths: the least nesting of an object and of an array it accepts (set by _set_depths); unique: for an
+    array of uniqueItems, the nodes of that array once some of its values are used, by the set of them (its own
+    ``used``; _unique_after), shared by those nodes; None where items may repeat."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
-                 "min_length", "max_length", "pattern", "bounds", "enum", "depths")
+                 "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
@@ -90,6 +92,7 @@ class Schema:
         self.min_length, self.max_length = 0, None
         self.pattern = self.bounds = None
         self.depths = (1, 1)  # an object or array is one level deep at least (_set_depths: how deep at least)
+        self.unique, self.used = None, frozenset()
 
 
 class Bounds(tuple):
@@ -136,6 +139,23 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
     if step is not None and step <= 0:
         raise _schema_error(where, "multipleOf must be more than 0")
     return Bounds((low, low_out, high, high_out, step))
+
+
+def _unique_items(node: Schema, where: str) -> None:
+    """Make node an array of unique items: supported where they are finitely many texts, an enum or const (pydantic's
+    set of a Literal or an Enum) or booleans, so that the array's state can carry the values used (_unique_after) and
+    its length stop at the number of values (values equal as JSON but written apart, 1 and 1.0, count as two)."""
+    items = node.items
+    if node.prefix_items:
+        raise _schema_error(where, "uniqueItems with prefixItems is not supported")
+    if items is not None and items.enum is None and items.types <= {"boolean", "null"}:
+        items = Schema(enum=tuple(_compact(v) for v in (True, False, None) if _type_of(v) in items.types))
+    if items is None or items.enum is None:
+        raise _schema_error(where, "uniqueItems is supported where the items are an enum, a const or booleans")
+    if node.min_items > len(items.enum):
+        raise _schema_error(where, f"minItems is more than the {len(items.enum)} distinct items uniqueItems allows")
+    node.items, node.unique = items, {}
+    node.max_items = len(items.enum) if node.max_items is None else min(node.max_items, len(items.enum))
 
 
 def _pattern(spec: dict, where: str, least: int = 0, most: int | None = None):
@@ -294,6 +314,11 @@ class _Compiler:
                                  else node.max_items)
             if node.min_items > node.max_items:
                 raise _schema_error(where, "minItems is more than prefixItems allows with items: false")
+        unique = spec.get("uniqueItems", False)
+        if not isinstance(unique, bool):
+            raise _schema_error(where, "uniqueItems must be true or false")
+        if unique and "array" in node.types:
+            _unique_items(node, where)
         node.min_length, node.max_length = spec.get("minLength", 0), spec.get("maxLength")
         if not (_count(node.min_length) and (node.max_length is None or _count(node.max_length))) or \
                 node.min_length > (node.max_length if node.max_length is not None else node.min_length):
@@ -350,7 +375,7 @@ class _Compiler:
                 merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
             if "array" in p.types:
                 merged.items, merged.min_items, merged.max_items = p.items, p.min_items, p.max_items
-                merged.prefix_items = p.prefix_items
+                merged.prefix_items, merged.unique = p.prefix_items, None if p.unique is None else {}
             if "string" in p.types:
                 merged.min_length, merged.max_length, merged.pattern = p.min_length, p.max_length, p.pattern
             if p.types & {"number", "integer"}:
@@ -633,8 +658,29 @@ def _enum_step(stack: tuple, node: Schema, typed: bytes, b: int) -> tuple | None
     more = typed + bytes([b])
     longer = [c for c in node.enum if c.startswith(more)]
     if longer:  # complete, and no other text goes on from it: the value ends here
-        return _value_done(stack) if longer == [more] else (ENUM, stack, node, more)
-    return step(_value_done(stack), b) if typed in node.enum else None  # b ends a value such as 1 of [1, 12]
+        return _enum_done(stack, more) if longer == [more] else (ENUM, stack, node, more)
+    return step(_enum_done(stack, typed), b) if typed in node.enum else None  # b ends a value such as 1 of [1, 12]
+
+
+def _enum_done(stack: tuple, text: bytes) -> tuple:
+    """After the enum value text; an item of an array of unique items leaves the array's node without it."""
+    if stack and stack[-1][0] == "[" and stack[-1][1].unique is not None:
+        _, array, count = stack[-1]
+        stack = stack[:-1] + (("[", _unique_after(array, text), count),)
+    return _value_done(stack)
+
+
+def _unique_after(array: Schema, text: bytes) -> Schema:
+    """The node of an array of unique items (array.unique) once text is used too: its items the rest of the values.
+    One node per set of values used, shared by all the nodes of that array (so that the masks cached per state are)."""
+    used = array.used | {text}
+    after = array.unique.get(used)
+    if after is None:
+        after, items = copy.copy(array), copy.copy(array.items)
+        items.enum = tuple(v for v in array.items.enum if v != text)
+        after.items, after.used = items, used
+        array.unique[used] = after
+    return after
 
 
 def _key_done(stack: tuple, key: bytes) -> tuple | None:

@@ -179,7 +179,8 @@ SCHEMA_SEED = {
                  "items": False, "minItems": 2},
         "tags": {"type": "array", "items": {"type": "string", "pattern": "a+b"}, "minItems": 1, "maxItems": 3},
         "tree": {"allOf": [{"$ref": "#/$defs/Node"}], "description": "a described $ref"},
-        "one": {"oneOf": [{"type": "boolean"}, {"type": "integer", "exclusiveMaximum": 0}]}}}
+        "one": {"oneOf": [{"type": "boolean"}, {"type": "integer", "exclusiveMaximum": 0}]},
+        "set": {"type": "array", "items": {"enum": ["a", 1, 12]}, "uniqueItems": True, "minItems": 1}}}
 
 
 # ------------------------------------------------------------------------------ mutation

@@ -327,6 +327,18 @@ def test_schema_instances_are_accepted_and_violations_refused():
         assert accepted(counted, good), good
     for bad in ['{"c": "a"}', '{"c": "abca"}', '{"c": "ad"}', '{"n": "1"}', '{"n": "abc"}']:
         assert not accepted(counted, bad), bad
+    unique = {"type": "object", "properties": {"u": {"type": "array", "items": {"enum": ["a", 1, 12, [2]]},
+                                                     "uniqueItems": True},
+                                               "b": {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True,
+                                                     "minItems": 1},
+                                               "o": {"anyOf": [{"type": "null"}, {"type": "array", "uniqueItems": True,
+                                                                                   "items": {"const": 7}}]}}}
+    for good in ['{"u": []}', '{"u": [12, 1, [2], "a"]}', '{"u": [1, 12]}', '{"b": [false, true]}', '{"o": [7]}',
+                 '{"o": null}', '{"u": ["a"], "o": [7], "b": [true]}']:
+        assert accepted(unique, good), good
+    for bad in ['{"u": [1, 1]}', '{"u": [[2], "a", [2]]}', '{"u": [12, 1, [2], "a", 1]}', '{"b": []}',
+                '{"b": [true, false, true]}', '{"o": [7, 7]}']:
+        assert not accepted(unique, bad), bad
     tuples = {"type": "object", "$defs": {"R": {"type": "boolean"}}, "properties": {
         "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
         "head": {"type": "array", "prefixItems": [{"type": "integer"}], "items": False},
@@ -428,7 +440,15 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
      "no integer"),
     ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 0}}}, "multipleOf must be more than 0"),
     ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": "2"}}}, "multipleOf must be a number"),
-    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "uniqueItems is not supported"),
+    ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "uniqueItems is supported where"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}},
+     "uniqueItems is supported where the items are an enum, a const or booleans"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True,
+                                             "minItems": 3}}}, "minItems is more than the 2 distinct items"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"const": 1}, "uniqueItems": "yes"}}},
+     "uniqueItems must be true or false"),
+    ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{"const": 1}], "items": {"const": 2},
+                                             "uniqueItems": True}}}, "uniqueItems with prefixItems"),
     ({"type": "object", "required": ["\udc80"]}, "lone surrogate (U+DC80)"),  # fuzz seed 27001
     ({"type": "object", "properties": {"a": {"enum": ["x\ud800"]}}}, "lone surrogate (U+D800)"),
     ({"$defs": {"N": {"type": "object", "required": ["kids"], "properties": {"kids": {
@@ -454,7 +474,7 @@ def test_schema_constrained_walks_allow_exactly_what_continues_and_end_valid(jso
     tokens = C.token_bytes(spec, tok, tok.get_vocab_size())
     vocab = C.JsonVocabulary(tokens, [1])
     rng = np.random.default_rng(6)
-    for schema in (PETS, TREE, OPEN, BOUNDED):
+    for schema in (PETS, TREE, OPEN, BOUNDED, SMALL):
         root, finished = C.compile_schema(schema), 0
         for _ in range(15):
             con, text = C.JsonConstraint(vocab, root), b""
@@ -476,7 +496,7 @@ def test_schema_constrained_walks_allow_exactly_what_continues_and_end_valid(jso
 
 SMALL = {"type": "object", "additionalProperties": False, "required": ["kind", "n"],
          "properties": {"kind": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}, "ok": {"type": "boolean"},
-                        "tags": {"type": "array", "items": {"enum": [1, 2]}}}}
+                        "tags": {"type": "array", "items": {"enum": [1, 2, 12]}, "uniqueItems": True}}}
 
 
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED])  # no free strings: the random model's text stays short
@@ -530,6 +550,7 @@ def random_schema(r: random.Random, depth: int = 0, defs: tuple = ()) -> dict:
                          {"type": "string", "pattern": "^[a-c]{1,3}$"}, {"type": "string", "pattern": "b"},
                          {"type": "string", "format": "uuid"}, {"type": "string", "pattern": "(?=x)"},
                          {"type": "string", "pattern": "^[a-c]+$", "minLength": 2, "maxLength": 4},
+                         {"type": "array", "items": {"enum": ["x", 3, None]}, "uniqueItems": True},
                          {"type": "array", "prefixItems": [{"type": "integer"}, {"$ref": "#/$defs/D"}], "items": False},
                          {"type": "array", "prefixItems": [{"type": "null"}], "minItems": 2, "items": {"type": "boolean"}},
                          {"oneOf": [{"type": "string"}, {"type": "integer"}]}, {"allOf": [{"$ref": "#/$defs/D"}]},
