@@ -494,6 +494,70 @@ def test_schema_constrained_walks_allow_exactly_what_continues_and_end_valid(jso
         assert finished >= 8, schema
 
 
+def pydantic_order_model():
+    """A pydantic model whose JSON schema uses what pydantic writes for common field types: constr with a pattern and
+    a length, conint/confloat with bounds and multiple_of, sets of a Literal and of an Enum (uniqueItems), a tuple
+    (prefixItems), Optional (anyOf with null), a UUID (format), a length-bounded list of nested models ($ref)."""
+    import enum
+    from typing import Literal, Optional
+    from uuid import UUID
+
+    from pydantic import BaseModel, ConfigDict, Field, confloat, conint, constr
+
+    class Color(str, enum.Enum):
+        red = "red"
+        green = "green"
+
+    class Item(BaseModel):
+        model_config = ConfigDict(extra="forbid")  # additionalProperties: false, else any other key may come
+        sku: constr(pattern=r"^[A-Z]{2}-\d+$", max_length=6)
+        qty: conint(ge=1, le=99, multiple_of=3)
+        price: confloat(ge=0, lt=10, multiple_of=0.25)
+        tags: set[Literal["new", "sale", "eco"]] = set()
+        colors: set[Color] = Field(default_factory=set, max_length=2)
+        flags: tuple[bool, int]
+        note: Optional[str] = None
+        id: UUID
+
+    class Order(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        items: list[Item] = Field(min_length=1, max_length=2)
+        customer: str = Field(min_length=1, max_length=12)
+
+    return Order
+
+
+def test_a_pydantic_models_schema_is_enforced_as_pydantic_validates(json_tokenizer):
+    """Random walks through the allowed tokens of a pydantic model's own JSON schema end in JSON that the model itself
+    validates (pydantic, not jsonschema: its multiple_of, set and pattern checks), every mask checked naively."""
+    order = pydantic_order_model()
+    schema = order.model_json_schema()
+    spec, tok = json_tokenizer
+    tokens = C.token_bytes(spec, tok, tok.get_vocab_size())
+    vocab = C.JsonVocabulary(tokens, [1])
+    root, rng, finished = C.compile_schema(schema), np.random.default_rng(27), 0
+    for _ in range(12):
+        con, text = C.JsonConstraint(vocab, root), b""
+        for step in range(1500):
+            mask = con.allowed()
+            if step % 16 == 0:
+                assert (mask == naive_mask(vocab, con.state)).all(), (text, con.state)
+            if con.done:
+                order.model_validate_json(text)
+                finished += 1
+                break
+            ids = np.flatnonzero(mask)
+            moving = ids[~vocab.plain[ids]] if con.state[0] == C.STRING else ids
+            token = int(rng.choice(moving if moving.size and rng.random() < 0.6 else ids))
+            text += tokens[token]
+            con.push(token)
+    assert finished >= 6
+    assert not accepted(schema, '{"customer": "x", "items": [{"sku": "AB-1", "qty": 4, "price": 1, "flags": [true, 1], '
+                                '"id": "123e4567-e89b-12d3-a456-426614174000"}]}')  # qty not a multiple of 3
+    assert not accepted(schema, '{"customer": "x", "items": [{"sku": "AB-1", "qty": 3, "price": 1, "flags": [true, 1], '
+                                '"id": "123e4567-e89b-12d3-a456-426614174000", "colors": ["red", "red"]}]}')
+
+
 SMALL = {"type": "object", "additionalProperties": False, "required": ["kind", "n"],
          "properties": {"kind": {"enum": ["cat", "dog"]}, "n": {"type": "integer"}, "ok": {"type": "boolean"},
                         "tags": {"type": "array", "items": {"enum": [1, 2, 12]}, "uniqueItems": True}}}
