@@ -79,14 +79,30 @@ SYNTAX = set("^$\\.*+?()[]{}|/-")  # escaped as themselves
 _TIME = r"([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d{1,9})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)"
 _DATE = r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
 _OCTET = r"(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = rf"({_OCTET}\.){{3}}{_OCTET}"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # a host name's label (RFC 1123): 1-63, no hyphen at the ends
+_H16 = "[0-9a-fA-F]{1,4}"
+_LS32 = f"({_H16}:{_H16}|{_IPV4})"
+# RFC 3986's IPv6address, rule by rule: n groups before "::" and 6 - n - 1 after it, the last 32 bits as two groups or
+# an IPv4 address (no zone index: RFC 4291's text form)
+_IPV6 = "|".join([f"({_H16}:){{6}}{_LS32}", f"::({_H16}:){{5}}{_LS32}", f"({_H16})?::({_H16}:){{4}}{_LS32}",
+                  *(f"(({_H16}:){{0,{n - 1}}}{_H16})?::({_H16}:){{{5 - n}}}{_LS32}" for n in (2, 3)),
+                  f"(({_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}", f"(({_H16}:){{0,4}}{_H16})?::{_LS32}",
+                  f"(({_H16}:){{0,5}}{_H16})?::{_H16}", f"(({_H16}:){{0,6}}{_H16})?::"])
+# RFC 3339's duration (appendix A): P, then a date part (days, months then days, or years then months then days) with
+# a time part or not, a time part alone (T, then hours then minutes then seconds, from any of them), or weeks
+_DUR_TIME = r"T(\d+H(\d+M(\d+S)?)?|\d+M(\d+S)?|\d+S)"
+_DUR_DATE = r"(\d+D|\d+M(\d+D)?|\d+Y(\d+M(\d+D)?)?)"
 FORMATS = {
     "date": f"^{_DATE}$",
     "time": f"^{_TIME}$",
     "date-time": f"^{_DATE}T{_TIME}$",
+    "duration": f"^P({_DUR_DATE}({_DUR_TIME})?|{_DUR_TIME}|\\d+W)$",
     "uuid": r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$",
-    "ipv4": rf"^({_OCTET}\.){{3}}{_OCTET}$",
-    "email": r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-             r"@[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
+    "ipv4": f"^{_IPV4}$",
+    "ipv6": f"^({_IPV6})$",
+    "hostname": f"^{_LABEL}(\\.{_LABEL})*$",  # labels only, not the name's 253 characters
+    "email": r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*" f"@{_LABEL}(\\.{_LABEL})+$",
 }
 
 

@@ -132,10 +132,49 @@ def test_strings_hold_only_what_is_written_without_escapes():
     ("uuid", ["123e4567-e89b-12d3-a456-426614174000"], ["123e4567e89b12d3a456426614174000", "g23e4567-e89b-12d3-a456-426614174000"]),
     ("ipv4", ["192.168.0.1", "0.0.0.0", "255.255.255.255"], ["256.1.1.1", "1.2.3", "01.2.3.4"]),
     ("email", ["a.b+c@example.co.uk", "x@y.io"], ["a@b", "@b.io", "a..b@c.io", "a@-b.io"]),
+    ("hostname", ["example.com", "a", "xn--bcher-kva.example", "a-b.c-d.e", "localhost", "123.example", "a" * 63],
+     ["-a.com", "a-.com", "a..b", ".a", "a.", "a_b.com", "a" * 64, "é.com", ""]),
+    ("duration", ["P1Y2M3D", "PT1H30M", "P1W", "PT0S", "P1DT12H", "P3M", "PT36H", "P1Y2M3DT4H5M6S", "PT5M7S"],
+     ["P", "PT", "P1H", "PT1D", "P1W2D", "1D", "P-1D", "P1.5D", "P1Y3D", "PT1H2S", "P1DT"]),
+    ("ipv6", ["::", "::1", "1::", "2001:db8::8a2e:370:7334", "0:0:0:0:0:0:0:0", "::ffff:192.0.2.128", "1:2:3:4:5:6:7:8",
+              "FE80::0202:B3FF:FE1E:8329", "1:2:3:4:5:6:1.2.3.4"],
+     ["1:2:3:4:5:6:7:8:9", "1::2::3", "12345::", ":1", "1:", "::ffff:1.2.3.04", "::1%eth0", "g::", "1:2:3:4:5:6:7"]),
 ])
 def test_formats(name, good, bad):
     p = compile_pattern(FORMATS[name])
     assert all(p.matches(t) for t in good) and not any(p.matches(t) for t in bad)
+
+
+def test_ipv6_is_what_pythons_ipaddress_reads():
+    """The ipv6 format against ipaddress.IPv6Address: each text of random addresses (full, "::" over every run of zero
+    groups, the last 32 bits as IPv4, upper case) and random strings over its characters (no zone index: neither
+    reads one here)."""
+    import ipaddress
+
+    p, r, checked = compile_pattern(FORMATS["ipv6"]), random.Random(14), 0
+
+    def reads(text: str) -> bool:
+        try:
+            ipaddress.IPv6Address(text)
+            return True
+        except ValueError:
+            return False
+
+    for _ in range(400):
+        groups = [r.choice([0, 0, 0, r.getrandbits(16), r.getrandbits(4)]) for _ in range(8)]
+        hexes = [format(g, "x") for g in groups]
+        texts = [":".join(hexes)] + [":".join(hexes[:i]) + "::" + ":".join(hexes[j:]) for i in range(8)
+                                     for j in range(i + 1, 9) if not any(groups[i:j])]
+        v4 = str(ipaddress.IPv4Address(groups[6] << 16 | groups[7]))
+        texts += [t.rsplit(":", 2)[0] + ":" + v4 for t in texts if not t.endswith(":") and t.count(":") >= 2
+                  and t.rsplit(":", 2)[1]]
+        for text in texts + [t.upper() for t in texts]:
+            assert p.matches(text) == reads(text), text
+            checked += 1
+    for _ in range(4000):
+        text = "".join(r.choice("0123456789abcdef:.") for _ in range(r.randint(1, 24)))
+        assert p.matches(text) == reads(text), text
+    assert checked > 10000
 
 
 @pytest.mark.parametrize("source, why", [
