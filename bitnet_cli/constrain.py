@@ -31,7 +31,7 @@ import copy
 import functools
 import json
 import re
-from math import gcd
+import math
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Sequence
@@ -50,6 +50,7 @@ MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
 MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
 MAX_SCHEMA_TEXT = 65536  # bytes of enum values and property names together (each is matched byte by byte)
 MAX_SCHEMA_STATES = 16384  # automaton states of its patterns together (each costs compiling and a vocabulary pass)
+MAX_UNIQUE_INTEGERS = 256  # integers an array of uniqueItems may choose from (each an enum text: _unique_items)
 
 # ---------------------------------------------------------------------- schemas
 
@@ -143,15 +144,24 @@ def _bounds(spec: dict, where: str) -> Bounds | None:
 
 def _unique_items(node: Schema, where: str) -> None:
     """Make node an array of unique items: supported where they are finitely many texts, an enum or const (pydantic's
-    set of a Literal or an Enum) or booleans, so that the array's state can carry the values used (_unique_after) and
-    its length stop at the number of values (values equal as JSON but written apart, 1 and 1.0, count as two)."""
+    set of a Literal or an Enum), booleans or integers between bounds (at most MAX_UNIQUE_INTEGERS), so that the
+    array's state can carry the values used (_unique_after) and its length stop at the number of values (values equal
+    as JSON but written apart, 1 and 1.0, count as two)."""
     items = node.items
     if node.prefix_items:
         raise _schema_error(where, "uniqueItems with prefixItems is not supported")
     if items is not None and items.enum is None and items.types <= {"boolean", "null"}:
         items = Schema(enum=tuple(_compact(v) for v in (True, False, None) if _type_of(v) in items.types))
+    elif items is not None and items.enum is None and items.types == {"integer"} and items.bounds is not None \
+            and items.bounds[0] is not None and items.bounds[2] is not None \
+            and math.floor(items.bounds[2]) - math.ceil(items.bounds[0]) < 16 * MAX_UNIQUE_INTEGERS:
+        values = [n for n in range(math.ceil(items.bounds[0]), math.floor(items.bounds[2]) + 1)
+                  if items.bounds.admits(Fraction(n))]
+        if len(values) <= MAX_UNIQUE_INTEGERS:
+            items = Schema(enum=tuple(str(n).encode() for n in values))
     if items is None or items.enum is None:
-        raise _schema_error(where, "uniqueItems is supported where the items are an enum, a const or booleans")
+        raise _schema_error(where, "uniqueItems is supported where the items are an enum, a const, booleans or "
+                                   f"integers between a minimum and a maximum (at most {MAX_UNIQUE_INTEGERS})")
     if node.min_items > len(items.enum):
         raise _schema_error(where, f"minItems is more than the {len(items.enum)} distinct items uniqueItems allows")
     node.items, node.unique = items, {}
@@ -560,9 +570,9 @@ def _multiple_index(a: Fraction, s: Fraction) -> tuple[int, int] | None:
     """The j for which ``a + j * s`` is a whole number, as ``(first, period)`` (those j are first + n * period, first
     in [0, period)); None where no j is (s > 0). With A / d and S / d the two over a common denominator: S j = -A
     (mod d), which has solutions where g = gcd(S, d) divides A."""
-    d = a.denominator * s.denominator // gcd(a.denominator, s.denominator)
+    d = a.denominator * s.denominator // math.gcd(a.denominator, s.denominator)
     big_a, big_s = a.numerator * (d // a.denominator), s.numerator * (d // s.denominator)
-    g = gcd(big_s, d)
+    g = math.gcd(big_s, d)
     if big_a % g:
         return None
     period = d // g

@@ -332,12 +332,15 @@ def test_schema_instances_are_accepted_and_violations_refused():
                                                "b": {"type": "array", "items": {"type": "boolean"}, "uniqueItems": True,
                                                      "minItems": 1},
                                                "o": {"anyOf": [{"type": "null"}, {"type": "array", "uniqueItems": True,
-                                                                                   "items": {"const": 7}}]}}}
+                                                                                   "items": {"const": 7}}]},
+                                               "d": {"type": "array", "uniqueItems": True, "items": {
+                                                   "type": "integer", "minimum": -1, "maximum": 30, "multipleOf": 10}}}}
     for good in ['{"u": []}', '{"u": [12, 1, [2], "a"]}', '{"u": [1, 12]}', '{"b": [false, true]}', '{"o": [7]}',
-                 '{"o": null}', '{"u": ["a"], "o": [7], "b": [true]}']:
+                 '{"o": null}', '{"u": ["a"], "o": [7], "b": [true]}', '{"d": [30, 0, 10, 20]}']:
         assert accepted(unique, good), good
     for bad in ['{"u": [1, 1]}', '{"u": [[2], "a", [2]]}', '{"u": [12, 1, [2], "a", 1]}', '{"b": []}',
-                '{"b": [true, false, true]}', '{"o": [7, 7]}']:
+                '{"b": [true, false, true]}', '{"o": [7, 7]}', '{"d": [10, 10]}', '{"d": [5]}', '{"d": [-1]}',
+                '{"d": [0, 10, 20, 30, 0]}']:
         assert not accepted(unique, bad), bad
     tuples = {"type": "object", "$defs": {"R": {"type": "boolean"}}, "properties": {
         "pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}], "minItems": 2, "maxItems": 2},
@@ -442,7 +445,9 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
     ({"type": "object", "properties": {"a": {"type": "number", "multipleOf": "2"}}}, "multipleOf must be a number"),
     ({"type": "object", "properties": {"a": {"type": "array", "uniqueItems": True}}}, "uniqueItems is supported where"),
     ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}},
-     "uniqueItems is supported where the items are an enum, a const or booleans"),
+     "uniqueItems is supported where the items are an enum, a const, booleans or integers between"),
+    ({"type": "object", "properties": {"a": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 256},
+                                             "uniqueItems": True}}}, "(at most 256)"),
     ({"type": "object", "properties": {"a": {"type": "array", "items": {"enum": [1, 2]}, "uniqueItems": True,
                                              "minItems": 3}}}, "minItems is more than the 2 distinct items"),
     ({"type": "object", "properties": {"a": {"type": "array", "items": {"const": 1}, "uniqueItems": "yes"}}},
@@ -496,7 +501,7 @@ def test_schema_constrained_walks_allow_exactly_what_continues_and_end_valid(jso
 
 def pydantic_order_model():
     """A pydantic model whose JSON schema uses what pydantic writes for common field types: constr with a pattern and
-    a length, conint/confloat with bounds and multiple_of, sets of a Literal and of an Enum (uniqueItems), a tuple
+    a length, conint/confloat with bounds and multiple_of, sets of a Literal, an Enum and bounded ints (uniqueItems), a tuple
     (prefixItems), Optional (anyOf with null), a UUID (format), a length-bounded list of nested models ($ref)."""
     import enum
     from typing import Literal, Optional
@@ -515,6 +520,7 @@ def pydantic_order_model():
         price: confloat(ge=0, lt=10, multiple_of=0.25)
         tags: set[Literal["new", "sale", "eco"]] = set()
         colors: set[Color] = Field(default_factory=set, max_length=2)
+        days: set[conint(ge=1, le=7)] = set()
         flags: tuple[bool, int]
         note: Optional[str] = None
         id: UUID
