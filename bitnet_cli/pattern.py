@@ -84,7 +84,7 @@ _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"  # a host name's label (
 _H16 = "[0-9a-fA-F]{1,4}"
 _LS32 = f"({_H16}:{_H16}|{_IPV4})"
 # RFC 3986's IPv6address, its nine rules in order: six groups and no "::", then "::" with at most k - 1 groups before
-# it and 7 - k after it (k = 1..8), the last 32 bits as two groups or an IPv4 address (no zone index: RFC 4291's form)
+# it and 8 - k after it (k = 1..8), the last 32 bits as two groups or an IPv4 address (no zone index: RFC 4291's form)
 _IPV6 = "|".join([f"({_H16}:){{6}}{_LS32}", f"::({_H16}:){{5}}{_LS32}", f"({_H16})?::({_H16}:){{4}}{_LS32}",
                   *(f"(({_H16}:){{0,{n - 1}}}{_H16})?::({_H16}:){{{5 - n}}}{_LS32}" for n in (2, 3)),
                   f"(({_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}", f"(({_H16}:){{0,4}}{_H16})?::{_LS32}",
