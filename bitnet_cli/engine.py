@@ -764,11 +764,12 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
 
 
-def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
+def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation ending in a user turn, ready for the assistant's reply.
 
     Uses the tokenizer config's `chat_template` (Jinja, as transformers does) when the file has
-    one and jinja2 is installed; otherwise the plain fallback: "User: ...\\nAssistant: ..." turns.
+    one and jinja2 is installed, with ``tools`` (OpenAI's tool definitions) for templates that show them;
+    otherwise the plain fallback: "User: ...\\nAssistant: ..." turns.
     """
     template = engine.tokenizer_config.get("chat_template")
     if isinstance(template, str) and template:
@@ -780,7 +781,7 @@ def render_chat(engine: Engine, messages: list[dict]) -> list[int]:
             bos = engine.tokenizer.id_to_token(engine.bos_token_id) if engine.bos_token_id is not None else ""
             eos = engine.tokenizer.id_to_token(engine.eos_token_id) if engine.eos_token_id is not None else ""
             text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                                    bos_token=bos, eos_token=eos)
+                                                    bos_token=bos, eos_token=eos, tools=tools)
         except ImportError:
             pass
         except Exception as e:  # a template error is the file's fault, not the user's

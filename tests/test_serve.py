@@ -231,8 +231,7 @@ def test_response_format_json_is_bitnet_run_format_json(server, engine):
     assert server.client.chat.completions.create(**chat).choices[0].message.content == want
     chunks = server.client.chat.completions.create(**chat, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
-    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-                         ("functions", [{"name": "f"}]), ("function_call", {"name": "f"})]:
+    for field, value in [("functions", [{"name": "f"}]), ("function_call", {"name": "f"})]:
         r = server.http.post("/v1/chat/completions", json={"messages": messages, field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field and "function calling" in r.text
     r = server.http.post("/v1/chat/completions", json={"messages": messages, "tools": [], "tool_choice": "none",
@@ -253,6 +252,64 @@ def test_response_format_json_is_bitnet_run_format_json(server, engine):
         r = server.http.post("/v1/chat/completions", json={"messages": messages, "response_format": bad})
         assert r.status_code == 400 and why in r.json()["error"]["message"], r.text
         assert r.json()["error"]["param"] == "response_format"
+
+
+def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
+    """tool_choice naming a function (or "required" with one tool): the reply is one call of it whose arguments are
+    what the engine's schema-constrained generation gives alone for the function's parameters, on the prompt the
+    template renders with the tools; streamed, the deltas name the call once and carry the same arguments. Where
+    the model would choose whether to call, the request is refused, never answered in text."""
+    import jsonschema
+
+    model = server.info["model"]
+    params = {"type": "object", "additionalProperties": False, "required": ["city", "days"],
+              "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "integer", "minimum": 1,
+                                                                          "maximum": 14}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The forecast.",
+                                               "parameters": params}},
+             {"type": "function", "function": {"name": "now"}}]
+    messages = [{"role": "user", "content": "Weather in Rome for three days?"}]
+    ids = render_chat(engine, messages, tools)
+    want, gen = alone(engine, ids, seed=4, max_tokens=60, temperature=1.0, top_k=0, top_p=1.0,
+                      output_format="json_schema", json_schema=params)
+    chat = dict(model=model, messages=messages, max_tokens=60, temperature=1.0, seed=4, tools=tools,
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = server.client.chat.completions.create(**chat)
+    choice = r.choices[0]
+    assert choice.message.content is None and len(choice.message.tool_calls) == 1
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    assert call.function.arguments == want and r.usage.prompt_tokens == len(ids)
+    assert choice.finish_reason == ("tool_calls" if gen.stats.stop_reason == "eos" else "length")
+    if choice.finish_reason == "tool_calls":
+        jsonschema.validate(json.loads(call.function.arguments), params)
+    chunks = [c for c in server.client.chat.completions.create(**chat, stream=True, stop=["}"]) if c.choices]
+    first = chunks[0].choices[0].delta.tool_calls[0]
+    assert first.id and first.function.name == "get_weather"
+    assert "".join(d.function.arguments for c in chunks for d in c.choices[0].delta.tool_calls or []) == want
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason  # the stop string "}" does not cut it
+    one = server.client.chat.completions.create(**{**chat, "tools": tools[1:], "tool_choice": "required"})
+    assert one.choices[0].message.tool_calls[0].function.name == "now"
+    args = one.choices[0].message.tool_calls[0].function.arguments
+    assert one.choices[0].finish_reason != "tool_calls" or json.loads(args) == {}  # no arguments
+    text = server.client.chat.completions.create(**{**chat, "tool_choice": "none", "seed": 4})
+    assert text.choices[0].message.tool_calls is None and text.choices[0].message.content is not None
+    for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "where the model chooses"),
+                               ({"tool_choice": None}, "tool_choice", "where the model chooses"),
+                               ({"tool_choice": "required"}, "tool_choice", "where the model chooses"),
+                               ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+                                "not among the tools"),
+                               ({"tools": None}, "tool_choice", "needs tools"),
+                               ({"response_format": {"type": "json_object"}}, "response_format", "cannot go together"),
+                               ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                                   "type": "object", "properties": {"a": {"not": {}}}}}}],
+                                 "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tools",
+                                "not is not supported"),
+                               ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools", "")]:
+        body = {k: v for k, v in {**chat, **change}.items() if v is not None}
+        r = server.http.post("/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] in (param, f"{param}.0.function.name"), r.text
+        assert why in r.json()["error"]["message"], r.text
 
 
 def test_echo_with_logprobs_scores_the_prompt(server, engine):

@@ -142,25 +142,85 @@ class ChatMessage(_Strict):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as OpenAI's
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema of an object; none: no arguments
+    strict: Optional[bool] = None  # the schema is always enforced
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class ToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=0)
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    # function calling is not served: refused rather than ignored (a client would wait for a call)
-    tools: Optional[list] = None
+    # function calling where the call is forced: tool_choice names a function (or is "required" with one tool);
+    # the reply is then a call of it, its arguments held to the function's parameters by constrained decoding.
+    # Where the model would choose ("auto", the default with tools) it is refused rather than ignored (a client
+    # would wait for a call), as are the legacy functions/function_call.
+    tools: Optional[list[Tool]] = None
     functions: Optional[list] = None
-    tool_choice: Union[str, dict, None] = None
+    tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
     function_call: Union[str, dict, None] = None
 
-    def check_no_tools(self) -> None:
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise ApiError(400, f"{name}: function calling is not supported by this server", name)
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                raise ApiError(400, f"{name}: function calling is not supported by this server (only \"none\")", name)
+    def called_function(self) -> FunctionDef | None:
+        """The function the reply must call, None for a reply in text; ApiError where the request asks for what
+        this server does not do (the model choosing whether and what to call)."""
+        for name in ("functions", "function_call"):
+            if getattr(self, name) not in (None, [], "none"):
+                raise ApiError(400, f"{name}: the legacy function calling is not supported by this server (use tools "
+                               "with tool_choice naming the function)", name)
+        tools, choice = self.tools or [], self.tool_choice
+        if choice == "none" or (choice is None and not tools):
+            return None
+        if not tools:
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        if choice == "required" and len(tools) == 1:
+            choice = ToolChoice(type="function", function=NamedFunction(name=tools[0].function.name))
+        if not isinstance(choice, ToolChoice):
+            raise ApiError(400, f"tool_choice {choice or 'auto'!r}: function calling where the model chooses is not "
+                           "supported by this server; name the function ({\"type\": \"function\", \"function\": "
+                           "{\"name\": ...}}), or give one tool with \"required\", or \"none\"", "tool_choice")
+        called = [t.function for t in tools if t.function.name == choice.function.name]
+        if not called:
+            raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                           "tool_choice")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise ApiError(400, "response_format and a forced tool call cannot go together (the call's arguments "
+                           "follow the function's parameters)", "response_format")
+        return called[0]
+
+    def stops(self) -> list[str]:
+        """No stop strings for a forced call: they would cut its arguments short."""
+        return [] if self.called_function() is not None else super().stops()
+
+    def output_schema(self) -> Schema | None:
+        """A forced call's arguments follow the function's parameters; else response_format's schema."""
+        function = self.called_function()
+        if function is None:
+            return super().output_schema()
+        try:
+            return output_schema("json_schema", function.parameters or NO_ARGUMENTS)
+        except BitnetError as e:
+            raise ApiError(400, f"tools: {function.name}: parameters: {e}", "tools") from None
 
 
 class TokenizeRequest(_Strict):
@@ -452,7 +512,7 @@ class Server:
         try:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
-            req.check_no_tools()
+            function = req.called_function()
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -461,7 +521,8 @@ class Server:
                     "chat_template"):
                 messages.pop(0)  # the plain User:/Assistant: fallback has no system turn
             try:
-                ids = await run_in_threadpool(render_chat, self.engine, messages)
+                tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if function else None
+                ids = await run_in_threadpool(render_chat, self.engine, messages, tools)
             except BitnetError as e:
                 raise ApiError(400, str(e), "messages") from None
             limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -474,7 +535,7 @@ class Server:
                                        root)
         except ApiError as e:
             return e.response()
-        reply = _Chat(self, req, [ids], jobs)
+        reply = _Chat(self, req, [ids], jobs, function)
         if req.stream:
             return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
         return await reply.whole(request, queue)
@@ -616,7 +677,18 @@ class _Completion(_Reply):
 
 
 class _Chat(_Reply):
+    """A chat reply: text, or (function: a forced tool call) one call of function whose arguments are the text, with
+    finish_reason "tool_calls" once they are complete."""
+
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def __init__(self, server, req: ChatRequest, prompts, jobs, function: FunctionDef | None = None):
+        super().__init__(server, req, prompts, jobs)
+        self.function = function
+        self.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in jobs]
+
+    def finish_reason(self, i: int, reason: str | None) -> str | None:
+        return "tool_calls" if self.function is not None and reason == "stop" else reason
 
     def logprobs(self, events: list[TokenEvent]) -> dict | None:
         if not self.req.logprobs:
@@ -627,21 +699,38 @@ class _Chat(_Reply):
                             for e in events]}
 
     def choice(self, i: int) -> dict:
-        return {"index": i, "message": {"role": "assistant", "content": self.text[i]},
-                "finish_reason": self.finish[i], "logprobs": self.logprobs(self.tokens[i])}
+        if self.function is None:
+            message = {"role": "assistant", "content": self.text[i]}
+        else:
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": self.call_ids[i], "type": "function",
+                 "function": {"name": self.function.name, "arguments": self.text[i]}}]}
+        return {"index": i, "message": message, "finish_reason": self.finish_reason(i, self.finish[i]),
+                "logprobs": self.logprobs(self.tokens[i])}
+
+    def delta(self, i: int, text: str, first: bool = False) -> dict:
+        """A chunk's delta: text, or the call's arguments so far (the first one also names the call)."""
+        if self.function is None:
+            return {"role": "assistant", "content": text} if first else {"content": text}
+        call = {"index": 0, "function": {"arguments": text}}
+        if first:
+            call = {"index": 0, "id": self.call_ids[i], "type": "function",
+                    "function": {"name": self.function.name, "arguments": text}}
+            return {"role": "assistant", "content": None, "tool_calls": [call]}
+        return {"tool_calls": [call]}
 
     def first_chunk(self, i: int) -> dict:
-        return {**self.head(), "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+        return {**self.head(), "choices": [{"index": i, "delta": self.delta(i, "", first=True),
                                             "logprobs": None, "finish_reason": None}]}
 
     def chunk(self, i: int, event) -> dict | None:
         if isinstance(event, TokenEvent):
             lp = self.logprobs([event] if event.token is not None else [])
-            return {**self.head(), "choices": [{"index": i, "delta": {"content": event.text}, "logprobs": lp,
+            return {**self.head(), "choices": [{"index": i, "delta": self.delta(i, event.text), "logprobs": lp,
                                                 "finish_reason": None}]}
         if isinstance(event, DoneEvent):
             return {**self.head(), "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                "finish_reason": event.finish_reason}]}
+                                                "finish_reason": self.finish_reason(i, event.finish_reason)}]}
         return None
 
 
