@@ -795,8 +795,12 @@ def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None =
             turns.append(m["content"])
         elif m["role"] == "user":
             turns.append(FALLBACK_CHAT.format(content=m["content"]))
+        elif m["role"] == "tool":  # a call's result: the next user turn, marked as such
+            turns.append(FALLBACK_CHAT.format(content=f"(result of {m.get('tool_call_id', 'a tool call')}) "
+                                                      f"{m['content']}"))
         elif m["role"] == "assistant":
-            turns[-1] += " " + m["content"]
+            calls = " ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls") or [])
+            turns[-1] += " " + " ".join(part for part in (m["content"], calls) if part)
     return engine.encode("\n".join(turns))
 
 

@@ -294,6 +294,19 @@ def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
     assert one.choices[0].finish_reason != "tool_calls" or json.loads(args) == {}  # no arguments
     text = server.client.chat.completions.create(**{**chat, "tool_choice": "none", "seed": 4})
     assert text.choices[0].message.tool_calls is None and text.choices[0].message.content is not None
+    # the conversation goes on with the call and its result, as a client sends them back
+    turns = messages + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"forecast": "sun"}'}]
+    rendered = [{**m, "content": m["content"] or ""} for m in turns]
+    want, _ = alone(engine, render_chat(engine, rendered), max_tokens=12, temperature=0)
+    after = server.client.chat.completions.create(model=model, messages=turns, max_tokens=12, temperature=0,
+                                                  tools=tools, tool_choice="none")
+    assert after.choices[0].message.content == want and after.usage.prompt_tokens == len(render_chat(engine, rendered))
+    for bad, param in [({"role": "tool", "content": "x"}, "messages.1.tool_call_id"),
+                       ({"role": "user"}, "messages.1.content"), ({"role": "assistant"}, "messages.1.content")]:
+        r = server.http.post("/v1/chat/completions", json={"messages": messages + [bad], "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "where the model chooses"),
                                ({"tool_choice": None}, "tool_choice", "where the model chooses"),
                                ({"tool_choice": "required"}, "tool_choice", "where the model chooses"),

@@ -134,12 +134,42 @@ class TextPart(_Strict):
     text: str
 
 
+class CalledFunction(_Strict):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    """A turn: text, or (assistant) the tool calls it made, or (tool) a call's result, which the next turn reads."""
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: Union[str, list[TextPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant
+    tool_call_id: Optional[str] = None  # tool: the call answered
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def rendered(self, index: int) -> dict:
+        """The turn as chat templates read it (transformers' and OpenAI's shape); ApiError where a part is missing."""
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ApiError(400, f"messages[{index}] ({self.role}) needs content", f"messages.{index}.content")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ApiError(400, f"messages[{index}] (tool) needs tool_call_id", f"messages.{index}.tool_call_id")
+        turn = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            turn["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        return turn
 
 
 class FunctionDef(_Strict):
@@ -515,8 +545,7 @@ class Server:
             function = req.called_function()
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
+            messages = [m.rendered(i) for i, m in enumerate(req.messages)]
             while messages and messages[0]["role"] != "user" and not self.engine.tokenizer_config.get(
                     "chat_template"):
                 messages.pop(0)  # the plain User:/Assistant: fallback has no system turn
