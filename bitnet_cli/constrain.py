@@ -30,8 +30,8 @@ import bisect
 import copy
 import functools
 import json
-import re
 import math
+import re
 from collections import OrderedDict
 from fractions import Fraction
 from typing import Sequence
@@ -62,7 +62,8 @@ ANNOTATIONS = frozenset(("title", "description", "default", "examples", "$schema
 BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf")
 # the keywords enforced (allOf of one schema, $ref to this schema's #/$defs), in the order an error lists them
 ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
-            "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf", "allOf", "$ref")
+            "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf",
+            "allOf", "$ref")
 KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions")) | ANNOTATIONS
 
 
@@ -152,13 +153,12 @@ def _unique_items(node: Schema, where: str) -> None:
         raise _schema_error(where, "uniqueItems with prefixItems is not supported")
     if items is not None and items.enum is None and items.types <= {"boolean", "null"}:
         items = Schema(enum=tuple(_compact(v) for v in (True, False, None) if _type_of(v) in items.types))
-    elif items is not None and items.enum is None and items.types == {"integer"} and items.bounds is not None \
-            and items.bounds[0] is not None and items.bounds[2] is not None \
-            and math.floor(items.bounds[2]) - math.ceil(items.bounds[0]) < 16 * MAX_UNIQUE_INTEGERS:
-        values = [n for n in range(math.ceil(items.bounds[0]), math.floor(items.bounds[2]) + 1)
-                  if items.bounds.admits(Fraction(n))]
-        if len(values) <= MAX_UNIQUE_INTEGERS:
-            items = Schema(enum=tuple(str(n).encode() for n in values))
+    elif items is not None and items.enum is None and items.types == {"integer"} and items.bounds is not None:
+        low, high = items.bounds[0], items.bounds[2]
+        if low is not None and high is not None and math.floor(high) - math.ceil(low) < 16 * MAX_UNIQUE_INTEGERS:
+            values = [n for n in range(math.ceil(low), math.floor(high) + 1) if items.bounds.admits(Fraction(n))]
+            if len(values) <= MAX_UNIQUE_INTEGERS:
+                items = Schema(enum=tuple(str(n).encode() for n in values))
     if items is None or items.enum is None:
         raise _schema_error(where, "uniqueItems is supported where the items are an enum, a const, booleans or "
                                    f"integers between a minimum and a maximum (at most {MAX_UNIQUE_INTEGERS})")

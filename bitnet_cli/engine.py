@@ -799,7 +799,8 @@ def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None =
             turns.append(FALLBACK_CHAT.format(content=f"(result of {m.get('tool_call_id', 'a tool call')}) "
                                                       f"{m['content']}"))
         elif m["role"] == "assistant":
-            calls = " ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in m.get("tool_calls") or [])
+            calls = " ".join(f"{c['function']['name']}({c['function']['arguments']})"
+                             for c in m.get("tool_calls") or [])
             turns[-1] += " " + " ".join(part for part in (m["content"], calls) if part)
     return engine.encode("\n".join(turns))
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import re
@@ -211,9 +212,10 @@ class ChatRequest(_Sampling):
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
     function_call: Union[str, dict, None] = None
 
+    @functools.cached_property
     def called_function(self) -> FunctionDef | None:
         """The function the reply must call, None for a reply in text; ApiError where the request asks for what
-        this server does not do (the model choosing whether and what to call)."""
+        this server does not do (the model choosing whether and what to call). Decided once per request."""
         for name in ("functions", "function_call"):
             if getattr(self, name) not in (None, [], "none"):
                 raise ApiError(400, f"{name}: the legacy function calling is not supported by this server (use tools "
@@ -240,11 +242,11 @@ class ChatRequest(_Sampling):
 
     def stops(self) -> list[str]:
         """No stop strings for a forced call: they would cut its arguments short."""
-        return [] if self.called_function() is not None else super().stops()
+        return [] if self.called_function is not None else super().stops()
 
     def output_schema(self) -> Schema | None:
         """A forced call's arguments follow the function's parameters; else response_format's schema."""
-        function = self.called_function()
+        function = self.called_function
         if function is None:
             return super().output_schema()
         try:
@@ -542,7 +544,7 @@ class Server:
         try:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
-            function = req.called_function()
+            function = req.called_function
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
             messages = [m.rendered(i) for i, m in enumerate(req.messages)]
