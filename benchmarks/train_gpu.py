@@ -8,7 +8,7 @@
         --set 'data.files=[/data/gutenberg_books.jsonl.gz]' --set train.eval_batches=20
     python benchmarks/train_gpu.py --modes compile --variants int8,none --steps 30 --profile
     python benchmarks/train_gpu.py --modes compile --variants int8,int8+RESIDUAL_ROWS,int8-GATED_GRAD,none
-    python benchmarks/train_gpu.py --modes compile --variants int8,int8@reduce-overhead,none   # CUDA graphs
+    python benchmarks/train_gpu.py --modes compile --variants int8,int8@default,none   # int8 without CUDA graphs
 
 Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for each variant:
 ``int8`` (BitNet b1.58 with ``train.int8_matmul: on``: int8 tensor-core products; the weight gradient in bf16),
@@ -16,8 +16,9 @@ Runs the real trainer (``bitnet_cli.train.train``) on the bundled corpus for eac
 (the same model with ``int8_matmul: off``: fake-quantised bf16 products, the reference path)
 and ``none`` (the same architecture in full precision, ``quant: none``). A variant may carry int8 switches
 (README's "Environment variables"): ``int8+RESIDUAL_ROWS`` runs ``int8`` with ``BITNET_INT8_RESIDUAL_ROWS=1``,
-``int8-GATED_GRAD`` with ``BITNET_INT8_GATED_GRAD=0``, and ``@MODE`` at the end sets ``BITNET_COMPILE_MODE`` (``int8@reduce-overhead``:
-the step under CUDA graphs), each for that run alone, so that one process (one machine, one compile cache) measures a
+``int8-GATED_GRAD`` with ``BITNET_INT8_GATED_GRAD=0``, and ``@MODE`` at the end sets ``BITNET_COMPILE_MODE``
+(``int8@default``: the int8 step without the CUDA graphs ``train.cuda_graphs: auto`` gives it; ``none@reduce-overhead``:
+the float step under them), each for that run alone, so that one process (one machine, one compile cache) measures a
 switch against the default back to back. It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
 the GPU's dense bf16 peak, and each variant's step time over ``none``'s. No run saves its final

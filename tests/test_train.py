@@ -316,8 +316,36 @@ def test_an_unknown_compile_mode_is_one_clear_error(monkeypatch):
         _compile_mode()
     monkeypatch.setenv("BITNET_COMPILE_MODE", "reduce-overhead")
     assert _compile_mode() == "reduce-overhead"
+    assert _compile_mode("on", "cuda", True, False) == "reduce-overhead"  # the variable wins over the recipe
+    monkeypatch.setenv("BITNET_COMPILE_MODE", "default")
+    assert _compile_mode("auto", "cuda", True, False) == "default"
     monkeypatch.delenv("BITNET_COMPILE_MODE")
     assert _compile_mode() is None
+
+
+@pytest.mark.parametrize("setting, device, int8, distributed, expected", [
+    ("auto", "cuda", True, False, "reduce-overhead"),  # the int8 step on one GPU: host-bound without graphs
+    ("auto", "cuda", False, False, None),  # the bf16 step: graphs made it slower
+    ("auto", "cuda", True, True, None),  # under torchrun
+    ("auto", "cpu", True, False, None),
+    ("on", "cuda", False, False, "reduce-overhead"),
+    ("off", "cuda", True, False, None),
+    ("on", "cpu", False, False, "error"),
+    ("on", "cuda", True, True, "error"),
+])
+def test_cuda_graphs_follow_the_recipe(monkeypatch, setting, device, int8, distributed, expected):
+    """train.cuda_graphs: auto puts the compiled step under CUDA graphs where the int8 matmuls run on one GPU; on
+    wherever one GPU runs it, and elsewhere one clear error; off never."""
+    from bitnet_cli.train.loop import _compile_mode
+
+    monkeypatch.delenv("BITNET_COMPILE_MODE", raising=False)
+    if expected == "error":
+        with pytest.raises(BitnetError, match="train.cuda_graphs is on, but CUDA graphs need one CUDA GPU"):
+            _compile_mode(setting, device, int8, distributed)
+    else:
+        assert _compile_mode(setting, device, int8, distributed) == expected
+    assert load_recipe(None, [f"train.cuda_graphs={setting}"], data={"train": {"steps": 1}}).train.cuda_graphs == \
+        setting
 
 
 @pytest.mark.parametrize("value", ["abc", "0", "-5e12", "nan", "inf"])

@@ -383,12 +383,21 @@ def _prepare_data(recipe: Recipe, src: Source | None, resume_from: Path | None, 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
-def _compile_mode() -> str | None:
-    """``$BITNET_COMPILE_MODE``: torch.compile's mode (e.g. "reduce-overhead": CUDA graphs), for measurements."""
+def _compile_mode(cuda_graphs: str = "off", device_type: str = "cpu", int8: bool = False,
+                  distributed: bool = False) -> str | None:
+    """torch.compile's mode for the model: ``$BITNET_COMPILE_MODE`` where set (for measurements; "reduce-overhead":
+    CUDA graphs), else "reduce-overhead" where ``train.cuda_graphs`` puts the step under CUDA graphs (auto: the int8
+    matmuls on one GPU), else None (torch's default)."""
     mode = os.environ.get("BITNET_COMPILE_MODE") or None
-    if mode is not None and mode not in COMPILE_MODES:
-        raise BitnetError(f"BITNET_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
-    return mode
+    if mode is not None:
+        if mode not in COMPILE_MODES:
+            raise BitnetError(f"BITNET_COMPILE_MODE={mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        return mode
+    if cuda_graphs == "on" and (device_type != "cuda" or distributed):
+        raise BitnetError("train.cuda_graphs is on, but CUDA graphs need one CUDA GPU (no torchrun); set it to auto "
+                          "or off", param="train.cuda_graphs")
+    graphs = cuda_graphs == "on" or (cuda_graphs == "auto" and int8 and device_type == "cuda" and not distributed)
+    return "reduce-overhead" if graphs else None
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -419,7 +428,7 @@ class _Run:
     start_step: int
     prior_seconds: float
     int8_refresh: bool  # int8 matmuls with ternary weights cached per step: refresh them before each step
-    cuda_graphs: bool = False  # the model compiled with mode="reduce-overhead" ($BITNET_COMPILE_MODE)
+    cuda_graphs: bool = False  # the model compiled with mode="reduce-overhead" (train.cuda_graphs)
 
     @classmethod
     def build(cls, recipe, out_dir, device, info, say, data, tok, tok_cfg, src, teacher_src, resume_from) -> "_Run":
@@ -466,7 +475,9 @@ class _Run:
             torch.set_rng_state(state["rng_cpu"])
             start_step, prior_seconds = state["step"], state.get("seconds", 0.0)
             say(f"resuming {out_dir} from step {start_step} ({resume_from.name})")
-        mode = _compile_mode() if t.compile else None
+        mode = _compile_mode(t.cuda_graphs, device.type, int8, info.enabled) if t.compile else None
+        if mode == "reduce-overhead":
+            say("the compiled step under CUDA graphs (train.cuda_graphs)")
         fwd = torch.compile(model, mode=mode) if t.compile else model
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
         tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher

@@ -196,10 +196,17 @@ class TrainSpec(_Strict):
         "with the forward's int8 activations); off: in the compute dtype. Off by default: on an H200 it made the "
         "steps slower (700m: 0.684 s against 0.583) and trains within 0.01 of the plain path's loss "
         "(benchmarks/RESULTS.md, session 18).")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="With compile on one CUDA GPU: the compiled step under CUDA graphs (torch.compile's "
+        "reduce-overhead mode), which takes the host's launches out of each step and costs memory for the graphs' "
+        "pools. auto: on where the int8 matmuls run (their many small kernels leave the step partly host-bound: on "
+        "three H100s small.yaml's int8 step took 0.227-0.261 s without graphs and 0.233-0.237 s under them, "
+        "benchmarks/RESULTS.md sessions 27-28), off elsewhere (graphs made the bf16 step 2.5% slower there); on: whenever compile runs on one "
+        "CUDA GPU; off: never. Not under torchrun.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
                                                                    "or FSDP (fully_shard) for large shapes.")
 
-    @field_validator("int8_matmul", "int8_grad_weight", mode="before")
+    @field_validator("int8_matmul", "int8_grad_weight", "cuda_graphs", mode="before")
     @classmethod
     def _yaml_on_off(cls, v):
         # YAML 1.1 reads a bare on/off as a boolean.
