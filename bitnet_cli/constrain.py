@@ -64,7 +64,7 @@ BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipl
 ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
             "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf",
             "allOf", "$ref")
-KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions")) | ANNOTATIONS
+KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions", "discriminator")) | ANNOTATIONS  # discriminator: with oneOf
 
 
 class Schema:
@@ -81,10 +81,12 @@ class Schema:
     it; None: any string); bounds: a number's (Bounds; None: any number); enum: the only texts allowed (compact
     JSON); depths: the least nesting of an object and of an array it accepts (set by _set_depths); unique: for an
     array of uniqueItems, the nodes of that array once some of its values are used, by the set of them (its own
-    ``used``; _unique_after), shared by those nodes; None where items may repeat."""
+    ``used``; _unique_after), shared by those nodes; None where items may repeat; alternatives: for an anyOf whose
+    alternatives the first byte of a value cannot tell apart, their nodes (the value may be any of them: the
+    recognizer follows each, a Fork of states, until the bytes rule all but one out); None elsewhere."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
-                 "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used")
+                 "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used", "alternatives")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
@@ -95,6 +97,7 @@ class Schema:
         self.pattern = self.bounds = None
         self.depths = (1, 1)  # an object or array is one level deep at least (_set_depths: how deep at least)
         self.unique, self.used = None, frozenset()
+        self.alternatives = None
 
 
 class Bounds(tuple):
@@ -269,8 +272,12 @@ class _Compiler:
                 raise _schema_error(where, "allOf is supported only with one schema and nothing but annotations "
                                     "beside it")
             return self.node(parts[0], f"{where}.allOf")
+        if "anyOf" in spec and "oneOf" in spec:
+            raise _schema_error(where, "anyOf and oneOf together are not supported")
         if "anyOf" in spec or "oneOf" in spec:
             return self.any_of(spec, where)
+        if "discriminator" in spec:
+            raise _schema_error(where, "discriminator goes with oneOf or anyOf")
         if "const" in spec or "enum" in spec:
             values = [spec["const"]] if "const" in spec else spec["enum"]
             if not isinstance(values, list) or not values:
@@ -367,19 +374,33 @@ class _Compiler:
         return self.refs[ref]
 
     def any_of(self, spec, where: str) -> Schema:
-        """anyOf (or oneOf: the same where the types differ) of alternatives that differ in type (pydantic's
-        Optional[X]): merged into one node, since the first byte of a value tells which alternative it is."""
+        """anyOf, or oneOf where its alternatives exclude each other (_exclusive: by type, or by a discriminator as in
+        pydantic's discriminated unions). Alternatives of different types without enums (pydantic's Optional[X])
+        merge into one node, since the first byte of a value tells which alternative it is; the others stay apart
+        (Schema.alternatives: pydantic's Union[Cat, Dog]), each followed until the bytes rule it out."""
         word = "anyOf" if "anyOf" in spec else "oneOf"
         given = spec[word]
         parts = [self.node(p, f"{where}.{word}") for p in given] if isinstance(given, list) else []
-        if not parts or any(p.enum is not None for p in parts) or len(spec) > 1 + len(set(spec) & ANNOTATIONS):
-            raise _schema_error(where, f"{word} is supported only as alternatives of different types, without enum "
-                                "and without other keywords beside it")
+        beside = set(spec) - ANNOTATIONS - {word, "discriminator", "$defs", "definitions"}
+        if not parts or beside:
+            raise _schema_error(where, f"{word} is supported only as a non-empty list of schemas with nothing but "
+                                "annotations beside it")
+        kinds = [_kinds(p) for p in parts]
+        if all(p.enum is None and p.alternatives is None for p in parts) and \
+                sum(map(len, kinds)) == len(frozenset().union(*kinds)):
+            return self.merged(parts)
+        if word == "oneOf" and not all(_exclusive(a, b) for i, a in enumerate(parts) for b in parts[i + 1:]):
+            raise _schema_error(where, "oneOf is supported where its alternatives exclude each other: by type, or "
+                                "by a property each requires with values of its own (a discriminator); use anyOf")
+        union = Schema(types=frozenset().union(*(p.types for p in parts)))
+        union.alternatives = tuple(parts)
+        return union
+
+    @staticmethod
+    def merged(parts: list[Schema]) -> Schema:
+        """Alternatives of different types as one node."""
         merged = Schema(types=frozenset())
         for p in parts:
-            kinds = {"number" if t == "integer" else t for t in p.types}
-            if kinds & {"number" if t == "integer" else t for t in merged.types}:
-                raise _schema_error(where, f"{word} alternatives must not share a type")
             merged.types |= p.types
             if "object" in p.types:
                 merged.properties, merged.required, merged.additional = p.properties, p.required, p.additional
@@ -393,12 +414,41 @@ class _Compiler:
         return merged
 
 
+def _kinds(node: Schema) -> frozenset:
+    """The JSON types of node's values, an integer counted as a number (an enum's: of its values)."""
+    if node.alternatives is not None:
+        return frozenset().union(*map(_kinds, node.alternatives))
+    types = node.types if node.enum is None else {_type_of(json.loads(v)) for v in node.enum}
+    return frozenset("number" if t == "integer" else t for t in types)
+
+
+def _exclusive(a: Schema, b: Schema) -> bool:
+    """Whether no value is valid against both a and b, as far as types, enums and discriminators show: their types
+    differ, their enums share no value, or both are objects that require a property whose values are enums without a
+    value in common (pydantic's discriminated unions)."""
+    if a.alternatives is not None or b.alternatives is not None:
+        return all(_exclusive(x, y) for x in a.alternatives or (a,) for y in b.alternatives or (b,))
+    if a.enum is not None and b.enum is not None:
+        return not set(a.enum) & set(b.enum)
+    if not _kinds(a) & _kinds(b):
+        return True
+    if a.enum is None and b.enum is None and a.properties and b.properties:
+        for key in a.required & b.required:
+            x, y = a.properties.get(key), b.properties.get(key)
+            if x is not None and y is not None and x.enum is not None and y.enum is not None and \
+                    not set(x.enum) & set(y.enum):
+                return True
+    return False
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(text: str) -> Schema:
     spec = json.loads(text)
     root = _Compiler(spec).node(spec, "")
-    if root.enum is not None or root.types != frozenset(("object",)):
-        raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires)')
+    if not _objects_only(root):
+        raise _schema_error("", 'the root must be {"type": "object", ...} (as OpenAI requires), or alternatives of '
+                                'objects')
+    _refuse_union_cycles(root)
     _set_depths(root)
     depth = _least_depth(root)
     if depth == UNBOUNDED:
@@ -408,11 +458,33 @@ def _compiled(text: str) -> Schema:
     return root
 
 
+def _objects_only(node: Schema) -> bool:
+    """Whether every value node accepts is an object (its alternatives' too)."""
+    if node.alternatives is not None:
+        return all(map(_objects_only, node.alternatives))
+    return node.enum is None and node.types == frozenset(("object",))
+
+
+def _refuse_union_cycles(root: Schema) -> None:
+    """An anyOf that is its own alternative (through $refs) would send the recognizer round in a circle at a value's
+    first byte: refused."""
+    for node in _reachable(root):
+        seen, todo = set(), list(node.alternatives or ())
+        while todo:
+            alt = todo.pop()
+            if alt is node:
+                raise _schema_error("", "an anyOf or oneOf is one of its own alternatives")
+            if id(alt) not in seen:
+                seen.add(id(alt))
+                todo.extend(alt.alternatives or ())
+
+
 def _reachable(root: Schema) -> list[Schema]:
     seen, todo = {id(root): root}, [root]
     while todo:
         node = todo.pop()
-        for child in [*(node.properties or {}).values(), node.additional, node.items, *node.prefix_items]:
+        for child in [*(node.properties or {}).values(), node.additional, node.items, *node.prefix_items,
+                      *(node.alternatives or ())]:
             if child is not None and id(child) not in seen:
                 seen[id(child)] = child
                 todo.append(child)
@@ -425,6 +497,8 @@ UNBOUNDED = float("inf")  # the depth of a node no finite value satisfies
 def _least_depth(node: Schema) -> float:
     """The least nesting of a value node accepts: 0 for a scalar or an enum (its text is matched
     whole, not nested), else that of its shallowest container."""
+    if node.alternatives is not None:
+        return min(map(_least_depth, node.alternatives))
     if node.enum is not None or node.types - {"object", "array"}:
         return 0
     return min(node.depths)
@@ -444,6 +518,8 @@ def _set_depths(root: Schema) -> None:
     while changed:
         changed = False
         for node in nodes:
+            if node.alternatives is not None:  # no container of its own (_least_depth: its alternatives')
+                continue
             obj = arr = UNBOUNDED
             if "object" in node.types:
                 obj = 1 + max((_least_depth((node.properties or {}).get(k, node.additional)) for k in node.required),
@@ -519,6 +595,30 @@ QUOTE, BACKSLASH = ord('"'), ord("\\")
 UTF8_LEADS = {**{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}, 0xE0: (2, 0xA0, 0xBF),
               **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}, 0xED: (2, 0x80, 0x9F),
               0xF0: (3, 0x90, 0xBF), **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}, 0xF4: (3, 0x80, 0x8F)}
+
+
+class Fork(frozenset):
+    """States at once: where a value may be any of an anyOf's alternatives (Schema.alternatives) and the bytes so far
+    have not ruled all but one out, a state for each (each as step takes it). step returns one at a value's first
+    byte; run and the masks follow every state in it."""
+
+
+def _fork(results) -> tuple | Fork | None:
+    """The states of results (states, Forks or None) together: None for none, one state alone, else a Fork."""
+    states = set()
+    for r in results:
+        if isinstance(r, Fork):
+            states |= r
+        elif r is not None:
+            states.add(r)
+    if len(states) > 1:
+        return Fork(states)
+    return states.pop() if states else None
+
+
+def _done(state: tuple | Fork) -> bool:
+    """Whether the object is complete (in one of the states of a Fork: the bytes read are one whole value)."""
+    return any(s[0] == DONE for s in state) if isinstance(state, Fork) else state[0] == DONE
 
 
 def initial_state(root: Schema = JSON_OBJECT) -> tuple:
@@ -637,7 +737,9 @@ def _keys_left(stack: tuple, node: Schema, used: frozenset) -> bool:
                                                 for k, v in (node.properties or {}).items())
 
 
-def _value_start(stack: tuple, node: Schema, b: int) -> tuple | None:
+def _value_start(stack: tuple, node: Schema, b: int) -> tuple | Fork | None:
+    if node.alternatives is not None:
+        return _fork(_value_start(stack, alt, b) for alt in node.alternatives)
     if node.enum is not None:
         return _enum_step(stack, node, b"", b)
     types = node.types
@@ -733,8 +835,9 @@ def _utf8_span(begun: bytes) -> tuple[int, int]:
     return ord(lowest.decode("utf-8")), ord(highest.decode("utf-8"))
 
 
-def step(state: tuple, b: int) -> tuple | None:
-    """The state after byte b, or None when no accepted JSON object's text continues this way."""
+def step(state: tuple, b: int) -> tuple | Fork | None:
+    """The state after byte b, or None when no accepted JSON object's text continues this way (a Fork where a value
+    of alternatives begins)."""
     mode, stack, node, extra = state
     if mode == STRING:
         if b == QUOTE:
@@ -863,12 +966,12 @@ def step(state: tuple, b: int) -> tuple | None:
     return _value_done(stack[:-1]) if b == ord("}") and obj.required <= used else None
 
 
-def run(state: tuple | None, data: bytes) -> tuple | None:
+def run(state: tuple | Fork | None, data: bytes) -> tuple | Fork | None:
     """The state after all of data (None once refused)."""
     for b in data:
         if state is None:
             return None
-        state = step(state, b)
+        state = _fork(step(s, b) for s in state) if isinstance(state, Fork) else step(state, b)
     return state
 
 
@@ -1038,12 +1141,22 @@ class JsonVocabulary:
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._pattern_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (pattern, states): plain tokens
 
-    def allowed(self, state: tuple) -> np.ndarray:
+    def allowed(self, state: tuple | Fork) -> np.ndarray:
         """bool [V]: the tokens that may come in `state` (read-only; cached)."""
+        mask = self._mask(state)
+        if not mask.any():
+            raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here",
+                              param="response_format")
+        return mask
+
+    def _mask(self, state: tuple | Fork) -> np.ndarray:
+        """allowed's mask, which may be empty (one state of a Fork may lead nowhere in this vocabulary)."""
         mask = _recall(self._masks, state)
         if mask is not None:
             return mask
-        if state[0] == DONE:
+        if isinstance(state, Fork):
+            mask = np.logical_or.reduce([self._mask(s) for s in state])
+        elif state[0] == DONE:
             mask = self.end
         elif state[0] == STRING:
             mask = self.plain.copy()
@@ -1065,9 +1178,6 @@ class JsonVocabulary:
         else:
             mask = np.zeros(self.size, dtype=bool)
             self._walk(state, 0, len(self.sorted_bytes), 0, mask)
-        if not mask.any():
-            raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here",
-                              param="response_format")
         return _remember(self._masks, state, mask)
 
     def _pattern_plain(self, pattern, states: frozenset) -> np.ndarray:
@@ -1127,8 +1237,8 @@ class JsonVocabulary:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
             after = step(state, b)
-            if after is not None:
-                self._walk(after, i, j, depth + 1, mask)
+            for s in after if isinstance(after, Fork) else () if after is None else (after,):
+                self._walk(s, i, j, depth + 1, mask)
             i = j
 
 
@@ -1144,7 +1254,7 @@ class JsonConstraint:
         return self.vocabulary.allowed(self.state)
 
     def push(self, token: int) -> None:
-        if self.state[0] == DONE:
+        if self.done:
             return  # the end-of-sequence token that closes it
         after = run(self.state, self.vocabulary.tokens[token] or b"")
         if after is None or not self.vocabulary.tokens[token]:
@@ -1153,7 +1263,7 @@ class JsonConstraint:
 
     @property
     def done(self) -> bool:
-        return self.state[0] == DONE
+        return _done(self.state)
 
 
 def output_schema(output_format: str, json_schema: dict | None = None) -> Schema | None:

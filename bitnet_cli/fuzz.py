@@ -180,6 +180,11 @@ SCHEMA_SEED = {
         "tags": {"type": "array", "items": {"type": "string", "pattern": "a+b"}, "minItems": 1, "maxItems": 3},
         "tree": {"allOf": [{"$ref": "#/$defs/Node"}], "description": "a described $ref"},
         "one": {"oneOf": [{"type": "boolean"}, {"type": "integer", "exclusiveMaximum": 0}]},
+        "pet": {"oneOf": [{"type": "object", "properties": {"t": {"const": "a"}, "n": {"type": "integer"}},
+                           "required": ["t"]},
+                          {"type": "object", "properties": {"t": {"const": "b"}}, "required": ["t"]}],
+                "discriminator": {"propertyName": "t"}},
+        "any": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "integer", "minimum": 5}, {"type": "number"}]},
         "set": {"type": "array", "items": {"enum": ["a", 1, 12]}, "uniqueItems": True, "minItems": 1}}}
 
 
