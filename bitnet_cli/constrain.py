@@ -83,10 +83,12 @@ class Schema:
     array of uniqueItems, the nodes of that array once some of its values are used, by the set of them (its own
     ``used``; _unique_after), shared by those nodes; None where items may repeat; alternatives: for an anyOf whose
     alternatives the first byte of a value cannot tell apart, their nodes (the value may be any of them: the
-    recognizer follows each, a Fork of states, until the bytes rule all but one out); None elsewhere."""
+    recognizer follows each, a Fork of states, until the bytes rule all but one out); None elsewhere; ordered: the
+    keys come in the order of properties (a tool call's name before its arguments: tool_call_schema)."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
-                 "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used", "alternatives")
+                 "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used", "alternatives",
+                 "ordered")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
@@ -98,6 +100,7 @@ class Schema:
         self.depths = (1, 1)  # an object or array is one level deep at least (_set_depths: how deep at least)
         self.unique, self.used = None, frozenset()
         self.alternatives = None
+        self.ordered = False
 
 
 class Bounds(tuple):
@@ -730,11 +733,17 @@ def _value_done(stack: tuple) -> tuple:
     return (AFTER, stack, None, 0)
 
 
+def _open_keys(node: Schema, used: frozenset):
+    """The known keys (and their schemas) that may come next in an object of node with keys `used`: those not used
+    yet, or in an ordered object the first of them."""
+    unused = ((k, v) for k, v in (node.properties or {}).items() if k not in used)
+    return [next(unused)] if node.ordered and len(used) < len(node.properties) else unused
+
+
 def _keys_left(stack: tuple, node: Schema, used: frozenset) -> bool:
     """Whether another key may still come in an object of schema node with keys `used` (open in stack), its value
     fitting."""
-    return _fits(stack, node.additional) or any(k not in used and _fits(stack, v)
-                                                for k, v in (node.properties or {}).items())
+    return _fits(stack, node.additional) or any(_fits(stack, v) for _, v in _open_keys(node, used))
 
 
 def _value_start(stack: tuple, node: Schema, b: int) -> tuple | Fork | None:
@@ -799,7 +808,7 @@ def _key_done(stack: tuple, key: bytes) -> tuple | None:
     """After the closing quote of a known-keys object's key."""
     _, obj, used = stack[-1]
     if key in obj.properties:
-        if key in used or not _fits(stack, obj.properties[key]):
+        if not any(k == key for k, _ in _open_keys(obj, used)) or not _fits(stack, obj.properties[key]):
             return None
         return (COLON, stack[:-1] + (("{", obj, used | {key}),), obj.properties[key], 0)
     return (COLON, stack, obj.additional, 0) if _fits(stack, obj.additional) and _is_utf8(key) else None
@@ -885,7 +894,7 @@ def step(state: tuple, b: int) -> tuple | Fork | None:
             return _key_done(stack, extra)
         more = extra + bytes([b])
         used = stack[-1][2]
-        if any(k.startswith(more) and k not in used and _fits(stack, v) for k, v in node.properties.items()):
+        if any(k.startswith(more) and _fits(stack, v) for k, v in _open_keys(node, used)):
             return (KEYNAME, stack, node, more)
         # another key (plain bytes only) where additionalProperties allows it
         plain = b >= 0x20 and b != BACKSLASH and _utf8_prefix(more)
@@ -1280,5 +1289,32 @@ def output_schema(output_format: str, json_schema: dict | None = None) -> Schema
     return JSON_OBJECT if json_schema is None else compile_schema(json_schema)
 
 
+@functools.lru_cache(maxsize=64)
+def _tool_calls(text: str) -> Schema:
+    alternatives = []
+    for name, parameters in json.loads(text):
+        arguments = compile_schema(parameters)
+        call = Schema(types=frozenset(("object",)), properties={b"name": Schema(enum=(_compact(name),)),
+                                                                b"arguments": arguments},
+                      required=frozenset((b"name", b"arguments")))
+        call.ordered = True
+        call.depths = (1 + _least_depth(arguments), UNBOUNDED)  # its arguments' shared nodes keep their own depths
+        if call.depths[0] > MAX_DEPTH:
+            raise _schema_error("", f"{name}: every value it accepts is nested more than {MAX_DEPTH - 1} deep")
+        alternatives.append(call)
+    root = Schema(types=frozenset(("object",)))
+    root.alternatives = tuple(alternatives)
+    return root
+
+
+def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
+    """The root schema of a call of one of several functions, as tool-calling models write one (Hermes' and Qwen's
+    templates): ``{"name": NAME, "arguments": {...}}``, the name first (so that a stream can name the call before
+    its arguments) and the arguments held to that function's parameters (a JSON schema each, as compile_schema takes
+    it). The same functions give the same nodes, so their cached masks are shared between requests."""
+    return _tool_calls(json.dumps([[name, parameters] for name, parameters in functions], sort_keys=True,
+                                  ensure_ascii=False))
+
+
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "compile_schema",
-           "is_prefix", "output_schema", "step", "token_bytes"]
+           "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]

@@ -672,6 +672,40 @@ def test_overlapping_alternatives_accept_exactly_what_one_of_them_does():
             assert any(accepted(schema, t) for t in done), n
 
 
+def test_a_call_of_one_of_several_functions_names_it_first_and_follows_its_parameters(json_tokenizer):
+    """constrain.tool_call_schema: {"name": NAME, "arguments": {...}} with the name first and the arguments held to
+    that function's parameters; random walks (masks checked naively) end in such calls of both functions, and texts
+    with the keys swapped, an unknown name or another function's arguments are refused."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"add": {"type": "object", "additionalProperties": False, "required": ["a", "b"],
+                      "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}},
+              "say": {"type": "object", "additionalProperties": False, "required": ["text"],
+                      "properties": {"text": {"type": "string", "maxLength": 4}}}}
+    root = C.tool_call_schema(list(params.items()))
+    assert C.tool_call_schema(list(params.items())) is root  # cached: the masks are shared between requests
+    spec, tok = json_tokenizer
+    vocab = C.JsonVocabulary(C.token_bytes(spec, tok, tok.get_vocab_size()), [1])
+    ended = random_walks(vocab, root, np.random.default_rng(29), walks=16, steps=600, check_every=6)
+    names = set()
+    for text in ended:
+        call = json.loads(text)
+        assert list(call) == ["name", "arguments"], text
+        jsonschema.validate(call["arguments"], params[call["name"]])
+        names.add(call["name"])
+    assert names == {"add", "say"}, (len(ended), names)
+
+    def whole(text: str) -> bool:
+        state = C.run(C.initial_state(root), text.encode())
+        return state is not None and C._done(state)
+
+    assert whole('{"name": "add", "arguments": {"a": 1, "b": 2}}') and whole('{"name":"say","arguments":{"text":"x"}}')
+    for bad in ['{"arguments": {"a": 1, "b": 2}, "name": "add"}', '{"name": "sub", "arguments": {}}',
+                '{"name": "add", "arguments": {"text": "x"}}', '{"name": "add"}', '{"name": "say", "arguments": {}}']:
+        assert not whole(bad), bad
+    with pytest.raises(BitnetError, match="not is not supported"):
+        C.tool_call_schema([("f", {"type": "object", "properties": {"a": {"not": {}}}})])
+
+
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short
 def test_schema_constrained_generation_through_the_engine_and_run(tiny_packed, schema, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")

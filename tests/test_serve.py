@@ -309,7 +309,7 @@ def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "where the model chooses"),
                                ({"tool_choice": None}, "tool_choice", "where the model chooses"),
-                               ({"tool_choice": "required"}, "tool_choice", "where the model chooses"),
+                               ({"tools": tools + tools[:1], "tool_choice": "required"}, "tools", "the same name"),
                                ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
                                 "not among the tools"),
                                ({"tools": None}, "tool_choice", "needs tools"),
@@ -323,6 +323,43 @@ def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
         r = server.http.post("/v1/chat/completions", json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] in (param, f"{param}.0.function.name"), r.text
         assert why in r.json()["error"]["message"], r.text
+
+
+def test_a_required_call_among_several_tools_names_one_and_follows_its_parameters(server, engine):
+    """tool_choice "required" with several tools: the reply is one call of one of them, written as
+    {"name": ..., "arguments": ...} under constrain.tool_call_schema and taken apart; its arguments follow that
+    function's parameters. Streamed with the same seed, the deltas name the call once the name is known and carry the
+    same arguments, the whole call's closing brace held back (the arguments nest objects, whose braces must go out)."""
+    import jsonschema
+
+    point = {"type": "object", "additionalProperties": False, "required": ["x"],
+             "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    params = {"move": {"type": "object", "additionalProperties": False, "required": ["to", "fast"],
+                       "properties": {"to": point, "fast": {"type": "boolean"}}},
+              "stop": {"type": "object", "additionalProperties": False, "required": ["now"],
+                       "properties": {"now": {"enum": [True, 1]}}}}
+    tools = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in params.items()]
+    chat = dict(model=server.info["model"], messages=[{"role": "user", "content": "Move to 3."}], max_tokens=250,
+                temperature=1.0, tools=tools, tool_choice="required")
+    names, finished = set(), 0
+    for seed in range(8):
+        r = server.client.chat.completions.create(**chat, seed=seed)
+        choice = r.choices[0]
+        assert choice.message.content is None and len(choice.message.tool_calls) <= 1
+        if choice.finish_reason == "tool_calls":
+            call = choice.message.tool_calls[0].function
+            names.add(call.name)
+            jsonschema.validate(json.loads(call.arguments), params[call.name])
+            finished += 1
+        chunks = [c for c in server.client.chat.completions.create(**chat, seed=seed, stream=True) if c.choices]
+        deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+        if choice.message.tool_calls:
+            whole = choice.message.tool_calls[0]
+            assert deltas[0].id.startswith("call_") and deltas[0].function.name == whole.function.name
+            assert all(d.function.name is None for d in deltas[1:])
+            assert "".join(d.function.arguments for d in deltas) == whole.function.arguments
+    assert finished >= 3 and names == {"move", "stop"}, (finished, names)
 
 
 def test_echo_with_logprobs_scores_the_prompt(server, engine):

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from bitnet_cli.constrain import Schema, output_schema
+from bitnet_cli.constrain import Schema, output_schema, tool_call_schema
 from bitnet_cli.engine import Engine, render_chat, stop_texts
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import SamplingParams
@@ -203,56 +203,70 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    # function calling where the call is forced: tool_choice names a function (or is "required" with one tool);
-    # the reply is then a call of it, its arguments held to the function's parameters by constrained decoding.
-    # Where the model would choose ("auto", the default with tools) it is refused rather than ignored (a client
-    # would wait for a call), as are the legacy functions/function_call.
+    # function calling where a call is required: tool_choice names a function (the reply calls it), or is "required"
+    # (it calls one of the tools); the call's arguments are held to the function's parameters by constrained
+    # decoding. Where the model would choose whether to call ("auto", the default with tools) it is refused rather
+    # than ignored (a client would wait for a call), as are the legacy functions/function_call.
     tools: Optional[list[Tool]] = None
     functions: Optional[list] = None
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
     function_call: Union[str, dict, None] = None
 
     @functools.cached_property
-    def called_function(self) -> FunctionDef | None:
-        """The function the reply must call, None for a reply in text; ApiError where the request asks for what
-        this server does not do (the model choosing whether and what to call). Decided once per request."""
+    def called_functions(self) -> list[FunctionDef]:
+        """The functions the reply must call one of ([]: a reply in text); ApiError where the request asks for what
+        this server does not do (the model choosing whether to call). Decided once per request."""
         for name in ("functions", "function_call"):
             if getattr(self, name) not in (None, [], "none"):
                 raise ApiError(400, f"{name}: the legacy function calling is not supported by this server (use tools "
                                "with tool_choice naming the function)", name)
         tools, choice = self.tools or [], self.tool_choice
         if choice == "none" or (choice is None and not tools):
-            return None
+            return []
         if not tools:
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
-        if choice == "required" and len(tools) == 1:
-            choice = ToolChoice(type="function", function=NamedFunction(name=tools[0].function.name))
-        if not isinstance(choice, ToolChoice):
-            raise ApiError(400, f"tool_choice {choice or 'auto'!r}: function calling where the model chooses is not "
-                           "supported by this server; name the function ({\"type\": \"function\", \"function\": "
-                           "{\"name\": ...}}), or give one tool with \"required\", or \"none\"", "tool_choice")
-        called = [t.function for t in tools if t.function.name == choice.function.name]
-        if not called:
-            raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                           "tool_choice")
+        names = [t.function.name for t in tools]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "tools: two functions have the same name", "tools")
+        if choice == "required":
+            called = [t.function for t in tools]
+        elif isinstance(choice, ToolChoice):
+            called = [t.function for t in tools if t.function.name == choice.function.name]
+            if not called:
+                raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                               "tool_choice")
+        else:
+            raise ApiError(400, f"tool_choice {choice or 'auto'!r}: function calling where the model chooses whether "
+                           "to call is not supported by this server; name the function ({\"type\": \"function\", "
+                           "\"function\": {\"name\": ...}}), or ask for a call of one of the tools with \"required\", "
+                           "or \"none\"", "tool_choice")
         if self.response_format is not None and self.response_format.type != "text":
-            raise ApiError(400, "response_format and a forced tool call cannot go together (the call's arguments "
+            raise ApiError(400, "response_format and a required tool call cannot go together (the call's arguments "
                            "follow the function's parameters)", "response_format")
-        return called[0]
+        return called
 
     def stops(self) -> list[str]:
-        """No stop strings for a forced call: they would cut its arguments short."""
-        return [] if self.called_function is not None else super().stops()
+        """No stop strings for a call: they would cut its arguments short."""
+        return [] if self.called_functions else super().stops()
 
     def output_schema(self) -> Schema | None:
-        """A forced call's arguments follow the function's parameters; else response_format's schema."""
-        function = self.called_function
-        if function is None:
+        """A call's arguments follow its function's parameters (one function: the arguments alone; several: the call
+        as {"name": ..., "arguments": ...}, constrain.tool_call_schema); else response_format's schema."""
+        functions = self.called_functions
+        if not functions:
             return super().output_schema()
+        parameters = [(f.name, f.parameters or NO_ARGUMENTS) for f in functions]
+        for name, schema in parameters:
+            try:
+                output_schema("json_schema", schema)
+            except BitnetError as e:
+                raise ApiError(400, f"tools: {name}: parameters: {e}", "tools") from None
+        if len(functions) == 1:
+            return output_schema("json_schema", parameters[0][1])
         try:
-            return output_schema("json_schema", function.parameters or NO_ARGUMENTS)
+            return tool_call_schema(parameters)
         except BitnetError as e:
-            raise ApiError(400, f"tools: {function.name}: parameters: {e}", "tools") from None
+            raise ApiError(400, f"tools: {e}", "tools") from None
 
 
 class TokenizeRequest(_Strict):
@@ -544,7 +558,7 @@ class Server:
         try:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
-            function = req.called_function
+            functions = req.called_functions
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
             messages = [m.rendered(i) for i, m in enumerate(req.messages)]
@@ -552,7 +566,7 @@ class Server:
                     "chat_template"):
                 messages.pop(0)  # the plain User:/Assistant: fallback has no system turn
             try:
-                tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if function else None
+                tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if functions else None
                 ids = await run_in_threadpool(render_chat, self.engine, messages, tools)
             except BitnetError as e:
                 raise ApiError(400, str(e), "messages") from None
@@ -566,7 +580,7 @@ class Server:
                                        root)
         except ApiError as e:
             return e.response()
-        reply = _Chat(self, req, [ids], jobs, function)
+        reply = _Chat(self, req, [ids], jobs, functions)
         if req.stream:
             return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
         return await reply.whole(request, queue)
@@ -707,19 +721,28 @@ class _Completion(_Reply):
         return None
 
 
+# the text of a call of one of several functions (constrain.tool_call_schema) up to its arguments
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+WRAPPER_END = re.compile(r"\s*\}$")  # after a whole call's arguments
+HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole call's end, while it streams
+
+
 class _Chat(_Reply):
-    """A chat reply: text, or (function: a forced tool call) one call of function whose arguments are the text, with
-    finish_reason "tool_calls" once they are complete."""
+    """A chat reply: text, or (functions: a required tool call) one call of one of them. With one function the text
+    is its arguments; with several it is {"name": ..., "arguments": ...} (constrain.tool_call_schema), whose name and
+    arguments the reply takes apart, streamed as soon as the name is known. finish_reason is "tool_calls" once the
+    call is complete."""
 
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, server, req: ChatRequest, prompts, jobs, function: FunctionDef | None = None):
+    def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef]):
         super().__init__(server, req, prompts, jobs)
-        self.function = function
+        self.functions = functions
         self.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in jobs]
+        self.streamed = [None] * self.n  # per choice, the call's arguments sent so far (None: not named yet)
 
     def finish_reason(self, i: int, reason: str | None) -> str | None:
-        return "tool_calls" if self.function is not None and reason == "stop" else reason
+        return "tool_calls" if self.functions and reason == "stop" else reason
 
     def logprobs(self, events: list[TokenEvent]) -> dict | None:
         if not self.req.logprobs:
@@ -729,38 +752,65 @@ class _Chat(_Reply):
                              "top_logprobs": [{"token": t, "logprob": v} for t, v in (e.top or {}).items()]}
                             for e in events]}
 
+    def call(self, i: int) -> tuple[str, str] | None:
+        """Choice i's call so far: (the function's name, its arguments' text), None before the name is known. Once the
+        call is complete (finish "stop") the whole call's closing brace is not part of the arguments."""
+        if len(self.functions) == 1:
+            return self.functions[0].name, self.text[i]
+        head = CALL_HEAD.match(self.text[i])
+        if head is None:
+            return None
+        arguments = self.text[i][head.end():]
+        if self.finish[i] == "stop":
+            arguments = WRAPPER_END.sub("", arguments)
+        return json.loads(head[1]), arguments
+
     def choice(self, i: int) -> dict:
-        if self.function is None:
+        if not self.functions:
             message = {"role": "assistant", "content": self.text[i]}
         else:
-            message = {"role": "assistant", "content": None, "tool_calls": [
-                {"id": self.call_ids[i], "type": "function",
-                 "function": {"name": self.function.name, "arguments": self.text[i]}}]}
+            call = self.call(i)
+            message = {"role": "assistant", "content": None, "tool_calls": [] if call is None else [
+                {"id": self.call_ids[i], "type": "function", "function": {"name": call[0], "arguments": call[1]}}]}
         return {"index": i, "message": message, "finish_reason": self.finish_reason(i, self.finish[i]),
                 "logprobs": self.logprobs(self.tokens[i])}
 
-    def delta(self, i: int, text: str, first: bool = False) -> dict:
-        """A chunk's delta: text, or the call's arguments so far (the first one also names the call)."""
-        if self.function is None:
-            return {"role": "assistant", "content": text} if first else {"content": text}
-        call = {"index": 0, "function": {"arguments": text}}
-        if first:
-            call = {"index": 0, "id": self.call_ids[i], "type": "function",
-                    "function": {"name": self.function.name, "arguments": text}}
-            return {"role": "assistant", "content": None, "tool_calls": [call]}
-        return {"tool_calls": [call]}
+    def call_delta(self, i: int) -> dict | None:
+        """The call's news since the last delta: its arguments' new text, the first time with the call's id and
+        name; None where there is none. While it streams, a tail that may be the whole call's closing brace is held
+        back."""
+        call = self.call(i)
+        if call is None:
+            return None
+        name, arguments = call
+        if self.finish[i] is None and len(self.functions) > 1:
+            arguments = arguments[:HELD_BACK.search(arguments).start()]
+        sent = self.streamed[i]
+        self.streamed[i] = arguments
+        if sent is None:
+            return {"tool_calls": [{"index": 0, "id": self.call_ids[i], "type": "function",
+                                    "function": {"name": name, "arguments": arguments}}]}
+        if len(arguments) == len(sent):
+            return None
+        return {"tool_calls": [{"index": 0, "function": {"arguments": arguments[len(sent):]}}]}
 
     def first_chunk(self, i: int) -> dict:
-        return {**self.head(), "choices": [{"index": i, "delta": self.delta(i, "", first=True),
-                                            "logprobs": None, "finish_reason": None}]}
+        delta = {"role": "assistant", "content": "" if not self.functions else None}
+        if len(self.functions) == 1:  # the call is named from the start
+            delta |= self.call_delta(i)
+        return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
     def chunk(self, i: int, event) -> dict | None:
         if isinstance(event, TokenEvent):
             lp = self.logprobs([event] if event.token is not None else [])
-            return {**self.head(), "choices": [{"index": i, "delta": self.delta(i, event.text), "logprobs": lp,
+            delta = {"content": event.text} if not self.functions else self.call_delta(i)
+            if delta is None and lp is None:
+                return None
+            return {**self.head(), "choices": [{"index": i, "delta": delta or {}, "logprobs": lp,
                                                 "finish_reason": None}]}
         if isinstance(event, DoneEvent):
-            return {**self.head(), "choices": [{"index": i, "delta": {}, "logprobs": None,
+            delta = (self.call_delta(i) or {}) if self.functions else {}  # the arguments' held-back end
+            return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None,
                                                 "finish_reason": self.finish_reason(i, event.finish_reason)}]}
         return None
 
