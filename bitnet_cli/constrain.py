@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import copy
 import functools
+import itertools
 import json
 import math
 import re
@@ -50,6 +51,7 @@ MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
 MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
 MAX_SCHEMA_TEXT = 65536  # bytes of enum values and property names together (each is matched byte by byte)
 MAX_SCHEMA_STATES = 16384  # automaton states of its patterns together (each costs compiling and a vocabulary pass)
+MAX_FORK = 64  # states of anyOf alternatives open at once (undecided alternatives nested in each other multiply)
 MAX_UNIQUE_INTEGERS = 256  # integers an array of uniqueItems may choose from (each an enum text: _unique_items)
 
 # ---------------------------------------------------------------------- schemas
@@ -65,6 +67,9 @@ ENFORCED = ("type", "properties", "required", "additionalProperties", "items", "
             "uniqueItems", "minLength", "maxLength", "pattern", "format", *BOUNDS, "enum", "const", "anyOf", "oneOf",
             "allOf", "$ref")
 KEYWORDS = frozenset((*ENFORCED, "$defs", "definitions", "discriminator")) | ANNOTATIONS  # discriminator: with oneOf
+
+
+_SERIALS = itertools.count()
 
 
 class Schema:
@@ -84,11 +89,12 @@ class Schema:
     ``used``; _unique_after), shared by those nodes; None where items may repeat; alternatives: for an anyOf whose
     alternatives the first byte of a value cannot tell apart, their nodes (the value may be any of them: the
     recognizer follows each, a Fork of states, until the bytes rule all but one out); None elsewhere; ordered: the
-    keys come in the order of properties (a tool call's name before its arguments: tool_call_schema)."""
+    keys come in the order of properties (a tool call's name before its arguments: tool_call_schema); serial: the
+    order of its making, which orders states where a Fork keeps only some (_fork)."""
 
     __slots__ = ("types", "properties", "required", "additional", "items", "prefix_items", "min_items", "max_items",
                  "min_length", "max_length", "pattern", "bounds", "enum", "depths", "unique", "used", "alternatives",
-                 "ordered")
+                 "ordered", "serial")
 
     def __init__(self, types=TYPES, properties=None, required=frozenset(), additional=None, items=None, enum=None):
         self.types, self.properties, self.required = types, properties, required
@@ -101,6 +107,7 @@ class Schema:
         self.unique, self.used = None, frozenset()
         self.alternatives = None
         self.ordered = False
+        self.serial = next(_SERIALS)
 
 
 class Bounds(tuple):
@@ -372,7 +379,7 @@ class _Compiler:
         if ref not in self.refs:  # a placeholder first: a schema may refer to itself
             self.refs[ref] = placeholder = Schema()
             target = self.node(self.root[m[1]][m[2]], f"{where}.$ref")
-            for slot in Schema.__slots__:
+            for slot in set(Schema.__slots__) - {"serial"}:
                 setattr(placeholder, slot, getattr(target, slot))
         return self.refs[ref]
 
@@ -607,16 +614,32 @@ class Fork(frozenset):
 
 
 def _fork(results) -> tuple | Fork | None:
-    """The states of results (states, Forks or None) together: None for none, one state alone, else a Fork."""
+    """The states of results (states, Forks or None) together: None for none, one state alone, else a Fork of at
+    most MAX_FORK: a recursive anyOf whose alternatives the text tells apart late would otherwise double them at each
+    level. Past that the first MAX_FORK in _order are kept: each state alone goes on to a valid end, so fewer of
+    them allow fewer texts but never lead into a corner, and the same ones are kept every time."""
     states = set()
     for r in results:
         if isinstance(r, Fork):
             states |= r
         elif r is not None:
             states.add(r)
+    if len(states) > MAX_FORK:
+        return Fork(sorted(states, key=_order)[:MAX_FORK])
     if len(states) > 1:
         return Fork(states)
     return states.pop() if states else None
+
+
+def _order(value) -> tuple:
+    """A sort key for states and their parts (Schema nodes by serial, sets sorted), the same from run to run."""
+    if isinstance(value, Schema):
+        return (1, value.serial)
+    if isinstance(value, tuple):
+        return (2, tuple(map(_order, value)))
+    if isinstance(value, frozenset):
+        return (3, tuple(sorted(map(_order, value))))
+    return (0,) if value is None else (4, value) if isinstance(value, int) else (5, value)
 
 
 def _done(state: tuple | Fork) -> bool:
@@ -798,6 +821,7 @@ def _unique_after(array: Schema, text: bytes) -> Schema:
     after = array.unique.get(used)
     if after is None:
         after, items = copy.copy(array), copy.copy(array.items)
+        after.serial, items.serial = next(_SERIALS), next(_SERIALS)
         items.enum = tuple(v for v in array.items.enum if v != text)
         after.items, after.used = items, used
         array.unique[used] = after

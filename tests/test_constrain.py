@@ -645,6 +645,28 @@ def test_unions_of_objects_follow_each_alternative_until_the_bytes_decide(json_t
             owner.model_validate_json(text)
 
 
+def test_alternatives_open_at_once_are_bounded(json_tokenizer):
+    """A recursive anyOf whose alternatives the text tells apart only late doubles the states at each level: past
+    MAX_FORK of them the same MAX_FORK are kept every time (it never hangs), and what is kept still ends valid."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"$defs": {"N": {"anyOf": [{"type": "object", "properties": {"k": {"$ref": "#/$defs/N"}}},
+                                        {"type": "object", "properties": {"k": {"$ref": "#/$defs/N"},
+                                                                          "x": {"type": "null"}}}]}},
+              "$ref": "#/$defs/N"}
+    levels = C.MAX_FORK.bit_length() - 1  # 2 ** levels states
+    state = C.run(C.initial_state(C.compile_schema(schema)), b'{"k": ' * levels)
+    assert isinstance(state, C.Fork) and len(state) == C.MAX_FORK
+    deeper = C.run(state, b'{"k": ')
+    assert isinstance(deeper, C.Fork) and len(deeper) == C.MAX_FORK and deeper == C.run(state, b'{"k": ')
+    assert accepted(schema, '{"k": ' * (levels + 3) + "{}" + "}" * (levels + 3))  # one alternative's path at least
+    assert accepted(schema, '{"k": ' * levels + "{}" + "}" * levels)
+    spec, tok = json_tokenizer
+    vocab = C.JsonVocabulary(C.token_bytes(spec, tok, tok.get_vocab_size()), [1])
+    for text in random_walks(vocab, C.compile_schema(schema), np.random.default_rng(30), walks=6, steps=300,
+                             check_every=10):
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_overlapping_alternatives_accept_exactly_what_one_of_them_does():
     """anyOf of alternatives of one type (numbers of two ranges, an enum beside a pattern): every short text is
     accepted exactly where jsonschema finds it valid, and every prefix the recognizer keeps goes on to one it accepts."""
