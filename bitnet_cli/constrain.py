@@ -999,12 +999,17 @@ def step(state: tuple, b: int) -> tuple | Fork | None:
     return _value_done(stack[:-1]) if b == ord("}") and obj.required <= used else None
 
 
+def advance(state: tuple | Fork, b: int) -> tuple | Fork | None:
+    """step, from a state or a Fork of them."""
+    return _fork(step(s, b) for s in state) if isinstance(state, Fork) else step(state, b)
+
+
 def run(state: tuple | Fork | None, data: bytes) -> tuple | Fork | None:
     """The state after all of data (None once refused)."""
     for b in data:
         if state is None:
             return None
-        state = _fork(step(s, b) for s in state) if isinstance(state, Fork) else step(state, b)
+        state = advance(state, b)
     return state
 
 
@@ -1183,12 +1188,14 @@ class JsonVocabulary:
         return mask
 
     def _mask(self, state: tuple | Fork) -> np.ndarray:
-        """allowed's mask, which may be empty (one state of a Fork may lead nowhere in this vocabulary)."""
+        """allowed's mask, which may be empty. A Fork's is walked as a whole (not its states' masks together), since
+        past MAX_FORK the states it keeps depend on all of them."""
         mask = _recall(self._masks, state)
         if mask is not None:
             return mask
         if isinstance(state, Fork):
-            mask = np.logical_or.reduce([self._mask(s) for s in state])
+            mask = self.end.copy() if _done(state) else np.zeros(self.size, dtype=bool)
+            self._walk(state, 0, len(self.sorted_bytes), 0, mask)
         elif state[0] == DONE:
             mask = self.end
         elif state[0] == STRING:
@@ -1243,11 +1250,11 @@ class JsonVocabulary:
             mask[np.concatenate([groups[g] for g in keep])] = True
         return _remember(self._pattern_masks, key, mask)
 
-    def _walk(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
+    def _walk(self, state: tuple | Fork, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
         """Set mask for the tokens in sorted_bytes[lo:hi] (which share their first `depth` bytes,
         read into `state`) that the recognizer accepts from here on."""
         toks, i = self.sorted_bytes, lo
-        mode = state[0]
+        mode = None if isinstance(state, Fork) else state[0]
         if mode == STRING or (mode == KEYNAME and state[2].additional is not None and _is_utf8(state[3])):
             # at a character's start, plain text is accepted here: a token whose rest is plain is
             # (its rest is plain from `depth` when plain from before and not inside a character),
@@ -1269,9 +1276,9 @@ class JsonVocabulary:
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = step(state, b)
-            for s in after if isinstance(after, Fork) else () if after is None else (after,):
-                self._walk(s, i, j, depth + 1, mask)
+            after = advance(state, b)
+            if after is not None:
+                self._walk(after, i, j, depth + 1, mask)
             i = j
 
 
@@ -1341,4 +1348,4 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "compile_schema",
-           "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]
+           "advance", "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]

@@ -662,6 +662,8 @@ def test_alternatives_open_at_once_are_bounded(json_tokenizer):
     assert accepted(schema, '{"k": ' * levels + "{}" + "}" * levels)
     spec, tok = json_tokenizer
     vocab = C.JsonVocabulary(C.token_bytes(spec, tok, tok.get_vocab_size()), [1])
+    for at in (state, deeper, C.run(deeper, b'{"')):  # where tokens fork past MAX_FORK: masks as the bytes go
+        assert (vocab.allowed(at) == naive_mask(vocab, at)).all()
     for text in random_walks(vocab, C.compile_schema(schema), np.random.default_rng(30), walks=6, steps=300,
                              check_every=10):
         jsonschema.validate(json.loads(text), schema)
