@@ -524,6 +524,16 @@ def run(
     top_k: int = typer.Option(SAMPLING.top_k, help="Sample among the k likeliest tokens; 0 for no limit."),
     top_p: float = typer.Option(SAMPLING.top_p, help="Sample from the smallest set of tokens with this total probability."),
     repeat_penalty: float = typer.Option(SAMPLING.repeat_penalty, help="> 1 discourages the last 64 tokens (1.0: off)."),
+    frequency_penalty: float = typer.Option(
+        SAMPLING.frequency_penalty, help="OpenAI's: subtracted from a token's logit for each time it was generated "
+        "(-2 to 2; > 0 discourages repeats)."),
+    presence_penalty: float = typer.Option(
+        SAMPLING.presence_penalty, help="OpenAI's: subtracted from the logit of every token generated already "
+        "(-2 to 2; > 0 encourages new tokens)."),
+    logit_bias: list[str] = typer.Option(
+        [], "--logit-bias", "-l", metavar="ID=BIAS",
+        help="Add BIAS (-100 to 100) to token ID's logit, repeatable; -100 bans the token. Also llama.cpp's "
+             "ID+BIAS / ID-BIAS."),
     seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same text."),
     threads: Optional[int] = threads_option(),
     ctx_size: Optional[int] = ctx_size_option("", "an error"),
@@ -567,14 +577,18 @@ def run(
             raise BitnetError("--json prints one generation as JSON; it does not combine with --chat")
         if system is not None and not chat:  # it was ignored without a word
             raise BitnetError("--system is the system prompt of --chat; without --chat, put it in -p/--prompt")
-        SamplingParams(temperature, top_k, top_p, repeat_penalty).check()  # before a load that may take seconds
+        # before a load that may take seconds
+        SamplingParams(temperature, top_k, top_p, repeat_penalty, frequency_penalty, presence_penalty).check()
+        bias = parse_logit_bias(logit_bias)
         if output_format not in CLI_FORMATS:
             raise BitnetError(f"--format {output_format!r}: choose text or json")
         schema = read_json_schema(json_schema) if json_schema is not None else None
         check_lookup(lookup)
         engine = Engine.load(model, threads=threads, ctx_size=ctx_size, kv_cache=kv_cache)
         options = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       repeat_penalty=repeat_penalty, seed=seed, stop=stop, json_schema=schema, lookup=lookup,
+                       repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                       presence_penalty=presence_penalty, logit_bias=bias, seed=seed, stop=stop, json_schema=schema,
+                       lookup=lookup,
                        output_format="json_schema" if schema is not None else CLI_FORMATS[output_format])
         if chat:
             _chat(engine, prompt, system, options)
@@ -591,6 +605,20 @@ def run(
             sys.stdout.flush()
         sys.stdout.write("\n")
         _print_run_stats(gen.stats)
+
+
+def parse_logit_bias(given: list[str]) -> dict[int, float]:
+    """`--logit-bias ID=BIAS` (or llama.cpp's ID+BIAS, ID-BIAS), repeatable, as {id: bias}; the engine checks the ids
+    and the range."""
+    bias = {}
+    for text in given:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:=\s*([+-]?[0-9.]+(?:[eE][+-]?\d+)?)|([+-][0-9.]+(?:[eE][+-]?\d+)?))\s*", text)
+        try:
+            bias[int(m[1])] = float(m[2] or m[3])
+        except (TypeError, ValueError):
+            raise BitnetError(f"--logit-bias {text!r}: expected TOKEN_ID=BIAS, e.g. 15043=-100", param="logit_bias") \
+                from None
+    return bias
 
 
 def _print_run_stats(s) -> None:

@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
 from bitnet_cli.pack.embeddings import embedding_type
 from bitnet_cli.rope import inv_freq as rope_inv_freq
-from bitnet_cli.sampling import SamplingParams, sample
+from bitnet_cli.sampling import SamplingParams, logit_bias_pairs, sample
 from bitnet_cli.tokenizer import special_id
 
 DEFAULT_CTX = 4096
@@ -533,7 +533,8 @@ class Engine(kernels.CResource):
                  temperature: float = SamplingParams.temperature, top_k: int = SamplingParams.top_k,
                  top_p: float = SamplingParams.top_p, repeat_penalty: float = SamplingParams.repeat_penalty,
                  seed: int | None = None, stop: Sequence[str] = (), output_format: str = "text",
-                 json_schema: dict | None = None, lookup: int = 0) -> Generation:
+                 json_schema: dict | None = None, lookup: int = 0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0, logit_bias: Mapping[int, float] | None = None) -> Generation:
         """Stream the continuation of a prompt (text, or token ids used as given) as text pieces.
 
         Stops at an end-of-sequence token, at any of the `stop` strings (a list, or one string; not
@@ -541,9 +542,11 @@ class Engine(kernels.CResource):
         output_format "json_object" allows only text that begins one JSON object, "json_schema" one
         that json_schema describes; the generation ends once it is closed (bitnet_cli.constrain).
         lookup > 0: prompt lookup decoding, up to that many draft tokens per pass (bitnet_cli.lookup);
-        the text is the same as without, only the time differs.
+        the text is the same as without, only the time differs. frequency_penalty, presence_penalty (each in
+        [-2, 2]) and logit_bias ({token id: bias in [-100, 100]}) are OpenAI's (sampling.apply_penalties).
         """
-        params = SamplingParams(temperature, top_k, top_p, repeat_penalty).check()
+        params = SamplingParams(temperature, top_k, top_p, repeat_penalty, frequency_penalty, presence_penalty,
+                                logit_bias_pairs(logit_bias or {}, self.vocab_size)).check()
         root = output_schema(output_format, json_schema)
         check_lookup(lookup)
         if type(max_tokens) is not int or max_tokens < 0:
@@ -594,7 +597,8 @@ class Engine(kernels.CResource):
         expected: list[int] = []  # the draft token each pending row (but the last) was run with after it
         length = DraftLength(lookup)
         while True:
-            token = sample(pending.pop(0), params, rng, history, constraint.allowed() if constraint else None)
+            token = sample(pending.pop(0), params, rng, history, constraint.allowed() if constraint else None,
+                           out_ids)
             if expected:
                 if token == expected.pop(0):
                     stats.accepted_tokens += 1

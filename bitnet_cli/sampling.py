@@ -1,4 +1,5 @@
-"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling, with a repeat penalty.
+"""Next-token choice from logits: greedy, or temperature / top-k / top-p sampling, with a repeat penalty, OpenAI's
+frequency and presence penalties and per-token logit biases.
 
 All randomness comes from the `numpy.random.Generator` passed in, so a seed fixes the text.
 """
@@ -6,13 +7,16 @@ All randomness comes from the `numpy.random.Generator` passed in, so a seed fixe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from bitnet_cli.errors import BitnetError
 
 REPEAT_WINDOW = 64  # the penalty looks at this many most recent tokens (prompt included)
+MAX_PENALTY = 2.0  # frequency_penalty and presence_penalty lie in [-2, 2], as OpenAI's
+MAX_BIAS = 100.0  # a logit bias lies in [-100, 100], as OpenAI's (either end bans or all but forces a token)
+MAX_BIASED = 1024  # tokens one request may bias
 
 
 @dataclass(frozen=True)
@@ -21,6 +25,9 @@ class SamplingParams:
     top_k: int = 40           # 0: no limit (check() refuses a negative k)
     top_p: float = 0.95       # 1.0: no limit
     repeat_penalty: float = 1.0  # 1.0: off; > 1 discourages recent tokens
+    frequency_penalty: float = 0.0  # subtracted from a token's logit once per time it was generated
+    presence_penalty: float = 0.0  # subtracted from the logit of a token generated at least once
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids ascending
 
     def check(self) -> "SamplingParams":
         if not np.isfinite(self.temperature) or self.temperature < 0:
@@ -31,7 +38,30 @@ class SamplingParams:
             raise BitnetError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if not np.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
             raise BitnetError(f"repeat_penalty must be > 0, got {self.repeat_penalty}", param="repeat_penalty")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not -MAX_PENALTY <= value <= MAX_PENALTY:  # NaN fails too
+                raise BitnetError(f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {value}",
+                                  param=name)
         return self
+
+
+def logit_bias_pairs(bias: Mapping, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """A {token id: bias} mapping (ids as ints or their decimal strings, as OpenAI's JSON has them) as
+    SamplingParams.logit_bias, checked: ids within the vocabulary, biases finite within +-MAX_BIAS."""
+    if len(bias) > MAX_BIASED:
+        raise BitnetError(f"logit_bias: at most {MAX_BIASED} tokens, got {len(bias)}", param="logit_bias")
+    pairs = {}
+    for key, value in bias.items():
+        text = str(key).strip()
+        if isinstance(key, bool) or not text.isdecimal() or not int(text) < vocab_size:
+            raise BitnetError(f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                              param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise BitnetError(f"logit_bias: token {text}: the bias must be a number between -{MAX_BIAS:g} and "
+                              f"{MAX_BIAS:g}, got {value!r}", param="logit_bias")
+        pairs[int(text)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: float) -> np.ndarray:
@@ -50,6 +80,23 @@ def apply_repeat_penalty(logits: np.ndarray, recent: Sequence[int], penalty: flo
     big = float(np.finfo(np.float32).max)
     logits[ids] = np.clip(penalised, -big, big)
     return logits
+
+
+def apply_penalties(logits: np.ndarray, generated: Sequence[int], params: SamplingParams) -> np.ndarray:
+    """OpenAI's frequency and presence penalties and logit bias, all added to the logits: a token's logit less
+    frequency_penalty times the number of times it was generated, less presence_penalty if it was at all, plus its
+    bias. Only the generated tokens count (the prompt does not), as OpenAI and vLLM have it."""
+    penalised = (params.frequency_penalty or params.presence_penalty) and len(generated)
+    if not penalised and not params.logit_bias:
+        return logits
+    logits = logits.astype(np.float64)  # exact sums; back to float32 below
+    if penalised:
+        ids, counts = np.unique(np.asarray(generated, dtype=np.int64), return_counts=True)
+        logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits[list(ids)] += biases
+    return logits.astype(np.float32)
 
 
 def _likeliest(z: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -104,15 +151,18 @@ def candidates(z: np.ndarray, params: SamplingParams) -> tuple[np.ndarray | None
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, recent: Sequence[int] = (),
-           allowed: np.ndarray | None = None) -> int:
+           allowed: np.ndarray | None = None, generated: Sequence[int] = ()) -> int:
     """One token id from a [V] float32 logits vector (finite: the engine refuses NaN logits).
 
-    allowed: a bool [V] mask (constrained decoding, bitnet_cli.constrain): every other token's
-    logit becomes -inf after the repeat penalty, so it is never chosen and the rest are sampled
-    as they would be among themselves. One uniform draw from rng per sampled token."""
+    recent: the tokens so far, prompt included (the repeat penalty's); generated: those generated so far (the
+    frequency and presence penalties'). The repeat penalty applies first, then apply_penalties. allowed: a bool [V]
+    mask (constrained decoding, bitnet_cli.constrain): every other token's logit becomes -inf after the penalties,
+    so it is never chosen and the rest are sampled as they would be among themselves. One uniform draw from rng per
+    sampled token."""
     if not np.isfinite(logits).all():
         raise BitnetError("sampling: the logits hold NaN or infinite values")
     logits = apply_repeat_penalty(logits, recent, params.repeat_penalty)
+    logits = apply_penalties(logits, generated, params)
     if allowed is not None:
         logits = np.where(allowed, logits, np.float32(-np.inf))
     if params.temperature <= 0:

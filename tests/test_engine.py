@@ -313,6 +313,39 @@ def test_sampling_is_seeded_and_stops(tiny_packed):
             assert "".join(cut) == greedy[: greedy.find(stop)] and cut.stats.stop_reason == "stop"
 
 
+def test_frequency_presence_and_bias_follow_a_naive_decoding_loop(tiny_packed):
+    """generate(frequency_penalty=, presence_penalty=, logit_bias=) greedy is the argmax of each step's logits with
+    OpenAI's formula applied by hand (counts over the generated tokens only), step by step through forward; a
+    banned token never appears; a bad bias id or penalty is one clear error naming it."""
+    _, packed = tiny_packed
+    with Engine.load(packed, threads=1) as eng:
+        eng.stop_token_ids = set()
+        ids = eng.encode("ROMEO:")
+        plain = eng.generate(ids, max_tokens=24, temperature=0)
+        "".join(plain)
+        banned = plain.token_ids[0]
+        freq, pres, bias = 0.7, 0.4, {banned: -100.0, 5: 1.5}
+        gen = eng.generate(ids, max_tokens=24, temperature=0, frequency_penalty=freq, presence_penalty=pres,
+                           logit_bias=bias)
+        "".join(gen)
+        want, logits = [], eng.forward(ids, all_logits=False)[-1]
+        for _ in range(24):
+            z = logits.astype(np.float64)
+            for t in set(want):
+                z[t] -= freq * want.count(t) + pres
+            for t, b in bias.items():
+                z[t] += b
+            want.append(int(np.argmax(z.astype(np.float32))))
+            logits = eng.forward([want[-1]], n_past=len(ids) + len(want) - 1, all_logits=False)[-1]
+        assert gen.token_ids == want and banned not in want
+        assert len(set(want)) > len(set(plain.token_ids))  # the penalties spread the choice
+        for kw, param in [(dict(logit_bias={eng.vocab_size: 1.0}), "logit_bias"),
+                          (dict(frequency_penalty=3.0), "frequency_penalty")]:
+            with pytest.raises(BitnetError) as e:
+                eng.generate(ids, **kw)
+            assert e.value.param == param
+
+
 def test_bad_arguments_are_clear_errors(tiny_packed, tmp_path):
     _, packed = tiny_packed
     with pytest.raises(BitnetError, match="threads must be a positive integer") as e:

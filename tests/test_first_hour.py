@@ -461,7 +461,8 @@ def test_cli_defaults_are_the_librarys():
                                    "kv_cache": "kv_cache"}),
         (cli.eval_cmd, eval_runner.evaluate, {"batch_size": "batch_size", "kv_cache": "kv_cache"}),
         (cli.run, Engine.generate, {"max_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
-                                    "top_p": "top_p", "repeat_penalty": "repeat_penalty"}),
+                                    "top_p": "top_p", "repeat_penalty": "repeat_penalty",
+                                    "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty"}),
         (cli.quickstart, quickstart.quickstart, {"out": "out_dir", "limit": "eval_limit"}),
     ]
     for command, library, names in pairs:

@@ -117,6 +117,23 @@ def test_the_module_is_importable_without_torch(packed):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+def test_run_penalties_and_logit_bias_are_the_engine_s(packed):
+    """--frequency-penalty, --presence-penalty and --logit-bias (ID=BIAS, or llama.cpp's ID+BIAS / ID-BIAS) give the
+    text Engine.generate gives with them."""
+    from bitnet_cli.engine import Engine
+
+    with Engine.load(packed) as eng:
+        greedy = eng.generate("ROMEO:", max_tokens=16, temperature=0)
+        "".join(greedy)
+        first = greedy.token_ids[0]
+        want = "".join(eng.generate("ROMEO:", max_tokens=16, temperature=0, frequency_penalty=1.5,
+                                    presence_penalty=0.5, logit_bias={first: -100, 9: 1.5, 11: 0.5}))
+    r = run(packed, "-p", "ROMEO:", "-n", "16", "--temperature", "0", "--json", "--frequency-penalty", "1.5",
+            "--presence-penalty", "0.5", "--logit-bias", f"{first}=-100", "-l", "9+1.5", "-l", "11=5e-1")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["text"] == want
+
+
 @pytest.mark.parametrize("args,message", [
     (["-p", ""], "prompt is empty"),
     (["-p", "hi", "--threads", "0"], "--threads"),
@@ -127,6 +144,10 @@ def test_the_module_is_importable_without_torch(packed):
     (["-p", "hi", "--top-p", "0"], "--top-p"),
     (["-p", "hi", "--temperature", "-1"], "--temperature"),
     ([], "give a prompt"),
+    (["-p", "hi", "--logit-bias", "5=abc"], "--logit-bias '5=abc': expected TOKEN_ID=BIAS"),
+    (["-p", "hi", "-l", "99999999=1"], "is not a token id of this model"),
+    (["-p", "hi", "-l", "5=-101"], "between -100 and 100"),
+    (["-p", "hi", "--frequency-penalty", "3"], "must be between -2 and 2"),
 ])
 def test_bad_options_fail_cleanly(packed, args, message):
     r = run(packed, *args)

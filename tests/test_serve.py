@@ -362,6 +362,27 @@ def test_a_required_call_among_several_tools_names_one_and_follows_its_parameter
     assert finished >= 3 and names == {"move", "stop"}, (finished, names)
 
 
+def test_penalties_and_logit_bias_are_bitnet_run_s(server, engine):
+    """frequency_penalty, presence_penalty and logit_bias give the text Engine.generate gives with them, greedy and
+    seeded, in completions and chat (which had refused anything but their neutral values)."""
+    model = server.info["model"]
+    ids = engine.encode("ROMEO:")
+    greedy, _ = alone(engine, ids, max_tokens=20, temperature=0)
+    first = engine.encode(greedy, add_bos=False)[0]
+    kw = dict(frequency_penalty=1.2, presence_penalty=-0.3, logit_bias={first: -100, 7: 2.5})
+    for sampling in (dict(temperature=0), dict(temperature=1.0, seed=3)):
+        want, _ = alone(engine, ids, max_tokens=20, top_k=0, top_p=1.0, **sampling, **kw)
+        r = server.client.completions.create(model=model, prompt=ids, max_tokens=20, **sampling, **{
+            **kw, "logit_bias": {str(t): b for t, b in kw["logit_bias"].items()}})
+        assert r.choices[0].text == want and want != greedy
+    messages = [{"role": "user", "content": "Hello"}]
+    want, _ = alone(engine, render_chat(engine, messages), max_tokens=12, temperature=0, **kw)
+    r = server.client.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0,
+                                              frequency_penalty=1.2, presence_penalty=-0.3,
+                                              logit_bias={str(first): -100, "7": 2.5})
+    assert r.choices[0].message.content == want
+
+
 def test_echo_with_logprobs_scores_the_prompt(server, engine):
     ids = engine.encode("KING HENRY:\nMy lord", add_bos=False)
     r = server.client.completions.create(model=server.info["model"], prompt=ids, max_tokens=1, temperature=0,
@@ -401,8 +422,10 @@ def test_bad_requests_get_openai_errors_not_tracebacks(server, engine):
         (b"[" * 100_000 + b"]" * 100_000, 400, None),  # nested past Python's recursion limit: was a 500 and a traceback
         (b'{"prompt": "x", "temperature": NaN}', 400, "temperature"),  # was "should be less than or equal to 2"
         (json.dumps({"prompt": [[5]] * 81, "max_tokens": 1}).encode(), 400, "prompt"),  # > 16 slots + 64 queued
-        # asked-for sampling the server does not do: refused, as the penalties are (were ignored: results without them)
-        (json.dumps({"prompt": "x", "logit_bias": {"5": 100}}).encode(), 400, "logit_bias"),
+        (json.dumps({"prompt": "x", "logit_bias": {"5": 101}}).encode(), 400, "logit_bias"),
+        (json.dumps({"prompt": "x", "logit_bias": {"99999999": 1}}).encode(), 400, "logit_bias"),  # not a token id
+        (json.dumps({"prompt": "x", "frequency_penalty": 2.5}).encode(), 400, "frequency_penalty"),
+        # asked-for sampling the server does not do: refused (was ignored: results without it)
         (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
         (json.dumps({"prompt": "x", "suffix": "end"}).encode(), 400, "suffix"),
     ]

@@ -7,8 +7,8 @@ shapes follow OpenAI's API reference; streams are server-sent events `data: {jso
 `data: [DONE]`. Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (a 500 only for a bug, and then without internals).
 
-Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `top_k`, `ignore_eos` and
-`repeat_penalty` are extensions. Greedy (temperature 0) output and seeded samples are those of
+Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `frequency_penalty`, `presence_penalty` and
+`logit_bias` are OpenAI's; `top_k`, `ignore_eos` and `repeat_penalty` are extensions. Greedy (temperature 0) output and seeded samples are those of
 `bitnet run` with the same settings, whatever else the server is doing.
 """
 
@@ -35,7 +35,7 @@ from starlette.routing import Route
 from bitnet_cli.constrain import Schema, output_schema, tool_call_schema
 from bitnet_cli.engine import Engine, render_chat, stop_texts
 from bitnet_cli.errors import BitnetError
-from bitnet_cli.sampling import SamplingParams
+from bitnet_cli.sampling import MAX_BIASED, MAX_PENALTY, SamplingParams, logit_bias_pairs
 from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, PromptLogprobs, QueueFull, Scheduler, TokenEvent
 
 MAX_BODY = 8 << 20  # bytes of one request body; larger ones get 413 before they are read in full
@@ -86,9 +86,9 @@ class _Sampling(_Strict):
     top_k: int = Field(0, ge=0)                 # extension: 0 is no limit
     repeat_penalty: float = Field(1.0, gt=0)    # extension, as `bitnet run --repeat-penalty`
     ignore_eos: bool = False                    # extension (as vLLM, llama.cpp): for benchmarks
-    frequency_penalty: float = Field(0.0, ge=0, le=0)  # accepted only at their neutral value:
-    presence_penalty: float = Field(0.0, ge=0, le=0)   # the sampler has no such penalties
-    logit_bias: Optional[dict[str, float]] = Field(None, max_length=0)  # nor per-token biases (was ignored)
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    logit_bias: Optional[dict[str, float]] = Field(None, max_length=MAX_BIASED)  # token id (text) -> bias
     stop: Union[str, list[str], None] = Field(None)
     seed: Optional[int] = Field(None, ge=0)       # as `bitnet run --seed`: numpy seeds are non-negative
     n: int = Field(1, ge=1, le=MAX_N)
@@ -117,8 +117,13 @@ class _Sampling(_Strict):
         except BitnetError as e:
             raise ApiError(400, str(e), "stop") from None
 
-    def params(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repeat_penalty)
+    def params(self, vocab_size: int) -> SamplingParams:
+        try:
+            bias = logit_bias_pairs(self.logit_bias or {}, vocab_size)
+        except BitnetError as e:
+            raise ApiError(400, str(e), "logit_bias") from None
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repeat_penalty, self.frequency_penalty,
+                              self.presence_penalty, bias)
 
 
 class CompletionRequest(_Sampling):
@@ -440,7 +445,7 @@ class Server:
                            f"takes at most {most} at once ({self.scheduler.parallel} decoding, {self.scheduler.max_queue} "
                            "waiting); send fewer per request", "n" if len(prompts) == 1 else "prompt")
         try:
-            params = req.params().check()
+            params = req.params(self.engine.vocab_size).check()
         except BitnetError as e:
             raise ApiError(400, str(e)) from None
         stops = req.stops()

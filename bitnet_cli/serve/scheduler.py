@@ -345,7 +345,7 @@ class Scheduler:
         except BitnetError as e:  # this sequence's schema leads nowhere (deeper than MAX_DEPTH): it alone fails
             self._finish(slot, ErrorEvent(str(e)), cached_ok=False)
             return
-        token = sample(row, job.params, slot.rng, slot.history, allowed)
+        token = sample(row, job.params, slot.rng, slot.history, allowed, slot.history[len(job.prompt):])
         lp = top = None
         if job.logprobs is not None:
             full = _log_softmax(row)
