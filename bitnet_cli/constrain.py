@@ -756,17 +756,18 @@ def _value_done(stack: tuple) -> tuple:
     return (AFTER, stack, None, 0)
 
 
-def _open_keys(node: Schema, used: frozenset):
-    """The known keys (and their schemas) that may come next in an object of node with keys `used`: those not used
-    yet, or in an ordered object the first of them."""
-    unused = ((k, v) for k, v in (node.properties or {}).items() if k not in used)
-    return [next(unused)] if node.ordered and len(used) < len(node.properties) else unused
+def _known_keys(node: Schema, used: frozenset):
+    """The known keys (and their schemas) of an object of node with keys `used` that may come next where they are not
+    in `used`: all of them, or in an ordered object the first one not used (the callers skip used keys)."""
+    if not node.ordered:
+        return (node.properties or {}).items()
+    return [(k, v) for k, v in node.properties.items() if k not in used][:1]
 
 
 def _keys_left(stack: tuple, node: Schema, used: frozenset) -> bool:
     """Whether another key may still come in an object of schema node with keys `used` (open in stack), its value
     fitting."""
-    return _fits(stack, node.additional) or any(_fits(stack, v) for _, v in _open_keys(node, used))
+    return _fits(stack, node.additional) or any(k not in used and _fits(stack, v) for k, v in _known_keys(node, used))
 
 
 def _value_start(stack: tuple, node: Schema, b: int) -> tuple | Fork | None:
@@ -832,7 +833,8 @@ def _key_done(stack: tuple, key: bytes) -> tuple | None:
     """After the closing quote of a known-keys object's key."""
     _, obj, used = stack[-1]
     if key in obj.properties:
-        if not any(k == key for k, _ in _open_keys(obj, used)) or not _fits(stack, obj.properties[key]):
+        if key in used or (obj.ordered and not any(k == key for k, _ in _known_keys(obj, used))) or \
+                not _fits(stack, obj.properties[key]):
             return None
         return (COLON, stack[:-1] + (("{", obj, used | {key}),), obj.properties[key], 0)
     return (COLON, stack, obj.additional, 0) if _fits(stack, obj.additional) and _is_utf8(key) else None
@@ -918,7 +920,7 @@ def step(state: tuple, b: int) -> tuple | Fork | None:
             return _key_done(stack, extra)
         more = extra + bytes([b])
         used = stack[-1][2]
-        if any(k.startswith(more) and _fits(stack, v) for k, v in _open_keys(node, used)):
+        if any(k.startswith(more) and k not in used and _fits(stack, v) for k, v in _known_keys(node, used)):
             return (KEYNAME, stack, node, more)
         # another key (plain bytes only) where additionalProperties allows it
         plain = b >= 0x20 and b != BACKSLASH and _utf8_prefix(more)
@@ -1009,7 +1011,7 @@ def run(state: tuple | Fork | None, data: bytes) -> tuple | Fork | None:
     for b in data:
         if state is None:
             return None
-        state = advance(state, b)
+        state = step(state, b) if type(state) is tuple else _fork(step(s, b) for s in state)
     return state
 
 
@@ -1276,7 +1278,7 @@ class JsonVocabulary:
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = advance(state, b)
+            after = step(state, b) if mode is not None else advance(state, b)  # (a call less per trie edge)
             if after is not None:
                 self._walk(after, i, j, depth + 1, mask)
             i = j
