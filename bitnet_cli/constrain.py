@@ -188,7 +188,7 @@ def _pattern(spec: dict, where: str, least: int = 0, most: int | None = None):
     if "pattern" in spec and "format" in spec:
         raise _schema_error(where, "pattern and format together are not supported")
     if "format" in spec:
-        if spec["format"] not in FORMATS:
+        if not isinstance(spec["format"], str) or spec["format"] not in FORMATS:  # a list is not hashable
             raise _schema_error(where, f"format {str(spec['format'])[:40]!r} is not supported (supported: "
                                 f"{', '.join(FORMATS)})")
         source = FORMATS[spec["format"]]

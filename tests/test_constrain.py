@@ -423,6 +423,7 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
     ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}},
      "minItems is more than prefixItems allows"),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "iri"}}}, "format 'iri' is not supported"),
+    ({"type": "object", "properties": {"d": {"type": "string", "format": ["date"]}}}, "format \"['date']\" is not"),  # fuzz
     ({"type": "object", "properties": {"a": {"type": "string", "pattern": "^x+$", "minLength": 2, "maxLength": 1}}},
      "minLength <= maxLength"),
     ({"type": "object", "properties": {"a": {"type": "string", "format": "date", "maxLength": 9}}},
