@@ -51,7 +51,8 @@ MASK_CACHE = 256  # masks kept per vocabulary (one bool per token each)
 MAX_SCHEMA_NODES = 1000  # subschemas and enum values together
 MAX_SCHEMA_TEXT = 65536  # bytes of enum values and property names together (each is matched byte by byte)
 MAX_SCHEMA_STATES = 16384  # automaton states of its patterns together (each costs compiling and a vocabulary pass)
-MAX_FORK = 64  # states of anyOf alternatives open at once (undecided alternatives nested in each other multiply)
+MAX_FORK = 128  # states of anyOf alternatives open at once (undecided alternatives nested in each other multiply);
+# one anyOf may have as many alternatives (OpenAI's limit on tools is 128 too)
 MAX_UNIQUE_INTEGERS = 256  # integers an array of uniqueItems may choose from (each an enum text: _unique_items)
 
 # ---------------------------------------------------------------------- schemas
@@ -395,6 +396,8 @@ class _Compiler:
         if not parts or beside:
             raise _schema_error(where, f"{word} is supported only as a non-empty list of schemas with nothing but "
                                 "annotations beside it")
+        if len(parts) > MAX_FORK:
+            raise _schema_error(where, f"{word} of more than {MAX_FORK} alternatives")
         kinds = [_kinds(p) for p in parts]
         if all(p.enum is None and p.alternatives is None for p in parts) and \
                 sum(map(len, kinds)) == len(frozenset().union(*kinds)):
@@ -1325,6 +1328,8 @@ def output_schema(output_format: str, json_schema: dict | None = None) -> Schema
 @functools.lru_cache(maxsize=64)
 def _tool_calls(text: str) -> Schema:
     alternatives = []
+    if len(json.loads(text)) > MAX_FORK:
+        raise BitnetError(f"more than {MAX_FORK} functions", param="tools")
     for name, parameters in json.loads(text):
         arguments = compile_schema(parameters)
         call = Schema(types=frozenset(("object",)), properties={b"name": Schema(enum=(_compact(name),)),

@@ -419,6 +419,7 @@ def test_bounded_numbers_are_exactly_the_texts_within_bounds_and_every_prefix_go
     ({"$defs": {"U": {"anyOf": [{"$ref": "#/$defs/U"}, {"type": "string"}]}}, "type": "object",
       "properties": {"a": {"$ref": "#/$defs/U"}}}, "one of its own alternatives"),
     ({"anyOf": [{"type": "object"}, {"type": "string"}]}, "root must be"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"const": i} for i in range(129)]}}}, "more than 128"),
     ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": {"type": "string"}}}}, "prefixItems must be"),
     ({"type": "object", "properties": {"a": {"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}}},
      "minItems is more than prefixItems allows"),
@@ -729,6 +730,11 @@ def test_a_call_of_one_of_several_functions_names_it_first_and_follows_its_param
         assert not whole(bad), bad
     with pytest.raises(BitnetError, match="not is not supported"):
         C.tool_call_schema([("f", {"type": "object", "properties": {"a": {"not": {}}}})])
+    many = C.tool_call_schema([(f"f{i}", {"type": "object"}) for i in range(C.MAX_FORK)])  # every one callable
+    assert all(C.run(C.initial_state(many), f'{{"name": "f{i}", "arguments": {{}}}}'.encode()) is not None
+               for i in range(C.MAX_FORK))
+    with pytest.raises(BitnetError, match="more than 128 functions"):
+        C.tool_call_schema([(f"f{i}", {"type": "object"}) for i in range(C.MAX_FORK + 1)])
 
 
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short

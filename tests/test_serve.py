@@ -310,6 +310,7 @@ def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
     for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "where the model chooses"),
                                ({"tool_choice": None}, "tool_choice", "where the model chooses"),
                                ({"tools": tools + tools[:1], "tool_choice": "required"}, "tools", "the same name"),
+                               ({"tools": tools * 65}, "tools", "at most 128"),
                                ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
                                 "not among the tools"),
                                ({"tools": None}, "tool_choice", "needs tools"),

@@ -212,7 +212,7 @@ class ChatRequest(_Sampling):
     # (it calls one of the tools); the call's arguments are held to the function's parameters by constrained
     # decoding. Where the model would choose whether to call ("auto", the default with tools) it is refused rather
     # than ignored (a client would wait for a call), as are the legacy functions/function_call.
-    tools: Optional[list[Tool]] = None
+    tools: Optional[list[Tool]] = Field(None, max_length=128)  # as OpenAI's limit (and constrain.MAX_FORK)
     functions: Optional[list] = None
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
     function_call: Union[str, dict, None] = None
