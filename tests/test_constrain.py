@@ -673,7 +673,8 @@ def test_alternatives_open_at_once_are_bounded(json_tokenizer):
 
 def test_overlapping_alternatives_accept_exactly_what_one_of_them_does():
     """anyOf of alternatives of one type (numbers of two ranges, an enum beside a pattern): every short text is
-    accepted exactly where jsonschema finds it valid, and every prefix the recognizer keeps goes on to one it accepts."""
+    accepted exactly where jsonschema finds it valid, and every prefix the recognizer keeps goes on to one it
+    accepts."""
     jsonschema = pytest.importorskip("jsonschema")
     schema = {"type": "object", "additionalProperties": False, "required": ["n", "s"],
               "properties": {"n": SHAPES["properties"]["n"],

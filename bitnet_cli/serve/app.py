@@ -7,9 +7,9 @@ shapes follow OpenAI's API reference; streams are server-sent events `data: {jso
 `data: [DONE]`. Every error is OpenAI's `{"error": {"message", "type", "param", "code"}}` with a
 4xx status (a 500 only for a bug, and then without internals).
 
-Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k); `frequency_penalty`, `presence_penalty` and
-`logit_bias` are OpenAI's; `top_k`, `ignore_eos` and `repeat_penalty` are extensions. Greedy (temperature 0) output and seeded samples are those of
-`bitnet run` with the same settings, whatever else the server is doing.
+Sampling defaults are OpenAI's (temperature 1, top_p 1, no top_k), as are `frequency_penalty`, `presence_penalty`
+and `logit_bias`; `top_k`, `ignore_eos` and `repeat_penalty` are extensions. Greedy (temperature 0) output and seeded
+samples are those of `bitnet run` with the same settings, whatever else the server is doing.
 """
 
 from __future__ import annotations
@@ -261,13 +261,13 @@ class ChatRequest(_Sampling):
         if not functions:
             return super().output_schema()
         parameters = [(f.name, f.parameters or NO_ARGUMENTS) for f in functions]
-        for name, schema in parameters:
+        for name, schema in parameters:  # each one's errors name its function
             try:
-                output_schema("json_schema", schema)
+                arguments = output_schema("json_schema", schema)
             except BitnetError as e:
                 raise ApiError(400, f"tools: {name}: parameters: {e}", "tools") from None
         if len(functions) == 1:
-            return output_schema("json_schema", parameters[0][1])
+            return arguments
         try:
             return tool_call_schema(parameters)
         except BitnetError as e:
