@@ -395,7 +395,7 @@ def _compile_mode(cuda_graphs: str = "off", device_type: str = "cpu", int8: bool
         return mode
     if cuda_graphs == "on" and (device_type != "cuda" or distributed):
         raise BitnetError("train.cuda_graphs is on, but CUDA graphs need one CUDA GPU (no torchrun); set it to auto "
-                          "or off", param="train.cuda_graphs")
+                          "or off")
     graphs = cuda_graphs == "on" or (cuda_graphs == "auto" and int8 and device_type == "cuda" and not distributed)
     return "reduce-overhead" if graphs else None
 
