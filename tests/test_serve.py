@@ -361,6 +361,13 @@ def test_a_required_call_among_several_tools_names_one_and_follows_its_parameter
             assert all(d.function.name is None for d in deltas[1:])
             assert "".join(d.function.arguments for d in deltas) == whole.function.arguments
     assert finished >= 3 and names == {"move", "stop"}, (finished, names)
+    whole = server.client.chat.completions.create(**chat, seed=11, n=2)
+    chunks = [c for c in server.client.chat.completions.create(**chat, seed=11, n=2, stream=True) if c.choices]
+    for choice in whole.choices:  # each choice's stream is taken apart on its own
+        deltas = [d for c in chunks if c.choices[0].index == choice.index for d in c.choices[0].delta.tool_calls or []]
+        calls = choice.message.tool_calls
+        assert [d.function.name for d in deltas if d.function.name] == [c.function.name for c in calls]
+        assert "".join(d.function.arguments for d in deltas) == "".join(c.function.arguments for c in calls)
 
 
 def test_penalties_and_logit_bias_are_bitnet_run_s(server, engine):
