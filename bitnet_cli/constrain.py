@@ -1004,14 +1004,14 @@ def step(state: tuple, b: int) -> tuple | Fork | None:
     return _value_done(stack[:-1]) if b == ord("}") and obj.required <= used else None
 
 
-def advance(state: tuple | Fork, b: int) -> tuple | Fork | None:
+def _advance(state: tuple | Fork, b: int) -> tuple | Fork | None:
     """step, from a state or a Fork of them."""
-    return _fork(step(s, b) for s in state) if isinstance(state, Fork) else step(state, b)
+    return step(state, b) if type(state) is tuple else _fork(step(s, b) for s in state)
 
 
 def run(state: tuple | Fork | None, data: bytes) -> tuple | Fork | None:
     """The state after all of data (None once refused)."""
-    for b in data:
+    for b in data:  # _advance written out: a call less per byte, in the masks' hot loop
         if state is None:
             return None
         state = step(state, b) if type(state) is tuple else _fork(step(s, b) for s in state)
@@ -1281,7 +1281,7 @@ class JsonVocabulary:
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = step(state, b) if mode is not None else advance(state, b)  # (a call less per trie edge)
+            after = _advance(state, b)
             if after is not None:
                 self._walk(after, i, j, depth + 1, mask)
             i = j
@@ -1355,4 +1355,4 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "compile_schema",
-           "advance", "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]
+           "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]
