@@ -1183,6 +1183,8 @@ class JsonVocabulary:
         self.unplain = np.array([i for i, t in enumerate(self.tokens) if t and not self.plain[i]], dtype=np.int64)
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._pattern_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (pattern, states): plain tokens
+        self._tag_tokens: dict[bytes, list[int]] = {}  # per tag, the tokens holding its last byte (tag_mask)
+        self._tag_masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()  # (tag, root, matched): tag_mask's
 
     def allowed(self, state: tuple | Fork) -> np.ndarray:
         """bool [V]: the tokens that may come in `state` (read-only; cached)."""
@@ -1190,6 +1192,29 @@ class JsonVocabulary:
         if not mask.any():
             raise BitnetError("JSON output: no token of this model's vocabulary continues the JSON here",
                               param="response_format")
+        return mask
+
+    def tag_mask(self, tag: bytes, root: Schema, matched: int) -> np.ndarray | None:
+        """The tokens that may come after text ending in ``matched`` bytes of ``tag`` (ToolCallConstraint): all but
+        those that would complete the tag and go on with bytes that begin no value of ``root``; None where that is
+        every token. Only a token holding the tag's last byte can complete it: those are listed once per tag, and
+        the mask is cached per (tag, root, matched)."""
+        key = (tag, root, matched)
+        if key in self._tag_masks:
+            self._tag_masks.move_to_end(key)
+            return self._tag_masks[key]
+        if tag not in self._tag_tokens:
+            self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
+        rests = ((i, tag_matched(tag, matched, self.tokens[i])[1]) for i in self._tag_tokens[tag])
+        refused = [i for i, rest in rests if rest is not None and run(initial_state(root), rest) is None]
+        mask = None
+        if refused:
+            mask = np.ones(self.size, dtype=bool)
+            mask[refused] = False
+            mask.flags.writeable = False
+        self._tag_masks[key] = mask
+        if len(self._tag_masks) > MASK_CACHE:
+            self._tag_masks.popitem(last=False)
         return mask
 
     def _mask(self, state: tuple | Fork) -> np.ndarray:
@@ -1311,6 +1336,64 @@ class JsonConstraint:
         return _done(self.state)
 
 
+def tag_matched(tag: bytes, matched: int, data: bytes) -> tuple[int, bytes | None]:
+    """Where text stands against ``tag`` after ``data`` is written, given that the text before ended with the first
+    ``matched`` bytes of the tag (and with no longer beginning of it): ``(matched now, None)`` while the tag is not
+    complete, ``(len(tag), the bytes after it)`` once it is. Any tag the new bytes complete starts within those
+    ``matched`` bytes or in ``data`` (a longer start would be a longer match), so they are all that is read."""
+    text = tag[:matched] + data
+    at = text.find(tag)
+    if at >= 0:
+        return len(tag), text[at + len(tag):]
+    return next((m for m in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:m])), 0), None
+
+
+class ToolCallConstraint:
+    """A reply in which the model chooses whether to call a tool (tool_choice "auto"): free text, which may go on to
+    the chat template's tag (Hermes' and Qwen's ``<tool_call>``) and then one call, ``root`` being
+    :func:`tool_call_schema`'s; once the call is closed only an end-of-sequence token may come. Before the tag every
+    token is allowed but those that would complete it and go on with bytes no call begins with; the tokens each
+    partial match refuses are found once per vocabulary (:meth:`JsonVocabulary.tag_mask`)."""
+
+    def __init__(self, vocabulary: JsonVocabulary, root: Schema, tag: str):
+        self.vocabulary, self.root, self.tag = vocabulary, root, tag.encode("utf-8")
+        self.matched = 0  # bytes of the tag at the end of the text so far
+        self.state: tuple | Fork | None = None  # the call's, once the tag is written
+
+    @property
+    def calling(self) -> bool:
+        return self.state is not None
+
+    def allowed(self) -> np.ndarray | None:
+        """The tokens that may come next; None: any."""
+        if self.state is not None:
+            return self.vocabulary.allowed(self.state)
+        return self.vocabulary.tag_mask(self.tag, self.root, self.matched)
+
+    def push(self, token: int) -> None:
+        data = self.vocabulary.tokens[token]
+        if self.state is not None:
+            if _done(self.state):
+                return  # the end-of-sequence token that closes it
+            after = run(self.state, data or b"")
+            if after is None or not data:
+                raise BitnetError(f"token {token} does not continue the tool call")  # allowed() forbids it
+            self.state = after
+            return
+        if data is None:  # a special token: no text, and the tag's bytes around it do not join up
+            self.matched = 0
+            return
+        self.matched, rest = tag_matched(self.tag, self.matched, data)
+        if rest is not None:
+            self.state = run(initial_state(self.root), rest)
+            if self.state is None:
+                raise BitnetError(f"token {token} does not begin the tool call")  # allowed() forbids it
+
+    @property
+    def done(self) -> bool:
+        return self.state is not None and _done(self.state)
+
+
 def output_schema(output_format: str, json_schema: dict | None = None) -> Schema | None:
     """The root schema that output_format ("text", "json_object" or "json_schema" with json_schema)
     constrains the output to; None for free text."""
@@ -1354,5 +1437,5 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
                                   ensure_ascii=False))
 
 
-__all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "compile_schema",
-           "is_prefix", "output_schema", "step", "token_bytes", "tool_call_schema"]
+__all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",
+           "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes", "tool_call_schema"]

@@ -20,6 +20,8 @@ continuations scored from it; forward_branches(n_past, [cont, ...]) scores them 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import mmap
 import os
 import time
@@ -31,7 +33,8 @@ import numpy as np
 
 from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
-from bitnet_cli.constrain import JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, output_schema, token_bytes
+from bitnet_cli.constrain import (JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, ToolCallConstraint,
+                                  output_schema, token_bytes)
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
 from bitnet_cli.pack.embeddings import embedding_type
@@ -572,13 +575,21 @@ class Engine(kernels.CResource):
         stream = self._stream(ids, max_tokens, params, rng, stops, stats, out_ids, constraint, lookup)
         return Generation(stream, stats, out_ids)
 
-    def json_constraint(self, root: Schema = JSON_OBJECT) -> JsonConstraint:
-        """A fresh JsonConstraint (any JSON object, or root's schema: constrain.output_schema) over
-        this model's vocabulary, which is built at the first call and then shared."""
+    def json_vocabulary(self) -> JsonVocabulary:
+        """This model's vocabulary arranged for constrained decoding: built at the first call (a second or so for a
+        128k vocabulary), then shared by every constraint."""
         if self._json_vocabulary is None:
             self._json_vocabulary = JsonVocabulary(
                 token_bytes(self.pm.tokenizer_json, self.tokenizer, self.vocab_size), sorted(self.stop_token_ids))
-        return JsonConstraint(self._json_vocabulary, root)
+        return self._json_vocabulary
+
+    def json_constraint(self, root: Schema = JSON_OBJECT) -> JsonConstraint:
+        """A fresh JsonConstraint (any JSON object, or root's schema: constrain.output_schema)."""
+        return JsonConstraint(self.json_vocabulary(), root)
+
+    def tool_call_constraint(self, root: Schema, tag: str) -> ToolCallConstraint:
+        """A fresh ToolCallConstraint: text, or text then ``tag`` and one call of root's (constrain.tool_call_schema)."""
+        return ToolCallConstraint(self.json_vocabulary(), root, tag)
 
     def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None,
                 lookup: int = 0) -> Iterator[str]:
@@ -766,6 +777,34 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
+# The text chat templates teach a model to open a tool call with, where it chooses whether to call (tool_choice
+# "auto"): Hermes' and Qwen's format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
+TOOL_CALL_TAGS = ("<tool_call>",)
+
+
+def tool_call_tag(engine: Engine) -> str | None:
+    """The tag this model's chat template opens a tool call with (one of TOOL_CALL_TAGS), or None: a template that
+    shows no way to call, or none at all (the plain fallback)."""
+    template = engine.tokenizer_config.get("chat_template")
+    if isinstance(template, str):
+        return next((tag for tag in TOOL_CALL_TAGS if tag in template), None)
+    return None
+
+
+def _template_turn(message: dict) -> dict:
+    """A turn as chat templates read it: a tool call's arguments as a mapping where they are a JSON object (OpenAI
+    sends them as text; templates write them with ``tojson``, as transformers' chat templates document)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    turned = []
+    for call in calls:
+        arguments = call["function"]["arguments"]
+        with contextlib.suppress(ValueError):
+            parsed = json.loads(arguments)
+            arguments = parsed if isinstance(parsed, dict) else arguments
+        turned.append({**call, "function": {**call["function"], "arguments": arguments}})
+    return {**message, "tool_calls": turned}
 
 
 def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
@@ -784,7 +823,8 @@ def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None =
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             bos = engine.tokenizer.id_to_token(engine.bos_token_id) if engine.bos_token_id is not None else ""
             eos = engine.tokenizer.id_to_token(engine.eos_token_id) if engine.eos_token_id is not None else ""
-            text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+            text = env.from_string(template).render(messages=[_template_turn(m) for m in messages],
+                                                    add_generation_prompt=True,
                                                     bos_token=bos, eos_token=eos, tools=tools)
         except ImportError:
             pass

@@ -738,6 +738,74 @@ def test_a_call_of_one_of_several_functions_names_it_first_and_follows_its_param
         C.tool_call_schema([(f"f{i}", {"type": "object"}) for i in range(C.MAX_FORK + 1)])
 
 
+def test_a_tag_is_found_across_tokens_however_they_cut_it():
+    """constrain.tag_matched against a search of the whole text, over every way of cutting texts into two pieces."""
+    tag = b"<tool_call>"
+    for text in (b"a<tool_call>{", b"<tool<tool_call>x", b"<tool_call", b"<<tool_call>", b"x<t<to<tool_callz", b""):
+        for cut in range(len(text) + 1):
+            matched, rest = C.tag_matched(tag, 0, text[:cut])
+            if rest is None:
+                matched, rest = C.tag_matched(tag, matched, text[cut:])
+            else:  # found in the first piece: the second follows the call's beginning
+                rest += text[cut:]
+            at = text.find(tag)
+            assert rest == (text[at + len(tag):] if at >= 0 else None), (text, cut)
+            if at < 0:
+                assert matched == max(k for k in range(len(tag)) if text.endswith(tag[:k])), (text, cut)
+
+
+def test_a_chosen_call_after_a_tag_allows_exactly_what_keeps_text_or_a_call(json_tokenizer):
+    """ToolCallConstraint (tool_choice "auto"): before the tag any token but one that completes the tag and goes on
+    with bytes no call begins with; after it, the call's masks. Random walks over a vocabulary with tokens that cut
+    the tag apart (and cross from it into the call) check every mask against the naive one and end either in text
+    or in text, the tag and one valid call."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"add": {"type": "object", "additionalProperties": False, "required": ["a"],
+                      "properties": {"a": {"type": "integer"}}}}
+    root = C.tool_call_schema(list(params.items()))
+    spec, tok = json_tokenizer
+    extra = [b"<tool_call>", b"<tool", b"_call>", b"call>\n{", b"<tool_call>\n", b"<tool_call>x", b"l>{\"", b"<",
+             b">", b"_call", b"<tool_call>{\"name\": \"add\"", b"<tool_call>{\"name\": \"sub\"", b"> hi"]
+    tokens = C.token_bytes(spec, tok, tok.get_vocab_size()) + extra
+    vocab = C.JsonVocabulary(tokens, [1])
+    tag = b"<tool_call>"
+    extra_ids = np.arange(len(tokens) - len(extra), len(tokens))
+    rng = np.random.default_rng(7)
+    texts, calls = [], 0
+    for _ in range(60):
+        con, text = C.ToolCallConstraint(vocab, root, tag.decode()), b""
+        for step in range(300):
+            mask = con.allowed()
+            if con.calling:
+                assert (mask == naive_mask(vocab, con.state)).all(), (text, con.state)
+            else:
+                rests = [None if t is None or (text + t).find(tag) < 0 else (text + t)[(text + t).find(tag) + len(tag):]
+                         for t in tokens]
+                naive = np.array([r is None or C.run(C.initial_state(root), r) is not None for r in rests])
+                assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), text
+            if con.done or (not con.calling and rng.random() < 0.02):
+                texts.append(text)
+                break
+            ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
+            ids = ids[[tokens[i] is not None for i in ids]]
+            tagged = np.intersect1d(ids, extra_ids)
+            token = int(rng.choice(tagged if tagged.size and not con.calling and rng.random() < 0.3 else ids))
+            text += tokens[token]
+            con.push(token)
+    for text in texts:
+        before, found, call = text.partition(tag)
+        if found:
+            calls += 1
+            parsed = json.loads(call)
+            assert list(parsed) == ["name", "arguments"] and parsed["name"] == "add", text
+            jsonschema.validate(parsed["arguments"], params["add"])
+    assert calls >= 5 and len(texts) - calls >= 5, (calls, len(texts))
+    refused = np.flatnonzero(~vocab.tag_mask(tag, root, 0))
+    assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"']
+    refused = np.flatnonzero(~vocab.tag_mask(tag, root, len(tag) - 1))  # after "<tool_call" a ">" may come, not "> hi"
+    assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"', b"> hi"]
+
+
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short
 def test_schema_constrained_generation_through_the_engine_and_run(tiny_packed, schema, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")

@@ -307,8 +307,8 @@ def test_a_forced_tool_call_is_the_json_schema_reply_as_a_call(server, engine):
                        ({"role": "user"}, "messages.1.content"), ({"role": "assistant"}, "messages.1.content")]:
         r = server.http.post("/v1/chat/completions", json={"messages": messages + [bad], "max_tokens": 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
-    for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "where the model chooses"),
-                               ({"tool_choice": None}, "tool_choice", "where the model chooses"),
+    for change, param, why in [({"tool_choice": "auto"}, "tool_choice", "shows no way to call"),
+                               ({"tool_choice": None}, "tool_choice", "shows no way to call"),
                                ({"tools": tools + tools[:1], "tool_choice": "required"}, "tools", "the same name"),
                                ({"tools": tools * 65}, "tools", "at most 128"),
                                ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
@@ -368,6 +368,165 @@ def test_a_required_call_among_several_tools_names_one_and_follows_its_parameter
         calls = choice.message.tool_calls
         assert [d.function.name for d in deltas if d.function.name] == [c.function.name for c in calls]
         assert "".join(d.function.arguments for d in deltas) == "".join(c.function.arguments for c in calls)
+
+
+# A chat template in Hermes' style (as Qwen2.5's): the tools shown in a system turn, a call written
+# <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>, its result in a tool turn.
+TOOL_TEMPLATE = """{%- if tools %}<|system|>
+To call a function write <tool_call> and {"name": ..., "arguments": {...}}. Functions:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|assistant|>
+{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}
+{%- else %}<|{{ message.role }}|>
+{{ message.content }}
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|assistant|>
+{% endif %}"""
+
+
+@pytest.fixture(scope="module")
+def tool_served(tmp_path_factory, test_tokenizer_dir):
+    """The small model with TOOL_TEMPLATE, and <tool_call> and </tool_call> as tokens of their own (added, not
+    special, as Qwen's tokenizer has them): served, and loaded as an Engine."""
+    from tokenizers import AddedToken, Tokenizer
+
+    root = tmp_path_factory.mktemp("tool_model")
+    tok = Tokenizer.from_file(str(test_tokenizer_dir / "tokenizer.json"))
+    tok.add_tokens([AddedToken("<tool_call>", special=False), AddedToken("</tool_call>", special=False)])
+    (root / "tokenizer").mkdir()
+    tok.save(str(root / "tokenizer" / "tokenizer.json"))
+    config = json.loads((test_tokenizer_dir / "tokenizer_config.json").read_text())
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    ckpt = make_hf_checkpoint(root / "ckpt", root / "tokenizer", max_position_embeddings=512, torch_dtype="float16",
+                              initializer_range=0.1, vocab_size=tok.get_vocab_size())
+    pack_checkpoint(ckpt, root / "model.bin")
+    s = Served(root / "model.bin", "--threads", "2", "--parallel", "4")
+    with Engine.load(root / "model.bin", threads=1) as eng:
+        yield s, eng
+    assert s.stop() == 0
+
+
+def constrained_greedy(engine, ids: list[int], constraint, max_tokens: int, bias: dict) -> str:
+    """The reply greedy decoding gives under constraint, one full forward pass per token (the naive loop)."""
+    from bitnet_cli.sampling import SamplingParams, logit_bias_pairs, sample
+
+    params, out = SamplingParams(0.0, logit_bias=logit_bias_pairs(bias, engine.vocab_size)), []
+    for _ in range(max_tokens):
+        token = sample(engine.forward(ids + out)[-1], params, np.random.default_rng(0), ids + out,
+                       constraint.allowed(), out)
+        if token in engine.stop_token_ids:
+            break
+        constraint.push(token)
+        out.append(token)
+    return engine.decode(out)
+
+
+def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(tool_served, server):
+    """tool_choice "auto" (the default with tools) on a model whose chat template writes <tool_call>: the reply is
+    what greedy decoding gives under constrain.ToolCallConstraint, token by token. Biased against the tag it is text
+    (content, finish "stop"); biased towards it, one call whose name is a tool's and whose arguments follow its
+    parameters, the text before the tag its content. Streamed, content and call come out as whole. The call goes back
+    into the conversation as a template renders it; on a model whose template shows no way to call, "auto" is refused."""
+    import jsonschema
+
+    from bitnet_cli.constrain import tool_call_schema
+
+    served, engine = tool_served
+    tag = engine.encode("<tool_call>", add_bos=False)
+    assert len(tag) == 1  # the added token, whole
+    params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
+                       "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
+              "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
+                       "properties": {"seconds": {"enum": [1, 5]}}}}
+    tools = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in params.items()]
+    messages = [{"role": "user", "content": "Move to 3."}]
+    ids = render_chat(engine, messages, tools)
+    assert "Functions:" in engine.decode(ids)  # the template showed the tools
+    root = tool_call_schema(list(params.items()))
+    chat = dict(model=served.info["model"], messages=messages, max_tokens=60, temperature=0, tools=tools)
+    for bias, calls in (({tag[0]: -100}, False), ({tag[0]: 100}, True), ({}, None)):
+        want = constrained_greedy(engine, ids, engine.tool_call_constraint(root, "<tool_call>"), 60, bias)
+        r = served.client.chat.completions.create(**chat, logit_bias={str(t): b for t, b in bias.items()})
+        choice = r.choices[0]
+        content, found, call_text = want.partition("<tool_call>")
+        assert bool(found) == calls or calls is None, want
+        if not found:
+            assert choice.message.content == want and choice.message.tool_calls is None
+            assert choice.finish_reason in ("stop", "length")
+            continue
+        assert choice.message.content == (content.rstrip() or None)
+        call = choice.message.tool_calls[0]
+        assert len(choice.message.tool_calls) == 1 and call.id.startswith("call_")
+        assert choice.finish_reason in ("tool_calls", "length")
+        if choice.finish_reason == "tool_calls":
+            whole = json.loads(call_text)
+            assert [call.function.name, json.loads(call.function.arguments)] == [whole["name"], whole["arguments"]]
+            jsonschema.validate(whole["arguments"], params[call.function.name])
+        chunks = [c for c in served.client.chat.completions.create(
+            **chat, logit_bias={str(t): b for t, b in bias.items()}, stream=True) if c.choices]
+        deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == (content.rstrip())
+        assert deltas[0].function.name == call.function.name and deltas[0].id
+        assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+        if choice.finish_reason == "tool_calls":  # the conversation goes on with the call and its result
+            turns = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                                {"role": "tool", "tool_call_id": call.id, "content": "done"}]
+            rendered = engine.decode(render_chat(engine, [{**m, "content": m["content"] or ""} for m in turns], tools))
+            arguments = json.dumps(json.loads(call.function.arguments), sort_keys=True)  # as tojson writes it
+            assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
+            after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
+            assert after.usage.prompt_tokens > len(ids)
+    streamed = [c for c in served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100}, stream=True)
+                if c.choices]
+    whole = served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+    r = server.http.post("/v1/chat/completions", json={**chat, "model": server.info["model"]})
+    assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("pieces, content, call", [
+    (["Sure", ",", " ", "\n", "<", "tool", "_call>", "\n{", '"name": "move", "arguments": {"to"', ": 3}", "}"],
+     "Sure,", ("move", '{"to": 3}')),
+    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", None),  # the tag begun, not finished
+    (["<tool_call>", '{"name": "wait", "arguments": {}', "}"], None, ("wait", "{}")),
+])
+def test_a_chosen_call_is_split_from_the_content_before_it_whole_and_streamed(pieces, content, call):
+    """Where the model chooses (a tag), the reply's text is taken apart into the content before the tag (its space
+    dropped) and the call after it. Streamed, the content's end is held back while it may begin the tag, and what
+    the deltas carry joins up to the whole reply's content and call, however the pieces cut the tag."""
+    from types import SimpleNamespace
+
+    from bitnet_cli.serve.app import ChatRequest, _Chat
+    from bitnet_cli.serve.scheduler import DoneEvent, TokenEvent
+
+    req = ChatRequest(messages=[{"role": "user", "content": "x"}], tools=[
+        {"type": "function", "function": {"name": name}} for name in ("move", "wait")])
+    server = SimpleNamespace(model_id="m", scheduler=SimpleNamespace(piece=str))
+    streamed, whole = _Chat(server, req, [[1]], [None], req.called_functions, "<tool_call>"), None
+    deltas = [streamed.first_chunk(0)["choices"][0]["delta"]]
+    for event in [TokenEvent(piece, 7) for piece in pieces] + [DoneEvent("stop", 1, len(pieces), 0)]:
+        streamed.take(0, event)
+        chunk = streamed.chunk(0, event)
+        deltas += [chunk["choices"][0]["delta"]] if chunk else []
+        sent = "".join(d.get("content") or "" for d in deltas)
+        assert content is None or content.startswith(sent), (sent, content)  # nothing sent is taken back
+    whole = streamed.choice(0)
+    assert whole["message"]["content"] == content
+    assert "".join(d.get("content") or "" for d in deltas) == (content or "")
+    calls = [c for d in deltas for c in d.get("tool_calls") or []]
+    if call is None:
+        assert not calls and "tool_calls" not in whole["message"] and whole["finish_reason"] == "stop"
+    else:
+        assert [calls[0]["function"]["name"], "".join(c["function"]["arguments"] for c in calls)] == list(call)
+        assert whole["message"]["tool_calls"][0]["function"] == {"name": call[0], "arguments": call[1]}
+        assert whole["finish_reason"] == "tool_calls"
 
 
 def test_penalties_and_logit_bias_are_bitnet_run_s(server, engine):

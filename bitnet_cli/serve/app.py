@@ -19,10 +19,11 @@ import contextlib
 import functools
 import hmac
 import json
+import operator
 import re
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -33,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from bitnet_cli.constrain import Schema, output_schema, tool_call_schema
-from bitnet_cli.engine import Engine, render_chat, stop_texts
+from bitnet_cli.engine import TOOL_CALL_TAGS, Engine, render_chat, stop_texts, tool_call_tag
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import MAX_BIASED, MAX_PENALTY, SamplingParams, logit_bias_pairs
 from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, PromptLogprobs, QueueFull, Scheduler, TokenEvent
@@ -208,10 +209,10 @@ class ChatRequest(_Sampling):
     max_completion_tokens: Optional[int] = Field(None, ge=0)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    # function calling where a call is required: tool_choice names a function (the reply calls it), or is "required"
-    # (it calls one of the tools); the call's arguments are held to the function's parameters by constrained
-    # decoding. Where the model would choose whether to call ("auto", the default with tools) it is refused rather
-    # than ignored (a client would wait for a call), as are the legacy functions/function_call.
+    # function calling: tool_choice names a function (the reply calls it), or is "required" (it calls one of the
+    # tools), or "auto" (the default with tools: the model writes text or calls one, where its chat template shows it
+    # a way to call: engine.tool_call_tag); a call's arguments are held to the function's parameters by constrained
+    # decoding. The legacy functions/function_call are refused rather than ignored (a client would wait for a call).
     tools: Optional[list[Tool]] = Field(None, max_length=128)  # as OpenAI's limit (and constrain.MAX_FORK)
     functions: Optional[list] = None
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
@@ -219,8 +220,8 @@ class ChatRequest(_Sampling):
 
     @functools.cached_property
     def called_functions(self) -> list[FunctionDef]:
-        """The functions the reply must call one of ([]: a reply in text); ApiError where the request asks for what
-        this server does not do (the model choosing whether to call). Decided once per request."""
+        """The functions the reply calls one of, or may call one of where the model chooses (:attr:`call_optional`);
+        []: a reply in text. ApiError for what this server does not do. Decided once per request."""
         for name in ("functions", "function_call"):
             if getattr(self, name) not in (None, [], "none"):
                 raise ApiError(400, f"{name}: the legacy function calling is not supported by this server (use tools "
@@ -233,30 +234,32 @@ class ChatRequest(_Sampling):
         names = [t.function.name for t in tools]
         if len(set(names)) < len(names):
             raise ApiError(400, "tools: two functions have the same name", "tools")
-        if choice == "required":
-            called = [t.function for t in tools]
-        elif isinstance(choice, ToolChoice):
-            called = [t.function for t in tools if t.function.name == choice.function.name]
+        called = [t.function for t in tools]
+        if isinstance(choice, ToolChoice):
+            called = [f for f in called if f.name == choice.function.name]
             if not called:
                 raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
                                "tool_choice")
-        else:
-            raise ApiError(400, f"tool_choice {choice or 'auto'!r}: function calling where the model chooses whether "
-                           "to call is not supported by this server; name the function ({\"type\": \"function\", "
-                           "\"function\": {\"name\": ...}}), or ask for a call of one of the tools with \"required\", "
-                           "or \"none\"", "tool_choice")
         if self.response_format is not None and self.response_format.type != "text":
-            raise ApiError(400, "response_format and a required tool call cannot go together (the call's arguments "
-                           "follow the function's parameters)", "response_format")
+            raise ApiError(400, "response_format and tools cannot go together (a call's arguments follow the "
+                           "function's parameters); send tool_choice \"none\" for a reply in that format",
+                           "response_format")
         return called
 
+    @property
+    def call_optional(self) -> bool:
+        """Whether the model chooses between text and a call (tool_choice "auto", or none given with tools)."""
+        return bool(self.called_functions) and self.tool_choice in ("auto", None)
+
     def stops(self) -> list[str]:
-        """No stop strings for a call: they would cut its arguments short."""
-        return [] if self.called_functions else super().stops()
+        """No stop strings for a required call: they would cut its arguments short (where the model chooses, they
+        stand, and may cut a call too)."""
+        return [] if self.called_functions and not self.call_optional else super().stops()
 
     def output_schema(self) -> Schema | None:
-        """A call's arguments follow its function's parameters (one function: the arguments alone; several: the call
-        as {"name": ..., "arguments": ...}, constrain.tool_call_schema); else response_format's schema."""
+        """A call's arguments follow its function's parameters (one function called: the arguments alone; several,
+        or a choice: the call as {"name": ..., "arguments": ...}, constrain.tool_call_schema); else
+        response_format's schema."""
         functions = self.called_functions
         if not functions:
             return super().output_schema()
@@ -266,7 +269,7 @@ class ChatRequest(_Sampling):
                 arguments = output_schema("json_schema", schema)
             except BitnetError as e:
                 raise ApiError(400, f"tools: {name}: parameters: {e}", "tools") from None
-        if len(functions) == 1:
+        if len(functions) == 1 and not self.call_optional:
             return arguments
         try:
             return tool_call_schema(parameters)
@@ -424,19 +427,23 @@ class Server:
                            "(the server's context size), the prompt and at least one new token together; "
                            "shorten it", "prompt", "context_length_exceeded")
 
-    async def _prepare(self, req) -> Schema | None:
-        """The request's output schema, and what it needs before _submit, off the event loop: the
-        model's JSON vocabulary (a second or so for a 128k vocabulary, once per server)."""
+    async def _prepare(self, req, tag: str | None = None) -> Callable[[], object] | None:
+        """What makes each sequence's constraint (None: free text) from the request's output schema: a JSON value of
+        it, or with ``tag`` text that may go on to the tag and one call (ToolCallConstraint). Builds what they need
+        off the event loop: the model's JSON vocabulary (a second or so for a 128k vocabulary, once per server)."""
         root = req.output_schema()
-        if root is not None:
-            try:
-                await run_in_threadpool(self.engine.json_constraint, root)
-            except BitnetError as e:
-                raise ApiError(400, str(e), "response_format") from None
-        return root
+        if root is None:
+            return None
+        try:
+            await run_in_threadpool(self.engine.json_vocabulary)
+        except BitnetError as e:
+            raise ApiError(400, str(e), "tools" if tag else "response_format") from None
+        if tag is not None:
+            return functools.partial(self.engine.tool_call_constraint, root, tag)
+        return functools.partial(self.engine.json_constraint, root)
 
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool,
-                root: Schema | None = None):
+                constraint: Callable[[], object] | None = None):
         """Jobs (prompt-major, n per prompt) feeding one asyncio queue of (index, event)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         most = self.scheduler.parallel + self.scheduler.max_queue
@@ -460,7 +467,7 @@ class Server:
 
                 seed = None if req.seed is None else req.seed + c
                 jobs.append(Job(ids, max_tokens, params, seed, sink, stops, logprobs, prompt_logprobs,
-                                req.ignore_eos, self.engine.json_constraint(root) if root is not None else None))
+                                req.ignore_eos, constraint() if constraint else None))
         try:
             self.scheduler.submit(jobs)
         except QueueFull as e:
@@ -548,9 +555,9 @@ class Server:
             for i in ids:
                 self._check_ids(i)
             echo_logprobs = req.echo and req.logprobs is not None
-            root = await self._prepare(req)
+            constraint = await self._prepare(req)
             jobs, queue = self._submit(ids, req, req.max_tokens if req.max_tokens is not None else
-                                       self.engine.ctx_size, req.logprobs, echo_logprobs, root)
+                                       self.engine.ctx_size, req.logprobs, echo_logprobs, constraint)
         except ApiError as e:
             return e.response()
         texts = [p if isinstance(p, str) else self.engine.decode(p) for p in prompts]
@@ -564,6 +571,13 @@ class Server:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
             functions = req.called_functions
+            tag = tool_call_tag(self.engine) if req.call_optional else None
+            if req.call_optional and tag is None:
+                raise ApiError(400, f"tool_choice {req.tool_choice or 'auto'!r}: this model's chat template shows no "
+                               f"way to call a tool (such as {' or '.join(TOOL_CALL_TAGS)}), so it cannot choose to "
+                               "call; name the function ({\"type\": \"function\", \"function\": {\"name\": ...}}), "
+                               "or ask for a call of one of the tools with \"required\", or send \"none\"",
+                               "tool_choice")
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
             messages = [m.rendered(i) for i, m in enumerate(req.messages)]
@@ -580,12 +594,12 @@ class Server:
             if req.top_logprobs and not req.logprobs:  # as OpenAI: was silently no log-probabilities at all
                 raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             top = (req.top_logprobs or 0) if req.logprobs else None
-            root = await self._prepare(req)
+            constraint = await self._prepare(req, tag)
             jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False,
-                                       root)
+                                       constraint)
         except ApiError as e:
             return e.response()
-        reply = _Chat(self, req, [ids], jobs, functions)
+        reply = _Chat(self, req, [ids], jobs, functions, tag)
         if req.stream:
             return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
         return await reply.whole(request, queue)
@@ -733,21 +747,31 @@ HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole ca
 
 
 class _Chat(_Reply):
-    """A chat reply: text, or (functions: a required tool call) one call of one of them. With one function the text
-    is its arguments; with several it is {"name": ..., "arguments": ...} (constrain.tool_call_schema), whose name and
-    arguments the reply takes apart, streamed as soon as the name is known. finish_reason is "tool_calls" once the
-    call is complete."""
+    """A chat reply: text, or one call of one of the functions. A required call of one function is its arguments' text;
+    otherwise the call is written {"name": ..., "arguments": ...} (constrain.tool_call_schema), after ``tag`` where the
+    model chooses whether to call (its text before the tag is the message's content). The reply takes the call apart,
+    streamed as soon as its name is known; finish_reason is "tool_calls" once it is complete."""
 
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef]):
+    def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef], tag: str | None = None):
         super().__init__(server, req, prompts, jobs)
-        self.functions = functions
+        self.functions, self.tag = functions, tag
         self.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in jobs]
         self.streamed = [None] * self.n  # per choice, the call's arguments sent so far (None: not named yet)
+        self.said = [0] * self.n  # per choice, the characters of content sent so far (where the model chooses)
+
+    def parts(self, i: int) -> tuple[str, str | None]:
+        """Choice i's text so far as (content, the call's text or None: no call, or none yet)."""
+        if not self.functions:
+            return self.text[i], None
+        if self.tag is None:
+            return "", self.text[i]
+        content, tag, call = self.text[i].partition(self.tag)
+        return (content.rstrip(), call) if tag else (content, None)
 
     def finish_reason(self, i: int, reason: str | None) -> str | None:
-        return "tool_calls" if self.functions and reason == "stop" else reason
+        return "tool_calls" if self.parts(i)[1] is not None and reason == "stop" else reason
 
     def logprobs(self, events: list[TokenEvent]) -> dict | None:
         if not self.req.logprobs:
@@ -760,25 +784,41 @@ class _Chat(_Reply):
     def call(self, i: int) -> tuple[str, str] | None:
         """Choice i's call so far: (the function's name, its arguments' text), None before the name is known. Once the
         call is complete (finish "stop") the whole call's closing brace is not part of the arguments."""
-        if len(self.functions) == 1:
-            return self.functions[0].name, self.text[i]
-        head = CALL_HEAD.match(self.text[i])
+        text = self.parts(i)[1]
+        if text is None:
+            return None
+        if len(self.functions) == 1 and self.tag is None:
+            return self.functions[0].name, text
+        head = CALL_HEAD.match(text)
         if head is None:
             return None
-        arguments = self.text[i][head.end():]
+        arguments = text[head.end():]
         if self.finish[i] == "stop":
             arguments = WRAPPER_END.sub("", arguments)
         return json.loads(head[1]), arguments
 
     def choice(self, i: int) -> dict:
-        if not self.functions:
-            message = {"role": "assistant", "content": self.text[i]}
-        else:
+        content, called = self.parts(i)
+        message = {"role": "assistant", "content": content or (None if called is not None else content)}
+        if called is not None:
             call = self.call(i)
-            message = {"role": "assistant", "content": None, "tool_calls": [] if call is None else [
-                {"id": self.call_ids[i], "type": "function", "function": {"name": call[0], "arguments": call[1]}}]}
+            message["tool_calls"] = [] if call is None else [
+                {"id": self.call_ids[i], "type": "function", "function": {"name": call[0], "arguments": call[1]}}]
         return {"index": i, "message": message, "finish_reason": self.finish_reason(i, self.finish[i]),
                 "logprobs": self.logprobs(self.tokens[i])}
+
+    def content_delta(self, i: int) -> dict | None:
+        """The content's news since the last delta, or None. Where the model chooses whether to call, the text's end
+        is held back while it may still turn out to begin the tag (a call's content has no space before the tag)."""
+        content, called = self.parts(i)
+        if self.tag is not None and called is None and self.finish[i] is None:
+            held = next((k for k in range(min(len(self.tag) - 1, len(content)), 0, -1)
+                         if content.endswith(self.tag[:k])), 0)
+            content = content[:len(content) - held].rstrip()
+        if len(content) <= self.said[i]:
+            return None
+        sent, self.said[i] = self.said[i], len(content)
+        return {"content": content[sent:]}
 
     def call_delta(self, i: int) -> dict | None:
         """The call's news since the last delta: its arguments' new text, the first time with the call's id and
@@ -788,7 +828,7 @@ class _Chat(_Reply):
         if call is None:
             return None
         name, arguments = call
-        if self.finish[i] is None and len(self.functions) > 1:
+        if self.finish[i] is None and (len(self.functions) > 1 or self.tag is not None):
             arguments = arguments[:HELD_BACK.search(arguments).start()]
         sent = self.streamed[i]
         self.streamed[i] = arguments
@@ -799,22 +839,28 @@ class _Chat(_Reply):
             return None
         return {"tool_calls": [{"index": 0, "function": {"arguments": arguments[len(sent):]}}]}
 
+    def delta(self, i: int) -> dict | None:
+        """What choice i has new to send: content, then the call."""
+        news = [d for d in (self.content_delta(i), self.call_delta(i)) if d]
+        return functools.reduce(operator.or_, news) if news else None
+
     def first_chunk(self, i: int) -> dict:
-        delta = {"role": "assistant", "content": "" if not self.functions else None}
-        if len(self.functions) == 1:  # the call is named from the start
+        called = self.functions and self.tag is None  # a required call: no content
+        delta = {"role": "assistant", "content": None if called else ""}
+        if called and len(self.functions) == 1:  # the call is named from the start
             delta |= self.call_delta(i)
         return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
     def chunk(self, i: int, event) -> dict | None:
         if isinstance(event, TokenEvent):
             lp = self.logprobs([event] if event.token is not None else [])
-            delta = {"content": event.text} if not self.functions else self.call_delta(i)
+            delta = self.delta(i) if self.functions else {"content": event.text}
             if delta is None and lp is None:
                 return None
             return {**self.head(), "choices": [{"index": i, "delta": delta or {}, "logprobs": lp,
                                                 "finish_reason": None}]}
         if isinstance(event, DoneEvent):
-            delta = (self.call_delta(i) or {}) if self.functions else {}  # the arguments' held-back end
+            delta = (self.delta(i) or {}) if self.functions else {}  # what was held back
             return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None,
                                                 "finish_reason": self.finish_reason(i, event.finish_reason)}]}
         return None
