@@ -1184,7 +1184,7 @@ class JsonVocabulary:
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._pattern_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (pattern, states): plain tokens
         self._tag_tokens: dict[bytes, list[int]] = {}  # per tag, the tokens holding its last byte (tag_mask)
-        self._tag_masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()  # (tag, root, matched): tag_mask's
+        self._tag_masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()  # tag_mask's and tool_call_mask's
 
     def allowed(self, state: tuple | Fork) -> np.ndarray:
         """bool [V]: the tokens that may come in `state` (read-only; cached)."""
@@ -1194,24 +1194,67 @@ class JsonVocabulary:
                               param="response_format")
         return mask
 
-    def tag_mask(self, tag: bytes, root: Schema, matched: int) -> np.ndarray | None:
+    def tag_mask(self, tag: bytes, close: bytes, root: Schema, matched: int) -> np.ndarray | None:
         """The tokens that may come after text ending in ``matched`` bytes of ``tag`` (ToolCallConstraint): all but
-        those that would complete the tag and go on with bytes that begin no value of ``root``; None where that is
-        every token. Only a token holding the tag's last byte can complete it: those are listed once per tag, and
-        the mask is cached per (tag, root, matched)."""
-        key = (tag, root, matched)
+        those that would complete the tag and go on with bytes that begin no call of ``root`` (closed by ``close``);
+        None where that is every token. Only a token holding the tag's last byte can complete it: those are listed
+        once per tag, and the mask is cached per (tag, root, matched)."""
+        key = ("text", tag, close, root, matched)
         if key in self._tag_masks:
             self._tag_masks.move_to_end(key)
             return self._tag_masks[key]
         if tag not in self._tag_tokens:
             self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
-        rests = ((i, tag_matched(tag, matched, self.tokens[i])[1]) for i in self._tag_tokens[tag])
-        refused = [i for i, rest in rests if rest is not None and run(initial_state(root), rest) is None]
+        refused = []
+        for i in self._tag_tokens[tag]:
+            state, rest = None, tag_matched(tag, matched, self.tokens[i])[1]
+            if rest is not None:
+                state = (CALL, initial_state(root))
+                for b in rest:
+                    state = tool_call_step(state, b, tag, close, root)
+                    if state is None:
+                        refused.append(i)
+                        break
         mask = None
         if refused:
             mask = np.ones(self.size, dtype=bool)
             mask[refused] = False
             mask.flags.writeable = False
+        return self._keep_tag_mask(key, mask)
+
+    def tool_call_mask(self, state: tuple, tag: bytes, close: bytes, root: Schema) -> np.ndarray:
+        """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (after a
+        call, in the closing tag, between calls): the vocabulary's trie walked through ``tool_call_step`` (into the
+        next call's JSON with its own walk), the end tokens where the reply may end; cached per state."""
+        key = ("calls", tag, close, root, state)
+        if key in self._tag_masks:
+            self._tag_masks.move_to_end(key)
+            return self._tag_masks[key]
+        mask = self.end.copy() if tool_call_ends(state) else np.zeros(self.size, dtype=bool)
+        self._walk_calls(state, 0, len(self.sorted_bytes), 0, mask, (tag, close, root))
+        if not mask.any():
+            raise BitnetError("tool call: no token of this model's vocabulary continues the call here", param="tools")
+        mask.flags.writeable = False
+        return self._keep_tag_mask(key, mask)
+
+    def _walk_calls(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray, tags: tuple) -> None:
+        """_walk's trie walk over the phases of tool_call_step (a call's JSON handed to _walk itself)."""
+        if state[0] == CALL and not _done(state[1]):
+            self._walk(state[1], lo, hi, depth, mask)
+            return
+        toks, i = self.sorted_bytes, lo
+        while i < hi and len(toks[i]) == depth:  # tokens that end here
+            mask[self.sorted_ids[i]] = True
+            i += 1
+        while i < hi:
+            b = toks[i][depth]
+            j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
+            after = tool_call_step(state, b, *tags)
+            if after is not None:
+                self._walk_calls(after, i, j, depth + 1, mask, tags)
+            i = j
+
+    def _keep_tag_mask(self, key: tuple, mask: np.ndarray | None) -> np.ndarray | None:
         self._tag_masks[key] = mask
         if len(self._tag_masks) > MASK_CACHE:
             self._tag_masks.popitem(last=False)
@@ -1348,17 +1391,51 @@ def tag_matched(tag: bytes, matched: int, data: bytes) -> tuple[int, bytes | Non
     return next((m for m in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:m])), 0), None
 
 
-class ToolCallConstraint:
-    """A reply in which the model chooses whether to call a tool (tool_choice "auto"): free text, which may go on to
-    the chat template's tag (Hermes' and Qwen's ``<tool_call>``) and then one call, ``root`` being
-    :func:`tool_call_schema`'s; once the call is closed only an end-of-sequence token may come. Before the tag every
-    token is allowed but those that would complete it and go on with bytes no call begins with; the tokens each
-    partial match refuses are found once per vocabulary (:meth:`JsonVocabulary.tag_mask`)."""
+# the phases of a reply under ToolCallConstraint after its text: a call's JSON (its recognizer state), the space and
+# closing tag after it (bytes of the tag matched, spaces so far), then space and the next call's tag or the end
+CALL, CLOSING, BETWEEN = "call", "closing", "between"
 
-    def __init__(self, vocabulary: JsonVocabulary, root: Schema, tag: str):
-        self.vocabulary, self.root, self.tag = vocabulary, root, tag.encode("utf-8")
+
+def tool_call_step(state: tuple, b: int, tag: bytes, close: bytes, root: Schema) -> tuple | None:
+    """The reply's state after byte b, from a phase past its text: ``(CALL, json_state)``, ``(CLOSING, matched,
+    spaces)`` or ``(BETWEEN, matched, spaces)``; None where b cannot come. Between tokens of the JSON the usual limits
+    hold; around the tags at most MAX_INDENT spaces."""
+    phase = state[0]
+    if phase == CALL:
+        after = _advance(state[1], b)
+        if after is not None:
+            return (CALL, after)
+        return tool_call_step((CLOSING, 0, 0), b, tag, close, root) if _done(state[1]) else None
+    _, matched, spaces = state
+    if matched == 0 and b in WHITESPACE:
+        return (phase, 0, spaces + 1) if spaces < MAX_INDENT else None
+    want = close if phase == CLOSING else tag
+    if b != want[matched]:
+        return None
+    if matched + 1 < len(want):
+        return (phase, matched + 1, spaces)
+    return (BETWEEN, 0, 0) if phase == CLOSING else (CALL, initial_state(root))
+
+
+def tool_call_ends(state: tuple) -> bool:
+    """Whether the reply may end in this phase: after a call's JSON (its closing tag may be left out) or between
+    calls, not inside a tag."""
+    return _done(state[1]) if state[0] == CALL else state[0] == BETWEEN and state[1] == 0
+
+
+class ToolCallConstraint:
+    """A reply in which the model chooses whether to call tools (tool_choice "auto"): free text, which may go on to
+    the chat template's tag (Hermes' and Qwen's ``<tool_call>``) and then calls, each one ``root``'s
+    (:func:`tool_call_schema`) followed by the closing tag, with only space between them, until the end. Before the
+    tag every token is allowed but those that would complete it and go on with bytes no call begins with (found once
+    per vocabulary and partial match, :meth:`JsonVocabulary.tag_mask`); inside a call the JSON's masks; after one, a
+    walk of the vocabulary's trie through the tags (:meth:`JsonVocabulary.tool_call_mask`)."""
+
+    def __init__(self, vocabulary: JsonVocabulary, root: Schema, tag: str, close: str):
+        self.vocabulary, self.root = vocabulary, root
+        self.tag, self.close = tag.encode("utf-8"), close.encode("utf-8")
         self.matched = 0  # bytes of the tag at the end of the text so far
-        self.state: tuple | Fork | None = None  # the call's, once the tag is written
+        self.state: tuple | None = None  # once the tag is written: (CALL, ...), (CLOSING, ...) or (BETWEEN, ...)
 
     @property
     def calling(self) -> bool:
@@ -1366,32 +1443,87 @@ class ToolCallConstraint:
 
     def allowed(self) -> np.ndarray | None:
         """The tokens that may come next; None: any."""
-        if self.state is not None:
-            return self.vocabulary.allowed(self.state)
-        return self.vocabulary.tag_mask(self.tag, self.root, self.matched)
+        if self.state is None:
+            return self.vocabulary.tag_mask(self.tag, self.close, self.root, self.matched)
+        if self.state[0] == CALL and not _done(self.state[1]):
+            return self.vocabulary.allowed(self.state[1])
+        return self.vocabulary.tool_call_mask(self.state, self.tag, self.close, self.root)
+
+    def _run(self, state: tuple | None, data: bytes) -> tuple | None:
+        for b in data:
+            if state is None:
+                return None
+            state = tool_call_step(state, b, self.tag, self.close, self.root)
+        return state
 
     def push(self, token: int) -> None:
         data = self.vocabulary.tokens[token]
-        if self.state is not None:
-            if _done(self.state):
-                return  # the end-of-sequence token that closes it
-            after = run(self.state, data or b"")
-            if after is None or not data:
-                raise BitnetError(f"token {token} does not continue the tool call")  # allowed() forbids it
-            self.state = after
+        if self.state is None:
+            if data is None:  # a special token: no text, and the tag's bytes around it do not join up
+                self.matched = 0
+                return
+            self.matched, rest = tag_matched(self.tag, self.matched, data)
+            state = None if rest is None else self._run((CALL, initial_state(self.root)), rest)
+            if rest is not None and state is None:
+                raise BitnetError(f"token {token} does not begin a tool call")  # allowed() forbids it
+            self.state = state
             return
-        if data is None:  # a special token: no text, and the tag's bytes around it do not join up
-            self.matched = 0
-            return
-        self.matched, rest = tag_matched(self.tag, self.matched, data)
-        if rest is not None:
-            self.state = run(initial_state(self.root), rest)
-            if self.state is None:
-                raise BitnetError(f"token {token} does not begin the tool call")  # allowed() forbids it
+        if tool_call_ends(self.state) and self.vocabulary.end[token]:
+            return  # the end-of-sequence token that closes the reply
+        state = self._run(self.state, data or b"") if data else None
+        if state is None:
+            raise BitnetError(f"token {token} does not continue the tool calls")  # allowed() forbids it
+        self.state = state
 
     @property
     def done(self) -> bool:
-        return self.state is not None and _done(self.state)
+        return self.state is not None and tool_call_ends(self.state)
+
+
+class ToolCallText:
+    """A reply written under ToolCallConstraint, taken apart as it grows (``feed`` each new piece): ``content``, the
+    text before the first tag, and ``calls``, each call's JSON text so far, with ``complete`` calls those whose JSON
+    closed. The calls' ends are found by the JSON recognizer, so a tag inside a call's string is part of the call."""
+
+    def __init__(self, tag: str, close: str):
+        self.tag, self.close = tag.encode("utf-8"), close.encode("utf-8")
+        self.data = bytearray()
+        self.content_end: int | None = None  # where the tag begins, once it is complete
+        self.matched = 0
+        self.state: tuple | None = None
+        self.spans: list[list[int]] = []  # [start, end] of each call's JSON in data (end: so far)
+        self.complete = 0  # calls whose JSON closed
+
+    def feed(self, piece: str) -> None:
+        for b in piece.encode("utf-8"):
+            self.data.append(b)
+            if self.state is None:
+                self.matched, rest = tag_matched(self.tag, self.matched, bytes([b]))
+                if rest is not None:
+                    self.content_end = len(self.data) - len(self.tag)
+                    self.state = (CALL, INITIAL)
+                    self.spans.append([len(self.data), len(self.data)])
+                continue
+            was = self.state
+            self.state = tool_call_step(self.state, b, self.tag, self.close, JSON_OBJECT)
+            if self.state is None:  # not the constraint's text (cut by a stop string and resumed, say): ignore
+                self.state = was
+                continue
+            if was[0] == CALL and self.state[0] == CALL:
+                self.spans[-1][1] = len(self.data)
+                self.complete += _done(self.state[1]) and not _done(was[1])
+            elif self.state[0] == CALL:  # the next call's tag is complete
+                self.spans.append([len(self.data), len(self.data)])
+
+    @property
+    def content(self) -> str:
+        """The text before the first tag (all of it while there is none; a partial tag at its end included)."""
+        end = len(self.data) if self.content_end is None else self.content_end
+        return self.data[:end].decode("utf-8", "replace")
+
+    @property
+    def calls(self) -> list[str]:
+        return [self.data[a:b].decode("utf-8", "replace") for a, b in self.spans]
 
 
 def output_schema(output_format: str, json_schema: dict | None = None) -> Schema | None:
@@ -1438,4 +1570,5 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",
-           "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes", "tool_call_schema"]
+           "ToolCallText", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes",
+           "tool_call_schema"]

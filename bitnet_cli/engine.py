@@ -588,8 +588,9 @@ class Engine(kernels.CResource):
         return JsonConstraint(self.json_vocabulary(), root)
 
     def tool_call_constraint(self, root: Schema, tag: str) -> ToolCallConstraint:
-        """A fresh ToolCallConstraint: text, or text then ``tag`` and one call of root's (constrain.tool_call_schema)."""
-        return ToolCallConstraint(self.json_vocabulary(), root, tag)
+        """A fresh ToolCallConstraint: text, or text then calls of root's (constrain.tool_call_schema), each between
+        ``tag`` and its closing tag (TOOL_CALL_TAGS)."""
+        return ToolCallConstraint(self.json_vocabulary(), root, tag, TOOL_CALL_TAGS[tag])
 
     def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None,
                 lookup: int = 0) -> Iterator[str]:
@@ -777,14 +778,14 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
-# The text chat templates teach a model to open a tool call with, where it chooses whether to call (tool_choice
-# "auto"): Hermes' and Qwen's format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`.
-TOOL_CALL_TAGS = ("<tool_call>",)
+# The tags chat templates teach a model to write a tool call between, where it chooses whether to call (tool_choice
+# "auto"): Hermes' and Qwen's format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; opening -> closing.
+TOOL_CALL_TAGS = {"<tool_call>": "</tool_call>"}
 
 
 def tool_call_tag(engine: Engine) -> str | None:
-    """The tag this model's chat template opens a tool call with (one of TOOL_CALL_TAGS), or None: a template that
-    shows no way to call, or none at all (the plain fallback)."""
+    """The tag this model's chat template opens a tool call with (a key of TOOL_CALL_TAGS), or None: a template
+    that shows no way to call, or none at all (the plain fallback)."""
     template = engine.tokenizer_config.get("chat_template")
     if isinstance(template, str):
         return next((tag for tag in TOOL_CALL_TAGS if tag in template), None)

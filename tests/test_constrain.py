@@ -754,55 +754,89 @@ def test_a_tag_is_found_across_tokens_however_they_cut_it():
                 assert matched == max(k for k in range(len(tag)) if text.endswith(tag[:k])), (text, cut)
 
 
-def test_a_chosen_call_after_a_tag_allows_exactly_what_keeps_text_or_a_call(json_tokenizer):
+def split_calls(text: str, tag: str, close: str) -> tuple[str, list]:
+    """The naive reading of a reply of text and tagged calls: the text before the first tag, and each call parsed
+    by json's raw_decode, then space, the closing tag and space before the next tag."""
+    content, found, rest = text.partition(tag)
+    calls = []
+    while found:
+        call, end = json.JSONDecoder().raw_decode(rest.lstrip())
+        calls.append(call)
+        rest = rest.lstrip()[end:].lstrip()
+        rest = rest[len(close):].lstrip() if rest.startswith(close) else rest
+        found = rest.startswith(tag)
+        rest = rest[len(tag):]
+    return content, calls
+
+
+def test_chosen_calls_after_a_tag_allow_exactly_what_keeps_text_or_calls(json_tokenizer):
     """ToolCallConstraint (tool_choice "auto"): before the tag any token but one that completes the tag and goes on
-    with bytes no call begins with; after it, the call's masks. Random walks over a vocabulary with tokens that cut
-    the tag apart (and cross from it into the call) check every mask against the naive one and end either in text
-    or in text, the tag and one valid call."""
+    with bytes no call begins with; inside a call the JSON's masks; after one, space and the closing tag, then space
+    and the next tag or the end. Random walks over a vocabulary with tokens that cut the tags apart (and cross from
+    them into calls) check every mask against the naive one and end in text, or text then valid calls; ToolCallText
+    takes each apart, fed in random pieces, as json's raw_decode does."""
     jsonschema = pytest.importorskip("jsonschema")
     params = {"add": {"type": "object", "additionalProperties": False, "required": ["a"],
-                      "properties": {"a": {"type": "integer"}}}}
+                      "properties": {"a": {"type": "integer"}}},
+              "say": {"type": "object", "additionalProperties": False, "required": ["s"],
+                      "properties": {"s": {"enum": ["<tool_call>", "</tool_call>"]}}}}
     root = C.tool_call_schema(list(params.items()))
     spec, tok = json_tokenizer
     extra = [b"<tool_call>", b"<tool", b"_call>", b"call>\n{", b"<tool_call>\n", b"<tool_call>x", b"l>{\"", b"<",
-             b">", b"_call", b"<tool_call>{\"name\": \"add\"", b"<tool_call>{\"name\": \"sub\"", b"> hi"]
+             b">", b"_call", b"<tool_call>{\"name\": \"add\"", b"<tool_call>{\"name\": \"sub\"", b"> hi",
+             b"</tool_call>", b"\n</tool_call>", b"</tool_call>\n<tool_call>", b"\n", b" ", b"</", b"}\n", b"}}"]
     tokens = C.token_bytes(spec, tok, tok.get_vocab_size()) + extra
     vocab = C.JsonVocabulary(tokens, [1])
-    tag = b"<tool_call>"
+    tag, close = b"<tool_call>", b"</tool_call>"
     extra_ids = np.arange(len(tokens) - len(extra), len(tokens))
     rng = np.random.default_rng(7)
-    texts, calls = [], 0
-    for _ in range(60):
-        con, text = C.ToolCallConstraint(vocab, root, tag.decode()), b""
+
+    def after(state, data):
+        for b in data:
+            state = state and C.tool_call_step(state, b, tag, close, root)
+        return state
+
+    texts = []
+    for _ in range(50):
+        con, text = C.ToolCallConstraint(vocab, root, tag.decode(), close.decode()), b""
         for step in range(300):
             mask = con.allowed()
-            if con.calling:
-                assert (mask == naive_mask(vocab, con.state)).all(), (text, con.state)
-            else:
+            if not con.calling:
                 rests = [None if t is None or (text + t).find(tag) < 0 else (text + t)[(text + t).find(tag) + len(tag):]
                          for t in tokens]
-                naive = np.array([r is None or C.run(C.initial_state(root), r) is not None for r in rests])
-                assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), text
-            if con.done or (not con.calling and rng.random() < 0.02):
+                naive = np.array([r is None or after((C.CALL, C.initial_state(root)), r) is not None for r in rests])
+            elif con.state[0] == C.CALL and not C._done(con.state[1]):
+                naive = naive_mask(vocab, con.state[1])
+            else:
+                naive = np.array([bool(t) and after(con.state, t) is not None for t in tokens])
+                naive |= vocab.end if C.tool_call_ends(con.state) else False
+            assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), (text, con.state)
+            if (con.done and rng.random() < 0.3) or (not con.calling and rng.random() < 0.02):
                 texts.append(text)
                 break
             ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
             ids = ids[[tokens[i] is not None for i in ids]]
             tagged = np.intersect1d(ids, extra_ids)
-            token = int(rng.choice(tagged if tagged.size and not con.calling and rng.random() < 0.3 else ids))
+            token = int(rng.choice(tagged if tagged.size and rng.random() < 0.4 else ids))
             text += tokens[token]
             con.push(token)
+    counts = []
     for text in texts:
-        before, found, call = text.partition(tag)
-        if found:
-            calls += 1
-            parsed = json.loads(call)
-            assert list(parsed) == ["name", "arguments"] and parsed["name"] == "add", text
-            jsonschema.validate(parsed["arguments"], params["add"])
-    assert calls >= 5 and len(texts) - calls >= 5, (calls, len(texts))
-    refused = np.flatnonzero(~vocab.tag_mask(tag, root, 0))
+        text = text.decode("utf-8", "replace")  # the text before a tag is free: random bytes, whole characters not
+        content, calls = split_calls(text, tag.decode(), close.decode())
+        for call in calls:
+            assert list(call) == ["name", "arguments"], text
+            jsonschema.validate(call["arguments"], params[call["name"]])
+        split, cuts = C.ToolCallText(tag.decode(), close.decode()), sorted(rng.integers(0, len(text) + 1, 3))
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            split.feed(text[a:b])
+        assert split.content == content and [json.loads(c) for c in split.calls] == calls, text
+        assert split.complete == len(calls)
+        counts.append(len(calls))
+    assert counts.count(0) >= 5 and counts.count(1) >= 5 and max(counts) >= 2, counts
+    refused = np.flatnonzero(~vocab.tag_mask(tag, close, root, 0))
     assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"']
-    refused = np.flatnonzero(~vocab.tag_mask(tag, root, len(tag) - 1))  # after "<tool_call" a ">" may come, not "> hi"
+    refused = np.flatnonzero(~vocab.tag_mask(tag, close, root, len(tag) - 1))  # after "<tool_call": ">", not "> hi"
     assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"', b"> hi"]
 
 

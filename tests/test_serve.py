@@ -403,13 +403,29 @@ def tool_served(tmp_path_factory, test_tokenizer_dir):
     tok.save(str(root / "tokenizer" / "tokenizer.json"))
     config = json.loads((test_tokenizer_dir / "tokenizer_config.json").read_text())
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
-    ckpt = make_hf_checkpoint(root / "ckpt", root / "tokenizer", max_position_embeddings=512, torch_dtype="float16",
+    ckpt = make_hf_checkpoint(root / "ckpt", root / "tokenizer", max_position_embeddings=1024, torch_dtype="float16",
                               initializer_range=0.1, vocab_size=tok.get_vocab_size())
     pack_checkpoint(ckpt, root / "model.bin")
     s = Served(root / "model.bin", "--threads", "2", "--parallel", "4")
     with Engine.load(root / "model.bin", threads=1) as eng:
         yield s, eng
     assert s.stop() == 0
+
+
+def naive_calls(text: str) -> tuple[str, list[dict]]:
+    """The text before the first <tool_call>, and each complete call after it read by json's raw_decode (then space,
+    the closing tag and space before the next tag)."""
+    content, found, rest = text.partition("<tool_call>")
+    calls = []
+    while found:
+        try:
+            call, end = json.JSONDecoder().raw_decode(rest.lstrip())
+        except ValueError:  # cut by max_tokens
+            break
+        calls.append(call)
+        rest = rest.lstrip()[end:].lstrip().removeprefix("</tool_call>").lstrip()
+        found, rest = rest.startswith("<tool_call>"), rest.removeprefix("<tool_call>")
+    return content, calls
 
 
 def constrained_greedy(engine, ids: list[int], constraint, max_tokens: int, bias: dict) -> str:
@@ -430,16 +446,17 @@ def constrained_greedy(engine, ids: list[int], constraint, max_tokens: int, bias
 def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(tool_served, server):
     """tool_choice "auto" (the default with tools) on a model whose chat template writes <tool_call>: the reply is
     what greedy decoding gives under constrain.ToolCallConstraint, token by token. Biased against the tag it is text
-    (content, finish "stop"); biased towards it, one call whose name is a tool's and whose arguments follow its
-    parameters, the text before the tag its content. Streamed, content and call come out as whole. The call goes back
-    into the conversation as a template renders it; on a model whose template shows no way to call, "auto" is refused."""
+    (content, finish "stop"); biased towards it, calls whose names are tools' and whose arguments follow their
+    parameters (the last one maybe cut by max_tokens), the text before the tag their content. Streamed, content and
+    calls come out as whole. A call goes back into the conversation as the template renders it; on a model whose
+    template shows no way to call, "auto" is refused."""
     import jsonschema
 
     from bitnet_cli.constrain import tool_call_schema
 
     served, engine = tool_served
-    tag = engine.encode("<tool_call>", add_bos=False)
-    assert len(tag) == 1  # the added token, whole
+    tag, close = engine.encode("<tool_call>", add_bos=False), engine.encode("</tool_call>", add_bos=False)
+    assert len(tag) == len(close) == 1  # the added tokens, whole
     params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
                        "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
               "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
@@ -449,40 +466,42 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
     ids = render_chat(engine, messages, tools)
     assert "Functions:" in engine.decode(ids)  # the template showed the tools
     root = tool_call_schema(list(params.items()))
-    chat = dict(model=served.info["model"], messages=messages, max_tokens=60, temperature=0, tools=tools)
-    for bias, calls in (({tag[0]: -100}, False), ({tag[0]: 100}, True), ({}, None)):
-        want = constrained_greedy(engine, ids, engine.tool_call_constraint(root, "<tool_call>"), 60, bias)
+    chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
+    for bias, expect_call in (({tag[0]: -100}, False), ({tag[0]: 100}, True), ({tag[0]: 100, close[0]: 50}, True),
+                              ({}, None)):  # with both tags favoured, call after call until max_tokens
+        want = constrained_greedy(engine, ids, engine.tool_call_constraint(root, "<tool_call>"), 100, bias)
         r = served.client.chat.completions.create(**chat, logit_bias={str(t): b for t, b in bias.items()})
         choice = r.choices[0]
-        content, found, call_text = want.partition("<tool_call>")
-        assert bool(found) == calls or calls is None, want
-        if not found:
-            assert choice.message.content == want and choice.message.tool_calls is None
+        content, calls = naive_calls(want)
+        if "<tool_call>" not in want:
+            assert expect_call is not True and choice.message.content == want and choice.message.tool_calls is None
             assert choice.finish_reason in ("stop", "length")
             continue
-        assert choice.message.content == (content.rstrip() or None)
-        call = choice.message.tool_calls[0]
-        assert len(choice.message.tool_calls) == 1 and call.id.startswith("call_")
+        assert expect_call is not False and choice.message.content == (content.rstrip() or None)
+        made = choice.message.tool_calls
+        assert len(made) - len(calls) in (0, 1) and len({c.id for c in made}) == len(made), want  # the last may be cut
+        assert [[c.function.name, json.loads(c.function.arguments)] for c in made[:len(calls)]] == \
+            [[c["name"], c["arguments"]] for c in calls]
+        for c in calls:
+            jsonschema.validate(c["arguments"], params[c["name"]])
         assert choice.finish_reason in ("tool_calls", "length")
-        if choice.finish_reason == "tool_calls":
-            whole = json.loads(call_text)
-            assert [call.function.name, json.loads(call.function.arguments)] == [whole["name"], whole["arguments"]]
-            jsonschema.validate(whole["arguments"], params[call.function.name])
+        assert choice.finish_reason == "length" or len(made) == len(calls)
         chunks = [c for c in served.client.chat.completions.create(
             **chat, logit_bias={str(t): b for t, b in bias.items()}, stream=True) if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == content.rstrip()
         deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == (content.rstrip())
-        assert deltas[0].function.name == call.function.name and deltas[0].id
-        assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+        assert [(d.index, d.function.name) for d in deltas if d.id] == [(k, c.function.name) for k, c in enumerate(made)]
+        assert ["".join(d.function.arguments for d in deltas if d.index == k) for k in range(len(made))] == [
+            c.function.arguments for c in made]
         assert chunks[-1].choices[0].finish_reason == choice.finish_reason
-        if choice.finish_reason == "tool_calls":  # the conversation goes on with the call and its result
-            turns = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-                                {"role": "tool", "tool_call_id": call.id, "content": "done"}]
-            rendered = engine.decode(render_chat(engine, [{**m, "content": m["content"] or ""} for m in turns], tools))
-            arguments = json.dumps(json.loads(call.function.arguments), sort_keys=True)  # as tojson writes it
-            assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
-            after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
-            assert after.usage.prompt_tokens > len(ids)
+        call = made[0]  # the conversation goes on with a call and its result
+        turns = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                            {"role": "tool", "tool_call_id": call.id, "content": "done"}]
+        rendered = engine.decode(render_chat(engine, [{**m, "content": m["content"] or ""} for m in turns], tools))
+        arguments = json.dumps(json.loads(call.function.arguments), sort_keys=True)  # as tojson writes it
+        assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
+        after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
+        assert after.usage.prompt_tokens > len(ids)
     streamed = [c for c in served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100}, stream=True)
                 if c.choices]
     whole = served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100})
@@ -491,16 +510,19 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
     assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
 
 
-@pytest.mark.parametrize("pieces, content, call", [
+@pytest.mark.parametrize("pieces, content, calls", [
     (["Sure", ",", " ", "\n", "<", "tool", "_call>", "\n{", '"name": "move", "arguments": {"to"', ": 3}", "}"],
-     "Sure,", ("move", '{"to": 3}')),
-    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", None),  # the tag begun, not finished
-    (["<tool_call>", '{"name": "wait", "arguments": {}', "}"], None, ("wait", "{}")),
+     "Sure,", [("move", '{"to": 3}')]),
+    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", []),  # the tag begun, not finished
+    (["<tool_call>", '{"name": "wait", "arguments": {}', "}", "\n</tool", "_call>\n", "<tool_call>", '\n{"name"',
+      ': "move", "arguments": {"to": "</tool_call><tool_call>"}}', "\n</tool_call>"],
+     None, [("wait", "{}"), ("move", '{"to": "</tool_call><tool_call>"}')]),
 ])
-def test_a_chosen_call_is_split_from_the_content_before_it_whole_and_streamed(pieces, content, call):
-    """Where the model chooses (a tag), the reply's text is taken apart into the content before the tag (its space
-    dropped) and the call after it. Streamed, the content's end is held back while it may begin the tag, and what
-    the deltas carry joins up to the whole reply's content and call, however the pieces cut the tag."""
+def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(pieces, content, calls):
+    """Where the model chooses (a tag), the reply's text is taken apart into the content before the first tag (its
+    space dropped) and the calls after it, each closed by the JSON (a tag inside a string is the call's). Streamed,
+    the content's end is held back while it may begin the tag, and what the deltas carry joins up to the whole
+    reply's content and calls, however the pieces cut the tags."""
     from types import SimpleNamespace
 
     from bitnet_cli.serve.app import ChatRequest, _Chat
@@ -509,23 +531,29 @@ def test_a_chosen_call_is_split_from_the_content_before_it_whole_and_streamed(pi
     req = ChatRequest(messages=[{"role": "user", "content": "x"}], tools=[
         {"type": "function", "function": {"name": name}} for name in ("move", "wait")])
     server = SimpleNamespace(model_id="m", scheduler=SimpleNamespace(piece=str))
-    streamed, whole = _Chat(server, req, [[1]], [None], req.called_functions, "<tool_call>"), None
-    deltas = [streamed.first_chunk(0)["choices"][0]["delta"]]
+    reply = _Chat(server, req, [[1]], [None], req.called_functions, "<tool_call>")
+    deltas = [reply.first_chunk(0)["choices"][0]["delta"]]
     for event in [TokenEvent(piece, 7) for piece in pieces] + [DoneEvent("stop", 1, len(pieces), 0)]:
-        streamed.take(0, event)
-        chunk = streamed.chunk(0, event)
+        reply.take(0, event)
+        chunk = reply.chunk(0, event)
         deltas += [chunk["choices"][0]["delta"]] if chunk else []
         sent = "".join(d.get("content") or "" for d in deltas)
         assert content is None or content.startswith(sent), (sent, content)  # nothing sent is taken back
-    whole = streamed.choice(0)
+    whole = reply.choice(0)
     assert whole["message"]["content"] == content
     assert "".join(d.get("content") or "" for d in deltas) == (content or "")
-    calls = [c for d in deltas for c in d.get("tool_calls") or []]
-    if call is None:
-        assert not calls and "tool_calls" not in whole["message"] and whole["finish_reason"] == "stop"
+    streamed = {}
+    for call in [c for d in deltas for c in d.get("tool_calls") or []]:
+        if "id" in call:  # a call's first delta names it, once
+            assert call["index"] == len(streamed) and call["id"] not in [c[0] for c in streamed.values()]
+            streamed[call["index"]] = [call["id"], call["function"]["name"], ""]
+        streamed[call["index"]][2] += call["function"]["arguments"]
+    assert [tuple(c[1:]) for c in streamed.values()] == calls
+    if not calls:
+        assert "tool_calls" not in whole["message"] and whole["finish_reason"] == "stop"
     else:
-        assert [calls[0]["function"]["name"], "".join(c["function"]["arguments"] for c in calls)] == list(call)
-        assert whole["message"]["tool_calls"][0]["function"] == {"name": call[0], "arguments": call[1]}
+        assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in whole["message"]["tool_calls"]] \
+            == [tuple(c) for c in streamed.values()]
         assert whole["finish_reason"] == "tool_calls"
 
 

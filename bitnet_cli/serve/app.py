@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from bitnet_cli.constrain import Schema, output_schema, tool_call_schema
+from bitnet_cli.constrain import Schema, ToolCallText, output_schema, tool_call_schema
 from bitnet_cli.engine import TOOL_CALL_TAGS, Engine, render_chat, stop_texts, tool_call_tag
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import MAX_BIASED, MAX_PENALTY, SamplingParams, logit_bias_pairs
@@ -747,31 +747,66 @@ HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole ca
 
 
 class _Chat(_Reply):
-    """A chat reply: text, or one call of one of the functions. A required call of one function is its arguments' text;
-    otherwise the call is written {"name": ..., "arguments": ...} (constrain.tool_call_schema), after ``tag`` where the
-    model chooses whether to call (its text before the tag is the message's content). The reply takes the call apart,
-    streamed as soon as its name is known; finish_reason is "tool_calls" once it is complete."""
+    """A chat reply: text, or calls of the functions. A required call of one function is its arguments' text; one of
+    several is written {"name": ..., "arguments": ...} (constrain.tool_call_schema); where the model chooses whether
+    to call, each call is written so between ``tag`` and its closing tag, after the message's content
+    (constrain.ToolCallText takes that text apart). The reply takes each call apart, streamed as soon as its name is
+    known; finish_reason is "tool_calls" once the reply ends after a call."""
 
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef], tag: str | None = None):
         super().__init__(server, req, prompts, jobs)
         self.functions, self.tag = functions, tag
-        self.call_ids = [f"call_{uuid.uuid4().hex[:24]}" for _ in jobs]
-        self.streamed = [None] * self.n  # per choice, the call's arguments sent so far (None: not named yet)
-        self.said = [0] * self.n  # per choice, the characters of content sent so far (where the model chooses)
+        self.split = [ToolCallText(tag, TOOL_CALL_TAGS[tag]) for _ in jobs] if tag else None
+        self.call_ids: list[list[str]] = [[] for _ in jobs]  # per choice, its calls' ids, made as they are named
+        self.streamed: list[list[str]] = [[] for _ in jobs]  # per choice, each named call's arguments sent so far
+        self.said = [0] * self.n  # per choice, the characters of content sent so far
 
-    def parts(self, i: int) -> tuple[str, str | None]:
-        """Choice i's text so far as (content, the call's text or None: no call, or none yet)."""
+    def take(self, index: int, event) -> None:
+        super().take(index, event)
+        if self.split and isinstance(event, TokenEvent):
+            self.split[index].feed(event.text)
+
+    def called(self, i: int) -> bool:
+        """Whether choice i is (or has begun) a call rather than a reply in text."""
+        return bool(self.functions) and (self.split is None or self.split[i].content_end is not None)
+
+    def content(self, i: int) -> str:
+        """Choice i's text before its calls (all of it for a reply in text)."""
         if not self.functions:
-            return self.text[i], None
-        if self.tag is None:
-            return "", self.text[i]
-        content, tag, call = self.text[i].partition(self.tag)
-        return (content.rstrip(), call) if tag else (content, None)
+            return self.text[i]
+        if self.split is None:
+            return ""
+        content = self.split[i].content
+        return content.rstrip() if self.called(i) else content
+
+    def calls(self, i: int) -> list[tuple[str, str, bool]]:
+        """Choice i's calls so far, those whose name is known: (the function's name, its arguments' text, whether
+        the call is complete). A complete call's arguments leave out the closing brace of the call around them."""
+        if not self.called(i):
+            return []
+        if len(self.functions) == 1 and self.split is None:
+            return [(self.functions[0].name, self.text[i], self.finish[i] == "stop")]
+        texts = [self.text[i]] if self.split is None else self.split[i].calls
+        complete = self.finish[i] == "stop" if self.split is None else None
+        calls = []
+        for k, text in enumerate(texts):
+            head = CALL_HEAD.match(text)
+            if head is None:
+                break
+            done = complete if complete is not None else k < self.split[i].complete
+            arguments = text[head.end():]
+            calls.append((json.loads(head[1]), WRAPPER_END.sub("", arguments) if done else arguments, done))
+        return calls
+
+    def call_id(self, i: int, k: int) -> str:
+        while len(self.call_ids[i]) <= k:
+            self.call_ids[i].append(f"call_{uuid.uuid4().hex[:24]}")
+        return self.call_ids[i][k]
 
     def finish_reason(self, i: int, reason: str | None) -> str | None:
-        return "tool_calls" if self.parts(i)[1] is not None and reason == "stop" else reason
+        return "tool_calls" if self.called(i) and reason == "stop" else reason
 
     def logprobs(self, events: list[TokenEvent]) -> dict | None:
         if not self.req.logprobs:
@@ -781,37 +816,21 @@ class _Chat(_Reply):
                              "top_logprobs": [{"token": t, "logprob": v} for t, v in (e.top or {}).items()]}
                             for e in events]}
 
-    def call(self, i: int) -> tuple[str, str] | None:
-        """Choice i's call so far: (the function's name, its arguments' text), None before the name is known. Once the
-        call is complete (finish "stop") the whole call's closing brace is not part of the arguments."""
-        text = self.parts(i)[1]
-        if text is None:
-            return None
-        if len(self.functions) == 1 and self.tag is None:
-            return self.functions[0].name, text
-        head = CALL_HEAD.match(text)
-        if head is None:
-            return None
-        arguments = text[head.end():]
-        if self.finish[i] == "stop":
-            arguments = WRAPPER_END.sub("", arguments)
-        return json.loads(head[1]), arguments
-
     def choice(self, i: int) -> dict:
-        content, called = self.parts(i)
-        message = {"role": "assistant", "content": content or (None if called is not None else content)}
-        if called is not None:
-            call = self.call(i)
-            message["tool_calls"] = [] if call is None else [
-                {"id": self.call_ids[i], "type": "function", "function": {"name": call[0], "arguments": call[1]}}]
+        content = self.content(i)
+        message = {"role": "assistant", "content": content or (None if self.called(i) else content)}
+        if self.called(i):
+            message["tool_calls"] = [{"id": self.call_id(i, k), "type": "function",
+                                      "function": {"name": name, "arguments": arguments}}
+                                     for k, (name, arguments, _) in enumerate(self.calls(i))]
         return {"index": i, "message": message, "finish_reason": self.finish_reason(i, self.finish[i]),
                 "logprobs": self.logprobs(self.tokens[i])}
 
     def content_delta(self, i: int) -> dict | None:
         """The content's news since the last delta, or None. Where the model chooses whether to call, the text's end
         is held back while it may still turn out to begin the tag (a call's content has no space before the tag)."""
-        content, called = self.parts(i)
-        if self.tag is not None and called is None and self.finish[i] is None:
+        content = self.content(i)
+        if self.split is not None and not self.called(i) and self.finish[i] is None:
             held = next((k for k in range(min(len(self.tag) - 1, len(content)), 0, -1)
                          if content.endswith(self.tag[:k])), 0)
             content = content[:len(content) - held].rstrip()
@@ -821,33 +840,31 @@ class _Chat(_Reply):
         return {"content": content[sent:]}
 
     def call_delta(self, i: int) -> dict | None:
-        """The call's news since the last delta: its arguments' new text, the first time with the call's id and
-        name; None where there is none. While it streams, a tail that may be the whole call's closing brace is held
-        back."""
-        call = self.call(i)
-        if call is None:
-            return None
-        name, arguments = call
-        if self.finish[i] is None and (len(self.functions) > 1 or self.tag is not None):
-            arguments = arguments[:HELD_BACK.search(arguments).start()]
-        sent = self.streamed[i]
-        self.streamed[i] = arguments
-        if sent is None:
-            return {"tool_calls": [{"index": 0, "id": self.call_ids[i], "type": "function",
-                                    "function": {"name": name, "arguments": arguments}}]}
-        if len(arguments) == len(sent):
-            return None
-        return {"tool_calls": [{"index": 0, "function": {"arguments": arguments[len(sent):]}}]}
+        """The calls' news since the last delta: each call's arguments' new text, the first time with the call's id
+        and name; None where there is none. While a call written inside another object streams, a tail that may be
+        that object's closing brace is held back."""
+        deltas = []
+        for k, (name, arguments, complete) in enumerate(self.calls(i)):
+            if not complete and self.finish[i] is None and (len(self.functions) > 1 or self.split is not None):
+                arguments = arguments[:HELD_BACK.search(arguments).start()]
+            if k == len(self.streamed[i]):
+                self.streamed[i].append(arguments)
+                deltas.append({"index": k, "id": self.call_id(i, k), "type": "function",
+                               "function": {"name": name, "arguments": arguments}})
+            elif len(arguments) > len(self.streamed[i][k]):
+                sent, self.streamed[i][k] = self.streamed[i][k], arguments
+                deltas.append({"index": k, "function": {"arguments": arguments[len(sent):]}})
+        return {"tool_calls": deltas} if deltas else None
 
     def delta(self, i: int) -> dict | None:
-        """What choice i has new to send: content, then the call."""
+        """What choice i has new to send: content, then calls."""
         news = [d for d in (self.content_delta(i), self.call_delta(i)) if d]
         return functools.reduce(operator.or_, news) if news else None
 
     def first_chunk(self, i: int) -> dict:
-        called = self.functions and self.tag is None  # a required call: no content
-        delta = {"role": "assistant", "content": None if called else ""}
-        if called and len(self.functions) == 1:  # the call is named from the start
+        required = self.functions and self.split is None  # a required call: no content
+        delta = {"role": "assistant", "content": None if required else ""}
+        if required and len(self.functions) == 1:  # the call is named from the start
             delta |= self.call_delta(i)
         return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
