@@ -21,7 +21,6 @@ continuations scored from it; forward_branches(n_past, [cont, ...]) scores them 
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import os
 import time
@@ -801,8 +800,8 @@ def _template_turn(message: dict) -> dict:
     turned = []
     for call in calls:
         arguments = call["function"]["arguments"]
-        with contextlib.suppress(ValueError):
-            parsed = json.loads(arguments)
+        with contextlib.suppress(BitnetError):  # not JSON (or nested past the parser's limit): left as text
+            parsed = safejson.loads(arguments, "arguments")
             arguments = parsed if isinstance(parsed, dict) else arguments
         turned.append({**call, "function": {**call["function"], "arguments": arguments}})
     return {**message, "tool_calls": turned}

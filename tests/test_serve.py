@@ -506,6 +506,12 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
                 if c.choices]
     whole = served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100})
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
+    for arguments in ("[" * 100_000, "9" * 5000, "not json"):  # left as text for the template (rendered, then measured)
+        turns = messages + [{"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "move", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "done"}]
+        r = served.http.post("/v1/chat/completions", json={**chat, "messages": turns, "max_tokens": 1})
+        assert r.status_code == 200 or r.json()["error"]["code"] == "context_length_exceeded", r.text
     r = server.http.post("/v1/chat/completions", json={**chat, "model": server.info["model"]})
     assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
 
