@@ -34,6 +34,7 @@ import json
 import math
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Sequence
 
@@ -1194,24 +1195,25 @@ class JsonVocabulary:
                               param="response_format")
         return mask
 
-    def tag_mask(self, tag: bytes, close: bytes, root: Schema, matched: int) -> np.ndarray | None:
-        """The tokens that may come after text ending in ``matched`` bytes of ``tag`` (ToolCallConstraint): all but
-        those that would complete the tag and go on with bytes that begin no call of ``root`` (closed by ``close``);
-        None where that is every token. Only a token holding the tag's last byte can complete it: those are listed
-        once per tag, and the mask is cached per (tag, root, matched)."""
-        key = ("text", tag, close, root, matched)
+    def tag_mask(self, calls: ToolCalls, matched: int) -> np.ndarray | None:
+        """The tokens that may come after text ending in ``matched`` bytes of the calls' tag (ToolCallConstraint):
+        all but those that would complete the tag and go on with bytes that begin no call; None where that is every
+        token. Only a token holding the tag's last byte can complete it: those are listed once per tag, and the mask
+        is cached per (calls, matched)."""
+        key = ("text", calls, matched)
         if key in self._tag_masks:
             self._tag_masks.move_to_end(key)
             return self._tag_masks[key]
+        tag = calls.tag
         if tag not in self._tag_tokens:
             self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
         refused = []
         for i in self._tag_tokens[tag]:
             state, rest = None, tag_matched(tag, matched, self.tokens[i])[1]
             if rest is not None:
-                state = (CALL, initial_state(root))
+                state = (CALL, initial_state(calls.root))
                 for b in rest:
-                    state = tool_call_step(state, b, tag, close, root)
+                    state = tool_call_step(state, b, calls)
                     if state is None:
                         refused.append(i)
                         break
@@ -1222,22 +1224,23 @@ class JsonVocabulary:
             mask.flags.writeable = False
         return self._keep_tag_mask(key, mask)
 
-    def tool_call_mask(self, state: tuple, tag: bytes, close: bytes, root: Schema) -> np.ndarray:
-        """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (after a
-        call, in the closing tag, between calls): the vocabulary's trie walked through ``tool_call_step`` (into the
-        next call's JSON with its own walk), the end tokens where the reply may end; cached per state."""
-        key = ("calls", tag, close, root, state)
+    def tool_call_mask(self, state: tuple, calls: ToolCalls) -> np.ndarray:
+        """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (before
+        the first call where one must come, after a call, in the closing tag, between calls): the vocabulary's trie
+        walked through ``tool_call_step`` (into a call's JSON with its own walk), the end tokens where the reply may
+        end; cached per state."""
+        key = ("calls", calls, state)
         if key in self._tag_masks:
             self._tag_masks.move_to_end(key)
             return self._tag_masks[key]
         mask = self.end.copy() if tool_call_ends(state) else np.zeros(self.size, dtype=bool)
-        self._walk_calls(state, 0, len(self.sorted_bytes), 0, mask, (tag, close, root))
+        self._walk_calls(state, 0, len(self.sorted_bytes), 0, mask, calls)
         if not mask.any():
             raise BitnetError("tool call: no token of this model's vocabulary continues the call here", param="tools")
         mask.flags.writeable = False
         return self._keep_tag_mask(key, mask)
 
-    def _walk_calls(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray, tags: tuple) -> None:
+    def _walk_calls(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray, calls: ToolCalls) -> None:
         """_walk's trie walk over the phases of tool_call_step (a call's JSON handed to _walk itself)."""
         if state[0] == CALL and not _done(state[1]):
             self._walk(state[1], lo, hi, depth, mask)
@@ -1249,9 +1252,9 @@ class JsonVocabulary:
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = tool_call_step(state, b, *tags)
+            after = tool_call_step(state, b, calls)
             if after is not None:
-                self._walk_calls(after, i, j, depth + 1, mask, tags)
+                self._walk_calls(after, i, j, depth + 1, mask, calls)
             i = j
 
     def _keep_tag_mask(self, key: tuple, mask: np.ndarray | None) -> np.ndarray | None:
@@ -1391,51 +1394,63 @@ def tag_matched(tag: bytes, matched: int, data: bytes) -> tuple[int, bytes | Non
     return next((m for m in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:m])), 0), None
 
 
-# the phases of a reply under ToolCallConstraint after its text: a call's JSON (its recognizer state), the space and
-# closing tag after it (bytes of the tag matched, spaces so far), then space and the next call's tag or the end
-CALL, CLOSING, BETWEEN = "call", "closing", "between"
+@dataclass(frozen=True)
+class ToolCalls:
+    """How a reply's tool calls are written, as a chat template teaches them: each call ``root``'s
+    (:func:`tool_call_schema`) between ``tag`` and ``close`` (Hermes' and Qwen's ``<tool_call>`` and ``</tool_call>``),
+    with only space between calls; ``several``: more than one call (OpenAI's parallel_tool_calls)."""
+
+    tag: bytes
+    close: bytes
+    root: Schema
+    several: bool = True
 
 
-def tool_call_step(state: tuple, b: int, tag: bytes, close: bytes, root: Schema) -> tuple | None:
-    """The reply's state after byte b, from a phase past its text: ``(CALL, json_state)``, ``(CLOSING, matched,
-    spaces)`` or ``(BETWEEN, matched, spaces)``; None where b cannot come. Between tokens of the JSON the usual limits
-    hold; around the tags at most MAX_INDENT spaces."""
+# the phases of a reply under ToolCallConstraint past its text: space and the first call's tag where a call must come
+# (bytes of the tag matched, spaces so far), a call's JSON (its recognizer state), the space and closing tag after it,
+# then space and the next call's tag or the end
+OPENING, CALL, CLOSING, BETWEEN = "opening", "call", "closing", "between"
+
+
+def tool_call_step(state: tuple, b: int, calls: ToolCalls) -> tuple | None:
+    """The reply's state after byte b, from a phase past its text: ``(CALL, json_state)``, or ``(OPENING | CLOSING |
+    BETWEEN, matched, spaces)``; None where b cannot come. Between tokens of the JSON the usual limits hold; around
+    the tags at most MAX_INDENT spaces."""
     phase = state[0]
     if phase == CALL:
         after = _advance(state[1], b)
         if after is not None:
             return (CALL, after)
-        return tool_call_step((CLOSING, 0, 0), b, tag, close, root) if _done(state[1]) else None
+        return tool_call_step((CLOSING, 0, 0), b, calls) if _done(state[1]) else None
     _, matched, spaces = state
     if matched == 0 and b in WHITESPACE:
         return (phase, 0, spaces + 1) if spaces < MAX_INDENT else None
-    want = close if phase == CLOSING else tag
-    if b != want[matched]:
+    want = calls.close if phase == CLOSING else calls.tag
+    if b != want[matched] or (phase == BETWEEN and not calls.several):
         return None
     if matched + 1 < len(want):
         return (phase, matched + 1, spaces)
-    return (BETWEEN, 0, 0) if phase == CLOSING else (CALL, initial_state(root))
+    return (BETWEEN, 0, 0) if phase == CLOSING else (CALL, initial_state(calls.root))
 
 
 def tool_call_ends(state: tuple) -> bool:
     """Whether the reply may end in this phase: after a call's JSON (its closing tag may be left out) or between
-    calls, not inside a tag."""
+    calls, not inside a tag nor before the first call where one must come."""
     return _done(state[1]) if state[0] == CALL else state[0] == BETWEEN and state[1] == 0
 
 
 class ToolCallConstraint:
-    """A reply in which the model chooses whether to call tools (tool_choice "auto"): free text, which may go on to
-    the chat template's tag (Hermes' and Qwen's ``<tool_call>``) and then calls, each one ``root``'s
-    (:func:`tool_call_schema`) followed by the closing tag, with only space between them, until the end. Before the
-    tag every token is allowed but those that would complete it and go on with bytes no call begins with (found once
-    per vocabulary and partial match, :meth:`JsonVocabulary.tag_mask`); inside a call the JSON's masks; after one, a
-    walk of the vocabulary's trie through the tags (:meth:`JsonVocabulary.tool_call_mask`)."""
+    """A reply of tool calls written as a chat template teaches them (``calls``). Where the model chooses whether to
+    call (tool_choice "auto") it begins as free text, which may go on to the tag and the calls; where a call is
+    ``required`` it begins at the tag. Before the tag every token is allowed but those that would complete it and go
+    on with bytes no call begins with (found once per vocabulary and partial match, :meth:`JsonVocabulary.tag_mask`);
+    inside a call the JSON's masks; elsewhere a walk of the vocabulary's trie through the tags
+    (:meth:`JsonVocabulary.tool_call_mask`)."""
 
-    def __init__(self, vocabulary: JsonVocabulary, root: Schema, tag: str, close: str):
-        self.vocabulary, self.root = vocabulary, root
-        self.tag, self.close = tag.encode("utf-8"), close.encode("utf-8")
+    def __init__(self, vocabulary: JsonVocabulary, calls: ToolCalls, required: bool = False):
+        self.vocabulary, self.calls = vocabulary, calls
         self.matched = 0  # bytes of the tag at the end of the text so far
-        self.state: tuple | None = None  # once the tag is written: (CALL, ...), (CLOSING, ...) or (BETWEEN, ...)
+        self.state: tuple | None = (OPENING, 0, 0) if required else None  # past the text: tool_call_step's
 
     @property
     def calling(self) -> bool:
@@ -1444,16 +1459,16 @@ class ToolCallConstraint:
     def allowed(self) -> np.ndarray | None:
         """The tokens that may come next; None: any."""
         if self.state is None:
-            return self.vocabulary.tag_mask(self.tag, self.close, self.root, self.matched)
+            return self.vocabulary.tag_mask(self.calls, self.matched)
         if self.state[0] == CALL and not _done(self.state[1]):
             return self.vocabulary.allowed(self.state[1])
-        return self.vocabulary.tool_call_mask(self.state, self.tag, self.close, self.root)
+        return self.vocabulary.tool_call_mask(self.state, self.calls)
 
     def _run(self, state: tuple | None, data: bytes) -> tuple | None:
         for b in data:
             if state is None:
                 return None
-            state = tool_call_step(state, b, self.tag, self.close, self.root)
+            state = tool_call_step(state, b, self.calls)
         return state
 
     def push(self, token: int) -> None:
@@ -1462,8 +1477,8 @@ class ToolCallConstraint:
             if data is None:  # a special token: no text, and the tag's bytes around it do not join up
                 self.matched = 0
                 return
-            self.matched, rest = tag_matched(self.tag, self.matched, data)
-            state = None if rest is None else self._run((CALL, initial_state(self.root)), rest)
+            self.matched, rest = tag_matched(self.calls.tag, self.matched, data)
+            state = None if rest is None else self._run((CALL, initial_state(self.calls.root)), rest)
             if rest is not None and state is None:
                 raise BitnetError(f"token {token} does not begin a tool call")  # allowed() forbids it
             self.state = state
@@ -1486,7 +1501,7 @@ class ToolCallText:
     closed. The calls' ends are found by the JSON recognizer, so a tag inside a call's string is part of the call."""
 
     def __init__(self, tag: str, close: str):
-        self.tag, self.close = tag.encode("utf-8"), close.encode("utf-8")
+        self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), JSON_OBJECT)
         self.data = bytearray()
         self.content_end: int | None = None  # where the tag begins, once it is complete
         self.matched = 0
@@ -1495,17 +1510,18 @@ class ToolCallText:
         self.complete = 0  # calls whose JSON closed
 
     def feed(self, piece: str) -> None:
+        tag = self.calls_written.tag
         for b in piece.encode("utf-8"):
             self.data.append(b)
             if self.state is None:
-                self.matched, rest = tag_matched(self.tag, self.matched, bytes([b]))
+                self.matched, rest = tag_matched(tag, self.matched, bytes([b]))
                 if rest is not None:
-                    self.content_end = len(self.data) - len(self.tag)
+                    self.content_end = len(self.data) - len(tag)
                     self.state = (CALL, INITIAL)
                     self.spans.append([len(self.data), len(self.data)])
                 continue
             was = self.state
-            self.state = tool_call_step(self.state, b, self.tag, self.close, JSON_OBJECT)
+            self.state = tool_call_step(self.state, b, self.calls_written)
             if self.state is None:  # not the constraint's text (cut by a stop string and resumed, say): ignore
                 self.state = was
                 continue
@@ -1570,5 +1586,5 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",
-           "ToolCallText", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes",
+           "ToolCallText", "ToolCalls", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes",
            "tool_call_schema"]

@@ -32,7 +32,7 @@ import numpy as np
 
 from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
-from bitnet_cli.constrain import (JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, ToolCallConstraint,
+from bitnet_cli.constrain import (JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, ToolCallConstraint, ToolCalls,
                                   output_schema, token_bytes)
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
@@ -586,10 +586,12 @@ class Engine(kernels.CResource):
         """A fresh JsonConstraint (any JSON object, or root's schema: constrain.output_schema)."""
         return JsonConstraint(self.json_vocabulary(), root)
 
-    def tool_call_constraint(self, root: Schema, tag: str) -> ToolCallConstraint:
-        """A fresh ToolCallConstraint: text, or text then calls of root's (constrain.tool_call_schema), each between
-        ``tag`` and its closing tag (TOOL_CALL_TAGS)."""
-        return ToolCallConstraint(self.json_vocabulary(), root, tag, TOOL_CALL_TAGS[tag])
+    def tool_call_constraint(self, root: Schema, tag: str, required: bool = False,
+                             several: bool = True) -> ToolCallConstraint:
+        """A fresh ToolCallConstraint: calls of root's (constrain.tool_call_schema), each between ``tag`` and its
+        closing tag (TOOL_CALL_TAGS); after text where a call is not ``required``; ``several``: more than one."""
+        calls = ToolCalls(tag.encode("utf-8"), TOOL_CALL_TAGS[tag].encode("utf-8"), root, several)
+        return ToolCallConstraint(self.json_vocabulary(), calls, required)
 
     def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None,
                 lookup: int = 0) -> Iterator[str]:

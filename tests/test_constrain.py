@@ -769,10 +769,12 @@ def split_calls(text: str, tag: str, close: str) -> tuple[str, list]:
     return content, calls
 
 
-def test_chosen_calls_after_a_tag_allow_exactly_what_keeps_text_or_calls(json_tokenizer):
-    """ToolCallConstraint (tool_choice "auto"): before the tag any token but one that completes the tag and goes on
-    with bytes no call begins with; inside a call the JSON's masks; after one, space and the closing tag, then space
-    and the next tag or the end. Random walks over a vocabulary with tokens that cut the tags apart (and cross from
+@pytest.mark.parametrize("required, several", [(False, True), (True, True), (False, False)])
+def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, required, several):
+    """ToolCallConstraint: where the model chooses (tool_choice "auto"), before the tag any token but one that
+    completes the tag and goes on with bytes no call begins with; where a call is required, space and the tag first;
+    inside a call the JSON's masks; after one, space and the closing tag, then space and the next tag (unless only
+    one call may come) or the end. Random walks over a vocabulary with tokens that cut the tags apart (and cross from
     them into calls) check every mask against the naive one and end in text, or text then valid calls; ToolCallText
     takes each apart, fed in random pieces, as json's raw_decode does."""
     jsonschema = pytest.importorskip("jsonschema")
@@ -791,14 +793,16 @@ def test_chosen_calls_after_a_tag_allow_exactly_what_keeps_text_or_calls(json_to
     extra_ids = np.arange(len(tokens) - len(extra), len(tokens))
     rng = np.random.default_rng(7)
 
+    calls_written = C.ToolCalls(tag, close, root, several)
+
     def after(state, data):
         for b in data:
-            state = state and C.tool_call_step(state, b, tag, close, root)
+            state = state and C.tool_call_step(state, b, calls_written)
         return state
 
     texts = []
-    for _ in range(50):
-        con, text = C.ToolCallConstraint(vocab, root, tag.decode(), close.decode()), b""
+    for _ in range(40):
+        con, text = C.ToolCallConstraint(vocab, calls_written, required), b""
         for step in range(300):
             mask = con.allowed()
             if not con.calling:
@@ -832,12 +836,15 @@ def test_chosen_calls_after_a_tag_allow_exactly_what_keeps_text_or_calls(json_to
             split.feed(text[a:b])
         assert split.content == content and [json.loads(c) for c in split.calls] == calls, text
         assert split.complete == len(calls)
+        assert not required or (content.strip() == "" and calls), text
         counts.append(len(calls))
-    assert counts.count(0) >= 5 and counts.count(1) >= 5 and max(counts) >= 2, counts
-    refused = np.flatnonzero(~vocab.tag_mask(tag, close, root, 0))
-    assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"']
-    refused = np.flatnonzero(~vocab.tag_mask(tag, close, root, len(tag) - 1))  # after "<tool_call": ">", not "> hi"
-    assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"', b"> hi"]
+    assert counts.count(0) >= (0 if required else 5) and counts.count(1) >= 5, counts
+    assert max(counts) >= 2 if several else max(counts) == 1, counts
+    if not required:
+        refused = np.flatnonzero(~vocab.tag_mask(calls_written, 0))
+        assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"']
+        refused = np.flatnonzero(~vocab.tag_mask(calls_written, len(tag) - 1))  # after "<tool_call": ">", not "> hi"
+        assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"', b"> hi"]
 
 
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short

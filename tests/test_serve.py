@@ -443,12 +443,13 @@ def constrained_greedy(engine, ids: list[int], constraint, max_tokens: int, bias
     return engine.decode(out)
 
 
-def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(tool_served, server):
-    """tool_choice "auto" (the default with tools) on a model whose chat template writes <tool_call>: the reply is
-    what greedy decoding gives under constrain.ToolCallConstraint, token by token. Biased against the tag it is text
-    (content, finish "stop"); biased towards it, calls whose names are tools' and whose arguments follow their
-    parameters (the last one maybe cut by max_tokens), the text before the tag their content. Streamed, content and
-    calls come out as whole. A call goes back into the conversation as the template renders it; on a model whose
+def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, server):
+    """On a model whose chat template writes calls between <tool_call> tags, every reply is what greedy decoding gives
+    under constrain.ToolCallConstraint, token by token. tool_choice "auto" (the default with tools): biased against
+    the tag, text (content, finish "stop"); biased towards it, calls whose names are tools' and whose arguments
+    follow their parameters (the last one maybe cut by max_tokens), the text before the tag their content. "required"
+    and a named function: calls from the start, of that function; parallel_tool_calls false: one. Streamed, content
+    and calls come out as whole. A call goes back into the conversation as the template renders it; on a model whose
     template shows no way to call, "auto" is refused."""
     import jsonschema
 
@@ -465,12 +466,19 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
     messages = [{"role": "user", "content": "Move to 3."}]
     ids = render_chat(engine, messages, tools)
     assert "Functions:" in engine.decode(ids)  # the template showed the tools
-    root = tool_call_schema(list(params.items()))
     chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
-    for bias, expect_call in (({tag[0]: -100}, False), ({tag[0]: 100}, True), ({tag[0]: 100, close[0]: 50}, True),
-                              ({}, None)):  # with both tags favoured, call after call until max_tokens
-        want = constrained_greedy(engine, ids, engine.tool_call_constraint(root, "<tool_call>"), 100, bias)
-        r = served.client.chat.completions.create(**chat, logit_bias={str(t): b for t, b in bias.items()})
+    tags, wait = {tag[0]: 100, close[0]: 50}, {"type": "function", "function": {"name": "wait"}}
+    for tool_choice, bias, expect_call, extra in [
+            ("auto", {tag[0]: -100}, False, {}), ("auto", {tag[0]: 100}, True, {}),
+            ("auto", tags, True, {}), ("auto", {}, None, {}),  # with both tags favoured, call after call
+            ("required", {}, True, {}), (wait, tags, True, {}), ("auto", tags, True, {"parallel_tool_calls": False})]:
+        names = ["wait"] if tool_choice == wait else list(params)
+        constraint = engine.tool_call_constraint(tool_call_schema([(n, params[n]) for n in names]), "<tool_call>",
+                                                 required=tool_choice != "auto",
+                                                 several=extra.get("parallel_tool_calls", True))
+        want = constrained_greedy(engine, ids, constraint, 100, bias)
+        chat = {**chat, "tool_choice": tool_choice, "logit_bias": {str(t): b for t, b in bias.items()}, **extra}
+        r = served.client.chat.completions.create(**chat)
         choice = r.choices[0]
         content, calls = naive_calls(want)
         if "<tool_call>" not in want:
@@ -486,8 +494,9 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
             jsonschema.validate(c["arguments"], params[c["name"]])
         assert choice.finish_reason in ("tool_calls", "length")
         assert choice.finish_reason == "length" or len(made) == len(calls)
-        chunks = [c for c in served.client.chat.completions.create(
-            **chat, logit_bias={str(t): b for t, b in bias.items()}, stream=True) if c.choices]
+        assert {c.function.name for c in made} <= set(names) and (extra == {} or len(made) == 1)
+        assert tool_choice == "auto" or want.lstrip().startswith("<tool_call>")
+        chunks = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == content.rstrip()
         deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
         assert [(d.index, d.function.name) for d in deltas if d.id] == [(k, c.function.name) for k, c in enumerate(made)]
@@ -502,9 +511,9 @@ def test_the_model_chooses_between_text_and_a_call_where_its_template_shows_one(
         assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
         after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
         assert after.usage.prompt_tokens > len(ids)
-    streamed = [c for c in served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100}, stream=True)
-                if c.choices]
-    whole = served.client.chat.completions.create(**chat, logit_bias={str(tag[0]): -100})
+    chat = {**chat, "tool_choice": "auto", "logit_bias": {str(tag[0]): -100}, "parallel_tool_calls": None}
+    streamed = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
+    whole = served.client.chat.completions.create(**chat)
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
     for arguments in ("[" * 100_000, "9" * 5000, "not json"):  # left as text for the template (rendered, then measured)
         turns = messages + [{"role": "assistant", "content": None, "tool_calls": [

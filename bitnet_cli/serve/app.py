@@ -210,12 +210,14 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     # function calling: tool_choice names a function (the reply calls it), or is "required" (it calls one of the
-    # tools), or "auto" (the default with tools: the model writes text or calls one, where its chat template shows it
-    # a way to call: engine.tool_call_tag); a call's arguments are held to the function's parameters by constrained
-    # decoding. The legacy functions/function_call are refused rather than ignored (a client would wait for a call).
+    # tools), or "auto" (the default with tools: the model writes text or calls, where its chat template shows it a
+    # way to call: engine.tool_call_tag, whose tags then hold every call); a call's arguments are held to the
+    # function's parameters by constrained decoding. The legacy functions/function_call are refused rather than
+    # ignored (a client would wait for a call).
     tools: Optional[list[Tool]] = Field(None, max_length=128)  # as OpenAI's limit (and constrain.MAX_FORK)
     functions: Optional[list] = None
     tool_choice: Union[Literal["none", "auto", "required"], ToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None  # false: at most one call (where calls are written between tags)
     function_call: Union[str, dict, None] = None
 
     @functools.cached_property
@@ -256,10 +258,10 @@ class ChatRequest(_Sampling):
         stand, and may cut a call too)."""
         return [] if self.called_functions and not self.call_optional else super().stops()
 
-    def output_schema(self) -> Schema | None:
+    def output_schema(self, tagged: bool = False) -> Schema | None:
         """A call's arguments follow its function's parameters (one function called: the arguments alone; several,
-        or a choice: the call as {"name": ..., "arguments": ...}, constrain.tool_call_schema); else
-        response_format's schema."""
+        a choice, or calls ``tagged`` as the chat template writes them: the call as {"name": ..., "arguments": ...},
+        constrain.tool_call_schema); else response_format's schema."""
         functions = self.called_functions
         if not functions:
             return super().output_schema()
@@ -269,7 +271,7 @@ class ChatRequest(_Sampling):
                 arguments = output_schema("json_schema", schema)
             except BitnetError as e:
                 raise ApiError(400, f"tools: {name}: parameters: {e}", "tools") from None
-        if len(functions) == 1 and not self.call_optional:
+        if len(functions) == 1 and not self.call_optional and not tagged:
             return arguments
         try:
             return tool_call_schema(parameters)
@@ -429,9 +431,10 @@ class Server:
 
     async def _prepare(self, req, tag: str | None = None) -> Callable[[], object] | None:
         """What makes each sequence's constraint (None: free text) from the request's output schema: a JSON value of
-        it, or with ``tag`` text that may go on to the tag and one call (ToolCallConstraint). Builds what they need
-        off the event loop: the model's JSON vocabulary (a second or so for a 128k vocabulary, once per server)."""
-        root = req.output_schema()
+        it, or with ``tag`` tool calls written between the chat template's tags (ToolCallConstraint). Builds what
+        they need off the event loop: the model's JSON vocabulary (a second or so for a 128k vocabulary, once per
+        server)."""
+        root = req.output_schema() if tag is None else req.output_schema(tagged=True)
         if root is None:
             return None
         try:
@@ -439,7 +442,8 @@ class Server:
         except BitnetError as e:
             raise ApiError(400, str(e), "tools" if tag else "response_format") from None
         if tag is not None:
-            return functools.partial(self.engine.tool_call_constraint, root, tag)
+            return functools.partial(self.engine.tool_call_constraint, root, tag, required=not req.call_optional,
+                                     several=req.parallel_tool_calls is not False)
         return functools.partial(self.engine.json_constraint, root)
 
     def _submit(self, prompts: list[list[int]], req, max_tokens: int, logprobs: int | None, prompt_logprobs: bool,
@@ -571,7 +575,7 @@ class Server:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
             functions = req.called_functions
-            tag = tool_call_tag(self.engine) if req.call_optional else None
+            tag = tool_call_tag(self.engine) if functions else None
             if req.call_optional and tag is None:
                 raise ApiError(400, f"tool_choice {req.tool_choice or 'auto'!r}: this model's chat template shows no "
                                f"way to call a tool (such as {' or '.join(TOOL_CALL_TAGS)}), so it cannot choose to "
@@ -747,17 +751,19 @@ HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole ca
 
 
 class _Chat(_Reply):
-    """A chat reply: text, or calls of the functions. A required call of one function is its arguments' text; one of
-    several is written {"name": ..., "arguments": ...} (constrain.tool_call_schema); where the model chooses whether
-    to call, each call is written so between ``tag`` and its closing tag, after the message's content
-    (constrain.ToolCallText takes that text apart). The reply takes each call apart, streamed as soon as its name is
-    known; finish_reason is "tool_calls" once the reply ends after a call."""
+    """A chat reply: text, or calls of the functions. Where the chat template writes calls between tags (``tag``),
+    each call is written so, {"name": ..., "arguments": ...} (constrain.tool_call_schema) between the tags, after the
+    message's content where the model chooses whether to call (constrain.ToolCallText takes that text apart).
+    Otherwise a required call of one function is its arguments' text, and one of several is written as above without
+    tags. The reply takes each call apart, streamed as soon as its name is known; finish_reason is "tool_calls" once
+    the reply ends after a call."""
 
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef], tag: str | None = None):
         super().__init__(server, req, prompts, jobs)
         self.functions, self.tag = functions, tag
+        self.required = bool(functions) and not req.call_optional  # a call must come: no content
         self.split = [ToolCallText(tag, TOOL_CALL_TAGS[tag]) for _ in jobs] if tag else None
         self.call_ids: list[list[str]] = [[] for _ in jobs]  # per choice, its calls' ids, made as they are named
         self.streamed: list[list[str]] = [[] for _ in jobs]  # per choice, each named call's arguments sent so far
@@ -770,7 +776,7 @@ class _Chat(_Reply):
 
     def called(self, i: int) -> bool:
         """Whether choice i is (or has begun) a call rather than a reply in text."""
-        return bool(self.functions) and (self.split is None or self.split[i].content_end is not None)
+        return self.required or bool(self.functions) and self.split[i].content_end is not None
 
     def content(self, i: int) -> str:
         """Choice i's text before its calls (all of it for a reply in text)."""
@@ -862,9 +868,8 @@ class _Chat(_Reply):
         return functools.reduce(operator.or_, news) if news else None
 
     def first_chunk(self, i: int) -> dict:
-        required = self.functions and self.split is None  # a required call: no content
-        delta = {"role": "assistant", "content": None if required else ""}
-        if required and len(self.functions) == 1:  # the call is named from the start
+        delta = {"role": "assistant", "content": None if self.required else ""}
+        if self.required and self.split is None and len(self.functions) == 1:  # the call is named from the start
             delta |= self.call_delta(i)
         return {**self.head(), "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}]}
 
