@@ -1227,35 +1227,18 @@ class JsonVocabulary:
     def tool_call_mask(self, state: tuple, calls: ToolCalls) -> np.ndarray:
         """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (before
         the first call where one must come, after a call, in the closing tag, between calls): the vocabulary's trie
-        walked through ``tool_call_step`` (into a call's JSON with its own walk), the end tokens where the reply may
-        end; cached per state."""
+        walked through ``tool_call_step`` (_walk with ``calls``), the end tokens where the reply may end; cached per
+        state."""
         key = ("calls", calls, state)
         if key in self._tag_masks:
             self._tag_masks.move_to_end(key)
             return self._tag_masks[key]
         mask = self.end.copy() if tool_call_ends(state) else np.zeros(self.size, dtype=bool)
-        self._walk_calls(state, 0, len(self.sorted_bytes), 0, mask, calls)
+        self._walk(state, 0, len(self.sorted_bytes), 0, mask, calls)
         if not mask.any():
             raise BitnetError("tool call: no token of this model's vocabulary continues the call here", param="tools")
         mask.flags.writeable = False
         return self._keep_tag_mask(key, mask)
-
-    def _walk_calls(self, state: tuple, lo: int, hi: int, depth: int, mask: np.ndarray, calls: ToolCalls) -> None:
-        """_walk's trie walk over the phases of tool_call_step (a call's JSON handed to _walk itself)."""
-        if state[0] == CALL and not _done(state[1]):
-            self._walk(state[1], lo, hi, depth, mask)
-            return
-        toks, i = self.sorted_bytes, lo
-        while i < hi and len(toks[i]) == depth:  # tokens that end here
-            mask[self.sorted_ids[i]] = True
-            i += 1
-        while i < hi:
-            b = toks[i][depth]
-            j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = tool_call_step(state, b, calls)
-            if after is not None:
-                self._walk_calls(after, i, j, depth + 1, mask, calls)
-            i = j
 
     def _keep_tag_mask(self, key: tuple, mask: np.ndarray | None) -> np.ndarray | None:
         self._tag_masks[key] = mask
@@ -1326,11 +1309,15 @@ class JsonVocabulary:
             mask[np.concatenate([groups[g] for g in keep])] = True
         return _remember(self._pattern_masks, key, mask)
 
-    def _walk(self, state: tuple | Fork, lo: int, hi: int, depth: int, mask: np.ndarray) -> None:
+    def _walk(self, state: tuple | Fork, lo: int, hi: int, depth: int, mask: np.ndarray,
+              calls: ToolCalls | None = None) -> None:
         """Set mask for the tokens in sorted_bytes[lo:hi] (which share their first `depth` bytes,
-        read into `state`) that the recognizer accepts from here on."""
+        read into `state`) that the recognizer accepts from here on. With ``calls``, state is a phase of
+        tool_call_step's (ToolCallConstraint), read through it until a call's JSON begins."""
+        if calls is not None and state[0] == CALL and not _done(state[1]):
+            state, calls = state[1], None
         toks, i = self.sorted_bytes, lo
-        mode = None if isinstance(state, Fork) else state[0]
+        mode = None if calls is not None or isinstance(state, Fork) else state[0]
         if mode == STRING or (mode == KEYNAME and state[2].additional is not None and _is_utf8(state[3])):
             # at a character's start, plain text is accepted here: a token whose rest is plain is
             # (its rest is plain from `depth` when plain from before and not inside a character),
@@ -1352,9 +1339,9 @@ class JsonVocabulary:
         while i < hi:
             b = toks[i][depth]
             j = bisect.bisect_left(toks, toks[i][:depth] + bytes([b + 1]), i, hi) if b < 255 else hi
-            after = _advance(state, b)
+            after = _advance(state, b) if calls is None else tool_call_step(state, b, calls)
             if after is not None:
-                self._walk(after, i, j, depth + 1, mask)
+                self._walk(after, i, j, depth + 1, mask, calls)
             i = j
 
 
@@ -1382,11 +1369,12 @@ class JsonConstraint:
         return _done(self.state)
 
 
-def tag_matched(tag: bytes, matched: int, data: bytes) -> tuple[int, bytes | None]:
+def tag_matched(tag: bytes | str, matched: int, data: bytes | str) -> tuple[int, bytes | str | None]:
     """Where text stands against ``tag`` after ``data`` is written, given that the text before ended with the first
     ``matched`` bytes of the tag (and with no longer beginning of it): ``(matched now, None)`` while the tag is not
     complete, ``(len(tag), the bytes after it)`` once it is. Any tag the new bytes complete starts within those
-    ``matched`` bytes or in ``data`` (a longer start would be a longer match), so they are all that is read."""
+    ``matched`` bytes or in ``data`` (a longer start would be a longer match), so they are all that is read. The
+    same for characters where tag and data are text."""
     text = tag[:matched] + data
     at = text.find(tag)
     if at >= 0:

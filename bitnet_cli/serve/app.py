@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from bitnet_cli.constrain import Schema, ToolCallText, output_schema, tool_call_schema
+from bitnet_cli.constrain import Schema, ToolCallText, output_schema, tag_matched, tool_call_schema
 from bitnet_cli.engine import TOOL_CALL_TAGS, Engine, render_chat, stop_texts, tool_call_tag
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import MAX_BIASED, MAX_PENALTY, SamplingParams, logit_bias_pairs
@@ -837,9 +837,7 @@ class _Chat(_Reply):
         is held back while it may still turn out to begin the tag (a call's content has no space before the tag)."""
         content = self.content(i)
         if self.split is not None and not self.called(i) and self.finish[i] is None:
-            held = next((k for k in range(min(len(self.tag) - 1, len(content)), 0, -1)
-                         if content.endswith(self.tag[:k])), 0)
-            content = content[:len(content) - held].rstrip()
+            content = content[:len(content) - tag_matched(self.tag, 0, content)[0]].rstrip()
         if len(content) <= self.said[i]:
             return None
         sent, self.said[i] = self.said[i], len(content)
