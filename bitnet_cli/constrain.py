@@ -1574,5 +1574,5 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",
-           "ToolCallText", "ToolCalls", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched", "token_bytes",
-           "tool_call_schema"]
+           "ToolCallText", "ToolCalls", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched",
+           "token_bytes", "tool_call_schema"]

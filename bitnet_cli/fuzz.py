@@ -10,7 +10,10 @@ mutates one of them (bytes, or a value inside its JSON/YAML) and runs the comman
 `info --verify`, `pack`, `train --dry-run`, `run --json-schema`) in a forked child with resource limits. The oracle:
 exit 0, or exit 1 with exactly one stderr line starting ``error:``; never a traceback, a signal,
 more than 10 s of CPU time (or 60 s of wall time), more than 1 GB of memory beyond the parent's,
-or a sanitizer report. Findings are
+or a sanitizer report. The ``request`` format mutates HTTP request bodies instead (completions, chat with tools,
+structured outputs, earlier tool calls) and sends them to one `bitnet serve` of a model whose chat template writes
+``<tool_call>``: every answer must be a 200 (JSON, or a stream of JSON events) or a 4xx/503 with OpenAI's error
+object, within 60 s, with no traceback in the server's log, and the server must live on. Findings are
 written to --out (the input, the command, the output) and deduplicated by what went wrong.
 
 With --sanitize the kernels are rebuilt with -fsanitize=address,undefined (into
@@ -24,6 +27,7 @@ import argparse
 import dataclasses
 import faulthandler
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -39,7 +43,7 @@ import time
 import traceback
 from pathlib import Path
 
-FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe", "gguf", "schema")
+FORMATS = ("packed", "safetensors", "index", "config", "tokenizer", "recipe", "gguf", "schema", "request")
 TIMEOUT_S = 10.0  # CPU seconds a case may use (CPU, not wall time: the machine may be busy)
 WALL_TIMEOUT_S = 60.0  # and wall seconds, for a case that hangs without using the CPU
 MEMORY_BYTES = 1 << 30
@@ -87,10 +91,10 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     tok_config = {"bos_token": BOS, "eos_token": EOS, "chat_template":
                   "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"}
 
-    def model(hidden: int, ffn: int, layers: int) -> tuple[dict, dict]:
+    def model(hidden: int, ffn: int, layers: int, context: int = 128) -> tuple[dict, dict]:
         config = bitnet_config(dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn,
                                     num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=128, tie_word_embeddings=True, rope_theta=10000.0,
+                                    max_position_embeddings=context, tie_word_embeddings=True, rope_theta=10000.0,
                                     bos_token_id=0, eos_token_id=1))
         config["quantization_config"] = {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                          "quantization_mode": "online"}
@@ -105,12 +109,13 @@ def build_seeds(work: Path) -> dict[str, Seed]:
                 tensors[layer_tensor(i, n.name)] = np.ones(n.size(dims), np.float32)
         return config, tensors
 
-    def checkpoint(d: Path, shards: int, shape=(64, 96, 2)) -> Path:
-        config, tensors = model(*shape)
+    def checkpoint(d: Path, shards: int, shape=(64, 96, 2), template: str | None = None, context: int = 128) -> Path:
+        config, tensors = model(*shape, context)
         d.mkdir(parents=True)
         (d / "config.json").write_text(json.dumps(config, indent=1))
         (d / "tokenizer.json").write_text(tok_json)
-        (d / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        (d / "tokenizer_config.json").write_text(json.dumps({**tok_config, "chat_template": template or
+                                                              tok_config["chat_template"]}))
         if shards == 1:
             save_file(tensors, str(d / "model.safetensors"))
             return d
@@ -146,6 +151,11 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     schema_dir.mkdir()
     shutil.copy(packed_dir / "model.bin", schema_dir / "model.bin")
     (schema_dir / "schema.json").write_text(json.dumps(SCHEMA_SEED, indent=1))
+    request_dir = work / "request"
+    request_dir.mkdir()
+    # a context that holds the tools the template shows (the synthetic tokenizer's 300 tokens are short)
+    pack_checkpoint(checkpoint(work / "ckpt_tools", 1, template=TOOL_TEMPLATE, context=1024), request_dir / "model.bin")
+    (request_dir / "requests.json").write_text(json.dumps(REQUEST_SEEDS, indent=1))
     run = ["run", "{file}", "-p", "ROMEO: a", "-n", "3", "--seed", "1", "--threads", "1", "--ctx-size", "64"]
     constrained = ["run", "{dir}/model.bin", "-p", "Data:", "-n", "24", "--seed", "1", "--threads", "1",
                    "--ctx-size", "64", "--json-schema", "{file}"]
@@ -161,6 +171,7 @@ def build_seeds(work: Path) -> dict[str, Seed]:
         "recipe": Seed("recipe", recipe_dir / "recipe.yaml", recipe_dir, [["train", "{file}", "--dry-run", "--json"]]),
         "schema": Seed("schema", schema_dir / "schema.json", schema_dir,
                        [constrained, constrained + ["--temperature", "0"]]),
+        "request": Seed("request", request_dir / "requests.json", request_dir, []),  # sent to one server: _Server
     }
 
 
@@ -186,6 +197,41 @@ SCHEMA_SEED = {
                 "discriminator": {"propertyName": "t"}},
         "any": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "integer", "minimum": 5}, {"type": "number"}]},
         "set": {"type": "array", "items": {"enum": ["a", 1, 12]}, "uniqueItems": True, "minItems": 1}}}
+
+
+# A chat template that shows tools and writes calls between <tool_call> tags (Hermes' form), for the request cases.
+TOOL_TEMPLATE = ("{% if tools %}system: call with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n"
+                 "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}{% for m in messages %}{{ m.role }}: "
+                 "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", "
+                 "\"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% else %}"
+                 "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
+_TOOLS = [{"type": "function", "function": {"name": "move", "description": "Move.", "parameters": {
+    "type": "object", "required": ["to"], "additionalProperties": False,
+    "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}, "fast": {"type": "boolean"}}}}},
+          {"type": "function", "function": {"name": "say", "parameters": {
+              "type": "object", "properties": {"text": {"type": "string", "maxLength": 8}}}}}]
+_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Move to 3."},
+          {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+              "name": "move", "arguments": "{\"to\": 3}"}}]},
+          {"role": "tool", "tool_call_id": "call_1", "content": "done"}, {"role": "user", "content": "Now say hi."}]
+# Request bodies using what the server reads (each sent to its path), for the request cases to mutate.
+REQUEST_SEEDS = [
+    ["/v1/completions", {"prompt": "ROMEO:", "max_tokens": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 20,
+                         "seed": 3, "n": 2, "stop": ["\n\n", "KING"], "logprobs": 2, "echo": True,
+                         "frequency_penalty": 0.5, "presence_penalty": -0.5, "logit_bias": {"5": 3, "9": -100}}],
+    ["/v1/completions", {"prompt": [[5, 6, 7], [8, 9]], "max_tokens": 6, "stream": True,
+                         "stream_options": {"include_usage": True}, "response_format": {"type": "json_object"}}],
+    ["/v1/chat/completions", {"messages": _TURNS, "tools": _TOOLS, "max_tokens": 24, "seed": 1,
+                              "parallel_tool_calls": True, "logit_bias": {"60": 5}}],
+    ["/v1/chat/completions", {"messages": _TURNS[:2], "tools": _TOOLS, "tool_choice": "required", "max_tokens": 24,
+                              "stream": True, "logprobs": True, "top_logprobs": 2}],
+    ["/v1/chat/completions", {"messages": _TURNS[:2], "tools": _TOOLS[:1], "max_tokens": 24, "temperature": 0,
+                              "tool_choice": {"type": "function", "function": {"name": "move"}}}],
+    ["/v1/chat/completions", {"messages": _TURNS[1:2], "max_completion_tokens": 24, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "s", "strict": True, "schema": SCHEMA_SEED}}}],
+    ["/tokenize", {"prompt": "ROMEO: a", "add_special_tokens": False}],
+    ["/detokenize", {"tokens": [5, 6, 7]}],
+]
 
 
 # ------------------------------------------------------------------------------ mutation
@@ -345,7 +391,25 @@ def mutate_gguf(data: bytes, rng: random.Random) -> bytes:
     return mutate_bytes(data, rng)
 
 
+def mutate_request(data: bytes, rng: random.Random) -> bytes:
+    """One of the request seeds, its body mutated: ``PATH\nBODY``."""
+    path, body = rng.choice(json.loads(data))
+    if rng.random() < 0.15 and isinstance(body.get("response_format"), dict):  # patterns spliced into its schema
+        schema = body["response_format"].get("json_schema", {}).get("schema")
+        if isinstance(schema, dict):
+            schema = json.loads(mutate_pattern(json.dumps(schema).encode(), rng))
+            body["response_format"]["json_schema"]["schema"] = schema
+    if rng.random() < 0.1:
+        return path.encode() + b"\n" + mutate_bytes(json.dumps(body).encode(), rng)
+    for _ in range(rng.choice([1, 1, 2, 3])):  # values inside the body, the root kept an object
+        mutated = _mutate_value(body, rng)
+        body = mutated if isinstance(mutated, dict) else body
+    return path.encode() + b"\n" + _json_text(body, rng).encode("utf-8", "surrogatepass")
+
+
 def mutate(seed: Seed, data: bytes, rng: random.Random) -> bytes:
+    if seed.format == "request":
+        return mutate_request(data, rng)
     if seed.format in ("packed", "safetensors"):
         return mutate_safetensors(data, rng, packed=seed.format == "packed")
     if seed.format == "recipe":
@@ -452,7 +516,130 @@ def signature(o: Outcome) -> str:
         frames = re.findall(r'File "([^"]+)", line (\d+)', o.detail)
         if frames:
             last += f" at {Path(frames[-1][0]).name}:{frames[-1][1]}"
+    if o.kind == "bad answer":  # what is wrong, not the answer quoted after it
+        last = o.detail.split(":", 1)[0]
     return f"{o.kind}: {re.sub(r'[0-9]+', 'N', last)[:160]}"
+
+
+# ------------------------------------------------------------------------------ a request case
+
+ERROR_STATUSES = (400, 404, 405, 413, 503)  # answers with OpenAI's error object that a bad request may get
+
+
+def judge_response(status: int, content_type: str, raw: bytes) -> str | None:
+    """What is wrong with an HTTP answer (None: nothing): a 200 is one JSON object, or a stream of ``data:`` events
+    each a JSON object, ending in ``[DONE]`` unless an error event ended it; an error is one of ERROR_STATUSES with
+    ``{"error": {"message": ...}}``. A stream is cut into lines as str.splitlines does, as httpx's iter_lines (with
+    which many clients read one) does: at U+2028 too."""
+    def obj(text: bytes | str):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    if status == 200 and content_type.startswith("text/event-stream"):
+        events = [line[6:] for line in raw.decode("utf-8", "replace").splitlines() if line.startswith("data: ")]
+        if not events:
+            return "an empty stream"
+        bad = next((e for e in events if e != "[DONE]" and obj(e) is None), None)
+        if bad is not None:
+            return f"a stream event that is not a JSON object: {bad[:200]}"
+        if events[-1] != "[DONE]" and "error" not in obj(events[-1]):
+            return "a stream that ends without [DONE] or an error"
+        return None
+    body = obj(raw)
+    if status == 200:
+        return None if body is not None else f"a 200 whose body is not a JSON object: {raw[:200]!r}"
+    if status not in ERROR_STATUSES:
+        return f"status {status}: {raw[:300].decode('utf-8', 'replace')}"
+    error = (body or {}).get("error")
+    if not isinstance(error, dict) or not isinstance(error.get("message"), str) or not error["message"]:
+        return f"a {status} without OpenAI's error object: {raw[:200]!r}"
+    return None
+
+
+class RequestServer:
+    """One `bitnet serve` of the request seed's model for the request cases: started at the first case, and again
+    after one kills it or hangs it. Its log (stderr) goes to a file, read after each case."""
+
+    def __init__(self, model: Path, log: Path):
+        self.model, self.log = model, log
+        self.proc: subprocess.Popen | None = None
+        self.read = 0  # bytes of the log judged already
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bitnet_cli.cli", "serve", str(self.model), "--port", "0", "--json",
+                 "--threads", "1", "--parallel", "2", "--max-queue", "4"],
+                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "COLUMNS": "1000"})
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bitnet serve did not start: {_tail(self.log.read_text('utf-8', 'replace'))}")
+        url = json.loads(line)["url"]
+        self.host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+        self.port = int(port)
+        self.base_rss = self.rss()
+        self.read = self.log.stat().st_size
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def rss(self) -> int:
+        try:
+            status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        except OSError:
+            return 0
+        return int(next((line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")), 0)) * 1024
+
+    def new_log(self) -> str:
+        with open(self.log, "rb") as f:
+            f.seek(self.read)
+            text = f.read()
+        self.read += len(text)
+        return text.decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+            self.proc.stdout.close()
+
+    def run(self, data: bytes) -> Outcome:
+        """Send one case (``PATH\nBODY``) and judge the answer, the log and the server."""
+        if not self.alive():
+            self.start()
+        path, _, body = data.partition(b"\n")
+        t0 = time.perf_counter()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=WALL_TIMEOUT_S)
+        try:
+            conn.request("POST", path.decode(), body=body, headers={"content-type": "application/json"})
+            answer = conn.getresponse()
+            status, content_type, raw = answer.status, answer.getheader("content-type", ""), answer.read()
+        except TimeoutError:
+            self.stop()
+            return Outcome(False, "hang", f"no answer in {WALL_TIMEOUT_S:.0f} s", time.perf_counter() - t0, 0)
+        except (ConnectionError, http.client.HTTPException) as e:
+            status, content_type, raw = 0, "", repr(e).encode()
+        finally:
+            conn.close()
+        seconds, log, rss = time.perf_counter() - t0, self.new_log(), self.rss()
+        if not self.alive():
+            code = self.proc.poll()
+            self.stop()
+            return Outcome(False, "server died", f"exit {code}\n{_tail(log)}", seconds, rss)
+        if "Traceback (most recent call last)" in log:
+            return Outcome(False, "traceback", _tail(log), seconds, rss)
+        if rss > self.base_rss + MEMORY_BYTES:
+            self.stop()
+            return Outcome(False, "memory", f"{rss / 2**30:.2f} GiB resident", seconds, rss)
+        problem = judge_response(status, content_type, raw)
+        if problem:
+            return Outcome(False, "bad answer", problem, seconds, rss)
+        return Outcome(True, "ok" if status == 200 else "error", "" if status == 200 else raw[:300].decode(
+            "utf-8", "replace"), seconds, rss)
 
 
 # ------------------------------------------------------------------------------ the campaign
@@ -502,9 +689,12 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
     report = Report()
     own_work = work is None
     work = Path(tempfile.mkdtemp(prefix="bitnet-fuzz-")) if own_work else Path(work)
+    server = None
     try:
         seeds = build_seeds(work / "seeds")
         originals = {f: seeds[f].path.read_bytes() for f in formats}
+        if "request" in formats:
+            server = RequestServer(seeds["request"].root / "model.bin", work / "server.log")
         t0 = time.perf_counter()
         i = 0
         while True:
@@ -515,13 +705,17 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
             fmt = formats[i % len(formats)]
             s = seeds[fmt]
             case_dir = work / "case"
-            shutil.rmtree(case_dir, ignore_errors=True)
-            shutil.copytree(s.root, case_dir, symlinks=True)
-            target = case_dir / s.path.relative_to(s.root)
             data = mutate(s, originals[fmt], rng)
-            target.write_bytes(data)
-            argv = [a.replace("{file}", str(target)).replace("{dir}", str(case_dir)) for a in rng.choice(s.argv)]
-            o = run_case(argv, case_dir, sanitize, base_vm, base_rss)
+            if fmt == "request":
+                argv = ["serve", str(s.root / "model.bin"), "# POST", data.partition(b"\n")[0].decode()]
+                o = server.run(data)
+            else:
+                shutil.rmtree(case_dir, ignore_errors=True)
+                shutil.copytree(s.root, case_dir, symlinks=True)
+                target = case_dir / s.path.relative_to(s.root)
+                target.write_bytes(data)
+                argv = [a.replace("{file}", str(target)).replace("{dir}", str(case_dir)) for a in rng.choice(s.argv)]
+                o = run_case(argv, case_dir, sanitize, base_vm, base_rss)
             report.executions += 1
             report.by_format[fmt] = report.by_format.get(fmt, 0) + 1
             report.outcomes[o.kind] = report.outcomes.get(o.kind, 0) + 1
@@ -535,6 +729,8 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
             i += 1
         report.seconds = time.perf_counter() - t0
     finally:
+        if server is not None:
+            server.stop()
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
     return report
@@ -544,7 +740,7 @@ def _save_finding(root: Path, fmt: str, argv: list[str], data: bytes, o: Outcome
     d = Path(root) / f"{fmt}-{hashlib.sha1(data).hexdigest()[:12]}"
     d.mkdir(parents=True, exist_ok=True)
     (d / "input").write_bytes(data)
-    (d / "report.txt").write_text(f"format: {fmt}\nwhat: {o.kind} ({o.seconds:.1f} s CPU)\ncommand: bitnet "
+    (d / "report.txt").write_text(f"format: {fmt}\nwhat: {o.kind} ({o.seconds:.1f} s)\ncommand: bitnet "
                                   f"{' '.join(argv)}\n(the case directory was {case_dir})\n\n{o.detail}\n")
     return d
 

@@ -67,6 +67,40 @@ def test_mutators_change_the_input_and_keep_the_safetensors_framing():
     assert len(aligned) > 20  # header mutations re-frame the file, the data stays 64-byte aligned
 
 
+def test_request_oracle_accepts_answers_and_errors_and_flags_the_rest():
+    """fuzz.judge_response: a 200 of JSON or of a stream of JSON events ending in [DONE] (or an error event), a 4xx
+    or 503 with OpenAI's error object; anything else is a finding."""
+    ok_stream = b'data: {"a": 1}\n\ndata: [DONE]\n\n'
+    good = [(200, "application/json", b'{"id": "x"}'), (200, "text/event-stream", ok_stream),
+            (200, "text/event-stream", b'data: {"a": 1}\n\ndata: {"error": {"message": "m"}}\n\n'),
+            (400, "application/json", b'{"error": {"message": "bad", "param": "x"}}'),
+            (503, "application/json", b'{"error": {"message": "busy"}}')]
+    bad = [(500, "text/plain", b"Internal Server Error"), (200, "application/json", b"[1]"),
+           (200, "text/event-stream", b'data: {"a": 1}\n\n'), (200, "text/event-stream", b"data: {oops\n\n"),
+           (400, "application/json", b'{"detail": "x"}'), (400, "application/json", b'{"error": {"message": ""}}'),
+           (422, "application/json", b'{"error": {"message": "m"}}'), (200, "text/event-stream", b"")]
+    assert [fuzz.judge_response(*answer) for answer in good] == [None] * len(good)
+    assert all(fuzz.judge_response(*answer) for answer in bad)
+
+
+def test_request_cases_reach_a_server_and_its_tools(tmp_path):
+    """A short campaign of mutated requests against one `bitnet serve` (its model's template writes <tool_call>):
+    no findings, and the seeds' requests themselves are answered 200 (the tool calls among them included)."""
+    seeds = fuzz.build_seeds(tmp_path / "seeds")
+    server = fuzz.RequestServer(seeds["request"].root / "model.bin", tmp_path / "server.log")
+    try:
+        for path, body in fuzz.REQUEST_SEEDS:
+            o = server.run(path.encode() + b"\n" + json.dumps(body).encode())
+            assert (o.ok, o.kind) == (True, "ok"), (path, o)
+        o = server.run(b"/v1/chat/completions\n" + json.dumps({**fuzz.REQUEST_SEEDS[3][1], "stream": False}).encode())
+        assert o.kind == "ok"
+    finally:
+        server.stop()
+    report = fuzz.fuzz(cases=60, formats=("request",), seed=7, out=tmp_path / "findings", work=tmp_path / "work")
+    assert report.executions == 60 and not report.findings, report.findings
+    assert report.outcomes.get("ok", 0) >= 5 and report.outcomes.get("error", 0) >= 5, report.outcomes
+
+
 @pytest.mark.slow
 def test_fuzz_campaign_over_every_format_finds_nothing(tmp_path):
     """~2 minutes of mutated packed files, safetensors, shard indexes, configs, tokenizers and recipes."""

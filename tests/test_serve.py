@@ -169,6 +169,18 @@ def test_streaming_gives_the_same_text_and_usage(server, engine):
     assert chunks[-1].usage.completion_tokens == gen.stats.generated_tokens
 
 
+def test_stream_events_stay_whole_for_clients_that_read_lines(server):
+    """Text holding U+2028, U+2029 or U+0085 (line ends for str.splitlines, and so for httpx's iter_lines) is escaped
+    in stream events: each event is one line that parses whole. Here the echoed prompt carries them."""
+    prompt = "ROMEO:\u2028a\x85b\u2029c"
+    with server.http.stream("POST", "/v1/completions", json={"prompt": prompt, "max_tokens": 2, "echo": True,
+                                                              "stream": True, "temperature": 0}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines), lines
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    assert "".join(e["choices"][0]["text"] for e in events).startswith(prompt)
+
+
 def test_chat_through_the_template_streamed_and_whole(server, engine):
     model = server.info["model"]
     messages = [{"role": "user", "content": "Who art thou?"}, {"role": "assistant", "content": "A friend."},
@@ -499,7 +511,8 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
         chunks = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == content.rstrip()
         deltas = [d for c in chunks for d in c.choices[0].delta.tool_calls or []]
-        assert [(d.index, d.function.name) for d in deltas if d.id] == [(k, c.function.name) for k, c in enumerate(made)]
+        named = [(d.index, d.function.name) for d in deltas if d.id]
+        assert named == [(k, c.function.name) for k, c in enumerate(made)]
         assert ["".join(d.function.arguments for d in deltas if d.index == k) for k in range(len(made))] == [
             c.function.arguments for c in made]
         assert chunks[-1].choices[0].finish_reason == choice.finish_reason

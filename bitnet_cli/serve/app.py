@@ -611,8 +611,14 @@ class Server:
 
 # ---------------------------------------------------------------------- replies
 
+# U+0085, U+2028 and U+2029 end a line for str.splitlines, and so for httpx's iter_lines, with which many clients read
+# a stream: escaped in events (as JSON allows), so that a model's text holding one does not cut its event in two
+# (found by the fuzzer, seed 29001)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 class _Reply:
