@@ -468,6 +468,7 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     from bitnet_cli.constrain import tool_call_schema
 
     served, engine = tool_served
+    assert served.info["tool_call_tag"] == "<tool_call>" and server.info["tool_call_tag"] is None  # start-up line
     tag, close = engine.encode("<tool_call>", add_bos=False), engine.encode("</tool_call>", add_bos=False)
     assert len(tag) == len(close) == 1  # the added tokens, whole
     params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
