@@ -700,7 +700,7 @@ def serve(
 ):
     """Serve a packed model over an OpenAI-compatible HTTP API, decoding up to --parallel requests together (continuous batching: the weights are read once per step for all of them).
 
-    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics (Prometheus). Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
+    Endpoints: /v1/completions, /v1/chat/completions (JSON mode, structured outputs, tool calls), /v1/models, /tokenize, /detokenize, /health, /metrics (Prometheus); docs/SERVE.md. Ctrl-C (or SIGTERM) finishes the requests in flight, then exits. Needs the serve extra: pip install 'bitnet-cli\\[serve]'.
 
     Example: [bold]bitnet serve model.bin --parallel 8 --port 8000[/], then
     [bold]curl localhost:8000/v1/completions -d '{"prompt": "Once upon a time", "max_tokens": 32}'[/]
