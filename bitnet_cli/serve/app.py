@@ -440,7 +440,8 @@ class Server:
         try:
             await run_in_threadpool(self.engine.json_vocabulary)
         except BitnetError as e:
-            raise ApiError(400, str(e), "tools" if tag else "response_format") from None
+            called = isinstance(req, ChatRequest) and req.called_functions
+            raise ApiError(400, str(e), "tools" if called else "response_format") from None
         if tag is not None:
             return functools.partial(self.engine.tool_call_constraint, root, tag, required=not req.call_optional,
                                      several=req.parallel_tool_calls is not False)
