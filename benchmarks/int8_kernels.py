@@ -293,7 +293,7 @@ def sweep_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
             ms = do_bench(lambda: inductor(x, gt, w), return_mode="median")
             out.append({"model": name, "K": k, "gate": gate, "inductor": True, "ms": round(ms, 4)})
             print(json.dumps(out[-1]), flush=True)
-            for r, wp in [(1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 4), (4, 8)]:
+            for r, wp in [(1, 2), (1, 4), (1, 8), (1, 16), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]:
                 got = T.norm_quant(x, gt, w, 1e-5, torch.bfloat16, rows=r, warps=wp)
                 ms = do_bench(lambda: T.norm_quant(x, gt, w, 1e-5, torch.bfloat16, rows=r, warps=wp), return_mode="median")
                 out.append({"model": name, "K": k, "gate": gate, "rows": r, "warps": wp, "default": (r, wp) == default,
@@ -466,7 +466,7 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         ms = do_bench(lambda: inductor(x, d, w), return_mode="median")
         out.append({"model": name, "K": k, "inductor": True, "ms": round(ms, 4)})
         print(json.dumps(out[-1]), flush=True)
-        for r, wp in [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)]:
+        for r, wp in [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8), (8, 4), (8, 8), (16, 8)]:
             got = T.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16, rows=r, warps=wp)
             ms = do_bench(lambda: T.residual_norm_quant(x, d, w, 1e-5, torch.bfloat16, rows=r, warps=wp),
                           return_mode="median")
