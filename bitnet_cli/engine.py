@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import re
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -782,15 +783,23 @@ FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with
 # The tags chat templates teach a model to write a tool call between, where it chooses whether to call (tool_choice
 # "auto"): Hermes' and Qwen's format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; opening -> closing.
 TOOL_CALL_TAGS = {"<tool_call>": "</tool_call>"}
+# what follows the tag in a template that writes a JSON call: space, the escape \n or the template's own syntax between
+# two of its expressions (quotes, braces, ~, +, -), then {"name" (its quotes maybe escaped); not "[" (Apriel's list)
+_CALL_OPENS = r'(?:[\s"\'{}~+\-]|\\n){0,32}?\{\\?"name\\?"'
+
+
+def template_tool_call_tag(template: str) -> str | None:
+    """The tag a chat template opens a JSON tool call with (a key of TOOL_CALL_TAGS), or None. The template must write
+    (or show) the tag followed by ``{"name"``: GLM's, Qwen3-Coder's, Apriel's and others put other formats (XML, key
+    tags, a list) between the same tags, and holding their calls to one JSON object would make them write what they
+    were never trained to."""
+    return next((tag for tag in TOOL_CALL_TAGS if re.search(re.escape(tag) + _CALL_OPENS, template)), None)
 
 
 def tool_call_tag(engine: Engine) -> str | None:
-    """The tag this model's chat template opens a tool call with (a key of TOOL_CALL_TAGS), or None: a template
-    that shows no way to call, or none at all (the plain fallback)."""
+    """template_tool_call_tag of this model's chat template; None without one (the plain fallback)."""
     template = engine.tokenizer_config.get("chat_template")
-    if isinstance(template, str):
-        return next((tag for tag in TOOL_CALL_TAGS if tag in template), None)
-    return None
+    return template_tool_call_tag(template) if isinstance(template, str) else None
 
 
 def _template_turn(message: dict) -> dict:

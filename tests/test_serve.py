@@ -539,6 +539,24 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
 
 
+@pytest.mark.parametrize("template, tag", [
+    (TOOL_TEMPLATE, "<tool_call>"),
+    ("""{{- '<tool_call>\\n{"name": "' + c.name + '", "arguments": ' + (c.arguments | tojson) + '}' }}""", "<tool_call>"),
+    ("""{{- "<tool_call>\n" }}\n{{- '{"name": <function-name>, "arguments": <args-dict>}' }}""", "<tool_call>"),
+    ("""Call within <tool_call></tool_call> XML tags: <tool_call>{\\"name\\": <name>}""", "<tool_call>"),
+    ("""{{- '<tool_call>\\n<function=' + c.name + '>' }}""", None),  # Qwen3-Coder's XML
+    ("""<tool_call>{{ c.name }}<arg_key>{{ k }}</arg_key>""", None),  # GLM's key tags
+    ("""within <tool_call></tool_call> tags: <tool_call>[{"name": "f", "arguments": {}}]""", None),  # a list
+    ("""{{ messages[0].content }} {"name": "x", "arguments": {}}""", None),  # no tag
+])
+def test_a_template_lets_the_model_choose_where_it_writes_a_json_call_after_the_tag(template, tag):
+    """engine.template_tool_call_tag: the tag followed by {"name" (through the template's own syntax, escaped
+    quotes or newlines), not by another format between the same tags."""
+    from bitnet_cli.engine import template_tool_call_tag
+
+    assert template_tool_call_tag(template) == tag
+
+
 @pytest.mark.parametrize("pieces, content, calls", [
     (["Sure", ",", " ", "\n", "<", "tool", "_call>", "\n{", '"name": "move", "arguments": {"to"', ": 3}", "}"],
      "Sure,", [("move", '{"to": 3}')]),
