@@ -1200,47 +1200,45 @@ class JsonVocabulary:
         all but those that would complete the tag and go on with bytes that begin no call; None where that is every
         token. Only a token holding the tag's last byte can complete it: those are listed once per tag, and the mask
         is cached per (calls, matched)."""
-        key = ("text", calls, matched)
-        if key in self._tag_masks:
-            self._tag_masks.move_to_end(key)
-            return self._tag_masks[key]
-        tag = calls.tag
-        if tag not in self._tag_tokens:
-            self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
-        refused = []
-        for i in self._tag_tokens[tag]:
-            state, rest = None, tag_matched(tag, matched, self.tokens[i])[1]
-            if rest is not None:
-                state = (CALL, initial_state(calls.root))
-                for b in rest:
-                    state = tool_call_step(state, b, calls)
-                    if state is None:
-                        refused.append(i)
-                        break
-        mask = None
-        if refused:
+        def compute() -> np.ndarray | None:
+            tag = calls.tag
+            if tag not in self._tag_tokens:
+                self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
+            rests = ((i, tag_matched(tag, matched, self.tokens[i])[1]) for i in self._tag_tokens[tag])
+            refused = [i for i, rest in rests
+                       if rest is not None and tool_call_run((CALL, initial_state(calls.root)), rest, calls) is None]
+            if not refused:
+                return None
             mask = np.ones(self.size, dtype=bool)
             mask[refused] = False
-            mask.flags.writeable = False
-        return self._keep_tag_mask(key, mask)
+            return mask
+
+        return self._tag_cached(("text", calls, matched), compute)
 
     def tool_call_mask(self, state: tuple, calls: ToolCalls) -> np.ndarray:
         """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (before
         the first call where one must come, after a call, in the closing tag, between calls): the vocabulary's trie
         walked through ``tool_call_step`` (_walk with ``calls``), the end tokens where the reply may end; cached per
         state."""
-        key = ("calls", calls, state)
+        def compute() -> np.ndarray:
+            mask = self.end.copy() if tool_call_ends(state) else np.zeros(self.size, dtype=bool)
+            self._walk(state, 0, len(self.sorted_bytes), 0, mask, calls)
+            if not mask.any():
+                raise BitnetError("tool call: no token of this model's vocabulary continues the call here",
+                                  param="tools")
+            return mask
+
+        return self._tag_cached(("calls", calls, state), compute)
+
+    def _tag_cached(self, key: tuple, compute) -> np.ndarray | None:
+        """The tool-call mask under key (read-only; None: every token), computed at the first ask; the least
+        recently used goes past MASK_CACHE of them (None is a value here, so not _recall/_remember)."""
         if key in self._tag_masks:
             self._tag_masks.move_to_end(key)
             return self._tag_masks[key]
-        mask = self.end.copy() if tool_call_ends(state) else np.zeros(self.size, dtype=bool)
-        self._walk(state, 0, len(self.sorted_bytes), 0, mask, calls)
-        if not mask.any():
-            raise BitnetError("tool call: no token of this model's vocabulary continues the call here", param="tools")
-        mask.flags.writeable = False
-        return self._keep_tag_mask(key, mask)
-
-    def _keep_tag_mask(self, key: tuple, mask: np.ndarray | None) -> np.ndarray | None:
+        mask = compute()
+        if mask is not None:
+            mask.flags.writeable = False
         self._tag_masks[key] = mask
         if len(self._tag_masks) > MASK_CACHE:
             self._tag_masks.popitem(last=False)
@@ -1421,6 +1419,15 @@ def tool_call_step(state: tuple, b: int, calls: ToolCalls) -> tuple | None:
     return (BETWEEN, 0, 0) if phase == CLOSING else (CALL, initial_state(calls.root))
 
 
+def tool_call_run(state: tuple | None, data: bytes, calls: ToolCalls) -> tuple | None:
+    """tool_call_step over all of data (None once refused)."""
+    for b in data:
+        if state is None:
+            return None
+        state = tool_call_step(state, b, calls)
+    return state
+
+
 def tool_call_ends(state: tuple) -> bool:
     """Whether the reply may end in this phase: after a call's JSON (its closing tag may be left out) or between
     calls, not inside a tag nor before the first call where one must come."""
@@ -1452,13 +1459,6 @@ class ToolCallConstraint:
             return self.vocabulary.allowed(self.state[1])
         return self.vocabulary.tool_call_mask(self.state, self.calls)
 
-    def _run(self, state: tuple | None, data: bytes) -> tuple | None:
-        for b in data:
-            if state is None:
-                return None
-            state = tool_call_step(state, b, self.calls)
-        return state
-
     def push(self, token: int) -> None:
         data = self.vocabulary.tokens[token]
         if self.state is None:
@@ -1466,14 +1466,14 @@ class ToolCallConstraint:
                 self.matched = 0
                 return
             self.matched, rest = tag_matched(self.calls.tag, self.matched, data)
-            state = None if rest is None else self._run((CALL, initial_state(self.calls.root)), rest)
+            state = None if rest is None else tool_call_run((CALL, initial_state(self.calls.root)), rest, self.calls)
             if rest is not None and state is None:
                 raise BitnetError(f"token {token} does not begin a tool call")  # allowed() forbids it
             self.state = state
             return
         if tool_call_ends(self.state) and self.vocabulary.end[token]:
             return  # the end-of-sequence token that closes the reply
-        state = self._run(self.state, data or b"") if data else None
+        state = tool_call_run(self.state, data, self.calls) if data else None
         if state is None:
             raise BitnetError(f"token {token} does not continue the tool calls")  # allowed() forbids it
         self.state = state
@@ -1546,10 +1546,10 @@ def output_schema(output_format: str, json_schema: dict | None = None) -> Schema
 
 @functools.lru_cache(maxsize=64)
 def _tool_calls(text: str) -> Schema:
-    alternatives = []
-    if len(json.loads(text)) > MAX_FORK:
+    alternatives, functions = [], json.loads(text)
+    if len(functions) > MAX_FORK:
         raise BitnetError(f"more than {MAX_FORK} functions", param="tools")
-    for name, parameters in json.loads(text):
+    for name, parameters in functions:
         arguments = compile_schema(parameters)
         call = Schema(types=frozenset(("object",)), properties={b"name": Schema(enum=(_compact(name),)),
                                                                 b"arguments": arguments},

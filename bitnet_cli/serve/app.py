@@ -344,6 +344,7 @@ class Server:
     def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str, api_key: str | None = None):
         self.engine, self.scheduler, self.model_id = engine, scheduler, model_id
         self.created = int(time.time())
+        self.tool_call_tag = tool_call_tag(engine)  # the chat template's, read once: the same for every request
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -576,7 +577,7 @@ class Server:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
             functions = req.called_functions
-            tag = tool_call_tag(self.engine) if functions else None
+            tag = self.tool_call_tag if functions else None
             if req.call_optional and tag is None:
                 raise ApiError(400, f"tool_choice {req.tool_choice or 'auto'!r}: this model's chat template shows no "
                                f"way to call a tool (such as {' or '.join(TOOL_CALL_TAGS)}), so it cannot choose to "
@@ -802,13 +803,12 @@ class _Chat(_Reply):
         if len(self.functions) == 1 and self.split is None:
             return [(self.functions[0].name, self.text[i], self.finish[i] == "stop")]
         texts = [self.text[i]] if self.split is None else self.split[i].calls
-        complete = self.finish[i] == "stop" if self.split is None else None
         calls = []
         for k, text in enumerate(texts):
             head = CALL_HEAD.match(text)
             if head is None:
                 break
-            done = complete if complete is not None else k < self.split[i].complete
+            done = self.finish[i] == "stop" if self.split is None else k < self.split[i].complete
             arguments = text[head.end():]
             calls.append((json.loads(head[1]), WRAPPER_END.sub("", arguments) if done else arguments, done))
         return calls

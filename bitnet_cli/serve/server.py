@@ -65,7 +65,7 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
         from starlette.applications import Starlette  # noqa: F401
     except ImportError:
         raise BitnetError("bitnet serve needs the serve extra: pip install 'bitnet-cli[serve]'") from None
-    from bitnet_cli.engine import Engine, tool_call_tag
+    from bitnet_cli.engine import Engine
     from bitnet_cli.lookup import check_lookup
     from bitnet_cli.serve.app import Server, check_api_key
     from bitnet_cli.serve.scheduler import Scheduler, check_limits
@@ -87,14 +87,15 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
             super().handle_exit(sig, frame)
             self._captured_signals.clear()
 
-    server = Uvicorn(uvicorn.Config(Server(engine, scheduler, name, api_key).app, log_level="warning", access_log=False,
-                                     lifespan="on", timeout_graceful_shutdown=None))
+    api = Server(engine, scheduler, name, api_key)
+    server = Uvicorn(uvicorn.Config(api.app, log_level="warning", access_log=False, lifespan="on",
+                                    timeout_graceful_shutdown=None))
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
            "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup,
-           "tool_call_tag": tool_call_tag(engine)})  # None: the chat template shows no way to call (no "auto")
+           "tool_call_tag": api.tool_call_tag})  # None: the chat template shows no way to call (no "auto")
     try:
         server.run(sockets=[sock])
     finally:
