@@ -720,6 +720,7 @@ def serve(
                 f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}"
                 + (f" | lookup {info['lookup']}" if info["lookup"] else "")
                 + (f" | tool calls {info['tool_call_tag']}" if info["tool_call_tag"] else "")
+                + (" as a list" if info["tool_calls_listed"] else "")
                 + (" | API key required" if info["api_key"] else ""),
                 highlight=False, soft_wrap=True)
 

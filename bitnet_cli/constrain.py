@@ -1483,19 +1483,26 @@ class ToolCallConstraint:
         return self.state is not None and tool_call_ends(self.state)
 
 
+JSON_ARRAY = Schema(types=frozenset(("array",)), items=ANY)
+
+
 class ToolCallText:
     """A reply written under ToolCallConstraint, taken apart as it grows (``feed`` each new piece): ``content``, the
     text before the first tag, and ``calls``, each call's JSON text so far, with ``complete`` calls those whose JSON
-    closed. The calls' ends are found by the JSON recognizer, so a tag inside a call's string is part of the call."""
+    closed. The calls' ends are found by the JSON recognizer, so a tag inside a call's string is part of the call.
+    ``listed``: the calls come as the items of one JSON list between the tags (:func:`tool_call_list_schema`); each
+    item is a call."""
 
-    def __init__(self, tag: str, close: str):
-        self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), JSON_OBJECT)
+    def __init__(self, tag: str, close: str, listed: bool = False):
+        self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), JSON_ARRAY if listed else JSON_OBJECT)
+        self.listed = listed
         self.data = bytearray()
         self.content_end: int | None = None  # where the tag begins, once it is complete
         self.matched = 0
         self.state: tuple | None = None
         self.spans: list[list[int]] = []  # [start, end] of each call's JSON in data (end: so far)
         self.complete = 0  # calls whose JSON closed
+        self.nesting, self.quoted, self.escaped = 0, False, False  # listed: where a byte of the list's JSON stands
 
     def feed(self, piece: str) -> None:
         tag = self.calls_written.tag
@@ -1505,19 +1512,44 @@ class ToolCallText:
                 self.matched, rest = tag_matched(tag, self.matched, bytes([b]))
                 if rest is not None:
                     self.content_end = len(self.data) - len(tag)
-                    self.state = (CALL, INITIAL)
-                    self.spans.append([len(self.data), len(self.data)])
+                    self.state = (CALL, initial_state(self.calls_written.root))
+                    if not self.listed:
+                        self.spans.append([len(self.data), len(self.data)])
                 continue
             was = self.state
             self.state = tool_call_step(self.state, b, self.calls_written)
             if self.state is None:  # not the constraint's text (cut by a stop string and resumed, say): ignore
                 self.state = was
                 continue
-            if was[0] == CALL and self.state[0] == CALL:
+            if self.listed:
+                if was[0] == CALL and self.state[0] == CALL:
+                    self._list_byte(b)
+            elif was[0] == CALL and self.state[0] == CALL:
                 self.spans[-1][1] = len(self.data)
                 self.complete += _done(self.state[1]) and not _done(was[1])
             elif self.state[0] == CALL:  # the next call's tag is complete
                 self.spans.append([len(self.data), len(self.data)])
+
+    def _list_byte(self, b: int) -> None:
+        """Follows byte b of the listed calls' JSON (valid: the constraint's): an item begins at its first byte inside
+        the list, grows while nested deeper or inside a string, and is complete where it closes."""
+        if self.quoted:  # strings come only inside items (calls are objects)
+            self.quoted = self.escaped or b != QUOTE
+            self.escaped = not self.escaped and b == BACKSLASH
+            self.spans[-1][1] = len(self.data)
+            return
+        item = self.nesting > 1 or (self.nesting == 1 and b not in WHITESPACE and b not in b",]")
+        if item and self.nesting == 1:
+            self.spans.append([len(self.data) - 1, len(self.data)])
+        elif item:
+            self.spans[-1][1] = len(self.data)
+        if b == QUOTE:
+            self.quoted = True
+        elif b in b"[{":
+            self.nesting += 1
+        elif b in b"]}":
+            self.nesting -= 1
+            self.complete += item and self.nesting == 1
 
     @property
     def content(self) -> str:
@@ -1564,6 +1596,18 @@ def _tool_calls(text: str) -> Schema:
     return root
 
 
+@functools.lru_cache(maxsize=64)
+def tool_call_list_schema(call: Schema, several: bool = True) -> Schema:
+    """The calls as one JSON list of ``call``'s (tool_call_schema), as Falcon3's template writes them between its
+    tags: at least one, and one at most unless ``several``. The same call schema gives the same node."""
+    root = Schema(types=frozenset(("array",)), items=call)
+    root.min_items, root.max_items = 1, None if several else 1
+    root.depths = (UNBOUNDED, 1 + _least_depth(call))
+    if root.depths[1] > MAX_DEPTH:
+        raise _schema_error("", f"every call it accepts is nested more than {MAX_DEPTH - 1} deep")
+    return root
+
+
 def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
     """The root schema of a call of one of several functions, as tool-calling models write one (Hermes' and Qwen's
     templates): ``{"name": NAME, "arguments": {...}}``, the name first (so that a stream can name the call before
@@ -1575,4 +1619,4 @@ def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",
            "ToolCallText", "ToolCalls", "compile_schema", "is_prefix", "output_schema", "step", "tag_matched",
-           "token_bytes", "tool_call_schema"]
+           "token_bytes", "tool_call_list_schema", "tool_call_schema"]

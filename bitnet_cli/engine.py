@@ -27,14 +27,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from bitnet_cli import kernels, safejson, tokenizer
 from bitnet_cli.arch import EMBED, FINAL_NORM, layer_tensor
 from bitnet_cli.constrain import (JSON_OBJECT, JsonConstraint, JsonVocabulary, Schema, ToolCallConstraint, ToolCalls,
-                                  output_schema, token_bytes)
+                                  output_schema, token_bytes, tool_call_list_schema)
 from bitnet_cli.errors import BitnetError, warn
 from bitnet_cli.lookup import DraftLength, PromptLookup, check_lookup
 from bitnet_cli.pack.embeddings import embedding_type
@@ -587,11 +587,14 @@ class Engine(kernels.CResource):
         """A fresh JsonConstraint (any JSON object, or root's schema: constrain.output_schema)."""
         return JsonConstraint(self.json_vocabulary(), root)
 
-    def tool_call_constraint(self, root: Schema, tag: str, required: bool = False,
+    def tool_call_constraint(self, root: Schema, written: ToolCallFormat, required: bool = False,
                              several: bool = True) -> ToolCallConstraint:
-        """A fresh ToolCallConstraint: calls of root's (constrain.tool_call_schema), each between ``tag`` and its
-        closing tag (TOOL_CALL_TAGS); after text where a call is not ``required``; ``several``: more than one."""
-        calls = ToolCalls(tag.encode("utf-8"), TOOL_CALL_TAGS[tag].encode("utf-8"), root, several)
+        """A fresh ToolCallConstraint: calls of root's (constrain.tool_call_schema) as the chat template writes them
+        (``written``: each between the tags, or all as one list between them); after text where a call is not
+        ``required``; ``several``: more than one."""
+        if written.listed:
+            root, several = tool_call_list_schema(root, several), False  # one list, of one call or more
+        calls = ToolCalls(written.tag.encode("utf-8"), written.close.encode("utf-8"), root, several)
         return ToolCallConstraint(self.json_vocabulary(), calls, required)
 
     def _stream(self, ids, max_tokens, params, rng, stops, stats, out_ids, constraint=None,
@@ -780,26 +783,44 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
-# The tags chat templates teach a model to write a tool call between, where it chooses whether to call (tool_choice
-# "auto"): Hermes' and Qwen's format, `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; opening -> closing.
-TOOL_CALL_TAGS = {"<tool_call>": "</tool_call>"}
-# what follows the tag in a template that writes a JSON call: space, the escape \n or the template's own syntax between
-# two of its expressions (quotes, braces, ~, +, -), then {"name" (its quotes maybe escaped); not "[" (Apriel's list)
-_CALL_OPENS = r'(?:[\s"\'{}~+\-]|\\n){0,32}?\{\\?"name\\?"'
+class ToolCallFormat(NamedTuple):
+    """How a chat template writes tool calls: each call's JSON between ``tag`` and ``close``, or (``listed``) all of
+    them as one JSON list between the two."""
+
+    tag: str
+    close: str
+    listed: bool = False
+
+    def __str__(self) -> str:
+        return self.tag + ("[...]" if self.listed else "")
 
 
-def template_tool_call_tag(template: str) -> str | None:
-    """The tag a chat template opens a JSON tool call with (a key of TOOL_CALL_TAGS), or None. The template must write
-    (or show) the tag followed by ``{"name"``: GLM's, Qwen3-Coder's, Apriel's and others put other formats (XML, key
-    tags, a list) between the same tags, and holding their calls to one JSON object would make them write what they
-    were never trained to."""
-    return next((tag for tag in TOOL_CALL_TAGS if re.search(re.escape(tag) + _CALL_OPENS, template)), None)
+# The ways chat templates teach a model to write tool calls, where it chooses whether to call (tool_choice "auto"):
+# Hermes' and Qwen's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (a call each), Falcon3's
+# `<tool_call>\n[{"name": ..., "arguments": {...}}, ...]\n</tool_call>` and Apriel's `<tool_calls>[...]</tool_calls>`.
+# Not MiniMax-M1's `<tool_calls>`, which holds calls one per line without a list.
+TOOL_CALL_FORMATS = (ToolCallFormat("<tool_call>", "</tool_call>"), ToolCallFormat("<tool_call>", "</tool_call>", True),
+                     ToolCallFormat("<tool_calls>", "</tool_calls>", True))
+# what may come between the tag and a JSON call in a template that shows one: space, the escape \n or the template's
+# own syntax between two of its expressions (quotes, braces, ~, +, -); then {"name" (its quotes maybe escaped), after
+# a "[" where the calls are listed
+_TEMPLATE_GAP = r'(?:[\s"\'{}~+\-]|\\n){0,32}?'
+_CALL_OPENS = _TEMPLATE_GAP + r'\{\\?"name\\?"'
 
 
-def tool_call_tag(engine: Engine) -> str | None:
-    """template_tool_call_tag of this model's chat template; None without one (the plain fallback)."""
+def template_tool_calls(template: str) -> ToolCallFormat | None:
+    """How a chat template writes JSON tool calls (one of TOOL_CALL_FORMATS), or None. The template must write (or
+    show) the tag followed by ``{"name"``, or by ``[`` and ``{"name"`` for a list: GLM's, Qwen3-Coder's and others put
+    other formats (XML, key tags) between the same tags, and holding their calls to JSON would make them write what
+    they were never trained to."""
+    return next((f for f in TOOL_CALL_FORMATS if re.search(
+        re.escape(f.tag) + (_TEMPLATE_GAP + r"\[" if f.listed else "") + _CALL_OPENS, template)), None)
+
+
+def tool_call_format(engine: Engine) -> ToolCallFormat | None:
+    """template_tool_calls of this model's chat template; None without one (the plain fallback)."""
     template = engine.tokenizer_config.get("chat_template")
-    return template_tool_call_tag(template) if isinstance(template, str) else None
+    return template_tool_calls(template) if isinstance(template, str) else None
 
 
 def _template_turn(message: dict) -> dict:

@@ -754,14 +754,15 @@ def test_a_tag_is_found_across_tokens_however_they_cut_it():
                 assert matched == max(k for k in range(len(tag)) if text.endswith(tag[:k])), (text, cut)
 
 
-def split_calls(text: str, tag: str, close: str) -> tuple[str, list]:
+def split_calls(text: str, tag: str, close: str, listed: bool = False) -> tuple[str, list]:
     """The naive reading of a reply of text and tagged calls: the text before the first tag, and each call parsed
-    by json's raw_decode, then space, the closing tag and space before the next tag."""
+    by json's raw_decode (``listed``: each list of calls), then space, the closing tag and space before the next
+    tag."""
     content, found, rest = text.partition(tag)
     calls = []
     while found:
         call, end = json.JSONDecoder().raw_decode(rest.lstrip())
-        calls.append(call)
+        calls += call if listed else [call]
         rest = rest.lstrip()[end:].lstrip()
         rest = rest[len(close):].lstrip() if rest.startswith(close) else rest
         found = rest.startswith(tag)
@@ -769,31 +770,35 @@ def split_calls(text: str, tag: str, close: str) -> tuple[str, list]:
     return content, calls
 
 
-@pytest.mark.parametrize("required, several", [(False, True), (True, True), (False, False)])
-def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, required, several):
+@pytest.mark.parametrize("required, several, listed", [(False, True, False), (True, True, False), (False, False, False),
+                                                      (False, True, True), (True, False, True)])
+def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, required, several, listed):
     """ToolCallConstraint: where the model chooses (tool_choice "auto"), before the tag any token but one that
     completes the tag and goes on with bytes no call begins with; where a call is required, space and the tag first;
     inside a call the JSON's masks; after one, space and the closing tag, then space and the next tag (unless only
-    one call may come) or the end. Random walks over a vocabulary with tokens that cut the tags apart (and cross from
-    them into calls) check every mask against the naive one and end in text, or text then valid calls; ToolCallText
-    takes each apart, fed in random pieces, as json's raw_decode does."""
+    one call may come) or the end. ``listed`` (Falcon3's form): the calls as one JSON list between the tags
+    (tool_call_list_schema: one at least, one at most unless ``several``). Random walks over a vocabulary with tokens
+    that cut the tags apart (and cross from them into calls) check every mask against the naive one and end in text,
+    or text then valid calls; ToolCallText takes each apart, fed in random pieces, as json's raw_decode does."""
     jsonschema = pytest.importorskip("jsonschema")
     params = {"add": {"type": "object", "additionalProperties": False, "required": ["a"],
                       "properties": {"a": {"type": "integer"}}},
               "say": {"type": "object", "additionalProperties": False, "required": ["s"],
                       "properties": {"s": {"enum": ["<tool_call>", "</tool_call>"]}}}}
-    root = C.tool_call_schema(list(params.items()))
+    call = C.tool_call_schema(list(params.items()))
+    root = C.tool_call_list_schema(call, several) if listed else call
     spec, tok = json_tokenizer
     extra = [b"<tool_call>", b"<tool", b"_call>", b"call>\n{", b"<tool_call>\n", b"<tool_call>x", b"l>{\"", b"<",
              b">", b"_call", b"<tool_call>{\"name\": \"add\"", b"<tool_call>{\"name\": \"sub\"", b"> hi",
              b"</tool_call>", b"\n</tool_call>", b"</tool_call>\n<tool_call>", b"\n", b" ", b"</", b"}\n", b"}}"]
+    extra += [b"<tool_call>\n[", b"[", b"[{", b"}, {", b"}]", b"]\n</tool_call>", b"}}]"] if listed else []
     tokens = C.token_bytes(spec, tok, tok.get_vocab_size()) + extra
     vocab = C.JsonVocabulary(tokens, [1])
     tag, close = b"<tool_call>", b"</tool_call>"
     extra_ids = np.arange(len(tokens) - len(extra), len(tokens))
     rng = np.random.default_rng(7)
 
-    calls_written = C.ToolCalls(tag, close, root, several)
+    calls_written = C.ToolCalls(tag, close, root, several and not listed)
 
     def after(state, data):
         for b in data:
@@ -827,11 +832,11 @@ def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, req
     counts = []
     for text in texts:
         text = text.decode("utf-8", "replace")  # the text before a tag is free: random bytes, whole characters not
-        content, calls = split_calls(text, tag.decode(), close.decode())
+        content, calls = split_calls(text, tag.decode(), close.decode(), listed)
         for call in calls:
             assert list(call) == ["name", "arguments"], text
             jsonschema.validate(call["arguments"], params[call["name"]])
-        split, cuts = C.ToolCallText(tag.decode(), close.decode()), sorted(rng.integers(0, len(text) + 1, 3))
+        split, cuts = C.ToolCallText(tag.decode(), close.decode(), listed), sorted(rng.integers(0, len(text) + 1, 3))
         for a, b in zip([0, *cuts], [*cuts, len(text)]):
             split.feed(text[a:b])
         assert split.content == content and [json.loads(c) for c in split.calls] == calls, text
@@ -840,11 +845,12 @@ def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, req
         counts.append(len(calls))
     assert counts.count(0) >= (0 if required else 5) and counts.count(1) >= 5, counts
     assert max(counts) >= 2 if several else max(counts) == 1, counts
-    if not required:
+    if not required:  # a list begins with "[": no call right after the tag
+        called = [b'<tool_call>{"name": "add"'] if listed else []
         refused = np.flatnonzero(~vocab.tag_mask(calls_written, 0))
-        assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"']
+        assert [tokens[i] for i in refused] == [b"<tool_call>x", *called, b'<tool_call>{"name": "sub"']
         refused = np.flatnonzero(~vocab.tag_mask(calls_written, len(tag) - 1))  # after "<tool_call": ">", not "> hi"
-        assert [tokens[i] for i in refused] == [b"<tool_call>x", b'<tool_call>{"name": "sub"', b"> hi"]
+        assert [tokens[i] for i in refused] == [b"<tool_call>x", *called, b'<tool_call>{"name": "sub"', b"> hi"]
 
 
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short

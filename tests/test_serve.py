@@ -402,10 +402,25 @@ To call a function write <tool_call> and {"name": ..., "arguments": {...}}. Func
 {% endif %}"""
 
 
-@pytest.fixture(scope="module")
-def tool_served(tmp_path_factory, test_tokenizer_dir):
-    """The small model with TOOL_TEMPLATE, and <tool_call> and </tool_call> as tokens of their own (added, not
-    special, as Qwen's tokenizer has them): served, and loaded as an Engine."""
+# Falcon3's style: the calls written as one JSON list between the tags, <tool_call>\n[{"name": ..., ...}, ...]\n</tool_call>.
+LIST_TOOL_TEMPLATE = TOOL_TEMPLATE.replace(
+    """{% for call in message.tool_calls %}<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{% endfor %}""", """<tool_call>
+[{% for call in message.tool_calls %}{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+{%- if not loop.last %}, {% endif %}{% endfor %}]
+</tool_call>
+""").replace('write <tool_call> and {"name": ..., "arguments": {...}}',
+          'write them as a list, <tool_call>\n[{"name": ..., "arguments": {...}}, ...]\n</tool_call>')
+TOOL_TEMPLATES = {"each": TOOL_TEMPLATE, "listed": LIST_TOOL_TEMPLATE}
+
+
+@pytest.fixture(scope="module", params=list(TOOL_TEMPLATES))
+def tool_served(request, tmp_path_factory, test_tokenizer_dir):
+    """The small model with TOOL_TEMPLATE (a call between each pair of tags) or LIST_TOOL_TEMPLATE (the calls as a list
+    between them), and <tool_call> and </tool_call> as tokens of their own (added, not special, as Qwen's tokenizer
+    has them): served, and loaded as an Engine."""
     from tokenizers import AddedToken, Tokenizer
 
     root = tmp_path_factory.mktemp("tool_model")
@@ -414,7 +429,8 @@ def tool_served(tmp_path_factory, test_tokenizer_dir):
     (root / "tokenizer").mkdir()
     tok.save(str(root / "tokenizer" / "tokenizer.json"))
     config = json.loads((test_tokenizer_dir / "tokenizer_config.json").read_text())
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOL_TEMPLATE}))
+    template = TOOL_TEMPLATES[request.param]
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     ckpt = make_hf_checkpoint(root / "ckpt", root / "tokenizer", max_position_embeddings=1024, torch_dtype="float16",
                               initializer_range=0.1, vocab_size=tok.get_vocab_size())
     pack_checkpoint(ckpt, root / "model.bin")
@@ -424,11 +440,20 @@ def tool_served(tmp_path_factory, test_tokenizer_dir):
     assert s.stop() == 0
 
 
-def naive_calls(text: str) -> tuple[str, list[dict]]:
+def naive_calls(text: str, listed: bool = False) -> tuple[str, list[dict]]:
     """The text before the first <tool_call>, and each complete call after it read by json's raw_decode (then space,
-    the closing tag and space before the next tag)."""
+    the closing tag and space before the next tag; ``listed``: the calls as the items of one list, each read so)."""
     content, found, rest = text.partition("<tool_call>")
     calls = []
+    if listed and found:
+        rest = rest.lstrip().removeprefix("[")
+        while True:
+            try:
+                call, end = json.JSONDecoder().raw_decode(rest.lstrip())
+            except ValueError:  # cut by max_tokens
+                return content, calls
+            calls.append(call)
+            rest = rest.lstrip()[end:].lstrip().removeprefix(",")
     while found:
         try:
             call, end = json.JSONDecoder().raw_decode(rest.lstrip())
@@ -462,13 +487,17 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     follow their parameters (the last one maybe cut by max_tokens), the text before the tag their content. "required"
     and a named function: calls from the start, of that function; parallel_tool_calls false: one. Streamed, content
     and calls come out as whole. A call goes back into the conversation as the template renders it; on a model whose
-    template shows no way to call, "auto" is refused."""
+    template shows no way to call, "auto" is refused. The same where the template lists the calls (Falcon3's form:
+    one JSON list between the tags)."""
     import jsonschema
 
     from bitnet_cli.constrain import tool_call_schema
+    from bitnet_cli.engine import ToolCallFormat
 
     served, engine = tool_served
+    listed = engine.tokenizer_config["chat_template"] == LIST_TOOL_TEMPLATE
     assert served.info["tool_call_tag"] == "<tool_call>" and server.info["tool_call_tag"] is None  # start-up line
+    assert served.info["tool_calls_listed"] is listed and server.info["tool_calls_listed"] is False
     tag, close = engine.encode("<tool_call>", add_bos=False), engine.encode("</tool_call>", add_bos=False)
     assert len(tag) == len(close) == 1  # the added tokens, whole
     params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
@@ -481,19 +510,23 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     assert "Functions:" in engine.decode(ids)  # the template showed the tools
     chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
     tags, wait = {tag[0]: 100, close[0]: 50}, {"type": "function", "function": {"name": "wait"}}
+    comma = engine.encode(",", add_bos=False)
+    most = 0  # the most calls in one reply
     for tool_choice, bias, expect_call, extra in [
+            ("auto", {tag[0]: 100, comma[0]: 50}, True, {}),  # listed: with "," favoured, item after item
             ("auto", {tag[0]: -100}, False, {}), ("auto", {tag[0]: 100}, True, {}),
             ("auto", tags, True, {}), ("auto", {}, None, {}),  # with both tags favoured, call after call
             ("required", {}, True, {}), (wait, tags, True, {}), ("auto", tags, True, {"parallel_tool_calls": False})]:
         names = ["wait"] if tool_choice == wait else list(params)
-        constraint = engine.tool_call_constraint(tool_call_schema([(n, params[n]) for n in names]), "<tool_call>",
+        written = ToolCallFormat("<tool_call>", "</tool_call>", listed)
+        constraint = engine.tool_call_constraint(tool_call_schema([(n, params[n]) for n in names]), written,
                                                  required=tool_choice != "auto",
                                                  several=extra.get("parallel_tool_calls", True))
         want = constrained_greedy(engine, ids, constraint, 100, bias)
         chat = {**chat, "tool_choice": tool_choice, "logit_bias": {str(t): b for t, b in bias.items()}, **extra}
         r = served.client.chat.completions.create(**chat)
         choice = r.choices[0]
-        content, calls = naive_calls(want)
+        content, calls = naive_calls(want, listed)
         if "<tool_call>" not in want:
             assert expect_call is not True and choice.message.content == want and choice.message.tool_calls is None
             assert choice.finish_reason in ("stop", "length")
@@ -508,6 +541,7 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
         assert choice.finish_reason in ("tool_calls", "length")
         assert choice.finish_reason == "length" or len(made) == len(calls)
         assert {c.function.name for c in made} <= set(names) and (extra == {} or len(made) == 1)
+        most = max(most, len(made))
         assert tool_choice == "auto" or want.lstrip().startswith("<tool_call>")
         chunks = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == content.rstrip()
@@ -522,9 +556,11 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
                             {"role": "tool", "tool_call_id": call.id, "content": "done"}]
         rendered = engine.decode(render_chat(engine, [{**m, "content": m["content"] or ""} for m in turns], tools))
         arguments = json.dumps(json.loads(call.function.arguments), sort_keys=True)  # as tojson writes it
-        assert f'<tool_call>\n{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
+        opened = "<tool_call>\n[" if listed else "<tool_call>\n"
+        assert f'{opened}{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
         after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
         assert after.usage.prompt_tokens > len(ids)
+    assert most >= 2 or not listed  # a list of several calls, whole (a call after each tag is cut by max_tokens here)
     chat = {**chat, "tool_choice": "auto", "logit_bias": {str(tag[0]): -100}, "parallel_tool_calls": None}
     streamed = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
     whole = served.client.chat.completions.create(**chat)
@@ -539,46 +575,66 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
 
 
-@pytest.mark.parametrize("template, tag", [
-    (TOOL_TEMPLATE, "<tool_call>"),
-    ("""{{- '<tool_call>\\n{"name": "' + c.name + '", "arguments": ' + (c.arguments | tojson) + '}' }}""", "<tool_call>"),
-    ("""{{- "<tool_call>\n" }}\n{{- '{"name": <function-name>, "arguments": <args-dict>}' }}""", "<tool_call>"),
-    ("""Call within <tool_call></tool_call> XML tags: <tool_call>{\\"name\\": <name>}""", "<tool_call>"),
+EACH, LISTED, LISTED_PLURAL = (("<tool_call>", False), ("<tool_call>", True), ("<tool_calls>", True))
+
+
+@pytest.mark.parametrize("template, written", [
+    (TOOL_TEMPLATE, EACH),
+    ("""{{- '<tool_call>\\n{"name": "' + c.name + '", "arguments": ' + (c.arguments | tojson) + '}' }}""", EACH),
+    ("""{{- "<tool_call>\n" }}\n{{- '{"name": <function-name>, "arguments": <args-dict>}' }}""", EACH),
+    ("""Call within <tool_call></tool_call> XML tags: <tool_call>{\\"name\\": <name>}""", EACH),
     ("""{{- '<tool_call>\\n<function=' + c.name + '>' }}""", None),  # Qwen3-Coder's XML
     ("""<tool_call>{{ c.name }}<arg_key>{{ k }}</arg_key>""", None),  # GLM's key tags
-    ("""within <tool_call></tool_call> tags: <tool_call>[{"name": "f", "arguments": {}}]""", None),  # a list
+    (LIST_TOOL_TEMPLATE, LISTED),
+    # Falcon3's: the format shown in a string of the template, its quotes escaped
+    ("""{{- 'MUST follow this format:\\n<tool_call>\\n[\\n  {\\"name\\": \\"function_name\\", \\"arguments\\": {}}' }}""",
+     LISTED),
+    ("""within <tool_call></tool_call> tags: <tool_call>[{"name": "f", "arguments": {}}]""", LISTED),
+    ("""{{- '\\n<tool_calls>[' -}}{%- for c in calls -%}{{- '{"name": "' + c.name }}""", None),  # no JSON after "["
+    ("""as follows:\n<tool_calls>[{"name": <function-name-1>, "arguments": <args-dict-1>}, ...]</tool_calls>""",
+     LISTED_PLURAL),  # Apriel's
+    ("""<tool_calls>\n{"name": <tool-name>, "arguments": <args-json-object>}\n...\n</tool_calls>""", None),  # MiniMax-M1
     ("""{{ messages[0].content }} {"name": "x", "arguments": {}}""", None),  # no tag
 ])
-def test_a_template_lets_the_model_choose_where_it_writes_a_json_call_after_the_tag(template, tag):
-    """engine.template_tool_call_tag: the tag followed by {"name" (through the template's own syntax, escaped
-    quotes or newlines), not by another format between the same tags."""
-    from bitnet_cli.engine import template_tool_call_tag
+def test_a_template_lets_the_model_choose_where_it_writes_json_calls_after_the_tag(template, written):
+    """engine.template_tool_calls: the tag followed by {"name" (through the template's own syntax, escaped quotes or
+    newlines), or by a list of such calls ("[" first: Falcon3's and Apriel's), not by another format between the same
+    tags."""
+    from bitnet_cli.engine import ToolCallFormat, template_tool_calls
 
-    assert template_tool_call_tag(template) == tag
+    found = template_tool_calls(template)
+    assert found == (None if written is None else ToolCallFormat(written[0], written[0].replace("<", "</"), written[1]))
 
 
-@pytest.mark.parametrize("pieces, content, calls", [
+@pytest.mark.parametrize("pieces, content, calls, listed", [
     (["Sure", ",", " ", "\n", "<", "tool", "_call>", "\n{", '"name": "move", "arguments": {"to"', ": 3}", "}"],
-     "Sure,", [("move", '{"to": 3}')]),
-    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", []),  # the tag begun, not finished
+     "Sure,", [("move", '{"to": 3}')], False),
+    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", [], False),  # the tag begun, not finished
     (["<tool_call>", '{"name": "wait", "arguments": {}', "}", "\n</tool", "_call>\n", "<tool_call>", '\n{"name"',
       ': "move", "arguments": {"to": "</tool_call><tool_call>"}}', "\n</tool_call>"],
-     None, [("wait", "{}"), ("move", '{"to": "</tool_call><tool_call>"}')]),
+     None, [("wait", "{}"), ("move", '{"to": "</tool_call><tool_call>"}')], False),
+    # listed (Falcon3's form): the calls as the items of one list; brackets, braces and commas inside strings
+    (["Ok", " <tool_call>", "\n[", '\n  {"name": "wait", "arguments": {}', "},", ' {"name": "move", "arg',
+      'uments": {"to": "]}, {\\"["}}', "\n]", "\n</tool_call>"],
+     "Ok", [("wait", "{}"), ("move", '{"to": "]}, {\\"["}')], True),
+    (["<tool_call>[", '{"name": "move", "arguments": {"to": [1, {"a": "}"}]}}', "]"],
+     None, [("move", '{"to": [1, {"a": "}"}]}')], True),
 ])
-def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(pieces, content, calls):
+def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(pieces, content, calls, listed):
     """Where the model chooses (a tag), the reply's text is taken apart into the content before the first tag (its
     space dropped) and the calls after it, each closed by the JSON (a tag inside a string is the call's). Streamed,
     the content's end is held back while it may begin the tag, and what the deltas carry joins up to the whole
     reply's content and calls, however the pieces cut the tags."""
     from types import SimpleNamespace
 
+    from bitnet_cli.engine import ToolCallFormat
     from bitnet_cli.serve.app import ChatRequest, _Chat
     from bitnet_cli.serve.scheduler import DoneEvent, TokenEvent
 
     req = ChatRequest(messages=[{"role": "user", "content": "x"}], tools=[
         {"type": "function", "function": {"name": name}} for name in ("move", "wait")])
     server = SimpleNamespace(model_id="m", scheduler=SimpleNamespace(piece=str))
-    reply = _Chat(server, req, [[1]], [None], req.called_functions, "<tool_call>")
+    reply = _Chat(server, req, [[1]], [None], req.called_functions, ToolCallFormat("<tool_call>", "</tool_call>", listed))
     deltas = [reply.first_chunk(0)["choices"][0]["delta"]]
     for event in [TokenEvent(piece, 7) for piece in pieces] + [DoneEvent("stop", 1, len(pieces), 0)]:
         reply.take(0, event)

@@ -34,7 +34,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, StreamingRespon
 from starlette.routing import Route
 
 from bitnet_cli.constrain import Schema, ToolCallText, output_schema, tag_matched, tool_call_schema
-from bitnet_cli.engine import TOOL_CALL_TAGS, Engine, render_chat, stop_texts, tool_call_tag
+from bitnet_cli.engine import (TOOL_CALL_FORMATS, Engine, ToolCallFormat, render_chat, stop_texts,
+                               tool_call_format)
 from bitnet_cli.errors import BitnetError
 from bitnet_cli.sampling import MAX_BIASED, MAX_PENALTY, SamplingParams, logit_bias_pairs
 from bitnet_cli.serve.scheduler import DoneEvent, ErrorEvent, Job, PromptLogprobs, QueueFull, Scheduler, TokenEvent
@@ -211,7 +212,7 @@ class ChatRequest(_Sampling):
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     # function calling: tool_choice names a function (the reply calls it), or is "required" (it calls one of the
     # tools), or "auto" (the default with tools: the model writes text or calls, where its chat template shows it a
-    # way to call: engine.tool_call_tag, whose tags then hold every call); a call's arguments are held to the
+    # way to call: engine.tool_call_format, whose tags then hold every call); a call's arguments are held to the
     # function's parameters by constrained decoding. The legacy functions/function_call are refused rather than
     # ignored (a client would wait for a call).
     tools: Optional[list[Tool]] = Field(None, max_length=128)  # as OpenAI's limit (and constrain.MAX_FORK)
@@ -344,7 +345,7 @@ class Server:
     def __init__(self, engine: Engine, scheduler: Scheduler, model_id: str, api_key: str | None = None):
         self.engine, self.scheduler, self.model_id = engine, scheduler, model_id
         self.created = int(time.time())
-        self.tool_call_tag = tool_call_tag(engine)  # the chat template's, read once: the same for every request
+        self.tool_calls = tool_call_format(engine)  # the chat template's, read once: the same for every request
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -430,12 +431,12 @@ class Server:
                            "(the server's context size), the prompt and at least one new token together; "
                            "shorten it", "prompt", "context_length_exceeded")
 
-    async def _prepare(self, req, tag: str | None = None) -> Callable[[], object] | None:
+    async def _prepare(self, req, written: ToolCallFormat | None = None) -> Callable[[], object] | None:
         """What makes each sequence's constraint (None: free text) from the request's output schema: a JSON value of
-        it, or with ``tag`` tool calls written between the chat template's tags (ToolCallConstraint). Builds what
+        it, or with ``written`` tool calls written as the chat template writes them (ToolCallConstraint). Builds what
         they need off the event loop: the model's JSON vocabulary (a second or so for a 128k vocabulary, once per
         server)."""
-        root = req.output_schema() if tag is None else req.output_schema(tagged=True)
+        root = req.output_schema() if written is None else req.output_schema(tagged=True)
         if root is None:
             return None
         try:
@@ -443,8 +444,8 @@ class Server:
         except BitnetError as e:
             called = isinstance(req, ChatRequest) and req.called_functions
             raise ApiError(400, str(e), "tools" if called else "response_format") from None
-        if tag is not None:
-            return functools.partial(self.engine.tool_call_constraint, root, tag, required=not req.call_optional,
+        if written is not None:
+            return functools.partial(self.engine.tool_call_constraint, root, written, required=not req.call_optional,
                                      several=req.parallel_tool_calls is not False)
         return functools.partial(self.engine.json_constraint, root)
 
@@ -577,10 +578,11 @@ class Server:
             req = await self._body(request, ChatRequest)
             self._check_model(req.model)
             functions = req.called_functions
-            tag = self.tool_call_tag if functions else None
-            if req.call_optional and tag is None:
+            written = self.tool_calls if functions else None
+            if req.call_optional and written is None:
                 raise ApiError(400, f"tool_choice {req.tool_choice or 'auto'!r}: this model's chat template shows no "
-                               f"way to call a tool (such as {' or '.join(TOOL_CALL_TAGS)}), so it cannot choose to "
+                               f"way to call a tool (such as {' or '.join(map(str, TOOL_CALL_FORMATS))}), so it cannot "
+                               "choose to "
                                "call; name the function ({\"type\": \"function\", \"function\": {\"name\": ...}}), "
                                "or ask for a call of one of the tools with \"required\", or send \"none\"",
                                "tool_choice")
@@ -600,12 +602,12 @@ class Server:
             if req.top_logprobs and not req.logprobs:  # as OpenAI: was silently no log-probabilities at all
                 raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
             top = (req.top_logprobs or 0) if req.logprobs else None
-            constraint = await self._prepare(req, tag)
+            constraint = await self._prepare(req, written)
             jobs, queue = self._submit([ids], req, limit if limit is not None else self.engine.ctx_size, top, False,
                                        constraint)
         except ApiError as e:
             return e.response()
-        reply = _Chat(self, req, [ids], jobs, functions, tag)
+        reply = _Chat(self, req, [ids], jobs, functions, written)
         if req.stream:
             return StreamingResponse(reply.stream(request, queue), media_type="text/event-stream")
         return await reply.whole(request, queue)
@@ -759,20 +761,22 @@ HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole ca
 
 
 class _Chat(_Reply):
-    """A chat reply: text, or calls of the functions. Where the chat template writes calls between tags (``tag``),
-    each call is written so, {"name": ..., "arguments": ...} (constrain.tool_call_schema) between the tags, after the
-    message's content where the model chooses whether to call (constrain.ToolCallText takes that text apart).
+    """A chat reply: text, or calls of the functions. Where the chat template writes calls between tags (``written``),
+    each call is written so, {"name": ..., "arguments": ...} (constrain.tool_call_schema) between the tags (or all the
+    calls as one JSON list between them, where the template lists them), after the message's content where the model
+    chooses whether to call (constrain.ToolCallText takes that text apart).
     Otherwise a required call of one function is its arguments' text, and one of several is written as above without
     tags. The reply takes each call apart, streamed as soon as its name is known; finish_reason is "tool_calls" once
     the reply ends after a call."""
 
     prefix, object_whole, object_chunk = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef], tag: str | None = None):
+    def __init__(self, server, req: ChatRequest, prompts, jobs, functions: list[FunctionDef],
+                 written: ToolCallFormat | None = None):
         super().__init__(server, req, prompts, jobs)
-        self.functions, self.tag = functions, tag
+        self.functions, self.tag = functions, written.tag if written else None
         self.required = bool(functions) and not req.call_optional  # a call must come: no content
-        self.split = [ToolCallText(tag, TOOL_CALL_TAGS[tag]) for _ in jobs] if tag else None
+        self.split = [ToolCallText(*written) for _ in jobs] if written else None
         self.call_ids: list[list[str]] = [[] for _ in jobs]  # per choice, its calls' ids, made as they are named
         self.streamed: list[list[str]] = [[] for _ in jobs]  # per choice, each named call's arguments sent so far
         self.said = [0] * self.n  # per choice, the characters of content sent so far

@@ -95,7 +95,9 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
            "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup,
-           "tool_call_tag": api.tool_call_tag})  # None: the chat template shows no way to call (no "auto")
+           # None: the chat template shows no way to call (no "auto"); listed: the calls as one JSON list between tags
+           "tool_call_tag": api.tool_calls and api.tool_calls.tag,
+           "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed)})
     try:
         server.run(sockets=[sock])
     finally:
