@@ -577,7 +577,9 @@ def test_tiny_recipe_50_steps_int8_emulation_matches_the_plain_path(tmp_path, in
     last-bit difference in a latent weight at a rounding boundary flips a trit, and Adam turns tiny
     gradient differences into lr-sized steps, and how far that goes depends on the CPU and its thread
     count: the logged losses stayed within 3.6e-3 of each other on one 2-core machine and drifted up
-    to 0.018 (fp32 grad_input) and 0.025 (int8 grad_input), 0.5% relative, on another. Held to 1%."""
+    to 0.018 (fp32 grad_input) and 0.025 (int8 grad_input), 0.5% relative, on another, and on a third (an AMD EPYC
+    with AVX-512 BF16) one logged batch's loss by 0.057 (1.02%) while the last ones agreed within 0.1%. A logged loss is
+    one batch's: held to 2% each, and the mean of the last five, where the two runs have settled, to 0.5%."""
     sets = ["train.steps=50", "train.log_every=5", "train.eval_every=50", "train.checkpoint_every=50"]
     runs = {}
     for v in ("on", "off"):
@@ -586,7 +588,8 @@ def test_tiny_recipe_50_steps_int8_emulation_matches_the_plain_path(tmp_path, in
         train(r, tmp_path / v, progress=False)
         runs[v] = _losses(tmp_path / v)
     assert len(runs["on"]) == 10 and runs["on"][-1] < runs["on"][0] - 0.5
-    assert runs["on"] == pytest.approx(runs["off"], rel=1e-2)
+    assert runs["on"] == pytest.approx(runs["off"], rel=2e-2)
+    assert sum(runs["on"][-5:]) == pytest.approx(sum(runs["off"][-5:]), rel=5e-3)
 
 
 def test_grad_rows_launch_by_row_width(monkeypatch):
@@ -1803,3 +1806,75 @@ def test_the_fp8_weight_gradient_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "e4m3")
     with pytest.raises(BitnetError, match="expected 0 or 1"):
         L.fp8_grad_weight_enabled()
+
+
+@pytest.mark.parametrize("others", ["defaults", "rows", "no_fusions"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_rows_switch_moves_every_weight_gradient_and_nothing_else(autocast, others, monkeypatch):
+    """$BITNET_INT8_ROWS_GRAD_WEIGHT=1: every BitLinear's weight gradient (q, k, v, o_proj, gate, up, down_proj: seven
+    a layer) rebuilds X~ from the int8 rows the forward saved, through every backward that forms one; the weight
+    gradients equal the stored-X~ ones to the products' summation order (X~ is the same, bit for bit), and every other
+    number is bit for bit the same."""
+    models = _fp8_pair(monkeypatch, others)
+    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    calls = []
+    product = L.grad_weight_from_rows
+    monkeypatch.setattr(L, "grad_weight_from_rows", lambda g, q, s_x: calls.append(q.dtype) or product(g, q, s_x))
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
+    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "0")
+    loss, grads = _loss_and_grads(models["bf16"], ids, autocast)
+    assert calls == []
+    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
+    loss_rows, grads_rows = _loss_and_grads(models["fp8"], ids, autocast)
+    assert calls == [torch.int8] * 14
+    assert torch.equal(loss_rows, loss)
+    bitlinear = {f"{n}.weight" for n, m in models["fp8"].named_modules() if isinstance(m, BitLinear)}
+    for name, g in grads_rows.items():
+        if name in bitlinear:
+            assert g.dtype == torch.float32 and rel(g, grads[name]) < (4e-3 if autocast else 1e-5), name
+        else:
+            assert torch.equal(g, grads[name]), name
+
+
+def test_rows_grad_weight_is_g_transpose_the_stored_x_deq(monkeypatch):
+    """bitnet::grad_weight_from_rows' reference: G^T X~ with X~ the int8 rows over their scales rounded to G's dtype,
+    exactly the X~ the norms store; the switch gives way to the fp8 weight gradient and accepts only 0 or 1."""
+    torch.manual_seed(3)
+    g = torch.randn(50, 24, dtype=torch.bfloat16)
+    q, s_x = L.quantize_rows(torch.randn(50, 40))
+    x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
+    got = L.grad_weight_from_rows(g, q, s_x)
+    assert got.dtype == torch.float32 and got.shape == (24, 40)
+    assert torch.allclose(got, g.double().t().mm(x_deq.double()).float(), rtol=1e-5, atol=1e-6)
+    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
+    assert L.rows_grad_weight_enabled() and not L._x_deq_read()
+    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
+    assert not L.rows_grad_weight_enabled() and not L._x_deq_read()
+    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "yes")
+    with pytest.raises(BitnetError, match="BITNET_INT8_ROWS_GRAD_WEIGHT='yes': expected 0 or 1"):
+        L.rows_grad_weight_enabled()
+
+
+_INTERPRETED_ROWS_GRAD_WEIGHT = """
+import json, sys, torch, triton
+from bitnet_cli.train import int8_linear as L, int8_triton as T
+out = []
+for m, n, k, splits in json.loads(sys.argv[1]):
+    g = torch.randn(m, n, generator=torch.Generator().manual_seed(m)) * 1e-4
+    q, s = L.quantize_rows(torch.randn(m, k, generator=torch.Generator().manual_seed(k)))
+    cfg = triton.Config({"BK": 32, "BN": 32, "BT": 16, "GROUP_M": 2}, num_warps=4, num_stages=2)
+    got = T.grad_weight_from_rows(g[:, :n], L.pad_rows(q), s, splits=splits, config=cfg)
+    ref = L.grad_weight_from_rows_reference(g, q, s).double()
+    out.append(((got.double() - ref).abs().max() / ref.abs().max()).item())
+print(json.dumps(out))
+"""
+
+
+def test_rows_grad_weight_kernel_matches_its_reference_in_the_interpreter():
+    """The Triton kernel behind bitnet::grad_weight_from_rows (X~ formed in registers from the int8 rows, token ranges
+    summed separately) in Triton's CPU interpreter against the reference, fp32 (the interpreter truncates bf16): ragged
+    tokens, columns and output rows against the tile, one to three splits with a ragged last one."""
+    pytest.importorskip("triton")
+    errors = _interpret(_INTERPRETED_ROWS_GRAD_WEIGHT, [[100, 48, 40, 1], [333, 80, 72, 3], [64, 32, 32, 2]])
+    assert max(errors) < 1e-6, errors

@@ -725,6 +725,82 @@ def int8_grad_weight(gq_t: torch.Tensor, q_t: torch.Tensor, d: torch.Tensor,
     return c
 
 
+# ----------------------------------------------------------------------------- the weight gradient from the int8 rows
+
+
+# Tiles of :func:`grad_weight_from_rows`: K columns of X~ (rebuilt in registers, the tensor cores' register operand)
+# by N columns of G, BT tokens per step.
+_ROWS_GRAD_WEIGHT_CONFIGS = [
+    triton.Config({"BK": 128, "BN": 128, "BT": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BK": 128, "BN": 256, "BT": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BK": 128, "BN": 128, "BT": 32, "GROUP_M": 8}, num_warps=4, num_stages=5),
+    triton.Config({"BK": 64, "BN": 256, "BT": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+
+
+@triton.autotune(configs=_ROWS_GRAD_WEIGHT_CONFIGS, key=["N", "K", "M", "SPLITS"])
+@triton.jit
+def _grad_weight_from_rows_kernel(g_ptr, q_ptr, s_ptr, c_ptr, M, N, K, stride_g, stride_q, stride_cs, stride_c,
+                                  SPLITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
+                                  GROUP_M: tl.constexpr):
+    """One tile of ``C_split[N, K] = G[T, :]^T X~[T, :]`` over the split's tokens T, X~ = ``q / s_x`` rounded to G's
+    dtype exactly as the norm kernels round it (:func:`_div_rn`), formed in registers from the int8 rows: the
+    product is computed as ``X~^T G`` (X~ the register operand) and stored transposed."""
+    pid_k, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(K, BK), tl.cdiv(N, BN), GROUP_M)
+    split = tl.program_id(1)
+    per_split = tl.cdiv(tl.cdiv(M, SPLITS), BT) * BT
+    t0 = split * per_split
+    t_end = tl.minimum(t0 + per_split, M)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rt = tl.arange(0, BT)
+    ck = tl.max_contiguous(tl.multiple_of(rk % K, BK), BK)  # out-of-range columns read column 0: never stored
+    cn = tl.max_contiguous(tl.multiple_of(rn % N, BN), BN)
+    acc = tl.zeros((BK, BN), dtype=tl.float32)
+    for t in range(t0, t_end, BT):
+        tokens = t + rt
+        inside = tokens < t_end
+        s = tl.load(s_ptr + tokens, mask=inside, other=1.0)
+        q = tl.load(q_ptr + tokens[None, :].to(tl.int64) * stride_q + ck[:, None], mask=inside[None, :], other=0)
+        x = _div_rn(q.to(tl.float32), s[None, :], tl.div_rn(tl.full([BT], 1.0, tl.float32), s)[None, :])
+        g = tl.load(g_ptr + tokens[:, None].to(tl.int64) * stride_g + cn[None, :], mask=inside[:, None], other=0.0)
+        acc = tl.dot(x.to(g.dtype), g, acc)
+    c_ptrs = c_ptr + split * stride_cs + rn[None, :].to(tl.int64) * stride_c + rk[:, None]
+    tl.store(c_ptrs, acc, mask=(rk[:, None] < K) & (rn[None, :] < N))
+
+
+def grad_weight_splits(n: int, k: int, m: int, device: torch.device) -> int:
+    """How many token ranges :func:`grad_weight_from_rows` sums separately: enough 128 x 128 tiles for every SM
+    (a 768 x 768 gradient is 36 tiles), each range at least 2048 tokens long."""
+    tiles = triton.cdiv(n, 128) * triton.cdiv(k, 128)
+    return max(1, min(triton.cdiv(_gpu(device)[1], tiles), m // 2048))
+
+
+def grad_weight_from_rows(g: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor, splits: int | None = None,
+                          config: triton.Config | None = None) -> torch.Tensor:
+    """``dW [N, K] fp32 = G^T X~`` for G [M, N] (bf16) and X~ = ``q / s_x``, q the forward's int8 rows [M, K] and s_x
+    their scales [M], without X~ in memory. ``splits``: token ranges summed separately (the default from
+    :func:`grad_weight_splits`), then added in fp32."""
+    g, q = (t if t.stride(1) == 1 else t.contiguous() for t in (g, q))
+    m, n = g.shape
+    k = q.shape[1]
+    assert q.shape[0] == m and s_x.shape == (m,)
+    splits = splits or grad_weight_splits(n, k, m, g.device)
+    c = torch.empty((splits, n, k), dtype=torch.float32, device=g.device)
+    s_x = s_x.float().contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(k, meta["BK"]) * triton.cdiv(n, meta["BN"]), splits)
+
+    args = (g, q, s_x, c, m, n, k, g.stride(0), q.stride(0), c.stride(0), c.stride(1))
+    if config is not None:
+        _grad_weight_from_rows_kernel.fn[grid(config.kwargs)](*args, SPLITS=splits, **config.all_kwargs(),
+                                                              enable_fp_fusion=False)
+    else:
+        _grad_weight_from_rows_kernel[grid](*args, SPLITS=splits, enable_fp_fusion=False)
+    return c[0] if splits == 1 else c.sum(0)
+
+
 # ----------------------------------------------------------------------------- the per-step ternary refresh
 
 
