@@ -77,8 +77,9 @@ class Outcome:
 # ------------------------------------------------------------------------------ seeds
 
 
-def build_seeds(work: Path) -> dict[str, Seed]:
-    """Small valid inputs of every format, in `work`."""
+def build_seeds(work: Path, listed_calls: bool = False) -> dict[str, Seed]:
+    """Small valid inputs of every format, in `work`; ``listed_calls``: the request model's template writes tool calls
+    as one list between the tags (LIST_TOOL_TEMPLATE, Falcon3's form), not one call after each tag."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -154,7 +155,8 @@ def build_seeds(work: Path) -> dict[str, Seed]:
     request_dir = work / "request"
     request_dir.mkdir()
     # a context that holds the tools the template shows (the synthetic tokenizer's 300 tokens are short)
-    pack_checkpoint(checkpoint(work / "ckpt_tools", 1, template=TOOL_TEMPLATE, context=1024), request_dir / "model.bin")
+    pack_checkpoint(checkpoint(work / "ckpt_tools", 1, template=LIST_TOOL_TEMPLATE if listed_calls else TOOL_TEMPLATE,
+                               context=1024), request_dir / "model.bin")
     (request_dir / "requests.json").write_text(json.dumps(REQUEST_SEEDS, indent=1))
     run = ["run", "{file}", "-p", "ROMEO: a", "-n", "3", "--seed", "1", "--threads", "1", "--ctx-size", "64"]
     constrained = ["run", "{dir}/model.bin", "-p", "Data:", "-n", "24", "--seed", "1", "--threads", "1",
@@ -205,6 +207,11 @@ TOOL_TEMPLATE = ("{% if tools %}system: call with <tool_call>{\"name\": ..., \"a
                  "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", "
                  "\"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% else %}"
                  "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
+# The same with the calls as one list between the tags (Falcon3's form); odd seeds serve it.
+LIST_TOOL_TEMPLATE = ("{% if tools %}system: call with <tool_call>[{\"name\": ..., \"arguments\": ...}]</tool_call>\n"
+                      "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}{% for m in messages %}"
+                      "{{ m.role }}: {% if m.tool_calls %}<tool_call>{{ m.tool_calls | tojson }}</tool_call>{% else %}"
+                      "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
 _TOOLS = [{"type": "function", "function": {"name": "move", "description": "Move.", "parameters": {
     "type": "object", "required": ["to"], "additionalProperties": False,
     "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}, "fast": {"type": "boolean"}}}}},
@@ -691,7 +698,7 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
     work = Path(tempfile.mkdtemp(prefix="bitnet-fuzz-")) if own_work else Path(work)
     server = None
     try:
-        seeds = build_seeds(work / "seeds")
+        seeds = build_seeds(work / "seeds", listed_calls=seed % 2 == 1)
         originals = {f: seeds[f].path.read_bytes() for f in formats}
         if "request" in formats:
             server = RequestServer(seeds["request"].root / "model.bin", work / "server.log")

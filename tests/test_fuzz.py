@@ -84,18 +84,20 @@ def test_request_oracle_accepts_answers_and_errors_and_flags_the_rest():
 
 
 def test_request_cases_reach_a_server_and_its_tools(tmp_path):
-    """A short campaign of mutated requests against one `bitnet serve` (its model's template writes <tool_call>):
-    no findings, and the seeds' requests themselves are answered 200 (the tool calls among them included)."""
-    seeds = fuzz.build_seeds(tmp_path / "seeds")
-    server = fuzz.RequestServer(seeds["request"].root / "model.bin", tmp_path / "server.log")
-    try:
-        for path, body in fuzz.REQUEST_SEEDS:
-            o = server.run(path.encode() + b"\n" + json.dumps(body).encode())
-            assert (o.ok, o.kind) == (True, "ok"), (path, o)
-        o = server.run(b"/v1/chat/completions\n" + json.dumps({**fuzz.REQUEST_SEEDS[3][1], "stream": False}).encode())
-        assert o.kind == "ok"
-    finally:
-        server.stop()
+    """A short campaign of mutated requests against one `bitnet serve` (its model's template writes <tool_call>, one
+    call after each tag, or for odd seeds one list of calls): no findings, and the seeds' requests themselves are
+    answered 200 by both models (the tool calls among them included)."""
+    for listed in (False, True):
+        seeds = fuzz.build_seeds(tmp_path / f"seeds{listed}", listed_calls=listed)
+        server = fuzz.RequestServer(seeds["request"].root / "model.bin", tmp_path / f"server{listed}.log")
+        try:
+            for path, body in fuzz.REQUEST_SEEDS:
+                o = server.run(path.encode() + b"\n" + json.dumps(body).encode())
+                assert (o.ok, o.kind) == (True, "ok"), (listed, path, o)
+            o = server.run(b"/v1/chat/completions\n" + json.dumps({**fuzz.REQUEST_SEEDS[3][1], "stream": False}).encode())
+            assert o.kind == "ok"
+        finally:
+            server.stop()
     report = fuzz.fuzz(cases=60, formats=("request",), seed=7, out=tmp_path / "findings", work=tmp_path / "work")
     assert report.executions == 60 and not report.findings, report.findings
     assert report.outcomes.get("ok", 0) >= 5 and report.outcomes.get("error", 0) >= 5, report.outcomes
