@@ -581,10 +581,10 @@ class Server:
             written = self.tool_calls if functions else None
             if req.call_optional and written is None:
                 raise ApiError(400, f"tool_choice {req.tool_choice or 'auto'!r}: this model's chat template shows no "
-                               f"way to call a tool (such as {' or '.join(map(str, TOOL_CALL_FORMATS))}), so it cannot "
-                               "choose to "
-                               "call; name the function ({\"type\": \"function\", \"function\": {\"name\": ...}}), "
-                               "or ask for a call of one of the tools with \"required\", or send \"none\"",
+                               f"way to call a tool (such as {' or '.join(map(str, TOOL_CALL_FORMATS))}), so it "
+                               "cannot choose to call; name the function ({\"type\": \"function\", \"function\": "
+                               "{\"name\": ...}}), or ask for a call of one of the tools with \"required\", or send "
+                               "\"none\"",
                                "tool_choice")
             if not any(m.role == "user" for m in req.messages):
                 raise ApiError(400, "messages need at least one user message", "messages")
