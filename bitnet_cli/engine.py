@@ -21,6 +21,9 @@ continuations scored from it; forward_branches(n_past, [cont, ...]) scores them 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import functools
+import json
 import mmap
 import re
 import os
@@ -839,6 +842,38 @@ def _template_turn(message: dict) -> dict:
     return {**message, "tool_calls": turned}
 
 
+@functools.lru_cache(maxsize=16)
+def _chat_template(template: str):
+    """A chat template compiled as transformers' apply_chat_template compiles it: sandboxed (the template comes from
+    the file), blocks trimmed, ``{% break %}`` and ``{% continue %}``, ``{% generation %}`` (which marks the
+    assistant's text for transformers' training masks: rendered as its body), ``raise_exception(message)``,
+    ``strftime_now(format)`` (Llama 3's templates date the system turn with it), and ``tojson`` as json.dumps with its
+    own arguments (keys in order, no HTML escapes: Jinja's own sorts the keys and escapes ``<>&'``, so a model would
+    read its tools written otherwise than in training). ImportError without jinja2."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception,
+                       strftime_now=lambda format: datetime.datetime.now().strftime(format))
+    return env.from_string(template)
+
+
 def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """Token ids of a conversation ending in a user turn, ready for the assistant's reply.
 
@@ -849,16 +884,12 @@ def render_chat(engine: Engine, messages: list[dict], tools: list[dict] | None =
     template = engine.tokenizer_config.get("chat_template")
     if isinstance(template, str) and template:
         try:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            # sandboxed, as transformers renders chat templates: the template comes from the file
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             bos = engine.tokenizer.id_to_token(engine.bos_token_id) if engine.bos_token_id is not None else ""
             eos = engine.tokenizer.id_to_token(engine.eos_token_id) if engine.eos_token_id is not None else ""
-            text = env.from_string(template).render(messages=[_template_turn(m) for m in messages],
-                                                    add_generation_prompt=True,
-                                                    bos_token=bos, eos_token=eos, tools=tools)
-        except ImportError:
+            text = _chat_template(template).render(messages=[_template_turn(m) for m in messages],
+                                                   add_generation_prompt=True, bos_token=bos, eos_token=eos,
+                                                   tools=tools)
+        except ImportError:  # no jinja2: the plain fallback
             pass
         except Exception as e:  # a template error is the file's fault, not the user's
             raise BitnetError(f"{engine.pm.path}: chat_template cannot be rendered: {e}") from None

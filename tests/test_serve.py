@@ -555,7 +555,7 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
         turns = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                             {"role": "tool", "tool_call_id": call.id, "content": "done"}]
         rendered = engine.decode(render_chat(engine, [{**m, "content": m["content"] or ""} for m in turns], tools))
-        arguments = json.dumps(json.loads(call.function.arguments), sort_keys=True)  # as tojson writes it
+        arguments = json.dumps(json.loads(call.function.arguments))  # as tojson writes it (json.dumps, keys in order)
         opened = "<tool_call>\n[" if listed else "<tool_call>\n"
         assert f'{opened}{{"name": "{call.function.name}", "arguments": {arguments}}}' in rendered
         after = served.client.chat.completions.create(**{**chat, "messages": turns, "max_tokens": 4})
