@@ -23,7 +23,8 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   accumulator every 128 tokens) took longer than the bf16 product (benchmarks/RESULTS.md, session 18).
   On wide models (:func:`wide_model`) on GPUs with fp8 tensor cores the bf16 one runs on those instead
   (:func:`fp8_grad_weight`: G and X~ each in e4m3 with one scale per tensor, one product for the stacked projections;
-  ``$BITNET_INT8_FP8_GRAD_WEIGHT=0`` or ``1`` decides for any model).
+  ``$BITNET_INT8_FP8_GRAD_WEIGHT=0`` or ``1`` decides for any model). ``$BITNET_INT8_ROWS_GRAD_WEIGHT=1`` keeps the
+  bf16 product but forms X~ inside it from the int8 rows (:func:`grad_weight_from_rows`), so that X~ is never stored.
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
