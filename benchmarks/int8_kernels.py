@@ -1177,6 +1177,15 @@ def check_grad_weight() -> list[dict]:
     return out
 
 
+def _grad_weight_operands(m: int, k: int, widths: list[int]):
+    """A layer's weight-gradient operands on the GPU: bf16 output-gradient parts [m, w] for each width, the int8 rows
+    [m, k] (16-byte rows) of random activations, their scales and X~ as the norms store it."""
+    parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
+    q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+    q = L.pad_rows(q)
+    return parts, q, s_x, (q.float() / s_x[:, None]).to(torch.bfloat16)
+
+
 def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None) -> list[dict]:
     """Each weight gradient of a layer (the trainer's micro-batch of ``m`` tokens; bf16 output-gradient parts, X~
     from int8 rows): the bf16 products the trainer runs (one per part, ``g.t() @ x_deq``, then to fp32) against the
@@ -1194,10 +1203,7 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     for name in models:
         for k, widths in GRAD_WEIGHT_SHAPES[name]:
             n = sum(widths)
-            parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
-            q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            q = L.pad_rows(q)
-            x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
+            parts, q, s_x, x_deq = _grad_weight_operands(m, k, widths)
             flops = 2 * m * n * k
             row = {"model": name, "m": m, "k": k, "widths": widths}
             row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
@@ -1307,10 +1313,7 @@ def sweep_grad_weight_from_rows(models: list[str], m: int = 32768) -> list[dict]
     for name in models:
         for k, widths in GRAD_WEIGHT_SHAPES[name]:
             n = sum(widths)
-            parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
-            q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-            q = L.pad_rows(q)
-            x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
+            parts, q, s_x, x_deq = _grad_weight_operands(m, k, widths)
             row = {"model": name, "m": m, "k": k, "widths": widths}
             row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
             row["rows_ms"] = do_bench(lambda: [T.grad_weight_from_rows(g, q, s_x) for g in parts],
