@@ -742,10 +742,11 @@ _ROWS_GRAD_WEIGHT_CONFIGS = [
 @triton.jit
 def _grad_weight_from_rows_kernel(g_ptr, q_ptr, s_ptr, c_ptr, M, N, K, stride_g, stride_q, stride_cs, stride_c,
                                   SPLITS: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr,
-                                  GROUP_M: tl.constexpr):
+                                  GROUP_M: tl.constexpr, PRECISION: tl.constexpr):
     """One tile of ``C_split[N, K] = G[T, :]^T X~[T, :]`` over the split's tokens T, X~ = ``q / s_x`` rounded to G's
     dtype exactly as the norm kernels round it (:func:`_div_rn`), formed in registers from the int8 rows: the
-    product is computed as ``X~^T G`` (X~ the register operand) and stored transposed."""
+    product is computed as ``X~^T G`` (X~ the register operand) and stored transposed; PRECISION: the dot's input
+    precision (fp32 gradients as torch multiplies them, without TF32)."""
     pid_k, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(K, BK), tl.cdiv(N, BN), GROUP_M)
     split = tl.program_id(1)
     per_split = tl.cdiv(tl.cdiv(M, SPLITS), BT) * BT
@@ -764,7 +765,7 @@ def _grad_weight_from_rows_kernel(g_ptr, q_ptr, s_ptr, c_ptr, M, N, K, stride_g,
         q = tl.load(q_ptr + tokens[None, :].to(tl.int64) * stride_q + ck[:, None], mask=inside[None, :], other=0)
         x = _div_rn(q.to(tl.float32), s[None, :], tl.div_rn(tl.full([BT], 1.0, tl.float32), s)[None, :])
         g = tl.load(g_ptr + tokens[:, None].to(tl.int64) * stride_g + cn[None, :], mask=inside[:, None], other=0.0)
-        acc = tl.dot(x.to(g.dtype), g, acc)
+        acc = tl.dot(x.to(g.dtype), g, acc, input_precision=PRECISION)
     c_ptrs = c_ptr + split * stride_cs + rn[None, :].to(tl.int64) * stride_c + rk[:, None]
     tl.store(c_ptrs, acc, mask=(rk[:, None] < K) & (rn[None, :] < N))
 
@@ -793,11 +794,12 @@ def grad_weight_from_rows(g: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor, s
         return (triton.cdiv(k, meta["BK"]) * triton.cdiv(n, meta["BN"]), splits)
 
     args = (g, q, s_x, c, m, n, k, g.stride(0), q.stride(0), c.stride(0), c.stride(1))
+    fixed = {"SPLITS": splits, "PRECISION": "ieee" if g.dtype == torch.float32 else "tf32"}
     if config is not None:
-        _grad_weight_from_rows_kernel.fn[grid(config.kwargs)](*args, SPLITS=splits, **config.all_kwargs(),
+        _grad_weight_from_rows_kernel.fn[grid(config.kwargs)](*args, **fixed, **config.all_kwargs(),
                                                               enable_fp_fusion=False)
     else:
-        _grad_weight_from_rows_kernel[grid](*args, SPLITS=splits, enable_fp_fusion=False)
+        _grad_weight_from_rows_kernel[grid](*args, **fixed, enable_fp_fusion=False)
     return c[0] if splits == 1 else c.sum(0)
 
 
