@@ -1322,12 +1322,13 @@ def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, mon
         assert torch.equal(g, grads_unfused[name]), name
 
 
-@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows", "fp8_grad_weight"])
+@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows", "fp8_grad_weight", "rows_grad_weight"])
 def test_fused_backwards_under_torch_compile(fused, monkeypatch):
     """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD), with o_proj's and down_proj's
     products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers) or with
     q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS), or with all of those and the fp8 weight gradient
-    ($BITNET_INT8_FP8_GRAD_WEIGHT: its casts and torch._scaled_mm traced into the backward graph): the ops' fake kernels
+    ($BITNET_INT8_FP8_GRAD_WEIGHT: its casts and torch._scaled_mm traced into the backward graph), or the rows' weight
+    gradient ($BITNET_INT8_ROWS_GRAD_WEIGHT: bitnet::grad_weight_from_rows in it): the ops' fake kernels
     give inductor their outputs (the gradient rows' padded layout included), and the compiled model gives the eager
     model's loss and gradients."""
     if fused == "gated":
@@ -1336,9 +1337,13 @@ def test_fused_backwards_under_torch_compile(fused, monkeypatch):
         model = _residual_rows_models(monkeypatch, layers=2)["rows"]
     elif fused == "rope_rows":
         model = _rope_rows_models(monkeypatch, layers=2)["rope"]
-    else:
+    elif fused == "fp8_grad_weight":
         model = _fp8_pair(monkeypatch, "rows")["fp8"]
         monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
+    else:
+        model = _fp8_pair(monkeypatch, "rows")["fp8"]
+        monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
+        monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
