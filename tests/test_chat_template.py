@@ -98,3 +98,17 @@ def test_real_chat_templates_render_as_transformers_renders_them(shared_data, tm
             if rendered(template, messages, tools) != want:
                 differ.append((name, kind))
     assert differ == []
+
+
+def test_a_message_s_name_reaches_the_template():
+    """OpenAI's optional ``name`` of a turn (a speaker's, or a tool result's function) reaches the template, as
+    transformers passes a turn's keys; absent, the template sees no key."""
+    from bitnet_cli.serve.app import ChatMessage
+
+    template = "{% for m in messages %}{{ m.role }}{% if m.name is defined %} ({{ m.name }}){% endif %}: " \
+               "{{ m.content }}\n{% endfor %}"
+    turns = [ChatMessage(role="user", content="Hi", name="ann").rendered(0),
+             ChatMessage(role="tool", content="3 C", tool_call_id="c1", name="get_weather").rendered(1),
+             ChatMessage(role="user", content="Thanks").rendered(2)]
+    assert rendered(template, turns) == "user (ann): Hi\ntool (get_weather): 3 C\nuser: Thanks\n"
+    assert rendered(template, turns) == transformers_text(template, turns)

@@ -160,6 +160,7 @@ class ChatMessage(_Strict):
     content: Union[str, list[TextPart], None] = None
     tool_calls: Optional[list[ToolCall]] = None  # assistant
     tool_call_id: Optional[str] = None  # tool: the call answered
+    name: Optional[str] = None  # the speaker's or (tool) the function's name, for templates that write it
 
     def text(self) -> str:
         if self.content is None:
@@ -177,6 +178,8 @@ class ChatMessage(_Strict):
             turn["tool_calls"] = [c.model_dump() for c in self.tool_calls]
         if self.tool_call_id is not None:
             turn["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            turn["name"] = self.name
         return turn
 
 
