@@ -1494,7 +1494,8 @@ class ToolCallText:
     item is a call."""
 
     def __init__(self, tag: str, close: str, listed: bool = False):
-        self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), JSON_ARRAY if listed else JSON_OBJECT)
+        root = JSON_ARRAY if listed else JSON_OBJECT
+        self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), root)
         self.listed = listed
         self.data = bytearray()
         self.content_end: int | None = None  # where the tag begins, once it is complete

@@ -402,13 +402,15 @@ To call a function write <tool_call> and {"name": ..., "arguments": {...}}. Func
 {% endif %}"""
 
 
-# Falcon3's style: the calls written as one JSON list between the tags, <tool_call>\n[{"name": ..., ...}, ...]\n</tool_call>.
+# Falcon3's style: the calls written as one JSON list between the tags,
+# <tool_call>\n[{"name": ..., ...}, ...]\n</tool_call>.
 LIST_TOOL_TEMPLATE = TOOL_TEMPLATE.replace(
     """{% for call in message.tool_calls %}<tool_call>
 {"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
 </tool_call>
 {% endfor %}""", """<tool_call>
-[{% for call in message.tool_calls %}{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+[{% for call in message.tool_calls %}{"name": "{{ call.function.name }}",
+{{- ' ' }}"arguments": {{ call.function.arguments | tojson }}}
 {%- if not loop.last %}, {% endif %}{% endfor %}]
 </tool_call>
 """).replace('write <tool_call> and {"name": ..., "arguments": {...}}',
@@ -593,7 +595,8 @@ EACH, LISTED, LISTED_PLURAL = (("<tool_call>", False), ("<tool_call>", True), ("
     ("""{{- '\\n<tool_calls>[' -}}{%- for c in calls -%}{{- '{"name": "' + c.name }}""", None),  # no JSON after "["
     ("""as follows:\n<tool_calls>[{"name": <function-name-1>, "arguments": <args-dict-1>}, ...]</tool_calls>""",
      LISTED_PLURAL),  # Apriel's
-    ("""<tool_calls>\n{"name": <tool-name>, "arguments": <args-json-object>}\n...\n</tool_calls>""", None),  # MiniMax-M1
+    # MiniMax-M1's: calls one per line, no list
+    ("""<tool_calls>\n{"name": <tool-name>, "arguments": <args-json-object>}\n...\n</tool_calls>""", None),
     ("""{{ messages[0].content }} {"name": "x", "arguments": {}}""", None),  # no tag
 ])
 def test_a_template_lets_the_model_choose_where_it_writes_json_calls_after_the_tag(template, written):
@@ -634,7 +637,8 @@ def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(
     req = ChatRequest(messages=[{"role": "user", "content": "x"}], tools=[
         {"type": "function", "function": {"name": name}} for name in ("move", "wait")])
     server = SimpleNamespace(model_id="m", scheduler=SimpleNamespace(piece=str))
-    reply = _Chat(server, req, [[1]], [None], req.called_functions, ToolCallFormat("<tool_call>", "</tool_call>", listed))
+    written = ToolCallFormat("<tool_call>", "</tool_call>", listed)
+    reply = _Chat(server, req, [[1]], [None], req.called_functions, written)
     deltas = [reply.first_chunk(0)["choices"][0]["delta"]]
     for event in [TokenEvent(piece, 7) for piece in pieces] + [DoneEvent("stop", 1, len(pieces), 0)]:
         reply.take(0, event)
