@@ -1177,15 +1177,6 @@ def check_grad_weight() -> list[dict]:
     return out
 
 
-def _grad_weight_operands(m: int, k: int, widths: list[int]):
-    """A layer's weight-gradient operands on the GPU: bf16 output-gradient parts [m, w] for each width, the int8 rows
-    [m, k] (16-byte rows) of random activations, their scales and X~ as the norms store it."""
-    parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
-    q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
-    q = L.pad_rows(q)
-    return parts, q, s_x, (q.float() / s_x[:, None]).to(torch.bfloat16)
-
-
 def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None) -> list[dict]:
     """Each weight gradient of a layer (the trainer's micro-batch of ``m`` tokens; bf16 output-gradient parts, X~
     from int8 rows): the bf16 products the trainer runs (one per part, ``g.t() @ x_deq``, then to fp32) against the
@@ -1203,7 +1194,10 @@ def sweep_grad_weight(models: list[str], m: int = 32768, path: str | None = None
     for name in models:
         for k, widths in GRAD_WEIGHT_SHAPES[name]:
             n = sum(widths)
-            parts, q, s_x, x_deq = _grad_weight_operands(m, k, widths)
+            parts = [(torch.randn(m, w, device="cuda") * 3e-5).to(torch.bfloat16) for w in widths]
+            q, s_x = L.quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            q = L.pad_rows(q)
+            x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
             flops = 2 * m * n * k
             row = {"model": name, "m": m, "k": k, "widths": widths}
             row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
@@ -1297,61 +1291,6 @@ def sweep_fp8_grad_weight(models: list[str], m: int = 32768) -> list[dict]:
     return out
 
 
-def sweep_grad_weight_from_rows(models: list[str], m: int = 32768) -> list[dict]:
-    """Each weight gradient of a layer (:data:`GRAD_WEIGHT_SHAPES`; ``m`` tokens; bf16 output-gradient parts): the
-    trainer's bf16 products (``g.t() @ x_deq``, then to fp32) against :func:`int8_triton.grad_weight_from_rows`, which
-    rebuilds X~ from the int8 rows in registers (no X~ in memory): autotuned, each tile, and one to eight token
-    splits. ``x_deq_equal``: the X~ it forms equals the stored one bit for bit (checked through a one-hot G);
-    ``err_*``: the relative error against G^T X~ in float64. Times are do_bench medians (ms)."""
-    import triton
-    from triton.testing import do_bench
-
-    from bitnet_cli.train import int8_triton as T
-
-    out = []
-    torch.manual_seed(8)
-    for name in models:
-        for k, widths in GRAD_WEIGHT_SHAPES[name]:
-            n = sum(widths)
-            parts, q, s_x, x_deq = _grad_weight_operands(m, k, widths)
-            row = {"model": name, "m": m, "k": k, "widths": widths}
-            row["bf16_ms"] = do_bench(lambda: [(g.t() @ x_deq).float() for g in parts], return_mode="median")
-            row["rows_ms"] = do_bench(lambda: [T.grad_weight_from_rows(g, q, s_x) for g in parts],
-                                      return_mode="median")
-            c = T._grad_weight_from_rows_kernel.best_config
-            row["rows_tile"] = f"{c.kwargs['BK']}x{c.kwargs['BN']}x{c.kwargs['BT']} w{c.num_warps} s{c.num_stages}"
-            row["splits"] = T.grad_weight_splits(widths[0], k, m, q.device)
-            for splits in (1, 2, 4, 8):
-                row[f"rows_split{splits}_ms"] = do_bench(
-                    lambda: [T.grad_weight_from_rows(g, q, s_x, splits=splits) for g in parts], return_mode="median")
-            for cfg in T._ROWS_GRAD_WEIGHT_CONFIGS:
-                kw = cfg.kwargs
-                key = f"rows_{kw['BK']}x{kw['BN']}x{kw['BT']}_w{cfg.num_warps}_s{cfg.num_stages}_ms"
-                try:
-                    row[key] = do_bench(lambda: [T.grad_weight_from_rows(g, q, s_x, config=cfg) for g in parts],
-                                        return_mode="median")
-                except Exception as e:  # noqa: BLE001 (a tile that does not fit)
-                    row[key] = str(e)[:80]
-            flops = 2 * m * n * k
-            row["bf16_TFLOPs"] = round(flops / row["bf16_ms"] / 1e9, 1)
-            row["rows_TFLOPs"] = round(flops / row["rows_ms"] / 1e9, 1)
-            row["ratio"] = round(row["rows_ms"] / row["bf16_ms"], 4)
-            # X~ as the kernel forms it: a one-hot G picks one token's row of X~ exactly (one product, fp32 sum)
-            hot = torch.zeros(m, 16, device="cuda", dtype=torch.bfloat16)
-            picks = torch.randint(0, m, (16,), device="cuda")
-            hot[picks, torch.arange(16, device="cuda")] = 1
-            row["x_deq_equal"] = torch.equal(T.grad_weight_from_rows(hot, q, s_x, splits=1),
-                                             x_deq[picks].float())
-            exact = torch.cat([g.double().t() @ x_deq.double() for g in parts])
-            for label, dw in [("bf16", [(g.t() @ x_deq).float() for g in parts]),
-                              ("rows", [T.grad_weight_from_rows(g, q, s_x) for g in parts])]:
-                row[f"err_{label}"] = ((torch.cat(dw).double() - exact).norm() / exact.norm()).item()
-            row = {key: round(v, 5) if isinstance(v, float) else v for key, v in row.items()}
-            out.append(row)
-            print(json.dumps(row), flush=True)
-    return out
-
-
 def write_json(path: str, result: dict) -> None:
     """Writes the results so far (again after each stage: a call's time limit keeps what was done)."""
     with open(path, "w") as f:
@@ -1390,8 +1329,6 @@ def main():
                     "against bf16, after its checks (alone)")
     ap.add_argument("--fp8-grad-weight", default="", help="models whose weight-gradient shapes time fp8 products "
                     "(torch._scaled_mm) against bf16, with their casts and errors (alone; a probe)")
-    ap.add_argument("--grad-weight-from-rows", default="", help="models whose weight-gradient shapes time the bf16 "
-                    "product that rebuilds X~ from the int8 rows against cuBLAS's (alone; a probe)")
     ap.add_argument("--tma-variants", default="", help="models whose product shapes time the TMA kernel's tile "
                     "options, each checked against the exact product (alone)")
     ap.add_argument("--offered", action="store_true", help="--tma-variants: the autotuning list's tiles alone")
@@ -1399,10 +1336,6 @@ def main():
     print(torch.cuda.get_device_name(), torch.__version__)
     if args.tma_variants:
         sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
-        return
-    if args.grad_weight_from_rows:
-        write_json(args.out, {"gpu": torch.cuda.get_device_name(), "grad_weight_from_rows": sweep_grad_weight_from_rows(
-            [m for m in args.grad_weight_from_rows.split(",") if m])})
         return
     if args.fp8_grad_weight:
         write_json(args.out, {"gpu": torch.cuda.get_device_name(), "fp8_grad_weight": sweep_fp8_grad_weight(

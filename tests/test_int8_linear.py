@@ -1322,13 +1322,12 @@ def test_gated_mlp_gives_the_models_loss_and_gradients_bit_for_bit(autocast, mon
         assert torch.equal(g, grads_unfused[name]), name
 
 
-@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows", "fp8_grad_weight", "rows_grad_weight"])
+@pytest.mark.parametrize("fused", ["gated", "residual_rows", "rope_rows", "fp8_grad_weight"])
 def test_fused_backwards_under_torch_compile(fused, monkeypatch):
     """torch.compile of the tiny model with the gated MLP ($BITNET_INT8_GATED_GRAD), with o_proj's and down_proj's
     products inside the residual norms ($BITNET_INT8_RESIDUAL_ROWS: RoundedInput passed between the layers) or with
     q/k/v's product and RoPE as one function ($BITNET_INT8_ROPE_ROWS), or with all of those and the fp8 weight gradient
-    ($BITNET_INT8_FP8_GRAD_WEIGHT: its casts and torch._scaled_mm traced into the backward graph), or the rows' weight
-    gradient ($BITNET_INT8_ROWS_GRAD_WEIGHT: bitnet::grad_weight_from_rows in it): the ops' fake kernels
+    ($BITNET_INT8_FP8_GRAD_WEIGHT: its casts and torch._scaled_mm traced into the backward graph): the ops' fake kernels
     give inductor their outputs (the gradient rows' padded layout included), and the compiled model gives the eager
     model's loss and gradients."""
     if fused == "gated":
@@ -1337,13 +1336,9 @@ def test_fused_backwards_under_torch_compile(fused, monkeypatch):
         model = _residual_rows_models(monkeypatch, layers=2)["rows"]
     elif fused == "rope_rows":
         model = _rope_rows_models(monkeypatch, layers=2)["rope"]
-    elif fused == "fp8_grad_weight":
-        model = _fp8_pair(monkeypatch, "rows")["fp8"]
-        monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
     else:
         model = _fp8_pair(monkeypatch, "rows")["fp8"]
-        monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
-        monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
+        monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(disable=False):  # conftest turns compilation off for the other tests
@@ -1811,75 +1806,3 @@ def test_the_fp8_weight_gradient_setting(monkeypatch, tmp_path):
     monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "e4m3")
     with pytest.raises(BitnetError, match="expected 0 or 1"):
         L.fp8_grad_weight_enabled()
-
-
-@pytest.mark.parametrize("others", ["defaults", "rows", "no_fusions"])
-@pytest.mark.parametrize("autocast", [False, True])
-def test_the_rows_switch_moves_every_weight_gradient_and_nothing_else(autocast, others, monkeypatch):
-    """$BITNET_INT8_ROWS_GRAD_WEIGHT=1: every BitLinear's weight gradient (q, k, v, o_proj, gate, up, down_proj: seven
-    a layer) rebuilds X~ from the int8 rows the forward saved, through every backward that forms one; the weight
-    gradients equal the stored-X~ ones to the products' summation order (X~ is the same, bit for bit), and every other
-    number is bit for bit the same."""
-    models = _fp8_pair(monkeypatch, others)
-    ids = torch.randint(0, 64, (3, 12), generator=torch.Generator().manual_seed(1))
-    calls = []
-    product = L.grad_weight_from_rows
-    monkeypatch.setattr(L, "grad_weight_from_rows", lambda g, q, s_x: calls.append(q.dtype) or product(g, q, s_x))
-    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
-    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "0")
-    loss, grads = _loss_and_grads(models["bf16"], ids, autocast)
-    assert calls == []
-    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
-    loss_rows, grads_rows = _loss_and_grads(models["fp8"], ids, autocast)
-    assert calls == [torch.int8] * 14
-    assert torch.equal(loss_rows, loss)
-    bitlinear = {f"{n}.weight" for n, m in models["fp8"].named_modules() if isinstance(m, BitLinear)}
-    for name, g in grads_rows.items():
-        if name in bitlinear:
-            assert g.dtype == torch.float32 and rel(g, grads[name]) < (4e-3 if autocast else 1e-5), name
-        else:
-            assert torch.equal(g, grads[name]), name
-
-
-def test_rows_grad_weight_is_g_transpose_the_stored_x_deq(monkeypatch):
-    """bitnet::grad_weight_from_rows' reference: G^T X~ with X~ the int8 rows over their scales rounded to G's dtype,
-    exactly the X~ the norms store; the switch gives way to the fp8 weight gradient and accepts only 0 or 1."""
-    torch.manual_seed(3)
-    g = torch.randn(50, 24, dtype=torch.bfloat16)
-    q, s_x = L.quantize_rows(torch.randn(50, 40))
-    x_deq = (q.float() / s_x[:, None]).to(torch.bfloat16)
-    got = L.grad_weight_from_rows(g, q, s_x)
-    assert got.dtype == torch.float32 and got.shape == (24, 40)
-    assert torch.allclose(got, g.double().t().mm(x_deq.double()).float(), rtol=1e-5, atol=1e-6)
-    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "1")
-    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
-    assert L.rows_grad_weight_enabled() and not L._x_deq_read()
-    monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "1")
-    assert not L.rows_grad_weight_enabled() and not L._x_deq_read()
-    monkeypatch.setenv("BITNET_INT8_ROWS_GRAD_WEIGHT", "yes")
-    with pytest.raises(BitnetError, match="BITNET_INT8_ROWS_GRAD_WEIGHT='yes': expected 0 or 1"):
-        L.rows_grad_weight_enabled()
-
-
-_INTERPRETED_ROWS_GRAD_WEIGHT = """
-import json, sys, torch, triton
-from bitnet_cli.train import int8_linear as L, int8_triton as T
-out = []
-for m, n, k, splits in json.loads(sys.argv[1]):
-    g = torch.randn(m, n, generator=torch.Generator().manual_seed(m)) * 1e-4
-    q, s = L.quantize_rows(torch.randn(m, k, generator=torch.Generator().manual_seed(k)))
-    cfg = triton.Config({"BK": 32, "BN": 32, "BT": 16, "GROUP_M": 2}, num_warps=4, num_stages=2)
-    got = T.grad_weight_from_rows(g[:, :n], L.pad_rows(q), s, splits=splits, config=cfg)
-    ref = L.grad_weight_from_rows_reference(g, q, s).double()
-    out.append(((got.double() - ref).abs().max() / ref.abs().max()).item())
-print(json.dumps(out))
-"""
-
-
-def test_rows_grad_weight_kernel_matches_its_reference_in_the_interpreter():
-    """The Triton kernel behind bitnet::grad_weight_from_rows (X~ formed in registers from the int8 rows, token ranges
-    summed separately) in Triton's CPU interpreter against the reference, fp32 (the interpreter truncates bf16): ragged
-    tokens, columns and output rows against the tile, one to three splits with a ragged last one."""
-    pytest.importorskip("triton")
-    errors = _interpret(_INTERPRETED_ROWS_GRAD_WEIGHT, [[100, 48, 40, 1], [333, 80, 72, 3], [64, 32, 32, 2]])
-    assert max(errors) < 1e-6, errors

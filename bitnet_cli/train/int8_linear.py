@@ -23,8 +23,7 @@ the int8 tensor cores instead, whose rate on Hopper/Ampere is twice the bf16 rat
   accumulator every 128 tokens) took longer than the bf16 product (benchmarks/RESULTS.md, session 18).
   On wide models (:func:`wide_model`) on GPUs with fp8 tensor cores the bf16 one runs on those instead
   (:func:`fp8_grad_weight`: G and X~ each in e4m3 with one scale per tensor, one product for the stacked projections;
-  ``$BITNET_INT8_FP8_GRAD_WEIGHT=0`` or ``1`` decides for any model). ``$BITNET_INT8_ROWS_GRAD_WEIGHT=1`` keeps the
-  bf16 product but forms X~ inside it from the int8 rows (:func:`grad_weight_from_rows`), so that X~ is never stored.
+  ``$BITNET_INT8_FP8_GRAD_WEIGHT=0`` or ``1`` decides for any model).
 
 The activations are saved for the backward as grad_weight reads them, dequantised in the compute
 dtype (as much memory as the plain path's; saving int8 plus a scale per token took half of that,
@@ -267,54 +266,19 @@ def _grad_weight(g: torch.Tensor, x: torch.Tensor, out_dtype: torch.dtype) -> to
     return (g.t() @ x).to(out_dtype)
 
 
-def rows_grad_weight_enabled() -> bool:
-    """``$BITNET_INT8_ROWS_GRAD_WEIGHT=1``: the bf16 weight gradient rebuilds X~ from the int8 rows inside its product
-    (:func:`grad_weight_from_rows`) instead of reading an X~ that the forward stored, saving X~'s store and a byte
-    of each element's read. Off by default until it is measured faster."""
-    return env_switch("BITNET_INT8_ROWS_GRAD_WEIGHT", default="0") and not fp8_grad_weight_enabled()
-
-
 def _weight_input(x_deq: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """What a product's forward saves for its weight gradient (:func:`_grad_weights`): X~, the bf16 product's operand;
-    with ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` or ``$BITNET_INT8_ROWS_GRAD_WEIGHT=1`` the int8 rows and their scales
-    instead, which the fp8 operand is cast from and the rows' product rebuilds X~ from (half the memory)."""
-    return (x_deq,) if _x_deq_read() else (q, s_x)
+    with ``$BITNET_INT8_FP8_GRAD_WEIGHT=1`` the int8 rows and their scales instead, which the fp8 operand is cast from
+    (half the memory, and X~'s absmax known from the scales)."""
+    return (q, s_x) if fp8_grad_weight_enabled() else (x_deq,)
 
 
 def _x_deq_read() -> bool:
     """Whether anything reads the values of the X~ that the norm ops (:func:`norm_quant`, :func:`residual_norm_quant`)
-    hand to the products: the bf16 weight gradient does (:func:`_weight_input`); with the fp8 one or the rows' one X~
-    is only the straight-through estimator's carrier of a gradient, and its store (2 of the 5-9 bytes an element
-    those kernels move) is skipped."""
-    return not (fp8_grad_weight_enabled() or rows_grad_weight_enabled())
-
-
-def grad_weight_from_rows_reference(g: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
-    """What ``bitnet::grad_weight_from_rows`` computes: ``dW [N, K] fp32 = G^T X~`` for G [M, N] and X~ = ``q / s_x``
-    rounded to G's dtype (the X~ the forward would have stored), products and sums in fp32."""
-    return g.float().t() @ (q.float() / s_x[:, None]).to(g.dtype).float()
-
-
-def _grad_weight_from_rows_cuda(g, q, s_x):
-    from bitnet_cli.train import int8_triton
-
-    return int8_triton.grad_weight_from_rows(g, q, s_x)
-
-
-_LIB.define("grad_weight_from_rows(Tensor g, Tensor q, Tensor s_x) -> Tensor")
-_LIB.impl("grad_weight_from_rows", _grad_weight_from_rows_cuda, "CUDA")
-_LIB.impl("grad_weight_from_rows", grad_weight_from_rows_reference, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("bitnet::grad_weight_from_rows", lib=_LIB)
-def _(g, q, s_x):
-    return g.new_empty((g.shape[1], q.shape[1]), dtype=torch.float32)
-
-
-def grad_weight_from_rows(g: torch.Tensor, q: torch.Tensor, s_x: torch.Tensor) -> torch.Tensor:
-    """One projection's weight gradient ``G^T X~`` (fp32) from the forward's int8 rows ``q`` and scales ``s_x``,
-    X~ formed inside the product (a Triton kernel on CUDA, :func:`grad_weight_from_rows_reference` elsewhere)."""
-    return torch.ops.bitnet.grad_weight_from_rows.default(g, q, s_x)
+    hand to the products: the bf16 weight gradient does (:func:`_weight_input`); with the fp8 one X~ is only the
+    straight-through estimator's carrier of a gradient, and its store (2 of the 5-9 bytes an element those kernels
+    move) is skipped."""
+    return not fp8_grad_weight_enabled()
 
 
 def _grad_weights(gs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], w_dtypes: list[torch.dtype],
@@ -326,8 +290,6 @@ def _grad_weights(gs: list[torch.Tensor], saved: tuple[torch.Tensor, ...], w_dty
     if len(saved) == 1:
         return [_grad_weight(g, saved[0], dt) for g, dt in zip(gs, w_dtypes)]
     q, s_x = saved
-    if not fp8_grad_weight_enabled():
-        return [grad_weight_from_rows(g, q, s_x).to(dt) for g, dt in zip(gs, w_dtypes)]
     # |X~| = |q| / s_x <= 127 / s_x; |G| <= 127 / (s_g * col_scale), per token and column (the bound may exceed the
     # absmax by the ratio of the parts' col_scale, costing the fp8 operand that much range at the bottom). G's operand
     # is cast from G, not from those int8 rows (1 byte read instead of 2): the stacked parts share each token's scale,
@@ -1120,7 +1082,7 @@ class _Int8Linear(torch.autograd.Function):
             q, s_x = quantize_rows(x)
             # grad_weight's operand, the plain path's X~, is formed here, where torch.compile writes it from
             # the same kernel that rounds x (one more store), rather than by a pass over q in the backward.
-            x_deq = (q.float() / s_x[:, None]).to(dtype) if not int8_weight and _x_deq_read() else None
+            x_deq = None if int8_weight else (q.float() / s_x[:, None]).to(dtype)
         else:  # rounded already (norm_quant): x is its x_deq
             x_deq = x
         y = int8_mm(q, trits, 1.0 / s_x, col_scale, dtype)
