@@ -1503,7 +1503,6 @@ class ToolCallText:
         self.state: tuple | None = None
         self.spans: list[list[int]] = []  # [start, end] of each call's JSON in data (end: so far)
         self.complete = 0  # calls whose JSON closed
-        self.nesting, self.quoted, self.escaped = 0, False, False  # listed: where a byte of the list's JSON stands
 
     def feed(self, piece: str) -> None:
         tag = self.calls_written.tag
@@ -1523,34 +1522,18 @@ class ToolCallText:
                 self.state = was
                 continue
             if self.listed:
-                if was[0] == CALL and self.state[0] == CALL:
-                    self._list_byte(b)
+                if was[0] == CALL and self.state[0] == CALL:  # the list's items: the recognizer's depth 1 -> 2 -> 1
+                    before, after = len(was[1][1]), len(self.state[1][1])
+                    if before == 1 and after == 2:  # a call's "{" opens an item
+                        self.spans.append([len(self.data) - 1, len(self.data)])
+                    elif before > 1:
+                        self.spans[-1][1] = len(self.data)
+                        self.complete += after == 1
             elif was[0] == CALL and self.state[0] == CALL:
                 self.spans[-1][1] = len(self.data)
                 self.complete += _done(self.state[1]) and not _done(was[1])
             elif self.state[0] == CALL:  # the next call's tag is complete
                 self.spans.append([len(self.data), len(self.data)])
-
-    def _list_byte(self, b: int) -> None:
-        """Follows byte b of the listed calls' JSON (valid: the constraint's): an item begins at its first byte inside
-        the list, grows while nested deeper or inside a string, and is complete where it closes."""
-        if self.quoted:  # strings come only inside items (calls are objects)
-            self.quoted = self.escaped or b != QUOTE
-            self.escaped = not self.escaped and b == BACKSLASH
-            self.spans[-1][1] = len(self.data)
-            return
-        item = self.nesting > 1 or (self.nesting == 1 and b not in WHITESPACE and b not in b",]")
-        if item and self.nesting == 1:
-            self.spans.append([len(self.data) - 1, len(self.data)])
-        elif item:
-            self.spans[-1][1] = len(self.data)
-        if b == QUOTE:
-            self.quoted = True
-        elif b in b"[{":
-            self.nesting += 1
-        elif b in b"]}":
-            self.nesting -= 1
-            self.complete += item and self.nesting == 1
 
     @property
     def content(self) -> str:
