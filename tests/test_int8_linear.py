@@ -271,13 +271,15 @@ print(json.dumps([out, launches]))
 def test_the_op_launches_the_compiled_kernel_directly_once_tuned():
     """``bitnet::int8_mm`` on CUDA (int8_triton.int8_mm_op): the first product of a shape is autotuned, the
     second launches the compiled kernel through int8_mm, and from then on the op hands the compiled
-    kernel's launcher the arguments itself (``_DIRECT``): the same bits each time."""
-    pytest.importorskip("triton")
+    kernel's launcher the arguments itself (``_DIRECT``): the same bits each time. On another Triton than the 3.6
+    whose launcher interface ``_DIRECT`` calls, the op keeps int8_mm's direct launch instead."""
+    triton = pytest.importorskip("triton")
     cases = [["pointer", 70, 50, 96, True], ["pointer", 40, 64, 67, False], ["tma", 70, 50, 96, False],
              ["tma", 40, 64, 67, True]]
     results, launches = _interpret(_INTERPRETED_OP_LAUNCH, cases)
     assert results == [[True] * 4] * len(cases)
-    assert launches == ["autotuned", "direct", "op", "op"] * len(cases)
+    op = "op" if triton.__version__.split(".")[:2] == ["3", "6"] else "direct"
+    assert launches == ["autotuned", "direct", op, op] * len(cases)
 
 
 def test_tma_tiles_offered_per_product(monkeypatch):

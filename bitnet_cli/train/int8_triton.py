@@ -500,6 +500,13 @@ def _rint(v):
 
 
 @triton.jit
+def _within(mask, inside):
+    """``mask & inside`` for a scalar ``inside`` (a row past the end). Triton 3.9's interpreter types a tensor ``&`` a
+    scalar as int64 and refuses it as a mask; a select is the same on the GPU."""
+    return tl.where(inside, mask, False)
+
+
+@triton.jit
 def _grad_row_scale(amax, FLOOR: tl.constexpr):
     """The output gradient's per-token scale, :func:`int8_linear.quantize_grad_rows_reference`'s fp32
     ``127 / max(absmax, floor)`` as torch computes it (``__rtruediv__``: the reciprocal, correctly rounded, then times
@@ -1028,7 +1035,7 @@ def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: tor
 @triton.jit
 def _gated_rows(y_ptr, gn_ptr, rstd_ptr, row, M, stride_y, stride_gn, c, cols, F: tl.constexpr):
     """Row ``row``'s gate and up halves of y, its norm-output gradient and its rstd as stored (zeros past M)."""
-    mask = cols & (row < M)
+    mask = _within(cols, row < M)
     return (tl.load(y_ptr + row * stride_y + c, mask=mask, other=0.0),
             tl.load(y_ptr + row * stride_y + F + c, mask=mask, other=0.0),
             tl.load(gn_ptr + row * stride_gn + c, mask=mask, other=0.0),
@@ -1060,7 +1067,7 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
     for i in range(CHUNK):
         row = first + i
         inside = row < M
-        mask = cols & inside
+        mask = _within(cols, inside)
         g, u, gn, r = nxt
         nxt = _gated_rows(y_ptr, gn_ptr, rstd_ptr, row + 1, tl.minimum(M, first + CHUNK), stride_y, stride_gn, c,
                           cols, F)
@@ -1094,7 +1101,7 @@ def _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F
     """One column chunk of a row for :func:`_gated_norm_grad_wide_kernel`: relu2's fp32 ``relu``, ``rr = relu^2`` and
     ``y = rr * up`` (each rounded as _gated_norm_grad_kernel rounds them), up, the norm-output gradient and
     ``dh = gn * weight`` (zeros past F or M)."""
-    mask = (cols < F) & (row < M)
+    mask = _within(cols < F, row < M)
     g = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(y_ptr + row * stride_y + F + cols, mask=mask, other=0.0).to(tl.float32)
     gn = tl.load(gn_ptr + row * stride_gn + cols, mask=mask, other=0.0).to(tl.float32)
@@ -1134,7 +1141,7 @@ def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr,
         amax = tl.zeros([BC], tl.float32)
         for c0 in range(0, F, BC):
             cols = c0 + c
-            mask = (cols < F) & inside
+            mask = _within(cols < F, inside)
             relu, rr, y, u, gn, dh = _gated_wide_chunk(y_ptr, gn_ptr, w_ptr, row, M, stride_y, stride_gn, cols, F,
                                                        Y_DTYPE, Y_BF16)
             wp = wp_ptr + pid * F + cols
@@ -1152,7 +1159,7 @@ def _gated_norm_grad_wide_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr,
         tl.debug_barrier()
         for c0 in range(0, F, BC):
             cols = c0 + c
-            mask = (cols < F) & inside
+            mask = _within(cols < F, inside)
             dg = tl.load(d_ptr + row * stride_d + cols, mask=mask, other=0.0).to(tl.float32)
             du = tl.load(d_ptr + row * stride_d + F_PAD + cols, mask=mask, other=0.0).to(tl.float32)
             qg = _int8_values(dg * tl.load(col_ptr + cols, mask=cols < F, other=0.0) * s)
@@ -1218,7 +1225,7 @@ def _rope_grad_heads(g_ptr, stride_b, stride_h, stride_t, stride_d, b, t, inside
     """Token (b, t)'s gradient of N_HEADS heads as two halves [heads, c] of fp32 (zeros past the heads, HALF or the
     rows), each head's columns :HALF and HALF:; with ``ROTATE`` through RoPE's backward first
     (int8_linear.rope_backward_reference: each product rounded to DTYPE, then their sum), else rounded to DTYPE."""
-    mask = (heads < N_HEADS) & (c < HALF) & inside
+    mask = _within((heads < N_HEADS) & (c < HALF), inside)
     ptr = g_ptr + b * stride_b + heads * stride_h + t * stride_t + c * stride_d
     lo = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     hi = tl.load(ptr + HALF * stride_d, mask=mask, other=0.0).to(tl.float32)
@@ -1256,7 +1263,8 @@ def _rope_grad_rows_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, col_ptr, d_
         row = first + i
         inside = row < M
         b, t = row // T, row % T
-        half = (c < HALF) & inside
+        half = _within(c < HALF, inside)
+        in_q, in_k = _within(mq, inside), _within(mk, inside)
         cos_lo = tl.load(cos_ptr + t * stride_cos + c, mask=half, other=0.0).to(tl.float32)
         cos_hi = tl.load(cos_ptr + t * stride_cos + HALF + c, mask=half, other=0.0).to(tl.float32)
         sin_lo = tl.load(sin_ptr + t * stride_sin + c, mask=half, other=0.0).to(tl.float32)
@@ -1268,10 +1276,10 @@ def _rope_grad_rows_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, col_ptr, d_
         v_lo, v_hi = _rope_grad_heads(dv_ptr, sv_b, sv_h, sv_t, sv_d, b, t, inside, hk, c, cos_lo, cos_hi, sin_lo,
                                       sin_hi, KV, HALF, False, DTYPE, BF16)
         out = d_ptr + row * stride_d
-        tl.store(out + cq, q_lo.to(d_ptr.dtype.element_ty), mask=mq & inside)
-        tl.store(out + cq + HALF, q_hi.to(d_ptr.dtype.element_ty), mask=mq & inside)
-        tl.store(out + ck, k_lo.to(d_ptr.dtype.element_ty), mask=mk & inside)
-        tl.store(out + ck + HALF, k_hi.to(d_ptr.dtype.element_ty), mask=mk & inside)
+        tl.store(out + cq, q_lo.to(d_ptr.dtype.element_ty), mask=in_q)
+        tl.store(out + cq + HALF, q_hi.to(d_ptr.dtype.element_ty), mask=in_q)
+        tl.store(out + ck, k_lo.to(d_ptr.dtype.element_ty), mask=in_k)
+        tl.store(out + ck + HALF, k_hi.to(d_ptr.dtype.element_ty), mask=in_k)
         sq = (q_lo * col_q[0], q_hi * col_q[1])
         sk = (k_lo * col_k[0], k_hi * col_k[1])
         sv = (v_lo * col_v[0], v_hi * col_v[1])
@@ -1281,12 +1289,12 @@ def _rope_grad_rows_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, col_ptr, d_
         s = _grad_row_scale(amax, FLOOR)
         tl.store(s_ptr + row, s, mask=inside)
         rows = q_ptr + row * stride_q
-        tl.store(rows + cq, _int8_values(sq[0] * s).to(tl.int8), mask=mq & inside)
-        tl.store(rows + cq + HALF, _int8_values(sq[1] * s).to(tl.int8), mask=mq & inside)
-        tl.store(rows + ck, _int8_values(sk[0] * s).to(tl.int8), mask=mk & inside)
-        tl.store(rows + ck + HALF, _int8_values(sk[1] * s).to(tl.int8), mask=mk & inside)
-        tl.store(rows + cv, _int8_values(sv[0] * s).to(tl.int8), mask=mk & inside)
-        tl.store(rows + cv + HALF, _int8_values(sv[1] * s).to(tl.int8), mask=mk & inside)
+        tl.store(rows + cq, _int8_values(sq[0] * s).to(tl.int8), mask=in_q)
+        tl.store(rows + cq + HALF, _int8_values(sq[1] * s).to(tl.int8), mask=in_q)
+        tl.store(rows + ck, _int8_values(sk[0] * s).to(tl.int8), mask=in_k)
+        tl.store(rows + ck + HALF, _int8_values(sk[1] * s).to(tl.int8), mask=in_k)
+        tl.store(rows + cv, _int8_values(sv[0] * s).to(tl.int8), mask=in_k)
+        tl.store(rows + cv + HALF, _int8_values(sv[1] * s).to(tl.int8), mask=in_k)
 
 
 def rope_grad_rows_launch() -> tuple[int, int]:
