@@ -113,15 +113,17 @@ def traced_steps(steps: int, record: dict):
             us = e.device_time_total if gpu else e.self_cpu_time_total
             if us > 0:
                 kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + us / 1e3
-                kernels[e.key] = kernels.get(e.key, 0.0) + us / 1e3
+                ms, calls = kernels.get(e.key, (0.0, 0))
+                kernels[e.key] = ms + us / 1e3, calls + e.count
         if len(walls) == len(traced):
             n = len(walls)
             wall, busy = 1e3 * sum(walls) / n, sum(kinds.values()) / n
             record.update({"steps_traced": n, "wall_ms": round(wall, 2), "gpu_busy_ms": round(busy, 2),
                            "gpu_idle_ms": round(wall - busy, 2),
                            "kinds_ms": {k: round(v / n, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
-                           "top_kernels_ms": [[k[:120], round(v / n, 3)] for k, v in
-                                              sorted(kernels.items(), key=lambda kv: -kv[1])[:25]]})
+                           # every kernel of 0.05 ms a step or more: [name, ms, launches] per step
+                           "top_kernels_ms": [[k[:120], round(ms / n, 3), calls // n] for k, (ms, calls) in
+                                              sorted(kernels.items(), key=lambda kv: -kv[1][0]) if ms / n >= 0.05]})
         return out
 
     loop._Run.train_step = train_step
@@ -274,8 +276,8 @@ def main():
             print(f"\n{'compile' if c else 'eager'} {v}: traced step {p['wall_ms']:.1f} ms, GPU busy "
                   f"{p['gpu_busy_ms']:.1f}, idle {p['gpu_idle_ms']:.1f}; " +
                   ", ".join(f"{k} {ms:.1f}" for k, ms in p["kinds_ms"].items()))
-            for name, ms in p["top_kernels_ms"][:12]:
-                print(f"  {ms:8.3f} ms  {name[:100]}")
+            for name, ms, calls in p["top_kernels_ms"][:12]:
+                print(f"  {ms:8.3f} ms  {calls:>4}x  {name[:94]}")
 
 
 def _curve_run(job: tuple) -> dict:
