@@ -62,6 +62,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -498,6 +499,51 @@ def sweep_residual_norm_quant(models: list[str], m: int = 32768) -> list[dict]:
         out.append({"model": name, "K": k, "backward": True, "with_rows": True, "ms": round(ms_rows, 4),
                     "replaced_ms": round(ms + ms_qgr, 4), "quantize_grad_rows_ms": round(ms_qgr, 4)})
         print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+# residual_norm_grad's launches swept by --residual-grad: (rows per block, warps) and blocks per program
+RESIDUAL_GRAD_LAUNCHES = [(1, 4), (2, 4), (4, 4), (4, 8)]
+RESIDUAL_GRAD_CHUNKS = [1, 2, 4, 32]
+
+
+def sweep_residual_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
+    """``residual_norm_grad``'s launches (rows per block, warps, blocks per program) at the models' hidden widths, with
+    and without delta's int8 rows (``col_scale``, residual_norm_grad_rows), each checked against the default launch's
+    bits (the gradients, rows and scales; the norm weight's gradient, a sum whose order follows the launch, as a
+    relative difference), beside the compiled torch ops and the quantize_grad_rows pass the rows replace."""
+    from triton.testing import do_bench
+
+    from bitnet_cli.train import int8_triton as T
+
+    def replaced(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype):
+        return (*L._residual_norm_grads(grad_h, grad_n, h, weight, rstd, x_dtype, delta_dtype),
+                L._rms_norm_weight_grad(h, rstd, weight, grad_n))
+
+    compiled = torch.compile(replaced, dynamic=False)
+    out = []
+    for name in models:
+        k = SHAPES[name][1][1][0]
+        args = (*_residual_grad_case(m, k, False, k), torch.float32, torch.bfloat16)
+        col = torch.rand(k, device="cuda") + 0.5
+        gd = T.residual_norm_grad(*args)[1]
+        base = {"model": name, "K": k, "default": T.residual_norm_grad_launch(k),
+                "inductor_ms": round(do_bench(lambda: compiled(*args), return_mode="median"), 4),
+                "quantize_grad_rows_ms": round(do_bench(lambda: T.quantize_grad_rows([gd], col), return_mode="median"), 4)}
+        out.append(base)
+        print(json.dumps(base), flush=True)
+        for with_rows in (False, True):
+            extra = {"col_scale": col} if with_rows else {}
+            ref = T.residual_norm_grad(*args, **extra)
+            for (r, w), c in itertools.product(RESIDUAL_GRAD_LAUNCHES, RESIDUAL_GRAD_CHUNKS):
+                launch = {"rows": r, "warps": w, "chunk": c}
+                got = T.residual_norm_grad(*args, **launch, **extra)
+                ms = do_bench(lambda: T.residual_norm_grad(*args, **launch, **extra), return_mode="median")
+                row = {"model": name, "K": k, "with_rows": with_rows, **launch, "ms": round(ms, 4),
+                       "bit_exact": all(torch.equal(a, b) for i, (a, b) in enumerate(zip(got, ref)) if i != 2),
+                       "grad_weight_rel": float((got[2].float() - ref[2].float()).norm() / ref[2].float().norm())}
+                out.append(row)
+                print(json.dumps(row), flush=True)
     return out
 
 
@@ -1321,6 +1367,8 @@ def main():
                     "norm_quant's checks (alone)")
     ap.add_argument("--residual-norm", default="", help="models whose hidden widths time residual_norm_quant's "
                     "launches, after its checks (alone)")
+    ap.add_argument("--residual-grad", default="", help="models whose hidden widths time residual_norm_grad's "
+                    "launches (rows, warps, blocks per program), with and without its int8 rows")
     ap.add_argument("--gated", default="", help="models whose gate/up widths time gated_norm_grad's launches, after "
                     "its checks (alone)")
     ap.add_argument("--rope", default="", help="models whose heads time rope_grad_rows' launches, after its checks "
@@ -1367,6 +1415,11 @@ def main():
         checks_then_sweep(args.out, {"rope_grad_rows": check_rope_grad_rows, "rope_autograd": check_rope_autograd},
                           "rope_sweep", sweep_rope_grad_rows, args.rope,
                           lambda r: all(x["bit_exact"] for x in r["rope_grad_rows"] + r["rope_sweep"]))
+    if args.residual_grad:
+        result = {"gpu": torch.cuda.get_device_name(),
+                  "residual_grad_sweep": sweep_residual_norm_grad([m for m in args.residual_grad.split(",") if m])}
+        write_json(args.out, result)
+        return
     if args.grad_rows:
         sweep_grad_rows([m for m in args.grad_rows.split(",") if m], path=args.out)
         return

@@ -615,6 +615,24 @@ def test_grad_rows_launch_by_row_width(monkeypatch):
             T.grad_rows_launch([768])
 
 
+def test_residual_norm_grad_launch_by_row_width(monkeypatch):
+    """residual_norm_grad's launch: norm_quant's rows and warps at the width, RESIDUAL_GRAD_CHUNK blocks a program;
+    $BITNET_RNG overrides all three."""
+    pytest.importorskip("triton")
+    from bitnet_cli.train import int8_triton as T
+
+    monkeypatch.delenv("BITNET_RNG", raising=False)
+    monkeypatch.delenv("BITNET_NQ", raising=False)
+    assert T.residual_norm_grad_launch(768) == (*T.norm_quant_launch(768), T.RESIDUAL_GRAD_CHUNK)
+    assert T.residual_norm_grad_launch(2048) == (*T.norm_quant_launch(2048), T.RESIDUAL_GRAD_CHUNK)
+    monkeypatch.setenv("BITNET_RNG", "2,8,4")
+    assert T.residual_norm_grad_launch(768) == (2, 8, 4)
+    for bad in ("2,8", "a,4,1", "0,4,1", "3,4,1", "2,3,1", "2,4,0"):
+        monkeypatch.setenv("BITNET_RNG", bad)
+        with pytest.raises(BitnetError, match="BITNET_RNG"):
+            T.residual_norm_grad_launch(768)
+
+
 def test_grad_rows_stride_hint_where_a_row_stride_is_not_a_multiple_of_16(monkeypatch):
     pytest.importorskip("triton")
     from bitnet_cli.train import int8_triton as T

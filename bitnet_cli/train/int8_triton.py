@@ -999,19 +999,35 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
 RESIDUAL_GRAD_CHUNK = 32
 
 
+def residual_norm_grad_launch(k: int) -> tuple[int, int, int]:
+    """(rows per block, warps, blocks per program) of :func:`residual_norm_grad` for rows of ``k``: ``$BITNET_RNG``
+    as "R,W,C" overrides (measurements), else :func:`norm_quant_launch`'s rows and warps at the same width and
+    ``RESIDUAL_GRAD_CHUNK`` blocks a program."""
+    env = os.environ.get("BITNET_RNG")
+    if not env:
+        return (*norm_quant_launch(k), RESIDUAL_GRAD_CHUNK)
+    try:
+        r, w, c = (int(v) for v in env.split(","))
+    except ValueError:
+        r = w = c = 0
+    if min(r, w, c) < 1 or r & (r - 1) or w & (w - 1):
+        raise BitnetError(f"BITNET_RNG={env!r}: expected ROWS,WARPS,CHUNK (rows and warps powers of two)")
+    return r, w, c
+
+
 def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                        rstd: torch.Tensor, x_dtype: torch.dtype, delta_dtype: torch.dtype, rows: int | None = None,
-                       warps: int | None = None, chunk: int = RESIDUAL_GRAD_CHUNK,
+                       warps: int | None = None, chunk: int | None = None,
                        col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """``bitnet::residual_norm_grad`` on CUDA (int8_linear.residual_norm_grad_reference's values, the norm weight's
-    gradient summed in another order): one pass per row, ``rows`` rows at a time launched as :func:`norm_quant` at the
-    same width (:func:`norm_quant_launch`) unless ``rows``/``warps`` say, ``chunk`` such blocks a program. With
-    ``col_scale`` ``bitnet::residual_norm_grad_rows``: also delta's gradient's int8 rows (16-byte aligned) and their
-    scales (int8_linear.residual_norm_grad_rows_reference)."""
+    gradient summed in another order): one pass per row, ``rows`` rows at a time, ``chunk`` such blocks a program,
+    on ``warps`` warps (:func:`residual_norm_grad_launch` where not given). With ``col_scale``
+    ``bitnet::residual_norm_grad_rows``: also delta's gradient's int8 rows (16-byte aligned) and their scales
+    (int8_linear.residual_norm_grad_rows_reference)."""
     m, k = h.shape
     grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
-    r, w = norm_quant_launch(k)
-    r, w = rows or r, warps or w
+    r, w, c = residual_norm_grad_launch(k)
+    r, w, chunk = rows or r, warps or w, chunk or c
     gx = torch.empty((m, k), dtype=x_dtype, device=h.device)
     gd = torch.empty((m, k), dtype=delta_dtype, device=h.device)
     programs = triton.cdiv(m, r * chunk)
