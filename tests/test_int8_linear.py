@@ -616,17 +616,18 @@ def test_grad_rows_launch_by_row_width(monkeypatch):
 
 
 def test_residual_norm_grad_launch_by_row_width(monkeypatch):
-    """residual_norm_grad's launch: norm_quant's rows and warps at the width, RESIDUAL_GRAD_CHUNK blocks a program;
-    $BITNET_RNG overrides all three."""
+    """residual_norm_grad's launch (an H100's sweep, session 31): with delta's int8 rows one row a block up to 1,024
+    columns and four up to 1,536; without them four rows and four blocks a program; wider rows as norm_quant's rows;
+    four warps. $BITNET_RNG overrides all three."""
     pytest.importorskip("triton")
     from bitnet_cli.train import int8_triton as T
 
     monkeypatch.delenv("BITNET_RNG", raising=False)
     monkeypatch.delenv("BITNET_NQ", raising=False)
-    assert T.residual_norm_grad_launch(768) == (*T.norm_quant_launch(768), T.RESIDUAL_GRAD_CHUNK)
-    assert T.residual_norm_grad_launch(2048) == (*T.norm_quant_launch(2048), T.RESIDUAL_GRAD_CHUNK)
+    assert [T.residual_norm_grad_launch(k, True) for k in (768, 1536, 2048)] == [(1, 4, 32), (4, 4, 32), (2, 4, 32)]
+    assert [T.residual_norm_grad_launch(k) for k in (768, 1536, 2048)] == [(4, 4, 4), (4, 4, 4), (2, 4, 32)]
     monkeypatch.setenv("BITNET_RNG", "2,8,4")
-    assert T.residual_norm_grad_launch(768) == (2, 8, 4)
+    assert T.residual_norm_grad_launch(768) == T.residual_norm_grad_launch(768, True) == (2, 8, 4)
     for bad in ("2,8", "a,4,1", "0,4,1", "3,4,1", "2,3,1", "2,4,0"):
         monkeypatch.setenv("BITNET_RNG", bad)
         with pytest.raises(BitnetError, match="BITNET_RNG"):
@@ -864,7 +865,7 @@ for seed, m, k, h_dtype, x_dtype, delta_dtype, stream_grad in json.loads(sys.arg
     dtypes = getattr(torch, x_dtype), getattr(torch, delta_dtype)
     ref = L.residual_norm_grad_reference(*args, *dtypes)
     # the default launch, and two rows a block, two blocks a program, with a ragged last block and program
-    for rows, chunk in ((None, T.RESIDUAL_GRAD_CHUNK), (2, 2)):
+    for rows, chunk in ((None, None), (2, 2)):
         got = T.residual_norm_grad(*args, *dtypes, rows=rows, chunk=chunk)
         out.append([torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2], ref[:2])]
                    + [got[2].dtype == ref[2].dtype and bool(torch.allclose(got[2], ref[2], rtol=1e-5, atol=0))])
@@ -893,7 +894,7 @@ for seed, m, k, h_dtype, x_dtype, delta_dtype, stream_grad in json.loads(sys.arg
     # the column scales of the product that wrote delta: 1 / s_w, one per column, some very small, as ternary_weight's
     col = 1.0 / (torch.rand(k, generator=torch.Generator().manual_seed(seed)) * 20 + 0.01)
     ref = L.residual_norm_grad_rows_reference(*args, col, *dtypes)
-    for rows, chunk in ((None, T.RESIDUAL_GRAD_CHUNK), (2, 2)):
+    for rows, chunk in ((None, None), (2, 2)):
         got = T.residual_norm_grad(*args, *dtypes, rows=rows, chunk=chunk, col_scale=col)
         exact = [torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[:2] + got[3:], ref[:2] + ref[3:])]
         out.append(exact + [got[3].stride(0) % 16 == 0, bool(torch.allclose(got[2], ref[2], rtol=1e-5, atol=0))])
@@ -1001,7 +1002,7 @@ for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
                     "s_ptr": "fp32"}
         scalars = {n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}
         for rows in (False, True):  # and with delta's int8 rows (bitnet::residual_norm_grad_rows)
-            consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "CHUNK": T.RESIDUAL_GRAD_CHUNK,
+            consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "CHUNK": 32,
                       "HAS_GH": True, "Y_DTYPE": y, "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16,
                       "GD_BF16": True, "ROWS": rows, "FLOOR": 1e-30}
             out.append(compiled(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))

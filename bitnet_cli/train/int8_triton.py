@@ -994,25 +994,29 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
 
 
-# Row blocks per program of residual_norm_grad: each program's norm-weight partial sum is one row of K fp32s (512 of
-# them at 32,768 tokens and two rows a block); not measured on a GPU yet.
-RESIDUAL_GRAD_CHUNK = 32
-
-
-def residual_norm_grad_launch(k: int) -> tuple[int, int, int]:
-    """(rows per block, warps, blocks per program) of :func:`residual_norm_grad` for rows of ``k``: ``$BITNET_RNG``
-    as "R,W,C" overrides (measurements), else :func:`norm_quant_launch`'s rows and warps at the same width and
-    ``RESIDUAL_GRAD_CHUNK`` blocks a program."""
+def residual_norm_grad_launch(k: int, with_rows: bool = False) -> tuple[int, int, int]:
+    """(rows per block, warps, blocks per program) of :func:`residual_norm_grad` for rows of ``k``, ``with_rows``
+    (residual_norm_grad_rows) or not: ``$BITNET_RNG`` as "R,W,C" overrides (measurements), else the fastest launches
+    of an H100 sweep (benchmarks/RESULTS.md, session 31; ``int8_kernels.py --residual-grad``). With the rows, one row
+    a block up to 1,024 columns (small's 768: 0.169 ms a call against 0.277 at four rows, where the row's int8 values
+    and scale came out of a second cross-warp reduction), four up to 1,536 (700m: 0.353 against 0.362 at two), then
+    norm_quant's rows; 32 blocks a program. Without them, four rows and four blocks a program up to 1,536 (0.158 and
+    0.300 ms against 0.176 and 0.308 at 32 blocks), then norm_quant's rows and 32 blocks. Four warps throughout:
+    eight were slower at every width, up to 2x with the rows. Wider rows were not measured."""
     env = os.environ.get("BITNET_RNG")
-    if not env:
-        return (*norm_quant_launch(k), RESIDUAL_GRAD_CHUNK)
-    try:
-        r, w, c = (int(v) for v in env.split(","))
-    except ValueError:
-        r = w = c = 0
-    if min(r, w, c) < 1 or r & (r - 1) or w & (w - 1):
-        raise BitnetError(f"BITNET_RNG={env!r}: expected ROWS,WARPS,CHUNK (rows and warps powers of two)")
-    return r, w, c
+    if env:
+        try:
+            r, w, c = (int(v) for v in env.split(","))
+        except ValueError:
+            r = w = c = 0
+        if min(r, w, c) < 1 or r & (r - 1) or w & (w - 1):
+            raise BitnetError(f"BITNET_RNG={env!r}: expected ROWS,WARPS,CHUNK (rows and warps powers of two)")
+        return r, w, c
+    if k > 1536:
+        return norm_quant_launch(k)[0], 4, 32
+    if with_rows:
+        return (1 if k <= 1024 else 4), 4, 32
+    return 4, 4, 4
 
 
 def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
@@ -1026,7 +1030,7 @@ def residual_norm_grad(grad_h: torch.Tensor | None, grad_n: torch.Tensor, h: tor
     (int8_linear.residual_norm_grad_rows_reference)."""
     m, k = h.shape
     grad_h, grad_n, h = (None if t is None else t if t.stride(-1) == 1 else t.contiguous() for t in (grad_h, grad_n, h))
-    r, w, c = residual_norm_grad_launch(k)
+    r, w, c = residual_norm_grad_launch(k, col_scale is not None)
     r, w, chunk = rows or r, warps or w, chunk or c
     gx = torch.empty((m, k), dtype=x_dtype, device=h.device)
     gd = torch.empty((m, k), dtype=delta_dtype, device=h.device)
