@@ -942,16 +942,19 @@ except Exception:  # a Triton without its CUDA tools: nothing to compile with
     print(json.dumps("no ptxas"))
     sys.exit(0)
 
-def compile_sm90(fn, types, constexprs, warps, aligned=lambda n: n.endswith("_ptr") or n.startswith("stride")):
-    # fn's PTX for sm_90: its arguments typed by ``types`` ("*bf16", "i32", ...), the rest ``constexprs``; those that
-    # ``aligned`` names 16-byte divisible, as Triton specialises the pointers and row strides of the recipes' shapes
+def compile_sm90(fn, types, constexprs, warps, aligned=lambda n: n.endswith("_ptr") or n.startswith("stride"),
+                 stage="ptx"):
+    # fn's PTX (or another ``stage``: "ttgir") for sm_90: its arguments typed by ``types`` ("*bf16", "i32", ...), the
+    # rest ``constexprs``; those that ``aligned`` names 16-byte divisible, as Triton specialises the pointers and row
+    # strides of the recipes' shapes (not the arguments the kernel does not let it specialise)
     names = list(fn.arg_names)
     index = {n: (i,) for i, n in enumerate(names)}
+    kept = set(fn.do_not_specialize)
     src = ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in names},
                     constexprs={index[n]: v for n, v in constexprs.items()},
-                    attrs={index[n]: [["tt.divisibility", 16]] for n in names if aligned(n)})
+                    attrs={index[n]: [["tt.divisibility", 16]] for n in names if aligned(n) and n not in kept})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": warps, "enable_fp_fusion": False}).asm["ptx"]
+                          options={"num_warps": warps, "enable_fp_fusion": False}).asm[stage]
 
 def accesses(ptx):
     return collections.Counter(re.findall(r"(?:ld|st)[.]global[.\\w]*", ptx))
@@ -1030,9 +1033,40 @@ def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
     assert len(counts) == 10
     for i, c in enumerate(counts):
         assert c.get("ld.global.v4.b32", 0) > 0 and c.get("st.global.v4.b32", 0) > 0
-        # the gated backward at 4,096 on 16 warps: each thread's share of an int8 row is 8 bytes (a whole v2 store)
-        vectors = {"st.global.v2.b32"} if i == len(counts) - 1 else set()
+        # 8-byte stores of int8 rows: the gated backward at 4,096 on 16 warps (each thread's share of a row is 8
+        # bytes), and the residual backward's, held to 8 bytes a thread (test_residual_norm_grad_rows_keep_its_layout)
+        vectors = {"st.global.v2.b32"} if i == len(counts) - 1 or i in (4, 7) else set()
         assert set(c) <= {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32", *vectors}, c
+
+
+_RESIDUAL_GRAD_LAYOUTS = """
+pointers = {"gh_ptr": "fp32", "gn_ptr": "bf16", "h_ptr": "fp32", "w_ptr": "fp32", "rstd_ptr": "fp32", "gx_ptr": "fp32",
+            "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32"}
+types = {**{n: "*" + t for n, t in pointers.items()}, "inv_k": "fp32",
+         **{n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}}
+out = []
+for k, rows, warps in json.loads(sys.argv[1]):
+    block = triton.next_power_of_2(k)
+    for with_rows in (False, True):
+        consts = {"K": k, "BLOCK": block, "R": rows, "CHUNK": 32, "HAS_GH": True, "Y_DTYPE": tl.float32,
+                  "Y_BF16": False, "GX_BF16": False, "GD_BF16": True, "ROWS": with_rows, "FLOOR": 1e-30}
+        ir = compile_sm90(T._residual_norm_grad_kernel, types, consts, warps, stage="ttgir")
+        # layout conversions of whole row blocks (through shared memory, with barriers)
+        out.append(len(re.findall(rf"convert_layout %\\S+ : tensor<{rows}x{block}x", ir)))
+print(json.dumps(out))
+"""
+
+
+def test_residual_norm_grad_rows_keep_its_layout():
+    """The residual backward with delta's int8 rows (``ROWS``) compiled for sm_90 on the CPU: its row blocks convert
+    between layouts no more often than without the rows (once, for the stream gradient's fp32 store). Triton lays a
+    block out for its widest vector access; a 16-byte-aligned int8 store gave 16 values a thread, so every block of
+    two or more rows was converted for the bf16 and fp32 stores as well, with barriers: 0.27-0.63 ms a call at
+    small's 768 against 0.16-0.18 without the rows (an H100, benchmarks/RESULTS.md, session 31). The kernel keeps
+    Triton from specialising the rows' stride and states 8-byte alignment instead."""
+    cases = [[768, 2, 4], [768, 4, 4], [1536, 4, 4], [1536, 4, 8]]
+    counts = _sm90(_RESIDUAL_GRAD_LAYOUTS, cases)
+    assert counts == [1, 1] * len(cases), counts
 
 
 def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):

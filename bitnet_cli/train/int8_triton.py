@@ -950,7 +950,7 @@ def _launch_norm_quant(x, gate, delta, weight, eps, out_dtype, y_dtype, rows, wa
     return h, q, s, xd, rstd
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_q"])
 def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, gd_ptr, wp_ptr, col_ptr, q_ptr, s_ptr,
                                M, stride_gh, stride_gn, stride_h, stride_gx, stride_gd, stride_q, inv_k,
                                K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr,
@@ -990,7 +990,11 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
             sg = gd * col[None, :]
             s = _grad_row_scale(tl.max(tl.abs(sg), 1), FLOOR)
             tl.store(s_ptr + rows, s, mask=rows < M)
-            _store_rounded(q_ptr, stride_q, rows, M, sg, s, K, BLOCK)
+            # the rows' stride known as a multiple of 8 only (Triton is kept from specialising it to 16): Triton lays
+            # a block out for its widest access, and 16-byte int8 stores (16 values a thread) sent every block of two
+            # or more rows through shared memory for its fp32 and bf16 stores
+            # (tests/test_int8_linear.py::test_residual_norm_grad_rows_keep_its_layout)
+            _store_rounded(q_ptr, (stride_q // 8) * 8, rows, M, sg, s, K, BLOCK)
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
 
 
@@ -998,9 +1002,10 @@ def residual_norm_grad_launch(k: int, with_rows: bool = False) -> tuple[int, int
     """(rows per block, warps, blocks per program) of :func:`residual_norm_grad` for rows of ``k``, ``with_rows``
     (residual_norm_grad_rows) or not: ``$BITNET_RNG`` as "R,W,C" overrides (measurements), else the fastest launches
     of an H100 sweep (benchmarks/RESULTS.md, session 31; ``int8_kernels.py --residual-grad``). With the rows, one row
-    a block up to 1,024 columns (small's 768: 0.169 ms a call against 0.277 at four rows, where the row's int8 values
-    and scale came out of a second cross-warp reduction), four up to 1,536 (700m: 0.353 against 0.362 at two), then
-    norm_quant's rows; 32 blocks a program. Without them, four rows and four blocks a program up to 1,536 (0.158 and
+    a block up to 1,024 columns (small's 768: 0.169 ms a call against 0.277 at four rows), four up to 1,536 (700m:
+    0.353 against 0.362 at two), then norm_quant's rows; 32 blocks a program. That sweep ran before the kernel held
+    its int8 stores to 8 bytes a thread (blocks of several rows then went through shared memory for every store), so
+    the launches with the rows are to be swept again. Without them, four rows and four blocks a program up to 1,536 (0.158 and
     0.300 ms against 0.176 and 0.308 at 32 blocks), then norm_quant's rows and 32 blocks. Four warps throughout:
     eight were slower at every width, up to 2x with the rows. Wider rows were not measured."""
     env = os.environ.get("BITNET_RNG")
