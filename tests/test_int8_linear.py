@@ -1024,49 +1024,76 @@ print(json.dumps(out))
 def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
     """The norm kernels' GPU branches (libdevice's rsqrt, the mean by torch's CUDA factor, the fma-corrected division:
     the interpreter runs the other branches) compiled for sm_90 on the CPU by Triton's own ptxas: they compile, and
-    with 16-byte-aligned rows every global load and store of a row is a 16-byte vector access (only the per-row
-    scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual (with and without delta's
-    int8 rows) and gated MLP backwards."""
+    with 16-byte-aligned rows every global load and store of a row is a 16-byte vector access but the int8 rows' 8-byte
+    ones (only the per-row scalars are 4-byte ones): the sub-norm, relu2 and the residual add forwards, the residual
+    (with and without delta's int8 rows) and gated MLP backwards."""
     cases = [[False, False, 1536, "bf16"], [True, False, 4096, "bf16"], [False, True, 1536, "fp32"],
              [False, True, 768, "bf16"]]
     counts = _sm90(_COMPILED_NORM_KERNELS, cases)
     assert len(counts) == 10
     for i, c in enumerate(counts):
         assert c.get("ld.global.v4.b32", 0) > 0 and c.get("st.global.v4.b32", 0) > 0
-        # 8-byte stores of int8 rows: the gated backward at 4,096 on 16 warps (each thread's share of a row is 8
-        # bytes), and the residual backward's, held to 8 bytes a thread (test_residual_norm_grad_rows_keep_its_layout)
-        vectors = {"st.global.v2.b32"} if i == len(counts) - 1 or i in (4, 7) else set()
-        assert set(c) <= {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32", *vectors}, c
+        # int8 rows are stored 8 bytes a thread (test_int8_row_stores_keep_the_blocks_layout)
+        allowed = {"ld.global.v4.b32", "st.global.v4.b32", "ld.global.b32", "st.global.b32", "st.global.v2.b32"}
+        assert set(c) <= allowed, c
 
 
-_RESIDUAL_GRAD_LAYOUTS = """
+_ROW_BLOCK_LAYOUTS = """
+def conversions(fn, pointers, scalars, consts, warps, shape):
+    # layout conversions of whole blocks of rows (through shared memory, with barriers) in fn's TTGIR for sm_90
+    types = {**{n: "*" + t for n, t in pointers.items()}, **scalars}
+    ir = compile_sm90(fn, types, consts, warps, stage="ttgir")
+    return len(re.findall(rf"convert_layout %\\S+ : tensor<{shape}x", ir))
+
+out = {}
+ints = {n: "i32" for n in ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]}
+for residual, k, rows in [(False, 768, 4), (True, 768, 4), (True, 1536, 2)]:  # the norms before the products
+    x = "fp32" if residual else "bf16"
+    pointers = {"x_ptr": x, "b_ptr": "bf16", "w_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32", "xd_ptr": "bf16",
+                "rstd_ptr": "fp32", "h_ptr": x}
+    y = tl.float32 if residual else tl.bfloat16
+    block = triton.next_power_of_2(k)
+    consts = {"K": k, "BLOCK": block, "R": rows, "GATE": False, "RESIDUAL": residual, "Y_DTYPE": y,
+              "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
+              "HINT": False, "STORE_XD": True}
+    out[f"norm_quant {x} {k}"] = conversions(T._norm_quant_kernel, pointers, {**ints, "eps": "fp32", "inv_k": "fp32"},
+                                             consts, 4, f"{rows}x{block}")
 pointers = {"gh_ptr": "fp32", "gn_ptr": "bf16", "h_ptr": "fp32", "w_ptr": "fp32", "rstd_ptr": "fp32", "gx_ptr": "fp32",
             "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32"}
-types = {**{n: "*" + t for n, t in pointers.items()}, "inv_k": "fp32",
-         **{n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}}
-out = []
-for k, rows, warps in json.loads(sys.argv[1]):
+scalars = {"inv_k": "fp32",
+           **{n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}}
+for k, rows, warps in [(768, 2, 4), (768, 4, 4), (1536, 4, 4), (1536, 4, 8)]:  # the residual norms' backward
     block = triton.next_power_of_2(k)
     for with_rows in (False, True):
         consts = {"K": k, "BLOCK": block, "R": rows, "CHUNK": 32, "HAS_GH": True, "Y_DTYPE": tl.float32,
                   "Y_BF16": False, "GX_BF16": False, "GD_BF16": True, "ROWS": with_rows, "FLOOR": 1e-30}
-        ir = compile_sm90(T._residual_norm_grad_kernel, types, consts, warps, stage="ttgir")
-        # layout conversions of whole row blocks (through shared memory, with barriers)
-        out.append(len(re.findall(rf"convert_layout %\\S+ : tensor<{rows}x{block}x", ir)))
+        out[f"residual_norm_grad {k} {rows}x{warps} rows={with_rows}"] = conversions(
+            T._residual_norm_grad_kernel, pointers, scalars, consts, warps, f"{rows}x{block}")
+pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32", "d_ptr": "bf16",
+            "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
+scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
+rows, warps = T.gated_norm_grad_launch(2048)  # the gated MLP's backward at small's width, launched as the trainer does
+consts = {"F": 2048, "F_PAD": 2048, "BLOCK": 2048, "CHUNK": rows, "Y_DTYPE": tl.float32, "Y_BF16": False,
+          "D_BF16": True, "FLOOR": 1e-30}
+out["gated_norm_grad 2048"] = conversions(T._gated_norm_grad_kernel, pointers, scalars, consts, warps, "2048")
 print(json.dumps(out))
 """
 
 
-def test_residual_norm_grad_rows_keep_its_layout():
-    """The residual backward with delta's int8 rows (``ROWS``) compiled for sm_90 on the CPU: its row blocks convert
-    between layouts no more often than without the rows (once, for the stream gradient's fp32 store). Triton lays a
-    block out for its widest vector access; a 16-byte-aligned int8 store gave 16 values a thread, so every block of
-    two or more rows was converted for the bf16 and fp32 stores as well, with barriers: 0.27-0.63 ms a call at
-    small's 768 against 0.16-0.18 without the rows (an H100, benchmarks/RESULTS.md, session 31). The kernel keeps
-    Triton from specialising the rows' stride and states 8-byte alignment instead."""
-    cases = [[768, 2, 4], [768, 4, 4], [1536, 4, 4], [1536, 4, 8]]
-    counts = _sm90(_RESIDUAL_GRAD_LAYOUTS, cases)
-    assert counts == [1, 1] * len(cases), counts
+def test_int8_row_stores_keep_the_blocks_layout():
+    """The norm kernels that write int8 rows, compiled for sm_90 on the CPU: a block of rows is converted between
+    layouts only for an fp32 store (the residual stream, its gradient), never for its int8 rows. Triton lays a block
+    out for its widest access; with the rows' stride specialised as a multiple of 16, int8 stores took 16 values a
+    thread and every block went through shared memory again for its bf16 and fp32 loads and stores (one conversion
+    more each for norm_quant, the residual backward with the rows and the gated backward; two more for the latter).
+    On an H100 the residual backward with the rows took 0.27-0.63 ms a call at small's 768 against 0.16-0.18 without
+    them (benchmarks/RESULTS.md, session 31). The kernels keep the stride unspecialised (``int8_triton._at_8_bytes``)."""
+    counts = _sm90(_ROW_BLOCK_LAYOUTS, None)
+    expected = {"norm_quant bf16 768": 0, "norm_quant fp32 768": 1, "norm_quant fp32 1536": 1,
+                **{f"residual_norm_grad {k} {r}x{w} rows={rows}": 1
+                   for k, r, w in [(768, 2, 4), (768, 4, 4), (1536, 4, 4), (1536, 4, 8)] for rows in (False, True)},
+                "gated_norm_grad 2048": 1}
+    assert counts == expected
 
 
 def _tiny_models(monkeypatch, int8_grad: bool, layers: int = 2):

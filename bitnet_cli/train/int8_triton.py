@@ -521,6 +521,16 @@ def _int8_values(v):
 
 
 @triton.jit
+def _at_8_bytes(stride):
+    """An int8 row stride as Triton may know it: a multiple of 8, in kernels that keep it from specialising the stride
+    to 16 (``do_not_specialize``). Triton lays a block out for its widest access; int8 rows known 16-byte aligned get
+    16 values a thread, and every 4- and 8-value fp32 and bf16 load and store of the block then went through shared
+    memory (layout conversions with barriers; benchmarks/RESULTS.md, session 31). Every int8 row stride is a multiple
+    of 16 (:func:`int8_linear.int8_rows`), so the value is the stride itself."""
+    return (stride // 8) * 8
+
+
+@triton.jit
 def _store_rounded(q_ptr, stride_q, rows, M, g, s, N: tl.constexpr, B: tl.constexpr):
     c = tl.arange(0, B)
     q = _int8_values(g * s[:, None])
@@ -838,7 +848,7 @@ def _mean_of_sum(total, K: tl.constexpr, inv_k):
         return total * inv_k
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_q"])
 def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_ptr, M, stride_x, stride_b, stride_q,
                        stride_xd, stride_h, eps, inv_k, K: tl.constexpr, BLOCK: tl.constexpr, R: tl.constexpr,
                        GATE: tl.constexpr, RESIDUAL: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
@@ -877,7 +887,7 @@ def _norm_quant_kernel(x_ptr, b_ptr, w_ptr, q_ptr, s_ptr, xd_ptr, rstd_ptr, h_pt
     amax = tl.max(tl.abs(n), 1)
     s = tl.div_rn(tl.full([R], 1.0, tl.float32), tl.maximum(amax, 1e-5)) * 127.0  # quantize_rows' 127 / max(.., 1e-5)
     q = tl.minimum(tl.maximum(_rint(n * s[:, None]), -128.0), 127.0)
-    tl.store(q_ptr + rows[:, None] * stride_q + c[None, :], q.to(tl.int8), mask=mask)
+    tl.store(q_ptr + rows[:, None] * _at_8_bytes(stride_q) + c[None, :], q.to(tl.int8), mask=mask)
     if STORE_XD:
         xd = _round_to(_div_rn(q, s[:, None], tl.div_rn(tl.full([R], 1.0, tl.float32), s)[:, None]),
                        xd_ptr.dtype.element_ty, OUT_BF16)
@@ -990,11 +1000,7 @@ def _residual_norm_grad_kernel(gh_ptr, gn_ptr, h_ptr, w_ptr, rstd_ptr, gx_ptr, g
             sg = gd * col[None, :]
             s = _grad_row_scale(tl.max(tl.abs(sg), 1), FLOOR)
             tl.store(s_ptr + rows, s, mask=rows < M)
-            # the rows' stride known as a multiple of 8 only (Triton is kept from specialising it to 16): Triton lays
-            # a block out for its widest access, and 16-byte int8 stores (16 values a thread) sent every block of two
-            # or more rows through shared memory for its fp32 and bf16 stores
-            # (tests/test_int8_linear.py::test_residual_norm_grad_rows_keep_its_layout)
-            _store_rounded(q_ptr, (stride_q // 8) * 8, rows, M, sg, s, K, BLOCK)
+            _store_rounded(q_ptr, _at_8_bytes(stride_q), rows, M, sg, s, K, BLOCK)
     tl.store(wp_ptr + tl.program_id(0) * K + c, w_acc, mask=c < K)
 
 
@@ -1067,7 +1073,7 @@ def _gated_rows(y_ptr, gn_ptr, rstd_ptr, row, M, stride_y, stride_gn, c, cols, F
             tl.load(rstd_ptr + row, mask=row < M, other=0.0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_q"])
 def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_ptr, s_ptr, wp_ptr, M, stride_y,
                             stride_gn, stride_d, stride_q, inv_k, F: tl.constexpr, F_PAD: tl.constexpr,
                             BLOCK: tl.constexpr, CHUNK: tl.constexpr, Y_DTYPE: tl.constexpr, Y_BF16: tl.constexpr,
@@ -1115,8 +1121,8 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
         tl.store(s_ptr + row, s, mask=inside)
         qg = _int8_values(sg * s)
         qu = _int8_values(su * s)
-        tl.store(q_ptr + row * stride_q + c, qg.to(tl.int8), mask=mask)
-        tl.store(q_ptr + row * stride_q + F + c, qu.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * _at_8_bytes(stride_q) + c, qg.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * _at_8_bytes(stride_q) + F + c, qu.to(tl.int8), mask=mask)
     tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
 
 
