@@ -1087,7 +1087,8 @@ def test_int8_row_stores_keep_the_blocks_layout():
     thread and every block went through shared memory again for its bf16 and fp32 loads and stores (one conversion
     more each for norm_quant, the residual backward with the rows and the gated backward; two more for the latter).
     On an H100 the residual backward with the rows took 0.27-0.63 ms a call at small's 768 against 0.16-0.18 without
-    them (benchmarks/RESULTS.md, session 31). The kernels keep the stride unspecialised (``int8_triton._at_8_bytes``)."""
+    them (benchmarks/RESULTS.md, session 31). The kernels keep the stride unspecialised
+    (``int8_triton._at_8_bytes``)."""
     counts = _sm90(_ROW_BLOCK_LAYOUTS, None)
     expected = {"norm_quant bf16 768": 0, "norm_quant fp32 768": 1, "norm_quant fp32 1536": 1,
                 **{f"residual_norm_grad {k} {r}x{w} rows={rows}": 1
