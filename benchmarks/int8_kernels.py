@@ -509,9 +509,10 @@ RESIDUAL_GRAD_CHUNKS = [1, 2, 4, 32]
 
 def sweep_residual_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
     """``residual_norm_grad``'s launches (rows per block, warps, blocks per program) at the models' hidden widths, with
-    and without delta's int8 rows (``col_scale``, residual_norm_grad_rows), each checked against the default launch's
-    bits (the gradients, rows and scales; the norm weight's gradient, a sum whose order follows the launch, as a
-    relative difference), beside the compiled torch ops and the quantize_grad_rows pass the rows replace."""
+    and without delta's int8 rows (``col_scale``, residual_norm_grad_rows), beside the compiled torch ops and the
+    quantize_grad_rows pass the rows replace. Each launch is checked against the default launch's bits on inputs whose
+    sums are exact (the gradients, rows and scales: ``bit_exact``; with other inputs a row's sums follow the layout),
+    and its norm weight's gradient, a sum whose order follows the launch, as a relative difference."""
     from triton.testing import do_bench
 
     from bitnet_cli.train import int8_triton as T
@@ -534,15 +535,18 @@ def sweep_residual_norm_grad(models: list[str], m: int = 32768) -> list[dict]:
                 "quantize_grad_rows_ms": round(rows_pass_ms, 4)}
         out.append(base)
         print(json.dumps(base), flush=True)
+        exact = (*_residual_grad_case(m, k, True, k), torch.float32, torch.bfloat16)
         for with_rows in (False, True):
             extra = {"col_scale": col} if with_rows else {}
-            ref = T.residual_norm_grad(*args, **extra)
+            ref, ref_exact = T.residual_norm_grad(*args, **extra), T.residual_norm_grad(*exact, **extra)
             for (r, w), c in itertools.product(RESIDUAL_GRAD_LAUNCHES, RESIDUAL_GRAD_CHUNKS):
                 launch = {"rows": r, "warps": w, "chunk": c}
                 got = T.residual_norm_grad(*args, **launch, **extra)
+                got_exact = T.residual_norm_grad(*exact, **launch, **extra)
                 ms = do_bench(lambda: T.residual_norm_grad(*args, **launch, **extra), return_mode="median")
                 row = {"model": name, "K": k, "with_rows": with_rows, **launch, "ms": round(ms, 4),
-                       "bit_exact": all(torch.equal(a, b) for i, (a, b) in enumerate(zip(got, ref)) if i != 2),
+                       "bit_exact": all(torch.equal(a, b) for i, (a, b) in enumerate(zip(got_exact, ref_exact))
+                                        if i != 2),
                        "grad_weight_rel": float((got[2].float() - ref[2].float()).norm() / ref[2].float().norm())}
                 out.append(row)
                 print(json.dumps(row), flush=True)
