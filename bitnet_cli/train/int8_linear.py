@@ -113,7 +113,8 @@ def quantize_rows(x: torch.Tensor, floor: float = 1e-5) -> tuple[torch.Tensor, t
 
 def int8_rows(m: int, n: int, device: torch.device | str) -> torch.Tensor:
     """An uninitialised int8 [m, n] whose rows start on 16-byte boundaries: a view of [m, n rounded up
-    to 16], as the TMA product kernel (int8_triton) needs to read it (1.3b's K = 5460 and 10920)."""
+    to 16], as the TMA product kernel (int8_triton) needs to read it (1.3b's K = 5460 and 10920), and as the norm
+    kernels that write int8 rows assume (``int8_triton._at_8_bytes``)."""
     return torch.empty((m, -(-n // 16) * 16), dtype=torch.int8, device=device)[:, :n]
 
 
