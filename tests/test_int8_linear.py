@@ -984,39 +984,51 @@ def _sm90(script: str, arg) -> object:
     return result
 
 
-_COMPILED_NORM_KERNELS = """
-def compiled(fn, pointers, scalars, constexprs, warps):
-    return accesses(compile_sm90(fn, {**{n: "*" + t for n, t in pointers.items()}, **scalars}, constexprs, warps))
+# The norm kernels' argument types and constexprs as the trainer launches them (x: the stream's dtype, "bf16" or
+# "fp32"), for the scripts below: (types, constexprs) each, and the gated kernel's warps.
+_NORM_KERNEL_TYPES = """
+def typed(pointers, scalars):
+    return {**{n: "*" + t for n, t in pointers.items()}, **scalars}
 
-ints = ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]
-out = []
-for gate, residual, k, x_dtype in json.loads(sys.argv[1]):
-    pointers = {"x_ptr": x_dtype, "b_ptr": "bf16", "w_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32", "xd_ptr": "bf16",
-                "rstd_ptr": "fp32", "h_ptr": x_dtype}
-    y = tl.float32 if x_dtype == "fp32" else tl.bfloat16
-    consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "GATE": gate, "RESIDUAL": residual, "Y_DTYPE": y,
+def norm_quant_types(gate, residual, k, x, rows):
+    y = tl.float32 if x == "fp32" else tl.bfloat16
+    pointers = {"x_ptr": x, "b_ptr": "bf16", "w_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32", "xd_ptr": "bf16",
+                "rstd_ptr": "fp32", "h_ptr": x}
+    ints = ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]
+    consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": rows, "GATE": gate, "RESIDUAL": residual, "Y_DTYPE": y,
               "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
               "HINT": False, "STORE_XD": True}
-    out.append(compiled(T._norm_quant_kernel, pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"},
-                        consts, 4))
-    if residual:  # the backward of the same shapes
-        pointers = {"gh_ptr": x_dtype, "gn_ptr": "bf16", "h_ptr": x_dtype, "w_ptr": "fp32", "rstd_ptr": "fp32",
-                    "gx_ptr": x_dtype, "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8",
-                    "s_ptr": "fp32"}
-        scalars = {n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}
-        for rows in (False, True):  # and with delta's int8 rows (bitnet::residual_norm_grad_rows)
-            consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": 2, "CHUNK": 32,
-                      "HAS_GH": True, "Y_DTYPE": y, "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16,
-                      "GD_BF16": True, "ROWS": rows, "FLOOR": 1e-30}
-            out.append(compiled(T._residual_norm_grad_kernel, pointers, {**scalars, "inv_k": "fp32"}, consts, 4))
-for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths, launched as the trainer does
+    return typed(pointers, {**{n: "i32" for n in ints}, "eps": "fp32", "inv_k": "fp32"}), consts
+
+def residual_grad_types(k, x, rows, with_rows):
+    y = tl.float32 if x == "fp32" else tl.bfloat16
+    pointers = {"gh_ptr": x, "gn_ptr": "bf16", "h_ptr": x, "w_ptr": "fp32", "rstd_ptr": "fp32", "gx_ptr": x,
+                "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32"}
+    ints = ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]
+    consts = {"K": k, "BLOCK": triton.next_power_of_2(k), "R": rows, "CHUNK": 32, "HAS_GH": True, "Y_DTYPE": y,
+              "Y_BF16": y == tl.bfloat16, "GX_BF16": y == tl.bfloat16, "GD_BF16": True, "ROWS": with_rows,
+              "FLOOR": 1e-30}
+    return typed(pointers, {**{n: "i32" for n in ints}, "inv_k": "fp32"}), consts
+
+def gated_types(f):
     pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32",
                 "d_ptr": "bf16", "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
-    scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
+    ints = ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]
     rows, warps = T.gated_norm_grad_launch(f)
     consts = {"F": f, "F_PAD": f, "BLOCK": f, "CHUNK": rows, "Y_DTYPE": tl.float32, "Y_BF16": False, "D_BF16": True,
               "FLOOR": 1e-30}
-    out.append(compiled(T._gated_norm_grad_kernel, pointers, scalars, consts, warps))
+    return typed(pointers, {**{n: "i32" for n in ints}, "inv_k": "fp32"}), consts, warps
+"""
+
+_COMPILED_NORM_KERNELS = _NORM_KERNEL_TYPES + """
+out = []
+for gate, residual, k, x in json.loads(sys.argv[1]):
+    out.append(accesses(compile_sm90(T._norm_quant_kernel, *norm_quant_types(gate, residual, k, x, 2), 4)))
+    if residual:  # the backward of the same shapes, and with delta's int8 rows (bitnet::residual_norm_grad_rows)
+        out += [accesses(compile_sm90(T._residual_norm_grad_kernel, *residual_grad_types(k, x, 2, rows), 4))
+                for rows in (False, True)]
+for f in (2048, 4096):  # the gated MLP's backward at small's and 700m's widths, launched as the trainer does
+    out.append(accesses(compile_sm90(T._gated_norm_grad_kernel, *gated_types(f))))
 print(json.dumps(out))
 """
 
@@ -1038,44 +1050,24 @@ def test_norm_kernels_compile_for_hopper_with_16_byte_accesses():
         assert set(c) <= allowed, c
 
 
-_ROW_BLOCK_LAYOUTS = """
-def conversions(fn, pointers, scalars, consts, warps, shape):
+_ROW_BLOCK_LAYOUTS = _NORM_KERNEL_TYPES + """
+def conversions(fn, types, consts, warps, shape):
     # layout conversions of whole blocks of rows (through shared memory, with barriers) in fn's TTGIR for sm_90
-    types = {**{n: "*" + t for n, t in pointers.items()}, **scalars}
     ir = compile_sm90(fn, types, consts, warps, stage="ttgir")
     return len(re.findall(rf"convert_layout %\\S+ : tensor<{shape}x", ir))
 
 out = {}
-ints = {n: "i32" for n in ["M", "stride_x", "stride_b", "stride_q", "stride_xd", "stride_h"]}
 for residual, k, rows in [(False, 768, 4), (True, 768, 4), (True, 1536, 2)]:  # the norms before the products
     x = "fp32" if residual else "bf16"
-    pointers = {"x_ptr": x, "b_ptr": "bf16", "w_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32", "xd_ptr": "bf16",
-                "rstd_ptr": "fp32", "h_ptr": x}
-    y = tl.float32 if residual else tl.bfloat16
-    block = triton.next_power_of_2(k)
-    consts = {"K": k, "BLOCK": block, "R": rows, "GATE": False, "RESIDUAL": residual, "Y_DTYPE": y,
-              "Y_BF16": y == tl.bfloat16, "N_DTYPE": tl.float32, "N_BF16": False, "OUT_BF16": True, "DX": 16, "DB": 16,
-              "HINT": False, "STORE_XD": True}
-    out[f"norm_quant {x} {k}"] = conversions(T._norm_quant_kernel, pointers, {**ints, "eps": "fp32", "inv_k": "fp32"},
-                                             consts, 4, f"{rows}x{block}")
-pointers = {"gh_ptr": "fp32", "gn_ptr": "bf16", "h_ptr": "fp32", "w_ptr": "fp32", "rstd_ptr": "fp32", "gx_ptr": "fp32",
-            "gd_ptr": "bf16", "wp_ptr": "fp32", "col_ptr": "fp32", "q_ptr": "i8", "s_ptr": "fp32"}
-scalars = {"inv_k": "fp32",
-           **{n: "i32" for n in ["M", "stride_gh", "stride_gn", "stride_h", "stride_gx", "stride_gd", "stride_q"]}}
+    out[f"norm_quant {x} {k}"] = conversions(T._norm_quant_kernel, *norm_quant_types(False, residual, k, x, rows), 4,
+                                             f"{rows}x{triton.next_power_of_2(k)}")
 for k, rows, warps in [(768, 2, 4), (768, 4, 4), (1536, 4, 4), (1536, 4, 8)]:  # the residual norms' backward
-    block = triton.next_power_of_2(k)
     for with_rows in (False, True):
-        consts = {"K": k, "BLOCK": block, "R": rows, "CHUNK": 32, "HAS_GH": True, "Y_DTYPE": tl.float32,
-                  "Y_BF16": False, "GX_BF16": False, "GD_BF16": True, "ROWS": with_rows, "FLOOR": 1e-30}
         out[f"residual_norm_grad {k} {rows}x{warps} rows={with_rows}"] = conversions(
-            T._residual_norm_grad_kernel, pointers, scalars, consts, warps, f"{rows}x{block}")
-pointers = {"y_ptr": "bf16", "gn_ptr": "bf16", "rstd_ptr": "fp32", "w_ptr": "fp32", "col_ptr": "fp32", "d_ptr": "bf16",
-            "q_ptr": "i8", "s_ptr": "fp32", "wp_ptr": "fp32"}
-scalars = {**{n: "i32" for n in ["M", "stride_y", "stride_gn", "stride_d", "stride_q"]}, "inv_k": "fp32"}
-rows, warps = T.gated_norm_grad_launch(2048)  # the gated MLP's backward at small's width, launched as the trainer does
-consts = {"F": 2048, "F_PAD": 2048, "BLOCK": 2048, "CHUNK": rows, "Y_DTYPE": tl.float32, "Y_BF16": False,
-          "D_BF16": True, "FLOOR": 1e-30}
-out["gated_norm_grad 2048"] = conversions(T._gated_norm_grad_kernel, pointers, scalars, consts, warps, "2048")
+            T._residual_norm_grad_kernel, *residual_grad_types(k, "fp32", rows, with_rows), warps,
+            f"{rows}x{triton.next_power_of_2(k)}")
+# the gated MLP's backward at small's width, launched as the trainer does
+out["gated_norm_grad 2048"] = conversions(T._gated_norm_grad_kernel, *gated_types(2048), "2048")
 print(json.dumps(out))
 """
 

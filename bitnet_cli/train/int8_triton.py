@@ -556,19 +556,21 @@ def _quantize_grad_rows_kernel(p0, p1, p2, stride0, stride1, stride2, col_ptr, q
     _store_rounded(q_ptr + N0 + N1, stride_q, rows, M, g2, s, N2, B2)
 
 
-def _launch_override(variable: str, rows_power_of_two: bool) -> tuple[int, int] | None:
-    """(rows per program, warps) from ``$variable`` as "R,W" (for measurements), or None when it is unset."""
+def _launch_override(variable: str, rows_power_of_two: bool, chunk: bool = False) -> tuple[int, ...] | None:
+    """(rows per program, warps) from ``$variable`` as "R,W" (for measurements), or None when it is unset; with
+    ``chunk``, (rows per block, warps, blocks per program) as "R,W,C"."""
     env = os.environ.get(variable)
     if not env:
         return None
     try:
-        r, w = (int(v) for v in env.split(","))
+        values = tuple(int(v) for v in env.split(","))
     except ValueError:
-        r = w = 0
-    if r < 1 or w < 1 or w & (w - 1) or (rows_power_of_two and r & (r - 1)):
+        values = ()
+    r, w, *c = values if len(values) == 2 + chunk else (0, 0)
+    if min(r, w, *c) < 1 or w & (w - 1) or (rows_power_of_two and r & (r - 1)):
         rows = "powers of two" if rows_power_of_two else "positive integers, warps a power of two"
-        raise BitnetError(f"{variable}={env!r}: expected ROWS,WARPS ({rows})")
-    return r, w
+        raise BitnetError(f"{variable}={env!r}: expected ROWS,WARPS{',CHUNK' if chunk else ''} ({rows})")
+    return values
 
 
 def grad_rows_launch(widths: list[int]) -> tuple[int, int]:
@@ -1011,18 +1013,12 @@ def residual_norm_grad_launch(k: int, with_rows: bool = False) -> tuple[int, int
     a block up to 1,024 columns (small's 768: 0.169 ms a call against 0.277 at four rows), four up to 1,536 (700m:
     0.353 against 0.362 at two), then norm_quant's rows; 32 blocks a program. That sweep ran before the kernel held
     its int8 stores to 8 bytes a thread (blocks of several rows then went through shared memory for every store), so
-    the launches with the rows are to be swept again. Without them, four rows and four blocks a program up to 1,536 (0.158 and
-    0.300 ms against 0.176 and 0.308 at 32 blocks), then norm_quant's rows and 32 blocks. Four warps throughout:
-    eight were slower at every width, up to 2x with the rows. Wider rows were not measured."""
-    env = os.environ.get("BITNET_RNG")
-    if env:
-        try:
-            r, w, c = (int(v) for v in env.split(","))
-        except ValueError:
-            r = w = c = 0
-        if min(r, w, c) < 1 or r & (r - 1) or w & (w - 1):
-            raise BitnetError(f"BITNET_RNG={env!r}: expected ROWS,WARPS,CHUNK (rows and warps powers of two)")
-        return r, w, c
+    the launches with the rows are to be swept again. Without them, four rows and four blocks a program up to 1,536
+    (0.158 and 0.300 ms against 0.176 and 0.308 at 32 blocks), then norm_quant's rows and 32 blocks. Four warps
+    throughout: eight were slower at every width, up to 2x with the rows. Wider rows were not measured."""
+    override = _launch_override("BITNET_RNG", rows_power_of_two=True, chunk=True)
+    if override:
+        return override
     if k > 1536:
         return norm_quant_launch(k)[0], 4, 32
     if with_rows:
@@ -1091,6 +1087,7 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
     col_g = tl.load(col_ptr + c, mask=cols, other=0.0)
     col_u = tl.load(col_ptr + F + c, mask=cols, other=0.0)
     w_acc = tl.zeros([BLOCK], tl.float32)
+    stride_q8 = _at_8_bytes(stride_q)
     first = pid.to(tl.int64) * CHUNK
     # Each row's loads are issued one iteration ahead (held in registers), so that a program keeps two rows' reads in
     # flight: at 4,096 columns a program takes a whole multiprocessor's registers.
@@ -1121,8 +1118,8 @@ def _gated_norm_grad_kernel(y_ptr, gn_ptr, rstd_ptr, w_ptr, col_ptr, d_ptr, q_pt
         tl.store(s_ptr + row, s, mask=inside)
         qg = _int8_values(sg * s)
         qu = _int8_values(su * s)
-        tl.store(q_ptr + row * _at_8_bytes(stride_q) + c, qg.to(tl.int8), mask=mask)
-        tl.store(q_ptr + row * _at_8_bytes(stride_q) + F + c, qu.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * stride_q8 + c, qg.to(tl.int8), mask=mask)
+        tl.store(q_ptr + row * stride_q8 + F + c, qu.to(tl.int8), mask=mask)
     tl.store(wp_ptr + pid * F + c, w_acc, mask=cols)
 
 
