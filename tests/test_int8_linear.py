@@ -1534,20 +1534,20 @@ def test_residual_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, 
 
 
 def test_residual_rows_setting(monkeypatch):
-    """$BITNET_INT8_RESIDUAL_ROWS (off by default) marks o_proj's and down_proj's products ``defer`` only where the int8
-    path's defaults hold (int8 grad_input, bf16 grad_weight, fused norms, cached weights); an unknown value is an
-    error."""
+    """$BITNET_INT8_RESIDUAL_ROWS (on where unset, 0 turns it off) marks o_proj's and down_proj's products ``defer``
+    only where the int8 path's defaults hold (int8 grad_input, bf16 grad_weight, fused norms, cached weights); an
+    unknown value is an error."""
     cfg = BitNetConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1,
                        num_attention_heads=4, num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
 
     def deferred(model):
         return [m.defer for m in model.modules() if isinstance(m, L.Int8Product)].count(True)
 
-    monkeypatch.delenv("BITNET_INT8_RESIDUAL_ROWS", raising=False)
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "0")
     model = BitNetForCausalLM(cfg)
     L.enable(model, True, cache=True)
     assert deferred(model) == 0
-    monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "1")
+    monkeypatch.delenv("BITNET_INT8_RESIDUAL_ROWS")
     for kwargs in ({"int8_grad": False, "cache": True}, {"int8_grad": True, "cache": False},
                    {"int8_grad": True, "cache": True, "int8_weight": True}):
         model = BitNetForCausalLM(cfg)
@@ -1562,11 +1562,12 @@ def test_residual_rows_setting(monkeypatch):
         L.enable(BitNetForCausalLM(cfg), True, cache=True)
 
 
-def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkeypatch):
-    """Where the three switches are unset, enable() turns RESIDUAL_ROWS and ROPE_ROWS on for models wider than
-    WIDE_HIDDEN and FP8_GRAD_WEIGHT too where the device has fp8 tensor cores (here pretended: the CPU has none) and
-    the rest is the path's defaults (int8 grad_input, cached weights, a weight gradient not int8 already); a narrow model keeps them off, a variable set to 0 or 1 wins either way,
-    and enabled_switches() says what was chosen. A wide model trains to the same loss as with the switches set."""
+def test_the_fused_backward_rows_by_default_and_fp8_weight_gradients_for_wide_models(monkeypatch):
+    """Where the three switches are unset, enable() turns RESIDUAL_ROWS and ROPE_ROWS on at every width, and
+    FP8_GRAD_WEIGHT for models wider than WIDE_HIDDEN where the device has fp8 tensor cores (here pretended: the CPU
+    has none), each only where the rest is the path's defaults (int8 grad_input, cached weights, a weight gradient not
+    int8 already); a variable set to 0 or 1 wins either way, and enabled_switches() says what was chosen. A wide model
+    trains to the same loss as with the switches set."""
     for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setattr(L, "_fp8_by_default", False)  # restored after the test, whatever it enabled
@@ -1584,7 +1585,7 @@ def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkey
     L.enable(wide, True, cache=True)
     assert L.enabled_switches(wide) == all_three and L.fp8_grad_weight_enabled()
     L.enable(narrow, True, cache=True)
-    assert L.enabled_switches(narrow) == [] and not L.fp8_grad_weight_enabled()
+    assert L.enabled_switches(narrow) == ["RESIDUAL_ROWS", "ROPE_ROWS"] and not L.fp8_grad_weight_enabled()
     L.enable(wide, True, cache=True, int8_weight=True)  # the int8 weight gradient: no fp8 one, and no error
     assert L.enabled_switches(wide) == []
     for kwargs in ({"int8_grad": True, "cache": False}, {"int8_grad": False, "cache": True}):  # FSDP; bf16 grad_input
@@ -1594,6 +1595,9 @@ def test_wide_models_get_the_fused_backward_rows_and_fp8_weight_gradients(monkey
     monkeypatch.setenv("BITNET_INT8_FP8_GRAD_WEIGHT", "0")
     L.enable(wide, True, cache=True)
     assert L.enabled_switches(wide) == ["RESIDUAL_ROWS"]
+    monkeypatch.setenv("BITNET_INT8_RESIDUAL_ROWS", "0")
+    L.enable(narrow, True, cache=True)
+    assert L.enabled_switches(narrow) == []
     for v in ("BITNET_INT8_RESIDUAL_ROWS", "BITNET_INT8_ROPE_ROWS", "BITNET_INT8_FP8_GRAD_WEIGHT"):
         monkeypatch.setenv(v, "1")
     L.enable(narrow, True, cache=True)
@@ -1734,7 +1738,7 @@ def test_rope_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, kv_h
 
 
 def test_rope_rows_setting(monkeypatch):
-    """$BITNET_INT8_ROPE_ROWS (off by default) marks attention's stacked q/k/v product ``rope_rows`` only where the int8
+    """$BITNET_INT8_ROPE_ROWS (on where unset, 0 turns it off) marks attention's stacked q/k/v product ``rope_rows`` only where the int8
     path's defaults hold (int8 grad_input, bf16 grad_weight, fused residual norms, cached weights) and q/k/v have no
     biases (Qwen2's); never an MLP's; an unknown value is an error."""
     cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
@@ -1743,11 +1747,11 @@ def test_rope_rows_setting(monkeypatch):
     def marked(model):
         return [m.rope_rows for m in model.modules() if isinstance(m, L.Int8Product)].count(True)
 
-    monkeypatch.delenv("BITNET_INT8_ROPE_ROWS", raising=False)
+    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "0")
     model = BitNetForCausalLM(BitNetConfig(**cfg))
     L.enable(model, True, cache=True)
     assert marked(model) == 0
-    monkeypatch.setenv("BITNET_INT8_ROPE_ROWS", "1")
+    monkeypatch.delenv("BITNET_INT8_ROPE_ROWS")
     for kwargs in ({"int8_grad": False, "cache": True}, {"int8_grad": True, "cache": False},
                    {"int8_grad": True, "cache": True, "int8_weight": True}):
         L.enable(model, **kwargs)

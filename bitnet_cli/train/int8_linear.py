@@ -65,10 +65,10 @@ torch.compile. BitNet's MLP (relu2 and a sub-norm) goes one step further (:meth:
 gate/up product, relu2 and the sub-norm are one autograd function (:class:`_GatedProduct`), whose backward forms gate's
 and up's output gradients and their int8 rows in one kernel (``bitnet::gated_norm_grad``) instead of torch ops and then
 ``bitnet::quantize_grad_rows``; ``$BITNET_INT8_GATED_GRAD=0`` leaves that to :class:`_NormQuant` (wider than
-``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). On wide models (:func:`wide_model`, or where the
-variables below are 1), o_proj's and down_proj's output gradients get the same treatment from the residual norm after
-them (``$BITNET_INT8_RESIDUAL_ROWS=1``, :class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward
-(``$BITNET_INT8_ROPE_ROWS=1``: the q/k/v product and RoPE as one autograd function, :class:`_RotaryProduct`,
+``GATED_MAX_WIDTH`` only with ``$BITNET_INT8_GATED_WIDE=1``). Likewise (unless the variables below are 0),
+o_proj's and down_proj's output gradients get the same treatment from the residual norm after
+them (``$BITNET_INT8_RESIDUAL_ROWS``, :class:`_ProductResidualNormQuant`), and q/k/v's from RoPE's backward
+(``$BITNET_INT8_ROPE_ROWS``: the q/k/v product and RoPE as one autograd function, :class:`_RotaryProduct`,
 whose backward is one kernel, ``bitnet::rope_grad_rows``, reached through model._residual_attention_heads).
 The products are one custom op,
 ``bitnet::int8_mm``: a Triton kernel on CUDA, and on other devices :func:`int8_mm_reference`,
@@ -756,14 +756,14 @@ class _ResidualNormQuant(torch.autograd.Function):
         return grad_x, grad_delta, grad_w if ctx.needs_input_grad[2] else None, None, None
 
 
-def residual_rows_enabled(wide: bool = False) -> bool:
-    """``$BITNET_INT8_RESIDUAL_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` lets o_proj's
+def residual_rows_enabled() -> bool:
+    """``$BITNET_INT8_RESIDUAL_ROWS`` (on where unset; ``0`` turns it off): whether :func:`enable` lets o_proj's
     and down_proj's products (:attr:`Int8Product.defer`) hand the residual norm after them their rounded input
     (:class:`RoundedInput`) instead of their output, so that one autograd function (:class:`_ProductResidualNormQuant`)
     owns the product and the norm and its backward rounds the product's output gradient (the stream's) in the norm's
     backward kernel (``bitnet::residual_norm_grad_rows``) instead of a ``bitnet::quantize_grad_rows`` pass of its
     own."""
-    return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="1" if wide else "0")
+    return env_switch("BITNET_INT8_RESIDUAL_ROWS", default="1")
 
 
 class RoundedInput(NamedTuple):
@@ -1008,13 +1008,13 @@ def _(dq, dk, dv, cos, sin, col_scale, dtype):
             dq.new_empty((b * t,), dtype=torch.float32))
 
 
-def rope_rows_enabled(wide: bool = False) -> bool:
-    """``$BITNET_INT8_ROPE_ROWS`` (unset: ``wide``, see :func:`wide_model`): whether :func:`enable` gives attention's
+def rope_rows_enabled() -> bool:
+    """``$BITNET_INT8_ROPE_ROWS`` (on where unset; ``0`` turns it off): whether :func:`enable` gives attention's
     stacked q/k/v product RoPE too (:meth:`Int8Product.rotary`, :class:`_RotaryProduct`), so that RoPE's backward and
     the rounding of q/k/v's output gradient are one kernel (``bitnet::rope_grad_rows``: SDPA's gradients read once)
     instead of torch's RoPE backward (inductor's kernel under torch.compile) and then a ``bitnet::quantize_grad_rows``
     pass."""
-    return env_switch("BITNET_INT8_ROPE_ROWS", default="1" if wide else "0")
+    return env_switch("BITNET_INT8_ROPE_ROWS", default="1")
 
 
 def _rope_rows(owner: nn.Module, projs: list[nn.Module]) -> bool:
@@ -1300,13 +1300,12 @@ def _shared_input_groups(model: nn.Module) -> list[tuple[nn.Module, list[nn.Modu
     return groups
 
 
-# The hidden size above which the matmuls dominate a step enough that three parts of the backward pay for themselves:
-# o_proj's and down_proj's output gradients rounded in the residual norm's backward ($BITNET_INT8_RESIDUAL_ROWS),
-# q/k/v's in RoPE's ($BITNET_INT8_ROPE_ROWS), and the weight gradients on fp8 tensor cores
-# ($BITNET_INT8_FP8_GRAD_WEIGHT). On one H100 (benchmarks/RESULTS.md, session 25) the three took 700m (hidden 1536)
-# from 0.831x of bf16's step to 0.791x, and small.yaml (hidden 768) from 0.954x to 1.093x: there the casts and the
-# wider kernels cost more than they save. On one H200 (session 26) with them: 700m 0.783x, 1.3b (hidden 2048) 0.754x;
-# small.yaml 0.957x with the two row fusions and 1.017x with fp8, against plain int8's 0.911x.
+# The hidden size above which the matmuls dominate a step enough that the weight gradients on fp8 tensor cores
+# ($BITNET_INT8_FP8_GRAD_WEIGHT) pay for their casts. On one H100 (benchmarks/RESULTS.md, session 25) fp8 and the two
+# row fusions took 700m (hidden 1536) from 0.831x of bf16's step to 0.791x, and small.yaml (hidden 768) from 0.954x
+# to 1.093x; on one H200 (session 26) 700m 0.783x, 1.3b (hidden 2048) 0.754x, small.yaml 1.017x against plain int8's
+# 0.911x. The row fusions ($BITNET_INT8_RESIDUAL_ROWS, $BITNET_INT8_ROPE_ROWS) are on at every width since their
+# kernels' layouts and launches were fixed: small.yaml 0.931x against 0.954x on one H100 (session 32).
 WIDE_HIDDEN = 1024
 
 # Whether fp8_grad_weight_enabled() is on where its variable is unset: set by the last enable() (the weight gradient
@@ -1342,9 +1341,8 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     if int8_weight and env_switch("BITNET_INT8_FP8_GRAD_WEIGHT", default="0"):  # set explicitly: a conflict
         raise BitnetError("train.int8_grad_weight: on and BITNET_INT8_FP8_GRAD_WEIGHT=1 both choose the weight "
                           "gradient's product: keep one")
-    wide = wide_model(model)
     # on by default only where it was measured: the path's defaults (cached weights, so not FSDP; int8 grad_input)
-    _fp8_by_default = (wide and cache and int8_grad and not int8_weight
+    _fp8_by_default = (wide_model(model) and cache and int8_grad and not int8_weight
                        and fp8_capable(next(model.parameters()).device))
     fused = set()
     rnq = residual_norm_quant_enabled()
@@ -1362,11 +1360,11 @@ def enable(model: nn.Module, int8_grad: bool, cache: bool, int8_weight: bool = F
     # The fused backwards below assume the path's defaults: int8 grad_input, grad_weight from X~ (_grad_weights: bf16
     # or fp8, not the int8 one), cached weights, fused residual norms (and, for those that round a sub-norm's product, fused sub-norms).
     if rnq and int8_grad and cache and not int8_weight:
-        rope, gated = rope_rows_enabled(wide), nq and gated_grad_enabled()
+        rope, gated = rope_rows_enabled(), nq and gated_grad_enabled()
         for owner, projs in groups:
             owner.int8_fused.rope_rows = rope and _rope_rows(owner, projs)
             owner.int8_fused.gated_mlp = gated and _gated_mlp(owner, projs)
-        if nq and residual_rows_enabled(wide):
+        if nq and residual_rows_enabled():
             for m in model.modules():
                 proj = getattr(m, getattr(m, "residual_output", ""), None)
                 if (isinstance(proj, BitLinear) and proj.scale_op is None and proj.rms_norm is None

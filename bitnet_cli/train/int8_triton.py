@@ -1327,11 +1327,10 @@ def _rope_grad_rows_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, col_ptr, d_
 
 def rope_grad_rows_launch() -> tuple[int, int]:
     """(tokens per program, warps) of :func:`rope_grad_rows`: ``$BITNET_RGR`` as "R,W" overrides (measurements), else
-    one token a program on 8 warps (a token's q, k and v at 700m's 16 heads x 96 and 1.3b's 32 x 64: 6,144 lanes with
-    the halves padded to powers of two). Not measured on a GPU yet; chosen by occupancy (sm_90, ptxas): 64-70
-    registers a thread, four programs a multiprocessor, against 97 and two with 4 tokens a program (the column scales
-    then loaded once for the four) and 110-116 and four programs of 4 warps with one token."""
-    return _launch_override("BITNET_RGR", rows_power_of_two=False) or (1, 8)
+    one token a program on 4 warps, the fastest launch at every model measured: on an H100 (benchmarks/RESULTS.md,
+    session 32) 0.133 ms a call at small's 12 heads x 64 (0.177 on 8 warps, 0.163-0.198 with 2-8 tokens a program),
+    0.278 at 700m's 16 x 96 (0.287) and 0.327 at 1.3b's 32 x 64 (0.357), at 32,768 tokens."""
+    return _launch_override("BITNET_RGR", rows_power_of_two=False) or (1, 4)
 
 
 def rope_grad_rows(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
