@@ -1349,12 +1349,14 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: str, passed) -> None:
-    """One op's checks (``checks``: result key -> function giving its rows), then its launch sweep over the
-    comma-separated ``models``; the results written after each stage; exits 0 when ``passed(result)``."""
+def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: str, passed,
+                      skip_checks: bool = False) -> None:
+    """One op's checks (``checks``: result key -> function giving its rows; none with ``skip_checks``), then its
+    launch sweep over the comma-separated ``models``; the results written after each stage; exits 0 when
+    ``passed(result)`` (a check skipped counts as no rows)."""
     result = {"gpu": torch.cuda.get_device_name()}
     for key, check in checks.items():
-        result[key] = check()
+        result[key] = [] if skip_checks else check()
         write_json(path, result)
     result[sweep_key] = sweep([m for m in models.split(",") if m])
     write_json(path, result)
@@ -1367,7 +1369,8 @@ def main():
     ap.add_argument("--models", default=",".join(SHAPES), help="the shapes to time (SHAPES' names)")
     ap.add_argument("--skip-tiles", action="store_true", help="leave out the per-tile exactness cases (EXACT_CASES)")
     ap.add_argument("--tiles", default="", help="models whose products also time each candidate tile (sweep_tiles)")
-    ap.add_argument("--skip-checks", action="store_true", help="only the timings (the checks need a CPU reference)")
+    ap.add_argument("--skip-checks", action="store_true", help="only the timings (the checks need a CPU reference); "
+                    "with --norm-quant, --residual-norm, --gated, --rope or --grad-weight: their launch sweeps alone")
     ap.add_argument("--grad-rows", default="", help="models whose output-gradient shapes time quantize_grad_rows' launches")
     ap.add_argument("--norm-quant", default="", help="models whose sub-norm shapes time norm_quant's launches, after "
                     "norm_quant's checks (alone)")
@@ -1397,11 +1400,11 @@ def main():
         return
     if args.grad_weight:
         checks_then_sweep(args.out, {"grad_weight": check_grad_weight}, "grad_weight_sweep", sweep_grad_weight,
-                          args.grad_weight, lambda r: all(x["bit_exact"] for x in r["grad_weight"]))
+                          args.grad_weight, lambda r: all(x["bit_exact"] for x in r["grad_weight"]), args.skip_checks)
     if args.norm_quant:
         checks_then_sweep(args.out, {"norm_quant": check_norm_quant, "norm_quant_autograd": check_norm_quant_autograd},
                           "norm_quant_sweep", sweep_norm_quant, args.norm_quant,
-                          lambda r: all(x["bit_exact"] for x in r["norm_quant"] if x["exact_sums"]))
+                          lambda r: all(x["bit_exact"] for x in r["norm_quant"] if x["exact_sums"]), args.skip_checks)
     if args.residual_norm:
         def residual_norm_passed(r: dict) -> bool:
             checks, grads = r["residual_norm_quant"], r["residual_norm_grad"]
@@ -1412,15 +1415,18 @@ def main():
         checks_then_sweep(args.out, {"residual_norm_quant": check_residual_norm_quant,
                                      "residual_norm_grad": check_residual_norm_grad,
                                      "residual_norm_autograd": check_residual_norm_autograd},
-                          "residual_norm_sweep", sweep_residual_norm_quant, args.residual_norm, residual_norm_passed)
+                          "residual_norm_sweep", sweep_residual_norm_quant, args.residual_norm, residual_norm_passed,
+                          args.skip_checks)
     if args.gated:
         checks_then_sweep(args.out, {"gated_norm_grad": check_gated_norm_grad, "gated_autograd": check_gated_autograd},
                           "gated_sweep", sweep_gated_norm_grad, args.gated,
-                          lambda r: all(x["bit_exact"] for x in r["gated_norm_grad"] if x["exact_sums"]))
+                          lambda r: all(x["bit_exact"] for x in r["gated_norm_grad"] if x["exact_sums"]), args.skip_checks)
     if args.rope:
         checks_then_sweep(args.out, {"rope_grad_rows": check_rope_grad_rows, "rope_autograd": check_rope_autograd},
                           "rope_sweep", sweep_rope_grad_rows, args.rope,
-                          lambda r: all(x.get("bit_exact", True) for x in r["rope_grad_rows"] + r["rope_sweep"]))  # "replaced": a time
+                          # the sweep's "replaced" row is a time, not a check
+                          lambda r: all(x.get("bit_exact", True) for x in r["rope_grad_rows"] + r["rope_sweep"]),
+                          args.skip_checks)
     if args.residual_grad:
         result = {"gpu": torch.cuda.get_device_name(),
                   "residual_grad_sweep": sweep_residual_norm_grad([m for m in args.residual_grad.split(",") if m])}
