@@ -1738,9 +1738,9 @@ def test_rope_rows_give_the_models_loss_and_gradients_bit_for_bit(autocast, kv_h
 
 
 def test_rope_rows_setting(monkeypatch):
-    """$BITNET_INT8_ROPE_ROWS (on where unset, 0 turns it off) marks attention's stacked q/k/v product ``rope_rows`` only where the int8
-    path's defaults hold (int8 grad_input, bf16 grad_weight, fused residual norms, cached weights) and q/k/v have no
-    biases (Qwen2's); never an MLP's; an unknown value is an error."""
+    """$BITNET_INT8_ROPE_ROWS (on where unset, 0 turns it off) marks attention's stacked q/k/v product ``rope_rows``
+    only where the int8 path's defaults hold (int8 grad_input, bf16 grad_weight, fused residual norms, cached weights)
+    and q/k/v have no biases (Qwen2's); never an MLP's; an unknown value is an error."""
     cfg = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                num_key_value_heads=2, bos_token_id=None, eos_token_id=None)
 
