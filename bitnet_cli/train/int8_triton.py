@@ -1011,9 +1011,9 @@ def residual_norm_grad_launch(k: int, with_rows: bool = False) -> tuple[int, int
     (residual_norm_grad_rows) or not: ``$BITNET_RNG`` as "R,W,C" overrides (measurements), else the fastest launches
     of an H100 sweep (benchmarks/RESULTS.md, session 31; ``int8_kernels.py --residual-grad``). With the rows, one row
     a block up to 1,024 columns (small's 768: 0.169 ms a call against 0.277 at four rows), four up to 1,536 (700m:
-    0.353 against 0.362 at two), then norm_quant's rows; 32 blocks a program. That sweep ran before the kernel held
-    its int8 stores to 8 bytes a thread (blocks of several rows then went through shared memory for every store), so
-    the launches with the rows are to be swept again. Without them, four rows and four blocks a program up to 1,536
+    0.353 against 0.362 at two), then norm_quant's rows; 32 blocks a program. Swept again after the kernel held its
+    int8 stores to 8 bytes a thread (session 32): the same launches, within 1.5% of the fastest (768 with the rows:
+    0.167 ms, four rows 0.18-0.22). Without them, four rows and four blocks a program up to 1,536
     (0.158 and 0.300 ms against 0.176 and 0.308 at 32 blocks), then norm_quant's rows and 32 blocks. Four warps
     throughout: eight were slower at every width, up to 2x with the rows. Wider rows were not measured."""
     override = _launch_override("BITNET_RNG", rows_power_of_two=True, chunk=True)
