@@ -52,10 +52,6 @@ class Source:
     def model_type(self) -> str:
         return self.config.get("model_type")
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.path
-
     def read(self, name: str) -> torch.Tensor:
         """One tensor as float32 (bf16/f16 widened exactly)."""
         from bitnet_cli.checkpoint import Checkpoint
