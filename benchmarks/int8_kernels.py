@@ -65,6 +65,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -1349,6 +1350,18 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def warm_up(seconds: float = 3.0) -> None:
+    """bf16 products for ``seconds``, so that a sweep that is a process's first GPU work is not timed while the clocks
+    climb from idle: with ``--skip-checks`` the first rows of session 33's norm_quant sweep on an H200 (small's 768)
+    came out 2-3x slower than the H100's of session 29, the rows after them faster (benchmarks/RESULTS.md)."""
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
+
+
 def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: str, passed,
                       skip_checks: bool = False) -> None:
     """One op's checks (``checks``: result key -> function giving its rows; none with ``skip_checks``), then its
@@ -1358,6 +1371,8 @@ def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: st
     for key, check in checks.items():
         result[key] = [] if skip_checks else check()
         write_json(path, result)
+    if skip_checks:
+        warm_up()
     result[sweep_key] = sweep([m for m in models.split(",") if m])
     write_json(path, result)
     sys.exit(0 if passed(result) else 1)
