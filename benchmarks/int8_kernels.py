@@ -1351,9 +1351,10 @@ def write_json(path: str, result: dict) -> None:
 
 
 def warm_up(seconds: float = 3.0) -> None:
-    """bf16 products for ``seconds``, so that a sweep that is a process's first GPU work is not timed while the clocks
-    climb from idle: with ``--skip-checks`` the first rows of session 33's norm_quant sweep on an H200 (small's 768)
-    came out 2-3x slower than the H100's of session 29, the rows after them faster (benchmarks/RESULTS.md)."""
+    """bf16 products for ``seconds``, so that the first timings of a process (every mode's, the sweeps run alone and
+    those after ``--skip-checks`` included) are not taken while the clocks climb from idle: the first rows of session
+    33's norm_quant sweep on an H200 (small's 768, with ``--skip-checks``) came out 2-3x slower than the H100's of
+    session 29, the rows after them faster (benchmarks/RESULTS.md)."""
     a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -1371,8 +1372,6 @@ def checks_then_sweep(path: str, checks: dict, sweep_key: str, sweep, models: st
     for key, check in checks.items():
         result[key] = [] if skip_checks else check()
         write_json(path, result)
-    if skip_checks:
-        warm_up()
     result[sweep_key] = sweep([m for m in models.split(",") if m])
     write_json(path, result)
     sys.exit(0 if passed(result) else 1)
@@ -1406,6 +1405,7 @@ def main():
     ap.add_argument("--offered", action="store_true", help="--tma-variants: the autotuning list's tiles alone")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__)
+    warm_up()
     if args.tma_variants:
         sweep_tma_variants([m for m in args.tma_variants.split(",") if m], args.out, args.offered)
         return
