@@ -386,10 +386,11 @@ def test_the_compiled_token_loss_is_the_eager_one():
 def test_cuda_graph_training_keeps_gradients_allocated_and_marks_each_micro_batch(tmp_path, monkeypatch):
     """$BITNET_COMPILE_MODE=reduce-overhead (CUDA graphs): each micro-batch's forward starts a new replay
     (cudagraph_mark_step_begin) and .grad stays allocated, so that a replay's output is added into it rather than kept
-    as it (the next replay would overwrite it); the same losses as the default mode. torch.compile is stubbed out:
-    the bookkeeping is the loop's, and a CPU has no CUDA graphs."""
-    marks, cleared = [], []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    as it (the next replay would overwrite it); the same losses as the default mode. The graphs take the model and
+    its loss as one module (loop._ModelLoss): a logits' gradient made outside them would be copied into their input at
+    every replay. torch.compile is stubbed out: the bookkeeping is the loop's, and a CPU has no CUDA graphs."""
+    marks, cleared, compiled = [], [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append((type(fn).__name__, kw.get("mode"))), fn)[1])
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     zero_grad = torch.optim.Optimizer.zero_grad
     monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",
@@ -402,3 +403,4 @@ def test_cuda_graph_training_keeps_gradients_allocated_and_marks_each_micro_batc
     graphs = train(r("graphs"), out_dir=tmp_path / "graphs", progress=False)
     assert len(marks) == 3 * 2 and cleared == [True] * 3 + [False] * 3
     assert graphs.train_loss == default.train_loss
+    assert ("_ModelLoss", "reduce-overhead") in compiled

@@ -13,6 +13,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -408,6 +409,20 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
+class _ModelLoss(torch.nn.Module):
+    """The model and :func:`token_loss` as one module, so that torch.compile makes them one graph: under CUDA graphs
+    (train.cuda_graphs) a gradient made outside the model's graph, the logits' from a separately compiled loss, is
+    copied into the graph's static input at every replay (2 GiB a micro-batch at small.yaml's 32k tokens and 32k
+    vocabulary: 7 ms of a 227 ms step on an H100, benchmarks/RESULTS.md, session 34); inside it, nothing is."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return token_loss(self.model(x), y)
+
+
 @dataclass
 class _Run:
     """A run's model, optimiser, data and teacher, and what one step, an evaluation and a save do."""
@@ -424,6 +439,7 @@ class _Run:
     fwd: torch.nn.Module  # the model as called (compiled or not)
     tfwd: torch.nn.Module | None  # the distillation teacher as called
     loss_fn: object  # token_loss as called (compiled or not)
+    fwd_loss: Callable  # (x, y) -> loss for a step without a teacher: _ModelLoss (compiled or not) on one process
     opt: torch.optim.Optimizer
     start_step: int
     prior_seconds: float
@@ -482,8 +498,13 @@ class _Run:
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
         tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
         loss_fn = torch.compile(token_loss) if t.compile else token_loss
-        return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, loss_fn, opt,
-                   start_step, prior_seconds, bool(int8 and int8_cache), mode == "reduce-overhead")
+        if info.enabled:  # DDP and FSDP keep their wrapper compiled alone (no CUDA graphs there), the loss beside it
+            def fwd_loss(x, y):
+                return loss_fn(fwd(x), y)
+        else:
+            fwd_loss = torch.compile(_ModelLoss(model), mode=mode) if t.compile else _ModelLoss(model)
+        return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, loss_fn, fwd_loss,
+                   opt, start_step, prior_seconds, bool(int8 and int8_cache), mode == "reduce-overhead")
 
     @property
     def autocast(self):
@@ -525,9 +546,11 @@ class _Run:
             if self.cuda_graphs:  # a new replay of the model's graphs: the previous one's outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()
             with ctx, self.autocast:
-                logits = self.fwd(x)
-                loss = self.loss_fn(logits, y)
-                if self.tfwd is not None:
+                if self.tfwd is None:
+                    loss = self.fwd_loss(x, y)
+                else:
+                    logits = self.fwd(x)
+                    loss = self.loss_fn(logits, y)
                     with torch.no_grad():
                         teacher_logits = self.tfwd(x)
                     kd = distill_loss(logits, teacher_logits, dist.temperature)
