@@ -404,3 +404,35 @@ def test_cuda_graph_training_keeps_gradients_allocated_and_marks_each_micro_batc
     assert len(marks) == 3 * 2 and cleared == [True] * 3 + [False] * 3
     assert graphs.train_loss == default.train_loss
     assert ("_ModelLoss", "reduce-overhead") in compiled
+
+
+def test_the_compiled_training_loss_is_the_eager_one_with_and_without_a_teacher():
+    """train.compile compiles the model, its loss and the distillation teacher as one module (loop._ModelLoss, one
+    graph, so that CUDA graphs copy nothing into the backward): compiled by inductor (on the CPU here), the same loss,
+    parts and gradients as eager torch, with a teacher and without one."""
+    from bitnet_cli.model import BitNetConfig, BitNetForCausalLM
+    from bitnet_cli.train.loop import _ModelLoss
+
+    def config(quant):
+        return BitNetConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2, quant=quant)
+
+    torch.manual_seed(0)
+    student, teacher = BitNetForCausalLM(config("bitnet")), BitNetForCausalLM(config("none")).requires_grad_(False)
+    x, y = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    for with_teacher in (False, True):
+        results = []
+        for compiled in (False, True):
+            module = _ModelLoss(student, teacher if with_teacher else None, alpha=0.3, temperature=2.0)
+            student.zero_grad(set_to_none=True)
+            loss, parts = (torch.compile(module) if compiled else module)(x, y)
+            loss.backward()
+            results.append((loss.detach(), parts, [p.grad.clone() for p in student.parameters()]))
+        (loss_e, parts_e, grads_e), (loss_c, parts_c, grads_c) = results
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+        assert (parts_e is None) == (parts_c is None) == (not with_teacher)
+        if with_teacher:
+            torch.testing.assert_close(parts_c, parts_e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(loss_e, 0.7 * parts_e[0] + 0.3 * parts_e[1], rtol=1e-6, atol=0)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)

@@ -409,18 +409,35 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "me
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
+def training_loss(student, teacher, x: torch.Tensor, y: torch.Tensor, alpha: float, temperature: float,
+                  ce=token_loss) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A micro-batch's training loss and its parts: the next-token cross-entropy (``ce``: token_loss, or it compiled
+    alone), and with a distillation teacher ``(1 - alpha) * CE + alpha * KD`` (:func:`distill_loss`, the teacher's
+    forward without gradients). Returns ``(loss, parts)``, parts ``[CE, KD]`` detached where there is a teacher."""
+    logits = student(x)
+    loss = ce(logits, y)
+    if teacher is None:
+        return loss, None
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    kd = distill_loss(logits, teacher_logits, temperature)
+    return (1 - alpha) * loss + alpha * kd, torch.stack([loss.detach(), kd.detach()])
+
+
 class _ModelLoss(torch.nn.Module):
-    """The model and :func:`token_loss` as one module, so that torch.compile makes them one graph: under CUDA graphs
-    (train.cuda_graphs) a gradient made outside the model's graph, the logits' from a separately compiled loss, is
-    copied into the graph's static input at every replay (2 GiB a micro-batch at small.yaml's 32k tokens and 32k
-    vocabulary: 7 ms of a 227 ms step on an H100, benchmarks/RESULTS.md, session 34); inside it, nothing is."""
+    """The model, its loss and the distillation teacher (if any) as one module (:func:`training_loss`), so that
+    torch.compile makes them one graph: under CUDA graphs (train.cuda_graphs) a tensor made outside the model's graphs
+    is copied into their static input at every replay, and the logits' gradient from a separately compiled loss was
+    such a tensor (2 GiB a micro-batch at small.yaml's 32k tokens and 32k vocabulary: 7 ms of a 227 ms step on an H100,
+    benchmarks/RESULTS.md, session 34). Inside one graph, nothing is copied."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, teacher: torch.nn.Module | None, alpha: float, temperature: float):
         super().__init__()
-        self.model = model
+        self.model, self.teacher = model, teacher
+        self.alpha, self.temperature = alpha, temperature
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return token_loss(self.model(x), y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return training_loss(self.model, self.teacher, x, y, self.alpha, self.temperature)
 
 
 @dataclass
@@ -436,10 +453,10 @@ class _Run:
     tok_cfg: dict
     config: BitNetConfig
     model: torch.nn.Module  # as wrapped for DDP/FSDP
-    fwd: torch.nn.Module  # the model as called (compiled or not)
-    tfwd: torch.nn.Module | None  # the distillation teacher as called
-    loss_fn: object  # token_loss as called (compiled or not)
-    fwd_loss: Callable  # (x, y) -> loss for a step without a teacher: _ModelLoss (compiled or not) on one process
+    fwd: torch.nn.Module  # the model as called for evaluation (compiled or not)
+    loss_fn: object  # token_loss as called for evaluation (compiled or not)
+    fwd_loss: Callable  # (x, y) -> (loss, parts) of a training micro-batch (training_loss; _ModelLoss on one process)
+    distilling: bool  # a distillation teacher: the steps log ce_loss and distill_loss
     opt: torch.optim.Optimizer
     start_step: int
     prior_seconds: float
@@ -496,15 +513,19 @@ class _Run:
             say("the compiled step under CUDA graphs (train.cuda_graphs)")
         fwd = torch.compile(model, mode=mode) if t.compile else model
         teacher = _teacher(recipe, teacher_src, config, device, info, say)
-        tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
         loss_fn = torch.compile(token_loss) if t.compile else token_loss
-        if info.enabled:  # DDP and FSDP keep their wrapper compiled alone (no CUDA graphs there), the loss beside it
+        alpha, temperature = recipe.distill.alpha, recipe.distill.temperature
+        if info.enabled:  # DDP and FSDP keep their wrappers compiled alone (no CUDA graphs there), the loss beside them
+            tfwd = torch.compile(teacher) if (teacher is not None and t.compile) else teacher
+
             def fwd_loss(x, y):
-                return loss_fn(fwd(x), y)
+                return training_loss(fwd, tfwd, x, y, alpha, temperature, ce=loss_fn)
         else:
-            fwd_loss = torch.compile(_ModelLoss(model), mode=mode) if t.compile else _ModelLoss(model)
-        return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, tfwd, loss_fn, fwd_loss,
-                   opt, start_step, prior_seconds, bool(int8 and int8_cache), mode == "reduce-overhead")
+            fwd_loss = _ModelLoss(model, teacher, alpha, temperature)
+            fwd_loss = torch.compile(fwd_loss, mode=mode) if t.compile else fwd_loss
+        return cls(recipe, out_dir, device, info, data, tok, tok_cfg, config, model, fwd, loss_fn, fwd_loss,
+                   teacher is not None, opt, start_step, prior_seconds, bool(int8 and int8_cache),
+                   mode == "reduce-overhead")
 
     @property
     def autocast(self):
@@ -520,7 +541,7 @@ class _Run:
 
     def train_step(self, step: int, steps: int) -> dict:
         """One optimiser step (all micro-batches); its lr, weight decay, lambda and loss tensors."""
-        t, o, info, device, dist = self.recipe.train, self.recipe.optim, self.info, self.device, self.recipe.distill
+        t, o, info, device = self.recipe.train, self.recipe.optim, self.info, self.device
         lr, wd = lr_at(o, step, steps), weight_decay_at(o, step, steps)
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -546,16 +567,9 @@ class _Run:
             if self.cuda_graphs:  # a new replay of the model's graphs: the previous one's outputs are consumed
                 torch.compiler.cudagraph_mark_step_begin()
             with ctx, self.autocast:
-                if self.tfwd is None:
-                    loss = self.fwd_loss(x, y)
-                else:
-                    logits = self.fwd(x)
-                    loss = self.loss_fn(logits, y)
-                    with torch.no_grad():
-                        teacher_logits = self.tfwd(x)
-                    kd = distill_loss(logits, teacher_logits, dist.temperature)
-                    step_parts += torch.stack([loss.detach(), kd.detach()]) / t.grad_accum
-                    loss = (1 - dist.alpha) * loss + dist.alpha * kd
+                loss, parts = self.fwd_loss(x, y)
+            if parts is not None:
+                step_parts += parts / t.grad_accum
             (loss / t.grad_accum).backward()
             step_loss += loss.detach() / t.grad_accum
         if o.grad_clip is not None:
@@ -629,7 +643,7 @@ class _Run:
                         row["mfu"] = round(fpt * tps / (peak * info.world), 4)
                     if recipe.quant.warmup_steps:
                         row["quant_lambda"] = round(s["lam"], 6)
-                    if self.tfwd is not None:
+                    if self.distilling:
                         parts = (D.all_reduce_sum(s["parts"].float().clone(), info) / info.world).tolist()
                         row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
                     _append_metrics(metrics_path, row, info)
