@@ -390,7 +390,8 @@ def test_cuda_graph_training_keeps_gradients_allocated_and_marks_each_micro_batc
     its loss as one module (loop._ModelLoss): a logits' gradient made outside them would be copied into their input at
     every replay. torch.compile is stubbed out: the bookkeeping is the loop's, and a CPU has no CUDA graphs."""
     marks, cleared, compiled = [], [], []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: (compiled.append((type(fn).__name__, kw.get("mode"))), fn)[1])
+    monkeypatch.setattr(torch, "compile",
+                        lambda fn, **kw: (compiled.append((type(fn).__name__, kw.get("mode"))), fn)[1])
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     zero_grad = torch.optim.Optimizer.zero_grad
     monkeypatch.setattr(torch.optim.Optimizer, "zero_grad",

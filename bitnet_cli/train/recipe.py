@@ -202,8 +202,8 @@ class TrainSpec(_Strict):
         "pools. auto: on where the int8 matmuls run (their many small kernels leave the step partly host-bound: on "
         "four H100s small.yaml's int8 step took 0.227-0.261 s without graphs and 0.233-0.237 s under them, "
         "benchmarks/RESULTS.md sessions 27-28), off elsewhere (the bf16 step took as long with graphs as without them, "
-        "0.2438 s against 0.2439-0.2445 on an H100, session 34); on: whenever compile runs on one CUDA GPU; off: never. "
-        "Not under torchrun.")
+        "0.2438 s against 0.2439-0.2445 on an H100, session 34); on: whenever compile runs on one CUDA GPU; off: "
+        "never. Not under torchrun.")
     distributed: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DistributedDataParallel, "
                                                                    "or FSDP (fully_shard) for large shapes.")
 
