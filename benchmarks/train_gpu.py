@@ -40,7 +40,8 @@ by default) and ``BITNET_COMPILE_MODE`` torch.compile's mode; each run's JSON re
 
 ``--profile`` also traces two optimiser steps of each run (the two before the timed windows, so
 the figures above stay untraced) and reports per step: the wall time, the GPU's busy time by kind
-of kernel (benchmarks/profile_step.py's kinds), the time the GPU sat idle, and the top kernels.
+of kernel (benchmarks/profile_step.py's kinds), the time the GPU sat idle, the top kernels, and where the idle
+time fell (the kernels before and after each wait of 10 us or more).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def traced_steps(steps: int, record: dict):
 
     original = loop._Run.train_step
     traced = (steps // 2 - 2, steps // 2 - 1)
-    walls, kinds, kernels = [], {}, {}
+    walls, kinds, kernels, gaps = [], {}, {}, {}
 
     def train_step(self, step, total):
         if step not in traced:
@@ -109,6 +110,7 @@ def traced_steps(steps: int, record: dict):
             out = original(self, step, total)
             sync()
             walls.append(time.perf_counter() - t0)
+        idle_gaps(prof, gpu, gaps)
         for e in prof.key_averages():
             us = e.device_time_total if gpu else e.self_cpu_time_total
             if us > 0:
@@ -123,11 +125,32 @@ def traced_steps(steps: int, record: dict):
                            "kinds_ms": {k: round(v / n, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                            # every kernel of 0.05 ms a step or more: [name, ms, launches] per step
                            "top_kernels_ms": [[k[:120], round(ms / n, 3), calls // n] for k, (ms, calls) in
-                                              sorted(kernels.items(), key=lambda kv: -kv[1][0]) if ms / n >= 0.05]})
+                                              sorted(kernels.items(), key=lambda kv: -kv[1][0]) if ms / n >= 0.05],
+                           # where the GPU waited: [kernel before, kernel after, ms, gaps] per step, by total
+                           "idle_gaps_ms": [[a[:80], b[:80], round(ms / n, 3), count / n] for (a, b), (ms, count) in
+                                            sorted(gaps.items(), key=lambda kv: -kv[1][0])[:15]]})
         return out
 
     loop._Run.train_step = train_step
     return lambda: setattr(loop._Run, "train_step", original)
+
+
+def idle_gaps(prof, gpu: bool, gaps: dict, least_us: float = 10.0) -> None:
+    """Add the traced step's idle stretches of ``least_us`` or more to ``gaps``, keyed by the kernels on either
+    side: (before, after) -> (ms, count). Kernels on several streams may overlap; a gap is time no kernel runs."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if (e.device_type == DeviceType.CUDA) == gpu and e.time_range.end > e.time_range.start)
+    if not spans:
+        return
+    end, last = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        if start - end >= least_us:
+            ms, count = gaps.get((last, name), (0.0, 0))
+            gaps[(last, name)] = ms + (start - end) / 1e3, count + 1
+        if stop > end:
+            end, last = stop, name
 
 
 def int8_tiles() -> dict:
@@ -278,6 +301,9 @@ def main():
                   ", ".join(f"{k} {ms:.1f}" for k, ms in p["kinds_ms"].items()))
             for name, ms, calls in p["top_kernels_ms"][:12]:
                 print(f"  {ms:8.3f} ms  {calls:>4}x  {name[:94]}")
+            print("  idle, between:")
+            for before, after, ms, count in p["idle_gaps_ms"][:8]:
+                print(f"  {ms:8.3f} ms  {count:>4}x  {before[:45]} -> {after[:45]}")
 
 
 def _curve_run(job: tuple) -> dict:

@@ -71,3 +71,23 @@ def test_the_fp8_curve_experiment_trains_with_the_switch_and_restores_it(monkeyp
     assert "BITNET_INT8_FP8_GRAD_WEIGHT" not in os.environ
     curve.run("plain", 1, str(curve.REPO / "recipes" / "tiny.yaml"), small)
     assert len(calls) == 2 * 2 * 4
+
+def test_the_idle_gaps_are_the_stretches_no_kernel_covers():
+    """train_gpu.idle_gaps: kernels of several streams overlap; a gap is attributed to the kernel that ended last
+    before it and the one that starts it, and waits shorter than the threshold are left out."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    train_gpu = load_benchmark("train_gpu")
+
+    def kernel(name, start, end, device=DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [kernel("a", 0, 100), kernel("b", 50, 300),  # overlapping: no gap between them
+              kernel("host op", 300, 900, DeviceType.CPU),  # not a GPU kernel: ignored
+              kernel("c", 800, 850), kernel("d", 855, 900),  # 500 us after b; 5 us after c (under the threshold)
+              kernel("c", 1900, 2000), kernel("b", 2500, 2600)]
+    gaps = {}
+    train_gpu.idle_gaps(SimpleNamespace(events=lambda: events), True, gaps)
+    assert gaps == {("b", "c"): (0.5, 1), ("d", "c"): (1.0, 1), ("c", "b"): (0.5, 1)}

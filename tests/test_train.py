@@ -437,3 +437,37 @@ def test_the_compiled_training_loss_is_the_eager_one_with_and_without_a_teacher(
             torch.testing.assert_close(loss_e, 0.7 * parts_e[0] + 0.3 * parts_e[1], rtol=1e-6, atol=0)
         for g_c, g_e in zip(grads_c, grads_e):
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+
+
+def test_running_out_of_gpu_memory_is_one_error_line_that_says_what_to_lower(tmp_path, monkeypatch):
+    from bitnet_cli.train import loop
+
+    def step(self, step, steps):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 MiB. GPU 0 has a total capacity of "
+                                     "79.18 GiB of which 10.19 MiB is free.")
+
+    monkeypatch.setattr(loop._Run, "train_step", step)
+    p = write_recipe(tmp_path / "r.yaml", micro_recipe())
+    res = CliRunner().invoke(app, ["train", str(p), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    said = " ".join(res.output.split())
+    assert ("error: the cpu device ran out of memory: lower train.batch_size (4) and raise train.grad_accum (1) by "
+            "the same factor (the same tokens per step)") in said, said
+
+
+@pytest.mark.parametrize("cuda_graphs,int8,hint", [("auto", True, True), ("on", False, True), ("off", True, False),
+                                                    ("auto", False, False)])
+def test_out_of_gpu_memory_names_the_cuda_graphs_where_the_step_ran_under_them(monkeypatch, cuda_graphs, int8, hint):
+    from types import SimpleNamespace
+
+    from bitnet_cli.train import int8_linear, loop
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 << 30))
+    monkeypatch.setattr(int8_linear, "resolve", lambda *a, **kw: int8)
+    monkeypatch.delenv("BITNET_COMPILE_MODE", raising=False)
+    recipe = load_recipe(REPO / "recipes" / "bitnet-b1.58-1.3b.yaml", [f"train.cuda_graphs={cuda_graphs}",
+                                                                       "train.batch_size=16", "train.compile=true"])
+    said = loop.out_of_memory(recipe, torch.device("cuda"), SimpleNamespace(enabled=False))
+    assert said.startswith("the GPU ran out of memory (NVIDIA H100 80GB HBM3, 80 GiB): lower train.batch_size (16)")
+    assert ("train.cuda_graphs to off" in said) == hint
