@@ -471,3 +471,48 @@ def test_out_of_gpu_memory_names_the_cuda_graphs_where_the_step_ran_under_them(m
     said = loop.out_of_memory(recipe, torch.device("cuda"), SimpleNamespace(enabled=False))
     assert said.startswith("the GPU ran out of memory (NVIDIA H100 80GB HBM3, 80 GiB): lower train.batch_size (16)")
     assert ("train.cuda_graphs to off" in said) == hint
+
+
+def test_a_logged_loss_is_read_after_the_next_step_is_queued(tmp_path, monkeypatch):
+    """Reading a loss waits for the GPU; read as the step is logged, the GPU would idle while the host logs and
+    prepares the next step. So a row is written once the next step is queued, except where the run evaluates or
+    saves at that step (and at the end), which read it at once: the rows are those of an immediate read."""
+    from bitnet_cli.train import loop
+
+    events = []
+    train_step, append = loop._Run.train_step, loop._append_metrics
+
+    def step(self, i, steps):
+        out = train_step(self, i, steps)
+        events.append(("queued", i + 1))
+        return out
+
+    monkeypatch.setattr(loop._Run, "train_step", step)
+    monkeypatch.setattr(loop, "_append_metrics", lambda path, row, info: (
+        events.append(("loss" if "loss" in row else "val", row["step"])), append(path, row, info)))
+    recipe = load_recipe(None, [], data=micro_recipe(steps=12, log_every=2, eval_every=6, checkpoint_every=4))
+    train(recipe, out_dir=tmp_path / "run", progress=False)
+    q, loss, val = "queued", "loss", "val"
+    assert events == [(q, 1), (q, 2), (q, 3), (loss, 2), (q, 4), (loss, 4), (q, 5), (q, 6), (loss, 6), (val, 6),
+                      (q, 7), (q, 8), (loss, 8), (q, 9), (q, 10), (q, 11), (loss, 10), (q, 12), (loss, 12), (val, 12)]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4, 6, 8, 10, 12]
+    assert all(r["tokens_per_s"] > 0 and np.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_before_the_next_checkpoint(tmp_path, monkeypatch):
+    from bitnet_cli.train import checkpoint, loop
+
+    train_step = loop._Run.train_step
+
+    def step(self, i, steps):
+        out = train_step(self, i, steps)
+        if i + 1 == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(loop._Run, "train_step", step)
+    recipe = load_recipe(None, [], data=micro_recipe(steps=12, log_every=1, eval_every=12, checkpoint_every=4))
+    with pytest.raises(BitnetError, match=r"^the loss became nan at step 3: lower optim.lr"):
+        train(recipe, out_dir=tmp_path / "run", progress=False)
+    assert checkpoint.step_checkpoints(tmp_path / "run") == []  # step 4's was not written

@@ -643,40 +643,61 @@ class _Run:
         t_start = time.perf_counter()
         t_window = t_start
         tps = 0.0
+        # A logged step's loss is read (a wait for the GPU) only once the next step is queued behind it, so that the
+        # GPU does not sit idle while the host logs and prepares that step; evaluations, checkpoints and the last
+        # step read it at once.
+        pending: dict | None = None
+
+        def read_log(logged: dict) -> None:
+            nonlocal last_loss, tps, t_window
+            done = logged["step"]
+            last_loss = logged["loss"].item()
+            now = time.perf_counter()
+            tps = logged["tokens"] / max(now - t_window, 1e-9)
+            t_window = now
+            if not math.isfinite(last_loss):
+                raise BitnetError(f"the loss became {last_loss} at step {done}: lower optim.lr or use precision fp32")
+            row = {"step": done, "loss": round(last_loss, 5), "lr": logged["lr"], "weight_decay": logged["wd"],
+                   "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
+                   "elapsed_s": round(prior_seconds + now - t_start, 2)}
+            if peak:
+                row["mfu"] = round(fpt * tps / (peak * info.world), 4)
+            if recipe.quant.warmup_steps:
+                row["quant_lambda"] = round(logged["lam"], 6)
+            if logged["parts"] is not None:
+                parts = logged["parts"].tolist()
+                row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
+            _append_metrics(metrics_path, row, info)
+            progress.update(task, loss=last_loss, lr=logged["lr"], tps=tps)
+
         with progress:
             for step in range(start_step, steps):
                 s = self.train_step(step, steps)
                 done = step + 1
+                if pending is not None:
+                    read_log(pending)
+                    pending = None
                 window_tokens += tokens_per_step
+                evaluating = done % t.eval_every == 0 or done == steps
+                saving = done % t.checkpoint_every == 0 and done != steps
                 if done % t.log_every == 0 or done == steps:
-                    loss_t = D.all_reduce_sum(s["loss"].float().clone(), info) / info.world
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - t_window, 1e-9)
-                    t_window, window_tokens = now, 0
-                    last_loss = loss_t.item()
-                    if not math.isfinite(last_loss):
-                        raise BitnetError(f"the loss became {last_loss} at step {done}: lower optim.lr or "
-                                          "use precision fp32")
-                    row = {"step": done, "loss": round(last_loss, 5), "lr": s["lr"], "weight_decay": s["wd"],
-                           "tokens": done * tokens_per_step, "tokens_per_s": round(tps, 1),
-                           "elapsed_s": round(prior_seconds + now - t_start, 2)}
-                    if peak:
-                        row["mfu"] = round(fpt * tps / (peak * info.world), 4)
-                    if recipe.quant.warmup_steps:
-                        row["quant_lambda"] = round(s["lam"], 6)
-                    if self.distilling:
-                        parts = (D.all_reduce_sum(s["parts"].float().clone(), info) / info.world).tolist()
-                        row["ce_loss"], row["distill_loss"] = round(parts[0], 5), round(parts[1], 5)
-                    _append_metrics(metrics_path, row, info)
-                    progress.update(task, loss=last_loss, lr=s["lr"], tps=tps)
+                    # Every rank queues its all-reduces at the same steps, in the same order.
+                    pending = {"step": done, "loss": D.all_reduce_sum(s["loss"].float().clone(), info) / info.world,
+                               "parts": (D.all_reduce_sum(s["parts"].float().clone(), info) / info.world
+                                         if self.distilling else None),
+                               "lr": s["lr"], "wd": s["wd"], "lam": s["lam"], "tokens": window_tokens}
+                    window_tokens = 0
+                    if evaluating or saving:
+                        read_log(pending)
+                        pending = None
                 progress.update(task, completed=done)
-                if done % t.eval_every == 0 or done == steps:
+                if evaluating:
                     self.quant_lambda(done)  # the model as the next step trains it (fully ternary at the end)
                     val_loss = self.evaluate()
                     _append_metrics(metrics_path, {"step": done, "val_loss": round(val_loss, 5)}, info)
                     trained = f"train loss {last_loss:.4f}  " if math.isfinite(last_loss) else ""
                     progress.console.print(f"step {done}: {trained}val loss {val_loss:.4f}") if info.is_main else None
-                if done % t.checkpoint_every == 0 and done != steps:
+                if saving:
                     self.save(ckpt_io.step_dir(out_dir, done), done, prior_seconds + time.perf_counter() - t_start)
                     if info.is_main:
                         ckpt_io.prune(out_dir, t.keep_last)
