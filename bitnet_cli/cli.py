@@ -170,6 +170,15 @@ def user_errors(extra: str | None = None, options: dict[str, str] | None = None)
         print_error(f"this command needs the {extra} {kind} (no module named {e.name.split('.')[0]!r}): "
                     f"pip install 'bitnet-cli[{extra}]'")
         raise typer.Exit(1)
+    except MemoryError:
+        print_error("out of memory: this needs more memory than the machine has (a smaller model, batch or "
+                    "context needs less)")
+        raise typer.Exit(1)
+    except RuntimeError as e:  # torch.OutOfMemoryError, by name: commands that need no torch never import it
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print_error(f"the GPU ran out of memory: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise typer.Exit(1)
     except BaseException as e:  # a Rust panic (pyo3 PanicException is a BaseException) on hostile input
         if type(e).__name__ != "PanicException":
             raise

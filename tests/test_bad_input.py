@@ -276,3 +276,21 @@ def test_eval_outside_git_prints_no_git_error(tmp_path, monkeypatch, capfd):
     assert "fatal" not in capfd.readouterr().err
     assert evaluator.get_git_commit_hash is original
     assert os.getcwd() == str(tmp_path)
+
+
+@pytest.mark.parametrize("error,said", [
+    (MemoryError(), "error: out of memory: this needs more memory than the machine has"),
+    (None, "error: the GPU ran out of memory: CUDA out of memory. Tried to allocate 44.00 MiB."),
+])
+def test_running_out_of_memory_is_one_error_line(files, monkeypatch, error, said):
+    import torch
+
+    from bitnet_cli.pack import PackedModel
+
+    def open_(*args, **kwargs):
+        raise error or torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 MiB.\nmore details")
+
+    monkeypatch.setattr(PackedModel, "open", open_)
+    r = CliRunner().invoke(app, ["info", str(files["packed"])])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert " ".join(r.output.split()).startswith(said)
