@@ -21,7 +21,9 @@ and ``none`` (the same architecture in full precision, ``quant: none``). A varia
 the float step under them), each for that run alone, so that one process (one machine, one compile cache) measures a
 switch against the default back to back. It reports the median
 tokens/s of the logged windows after warm-up (compilation excluded), the step time, MFU against
-the GPU's dense bf16 peak, and each variant's step time over ``none``'s. No run saves its final
+the GPU's dense bf16 peak, and each variant's step time over ``none``'s. A variant named more than once
+(``--variants none,int8,none,int8``) runs each time, alternately: the table shows the median of its runs and each
+run's step time, and the JSON's ``summary`` the same rows. No run saves its final
 checkpoint, and a timing run does not evaluate either (at the paper shapes that is minutes of
 writing and compiling that the figures leave out anyway); the JSON is rewritten after each run,
 so a run cut off by a time limit keeps the ones before it, and ``--run-dir`` keeps each run's
@@ -284,18 +286,21 @@ def main():
             results.append(r)
             Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set,
                                                   "results": results}, indent=1))
-    by = {(r["variant"], r["compile"]): r for r in results if "error" not in r}
+    rows = summary(results)
+    Path(args.out).write_text(json.dumps({"gpu": gpu, "steps": args.steps, "overrides": args.set, "results": results,
+                                          "summary": rows}, indent=1))
     print(f"\n{gpu}  {recipe.name}  steps={args.steps}  {' '.join(args.set)}")
     width = max(7, *map(len, variants))
-    print(f"{'mode':8} {'variant':{width}} {'batch':>6} {'tok/s':>10} {'step s':>8} {'MFU':>6} {'vs none':>8}")
-    for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        base = by.get(("none", c))
-        ratio = f"{r['step_s'] / base['step_s']:.3f}x" if base else "-"
-        print(f"{'compile' if c else 'eager':8} {v:{width}} {r['batch_size']:>3}x{r['grad_accum']:<2} "
-              f"{r['tokens_per_s']:>10,} {r['step_s']:>8.3f} {(r['mfu'] or 0):>6.1%} {ratio:>8}")
-    for (v, c), r in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    print(f"{'mode':8} {'variant':{width}} {'batch':>6} {'tok/s':>10} {'step s':>8} {'runs (step s)':>22} {'MFU':>6} "
+          f"{'vs none':>8}")
+    for row in rows:
+        runs = ", ".join(f"{x:.4f}" for x in row["step_s_runs"]) if len(row["step_s_runs"]) > 1 else ""
+        ratio = f"{row['vs_none']:.3f}x" if row["vs_none"] else "-"
+        print(f"{'compile' if row['compile'] else 'eager':8} {row['variant']:{width}} {row['batch']:>6} "
+              f"{row['tokens_per_s']:>10,} {row['step_s']:>8.4f} {runs:>22} {(row['mfu'] or 0):>6.1%} {ratio:>8}")
+    for r in results:
         if "profile" in r:
-            p = r["profile"]
+            v, c, p = r["variant"], r["compile"], r["profile"]
             print(f"\n{'compile' if c else 'eager'} {v}: traced step {p['wall_ms']:.1f} ms, GPU busy "
                   f"{p['gpu_busy_ms']:.1f}, idle {p['gpu_idle_ms']:.1f}; " +
                   ", ".join(f"{k} {ms:.1f}" for k, ms in p["kinds_ms"].items()))
@@ -304,6 +309,28 @@ def main():
             print("  idle, between:")
             for before, after, ms, count in p["idle_gaps_ms"][:8]:
                 print(f"  {ms:8.3f} ms  {count:>4}x  {before[:45]} -> {after[:45]}")
+
+
+def summary(results: list[dict]) -> list[dict]:
+    """One row per (variant, mode) over its runs (``--variants none,int8,none,int8`` runs each twice, alternately):
+    the median step time and tokens/s, each run's step time, and the step's ratio to ``none``'s median in the same
+    mode. Failed runs are left out."""
+    groups: dict[tuple[str, bool], list[dict]] = {}
+    for r in results:
+        if "error" not in r:
+            groups.setdefault((r["variant"], r["compile"]), []).append(r)
+    medians = {key: statistics.median(r["step_s"] for r in runs) for key, runs in groups.items()}
+    rows = []
+    for (variant, compile_), runs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        base = medians.get(("none", compile_))
+        rows.append({"variant": variant, "compile": compile_,
+                     "batch": f"{runs[0]['batch_size']}x{runs[0]['grad_accum']}",
+                     "step_s": round(medians[(variant, compile_)], 4),
+                     "step_s_runs": [r["step_s"] for r in runs],
+                     "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in runs)),
+                     "mfu": statistics.median(r["mfu"] for r in runs) if runs[0]["mfu"] is not None else None,
+                     "vs_none": round(medians[(variant, compile_)] / base, 4) if base else None})
+    return rows
 
 
 def _curve_run(job: tuple) -> dict:

@@ -91,3 +91,24 @@ def test_the_idle_gaps_are_the_stretches_no_kernel_covers():
     gaps = {}
     train_gpu.idle_gaps(SimpleNamespace(events=lambda: events), True, gaps)
     assert gaps == {("b", "c"): (0.5, 1), ("d", "c"): (1.0, 1), ("c", "b"): (0.5, 1)}
+
+
+def test_the_summary_takes_the_median_of_each_variant_s_runs():
+    """train_gpu.summary: --variants none,int8,none,int8 gives one row per variant and mode, its median step time
+    over the runs and the ratio of medians; a failed run is left out."""
+    train_gpu = load_benchmark("train_gpu")
+
+    def result(variant, step_s, compile_=True):
+        return {"variant": variant, "compile": compile_, "step_s": step_s, "tokens_per_s": round(131072 / step_s),
+                "mfu": 0.4 * 0.22 / step_s, "batch_size": 32, "grad_accum": 4}
+
+    results = [result("none", 0.2444), result("int8", 0.2213), result("none", 0.2439), result("int8", 0.2210),
+               {"variant": "int8", "compile": True, "error": "OOM"}, result("int8", 0.2211),
+               result("int8", 0.30, compile_=False)]
+    rows = train_gpu.summary(results)
+    assert [(r["variant"], r["compile"]) for r in rows] == [("int8", False), ("int8", True), ("none", True)]
+    eager, int8, none = rows
+    assert int8["step_s_runs"] == [0.2213, 0.2210, 0.2211] and int8["step_s"] == 0.2211
+    assert none["step_s"] == round((0.2444 + 0.2439) / 2, 4) and int8["batch"] == "32x4"
+    assert int8["vs_none"] == round(0.2211 / ((0.2444 + 0.2439) / 2), 4)
+    assert eager["vs_none"] is None  # no eager none to compare with
