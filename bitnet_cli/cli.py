@@ -282,6 +282,17 @@ def train_cmd(
                 f"[bold]budget[/]  {d['steps']:,} steps x {d['tokens_per_step']:,} tokens per process "
                 f"= {d['total_tokens']:,} tokens"
             )
+            m = d["machine"]
+            if m["device"] is None:
+                here = f"[yellow]{escape(m['problem'])}[/]"
+            else:
+                products = {"int8": "BitLinear products on int8 tensor cores",
+                            "int8 emulation": "the int8 kernels' pure-torch emulation (for tests; slower)",
+                            "full precision": "full-precision products",
+                            "plain": f"fake-quantised products ({escape(str(m['int8_off']))})"}[m["products"]]
+                here = f"{escape(m['device'])}: {products}" + (", the step under CUDA graphs" if m["cuda_graphs"]
+                                                                else "")
+            console.print(f"[bold]here[/]    {here}")
             return
         from bitnet_cli.train import train
 

@@ -516,3 +516,40 @@ def test_a_loss_that_is_not_finite_stops_the_run_before_the_next_checkpoint(tmp_
     with pytest.raises(BitnetError, match=r"^the loss became nan at step 3: lower optim.lr"):
         train(recipe, out_dir=tmp_path / "run", progress=False)
     assert checkpoint.step_checkpoints(tmp_path / "run") == []  # step 4's was not written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_dry_run_says_how_this_machine_would_run_the_recipe():
+    res = CliRunner().invoke(app, ["train", "tiny", "--dry-run"])
+    assert res.exit_code == 0
+    assert "here cpu: fake-quantised products (the int8 kernels need a CUDA GPU)" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["train", "tiny", "--set", "model.quant=none", "--dry-run", "--json"])
+    assert json.loads(res.output)["machine"] == {"device": "cpu", "products": "full precision", "int8_off": None,
+                                                 "cuda_graphs": False}
+
+
+@pytest.mark.parametrize("capability,settings,products,graphs", [
+    ((9, 0), [], "int8", True), ((9, 0), ["train.cuda_graphs=off"], "int8", False),
+    ((8, 0), [], "plain", False), ((8, 0), ["train.int8_matmul=on"], "int8", True),
+])
+def test_the_machine_plan_on_a_gpu(monkeypatch, capability, settings, products, graphs):
+    from bitnet_cli.train import int8_linear, loop
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(int8_linear, "available", lambda device: None)  # triton and int8 tensor cores there
+    monkeypatch.delenv("BITNET_COMPILE_MODE", raising=False)
+    plan = loop.machine_plan(load_recipe(REPO / "recipes" / "small.yaml", settings))
+    assert plan["device"] == "NVIDIA H100 80GB HBM3" and plan["products"] == products and plan["cuda_graphs"] == graphs
+    assert (plan["int8_off"] is None) == (products == "int8")
+    if products == "plain":
+        assert "compute capability 9.x" in plan["int8_off"] and "this one is 8.0" in plan["int8_off"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what a machine without a GPU says")
+def test_dry_run_of_a_gpu_recipe_without_a_gpu_names_the_problem():
+    res = CliRunner().invoke(app, ["train", "small", "--dry-run", "--json"])
+    assert res.exit_code == 0
+    assert json.loads(res.output)["machine"] == {
+        "device": None, "problem": "train.device is cuda but torch sees no CUDA device (use device: cpu or auto)"}

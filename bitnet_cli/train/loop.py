@@ -127,7 +127,40 @@ def describe(recipe: Recipe) -> dict:
         out["init_from"] = src.where
     if teacher is not None:
         out["teacher"] = teacher.where
+    out["machine"] = machine_plan(recipe)
     return out
+
+
+def machine_plan(recipe: Recipe) -> dict:
+    """How one process on this machine would run ``recipe`` (what --dry-run reports beside its shape): the device
+    (``problem`` where there is none to run on); the BitLinear ``products``: ``int8`` (int8 tensor cores), ``int8
+    emulation`` (their pure-torch form off CUDA, for tests), ``plain`` (fake-quantised; ``int8_off`` says why not int8)
+    or ``full precision`` (``quant: none``); and whether the compiled step runs under CUDA graphs."""
+    t = recipe.train
+    try:
+        device = pick_device(t.device)
+        int8 = int8_linear.resolve(t.int8_matmul, device, recipe.model.quant)
+    except BitnetError as e:
+        return {"device": None, "problem": str(e)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    why_not = None
+    if recipe.model.quant != "bitnet":
+        products = "full precision"
+    elif int8:
+        products = "int8" if device.type == "cuda" else "int8 emulation"
+    else:
+        products = "plain"
+        if t.int8_matmul == "off":
+            why_not = "train.int8_matmul is off"
+        elif device.type != "cuda":
+            why_not = "the int8 kernels need a CUDA GPU"
+        else:
+            capability = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            why_not = int8_linear.available(device) or (
+                f"train.int8_matmul auto turns them on for Hopper GPUs (compute capability 9.x), where they were "
+                f"measured faster; this one is {capability}: set it to on to use them")
+    graphs = bool(t.compile) and _compile_mode(t.cuda_graphs, device.type, int8) == "reduce-overhead"
+    return {"device": name, "products": products, "int8_off": why_not, "cuda_graphs": graphs}
 
 
 def sources(recipe: Recipe) -> tuple[Source | None, Source | None]:
