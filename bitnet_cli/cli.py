@@ -307,7 +307,8 @@ def train_cmd(
         else:
             resumed = f" (resumed at step {res.start_step}, {res.steps} in all)" if res.start_step else ""
             did = (f"[bold green]done[/] {res.steps - res.start_step} steps{resumed} in {res.seconds:.0f} s "
-                   f"({res.tokens_per_second:,.0f} tok/s" + (f", MFU {res.mfu:.1%}" if res.mfu else "") + ")\n")
+                   f"({res.tokens_per_second:,.0f} tok/s" + (f", MFU {res.mfu:.1%}" if res.mfu else "")
+                   + (f", peak GPU memory {res.peak_memory_gib:.1f} GiB" if res.peak_memory_gib else "") + ")\n")
         console.print(
             did +
             f"  val loss {res.val_loss:.4f} nats/token (unigram entropy of the corpus {res.unigram_entropy:.4f})\n"

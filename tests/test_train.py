@@ -553,3 +553,19 @@ def test_dry_run_of_a_gpu_recipe_without_a_gpu_names_the_problem():
     assert res.exit_code == 0
     assert json.loads(res.output)["machine"] == {
         "device": None, "problem": "train.device is cuda but torch sees no CUDA device (use device: cpu or auto)"}
+
+
+def test_the_peak_gpu_memory_is_logged_and_reported(tmp_path, monkeypatch):
+    from bitnet_cli.train import loop
+
+    assert loop.peak_memory_gib(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 15 << 30)
+    assert loop.peak_memory_gib(torch.device("cuda")) == 15.0
+    monkeypatch.setattr(loop, "peak_memory_gib", lambda device: 1.5)  # as a GPU run would see it
+    p = write_recipe(tmp_path / "r.yaml", micro_recipe(steps=4, log_every=2, eval_every=4))
+    res = CliRunner().invoke(app, ["train", str(p), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0 and "peak GPU memory 1.5 GiB" in " ".join(res.output.split())
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["peak_mem_gib"] for r in rows if "loss" in r] == [1.5, 1.5]
+    res = CliRunner().invoke(app, ["train", str(p), "-o", str(tmp_path / "run2"), "--json"])
+    assert json.loads(res.stdout)["peak_memory_gib"] == 1.5

@@ -53,6 +53,7 @@ class TrainResult:
     tokens_per_second: float
     mfu: float | None = None
     start_step: int = 0       # steps done before this call (resumed runs); == steps: nothing left to train
+    peak_memory_gib: float | None = None  # this process's peak GPU memory allocated by torch (None off CUDA)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -200,6 +201,12 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise BitnetError("train.device is cuda but torch sees no CUDA device (use device: cpu or auto)")
     return torch.device(name)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most GPU memory torch has allocated on ``device`` in this process so far, GiB (None off CUDA): how close
+    a run's micro-batch is to the GPU's limit."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -695,6 +702,8 @@ class _Run:
                    "elapsed_s": round(prior_seconds + now - t_start, 2)}
             if peak:
                 row["mfu"] = round(fpt * tps / (peak * info.world), 4)
+            if (memory := peak_memory_gib(self.device)) is not None:
+                row["peak_mem_gib"] = memory
             if recipe.quant.warmup_steps:
                 row["quant_lambda"] = round(logged["lam"], 6)
             if logged["parts"] is not None:
@@ -752,6 +761,7 @@ class _Run:
             train_loss=last_loss, val_loss=val_loss, unigram_entropy=unigram, parameters=self.config.arch.parameters(),
             seconds=round(seconds, 2), tokens_per_second=round(avg_tps, 1),
             mfu=round(fpt * avg_tps / (peak * info.world), 4) if peak else None, start_step=start_step,
+            peak_memory_gib=peak_memory_gib(self.device),
         )
 
 
