@@ -140,7 +140,7 @@ def machine_plan(recipe: Recipe) -> dict:
     t = recipe.train
     try:
         device = pick_device(t.device)
-        int8 = int8_linear.resolve(t.int8_matmul, device, recipe.model.quant)
+        int8, graphs = _int8_and_graphs(recipe, device)
     except BitnetError as e:
         return {"device": None, "problem": str(e)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -160,8 +160,15 @@ def machine_plan(recipe: Recipe) -> dict:
             why_not = int8_linear.available(device) or (
                 f"train.int8_matmul auto turns them on for Hopper GPUs (compute capability 9.x), where they were "
                 f"measured faster; this one is {capability}: set it to on to use them")
-    graphs = bool(t.compile) and _compile_mode(t.cuda_graphs, device.type, int8) == "reduce-overhead"
     return {"device": name, "products": products, "int8_off": why_not, "cuda_graphs": graphs}
+
+
+def _int8_and_graphs(recipe: Recipe, device: torch.device, distributed: bool = False) -> tuple[bool, bool]:
+    """Whether a process of ``recipe`` on ``device`` runs the int8 products, and its compiled step under CUDA graphs
+    (``distributed``: as a torchrun rank)."""
+    t = recipe.train
+    int8 = int8_linear.resolve(t.int8_matmul, device, recipe.model.quant, fsdp=distributed and t.distributed == "fsdp")
+    return int8, bool(t.compile) and _compile_mode(t.cuda_graphs, device.type, int8, distributed) == "reduce-overhead"
 
 
 def sources(recipe: Recipe) -> tuple[Source | None, Source | None]:
@@ -323,11 +330,8 @@ def out_of_memory(recipe: Recipe, device: torch.device, info: D.DistInfo) -> str
             f"the {device.type} device ran out of memory")
     fix = (f"lower train.batch_size ({t.batch_size}) and raise train.grad_accum ({t.grad_accum}) by the same factor "
            "(the same tokens per step)" if t.batch_size > 1 else "shorten train.seq_len or train a smaller model")
-    if t.compile and device.type == "cuda":
-        int8 = int8_linear.resolve(t.int8_matmul, device, recipe.model.quant,
-                                   fsdp=info.enabled and t.distributed == "fsdp")
-        if _compile_mode(t.cuda_graphs, device.type, int8, info.enabled) == "reduce-overhead":
-            fix += ", or set train.cuda_graphs to off (CUDA graphs keep memory of their own)"
+    if device.type == "cuda" and _int8_and_graphs(recipe, device, info.enabled)[1]:
+        fix += ", or set train.cuda_graphs to off (CUDA graphs keep memory of their own)"
     return f"{what}: {fix}"
 
 
