@@ -740,8 +740,7 @@ def serve(
                 f"{info['ctx_size']} tokens, {info['kv_cache']} KV cache {_human_bytes(info['kv_bytes_per_slot'])} per slot "
                 f"(committed as used) | {info['threads']} threads, {info['isa']} | queue {info['max_queue']}"
                 + (f" | lookup {info['lookup']}" if info["lookup"] else "")
-                + (f" | tool calls {info['tool_call_tag']}" if info["tool_call_tag"] else "")
-                + (" as a list" if info["tool_calls_listed"] else "")
+                + (f" | tool calls {info['tool_calls']}" if info["tool_calls"] else "")
                 + (" | API key required" if info["api_key"] else ""),
                 highlight=False, soft_wrap=True)
 

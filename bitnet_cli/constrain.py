@@ -594,6 +594,7 @@ BOUNDED = 19
 PATTERN = 20
 
 WHITESPACE = frozenset(b" \t\n\r")
+SPACES = bytes(sorted(WHITESPACE))  # the same, for bytes.lstrip
 SPACE, TAB, NEWLINE = ord(" "), ord("\t"), ord("\n")
 HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
@@ -1184,7 +1185,8 @@ class JsonVocabulary:
         self.unplain = np.array([i for i, t in enumerate(self.tokens) if t and not self.plain[i]], dtype=np.int64)
         self._masks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._pattern_masks: OrderedDict[tuple, np.ndarray] = OrderedDict()  # (pattern, states): plain tokens
-        self._tag_tokens: dict[bytes, list[int]] = {}  # per tag, the tokens holding its last byte (tag_mask)
+        # per tag, the tokens holding its last byte (tag_mask); under b"", those opening with "{" past space (lead_mask)
+        self._tag_tokens: dict[bytes, list[int]] = {}
         self._tag_masks: OrderedDict[tuple, np.ndarray | None] = OrderedDict()  # tag_mask's and tool_call_mask's
 
     def allowed(self, state: tuple | Fork) -> np.ndarray:
@@ -1214,6 +1216,23 @@ class JsonVocabulary:
             return mask
 
         return self._tag_cached(("text", calls, matched), compute)
+
+    def lead_mask(self, calls: ToolCalls, lead: tuple) -> np.ndarray | None:
+        """The tokens that may come where a tag-less call may still open the reply, after ``lead``'s space
+        (ToolCallConstraint): all but those whose first byte past their space is "{" and that go on as no call does;
+        None where that is every token. Those tokens are listed once per vocabulary, the mask cached per (calls,
+        lead)."""
+        def compute() -> np.ndarray | None:
+            if b"" not in self._tag_tokens:
+                self._tag_tokens[b""] = [i for i, t in enumerate(self.tokens) if t and t.lstrip(SPACES)[:1] == b"{"]
+            refused = [i for i in self._tag_tokens[b""] if tool_call_run(lead, self.tokens[i], calls) is None]
+            if not refused:
+                return None
+            mask = np.ones(self.size, dtype=bool)
+            mask[refused] = False
+            return mask
+
+        return self._tag_cached(("lead", calls, lead), compute)
 
     def tool_call_mask(self, state: tuple, calls: ToolCalls) -> np.ndarray:
         """The tokens that may come in a phase of ToolCallConstraint past the text and outside a call's JSON (before
@@ -1384,7 +1403,8 @@ def tag_matched(tag: bytes | str, matched: int, data: bytes | str) -> tuple[int,
 class ToolCalls:
     """How a reply's tool calls are written, as a chat template teaches them: each call ``root``'s
     (:func:`tool_call_schema`) between ``tag`` and ``close`` (Hermes' and Qwen's ``<tool_call>`` and ``</tool_call>``),
-    with only space between calls; ``several``: more than one call (OpenAI's parallel_tool_calls)."""
+    with only space between calls; ``several``: more than one call (OpenAI's parallel_tool_calls). With no tag (Llama
+    3.1's bare JSON) a call opens the reply, and is all of it."""
 
     tag: bytes
     close: bytes
@@ -1407,11 +1427,13 @@ def tool_call_step(state: tuple, b: int, calls: ToolCalls) -> tuple | None:
         after = _advance(state[1], b)
         if after is not None:
             return (CALL, after)
-        return tool_call_step((CLOSING, 0, 0), b, calls) if _done(state[1]) else None
+        return tool_call_step((CLOSING if calls.close else BETWEEN, 0, 0), b, calls) if _done(state[1]) else None
     _, matched, spaces = state
     if matched == 0 and b in WHITESPACE:
         return (phase, 0, spaces + 1) if spaces < MAX_INDENT else None
     want = calls.close if phase == CLOSING else calls.tag
+    if not want:  # tag-less: the call opens with its first byte, and nothing but space comes after it
+        return tool_call_step((CALL, initial_state(calls.root)), b, calls) if phase == OPENING else None
     if b != want[matched] or (phase == BETWEEN and not calls.several):
         return None
     if matched + 1 < len(want):
@@ -1440,12 +1462,15 @@ class ToolCallConstraint:
     ``required`` it begins at the tag. Before the tag every token is allowed but those that would complete it and go
     on with bytes no call begins with (found once per vocabulary and partial match, :meth:`JsonVocabulary.tag_mask`);
     inside a call the JSON's masks; elsewhere a walk of the vocabulary's trie through the tags
-    (:meth:`JsonVocabulary.tool_call_mask`)."""
+    (:meth:`JsonVocabulary.tool_call_mask`). Tag-less calls (Llama's) are chosen by the reply's first byte past its
+    space: "{" begins the call, anything else text with no call after it (:meth:`JsonVocabulary.lead_mask`)."""
 
     def __init__(self, vocabulary: JsonVocabulary, calls: ToolCalls, required: bool = False):
         self.vocabulary, self.calls = vocabulary, calls
         self.matched = 0  # bytes of the tag at the end of the text so far
         self.state: tuple | None = (OPENING, 0, 0) if required else None  # past the text: tool_call_step's
+        # tag-less and chosen: the space the reply has begun with while it may still open a call (None once it is text)
+        self.lead: tuple | None = (OPENING, 0, 0) if not (calls.tag or required) else None
 
     @property
     def calling(self) -> bool:
@@ -1453,6 +1478,8 @@ class ToolCallConstraint:
 
     def allowed(self) -> np.ndarray | None:
         """The tokens that may come next; None: any."""
+        if self.state is None and not self.calls.tag:
+            return None if self.lead is None else self.vocabulary.lead_mask(self.calls, self.lead)
         if self.state is None:
             return self.vocabulary.tag_mask(self.calls, self.matched)
         if self.state[0] == CALL and not _done(self.state[1]):
@@ -1464,6 +1491,9 @@ class ToolCallConstraint:
         if self.state is None:
             if data is None:  # a special token: no text, and the tag's bytes around it do not join up
                 self.matched = 0
+                return
+            if not self.calls.tag:
+                self._lead(token, data)
                 return
             self.matched, rest = tag_matched(self.calls.tag, self.matched, data)
             state = None if rest is None else tool_call_run((CALL, initial_state(self.calls.root)), rest, self.calls)
@@ -1478,6 +1508,18 @@ class ToolCallConstraint:
             raise BitnetError(f"token {token} does not continue the tool calls")  # allowed() forbids it
         self.state = state
 
+    def _lead(self, token: int, data: bytes) -> None:
+        """A tag-less reply's token while it may still open a call: more space, the call's first bytes or text."""
+        if self.lead is None:
+            return
+        after = tool_call_run(self.lead, data, self.calls)
+        if after is None and data.lstrip(SPACES)[:1] == b"{":
+            raise BitnetError(f"token {token} does not begin a tool call")  # allowed() forbids it
+        if after is not None and after[0] == CALL:
+            self.state = after
+        else:
+            self.lead = after
+
     @property
     def done(self) -> bool:
         return self.state is not None and tool_call_ends(self.state)
@@ -1491,15 +1533,17 @@ class ToolCallText:
     text before the first tag, and ``calls``, each call's JSON text so far, with ``complete`` calls those whose JSON
     closed. The calls' ends are found by the JSON recognizer, so a tag inside a call's string is part of the call.
     ``listed``: the calls come as the items of one JSON list between the tags (:func:`tool_call_list_schema`); each
-    item is a call."""
+    item is a call. With no tag (Llama's), a reply whose first byte past its space is "{" is one call, and any other
+    is text."""
 
     def __init__(self, tag: str, close: str, listed: bool = False):
         root = JSON_ARRAY if listed else JSON_OBJECT
         self.calls_written = ToolCalls(tag.encode("utf-8"), close.encode("utf-8"), root)
         self.listed = listed
         self.data = bytearray()
-        self.content_end: int | None = None  # where the tag begins, once it is complete
+        self.content_end: int | None = None  # where the tag (or a tag-less call) begins, once it is complete
         self.matched = 0
+        self.lead: tuple | None = None if tag else (OPENING, 0, 0)  # as ToolCallConstraint.lead
         self.state: tuple | None = None
         self.spans: list[list[int]] = []  # [start, end] of each call's JSON in data (end: so far)
         self.complete = 0  # calls whose JSON closed
@@ -1508,6 +1552,9 @@ class ToolCallText:
         tag = self.calls_written.tag
         for b in piece.encode("utf-8"):
             self.data.append(b)
+            if self.state is None and not tag:
+                self._lead(b)
+                continue
             if self.state is None:
                 self.matched, rest = tag_matched(tag, self.matched, bytes([b]))
                 if rest is not None:
@@ -1535,6 +1582,16 @@ class ToolCallText:
             elif self.state[0] == CALL:  # the next call's tag is complete
                 self.spans.append([len(self.data), len(self.data)])
 
+    def _lead(self, b: int) -> None:
+        if self.lead is None:
+            return
+        after = tool_call_step(self.lead, b, self.calls_written)
+        if after is not None and after[0] == CALL:  # the "{" that opens the call
+            self.content_end, self.state = len(self.data) - 1, after
+            self.spans.append([len(self.data) - 1, len(self.data)])
+        else:
+            self.lead = after
+
     @property
     def content(self) -> str:
         """The text before the first tag (all of it while there is none; a partial tag at its end included)."""
@@ -1561,15 +1618,15 @@ def output_schema(output_format: str, json_schema: dict | None = None) -> Schema
 
 
 @functools.lru_cache(maxsize=64)
-def _tool_calls(text: str) -> Schema:
+def _tool_calls(text: str, key: str) -> Schema:
     alternatives, functions = [], json.loads(text)
     if len(functions) > MAX_FORK:
         raise BitnetError(f"more than {MAX_FORK} functions", param="tools")
     for name, parameters in functions:
         arguments = compile_schema(parameters)
         call = Schema(types=frozenset(("object",)), properties={b"name": Schema(enum=(_compact(name),)),
-                                                                b"arguments": arguments},
-                      required=frozenset((b"name", b"arguments")))
+                                                                key.encode(): arguments},
+                      required=frozenset((b"name", key.encode())))
         call.ordered = True
         call.depths = (1 + _least_depth(arguments), UNBOUNDED)  # its arguments' shared nodes keep their own depths
         if call.depths[0] > MAX_DEPTH:
@@ -1592,13 +1649,14 @@ def tool_call_list_schema(call: Schema, several: bool = True) -> Schema:
     return root
 
 
-def tool_call_schema(functions: Sequence[tuple[str, dict]]) -> Schema:
+def tool_call_schema(functions: Sequence[tuple[str, dict]], key: str = "arguments") -> Schema:
     """The root schema of a call of one of several functions, as tool-calling models write one (Hermes' and Qwen's
-    templates): ``{"name": NAME, "arguments": {...}}``, the name first (so that a stream can name the call before
-    its arguments) and the arguments held to that function's parameters (a JSON schema each, as compile_schema takes
-    it). The same functions give the same nodes, so their cached masks are shared between requests."""
+    templates): ``{"name": NAME, "arguments": {...}}`` (Llama's ``key``: ``"parameters"``), the name first (so that a
+    stream can name the call before its arguments) and the arguments held to that function's parameters (a JSON
+    schema each, as compile_schema takes it). The same functions give the same nodes, so their cached masks are shared
+    between requests."""
     return _tool_calls(json.dumps([[name, parameters] for name, parameters in functions], sort_keys=True,
-                                  ensure_ascii=False))
+                                  ensure_ascii=False), key)
 
 
 __all__ = ["JSON_OBJECT", "JsonConstraint", "JsonVocabulary", "RESPONSE_FORMATS", "Schema", "ToolCallConstraint",

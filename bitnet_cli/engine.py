@@ -786,38 +786,56 @@ def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
 
 
 FALLBACK_CHAT = "User: {content}\nAssistant:"  # one turn; turns are joined with a newline
+
+
 class ToolCallFormat(NamedTuple):
     """How a chat template writes tool calls: each call's JSON between ``tag`` and ``close``, or (``listed``) all of
-    them as one JSON list between the two."""
+    them as one JSON list between the two; with no tag, one call as the whole reply (Llama 3.1's and 3.2's bare JSON).
+    ``key`` holds a call's arguments: ``{"name": ..., key: {...}}``."""
 
     tag: str
     close: str
     listed: bool = False
+    key: str = "arguments"
 
     def __str__(self) -> str:
+        if not self.tag:
+            return f'{{"name": ..., "{self.key}": ...}}'
         return self.tag + ("[...]" if self.listed else "")
 
 
 # The ways chat templates teach a model to write tool calls, where it chooses whether to call (tool_choice "auto"):
 # Hermes' and Qwen's `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` (a call each), Falcon3's
-# `<tool_call>\n[{"name": ..., "arguments": {...}}, ...]\n</tool_call>` and Apriel's `<tool_calls>[...]</tool_calls>`.
-# Not MiniMax-M1's `<tool_calls>`, which holds calls one per line without a list.
+# `<tool_call>\n[{"name": ..., "arguments": {...}}, ...]\n</tool_call>`, Apriel's `<tool_calls>[...]</tool_calls>`,
+# and Llama 3.1's and 3.2's reply that is one call, `{"name": ..., "parameters": {...}}`, with no tag (their templates
+# refuse several calls in a turn). Not MiniMax-M1's `<tool_calls>`, which holds calls one per line without a list,
+# nor Llama's `<|python_tag|>` calls of its built-in tools (Python-like, not JSON).
 TOOL_CALL_FORMATS = (ToolCallFormat("<tool_call>", "</tool_call>"), ToolCallFormat("<tool_call>", "</tool_call>", True),
-                     ToolCallFormat("<tool_calls>", "</tool_calls>", True))
+                     ToolCallFormat("<tool_calls>", "</tool_calls>", True), ToolCallFormat("", "", key="parameters"))
 # what may come between the tag and a JSON call in a template that shows one: space, the escape \n or the template's
 # own syntax between two of its expressions (quotes, braces, ~, +, -); then {"name" (its quotes maybe escaped), after
 # a "[" where the calls are listed
 _TEMPLATE_GAP = r'(?:[\s"\'{}~+\-]|\\n){0,32}?'
 _CALL_OPENS = _TEMPLATE_GAP + r'\{\\?"name\\?"'
+# a tag-less call as a template writes it: {"name" and then the arguments' key, with at most the name's expression
+# and the template's syntax between (Llama's '{"name": "' + tool_call.name + '", ' }}\n{{- '"parameters": ')
+_BARE_CALL = r'\{\\?"name\\?":[\s\S]{0,96}?\\?"%s\\?":'
 
 
 def template_tool_calls(template: str) -> ToolCallFormat | None:
     """How a chat template writes JSON tool calls (one of TOOL_CALL_FORMATS), or None. The template must write (or
     show) the tag followed by ``{"name"``, or by ``[`` and ``{"name"`` for a list: GLM's, Qwen3-Coder's and others put
     other formats (XML, key tags) between the same tags, and holding their calls to JSON would make them write what
-    they were never trained to."""
-    return next((f for f in TOOL_CALL_FORMATS if re.search(
-        re.escape(f.tag) + (_TEMPLATE_GAP + r"\[" if f.listed else "") + _CALL_OPENS, template)), None)
+    they were never trained to. A tag-less format needs its own arguments' key after ``{"name"`` (Llama's
+    ``"parameters"``: a template that only shows Hermes' ``{"name": ..., "arguments": ...}`` without a tag is not
+    taken)."""
+    def writes(f: ToolCallFormat) -> bool:
+        if not f.tag:
+            return re.search(_BARE_CALL % re.escape(f.key), template) is not None
+        return re.search(re.escape(f.tag) + (_TEMPLATE_GAP + r"\[" if f.listed else "") + _CALL_OPENS,
+                         template) is not None
+
+    return next((f for f in TOOL_CALL_FORMATS if writes(f)), None)
 
 
 def tool_call_format(engine: Engine) -> ToolCallFormat | None:

@@ -77,9 +77,9 @@ class Outcome:
 # ------------------------------------------------------------------------------ seeds
 
 
-def build_seeds(work: Path, listed_calls: bool = False) -> dict[str, Seed]:
-    """Small valid inputs of every format, in `work`; ``listed_calls``: the request model's template writes tool calls
-    as one list between the tags (LIST_TOOL_TEMPLATE, Falcon3's form), not one call after each tag."""
+def build_seeds(work: Path, calls: str = "each") -> dict[str, Seed]:
+    """Small valid inputs of every format, in `work`; ``calls``: how the request model's template writes tool calls
+    (TOOL_TEMPLATES: one call after each tag, one list between the tags, or one call as the whole reply)."""
     import numpy as np
     from safetensors.numpy import save_file
 
@@ -155,7 +155,7 @@ def build_seeds(work: Path, listed_calls: bool = False) -> dict[str, Seed]:
     request_dir = work / "request"
     request_dir.mkdir()
     # a context that holds the tools the template shows (the synthetic tokenizer's 300 tokens are short)
-    pack_checkpoint(checkpoint(work / "ckpt_tools", 1, template=LIST_TOOL_TEMPLATE if listed_calls else TOOL_TEMPLATE,
+    pack_checkpoint(checkpoint(work / "ckpt_tools", 1, template=TOOL_TEMPLATES[calls],
                                context=1024), request_dir / "model.bin")
     (request_dir / "requests.json").write_text(json.dumps(REQUEST_SEEDS, indent=1))
     run = ["run", "{file}", "-p", "ROMEO: a", "-n", "3", "--seed", "1", "--threads", "1", "--ctx-size", "64"]
@@ -207,11 +207,19 @@ TOOL_TEMPLATE = ("{% if tools %}system: call with <tool_call>{\"name\": ..., \"a
                  "{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", "
                  "\"arguments\": {{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% else %}"
                  "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
-# The same with the calls as one list between the tags (Falcon3's form); odd seeds serve it.
+# The same with the calls as one list between the tags (Falcon3's form).
 LIST_TOOL_TEMPLATE = ("{% if tools %}system: call with <tool_call>[{\"name\": ..., \"arguments\": ...}]</tool_call>\n"
                       "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}{% for m in messages %}"
                       "{{ m.role }}: {% if m.tool_calls %}<tool_call>{{ m.tool_calls | tojson }}</tool_call>{% else %}"
                       "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
+# One call as the whole reply, with no tag (Llama 3.1's form).
+BARE_TOOL_TEMPLATE = ("{% if tools %}system: call by answering {\"name\": ..., \"parameters\": ...}\n"
+                      "{% for t in tools %}{{ t | tojson }}\n{% endfor %}{% endif %}{% for m in messages %}"
+                      "{{ m.role }}: {% if m.tool_calls %}{\"name\": \"{{ m.tool_calls[0].function.name }}\", "
+                      "\"parameters\": {{ m.tool_calls[0].function.arguments | tojson }}}{% else %}"
+                      "{{ m.content }}{% endif %}\n{% endfor %}assistant:")
+# the request model's template, by how it writes calls: seed % 3 picks one
+TOOL_TEMPLATES = {"each": TOOL_TEMPLATE, "listed": LIST_TOOL_TEMPLATE, "bare": BARE_TOOL_TEMPLATE}
 _TOOLS = [{"type": "function", "function": {"name": "move", "description": "Move.", "parameters": {
     "type": "object", "required": ["to"], "additionalProperties": False,
     "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}, "fast": {"type": "boolean"}}}}},
@@ -698,7 +706,7 @@ def fuzz(*, minutes: float | None = None, cases: int | None = None, formats=FORM
     work = Path(tempfile.mkdtemp(prefix="bitnet-fuzz-")) if own_work else Path(work)
     server = None
     try:
-        seeds = build_seeds(work / "seeds", listed_calls=seed % 2 == 1)
+        seeds = build_seeds(work / "seeds", calls=list(TOOL_TEMPLATES)[seed % len(TOOL_TEMPLATES)])
         originals = {f: seeds[f].path.read_bytes() for f in formats}
         if "request" in formats:
             server = RequestServer(seeds["request"].root / "model.bin", work / "server.log")

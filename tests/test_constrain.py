@@ -853,6 +853,84 @@ def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, req
         assert [tokens[i] for i in refused] == [b"<tool_call>x", *called, b'<tool_call>{"name": "sub"', b"> hi"]
 
 
+@pytest.mark.parametrize("required", [False, True])
+def test_tagless_calls_are_chosen_by_the_first_byte_past_the_space(json_tokenizer, required):
+    """ToolCallConstraint with no tag (Llama 3.1's bare JSON, under "parameters"): where the model chooses, a reply
+    whose first byte past its space is "{" is one call and any other is free text (a "{" later in it included);
+    before that byte, any token but one that opens with "{" and goes on as no call does; after the call, space and
+    the end. Random walks check every mask against the naive one, and ToolCallText takes each reply apart as json's
+    raw_decode does."""
+    jsonschema = pytest.importorskip("jsonschema")
+    params = {"add": {"type": "object", "additionalProperties": False, "required": ["a"],
+                      "properties": {"a": {"type": "integer"}}}}
+    root = C.tool_call_schema(list(params.items()), "parameters")
+    spec, tok = json_tokenizer
+    extra = [b"{", b" {", b"\n{\"", b'{"name": "add"', b'{"name": "sub"', b"{}", b'{"name": "add", "arguments"',
+             b"  ", b"\n", b"x{", b"} ", b"}}"]
+    tokens = C.token_bytes(spec, tok, tok.get_vocab_size()) + extra
+    vocab = C.JsonVocabulary(tokens, [1])
+    extra_ids = np.arange(len(tokens) - len(extra), len(tokens))
+    rng = np.random.default_rng(11)
+    calls_written = C.ToolCalls(b"", b"", root, several=False)
+
+    def after(state, data):
+        for b in data:
+            state = state and C.tool_call_step(state, b, calls_written)
+        return state
+
+    def opens_a_call(reply: bytes) -> bool:
+        return reply.lstrip(C.SPACES)[:1] == b"{"
+
+    texts = []
+    for _ in range(40):
+        con, text = C.ToolCallConstraint(vocab, calls_written, required), b""
+        for step in range(300):
+            mask = con.allowed()
+            if not con.calling:
+                spaced = [None if t is None else text + t for t in tokens]
+                naive = np.array([r is None or not opens_a_call(text) and not opens_a_call(r) or (
+                    len(r) - len(r.lstrip(C.SPACES)) <= C.MAX_INDENT and
+                    after((C.CALL, C.initial_state(root)), r.lstrip(C.SPACES)) is not None) for r in spaced])
+                naive |= text.strip(C.SPACES) != b""  # text begun: free
+            elif con.state[0] == C.CALL and not C._done(con.state[1]):
+                naive = naive_mask(vocab, con.state[1])
+            else:
+                naive = np.array([bool(t) and after(con.state, t) is not None for t in tokens])
+                naive |= vocab.end if C.tool_call_ends(con.state) else False
+            assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), (text, con.state)
+            ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
+            ids = ids[[tokens[i] is not None for i in ids]]
+            if (con.done and (rng.random() < 0.3 or not ids.size)) or (not con.calling and rng.random() < 0.02):
+                texts.append(text)
+                break
+            favoured = np.intersect1d(ids, extra_ids)
+            token = int(rng.choice(favoured if favoured.size and rng.random() < (0.7 if step == 0 else 0.4) else ids))
+            text += tokens[token]
+            con.push(token)
+    calls_seen = texts_seen = braced_text = 0
+    for text in texts:
+        text = text.decode("utf-8", "replace")
+        split, cuts = C.ToolCallText("", ""), sorted(rng.integers(0, len(text) + 1, 3))
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            split.feed(text[a:b])
+        if text.lstrip()[:1] == "{":
+            call, end = json.JSONDecoder().raw_decode(text.lstrip())
+            assert text.lstrip()[end:].strip() == "" and list(call) == ["name", "parameters"], text
+            jsonschema.validate(call["parameters"], params[call["name"]])
+            assert split.content.strip() == "" and [json.loads(c) for c in split.calls] == [call], text
+            assert split.complete == 1
+            calls_seen += 1
+        else:
+            assert not required and split.content == text and split.calls == [] and split.content_end is None, text
+            texts_seen += 1
+            braced_text += "{" in text
+    assert calls_seen >= 5 and (required or texts_seen >= 5 and braced_text >= 1), (calls_seen, texts_seen)
+    if not required:
+        refused = np.flatnonzero(~vocab.lead_mask(calls_written, (C.OPENING, 0, 0)))
+        assert {tokens[i] for i in refused} >= {b'{"name": "sub"', b"{}", b'{"name": "add", "arguments"'}
+        assert all(tokens[i].lstrip(C.SPACES)[:1] == b"{" for i in refused)
+
+
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short
 def test_schema_constrained_generation_through_the_engine_and_run(tiny_packed, schema, tmp_path):
     jsonschema = pytest.importorskip("jsonschema")

@@ -85,15 +85,15 @@ def test_request_oracle_accepts_answers_and_errors_and_flags_the_rest():
 
 def test_request_cases_reach_a_server_and_its_tools(tmp_path):
     """A short campaign of mutated requests against one `bitnet serve` (its model's template writes <tool_call>, one
-    call after each tag, or for odd seeds one list of calls): no findings, and the seeds' requests themselves are
-    answered 200 by both models (the tool calls among them included)."""
-    for listed in (False, True):
-        seeds = fuzz.build_seeds(tmp_path / f"seeds{listed}", listed_calls=listed)
-        server = fuzz.RequestServer(seeds["request"].root / "model.bin", tmp_path / f"server{listed}.log")
+    call after each tag, or by the seed one list of calls or one call as the whole reply): no findings, and the seeds'
+    requests themselves are answered 200 by each model (the tool calls among them included)."""
+    for calls in fuzz.TOOL_TEMPLATES:
+        seeds = fuzz.build_seeds(tmp_path / f"seeds_{calls}", calls=calls)
+        server = fuzz.RequestServer(seeds["request"].root / "model.bin", tmp_path / f"server_{calls}.log")
         try:
             for path, body in fuzz.REQUEST_SEEDS:
                 o = server.run(path.encode() + b"\n" + json.dumps(body).encode())
-                assert (o.ok, o.kind) == (True, "ok"), (listed, path, o)
+                assert (o.ok, o.kind) == (True, "ok"), (calls, path, o)
             o = server.run(b"/v1/chat/completions\n" + json.dumps({**fuzz.REQUEST_SEEDS[3][1], "stream": False}).encode())
             assert o.kind == "ok"
         finally:

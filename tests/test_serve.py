@@ -31,6 +31,7 @@ class Served:
     """A `bitnet serve` subprocess on a free loopback port."""
 
     def __init__(self, model, *args, env: dict | None = None, api_key: str = "none"):
+        self.model = model
         cmd = [sys.executable, "-m", "bitnet_cli.cli", "serve", str(model), "--port", "0", "--json", *args]
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
@@ -417,6 +418,23 @@ LIST_TOOL_TEMPLATE = TOOL_TEMPLATE.replace(
           'write them as a list, <tool_call>\n[{"name": ..., "arguments": {...}}, ...]\n</tool_call>')
 TOOL_TEMPLATES = {"each": TOOL_TEMPLATE, "listed": LIST_TOOL_TEMPLATE}
 
+# Llama 3.1's and 3.2's style: the tools shown in the first user turn, a call written as the whole reply with no tag,
+# {"name": ..., "parameters": {...}} (one a turn), its result in an ipython turn.
+BARE_TOOL_TEMPLATE = """{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|assistant|>
+{% set call = message.tool_calls[0].function %}
+{{- '{"name": "' + call.name + '", ' }}{{ '"parameters": ' }}{{ call.arguments | tojson }}{{ "}" }}
+{% elif message.role == "tool" %}<|ipython|>
+{{ message.content }}
+{% else %}<|{{ message.role }}|>
+{% if tools and loop.first %}Call a function by answering {"name": its name, "parameters": its arguments}, one of:
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}{% endif %}{{ message.content }}
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|assistant|>
+{% endif %}"""
+
 
 @pytest.fixture(scope="module", params=list(TOOL_TEMPLATES))
 def tool_served(request, tmp_path_factory, test_tokenizer_dir):
@@ -577,7 +595,114 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     assert r.status_code == 400 and "shows no way to call" in r.json()["error"]["message"], r.text
 
 
+@pytest.fixture(scope="module")
+def bare_tool_served(tmp_path_factory, test_tokenizer_dir):
+    """The small model with BARE_TOOL_TEMPLATE: served, and loaded as an Engine."""
+    root = tmp_path_factory.mktemp("bare_tool_model")
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_bytes((test_tokenizer_dir / "tokenizer.json").read_bytes())
+    config = json.loads((test_tokenizer_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = BARE_TOOL_TEMPLATE
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    ckpt = make_hf_checkpoint(root / "ckpt", root / "tokenizer", max_position_embeddings=1024, torch_dtype="float16",
+                              initializer_range=0.1)
+    pack_checkpoint(ckpt, root / "model.bin")
+    s = Served(root / "model.bin", "--threads", "2", "--parallel", "4")
+    with Engine.load(root / "model.bin", threads=1) as eng:
+        yield s, eng
+    assert s.stop() == 0
+
+
+def test_a_template_whose_call_is_the_whole_reply_lets_the_model_choose_by_its_first_byte(bare_tool_served):
+    """On a model whose chat template writes a call as the whole reply with no tag (Llama 3.1's and 3.2's
+    {"name": ..., "parameters": {...}}), every reply is what greedy decoding gives under constrain.ToolCallConstraint
+    with no tag, token by token. tool_choice "auto": biased towards "{", one call whose name is a tool's and whose
+    arguments follow its parameters (content null); biased against it, text, even where "{" comes later; "required"
+    and a named function: a call. Streamed, content and call come out as whole; the call goes back into the
+    conversation as the template writes it."""
+    import jsonschema
+
+    from bitnet_cli.constrain import tool_call_schema
+    from bitnet_cli.engine import ToolCallFormat
+
+    served, engine = bare_tool_served
+    assert served.info["tool_call_tag"] == "" and served.info["tool_calls"] == '{"name": ..., "parameters": ...}'
+    brace = engine.encode("{", add_bos=False)
+    assert len(brace) == 1
+    params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
+                       "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
+              "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
+                       "properties": {"seconds": {"enum": [1, 5]}}}}
+    tools = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in params.items()]
+    messages = [{"role": "user", "content": "Move to 3."}]
+    ids = render_chat(engine, messages, tools)
+    assert '"parameters": its arguments' in engine.decode(ids)  # the template showed the tools
+    chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
+    wait = {"type": "function", "function": {"name": "wait"}}
+    written, calls_made = ToolCallFormat("", "", key="parameters"), 0
+    # a random model writes much space between a call's tokens (within constrain.MAX_INDENT): tabs and newlines
+    # biased against, so that calls end within max_tokens
+    calm = {engine.encode(t, add_bos=False)[0]: -100 for t in ("\t", "\n")}
+    for tool_choice, bias in [("auto", {brace[0]: 100}), ("auto", {brace[0]: -100}), ("auto", {}),
+                              ("required", {}), (wait, {}), ("auto", {brace[0]: 8})]:
+        bias = {**bias, **calm}
+        names = ["wait"] if tool_choice == wait else list(params)
+        constraint = engine.tool_call_constraint(tool_call_schema([(n, params[n]) for n in names], "parameters"),
+                                                 written, required=tool_choice != "auto")
+        want = constrained_greedy(engine, ids, constraint, 100, bias)
+        chat = {**chat, "tool_choice": tool_choice, "logit_bias": {str(t): b for t, b in bias.items()}}
+        choice = served.client.chat.completions.create(**chat).choices[0]
+        streamed = [c for c in served.client.chat.completions.create(**chat, stream=True) if c.choices]
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == (choice.message.content or "")
+        assert streamed[-1].choices[0].finish_reason == choice.finish_reason
+        if not want.lstrip().startswith("{"):
+            assert tool_choice == "auto" and bias.get(brace[0], 0) <= 0
+            assert choice.message.content == want and choice.message.tool_calls is None
+            assert choice.finish_reason in ("stop", "length")
+            continue
+        assert tool_choice != "auto" or bias.get(brace[0], 0) >= 0
+        assert choice.message.content is None and len(choice.message.tool_calls) == 1
+        made = choice.message.tool_calls[0]
+        deltas = [d for c in streamed for d in c.choices[0].delta.tool_calls or []]
+        assert deltas[0].id and deltas[0].function.name == made.function.name in names
+        assert "".join(d.function.arguments for d in deltas) == made.function.arguments
+        try:
+            call, end = json.JSONDecoder().raw_decode(want.lstrip())
+        except ValueError:  # cut by max_tokens
+            assert choice.finish_reason == "length"
+            continue
+        assert want.lstrip()[end:].strip() == "" and choice.finish_reason == "tool_calls"
+        assert list(call) == ["name", "parameters"] and call["name"] == made.function.name
+        assert json.loads(made.function.arguments) == call["parameters"]
+        jsonschema.validate(call["parameters"], params[call["name"]])
+        calls_made += 1
+        turns = messages + [{"role": "assistant", "content": "", "tool_calls": [made.model_dump()]},
+                            {"role": "tool", "tool_call_id": made.id, "content": "done"}]
+        rendered = engine.decode(render_chat(engine, turns, tools))
+        arguments = json.dumps(call["parameters"])
+        assert f'<|assistant|>\n{{"name": "{made.function.name}", "parameters": {arguments}}}\n<|ipython|>' in rendered
+    assert calls_made >= 2
+
+
+def test_the_start_up_line_says_how_the_model_writes_calls(bare_tool_served):
+    """Without --json, `bitnet serve`'s start-up line shows the template's form of a call (ToolCallFormat's str),
+    whole however narrow the terminal."""
+    served, _ = bare_tool_served
+    proc = subprocess.Popen([sys.executable, "-m", "bitnet_cli.cli", "serve", str(served.model), "--port", "0",
+                             "--threads", "1"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "40"})
+    try:
+        line = "x"
+        while line and not line.startswith("serving "):  # past any warning before it; "" at the end
+            line = proc.stderr.readline()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert 'tool calls {"name": ..., "parameters": ...}' in line, line
+
+
 EACH, LISTED, LISTED_PLURAL = (("<tool_call>", False), ("<tool_call>", True), ("<tool_calls>", True))
+BARE = ("", False, "parameters")
 
 
 @pytest.mark.parametrize("template, written", [
@@ -598,36 +723,50 @@ EACH, LISTED, LISTED_PLURAL = (("<tool_call>", False), ("<tool_call>", True), ("
     # MiniMax-M1's: calls one per line, no list
     ("""<tool_calls>\n{"name": <tool-name>, "arguments": <args-json-object>}\n...\n</tool_calls>""", None),
     ("""{{ messages[0].content }} {"name": "x", "arguments": {}}""", None),  # no tag
+    # Llama 3.1's and 3.2's: the call is the whole reply, its arguments under "parameters"
+    ("""{{- '{"name": "' + tool_call.name + '", ' }}\n        {{- '"parameters": ' }}""", BARE),
+    ("""Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.""",
+     BARE),
+    ("""{"name": "get_weather", "description": "The weather in a city, as the service reports it for today and the
+     days after", "parameters": {}}""", None),  # a tool's definition, its "parameters" far from its name
+    (BARE_TOOL_TEMPLATE, BARE),
 ])
 def test_a_template_lets_the_model_choose_where_it_writes_json_calls_after_the_tag(template, written):
     """engine.template_tool_calls: the tag followed by {"name" (through the template's own syntax, escaped quotes or
     newlines), or by a list of such calls ("[" first: Falcon3's and Apriel's), not by another format between the same
-    tags."""
+    tags; without a tag, {"name" soon followed by "parameters" (Llama's)."""
     from bitnet_cli.engine import ToolCallFormat, template_tool_calls
 
     found = template_tool_calls(template)
-    assert found == (None if written is None else ToolCallFormat(written[0], written[0].replace("<", "</"), written[1]))
+    tag = written and written[0]
+    assert found == (None if written is None else ToolCallFormat(tag, tag.replace("<", "</"), *written[1:]))
 
 
-@pytest.mark.parametrize("pieces, content, calls, listed", [
+@pytest.mark.parametrize("pieces, content, calls, written", [
     (["Sure", ",", " ", "\n", "<", "tool", "_call>", "\n{", '"name": "move", "arguments": {"to"', ": 3}", "}"],
-     "Sure,", [("move", '{"to": 3}')], False),
-    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", [], False),  # the tag begun, not finished
+     "Sure,", [("move", '{"to": 3}')], EACH),
+    (["a ", "<tool", "_ca", "ll", "<b", " ", "\n"], "a <tool_call<b \n", [], EACH),  # the tag begun, not finished
     (["<tool_call>", '{"name": "wait", "arguments": {}', "}", "\n</tool", "_call>\n", "<tool_call>", '\n{"name"',
       ': "move", "arguments": {"to": "</tool_call><tool_call>"}}', "\n</tool_call>"],
-     None, [("wait", "{}"), ("move", '{"to": "</tool_call><tool_call>"}')], False),
+     None, [("wait", "{}"), ("move", '{"to": "</tool_call><tool_call>"}')], EACH),
     # listed (Falcon3's form): the calls as the items of one list; brackets, braces and commas inside strings
     (["Ok", " <tool_call>", "\n[", '\n  {"name": "wait", "arguments": {}', "},", ' {"name": "move", "arg',
       'uments": {"to": "]}, {\\"["}}', "\n]", "\n</tool_call>"],
-     "Ok", [("wait", "{}"), ("move", '{"to": "]}, {\\"["}')], True),
+     "Ok", [("wait", "{}"), ("move", '{"to": "]}, {\\"["}')], LISTED),
     (["<tool_call>[", '{"name": "move", "arguments": {"to": [1, {"a": "}"}]}}', "]"],
-     None, [("move", '{"to": [1, {"a": "}"}]}')], True),
+     None, [("move", '{"to": [1, {"a": "}"}]}')], LISTED),
+    # tag-less (Llama's): a reply that opens with "{" past its space is one call, under "parameters"
+    (["\n ", '{"na', 'me": "move", "par', 'ameters": {"to": "}"', "}", "}", "\n"],
+     None, [("move", '{"to": "}"}')], BARE),
+    (["Sure", ': {"name": "move", "parameters": {}}'], 'Sure: {"name": "move", "parameters": {}}', [], BARE),
+    ([" ", " "], "  ", [], BARE),
 ])
-def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(pieces, content, calls, listed):
+def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(pieces, content, calls, written):
     """Where the model chooses (a tag), the reply's text is taken apart into the content before the first tag (its
     space dropped) and the calls after it, each closed by the JSON (a tag inside a string is the call's). Streamed,
     the content's end is held back while it may begin the tag, and what the deltas carry joins up to the whole
-    reply's content and calls, however the pieces cut the tags."""
+    reply's content and calls, however the pieces cut the tags. Without a tag, a reply that opens with "{" is a call
+    and any other is text, however much JSON follows."""
     from types import SimpleNamespace
 
     from bitnet_cli.engine import ToolCallFormat
@@ -637,7 +776,7 @@ def test_chosen_calls_are_split_from_the_content_before_them_whole_and_streamed(
     req = ChatRequest(messages=[{"role": "user", "content": "x"}], tools=[
         {"type": "function", "function": {"name": name}} for name in ("move", "wait")])
     server = SimpleNamespace(model_id="m", scheduler=SimpleNamespace(piece=str))
-    written = ToolCallFormat("<tool_call>", "</tool_call>", listed)
+    written = ToolCallFormat(written[0], written[0].replace("<", "</"), *written[1:])
     reply = _Chat(server, req, [[1]], [None], req.called_functions, written)
     deltas = [reply.first_chunk(0)["choices"][0]["delta"]]
     for event in [TokenEvent(piece, 7) for piece in pieces] + [DoneEvent("stop", 1, len(pieces), 0)]:

@@ -262,10 +262,10 @@ class ChatRequest(_Sampling):
         stand, and may cut a call too)."""
         return [] if self.called_functions and not self.call_optional else super().stops()
 
-    def output_schema(self, tagged: bool = False) -> Schema | None:
+    def output_schema(self, written: ToolCallFormat | None = None) -> Schema | None:
         """A call's arguments follow its function's parameters (one function called: the arguments alone; several,
-        a choice, or calls ``tagged`` as the chat template writes them: the call as {"name": ..., "arguments": ...},
-        constrain.tool_call_schema); else response_format's schema."""
+        a choice, or calls ``written`` as the chat template writes them: the call as {"name": ..., "arguments": ...},
+        constrain.tool_call_schema, with the template's key for the arguments); else response_format's schema."""
         functions = self.called_functions
         if not functions:
             return super().output_schema()
@@ -275,10 +275,10 @@ class ChatRequest(_Sampling):
                 arguments = output_schema("json_schema", schema)
             except BitnetError as e:
                 raise ApiError(400, f"tools: {name}: parameters: {e}", "tools") from None
-        if len(functions) == 1 and not self.call_optional and not tagged:
+        if len(functions) == 1 and not self.call_optional and written is None:
             return arguments
         try:
-            return tool_call_schema(parameters)
+            return tool_call_schema(parameters, written.key if written else "arguments")
         except BitnetError as e:
             raise ApiError(400, f"tools: {e}", "tools") from None
 
@@ -439,7 +439,7 @@ class Server:
         it, or with ``written`` tool calls written as the chat template writes them (ToolCallConstraint). Builds what
         they need off the event loop: the model's JSON vocabulary (a second or so for a 128k vocabulary, once per
         server)."""
-        root = req.output_schema() if written is None else req.output_schema(tagged=True)
+        root = req.output_schema() if written is None else req.output_schema(written)
         if root is None:
             return None
         try:
@@ -757,8 +757,9 @@ class _Completion(_Reply):
         return None
 
 
-# the text of a call of one of several functions (constrain.tool_call_schema) up to its arguments
-CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+# the text of a call of one of several functions (constrain.tool_call_schema) up to its arguments, under
+# "arguments" or (Llama's templates: ToolCallFormat.key) "parameters"
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
 WRAPPER_END = re.compile(r"\s*\}$")  # after a whole call's arguments
 HELD_BACK = re.compile(r"[\s}]*$")  # what may still turn out to be the whole call's end, while it streams
 
@@ -779,7 +780,7 @@ class _Chat(_Reply):
         super().__init__(server, req, prompts, jobs)
         self.functions, self.tag = functions, written.tag if written else None
         self.required = bool(functions) and not req.call_optional  # a call must come: no content
-        self.split = [ToolCallText(*written) for _ in jobs] if written else None
+        self.split = [ToolCallText(written.tag, written.close, written.listed) for _ in jobs] if written else None
         self.call_ids: list[list[str]] = [[] for _ in jobs]  # per choice, its calls' ids, made as they are named
         self.streamed: list[list[str]] = [[] for _ in jobs]  # per choice, each named call's arguments sent so far
         self.said = [0] * self.n  # per choice, the characters of content sent so far

@@ -95,9 +95,11 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
     ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
            "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup,
-           # None: the chat template shows no way to call (no "auto"); listed: the calls as one JSON list between tags
+           # None: the chat template shows no way to call (no "auto"); listed: the calls as one JSON list between tags;
+           # tag "": one call as the whole reply (Llama's); tool_calls: how a call is written, in short
            "tool_call_tag": api.tool_calls and api.tool_calls.tag,
-           "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed)})
+           "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed),
+           "tool_calls": str(api.tool_calls) if api.tool_calls else None})
     try:
         server.run(sockets=[sock])
     finally:
