@@ -1207,13 +1207,8 @@ class JsonVocabulary:
             if tag not in self._tag_tokens:
                 self._tag_tokens[tag] = [i for i, t in enumerate(self.tokens) if t and tag[-1] in t]
             rests = ((i, tag_matched(tag, matched, self.tokens[i])[1]) for i in self._tag_tokens[tag])
-            refused = [i for i, rest in rests
-                       if rest is not None and tool_call_run((CALL, initial_state(calls.root)), rest, calls) is None]
-            if not refused:
-                return None
-            mask = np.ones(self.size, dtype=bool)
-            mask[refused] = False
-            return mask
+            return self._all_but([i for i, rest in rests if rest is not None and
+                                  tool_call_run((CALL, initial_state(calls.root)), rest, calls) is None])
 
         return self._tag_cached(("text", calls, matched), compute)
 
@@ -1225,12 +1220,7 @@ class JsonVocabulary:
         def compute() -> np.ndarray | None:
             if b"" not in self._tag_tokens:
                 self._tag_tokens[b""] = [i for i, t in enumerate(self.tokens) if t and t.lstrip(SPACES)[:1] == b"{"]
-            refused = [i for i in self._tag_tokens[b""] if tool_call_run(lead, self.tokens[i], calls) is None]
-            if not refused:
-                return None
-            mask = np.ones(self.size, dtype=bool)
-            mask[refused] = False
-            return mask
+            return self._all_but([i for i in self._tag_tokens[b""] if tool_call_run(lead, self.tokens[i], calls) is None])
 
         return self._tag_cached(("lead", calls, lead), compute)
 
@@ -1248,6 +1238,14 @@ class JsonVocabulary:
             return mask
 
         return self._tag_cached(("calls", calls, state), compute)
+
+    def _all_but(self, refused: list[int]) -> np.ndarray | None:
+        """A mask of every token but the refused ones; None where none is."""
+        if not refused:
+            return None
+        mask = np.ones(self.size, dtype=bool)
+        mask[refused] = False
+        return mask
 
     def _tag_cached(self, key: tuple, compute) -> np.ndarray | None:
         """The tool-call mask under key (read-only; None: every token), computed at the first ask; the least

@@ -770,6 +770,42 @@ def split_calls(text: str, tag: str, close: str, listed: bool = False) -> tuple[
     return content, calls
 
 
+def calls_after(calls_written, state, data: bytes):
+    """tool_call_step over data (None once refused), the naive masks' reading."""
+    for b in data:
+        state = state and C.tool_call_step(state, b, calls_written)
+    return state
+
+
+def walk_tool_calls(vocab, extra_ids, calls_written, required: bool, rng, naive_text, first: float = 0.4):
+    """40 random walks of ToolCallConstraint over vocab (its ``extra_ids`` chosen 40% of the time, ``first`` for the
+    first token), every mask checked against the naive one: ``naive_text(text)`` before the calls, the JSON's inside a
+    call, calls_after's elsewhere. The replies, each ended where it may end (or at random in text)."""
+    tokens, texts = vocab.tokens, []
+    for _ in range(40):
+        con, text = C.ToolCallConstraint(vocab, calls_written, required), b""
+        for step in range(300):
+            mask = con.allowed()
+            if not con.calling:
+                naive = naive_text(text)
+            elif con.state[0] == C.CALL and not C._done(con.state[1]):
+                naive = naive_mask(vocab, con.state[1])
+            else:
+                naive = np.array([bool(t) and calls_after(calls_written, con.state, t) is not None for t in tokens])
+                naive |= vocab.end if C.tool_call_ends(con.state) else False
+            assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), (text, con.state)
+            ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
+            ids = ids[[tokens[i] is not None for i in ids]]
+            if (con.done and (rng.random() < 0.3 or not ids.size)) or (not con.calling and rng.random() < 0.02):
+                texts.append(text)
+                break
+            favoured = np.intersect1d(ids, extra_ids)
+            token = int(rng.choice(favoured if favoured.size and rng.random() < (first if step == 0 else 0.4) else ids))
+            text += tokens[token]
+            con.push(token)
+    return texts
+
+
 @pytest.mark.parametrize("required, several, listed", [(False, True, False), (True, True, False), (False, False, False),
                                                       (False, True, True), (True, False, True)])
 def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, required, several, listed):
@@ -800,35 +836,13 @@ def test_tagged_calls_allow_exactly_what_keeps_text_or_calls(json_tokenizer, req
 
     calls_written = C.ToolCalls(tag, close, root, several and not listed)
 
-    def after(state, data):
-        for b in data:
-            state = state and C.tool_call_step(state, b, calls_written)
-        return state
+    def naive_text(text: bytes) -> np.ndarray:
+        rests = [None if t is None or (text + t).find(tag) < 0 else (text + t)[(text + t).find(tag) + len(tag):]
+                 for t in tokens]
+        return np.array([r is None or calls_after(calls_written, (C.CALL, C.initial_state(root)), r) is not None
+                         for r in rests])
 
-    texts = []
-    for _ in range(40):
-        con, text = C.ToolCallConstraint(vocab, calls_written, required), b""
-        for step in range(300):
-            mask = con.allowed()
-            if not con.calling:
-                rests = [None if t is None or (text + t).find(tag) < 0 else (text + t)[(text + t).find(tag) + len(tag):]
-                         for t in tokens]
-                naive = np.array([r is None or after((C.CALL, C.initial_state(root)), r) is not None for r in rests])
-            elif con.state[0] == C.CALL and not C._done(con.state[1]):
-                naive = naive_mask(vocab, con.state[1])
-            else:
-                naive = np.array([bool(t) and after(con.state, t) is not None for t in tokens])
-                naive |= vocab.end if C.tool_call_ends(con.state) else False
-            assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), (text, con.state)
-            if (con.done and rng.random() < 0.3) or (not con.calling and rng.random() < 0.02):
-                texts.append(text)
-                break
-            ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
-            ids = ids[[tokens[i] is not None for i in ids]]
-            tagged = np.intersect1d(ids, extra_ids)
-            token = int(rng.choice(tagged if tagged.size and rng.random() < 0.4 else ids))
-            text += tokens[token]
-            con.push(token)
+    texts = walk_tool_calls(vocab, extra_ids, calls_written, required, rng, naive_text)
     counts = []
     for text in texts:
         text = text.decode("utf-8", "replace")  # the text before a tag is free: random bytes, whole characters not
@@ -873,40 +887,19 @@ def test_tagless_calls_are_chosen_by_the_first_byte_past_the_space(json_tokenize
     rng = np.random.default_rng(11)
     calls_written = C.ToolCalls(b"", b"", root, several=False)
 
-    def after(state, data):
-        for b in data:
-            state = state and C.tool_call_step(state, b, calls_written)
-        return state
-
     def opens_a_call(reply: bytes) -> bool:
         return reply.lstrip(C.SPACES)[:1] == b"{"
 
-    texts = []
-    for _ in range(40):
-        con, text = C.ToolCallConstraint(vocab, calls_written, required), b""
-        for step in range(300):
-            mask = con.allowed()
-            if not con.calling:
-                spaced = [None if t is None else text + t for t in tokens]
-                naive = np.array([r is None or not opens_a_call(text) and not opens_a_call(r) or (
-                    len(r) - len(r.lstrip(C.SPACES)) <= C.MAX_INDENT and
-                    after((C.CALL, C.initial_state(root)), r.lstrip(C.SPACES)) is not None) for r in spaced])
-                naive |= text.strip(C.SPACES) != b""  # text begun: free
-            elif con.state[0] == C.CALL and not C._done(con.state[1]):
-                naive = naive_mask(vocab, con.state[1])
-            else:
-                naive = np.array([bool(t) and after(con.state, t) is not None for t in tokens])
-                naive |= vocab.end if C.tool_call_ends(con.state) else False
-            assert ((np.ones(len(tokens), bool) if mask is None else mask) == naive).all(), (text, con.state)
-            ids = np.arange(len(tokens)) if mask is None else np.flatnonzero(mask)
-            ids = ids[[tokens[i] is not None for i in ids]]
-            if (con.done and (rng.random() < 0.3 or not ids.size)) or (not con.calling and rng.random() < 0.02):
-                texts.append(text)
-                break
-            favoured = np.intersect1d(ids, extra_ids)
-            token = int(rng.choice(favoured if favoured.size and rng.random() < (0.7 if step == 0 else 0.4) else ids))
-            text += tokens[token]
-            con.push(token)
+    def naive_text(text: bytes) -> np.ndarray:
+        if text.strip(C.SPACES):  # text begun: free
+            return np.ones(len(tokens), bool)
+        spaced = [None if t is None else text + t for t in tokens]
+        return np.array([r is None or not opens_a_call(r) or (
+            len(r) - len(r.lstrip(C.SPACES)) <= C.MAX_INDENT and
+            calls_after(calls_written, (C.CALL, C.initial_state(root)), r.lstrip(C.SPACES)) is not None)
+            for r in spaced])
+
+    texts = walk_tool_calls(vocab, extra_ids, calls_written, required, rng, naive_text, first=0.7)
     calls_seen = texts_seen = braced_text = 0
     for text in texts:
         text = text.decode("utf-8", "replace")

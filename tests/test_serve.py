@@ -460,6 +460,14 @@ def tool_served(request, tmp_path_factory, test_tokenizer_dir):
     assert s.stop() == 0
 
 
+# two functions for the tool-call tests, whose arguments a random model finishes within a few tokens
+CALL_PARAMS = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
+                        "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
+               "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
+                        "properties": {"seconds": {"enum": [1, 5]}}}}
+CALL_TOOLS = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in CALL_PARAMS.items()]
+
+
 def naive_calls(text: str, listed: bool = False) -> tuple[str, list[dict]]:
     """The text before the first <tool_call>, and each complete call after it read by json's raw_decode (then space,
     the closing tag and space before the next tag; ``listed``: the calls as the items of one list, each read so)."""
@@ -520,12 +528,7 @@ def test_calls_follow_a_template_that_writes_them_between_tags(tool_served, serv
     assert served.info["tool_calls_listed"] is listed and server.info["tool_calls_listed"] is False
     tag, close = engine.encode("<tool_call>", add_bos=False), engine.encode("</tool_call>", add_bos=False)
     assert len(tag) == len(close) == 1  # the added tokens, whole
-    params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
-                       "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
-              "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
-                       "properties": {"seconds": {"enum": [1, 5]}}}}
-    tools = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in params.items()]
-    messages = [{"role": "user", "content": "Move to 3."}]
+    params, tools, messages = CALL_PARAMS, CALL_TOOLS, [{"role": "user", "content": "Move to 3."}]
     ids = render_chat(engine, messages, tools)
     assert "Functions:" in engine.decode(ids)  # the template showed the tools
     chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
@@ -629,12 +632,7 @@ def test_a_template_whose_call_is_the_whole_reply_lets_the_model_choose_by_its_f
     assert served.info["tool_call_tag"] == "" and served.info["tool_calls"] == '{"name": ..., "parameters": ...}'
     brace = engine.encode("{", add_bos=False)
     assert len(brace) == 1
-    params = {"move": {"type": "object", "additionalProperties": False, "required": ["to"],
-                       "properties": {"to": {"type": "integer", "minimum": 0, "maximum": 9}}},
-              "wait": {"type": "object", "additionalProperties": False, "required": ["seconds"],
-                       "properties": {"seconds": {"enum": [1, 5]}}}}
-    tools = [{"type": "function", "function": {"name": name, "parameters": p}} for name, p in params.items()]
-    messages = [{"role": "user", "content": "Move to 3."}]
+    params, tools, messages = CALL_PARAMS, CALL_TOOLS, [{"role": "user", "content": "Move to 3."}]
     ids = render_chat(engine, messages, tools)
     assert '"parameters": its arguments' in engine.decode(ids)  # the template showed the tools
     chat = dict(model=served.info["model"], messages=messages, max_tokens=100, temperature=0, tools=tools)
