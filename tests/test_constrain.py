@@ -922,6 +922,13 @@ def test_tagless_calls_are_chosen_by_the_first_byte_past_the_space(json_tokenize
         refused = np.flatnonzero(~vocab.lead_mask(calls_written, (C.OPENING, 0, 0)))
         assert {tokens[i] for i in refused} >= {b'{"name": "sub"', b"{}", b'{"name": "add", "arguments"'}
         assert all(tokens[i].lstrip(C.SPACES)[:1] == b"{" for i in refused)
+        # a special token (no text: Llama 3.1's <|python_tag|>, which it may write before a call) leaves the choice open
+        special = next(i for i, t in enumerate(tokens) if t is None and not vocab.end[i])
+        con, split = C.ToolCallConstraint(vocab, calls_written), C.ToolCallText("", "")
+        for token in (tokens.index(b"  "), special, tokens.index(b'{"name": "add"')):
+            con.push(token)
+            split.feed((tokens[token] or b"").decode())
+        assert con.calling and split.calls == ['{"name": "add"'] and split.content == "  "
 
 
 @pytest.mark.parametrize("schema", [SMALL, TREE, BOUNDED, SHAPES])  # no free strings: the random model's text stays short
