@@ -1476,9 +1476,9 @@ class ToolCallConstraint:
 
     def allowed(self) -> np.ndarray | None:
         """The tokens that may come next; None: any."""
-        if self.state is None and not self.calls.tag:
-            return None if self.lead is None else self.vocabulary.lead_mask(self.calls, self.lead)
         if self.state is None:
+            if not self.calls.tag:
+                return None if self.lead is None else self.vocabulary.lead_mask(self.calls, self.lead)
             return self.vocabulary.tag_mask(self.calls, self.matched)
         if self.state[0] == CALL and not _done(self.state[1]):
             return self.vocabulary.allowed(self.state[1])
@@ -1550,10 +1550,10 @@ class ToolCallText:
         tag = self.calls_written.tag
         for b in piece.encode("utf-8"):
             self.data.append(b)
-            if self.state is None and not tag:
-                self._lead(b)
-                continue
             if self.state is None:
+                if not tag:
+                    self._lead(b)
+                    continue
                 self.matched, rest = tag_matched(tag, self.matched, bytes([b]))
                 if rest is not None:
                     self.content_end = len(self.data) - len(tag)
