@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
@@ -33,6 +36,27 @@ def _listen(host: str, port: int) -> socket.socket:
         raise BitnetError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
+
+
+@contextlib.contextmanager
+def _signals_stop(server) -> Iterator[None]:
+    """SIGINT/SIGTERM ask `server` to stop (uvicorn's handler) from here on, not only once uvicorn runs.
+
+    Before, the CLI's handler raised where the program was; between the start-up line and uvicorn's
+    own handlers that could be a weakref callback, whose exception Python ignores, and a server
+    whose client had been told it listens ran on after SIGTERM. A stop asked before uvicorn runs
+    makes it start and stop at once."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    from uvicorn.server import HANDLED_SIGNALS
+
+    before = {sig: signal.signal(sig, server.handle_exit) for sig in HANDLED_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def served_name(model: str | Path, model_id: str | None) -> str:
@@ -92,16 +116,18 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
                                     timeout_graceful_shutdown=None))
     bound = sock.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    ready({"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
-           "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
-           "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup,
-           # None: the chat template shows no way to call (no "auto"); listed: the calls as one JSON list between tags;
-           # tag "": one call as the whole reply (Llama's); tool_calls: how a call is written, in short
-           "tool_call_tag": api.tool_calls and api.tool_calls.tag,
-           "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed),
-           "tool_calls": str(api.tool_calls) if api.tool_calls else None})
+    info = {"url": f"http://{shown}:{bound[1]}/v1", "model": name, "parallel": parallel, "threads": engine.threads,
+            "ctx_size": engine.ctx_size, "kv_cache": engine.kv_cache, "kv_bytes_per_slot": engine.kv_bytes_per_sequence,
+            "max_queue": max_queue, "isa": engine.isa, "api_key": api_key is not None, "lookup": lookup,
+            # None: the chat template shows no way to call (no "auto"); listed: the calls as one JSON list between tags;
+            # tag "": one call as the whole reply (Llama's); tool_calls: how a call is written, in short
+            "tool_call_tag": api.tool_calls and api.tool_calls.tag,
+            "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed),
+            "tool_calls": str(api.tool_calls) if api.tool_calls else None}
     try:
-        server.run(sockets=[sock])
+        with _signals_stop(server):  # from the start-up line on, a signal is a clean stop
+            ready(info)
+            server.run(sockets=[sock])
     finally:
         sock.close()
         scheduler.close()
