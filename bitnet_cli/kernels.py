@@ -17,10 +17,11 @@ first use in a process each candidate ISA's GEMV (1 token) and GEMM (TUNE_TOKENS
 on a model-sized matrix, per ternary layout, for a fraction of a second, and the fastest for each
 is kept (kernels/dispatch.c's BN_ISA_TUNED runs the two choices side by side) and cached in the
 cache dir under a key of the CPU model, its ISAs and the package version, so later processes read
-it. ``BITNET_AUTOTUNE=0`` turns the autotune off (reproducible runs): then the rule of
-``best_isa()`` decides, as it also does when the CPU has only one candidate. The autotune only
-moves the ternary products, which every ISA computes bit for bit alike; the head, glue and
-attention stay the rule's, so the logits do not depend on its choice.
+it. A race that met other load (its samples spread past TUNE_QUIET) is neither kept nor cached: that
+process runs the rule, and the next one measures again. ``BITNET_AUTOTUNE=0`` turns the autotune off
+(reproducible runs): then the rule of ``best_isa()`` decides, as it also does when the CPU has only
+one candidate. The autotune only moves the ternary products, which every ISA computes bit for bit
+alike; the head, glue and attention stay the rule's, so the logits do not depend on its choice.
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ def _checked(name: str, env: bool = False) -> str:
 def isa_choice(name: str | None = None) -> dict:
     """Which ISA runs what, and why: {"source": "option" (named per call), "env" ($BITNET_ISA),
     "rule" (best_isa(): autotune off, or one candidate only), "cache" (an earlier autotune's
-    result) or "autotune" (measured now), "choice": {layout: {"gemv": isa, "gemm": isa}}}, plus
-    the autotune's "seconds" per call when it measured."""
+    result), "autotune" (measured now) or "busy" (measured now, but the machine was busy: the
+    rule), "choice": {layout: {"gemv": isa, "gemm": isa}}}, plus the autotune's "seconds" per call
+    (each candidate's fastest) and "spread" when it measured."""
     if name:
         return {"source": "option", "choice": _uniform(_checked(name))}
     if os.environ.get("BITNET_ISA"):
@@ -154,7 +156,9 @@ def isa_name(isa: int, layout: str = "i2", tokens: int | None = None) -> str:
 # ---- the autotune -------------------------------------------------------------------------------
 
 AUTOTUNE_ENV = "BITNET_AUTOTUNE"
-TUNE_SCHEMA = "bitnet-cli/isa-autotune/1"
+# 2: each candidate's fastest sample, and only races run on a quiet machine (1 kept medians, and
+# once cached a GEMM 1.6x slower than the rule's, measured while other jobs ran)
+TUNE_SCHEMA = "bitnet-cli/isa-autotune/2"
 # The matrix timed: BitNet b1.58 2B4T's FFN up/gate projection, the most common decode shape; and
 # the tokens of the GEMM: a prefill chunk's (kernels/model.c's CHUNK), since the AMX GEMM only runs
 # from 16 tokens (kernels/internal.h's BN_AMX_MIN_TOKENS) and fewer would time VNNI's tile twice.
@@ -163,8 +167,11 @@ TUNE_TOKENS = 64
 # The weights rotate over copies filling twice the last-level cache (within these bounds), so a
 # GEMV streams them from DRAM as decode does.
 TUNE_COLD_BYTES = (32 << 20, 256 << 20)
-TUNE_ROUNDS = 5  # candidates interleaved, round after round; each keeps its median
+TUNE_ROUNDS = 5  # candidates interleaved, round after round; each keeps its fastest sample (load only adds time)
 TUNE_SAMPLE_S = 0.002  # one sample: calls for at least this long
+# The most a candidate's median sample may exceed its fastest for the race to count: idle, a
+# 2-core Zen 4 spread up to 1.27x; with three busy processes beside it 5-13x.
+TUNE_QUIET = 1.5
 # Another ISA replaces the rule's only when faster by more than this: a closer race is noise,
 # and the rule's ISA then keeps runs alike from machine to machine.
 TUNE_MARGIN = 0.03
@@ -266,9 +273,11 @@ def _cached_or_measured(candidates: list[str]) -> dict:
         record = None
     if _valid_record(record, key, candidates):
         return {"source": "cache", "choice": record["choice"], "seconds": record["seconds"]}
-    seconds = measure_isas(candidates)
+    seconds, spread = _fastest_samples(measure_isas(candidates))
+    if spread > TUNE_QUIET:  # other load: the race says little about the kernels
+        return {"source": "busy", "choice": _uniform(best_isa()), "seconds": seconds, "spread": spread}
     choice = _fastest(seconds)
-    record = {"schema": TUNE_SCHEMA, "key": key, "choice": choice, "seconds": seconds}
+    record = {"schema": TUNE_SCHEMA, "key": key, "choice": choice, "seconds": seconds, "spread": spread}
     from bitnet_cli.files import TempFile
 
     try:
@@ -284,7 +293,7 @@ def _cached_or_measured(candidates: list[str]) -> dict:
     except OSError as e:
         warn(f"note: the ISA autotune's result could not be cached in {path.parent} ({e}); "
              f"the next process measures again (${AUTOTUNE_ENV}=0 turns it off)")
-    return {"source": "autotune", "choice": choice, "seconds": seconds}
+    return {"source": "autotune", "choice": choice, "seconds": seconds, "spread": spread}
 
 
 def _valid_record(record, key: dict, candidates: list[str]) -> bool:
@@ -296,8 +305,20 @@ def _valid_record(record, key: dict, candidates: list[str]) -> bool:
                for layout in _layouts())
 
 
+def _fastest_samples(samples: dict) -> tuple[dict, float]:
+    """measure_isas()'s samples as each candidate's fastest, {layout: {op: {isa: s}}}, and the
+    race's spread: the largest of a candidate's median sample over its fastest."""
+    import statistics
+
+    seconds = {layout: {op: {isa: min(v) for isa, v in times.items()} for op, times in ops.items()}
+               for layout, ops in samples.items()}
+    spread = max(statistics.median(v) / min(v) for ops in samples.values() for times in ops.values()
+                 for v in times.values())
+    return seconds, spread
+
+
 def _fastest(seconds: dict) -> dict:
-    """Per layout and operation, the candidate with the least median time per call; the rule's
+    """Per layout and operation, the candidate with the least time per call; the rule's
     ISA unless another beats it by more than TUNE_MARGIN."""
     rule = best_isa()
     choice = {}
@@ -326,11 +347,9 @@ def _cold_bytes() -> int:
 
 
 def measure_isas(candidates: list[str]) -> dict:
-    """Median seconds per call, {layout: {"gemv": {isa: s}, "gemm": {isa: s}}}, of each candidate's
-    kernel on TUNE_SHAPE in every layout, one thread, the candidates interleaved round by round so
-    that a burst of other load hits them all alike."""
-    import statistics
-
+    """Seconds per call of each round's sample, {layout: {"gemv": {isa: [s, ...]}, "gemm": ...}}, of
+    each candidate's kernel on TUNE_SHAPE in every layout, one thread, the candidates interleaved
+    round by round so that a burst of other load hits them all alike."""
     ffi, L = lib()
     n, k = TUNE_SHAPE
     kp = -(-k // L.BN_BLOCK_K) * L.BN_BLOCK_K
@@ -370,8 +389,7 @@ def measure_isas(candidates: list[str]) -> dict:
                         if elapsed >= TUNE_SAMPLE_S:
                             break
                     samples.setdefault(layout, {}).setdefault(op, {}).setdefault(isa, []).append(elapsed / calls)
-    return {layout: {op: {isa: statistics.median(v) for isa, v in times.items()} for op, times in ops.items()}
-            for layout, ops in samples.items()}
+    return samples
 
 
 PEAK_SAMPLE_S = 0.005  # one run of kernels/peak.c's loop

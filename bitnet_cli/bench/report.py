@@ -58,7 +58,8 @@ def print_report(results: dict, console: Console) -> None:
 
 
 ISA_SOURCES = {"option": "--isa", "env": "$BITNET_ISA", "rule": "the rule (the widest this CPU has)",
-               "cache": "the autotune, cached", "autotune": "the autotune, measured now"}
+               "cache": "the autotune, cached", "autotune": "the autotune, measured now",
+               "busy": "the rule (the autotune met other load; the next run measures again)"}
 
 
 def isa_summary(choice: dict, layout: str) -> str:
