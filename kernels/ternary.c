@@ -523,6 +523,7 @@ AVX512_TARGET static inline __attribute__((always_inline)) void bn_hsum8_epi32_a
  * lane (0/2 and 4/6) divides it back at the end. Bounds: a lane adds 4 products of <= 128 * 128
  * per block, so <= 65536 * kp / 128 (3.5 M at kp = 6912, 2^31 at kp = 4.2 M). One load and two
  * vpandd per row and block feed 2 * TN vpdpbusd; no shift competes for vpdpbusd's port. */
+#define VNNI_AHEAD 4096
 AVX512VNNI_TARGET static inline __attribute__((always_inline)) void i2_tile_vnni(const bn_i2_job *j, int r, int t0,
                                                                                 const int RN, const int TN) {
     const __m512i mask01 = _mm512_inserti64x4(_mm512_set1_epi8(0x03), _mm256_set1_epi8(0x0c), 1);
@@ -534,8 +535,15 @@ AVX512VNNI_TARGET static inline __attribute__((always_inline)) void i2_tile_vnni
     __m512i acc01[2][4], acc23[2][4];
     for (int i = 0; i < RN; i++)
         for (int t = 0; t < TN; t++) acc01[i][t] = acc23[i][t] = _mm512_setzero_si512();
+    /* the first group of tokens reads ahead, VNNI_AHEAD bytes past these rows, as fast as it
+     * consumes (RN * 32 bytes a block): rows in pairs are two interleaved streams, which the
+     * hardware prefetchers followed too late (1 thread, 6912 x 2560, 4 tokens: 0.93 ms with the
+     * weights from DRAM against 0.62 from L3) */
+    const char *ahead = (const char *)wr + RN * row + VNNI_AHEAD;
+    const int read_ahead = t0 == 0; /* past the last row too: a prefetch never faults */
     for (int b = 0; b < nb; b++) {
         __m512i c01[2], c23[2];
+        if (read_ahead) _mm_prefetch(ahead + (size_t)RN * b * BLOCK_BYTES, _MM_HINT_T0);
         for (int i = 0; i < RN; i++) {
             __m512i w = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(wr + i * row + b * BLOCK_BYTES)));
             c01[i] = _mm512_and_si512(w, mask01);
