@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import socket
-import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from bitnet_cli.engine import DEFAULT_KV_CACHE
 from bitnet_cli.errors import BitnetError
@@ -36,27 +33,6 @@ def _listen(host: str, port: int) -> socket.socket:
         raise BitnetError(f"cannot listen on {host}:{port}: {e.strerror}") from None
     sock.set_inheritable(True)
     return sock
-
-
-@contextlib.contextmanager
-def _signals_stop(server) -> Iterator[None]:
-    """SIGINT/SIGTERM ask `server` to stop (uvicorn's handler) from here on, not only once uvicorn runs.
-
-    Before, the CLI's handler raised where the program was; between the start-up line and uvicorn's
-    own handlers that could be a weakref callback, whose exception Python ignores, and a server
-    whose client had been told it listens ran on after SIGTERM. A stop asked before uvicorn runs
-    makes it start and stop at once."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-    from uvicorn.server import HANDLED_SIGNALS
-
-    before = {sig: signal.signal(sig, server.handle_exit) for sig in HANDLED_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
 
 
 def served_name(model: str | Path, model_id: str | None) -> str:
@@ -125,7 +101,10 @@ def serve(model: Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, threa
             "tool_calls_listed": bool(api.tool_calls and api.tool_calls.listed),
             "tool_calls": str(api.tool_calls) if api.tool_calls else None}
     try:
-        with _signals_stop(server):  # from the start-up line on, a signal is a clean stop
+        # from the start-up line on, SIGINT/SIGTERM ask uvicorn to stop, not only once it runs: the CLI's
+        # handler raises where the program is, and raised in a weakref callback Python ignored it
+        # (the server ran on); a stop asked before uvicorn runs makes it start and stop at once
+        with server.capture_signals():
             ready(info)
             server.run(sockets=[sock])
     finally:
